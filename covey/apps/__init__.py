@@ -1,0 +1,1 @@
+"""Example apps (not built yet: see issue 4)."""

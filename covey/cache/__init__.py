@@ -1,0 +1,1 @@
+"""KV reuse: the prefix radix tree (and, later, the chunk KV store)."""

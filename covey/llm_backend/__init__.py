@@ -1,0 +1,1 @@
+"""Our own LLM engine: model, paged KV pool, block manager, scheduler, sampler."""

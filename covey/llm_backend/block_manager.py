@@ -1,0 +1,162 @@
+"""Paged KV bookkeeping: block tables, reference counts, copy-on-write and the prefix cache.
+
+Plain Python with no torch, so it is tested on its own. Blocks are in one of three states:
+free (no owner, not cached), referenced (ref_count > 0) or cached-idle (in the radix tree
+with ref_count 0: reusable by a later prefix hit, evicted LRU when the free list runs dry).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from covey.cache.radix_tree import RadixNode, RadixTree
+from covey.llm_backend.sequence import Sequence
+
+EVICTION_BATCH = 32  # evict a few idle blocks at once: one tree walk serves many allocations
+
+
+@dataclass
+class PrefixCacheStats:
+    queried_tokens: int = 0
+    hit_tokens: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks <= 0:
+            raise ValueError(f"num_blocks must be > 0, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.ref_counts = [0] * num_blocks
+        self.free_blocks: deque[int] = deque(range(num_blocks))
+        self.tree = RadixTree(block_size) if enable_prefix_caching else None
+        self.cached_nodes: dict[int, RadixNode] = {}  # block id -> its tree node
+        self.num_idle_cached = 0
+        self.stats = PrefixCacheStats()
+        self._cursor: dict[int, tuple[RadixNode, int]] = {}  # seq id -> (tree node, blocks seen)
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks an allocation can get: free ones plus idle cached ones (by eviction)."""
+        return len(self.free_blocks) + self.num_idle_cached
+
+    def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
+        """Blocks to add so `num_new_tokens` more tokens have slots (plus one for copy-on-write)."""
+        total = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size)
+        return max(0, total - len(seq.block_table)) + int(self._needs_copy(seq))
+
+    def can_allocate(self, num_blocks: int) -> bool:
+        return num_blocks <= self.num_free_blocks
+
+    def match_prefix(self, seq: Sequence) -> None:
+        """Reuse cached blocks for the longest block-aligned prefix of a new sequence.
+
+        Mutates `seq` (block_table, num_computed_tokens, num_cached_tokens) and takes a
+        reference on each reused block. The last token is never taken from the cache: its
+        logits must be computed.
+        """
+        if seq.block_table:
+            raise ValueError(f"sequence {seq.request_id} already holds blocks")
+        if self.tree is None:
+            return
+        max_blocks = (len(seq) - 1) // self.block_size
+        path = self.tree.match_prefix(seq.token_ids, max_blocks)
+        for node in path:
+            self._incref(node.block_id)
+        seq.block_table = [node.block_id for node in path]
+        seq.num_computed_tokens = seq.num_cached_tokens = len(path) * self.block_size
+        self._cursor[seq.seq_id] = (path[-1] if path else self.tree.root, len(path))
+        self.stats.queried_tokens += len(seq)
+        self.stats.hit_tokens += seq.num_cached_tokens
+
+    def allocate_slots(self, seq: Sequence, num_new_tokens: int) -> list[tuple[int, int]]:
+        """Give `seq` slots for `num_new_tokens` more tokens; return block copies to perform.
+
+        A shared, partly filled last block is copied first (copy-on-write), so the writer
+        never changes another sequence's KV. Call `can_allocate(blocks_needed(...))` first.
+        """
+        copies: list[tuple[int, int]] = []
+        if self._needs_copy(seq):
+            src = seq.block_table[-1]
+            dst = self._take_block()
+            self._decref(src)
+            seq.block_table[-1] = dst
+            copies.append((src, dst))
+        total = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size)
+        while len(seq.block_table) < total:
+            seq.block_table.append(self._take_block())
+        return copies
+
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """Publish `seq`'s newly completed blocks in the prefix tree, for later requests."""
+        if self.tree is None:
+            return
+        node, seen = self._cursor.get(seq.seq_id, (self.tree.root, 0))
+        bs = self.block_size
+        full = min(seq.num_computed_tokens // bs, len(seq.block_table))
+        for i in range(seen, full):
+            block = seq.block_table[i]
+            node, inserted = self.tree.insert(node, tuple(seq.token_ids[i * bs:(i + 1) * bs]), block)
+            if inserted:
+                self.cached_nodes[block] = node
+            elif node.block_id != block:
+                # Another sequence cached these tokens first: share its block and free ours,
+                # so every node on this sequence's path stays referenced (never evicted).
+                self._incref(node.block_id)
+                self._decref(block)
+                seq.block_table[i] = node.block_id
+        self._cursor[seq.seq_id] = (node, max(seen, full))
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Share all of `parent`'s blocks with `child`; writes copy later (copy-on-write)."""
+        for block in parent.block_table:
+            self._incref(block)
+        child.block_table = list(parent.block_table)
+        if parent.seq_id in self._cursor:
+            self._cursor[child.seq_id] = self._cursor[parent.seq_id]
+
+    def free(self, seq: Sequence) -> None:
+        """Drop `seq`'s references; its cached blocks stay reusable until evicted."""
+        for block in reversed(seq.block_table):
+            self._decref(block)
+        seq.block_table = []
+        self._cursor.pop(seq.seq_id, None)
+
+    def _needs_copy(self, seq: Sequence) -> bool:
+        partial = seq.num_computed_tokens % self.block_size
+        return (partial != 0 and len(seq.block_table) * self.block_size > seq.num_computed_tokens
+                and self.ref_counts[seq.block_table[seq.num_computed_tokens // self.block_size]] > 1)
+
+    def _take_block(self) -> int:
+        if not self.free_blocks and self.num_idle_cached:
+            self._evict(EVICTION_BATCH)
+        if not self.free_blocks:
+            raise RuntimeError("KV pool exhausted: check can_allocate before allocate_slots")
+        block = self.free_blocks.popleft()
+        self.ref_counts[block] = 1
+        return block
+
+    def _evict(self, num_blocks: int) -> None:
+        assert self.tree is not None
+        for block in self.tree.evict(num_blocks, lambda b: self.ref_counts[b] == 0):
+            del self.cached_nodes[block]
+            self.num_idle_cached -= 1
+            self.free_blocks.append(block)
+
+    def _incref(self, block: int) -> None:
+        if self.ref_counts[block] == 0 and block in self.cached_nodes:
+            self.num_idle_cached -= 1
+        self.ref_counts[block] += 1
+
+    def _decref(self, block: int) -> None:
+        self.ref_counts[block] -= 1
+        if self.ref_counts[block] == 0:
+            if block in self.cached_nodes:
+                self.num_idle_cached += 1
+            else:
+                self.free_blocks.append(block)

@@ -1,0 +1,60 @@
+"""The engine's one config: model, placement, KV pool size and batching limits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_CPU_KV_BYTES = 1 << 30  # 1 GiB: ~22k tokens of SmolLM2-135M in float32
+DEFAULT_GPU_KV_FRACTION = 0.5  # of the memory free after loading the weights
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Give at most one of `kv_cache_tokens` / `kv_cache_bytes`; neither picks a default."""
+
+    model: str | Path | None = None  # None: the embedded SmolLM2-135M-Instruct
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    device: str = "auto"  # auto: cuda when available, else cpu
+    block_size: int = 16
+    kv_cache_tokens: int | None = None
+    kv_cache_bytes: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None: the model's context window
+    enable_prefix_caching: bool = True
+    num_threads: int | None = None  # torch CPU threads; None leaves torch's default
+
+    def __post_init__(self) -> None:
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"EngineConfig.dtype must be 'auto' or one of {sorted(DTYPES)}, "
+                             f"got {self.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"EngineConfig.device must be 'auto', 'cpu' or 'cuda[:N]', "
+                             f"got {self.device!r}")
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"EngineConfig.block_size must be a power of two, got {self.block_size}")
+        if self.kv_cache_tokens is not None and self.kv_cache_bytes is not None:
+            raise ValueError("EngineConfig: give kv_cache_tokens or kv_cache_bytes, not both")
+        for name in ("kv_cache_tokens", "kv_cache_bytes", "max_model_len", "num_threads"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"EngineConfig.{name} must be > 0, got {value}")
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"EngineConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"EngineConfig.device is {self.device!r} but CUDA is not available")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
+        return DTYPES[self.dtype]

@@ -1,0 +1,73 @@
+"""`LLM`: the synchronous, batch-at-once face of the engine (like vLLM's `LLM`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as SequenceABC
+from typing import Any
+
+from covey.errors import InvalidRequestError
+from covey.llm_backend.config import EngineConfig
+from covey.llm_backend.llm_engine import LLMEngine, Prompt
+from covey.llm_backend.outputs import RequestOutput
+from covey.llm_backend.sampling_params import SamplingParams
+
+Messages = list[dict[str, str]]
+
+
+class LLM:
+    """Load a model once, then `generate` batches of prompts or `chat` with messages.
+
+    `LLM()` is the embedded SmolLM2-135M-Instruct; keyword arguments go to EngineConfig.
+    """
+
+    def __init__(self, model: str | None = None, **config: Any) -> None:
+        self.engine = LLMEngine(EngineConfig(model=model, **config))
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | list[Prompt],
+                 params: SamplingParams | list[SamplingParams] | None = None,
+                 priority: list[int] | None = None) -> list[RequestOutput]:
+        """Run all prompts together (continuous batching); outputs come back in input order."""
+        batch = _as_batch(prompts)
+        if not batch:
+            raise InvalidRequestError("generate() needs at least one prompt")
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(batch)
+        if len(plist) != len(batch):
+            raise InvalidRequestError(f"{len(batch)} prompts but {len(plist)} SamplingParams")
+        ids = []
+        try:
+            for i, (prompt, p) in enumerate(zip(batch, plist)):
+                ids.append(self.engine.add_request(prompt, p, priority=priority[i] if priority else 0))
+        except Exception:
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise
+        final: dict[str, RequestOutput] = {}
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[rid] for rid in ids]
+
+    def chat(self, messages: Messages | list[Messages],
+             params: SamplingParams | None = None) -> list[RequestOutput]:
+        """Answer one conversation or a batch of them through the model's chat template."""
+        if self.engine.tokenizer is None:
+            raise InvalidRequestError("this model has no tokenizer, so no chat template")
+        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.engine.tokenizer.apply_chat_template(c) for c in convs]  # type: ignore[arg-type]
+        return self.generate(prompts, params)
+
+
+def _as_batch(prompts: Prompt | list[Prompt]) -> list[Prompt]:
+    """One prompt (str, token ids, segments) or a list of them -> a list of prompts."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, SequenceABC) and prompts and all(isinstance(p, int) for p in prompts):
+        return [list(prompts)]  # type: ignore[list-item]
+    if isinstance(prompts, SequenceABC) and prompts and not isinstance(prompts[0], (str, list)):
+        return [list(prompts)]  # type: ignore[list-item]  # one prompt given as segments
+    return list(prompts)  # type: ignore[arg-type]

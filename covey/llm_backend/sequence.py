@@ -1,0 +1,88 @@
+"""One request's state inside the engine (vLLM's names: block_table, num_cached_tokens)."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from covey.llm_backend.sampling_params import SamplingParams
+from covey.llm_backend.segments import SegmentSpan
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PAUSED = "paused"  # stopped for a tool call: keeps its KV, resumes with more tokens
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or the context window
+    ABORT = "abort"
+
+
+@dataclass
+class SequenceMetrics:
+    arrival_time: float = field(default_factory=time.perf_counter)
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+
+_ids = itertools.count()
+
+
+class Sequence:
+    """Token ids (prompt then output), KV blocks and progress of one request.
+
+    `num_computed_tokens` counts tokens whose KV is in the pool; it is the scheduler's
+    cursor. `num_cached_tokens` is how many of them came from the prefix cache.
+    """
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 priority: int = 0, segments: list[SegmentSpan] | None = None) -> None:
+        self.seq_id = next(_ids)
+        self.request_id = request_id
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.params = params
+        self.priority = priority
+        self.segments = segments or []
+        self.status = SequenceStatus.WAITING
+        self.block_table: list[int] = []
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0
+        self.num_preemptions = 0
+        self.finish_reason: FinishReason | None = None
+        self.metrics = SequenceMetrics()
+        self.output_text = ""
+        # Incremental detokenization cursors (see detokenizer.py); a little prompt context
+        # makes the first output token decode as it would in running text.
+        self.prefix_offset = max(self.num_prompt_tokens - 5, 0)
+        self.read_offset = self.num_prompt_tokens
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def sort_key(self) -> tuple[int, float]:
+        """Lower priority value first (vLLM's convention), then first come first served."""
+        return (self.priority, self.metrics.arrival_time)

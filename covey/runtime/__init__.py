@@ -1,0 +1,1 @@
+"""The asyncio executor that runs optimized plans (not built yet: see issue 4)."""

@@ -1,0 +1,1 @@
+"""The FastAPI server (not built yet: `covey serve` arrives with the server issue)."""

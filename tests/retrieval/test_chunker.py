@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import sys
 import types
 
@@ -26,14 +27,14 @@ def test_chunks_cover_offsets_and_respect_budget(tokenizer):
         assert c.text.endswith("here.")  # sentence-aware: never cut mid-sentence
     assert chunks[0].start == 0 and chunks[-1].end == len(doc.text)
     # overlap: each chunk starts before the previous one ends
-    assert all(b.start < a.end for a, b in zip(chunks, chunks[1:]))
-    assert all(b.start > a.start for a, b in zip(chunks, chunks[1:]))
+    assert all(b.start < a.end for a, b in itertools.pairwise(chunks))
+    assert all(b.start > a.start for a, b in itertools.pairwise(chunks))
 
 
 def test_no_overlap_tiles_text():
     doc = Document(PROSE, "p")
     chunks = chunk_document(doc, WhitespaceTokenizer(), ChunkerConfig(30, 0))
-    assert all(b.start >= a.end for a, b in zip(chunks, chunks[1:]))
+    assert all(b.start >= a.end for a, b in itertools.pairwise(chunks))
     joined = "".join(c.text for c in chunks).replace(" ", "")
     assert joined == PROSE.replace(" ", "")
 

@@ -1,0 +1,91 @@
+"""`covey index` / `covey search` through the real entry point, covey.cli.main.main."""
+
+from __future__ import annotations
+
+import pytest
+
+from covey.cli import main as cli_main
+from covey.retrieval.default_corpus import ensure_default_index
+
+
+@pytest.fixture(autouse=True)
+def only_retrieval_commands(monkeypatch):
+    """main() imports every subcommand module; the engine's may not exist yet, and these
+    tests are about ours, so register only the retrieval commands."""
+    monkeypatch.setattr(cli_main, "SUBCOMMAND_MODULES", ("covey.cli.retrieval_commands",))
+
+
+def covey(*argv: str) -> int:
+    return cli_main.main(list(argv))
+
+
+@pytest.fixture
+def docs(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "rockets.md").write_text("# Rockets\n\nA rocket burns fuel to reach orbit.")
+    (folder / "bread.html").write_text("<p>Bread dough rises because yeast makes gas.</p>")
+    (folder / "blob.bin").write_bytes(b"\x00\x01\x02binary")
+    return folder
+
+
+def test_index_then_search(tmp_path, docs, capsys):
+    idx = tmp_path / "idx"
+    assert covey("index", str(docs), "--index", str(idx), "--quiet") == 0
+    out, err = capsys.readouterr()
+    assert "files: 2 read, 0 unchanged, 0 replaced, 1 skipped" in out
+    assert "chunks: 2 added, 0 removed" in out
+    assert "faiss flat" in out
+    assert f"skipped {docs / 'blob.bin'}: binary or not UTF-8 text" in err
+
+    assert covey("index", str(docs), "--index", str(idx), "--quiet") == 0
+    assert "files: 2 read, 2 unchanged" in capsys.readouterr().out
+
+    assert covey("search", "why does dough rise", "--index", str(idx), "-k", "1") == 0
+    out = capsys.readouterr().out
+    assert out.startswith("1. score=") and "bread.html" in out and "yeast" in out
+    assert "2. " not in out
+
+    for mode in ("vector", "bm25", "hybrid"):
+        assert covey("search", "rocket orbit", "--index", str(idx), "--mode", mode) == 0
+        assert "rockets.md" in capsys.readouterr().out.splitlines()[0]
+
+
+def test_index_progress_bar_and_approximate_kind(tmp_path, docs, capsys):
+    idx = tmp_path / "idx"
+    assert covey("index", str(docs), "--index", str(idx), "--kind", "hnsw") == 0
+    out, err = capsys.readouterr()
+    assert "embedding" in err and "chunk" in err  # tqdm progress bar on stderr
+    assert "faiss hnsw, recall@10 1.000" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["search", "", "--index", "X"], "query must be a non-empty string"),
+        (["search", "q", "-k", "0", "--index", "X"], "k must be a positive integer, got 0"),
+        (["search", "q", "--index", "{missing}"], "no index at {missing}"),
+        (["index", "{missing}", "--index", "X"], "no such file or directory: {missing}"),
+        (
+            ["index", "{docs}", "--index", "X", "--chunk-tokens", "0"],
+            "chunk_tokens must be > 0",
+        ),
+    ],
+)
+def test_errors_are_reported(tmp_path, docs, capsys, argv, message):
+    missing = str(tmp_path / "missing")
+    argv = [a.format(missing=missing, docs=docs).replace("X", str(tmp_path / "x")) for a in argv]
+    assert covey(*argv) == 2
+    assert f"covey: error: {message.format(missing=missing)}" in capsys.readouterr().err
+
+
+def test_search_defaults_to_the_python_docs_index(tmp_path, monkeypatch, capsys, embedder,
+                                                  tokenizer):
+    monkeypatch.setenv("COVEY_HOME", str(tmp_path / "home"))
+    built = ensure_default_index(limit=4, embedder=embedder, tokenizer=tokenizer)
+    assert built.root == tmp_path / "home" / "indexes" / "pydocs"
+    assert min(built.sources).startswith("pydoc:")
+    capsys.readouterr()
+    assert covey("search", "assert statement", "-k", "2") == 0
+    out = capsys.readouterr().out
+    assert "pydoc:assert" in out.splitlines()[0]

@@ -1,0 +1,105 @@
+"""Shared plumbing for every benchmark: the command line, the environment record and the
+JSON object described in shared/BENCHMARKS.md. Generic on purpose: no benchmark logic."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(name: str, description: str, argv: list[str] | None = None) -> argparse.Namespace:
+    """`--quick`, `--json PATH`, `--plot PATH` with defaults under benchmarks/results/."""
+    parser = argparse.ArgumentParser(prog=f"benchmarks/{name}.py", description=description)
+    parser.add_argument(
+        "--quick", action="store_true", help="reduced size, < 3 minutes on 2 CPU cores"
+    )
+    parser.add_argument(
+        "--json", type=Path, default=RESULTS_DIR / f"{name}.json", help="results file"
+    )
+    parser.add_argument("--plot", type=Path, default=RESULTS_DIR / f"{name}.png", help="PNG")
+    return parser.parse_args(argv)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment_info(device: str) -> dict[str, Any]:
+    """Versions and hardware a reader needs to compare two runs."""
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "device": device,
+        "torch": None,
+        "threads": None,
+        "gpu": None,
+    }
+    try:
+        import torch
+    except ImportError:
+        return info
+    info["torch"] = torch.__version__
+    info["threads"] = torch.get_num_threads()
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def record(
+    workload: str,
+    system: str,
+    metric: str,
+    value: float | None,
+    params: dict[str, Any],
+    reason: str | None = None,
+) -> dict[str, Any]:
+    """One result; a peer that could not run has value None and must say why."""
+    if value is None and not reason:
+        raise ValueError("reason must say why value is None")
+    out: dict[str, Any] = {
+        "workload": workload,
+        "system": system,
+        "metric": metric,
+        "value": None if value is None else float(value),
+        "params": params,
+    }
+    if reason:
+        out["reason"] = reason
+    return out
+
+
+def write_results(
+    args: argparse.Namespace,
+    name: str,
+    results: list[dict[str, Any]],
+    device: str,
+    model: str | None,
+) -> dict[str, Any]:
+    """Write the benchmark's JSON object to `args.json` and return it."""
+    data = {
+        "benchmark": name,
+        "quick": bool(args.quick),
+        "device": device,
+        "model": model,
+        "environment": environment_info(device),
+        "results": results,
+    }
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return data

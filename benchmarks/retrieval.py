@@ -1,0 +1,281 @@
+"""Retrieval benchmark: embedding throughput, the default Python-docs index build, end-to-end
+search latency per mode, and faiss flat vs IVF vs HNSW (build time, query latency p50/p99,
+recall@10 against exact search) at 10k and 100k chunks, with numpy brute force as a peer.
+
+    python benchmarks/retrieval.py [--quick] [--json PATH] [--plot PATH]
+
+100k real chunks cannot be embedded on a 2-core CPU in a benchmark's time, so the 10k/100k
+collections are built from the real embeddings of the real pydoc chunks, each repeated with
+small Gaussian perturbations and renormalized; every record's params say so.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_common import parse_args, record, write_results
+
+NAME = "retrieval"
+MODEL = "all-MiniLM-L6-v2"
+K = 10
+NOISE = 0.03  # per-dimension std of the perturbation: copies keep cosine ~0.85 to their base
+QUERIES = [
+    "how do I catch an exception and re-raise it",
+    "what does the with statement do",
+    "difference between is and ==",
+    "how are default argument values evaluated",
+    "unpacking a list into variables with a star",
+    "how does the for loop iterate",
+    "what is a generator expression",
+    "global and nonlocal variables in nested functions",
+    "how do classes define __init__",
+    "what happens when assert fails",
+    "integer division and modulo operators",
+    "string formatting with f-strings",
+]
+
+
+def percentile_s(samples: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(samples), q))
+
+
+def build_pydocs(limit: int | None, results: list[dict]):
+    """Time the default-corpus build (chunk, embed, index, commit) as a user's first run."""
+    from covey.retrieval.default_corpus import ensure_default_index, pydoc_documents
+    from covey.retrieval.embedder import Embedder
+    from covey.retrieval.tokenizers import default_tokenizer, tokenizer_name
+
+    embedder, tokenizer = Embedder.load(), default_tokenizer()
+    embedder.embed(["warm up the model"])
+    root = Path(tempfile.mkdtemp(prefix="covey-bench-")) / "pydocs"
+    start = time.perf_counter()
+    index = ensure_default_index(
+        root, limit=limit, progress=False, embedder=embedder, tokenizer=tokenizer
+    )
+    seconds = time.perf_counter() - start
+    params = {
+        "topics": len(pydoc_documents(limit)),
+        "chunks": len(index),
+        "tokens": index.manifest["num_tokens"],
+        "chunk_tokens": index.chunker.chunk_tokens,
+        "overlap_tokens": index.chunker.overlap_tokens,
+        "chunk_tokenizer": tokenizer_name(tokenizer),
+        "embed_batch": embedder.batch_size,
+    }
+    results.append(record("pydocs_build", "covey", "build_s", seconds, params))
+    return index
+
+
+def bench_embedding(index, n: int, results: list[dict]) -> None:
+    """Re-embed a sample of real pydoc chunks: chunks/s of the embedder alone."""
+    step = max(1, len(index.chunks) // n)
+    texts = [c.text for c in index.chunks[::step][:n]]
+    tokens = [c.num_tokens for c in index.chunks[::step][:n]]
+    index.embedder.embed(texts[:8])  # warm up at real sequence lengths: not timed
+    start = time.perf_counter()
+    index.embedder.embed(texts)
+    seconds = time.perf_counter() - start
+    params = {
+        "chunks": len(texts),
+        "mean_chunk_tokens": round(float(np.mean(tokens)), 1),
+        "batch_size": index.embedder.batch_size,
+        "text": "real pydoc_data.topics chunks",
+    }
+    results.append(record("embedding", "covey", "chunks_per_s", len(texts) / seconds, params))
+
+
+def bench_search_modes(index, repeats: int, results: list[dict]) -> None:
+    """End-to-end DocumentIndex.search latency (query embedding included) per mode; modes
+    take turns on each query so background load hits them alike."""
+    modes = ("vector", "bm25", "hybrid")
+    for mode in modes:
+        index.search(QUERIES[0], k=5, mode=mode)  # builds faiss/BM25 lazily: not timed
+    samples: dict[str, list[float]] = {mode: [] for mode in modes}
+    for i in range(repeats):
+        for mode in modes:
+            start = time.perf_counter()
+            index.search(QUERIES[i % len(QUERIES)], k=5, mode=mode)
+            samples[mode].append(time.perf_counter() - start)
+    params = {"chunks": len(index), "queries": repeats, "k": 5, "corpus": "pydocs"}
+    for mode in modes:
+        for metric, q in (("p50_latency_s", 50), ("p99_latency_s", 99)):
+            value = percentile_s(samples[mode], q)
+            results.append(record("search_pydocs", f"covey-{mode}", metric, value, params))
+
+
+def synthetic(base: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """n unit vectors: random rows of `base` plus N(0, NOISE^2) noise, renormalized."""
+    rng = np.random.default_rng(seed)
+    x = base[rng.integers(0, len(base), n)] + rng.normal(0, NOISE, (n, base.shape[1]))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def time_queries(search, queries: np.ndarray) -> tuple[list[float], np.ndarray]:
+    samples, found = [], []
+    for q in queries:
+        start = time.perf_counter()
+        ids = search(q[None, :])
+        samples.append(time.perf_counter() - start)
+        found.append(ids)
+    return samples, np.vstack(found)
+
+
+def bench_kinds(base: np.ndarray, n: int, n_queries: int, results: list[dict]) -> None:
+    """Build each faiss kind over n vectors; single-query latency and recall@10."""
+    from covey.retrieval.vector_index import (
+        IndexConfig,
+        build_index,
+        exact_search,
+        recall_at_k,
+        search_index,
+    )
+
+    vectors = synthetic(base, n, seed=n)
+    queries = synthetic(base, n_queries, seed=n + 1)  # fresh noise: never indexed
+    truth = exact_search(vectors, queries, K)
+    config = IndexConfig()
+    params = {
+        "vectors": n,
+        "dim": int(vectors.shape[1]),
+        "queries": n_queries,
+        "k": K,
+        "data": f"real MiniLM embeddings of {len(base)} pydoc chunks, each repeated with "
+        f"N(0, {NOISE}^2) noise per dimension and renormalized; queries likewise "
+        "with fresh noise",
+        "batch": 1,
+    }
+    for kind in ("flat", "ivf", "hnsw"):
+        start = time.perf_counter()
+        index = build_index(vectors, kind, config)
+        build_s = time.perf_counter() - start
+        samples, found = time_queries(lambda q, ix=index: search_index(ix, q, K)[1], queries)
+        p = dict(params, **_kind_params(index, kind, config))
+        system = f"covey-{kind}"
+        results.append(record("vector_index", system, "build_s", build_s, p))
+        results.append(
+            record("vector_index", system, "p50_latency_s", percentile_s(samples, 50), p)
+        )
+        results.append(
+            record("vector_index", system, "p99_latency_s", percentile_s(samples, 99), p)
+        )
+        results.append(record("vector_index", system, "recall_at_10", recall_at_k(found, truth), p))
+        print(
+            f"  {n:>7} {kind:<5} build {build_s:7.2f}s  p50 {percentile_s(samples, 50) * 1e3:7.3f} ms"
+            f"  recall@10 {recall_at_k(found, truth):.4f}",
+            flush=True,
+        )
+    samples, found = time_queries(lambda q: exact_search(vectors, q, K), queries)
+    results.append(
+        record("vector_index", "numpy", "p50_latency_s", percentile_s(samples, 50), params)
+    )
+    results.append(
+        record("vector_index", "numpy", "p99_latency_s", percentile_s(samples, 99), params)
+    )
+    results.append(
+        record("vector_index", "numpy", "recall_at_10", recall_at_k(found, truth), params)
+    )
+
+
+def _kind_params(index, kind: str, config) -> dict:
+    if kind == "ivf":
+        return {"nlist": int(index.nlist), "nprobe": int(index.nprobe)}
+    if kind == "hnsw":
+        return {
+            "M": config.hnsw_m,
+            "ef_construction": config.ef_construction,
+            "ef_search": config.ef_search,
+        }
+    return {}
+
+
+def plot(results: list[dict], path: Path, quick: bool, device: str) -> None:
+    """Four panels: index build time, query p50/p99, recall@10, end-to-end search by mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def value(workload, system, metric, n=None):
+        for r in results:
+            if (r["workload"], r["system"], r["metric"]) == (workload, system, metric) and (
+                n is None or r["params"].get("vectors") == n
+            ):
+                return r["value"]
+        return None
+
+    sizes = sorted({r["params"]["vectors"] for r in results if r["workload"] == "vector_index"})
+    systems = ["covey-flat", "covey-ivf", "covey-hnsw", "numpy"]
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    width = 0.8 / len(systems)
+    for ax, metric, label in (
+        (axes[0, 0], "build_s", "index build time (s)"),
+        (axes[0, 1], "p50_latency_s", "single-query latency p50 (ms); whisker = p99"),
+        (axes[1, 0], "recall_at_10", "recall@10 vs exact search"),
+    ):
+        for j, system in enumerate(systems):
+            xs = [i + j * width for i in range(len(sizes))]
+            ys = [value("vector_index", system, metric, n) for n in sizes]
+            scale = 1e3 if "latency" in metric else 1.0
+            ys = [np.nan if y is None else y * scale for y in ys]
+            bars = ax.bar(xs, ys, width, label=system)
+            if metric == "p50_latency_s":
+                p99 = [value("vector_index", system, "p99_latency_s", n) for n in sizes]
+                err = [0 if (b is None or np.isnan(y)) else b * 1e3 - y for b, y in zip(p99, ys)]
+                ax.errorbar(xs, ys, yerr=[[0] * len(err), err], fmt="none", ecolor="black")
+            ax.bar_label(bars, fmt="%.3g", fontsize=7)
+        ax.set_xticks(
+            [i + 0.4 - width / 2 for i in range(len(sizes))], [f"{n:,} chunks" for n in sizes]
+        )
+        ax.set_title(label)
+        if metric == "recall_at_10":
+            ax.set_ylim(0.8, 1.01)
+        ax.legend(fontsize=8)
+    modes = ["covey-vector", "covey-bm25", "covey-hybrid"]
+    p50 = [value("search_pydocs", m, "p50_latency_s") * 1e3 for m in modes]
+    p99 = [value("search_pydocs", m, "p99_latency_s") * 1e3 for m in modes]
+    ax = axes[1, 1]
+    bars = ax.bar(modes, p50, yerr=[[0] * 3, [b - a for a, b in zip(p50, p99)]], capsize=4)
+    ax.bar_label(bars, fmt="%.2f ms", fontsize=8)
+    build = value("pydocs_build", "covey", "build_s")
+    rate = value("embedding", "covey", "chunks_per_s")
+    chunks = next(r["params"]["chunks"] for r in results if r["workload"] == "pydocs_build")
+    ax.set_title(
+        f"pydocs search p50 (whisker p99), {chunks} chunks\n"
+        f"build {build:.1f}s; embedding {rate:.1f} chunks/s"
+    )
+    fig.suptitle(f"covey retrieval ({'quick' if quick else 'full'}, {device}, {MODEL})")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(NAME, __doc__.splitlines()[0], argv)
+    from covey.retrieval.embedder import default_device
+
+    device = default_device()
+    results: list[dict] = []
+    limit = 10 if args.quick else None
+    print(f"pydocs build ({'first 10 topics' if args.quick else 'all topics'}) ...", flush=True)
+    index = build_pydocs(limit, results)
+    print(f"  {len(index)} chunks in {results[-1]['value']:.1f}s", flush=True)
+    bench_embedding(index, 64 if args.quick else 256, results)
+    print(f"  embedding {results[-1]['value']:.1f} chunks/s", flush=True)
+    bench_search_modes(index, 24 if args.quick else 120, results)
+    for n in (10_000,) if args.quick else (10_000, 100_000):
+        bench_kinds(index.vectors, n, 100 if args.quick else 500, results)
+    write_results(args, NAME, results, device, MODEL)
+    plot(results, args.plot, quick=args.quick, device=device)
+    print(f"wrote {args.json} and {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,7 +1,8 @@
 """DocumentIndex: the user-facing retrieval API over a persistent index directory.
 
-    index = DocumentIndex.create("idx")            # or DocumentIndex.open("idx")
-    index.add_files(["docs/"])                     # each add_* call is one atomic commit
+Typical use:
+    index = DocumentIndex.create("idx")  # or DocumentIndex.open("idx")
+    index.add_files(["docs/"])  # each add_* call is one atomic commit
     index.search("how do I sort a dict", k=5, mode="hybrid", sources=[...])
 """
 
@@ -74,6 +75,7 @@ class DocumentIndex:
         self._embedder = embedder
         self._tokenizer = tokenizer
         self._faiss = snapshot.faiss_index
+        self._faiss_kind = snapshot.manifest.get("index", {}).get("kind")
         self._faiss_built_n = len(self.chunks) if self._faiss is not None else 0
         self._bm25: BM25Index | None = None
         self._version: str | None = snapshot.manifest.get("version")
@@ -178,7 +180,7 @@ class DocumentIndex:
             names = list(source)
         if len(names) != len(texts):
             raise RetrievalError(f"got {len(texts)} texts but {len(names)} sources")
-        return self.add_documents([Document(t, s) for t, s in zip(texts, names)])
+        return self.add_documents([Document(t, s) for t, s in zip(texts, names, strict=True)])
 
     def add_documents(self, docs: Sequence[Document], progress: bool = False) -> IngestStats:
         """Chunk, embed and index `docs`, then commit once; nothing is visible on disk (and a
@@ -195,6 +197,10 @@ class DocumentIndex:
         self.__dict__.update(fresh.__dict__)
 
     def _ingest(self, docs: Sequence[Document], progress: bool) -> IngestStats:
+        names = [d.source for d in docs]
+        if len(set(names)) != len(names):
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            raise RetrievalError(f"each document needs its own source; repeated: {dupes[:5]}")
         stats = IngestStats(documents=len(docs))
         new_chunks: list[Chunk] = []
         replaced: list[str] = []
@@ -243,7 +249,7 @@ class DocumentIndex:
             return 0
         keep = np.array([c.source not in names for c in self.chunks], dtype=bool)
         removed = int((~keep).sum())
-        self.chunks = [c for c, k in zip(self.chunks, keep) if k]
+        self.chunks = [c for c, k in zip(self.chunks, keep, strict=True) if k]
         self.vectors = self.vectors[keep]
         self._faiss, self._bm25 = None, None  # positions moved: rebuild lazily
         return removed
@@ -266,9 +272,13 @@ class DocumentIndex:
         return self.index_config.resolve_kind(len(self.chunks))
 
     def faiss_index(self) -> Any:
-        if self._faiss is None or self._faiss.ntotal != len(self.chunks):
-            self._faiss = build_index(self.vectors, self.kind, self.index_config)
-            self._faiss_built_n = len(self.chunks)
+        """The faiss index, (re)built when missing, stale, or of another kind than the size
+        now calls for (auto switches to HNSW past its threshold)."""
+        kind = self.kind
+        stale = self._faiss is None or self._faiss.ntotal != len(self.chunks)
+        if stale or self._faiss_kind != kind:
+            self._faiss = build_index(self.vectors, kind, self.index_config)
+            self._faiss_kind, self._faiss_built_n = kind, len(self.chunks)
         return self._faiss
 
     def bm25(self) -> BM25Index:
@@ -310,4 +320,3 @@ class DocumentIndex:
         snap = store.Snapshot(manifest, self.chunks, self.sources, self.vectors, faiss_to_save)
         self._version = store.commit_snapshot(self.root, snap, self._version)
         self.manifest = snap.manifest
-

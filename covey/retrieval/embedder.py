@@ -81,8 +81,8 @@ class Embedder:
         if config.model is None:
             path, name = bundled_model_dir(), BUNDLED_NAME
         else:
-            path = Path(config.model).expanduser()
-            name = path.resolve().name
+            path = Path(config.model).expanduser().absolute()
+            name = path.name
         if not (path / "modules.json").is_file() and not (path / "config.json").is_file():
             raise RetrievalError(f"no sentence-transformers model in {path}")
         from sentence_transformers import SentenceTransformer
@@ -93,7 +93,7 @@ class Embedder:
             )
         except (OSError, ValueError) as exc:
             raise RetrievalError(f"cannot load embedder from {path}: {exc}") from exc
-        return cls(model, name, str(path.resolve()), config.batch_size)
+        return cls(model, name, str(path), config.batch_size)
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """[len(texts), dimension] float32, unit-norm rows."""

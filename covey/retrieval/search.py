@@ -83,7 +83,7 @@ class SearchEngine:
         q = self.index.embedder.embed([query])  # [1, d]
         if allowed is None:
             scores, ids = search_index(self.index.faiss_index(), q, k)
-            return [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
+            return [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
         # Filtered: exact scoring of the allowed rows only, so a filter never loses recall.
         rows = np.flatnonzero(allowed)
         if rows.size == 0:

@@ -72,7 +72,7 @@ def build_index(vectors: np.ndarray, kind: str, config: IndexConfig):
         index.hnsw.efSearch = config.ef_search
     elif kind == "ivf":
         nlist = _ivf_nlist(config, n)
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), nlist, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.index_factory(dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
         index.train(vectors)
         index.nprobe = min(config.nprobe, nlist)
     else:
@@ -124,7 +124,7 @@ def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     """Mean fraction of the true top-k ids that the approximate search returned."""
-    hits = sum(len(set(f[f >= 0]) & set(t)) for f, t in zip(found, truth))
+    hits = sum(len(set(f[f >= 0]) & set(t)) for f, t in zip(found, truth, strict=True))
     return hits / max(1, truth.size)
 
 

@@ -18,7 +18,8 @@ from transformers import AutoTokenizer
 from covey.retrieval.document_index import DocumentIndex
 from covey.retrieval.embedder import bundled_model_dir
 from covey.retrieval.tokenizers import HFTokenizerAdapter
-tok = HFTokenizerAdapter(AutoTokenizer.from_pretrained(str(bundled_model_dir())), "all-MiniLM-L6-v2")
+hf = AutoTokenizer.from_pretrained(str(bundled_model_dir()))
+tok = HFTokenizerAdapter(hf, "all-MiniLM-L6-v2")
 index = DocumentIndex.open(sys.argv[1], tokenizer=tok)
 index.add_texts(["Zebras migrate across the savanna every year."], source="new")
 index.add_texts(["The old note about volcanoes was rewritten."], source="old")

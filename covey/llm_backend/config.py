@@ -30,13 +30,17 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ValueError(f"EngineConfig.dtype must be 'auto' or one of {sorted(DTYPES)}, "
-                             f"got {self.dtype!r}")
+            raise ValueError(
+                f"EngineConfig.dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}"
+            )
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"EngineConfig.device must be 'auto', 'cpu' or 'cuda[:N]', "
-                             f"got {self.device!r}")
+            raise ValueError(
+                f"EngineConfig.device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}"
+            )
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"EngineConfig.block_size must be a power of two, got {self.block_size}")
+            raise ValueError(
+                f"EngineConfig.block_size must be a power of two, got {self.block_size}"
+            )
         if self.kv_cache_tokens is not None and self.kv_cache_bytes is not None:
             raise ValueError("EngineConfig: give kv_cache_tokens or kv_cache_bytes, not both")
         for name in ("kv_cache_tokens", "kv_cache_bytes", "max_model_len", "num_threads"):

@@ -16,11 +16,11 @@ def detokenize_step(tokenizer: Tokenizer, seq: Sequence) -> str:
     Mutates `seq.output_text`, `seq.prefix_offset` and `seq.read_offset`.
     """
     ids = seq.token_ids
-    prefix_text = tokenizer.decode(ids[seq.prefix_offset:seq.read_offset])
-    full_text = tokenizer.decode(ids[seq.prefix_offset:])
+    prefix_text = tokenizer.decode(ids[seq.prefix_offset : seq.read_offset])
+    full_text = tokenizer.decode(ids[seq.prefix_offset :])
     if full_text.endswith("\ufffd") or len(full_text) <= len(prefix_text):
         return ""
-    delta = full_text[len(prefix_text):]
+    delta = full_text[len(prefix_text) :]
     seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
     seq.output_text += delta
     return delta

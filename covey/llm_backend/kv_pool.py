@@ -13,13 +13,24 @@ from covey.llm_backend.model_args import ModelArgs
 
 
 class KVPool:
-    def __init__(self, args: ModelArgs, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+    def __init__(
+        self,
+        args: ModelArgs,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.kv = torch.zeros(
-            args.num_layers, 2, num_blocks * block_size, args.num_kv_heads, args.dim_per_head,
-            dtype=dtype, device=device,
+            args.num_layers,
+            2,
+            num_blocks * block_size,
+            args.num_kv_heads,
+            args.dim_per_head,
+            dtype=dtype,
+            device=device,
         )  # [L, 2, S, KVH, Dh]
 
     @staticmethod
@@ -27,8 +38,9 @@ class KVPool:
         return args.kv_bytes_per_token(torch.tensor([], dtype=dtype).element_size()) * block_size
 
     def _blocks_view(self) -> torch.Tensor:
-        l, two, _, h, d = self.kv.shape
-        return self.kv.view(l, two, self.num_blocks, self.block_size, h, d)  # [L, 2, B, bs, KVH, Dh]
+        layers, two, _, h, d = self.kv.shape
+        shape = (layers, two, self.num_blocks, self.block_size, h, d)
+        return self.kv.view(shape)  # [L, 2, B, bs, KVH, Dh]
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
@@ -38,7 +50,9 @@ class KVPool:
         dst = torch.tensor([d for _, d in copies], device=self.kv.device)
         view[:, :, dst] = view[:, :, src]
 
-    def export_blocks(self, block_ids: list[int], device: str | torch.device = "cpu") -> torch.Tensor:
+    def export_blocks(
+        self, block_ids: list[int], device: str | torch.device = "cpu"
+    ) -> torch.Tensor:
         """A copy of the blocks' KV, [L, 2, n, bs, KVH, Dh], on `device` (another tier)."""
         index = torch.tensor(block_ids, dtype=torch.long, device=self.kv.device)
         return self._blocks_view().index_select(2, index).to(device)

@@ -44,8 +44,9 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> t
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for every position, looked up per token (positions need not be contiguous)."""
 
-    def __init__(self, head_dim: int, max_position: int, theta: float,
-                 scaling: RopeScaling | None) -> None:
+    def __init__(
+        self, head_dim: int, max_position: int, theta: float, scaling: RopeScaling | None
+    ) -> None:
         super().__init__()
         inv_freq = rope_inv_freq(head_dim, theta, scaling)
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
@@ -53,7 +54,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         cos = self.cos[positions].to(dtype).unsqueeze(1)  # [T, 1, Dh]
         sin = self.sin[positions].to(dtype).unsqueeze(1)  # [T, 1, Dh]
         return cos, sin

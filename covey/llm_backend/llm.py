@@ -27,9 +27,12 @@ class LLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
-    def generate(self, prompts: Prompt | list[Prompt],
-                 params: SamplingParams | list[SamplingParams] | None = None,
-                 priority: list[int] | None = None) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: Prompt | list[Prompt],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        priority: list[int] | None = None,
+    ) -> list[RequestOutput]:
         """Run all prompts together (continuous batching); outputs come back in input order."""
         batch = _as_batch(prompts)
         if not batch:
@@ -40,7 +43,9 @@ class LLM:
         ids = []
         try:
             for i, (prompt, p) in enumerate(zip(batch, plist)):
-                ids.append(self.engine.add_request(prompt, p, priority=priority[i] if priority else 0))
+                ids.append(
+                    self.engine.add_request(prompt, p, priority=priority[i] if priority else 0)
+                )
         except Exception:
             for rid in ids:
                 self.engine.abort_request(rid)
@@ -52,8 +57,9 @@ class LLM:
                     final[out.request_id] = out
         return [final[rid] for rid in ids]
 
-    def chat(self, messages: Messages | list[Messages],
-             params: SamplingParams | None = None) -> list[RequestOutput]:
+    def chat(
+        self, messages: Messages | list[Messages], params: SamplingParams | None = None
+    ) -> list[RequestOutput]:
         """Answer one conversation or a batch of them through the model's chat template."""
         if self.engine.tokenizer is None:
             raise InvalidRequestError("this model has no tokenizer, so no chat template")

@@ -16,6 +16,7 @@ from covey.llm_backend.block_manager import BlockManager
 from covey.llm_backend.config import DEFAULT_CPU_KV_BYTES, DEFAULT_GPU_KV_FRACTION, EngineConfig
 from covey.llm_backend.detokenizer import detokenize_step
 from covey.llm_backend.kv_pool import KVPool
+from covey.llm_backend.model import LlamaModel
 from covey.llm_backend.model_runner import ModelRunner
 from covey.llm_backend.model_source import resolve_model
 from covey.llm_backend.outputs import RequestMetrics, RequestOutput
@@ -31,7 +32,8 @@ Prompt = str | list[int] | list[Segment]
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig | None = None) -> None:
+    def __init__(self, config: EngineConfig | None = None, model: LlamaModel | None = None) -> None:
+        """`model` reuses weights loaded from `config.model` (several engines, one model)."""
         self.config = config = config or EngineConfig()
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
@@ -39,16 +41,17 @@ class LLMEngine:
         self.dtype = config.torch_dtype()
         self.source = resolve_model(config.model)
         self.tokenizer: Tokenizer | None = self._load_tokenizer()
-        self.model = load_model(self.source, self.dtype, self.device, config.max_model_len)
+        self.model = model or load_model(self.source, self.dtype, self.device, config.max_model_len)
         args = self.model.args
         self.max_model_len = min(config.max_model_len or args.max_position, args.max_position)
         num_blocks = self._num_kv_blocks()
         self.pool = KVPool(args, num_blocks, config.block_size, self.dtype, self.device)
-        self.block_manager = BlockManager(num_blocks, config.block_size,
-                                          config.enable_prefix_caching)
+        self.block_manager = BlockManager(
+            num_blocks, config.block_size, config.enable_prefix_caching
+        )
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens),
-            self.block_manager)
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.block_manager
+        )
         self.runner = ModelRunner(self.model, self.pool, self.device)
         self.requests: dict[str, Sequence] = {}
         self._generators: dict[int, torch.Generator] = {}
@@ -90,13 +93,19 @@ class LLMEngine:
         if isinstance(prompt, str):
             return self._encode(prompt), []
         if not isinstance(prompt, SequenceABC) or isinstance(prompt, bytes):
-            raise InvalidRequestError(f"a prompt is a str, a list of token ids or of Segments, "
-                                      f"got {type(prompt).__name__}")
+            raise InvalidRequestError(
+                f"a prompt is a str, a list of token ids or of Segments, "
+                f"got {type(prompt).__name__}"
+            )
         if all(isinstance(p, Segment) for p in prompt) and prompt:
             ids: list[int] = []
             spans: list[SegmentSpan] = []
             for seg in prompt:
-                piece = list(seg.token_ids) if seg.token_ids is not None else self._encode(seg.text or "")
+                piece = (
+                    list(seg.token_ids)
+                    if seg.token_ids is not None
+                    else self._encode(seg.text or "")
+                )
                 spans.append(SegmentSpan(seg.kind, len(ids), len(ids) + len(piece), seg.chunk_id))
                 ids.extend(piece)
             return ids, spans
@@ -112,8 +121,13 @@ class LLMEngine:
             raise InvalidRequestError("this model has no tokenizer; send token ids")
         return self.tokenizer.encode(text)
 
-    def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
-                    request_id: str | None = None, priority: int = 0) -> str:
+    def add_request(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+    ) -> str:
         """Validate and queue a request; returns its id. Raises InvalidRequestError."""
         params = params or SamplingParams()
         request_id = request_id or uuid.uuid4().hex
@@ -125,12 +139,14 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise InvalidRequestError(
                 f"the prompt has {len(ids)} tokens; the context window is {self.max_model_len} "
-                "tokens and at least one must be left to generate")
+                "tokens and at least one must be left to generate"
+            )
         needed = min(len(ids) + params.max_tokens, self.max_model_len)
         if needed > self.kv_capacity_tokens:
             raise InvalidRequestError(
                 f"the request needs KV for {needed} tokens but the pool holds "
-                f"{self.kv_capacity_tokens}; lower max_tokens or raise kv_cache_tokens")
+                f"{self.kv_capacity_tokens}; lower max_tokens or raise kv_cache_tokens"
+            )
         seq = Sequence(request_id, ids, params, priority, spans)
         if params.seed is not None:
             self._generators[seq.seq_id] = torch.Generator(self.device).manual_seed(params.seed)
@@ -150,10 +166,13 @@ class LLMEngine:
         """Hold a running request aside with its KV kept in the pool (a tool call runs)."""
         self.scheduler.pause(self._get(request_id))
 
-    def resume_request(self, request_id: str, extra: Prompt) -> None:
-        """Append `extra` (a tool's result) to a paused request and let it decode on.
+    def resume_request(
+        self, request_id: str, extra: Prompt, params: SamplingParams | None = None
+    ) -> None:
+        """Append `extra` (a tool's result) to a paused request and let it generate on.
 
-        Only the new tokens are prefilled; the KV of everything before them is reused.
+        Everything so far becomes context: only the new tokens are prefilled on top of the
+        KV kept in the pool, and the output (and `params.max_tokens`) count from here.
         """
         seq = self._get(request_id)
         if request_id not in self.scheduler.paused:
@@ -162,7 +181,7 @@ class LLMEngine:
         if len(seq) + len(ids) >= self.max_model_len:
             raise InvalidRequestError("the resumed request would exceed the context window")
         seq.token_ids.extend(ids)
-        seq.prefix_offset = seq.read_offset = len(seq)  # the tool text is input, not output
+        seq.start_new_turn(params)
         self.scheduler.resume(seq)
 
     def _get(self, request_id: str) -> Sequence:
@@ -189,8 +208,9 @@ class LLMEngine:
             self.block_manager.cache_full_blocks(item.seq)
         if logits is None:
             return []
-        tokens = sample(logits, [s.params for s in seqs],
-                        [self._generators.get(s.seq_id) for s in seqs])
+        tokens = sample(
+            logits, [s.params for s in seqs], [self._generators.get(s.seq_id) for s in seqs]
+        )
         return [self._append_token(seq, token) for seq, token in zip(seqs, tokens)]
 
     def _append_token(self, seq: Sequence, token: int) -> RequestOutput:
@@ -235,7 +255,12 @@ class LLMEngine:
 
     def _output(self, seq: Sequence, delta: str, delta_ids: list[int]) -> RequestOutput:
         return RequestOutput(
-            request_id=seq.request_id, text=seq.output_text, token_ids=seq.output_token_ids,
-            delta_text=delta, delta_token_ids=delta_ids, finished=seq.is_finished,
+            request_id=seq.request_id,
+            text=seq.output_text,
+            token_ids=seq.output_token_ids,
+            delta_text=delta,
+            delta_token_ids=delta_ids,
+            finished=seq.is_finished,
             finish_reason=seq.finish_reason.value if seq.finish_reason else None,
-            metrics=RequestMetrics.of(seq))
+            metrics=RequestMetrics.of(seq),
+        )

@@ -35,8 +35,15 @@ class ModelArgs:
     rope_scaling: RopeScaling | None = None
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-                     "intermediate_size", "max_position"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "intermediate_size",
+            "max_position",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ModelArgs.{name} must be > 0, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
@@ -103,24 +110,49 @@ def _rope_scaling(raw: dict[str, Any] | None) -> RopeScaling | None:
 
 PRESETS: dict[str, ModelArgs] = {
     "smollm2-135m": ModelArgs(
-        vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3,
-        intermediate_size=1536, rope_theta=100000.0,
+        vocab_size=49152,
+        hidden_size=576,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        intermediate_size=1536,
+        rope_theta=100000.0,
     ),
     "smollm2-360m": ModelArgs(
-        vocab_size=49152, hidden_size=960, num_layers=32, num_heads=15, num_kv_heads=5,
-        intermediate_size=2560, rope_theta=100000.0,
+        vocab_size=49152,
+        hidden_size=960,
+        num_layers=32,
+        num_heads=15,
+        num_kv_heads=5,
+        intermediate_size=2560,
+        rope_theta=100000.0,
     ),
     "smollm2-1.7b": ModelArgs(
-        vocab_size=49152, hidden_size=2048, num_layers=24, num_heads=32, num_kv_heads=32,
-        intermediate_size=8192, rope_theta=130000.0,
+        vocab_size=49152,
+        hidden_size=2048,
+        num_layers=24,
+        num_heads=32,
+        num_kv_heads=32,
+        intermediate_size=8192,
+        rope_theta=130000.0,
     ),
     "llama-1b": ModelArgs(
-        vocab_size=49152, hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8,
-        intermediate_size=8192, rope_theta=500000.0,
+        vocab_size=49152,
+        hidden_size=2048,
+        num_layers=16,
+        num_heads=32,
+        num_kv_heads=8,
+        intermediate_size=8192,
+        rope_theta=500000.0,
     ),
     "tiny": ModelArgs(
-        vocab_size=49152, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-        intermediate_size=128, max_position=2048,
+        vocab_size=49152,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=128,
+        max_position=2048,
     ),
 }
 

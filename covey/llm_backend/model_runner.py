@@ -36,8 +36,9 @@ class ModelRunner:
         self._block_offsets = torch.arange(self.block_size, device=device)
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledSeq], block_copies: list[tuple[int, int]]
-                ) -> tuple[list[Sequence], torch.Tensor | None]:
+    def execute(
+        self, scheduled: list[ScheduledSeq], block_copies: list[tuple[int, int]]
+    ) -> tuple[list[Sequence], torch.Tensor | None]:
         """Run one step; returns the sequences to sample and their logits [N, vocab]."""
         self.pool.copy_blocks(block_copies)
         inputs = self.prepare(scheduled)
@@ -84,7 +85,7 @@ class ModelRunner:
                 meta.prefills.append(PrefillRun(offset, offset + n, None, None))
             else:
                 key_slots = self._slots(seq.block_table, start + n)
-                q_pos = position_tensor[offset:offset + n]
+                q_pos = position_tensor[offset : offset + n]
                 mask = torch.arange(start + n, device=dev)[None, :] <= q_pos[:, None]  # [n, L]
                 meta.prefills.append(PrefillRun(offset, offset + n, key_slots, mask))
             offset += n
@@ -103,8 +104,11 @@ class ModelRunner:
     def _decode_keys(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
         lengths = [s.num_computed_tokens + 1 for s in seqs]
         max_blocks = max(len(s.block_table) for s in seqs)
-        table = torch.tensor([s.block_table + [0] * (max_blocks - len(s.block_table))
-                              for s in seqs], dtype=torch.long, device=self.device)  # [D, B]
+        table = torch.tensor(
+            [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in seqs],
+            dtype=torch.long,
+            device=self.device,
+        )  # [D, B]
         max_len = max(lengths)
         slots = (table[:, :, None] * self.block_size + self._block_offsets).view(len(seqs), -1)
         slots = slots[:, :max_len]  # [D, Lmax]

@@ -27,11 +27,19 @@ class RequestMetrics:
         ttft = m.first_token_time - m.arrival_time if m.first_token_time else None
         end = m.finished_time
         n = seq.num_output_tokens
-        tpot = (end - m.first_token_time) / (n - 1) if end and m.first_token_time and n > 1 else None
-        return cls(queue_time=queue, ttft=ttft, tpot=tpot,
-                   latency=end - m.arrival_time if end else None,
-                   num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=n,
-                   num_cached_tokens=seq.num_cached_tokens, num_preemptions=seq.num_preemptions)
+        tpot = (
+            (end - m.first_token_time) / (n - 1) if end and m.first_token_time and n > 1 else None
+        )
+        return cls(
+            queue_time=queue,
+            ttft=ttft,
+            tpot=tpot,
+            latency=end - m.arrival_time if end else None,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_output_tokens=n,
+            num_cached_tokens=seq.num_cached_tokens,
+            num_preemptions=seq.num_preemptions,
+        )
 
 
 @dataclass(frozen=True)

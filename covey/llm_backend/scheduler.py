@@ -24,7 +24,8 @@ class SchedulerConfig:
             raise ValueError(f"max_num_seqs must be > 0, got {self.max_num_seqs}")
         if self.max_num_batched_tokens <= 0:
             raise ValueError(
-                f"max_num_batched_tokens must be > 0, got {self.max_num_batched_tokens}")
+                f"max_num_batched_tokens must be > 0, got {self.max_num_batched_tokens}"
+            )
 
 
 @dataclass

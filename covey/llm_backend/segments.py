@@ -28,7 +28,8 @@ class Segment:
             raise InvalidRequestError("a Segment needs exactly one of text or token_ids")
         if self.kind not in ("static", "chunk", "dynamic"):
             raise InvalidRequestError(
-                f"Segment.kind must be 'static', 'chunk' or 'dynamic', got {self.kind!r}")
+                f"Segment.kind must be 'static', 'chunk' or 'dynamic', got {self.kind!r}"
+            )
         if self.token_ids is not None:
             object.__setattr__(self, "token_ids", tuple(int(t) for t in self.token_ids))
 

@@ -18,7 +18,7 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
-class FinishReason(str, enum.Enum):
+class FinishReason(enum.StrEnum):
     STOP = "stop"  # EOS, a stop token id or a stop string
     LENGTH = "length"  # max_tokens or the context window
     ABORT = "abort"
@@ -42,8 +42,14 @@ class Sequence:
     cursor. `num_cached_tokens` is how many of them came from the prefix cache.
     """
 
-    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 priority: int = 0, segments: list[SegmentSpan] | None = None) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        segments: list[SegmentSpan] | None = None,
+    ) -> None:
         self.seq_id = next(_ids)
         self.request_id = request_id
         self.token_ids = list(prompt_token_ids)
@@ -69,7 +75,7 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        return self.token_ids[self.num_prompt_tokens :]
 
     @property
     def num_output_tokens(self) -> int:
@@ -82,6 +88,15 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    def start_new_turn(self, params: SamplingParams | None) -> None:
+        """Make every token so far context: output text, counts and stops start afresh."""
+        self.num_prompt_tokens = len(self.token_ids)
+        self.prefix_offset = max(self.num_prompt_tokens - 5, 0)
+        self.read_offset = self.num_prompt_tokens
+        self.output_text = ""
+        if params is not None:
+            self.params = params
 
     def sort_key(self) -> tuple[int, float]:
         """Lower priority value first (vLLM's convention), then first come first served."""

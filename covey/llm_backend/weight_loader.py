@@ -32,8 +32,9 @@ _HF_LAYER = {
 }
 
 
-def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device,
-               max_position: int | None = None) -> LlamaModel:
+def load_model(
+    source: ModelSource, dtype: torch.dtype, device: torch.device, max_position: int | None = None
+) -> LlamaModel:
     """Build the model for `source` on `device`; raise ModelLoadError on any bad checkpoint."""
     if source.format == "dummy":
         assert source.preset is not None
@@ -69,8 +70,9 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device,
                 f"the config implies {tuple(param.shape)}"
             )
         param.copy_(state[name])
-    model.rotary = type(model.rotary)(args.dim_per_head, args.max_position, args.rope_theta,
-                                      args.rope_scaling).to(device)
+    model.rotary = type(model.rotary)(
+        args.dim_per_head, args.max_position, args.rope_theta, args.rope_scaling
+    ).to(device)
     return model.eval()
 
 
@@ -87,23 +89,30 @@ def _read_gguf(path: Path) -> tuple[ModelArgs, Iterator[tuple[str, torch.Tensor]
         reader = gguf.GGUFReader(path)
     except Exception as exc:  # the reader raises ValueError, struct errors, mmap errors...
         raise ModelLoadError(f"{path} is not a readable GGUF file: {exc}") from exc
-    fields = {name: field.contents() for name, field in reader.fields.items()
-              if not name.startswith("tokenizer.ggml.")}
+    fields = {
+        name: field.contents()
+        for name, field in reader.fields.items()
+        if not name.startswith("tokenizer.ggml.")
+    }
     arch = fields.get("general.architecture")
     if arch not in ("llama", "qwen2"):
         raise ModelLoadError(f"GGUF architecture {arch!r} is not supported (llama, qwen2)")
     tensors = {t.name: t for t in reader.tensors}
     if "rope_freqs.weight" in tensors:
-        raise ModelLoadError("GGUF files with rope_freqs (Llama 3.1 rope scaling) are not "
-                             "supported yet; use the Hugging Face folder of that model")
+        raise ModelLoadError(
+            "GGUF files with rope_freqs (Llama 3.1 rope scaling) are not "
+            "supported yet; use the Hugging Face folder of that model"
+        )
     try:
         args = ModelArgs(
             vocab_size=int(tensors["token_embd.weight"].shape[-1]),
             hidden_size=int(fields[f"{arch}.embedding_length"]),
             num_layers=int(fields[f"{arch}.block_count"]),
             num_heads=int(fields[f"{arch}.attention.head_count"]),
-            num_kv_heads=int(fields.get(f"{arch}.attention.head_count_kv")
-                             or fields[f"{arch}.attention.head_count"]),
+            num_kv_heads=int(
+                fields.get(f"{arch}.attention.head_count_kv")
+                or fields[f"{arch}.attention.head_count"]
+            ),
             intermediate_size=int(fields[f"{arch}.feed_forward_length"]),
             max_position=int(fields.get(f"{arch}.context_length", 8192)),
             rope_theta=float(fields.get(f"{arch}.rope.freq_base", 10000.0)),
@@ -124,18 +133,20 @@ def _dequantize(path: Path, tensor) -> torch.Tensor:
     except Exception as exc:
         raise ModelLoadError(f"{path}: cannot dequantize {tensor.name}: {exc}") from exc
     shape = tuple(int(s) for s in reversed(tensor.shape))
-    return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32).reshape(shape))
+    return torch.from_numpy(np.array(data, dtype=np.float32, copy=True).reshape(shape))
 
 
 def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Undo llama.cpp's interleaved-RoPE row order so the half-split rotation applies."""
     rows = w.shape[0]
-    return (w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:])
-            .transpose(1, 2).reshape(w.shape))
+    return (
+        w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+    )
 
 
-def _gguf_tensors(path: Path, tensors: dict, args: ModelArgs,
-                  unpermute: bool) -> Iterator[tuple[str, torch.Tensor]]:
+def _gguf_tensors(
+    path: Path, tensors: dict, args: ModelArgs, unpermute: bool
+) -> Iterator[tuple[str, torch.Tensor]]:
     def get(name: str) -> torch.Tensor:
         if name not in tensors:
             raise ModelLoadError(f"GGUF {path} lacks tensor {name}")
@@ -154,10 +165,14 @@ def _gguf_tensors(path: Path, tensors: dict, args: ModelArgs,
             q, k = _unpermute(q, args.num_heads), _unpermute(k, args.num_kv_heads)
         yield ours + "self_attn.qkv_proj.weight", torch.cat([q, k, get(blk + "attn_v.weight")])
         if args.qkv_bias:
-            yield ours + "self_attn.qkv_proj.bias", torch.cat(
-                [get(blk + f"attn_{x}.bias") for x in "qkv"])
-        yield ours + "mlp.gate_up_proj.weight", torch.cat(
-            [get(blk + "ffn_gate.weight"), get(blk + "ffn_up.weight")])
+            yield (
+                ours + "self_attn.qkv_proj.bias",
+                torch.cat([get(blk + f"attn_{x}.bias") for x in "qkv"]),
+            )
+        yield (
+            ours + "mlp.gate_up_proj.weight",
+            torch.cat([get(blk + "ffn_gate.weight"), get(blk + "ffn_up.weight")]),
+        )
 
 
 def _read_hf(folder: Path) -> tuple[ModelArgs, Iterator[tuple[str, torch.Tensor]]]:
@@ -194,10 +209,16 @@ def _hf_tensors(folder: Path, args: ModelArgs) -> Iterator[tuple[str, torch.Tens
         p = f"layers.{i}."
         for theirs, mine in _HF_LAYER.items():
             yield p + mine, get(p + theirs)
-        yield p + "self_attn.qkv_proj.weight", torch.cat(
-            [get(p + f"self_attn.{x}_proj.weight") for x in "qkv"])
+        yield (
+            p + "self_attn.qkv_proj.weight",
+            torch.cat([get(p + f"self_attn.{x}_proj.weight") for x in "qkv"]),
+        )
         if args.qkv_bias:
-            yield p + "self_attn.qkv_proj.bias", torch.cat(
-                [get(p + f"self_attn.{x}_proj.bias") for x in "qkv"])
-        yield p + "mlp.gate_up_proj.weight", torch.cat(
-            [get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
+            yield (
+                p + "self_attn.qkv_proj.bias",
+                torch.cat([get(p + f"self_attn.{x}_proj.bias") for x in "qkv"]),
+            )
+        yield (
+            p + "mlp.gate_up_proj.weight",
+            torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]),
+        )

@@ -1,0 +1,56 @@
+"""Command-line options shared by every subcommand that runs the engine."""
+
+from __future__ import annotations
+
+import argparse
+
+from covey.llm_backend.sampling_params import SamplingParams
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="a .gguf file, a Hugging Face folder or dummy:PRESET "
+        "(default: the embedded SmolLM2-135M-Instruct)",
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16")
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None)
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+
+
+def build_engine(args: argparse.Namespace):
+    from covey.llm_backend.config import EngineConfig
+    from covey.llm_backend.llm_engine import LLMEngine
+
+    return LLMEngine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype))
+
+
+def stream_to(engine, prompt, params, write) -> str:
+    """Run one request to the end, writing text deltas as they come; return the text."""
+    rid = engine.add_request(prompt, params)
+    text = ""
+    try:
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.request_id == rid:
+                    write(out.delta_text)
+                    text = out.text
+    except KeyboardInterrupt:
+        engine.abort_request(rid)
+        raise
+    return text

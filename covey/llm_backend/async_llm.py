@@ -1,0 +1,151 @@
+"""`AsyncLLM`: streaming, one request at a time from many coroutines, batched underneath.
+
+Every engine call runs on one worker thread, so the engine stays single-threaded while
+the event loop stays free; torch releases the GIL during a step. A stream whose consumer
+goes away (cancelled, closed) aborts its request and frees its KV at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from covey.errors import EngineError, InvalidRequestError
+from covey.llm_backend.config import EngineConfig
+from covey.llm_backend.llm_engine import LLMEngine, Prompt
+from covey.llm_backend.outputs import RequestOutput
+from covey.llm_backend.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class AsyncLLM:
+    def __init__(
+        self, model: str | None = None, *, engine: LLMEngine | None = None, **config: Any
+    ) -> None:
+        self.engine = engine or LLMEngine(EngineConfig(model=model, **config))
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="covey-engine")
+        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._wake: asyncio.Event | None = None
+        self._loop_task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    async def __aenter__(self) -> AsyncLLM:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Abort what is running, stop the step loop and the worker thread."""
+        self._closed = True
+        for rid in list(self._streams):
+            await self.abort(rid)
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            try:
+                await self._loop_task
+            except asyncio.CancelledError:
+                pass
+        self._executor.shutdown(wait=True)
+
+    async def generate(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs, one per step with new tokens, the last one finished.
+
+        Bad requests raise InvalidRequestError before the first output.
+        """
+        if self._closed:
+            raise EngineError("this AsyncLLM is closed")
+        rid = request_id or uuid.uuid4().hex
+        if rid in self._streams:
+            raise InvalidRequestError(f"request id {rid!r} is already in use")
+        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._streams[rid] = queue
+        finished = False
+        try:
+            await self._call(self.engine.add_request, prompt, params, rid, priority)
+            self._ensure_loop()
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._streams.pop(rid, None)
+            if not finished and not self._closed:
+                await asyncio.shield(self._call(self.engine.abort_request, rid))
+
+    async def generate_full(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+    ) -> RequestOutput:
+        """Await a request's final output (no streaming)."""
+        outputs = [out async for out in self.generate(prompt, params, request_id, priority)]
+        return outputs[-1]
+
+    def chat(
+        self,
+        messages: list[dict[str, str]],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream the answer to chat messages, rendered with the model's chat template."""
+        if self.engine.tokenizer is None:
+            raise InvalidRequestError("this model has no tokenizer, so no chat template")
+        prompt = self.engine.tokenizer.apply_chat_template(messages)
+        return self.generate(prompt, params, request_id)
+
+    async def abort(self, request_id: str) -> None:
+        await self._call(self.engine.abort_request, request_id)
+        queue = self._streams.get(request_id)
+        if queue is not None:
+            queue.put_nowait(EngineError(f"request {request_id} was aborted"))
+
+    async def _call(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _ensure_loop(self) -> None:
+        if self._wake is None:
+            self._wake = asyncio.Event()
+        self._wake.set()
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(self._step_loop())
+
+    async def _step_loop(self) -> None:
+        assert self._wake is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self.engine.has_unfinished_requests():
+                try:
+                    outputs = await self._call(self.engine.step)
+                except Exception as exc:  # a failing step must not take the engine down
+                    log.exception("engine step failed; failing the requests it held")
+                    await self._fail_all(exc)
+                    continue
+                for out in outputs:
+                    queue = self._streams.get(out.request_id)
+                    if queue is not None:
+                        queue.put_nowait(out)
+
+    async def _fail_all(self, exc: Exception) -> None:
+        for rid in list(self.engine.requests):
+            await self._call(self.engine.abort_request, rid)
+            queue = self._streams.get(rid)
+            if queue is not None:
+                queue.put_nowait(EngineError(f"the engine failed while serving {rid}: {exc}"))

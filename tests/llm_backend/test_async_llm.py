@@ -1,0 +1,79 @@
+"""The streaming API: deltas add up, concurrent streams batch, a vanished client frees KV."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from covey.errors import InvalidRequestError
+from covey.llm_backend.async_llm import AsyncLLM
+from covey.llm_backend.sampling_params import SamplingParams
+
+PARAMS = SamplingParams(max_tokens=10, ignore_eos=True)
+
+
+async def collect(llm: AsyncLLM, prompt, params=PARAMS):
+    outs = [out async for out in llm.generate(prompt, params)]
+    return outs
+
+
+async def test_stream_deltas_add_up_and_match_the_sync_engine(make_engine):
+    llm = AsyncLLM(engine=make_engine())
+    prompts = ["Streaming tokens is", "Batching requests is", "A paged KV cache is"]
+    try:
+        results = await asyncio.gather(*(collect(llm, p) for p in prompts))
+    finally:
+        await llm.close()
+    reference = make_engine(enable_prefix_caching=False)
+    for prompt, outs in zip(prompts, results):
+        last = outs[-1]
+        assert last.finished and sum(1 for o in outs if o.finished) == 1
+        assert "".join(o.delta_text for o in outs) == last.text
+        assert [t for o in outs for t in o.delta_token_ids] == last.token_ids
+        assert last.metrics.ttft is not None and last.metrics.tpot is not None
+        reference.add_request(prompt, PARAMS, request_id=prompt)
+    sync = {}
+    while reference.has_unfinished_requests():
+        for out in reference.step():
+            sync[out.request_id] = out.token_ids
+    assert all(sync[p] == outs[-1].token_ids for p, outs in zip(prompts, results))
+
+
+async def test_client_that_goes_away_aborts_and_frees_kv(make_engine):
+    engine = make_engine(enable_prefix_caching=False)
+    llm = AsyncLLM(engine=engine)
+    stream = llm.generate("Tell me everything about paging.", SamplingParams(max_tokens=200))
+    async for _ in stream:
+        break
+    await stream.aclose()
+    for _ in range(50):
+        if not engine.requests:
+            break
+        await asyncio.sleep(0.05)
+    assert not engine.requests
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    await llm.close()
+
+
+async def test_bad_request_raises_before_any_output(make_engine):
+    llm = AsyncLLM(engine=make_engine())
+    with pytest.raises(InvalidRequestError, match="the prompt is empty"):
+        await collect(llm, "")
+    out = await llm.generate_full("Still serving after a bad request:", PARAMS)
+    assert out.finished and len(out.token_ids) == 10
+    await llm.close()
+
+
+async def test_chat_uses_the_chat_template(make_engine):
+    llm = AsyncLLM(engine=make_engine())
+    outs = [
+        o
+        async for o in llm.chat(
+            [{"role": "user", "content": "Say hi"}], SamplingParams(max_tokens=8)
+        )
+    ]
+    assert outs[-1].finished and outs[-1].text
+    with pytest.raises(InvalidRequestError, match="chat messages must not be empty"):
+        llm.chat([])
+    await llm.close()

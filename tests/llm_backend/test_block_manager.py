@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+from covey.llm_backend.block_manager import BlockManager
+from covey.llm_backend.sampling_params import SamplingParams
+from covey.llm_backend.sequence import Sequence
+
+
+def seq(tokens: list[int]) -> Sequence:
+    return Sequence("r", tokens, SamplingParams())
+
+
+def run_prefill(bm: BlockManager, s: Sequence) -> None:
+    n = s.num_uncomputed_tokens
+    assert bm.can_allocate(bm.blocks_needed(s, n))
+    bm.allocate_slots(s, n)
+    s.num_computed_tokens += n
+    bm.cache_full_blocks(s)
+
+
+def test_allocate_and_free_return_the_pool_to_its_baseline():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    s = seq(list(range(10)))
+    bm.match_prefix(s)
+    run_prefill(bm, s)
+    assert len(s.block_table) == 3 and bm.num_free_blocks == 5
+    bm.free(s)
+    assert bm.num_free_blocks == 8 and s.block_table == []
+
+
+def test_prefix_hit_reuses_full_blocks_but_never_the_last_token():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    a = seq(list(range(12)))
+    bm.match_prefix(a)
+    run_prefill(bm, a)
+    b = seq(list(range(12)))
+    bm.match_prefix(b)
+    assert b.num_cached_tokens == 8  # 12 tokens = 3 blocks, the last is recomputed
+    assert b.block_table == a.block_table[:2]
+    c = seq(list(range(8)) + [99, 98, 97, 96, 95])
+    bm.match_prefix(c)
+    assert c.num_cached_tokens == 8
+    assert bm.stats.hit_tokens == 16
+
+
+def test_idle_cached_blocks_are_evicted_when_the_free_list_is_empty():
+    bm = BlockManager(num_blocks=4, block_size=2)
+    a = seq([1, 2, 3, 4, 5])
+    bm.match_prefix(a)
+    run_prefill(bm, a)
+    bm.free(a)
+    assert bm.num_free_blocks == 4  # two cached-idle blocks count as free
+    b = seq([9, 8, 7, 6, 5, 4, 3])
+    bm.match_prefix(b)
+    run_prefill(bm, b)
+    assert len(b.block_table) == 4 and bm.num_free_blocks == 0
+
+
+def test_fork_shares_blocks_and_copies_the_partial_block_on_write():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    parent = seq([1, 2, 3, 4, 5, 6])
+    bm.match_prefix(parent)
+    run_prefill(bm, parent)
+    child = seq([1, 2, 3, 4, 5, 6])
+    bm.fork(parent, child)
+    child.num_computed_tokens = parent.num_computed_tokens
+    assert child.block_table == parent.block_table
+    child.token_ids.append(7)
+    assert bm.blocks_needed(child, 1) == 1  # the copy of the shared partial block
+    copies = bm.allocate_slots(child, 1)
+    assert copies == [(parent.block_table[1], child.block_table[1])]
+    assert child.block_table[0] == parent.block_table[0]  # full blocks stay shared
+    assert child.block_table[1] != parent.block_table[1]
+    bm.free(parent)
+    bm.free(child)
+    assert bm.num_free_blocks == 8
+
+
+def test_duplicate_blocks_collapse_onto_the_cached_one():
+    bm = BlockManager(num_blocks=8, block_size=2)
+    a, b = seq([1, 2, 3]), seq([1, 2, 3])
+    for s in (a, b):
+        bm.match_prefix(s)
+    for s in (a, b):  # both prefill before either publishes: same tokens, two blocks
+        bm.allocate_slots(s, 3)
+        s.num_computed_tokens = 3
+    bm.cache_full_blocks(a)
+    bm.cache_full_blocks(b)
+    assert b.block_table[0] == a.block_table[0]
+    bm.free(a)
+    bm.free(b)
+    assert bm.num_free_blocks == 8

@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+import pytest
+
+from covey.llm_backend.block_manager import BlockManager
+from covey.llm_backend.sampling_params import SamplingParams
+from covey.llm_backend.scheduler import Scheduler, SchedulerConfig
+from covey.llm_backend.sequence import FinishReason, Sequence, SequenceStatus
+
+
+def make(num_blocks=64, block_size=4, max_seqs=8, budget=64) -> Scheduler:
+    return Scheduler(SchedulerConfig(max_seqs, budget), BlockManager(num_blocks, block_size))
+
+
+def seq(n: int, priority: int = 0, name: str = "r") -> Sequence:
+    return Sequence(name, list(range(1, n + 1)), SamplingParams(), priority)
+
+
+def complete(sched: Scheduler) -> list[Sequence]:
+    """Pretend the model ran: advance cursors and append a token where a sample is due."""
+    out = sched.schedule()
+    for item in out.scheduled:
+        item.seq.num_computed_tokens += item.num_new_tokens
+        if item.seq.num_computed_tokens == len(item.seq):
+            item.seq.token_ids.append(0)
+    return [item.seq for item in out.scheduled]
+
+
+def test_chunked_prefill_spends_the_token_budget_and_decodes_first():
+    sched = make(budget=16)
+    a, b = seq(10, name="a"), seq(30, name="b")
+    sched.add(a)
+    sched.add(b)
+    out = sched.schedule()
+    assert [(s.seq.request_id, s.num_new_tokens) for s in out.scheduled] == [("a", 10), ("b", 6)]
+    for item in out.scheduled:
+        item.seq.num_computed_tokens += item.num_new_tokens
+    a.token_ids.append(0)
+    out = sched.schedule()
+    assert [(s.seq.request_id, s.num_new_tokens) for s in out.scheduled] == [("a", 1), ("b", 15)]
+
+
+def test_waiting_requests_queue_when_the_pool_is_full():
+    sched = make(num_blocks=4, block_size=4)
+    a, b = seq(12, name="a"), seq(12, name="b")
+    sched.add(a)
+    sched.add(b)
+    assert complete(sched) == [a]
+    assert b.status is SequenceStatus.WAITING and b.block_table == []
+
+
+def test_running_sequence_that_outgrows_the_pool_preempts_the_lowest_priority():
+    sched = make(num_blocks=6, block_size=4)
+    hi, lo = seq(12, priority=0, name="hi"), seq(11, priority=1, name="lo")
+    sched.add(hi)
+    sched.add(lo)
+    complete(sched)  # hi: 3 blocks (full), lo: 3 blocks
+    out = sched.schedule()  # hi needs a 4th block: lo must go
+    assert out.preempted == [lo] and [s.seq for s in out.scheduled] == [hi]
+    assert lo.status is SequenceStatus.WAITING and lo.num_computed_tokens == 0
+    assert lo.num_preemptions == 1
+
+
+def test_higher_priority_arrival_preempts_a_lower_priority_runner():
+    sched = make(num_blocks=4, block_size=4)
+    lo = seq(12, priority=5, name="lo")
+    sched.add(lo)
+    complete(sched)
+    hi = seq(12, priority=0, name="hi")
+    sched.add(hi)
+    out = sched.schedule()
+    assert lo in out.preempted and hi in [s.seq for s in out.scheduled]
+
+
+def test_max_num_seqs_caps_the_running_set():
+    sched = make(max_seqs=2)
+    seqs = [seq(4, name=str(i)) for i in range(3)]
+    for s in seqs:
+        sched.add(s)
+    assert complete(sched) == seqs[:2]
+
+
+def test_finish_frees_blocks_and_pause_keeps_them():
+    sched = make()
+    a = seq(9)
+    sched.add(a)
+    complete(sched)
+    sched.pause(a)
+    assert a.status is SequenceStatus.PAUSED and a.block_table and not sched.has_work()
+    sched.resume(a)
+    assert a in sched.running
+    sched.finish(a, FinishReason.ABORT)
+    assert sched.block_manager.num_free_blocks == 64 and a.finish_reason is FinishReason.ABORT
+    with pytest.raises(ValueError, match="only a running sequence can pause"):
+        sched.pause(a)
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        SchedulerConfig(max_num_seqs=0)
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        SchedulerConfig(max_num_batched_tokens=0)

@@ -9,6 +9,7 @@ Typical use:
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from covey.retrieval.tokenizers import TokenizerLike, default_tokenizer, tokeniz
 from covey.retrieval.vector_index import IndexConfig, build_index, measure_recall, to_cpu
 
 EMBED_BATCH = 256
+logger = logging.getLogger("covey.retrieval")
 
 
 @dataclass
@@ -202,6 +204,7 @@ class DocumentIndex:
             dupes = sorted({n for n in names if names.count(n) > 1})
             raise RetrievalError(f"each document needs its own source; repeated: {dupes[:5]}")
         stats = IngestStats(documents=len(docs))
+        self._check_tokenizer()
         new_chunks: list[Chunk] = []
         replaced: list[str] = []
         for doc in docs:
@@ -222,6 +225,17 @@ class DocumentIndex:
         stats.added_chunks = len(new_chunks)
         stats.tokens = sum(c.num_tokens for c in new_chunks)
         return stats
+
+    def _check_tokenizer(self) -> None:
+        """Chunks counted with two tokenizers would mix token budgets: say so, loudly."""
+        built, now = self.manifest["chunker"]["tokenizer"], tokenizer_name(self.tokenizer)
+        if built != now:
+            logger.warning(
+                "index %s was chunked with tokenizer %r, now chunking with %r",
+                self.root,
+                built,
+                now,
+            )
 
     def remove_sources(self, sources: Sequence[str]) -> int:
         """Delete every chunk of these sources and commit; returns how many were removed."""

@@ -220,3 +220,14 @@ def test_concurrent_writer_is_detected(make_index, embedder, tokenizer):
     other.add_texts(["second writer retries."], source="b")
     reopened = DocumentIndex.open(index.root, embedder=embedder, tokenizer=tokenizer)
     assert [c.source for c in reopened.chunks] == ["a", "b"]
+
+
+def test_other_chunking_tokenizer_is_warned_about(make_index, embedder, caplog):
+    from covey.retrieval.tokenizers import WhitespaceTokenizer
+
+    index = make_index()
+    reopened = DocumentIndex.open(index.root, embedder=embedder, tokenizer=WhitespaceTokenizer())
+    reopened.add_texts(["counted in words now."], source="w")
+    assert "chunked with tokenizer 'all-MiniLM-L6-v2', now chunking with 'whitespace'" in (
+        caplog.text
+    )

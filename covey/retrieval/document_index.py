@@ -133,7 +133,10 @@ class DocumentIndex:
                 f"{embedder.dimension}); open it without an embedder or rebuild it"
             )
         index_config = IndexConfig(**snap.manifest["index"]["config"])
-        return cls(root, snap, embedder, tokenizer, index_config)
+        self = cls(root, snap, embedder, tokenizer, index_config)
+        if tokenizer is not None:
+            self._check_tokenizer(tokenizer)
+        return self
 
     @classmethod
     def open_or_create(cls, root: str | Path, **kwargs: Any) -> DocumentIndex:
@@ -155,6 +158,7 @@ class DocumentIndex:
     def tokenizer(self) -> TokenizerLike:
         if self._tokenizer is None:
             self._tokenizer = default_tokenizer()
+            self._check_tokenizer(self._tokenizer)
         return self._tokenizer
 
     def __len__(self) -> int:
@@ -204,7 +208,6 @@ class DocumentIndex:
             dupes = sorted({n for n in names if names.count(n) > 1})
             raise RetrievalError(f"each document needs its own source; repeated: {dupes[:5]}")
         stats = IngestStats(documents=len(docs))
-        self._check_tokenizer()
         new_chunks: list[Chunk] = []
         replaced: list[str] = []
         for doc in docs:
@@ -226,9 +229,9 @@ class DocumentIndex:
         stats.tokens = sum(c.num_tokens for c in new_chunks)
         return stats
 
-    def _check_tokenizer(self) -> None:
+    def _check_tokenizer(self, tokenizer: TokenizerLike) -> None:
         """Chunks counted with two tokenizers would mix token budgets: say so, loudly."""
-        built, now = self.manifest["chunker"]["tokenizer"], tokenizer_name(self.tokenizer)
+        built, now = self.manifest["chunker"]["tokenizer"], tokenizer_name(tokenizer)
         if built != now:
             logger.warning(
                 "index %s was chunked with tokenizer %r, now chunking with %r",
@@ -240,11 +243,16 @@ class DocumentIndex:
     def remove_sources(self, sources: Sequence[str]) -> int:
         """Delete every chunk of these sources and commit; returns how many were removed."""
         names = {s for s in sources if s in self.sources}
-        for name in names:
-            del self.sources[name]
-        removed = self._drop_sources(names)
-        if names:
+        if not names:
+            return 0
+        try:
+            for name in names:
+                del self.sources[name]
+            removed = self._drop_sources(names)
             self.commit()
+        except BaseException:
+            self._reload()
+            raise
         return removed
 
     def _embed(self, texts: list[str], progress: bool) -> np.ndarray:

@@ -45,6 +45,8 @@ def environment_info(device: str) -> dict[str, Any]:
         "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
         "device": device,
+        # Other processes on a small machine move latencies a lot: record how busy it was.
+        "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "torch": None,
         "threads": None,
         "gpu": None,

@@ -207,6 +207,7 @@ def _plot_pydocs(ax, value, chunks: int) -> None:
         modes, p50, yerr=[[0] * 3, [b - a for a, b in zip(p50, p99, strict=True)]], capsize=4
     )
     ax.bar_label(bars, fmt="%.2f ms", fontsize=8)
+    ax.set_yscale("log")
     build = value("pydocs_build", "covey", "build_s")
     rate = value("embedding", "covey", "chunks_per_s")
     ax.set_title(

@@ -89,3 +89,19 @@ def test_search_defaults_to_the_python_docs_index(tmp_path, monkeypatch, capsys,
     assert covey("search", "assert statement", "-k", "2") == 0
     out = capsys.readouterr().out
     assert "pydoc:assert" in out.splitlines()[0]
+
+
+def test_installed_entry_point_wires_the_commands(tmp_path):
+    """The unpatched `covey` parser (every subcommand module) reaches our commands."""
+    import subprocess
+    import sys
+
+    missing = tmp_path / "none"
+    proc = subprocess.run(
+        [sys.executable, "-m", "covey.cli.main", "search", "q", "--index", str(missing)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert f"covey: error: no index at {missing}" in proc.stderr

@@ -1,7 +1,8 @@
 """What one forward step needs to know about attention, built by the model runner.
 
 A step's tokens are flattened: decode tokens (one per sequence) first, then prefill runs.
-Keys are addressed by *slot* in the paged pool; a query attends to the keys of its sequence
+New keys are written by *slot* and read back by whole *block* (a few large copies instead
+of many small ones); a query attends to the keys of its sequence
 whose logical position is <= its own, which also serves a forward over any subset of
 positions on top of KV that is already in the pool (blended chunk reuse).
 """
@@ -19,7 +20,7 @@ class PrefillRun:
 
     start: int
     end: int
-    key_slots: torch.Tensor | None  # [L] slots of logical positions 0..L-1; None: fresh only
+    key_blocks: torch.Tensor | None  # [nb] pool blocks holding positions 0..L-1; None: fresh
     mask: torch.Tensor | None  # [n, L] bool, True where attention is allowed; None: causal
 
 
@@ -27,6 +28,7 @@ class PrefillRun:
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] where each new token's K/V is written
     num_decode: int  # the first num_decode tokens are single-token decodes
-    decode_slots: torch.Tensor | None  # [D, Lmax] key slots per decode sequence (padded)
-    decode_mask: torch.Tensor | None  # [D, 1, 1, Lmax] bool, False on padding
+    block_size: int
+    decode_blocks: torch.Tensor | None  # [D, MB] block table per decode sequence (padded)
+    decode_padding: torch.Tensor | None  # [1, D, 1, MB * block_size] bool, True past the end
     prefills: list[PrefillRun]

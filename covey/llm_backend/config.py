@@ -17,7 +17,7 @@ class EngineConfig:
     """Give at most one of `kv_cache_tokens` / `kv_cache_bytes`; neither picks a default."""
 
     model: str | Path | None = None  # None: the embedded SmolLM2-135M-Instruct
-    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    dtype: str = "auto"  # auto: bfloat16 on CUDA and bf16-capable CPUs, else float32
     device: str = "auto"  # auto: cuda when available, else cpu
     block_size: int = 16
     kv_cache_tokens: int | None = None
@@ -59,6 +59,16 @@ class EngineConfig:
         return torch.device(self.device)
 
     def torch_dtype(self) -> torch.dtype:
-        if self.dtype == "auto":
-            return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
-        return DTYPES[self.dtype]
+        """auto: bfloat16 on CUDA and on CPUs with native bf16 math, else float32."""
+        if self.dtype != "auto":
+            return DTYPES[self.dtype]
+        if self.torch_device().type == "cuda" or cpu_has_fast_bf16():
+            return torch.bfloat16
+        return torch.float32
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where oneDNN runs bf16 matmuls natively (AVX512-BF16 or AMX): ~4x fp32 there."""
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, name, lambda: False)() for name in checks)

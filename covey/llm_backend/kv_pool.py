@@ -1,7 +1,7 @@
 """The paged KV pool: one tensor holding every layer's keys and values, block by block.
 
-Layout [layers, 2, num_blocks * block_size, kv_heads, head_dim]: a slot is one token's
-K/V in one block. Blocks can be copied (copy-on-write), exported to another tier and
+Layout [layers, 2, kv_heads, num_blocks * block_size, head_dim]: a slot is one token's
+K/V in one block; head-major so attention gathers need no copies. Blocks can be copied (copy-on-write), exported to another tier and
 imported back, which is what the chunk store and tool-call pausing build on.
 """
 
@@ -26,21 +26,21 @@ class KVPool:
         self.kv = torch.zeros(
             args.num_layers,
             2,
-            num_blocks * block_size,
             args.num_kv_heads,
+            num_blocks * block_size,
             args.dim_per_head,
             dtype=dtype,
             device=device,
-        )  # [L, 2, S, KVH, Dh]
+        )  # [L, 2, KVH, S, Dh]
 
     @staticmethod
     def bytes_per_block(args: ModelArgs, block_size: int, dtype: torch.dtype) -> int:
         return args.kv_bytes_per_token(torch.tensor([], dtype=dtype).element_size()) * block_size
 
     def _blocks_view(self) -> torch.Tensor:
-        layers, two, _, h, d = self.kv.shape
-        shape = (layers, two, self.num_blocks, self.block_size, h, d)
-        return self.kv.view(shape)  # [L, 2, B, bs, KVH, Dh]
+        layers, two, h, _, d = self.kv.shape
+        shape = (layers, two, h, self.num_blocks, self.block_size, d)
+        return self.kv.view(shape)  # [L, 2, KVH, B, bs, Dh]
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
@@ -48,20 +48,20 @@ class KVPool:
         view = self._blocks_view()
         src = torch.tensor([s for s, _ in copies], device=self.kv.device)
         dst = torch.tensor([d for _, d in copies], device=self.kv.device)
-        view[:, :, dst] = view[:, :, src]
+        view[:, :, :, dst] = view[:, :, :, src]
 
     def export_blocks(
         self, block_ids: list[int], device: str | torch.device = "cpu"
     ) -> torch.Tensor:
-        """A copy of the blocks' KV, [L, 2, n, bs, KVH, Dh], on `device` (another tier)."""
+        """A copy of the blocks' KV, [L, 2, KVH, n, bs, Dh], on `device` (another tier)."""
         index = torch.tensor(block_ids, dtype=torch.long, device=self.kv.device)
-        return self._blocks_view().index_select(2, index).to(device)
+        return self._blocks_view().index_select(3, index).to(device)
 
     def import_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
         """Write KV exported by `export_blocks` into `block_ids` of this pool."""
         view = self._blocks_view()
-        expected = (*view.shape[:2], len(block_ids), *view.shape[3:])
+        expected = (*view.shape[:3], len(block_ids), *view.shape[4:])
         if tuple(data.shape) != expected:
             raise ValueError(f"KV data has shape {tuple(data.shape)}, expected {expected}")
         index = torch.tensor(block_ids, dtype=torch.long, device=self.kv.device)
-        view.index_copy_(2, index, data.to(device=self.kv.device, dtype=self.kv.dtype))
+        view.index_copy_(3, index, data.to(device=self.kv.device, dtype=self.kv.dtype))

@@ -38,13 +38,13 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rotary(q.view(t, self.num_heads, self.head_dim), cos, sin)  # [T, H, Dh]
-        k = apply_rotary(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)  # [T, KVH, Dh]
-        v = v.view(t, self.num_kv_heads, self.head_dim)  # [T, KVH, Dh]
-        k_cache, v_cache = kv[0], kv[1]  # [S, KVH, Dh] each
-        store_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-        out = paged_attention(q, k, v, k_cache, v_cache, meta)  # [T, H, Dh]
+        qkv = self.qkv_proj(x)  # [T, q_size + 2 * kv_size]
+        qk = qkv[:, : self.q_size + self.kv_size].view(t, self.num_heads + self.num_kv_heads, -1)
+        qk = apply_rotary(qk, cos, sin)  # [T, H + KVH, Dh]: one rotation for q and k
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # [T, H|KVH, Dh]
+        v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
+        store_kv(kv, k, v, meta.slot_mapping)
+        out = paged_attention(q, k, v, kv, meta)  # [T, H, Dh]
         return self.o_proj(out.reshape(t, self.q_size))
 
 
@@ -91,7 +91,7 @@ class LlamaModel(nn.Module):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        """input_ids, positions [T]; kv_cache [layers, 2, S, KVH, Dh] -> hidden [T, hidden]."""
+        """input_ids, positions [T]; kv_cache [layers, 2, KVH, S, Dh] -> hidden [T, hidden]."""
         x = self.embed_tokens(input_ids)  # [T, hidden]
         cos, sin = self.rotary(positions, x.dtype)
         for i, layer in enumerate(self.layers):

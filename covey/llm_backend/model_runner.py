@@ -33,7 +33,6 @@ class ModelRunner:
         self.pool = pool
         self.device = device
         self.block_size = pool.block_size
-        self._block_offsets = torch.arange(self.block_size, device=device)
 
     @torch.inference_mode()
     def execute(
@@ -71,12 +70,13 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             num_decode=len(decodes),
-            decode_slots=None,
-            decode_mask=None,
+            block_size=bs,
+            decode_blocks=None,
+            decode_padding=None,
             prefills=[],
         )
         if decodes:
-            meta.decode_slots, meta.decode_mask = self._decode_keys([d.seq for d in decodes])
+            meta.decode_blocks, meta.decode_padding = self._decode_keys([d.seq for d in decodes])
         offset = len(decodes)
         for item in prefills:
             seq, n = item.seq, item.num_new_tokens
@@ -84,10 +84,10 @@ class ModelRunner:
             if start == 0:
                 meta.prefills.append(PrefillRun(offset, offset + n, None, None))
             else:
-                key_slots = self._slots(seq.block_table, start + n)
+                blocks = torch.tensor(seq.block_table, dtype=torch.long, device=dev)  # [nb]
                 q_pos = position_tensor[offset : offset + n]
                 mask = torch.arange(start + n, device=dev)[None, :] <= q_pos[:, None]  # [n, L]
-                meta.prefills.append(PrefillRun(offset, offset + n, key_slots, mask))
+                meta.prefills.append(PrefillRun(offset, offset + n, blocks, mask))
             offset += n
         return StepInputs(
             input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
@@ -97,21 +97,14 @@ class ModelRunner:
             sample_seqs=sample_seqs,
         )
 
-    def _slots(self, block_table: list[int], length: int) -> torch.Tensor:
-        blocks = torch.tensor(block_table, dtype=torch.long, device=self.device)
-        return (blocks[:, None] * self.block_size + self._block_offsets).view(-1)[:length]  # [L]
-
     def _decode_keys(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
-        lengths = [s.num_computed_tokens + 1 for s in seqs]
         max_blocks = max(len(s.block_table) for s in seqs)
         table = torch.tensor(
             [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in seqs],
             dtype=torch.long,
             device=self.device,
-        )  # [D, B]
-        max_len = max(lengths)
-        slots = (table[:, :, None] * self.block_size + self._block_offsets).view(len(seqs), -1)
-        slots = slots[:, :max_len]  # [D, Lmax]
-        lens = torch.tensor(lengths, device=self.device)
-        mask = torch.arange(max_len, device=self.device)[None, :] < lens[:, None]  # [D, Lmax]
-        return slots, mask[:, None, None, :]  # [D, Lmax], [D, 1, 1, Lmax]
+        )  # [D, MB]
+        lens = torch.tensor([s.num_computed_tokens + 1 for s in seqs], device=self.device)
+        keys = torch.arange(max_blocks * self.block_size, device=self.device)
+        padding = keys[None, :] >= lens[:, None]  # [D, MB * bs]
+        return table, padding[None, :, None, :]  # [D, MB], [1, D, 1, MB * bs]

@@ -1,8 +1,9 @@
 """Attention over the paged KV pool, in plain PyTorch.
 
-Decodes are batched: every sequence's keys are gathered by slot into one padded tensor and
-one SDPA call serves them all. Prefill runs go one sequence at a time (there are few per
-step); a run with no cached prefix attends to its own fresh keys with a causal kernel.
+A layer's pool is head-major, [2, KVH, S, Dh] (keys and values, then slots), so gathering a
+sequence's keys by slot yields tensors already laid out for batched matmuls: no copies.
+Decodes are batched into one gather and two matmuls; prefill runs go one sequence at a
+time (few per step) through SDPA, a run with no cached prefix on its own fresh keys.
 """
 
 from __future__ import annotations
@@ -13,51 +14,55 @@ import torch.nn.functional as F
 from covey.llm_backend.attention_metadata import AttentionMetadata
 
 
-def store_kv(
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> None:
-    """Write new keys/values [T, KVH, Dh] into the pool [S, KVH, Dh] at their slots."""
-    k_cache.index_copy_(0, slot_mapping, k)
-    v_cache.index_copy_(0, slot_mapping, v)
+def store_kv(kv: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    """Write new keys/values [T, KVH, Dh] into a layer's pool [2, KVH, S, Dh] at `slots`."""
+    kv.index_copy_(2, slots, torch.stack((k, v)).transpose(1, 2))  # [2, KVH, T, Dh]
 
 
 def paged_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    meta: AttentionMetadata,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor, meta: AttentionMetadata
 ) -> torch.Tensor:
     """q [T, H, Dh], fresh k/v [T, KVH, Dh] (already stored) -> output [T, H, Dh]."""
-    out = torch.empty_like(q)
     d = meta.num_decode
+    if d == q.shape[0]:
+        return _decode(q, kv, meta)  # a pure decode step: no scatter into `out`
+    out = torch.empty_like(q)
     if d:
-        out[:d] = _decode(q[:d], k_cache, v_cache, meta)
+        out[:d] = _decode(q[:d], kv, meta)
     for run in meta.prefills:
         qs = q[run.start : run.end].transpose(0, 1).unsqueeze(0)  # [1, H, n, Dh]
-        if run.key_slots is None:
+        if run.key_blocks is None:
             ks = k[run.start : run.end].transpose(0, 1).unsqueeze(0)  # [1, KVH, n, Dh]
-            vs = v[run.start : run.end].transpose(0, 1).unsqueeze(0)
+            vs = v[run.start : run.end].transpose(0, 1).unsqueeze(0)  # [1, KVH, n, Dh]
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
         else:
-            ks = k_cache[run.key_slots].transpose(0, 1).unsqueeze(0)  # [1, KVH, L, Dh]
-            vs = v_cache[run.key_slots].transpose(0, 1).unsqueeze(0)
+            keys = _gather_blocks(kv, run.key_blocks, meta.block_size)  # [2, KVH, nb * bs, Dh]
+            length = run.mask.shape[1]
+            ks = keys[0, :, :length].unsqueeze(0)  # [1, KVH, L, Dh]
+            vs = keys[1, :, :length].unsqueeze(0)  # [1, KVH, L, Dh]
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=run.mask, enable_gqa=True)
         out[run.start : run.end] = o.squeeze(0).transpose(0, 1)  # [n, H, Dh]
     return out
 
 
-def _decode(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
-) -> torch.Tensor:
-    assert meta.decode_slots is not None and meta.decode_mask is not None
-    ks = k_cache[meta.decode_slots].transpose(1, 2)  # [D, KVH, L, Dh]
-    vs = v_cache[meta.decode_slots].transpose(1, 2)  # [D, KVH, L, Dh]
-    qs = q.unsqueeze(2)  # [D, H, 1, Dh]
-    o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=meta.decode_mask, enable_gqa=True)
-    return o.squeeze(2)  # [D, H, Dh]
+def _decode(q: torch.Tensor, kv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    """One query per sequence: two batched matmuls beat SDPA's kernels here (7-20x in bf16
+    on CPU, where flash attention tiles for long queries), and GQA needs no key copies."""
+    assert meta.decode_blocks is not None and meta.decode_padding is not None
+    d, h, dh = q.shape
+    kvh = kv.shape[1]
+    keys = _gather_blocks(kv, meta.decode_blocks.view(-1), meta.block_size)  # [2, KVH, D*L, Dh]
+    keys = keys.view(2, kvh, d, -1, dh)  # [2, KVH, D, L, Dh]
+    qg = q.view(d, kvh, h // kvh, dh).transpose(0, 1)  # [KVH, D, G, Dh]
+    scores = torch.matmul(qg, keys[0].transpose(-1, -2)).float()  # [KVH, D, G, L]
+    scores.mul_(dh**-0.5).masked_fill_(meta.decode_padding, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)  # [KVH, D, G, L]
+    out = torch.matmul(probs, keys[1])  # [KVH, D, G, Dh]
+    return out.transpose(0, 1).reshape(d, h, dh)  # [D, H, Dh]
+
+
+def _gather_blocks(kv: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Copy whole blocks [2, KVH, S, Dh] -> [2, KVH, len(blocks) * bs, Dh], in block order."""
+    two, kvh, slots, dh = kv.shape
+    by_block = kv.view(two, kvh, slots // block_size, block_size, dh)  # [2, KVH, B, bs, Dh]
+    return by_block.index_select(2, blocks).view(two, kvh, -1, dh)

@@ -1,0 +1,325 @@
+"""Engine benchmark: covey against transformers and llama.cpp on the same model.
+
+Workloads (see the engine issue):
+- throughput: N concurrent requests, 256 prompt tokens of real text, fixed output length
+  (ignore_eos): output tokens per second, for covey, transformers (batched generate) and
+  llama.cpp (llama-cpp-python on the same GGUF, one request at a time: it has no batching);
+- latency: one request, 512 prompt tokens, 64 output tokens: TTFT and TPOT for all three;
+- prefix: requests sharing a 1024-token system prompt with different 64-token questions:
+  TTFT with the prefix cache on (`covey`) and off (`covey-no-prefix-cache`).
+On CUDA, a throughput run on dummy weights of a 1B-class Llama is added.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from bench_common import parse_args, record, write_results  # noqa: E402
+
+from covey.llm_backend.config import EngineConfig  # noqa: E402
+from covey.llm_backend.llm_engine import LLMEngine  # noqa: E402
+from covey.llm_backend.model_source import EMBEDDED_NAME, resolve_model  # noqa: E402
+from covey.llm_backend.sampling_params import SamplingParams  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def real_text_prompts(tokenizer, count: int, length: int, offset: int = 0) -> list[list[int]]:
+    """`count` windows of `length` tokens from CPython's own documentation topics."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    ids = tokenizer.encode(text)
+    stride = max(length, (len(ids) - length) // max(count, 1))
+    out = [ids[offset + i * stride : offset + i * stride + length] for i in range(count)]
+    if any(len(p) != length for p in out):
+        raise RuntimeError("the documentation corpus is too short for this workload")
+    return out
+
+
+def run_engine(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams):
+    """Submit all prompts at once and step to the end; return (outputs, seconds)."""
+    start = time.perf_counter()
+    ids = [engine.add_request(p, params) for p in prompts]
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    return [done[i] for i in ids], time.perf_counter() - start
+
+
+def covey_throughput(engine, prompts, out_tokens):
+    params = SamplingParams(max_tokens=out_tokens, ignore_eos=True)
+    run_engine(engine, prompts[:2], SamplingParams(max_tokens=4, ignore_eos=True))  # warm up
+    outs, secs = run_engine(engine, prompts, params)
+    return sum(len(o.token_ids) for o in outs) / secs
+
+
+def covey_latency(engine, prompt, out_tokens):
+    run_engine(engine, [prompt[:64]], SamplingParams(max_tokens=4, ignore_eos=True))
+    (out,), _ = run_engine(engine, [prompt], SamplingParams(max_tokens=out_tokens, ignore_eos=True))
+    return out.metrics.ttft, out.metrics.tpot
+
+
+def covey_prefix_ttft(engine, system, questions):
+    """Mean TTFT of requests sent one after another, after one warm-up with the prefix."""
+    run_engine(engine, [system + questions[0]], SamplingParams(max_tokens=1))
+    ttfts = []
+    for q in questions:
+        (out,), _ = run_engine(engine, [system + q], SamplingParams(max_tokens=1))
+        ttfts.append(out.metrics.ttft)
+    return sum(ttfts) / len(ttfts)
+
+
+def load_transformers(dtype):
+    from transformers import AutoModelForCausalLM
+
+    src = resolve_model(None)
+    return AutoModelForCausalLM.from_pretrained(
+        str(src.path.parent), gguf_file=src.path.name, dtype=dtype
+    ).eval()
+
+
+@torch.inference_mode()
+def hf_throughput(model, prompts, out_tokens, device):
+    batch = torch.tensor(prompts, device=device)  # equal lengths: no padding needed
+    kw = dict(do_sample=False, max_new_tokens=out_tokens, min_new_tokens=out_tokens)
+    model.generate(batch[:2, :16], **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})
+    start = time.perf_counter()
+    out = model.generate(batch, **kw)
+    secs = time.perf_counter() - start
+    return (out.shape[1] - batch.shape[1]) * batch.shape[0] / secs
+
+
+@torch.inference_mode()
+def hf_latency(model, prompt, out_tokens, device):
+    ids = torch.tensor([prompt], device=device)
+    model.generate(ids[:, :64], do_sample=False, max_new_tokens=4)
+    start = time.perf_counter()
+    model.generate(ids, do_sample=False, max_new_tokens=1, min_new_tokens=1)
+    ttft = time.perf_counter() - start
+    start = time.perf_counter()
+    model.generate(ids, do_sample=False, max_new_tokens=out_tokens, min_new_tokens=out_tokens)
+    total = time.perf_counter() - start
+    return ttft, (total - ttft) / (out_tokens - 1)
+
+
+def load_llama_cpp():
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    return Llama(
+        model_path=str(resolve_model(None).path),
+        n_ctx=2048,
+        n_batch=512,
+        n_threads=torch.get_num_threads(),
+        verbose=False,
+    )
+
+
+def llama_cpp_generate(llm, prompt, out_tokens):
+    """(ttft, seconds for all tokens) of one greedy request that ignores EOS."""
+    llm.reset()
+    start = time.perf_counter()
+    first = None
+    for n, _ in enumerate(llm.generate(prompt, temp=0.0, top_k=1, reset=True), start=1):
+        if first is None:
+            first = time.perf_counter()
+        if n == out_tokens:
+            break
+    return first - start, time.perf_counter() - start
+
+
+def llama_cpp_throughput(llm, prompts, out_tokens):
+    llama_cpp_generate(llm, prompts[0][:16], 4)
+    start = time.perf_counter()
+    for p in prompts:
+        llama_cpp_generate(llm, p, out_tokens)
+    return len(prompts) * out_tokens / (time.perf_counter() - start)
+
+
+def llama_cpp_latency(llm, prompt, out_tokens):
+    llama_cpp_generate(llm, prompt[:64], 4)
+    ttft, total = llama_cpp_generate(llm, prompt, out_tokens)
+    return ttft, (total - ttft) / (out_tokens - 1)
+
+
+def sizes(quick: bool) -> dict[str, int]:
+    if quick:
+        return dict(
+            requests=8,
+            prompt=256,
+            output=32,
+            lat_prompt=512,
+            lat_output=16,
+            prefix_requests=4,
+            prefix=1024,
+            question=64,
+        )
+    return dict(
+        requests=32,
+        prompt=256,
+        output=128,
+        lat_prompt=512,
+        lat_output=64,
+        prefix_requests=16,
+        prefix=1024,
+        question=64,
+    )
+
+
+def cpu_suite(s, results, device):
+    engine = LLMEngine(EngineConfig(device=device, max_num_seqs=64))
+    dtype = engine.dtype
+    tok = engine.tokenizer
+    prompts = real_text_prompts(tok, s["requests"], s["prompt"])
+    (lat_prompt,) = real_text_prompts(tok, 1, s["lat_prompt"], offset=7)
+    tp = {
+        "requests": s["requests"],
+        "prompt_tokens": s["prompt"],
+        "output_tokens": s["output"],
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    lat = {"prompt_tokens": s["lat_prompt"], "output_tokens": s["lat_output"], "dtype": tp["dtype"]}
+    value = covey_throughput(engine, prompts, s["output"])
+    results.append(record("throughput", "covey", "output_tokens_per_s", value, tp))
+    ttft, tpot = covey_latency(engine, lat_prompt, s["lat_output"])
+    results.append(record("latency", "covey", "ttft_s", ttft, lat))
+    results.append(record("latency", "covey", "tpot_s", tpot, lat))
+    print(f"covey: {value:.1f} tok/s, ttft {ttft:.3f}s, tpot {tpot * 1e3:.1f} ms", flush=True)
+
+    system = real_text_prompts(tok, 1, s["prefix"], offset=3)[0]
+    questions = real_text_prompts(tok, s["prefix_requests"], s["question"], offset=11)
+    pp = {
+        "requests": s["prefix_requests"],
+        "shared_prefix_tokens": s["prefix"],
+        "question_tokens": s["question"],
+        "sent": "one after another, after one warm-up",
+    }
+    on = covey_prefix_ttft(engine, system, questions)
+    off_engine = LLMEngine(
+        EngineConfig(device=device, enable_prefix_caching=False), model=engine.model
+    )
+    off = covey_prefix_ttft(off_engine, system, questions)
+    results.append(record("prefix", "covey", "ttft_s", on, pp))
+    results.append(record("prefix", "covey-no-prefix-cache", "ttft_s", off, pp))
+    print(f"prefix ttft: {on:.3f}s cached vs {off:.3f}s uncached ({off / on:.1f}x)", flush=True)
+    del engine, off_engine
+
+    hf = load_transformers(dtype)
+    value = hf_throughput(hf, prompts, s["output"], device)
+    results.append(record("throughput", "transformers", "output_tokens_per_s", value, tp))
+    ttft, tpot = hf_latency(hf, lat_prompt, s["lat_output"], device)
+    results.append(record("latency", "transformers", "ttft_s", ttft, lat))
+    results.append(record("latency", "transformers", "tpot_s", tpot, lat))
+    print(
+        f"transformers: {value:.1f} tok/s, ttft {ttft:.3f}s, tpot {tpot * 1e3:.1f} ms", flush=True
+    )
+    del hf
+
+    llm = load_llama_cpp()
+    names = [
+        ("throughput", "output_tokens_per_s", tp),
+        ("latency", "ttft_s", lat),
+        ("latency", "tpot_s", lat),
+    ]
+    if llm is None:
+        why = "llama-cpp-python is not installed (make bench installs it)"
+        results.extend(record(w, "llama.cpp", m, None, p, why) for w, m, p in names)
+        return
+    cpp = {"gguf": "Q4_1 (as shipped)", "sequential": True}
+    value = llama_cpp_throughput(llm, prompts, s["output"])
+    results.append(record("throughput", "llama.cpp", "output_tokens_per_s", value, {**tp, **cpp}))
+    ttft, tpot = llama_cpp_latency(llm, lat_prompt, s["lat_output"])
+    results.append(record("latency", "llama.cpp", "ttft_s", ttft, {**lat, **cpp}))
+    results.append(record("latency", "llama.cpp", "tpot_s", tpot, {**lat, **cpp}))
+    print(f"llama.cpp: {value:.1f} tok/s, ttft {ttft:.3f}s, tpot {tpot * 1e3:.1f} ms", flush=True)
+
+
+def gpu_suite(s, results):
+    """Throughput on CUDA with dummy weights of a 1B-class Llama (no package ships one)."""
+    engine = LLMEngine(EngineConfig(model="dummy:llama-1b", device="cuda", max_num_seqs=256))
+    count = s["requests"] * 4
+    prompts = [[(7 * i + j) % 49000 + 100 for j in range(s["prompt"])] for i in range(count)]
+    params = {
+        "requests": count,
+        "prompt_tokens": s["prompt"],
+        "output_tokens": s["output"],
+        "model": "dummy:llama-1b",
+        "dtype": "bfloat16",
+    }
+    value = covey_throughput(engine, prompts, s["output"])
+    results.append(record("throughput-gpu", "covey", "output_tokens_per_s", value, params))
+    why = "llama.cpp (CPU build) and transformers are not run on the dummy GPU model here"
+    results.append(
+        record("throughput-gpu", "transformers", "output_tokens_per_s", None, params, why)
+    )
+    print(f"covey on GPU: {value:.1f} tok/s", flush=True)
+
+
+def plot(data, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("throughput", "output_tokens_per_s", "output tokens/s (higher is better)"),
+        ("latency", "ttft_s", "TTFT s, 512-token prompt"),
+        ("latency", "tpot_s", "TPOT s (lower is better)"),
+        ("prefix", "ttft_s", "TTFT s with a shared 1024-token prefix"),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4))
+    for ax, (workload, metric, title) in zip(axes, panels):
+        rows = [r for r in data["results"] if r["workload"] == workload and r["metric"] == metric]
+        names = [r["system"] for r in rows]
+        values = [r["value"] or 0.0 for r in rows]
+        bars = ax.bar(
+            names, values, color=["#2a6f97", "#a9a9a9", "#e9a03b", "#6a994e"][: len(rows)]
+        )
+        for bar, r in zip(bars, rows):
+            label = "n/a" if r["value"] is None else f"{r['value']:.3g}"
+            ax.annotate(
+                label,
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+    fig.suptitle(
+        f"covey engine, {data['model']} on {data['environment']['cpu']}"
+        f"{' (quick)' if data['quick'] else ''}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args("engine", __doc__.splitlines()[0], argv)
+    s = sizes(args.quick)
+    results: list[dict] = []
+    cpu_suite(s, results, "cpu")
+    if torch.cuda.is_available():
+        gpu_suite(s, results)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    data = write_results(args, "engine", results, device, EMBEDDED_NAME)
+    plot(data, args.plot)
+    print(f"wrote {args.json} and {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -26,7 +26,13 @@ from covey.retrieval.embedder import BUNDLED_NAME, Embedder, EmbedderConfig, Emb
 from covey.retrieval.loaders import load_paths
 from covey.retrieval.search import Reranker, SearchEngine
 from covey.retrieval.tokenizers import TokenizerLike, default_tokenizer, tokenizer_name
-from covey.retrieval.vector_index import IndexConfig, build_index, measure_recall, to_cpu
+from covey.retrieval.vector_index import (
+    IndexConfig,
+    build_index,
+    measure_recall,
+    to_cpu,
+    to_gpu,
+)
 
 EMBED_BATCH = 256
 logger = logging.getLogger("covey.retrieval")
@@ -76,7 +82,9 @@ class DocumentIndex:
         self.vectors: np.ndarray = snapshot.vectors
         self._embedder = embedder
         self._tokenizer = tokenizer
-        self._faiss = snapshot.faiss_index
+        self._faiss = None
+        if snapshot.faiss_index is not None:  # approximate kinds are stored; move to GPU if any
+            self._faiss = to_gpu(snapshot.faiss_index, index_config)
         self._faiss_kind = snapshot.manifest.get("index", {}).get("kind")
         self._faiss_built_n = len(self.chunks) if self._faiss is not None else 0
         self._bm25: BM25Index | None = None

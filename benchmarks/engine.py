@@ -79,13 +79,49 @@ def covey_prefix_ttft(engine, system, questions):
     return sum(ttfts) / len(ttfts)
 
 
-def load_transformers(dtype):
-    from transformers import AutoModelForCausalLM
+def load_transformers(model, dtype):
+    """transformers' Llama with covey's dequantized weights: a dense peer in the same dtype.
 
-    src = resolve_model(None)
-    return AutoModelForCausalLM.from_pretrained(
-        str(src.path.parent), gguf_file=src.path.name, dtype=dtype
-    ).eval()
+    (transformers 5 keeps GGUF weights packed and dequantizes them in every matmul, which
+    would make it a needlessly weak peer.)"""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    a = model.args
+    config = LlamaConfig(
+        vocab_size=a.vocab_size,
+        hidden_size=a.hidden_size,
+        intermediate_size=a.intermediate_size,
+        num_hidden_layers=a.num_layers,
+        num_attention_heads=a.num_heads,
+        num_key_value_heads=a.num_kv_heads,
+        max_position_embeddings=a.max_position,
+        rope_theta=a.rope_theta,
+        rms_norm_eps=a.rms_norm_eps,
+        tie_word_embeddings=a.tie_embeddings,
+    )
+    hf = LlamaForCausalLM(config)
+    q, kv = a.num_heads * a.dim_per_head, a.num_kv_heads * a.dim_per_head
+    state = {
+        "model.embed_tokens.weight": model.embed_tokens.weight,
+        "model.norm.weight": model.norm.weight,
+    }
+    for i, layer in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        wq, wk, wv = layer.self_attn.qkv_proj.weight.split([q, kv, kv])
+        gate, up = layer.mlp.gate_up_proj.weight.chunk(2)
+        state |= {
+            p + "self_attn.q_proj.weight": wq,
+            p + "self_attn.k_proj.weight": wk,
+            p + "self_attn.v_proj.weight": wv,
+            p + "self_attn.o_proj.weight": layer.self_attn.o_proj.weight,
+            p + "mlp.gate_proj.weight": gate,
+            p + "mlp.up_proj.weight": up,
+            p + "mlp.down_proj.weight": layer.mlp.down_proj.weight,
+            p + "input_layernorm.weight": layer.input_layernorm.weight,
+            p + "post_attention_layernorm.weight": layer.post_attention_layernorm.weight,
+        }
+    hf.load_state_dict({k: v.detach().float() for k, v in state.items()}, strict=False)
+    return hf.to(dtype).eval()
 
 
 @torch.inference_mode()
@@ -213,9 +249,20 @@ def cpu_suite(s, results, device):
     results.append(record("prefix", "covey", "ttft_s", on, pp))
     results.append(record("prefix", "covey-no-prefix-cache", "ttft_s", off, pp))
     print(f"prefix ttft: {on:.3f}s cached vs {off:.3f}s uncached ({off / on:.1f}x)", flush=True)
-    del engine, off_engine
+    del off_engine
 
-    hf = load_transformers(dtype)
+    int8 = LLMEngine(EngineConfig(device=device, dtype="bfloat16", quantization="int8"))
+    q8 = {**tp, "dtype": "bfloat16", "quantization": "int8 weights"}
+    q8_lat = {**lat, "dtype": "bfloat16", "quantization": "int8 weights"}
+    value = covey_throughput(int8, prompts, s["output"])
+    results.append(record("throughput", "covey-int8", "output_tokens_per_s", value, q8))
+    ttft, tpot = covey_latency(int8, lat_prompt, s["lat_output"])
+    results.append(record("latency", "covey-int8", "ttft_s", ttft, q8_lat))
+    results.append(record("latency", "covey-int8", "tpot_s", tpot, q8_lat))
+    print(f"covey-int8: {value:.1f} tok/s, ttft {ttft:.3f}s, tpot {tpot * 1e3:.1f} ms", flush=True)
+    del int8
+
+    hf = load_transformers(engine.model, dtype)
     value = hf_throughput(hf, prompts, s["output"], device)
     results.append(record("throughput", "transformers", "output_tokens_per_s", value, tp))
     ttft, tpot = hf_latency(hf, lat_prompt, s["lat_output"], device)
@@ -224,7 +271,7 @@ def cpu_suite(s, results, device):
     print(
         f"transformers: {value:.1f} tok/s, ttft {ttft:.3f}s, tpot {tpot * 1e3:.1f} ms", flush=True
     )
-    del hf
+    del hf, engine
 
     llm = load_llama_cpp()
     names = [

@@ -27,6 +27,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's context window
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # torch CPU threads; None leaves torch's default
+    quantization: str | None = None  # "int8": weight-only int8 (bfloat16 only), faster decode
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -50,6 +51,10 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"EngineConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.quantization not in (None, "int8"):
+            raise ValueError(
+                f"EngineConfig.quantization must be None or 'int8', got {self.quantization!r}"
+            )
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"EngineConfig.device is {self.device!r} but CUDA is not available")
 

@@ -20,6 +20,7 @@ from covey.llm_backend.model import LlamaModel
 from covey.llm_backend.model_runner import ModelRunner
 from covey.llm_backend.model_source import resolve_model
 from covey.llm_backend.outputs import RequestMetrics, RequestOutput
+from covey.llm_backend.quantization import Int8Linear, quantize_int8
 from covey.llm_backend.sampler import sample
 from covey.llm_backend.sampling_params import SamplingParams
 from covey.llm_backend.scheduler import Scheduler, SchedulerConfig
@@ -42,6 +43,8 @@ class LLMEngine:
         self.source = resolve_model(config.model)
         self.tokenizer: Tokenizer | None = self._load_tokenizer()
         self.model = model or load_model(self.source, self.dtype, self.device, config.max_model_len)
+        if config.quantization == "int8" and not isinstance(self.model.lm_head, Int8Linear):
+            quantize_int8(self.model)
         args = self.model.args
         self.max_model_len = min(config.max_model_len or args.max_position, args.max_position)
         num_blocks = self._num_kv_blocks()

@@ -100,5 +100,6 @@ class LlamaModel(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> float32 logits [N, vocab]."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return (hidden @ weight.t()).float()
+        if self.lm_head is None:
+            return (hidden @ self.embed_tokens.weight.t()).float()  # tied embeddings
+        return self.lm_head(hidden).float()

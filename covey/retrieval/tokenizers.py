@@ -6,6 +6,7 @@ prompt; anything with `encode(text) -> list[int]` and `decode(ids) -> str` works
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from typing import Any, Protocol
@@ -48,7 +49,7 @@ class HFTokenizerAdapter:
 
     def __init__(self, hf_tokenizer: Any, name: str | None = None) -> None:
         self.hf = hf_tokenizer
-        self.name = name or getattr(hf_tokenizer, "name_or_path", type(hf_tokenizer).__name__)
+        self.name = name or hf_fingerprint(hf_tokenizer)
 
     def encode(self, text: str) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=False))
@@ -57,14 +58,24 @@ class HFTokenizerAdapter:
         return self.hf.decode(ids)
 
 
+def hf_fingerprint(hf: Any) -> str:
+    """Class, vocabulary size and a hash of the vocabulary: the same tokenizer gets the same
+    label wherever its files live (paths differ between machines and cache states)."""
+    vocab = hf.get_vocab()
+    digest = hashlib.sha256()
+    for token, token_id in sorted(vocab.items()):
+        digest.update(f"{token}\t{token_id}\n".encode())
+    return f"{type(hf).__name__}:{len(vocab)}:{digest.hexdigest()[:16]}"
+
+
 def tokenizer_name(tokenizer: Any) -> str:
     """A label recorded in the manifest so a reader knows what `num_tokens` counts."""
     name = getattr(tokenizer, "name", None)
     if isinstance(name, str) and name:
         return name
     hf = getattr(tokenizer, "hf", None)
-    if hf is not None and getattr(hf, "name_or_path", None):
-        return str(hf.name_or_path)
+    if hf is not None and hasattr(hf, "get_vocab"):
+        return hf_fingerprint(hf)
     return type(tokenizer).__name__
 
 

@@ -86,3 +86,19 @@ def test_default_tokenizer_falls_back_when_engine_is_missing(monkeypatch, caplog
     tok = default_tokenizer()
     assert tok.encode("hello world") == tok.encode("hello world") and tok.encode("hello")
     assert "not available" in caplog.text
+
+
+def test_tokenizer_name_is_independent_of_file_location(tmp_path):
+    """Manifests compare this label; a path in it would differ between machines."""
+    from transformers import AutoTokenizer
+
+    from covey.retrieval.embedder import bundled_model_dir
+    from covey.retrieval.tokenizers import HFTokenizerAdapter, tokenizer_name
+
+    copy = tmp_path / "elsewhere"
+    copy.symlink_to(bundled_model_dir(), target_is_directory=True)
+    a = HFTokenizerAdapter(AutoTokenizer.from_pretrained(str(bundled_model_dir())))
+    b = HFTokenizerAdapter(AutoTokenizer.from_pretrained(str(copy)))
+    assert tokenizer_name(a) == tokenizer_name(b)
+    assert tokenizer_name(a).endswith(tuple("0123456789abcdef")) and ":30522:" in a.name
+    assert tokenizer_name(WhitespaceTokenizer()) == "whitespace"

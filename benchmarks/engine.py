@@ -56,6 +56,16 @@ def run_engine(engine: LLMEngine, prompts: list[list[int]], params: SamplingPara
     return [done[i] for i in ids], time.perf_counter() - start
 
 
+def median_of(repeats: int, fn, *args):
+    """Run a measurement `repeats` times; the median (element-wise for tuples) damps noise."""
+    import statistics
+
+    runs = [fn(*args) for _ in range(repeats)]
+    if isinstance(runs[0], tuple):
+        return tuple(statistics.median(r[i] for r in runs) for i in range(len(runs[0])))
+    return statistics.median(runs)
+
+
 def covey_throughput(engine, prompts, out_tokens):
     params = SamplingParams(max_tokens=out_tokens, ignore_eos=True)
     run_engine(engine, prompts[:2], SamplingParams(max_tokens=4, ignore_eos=True))  # warm up
@@ -192,6 +202,7 @@ def llama_cpp_latency(llm, prompt, out_tokens):
 def sizes(quick: bool) -> dict[str, int]:
     if quick:
         return dict(
+            repeats=1,
             requests=8,
             prompt=256,
             output=32,
@@ -202,6 +213,7 @@ def sizes(quick: bool) -> dict[str, int]:
             question=64,
         )
     return dict(
+        repeats=3,
         requests=32,
         prompt=256,
         output=128,
@@ -214,7 +226,9 @@ def sizes(quick: bool) -> dict[str, int]:
 
 
 def cpu_suite(s, results, device):
-    engine = LLMEngine(EngineConfig(device=device, max_num_seqs=64))
+    # Throughput and latency repeat the same prompts, so the prefix cache is off for them:
+    # every repeat computes everything. The prefix workload measures the cache on its own.
+    engine = LLMEngine(EngineConfig(device=device, max_num_seqs=64, enable_prefix_caching=False))
     dtype = engine.dtype
     tok = engine.tokenizer
     prompts = real_text_prompts(tok, s["requests"], s["prompt"])
@@ -224,11 +238,19 @@ def cpu_suite(s, results, device):
         "prompt_tokens": s["prompt"],
         "output_tokens": s["output"],
         "dtype": str(dtype).removeprefix("torch."),
+        "repeats": s["repeats"],
+        "statistic": "median",
     }
-    lat = {"prompt_tokens": s["lat_prompt"], "output_tokens": s["lat_output"], "dtype": tp["dtype"]}
-    value = covey_throughput(engine, prompts, s["output"])
+    lat = {
+        "prompt_tokens": s["lat_prompt"],
+        "output_tokens": s["lat_output"],
+        "dtype": tp["dtype"],
+        "repeats": s["repeats"],
+        "statistic": "median",
+    }
+    value = median_of(s["repeats"], covey_throughput, engine, prompts, s["output"])
     results.append(record("throughput", "covey", "output_tokens_per_s", value, tp))
-    ttft, tpot = covey_latency(engine, lat_prompt, s["lat_output"])
+    ttft, tpot = median_of(s["repeats"], covey_latency, engine, lat_prompt, s["lat_output"])
     results.append(record("latency", "covey", "ttft_s", ttft, lat))
     results.append(record("latency", "covey", "tpot_s", tpot, lat))
     print(f"covey: {value:.1f} tok/s, ttft {ttft:.3f}s, tpot {tpot * 1e3:.1f} ms", flush=True)
@@ -241,31 +263,33 @@ def cpu_suite(s, results, device):
         "question_tokens": s["question"],
         "sent": "one after another, after one warm-up",
     }
-    on = covey_prefix_ttft(engine, system, questions)
-    off_engine = LLMEngine(
-        EngineConfig(device=device, enable_prefix_caching=False), model=engine.model
-    )
-    off = covey_prefix_ttft(off_engine, system, questions)
+    on_engine = LLMEngine(EngineConfig(device=device), model=engine.model)
+    on = covey_prefix_ttft(on_engine, system, questions)
+    off = covey_prefix_ttft(engine, system, questions)
     results.append(record("prefix", "covey", "ttft_s", on, pp))
     results.append(record("prefix", "covey-no-prefix-cache", "ttft_s", off, pp))
     print(f"prefix ttft: {on:.3f}s cached vs {off:.3f}s uncached ({off / on:.1f}x)", flush=True)
-    del off_engine
+    del on_engine
 
-    int8 = LLMEngine(EngineConfig(device=device, dtype="bfloat16", quantization="int8"))
+    int8 = LLMEngine(
+        EngineConfig(
+            device=device, dtype="bfloat16", quantization="int8", enable_prefix_caching=False
+        )
+    )
     q8 = {**tp, "dtype": "bfloat16", "quantization": "int8 weights"}
     q8_lat = {**lat, "dtype": "bfloat16", "quantization": "int8 weights"}
-    value = covey_throughput(int8, prompts, s["output"])
+    value = median_of(s["repeats"], covey_throughput, int8, prompts, s["output"])
     results.append(record("throughput", "covey-int8", "output_tokens_per_s", value, q8))
-    ttft, tpot = covey_latency(int8, lat_prompt, s["lat_output"])
+    ttft, tpot = median_of(s["repeats"], covey_latency, int8, lat_prompt, s["lat_output"])
     results.append(record("latency", "covey-int8", "ttft_s", ttft, q8_lat))
     results.append(record("latency", "covey-int8", "tpot_s", tpot, q8_lat))
     print(f"covey-int8: {value:.1f} tok/s, ttft {ttft:.3f}s, tpot {tpot * 1e3:.1f} ms", flush=True)
     del int8
 
     hf = load_transformers(engine.model, dtype)
-    value = hf_throughput(hf, prompts, s["output"], device)
+    value = median_of(s["repeats"], hf_throughput, hf, prompts, s["output"], device)
     results.append(record("throughput", "transformers", "output_tokens_per_s", value, tp))
-    ttft, tpot = hf_latency(hf, lat_prompt, s["lat_output"], device)
+    ttft, tpot = median_of(s["repeats"], hf_latency, hf, lat_prompt, s["lat_output"], device)
     results.append(record("latency", "transformers", "ttft_s", ttft, lat))
     results.append(record("latency", "transformers", "tpot_s", tpot, lat))
     print(
@@ -284,9 +308,9 @@ def cpu_suite(s, results, device):
         results.extend(record(w, "llama.cpp", m, None, p, why) for w, m, p in names)
         return
     cpp = {"gguf": "Q4_1 (as shipped)", "sequential": True}
-    value = llama_cpp_throughput(llm, prompts, s["output"])
+    value = median_of(s["repeats"], llama_cpp_throughput, llm, prompts, s["output"])
     results.append(record("throughput", "llama.cpp", "output_tokens_per_s", value, {**tp, **cpp}))
-    ttft, tpot = llama_cpp_latency(llm, lat_prompt, s["lat_output"])
+    ttft, tpot = median_of(s["repeats"], llama_cpp_latency, llm, lat_prompt, s["lat_output"])
     results.append(record("latency", "llama.cpp", "ttft_s", ttft, {**lat, **cpp}))
     results.append(record("latency", "llama.cpp", "tpot_s", tpot, {**lat, **cpp}))
     print(f"llama.cpp: {value:.1f} tok/s, ttft {ttft:.3f}s, tpot {tpot * 1e3:.1f} ms", flush=True)
@@ -304,7 +328,7 @@ def gpu_suite(s, results):
         "model": "dummy:llama-1b",
         "dtype": "bfloat16",
     }
-    value = covey_throughput(engine, prompts, s["output"])
+    value = median_of(s["repeats"], covey_throughput, engine, prompts, s["output"])
     results.append(record("throughput-gpu", "covey", "output_tokens_per_s", value, params))
     why = "llama.cpp (CPU build) and transformers are not run on the dummy GPU model here"
     results.append(

@@ -71,8 +71,12 @@ class BlockManager:
         seq.block_table = [node.block_id for node in path]
         seq.num_computed_tokens = seq.num_cached_tokens = len(path) * self.block_size
         self._cursor[seq.seq_id] = (path[-1] if path else self.tree.root, len(path))
-        self.stats.queried_tokens += len(seq)
-        self.stats.hit_tokens += seq.num_cached_tokens
+
+    def record_admission(self, seq: Sequence) -> None:
+        """Count an admitted sequence's prefix lookup in the hit/miss stats (once, not per try)."""
+        if self.tree is not None:
+            self.stats.queried_tokens += len(seq)
+            self.stats.hit_tokens += seq.num_cached_tokens
 
     def allocate_slots(self, seq: Sequence, num_new_tokens: int) -> list[tuple[int, int]]:
         """Give `seq` slots for `num_new_tokens` more tokens; return block copies to perform.

@@ -42,11 +42,16 @@ class LLMEngine:
         self.dtype = config.torch_dtype()
         self.source = resolve_model(config.model)
         self.tokenizer: Tokenizer | None = self._load_tokenizer()
-        self.model = model or load_model(self.source, self.dtype, self.device, config.max_model_len)
+        self.model = model or load_model(self.source, self.dtype, self.device)
         if config.quantization == "int8" and not isinstance(self.model.lm_head, Int8Linear):
             quantize_int8(self.model)
         args = self.model.args
-        self.max_model_len = min(config.max_model_len or args.max_position, args.max_position)
+        if config.max_model_len and config.max_model_len > args.max_position:
+            raise ValueError(
+                f"EngineConfig.max_model_len ({config.max_model_len}) exceeds the model's "
+                f"context window ({args.max_position})"
+            )
+        self.max_model_len = config.max_model_len or args.max_position
         num_blocks = self._num_kv_blocks()
         self.pool = KVPool(args, num_blocks, config.block_size, self.dtype, self.device)
         self.block_manager = BlockManager(

@@ -92,6 +92,7 @@ class Scheduler:
                 seq.num_computed_tokens = seq.num_cached_tokens = 0
                 break
             self.waiting.pop(0)
+            self.block_manager.record_admission(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.block_copies += self.block_manager.allocate_slots(seq, n)

@@ -32,15 +32,11 @@ _HF_LAYER = {
 }
 
 
-def load_model(
-    source: ModelSource, dtype: torch.dtype, device: torch.device, max_position: int | None = None
-) -> LlamaModel:
+def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device) -> LlamaModel:
     """Build the model for `source` on `device`; raise ModelLoadError on any bad checkpoint."""
     if source.format == "dummy":
         assert source.preset is not None
         args = preset(source.preset)
-        if max_position:
-            args = _with_max_position(args, max_position)
         torch.manual_seed(0)
         with torch.device(device):
             return LlamaModel(args).to(dtype).eval()
@@ -50,8 +46,6 @@ def load_model(
     else:
         assert source.path is not None
         args, tensors = _read_hf(source.path)
-    if max_position:
-        args = _with_max_position(args, max_position)
     with torch.device("meta"):
         model = LlamaModel(args)
     model = model.to_empty(device=device).to(dtype)
@@ -74,12 +68,6 @@ def load_model(
         args.dim_per_head, args.max_position, args.rope_theta, args.rope_scaling
     ).to(device)
     return model.eval()
-
-
-def _with_max_position(args: ModelArgs, max_position: int) -> ModelArgs:
-    from dataclasses import replace
-
-    return replace(args, max_position=max(args.max_position, max_position))
 
 
 def _read_gguf(path: Path) -> tuple[ModelArgs, Iterator[tuple[str, torch.Tensor]]]:

@@ -7,11 +7,8 @@ prompt; anything with `encode(text) -> list[int]` and `decode(ids) -> str` works
 from __future__ import annotations
 
 import hashlib
-import logging
 import re
 from typing import Any, Protocol
-
-logger = logging.getLogger("covey.retrieval")
 
 
 class TokenizerLike(Protocol):
@@ -80,22 +77,7 @@ def tokenizer_name(tokenizer: Any) -> str:
 
 
 def default_tokenizer() -> TokenizerLike:
-    """The serving model's tokenizer, loaded lazily; the embedder's when the engine is absent.
+    """The serving model's tokenizer, loaded lazily so `covey.retrieval` imports stay cheap."""
+    from covey.llm_backend.tokenizer import load_default_tokenizer
 
-    Importing the engine is deferred to here so `covey.retrieval` imports stay cheap and do
-    not depend on the engine being installed or finished.
-    """
-    try:
-        from covey.llm_backend.tokenizer import load_default_tokenizer
-    except ImportError:
-        logger.warning(
-            "covey.llm_backend.tokenizer is not available; chunking with the embedder's "
-            "tokenizer instead of the serving model's"
-        )
-        from transformers import AutoTokenizer
-
-        from covey.retrieval.embedder import bundled_model_dir
-
-        path = bundled_model_dir()
-        return HFTokenizerAdapter(AutoTokenizer.from_pretrained(str(path)), "all-MiniLM-L6-v2")
     return load_default_tokenizer()

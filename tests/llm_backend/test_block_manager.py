@@ -39,7 +39,9 @@ def test_prefix_hit_reuses_full_blocks_but_never_the_last_token():
     c = seq(list(range(8)) + [99, 98, 97, 96, 95])
     bm.match_prefix(c)
     assert c.num_cached_tokens == 8
-    assert bm.stats.hit_tokens == 16
+    for s in (a, b, c):
+        bm.record_admission(s)
+    assert bm.stats.hit_tokens == 16 and bm.stats.queried_tokens == 37
 
 
 def test_idle_cached_blocks_are_evicted_when_the_free_list_is_empty():

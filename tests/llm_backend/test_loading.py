@@ -112,3 +112,5 @@ def test_engine_config_errors_name_the_field():
         EngineConfig(kv_cache_tokens=10, kv_cache_bytes=10)
     with pytest.raises(ValueError, match="max_num_seqs"):
         EngineConfig(max_num_seqs=0)
+    with pytest.raises(ValueError, match=r"max_model_len \(4096\) exceeds the model's context"):
+        LLMEngine(EngineConfig(model="dummy:tiny", max_model_len=4096))

@@ -81,11 +81,10 @@ def test_default_tokenizer_uses_the_engine_lazily(monkeypatch):
     assert default_tokenizer() is sentinel
 
 
-def test_default_tokenizer_falls_back_when_engine_is_missing(monkeypatch, caplog):
-    monkeypatch.setitem(sys.modules, "covey.llm_backend.tokenizer", None)  # import fails
-    tok = default_tokenizer()
-    assert tok.encode("hello world") == tok.encode("hello world") and tok.encode("hello")
-    assert "not available" in caplog.text
+def test_default_tokenizer_is_the_serving_models():
+    from covey.llm_backend.tokenizer import load_default_tokenizer
+
+    assert default_tokenizer() is load_default_tokenizer()
 
 
 def test_tokenizer_name_is_independent_of_file_location(tmp_path):

@@ -71,9 +71,10 @@ class AsyncLLM:
             raise InvalidRequestError(f"request id {rid!r} is already in use")
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._streams[rid] = queue
-        finished = False
+        added = finished = False
         try:
             await self._call(self.engine.add_request, prompt, params, rid, priority)
+            added = True
             self._ensure_loop()
             while not finished:
                 item = await queue.get()
@@ -84,7 +85,7 @@ class AsyncLLM:
                 yield item
         finally:
             self._streams.pop(rid, None)
-            if not finished and not self._closed:
+            if added and not finished and not self._closed:
                 await asyncio.shield(self._call(self.engine.abort_request, rid))
 
     async def generate_full(
@@ -111,10 +112,11 @@ class AsyncLLM:
         return self.generate(prompt, params, request_id)
 
     async def abort(self, request_id: str) -> None:
-        await self._call(self.engine.abort_request, request_id)
+        """Stop a request; its stream ends with a finished output whose reason is "abort"."""
+        out = await self._call(self.engine.abort_request, request_id)
         queue = self._streams.get(request_id)
-        if queue is not None:
-            queue.put_nowait(EngineError(f"request {request_id} was aborted"))
+        if queue is not None and out is not None:
+            queue.put_nowait(out)
 
     async def _call(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -131,7 +133,7 @@ class AsyncLLM:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self.engine.has_unfinished_requests():
+            while await self._call(self.engine.has_unfinished_requests):
                 try:
                     outputs = await self._call(self.engine.step)
                 except Exception as exc:  # a failing step must not take the engine down

@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from covey.cache.radix_tree import RadixNode, RadixTree
 from covey.llm_backend.sequence import Sequence
 
-EVICTION_BATCH = 32  # evict a few idle blocks at once: one tree walk serves many allocations
-
 
 @dataclass
 class PrefixCacheStats:
@@ -73,7 +71,8 @@ class BlockManager:
         self._cursor[seq.seq_id] = (path[-1] if path else self.tree.root, len(path))
 
     def record_admission(self, seq: Sequence) -> None:
-        """Count an admitted sequence's prefix lookup in the hit/miss stats (once, not per try)."""
+        """Count an admission's prefix lookup in the hit/miss stats (not failed tries; a
+        preempted sequence counts again when it is re-admitted)."""
         if self.tree is not None:
             self.stats.queried_tokens += len(seq)
             self.stats.hit_tokens += seq.num_cached_tokens
@@ -81,17 +80,18 @@ class BlockManager:
     def allocate_slots(self, seq: Sequence, num_new_tokens: int) -> list[tuple[int, int]]:
         """Give `seq` slots for `num_new_tokens` more tokens; return block copies to perform.
 
-        A shared, partly filled last block is copied first (copy-on-write), so the writer
-        never changes another sequence's KV. Call `can_allocate(blocks_needed(...))` first.
+        A shared, partly filled block is copied first (copy-on-write), so the writer never
+        changes another sequence's KV. Call `can_allocate(blocks_needed(...))` first.
         """
+        total = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size)
+        self._reserve(self.blocks_needed(seq, num_new_tokens))
         copies: list[tuple[int, int]] = []
         if self._needs_copy(seq):
-            src = seq.block_table[-1]
-            dst = self._take_block()
+            index = seq.num_computed_tokens // self.block_size
+            src, dst = seq.block_table[index], self._take_block()
             self._decref(src)
-            seq.block_table[-1] = dst
+            seq.block_table[index] = dst
             copies.append((src, dst))
-        total = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size)
         while len(seq.block_table) < total:
             seq.block_table.append(self._take_block())
         return copies
@@ -119,10 +119,14 @@ class BlockManager:
         self._cursor[seq.seq_id] = (node, max(seen, full))
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
-        """Share all of `parent`'s blocks with `child`; writes copy later (copy-on-write)."""
+        """Share all of `parent`'s blocks and progress with `child`; writes copy later."""
+        if child.block_table:
+            raise ValueError(f"sequence {child.request_id} already holds blocks")
         for block in parent.block_table:
             self._incref(block)
         child.block_table = list(parent.block_table)
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.num_cached_tokens = parent.num_cached_tokens
         if parent.seq_id in self._cursor:
             self._cursor[child.seq_id] = self._cursor[parent.seq_id]
 
@@ -141,11 +145,15 @@ class BlockManager:
             and self.ref_counts[seq.block_table[seq.num_computed_tokens // self.block_size]] > 1
         )
 
-    def _take_block(self) -> int:
-        if not self.free_blocks and self.num_idle_cached:
-            self._evict(EVICTION_BATCH)
-        if not self.free_blocks:
+    def _reserve(self, num_blocks: int) -> None:
+        """Evict exactly enough idle cached blocks that `num_blocks` can be taken."""
+        short = num_blocks - len(self.free_blocks)
+        if short > 0 and self.num_idle_cached:
+            self._evict(short)
+        if len(self.free_blocks) < num_blocks:
             raise RuntimeError("KV pool exhausted: check can_allocate before allocate_slots")
+
+    def _take_block(self) -> int:
         block = self.free_blocks.popleft()
         self.ref_counts[block] = 1
         return block

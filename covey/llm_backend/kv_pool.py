@@ -1,9 +1,9 @@
 """The paged KV pool: one tensor holding every layer's keys and values, block by block.
 
 Layout [layers, 2, kv_heads, num_blocks * block_size, head_dim]: a slot is one token's
-K/V in one block; head-major so attention gathers need no copies. Blocks can be copied
-(copy-on-write), exported to another tier and imported back, which is what the chunk
-store and tool-call pausing build on.
+K/V in one block; head-major so gathered keys land in matmul layout (no transposes).
+Blocks can be copied (copy-on-write), exported to another tier and imported back, which
+is what the chunk store and tool-call pausing build on.
 """
 
 from __future__ import annotations

@@ -51,10 +51,15 @@ class LLM:
                 self.engine.abort_request(rid)
             raise
         final: dict[str, RequestOutput] = {}
-        while self.engine.has_unfinished_requests():
-            for out in self.engine.step():
-                if out.finished:
-                    final[out.request_id] = out
+        try:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished:
+                        final[out.request_id] = out
+        except BaseException:
+            for rid in ids:  # a failed or interrupted batch must not keep its KV
+                self.engine.abort_request(rid)
+            raise
         return [final[rid] for rid in ids]
 
     def chat(
@@ -63,6 +68,8 @@ class LLM:
         """Answer one conversation or a batch of them through the model's chat template."""
         if self.engine.tokenizer is None:
             raise InvalidRequestError("this model has no tokenizer, so no chat template")
+        if not messages:
+            raise InvalidRequestError("chat messages must not be empty")
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [self.engine.tokenizer.apply_chat_template(c) for c in convs]  # type: ignore[arg-type]
         return self.generate(prompts, params)

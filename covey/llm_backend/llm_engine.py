@@ -11,7 +11,7 @@ from collections.abc import Sequence as SequenceABC
 
 import torch
 
-from covey.errors import InvalidRequestError, ModelLoadError
+from covey.errors import EngineError, InvalidRequestError, ModelLoadError
 from covey.llm_backend.block_manager import BlockManager
 from covey.llm_backend.config import DEFAULT_CPU_KV_BYTES, DEFAULT_GPU_KV_FRACTION, EngineConfig
 from covey.llm_backend.detokenizer import detokenize_step
@@ -39,12 +39,16 @@ class LLMEngine:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.device = config.torch_device()
-        self.dtype = config.torch_dtype()
         self.source = resolve_model(config.model)
         self.tokenizer: Tokenizer | None = self._load_tokenizer()
-        self.model = model or load_model(self.source, self.dtype, self.device)
-        if config.quantization == "int8" and not isinstance(self.model.lm_head, Int8Linear):
-            quantize_int8(self.model)
+        if model is None:
+            model = load_model(self.source, config.torch_dtype(), self.device)
+            if config.quantization == "int8":
+                quantize_int8(model)
+        elif isinstance(model.lm_head, Int8Linear) != (config.quantization == "int8"):
+            raise ValueError("EngineConfig.quantization does not match the given model's weights")
+        self.model = model
+        self.dtype = model.embed_tokens.weight.dtype  # the pool stores what the model computes
         args = self.model.args
         if config.max_model_len and config.max_model_len > args.max_position:
             raise ValueError(
@@ -168,11 +172,15 @@ class LLMEngine:
         if seq is None:
             return None
         self._finish(seq, FinishReason.ABORT)
-        return self._output(seq, "", [])
+        return self._output(seq, self._release_text(seq), [])
 
     def pause_request(self, request_id: str) -> None:
-        """Hold a running request aside with its KV kept in the pool (a tool call runs)."""
-        self.scheduler.pause(self._get(request_id))
+        """Hold a request aside while a tool runs; a running one keeps its KV in the pool
+        until memory is needed (then it is discarded and recomputed on resume)."""
+        try:
+            self.scheduler.pause(self._get(request_id))
+        except ValueError as exc:
+            raise InvalidRequestError(f"request {request_id!r}: {exc}") from exc
 
     def resume_request(
         self, request_id: str, extra: Prompt, params: SamplingParams | None = None
@@ -186,10 +194,23 @@ class LLMEngine:
         if request_id not in self.scheduler.paused:
             raise InvalidRequestError(f"request {request_id!r} is not paused")
         ids, _ = self.tokenize(extra)
-        if len(seq) + len(ids) >= self.max_model_len:
-            raise InvalidRequestError("the resumed request would exceed the context window")
+        params = params or seq.params
+        total = len(seq) + len(ids)
+        if total >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the resumed request would hold {total} tokens; the context window is "
+                f"{self.max_model_len} and at least one must be left to generate"
+            )
+        needed = min(total + params.max_tokens, self.max_model_len)
+        if needed > self.kv_capacity_tokens:
+            raise InvalidRequestError(
+                f"the resumed request needs KV for {needed} tokens but the pool holds "
+                f"{self.kv_capacity_tokens}; lower max_tokens"
+            )
         seq.token_ids.extend(ids)
         seq.start_new_turn(params)
+        if params.seed is not None:
+            self._generators[seq.seq_id] = torch.Generator(self.device).manual_seed(params.seed)
         self.scheduler.resume(seq)
 
     def _get(self, request_id: str) -> Sequence:
@@ -205,6 +226,8 @@ class LLMEngine:
         """Schedule, run the model once, sample, and report every request that moved."""
         plan = self.scheduler.schedule()
         if not plan.scheduled:
+            if self.scheduler.has_work():  # admission checks make this unreachable
+                raise EngineError("no queued request can be scheduled: the KV pool is stuck")
             return []
         now = time.perf_counter()
         for item in plan.scheduled:
@@ -226,34 +249,45 @@ class LLMEngine:
         seq.token_ids.append(token)
         if seq.metrics.first_token_time is None:
             seq.metrics.first_token_time = now
-        delta = detokenize_step(self.tokenizer, seq) if self.tokenizer else ""
+        if self.tokenizer is not None:
+            detokenize_step(self.tokenizer, seq)
         reason = self._stop_reason(seq, token)
         if reason is not None:
-            delta = self._apply_stop_string(seq, delta)
             self._finish(seq, reason)
-        return self._output(seq, delta, [token])
+        return self._output(seq, self._release_text(seq), [token])
 
     def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         p = seq.params
         eos = self.tokenizer.eos_token_id if self.tokenizer else None
         if not p.ignore_eos and token == eos or token in p.stop_token_ids:
             return FinishReason.STOP
-        if p.stop and any(s in seq.output_text for s in p.stop):
+        if p.stop and self._cut_at_stop_string(seq):
             return FinishReason.STOP
         if seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
             return FinishReason.LENGTH
         return None
 
-    def _apply_stop_string(self, seq: Sequence, delta: str) -> str:
-        """Cut the output at the first stop string; return the part of `delta` that survives."""
-        hits = [(seq.output_text.find(s), s) for s in seq.params.stop if s in seq.output_text]
+    def _cut_at_stop_string(self, seq: Sequence) -> bool:
+        """Truncate the output at the earliest stop string, searching only the new tail."""
+        longest = max(len(s) for s in seq.params.stop)
+        start = max(0, seq.num_emitted_chars - longest + 1)
+        hits = [(at, s) for s in seq.params.stop if (at := seq.output_text.find(s, start)) >= 0]
         if not hits:
-            return delta
+            return False
         at, stop = min(hits)
         keep = at + len(stop) if seq.params.include_stop_str_in_output else at
-        before = len(seq.output_text) - len(delta)
         seq.output_text = seq.output_text[:keep]
-        return seq.output_text[before:] if keep > before else ""
+        return True
+
+    def _release_text(self, seq: Sequence) -> str:
+        """The next text delta. While stop strings are set, the last len(stop) - 1 characters
+        wait: a stop string may begin there, and streamed text must never be taken back."""
+        end = len(seq.output_text)
+        if seq.params.stop and not seq.is_finished:
+            end = max(seq.num_emitted_chars, end - max(len(s) for s in seq.params.stop) + 1)
+        delta = seq.output_text[seq.num_emitted_chars : end]
+        seq.num_emitted_chars = end
+        return delta
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         self.scheduler.finish(seq, reason)

@@ -1,7 +1,7 @@
 """Attention over the paged KV pool, in plain PyTorch.
 
 A layer's pool is head-major, [2, KVH, S, Dh] (keys and values, then slots), so gathering a
-sequence's keys by slot yields tensors already laid out for batched matmuls: no copies.
+sequence's keys by block yields tensors already laid out for batched matmuls.
 Decodes are batched into one gather and two matmuls; prefill runs go one sequence at a
 time (few per step) through SDPA, a run with no cached prefix on its own fresh keys.
 """

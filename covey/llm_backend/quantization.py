@@ -1,10 +1,11 @@
 """Weight-only int8 quantization for memory-bound decoding on CPU.
 
 Decoding one token reads every weight once, so its speed is the memory bandwidth divided
-by the weight bytes: int8 halves bf16's bytes. Small batches (decode steps) run oneDNN's
-int8-weight kernel; large ones (prefill, wide batches) are compute-bound and run a bf16
-copy of the *same* quantized weights, so both paths compute the same function.
-"""
+by the bytes read: the int8 kernel reads half of bf16's. Small batches (decode steps) use
+it; large ones (prefill, wide batches) are compute-bound and run a bf16 copy of the same
+quantized weights. Memory is therefore ~1.5x bf16's, and the two kernels agree to bf16
+rounding (not bit for bit), so a greedy output can differ when a batch crosses
+INT8_MAX_ROWS tokens."""
 
 from __future__ import annotations
 

@@ -21,15 +21,16 @@ def sample(
 def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
     scaled = logits / p.temperature  # [V]
     if p.top_k and p.top_k < scaled.shape[-1]:
-        kth = torch.topk(scaled, p.top_k).values[-1]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    probs = torch.softmax(scaled, dim=-1)
+        values, order = torch.topk(scaled, p.top_k)  # [k], sorted: only k to sort for top-p
+    elif p.top_p == 1.0:
+        values, order = scaled, None  # plain temperature sampling needs no sort
+    else:
+        values, order = scaled.sort(descending=True)  # [V]
+    probs = torch.softmax(values, dim=-1)
     if p.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        # Keep the smallest set whose mass reaches top_p (the first token always stays).
-        drop = sorted_probs.cumsum(-1) - sorted_probs >= p.top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= p.top_p, 0.0)
     if gen is not None and gen.device != probs.device:
         probs = probs.to(gen.device)
-    return int(torch.multinomial(probs, 1, generator=gen).item())
+    pick = int(torch.multinomial(probs, 1, generator=gen).item())
+    return pick if order is None else int(order[pick].item())

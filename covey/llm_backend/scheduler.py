@@ -64,18 +64,16 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """Pick this step's sequences and token counts; allocate their slots.
 
-        Mutates queue membership, block tables and sequence status.
+        Decodes go first (one token each, so inter-token latency stays flat), then prefill
+        chunks, each group by priority. Mutates queues, block tables and statuses.
         """
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        self.running.sort(key=Sequence.sort_key)
+        self.running.sort(key=lambda s: (s.num_uncomputed_tokens > 1, *s.sort_key()))
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_uncomputed_tokens, budget)
-            if n == 0:
-                i += 1
-                continue
             if not self._make_room(seq, n, out):
                 continue  # seq itself was preempted; self.running shrank
             out.block_copies += self.block_manager.allocate_slots(seq, n)
@@ -87,7 +85,9 @@ class Scheduler:
             if not seq.block_table:
                 self.block_manager.match_prefix(seq)
             n = min(seq.num_uncomputed_tokens, budget)
-            if not self._admit(seq, n, out):
+            admitted, refund = self._admit(seq, n, out)
+            budget += refund
+            if not admitted:
                 self.block_manager.free(seq)
                 seq.num_computed_tokens = seq.num_cached_tokens = 0
                 break
@@ -101,28 +101,59 @@ class Scheduler:
         return out
 
     def _make_room(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
-        """Preempt the lowest-priority running sequences until `seq` fits; False if `seq` went."""
+        """Free blocks until `seq` fits: paused KV first, then the lowest-priority runners.
+
+        Returns False when `seq` itself had to be preempted.
+        """
         need = self.block_manager.blocks_needed(seq, n)
         while not self.block_manager.can_allocate(need):
-            victim = self.running[-1]
+            if self._drop_paused_kv():
+                continue
+            victim = max(self.running, key=Sequence.sort_key)
             self._preempt(victim, out)
             if victim is seq:
                 return False
         return True
 
-    def _admit(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
-        """Room for a waiting `seq`, preempting only running sequences it outranks."""
-        need = self.block_manager.blocks_needed(seq, n)
-        while not self.block_manager.can_allocate(need):
-            if not self.running or self.running[-1].sort_key() <= seq.sort_key():
-                return False
-            self._preempt(self.running[-1], out)
-        return True
+    def _admit(self, seq: Sequence, n: int, out: SchedulerOutput) -> tuple[bool, int]:
+        """Room for a waiting `seq`, preempting only runners it outranks, and only if that
+        is enough. Returns (admitted, budget tokens handed back by preempted runners)."""
+        bm = self.block_manager
+        need = bm.blocks_needed(seq, n)
+        outranked = [s for s in self.running if s.sort_key() > seq.sort_key()]
+        paused = [s for s in self.paused.values() if s.block_table]
+        reclaimable = sum(
+            1 for s in outranked + paused for b in s.block_table if bm.ref_counts[b] == 1
+        )
+        if not bm.can_allocate(need) and not bm.can_allocate(need - reclaimable):
+            return False, 0
+        refund = 0
+        while not bm.can_allocate(need):
+            if self._drop_paused_kv():
+                continue
+            outranked = [s for s in self.running if s.sort_key() > seq.sort_key()]
+            if not outranked:
+                return False, refund
+            refund += self._preempt(max(outranked, key=Sequence.sort_key), out)
+        return True, refund
 
-    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+    def _drop_paused_kv(self) -> bool:
+        """Discard the KV of the longest-paused sequence holding any; it recomputes on resume
+        (INFERCEPT's discard). Returns False when no paused sequence holds blocks."""
+        for seq in self.paused.values():  # in pause order
+            if seq.block_table:
+                self.block_manager.free(seq)
+                seq.num_computed_tokens = seq.num_cached_tokens = 0
+                return True
+        return False
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> int:
+        """Recompute `seq` later; return the budget it had been given this step."""
         self.running.remove(seq)
+        refund = 0
         for k, item in enumerate(out.scheduled):
             if item.seq is seq:
+                refund = item.num_new_tokens
                 del out.scheduled[k]
                 break
         self.block_manager.free(seq)
@@ -130,6 +161,7 @@ class Scheduler:
         seq.num_preemptions += 1
         out.preempted.append(seq)
         self.add(seq)
+        return refund
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """Retire `seq` from whichever queue holds it and free its blocks at once."""
@@ -142,15 +174,21 @@ class Scheduler:
         seq.finish_reason = reason
 
     def pause(self, seq: Sequence) -> None:
-        """Hold a running sequence aside with its KV (a tool call is in flight)."""
-        if seq.status is not SequenceStatus.RUNNING:
-            raise ValueError(f"only a running sequence can pause, this one is {seq.status.value}")
-        self.running.remove(seq)
+        """Hold a sequence aside (a tool call is in flight); a running one keeps its KV."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)  # e.g. preempted: it holds no blocks
+        else:
+            raise ValueError(f"a {seq.status.value} sequence cannot pause")
         seq.status = SequenceStatus.PAUSED
         self.paused[seq.request_id] = seq
 
     def resume(self, seq: Sequence) -> None:
-        """Put a paused sequence back to work; its new tokens prefill on top of its KV."""
+        """Put a paused sequence back to work; new tokens prefill on top of any kept KV."""
         self.paused.pop(seq.request_id)
-        seq.status = SequenceStatus.RUNNING
-        self.running.append(seq)
+        if seq.block_table:
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+        else:
+            self.add(seq)  # its KV was discarded (or never made): queue for a recompute

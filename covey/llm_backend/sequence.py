@@ -65,6 +65,7 @@ class Sequence:
         self.finish_reason: FinishReason | None = None
         self.metrics = SequenceMetrics()
         self.output_text = ""
+        self.num_emitted_chars = 0  # of output_text, already streamed to the caller
         # Incremental detokenization cursors (see detokenizer.py); a little prompt context
         # makes the first output token decode as it would in running text.
         self.prefix_offset = max(self.num_prompt_tokens - 5, 0)
@@ -95,6 +96,8 @@ class Sequence:
         self.prefix_offset = max(self.num_prompt_tokens - 5, 0)
         self.read_offset = self.num_prompt_tokens
         self.output_text = ""
+        self.num_emitted_chars = 0
+        self.metrics = SequenceMetrics()  # TTFT and TPOT of the new turn, not the tool's wait
         if params is not None:
             self.params = params
 

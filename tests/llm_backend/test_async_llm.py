@@ -77,3 +77,16 @@ async def test_chat_uses_the_chat_template(make_engine):
     with pytest.raises(InvalidRequestError, match="chat messages must not be empty"):
         llm.chat([])
     await llm.close()
+
+
+async def test_abort_ends_the_stream_with_an_abort_output(make_engine):
+    engine = make_engine(enable_prefix_caching=False)
+    llm = AsyncLLM(engine=engine)
+    outs = []
+    async for out in llm.generate("Count slowly:", SamplingParams(max_tokens=200), request_id="r"):
+        outs.append(out)
+        if len(outs) == 2:
+            await llm.abort("r")
+    assert outs[-1].finished and outs[-1].finish_reason == "abort"
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    await llm.close()

@@ -64,7 +64,7 @@ def test_fork_shares_blocks_and_copies_the_partial_block_on_write():
     run_prefill(bm, parent)
     child = seq([1, 2, 3, 4, 5, 6])
     bm.fork(parent, child)
-    child.num_computed_tokens = parent.num_computed_tokens
+    assert child.num_computed_tokens == parent.num_computed_tokens == 6
     assert child.block_table == parent.block_table
     child.token_ids.append(7)
     assert bm.blocks_needed(child, 1) == 1  # the copy of the shared partial block

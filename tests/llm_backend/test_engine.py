@@ -55,11 +55,12 @@ def test_chunked_prefill_equals_one_shot_prefill(make_engine):
 
 
 def test_pool_exhaustion_queues_and_preempts_instead_of_crashing(make_engine):
-    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
     roomy = [o.token_ids for o in run(make_engine(), PROMPTS, params)]
-    engine = make_engine(kv_cache_tokens=64, block_size=16)  # room for ~2 requests at once
+    engine = make_engine(kv_cache_tokens=64, block_size=16)  # 4 blocks; each request needs 3
     tight = run(engine, PROMPTS, params)
     assert [o.token_ids for o in tight] == roomy
+    assert any(o.metrics.num_preemptions > 0 for o in tight)
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
@@ -93,11 +94,31 @@ def test_stop_strings_stop_token_ids_and_max_tokens(make_engine):
     assert len(short.token_ids) == 3 and short.finish_reason == "length"
 
 
+@pytest.mark.parametrize("include", [False, True])
+def test_streamed_deltas_add_up_when_a_stop_string_spans_tokens(make_engine, include):
+    engine = make_engine()
+    free = run(engine, ["1, 2, 3, 4, 5,"], SamplingParams(max_tokens=16))[0].text
+    stop = ", 8,"  # several tokens: it arrives across steps
+    assert stop in free
+    params = SamplingParams(max_tokens=16, stop=(stop,), include_stop_str_in_output=include)
+    rid = engine.add_request("1, 2, 3, 4, 5,", params)
+    deltas, last = [], None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            deltas.append(out.delta_text)
+            last = out
+    expected = free[: free.index(stop) + (len(stop) if include else 0)]
+    assert last.request_id == rid and last.finish_reason == "stop"
+    assert last.text == expected and "".join(deltas) == expected
+
+
 def test_seeded_sampling_is_reproducible(make_engine):
     engine = make_engine()
     p = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=7)
     a, b = run(engine, ["My favourite animal is", "My favourite animal is"], p)
     assert a.token_ids == b.token_ids
+    alone = run(make_engine(enable_prefix_caching=False), ["My favourite animal is"], p)[0]
+    assert alone.token_ids == a.token_ids
     others = run(
         engine,
         ["My favourite animal is"] * 3,
@@ -129,6 +150,24 @@ def test_pause_and_resume_keep_the_context(make_engine):
     fresh = run(make_engine(enable_prefix_caching=False), [full_prompt], tool)[0]
     assert resumed.token_ids == fresh.token_ids and len(fresh.token_ids) == 6
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_resume_is_checked_like_a_new_request(make_engine):
+    engine = make_engine(kv_cache_tokens=64)
+    rid = engine.add_request("A tool call follows:", SamplingParams(max_tokens=4))
+    engine.step()
+    engine.pause_request(rid)
+    with pytest.raises(InvalidRequestError, match="pool holds 64"):
+        engine.resume_request(rid, " result", SamplingParams(max_tokens=60))
+    with pytest.raises(InvalidRequestError, match="unknown or finished request 'nope'"):
+        engine.resume_request("nope", " result")
+    engine.resume_request(rid, " result", SamplingParams(max_tokens=2))
+    with pytest.raises(InvalidRequestError, match="is not paused"):
+        engine.resume_request(rid, " again")
+    engine.pause_request(rid)  # paused again before it ran: fine
+    engine.abort_request(rid)
+    with pytest.raises(InvalidRequestError, match="unknown or finished request"):
+        engine.pause_request(rid)
 
 
 def test_kv_blocks_export_and_import_round_trip(make_engine):

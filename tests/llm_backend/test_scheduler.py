@@ -26,18 +26,25 @@ def complete(sched: Scheduler) -> list[Sequence]:
     return [item.seq for item in out.scheduled]
 
 
-def test_chunked_prefill_spends_the_token_budget_and_decodes_first():
+def test_chunked_prefill_spends_the_token_budget():
     sched = make(budget=16)
     a, b = seq(10, name="a"), seq(30, name="b")
     sched.add(a)
     sched.add(b)
     out = sched.schedule()
     assert [(s.seq.request_id, s.num_new_tokens) for s in out.scheduled] == [("a", 10), ("b", 6)]
-    for item in out.scheduled:
-        item.seq.num_computed_tokens += item.num_new_tokens
-    a.token_ids.append(0)
+
+
+def test_decodes_go_before_a_higher_priority_prefill_chunk():
+    sched = make(budget=15)
+    a = seq(10, priority=0, name="a")
+    sched.add(a)
+    complete(sched)
+    b = seq(30, priority=-1, name="b")
+    sched.add(b)
+    complete(sched)  # a decodes 1, b is admitted with 14
     out = sched.schedule()
-    assert [(s.seq.request_id, s.num_new_tokens) for s in out.scheduled] == [("a", 1), ("b", 15)]
+    assert [(s.seq.request_id, s.num_new_tokens) for s in out.scheduled] == [("a", 1), ("b", 14)]
 
 
 def test_waiting_requests_queue_when_the_pool_is_full():
@@ -91,8 +98,23 @@ def test_finish_frees_blocks_and_pause_keeps_them():
     assert a in sched.running
     sched.finish(a, FinishReason.ABORT)
     assert sched.block_manager.num_free_blocks == 64 and a.finish_reason is FinishReason.ABORT
-    with pytest.raises(ValueError, match="only a running sequence can pause"):
+    with pytest.raises(ValueError, match="a finished sequence cannot pause"):
         sched.pause(a)
+
+
+def test_paused_kv_is_discarded_when_a_new_request_needs_the_pool():
+    sched = make(num_blocks=4, block_size=4)
+    a = seq(12, name="a")
+    sched.add(a)
+    complete(sched)
+    sched.pause(a)  # holds 4 blocks: the whole pool
+    b = seq(12, name="b")
+    sched.add(b)
+    assert complete(sched) == [b]
+    assert a.block_table == [] and a.num_computed_tokens == 0  # recomputes on resume
+    sched.finish(b, FinishReason.STOP)
+    sched.resume(a)
+    assert a in sched.waiting and complete(sched) == [a]
 
 
 def test_config_errors_name_the_field():

@@ -10,9 +10,7 @@ from covey.retrieval.chunker import ChunkerConfig, chunk_document
 from covey.retrieval.documents import Document, content_hash
 from covey.retrieval.tokenizers import WhitespaceTokenizer, default_tokenizer
 
-PROSE = " ".join(
-    f"Sentence number {i} talks about topic {i % 7} and ends here." for i in range(60)
-)
+PROSE = " ".join(f"Sentence number {i} talks about topic {i % 7} and ends here." for i in range(60))
 
 
 def test_chunks_cover_offsets_and_respect_budget(tokenizer):

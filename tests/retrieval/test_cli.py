@@ -79,8 +79,9 @@ def test_errors_are_reported(tmp_path, docs, capsys, argv, message):
     assert f"covey: error: {message.format(missing=missing)}" in capsys.readouterr().err
 
 
-def test_search_defaults_to_the_python_docs_index(tmp_path, monkeypatch, capsys, embedder,
-                                                  tokenizer):
+def test_search_defaults_to_the_python_docs_index(
+    tmp_path, monkeypatch, capsys, embedder, tokenizer
+):
     monkeypatch.setenv("COVEY_HOME", str(tmp_path / "home"))
     built = ensure_default_index(limit=4, embedder=embedder, tokenizer=tokenizer)
     assert built.root == tmp_path / "home" / "indexes" / "pydocs"

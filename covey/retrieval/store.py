@@ -29,6 +29,7 @@ import numpy as np
 
 from covey.errors import IndexNotFoundError, RetrievalError
 from covey.retrieval.documents import Chunk
+from covey.retrieval.vector_index import load_faiss
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -121,7 +122,7 @@ def read_snapshot(root: Path) -> Snapshot:
         raise RetrievalError(f"index version {folder} is damaged: {exc}") from exc
     faiss_index = None
     if (folder / "index.faiss").is_file():
-        import faiss
+        faiss = load_faiss()
 
         faiss_index = faiss.read_index(str(folder / "index.faiss"))
     return Snapshot(manifest, chunks, sources, vectors, faiss_index)
@@ -140,7 +141,7 @@ def commit_lock(root: Path) -> Iterator[None]:
 
 
 def _write_version(folder: Path, snap: Snapshot) -> None:
-    import faiss
+    faiss = load_faiss()
 
     folder.mkdir(parents=True)
     _write_sqlite(folder / "chunks.sqlite", snap.chunks, snap.sources)

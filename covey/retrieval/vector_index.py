@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from covey.errors import RetrievalError
+
 KINDS = ("auto", "flat", "ivf", "hnsw")
 # Below this many queries faiss scans without BLAS; one OpenMP thread is then faster, and
 # far steadier on a busy machine (a descheduled worker stalls the barrier for a whole tick).
@@ -51,9 +53,21 @@ class IndexConfig:
         return "hnsw" if n >= self.auto_threshold else "flat"
 
 
+def load_faiss():
+    """The faiss module; which build (CPU or GPU) is the installer's choice of extra."""
+    try:
+        import faiss
+    except ImportError as exc:
+        raise RetrievalError(
+            "faiss is not installed: pip install 'covey[cpu]' (faiss-cpu) or, with CUDA, "
+            "'covey[gpu]' (faiss-gpu-cu12)"
+        ) from exc
+    return faiss
+
+
 def gpu_available() -> bool:
     """True when the GPU build of faiss is installed and sees a CUDA device."""
-    import faiss
+    faiss = load_faiss()
 
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
@@ -66,7 +80,7 @@ def _ivf_nlist(config: IndexConfig, n: int) -> int:
 
 def build_index(vectors: np.ndarray, kind: str, config: IndexConfig):
     """A faiss index over `vectors` ([n, d] float32, unit norm); ids are row positions."""
-    import faiss
+    faiss = load_faiss()
 
     n, dim = vectors.shape
     if kind == "flat":
@@ -90,7 +104,7 @@ def build_index(vectors: np.ndarray, kind: str, config: IndexConfig):
 
 def to_gpu(index, config: IndexConfig):
     """Move flat and IVF indexes to the GPU when possible; faiss has no GPU HNSW."""
-    import faiss
+    faiss = load_faiss()
 
     if not (config.use_gpu and gpu_available()) or isinstance(index, faiss.IndexHNSWFlat):
         return index
@@ -101,7 +115,7 @@ def to_gpu(index, config: IndexConfig):
 
 def to_cpu(index):
     """A CPU copy for writing to disk (faiss cannot serialize GPU indexes)."""
-    import faiss
+    faiss = load_faiss()
 
     if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(index).__name__:
         return faiss.index_gpu_to_cpu(index)
@@ -123,7 +137,7 @@ def search_index(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.nda
 
 @contextmanager
 def _one_thread() -> Iterator[None]:
-    import faiss
+    faiss = load_faiss()
 
     before = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)

@@ -109,3 +109,14 @@ def test_auto_kind_switches_to_hnsw_past_threshold(make_index):
     assert index.manifest["index"]["kind"] == "hnsw"
     assert type(index.faiss_index()).__name__ == "IndexHNSWFlat"
     assert (index.root / "versions" / index.manifest["version"] / "index.faiss").is_file()
+
+
+def test_missing_faiss_says_which_extra_to_install(monkeypatch):
+    import sys
+
+    from covey.errors import RetrievalError
+    from covey.retrieval.vector_index import load_faiss
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # as if neither build were installed
+    with pytest.raises(RetrievalError, match=r"faiss is not installed: pip install 'covey\[cpu\]'"):
+        load_faiss()

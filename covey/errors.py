@@ -33,3 +33,31 @@ class IndexNotFoundError(RetrievalError):
 
 class EmbedderMismatchError(RetrievalError):
     """An index was built with another embedder than the one asked for."""
+
+
+class GraphError(CoveyError):
+    """An app's graph is malformed; raised while the app is defined, before anything runs."""
+
+
+class TemplateError(GraphError, ValueError):
+    """A semantic function's template cannot be parsed (bad placeholder, unknown gen option)."""
+
+
+class UnboundPlaceholderError(TemplateError):
+    """A template placeholder names no parameter of its semantic function."""
+
+
+class WiringError(GraphError, TypeError):
+    """A node was called with missing, unknown or foreign arguments."""
+
+
+class TypeMismatchError(WiringError):
+    """A variable's type does not fit the input it is connected to."""
+
+
+class CycleError(GraphError):
+    """The app's graph has a cycle, so no order can run it."""
+
+
+class UnusedOutputWarning(UserWarning):
+    """An output is never consumed: not by another node, not returned by the app."""

@@ -1,0 +1,98 @@
+"""`App`: trace a wiring function once into a validated graph and an optimized Plan.
+
+Defining an app never runs a model: the function's parameters become input variables,
+each DSL call inside it adds a node, and what it returns becomes the app's outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import networkx as nx
+
+from covey.errors import GraphError, TypeMismatchError
+from covey.graph.dsl import NodeOutputs, signature_of, stop_tracing, tracing
+from covey.graph.export import to_dot, to_mermaid
+from covey.graph.ir import Var
+from covey.graph.passes import PASSES, Pass, run_passes
+from covey.graph.plan import Plan, build_plan
+from covey.graph.template import suggest
+from covey.graph.types import compatible, type_name
+from covey.graph.validate import validate_graph
+
+
+def _outputs(app: str, result: Any) -> dict[str, Var]:
+    if isinstance(result, Var):
+        return {result.output or result.name: result}
+    if isinstance(result, NodeOutputs):
+        return {v.output or v.name: v for v in result}
+    if isinstance(result, dict) and all(isinstance(v, Var) for v in result.values()):
+        return {str(k): v for k, v in result.items()}
+    raise GraphError(
+        f"app {app!r}: must return a variable or a dict of name -> variable, "
+        f"got {type(result).__name__}"
+    )
+
+
+class App:
+    """A traced, validated app with its default plan (every output awaited)."""
+
+    def __init__(self, fn: Callable[..., Any], name: str | None = None) -> None:
+        self.name = name or fn.__name__
+        inputs, _, returns = signature_of(fn, f"app {self.name!r}", need_hints=False)
+        builder, token = tracing(self.name)
+        try:
+            self.inputs = {n: Var(n, t, app=self.name) for n, t in inputs.items()}
+            result = fn(**self.inputs)
+        finally:
+            stop_tracing(token)
+        self.outputs = _outputs(self.name, result)
+        if len(self.outputs) == 1 and returns is not Any:
+            (var,) = self.outputs.values()
+            if not compatible(var.type, returns):
+                raise TypeMismatchError(
+                    f"app {self.name!r}: returns {var.name!r} of type {type_name(var.type)} "
+                    f"but is annotated -> {type_name(returns)}; fix the annotation"
+                )
+        self.graph: nx.DiGraph = builder.graph
+        self.graph.graph.update(inputs=self.inputs, outputs=self.outputs)
+        validate_graph(self.graph)
+        self.plan = self.optimize()
+
+    def optimize(
+        self, awaited: Iterable[str] | None = None, passes: tuple[Pass, ...] = PASSES
+    ) -> Plan:
+        """Run the passes for a caller awaiting `awaited` outputs (default: all of them)."""
+        names = tuple(awaited) if awaited is not None else tuple(self.outputs)
+        for name in names:
+            if name not in self.outputs:
+                raise GraphError(
+                    f"app {self.name!r}: no output {name!r}{suggest(name, list(self.outputs))} "
+                    f"(outputs: {', '.join(self.outputs)})"
+                )
+        graph = self.graph.copy()
+        graph.graph["awaited"] = names
+        return build_plan(run_passes(graph, passes))
+
+    def explain(self, awaited: Iterable[str] | None = None) -> str:
+        """The optimized plan as text; `print(app.explain())`."""
+        plan = self.plan if awaited is None else self.optimize(awaited)
+        return plan.explain()
+
+    def to_mermaid(self) -> str:
+        return to_mermaid(self.plan.graph)
+
+    def to_dot(self) -> str:
+        return to_dot(self.plan.graph)
+
+    def __repr__(self) -> str:
+        ins = ", ".join(f"{n}: {type_name(v.type)}" for n, v in self.inputs.items())
+        return f"App({self.name}({ins}) -> {', '.join(self.outputs)})"
+
+
+def app(fn: Callable[..., Any] | None = None, *, name: str | None = None) -> Any:
+    """`@app` or `@app(name=...)`: trace `fn` now into an `App`."""
+    if fn is None:
+        return lambda f: App(f, name)
+    return App(fn, name)

@@ -1,0 +1,68 @@
+"""Mermaid and DOT text of an app graph, for docs, notebooks and `dot -Tsvg`."""
+
+from __future__ import annotations
+
+import networkx as nx
+
+from covey.graph.ir import Var
+from covey.graph.types import type_name
+
+_MERMAID_SHAPES = {
+    "llm": ("[", "]"),
+    "retrieve": ("[(", ")]"),
+    "tool": ("[[", "]]"),
+    "function": ("(", ")"),
+    "map": ("[/", "/]"),
+}
+
+
+def _label(graph: nx.DiGraph, node: str) -> str:
+    data = graph.nodes[node]
+    extra = f" p{data['priority']}" if "priority" in data else ""
+    return f"{node}: {data['op'].kind}{extra}"
+
+
+def _mermaid_id(name: str) -> str:
+    return "n_" + "".join(c if c.isalnum() else "_" for c in name)
+
+
+def _edges(graph: nx.DiGraph) -> list[tuple[str, str, str]]:
+    """(source, target, label) for node edges, then app inputs and outputs."""
+    out = []
+    for u, v, data in graph.edges(data=True):
+        out.append((u, v, ", ".join(var.name for var, _ in data["vars"])))
+    for node, data in graph.nodes(data=True):
+        for arg in data["args"].values():
+            if isinstance(arg, Var) and arg.node is None:
+                out.append((f"in:{arg.name}", node, f"{arg.name}: {type_name(arg.type)}"))
+    for name, var in graph.graph["outputs"].items():
+        out.append((var.node or f"in:{var.name}", f"out:{name}", name))
+    return out
+
+
+def to_mermaid(graph: nx.DiGraph) -> str:
+    lines = ["flowchart TD"]
+    for node in graph:
+        left, right = _MERMAID_SHAPES[graph.nodes[node]["op"].kind]
+        lines.append(f'    {_mermaid_id(node)}{left}"{_label(graph, node)}"{right}')
+    ends = sorted({e for u, v, _ in _edges(graph) for e in (u, v) if e.startswith(("in:", "out:"))})
+    lines += [f'    {_mermaid_id(e)}(("{e}"))' for e in ends]
+    for u, v, label in _edges(graph):
+        lines.append(f'    {_mermaid_id(u)} -->|"{label}"| {_mermaid_id(v)}')
+    return "\n".join(lines) + "\n"
+
+
+def _q(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def to_dot(graph: nx.DiGraph) -> str:
+    lines = [f"digraph {_q(graph.graph['app'])} {{", "    rankdir=TB;"]
+    for node in graph:
+        shape = "box" if graph.nodes[node]["op"].kind != "retrieve" else "cylinder"
+        lines.append(f"    {_q(node)} [label={_q(_label(graph, node))}, shape={shape}];")
+    ends = sorted({e for u, v, _ in _edges(graph) for e in (u, v) if e.startswith(("in:", "out:"))})
+    lines += [f"    {_q(e)} [shape=ellipse];" for e in ends]
+    for u, v, label in _edges(graph):
+        lines.append(f"    {_q(u)} -> {_q(v)} [label={_q(label)}];")
+    return "\n".join(lines) + "\n}\n"

@@ -1,0 +1,87 @@
+"""Pass 4: deduce each node's objective and engine priority from the awaited outputs.
+
+Walk back from the outputs the caller awaits (graph attribute `awaited`). Nodes on the
+critical path (longest estimated path to an awaited output) get latency priority; a
+fan-out's elements are consumed only together by its reduce, so they get batch priority
+(throughput beats per-element latency there); nodes with slack come next; nodes that feed
+only outputs nobody awaits run last (Parrot). Lower number = scheduled sooner.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import networkx as nx
+
+from covey.graph.ir import Op, llm_template
+from covey.graph.passes.record import recorded
+
+NAME = "objective_deduction"
+
+
+@dataclass(frozen=True)
+class Priorities:
+    """Engine priorities (lower = sooner), one per objective."""
+
+    latency: int = 0
+    slack: int = 1
+    batch: int = 2
+    background: int = 3
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Rough cost in decode-token equivalents; only the ordering of paths matters."""
+
+    retrieve: int = 16
+    tool: int = 32
+    function: int = 1
+
+
+def node_cost(op: Op, costs: CostModel = CostModel()) -> int:
+    template = llm_template(op)
+    if template is not None:
+        return sum(g.params.max_tokens for g in template.gens)
+    return {"retrieve": costs.retrieve, "tool": costs.tool}.get(op.kind, costs.function)
+
+
+def _critical(g: nx.DiGraph, sinks: set[str]) -> set[str]:
+    """Nodes with zero slack on the longest cost path that ends at an awaited sink."""
+    cost = {n: node_cost(g.nodes[n]["op"]) for n in g}
+    order = list(nx.topological_sort(g))
+    up = {}
+    for n in order:
+        up[n] = cost[n] + max((up[p] for p in g.predecessors(n)), default=0)
+    down = {}
+    for n in reversed(order):
+        tails = [down[s] for s in g.successors(n) if s in down]
+        if n in sinks or tails:
+            down[n] = cost[n] + max(tails, default=0)
+    total = max(up[s] for s in sinks)
+    return {n for n in down if up[n] + down[n] - cost[n] == total}
+
+
+def objective_deduction(graph: nx.DiGraph, levels: Priorities = Priorities()) -> nx.DiGraph:
+    g = graph.copy()
+    outputs = g.graph["outputs"]
+    awaited = g.graph.get("awaited") or tuple(outputs)
+    sinks = {outputs[name].node for name in awaited if outputs[name].node in g}
+    feeding = set(sinks).union(*(nx.ancestors(g, s) for s in sinks)) if sinks else set()
+    critical = _critical(g, sinks) if sinks else set()
+    reasons = [f"awaited outputs: {', '.join(awaited)}"]
+    for n in nx.topological_sort(g):
+        kind = g.nodes[n]["op"].kind
+        if n not in feeding:
+            objective, why = "background", "feeds only outputs nobody awaits"
+        elif kind == "map":
+            objective, why = "batch", "fan-out consumed together by its reduce"
+        elif n in critical:
+            objective, why = "latency", "on the critical path"
+        else:
+            objective, why = "slack", "off the critical path"
+        g.nodes[n]["objective"] = objective
+        g.nodes[n]["priority"] = getattr(levels, objective)
+        g.nodes[n]["critical"] = n in critical
+        if llm_template(g.nodes[n]["op"]) is not None:
+            reasons.append(f"{n}: priority {getattr(levels, objective)} ({objective}: {why})")
+    return recorded(g, NAME, reasons)

@@ -1,0 +1,185 @@
+"""Semantic-function templates: text, `{{input}}` references, `{{gen out ...}}` and roles.
+
+One syntax, read from the docstring:
+- `{{question}}` inserts an input (a parameter of the function);
+- `{{gen answer max_tokens=64 stop="\\n" temperature=0.7}}` marks a generated output;
+  `choices="yes|no"` restricts it to one of those strings;
+- `{{#system}}`, `{{#user}}`, `{{#assistant}}` start a chat message, so the runtime can render
+  the model's chat template; a template without roles is a plain completion prompt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import shlex
+from dataclasses import dataclass
+from typing import Literal
+
+from covey.errors import InvalidRequestError, TemplateError
+from covey.llm_backend.sampling_params import SamplingParams
+
+Role = Literal["system", "user", "assistant"]
+ROLES: tuple[str, ...] = ("system", "user", "assistant")
+_TAG = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_INT_OPTIONS = ("max_tokens", "top_k", "seed")
+_FLOAT_OPTIONS = ("temperature", "top_p")
+GEN_OPTIONS = (*_INT_OPTIONS, *_FLOAT_OPTIONS, "stop", "choices")
+
+
+@dataclass(frozen=True)
+class Text:
+    text: str
+    role: Role | None = None
+
+
+@dataclass(frozen=True)
+class Ref:
+    """An input placeholder; `name` is a parameter of the semantic function."""
+
+    name: str
+    role: Role | None = None
+
+
+@dataclass(frozen=True)
+class Gen:
+    """A generated output; `choices` (when set) constrains it to one of the strings."""
+
+    name: str
+    params: SamplingParams
+    choices: tuple[str, ...] | None = None
+    role: Role | None = None
+
+
+Part = Text | Ref | Gen
+
+
+@dataclass(frozen=True)
+class Template:
+    parts: tuple[Part, ...]
+    uses_roles: bool
+
+    @property
+    def refs(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(p.name for p in self.parts if isinstance(p, Ref)))
+
+    @property
+    def gens(self) -> tuple[Gen, ...]:
+        return tuple(p for p in self.parts if isinstance(p, Gen))
+
+
+def suggest(name: str, options: list[str] | tuple[str, ...]) -> str:
+    """`; did you mean 'x'?` for the closest option, or nothing."""
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _unescape(value: str) -> str:
+    return value.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def _gen(body: str, where: str, defaults: SamplingParams, role: Role | None) -> Gen:
+    try:
+        words = shlex.split(body)
+    except ValueError as e:
+        raise TemplateError(f"{where}: cannot parse {{{{gen {body}}}}}: {e}") from None
+    if not words or not _NAME.match(words[0]):
+        raise TemplateError(
+            f"{where}: {{{{gen ...}}}} needs an output name, e.g. {{{{gen answer}}}}"
+        )
+    name, updates, choices = words[0], {}, None
+    for word in words[1:]:
+        key, sep, value = word.partition("=")
+        if not sep or key not in GEN_OPTIONS:
+            raise TemplateError(
+                f"{where}: unknown option {key!r} in {{{{gen {name}}}}}{suggest(key, GEN_OPTIONS)} "
+                f"(options: {', '.join(GEN_OPTIONS)}; write key=value)"
+            )
+        try:
+            if key in _INT_OPTIONS:
+                updates[key] = int(value)
+            elif key in _FLOAT_OPTIONS:
+                updates[key] = float(value)
+            elif key == "stop":
+                updates["stop"] = (*updates.get("stop", ()), _unescape(value))
+            else:
+                choices = tuple(c for c in value.split("|") if c)
+        except ValueError:
+            raise TemplateError(
+                f"{where}: {key}={value!r} in {{{{gen {name}}}}} is not a number"
+            ) from None
+    try:
+        params = dataclasses.replace(defaults, **updates)
+    except InvalidRequestError as e:
+        raise TemplateError(f"{where}: {{{{gen {name}}}}}: {e}") from None
+    if choices is not None and len(choices) < 2:
+        raise TemplateError(f"{where}: choices of {{{{gen {name}}}}} need two or more options")
+    return Gen(name, params, choices, role)
+
+
+def _tidy(parts: list[Part]) -> tuple[Part, ...]:
+    """Drop the newlines that only lay out role markers, and empty text."""
+    out: list[Part] = []
+    for i, p in enumerate(parts):
+        if isinstance(p, Text):
+            text = p.text
+            if p.role is not None and (i == 0 or parts[i - 1].role != p.role):
+                text = text.lstrip("\n")
+            if i + 1 < len(parts) and parts[i + 1].role != p.role:
+                text = text.rstrip()
+            if text:
+                out.append(Text(text, p.role))
+        else:
+            out.append(p)
+    return tuple(out)
+
+
+def parse_template(source: str, where: str, defaults: SamplingParams) -> Template:
+    """Split `source` into parts; `where` names the function in error messages."""
+    parts: list[Part] = []
+    role: Role | None = None
+    pos = 0
+    for m in _TAG.finditer(source):
+        if m.start() > pos:
+            parts.append(Text(source[pos : m.start()], role))
+        pos = m.end()
+        body = m.group(1).strip()
+        if body.startswith("#"):
+            if body[1:] not in ROLES:
+                raise TemplateError(
+                    f"{where}: unknown role {{{{{body}}}}}{suggest(body[1:], ROLES)} "
+                    f"(roles: {', '.join('#' + r for r in ROLES)})"
+                )
+            role = body[1:]  # type: ignore[assignment]
+        elif body.startswith("gen ") or body == "gen":
+            parts.append(_gen(body[3:].strip(), where, defaults, role))
+        elif _NAME.match(body):
+            parts.append(Ref(body, role))
+        else:
+            raise TemplateError(f"{where}: {{{{{body}}}}} is not a placeholder name or a gen")
+    if pos < len(source):
+        parts.append(Text(source[pos:], role))
+    return _check(Template(_tidy(parts), role is not None), where)
+
+
+def _check(template: Template, where: str) -> Template:
+    gens = template.gens
+    if not gens:
+        raise TemplateError(f"{where}: the template has no {{{{gen name}}}}, so it outputs nothing")
+    if template.parts[0].role is None and template.uses_roles:
+        raise TemplateError(
+            f"{where}: text before the first role marker; start with {{{{#system}}}}"
+        )
+    seen: set[str] = set()
+    for g in gens:
+        if g.name in seen:
+            raise TemplateError(f"{where}: output {g.name!r} is generated twice; rename one")
+        seen.add(g.name)
+        if template.uses_roles and g.role != "assistant":
+            raise TemplateError(
+                f"{where}: {{{{gen {g.name}}}}} is in a {g.role} message; "
+                "generate only after {{#assistant}}"
+            )
+    return template

@@ -1,0 +1,56 @@
+"""Definition-time checks of a whole app graph: cycles and outputs nobody consumes.
+
+Unconsumed outputs warn rather than fail: a multi-output template often generates an
+intermediate (a plan, a reasoning step) that only its own later text reads. The pruning
+pass then drops nodes none of whose outputs reach an app output (tools excepted).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import networkx as nx
+
+from covey.errors import CycleError, GraphError, UnusedOutputWarning
+from covey.graph.ir import Var
+
+
+def _check_cycles(graph: nx.DiGraph, app: str) -> None:
+    if nx.is_directed_acyclic_graph(graph):
+        return
+    cycle = nx.find_cycle(graph)
+    path = " -> ".join([u for u, _ in cycle] + [cycle[0][0]])
+    carried = ", ".join(v.name for u, w in cycle for v, _ in graph.edges[u, w].get("vars", ()))
+    raise CycleError(
+        f"app {app!r}: cycle {path} (through {carried or 'no variables'}); a node cannot "
+        "depend on its own output: split the loop into two apps or unroll it"
+    )
+
+
+def _consumed(graph: nx.DiGraph) -> set[str]:
+    used = {v.name for v in graph.graph["outputs"].values()}
+    for _, data in graph.nodes(data=True):
+        used |= {a.name for a in data["args"].values() if isinstance(a, Var)}
+    return used
+
+
+def validate_graph(graph: nx.DiGraph) -> None:
+    """Raise on what cannot run, warn on what is likely a mistake; mutates nothing."""
+    app = graph.graph["app"]
+    if not graph.graph["outputs"]:
+        raise GraphError(f"app {app!r}: returns no variables; return a variable or a dict of them")
+    for name, var in graph.graph["outputs"].items():
+        if var.node is not None and var.node not in graph:
+            raise GraphError(f"app {app!r}: output {name!r} comes from unknown node {var.node!r}")
+    _check_cycles(graph, app)
+    used = _consumed(graph)
+    for node, data in graph.nodes(data=True):
+        unused = [o for o in data["op"].outputs if f"{node}.{o}" not in used]
+        dead = len(unused) == len(data["op"].outputs) and data["op"].kind != "tool"
+        for output in unused:
+            warnings.warn(
+                f"app {app!r}, node {node!r}: output {output!r} is never consumed; use it, "
+                "return it from the app, or remove it" + (" (the node is pruned)" if dead else ""),
+                UnusedOutputWarning,
+                stacklevel=3,
+            )

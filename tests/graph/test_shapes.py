@@ -1,0 +1,82 @@
+"""Table-driven: each graph shape gets the expected stages, sharing, segments, priorities."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.graph import shapes
+
+CASES = {
+    "linear": dict(
+        build=shapes.linear,
+        stages=[("rewrite",), ("retrieve",), ("answer",)],
+        batch={},
+        prefixes=[],
+        priorities={"rewrite": 0, "retrieve": 0, "answer": 0},
+        kinds={"answer": ["static", "static", "dynamic", "static", "chunk"]},
+    ),
+    "branch": dict(
+        build=shapes.branch,
+        stages=[("argue_against", "argue_for")],
+        batch={"argue_for": "S0", "argue_against": "S0"},
+        prefixes=[(("argue_against", "argue_for"), 2, False)],
+        priorities={"argue_for": 0, "argue_against": 1},
+        kinds={"argue_for": ["static", "dynamic", "static"]},
+    ),
+    "merge": dict(
+        build=shapes.merge,
+        stages=[("argue_against", "argue_for"), ("judge",)],
+        batch={"argue_for": "S0", "argue_against": "S0", "judge": None},
+        prefixes=[(("argue_against", "argue_for"), 2, False)],
+        priorities={"argue_for": 0, "argue_against": 1, "judge": 0},
+        kinds={"judge": ["static", "dynamic", "static", "dynamic", "static"]},
+    ),
+    "map_reduce": dict(
+        build=shapes.map_reduce,
+        stages=[("retrieve",), ("map_summarize",), ("combine",)],
+        batch={"map_summarize": None},
+        prefixes=[(("map_summarize",), 3, True)],
+        priorities={"retrieve": 0, "map_summarize": 2, "combine": 0},
+        kinds={"map_summarize": ["static", "dynamic", "static", "chunk", "static"]},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=list(CASES))
+def test_shape_plan(case):
+    plan = case["build"]().plan
+    assert list(plan.stages) == case["stages"]
+    for node, group in case["batch"].items():
+        assert plan.nodes[node].batch_group == group
+    got = [(g.nodes, g.num_segments, g.fan_out) for g in plan.prefix_groups]
+    assert got == case["prefixes"]
+    assert {n: plan.nodes[n].priority for n in case["priorities"]} == case["priorities"]
+    for node, kinds in case["kinds"].items():
+        prims = plan.nodes[node].primitives
+        assert [p.kind for p in prims if p.op == "prefill"] == kinds
+        assert prims[-1].op == "decode"
+
+
+def test_map_reduce_item_is_per_element_and_fan_out_objective():
+    plan = shapes.map_reduce().plan
+    node = plan.nodes["map_summarize"]
+    item = [p for p in node.primitives if p.per_item]
+    assert [p.var for p in item] == ["retrieve.results[i]"]
+    assert node.objective == "batch"
+    assert plan.outputs["answer"].node == "combine"
+
+
+def test_awaiting_one_output_sends_the_other_to_background():
+    app = shapes.two_outputs()
+    # Both awaited by default: the reply waits for the slower answer, so title has slack.
+    assert app.plan.nodes["title"].priority == 1
+    plan = app.optimize(awaited=["answer"])
+    assert plan.nodes["title"].objective == "background"
+    assert plan.nodes["title"].priority == 3
+    assert plan.nodes["answer"].priority == 0
+
+
+def test_choices_reach_the_decode_primitive():
+    decode = shapes.merge().plan.nodes["judge"].primitives[-1]
+    assert decode.choices == ("for", "against")
+    assert decode.var == "judge.verdict"

@@ -1,0 +1,65 @@
+"""Template parsing: parts, roles, gen options, and one test per template error."""
+
+from __future__ import annotations
+
+import pytest
+
+from covey.errors import TemplateError
+from covey.graph.template import Gen, Ref, Text, parse_template
+from covey.llm_backend.sampling_params import SamplingParams
+
+DEFAULTS = SamplingParams(max_tokens=100, temperature=0.5)
+
+
+def parse(source: str):
+    return parse_template(source, "semantic function 'f'", DEFAULTS)
+
+
+def test_plain_completion_parts():
+    t = parse('Q: {{question}}\nA: {{gen answer max_tokens=8 stop="\\n" top_k=5}}!')
+    assert t.parts[0] == Text("Q: ") and t.parts[1] == Ref("question")
+    gen = t.parts[3]
+    assert isinstance(gen, Gen) and gen.name == "answer"
+    assert gen.params.max_tokens == 8 and gen.params.stop == ("\n",) and gen.params.top_k == 5
+    assert gen.params.temperature == 0.5  # inherited from the decorator's defaults
+    assert t.parts[-1] == Text("!") and not t.uses_roles and t.refs == ("question",)
+
+
+def test_roles_strip_layout_newlines():
+    t = parse("{{#system}}\nBe brief.\n{{#user}}\n{{q}}\n{{#assistant}}\n{{gen a}}")
+    assert t.uses_roles
+    assert [type(p).__name__ for p in t.parts] == ["Text", "Ref", "Gen"]
+    assert t.parts[0] == Text("Be brief.", "system")
+    assert t.parts[1].role == "user" and t.parts[2].role == "assistant"
+
+
+def test_choices_and_repeated_stop():
+    gen = parse('{{gen pick choices="yes|no|maybe" stop=. stop=";"}}').gens[0]
+    assert gen.choices == ("yes", "no", "maybe") and gen.params.stop == (".", ";")
+
+
+@pytest.mark.parametrize(
+    "source, fragment",
+    [
+        (
+            "{{gen a max_token=3}}",
+            "unknown option 'max_token' in {{gen a}}; did you mean 'max_tokens'?",
+        ),
+        ("{{gen a max_tokens=lots}}", "max_tokens='lots' in {{gen a}} is not a number"),
+        ("{{gen a temperature=-1}}", "{{gen a}}: temperature must be >= 0"),
+        ('{{gen a choices="one"}}', "choices of {{gen a}} need two or more options"),
+        ("{{gen}}", "{{gen ...}} needs an output name"),
+        ('{{gen a stop="x}}', 'cannot parse {{gen a stop="x}}'),
+        ("{{q}} {{gen a}} {{gen a}}", "output 'a' is generated twice; rename one"),
+        ("{{q}}", "the template has no {{gen name}}, so it outputs nothing"),
+        ("{{#sytem}}hi{{#assistant}}{{gen a}}", "unknown role {{#sytem}}; did you mean 'system'?"),
+        ("hi {{#user}}{{q}}{{#assistant}}{{gen a}}", "text before the first role marker"),
+        ("{{#user}}{{q}} {{gen a}}", "{{gen a}} is in a user message; generate only after"),
+        ("{{a b}} {{gen c}}", "{{a b}} is not a placeholder name or a gen"),
+    ],
+)
+def test_template_errors(source, fragment):
+    with pytest.raises(TemplateError) as e:
+        parse(source)
+    assert str(e.value).startswith("semantic function 'f': ")
+    assert fragment in str(e.value)

@@ -1,0 +1,281 @@
+"""One test per definition-time error (and the unused-output warning), by message."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+import covey.graph as cg
+from covey.errors import (
+    CoveyError,
+    CycleError,
+    GraphError,
+    TemplateError,
+    TypeMismatchError,
+    UnboundPlaceholderError,
+    UnusedOutputWarning,
+    WiringError,
+)
+from covey.retrieval.documents import SearchResult
+from tests.graph import shapes
+
+
+def test_errors_share_one_tree():
+    for cls in (TemplateError, UnboundPlaceholderError, WiringError, TypeMismatchError):
+        assert issubclass(cls, GraphError) and issubclass(cls, CoveyError)
+    assert issubclass(CycleError, GraphError)
+
+
+def test_misspelled_placeholder_suggests_the_parameter():
+    with pytest.raises(UnboundPlaceholderError) as e:
+
+        @cg.semantic_function
+        def ask(question: str):
+            """Q: {{questoin}} A: {{gen answer}}"""
+
+    msg = str(e.value)
+    assert "semantic function 'ask': placeholder {{questoin}} is not a parameter" in msg
+    assert "did you mean 'question'?" in msg and "(parameters: question: str)" in msg
+
+
+def test_parameter_never_used_in_template():
+    with pytest.raises(TemplateError, match=r"parameter 'style' is never used; add \{\{style\}\}"):
+
+        @cg.semantic_function
+        def ask(question: str, style: str):
+            """Q: {{question}} A: {{gen answer}}"""
+
+
+def test_output_named_like_a_parameter():
+    with pytest.raises(TemplateError, match="output 'question' is also a parameter; rename one"):
+
+        @cg.semantic_function
+        def ask(question: str):
+            """Q: {{question}} {{gen question}}"""
+
+
+def test_empty_docstring():
+    with pytest.raises(TemplateError, match="the docstring is the template and it is empty"):
+
+        @cg.semantic_function
+        def ask(question: str):
+            pass
+
+
+def test_wrong_arity_to_a_node():
+    with pytest.raises(WiringError, match=r"node 'title': takes 1 inputs \(question: str\), got 2"):
+
+        @cg.app
+        def bad(q: str):
+            return shapes.title(q, q)
+
+
+def test_unknown_input_suggests_the_closest():
+    with pytest.raises(WiringError) as e:
+
+        @cg.app
+        def bad(q: str):
+            return shapes.answer(question=q, contxt=cg.retrieve(q))
+
+    msg = str(e.value)
+    assert "app 'bad', node 'answer': no input 'contxt'; did you mean 'context'?" in msg
+    assert "(inputs: question: str, context: list[SearchResult])" in msg
+
+
+def test_missing_input_names_it_with_its_type():
+    with pytest.raises(WiringError, match=r"missing input\(s\) 'context'; pass them, e\.g\. "):
+
+        @cg.app
+        def bad(q: str):
+            return shapes.answer(question=q)
+
+
+def test_calling_a_node_outside_an_app():
+    with pytest.raises(WiringError, match="semantic function 'title' was called outside an app"):
+        shapes.title("hi")
+
+
+def test_variable_from_another_app():
+    leaked = []
+
+    @cg.app
+    def first(q: str):
+        leaked.append(q)
+        return shapes.title(q)
+
+    with pytest.raises(WiringError, match="got variable 'q' of app 'first'; variables cannot"):
+
+        @cg.app
+        def second(q: str):
+            return shapes.title(leaked[0])
+
+
+def test_type_mismatch_between_connected_nodes():
+    with pytest.raises(TypeMismatchError) as e:
+
+        @cg.app
+        def bad(q: str):
+            return shapes.title(cg.retrieve(q))
+
+    msg = str(e.value)
+    assert "app 'bad', node 'title': input 'question' expects str" in msg
+    assert "variable 'retrieve.results' is list[SearchResult]" in msg
+    assert "convert it with a @covey.graph.function node" in msg
+
+
+def test_type_mismatch_of_a_literal():
+    with pytest.raises(TypeMismatchError, match=r"expects str but got the literal 3 \(int\)"):
+
+        @cg.app
+        def bad(q: str):
+            return shapes.title(3)
+
+
+def test_app_return_annotation_mismatch():
+    with pytest.raises(TypeMismatchError, match="returns 'retrieve.results' of type list"):
+
+        @cg.app
+        def bad(q: str) -> str:
+            return cg.retrieve(q)
+
+
+def test_map_over_a_non_list():
+    with pytest.raises(
+        TypeMismatchError, match="map needs a list variable to fan out over, got str"
+    ):
+
+        @cg.app
+        def bad(q: str):
+            return cg.map(shapes.title, over=q)
+
+
+def test_map_with_ambiguous_item():
+    with pytest.raises(WiringError, match=r"say which input gets each element: item=<one of"):
+
+        @cg.app
+        def bad(q: str):
+            return cg.map(shapes.summarize, over=cg.retrieve(q))
+
+
+def test_map_item_type_mismatch():
+    with pytest.raises(TypeMismatchError, match="input 'question' expects list"):
+
+        @cg.app
+        def bad(q: str):
+            return cg.map(shapes.title, over=cg.retrieve(q))
+
+
+def test_tool_needs_type_hints():
+    with pytest.raises(GraphError, match="tool 'lookup': parameter 'key' has no type hint"):
+
+        @cg.tool
+        def lookup(key) -> str:
+            return key
+
+
+def test_tool_needs_a_return_hint():
+    with pytest.raises(GraphError, match="tool 'lookup': add a return type hint"):
+
+        @cg.tool
+        def lookup(key: str):
+            return key
+
+
+def test_app_must_return_variables():
+    with pytest.raises(GraphError, match="app 'bad': must return a variable or a dict"):
+
+        @cg.app
+        def bad(q: str):
+            shapes.title(q)
+
+
+def test_retrieve_k_must_be_positive():
+    with pytest.raises(WiringError, match="app 'bad', retrieve: k must be positive, got 0"):
+
+        @cg.app
+        def bad(q: str):
+            return cg.retrieve(q, k=0)
+
+
+def test_optimize_for_an_unknown_output():
+    with pytest.raises(GraphError, match="no output 'awnser'; did you mean 'answer'"):
+        shapes.two_outputs().optimize(awaited=["awnser"])
+
+
+def test_cycle_names_the_nodes_and_variables():
+    graph = shapes.merge().graph.copy()
+    judged = cg.Var("judge.verdict", str, "judge", "verdict", "verdict")
+    graph.add_edge("judge", "argue_for", vars=((judged, "question"),))
+    with pytest.raises(CycleError) as e:
+        cg.validate_graph(graph)
+    msg = str(e.value)
+    assert "app 'verdict': cycle" in msg and "judge.verdict" in msg
+    assert "a node cannot depend on its own output" in msg
+
+
+def test_unused_output_warns_and_the_node_is_pruned():
+    with pytest.warns(UnusedOutputWarning, match="node 'title': output 'title' is never consumed"):
+
+        @cg.app
+        def extra(q: str):
+            shapes.title(q)
+            return shapes.rewrite(q)
+
+    assert "title" not in extra.plan.nodes
+    record = extra.plan.passes[0]
+    assert record.fired and "pruned title" in record.reasons[0]
+
+
+def test_unused_tool_output_warns_but_the_tool_still_runs():
+    @cg.tool
+    def notify(text: str) -> bool:
+        return bool(text)
+
+    with pytest.warns(UnusedOutputWarning, match="output 'result' is never consumed; use it"):
+
+        @cg.app
+        def side(q: str):
+            notify(q)
+            return shapes.title(q)
+
+    assert side.plan.nodes["notify"].kind == "tool"
+
+
+def test_multi_output_node_unpacks_and_reports_unknown_outputs():
+    @cg.semantic_function
+    def plan_then_answer(question: str):
+        """Q: {{question}} Plan: {{gen plan max_tokens=16}} Answer: {{gen answer}}"""
+
+    with pytest.raises(AttributeError, match="no output 'anser'; did you mean 'answer'"):
+
+        @cg.app
+        def bad(q: str):
+            return plan_then_answer(q).anser
+
+    @cg.app
+    def ok(q: str) -> Any:
+        plan, ans = plan_then_answer(q)
+        return {"plan": plan, "answer": ans}
+
+    assert set(ok.outputs) == {"plan", "answer"}
+
+
+def test_foreign_node_outputs_cannot_be_passed_whole():
+    @cg.semantic_function
+    def two(question: str):
+        """{{question}} {{gen a}} {{gen b}}"""
+
+    with pytest.raises(WiringError, match="input 'question' got several outputs; pick one"):
+
+        @cg.app
+        def bad(q: str):
+            return shapes.title(two(q))
+
+
+def test_search_result_is_a_chunk_input():
+    @cg.semantic_function
+    def cite(doc: SearchResult):
+        """{{doc}} {{gen cite}}"""
+
+    assert cite.op.inputs == {"doc": SearchResult}

@@ -1,13 +1,16 @@
 """Pass 2: calls whose prompts start alike prefill that prefix once and fork the KV.
 
 Two leading segments are alike when they are the same static text in the same role, or
-the same variable in the same place (Parrot context fork, SGLang fork). Each element of
-a fan-out shares the segments before its per-element input.
+the same variable in the same place (Parrot context fork, SGLang fork). Static text that
+differs only after a long common start (system prompts with a different last line) shares
+that start as a partial segment; the engine's prefix cache matches the exact tokens. Each
+element of a fan-out shares the segments before its per-element input.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 
 import networkx as nx
 
@@ -15,6 +18,8 @@ from covey.graph.lowering import Primitive, leading_prefill, lower
 from covey.graph.passes.record import recorded
 
 NAME = "prefix_sharing"
+# Shorter common starts of differing static text are not worth a fork.
+MIN_PARTIAL_CHARS = 32
 
 
 @dataclass(frozen=True)
@@ -31,13 +36,24 @@ class PrefixGroup:
         return len(self.segments)
 
 
+def _bucket(p: Primitive, node: str) -> tuple:
+    """Calls that may share: same first segment, or static text with the same long start."""
+    if p.kind == "static" and p.text is not None:
+        return ("static", p.role, p.text[:MIN_PARTIAL_CHARS])
+    return p.key(node)
+
+
 def _common(prefixes: list[tuple[Primitive, ...]], nodes: list[str]) -> tuple[Primitive, ...]:
-    shared = []
+    shared: list[Primitive] = []
     for column in zip(*prefixes):
-        keys = {p.key(n) for p, n in zip(column, nodes)}
-        if len(keys) != 1:
-            break
-        shared.append(column[0])
+        if len({p.key(n) for p, n in zip(column, nodes)}) == 1:
+            shared.append(column[0])
+            continue
+        if all(p.kind == "static" and p.role == column[0].role for p in column):
+            text = os.path.commonprefix([p.text or "" for p in column])
+            if len(text) >= MIN_PARTIAL_CHARS:
+                shared.append(replace(column[0], text=text))
+        break
     return tuple(shared)
 
 
@@ -45,7 +61,7 @@ def _groups(g: nx.DiGraph, prefixes: dict[str, tuple[Primitive, ...]]) -> list[P
     buckets: dict[tuple, list[str]] = {}
     for node, prims in prefixes.items():
         if prims and not prims[0].per_item:
-            buckets.setdefault(prims[0].key(node), []).append(node)
+            buckets.setdefault(_bucket(prims[0], node), []).append(node)
     groups = []
     for nodes in buckets.values():
         if len(nodes) > 1:

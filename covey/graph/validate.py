@@ -1,8 +1,9 @@
 """Definition-time checks of a whole app graph: cycles and outputs nobody consumes.
 
-Unconsumed outputs warn rather than fail: a multi-output template often generates an
-intermediate (a plan, a reasoning step) that only its own later text reads. The pruning
-pass then drops nodes none of whose outputs reach an app output (tools excepted).
+Unconsumed outputs warn rather than fail: the graph still runs, and the pruning pass drops
+nodes none of whose outputs reach an app output (tools excepted, for their side effects).
+A gen followed by another gen in the same template counts as consumed: the later gen
+reads it (a plan, a reasoning step).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import warnings
 import networkx as nx
 
 from covey.errors import CycleError, GraphError, UnusedOutputWarning
-from covey.graph.ir import Var
+from covey.graph.ir import Var, llm_template
 
 
 def _check_cycles(graph: nx.DiGraph, app: str) -> None:
@@ -29,8 +30,11 @@ def _check_cycles(graph: nx.DiGraph, app: str) -> None:
 
 def _consumed(graph: nx.DiGraph) -> set[str]:
     used = {v.name for v in graph.graph["outputs"].values()}
-    for _, data in graph.nodes(data=True):
+    for node, data in graph.nodes(data=True):
         used |= {a.name for a in data["args"].values() if isinstance(a, Var)}
+        template = llm_template(data["op"])
+        if template is not None:
+            used |= {f"{node}.{g.name}" for g in template.gens[:-1]}
     return used
 
 

@@ -227,6 +227,22 @@ def test_unused_output_warns_and_the_node_is_pruned():
     assert record.fired and "pruned title" in record.reasons[0]
 
 
+def test_an_earlier_gen_is_consumed_by_the_later_one(recwarn):
+    @cg.semantic_function
+    def think(question: str):
+        """Q: {{question}} Think: {{gen thought}} So: {{gen answer}} Unused: {{gen extra}}"""
+
+    @cg.app
+    def reason(q: str):
+        return think(q).answer
+
+    messages = [str(w.message) for w in recwarn.list]
+    assert messages == [
+        "app 'reason', node 'think': output 'extra' is never consumed; use it, "
+        "return it from the app, or remove it"
+    ]
+
+
 def test_unused_tool_output_warns_but_the_tool_still_runs():
     @cg.tool
     def notify(text: str) -> bool:

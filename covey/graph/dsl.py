@@ -38,6 +38,7 @@ from covey.graph.ir import (
 from covey.graph.template import Ref, Template, parse_template, suggest
 from covey.graph.types import compatible, item_type, type_name, value_fits
 from covey.llm_backend.sampling_params import SamplingParams
+from covey.retrieval.search import MODES
 
 
 class Builder:
@@ -259,6 +260,11 @@ def retrieve(query: Var | str, k: int = 4, index: str = "default", mode: str = "
     builder = current_builder("retrieve")
     if k <= 0:
         raise WiringError(f"app {builder.app!r}, retrieve: k must be positive, got {k}")
+    if mode not in MODES:
+        raise WiringError(
+            f"app {builder.app!r}, retrieve: mode {mode!r} is not one of {', '.join(MODES)}"
+            f"{suggest(mode, MODES)}"
+        )
     op = Retrieve(index, k, mode)
     bound = bind(f"app {builder.app!r}, retrieve", op.inputs, {}, (query,), {}, builder.app)
     return builder.add("retrieve", op, bound)["results"]

@@ -13,7 +13,7 @@ from typing import Any
 import networkx as nx
 
 from covey.graph.ir import Const, NodeKind, Op, Var
-from covey.graph.lowering import Primitive
+from covey.graph.lowering import Primitive, lower
 from covey.graph.passes import PassRecord, PrefixGroup
 from covey.graph.types import type_name
 
@@ -57,7 +57,8 @@ class Plan:
         return explain(self)
 
 
-def _node(g: nx.DiGraph, n: str) -> NodePlan:
+def _node(g: nx.DiGraph, n: str, stage: int) -> NodePlan:
+    """A node's annotations; a pass that did not run leaves the naive choice in place."""
     d = g.nodes[n]
     return NodePlan(
         name=n,
@@ -65,26 +66,30 @@ def _node(g: nx.DiGraph, n: str) -> NodePlan:
         op=d["op"],
         args=d["args"],
         deps=tuple(sorted(g.predecessors(n))),
-        stage=d["stage"],
-        priority=d["priority"],
-        objective=d["objective"],
-        critical=d["critical"],
-        batch_group=d["batch_group"],
-        prefix_groups=d["prefix_groups"],
-        primitives=d["primitives"],
+        stage=d.get("stage", stage),
+        priority=d.get("priority", 0),
+        objective=d.get("objective", "latency"),
+        critical=d.get("critical", False),
+        batch_group=d.get("batch_group"),
+        prefix_groups=d.get("prefix_groups", ()),
+        primitives=d.get("primitives") or lower(g, n),
     )
 
 
 def build_plan(g: nx.DiGraph) -> Plan:
-    """Collect an optimized graph's annotations; `g` must have been through every pass."""
+    """Collect the annotations the passes left on `g`, in topological order."""
+    stages = g.graph.get("stages") or tuple(
+        tuple(sorted(gen)) for gen in nx.topological_generations(g)
+    )
+    stage_of = {n: i for i, stage in enumerate(stages) for n in stage}
     return Plan(
         app=g.graph["app"],
         inputs={n: v.type for n, v in g.graph["inputs"].items()},
         outputs=dict(g.graph["outputs"]),
         awaited=g.graph.get("awaited") or tuple(g.graph["outputs"]),
-        stages=g.graph["stages"],
-        nodes={n: _node(g, n) for n in nx.topological_sort(g)},
-        prefix_groups=g.graph["prefix_groups"],
+        stages=stages,
+        nodes={n: _node(g, n, stage_of[n]) for n in nx.topological_sort(g)},
+        prefix_groups=g.graph.get("prefix_groups", ()),
         passes=g.graph["passes"],
         graph=g,
     )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 
-import covey.graph as cg
 from covey.graph.passes import PASSES
 from tests.graph import shapes
 
@@ -59,7 +58,16 @@ def test_plan_records_every_pass_in_order():
     assert [n.name for n in plan.llm_calls()] == ["rewrite", "answer"]
 
 
-def test_an_app_can_skip_passes():
-    plan = shapes.linear().optimize(passes=PASSES)
-    assert plan == shapes.linear().plan  # deterministic: same app, same plan
-    assert isinstance(plan, cg.Plan)
+def test_same_app_same_plan():
+    assert shapes.merge().plan == shapes.merge().plan
+
+
+def test_a_plan_without_optional_passes_keeps_naive_choices():
+    plan = shapes.merge().optimize(passes=(PASSES[0],))
+    assert [r.name for r in plan.passes] == ["prune_and_parallelize"]
+    assert plan.prefix_groups == () and plan.nodes["argue_for"].prefix_groups == ()
+    judge = plan.nodes["judge"]
+    assert (judge.priority, judge.objective, judge.stage) == (0, "latency", 1)
+    assert not any(p.early or p.pin for p in judge.primitives)
+    assert [p.op for p in judge.primitives][-1] == "decode"
+    assert "shared prefixes: none" in plan.explain()

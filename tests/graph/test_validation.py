@@ -198,6 +198,14 @@ def test_retrieve_k_must_be_positive():
             return cg.retrieve(q, k=0)
 
 
+def test_retrieve_mode_must_be_known():
+    with pytest.raises(WiringError, match="mode 'hybird' is not one of .*; did you mean 'hybrid'"):
+
+        @cg.app
+        def bad(q: str):
+            return cg.retrieve(q, mode="hybird")
+
+
 def test_optimize_for_an_unknown_output():
     with pytest.raises(GraphError, match="no output 'awnser'; did you mean 'answer'"):
         shapes.two_outputs().optimize(awaited=["awnser"])

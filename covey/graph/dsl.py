@@ -50,8 +50,10 @@ class Builder:
         self._names: Counter[str] = Counter()
 
     def add(self, base: str, op: Op, args: dict[str, Arg]) -> dict[str, Var]:
-        self._names[base] += 1
-        node = base if self._names[base] == 1 else f"{base}_{self._names[base]}"
+        node = base
+        while node in self.graph:  # a second call of the same function gets a suffix
+            self._names[base] += 1
+            node = f"{base}_{self._names[base] + 1}"
         add_node(self.graph, node, op, args)
         return {name: output_var(self.graph, node, name) for name in op.outputs}
 
@@ -242,7 +244,6 @@ class PyFunction(Node):
         self.name, self.label = fn.__name__, kind
         inputs, self.defaults, returns = signature_of(fn, f"{kind} {self.name!r}", need_hints=True)
         self.op = PyCall(fn, inputs, returns, kind)  # type: ignore[arg-type]
-        self.fn = fn
 
 
 def tool(fn: Callable[..., Any]) -> PyFunction:

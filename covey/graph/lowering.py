@@ -25,6 +25,8 @@ class Primitive:
 
     For a prefill, `text` is the static text or `var` the variable whose value fills it;
     `source` is the node producing that variable (None for request inputs and literals).
+    A chunk prefill over a list of results becomes one engine `Segment` per result, with
+    its chunk id, so the chunk KV store can serve each. `per_item`: the element of a map.
     `early`: can be prefilled as soon as the request arrives; `pin`: identical for every
     request, so prefilled once per app and kept in the prefix cache.
     """

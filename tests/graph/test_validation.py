@@ -303,3 +303,16 @@ def test_search_result_is_a_chunk_input():
         """{{doc}} {{gen cite}}"""
 
     assert cite.op.inputs == {"doc": SearchResult}
+
+
+def test_repeated_calls_get_distinct_node_names():
+    @cg.semantic_function
+    def title_2(question: str):
+        """{{question}} {{gen t}}"""
+
+    @cg.app
+    def many(q: str):
+        return {"a": shapes.title(q), "b": title_2(q), "c": shapes.title(q)}
+
+    assert sorted(many.graph) == ["title", "title_2", "title_3"]
+    assert many.outputs["c"].name == "title_3.title"

@@ -1,7 +1,8 @@
 """Pass 4: deduce each node's objective and engine priority from the awaited outputs.
 
-Walk back from the outputs the caller awaits (graph attribute `awaited`). Nodes on the
-critical path (longest estimated path to an awaited output) get latency priority; a
+Walk back from the outputs the caller awaits (graph attribute `awaited`); the reply is
+ready when the last of them is, so nodes on the critical path (the longest estimated path
+to any awaited output) get latency priority and the others have slack; a
 fan-out's elements are consumed only together by its reduce, so they get batch priority
 (throughput beats per-element latency there); nodes with slack come next; nodes that feed
 only outputs nobody awaits run last (Parrot). Lower number = scheduled sooner.

@@ -20,7 +20,12 @@ from covey.graph.types import type_name
 
 @dataclass(frozen=True)
 class NodePlan:
-    """One node after optimization; `args` maps each input to a variable name or literal."""
+    """One node after optimization; `args` maps each input to a variable or a literal.
+
+    `batch_group`: LLM calls at the same dependency level; the runtime hands the ones that
+    are ready to the engine in one step so they share a batch, never delaying a call to
+    wait for the rest of its group. `prefix_groups`: ids of the PrefixGroups it forks from.
+    """
 
     name: str
     kind: NodeKind

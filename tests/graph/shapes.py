@@ -77,6 +77,37 @@ def title(question: str):
     {{gen title max_tokens=8}}"""
 
 
+@cg.tool
+def lookup(query: str) -> list[str]:
+    """Stands in for a slow external search."""
+    return [query]
+
+
+@cg.function
+def bullet(facts: list[str]) -> str:
+    return "\n".join(f"- {f}" for f in facts)
+
+
+@cg.semantic_function
+def reply(question: str, facts: str):
+    """{{#system}}
+    Answer from the facts.
+    {{#user}}
+    {{question}}
+    Facts:
+    {{facts}}
+    {{#assistant}}
+    {{gen reply max_tokens=64}}"""
+
+
+def tool_chain() -> cg.App:
+    @cg.app(name="agent")
+    def build(question: str) -> str:
+        return reply(question, bullet(lookup(rewrite(question))))
+
+    return build
+
+
 def linear() -> cg.App:
     @cg.app
     def rag(question: str) -> str:

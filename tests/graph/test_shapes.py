@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+import covey.graph as cg
 from tests.graph import shapes
 
 CASES = {
@@ -38,6 +39,14 @@ CASES = {
         prefixes=[(("map_summarize",), 3, True)],
         priorities={"retrieve": 0, "map_summarize": 2, "combine": 0},
         kinds={"map_summarize": ["static", "dynamic", "static", "chunk", "static"]},
+    ),
+    "tool_chain": dict(
+        build=shapes.tool_chain,
+        stages=[("rewrite",), ("lookup",), ("bullet",), ("reply",)],
+        batch={"reply": None},
+        prefixes=[],
+        priorities={"rewrite": 0, "lookup": 0, "bullet": 0, "reply": 0},
+        kinds={"reply": ["static", "dynamic", "static", "dynamic"]},
     ),
 }
 
@@ -80,3 +89,36 @@ def test_choices_reach_the_decode_primitive():
     decode = shapes.merge().plan.nodes["judge"].primitives[-1]
     assert decode.choices == ("for", "against")
     assert decode.var == "judge.verdict"
+
+
+def test_tool_and_function_nodes_carry_their_callables_and_types():
+    app = shapes.tool_chain()
+    assert app.name == "agent" and repr(app) == "App(agent(question: str) -> reply)"
+    lookup, bullet = app.plan.nodes["lookup"], app.plan.nodes["bullet"]
+    assert (lookup.kind, bullet.kind) == ("tool", "function")
+    assert lookup.op.fn("q") == ["q"] and bullet.op.returns is str
+    assert bullet.args["facts"].name == "lookup.result"
+    # the early prefix of reply stops at the first segment that waits for upstream nodes
+    early = [p.describe() for p in app.plan.nodes["reply"].primitives if p.early]
+    assert early == [
+        "prefill[static,early,pin]('Answer from the facts.')",
+        "prefill[dynamic,early](question)",
+        "prefill[static,early]('Facts:')",
+    ]
+
+
+def test_map_over_a_tool_is_a_fan_out_without_llm_primitives():
+    @cg.tool
+    def fetch(url: str) -> str:
+        return url
+
+    @cg.app
+    def crawl(question: str):
+        pages = cg.map(fetch, over=shapes.lookup(question))
+        return shapes.reply(question, shapes.bullet(pages))
+
+    node = crawl.plan.nodes["map_fetch"]
+    assert node.kind == "map" and node.primitives == () and node.objective == "batch"
+    assert node.args["url"].type == list[str]
+    assert crawl.graph.nodes["map_fetch"]["op"].outputs == {"result": list[str]}
+    assert [n.name for n in crawl.plan.llm_calls()] == ["reply"]

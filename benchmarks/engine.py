@@ -89,6 +89,40 @@ def covey_prefix_ttft(engine, system, questions):
     return sum(ttfts) / len(ttfts)
 
 
+PROFILE_GROUPS = {
+    "linear_s": ("aten::mm", "aten::addmm", "aten::_weight_int8pack_mm", "aten::linear"),
+    "attention_matmul_s": ("aten::bmm", "aten::matmul", "aten::_softmax", "aten::masked_fill_"),
+    "rms_norm_s": ("aten::_fused_rms_norm", "aten::rms_norm"),
+    "kv_gather_store_s": ("aten::index_select", "aten::index_copy_"),
+}
+
+
+def decode_profile(engine, prompt, steps):
+    """Where the time of one decode step goes: torch.profiler self CPU time per step, in
+    groups, plus the wall time of a step without the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine.add_request(prompt, SamplingParams(max_tokens=steps * 3, ignore_eos=True))
+    for _ in range(steps):
+        engine.step()  # prefill and warm-up
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    wall = (time.perf_counter() - start) / steps
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            engine.step()
+    for rid in list(engine.requests):
+        engine.abort_request(rid)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) / 1e6 / steps
+    out = {"step_s": wall, "profiled_total_s": total}
+    for group, names in PROFILE_GROUPS.items():
+        out[group] = sum(e.self_cpu_time_total for e in events if e.key in names) / 1e6 / steps
+    out["other_ops_s"] = total - sum(out[g] for g in PROFILE_GROUPS)
+    return out
+
+
 def load_transformers(model, dtype):
     """transformers' Llama with covey's dequantized weights: a dense peer in the same dtype.
 
@@ -284,6 +318,11 @@ def cpu_suite(s, results, device):
     results.append(record("latency", "covey-int8", "ttft_s", ttft, q8_lat))
     results.append(record("latency", "covey-int8", "tpot_s", tpot, q8_lat))
     print(f"covey-int8: {value:.1f} tok/s, ttft {ttft:.3f}s, tpot {tpot * 1e3:.1f} ms", flush=True)
+    prof = {"prompt_tokens": s["lat_prompt"], "steps": 20, "what": "one decode step, 1 request"}
+    for name, eng in (("covey", engine), ("covey-int8", int8)):
+        for metric, value in decode_profile(eng, lat_prompt, 20).items():
+            results.append(record("decode_profile", name, metric, value, prof))
+        print(f"{name} decode profile recorded", flush=True)
     del int8
 
     hf = load_transformers(engine.model, dtype)
@@ -337,6 +376,23 @@ def gpu_suite(s, results):
     print(f"covey on GPU: {value:.1f} tok/s", flush=True)
 
 
+def _plot_profile(ax, results):
+    """Stacked bars: where the milliseconds of one decode step go."""
+    rows = [r for r in results if r["workload"] == "decode_profile"]
+    systems = sorted({r["system"] for r in rows})
+    groups = [*PROFILE_GROUPS, "other_ops_s"]
+    bottom = [0.0] * len(systems)
+    for group in groups:
+        ms = [
+            next((r["value"] * 1e3 for r in rows if r["system"] == s and r["metric"] == group), 0.0)
+            for s in systems
+        ]
+        ax.bar(systems, ms, bottom=bottom, label=group.removesuffix("_s"))
+        bottom = [b + m for b, m in zip(bottom, ms)]
+    ax.set_title("one decode step, ms (torch.profiler self time)", fontsize=9)
+    ax.legend(fontsize=7)
+
+
 def plot(data, path):
     import matplotlib
 
@@ -349,7 +405,8 @@ def plot(data, path):
         ("latency", "tpot_s", "TPOT s (lower is better)"),
         ("prefix", "ttft_s", "TTFT s with a shared 1024-token prefix"),
     ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4))
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4.2 * (len(panels) + 1), 4))
+    _plot_profile(axes[-1], data["results"])
     for ax, (workload, metric, title) in zip(axes, panels):
         rows = [r for r in data["results"] if r["workload"] == workload and r["metric"] == metric]
         names = [r["system"] for r in rows]

@@ -316,3 +316,52 @@ def test_repeated_calls_get_distinct_node_names():
 
     assert sorted(many.graph) == ["title", "title_2", "title_3"]
     assert many.outputs["c"].name == "title_3.title"
+
+
+def test_unresolvable_type_hint():
+    with pytest.raises(GraphError, match="function 'f': cannot resolve its type hints"):
+
+        @cg.function
+        def f(x: NoSuchType) -> str:  # noqa: F821
+            return x
+
+
+def test_star_args_are_rejected():
+    with pytest.raises(GraphError, match=r"function 'f': \*args is not supported; name each"):
+
+        @cg.function
+        def f(*args: str) -> str:
+            return ""
+
+
+def test_input_given_twice():
+    with pytest.raises(WiringError, match="node 'title': input 'question' given twice"):
+
+        @cg.app
+        def bad(q: str):
+            return shapes.title(q, question=q)
+
+
+def test_app_returning_an_empty_dict():
+    with pytest.raises(GraphError, match="app 'bad': returns no variables; return a variable"):
+
+        @cg.app
+        def bad(q: str):
+            return {}
+
+
+def test_output_from_a_node_not_in_the_graph():
+    graph = shapes.linear().graph.copy()
+    graph.remove_node("answer")
+    with pytest.raises(GraphError, match="output 'answer' comes from unknown node 'answer'"):
+        cg.validate_graph(graph)
+
+
+def test_map_item_misspelled():
+    with pytest.raises(
+        WiringError, match="node 'map_summarize': no input 'dok'; did you mean 'doc'"
+    ):
+
+        @cg.app
+        def bad(q: str):
+            return cg.map(shapes.summarize, over=cg.retrieve(q), item="dok", question=q)

@@ -56,14 +56,24 @@ def run_engine(engine: LLMEngine, prompts: list[list[int]], params: SamplingPara
     return [done[i] for i in ids], time.perf_counter() - start
 
 
-def median_of(repeats: int, fn, *args):
+def median_of(repeats: int, fn):
     """Run a measurement `repeats` times; the median (element-wise for tuples) damps noise."""
     import statistics
 
-    runs = [fn(*args) for _ in range(repeats)]
+    runs = [fn() for _ in range(repeats)]
     if isinstance(runs[0], tuple):
         return tuple(statistics.median(r[i] for r in runs) for i in range(len(runs[0])))
     return statistics.median(runs)
+
+
+def measure_system(results, name, repeats, throughput, latency, tp, lat):
+    """Record one system's throughput, TTFT and TPOT (zero-argument measuring callables)."""
+    value = median_of(repeats, throughput)
+    ttft, tpot = median_of(repeats, latency)
+    results.append(record("throughput", name, "output_tokens_per_s", value, tp))
+    results.append(record("latency", name, "ttft_s", ttft, lat))
+    results.append(record("latency", name, "tpot_s", tpot, lat))
+    print(f"{name}: {value:.1f} tok/s, ttft {ttft:.3f}s, tpot {tpot * 1e3:.1f} ms", flush=True)
 
 
 def covey_throughput(engine, prompts, out_tokens):
@@ -282,12 +292,15 @@ def cpu_suite(s, results, device):
         "repeats": s["repeats"],
         "statistic": "median",
     }
-    value = median_of(s["repeats"], covey_throughput, engine, prompts, s["output"])
-    results.append(record("throughput", "covey", "output_tokens_per_s", value, tp))
-    ttft, tpot = median_of(s["repeats"], covey_latency, engine, lat_prompt, s["lat_output"])
-    results.append(record("latency", "covey", "ttft_s", ttft, lat))
-    results.append(record("latency", "covey", "tpot_s", tpot, lat))
-    print(f"covey: {value:.1f} tok/s, ttft {ttft:.3f}s, tpot {tpot * 1e3:.1f} ms", flush=True)
+    measure_system(
+        results,
+        "covey",
+        s["repeats"],
+        lambda: covey_throughput(engine, prompts, s["output"]),
+        lambda: covey_latency(engine, lat_prompt, s["lat_output"]),
+        tp,
+        lat,
+    )
 
     system = real_text_prompts(tok, 1, s["prefix"], offset=3)[0]
     questions = real_text_prompts(tok, s["prefix_requests"], s["question"], offset=11)
@@ -312,29 +325,31 @@ def cpu_suite(s, results, device):
     )
     q8 = {**tp, "dtype": "bfloat16", "quantization": "int8 weights"}
     q8_lat = {**lat, "dtype": "bfloat16", "quantization": "int8 weights"}
-    value = median_of(s["repeats"], covey_throughput, int8, prompts, s["output"])
-    results.append(record("throughput", "covey-int8", "output_tokens_per_s", value, q8))
-    ttft, tpot = median_of(s["repeats"], covey_latency, int8, lat_prompt, s["lat_output"])
-    results.append(record("latency", "covey-int8", "ttft_s", ttft, q8_lat))
-    results.append(record("latency", "covey-int8", "tpot_s", tpot, q8_lat))
-    print(f"covey-int8: {value:.1f} tok/s, ttft {ttft:.3f}s, tpot {tpot * 1e3:.1f} ms", flush=True)
+    measure_system(
+        results,
+        "covey-int8",
+        s["repeats"],
+        lambda: covey_throughput(int8, prompts, s["output"]),
+        lambda: covey_latency(int8, lat_prompt, s["lat_output"]),
+        q8,
+        q8_lat,
+    )
     prof = {"prompt_tokens": s["lat_prompt"], "steps": 20, "what": "one decode step, 1 request"}
     for name, eng in (("covey", engine), ("covey-int8", int8)):
         for metric, value in decode_profile(eng, lat_prompt, 20).items():
             results.append(record("decode_profile", name, metric, value, prof))
         print(f"{name} decode profile recorded", flush=True)
-    del int8
 
     hf = load_transformers(engine.model, dtype)
-    value = median_of(s["repeats"], hf_throughput, hf, prompts, s["output"], device)
-    results.append(record("throughput", "transformers", "output_tokens_per_s", value, tp))
-    ttft, tpot = median_of(s["repeats"], hf_latency, hf, lat_prompt, s["lat_output"], device)
-    results.append(record("latency", "transformers", "ttft_s", ttft, lat))
-    results.append(record("latency", "transformers", "tpot_s", tpot, lat))
-    print(
-        f"transformers: {value:.1f} tok/s, ttft {ttft:.3f}s, tpot {tpot * 1e3:.1f} ms", flush=True
+    measure_system(
+        results,
+        "transformers",
+        s["repeats"],
+        lambda: hf_throughput(hf, prompts, s["output"], device),
+        lambda: hf_latency(hf, lat_prompt, s["lat_output"], device),
+        tp,
+        lat,
     )
-    del hf, engine
 
     llm = load_llama_cpp()
     names = [
@@ -347,12 +362,15 @@ def cpu_suite(s, results, device):
         results.extend(record(w, "llama.cpp", m, None, p, why) for w, m, p in names)
         return
     cpp = {"gguf": "Q4_1 (as shipped)", "sequential": True}
-    value = median_of(s["repeats"], llama_cpp_throughput, llm, prompts, s["output"])
-    results.append(record("throughput", "llama.cpp", "output_tokens_per_s", value, {**tp, **cpp}))
-    ttft, tpot = median_of(s["repeats"], llama_cpp_latency, llm, lat_prompt, s["lat_output"])
-    results.append(record("latency", "llama.cpp", "ttft_s", ttft, {**lat, **cpp}))
-    results.append(record("latency", "llama.cpp", "tpot_s", tpot, {**lat, **cpp}))
-    print(f"llama.cpp: {value:.1f} tok/s, ttft {ttft:.3f}s, tpot {tpot * 1e3:.1f} ms", flush=True)
+    measure_system(
+        results,
+        "llama.cpp",
+        s["repeats"],
+        lambda: llama_cpp_throughput(llm, prompts, s["output"]),
+        lambda: llama_cpp_latency(llm, lat_prompt, s["lat_output"]),
+        {**tp, **cpp},
+        {**lat, **cpp},
+    )
 
 
 def gpu_suite(s, results):
@@ -367,7 +385,7 @@ def gpu_suite(s, results):
         "model": "dummy:llama-1b",
         "dtype": "bfloat16",
     }
-    value = median_of(s["repeats"], covey_throughput, engine, prompts, s["output"])
+    value = median_of(s["repeats"], lambda: covey_throughput(engine, prompts, s["output"]))
     results.append(record("throughput-gpu", "covey", "output_tokens_per_s", value, params))
     why = "llama.cpp (CPU build) and transformers are not run on the dummy GPU model here"
     results.append(

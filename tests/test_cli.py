@@ -27,6 +27,8 @@ def test_chat_answers_each_turn_until_exit():
         "chat",
         "--max-tokens",
         "12",
+        "--temperature",
+        "0",
         stdin="What is the capital of France?\n/reset\nName a color.\n/exit\n",
     )
     assert result.returncode == 0, result.stderr

@@ -14,7 +14,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("chat", help="interactive chat with the model")
     p.add_argument("--system", default=None, help="a system prompt for the conversation")
     add_engine_args(p)
-    p.set_defaults(func=run, max_tokens=512, temperature=0.0)
+    p.set_defaults(func=run, max_tokens=512, temperature=0.7, top_p=0.9)  # like ollama: varied
 
 
 def run(args: argparse.Namespace) -> int:

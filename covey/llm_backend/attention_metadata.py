@@ -30,5 +30,7 @@ class AttentionMetadata:
     num_decode: int  # the first num_decode tokens are single-token decodes
     block_size: int
     decode_blocks: torch.Tensor | None  # [D, MB] block table per decode sequence (padded)
-    decode_padding: torch.Tensor | None  # [1, D, 1, MB * block_size] bool, True past the end
+    decode_padding: (
+        torch.Tensor | None
+    )  # [1, D, 1, MB * bs] bool, True past the end; None: no padding
     prefills: list[PrefillRun]

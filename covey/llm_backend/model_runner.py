@@ -97,14 +97,17 @@ class ModelRunner:
             sample_seqs=sample_seqs,
         )
 
-    def _decode_keys(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode_keys(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor | None]:
         max_blocks = max(len(s.block_table) for s in seqs)
         table = torch.tensor(
             [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in seqs],
             dtype=torch.long,
             device=self.device,
         )  # [D, MB]
-        lens = torch.tensor([s.num_computed_tokens + 1 for s in seqs], device=self.device)
+        lengths = [s.num_computed_tokens + 1 for s in seqs]
+        if all(n == max_blocks * self.block_size for n in lengths):
+            return table, None  # every key is real: no mask to apply
+        lens = torch.tensor(lengths, device=self.device)
         keys = torch.arange(max_blocks * self.block_size, device=self.device)
         padding = keys[None, :] >= lens[:, None]  # [D, MB * bs]
         return table, padding[None, :, None, :]  # [D, MB], [1, D, 1, MB * bs]

@@ -61,3 +61,20 @@ class CycleError(GraphError):
 
 class UnusedOutputWarning(UserWarning):
     """An output is never consumed: not by another node, not returned by the app."""
+
+
+class RuntimeExecutionError(CoveyError):
+    """Running an app failed: a node raised, the app timed out, or the plan needs a feature
+    the runtime does not have yet."""
+
+
+class NodeExecutionError(RuntimeExecutionError):
+    """One node of an app failed; `node` names it and `__cause__` holds the original error."""
+
+    def __init__(self, message: str, node: str) -> None:
+        super().__init__(message)
+        self.node = node
+
+
+class AppTimeoutError(RuntimeExecutionError, TimeoutError):
+    """An app ran past its timeout; the message names the nodes still running."""

@@ -1,1 +1,27 @@
-"""The asyncio executor that runs optimized plans (not built yet: see issue 4)."""
+"""The asyncio executor that runs optimized plans against an in-process engine.
+
+`Runtime(llm).run(app, **inputs)` returns the outputs; `stream(...)` yields node events and
+token deltas; `run_traced(...)` adds the per-run `Trace`.
+"""
+
+from __future__ import annotations
+
+from covey.runtime.events import Event, NodeFinished, NodeStarted, RunFinished, TokenDelta
+from covey.runtime.executor import RunResult, Runtime
+from covey.runtime.render import Context, render_prompts
+from covey.runtime.trace import NodeTrace, RequestTrace, Trace
+
+__all__ = [
+    "Context",
+    "Event",
+    "NodeFinished",
+    "NodeStarted",
+    "NodeTrace",
+    "RequestTrace",
+    "RunFinished",
+    "RunResult",
+    "Runtime",
+    "TokenDelta",
+    "Trace",
+    "render_prompts",
+]

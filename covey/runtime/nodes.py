@@ -1,0 +1,157 @@
+"""How each kind of node runs: LLM calls, retrievals, tools and functions, fan-outs.
+
+Every runner takes the node's resolved inputs and returns its outputs by name; the
+executor decides when to start it and where the outputs go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from covey.errors import EngineError, RuntimeExecutionError
+from covey.graph.ir import LLMCall, MapOp, PyCall, Retrieve, Var, llm_template
+from covey.graph.lowering import Primitive
+from covey.graph.plan import NodePlan
+from covey.llm_backend.sampling_params import SamplingParams
+from covey.runtime.render import ChatTokenizer, Context
+from covey.runtime.trace import RequestTrace, Trace
+
+# (node, primitive, prompt, fan-out index) -> (text, token ids)
+Generate = Callable[[NodePlan, Primitive, Any, int | None], Awaitable[tuple[str, list[int]]]]
+
+
+@dataclass
+class NodeEnv:
+    """What node runners need from the run: values so far, the engine hook, retrievers."""
+
+    values: dict[str, Any]
+    generate: Generate
+    tokenizer: ChatTokenizer | None
+    retrievers: dict[str, Any]
+
+
+async def gather_all(coros: list[Coroutine[Any, Any, Any]]) -> list[Any]:
+    """Like asyncio.gather, but the first failure cancels the rest before it propagates."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def call_python(fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+    """Async callables are awaited; sync ones run in a thread so the loop keeps streaming."""
+    if inspect.iscoroutinefunction(fn):
+        return await fn(**kwargs)
+    return await asyncio.to_thread(fn, **kwargs)
+
+
+async def run_llm(
+    env: NodeEnv, node: NodePlan, item: Any = None, index: int | None = None
+) -> dict[str, str]:
+    """Prefill the node's segments in order; each gen decodes on everything so far."""
+    template = llm_template(node.op)
+    if template is None:
+        raise RuntimeExecutionError(f"node {node.name!r} is not an LLM call")
+    ctx = Context(env.tokenizer, template.uses_roles)
+    out: dict[str, str] = {}
+    for prim in node.primitives:
+        if prim.op == "prefill":
+            value = None
+            if prim.text is None:
+                value = item if prim.per_item else env.values[str(prim.var)]
+            ctx.add_prefill(prim, value)
+            continue
+        text, ids = await env.generate(node, prim, ctx.prompt(), index)
+        out[str(prim.var).split(".", 1)[1]] = text
+        ctx.add_generated(prim.role, text, ids)
+    return out
+
+
+async def run_retrieve(env: NodeEnv, op: Retrieve, query: str) -> list[Any]:
+    """A `covey.retrieval.Retriever` keeps its sources and reranker; anything with
+    `search(query, k, mode)` (a `DocumentIndex`) is searched with the node's k and mode."""
+    from covey.retrieval.retriever import Retriever
+
+    bound = env.retrievers[op.index]
+    if isinstance(bound, Retriever):
+        sources = list(bound.config.sources) if bound.config.sources is not None else None
+        fn = partial(bound.index.search, query, op.k, op.mode, sources, bound.reranker)
+    else:
+        fn = partial(bound.search, query, op.k, op.mode)
+    return list(await asyncio.to_thread(fn))
+
+
+async def run_map(env: NodeEnv, node: NodePlan, args: dict[str, Any]) -> dict[str, list[Any]]:
+    """Fan out over the item list; outputs become lists in element order."""
+    op = node.op
+    if not isinstance(op, MapOp):
+        raise RuntimeExecutionError(f"node {node.name!r} is not a fan-out")
+    items = list(args[op.item])
+    if isinstance(op.inner, LLMCall):
+        coros = [run_llm(env, node, item, i) for i, item in enumerate(items)]
+    else:
+        fn = op.inner.fn
+        coros = [call_python(fn, {**args, op.item: item}) for item in items]
+    results = await gather_all(coros)
+    if isinstance(op.inner, PyCall):
+        return {"result": results}
+    return {name: [r[name] for r in results] for name in op.outputs}
+
+
+async def run_node(env: NodeEnv, node: NodePlan) -> dict[str, Any]:
+    """Run one node whose inputs are all resolved; returns output name -> value."""
+    args = {
+        port: env.values[arg.name] if isinstance(arg, Var) else arg.value
+        for port, arg in node.args.items()
+    }
+    op = node.op
+    if isinstance(op, LLMCall):
+        return await run_llm(env, node)
+    if isinstance(op, Retrieve):
+        return {"results": await run_retrieve(env, op, args["query"])}
+    if isinstance(op, PyCall):
+        return {"result": await call_python(op.fn, args)}
+    return await run_map(env, node, args)
+
+
+async def stream_generate(
+    llm: Any,
+    trace: Trace,
+    run_id: str,
+    node: NodePlan,
+    prim: Primitive,
+    prompt: Any,
+    index: int | None,
+    on_delta: Callable[[str], None] | None,
+) -> tuple[str, list[int]]:
+    """Submit one gen to the engine with the node's priority; record its cost in the trace."""
+    suffix = f":{index}" if index is not None else ""
+    rid = f"{run_id}:{prim.var}{suffix}"
+    params = prim.params or SamplingParams()
+    final = None
+    async for out in llm.generate(prompt, params, request_id=rid, priority=node.priority):
+        if on_delta is not None and out.delta_text:
+            on_delta(out.delta_text)
+        final = out
+    if final is None or final.finish_reason == "abort":
+        raise EngineError(f"the engine aborted request {rid!r}")
+    m = final.metrics
+    trace.nodes[node.name].requests.append(
+        RequestTrace(
+            rid,
+            str(prim.var),
+            m.num_prompt_tokens,
+            len(final.token_ids),
+            m.num_cached_tokens,
+            final.finish_reason,
+        )
+    )
+    return final.text, list(final.token_ids)

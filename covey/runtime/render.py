@@ -1,0 +1,136 @@
+"""Render an LLM node's primitives, with its variables' values, into engine prompts.
+
+A template with roles goes through the model's own chat template, so the model sees the
+format it was trained on. A plain template becomes a list of `Segment`s tagged static,
+chunk (one per retrieved result, with its chunk id) or dynamic, so the engine knows where
+each piece lies. Several gens share one growing context: each gen's prompt is everything
+rendered and generated before it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from covey.graph.lowering import Primitive
+from covey.llm_backend.segments import Segment, SegmentKind
+from covey.retrieval.documents import Chunk, SearchResult
+
+CHUNK_SEPARATOR = "\n\n"
+
+
+class ChatTokenizer(Protocol):
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str: ...
+
+
+def to_text(value: Any) -> str:
+    """How a variable's value reads inside a prompt: results by their text, lists by line."""
+    if isinstance(value, SearchResult):
+        return value.chunk.text
+    if isinstance(value, Chunk):
+        return value.text
+    if isinstance(value, list | tuple):
+        return "\n".join(to_text(v) for v in value)
+    return str(value)
+
+
+def chunk_segments(value: Any) -> list[Segment]:
+    """One chunk segment per retrieved result, so the chunk KV store can address each."""
+    items = value if isinstance(value, list | tuple) else [value]
+    out: list[Segment] = []
+    for i, item in enumerate(items):
+        if i:
+            out.append(Segment(CHUNK_SEPARATOR, kind="static"))
+        chunk = item.chunk if isinstance(item, SearchResult) else item
+        if isinstance(chunk, Chunk):
+            out.append(Segment(chunk.text, kind="chunk", chunk_id=chunk.id))
+        else:
+            out.append(Segment(to_text(item), kind="chunk"))
+    return out
+
+
+@dataclass
+class Context:
+    """The growing context of one LLM call; mutated by `add_*` as prefills and gens happen."""
+
+    tokenizer: ChatTokenizer | None
+    uses_roles: bool
+    segments: list[Segment] = field(default_factory=list)
+    messages: list[dict[str, str]] = field(default_factory=list)
+
+    def add_prefill(self, prim: Primitive, value: Any) -> None:
+        """Append one prefill primitive; `value` is the variable's value (None for text)."""
+        kind: SegmentKind = prim.kind or "static"
+        if self.uses_roles:
+            text = prim.text if prim.text is not None else _chat_text(kind, value)
+            self._add_message_text(prim.role or "user", text)
+        elif prim.text is not None:
+            self._add_segment(Segment(prim.text, kind="static"))
+        elif kind == "chunk":
+            for seg in chunk_segments(value):
+                self._add_segment(seg)
+        else:
+            self._add_segment(Segment(to_text(value), kind=kind))
+
+    def add_generated(self, role: str | None, text: str, token_ids: list[int]) -> None:
+        """Append a gen's output; plain prompts keep its exact token ids (no re-tokenizing)."""
+        if self.uses_roles:
+            self._add_message_text(role or "assistant", text)
+        elif token_ids:
+            self.segments.append(Segment(token_ids=tuple(token_ids), kind="dynamic"))
+
+    def prompt(self) -> str | list[Segment]:
+        """Everything so far, as the engine prompt for the next gen."""
+        if not self.uses_roles:
+            return list(self.segments)
+        if self.tokenizer is None:
+            raise ValueError("this template uses chat roles but the engine has no tokenizer")
+        closed, open_text = self.messages, ""
+        if closed and closed[-1]["role"] == "assistant":
+            closed, open_text = closed[:-1], closed[-1]["content"]
+        return self.tokenizer.apply_chat_template(closed, add_generation_prompt=True) + open_text
+
+    def _add_segment(self, seg: Segment) -> None:
+        if seg.text != "":
+            self.segments.append(seg)
+
+    def _add_message_text(self, role: str, text: str) -> None:
+        if self.messages and self.messages[-1]["role"] == role:
+            self.messages[-1]["content"] += text
+        else:
+            self.messages.append({"role": role, "content": text})
+
+
+def _chat_text(kind: SegmentKind, value: Any) -> str:
+    if kind == "chunk":
+        items = value if isinstance(value, list | tuple) else [value]
+        return CHUNK_SEPARATOR.join(to_text(v) for v in items)
+    return to_text(value)
+
+
+def render_prompts(
+    prims: tuple[Primitive, ...],
+    resolve: Callable[[Primitive], Any],
+    tokenizer: ChatTokenizer | None,
+    uses_roles: bool,
+    generated: dict[str, tuple[str, list[int]]],
+) -> dict[str, str | list[Segment]]:
+    """The prompt of every decode, given what each earlier gen produced (var -> text, ids).
+
+    The executor renders as it goes; this one-shot form lets tests and benchmarks build the
+    exact prompts a node sends, to replay them against the engine directly.
+    """
+    ctx = Context(tokenizer, uses_roles)
+    out: dict[str, str | list[Segment]] = {}
+    for prim in prims:
+        if prim.op == "prefill":
+            ctx.add_prefill(prim, None if prim.text is not None else resolve(prim))
+            continue
+        var = str(prim.var)
+        out[var] = ctx.prompt()
+        text, ids = generated.get(var, ("", []))
+        ctx.add_generated(prim.role, text, ids)
+    return out

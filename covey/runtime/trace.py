@@ -1,0 +1,85 @@
+"""A per-run trace: when each node ran and what its engine requests cost.
+
+Tests and benchmarks read it to check overlap (two siblings running at once), token counts
+and prefix-cache hits without reaching into the engine.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RequestTrace:
+    """One engine request of an LLM node (one per gen, per fan-out element)."""
+
+    request_id: str
+    var: str
+    prompt_tokens: int
+    generated_tokens: int
+    cached_tokens: int
+    finish_reason: str | None
+
+
+@dataclass
+class NodeTrace:
+    """Times are seconds since the run started (perf_counter); `end` is None while running."""
+
+    node: str
+    kind: str
+    start: float
+    end: float | None = None
+    status: str = "running"
+    error: str | None = None
+    requests: list[RequestTrace] = field(default_factory=list)
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(r.generated_tokens for r in self.requests)
+
+    @property
+    def cached_tokens(self) -> int:
+        return sum(r.cached_tokens for r in self.requests)
+
+    @property
+    def duration(self) -> float | None:
+        return None if self.end is None else self.end - self.start
+
+
+@dataclass
+class Trace:
+    """Mutated by the executor as the run goes; read it after the run."""
+
+    app: str
+    run_id: str
+    started_at: float = field(default_factory=time.perf_counter)
+    end: float | None = None
+    nodes: dict[str, NodeTrace] = field(default_factory=dict)
+
+    def now(self) -> float:
+        return time.perf_counter() - self.started_at
+
+    def start(self, node: str, kind: str) -> NodeTrace:
+        entry = NodeTrace(node, kind, self.now())
+        self.nodes[node] = entry
+        return entry
+
+    def finish(self, node: str, status: str = "ok", error: str | None = None) -> None:
+        entry = self.nodes[node]
+        entry.end, entry.status, entry.error = self.now(), status, error
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(n.generated_tokens for n in self.nodes.values())
+
+    @property
+    def cached_tokens(self) -> int:
+        return sum(n.cached_tokens for n in self.nodes.values())
+
+    def overlapped(self, a: str, b: str) -> bool:
+        """Whether nodes `a` and `b` were running at the same time."""
+        x, y = self.nodes[a], self.nodes[b]
+        x_end = x.end if x.end is not None else float("inf")
+        y_end = y.end if y.end is not None else float("inf")
+        return x.start < y_end and y.start < x_end

@@ -1,0 +1,68 @@
+"""End to end on the embedded model: the runtime sends exactly the prompts it renders."""
+
+from __future__ import annotations
+
+import covey.graph as cg
+from covey.llm_backend.sampling_params import SamplingParams
+from covey.runtime import Runtime, render_prompts
+
+from .conftest import make_cpu_engine
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
+
+
+@cg.semantic_function(params=GREEDY)
+def name_it(thing: str):
+    """A short name for {{thing}}:{{gen name max_tokens=6}}"""
+
+
+@cg.semantic_function(params=GREEDY)
+def describe(name: str):
+    """{{#system}}
+    You describe things in one sentence.
+    {{#user}}
+    Describe {{name}}.
+    {{#assistant}}
+    {{gen text}}"""
+
+
+@cg.app
+def naming(thing: str):
+    name = name_it(thing)
+    return {"name": name, "text": describe(name)}
+
+
+def _direct(prompts: list) -> list[tuple[str, int]]:
+    """(text, token count) of each prompt run alone through a fresh engine, no prefix cache."""
+    engine = make_cpu_engine(enable_prefix_caching=False)
+    outs = []
+    for i, (prompt, params) in enumerate(prompts):
+        engine.add_request(prompt, params, request_id=str(i))
+        final = None
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                final = out
+        outs.append((final.text, len(final.token_ids)))
+    return outs
+
+
+async def test_two_calls_match_the_engine_run_directly(real_llm):
+    runtime = Runtime(real_llm)
+    result = await runtime.run_traced(naming, thing="a red bicycle")
+    name, text = result.outputs["name"], result.outputs["text"]
+    assert name and text
+    plan = naming.plan
+    tokenizer = real_llm.engine.tokenizer
+    first = render_prompts(
+        plan.nodes["name_it"].primitives, lambda p: "a red bicycle", None, False, {}
+    )
+    second = render_prompts(plan.nodes["describe"].primitives, lambda p: name, tokenizer, True, {})
+    assert second["describe.text"].startswith("<|im_start|>system\nYou describe things")
+    name_params = plan.nodes["name_it"].primitives[-1].params
+    direct = _direct([(first["name_it.name"], name_params), (second["describe.text"], GREEDY)])
+    requests = [result.trace.nodes[n].requests[0] for n in ("name_it", "describe")]
+    assert direct == [(name, requests[0].generated_tokens), (text, requests[1].generated_tokens)]
+
+    again = await runtime.run_traced(naming, thing="a red bicycle")
+    assert again.outputs == result.outputs
+    assert again.trace.cached_tokens > 0  # the second run hits the prefix cache

@@ -40,14 +40,19 @@ def _edges(graph: nx.DiGraph) -> list[tuple[str, str, str]]:
     return out
 
 
+def _endpoints(edges: list[tuple[str, str, str]]) -> list[str]:
+    """The app's input and output terminals that the edges touch, in a stable order."""
+    return sorted({e for u, v, _ in edges for e in (u, v) if e.startswith(("in:", "out:"))})
+
+
 def to_mermaid(graph: nx.DiGraph) -> str:
     lines = ["flowchart TD"]
     for node in graph:
         left, right = _MERMAID_SHAPES[graph.nodes[node]["op"].kind]
         lines.append(f'    {_mermaid_id(node)}{left}"{_label(graph, node)}"{right}')
-    ends = sorted({e for u, v, _ in _edges(graph) for e in (u, v) if e.startswith(("in:", "out:"))})
-    lines += [f'    {_mermaid_id(e)}(("{e}"))' for e in ends]
-    for u, v, label in _edges(graph):
+    edges = _edges(graph)
+    lines += [f'    {_mermaid_id(e)}(("{e}"))' for e in _endpoints(edges)]
+    for u, v, label in edges:
         lines.append(f'    {_mermaid_id(u)} -->|"{label}"| {_mermaid_id(v)}')
     return "\n".join(lines) + "\n"
 
@@ -61,8 +66,8 @@ def to_dot(graph: nx.DiGraph) -> str:
     for node in graph:
         shape = "box" if graph.nodes[node]["op"].kind != "retrieve" else "cylinder"
         lines.append(f"    {_q(node)} [label={_q(_label(graph, node))}, shape={shape}];")
-    ends = sorted({e for u, v, _ in _edges(graph) for e in (u, v) if e.startswith(("in:", "out:"))})
-    lines += [f"    {_q(e)} [shape=ellipse];" for e in ends]
-    for u, v, label in _edges(graph):
+    edges = _edges(graph)
+    lines += [f"    {_q(e)} [shape=ellipse];" for e in _endpoints(edges)]
+    for u, v, label in edges:
         lines.append(f"    {_q(u)} -> {_q(v)} [label={_q(label)}];")
     return "\n".join(lines) + "\n}\n"

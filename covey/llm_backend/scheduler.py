@@ -120,12 +120,14 @@ class Scheduler:
         is enough. Returns (admitted, budget tokens handed back by preempted runners)."""
         bm = self.block_manager
         need = bm.blocks_needed(seq, n)
+        if bm.can_allocate(need):
+            return True, 0  # the common case: no victims to weigh
         outranked = [s for s in self.running if s.sort_key() > seq.sort_key()]
         paused = [s for s in self.paused.values() if s.block_table]
         reclaimable = sum(
             1 for s in outranked + paused for b in s.block_table if bm.ref_counts[b] == 1
         )
-        if not bm.can_allocate(need) and not bm.can_allocate(need - reclaimable):
+        if not bm.can_allocate(need - reclaimable):
             return False, 0
         refund = 0
         while not bm.can_allocate(need):

@@ -12,6 +12,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 from covey.errors import EngineError, InvalidRequestError
@@ -64,6 +65,34 @@ class AsyncLLM:
 
         Bad requests raise InvalidRequestError before the first output.
         """
+        add = partial(self.engine.add_request, prompt, params, priority=priority)
+        async for out in self._stream(add, request_id):
+            yield out
+
+    async def prefill(
+        self,
+        prompt: Prompt,
+        priority: int = 0,
+        pin: str | None = None,
+        request_id: str | None = None,
+    ) -> RequestOutput | None:
+        """Compute a prompt's KV into the prefix cache now, generating nothing (early
+        prefill); `pin` keeps it cached until `unpin(pin)`. None when nothing was computed."""
+        add = partial(self.engine.add_prefill, prompt, priority=priority, pin=pin)
+        final = None
+        async for out in self._stream(add, request_id, maybe_none=True):
+            final = out
+        return final
+
+    async def unpin(self, pin: str) -> bool:
+        return await self._call(self.engine.unpin, pin)
+
+    async def _stream(
+        self, add: Any, request_id: str | None, maybe_none: bool = False
+    ) -> AsyncIterator[RequestOutput]:
+        """Add a request with `add(request_id=...)` and yield its outputs until it finishes;
+        a consumer that stops early aborts it. `maybe_none`: `add` may return None (no
+        request was needed), which ends the stream at once."""
         if self._closed:
             raise EngineError("this AsyncLLM is closed")
         rid = request_id or uuid.uuid4().hex
@@ -73,7 +102,8 @@ class AsyncLLM:
         self._streams[rid] = queue
         added = finished = False
         try:
-            await self._call(self.engine.add_request, prompt, params, rid, priority)
+            if await self._call(partial(add, request_id=rid)) is None and maybe_none:
+                return
             added = True
             self._ensure_loop()
             while not finished:

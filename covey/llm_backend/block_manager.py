@@ -70,6 +70,24 @@ class BlockManager:
         seq.num_computed_tokens = seq.num_cached_tokens = len(path) * self.block_size
         self._cursor[seq.seq_id] = (path[-1] if path else self.tree.root, len(path))
 
+    def cached_prefix_blocks(self, token_ids: list[int]) -> int:
+        """How many leading full blocks of `token_ids` the prefix cache holds."""
+        return len(self.tree.match_prefix(token_ids)) if self.tree is not None else 0
+
+    def pin_prefix(self, token_ids: list[int]) -> list[int]:
+        """Reference the cached blocks of `token_ids`' prefix so eviction skips them;
+        returns them for `unpin`."""
+        if self.tree is None:
+            return []
+        blocks = [node.block_id for node in self.tree.match_prefix(token_ids)]
+        for block in blocks:
+            self._incref(block)
+        return blocks
+
+    def unpin(self, blocks: list[int]) -> None:
+        for block in reversed(blocks):
+            self._decref(block)
+
     def record_admission(self, seq: Sequence) -> None:
         """Count an admission's prefix lookup in the hit/miss stats (not failed tries; a
         preempted sequence counts again when it is re-admitted)."""

@@ -13,6 +13,7 @@ import torch
 
 from covey.errors import EngineError, InvalidRequestError, ModelLoadError
 from covey.llm_backend.block_manager import BlockManager
+from covey.llm_backend.choices import ChoiceTrie
 from covey.llm_backend.config import DEFAULT_CPU_KV_BYTES, DEFAULT_GPU_KV_FRACTION, EngineConfig
 from covey.llm_backend.detokenizer import detokenize_step
 from covey.llm_backend.kv_pool import KVPool
@@ -67,6 +68,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.pool, self.device)
         self.requests: dict[str, Sequence] = {}
         self._generators: dict[int, torch.Generator] = {}
+        self._pins: dict[str, list[int]] = {}  # pin key -> prefix-cache blocks held for it
 
     @property
     def model_name(self) -> str:
@@ -153,18 +155,88 @@ class LLMEngine:
                 f"the prompt has {len(ids)} tokens; the context window is {self.max_model_len} "
                 "tokens and at least one must be left to generate"
             )
-        needed = min(len(ids) + params.max_tokens, self.max_model_len)
+        trie = self._choice_trie(params)
+        most = trie.max_tokens if trie is not None else params.max_tokens
+        needed = min(len(ids) + most, self.max_model_len)
         if needed > self.kv_capacity_tokens:
             raise InvalidRequestError(
                 f"the request needs KV for {needed} tokens but the pool holds "
                 f"{self.kv_capacity_tokens}; lower max_tokens or raise kv_cache_tokens"
             )
         seq = Sequence(request_id, ids, params, priority, spans)
-        if params.seed is not None:
-            self._generators[seq.seq_id] = torch.Generator(self.device).manual_seed(params.seed)
+        self._set_params(seq, params)
         self.requests[request_id] = seq
         self.scheduler.add(seq)
         return request_id
+
+    def _set_params(self, seq: Sequence, params: SamplingParams) -> None:
+        """Per-request sampling state: the seeded generator and the choice trie."""
+        trie = self._choice_trie(params)  # raises on bad choices before anything changes
+        seq.params, seq.choice_trie = params, trie
+        self._generators.pop(seq.seq_id, None)
+        if params.seed is not None:
+            self._generators[seq.seq_id] = torch.Generator(self.device).manual_seed(params.seed)
+
+    def _choice_trie(self, params: SamplingParams) -> ChoiceTrie | None:
+        if not params.choices:
+            return None
+        eos = self.tokenizer.eos_token_id if self.tokenizer else None
+        return ChoiceTrie(params.choices, self._encode, eos)
+
+    def add_prefill(
+        self,
+        prompt: Prompt,
+        request_id: str | None = None,
+        priority: int = 0,
+        pin: str | None = None,
+    ) -> str | None:
+        """Compute a prompt's KV into the prefix cache without generating (early prefill).
+
+        Only whole blocks are kept, so the prompt is cut to a multiple of the block size.
+        `pin` names a pin that holds the blocks in the cache until `unpin(pin)`; a key
+        already pinned is not prefilled again. Returns the request id, or None when there
+        is nothing to compute (everything cached, or shorter than a block).
+        """
+        if pin is not None and pin in self._pins:
+            return None
+        if not self.config.enable_prefix_caching:
+            raise InvalidRequestError("early prefill needs enable_prefix_caching=True")
+        ids, spans = self.tokenize(prompt)
+        bs = self.block_manager.block_size
+        ids = ids[: min(len(ids), self.max_model_len - 1) // bs * bs]
+        if not ids:
+            return None
+        if self.block_manager.cached_prefix_blocks(ids) * bs == len(ids):
+            if pin is not None:
+                self._pins[pin] = self.block_manager.pin_prefix(ids)
+            return None
+        if len(ids) > self.kv_capacity_tokens:
+            raise InvalidRequestError(
+                f"the prefill needs KV for {len(ids)} tokens but the pool holds "
+                f"{self.kv_capacity_tokens}"
+            )
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        spans = [sp for sp in spans if sp.start < len(ids)]
+        seq = Sequence(request_id, ids, SamplingParams(max_tokens=1), priority, spans, True)
+        seq.pin = pin
+        self.requests[request_id] = seq
+        self.scheduler.add(seq)
+        return request_id
+
+    def unpin(self, pin: str) -> bool:
+        """Let a pinned prefix be evicted again; False if `pin` is not pinned."""
+        blocks = self._pins.pop(pin, None)
+        if blocks is None:
+            return False
+        self.block_manager.unpin(blocks)
+        return True
+
+    @property
+    def pinned(self) -> dict[str, int]:
+        """Pin key -> tokens it holds in the prefix cache."""
+        return {k: len(v) * self.block_manager.block_size for k, v in self._pins.items()}
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its KV blocks; None if it is unknown or done."""
@@ -207,10 +279,9 @@ class LLMEngine:
                 f"the resumed request needs KV for {needed} tokens but the pool holds "
                 f"{self.kv_capacity_tokens}; lower max_tokens"
             )
+        self._set_params(seq, params)
         seq.token_ids.extend(ids)
         seq.start_new_turn(params)
-        if params.seed is not None:
-            self._generators[seq.seq_id] = torch.Generator(self.device).manual_seed(params.seed)
         self.scheduler.resume(seq)
 
     def _get(self, request_id: str) -> Sequence:
@@ -234,15 +305,32 @@ class LLMEngine:
             if item.seq.metrics.first_scheduled_time is None:
                 item.seq.metrics.first_scheduled_time = now
         seqs, logits = self.runner.execute(plan.scheduled, plan.block_copies)
+        prefilled = []
         for item in plan.scheduled:
-            item.seq.num_computed_tokens += item.num_new_tokens
-            self.block_manager.cache_full_blocks(item.seq)
+            seq = item.seq
+            seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.cache_full_blocks(seq)
+            if seq.prefill_only and seq.num_computed_tokens == len(seq):
+                prefilled.append(self._finish_prefill(seq))
         if logits is None:
-            return []
+            return prefilled
+        with torch.inference_mode():  # logits are inference tensors: mask them in place
+            for row, seq in enumerate(seqs):
+                if seq.choice_trie is not None:
+                    seq.choice_trie.mask(logits[row], seq.output_token_ids)
         tokens = sample(
             logits, [s.params for s in seqs], [self._generators.get(s.seq_id) for s in seqs]
         )
-        return [self._append_token(seq, token) for seq, token in zip(seqs, tokens)]
+        return prefilled + [self._append_token(seq, token) for seq, token in zip(seqs, tokens)]
+
+    def _finish_prefill(self, seq: Sequence) -> RequestOutput:
+        """A prefill-only request is done: its blocks are in the cache (and pinned if asked)."""
+        if seq.pin is not None and seq.pin not in self._pins:
+            self._pins[seq.pin] = self.block_manager.pin_prefix(seq.token_ids)
+        now = time.perf_counter()
+        seq.metrics.first_token_time = now
+        self._finish(seq, FinishReason.PREFILLED)
+        return self._output(seq, "", [])
 
     def _append_token(self, seq: Sequence, token: int) -> RequestOutput:
         now = time.perf_counter()
@@ -258,6 +346,12 @@ class LLMEngine:
 
     def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         p = seq.params
+        if seq.choice_trie is not None:
+            choice = seq.choice_trie.finished_choice(seq.output_token_ids)
+            if choice is None:
+                return None
+            seq.output_text = choice  # exactly the choice, whatever the detokenizer made
+            return FinishReason.STOP
         eos = self.tokenizer.eos_token_id if self.tokenizer else None
         if not p.ignore_eos and token == eos or token in p.stop_token_ids:
             return FinishReason.STOP

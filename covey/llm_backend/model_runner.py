@@ -62,7 +62,7 @@ class ModelRunner:
             ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            if end == len(seq):
+            if end == len(seq) and not seq.prefill_only:
                 sample_idx.append(len(ids) - 1)
                 sample_seqs.append(seq)
         dev = self.device

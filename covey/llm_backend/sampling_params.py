@@ -20,6 +20,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
+    choices: tuple[str, ...] = ()  # the output is exactly one of these (max_tokens not used)
 
     def __post_init__(self) -> None:
         # Accept lists from callers but keep the object hashable and immutable.
@@ -27,6 +28,9 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if isinstance(self.choices, str):
+            raise InvalidRequestError("choices must be a list of strings, not one string")
+        object.__setattr__(self, "choices", tuple(self.choices))
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
             raise InvalidRequestError(
                 f"max_tokens must be a positive integer, got {self.max_tokens!r}"
@@ -39,6 +43,10 @@ class SamplingParams:
             raise InvalidRequestError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if any(not s for s in self.stop):
             raise InvalidRequestError("stop strings must not be empty")
+        if any(not isinstance(c, str) or not c for c in self.choices):
+            raise InvalidRequestError("choices must be non-empty strings")
+        if len(set(self.choices)) != len(self.choices):
+            raise InvalidRequestError(f"choices must differ, got {list(self.choices)}")
 
     @property
     def greedy(self) -> bool:

@@ -80,18 +80,22 @@ class Scheduler:
             out.scheduled.append(ScheduledSeq(seq, n))
             budget -= n
             i += 1
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
+        k = 0
+        while k < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[k]
             if not seq.block_table:
                 self.block_manager.match_prefix(seq)
+            if self._prefix_in_flight(seq):
+                self._unmatch(seq)
+                k += 1  # it waits a step and then hits the cache instead
+                continue
             n = min(seq.num_uncomputed_tokens, budget)
             admitted, refund = self._admit(seq, n, out)
             budget += refund
             if not admitted:
-                self.block_manager.free(seq)
-                seq.num_computed_tokens = seq.num_cached_tokens = 0
+                self._unmatch(seq)
                 break
-            self.waiting.pop(0)
+            self.waiting.pop(k)
             self.block_manager.record_admission(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -99,6 +103,30 @@ class Scheduler:
             out.scheduled.append(ScheduledSeq(seq, n))
             budget -= n
         return out
+
+    def _prefix_in_flight(self, seq: Sequence) -> bool:
+        """Whether a running sequence is computing `seq`'s next uncached block right now.
+
+        Then `seq` waits: once that block is cached it is reused, so requests sent together
+        with a common prefix (siblings, fan-out elements, users with one system prompt)
+        prefill it once (SGLang's in-batch prefix caching; Parrot's fork).
+        """
+        bs = self.block_manager.block_size
+        if self.block_manager.tree is None:
+            return False
+        end = (seq.num_computed_tokens // bs + 1) * bs
+        if end > len(seq) - 1:
+            return False  # no whole block left to gain
+        head = seq.token_ids[:end]
+        return any(
+            r.num_computed_tokens < end <= len(r) and r.token_ids[:end] == head
+            for r in self.running
+        )
+
+    def _unmatch(self, seq: Sequence) -> None:
+        """Give back the prefix-cache references a waiting sequence took this step."""
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = seq.num_cached_tokens = 0
 
     def _make_room(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
         """Free blocks until `seq` fits: paused KV first, then the lowest-priority runners.

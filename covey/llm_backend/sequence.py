@@ -7,6 +7,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
+from covey.llm_backend.choices import ChoiceTrie
 from covey.llm_backend.sampling_params import SamplingParams
 from covey.llm_backend.segments import SegmentSpan
 
@@ -22,6 +23,7 @@ class FinishReason(enum.StrEnum):
     STOP = "stop"  # EOS, a stop token id or a stop string
     LENGTH = "length"  # max_tokens or the context window
     ABORT = "abort"
+    PREFILLED = "prefilled"  # a prefill-only request: its KV is in the prefix cache
 
 
 @dataclass
@@ -49,6 +51,7 @@ class Sequence:
         params: SamplingParams,
         priority: int = 0,
         segments: list[SegmentSpan] | None = None,
+        prefill_only: bool = False,
     ) -> None:
         self.seq_id = next(_ids)
         self.request_id = request_id
@@ -57,6 +60,9 @@ class Sequence:
         self.params = params
         self.priority = priority
         self.segments = segments or []
+        self.prefill_only = prefill_only  # compute the prompt's KV, sample nothing
+        self.choice_trie: ChoiceTrie | None = None
+        self.pin: str | None = None  # a prefill-only request's pin key
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.num_computed_tokens = 0

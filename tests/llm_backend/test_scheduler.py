@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from covey.llm_backend.block_manager import BlockManager
@@ -12,8 +14,13 @@ def make(num_blocks=64, block_size=4, max_seqs=8, budget=64) -> Scheduler:
     return Scheduler(SchedulerConfig(max_seqs, budget), BlockManager(num_blocks, block_size))
 
 
+_starts = itertools.count(1, 10_000)
+
+
 def seq(n: int, priority: int = 0, name: str = "r") -> Sequence:
-    return Sequence(name, list(range(1, n + 1)), SamplingParams(), priority)
+    """Tokens unlike any other sequence's, so no two share a prefix."""
+    start = next(_starts)
+    return Sequence(name, list(range(start, start + n)), SamplingParams(), priority)
 
 
 def complete(sched: Scheduler) -> list[Sequence]:

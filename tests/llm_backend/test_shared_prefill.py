@@ -1,0 +1,66 @@
+"""Prefill-only requests, pinned prefixes, and requests sent together sharing one prefill."""
+
+from __future__ import annotations
+
+import pytest
+
+from covey.errors import InvalidRequestError
+from covey.llm_backend.sampling_params import SamplingParams
+
+from .test_engine import run
+
+SYSTEM = "You are a careful assistant who answers questions about the geography of Europe. " * 4
+QUESTIONS = ["Where is Lima?", "Where is Oslo?", "Where is Rome?"]
+GREEDY = SamplingParams(max_tokens=8, ignore_eos=True)
+
+
+def drain(engine) -> list:
+    outs = []
+    while engine.has_unfinished_requests():
+        outs.extend(engine.step())
+    return outs
+
+
+def test_prefill_only_caches_whole_blocks_and_generates_nothing(make_engine):
+    engine = make_engine(block_size=16)
+    rid = engine.add_prefill(SYSTEM)
+    (out,) = [o for o in drain(engine) if o.request_id == rid]
+    assert out.finished and out.finish_reason == "prefilled" and out.token_ids == []
+    n = len(engine.tokenize(SYSTEM)[0]) // 16 * 16
+    assert out.metrics.num_prompt_tokens == n
+    assert engine.add_prefill(SYSTEM) is None  # already cached: nothing to compute
+    cold = run(make_engine(enable_prefix_caching=False), [SYSTEM + QUESTIONS[0]], GREEDY)[0]
+    warm = run(engine, [SYSTEM + QUESTIONS[0]], GREEDY)[0]
+    assert warm.token_ids == cold.token_ids
+    assert warm.metrics.num_cached_tokens == n
+
+
+def test_pinned_prefix_survives_eviction_until_unpinned(make_engine):
+    engine = make_engine(kv_cache_tokens=256, block_size=16)
+    engine.add_prefill(SYSTEM, pin="system")
+    drain(engine)
+    held = engine.pinned["system"]
+    assert held > 0
+    filler = SamplingParams(max_tokens=60, ignore_eos=True)
+    for i in range(4):  # each fills most of the pool: idle cached blocks get evicted
+        run(engine, [f"Count slowly from {i} to one hundred, " * 6], filler)
+    hit = run(engine, [SYSTEM + QUESTIONS[1]], GREEDY)[0]
+    assert hit.metrics.num_cached_tokens == held
+    assert engine.unpin("system") and not engine.unpin("system")
+    assert engine.pinned == {}
+
+
+def test_requests_sent_together_prefill_their_common_prefix_once(make_engine):
+    prompts = [SYSTEM + q for q in QUESTIONS]
+    cold = [o.token_ids for o in run(make_engine(enable_prefix_caching=False), prompts, GREEDY)]
+    engine = make_engine(block_size=16)
+    outs = run(engine, prompts, GREEDY)
+    assert [o.token_ids for o in outs] == cold
+    shared = len(engine.tokenize(SYSTEM)[0]) // 16 * 16
+    assert outs[0].metrics.num_cached_tokens == 0
+    assert all(o.metrics.num_cached_tokens >= shared - 16 for o in outs[1:])
+
+
+def test_prefill_needs_the_prefix_cache(make_engine):
+    with pytest.raises(InvalidRequestError, match="enable_prefix_caching"):
+        make_engine(enable_prefix_caching=False).add_prefill(SYSTEM)

@@ -1,14 +1,20 @@
 """`Runtime`: run an optimized Plan against an in-process engine with asyncio.
 
 A node starts the moment its `deps` are done, so independent nodes overlap and sibling LLM
-calls reach the engine in the same event-loop turn, where the scheduler batches them. The
-first failing node cancels everything still running and surfaces as one
-`NodeExecutionError` naming it; a run past its timeout raises `AppTimeoutError`.
+calls reach the engine in the same event-loop turn, where the scheduler batches them and
+prefills their common prefix once. When the run starts, each waiting LLM call's `early`
+segments are prefilled into the prefix cache and its `pin` segments pinned once per app,
+so the call finds them computed. The first failing node cancels everything still running
+and surfaces as one `NodeExecutionError` naming it; a run past its timeout raises
+`AppTimeoutError`. `optimize=False` is the naive baseline: the plan without passes, one
+LLM call after the other, nothing prefilled ahead.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -22,12 +28,15 @@ from covey.errors import (
     RuntimeExecutionError,
 )
 from covey.graph.app import App
-from covey.graph.ir import Retrieve, Var
+from covey.graph.ir import Retrieve, Var, llm_template
 from covey.graph.lowering import Primitive
 from covey.graph.plan import NodePlan, Plan
 from covey.runtime.events import Event, NodeFinished, NodeStarted, RunFinished, TokenDelta
 from covey.runtime.nodes import NodeEnv, run_node, stream_generate
-from covey.runtime.trace import Trace
+from covey.runtime.render import leading_prompt
+from covey.runtime.trace import RequestTrace, Trace
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -51,13 +60,36 @@ class Runtime:
         llm: Any,
         retrievers: dict[str, Any] | None = None,
         timeout_s: float | None = None,
+        optimize: bool = True,
     ) -> None:
         if timeout_s is not None and timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
         self.llm = llm
         self.retrievers: dict[str, Any] = dict(retrievers or {})
         self.timeout_s = timeout_s
+        self.optimize = optimize
         self._timeouts: dict[str, float] = {}
+        self._naive_plans: dict[int, tuple[App, Plan]] = {}
+        self.pins: set[str] = set()  # prefixes this runtime pinned in the engine
+
+    def plan_for(self, app: App | Plan) -> Plan:
+        """The plan a run executes: the app's optimized plan, or with `optimize=False` the
+        plan no pass touched (a Plan given as is runs as given)."""
+        if isinstance(app, Plan):
+            return app
+        if self.optimize:
+            return app.plan
+        if id(app) not in self._naive_plans:
+            self._naive_plans[id(app)] = (app, app.optimize(passes=()))
+        return self._naive_plans[id(app)][1]
+
+    async def unpin_all(self) -> None:
+        """Let the engine evict the static prefixes this runtime pinned."""
+        unpin = getattr(self.llm, "unpin", None)
+        for key in list(self.pins):
+            if unpin is not None:
+                await unpin(key)
+            self.pins.discard(key)
 
     def bind_retriever(self, name: str, retriever: Any) -> None:
         """Serve `retrieve(..., index=name)` nodes from `retriever`."""
@@ -88,7 +120,7 @@ class Runtime:
 
         Closing the iterator early cancels the run and its engine requests.
         """
-        plan = app.plan if isinstance(app, App) else app
+        plan = self.plan_for(app)
         self._check(plan, inputs)
         queue: asyncio.Queue[Event | None] = asyncio.Queue()
         task = asyncio.ensure_future(self._run(plan, inputs, queue.put_nowait))
@@ -119,13 +151,6 @@ class Runtime:
                     f"{op.index!r} (bound: {bound}); call runtime.bind_retriever({op.index!r}, "
                     "index)"
                 )
-            for prim in node.primitives:
-                if prim.choices:
-                    raise RuntimeExecutionError(
-                        f"app {plan.app!r}, node {node.name!r}: {prim.var} has choices="
-                        f"{'|'.join(prim.choices)}; constrained choices are not supported by "
-                        "the runtime yet (remove choices and parse the text instead)"
-                    )
 
     async def _run(self, plan: Plan, inputs: dict[str, Any], emit: Callable[[Event], None]) -> None:
         trace = Trace(plan.app, uuid.uuid4().hex[:12])
@@ -148,12 +173,16 @@ class Runtime:
         """Start every node whose deps are done; the first failure cancels the rest."""
         values: dict[str, Any] = dict(inputs)
         generate = self._generator(plan, trace, emit)
-        env = NodeEnv(values, generate, _tokenizer(self.llm), self.retrievers)
+        env = NodeEnv(values, generate, _tokenizer(self.llm), self.retrievers, not self.optimize)
         pending, done = dict(plan.nodes), set()
         running: dict[asyncio.Task[dict[str, Any]], NodePlan] = {}
+        ahead = self._prefill_ahead(plan, env, trace) if self.optimize else []
         try:
             while pending or running:
-                for node in [n for n in pending.values() if set(n.deps) <= done]:
+                ready = [n for n in pending.values() if set(n.deps) <= done]
+                if not self.optimize:
+                    ready = ready[:1] if not running else []  # one node at a time
+                for node in ready:
                     del pending[node.name]
                     trace.start(node.name, node.kind)
                     emit(NodeStarted(node.name, node.kind, trace.now()))
@@ -164,12 +193,61 @@ class Runtime:
                     self._finish(node, task, values, trace, emit)
                     done.add(node.name)
         finally:
-            for task in running:
+            for task in [*running, *ahead]:
                 task.cancel()
-            await asyncio.gather(*running, return_exceptions=True)
+            await asyncio.gather(*running, *ahead, return_exceptions=True)
             for node in running.values():
                 trace.finish(node.name, "cancelled")
         return {name: values[var.name] for name, var in plan.outputs.items()}
+
+    def _prefill_ahead(self, plan: Plan, env: NodeEnv, trace: Trace) -> list[asyncio.Task]:
+        """Start the prefills the plan marked: each call's pinned static prefix (once per
+        app, kept cached) and, for calls that wait on other nodes, the early prefix known
+        from the request inputs. Best effort: a prefill that fails only loses the speedup."""
+        prefill = getattr(self.llm, "prefill", None)
+        if prefill is None:
+            return []
+        jobs: dict[str, tuple[Any, int, str | None]] = {}
+        for node in plan.llm_calls():
+            template = llm_template(node.op)
+            uses_roles = template.uses_roles if template is not None else False
+            resolve = lambda p: env.values[str(p.var)]  # noqa: E731
+            for upto in ("pin", "early"):
+                if upto == "early" and not node.deps:
+                    continue  # the call itself starts now
+                prompt = leading_prompt(node.primitives, upto, resolve, env.tokenizer, uses_roles)
+                if prompt is None:
+                    continue
+                key = hashlib.sha1(repr(prompt).encode()).hexdigest()[:16]
+                pin = f"{plan.app}:{key}" if upto == "pin" else None
+                if pin in self.pins:
+                    continue
+                if key not in jobs or pin is not None:
+                    jobs[key] = (prompt, node.priority, pin)
+        return [asyncio.ensure_future(self._prefill(prefill, trace, *job)) for job in jobs.values()]
+
+    async def _prefill(
+        self, prefill: Any, trace: Trace, prompt: Any, priority: int, pin: str | None
+    ) -> None:
+        try:
+            out = await prefill(prompt, priority=priority, pin=pin)
+        except Exception as exc:  # an optimization, never a reason to fail the run
+            log.debug("early prefill failed: %s", exc)
+            return
+        if pin is not None:
+            self.pins.add(pin)
+        if out is not None:
+            m = out.metrics
+            trace.prefills.append(
+                RequestTrace(
+                    out.request_id,
+                    pin or "early",
+                    m.num_prompt_tokens,
+                    0,
+                    m.num_cached_tokens,
+                    out.finish_reason,
+                )
+            )
 
     @staticmethod
     def _finish(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -33,6 +33,7 @@ class NodeEnv:
     generate: Generate
     tokenizer: ChatTokenizer | None
     retrievers: dict[str, Any]
+    sequential: bool = False  # naive baseline: fan-out elements one after the other
 
 
 async def gather_all(coros: list[Coroutine[Any, Any, Any]]) -> list[Any]:
@@ -96,11 +97,14 @@ async def run_map(env: NodeEnv, node: NodePlan, args: dict[str, Any]) -> dict[st
         raise RuntimeExecutionError(f"node {node.name!r} is not a fan-out")
     items = list(args[op.item])
     if isinstance(op.inner, LLMCall):
-        coros = [run_llm(env, node, item, i) for i, item in enumerate(items)]
+        calls = [partial(run_llm, env, node, item, i) for i, item in enumerate(items)]
     else:
         fn = op.inner.fn
-        coros = [call_python(fn, {**args, op.item: item}) for item in items]
-    results = await gather_all(coros)
+        calls = [partial(call_python, fn, {**args, op.item: item}) for item in items]
+    if env.sequential:
+        results = [await call() for call in calls]
+    else:
+        results = await gather_all([call() for call in calls])
     if isinstance(op.inner, PyCall):
         return {"result": results}
     return {name: [r[name] for r in results] for name in op.outputs}
@@ -136,6 +140,8 @@ async def stream_generate(
     suffix = f":{index}" if index is not None else ""
     rid = f"{run_id}:{prim.var}{suffix}"
     params = prim.params or SamplingParams()
+    if prim.choices:
+        params = replace(params, choices=prim.choices)
     final = None
     async for out in llm.generate(prompt, params, request_id=rid, priority=node.priority):
         if on_delta is not None and out.delta_text:

@@ -134,3 +134,39 @@ def render_prompts(
         text, ids = generated.get(var, ("", []))
         ctx.add_generated(prim.role, text, ids)
     return out
+
+
+CUT = "\x00covey-cut\x00"
+
+
+def leading_prompt(
+    prims: tuple[Primitive, ...],
+    upto: str,
+    resolve: Callable[[Primitive], Any],
+    tokenizer: ChatTokenizer | None,
+    uses_roles: bool,
+) -> str | list[Segment] | None:
+    """The prompt text of the leading prefills flagged `upto` ("early" or "pin"), exactly as
+    it begins the node's full prompt; None when there are none.
+
+    A chat template only renders whole conversations, so the rest is stood in for by a
+    marker and the rendering is cut there: the text before it is what the full prompt
+    starts with, whatever the template puts around messages.
+    """
+    ctx = Context(tokenizer, uses_roles)
+    count = 0
+    for prim in prims:
+        if prim.op != "prefill" or not getattr(prim, upto):
+            break
+        ctx.add_prefill(prim, None if prim.text is not None else resolve(prim))
+        count += 1
+    if count == 0 or count == len(prims):
+        return None
+    if not uses_roles:
+        return list(ctx.segments) or None
+    nxt = prims[count]
+    ctx._add_message_text(nxt.role or ("assistant" if nxt.op == "decode" else "user"), CUT)
+    text = ctx.prompt()
+    assert isinstance(text, str)
+    at = text.find(CUT)
+    return text[:at] if at > 0 else None

@@ -56,6 +56,7 @@ class Trace:
     started_at: float = field(default_factory=time.perf_counter)
     end: float | None = None
     nodes: dict[str, NodeTrace] = field(default_factory=dict)
+    prefills: list[RequestTrace] = field(default_factory=list)  # early and pinned prefills
 
     def now(self) -> float:
         return time.perf_counter() - self.started_at

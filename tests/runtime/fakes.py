@@ -39,6 +39,7 @@ class FakeLLM:
     log: list[tuple[str, str, float]] = field(default_factory=list)
     prompts: dict[str, Any] = field(default_factory=dict)
     priorities: dict[str, int] = field(default_factory=dict)
+    params: dict[str, SamplingParams] = field(default_factory=dict)
     aborted: list[str] = field(default_factory=list)
 
     async def generate(
@@ -47,6 +48,7 @@ class FakeLLM:
         self.log.append(("submit", request_id, time.perf_counter()))
         self.prompts[request_id] = prompt
         self.priorities[request_id] = priority
+        self.params[request_id] = params
         words = self.reply(prompt).split(" ")[: params.max_tokens]
         text, ids = "", []
         finished = False

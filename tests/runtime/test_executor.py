@@ -159,11 +159,12 @@ async def test_timeout_names_the_nodes_still_running():
     assert len(llm.aborted) == 2
 
 
-async def test_choices_are_refused_before_anything_runs():
-    llm = FakeLLM()
-    with pytest.raises(RuntimeExecutionError, match="constrained choices are not supported"):
-        await Runtime(llm).run(shapes.merge(), question="q")
-    assert llm.log == []
+async def test_choices_reach_the_engine_as_sampling_params():
+    llm = FakeLLM(reply=lambda p: "for")
+    out = await Runtime(llm).run(shapes.merge(), question="q")
+    (rid,) = [r for r in llm.params if ":judge.verdict" in r]
+    assert llm.params[rid].choices == ("for", "against")
+    assert out["verdict"] == "for"
 
 
 async def test_bad_inputs_and_unbound_retrievers_are_clear_errors():

@@ -1,0 +1,89 @@
+"""The runtime acts on the plan: pinned static prefixes, early prefill while upstream nodes
+run, and the naive baseline (`optimize=False`) that runs one call at a time."""
+
+from __future__ import annotations
+
+import asyncio
+
+import covey.graph as cg
+from covey.llm_backend.async_llm import AsyncLLM
+from covey.llm_backend.sampling_params import SamplingParams
+from covey.runtime import Runtime
+from tests.graph import shapes
+
+from .conftest import make_cpu_engine
+from .fakes import FakeLLM
+
+GREEDY = SamplingParams(max_tokens=6, temperature=0.0)
+
+
+@cg.function
+async def slow_notes(question: str) -> str:
+    await asyncio.sleep(0.3)  # stands in for retrieval: the answer's prefix is known before
+    return "Notes: the city has a river and an old bridge."
+
+
+@cg.semantic_function(params=GREEDY)
+def answer(question: str, notes: str):
+    """{{#system}}
+    You answer questions about cities. Be brief, be accurate, name one place only. You
+    never guess: when the notes do not say, you answer with what is widely known. You keep
+    to one short sentence and you do not repeat the question back to the user.
+    {{#user}}
+    Question: {{question}}
+    {{notes}}
+    {{#assistant}}
+    {{gen text}}"""
+
+
+@cg.app
+def city_qa(question: str):
+    return answer(question=question, notes=slow_notes(question=question))
+
+
+async def _run(runtime: Runtime, question: str):
+    return await runtime.run_traced(city_qa, question=question)
+
+
+async def test_static_prefix_is_pinned_and_the_early_prefix_prefilled_during_upstream_work():
+    llm = AsyncLLM(engine=make_cpu_engine())
+    try:
+        runtime = Runtime(llm)
+        first = await _run(runtime, "Which river flows through Prague?")
+        kinds = sorted(p.var.split(":")[0] for p in first.trace.prefills)
+        assert kinds == ["city_qa", "early"], first.trace.prefills
+        pinned = llm.engine.pinned
+        assert len(pinned) == 1 and next(iter(pinned.values())) >= 32
+        (req,) = first.trace.nodes["answer"].requests
+        early = next(p for p in first.trace.prefills if p.var == "early")
+        assert req.cached_tokens >= early.prompt_tokens - 16  # found the early prefill
+
+        second = await _run(runtime, "Which river flows through Vienna?")
+        assert all(p.var == "early" for p in second.trace.prefills)  # pinned once per app
+        (req,) = second.trace.nodes["answer"].requests
+        assert req.cached_tokens >= next(iter(pinned.values()))
+
+        naive_llm = AsyncLLM(engine=make_cpu_engine(enable_prefix_caching=False))
+        try:
+            naive_runtime = Runtime(naive_llm, optimize=False)
+            naive = await _run(naive_runtime, "Which river flows through Vienna?")
+        finally:
+            await naive_llm.close()
+        assert naive.outputs == second.outputs
+        assert naive.trace.prefills == []
+        await runtime.unpin_all()
+        assert llm.engine.pinned == {}
+    finally:
+        await llm.close()
+
+
+async def test_naive_runtime_runs_one_node_at_a_time_with_the_same_outputs():
+    app = shapes.branch()
+    fast = await Runtime(FakeLLM()).run_traced(app, question="q")
+    naive = await Runtime(FakeLLM(), optimize=False).run_traced(app, question="q")
+    assert fast.outputs == naive.outputs
+    assert fast.trace.overlapped("argue_for", "argue_against")
+    assert not naive.trace.overlapped("argue_for", "argue_against")
+    naive_plan = Runtime(FakeLLM(), optimize=False).plan_for(app)
+    assert all(n.priority == 0 and not n.prefix_groups for n in naive_plan.nodes.values())
+    assert not any(p.early or p.pin for n in naive_plan.nodes.values() for p in n.primitives)

@@ -6,7 +6,7 @@ each DSL call inside it adds a node, and what it returns becomes the app's outpu
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import networkx as nx
@@ -83,6 +83,24 @@ class App:
         """The optimized plan as text; `print(app.explain())`."""
         plan = self.plan if awaited is None else self.optimize(awaited)
         return plan.explain()
+
+    def __call__(self, **inputs: Any) -> dict[str, Any]:
+        """Run the app on the default runtime (see `covey.runtime.default_runtime`)."""
+        from covey.runtime.background import default_runtime
+
+        return default_runtime().run(self, **inputs)
+
+    async def acall(self, **inputs: Any) -> dict[str, Any]:
+        """Like calling the app, awaited from any event loop."""
+        from covey.runtime.background import default_runtime
+
+        return await default_runtime().arun(self, **inputs)
+
+    def stream(self, **inputs: Any) -> AsyncIterator[Any]:
+        """Node start/finish events and token deltas of output variables, then RunFinished."""
+        from covey.runtime.background import default_runtime
+
+        return default_runtime().stream(self, **inputs)
 
     def to_mermaid(self) -> str:
         return to_mermaid(self.plan.graph)

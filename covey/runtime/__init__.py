@@ -6,12 +6,14 @@ token deltas; `run_traced(...)` adds the per-run `Trace`.
 
 from __future__ import annotations
 
+from covey.runtime.background import BackgroundRuntime, default_runtime, set_default_runtime
 from covey.runtime.events import Event, NodeFinished, NodeStarted, RunFinished, TokenDelta
 from covey.runtime.executor import RunResult, Runtime
 from covey.runtime.render import Context, render_prompts
 from covey.runtime.trace import NodeTrace, RequestTrace, Trace
 
 __all__ = [
+    "BackgroundRuntime",
     "Context",
     "Event",
     "NodeFinished",
@@ -23,5 +25,7 @@ __all__ = [
     "Runtime",
     "TokenDelta",
     "Trace",
+    "default_runtime",
     "render_prompts",
+    "set_default_runtime",
 ]

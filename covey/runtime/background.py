@@ -1,0 +1,132 @@
+"""`BackgroundRuntime`: a Runtime on its own event-loop thread.
+
+The engine's async front end belongs to one event loop, yet apps are called from plain
+scripts, notebooks and other loops. Running the Runtime on a private loop lets all of
+them share one engine: `run` blocks, `arun` and `stream` await from any loop. This is what
+`app(...)`, `await app.acall(...)` and `app.stream(...)` use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Coroutine
+from concurrent.futures import Future
+from typing import Any
+
+from covey.errors import RuntimeExecutionError
+from covey.graph.app import App
+from covey.graph.plan import Plan
+from covey.llm_backend.async_llm import AsyncLLM
+from covey.llm_backend.llm_engine import LLMEngine
+from covey.runtime.events import Event
+from covey.runtime.executor import Runtime
+
+_END = object()
+
+
+class BackgroundRuntime:
+    """`engine` reuses a built engine; otherwise `model` and `engine_config` make one."""
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        engine: LLMEngine | None = None,
+        retrievers: dict[str, Any] | None = None,
+        timeout_s: float | None = None,
+        optimize: bool = True,
+        **engine_config: Any,
+    ) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="covey-runtime", daemon=True
+        )
+        self._thread.start()
+        self._closed = False
+        self.llm = AsyncLLM(model, engine=engine, **engine_config)
+        self.runtime = Runtime(self.llm, retrievers, timeout_s, optimize)
+
+    def bind_retriever(self, name: str, retriever: Any) -> None:
+        self.runtime.bind_retriever(name, retriever)
+
+    def _submit(self, coro: Coroutine[Any, Any, Any]) -> Future[Any]:
+        if self._closed:
+            coro.close()
+            raise RuntimeExecutionError("this runtime is closed")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    def run(self, app: App | Plan, **inputs: Any) -> dict[str, Any]:
+        """Run `app` and block until its outputs are ready."""
+        if threading.current_thread() is self._thread:
+            raise RuntimeExecutionError("run() would block the runtime's own loop; use arun()")
+        return self._submit(self.runtime.run(app, **inputs)).result()
+
+    async def arun(self, app: App | Plan, **inputs: Any) -> dict[str, Any]:
+        """Run `app` from any event loop."""
+        return await asyncio.wrap_future(self._submit(self.runtime.run(app, **inputs)))
+
+    async def stream(self, app: App | Plan, **inputs: Any) -> AsyncIterator[Event]:
+        """Node events and token deltas, relayed to the caller's loop; closing the iterator
+        cancels the run."""
+        caller = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        def put(item: Any) -> None:
+            caller.call_soon_threadsafe(queue.put_nowait, item)
+
+        async def pump() -> None:
+            try:
+                async for event in self.runtime.stream(app, **inputs):
+                    put(event)
+            except Exception as exc:
+                put(exc)
+            finally:
+                put(_END)
+
+        future = self._submit(pump())
+        try:
+            while (item := await queue.get()) is not _END:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            future.cancel()
+
+    def close(self) -> None:
+        """Stop the engine and the loop thread; later calls raise."""
+        if self._closed:
+            return
+        asyncio.run_coroutine_threadsafe(self.llm.close(), self._loop).result()
+        self._closed = True
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+
+    def __enter__(self) -> BackgroundRuntime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_default: BackgroundRuntime | None = None
+_default_lock = threading.Lock()
+
+
+def default_runtime() -> BackgroundRuntime:
+    """The process-wide runtime behind `app(...)`; built on first use with the embedded
+    model. Bind retrievers with `default_runtime().bind_retriever(name, index)`."""
+    global _default
+    with _default_lock:
+        if _default is None or _default._closed:
+            _default = BackgroundRuntime()
+        return _default
+
+
+def set_default_runtime(runtime: BackgroundRuntime | None) -> BackgroundRuntime | None:
+    """Use `runtime` for `app(...)` calls (None: build the default on next use); returns
+    the previous one, which stays open."""
+    global _default
+    with _default_lock:
+        previous, _default = _default, runtime
+        return previous

@@ -25,6 +25,12 @@ from covey.runtime.executor import Runtime
 _END = object()
 
 
+async def _make_llm(model: str | None, engine: LLMEngine | None, config: dict) -> AsyncLLM:
+    """Built on the loop thread, which runs the engine's steps on CPU: the thread that
+    loads the weights is then the only one running parallel torch ops (see AsyncLLM)."""
+    return AsyncLLM(model, engine=engine, **config)
+
+
 class BackgroundRuntime:
     """`engine` reuses a built engine; otherwise `model` and `engine_config` make one."""
 
@@ -44,7 +50,7 @@ class BackgroundRuntime:
         )
         self._thread.start()
         self._closed = False
-        self.llm = AsyncLLM(model, engine=engine, **engine_config)
+        self.llm: AsyncLLM = self._submit(_make_llm(model, engine, engine_config)).result()
         self.runtime = Runtime(self.llm, retrievers, timeout_s, optimize)
 
     def bind_retriever(self, name: str, retriever: Any) -> None:

@@ -78,16 +78,22 @@ async def run_llm(
 
 async def run_retrieve(env: NodeEnv, op: Retrieve, query: str) -> list[Any]:
     """A `covey.retrieval.Retriever` keeps its sources and reranker; anything with
-    `search(query, k, mode)` (a `DocumentIndex`) is searched with the node's k and mode."""
+    `search(query, k, mode)` (a `DocumentIndex`) is searched with the node's k and mode.
+
+    covey's own indexes search on the loop's thread (milliseconds): their query embedding
+    is a torch forward, and torch ops on a second thread slow the CPU engine down (see
+    AsyncLLM). Other retrievers may block on I/O, so they run on a worker thread.
+    """
+    from covey.retrieval.document_index import DocumentIndex
     from covey.retrieval.retriever import Retriever
 
     bound = env.retrievers[op.index]
     if isinstance(bound, Retriever):
         sources = list(bound.config.sources) if bound.config.sources is not None else None
-        fn = partial(bound.index.search, query, op.k, op.mode, sources, bound.reranker)
-    else:
-        fn = partial(bound.search, query, op.k, op.mode)
-    return list(await asyncio.to_thread(fn))
+        return list(bound.index.search(query, op.k, op.mode, sources, bound.reranker))
+    if isinstance(bound, DocumentIndex):
+        return list(bound.search(query, op.k, op.mode))
+    return list(await asyncio.to_thread(partial(bound.search, query, op.k, op.mode)))
 
 
 async def run_map(env: NodeEnv, node: NodePlan, args: dict[str, Any]) -> dict[str, list[Any]]:

@@ -1,1 +1,9 @@
-"""Example apps (not built yet: see issue 4)."""
+"""Example apps built on the DSL, each a module with a ready `App` and a `build_*` factory:
+
+- `rag_chatbot`: the default app, multi-turn RAG over the Python docs with citations
+  (`RagChatbot` keeps per-session history);
+- `advanced_rag`: query expansion, parallel retrieval, reciprocal-rank fusion, one answer;
+- `mapreduce_summary`: split a long text, summarize the pieces in parallel, combine.
+
+Run any of them with `covey.runtime.Runtime(llm, retrievers={"pydocs": index}).run(app, ...)`.
+"""

@@ -1,0 +1,98 @@
+"""Per-session conversation history for chat apps, bounded so a server's memory stays flat.
+
+The app graph is stateless: history enters it as one `str` input. This store keeps the last
+turns of each session, evicts the least recently used session past a limit, and gives each
+session an `asyncio.Lock` so one session's turns run one at a time (each sees the previous
+answer) while different sessions run concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+from covey.errors import InvalidRequestError
+
+MAX_TURNS = 4
+MAX_SESSIONS = 1024
+MAX_SESSION_ID_CHARS = 128
+HISTORY_HEADER = "Earlier in this conversation:"
+
+
+@dataclass(frozen=True)
+class Turn:
+    question: str
+    answer: str
+
+
+@dataclass
+class Session:
+    """One conversation; `turns` keeps only the most recent `maxlen` turns."""
+
+    turns: deque[Turn]
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+def format_history(turns: tuple[Turn, ...] | list[Turn]) -> str:
+    """The turns as prompt text ending in a blank line, or "" when there are none, so a
+    template can put `{{history}}` straight before the question."""
+    if not turns:
+        return ""
+    lines = [HISTORY_HEADER]
+    for turn in turns:
+        lines += [f"User: {turn.question}", f"Assistant: {turn.answer}"]
+    return "\n".join(lines) + "\n\n"
+
+
+def check_session_id(session_id: str) -> None:
+    if not isinstance(session_id, str) or not session_id.strip():
+        raise InvalidRequestError("session_id must be a non-empty string")
+    if len(session_id) > MAX_SESSION_ID_CHARS:
+        raise InvalidRequestError(
+            f"session_id is {len(session_id)} characters; the limit is {MAX_SESSION_ID_CHARS}"
+        )
+
+
+class SessionStore:
+    """Sessions by id, least recently used first.
+
+    Methods are synchronous and never await, so on one event loop each runs atomically;
+    a session evicted or reset while a turn is in flight loses that turn, as it should.
+    """
+
+    def __init__(self, max_turns: int = MAX_TURNS, max_sessions: int = MAX_SESSIONS) -> None:
+        if max_turns < 0:
+            raise ValueError(f"max_turns must be >= 0 (0 keeps no history), got {max_turns}")
+        if max_sessions <= 0:
+            raise ValueError(f"max_sessions must be positive, got {max_sessions}")
+        self.max_turns = max_turns
+        self.max_sessions = max_sessions
+        self._sessions: OrderedDict[str, Session] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __contains__(self, session_id: str) -> bool:
+        return session_id in self._sessions
+
+    def session(self, session_id: str) -> Session:
+        """The session, created if new and marked most recently used; may evict the oldest."""
+        check_session_id(session_id)
+        found = self._sessions.get(session_id)
+        if found is None:
+            found = Session(deque(maxlen=self.max_turns))
+            self._sessions[session_id] = found
+            while len(self._sessions) > self.max_sessions:
+                self._sessions.popitem(last=False)
+        self._sessions.move_to_end(session_id)
+        return found
+
+    def turns(self, session_id: str) -> tuple[Turn, ...]:
+        """The kept turns, oldest first; empty for an unknown session (creates nothing)."""
+        found = self._sessions.get(session_id)
+        return tuple(found.turns) if found is not None else ()
+
+    def reset(self, session_id: str) -> bool:
+        """Forget the session; whether it existed."""
+        return self._sessions.pop(session_id, None) is not None

@@ -1,0 +1,77 @@
+"""Numbered passages in, cited passages out: the contract between a RAG prompt and its answer.
+
+The prompt shows each retrieved result as `[n] text (source)`; the model cites `[n]`. Parsing
+the numbers back maps them to the exact chunks the answer used, so a caller can show sources
+without trusting the model to copy ids or file names.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from covey.retrieval.documents import SearchResult
+
+SNIPPET_CHARS = 200
+# `[2]`, `[1, 3]` and `[1][2]` all cite.
+_CITE = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
+# Code is not prose: `[1, 2, 3]` in an example is a list, not three citations. A fence the
+# answer never closed (it ran out of tokens) runs to the end.
+_CODE = re.compile(r"```.*?(?:```|\Z)|`[^`\n]*`", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Citation:
+    """Passage `number` (from 1, as shown in the prompt) and the chunk it was."""
+
+    number: int
+    chunk_id: str
+    source: str
+    snippet: str
+
+
+def format_passages(results: list[SearchResult]) -> str:
+    """One `[n] text (source)` line per result, numbered from 1 in ranking order."""
+    lines = [
+        f"[{i}] {' '.join(r.chunk.text.split())} ({r.chunk.source})"
+        for i, r in enumerate(results, start=1)
+    ]
+    return "\n".join(lines)
+
+
+def snippet(text: str, limit: int = SNIPPET_CHARS) -> str:
+    """The start of `text` on one line, cut at a word boundary with an ellipsis."""
+    flat = " ".join(text.split())
+    if len(flat) <= limit:
+        return flat
+    cut = flat[:limit].rsplit(" ", 1)[0] or flat[:limit]
+    return cut + "..."
+
+
+def citation(number: int, result: SearchResult) -> Citation:
+    chunk = result.chunk
+    return Citation(number, chunk.id, chunk.source, snippet(chunk.text))
+
+
+def cited_numbers(answer: str, count: int) -> list[int]:
+    """Passage numbers `answer` cites outside code, first mention first, each once.
+
+    A bracket with any number outside 1..count is not a citation (it is an index or a
+    list), so none of its numbers count.
+    """
+    seen: dict[int, None] = {}
+    for match in _CITE.finditer(_CODE.sub(" ", answer)):
+        numbers = [int(part) for part in match.group(1).split(",")]
+        if all(1 <= n <= count for n in numbers):
+            seen.update(dict.fromkeys(numbers))
+    return list(seen)
+
+
+def parse_citations(answer: str, results: list[SearchResult]) -> tuple[Citation, ...]:
+    """The passages `answer` cites; empty when it cites none of `results`."""
+    return tuple(citation(n, results[n - 1]) for n in cited_numbers(answer, len(results)))
+
+
+def all_citations(results: list[SearchResult]) -> tuple[Citation, ...]:
+    """Every result as a citation: the fallback when an answer cites nothing."""
+    return tuple(citation(i, r) for i, r in enumerate(results, start=1))

@@ -1,0 +1,164 @@
+"""The default app: a chatbot that answers questions about Python from the Python docs.
+
+Each turn retrieves passages for the question, numbers them `[n] text (source)`, and asks
+the model to answer from them citing `[n]`. The app graph stays stateless so the optimizer
+can plan it once: `RagChatbot` keeps each session's recent turns and passes them in as the
+`history` input, then maps the cited numbers back to chunks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import covey.graph as cg
+from covey.apps.chat_history import MAX_SESSIONS, MAX_TURNS, SessionStore, Turn, format_history
+from covey.apps.citations import Citation, all_citations, format_passages, parse_citations
+from covey.errors import InvalidRequestError
+from covey.graph import App
+from covey.llm_backend.sampling_params import SamplingParams
+from covey.runtime import Runtime
+from covey.runtime.trace import Trace
+
+if TYPE_CHECKING:
+    from covey.retrieval.document_index import DocumentIndex
+
+INDEX_NAME = "pydocs"
+TOP_K = 4
+ANSWER_MAX_TOKENS = 96
+MAX_QUESTION_CHARS = 2000
+
+
+def answer_with_citations(context: str, history: str, question: str):
+    """{{#system}}
+    You are a helpful assistant for Python programmers. Answer the question using the
+    numbered passages, and cite each passage you use by its number, like [1].
+    {{#user}}
+    Passages:
+    {{context}}
+
+    {{history}}Question: {{question}}
+    {{#assistant}}
+    {{gen answer}}"""
+
+
+def build_rag_app(
+    index: str = INDEX_NAME,
+    k: int = TOP_K,
+    max_tokens: int = ANSWER_MAX_TOKENS,
+    mode: str = "hybrid",
+) -> App:
+    """The chatbot's graph: retrieve -> number the passages -> answer with citations.
+
+    Inputs `question` and `history` (prompt text, "" on a first turn); outputs `answer` and
+    `results` (the retrieved passages, in the order they were numbered). Greedy decoding.
+    """
+    answer_fn = cg.semantic_function(
+        answer_with_citations, params=SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    )
+    passages = cg.function(format_passages)
+
+    @cg.app(name="rag_chatbot")
+    def rag_chatbot(question: str, history: str):
+        results = cg.retrieve(question, k=k, index=index, mode=mode)
+        answer = answer_fn(context=passages(results), history=history, question=question)
+        return {"answer": answer, "results": results}
+
+    return rag_chatbot
+
+
+rag_app = build_rag_app()
+
+
+def open_pydocs_index(root: str | Path | None = None, **kwargs: Any) -> DocumentIndex:
+    """The Python-docs index the default app searches, built on first use (minutes; keyword
+    arguments go to `ensure_default_index`, e.g. `limit` for a quick partial build)."""
+    from covey.retrieval.default_corpus import ensure_default_index
+
+    return ensure_default_index(root, **kwargs)
+
+
+@dataclass(frozen=True)
+class ChatAnswer:
+    """One turn's reply. `cited` is False when the answer cited no passage, in which case
+    `citations` lists every retrieved passage instead."""
+
+    session_id: str
+    answer: str
+    citations: tuple[Citation, ...]
+    cited: bool
+    trace: Trace
+
+
+class RagChatbot:
+    """Multi-turn chat over an index: `await bot.ask(session, question)`.
+
+    `runtime` must bind a retriever under the app's index name (`INDEX_NAME` for the default
+    app); `from_llm` does that. Turns of one session run one at a time, each seeing the
+    last `max_turns` turns; sessions run concurrently.
+    """
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        app: App | None = None,
+        max_turns: int = MAX_TURNS,
+        max_sessions: int = MAX_SESSIONS,
+        max_question_chars: int = MAX_QUESTION_CHARS,
+    ) -> None:
+        app = app if app is not None else rag_app
+        takes, returns = set(app.inputs), set(app.outputs)
+        if takes != {"question", "history"} or not {"answer", "results"} <= returns:
+            raise ValueError(
+                f"app {app.name!r} must take inputs question and history and return answer and "
+                f"results (it takes {', '.join(app.inputs) or 'nothing'} and returns "
+                f"{', '.join(app.outputs)}); build it with build_rag_app()"
+            )
+        if max_question_chars <= 0:
+            raise ValueError(f"max_question_chars must be positive, got {max_question_chars}")
+        self.runtime = runtime
+        self.app = app
+        self.max_question_chars = max_question_chars
+        self.sessions = SessionStore(max_turns, max_sessions)
+
+    @classmethod
+    def from_llm(cls, llm: Any, index: Any | None = None, **kwargs: Any) -> RagChatbot:
+        """A chatbot over `index` (default: the Python docs), served by `llm`."""
+        index = index if index is not None else open_pydocs_index()
+        return cls(Runtime(llm, retrievers={INDEX_NAME: index}), **kwargs)
+
+    def _check(self, question: str) -> str:
+        if not isinstance(question, str) or not question.strip():
+            raise InvalidRequestError("question is empty; ask something")
+        question = question.strip()
+        if len(question) > self.max_question_chars:
+            raise InvalidRequestError(
+                f"question is {len(question)} characters; the limit is "
+                f"{self.max_question_chars} (shorten it)"
+            )
+        return question
+
+    async def ask(self, session_id: str, question: str) -> ChatAnswer:
+        """Answer `question` in the context of the session's earlier turns, then record it."""
+        question = self._check(question)
+        session = self.sessions.session(session_id)
+        async with session.lock:
+            history = format_history(tuple(session.turns))
+            run = await self.runtime.run_traced(self.app, question=question, history=history)
+            answer = run.outputs["answer"].strip()
+            results = run.outputs["results"]
+            session.turns.append(Turn(question, answer))
+        citations = parse_citations(answer, results)
+        cited = bool(citations)
+        if not cited:
+            citations = all_citations(results)
+        return ChatAnswer(session_id, answer, citations, cited, run.trace)
+
+    def history(self, session_id: str) -> tuple[Turn, ...]:
+        """The turns kept for the session, oldest first."""
+        return self.sessions.turns(session_id)
+
+    def reset(self, session_id: str) -> bool:
+        """Forget the session's history; whether there was one."""
+        return self.sessions.reset(session_id)

@@ -1,0 +1,146 @@
+"""The chatbot on a stand-in engine (history, locking, validation) and on the real model."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+import covey.graph as cg
+from covey.apps.chat_history import Turn
+from covey.apps.rag_chatbot import (
+    INDEX_NAME,
+    RagChatbot,
+    build_rag_app,
+    open_pydocs_index,
+    rag_app,
+)
+from covey.errors import InvalidRequestError
+from covey.runtime import Runtime
+from tests.runtime.fakes import FakeLLM
+
+from .fakes import FakeRetriever, hit
+
+APP = build_rag_app(k=3, max_tokens=24)
+RESULTS = [hit("For loops iterate.", "pydoc:for"), hit("With closes files.", "pydoc:with")]
+
+
+def fake_bot(reply: str = "Use a for loop [1].", **kwargs) -> tuple[RagChatbot, FakeLLM]:
+    llm = FakeLLM(reply=lambda prompt: reply, token_delay=0.005)
+    runtime = Runtime(llm, retrievers={INDEX_NAME: FakeRetriever(RESULTS)})
+    return RagChatbot(runtime, **kwargs), llm
+
+
+def prompt_of(llm: FakeLLM, answer) -> str:
+    (request,) = answer.trace.nodes["answer_with_citations"].requests
+    return llm.prompts[request.request_id]
+
+
+async def test_a_session_sees_its_own_earlier_turns_only():
+    bot, llm = fake_bot()
+    first = await bot.ask("a", "How do I loop?")
+    second = await bot.ask("a", "And files?")
+    other = await bot.ask("b", "And files?")
+    assert "Earlier in this conversation" not in prompt_of(llm, first)
+    assert "User: How do I loop?\nAssistant: Use a for loop [1]." in prompt_of(llm, second)
+    assert "How do I loop?" not in prompt_of(llm, other)
+    assert "[1] For loops iterate. (pydoc:for)" in prompt_of(llm, first)
+    assert [t.question for t in bot.history("a")] == ["How do I loop?", "And files?"]
+
+
+async def test_turns_of_one_session_run_one_at_a_time():
+    bot, llm = fake_bot()
+    first, second = await asyncio.gather(bot.ask("a", "One?"), bot.ask("a", "Two?"))
+    assert "User: One?" in prompt_of(llm, second)  # the lock made the second wait
+
+
+async def test_sessions_run_concurrently():
+    bot, llm = fake_bot()
+    await asyncio.gather(bot.ask("a", "One?"), bot.ask("b", "Two?"))
+    submits = [t for e, _, t in llm.log if e == "submit"]
+    finishes = [t for e, _, t in llm.log if e == "finish"]
+    assert max(submits) < min(finishes)
+
+
+async def test_history_is_bounded_and_reset_forgets_it():
+    bot, llm = fake_bot(max_turns=1)
+    for q in ("One?", "Two?"):
+        await bot.ask("a", q)
+    third = await bot.ask("a", "Three?")
+    assert "User: Two?" in prompt_of(llm, third) and "User: One?" not in prompt_of(llm, third)
+    assert bot.reset("a") is True and bot.history("a") == () and bot.reset("a") is False
+    fresh = await bot.ask("a", "Four?")
+    assert "Earlier in this conversation" not in prompt_of(llm, fresh)
+
+
+async def test_citations_are_parsed_or_fall_back_to_every_passage():
+    bot, _ = fake_bot("Close it with a with statement [2].")
+    answer = await bot.ask("a", "Files?")
+    assert answer.cited and [(c.number, c.source) for c in answer.citations] == [(2, "pydoc:with")]
+    assert answer.citations[0].chunk_id == RESULTS[1].chunk.id
+    bot, _ = fake_bot("I do not know.")
+    answer = await bot.ask("a", "Files?")
+    assert not answer.cited and [c.number for c in answer.citations] == [1, 2]
+
+
+async def test_bad_questions_are_refused_before_anything_runs():
+    bot, llm = fake_bot(max_question_chars=10)
+    with pytest.raises(InvalidRequestError, match="question is empty; ask something"):
+        await bot.ask("a", "  \n")
+    with pytest.raises(InvalidRequestError, match="question is 11 characters; the limit is 10"):
+        await bot.ask("a", "x" * 11)
+    with pytest.raises(InvalidRequestError, match="session_id must be a non-empty string"):
+        await bot.ask("", "Hi?")
+    assert llm.log == [] and len(bot.sessions) == 0
+
+
+def test_bad_configuration_is_refused():
+    runtime = Runtime(FakeLLM())
+
+    @cg.app
+    def echo(question: str):
+        return {"answer": question}
+
+    with pytest.raises(ValueError, match="must take inputs question and history and return"):
+        RagChatbot(runtime, app=echo)
+    with pytest.raises(ValueError, match="max_question_chars must be positive"):
+        RagChatbot(runtime, max_question_chars=0)
+    assert RagChatbot(runtime).app is rag_app
+
+
+async def test_from_llm_binds_the_index_under_the_apps_name():
+    retriever = FakeRetriever(RESULTS)
+    bot = RagChatbot.from_llm(FakeLLM(reply=lambda p: "Loop [1]."), retriever, max_turns=2)
+    answer = await bot.ask("a", "Loops?")
+    assert answer.cited and retriever.queries == ["Loops?"] and bot.sessions.max_turns == 2
+
+
+def test_the_default_index_is_the_python_docs(tmp_path, embedder, tokenizer):
+    index = open_pydocs_index(
+        tmp_path / "pydocs", limit=2, progress=False, embedder=embedder, tokenizer=tokenizer
+    )
+    assert len(index) > 0 and all(c.source.startswith("pydoc:") for c in index.chunks)
+
+
+async def test_real_model_answers_from_the_index_and_keeps_history(real_llm, tiny_index):
+    bot = RagChatbot(Runtime(real_llm, retrievers={INDEX_NAME: tiny_index}), APP)
+    question = "How do I loop over the items of a list?"
+    first = await bot.ask("a", question)
+    retrieved = tiny_index.search(question, 3, "hybrid")
+    assert first.answer and first.citations
+    assert "pydoc:for" in [r.chunk.source for r in retrieved]
+    for c in first.citations:
+        assert retrieved[c.number - 1].chunk.id == c.chunk_id
+        assert c.source == retrieved[c.number - 1].chunk.source
+
+    def prompt_tokens(answer) -> int:
+        return answer.trace.nodes["answer_with_citations"].requests[0].prompt_tokens
+
+    follow_up = "What if a dictionary key is missing?"
+    second, other = await bot.ask("a", follow_up), await bot.ask("b", follow_up)
+    assert second.answer and other.answer
+    assert prompt_tokens(second) > prompt_tokens(other)  # the first turn is in a's prompt
+    assert bot.history("a") == (Turn(question, first.answer), Turn(follow_up, second.answer))
+    bot.reset("a")
+    again = await bot.ask("a", follow_up)
+    assert prompt_tokens(again) == prompt_tokens(other)

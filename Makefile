@@ -26,7 +26,7 @@ test: setup
 	$(PY) -m pytest -q
 
 demo: setup
-	$(VENV)/bin/covey chat
+	$(VENV)/bin/covey chat --docs
 
 bench: setup
 	$(PIP) install -e ".[bench]"

@@ -8,6 +8,7 @@ can plan it once: `RagChatbot` keeps each session's recent turns and passes them
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 import covey.graph as cg
 from covey.apps.chat_history import MAX_SESSIONS, MAX_TURNS, SessionStore, Turn, format_history
 from covey.apps.citations import Citation, all_citations, format_passages, parse_citations
-from covey.errors import InvalidRequestError
+from covey.errors import InvalidRequestError, RuntimeExecutionError
 from covey.graph import App
 from covey.llm_backend.sampling_params import SamplingParams
-from covey.runtime import Runtime
+from covey.runtime import RunFinished, Runtime, TokenDelta
 from covey.runtime.trace import Trace
 
 if TYPE_CHECKING:
@@ -139,13 +140,27 @@ class RagChatbot:
             )
         return question
 
-    async def ask(self, session_id: str, question: str) -> ChatAnswer:
-        """Answer `question` in the context of the session's earlier turns, then record it."""
+    async def ask(
+        self, session_id: str, question: str, on_token: Callable[[str], None] | None = None
+    ) -> ChatAnswer:
+        """Answer `question` in the context of the session's earlier turns, then record it.
+
+        `on_token` receives the answer's text as it is generated (for a terminal or an SSE
+        stream); the returned answer is the same text, stripped.
+        """
         question = self._check(question)
         session = self.sessions.session(session_id)
+        answer_var = self.app.outputs["answer"].name
         async with session.lock:
             history = format_history(tuple(session.turns))
-            run = await self.runtime.run_traced(self.app, question=question, history=history)
+            run: RunFinished | None = None
+            async for event in self.runtime.stream(self.app, question=question, history=history):
+                if isinstance(event, TokenDelta) and event.var == answer_var and on_token:
+                    on_token(event.text)
+                elif isinstance(event, RunFinished):
+                    run = event
+            if run is None:
+                raise RuntimeExecutionError("the chatbot run ended without a result")
             answer = run.outputs["answer"].strip()
             results = run.outputs["results"]
             session.turns.append(Turn(question, answer))

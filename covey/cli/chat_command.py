@@ -1,8 +1,13 @@
-"""`covey chat`: an interactive multi-turn chat on the engine, streamed token by token."""
+"""`covey chat`: an interactive multi-turn chat on the engine, streamed token by token.
+
+`--docs` chats with the default app instead: the RAG chatbot over the Python docs, which
+answers from retrieved passages and lists the sources it cites.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 
 from covey.cli.engine_args import add_engine_args, build_engine, sampling_params, stream_to
@@ -13,12 +18,27 @@ HELP = "Type a message and press Enter. /reset starts over, /exit (or Ctrl-D) qu
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("chat", help="interactive chat with the model")
     p.add_argument("--system", default=None, help="a system prompt for the conversation")
+    p.add_argument(
+        "--docs",
+        action="store_true",
+        help="answer from the Python docs with citations (the default RAG app; builds the "
+        "docs index on first use)",
+    )
+    p.add_argument(
+        "--index", default=None, help="with --docs: an index folder (default: the pydocs index)"
+    )
     add_engine_args(p)
-    p.set_defaults(func=run, max_tokens=512, temperature=0.7, top_p=0.9)  # like ollama: varied
+    # like ollama: varied answers; --docs keeps its app's own (greedy) sampling
+    p.set_defaults(func=run, max_tokens=None, temperature=0.7, top_p=0.9)
 
 
 def run(args: argparse.Namespace) -> int:
     from covey.errors import InvalidRequestError
+
+    if args.docs:
+        return asyncio.run(_docs_chat(args))
+    if args.max_tokens is None:
+        args.max_tokens = 512
 
     print("covey chat: loading the model...", file=sys.stderr, flush=True)
     engine = build_engine(args)
@@ -30,13 +50,9 @@ def run(args: argparse.Namespace) -> int:
     interactive = sys.stdin.isatty()
     print(f"covey chat with {engine.model_name}. {HELP}", file=sys.stderr, flush=True)
     while True:
-        if interactive:
-            sys.stdout.write(">>> ")
-            sys.stdout.flush()
-        line = sys.stdin.readline()
-        if not line or line.strip() == "/exit":
+        message = _read_line(interactive)
+        if message is None:
             return 0
-        message = line.strip()
         if not message:
             continue
         if message == "/reset":
@@ -58,3 +74,56 @@ def run(args: argparse.Namespace) -> int:
 def _write(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
+
+
+def _read_line(interactive: bool) -> str | None:
+    """The next message; None at end of input or /exit."""
+    if interactive:
+        sys.stdout.write(">>> ")
+        sys.stdout.flush()
+    line = sys.stdin.readline()
+    if not line or line.strip() == "/exit":
+        return None
+    return line.strip()
+
+
+async def _docs_chat(args: argparse.Namespace) -> int:
+    from covey.apps.rag_chatbot import (
+        ANSWER_MAX_TOKENS,
+        RagChatbot,
+        build_rag_app,
+        open_pydocs_index,
+    )
+    from covey.errors import InvalidRequestError, NodeExecutionError
+    from covey.llm_backend.async_llm import AsyncLLM
+    from covey.runtime import Runtime
+
+    print("covey chat --docs: loading the model and the docs index...", file=sys.stderr)
+    if args.index is not None:  # an index the user built: open it, never build one there
+        from covey.retrieval.document_index import DocumentIndex
+
+        index = DocumentIndex.open(args.index)
+    else:
+        index = open_pydocs_index()
+    app = build_rag_app(max_tokens=args.max_tokens or ANSWER_MAX_TOKENS)
+    async with AsyncLLM(engine=build_engine(args)) as llm:
+        bot = RagChatbot(Runtime(llm, retrievers={"pydocs": index}), app)
+        interactive = sys.stdin.isatty()
+        print(f"covey chat --docs: ask about Python. {HELP}", file=sys.stderr, flush=True)
+        while (message := await asyncio.to_thread(_read_line, interactive)) is not None:
+            if not message:
+                continue
+            if message == "/reset":
+                bot.reset("cli")
+                print("(conversation cleared)", flush=True)
+                continue
+            try:
+                reply = await bot.ask("cli", message, on_token=_write)
+            except (InvalidRequestError, NodeExecutionError) as exc:
+                print(f"\n(error: {exc}; /reset to start over)", flush=True)
+                continue
+            print(flush=True)
+            label = "Sources" if reply.cited else "Retrieved (none cited)"
+            sources = ", ".join(f"[{c.number}] {c.source}" for c in reply.citations)
+            print(f"{label}: {sources}", flush=True)
+    return 0

@@ -73,6 +73,13 @@ async def test_history_is_bounded_and_reset_forgets_it():
     assert "Earlier in this conversation" not in prompt_of(llm, fresh)
 
 
+async def test_on_token_streams_the_answer_as_it_is_generated():
+    bot, _ = fake_bot("Close it with a with statement [2].")
+    pieces: list[str] = []
+    answer = await bot.ask("a", "Files?", on_token=pieces.append)
+    assert len(pieces) > 1 and "".join(pieces) == answer.answer
+
+
 async def test_citations_are_parsed_or_fall_back_to_every_passage():
     bot, _ = fake_bot("Close it with a with statement [2].")
     answer = await bot.ask("a", "Files?")

@@ -1,0 +1,27 @@
+"""`covey chat --docs`: the default RAG app in a terminal, run as a user runs it."""
+
+from __future__ import annotations
+
+from tests.test_cli import covey
+
+
+def test_docs_chat_streams_an_answer_and_lists_its_sources(tiny_index):
+    result = covey(
+        "chat",
+        "--docs",
+        "--index",
+        str(tiny_index.root),
+        "--max-tokens",
+        "16",
+        stdin="How does the for statement iterate?\n/reset\n\n/exit\n",
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    sources = [line for line in lines if line.startswith(("Sources:", "Retrieved (none cited):"))]
+    assert len(sources) == 1 and "pydoc:for" in sources[0]
+    assert "(conversation cleared)" in result.stdout
+
+
+def test_docs_chat_refuses_a_missing_index_folder(tmp_path):
+    result = covey("chat", "--docs", "--index", str(tmp_path / "nothing-here"), stdin="/exit\n")
+    assert result.returncode == 2 and "nothing-here" in result.stderr, result.stderr

@@ -2,7 +2,9 @@
 
 The executor starts a node when its `deps` are done (stages only say what can overlap),
 submits each LLM call's `primitives` with its `priority`, prefills `early` segments at
-request start, and forks `prefix_groups` from one prefill.
+request start and pins `pin` ones once per app. A `prefix_groups` fork needs no call of
+its own: the group's calls reach the engine together, and the engine has all but the
+first wait a step for the common prefix and reuse its KV.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ them share one engine: `run` blocks, `arun` and `stream` await from any loop. Th
 from __future__ import annotations
 
 import asyncio
+import atexit
 import threading
 from collections.abc import AsyncIterator, Coroutine
 from concurrent.futures import Future
@@ -126,6 +127,7 @@ def default_runtime() -> BackgroundRuntime:
     with _default_lock:
         if _default is None or _default._closed:
             _default = BackgroundRuntime()
+            atexit.register(_default.close)  # stop the engine before the loop thread dies
         return _default
 
 

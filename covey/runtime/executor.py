@@ -2,9 +2,10 @@
 
 A node starts the moment its `deps` are done, so independent nodes overlap and sibling LLM
 calls reach the engine in the same event-loop turn, where the scheduler batches them and
-prefills their common prefix once. When the run starts, each waiting LLM call's `early`
-segments are prefilled into the prefix cache and its `pin` segments pinned once per app,
-so the call finds them computed. The first failing node cancels everything still running
+prefills their common prefix once. While a call waits on other nodes, the prefix of its
+prompt already known (static text, inputs, outputs of nodes that finished) is prefilled
+into the prefix cache, and its static start is pinned once per app (`PrefillAhead`), so
+the call finds them computed. The first failing node cancels everything still running
 and surfaces as one `NodeExecutionError` naming it; a run past its timeout raises
 `AppTimeoutError`. `optimize=False` is the naive baseline: the plan without passes, one
 LLM call after the other, nothing prefilled ahead.
@@ -13,8 +14,6 @@ LLM call after the other, nothing prefilled ahead.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -28,15 +27,13 @@ from covey.errors import (
     RuntimeExecutionError,
 )
 from covey.graph.app import App
-from covey.graph.ir import Retrieve, Var, llm_template
+from covey.graph.ir import Retrieve, Var
 from covey.graph.lowering import Primitive
 from covey.graph.plan import NodePlan, Plan
 from covey.runtime.events import Event, NodeFinished, NodeStarted, RunFinished, TokenDelta
 from covey.runtime.nodes import NodeEnv, run_node, stream_generate
-from covey.runtime.render import leading_prompt
-from covey.runtime.trace import RequestTrace, Trace
-
-log = logging.getLogger(__name__)
+from covey.runtime.prefill_ahead import PrefillAhead
+from covey.runtime.trace import Trace
 
 
 @dataclass(frozen=True)
@@ -176,7 +173,9 @@ class Runtime:
         env = NodeEnv(values, generate, _tokenizer(self.llm), self.retrievers, not self.optimize)
         pending, done = dict(plan.nodes), set()
         running: dict[asyncio.Task[dict[str, Any]], NodePlan] = {}
-        ahead = self._prefill_ahead(plan, env, trace) if self.optimize else []
+        ahead = PrefillAhead(self.llm, plan, values, env.tokenizer, trace, self.pins)
+        if self.optimize:
+            ahead.start()
         try:
             while pending or running:
                 ready = [n for n in pending.values() if set(n.deps) <= done]
@@ -192,62 +191,16 @@ class Runtime:
                     node = running.pop(task)
                     self._finish(node, task, values, trace, emit)
                     done.add(node.name)
+                if self.optimize:
+                    ahead.advance(n for n in pending.values() if not set(n.deps) <= done)
         finally:
-            for task in [*running, *ahead]:
+            for task in running:
                 task.cancel()
-            await asyncio.gather(*running, *ahead, return_exceptions=True)
+            await asyncio.gather(*running, return_exceptions=True)
+            await ahead.cancel()
             for node in running.values():
                 trace.finish(node.name, "cancelled")
         return {name: values[var.name] for name, var in plan.outputs.items()}
-
-    def _prefill_ahead(self, plan: Plan, env: NodeEnv, trace: Trace) -> list[asyncio.Task]:
-        """Start the prefills the plan marked: each call's pinned static prefix (once per
-        app, kept cached) and, for calls that wait on other nodes, the early prefix known
-        from the request inputs. Best effort: a prefill that fails only loses the speedup."""
-        prefill = getattr(self.llm, "prefill", None)
-        if prefill is None:
-            return []
-        jobs: dict[str, tuple[Any, int, str | None]] = {}
-        for node in plan.llm_calls():
-            template = llm_template(node.op)
-            uses_roles = template.uses_roles if template is not None else False
-            resolve = lambda p: env.values[str(p.var)]  # noqa: E731
-            for upto in ("pin", "early"):
-                if upto == "early" and not node.deps:
-                    continue  # the call itself starts now
-                prompt = leading_prompt(node.primitives, upto, resolve, env.tokenizer, uses_roles)
-                if prompt is None:
-                    continue
-                key = hashlib.sha1(repr(prompt).encode()).hexdigest()[:16]
-                pin = f"{plan.app}:{key}" if upto == "pin" else None
-                if pin in self.pins:
-                    continue
-                if key not in jobs or pin is not None:
-                    jobs[key] = (prompt, node.priority, pin)
-        return [asyncio.ensure_future(self._prefill(prefill, trace, *job)) for job in jobs.values()]
-
-    async def _prefill(
-        self, prefill: Any, trace: Trace, prompt: Any, priority: int, pin: str | None
-    ) -> None:
-        try:
-            out = await prefill(prompt, priority=priority, pin=pin)
-        except Exception as exc:  # an optimization, never a reason to fail the run
-            log.debug("early prefill failed: %s", exc)
-            return
-        if pin is not None:
-            self.pins.add(pin)
-        if out is not None:
-            m = out.metrics
-            trace.prefills.append(
-                RequestTrace(
-                    out.request_id,
-                    pin or "early",
-                    m.num_prompt_tokens,
-                    0,
-                    m.num_cached_tokens,
-                    out.finish_reason,
-                )
-            )
 
     @staticmethod
     def _finish(

@@ -141,27 +141,23 @@ CUT = "\x00covey-cut\x00"
 
 def leading_prompt(
     prims: tuple[Primitive, ...],
-    upto: str,
+    count: int,
     resolve: Callable[[Primitive], Any],
     tokenizer: ChatTokenizer | None,
     uses_roles: bool,
 ) -> str | list[Segment] | None:
-    """The prompt text of the leading prefills flagged `upto` ("early" or "pin"), exactly as
-    it begins the node's full prompt; None when there are none.
+    """The prompt text of the first `count` primitives (all prefills), exactly as it begins
+    the full prompt; None when there is nothing to prefill ahead.
 
     A chat template only renders whole conversations, so the rest is stood in for by a
     marker and the rendering is cut there: the text before it is what the full prompt
     starts with, whatever the template puts around messages.
     """
-    ctx = Context(tokenizer, uses_roles)
-    count = 0
-    for prim in prims:
-        if prim.op != "prefill" or not getattr(prim, upto):
-            break
-        ctx.add_prefill(prim, None if prim.text is not None else resolve(prim))
-        count += 1
-    if count == 0 or count == len(prims):
+    if count <= 0 or count >= len(prims):
         return None
+    ctx = Context(tokenizer, uses_roles)
+    for prim in prims[:count]:
+        ctx.add_prefill(prim, None if prim.text is not None else resolve(prim))
     if not uses_roles:
         return list(ctx.segments) or None
     nxt = prims[count]

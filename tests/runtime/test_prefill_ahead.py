@@ -87,3 +87,45 @@ async def test_naive_runtime_runs_one_node_at_a_time_with_the_same_outputs():
     naive_plan = Runtime(FakeLLM(), optimize=False).plan_for(app)
     assert all(n.priority == 0 and not n.prefix_groups for n in naive_plan.nodes.values())
     assert not any(p.early or p.pin for n in naive_plan.nodes.values() for p in n.primitives)
+
+
+@cg.function
+def fast_notes(question: str) -> str:
+    return "Background: " + " ".join(["Rivers shape the cities built along them."] * 8)
+
+
+@cg.function
+async def slow_detail(question: str) -> str:
+    await asyncio.sleep(0.4)
+    return "Detail: the old bridge is made of stone."
+
+
+@cg.semantic_function(params=GREEDY)
+def answer_from(background: str, detail: str, question: str):
+    """{{#user}}
+    {{background}}
+    {{detail}}
+    Question: {{question}}
+    {{#assistant}}
+    {{gen text}}"""
+
+
+@cg.app
+def staged_qa(question: str):
+    return answer_from(
+        background=fast_notes(question=question),
+        detail=slow_detail(question=question),
+        question=question,
+    )
+
+
+async def test_a_prefix_known_from_a_finished_upstream_node_is_prefilled_while_others_run():
+    llm = AsyncLLM(engine=make_cpu_engine())
+    try:
+        result = await Runtime(llm).run_traced(staged_qa, question="Why visit Prague?")
+    finally:
+        await llm.close()
+    (early,) = [p for p in result.trace.prefills if p.var == "early"]
+    assert early.prompt_tokens >= 64  # the background paragraph, known before the detail
+    (req,) = result.trace.nodes["answer_from"].requests
+    assert req.cached_tokens >= early.prompt_tokens - 16

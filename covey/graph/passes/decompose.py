@@ -2,7 +2,8 @@
 
 A segment is `early` when it and every segment before it are known when the request
 arrives (static text, literals, request inputs): the runtime prefills it while upstream
-nodes (retrieval, other calls) still run (Teola partial prefill). Only a prefix can be
+nodes (retrieval, other calls) still run (Teola partial prefill), and grows that prefix as
+upstream outputs arrive (`covey.runtime.prefill_ahead`). Only a prefix can be
 prefilled ahead, because a token's KV depends on every token before it. The leading run
 of static segments is the same for every request: it is pinned once per app.
 """

@@ -21,8 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--docs",
         action="store_true",
-        help="answer from the Python docs with citations (the default RAG app; builds the "
-        "docs index on first use)",
+        help="answer from the Python docs with citations (the default RAG app, greedy; builds "
+        "the docs index on first use)",
     )
     p.add_argument(
         "--index", default=None, help="with --docs: an index folder (default: the pydocs index)"
@@ -36,6 +36,10 @@ def run(args: argparse.Namespace) -> int:
     from covey.errors import InvalidRequestError
 
     if args.docs:
+        if args.system is not None:
+            raise InvalidRequestError(
+                "--system does not apply with --docs: the docs chatbot has its own instructions"
+            )
         return asyncio.run(_docs_chat(args))
     if args.max_tokens is None:
         args.max_tokens = 512

@@ -11,8 +11,8 @@ from typing import Any
 
 import networkx as nx
 
-from covey.errors import GraphError, TypeMismatchError
-from covey.graph.dsl import NodeOutputs, signature_of, stop_tracing, tracing
+from covey.errors import GraphError, TypeMismatchError, WiringError
+from covey.graph.dsl import NodeOutputs, signature_of, stop_tracing, tracing, tracing_app
 from covey.graph.export import to_dot, to_mermaid
 from covey.graph.ir import Var
 from covey.graph.passes import PASSES, Pass, run_passes
@@ -86,21 +86,25 @@ class App:
 
     def __call__(self, **inputs: Any) -> dict[str, Any]:
         """Run the app on the default runtime (see `covey.runtime.default_runtime`)."""
-        from covey.runtime.background import default_runtime
-
-        return default_runtime().run(self, **inputs)
+        return self._runtime().run(self, **inputs)
 
     async def acall(self, **inputs: Any) -> dict[str, Any]:
         """Like calling the app, awaited from any event loop."""
-        from covey.runtime.background import default_runtime
-
-        return await default_runtime().arun(self, **inputs)
+        return await self._runtime().arun(self, **inputs)
 
     def stream(self, **inputs: Any) -> AsyncIterator[Any]:
         """Node start/finish events and token deltas of output variables, then RunFinished."""
+        return self._runtime().stream(self, **inputs)
+
+    def _runtime(self) -> Any:
+        if tracing_app() is not None:
+            raise WiringError(
+                f"app {self.name!r} was called while defining app {tracing_app()!r}: apps do "
+                "not nest; call its semantic functions and nodes there instead"
+            )
         from covey.runtime.background import default_runtime
 
-        return default_runtime().stream(self, **inputs)
+        return default_runtime()
 
     def to_mermaid(self) -> str:
         return to_mermaid(self.plan.graph)

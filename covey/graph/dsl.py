@@ -306,3 +306,9 @@ def tracing(app: str) -> tuple[Builder, Any]:
 
 def stop_tracing(token: Any) -> None:
     _CURRENT.reset(token)
+
+
+def tracing_app() -> str | None:
+    """The name of the app being defined right now, if any."""
+    builder = _CURRENT.get()
+    return builder.app if builder is not None else None

@@ -96,6 +96,10 @@ class AsyncLLM:
     async def unpin(self, pin: str) -> bool:
         return await self._call(self.engine.unpin, pin)
 
+    async def pinned(self) -> dict[str, int]:
+        """Pin key -> tokens it holds in the prefix cache."""
+        return await self._call(lambda: self.engine.pinned)
+
     async def _stream(
         self, add: Any, request_id: str | None, maybe_none: bool = False
     ) -> AsyncIterator[RequestOutput]:
@@ -110,8 +114,9 @@ class AsyncLLM:
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._streams[rid] = queue
         added = finished = False
+        adding = asyncio.ensure_future(self._call(partial(add, request_id=rid)))
         try:
-            if await self._call(partial(add, request_id=rid)) is None and maybe_none:
+            if await asyncio.shield(adding) is None and maybe_none:
                 return
             added = True
             self._ensure_loop()
@@ -124,6 +129,14 @@ class AsyncLLM:
                 yield item
         finally:
             self._streams.pop(rid, None)
+            if not added and not adding.done():
+                # Cancelled while a worker thread was adding it: let that finish, then abort.
+                await asyncio.gather(adding, return_exceptions=True)
+                added = (
+                    not adding.cancelled()
+                    and adding.exception() is None
+                    and adding.result() is not None
+                )
             if added and not finished and not self._closed:
                 await asyncio.shield(self._call(self.engine.abort_request, rid))
 

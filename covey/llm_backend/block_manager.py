@@ -85,6 +85,7 @@ class BlockManager:
         return blocks
 
     def unpin(self, blocks: list[int]) -> None:
+        """Drop the references `pin_prefix` took; idle blocks become evictable again."""
         for block in reversed(blocks):
             self._decref(block)
 

@@ -31,6 +31,8 @@ from covey.llm_backend.tokenizer import Tokenizer, load_tokenizer
 from covey.llm_backend.weight_loader import load_model
 
 Prompt = str | list[int] | list[Segment]
+# Pinned prefixes never take more of the KV pool than this, so requests always fit.
+MAX_PINNED_FRACTION = 0.25
 
 
 class LLMEngine:
@@ -156,22 +158,40 @@ class LLMEngine:
                 "tokens and at least one must be left to generate"
             )
         trie = self._choice_trie(params)
-        most = trie.max_tokens if trie is not None else params.max_tokens
-        needed = min(len(ids) + most, self.max_model_len)
-        if needed > self.kv_capacity_tokens:
-            raise InvalidRequestError(
-                f"the request needs KV for {needed} tokens but the pool holds "
-                f"{self.kv_capacity_tokens}; lower max_tokens or raise kv_cache_tokens"
-            )
+        self._check_room(len(ids), params, trie, "the request")
         seq = Sequence(request_id, ids, params, priority, spans)
-        self._set_params(seq, params)
+        self._set_params(seq, params, trie)
         self.requests[request_id] = seq
         self.scheduler.add(seq)
         return request_id
 
-    def _set_params(self, seq: Sequence, params: SamplingParams) -> None:
+    def _check_room(
+        self, context: int, params: SamplingParams, trie: ChoiceTrie | None, what: str
+    ) -> None:
+        """Refuse what could never fit: the context window, or the pool less pinned blocks."""
+        if trie is not None and context + trie.max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"{what} has {context} tokens and its choices need up to {trie.max_tokens} "
+                f"more; the context window is {self.max_model_len} tokens"
+            )
+        most = trie.max_tokens if trie is not None else params.max_tokens
+        self._check_pool(min(context + most, self.max_model_len), what)
+
+    def _check_pool(self, needed: int, what: str) -> None:
+        usable = self.kv_capacity_tokens - self._pinned_blocks() * self.block_manager.block_size
+        if needed > usable:
+            raise InvalidRequestError(
+                f"{what} needs KV for {needed} tokens but the pool holds {usable} "
+                f"(of {self.kv_capacity_tokens}, the rest pinned); lower max_tokens or raise "
+                "kv_cache_tokens"
+            )
+
+    def _set_params(
+        self, seq: Sequence, params: SamplingParams, trie: ChoiceTrie | None = None
+    ) -> None:
         """Per-request sampling state: the seeded generator and the choice trie."""
-        trie = self._choice_trie(params)  # raises on bad choices before anything changes
+        if trie is None:
+            trie = self._choice_trie(params)  # raises on bad choices before anything changes
         seq.params, seq.choice_trie = params, trie
         self._generators.pop(seq.seq_id, None)
         if params.seed is not None:
@@ -193,8 +213,9 @@ class LLMEngine:
         """Compute a prompt's KV into the prefix cache without generating (early prefill).
 
         Only whole blocks are kept, so the prompt is cut to a multiple of the block size.
-        `pin` names a pin that holds the blocks in the cache until `unpin(pin)`; a key
-        already pinned is not prefilled again. Returns the request id, or None when there
+        `pin` names a pin that holds the blocks in the cache until `unpin(pin)` (unless
+        pins would pass MAX_PINNED_FRACTION of the pool); a key already pinned is not
+        prefilled again. Returns the request id, or None when there
         is nothing to compute (everything cached, or shorter than a block).
         """
         if pin is not None and pin in self._pins:
@@ -207,14 +228,9 @@ class LLMEngine:
         if not ids:
             return None
         if self.block_manager.cached_prefix_blocks(ids) * bs == len(ids):
-            if pin is not None:
-                self._pins[pin] = self.block_manager.pin_prefix(ids)
+            self._pin(pin, ids)
             return None
-        if len(ids) > self.kv_capacity_tokens:
-            raise InvalidRequestError(
-                f"the prefill needs KV for {len(ids)} tokens but the pool holds "
-                f"{self.kv_capacity_tokens}"
-            )
+        self._check_pool(len(ids), "the prefill")
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
@@ -224,6 +240,19 @@ class LLMEngine:
         self.requests[request_id] = seq
         self.scheduler.add(seq)
         return request_id
+
+    def _pinned_blocks(self) -> int:
+        return len({b for blocks in self._pins.values() for b in blocks})
+
+    def _pin(self, pin: str | None, token_ids: list[int]) -> None:
+        """Hold the cached prefix of `token_ids` under `pin`, unless pins would then take
+        more than MAX_PINNED_FRACTION of the pool (then it stays cached, evictable)."""
+        if pin is None or pin in self._pins:
+            return
+        cap = int(self.pool.num_blocks * MAX_PINNED_FRACTION)
+        if self._pinned_blocks() + len(token_ids) // self.block_manager.block_size > cap:
+            return
+        self._pins[pin] = self.block_manager.pin_prefix(token_ids)
 
     def unpin(self, pin: str) -> bool:
         """Let a pinned prefix be evicted again; False if `pin` is not pinned."""
@@ -273,13 +302,9 @@ class LLMEngine:
                 f"the resumed request would hold {total} tokens; the context window is "
                 f"{self.max_model_len} and at least one must be left to generate"
             )
-        needed = min(total + params.max_tokens, self.max_model_len)
-        if needed > self.kv_capacity_tokens:
-            raise InvalidRequestError(
-                f"the resumed request needs KV for {needed} tokens but the pool holds "
-                f"{self.kv_capacity_tokens}; lower max_tokens"
-            )
-        self._set_params(seq, params)
+        trie = self._choice_trie(params)
+        self._check_room(total, params, trie, "the resumed request")
+        self._set_params(seq, params, trie)
         seq.token_ids.extend(ids)
         seq.start_new_turn(params)
         self.scheduler.resume(seq)
@@ -325,8 +350,7 @@ class LLMEngine:
 
     def _finish_prefill(self, seq: Sequence) -> RequestOutput:
         """A prefill-only request is done: its blocks are in the cache (and pinned if asked)."""
-        if seq.pin is not None and seq.pin not in self._pins:
-            self._pins[seq.pin] = self.block_manager.pin_prefix(seq.token_ids)
+        self._pin(seq.pin, seq.token_ids)
         now = time.perf_counter()
         seq.metrics.first_token_time = now
         self._finish(seq, FinishReason.PREFILLED)

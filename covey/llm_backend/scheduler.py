@@ -117,11 +117,14 @@ class Scheduler:
         end = (seq.num_computed_tokens // bs + 1) * bs
         if end > len(seq) - 1:
             return False  # no whole block left to gain
-        head = seq.token_ids[:end]
-        return any(
-            r.num_computed_tokens < end <= len(r) and r.token_ids[:end] == head
-            for r in self.running
-        )
+        last = seq.token_ids[end - 1]
+        head = None
+        for r in self.running:
+            if r.num_computed_tokens < end <= len(r) and r.token_ids[end - 1] == last:
+                head = seq.token_ids[:end] if head is None else head  # sliced once, if ever
+                if r.token_ids[:end] == head:
+                    return True
+        return False
 
     def _unmatch(self, seq: Sequence) -> None:
         """Give back the prefix-cache references a waiting sequence took this step."""

@@ -12,7 +12,7 @@ import asyncio
 import atexit
 import threading
 from collections.abc import AsyncIterator, Coroutine
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from typing import Any
 
 from covey.errors import RuntimeExecutionError
@@ -24,6 +24,7 @@ from covey.runtime.events import Event
 from covey.runtime.executor import Runtime
 
 _END = object()
+_CLOSED_MID_RUN = "the runtime was closed while this run was in flight"
 
 
 async def _make_llm(model: str | None, engine: LLMEngine | None, config: dict) -> AsyncLLM:
@@ -50,8 +51,12 @@ class BackgroundRuntime:
             target=self._loop.run_forever, name="covey-runtime", daemon=True
         )
         self._thread.start()
-        self._closed = False
-        self.llm: AsyncLLM = self._submit(_make_llm(model, engine, engine_config)).result()
+        self._closed = self._closing = False
+        try:
+            self.llm: AsyncLLM = self._submit(_make_llm(model, engine, engine_config)).result()
+        except BaseException:
+            self._stop_loop()  # a model that fails to load leaves no thread behind
+            raise
         self.runtime = Runtime(self.llm, retrievers, timeout_s, optimize)
 
     def bind_retriever(self, name: str, retriever: Any) -> None:
@@ -67,11 +72,21 @@ class BackgroundRuntime:
         """Run `app` and block until its outputs are ready."""
         if threading.current_thread() is self._thread:
             raise RuntimeExecutionError("run() would block the runtime's own loop; use arun()")
-        return self._submit(self.runtime.run(app, **inputs)).result()
+        future = self._submit(self.runtime.run(app, **inputs))
+        try:
+            return future.result()
+        except CancelledError:
+            raise RuntimeExecutionError(_CLOSED_MID_RUN) from None
 
     async def arun(self, app: App | Plan, **inputs: Any) -> dict[str, Any]:
         """Run `app` from any event loop."""
-        return await asyncio.wrap_future(self._submit(self.runtime.run(app, **inputs)))
+        future = self._submit(self.runtime.run(app, **inputs))
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            if self._closing and future.cancelled():
+                raise RuntimeExecutionError(_CLOSED_MID_RUN) from None
+            raise
 
     async def stream(self, app: App | Plan, **inputs: Any) -> AsyncIterator[Event]:
         """Node events and token deltas, relayed to the caller's loop; closing the iterator
@@ -86,6 +101,9 @@ class BackgroundRuntime:
             try:
                 async for event in self.runtime.stream(app, **inputs):
                     put(event)
+            except asyncio.CancelledError:
+                put(RuntimeExecutionError(_CLOSED_MID_RUN))
+                raise
             except Exception as exc:
                 put(exc)
             finally:
@@ -101,13 +119,27 @@ class BackgroundRuntime:
             future.cancel()
 
     def close(self) -> None:
-        """Stop the engine and the loop thread; later calls raise."""
+        """Cancel runs in flight (their callers get an error), stop the engine and the loop
+        thread; later calls raise."""
         if self._closed:
             return
-        asyncio.run_coroutine_threadsafe(self.llm.close(), self._loop).result()
+        self._closing = True
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result()
         self._closed = True
+        self._stop_loop()
+
+    async def _shutdown(self) -> None:
+        me = asyncio.current_task()
+        runs = [t for t in asyncio.all_tasks() if t is not me]
+        for task in runs:
+            task.cancel()
+        await asyncio.gather(*runs, return_exceptions=True)
+        await self.llm.close()
+
+    def _stop_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
+        self._loop.close()
 
     def __enter__(self) -> BackgroundRuntime:
         return self

@@ -48,6 +48,11 @@ def _tokenizer(llm: Any) -> Any:
     return tok if tok is not None else getattr(getattr(llm, "engine", None), "tokenizer", None)
 
 
+def _on_cpu(llm: Any) -> bool:
+    device = getattr(getattr(llm, "engine", None), "device", None)
+    return device is None or device.type == "cpu"
+
+
 class Runtime:
     """Runs apps on one engine; `retrievers` maps the index names of `retrieve` nodes to a
     `DocumentIndex`, a `Retriever` or anything with `search(query, k, mode)`."""
@@ -170,7 +175,14 @@ class Runtime:
         """Start every node whose deps are done; the first failure cancels the rest."""
         values: dict[str, Any] = dict(inputs)
         generate = self._generator(plan, trace, emit)
-        env = NodeEnv(values, generate, _tokenizer(self.llm), self.retrievers, not self.optimize)
+        env = NodeEnv(
+            values,
+            generate,
+            _tokenizer(self.llm),
+            self.retrievers,
+            sequential=not self.optimize,
+            search_inline=_on_cpu(self.llm),
+        )
         pending, done = dict(plan.nodes), set()
         running: dict[asyncio.Task[dict[str, Any]], NodePlan] = {}
         ahead = PrefillAhead(self.llm, plan, values, env.tokenizer, trace, self.pins)

@@ -34,6 +34,7 @@ class NodeEnv:
     tokenizer: ChatTokenizer | None
     retrievers: dict[str, Any]
     sequential: bool = False  # naive baseline: fan-out elements one after the other
+    search_inline: bool = True  # covey's indexes search on the loop thread (CPU engines)
 
 
 async def gather_all(coros: list[Coroutine[Any, Any, Any]]) -> list[Any]:
@@ -80,9 +81,10 @@ async def run_retrieve(env: NodeEnv, op: Retrieve, query: str) -> list[Any]:
     """A `covey.retrieval.Retriever` keeps its sources and reranker; anything with
     `search(query, k, mode)` (a `DocumentIndex`) is searched with the node's k and mode.
 
-    covey's own indexes search on the loop's thread (milliseconds): their query embedding
-    is a torch forward, and torch ops on a second thread slow the CPU engine down (see
-    AsyncLLM). Other retrievers may block on I/O, so they run on a worker thread.
+    Next to a CPU engine, covey's own indexes search on the loop's thread (milliseconds):
+    their query embedding is a torch forward, and torch ops on a second thread slow the CPU
+    engine down (see AsyncLLM). Otherwise searches run on a worker thread, so a slow one
+    (a reranker, a remote store) never stalls the streams.
     """
     from covey.retrieval.document_index import DocumentIndex
     from covey.retrieval.retriever import Retriever
@@ -90,10 +92,12 @@ async def run_retrieve(env: NodeEnv, op: Retrieve, query: str) -> list[Any]:
     bound = env.retrievers[op.index]
     if isinstance(bound, Retriever):
         sources = list(bound.config.sources) if bound.config.sources is not None else None
-        return list(bound.index.search(query, op.k, op.mode, sources, bound.reranker))
-    if isinstance(bound, DocumentIndex):
-        return list(bound.search(query, op.k, op.mode))
-    return list(await asyncio.to_thread(partial(bound.search, query, op.k, op.mode)))
+        search = partial(bound.index.search, query, op.k, op.mode, sources, bound.reranker)
+    else:
+        search = partial(bound.search, query, op.k, op.mode)
+    if env.search_inline and isinstance(bound, Retriever | DocumentIndex):
+        return list(search())
+    return list(await asyncio.to_thread(search))
 
 
 async def run_map(env: NodeEnv, node: NodePlan, args: dict[str, Any]) -> dict[str, list[Any]]:

@@ -39,6 +39,7 @@ class PrefillAhead:
         pins: set[str],
     ) -> None:
         self.prefill = getattr(llm, "prefill", None)
+        self.llm_pinned = getattr(llm, "pinned", None)
         self.plan, self.values, self.tokenizer = plan, values, tokenizer
         self.trace, self.pins = trace, pins
         self.tasks: list[asyncio.Task[None]] = []
@@ -92,8 +93,8 @@ class PrefillAhead:
         except Exception as exc:  # an optimization, never a reason to fail the run
             log.debug("prefill ahead failed: %s", exc)
             return
-        if pin is not None:
-            self.pins.add(pin)
+        if pin is not None and (self.llm_pinned is None or pin in await self.llm_pinned()):
+            self.pins.add(pin)  # only what the engine really holds (it caps pins)
         if out is not None:
             m = out.metrics
             self.trace.prefills.append(

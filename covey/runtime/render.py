@@ -66,7 +66,7 @@ class Context:
         kind: SegmentKind = prim.kind or "static"
         if self.uses_roles:
             text = prim.text if prim.text is not None else _chat_text(kind, value)
-            self._add_message_text(prim.role or "user", text)
+            self.add_text(prim.role or "user", text)
         elif prim.text is not None:
             self._add_segment(Segment(prim.text, kind="static"))
         elif kind == "chunk":
@@ -78,7 +78,7 @@ class Context:
     def add_generated(self, role: str | None, text: str, token_ids: list[int]) -> None:
         """Append a gen's output; plain prompts keep its exact token ids (no re-tokenizing)."""
         if self.uses_roles:
-            self._add_message_text(role or "assistant", text)
+            self.add_text(role or "assistant", text)
         elif token_ids:
             self.segments.append(Segment(token_ids=tuple(token_ids), kind="dynamic"))
 
@@ -97,7 +97,8 @@ class Context:
         if seg.text != "":
             self.segments.append(seg)
 
-    def _add_message_text(self, role: str, text: str) -> None:
+    def add_text(self, role: str, text: str) -> None:
+        """Append text in `role`'s voice: to its open message, or as a new message."""
         if self.messages and self.messages[-1]["role"] == role:
             self.messages[-1]["content"] += text
         else:
@@ -161,7 +162,7 @@ def leading_prompt(
     if not uses_roles:
         return list(ctx.segments) or None
     nxt = prims[count]
-    ctx._add_message_text(nxt.role or ("assistant" if nxt.op == "decode" else "user"), CUT)
+    ctx.add_text(nxt.role or ("assistant" if nxt.op == "decode" else "user"), CUT)
     text = ctx.prompt()
     assert isinstance(text, str)
     at = text.find(CUT)

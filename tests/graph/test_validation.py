@@ -365,3 +365,12 @@ def test_map_item_misspelled():
         @cg.app
         def bad(q: str):
             return cg.map(shapes.summarize, over=cg.retrieve(q), item="dok", question=q)
+
+
+def test_calling_an_app_while_defining_another_is_a_wiring_error():
+    inner = shapes.linear()
+    with pytest.raises(WiringError, match="apps do not nest"):
+
+        @cg.app
+        def outer(question: str):
+            return inner(question=question)

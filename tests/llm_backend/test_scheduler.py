@@ -129,3 +129,57 @@ def test_config_errors_name_the_field():
         SchedulerConfig(max_num_seqs=0)
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         SchedulerConfig(max_num_batched_tokens=0)
+
+
+def shared(n: int, prefix: list[int], name: str, priority: int = 0) -> Sequence:
+    tail = list(range(900_000 + 100 * len(name), 900_000 + 100 * len(name) + n))
+    return Sequence(name, prefix + tail, SamplingParams(), priority)
+
+
+def run_step(sched: Scheduler) -> list[str]:
+    """Like `complete`, and publish full blocks in the prefix cache as the engine does."""
+    out = sched.schedule()
+    for item in out.scheduled:
+        item.seq.num_computed_tokens += item.num_new_tokens
+        sched.block_manager.cache_full_blocks(item.seq)
+        if item.seq.num_computed_tokens == len(item.seq):
+            item.seq.token_ids.append(0)
+    return [item.seq.request_id for item in out.scheduled]
+
+
+def test_a_request_sharing_a_prefix_being_computed_waits_a_step_then_reuses_it():
+    sched = make(budget=64)
+    prefix = list(range(1, 17))  # four blocks of 4
+    a, b, c = shared(3, prefix, "a"), shared(3, prefix, "bb"), seq(5, name="c")
+    for s in (a, b, c):
+        sched.add(s)
+    assert run_step(sched) == ["a", "c"]  # b waits; c, unrelated, is not held up behind it
+    assert b.block_table == [] and b.num_computed_tokens == 0  # no references kept
+    assert run_step(sched)[-1] == "bb"
+    assert b.num_cached_tokens == 16
+
+
+def test_deferral_leaves_reference_counts_as_they_were():
+    sched = make(budget=64)
+    prefix = list(range(1, 17))
+    warm = shared(1, prefix[:8], "w")  # caches the first two blocks, then finishes
+    sched.add(warm)
+    run_step(sched)
+    sched.finish(warm, FinishReason.STOP)
+    baseline = list(sched.block_manager.ref_counts)
+    a, b = shared(3, prefix, "a"), shared(3, prefix, "bb")
+    sched.add(a)
+    sched.add(b)
+    assert run_step(sched) == ["a"]  # b matched two cached blocks, then gave them back
+    for block in a.block_table:
+        baseline[block] += 1
+    assert sched.block_manager.ref_counts == baseline
+
+
+def test_without_the_prefix_cache_nothing_waits():
+    sched = Scheduler(SchedulerConfig(8, 64), BlockManager(64, 4, enable_prefix_caching=False))
+    prefix = list(range(1, 17))
+    a, b = shared(3, prefix, "a"), shared(3, prefix, "bb")
+    sched.add(a)
+    sched.add(b)
+    assert run_step(sched) == ["a", "bb"]

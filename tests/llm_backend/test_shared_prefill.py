@@ -48,6 +48,34 @@ def test_pinned_prefix_survives_eviction_until_unpinned(make_engine):
     assert hit.metrics.num_cached_tokens == held
     assert engine.unpin("system") and not engine.unpin("system")
     assert engine.pinned == {}
+    for i in range(4):  # the same pressure without the pin: the prefix is evicted
+        run(engine, [f"Count slowly from {i + 10} to one hundred, " * 6], filler)
+    assert run(engine, [SYSTEM + QUESTIONS[2]], GREEDY)[0].metrics.num_cached_tokens == 0
+
+
+def test_pins_never_take_more_than_their_share_of_the_pool(make_engine):
+    engine = make_engine(kv_cache_tokens=512, block_size=16)  # 32 blocks: pins get 8
+    texts = [
+        f"Rule set {i}: " + "always answer briefly and cite the source. " * 6 for i in range(3)
+    ]
+    for i, text in enumerate(texts):
+        engine.add_prefill(text, pin=f"p{i}")
+        drain(engine)
+    assert sum(engine.pinned.values()) <= 8 * 16
+    assert len(engine.pinned) < 3  # the pin past the share was refused; its KV stays cached
+    long = SamplingParams(max_tokens=480, ignore_eos=True)  # fits the pool, not beside pins
+    with pytest.raises(InvalidRequestError, match="the rest pinned"):
+        engine.add_request("Tell me a story.", long)
+
+
+def test_prefill_errors_are_clear(make_engine):
+    engine = make_engine(kv_cache_tokens=64, block_size=16)
+    with pytest.raises(InvalidRequestError, match="needs KV for"):
+        engine.add_prefill(SYSTEM * 3)  # ~200 tokens, a 64-token pool
+    roomy = make_engine(block_size=16)
+    roomy.add_prefill(SYSTEM, request_id="x")
+    with pytest.raises(InvalidRequestError, match="already in use"):
+        roomy.add_prefill(SYSTEM + " More.", request_id="x")
 
 
 def test_requests_sent_together_prefill_their_common_prefix_once(make_engine):

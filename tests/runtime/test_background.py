@@ -3,14 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import pytest
 
-from covey.errors import InvalidRequestError
+import covey.graph as cg
+from covey.errors import InvalidRequestError, ModelLoadError
 from covey.runtime import BackgroundRuntime, RunFinished, TokenDelta, set_default_runtime
+from tests.runtime.test_real_model import name_it as naming_fn
 from tests.runtime.test_real_model import naming
 
 from .conftest import make_cpu_engine
+
+
+@cg.function
+async def ponder(thing: str) -> str:
+    await asyncio.sleep(60)
+    return thing
+
+
+@cg.app
+def slow_naming(thing: str):
+    return naming_fn(thing=ponder(thing=thing))
 
 
 @pytest.fixture(scope="module")
@@ -49,3 +64,29 @@ def test_a_closed_runtime_refuses_calls():
     runtime.close()
     with pytest.raises(Exception, match="closed"):
         runtime.run(naming, thing="x")
+
+
+def test_closing_with_a_run_in_flight_fails_that_run_instead_of_hanging():
+    runtime = BackgroundRuntime(engine=make_cpu_engine())
+    errors: list[Exception] = []
+
+    def call() -> None:
+        try:
+            runtime.run(slow_naming, thing="a river")
+        except Exception as exc:
+            errors.append(exc)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    time.sleep(0.5)  # the run is waiting in `ponder` by now
+    runtime.close()
+    caller.join(timeout=10)
+    assert not caller.is_alive()
+    assert len(errors) == 1 and "closed while this run was in flight" in str(errors[0])
+
+
+def test_a_model_that_fails_to_load_leaves_no_thread_behind():
+    before = threading.active_count()
+    with pytest.raises(ModelLoadError):
+        BackgroundRuntime("/no/such/model.gguf")
+    assert threading.active_count() == before

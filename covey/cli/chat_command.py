@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import threading
 
 from covey.cli.engine_args import add_engine_args, build_engine, sampling_params, stream_to
 
@@ -91,6 +92,23 @@ def _read_line(interactive: bool) -> str | None:
     return line.strip()
 
 
+async def _read_line_async(interactive: bool) -> str | None:
+    """`_read_line` off the loop, on a daemon thread: Ctrl-C then quits at once instead of
+    waiting for a worker thread stuck in `readline` to be joined."""
+    loop = asyncio.get_running_loop()
+    line: asyncio.Future[str | None] = loop.create_future()
+
+    def read() -> None:
+        try:
+            result: str | None = _read_line(interactive)
+        except (OSError, ValueError):
+            result = None
+        loop.call_soon_threadsafe(lambda: line.done() or line.set_result(result))
+
+    threading.Thread(target=read, name="covey-stdin", daemon=True).start()
+    return await line
+
+
 async def _docs_chat(args: argparse.Namespace) -> int:
     from covey.apps.rag_chatbot import (
         ANSWER_MAX_TOKENS,
@@ -114,7 +132,7 @@ async def _docs_chat(args: argparse.Namespace) -> int:
         bot = RagChatbot(Runtime(llm, retrievers={"pydocs": index}), app)
         interactive = sys.stdin.isatty()
         print(f"covey chat --docs: ask about Python. {HELP}", file=sys.stderr, flush=True)
-        while (message := await asyncio.to_thread(_read_line, interactive)) is not None:
+        while (message := await _read_line_async(interactive)) is not None:
             if not message:
                 continue
             if message == "/reset":

@@ -4,8 +4,8 @@ The engine is single-threaded by design. On CUDA its calls run on one worker thr
 the event loop stays free while kernels run. On CPU they run on the event loop's own
 thread, between other coroutines: PyTorch's OpenMP pool belongs to a thread, and a second
 thread running parallel ops (a worker next to the thread that loaded the model) makes
-libgomp stop spinning when threads outnumber cores, which measured 1.6x slower per decode
-step on 2 cores. A stream whose consumer goes away (cancelled, closed) aborts its request
+libgomp stop spinning when threads outnumber cores: 1.45x slower TPOT on 2 cores
+(`benchmarks/async_engine.py`). A stream whose consumer goes away (cancelled, closed) aborts its request
 and frees its KV at once.
 """
 
@@ -30,12 +30,20 @@ log = logging.getLogger(__name__)
 
 class AsyncLLM:
     def __init__(
-        self, model: str | None = None, *, engine: LLMEngine | None = None, **config: Any
+        self,
+        model: str | None = None,
+        *,
+        engine: LLMEngine | None = None,
+        worker_thread: bool | None = None,
+        **config: Any,
     ) -> None:
+        """`worker_thread`: step the engine on its own thread (default: on CUDA only)."""
         self.engine = engine or LLMEngine(EngineConfig(model=model, **config))
+        if worker_thread is None:
+            worker_thread = self.engine.device.type == "cuda"
         self._executor = (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="covey-engine")
-            if self.engine.device.type == "cuda"
+            if worker_thread
             else None
         )
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}

@@ -5,8 +5,8 @@ the event loop stays free while kernels run. On CPU they run on the event loop's
 thread, between other coroutines: PyTorch's OpenMP pool belongs to a thread, and a second
 thread running parallel ops (a worker next to the thread that loaded the model) makes
 libgomp stop spinning when threads outnumber cores: 1.45x slower TPOT on 2 cores
-(`benchmarks/async_engine.py`). A stream whose consumer goes away (cancelled, closed) aborts its request
-and frees its KV at once.
+(`benchmarks/async_engine.py`). A stream whose consumer goes away (cancelled, closed)
+aborts its request and frees its KV at once.
 """
 
 from __future__ import annotations

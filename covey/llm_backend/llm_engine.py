@@ -399,7 +399,10 @@ class LLMEngine:
 
     def _release_text(self, seq: Sequence) -> str:
         """The next text delta. While stop strings are set, the last len(stop) - 1 characters
-        wait: a stop string may begin there, and streamed text must never be taken back."""
+        wait: a stop string may begin there, and streamed text must never be taken back. A
+        choice streams whole when it is complete: its text is the choice string itself."""
+        if seq.choice_trie is not None and not seq.is_finished:
+            return ""
         end = len(seq.output_text)
         if seq.params.stop and not seq.is_finished:
             end = max(seq.num_emitted_chars, end - max(len(s) for s in seq.params.stop) + 1)

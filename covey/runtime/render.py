@@ -151,19 +151,28 @@ def leading_prompt(
     the full prompt; None when there is nothing to prefill ahead.
 
     A chat template only renders whole conversations, so the rest is stood in for by a
-    marker and the rendering is cut there: the text before it is what the full prompt
-    starts with, whatever the template puts around messages.
+    marker and the rendering is cut there. Two different markers must give the same text
+    before them: a template whose start depends on what comes later has no safe prefix.
     """
     if count <= 0 or count >= len(prims):
         return None
-    ctx = Context(tokenizer, uses_roles)
-    for prim in prims[:count]:
-        ctx.add_prefill(prim, None if prim.text is not None else resolve(prim))
     if not uses_roles:
+        ctx = Context(tokenizer, uses_roles)
+        for prim in prims[:count]:
+            ctx.add_prefill(prim, None if prim.text is not None else resolve(prim))
         return list(ctx.segments) or None
     nxt = prims[count]
-    ctx.add_text(nxt.role or ("assistant" if nxt.op == "decode" else "user"), CUT)
-    text = ctx.prompt()
-    assert isinstance(text, str)
-    at = text.find(CUT)
-    return text[:at] if at > 0 else None
+    role = nxt.role or ("assistant" if nxt.op == "decode" else "user")
+
+    def before(marker: str) -> str | None:
+        ctx = Context(tokenizer, uses_roles)
+        for prim in prims[:count]:
+            ctx.add_prefill(prim, None if prim.text is not None else resolve(prim))
+        ctx.add_text(role, marker)
+        text = ctx.prompt()
+        assert isinstance(text, str)
+        at = text.find(marker)
+        return text[:at] if at > 0 else None
+
+    first = before(CUT)
+    return first if first is not None and first == before(CUT[::-1] + "~") else None

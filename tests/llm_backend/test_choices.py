@@ -77,3 +77,17 @@ def test_choices_past_the_context_window_or_without_a_tokenizer_are_refused(make
     if bare.tokenizer is None:
         with pytest.raises(InvalidRequestError, match="no tokenizer"):
             bare.add_request([1, 2, 3], SamplingParams(choices=("yes", "no")))
+
+
+def test_a_choice_streams_whole_once_complete(make_engine):
+    engine = make_engine()
+    params = SamplingParams(max_tokens=1, choices=(" Paris", " Pariser Platz and more"))
+    rid = engine.add_request("Q: What is the capital of France?\nA:", params)
+    deltas, final = [], None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.request_id == rid:
+                deltas.append(out.delta_text)
+                final = out
+    assert final is not None and "".join(deltas) == final.text in params.choices
+    assert all(d == "" for d in deltas[:-1])

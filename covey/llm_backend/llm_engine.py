@@ -186,12 +186,9 @@ class LLMEngine:
                 "kv_cache_tokens"
             )
 
-    def _set_params(
-        self, seq: Sequence, params: SamplingParams, trie: ChoiceTrie | None = None
-    ) -> None:
-        """Per-request sampling state: the seeded generator and the choice trie."""
-        if trie is None:
-            trie = self._choice_trie(params)  # raises on bad choices before anything changes
+    def _set_params(self, seq: Sequence, params: SamplingParams, trie: ChoiceTrie | None) -> None:
+        """Per-request sampling state: the seeded generator and the choice trie (built by
+        the caller before anything changed, since bad choices raise)."""
         seq.params, seq.choice_trie = params, trie
         self._generators.pop(seq.seq_id, None)
         if params.seed is not None:

@@ -111,20 +111,22 @@ class Scheduler:
         with a common prefix (siblings, fan-out elements, users with one system prompt)
         prefill it once (SGLang's in-batch prefix caching; Parrot's fork).
         """
-        bs = self.block_manager.block_size
         if self.block_manager.tree is None:
             return False
+        bs = self.block_manager.block_size
         end = (seq.num_computed_tokens // bs + 1) * bs
         if end > len(seq) - 1:
             return False  # no whole block left to gain
         last = seq.token_ids[end - 1]
-        head = None
-        for r in self.running:
-            if r.num_computed_tokens < end <= len(r) and r.token_ids[end - 1] == last:
-                head = seq.token_ids[:end] if head is None else head  # sliced once, if ever
-                if r.token_ids[:end] == head:
-                    return True
-        return False
+        computing = [
+            r
+            for r in self.running
+            if r.num_computed_tokens < end <= len(r) and r.token_ids[end - 1] == last
+        ]
+        if not computing:  # the common case: no prefix slicing at all
+            return False
+        head = seq.token_ids[:end]
+        return any(r.token_ids[:end] == head for r in computing)
 
     def _unmatch(self, seq: Sequence) -> None:
         """Give back the prefix-cache references a waiting sequence took this step."""

@@ -71,7 +71,7 @@ class Runtime:
         self.timeout_s = timeout_s
         self.optimize = optimize
         self._timeouts: dict[str, float] = {}
-        self._naive_plans: dict[int, tuple[App, Plan]] = {}
+        self._naive_plans: dict[App, Plan] = {}
         self.pins: set[str] = set()  # prefixes this runtime pinned in the engine
 
     def plan_for(self, app: App | Plan) -> Plan:
@@ -81,17 +81,17 @@ class Runtime:
             return app
         if self.optimize:
             return app.plan
-        if id(app) not in self._naive_plans:
-            self._naive_plans[id(app)] = (app, app.optimize(passes=()))
-        return self._naive_plans[id(app)][1]
+        if app not in self._naive_plans:
+            self._naive_plans[app] = app.optimize(passes=())
+        return self._naive_plans[app]
 
     async def unpin_all(self) -> None:
         """Let the engine evict the static prefixes this runtime pinned."""
         unpin = getattr(self.llm, "unpin", None)
-        for key in list(self.pins):
-            if unpin is not None:
+        if unpin is not None:
+            for key in self.pins:
                 await unpin(key)
-            self.pins.discard(key)
+        self.pins.clear()
 
     def bind_retriever(self, name: str, retriever: Any) -> None:
         """Serve `retrieve(..., index=name)` nodes from `retriever`."""

@@ -74,9 +74,9 @@ def test_choices_past_the_context_window_or_without_a_tokenizer_are_refused(make
     from covey.llm_backend.llm_engine import LLMEngine
 
     bare = LLMEngine(EngineConfig(model="dummy:tiny", device="cpu", kv_cache_tokens=256))
-    if bare.tokenizer is None:
-        with pytest.raises(InvalidRequestError, match="no tokenizer"):
-            bare.add_request([1, 2, 3], SamplingParams(choices=("yes", "no")))
+    bare.tokenizer = None  # dummy weights without the embedded package have none
+    with pytest.raises(InvalidRequestError, match="no tokenizer"):
+        bare.add_request([1, 2, 3], SamplingParams(choices=("yes", "no")))
 
 
 def test_a_choice_streams_whole_once_complete(make_engine):

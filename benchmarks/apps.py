@@ -87,12 +87,18 @@ def engines() -> dict[str, Any]:
     return {"covey": covey, "covey-naive": naive, "covey-naive-prefix-cache": cached}
 
 
-async def timed(runtime: Any, app: Any, inputs: list[dict[str, Any]]) -> list[float]:
-    """Run every input at once; each one's latency in seconds."""
+async def timed(
+    runtime: Any, app: Any, inputs: list[dict[str, Any]], nodes: dict[str, list[float]]
+) -> list[float]:
+    """Run every input at once; each one's latency in seconds. Each node's time in each
+    run goes to `nodes` (node name -> seconds), from the run's trace."""
 
     async def one(kw: dict[str, Any]) -> float:
         start = time.perf_counter()
-        await runtime.run(app, **kw)
+        result = await runtime.run_traced(app, **kw)
+        for name, node in result.trace.nodes.items():
+            if node.duration is not None:
+                nodes.setdefault(name, []).append(node.duration)
         return time.perf_counter() - start
 
     return list(await asyncio.gather(*(one(kw) for kw in inputs)))
@@ -119,11 +125,11 @@ async def bench_system(
             ("mapreduce_summary", summary, docs, size["requests"]),
             ("advanced_rag", rag, questions, size["questions"]),
         ):
-            await timed(runtime, app, inputs[:1])  # warm-up: pins, allocator, threads
-            single = []
+            await timed(runtime, app, inputs[:1], {})  # warm-up: pins, allocator, threads
+            single, nodes = [], {}
             for kw in inputs[1 : 1 + count]:
-                single += await timed(runtime, app, [kw])
-            together = await timed(runtime, app, inputs[1 + count :])
+                single += await timed(runtime, app, [kw], nodes)
+            together = await timed(runtime, app, inputs[1 + count :], {})
             if workload == "mapreduce_summary":
                 params = {"piece_chars": size["piece_chars"], "document_chars": chars}
             else:
@@ -139,6 +145,10 @@ async def bench_system(
                     "requests": len(samples),
                     "latencies_s": [round(x, 3) for x in samples],
                 }
+                if name == workload:  # one request at a time: mean seconds spent per node
+                    detail["node_mean_s"] = {
+                        n: round(statistics.mean(t), 3) for n, t in nodes.items()
+                    }
                 out.append(record(name, system, "latency_s", statistics.mean(samples), detail))
 
 

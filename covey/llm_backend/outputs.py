@@ -44,7 +44,11 @@ class RequestMetrics:
 
 @dataclass(frozen=True)
 class RequestOutput:
-    """The state of one request after a step: the whole output so far plus this step's delta."""
+    """The state of one request after a step: the whole output so far plus this step's delta.
+
+    A request that failed inside the engine finishes with reason "error" and `error` saying
+    why; the requests that ran beside it are not affected.
+    """
 
     request_id: str
     text: str
@@ -54,3 +58,4 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None
     metrics: RequestMetrics
+    error: str | None = None

@@ -1,0 +1,156 @@
+"""`EngineClient`: the one interface through which the runtime, the apps and the server
+reach an engine.
+
+`AsyncLLM` implements it in-process. A remote OpenAI-compatible backend and Ray Serve
+replicas will implement it too, so everything here is async and every argument and result
+is plain data (str, ints, the `Segment`, `SamplingParams` and `RequestOutput` dataclasses)
+that can cross a process boundary. What needs access to the engine's KV cache (early
+prefill, pins, pause/resume) is optional: an engine declares what it offers in
+`EngineCapabilities`, callers check the flag instead of probing attributes, and calling a
+capability an engine lacks raises `NotSupportedError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from covey.llm_backend.outputs import RequestOutput
+from covey.llm_backend.sampling_params import SamplingParams
+from covey.llm_backend.segments import Segment
+
+Prompt = str | list[int] | list[Segment]
+Messages = list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class EngineCapabilities:
+    """What an engine offers beyond streaming generation.
+
+    `prefill`: compute a prompt's KV into the prefix cache without generating, and pin it.
+    `pause`: hold a request's KV across a tool call and resume it with more prompt.
+    `choices`: constrain an output to exactly one of several strings.
+    `segments`: accept prompts as `Segment` lists (chunk-aware KV reuse).
+    `computes_on_loop_thread`: the engine's compute runs on the caller's event-loop thread
+    (a CPU engine); callers keep their own CPU-heavy work (index searches) on that thread
+    too, since torch ops on a second thread slow the engine down.
+    """
+
+    prefill: bool = False
+    pause: bool = False
+    choices: bool = False
+    segments: bool = False
+    computes_on_loop_thread: bool = False
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of an engine's load, for metrics, routing and `explain()`.
+
+    KV figures are in blocks of `block_size` tokens: `kv_blocks_used` hold live requests'
+    KV, `kv_blocks_cached` idle prefix-cache entries (evictable), `kv_blocks_pinned` pinned
+    prefixes. Prefix-cache hits count prompt tokens served from the cache since start.
+    """
+
+    model: str
+    block_size: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    kv_blocks_cached: int
+    kv_blocks_pinned: int
+    prefix_cache_queried_tokens: int
+    prefix_cache_hit_tokens: int
+    num_waiting: int
+    num_running: int
+    num_paused: int
+
+    @property
+    def queue_depth(self) -> int:
+        return self.num_waiting
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        q = self.prefix_cache_queried_tokens
+        return self.prefix_cache_hit_tokens / q if q else 0.0
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+
+@runtime_checkable
+class ChatTokenizer(Protocol):
+    """The part of a tokenizer callers use: the model's chat template and token counts."""
+
+    def apply_chat_template(
+        self, messages: Messages, add_generation_prompt: bool = True
+    ) -> str: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+
+@runtime_checkable
+class EngineClient(Protocol):
+    """An engine as the layers above see it. Every method may raise a `CoveyError`:
+    `InvalidRequestError` for a bad request, `NotSupportedError` for a capability the engine
+    lacks, `EngineError` for a failure while serving (which fails that request only)."""
+
+    @property
+    def model_name(self) -> str: ...
+
+    @property
+    def capabilities(self) -> EngineCapabilities: ...
+
+    @property
+    def tokenizer(self) -> ChatTokenizer | None:
+        """None when the model has none (dummy weights): prompts must then be token ids."""
+        ...
+
+    def generate(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream one request's outputs, the last one `finished`. Closing the iterator early
+        aborts the request and frees its KV."""
+        ...
+
+    async def prefill(
+        self,
+        prompt: Prompt,
+        priority: int = 0,
+        pin: str | None = None,
+        request_id: str | None = None,
+    ) -> RequestOutput | None:
+        """Compute `prompt`'s KV into the prefix cache, generating nothing; `pin` holds it
+        there until `unpin(pin)`. None when nothing had to be computed. (`prefill`.)"""
+        ...
+
+    async def unpin(self, pin: str) -> bool:
+        """Let a pinned prefix be evicted again; False if `pin` was not pinned."""
+        ...
+
+    async def pinned(self) -> dict[str, int]:
+        """Pin key -> tokens it holds in the prefix cache (empty without `prefill`)."""
+        ...
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a request now; its stream ends with a finished output, reason "abort"."""
+        ...
+
+    async def pause(self, request_id: str) -> None:
+        """Hold a running request aside, keeping its context (`pause`)."""
+        ...
+
+    async def resume(
+        self, request_id: str, extra: Prompt, params: SamplingParams | None = None
+    ) -> None:
+        """Append `extra` to a paused request and let it generate on (`pause`)."""
+        ...
+
+    async def stats(self) -> EngineStats: ...
+
+    async def close(self) -> None: ...

@@ -21,6 +21,7 @@ from typing import Any
 
 from covey.errors import EngineError, InvalidRequestError
 from covey.llm_backend.config import EngineConfig
+from covey.llm_backend.engine_client import EngineCapabilities, EngineStats
 from covey.llm_backend.llm_engine import LLMEngine, Prompt
 from covey.llm_backend.outputs import RequestOutput
 from covey.llm_backend.sampling_params import SamplingParams
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 
 
 class AsyncLLM:
+    """The in-process `EngineClient`: covey's own engine, every capability offered."""
+
     def __init__(
         self,
         model: str | None = None,
@@ -50,6 +53,39 @@ class AsyncLLM:
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._closed = False
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def capabilities(self) -> EngineCapabilities:
+        return EngineCapabilities(
+            prefill=True,
+            pause=True,
+            choices=True,
+            segments=True,
+            computes_on_loop_thread=self._executor is None,
+        )
+
+    async def stats(self) -> EngineStats:
+        return await self._call(self.engine.stats)
+
+    async def pause(self, request_id: str) -> None:
+        """Hold a request aside while a tool runs; its stream waits, its KV stays pooled
+        until memory is short."""
+        await self._call(self.engine.pause_request, request_id)
+
+    async def resume(
+        self, request_id: str, extra: Prompt, params: SamplingParams | None = None
+    ) -> None:
+        """Append `extra` (a tool's result) to a paused request; its stream goes on."""
+        await self._call(self.engine.resume_request, request_id, extra, params)
+        self._ensure_loop()
 
     async def __aenter__(self) -> AsyncLLM:
         return self

@@ -16,6 +16,7 @@ from covey.llm_backend.block_manager import BlockManager
 from covey.llm_backend.choices import ChoiceTrie
 from covey.llm_backend.config import DEFAULT_CPU_KV_BYTES, DEFAULT_GPU_KV_FRACTION, EngineConfig
 from covey.llm_backend.detokenizer import detokenize_step
+from covey.llm_backend.engine_client import EngineStats
 from covey.llm_backend.kv_pool import KVPool
 from covey.llm_backend.model import LlamaModel
 from covey.llm_backend.model_runner import ModelRunner
@@ -311,6 +312,24 @@ class LLMEngine:
         if seq is None:
             raise InvalidRequestError(f"unknown or finished request {request_id!r}")
         return seq
+
+    def stats(self) -> EngineStats:
+        """Pool use, prefix-cache hits and queue lengths right now."""
+        bm, sched = self.block_manager, self.scheduler
+        free = len(bm.free_blocks)
+        return EngineStats(
+            model=self.model_name,
+            block_size=bm.block_size,
+            kv_blocks_total=bm.num_blocks,
+            kv_blocks_used=bm.num_blocks - free - bm.num_idle_cached,
+            kv_blocks_cached=bm.num_idle_cached,
+            kv_blocks_pinned=self._pinned_blocks(),
+            prefix_cache_queried_tokens=bm.stats.queried_tokens,
+            prefix_cache_hit_tokens=bm.stats.hit_tokens,
+            num_waiting=len(sched.waiting),
+            num_running=len(sched.running),
+            num_paused=len(sched.paused),
+        )
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work()

@@ -50,17 +50,7 @@ class LLM:
             for rid in ids:
                 self.engine.abort_request(rid)
             raise
-        final: dict[str, RequestOutput] = {}
-        try:
-            while self.engine.has_unfinished_requests():
-                for out in self.engine.step():
-                    if out.finished:
-                        final[out.request_id] = out
-        except BaseException:
-            for rid in ids:  # a failed or interrupted batch must not keep its KV
-                self.engine.abort_request(rid)
-            raise
-        return [final[rid] for rid in ids]
+        return self.engine.run_to_completion(ids)
 
     def chat(
         self, messages: Messages | list[Messages], params: SamplingParams | None = None

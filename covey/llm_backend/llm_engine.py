@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from collections.abc import Sequence as SequenceABC
 
 import torch
@@ -330,6 +331,30 @@ class LLMEngine:
             num_running=len(sched.running),
             num_paused=len(sched.paused),
         )
+
+    def run_to_completion(
+        self,
+        request_ids: list[str],
+        on_output: Callable[[RequestOutput], None] | None = None,
+    ) -> list[RequestOutput]:
+        """Step until nothing is left to do; return the final outputs of `request_ids` in
+        that order. `on_output` sees every output as it comes (to stream deltas). If the
+        loop is interrupted (an error, Ctrl-C), `request_ids` are aborted so their KV is
+        freed, then the exception propagates. The synchronous drivers (`LLM`, the CLI,
+        benchmarks) all step through here."""
+        final: dict[str, RequestOutput] = {}
+        try:
+            while self.has_unfinished_requests():
+                for out in self.step():
+                    if on_output is not None:
+                        on_output(out)
+                    if out.finished:
+                        final[out.request_id] = out
+        except BaseException:
+            for rid in request_ids:
+                self.abort_request(rid)
+            raise
+        return [final[rid] for rid in request_ids]
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work()

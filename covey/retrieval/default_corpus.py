@@ -13,6 +13,8 @@ from covey.retrieval.store import MANIFEST
 from covey.retrieval.tokenizers import TokenizerLike
 
 SOURCE_PREFIX = "pydoc:"
+# The name the built-in apps retrieve from and the CLI binds the default index to.
+DEFAULT_INDEX_NAME = "pydocs"
 
 
 def covey_home() -> Path:
@@ -22,7 +24,7 @@ def covey_home() -> Path:
 
 
 def default_index_dir() -> Path:
-    return covey_home() / "indexes" / "pydocs"
+    return covey_home() / "indexes" / DEFAULT_INDEX_NAME
 
 
 def pydoc_documents(limit: int | None = None) -> list[Document]:

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from covey.errors import RetrievalError
+from covey.errors import ConfigError, RetrievalError
 
 BUNDLED_NAME = "all-MiniLM-L6-v2"
 # Up to this many texts (a query, a few) embed on one CPU thread: intra-op parallelism gains
@@ -61,9 +61,9 @@ class EmbedderConfig:
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0:
-            raise ValueError(f"batch_size must be > 0, got {self.batch_size}")
+            raise ConfigError(f"batch_size must be > 0, got {self.batch_size}")
         if self.model is not None and not self.model.strip():
-            raise ValueError("model must be a non-empty path or None")
+            raise ConfigError("model must be a non-empty path or None")
 
 
 @contextmanager

@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from covey.errors import InvalidRequestError
+    from covey.errors import EngineError, InvalidRequestError
 
     if args.docs:
         if args.system is not None:
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         prompt = engine.tokenizer.apply_chat_template(history)
         try:
             answer = stream_to(engine, prompt, params, _write)
-        except InvalidRequestError as exc:  # e.g. the history outgrew the context window
+        except (InvalidRequestError, EngineError) as exc:  # e.g. history past the context
             history.pop()
             print(f"\n(error: {exc}; /reset to start over)", flush=True)
             continue

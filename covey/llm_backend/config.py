@@ -38,7 +38,7 @@ class EngineConfig:
             raise ConfigError(
                 f"EngineConfig.dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}"
             )
-        check_device(self.device)
+        check_device(self.device, "EngineConfig.device")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             _check_positive_int(name, getattr(self, name))
         for name in ("kv_cache_tokens", "kv_cache_bytes", "max_model_len", "num_threads"):
@@ -74,25 +74,24 @@ class EngineConfig:
         return torch.float32
 
 
-def check_device(device: object) -> None:
+def check_device(device: object, field: str) -> None:
     """Refuse a device this machine does not have now, when the config is made, rather than
-    as a torch RuntimeError halfway through loading the weights."""
+    as a torch RuntimeError halfway through loading the weights. `field` names the setting
+    in the message (e.g. "EngineConfig.device")."""
     if not isinstance(device, str) or not _DEVICE.fullmatch(device):
-        raise ConfigError(
-            f"EngineConfig.device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}"
-        )
+        raise ConfigError(f"{field} must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
     if not device.startswith("cuda"):
         return
     if not torch.cuda.is_available():
         raise ConfigError(
-            f"EngineConfig.device is {device!r} but CUDA is not available on this machine; "
+            f"{field} is {device!r} but CUDA is not available on this machine; "
             "use 'cpu' or 'auto'"
         )
     index = int(device.partition(":")[2] or 0)
     count = torch.cuda.device_count()
     if index >= count:
         raise ConfigError(
-            f"EngineConfig.device is {device!r} but this machine has {count} CUDA device(s) "
+            f"{field} is {device!r} but this machine has {count} CUDA device(s) "
             f"(cuda:0 to cuda:{count - 1})"
         )
 

@@ -142,3 +142,14 @@ def test_search_checks_k_and_mode_in_the_searchers_one_place(make_index):
         index.search("rockets", k=True)
     with pytest.raises(InvalidRequestError, match="k must be a positive integer, got 1.0"):
         index.search("rockets", k=1.0)
+
+
+def test_embedder_device_is_checked_with_the_config(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="EmbedderConfig.device is 'cuda' but CUDA is not"):
+        EmbedderConfig(device="cuda")
+    with pytest.raises(ConfigError, match="EmbedderConfig.device must be 'auto', 'cpu' or"):
+        EmbedderConfig(device="tpu")
+    assert Embedder.load(EmbedderConfig(device="auto")).model.device.type == "cpu"

@@ -95,6 +95,19 @@ def test_empty_prompt_from_stdin(home):
     assert_one_line_error(result, INVALID, "the prompt is empty")
 
 
+def test_prompt_on_stdin_that_is_not_utf8(home):
+    result = subprocess.run(
+        [sys.executable, "-m", "covey.cli.main", "generate", "-", *TINY],
+        input=b"\xff\xfe latin-1 caf\xe9",
+        capture_output=True,
+        env=covey_env(),
+    )
+    decoded = subprocess.CompletedProcess(
+        result.args, result.returncode, result.stdout.decode(), result.stderr.decode()
+    )
+    assert_one_line_error(decoded, INVALID, "the prompt on stdin is not UTF-8 text")
+
+
 @pytest.mark.parametrize("value", ["-1", "0"])
 def test_max_tokens_not_positive(home, value):
     result = covey("generate", "hi", "--max-tokens", value, *TINY)

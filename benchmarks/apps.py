@@ -188,7 +188,9 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(NAME, "End-to-end app latency: optimizer on vs naive.", argv)
+    args = parse_args(
+        NAME, "End-to-end app latency: optimizer on vs naive.", argv, extras=("matplotlib",)
+    )
     from covey.apps.rag_chatbot import open_pydocs_index
 
     size = sizes(args.quick)

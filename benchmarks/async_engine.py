@@ -42,12 +42,7 @@ async def run_async(llm: Any, batch: list[list[int]], params: Any) -> list[Any]:
 
 def run_sync(engine: Any, batch: list[list[int]], params: Any) -> list[Any]:
     rids = [engine.add_request(p, params) for p in batch]
-    done: dict[str, Any] = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-    return [done[r] for r in rids]
+    return engine.run_to_completion(rids)
 
 
 def measure(system: str, engine: Any, batch: list[list[int]], params: Any) -> tuple[float, list]:
@@ -67,7 +62,9 @@ def measure(system: str, engine: Any, batch: list[list[int]], params: Any) -> tu
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(NAME, "AsyncLLM on the loop thread vs a worker thread.", argv)
+    args = parse_args(
+        NAME, "AsyncLLM on the loop thread vs a worker thread.", argv, extras=("matplotlib",)
+    )
     from covey.llm_backend.config import EngineConfig
     from covey.llm_backend.llm_engine import LLMEngine
     from covey.llm_backend.sampling_params import SamplingParams

@@ -4,17 +4,47 @@ JSON object described in shared/BENCHMARKS.md. Generic on purpose: no benchmark 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# The `bench` extra of pyproject.toml: import name -> the package that provides it.
+BENCH_EXTRAS = {"matplotlib": "matplotlib", "llama_cpp": "llama-cpp-python"}
+INSTALL_HINT = 'run `make bench` or `pip install -e ".[bench]"`'
 
 
-def parse_args(name: str, description: str, argv: list[str] | None = None) -> argparse.Namespace:
-    """`--quick`, `--json PATH`, `--plot PATH` with defaults under benchmarks/results/."""
+def require_extras(name: str, modules: Sequence[str]) -> None:
+    """Stop now, before minutes of measuring, if a bench extra the benchmark needs (to plot,
+    or to run a peer) cannot be imported; the message names the install command."""
+    missing = []
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(BENCH_EXTRAS.get(module, module))
+    if missing:
+        sys.exit(
+            f"benchmarks/{name}.py needs {', '.join(missing)}, not installed: {INSTALL_HINT}"
+        )
+
+
+def parse_args(
+    name: str,
+    description: str,
+    argv: list[str] | None = None,
+    *,
+    extras: Sequence[str],
+) -> argparse.Namespace:
+    """`--quick`, `--json PATH`, `--plot PATH` with defaults under benchmarks/results/.
+
+    Then checks `extras`, the import names of the bench extras the benchmark needs (every
+    one plots with matplotlib): after parsing, so `--help` works without them."""
     parser = argparse.ArgumentParser(prog=f"benchmarks/{name}.py", description=description)
     parser.add_argument(
         "--quick", action="store_true", help="reduced size, < 3 minutes on 2 CPU cores"
@@ -23,7 +53,9 @@ def parse_args(name: str, description: str, argv: list[str] | None = None) -> ar
         "--json", type=Path, default=RESULTS_DIR / f"{name}.json", help="results file"
     )
     parser.add_argument("--plot", type=Path, default=RESULTS_DIR / f"{name}.png", help="PNG")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    require_extras(name, extras)
+    return args
 
 
 def _cpu_name() -> str:
@@ -92,7 +124,8 @@ def write_results(
     device: str,
     model: str | None,
 ) -> dict[str, Any]:
-    """Write the benchmark's JSON object to `args.json` and return it."""
+    """Write the benchmark's JSON object to `args.json` and return it; benchmarks call this
+    before plotting, so a failed plot never loses the measurements."""
     data = {
         "benchmark": name,
         "quick": bool(args.quick),

@@ -17,7 +17,7 @@ from covey.graph import App
 from covey.graph.dsl import PyFunction
 from covey.llm_backend.sampling_params import SamplingParams
 from covey.retrieval.documents import SearchResult
-from covey.retrieval.hybrid import RRF_K, reciprocal_rank_fusion
+from covey.retrieval.rank_fusion import RRF_K, reciprocal_rank_fusion
 
 INDEX_NAME = "pydocs"
 ANGLES = (

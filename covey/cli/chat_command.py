@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from covey.errors import InvalidRequestError
+    from covey.errors import EngineError, InvalidRequestError
 
     if args.docs:
         if args.system is not None:
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         prompt = engine.tokenizer.apply_chat_template(history)
         try:
             answer = stream_to(engine, prompt, params, _write)
-        except InvalidRequestError as exc:  # e.g. the history outgrew the context window
+        except (InvalidRequestError, EngineError) as exc:  # e.g. history past the context
             history.pop()
             print(f"\n(error: {exc}; /reset to start over)", flush=True)
             continue
@@ -118,6 +118,7 @@ async def _docs_chat(args: argparse.Namespace) -> int:
     )
     from covey.errors import InvalidRequestError, NodeExecutionError
     from covey.llm_backend.async_llm import AsyncLLM
+    from covey.retrieval.default_corpus import DEFAULT_INDEX_NAME
     from covey.runtime import Runtime
 
     print("covey chat --docs: loading the model and the docs index...", file=sys.stderr)
@@ -129,7 +130,7 @@ async def _docs_chat(args: argparse.Namespace) -> int:
         index = open_pydocs_index()
     app = build_rag_app(max_tokens=args.max_tokens or ANSWER_MAX_TOKENS)
     async with AsyncLLM(engine=build_engine(args)) as llm:
-        bot = RagChatbot(Runtime(llm, retrievers={"pydocs": index}), app)
+        bot = RagChatbot(Runtime(llm, retrievers={DEFAULT_INDEX_NAME: index}), app)
         interactive = sys.stdin.isatty()
         print(f"covey chat --docs: ask about Python. {HELP}", file=sys.stderr, flush=True)
         while (message := await _read_line_async(interactive)) is not None:

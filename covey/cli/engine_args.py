@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
+from covey.errors import EngineError
 from covey.llm_backend.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from covey.llm_backend.engine_client import Prompt
+    from covey.llm_backend.llm_engine import LLMEngine
+    from covey.llm_backend.outputs import RequestOutput
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -33,24 +40,24 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
     )
 
 
-def build_engine(args: argparse.Namespace):
+def build_engine(args: argparse.Namespace) -> LLMEngine:
     from covey.llm_backend.config import EngineConfig
     from covey.llm_backend.llm_engine import LLMEngine
 
     return LLMEngine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype))
 
 
-def stream_to(engine, prompt, params, write) -> str:
-    """Run one request to the end, writing text deltas as they come; return the text."""
+def stream_to(engine: LLMEngine, prompt: Prompt, params: SamplingParams, write) -> str:
+    """Run one request to the end, writing text deltas as they come; return the text.
+
+    Ctrl-C (or any error) aborts the request inside `run_to_completion`, freeing its KV."""
     rid = engine.add_request(prompt, params)
-    text = ""
-    try:
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.request_id == rid:
-                    write(out.delta_text)
-                    text = out.text
-    except KeyboardInterrupt:
-        engine.abort_request(rid)
-        raise
-    return text
+
+    def on_output(out: RequestOutput) -> None:
+        if out.request_id == rid:
+            write(out.delta_text)
+
+    (final,) = engine.run_to_completion([rid], on_output=on_output)
+    if final.error is not None:
+        raise EngineError(f"generation failed: {final.error}")
+    return final.text

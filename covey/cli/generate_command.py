@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from covey.cli.engine_args import add_engine_args, build_engine, sampling_params, stream_to
+from covey.errors import InvalidRequestError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,13 +22,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = _read_stdin() if args.prompt == "-" else args.prompt
     params = sampling_params(args)
     engine = build_engine(args)
     if args.chat:
         if engine.tokenizer is None:
-            from covey.errors import InvalidRequestError
-
             raise InvalidRequestError("--chat needs a model with a tokenizer")
         prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
 
@@ -38,3 +37,14 @@ def run(args: argparse.Namespace) -> int:
     stream_to(engine, prompt, params, write)
     sys.stdout.write("\n")
     return 0
+
+
+def _read_stdin() -> str:
+    """The prompt piped in, as UTF-8: other bytes get a clear error before the model loads."""
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequestError(
+            f"the prompt on stdin is not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None

@@ -1,9 +1,17 @@
-"""`covey` entry point: each subcommand module exposes `register(subparsers)`."""
+"""`covey` entry point: each subcommand module exposes `register(subparsers)`.
+
+Errors reach the user by category, never as a traceback: a `CoveyError` prints one line,
+`covey: error: <message>`, and exits with its category's code (2 for bad input, 3 for
+something not found, 4 overloaded, 5 unavailable, 1 internal). Ctrl-C exits 130 quietly.
+argparse keeps its own usage errors (exit 2). Any other exception is a bug in covey, so its
+traceback stays.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 SUBCOMMAND_MODULES = (
@@ -11,6 +19,7 @@ SUBCOMMAND_MODULES = (
     "covey.cli.chat_command",
     "covey.cli.retrieval_commands",
 )
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,14 +33,31 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from covey.errors import CoveyError
 
-    args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        args = build_parser().parse_args(argv)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe fails here, inside the try, not at exit
+        return code
     except CoveyError as exc:
-        print(f"covey: error: {exc}", file=sys.stderr)
-        return 2
+        print(f"covey: error: {_one_line(exc)}", file=sys.stderr)
+        return exc.category.exit_code
     except KeyboardInterrupt:
-        return 130
+        print(file=sys.stderr)  # end the line ^C was echoed on
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `covey search ... | head`: the reader left; nothing to report
+        _silence_stdout()
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message on one line: a multi-line one would read as several errors."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 if __name__ == "__main__":

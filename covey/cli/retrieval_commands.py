@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from covey.retrieval.searcher import DEFAULT_K, DEFAULT_MODE, MODES
+
 SNIPPET_CHARS = 240
 
 
@@ -27,8 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s = subparsers.add_parser("search", help="search an index (default: the Python docs)")
     s.add_argument("query", help="what to look for")
     s.add_argument("--index", default=None, metavar="DIR", help="index directory")
-    s.add_argument("-k", type=int, default=5, help="number of results")
-    s.add_argument("--mode", default="hybrid", choices=("vector", "bm25", "hybrid"))
+    s.add_argument("-k", type=int, default=DEFAULT_K, help="number of results")
+    s.add_argument("--mode", default=DEFAULT_MODE, choices=MODES)
     s.add_argument("--source", action="append", default=None, help="only this source (glob ok)")
     s.set_defaults(func=run_search)
 
@@ -40,19 +42,15 @@ def _open_for_ingest(args: argparse.Namespace):
     from covey.retrieval.store import MANIFEST
     from covey.retrieval.vector_index import IndexConfig
 
+    def embedder():  # None: the bundled one, which create() loads after its cheap checks
+        return Embedder.load(EmbedderConfig(model=args.embedder)) if args.embedder else None
+
     root = Path(args.index)
     if (root / MANIFEST).is_file():
-        embedder = Embedder.load(EmbedderConfig(model=args.embedder)) if args.embedder else None
-        return DocumentIndex.open(root, embedder=embedder)
-    try:
-        chunker = ChunkerConfig(args.chunk_tokens, args.overlap_tokens)
-        index_config = IndexConfig(kind=args.kind)
-    except ValueError as exc:
-        from covey.errors import InvalidRequestError
-
-        raise InvalidRequestError(str(exc)) from exc
-    embedder = Embedder.load(EmbedderConfig(model=args.embedder))
-    return DocumentIndex.create(root, embedder=embedder, chunker=chunker, index=index_config)
+        return DocumentIndex.open(root, embedder=embedder())
+    chunker = ChunkerConfig(args.chunk_tokens, args.overlap_tokens)
+    index_config = IndexConfig(kind=args.kind)
+    return DocumentIndex.create(root, embedder=embedder(), chunker=chunker, index=index_config)
 
 
 def run_index(args: argparse.Namespace) -> int:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from covey.errors import ConfigError
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_CPU_KV_BYTES = 1 << 30  # 1 GiB: ~22k tokens of SmolLM2-135M in float32
 DEFAULT_GPU_KV_FRACTION = 0.5  # of the memory free after loading the weights
+_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 
 
 @dataclass(frozen=True)
@@ -30,33 +34,31 @@ class EngineConfig:
     quantization: str | None = None  # "int8": weight-only int8 (bfloat16 only), faster decode
 
     def __post_init__(self) -> None:
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ValueError(
+        if self.dtype != "auto" and (not isinstance(self.dtype, str) or self.dtype not in DTYPES):
+            raise ConfigError(
                 f"EngineConfig.dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}"
             )
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(
-                f"EngineConfig.device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}"
-            )
-        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
-            raise ValueError(
+        check_device(self.device, "EngineConfig.device")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            _check_positive_int(name, getattr(self, name))
+        for name in ("kv_cache_tokens", "kv_cache_bytes", "max_model_len", "num_threads"):
+            if getattr(self, name) is not None:
+                _check_positive_int(name, getattr(self, name))
+        if self.block_size & (self.block_size - 1):
+            raise ConfigError(
                 f"EngineConfig.block_size must be a power of two, got {self.block_size}"
             )
         if self.kv_cache_tokens is not None and self.kv_cache_bytes is not None:
-            raise ValueError("EngineConfig: give kv_cache_tokens or kv_cache_bytes, not both")
-        for name in ("kv_cache_tokens", "kv_cache_bytes", "max_model_len", "num_threads"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"EngineConfig.{name} must be > 0, got {value}")
-        for name in ("max_num_seqs", "max_num_batched_tokens"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"EngineConfig.{name} must be > 0, got {getattr(self, name)}")
+            raise ConfigError("EngineConfig: give kv_cache_tokens or kv_cache_bytes, not both")
         if self.quantization not in (None, "int8"):
-            raise ValueError(
+            raise ConfigError(
                 f"EngineConfig.quantization must be None or 'int8', got {self.quantization!r}"
             )
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"EngineConfig.device is {self.device!r} but CUDA is not available")
+        if self.quantization == "int8" and self.dtype not in ("auto", "bfloat16"):
+            raise ConfigError(
+                "EngineConfig.quantization='int8' needs dtype='bfloat16' (its kernel is bf16), "
+                f"got dtype={self.dtype!r}"
+            )
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -70,6 +72,33 @@ class EngineConfig:
         if self.torch_device().type == "cuda" or cpu_has_fast_bf16():
             return torch.bfloat16
         return torch.float32
+
+
+def check_device(device: object, field: str) -> None:
+    """Refuse a device this machine does not have now, when the config is made, rather than
+    as a torch RuntimeError halfway through loading the weights. `field` names the setting
+    in the message (e.g. "EngineConfig.device")."""
+    if not isinstance(device, str) or not _DEVICE.fullmatch(device):
+        raise ConfigError(f"{field} must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+    if not device.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"{field} is {device!r} but CUDA is not available on this machine; "
+            "use 'cpu' or 'auto'"
+        )
+    index = int(device.partition(":")[2] or 0)
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise ConfigError(
+            f"{field} is {device!r} but this machine has {count} CUDA device(s) "
+            f"(cuda:0 to cuda:{count - 1})"
+        )
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not hasattr(value, "__index__") or value.__index__() <= 0:
+        raise ConfigError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
 
 
 def cpu_has_fast_bf16() -> bool:

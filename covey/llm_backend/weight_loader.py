@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from covey.errors import ModelLoadError
+from covey.errors import ConfigError, ModelLoadError
 from covey.llm_backend.model import LlamaModel
 from covey.llm_backend.model_args import ModelArgs, preset
 from covey.llm_backend.model_source import ModelSource
@@ -110,6 +110,8 @@ def _read_gguf(path: Path) -> tuple[ModelArgs, Iterator[tuple[str, torch.Tensor]
         )
     except KeyError as exc:
         raise ModelLoadError(f"GGUF {path} lacks {exc.args[0]!r}") from exc
+    except (ConfigError, TypeError, ValueError) as exc:  # a field of the wrong type or size
+        raise ModelLoadError(f"GGUF {path} does not describe a valid model: {exc}") from exc
     return args, _gguf_tensors(path, tensors, args, unpermute=arch == "llama")
 
 

@@ -11,6 +11,7 @@ import itertools
 import re
 from dataclasses import dataclass
 
+from covey.errors import ConfigError
 from covey.retrieval.documents import Chunk, Document, content_hash
 from covey.retrieval.tokenizers import TokenizerLike
 
@@ -31,9 +32,9 @@ class ChunkerConfig:
 
     def __post_init__(self) -> None:
         if self.chunk_tokens <= 0:
-            raise ValueError(f"chunk_tokens must be > 0, got {self.chunk_tokens}")
+            raise ConfigError(f"chunk_tokens must be > 0, got {self.chunk_tokens}")
         if not 0 <= self.overlap_tokens < self.chunk_tokens:
-            raise ValueError(
+            raise ConfigError(
                 f"overlap_tokens must be in [0, chunk_tokens={self.chunk_tokens}), "
                 f"got {self.overlap_tokens}"
             )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from covey.errors import InvalidRequestError
 from covey.retrieval.document_index import DocumentIndex
 from covey.retrieval.documents import Document
 from covey.retrieval.embedder import EmbedderLike
@@ -30,7 +31,7 @@ def default_index_dir() -> Path:
 def pydoc_documents(limit: int | None = None) -> list[Document]:
     """One Document per pydoc topic (sorted by name, so `limit` is deterministic)."""
     if limit is not None and limit <= 0:
-        raise ValueError(f"limit must be > 0 or None, got {limit}")
+        raise InvalidRequestError(f"limit must be > 0 or None, got {limit}")
     from pydoc_data.topics import topics
 
     names = sorted(topics)[:limit]

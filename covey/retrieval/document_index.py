@@ -105,6 +105,8 @@ class DocumentIndex:
         root = Path(root)
         if (root / store.MANIFEST).exists():
             raise RetrievalError(f"an index already exists at {root}; use DocumentIndex.open")
+        if root.exists() and not root.is_dir():  # checked before seconds of model loading
+            raise RetrievalError(f"{root} is a file, not an index directory")
         embedder = embedder or Embedder.load()
         tokenizer = tokenizer or default_tokenizer()
         chunker = chunker or ChunkerConfig()

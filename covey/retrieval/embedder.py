@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from covey.errors import RetrievalError
+from covey.errors import ConfigError, RetrievalError
 
 BUNDLED_NAME = "all-MiniLM-L6-v2"
 # Up to this many texts (a query, a few) embed on one CPU thread: intra-op parallelism gains
@@ -56,14 +56,18 @@ class EmbedderConfig:
     """`model` is None for the bundled MiniLM, else a local sentence-transformers folder."""
 
     model: str | None = None
-    device: str | None = None
+    device: str | None = None  # None or "auto": cuda when available, else cpu
     batch_size: int = 64
 
     def __post_init__(self) -> None:
+        if self.device is not None:
+            from covey.llm_backend.config import check_device  # imports torch: only if asked
+
+            check_device(self.device, "EmbedderConfig.device")
         if self.batch_size <= 0:
-            raise ValueError(f"batch_size must be > 0, got {self.batch_size}")
+            raise ConfigError(f"batch_size must be > 0, got {self.batch_size}")
         if self.model is not None and not self.model.strip():
-            raise ValueError("model must be a non-empty path or None")
+            raise ConfigError("model must be a non-empty path or None")
 
 
 @contextmanager
@@ -112,7 +116,9 @@ class Embedder:
 
         try:
             model = SentenceTransformer(
-                str(path), device=config.device or default_device(), local_files_only=True
+                str(path),
+                device=default_device() if config.device in (None, "auto") else config.device,
+                local_files_only=True,
             )
         except (OSError, ValueError) as exc:
             raise RetrievalError(f"cannot load embedder from {path}: {exc}") from exc

@@ -11,13 +11,14 @@ import numpy as np
 from covey.errors import InvalidRequestError
 from covey.retrieval.bm25_index import top_k
 from covey.retrieval.documents import Chunk, SearchResult
-from covey.retrieval.hybrid import reciprocal_rank_fusion
+from covey.retrieval.rank_fusion import reciprocal_rank_fusion
+from covey.retrieval.searcher import MODES as MODES  # defined and checked there; re-exported
+from covey.retrieval.searcher import check_k, check_mode
 from covey.retrieval.vector_index import search_index
 
 if TYPE_CHECKING:
     from covey.retrieval.document_index import DocumentIndex
 
-MODES = ("vector", "bm25", "hybrid")
 # A reranker scores (query, candidate chunks), higher is better; e.g. a cross-encoder.
 Reranker = Callable[[str, list[Chunk]], Sequence[float]]
 # Each ranking that hybrid fuses, and a reranker, sees this many candidates per result.
@@ -25,13 +26,12 @@ CANDIDATES_PER_RESULT = 4
 MIN_CANDIDATES = 20
 
 
-def validate_request(query: str, k: int, mode: str) -> None:
+def validate_request(query: str, k: object, mode: object) -> tuple[int, str]:
+    """The query must have text; k and mode go through the searcher's one check each.
+    Returns (k, mode) as checked (a numpy integer k becomes an int)."""
     if not isinstance(query, str) or not query.strip():
         raise InvalidRequestError("query must be a non-empty string")
-    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
-        raise InvalidRequestError(f"k must be a positive integer, got {k!r}")
-    if mode not in MODES:
-        raise InvalidRequestError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+    return check_k(k), check_mode(mode)
 
 
 class SearchEngine:
@@ -48,7 +48,7 @@ class SearchEngine:
         sources: Sequence[str] | None,
         reranker: Reranker | None,
     ) -> list[SearchResult]:
-        validate_request(query, k, mode)
+        k, mode = validate_request(query, k, mode)
         if not self.index.chunks:
             return []
         allowed = self._source_mask(sources)

@@ -131,7 +131,12 @@ def read_snapshot(root: Path) -> Snapshot:
 @contextmanager
 def commit_lock(root: Path) -> Iterator[None]:
     """Serialize writers of one index directory (readers never block)."""
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file in the way, a read-only or missing parent
+        raise RetrievalError(
+            f"cannot create the index directory {root}: {exc.strerror or exc}"
+        ) from exc
     with open(root / ".lock", "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from covey.errors import RetrievalError
+from covey.errors import ConfigError, RetrievalError
 
 KINDS = ("auto", "flat", "ivf", "hnsw")
 # Below this many queries faiss scans without BLAS; one OpenMP thread is then faster, and
@@ -40,12 +40,12 @@ class IndexConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+            raise ConfigError(f"kind must be one of {KINDS}, got {self.kind!r}")
         for name in ("auto_threshold", "nprobe", "hnsw_m", "ef_construction", "ef_search"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.nlist is not None and self.nlist <= 0:
-            raise ValueError(f"nlist must be > 0 or None, got {self.nlist}")
+            raise ConfigError(f"nlist must be > 0 or None, got {self.nlist}")
 
     def resolve_kind(self, n: int) -> str:
         if self.kind != "auto":
@@ -95,7 +95,7 @@ def build_index(vectors: np.ndarray, kind: str, config: IndexConfig):
         index.train(vectors)
         index.nprobe = min(config.nprobe, nlist)
     else:
-        raise ValueError(f"kind must be one of flat, ivf, hnsw; got {kind!r}")
+        raise ConfigError(f"kind must be one of flat, ivf, hnsw; got {kind!r}")
     index = to_gpu(index, config)
     if n:
         index.add(vectors)

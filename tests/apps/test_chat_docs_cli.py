@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.test_cli import covey
+from tests.cli.runner import covey
 
 
 def test_docs_chat_streams_an_answer_and_lists_its_sources(tiny_index):
@@ -24,4 +24,4 @@ def test_docs_chat_streams_an_answer_and_lists_its_sources(tiny_index):
 
 def test_docs_chat_refuses_a_missing_index_folder(tmp_path):
     result = covey("chat", "--docs", "--index", str(tmp_path / "nothing-here"), stdin="/exit\n")
-    assert result.returncode == 2 and "nothing-here" in result.stderr, result.stderr
+    assert result.returncode == 3 and "nothing-here" in result.stderr, result.stderr

@@ -6,6 +6,7 @@ import types
 
 import pytest
 
+from covey.errors import ConfigError
 from covey.retrieval.chunker import ChunkerConfig, chunk_document
 from covey.retrieval.documents import Document, content_hash
 from covey.retrieval.tokenizers import WhitespaceTokenizer, default_tokenizer
@@ -66,7 +67,7 @@ def test_blank_document_gives_no_chunks(tokenizer):
     ],
 )
 def test_config_errors_name_the_field(kwargs, field):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ConfigError, match=field):
         ChunkerConfig(**kwargs)
 
 

@@ -60,22 +60,24 @@ def test_index_progress_bar_and_approximate_kind(tmp_path, docs, capsys):
 
 
 @pytest.mark.parametrize(
-    ("argv", "message"),
+    ("argv", "message", "code"),
     [
-        (["search", "", "--index", "X"], "query must be a non-empty string"),
-        (["search", "q", "-k", "0", "--index", "X"], "k must be a positive integer, got 0"),
-        (["search", "q", "--index", "{missing}"], "no index at {missing}"),
-        (["index", "{missing}", "--index", "X"], "no such file or directory: {missing}"),
+        (["search", "", "--index", "X"], "query must be a non-empty string", 2),
+        (["search", "q", "-k", "0", "--index", "X"], "k must be a positive integer, got 0", 2),
+        (["search", "q", "--index", "{missing}"], "no index at {missing}", 3),
+        (["index", "{missing}", "--index", "X"], "no such file or directory: {missing}", 2),
         (
             ["index", "{docs}", "--index", "X", "--chunk-tokens", "0"],
             "chunk_tokens must be > 0",
+            2,
         ),
     ],
 )
-def test_errors_are_reported(tmp_path, docs, capsys, argv, message):
+def test_errors_are_reported(tmp_path, docs, capsys, argv, message, code):
+    """Exit codes by category: 2 for the caller's bad input, 3 for what does not exist."""
     missing = str(tmp_path / "missing")
     argv = [a.format(missing=missing, docs=docs).replace("X", str(tmp_path / "x")) for a in argv]
-    assert covey(*argv) == 2
+    assert covey(*argv) == code
     assert f"covey: error: {message.format(missing=missing)}" in capsys.readouterr().err
 
 
@@ -104,5 +106,5 @@ def test_installed_entry_point_wires_the_commands(tmp_path):
         text=True,
         timeout=120,
     )
-    assert proc.returncode == 2
+    assert proc.returncode == 3
     assert f"covey: error: no index at {missing}" in proc.stderr

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from covey.errors import InvalidRequestError
 from covey.retrieval.default_corpus import (
     default_index_dir,
     ensure_default_index,
@@ -23,7 +24,7 @@ def test_pydoc_documents_are_cpython_topics():
     names = {d.source for d in docs}
     assert {"pydoc:for", "pydoc:try", "pydoc:assert"} <= names
     assert [d.source for d in pydoc_documents(limit=2)] == ["pydoc:assert", "pydoc:assignment"]
-    with pytest.raises(ValueError, match="limit must be > 0"):
+    with pytest.raises(InvalidRequestError, match="limit must be > 0"):
         pydoc_documents(limit=0)
 
 

@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from covey.errors import RetrievalError
+from covey.errors import ConfigError, InvalidRequestError, RetrievalError
 from covey.retrieval.document_index import DocumentIndex
 from covey.retrieval.documents import Document
 from covey.retrieval.embedder import Embedder, EmbedderConfig, bundled_model_dir
-from covey.retrieval.hybrid import reciprocal_rank_fusion
+from covey.retrieval.rank_fusion import reciprocal_rank_fusion
 from covey.retrieval.vector_index import IndexConfig, build_index
 
 
@@ -43,7 +43,7 @@ def test_embedder_path_with_broken_model(tmp_path):
     [({"batch_size": 0}, "batch_size must be > 0"), ({"model": " "}, "model must be")],
 )
 def test_embedder_config_errors(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=message):
         EmbedderConfig(**kwargs)
 
 
@@ -86,12 +86,12 @@ def test_repeated_sources_in_one_call(make_index):
 
 
 def test_unknown_kind_in_build_index():
-    with pytest.raises(ValueError, match="kind must be one of flat, ivf, hnsw; got 'auto'"):
+    with pytest.raises(ConfigError, match="kind must be one of flat, ivf, hnsw; got 'auto'"):
         build_index(np.zeros((1, 4), np.float32), "auto", IndexConfig())
 
 
 def test_rrf_rejects_negative_k():
-    with pytest.raises(ValueError, match="k must be >= 0"):
+    with pytest.raises(InvalidRequestError, match="reciprocal rank fusion: k must be >= 0"):
         reciprocal_rank_fusion([[1]], k=-1)
 
 
@@ -120,3 +120,36 @@ def test_missing_faiss_says_which_extra_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss", None)  # as if neither build were installed
     with pytest.raises(RetrievalError, match=r"faiss is not installed: pip install 'covey\[cpu\]'"):
         load_faiss()
+
+
+def test_create_over_a_file_is_a_retrieval_error(tmp_path, embedder, tokenizer):
+    (tmp_path / "afile").write_text("not a folder")
+    with pytest.raises(RetrievalError, match="is a file, not an index directory"):
+        DocumentIndex.create(tmp_path / "afile", embedder=embedder, tokenizer=tokenizer)
+    with pytest.raises(RetrievalError, match="cannot create the index directory .*afile/sub"):
+        DocumentIndex.create(tmp_path / "afile" / "sub", embedder=embedder, tokenizer=tokenizer)
+
+
+def test_search_checks_k_and_mode_in_the_searchers_one_place(make_index):
+    from covey.retrieval import search, searcher
+
+    assert search.MODES is searcher.MODES  # importers of search.MODES see the one tuple
+    index = make_index()
+    index.add_texts(["rockets reach orbit.", "bread rises."], source="notes")
+    hits = index.search("rockets", k=np.int64(1), mode="bm25")  # numpy integers are fine
+    assert [h.chunk.source for h in hits] == ["notes#0"]
+    with pytest.raises(InvalidRequestError, match="k must be a positive integer, got True"):
+        index.search("rockets", k=True)
+    with pytest.raises(InvalidRequestError, match="k must be a positive integer, got 1.0"):
+        index.search("rockets", k=1.0)
+
+
+def test_embedder_device_is_checked_with_the_config(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="EmbedderConfig.device is 'cuda' but CUDA is not"):
+        EmbedderConfig(device="cuda")
+    with pytest.raises(ConfigError, match="EmbedderConfig.device must be 'auto', 'cpu' or"):
+        EmbedderConfig(device="tpu")
+    assert Embedder.load(EmbedderConfig(device="auto")).model.device.type == "cpu"

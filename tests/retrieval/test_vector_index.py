@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from covey.errors import ConfigError
 from covey.retrieval.vector_index import (
     IndexConfig,
     build_index,
@@ -68,7 +69,7 @@ def test_auto_kind_switches_at_threshold():
     ],
 )
 def test_config_errors_name_the_field(kwargs, field):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ConfigError, match=field):
         IndexConfig(**kwargs)
 
 

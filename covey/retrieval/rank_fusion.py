@@ -3,6 +3,8 @@ by rank alone, as in Cormack et al. 2009; k=60 damps the weight of the very top 
 
 from __future__ import annotations
 
+from covey.errors import InvalidRequestError
+
 RRF_K = 60
 
 
@@ -10,7 +12,7 @@ def reciprocal_rank_fusion(rankings: list[list[int]], k: int = RRF_K) -> list[tu
     """(item, fused score) best first; an item scores sum(1 / (k + rank)) over the lists
     it appears in (rank from 1). Ties keep first-seen order, so fusion is deterministic."""
     if k < 0:
-        raise ValueError(f"k must be >= 0, got {k}")
+        raise InvalidRequestError(f"reciprocal rank fusion: k must be >= 0, got {k}")
     fused: dict[int, float] = {}
     for ranking in rankings:
         for rank, item in enumerate(ranking, start=1):

@@ -1,0 +1,62 @@
+"""A benchmark that lacks its extras stops at once, naming the install command, instead of
+measuring for minutes and then failing to plot."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.cli.runner import covey_env
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+# Run a benchmark as `python benchmarks/NAME.py ARGS` would, with some modules made
+# unimportable (a None entry in sys.modules makes `import name` raise ImportError).
+HIDE_AND_RUN = """
+import os, runpy, sys
+hidden, script, *args = sys.argv[1:]
+for name in hidden.split(","):
+    sys.modules[name] = None
+sys.argv = [script, *args]
+sys.path.insert(0, os.path.dirname(script))  # as `python SCRIPT` puts its folder first
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def run_hidden(hidden: list[str], name: str, *args: str) -> subprocess.CompletedProcess:
+    script = str(BENCHMARKS / f"{name}.py")
+    return subprocess.run(
+        [sys.executable, "-c", HIDE_AND_RUN, ",".join(hidden), script, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=covey_env(),
+    )
+
+
+@pytest.mark.parametrize("name", ["apps", "async_engine", "engine", "retrieval"])
+def test_missing_matplotlib_stops_before_measuring(tmp_path, name):
+    out = tmp_path / "out.json"
+    start = time.perf_counter()
+    result = run_hidden(["matplotlib"], name, "--quick", "--json", str(out))
+    elapsed = time.perf_counter() - start
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert f"benchmarks/{name}.py needs matplotlib" in result.stderr
+    assert 'run `make bench` or `pip install -e ".[bench]"`' in result.stderr
+    assert not out.exists()  # stopped before any measuring
+    assert elapsed < 60  # seconds of imports at most, not minutes of measuring
+
+
+def test_engine_benchmark_names_every_missing_extra(tmp_path):
+    result = run_hidden(["matplotlib", "llama_cpp"], "engine", "--quick", "--json", "x.json")
+    assert result.returncode == 1, result.stderr
+    assert "needs matplotlib, llama-cpp-python, not installed" in result.stderr
+
+
+def test_help_needs_no_extras():
+    result = run_hidden(["matplotlib", "llama_cpp"], "apps", "--help")
+    assert result.returncode == 0 and "--quick" in result.stdout

@@ -65,8 +65,10 @@ class App:
     ) -> Plan:
         """Run `passes` for a caller awaiting `awaited` outputs (default: all of them).
 
-        Leaving a pass out keeps the naive choice it would have changed (one stage per
-        dependency level, no forks, nothing prefilled early, priority 0), for comparisons.
+        Leaving a pass out keeps the naive choice it would have changed, for comparisons:
+        without prefill_decomposition nothing is pinned, without objective_deduction every
+        priority is 0, without prefix_sharing no shared prefix is reported (the engine
+        still shares what it finds), without prune_unused dead nodes run too.
         """
         names = tuple(awaited) if awaited is not None else tuple(self.outputs)
         for name in names:

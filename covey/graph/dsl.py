@@ -17,6 +17,7 @@ import networkx as nx
 
 from covey.errors import (
     GraphError,
+    InvalidRequestError,
     TemplateError,
     TypeMismatchError,
     UnboundPlaceholderError,
@@ -38,7 +39,7 @@ from covey.graph.ir import (
 from covey.graph.template import Ref, Template, parse_template, suggest
 from covey.graph.types import compatible, item_type, type_name, value_fits
 from covey.llm_backend.sampling_params import SamplingParams
-from covey.retrieval.search import MODES
+from covey.retrieval.searcher import MODES, check_k, check_mode
 
 
 class Builder:
@@ -71,6 +72,11 @@ def current_builder(what: str) -> Builder:
     return builder
 
 
+class UnknownOutputError(WiringError, AttributeError):
+    """A node has no output by that name. Also an AttributeError, so `hasattr(out, name)`
+    and `getattr(out, name, default)` keep working on node outputs."""
+
+
 class NodeOutputs:
     """The outputs of a multi-output node: `out.answer`, `out["answer"]` or unpacking."""
 
@@ -82,7 +88,7 @@ class NodeOutputs:
             return self._outputs[name]
         except KeyError:
             names = list(self._outputs)
-            raise AttributeError(
+            raise UnknownOutputError(
                 f"no output {name!r}{suggest(name, names)} (outputs: {names})"
             ) from None
 
@@ -256,18 +262,30 @@ def function(fn: Callable[..., Any]) -> PyFunction:
     return PyFunction(fn, "function")
 
 
-def retrieve(query: Var | str, k: int = 4, index: str = "default", mode: str = "hybrid") -> Var:
-    """Search the index the runtime binds to `index`; returns a `list[SearchResult]` var."""
+def retrieve(
+    query: Var | str, k: int | None = None, index: str = "default", mode: str | None = None
+) -> Var:
+    """Search the searcher the runtime binds to `index`; returns a `list[SearchResult]` var.
+
+    `k` and `mode` left as None use that searcher's own settings (a `Retriever`'s config);
+    a value given overrides them for this node. They are checked here, when the app is
+    defined, by the same `check_k`/`check_mode` every searcher uses.
+    """
     builder = current_builder("retrieve")
-    if k <= 0:
-        raise WiringError(f"app {builder.app!r}, retrieve: k must be positive, got {k}")
-    if mode not in MODES:
-        raise WiringError(
-            f"app {builder.app!r}, retrieve: mode {mode!r} is not one of {', '.join(MODES)}"
-            f"{suggest(mode, MODES)}"
-        )
+    where = f"app {builder.app!r}, retrieve"
+    try:
+        k = None if k is None else check_k(k)
+    except InvalidRequestError as e:
+        raise WiringError(f"{where}: {e}") from None
+    try:
+        mode = None if mode is None else check_mode(mode)
+    except InvalidRequestError as e:
+        hint = suggest(mode, MODES) if isinstance(mode, str) else ""
+        raise WiringError(f"{where}: {e}{hint}") from None
+    if not isinstance(index, str) or not index:
+        raise WiringError(f"{where}: index must be a non-empty name, got {index!r}")
     op = Retrieve(index, k, mode)
-    bound = bind(f"app {builder.app!r}, retrieve", op.inputs, {}, (query,), {}, builder.app)
+    bound = bind(where, op.inputs, {}, (query,), {}, builder.app)
     return builder.add("retrieve", op, bound)["results"]
 
 

@@ -58,11 +58,12 @@ class LLMCall:
 
 @dataclass(frozen=True)
 class Retrieve:
-    """Top-`k` search of the index the runtime binds to `index`."""
+    """A search of the `Searcher` the runtime binds to `index`; `k` and `mode` None keep
+    that searcher's own settings, a value overrides them (and `explain()` says so)."""
 
     index: str
-    k: int
-    mode: str
+    k: int | None
+    mode: str | None
     kind: NodeKind = "retrieve"
 
     @property

@@ -190,20 +190,46 @@ def test_app_must_return_variables():
             shapes.title(q)
 
 
-def test_retrieve_k_must_be_positive():
-    with pytest.raises(WiringError, match="app 'bad', retrieve: k must be positive, got 0"):
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(k=0), "app 'bad', retrieve: k must be a positive integer, got 0"),
+        (dict(k=-2), "app 'bad', retrieve: k must be a positive integer, got -2"),
+        (dict(k=2.5), "app 'bad', retrieve: k must be a positive integer, got 2.5"),
+        (dict(k=True), "app 'bad', retrieve: k must be a positive integer, got True"),
+        (
+            dict(mode="hybird"),
+            "app 'bad', retrieve: mode must be one of vector, bm25, hybrid; got 'hybird'; "
+            "did you mean 'hybrid'?",
+        ),
+        (dict(mode=3), "app 'bad', retrieve: mode must be one of vector, bm25, hybrid; got 3"),
+        (dict(index=""), "app 'bad', retrieve: index must be a non-empty name, got ''"),
+    ],
+)
+def test_retrieve_options_are_checked_when_the_app_is_defined(kwargs, message):
+    with pytest.raises(WiringError) as e:
 
         @cg.app
         def bad(q: str):
-            return cg.retrieve(q, k=0)
+            return cg.retrieve(q, **kwargs)
+
+    assert str(e.value) == message
 
 
-def test_retrieve_mode_must_be_known():
-    with pytest.raises(WiringError, match="mode 'hybird' is not one of .*; did you mean 'hybrid'"):
+def test_retrieve_keeps_the_searchers_settings_unless_given():
+    import numpy as np
 
-        @cg.app
-        def bad(q: str):
-            return cg.retrieve(q, mode="hybird")
+    @cg.app
+    def plain(q: str):
+        return cg.retrieve(q)
+
+    @cg.app
+    def tuned(q: str):
+        return cg.retrieve(q, k=np.int64(3), mode="bm25")
+
+    assert (plain.plan.nodes["retrieve"].op.k, plain.plan.nodes["retrieve"].op.mode) == (None, None)
+    op = tuned.plan.nodes["retrieve"].op
+    assert (op.k, op.mode) == (3, "bm25") and type(op.k) is int
 
 
 def test_optimize_for_an_unknown_output():
@@ -271,11 +297,13 @@ def test_multi_output_node_unpacks_and_reports_unknown_outputs():
     def plan_then_answer(question: str):
         """Q: {{question}} Plan: {{gen plan max_tokens=16}} Answer: {{gen answer}}"""
 
-    with pytest.raises(AttributeError, match="no output 'anser'; did you mean 'answer'"):
+    with pytest.raises(WiringError, match="no output 'anser'; did you mean 'answer'") as e:
 
         @cg.app
         def bad(q: str):
             return plan_then_answer(q).anser
+
+    assert isinstance(e.value, AttributeError)  # so hasattr/getattr(default) still work
 
     @cg.app
     def ok(q: str) -> Any:

@@ -12,7 +12,14 @@ from typing import Any
 import networkx as nx
 
 from covey.errors import GraphError, TypeMismatchError, WiringError
-from covey.graph.dsl import NodeOutputs, signature_of, stop_tracing, tracing, tracing_app
+from covey.graph.dsl import (
+    NodeOutputs,
+    function_name,
+    signature_of,
+    stop_tracing,
+    tracing,
+    tracing_app,
+)
 from covey.graph.export import to_dot, to_mermaid
 from covey.graph.ir import Var
 from covey.graph.passes import PASSES, Pass, run_passes
@@ -39,7 +46,8 @@ class App:
     """A traced, validated app with its default plan (every output awaited)."""
 
     def __init__(self, fn: Callable[..., Any], name: str | None = None) -> None:
-        self.name = name or fn.__name__
+        self.name = name or function_name(fn, "@app")
+        function_name(fn, f"@app {self.name!r}")
         inputs, _, returns = signature_of(fn, f"app {self.name!r}", need_hints=False)
         builder, token = tracing(self.name)
         try:

@@ -99,6 +99,14 @@ class NodeOutputs:
         return iter(self._outputs.values())
 
 
+def function_name(fn: Any, what: str) -> str:
+    """The name of the function a decorator was given; a GraphError for anything else."""
+    name = getattr(fn, "__name__", None)
+    if not callable(fn) or not isinstance(name, str):
+        raise GraphError(f"{what} decorates a function (def ...), got {fn!r}")
+    return name
+
+
 def signature_of(fn: Callable[..., Any], what: str, need_hints: bool) -> tuple[dict, dict, Any]:
     """Inputs (name -> type), defaults and return type, from the type hints."""
     try:
@@ -205,7 +213,7 @@ class SemanticFunction(Node):
     label = "semantic function"
 
     def __init__(self, fn: Callable[..., Any], params: SamplingParams) -> None:
-        self.name = fn.__name__
+        self.name = function_name(fn, "@semantic_function")
         where = f"semantic function {self.name!r}"
         if not (fn.__doc__ or "").strip():
             raise TemplateError(f"{where}: the docstring is the template and it is empty")
@@ -239,6 +247,10 @@ def semantic_function(
     fn: Callable[..., Any] | None = None, *, params: SamplingParams | None = None
 ) -> Any:
     """`@semantic_function` or `@semantic_function(params=...)`: defaults for every gen."""
+    if params is not None and not isinstance(params, SamplingParams):
+        raise GraphError(
+            f"@semantic_function(params=...) takes a SamplingParams, got {params!r}"
+        )
     defaults = params or SamplingParams()
     if fn is None:
         return lambda f: SemanticFunction(f, defaults)
@@ -247,7 +259,7 @@ def semantic_function(
 
 class PyFunction(Node):
     def __init__(self, fn: Callable[..., Any], kind: str) -> None:
-        self.name, self.label = fn.__name__, kind
+        self.name, self.label = function_name(fn, f"@{kind}"), kind
         inputs, self.defaults, returns = signature_of(fn, f"{kind} {self.name!r}", need_hints=True)
         self.op = PyCall(fn, inputs, returns, kind)  # type: ignore[arg-type]
 
@@ -296,6 +308,11 @@ def map(fn: Node, over: Var, item: str | None = None, **kwargs: Any) -> Var | No
     Any node that takes that list is the reduce.
     """
     builder = current_builder("map")
+    if not isinstance(fn, Node):
+        raise WiringError(
+            f"app {builder.app!r}, map: fans out a @semantic_function, @tool or @function, "
+            f"got {fn!r}; decorate it first"
+        )
     where = f"app {builder.app!r}, node 'map_{fn.name}'"
     inputs = fn.op.inputs
     free = [n for n in inputs if n not in kwargs and n not in fn.defaults]

@@ -69,7 +69,9 @@ class Template:
 
 
 def suggest(name: str, options: list[str] | tuple[str, ...]) -> str:
-    """`; did you mean 'x'?` for the closest option, or nothing."""
+    """`; did you mean 'x'?` for the closest option, or nothing (also for a non-string)."""
+    if not isinstance(name, str):
+        return ""
     close = difflib.get_close_matches(name, list(options), n=1)
     return f"; did you mean {close[0]!r}?" if close else ""
 

@@ -237,6 +237,11 @@ def test_optimize_for_an_unknown_output():
         shapes.two_outputs().optimize(awaited=["awnser"])
 
 
+def test_optimize_for_an_output_that_is_not_a_name():
+    with pytest.raises(GraphError, match=r"app 'verdict': no output 5 \(outputs: verdict\)"):
+        shapes.merge().optimize(awaited=[5])
+
+
 def test_cycle_names_the_nodes_and_variables():
     graph = shapes.merge().graph.copy()
     judged = cg.Var("judge.verdict", str, "judge", "verdict", "verdict")
@@ -402,3 +407,35 @@ def test_calling_an_app_while_defining_another_is_a_wiring_error():
         @cg.app
         def outer(question: str):
             return inner(question=question)
+
+
+@pytest.mark.parametrize(
+    "decorate, message",
+    [
+        (cg.semantic_function, "@semantic_function decorates a function (def ...), got 5"),
+        (cg.tool, "@tool decorates a function (def ...), got 5"),
+        (cg.function, "@function decorates a function (def ...), got 5"),
+        (cg.app, "@app decorates a function (def ...), got 5"),
+        (lambda x: cg.app(x, name="named"), "@app 'named' decorates a function (def ...), got 5"),
+    ],
+)
+def test_decorating_what_is_not_a_function_is_a_graph_error(decorate, message):
+    with pytest.raises(GraphError) as e:
+        decorate(5)
+    assert str(e.value) == message
+
+
+def test_map_over_an_undecorated_function_is_a_wiring_error():
+    def plain(text: str) -> str:
+        return text
+
+    with pytest.raises(WiringError, match=r"app 'bad', map: fans out a @semantic_function, @tool"):
+
+        @cg.app
+        def bad(q: str):
+            return cg.map(plain, over=shapes.lookup(q))
+
+
+def test_semantic_function_params_must_be_sampling_params():
+    with pytest.raises(GraphError, match=r"params=...\) takes a SamplingParams, got \{'t': 1\}"):
+        cg.semantic_function(params={"t": 1})  # type: ignore[arg-type]

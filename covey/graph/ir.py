@@ -3,7 +3,9 @@
 Node attributes: `op` (one of the Op dataclasses below) and `args` (input name -> Var or
 Const). Edge attributes: `vars`, the (variable, input name) pairs flowing on that edge; one
 edge may carry several variables of the same producer. Graph attributes: `app`, `inputs`
-and `outputs` (name -> Var), and `passes` (PassRecords appended by the optimizer).
+and `outputs` (name -> Var), `passes` (PassRecords appended by the optimizer) and
+`awaited` (the outputs a plan is optimized for). Anything else on a node or the graph is
+a typed pass annotation (`covey.graph.annotations`); `build_plan` refuses other keys.
 """
 
 from __future__ import annotations

@@ -85,8 +85,8 @@ async def test_naive_runtime_runs_one_node_at_a_time_with_the_same_outputs():
     assert fast.trace.overlapped("argue_for", "argue_against")
     assert not naive.trace.overlapped("argue_for", "argue_against")
     naive_plan = Runtime(FakeLLM(), optimize=False).plan_for(app)
-    assert all(n.priority == 0 for n in naive_plan.nodes.values())
-    assert not any(p.pin for n in naive_plan.nodes.values() for p in n.primitives)
+    assert all(n.priority == 0 and not n.prefix_groups for n in naive_plan.nodes.values())
+    assert not any(p.early or p.pin for n in naive_plan.nodes.values() for p in n.primitives)
 
 
 @cg.function

@@ -12,7 +12,14 @@ from typing import Any
 import networkx as nx
 
 from covey.errors import GraphError, TypeMismatchError, WiringError
-from covey.graph.dsl import NodeOutputs, signature_of, stop_tracing, tracing, tracing_app
+from covey.graph.dsl import (
+    NodeOutputs,
+    function_name,
+    signature_of,
+    stop_tracing,
+    tracing,
+    tracing_app,
+)
 from covey.graph.export import to_dot, to_mermaid
 from covey.graph.ir import Var
 from covey.graph.passes import PASSES, Pass, run_passes
@@ -39,7 +46,8 @@ class App:
     """A traced, validated app with its default plan (every output awaited)."""
 
     def __init__(self, fn: Callable[..., Any], name: str | None = None) -> None:
-        self.name = name or fn.__name__
+        self.name = name or function_name(fn, "@app")
+        function_name(fn, f"@app {self.name!r}")
         inputs, _, returns = signature_of(fn, f"app {self.name!r}", need_hints=False)
         builder, token = tracing(self.name)
         try:
@@ -65,8 +73,10 @@ class App:
     ) -> Plan:
         """Run `passes` for a caller awaiting `awaited` outputs (default: all of them).
 
-        Leaving a pass out keeps the naive choice it would have changed (one stage per
-        dependency level, no forks, nothing prefilled early, priority 0), for comparisons.
+        Leaving a pass out keeps the naive choice it would have changed, for comparisons:
+        without prefill_decomposition nothing is pinned, without objective_deduction every
+        priority is 0, without prefix_sharing no shared prefix is reported (the engine
+        still shares what it finds), without prune_unused dead nodes run too.
         """
         names = tuple(awaited) if awaited is not None else tuple(self.outputs)
         for name in names:

@@ -17,6 +17,7 @@ import networkx as nx
 
 from covey.errors import (
     GraphError,
+    InvalidRequestError,
     TemplateError,
     TypeMismatchError,
     UnboundPlaceholderError,
@@ -38,7 +39,7 @@ from covey.graph.ir import (
 from covey.graph.template import Ref, Template, parse_template, suggest
 from covey.graph.types import compatible, item_type, type_name, value_fits
 from covey.llm_backend.sampling_params import SamplingParams
-from covey.retrieval.search import MODES
+from covey.retrieval.searcher import MODES, check_k, check_mode
 
 
 class Builder:
@@ -71,6 +72,11 @@ def current_builder(what: str) -> Builder:
     return builder
 
 
+class UnknownOutputError(WiringError, AttributeError):
+    """A node has no output by that name. Also an AttributeError, so `hasattr(out, name)`
+    and `getattr(out, name, default)` keep working on node outputs."""
+
+
 class NodeOutputs:
     """The outputs of a multi-output node: `out.answer`, `out["answer"]` or unpacking."""
 
@@ -82,7 +88,7 @@ class NodeOutputs:
             return self._outputs[name]
         except KeyError:
             names = list(self._outputs)
-            raise AttributeError(
+            raise UnknownOutputError(
                 f"no output {name!r}{suggest(name, names)} (outputs: {names})"
             ) from None
 
@@ -91,6 +97,14 @@ class NodeOutputs:
 
     def __iter__(self) -> Iterator[Var]:
         return iter(self._outputs.values())
+
+
+def function_name(fn: Any, what: str) -> str:
+    """The name of the function a decorator was given; a GraphError for anything else."""
+    name = getattr(fn, "__name__", None)
+    if not callable(fn) or not isinstance(name, str):
+        raise GraphError(f"{what} decorates a function (def ...), got {fn!r}")
+    return name
 
 
 def signature_of(fn: Callable[..., Any], what: str, need_hints: bool) -> tuple[dict, dict, Any]:
@@ -199,7 +213,7 @@ class SemanticFunction(Node):
     label = "semantic function"
 
     def __init__(self, fn: Callable[..., Any], params: SamplingParams) -> None:
-        self.name = fn.__name__
+        self.name = function_name(fn, "@semantic_function")
         where = f"semantic function {self.name!r}"
         if not (fn.__doc__ or "").strip():
             raise TemplateError(f"{where}: the docstring is the template and it is empty")
@@ -233,6 +247,10 @@ def semantic_function(
     fn: Callable[..., Any] | None = None, *, params: SamplingParams | None = None
 ) -> Any:
     """`@semantic_function` or `@semantic_function(params=...)`: defaults for every gen."""
+    if params is not None and not isinstance(params, SamplingParams):
+        raise GraphError(
+            f"@semantic_function(params=...) takes a SamplingParams, got {params!r}"
+        )
     defaults = params or SamplingParams()
     if fn is None:
         return lambda f: SemanticFunction(f, defaults)
@@ -241,7 +259,7 @@ def semantic_function(
 
 class PyFunction(Node):
     def __init__(self, fn: Callable[..., Any], kind: str) -> None:
-        self.name, self.label = fn.__name__, kind
+        self.name, self.label = function_name(fn, f"@{kind}"), kind
         inputs, self.defaults, returns = signature_of(fn, f"{kind} {self.name!r}", need_hints=True)
         self.op = PyCall(fn, inputs, returns, kind)  # type: ignore[arg-type]
 
@@ -256,18 +274,30 @@ def function(fn: Callable[..., Any]) -> PyFunction:
     return PyFunction(fn, "function")
 
 
-def retrieve(query: Var | str, k: int = 4, index: str = "default", mode: str = "hybrid") -> Var:
-    """Search the index the runtime binds to `index`; returns a `list[SearchResult]` var."""
+def retrieve(
+    query: Var | str, k: int | None = None, index: str = "default", mode: str | None = None
+) -> Var:
+    """Search the searcher the runtime binds to `index`; returns a `list[SearchResult]` var.
+
+    `k` and `mode` left as None use that searcher's own settings (a `Retriever`'s config);
+    a value given overrides them for this node. They are checked here, when the app is
+    defined, by the same `check_k`/`check_mode` every searcher uses.
+    """
     builder = current_builder("retrieve")
-    if k <= 0:
-        raise WiringError(f"app {builder.app!r}, retrieve: k must be positive, got {k}")
-    if mode not in MODES:
-        raise WiringError(
-            f"app {builder.app!r}, retrieve: mode {mode!r} is not one of {', '.join(MODES)}"
-            f"{suggest(mode, MODES)}"
-        )
+    where = f"app {builder.app!r}, retrieve"
+    try:
+        k = None if k is None else check_k(k)
+    except InvalidRequestError as e:
+        raise WiringError(f"{where}: {e}") from None
+    try:
+        mode = None if mode is None else check_mode(mode)
+    except InvalidRequestError as e:
+        hint = suggest(mode, MODES) if isinstance(mode, str) else ""
+        raise WiringError(f"{where}: {e}{hint}") from None
+    if not isinstance(index, str) or not index:
+        raise WiringError(f"{where}: index must be a non-empty name, got {index!r}")
     op = Retrieve(index, k, mode)
-    bound = bind(f"app {builder.app!r}, retrieve", op.inputs, {}, (query,), {}, builder.app)
+    bound = bind(where, op.inputs, {}, (query,), {}, builder.app)
     return builder.add("retrieve", op, bound)["results"]
 
 
@@ -278,6 +308,11 @@ def map(fn: Node, over: Var, item: str | None = None, **kwargs: Any) -> Var | No
     Any node that takes that list is the reduce.
     """
     builder = current_builder("map")
+    if not isinstance(fn, Node):
+        raise WiringError(
+            f"app {builder.app!r}, map: fans out a @semantic_function, @tool or @function, "
+            f"got {fn!r}; decorate it first"
+        )
     where = f"app {builder.app!r}, node 'map_{fn.name}'"
     inputs = fn.op.inputs
     free = [n for n in inputs if n not in kwargs and n not in fn.defaults]

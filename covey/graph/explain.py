@@ -1,8 +1,23 @@
-"""`explain()`: the optimized plan as text, like SQL EXPLAIN."""
+"""`explain()`: what the runtime and the engine will do with a plan, like SQL EXPLAIN.
+
+Each line states behaviour the code has, and says which part does it:
+- the runtime (`covey.runtime.executor`) starts a node as soon as the nodes it reads from
+  finish, so LLM calls with the same dependencies reach the engine in one event-loop turn
+  and share its batches, and a fan-out sends all its elements at once;
+- prefill-ahead (`covey.runtime.prefill_ahead`, with an engine that can prefill) pins each
+  call's leading static segments once per app and, while a call waits, prefills its
+  leading segments already known;
+- the engine's scheduler admits requests by priority and shares common prompt starts in
+  whole KV blocks: at once through its in-batch prefix wait when the calls arrive
+  together, else through its prefix cache while the blocks stay cached.
+"""
 
 from __future__ import annotations
 
-from covey.graph.plan import Plan, signature
+from covey.graph.annotations import PrefixGroup, SharedPrefixes
+from covey.graph.ir import Retrieve
+from covey.graph.lowering import known_prefix
+from covey.graph.plan import NodePlan, Plan, signature
 from covey.graph.types import type_name
 
 
@@ -15,6 +30,89 @@ def _header(plan: Plan) -> list[str]:
     ]
 
 
+def _retrieval(op: Retrieve) -> str:
+    k = "the retriever's own k" if op.k is None else f"k={op.k} (overrides the retriever's)"
+    mode = (
+        "the retriever's own mode"
+        if op.mode is None
+        else f"mode={op.mode} (overrides the retriever's)"
+    )
+    return f"; index {op.index!r}, {k}, {mode}"
+
+
+def _nodes(plan: Plan) -> list[str]:
+    lines = ["nodes (the runtime starts each one as soon as the nodes it reads from finish):"]
+    for node in plan.nodes.values():
+        when = f"after {', '.join(node.deps)}" if node.deps else "at start"
+        extra = _retrieval(node.op) if isinstance(node.op, Retrieve) else ""
+        lines.append(f"  {node.name} [{node.kind}]: {when}{extra}")
+    return lines
+
+
+def _peers(plan: Plan, node: NodePlan) -> list[str]:
+    """The other LLM calls ready in the same event-loop turn: the same dependencies."""
+    return [n.name for n in plan.llm_calls() if n is not node and set(n.deps) == set(node.deps)]
+
+
+def _call(plan: Plan, node: NodePlan) -> list[str]:
+    head = f"  {node.name}: priority {node.priority}"
+    if node.kind == "map":
+        head += ", one request per element, all sent together"
+    peers = _peers(plan, node)
+    if peers:
+        head += f", sent with {', '.join(peers)}"
+    lines = [head]
+    pinned = sum(p.pin for p in node.primitives)
+    if pinned:
+        lines.append(f"    prefill-ahead pins its first {pinned} static segment(s) once per app")
+    if node.deps:
+        known = known_prefix(node.primitives, plan.inputs)
+        lines.append(
+            f"    prefill-ahead, while it waits for {', '.join(node.deps)}: its leading known "
+            f"segments ({known} at run start), more as upstream outputs arrive"
+        )
+    return lines + [f"    {p.describe()}" for p in node.primitives]
+
+
+def _calls(plan: Plan) -> list[str]:
+    calls = plan.llm_calls()
+    if not calls:
+        return []
+    lines = ["llm calls (sent to the engine when they start; lower priority is scheduled sooner):"]
+    for node in calls:
+        lines += _call(plan, node)
+    return lines
+
+
+def _how(plan: Plan, group: PrefixGroup) -> list[str]:
+    if group.together:
+        how = "sent together: the engine's in-batch prefix wait prefills the common blocks once"
+    else:
+        how = "sent at different times: later ones reuse it only from the engine's prefix cache"
+    lines = [f"      {how}"]
+    n = group.num_segments
+    if all(all(p.pin for p in plan.nodes[name].primitives[:n]) for name in group.nodes):
+        lines.append("      all pinned static text: every call finds it cached")
+    return lines
+
+
+def _prefixes(plan: Plan) -> list[str]:
+    if SharedPrefixes.written_by not in {record.name for record in plan.passes}:
+        return [
+            f"shared prefixes: not analysed ({SharedPrefixes.written_by} did not run; "
+            "the engine still shares what it finds)"
+        ]
+    if not plan.prefix_groups:
+        return ["shared prefixes: none"]
+    lines = ["shared prefixes (shared by the engine, in whole KV blocks of tokens):"]
+    for g in plan.prefix_groups:
+        who = f"elements of {g.nodes[0]}" if g.fan_out else ", ".join(g.nodes)
+        segs = " + ".join(p.describe() for p in g.segments)
+        lines.append(f"  {g.id}: {who} share {g.num_segments} segment(s): {segs}")
+        lines += _how(plan, g)
+    return lines
+
+
 def _passes(plan: Plan) -> list[str]:
     lines = ["passes:"]
     for record in plan.passes:
@@ -23,39 +121,6 @@ def _passes(plan: Plan) -> list[str]:
     return lines
 
 
-def _stages(plan: Plan) -> list[str]:
-    lines = ["stages (nodes in one stage run in parallel):"]
-    for i, stage in enumerate(plan.stages):
-        nodes = ", ".join(f"{n} [{plan.nodes[n].kind}]" for n in stage)
-        tag = "  (parallel)" if len(stage) > 1 else ""
-        lines.append(f"  {i}: {nodes}{tag}")
-    return lines
-
-
-def _calls(plan: Plan) -> list[str]:
-    lines = ["llm calls:"]
-    for node in plan.llm_calls():
-        extra = [f"batch {node.batch_group}"] if node.batch_group else []
-        extra += [f"prefix {g}" for g in node.prefix_groups]
-        suffix = f"  {', '.join(extra)}" if extra else ""
-        crit = ", critical path" if node.critical else ""
-        lines.append(
-            f"  {node.name}: priority {node.priority} ({node.objective}{crit}), "
-            f"stage {node.stage}{suffix}"
-        )
-        lines += [f"    {p.describe()}" for p in node.primitives]
-    return lines if len(lines) > 1 else []
-
-
-def _prefixes(plan: Plan) -> list[str]:
-    lines = ["shared prefixes:"]
-    for g in plan.prefix_groups:
-        who = f"elements of {g.nodes[0]}" if g.fan_out else ", ".join(g.nodes)
-        segs = " + ".join(p.describe() for p in g.segments)
-        lines.append(f"  {g.id}: {who} share {g.num_segments} segment(s): {segs}")
-    return lines if len(lines) > 1 else ["shared prefixes: none"]
-
-
 def explain(plan: Plan) -> str:
-    parts = [_header(plan), _stages(plan), _calls(plan), _prefixes(plan), _passes(plan)]
+    parts = [_header(plan), _nodes(plan), _calls(plan), _prefixes(plan), _passes(plan)]
     return "\n".join(line for part in parts for line in part)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import networkx as nx
 
+from covey.graph.annotations import Priority, read
 from covey.graph.ir import Var
 from covey.graph.types import type_name
 
@@ -17,9 +18,10 @@ _MERMAID_SHAPES = {
 
 
 def _label(graph: nx.DiGraph, node: str) -> str:
-    data = graph.nodes[node]
-    extra = f" p{data['priority']}" if "priority" in data else ""
-    return f"{node}: {data['op'].kind}{extra}"
+    """`name: kind`, plus ` p<priority>` once the objective pass has set one."""
+    priority = read(graph, node, Priority)
+    extra = f" p{priority.value}" if priority is not None else ""
+    return f"{node}: {graph.nodes[node]['op'].kind}{extra}"
 
 
 def _mermaid_id(name: str) -> str:

@@ -3,7 +3,9 @@
 Node attributes: `op` (one of the Op dataclasses below) and `args` (input name -> Var or
 Const). Edge attributes: `vars`, the (variable, input name) pairs flowing on that edge; one
 edge may carry several variables of the same producer. Graph attributes: `app`, `inputs`
-and `outputs` (name -> Var), and `passes` (PassRecords appended by the optimizer).
+and `outputs` (name -> Var), `passes` (PassRecords appended by the optimizer) and
+`awaited` (the outputs a plan is optimized for). Anything else on a node or the graph is
+a typed pass annotation (`covey.graph.annotations`); `build_plan` refuses other keys.
 """
 
 from __future__ import annotations
@@ -58,11 +60,12 @@ class LLMCall:
 
 @dataclass(frozen=True)
 class Retrieve:
-    """Top-`k` search of the index the runtime binds to `index`."""
+    """A search of the `Searcher` the runtime binds to `index`; `k` and `mode` None keep
+    that searcher's own settings, a value overrides them (and `explain()` says so)."""
 
     index: str
-    k: int
-    mode: str
+    k: int | None
+    mode: str | None
     kind: NodeKind = "retrieve"
 
     @property

@@ -1,12 +1,15 @@
 """Lower an LLM node's template to prefill and decode primitives over tagged segments.
 
 Shared by the prefix-sharing and prefill-decomposition passes, so both see the same
-segments. A segment is `static` (text known at definition: template text, literals),
-`chunk` (retrieved results) or `dynamic` (a request input or an upstream output).
+segments; `Primitive.known` is the one rule for which leading segments can be prefilled
+ahead, used by the runtime's prefill-ahead and by `explain()`. A segment is `static`
+(text known at definition: template text, literals), `chunk` (retrieved results) or
+`dynamic` (a request input or an upstream output).
 """
 
 from __future__ import annotations
 
+from collections.abc import Container
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -27,8 +30,8 @@ class Primitive:
     `source` is the node producing that variable (None for request inputs and literals).
     A chunk prefill over a list of results becomes one engine `Segment` per result, with
     its chunk id, so the chunk KV store can serve each. `per_item`: the element of a map.
-    `early`: can be prefilled as soon as the request arrives; `pin`: identical for every
-    request, so prefilled once per app and kept in the prefix cache.
+    `pin`: a leading static segment, identical for every request, so prefill-ahead
+    prefills it once per app and pins it in the engine's prefix cache.
     """
 
     op: Literal["prefill", "decode"]
@@ -40,7 +43,6 @@ class Primitive:
     per_item: bool = False
     params: SamplingParams | None = None
     choices: tuple[str, ...] | None = None
-    early: bool = False
     pin: bool = False
 
     def key(self, node: str) -> tuple:
@@ -49,12 +51,20 @@ class Primitive:
             return ("item", node, self.var)
         return (self.op, self.role, self.kind, self.text, self.var)
 
+    def known(self, values: Container[str]) -> bool:
+        """Whether this prefill's text is known once the variables named in `values` have
+        values: static text always, a variable once it has a value, a fan-out element only
+        inside its own call. Prefill-ahead prefills a call's leading known segments."""
+        if self.op != "prefill":
+            return False
+        return self.text is not None or (not self.per_item and str(self.var) in values)
+
     def describe(self) -> str:
         if self.op == "decode":
             extra = f" choices={'|'.join(self.choices)}" if self.choices else ""
             tokens = self.params.max_tokens if self.params else "?"
             return f"decode({self.var}, max_tokens={tokens}{extra})"
-        flags = "".join(f",{f}" for f, on in (("early", self.early), ("pin", self.pin)) if on)
+        flags = ",pin" if self.pin else ""
         what = _preview(self.text) if self.text is not None else self.var
         return f"prefill[{self.kind}{flags}]({what})"
 
@@ -97,6 +107,15 @@ def lower(graph: nx.DiGraph, node: str) -> tuple[Primitive, ...]:
         else:
             out.append(prim)
     return tuple(out)
+
+
+def known_prefix(prims: tuple[Primitive, ...], values: Container[str]) -> int:
+    """How many leading primitives are prefills known given `values` (see Primitive.known):
+    only a prefix can be prefilled ahead, since a token's KV depends on every token before."""
+    count = 0
+    while count < len(prims) and prims[count].known(values):
+        count += 1
+    return count
 
 
 def leading_prefill(prims: tuple[Primitive, ...]) -> tuple[Primitive, ...]:

@@ -1,10 +1,16 @@
 """The Plan: what the optimizer decided, in the shape an asyncio executor consumes.
 
-The executor starts a node when its `deps` are done (stages only say what can overlap),
-submits each LLM call's `primitives` with its `priority`, prefills `early` segments at
-request start and pins `pin` ones once per app. A `prefix_groups` fork needs no call of
-its own: the group's calls reach the engine together, and the engine has all but the
-first wait a step for the common prefix and reuse its KV.
+Every field is acted on. The executor starts a node as soon as the nodes in its `deps`
+finish, and sends each LLM call's `primitives` to the engine with its `priority`;
+prefill-ahead pins each call's `pin` segments once per app and, while a call waits on its
+`deps`, prefills its leading segments already known (`Primitive.known`). `prefix_groups`
+describes what the engine then shares, for `explain()`: the runtime does nothing for it,
+since calls that reach the engine together share their common prefix through the
+scheduler's in-batch prefix wait.
+
+`build_plan` reads the passes' typed annotations (`covey.graph.annotations`), so a
+misspelt or mistyped one raises PlanError; a pass that did not run leaves the naive
+choice: priority 0, primitives with nothing pinned, no prefix groups reported.
 """
 
 from __future__ import annotations
@@ -14,32 +20,24 @@ from typing import Any
 
 import networkx as nx
 
+from covey.graph import annotations as ann
+from covey.graph.annotations import PrefixGroup
 from covey.graph.ir import Const, NodeKind, Op, Var
 from covey.graph.lowering import Primitive, lower
-from covey.graph.passes import PassRecord, PrefixGroup
+from covey.graph.passes import PassRecord
 from covey.graph.types import type_name
 
 
 @dataclass(frozen=True)
 class NodePlan:
-    """One node after optimization; `args` maps each input to a variable or a literal.
-
-    `batch_group`: LLM calls at the same dependency level; the runtime hands the ones that
-    are ready to the engine in one step so they share a batch, never delaying a call to
-    wait for the rest of its group. `prefix_groups`: ids of the PrefixGroups it forks from.
-    """
+    """One node after optimization; `args` maps each input to a variable or a literal."""
 
     name: str
     kind: NodeKind
     op: Op
     args: dict[str, Var | Const]
     deps: tuple[str, ...]
-    stage: int
     priority: int
-    objective: str
-    critical: bool
-    batch_group: str | None
-    prefix_groups: tuple[str, ...]
     primitives: tuple[Primitive, ...]
 
 
@@ -49,7 +47,6 @@ class Plan:
     inputs: dict[str, Any]
     outputs: dict[str, Var]
     awaited: tuple[str, ...]
-    stages: tuple[tuple[str, ...], ...]
     nodes: dict[str, NodePlan]
     prefix_groups: tuple[PrefixGroup, ...]
     passes: tuple[PassRecord, ...]
@@ -64,39 +61,33 @@ class Plan:
         return explain(self)
 
 
-def _node(g: nx.DiGraph, n: str, stage: int) -> NodePlan:
-    """A node's annotations; a pass that did not run leaves the naive choice in place."""
+def _node(g: nx.DiGraph, n: str) -> NodePlan:
     d = g.nodes[n]
+    priority = ann.read(g, n, ann.Priority)
+    lowered = ann.read(g, n, ann.Lowered)
     return NodePlan(
         name=n,
         kind=d["op"].kind,
         op=d["op"],
         args=d["args"],
         deps=tuple(sorted(g.predecessors(n))),
-        stage=d.get("stage", stage),
-        priority=d.get("priority", 0),
-        objective=d.get("objective", "latency"),
-        critical=d.get("critical", False),
-        batch_group=d.get("batch_group"),
-        prefix_groups=d.get("prefix_groups", ()),
-        primitives=d.get("primitives") or lower(g, n),
+        priority=priority.value if priority is not None else 0,
+        primitives=lowered.primitives if lowered is not None else lower(g, n),
     )
 
 
 def build_plan(g: nx.DiGraph) -> Plan:
-    """Collect the annotations the passes left on `g`, in topological order."""
-    stages = g.graph.get("stages") or tuple(
-        tuple(sorted(gen)) for gen in nx.topological_generations(g)
-    )
-    stage_of = {n: i for i, stage in enumerate(stages) for n in stage}
+    """Collect the annotations the passes left on `g`, in topological order; raises
+    PlanError on an unknown, mistyped or missing one (see covey.graph.annotations)."""
+    ann.check(g)
+    shared = ann.read_graph(g, ann.SharedPrefixes)
     return Plan(
         app=g.graph["app"],
         inputs={n: v.type for n, v in g.graph["inputs"].items()},
         outputs=dict(g.graph["outputs"]),
         awaited=g.graph.get("awaited") or tuple(g.graph["outputs"]),
-        stages=stages,
-        nodes={n: _node(g, n, stage_of[n]) for n in nx.topological_sort(g)},
-        prefix_groups=g.graph.get("prefix_groups", ()),
+        nodes={n: _node(g, n) for n in nx.topological_sort(g)},
+        prefix_groups=shared.groups if shared is not None else (),
         passes=g.graph["passes"],
         graph=g,
     )

@@ -24,9 +24,7 @@ Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 _TAG = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_INT_OPTIONS = ("max_tokens", "top_k", "seed")
-_FLOAT_OPTIONS = ("temperature", "top_p")
-GEN_OPTIONS = (*_INT_OPTIONS, *_FLOAT_OPTIONS, "stop", "choices")
+GEN_OPTIONS = ("max_tokens", "top_k", "seed", "temperature", "top_p", "stop", "choices")
 
 
 @dataclass(frozen=True)
@@ -71,13 +69,29 @@ class Template:
 
 
 def suggest(name: str, options: list[str] | tuple[str, ...]) -> str:
-    """`; did you mean 'x'?` for the closest option, or nothing."""
+    """`; did you mean 'x'?` for the closest option, or nothing (also for a non-string)."""
+    if not isinstance(name, str):
+        return ""
     close = difflib.get_close_matches(name, list(options), n=1)
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _unescape(value: str) -> str:
     return value.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def _value(text: str) -> int | float | str:
+    """What an option's text denotes: an integer, else a number, else the text itself.
+
+    Only the reading happens here; whether the value fits its option (type, range, finite)
+    is checked by constructing `SamplingParams`, the one place those rules live.
+    """
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            continue
+    return text
 
 
 def _gen(body: str, where: str, defaults: SamplingParams, role: Role | None) -> Gen:
@@ -97,22 +111,15 @@ def _gen(body: str, where: str, defaults: SamplingParams, role: Role | None) -> 
                 f"{where}: unknown option {key!r} in {{{{gen {name}}}}}{suggest(key, GEN_OPTIONS)} "
                 f"(options: {', '.join(GEN_OPTIONS)}; write key=value)"
             )
-        try:
-            if key in _INT_OPTIONS:
-                updates[key] = int(value)
-            elif key in _FLOAT_OPTIONS:
-                updates[key] = float(value)
-            elif key == "stop":
-                updates["stop"] = (*updates.get("stop", ()), _unescape(value))
-            else:
-                choices = tuple(c for c in value.split("|") if c)
-        except ValueError:
-            raise TemplateError(
-                f"{where}: {key}={value!r} in {{{{gen {name}}}}} is not a number"
-            ) from None
+        if key == "stop":
+            updates["stop"] = (*updates.get("stop", ()), _unescape(value))
+        elif key == "choices":
+            choices = tuple(c for c in value.split("|") if c)
+        else:
+            updates[key] = _value(value)
     try:
         params = dataclasses.replace(defaults, **updates)
-    except InvalidRequestError as e:
+    except (InvalidRequestError, TypeError) as e:  # TypeError: a value of the wrong type
         raise TemplateError(f"{where}: {{{{gen {name}}}}}: {e}") from None
     if choices is not None and len(choices) < 2:
         raise TemplateError(f"{where}: choices of {{{{gen {name}}}}} need two or more options")

@@ -61,7 +61,7 @@ class PrefillAhead:
                 self._known[node.name] = max(self._known.get(node.name, 0), count)
 
     def _known_now(self, prim: Primitive) -> bool:
-        return prim.text is not None or (not prim.per_item and str(prim.var) in self.values)
+        return prim.known(self.values)
 
     def _submit(self, node: NodePlan, ready: Callable[[Primitive], bool], pin: bool) -> int:
         """Prefill the node's leading `ready` segments unless done before; returns their count."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import covey.graph as cg
 from covey.graph.passes import PASSES
 from tests.graph import shapes
 
@@ -32,23 +33,72 @@ def test_dot_is_balanced_and_quoted():
     assert nodes == {"argue_for", "argue_against", "judge"}
 
 
-def test_explain_shows_stages_prefixes_priorities_and_passes():
+def test_explain_says_what_the_runtime_and_engine_do():
     text = shapes.merge().explain()
     assert text.startswith("EXPLAIN app 'verdict'")
-    assert "  0: argue_against [llm], argue_for [llm]  (parallel)" in text
-    assert "  argue_against: priority 1 (slack), stage 0  batch S0, prefix P1" in text
-    assert "  judge: priority 0 (latency, critical path), stage 1" in text
+    assert "  argue_for [llm]: at start" in text
+    assert "  judge [llm]: after argue_against, argue_for" in text
+    assert "  argue_against: priority 1, sent with argue_for" in text
+    assert "    prefill-ahead pins its first 1 static segment(s) once per app" in text
+    assert (
+        "    prefill-ahead, while it waits for argue_against, argue_for: its leading known "
+        "segments (1 at run start), more as upstream outputs arrive"
+    ) in text
     assert "  P1: argue_against, argue_for share 2 segment(s): prefill[static" in text
+    assert "in-batch prefix wait prefills the common blocks once" in text
     assert "    decode(judge.verdict, max_tokens=256 choices=for|against)" in text
-    for name in ("prune_and_parallelize", "prefix_sharing", "prefill_decomposition"):
+    assert "    - argue_against: priority 1 (slack: off the critical path)" in text
+    assert "    - critical path: argue_for -> judge" in text
+    for name in ("prefix_sharing", "prefill_decomposition", "objective_deduction"):
         assert f"  {name}: fired" in text
+    assert "  prune_unused: no change" in text
+
+
+def test_explain_says_when_a_prefix_is_shared_only_through_the_cache():
+    @cg.semantic_function
+    def tagged(text: str):
+        """{{#system}}
+        You are a helpful assistant for the Python docs; answer in one line.
+        {{#user}}
+        {{text}}
+        {{#assistant}}
+        {{gen out}}"""
+
+    @cg.app
+    def later(q: str):
+        return {"a": tagged(q), "b": tagged(shapes.title(q))}
+
+    text = later.explain()
+    assert "  P1: tagged, tagged_2 share 1 segment(s)" in text
+    assert "sent at different times: later ones reuse it only from the engine's prefix cache" in (
+        text
+    )
+    assert "all pinned static text: every call finds it cached" in text
 
 
 def test_explain_for_other_awaited_outputs_and_no_prefixes():
     text = shapes.two_outputs().explain(awaited=["title"])
     assert "(awaited: title)" in text
-    assert "  answer: priority 3 (background), stage 1" in text
+    assert "  answer: priority 3\n" in text
+    assert "    - answer: priority 3 (background: feeds only outputs nobody awaits)" in text
     assert "shared prefixes: none" in text
+
+
+def test_explain_says_whether_retrieval_overrides_the_retrievers_settings():
+    own = shapes.two_outputs().explain()
+    assert "retrieve [retrieve]: at start; index 'default', the retriever's own k, " in own
+    assert "the retriever's own mode" in own
+
+    @cg.app
+    def exact(q: str):
+        return cg.retrieve(q, k=3, mode="bm25", index="docs")
+
+    text = exact.explain()
+    assert (
+        "  retrieve [retrieve]: at start; index 'docs', k=3 (overrides the retriever's), "
+        "mode=bm25 (overrides the retriever's)"
+    ) in text
+    assert text.count("llm calls") == 0
 
 
 def test_plan_records_every_pass_in_order():
@@ -64,10 +114,12 @@ def test_same_app_same_plan():
 
 def test_a_plan_without_optional_passes_keeps_naive_choices():
     plan = shapes.merge().optimize(passes=(PASSES[0],))
-    assert [r.name for r in plan.passes] == ["prune_and_parallelize"]
-    assert plan.prefix_groups == () and plan.nodes["argue_for"].prefix_groups == ()
+    assert [r.name for r in plan.passes] == ["prune_unused"]
+    assert plan.prefix_groups == ()
     judge = plan.nodes["judge"]
-    assert (judge.priority, judge.objective, judge.stage) == (0, "latency", 1)
-    assert not any(p.early or p.pin for p in judge.primitives)
+    assert (judge.priority, judge.deps) == (0, ("argue_against", "argue_for"))
+    assert not any(p.pin for p in judge.primitives)
     assert [p.op for p in judge.primitives][-1] == "decode"
-    assert "shared prefixes: none" in plan.explain()
+    text = plan.explain()
+    assert "shared prefixes: not analysed (prefix_sharing did not run" in text
+    assert "pins" not in text

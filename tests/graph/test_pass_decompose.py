@@ -1,10 +1,13 @@
-"""Pass 3 alone: per-segment prefill + decode, early and pinned segments."""
+"""Pass 3 alone: per-segment prefill + decode, pinned segments, and which leading segments
+are known at run start (what prefill-ahead can prefill while upstream nodes run)."""
 
 from __future__ import annotations
 
 import pytest
 
 import covey.graph as cg
+from covey.graph.annotations import Lowered, read
+from covey.graph.lowering import known_prefix
 from covey.graph.passes import prefill_decomposition
 from tests.graph import shapes
 
@@ -23,8 +26,12 @@ def after_llm(q: str):
 
 
 def flags(app: cg.App, node: str) -> list[tuple[str, str | None, bool, bool]]:
-    prims = prefill_decomposition(app.graph).nodes[node]["primitives"]
-    return [(p.op, p.kind, p.early, p.pin) for p in prims]
+    """(op, kind, known at run start, pinned) per primitive."""
+    lowered = read(prefill_decomposition(app.graph), node, Lowered)
+    assert lowered is not None
+    prims = lowered.primitives
+    known = known_prefix(prims, set(app.inputs))
+    return [(p.op, p.kind, i < known, p.pin) for i, p in enumerate(prims)]
 
 
 CASES = [
@@ -86,7 +93,7 @@ def test_segment_tags_and_flags(build, node, expected):
 
 def test_literal_is_static_text_and_decodes_carry_params():
     out = prefill_decomposition(cg.App(with_literal).graph)
-    prims = out.nodes["styled"]["primitives"]
+    prims = read(out, "styled", Lowered).primitives  # type: ignore[union-attr]
     assert prims[0].text == "Style: terse. Question: "
     assert [p.var for p in prims if p.op == "decode"] == ["styled.answer", "styled.again"]
     assert prims[3].params.max_tokens == 256
@@ -94,7 +101,11 @@ def test_literal_is_static_text_and_decodes_carry_params():
 
 def test_non_llm_nodes_have_no_primitives_and_reasons_name_the_calls():
     out = prefill_decomposition(shapes.linear().graph)
-    assert out.nodes["retrieve"]["primitives"] == ()
+    assert read(out, "retrieve", Lowered) == Lowered(())
     reasons = out.graph["passes"][-1].reasons
-    assert "answer: prefill 4 segment(s) early, before its inputs" in reasons
-    assert "answer: pin 2 static segment(s) once per app" in reasons
+    assert (
+        "answer: 4 leading segment(s) known at run start; prefill-ahead prefills them while "
+        "it waits for retrieve"
+    ) in reasons
+    assert "answer: pin 2 leading static segment(s) once per app" in reasons
+    assert not any(r.startswith("rewrite: 2 leading") for r in reasons)  # waits for nothing

@@ -1,49 +1,46 @@
-"""Table-driven: each graph shape gets the expected stages, sharing, segments, priorities."""
+"""Table-driven: each graph shape gets the expected deps, sharing, segments, priorities."""
 
 from __future__ import annotations
 
 import pytest
 
 import covey.graph as cg
+from covey.graph.lowering import known_prefix
+from covey.graph.passes import Priorities
 from tests.graph import shapes
 
 CASES = {
     "linear": dict(
         build=shapes.linear,
-        stages=[("rewrite",), ("retrieve",), ("answer",)],
-        batch={},
+        deps={"rewrite": (), "retrieve": ("rewrite",), "answer": ("retrieve",)},
         prefixes=[],
         priorities={"rewrite": 0, "retrieve": 0, "answer": 0},
         kinds={"answer": ["static", "static", "dynamic", "static", "chunk"]},
     ),
     "branch": dict(
         build=shapes.branch,
-        stages=[("argue_against", "argue_for")],
-        batch={"argue_for": "S0", "argue_against": "S0"},
-        prefixes=[(("argue_against", "argue_for"), 2, False)],
+        deps={"argue_for": (), "argue_against": ()},
+        prefixes=[(("argue_against", "argue_for"), 2, False, True)],
         priorities={"argue_for": 0, "argue_against": 1},
         kinds={"argue_for": ["static", "dynamic", "static"]},
     ),
     "merge": dict(
         build=shapes.merge,
-        stages=[("argue_against", "argue_for"), ("judge",)],
-        batch={"argue_for": "S0", "argue_against": "S0", "judge": None},
-        prefixes=[(("argue_against", "argue_for"), 2, False)],
+        deps={"argue_for": (), "argue_against": (), "judge": ("argue_against", "argue_for")},
+        prefixes=[(("argue_against", "argue_for"), 2, False, True)],
         priorities={"argue_for": 0, "argue_against": 1, "judge": 0},
         kinds={"judge": ["static", "dynamic", "static", "dynamic", "static"]},
     ),
     "map_reduce": dict(
         build=shapes.map_reduce,
-        stages=[("retrieve",), ("map_summarize",), ("combine",)],
-        batch={"map_summarize": None},
-        prefixes=[(("map_summarize",), 3, True)],
+        deps={"retrieve": (), "map_summarize": ("retrieve",), "combine": ("map_summarize",)},
+        prefixes=[(("map_summarize",), 3, True, True)],
         priorities={"retrieve": 0, "map_summarize": 2, "combine": 0},
         kinds={"map_summarize": ["static", "dynamic", "static", "chunk", "static"]},
     ),
     "tool_chain": dict(
         build=shapes.tool_chain,
-        stages=[("rewrite",), ("lookup",), ("bullet",), ("reply",)],
-        batch={"reply": None},
+        deps={"rewrite": (), "lookup": ("rewrite",), "bullet": ("lookup",), "reply": ("bullet",)},
         prefixes=[],
         priorities={"rewrite": 0, "lookup": 0, "bullet": 0, "reply": 0},
         kinds={"reply": ["static", "dynamic", "static", "dynamic"]},
@@ -54,10 +51,8 @@ CASES = {
 @pytest.mark.parametrize("case", CASES.values(), ids=list(CASES))
 def test_shape_plan(case):
     plan = case["build"]().plan
-    assert list(plan.stages) == case["stages"]
-    for node, group in case["batch"].items():
-        assert plan.nodes[node].batch_group == group
-    got = [(g.nodes, g.num_segments, g.fan_out) for g in plan.prefix_groups]
+    assert {n: p.deps for n, p in plan.nodes.items()} == case["deps"]
+    got = [(g.nodes, g.num_segments, g.fan_out, g.together) for g in plan.prefix_groups]
     assert got == case["prefixes"]
     assert {n: plan.nodes[n].priority for n in case["priorities"]} == case["priorities"]
     for node, kinds in case["kinds"].items():
@@ -71,7 +66,10 @@ def test_map_reduce_item_is_per_element_and_fan_out_objective():
     node = plan.nodes["map_summarize"]
     item = [p for p in node.primitives if p.per_item]
     assert [p.var for p in item] == ["retrieve.results[i]"]
-    assert node.objective == "batch"
+    assert node.priority == Priorities().batch
+    assert "map_summarize: priority 2 (batch: fan-out consumed together by its reduce)" in (
+        plan.passes[-1].reasons
+    )
     assert plan.outputs["answer"].node == "combine"
 
 
@@ -80,8 +78,10 @@ def test_awaiting_one_output_sends_the_other_to_background():
     # Both awaited by default: the reply waits for the slower answer, so title has slack.
     assert app.plan.nodes["title"].priority == 1
     plan = app.optimize(awaited=["answer"])
-    assert plan.nodes["title"].objective == "background"
-    assert plan.nodes["title"].priority == 3
+    assert plan.nodes["title"].priority == Priorities().background == 3
+    assert "title: priority 3 (background: feeds only outputs nobody awaits)" in (
+        plan.passes[-1].reasons
+    )
     assert plan.nodes["answer"].priority == 0
 
 
@@ -98,13 +98,15 @@ def test_tool_and_function_nodes_carry_their_callables_and_types():
     assert (lookup.kind, bullet.kind) == ("tool", "function")
     assert lookup.op.fn("q") == ["q"] and bullet.op.returns is str
     assert bullet.args["facts"].name == "lookup.result"
-    # the early prefix of reply stops at the first segment that waits for upstream nodes
-    early = [p.describe() for p in app.plan.nodes["reply"].primitives if p.early]
-    assert early == [
-        "prefill[static,early,pin]('Answer from the facts.')",
-        "prefill[dynamic,early](question)",
-        "prefill[static,early]('Facts:')",
+    # the prefix known at run start stops at the first segment that waits for upstream nodes
+    prims = app.plan.nodes["reply"].primitives
+    known = prims[: known_prefix(prims, app.plan.inputs)]
+    assert [p.describe() for p in known] == [
+        "prefill[static,pin]('Answer from the facts.')",
+        "prefill[dynamic](question)",
+        "prefill[static]('Facts:')",
     ]
+    assert known_prefix(prims, {"question", "bullet.result"}) == len(prims) - 1
 
 
 def test_map_over_a_tool_is_a_fan_out_without_llm_primitives():
@@ -118,7 +120,7 @@ def test_map_over_a_tool_is_a_fan_out_without_llm_primitives():
         return shapes.reply(question, shapes.bullet(pages))
 
     node = crawl.plan.nodes["map_fetch"]
-    assert node.kind == "map" and node.primitives == () and node.objective == "batch"
+    assert node.kind == "map" and node.primitives == () and node.priority == Priorities().batch
     assert node.args["url"].type == list[str]
     assert crawl.graph.nodes["map_fetch"]["op"].outputs == {"result": list[str]}
     assert [n.name for n in crawl.plan.llm_calls()] == ["reply"]

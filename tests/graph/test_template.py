@@ -45,7 +45,7 @@ def test_choices_and_repeated_stop():
             "{{gen a max_token=3}}",
             "unknown option 'max_token' in {{gen a}}; did you mean 'max_tokens'?",
         ),
-        ("{{gen a max_tokens=lots}}", "max_tokens='lots' in {{gen a}} is not a number"),
+        ("{{gen a max_tokens=lots}}", "{{gen a}}: max_tokens must be"),
         ("{{gen a temperature=-1}}", "{{gen a}}: temperature must be >= 0"),
         ('{{gen a choices="one"}}', "choices of {{gen a}} need two or more options"),
         ("{{gen}}", "{{gen ...}} needs an output name"),
@@ -63,3 +63,45 @@ def test_template_errors(source, fragment):
         parse(source)
     assert str(e.value).startswith("semantic function 'f': ")
     assert fragment in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "option, fragment",
+    [
+        ("temperature=nan", "temperature must be a finite number, got nan"),
+        ("temperature=inf", "temperature must be a finite number, got inf"),
+        ("temperature=-inf", "temperature must be"),
+        ("temperature=hot", "temperature must be a number, got 'hot'"),
+        ("top_p=1.5", "top_p must be in (0, 1], got 1.5"),
+        ("top_p=nan", "top_p must be a finite number, got nan"),
+        ("max_tokens=-5", "max_tokens must be a positive integer, got -5"),
+        ("max_tokens=0", "max_tokens must be a positive integer, got 0"),
+        ("max_tokens=1.5", "max_tokens must be an integer, got 1.5"),
+        ("top_k=1.5", "top_k must be an integer, got 1.5"),
+        ("seed=abc", "seed must be an integer, got 'abc'"),
+    ],
+)
+def test_gen_options_are_checked_by_sampling_params(option, fragment):
+    """The template only reads each value; SamplingParams, the one place the rules live,
+    rejects it, and the error names the function and the gen."""
+    with pytest.raises(TemplateError) as e:
+        parse(f"{{{{gen answer {option}}}}}")
+    message = str(e.value)
+    assert message.startswith("semantic function 'f': {{gen answer}}: ")
+    assert fragment in message
+
+
+def test_gen_option_values_are_read_as_numbers_where_they_are_numbers():
+    gen = parse("{{gen a temperature=1 top_p=0.5 seed=7 max_tokens=12}}").gens[0]
+    assert gen.params == SamplingParams(max_tokens=12, temperature=1.0, top_p=0.5, seed=7)
+    assert type(gen.params.seed) is int
+
+
+def test_a_bad_gen_option_fails_when_the_function_is_defined():
+    import covey.graph as cg
+
+    with pytest.raises(TemplateError, match=r"semantic function 'ask': \{\{gen y\}\}: temp"):
+
+        @cg.semantic_function
+        def ask(question: str):
+            """{{question}} {{gen y temperature=nan}}"""

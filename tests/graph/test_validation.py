@@ -190,25 +190,56 @@ def test_app_must_return_variables():
             shapes.title(q)
 
 
-def test_retrieve_k_must_be_positive():
-    with pytest.raises(WiringError, match="app 'bad', retrieve: k must be positive, got 0"):
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(k=0), "app 'bad', retrieve: k must be a positive integer, got 0"),
+        (dict(k=-2), "app 'bad', retrieve: k must be a positive integer, got -2"),
+        (dict(k=2.5), "app 'bad', retrieve: k must be a positive integer, got 2.5"),
+        (dict(k=True), "app 'bad', retrieve: k must be a positive integer, got True"),
+        (
+            dict(mode="hybird"),
+            "app 'bad', retrieve: mode must be one of vector, bm25, hybrid; got 'hybird'; "
+            "did you mean 'hybrid'?",
+        ),
+        (dict(mode=3), "app 'bad', retrieve: mode must be one of vector, bm25, hybrid; got 3"),
+        (dict(index=""), "app 'bad', retrieve: index must be a non-empty name, got ''"),
+    ],
+)
+def test_retrieve_options_are_checked_when_the_app_is_defined(kwargs, message):
+    with pytest.raises(WiringError) as e:
 
         @cg.app
         def bad(q: str):
-            return cg.retrieve(q, k=0)
+            return cg.retrieve(q, **kwargs)
+
+    assert str(e.value) == message
 
 
-def test_retrieve_mode_must_be_known():
-    with pytest.raises(WiringError, match="mode 'hybird' is not one of .*; did you mean 'hybrid'"):
+def test_retrieve_keeps_the_searchers_settings_unless_given():
+    import numpy as np
 
-        @cg.app
-        def bad(q: str):
-            return cg.retrieve(q, mode="hybird")
+    @cg.app
+    def plain(q: str):
+        return cg.retrieve(q)
+
+    @cg.app
+    def tuned(q: str):
+        return cg.retrieve(q, k=np.int64(3), mode="bm25")
+
+    assert (plain.plan.nodes["retrieve"].op.k, plain.plan.nodes["retrieve"].op.mode) == (None, None)
+    op = tuned.plan.nodes["retrieve"].op
+    assert (op.k, op.mode) == (3, "bm25") and type(op.k) is int
 
 
 def test_optimize_for_an_unknown_output():
     with pytest.raises(GraphError, match="no output 'awnser'; did you mean 'answer'"):
         shapes.two_outputs().optimize(awaited=["awnser"])
+
+
+def test_optimize_for_an_output_that_is_not_a_name():
+    with pytest.raises(GraphError, match=r"app 'verdict': no output 5 \(outputs: verdict\)"):
+        shapes.merge().optimize(awaited=[5])
 
 
 def test_cycle_names_the_nodes_and_variables():
@@ -271,11 +302,13 @@ def test_multi_output_node_unpacks_and_reports_unknown_outputs():
     def plan_then_answer(question: str):
         """Q: {{question}} Plan: {{gen plan max_tokens=16}} Answer: {{gen answer}}"""
 
-    with pytest.raises(AttributeError, match="no output 'anser'; did you mean 'answer'"):
+    with pytest.raises(WiringError, match="no output 'anser'; did you mean 'answer'") as e:
 
         @cg.app
         def bad(q: str):
             return plan_then_answer(q).anser
+
+    assert isinstance(e.value, AttributeError)  # so hasattr/getattr(default) still work
 
     @cg.app
     def ok(q: str) -> Any:
@@ -374,3 +407,35 @@ def test_calling_an_app_while_defining_another_is_a_wiring_error():
         @cg.app
         def outer(question: str):
             return inner(question=question)
+
+
+@pytest.mark.parametrize(
+    "decorate, message",
+    [
+        (cg.semantic_function, "@semantic_function decorates a function (def ...), got 5"),
+        (cg.tool, "@tool decorates a function (def ...), got 5"),
+        (cg.function, "@function decorates a function (def ...), got 5"),
+        (cg.app, "@app decorates a function (def ...), got 5"),
+        (lambda x: cg.app(x, name="named"), "@app 'named' decorates a function (def ...), got 5"),
+    ],
+)
+def test_decorating_what_is_not_a_function_is_a_graph_error(decorate, message):
+    with pytest.raises(GraphError) as e:
+        decorate(5)
+    assert str(e.value) == message
+
+
+def test_map_over_an_undecorated_function_is_a_wiring_error():
+    def plain(text: str) -> str:
+        return text
+
+    with pytest.raises(WiringError, match=r"app 'bad', map: fans out a @semantic_function, @tool"):
+
+        @cg.app
+        def bad(q: str):
+            return cg.map(plain, over=shapes.lookup(q))
+
+
+def test_semantic_function_params_must_be_sampling_params():
+    with pytest.raises(GraphError, match=r"params=...\) takes a SamplingParams, got \{'t': 1\}"):
+        cg.semantic_function(params={"t": 1})  # type: ignore[arg-type]

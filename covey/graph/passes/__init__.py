@@ -1,4 +1,8 @@
-"""Optimizer passes, each a pure function Graph -> Graph that records what it did."""
+"""Optimizer passes, each a pure function Graph -> Graph that records what it did.
+
+Each pass writes its decisions as typed annotations (`covey.graph.annotations`) that
+`build_plan` reads, and appends a `PassRecord` saying why, for `explain()`.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +10,18 @@ from collections.abc import Callable
 
 import networkx as nx
 
+from covey.graph.annotations import PrefixGroup
 from covey.graph.passes.decompose import prefill_decomposition
 from covey.graph.passes.objectives import CostModel, Priorities, objective_deduction
-from covey.graph.passes.parallelize import prune_and_parallelize
-from covey.graph.passes.prefix_sharing import PrefixGroup, prefix_sharing
+from covey.graph.passes.prefix_sharing import prefix_sharing
+from covey.graph.passes.prune import prune_unused
 from covey.graph.passes.record import PassRecord
 
 Pass = Callable[[nx.DiGraph], nx.DiGraph]
 
 # Pruning runs first so later passes never plan dead nodes.
 PASSES: tuple[Pass, ...] = (
-    prune_and_parallelize,
+    prune_unused,
     prefix_sharing,
     prefill_decomposition,
     objective_deduction,
@@ -38,6 +43,6 @@ __all__ = [
     "objective_deduction",
     "prefill_decomposition",
     "prefix_sharing",
-    "prune_and_parallelize",
+    "prune_unused",
     "run_passes",
 ]

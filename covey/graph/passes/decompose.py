@@ -1,11 +1,15 @@
-"""Pass 3: lower each LLM call to per-segment prefill and decode primitives.
+"""Pass 3: lower each LLM call to per-segment prefill and decode primitives, and mark the
+leading static ones to pin.
 
-A segment is `early` when it and every segment before it are known when the request
-arrives (static text, literals, request inputs): the runtime prefills it while upstream
-nodes (retrieval, other calls) still run (Teola partial prefill), and grows that prefix as
-upstream outputs arrive (`covey.runtime.prefill_ahead`). Only a prefix can be
-prefilled ahead, because a token's KV depends on every token before it. The leading run
-of static segments is the same for every request: it is pinned once per app.
+What this decides, the runtime's prefill-ahead (`covey.runtime.prefill_ahead`) acts on:
+- `pin`: a call's leading static segments are the same for every request, so at each
+  run's start prefill-ahead prefills them once per app and pins them in the engine's
+  prefix cache;
+- the per-segment split itself: while a call waits for upstream nodes, prefill-ahead
+  prefills its leading segments already known (`Primitive.known`: static text and request
+  inputs at once, an upstream output when its node finishes), so only the rest is left
+  when it starts (Teola partial prefill). Only a prefix can be prefilled ahead, because a
+  token's KV depends on every token before it.
 """
 
 from __future__ import annotations
@@ -14,36 +18,40 @@ from dataclasses import replace
 
 import networkx as nx
 
-from covey.graph.lowering import Primitive, lower
+from covey.graph.annotations import Lowered, annotate
+from covey.graph.lowering import Primitive, known_prefix, lower
 from covey.graph.passes.record import recorded
 
 NAME = "prefill_decomposition"
 
 
-def _mark(prims: tuple[Primitive, ...]) -> tuple[Primitive, ...]:
-    out, early, pin = [], True, True
+def _pin_leading_static(prims: tuple[Primitive, ...]) -> tuple[Primitive, ...]:
+    out, pin = [], True
     for p in prims:
-        known = p.op == "prefill" and (p.kind == "static" or (p.source is None and not p.per_item))
-        early = early and known
-        pin = pin and early and p.kind == "static"
-        out.append(replace(p, early=early, pin=pin) if p.op == "prefill" else p)
+        pin = pin and p.op == "prefill" and p.kind == "static"
+        out.append(replace(p, pin=True) if pin else p)
     return tuple(out)
 
 
 def prefill_decomposition(graph: nx.DiGraph) -> nx.DiGraph:
     g = graph.copy()
+    inputs = set(g.graph["inputs"])
     reasons = []
     for node in sorted(g):
-        prims = _mark(lower(g, node))
-        g.nodes[node]["primitives"] = prims
+        prims = _pin_leading_static(lower(g, node))
+        annotate(g, node, Lowered(prims))
         if not prims:
             continue
-        kinds = ", ".join(p.kind for p in prims if p.op == "prefill")
+        kinds = ", ".join(p.kind or "" for p in prims if p.op == "prefill")
         reasons.append(f"{node}: {len(prims)} primitives; segments {kinds}")
-        early = [p for p in prims if p.early]
-        if early and any(p.op == "prefill" and not p.early for p in prims):
-            reasons.append(f"{node}: prefill {len(early)} segment(s) early, before its inputs")
+        known = known_prefix(prims, inputs)
+        waits = sorted(g.predecessors(node))
+        if known and waits:
+            reasons.append(
+                f"{node}: {known} leading segment(s) known at run start; prefill-ahead "
+                f"prefills them while it waits for {', '.join(waits)}"
+            )
         pinned = sum(p.pin for p in prims)
         if pinned:
-            reasons.append(f"{node}: pin {pinned} static segment(s) once per app")
+            reasons.append(f"{node}: pin {pinned} leading static segment(s) once per app")
     return recorded(g, NAME, reasons)

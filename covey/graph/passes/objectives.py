@@ -1,4 +1,4 @@
-"""Pass 4: deduce each node's objective and engine priority from the awaited outputs.
+"""Pass 4: deduce each node's engine priority from the outputs the caller awaits.
 
 Walk back from the outputs the caller awaits (graph attribute `awaited`); the reply is
 ready when the last of them is, so nodes on the critical path (the longest estimated path
@@ -6,6 +6,10 @@ to any awaited output) get latency priority and the others have slack; a
 fan-out's elements are consumed only together by its reduce, so they get batch priority
 (throughput beats per-element latency there); nodes with slack come next; nodes that feed
 only outputs nobody awaits run last (Parrot). Lower number = scheduled sooner.
+
+The pass writes one `Priority` per node, which the runtime sends with each of the node's
+engine requests (the scheduler admits waiting requests by it and preempts the lowest);
+the objective and the critical path that chose it are kept only in the pass's record.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from dataclasses import dataclass
 
 import networkx as nx
 
+from covey.graph.annotations import Priority, annotate
 from covey.graph.ir import Op, llm_template
 from covey.graph.passes.record import recorded
 
@@ -69,8 +74,11 @@ def objective_deduction(graph: nx.DiGraph, levels: Priorities = Priorities()) ->
     sinks = {outputs[name].node for name in awaited if outputs[name].node in g}
     feeding = set(sinks).union(*(nx.ancestors(g, s) for s in sinks)) if sinks else set()
     critical = _critical(g, sinks) if sinks else set()
+    order = list(nx.topological_sort(g))
     reasons = [f"awaited outputs: {', '.join(awaited)}"]
-    for n in nx.topological_sort(g):
+    if critical:
+        reasons.append(f"critical path: {' -> '.join(n for n in order if n in critical)}")
+    for n in order:
         kind = g.nodes[n]["op"].kind
         if n not in feeding:
             objective, why = "background", "feeds only outputs nobody awaits"
@@ -80,9 +88,8 @@ def objective_deduction(graph: nx.DiGraph, levels: Priorities = Priorities()) ->
             objective, why = "latency", "on the critical path"
         else:
             objective, why = "slack", "off the critical path"
-        g.nodes[n]["objective"] = objective
-        g.nodes[n]["priority"] = getattr(levels, objective)
-        g.nodes[n]["critical"] = n in critical
+        priority = getattr(levels, objective)
+        annotate(g, n, Priority(priority))
         if llm_template(g.nodes[n]["op"]) is not None:
-            reasons.append(f"{n}: priority {getattr(levels, objective)} ({objective}: {why})")
+            reasons.append(f"{n}: priority {priority} ({objective}: {why})")
     return recorded(g, NAME, reasons)

@@ -1,39 +1,34 @@
-"""Pass 2: calls whose prompts start alike prefill that prefix once and fork the KV.
+"""Pass 2: describe which LLM calls share a prompt start, and how the engine shares it.
+
+Nothing here changes what runs: the sharing happens in the engine. The runtime hands
+every call that became ready in the same event-loop turn to the engine together (calls
+with the same dependencies, the elements of one fan-out); the scheduler's in-batch prefix
+wait then makes a request whose next KV block another running request is computing wait
+one step and reuse that block, so the common start is prefilled once (SGLang's in-batch
+prefix caching, Parrot's context fork). A call that starts later can only find the
+prefix in the engine's prefix cache. Sharing is in whole KV blocks of tokens, found by
+the engine on the exact tokens; this pass reports it on the template segments.
 
 Two leading segments are alike when they are the same static text in the same role, or
-the same variable in the same place (Parrot context fork, SGLang fork). Static text that
-differs only after a long common start (system prompts with a different last line) shares
-that start as a partial segment; the engine's prefix cache matches the exact tokens. Each
-element of a fan-out shares the segments before its per-element input.
+the same variable in the same place. Static text that differs only after a long common
+start (system prompts with a different last line) shares that start as a partial
+segment. Each element of a fan-out shares the segments before its per-element input.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import networkx as nx
 
+from covey.graph.annotations import PrefixGroup, SharedPrefixes, annotate_graph
 from covey.graph.lowering import Primitive, leading_prefill, lower
 from covey.graph.passes.record import recorded
 
 NAME = "prefix_sharing"
-# Shorter common starts of differing static text are not worth a fork.
+# Shorter common starts of differing static text are not worth reporting.
 MIN_PARTIAL_CHARS = 32
-
-
-@dataclass(frozen=True)
-class PrefixGroup:
-    """`nodes` share their first `num_segments` segments; `fan_out` when within one map."""
-
-    id: str
-    nodes: tuple[str, ...]
-    segments: tuple[Primitive, ...]
-    fan_out: bool = False
-
-    @property
-    def num_segments(self) -> int:
-        return len(self.segments)
 
 
 def _bucket(p: Primitive, node: str) -> tuple:
@@ -66,30 +61,34 @@ def _groups(g: nx.DiGraph, prefixes: dict[str, tuple[Primitive, ...]]) -> list[P
     for nodes in buckets.values():
         if len(nodes) > 1:
             shared = _common([prefixes[n] for n in nodes], nodes)
-            groups.append(PrefixGroup("", tuple(nodes), shared))
+            together = len({frozenset(g.predecessors(n)) for n in nodes}) == 1
+            groups.append(PrefixGroup("", tuple(nodes), shared, together=together))
     for node, prims in prefixes.items():
         if g.nodes[node]["op"].kind == "map":
             cut = next((i for i, p in enumerate(prims) if p.per_item), len(prims))
             shared = prims[:cut]
             if shared:
-                groups.append(PrefixGroup("", (node,), shared, fan_out=True))
+                groups.append(PrefixGroup("", (node,), shared, fan_out=True, together=True))
     return groups
+
+
+def _reason(group: PrefixGroup) -> str:
+    what = " + ".join(p.describe() for p in group.segments)
+    who = f"each element of {group.nodes[0]}" if group.fan_out else ", ".join(group.nodes)
+    how = (
+        "reach the engine together: prefilled once (in-batch prefix wait)"
+        if group.together
+        else "start at different times: later ones may hit the prefix cache"
+    )
+    return f"{group.id}: {who} share {group.num_segments} leading segment(s) {what}; {how}"
 
 
 def prefix_sharing(graph: nx.DiGraph) -> nx.DiGraph:
     g = graph.copy()
     prefixes = {n: leading_prefill(lower(g, n)) for n in sorted(g)}
     prefixes = {n: p for n, p in prefixes.items() if p}
-    groups = [
-        PrefixGroup(f"P{i}", grp.nodes, grp.segments, grp.fan_out)
-        for i, grp in enumerate(_groups(g, prefixes), start=1)
-    ]
-    reasons = []
-    for n in g:
-        g.nodes[n]["prefix_groups"] = tuple(grp.id for grp in groups if n in grp.nodes)
-    for grp in groups:
-        what = " + ".join(p.describe() for p in grp.segments)
-        who = f"each element of {grp.nodes[0]}" if grp.fan_out else ", ".join(grp.nodes)
-        reasons.append(f"{grp.id}: {who} share {grp.num_segments} leading segment(s) {what}")
-    g.graph["prefix_groups"] = tuple(groups)
-    return recorded(g, NAME, reasons)
+    groups = tuple(
+        replace(group, id=f"P{i}") for i, group in enumerate(_groups(g, prefixes), start=1)
+    )
+    annotate_graph(g, SharedPrefixes(groups))
+    return recorded(g, NAME, [_reason(group) for group in groups])

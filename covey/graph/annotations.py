@@ -1,0 +1,169 @@
+"""Typed annotations: what the optimizer passes decide, as `build_plan` reads it.
+
+A pass writes each decision as one frozen dataclass with `annotate(g, node, ann)` (or
+`annotate_graph(g, ann)`), stored under the class name; `build_plan` reads it back with
+`read(g, node, cls)` / `read_graph(g, cls)`. Before reading, `check(g)` makes a slip fail
+loudly instead of silently meaning "not optimized": a node or graph key that is neither the
+IR's own nor a known annotation (a misspelt key), a value of the wrong type, or a pass that
+ran but left a node without the annotation it writes all raise `PlanError`. A pass that did
+not run leaves no annotation, and `build_plan` keeps the naive choice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, TypeVar
+
+import networkx as nx
+
+from covey.errors import PlanError
+from covey.graph.lowering import Primitive
+from covey.graph.template import suggest
+
+# The IR's own attributes (see covey.graph.ir); every other key must be an annotation.
+IR_NODE_KEYS = ("op", "args")
+IR_GRAPH_KEYS = ("app", "inputs", "outputs", "passes", "awaited")
+
+
+def _check_items(ann: object, name: str, cls: type) -> None:
+    items = getattr(ann, name)
+    if not isinstance(items, tuple) or not all(isinstance(i, cls) for i in items):
+        raise PlanError(
+            f"{type(ann).__name__}.{name} must be a tuple of {cls.__name__}, got {items!r}"
+        )
+
+
+@dataclass(frozen=True)
+class Annotation:
+    """Base of every annotation; `written_by` names the one pass that writes it."""
+
+    written_by: ClassVar[str]
+
+
+@dataclass(frozen=True)
+class Priority(Annotation):
+    """The engine priority of every request this node sends (lower = scheduled sooner);
+    the executor passes it to `generate` and prefill-ahead to `prefill`."""
+
+    written_by: ClassVar[str] = "objective_deduction"
+    value: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.value, bool) or not isinstance(self.value, int):
+            raise PlanError(f"Priority.value must be an int, got {self.value!r}")
+
+
+@dataclass(frozen=True)
+class Lowered(Annotation):
+    """The node's prompt as prefill/decode primitives, with `pin` set on its leading static
+    segments (prefill-ahead pins those once per app); empty for nodes that are no LLM call."""
+
+    written_by: ClassVar[str] = "prefill_decomposition"
+    primitives: tuple[Primitive, ...]
+
+    def __post_init__(self) -> None:
+        _check_items(self, "primitives", Primitive)
+
+
+@dataclass(frozen=True)
+class PrefixGroup:
+    """LLM calls whose prompts start with the same `segments`, as the engine will share them.
+
+    `together`: the calls become ready in the same event-loop turn (same dependencies, or the
+    elements of one fan-out, `fan_out`), so they reach the engine together and its in-batch
+    prefix wait prefills the shared blocks once. Otherwise a later call can only find the
+    prefix in the engine's prefix cache, if it is still there.
+    """
+
+    id: str
+    nodes: tuple[str, ...]
+    segments: tuple[Primitive, ...]
+    fan_out: bool = False
+    together: bool = False
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.segments)
+
+
+@dataclass(frozen=True)
+class SharedPrefixes(Annotation):
+    """Every group of calls with a common prompt start; a description for `explain()`, since
+    the sharing itself is done by the engine, not by the runtime."""
+
+    written_by: ClassVar[str] = "prefix_sharing"
+    groups: tuple[PrefixGroup, ...]
+
+    def __post_init__(self) -> None:
+        _check_items(self, "groups", PrefixGroup)
+
+
+NODE_ANNOTATIONS: tuple[type[Annotation], ...] = (Priority, Lowered)
+GRAPH_ANNOTATIONS: tuple[type[Annotation], ...] = (SharedPrefixes,)
+
+A = TypeVar("A", bound=Annotation)
+
+
+def _put(target: dict, ann: object, allowed: tuple[type[Annotation], ...], where: str) -> None:
+    if type(ann) not in allowed:
+        names = ", ".join(c.__name__ for c in allowed)
+        raise PlanError(f"{where}: {type(ann).__name__} is not an annotation here ({names})")
+    target[type(ann).__name__] = ann
+
+
+def annotate(g: nx.DiGraph, node: str, ann: object) -> None:
+    """Record `ann` on `node` of `g` (a copy the pass owns); replaces one of the same type."""
+    _put(g.nodes[node], ann, NODE_ANNOTATIONS, f"app {g.graph['app']!r}, node {node!r}")
+
+
+def annotate_graph(g: nx.DiGraph, ann: object) -> None:
+    """Record `ann` on the whole graph `g` (a copy the pass owns)."""
+    _put(g.graph, ann, GRAPH_ANNOTATIONS, f"app {g.graph['app']!r}")
+
+
+def _get(source: dict, cls: type[A], where: str) -> A | None:
+    value = source.get(cls.__name__)
+    if value is not None and type(value) is not cls:
+        raise PlanError(
+            f"{where}: annotation {cls.__name__} holds {value!r} "
+            f"({type(value).__name__}); write it with annotate(), not by hand"
+        )
+    return value
+
+
+def read(g: nx.DiGraph, node: str, cls: type[A]) -> A | None:
+    """The `cls` annotation of `node`, or None when the pass that writes it did not run."""
+    return _get(g.nodes[node], cls, f"app {g.graph['app']!r}, node {node!r}")
+
+
+def read_graph(g: nx.DiGraph, cls: type[A]) -> A | None:
+    return _get(g.graph, cls, f"app {g.graph['app']!r}")
+
+
+def _check(
+    source: dict,
+    known: tuple[str, ...],
+    classes: tuple[type[Annotation], ...],
+    ran: set[str],
+    where: str,
+) -> None:
+    names = known + tuple(c.__name__ for c in classes)
+    for key in source:
+        if key not in names:
+            raise PlanError(
+                f"{where}: unknown annotation {key!r}{suggest(str(key), names)} "
+                f"(known: {', '.join(names)}); passes write typed annotations with annotate()"
+            )
+    for cls in classes:
+        if _get(source, cls, where) is None and cls.written_by in ran:
+            raise PlanError(f"{where}: pass {cls.written_by!r} ran but left no {cls.__name__}")
+
+
+def check(g: nx.DiGraph) -> None:
+    """Raise PlanError on a key nobody reads, a value of the wrong type, or a node that a
+    pass which ran left without its annotation; mutates nothing."""
+    app = f"app {g.graph['app']!r}"
+    ran = {record.name for record in g.graph["passes"]}
+    for node, data in g.nodes(data=True):
+        _check(data, IR_NODE_KEYS, NODE_ANNOTATIONS, ran, f"{app}, node {node!r}")
+    _check(g.graph, IR_GRAPH_KEYS, GRAPH_ANNOTATIONS, ran, app)

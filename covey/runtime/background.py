@@ -23,6 +23,7 @@ from covey.graph.app import App
 from covey.graph.plan import Plan
 from covey.llm_backend.async_llm import AsyncLLM
 from covey.llm_backend.llm_engine import LLMEngine
+from covey.retrieval.searcher import Searcher
 from covey.runtime.events import Event
 from covey.runtime.executor import Runtime
 
@@ -59,7 +60,7 @@ class BackgroundRuntime:
         model: str | None = None,
         *,
         engine: LLMEngine | None = None,
-        retrievers: dict[str, Any] | None = None,
+        retrievers: dict[str, Searcher] | None = None,
         timeout_s: float | None = None,
         optimize: bool = True,
         **engine_config: Any,
@@ -77,7 +78,7 @@ class BackgroundRuntime:
             raise
         self.runtime = Runtime(self.llm, retrievers, timeout_s, optimize)
 
-    def bind_retriever(self, name: str, retriever: Any) -> None:
+    def bind_retriever(self, name: str, retriever: Searcher) -> None:
         self.runtime.bind_retriever(name, retriever)
 
     def _submit(self, coro: Coroutine[Any, Any, Any]) -> Future[Any]:

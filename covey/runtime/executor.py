@@ -1,4 +1,8 @@
-"""`Runtime`: run an optimized Plan against an in-process engine with asyncio.
+"""`Runtime`: run an optimized Plan against an engine with asyncio.
+
+The engine is reached only through `EngineClient`, and what it offers beyond generation
+is read from its declared capabilities (an engine without `prefill` gets no prefill
+ahead; a gen with choices needs `choices`). Retrieve nodes call a bound `Searcher`.
 
 A node starts the moment its `deps` are done, so independent nodes overlap and sibling LLM
 calls reach the engine in the same event-loop turn, where the scheduler batches them and

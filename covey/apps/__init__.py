@@ -5,5 +5,7 @@
 - `advanced_rag`: query expansion, parallel retrieval, reciprocal-rank fusion, one answer;
 - `mapreduce_summary`: split a long text, summarize the pieces in parallel, combine.
 
-Run any of them with `covey.runtime.Runtime(llm, retrievers={"pydocs": index}).run(app, ...)`.
+Run any of them with `Runtime(llm, retrievers={DEFAULT_INDEX_NAME: index}).run(app, ...)`:
+the retrieving apps search the index bound under `DEFAULT_INDEX_NAME` (from
+`covey.retrieval.default_corpus`).
 """

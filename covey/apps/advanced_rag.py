@@ -13,13 +13,16 @@ import inspect
 
 import covey.graph as cg
 from covey.apps.citations import format_passages
+from covey.errors import ConfigError, InvalidRequestError
 from covey.graph import App
 from covey.graph.dsl import PyFunction
 from covey.llm_backend.sampling_params import SamplingParams
+from covey.retrieval.default_corpus import DEFAULT_INDEX_NAME
 from covey.retrieval.documents import SearchResult
 from covey.retrieval.rank_fusion import RRF_K, reciprocal_rank_fusion
+from covey.retrieval.searcher import check_k
 
-INDEX_NAME = "pydocs"
+INDEX_NAME = DEFAULT_INDEX_NAME
 ANGLES = (
     "Write it as a search query naming the exact Python keywords, functions or modules.",
     "Write it as a search query about the general concept behind it.",
@@ -79,8 +82,7 @@ def fuse_rankings(
     A chunk's fused score replaces its per-query scores (which are not comparable across
     queries); ties keep first-seen order, so the fusion is deterministic.
     """
-    if k <= 0:
-        raise ValueError(f"k must be positive, got {k}")
+    k = check_k(k)
     first: dict[str, SearchResult] = {}
     ids: dict[str, int] = {}
     numbered: list[list[int]] = []
@@ -132,7 +134,11 @@ def build_advanced_rag_app(
     fused passages as numbered in the prompt) and `query_1..query_<n>`. Greedy decoding.
     """
     if not angles:
-        raise ValueError("angles must name at least one rewrite")
+        raise ConfigError("angles must name at least one rewrite")
+    try:
+        top_k = check_k(top_k)
+    except InvalidRequestError as exc:
+        raise ConfigError(f"top_k: {exc}") from None
     rewrite = cg.semantic_function(
         rewrite_query,
         params=SamplingParams(max_tokens=subquery_max_tokens, temperature=0.0, stop=("\n",)),

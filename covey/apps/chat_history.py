@@ -12,7 +12,7 @@ import asyncio
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
-from covey.errors import InvalidRequestError
+from covey.errors import ConfigError, InvalidRequestError
 
 MAX_TURNS = 4
 MAX_SESSIONS = 1024
@@ -63,9 +63,9 @@ class SessionStore:
 
     def __init__(self, max_turns: int = MAX_TURNS, max_sessions: int = MAX_SESSIONS) -> None:
         if max_turns < 0:
-            raise ValueError(f"max_turns must be >= 0 (0 keeps no history), got {max_turns}")
+            raise ConfigError(f"max_turns must be >= 0 (0 keeps no history), got {max_turns}")
         if max_sessions <= 0:
-            raise ValueError(f"max_sessions must be positive, got {max_sessions}")
+            raise ConfigError(f"max_sessions must be positive, got {max_sessions}")
         self.max_turns = max_turns
         self.max_sessions = max_sessions
         self._sessions: OrderedDict[str, Session] = OrderedDict()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 import covey.graph as cg
-from covey.errors import InvalidRequestError
+from covey.errors import ConfigError, InvalidRequestError
 from covey.graph import App
 from covey.llm_backend.sampling_params import SamplingParams
 
@@ -78,7 +78,7 @@ def split_text(text: str, max_chars: int = PIECE_CHARS, max_pieces: int = MAX_PI
     Deterministic, and no text is lost except the whitespace at the boundaries.
     """
     if max_chars <= 0:
-        raise ValueError(f"max_chars must be positive, got {max_chars}")
+        raise InvalidRequestError(f"max_chars must be positive, got {max_chars}")
     if not text.strip():
         raise InvalidRequestError("text is empty; there is nothing to summarize")
     pieces: list[str] = []
@@ -112,7 +112,7 @@ def build_summary_app(
     order). Greedy decoding.
     """
     if piece_chars <= 0 or max_pieces <= 0:
-        raise ValueError(
+        raise ConfigError(
             f"piece_chars and max_pieces must be positive, got {piece_chars} and {max_pieces}"
         )
     summarize = cg.semantic_function(

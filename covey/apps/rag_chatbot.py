@@ -16,16 +16,19 @@ from typing import TYPE_CHECKING, Any
 import covey.graph as cg
 from covey.apps.chat_history import MAX_SESSIONS, MAX_TURNS, SessionStore, Turn, format_history
 from covey.apps.citations import Citation, all_citations, format_passages, parse_citations
-from covey.errors import InvalidRequestError, RuntimeExecutionError
+from covey.errors import ConfigError, InvalidRequestError
 from covey.graph import App
+from covey.llm_backend.engine_client import EngineClient
 from covey.llm_backend.sampling_params import SamplingParams
-from covey.runtime import RunFinished, Runtime, TokenDelta
+from covey.retrieval.default_corpus import DEFAULT_INDEX_NAME
+from covey.retrieval.searcher import Searcher
+from covey.runtime import Event, Runtime, TokenDelta, drain
 from covey.runtime.trace import Trace
 
 if TYPE_CHECKING:
     from covey.retrieval.document_index import DocumentIndex
 
-INDEX_NAME = "pydocs"
+INDEX_NAME = DEFAULT_INDEX_NAME
 TOP_K = 4
 ANSWER_MAX_TOKENS = 96
 MAX_QUESTION_CHARS = 2000
@@ -111,20 +114,22 @@ class RagChatbot:
         app = app if app is not None else rag_app
         takes, returns = set(app.inputs), set(app.outputs)
         if takes != {"question", "history"} or not {"answer", "results"} <= returns:
-            raise ValueError(
+            raise ConfigError(
                 f"app {app.name!r} must take inputs question and history and return answer and "
                 f"results (it takes {', '.join(app.inputs) or 'nothing'} and returns "
                 f"{', '.join(app.outputs)}); build it with build_rag_app()"
             )
         if max_question_chars <= 0:
-            raise ValueError(f"max_question_chars must be positive, got {max_question_chars}")
+            raise ConfigError(f"max_question_chars must be positive, got {max_question_chars}")
         self.runtime = runtime
         self.app = app
         self.max_question_chars = max_question_chars
         self.sessions = SessionStore(max_turns, max_sessions)
 
     @classmethod
-    def from_llm(cls, llm: Any, index: Any | None = None, **kwargs: Any) -> RagChatbot:
+    def from_llm(
+        cls, llm: EngineClient, index: Searcher | None = None, **kwargs: Any
+    ) -> RagChatbot:
         """A chatbot over `index` (default: the Python docs), served by `llm`."""
         index = index if index is not None else open_pydocs_index()
         return cls(Runtime(llm, retrievers={INDEX_NAME: index}), **kwargs)
@@ -151,16 +156,15 @@ class RagChatbot:
         question = self._check(question)
         session = self.sessions.session(session_id)
         answer_var = self.app.outputs["answer"].name
+
+        def relay(event: Event) -> None:
+            if isinstance(event, TokenDelta) and event.var == answer_var and on_token:
+                on_token(event.text)
+
         async with session.lock:
             history = format_history(tuple(session.turns))
-            run: RunFinished | None = None
-            async for event in self.runtime.stream(self.app, question=question, history=history):
-                if isinstance(event, TokenDelta) and event.var == answer_var and on_token:
-                    on_token(event.text)
-                elif isinstance(event, RunFinished):
-                    run = event
-            if run is None:
-                raise RuntimeExecutionError("the chatbot run ended without a result")
+            events = self.runtime.stream(self.app, question=question, history=history)
+            run = await drain(events, relay)
             answer = run.outputs["answer"].strip()
             results = run.outputs["results"]
             session.turns.append(Turn(question, answer))

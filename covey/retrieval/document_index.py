@@ -25,6 +25,7 @@ from covey.retrieval.documents import Chunk, Document, SearchResult, content_has
 from covey.retrieval.embedder import BUNDLED_NAME, Embedder, EmbedderConfig, EmbedderLike
 from covey.retrieval.loaders import load_paths
 from covey.retrieval.search import Reranker, SearchEngine
+from covey.retrieval.searcher import DEFAULT_K, DEFAULT_MODE
 from covey.retrieval.tokenizers import TokenizerLike, default_tokenizer, tokenizer_name
 from covey.retrieval.vector_index import (
     IndexConfig,
@@ -321,14 +322,17 @@ class DocumentIndex:
     def search(
         self,
         query: str,
-        k: int = 5,
-        mode: str = "hybrid",
+        k: int | None = None,
+        mode: str | None = None,
         sources: Sequence[str] | None = None,
         reranker: Reranker | None = None,
     ) -> list[SearchResult]:
-        """The k best chunks for `query`, best first. `mode`: vector, bm25 or hybrid (RRF of
-        both). `sources` keeps only chunks from those sources (exact or glob). `reranker`
+        """The k best chunks for `query`, best first (the `Searcher` protocol). `mode`:
+        vector, bm25 or hybrid (RRF of both); None keeps DEFAULT_K and DEFAULT_MODE.
+        `sources` keeps only chunks from those sources (exact or glob). `reranker`
         (query, chunks) -> scores re-orders a wider candidate list, e.g. a cross-encoder."""
+        k = k if k is not None else DEFAULT_K
+        mode = mode if mode is not None else DEFAULT_MODE
         return SearchEngine(self).search(query, k, mode, sources, reranker)
 
     # ---- persistence -----------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Retriever: a query-in, chunks-out component with fixed search settings, the shape the
-graph runtime's retriever nodes call (sync, or async off the event loop)."""
+"""Retriever: a `Searcher` with fixed settings over one DocumentIndex: its k, mode and
+source filter, and optionally a reranker. Bound to a `retrieve` node, it searches with its
+own settings unless the node gives k or mode explicitly."""
 
 from __future__ import annotations
 
@@ -9,20 +10,19 @@ from dataclasses import dataclass
 
 from covey.retrieval.document_index import DocumentIndex
 from covey.retrieval.documents import SearchResult
-from covey.retrieval.search import MODES, Reranker
+from covey.retrieval.search import Reranker
+from covey.retrieval.searcher import DEFAULT_K, DEFAULT_MODE, check_k, check_mode
 
 
 @dataclass(frozen=True)
 class RetrieverConfig:
-    k: int = 5
-    mode: str = "hybrid"
+    k: int = DEFAULT_K
+    mode: str = DEFAULT_MODE
     sources: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.k <= 0:
-            raise ValueError(f"k must be > 0, got {self.k}")
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        object.__setattr__(self, "k", check_k(self.k))
+        object.__setattr__(self, "mode", check_mode(self.mode))
 
 
 class Retriever:
@@ -38,10 +38,30 @@ class Retriever:
         self.config = config or RetrieverConfig()
         self.reranker = reranker
 
+    def settings(self, k: int | None = None, mode: str | None = None) -> tuple[int, str]:
+        """The k and mode a search with these arguments uses: each given one, else the
+        config's."""
+        return (
+            k if k is not None else self.config.k,
+            mode if mode is not None else self.config.mode,
+        )
+
+    def search(
+        self,
+        query: str,
+        k: int | None = None,
+        mode: str | None = None,
+        sources: Sequence[str] | None = None,
+    ) -> list[SearchResult]:
+        """The best chunks for `query`; None keeps the config's k, mode and sources."""
+        k, mode = self.settings(k, mode)
+        if sources is None and self.config.sources is not None:
+            sources = list(self.config.sources)
+        return self.index.search(query, k, mode, sources, self.reranker)
+
     def retrieve(self, query: str) -> list[SearchResult]:
-        c = self.config
-        sources: Sequence[str] | None = list(c.sources) if c.sources is not None else None
-        return self.index.search(query, c.k, c.mode, sources, self.reranker)
+        """Search with the config's settings."""
+        return self.search(query)
 
     async def aretrieve(self, query: str) -> list[SearchResult]:
         """Runs in a worker thread: embedding and faiss would otherwise block the loop."""

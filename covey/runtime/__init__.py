@@ -7,10 +7,17 @@ token deltas; `run_traced(...)` adds the per-run `Trace`.
 from __future__ import annotations
 
 from covey.runtime.background import BackgroundRuntime, default_runtime, set_default_runtime
-from covey.runtime.events import Event, NodeFinished, NodeStarted, RunFinished, TokenDelta
+from covey.runtime.events import (
+    Event,
+    NodeFinished,
+    NodeStarted,
+    RunFinished,
+    TokenDelta,
+    drain,
+)
 from covey.runtime.executor import RunResult, Runtime
 from covey.runtime.render import Context, render_prompts
-from covey.runtime.trace import NodeTrace, RequestTrace, Trace
+from covey.runtime.trace import NodeTrace, RequestTrace, SearchTrace, Trace
 
 __all__ = [
     "BackgroundRuntime",
@@ -23,9 +30,11 @@ __all__ = [
     "RunFinished",
     "RunResult",
     "Runtime",
+    "SearchTrace",
     "TokenDelta",
     "Trace",
     "default_runtime",
+    "drain",
     "render_prompts",
     "set_default_runtime",
 ]

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import logging
 import threading
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from concurrent.futures import CancelledError, Future
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from covey.errors import RuntimeExecutionError
@@ -20,11 +23,27 @@ from covey.graph.app import App
 from covey.graph.plan import Plan
 from covey.llm_backend.async_llm import AsyncLLM
 from covey.llm_backend.llm_engine import LLMEngine
+from covey.retrieval.searcher import Searcher
 from covey.runtime.events import Event
 from covey.runtime.executor import Runtime
 
 _END = object()
 _CLOSED_MID_RUN = "the runtime was closed while this run was in flight"
+# How long an interrupted `run` waits for the cancelled run to abort its engine requests.
+CANCEL_WAIT_S = 10.0
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _RunSlot:
+    """Where a run submitted from another thread leaves its task, so it can be cancelled."""
+
+    task: asyncio.Task[Any] | None = None
+
+
+async def _tracked(start: Callable[[], Awaitable[Any]], slot: _RunSlot) -> Any:
+    slot.task = asyncio.current_task()
+    return await start()
 
 
 async def _make_llm(model: str | None, engine: LLMEngine | None, config: dict) -> AsyncLLM:
@@ -41,7 +60,7 @@ class BackgroundRuntime:
         model: str | None = None,
         *,
         engine: LLMEngine | None = None,
-        retrievers: dict[str, Any] | None = None,
+        retrievers: dict[str, Searcher] | None = None,
         timeout_s: float | None = None,
         optimize: bool = True,
         **engine_config: Any,
@@ -59,7 +78,7 @@ class BackgroundRuntime:
             raise
         self.runtime = Runtime(self.llm, retrievers, timeout_s, optimize)
 
-    def bind_retriever(self, name: str, retriever: Any) -> None:
+    def bind_retriever(self, name: str, retriever: Searcher) -> None:
         self.runtime.bind_retriever(name, retriever)
 
     def _submit(self, coro: Coroutine[Any, Any, Any]) -> Future[Any]:
@@ -69,14 +88,43 @@ class BackgroundRuntime:
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
     def run(self, app: App | Plan, **inputs: Any) -> dict[str, Any]:
-        """Run `app` and block until its outputs are ready."""
+        """Run `app` and block until its outputs are ready.
+
+        Interrupted while waiting (Ctrl-C), it cancels the run, which aborts its engine
+        requests and frees their KV, before the KeyboardInterrupt goes on up.
+        """
         if threading.current_thread() is self._thread:
             raise RuntimeExecutionError("run() would block the runtime's own loop; use arun()")
-        future = self._submit(self.runtime.run(app, **inputs))
+        slot = _RunSlot()
+        future = self._submit(_tracked(partial(self.runtime.run, app, **inputs), slot))
         try:
             return future.result()
         except CancelledError:
             raise RuntimeExecutionError(_CLOSED_MID_RUN) from None
+        except KeyboardInterrupt:
+            self._cancel_run(slot, future)
+            raise
+
+    def _cancel_run(self, slot: _RunSlot, future: Future[Any]) -> None:
+        """Cancel a run from the caller's thread and wait (bounded) until its cleanup, which
+        aborts its engine requests, is done."""
+
+        async def cancel() -> None:
+            # Queued after the run's own first step, so its task is known by now.
+            task = slot.task
+            if task is None:
+                future.cancel()
+                return
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+        if self._closed:
+            return
+        done = asyncio.run_coroutine_threadsafe(cancel(), self._loop)
+        try:
+            done.result(timeout=CANCEL_WAIT_S)
+        except TimeoutError:
+            log.warning("a cancelled run was still cleaning up after %ss", CANCEL_WAIT_S)
 
     async def arun(self, app: App | Plan, **inputs: Any) -> dict[str, Any]:
         """Run `app` from any event loop."""

@@ -5,9 +5,11 @@ Small frozen records so a server can turn each into one server-sent event.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from covey.errors import RuntimeExecutionError
 from covey.runtime.trace import Trace
 
 
@@ -47,3 +49,19 @@ class RunFinished:
 
 
 Event = NodeStarted | NodeFinished | TokenDelta | RunFinished
+
+
+async def drain(
+    events: AsyncIterator[Event], on_event: Callable[[Event], None] | None = None
+) -> RunFinished:
+    """Consume a run's events to the end and return its `RunFinished`; `on_event` sees each
+    event on the way (to relay tokens). A run's error propagates from here."""
+    finished: RunFinished | None = None
+    async for event in events:
+        if on_event is not None:
+            on_event(event)
+        if isinstance(event, RunFinished):
+            finished = event
+    if finished is None:
+        raise RuntimeExecutionError("the run ended without a result")
+    return finished

@@ -1,4 +1,8 @@
-"""`Runtime`: run an optimized Plan against an in-process engine with asyncio.
+"""`Runtime`: run an optimized Plan against an engine with asyncio.
+
+The engine is reached only through `EngineClient`, and what it offers beyond generation
+is read from its declared capabilities (an engine without `prefill` gets no prefill
+ahead; a gen with choices needs `choices`). Retrieve nodes call a bound `Searcher`.
 
 A node starts the moment its `deps` are done, so independent nodes overlap and sibling LLM
 calls reach the engine in the same event-loop turn, where the scheduler batches them and
@@ -18,19 +22,24 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from functools import partial
+from numbers import Real
 from typing import Any
 
 from covey.errors import (
     AppTimeoutError,
+    ConfigError,
     InvalidRequestError,
     NodeExecutionError,
-    RuntimeExecutionError,
+    NotSupportedError,
+    RetrieverNotBoundError,
 )
 from covey.graph.app import App
 from covey.graph.ir import Retrieve, Var
 from covey.graph.lowering import Primitive
 from covey.graph.plan import NodePlan, Plan
-from covey.runtime.events import Event, NodeFinished, NodeStarted, RunFinished, TokenDelta
+from covey.llm_backend.engine_client import EngineClient
+from covey.retrieval.searcher import Searcher
+from covey.runtime.events import Event, NodeFinished, NodeStarted, RunFinished, TokenDelta, drain
 from covey.runtime.nodes import NodeEnv, run_node, stream_generate
 from covey.runtime.prefill_ahead import PrefillAhead
 from covey.runtime.trace import Trace
@@ -42,33 +51,27 @@ class RunResult:
     trace: Trace
 
 
-def _tokenizer(llm: Any) -> Any:
-    """`AsyncLLM` keeps its tokenizer on the wrapped engine; test doubles may hold it."""
-    tok = getattr(llm, "tokenizer", None)
-    return tok if tok is not None else getattr(getattr(llm, "engine", None), "tokenizer", None)
-
-
-def _on_cpu(llm: Any) -> bool:
-    device = getattr(getattr(llm, "engine", None), "device", None)
-    return device is None or device.type == "cpu"
-
-
 class Runtime:
-    """Runs apps on one engine; `retrievers` maps the index names of `retrieve` nodes to a
-    `DocumentIndex`, a `Retriever` or anything with `search(query, k, mode)`."""
+    """Runs apps on one engine (any `EngineClient`); `retrievers` maps the index names of
+    `retrieve` nodes to a `Searcher` (a `DocumentIndex`, a `Retriever` or a user's own)."""
 
     def __init__(
         self,
-        llm: Any,
-        retrievers: dict[str, Any] | None = None,
+        llm: EngineClient,
+        retrievers: dict[str, Searcher] | None = None,
         timeout_s: float | None = None,
         optimize: bool = True,
     ) -> None:
-        if timeout_s is not None and timeout_s <= 0:
-            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        if not isinstance(llm, EngineClient):
+            raise ConfigError(
+                f"Runtime needs an EngineClient (e.g. covey.llm_backend.AsyncLLM), got "
+                f"{type(llm).__name__}"
+            )
         self.llm = llm
-        self.retrievers: dict[str, Any] = dict(retrievers or {})
-        self.timeout_s = timeout_s
+        self.retrievers: dict[str, Searcher] = {}
+        for name, searcher in (retrievers or {}).items():
+            self.bind_retriever(name, searcher)
+        self.timeout_s = _check_timeout(timeout_s)
         self.optimize = optimize
         self._timeouts: dict[str, float] = {}
         self._naive_plans: dict[App, Plan] = {}
@@ -87,21 +90,22 @@ class Runtime:
 
     async def unpin_all(self) -> None:
         """Let the engine evict the static prefixes this runtime pinned."""
-        unpin = getattr(self.llm, "unpin", None)
-        if unpin is not None:
-            for key in self.pins:
-                await unpin(key)
+        for key in self.pins:
+            await self.llm.unpin(key)
         self.pins.clear()
 
-    def bind_retriever(self, name: str, retriever: Any) -> None:
+    def bind_retriever(self, name: str, retriever: Searcher) -> None:
         """Serve `retrieve(..., index=name)` nodes from `retriever`."""
+        if not isinstance(retriever, Searcher):
+            raise ConfigError(
+                f"retriever {name!r} must be a Searcher, with search(query, k=None, mode=None, "
+                f"sources=None) (a DocumentIndex or a Retriever); got {type(retriever).__name__}"
+            )
         self.retrievers[name] = retriever
 
     def set_timeout(self, app: str, timeout_s: float) -> None:
         """A timeout for one app (by name), overriding the runtime-wide one."""
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
-        self._timeouts[app] = timeout_s
+        self._timeouts[app] = _check_timeout(timeout_s)
 
     async def run(self, app: App | Plan, **inputs: Any) -> dict[str, Any]:
         """Run `app` on `inputs`; returns output name -> value."""
@@ -109,13 +113,8 @@ class Runtime:
 
     async def run_traced(self, app: App | Plan, **inputs: Any) -> RunResult:
         """Like `run`, with the run's trace (node times, tokens, prefix-cache hits)."""
-        result: RunResult | None = None
-        async for event in self.stream(app, **inputs):
-            if isinstance(event, RunFinished):
-                result = RunResult(event.outputs, event.trace)
-        if result is None:
-            raise RuntimeExecutionError("the run ended without a result")
-        return result
+        finished = await drain(self.stream(app, **inputs))
+        return RunResult(finished.outputs, finished.trace)
 
     async def stream(self, app: App | Plan, **inputs: Any) -> AsyncIterator[Event]:
         """Yield node events and output token deltas as they happen, then `RunFinished`.
@@ -148,10 +147,15 @@ class Runtime:
             op = node.op
             if isinstance(op, Retrieve) and op.index not in self.retrievers:
                 bound = ", ".join(self.retrievers) or "none"
-                raise RuntimeExecutionError(
+                raise RetrieverNotBoundError(
                     f"app {plan.app!r}, node {node.name!r}: no retriever bound to index "
                     f"{op.index!r} (bound: {bound}); call runtime.bind_retriever({op.index!r}, "
                     "index)"
+                )
+            if any(p.choices for p in node.primitives) and not self.llm.capabilities.choices:
+                raise NotSupportedError(
+                    f"app {plan.app!r}, node {node.name!r}: its gen has choices, which the "
+                    f"engine ({self.llm.model_name}) cannot constrain outputs to"
                 )
 
     async def _run(self, plan: Plan, inputs: dict[str, Any], emit: Callable[[Event], None]) -> None:
@@ -178,10 +182,11 @@ class Runtime:
         env = NodeEnv(
             values,
             generate,
-            _tokenizer(self.llm),
+            self.llm.tokenizer,
             self.retrievers,
+            trace,
             sequential=not self.optimize,
-            search_inline=_on_cpu(self.llm),
+            search_inline=self.llm.capabilities.computes_on_loop_thread,
         )
         pending, done = dict(plan.nodes), set()
         running: dict[asyncio.Task[dict[str, Any]], NodePlan] = {}
@@ -249,6 +254,15 @@ class Runtime:
             )
 
         return generate
+
+
+def _check_timeout(timeout_s: float | None) -> float | None:
+    """A timeout in seconds: a positive number, or None for none."""
+    if timeout_s is None:
+        return None
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, Real) or not timeout_s > 0:
+        raise ConfigError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+    return float(timeout_s)
 
 
 def _delta(emit: Callable[[Event], None], node: str, var: str, index: int | None, text: str):

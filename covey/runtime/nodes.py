@@ -17,9 +17,13 @@ from covey.errors import EngineError, RuntimeExecutionError
 from covey.graph.ir import LLMCall, MapOp, PyCall, Retrieve, Var, llm_template
 from covey.graph.lowering import Primitive
 from covey.graph.plan import NodePlan
+from covey.llm_backend.engine_client import ChatTokenizer, EngineClient
 from covey.llm_backend.sampling_params import SamplingParams
-from covey.runtime.render import ChatTokenizer, Context
-from covey.runtime.trace import RequestTrace, Trace
+from covey.retrieval.document_index import DocumentIndex
+from covey.retrieval.retriever import Retriever
+from covey.retrieval.searcher import DEFAULT_K, DEFAULT_MODE, Searcher
+from covey.runtime.render import Context
+from covey.runtime.trace import RequestTrace, SearchTrace, Trace
 
 # (node, primitive, prompt, fan-out index) -> (text, token ids)
 Generate = Callable[[NodePlan, Primitive, Any, int | None], Awaitable[tuple[str, list[int]]]]
@@ -27,12 +31,14 @@ Generate = Callable[[NodePlan, Primitive, Any, int | None], Awaitable[tuple[str,
 
 @dataclass
 class NodeEnv:
-    """What node runners need from the run: values so far, the engine hook, retrievers."""
+    """What node runners need from the run: values so far, the engine hook, the searchers
+    and the trace they record into."""
 
     values: dict[str, Any]
     generate: Generate
     tokenizer: ChatTokenizer | None
-    retrievers: dict[str, Any]
+    retrievers: dict[str, Searcher]
+    trace: Trace
     sequential: bool = False  # naive baseline: fan-out elements one after the other
     search_inline: bool = True  # covey's indexes search on the loop thread (CPU engines)
 
@@ -77,27 +83,36 @@ async def run_llm(
     return out
 
 
-async def run_retrieve(env: NodeEnv, op: Retrieve, query: str) -> list[Any]:
-    """A `covey.retrieval.Retriever` keeps its sources and reranker; anything with
-    `search(query, k, mode)` (a `DocumentIndex`) is searched with the node's k and mode.
+async def run_retrieve(env: NodeEnv, node: NodePlan, op: Retrieve, query: str) -> list[Any]:
+    """Search the bound `Searcher`; a k or mode the node gives overrides the searcher's own
+    (None keeps it). The trace records the k and mode the search ran with.
 
-    Next to a CPU engine, covey's own indexes search on the loop's thread (milliseconds):
-    their query embedding is a torch forward, and torch ops on a second thread slow the CPU
-    engine down (see AsyncLLM). Otherwise searches run on a worker thread, so a slow one
-    (a reranker, a remote store) never stalls the streams.
+    Next to an engine computing on the loop thread (CPU), covey's own searchers search on
+    that thread too (milliseconds): their query embedding is a torch forward, and torch ops
+    on a second thread slow the CPU engine down (see AsyncLLM). Otherwise searches run on a
+    worker thread, so a slow one (a reranker, a remote store) never stalls the streams.
     """
-    from covey.retrieval.document_index import DocumentIndex
-    from covey.retrieval.retriever import Retriever
-
-    bound = env.retrievers[op.index]
-    if isinstance(bound, Retriever):
-        sources = list(bound.config.sources) if bound.config.sources is not None else None
-        search = partial(bound.index.search, query, op.k, op.mode, sources, bound.reranker)
+    searcher = env.retrievers[op.index]
+    search = partial(searcher.search, query, k=op.k, mode=op.mode)
+    if env.search_inline and isinstance(searcher, Retriever | DocumentIndex):
+        results = list(search())
     else:
-        search = partial(bound.search, query, op.k, op.mode)
-    if env.search_inline and isinstance(bound, Retriever | DocumentIndex):
-        return list(search())
-    return list(await asyncio.to_thread(search))
+        results = list(await asyncio.to_thread(search))
+    k, mode = search_settings(searcher, op.k, op.mode)
+    env.trace.nodes[node.name].search = SearchTrace(op.index, k, mode, len(results))
+    return results
+
+
+def search_settings(
+    searcher: Searcher, k: int | None, mode: str | None
+) -> tuple[int | None, str | None]:
+    """The k and mode a search with these arguments runs with: the node's when given, else
+    the searcher's own where covey knows it (None for a foreign searcher's own)."""
+    if isinstance(searcher, Retriever):
+        return searcher.settings(k, mode)
+    if isinstance(searcher, DocumentIndex):
+        return (k if k is not None else DEFAULT_K, mode if mode is not None else DEFAULT_MODE)
+    return k, mode
 
 
 async def run_map(env: NodeEnv, node: NodePlan, args: dict[str, Any]) -> dict[str, list[Any]]:
@@ -130,14 +145,14 @@ async def run_node(env: NodeEnv, node: NodePlan) -> dict[str, Any]:
     if isinstance(op, LLMCall):
         return await run_llm(env, node)
     if isinstance(op, Retrieve):
-        return {"results": await run_retrieve(env, op, args["query"])}
+        return {"results": await run_retrieve(env, node, op, args["query"])}
     if isinstance(op, PyCall):
         return {"result": await call_python(op.fn, args)}
     return await run_map(env, node, args)
 
 
 async def stream_generate(
-    llm: Any,
+    llm: EngineClient,
     trace: Trace,
     run_id: str,
     node: NodePlan,
@@ -159,6 +174,8 @@ async def stream_generate(
         final = out
     if final is None or final.finish_reason == "abort":
         raise EngineError(f"the engine aborted request {rid!r}")
+    if final.finish_reason == "error":
+        raise EngineError(f"the engine failed request {rid!r}: {final.error}")
     m = final.metrics
     trace.nodes[node.name].requests.append(
         RequestTrace(

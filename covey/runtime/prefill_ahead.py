@@ -6,7 +6,8 @@ the tokens before it, the leading run of known segments can be prefilled into th
 cache at once (Teola's partial prefill); when the call finally starts, the engine finds
 that prefix computed, or still being computed and waits a step for it. Each call's
 leading static text is the same for every request: it is prefilled once per app and
-pinned. All of this is best effort: a prefill that fails only loses the speedup.
+pinned. All of this is best effort: a prefill that fails only loses the speedup, and an
+engine without the `prefill` capability simply gets none.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from typing import Any
 from covey.graph.ir import llm_template
 from covey.graph.lowering import Primitive
 from covey.graph.plan import NodePlan, Plan
-from covey.runtime.render import ChatTokenizer, leading_prompt
+from covey.llm_backend.engine_client import ChatTokenizer, EngineClient
+from covey.runtime.render import leading_prompt
 from covey.runtime.trace import RequestTrace, Trace
 
 log = logging.getLogger(__name__)
@@ -31,15 +33,15 @@ class PrefillAhead:
 
     def __init__(
         self,
-        llm: Any,
+        llm: EngineClient,
         plan: Plan,
         values: dict[str, Any],
         tokenizer: ChatTokenizer | None,
         trace: Trace,
         pins: set[str],
     ) -> None:
-        self.prefill = getattr(llm, "prefill", None)
-        self.llm_pinned = getattr(llm, "pinned", None)
+        self.llm = llm
+        self.enabled = llm.capabilities.prefill
         self.plan, self.values, self.tokenizer = plan, values, tokenizer
         self.trace, self.pins = trace, pins
         self.tasks: list[asyncio.Task[None]] = []
@@ -70,7 +72,7 @@ class PrefillAhead:
         while count < len(prims) and prims[count].op == "prefill" and ready(prims[count]):
             count += 1
         done_before = 0 if pin else self._known.get(node.name, 0)
-        if self.prefill is None or count <= done_before:
+        if not self.enabled or count <= done_before:
             return count
         template = llm_template(node.op)
         uses_roles = template.uses_roles if template is not None else False
@@ -87,14 +89,13 @@ class PrefillAhead:
         return count
 
     async def _run(self, prompt: Any, priority: int, pin: str | None) -> None:
-        assert self.prefill is not None
         try:
-            out = await self.prefill(prompt, priority=priority, pin=pin)
+            out = await self.llm.prefill(prompt, priority=priority, pin=pin)
+            if pin is not None and pin in await self.llm.pinned():
+                self.pins.add(pin)  # only what the engine really holds (it caps pins)
         except Exception as exc:  # an optimization, never a reason to fail the run
             log.debug("prefill ahead failed: %s", exc)
             return
-        if pin is not None and (self.llm_pinned is None or pin in await self.llm_pinned()):
-            self.pins.add(pin)  # only what the engine really holds (it caps pins)
         if out is not None:
             m = out.metrics
             self.trace.prefills.append(

@@ -11,19 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
+from covey.errors import ConfigError
 from covey.graph.lowering import Primitive
+from covey.llm_backend.engine_client import ChatTokenizer
 from covey.llm_backend.segments import Segment, SegmentKind
 from covey.retrieval.documents import Chunk, SearchResult
 
 CHUNK_SEPARATOR = "\n\n"
-
-
-class ChatTokenizer(Protocol):
-    def apply_chat_template(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
-    ) -> str: ...
 
 
 def to_text(value: Any) -> str:
@@ -87,7 +83,10 @@ class Context:
         if not self.uses_roles:
             return list(self.segments)
         if self.tokenizer is None:
-            raise ValueError("this template uses chat roles but the engine has no tokenizer")
+            raise ConfigError(
+                "this template uses chat roles, but the engine's model has no tokenizer (and "
+                "so no chat template); serve it with a model that has one"
+            )
         closed, open_text = self.messages, ""
         if closed and closed[-1]["role"] == "assistant":
             closed, open_text = closed[:-1], closed[-1]["content"]

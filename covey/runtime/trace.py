@@ -22,6 +22,18 @@ class RequestTrace:
     finish_reason: str | None
 
 
+@dataclass(frozen=True)
+class SearchTrace:
+    """The search a retrieve node ran: the `k` and `mode` it ran with (the node's, else the
+    searcher's own; None where a foreign searcher's own is not known) and how many results
+    came back."""
+
+    index: str
+    k: int | None
+    mode: str | None
+    results: int
+
+
 @dataclass
 class NodeTrace:
     """Times are seconds since the run started (perf_counter); `end` is None while running."""
@@ -33,6 +45,7 @@ class NodeTrace:
     status: str = "running"
     error: str | None = None
     requests: list[RequestTrace] = field(default_factory=list)
+    search: SearchTrace | None = None
 
     @property
     def generated_tokens(self) -> int:

@@ -10,6 +10,7 @@ import pytest
 
 from covey.llm_backend.async_llm import AsyncLLM
 from covey.retrieval.chunker import ChunkerConfig
+from covey.retrieval.default_corpus import DEFAULT_INDEX_NAME
 from covey.retrieval.document_index import DocumentIndex
 from covey.retrieval.documents import Document
 from covey.runtime import Runtime
@@ -57,10 +58,10 @@ def tiny_index(tmp_path_factory, embedder, tokenizer):  # noqa: F811
 
 @pytest.fixture
 def runtime(real_llm, tiny_index):  # noqa: F811
-    return Runtime(real_llm, retrievers={"pydocs": tiny_index})
+    return Runtime(real_llm, retrievers={DEFAULT_INDEX_NAME: tiny_index})
 
 
 def fresh_runtime(index: DocumentIndex, **kwargs) -> tuple[AsyncLLM, Runtime]:
     """A runtime on a new engine (empty prefix cache); the caller closes the llm."""
     llm = AsyncLLM(engine=make_cpu_engine())
-    return llm, Runtime(llm, retrievers={"pydocs": index}, **kwargs)
+    return llm, Runtime(llm, retrievers={DEFAULT_INDEX_NAME: index}, **kwargs)

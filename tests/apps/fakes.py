@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from covey.retrieval.documents import Chunk, SearchResult, content_hash
+from covey.retrieval.searcher import DEFAULT_K
 
 
 def hit(text: str, source: str = "doc", score: float = 1.0) -> SearchResult:
@@ -13,11 +14,12 @@ def hit(text: str, source: str = "doc", score: float = 1.0) -> SearchResult:
 
 @dataclass
 class FakeRetriever:
-    """`search` returns `results` whatever the query, and records the queries."""
+    """A `Searcher` whose `search` returns `results` whatever the query (at most k, default
+    DEFAULT_K), and records the queries."""
 
     results: list[SearchResult]
     queries: list[str] = field(default_factory=list)
 
-    def search(self, query: str, k: int, mode: str) -> list[SearchResult]:
+    def search(self, query, k=None, mode=None, sources=None) -> list[SearchResult]:
         self.queries.append(query)
-        return self.results[:k]
+        return self.results[: k or DEFAULT_K]

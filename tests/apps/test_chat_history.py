@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from covey.apps.chat_history import HISTORY_HEADER, SessionStore, Turn, format_history
-from covey.errors import InvalidRequestError
+from covey.errors import ConfigError, InvalidRequestError
 
 
 def test_history_text_is_empty_on_a_first_turn():
@@ -40,7 +40,7 @@ def test_bad_session_ids_and_limits():
         store.session(" ")
     with pytest.raises(InvalidRequestError, match="session_id is 129 characters; the limit is 128"):
         store.session("x" * 129)
-    with pytest.raises(ValueError, match="max_turns must be >= 0"):
+    with pytest.raises(ConfigError, match="max_turns must be >= 0"):
         SessionStore(max_turns=-1)
-    with pytest.raises(ValueError, match="max_sessions must be positive"):
+    with pytest.raises(ConfigError, match="max_sessions must be positive"):
         SessionStore(max_sessions=0)

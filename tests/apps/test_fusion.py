@@ -8,6 +8,7 @@ from covey.apps.advanced_rag import (
     fuse_rankings,
     fusion_node,
 )
+from covey.errors import ConfigError, InvalidRequestError
 
 from .fakes import hit
 
@@ -32,7 +33,7 @@ def test_fusion_dedupes_by_chunk_id_and_keeps_top_k():
 def test_ties_keep_first_seen_order():
     assert _texts(fuse_rankings([[A], [B], [C]], k=3)) == ["a", "b", "c"]
     assert fuse_rankings([], k=3) == [] and fuse_rankings([[], []], k=3) == []
-    with pytest.raises(ValueError, match="k must be positive"):
+    with pytest.raises(InvalidRequestError, match="k must be a positive integer, got 0"):
         fuse_rankings([[A]], k=0)
 
 
@@ -63,5 +64,7 @@ def test_app_shape_follows_its_parameters():
     assert sum(n.kind == "retrieve" for n in app.plan.nodes.values()) == 2
     (group,) = app.plan.prefix_groups  # the rewrites share their leading instruction
     assert set(group.nodes) == {"rewrite_query", "rewrite_query_2"}
-    with pytest.raises(ValueError, match="angles must name at least one rewrite"):
+    with pytest.raises(ConfigError, match="angles must name at least one rewrite"):
         build_advanced_rag_app(angles=())
+    with pytest.raises(ConfigError, match="top_k: k must be a positive integer, got -1"):
+        build_advanced_rag_app(top_k=-1)

@@ -15,7 +15,7 @@ from covey.apps.rag_chatbot import (
     open_pydocs_index,
     rag_app,
 )
-from covey.errors import InvalidRequestError
+from covey.errors import ConfigError, InvalidRequestError
 from covey.runtime import Runtime
 from tests.runtime.fakes import FakeLLM
 
@@ -108,9 +108,9 @@ def test_bad_configuration_is_refused():
     def echo(question: str):
         return {"answer": question}
 
-    with pytest.raises(ValueError, match="must take inputs question and history and return"):
+    with pytest.raises(ConfigError, match="must take inputs question and history and return"):
         RagChatbot(runtime, app=echo)
-    with pytest.raises(ValueError, match="max_question_chars must be positive"):
+    with pytest.raises(ConfigError, match="max_question_chars must be positive"):
         RagChatbot(runtime, max_question_chars=0)
     assert RagChatbot(runtime).app is rag_app
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from covey.apps.mapreduce_summary import build_summary_app, number_summaries, split_text
-from covey.errors import InvalidRequestError
+from covey.errors import ConfigError, InvalidRequestError
 
 PARAGRAPHS = ["Alpha one. Alpha two.", "Beta one.", "Gamma one. Gamma two. Gamma three."]
 TEXT = "\n\n".join(PARAGRAPHS)
@@ -34,9 +34,9 @@ def test_empty_or_too_many_pieces_are_refused():
         split_text(" \n\n ")
     with pytest.raises(InvalidRequestError, match="text splits into 4 pieces .* max_pieces=2"):
         split_text(TEXT, max_chars=22, max_pieces=2)
-    with pytest.raises(ValueError, match="max_chars must be positive"):
+    with pytest.raises(InvalidRequestError, match="max_chars must be positive"):
         split_text(TEXT, max_chars=0)
-    with pytest.raises(ValueError, match="piece_chars and max_pieces must be positive"):
+    with pytest.raises(ConfigError, match="piece_chars and max_pieces must be positive"):
         build_summary_app(piece_chars=0)
 
 

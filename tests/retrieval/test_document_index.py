@@ -145,7 +145,7 @@ def test_retriever_component(tmp_path, make_index):
     assert retriever.retrieve("rockets")[0].chunk.source.endswith("space.txt")
     hits = asyncio.run(retriever.aretrieve("bananas"))
     assert hits[0].chunk.source.endswith("fruit.txt")
-    with pytest.raises(ValueError, match="k must be > 0"):
+    with pytest.raises(ValueError, match="k must be a positive integer"):
         RetrieverConfig(k=0)
     with pytest.raises(ValueError, match="mode must be one of"):
         RetrieverConfig(mode="fuzzy")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 import time
 
@@ -10,6 +11,8 @@ import pytest
 
 import covey.graph as cg
 from covey.errors import InvalidRequestError, ModelLoadError
+from covey.llm_backend.engine_client import EngineStats
+from covey.llm_backend.sampling_params import SamplingParams
 from covey.runtime import BackgroundRuntime, RunFinished, TokenDelta, set_default_runtime
 from tests.runtime.test_real_model import name_it as naming_fn
 from tests.runtime.test_real_model import naming
@@ -26,6 +29,16 @@ async def ponder(thing: str) -> str:
 @cg.app
 def slow_naming(thing: str):
     return naming_fn(thing=ponder(thing=thing))
+
+
+@cg.semantic_function(params=SamplingParams(max_tokens=2000, temperature=0.0, ignore_eos=True))
+def ramble(topic: str):
+    """Write at length about {{topic}}.{{gen text}}"""
+
+
+@cg.app
+def long_story(topic: str):
+    return ramble(topic=topic)
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +103,30 @@ def test_a_model_that_fails_to_load_leaves_no_thread_behind():
     with pytest.raises(ModelLoadError):
         BackgroundRuntime("/no/such/model.gguf")
     assert threading.active_count() == before
+
+
+def test_ctrl_c_during_a_call_cancels_the_run_and_frees_its_kv(background):
+    """A real SIGINT, sent to the main thread once the run's request is decoding, lands in
+    the call's wait, as Ctrl-C would."""
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    def stats() -> EngineStats:
+        return background._submit(background.llm.stats()).result()
+
+    def interrupt_when_decoding(main: int) -> None:
+        while stats().num_running == 0:
+            time.sleep(0.01)
+        signal.pthread_kill(main, signal.SIGINT)
+
+    before = stats()
+    threading.Thread(
+        target=interrupt_when_decoding, args=(threading.get_ident(),), daemon=True
+    ).start()
+    started = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        long_story(topic="rivers")
+    assert time.perf_counter() - started < 60  # 2000 tokens would take minutes on CPU
+    after = stats()
+    assert after.num_running == after.num_waiting == 0
+    assert after.kv_blocks_used == before.kv_blocks_used  # the request's KV is freed
+    assert naming(thing="a kite")["name"]  # and the runtime keeps serving

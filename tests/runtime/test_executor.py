@@ -10,11 +10,13 @@ import pytest
 import covey.graph as cg
 from covey.errors import (
     AppTimeoutError,
+    ConfigError,
     InvalidRequestError,
     NodeExecutionError,
-    RuntimeExecutionError,
+    RetrieverNotBoundError,
 )
 from covey.retrieval.documents import Chunk, SearchResult
+from covey.retrieval.searcher import DEFAULT_K, DEFAULT_MODE
 from covey.runtime import Runtime
 from tests.graph import shapes
 
@@ -22,12 +24,14 @@ from .fakes import FakeLLM
 
 
 class FakeIndex:
-    """`DocumentIndex.search`'s shape; records the queries it got."""
+    """A `Searcher` with DocumentIndex's defaults; records each query and the k and mode it
+    searched with."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, int, str]] = []
 
-    def search(self, query: str, k: int, mode: str) -> list[SearchResult]:
+    def search(self, query, k=None, mode=None, sources=None) -> list[SearchResult]:
+        k, mode = k or DEFAULT_K, mode or DEFAULT_MODE
         self.calls.append((query, k, mode))
         return [
             SearchResult(Chunk(f"c{i}", f"chunk text {i}", "doc", 0, 12, 3), 1.0 / (i + 1))
@@ -173,10 +177,13 @@ async def test_bad_inputs_and_unbound_retrievers_are_clear_errors():
         await runtime.run(shapes.branch())
     with pytest.raises(InvalidRequestError, match=r"unknown \['qestion'\] input"):
         await runtime.run(shapes.branch(), question="q", qestion="q")
-    with pytest.raises(RuntimeExecutionError, match=r"no retriever bound to index 'default'"):
+    with pytest.raises(RetrieverNotBoundError, match=r"no retriever bound to index 'default'"):
         await runtime.run(shapes.linear(), question="q")
-    with pytest.raises(ValueError, match="timeout_s must be positive"):
-        Runtime(FakeLLM(), timeout_s=0)
+    for bad in (0, -1.5, float("nan"), "10", True):
+        with pytest.raises(ConfigError, match="timeout_s must be a positive number"):
+            Runtime(FakeLLM(), timeout_s=bad)
+    with pytest.raises(ConfigError, match="timeout_s must be a positive number"):
+        runtime.set_timeout("debate", 0)
 
 
 async def test_priorities_and_trace_come_from_the_plan_and_the_engine():
@@ -216,21 +223,3 @@ async def test_a_failing_fan_out_element_cancels_its_siblings():
     with pytest.raises(NodeExecutionError, match=r"node 'map_fetch' \(map\) failed: KeyError"):
         await asyncio.wait_for(Runtime(FakeLLM()).run(fan, numbers=[1, 2, 3]), timeout=5)
     assert sorted(started) == [1, 2, 3] and sorted(cancelled) == [1, 3]
-
-
-async def test_a_bound_retriever_keeps_its_sources_and_reranker():
-    from covey.retrieval.retriever import Retriever, RetrieverConfig
-
-    class Index(FakeIndex):
-        def search(self, query, k, mode, sources=None, reranker=None):
-            self.extra = (sources, reranker)
-            return super().search(query, k, mode)
-
-    index = Index()
-    rerank = object()
-    retriever = Retriever(index, RetrieverConfig(k=9, sources=("doc*",)), rerank)  # type: ignore[arg-type]
-    runtime = Runtime(FakeLLM(), retrievers={"default": retriever})
-    out = await runtime.run(shapes.two_outputs(), question="q")
-    # The node's k (default 4) and mode win; the retriever's filters and reranker still apply.
-    assert index.calls == [("q", 4, "hybrid")] and index.extra == (["doc*"], rerank)
-    assert out == {"answer": "alpha beta", "title": "alpha beta"}

@@ -4,6 +4,7 @@ run, and the naive baseline (`optimize=False`) that runs one call at a time."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import covey.graph as cg
 from covey.llm_backend.async_llm import AsyncLLM
@@ -52,7 +53,7 @@ async def test_static_prefix_is_pinned_and_the_early_prefix_prefilled_during_ups
         first = await _run(runtime, "Which river flows through Prague?")
         kinds = sorted(p.var.split(":")[0] for p in first.trace.prefills)
         assert kinds == ["city_qa", "early"], first.trace.prefills
-        pinned = llm.engine.pinned
+        pinned = await llm.pinned()
         assert len(pinned) == 1 and next(iter(pinned.values())) >= 32
         (req,) = first.trace.nodes["answer"].requests
         early = next(p for p in first.trace.prefills if p.var == "early")
@@ -72,7 +73,7 @@ async def test_static_prefix_is_pinned_and_the_early_prefix_prefilled_during_ups
         assert naive.outputs == second.outputs
         assert naive.trace.prefills == []
         await runtime.unpin_all()
-        assert llm.engine.pinned == {}
+        assert await llm.pinned() == {}
     finally:
         await llm.close()
 
@@ -85,8 +86,24 @@ async def test_naive_runtime_runs_one_node_at_a_time_with_the_same_outputs():
     assert fast.trace.overlapped("argue_for", "argue_against")
     assert not naive.trace.overlapped("argue_for", "argue_against")
     naive_plan = Runtime(FakeLLM(), optimize=False).plan_for(app)
-    assert all(n.priority == 0 and not n.prefix_groups for n in naive_plan.nodes.values())
-    assert not any(p.early or p.pin for n in naive_plan.nodes.values() for p in n.primitives)
+    assert all(n.priority == 0 for n in naive_plan.nodes.values())
+    assert not any(p.pin for n in naive_plan.nodes.values() for p in n.primitives)
+
+
+async def test_prefill_ahead_follows_the_engines_prefill_capability():
+    without = FakeLLM()
+    assert not without.capabilities.prefill
+    result = await Runtime(without).run_traced(city_qa, question="Prague?")
+    assert result.trace.prefills == [] and without.prefills == []
+
+    able = FakeLLM(capabilities=replace(without.capabilities, prefill=True))
+    runtime = Runtime(able)
+    result = await runtime.run_traced(city_qa, question="Prague?")
+    pins = [pin for _, pin in able.prefills if pin is not None]
+    assert len(pins) == 1 and runtime.pins == set(pins) == set(await able.pinned())
+    assert sorted(p.var for p in result.trace.prefills) == sorted([pins[0], "early"])
+    await runtime.unpin_all()
+    assert await able.pinned() == {} and runtime.pins == set()
 
 
 @cg.function

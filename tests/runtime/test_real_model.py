@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 import covey.graph as cg
+from covey.errors import ErrorCategory, InvalidRequestError, NodeExecutionError
+from covey.llm_backend.async_llm import AsyncLLM
 from covey.llm_backend.sampling_params import SamplingParams
 from covey.runtime import Runtime, render_prompts
 
@@ -52,7 +56,7 @@ async def test_two_calls_match_the_engine_run_directly(real_llm):
     name, text = result.outputs["name"], result.outputs["text"]
     assert name and text
     plan = naming.plan
-    tokenizer = real_llm.engine.tokenizer
+    tokenizer = real_llm.tokenizer
     first = render_prompts(
         plan.nodes["name_it"].primitives, lambda p: "a red bicycle", None, False, {}
     )
@@ -66,3 +70,24 @@ async def test_two_calls_match_the_engine_run_directly(real_llm):
     again = await runtime.run_traced(naming, thing="a red bicycle")
     assert again.outputs == result.outputs
     assert again.trace.cached_tokens > 0  # the second run hits the prefix cache
+
+
+@cg.semantic_function
+def overlong(thing: str):
+    """Describe {{thing}} at length: {{gen text max_tokens=2000}}"""
+
+
+@cg.app
+def overlong_app(thing: str):
+    return overlong(thing=thing)
+
+
+async def test_a_gen_option_the_engine_refuses_keeps_its_category_through_the_node():
+    llm = AsyncLLM(engine=make_cpu_engine(kv_cache_tokens=512))
+    try:
+        with pytest.raises(NodeExecutionError, match=r"node 'overlong' \(llm\) failed") as info:
+            await Runtime(llm).run(overlong_app, thing="a kite")
+    finally:
+        await llm.close()
+    assert isinstance(info.value.__cause__, InvalidRequestError)
+    assert info.value.category is ErrorCategory.INVALID and info.value.node == "overlong"

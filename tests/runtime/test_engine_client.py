@@ -1,0 +1,69 @@
+"""The runtime reaches engines only through `EngineClient`: the real engine and the test
+double both implement it, and the runtime acts on the capabilities an engine declares."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+import pytest
+
+from covey.errors import ConfigError, NotSupportedError
+from covey.llm_backend.async_llm import AsyncLLM
+from covey.llm_backend.engine_client import ChatTokenizer, EngineClient
+from covey.llm_backend.sampling_params import SamplingParams
+from covey.runtime import Runtime
+from tests.graph import shapes
+
+from .fakes import FakeLLM
+
+
+def test_the_engine_and_its_test_double_are_engine_clients(real_llm):
+    assert isinstance(real_llm, AsyncLLM)
+    for llm in (real_llm, FakeLLM()):
+        assert isinstance(llm, EngineClient)
+        assert isinstance(llm.tokenizer, ChatTokenizer)
+    assert real_llm.capabilities.computes_on_loop_thread  # a CPU engine steps on the loop
+
+
+def test_a_runtime_refuses_what_is_not_an_engine_client():
+    class HalfEngine:
+        async def generate(self, prompt, params=None, request_id=None, priority=0):
+            yield None
+
+    with pytest.raises(ConfigError, match="Runtime needs an EngineClient.*got HalfEngine"):
+        Runtime(HalfEngine())  # type: ignore[arg-type]
+
+
+async def test_choices_on_an_engine_without_them_are_refused_naming_the_node():
+    llm = FakeLLM(capabilities=replace(FakeLLM().capabilities, choices=False))
+    with pytest.raises(NotSupportedError, match=r"node 'judge': its gen has choices"):
+        await Runtime(llm).run(shapes.merge(), question="q")
+    assert llm.log == []  # refused before anything ran
+
+
+async def test_the_double_does_what_it_declares_and_refuses_the_rest():
+    llm = FakeLLM(reply=lambda p: "a b c d", token_delay=0.01)
+    with pytest.raises(NotSupportedError, match="'pause'"):
+        await llm.pause("x")
+    with pytest.raises(NotSupportedError, match="'prefill'"):
+        await llm.prefill("text")
+    stream = llm.generate("hi", SamplingParams(max_tokens=8), request_id="r")
+    first = await anext(stream)
+    assert (await llm.stats()).num_running == 1 and first.text == "a"
+    await llm.abort("r")
+    rest = [out async for out in stream]
+    assert rest[-1].finished and rest[-1].finish_reason == "abort" and llm.aborted == ["r"]
+    assert (await llm.stats()).num_running == 0
+
+    able = FakeLLM(capabilities=replace(llm.capabilities, pause=True), token_delay=0.01)
+    stream = able.generate("hi", SamplingParams(max_tokens=8), request_id="p")
+    await anext(stream)
+    await able.pause("p")
+    assert (await able.stats()).num_paused == 1
+    waiting = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    await able.resume("p", " tool result")
+    assert (await waiting).text == "alpha beta" and able.resumed == [("p", " tool result", None)]
+    await stream.aclose()

@@ -187,6 +187,7 @@ class Runtime:
             trace,
             sequential=not self.optimize,
             search_inline=self.llm.capabilities.computes_on_loop_thread,
+            text_prompts=not self.llm.capabilities.segments,
         )
         pending, done = dict(plan.nodes), set()
         running: dict[asyncio.Task[dict[str, Any]], NodePlan] = {}

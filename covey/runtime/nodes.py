@@ -41,6 +41,7 @@ class NodeEnv:
     trace: Trace
     sequential: bool = False  # naive baseline: fan-out elements one after the other
     search_inline: bool = True  # covey's indexes search on the loop thread (CPU engines)
+    text_prompts: bool = False  # the engine takes no Segment prompts: send plain text
 
 
 async def gather_all(coros: list[Coroutine[Any, Any, Any]]) -> list[Any]:
@@ -68,7 +69,7 @@ async def run_llm(
     template = llm_template(node.op)
     if template is None:
         raise RuntimeExecutionError(f"node {node.name!r} is not an LLM call")
-    ctx = Context(env.tokenizer, template.uses_roles)
+    ctx = Context(env.tokenizer, template.uses_roles, as_text=env.text_prompts)
     out: dict[str, str] = {}
     for prim in node.primitives:
         if prim.op == "prefill":

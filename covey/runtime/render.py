@@ -50,10 +50,16 @@ def chunk_segments(value: Any) -> list[Segment]:
 
 @dataclass
 class Context:
-    """The growing context of one LLM call; mutated by `add_*` as prefills and gens happen."""
+    """The growing context of one LLM call; mutated by `add_*` as prefills and gens happen.
+
+    `as_text`: the engine takes no `Segment` prompts (a remote backend without the
+    `segments` capability), so a plain template is sent as one string and generated text is
+    appended as text; only the chunk-aware KV reuse is lost.
+    """
 
     tokenizer: ChatTokenizer | None
     uses_roles: bool
+    as_text: bool = False
     segments: list[Segment] = field(default_factory=list)
     messages: list[dict[str, str]] = field(default_factory=list)
 
@@ -75,12 +81,16 @@ class Context:
         """Append a gen's output; plain prompts keep its exact token ids (no re-tokenizing)."""
         if self.uses_roles:
             self.add_text(role or "assistant", text)
+        elif self.as_text:
+            self._add_segment(Segment(text, kind="dynamic"))
         elif token_ids:
             self.segments.append(Segment(token_ids=tuple(token_ids), kind="dynamic"))
 
     def prompt(self) -> str | list[Segment]:
         """Everything so far, as the engine prompt for the next gen."""
         if not self.uses_roles:
+            if self.as_text:
+                return "".join(seg.text or "" for seg in self.segments)
             return list(self.segments)
         if self.tokenizer is None:
             raise ConfigError(

@@ -17,6 +17,7 @@ from covey.errors import EngineUnavailableError, InvalidRequestError, NotSupport
 from covey.llm_backend.engine_client import EngineCapabilities, EngineStats, Prompt
 from covey.llm_backend.outputs import RequestMetrics, RequestOutput
 from covey.llm_backend.sampling_params import SamplingParams
+from covey.llm_backend.segments import Segment
 
 BLOCK_SIZE = 16
 DEFAULT_CAPABILITIES = EngineCapabilities(choices=True, segments=True, computes_on_loop_thread=True)
@@ -111,6 +112,9 @@ class FakeLLM:
         params = params or SamplingParams()
         if params.choices and not self.capabilities.choices:
             raise NotSupportedError("this FakeLLM does not constrain outputs to choices")
+        if isinstance(prompt, list) and not self.capabilities.segments:
+            if any(isinstance(p, Segment) for p in prompt):
+                raise NotSupportedError("this FakeLLM takes no Segment prompts")
         rid = self._new_id(request_id)
         stream = self._streams[rid] = _Stream(prompt, params)
         stream.running.set()

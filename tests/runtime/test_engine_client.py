@@ -13,6 +13,7 @@ from covey.llm_backend.async_llm import AsyncLLM
 from covey.llm_backend.engine_client import ChatTokenizer, EngineClient
 from covey.llm_backend.sampling_params import SamplingParams
 from covey.runtime import Runtime
+import covey.graph as cg
 from tests.graph import shapes
 
 from .fakes import FakeLLM
@@ -67,3 +68,24 @@ async def test_the_double_does_what_it_declares_and_refuses_the_rest():
     await able.resume("p", " tool result")
     assert (await waiting).text == "alpha beta" and able.resumed == [("p", " tool result", None)]
     await stream.aclose()
+
+
+async def test_an_engine_without_segments_gets_plain_text_prompts():
+    """A remote backend takes strings: a plain template's segments are sent joined, and a
+    later gen sees the earlier one's text, not its token ids."""
+
+    @cg.semantic_function
+    def two(topic: str):
+        """Topic: {{topic}}
+        A: {{gen first max_tokens=2}}
+        B: {{gen second max_tokens=2}}"""
+
+    @cg.app
+    def app(topic: str):
+        return two(topic=topic)
+
+    llm = FakeLLM(capabilities=replace(FakeLLM().capabilities, segments=False))
+    out = await Runtime(llm).run(app, topic="owls")
+    prompts = list(llm.prompts.values())
+    assert prompts == ["Topic: owls\nA: ", "Topic: owls\nA: alpha beta\nB: "]
+    assert out == {"first": "alpha beta", "second": "alpha beta"}

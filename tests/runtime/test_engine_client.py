@@ -8,12 +8,12 @@ from dataclasses import replace
 
 import pytest
 
+import covey.graph as cg
 from covey.errors import ConfigError, NotSupportedError
 from covey.llm_backend.async_llm import AsyncLLM
 from covey.llm_backend.engine_client import ChatTokenizer, EngineClient
 from covey.llm_backend.sampling_params import SamplingParams
 from covey.runtime import Runtime
-import covey.graph as cg
 from tests.graph import shapes
 
 from .fakes import FakeLLM

@@ -40,12 +40,21 @@ class LLM:
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(batch)
         if len(plist) != len(batch):
             raise InvalidRequestError(f"{len(batch)} prompts but {len(plist)} SamplingParams")
+        priorities = [0] * len(batch) if priority is None else priority
+        if isinstance(priorities, (str, bytes)) or not isinstance(priorities, SequenceABC):
+            raise InvalidRequestError(f"priority must be a list of ints, got {priority!r}")
+        if len(priorities) != len(batch):
+            raise InvalidRequestError(
+                f"priority has {len(priorities)} entries for {len(batch)} prompts"
+            )
         ids = []
         try:
-            for i, (prompt, p) in enumerate(zip(batch, plist)):
-                ids.append(
-                    self.engine.add_request(prompt, p, priority=priority[i] if priority else 0)
-                )
+            for i, (prompt, p, prio) in enumerate(zip(batch, plist, priorities)):
+                try:
+                    ids.append(self.engine.add_request(prompt, p, priority=prio))
+                except InvalidRequestError as exc:
+                    msg = f"prompt {i}: {exc}" if len(batch) > 1 else str(exc)
+                    raise InvalidRequestError(msg) from exc
         except Exception:
             for rid in ids:
                 self.engine.abort_request(rid)

@@ -142,10 +142,12 @@ class LLMEngine:
         """Compute a prompt's KV into the prefix cache without generating (early prefill).
 
         Only whole blocks are kept, so the prompt is cut to a multiple of the block size.
-        `pin` names a pin that holds the blocks in the cache until `unpin(pin)` (unless
-        pins would pass MAX_PINNED_FRACTION of the pool); a key already pinned is not
-        prefilled again. Returns the request id, or None when there
-        is nothing to compute (everything cached, or shorter than a block).
+        `pin` names a pin that holds the blocks in the cache until `unpin(pin)`, unless
+        pins would then pass MAX_PINNED_FRACTION of the pool or leave a request the engine
+        holds no room to finish (then the blocks stay cached, evictable: a pin is an
+        optimisation and must never wedge the pool). A key already pinned is not
+        prefilled again. Returns the request id, or None when there is nothing to compute
+        (everything cached, or shorter than a block).
         """
         if pin is not None and pin in self.block_manager.pinned:
             return None

@@ -67,9 +67,11 @@ class LLM:
         """Answer one conversation or a batch of them through the model's chat template."""
         if self.engine.tokenizer is None:
             raise InvalidRequestError("this model has no tokenizer, so no chat template")
+        if not isinstance(messages, list):
+            raise InvalidRequestError(f"chat messages must be a list of dicts, got {messages!r}")
         if not messages:
             raise InvalidRequestError("chat messages must not be empty")
-        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        convs = [messages] if isinstance(messages[0], dict) else messages
         prompts = [self.engine.tokenizer.apply_chat_template(c) for c in convs]  # type: ignore[arg-type]
         return self.generate(prompts, params)
 
@@ -78,8 +80,11 @@ def _as_batch(prompts: Prompt | list[Prompt]) -> list[Prompt]:
     """One prompt (str, token ids, segments) or a list of them -> a list of prompts."""
     if isinstance(prompts, str):
         return [prompts]
-    if isinstance(prompts, SequenceABC) and prompts and all(isinstance(p, int) for p in prompts):
-        return [list(prompts)]  # type: ignore[list-item]
-    if isinstance(prompts, SequenceABC) and prompts and not isinstance(prompts[0], (str, list)):
-        return [list(prompts)]  # type: ignore[list-item]  # one prompt given as segments
+    if isinstance(prompts, (bytes, bytearray)) or not isinstance(prompts, SequenceABC):
+        raise InvalidRequestError(
+            "prompts must be a str, a list of token ids or of Segments, or a list of those; "
+            f"got {type(prompts).__name__}"
+        )
+    if prompts and not isinstance(prompts[0], (str, list)):
+        return [list(prompts)]  # type: ignore[list-item]  # one prompt: token ids or segments
     return list(prompts)  # type: ignore[arg-type]

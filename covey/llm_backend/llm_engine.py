@@ -149,6 +149,8 @@ class LLMEngine:
         prefilled again. Returns the request id, or None when there is nothing to compute
         (everything cached, or shorter than a block).
         """
+        if pin is not None and not isinstance(pin, str):
+            raise InvalidRequestError(f"pin must be a str key, got {pin!r}")
         if pin is not None and pin in self.block_manager.pinned:
             return None
         if not self.config.enable_prefix_caching:

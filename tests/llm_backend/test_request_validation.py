@@ -53,6 +53,8 @@ def test_bad_resume_and_prefill_are_refused_by_name(make_engine):
         engine.add_prefill([VOCAB] * 40)
     with pytest.raises(InvalidRequestError, match="priority must be an integer"):
         engine.add_prefill("x " * 40, priority=None)
+    with pytest.raises(InvalidRequestError, match="pin must be a str key, got 3"):
+        engine.add_prefill("x " * 40, pin=3)
     engine.abort_request(rid)
 
 
@@ -80,4 +82,10 @@ def test_llm_generate_checks_its_lists(llm):
         llm.generate(["a", "b"], priority=3)
     with pytest.raises(InvalidRequestError, match="prompt 1: the prompt is not valid Unicode"):
         llm.generate(["a", "b \ud800"])
+    with pytest.raises(InvalidRequestError, match="prompts must be a str.*got NoneType"):
+        llm.generate(None)
+    with pytest.raises(InvalidRequestError, match="got bytes"):
+        llm.generate(b"hi")
+    with pytest.raises(InvalidRequestError, match="chat messages must be a list of dicts"):
+        llm.chat({"role": "user", "content": "hi"})
     assert not llm.engine.has_unfinished_requests()

@@ -120,7 +120,8 @@ class AsyncLLM:
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs, one per step with new tokens, the last one finished.
 
-        Bad requests raise InvalidRequestError before the first output.
+        Bad requests raise InvalidRequestError before the first output. A request that
+        fails inside the engine raises EngineError from its stream; the others go on.
         """
         add = partial(self.engine.add_request, prompt, params, priority=priority)
         async for out in self._stream(add, request_id):

@@ -33,7 +33,12 @@ class LLM:
         params: SamplingParams | list[SamplingParams] | None = None,
         priority: list[int] | None = None,
     ) -> list[RequestOutput]:
-        """Run all prompts together (continuous batching); outputs come back in input order."""
+        """Run all prompts together (continuous batching); outputs come back in input order.
+
+        A bad prompt or parameter raises InvalidRequestError before anything runs. A request
+        that fails inside the engine comes back finished with reason "error" and `error`
+        set; the others are unaffected.
+        """
         batch = _as_batch(prompts)
         if not batch:
             raise InvalidRequestError("generate() needs at least one prompt")

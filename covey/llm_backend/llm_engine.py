@@ -114,7 +114,7 @@ class LLMEngine:
         priority: int = 0,
     ) -> str:
         """Validate and queue a request; returns its id. Raises InvalidRequestError."""
-        params = params or SamplingParams()
+        params = SamplingParams() if params is None else params
         request_id = check_request_id(request_id, self.requests)
         priority = check_priority(priority)
         checked = self.validator.check(prompt, params)
@@ -212,7 +212,7 @@ class LLMEngine:
         seq = self._get(request_id)
         if request_id not in self.scheduler.paused:
             raise InvalidRequestError(f"request {request_id!r} is not paused")
-        params = params or seq.params
+        params = seq.params if params is None else params
         checked = self.validator.check(extra, params, context=len(seq))
         self._set_params(seq, params, checked)
         seq.token_ids.extend(checked.token_ids)

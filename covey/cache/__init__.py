@@ -1,1 +1,1 @@
-"""KV reuse: the prefix radix tree (and, later, the chunk KV store)."""
+"""KV reuse: the prefix cache as a block trie (and, later, the chunk KV store)."""

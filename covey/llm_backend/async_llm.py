@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -24,7 +23,9 @@ from covey.llm_backend.config import EngineConfig
 from covey.llm_backend.engine_client import EngineCapabilities, EngineStats
 from covey.llm_backend.llm_engine import LLMEngine, Prompt
 from covey.llm_backend.outputs import RequestOutput
+from covey.llm_backend.request_validator import check_request_id
 from covey.llm_backend.sampling_params import SamplingParams
+from covey.llm_backend.sequence import FinishReason
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class AsyncLLM:
             else None
         )
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop the step loop runs on
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._closed = False
@@ -98,12 +100,14 @@ class AsyncLLM:
         self._closed = True
         for rid in list(self._streams):
             await self.abort(rid)
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            try:
-                await self._loop_task
-            except asyncio.CancelledError:
-                pass
+        task = self._loop_task
+        if task is not None and not task.done() and not task.get_loop().is_closed():
+            task.cancel()
+            if task.get_loop() is asyncio.get_running_loop():
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
         if self._executor is not None:
             self._executor.shutdown(wait=True)
 
@@ -116,7 +120,8 @@ class AsyncLLM:
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs, one per step with new tokens, the last one finished.
 
-        Bad requests raise InvalidRequestError before the first output.
+        Bad requests raise InvalidRequestError before the first output. A request that
+        fails inside the engine raises EngineError from its stream; the others go on.
         """
         add = partial(self.engine.add_request, prompt, params, priority=priority)
         async for out in self._stream(add, request_id):
@@ -152,9 +157,7 @@ class AsyncLLM:
         request was needed), which ends the stream at once."""
         if self._closed:
             raise EngineError("this AsyncLLM is closed")
-        rid = request_id or uuid.uuid4().hex
-        if rid in self._streams:
-            raise InvalidRequestError(f"request id {rid!r} is already in use")
+        rid = check_request_id(request_id, self._streams)  # the engine checks its own too
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._streams[rid] = queue
         added = finished = False
@@ -220,11 +223,23 @@ class AsyncLLM:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def _ensure_loop(self) -> None:
-        if self._wake is None:
-            self._wake = asyncio.Event()
+        """Wake the step loop, starting it on the running event loop if needed.
+
+        An AsyncLLM may outlive its event loop (one `asyncio.run` after another): the
+        step-loop task and its wake event belong to the loop that made them, so on a new
+        loop both are made afresh, and the old task, if its loop can still run it, is
+        cancelled.
+        """
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            old = self._loop_task
+            if old is not None and not old.done() and not old.get_loop().is_closed():
+                old.cancel()
+            self._loop, self._wake, self._loop_task = loop, asyncio.Event(), None
+        assert self._wake is not None
         self._wake.set()
         if self._loop_task is None or self._loop_task.done():
-            self._loop_task = asyncio.get_running_loop().create_task(self._step_loop())
+            self._loop_task = loop.create_task(self._step_loop())
 
     async def _step_loop(self) -> None:
         assert self._wake is not None
@@ -234,14 +249,16 @@ class AsyncLLM:
             while await self._call(self.engine.has_unfinished_requests):
                 try:
                     outputs = await self._call(self.engine.step)
-                except Exception as exc:  # a failing step must not take the engine down
+                except Exception as exc:
+                    # The engine fails a request alone when the failure is its own; this
+                    # is the last resort for one it could not pin on any request.
                     log.exception("engine step failed; failing the requests it held")
                     await self._fail_all(exc)
                     continue
                 for out in outputs:
                     queue = self._streams.get(out.request_id)
                     if queue is not None:
-                        queue.put_nowait(out)
+                        queue.put_nowait(_as_stream_item(out))
                 await asyncio.sleep(0)  # let consumers and new requests in between steps
 
     async def _fail_all(self, exc: Exception) -> None:
@@ -250,3 +267,10 @@ class AsyncLLM:
             queue = self._streams.get(rid)
             if queue is not None:
                 queue.put_nowait(EngineError(f"the engine failed while serving {rid}: {exc}"))
+
+
+def _as_stream_item(out: RequestOutput) -> RequestOutput | EngineError:
+    """What a stream sees: its output, or an EngineError if its request failed alone."""
+    if out.finish_reason == FinishReason.ERROR:
+        return EngineError(f"the engine failed while serving {out.request_id}: {out.error}")
+    return out

@@ -1,17 +1,23 @@
 """Paged KV bookkeeping: block tables, reference counts, copy-on-write and the prefix cache.
 
 Plain Python with no torch, so it is tested on its own. Blocks are in one of three states:
-free (no owner, not cached), referenced (ref_count > 0) or cached-idle (in the radix tree
+free (no owner, not cached), referenced (ref_count > 0) or cached-idle (in the block trie
 with ref_count 0: reusable by a later prefix hit, evicted LRU when the free list runs dry).
+Pinned prefixes (kept cached across requests, e.g. a system prompt) live here too: a pin
+key holds one reference on each of its blocks.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
-from covey.cache.radix_tree import RadixNode, RadixTree
+from covey.cache.block_trie import BlockNode, BlockTrie
+from covey.errors import ConfigError
 from covey.llm_backend.sequence import Sequence
+
+# Pinned prefixes never take more of the KV pool than this, so requests always fit.
+MAX_PINNED_FRACTION = 0.25
 
 
 @dataclass
@@ -27,16 +33,18 @@ class PrefixCacheStats:
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         if num_blocks <= 0:
-            raise ValueError(f"num_blocks must be > 0, got {num_blocks}")
+            raise ConfigError(f"num_blocks must be > 0, got {num_blocks}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.ref_counts = [0] * num_blocks
         self.free_blocks: deque[int] = deque(range(num_blocks))
-        self.tree = RadixTree(block_size) if enable_prefix_caching else None
-        self.cached_nodes: dict[int, RadixNode] = {}  # block id -> its tree node
+        self.trie = BlockTrie(block_size) if enable_prefix_caching else None
+        self.cached_nodes: dict[int, BlockNode] = {}  # block id -> its tree node
         self.num_idle_cached = 0
         self.stats = PrefixCacheStats()
-        self._cursor: dict[int, tuple[RadixNode, int]] = {}  # seq id -> (tree node, blocks seen)
+        self._cursor: dict[int, tuple[BlockNode, int]] = {}  # seq id -> (tree node, blocks seen)
+        self._pins: dict[str, list[int]] = {}  # pin key -> the cached blocks it holds
+        self._pin_counts: Counter[int] = Counter()  # block -> pins holding it
 
     @property
     def num_free_blocks(self) -> int:
@@ -60,39 +68,67 @@ class BlockManager:
         """
         if seq.block_table:
             raise ValueError(f"sequence {seq.request_id} already holds blocks")
-        if self.tree is None:
+        if self.trie is None:
             return
         max_blocks = (len(seq) - 1) // self.block_size
-        path = self.tree.match_prefix(seq.token_ids, max_blocks)
+        path = self.trie.match_prefix(seq.token_ids, max_blocks)
         for node in path:
             self._incref(node.block_id)
         seq.block_table = [node.block_id for node in path]
         seq.num_computed_tokens = seq.num_cached_tokens = len(path) * self.block_size
-        self._cursor[seq.seq_id] = (path[-1] if path else self.tree.root, len(path))
+        self._cursor[seq.seq_id] = (path[-1] if path else self.trie.root, len(path))
 
     def cached_prefix_blocks(self, token_ids: list[int]) -> int:
         """How many leading full blocks of `token_ids` the prefix cache holds."""
-        return len(self.tree.match_prefix(token_ids)) if self.tree is not None else 0
+        return len(self.trie.match_prefix(token_ids)) if self.trie is not None else 0
 
-    def pin_prefix(self, token_ids: list[int]) -> list[int]:
-        """Reference the cached blocks of `token_ids`' prefix so eviction skips them;
-        returns them for `unpin`."""
-        if self.tree is None:
-            return []
-        blocks = [node.block_id for node in self.tree.match_prefix(token_ids)]
+    def pin(self, key: str, token_ids: list[int], keep_free: int = 0) -> bool:
+        """Hold the cached full blocks of `token_ids`' prefix under `key`, so eviction skips
+        them until `unpin(key)`. Refused (False; the blocks stay cached, evictable) when
+        pins would then hold more than MAX_PINNED_FRACTION of the pool, or leave fewer than
+        `keep_free` blocks for the requests the engine has accepted (a pin is an
+        optimisation: it must never make an accepted request unable to fit). A key already
+        pinned is kept as it is (True)."""
+        if key in self._pins:
+            return True
+        if self.trie is None:
+            return False
+        blocks = [node.block_id for node in self.trie.match_prefix(token_ids)]
+        held = len(self._pin_counts) + sum(1 for b in set(blocks) if b not in self._pin_counts)
+        if held > int(self.num_blocks * MAX_PINNED_FRACTION) or held > self.num_blocks - keep_free:
+            return False
         for block in blocks:
             self._incref(block)
-        return blocks
+            self._pin_counts[block] += 1
+        self._pins[key] = blocks
+        return True
 
-    def unpin(self, blocks: list[int]) -> None:
-        """Drop the references `pin_prefix` took; idle blocks become evictable again."""
+    def unpin(self, key: str) -> bool:
+        """Drop the pin `key`; its idle blocks become evictable again. False if not pinned."""
+        blocks = self._pins.pop(key, None)
+        if blocks is None:
+            return False
         for block in reversed(blocks):
+            self._pin_counts[block] -= 1
+            if not self._pin_counts[block]:
+                del self._pin_counts[block]
             self._decref(block)
+        return True
+
+    @property
+    def pinned(self) -> dict[str, int]:
+        """Pin key -> tokens it holds in the prefix cache."""
+        return {k: len(v) * self.block_size for k, v in self._pins.items()}
+
+    @property
+    def num_pinned_blocks(self) -> int:
+        """Distinct blocks held by pins (pins of a common prefix share blocks)."""
+        return len(self._pin_counts)
 
     def record_admission(self, seq: Sequence) -> None:
         """Count an admission's prefix lookup in the hit/miss stats (not failed tries; a
         preempted sequence counts again when it is re-admitted)."""
-        if self.tree is not None:
+        if self.trie is not None:
             self.stats.queried_tokens += len(seq)
             self.stats.hit_tokens += seq.num_cached_tokens
 
@@ -117,14 +153,14 @@ class BlockManager:
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Publish `seq`'s newly completed blocks in the prefix tree, for later requests."""
-        if self.tree is None:
+        if self.trie is None:
             return
-        node, seen = self._cursor.get(seq.seq_id, (self.tree.root, 0))
+        node, seen = self._cursor.get(seq.seq_id, (self.trie.root, 0))
         bs = self.block_size
         full = min(seq.num_computed_tokens // bs, len(seq.block_table))
         for i in range(seen, full):
             block = seq.block_table[i]
-            node, inserted = self.tree.insert(
+            node, inserted = self.trie.insert(
                 node, tuple(seq.token_ids[i * bs : (i + 1) * bs]), block
             )
             if inserted:
@@ -156,6 +192,12 @@ class BlockManager:
         seq.block_table = []
         self._cursor.pop(seq.seq_id, None)
 
+    def discard(self, seq: Sequence) -> None:
+        """Free `seq`'s blocks and forget its progress: it recomputes from its first
+        uncached token when scheduled again (preempted, deferred, or paused KV dropped)."""
+        self.free(seq)
+        seq.num_computed_tokens = seq.num_cached_tokens = 0
+
     def _needs_copy(self, seq: Sequence) -> bool:
         partial = seq.num_computed_tokens % self.block_size
         return (
@@ -178,8 +220,8 @@ class BlockManager:
         return block
 
     def _evict(self, num_blocks: int) -> None:
-        assert self.tree is not None
-        for block in self.tree.evict(num_blocks, lambda b: self.ref_counts[b] == 0):
+        assert self.trie is not None
+        for block in self.trie.evict(num_blocks):
             del self.cached_nodes[block]
             self.num_idle_cached -= 1
             self.free_blocks.append(block)
@@ -187,12 +229,15 @@ class BlockManager:
     def _incref(self, block: int) -> None:
         if self.ref_counts[block] == 0 and block in self.cached_nodes:
             self.num_idle_cached -= 1
+            self.trie.set_idle(self.cached_nodes[block], False)  # type: ignore[union-attr]
         self.ref_counts[block] += 1
 
     def _decref(self, block: int) -> None:
         self.ref_counts[block] -= 1
         if self.ref_counts[block] == 0:
-            if block in self.cached_nodes:
+            node = self.cached_nodes.get(block)
+            if node is not None:
                 self.num_idle_cached += 1
+                self.trie.set_idle(node, True)  # type: ignore[union-attr]
             else:
                 self.free_blocks.append(block)

@@ -33,19 +33,33 @@ class LLM:
         params: SamplingParams | list[SamplingParams] | None = None,
         priority: list[int] | None = None,
     ) -> list[RequestOutput]:
-        """Run all prompts together (continuous batching); outputs come back in input order."""
+        """Run all prompts together (continuous batching); outputs come back in input order.
+
+        A bad prompt or parameter raises InvalidRequestError before anything runs. A request
+        that fails inside the engine comes back finished with reason "error" and `error`
+        set; the others are unaffected.
+        """
         batch = _as_batch(prompts)
         if not batch:
             raise InvalidRequestError("generate() needs at least one prompt")
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(batch)
         if len(plist) != len(batch):
             raise InvalidRequestError(f"{len(batch)} prompts but {len(plist)} SamplingParams")
+        priorities = [0] * len(batch) if priority is None else priority
+        if isinstance(priorities, (str, bytes)) or not isinstance(priorities, SequenceABC):
+            raise InvalidRequestError(f"priority must be a list of ints, got {priority!r}")
+        if len(priorities) != len(batch):
+            raise InvalidRequestError(
+                f"priority has {len(priorities)} entries for {len(batch)} prompts"
+            )
         ids = []
         try:
-            for i, (prompt, p) in enumerate(zip(batch, plist)):
-                ids.append(
-                    self.engine.add_request(prompt, p, priority=priority[i] if priority else 0)
-                )
+            for i, (prompt, p, prio) in enumerate(zip(batch, plist, priorities)):
+                try:
+                    ids.append(self.engine.add_request(prompt, p, priority=prio))
+                except InvalidRequestError as exc:
+                    msg = f"prompt {i}: {exc}" if len(batch) > 1 else str(exc)
+                    raise InvalidRequestError(msg) from exc
         except Exception:
             for rid in ids:
                 self.engine.abort_request(rid)
@@ -58,9 +72,11 @@ class LLM:
         """Answer one conversation or a batch of them through the model's chat template."""
         if self.engine.tokenizer is None:
             raise InvalidRequestError("this model has no tokenizer, so no chat template")
+        if not isinstance(messages, list):
+            raise InvalidRequestError(f"chat messages must be a list of dicts, got {messages!r}")
         if not messages:
             raise InvalidRequestError("chat messages must not be empty")
-        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        convs = [messages] if isinstance(messages[0], dict) else messages
         prompts = [self.engine.tokenizer.apply_chat_template(c) for c in convs]  # type: ignore[arg-type]
         return self.generate(prompts, params)
 
@@ -69,8 +85,11 @@ def _as_batch(prompts: Prompt | list[Prompt]) -> list[Prompt]:
     """One prompt (str, token ids, segments) or a list of them -> a list of prompts."""
     if isinstance(prompts, str):
         return [prompts]
-    if isinstance(prompts, SequenceABC) and prompts and all(isinstance(p, int) for p in prompts):
-        return [list(prompts)]  # type: ignore[list-item]
-    if isinstance(prompts, SequenceABC) and prompts and not isinstance(prompts[0], (str, list)):
-        return [list(prompts)]  # type: ignore[list-item]  # one prompt given as segments
+    if isinstance(prompts, (bytes, bytearray)) or not isinstance(prompts, SequenceABC):
+        raise InvalidRequestError(
+            "prompts must be a str, a list of token ids or of Segments, or a list of those; "
+            f"got {type(prompts).__name__}"
+        )
+    if prompts and not isinstance(prompts[0], (str, list)):
+        return [list(prompts)]  # type: ignore[list-item]  # one prompt: token ids or segments
     return list(prompts)  # type: ignore[arg-type]

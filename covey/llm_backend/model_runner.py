@@ -7,6 +7,7 @@ token was computed this step: partial prefill chunks need none.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,8 @@ from covey.llm_backend.model import LlamaModel
 from covey.llm_backend.scheduler import ScheduledSeq
 from covey.llm_backend.sequence import Sequence
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class StepInputs:
@@ -25,6 +28,16 @@ class StepInputs:
     meta: AttentionMetadata
     sample_indices: torch.Tensor  # [N] flat index of each sampled sequence's last token
     sample_seqs: list[Sequence]
+
+
+@dataclass
+class StepLogits:
+    """What one step's forward pass gives the sampler. `failed`: sequences whose forward
+    raised (seq_id -> why); they are not in `seqs` and must be finished with an error."""
+
+    seqs: list[Sequence]  # the sequences to sample, one per logits row
+    logits: torch.Tensor | None  # [N, vocab]; None when no sequence samples this step
+    failed: dict[int, Exception]
 
 
 class ModelRunner:
@@ -45,6 +58,37 @@ class ModelRunner:
         if not inputs.sample_seqs:
             return [], None
         return inputs.sample_seqs, self.model.compute_logits(hidden[inputs.sample_indices])
+
+    def execute_isolated(
+        self, scheduled: list[ScheduledSeq], block_copies: list[tuple[int, int]]
+    ) -> StepLogits:
+        """`execute`, but a failure fails only the sequences that cause it.
+
+        When the batched forward raises, each sequence is run again alone, with the block
+        copies its own table needs. That is safe to repeat: writing the same tokens' KV to
+        the same slots again gives the same pool, and no cursor has moved yet.
+        """
+        try:
+            return StepLogits(*self.execute(scheduled, block_copies), {})
+        except Exception:
+            log.warning(
+                "batched forward failed; rerunning its sequences one at a time", exc_info=True
+            )
+        seqs: list[Sequence] = []
+        rows: list[torch.Tensor] = []
+        failed: dict[int, Exception] = {}
+        for item in scheduled:
+            table = set(item.seq.block_table)
+            copies = [c for c in block_copies if c[1] in table]
+            try:
+                sampled, logits = self.execute([item], copies)
+            except Exception as exc:
+                failed[item.seq.seq_id] = exc
+                continue
+            seqs += sampled
+            if logits is not None:
+                rows.append(logits)
+        return StepLogits(seqs, torch.cat(rows) if rows else None, failed)
 
     def prepare(self, scheduled: list[ScheduledSeq]) -> StepInputs:
         decodes = [s for s in scheduled if s.num_new_tokens == 1]

@@ -2,20 +2,35 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from covey.llm_backend.sampling_params import SamplingParams
 
 
+@dataclass
+class Samples:
+    """One step's picks. A row whose sampling raised has no token and says why in
+    `errors`: it fails alone, and the other rows' generators are not drawn twice."""
+
+    tokens: list[int | None]  # one per row
+    errors: dict[int, Exception] = field(default_factory=dict)  # row -> why it failed
+
+
 def sample(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-) -> list[int]:
+) -> Samples:
     """logits [N, V] float32 -> one token id per row; greedy rows skip the softmax."""
-    tokens = logits.argmax(dim=-1).tolist()
+    out = Samples(logits.argmax(dim=-1).tolist())
     for row, (p, gen) in enumerate(zip(params, generators)):
         if not p.greedy:
-            tokens[row] = _sample_row(logits[row], p, gen)
-    return tokens
+            try:
+                out.tokens[row] = _sample_row(logits[row], p, gen)
+            except Exception as exc:  # this row's failure, whatever it is, is only its own
+                out.tokens[row] = None
+                out.errors[row] = exc
+    return out
 
 
 def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:

@@ -1,15 +1,37 @@
-"""Sampling parameters: defined once, passed as one object everywhere."""
+"""Sampling parameters: defined once, validated once, passed as one object everywhere.
+
+Every field is checked here, at the edge, so a bad value is an `InvalidRequestError` naming
+the field when the request is made, never an exception deep inside an engine step (where it
+would take the requests batched beside it down too). Token ids are checked against the
+model's vocabulary when the request is added (the vocabulary is the engine's to know).
+"""
 
 from __future__ import annotations
 
+import math
+import operator
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from numbers import Real
+from typing import Any
 
 from covey.errors import InvalidRequestError
+from covey.llm_backend.token_ids import as_token_ids
+
+# Temperatures below this sample greedily (as vLLM does): dividing logits by a denormal
+# such as 1e-45 overflows to inf, and the softmax of that is NaN.
+GREEDY_TEMPERATURE = 1e-5
+SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed accepts
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens and when to stop; `temperature == 0` means greedy."""
+    """How to pick tokens and when to stop.
+
+    `temperature` below GREEDY_TEMPERATURE (1e-5), 0 included, means greedy decoding.
+    Integers may be any integral type (numpy integers too) and are stored as `int`; lists
+    are stored as tuples, so the object stays hashable and immutable.
+    """
 
     max_tokens: int = 256
     temperature: float = 0.0
@@ -23,31 +45,74 @@ class SamplingParams:
     choices: tuple[str, ...] = ()  # the output is exactly one of these (max_tokens not used)
 
     def __post_init__(self) -> None:
-        # Accept lists from callers but keep the object hashable and immutable.
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-        if isinstance(self.choices, str):
-            raise InvalidRequestError("choices must be a list of strings, not one string")
-        object.__setattr__(self, "choices", tuple(self.choices))
-        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
-            raise InvalidRequestError(
-                f"max_tokens must be a positive integer, got {self.max_tokens!r}"
-            )
+        set_ = object.__setattr__
+        set_(self, "max_tokens", _integer("max_tokens", self.max_tokens, low=1))
+        set_(self, "temperature", _real("temperature", self.temperature))
         if self.temperature < 0:
             raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}")
+        set_(self, "top_p", _real("top_p", self.top_p))
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise InvalidRequestError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if any(not s for s in self.stop):
-            raise InvalidRequestError("stop strings must not be empty")
-        if any(not isinstance(c, str) or not c for c in self.choices):
-            raise InvalidRequestError("choices must be non-empty strings")
+        set_(self, "top_k", _integer("top_k", self.top_k, low=0, what=" (0 disables it)"))
+        if self.seed is not None:
+            set_(self, "seed", _integer("seed", self.seed, low=SEED_RANGE[0], high=SEED_RANGE[1]))
+        set_(self, "stop", _strings("stop", self.stop, one_allowed=True))
+        set_(self, "choices", _strings("choices", self.choices, one_allowed=False))
         if len(set(self.choices)) != len(self.choices):
             raise InvalidRequestError(f"choices must differ, got {list(self.choices)}")
+        set_(self, "stop_token_ids", as_token_ids("stop_token_ids", self.stop_token_ids))
+        for name in ("ignore_eos", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidRequestError(
+                    f"{name} must be True or False, got {getattr(self, name)!r}"
+                )
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
+
+
+def _integer(name: str, value: Any, low: int, high: int | None = None, what: str = "") -> int:
+    """`value` as an int in [low, high): ints and numpy integers, never bools or floats."""
+    if isinstance(value, bool):
+        raise InvalidRequestError(f"{name} must be an integer, got {value!r}")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise InvalidRequestError(f"{name} must be an integer, got {value!r}") from None
+    if number < low or (high is not None and number >= high):
+        if high is not None:
+            bound = f"an integer in [{low}, {high})"
+        else:
+            bound = "a positive integer" if low == 1 else f">= {low}"
+        raise InvalidRequestError(f"{name} must be {bound}{what}, got {number}")
+    return number
+
+
+def _real(name: str, value: Any) -> float:
+    """`value` as a finite float: ints, floats and numpy numbers, never bools or strings."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise InvalidRequestError(f"{name} must be a number, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise InvalidRequestError(f"{name} must be a finite number, got {number}")
+    return number
+
+
+def _items(name: str, value: Any, what: str) -> tuple[Any, ...]:
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise InvalidRequestError(f"{name} must be a list of {what}, got {value!r}")
+    return tuple(value)
+
+
+def _strings(name: str, value: Any, one_allowed: bool) -> tuple[str, ...]:
+    """A tuple of non-empty strings; `one_allowed`: a lone string stands for a list of one."""
+    if isinstance(value, str):
+        if not one_allowed:
+            raise InvalidRequestError(f"{name} must be a list of strings, not one string")
+        value = (value,)
+    items = _items(name, value, "strings")
+    for item in items:
+        if not isinstance(item, str) or not item:
+            raise InvalidRequestError(f"{name} must hold only non-empty strings, got {item!r}")
+    return items

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from covey.errors import ConfigError, InvalidRequestError
 from covey.llm_backend.block_manager import BlockManager
 from covey.llm_backend.sequence import FinishReason, Sequence, SequenceStatus
 
@@ -21,9 +22,9 @@ class SchedulerConfig:
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0:
-            raise ValueError(f"max_num_seqs must be > 0, got {self.max_num_seqs}")
+            raise ConfigError(f"max_num_seqs must be > 0, got {self.max_num_seqs}")
         if self.max_num_batched_tokens <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"max_num_batched_tokens must be > 0, got {self.max_num_batched_tokens}"
             )
 
@@ -111,7 +112,7 @@ class Scheduler:
         with a common prefix (siblings, fan-out elements, users with one system prompt)
         prefill it once (SGLang's in-batch prefix caching; Parrot's fork).
         """
-        if self.block_manager.tree is None:
+        if self.block_manager.trie is None:
             return False
         bs = self.block_manager.block_size
         end = (seq.num_computed_tokens // bs + 1) * bs
@@ -130,8 +131,7 @@ class Scheduler:
 
     def _unmatch(self, seq: Sequence) -> None:
         """Give back the prefix-cache references a waiting sequence took this step."""
-        self.block_manager.free(seq)
-        seq.num_computed_tokens = seq.num_cached_tokens = 0
+        self.block_manager.discard(seq)
 
     def _make_room(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
         """Free blocks until `seq` fits: paused KV first, then the lowest-priority runners.
@@ -177,8 +177,7 @@ class Scheduler:
         (INFERCEPT's discard). Returns False when no paused sequence holds blocks."""
         for seq in self.paused.values():  # in pause order
             if seq.block_table:
-                self.block_manager.free(seq)
-                seq.num_computed_tokens = seq.num_cached_tokens = 0
+                self.block_manager.discard(seq)
                 return True
         return False
 
@@ -191,8 +190,7 @@ class Scheduler:
                 refund = item.num_new_tokens
                 del out.scheduled[k]
                 break
-        self.block_manager.free(seq)
-        seq.num_computed_tokens = seq.num_cached_tokens = 0
+        self.block_manager.discard(seq)
         seq.num_preemptions += 1
         out.preempted.append(seq)
         self.add(seq)
@@ -215,7 +213,9 @@ class Scheduler:
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)  # e.g. preempted: it holds no blocks
         else:
-            raise ValueError(f"a {seq.status.value} sequence cannot pause")
+            raise InvalidRequestError(
+                f"request {seq.request_id!r}: a {seq.status.value} sequence cannot pause"
+            )
         seq.status = SequenceStatus.PAUSED
         self.paused[seq.request_id] = seq
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from covey.errors import InvalidRequestError
+from covey.llm_backend.token_ids import as_token_ids
 
 SegmentKind = Literal["static", "chunk", "dynamic"]
 
@@ -30,8 +31,12 @@ class Segment:
             raise InvalidRequestError(
                 f"Segment.kind must be 'static', 'chunk' or 'dynamic', got {self.kind!r}"
             )
+        if self.text is not None and not isinstance(self.text, str):
+            raise InvalidRequestError(f"Segment.text must be a str, got {self.text!r}")
         if self.token_ids is not None:
-            object.__setattr__(self, "token_ids", tuple(int(t) for t in self.token_ids))
+            object.__setattr__(self, "token_ids", as_token_ids("Segment.token_ids", self.token_ids))
+        if self.chunk_id is not None and not isinstance(self.chunk_id, str):
+            raise InvalidRequestError(f"Segment.chunk_id must be a str, got {self.chunk_id!r}")
 
 
 @dataclass(frozen=True)

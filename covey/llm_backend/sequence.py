@@ -24,6 +24,7 @@ class FinishReason(enum.StrEnum):
     LENGTH = "length"  # max_tokens or the context window
     ABORT = "abort"
     PREFILLED = "prefilled"  # a prefill-only request: its KV is in the prefix cache
+    ERROR = "error"  # it failed inside the engine; RequestOutput.error says why
 
 
 @dataclass
@@ -63,6 +64,8 @@ class Sequence:
         self.prefill_only = prefill_only  # compute the prompt's KV, sample nothing
         self.choice_trie: ChoiceTrie | None = None
         self.pin: str | None = None  # a prefill-only request's pin key
+        # The most tokens it may hold in KV (prompt plus max output): pins leave room for it.
+        self.max_kv_tokens = len(prompt_token_ids) + params.max_tokens
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.num_computed_tokens = 0

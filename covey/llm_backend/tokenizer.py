@@ -43,6 +43,8 @@ class Tokenizer:
         self, messages: list[dict[str, str]], add_generation_prompt: bool = True
     ) -> str:
         """Render chat messages with the model's own template (from the checkpoint)."""
+        if not isinstance(messages, list):
+            raise InvalidRequestError(f"chat messages must be a list of dicts, got {messages!r}")
         if not messages:
             raise InvalidRequestError("chat messages must not be empty")
         for i, message in enumerate(messages):
@@ -50,6 +52,11 @@ class Tokenizer:
                 raise InvalidRequestError(
                     f"chat message {i} must be a dict with 'role' and 'content', got {message!r}"
                 )
+            for key in ("role", "content"):
+                if not isinstance(message[key], str):
+                    raise InvalidRequestError(
+                        f"chat message {i}: {key} must be a str, got {message[key]!r}"
+                    )
         if not getattr(self.hf, "chat_template", None):
             raise InvalidRequestError("this model has no chat template; send a raw prompt")
         return self.hf.apply_chat_template(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 
 import pytest
 
@@ -90,3 +92,20 @@ async def test_abort_ends_the_stream_with_an_abort_output(make_engine):
     assert outs[-1].finished and outs[-1].finish_reason == "abort"
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     await llm.close()
+
+
+def test_one_async_llm_serves_one_event_loop_after_another(make_engine, caplog):
+    """`asyncio.run` twice: the step loop and its wake event move to the new loop."""
+    llm = AsyncLLM(engine=make_engine())
+
+    async def one():
+        return await asyncio.wait_for(llm.generate_full("Event loops are", PARAMS), 120)
+
+    with caplog.at_level(logging.WARNING):
+        first = asyncio.run(one())
+        second = asyncio.run(one())
+        asyncio.run(llm.close())
+        gc.collect()  # a task that died unretrieved logs when it is collected
+    assert len(first.token_ids) == 10 and second.token_ids == first.token_ids
+    assert "different event loop" not in caplog.text
+    assert "never retrieved" not in caplog.text

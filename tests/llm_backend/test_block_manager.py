@@ -91,3 +91,46 @@ def test_duplicate_blocks_collapse_onto_the_cached_one():
     bm.free(a)
     bm.free(b)
     assert bm.num_free_blocks == 8
+
+
+def cached(bm: BlockManager, tokens: list[int]) -> Sequence:
+    s = seq(tokens)
+    bm.match_prefix(s)
+    run_prefill(bm, s)
+    bm.free(s)  # its full blocks stay cached, idle
+    return s
+
+
+def test_pins_hold_cached_blocks_through_eviction_until_unpinned():
+    bm = BlockManager(num_blocks=8, block_size=2)
+    cached(bm, [1, 2, 3, 4, 5])  # two full blocks cached
+    assert bm.pin("sys", [1, 2, 3, 4]) and bm.pin("sys", [9, 9])  # a held key stays as it is
+    assert bm.pin("short", [1, 2])  # shares its block with "sys"
+    assert bm.pinned == {"sys": 4, "short": 2} and bm.num_pinned_blocks == 2
+    hog = seq(list(range(100, 113)))  # 7 blocks: everything not pinned, and one more
+    bm.match_prefix(hog)
+    assert not bm.can_allocate(bm.blocks_needed(hog, 13))
+    assert bm.unpin("sys") and not bm.unpin("sys")
+    assert bm.num_pinned_blocks == 1  # "short" still holds the shared block
+    assert bm.unpin("short") and bm.num_pinned_blocks == 0
+    run_prefill(bm, hog)  # it needed one more block: the unpinned leaf was evicted
+    assert bm.cached_prefix_blocks([1, 2, 3, 4]) == 1
+
+
+def test_a_pin_is_refused_past_its_share_or_the_room_accepted_requests_need():
+    bm = BlockManager(num_blocks=8, block_size=2)  # pins may hold 2 blocks
+    cached(bm, [1, 2, 3, 4, 5, 6, 7])  # three full blocks
+    assert not bm.pin("too-big", [1, 2, 3, 4, 5, 6])  # 3 blocks > a quarter of 8
+    assert not bm.pin("crowds", [1, 2, 3, 4], keep_free=7)  # a request needs 7 of 8
+    assert bm.pin("fits", [1, 2, 3, 4], keep_free=6) and bm.num_pinned_blocks == 2
+    assert bm.pinned == {"fits": 4}
+
+
+def test_discard_frees_blocks_and_forgets_progress():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    s = seq(list(range(10)))
+    bm.match_prefix(s)
+    run_prefill(bm, s)
+    bm.discard(s)
+    assert s.block_table == [] and s.num_computed_tokens == s.num_cached_tokens == 0
+    assert bm.num_free_blocks == 8

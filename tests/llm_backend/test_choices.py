@@ -65,16 +65,23 @@ def test_engine_output_is_exactly_one_choice(make_engine):
     assert all(o.text in choices for o in sampled)
 
 
-def test_choices_past_the_context_window_or_without_a_tokenizer_are_refused(make_engine):
+def test_choices_past_the_context_window_or_without_a_tokenizer_are_refused(
+    make_engine, monkeypatch
+):
     engine = make_engine(max_model_len=32)
     prompt = list(range(100, 129))  # 29 tokens: a 3-token window is left
     with pytest.raises(InvalidRequestError, match="choices need up to"):
         engine.add_request(prompt, SamplingParams(choices=("a long answer of many words", "b")))
+    from covey.errors import ModelLoadError
+    from covey.llm_backend import llm_engine
     from covey.llm_backend.config import EngineConfig
-    from covey.llm_backend.llm_engine import LLMEngine
 
-    bare = LLMEngine(EngineConfig(model="dummy:tiny", device="cpu", kv_cache_tokens=256))
-    bare.tokenizer = None  # dummy weights without the embedded package have none
+    def no_tokenizer(source):  # dummy weights without the embedded package have none
+        raise ModelLoadError("no embedded package")
+
+    monkeypatch.setattr(llm_engine, "load_tokenizer", no_tokenizer)
+    bare = llm_engine.LLMEngine(EngineConfig(model="dummy:tiny", device="cpu", kv_cache_tokens=256))
+    assert bare.tokenizer is None
     with pytest.raises(InvalidRequestError, match="no tokenizer"):
         bare.add_request([1, 2, 3], SamplingParams(choices=("yes", "no")))
 

@@ -92,3 +92,38 @@ def test_requests_sent_together_prefill_their_common_prefix_once(make_engine):
 def test_prefill_needs_the_prefix_cache(make_engine):
     with pytest.raises(InvalidRequestError, match="enable_prefix_caching"):
         make_engine(enable_prefix_caching=False).add_prefill(SYSTEM)
+
+
+def document(engine, n: int, seed: int) -> list[int]:
+    text = f"Document {seed}: " + "the quick brown fox jumps over the lazy dog " * 200
+    return engine.tokenizer.encode(text)[:n]
+
+
+def test_a_pin_never_wedges_a_request_the_engine_accepted(make_engine):
+    engine = make_engine(kv_cache_tokens=1024, block_size=16)  # 64 blocks, pins up to 16
+    a = engine.add_request(document(engine, 750, 1), SamplingParams(max_tokens=30))
+    b = engine.add_request(document(engine, 900, 2), GREEDY, priority=-1)
+    p = engine.add_prefill(document(engine, 256, 3), pin="sys")
+    finals = {o.request_id: o for o in drain(engine) if o.finished}
+    # p is computed beside a (47 + 16 blocks), but a grows to 780 tokens (49 blocks): had
+    # p's 16 blocks been pinned, a could never be scheduled again ("the KV pool is stuck")
+    assert [finals[r].finish_reason for r in (a, b, p)] == ["length", "length", "prefilled"]
+    assert engine.pinned == {}  # refused: its blocks stayed cached, evictable
+    engine.add_prefill(document(engine, 256, 3), pin="sys")  # a's growth evicted it
+    drain(engine)
+    assert engine.pinned == {"sys": 256}  # nothing else needs the room now
+    assert engine.block_manager.num_pinned_blocks == 16
+
+
+def test_a_request_that_cannot_be_scheduled_fails_alone(make_engine):
+    engine = make_engine(kv_cache_tokens=1024, block_size=16)
+    prefix = document(engine, 256, 3)
+    engine.add_prefill(prefix)
+    drain(engine)
+    big = engine.add_request(document(engine, 800, 1), SamplingParams(max_tokens=4))
+    assert engine.block_manager.pin("forced", prefix)  # past the engine's own pin check
+    small = engine.add_request("A short one.", GREEDY)
+    finals = {o.request_id: o for o in drain(engine) if o.finished}
+    assert finals[big].finish_reason == "error"
+    assert "cannot be scheduled: the KV pool (64 blocks, 16 pinned)" in finals[big].error
+    assert finals[small].finish_reason == "length" and len(finals[small].token_ids) == 8

@@ -1,0 +1,165 @@
+"""Every check a request passes before the engine takes it, in one place.
+
+A request that passes here cannot fail inside a batched step for a reason of its own: its
+prompt tokenizes to ids the model's embedding table holds, it fits the context window, and
+its largest KV footprint fits the pool beside the pinned prefixes. `add_request`,
+`add_prefill` and `resume_request` all go through `RequestValidator`; the request-id check
+is shared with `AsyncLLM`, which must not hand one id to two streams.
+"""
+
+from __future__ import annotations
+
+import operator
+import uuid
+from collections.abc import Container
+from collections.abc import Sequence as SequenceABC
+from dataclasses import dataclass
+
+from covey.errors import InvalidRequestError
+from covey.llm_backend.block_manager import BlockManager
+from covey.llm_backend.choices import ChoiceTrie
+from covey.llm_backend.sampling_params import SamplingParams
+from covey.llm_backend.segments import Segment, SegmentSpan
+from covey.llm_backend.token_ids import as_token_ids, check_in_vocab
+from covey.llm_backend.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class CheckedRequest:
+    """A prompt the engine can take: its ids, where its segments lie, its choice trie,
+    and the most tokens it can ever hold in the KV pool."""
+
+    token_ids: list[int]
+    spans: list[SegmentSpan]
+    choice_trie: ChoiceTrie | None
+    max_kv_tokens: int
+
+
+def check_request_id(request_id: str | None, in_use: Container[str]) -> str:
+    """The id to use (a fresh one for None); refuses a non-str id or one `in_use`."""
+    if request_id is None:
+        return uuid.uuid4().hex
+    if not isinstance(request_id, str) or not request_id:
+        raise InvalidRequestError(f"request_id must be a non-empty str, got {request_id!r}")
+    if request_id in in_use:
+        raise InvalidRequestError(f"request id {request_id!r} is already in use")
+    return request_id
+
+
+def check_priority(priority: object) -> int:
+    """An int (numpy integers too); lower runs first."""
+    if isinstance(priority, bool):
+        raise InvalidRequestError(f"priority must be an integer, got {priority!r}")
+    try:
+        return operator.index(priority)  # type: ignore[arg-type]
+    except TypeError:
+        raise InvalidRequestError(f"priority must be an integer, got {priority!r}") from None
+
+
+class RequestValidator:
+    """Checks prompts and sampling parameters against one engine's model and pool."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer | None,
+        vocab_size: int,
+        max_model_len: int,
+        block_manager: BlockManager,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        self.block_manager = block_manager
+
+    def check(self, prompt: object, params: object, context: int = 0) -> CheckedRequest:
+        """A prompt to generate from, after `context` tokens already held (a resumed
+        request's history; 0 for a new request, whose prompt must not be empty)."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"params must be a SamplingParams, got {params!r}")
+        ids, spans = self.tokenize(prompt)
+        if not ids and not context:
+            raise InvalidRequestError("the prompt is empty")
+        total = context + len(ids)
+        what = "the resumed request" if context else "the prompt"
+        if total >= self.max_model_len:
+            raise InvalidRequestError(
+                f"{what} has {total} tokens; the context window is {self.max_model_len} "
+                "tokens and at least one must be left to generate"
+            )
+        check_in_vocab("stop_token_ids", params.stop_token_ids, self.vocab_size)
+        trie = self._choice_trie(params)
+        if trie is not None and total + trie.max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"{what} has {total} tokens and its choices need up to {trie.max_tokens} "
+                f"more; the context window is {self.max_model_len} tokens"
+            )
+        most = trie.max_tokens if trie is not None else params.max_tokens
+        needed = min(total + most, self.max_model_len)
+        self.check_pool(needed, "the resumed request" if context else "the request")
+        return CheckedRequest(ids, spans, trie, needed)
+
+    def check_prefill(self, prompt: object) -> CheckedRequest | None:
+        """A prompt to prefill into the prefix cache: cut to whole blocks (only those are
+        cached), within the context window. None when no whole block is left."""
+        ids, spans = self.tokenize(prompt)
+        bs = self.block_manager.block_size
+        ids = ids[: min(len(ids), self.max_model_len - 1) // bs * bs]
+        if not ids:
+            return None
+        self.check_pool(len(ids), "the prefill")
+        return CheckedRequest(ids, [sp for sp in spans if sp.start < len(ids)], None, len(ids))
+
+    def check_pool(self, needed: int, what: str) -> None:
+        """Refuse what could never fit: the pool less the pinned blocks."""
+        bm = self.block_manager
+        capacity = bm.num_blocks * bm.block_size
+        usable = capacity - bm.num_pinned_blocks * bm.block_size
+        if needed > usable:
+            raise InvalidRequestError(
+                f"{what} needs KV for {needed} tokens but the pool holds {usable} "
+                f"(of {capacity}, the rest pinned); lower max_tokens or raise kv_cache_tokens"
+            )
+
+    def tokenize(self, prompt: object) -> tuple[list[int], list[SegmentSpan]]:
+        """Token ids of a prompt (text, token ids or Segments) and where each segment lies."""
+        if isinstance(prompt, str):
+            return self.encode(prompt, "the prompt"), []
+        if not isinstance(prompt, SequenceABC) or isinstance(prompt, bytes):
+            raise InvalidRequestError(
+                f"a prompt is a str, a list of token ids or of Segments, "
+                f"got {type(prompt).__name__}"
+            )
+        if prompt and all(isinstance(p, Segment) for p in prompt):
+            ids: list[int] = []
+            spans: list[SegmentSpan] = []
+            for i, seg in enumerate(prompt):
+                if seg.token_ids is not None:
+                    piece = list(seg.token_ids)
+                    check_in_vocab(f"prompt segment {i}", piece, self.vocab_size)
+                else:
+                    piece = self.encode(seg.text or "", f"prompt segment {i}")
+                spans.append(SegmentSpan(seg.kind, len(ids), len(ids) + len(piece), seg.chunk_id))
+                ids.extend(piece)
+            return ids, spans
+        ids = list(as_token_ids("a token-id prompt", prompt))
+        check_in_vocab("the prompt", ids, self.vocab_size)
+        return ids, []
+
+    def encode(self, text: str, field: str) -> list[int]:
+        """Token ids of `text`; `field` names it in errors (a lone surrogate cannot be
+        encoded as UTF-8, which the tokenizer needs)."""
+        if self.tokenizer is None:
+            raise InvalidRequestError("this model has no tokenizer; send token ids")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidRequestError(
+                f"{field} is not valid Unicode: {exc.reason} at character {exc.start}"
+            ) from None
+        return self.tokenizer.encode(text)
+
+    def _choice_trie(self, params: SamplingParams) -> ChoiceTrie | None:
+        if not params.choices:
+            return None
+        eos = self.tokenizer.eos_token_id if self.tokenizer else None
+        return ChoiceTrie(params.choices, lambda text: self.encode(text, "choices"), eos)

@@ -1,0 +1,91 @@
+"""What the engine refuses when a request is added, before anything is queued."""
+
+from __future__ import annotations
+
+import pytest
+
+from covey.errors import InvalidRequestError
+from covey.llm_backend.llm import LLM
+from covey.llm_backend.sampling_params import SamplingParams
+from covey.llm_backend.segments import Segment
+
+VOCAB = 49152  # SmolLM2's embedding rows
+
+
+@pytest.mark.parametrize(
+    ("prompt", "params", "kw", "message"),
+    [
+        ([VOCAB], None, {}, rf"the prompt: token ids must be in \[0, {VOCAB}\), got {VOCAB}"),
+        ([-3], None, {}, "a token-id prompt: token ids must be >= 0"),
+        ([Segment(token_ids=[VOCAB + 5])], None, {}, "prompt segment 0: token ids must be in"),
+        (
+            [Segment(text="ok"), Segment(text="bad \ud800")],
+            None,
+            {},
+            "prompt segment 1 is not valid Unicode: surrogates not allowed at character 4",
+        ),
+        ("a \ud800 b", None, {}, "the prompt is not valid Unicode"),
+        ("hi", SamplingParams(stop_token_ids=[VOCAB]), {}, "stop_token_ids: token ids must be in"),
+        ("hi", SamplingParams(choices=["ok", "no \udfff"]), {}, "choices is not valid Unicode"),
+        ("hi", {"temperature": 0.5}, {}, "params must be a SamplingParams"),
+        ("hi", None, {"priority": "high"}, "priority must be an integer, got 'high'"),
+        ("hi", None, {"priority": 1.5}, "priority must be an integer"),
+        ("hi", None, {"request_id": 7}, "request_id must be a non-empty str, got 7"),
+    ],
+)
+def test_bad_requests_are_refused_by_name(make_engine, prompt, params, kw, message):
+    engine = make_engine()
+    with pytest.raises(InvalidRequestError, match=message):
+        engine.add_request(prompt, params, **kw)
+    assert not engine.requests and not engine.has_unfinished_requests()
+
+
+def test_bad_resume_and_prefill_are_refused_by_name(make_engine):
+    engine = make_engine()
+    rid = engine.add_request("A tool call follows:", SamplingParams(max_tokens=4))
+    engine.step()
+    engine.pause_request(rid)
+    with pytest.raises(InvalidRequestError, match="the resumed request has"):
+        engine.resume_request(rid, "word " * 9000)
+    with pytest.raises(InvalidRequestError, match="stop_token_ids"):
+        engine.resume_request(rid, " result", SamplingParams(stop_token_ids=[VOCAB]))
+    with pytest.raises(InvalidRequestError, match="the prompt: token ids must be in"):
+        engine.add_prefill([VOCAB] * 40)
+    with pytest.raises(InvalidRequestError, match="priority must be an integer"):
+        engine.add_prefill("x " * 40, priority=None)
+    with pytest.raises(InvalidRequestError, match="pin must be a str key, got 3"):
+        engine.add_prefill("x " * 40, pin=3)
+    engine.abort_request(rid)
+
+
+def test_chat_content_must_be_text(make_engine):
+    tokenizer = make_engine().tokenizer
+    with pytest.raises(InvalidRequestError, match="chat message 1: content must be a str"):
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "user", "content": None}]
+        )
+    with pytest.raises(InvalidRequestError, match="chat message 0: role must be a str"):
+        tokenizer.apply_chat_template([{"role": 1, "content": "hi"}])
+    with pytest.raises(InvalidRequestError, match="chat messages must be a list of dicts"):
+        tokenizer.apply_chat_template("hi")
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(dtype="float32", device="cpu", kv_cache_tokens=1024)
+
+
+def test_llm_generate_checks_its_lists(llm):
+    with pytest.raises(InvalidRequestError, match="priority has 1 entries for 2 prompts"):
+        llm.generate(["a", "b"], priority=[0])
+    with pytest.raises(InvalidRequestError, match="priority must be a list of ints"):
+        llm.generate(["a", "b"], priority=3)
+    with pytest.raises(InvalidRequestError, match="prompt 1: the prompt is not valid Unicode"):
+        llm.generate(["a", "b \ud800"])
+    with pytest.raises(InvalidRequestError, match="prompts must be a str.*got NoneType"):
+        llm.generate(None)
+    with pytest.raises(InvalidRequestError, match="got bytes"):
+        llm.generate(b"hi")
+    with pytest.raises(InvalidRequestError, match="chat messages must be a list of dicts"):
+        llm.chat({"role": "user", "content": "hi"})
+    assert not llm.engine.has_unfinished_requests()

@@ -13,11 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from covey.errors import InvalidRequestError, ModelLoadError
+from covey.home import covey_home
 from covey.llm_backend.model_source import ModelSource, resolve_model
-
-
-def covey_home() -> Path:
-    return Path(os.environ.get("COVEY_HOME", Path.home() / ".cache" / "covey"))
 
 
 class Tokenizer:

@@ -3,10 +3,10 @@ first use so a fresh install has something real to retrieve from with no downloa
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from covey.errors import InvalidRequestError
+from covey.home import covey_home
 from covey.retrieval.document_index import DocumentIndex
 from covey.retrieval.documents import Document
 from covey.retrieval.embedder import EmbedderLike
@@ -16,12 +16,6 @@ from covey.retrieval.tokenizers import TokenizerLike
 SOURCE_PREFIX = "pydoc:"
 # The name the built-in apps retrieve from and the CLI binds the default index to.
 DEFAULT_INDEX_NAME = "pydocs"
-
-
-def covey_home() -> Path:
-    """`$COVEY_HOME`, else ~/.cache/covey: where covey keeps indexes and caches."""
-    env = os.environ.get("COVEY_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "covey"
 
 
 def default_index_dir() -> Path:

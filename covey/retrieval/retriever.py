@@ -38,14 +38,6 @@ class Retriever:
         self.config = config or RetrieverConfig()
         self.reranker = reranker
 
-    def settings(self, k: int | None = None, mode: str | None = None) -> tuple[int, str]:
-        """The k and mode a search with these arguments uses: each given one, else the
-        config's."""
-        return (
-            k if k is not None else self.config.k,
-            mode if mode is not None else self.config.mode,
-        )
-
     def search(
         self,
         query: str,
@@ -54,7 +46,8 @@ class Retriever:
         sources: Sequence[str] | None = None,
     ) -> list[SearchResult]:
         """The best chunks for `query`; None keeps the config's k, mode and sources."""
-        k, mode = self.settings(k, mode)
+        k = k if k is not None else self.config.k
+        mode = mode if mode is not None else self.config.mode
         if sources is None and self.config.sources is not None:
             sources = list(self.config.sources)
         return self.index.search(query, k, mode, sources, self.reranker)

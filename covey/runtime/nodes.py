@@ -21,7 +21,7 @@ from covey.llm_backend.engine_client import ChatTokenizer, EngineClient
 from covey.llm_backend.sampling_params import SamplingParams
 from covey.retrieval.document_index import DocumentIndex
 from covey.retrieval.retriever import Retriever
-from covey.retrieval.searcher import DEFAULT_K, DEFAULT_MODE, Searcher
+from covey.retrieval.searcher import Searcher
 from covey.runtime.render import Context
 from covey.runtime.trace import RequestTrace, SearchTrace, Trace
 
@@ -86,7 +86,7 @@ async def run_llm(
 
 async def run_retrieve(env: NodeEnv, node: NodePlan, op: Retrieve, query: str) -> list[Any]:
     """Search the bound `Searcher`; a k or mode the node gives overrides the searcher's own
-    (None keeps it). The trace records the k and mode the search ran with.
+    (None keeps it). The trace records the overrides the node gave.
 
     Next to an engine computing on the loop thread (CPU), covey's own searchers search on
     that thread too (milliseconds): their query embedding is a torch forward, and torch ops
@@ -99,21 +99,8 @@ async def run_retrieve(env: NodeEnv, node: NodePlan, op: Retrieve, query: str) -
         results = list(search())
     else:
         results = list(await asyncio.to_thread(search))
-    k, mode = search_settings(searcher, op.k, op.mode)
-    env.trace.nodes[node.name].search = SearchTrace(op.index, k, mode, len(results))
+    env.trace.nodes[node.name].search = SearchTrace(op.index, op.k, op.mode, len(results))
     return results
-
-
-def search_settings(
-    searcher: Searcher, k: int | None, mode: str | None
-) -> tuple[int | None, str | None]:
-    """The k and mode a search with these arguments runs with: the node's when given, else
-    the searcher's own where covey knows it (None for a foreign searcher's own)."""
-    if isinstance(searcher, Retriever):
-        return searcher.settings(k, mode)
-    if isinstance(searcher, DocumentIndex):
-        return (k if k is not None else DEFAULT_K, mode if mode is not None else DEFAULT_MODE)
-    return k, mode
 
 
 async def run_map(env: NodeEnv, node: NodePlan, args: dict[str, Any]) -> dict[str, list[Any]]:

@@ -77,7 +77,8 @@ class PrefillAhead:
         template = llm_template(node.op)
         uses_roles = template.uses_roles if template is not None else False
         resolve = lambda p: self.values[str(p.var)]  # noqa: E731
-        prompt = leading_prompt(prims, count, resolve, self.tokenizer, uses_roles)
+        as_text = not self.llm.capabilities.segments
+        prompt = leading_prompt(prims, count, resolve, self.tokenizer, uses_roles, as_text)
         if prompt is None:
             return count
         key = hashlib.sha1(repr(prompt).encode()).hexdigest()[:16]

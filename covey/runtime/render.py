@@ -127,13 +127,14 @@ def render_prompts(
     tokenizer: ChatTokenizer | None,
     uses_roles: bool,
     generated: dict[str, tuple[str, list[int]]],
+    as_text: bool = False,
 ) -> dict[str, str | list[Segment]]:
     """The prompt of every decode, given what each earlier gen produced (var -> text, ids).
 
     The executor renders as it goes; this one-shot form lets tests and benchmarks build the
     exact prompts a node sends, to replay them against the engine directly.
     """
-    ctx = Context(tokenizer, uses_roles)
+    ctx = Context(tokenizer, uses_roles, as_text)
     out: dict[str, str | list[Segment]] = {}
     for prim in prims:
         if prim.op == "prefill":
@@ -155,6 +156,7 @@ def leading_prompt(
     resolve: Callable[[Primitive], Any],
     tokenizer: ChatTokenizer | None,
     uses_roles: bool,
+    as_text: bool = False,
 ) -> str | list[Segment] | None:
     """The prompt text of the first `count` primitives (all prefills), exactly as it begins
     the full prompt; None when there is nothing to prefill ahead.
@@ -166,10 +168,10 @@ def leading_prompt(
     if count <= 0 or count >= len(prims):
         return None
     if not uses_roles:
-        ctx = Context(tokenizer, uses_roles)
+        ctx = Context(tokenizer, uses_roles, as_text)
         for prim in prims[:count]:
             ctx.add_prefill(prim, None if prim.text is not None else resolve(prim))
-        return list(ctx.segments) or None
+        return ctx.prompt() or None
     nxt = prims[count]
     role = nxt.role or ("assistant" if nxt.op == "decode" else "user")
 

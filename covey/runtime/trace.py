@@ -24,8 +24,8 @@ class RequestTrace:
 
 @dataclass(frozen=True)
 class SearchTrace:
-    """The search a retrieve node ran: the `k` and `mode` it ran with (the node's, else the
-    searcher's own; None where a foreign searcher's own is not known) and how many results
+    """The search a retrieve node ran: the `k` and `mode` the node gave (None: it left them
+    to the searcher's own settings, which only the searcher knows) and how many results
     came back."""
 
     index: str

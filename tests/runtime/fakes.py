@@ -112,9 +112,7 @@ class FakeLLM:
         params = params or SamplingParams()
         if params.choices and not self.capabilities.choices:
             raise NotSupportedError("this FakeLLM does not constrain outputs to choices")
-        if isinstance(prompt, list) and not self.capabilities.segments:
-            if any(isinstance(p, Segment) for p in prompt):
-                raise NotSupportedError("this FakeLLM takes no Segment prompts")
+        self._check_prompt(prompt)
         rid = self._new_id(request_id)
         stream = self._streams[rid] = _Stream(prompt, params)
         stream.running.set()
@@ -154,6 +152,11 @@ class FakeLLM:
         if not declared:
             raise NotSupportedError(f"this FakeLLM does not declare {capability!r}")
 
+    def _check_prompt(self, prompt: Prompt) -> None:
+        if isinstance(prompt, list) and not self.capabilities.segments:
+            if any(isinstance(p, Segment) for p in prompt):
+                raise NotSupportedError("this FakeLLM takes no Segment prompts")
+
     async def prefill(
         self,
         prompt: Prompt,
@@ -164,6 +167,7 @@ class FakeLLM:
         """Records the prefill; a pin holds the prompt's tokens, as the engine's do. None
         when the pin is held already (nothing to compute)."""
         self._require(self.capabilities.prefill, "prefill")
+        self._check_prompt(prompt)
         rid = self._new_id(request_id)
         if pin is not None and pin in self.pins:
             return None

@@ -89,3 +89,28 @@ async def test_an_engine_without_segments_gets_plain_text_prompts():
     prompts = list(llm.prompts.values())
     assert prompts == ["Topic: owls\nA: ", "Topic: owls\nA: alpha beta\nB: "]
     assert out == {"first": "alpha beta", "second": "alpha beta"}
+
+
+async def test_prefill_ahead_sends_plain_text_to_an_engine_without_segments():
+    """A call waiting on another has its known start prefilled ahead: as text, when the
+    engine takes no segments (it would refuse a Segment list)."""
+    caps = replace(FakeLLM().capabilities, prefill=True, segments=False)
+    llm = FakeLLM(capabilities=caps)
+
+    @cg.semantic_function
+    def first(topic: str):
+        """About {{topic}}: {{gen a max_tokens=2}}"""
+
+    @cg.semantic_function
+    def second(topic: str, a: str):
+        """Long instructions for the second call on {{topic}}, then {{a}}: {{gen b max_tokens=2}}"""
+
+    @cg.app
+    def app(topic: str):
+        return second(topic=topic, a=first(topic=topic))
+
+    await Runtime(llm).run(app, topic="owls")
+    assert llm.prefills, "the waiting call's known start was prefilled ahead"
+    assert all(isinstance(prompt, str) for prompt, _ in llm.prefills)
+    expected = "Long instructions for the second call on owls"
+    assert any(prompt.startswith(expected) for prompt, _ in llm.prefills)

@@ -64,7 +64,7 @@ async def test_a_node_without_k_or_mode_searches_with_the_retrievers_own():
     runtime = Runtime(FakeLLM(), retrievers={"default": retriever(index)})
     result = await runtime.run_traced(without_k_and_mode(explicit), question="q")
     assert index.calls == [("q", 3, "vector", ["doc*"], rerank)]
-    assert result.trace.nodes["retrieve"].search == SearchTrace("default", 3, "vector", 3)
+    assert result.trace.nodes["retrieve"].search == SearchTrace("default", None, None, 3)
 
 
 async def test_a_node_giving_k_and_mode_overrides_them_and_the_trace_says_so():
@@ -89,7 +89,7 @@ async def test_a_document_index_searches_with_its_defaults(make_index):  # noqa:
     tiny_docs.add_texts([f"Python {t} are explained here." for t in TOPICS], source="doc")
     runtime = Runtime(FakeLLM(), retrievers={"default": tiny_docs})
     result = await runtime.run_traced(without_k_and_mode(explicit), question="for loops")
-    assert result.trace.nodes["retrieve"].search == SearchTrace("default", 5, "hybrid", 5)
+    assert result.trace.nodes["retrieve"].search == SearchTrace("default", None, None, 5)
     assert tiny_docs.search("for loops") == tiny_docs.search("for loops", 5, "hybrid")
 
 
@@ -109,5 +109,5 @@ def test_retriever_config_is_checked_in_one_place():
         RetrieverConfig(mode="fuzzy")
     index = RecordingIndex()
     r = Retriever(index, RetrieverConfig(k=2))  # type: ignore[arg-type]
-    assert r.retrieve("q") == r.search("q") and r.settings() == (2, "hybrid")
+    assert r.retrieve("q") == r.search("q")
     assert index.calls[0] == ("q", 2, "hybrid", None, None)

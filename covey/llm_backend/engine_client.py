@@ -114,8 +114,10 @@ class EngineClient(Protocol):
         request_id: str | None = None,
         priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream one request's outputs, the last one `finished`. Closing the iterator early
-        aborts the request and frees its KV."""
+        """Stream one request's outputs, the last one `finished` (reason "stop", "length" or
+        "abort"). A request that fails while being served raises `EngineError` from the
+        stream instead of yielding an output with reason "error". Closing the iterator
+        early aborts the request and frees its KV."""
         ...
 
     async def prefill(

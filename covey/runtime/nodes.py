@@ -19,6 +19,7 @@ from covey.graph.lowering import Primitive
 from covey.graph.plan import NodePlan
 from covey.llm_backend.engine_client import ChatTokenizer, EngineClient
 from covey.llm_backend.sampling_params import SamplingParams
+from covey.llm_backend.sequence import FinishReason
 from covey.retrieval.document_index import DocumentIndex
 from covey.retrieval.retriever import Retriever
 from covey.retrieval.searcher import Searcher
@@ -160,10 +161,8 @@ async def stream_generate(
         if on_delta is not None and out.delta_text:
             on_delta(out.delta_text)
         final = out
-    if final is None or final.finish_reason == "abort":
+    if final is None or final.finish_reason == FinishReason.ABORT:
         raise EngineError(f"the engine aborted request {rid!r}")
-    if final.finish_reason == "error":
-        raise EngineError(f"the engine failed request {rid!r}: {final.error}")
     m = final.metrics
     trace.nodes[node.name].requests.append(
         RequestTrace(

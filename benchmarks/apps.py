@@ -107,9 +107,10 @@ async def timed(
 async def bench_system(
     system: str, engine: Any, index: Any, size: dict[str, Any], out: list[dict]
 ) -> None:
-    from covey.apps.advanced_rag import INDEX_NAME, build_advanced_rag_app
+    from covey.apps.advanced_rag import build_advanced_rag_app
     from covey.apps.mapreduce_summary import build_summary_app
     from covey.llm_backend.async_llm import AsyncLLM
+    from covey.retrieval.default_corpus import DEFAULT_INDEX_NAME
     from covey.runtime import Runtime
 
     summary = build_summary_app(piece_chars=size["piece_chars"], max_pieces=2 * size["pieces"])
@@ -120,7 +121,7 @@ async def bench_system(
     n_q = 1 + size["questions"] + size["concurrent"]
     questions = [{"question": q} for q in QUESTIONS[:n_q]]
     async with AsyncLLM(engine=engine) as llm:
-        runtime = Runtime(llm, {INDEX_NAME: index}, optimize=system == "covey")
+        runtime = Runtime(llm, {DEFAULT_INDEX_NAME: index}, optimize=system == "covey")
         for workload, app, inputs, count in (
             ("mapreduce_summary", summary, docs, size["requests"]),
             ("advanced_rag", rag, questions, size["questions"]),
@@ -188,9 +189,7 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(
-        NAME, "End-to-end app latency: optimizer on vs naive.", argv, extras=("matplotlib",)
-    )
+    args = parse_args(NAME, "End-to-end app latency: optimizer on vs naive.", argv)
     from covey.apps.rag_chatbot import open_pydocs_index
 
     size = sizes(args.quick)

@@ -62,9 +62,7 @@ def measure(system: str, engine: Any, batch: list[list[int]], params: Any) -> tu
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(
-        NAME, "AsyncLLM on the loop thread vs a worker thread.", argv, extras=("matplotlib",)
-    )
+    args = parse_args(NAME, "AsyncLLM on the loop thread vs a worker thread.", argv)
     from covey.llm_backend.config import EngineConfig
     from covey.llm_backend.llm_engine import LLMEngine
     from covey.llm_backend.sampling_params import SamplingParams

@@ -9,42 +9,33 @@ import json
 import os
 import platform
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-# The `bench` extra of pyproject.toml: import name -> the package that provides it.
-BENCH_EXTRAS = {"matplotlib": "matplotlib", "llama_cpp": "llama-cpp-python"}
 INSTALL_HINT = 'run `make bench` or `pip install -e ".[bench]"`'
+# Bench extras every benchmark needs for its own output (the plot). A missing peer
+# (llama-cpp-python) is not here: shared/BENCHMARKS.md records it as null with a reason.
+REQUIRED_EXTRAS = ("matplotlib",)
 
 
-def require_extras(name: str, modules: Sequence[str]) -> None:
-    """Stop now, before minutes of measuring, if a bench extra the benchmark needs (to plot,
-    or to run a peer) cannot be imported; the message names the install command."""
+def require_extras(name: str) -> None:
+    """Stop now, before minutes of measuring, if a required bench extra cannot be
+    imported; the message names the install command."""
     missing = []
-    for module in modules:
+    for module in REQUIRED_EXTRAS:
         try:
             importlib.import_module(module)
         except ImportError:
-            missing.append(BENCH_EXTRAS.get(module, module))
+            missing.append(module)
     if missing:
-        sys.exit(
-            f"benchmarks/{name}.py needs {', '.join(missing)}, not installed: {INSTALL_HINT}"
-        )
+        sys.exit(f"benchmarks/{name}.py needs {', '.join(missing)}, not installed: {INSTALL_HINT}")
 
 
-def parse_args(
-    name: str,
-    description: str,
-    argv: list[str] | None = None,
-    *,
-    extras: Sequence[str],
-) -> argparse.Namespace:
+def parse_args(name: str, description: str, argv: list[str] | None = None) -> argparse.Namespace:
     """`--quick`, `--json PATH`, `--plot PATH` with defaults under benchmarks/results/.
 
-    Then checks `extras`, the import names of the bench extras the benchmark needs (every
-    one plots with matplotlib): after parsing, so `--help` works without them."""
+    Then checks the required bench extras: after parsing, so `--help` works without them."""
     parser = argparse.ArgumentParser(prog=f"benchmarks/{name}.py", description=description)
     parser.add_argument(
         "--quick", action="store_true", help="reduced size, < 3 minutes on 2 CPU cores"
@@ -54,7 +45,7 @@ def parse_args(
     )
     parser.add_argument("--plot", type=Path, default=RESULTS_DIR / f"{name}.png", help="PNG")
     args = parser.parse_args(argv)
-    require_extras(name, extras)
+    require_extras(name)
     return args
 
 

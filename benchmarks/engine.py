@@ -450,9 +450,7 @@ def plot(data, path):
 
 
 def main(argv: list[str] | None = None) -> int:
-    # A missing llama.cpp peer is recorded as null with its reason (shared/BENCHMARKS.md);
-    # matplotlib is the benchmark's own output, so it is required up front.
-    args = parse_args("engine", __doc__.splitlines()[0], argv, extras=("matplotlib",))
+    args = parse_args("engine", __doc__.splitlines()[0], argv)
     s = sizes(args.quick)
     results: list[dict] = []
     cpu_suite(s, results, "cpu")

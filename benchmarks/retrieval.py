@@ -272,7 +272,7 @@ def plot(results: list[dict], path: Path, quick: bool, device: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(NAME, __doc__.splitlines()[0], argv, extras=("matplotlib",))
+    args = parse_args(NAME, __doc__.splitlines()[0], argv)
     from covey.retrieval.embedder import default_device
 
     device = default_device()

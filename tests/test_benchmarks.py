@@ -51,12 +51,13 @@ def test_missing_matplotlib_stops_before_measuring(tmp_path, name):
     assert elapsed < 60  # seconds of imports at most, not minutes of measuring
 
 
-def test_a_missing_peer_alone_does_not_stop_the_engine_benchmark(tmp_path):
-    """llama.cpp is a peer: shared/BENCHMARKS.md records it as null with a reason, so only
-    the missing plotting extra is named when both are absent."""
+def test_a_missing_peer_is_not_a_required_extra(tmp_path):
+    """llama.cpp is a peer: shared/BENCHMARKS.md records it as null with a reason, so with
+    both absent only the plotting extra is named as missing."""
     result = run_hidden(["matplotlib", "llama_cpp"], "engine", "--quick", "--json", "x.json")
     assert result.returncode == 1, result.stderr
     assert "needs matplotlib, not installed" in result.stderr
+    assert "llama-cpp-python" not in result.stderr
 
 
 def test_help_needs_no_extras():

@@ -22,7 +22,6 @@ from covey.retrieval.documents import SearchResult
 from covey.retrieval.rank_fusion import RRF_K, reciprocal_rank_fusion
 from covey.retrieval.searcher import check_k
 
-INDEX_NAME = DEFAULT_INDEX_NAME
 ANGLES = (
     "Write it as a search query naming the exact Python keywords, functions or modules.",
     "Write it as a search query about the general concept behind it.",
@@ -121,7 +120,7 @@ def fusion_node(count: int, k: int) -> PyFunction:
 
 def build_advanced_rag_app(
     angles: tuple[str, ...] = ANGLES,
-    index: str = INDEX_NAME,
+    index: str = DEFAULT_INDEX_NAME,
     per_query_k: int = PER_QUERY_K,
     top_k: int = TOP_K,
     subquery_max_tokens: int = SUBQUERY_MAX_TOKENS,

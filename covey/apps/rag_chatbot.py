@@ -28,7 +28,6 @@ from covey.runtime.trace import Trace
 if TYPE_CHECKING:
     from covey.retrieval.document_index import DocumentIndex
 
-INDEX_NAME = DEFAULT_INDEX_NAME
 TOP_K = 4
 ANSWER_MAX_TOKENS = 96
 MAX_QUESTION_CHARS = 2000
@@ -48,7 +47,7 @@ def answer_with_citations(context: str, history: str, question: str):
 
 
 def build_rag_app(
-    index: str = INDEX_NAME,
+    index: str = DEFAULT_INDEX_NAME,
     k: int = TOP_K,
     max_tokens: int = ANSWER_MAX_TOKENS,
     mode: str = "hybrid",
@@ -98,8 +97,8 @@ class ChatAnswer:
 class RagChatbot:
     """Multi-turn chat over an index: `await bot.ask(session, question)`.
 
-    `runtime` must bind a retriever under the app's index name (`INDEX_NAME` for the default
-    app); `from_llm` does that. Turns of one session run one at a time, each seeing the
+    `runtime` must bind a retriever under the app's index name (`DEFAULT_INDEX_NAME` for
+    the default app); `from_llm` does that. Turns of one session run one at a time, each seeing the
     last `max_turns` turns; sessions run concurrently.
     """
 
@@ -132,7 +131,7 @@ class RagChatbot:
     ) -> RagChatbot:
         """A chatbot over `index` (default: the Python docs), served by `llm`."""
         index = index if index is not None else open_pydocs_index()
-        return cls(Runtime(llm, retrievers={INDEX_NAME: index}), **kwargs)
+        return cls(Runtime(llm, retrievers={DEFAULT_INDEX_NAME: index}), **kwargs)
 
     def _check(self, question: str) -> str:
         if not isinstance(question, str) or not question.strip():

@@ -9,13 +9,13 @@ import pytest
 import covey.graph as cg
 from covey.apps.chat_history import Turn
 from covey.apps.rag_chatbot import (
-    INDEX_NAME,
     RagChatbot,
     build_rag_app,
     open_pydocs_index,
     rag_app,
 )
 from covey.errors import ConfigError, InvalidRequestError
+from covey.retrieval.default_corpus import DEFAULT_INDEX_NAME
 from covey.runtime import Runtime
 from tests.runtime.fakes import FakeLLM
 
@@ -27,7 +27,7 @@ RESULTS = [hit("For loops iterate.", "pydoc:for"), hit("With closes files.", "py
 
 def fake_bot(reply: str = "Use a for loop [1].", **kwargs) -> tuple[RagChatbot, FakeLLM]:
     llm = FakeLLM(reply=lambda prompt: reply, token_delay=0.005)
-    runtime = Runtime(llm, retrievers={INDEX_NAME: FakeRetriever(RESULTS)})
+    runtime = Runtime(llm, retrievers={DEFAULT_INDEX_NAME: FakeRetriever(RESULTS)})
     return RagChatbot(runtime, **kwargs), llm
 
 
@@ -130,7 +130,7 @@ def test_the_default_index_is_the_python_docs(tmp_path, embedder, tokenizer):
 
 
 async def test_real_model_answers_from_the_index_and_keeps_history(real_llm, tiny_index):
-    bot = RagChatbot(Runtime(real_llm, retrievers={INDEX_NAME: tiny_index}), APP)
+    bot = RagChatbot(Runtime(real_llm, retrievers={DEFAULT_INDEX_NAME: tiny_index}), APP)
     question = "How do I loop over the items of a list?"
     first = await bot.ask("a", question)
     retrieved = tiny_index.search(question, 3, "hybrid")

@@ -292,8 +292,7 @@ def retrieve(
     try:
         mode = None if mode is None else check_mode(mode)
     except InvalidRequestError as e:
-        hint = suggest(mode, MODES) if isinstance(mode, str) else ""
-        raise WiringError(f"{where}: {e}{hint}") from None
+        raise WiringError(f"{where}: {e}{suggest(mode, MODES)}") from None
     if not isinstance(index, str) or not index:
         raise WiringError(f"{where}: index must be a non-empty name, got {index!r}")
     op = Retrieve(index, k, mode)

@@ -1,11 +1,12 @@
 """Typed annotations: what the optimizer passes decide, as `build_plan` reads it.
 
-A pass writes each decision as one frozen dataclass with `annotate(g, node, ann)` (or
-`annotate_graph(g, ann)`), stored under the class name; `build_plan` reads it back with
-`read(g, node, cls)` / `read_graph(g, cls)`. Before reading, `check(g)` makes a slip fail
-loudly instead of silently meaning "not optimized": a node or graph key that is neither the
-IR's own nor a known annotation (a misspelt key), a value of the wrong type, or a pass that
-ran but left a node without the annotation it writes all raise `PlanError`. A pass that did
+A pass writes each decision about a node as one frozen dataclass with
+`annotate(g, node, ann)`, stored under the class name; `build_plan` reads it back with
+`read(g, node, cls)`. Every annotation is one the runtime acts on, so there are none on the
+graph as a whole. Before reading, `check(g)` makes a slip fail loudly instead of silently
+meaning "not optimized": a node or graph key that is neither the IR's own nor a known
+annotation (a misspelt key), a value of the wrong type, or a pass that ran but left a node
+without the annotation it writes all raise `PlanError`. A pass that did
 not run leaves no annotation, and `build_plan` keeps the naive choice.
 """
 
@@ -65,60 +66,20 @@ class Lowered(Annotation):
         _check_items(self, "primitives", Primitive)
 
 
-@dataclass(frozen=True)
-class PrefixGroup:
-    """LLM calls whose prompts start with the same `segments`, as the engine will share them.
-
-    `together`: the calls become ready in the same event-loop turn (same dependencies, or the
-    elements of one fan-out, `fan_out`), so they reach the engine together and its in-batch
-    prefix wait prefills the shared blocks once. Otherwise a later call can only find the
-    prefix in the engine's prefix cache, if it is still there.
-    """
-
-    id: str
-    nodes: tuple[str, ...]
-    segments: tuple[Primitive, ...]
-    fan_out: bool = False
-    together: bool = False
-
-    @property
-    def num_segments(self) -> int:
-        return len(self.segments)
-
-
-@dataclass(frozen=True)
-class SharedPrefixes(Annotation):
-    """Every group of calls with a common prompt start; a description for `explain()`, since
-    the sharing itself is done by the engine, not by the runtime."""
-
-    written_by: ClassVar[str] = "prefix_sharing"
-    groups: tuple[PrefixGroup, ...]
-
-    def __post_init__(self) -> None:
-        _check_items(self, "groups", PrefixGroup)
-
-
 NODE_ANNOTATIONS: tuple[type[Annotation], ...] = (Priority, Lowered)
-GRAPH_ANNOTATIONS: tuple[type[Annotation], ...] = (SharedPrefixes,)
 
 A = TypeVar("A", bound=Annotation)
 
 
-def _put(target: dict, ann: object, allowed: tuple[type[Annotation], ...], where: str) -> None:
-    if type(ann) not in allowed:
-        names = ", ".join(c.__name__ for c in allowed)
-        raise PlanError(f"{where}: {type(ann).__name__} is not an annotation here ({names})")
-    target[type(ann).__name__] = ann
-
-
 def annotate(g: nx.DiGraph, node: str, ann: object) -> None:
     """Record `ann` on `node` of `g` (a copy the pass owns); replaces one of the same type."""
-    _put(g.nodes[node], ann, NODE_ANNOTATIONS, f"app {g.graph['app']!r}, node {node!r}")
-
-
-def annotate_graph(g: nx.DiGraph, ann: object) -> None:
-    """Record `ann` on the whole graph `g` (a copy the pass owns)."""
-    _put(g.graph, ann, GRAPH_ANNOTATIONS, f"app {g.graph['app']!r}")
+    if type(ann) not in NODE_ANNOTATIONS:
+        names = ", ".join(c.__name__ for c in NODE_ANNOTATIONS)
+        raise PlanError(
+            f"app {g.graph['app']!r}, node {node!r}: {type(ann).__name__} is not an "
+            f"annotation here ({names})"
+        )
+    g.nodes[node][type(ann).__name__] = ann
 
 
 def _get(source: dict, cls: type[A], where: str) -> A | None:
@@ -134,10 +95,6 @@ def _get(source: dict, cls: type[A], where: str) -> A | None:
 def read(g: nx.DiGraph, node: str, cls: type[A]) -> A | None:
     """The `cls` annotation of `node`, or None when the pass that writes it did not run."""
     return _get(g.nodes[node], cls, f"app {g.graph['app']!r}, node {node!r}")
-
-
-def read_graph(g: nx.DiGraph, cls: type[A]) -> A | None:
-    return _get(g.graph, cls, f"app {g.graph['app']!r}")
 
 
 def _check(
@@ -166,4 +123,4 @@ def check(g: nx.DiGraph) -> None:
     ran = {record.name for record in g.graph["passes"]}
     for node, data in g.nodes(data=True):
         _check(data, IR_NODE_KEYS, NODE_ANNOTATIONS, ran, f"{app}, node {node!r}")
-    _check(g.graph, IR_GRAPH_KEYS, GRAPH_ANNOTATIONS, ran, app)
+    _check(g.graph, IR_GRAPH_KEYS, (), ran, app)

@@ -75,8 +75,7 @@ class App:
 
         Leaving a pass out keeps the naive choice it would have changed, for comparisons:
         without prefill_decomposition nothing is pinned, without objective_deduction every
-        priority is 0, without prefix_sharing no shared prefix is reported (the engine
-        still shares what it finds), without prune_unused dead nodes run too.
+        priority is 0, without prune_unused dead nodes run too.
         """
         names = tuple(awaited) if awaited is not None else tuple(self.outputs)
         for name in names:

@@ -279,9 +279,13 @@ def retrieve(
 ) -> Var:
     """Search the searcher the runtime binds to `index`; returns a `list[SearchResult]` var.
 
-    `k` and `mode` left as None use that searcher's own settings (a `Retriever`'s config);
-    a value given overrides them for this node. They are checked here, when the app is
-    defined, by the same `check_k`/`check_mode` every searcher uses.
+    `k` (how many results) and `mode` (vector, bm25 or hybrid) left as None mean that
+    searcher's own settings, so a node never silently replaces a retriever's: a
+    `Retriever` uses its `RetrieverConfig.k` and `.mode`, a bare `DocumentIndex` its
+    defaults, `covey.retrieval.searcher.DEFAULT_K` (5 results) and `DEFAULT_MODE`
+    ("hybrid"); a `RetrieverConfig()` left at its defaults uses the same two. A value given
+    overrides them for this node only, and `explain()` says so. They are checked here, when
+    the app is defined, by the same `check_k`/`check_mode` every searcher uses.
     """
     builder = current_builder("retrieve")
     where = f"app {builder.app!r}, retrieve"
@@ -292,8 +296,7 @@ def retrieve(
     try:
         mode = None if mode is None else check_mode(mode)
     except InvalidRequestError as e:
-        hint = suggest(mode, MODES) if isinstance(mode, str) else ""
-        raise WiringError(f"{where}: {e}{hint}") from None
+        raise WiringError(f"{where}: {e}{suggest(mode, MODES)}") from None
     if not isinstance(index, str) or not index:
         raise WiringError(f"{where}: index must be a non-empty name, got {index!r}")
     op = Retrieve(index, k, mode)

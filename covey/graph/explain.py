@@ -9,15 +9,16 @@ Each line states behaviour the code has, and says which part does it:
   leading segments already known;
 - the engine's scheduler admits requests by priority and shares common prompt starts in
   whole KV blocks: at once through its in-batch prefix wait when the calls arrive
-  together, else through its prefix cache while the blocks stay cached.
+  together, else through its prefix cache while the blocks stay cached
+  (`covey.graph.shared_prefixes` finds where).
 """
 
 from __future__ import annotations
 
-from covey.graph.annotations import PrefixGroup, SharedPrefixes
 from covey.graph.ir import Retrieve
 from covey.graph.lowering import known_prefix
 from covey.graph.plan import NodePlan, Plan, signature
+from covey.graph.shared_prefixes import PrefixGroup, sent_together, shared_prefixes
 from covey.graph.types import type_name
 
 
@@ -50,8 +51,8 @@ def _nodes(plan: Plan) -> list[str]:
 
 
 def _peers(plan: Plan, node: NodePlan) -> list[str]:
-    """The other LLM calls ready in the same event-loop turn: the same dependencies."""
-    return [n.name for n in plan.llm_calls() if n is not node and set(n.deps) == set(node.deps)]
+    """The other LLM calls the runtime sends to the engine with `node`."""
+    return [n.name for n in plan.llm_calls() if n is not node and sent_together(n, node)]
 
 
 def _call(plan: Plan, node: NodePlan) -> list[str]:
@@ -97,15 +98,11 @@ def _how(plan: Plan, group: PrefixGroup) -> list[str]:
 
 
 def _prefixes(plan: Plan) -> list[str]:
-    if SharedPrefixes.written_by not in {record.name for record in plan.passes}:
-        return [
-            f"shared prefixes: not analysed ({SharedPrefixes.written_by} did not run; "
-            "the engine still shares what it finds)"
-        ]
-    if not plan.prefix_groups:
+    groups = shared_prefixes(plan)
+    if not groups:
         return ["shared prefixes: none"]
     lines = ["shared prefixes (shared by the engine, in whole KV blocks of tokens):"]
-    for g in plan.prefix_groups:
+    for g in groups:
         who = f"elements of {g.nodes[0]}" if g.fan_out else ", ".join(g.nodes)
         segs = " + ".join(p.describe() for p in g.segments)
         lines.append(f"  {g.id}: {who} share {g.num_segments} segment(s): {segs}")

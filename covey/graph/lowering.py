@@ -1,10 +1,11 @@
 """Lower an LLM node's template to prefill and decode primitives over tagged segments.
 
-Shared by the prefix-sharing and prefill-decomposition passes, so both see the same
-segments; `Primitive.known` is the one rule for which leading segments can be prefilled
-ahead, used by the runtime's prefill-ahead and by `explain()`. A segment is `static`
-(text known at definition: template text, literals), `chunk` (retrieved results) or
-`dynamic` (a request input or an upstream output).
+The plan's primitives come from here (through the prefill-decomposition pass, or
+`build_plan` when it did not run), so the runtime, `explain()` and the shared-prefix
+analysis see the same segments; `Primitive.known` is the one rule for which leading
+segments can be prefilled ahead, used by the runtime's prefill-ahead and by `explain()`.
+A segment is `static` (text known at definition: template text, literals), `chunk`
+(retrieved results) or `dynamic` (a request input or an upstream output).
 """
 
 from __future__ import annotations

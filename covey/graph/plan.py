@@ -1,16 +1,19 @@
 """The Plan: what the optimizer decided, in the shape an asyncio executor consumes.
 
-Every field is acted on. The executor starts a node as soon as the nodes in its `deps`
-finish, and sends each LLM call's `primitives` to the engine with its `priority`;
+Every decision in it is acted on. The executor starts a node as soon as the nodes in its
+`deps` finish, and sends each LLM call's `primitives` to the engine with its `priority`;
 prefill-ahead pins each call's `pin` segments once per app and, while a call waits on its
-`deps`, prefills its leading segments already known (`Primitive.known`). `prefix_groups`
-describes what the engine then shares, for `explain()`: the runtime does nothing for it,
-since calls that reach the engine together share their common prefix through the
-scheduler's in-batch prefix wait.
+`deps`, prefills its leading segments already known (`Primitive.known`). The rest is the
+record: `passes` says why each pass decided what it did and `graph` is the annotated graph
+(for the Mermaid and DOT export). Where the engine shares prompt starts is not in the plan,
+since nothing here decides it: calls that reach the engine together share their common
+prefix through the scheduler's in-batch prefix wait, later ones through its prefix cache;
+`covey.graph.shared_prefixes` derives it from the nodes' primitives and deps for
+`explain()`.
 
 `build_plan` reads the passes' typed annotations (`covey.graph.annotations`), so a
 misspelt or mistyped one raises PlanError; a pass that did not run leaves the naive
-choice: priority 0, primitives with nothing pinned, no prefix groups reported.
+choice: priority 0, primitives with nothing pinned.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from typing import Any
 import networkx as nx
 
 from covey.graph import annotations as ann
-from covey.graph.annotations import PrefixGroup
 from covey.graph.ir import Const, NodeKind, Op, Var
 from covey.graph.lowering import Primitive, lower
 from covey.graph.passes import PassRecord
@@ -48,7 +50,6 @@ class Plan:
     outputs: dict[str, Var]
     awaited: tuple[str, ...]
     nodes: dict[str, NodePlan]
-    prefix_groups: tuple[PrefixGroup, ...]
     passes: tuple[PassRecord, ...]
     graph: nx.DiGraph = field(compare=False, repr=False)
 
@@ -80,14 +81,12 @@ def build_plan(g: nx.DiGraph) -> Plan:
     """Collect the annotations the passes left on `g`, in topological order; raises
     PlanError on an unknown, mistyped or missing one (see covey.graph.annotations)."""
     ann.check(g)
-    shared = ann.read_graph(g, ann.SharedPrefixes)
     return Plan(
         app=g.graph["app"],
         inputs={n: v.type for n, v in g.graph["inputs"].items()},
         outputs=dict(g.graph["outputs"]),
         awaited=g.graph.get("awaited") or tuple(g.graph["outputs"]),
         nodes={n: _node(g, n) for n in nx.topological_sort(g)},
-        prefix_groups=shared.groups if shared is not None else (),
         passes=g.graph["passes"],
         graph=g,
     )

@@ -119,7 +119,7 @@ def _gen(body: str, where: str, defaults: SamplingParams, role: Role | None) -> 
             updates[key] = _value(value)
     try:
         params = dataclasses.replace(defaults, **updates)
-    except (InvalidRequestError, TypeError) as e:  # TypeError: a value of the wrong type
+    except InvalidRequestError as e:  # SamplingParams checks every option's type and range
         raise TemplateError(f"{where}: {{{{gen {name}}}}}: {e}") from None
     if choices is not None and len(choices) < 2:
         raise TemplateError(f"{where}: choices of {{{{gen {name}}}}} need two or more options")

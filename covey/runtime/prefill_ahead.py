@@ -15,17 +15,22 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from covey.graph.ir import llm_template
-from covey.graph.lowering import Primitive
+from covey.graph.lowering import Primitive, known_prefix
 from covey.graph.plan import NodePlan, Plan
 from covey.llm_backend.engine_client import ChatTokenizer, EngineClient
 from covey.runtime.render import leading_prompt
 from covey.runtime.trace import RequestTrace, Trace
 
 log = logging.getLogger(__name__)
+
+
+def _leading_pins(prims: tuple[Primitive, ...]) -> int:
+    """How many leading segments the prefill-decomposition pass marked to pin."""
+    return next((i for i, p in enumerate(prims) if not p.pin), len(prims))
 
 
 class PrefillAhead:
@@ -51,7 +56,7 @@ class PrefillAhead:
     def start(self) -> None:
         """At run start: pin each call's static prefix, prefill what waiting calls know."""
         for node in self.plan.llm_calls():
-            self._submit(node, lambda p: p.pin, pin=True)
+            self._submit(node, _leading_pins(node.primitives), pin=True)
         self.advance(n for n in self.plan.llm_calls() if n.deps)
 
     def advance(self, waiting: Iterable[NodePlan]) -> None:
@@ -59,35 +64,29 @@ class PrefillAhead:
         (a call about to start is left out: its own request prefills it)."""
         for node in waiting:
             if node.primitives:
-                count = self._submit(node, self._known_now, pin=False)
+                count = known_prefix(node.primitives, self.values)
+                self._submit(node, count, pin=False)
                 self._known[node.name] = max(self._known.get(node.name, 0), count)
 
-    def _known_now(self, prim: Primitive) -> bool:
-        return prim.known(self.values)
-
-    def _submit(self, node: NodePlan, ready: Callable[[Primitive], bool], pin: bool) -> int:
-        """Prefill the node's leading `ready` segments unless done before; returns their count."""
+    def _submit(self, node: NodePlan, count: int, pin: bool) -> None:
+        """Prefill the node's first `count` segments (pinned if `pin`) unless done before."""
         prims = node.primitives
-        count = 0
-        while count < len(prims) and prims[count].op == "prefill" and ready(prims[count]):
-            count += 1
         done_before = 0 if pin else self._known.get(node.name, 0)
         if not self.enabled or count <= done_before:
-            return count
+            return
         template = llm_template(node.op)
         uses_roles = template.uses_roles if template is not None else False
         resolve = lambda p: self.values[str(p.var)]  # noqa: E731
         as_text = not self.llm.capabilities.segments
         prompt = leading_prompt(prims, count, resolve, self.tokenizer, uses_roles, as_text)
         if prompt is None:
-            return count
+            return
         key = hashlib.sha1(repr(prompt).encode()).hexdigest()[:16]
         pin_key = f"{self.plan.app}:{key}" if pin else None
         if key in self._sent or pin_key in self.pins:
-            return count
+            return
         self._sent.add(key)
         self.tasks.append(asyncio.ensure_future(self._run(prompt, node.priority, pin_key)))
-        return count
 
     async def _run(self, prompt: Any, priority: int, pin: str | None) -> None:
         try:

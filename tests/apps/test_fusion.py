@@ -9,6 +9,7 @@ from covey.apps.advanced_rag import (
     fusion_node,
 )
 from covey.errors import ConfigError, InvalidRequestError
+from covey.graph.shared_prefixes import shared_prefixes
 
 from .fakes import hit
 
@@ -62,7 +63,7 @@ def test_app_shape_follows_its_parameters():
     app = build_advanced_rag_app(angles=("one", "two"), include_question=False)
     assert set(app.outputs) == {"answer", "results", "query_1", "query_2"}
     assert sum(n.kind == "retrieve" for n in app.plan.nodes.values()) == 2
-    (group,) = app.plan.prefix_groups  # the rewrites share their leading instruction
+    (group,) = shared_prefixes(app.plan)  # the rewrites share their leading instruction
     assert set(group.nodes) == {"rewrite_query", "rewrite_query_2"}
     with pytest.raises(ConfigError, match="angles must name at least one rewrite"):
         build_advanced_rag_app(angles=())

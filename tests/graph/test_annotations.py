@@ -7,17 +7,16 @@ import pytest
 
 from covey.errors import CoveyError, ErrorCategory, PlanError
 from covey.graph.annotations import (
-    GRAPH_ANNOTATIONS,
+    IR_GRAPH_KEYS,
     NODE_ANNOTATIONS,
     Lowered,
     Priority,
-    SharedPrefixes,
     annotate,
-    annotate_graph,
     read,
 )
-from covey.graph.passes import PASSES, objective_deduction, prefix_sharing
+from covey.graph.passes import PASSES, objective_deduction
 from covey.graph.passes.record import recorded
+from covey.graph.shared_prefixes import shared_prefixes
 from tests.graph import shapes
 
 
@@ -34,7 +33,7 @@ def _custom(write):
 
 def test_each_annotation_is_written_by_a_default_pass():
     names = {p.__name__ for p in PASSES}
-    assert {cls.written_by for cls in NODE_ANNOTATIONS + GRAPH_ANNOTATIONS} <= names
+    assert {cls.written_by for cls in NODE_ANNOTATIONS} <= names
 
 
 def test_the_plan_reads_the_typed_annotations():
@@ -43,7 +42,7 @@ def test_the_plan_reads_the_typed_annotations():
     for name, node in plan.nodes.items():
         assert node.priority == read(graph, name, Priority).value  # type: ignore[union-attr]
         assert node.primitives == read(graph, name, Lowered).primitives  # type: ignore[union-attr]
-    assert plan.prefix_groups == graph.graph["SharedPrefixes"].groups
+    assert set(graph.graph) <= set(IR_GRAPH_KEYS)  # nothing on the graph as a whole
 
 
 def test_plan_error_is_an_internal_covey_error():
@@ -89,10 +88,9 @@ def test_annotate_refuses_what_is_not_an_annotation_of_that_scope():
     g = shapes.merge().graph.copy()
     with pytest.raises(PlanError, match="node 'judge': dict is not an annotation here"):
         annotate(g, "judge", {"priority": 0})
-    with pytest.raises(PlanError, match="SharedPrefixes is not an annotation here"):
-        annotate(g, "judge", SharedPrefixes(()))
-    with pytest.raises(PlanError, match="app 'verdict': Priority is not an annotation here"):
-        annotate_graph(g, Priority(0))
+    (group,) = shared_prefixes(shapes.merge().plan)
+    with pytest.raises(PlanError, match="node 'judge': PrefixGroup is not an annotation here"):
+        annotate(g, "judge", group)
 
 
 @pytest.mark.parametrize(
@@ -102,7 +100,6 @@ def test_annotate_refuses_what_is_not_an_annotation_of_that_scope():
         (lambda: Priority(True), "Priority.value must be an int, got True"),
         (lambda: Lowered([]), "Lowered.primitives must be a tuple of Primitive, got []"),
         (lambda: Lowered(("x",)), "Lowered.primitives must be a tuple of Primitive"),
-        (lambda: SharedPrefixes((1,)), "SharedPrefixes.groups must be a tuple of PrefixGroup"),
     ],
 )
 def test_annotation_fields_are_typed(make, message):
@@ -123,17 +120,8 @@ def test_a_pass_that_ran_but_left_a_node_unannotated_fails():
     ):
         shapes.merge().optimize(passes=(forgetful,))
 
-    def silent(graph: nx.DiGraph) -> nx.DiGraph:
-        g = prefix_sharing(graph)
-        del g.graph["SharedPrefixes"]
-        return g
-
-    with pytest.raises(PlanError, match="pass 'prefix_sharing' ran but left no SharedPrefixes"):
-        shapes.merge().optimize(passes=(silent,))
-
 
 def test_a_pass_that_did_not_run_leaves_the_naive_choice():
     plan = shapes.merge().optimize(passes=())
     assert all(n.priority == 0 for n in plan.nodes.values())
     assert not any(p.pin for n in plan.nodes.values() for p in n.primitives)
-    assert plan.prefix_groups == ()

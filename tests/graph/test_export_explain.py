@@ -49,7 +49,7 @@ def test_explain_says_what_the_runtime_and_engine_do():
     assert "    decode(judge.verdict, max_tokens=256 choices=for|against)" in text
     assert "    - argue_against: priority 1 (slack: off the critical path)" in text
     assert "    - critical path: argue_for -> judge" in text
-    for name in ("prefix_sharing", "prefill_decomposition", "objective_deduction"):
+    for name in ("prefill_decomposition", "objective_deduction"):
         assert f"  {name}: fired" in text
     assert "  prune_unused: no change" in text
 
@@ -115,11 +115,12 @@ def test_same_app_same_plan():
 def test_a_plan_without_optional_passes_keeps_naive_choices():
     plan = shapes.merge().optimize(passes=(PASSES[0],))
     assert [r.name for r in plan.passes] == ["prune_unused"]
-    assert plan.prefix_groups == ()
     judge = plan.nodes["judge"]
     assert (judge.priority, judge.deps) == (0, ("argue_against", "argue_for"))
     assert not any(p.pin for p in judge.primitives)
     assert [p.op for p in judge.primitives][-1] == "decode"
     text = plan.explain()
-    assert "shared prefixes: not analysed (prefix_sharing did not run" in text
-    assert "pins" not in text
+    # The engine shares prompt starts whatever the passes decided, so explain() still says so.
+    assert "  P1: argue_against, argue_for share 2 segment(s): prefill[static](" in text
+    assert "in-batch prefix wait prefills the common blocks once" in text
+    assert "pins" not in text and "pinned" not in text

@@ -1,4 +1,4 @@
-"""Pass 3 alone: per-segment prefill + decode, pinned segments, and which leading segments
+"""Pass 2 alone: per-segment prefill + decode, pinned segments, and which leading segments
 are known at run start (what prefill-ahead can prefill while upstream nodes run)."""
 
 from __future__ import annotations

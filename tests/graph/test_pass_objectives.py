@@ -1,4 +1,4 @@
-"""Pass 4 alone: critical path, fan-out batch priority, background for unawaited outputs.
+"""Pass 3 alone: critical path, fan-out batch priority, background for unawaited outputs.
 
 The pass writes one typed `Priority` per node; the objective and the critical path that
 chose it are in its record."""

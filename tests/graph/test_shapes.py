@@ -7,6 +7,7 @@ import pytest
 import covey.graph as cg
 from covey.graph.lowering import known_prefix
 from covey.graph.passes import Priorities
+from covey.graph.shared_prefixes import shared_prefixes
 from tests.graph import shapes
 
 CASES = {
@@ -52,7 +53,7 @@ CASES = {
 def test_shape_plan(case):
     plan = case["build"]().plan
     assert {n: p.deps for n, p in plan.nodes.items()} == case["deps"]
-    got = [(g.nodes, g.num_segments, g.fan_out, g.together) for g in plan.prefix_groups]
+    got = [(g.nodes, g.num_segments, g.fan_out, g.together) for g in shared_prefixes(plan)]
     assert got == case["prefixes"]
     assert {n: plan.nodes[n].priority for n in case["priorities"]} == case["priorities"]
     for node, kinds in case["kinds"].items():

@@ -18,6 +18,7 @@ from covey.errors import (
     WiringError,
 )
 from covey.retrieval.documents import SearchResult
+from covey.retrieval.searcher import DEFAULT_K, DEFAULT_MODE
 from tests.graph import shapes
 
 
@@ -230,6 +231,9 @@ def test_retrieve_keeps_the_searchers_settings_unless_given():
     assert (plain.plan.nodes["retrieve"].op.k, plain.plan.nodes["retrieve"].op.mode) == (None, None)
     op = tuned.plan.nodes["retrieve"].op
     assert (op.k, op.mode) == (3, "bm25") and type(op.k) is int
+    # The docstring states the defaults a node without k or mode gets from a DocumentIndex.
+    doc = " ".join(str(cg.retrieve.__doc__).split())
+    assert f"DEFAULT_K` ({DEFAULT_K} results) and `DEFAULT_MODE` (\"{DEFAULT_MODE}\")" in doc
 
 
 def test_optimize_for_an_unknown_output():

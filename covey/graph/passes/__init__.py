@@ -10,10 +10,8 @@ from collections.abc import Callable
 
 import networkx as nx
 
-from covey.graph.annotations import PrefixGroup
 from covey.graph.passes.decompose import prefill_decomposition
 from covey.graph.passes.objectives import CostModel, Priorities, objective_deduction
-from covey.graph.passes.prefix_sharing import prefix_sharing
 from covey.graph.passes.prune import prune_unused
 from covey.graph.passes.record import PassRecord
 
@@ -22,7 +20,6 @@ Pass = Callable[[nx.DiGraph], nx.DiGraph]
 # Pruning runs first so later passes never plan dead nodes.
 PASSES: tuple[Pass, ...] = (
     prune_unused,
-    prefix_sharing,
     prefill_decomposition,
     objective_deduction,
 )
@@ -38,11 +35,9 @@ __all__ = [
     "PASSES",
     "CostModel",
     "PassRecord",
-    "PrefixGroup",
     "Priorities",
     "objective_deduction",
     "prefill_decomposition",
-    "prefix_sharing",
     "prune_unused",
     "run_passes",
 ]

@@ -1,4 +1,4 @@
-"""Pass 3: lower each LLM call to per-segment prefill and decode primitives, and mark the
+"""Pass 2: lower each LLM call to per-segment prefill and decode primitives, and mark the
 leading static ones to pin.
 
 What this decides, the runtime's prefill-ahead (`covey.runtime.prefill_ahead`) acts on:

@@ -1,4 +1,4 @@
-"""Pass 4: deduce each node's engine priority from the outputs the caller awaits.
+"""Pass 3: deduce each node's engine priority from the outputs the caller awaits.
 
 Walk back from the outputs the caller awaits (graph attribute `awaited`); the reply is
 ready when the last of them is, so nodes on the critical path (the longest estimated path

@@ -1,13 +1,14 @@
-"""Pass 2 alone: which calls share a leading prefix, how long it is, and whether they reach
-the engine together (in-batch prefix wait) or at different times (prefix cache only)."""
+"""The shared-prefix analysis alone: which calls share a leading prefix, how long it is, and
+whether they reach the engine together (in-batch prefix wait) or at different times (prefix
+cache only)."""
 
 from __future__ import annotations
 
 import pytest
 
 import covey.graph as cg
-from covey.graph.annotations import SharedPrefixes, read_graph
-from covey.graph.passes import prefix_sharing
+from covey.graph.passes import PASSES
+from covey.graph.shared_prefixes import sent_together, shared_prefixes
 from tests.graph import shapes
 
 
@@ -83,43 +84,61 @@ CASES = [
 ]
 
 
-def groups(graph):
-    shared = read_graph(graph, SharedPrefixes)
-    assert shared is not None
-    return shared.groups
-
-
 @pytest.mark.parametrize("wiring, expected", CASES, ids=[c[0].__name__ for c in CASES])
 def test_prefix_groups(wiring, expected):
-    app = cg.App(wiring)
-    out = prefix_sharing(app.graph)
-    got = [(g.nodes, g.num_segments, g.segments[0].kind, g.together) for g in groups(out)]
+    groups = shared_prefixes(cg.App(wiring).plan)
+    got = [(g.nodes, g.num_segments, g.segments[0].kind, g.together) for g in groups]
     assert got == expected
-    record = out.graph["passes"][-1]
-    assert record.fired is bool(expected)
-    assert [g.id for g in groups(out)] == [f"P{i}" for i in range(1, len(expected) + 1)]
+    assert [g.id for g in groups] == [f"P{i}" for i in range(1, len(expected) + 1)]
+
+
+def test_sent_together_means_the_same_deps():
+    plan = cg.App(same_literal).plan
+    first, second = plan.nodes["tagged"], plan.nodes["tagged_2"]
+    assert not sent_together(first, second)  # tagged_2 waits for title
+    assert sent_together(first, plan.nodes["title"])  # both start at once
+    assert "  tagged: priority 1, sent with title" in plan.explain()
 
 
 def test_literal_joins_the_static_text_around_it():
-    out = prefix_sharing(cg.App(same_literal).graph)
-    (group,) = groups(out)
-    assert group.segments[0].text == "[news] "
-    assert out.graph["passes"][-1].reasons[0].endswith(
-        "start at different times: later ones may hit the prefix cache"
+    plan = cg.App(same_literal).plan
+    (group,) = shared_prefixes(plan)
+    assert group.segments[0].text == "[news] " and group.segments[0].pin
+    assert "sent at different times: later ones reuse it only from the engine's prefix cache" in (
+        plan.explain()
     )
 
 
 def test_partial_static_segment_keeps_the_common_start():
-    (group,) = groups(prefix_sharing(cg.App(long_common_start).graph))
+    (group,) = shared_prefixes(cg.App(long_common_start).plan)
     assert group.segments[0].text == "You are a helpful assistant for the docs. Reply in "
     assert group.segments[0].role == "system"
+    assert group.segments[0].pin  # both whole system prompts are pinned
 
 
 def test_fan_out_shares_what_precedes_the_element():
-    out = prefix_sharing(shapes.map_reduce().graph)
-    fan = next(g for g in groups(out) if g.fan_out)
+    plan = shapes.map_reduce().plan
+    fan = next(g for g in shared_prefixes(plan) if g.fan_out)
     assert fan.nodes == ("map_summarize",) and fan.together
     assert [p.kind for p in fan.segments] == ["static", "dynamic", "static"]
-    reason = out.graph["passes"][-1].reasons[0]
-    assert reason.startswith(f"{fan.id}: each element of map_summarize share 3 leading")
-    assert reason.endswith("reach the engine together: prefilled once (in-batch prefix wait)")
+    text = plan.explain()
+    assert f"  {fan.id}: elements of map_summarize share 3 segment(s): prefill[static" in text
+    assert "sent together: the engine's in-batch prefix wait prefills the common blocks once" in (
+        text
+    )
+
+
+def test_the_analysis_needs_no_pass():
+    """The engine shares prompt starts whatever the passes decided, so the analysis reports
+    the same groups for an unoptimized plan, only without pins."""
+    app = shapes.merge()
+    naive = shared_prefixes(app.optimize(passes=()))
+    optimized = shared_prefixes(app.optimize(passes=PASSES))
+    assert [(g.nodes, g.num_segments, g.together) for g in naive] == [
+        (("argue_against", "argue_for"), 2, True)
+    ]
+    assert [(g.nodes, g.num_segments, g.together) for g in optimized] == [
+        (g.nodes, g.num_segments, g.together) for g in naive
+    ]
+    assert not any(p.pin for g in naive for p in g.segments)
+    assert optimized[0].segments[0].pin

@@ -9,12 +9,12 @@ is shared with `AsyncLLM`, which must not hand one id to two streams.
 
 from __future__ import annotations
 
-import operator
 import uuid
 from collections.abc import Container
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
 
+from covey.checks import as_int
 from covey.errors import InvalidRequestError
 from covey.llm_backend.block_manager import BlockManager
 from covey.llm_backend.choices import ChoiceTrie
@@ -48,12 +48,7 @@ def check_request_id(request_id: str | None, in_use: Container[str]) -> str:
 
 def check_priority(priority: object) -> int:
     """An int (numpy integers too); lower runs first."""
-    if isinstance(priority, bool):
-        raise InvalidRequestError(f"priority must be an integer, got {priority!r}")
-    try:
-        return operator.index(priority)  # type: ignore[arg-type]
-    except TypeError:
-        raise InvalidRequestError(f"priority must be an integer, got {priority!r}") from None
+    return as_int("priority", priority)
 
 
 class RequestValidator:
@@ -141,7 +136,7 @@ class RequestValidator:
                 spans.append(SegmentSpan(seg.kind, len(ids), len(ids) + len(piece), seg.chunk_id))
                 ids.extend(piece)
             return ids, spans
-        ids = list(as_token_ids("a token-id prompt", prompt))
+        ids = list(as_token_ids("the prompt", prompt))
         check_in_vocab("the prompt", ids, self.vocab_size)
         return ids, []
 

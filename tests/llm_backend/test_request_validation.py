@@ -16,7 +16,7 @@ VOCAB = 49152  # SmolLM2's embedding rows
     ("prompt", "params", "kw", "message"),
     [
         ([VOCAB], None, {}, rf"the prompt: token ids must be in \[0, {VOCAB}\), got {VOCAB}"),
-        ([-3], None, {}, "a token-id prompt: token ids must be >= 0"),
+        ([-3], None, {}, "the prompt: each token id must be >= 0"),
         ([Segment(token_ids=[VOCAB + 5])], None, {}, "prompt segment 0: token ids must be in"),
         (
             [Segment(text="ok"), Segment(text="bad \ud800")],

@@ -115,6 +115,9 @@ class BlockManager:
             self._decref(block)
         return True
 
+    def is_pinned(self, key: str) -> bool:
+        return key in self._pins
+
     @property
     def pinned(self) -> dict[str, int]:
         """Pin key -> tokens it holds in the prefix cache."""

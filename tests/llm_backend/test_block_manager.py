@@ -107,10 +107,12 @@ def test_pins_hold_cached_blocks_through_eviction_until_unpinned():
     assert bm.pin("sys", [1, 2, 3, 4]) and bm.pin("sys", [9, 9])  # a held key stays as it is
     assert bm.pin("short", [1, 2])  # shares its block with "sys"
     assert bm.pinned == {"sys": 4, "short": 2} and bm.num_pinned_blocks == 2
+    assert bm.is_pinned("sys") and not bm.is_pinned("other")
     hog = seq(list(range(100, 113)))  # 7 blocks: everything not pinned, and one more
     bm.match_prefix(hog)
     assert not bm.can_allocate(bm.blocks_needed(hog, 13))
     assert bm.unpin("sys") and not bm.unpin("sys")
+    assert not bm.is_pinned("sys")
     assert bm.num_pinned_blocks == 1  # "short" still holds the shared block
     assert bm.unpin("short") and bm.num_pinned_blocks == 0
     run_prefill(bm, hog)  # it needed one more block: the unpinned leaf was evicted

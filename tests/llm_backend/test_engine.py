@@ -190,7 +190,7 @@ def test_kv_blocks_export_and_import_round_trip(make_engine):
         ("", GREEDY, "the prompt is empty"),
         ("word " * 9000, GREEDY, "context window"),
         ([10**9], GREEDY, "token ids must be in"),
-        ([1.5], GREEDY, "only ints"),
+        ([1.5], GREEDY, "the prompt: each token id must be an integer, got 1.5"),
         (b"bytes", GREEDY, "a prompt is a str"),
     ],
 )

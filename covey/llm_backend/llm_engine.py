@@ -117,6 +117,7 @@ class LLMEngine:
             params,
             checked.priority,
             checked.spans,
+            max_kv_tokens=checked.max_kv_tokens,
         )
         self._set_sampling(seq, checked)
         self.requests[seq.request_id] = seq
@@ -127,7 +128,6 @@ class LLMEngine:
         """Per-request sampling state for `seq.params`: the seeded generator and the
         choice trie."""
         seq.choice_trie = checked.choice_trie
-        seq.max_kv_tokens = checked.max_kv_tokens
         self._generators.pop(seq.seq_id, None)
         if seq.params.seed is not None:
             self._generators[seq.seq_id] = torch.Generator(self.device).manual_seed(
@@ -165,8 +165,8 @@ class LLMEngine:
             checked.priority,
             checked.spans,
             prefill_only=True,
+            max_kv_tokens=checked.max_kv_tokens,
         )
-        seq.max_kv_tokens = checked.max_kv_tokens
         seq.pin = checked.pin
         self.requests[seq.request_id] = seq
         self.scheduler.add(seq)
@@ -218,7 +218,7 @@ class LLMEngine:
             extra, params, request_id, seq.priority, context=len(seq)
         )
         seq.token_ids.extend(checked.token_ids)
-        seq.start_new_turn(params)
+        seq.start_new_turn(params, checked.max_kv_tokens)
         self._set_sampling(seq, checked)
         self.scheduler.resume(seq)
 

@@ -6,7 +6,7 @@ from covey.llm_backend.sequence import Sequence
 
 
 def seq(tokens: list[int]) -> Sequence:
-    return Sequence("r", tokens, SamplingParams())
+    return Sequence("r", tokens, SamplingParams(), max_kv_tokens=len(tokens) + 256)
 
 
 def run_prefill(bm: BlockManager, s: Sequence) -> None:

@@ -126,7 +126,8 @@ class EngineClient(Protocol):
         request_id: str | None = None,
     ) -> RequestOutput | None:
         """Compute `prompt`'s KV into the prefix cache, generating nothing; `pin` holds it
-        there until `unpin(pin)`. None when nothing had to be computed. (`prefill`.)"""
+        there until `unpin(pin)`, or until requests need its room (a pin is an optimisation
+        and yields). None when nothing had to be computed. (`prefill`.)"""
         ...
 
     async def unpin(self, pin: str) -> bool:

@@ -146,10 +146,11 @@ class LLMEngine:
         Only whole blocks are kept, so the prompt is cut to a multiple of the block size.
         `pin` names a pin that holds the blocks in the cache until `unpin(pin)`, unless
         pins would then pass MAX_PINNED_FRACTION of the pool or leave a request the engine
-        holds no room to finish (then the blocks stay cached, evictable: a pin is an
-        optimisation and must never wedge the pool). A key already pinned is not
-        prefilled again. Returns the request id, or None when there is nothing to compute
-        (everything cached, or shorter than a block).
+        holds no room to finish (then the blocks stay cached, evictable). A pin is an
+        optimisation and must never wedge the pool: when a request later needs its room,
+        the oldest pins are released first. A key already pinned is not prefilled again.
+        Returns the request id, or None when there is nothing to compute (everything
+        cached, or shorter than a block).
         """
         checked = self.validator.check_prefill(prompt, request_id, priority, pin, self.requests)
         if checked is None:
@@ -186,7 +187,8 @@ class LLMEngine:
 
     @property
     def pinned(self) -> dict[str, int]:
-        """Pin key -> tokens it holds in the prefix cache."""
+        """Pin key -> tokens it holds in the prefix cache (a pin that yielded its room to a
+        request is gone)."""
         return self.block_manager.pinned
 
     def abort_request(self, request_id: str) -> RequestOutput | None:

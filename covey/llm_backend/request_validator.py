@@ -2,7 +2,7 @@
 
 A request that passes here cannot fail inside a batched step for a reason of its own: its
 prompt tokenizes to ids the model's embedding table holds, it fits the context window, and
-its largest KV footprint fits the pool beside the pinned prefixes. `add_request`,
+its largest KV footprint fits the pool (pinned prefixes yield to it). `add_request`,
 `add_prefill` and `resume_request` each make one call here (`check`, `check_prefill`,
 `check_resume`) and get back everything checked; the request-id check is shared with
 `AsyncLLM`, which must not hand one id to two streams.
@@ -151,14 +151,14 @@ class RequestValidator:
         return CheckedRequest(request_id, priority, ids, spans, None, len(ids), pin)
 
     def check_pool(self, needed: int, what: str) -> None:
-        """Refuse what could never fit: the pool less the pinned blocks."""
+        """Refuse what could never fit: more than the whole pool. Pinned blocks count as
+        room, since pins yield to requests (see BlockManager)."""
         bm = self.block_manager
         capacity = bm.num_blocks * bm.block_size
-        usable = capacity - bm.num_pinned_blocks * bm.block_size
-        if needed > usable:
+        if needed > capacity:
             raise InvalidRequestError(
-                f"{what} needs KV for {needed} tokens but the pool holds {usable} "
-                f"(of {capacity}, the rest pinned); lower max_tokens or raise kv_cache_tokens"
+                f"{what} needs KV for {needed} tokens but the pool holds {capacity}; "
+                "lower max_tokens or raise kv_cache_tokens"
             )
 
     def tokenize(self, prompt: object) -> tuple[list[int], list[SegmentSpan]]:

@@ -6,6 +6,7 @@ import pytest
 
 from covey.errors import InvalidRequestError
 from covey.llm_backend.sampling_params import SamplingParams
+from covey.llm_backend.sequence import Sequence
 
 from .test_engine import run
 
@@ -63,9 +64,21 @@ def test_pins_never_take_more_than_their_share_of_the_pool(make_engine):
         drain(engine)
     assert sum(engine.pinned.values()) <= 8 * 16
     assert len(engine.pinned) < 3  # the pin past the share was refused; its KV stays cached
-    long = SamplingParams(max_tokens=480, ignore_eos=True)  # fits the pool, not beside pins
-    with pytest.raises(InvalidRequestError, match="the rest pinned"):
-        engine.add_request("Tell me a story.", long)
+
+
+def test_pins_yield_to_a_request_that_needs_their_room(make_engine):
+    engine = make_engine(kv_cache_tokens=256, block_size=16)  # 16 blocks: pins get 4
+    engine.add_prefill(SYSTEM, pin="system")
+    drain(engine)
+    assert engine.block_manager.num_pinned_blocks == 3
+    prompt = "Tell me a story."
+    n = 256 - len(engine.tokenize(prompt)[0])
+    story = SamplingParams(max_tokens=n, ignore_eos=True)  # the whole pool: the pin must go
+    (out,) = run(engine, [prompt], story)
+    assert out.finish_reason == "length" and len(out.token_ids) == n
+    assert engine.pinned == {} and engine.block_manager.num_pinned_blocks == 0
+    fresh = run(make_engine(kv_cache_tokens=256, block_size=16), ["Tell me a story."], story)
+    assert out.token_ids == fresh[0].token_ids
 
 
 def test_prefill_errors_are_clear(make_engine):
@@ -116,14 +129,13 @@ def test_a_pin_never_wedges_a_request_the_engine_accepted(make_engine):
 
 
 def test_a_request_that_cannot_be_scheduled_fails_alone(make_engine):
+    """The last resort, for a pool the scheduler's bookkeeping cannot explain."""
     engine = make_engine(kv_cache_tokens=1024, block_size=16)
-    prefix = document(engine, 256, 3)
-    engine.add_prefill(prefix)
-    drain(engine)
     big = engine.add_request(document(engine, 800, 1), SamplingParams(max_tokens=4))
-    assert engine.block_manager.pin("forced", prefix)  # past the engine's own pin check
+    leak = Sequence("leak", document(engine, 256, 3), GREEDY, max_kv_tokens=256)
+    engine.block_manager.allocate_slots(leak, 256)  # 16 blocks held outside the scheduler
     small = engine.add_request("A short one.", GREEDY)
     finals = {o.request_id: o for o in drain(engine) if o.finished}
     assert finals[big].finish_reason == "error"
-    assert "cannot be scheduled: the KV pool (64 blocks, 16 pinned)" in finals[big].error
+    assert "cannot be scheduled: the KV pool (64 blocks, 0 pinned)" in finals[big].error
     assert finals[small].finish_reason == "length" and len(finals[small].token_ids) == 8

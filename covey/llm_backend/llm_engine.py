@@ -93,10 +93,6 @@ class LLMEngine:
                 return None  # dummy weights without the embedded package: token ids only
             raise
 
-    @property
-    def kv_capacity_tokens(self) -> int:
-        return self.pool.num_blocks * self.pool.block_size
-
     def tokenize(self, prompt: Prompt) -> tuple[list[int], list[SegmentSpan]]:
         """Token ids of a prompt (text, token ids or segments) and where each segment lies."""
         return self.validator.tokenize(prompt)

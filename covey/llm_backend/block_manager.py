@@ -42,10 +42,10 @@ class BlockManager:
         self.ref_counts = [0] * num_blocks
         self.free_blocks: deque[int] = deque(range(num_blocks))
         self.trie = BlockTrie(block_size) if enable_prefix_caching else None
-        self.cached_nodes: dict[int, BlockNode] = {}  # block id -> its tree node
+        self.cached_nodes: dict[int, BlockNode] = {}  # block id -> its trie node
         self.num_idle_cached = 0
         self.stats = PrefixCacheStats()
-        self._cursor: dict[int, tuple[BlockNode, int]] = {}  # seq id -> (tree node, blocks seen)
+        self._cursor: dict[int, tuple[BlockNode, int]] = {}  # seq id -> (trie node, blocks seen)
         self._pins: dict[str, list[int]] = {}  # pin key -> the cached blocks it holds
         self._pin_counts: Counter[int] = Counter()  # block -> pins holding it
         self._num_pin_only = 0  # pinned blocks no sequence holds: releasing every pin frees them
@@ -170,7 +170,7 @@ class BlockManager:
         return copies
 
     def cache_full_blocks(self, seq: Sequence) -> None:
-        """Publish `seq`'s newly completed blocks in the prefix tree, for later requests."""
+        """Publish `seq`'s newly completed blocks in the block trie, for later requests."""
         if self.trie is None:
             return
         node, seen = self._cursor.get(seq.seq_id, (self.trie.root, 0))

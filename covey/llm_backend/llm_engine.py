@@ -227,14 +227,16 @@ class LLMEngine:
         return seq
 
     def stats(self) -> EngineStats:
-        """Pool use, prefix-cache hits and queue lengths right now."""
+        """Pool use, prefix-cache hits and queue lengths right now. A pinned block is never
+        idle (its pin references it), so used, cached, pinned and free blocks partition the
+        pool."""
         bm, sched = self.block_manager, self.scheduler
         free = len(bm.free_blocks)
         return EngineStats(
             model=self.model_name,
             block_size=bm.block_size,
             kv_blocks_total=bm.num_blocks,
-            kv_blocks_used=bm.num_blocks - free - bm.num_idle_cached,
+            kv_blocks_used=bm.num_blocks - free - bm.num_idle_cached - bm.num_pinned_blocks,
             kv_blocks_cached=bm.num_idle_cached,
             kv_blocks_pinned=bm.num_pinned_blocks,
             prefix_cache_queried_tokens=bm.stats.queried_tokens,
@@ -280,7 +282,10 @@ class LLMEngine:
         """
         plan = self.scheduler.schedule()
         if not plan.scheduled:
-            if self.scheduler.has_work():  # admission checks make this unreachable
+            if self.scheduler.has_work():
+                # A last resort: admission checks and yielding pins should leave room for
+                # every accepted request, but if the pool still cannot take the first one
+                # (a bookkeeping fault), it fails alone instead of the step spinning.
                 return [self._fail_unschedulable()]
             return []
         now = time.perf_counter()

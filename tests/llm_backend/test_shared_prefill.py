@@ -139,3 +139,20 @@ def test_a_request_that_cannot_be_scheduled_fails_alone(make_engine):
     assert finals[big].finish_reason == "error"
     assert "cannot be scheduled: the KV pool (64 blocks, 0 pinned)" in finals[big].error
     assert finals[small].finish_reason == "length" and len(finals[small].token_ids) == 8
+
+
+def test_stats_count_each_block_once(make_engine):
+    engine = make_engine(kv_cache_tokens=512, block_size=16)
+    engine.add_prefill(SYSTEM, pin="system")
+    drain(engine)
+    pinned = engine.block_manager.num_pinned_blocks
+    rid = engine.add_request(SYSTEM + QUESTIONS[0], GREEDY)  # reads the pinned blocks
+    engine.step()
+    seq = engine.requests[rid]
+    stats = engine.stats()
+    assert stats.kv_blocks_pinned == pinned > 0
+    assert stats.kv_blocks_used == len(seq.block_table) - pinned  # its own blocks only
+    free = stats.kv_blocks_total - stats.kv_blocks_used - stats.kv_blocks_cached - pinned
+    assert free == len(engine.block_manager.free_blocks)
+    engine.abort_request(rid)
+    assert engine.stats().kv_blocks_used == 0

@@ -165,8 +165,12 @@ class _LRUHeap:
         self._down(self._up(node.heap_pos))
 
     @staticmethod
-    def _key(node: BlockNode) -> tuple[int, int]:
-        return node.last_access, node.block_id  # type: ignore[return-value]  # never the root
+    def _before(a: BlockNode, b: BlockNode) -> bool:
+        """Whether `a` is evicted before `b`: older last access first, then lower block id
+        (fields compared directly: no key tuples built on this hot path)."""
+        if a.last_access != b.last_access:
+            return a.last_access < b.last_access
+        return a.block_id < b.block_id  # type: ignore[operator]  # never the root
 
     def _swap(self, i: int, j: int) -> None:
         a, b = self.nodes[i], self.nodes[j]
@@ -177,7 +181,7 @@ class _LRUHeap:
         while i > 0:
             parent = (i - 1) // 2
             self.steps += 1
-            if self._key(self.nodes[i]) >= self._key(self.nodes[parent]):
+            if not self._before(self.nodes[i], self.nodes[parent]):
                 break
             self._swap(i, parent)
             i = parent
@@ -190,7 +194,7 @@ class _LRUHeap:
             for child in (2 * i + 1, 2 * i + 2):
                 if child < n:
                     self.steps += 1
-                    if self._key(self.nodes[child]) < self._key(self.nodes[smallest]):
+                    if self._before(self.nodes[child], self.nodes[smallest]):
                         smallest = child
             if smallest == i:
                 return i

@@ -4,7 +4,10 @@ Plain Python with no torch, so it is tested on its own. Blocks are in one of thr
 free (no owner, not cached), referenced (ref_count > 0) or cached-idle (in the block trie
 with ref_count 0: reusable by a later prefix hit, evicted LRU when the free list runs dry).
 Pinned prefixes (kept cached across requests, e.g. a system prompt) live here too: a pin
-key holds one reference on each of its blocks.
+key holds one reference on each of its blocks. A pin is an optimisation, so it yields: when
+an allocation needs the room pinned blocks hold, the oldest pins are released (their blocks
+become idle, evictable) until it fits. A request therefore fits whenever the whole pool
+could hold it.
 """
 
 from __future__ import annotations
@@ -39,16 +42,18 @@ class BlockManager:
         self.ref_counts = [0] * num_blocks
         self.free_blocks: deque[int] = deque(range(num_blocks))
         self.trie = BlockTrie(block_size) if enable_prefix_caching else None
-        self.cached_nodes: dict[int, BlockNode] = {}  # block id -> its tree node
+        self.cached_nodes: dict[int, BlockNode] = {}  # block id -> its trie node
         self.num_idle_cached = 0
         self.stats = PrefixCacheStats()
-        self._cursor: dict[int, tuple[BlockNode, int]] = {}  # seq id -> (tree node, blocks seen)
+        self._cursor: dict[int, tuple[BlockNode, int]] = {}  # seq id -> (trie node, blocks seen)
         self._pins: dict[str, list[int]] = {}  # pin key -> the cached blocks it holds
         self._pin_counts: Counter[int] = Counter()  # block -> pins holding it
+        self._num_pin_only = 0  # pinned blocks no sequence holds: releasing every pin frees them
 
     @property
     def num_free_blocks(self) -> int:
-        """Blocks an allocation can get: free ones plus idle cached ones (by eviction)."""
+        """Blocks an allocation can get without touching a pin: free ones plus idle cached
+        ones (by eviction)."""
         return len(self.free_blocks) + self.num_idle_cached
 
     def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
@@ -57,7 +62,8 @@ class BlockManager:
         return max(0, total - len(seq.block_table)) + int(self._needs_copy(seq))
 
     def can_allocate(self, num_blocks: int) -> bool:
-        return num_blocks <= self.num_free_blocks
+        """Whether `num_blocks` can be taken, counting blocks that releasing pins frees."""
+        return num_blocks <= self.num_free_blocks + self._num_pin_only
 
     def match_prefix(self, seq: Sequence) -> None:
         """Reuse cached blocks for the longest block-aligned prefix of a new sequence.
@@ -99,7 +105,9 @@ class BlockManager:
             return False
         for block in blocks:
             self._incref(block)
+            before = self._pin_only(block)
             self._pin_counts[block] += 1
+            self._num_pin_only += self._pin_only(block) - before
         self._pins[key] = blocks
         return True
 
@@ -109,11 +117,21 @@ class BlockManager:
         if blocks is None:
             return False
         for block in reversed(blocks):
+            before = self._pin_only(block)
             self._pin_counts[block] -= 1
             if not self._pin_counts[block]:
                 del self._pin_counts[block]
+            self._num_pin_only += self._pin_only(block) - before
             self._decref(block)
         return True
+
+    def _pin_only(self, block: int) -> bool:
+        """Pinned, and held by nothing else (so releasing its pins frees it)."""
+        pins = self._pin_counts.get(block, 0)
+        return pins > 0 and self.ref_counts[block] == pins
+
+    def is_pinned(self, key: str) -> bool:
+        return key in self._pins
 
     @property
     def pinned(self) -> dict[str, int]:
@@ -152,7 +170,7 @@ class BlockManager:
         return copies
 
     def cache_full_blocks(self, seq: Sequence) -> None:
-        """Publish `seq`'s newly completed blocks in the prefix tree, for later requests."""
+        """Publish `seq`'s newly completed blocks in the block trie, for later requests."""
         if self.trie is None:
             return
         node, seen = self._cursor.get(seq.seq_id, (self.trie.root, 0))
@@ -207,7 +225,12 @@ class BlockManager:
         )
 
     def _reserve(self, num_blocks: int) -> None:
-        """Evict exactly enough idle cached blocks that `num_blocks` can be taken."""
+        """Evict exactly enough idle cached blocks that `num_blocks` can be taken, first
+        releasing the oldest pins if idle blocks alone are too few."""
+        for key in list(self._pins):  # oldest first: dicts keep insertion order
+            if num_blocks <= self.num_free_blocks:
+                break
+            self.unpin(key)
         short = num_blocks - len(self.free_blocks)
         if short > 0 and self.num_idle_cached:
             self._evict(short)
@@ -230,10 +253,14 @@ class BlockManager:
         if self.ref_counts[block] == 0 and block in self.cached_nodes:
             self.num_idle_cached -= 1
             self.trie.set_idle(self.cached_nodes[block], False)  # type: ignore[union-attr]
+        before = self._pin_only(block)
         self.ref_counts[block] += 1
+        self._num_pin_only += self._pin_only(block) - before
 
     def _decref(self, block: int) -> None:
+        before = self._pin_only(block)
         self.ref_counts[block] -= 1
+        self._num_pin_only += self._pin_only(block) - before
         if self.ref_counts[block] == 0:
             node = self.cached_nodes.get(block)
             if node is not None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from covey.checks import as_int
 from covey.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -40,10 +41,10 @@ class EngineConfig:
             )
         check_device(self.device, "EngineConfig.device")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
-            _check_positive_int(name, getattr(self, name))
+            as_int(f"EngineConfig.{name}", getattr(self, name), ge=1, error=ConfigError)
         for name in ("kv_cache_tokens", "kv_cache_bytes", "max_model_len", "num_threads"):
             if getattr(self, name) is not None:
-                _check_positive_int(name, getattr(self, name))
+                as_int(f"EngineConfig.{name}", getattr(self, name), ge=1, error=ConfigError)
         if self.block_size & (self.block_size - 1):
             raise ConfigError(
                 f"EngineConfig.block_size must be a power of two, got {self.block_size}"
@@ -94,11 +95,6 @@ def check_device(device: object, field: str) -> None:
             f"{field} is {device!r} but this machine has {count} CUDA device(s) "
             f"(cuda:0 to cuda:{count - 1})"
         )
-
-
-def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not hasattr(value, "__index__") or value.__index__() <= 0:
-        raise ConfigError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
 
 
 def cpu_has_fast_bf16() -> bool:

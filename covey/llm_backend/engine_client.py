@@ -48,9 +48,11 @@ class EngineCapabilities:
 class EngineStats:
     """A snapshot of an engine's load, for metrics, routing and `explain()`.
 
-    KV figures are in blocks of `block_size` tokens: `kv_blocks_used` hold live requests'
-    KV, `kv_blocks_cached` idle prefix-cache entries (evictable), `kv_blocks_pinned` pinned
-    prefixes. Prefix-cache hits count prompt tokens served from the cache since start.
+    KV figures are in blocks of `block_size` tokens and never overlap: `kv_blocks_used`
+    hold live requests' KV (not counting pinned blocks they share), `kv_blocks_cached` idle
+    prefix-cache entries (evictable), `kv_blocks_pinned` pinned prefixes (which yield to
+    requests that need the room); the rest of `kv_blocks_total` is free. Prefix-cache hits
+    count prompt tokens served from the cache since start.
     """
 
     model: str
@@ -76,6 +78,7 @@ class EngineStats:
 
     @property
     def kv_usage(self) -> float:
+        """The share of the pool live requests hold (pinned and idle cached blocks aside)."""
         return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
 
 
@@ -128,7 +131,8 @@ class EngineClient(Protocol):
         request_id: str | None = None,
     ) -> RequestOutput | None:
         """Compute `prompt`'s KV into the prefix cache, generating nothing; `pin` holds it
-        there until `unpin(pin)`. None when nothing had to be computed. (`prefill`.)"""
+        there until `unpin(pin)`, or until requests need its room (a pin is an optimisation
+        and yields). None when nothing had to be computed. (`prefill`.)"""
         ...
 
     async def unpin(self, pin: str) -> bool:

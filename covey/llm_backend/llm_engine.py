@@ -29,12 +29,7 @@ from covey.llm_backend.model_source import resolve_model
 from covey.llm_backend.output_processor import OutputProcessor
 from covey.llm_backend.outputs import RequestOutput
 from covey.llm_backend.quantization import Int8Linear, quantize_int8
-from covey.llm_backend.request_validator import (
-    CheckedRequest,
-    RequestValidator,
-    check_priority,
-    check_request_id,
-)
+from covey.llm_backend.request_validator import CheckedRequest, RequestValidator
 from covey.llm_backend.sampler import sample
 from covey.llm_backend.sampling_params import SamplingParams
 from covey.llm_backend.scheduler import Scheduler, SchedulerConfig
@@ -98,10 +93,6 @@ class LLMEngine:
                 return None  # dummy weights without the embedded package: token ids only
             raise
 
-    @property
-    def kv_capacity_tokens(self) -> int:
-        return self.pool.num_blocks * self.pool.block_size
-
     def tokenize(self, prompt: Prompt) -> tuple[list[int], list[SegmentSpan]]:
         """Token ids of a prompt (text, token ids or segments) and where each segment lies."""
         return self.validator.tokenize(prompt)
@@ -115,22 +106,29 @@ class LLMEngine:
     ) -> str:
         """Validate and queue a request; returns its id. Raises InvalidRequestError."""
         params = SamplingParams() if params is None else params
-        request_id = check_request_id(request_id, self.requests)
-        priority = check_priority(priority)
-        checked = self.validator.check(prompt, params)
-        seq = Sequence(request_id, checked.token_ids, params, priority, checked.spans)
-        self._set_params(seq, params, checked)
-        self.requests[request_id] = seq
+        checked = self.validator.check(prompt, params, request_id, priority, self.requests)
+        seq = Sequence(
+            checked.request_id,
+            checked.token_ids,
+            params,
+            checked.priority,
+            checked.spans,
+            max_kv_tokens=checked.max_kv_tokens,
+        )
+        self._set_sampling(seq, checked)
+        self.requests[seq.request_id] = seq
         self.scheduler.add(seq)
-        return request_id
+        return seq.request_id
 
-    def _set_params(self, seq: Sequence, params: SamplingParams, checked: CheckedRequest) -> None:
-        """Per-request sampling state: the seeded generator and the choice trie."""
-        seq.params, seq.choice_trie = params, checked.choice_trie
-        seq.max_kv_tokens = checked.max_kv_tokens
+    def _set_sampling(self, seq: Sequence, checked: CheckedRequest) -> None:
+        """Per-request sampling state for `seq.params`: the seeded generator and the
+        choice trie."""
+        seq.choice_trie = checked.choice_trie
         self._generators.pop(seq.seq_id, None)
-        if params.seed is not None:
-            self._generators[seq.seq_id] = torch.Generator(self.device).manual_seed(params.seed)
+        if seq.params.seed is not None:
+            self._generators[seq.seq_id] = torch.Generator(self.device).manual_seed(
+                seq.params.seed
+            )
 
     def add_prefill(
         self,
@@ -144,32 +142,32 @@ class LLMEngine:
         Only whole blocks are kept, so the prompt is cut to a multiple of the block size.
         `pin` names a pin that holds the blocks in the cache until `unpin(pin)`, unless
         pins would then pass MAX_PINNED_FRACTION of the pool or leave a request the engine
-        holds no room to finish (then the blocks stay cached, evictable: a pin is an
-        optimisation and must never wedge the pool). A key already pinned is not
-        prefilled again. Returns the request id, or None when there is nothing to compute
-        (everything cached, or shorter than a block).
+        holds no room to finish (then the blocks stay cached, evictable). A pin is an
+        optimisation and must never wedge the pool: when a request later needs its room,
+        the oldest pins are released first. A key already pinned is not prefilled again.
+        Returns the request id, or None when there is nothing to compute (everything
+        cached, or shorter than a block).
         """
-        if pin is not None and not isinstance(pin, str):
-            raise InvalidRequestError(f"pin must be a str key, got {pin!r}")
-        if pin is not None and pin in self.block_manager.pinned:
-            return None
-        if not self.config.enable_prefix_caching:
-            raise InvalidRequestError("early prefill needs enable_prefix_caching=True")
-        request_id = check_request_id(request_id, self.requests)
-        priority = check_priority(priority)
-        checked = self.validator.check_prefill(prompt)
+        checked = self.validator.check_prefill(prompt, request_id, priority, pin, self.requests)
         if checked is None:
             return None
         ids, bm = checked.token_ids, self.block_manager
         if bm.cached_prefix_blocks(ids) * bm.block_size == len(ids):
-            self._pin(pin, ids)
+            self._pin(checked.pin, ids)
             return None
-        seq = Sequence(request_id, ids, SamplingParams(max_tokens=1), priority, checked.spans, True)
-        seq.max_kv_tokens = checked.max_kv_tokens
-        seq.pin = pin
-        self.requests[request_id] = seq
+        seq = Sequence(
+            checked.request_id,
+            ids,
+            SamplingParams(max_tokens=1),
+            checked.priority,
+            checked.spans,
+            prefill_only=True,
+            max_kv_tokens=checked.max_kv_tokens,
+        )
+        seq.pin = checked.pin
+        self.requests[seq.request_id] = seq
         self.scheduler.add(seq)
-        return request_id
+        return seq.request_id
 
     def _pin(self, pin: str | None, token_ids: list[int]) -> None:
         """Hold the cached prefix of `token_ids` under `pin` if the block manager has room
@@ -185,7 +183,8 @@ class LLMEngine:
 
     @property
     def pinned(self) -> dict[str, int]:
-        """Pin key -> tokens it holds in the prefix cache."""
+        """Pin key -> tokens it holds in the prefix cache (a pin that yielded its room to a
+        request is gone)."""
         return self.block_manager.pinned
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -213,10 +212,12 @@ class LLMEngine:
         if request_id not in self.scheduler.paused:
             raise InvalidRequestError(f"request {request_id!r} is not paused")
         params = seq.params if params is None else params
-        checked = self.validator.check(extra, params, context=len(seq))
-        self._set_params(seq, params, checked)
+        checked = self.validator.check_resume(
+            extra, params, request_id, seq.priority, context=len(seq)
+        )
         seq.token_ids.extend(checked.token_ids)
-        seq.start_new_turn(params)
+        seq.start_new_turn(params, checked.max_kv_tokens)
+        self._set_sampling(seq, checked)
         self.scheduler.resume(seq)
 
     def _get(self, request_id: str) -> Sequence:
@@ -226,14 +227,16 @@ class LLMEngine:
         return seq
 
     def stats(self) -> EngineStats:
-        """Pool use, prefix-cache hits and queue lengths right now."""
+        """Pool use, prefix-cache hits and queue lengths right now. A pinned block is never
+        idle (its pin references it), so used, cached, pinned and free blocks partition the
+        pool."""
         bm, sched = self.block_manager, self.scheduler
         free = len(bm.free_blocks)
         return EngineStats(
             model=self.model_name,
             block_size=bm.block_size,
             kv_blocks_total=bm.num_blocks,
-            kv_blocks_used=bm.num_blocks - free - bm.num_idle_cached,
+            kv_blocks_used=bm.num_blocks - free - bm.num_idle_cached - bm.num_pinned_blocks,
             kv_blocks_cached=bm.num_idle_cached,
             kv_blocks_pinned=bm.num_pinned_blocks,
             prefix_cache_queried_tokens=bm.stats.queried_tokens,
@@ -279,7 +282,10 @@ class LLMEngine:
         """
         plan = self.scheduler.schedule()
         if not plan.scheduled:
-            if self.scheduler.has_work():  # admission checks make this unreachable
+            if self.scheduler.has_work():
+                # A last resort: admission checks and yielding pins should leave room for
+                # every accepted request, but if the pool still cannot take the first one
+                # (a bookkeeping fault), it fails alone instead of the step spinning.
                 return [self._fail_unschedulable()]
             return []
         now = time.perf_counter()

@@ -2,19 +2,20 @@
 
 A request that passes here cannot fail inside a batched step for a reason of its own: its
 prompt tokenizes to ids the model's embedding table holds, it fits the context window, and
-its largest KV footprint fits the pool beside the pinned prefixes. `add_request`,
-`add_prefill` and `resume_request` all go through `RequestValidator`; the request-id check
-is shared with `AsyncLLM`, which must not hand one id to two streams.
+its largest KV footprint fits the pool (pinned prefixes yield to it). `add_request`,
+`add_prefill` and `resume_request` each make one call here (`check`, `check_prefill`,
+`check_resume`) and get back everything checked; the request-id check is shared with
+`AsyncLLM`, which must not hand one id to two streams.
 """
 
 from __future__ import annotations
 
-import operator
 import uuid
 from collections.abc import Container
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
 
+from covey.checks import as_int
 from covey.errors import InvalidRequestError
 from covey.llm_backend.block_manager import BlockManager
 from covey.llm_backend.choices import ChoiceTrie
@@ -26,13 +27,17 @@ from covey.llm_backend.tokenizer import Tokenizer
 
 @dataclass(frozen=True)
 class CheckedRequest:
-    """A prompt the engine can take: its ids, where its segments lie, its choice trie,
-    and the most tokens it can ever hold in the KV pool."""
+    """A request the engine can take: its id and priority, its prompt's ids and where its
+    segments lie, its choice trie, the most tokens it can ever hold in the KV pool, and
+    (a prefill only) the pin to hold its blocks under."""
 
+    request_id: str
+    priority: int
     token_ids: list[int]
     spans: list[SegmentSpan]
     choice_trie: ChoiceTrie | None
     max_kv_tokens: int
+    pin: str | None = None
 
 
 def check_request_id(request_id: str | None, in_use: Container[str]) -> str:
@@ -48,16 +53,12 @@ def check_request_id(request_id: str | None, in_use: Container[str]) -> str:
 
 def check_priority(priority: object) -> int:
     """An int (numpy integers too); lower runs first."""
-    if isinstance(priority, bool):
-        raise InvalidRequestError(f"priority must be an integer, got {priority!r}")
-    try:
-        return operator.index(priority)  # type: ignore[arg-type]
-    except TypeError:
-        raise InvalidRequestError(f"priority must be an integer, got {priority!r}") from None
+    return as_int("priority", priority)
 
 
 class RequestValidator:
-    """Checks prompts and sampling parameters against one engine's model and pool."""
+    """Checks requests (ids, priorities, prompts, sampling parameters, pins) against one
+    engine's model and pool."""
 
     def __init__(
         self,
@@ -71,7 +72,29 @@ class RequestValidator:
         self.max_model_len = max_model_len
         self.block_manager = block_manager
 
-    def check(self, prompt: object, params: object, context: int = 0) -> CheckedRequest:
+    def check(
+        self,
+        prompt: object,
+        params: object,
+        request_id: str | None,
+        priority: object,
+        in_use: Container[str],
+    ) -> CheckedRequest:
+        """A new request to generate from; `in_use` holds the ids the engine has taken."""
+        request_id = check_request_id(request_id, in_use)
+        priority = check_priority(priority)
+        return self._check_prompt(prompt, params, request_id, priority, context=0)
+
+    def check_resume(
+        self, extra: object, params: object, request_id: str, priority: int, context: int
+    ) -> CheckedRequest:
+        """More prompt for a held request (a tool's result) on top of the `context`
+        tokens it already holds; its id and priority stay as they are."""
+        return self._check_prompt(extra, params, request_id, priority, context)
+
+    def _check_prompt(
+        self, prompt: object, params: object, request_id: str, priority: int, context: int
+    ) -> CheckedRequest:
         """A prompt to generate from, after `context` tokens already held (a resumed
         request's history; 0 for a new request, whose prompt must not be empty)."""
         if not isinstance(params, SamplingParams):
@@ -96,28 +119,46 @@ class RequestValidator:
         most = trie.max_tokens if trie is not None else params.max_tokens
         needed = min(total + most, self.max_model_len)
         self.check_pool(needed, "the resumed request" if context else "the request")
-        return CheckedRequest(ids, spans, trie, needed)
+        return CheckedRequest(request_id, priority, ids, spans, trie, needed)
 
-    def check_prefill(self, prompt: object) -> CheckedRequest | None:
+    def check_prefill(
+        self,
+        prompt: object,
+        request_id: str | None,
+        priority: object,
+        pin: object,
+        in_use: Container[str],
+    ) -> CheckedRequest | None:
         """A prompt to prefill into the prefix cache: cut to whole blocks (only those are
-        cached), within the context window. None when no whole block is left."""
+        cached), within the context window. None when there is nothing to do: `pin` is
+        already pinned (checked first, so a repeated pin costs no tokenizing) or no whole
+        block is left."""
+        if pin is not None and not isinstance(pin, str):
+            raise InvalidRequestError(f"pin must be a str key, got {pin!r}")
+        bm = self.block_manager
+        if pin is not None and bm.is_pinned(pin):
+            return None
+        if bm.trie is None:
+            raise InvalidRequestError("early prefill needs enable_prefix_caching=True")
+        request_id = check_request_id(request_id, in_use)
+        priority = check_priority(priority)
         ids, spans = self.tokenize(prompt)
-        bs = self.block_manager.block_size
-        ids = ids[: min(len(ids), self.max_model_len - 1) // bs * bs]
+        ids = ids[: min(len(ids), self.max_model_len - 1) // bm.block_size * bm.block_size]
         if not ids:
             return None
         self.check_pool(len(ids), "the prefill")
-        return CheckedRequest(ids, [sp for sp in spans if sp.start < len(ids)], None, len(ids))
+        spans = [sp for sp in spans if sp.start < len(ids)]
+        return CheckedRequest(request_id, priority, ids, spans, None, len(ids), pin)
 
     def check_pool(self, needed: int, what: str) -> None:
-        """Refuse what could never fit: the pool less the pinned blocks."""
+        """Refuse what could never fit: more than the whole pool. Pinned blocks count as
+        room, since pins yield to requests (see BlockManager)."""
         bm = self.block_manager
         capacity = bm.num_blocks * bm.block_size
-        usable = capacity - bm.num_pinned_blocks * bm.block_size
-        if needed > usable:
+        if needed > capacity:
             raise InvalidRequestError(
-                f"{what} needs KV for {needed} tokens but the pool holds {usable} "
-                f"(of {capacity}, the rest pinned); lower max_tokens or raise kv_cache_tokens"
+                f"{what} needs KV for {needed} tokens but the pool holds {capacity}; "
+                "lower max_tokens or raise kv_cache_tokens"
             )
 
     def tokenize(self, prompt: object) -> tuple[list[int], list[SegmentSpan]]:
@@ -141,7 +182,7 @@ class RequestValidator:
                 spans.append(SegmentSpan(seg.kind, len(ids), len(ids) + len(piece), seg.chunk_id))
                 ids.extend(piece)
             return ids, spans
-        ids = list(as_token_ids("a token-id prompt", prompt))
+        ids = list(as_token_ids("the prompt", prompt))
         check_in_vocab("the prompt", ids, self.vocab_size)
         return ids, []
 

@@ -8,13 +8,11 @@ model's vocabulary when the request is added (the vocabulary is the engine's to 
 
 from __future__ import annotations
 
-import math
-import operator
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from numbers import Real
 from typing import Any
 
+from covey.checks import as_int, as_real
 from covey.errors import InvalidRequestError
 from covey.llm_backend.token_ids import as_token_ids
 
@@ -46,16 +44,12 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
-        set_(self, "max_tokens", _integer("max_tokens", self.max_tokens, low=1))
-        set_(self, "temperature", _real("temperature", self.temperature))
-        if self.temperature < 0:
-            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}")
-        set_(self, "top_p", _real("top_p", self.top_p))
-        if not 0.0 < self.top_p <= 1.0:
-            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
-        set_(self, "top_k", _integer("top_k", self.top_k, low=0, what=" (0 disables it)"))
+        set_(self, "max_tokens", as_int("max_tokens", self.max_tokens, ge=1))
+        set_(self, "temperature", as_real("temperature", self.temperature, ge=0))
+        set_(self, "top_p", as_real("top_p", self.top_p, gt=0, le=1))
+        set_(self, "top_k", as_int("top_k", self.top_k, ge=0, note=" (0 disables it)"))
         if self.seed is not None:
-            set_(self, "seed", _integer("seed", self.seed, low=SEED_RANGE[0], high=SEED_RANGE[1]))
+            set_(self, "seed", as_int("seed", self.seed, ge=SEED_RANGE[0], lt=SEED_RANGE[1]))
         set_(self, "stop", _strings("stop", self.stop, one_allowed=True))
         set_(self, "choices", _strings("choices", self.choices, one_allowed=False))
         if len(set(self.choices)) != len(self.choices):
@@ -70,33 +64,6 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
-
-
-def _integer(name: str, value: Any, low: int, high: int | None = None, what: str = "") -> int:
-    """`value` as an int in [low, high): ints and numpy integers, never bools or floats."""
-    if isinstance(value, bool):
-        raise InvalidRequestError(f"{name} must be an integer, got {value!r}")
-    try:
-        number = operator.index(value)
-    except TypeError:
-        raise InvalidRequestError(f"{name} must be an integer, got {value!r}") from None
-    if number < low or (high is not None and number >= high):
-        if high is not None:
-            bound = f"an integer in [{low}, {high})"
-        else:
-            bound = "a positive integer" if low == 1 else f">= {low}"
-        raise InvalidRequestError(f"{name} must be {bound}{what}, got {number}")
-    return number
-
-
-def _real(name: str, value: Any) -> float:
-    """`value` as a finite float: ints, floats and numpy numbers, never bools or strings."""
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise InvalidRequestError(f"{name} must be a number, got {value!r}")
-    number = float(value)
-    if not math.isfinite(number):
-        raise InvalidRequestError(f"{name} must be a finite number, got {number}")
-    return number
 
 
 def _items(name: str, value: Any, what: str) -> tuple[Any, ...]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
+from covey.checks import as_int
 from covey.errors import InvalidRequestError
 from covey.retrieval.documents import SearchResult
 
@@ -21,12 +22,7 @@ DEFAULT_MODE = "hybrid"
 
 def check_k(k: object) -> int:
     """`k` as a positive int (numpy integers accepted), else InvalidRequestError."""
-    if isinstance(k, bool) or not hasattr(k, "__index__"):
-        raise InvalidRequestError(f"k must be a positive integer, got {k!r}")
-    value = int(k.__index__())  # type: ignore[attr-defined]
-    if value <= 0:
-        raise InvalidRequestError(f"k must be a positive integer, got {value}")
-    return value
+    return as_int("k", k, ge=1)
 
 
 def check_mode(mode: object) -> str:

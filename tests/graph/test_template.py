@@ -76,7 +76,7 @@ def test_template_errors(source, fragment):
         ("top_p=nan", "top_p must be a finite number, got nan"),
         ("max_tokens=-5", "max_tokens must be a positive integer, got -5"),
         ("max_tokens=0", "max_tokens must be a positive integer, got 0"),
-        ("max_tokens=1.5", "max_tokens must be an integer, got 1.5"),
+        ("max_tokens=1.5", "max_tokens must be a positive integer, got 1.5"),
         ("top_k=1.5", "top_k must be an integer, got 1.5"),
         ("seed=abc", "seed must be an integer, got 'abc'"),
     ],

@@ -35,10 +35,7 @@ async def test_stream_deltas_add_up_and_match_the_sync_engine(make_engine):
         assert [t for o in outs for t in o.delta_token_ids] == last.token_ids
         assert last.metrics.ttft is not None and last.metrics.tpot is not None
         reference.add_request(prompt, PARAMS, request_id=prompt)
-    sync = {}
-    while reference.has_unfinished_requests():
-        for out in reference.step():
-            sync[out.request_id] = out.token_ids
+    sync = {out.request_id: out.token_ids for out in reference.run_to_completion(prompts)}
     assert all(sync[p] == outs[-1].token_ids for p, outs in zip(prompts, results))
 
 

@@ -6,7 +6,7 @@ from covey.llm_backend.sequence import Sequence
 
 
 def seq(tokens: list[int]) -> Sequence:
-    return Sequence("r", tokens, SamplingParams())
+    return Sequence("r", tokens, SamplingParams(), max_kv_tokens=len(tokens) + 256)
 
 
 def run_prefill(bm: BlockManager, s: Sequence) -> None:
@@ -104,17 +104,48 @@ def cached(bm: BlockManager, tokens: list[int]) -> Sequence:
 def test_pins_hold_cached_blocks_through_eviction_until_unpinned():
     bm = BlockManager(num_blocks=8, block_size=2)
     cached(bm, [1, 2, 3, 4, 5])  # two full blocks cached
+    cached(bm, list(range(50, 58)))  # four more, idle: 2 blocks are free
     assert bm.pin("sys", [1, 2, 3, 4]) and bm.pin("sys", [9, 9])  # a held key stays as it is
     assert bm.pin("short", [1, 2])  # shares its block with "sys"
     assert bm.pinned == {"sys": 4, "short": 2} and bm.num_pinned_blocks == 2
-    hog = seq(list(range(100, 113)))  # 7 blocks: everything not pinned, and one more
-    bm.match_prefix(hog)
-    assert not bm.can_allocate(bm.blocks_needed(hog, 13))
+    assert bm.is_pinned("sys") and not bm.is_pinned("other")
+    fill = seq(list(range(100, 111)))  # 6 blocks: the free ones and every idle one
+    bm.match_prefix(fill)
+    run_prefill(bm, fill)
+    assert bm.pinned == {"sys": 4, "short": 2} and bm.cached_prefix_blocks([1, 2, 3, 4]) == 2
+    assert bm.cached_prefix_blocks(list(range(50, 58))) == 0  # evicted around the pins
+    bm.free(fill)
     assert bm.unpin("sys") and not bm.unpin("sys")
+    assert not bm.is_pinned("sys")
     assert bm.num_pinned_blocks == 1  # "short" still holds the shared block
     assert bm.unpin("short") and bm.num_pinned_blocks == 0
-    run_prefill(bm, hog)  # it needed one more block: the unpinned leaf was evicted
+    assert bm.num_free_blocks == 8
+
+
+def test_pins_yield_oldest_first_and_only_as_far_as_needed():
+    bm = BlockManager(num_blocks=8, block_size=2)
+    cached(bm, [1, 2, 3, 4, 5])  # two full blocks cached, six free
+    assert bm.pin("sys", [1, 2, 3, 4]) and bm.pin("short", [1, 2])  # "short" shares [1, 2]
+    hog = seq(list(range(100, 113)))  # 7 blocks: the six free and one pinned
+    bm.match_prefix(hog)
+    run_prefill(bm, hog)
+    # "sys", the oldest, yielded: [3, 4] was evicted; [1, 2] stays, held by "short"
+    assert bm.pinned == {"short": 2} and not bm.is_pinned("sys")
     assert bm.cached_prefix_blocks([1, 2, 3, 4]) == 1
+    assert not bm.unpin("sys") and bm.unpin("short")
+
+
+def test_only_pinned_blocks_no_sequence_holds_count_as_room_a_pin_can_yield():
+    bm = BlockManager(num_blocks=8, block_size=2)
+    cached(bm, [1, 2, 3, 4, 5])
+    assert bm.pin("sys", [1, 2, 3, 4])
+    assert bm.num_free_blocks == 6 and bm.can_allocate(8) and not bm.can_allocate(9)
+    reader = seq([1, 2, 3, 4, 5])
+    bm.match_prefix(reader)  # shares both pinned blocks: releasing the pin frees nothing
+    assert bm.can_allocate(6) and not bm.can_allocate(7)
+    bm.free(reader)
+    assert bm.can_allocate(8)
+    assert bm.unpin("sys") and bm.can_allocate(8) and not bm.can_allocate(9)
 
 
 def test_a_pin_is_refused_past_its_share_or_the_room_accepted_requests_need():

@@ -90,11 +90,7 @@ def test_a_choice_streams_whole_once_complete(make_engine):
     engine = make_engine()
     params = SamplingParams(max_tokens=1, choices=(" Paris", " Pariser Platz and more"))
     rid = engine.add_request("Q: What is the capital of France?\nA:", params)
-    deltas, final = [], None
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.request_id == rid:
-                deltas.append(out.delta_text)
-                final = out
-    assert final is not None and "".join(deltas) == final.text in params.choices
+    deltas = []
+    (final,) = engine.run_to_completion([rid], on_output=lambda out: deltas.append(out.delta_text))
+    assert "".join(deltas) == final.text in params.choices
     assert all(d == "" for d in deltas[:-1])

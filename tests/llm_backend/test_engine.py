@@ -19,12 +19,7 @@ PROMPTS = [
 
 def run(engine: LLMEngine, prompts, params=GREEDY, **kw) -> list:
     rids = [engine.add_request(p, params, **kw) for p in prompts]
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-    return [done[r] for r in rids]
+    return engine.run_to_completion(rids)
 
 
 def test_batched_generation_equals_one_at_a_time(make_engine):
@@ -102,11 +97,8 @@ def test_streamed_deltas_add_up_when_a_stop_string_spans_tokens(make_engine, inc
     assert stop in free
     params = SamplingParams(max_tokens=16, stop=(stop,), include_stop_str_in_output=include)
     rid = engine.add_request("1, 2, 3, 4, 5,", params)
-    deltas, last = [], None
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            deltas.append(out.delta_text)
-            last = out
+    deltas = []
+    (last,) = engine.run_to_completion([rid], on_output=lambda out: deltas.append(out.delta_text))
     expected = free[: free.index(stop) + (len(stop) if include else 0)]
     assert last.request_id == rid and last.finish_reason == "stop"
     assert last.text == expected and "".join(deltas) == expected
@@ -140,11 +132,8 @@ def test_pause_and_resume_keep_the_context(make_engine):
     assert held
     tool = SamplingParams(max_tokens=6, ignore_eos=True)
     engine.resume_request(rid, " sunny, 24 degrees. So today", tool)
-    resumed = None
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            resumed = out
-    assert resumed is not None and resumed.finished
+    (resumed,) = engine.run_to_completion([rid])
+    assert resumed.finished
     full_prompt = seq.token_ids[: seq.num_prompt_tokens]
     assert engine.tokenizer.decode(full_prompt).endswith(" sunny, 24 degrees. So today")
     fresh = run(make_engine(enable_prefix_caching=False), [full_prompt], tool)[0]
@@ -190,7 +179,7 @@ def test_kv_blocks_export_and_import_round_trip(make_engine):
         ("", GREEDY, "the prompt is empty"),
         ("word " * 9000, GREEDY, "context window"),
         ([10**9], GREEDY, "token ids must be in"),
-        ([1.5], GREEDY, "only ints"),
+        ([1.5], GREEDY, "the prompt: each token id must be an integer, got 1.5"),
         (b"bytes", GREEDY, "a prompt is a str"),
     ],
 )

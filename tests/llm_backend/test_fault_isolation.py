@@ -62,25 +62,25 @@ def bad_submission(rng: random.Random):
     return "Say something:", lambda: SamplingParams(max_tokens=6), rng.choice(BAD_PRIORITIES)
 
 
-def drain(engine, finals: dict) -> None:
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                finals[out.request_id] = out
+def add_healthy(engine, prefix: str) -> list[str]:
+    """Queue every HEALTHY prompt, greedy, as `{prefix}{i}`."""
+    return [engine.add_request(p, GREEDY, request_id=f"{prefix}{i}") for i, p in enumerate(HEALTHY)]
+
+
+def drain(engine, request_ids: list[str]) -> dict:
+    """Step until nothing is left; the final outputs of `request_ids`, by id."""
+    return dict(zip(request_ids, engine.run_to_completion(request_ids)))
 
 
 def test_fuzzed_bad_requests_never_touch_the_healthy_ones(make_engine):
     engine = make_engine(kv_cache_tokens=1024)
     alone = {}
     for i, prompt in enumerate(HEALTHY):
-        engine.add_request(prompt, GREEDY, request_id=f"alone{i}")
-        drain(engine, alone)
+        alone |= drain(engine, [engine.add_request(prompt, GREEDY, request_id=f"alone{i}")])
     rng = random.Random(1234)
     refused = accepted = 0
     for round_ in range(12):
-        finals: dict = {}
-        for i, prompt in enumerate(HEALTHY):
-            engine.add_request(prompt, GREEDY, request_id=f"h{round_}.{i}")
+        healthy = add_healthy(engine, f"h{round_}.")
         engine.step()  # the healthy ones are mid-flight when the bad ones arrive
         bad_ids = []
         for k in range(3):
@@ -97,7 +97,7 @@ def test_fuzzed_bad_requests_never_touch_the_healthy_ones(make_engine):
             accepted += 1
             bad_ids.append(rid)
             engine.step()
-        drain(engine, finals)
+        finals = drain(engine, healthy + bad_ids)
         for i in range(len(HEALTHY)):
             out = finals[f"h{round_}.{i}"]
             assert out.finish_reason == "length" and out.error is None
@@ -110,12 +110,9 @@ def test_fuzzed_bad_requests_never_touch_the_healthy_ones(make_engine):
 
 
 def run_with_one_bad(engine, bad_params=GREEDY) -> dict:
-    finals: dict = {}
-    for i, prompt in enumerate(HEALTHY):
-        engine.add_request(prompt, GREEDY, request_id=f"h{i}")
-    engine.add_request("This one will fail:", bad_params, request_id="bad")
-    drain(engine, finals)
-    return finals
+    ids = add_healthy(engine, "h")
+    ids.append(engine.add_request("This one will fail:", bad_params, request_id="bad"))
+    return drain(engine, ids)
 
 
 def assert_only_bad_failed(engine, finals: dict, reference: dict, message: str) -> None:
@@ -130,12 +127,8 @@ def assert_only_bad_failed(engine, finals: dict, reference: dict, message: str) 
 
 @pytest.fixture
 def reference(make_engine) -> dict:
-    finals: dict = {}
     engine = make_engine(enable_prefix_caching=False)
-    for i, prompt in enumerate(HEALTHY):
-        engine.add_request(prompt, GREEDY, request_id=f"h{i}")
-    drain(engine, finals)
-    return finals
+    return drain(engine, add_healthy(engine, "h"))
 
 
 def test_a_failing_forward_pass_fails_only_its_request(make_engine, reference):

@@ -46,9 +46,7 @@ def test_hf_folder_matches_transformers(tmp_path, kind, device):
     )
     ids = engine.tokenizer.encode("Loading a checkpoint from a folder")
     engine.add_request(ids, SamplingParams(max_tokens=8, ignore_eos=True), request_id="a")
-    out = None
-    while engine.has_unfinished_requests():
-        out = engine.step()[0]
+    (out,) = engine.run_to_completion(["a"])
     with torch.inference_mode():
         expected = ref.generate(
             torch.tensor([ids], device=device), max_new_tokens=8, do_sample=False, eos_token_id=None
@@ -58,11 +56,9 @@ def test_hf_folder_matches_transformers(tmp_path, kind, device):
 
 def test_dummy_preset_runs_without_a_checkpoint(device):
     engine = LLMEngine(EngineConfig(model="dummy:tiny", device=device, kv_cache_tokens=256))
-    engine.add_request([1, 2, 3, 4], SamplingParams(max_tokens=5, ignore_eos=True))
-    outs = []
-    while engine.has_unfinished_requests():
-        outs += engine.step()
-    assert len(outs[-1].token_ids) == 5 and outs[-1].finished
+    rid = engine.add_request([1, 2, 3, 4], SamplingParams(max_tokens=5, ignore_eos=True))
+    (out,) = engine.run_to_completion([rid])
+    assert len(out.token_ids) == 5 and out.finished
 
 
 def test_unknown_model_path_is_a_clear_error(tmp_path):

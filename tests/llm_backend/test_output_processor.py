@@ -32,7 +32,8 @@ def feed(proc: OutputProcessor, seq: Sequence, ids: list[int]) -> list:
 
 
 def new_seq(tok, params: SamplingParams, prompt: str = "1, 2, 3, 4, 5,") -> Sequence:
-    return Sequence("r", tok.encode(prompt), params)
+    ids = tok.encode(prompt)
+    return Sequence("r", ids, params, max_kv_tokens=len(ids) + params.max_tokens)
 
 
 @pytest.mark.parametrize("include", [False, True])

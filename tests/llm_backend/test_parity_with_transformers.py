@@ -43,11 +43,7 @@ def test_greedy_tokens_match_transformers(make_engine, hf_model):
     engine = make_engine()
     batch = [engine.tokenizer.encode(p) for p in PROMPTS]
     rids = [engine.add_request(ids, SamplingParams(max_tokens=24)) for ids in batch]
-    ours = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                ours[out.request_id] = out.token_ids
+    ours = {out.request_id: out.token_ids for out in engine.run_to_completion(rids)}
     for rid, ids, prompt in zip(rids, batch, PROMPTS):
         with torch.inference_mode():
             ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)

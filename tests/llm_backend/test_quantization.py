@@ -35,9 +35,8 @@ def test_int8_engine_keeps_the_models_answers():
             engine.add_request(p, params, request_id=p)
     texts = {}
     for name, engine in (("bf16", bf16), ("int8", int8)):
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                texts[name, out.request_id] = out.text
+        for out in engine.run_to_completion(prompts):
+            texts[name, out.request_id] = out.text
     assert "Paris" in texts["int8", prompts[0]]
     assert texts["int8", prompts[1]].split()[0] == texts["bf16", prompts[1]].split()[0]
 

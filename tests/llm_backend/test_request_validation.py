@@ -16,7 +16,7 @@ VOCAB = 49152  # SmolLM2's embedding rows
     ("prompt", "params", "kw", "message"),
     [
         ([VOCAB], None, {}, rf"the prompt: token ids must be in \[0, {VOCAB}\), got {VOCAB}"),
-        ([-3], None, {}, "a token-id prompt: token ids must be >= 0"),
+        ([-3], None, {}, "the prompt: each token id must be >= 0"),
         ([Segment(token_ids=[VOCAB + 5])], None, {}, "prompt segment 0: token ids must be in"),
         (
             [Segment(text="ok"), Segment(text="bad \ud800")],
@@ -89,3 +89,23 @@ def test_llm_generate_checks_its_lists(llm):
     with pytest.raises(InvalidRequestError, match="chat messages must be a list of dicts"):
         llm.chat({"role": "user", "content": "hi"})
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_a_sequence_holds_the_checked_kv_bound(make_engine):
+    """The validator works out a request's most KV tokens once, and the sequence holds
+    that: choices bound it instead of max_tokens, the context window caps it, and a resumed
+    turn gets its own."""
+    engine = make_engine(max_model_len=64)
+    prompt = engine.tokenize("Is the sky blue? Answer:")[0]
+    rid = engine.add_request(prompt, SamplingParams(choices=[" yes", " no"]))
+    seq = engine.requests[rid]
+    assert seq.max_kv_tokens == len(prompt) + seq.choice_trie.max_tokens < len(prompt) + 256
+    capped = engine.add_request(prompt, SamplingParams(max_tokens=1000))
+    assert engine.requests[capped].max_kv_tokens == 64
+    engine.abort_request(rid)
+    short = engine.add_request(prompt, SamplingParams(max_tokens=2, ignore_eos=True))
+    engine.step()
+    engine.pause_request(short)
+    engine.resume_request(short, " more", SamplingParams(max_tokens=3))
+    extra = len(engine.tokenize(" more")[0])
+    assert engine.requests[short].max_kv_tokens == len(prompt) + 1 + extra + 3

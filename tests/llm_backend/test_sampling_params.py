@@ -14,8 +14,8 @@ from covey.llm_backend.segments import Segment
     ("fields", "message"),
     [
         ({"max_tokens": 0}, "max_tokens must be a positive integer, got 0"),
-        ({"max_tokens": 2.0}, "max_tokens must be an integer, got 2.0"),
-        ({"max_tokens": True}, "max_tokens must be an integer, got True"),
+        ({"max_tokens": 2.0}, "max_tokens must be a positive integer, got 2.0"),
+        ({"max_tokens": True}, "max_tokens must be a positive integer, got True"),
         ({"temperature": float("nan")}, "temperature must be a finite number, got nan"),
         ({"temperature": float("inf")}, "temperature must be a finite number"),
         ({"temperature": "0.5"}, "temperature must be a number, got '0.5'"),
@@ -31,8 +31,8 @@ from covey.llm_backend.segments import Segment
         ({"stop": [1]}, "stop must hold only non-empty strings, got 1"),
         ({"stop": [""]}, "stop must hold only non-empty strings"),
         ({"stop": 5}, "stop must be a list of strings, got 5"),
-        ({"stop_token_ids": [-1]}, "stop_token_ids: token ids must be >= 0, got -1"),
-        ({"stop_token_ids": ["a"]}, "stop_token_ids must hold only ints, got 'a'"),
+        ({"stop_token_ids": [-1]}, "stop_token_ids: each token id must be >= 0, got -1"),
+        ({"stop_token_ids": ["a"]}, "stop_token_ids: each token id must be an integer, got 'a'"),
         ({"stop_token_ids": 3}, "stop_token_ids must be a list of token ids"),
         ({"ignore_eos": "yes"}, "ignore_eos must be True or False"),
         ({"include_stop_str_in_output": 1}, "include_stop_str_in_output must be True or False"),
@@ -73,8 +73,8 @@ def test_temperatures_below_the_epsilon_are_greedy():
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"token_ids": [-1]}, "Segment.token_ids: token ids must be >= 0"),
-        ({"token_ids": [1.5]}, "Segment.token_ids must hold only ints"),
+        ({"token_ids": [-1]}, "Segment.token_ids: each token id must be >= 0"),
+        ({"token_ids": [1.5]}, "Segment.token_ids: each token id must be an integer"),
         ({"token_ids": "12"}, "Segment.token_ids must be a list of token ids"),
         ({"text": 5}, "Segment.text must be a str"),
         ({"text": "a", "chunk_id": 3}, "Segment.chunk_id must be a str"),

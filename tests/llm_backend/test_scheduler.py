@@ -20,7 +20,9 @@ _starts = itertools.count(1, 10_000)
 def seq(n: int, priority: int = 0, name: str = "r") -> Sequence:
     """Tokens unlike any other sequence's, so no two share a prefix."""
     start = next(_starts)
-    return Sequence(name, list(range(start, start + n)), SamplingParams(), priority)
+    return Sequence(
+        name, list(range(start, start + n)), SamplingParams(), priority, max_kv_tokens=n + 256
+    )
 
 
 def complete(sched: Scheduler) -> list[Sequence]:
@@ -133,7 +135,8 @@ def test_config_errors_name_the_field():
 
 def shared(n: int, prefix: list[int], name: str, priority: int = 0) -> Sequence:
     tail = list(range(900_000 + 100 * len(name), 900_000 + 100 * len(name) + n))
-    return Sequence(name, prefix + tail, SamplingParams(), priority)
+    ids = prefix + tail
+    return Sequence(name, ids, SamplingParams(), priority, max_kv_tokens=len(ids) + 256)
 
 
 def run_step(sched: Scheduler) -> list[str]:

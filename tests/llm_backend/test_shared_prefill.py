@@ -6,6 +6,7 @@ import pytest
 
 from covey.errors import InvalidRequestError
 from covey.llm_backend.sampling_params import SamplingParams
+from covey.llm_backend.sequence import Sequence
 
 from .test_engine import run
 
@@ -14,17 +15,16 @@ QUESTIONS = ["Where is Lima?", "Where is Oslo?", "Where is Rome?"]
 GREEDY = SamplingParams(max_tokens=8, ignore_eos=True)
 
 
-def drain(engine) -> list:
-    outs = []
-    while engine.has_unfinished_requests():
-        outs.extend(engine.step())
-    return outs
+def prefill(engine, prompt, **kw):
+    """Prefill `prompt` (pinned if asked) and step until done: its final output, or None
+    when there was nothing to compute."""
+    rid = engine.add_prefill(prompt, **kw)
+    return None if rid is None else engine.run_to_completion([rid])[0]
 
 
 def test_prefill_only_caches_whole_blocks_and_generates_nothing(make_engine):
     engine = make_engine(block_size=16)
-    rid = engine.add_prefill(SYSTEM)
-    (out,) = [o for o in drain(engine) if o.request_id == rid]
+    out = prefill(engine, SYSTEM)
     assert out.finished and out.finish_reason == "prefilled" and out.token_ids == []
     n = len(engine.tokenize(SYSTEM)[0]) // 16 * 16
     assert out.metrics.num_prompt_tokens == n
@@ -37,8 +37,7 @@ def test_prefill_only_caches_whole_blocks_and_generates_nothing(make_engine):
 
 def test_pinned_prefix_survives_eviction_until_unpinned(make_engine):
     engine = make_engine(kv_cache_tokens=256, block_size=16)
-    engine.add_prefill(SYSTEM, pin="system")
-    drain(engine)
+    prefill(engine, SYSTEM, pin="system")
     held = engine.pinned["system"]
     assert held > 0
     filler = SamplingParams(max_tokens=60, ignore_eos=True)
@@ -59,13 +58,23 @@ def test_pins_never_take_more_than_their_share_of_the_pool(make_engine):
         f"Rule set {i}: " + "always answer briefly and cite the source. " * 6 for i in range(3)
     ]
     for i, text in enumerate(texts):
-        engine.add_prefill(text, pin=f"p{i}")
-        drain(engine)
+        prefill(engine, text, pin=f"p{i}")
     assert sum(engine.pinned.values()) <= 8 * 16
     assert len(engine.pinned) < 3  # the pin past the share was refused; its KV stays cached
-    long = SamplingParams(max_tokens=480, ignore_eos=True)  # fits the pool, not beside pins
-    with pytest.raises(InvalidRequestError, match="the rest pinned"):
-        engine.add_request("Tell me a story.", long)
+
+
+def test_pins_yield_to_a_request_that_needs_their_room(make_engine):
+    engine = make_engine(kv_cache_tokens=256, block_size=16)  # 16 blocks: pins get 4
+    prefill(engine, SYSTEM, pin="system")
+    assert engine.block_manager.num_pinned_blocks == 3
+    prompt = "Tell me a story."
+    n = 256 - len(engine.tokenize(prompt)[0])
+    story = SamplingParams(max_tokens=n, ignore_eos=True)  # the whole pool: the pin must go
+    (out,) = run(engine, [prompt], story)
+    assert out.finish_reason == "length" and len(out.token_ids) == n
+    assert engine.pinned == {} and engine.block_manager.num_pinned_blocks == 0
+    fresh = run(make_engine(kv_cache_tokens=256, block_size=16), ["Tell me a story."], story)
+    assert out.token_ids == fresh[0].token_ids
 
 
 def test_prefill_errors_are_clear(make_engine):
@@ -104,26 +113,40 @@ def test_a_pin_never_wedges_a_request_the_engine_accepted(make_engine):
     a = engine.add_request(document(engine, 750, 1), SamplingParams(max_tokens=30))
     b = engine.add_request(document(engine, 900, 2), GREEDY, priority=-1)
     p = engine.add_prefill(document(engine, 256, 3), pin="sys")
-    finals = {o.request_id: o for o in drain(engine) if o.finished}
+    finals = dict(zip([a, b, p], engine.run_to_completion([a, b, p])))
     # p is computed beside a (47 + 16 blocks), but a grows to 780 tokens (49 blocks): had
     # p's 16 blocks been pinned, a could never be scheduled again ("the KV pool is stuck")
     assert [finals[r].finish_reason for r in (a, b, p)] == ["length", "length", "prefilled"]
     assert engine.pinned == {}  # refused: its blocks stayed cached, evictable
-    engine.add_prefill(document(engine, 256, 3), pin="sys")  # a's growth evicted it
-    drain(engine)
+    assert prefill(engine, document(engine, 256, 3), pin="sys")  # a's growth evicted it
     assert engine.pinned == {"sys": 256}  # nothing else needs the room now
     assert engine.block_manager.num_pinned_blocks == 16
 
 
 def test_a_request_that_cannot_be_scheduled_fails_alone(make_engine):
+    """The last resort, for a pool the scheduler's bookkeeping cannot explain."""
     engine = make_engine(kv_cache_tokens=1024, block_size=16)
-    prefix = document(engine, 256, 3)
-    engine.add_prefill(prefix)
-    drain(engine)
     big = engine.add_request(document(engine, 800, 1), SamplingParams(max_tokens=4))
-    assert engine.block_manager.pin("forced", prefix)  # past the engine's own pin check
+    leak = Sequence("leak", document(engine, 256, 3), GREEDY, max_kv_tokens=256)
+    engine.block_manager.allocate_slots(leak, 256)  # 16 blocks held outside the scheduler
     small = engine.add_request("A short one.", GREEDY)
-    finals = {o.request_id: o for o in drain(engine) if o.finished}
+    finals = dict(zip([big, small], engine.run_to_completion([big, small])))
     assert finals[big].finish_reason == "error"
-    assert "cannot be scheduled: the KV pool (64 blocks, 16 pinned)" in finals[big].error
+    assert "cannot be scheduled: the KV pool (64 blocks, 0 pinned)" in finals[big].error
     assert finals[small].finish_reason == "length" and len(finals[small].token_ids) == 8
+
+
+def test_stats_count_each_block_once(make_engine):
+    engine = make_engine(kv_cache_tokens=512, block_size=16)
+    prefill(engine, SYSTEM, pin="system")
+    pinned = engine.block_manager.num_pinned_blocks
+    rid = engine.add_request(SYSTEM + QUESTIONS[0], GREEDY)  # reads the pinned blocks
+    engine.step()
+    seq = engine.requests[rid]
+    stats = engine.stats()
+    assert stats.kv_blocks_pinned == pinned > 0
+    assert stats.kv_blocks_used == len(seq.block_table) - pinned  # its own blocks only
+    free = stats.kv_blocks_total - stats.kv_blocks_used - stats.kv_blocks_cached - pinned
+    assert free == len(engine.block_manager.free_blocks)
+    engine.abort_request(rid)
+    assert engine.stats().kv_blocks_used == 0

@@ -22,9 +22,9 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from functools import partial
-from numbers import Real
 from typing import Any
 
+from covey.checks import as_real
 from covey.errors import (
     AppTimeoutError,
     ConfigError,
@@ -261,9 +261,7 @@ def _check_timeout(timeout_s: float | None) -> float | None:
     """A timeout in seconds: a positive number, or None for none."""
     if timeout_s is None:
         return None
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, Real) or not timeout_s > 0:
-        raise ConfigError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
-    return float(timeout_s)
+    return as_real("timeout_s", timeout_s, gt=0, finite=False, error=ConfigError)
 
 
 def _delta(emit: Callable[[Event], None], node: str, var: str, index: int | None, text: str):

@@ -41,11 +41,7 @@ def _direct(prompts: list) -> list[tuple[str, int]]:
     engine = make_cpu_engine(enable_prefix_caching=False)
     outs = []
     for i, (prompt, params) in enumerate(prompts):
-        engine.add_request(prompt, params, request_id=str(i))
-        final = None
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                final = out
+        (final,) = engine.run_to_completion([engine.add_request(prompt, params, str(i))])
         outs.append((final.text, len(final.token_ids)))
     return outs
 

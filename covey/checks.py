@@ -62,7 +62,10 @@ def as_real(
     if isinstance(value, bool) or not isinstance(value, Real):
         kind = "a positive number" if _positive_only(ge, gt, le) else "a number"
         raise error(f"{field} must be {kind}, got {value!r}")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int past float's range: as far out as a float can say
+        number = math.inf if value > 0 else -math.inf
     if finite and not math.isfinite(number):
         raise error(f"{field} must be a finite number, got {number}")
     # Written as `not (inside)` so that NaN, which compares False with everything, fails.

@@ -94,3 +94,11 @@ def test_real_bounds_are_the_ones_asked_for():
     assert as_real("x", 0, ge=0) == 0.0
     assert as_real("x", 1, gt=0, le=1) == 1.0
     assert math.isnan(as_real("x", math.nan, finite=False))  # no bound: NaN passes
+
+
+def test_an_int_past_floats_range_is_refused_or_infinite_not_an_overflow():
+    with pytest.raises(InvalidRequestError, match="temperature must be a finite number"):
+        as_real("temperature", 10**400, ge=0)
+    with pytest.raises(InvalidRequestError, match="x must be >= 0"):
+        as_real("x", -(10**400), ge=0, finite=False)
+    assert as_real("timeout_s", 10**400, gt=0, finite=False) == math.inf

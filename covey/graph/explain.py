@@ -93,7 +93,10 @@ def _how(plan: Plan, group: PrefixGroup) -> list[str]:
     lines = [f"      {how}"]
     n = group.num_segments
     if all(all(p.pin for p in plan.nodes[name].primitives[:n]) for name in group.nodes):
-        lines.append("      all pinned static text: every call finds it cached")
+        lines.append(
+            "      all pinned static text: every call finds it cached unless requests needed "
+            "the room"
+        )
     return lines
 
 

@@ -6,8 +6,10 @@ the tokens before it, the leading run of known segments can be prefilled into th
 cache at once (Teola's partial prefill); when the call finally starts, the engine finds
 that prefix computed, or still being computed and waits a step for it. Each call's
 leading static text is the same for every request: it is prefilled once per app and
-pinned. All of this is best effort: a prefill that fails only loses the speedup, and an
-engine without the `prefill` capability simply gets none.
+pinned. Every run asks for the pin again: the engine answers at once for a pin it
+holds (which keeps it fresh), and pins yield when requests need the room, so a released
+one is pinned again by the next run. All of this is best effort: a prefill that fails
+only loses the speedup, and an engine without the `prefill` capability simply gets none.
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ class PrefillAhead:
             return
         key = hashlib.sha1(repr(prompt).encode()).hexdigest()[:16]
         pin_key = f"{self.plan.app}:{key}" if pin else None
-        if key in self._sent or pin_key in self.pins:
+        if key in self._sent:
             return
         self._sent.add(key)
         self.tasks.append(asyncio.ensure_future(self._run(prompt, node.priority, pin_key)))
@@ -91,8 +93,11 @@ class PrefillAhead:
     async def _run(self, prompt: Any, priority: int, pin: str | None) -> None:
         try:
             out = await self.llm.prefill(prompt, priority=priority, pin=pin)
-            if pin is not None and pin in await self.llm.pinned():
-                self.pins.add(pin)  # only what the engine really holds (it caps pins)
+            if pin is not None:  # record only what the engine really holds (pins are capped)
+                if pin in await self.llm.pinned():
+                    self.pins.add(pin)
+                else:
+                    self.pins.discard(pin)
         except Exception as exc:  # an optimization, never a reason to fail the run
             log.debug("prefill ahead failed: %s", exc)
             return

@@ -106,6 +106,17 @@ async def test_prefill_ahead_follows_the_engines_prefill_capability():
     assert await able.pinned() == {} and runtime.pins == set()
 
 
+async def test_a_pin_the_engine_released_is_pinned_again_by_the_next_run():
+    """Pins yield when requests need the room: the next run asks for the pin again."""
+    llm = FakeLLM(capabilities=replace(FakeLLM().capabilities, prefill=True))
+    runtime = Runtime(llm)
+    await runtime.run(city_qa, question="Prague?")
+    (pin,) = runtime.pins
+    llm.pins.clear()  # the engine released it to admit a request
+    await runtime.run(city_qa, question="Vienna?")
+    assert set(await llm.pinned()) == {pin} and runtime.pins == {pin}
+
+
 @cg.function
 def fast_notes(question: str) -> str:
     return "Background: " + " ".join(["Rivers shape the cities built along them."] * 8)

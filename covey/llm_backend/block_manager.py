@@ -5,9 +5,9 @@ free (no owner, not cached), referenced (ref_count > 0) or cached-idle (in the b
 with ref_count 0: reusable by a later prefix hit, evicted LRU when the free list runs dry).
 Pinned prefixes (kept cached across requests, e.g. a system prompt) live here too: a pin
 key holds one reference on each of its blocks. A pin is an optimisation, so it yields: when
-an allocation needs the room pinned blocks hold, the oldest pins are released (their blocks
-become idle, evictable) until it fits. A request therefore fits whenever the whole pool
-could hold it.
+an allocation needs the room pinned blocks hold, the least recently asked-for pins holding a
+block no sequence holds are released (their blocks become idle, evictable) until it fits. A
+request therefore fits whenever the whole pool could hold it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from covey.cache.block_trie import BlockNode, BlockTrie
 from covey.errors import ConfigError
 from covey.llm_backend.sequence import Sequence
 
-# Pinned prefixes never take more of the KV pool than this, so requests always fit.
+# Pinned prefixes never take more of the KV pool than this, so prefixes pinned for one
+# workload cannot crowd out the prefix cache's other entries. Requests fit regardless:
+# pins yield to them.
 MAX_PINNED_FRACTION = 0.25
 
 
@@ -46,7 +48,8 @@ class BlockManager:
         self.num_idle_cached = 0
         self.stats = PrefixCacheStats()
         self._cursor: dict[int, tuple[BlockNode, int]] = {}  # seq id -> (trie node, blocks seen)
-        self._pins: dict[str, list[int]] = {}  # pin key -> the cached blocks it holds
+        # pin key -> the cached blocks it holds, least recently asked for first
+        self._pins: dict[str, list[int]] = {}
         self._pin_counts: Counter[int] = Counter()  # block -> pins holding it
         self._num_pin_only = 0  # pinned blocks no sequence holds: releasing every pin frees them
 
@@ -88,20 +91,19 @@ class BlockManager:
         """How many leading full blocks of `token_ids` the prefix cache holds."""
         return len(self.trie.match_prefix(token_ids)) if self.trie is not None else 0
 
-    def pin(self, key: str, token_ids: list[int], keep_free: int = 0) -> bool:
+    def pin(self, key: str, token_ids: list[int]) -> bool:
         """Hold the cached full blocks of `token_ids`' prefix under `key`, so eviction skips
-        them until `unpin(key)`. Refused (False; the blocks stay cached, evictable) when
-        pins would then hold more than MAX_PINNED_FRACTION of the pool, or leave fewer than
-        `keep_free` blocks for the requests the engine has accepted (a pin is an
-        optimisation: it must never make an accepted request unable to fit). A key already
-        pinned is kept as it is (True)."""
-        if key in self._pins:
+        them until `unpin(key)` or until an allocation needs their room (pins yield).
+        Refused (False; the blocks stay cached, evictable) when pins would then hold more
+        than MAX_PINNED_FRACTION of the pool. A key already pinned is kept as it is (True),
+        now the most recently asked for."""
+        if self.refresh_pin(key):
             return True
         if self.trie is None:
             return False
         blocks = [node.block_id for node in self.trie.match_prefix(token_ids)]
         held = len(self._pin_counts) + sum(1 for b in set(blocks) if b not in self._pin_counts)
-        if held > int(self.num_blocks * MAX_PINNED_FRACTION) or held > self.num_blocks - keep_free:
+        if held > int(self.num_blocks * MAX_PINNED_FRACTION):
             return False
         for block in blocks:
             self._incref(block)
@@ -132,6 +134,20 @@ class BlockManager:
 
     def is_pinned(self, key: str) -> bool:
         return key in self._pins
+
+    def refresh_pin(self, key: str) -> bool:
+        """Whether `key` is pinned; if it is, it becomes the most recently asked-for pin, so
+        it is the last to yield (pins yield least recently asked-for first)."""
+        blocks = self._pins.pop(key, None)
+        if blocks is None:
+            return False
+        self._pins[key] = blocks
+        return True
+
+    def held_by_one_sequence(self, block: int) -> bool:
+        """Whether one sequence is all that holds `block` besides pins: freeing that
+        sequence makes the block room, since pins yield."""
+        return self.ref_counts[block] - self._pin_counts.get(block, 0) == 1
 
     @property
     def pinned(self) -> dict[str, int]:
@@ -226,11 +242,15 @@ class BlockManager:
 
     def _reserve(self, num_blocks: int) -> None:
         """Evict exactly enough idle cached blocks that `num_blocks` can be taken, first
-        releasing the oldest pins if idle blocks alone are too few."""
-        for key in list(self._pins):  # oldest first: dicts keep insertion order
-            if num_blocks <= self.num_free_blocks:
-                break
-            self.unpin(key)
+        releasing pins if free and idle blocks alone are too few: least recently asked-for
+        first, and only pins holding a block no sequence holds (releasing any other frees
+        nothing; the oldest is often a system prompt every running request reads)."""
+        if num_blocks > self.num_free_blocks:  # rare: most calls never look at a pin
+            for key in list(self._pins):  # least recently asked for first
+                if num_blocks <= self.num_free_blocks:
+                    break
+                if any(self._pin_only(b) for b in self._pins[key]):
+                    self.unpin(key)
         short = num_blocks - len(self.free_blocks)
         if short > 0 and self.num_idle_cached:
             self._evict(short)
@@ -253,14 +273,20 @@ class BlockManager:
         if self.ref_counts[block] == 0 and block in self.cached_nodes:
             self.num_idle_cached -= 1
             self.trie.set_idle(self.cached_nodes[block], False)  # type: ignore[union-attr]
-        before = self._pin_only(block)
-        self.ref_counts[block] += 1
-        self._num_pin_only += self._pin_only(block) - before
+        if block in self._pin_counts:  # unpinned blocks, the most, skip the pin bookkeeping
+            before = self._pin_only(block)
+            self.ref_counts[block] += 1
+            self._num_pin_only += self._pin_only(block) - before
+        else:
+            self.ref_counts[block] += 1
 
     def _decref(self, block: int) -> None:
-        before = self._pin_only(block)
-        self.ref_counts[block] -= 1
-        self._num_pin_only += self._pin_only(block) - before
+        if block in self._pin_counts:  # unpinned blocks, the most, skip the pin bookkeeping
+            before = self._pin_only(block)
+            self.ref_counts[block] -= 1
+            self._num_pin_only += self._pin_only(block) - before
+        else:
+            self.ref_counts[block] -= 1
         if self.ref_counts[block] == 0:
             node = self.cached_nodes.get(block)
             if node is not None:

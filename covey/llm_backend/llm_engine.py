@@ -113,7 +113,6 @@ class LLMEngine:
             params,
             checked.priority,
             checked.spans,
-            max_kv_tokens=checked.max_kv_tokens,
         )
         self._set_sampling(seq, checked)
         self.requests[seq.request_id] = seq
@@ -141,10 +140,10 @@ class LLMEngine:
 
         Only whole blocks are kept, so the prompt is cut to a multiple of the block size.
         `pin` names a pin that holds the blocks in the cache until `unpin(pin)`, unless
-        pins would then pass MAX_PINNED_FRACTION of the pool or leave a request the engine
-        holds no room to finish (then the blocks stay cached, evictable). A pin is an
-        optimisation and must never wedge the pool: when a request later needs its room,
-        the oldest pins are released first. A key already pinned is not prefilled again.
+        pins would then pass MAX_PINNED_FRACTION of the pool (then the blocks stay cached,
+        evictable). A pin is an optimisation and must never wedge the pool: when a request
+        needs its room, the least recently asked-for pins are released first. A key already
+        pinned is not prefilled again; asking for it makes it the most recently asked for.
         Returns the request id, or None when there is nothing to compute (everything
         cached, or shorter than a block).
         """
@@ -162,7 +161,6 @@ class LLMEngine:
             checked.priority,
             checked.spans,
             prefill_only=True,
-            max_kv_tokens=checked.max_kv_tokens,
         )
         seq.pin = checked.pin
         self.requests[seq.request_id] = seq
@@ -170,12 +168,11 @@ class LLMEngine:
         return seq.request_id
 
     def _pin(self, pin: str | None, token_ids: list[int]) -> None:
-        """Hold the cached prefix of `token_ids` under `pin` if the block manager has room
-        for it beside every accepted request (else it stays cached, evictable)."""
-        if pin is None:
-            return
-        most = max((s.max_kv_tokens for s in self.requests.values()), default=0)
-        self.block_manager.pin(pin, token_ids, keep_free=-(-most // self.block_manager.block_size))
+        """Hold the cached prefix of `token_ids` under `pin` if pins have room for it (else
+        it stays cached, evictable). Accepted requests need no room kept for them here:
+        the pin yields when one needs its blocks."""
+        if pin is not None:
+            self.block_manager.pin(pin, token_ids)
 
     def unpin(self, pin: str) -> bool:
         """Let a pinned prefix be evicted again; False if `pin` is not pinned."""
@@ -216,7 +213,7 @@ class LLMEngine:
             extra, params, request_id, seq.priority, context=len(seq)
         )
         seq.token_ids.extend(checked.token_ids)
-        seq.start_new_turn(params, checked.max_kv_tokens)
+        seq.start_new_turn(params)
         self._set_sampling(seq, checked)
         self.scheduler.resume(seq)
 

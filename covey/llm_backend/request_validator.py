@@ -131,17 +131,18 @@ class RequestValidator:
     ) -> CheckedRequest | None:
         """A prompt to prefill into the prefix cache: cut to whole blocks (only those are
         cached), within the context window. None when there is nothing to do: `pin` is
-        already pinned (checked first, so a repeated pin costs no tokenizing) or no whole
-        block is left."""
+        already pinned (then it becomes the most recently asked-for pin, the last to yield;
+        checked before tokenizing, so a repeated pin costs none, but after the other
+        arguments, so a bad one is refused every time) or no whole block is left."""
         if pin is not None and not isinstance(pin, str):
             raise InvalidRequestError(f"pin must be a str key, got {pin!r}")
         bm = self.block_manager
-        if pin is not None and bm.is_pinned(pin):
-            return None
         if bm.trie is None:
             raise InvalidRequestError("early prefill needs enable_prefix_caching=True")
         request_id = check_request_id(request_id, in_use)
         priority = check_priority(priority)
+        if pin is not None and bm.refresh_pin(pin):
+            return None
         ids, spans = self.tokenize(prompt)
         ids = ids[: min(len(ids), self.max_model_len - 1) // bm.block_size * bm.block_size]
         if not ids:

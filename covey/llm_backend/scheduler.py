@@ -157,8 +157,9 @@ class Scheduler:
             return True, 0  # the common case: no victims to weigh
         outranked = [s for s in self.running if s.sort_key() > seq.sort_key()]
         paused = [s for s in self.paused.values() if s.block_table]
+        # A block only pins share with a victim is room too once the victim goes: pins yield.
         reclaimable = sum(
-            1 for s in outranked + paused for b in s.block_table if bm.ref_counts[b] == 1
+            1 for s in outranked + paused for b in s.block_table if bm.held_by_one_sequence(b)
         )
         if not bm.can_allocate(need - reclaimable):
             return False, 0

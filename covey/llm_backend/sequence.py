@@ -53,8 +53,6 @@ class Sequence:
         priority: int = 0,
         segments: list[SegmentSpan] | None = None,
         prefill_only: bool = False,
-        *,
-        max_kv_tokens: int,
     ) -> None:
         self.seq_id = next(_ids)
         self.request_id = request_id
@@ -66,9 +64,6 @@ class Sequence:
         self.prefill_only = prefill_only  # compute the prompt's KV, sample nothing
         self.choice_trie: ChoiceTrie | None = None
         self.pin: str | None = None  # a prefill-only request's pin key
-        # The most tokens it may hold in KV (prompt plus its longest output, within the
-        # context window), as the validator worked it out: pins leave room for it.
-        self.max_kv_tokens = max_kv_tokens
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.num_computed_tokens = 0
@@ -102,9 +97,9 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
-    def start_new_turn(self, params: SamplingParams, max_kv_tokens: int) -> None:
+    def start_new_turn(self, params: SamplingParams) -> None:
         """Make every token so far context: output text, counts and stops start afresh
-        under `params`, and `max_kv_tokens` is the new turn's most."""
+        under `params`."""
         self.num_prompt_tokens = len(self.token_ids)
         self.prefix_offset = max(self.num_prompt_tokens - 5, 0)
         self.read_offset = self.num_prompt_tokens
@@ -112,7 +107,6 @@ class Sequence:
         self.num_emitted_chars = 0
         self.metrics = SequenceMetrics()  # TTFT and TPOT of the new turn, not the tool's wait
         self.params = params
-        self.max_kv_tokens = max_kv_tokens
 
     def sort_key(self) -> tuple[int, float]:
         """Lower priority value first (vLLM's convention), then first come first served."""

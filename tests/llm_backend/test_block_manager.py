@@ -6,7 +6,7 @@ from covey.llm_backend.sequence import Sequence
 
 
 def seq(tokens: list[int]) -> Sequence:
-    return Sequence("r", tokens, SamplingParams(), max_kv_tokens=len(tokens) + 256)
+    return Sequence("r", tokens, SamplingParams())
 
 
 def run_prefill(bm: BlockManager, s: Sequence) -> None:
@@ -148,13 +148,50 @@ def test_only_pinned_blocks_no_sequence_holds_count_as_room_a_pin_can_yield():
     assert bm.unpin("sys") and bm.can_allocate(8) and not bm.can_allocate(9)
 
 
-def test_a_pin_is_refused_past_its_share_or_the_room_accepted_requests_need():
+def test_a_pin_is_refused_past_its_share_of_the_pool():
     bm = BlockManager(num_blocks=8, block_size=2)  # pins may hold 2 blocks
     cached(bm, [1, 2, 3, 4, 5, 6, 7])  # three full blocks
     assert not bm.pin("too-big", [1, 2, 3, 4, 5, 6])  # 3 blocks > a quarter of 8
-    assert not bm.pin("crowds", [1, 2, 3, 4], keep_free=7)  # a request needs 7 of 8
-    assert bm.pin("fits", [1, 2, 3, 4], keep_free=6) and bm.num_pinned_blocks == 2
+    assert bm.pin("fits", [1, 2, 3, 4]) and bm.num_pinned_blocks == 2
+    assert not bm.pin("more", [1, 2, 3, 4, 5, 6])  # its third block would pass the share
     assert bm.pinned == {"fits": 4}
+
+
+def two_pins_and_a_reader() -> tuple[BlockManager, Sequence]:
+    """Pins "sys" then "tool", one block each; a running sequence reads "sys"'s block."""
+    bm = BlockManager(num_blocks=8, block_size=2)  # pins may hold 2 blocks
+    cached(bm, [1, 2, 3])
+    cached(bm, [5, 6, 7])
+    assert bm.pin("sys", [1, 2]) and bm.pin("tool", [5, 6])
+    reader = seq([1, 2, 9, 9, 9])
+    bm.match_prefix(reader)
+    run_prefill(bm, reader)  # holds "sys"'s block and two of its own: 4 blocks are free
+    return bm, reader
+
+
+def test_a_pin_whose_blocks_sequences_also_hold_does_not_yield():
+    bm, reader = two_pins_and_a_reader()
+    hog = seq(list(range(100, 109)))  # 5 blocks: the 4 free and one pinned
+    bm.match_prefix(hog)
+    run_prefill(bm, hog)
+    # "sys" is the oldest, but releasing it would free nothing: "tool" yields instead
+    assert bm.pinned == {"sys": 2}
+    assert reader.block_table[0] == bm.trie.match_prefix([1, 2])[0].block_id
+
+
+def test_asking_for_a_held_pin_makes_it_the_last_to_yield():
+    bm = BlockManager(num_blocks=8, block_size=2)
+    cached(bm, [1, 2, 3])
+    cached(bm, [5, 6, 7])
+    assert bm.pin("sys", [1, 2]) and bm.pin("tool", [5, 6])
+    assert bm.pin("sys", [1, 2]) and list(bm.pinned) == ["tool", "sys"]
+    assert bm.refresh_pin("tool") and list(bm.pinned) == ["sys", "tool"]
+    assert not bm.refresh_pin("other")
+    assert bm.pin("sys", [1, 2])
+    hog = seq(list(range(100, 113)))  # 7 blocks: the 6 free and one pinned
+    bm.match_prefix(hog)
+    run_prefill(bm, hog)
+    assert bm.pinned == {"sys": 2}  # "tool", the least recently asked for, yielded
 
 
 def test_discard_frees_blocks_and_forgets_progress():

@@ -33,7 +33,7 @@ def feed(proc: OutputProcessor, seq: Sequence, ids: list[int]) -> list:
 
 def new_seq(tok, params: SamplingParams, prompt: str = "1, 2, 3, 4, 5,") -> Sequence:
     ids = tok.encode(prompt)
-    return Sequence("r", ids, params, max_kv_tokens=len(ids) + params.max_tokens)
+    return Sequence("r", ids, params)
 
 
 @pytest.mark.parametrize("include", [False, True])

@@ -55,6 +55,12 @@ def test_bad_resume_and_prefill_are_refused_by_name(make_engine):
         engine.add_prefill("x " * 40, priority=None)
     with pytest.raises(InvalidRequestError, match="pin must be a str key, got 3"):
         engine.add_prefill("x " * 40, pin=3)
+    engine.run_to_completion([engine.add_prefill("x " * 40, pin="p")])
+    assert "p" in engine.pinned  # a held pin skips the prefill, not the argument checks:
+    with pytest.raises(InvalidRequestError, match="priority must be an integer"):
+        engine.add_prefill("x " * 40, priority=None, pin="p")
+    with pytest.raises(InvalidRequestError, match="already in use"):
+        engine.add_prefill("x " * 40, request_id=rid, pin="p")
     engine.abort_request(rid)
 
 
@@ -91,21 +97,20 @@ def test_llm_generate_checks_its_lists(llm):
     assert not llm.engine.has_unfinished_requests()
 
 
-def test_a_sequence_holds_the_checked_kv_bound(make_engine):
-    """The validator works out a request's most KV tokens once, and the sequence holds
-    that: choices bound it instead of max_tokens, the context window caps it, and a resumed
-    turn gets its own."""
+def test_the_checked_kv_bound(make_engine):
+    """The validator works out a request's most KV tokens once (the pool check refuses
+    what exceeds the pool): choices bound it instead of max_tokens, the context window caps
+    it, and a resumed turn gets its own."""
     engine = make_engine(max_model_len=64)
+    validator = engine.validator
     prompt = engine.tokenize("Is the sky blue? Answer:")[0]
-    rid = engine.add_request(prompt, SamplingParams(choices=[" yes", " no"]))
-    seq = engine.requests[rid]
-    assert seq.max_kv_tokens == len(prompt) + seq.choice_trie.max_tokens < len(prompt) + 256
-    capped = engine.add_request(prompt, SamplingParams(max_tokens=1000))
-    assert engine.requests[capped].max_kv_tokens == 64
-    engine.abort_request(rid)
-    short = engine.add_request(prompt, SamplingParams(max_tokens=2, ignore_eos=True))
-    engine.step()
-    engine.pause_request(short)
-    engine.resume_request(short, " more", SamplingParams(max_tokens=3))
+    choices = validator.check(prompt, SamplingParams(choices=[" yes", " no"]), None, 0, ())
+    most = len(prompt) + choices.choice_trie.max_tokens
+    assert choices.max_kv_tokens == most < len(prompt) + 256
+    capped = validator.check(prompt, SamplingParams(max_tokens=1000), None, 0, ())
+    assert capped.max_kv_tokens == 64
+    resumed = validator.check_resume(
+        " more", SamplingParams(max_tokens=3), "r", 0, context=len(prompt) + 1
+    )
     extra = len(engine.tokenize(" more")[0])
-    assert engine.requests[short].max_kv_tokens == len(prompt) + 1 + extra + 3
+    assert resumed.max_kv_tokens == len(prompt) + 1 + extra + 3

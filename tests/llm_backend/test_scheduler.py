@@ -20,9 +20,7 @@ _starts = itertools.count(1, 10_000)
 def seq(n: int, priority: int = 0, name: str = "r") -> Sequence:
     """Tokens unlike any other sequence's, so no two share a prefix."""
     start = next(_starts)
-    return Sequence(
-        name, list(range(start, start + n)), SamplingParams(), priority, max_kv_tokens=n + 256
-    )
+    return Sequence(name, list(range(start, start + n)), SamplingParams(), priority)
 
 
 def complete(sched: Scheduler) -> list[Sequence]:
@@ -136,7 +134,7 @@ def test_config_errors_name_the_field():
 def shared(n: int, prefix: list[int], name: str, priority: int = 0) -> Sequence:
     tail = list(range(900_000 + 100 * len(name), 900_000 + 100 * len(name) + n))
     ids = prefix + tail
-    return Sequence(name, ids, SamplingParams(), priority, max_kv_tokens=len(ids) + 256)
+    return Sequence(name, ids, SamplingParams(), priority)
 
 
 def run_step(sched: Scheduler) -> list[str]:
@@ -186,3 +184,24 @@ def test_without_the_prefix_cache_nothing_waits():
     sched.add(a)
     sched.add(b)
     assert run_step(sched) == ["a", "bb"]
+
+
+def test_a_block_a_victim_shares_only_with_a_pin_is_room_to_admit():
+    """Preempting the runner leaves its pinned prefix held by the pin alone, and pins
+    yield, so those blocks count toward the room a higher-priority request can get."""
+    sched = make(num_blocks=8, block_size=4)  # pins may hold 2 blocks
+    bm = sched.block_manager
+    prefix = list(range(1, 9))  # two blocks of 4
+    warm = shared(1, prefix, "w")
+    sched.add(warm)
+    run_step(sched)
+    sched.finish(warm, FinishReason.STOP)
+    assert bm.pin("sys", prefix) and bm.num_pinned_blocks == 2
+    low = shared(10, prefix, "low", priority=1)
+    sched.add(low)
+    run_step(sched)  # 5 blocks: the 2 pinned and 3 of its own; 3 are free
+    high = seq(30, priority=0, name="high")  # 8 blocks: the whole pool
+    sched.add(high)
+    assert run_step(sched) == ["high"]
+    assert low.status is SequenceStatus.WAITING and low.num_preemptions == 1
+    assert bm.pinned == {}  # the pin yielded its blocks

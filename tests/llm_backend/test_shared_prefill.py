@@ -98,6 +98,15 @@ def test_requests_sent_together_prefill_their_common_prefix_once(make_engine):
     assert all(o.metrics.num_cached_tokens >= shared - 16 for o in outs[1:])
 
 
+def test_asking_for_a_held_pin_again_makes_it_the_last_to_yield(make_engine):
+    engine = make_engine(block_size=16)
+    prefill(engine, SYSTEM, pin="system")
+    prefill(engine, "Tools: search, calculator. " * 8, pin="tools")
+    assert list(engine.pinned) == ["system", "tools"]
+    assert engine.add_prefill(SYSTEM, pin="system") is None  # held: nothing to compute
+    assert list(engine.pinned) == ["tools", "system"]
+
+
 def test_prefill_needs_the_prefix_cache(make_engine):
     with pytest.raises(InvalidRequestError, match="enable_prefix_caching"):
         make_engine(enable_prefix_caching=False).add_prefill(SYSTEM)
@@ -114,11 +123,11 @@ def test_a_pin_never_wedges_a_request_the_engine_accepted(make_engine):
     b = engine.add_request(document(engine, 900, 2), GREEDY, priority=-1)
     p = engine.add_prefill(document(engine, 256, 3), pin="sys")
     finals = dict(zip([a, b, p], engine.run_to_completion([a, b, p])))
-    # p is computed beside a (47 + 16 blocks), but a grows to 780 tokens (49 blocks): had
-    # p's 16 blocks been pinned, a could never be scheduled again ("the KV pool is stuck")
+    # p is computed and pinned beside a (47 + 16 blocks), but a grows to 780 tokens (49
+    # blocks): the pin must yield its 16 blocks, or a could never be scheduled again
     assert [finals[r].finish_reason for r in (a, b, p)] == ["length", "length", "prefilled"]
-    assert engine.pinned == {}  # refused: its blocks stayed cached, evictable
-    assert prefill(engine, document(engine, 256, 3), pin="sys")  # a's growth evicted it
+    assert engine.pinned == {}  # it yielded: its blocks became idle, evictable
+    assert prefill(engine, document(engine, 256, 3), pin="sys")  # a's growth evicted some
     assert engine.pinned == {"sys": 256}  # nothing else needs the room now
     assert engine.block_manager.num_pinned_blocks == 16
 
@@ -127,7 +136,7 @@ def test_a_request_that_cannot_be_scheduled_fails_alone(make_engine):
     """The last resort, for a pool the scheduler's bookkeeping cannot explain."""
     engine = make_engine(kv_cache_tokens=1024, block_size=16)
     big = engine.add_request(document(engine, 800, 1), SamplingParams(max_tokens=4))
-    leak = Sequence("leak", document(engine, 256, 3), GREEDY, max_kv_tokens=256)
+    leak = Sequence("leak", document(engine, 256, 3), GREEDY)
     engine.block_manager.allocate_slots(leak, 256)  # 16 blocks held outside the scheduler
     small = engine.add_request("A short one.", GREEDY)
     finals = dict(zip([big, small], engine.run_to_completion([big, small])))
@@ -146,7 +155,11 @@ def test_stats_count_each_block_once(make_engine):
     stats = engine.stats()
     assert stats.kv_blocks_pinned == pinned > 0
     assert stats.kv_blocks_used == len(seq.block_table) - pinned  # its own blocks only
-    free = stats.kv_blocks_total - stats.kv_blocks_used - stats.kv_blocks_cached - pinned
-    assert free == len(engine.block_manager.free_blocks)
+    bm = engine.block_manager  # count each kind from reference counts and the trie
+    refs, in_trie = bm.ref_counts, bm.cached_nodes
+    assert sum(1 for b in range(bm.num_blocks) if refs[b] == 0 and b not in in_trie) == len(
+        bm.free_blocks
+    )
+    assert sum(1 for b in in_trie if refs[b] == 0) == stats.kv_blocks_cached
     engine.abort_request(rid)
     assert engine.stats().kv_blocks_used == 0

@@ -28,15 +28,13 @@ from covey.llm_backend.tokenizer import Tokenizer
 @dataclass(frozen=True)
 class CheckedRequest:
     """A request the engine can take: its id and priority, its prompt's ids and where its
-    segments lie, its choice trie, the most tokens it can ever hold in the KV pool, and
-    (a prefill only) the pin to hold its blocks under."""
+    segments lie, its choice trie, and (a prefill only) the pin to hold its blocks under."""
 
     request_id: str
     priority: int
     token_ids: list[int]
     spans: list[SegmentSpan]
     choice_trie: ChoiceTrie | None
-    max_kv_tokens: int
     pin: str | None = None
 
 
@@ -119,7 +117,7 @@ class RequestValidator:
         most = trie.max_tokens if trie is not None else params.max_tokens
         needed = min(total + most, self.max_model_len)
         self.check_pool(needed, "the resumed request" if context else "the request")
-        return CheckedRequest(request_id, priority, ids, spans, trie, needed)
+        return CheckedRequest(request_id, priority, ids, spans, trie)
 
     def check_prefill(
         self,
@@ -149,7 +147,7 @@ class RequestValidator:
             return None
         self.check_pool(len(ids), "the prefill")
         spans = [sp for sp in spans if sp.start < len(ids)]
-        return CheckedRequest(request_id, priority, ids, spans, None, len(ids), pin)
+        return CheckedRequest(request_id, priority, ids, spans, None, pin)
 
     def check_pool(self, needed: int, what: str) -> None:
         """Refuse what could never fit: more than the whole pool. Pinned blocks count as

@@ -97,20 +97,18 @@ def test_llm_generate_checks_its_lists(llm):
     assert not llm.engine.has_unfinished_requests()
 
 
-def test_the_checked_kv_bound(make_engine):
-    """The validator works out a request's most KV tokens once (the pool check refuses
-    what exceeds the pool): choices bound it instead of max_tokens, the context window caps
-    it, and a resumed turn gets its own."""
+def test_the_pool_check_sees_each_requests_most_kv_tokens(make_engine, monkeypatch):
+    """The validator works out a request's most KV tokens once for the pool check:
+    choices bound it instead of max_tokens, the context window caps it, and a resumed
+    turn gets its own."""
     engine = make_engine(max_model_len=64)
     validator = engine.validator
+    seen: list[int] = []
+    monkeypatch.setattr(validator, "check_pool", lambda needed, what: seen.append(needed))
     prompt = engine.tokenize("Is the sky blue? Answer:")[0]
     choices = validator.check(prompt, SamplingParams(choices=[" yes", " no"]), None, 0, ())
     most = len(prompt) + choices.choice_trie.max_tokens
-    assert choices.max_kv_tokens == most < len(prompt) + 256
-    capped = validator.check(prompt, SamplingParams(max_tokens=1000), None, 0, ())
-    assert capped.max_kv_tokens == 64
-    resumed = validator.check_resume(
-        " more", SamplingParams(max_tokens=3), "r", 0, context=len(prompt) + 1
-    )
+    validator.check(prompt, SamplingParams(max_tokens=1000), None, 0, ())
+    validator.check_resume(" more", SamplingParams(max_tokens=3), "r", 0, context=len(prompt) + 1)
     extra = len(engine.tokenize(" more")[0])
-    assert resumed.max_kv_tokens == len(prompt) + 1 + extra + 3
+    assert seen == [most, 64, len(prompt) + 1 + extra + 3] and most < len(prompt) + 256

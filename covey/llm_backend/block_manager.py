@@ -245,14 +245,16 @@ class BlockManager:
         releasing pins if free and idle blocks alone are too few: least recently asked-for
         first, and only pins holding a block no sequence holds (releasing any other frees
         nothing; the oldest is often a system prompt every running request reads)."""
-        if num_blocks > self.num_free_blocks:  # rare: most calls never look at a pin
+        short = num_blocks - len(self.free_blocks)
+        if short <= 0:
+            return  # the common case (a decode inside its last block): nothing to free
+        if short > self.num_idle_cached:  # rare: only then is a pin looked at
             for key in list(self._pins):  # least recently asked for first
                 if num_blocks <= self.num_free_blocks:
                     break
                 if any(self._pin_only(b) for b in self._pins[key]):
                     self.unpin(key)
-        short = num_blocks - len(self.free_blocks)
-        if short > 0 and self.num_idle_cached:
+        if self.num_idle_cached:
             self._evict(short)
         if len(self.free_blocks) < num_blocks:
             raise RuntimeError("KV pool exhausted: check can_allocate before allocate_slots")

@@ -18,6 +18,7 @@ from covey.llm_backend.kv_pool import KVPool
 from covey.llm_backend.model_args import ModelArgs, preset
 from covey.llm_backend.model_source import resolve_model
 from covey.llm_backend.quantization import quantize_int8
+from tests.llm_backend.test_loading import SMALL
 
 
 @pytest.fixture
@@ -115,16 +116,8 @@ def test_model_args_errors_are_config_errors():
     ],
 )
 def test_bad_hf_config_values_are_load_errors(change, message):
-    config = dict(
-        vocab_size=49152,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
     with pytest.raises(ModelLoadError, match=message):
-        ModelArgs.from_hf_config({**config, **change})
+        ModelArgs.from_hf_config({**SMALL, **change})
 
 
 def test_importing_kv_of_the_wrong_shape_is_an_invalid_request():

@@ -18,13 +18,14 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
-from covey.errors import EngineError, InvalidRequestError
+from covey.errors import EngineError, InvalidRequestError, NotSupportedError
 from covey.llm_backend.config import EngineConfig
 from covey.llm_backend.engine_client import EngineCapabilities, EngineStats
 from covey.llm_backend.llm_engine import LLMEngine, Prompt
 from covey.llm_backend.outputs import RequestOutput
 from covey.llm_backend.request_validator import check_request_id
 from covey.llm_backend.sampling_params import SamplingParams
+from covey.llm_backend.segments import Segment
 from covey.llm_backend.sequence import FinishReason
 
 log = logging.getLogger(__name__)
@@ -209,6 +210,11 @@ class AsyncLLM:
             raise InvalidRequestError("this model has no tokenizer, so no chat template")
         prompt = self.engine.tokenizer.apply_chat_template(messages)
         return self.generate(prompt, params, request_id)
+
+    async def warm_chunks(self, chunks: list[Segment]) -> int:
+        raise NotSupportedError(
+            "this engine has no chunk KV store yet (EngineConfig.chunk_cache is not built)"
+        )
 
     async def abort(self, request_id: str) -> None:
         """Stop a request; its stream ends with a finished output whose reason is "abort"."""

@@ -13,7 +13,7 @@ capability an engine lacks raises `NotSupportedError`.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from covey.llm_backend.outputs import RequestOutput
@@ -32,6 +32,8 @@ class EngineCapabilities:
     `pause`: hold a request's KV across a tool call and resume it with more prompt.
     `choices`: constrain an output to exactly one of several strings.
     `segments`: accept prompts as `Segment` lists (chunk-aware KV reuse).
+    `chunks`: a chunk KV store behind `segments`: chunk segments reuse KV computed by
+    earlier requests, and `warm_chunks` computes or loads chunks' KV ahead of the prompt.
     `computes_on_loop_thread`: the engine's compute runs on the caller's event-loop thread
     (a CPU engine); callers keep their own CPU-heavy work (index searches) on that thread
     too, since torch ops on a second thread slow the engine down.
@@ -41,6 +43,7 @@ class EngineCapabilities:
     pause: bool = False
     choices: bool = False
     segments: bool = False
+    chunks: bool = False
     computes_on_loop_thread: bool = False
 
 
@@ -52,7 +55,9 @@ class EngineStats:
     hold live requests' KV (not counting pinned blocks they share), `kv_blocks_cached` idle
     prefix-cache entries (evictable), `kv_blocks_pinned` pinned prefixes (which yield to
     requests that need the room); the rest of `kv_blocks_total` is free. Prefix-cache hits
-    count prompt tokens served from the cache since start.
+    count prompt tokens served from the cache since start. `chunk_cache` maps each tier of
+    the chunk KV store ("pool", "host", "disk") to its counters (hits, misses, evictions,
+    bytes, entries, reused_tokens, recomputed_tokens); empty when the engine has none.
     """
 
     model: str
@@ -66,6 +71,7 @@ class EngineStats:
     num_waiting: int
     num_running: int
     num_paused: int
+    chunk_cache: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def queue_depth(self) -> int:
@@ -141,6 +147,12 @@ class EngineClient(Protocol):
 
     async def pinned(self) -> dict[str, int]:
         """Pin key -> tokens it holds in the prefix cache (empty without `prefill`)."""
+        ...
+
+    async def warm_chunks(self, chunks: list[Segment]) -> int:
+        """Make the chunk store hold these chunk segments' KV (loaded from a lower tier,
+        or computed standalone), so a prompt that reads them soon reuses it; returns how
+        many had to be loaded or computed. (`chunks`.)"""
         ...
 
     async def abort(self, request_id: str) -> None:

@@ -66,7 +66,8 @@ class FakeLLM:
     each request carried; `cached_tokens` is reported as the prefix-cache hit of each one;
     `aborted` lists requests that ended before their last word (aborted or cancelled).
     With `choices` in the params, the reply is the first choice it starts with (else the
-    first choice). `prefills` records (prompt, pin) of each early prefill, `resumed` each resume.
+    first choice). `prefills` records (prompt, pin) of each early prefill, `resumed` each resume,
+    `warmed` the chunks of each `warm_chunks` call.
     """
 
     reply: Callable[[Any], str] = lambda prompt: "alpha beta"
@@ -83,6 +84,7 @@ class FakeLLM:
     prefills: list[tuple[Any, str | None]] = field(default_factory=list)
     pins: dict[str, int] = field(default_factory=dict)
     resumed: list[tuple[str, Prompt, SamplingParams | None]] = field(default_factory=list)
+    warmed: list[list[Segment]] = field(default_factory=list)
     closed: bool = False
     _streams: dict[str, _Stream] = field(default_factory=dict)
     _count: int = 0
@@ -182,6 +184,12 @@ class FakeLLM:
 
     async def pinned(self) -> dict[str, int]:
         return dict(self.pins)
+
+    async def warm_chunks(self, chunks: list[Segment]) -> int:
+        """Records the chunks (a FakeLLM has no KV to compute); counts them as computed."""
+        self._require(self.capabilities.chunks, "chunks")
+        self.warmed.append(list(chunks))
+        return len(chunks)
 
     async def abort(self, request_id: str) -> None:
         stream = self._streams.get(request_id)

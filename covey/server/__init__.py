@@ -1,1 +1,2 @@
-"""The FastAPI server (not built yet: `covey serve` arrives with the server issue)."""
+"""covey's HTTP server: a REST endpoint per app, an OpenAI-compatible API, metrics and the
+RAG chatbot's chat page, on FastAPI + uvicorn (`covey serve`)."""

@@ -157,3 +157,18 @@ def test_unusable_store_dir_is_a_config_error(tmp_path):
     locked.mkdir(mode=0o500)
     with pytest.raises(ConfigError, match="is not readable and writable"):
         open_store(locked, host_tokens=1)
+
+
+def test_another_fingerprint_never_sees_the_old_models_kv(tmp_path):
+    def opened(fingerprint: str) -> ChunkStore:
+        return ChunkStore(1 << 20, float, disk_dir=tmp_path, fingerprint=fingerprint)
+
+    with opened("SmolLM2-135M/float32") as s:
+        s.put(make([1, 2, 3]))
+    with opened("other-model/bfloat16") as s:
+        assert s.get_exact(ROOT_HASH, [1, 2, 3]) is None
+        assert s.stats()["disk"]["entries"] == 0
+    with opened("SmolLM2-135M/float32") as s:
+        assert s.get_exact(ROOT_HASH, [1, 2, 3]) is not None
+    texts = sorted(p.read_text() for p in tmp_path.glob("kv-*/fingerprint.txt"))
+    assert texts == ["SmolLM2-135M/float32\n", "other-model/bfloat16\n"]

@@ -75,5 +75,7 @@ def test_bad_arguments():
         p.add("a", size=0, cost=1)
     with pytest.raises(ValueError, match="frequency must be >= 1, got 0"):
         p.add("a", size=1, cost=1, frequency=0)
+    with pytest.raises(ValueError, match="cost must be a finite number of seconds, got nan"):
+        p.add("a", size=1, cost=float("nan"))
     assert p.add("neg", size=2, cost=-3.0) == 0.0  # a fitted profile's negative cost floors
     assert p.add("f", size=2, cost=1.0, frequency=4) == 2.0  # frequency carried over

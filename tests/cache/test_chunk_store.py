@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -182,3 +184,30 @@ def test_bad_configuration_and_closed_store():
     with pytest.raises(EngineUnavailableError, match="the chunk store is closed"):
         s.put(make([1]))
     assert s.stats()["disk"]["entries"] == 0  # no disk tier: zeros, same shape
+
+
+def test_threads_interleaving_puts_and_lookups_keep_the_books_straight():
+    """The engine is single-threaded; the lock is for a warm-up on another thread."""
+    s = store(20)
+    errors = []
+
+    def worker(seed: int) -> None:
+        try:
+            for i in range(60):
+                tokens = [seed, i % 7, 1000]
+                if s.get_exact(ROOT_HASH, tokens) is None:
+                    s.put(make(tokens, chunk_id=f"{seed}-{i % 7}"))
+                with s.lease(make([seed])):
+                    s.contains_any(tokens)
+        except Exception as e:  # surfaced below, with the thread's own error
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    host = s.stats()["host"]
+    assert host["bytes"] == host["entries"] * 3 * BYTES_PER_TOKEN <= 20 * BYTES_PER_TOKEN
+    assert host["hits"] + host["misses"] == 4 * 60

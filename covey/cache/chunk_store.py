@@ -16,7 +16,12 @@ from host is written to disk only if disk does not already hold it (swap out onc
 entry read back from disk costs nothing to evict again.
 
 Leases: an entry being copied into the pool is leased (`with store.lease(entry): ...`), and
-eviction skips leased entries, so a put that would need their room is refused instead.
+eviction skips leased entries, so a put that would need their room is refused instead. A
+stale entry goes even while leased (its text is gone); the holder still has its tensor.
+
+No copies: `put` keeps the caller's tensor when it is a compact CPU tensor, and lookups
+return the stored tensor. Neither side may write to it afterwards (re-rotate a copy, e.g.
+in the pool, never the returned `kv` in place).
 
 Threads: the engine calls the store from its own thread only, but every public method takes
 one re-entrant lock, so a warm-up running on another thread cannot interleave a mutation.

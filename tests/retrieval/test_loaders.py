@@ -45,7 +45,7 @@ def test_binary_and_empty_files_are_skipped_by_name(tmp_path, caplog):
     assert skipped[str(binary)] == "binary or not UTF-8 text"
     assert skipped[str(latin)] == "binary or not UTF-8 text"
     assert skipped[str(empty)] == "empty"
-    assert f"skipping {binary}" in caplog.text
+    assert f"skipped {binary}" in caplog.text
 
 
 def test_unreadable_file_is_skipped_by_name(tmp_path, monkeypatch):

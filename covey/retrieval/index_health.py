@@ -34,14 +34,17 @@ class HealthReport:
     problems: int = 0
 
 
-def _manifest_line(manifest: store.ManifestState, newest: str | None) -> tuple[str, bool]:
+def _manifest_line(manifest: store.ManifestState, newest: VersionCheck | None) -> tuple[str, bool]:
     if not manifest.exists:
         return f"{store.MANIFEST}: missing", True
     if manifest.content is None:
         return f"{store.MANIFEST}: {manifest.problem}", True
     named = manifest.content["version"]
-    if named != newest:
-        return f"{store.MANIFEST}: names {named}, but the newest version is {newest}", True
+    if newest is None or named != newest.name:
+        latest = newest.name if newest else "none"
+        return f"{store.MANIFEST}: names {named}, but the newest version is {latest}", True
+    if newest.record is not None and store.records_differ(manifest.content, newest.record):
+        return f"{store.MANIFEST}: disagrees with {named}/{RECORD}", True
     return f"{store.MANIFEST}: ok (names {named})", False
 
 
@@ -70,12 +73,15 @@ def verify_index(root: str | Path) -> HealthReport:
     if not checks and not manifest.exists:
         raise IndexNotFoundError(f"no index at {root} (no {store.MANIFEST}, no versions)")
     report = HealthReport(root)
-    line, bad = _manifest_line(manifest, checks[0].name if checks else None)
+    line, bad = _manifest_line(manifest, checks[0] if checks else None)
     report.lines.append(line)
     report.problems += bad
     for i, check in enumerate(checks):
-        report.lines.append(_version_line(check, newest=i == 0))
-        report.problems += len(check.problems)
+        line = _version_line(check, newest=i == 0)
+        if i > 0 and check.problems:  # never served; the next commit collects it
+            line += " (an older version: not served)"
+        report.lines.append(line)
+        report.problems += len(check.problems) if i == 0 else 0
         partial = (check.record or {}).get("partial")
         if i == 0 and partial:
             report.lines.append(
@@ -103,7 +109,7 @@ def repair_index(
         raise IndexNotFoundError(f"no index at {root}: {root / 'versions'} holds no version")
     report = HealthReport(root)
     newest = checks[0]
-    manifest_line, manifest_bad = _manifest_line(manifest, newest.name)
+    manifest_line, manifest_bad = _manifest_line(manifest, newest)
     if not manifest_bad and newest.ok:
         report.lines.append(f"nothing to repair: {newest.name} and {store.MANIFEST} are intact")
         return report

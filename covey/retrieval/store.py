@@ -184,7 +184,7 @@ def read_snapshot(root: Path) -> Snapshot:
     warnings = _manifest_warnings(root, manifest, newest)
     named = manifest.content if manifest.content and manifest.content["version"] == newest else None
     check = check_version(root / "versions" / newest, named)
-    if check.record is not None and named is not None and _differs(named, check.record):
+    if check.record is not None and named is not None and records_differ(named, check.record):
         warnings.append(
             f"{manifest.path} disagrees with {check.folder / RECORD}; used the version's own "
             "record (the next commit rewrites the manifest)"
@@ -212,7 +212,7 @@ def _manifest_warnings(root: Path, manifest: ManifestState, newest: str) -> list
     ]
 
 
-def _differs(a: dict[str, Any], b: dict[str, Any]) -> bool:
+def records_differ(a: dict[str, Any], b: dict[str, Any]) -> bool:
     keys = ("version", "num_chunks", "num_sources", "files", "embedder", "index")
     return any(a.get(k) != b.get(k) for k in keys)
 

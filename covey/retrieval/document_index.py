@@ -152,7 +152,12 @@ class DocumentIndex:
         tokenizer: TokenizerLike | None = None,
     ) -> DocumentIndex:
         """Open an existing index; the embedder, if given, must be the one it was built with
-        (vectors of two models live in unrelated spaces). Without one it loads lazily."""
+        (vectors of two models live in unrelated spaces). Without one it loads lazily.
+
+        Serves the newest committed version after checking its files against its record;
+        what could be recovered without loss (a lost manifest, a damaged faiss index or
+        vectors file) is, and said in `warnings` and the log. Other damage is a
+        RetrievalError naming the file (see covey.retrieval.store)."""
         root = Path(root)
         snap = store.read_snapshot(root)
         built = snap.manifest["embedder"]

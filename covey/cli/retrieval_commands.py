@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -13,17 +14,30 @@ SNIPPET_CHARS = 240
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "index", help="ingest text, Markdown and HTML files or folders into an index"
+        "index",
+        help="ingest text, Markdown and HTML files or folders into an index; or --verify or "
+        "--repair one",
     )
-    p.add_argument("paths", nargs="+", metavar="PATH", help="files or folders to ingest")
-    p.add_argument("--index", required=True, metavar="DIR", help="index directory")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="files or folders to ingest")
+    p.add_argument("--index", metavar="DIR", help="index directory")
     p.add_argument("--chunk-tokens", type=int, default=200, help="tokens per chunk (new index)")
     p.add_argument("--overlap-tokens", type=int, default=32, help="overlap (new index)")
     p.add_argument(
         "--kind", default="auto", choices=("auto", "flat", "ivf", "hnsw"), help="faiss index"
     )
     p.add_argument("--embedder", default=None, help="sentence-transformers folder (new index)")
+    p.add_argument(
+        "--checkpoint-chunks",
+        type=int,
+        default=None,
+        metavar="N",
+        help="commit after every N new chunks, so an interrupted ingest resumes (default 2048)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--verify", metavar="DIR", help="check every version of the index in DIR")
+    p.add_argument(
+        "--repair", metavar="DIR", help="restore the newest consistent version of the index in DIR"
+    )
     p.set_defaults(func=run_index)
 
     s = subparsers.add_parser("search", help="search an index (default: the Python docs)")
@@ -35,42 +49,90 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.set_defaults(func=run_search)
 
 
+class _WarningPrinter(logging.Handler):
+    """Retrieval warnings (skipped files, recovered damage) as `covey: warning: ...`, once
+    each: the one place they are printed, looked up on sys.stderr at each message."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"covey: warning: {record.getMessage()}", file=sys.stderr)
+
+
+def _print_retrieval_warnings() -> None:
+    logger = logging.getLogger("covey.retrieval")
+    if not any(isinstance(h, _WarningPrinter) for h in logger.handlers):
+        logger.addHandler(_WarningPrinter(logging.WARNING))
+
+
 def _open_for_ingest(args: argparse.Namespace):
     from covey.retrieval.chunker import ChunkerConfig
     from covey.retrieval.document_index import DocumentIndex
     from covey.retrieval.embedder import Embedder, EmbedderConfig
-    from covey.retrieval.store import MANIFEST
+    from covey.retrieval.store import index_exists
     from covey.retrieval.vector_index import IndexConfig
 
     def embedder():  # None: the bundled one, which create() loads after its cheap checks
         return Embedder.load(EmbedderConfig(model=args.embedder)) if args.embedder else None
 
     root = Path(args.index)
-    if (root / MANIFEST).is_file():
+    if index_exists(root):  # also an index whose manifest is lost: open() recovers it
         return DocumentIndex.open(root, embedder=embedder())
     chunker = ChunkerConfig(args.chunk_tokens, args.overlap_tokens)
     index_config = IndexConfig(kind=args.kind)
     return DocumentIndex.create(root, embedder=embedder(), chunker=chunker, index=index_config)
 
 
+def _check_index_args(args: argparse.Namespace) -> None:
+    from covey.errors import InvalidRequestError
+
+    health = [flag for flag in ("verify", "repair") if getattr(args, flag)]
+    if len(health) == 2:
+        raise InvalidRequestError("give --verify DIR or --repair DIR, not both")
+    if health and (args.paths or args.index):
+        raise InvalidRequestError(f"--{health[0]} DIR takes no PATH and no --index")
+    if not health and not (args.paths and args.index):
+        raise InvalidRequestError(
+            "covey index needs PATH... and --index DIR (or --verify DIR, or --repair DIR)"
+        )
+
+
 def run_index(args: argparse.Namespace) -> int:
+    _check_index_args(args)
+    _print_retrieval_warnings()
+    if args.verify or args.repair:
+        return _run_health(args)
+    from covey.retrieval.document_index import CHECKPOINT_CHUNKS
     from covey.retrieval.loaders import load_paths
 
     report = load_paths(args.paths)  # fails fast on a missing path, before loading models
-    for path, reason in report.skipped:
-        print(f"covey: warning: skipped {path}: {reason}", file=sys.stderr)
     index = _open_for_ingest(args)
-    stats = index.add_documents(report.documents, progress=not args.quiet)
+    checkpoint = args.checkpoint_chunks or CHECKPOINT_CHUNKS
+    stats = index.add_documents(report.documents, not args.quiet, checkpoint)
     m = index.manifest
     print(
         f"files: {stats.documents} read, {stats.unchanged} unchanged, {stats.replaced} "
-        f"replaced, {len(report.skipped)} skipped\n"
-        f"chunks: {stats.added_chunks} added, {stats.removed_chunks} removed "
-        f"({stats.tokens} tokens)\n"
+        f"replaced, {len(report.skipped)} skipped, {len(report.aliases)} aliases\n"
+        f"chunks: {stats.added_chunks} added ({stats.embedded_chunks} embedded, "
+        f"{stats.reused_vectors} reused), {stats.removed_chunks} removed ({stats.tokens} "
+        f"tokens), {stats.checkpoints} checkpoints\n"
         f"index: {index.root} holds {m['num_chunks']} chunks, {m['num_tokens']} tokens from "
         f"{m['num_sources']} sources; faiss {m['index']['kind']}"
         + (f", recall@10 {m['index']['recall_at_10']:.3f}" if "recall_at_10" in m["index"] else "")
     )
+    return 0
+
+
+def _run_health(args: argparse.Namespace) -> int:
+    from covey.errors import RetrievalError
+    from covey.retrieval.index_health import repair_index, verify_index
+
+    root = Path(args.verify or args.repair)
+    report = verify_index(root) if args.verify else repair_index(root)
+    for line in report.lines:
+        print(line)
+    if args.verify and report.problems:
+        raise RetrievalError(
+            f"index {root} has {report.problems} problem(s); run `covey index --repair {root}`"
+        )
     return 0
 
 

@@ -10,7 +10,7 @@ from covey.home import covey_home
 from covey.retrieval.document_index import DocumentIndex
 from covey.retrieval.documents import Document
 from covey.retrieval.embedder import EmbedderLike
-from covey.retrieval.store import MANIFEST
+from covey.retrieval.store import index_exists
 from covey.retrieval.tokenizers import TokenizerLike
 
 SOURCE_PREFIX = "pydoc:"
@@ -44,7 +44,7 @@ def ensure_default_index(
     `limit` ingests only the first topics (tests); a complete build is what users get.
     """
     root = Path(root) if root is not None else default_index_dir()
-    if (root / MANIFEST).is_file():
+    if index_exists(root):  # also one whose manifest is lost: open() recovers it
         return DocumentIndex.open(root, embedder=embedder, tokenizer=tokenizer)
     index = DocumentIndex.create(root, embedder=embedder, tokenizer=tokenizer)
     docs = pydoc_documents(limit)

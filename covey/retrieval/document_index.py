@@ -2,7 +2,7 @@
 
 Typical use:
     index = DocumentIndex.create("idx")  # or DocumentIndex.open("idx")
-    index.add_files(["docs/"])  # each add_* call is one atomic commit
+    index.add_files(["docs/"])  # commits every CHECKPOINT_CHUNKS chunks and at the end
     index.search("how do I sort a dict", k=5, mode="hybrid", sources=[...])
 """
 
@@ -23,6 +23,7 @@ from covey.retrieval.bm25_index import BM25Index
 from covey.retrieval.chunker import ChunkerConfig, chunk_document
 from covey.retrieval.documents import Chunk, Document, SearchResult, content_hash
 from covey.retrieval.embedder import BUNDLED_NAME, Embedder, EmbedderConfig, EmbedderLike
+from covey.retrieval.length_batching import embed_by_length
 from covey.retrieval.loaders import load_paths
 from covey.retrieval.search import Reranker, SearchEngine
 from covey.retrieval.searcher import DEFAULT_K, DEFAULT_MODE
@@ -36,12 +37,20 @@ from covey.retrieval.vector_index import (
 )
 
 EMBED_BATCH = 256
+# An ingest commits a consistent version after every this many new chunks, so a killed or
+# failed ingest keeps its work: re-running it re-embeds only what no checkpoint holds.
+CHECKPOINT_CHUNKS = 2048
 logger = logging.getLogger("covey.retrieval")
 
 
 @dataclass
 class IngestStats:
-    """What one add_* call did; `skipped` holds (path, reason) for files not ingested."""
+    """What one add_* call did; `skipped` holds (path, reason) for files not ingested and
+    `aliases` (path, the path it resolves to) for files ingested once under another name.
+
+    `embedded_chunks` counts texts sent to the embedder; the other added chunks reused a
+    vector the index already held (the same text: a resumed ingest, an unchanged part of a
+    changed file). `checkpoints` counts the intermediate commits."""
 
     documents: int = 0
     unchanged: int = 0
@@ -49,7 +58,11 @@ class IngestStats:
     added_chunks: int = 0
     removed_chunks: int = 0
     tokens: int = 0
+    embedded_chunks: int = 0
+    reused_vectors: int = 0
+    checkpoints: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    aliases: list[tuple[str, str]] = field(default_factory=list)
 
 
 def _embedder_info(embedder: EmbedderLike) -> dict[str, Any]:
@@ -80,9 +93,17 @@ class DocumentIndex:
         self.index_config = index_config
         self.chunks: list[Chunk] = snapshot.chunks
         self.sources: dict[str, str] = snapshot.sources
-        self.vectors: np.ndarray = snapshot.vectors
         self._embedder = embedder
         self._tokenizer = tokenizer
+        # What opening recovered from (also logged): empty for a healthy index.
+        self.warnings: list[str] = list(snapshot.warnings)
+        for warning in self.warnings:
+            logger.warning("%s", warning)
+        if snapshot.vectors is None:  # damaged on disk; the chunk store is intact
+            snapshot.vectors = self._embed_all([c.text for c in self.chunks], progress=False)
+        self.vectors: np.ndarray = snapshot.vectors
+        # The source whose first chunks a checkpoint holds but whose ingest did not finish.
+        self.partial: dict[str, Any] | None = snapshot.manifest.get("partial")
         self._faiss = None
         if snapshot.faiss_index is not None:  # approximate kinds are stored; move to GPU if any
             self._faiss = to_gpu(snapshot.faiss_index, index_config)
@@ -104,7 +125,7 @@ class DocumentIndex:
     ) -> DocumentIndex:
         """A new empty index, committed at once so it can be opened; fails if one exists."""
         root = Path(root)
-        if (root / store.MANIFEST).exists():
+        if store.index_exists(root):
             raise RetrievalError(f"an index already exists at {root}; use DocumentIndex.open")
         if root.exists() and not root.is_dir():  # checked before seconds of model loading
             raise RetrievalError(f"{root} is a file, not an index directory")
@@ -131,7 +152,12 @@ class DocumentIndex:
         tokenizer: TokenizerLike | None = None,
     ) -> DocumentIndex:
         """Open an existing index; the embedder, if given, must be the one it was built with
-        (vectors of two models live in unrelated spaces). Without one it loads lazily."""
+        (vectors of two models live in unrelated spaces). Without one it loads lazily.
+
+        Serves the newest committed version after checking its files against its record;
+        what could be recovered without loss (a lost manifest, a damaged faiss index or
+        vectors file) is, and said in `warnings` and the log. Other damage is a
+        RetrievalError naming the file (see covey.retrieval.store)."""
         root = Path(root)
         snap = store.read_snapshot(root)
         built = snap.manifest["embedder"]
@@ -151,7 +177,7 @@ class DocumentIndex:
 
     @classmethod
     def open_or_create(cls, root: str | Path, **kwargs: Any) -> DocumentIndex:
-        if (Path(root) / store.MANIFEST).exists():
+        if store.index_exists(Path(root)):
             keys = ("embedder", "tokenizer")
             return cls.open(root, **{k: v for k, v in kwargs.items() if k in keys})
         return cls.create(root, **kwargs)
@@ -177,11 +203,16 @@ class DocumentIndex:
 
     # ---- ingestion -------------------------------------------------------------------
 
-    def add_files(self, paths: Sequence[str | Path], progress: bool = False) -> IngestStats:
+    def add_files(
+        self,
+        paths: Sequence[str | Path],
+        progress: bool = False,
+        checkpoint_chunks: int = CHECKPOINT_CHUNKS,
+    ) -> IngestStats:
         """Ingest files and folders; unchanged files add nothing, changed ones are replaced."""
         report = load_paths(list(paths))
-        stats = self.add_documents(report.documents, progress=progress)
-        stats.skipped = report.skipped
+        stats = self.add_documents(report.documents, progress, checkpoint_chunks)
+        stats.skipped, stats.aliases = report.skipped, report.aliases
         return stats
 
     def add_texts(
@@ -199,12 +230,22 @@ class DocumentIndex:
             raise RetrievalError(f"got {len(texts)} texts but {len(names)} sources")
         return self.add_documents([Document(t, s) for t, s in zip(texts, names, strict=True)])
 
-    def add_documents(self, docs: Sequence[Document], progress: bool = False) -> IngestStats:
-        """Chunk, embed and index `docs`, then commit once; nothing is visible on disk (and a
-        crash changes nothing) until the commit's manifest swap. If anything fails midway,
-        the in-memory state is reloaded from the last commit before the error propagates."""
+    def add_documents(
+        self,
+        docs: Sequence[Document],
+        progress: bool = False,
+        checkpoint_chunks: int = CHECKPOINT_CHUNKS,
+    ) -> IngestStats:
+        """Chunk, embed and index `docs`, committing a consistent version after every
+        `checkpoint_chunks` new chunks and at the end. Each commit is atomic (see
+        covey.retrieval.store); a crash loses at most the work since the last one, and
+        re-running the same ingest reuses the vectors the checkpoints hold. If anything
+        fails midway, the in-memory state is reloaded from the last commit before the error
+        propagates."""
+        if checkpoint_chunks <= 0:
+            raise RetrievalError(f"checkpoint_chunks must be > 0, got {checkpoint_chunks}")
         try:
-            return self._ingest(docs, progress)
+            return self._ingest(docs, progress, checkpoint_chunks)
         except BaseException:
             self._reload()
             raise
@@ -213,32 +254,81 @@ class DocumentIndex:
         fresh = DocumentIndex.open(self.root, self._embedder, self._tokenizer)
         self.__dict__.update(fresh.__dict__)
 
-    def _ingest(self, docs: Sequence[Document], progress: bool) -> IngestStats:
+    def _ingest(
+        self, docs: Sequence[Document], progress: bool, checkpoint_chunks: int
+    ) -> IngestStats:
         names = [d.source for d in docs]
         if len(set(names)) != len(names):
             dupes = sorted({n for n in names if names.count(n) > 1})
             raise RetrievalError(f"each document needs its own source; repeated: {dupes[:5]}")
         stats = IngestStats(documents=len(docs))
-        new_chunks: list[Chunk] = []
-        replaced: list[str] = []
+        # Vectors by chunk id (the text's hash), taken before anything is dropped: a resumed
+        # or replaced document re-adds many chunks whose text the index already embedded.
+        known = {c.id: self.vectors[i] for i, c in enumerate(self.chunks)}
+        plan: list[tuple[str, str, list[Chunk]]] = []
+        replaced: set[str] = set()
         for doc in docs:
             digest = content_hash(doc.text)
             if self.sources.get(doc.source) == digest:
                 stats.unchanged += 1
                 continue
             if doc.source in self.sources:
-                replaced.append(doc.source)
-            self.sources[doc.source] = digest
-            new_chunks.extend(chunk_document(doc, self.tokenizer, self.chunker))
+                replaced.add(doc.source)
+                del self.sources[doc.source]
+            plan.append((doc.source, digest, chunk_document(doc, self.tokenizer, self.chunker)))
         stats.replaced = len(replaced)
-        stats.removed_chunks = self._drop_sources(set(replaced))
-        if new_chunks or replaced:
-            vectors = self._embed([c.text for c in new_chunks], progress)
-            self._append(new_chunks, vectors)
-            self.commit()
-        stats.added_chunks = len(new_chunks)
-        stats.tokens = sum(c.num_tokens for c in new_chunks)
+        stats.removed_chunks = sum(c.source in replaced for c in self.chunks)
+        # A document being (re)ingested loses its old chunks, whole or checkpointed.
+        self._drop_sources({source for source, _, _ in plan})
+        if self.partial is not None and any(s == self.partial["source"] for s, _, _ in plan):
+            self.partial = None
+        if not plan:
+            return stats
+        work = [
+            (source, digest, chunk, i == len(chunks) - 1)
+            for source, digest, chunks in plan
+            for i, chunk in enumerate(chunks)
+        ]
+        to_embed = {c.id for _, _, c, _ in work} - known.keys()
+        from tqdm import tqdm
+
+        with tqdm(
+            total=len(to_embed), unit="chunk", desc="embedding", disable=not progress
+        ) as bar:
+            for start in range(0, len(work), checkpoint_chunks):
+                window = work[start : start + checkpoint_chunks]
+                stats.embedded_chunks += self._embed_missing(window, known, bar.update)
+                chunks = [c for _, _, c, _ in window]
+                self._append(chunks, np.stack([known[c.id] for c in chunks]))
+                self._mark_progress(window)
+                if start + checkpoint_chunks < len(work):
+                    self.commit()
+                    stats.checkpoints += 1
+        self.partial = None
+        self.commit()
+        stats.added_chunks = len(work)
+        stats.reused_vectors = len(work) - stats.embedded_chunks
+        stats.tokens = sum(c.num_tokens for _, _, c, _ in work)
         return stats
+
+    def _embed_missing(self, window, known: dict[str, np.ndarray], on_batch) -> int:
+        """Embed the window's texts that have no vector yet (each distinct text once)."""
+        texts = {c.id: c.text for _, _, c, _ in window if c.id not in known}
+        if texts:
+            vectors = self._embed_all(list(texts.values()), on_batch=on_batch)
+            known.update(zip(texts, vectors, strict=True))
+        return len(texts)
+
+    def _mark_progress(self, window) -> None:
+        """Sources whose last chunk is in are complete; the one cut off is `partial`."""
+        for source, digest, _, last in window:
+            if last:
+                self.sources[source] = digest
+        source, digest, _, last = window[-1]
+        self.partial = None
+        if not last:
+            count = sum(c.source == source for c in self.chunks)
+            self.partial = {"source": source, "content_hash": digest, "chunks": count}
 
     def _check_tokenizer(self, tokenizer: TokenizerLike) -> None:
         """Chunks counted with two tokenizers would mix token budgets: say so, loudly."""
@@ -253,12 +343,15 @@ class DocumentIndex:
 
     def remove_sources(self, sources: Sequence[str]) -> int:
         """Delete every chunk of these sources and commit; returns how many were removed."""
-        names = {s for s in sources if s in self.sources}
+        partial = self.partial["source"] if self.partial else None
+        names = {s for s in sources if s in self.sources or s == partial}
         if not names:
             return 0
         try:
             for name in names:
-                del self.sources[name]
+                self.sources.pop(name, None)
+            if partial in names:
+                self.partial = None
             removed = self._drop_sources(names)
             self.commit()
         except BaseException:
@@ -266,16 +359,15 @@ class DocumentIndex:
             raise
         return removed
 
-    def _embed(self, texts: list[str], progress: bool) -> np.ndarray:
+    def _embed_all(self, texts: list[str], progress: bool = False, on_batch=None) -> np.ndarray:
+        """Vectors for `texts` in their order, embedded in batches of similar length."""
         from tqdm import tqdm
 
-        bar = tqdm(total=len(texts), unit="chunk", desc="embedding", disable=not progress)
-        parts = [np.zeros((0, int(self.manifest["embedder"]["dimension"])), np.float32)]
-        with bar:
-            for i in range(0, len(texts), EMBED_BATCH):
-                parts.append(self.embedder.embed(texts[i : i + EMBED_BATCH]))
-                bar.update(len(parts[-1]))
-        return np.concatenate(parts)
+        dim = int(self.manifest["embedder"]["dimension"])
+        with tqdm(total=len(texts), unit="chunk", desc="embedding", disable=not progress) as bar:
+            return embed_by_length(
+                self.embedder.embed, texts, dim, EMBED_BATCH, on_batch or bar.update
+            )
 
     def _drop_sources(self, names: set[str]) -> int:
         if not names:
@@ -345,8 +437,11 @@ class DocumentIndex:
         if kind != "flat" and self.chunks:
             faiss_to_save = to_cpu(self.faiss_index())
             index_info["recall_at_10"] = round(measure_recall(self._faiss, self.vectors), 4)
+        manifest = {k: v for k, v in self.manifest.items() if k != "partial"}
+        if self.partial is not None:
+            manifest["partial"] = self.partial
         manifest = dict(
-            self.manifest,
+            manifest,
             index=index_info,
             num_chunks=len(self.chunks),
             num_sources=len(self.sources),

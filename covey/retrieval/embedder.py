@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from covey.errors import ConfigError, RetrievalError
+from covey.retrieval.length_batching import length_sorted_slices
 
 BUNDLED_NAME = "all-MiniLM-L6-v2"
 # Up to this many texts (a query, a few) embed on one CPU thread: intra-op parallelism gains
@@ -134,11 +135,25 @@ class Embedder:
         return self._encode(texts)
 
     def _encode(self, texts: list[str]) -> np.ndarray:
-        vectors = self.model.encode(
-            texts,
-            batch_size=self.batch_size,
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-            show_progress_bar=False,
-        )
-        return np.ascontiguousarray(vectors, dtype=np.float32)
+        """Batches of `batch_size` texts of similar token count (see length_batching)."""
+        out = np.empty((len(texts), self.dimension), dtype=np.float32)
+        for rows in length_sorted_slices(self.token_counts(texts), self.batch_size):
+            vectors = self.model.encode(
+                [texts[i] for i in rows],
+                batch_size=len(rows),
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
+            out[rows] = vectors
+        return out
+
+    def token_counts(self, texts: list[str]) -> list[int]:
+        """Tokens the model will see per text (after truncation); characters for a model
+        without a tokenizer attribute."""
+        tokenizer = getattr(self.model, "tokenizer", None)
+        if tokenizer is None:
+            return [len(t) for t in texts]
+        limit = self.model.max_seq_length or tokenizer.model_max_length
+        ids = tokenizer(texts, truncation=True, max_length=limit)["input_ids"]
+        return [len(i) for i in ids]

@@ -6,7 +6,9 @@ large ingest; the caller decides how loudly to say so.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,14 +24,34 @@ _HTML_DROP = ("script", "style", "noscript", "template", "head")
 
 @dataclass
 class LoadReport:
-    """What a load produced: documents, plus (path, reason) for every file it skipped."""
+    """What a load produced: documents, (path, reason) for every file it skipped, and
+    (path, target) for every path that resolved to a file already loaded under another name
+    (a symlink, a hard path alias): that file is ingested once, under its resolved path."""
 
     documents: list[Document] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    aliases: list[tuple[str, str]] = field(default_factory=list)
+    # Resolved path -> the (absolute, unresolved) path it was first loaded through.
+    _seen: dict[Path, Path] = field(default_factory=dict, repr=False)
 
     def skip(self, path: Path, reason: str) -> None:
-        logger.warning("skipping %s: %s", path, reason)
+        logger.warning("skipped %s: %s", path, reason)
         self.skipped.append((str(path), reason))
+
+    def alias(self, path: Path, target: Path) -> None:
+        logger.warning("%s resolves to %s, ingested once under that name", path, target)
+        self.aliases.append((str(path), str(target)))
+
+    def first_visit(self, path: Path, resolved: Path) -> bool:
+        """True the first time `resolved` is reached; later arrivals through another name
+        are recorded as aliases, through the same name (overlapping arguments) dropped."""
+        seen = self._seen.get(resolved)
+        if seen is None:
+            self._seen[resolved] = Path(os.path.abspath(path))
+            return True
+        if seen != Path(os.path.abspath(path)):
+            self.alias(path, resolved)
+        return False
 
 
 def html_to_text(html: str) -> str:
@@ -53,10 +75,33 @@ def _decode(data: bytes) -> str | None:
         return None
 
 
-def load_file(path: Path, report: LoadReport) -> None:
-    """Append the file's Document to `report`, or record why it was skipped."""
+def _resolve(path: Path, report: LoadReport) -> Path | None:
+    """The real path behind `path`, or None (recorded as skipped) for a dangling link or a
+    symlink loop."""
     try:
-        data = path.read_bytes()
+        return path.resolve(strict=True)
+    except FileNotFoundError:
+        report.skip(path, f"dangling symlink (to {os.readlink(path)})")
+    except RuntimeError:  # Python < 3.13 reports a loop this way
+        report.skip(path, "symlink loop")
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            report.skip(path, "symlink loop")
+        else:
+            report.skip(path, f"unreadable ({exc.strerror or exc})")
+    return None
+
+
+def load_file(path: Path, report: LoadReport, resolved: Path | None = None) -> None:
+    """Append the file's Document to `report`, or record why it was skipped."""
+    resolved = resolved or _resolve(path, report)
+    if resolved is None or not report.first_visit(path, resolved):
+        return
+    if not resolved.is_file():
+        report.skip(path, "not a regular file")
+        return
+    try:
+        data = resolved.read_bytes()
     except OSError as exc:
         report.skip(path, f"unreadable ({exc.strerror or exc})")
         return
@@ -69,24 +114,47 @@ def load_file(path: Path, report: LoadReport) -> None:
     if not text.strip():
         report.skip(path, "empty")
         return
-    report.documents.append(Document(text=text, source=str(path.resolve())))
+    report.documents.append(Document(text=text, source=str(resolved)))
+
+
+def _load_folder(folder: Path, report: LoadReport, ancestors: frozenset[Path]) -> None:
+    """Load a folder's files depth first in sorted order, hidden entries skipped. Symlinked
+    folders are followed, except one that leads back into its own ancestors (a loop)."""
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as exc:
+        report.skip(folder, f"unreadable folder ({exc.strerror or exc})")
+        return
+    for child in entries:
+        if child.name.startswith("."):
+            continue
+        resolved = _resolve(child, report)
+        if resolved is None:
+            continue
+        if not resolved.is_dir():
+            load_file(child, report, resolved)
+        elif resolved in ancestors:
+            report.skip(child, f"symlink loop (leads back to {resolved})")
+        elif report.first_visit(child, resolved):
+            _load_folder(child, report, ancestors | {resolved})
 
 
 def load_paths(paths: list[str | Path]) -> LoadReport:
-    """Load files, and folders recursively (hidden entries skipped); HTML by suffix.
+    """Load files, and folders recursively (hidden entries skipped); HTML by suffix. A file
+    reached twice (overlapping arguments, a symlink to a file also loaded) is loaded once.
 
     A path that does not exist is a user error, not a skip: it is almost always a typo.
     """
     report = LoadReport()
     for raw in paths:
         path = Path(raw)
-        if not path.exists():
+        if not path.exists() and not path.is_symlink():
             raise RetrievalError(f"no such file or directory: {path}")
-        if path.is_dir():
-            for child in sorted(path.rglob("*")):
-                rel = child.relative_to(path).parts
-                if child.is_file() and not any(p.startswith(".") for p in rel):
-                    load_file(child, report)
-        else:
-            load_file(path, report)
+        resolved = _resolve(path, report)
+        if resolved is None:
+            continue
+        if not resolved.is_dir():
+            load_file(path, report, resolved)
+        elif report.first_visit(path, resolved):
+            _load_folder(path, report, frozenset({resolved}))
     return report

@@ -34,9 +34,10 @@ def test_index_then_search(tmp_path, docs, capsys):
     assert covey("index", str(docs), "--index", str(idx), "--quiet") == 0
     out, err = capsys.readouterr()
     assert "files: 2 read, 0 unchanged, 0 replaced, 1 skipped" in out
-    assert "chunks: 2 added, 0 removed" in out
+    assert "chunks: 2 added (2 embedded, 0 reused), 0 removed" in out
     assert "faiss flat" in out
-    assert f"skipped {docs / 'blob.bin'}: binary or not UTF-8 text" in err
+    skip = f"covey: warning: skipped {docs / 'blob.bin'}: binary or not UTF-8 text"
+    assert err.count(skip) == 1 and err.count("blob.bin") == 1  # printed once
 
     assert covey("index", str(docs), "--index", str(idx), "--quiet") == 0
     assert "files: 2 read, 2 unchanged" in capsys.readouterr().out

@@ -21,3 +21,15 @@ def test_small_batches_run_single_threaded_with_same_result(embedder):
     big = embedder.embed(texts)[:2]  # > SMALL_BATCH: normal multi-threaded path
     assert torch.get_num_threads() == threads
     assert np.allclose(small, big, atol=1e-5)
+
+
+def test_length_sorted_embedding_keeps_the_order(embedder):
+    from covey.retrieval.length_batching import embed_by_length, length_sorted_slices
+
+    texts = ["short", "a much longer text about rivers and the sea", "mid length text", "x"]
+    assert [list(s) for s in length_sorted_slices([len(t) for t in texts], 2)] == [[1, 2], [0, 3]]
+    assert embedder.token_counts(texts) == [3, 11, 5, 3]  # [CLS] ... [SEP]
+    seen = []
+    vectors = embed_by_length(embedder.embed, texts, embedder.dimension, 2, seen.append)
+    assert seen == [2, 2]
+    np.testing.assert_allclose(vectors, embedder.embed(texts), atol=1e-5)

@@ -55,11 +55,13 @@ def test_embedder_by_path_records_its_name(tmp_path, embedder):
     assert np.allclose(other.embed(["same model"]), embedder.embed(["same model"]), atol=1e-5)
 
 
-def test_corrupt_manifest(make_index):
+def test_corrupt_manifest_is_recovered_from_the_versions_record(make_index, caplog):
     index = make_index()
+    index.add_texts(["Rockets reach orbit."], source="a")
     (index.root / "manifest.json").write_text("{not json")
-    with pytest.raises(RetrievalError, match="unreadable manifest"):
-        DocumentIndex.open(index.root)
+    reopened = DocumentIndex.open(index.root)
+    assert reopened.chunks == index.chunks and reopened.manifest["version"] == "v000002"
+    assert "manifest.json is unreadable" in caplog.text and "recovered v000002" in caplog.text
 
 
 def test_manifest_of_another_format(make_index):
@@ -70,10 +72,10 @@ def test_manifest_of_another_format(make_index):
         DocumentIndex.open(index.root)
 
 
-def test_damaged_version_folder(make_index):
+def test_damaged_chunk_store_names_the_file(make_index):
     index = make_index()
-    (index.root / "versions" / "v000001" / "vectors.npy").unlink()
-    with pytest.raises(RetrievalError, match="index version .*v000001 is damaged"):
+    (index.root / "versions" / "v000001" / "chunks.sqlite").unlink()
+    with pytest.raises(RetrievalError, match=r"v000001/chunks.sqlite is damaged: missing; run"):
         DocumentIndex.open(index.root)
 
 

@@ -45,7 +45,7 @@ def test_binary_and_empty_files_are_skipped_by_name(tmp_path, caplog):
     assert skipped[str(binary)] == "binary or not UTF-8 text"
     assert skipped[str(latin)] == "binary or not UTF-8 text"
     assert skipped[str(empty)] == "empty"
-    assert f"skipping {binary}" in caplog.text
+    assert f"skipped {binary}" in caplog.text
 
 
 def test_unreadable_file_is_skipped_by_name(tmp_path, monkeypatch):
@@ -67,3 +67,66 @@ def test_unreadable_file_is_skipped_by_name(tmp_path, monkeypatch):
 def test_missing_path_is_an_error(tmp_path):
     with pytest.raises(RetrievalError, match="no such file or directory: .*nope"):
         load_paths([tmp_path / "nope"])
+
+
+def test_symlink_to_a_file_in_the_folder_is_ingested_once(tmp_path, caplog):
+    (tmp_path / "a.txt").write_text("alpha")
+    (tmp_path / "b.txt").symlink_to(tmp_path / "a.txt")
+    report = load_paths([tmp_path])
+    assert [d.source for d in report.documents] == [str(tmp_path / "a.txt")]
+    assert report.aliases == [(str(tmp_path / "b.txt"), str(tmp_path / "a.txt"))]
+    assert report.skipped == []
+    assert caplog.text.count("b.txt resolves to") == 1
+
+
+def test_overlapping_arguments_are_deduplicated(tmp_path, caplog):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.txt").write_text("alpha")
+    (tmp_path / "b.txt").write_text("beta")
+    report = load_paths([tmp_path, tmp_path / "sub", tmp_path / "b.txt", tmp_path])
+    assert sorted(Path(d.source).name for d in report.documents) == ["a.txt", "b.txt"]
+    assert report.aliases == [] and report.skipped == [] and caplog.text == ""
+
+
+def test_dangling_links_and_loops_are_skipped_with_a_reason(tmp_path, caplog):
+    folder = tmp_path / "docs"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "ok.txt").write_text("fine")
+    (folder / "dangling.txt").symlink_to(tmp_path / "nowhere.txt")
+    (folder / "loop1").symlink_to(folder / "loop2")
+    (folder / "loop2").symlink_to(folder / "loop1")
+    (folder / "sub" / "up").symlink_to(folder, target_is_directory=True)  # a folder loop
+    report = load_paths([folder])
+    assert [Path(d.source).name for d in report.documents] == ["ok.txt"]
+    assert dict(report.skipped) == {
+        str(folder / "dangling.txt"): f"dangling symlink (to {tmp_path / 'nowhere.txt'})",
+        str(folder / "loop1"): "symlink loop",
+        str(folder / "loop2"): "symlink loop",
+        str(folder / "sub" / "up"): f"symlink loop (leads back to {folder})",
+    }
+    for path, _ in report.skipped:  # each warned about exactly once
+        assert caplog.text.count(f"skipped {path}:") == 1
+
+
+def test_symlinked_folder_is_followed_and_a_dangling_argument_skipped(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "c.txt").write_text("gamma")
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "linked").symlink_to(outside, target_is_directory=True)
+    (tmp_path / "gone").symlink_to(tmp_path / "missing")
+    report = load_paths([folder, tmp_path / "gone"])
+    assert [d.source for d in report.documents] == [str(outside / "c.txt")]
+    reason = f"dangling symlink (to {tmp_path / 'missing'})"
+    assert report.skipped == [(str(tmp_path / "gone"), reason)]
+
+
+def test_aliased_files_ingest_into_an_index(tmp_path, make_index):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text("Rockets reach orbit.")
+    (folder / "same.txt").symlink_to(folder / "a.txt")
+    stats = make_index().add_files([folder, folder / "a.txt"])
+    assert (stats.documents, stats.added_chunks) == (1, 1)
+    assert stats.aliases == [(str(folder / "same.txt"), str(folder / "a.txt"))]

@@ -1,0 +1,272 @@
+"""Fault injection over a real index folder: every file an index holds (manifest, chunk
+store, vectors, faiss index, lock) x every damage (deleted, empty, truncated, garbage,
+swapped with the previous version's, extra rows).
+
+Opening and searching must either recover and answer exactly as the undamaged index did,
+with a warning naming the file, or raise a RetrievalError naming the file. Never a silent
+wrong answer; and the next commit (or --repair) never removes a version it did not
+supersede. One tiny index (the real embedder, a few short documents, HNSW so that a faiss
+file exists) is built per module and copied per case.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sqlite3
+
+import faiss
+import numpy as np
+import pytest
+
+from covey.errors import RetrievalError
+from covey.retrieval.chunker import ChunkerConfig
+from covey.retrieval.document_index import DocumentIndex
+from covey.retrieval.index_health import repair_index, verify_index
+from covey.retrieval.vector_index import IndexConfig
+
+FIRST = {
+    "space": "The rocket reached orbit. Astronauts docked with the space station.",
+    "fruit": "Apples and pears grow in orchards. Bananas ripen in warm climates.",
+}
+SECOND = {
+    "bread": "Bread dough rises because yeast makes carbon dioxide gas.",
+    "code": "Call asyncio.gather to run coroutines concurrently in Python.",
+    "sea": "Tides follow the moon; the ocean rises and falls twice a day.",
+}
+QUERIES = ("rocket in orbit", "why does dough rise", "run coroutines at once")
+MODES = ("vector", "bm25", "hybrid")
+DAMAGES = ("deleted", "empty", "truncated", "garbage", "swapped", "extra_rows")
+FILES = {
+    "manifest": "manifest.json",
+    "sqlite": "versions/v000003/chunks.sqlite",
+    "vectors": "versions/v000003/vectors.npy",
+    "faiss": "versions/v000003/index.faiss",
+    "lock": ".lock",
+}
+
+
+def results(index: DocumentIndex) -> dict:
+    return {
+        (q, m): [(r.chunk.id, r.score) for r in index.search(q, k=3, mode=m)]
+        for q in QUERIES
+        for m in MODES
+    }
+
+
+def assert_same_results(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for key in want:
+        assert [i for i, _ in got[key]] == [i for i, _ in want[key]], key
+        np.testing.assert_allclose([s for _, s in got[key]], [s for _, s in want[key]], atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory, embedder, tokenizer):
+    """v000002 (first commit of data) and v000003 (current); v000001 was collected."""
+    root = tmp_path_factory.mktemp("fault") / "idx"
+    index = DocumentIndex.create(
+        root,
+        embedder=embedder,
+        tokenizer=tokenizer,
+        chunker=ChunkerConfig(chunk_tokens=64, overlap_tokens=8),
+        index=IndexConfig(kind="hnsw"),
+    )
+    index.add_texts(list(FIRST.values()), source=list(FIRST))
+    previous = results(index)
+    index.add_texts(list(SECOND.values()), source=list(SECOND))
+    assert sorted(p.name for p in (root / "versions").iterdir()) == ["v000002", "v000003"]
+    return root, results(index), previous, len(index)
+
+
+def damage(root, file: str, how: str) -> None:
+    path = root / FILES[file]
+    previous = root / FILES[file].replace("v000003", "v000002")
+    data = path.read_bytes()
+    if how == "deleted":
+        path.unlink()
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "garbage":  # 4 KB of noise over the body, the header left in place
+        path.write_bytes(data[:64] + np.random.default_rng(0).bytes(4096))
+    elif how == "swapped":
+        if file == "manifest":  # the manifest as the previous commit left it
+            record = json.loads((root / "versions/v000002/version.json").read_text())
+            path.write_text(json.dumps(record))
+        elif file == "lock":  # no lock per version: the lock's worst case, a directory
+            path.unlink()
+            path.mkdir()
+        else:
+            shutil.copyfile(previous, path)
+    elif how == "extra_rows":
+        add_rows(path, file, data)
+
+
+def add_rows(path, file: str, data: bytes) -> None:
+    if file == "manifest":
+        manifest = json.loads(data)
+        path.write_text(json.dumps(dict(manifest, num_chunks=manifest["num_chunks"] + 3)))
+    elif file == "sqlite":
+        con = sqlite3.connect(path)
+        con.execute("INSERT INTO chunks VALUES (99, 'x', 'stray', 0, 5, 2, 'stray')")
+        con.commit()
+        con.close()
+    elif file == "vectors":
+        vectors = np.load(path)
+        np.save(path, np.concatenate([vectors, vectors[:3]]))
+    elif file == "faiss":
+        index = faiss.read_index(str(path))
+        index.add(np.eye(1, index.d, dtype=np.float32).repeat(3, axis=0))
+        faiss.write_index(index, str(path))
+    else:
+        path.write_text("pid 1\npid 2\npid 3\n")
+
+
+# What opening does per file: recover (with a warning naming the file) or raise naming it.
+RECOVERS = {"manifest": True, "sqlite": False, "vectors": True, "faiss": True, "lock": True}
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+@pytest.mark.parametrize("file", list(FILES))
+def test_damage_is_recovered_or_named(
+    file, how, pristine, tmp_path, embedder, tokenizer, caplog
+):
+    source, want, previous, n = pristine
+    root = tmp_path / "idx"
+    shutil.copytree(source, root)
+    damage(root, file, how)
+    name = os.path.basename(FILES[file])
+    caplog.set_level(logging.WARNING, logger="covey.retrieval")
+
+    if not RECOVERS[file]:
+        with pytest.raises(RetrievalError, match=rf"{name} is damaged: .*covey index --repair"):
+            DocumentIndex.open(root, embedder=embedder, tokenizer=tokenizer)
+        assert verify_index(root).problems > 0
+        report = repair_index(root, embedder=embedder, tokenizer=tokenizer)
+        assert any("restored v000002" in line for line in report.lines), report.lines
+        repaired = DocumentIndex.open(root, embedder=embedder, tokenizer=tokenizer)
+        assert repaired.warnings == [] and verify_index(root).problems == 0
+        assert_same_results(results(repaired), previous)  # said so: v000003 was lost
+        return
+
+    index = DocumentIndex.open(root, embedder=embedder, tokenizer=tokenizer)
+    assert_same_results(results(index), want)
+    assert len(index) == n
+    if file == "lock":  # never read: nothing to recover, nothing to warn about
+        assert index.warnings == []
+    else:
+        assert index.warnings and all(name in w for w in index.warnings), index.warnings
+        assert name in caplog.text
+        assert verify_index(root).problems > 0
+
+    if file == "lock" and how == "swapped":  # a directory where the lock file goes
+        with pytest.raises(RetrievalError, match=r"cannot open the lock file .*\.lock"):
+            index.add_texts(["Glaciers carve valleys."], source="ice")
+        assert sorted(p.name for p in (root / "versions").iterdir()) == ["v000002", "v000003"]
+        return
+    # The next commit writes a consistent version on top of the newest one, keeps that one
+    # as its previous, and only collects what the newest one superseded.
+    index.add_texts(["Glaciers carve valleys."], source="ice")
+    assert sorted(p.name for p in (root / "versions").iterdir()) == ["v000003", "v000004"]
+    reopened = DocumentIndex.open(root, embedder=embedder, tokenizer=tokenizer)
+    assert reopened.warnings == [] and len(reopened) == n + 1
+    assert reopened.search("glacier valleys", k=1)[0].chunk.source == "ice"
+    assert verify_index(root).problems == 0
+
+
+def test_repair_restores_vectors_and_faiss_without_loss(pristine, tmp_path, embedder, tokenizer):
+    source, want, _, n = pristine
+    root = tmp_path / "idx"
+    shutil.copytree(source, root)
+    damage(root, "vectors", "garbage")
+    damage(root, "faiss", "truncated")
+    damage(root, "manifest", "deleted")
+    found = verify_index(root)
+    assert found.problems == 3
+    assert any("vectors.npy: " in line and "re-embedded" in line for line in found.lines)
+    report = repair_index(root, embedder=embedder, tokenizer=tokenizer)
+    assert report.lines[-1] == f"committed v000004 ({n} chunks)"
+    assert any("re-embedded" in line for line in report.lines)
+    index = DocumentIndex.open(root, embedder=embedder, tokenizer=tokenizer)
+    assert index.warnings == [] and verify_index(root).problems == 0
+    assert_same_results(results(index), want)
+    assert repair_index(root).lines == [
+        "nothing to repair: v000004 and manifest.json are intact"
+    ]
+
+
+def test_lost_manifest_never_loses_versions(pristine, tmp_path, capsys):
+    """The probe's data loss: no manifest, then `covey index` over the folder."""
+    from covey.cli.main import main
+
+    source, _, _, n = pristine
+    root = tmp_path / "idx"
+    shutil.copytree(source, root)
+    (root / "manifest.json").unlink()
+    new = tmp_path / "new.txt"
+    new.write_text("Volcanoes erupt when magma rises.")
+    assert main(["index", str(new), "--index", str(root), "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert f"holds {n + 1} chunks" in out
+    assert err.count("manifest.json") == 1 and "manifest.json is missing; recovered" in err
+    assert sorted(p.name for p in (root / "versions").iterdir()) == ["v000003", "v000004"]
+
+
+def test_create_refuses_a_folder_with_versions(pristine, tmp_path, embedder, tokenizer):
+    root = tmp_path / "idx"
+    shutil.copytree(pristine[0], root)
+    (root / "manifest.json").unlink()
+    with pytest.raises(RetrievalError, match="an index already exists"):
+        DocumentIndex.create(root, embedder=embedder, tokenizer=tokenizer)
+
+
+def test_commit_on_an_older_manifest_keeps_the_newer_version(
+    pristine, tmp_path, embedder, tokenizer
+):
+    """A restored old manifest must not make the next commit reuse or drop v000003."""
+    root = tmp_path / "idx"
+    shutil.copytree(pristine[0], root)
+    damage(root, "manifest", "swapped")
+    index = DocumentIndex.open(root, embedder=embedder, tokenizer=tokenizer)
+    assert index.manifest["version"] == "v000003"
+    index.add_texts(["Glaciers carve valleys."], source="ice")
+    assert index.manifest["version"] == "v000004"
+    assert index.manifest["previous_version"] == "v000003"
+    assert (root / "versions" / "v000003" / "version.json").is_file()
+
+
+def test_inconsistent_state_is_never_committed(pristine, tmp_path, embedder, tokenizer):
+    root = tmp_path / "idx"
+    shutil.copytree(pristine[0], root)
+    index = DocumentIndex.open(root, embedder=embedder, tokenizer=tokenizer)
+    index.vectors = index.vectors[:-1]
+    with pytest.raises(RetrievalError, match="refusing to commit an inconsistent index"):
+        index.commit()
+    assert sorted(p.name for p in (root / "versions").iterdir()) == ["v000002", "v000003"]
+
+
+@pytest.mark.parametrize("verb", ["verify", "repair"])
+def test_cli_verify_and_repair(pristine, tmp_path, capsys, verb):
+    from covey.cli.main import main
+
+    root = tmp_path / "idx"
+    shutil.copytree(pristine[0], root)
+    damage(root, "faiss", "garbage")
+    if verb == "verify":
+        assert main(["index", "--verify", str(root)]) == 2
+        out, err = capsys.readouterr()
+        assert "v000003 (newest): 5 chunks from 5 sources, faiss hnsw: index.faiss: " in out
+        assert err.strip().splitlines() == [
+            f"covey: error: index {root} has 1 problem(s); run `covey index --repair {root}`"
+        ]
+        return
+    assert main(["index", "--repair", str(root)]) == 0
+    assert "index.faiss: " in capsys.readouterr().out
+    assert main(["index", "--verify", str(root)]) == 0
+    assert "v000004 (newest): 5 chunks from 5 sources, faiss hnsw: ok" in capsys.readouterr().out
+    assert main(["index", "--verify", str(root), "--index", "x"]) == 2
+    assert "covey: error: --verify DIR takes no PATH and no --index" in capsys.readouterr().err

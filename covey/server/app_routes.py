@@ -98,10 +98,10 @@ def build_router(state: ServerState) -> APIRouter:
             except BaseException:
                 release()
                 raise
-        if first is None:
-            release()
-            observed.finish(500)
-            raise RuntimeExecutionError(f"app {name!r} produced no events")
+            if first is None:
+                release()
+                raise RuntimeExecutionError(f"app {name!r} produced no events")
+            observed.deferred = True
         body = _sse(first, events, release, observed)
         return EventStreamResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
 
@@ -221,6 +221,7 @@ class _Observed:
         self.status = 200
         self.started = time.perf_counter()
         self.done = False
+        self.deferred = False  # a stream records itself when its last event is sent
 
     def __enter__(self) -> _Observed:
         return self
@@ -228,7 +229,7 @@ class _Observed:
     def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
         if exc is not None:
             self.finish(http_error(exc).status if isinstance(exc, Exception) else CLIENT_GONE)
-        elif self.status != 200:
+        elif not self.deferred:
             self.finish(self.status)
 
     def finish(self, status: int) -> None:

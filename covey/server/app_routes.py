@@ -74,7 +74,7 @@ def build_router(state: ServerState) -> APIRouter:
     async def invoke(name: str, request: Request) -> Response:
         with _Observed(state, name) as observed:
             app, inputs = await _prepare(state, name, request)
-            with _admit(state, 1):
+            with _Admitted(state, 1):
                 run = await _unless_gone(request, drain(app.stream(inputs)))
             if run is None:
                 observed.status = CLIENT_GONE
@@ -123,7 +123,7 @@ def build_router(state: ServerState) -> APIRouter:
                 _invalid(("inputs",), f"{len(items)} inputs; a batch holds at most {limit}")
             model = app.input_model
             inputs = [_validate(model, item, ("inputs", i)) for i, item in enumerate(items)]
-            with _admit(state, len(inputs)):
+            with _Admitted(state, len(inputs)):
                 runs = [_settled(drain(app.stream(x))) for x in inputs]
                 results = await _unless_gone(request, asyncio.gather(*runs))
             if results is None:
@@ -240,7 +240,7 @@ class _Observed:
             self.state.metrics.observe_request(self.app, status, time.perf_counter() - self.started)
 
 
-class _admit:
+class _Admitted:
     """Hold `n` admission slots for a block (429 when the server is full)."""
 
     def __init__(self, state: ServerState, n: int) -> None:

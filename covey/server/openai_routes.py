@@ -24,7 +24,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from covey.errors import (
@@ -40,7 +40,7 @@ from covey.server.openai_schemas import ChatCompletionRequest, CompletionRequest
 from covey.server.state import ServerState
 
 PREFIX = "/v1"
-DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks its client is still there
+CLIENT_GONE = 499  # the status recorded for a request whose client went away
 
 _OPENAI_TYPES = {
     400: "invalid_request_error",
@@ -119,7 +119,8 @@ class _Generation:
         ]
         self.stream = bool(body.stream)
         self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        prefix = "chatcmpl" if kind.startswith("chat") else "cmpl"
+        self.id = f"{prefix}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
         self.started = time.perf_counter()
 
@@ -157,6 +158,10 @@ def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
     return replace(params, seed=seed % 2**64 if seed >= 2**64 else seed)
 
 
+class _ClientGone(Exception):
+    """The client disconnected: stop, nobody is left to answer."""
+
+
 async def _pump(
     engine: EngineClient,
     rid: str,
@@ -174,15 +179,27 @@ async def _pump(
         queue.put_nowait((index, exc))
 
 
+async def _watch(request: Request, queue: asyncio.Queue[Any]) -> None:
+    """Tell the reader when the client disconnects. Starlette's own cancellation of a
+    stream is not enough: its cancel scope skips a task whose wait already finished, and
+    next to an engine stepping on the same loop the stream's wait is nearly always
+    finished, so it would stream on to the end into a closed socket."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    queue.put_nowait((-1, _ClientGone()))
+
+
 async def _outputs(
-    gen: _Generation, prompts: list[Any]
+    request: Request, gen: _Generation, prompts: list[Any]
 ) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Every choice's outputs as they come, interleaved; stopping early cancels the rest."""
+    """Every choice's outputs as they come, interleaved; stopping early, or the client
+    going away (`_ClientGone`), cancels the engine requests."""
     queue: asyncio.Queue[tuple[int, RequestOutput | BaseException]] = asyncio.Queue()
     tasks = [
         asyncio.ensure_future(_pump(gen.engine, gen.id, i, prompt, params, queue))
         for i, prompt, params in gen.requests(prompts)
     ]
+    watch = asyncio.ensure_future(_watch(request, queue))
     remaining = len(tasks)
     try:
         while remaining:
@@ -197,27 +214,10 @@ async def _outputs(
                     )
             yield index, item
     finally:
+        watch.cancel()
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _until_disconnect(request: Request, coro: Any) -> Any:
-    """Await `coro`, cancelling it (and so its engine requests) if the client goes away."""
-    task = asyncio.ensure_future(coro)
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-                raise asyncio.CancelledError("the client disconnected")
-    finally:
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await asyncio.gather(watch, *tasks, return_exceptions=True)
 
 
 class _EventStream(StreamingResponse):
@@ -268,18 +268,20 @@ async def _respond(
     A stream's first output is awaited before the headers go out, so a request the engine
     refuses (a prompt too long) still gets its 4xx rather than an error event."""
     release = _admit(gen.state, len(prompts) * gen.n)
-    outputs = _outputs(gen, prompts)
+    outputs = _outputs(request, gen, prompts)
     try:
         if gen.stream:
-            first = await _until_disconnect(request, anext(outputs))
+            first = await anext(outputs)
             events = _stream(gen, len(prompts), first, outputs, chunk, objects[1])
             return _EventStream(events, release)
-        finals = await _until_disconnect(request, _collect(outputs))
+        finals = await _collect(outputs)
     except BaseException as exc:
         release()
         await outputs.aclose()
-        cancelled = isinstance(exc, asyncio.CancelledError)
-        gen.observe(499 if cancelled else http_error(exc).status, [])
+        gone = isinstance(exc, _ClientGone | asyncio.CancelledError)
+        gen.observe(CLIENT_GONE if gone else http_error(exc).status, [])
+        if isinstance(exc, _ClientGone):
+            return Response(status_code=CLIENT_GONE)  # nobody is left to read it
         raise
     release()
     gen.observe(200, list(finals.values()))
@@ -333,8 +335,10 @@ async def _stream(
         if gen.include_usage:
             yield _sse({**head, "choices": [], "usage": gen.usage(finals)})
         yield "data: [DONE]\n\n"
+    except _ClientGone:
+        status = CLIENT_GONE  # closing `outputs` below aborts the engine requests
     except (asyncio.CancelledError, GeneratorExit):
-        status = 499  # the client went away; closing `outputs` aborts the engine requests
+        status = CLIENT_GONE
         raise
     except Exception as exc:
         error = http_error(exc)

@@ -11,6 +11,9 @@ Each line states behaviour the code has, and says which part does it:
   whole KV blocks: at once through its in-batch prefix wait when the calls arrive
   together, else through its prefix cache while the blocks stay cached
   (`covey.graph.shared_prefixes` finds where).
+Given the engine's capabilities (`Runtime.explain`), it ends with what that engine turns
+off: a remote OpenAI-compatible backend has no KV access, so prefill ahead, pins, chunk
+reuse and constrained choices are off, and saying so is part of the plan.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from covey.graph.lowering import known_prefix
 from covey.graph.plan import NodePlan, Plan, signature
 from covey.graph.shared_prefixes import PrefixGroup, sent_together, shared_prefixes
 from covey.graph.types import type_name
+from covey.llm_backend.engine_client import EngineCapabilities
 
 
 def _header(plan: Plan) -> list[str]:
@@ -121,6 +125,39 @@ def _passes(plan: Plan) -> list[str]:
     return lines
 
 
-def explain(plan: Plan) -> str:
+def _engine(plan: Plan, caps: EngineCapabilities, name: str) -> list[str]:
+    """What the plan above relies on that this engine does not offer."""
+    off = []
+    if not caps.prefill:
+        pins = sum(p.pin for n in plan.llm_calls() for p in n.primitives)
+        early = sum(bool(n.deps) for n in plan.llm_calls())
+        off.append(
+            f"prefill: off; prefill-ahead is skipped ({pins} pinned static segment(s), "
+            f"{early} call(s) with early prefill in this plan)"
+        )
+    if not caps.segments:
+        off.append(
+            "segments: off; prompts are sent as plain text, so retrieved chunks get no "
+            "chunk-aware KV reuse (shared prefixes still depend on the engine's own cache)"
+        )
+    if not caps.chunks:
+        off.append("chunks: off; no chunk KV store, chunks' KV is computed in every prompt")
+    if not caps.choices:
+        uses = [n.name for n in plan.llm_calls() if any(p.choices for p in n.primitives)]
+        fails = f"; {', '.join(uses)} will fail (NotSupportedError)" if uses else ""
+        off.append(f"choices: off; gens cannot be constrained to choices{fails}")
+    if not caps.pause:
+        off.append("pause: off; requests cannot be held across tool calls")
+    if not off:
+        return [f"engine {name}: every feature on"]
+    return [f"engine {name}, features off:"] + [f"  {line}" for line in off]
+
+
+def explain(
+    plan: Plan, capabilities: EngineCapabilities | None = None, engine_name: str = "engine"
+) -> str:
+    """The plan as text; with an engine's `capabilities`, also what that engine turns off."""
     parts = [_header(plan), _nodes(plan), _calls(plan), _prefixes(plan), _passes(plan)]
+    if capabilities is not None:
+        parts.append(_engine(plan, capabilities, engine_name))
     return "\n".join(line for part in parts for line in part)

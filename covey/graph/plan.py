@@ -56,10 +56,11 @@ class Plan:
     def llm_calls(self) -> list[NodePlan]:
         return [n for n in self.nodes.values() if n.primitives]
 
-    def explain(self) -> str:
+    def explain(self, capabilities: Any = None, engine_name: str = "engine") -> str:
+        """`capabilities` (an `EngineCapabilities`): also say what that engine turns off."""
         from covey.graph.explain import explain
 
-        return explain(self)
+        return explain(self, capabilities, engine_name)
 
 
 def _node(g: nx.DiGraph, n: str) -> NodePlan:

@@ -88,6 +88,11 @@ class Runtime:
             self._naive_plans[app] = app.optimize(passes=())
         return self._naive_plans[app]
 
+    def explain(self, app: App | Plan) -> str:
+        """The plan a run executes, as text, ending with the features this runtime's engine
+        turns off (a remote engine has no KV access: no prefill ahead, no chunk reuse)."""
+        return self.plan_for(app).explain(self.llm.capabilities, self.llm.model_name)
+
     async def unpin_all(self) -> None:
         """Let the engine evict the static prefixes this runtime pinned."""
         for key in self.pins:

@@ -1,0 +1,59 @@
+"""`BodyLimit`: refuse request bodies past `max_body_bytes` before reading them whole.
+
+A declared Content-Length past the limit is answered 413 at once; a chunked body is counted
+as it arrives and cut off at the limit, so no caller can make the server buffer more.
+Pure ASGI so it also guards routes that read the body themselves.
+"""
+
+from __future__ import annotations
+
+import json
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from covey.server.errors import PayloadTooLargeError
+
+
+class BodyLimit:
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_body_bytes
+        declared = dict(scope.get("headers", ())).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await _refuse(send, limit)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise PayloadTooLargeError(_message(limit))
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def _message(limit: int) -> str:
+    return f"the request body is larger than this server's limit of {limit} bytes"
+
+
+async def _refuse(send: Send, limit: int) -> None:
+    error = {"type": "PayloadTooLargeError", "category": "invalid", "message": _message(limit)}
+    body = json.dumps({"error": error}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -291,6 +291,7 @@
   function grow() {
     input.style.height = "auto";
     input.style.height = `${Math.min(input.scrollHeight, 160)}px`;
+    input.style.overflowY = input.scrollHeight > 160 ? "auto" : "hidden";
   }
   input.addEventListener("input", grow);
   resetBtn.addEventListener("click", () => {

@@ -97,7 +97,11 @@ def test_chat_page_streams_an_answer_with_sources(live_server, browser, tmp_path
     driver.get(server.url + "/")
     assert "covey" in driver.title
 
-    turn = ask(driver, "How do I loop over the items of a list?")
+    question, follow_up_question = (
+        "How do I loop over the items of a list?",
+        "What if a dictionary key is missing?",
+    )
+    turn = ask(driver, question)
     answer = turn.find_element(By.CSS_SELECTOR, ".answer")
     assert "error" not in answer.get_attribute("class"), answer.text
     assert int(answer.get_attribute("data-tokens") or 0) >= 1  # token events drew the text
@@ -110,11 +114,10 @@ def test_chat_page_streams_an_answer_with_sources(live_server, browser, tmp_path
     session = driver.execute_script(f"return localStorage.getItem('{SESSION_KEY}')")
     assert session and session[:8] in driver.find_element(By.ID, "session").text
 
-    follow_up = ask(driver, "What if a dictionary key is missing?")
+    follow_up = ask(driver, follow_up_question)
     assert follow_up.find_elements(By.CSS_SELECTOR, ".source")
     assert driver.execute_script(f"return localStorage.getItem('{SESSION_KEY}')") == session
-    kept = [t.question for t in bot.history(session)]
-    assert kept == ["How do I loop over the items of a list?", "What if a dictionary key is missing?"]
+    assert [t.question for t in bot.history(session)] == [question, follow_up_question]
     screenshot(driver, tmp_path, "chat_page_desktop.png")
 
     driver.set_window_size(390, 844)  # a phone

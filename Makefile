@@ -27,7 +27,7 @@ test: setup
 	$(PY) -m pytest -q
 
 demo: setup
-	$(VENV)/bin/covey chat --docs
+	$(VENV)/bin/covey serve
 
 bench: setup
 	$(PIP) install -e ".[bench]"

@@ -18,6 +18,7 @@ SUBCOMMAND_MODULES = (
     "covey.cli.generate_command",
     "covey.cli.chat_command",
     "covey.cli.retrieval_commands",
+    "covey.cli.serve_command",
 )
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 

@@ -29,6 +29,7 @@ from covey.errors import EngineUnavailableError, RuntimeExecutionError
 from covey.runtime.events import Event, NodeFinished, NodeStarted, RunFinished, TokenDelta, drain
 from covey.server.admission import ADMISSION_KEY, Admission, Release
 from covey.server.errors import AppNotFoundError, http_error
+from covey.server.event_stream import SSE_HEADERS, EventStreamResponse, disconnected
 from covey.server.json_encoding import dumps, to_jsonable, trace_summary
 from covey.server.served_app import ServedApp
 from covey.server.state import ServerState
@@ -133,21 +134,6 @@ def build_router(state: ServerState) -> APIRouter:
     return router
 
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-class EventStreamResponse(StreamingResponse):
-    """A StreamingResponse that always closes its event generator, however the response
-    ends: Starlette leaves a generator suspended at a `yield` when the client disconnects
-    mid-send, which would keep its run going until garbage collection."""
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.body_iterator.aclose()  # type: ignore[attr-defined]
-
-
 def sse_event(kind: str, data: Any) -> str:
     return f"event: {kind}\ndata: {dumps(data)}\n\n"
 
@@ -213,7 +199,7 @@ async def _settled(run: Awaitable[RunFinished]) -> dict[str, Any]:
 async def _unless_gone(request: Request, work: Awaitable[Any]) -> Any:
     """`work`'s result, or None once the client has disconnected (the work is cancelled)."""
     task = asyncio.ensure_future(work)
-    watch = asyncio.ensure_future(_disconnected(request))
+    watch = asyncio.ensure_future(disconnected(request.receive))
     try:
         await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -224,11 +210,6 @@ async def _unless_gone(request: Request, work: Awaitable[Any]) -> Any:
     if task.cancelled():
         return None
     return task.result()
-
-
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 class _Observed:

@@ -161,5 +161,6 @@ def load_state(
 
         say(f"opening the Python docs index at {default_index_dir()} (built on first use)...")
         index = ensure_default_index(progress=progress)
+    index.search("warm up", k=1)  # loads the embedder now, not on the first request
     say(f"index ready in {time.perf_counter() - started:.1f}s")
     return build_state(engine, index, settings, user_apps=user_apps)

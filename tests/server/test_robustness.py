@@ -1,0 +1,206 @@
+"""Callers' mistakes get 4xx (never 5xx), a failing app gets 500 naming its node while the
+server keeps serving, the server holds many streams at once, refuses past its admission
+bound with 429 + Retry-After, and a client that leaves mid-stream frees its KV at once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+
+import covey.graph as cg
+from covey.apps.mapreduce_summary import build_summary_app
+from covey.errors import ConfigError
+from covey.llm_backend.sampling_params import SamplingParams
+from covey.server.graph_app import GraphServedApp
+from covey.server.state import ServerSettings
+from tests.server.sse import TEXT, parse_sse
+
+
+@pytest.fixture(scope="module")
+def server(live_server):
+    return live_server()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with server.client() as client:
+        yield client
+
+
+def _error(reply, status: int) -> str:
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert {"type", "category", "message"} <= set(error)
+    return error["message"]
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        (b"{not json", "not valid JSON"),
+        (b"[1, 2]", "expected a JSON object"),
+        (json.dumps({"text": 5}).encode(), "text"),
+        (json.dumps({}).encode(), "text: Field required"),
+        (json.dumps({"text": "hi", "colour": "red"}).encode(), "colour"),
+        (b"\xff\xfe", "not valid JSON"),
+    ],
+)
+def test_bad_bodies_get_422_naming_the_field(client, body, field):
+    reply = client.post("/apps/mapreduce_summary/invoke", content=body)
+    assert field in _error(reply, 422)
+
+
+def test_unknown_apps_routes_and_methods_get_4xx(client):
+    assert "mapreduce_summary" in _error(client.post("/apps/nope/invoke", json={}), 404)
+    _error(client.get("/apps/nope"), 404)
+    _error(client.post("/apps/nope/stream", json={}), 404)
+    _error(client.get("/no/such/route"), 404)
+    _error(client.get("/apps/mapreduce_summary/invoke"), 405)
+
+
+def test_bodies_past_the_size_limit_get_413(server, client):
+    limit = server.state.settings.max_body_bytes
+    big = json.dumps({"text": "x" * (limit + 10)}).encode()
+    assert "limit" in _error(client.post("/apps/mapreduce_summary/invoke", content=big), 413)
+
+    def chunked():  # no Content-Length: counted as it arrives
+        for start in range(0, len(big), 65536):
+            yield big[start : start + 65536]
+
+    reply = client.post("/apps/mapreduce_summary/invoke", content=chunked())
+    _error(reply, 413)
+
+
+def test_bad_batches_get_422(client):
+    url = "/apps/mapreduce_summary/batch"
+    assert "inputs" in _error(client.post(url, json={"inputs": "text"}), 422)
+    _error(client.post(url, json={"inputs": []}), 422)
+    too_many = [{"text": "a"}] * (ServerSettings().max_batch + 1)
+    assert "at most" in _error(client.post(url, json={"inputs": too_many}), 422)
+    reply = client.post(url, json={"inputs": [{"text": "a"}, {"text": 3}]})
+    assert "inputs.1.text" in _error(reply, 422)
+
+
+def test_an_invalid_value_caught_inside_a_node_is_the_callers_fault(client):
+    message = _error(client.post("/apps/mapreduce_summary/invoke", json={"text": "   "}), 400)
+    assert "split_text" in message and "empty" in message
+
+
+def _explode(text: str) -> str:
+    raise RuntimeError(f"cannot handle {text!r}")
+
+
+@pytest.fixture(scope="module")
+def exploding_app(server):
+    explode = cg.function(_explode)
+
+    @cg.app(name="explode")
+    def explode_app(text: str):
+        return {"out": explode(text=text)}
+
+    server.state.apps["explode"] = GraphServedApp(explode_app, lambda: server.state.runtime)
+    yield "explode"
+    del server.state.apps["explode"]
+
+
+def test_a_failing_node_is_a_500_naming_it_and_the_server_keeps_serving(
+    server, client, exploding_app
+):
+    message = _error(client.post(f"/apps/{exploding_app}/invoke", json={"text": "x"}), 500)
+    assert "_explode" in message
+    with client.stream("POST", f"/apps/{exploding_app}/stream", json={"text": "x"}) as reply:
+        assert reply.status_code == 200
+        events = list(parse_sse(reply.iter_lines()))
+    kind, data = events[-1]
+    assert kind == "error" and "_explode" in data["error"]["message"]
+    batch = client.post(f"/apps/{exploding_app}/batch", json={"inputs": [{"text": "x"}]})
+    assert batch.status_code == 200 and batch.json()["results"][0]["status"] == 500
+    assert client.get("/healthz").status_code == 200
+    ok = client.post("/apps/mapreduce_summary/invoke", json={"text": TEXT})
+    assert ok.status_code == 200, ok.text
+
+
+def test_an_app_asking_more_tokens_than_the_limit_is_refused_at_registration():
+    app = build_summary_app(summary_max_tokens=2000)
+    with pytest.raises(ConfigError, match="combine_summaries.*2000.*1024"):
+        GraphServedApp(app, lambda: None, max_tokens=1024)
+
+
+async def test_32_concurrent_streams_all_complete(server):
+    texts = [f"Note {i}: the with statement closes file number {i}." for i in range(32)]
+
+    async def one(client, text):
+        async with client.stream(
+            "POST", "/apps/mapreduce_summary/stream", json={"text": text}
+        ) as reply:
+            assert reply.status_code == 200, await reply.aread()
+            events = list(parse_sse([line async for line in reply.aiter_lines()]))
+        return events
+
+    async with server.async_client() as client:
+        runs = await asyncio.gather(*(one(client, t) for t in texts))
+    for events in runs:
+        assert events[-1][0] == "result", events[-3:]
+        assert events[-1][1]["outputs"]["summary"]
+    assert server.wait_idle().kv_blocks_used == 0
+
+
+def count_to(limit: str):
+    """{{#user}}
+    Write every number from 1 to {{limit}}, separated by commas.
+    {{#assistant}}
+    {{gen numbers}}"""
+
+
+@pytest.fixture(scope="module")
+def slow_server(live_server):
+    """Four requests at most, and an app whose answer is long enough that a stream is
+    still generating when its client leaves."""
+    server = live_server(ServerSettings(max_in_flight=4), kv_cache_tokens=4096)
+    counting = cg.semantic_function(count_to, params=SamplingParams(max_tokens=256))
+
+    @cg.app(name="count")
+    def count_app(limit: str):
+        return {"numbers": counting(limit=limit)}
+
+    server.state.apps["count"] = GraphServedApp(count_app, lambda: server.state.runtime)
+    return server
+
+
+async def _first_token(reply) -> None:
+    async for line in reply.aiter_lines():
+        if line.startswith("event: token"):
+            return
+    raise AssertionError("the stream ended before any token")
+
+
+async def test_full_server_answers_429_and_leaving_clients_free_their_kv(slow_server):
+    baseline = slow_server.wait_idle()
+    assert baseline.kv_blocks_used == 0
+    async with slow_server.async_client() as client:
+        streams = [
+            client.stream("POST", "/apps/count/stream", json={"limit": str(500 + i)})
+            for i in range(4)
+        ]
+        replies = [await s.__aenter__() for s in streams]
+        await asyncio.gather(*(_first_token(r) for r in replies))
+        assert slow_server.stats().kv_blocks_used > 0  # mid-generation
+        full = await client.post("/apps/count/invoke", json={"limit": "3"})
+        assert full.status_code == 429 and int(full.headers["Retry-After"]) >= 1
+        assert full.json()["error"]["category"] == "overloaded"
+        left = time.monotonic()
+        for stream in streams:  # the clients go away mid-stream
+            await stream.__aexit__(None, None, None)
+    stats = slow_server.wait_idle(timeout=10)
+    freed_in = time.monotonic() - left
+    assert stats.kv_blocks_used == baseline.kv_blocks_used == 0
+    assert stats.num_running == stats.num_waiting == 0
+    # Cancelled, not finished: each stream was counted as a client that left.
+    with slow_server.client() as client:
+        metrics = client.get("/metrics").text
+        assert 'covey_requests_total{app="count",status="499"} 4.0' in metrics
+        assert client.get("/readyz").status_code == 200
+    assert freed_in < 10

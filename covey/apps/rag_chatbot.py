@@ -173,8 +173,8 @@ class RagChatbot:
         question = self._check(question)
         session = self.sessions.session(session_id)
         async with session.lock:
-            if session.pinning is not None:
-                await session.pinning  # the previous turn's pin: this turn reads it
+            if session.pinning is not None:  # the previous turn's pin: this turn reads it
+                await asyncio.gather(session.pinning, return_exceptions=True)
             session.last_used = time.monotonic()
             history = format_history(tuple(session.turns))
             run: RunFinished | None = None

@@ -80,7 +80,8 @@ class ChatServedApp:
         )
 
     def stream(self, inputs: BaseModel) -> AsyncIterator[Event]:
-        assert isinstance(inputs, ChatInputs)
+        if not isinstance(inputs, ChatInputs):
+            inputs = ChatInputs.model_validate(inputs.model_dump())
         session_id = inputs.session_id or uuid.uuid4().hex
         return self._turn(session_id, inputs.question)
 

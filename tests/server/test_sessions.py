@@ -2,7 +2,8 @@
 
 Against a real uvicorn server on the real model: a second turn reuses the KV of the
 history the first turn left pinned (its cached tokens cover the pin, more than a first
-turn's), reset and eviction and idling release the pin, and the chat inputs are checked.
+turn's, and nothing of the history is left to prefill during the turn), reset and
+eviction and idling release the pin, and the chat inputs are checked.
 The first and second turn's time to first token are measured at the client and written
 to $COVEY_TEST_ARTIFACTS/session_ttft.json when set (figures, not assertions: timings
 are noisy; speed targets live in benchmarks/).
@@ -98,7 +99,7 @@ def test_reset_forgets_the_session_and_releases_its_pin(live_server):
         assert answer_node(again)["prompt_tokens"] == answer_node(first)["prompt_tokens"]
 
 
-def test_idle_and_evicted_sessions_release_their_pins(live_server):
+def test_the_pin_does_the_history_prefill_and_idle_or_evicted_sessions_release_it(live_server):
     server = live_server()
     served = server.state.apps["rag_chatbot"]
 
@@ -106,7 +107,9 @@ def test_idle_and_evicted_sessions_release_their_pins(live_server):
         bot = RagChatbot(server.state.runtime, served.bot.app, max_sessions=1, session_idle_s=0.5)
         engine = server.state.engine
         await bot.ask("idle-a", "What does lambda make?")
-        held_a = await bot.pinned_tokens("idle-a")
+        held = await bot.pinned_tokens("idle-a")
+        second = await bot.ask("idle-a", "Can it take two arguments?")
+        held_two = await bot.pinned_tokens("idle-a")
         await asyncio.sleep(0.8)
         after_idle = await engine.pinned()
         await bot.ask("idle-a", "And a for loop?")  # the history survives idling
@@ -117,17 +120,23 @@ def test_idle_and_evicted_sessions_release_their_pins(live_server):
         after_evict = await engine.pinned()
         await bot.close()
         return {
-            "held_a": held_a,
+            "held": held,
+            "early": [p for p in second.trace.prefills if p.var == "early"],
+            "cached": second.trace.nodes[ANSWER_NODE].cached_tokens,
+            "held_two": held_two,
             "after_idle": after_idle,
-            "history": len(bot.history("idle-a")),
             "held_again": held_again,
+            "history": len(bot.history("idle-a")),
             "after_evict": after_evict,
             "after_close": await engine.pinned(),
         }
 
     seen = server.call(scenario())
-    assert seen["held_a"] > 0 and pin_key("idle-a") not in seen["after_idle"]
-    assert seen["held_again"] > seen["held_a"]  # two turns of history now
+    # The second turn's history was prefilled between the turns, by the pin: the prefill
+    # ahead of its answer found nothing left to compute, and the answer read the pin's KV.
+    assert seen["held"] > 0 and seen["early"] == [] and seen["cached"] >= seen["held"]
+    assert seen["held_two"] > seen["held"]  # two turns of history now
+    assert pin_key("idle-a") not in seen["after_idle"] and seen["held_again"] > 0
     assert pin_key("idle-a") not in seen["after_evict"] and pin_key("idle-b") in seen["after_evict"]
     assert seen["history"] == 0  # evicted
     assert pin_key("idle-b") not in seen["after_close"]

@@ -74,7 +74,7 @@ def build_router(state: ServerState) -> APIRouter:
     async def invoke(name: str, request: Request) -> Response:
         with _Observed(state, name) as observed:
             app, inputs = await _prepare(state, name, request)
-            with _admit(state, 1):
+            with _Admitted(state, 1):
                 run = await _unless_gone(request, drain(app.stream(inputs)))
             if run is None:
                 observed.status = CLIENT_GONE
@@ -98,10 +98,10 @@ def build_router(state: ServerState) -> APIRouter:
             except BaseException:
                 release()
                 raise
-        if first is None:
-            release()
-            observed.finish(500)
-            raise RuntimeExecutionError(f"app {name!r} produced no events")
+            if first is None:
+                release()
+                raise RuntimeExecutionError(f"app {name!r} produced no events")
+            observed.deferred = True
         body = _sse(first, events, release, observed)
         return EventStreamResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
 
@@ -123,7 +123,7 @@ def build_router(state: ServerState) -> APIRouter:
                 _invalid(("inputs",), f"{len(items)} inputs; a batch holds at most {limit}")
             model = app.input_model
             inputs = [_validate(model, item, ("inputs", i)) for i, item in enumerate(items)]
-            with _admit(state, len(inputs)):
+            with _Admitted(state, len(inputs)):
                 runs = [_settled(drain(app.stream(x))) for x in inputs]
                 results = await _unless_gone(request, asyncio.gather(*runs))
             if results is None:
@@ -221,6 +221,7 @@ class _Observed:
         self.status = 200
         self.started = time.perf_counter()
         self.done = False
+        self.deferred = False  # a stream records itself when its last event is sent
 
     def __enter__(self) -> _Observed:
         return self
@@ -228,7 +229,7 @@ class _Observed:
     def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
         if exc is not None:
             self.finish(http_error(exc).status if isinstance(exc, Exception) else CLIENT_GONE)
-        elif self.status != 200:
+        elif not self.deferred:
             self.finish(self.status)
 
     def finish(self, status: int) -> None:
@@ -239,7 +240,7 @@ class _Observed:
             self.state.metrics.observe_request(self.app, status, time.perf_counter() - self.started)
 
 
-class _admit:
+class _Admitted:
     """Hold `n` admission slots for a block (429 when the server is full)."""
 
     def __init__(self, state: ServerState, n: int) -> None:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import hmac
 import os
+from typing import Annotated
 
-from fastapi import Request
+from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from covey.server.errors import AuthenticationError
@@ -34,13 +35,16 @@ def is_open(path: str) -> bool:
     return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
 
 
-async def require_api_key(request: Request) -> None:
-    """A FastAPI dependency; raises `AuthenticationError` (401) for a missing or wrong key."""
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+async def require_api_key(request: Request, credentials: Credentials) -> None:
+    """A FastAPI dependency (declared through `HTTPBearer`, so the OpenAPI schema shows the
+    scheme); raises `AuthenticationError` (401) for a missing or wrong key."""
     state = request.app.state.covey
     key = state.extras.get("api_key")
     if key is None or is_open(request.url.path):
         return
-    credentials: HTTPAuthorizationCredentials | None = await _bearer(request)
     if credentials is None:
         raise AuthenticationError("this server needs an API key: send Authorization: Bearer KEY")
     if not hmac.compare_digest(credentials.credentials.encode(), key.encode()):

@@ -163,4 +163,6 @@ def load_state(
         index = ensure_default_index(progress=progress)
     index.search("warm up", k=1)  # loads the embedder now, not on the first request
     say(f"index ready in {time.perf_counter() - started:.1f}s")
-    return build_state(engine, index, settings, user_apps=user_apps)
+    # The built-in apps' gens fit any --max-tokens (capped to it); a user app must fit it.
+    apps = builtin_apps(settings.max_tokens)
+    return build_state(engine, index, settings, apps, user_apps=user_apps)

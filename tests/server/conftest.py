@@ -30,7 +30,7 @@ from covey.server.server_builder import build_state, builtin_apps
 from covey.server.state import ServerSettings, ServerState
 from tests.apps.conftest import DOCS
 from tests.retrieval.conftest import embedder, tokenizer  # noqa: F401  (session fixtures)
-from tests.runtime.conftest import make_cpu_engine
+from tests.runtime.conftest import make_cpu_engine, real_llm  # noqa: F401
 
 APP_MAX_TOKENS = 6
 KV_CACHE_TOKENS = 16384

@@ -1,0 +1,88 @@
+"""`covey serve` as a user runs it (a child process): loads, prints the chat page URL,
+serves, stops on Ctrl-C; mistakes in its options fail fast with one line, before any
+loading (checked in-process through the same entry point, `covey.cli.main.main`)."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from covey.cli.main import main
+from covey.errors import ConfigError
+from covey.server.server_builder import load_user_app
+from tests.cli.runner import covey, covey_env
+
+URL = re.compile(r"Chat page: (http://\S+)")
+
+
+def test_serve_loads_prints_the_url_serves_and_stops_on_ctrl_c(server_index):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "covey.cli.main", "serve", "--index", str(server_index.root),
+         "--port", "0", "--device", "cpu", "--api-key", "k"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=covey_env(),
+    )
+    try:
+        line = proc.stdout.readline()  # blocks until the server is ready (or exits)
+        match = URL.search(line)
+        assert match, (line, proc.poll(), proc.stderr.read() if proc.poll() is not None else "")
+        url = match.group(1)
+        assert httpx.get(f"{url}readyz", timeout=30).status_code == 200
+        apps = httpx.get(f"{url}apps", headers={"Authorization": "Bearer k"}, timeout=30).json()
+        names = {a["name"] for a in apps["apps"]}
+        assert {"rag_chatbot", "advanced_rag", "mapreduce_summary"} <= names
+        assert httpx.get(f"{url}apps", timeout=30).status_code == 401
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    err = proc.stderr.read()
+    assert "loading the model" in err and "index ready" in err, err
+    assert proc.returncode in (0, 130), err
+    assert "Traceback" not in err, err
+
+
+def test_serve_refuses_a_port_in_use_before_loading_anything(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["serve", "--port", str(port)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in err, err
+    assert "loading the model" not in err
+
+
+def test_serve_refuses_an_app_it_cannot_import(capsys):
+    code = main(["serve", "--port", "0", "--app", "no_such_module:app"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no_such_module" in err, err
+    assert "loading the model" not in err and "Traceback" not in err
+
+
+def test_user_apps_are_named_module_colon_object():
+    with pytest.raises(ConfigError, match="module:object"):
+        load_user_app("json")
+    with pytest.raises(ConfigError, match="has no 'nothing'"):
+        load_user_app("json:nothing")
+    with pytest.raises(ConfigError, match="must be an App"):
+        load_user_app("json:JSONDecoder")
+    assert load_user_app("covey.apps.mapreduce_summary:summary_app").name == "mapreduce_summary"
+    assert load_user_app("covey.apps.advanced_rag:build_advanced_rag_app").name == "advanced_rag"
+
+
+def test_serve_help_lists_its_options():
+    result = covey("serve", "--help", timeout=60)
+    for option in ("--app", "--host", "--port", "--model", "--index", "--api-key"):
+        assert option in result.stdout

@@ -3,26 +3,41 @@
 Each turn retrieves passages for the question, numbers them `[n] text (source)`, and asks
 the model to answer from them citing `[n]`. The app graph stays stateless so the optimizer
 can plan it once: `RagChatbot` keeps each session's recent turns and passes them in as the
-`history` input, then maps the cited numbers back to chunks.
+`history` input, then maps the cited numbers back to chunks. The history comes first in
+the prompt, before the passages, so each turn's prompt begins with the previous turn's
+history and the session's KV for it is pinned between turns (`HistoryPins`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import covey.graph as cg
-from covey.apps.chat_history import MAX_SESSIONS, MAX_TURNS, SessionStore, Turn, format_history
+from covey.apps.chat_history import (
+    MAX_SESSIONS,
+    MAX_TURNS,
+    SESSION_IDLE_S,
+    Session,
+    SessionStore,
+    Turn,
+    format_history,
+)
 from covey.apps.citations import Citation, all_citations, format_passages, parse_citations
+from covey.apps.history_pins import HistoryPins, pin_key
 from covey.errors import ConfigError, InvalidRequestError
 from covey.graph import App
 from covey.llm_backend.engine_client import EngineClient
 from covey.llm_backend.sampling_params import SamplingParams
 from covey.retrieval.default_corpus import DEFAULT_INDEX_NAME
+from covey.retrieval.documents import SearchResult
 from covey.retrieval.searcher import Searcher
-from covey.runtime import Event, Runtime, TokenDelta, drain
+from covey.runtime import Event, RunFinished, Runtime, TokenDelta, drain
 from covey.runtime.trace import Trace
 
 if TYPE_CHECKING:
@@ -38,10 +53,10 @@ def answer_with_citations(context: str, history: str, question: str):
     You are a helpful assistant for Python programmers. Answer the question using the
     numbered passages, and cite each passage you use by its number, like [1].
     {{#user}}
-    Passages:
+    {{history}}Passages:
     {{context}}
 
-    {{history}}Question: {{question}}
+    Question: {{question}}
     {{#assistant}}
     {{gen answer}}"""
 
@@ -85,13 +100,15 @@ def open_pydocs_index(root: str | Path | None = None, **kwargs: Any) -> Document
 @dataclass(frozen=True)
 class ChatAnswer:
     """One turn's reply. `cited` is False when the answer cited no passage, in which case
-    `citations` lists every retrieved passage instead."""
+    `citations` lists every retrieved passage instead. `passages` are the retrieved
+    results in the order they were numbered (passage n is `passages[n - 1]`)."""
 
     session_id: str
     answer: str
     citations: tuple[Citation, ...]
     cited: bool
     trace: Trace
+    passages: tuple[SearchResult, ...] = ()
 
 
 class RagChatbot:
@@ -99,7 +116,9 @@ class RagChatbot:
 
     `runtime` must bind a retriever under the app's index name (`DEFAULT_INDEX_NAME` for
     the default app); `from_llm` does that. Turns of one session run one at a time, each seeing the
-    last `max_turns` turns; sessions run concurrently.
+    last `max_turns` turns; sessions run concurrently. Between turns the session's history
+    KV stays pinned in the engine (when it offers `prefill`); it is released on `reset`,
+    when the session is evicted, or after `session_idle_s` without a turn.
     """
 
     def __init__(
@@ -109,6 +128,7 @@ class RagChatbot:
         max_turns: int = MAX_TURNS,
         max_sessions: int = MAX_SESSIONS,
         max_question_chars: int = MAX_QUESTION_CHARS,
+        session_idle_s: float = SESSION_IDLE_S,
     ) -> None:
         app = app if app is not None else rag_app
         takes, returns = set(app.inputs), set(app.outputs)
@@ -123,7 +143,8 @@ class RagChatbot:
         self.runtime = runtime
         self.app = app
         self.max_question_chars = max_question_chars
-        self.sessions = SessionStore(max_turns, max_sessions)
+        self.pins = HistoryPins(runtime, app, idle_s=session_idle_s)
+        self.sessions = SessionStore(max_turns, max_sessions, on_drop=self.pins.release_soon)
 
     @classmethod
     def from_llm(
@@ -144,6 +165,54 @@ class RagChatbot:
             )
         return question
 
+    async def stream(self, session_id: str, question: str) -> AsyncIterator[Event]:
+        """One turn as runtime events (node events, answer tokens), ending in a
+        `RunFinished` whose outputs are the turn's `answer`, `citations`, `cited`,
+        `passages` and `session_id`. Closing the stream early cancels the turn, which is
+        then not recorded."""
+        question = self._check(question)
+        session = self.sessions.session(session_id)
+        async with session.lock:
+            if session.pinning is not None:  # the previous turn's pin: this turn reads it
+                await asyncio.gather(session.pinning, return_exceptions=True)
+            session.last_used = time.monotonic()
+            history = format_history(tuple(session.turns))
+            run: RunFinished | None = None
+            events = self.runtime.stream(self.app, question=question, history=history)
+            async with aclosing(events) as running:
+                async for event in running:
+                    if isinstance(event, RunFinished):
+                        run = event
+                    else:
+                        yield event
+            assert run is not None  # a run that ends without one raises instead
+            answer = run.outputs["answer"].strip()
+            results = tuple(run.outputs["results"])
+            session.turns.append(Turn(question, answer))
+            session.last_used = time.monotonic()
+            if self.sessions.get(session_id) is session:  # not reset or evicted meanwhile
+                next_history = format_history(tuple(session.turns))
+                session.pinning = asyncio.ensure_future(
+                    self._pin(session_id, session, next_history)
+                )
+        citations = parse_citations(answer, list(results))
+        cited = bool(citations)
+        if not cited:
+            citations = all_citations(list(results))
+        outputs = {
+            "answer": answer,
+            "citations": citations,
+            "cited": cited,
+            "passages": results,
+            "session_id": session_id,
+        }
+        yield RunFinished(outputs, run.trace)
+
+    async def _pin(self, session_id: str, session: Session, history: str) -> None:
+        await self.pins.pin(session_id, session, history)
+        if self.sessions.get(session_id) is not session:  # reset while it was pinning
+            await self.pins.release(session_id, session)
+
     async def ask(
         self, session_id: str, question: str, on_token: Callable[[str], None] | None = None
     ) -> ChatAnswer:
@@ -152,31 +221,52 @@ class RagChatbot:
         `on_token` receives the answer's text as it is generated (for a terminal or an SSE
         stream); the returned answer is the same text, stripped.
         """
-        question = self._check(question)
-        session = self.sessions.session(session_id)
         answer_var = self.app.outputs["answer"].name
 
         def relay(event: Event) -> None:
             if isinstance(event, TokenDelta) and event.var == answer_var and on_token:
                 on_token(event.text)
 
-        async with session.lock:
-            history = format_history(tuple(session.turns))
-            events = self.runtime.stream(self.app, question=question, history=history)
-            run = await drain(events, relay)
-            answer = run.outputs["answer"].strip()
-            results = run.outputs["results"]
-            session.turns.append(Turn(question, answer))
-        citations = parse_citations(answer, results)
-        cited = bool(citations)
-        if not cited:
-            citations = all_citations(results)
-        return ChatAnswer(session_id, answer, citations, cited, run.trace)
+        run = await drain(self.stream(session_id, question), relay)
+        out = run.outputs
+        return ChatAnswer(
+            session_id, out["answer"], out["citations"], out["cited"], run.trace, out["passages"]
+        )
 
     def history(self, session_id: str) -> tuple[Turn, ...]:
         """The turns kept for the session, oldest first."""
         return self.sessions.turns(session_id)
 
     def reset(self, session_id: str) -> bool:
-        """Forget the session's history; whether there was one."""
+        """Forget the session's history (its pinned KV is released in the background);
+        whether there was one."""
         return self.sessions.reset(session_id)
+
+    async def reset_session(self, session_id: str) -> bool:
+        """`reset`, returning once the session's pinned KV is released."""
+        session = self.sessions.get(session_id)
+        existed = self.sessions.reset(session_id)
+        if session is not None:
+            if session.pinning is not None:
+                await asyncio.gather(session.pinning, return_exceptions=True)
+            await self.pins.release(session_id, session)
+        return existed
+
+    async def pinned_tokens(self, session_id: str) -> int:
+        """Tokens of the session's history held pinned in the engine now (waits for a pin
+        in progress); 0 when none is."""
+        session = self.sessions.get(session_id)
+        if session is not None and session.pinning is not None:
+            await asyncio.gather(session.pinning, return_exceptions=True)
+        if session_id not in self.pins.held:
+            return 0
+        return (await self.runtime.llm.pinned()).get(pin_key(session_id), 0)
+
+    async def release_idle(self) -> list[str]:
+        """Release the pinned KV of sessions idle for `session_idle_s` (timers do this on
+        their own; this is for callers that sweep); the ids released."""
+        return await self.pins.release_idle()
+
+    async def close(self) -> None:
+        """Release every session's pinned KV (the sessions' history stays)."""
+        await self.pins.close()

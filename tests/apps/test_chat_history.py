@@ -44,3 +44,17 @@ def test_bad_session_ids_and_limits():
         SessionStore(max_turns=-1)
     with pytest.raises(ConfigError, match="max_sessions must be positive"):
         SessionStore(max_sessions=0)
+
+
+def test_adding_a_turn_only_appends_to_the_history_text():
+    turns = [Turn("Hi?", "Hello."), Turn("Loops?", "Use for [1]."), Turn("Files?", "with [2].")]
+    texts = [format_history(turns[:n]) for n in range(1, 4)]
+    assert all(longer.startswith(shorter) for shorter, longer in zip(texts, texts[1:]))
+
+
+def test_dropped_sessions_are_reported():
+    dropped: list[str] = []
+    store = SessionStore(max_sessions=1, on_drop=lambda sid, session: dropped.append(sid))
+    store.session("a"), store.session("b")
+    store.reset("b"), store.reset("b")
+    assert dropped == ["a", "b"] and store.get("a") is None

@@ -15,6 +15,7 @@ from covey.apps.rag_chatbot import (
     rag_app,
 )
 from covey.errors import ConfigError, InvalidRequestError
+from covey.llm_backend.engine_client import EngineCapabilities
 from covey.retrieval.default_corpus import DEFAULT_INDEX_NAME
 from covey.runtime import Runtime
 from tests.runtime.fakes import FakeLLM
@@ -22,6 +23,7 @@ from tests.runtime.fakes import FakeLLM
 from .fakes import FakeRetriever, hit
 
 APP = build_rag_app(k=3, max_tokens=24)
+PREFILLS = EngineCapabilities(prefill=True, choices=True, segments=True)
 RESULTS = [hit("For loops iterate.", "pydoc:for"), hit("With closes files.", "pydoc:with")]
 
 
@@ -151,3 +153,31 @@ async def test_real_model_answers_from_the_index_and_keeps_history(real_llm, tin
     bot.reset("a")
     again = await bot.ask("a", follow_up)
     assert prompt_tokens(again) == prompt_tokens(other)
+
+
+async def test_history_comes_first_and_stays_pinned_between_turns():
+    llm = FakeLLM(reply=lambda prompt: "Use a for loop [1].", capabilities=PREFILLS)
+    bot = RagChatbot(Runtime(llm, retrievers={DEFAULT_INDEX_NAME: FakeRetriever(RESULTS)}))
+    first = await bot.ask("a", "How do I loop?")
+    assert await bot.pinned_tokens("a") > 0
+    (pinned_prompt, key), *_ = [p for p in llm.prefills if p[1] == "session:a"]
+    assert "User: How do I loop?" in pinned_prompt and "For loops iterate" not in pinned_prompt
+    second = await bot.ask("a", "And files?")
+    prompt = prompt_of(llm, second)
+    assert prompt.startswith(pinned_prompt)  # the pin is a true prefix of the next turn
+    assert prompt.index("User: How do I loop?") < prompt.index("[1] For loops iterate.")
+    assert "Earlier" not in prompt_of(llm, first)
+    assert await bot.reset_session("a") is True and "session:a" not in llm.pins
+    await bot.ask("b", "One?")
+    bot.reset("b")  # the synchronous reset releases the pin in the background
+    await asyncio.sleep(0)
+    assert "session:b" not in llm.pins
+
+
+async def test_an_engine_without_prefill_keeps_history_but_pins_nothing():
+    llm = FakeLLM(reply=lambda prompt: "Loop [1].")
+    bot = RagChatbot(Runtime(llm, retrievers={DEFAULT_INDEX_NAME: FakeRetriever(RESULTS)}))
+    await bot.ask("a", "One?")
+    second = await bot.ask("a", "Two?")
+    assert "User: One?" in prompt_of(llm, second)
+    assert await bot.pinned_tokens("a") == 0 and not bot.pins.enabled and llm.pins == {}

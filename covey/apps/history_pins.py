@@ -6,8 +6,11 @@ prefix of the next turn's prompt. After a turn, that prefix, with the turn just 
 appended to the history, is prefilled and pinned under `session:<id>` while the user
 reads and types; the follow-up then prefills only its passages and question. A pin is an
 optimisation: the engine may refuse it or let it go when requests need the room, and an
-engine without the `prefill` capability gets none. It is released when the session is
-reset or evicted, or after `idle_s` without a turn, so idle conversations hold no KV.
+engine without the `prefill` capability gets none. When the engine refuses one at its pin
+budget, the least recently used sessions' pins make room for it, so on a busy server the
+conversations in progress keep theirs while stale ones (not yet idle) lose them. A pin is
+released when the session is reset or evicted, or after `idle_s` without a turn, so idle
+conversations hold no KV.
 """
 
 from __future__ import annotations
@@ -85,7 +88,16 @@ class HistoryPins:
             await llm.unpin(key)  # its blocks stay cached, and the new prefix reuses them
             self.held.pop(session_id, None)
             await llm.prefill(prompt, pin=key)
-            tokens = (await llm.pinned()).get(key, 0)
+            pinned = await llm.pinned()
+            while key not in pinned and (stale := self._least_recent(session_id)) is not None:
+                # Refused at the engine's pin budget: the session that just had a turn is
+                # the likeliest to have the next one, so the least recently used session's
+                # pin makes room (otherwise a busy server's newest sessions get no pin
+                # until old ones idle out). The prefix is cached now: this only pins it.
+                await self.release(stale)
+                await llm.prefill(prompt, pin=key)
+                pinned = await llm.pinned()
+            tokens = pinned.get(key, 0)
         except Exception as exc:  # an optimisation: a failed pin only loses the speedup
             log.debug("pinning the history of session %r failed: %s", session_id, exc)
             return 0
@@ -135,6 +147,11 @@ class HistoryPins:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _least_recent(self, but: str) -> str | None:
+        """The held session, other than `but`, used least recently; None if there is none."""
+        others = [(owner.last_used, s) for s, owner in self.held.items() if s != but]
+        return min(others)[1] if others else None
 
     def _arm(self, session_id: str, session: Session) -> None:
         """(Re)start the session's idle timer; when it fires the pin goes unless the

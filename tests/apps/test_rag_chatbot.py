@@ -15,9 +15,12 @@ from covey.apps.rag_chatbot import (
     rag_app,
 )
 from covey.errors import ConfigError, InvalidRequestError
+from covey.llm_backend.async_llm import AsyncLLM
+from covey.llm_backend.block_manager import MAX_PINNED_FRACTION
 from covey.llm_backend.engine_client import EngineCapabilities
 from covey.retrieval.default_corpus import DEFAULT_INDEX_NAME
 from covey.runtime import Runtime
+from tests.runtime.conftest import make_cpu_engine
 from tests.runtime.fakes import FakeLLM
 
 from .fakes import FakeRetriever, hit
@@ -181,3 +184,38 @@ async def test_an_engine_without_prefill_keeps_history_but_pins_nothing():
     second = await bot.ask("a", "Two?")
     assert "User: One?" in prompt_of(llm, second)
     assert await bot.pinned_tokens("a") == 0 and not bot.pins.enabled and llm.pins == {}
+
+
+async def test_at_the_pin_budget_the_newest_session_keeps_its_pin(tiny_index):
+    """A busy server: more sessions than the engine's pin budget holds. Each session that
+    just had a turn holds its pin (the least recently used ones make room, not the newest
+    that is refused), and its next turn reads it."""
+    llm = AsyncLLM(engine=make_cpu_engine(kv_cache_tokens=512))  # a budget of a few pins
+    try:
+        runtime = Runtime(llm, retrievers={DEFAULT_INDEX_NAME: tiny_index})
+        bot = RagChatbot(runtime, build_rag_app(k=2, max_tokens=4))
+        questions = {  # long enough that each history fills blocks of its own
+            "s0": "What does a for loop do when it runs over a list of names, a tuple of "
+            "numbers or the characters of a string?",
+            "s1": "Why should files opened for writing be closed, and how does a with "
+            "statement make sure that they always are?",
+            "s2": "Which error does looking up a missing key in a dictionary raise, and how "
+            "do I get a default value instead?",
+            "s3": "Can a lambda expression take two arguments, and what does it return "
+            "when it is called with them?",
+        }
+        sessions = list(questions)
+        for session, question in questions.items():
+            await bot.ask(session, question)
+            assert await bot.pinned_tokens(session) > 0, f"{session} got no pin"
+        held = [s for s in sessions if s in bot.pins.held]
+        assert held == sessions[-len(held) :] and len(held) < len(sessions)  # oldest went
+        budget = int(llm.engine.block_manager.num_blocks * MAX_PINNED_FRACTION)
+        assert llm.engine.block_manager.num_pinned_blocks <= budget
+        newest = sessions[-1]
+        pinned = await bot.pinned_tokens(newest)
+        follow_up = await bot.ask(newest, "And a tuple?")
+        assert follow_up.trace.nodes["answer_with_citations"].cached_tokens >= pinned
+        assert await bot.pinned_tokens(sessions[0]) == 0
+    finally:
+        await llm.close()

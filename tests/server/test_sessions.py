@@ -1,8 +1,9 @@
 """Chat sessions over HTTP: the conversation's KV stays pinned between turns and goes away.
 
 Against a real uvicorn server on the real model: a second turn reuses the KV of the
-history the first turn left pinned (its cached tokens cover the pin, more than a first
-turn's, and nothing of the history is left to prefill during the turn), reset and
+history the first turn left pinned (the pin holds every full block of the history's
+prefix, and the second turn's cached tokens cover it, so nothing of the history is left
+to prefill during the turn, however busy the shared server was before), reset and
 eviction and idling release the pin, and the chat inputs are checked.
 The first and second turn's time to first token are measured at the client and written
 to $COVEY_TEST_ARTIFACTS/session_ttft.json when set (figures, not assertions: timings
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from covey.apps.chat_history import format_history
 from covey.apps.history_pins import pin_key
 from covey.apps.rag_chatbot import RagChatbot
 
@@ -64,10 +66,18 @@ def test_second_turn_reuses_the_kv_the_first_turn_pinned(live_server):
         pinned = server.call(bot.pinned_tokens(session))
         static = max(t for k, t in pins(server).items() if k.startswith("rag_chatbot:"))
         assert pinned > static  # the pin holds the history, not only the system prompt
+        prefix = bot.pins.prefix(format_history(bot.history(session)))
+        prefix_ids, _ = server.state.engine.engine.tokenize(prefix)
+        block = server.state.engine.engine.config.block_size
+        assert pinned == len(prefix_ids) // block * block  # every full block of the history
         second = turn(client, "And how do I catch an exception in it?", session)
     assert second["outputs"]["session_id"] == session
     one, two = answer_node(first), answer_node(second)
-    assert two["cached_tokens"] >= pinned > one["cached_tokens"]
+    # The second turn finds the whole pinned history cached. A first turn is no baseline for
+    # what the pin adds: on a shared server its system prompt and retrieved passages may be
+    # cached by any earlier request that retrieved the same passages (the index has five
+    # documents), while the history, which comes before the passages, only the pin computed.
+    assert two["cached_tokens"] >= pinned
     assert two["prompt_tokens"] > one["prompt_tokens"]  # the first turn is in its prompt
     figures = {
         "first_turn": {k: one[k] for k in ("prompt_tokens", "cached_tokens")},

@@ -2,10 +2,11 @@
 
 RAGCache's policy, on top of the pool's prefix cache (which a sequence has already matched
 when it is planned):
-1. Exact: walking the spans from the cursor, a span (a chunk, or any span after the first
-   chunk) that the store holds after exactly the same tokens is imported as it is:
-   lossless, and token-granular, so spans need not line up with blocks. A span cut by the
-   prefix-cache cursor is imported from the cursor on.
+1. Exact: walking the spans from the cursor, a span (a chunk, or a static span after the
+   first chunk; dynamic spans are per request, never stored) that the store holds after
+   exactly the same tokens is imported as it is: lossless, and token-granular, so spans
+   need not line up with blocks. A span cut by the prefix-cache cursor is imported from
+   the cursor on.
 2. Blend (chunk_cache="blend"): at the first span that misses, if any chunk from there on
    is in the store after some other context, the rest of the prompt becomes ONE blend run
    (`blend_forward`): those chunks' KV is imported, re-rotated to the new positions, and a
@@ -153,7 +154,7 @@ class ChunkPlanner:
             start, stop = max(span.start, cursor), min(span.end, end)
             if pos < start:
                 pieces.append(Piece(pos, start, "compute"))
-            eligible = span.start >= first_chunk and span.end <= end
+            eligible = span.start >= first_chunk and span.end <= end and span.kind != "dynamic"
             context = chain_hash(ROOT_HASH, ids[: span.start]) if eligible else ""
             tokens = ids[span.start : span.end]
             if eligible and blend_ok and not self.store.contains_exact(context, tokens):
@@ -209,7 +210,7 @@ class ChunkPlanner:
                     imports.append(KVImport(a, b, entry, a - span.start, delta))
                 continue
             context = chain_hash(ROOT_HASH, ids[: span.start])
-            if not imports and span.start >= first_chunk:
+            if not imports and span.start >= first_chunk and span.kind != "dynamic":
                 fresh.append(SpanToStore(span.start, span.end, span.chunk_id, context))
             elif span.kind == "chunk":
                 mark = BLENDED_CONTEXT + context

@@ -19,12 +19,12 @@ layer, over the reused KV as it is (plain concatenation).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from covey.llm_backend.attention_metadata import AttentionMetadata, PrefillRun
+from covey.llm_backend.chunk_planner import num_selected
 from covey.llm_backend.model import LlamaModel
 
 
@@ -43,11 +43,6 @@ class BlendRegion:
 class BlendResult:
     hidden: torch.Tensor  # [1, hidden] the last token's final hidden state (for its logits)
     num_recomputed: int  # reused tokens recomputed on every layer
-
-
-def num_selected(ratio: float, num_reused: int) -> int:
-    """How many reused tokens are recomputed on every layer: ceil(ratio * reused)."""
-    return min(num_reused, math.ceil(ratio * num_reused - 1e-9))
 
 
 @torch.inference_mode()

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from covey.cache.chunk_store import ROOT_HASH, ChunkKV, ChunkStore, chain_hash
@@ -36,6 +36,11 @@ from covey.llm_backend.sequence import Sequence
 log = logging.getLogger(__name__)
 
 BLENDED_CONTEXT = "blended:"  # context marker of KV computed after blended KV: blend-only
+
+
+def num_selected(ratio: float, num_reused: int) -> int:
+    """How many reused tokens a blend recomputes on every layer: ceil(ratio * reused)."""
+    return min(num_reused, math.ceil(ratio * num_reused - 1e-9))
 
 
 @dataclass(frozen=True)
@@ -107,7 +112,6 @@ class ChunkCounters:
     recomputed_tokens: int = 0  # blended tokens recomputed on every layer
     stored_spans: int = 0
     store_refused: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 class ChunkPlanner:
@@ -265,7 +269,7 @@ class ChunkPlanner:
                 if compute:
                     break
                 reused = sum(imp.end - imp.start for imp in piece.imports)
-                recomputed = math.ceil(self.ratio * reused - 1e-9)
+                recomputed = num_selected(self.ratio, reused)
                 own = piece.end - piece.start - reused
                 need = own + recomputed + math.ceil(self.check_fraction * reused)
                 if need > budget and not alone:

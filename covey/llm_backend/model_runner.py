@@ -146,7 +146,7 @@ class ModelRunner:
         cursor has moved yet.
         """
         try:
-            return StepLogits(*self.execute(scheduled, block_copies, chunk_items), {})
+            return StepLogits(*self._execute(scheduled, block_copies, chunk_items), {})
         except Exception:
             log.warning(
                 "batched forward failed; rerunning its sequences one at a time", exc_info=True
@@ -159,7 +159,7 @@ class ModelRunner:
             copies = [c for c in block_copies if c[1] in table]
             try:
                 alone = [item] if item.chunk is not None else None
-                sampled, logits = self.execute([item], copies, alone)
+                sampled, logits = self._execute([item], copies, alone)
             except Exception as exc:
                 failed[item.seq.seq_id] = exc
                 continue
@@ -167,6 +167,18 @@ class ModelRunner:
             if logits is not None:
                 rows.append(logits)
         return StepLogits(seqs, torch.cat(rows) if rows else None, failed)
+
+    def _execute(
+        self,
+        scheduled: list[ScheduledSeq],
+        block_copies: list[tuple[int, int]],
+        chunk_items: list[ScheduledSeq] | None,
+    ) -> tuple[list[Sequence], torch.Tensor | None]:
+        """`execute`, naming chunk items only when there are some (so a step without chunks
+        calls `execute` exactly as before they existed)."""
+        if chunk_items:
+            return self.execute(scheduled, block_copies, chunk_items)
+        return self.execute(scheduled, block_copies)
 
     def prepare(self, scheduled: list[ScheduledSeq]) -> StepInputs:
         decodes = [s for s in scheduled if s.num_new_tokens == 1]

@@ -9,11 +9,14 @@ Plain Python with no torch, so it is tested on its own.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from covey.errors import ConfigError, InvalidRequestError
 from covey.llm_backend.block_manager import BlockManager
-from covey.llm_backend.chunk_planner import ChunkPlanner, ChunkStep
 from covey.llm_backend.sequence import FinishReason, Sequence, SequenceStatus
+
+if TYPE_CHECKING:  # the planner's types only: the scheduler itself stays torch-free
+    from covey.llm_backend.chunk_planner import ChunkPlanner, ChunkStep
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from covey.llm_backend.blend_forward import BlendRegion, blend_forward, num_selected
+from covey.llm_backend.blend_forward import BlendRegion, blend_forward
+from covey.llm_backend.chunk_planner import num_selected
 from covey.llm_backend.sampling_params import SamplingParams
 
 

@@ -33,6 +33,11 @@ def _prompt(order, head="Read the notes.\n", docs=DOCS):
     return segments
 
 
+def _engine(make_engine, **config):
+    config.setdefault("kv_cache_tokens", 1024)  # small: a pool is allocated per engine
+    return make_engine(**config)
+
+
 def _run(engine, prompt, params=GREEDY):
     rid = engine.add_request(prompt, params)
     return engine.run_to_completion([rid])[0]
@@ -49,8 +54,8 @@ def _baseline(engine):
 @pytest.mark.parametrize("prefix_caching", [False, True])
 def test_exact_reuse_gives_the_full_prefill_output(make_engine, prefix_caching):
     """Chunks after the same tokens reuse their KV exactly; spans are not block-aligned."""
-    off = make_engine(chunk_cache="off", enable_prefix_caching=False)
-    exact = make_engine(chunk_cache="exact", enable_prefix_caching=prefix_caching)
+    off = _engine(make_engine, chunk_cache="off", enable_prefix_caching=False)
+    exact = _engine(make_engine, chunk_cache="exact", enable_prefix_caching=prefix_caching)
     order = ["mill", "lamp", "owl"]
     ids, spans = exact.tokenize(_prompt(order))
     assert any(s.start % 16 for s in spans if s.kind == "chunk")  # not on block boundaries
@@ -63,17 +68,18 @@ def test_exact_reuse_gives_the_full_prefill_output(make_engine, prefix_caching):
     assert second.metrics.num_reused_tokens > 0 or prefix_caching
     assert reused >= sum(s.end - s.start for s in spans if s.kind == "chunk") - 16
     assert second.metrics.num_recomputed_tokens == 0
-    # After another head, nothing is exact any more: a different context, no reuse.
+    # After another head, or in another order, nothing is exact: no reuse (no blending).
     other = _run(exact, _prompt(order, head="Other notes, read them.\n"))
     assert other.metrics.num_reused_tokens == 0
+    assert _run(exact, _prompt(order[::-1])).metrics.num_reused_tokens == 0
     stats = exact.stats().chunk_cache
     assert stats["host"]["entries"] > 0 and stats["host"]["bytes"] > 0
     _baseline(exact)
 
 
 def test_blend_at_ratio_one_equals_the_full_prefill(make_engine):
-    off = make_engine(chunk_cache="off", enable_prefix_caching=False)
-    blend = make_engine(chunk_cache="blend", blend_recompute_ratio=1.0)
+    off = _engine(make_engine, chunk_cache="off", enable_prefix_caching=False)
+    blend = _engine(make_engine, chunk_cache="blend", blend_recompute_ratio=1.0)
     _run(blend, _prompt(["mill", "lamp", "owl"]))
     moved = _prompt(["owl", "mill", "lamp"], head="Notes in another order:\n")
     out = _run(blend, moved)
@@ -84,7 +90,7 @@ def test_blend_at_ratio_one_equals_the_full_prefill(make_engine):
 
 
 def test_blend_reuses_a_fraction_and_never_caches_blended_blocks(make_engine):
-    engine = make_engine(chunk_cache="blend", blend_recompute_ratio=0.25)
+    engine = _engine(make_engine, chunk_cache="blend", blend_recompute_ratio=0.25)
     _run(engine, _prompt(["mill", "lamp", "owl"]))
     moved = _prompt(["lamp", "owl", "mill"], head="Notes:\n")
     rid = engine.add_request(moved, GREEDY)
@@ -104,15 +110,8 @@ def test_blend_reuses_a_fraction_and_never_caches_blended_blocks(make_engine):
     _baseline(engine)
 
 
-def test_exact_mode_does_not_blend(make_engine):
-    engine = make_engine(chunk_cache="exact")
-    _run(engine, _prompt(["mill", "lamp"]))
-    out = _run(engine, _prompt(["lamp", "mill"]))
-    assert out.metrics.num_reused_tokens == 0
-
-
 def test_a_changed_chunk_is_not_reused(make_engine):
-    engine = make_engine(chunk_cache="blend", enable_prefix_caching=False)
+    engine = _engine(make_engine, chunk_cache="blend", enable_prefix_caching=False)
     _run(engine, _prompt(["mill", "owl"]))
     changed = {**DOCS, "owl": " An owl nests in the church; the priest feeds it bread crumbs."}
     out = _run(engine, _prompt(["owl"], head="Notes:\n", docs=changed))
@@ -122,7 +121,7 @@ def test_a_changed_chunk_is_not_reused(make_engine):
 
 
 def test_a_chunk_too_long_for_the_context_is_refused_by_name(make_engine):
-    engine = make_engine(chunk_cache="exact", max_model_len=32)
+    engine = _engine(make_engine, chunk_cache="exact", max_model_len=32)
     long_chunk = Segment(" word" * 40, kind="chunk", chunk_id="doc-7")
     with pytest.raises(InvalidRequestError, match="doc-7"):
         engine.add_request([Segment("Q:", kind="static"), long_chunk], GREEDY)
@@ -134,24 +133,25 @@ def test_pool_returns_to_baseline_after_a_mixed_run(make_engine):
     """Exact and blended reuse, an abort mid-prefill and preemptions (a pool too small for
     every request at once) all give back every block."""
     engine = make_engine(
-        chunk_cache="blend", kv_cache_tokens=256, max_num_batched_tokens=48, max_num_seqs=4
+        chunk_cache="blend", kv_cache_tokens=160, max_num_batched_tokens=48, max_num_seqs=4
     )
-    _run(engine, _prompt(["mill", "lamp", "owl"]))
-    orders = [["owl", "mill"], ["mill", "lamp", "owl"], ["lamp", "owl"], ["mill", "owl"]]
-    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    _run(engine, _prompt(["mill", "lamp"]))
+    orders = [["lamp", "mill"], ["mill", "lamp"], ["owl", "lamp"]]
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
     ids = [engine.add_request(_prompt(o, head=f"Set {i}:\n"), params) for i, o in enumerate(orders)]
-    aborted = engine.add_request(_prompt(["lamp", "mill"]), params)
+    ids.append(engine.add_request(_prompt(["mill", "lamp"]), params))  # exact
+    aborted = engine.add_request(_prompt(["owl", "mill"]), params)
     engine.step()
     engine.abort_request(aborted)
     outs = engine.run_to_completion(ids)
     assert all(o.finish_reason == "length" for o in outs)
     assert sum(o.metrics.num_preemptions for o in outs) > 0
-    assert sum(o.metrics.num_reused_tokens for o in outs) > 0
+    assert all(o.metrics.num_reused_tokens > 0 for o in outs[:2])
     _baseline(engine)
 
 
 def test_warm_chunks_computes_each_chunk_once_then_reuses_it(make_engine):
-    engine = make_engine(chunk_cache="blend", enable_prefix_caching=False)
+    engine = _engine(make_engine, chunk_cache="blend", enable_prefix_caching=False)
     chunks = [Segment(DOCS[n], kind="chunk", chunk_id=n) for n in ("mill", "owl")]
     assert engine.warm_chunks(chunks + chunks[:1]) == 2
     assert engine.warm_chunks(chunks) == 0
@@ -161,11 +161,14 @@ def test_warm_chunks_computes_each_chunk_once_then_reuses_it(make_engine):
 
 
 def test_the_disk_tier_keeps_chunks_across_a_restart(make_engine, tmp_path):
-    first = make_engine(chunk_cache="exact", chunk_store_dir=str(tmp_path))
+    first = _engine(make_engine, chunk_cache="exact", chunk_store_dir=str(tmp_path))
     expected = _run(first, _prompt(["mill", "owl"]))
     first.close()
-    again = make_engine(
-        chunk_cache="exact", chunk_store_dir=str(tmp_path), enable_prefix_caching=False
+    again = _engine(
+        make_engine,
+        chunk_cache="exact",
+        chunk_store_dir=str(tmp_path),
+        enable_prefix_caching=False,
     )
     out = _run(again, _prompt(["mill", "owl"]))
     assert out.metrics.num_reused_tokens > 0
@@ -176,8 +179,8 @@ def test_the_disk_tier_keeps_chunks_across_a_restart(make_engine, tmp_path):
 
 def test_async_llm_offers_chunks_and_warms_them(make_engine):
     async def main():
-        on = AsyncLLM(engine=make_engine(chunk_cache="exact"))
-        off = AsyncLLM(engine=make_engine(chunk_cache="off"))
+        on = AsyncLLM(engine=_engine(make_engine, chunk_cache="exact"))
+        off = AsyncLLM(engine=_engine(make_engine, chunk_cache="off"))
         assert on.capabilities.chunks and not off.capabilities.chunks
         chunk = Segment(DOCS["lamp"], kind="chunk", chunk_id="lamp")
         assert await on.warm_chunks([chunk]) == 1

@@ -167,7 +167,7 @@ class ChunkPlanner:
                     blend = self._blend_piece(seq, start, spans[k:], to_store)
                     if blend is not None:
                         pieces.append(blend)
-                        return ChunkPlan(pieces, to_store, cursor)
+                        return ChunkPlan(_merged(pieces), to_store, cursor)
             hit = self.store.get_exact(context, tokens) if eligible else None
             if hit is not None and start < min(stop, end - 1):
                 last = min(stop, end - 1)
@@ -239,9 +239,9 @@ class ChunkPlanner:
 
     def take(self, seq: Sequence, budget: int, alone: bool) -> ChunkStep | None:
         """This step's share of `seq`'s plan within `budget` tokens (nothing is changed
-        until `commit`). A blend run is taken whole, and only before any compute of the
-        same step; it may exceed the budget when it runs `alone` (first in its step).
-        None when nothing fits (imports alone never make a step)."""
+        until `commit`). A blend run is taken whole (after the compute before it, in the
+        same step); it may pass the budget when it runs `alone` (no other prefill in its
+        step). None when nothing fits (imports alone never make a step)."""
         plan = self.plan(seq)
         pos, i = plan.position, plan.index
         imports: list[KVImport] = []
@@ -266,15 +266,13 @@ class ChunkPlanner:
                     break
                 i += 1
             else:
-                if compute:
-                    break
                 reused = sum(imp.end - imp.start for imp in piece.imports)
                 recomputed = num_selected(self.ratio, reused)
                 own = piece.end - piece.start - reused
                 need = own + recomputed + math.ceil(self.check_fraction * reused)
-                if need > budget and not alone:
+                if cost + need > budget and not alone:
                     break
-                blend, cost, pos, i = piece, need, piece.end, i + 1
+                blend, cost, pos, i = piece, cost + need, piece.end, i + 1
                 imports.extend(piece.imports)
         if not compute and blend is None:
             return None

@@ -62,35 +62,36 @@ class ModelRunner:
         """Run one step; returns the sequences to sample and their logits [N, vocab].
 
         `chunk_items`: the scheduled items with a chunk step. Their imports are written
-        first; a blend run goes through `blend_forward` on its own, the rest in one batch.
+        first; then the batch runs, then each blend run on its own (`blend_forward`), once
+        the batch has computed what precedes its region.
         """
         self.pool.copy_blocks(block_copies)
+        blends: list[ScheduledSeq] = []
+        if chunk_items:
+            scheduled, blends = self._import_chunks(scheduled, chunk_items)
         seqs: list[Sequence] = []
         hidden_rows: list[torch.Tensor] = []
-        if chunk_items:
-            scheduled = self._run_chunk_items(scheduled, chunk_items, seqs, hidden_rows)
         if scheduled:
             inputs = self.prepare(scheduled)
             hidden = self.model(inputs.input_ids, inputs.positions, self.pool.kv, inputs.meta)
-            if not hidden_rows:
+            if not blends:
                 if not inputs.sample_seqs:
                     return [], None
                 return inputs.sample_seqs, self.model.compute_logits(hidden[inputs.sample_indices])
             seqs += inputs.sample_seqs
             hidden_rows.append(hidden[inputs.sample_indices])
+        for item in blends:  # after the batch, which computed what precedes their regions
+            seqs.append(item.seq)
+            hidden_rows.append(self._blend(item))
         if not seqs:
             return [], None
         return seqs, self.model.compute_logits(torch.cat(hidden_rows))
 
-    def _run_chunk_items(
-        self,
-        scheduled: list[ScheduledSeq],
-        chunk_items: list[ScheduledSeq],
-        seqs: list[Sequence],
-        hidden_rows: list[torch.Tensor],
-    ) -> list[ScheduledSeq]:
-        """Import the chunk steps' KV and run their blends; returns the items left to run
-        (blends appended their sequence and last hidden state to `seqs`/`hidden_rows`)."""
+    def _import_chunks(
+        self, scheduled: list[ScheduledSeq], chunk_items: list[ScheduledSeq]
+    ) -> tuple[list[ScheduledSeq], list[ScheduledSeq]]:
+        """Write the chunk steps' imports into the pool; returns the items for the batched
+        forward (a blend step's tokens before its region among them) and the blend steps."""
         assert self.chunks is not None
         blends = []
         for item in chunk_items:
@@ -100,12 +101,13 @@ class ModelRunner:
                 self.chunks.import_kv(item.seq, imp)
             if step.blend is not None:
                 blends.append(item)
-        for item in blends:
-            seqs.append(item.seq)
-            hidden_rows.append(self._blend(item))
-        if not blends:
-            return scheduled
-        return [item for item in scheduled if item.chunk is None or item.chunk.blend is None]
+        if blends:
+            scheduled = [
+                item
+                for item in scheduled
+                if item.chunk is None or item.chunk.blend is None or item.chunk.compute
+            ]
+        return scheduled, blends
 
     def _blend(self, item: ScheduledSeq) -> torch.Tensor:
         """The blend run of `item`'s chunk step; returns its last token's hidden [1, H]."""
@@ -216,7 +218,8 @@ class ModelRunner:
             if end == len(seq) and not seq.prefill_only:
                 sample_idx.append(len(ids) - 1)
                 sample_seqs.append(seq)
-            fresh = start == 0 and (chunk is None or (len(ranges) == 1 and not chunk.imports))
+            # From position 0 in one range, a run sees only its own keys (imports lie after).
+            fresh = len(ranges) == 1 and ranges[0][0] == 0
             runs.append((seq, n, 0 if fresh else end))
         dev = self.device
         position_tensor = torch.tensor(positions, dtype=torch.long, device=dev)

@@ -1,1 +1,1 @@
-"""KV reuse: the prefix cache as a block trie (and, later, the chunk KV store)."""
+"""KV reuse: the prefix cache as a block trie, and the chunk KV store in host and disk tiers."""

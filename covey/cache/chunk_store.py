@@ -16,7 +16,12 @@ from host is written to disk only if disk does not already hold it (swap out onc
 entry read back from disk costs nothing to evict again.
 
 Leases: an entry being copied into the pool is leased (`with store.lease(entry): ...`), and
-eviction skips leased entries, so a put that would need their room is refused instead.
+eviction skips leased entries, so a put that would need their room is refused instead. A
+stale entry goes even while leased (its text is gone); the holder still has its tensor.
+
+No copies: `put` keeps the caller's tensor when it is a compact CPU tensor, and lookups
+return the stored tensor. Neither side may write to it afterwards (re-rotate a copy, e.g.
+in the pool, never the returned `kv` in place).
 
 Threads: the engine calls the store from its own thread only, but every public method takes
 one re-entrant lock, so a warm-up running on another thread cannot interleave a mutation.
@@ -24,6 +29,7 @@ one re-entrant lock, so a warm-up running on another thread cannot interleave a 
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -59,15 +65,29 @@ class ChunkStore:
         cost_fn: Callable[[int], float],
         disk_dir: str | Path | None = None,
         disk_bytes: int = 2 << 30,
+        fingerprint: str = "",
     ) -> None:
-        """`cost_fn(n)`: seconds to recompute n tokens (the engine's prefill profile)."""
+        """`cost_fn(n)`: seconds to recompute n tokens (the engine's prefill profile).
+
+        `fingerprint`: what the KV depends on besides the tokens (model, dtype, RoPE
+        settings). The disk tier keeps each fingerprint's entries in a folder of their own,
+        so a restart with another model never reads KV computed by the old one.
+        """
         if host_bytes < 0:
             raise ConfigError(f"chunk_store_bytes must be >= 0, got {host_bytes}")
         if disk_bytes <= 0:
             raise ConfigError(f"chunk_store_disk_bytes must be > 0, got {disk_bytes}")
         self._cost_fn = cost_fn
         self._host = HostTier(host_bytes)
-        self._disk = DiskTier(disk_dir, disk_bytes, cost_fn) if disk_dir is not None else None
+        self._disk = None
+        if disk_dir is not None:
+            folder = Path(disk_dir).expanduser()
+            if fingerprint:
+                digest = hashlib.blake2b(fingerprint.encode(), digest_size=8).hexdigest()
+                folder = folder / f"kv-{digest}"
+            self._disk = DiskTier(folder, disk_bytes, cost_fn)
+            if fingerprint:
+                (folder / "fingerprint.txt").write_text(fingerprint + "\n")  # for people
         self._leases: dict[str, int] = {}
         self._lock = threading.RLock()
         self._closed = False

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -51,8 +52,9 @@ class PGDSF:
             raise ValueError(f"size must be > 0 bytes, got {size}")
         if frequency < 1:
             raise ValueError(f"frequency must be >= 1, got {frequency}")
-        item = _Item(size=size, cost=max(float(cost), 0.0), frequency=frequency, priority=0.0,
-                     stamp=0)
+        if not math.isfinite(cost):
+            raise ValueError(f"cost must be a finite number of seconds, got {cost}")
+        item = _Item(size, max(float(cost), 0.0), frequency, priority=0.0, stamp=0)
         self._items[key] = item
         self._reprice(key, item)
         return item.priority
@@ -108,7 +110,5 @@ class PGDSF:
 
     def _compact(self) -> None:
         """Drop the heap's outdated copies, so accesses do not grow it without bound."""
-        self._heap = [
-            (item.priority, item.stamp, key) for key, item in self._items.items()
-        ]
+        self._heap = [(item.priority, item.stamp, key) for key, item in self._items.items()]
         heapq.heapify(self._heap)

@@ -1,0 +1,174 @@
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from covey.cache.chunk_store import ROOT_HASH, ChunkKV, ChunkStore
+from covey.errors import ConfigError
+
+BYTES_PER_TOKEN = 2 * 2 * 1 * 4 * 4  # layers * (k, v) * kv_heads * head_dim * float32
+
+
+def make(tokens, chunk_id=None, dtype=torch.float32) -> ChunkKV:
+    kv = torch.randn(2, 2, 1, len(tokens), 4).to(dtype)  # [layers, 2, kv_heads, n, head_dim]
+    return ChunkKV(chunk_id, tuple(tokens), kv, 0, ROOT_HASH)
+
+
+def open_store(folder: Path, host_tokens: int, disk_bytes: int = 1 << 20) -> ChunkStore:
+    return ChunkStore(
+        host_bytes=host_tokens * BYTES_PER_TOKEN,
+        cost_fn=lambda n: float(n),
+        disk_dir=folder,
+        disk_bytes=disk_bytes,
+    )
+
+
+def entry_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.safetensors"))
+
+
+def test_disk_survives_a_restart(tmp_path):
+    a, b = make([1, 2, 3], chunk_id="a", dtype=torch.bfloat16), make([4, 5], chunk_id="b")
+    with open_store(tmp_path, host_tokens=100) as s:
+        assert s.put(a) and s.put(b)
+    assert len(entry_files(tmp_path)) == 2  # close wrote the host entries out
+    with open_store(tmp_path, host_tokens=100) as s:
+        assert s.stats()["disk"]["entries"] == 2
+        hit = s.get_exact(ROOT_HASH, [1, 2, 3])
+        assert hit.kv.dtype == torch.bfloat16 and torch.equal(hit.kv, a.kv)
+        assert hit.chunk_id == "a" and hit.context_hash == ROOT_HASH
+        assert torch.equal(s.get_any("b", [4, 5]).kv, b.kv)
+        assert s.stats()["disk"]["hits"] == 2 and s.stats()["host"]["misses"] == 2
+        assert s.get_exact(ROOT_HASH, [1, 2, 3]) is not None  # promoted: a host hit now
+        assert s.stats()["host"]["hits"] == 1 and s.stats()["disk"]["hits"] == 2
+
+
+def test_swap_out_only_once(tmp_path):
+    s = open_store(tmp_path, host_tokens=3)  # one 3-token entry fits in host
+    s.put(make([1, 2, 3]))
+    s.put(make([4, 5, 6]))  # evicts [1, 2, 3] to disk
+    [first] = entry_files(tmp_path)
+    written = first.stat()
+    assert s.get_exact(ROOT_HASH, [1, 2, 3]) is not None  # disk hit, promoted; [4..6] out
+    assert len(entry_files(tmp_path)) == 2
+    s.put(make([7, 8, 9]))  # evicts [1, 2, 3] from host again: disk holds it already
+    again = first.stat()
+    assert (again.st_ino, again.st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
+    assert s.stats()["disk"]["entries"] == 2 and s.stats()["host"]["evictions"] == 3
+    s.close()
+
+
+def test_disk_tier_respects_its_capacity_with_pgdsf(tmp_path):
+    probe = open_store(tmp_path / "probe", host_tokens=0)
+    file_bytes = _file_bytes(tmp_path / "probe", make([0, 1, 2]))
+    probe.close()
+    s = open_store(tmp_path / "d", host_tokens=3, disk_bytes=int(2.5 * file_bytes))
+    s.put(make([1, 2, 3]))
+    for _ in range(3):
+        s.get_exact(ROOT_HASH, [1, 2, 3])  # frequently used: worth keeping
+    for i in range(6):  # each put pushes the previous host entry to disk
+        s.put(make([10 + i, 20 + i, 30 + i]))
+        disk = s.stats()["disk"]
+        assert disk["bytes"] <= 2.5 * file_bytes and disk["entries"] <= 2
+    assert s.stats()["disk"]["evictions"] == 4  # 6 written ([1, 2, 3], then 5 of 6), 2 kept
+    assert len(entry_files(tmp_path / "d")) == s.stats()["disk"]["entries"] == 2
+    assert s.contains_exact(ROOT_HASH, [1, 2, 3])  # PGDSF kept the frequent one on disk
+    s.close()
+
+
+def _file_bytes(folder: Path, entry: ChunkKV) -> int:
+    with open_store(folder, host_tokens=10) as s:
+        s.put(entry)
+    [path] = entry_files(folder)
+    return path.stat().st_size
+
+
+def test_frequency_survives_a_restart_and_a_smaller_capacity_shrinks(tmp_path):
+    with open_store(tmp_path, host_tokens=100) as s:
+        s.put(make([1, 2, 3]))
+        for _ in range(4):
+            s.get_exact(ROOT_HASH, [1, 2, 3])
+        s.put(make([4, 5, 6]))
+    one_file = entry_files(tmp_path)[0].stat().st_size
+    with open_store(tmp_path, host_tokens=100, disk_bytes=one_file) as s:
+        assert s.stats()["disk"]["entries"] == 1 and s.stats()["disk"]["evictions"] == 1
+        assert s.contains_exact(ROOT_HASH, [1, 2, 3])  # frequency 5 beat frequency 1
+    assert len(entry_files(tmp_path)) == 1
+
+
+def test_garbage_files_are_skipped_with_a_warning_and_removed(tmp_path, caplog):
+    with open_store(tmp_path, host_tokens=100) as s:
+        s.put(make([1, 2, 3]))
+        s.put(make([4, 5, 6]))
+    good, torn = entry_files(tmp_path)
+    torn.write_bytes(torn.read_bytes()[:-10])  # a write cut short
+    (tmp_path / ("0" * 32 + ".safetensors")).write_bytes(b"not a safetensors file")
+    renamed = tmp_path / ("f" * 32 + ".safetensors")  # a valid file under the wrong name
+    renamed.write_bytes(good.read_bytes())
+    (tmp_path / ("e" * 32 + ".tmp")).write_bytes(b"half")  # an unfinished write
+    (tmp_path / "notes.txt").write_text("not ours")
+    with caplog.at_level(logging.WARNING, logger="covey.cache.disk_tier"):
+        s = open_store(tmp_path, host_tokens=100)
+    assert s.stats()["disk"]["entries"] == 1
+    assert entry_files(tmp_path) == [good]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([good.name, "notes.txt"])
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "unfinished write" in messages and "not fully covered" in messages
+    assert "does not match the file name" in messages and "header too large" in messages
+    assert s.get_exact(ROOT_HASH, [1, 2, 3]) is not None
+    s.close()
+
+
+def test_a_file_broken_after_open_is_a_miss_not_a_crash(tmp_path, caplog):
+    with open_store(tmp_path, host_tokens=100) as s:
+        s.put(make([1, 2, 3]))
+    s = open_store(tmp_path, host_tokens=100)
+    [path] = entry_files(tmp_path)
+    path.write_bytes(b"garbage")
+    with caplog.at_level(logging.WARNING, logger="covey.cache.disk_tier"):
+        assert s.get_exact(ROOT_HASH, [1, 2, 3]) is None
+    assert "dropping unreadable" in caplog.text
+    assert s.stats()["disk"]["entries"] == 0 and s.stats()["disk"]["misses"] == 1
+    assert not path.exists()
+    s.close()
+
+
+def test_stale_chunk_is_dropped_from_disk_too(tmp_path):
+    with open_store(tmp_path, host_tokens=100) as s:
+        s.put(make([1, 2, 3], chunk_id="doc"))
+    with open_store(tmp_path, host_tokens=100) as s:
+        assert s.get_any("doc", [1, 2, 9]) is None
+        assert s.stats()["disk"]["stale"] == 1
+        assert entry_files(tmp_path) == []
+
+
+def test_unusable_store_dir_is_a_config_error(tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    with pytest.raises(ConfigError, match="chunk_store_dir .*file' cannot be created"):
+        open_store(not_a_dir, host_tokens=1)
+    if os.geteuid() == 0:
+        pytest.skip("root can write to a read-only folder")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(ConfigError, match="is not readable and writable"):
+        open_store(locked, host_tokens=1)
+
+
+def test_another_fingerprint_never_sees_the_old_models_kv(tmp_path):
+    def opened(fingerprint: str) -> ChunkStore:
+        return ChunkStore(1 << 20, float, disk_dir=tmp_path, fingerprint=fingerprint)
+
+    with opened("SmolLM2-135M/float32") as s:
+        s.put(make([1, 2, 3]))
+    with opened("other-model/bfloat16") as s:
+        assert s.get_exact(ROOT_HASH, [1, 2, 3]) is None
+        assert s.stats()["disk"]["entries"] == 0
+    with opened("SmolLM2-135M/float32") as s:
+        assert s.get_exact(ROOT_HASH, [1, 2, 3]) is not None
+    texts = sorted(p.read_text() for p in tmp_path.glob("kv-*/fingerprint.txt"))
+    assert texts == ["SmolLM2-135M/float32\n", "other-model/bfloat16\n"]

@@ -107,11 +107,19 @@ class LLMEngine:
             )
         key = (self.source.name, str(self.device), self.dtype, config.quantization)
         profile = prefill_profile(self.model, key)
+        args = self.model.args
         self.chunk_store = ChunkStore(
             config.chunk_store_bytes,
             profile.seconds,
             config.chunk_store_dir,
             config.chunk_store_disk_bytes,
+            # What the KV depends on besides the tokens: another model never reads it.
+            fingerprint=(
+                f"model={self.source.name} dtype={self.dtype} "
+                f"quantization={config.quantization} layers={args.num_layers} "
+                f"kv_heads={args.num_kv_heads} head_dim={args.dim_per_head} "
+                f"rope_theta={args.rope_theta} rope_scaling={args.rope_scaling}"
+            ),
         )
         self.runner.chunks = ChunkTransfer(
             self.pool, self.chunk_store, RopeRerotator(self.model.args)

@@ -43,6 +43,7 @@ class AsyncLLM:
         **config: Any,
     ) -> None:
         """`worker_thread`: step the engine on its own thread (default: on CUDA only)."""
+        self._owns_engine = engine is None  # then closing this closes the engine's store
         self.engine = engine or LLMEngine(EngineConfig(model=model, **config))
         if worker_thread is None:
             worker_thread = self.engine.device.type == "cuda"
@@ -72,6 +73,7 @@ class AsyncLLM:
             pause=True,
             choices=True,
             segments=True,
+            chunks=self.engine.chunk_store is not None,
             computes_on_loop_thread=self._executor is None,
         )
 
@@ -109,6 +111,9 @@ class AsyncLLM:
                     await task
                 except asyncio.CancelledError:
                     pass
+        if self._owns_engine:
+            self._owns_engine = False
+            await self._call(self.engine.close)
         if self._executor is not None:
             self._executor.shutdown(wait=True)
 
@@ -212,9 +217,31 @@ class AsyncLLM:
         return self.generate(prompt, params, request_id)
 
     async def warm_chunks(self, chunks: list[Segment]) -> int:
-        raise NotSupportedError(
-            "this engine has no chunk KV store yet (EngineConfig.chunk_cache is not built)"
-        )
+        """Make the chunk store hold these chunks' KV: loaded from disk where it is there,
+        else computed alone at position 0 (all of them batched together). Returns how many
+        had to be loaded or computed."""
+        if self.engine.chunk_store is None:
+            raise NotSupportedError("warm_chunks needs chunk_cache 'exact' or 'blend', not 'off'")
+        if not isinstance(chunks, list):
+            raise InvalidRequestError(f"warm_chunks takes a list of Segments, got {chunks!r}")
+        count, todo, seen = 0, [], set()
+        for chunk in chunks:
+            state = await self._call(self.engine.load_chunk, chunk)
+            key = (chunk.text, chunk.token_ids)
+            if state == "loaded":
+                count += 1
+            elif state == "missing" and key not in seen:
+                seen.add(key)
+                todo.append(chunk)
+
+        async def compute(chunk: Segment) -> int:
+            add = partial(self.engine.add_warm_chunk, chunk)
+            final = None
+            async for out in self._stream(add, None, maybe_none=True):
+                final = out
+            return int(final is not None)
+
+        return count + sum(await asyncio.gather(*(compute(c) for c in todo)))
 
     async def abort(self, request_id: str) -> None:
         """Stop a request; its stream ends with a finished output whose reason is "abort"."""

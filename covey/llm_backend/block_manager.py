@@ -12,6 +12,7 @@ request therefore fits whenever the whole pool could hold it.
 
 from __future__ import annotations
 
+import sys
 from collections import Counter, deque
 from dataclasses import dataclass
 
@@ -23,12 +24,14 @@ from covey.llm_backend.sequence import Sequence
 # workload cannot crowd out the prefix cache's other entries. Requests fit regardless:
 # pins yield to them.
 MAX_PINNED_FRACTION = 0.25
+_NEVER = sys.maxsize  # a cache cursor past every block: nothing more is published
 
 
 @dataclass
 class PrefixCacheStats:
     queried_tokens: int = 0
     hit_tokens: int = 0
+    evicted_blocks: int = 0
 
     @property
     def hit_rate(self) -> float:
@@ -207,6 +210,18 @@ class BlockManager:
                 seq.block_table[i] = node.block_id
         self._cursor[seq.seq_id] = (node, max(seen, full))
 
+    def stop_caching(self, seq: Sequence) -> None:
+        """Publish none of `seq`'s blocks from here on (blocks already published stay).
+
+        For KV that is not the exact KV of its tokens (blended chunk reuse): those blocks,
+        and every block after them, whose KV was computed over them, must never serve a
+        prefix-cache hit. The cursor is moved past any block the sequence can ever have.
+        """
+        if self.trie is None:
+            return
+        node, _ = self._cursor.get(seq.seq_id, (self.trie.root, 0))
+        self._cursor[seq.seq_id] = (node, _NEVER)
+
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """Share all of `parent`'s blocks and progress with `child`; writes copy later."""
         if child.block_table:
@@ -267,6 +282,7 @@ class BlockManager:
     def _evict(self, num_blocks: int) -> None:
         assert self.trie is not None
         for block in self.trie.evict(num_blocks):
+            self.stats.evicted_blocks += 1
             del self.cached_nodes[block]
             self.num_idle_cached -= 1
             self.free_blocks.append(block)

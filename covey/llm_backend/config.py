@@ -8,13 +8,14 @@ from pathlib import Path
 
 import torch
 
-from covey.checks import as_int
+from covey.checks import as_int, as_real
 from covey.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_CPU_KV_BYTES = 1 << 30  # 1 GiB: ~22k tokens of SmolLM2-135M in float32
 DEFAULT_GPU_KV_FRACTION = 0.5  # of the memory free after loading the weights
 _DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+CHUNK_CACHE_MODES = ("off", "exact", "blend")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,16 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # torch CPU threads; None leaves torch's default
     quantization: str | None = None  # "int8": weight-only int8 (bfloat16 only), faster decode
+    # Chunk KV reuse for prompts with Segment(kind="chunk"): "off"; "exact" (RAGCache: a
+    # chunk after the same tokens as before reuses its KV losslessly); "blend" (exact first,
+    # then CacheBlend: chunks seen after other tokens reuse their KV at the new positions
+    # with `blend_recompute_ratio` of their tokens recomputed, chosen on the check layers).
+    chunk_cache: str = "exact"
+    blend_recompute_ratio: float = 0.15
+    blend_check_layers: tuple[int, ...] = (1,)
+    chunk_store_bytes: int = 256 << 20  # the host tier of the chunk store
+    chunk_store_dir: str | None = None  # the disk tier (kept across restarts); None: none
+    chunk_store_disk_bytes: int = 2 << 30
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and (not isinstance(self.dtype, str) or self.dtype not in DTYPES):
@@ -59,6 +70,43 @@ class EngineConfig:
             raise ConfigError(
                 "EngineConfig.quantization='int8' needs dtype='bfloat16' (its kernel is bf16), "
                 f"got dtype={self.dtype!r}"
+            )
+
+        self._check_chunk_cache()
+
+    def _check_chunk_cache(self) -> None:
+        if self.chunk_cache not in CHUNK_CACHE_MODES:
+            raise ConfigError(
+                f"EngineConfig.chunk_cache must be one of {CHUNK_CACHE_MODES}, "
+                f"got {self.chunk_cache!r}"
+            )
+        as_real(
+            "EngineConfig.blend_recompute_ratio",
+            self.blend_recompute_ratio,
+            ge=0.0,
+            le=1.0,
+            error=ConfigError,
+        )
+        layers = self.blend_check_layers
+        if isinstance(layers, list):
+            object.__setattr__(self, "blend_check_layers", layers := tuple(layers))
+        if not isinstance(layers, tuple) or not layers:
+            raise ConfigError(
+                "EngineConfig.blend_check_layers must be a non-empty tuple of layer indices, "
+                f"got {layers!r}"
+            )
+        for layer in layers:
+            as_int("each of EngineConfig.blend_check_layers", layer, ge=0, error=ConfigError)
+        as_int("EngineConfig.chunk_store_bytes", self.chunk_store_bytes, ge=0, error=ConfigError)
+        as_int(
+            "EngineConfig.chunk_store_disk_bytes",
+            self.chunk_store_disk_bytes,
+            ge=0,
+            error=ConfigError,
+        )
+        if self.chunk_store_dir is not None and not isinstance(self.chunk_store_dir, (str, Path)):
+            raise ConfigError(
+                f"EngineConfig.chunk_store_dir must be a path or None, got {self.chunk_store_dir!r}"
             )
 
     def torch_device(self) -> torch.device:

@@ -10,6 +10,7 @@ from covey.llm_backend.config import EngineConfig
 from covey.llm_backend.llm_engine import LLMEngine, Prompt
 from covey.llm_backend.outputs import RequestOutput
 from covey.llm_backend.sampling_params import SamplingParams
+from covey.llm_backend.segments import Segment
 
 Messages = list[dict[str, str]]
 
@@ -65,6 +66,14 @@ class LLM:
                 self.engine.abort_request(rid)
             raise
         return self.engine.run_to_completion(ids)
+
+    def warm_chunks(self, chunks: list[Segment]) -> int:
+        """Make the chunk store hold these chunk segments' KV (see `LLMEngine.warm_chunks`)."""
+        return self.engine.warm_chunks(chunks)
+
+    def close(self) -> None:
+        """Close the engine's chunk store (its disk tier keeps what host memory held)."""
+        self.engine.close()
 
     def chat(
         self, messages: Messages | list[Messages], params: SamplingParams | None = None

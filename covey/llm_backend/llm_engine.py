@@ -11,14 +11,18 @@ from collections.abc import Callable
 
 import torch
 
+from covey.cache.chunk_store import ChunkStore
 from covey.errors import (
     ConfigError,
     EngineError,
     InvalidRequestError,
     ModelLoadError,
+    NotSupportedError,
     RequestNotFoundError,
 )
 from covey.llm_backend.block_manager import BlockManager
+from covey.llm_backend.chunk_planner import ChunkPlanner
+from covey.llm_backend.chunk_transfer import ChunkTransfer
 from covey.llm_backend.config import EngineConfig
 from covey.llm_backend.engine_client import EngineStats, Prompt
 from covey.llm_backend.kv_pool import KVPool
@@ -28,12 +32,19 @@ from covey.llm_backend.model_runner import ModelRunner
 from covey.llm_backend.model_source import resolve_model
 from covey.llm_backend.output_processor import OutputProcessor
 from covey.llm_backend.outputs import RequestOutput
+from covey.llm_backend.prefill_profile import prefill_profile
 from covey.llm_backend.quantization import Int8Linear, quantize_int8
-from covey.llm_backend.request_validator import CheckedRequest, RequestValidator
+from covey.llm_backend.request_validator import (
+    CheckedRequest,
+    RequestValidator,
+    check_priority,
+    check_request_id,
+)
+from covey.llm_backend.rope_rerotation import RopeRerotator
 from covey.llm_backend.sampler import sample
 from covey.llm_backend.sampling_params import SamplingParams
-from covey.llm_backend.scheduler import Scheduler, SchedulerConfig
-from covey.llm_backend.segments import SegmentSpan
+from covey.llm_backend.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
+from covey.llm_backend.segments import Segment, SegmentSpan
 from covey.llm_backend.sequence import FinishReason, Sequence
 from covey.llm_backend.tokenizer import Tokenizer, load_tokenizer
 from covey.llm_backend.weight_loader import load_model
@@ -70,16 +81,50 @@ class LLMEngine:
         self.block_manager = BlockManager(
             num_blocks, config.block_size, config.enable_prefix_caching
         )
-        self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.block_manager
-        )
         self.runner = ModelRunner(self.model, self.pool, self.device)
+        self.chunk_store: ChunkStore | None = None
+        self.chunk_planner = self._chunk_cache(config) if config.chunk_cache != "off" else None
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens),
+            self.block_manager,
+            self.chunk_planner,
+        )
         self.validator = RequestValidator(
             self.tokenizer, args.vocab_size, self.max_model_len, self.block_manager
         )
         self.outputs = OutputProcessor(self.tokenizer, self.max_model_len)
         self.requests: dict[str, Sequence] = {}
         self._generators: dict[int, torch.Generator] = {}
+
+    def _chunk_cache(self, config: EngineConfig) -> ChunkPlanner:
+        """The chunk KV store and what plans and moves chunk KV (chunk_cache != "off")."""
+        layers = self.model.args.num_layers
+        bad = [i for i in config.blend_check_layers if i >= layers]
+        if bad:
+            raise ConfigError(
+                f"EngineConfig.blend_check_layers {bad} out of range: the model has "
+                f"{layers} layers (0 to {layers - 1})"
+            )
+        key = (self.source.name, str(self.device), self.dtype, config.quantization)
+        profile = prefill_profile(self.model, key)
+        self.chunk_store = ChunkStore(
+            config.chunk_store_bytes,
+            profile.seconds,
+            config.chunk_store_dir,
+            config.chunk_store_disk_bytes,
+        )
+        self.runner.chunks = ChunkTransfer(
+            self.pool, self.chunk_store, RopeRerotator(self.model.args)
+        )
+        self.runner.blend_ratio = config.blend_recompute_ratio
+        self.runner.blend_check_layers = tuple(config.blend_check_layers)
+        return ChunkPlanner(
+            self.chunk_store,
+            config.chunk_cache,
+            config.blend_recompute_ratio,
+            tuple(config.blend_check_layers),
+            layers,
+        )
 
     @property
     def model_name(self) -> str:
@@ -241,7 +286,106 @@ class LLMEngine:
             num_waiting=len(sched.waiting),
             num_running=len(sched.running),
             num_paused=len(sched.paused),
+            chunk_cache=self._chunk_stats(),
         )
+
+    def _chunk_stats(self) -> dict[str, dict[str, int]]:
+        """Per tier: "pool" (the prefix cache, on chunk spans), "host" and "disk" (the
+        chunk store). Tokens imported from the store count under "host" (a disk hit is
+        promoted to host first)."""
+        if self.chunk_planner is None or self.chunk_store is None:
+            return {}
+        c, bm = self.chunk_planner.counters, self.block_manager
+        cached_blocks = len(bm.cached_nodes)
+        tiers = self.chunk_store.stats()
+        pool = {
+            "hits": c.pool_hits,
+            "misses": c.pool_misses,
+            "evictions": bm.stats.evicted_blocks,
+            "bytes": cached_blocks * self.pool.bytes_per_block(
+                self.model.args, bm.block_size, self.dtype
+            ),
+            "entries": cached_blocks,
+            "reused_tokens": c.pool_reused_tokens,
+            "recomputed_tokens": 0,
+        }
+        host = {**tiers["host"], "reused_tokens": c.reused_tokens}
+        host["recomputed_tokens"] = c.recomputed_tokens
+        disk = {**tiers["disk"], "reused_tokens": 0, "recomputed_tokens": 0}
+        return {"pool": pool, "host": host, "disk": disk}
+
+    def load_chunk(self, chunk: Segment) -> str:
+        """Whether the chunk store holds `chunk`'s KV in host memory now: "held" (it did),
+        "loaded" (it was on disk only, and is now promoted) or "missing"."""
+        store = self._store_for("warm_chunks")
+        ids = self.validator.check_chunk(chunk)
+        if not store.contains_any(ids):
+            return "missing"
+        disk_hits = store.stats()["disk"]["hits"]
+        if store.get_any(chunk.chunk_id, ids) is None:
+            return "missing"
+        return "loaded" if store.stats()["disk"]["hits"] > disk_hits else "held"
+
+    def add_warm_chunk(
+        self, chunk: Segment, request_id: str | None = None, priority: int = 0
+    ) -> str | None:
+        """Queue a prefill of `chunk` alone at position 0 that stores its KV (standalone:
+        exact for a prompt that starts with it, blendable anywhere). None when the store
+        holds it already."""
+        store = self._store_for("warm_chunks")
+        ids = self.validator.check_chunk(chunk)
+        if store.contains_any(ids):
+            return None
+        request_id = check_request_id(request_id, self.requests)
+        span = SegmentSpan("chunk", 0, len(ids), chunk.chunk_id)
+        seq = Sequence(
+            request_id,
+            ids,
+            SamplingParams(max_tokens=1),
+            check_priority(priority),
+            [span],
+            prefill_only=True,
+        )
+        self.requests[request_id] = seq
+        self.scheduler.add(seq)
+        return request_id
+
+    def warm_chunks(self, chunks: list[Segment]) -> int:
+        """Make the chunk store hold these chunks' KV now: loaded from disk, or computed
+        alone (batched together); returns how many had to be loaded or computed."""
+        count, ids, seen = 0, [], set()
+        for chunk in chunks:
+            key = (chunk.text, chunk.token_ids)
+            if key in seen:
+                continue
+            seen.add(key)
+            state = self.load_chunk(chunk)
+            if state == "loaded":
+                count += 1
+            elif state == "missing":
+                rid = self.add_warm_chunk(chunk)
+                if rid is not None:
+                    ids.append(rid)
+        if ids:
+            self.run_to_completion(ids)
+        return count + len(ids)
+
+    def _store_for(self, what: str) -> ChunkStore:
+        if self.chunk_store is None:
+            raise NotSupportedError(
+                f"{what} needs a chunk store: this engine has chunk_cache='off'"
+            )
+        return self.chunk_store
+
+    def close(self) -> None:
+        """Close the chunk store: host entries the disk tier lacks are written there, so a
+        restarted engine on the same chunk_store_dir finds them. Requests using chunks
+        afterwards are served without reuse."""
+        if self.chunk_store is not None:
+            self.scheduler.chunks = None
+            for seq in self.requests.values():
+                seq.chunk_plan = None
+            self.chunk_store.close()
 
     def run_to_completion(
         self,
@@ -289,7 +433,7 @@ class LLMEngine:
         for item in plan.scheduled:
             if item.seq.metrics.first_scheduled_time is None:
                 item.seq.metrics.first_scheduled_time = now
-        ran = self.runner.execute_isolated(plan.scheduled, plan.block_copies)
+        ran = self.runner.execute_isolated(plan.scheduled, plan.block_copies, plan.chunk_items)
         failed = ran.failed
         tokens = self._sample(ran.seqs, ran.logits, failed)
         outputs = []
@@ -298,14 +442,50 @@ class LLMEngine:
             if seq.seq_id in failed:
                 outputs.append(self._fail(seq, failed[seq.seq_id]))
                 continue
-            seq.num_computed_tokens += item.num_new_tokens
-            self.block_manager.cache_full_blocks(seq)
+            if item.chunk is not None:
+                self._advance_chunk_step(item)
+            else:
+                seq.num_computed_tokens += item.num_new_tokens
+                self.block_manager.cache_full_blocks(seq)
             if seq.prefill_only and seq.num_computed_tokens == len(seq):
                 outputs.append(self._guarded(seq, self._finish_prefill))
         for seq, token in zip(ran.seqs, tokens):
             if token is not None and seq.seq_id not in failed:
                 outputs.append(self._guarded(seq, self._append_token, token))
         return outputs
+
+    def _advance_chunk_step(self, item: ScheduledSeq) -> None:
+        """Move a chunk step's cursor; publish only exact KV in the prefix cache; store the
+        spans it completed in the chunk store."""
+        seq, step, bm = item.seq, item.chunk, self.block_manager
+        assert step is not None and self.chunk_store is not None
+        if step.blend_start is not None:
+            # Blocks up to the blend's first token hold exact KV; none from there on do.
+            seq.num_computed_tokens = step.blend_start
+            bm.cache_full_blocks(seq)
+            bm.stop_caching(seq)
+        seq.num_computed_tokens = step.next_position
+        bm.cache_full_blocks(seq)
+        plan = seq.chunk_plan
+        if plan is None:
+            return
+        ready = [s for s in plan.to_store if s.end <= seq.num_computed_tokens]
+        if ready:
+            plan.to_store = [s for s in plan.to_store if s.end > seq.num_computed_tokens]
+            self._store_spans(seq, ready)
+        if plan.done:
+            seq.chunk_plan = None
+
+    def _store_spans(self, seq: Sequence, spans: list) -> None:
+        """Keep the KV `seq` computed for `spans` in the chunk store (a full store evicts;
+        one that cannot take an entry refuses it, which costs only a later recompute)."""
+        assert self.runner.chunks is not None and self.chunk_planner is not None
+        counters = self.chunk_planner.counters
+        for span in spans:
+            if self.runner.chunks.store.put(self.runner.chunks.export(seq, span)):
+                counters.stored_spans += 1
+            else:
+                counters.store_refused += 1
 
     def _sample(
         self, seqs: list[Sequence], logits: torch.Tensor | None, failed: dict[int, Exception]

@@ -19,6 +19,8 @@ class RequestMetrics:
     num_output_tokens: int
     num_cached_tokens: int
     num_preemptions: int
+    num_reused_tokens: int = 0  # prompt tokens whose KV came from the chunk store
+    num_recomputed_tokens: int = 0  # of the blended ones, recomputed on every layer
 
     @classmethod
     def of(cls, seq: Sequence) -> RequestMetrics:
@@ -39,6 +41,8 @@ class RequestMetrics:
             num_output_tokens=n,
             num_cached_tokens=seq.num_cached_tokens,
             num_preemptions=seq.num_preemptions,
+            num_reused_tokens=m.num_reused_tokens,
+            num_recomputed_tokens=m.num_recomputed_tokens,
         )
 
 

@@ -100,6 +100,9 @@ class RequestValidator:
         ids, spans = self.tokenize(prompt)
         if not ids and not context:
             raise InvalidRequestError("the prompt is empty")
+        for span in spans:
+            if span.kind == "chunk":
+                self._check_chunk_length(span.end - span.start, span.chunk_id)
         total = context + len(ids)
         what = "the resumed request" if context else "the prompt"
         if total >= self.max_model_len:
@@ -148,6 +151,25 @@ class RequestValidator:
         self.check_pool(len(ids), "the prefill")
         spans = [sp for sp in spans if sp.start < len(ids)]
         return CheckedRequest(request_id, priority, ids, spans, None, pin)
+
+    def check_chunk(self, chunk: object) -> list[int]:
+        """A chunk to warm on its own: a Segment that fits the context window with a token
+        to spare. Returns its token ids."""
+        if not isinstance(chunk, Segment):
+            raise InvalidRequestError(f"a chunk to warm is a Segment, got {type(chunk).__name__}")
+        ids, _ = self.tokenize([chunk])
+        if not ids:
+            raise InvalidRequestError(f"chunk {chunk.chunk_id!r} is empty")
+        self._check_chunk_length(len(ids), chunk.chunk_id)
+        self.check_pool(len(ids), f"chunk {chunk.chunk_id!r}")
+        return ids
+
+    def _check_chunk_length(self, n: int, chunk_id: str | None) -> None:
+        if n >= self.max_model_len:
+            raise InvalidRequestError(
+                f"chunk {chunk_id!r} has {n} tokens; the context window is "
+                f"{self.max_model_len} tokens: split it into smaller chunks"
+            )
 
     def check_pool(self, needed: int, what: str) -> None:
         """Refuse what could never fit: more than the whole pool. Pinned blocks count as

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from covey.errors import ConfigError, InvalidRequestError
 from covey.llm_backend.block_manager import BlockManager
+from covey.llm_backend.chunk_planner import ChunkPlanner, ChunkStep
 from covey.llm_backend.sequence import FinishReason, Sequence, SequenceStatus
 
 
@@ -31,8 +32,12 @@ class SchedulerConfig:
 
 @dataclass
 class ScheduledSeq:
+    """`num_new_tokens`: how far the cursor moves. With a `chunk` step (a prompt with chunk
+    segments) some of those tokens are imported from the chunk store, not computed."""
+
     seq: Sequence
     num_new_tokens: int
+    chunk: ChunkStep | None = None
 
 
 @dataclass
@@ -40,6 +45,7 @@ class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    chunk_items: list[ScheduledSeq] = field(default_factory=list)  # those with a chunk step
 
     @property
     def num_batched_tokens(self) -> int:
@@ -47,9 +53,16 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        block_manager: BlockManager,
+        chunks: ChunkPlanner | None = None,
+    ) -> None:
+        """`chunks`: plans prompts with chunk segments (None: they prefill like any other)."""
         self.config = config
         self.block_manager = block_manager
+        self.chunks = chunks
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.paused: dict[str, Sequence] = {}
@@ -75,11 +88,21 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_uncomputed_tokens, budget)
+            step = None
+            if seq.chunk_plan is not None:
+                step = self._chunk_step(seq, budget, out)
+                if step is None:
+                    i += 1
+                    continue
+                n = step.advance
             if not self._make_room(seq, n, out):
                 continue  # seq itself was preempted; self.running shrank
             out.block_copies += self.block_manager.allocate_slots(seq, n)
-            out.scheduled.append(ScheduledSeq(seq, n))
-            budget -= n
+            if step is not None:
+                budget -= self._keep_chunk_step(seq, step, out)
+            else:
+                out.scheduled.append(ScheduledSeq(seq, n))
+                budget -= n
             i += 1
         k = 0
         while k < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -91,6 +114,13 @@ class Scheduler:
                 k += 1  # it waits a step and then hits the cache instead
                 continue
             n = min(seq.num_uncomputed_tokens, budget)
+            step = None
+            if seq.has_chunks and self.chunks is not None:
+                step = self._chunk_step(seq, budget, out)
+                if step is None:  # a blend run waits for a step of its own
+                    self._unmatch(seq)
+                    break
+                n = step.advance
             admitted, refund = self._admit(seq, n, out)
             budget += refund
             if not admitted:
@@ -101,9 +131,28 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.block_copies += self.block_manager.allocate_slots(seq, n)
-            out.scheduled.append(ScheduledSeq(seq, n))
-            budget -= n
+            if step is not None:
+                budget -= self._keep_chunk_step(seq, step, out)
+            else:
+                out.scheduled.append(ScheduledSeq(seq, n))
+                budget -= n
         return out
+
+    def _chunk_step(self, seq: Sequence, budget: int, out: SchedulerOutput) -> ChunkStep | None:
+        """`seq`'s next share of its chunk plan. A blend run (never split) may pass the
+        budget when no other prefill runs in this step, so it cannot starve."""
+        assert self.chunks is not None
+        alone = not any(item.num_new_tokens > 1 for item in out.scheduled)
+        return self.chunks.take(seq, budget, alone)
+
+    def _keep_chunk_step(self, seq: Sequence, step: ChunkStep, out: SchedulerOutput) -> int:
+        """Schedule `seq`'s chunk step, its slots allocated; returns the budget it costs."""
+        assert self.chunks is not None
+        self.chunks.commit(seq, step)
+        item = ScheduledSeq(seq, step.advance, step)
+        out.scheduled.append(item)
+        out.chunk_items.append(item)
+        return step.cost
 
     def _prefix_in_flight(self, seq: Sequence) -> bool:
         """Whether a running sequence is computing `seq`'s next uncached block right now.
@@ -188,8 +237,10 @@ class Scheduler:
         refund = 0
         for k, item in enumerate(out.scheduled):
             if item.seq is seq:
-                refund = item.num_new_tokens
+                refund = item.num_new_tokens if item.chunk is None else item.chunk.cost
                 del out.scheduled[k]
+                if item.chunk is not None:
+                    out.chunk_items.remove(item)
                 break
         self.block_manager.discard(seq)
         seq.num_preemptions += 1

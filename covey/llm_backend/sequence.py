@@ -6,10 +6,14 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from covey.llm_backend.choices import ChoiceTrie
 from covey.llm_backend.sampling_params import SamplingParams
 from covey.llm_backend.segments import SegmentSpan
+
+if TYPE_CHECKING:
+    from covey.llm_backend.chunk_planner import ChunkPlan
 
 
 class SequenceStatus(enum.Enum):
@@ -33,6 +37,8 @@ class SequenceMetrics:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
+    num_reused_tokens: int = 0  # prompt tokens whose KV came from the chunk store
+    num_recomputed_tokens: int = 0  # of those blended, recomputed on every layer
 
 
 _ids = itertools.count()
@@ -61,6 +67,8 @@ class Sequence:
         self.params = params
         self.priority = priority
         self.segments = segments or []
+        self.has_chunks = any(span.kind == "chunk" for span in self.segments)
+        self.chunk_plan: ChunkPlan | None = None  # how its chunks get their KV (chunk_planner)
         self.prefill_only = prefill_only  # compute the prompt's KV, sample nothing
         self.choice_trie: ChoiceTrie | None = None
         self.pin: str | None = None  # a prefill-only request's pin key

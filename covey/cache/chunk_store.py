@@ -1,0 +1,230 @@
+"""The chunk KV store: retrieved chunks' KV kept across requests, in host memory and on disk.
+
+The engine's pool is the fastest tier (its prefix cache); this store is the next two: a
+host-memory tier with a byte capacity, and an optional disk tier that survives a restart.
+Each evicts by PGDSF (RAGCache): what a recompute would cost, times how often the entry is
+used, per byte, with a clock that ages what stops being used.
+
+Lookups:
+- `get_exact(context_hash, tokens)`: the KV of these tokens computed after exactly this
+  context (chain hash of every token before them); reusing it is lossless.
+- `get_any(chunk_id, tokens)`: the KV of these tokens computed after any context, for
+  blending. Keyed by the tokens' hash: a chunk_id whose text changed never gets the old
+  text's KV; the old entries are dropped and counted as "stale".
+A host hit is served from memory; a disk hit is read and promoted to host. An entry evicted
+from host is written to disk only if disk does not already hold it (swap out once), so an
+entry read back from disk costs nothing to evict again.
+
+Leases: an entry being copied into the pool is leased (`with store.lease(entry): ...`), and
+eviction skips leased entries, so a put that would need their room is refused instead.
+
+Threads: the engine calls the store from its own thread only, but every public method takes
+one re-entrant lock, so a warm-up running on another thread cannot interleave a mutation.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from covey.cache.chunk_kv import (
+    ROOT_HASH,
+    STANDALONE_PREFIX,
+    ChunkKV,
+    chain_hash,
+    content_hash,
+    entry_key,
+)
+from covey.cache.disk_tier import DiskTier
+from covey.cache.host_tier import HostTier
+from covey.cache.tier_index import TierIndex
+from covey.errors import ConfigError, EngineUnavailableError
+
+__all__ = [
+    "ROOT_HASH",
+    "STANDALONE_PREFIX",
+    "ChunkKV",
+    "ChunkStore",
+    "chain_hash",
+    "content_hash",
+]
+
+
+class ChunkStore:
+    def __init__(
+        self,
+        host_bytes: int,
+        cost_fn: Callable[[int], float],
+        disk_dir: str | Path | None = None,
+        disk_bytes: int = 2 << 30,
+    ) -> None:
+        """`cost_fn(n)`: seconds to recompute n tokens (the engine's prefill profile)."""
+        if host_bytes < 0:
+            raise ConfigError(f"chunk_store_bytes must be >= 0, got {host_bytes}")
+        if disk_bytes <= 0:
+            raise ConfigError(f"chunk_store_disk_bytes must be > 0, got {disk_bytes}")
+        self._cost_fn = cost_fn
+        self._host = HostTier(host_bytes)
+        self._disk = DiskTier(disk_dir, disk_bytes, cost_fn) if disk_dir is not None else None
+        self._leases: dict[str, int] = {}
+        self._lock = threading.RLock()
+        self._closed = False
+
+    def put(self, entry: ChunkKV) -> bool:
+        """Keep `entry` in host memory, evicting to make room; False when refused (larger
+        than the host tier, or the room is leased). Never fails for a full store."""
+        with self._lock:
+            self._check_open()
+            if entry.chunk_id is not None:
+                self._drop_stale(entry.chunk_id, entry.content)
+            key = entry.key
+            if self._host.get(key) is not None:
+                return True
+            frequency = 1
+            if self._disk is not None and self._disk.has(key):
+                frequency = self._disk.frequency(key)
+            return self._admit(entry, frequency) is not None
+
+    def get_exact(self, context_hash: str, token_ids: Sequence[int]) -> ChunkKV | None:
+        """The KV of `token_ids` computed right after the context hashed `context_hash`."""
+        with self._lock:
+            self._check_open()
+            tokens = tuple(token_ids)
+            return self._lookup(entry_key(context_hash, content_hash(tokens)), tokens)
+
+    def get_any(self, chunk_id: str | None, token_ids: Sequence[int]) -> ChunkKV | None:
+        """The KV of `token_ids` computed after any context (for blending); of several, the
+        one PGDSF values most. Entries filed under `chunk_id` with other text are dropped
+        and counted stale."""
+        with self._lock:
+            self._check_open()
+            tokens = tuple(token_ids)
+            content = content_hash(tokens)
+            if chunk_id is not None:
+                self._drop_stale(chunk_id, content)
+            key = self._host.index.find_any(content)
+            if key is None and self._disk is not None:
+                key = self._disk.index.find_any(content)
+            return self._lookup(key, tokens)
+
+    def contains_any(self, token_ids: Sequence[int]) -> bool:
+        """Whether some tier holds these tokens' KV, after any context; for planning, so no
+        counter or priority moves."""
+        with self._lock:
+            content = content_hash(tuple(token_ids))
+            return self._host.index.has_content(content) or (
+                self._disk is not None and self._disk.index.has_content(content)
+            )
+
+    def contains_exact(self, context_hash: str, token_ids: Sequence[int]) -> bool:
+        """Whether some tier holds these tokens' KV after exactly this context; no counter
+        or priority moves."""
+        with self._lock:
+            key = entry_key(context_hash, content_hash(tuple(token_ids)))
+            return key in self._host.index or (self._disk is not None and self._disk.has(key))
+
+    @contextmanager
+    def lease(self, entry: ChunkKV) -> Iterator[ChunkKV]:
+        """Hold `entry` against eviction while its KV is copied."""
+        self.acquire(entry)
+        try:
+            yield entry
+        finally:
+            self.release(entry)
+
+    def acquire(self, entry: ChunkKV) -> None:
+        with self._lock:
+            self._leases[entry.key] = self._leases.get(entry.key, 0) + 1
+
+    def release(self, entry: ChunkKV) -> None:
+        with self._lock:
+            count = self._leases.get(entry.key, 0)
+            if count == 0:
+                raise ValueError("ChunkStore.release: this entry is not leased")
+            if count == 1:
+                del self._leases[entry.key]
+            else:
+                self._leases[entry.key] = count - 1
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Counters per tier: hits, misses, evictions, bytes, entries, stale. A lookup that
+        misses host and hits disk counts a host miss and a disk hit; with no disk tier the
+        disk counters stay 0."""
+        with self._lock:
+            disk = self._disk.index if self._disk is not None else TierIndex(0)
+            return {"host": self._host.index.stats(), "disk": disk.stats()}
+
+    def close(self) -> None:
+        """Write host entries that disk does not hold yet to disk (so a restart finds them,
+        space allowing), then drop host memory. Idempotent; later lookups raise."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            index = self._host.index
+            for key in sorted(index.metas, key=index.policy.priority):
+                frequency = index.policy.frequency(key)
+                self._swap_out(self._host.remove(key), frequency)
+
+    def __enter__(self) -> ChunkStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _lookup(self, key: str | None, tokens: tuple[int, ...]) -> ChunkKV | None:
+        """Host, then disk (promoting a disk hit to host); counts a hit or miss per tier."""
+        host = self._host.index
+        entry = self._host.get(key) if key is not None else None
+        if entry is not None and entry.token_ids == tokens:
+            host.counters.hits += 1
+            host.policy.touch(entry.key)
+            if self._disk is not None and self._disk.has(entry.key):
+                self._disk.touch(entry.key)
+            return entry
+        host.counters.misses += 1
+        disk = self._disk
+        if disk is None:
+            return None
+        if key is not None and disk.has(key) and disk.index.metas[key].token_ids == tokens:
+            entry = disk.load(key)
+            if entry is not None:
+                disk.index.counters.hits += 1
+                disk.touch(key)
+                return self._admit(entry, disk.frequency(key)) or entry
+        disk.index.counters.misses += 1
+        return None
+
+    def _admit(self, entry: ChunkKV, frequency: int) -> ChunkKV | None:
+        """Put `entry` in host, evicting unleased entries by PGDSF (each swapped out once);
+        None when it cannot fit."""
+        host = self._host.index
+        if not host.fits(entry.nbytes, self._leased):
+            return None
+        while host.bytes + entry.nbytes > host.capacity:
+            victim = self._host.pop_victim(self._leased)
+            assert victim is not None  # fits() said the unleased entries make room
+            self._swap_out(*victim)
+        return self._host.add(entry, self._cost_fn(len(entry.token_ids)), frequency)
+
+    def _swap_out(self, entry: ChunkKV, frequency: int) -> None:
+        if self._disk is not None and not self._disk.has(entry.key):
+            self._disk.write(entry, frequency, self._leased)
+
+    def _drop_stale(self, chunk_id: str, content: str) -> None:
+        for key in self._host.index.stale_keys(chunk_id, content):
+            self._host.remove(key)
+            self._host.index.counters.stale += 1
+        if self._disk is not None:
+            for key in self._disk.index.stale_keys(chunk_id, content):
+                self._disk.remove(key)
+                self._disk.index.counters.stale += 1
+
+    def _leased(self, key: str) -> bool:
+        return key in self._leases
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineUnavailableError("the chunk store is closed")

@@ -1,0 +1,176 @@
+"""The chunk store's disk tier: one safetensors file per entry, so a restarted server keeps
+its chunk KV.
+
+A file is named by its entry key and holds the KV plus, in its header, everything the index
+needs (tokens, context hash, start position, frequency at write time), so opening a folder
+rebuilds the index from headers alone without reading any KV. Files are written to a
+temporary name and moved into place with os.replace, so a crash leaves either the old state
+or the new file, plus at most a leftover temporary that the next open deletes. Anything
+named like an entry that does not parse (torn, truncated, foreign) is skipped with a warning
+and deleted: it is a cache, and a bad file must never stop the server. Writes are not
+fsynced: a power cut can tear a file, which the next open then drops.
+
+One process per folder: two stores writing one folder are not coordinated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import safetensors.torch
+from safetensors import safe_open
+
+from covey.cache.chunk_kv import ChunkKV, content_hash, entry_key
+from covey.cache.tier_index import EntryMeta, TierIndex
+from covey.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SUFFIX = ".safetensors"
+TMP_SUFFIX = ".tmp"
+FORMAT = "covey-chunk-kv/1"
+
+
+class DiskTier:
+    def __init__(
+        self, directory: str | Path, capacity_bytes: int, cost_fn: Callable[[int], float]
+    ) -> None:
+        self.dir = _usable_dir(Path(directory).expanduser())
+        self.index = TierIndex(capacity_bytes)
+        self._cost_fn = cost_fn
+        self._scan()
+
+    def has(self, key: str) -> bool:
+        return key in self.index
+
+    def frequency(self, key: str) -> int:
+        return self.index.policy.frequency(key)
+
+    def touch(self, key: str) -> None:
+        self.index.policy.touch(key)
+
+    def load(self, key: str) -> ChunkKV | None:
+        """The entry's KV read back; None (and the file dropped) when it no longer reads."""
+        meta = self.index.metas[key]
+        path = self._path(key)
+        try:
+            kv = safetensors.torch.load(path.read_bytes())["kv"]
+            return ChunkKV(
+                chunk_id=meta.chunk_id,
+                token_ids=meta.token_ids,
+                kv=kv,
+                start_position=meta.start_position,
+                context_hash=meta.context_hash,
+            )
+        except Exception as e:  # a cache file must never fail a request
+            log.warning("chunk store: dropping unreadable %s: %s", path, e)
+            self.remove(key)
+            return None
+
+    def write(self, entry: ChunkKV, frequency: int, protected: Callable[[str], bool]) -> bool:
+        """Store `entry`, evicting by PGDSF to make room; False when it cannot fit (larger
+        than the tier, or the room is held by `protected` entries) or the write fails."""
+        blob = safetensors.torch.save({"kv": entry.kv.contiguous()}, _header(entry, frequency))
+        meta = replace(EntryMeta.of(entry), nbytes=len(blob))  # bytes on disk
+        if not self.index.fits(meta.nbytes, protected):
+            return False
+        while self.index.bytes + meta.nbytes > self.index.capacity:
+            victim = self.index.pop_victim(protected)
+            assert victim is not None  # fits() said the unprotected entries make room
+            self._path(victim[0].key).unlink(missing_ok=True)
+        tmp = self.dir / f"{meta.key}{TMP_SUFFIX}"
+        try:
+            tmp.write_bytes(blob)
+            os.replace(tmp, self._path(meta.key))
+        except OSError as e:
+            log.warning("chunk store: cannot write %s: %s", self._path(meta.key), e)
+            tmp.unlink(missing_ok=True)
+            return False
+        self.index.add(meta, self._cost_fn(len(meta.token_ids)), frequency)
+        return True
+
+    def remove(self, key: str) -> None:
+        self.index.remove(key)
+        self._path(key).unlink(missing_ok=True)
+
+    def _path(self, key: str) -> Path:
+        return self.dir / f"{key}{SUFFIX}"
+
+    def _scan(self) -> None:
+        """Rebuild the index from the folder's file headers, dropping what does not parse,
+        then shrink to the capacity (which may have been lowered since)."""
+        for path in sorted(self.dir.iterdir()):
+            if path.name.endswith(TMP_SUFFIX):
+                log.warning("chunk store: deleting an unfinished write %s", path)
+                path.unlink(missing_ok=True)
+            elif path.name.endswith(SUFFIX):
+                try:
+                    meta, frequency = _read_header(path)
+                except Exception as e:
+                    log.warning("chunk store: deleting unreadable %s: %s", path, e)
+                    path.unlink(missing_ok=True)
+                    continue
+                self.index.add(meta, self._cost_fn(len(meta.token_ids)), frequency)
+        while self.index.bytes > self.index.capacity:
+            victim = self.index.pop_victim(lambda _key: False)
+            assert victim is not None
+            self._path(victim[0].key).unlink(missing_ok=True)
+
+
+def _usable_dir(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"chunk_store_dir {str(path)!r} cannot be created: {e}") from None
+    if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+        raise ConfigError(f"chunk_store_dir {str(path)!r} is not readable and writable")
+    return path
+
+
+def _header(entry: ChunkKV, frequency: int) -> dict[str, str]:
+    return {
+        "format": FORMAT,
+        "chunk_id": json.dumps(entry.chunk_id),
+        "token_ids": json.dumps(list(entry.token_ids)),
+        "start_position": str(entry.start_position),
+        "context_hash": entry.context_hash,
+        "frequency": str(frequency),
+    }
+
+
+def _read_header(path: Path) -> tuple[EntryMeta, int]:
+    """The entry a file holds, checked against its name and KV shape; raises on anything
+    wrong (safetensors itself refuses a truncated file)."""
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata() or {}
+        shape = f.get_slice("kv").get_shape()
+    if header.get("format") != FORMAT:
+        raise ValueError(f"not a {FORMAT} file")
+    token_ids = tuple(int(t) for t in json.loads(header["token_ids"]))
+    chunk_id = json.loads(header["chunk_id"])
+    if chunk_id is not None and not isinstance(chunk_id, str):
+        raise ValueError(f"bad chunk_id {chunk_id!r}")
+    content = content_hash(token_ids)
+    key = entry_key(header["context_hash"], content)
+    if path.name != f"{key}{SUFFIX}":
+        raise ValueError("the header does not match the file name")
+    if len(shape) != 5 or shape[1] != 2 or shape[3] != len(token_ids):
+        raise ValueError(f"kv shape {shape} does not fit {len(token_ids)} tokens")
+    frequency = int(header["frequency"])
+    if frequency < 1:
+        raise ValueError(f"bad frequency {frequency}")
+    meta = EntryMeta(
+        key=key,
+        chunk_id=chunk_id,
+        token_ids=token_ids,
+        content=content,
+        context_hash=header["context_hash"],
+        start_position=int(header["start_position"]),
+        nbytes=path.stat().st_size,
+    )
+    return meta, frequency

@@ -1,0 +1,44 @@
+"""The chunk store's host-memory tier: entries' CPU tensors under a byte capacity.
+
+Capacity counts the KV bytes each entry holds; an entry whose tensor is a view into a larger
+buffer is stored as a compact copy, so the count is what the tier really keeps alive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+from covey.cache.chunk_kv import ChunkKV
+from covey.cache.tier_index import EntryMeta, TierIndex
+
+
+class HostTier:
+    def __init__(self, capacity_bytes: int) -> None:
+        self.index = TierIndex(capacity_bytes)
+        self._entries: dict[str, ChunkKV] = {}
+
+    def get(self, key: str) -> ChunkKV | None:
+        return self._entries.get(key)
+
+    def add(self, entry: ChunkKV, cost: float, frequency: int) -> ChunkKV:
+        """Keep `entry` (the caller made room); return the copy kept."""
+        kv = entry.kv
+        if kv.device.type != "cpu" or kv.untyped_storage().nbytes() > entry.nbytes:
+            kv = kv.to("cpu", copy=True).contiguous()
+            entry = replace(entry, kv=kv)
+        self._entries[entry.key] = entry
+        self.index.add(EntryMeta.of(entry), cost, frequency)
+        return entry
+
+    def remove(self, key: str) -> ChunkKV:
+        self.index.remove(key)
+        return self._entries.pop(key)
+
+    def pop_victim(self, protected: Callable[[str], bool]) -> tuple[ChunkKV, int] | None:
+        """Evict by PGDSF; the victim and its frequency (for the disk tier)."""
+        victim = self.index.pop_victim(protected)
+        if victim is None:
+            return None
+        meta, frequency = victim
+        return self._entries.pop(meta.key), frequency

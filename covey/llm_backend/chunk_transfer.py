@@ -1,0 +1,54 @@
+"""Chunk KV between the pool and the chunk store, token by token (not block by block).
+
+Imports write a stored span's KV into a sequence's slots, re-rotating the keys when the
+span lands at other positions than it was computed at (blend); exports copy a computed
+span's KV out of the pool into a `ChunkKV` for the store. Token-granular, so a span's
+boundaries need not fall on block boundaries: its first and last blocks may be shared with
+its neighbours.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from covey.cache.chunk_store import ChunkKV, ChunkStore
+from covey.llm_backend.chunk_planner import KVImport, SpanToStore
+from covey.llm_backend.kv_pool import KVPool
+from covey.llm_backend.rope_rerotation import RopeRerotator
+from covey.llm_backend.sequence import Sequence
+
+
+class ChunkTransfer:
+    def __init__(self, pool: KVPool, store: ChunkStore, rerotator: RopeRerotator) -> None:
+        self.pool = pool
+        self.store = store
+        self.rerotator = rerotator
+
+    def slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
+        """Pool slots of `seq`'s positions [start, end)."""
+        bs = self.pool.block_size
+        dev = self.pool.kv.device
+        table = torch.tensor(seq.block_table, dtype=torch.long, device=dev)
+        pos = torch.arange(start, end, device=dev)
+        return table[pos // bs] * bs + pos % bs
+
+    def import_kv(self, seq: Sequence, imp: KVImport) -> None:
+        """Write `imp`'s stored KV into `seq`'s slots (the entry is leased meanwhile)."""
+        n = imp.end - imp.start
+        with self.store.lease(imp.entry):
+            data = imp.entry.kv[:, :, :, imp.offset : imp.offset + n]
+            data = data.to(self.pool.kv.device, non_blocking=True)
+        data = self.rerotator.rerotate_kv(data, imp.delta)
+        slots = self.slots(seq, imp.start, imp.end)
+        self.pool.kv.index_copy_(3, slots, data.to(self.pool.kv.dtype))
+
+    def export(self, seq: Sequence, span: SpanToStore) -> ChunkKV:
+        """The KV `seq` holds for `span`, on CPU, as a store entry."""
+        kv = self.pool.kv.index_select(3, self.slots(seq, span.start, span.end)).to("cpu")
+        return ChunkKV(
+            chunk_id=span.chunk_id,
+            token_ids=tuple(seq.token_ids[span.start : span.end]),
+            kv=kv,
+            start_position=span.start,
+            context_hash=span.context_hash,
+        )

@@ -46,7 +46,7 @@ MAX_TOKENS = 6
 
 def sizes(quick: bool) -> dict[str, Any]:
     if quick:
-        return {"chunks": 24, "prime": 8, "requests": 12, "chars": 1000, "ratios": (0.0, 0.15)}
+        return {"chunks": 20, "prime": 6, "requests": 10, "chars": 1000, "ratios": (0.0, 0.15)}
     return {"chunks": 64, "prime": 24, "requests": 64, "chars": 1000, "ratios": (0.0, 0.15, 0.3)}
 
 

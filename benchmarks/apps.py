@@ -6,11 +6,14 @@ off (`covey-naive`), on the same engine code and weights.
 `covey` runs the optimized plan: independent LLM calls and fan-out elements go to the engine
 together (batched, their common prefix prefilled once), static prefixes are pinned once per
 app, early prefixes are prefilled while upstream nodes run, the critical path gets priority.
+The `covey` engine is the default one, so its chunk KV store is on (`chunk_cache` at its
+default): the RAG answer's passages reuse the KV other requests computed, and each
+retrieval's chunks are warmed while fusion runs.
 `covey-naive` is a chain of independent calls: the plan without passes, each LLM call
-awaited before the next, on an engine with the prefix cache off (no sharing at all); it is
-the baseline the targets are set against. `covey-naive-prefix-cache` is the same chain on
-an engine with its prefix cache on, to show how much of the gap is the plan and how much
-the engine's cache alone would give.
+awaited before the next, on an engine with no reuse at all (prefix cache and chunk cache
+off); it is the baseline the targets are set against. `covey-naive-prefix-cache` is the
+same chain on an engine with its prefix cache on (chunk cache off), to show how much of the
+gap is the plan and how much the engine's cache alone would give.
 Workloads: `mapreduce_summary` (one long pydoc topic, split into pieces, summarized piece by
 piece, then combined) and `advanced_rag` (three query rewrites, four retrievals, fusion,
 one cited answer over the Python-docs index), each one request at a time and several at
@@ -82,8 +85,9 @@ def engines() -> dict[str, Any]:
     from covey.llm_backend.llm_engine import LLMEngine
 
     covey = LLMEngine(EngineConfig())
-    naive = LLMEngine(EngineConfig(enable_prefix_caching=False), model=covey.model)
-    cached = LLMEngine(EngineConfig(), model=covey.model)
+    off = EngineConfig(enable_prefix_caching=False, chunk_cache="off")
+    naive = LLMEngine(off, model=covey.model)
+    cached = LLMEngine(EngineConfig(chunk_cache="off"), model=covey.model)
     return {"covey": covey, "covey-naive": naive, "covey-naive-prefix-cache": cached}
 
 
@@ -143,6 +147,7 @@ async def bench_system(
             for name, samples in ((workload, single), (f"{workload}-concurrent", together)):
                 detail = {
                     **params,
+                    "chunk_cache": engine.config.chunk_cache,
                     "requests": len(samples),
                     "latencies_s": [round(x, 3) for x in samples],
                 }
@@ -208,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{cached:.2f}x faster than naive with the prefix cache"
         )
     engine = built["covey"]
+    print(f"covey engine: chunk_cache={engine.config.chunk_cache!r}")
     write_results(args, NAME, results, str(engine.device), engine.model_name)
     plot(results, args.plot)
 

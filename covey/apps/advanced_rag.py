@@ -12,11 +12,12 @@ from __future__ import annotations
 import inspect
 
 import covey.graph as cg
-from covey.apps.citations import format_passages
+from covey.apps.citations import passage_segments
 from covey.errors import ConfigError, InvalidRequestError
 from covey.graph import App
 from covey.graph.dsl import PyFunction
 from covey.llm_backend.sampling_params import SamplingParams
+from covey.llm_backend.segments import Segment
 from covey.retrieval.default_corpus import DEFAULT_INDEX_NAME
 from covey.retrieval.documents import SearchResult
 from covey.retrieval.rank_fusion import RRF_K, reciprocal_rank_fusion
@@ -46,7 +47,7 @@ def rewrite_query(angle: str, question: str):
     {{gen query}}"""
 
 
-def answer_from_passages(context: str, question: str):
+def answer_from_passages(context: list[Segment], question: str):
     """{{#system}}
     You are a helpful assistant for Python programmers. Answer the question using the
     numbered passages, and cite each passage you use by its number, like [1].
@@ -146,7 +147,7 @@ def build_advanced_rag_app(
         answer_from_passages,
         params=SamplingParams(max_tokens=answer_max_tokens, temperature=0.0),
     )
-    clean, passages = cg.function(clean_query), cg.function(format_passages)
+    clean, passages = cg.function(clean_query), cg.function(passage_segments)
     fuse = fusion_node(len(angles) + int(include_question), top_k)
 
     @cg.app(name="advanced_rag")

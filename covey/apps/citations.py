@@ -1,8 +1,16 @@
 """Numbered passages in, cited passages out: the contract between a RAG prompt and its answer.
 
-The prompt shows each retrieved result as `[n] text (source)`; the model cites `[n]`. Parsing
-the numbers back maps them to the exact chunks the answer used, so a caller can show sources
-without trusting the model to copy ids or file names.
+The prompt shows each retrieved result as a `[n] (source)` line followed by the chunk's text;
+the model cites `[n]`. Parsing the numbers back maps them to the exact chunks the answer
+used, so a caller can show sources without trusting the model to copy ids or file names.
+
+The passages go into the prompt as segments (`passage_segments`): each chunk's text is a
+chunk segment in the one canonical form every prompt uses (`chunk_segment`: its text
+verbatim), so the engine's chunk KV store reuses its KV wherever it is read again, and the
+labels are small static segments around it. The label ends with a newline, and passages are
+separated by a blank line, because the engine tokenizes each segment on its own: a cut
+after a newline tokenizes exactly as the whole text would, whereas `[1] ` + text would
+leave a lone space token before the chunk's first word.
 """
 
 from __future__ import annotations
@@ -10,7 +18,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from covey.llm_backend.segments import Segment
 from covey.retrieval.documents import SearchResult
+from covey.runtime.render import chunk_segment, to_text
 
 SNIPPET_CHARS = 200
 # `[2]`, `[1, 3]` and `[1][2]` all cite.
@@ -30,13 +40,28 @@ class Citation:
     snippet: str
 
 
+PASSAGE_SEPARATOR = "\n\n"
+
+
+def label(number: int, result: SearchResult) -> str:
+    """The line before passage `number`: `[n] (source)`."""
+    return f"[{number}] ({result.chunk.source})\n"
+
+
+def passage_segments(results: list[SearchResult]) -> list[Segment]:
+    """The numbered passages as prompt pieces, numbered from 1 in ranking order: per result
+    a static `[n] (source)` label line, then the chunk as a chunk segment; a blank line
+    between passages."""
+    out: list[Segment] = []
+    for i, result in enumerate(results, start=1):
+        head = (PASSAGE_SEPARATOR if i > 1 else "") + label(i, result)
+        out += [Segment(head, kind="static"), chunk_segment(result)]
+    return out
+
+
 def format_passages(results: list[SearchResult]) -> str:
-    """One `[n] text (source)` line per result, numbered from 1 in ranking order."""
-    lines = [
-        f"[{i}] {' '.join(r.chunk.text.split())} ({r.chunk.source})"
-        for i, r in enumerate(results, start=1)
-    ]
-    return "\n".join(lines)
+    """The numbered passages as one text, exactly the text of `passage_segments`."""
+    return to_text(passage_segments(results))
 
 
 def snippet(text: str, limit: int = SNIPPET_CHARS) -> str:

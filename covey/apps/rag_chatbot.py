@@ -1,6 +1,6 @@
 """The default app: a chatbot that answers questions about Python from the Python docs.
 
-Each turn retrieves passages for the question, numbers them `[n] text (source)`, and asks
+Each turn retrieves passages for the question, numbers them `[n] (source)`, and asks
 the model to answer from them citing `[n]`. The app graph stays stateless so the optimizer
 can plan it once: `RagChatbot` keeps each session's recent turns and passes them in as the
 `history` input, then maps the cited numbers back to chunks. The history comes first in
@@ -28,12 +28,13 @@ from covey.apps.chat_history import (
     Turn,
     format_history,
 )
-from covey.apps.citations import Citation, all_citations, format_passages, parse_citations
+from covey.apps.citations import Citation, all_citations, parse_citations, passage_segments
 from covey.apps.history_pins import HistoryPins, pin_key
 from covey.errors import ConfigError, InvalidRequestError
 from covey.graph import App
 from covey.llm_backend.engine_client import EngineClient
 from covey.llm_backend.sampling_params import SamplingParams
+from covey.llm_backend.segments import Segment
 from covey.retrieval.default_corpus import DEFAULT_INDEX_NAME
 from covey.retrieval.documents import SearchResult
 from covey.retrieval.searcher import Searcher
@@ -48,7 +49,7 @@ ANSWER_MAX_TOKENS = 96
 MAX_QUESTION_CHARS = 2000
 
 
-def answer_with_citations(context: str, history: str, question: str):
+def answer_with_citations(context: list[Segment], history: str, question: str):
     """{{#system}}
     You are a helpful assistant for Python programmers. Answer the question using the
     numbered passages, and cite each passage you use by its number, like [1].
@@ -75,7 +76,7 @@ def build_rag_app(
     answer_fn = cg.semantic_function(
         answer_with_citations, params=SamplingParams(max_tokens=max_tokens, temperature=0.0)
     )
-    passages = cg.function(format_passages)
+    passages = cg.function(passage_segments)
 
     @cg.app(name="rag_chatbot")
     def rag_chatbot(question: str, history: str):

@@ -9,7 +9,9 @@ calls reach the engine in the same event-loop turn, where the scheduler batches 
 prefills their common prefix once. While a call waits on other nodes, the prefix of its
 prompt already known (static text, inputs, outputs of nodes that finished) is prefilled
 into the prefix cache, and its static start is pinned once per app (`PrefillAhead`), so
-the call finds them computed. The first failing node cancels everything still running
+the call finds them computed. When a retrieval returns and the engine has a chunk KV
+store, its chunks' KV is loaded or computed at once (`ChunkWarmer`), while fusion and the
+other nodes still run. The first failing node cancels everything still running
 and surfaces as one `NodeExecutionError` naming it; a run past its timeout raises
 `AppTimeoutError`. `optimize=False` is the naive baseline: the plan without passes, one
 LLM call after the other, nothing prefilled ahead.
@@ -39,6 +41,7 @@ from covey.graph.lowering import Primitive
 from covey.graph.plan import NodePlan, Plan
 from covey.llm_backend.engine_client import EngineClient
 from covey.retrieval.searcher import Searcher
+from covey.runtime.chunk_warming import ChunkWarmer
 from covey.runtime.events import Event, NodeFinished, NodeStarted, RunFinished, TokenDelta, drain
 from covey.runtime.nodes import NodeEnv, run_node, stream_generate
 from covey.runtime.prefill_ahead import PrefillAhead
@@ -197,6 +200,8 @@ class Runtime:
         pending, done = dict(plan.nodes), set()
         running: dict[asyncio.Task[dict[str, Any]], NodePlan] = {}
         ahead = PrefillAhead(self.llm, plan, values, env.tokenizer, trace, self.pins)
+        warmer = ChunkWarmer(self.llm, trace)
+        warmer.enabled = warmer.enabled and self.optimize
         if self.optimize:
             ahead.start()
         try:
@@ -214,6 +219,8 @@ class Runtime:
                     node = running.pop(task)
                     self._finish(node, task, values, trace, emit)
                     done.add(node.name)
+                    if isinstance(node.op, Retrieve):
+                        warmer.start(node.name, task.result()["results"])
                 if self.optimize:
                     ahead.advance(n for n in pending.values() if not set(n.deps) <= done)
         finally:
@@ -221,6 +228,7 @@ class Runtime:
                 task.cancel()
             await asyncio.gather(*running, return_exceptions=True)
             await ahead.cancel()
+            await warmer.cancel()
             for node in running.values():
                 trace.finish(node.name, "cancelled")
         return {name: values[var.name] for name, var in plan.outputs.items()}

@@ -46,6 +46,10 @@ class NodeTrace:
     error: str | None = None
     requests: list[RequestTrace] = field(default_factory=list)
     search: SearchTrace | None = None
+    # Retrieve nodes on an engine with a chunk store: chunks sent to `warm_chunks` as soon
+    # as the search returned, and how many of them the engine had to load or compute.
+    warmed_chunks: int = 0
+    loaded_chunks: int = 0
 
     @property
     def generated_tokens(self) -> int:

@@ -6,20 +6,32 @@ from covey.apps.citations import (
     cited_numbers,
     format_passages,
     parse_citations,
+    passage_segments,
     snippet,
 )
+from covey.llm_backend.segments import Segment
 
 from .fakes import hit
 
 RESULTS = [hit("Loops\n  iterate.", "pydoc:for"), hit("Context managers.", "pydoc:with")]
 
 
-def test_passages_are_numbered_from_one_on_one_line_each():
+def test_passages_are_numbered_from_one_under_a_label_line_each():
     assert (
         format_passages(RESULTS)
-        == "[1] Loops iterate. (pydoc:for)\n[2] Context managers. (pydoc:with)"
+        == "[1] (pydoc:for)\nLoops\n  iterate.\n\n[2] (pydoc:with)\nContext managers."
     )
-    assert format_passages([]) == ""
+    assert format_passages([]) == "" and passage_segments([]) == []
+
+
+def test_passages_are_chunk_segments_between_small_label_segments():
+    first, second = (r.chunk for r in RESULTS)
+    assert passage_segments(RESULTS) == [
+        Segment("[1] (pydoc:for)\n", kind="static"),
+        Segment(first.text, kind="chunk", chunk_id=first.id),
+        Segment("\n\n[2] (pydoc:with)\n", kind="static"),
+        Segment(second.text, kind="chunk", chunk_id=second.id),
+    ]
 
 
 def test_cited_numbers_in_first_mention_order_each_once():

@@ -20,6 +20,7 @@ from covey.llm_backend.block_manager import MAX_PINNED_FRACTION
 from covey.llm_backend.engine_client import EngineCapabilities
 from covey.retrieval.default_corpus import DEFAULT_INDEX_NAME
 from covey.runtime import Runtime
+from covey.runtime.render import to_text
 from tests.runtime.conftest import make_cpu_engine
 from tests.runtime.fakes import FakeLLM
 
@@ -38,7 +39,7 @@ def fake_bot(reply: str = "Use a for loop [1].", **kwargs) -> tuple[RagChatbot, 
 
 def prompt_of(llm: FakeLLM, answer) -> str:
     (request,) = answer.trace.nodes["answer_with_citations"].requests
-    return llm.prompts[request.request_id]
+    return to_text(llm.prompts[request.request_id])
 
 
 async def test_a_session_sees_its_own_earlier_turns_only():
@@ -49,7 +50,7 @@ async def test_a_session_sees_its_own_earlier_turns_only():
     assert "Earlier in this conversation" not in prompt_of(llm, first)
     assert "User: How do I loop?\nAssistant: Use a for loop [1]." in prompt_of(llm, second)
     assert "How do I loop?" not in prompt_of(llm, other)
-    assert "[1] For loops iterate. (pydoc:for)" in prompt_of(llm, first)
+    assert "[1] (pydoc:for)\nFor loops iterate." in prompt_of(llm, first)
     assert [t.question for t in bot.history("a")] == ["How do I loop?", "And files?"]
 
 

@@ -18,6 +18,7 @@ from covey.errors import (
 from covey.retrieval.documents import Chunk, SearchResult
 from covey.retrieval.searcher import DEFAULT_K, DEFAULT_MODE
 from covey.runtime import Runtime
+from covey.runtime.render import to_text
 from tests.graph import shapes
 
 from .fakes import FakeLLM
@@ -64,8 +65,11 @@ async def test_nodes_wait_for_their_producers_and_retrieval_is_bound_by_name():
     t = result.trace.nodes
     assert t["rewrite"].end <= t["retrieve"].start and t["retrieve"].end <= t["answer"].start
     (answer_prompt,) = [p for rid, p in llm.prompts.items() if ":answer.answer" in rid]
-    assert "chunk text 0\n\nchunk text 1\n\nchunk text 2" in answer_prompt
-    assert answer_prompt.endswith("</user><assistant>")
+    text = to_text(answer_prompt)
+    assert "chunk text 0\n\nchunk text 1\n\nchunk text 2" in text
+    assert text.endswith("</user><assistant>")
+    chunks = [s.chunk_id for s in answer_prompt if s.kind == "chunk"]
+    assert chunks == ["c0", "c1", "c2"]
 
 
 async def test_sync_tools_run_in_a_thread_and_async_functions_are_awaited():

@@ -1,0 +1,44 @@
+"""The RAG apps send their passages as chunk segments, so an engine with a chunk store
+reuses them; exact reuse changes no greedy output (real model, tiny index)."""
+
+from __future__ import annotations
+
+from covey.apps.advanced_rag import build_advanced_rag_app
+from covey.apps.rag_chatbot import build_rag_app
+from covey.llm_backend.async_llm import AsyncLLM
+from covey.retrieval.default_corpus import DEFAULT_INDEX_NAME
+from covey.runtime import Runtime
+from tests.runtime.conftest import make_cpu_engine
+
+RAG = build_rag_app(k=3, max_tokens=8)
+ADVANCED = build_advanced_rag_app(
+    angles=("Write it as a search query.",), per_query_k=3, top_k=3, subquery_max_tokens=8,
+    answer_max_tokens=8,
+)
+QUESTIONS = ("How do I make sure a file gets closed?", "How do I loop over a list?")
+
+
+async def run_all(chunk_cache: str, index) -> tuple[list[dict], dict]:
+    """Each app on each question, then each again (the second time finds the chunks)."""
+    llm = AsyncLLM(engine=make_cpu_engine(chunk_cache=chunk_cache))
+    runtime = Runtime(llm, retrievers={DEFAULT_INDEX_NAME: index})
+    outputs = []
+    try:
+        for _ in range(2):
+            for question in QUESTIONS:
+                rag = await runtime.run(RAG, question=question, history="")
+                advanced = await runtime.run(ADVANCED, question=question)
+                outputs.append({"rag": rag["answer"], "advanced": advanced["answer"]})
+        stats = (await llm.stats()).chunk_cache
+    finally:
+        await llm.close()
+    return outputs, stats
+
+
+async def test_exact_chunk_reuse_gives_the_same_answers_as_no_reuse(tiny_index):
+    off, _ = await run_all("off", tiny_index)
+    exact, stats = await run_all("exact", tiny_index)
+    assert exact == off
+    assert all(o["rag"] and o["advanced"] for o in off)
+    reused = sum(tier.get("reused_tokens", 0) for tier in stats.values())
+    assert reused > 0, stats  # the second round really reused chunk KV

@@ -169,7 +169,7 @@ async def test_history_comes_first_and_stays_pinned_between_turns():
     second = await bot.ask("a", "And files?")
     prompt = prompt_of(llm, second)
     assert prompt.startswith(pinned_prompt)  # the pin is a true prefix of the next turn
-    assert prompt.index("User: How do I loop?") < prompt.index("[1] For loops iterate.")
+    assert prompt.index("User: How do I loop?") < prompt.index("For loops iterate.")
     assert "Earlier" not in prompt_of(llm, first)
     assert await bot.reset_session("a") is True and "session:a" not in llm.pins
     await bot.ask("b", "One?")

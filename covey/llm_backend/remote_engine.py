@@ -274,6 +274,8 @@ class _Stream:
                 await self.response.aread()
                 raise _http_error(self.response.status_code, self.response.text, self.rid)
             async for data in _sse_data(self.response):
+                if self.aborted:  # events already read before the connection closed
+                    break
                 if "error" in data:  # a failure after the stream began: its type says whose
                     status = _event_status(data["error"])
                     raise _http_error(status, json.dumps(data), self.rid)

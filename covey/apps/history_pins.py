@@ -8,7 +8,9 @@ reads and types; the follow-up then prefills only its passages and question. A p
 optimisation: the engine may refuse it or let it go when requests need the room, and an
 engine without the `prefill` capability gets none. When the engine refuses one at its pin
 budget, the least recently used sessions' pins make room for it, so on a busy server the
-conversations in progress keep theirs while stale ones (not yet idle) lose them. A pin is
+conversations in progress keep theirs while stale ones (not yet idle) lose them; but only
+when releasing them can make room: when the pins that are not sessions' (the apps' static
+prompts) leave too little of the budget, no session pin is given up for nothing. A pin is
 released when the session is reset or evicted, or after `idle_s` without a turn, so idle
 conversations hold no KV.
 """
@@ -25,7 +27,9 @@ from covey.graph.app import App
 from covey.graph.ir import llm_template
 from covey.graph.lowering import known_prefix
 from covey.graph.plan import NodePlan
+from covey.llm_backend.block_manager import MAX_PINNED_FRACTION
 from covey.llm_backend.engine_client import Prompt
+from covey.llm_backend.segments import Segment
 from covey.runtime.executor import Runtime
 from covey.runtime.render import leading_prompt
 
@@ -89,14 +93,19 @@ class HistoryPins:
             self.held.pop(session_id, None)
             await llm.prefill(prompt, pin=key)
             pinned = await llm.pinned()
-            while key not in pinned and (stale := self._least_recent(session_id)) is not None:
-                # Refused at the engine's pin budget: the session that just had a turn is
-                # the likeliest to have the next one, so the least recently used session's
-                # pin makes room (otherwise a busy server's newest sessions get no pin
-                # until old ones idle out). The prefix is cached now: this only pins it.
-                await self.release(stale)
-                await llm.prefill(prompt, pin=key)
-                pinned = await llm.pinned()
+            if key not in pinned and await self._room_by_releasing(prompt, pinned):
+                while key not in pinned:
+                    stale = self._least_recent(session_id)
+                    if stale is None:
+                        break
+                    # Refused at the engine's pin budget: the session that just had a turn
+                    # is the likeliest to have the next one, so the least recently used
+                    # session's pin makes room (otherwise a busy server's newest sessions
+                    # get no pin until old ones idle out). The prefix is cached now: this
+                    # only pins it.
+                    await self.release(stale)
+                    await llm.prefill(prompt, pin=key)
+                    pinned = await llm.pinned()
             tokens = pinned.get(key, 0)
         except Exception as exc:  # an optimisation: a failed pin only loses the speedup
             log.debug("pinning the history of session %r failed: %s", session_id, exc)
@@ -148,6 +157,25 @@ class HistoryPins:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    async def _room_by_releasing(self, prompt: Prompt, pinned: dict[str, int]) -> bool:
+        """Whether releasing every session's pin could let `prompt`'s pin in.
+
+        The engine refuses a pin that would take its pins past MAX_PINNED_FRACTION of the
+        pool. What no session release frees is held by the other pins (the apps' static
+        prompts), taken to share no blocks as they begin different prompts; the new pin
+        shares with them at most the longest one (its prompt begins with its own call's
+        static text). If those and the new pin's own blocks exceed the budget, releasing
+        sessions would only lose their pins."""
+        stats = await self.runtime.llm.stats()
+        block = stats.block_size
+        tokenizer = self.runtime.llm.tokenizer
+        if block <= 0 or tokenizer is None:
+            return True  # nothing to reckon with: try
+        budget = int(stats.kv_blocks_total * MAX_PINNED_FRACTION)
+        static = [t // block for k, t in pinned.items() if not k.startswith(PIN_PREFIX)]
+        needed = _token_count(prompt, tokenizer.encode) // block
+        return sum(static) + needed - max(static, default=0) <= budget
+
     def _least_recent(self, but: str) -> str | None:
         """The held session, other than `but`, used least recently; None if there is none."""
         others = [(owner.last_used, s) for s, owner in self.held.items() if s != but]
@@ -182,3 +210,16 @@ def _history_call(runtime: Runtime, app: App, history: str) -> NodePlan | None:
         if at is not None and all(p.op == "prefill" and p.text is not None for p in prims[:at]):
             return node
     return None
+
+
+def _token_count(prompt: Prompt, encode: Any) -> int:
+    """About how many tokens the engine makes of `prompt` (each segment is encoded on its
+    own, as the engine does)."""
+    if isinstance(prompt, str):
+        return len(encode(prompt))
+    if all(isinstance(s, Segment) for s in prompt):
+        return sum(
+            len(s.token_ids) if s.token_ids is not None else len(encode(s.text or ""))
+            for s in prompt
+        )
+    return len(prompt)

@@ -1,9 +1,19 @@
 """`covey serve`: the apps over HTTP, with the OpenAI-compatible API and the chat page.
 
 The port is bound first (a port in use fails in a second), then the user's apps are
-imported, then the model and the index load with progress shown; only then does the server
-listen, and the URL of the chat page is printed once it answers. Ctrl-C stops it: requests
-in flight are aborted and the engine closed.
+imported, then the model and the index load with progress shown, and the URL of the chat
+page is printed once the server is ready. Ctrl-C stops it: requests in flight get
+`GRACEFUL_S` seconds to finish, then are aborted, and the engine is closed.
+
+While the model and the index load, the server already answers: `/healthz` 200, `/readyz`
+and every route that needs the engine 503. The loading must happen on the main thread,
+the one whose event loop then runs the server: on CPU covey's engine computes on the loop
+thread, and torch ops on a second thread (one that loaded the weights next to the one that
+computes) slow every decode step (see `covey.llm_backend.async_llm`). So during the load
+the same app is served from a helper thread whose loop runs no torch at all (nothing there
+reaches the engine before it is ready), on a duplicate of the listening socket; once
+loaded, that server stops and the main thread serves, on the same socket (connections
+arriving in between wait in its backlog).
 """
 
 from __future__ import annotations
@@ -12,11 +22,17 @@ import argparse
 import asyncio
 import socket
 import sys
+import threading
+import time
+from typing import Any
 
 from covey.errors import ConfigError
 
 # Options left unset take `ServerSettings`' defaults (read in `run`, not at import: the
 # server's modules pull in torch, and `covey --help` should stay quick).
+
+GRACEFUL_S = 5  # how long Ctrl-C lets requests in flight finish before aborting them
+START_TIMEOUT_S = 30.0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,6 +57,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--index", default=None, help="an index folder (default: the Python docs index, built "
         "on first use)"
+    )
+    p.add_argument(
+        "--remote",
+        default=None,
+        metavar="URL",
+        help="run the apps on a remote OpenAI-compatible server (vLLM, SGLang, another "
+        "covey) instead of loading a model; features that need KV access are off",
+    )
+    p.add_argument(
+        "--remote-api-key", default=None, help="the bearer token the --remote server needs"
     )
     p.add_argument(
         "--api-key",
@@ -69,8 +95,8 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from covey.server.app_factory import create_app
-    from covey.server.server_builder import load_state
-    from covey.server.state import ServerSettings
+    from covey.server.server_builder import load_into, load_user_app
+    from covey.server.state import ServerSettings, ServerState
 
     defaults = ServerSettings()
     max_tokens = defaults.max_tokens if args.max_tokens is None else args.max_tokens
@@ -78,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--max-tokens", max_tokens), ("--max-in-flight", max_in_flight)):
         if value < 1:
             raise ConfigError(f"{flag} must be at least 1, got {value}")
+    if args.remote is not None and args.model is not None:
+        raise ConfigError("give --model or --remote, not both")
     host = defaults.host if args.host is None else args.host
     sock = bind(host, defaults.port if args.port is None else args.port)
     port = sock.getsockname()[1]
@@ -88,16 +116,65 @@ def run(args: argparse.Namespace) -> int:
         max_tokens=max_tokens,
         max_in_flight=max_in_flight,
     )
+    url = page_url(host, port)
     try:
-        state = load_state(
-            settings, args.model, args.index, args.app, device=args.device, dtype=args.dtype
-        )
+        user_apps = [load_user_app(spec) for spec in args.app]
+        state = ServerState(settings=settings)
         app = create_app(state)
-        config = uvicorn.Config(app, log_level=args.log_level, loop="asyncio", lifespan="on")
-        asyncio.run(_serve(uvicorn.Server(config), sock, page_url(host, port)))
+        with _ServingWhileLoading(app, sock, args.log_level):
+            print(f"covey serve: loading; listening on {url} (/readyz: 200 once ready)", flush=True)
+            engine_config = {} if args.remote else {"device": args.device, "dtype": args.dtype}
+            load_into(
+                state,
+                args.model,
+                args.index,
+                user_apps,
+                remote=args.remote,
+                remote_api_key=args.remote_api_key,
+                **engine_config,
+            )
+        config = uvicorn.Config(
+            app,
+            log_level=args.log_level,
+            loop="asyncio",
+            lifespan="on",
+            timeout_graceful_shutdown=GRACEFUL_S,
+        )
+        state.ready = True  # no other thread serves it now
+        asyncio.run(_serve(uvicorn.Server(config), sock, url))
     finally:
         sock.close()
     return 0
+
+
+class _ServingWhileLoading:
+    """The app served from a helper thread (its own event loop, no lifespan) on a duplicate
+    of `sock`, for as long as the `with` block loads the model; see the module docstring."""
+
+    def __init__(self, app: Any, sock: socket.socket, log_level: str) -> None:
+        import uvicorn
+
+        config = uvicorn.Config(app, log_level=log_level, loop="asyncio", lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.sock = sock.dup()
+        self.thread = threading.Thread(target=self._run, name="covey-loading", daemon=True)
+
+    def _run(self) -> None:
+        asyncio.run(self.server.serve(sockets=[self.sock]))
+
+    def __enter__(self) -> _ServingWhileLoading:
+        self.thread.start()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self.server.started and self.thread.is_alive():
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=START_TIMEOUT_S)
+        self.sock.close()
 
 
 def bind(host: str, port: int) -> socket.socket:

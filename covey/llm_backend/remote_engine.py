@@ -274,8 +274,11 @@ class _Stream:
                 await self.response.aread()
                 raise _http_error(self.response.status_code, self.response.text, self.rid)
             async for data in _sse_data(self.response):
-                if "error" in data:
-                    raise _http_error(500, json.dumps(data), self.rid)
+                if self.aborted:  # events already read before the connection closed
+                    break
+                if "error" in data:  # a failure after the stream began: its type says whose
+                    status = _event_status(data["error"])
+                    raise _http_error(status, json.dumps(data), self.rid)
                 if data.get("usage"):
                     usage = data["usage"]
                 for choice in data.get("choices") or []:
@@ -368,6 +371,29 @@ def _wire_params(p: SamplingParams) -> dict[str, Any]:
     if p.include_stop_str_in_output:
         out["include_stop_str_in_output"] = True
     return out
+
+
+# OpenAI's error types (what an `error` event carries in place of a status) -> status.
+_TYPE_STATUS = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "rate_limit_error": 429,
+    "service_unavailable": 503,
+    "overloaded_error": 503,
+}
+
+
+def _event_status(error: Any) -> int:
+    """The HTTP status an `error` event stands for: its own `code` when that is a status
+    (vLLM), else its OpenAI `type`; 500 when it says neither."""
+    if not isinstance(error, dict):
+        return 500
+    code = error.get("code")
+    if isinstance(code, int) and 400 <= code < 600:
+        return code
+    return _TYPE_STATUS.get(str(error.get("type")), 500)
 
 
 def _http_error(status: int, text: str, what: str) -> CoveyError:

@@ -4,16 +4,16 @@ Past the bound a caller is better served by a fast 429 with Retry-After than by 
 that grows without limit, stretching every request's latency and holding memory. Each
 generating request holds slots while it runs (a batch holds one per input); the check
 and the take happen in one event-loop step, so two requests never both take the last slot.
+A request asking for more slots than the bound is refused by the routes before it gets
+here (422: no retry could admit it; `ServerSettings.max_fan_out`).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from covey.errors import ConfigError, EngineOverloadedError
-
-ADMISSION_KEY = "admission"
 
 
 class Admission:
@@ -34,8 +34,9 @@ class Admission:
         self.in_flight += n
         return Release(self, n)
 
-    @asynccontextmanager
-    async def slot(self, n: int = 1) -> AsyncIterator[None]:
+    @contextmanager
+    def slots(self, n: int = 1) -> Iterator[None]:
+        """Hold `n` slots for a block."""
         release = self.acquire(n)
         try:
             yield

@@ -2,9 +2,12 @@
 
 One set of routes serves every app by name, so an app added to `state.apps` is served with
 no new code. Bodies are read and validated here against the app's own input model (422
-naming the field), after the body-size limit and before any engine work. Each generating
-call holds admission slots while it runs (429 when the server is full). A caller that
-goes away cancels its run: the run's engine requests are aborted and their KV freed.
+naming the field; text that is not valid Unicode, such as a lone UTF-16 surrogate, and
+bodies nested too deep to parse are refused the same way), after the body-size limit and
+before any engine work. Each generating call holds admission slots while it runs (429 when
+the server is full; a batch larger than the bound is a 422, as no retry could admit it).
+A caller that goes away cancels its run: the run's engine requests are aborted and their
+KV freed.
 
 Stream events: `node` {node, kind, status: started|finished}, `token` {node, var, text,
 index}, then `result` {outputs, trace}; on a failure after the stream began, `error`
@@ -16,27 +19,30 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from covey.errors import EngineUnavailableError, RuntimeExecutionError
+from covey.errors import RuntimeExecutionError
 from covey.runtime.events import Event, NodeFinished, NodeStarted, RunFinished, TokenDelta, drain
-from covey.server.admission import ADMISSION_KEY, Admission, Release
-from covey.server.errors import AppNotFoundError, http_error
-from covey.server.event_stream import SSE_HEADERS, EventStreamResponse, disconnected
-from covey.server.json_encoding import dumps, to_jsonable, trace_summary
+from covey.server.errors import AppNotFoundError, http_error, log_failure
+from covey.server.event_stream import (
+    CLIENT_GONE,
+    ClientGone,
+    EventStreamResponse,
+    sse_frame,
+    until_disconnect,
+)
+from covey.server.json_encoding import JsonBody, to_jsonable, trace_summary
+from covey.server.metrics import ObservedRequest
 from covey.server.served_app import ServedApp
 from covey.server.state import ServerState
 
 log = logging.getLogger(__name__)
-
-CLIENT_GONE = 499  # nginx's code for "the client closed the request"; only metrics see it
 
 
 def _body_doc(what: str) -> dict[str, Any]:
@@ -72,14 +78,15 @@ def build_router(state: ServerState) -> APIRouter:
 
     @router.post("/apps/{name}/invoke", summary="Run an app once", openapi_extra=INPUTS_DOC)
     async def invoke(name: str, request: Request) -> Response:
-        with _Observed(state, name) as observed:
+        with _observed(state, name) as observed:
             app, inputs = await _prepare(state, name, request)
-            with _Admitted(state, 1):
-                run = await _unless_gone(request, drain(app.stream(inputs)))
-            if run is None:
-                observed.status = CLIENT_GONE
-                return Response(status_code=CLIENT_GONE)
-            return JSONResponse(_result(run))
+            with state.admission.slots(1):
+                try:
+                    run = await until_disconnect(request, drain(app.stream(inputs)))
+                except ClientGone:
+                    observed.status = CLIENT_GONE
+                    return Response(status_code=CLIENT_GONE)  # nobody is left to read it
+            return JsonBody(_result(run))
 
     @router.post(
         "/apps/{name}/stream",
@@ -88,91 +95,96 @@ def build_router(state: ServerState) -> APIRouter:
         response_class=StreamingResponse,
     )
     async def stream(name: str, request: Request) -> Response:
-        observed = _Observed(state, name)
-        with observed:
+        with _observed(state, name) as observed:
             app, inputs = await _prepare(state, name, request)
-            release = _admission(state).acquire(1)
+            release = state.admission.acquire(1)
+            events = aiter(app.stream(inputs))
             try:
-                events = aiter(app.stream(inputs))
-                first = await anext(events, None)
-            except BaseException:
+                first = await until_disconnect(request, anext(events, None))
+                if first is None:
+                    raise RuntimeExecutionError(f"app {name!r} produced no events")
+            except BaseException as exc:
                 release()
+                await _close(events)
+                if isinstance(exc, ClientGone):
+                    observed.status = CLIENT_GONE
+                    return Response(status_code=CLIENT_GONE)
                 raise
-            if first is None:
-                release()
-                raise RuntimeExecutionError(f"app {name!r} produced no events")
             observed.deferred = True
-        body = _sse(first, events, release, observed)
-        return EventStreamResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
+        run = _StreamRun(first, events, observed)
+
+        async def on_close() -> None:  # however the response ends, even if it never began
+            release()
+            observed.finish(run.status)
+            await _close(events)
+
+        return EventStreamResponse(run.frames(), on_close=on_close)
 
     @router.post(
         "/apps/{name}/batch", summary="Run an app on several inputs", openapi_extra=BATCH_DOC
     )
     async def batch(name: str, request: Request) -> Response:
-        with _Observed(state, name) as observed:
+        with _observed(state, name) as observed:
+            state.require_ready()
             app = _served(state, name)
-            _check_ready(state)
             data = await _read_json(request)
             items = data.get("inputs") if isinstance(data, dict) else None
             if not isinstance(items, list):
                 _invalid(("inputs",), 'the body must be {"inputs": [...]}, a list of inputs')
             if not items:
                 _invalid(("inputs",), "give at least one input")
-            limit = state.settings.max_batch
+            limit = state.settings.max_fan_out
             if len(items) > limit:
                 _invalid(("inputs",), f"{len(items)} inputs; a batch holds at most {limit}")
             model = app.input_model
             inputs = [_validate(model, item, ("inputs", i)) for i, item in enumerate(items)]
-            with _Admitted(state, len(inputs)):
+            with state.admission.slots(len(inputs)):
                 runs = [_settled(drain(app.stream(x))) for x in inputs]
-                results = await _unless_gone(request, asyncio.gather(*runs))
-            if results is None:
-                observed.status = CLIENT_GONE
-                return Response(status_code=CLIENT_GONE)
-            return JSONResponse({"results": results})
+                try:
+                    results = await until_disconnect(request, asyncio.gather(*runs))
+                except ClientGone:
+                    observed.status = CLIENT_GONE
+                    return Response(status_code=CLIENT_GONE)
+            return JsonBody({"results": results})
 
     return router
-
-
-def sse_event(kind: str, data: Any) -> str:
-    return f"event: {kind}\ndata: {dumps(data)}\n\n"
 
 
 def event_frame(event: Event) -> str:
     if isinstance(event, TokenDelta):
         data = {"node": event.node, "var": event.var, "text": event.text, "index": event.index}
-        return sse_event("token", data)
+        return sse_frame(data, "token")
     if isinstance(event, NodeStarted | NodeFinished):
         status = "started" if isinstance(event, NodeStarted) else "finished"
-        return sse_event("node", {"node": event.node, "kind": event.kind, "status": status})
+        return sse_frame({"node": event.node, "kind": event.kind, "status": status}, "node")
     if isinstance(event, RunFinished):
-        return sse_event("result", _result(event))
-    return sse_event("event", {"type": type(event).__name__})
+        return sse_frame(_result(event), "result")
+    return sse_frame({"type": type(event).__name__}, "event")
 
 
-async def _sse(
-    first: Event, events: AsyncIterator[Event], release: Release, observed: _Observed
-) -> AsyncIterator[str]:
-    status = CLIENT_GONE  # unless the run ends, the caller left
-    try:
-        event: Event | None = first
-        while event is not None:
-            yield event_frame(event)
-            if isinstance(event, RunFinished):
-                status = 200
-                return
-            event = await anext(events, None)
-        raise RuntimeExecutionError("the run ended without a result")
-    except Exception as exc:
-        error = http_error(exc)
-        status = error.status
-        if status >= 500:
-            log.error("stream of app %r failed: %s", observed.app, exc, exc_info=exc)
-        yield sse_event("error", error.body())
-    finally:
-        release()
-        observed.finish(status)
-        await _close(events)
+class _StreamRun:
+    """One app stream's frames; `status` is what the request is recorded with (the client
+    left, unless the run ended)."""
+
+    def __init__(self, first: Event, events: AsyncIterator[Event], observed: ObservedRequest):
+        self.first, self.events, self.observed = first, events, observed
+        self.status = CLIENT_GONE
+
+    async def frames(self) -> AsyncIterator[str]:
+        try:
+            event: Event | None = self.first
+            while event is not None:
+                yield event_frame(event)
+                if isinstance(event, RunFinished):
+                    self.status = 200
+                    return
+                event = await anext(self.events, None)
+            raise RuntimeExecutionError("the run ended without a result")
+        except Exception as exc:
+            error = http_error(exc)
+            self.status = error.status
+            log_failure(f"stream of app {self.observed.app!r}", exc, error)
+            yield sse_frame(error.body(), "error")
 
 
 async def _close(events: AsyncIterator[Event]) -> None:
@@ -191,73 +203,12 @@ async def _settled(run: Awaitable[RunFinished]) -> dict[str, Any]:
         return _result(await run)
     except Exception as exc:
         error = http_error(exc)
-        if error.status >= 500:
-            log.error("a batch element failed: %s", exc, exc_info=exc)
+        log_failure("a batch element", exc, error)
         return {**error.body(), "status": error.status}
 
 
-async def _unless_gone(request: Request, work: Awaitable[Any]) -> Any:
-    """`work`'s result, or None once the client has disconnected (the work is cancelled)."""
-    task = asyncio.ensure_future(work)
-    watch = asyncio.ensure_future(disconnected(request.receive))
-    try:
-        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-    if task.cancelled():
-        return None
-    return task.result()
-
-
-class _Observed:
-    """Times one app request and records it once with its final status."""
-
-    def __init__(self, state: ServerState, app: str) -> None:
-        self.state = state
-        self.app = app if app in state.apps else "(unknown)"
-        self.status = 200
-        self.started = time.perf_counter()
-        self.done = False
-        self.deferred = False  # a stream records itself when its last event is sent
-
-    def __enter__(self) -> _Observed:
-        return self
-
-    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
-        if exc is not None:
-            self.finish(http_error(exc).status if isinstance(exc, Exception) else CLIENT_GONE)
-        elif not self.deferred:
-            self.finish(self.status)
-
-    def finish(self, status: int) -> None:
-        if self.done:
-            return
-        self.done = True
-        if self.state.metrics is not None:
-            self.state.metrics.observe_request(self.app, status, time.perf_counter() - self.started)
-
-
-class _Admitted:
-    """Hold `n` admission slots for a block (429 when the server is full)."""
-
-    def __init__(self, state: ServerState, n: int) -> None:
-        self.release = _admission(state).acquire(n)
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
-def _admission(state: ServerState) -> Admission:
-    admission = state.extras.get(ADMISSION_KEY)
-    if admission is None:
-        admission = state.extras[ADMISSION_KEY] = Admission(state.settings.max_in_flight)
-    return admission
+def _observed(state: ServerState, name: str) -> ObservedRequest:
+    return ObservedRequest(state.metrics, name if name in state.apps else "(unknown)")
 
 
 def _served(state: ServerState, name: str) -> ServedApp:
@@ -268,14 +219,9 @@ def _served(state: ServerState, name: str) -> ServedApp:
     return app
 
 
-def _check_ready(state: ServerState) -> None:
-    if not state.ready:
-        raise EngineUnavailableError("the server is still loading its model and index")
-
-
 async def _prepare(state: ServerState, name: str, request: Request) -> tuple[ServedApp, BaseModel]:
+    state.require_ready()
     app = _served(state, name)
-    _check_ready(state)
     data = await _read_json(request)
     return app, _validate(app.input_model, data, ())
 
@@ -283,9 +229,38 @@ async def _prepare(state: ServerState, name: str, request: Request) -> tuple[Ser
 async def _read_json(request: Request) -> Any:
     body = await request.body()
     try:
-        return json.loads(body)
+        data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         _invalid((), f"the body is not valid JSON ({exc})", kind="json_invalid")
+    except RecursionError:
+        _invalid((), "the body is not valid JSON (nested too deep)", kind="json_invalid")
+    if b"\\u" in body:  # only an escape can smuggle in a lone surrogate
+        _check_unicode(data)
+    return data
+
+
+def _check_unicode(data: Any) -> None:
+    """422 naming the first field whose text (key or value) is not valid Unicode: a lone
+    UTF-16 surrogate (`"\\ud800"`) parses as JSON but can be neither tokenized nor
+    written back as UTF-8. Walked without recursion: the body may be deeply nested."""
+    stack: list[tuple[tuple[Any, ...], Any]] = [((), data)]
+    while stack:
+        loc, value = stack.pop()
+        if isinstance(value, str):
+            _encodable(loc, value)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                _encodable((*loc, key), key)
+                stack.append(((*loc, key), item))
+        elif isinstance(value, list):
+            stack.extend(((*loc, i), item) for i, item in enumerate(value))
+
+
+def _encodable(loc: tuple[Any, ...], text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        _invalid(loc, f"not valid Unicode text ({exc.reason} at position {exc.start})")
 
 
 def _validate(model: type[BaseModel], data: Any, loc: tuple[Any, ...]) -> BaseModel:

@@ -41,8 +41,7 @@ Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 async def require_api_key(request: Request, credentials: Credentials) -> None:
     """A FastAPI dependency (declared through `HTTPBearer`, so the OpenAPI schema shows the
     scheme); raises `AuthenticationError` (401) for a missing or wrong key."""
-    state = request.app.state.covey
-    key = state.extras.get("api_key")
+    key = request.app.state.covey.api_key
     if key is None or is_open(request.url.path):
         return
     if credentials is None:

@@ -1,8 +1,9 @@
 """`BodyLimit`: refuse request bodies past `max_body_bytes` before reading them whole.
 
 A declared Content-Length past the limit is answered 413 at once; a chunked body is counted
-as it arrives and cut off at the limit, so no caller can make the server buffer more.
-Pure ASGI so it also guards routes that read the body themselves.
+as it arrives and cut off at the limit (raising `PayloadTooLargeError`, which every route,
+FastAPI's own body parsing included, answers 413), so no caller can make the server buffer
+more. Pure ASGI so it also guards routes that read the body themselves.
 """
 
 from __future__ import annotations

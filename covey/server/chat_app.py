@@ -104,10 +104,14 @@ class ChatServedApp:
         """Forget the session and release its pinned KV; whether it existed."""
         return await self.bot.reset_session(session_id)
 
+    async def close(self) -> None:
+        """Release every session's pinned KV and stop the idle timers (server shutdown)."""
+        await self.bot.close()
+
     def describe(self) -> dict[str, Any]:
         app, pins = self.bot.app, self.bot.pins
         return {
-            "explain": app.explain(),
+            "explain": self.bot.runtime.explain(app),
             "mermaid": app.to_mermaid(),
             "sessions": {
                 "max_turns": self.bot.sessions.max_turns,

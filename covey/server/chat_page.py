@@ -40,6 +40,7 @@ def build_router(state: ServerState) -> APIRouter:
 
     @router.post(f"/apps/{NAME}/reset", summary="Forget a chat session and release its KV")
     async def reset(body: ResetInputs) -> dict[str, Any]:
+        state.require_ready()
         chat = state.apps.get(NAME)
         if not isinstance(chat, ChatServedApp):
             raise AppNotFoundError(f"this server serves no chat sessions (no {NAME!r} with them)")

@@ -4,9 +4,10 @@ Every failure a caller can see leaves as one JSON body, `{"error": {"type", "cat
 "message"}}`, with the category's status: 4xx for the caller's fault, 429 (with
 Retry-After) or 503 when there is no room or a part is down, 500 for a failure inside covey
 (a node's failure names the node). A route family with its own error shape (OpenAI's
-`/v1`) registers a formatter for its path prefix in `state.extras["error_shapes"]`, so the
-same mapping serves both. An unexpected exception is logged and answered 500 with a
-generic message; the server keeps serving.
+`/v1`) registers a formatter for its path prefix in `state.error_shapes`, so the same
+mapping serves both. A failure inside covey (500) or an unexpected exception is logged with
+its traceback and answered with a generic message; a 503 (still loading, engine gone) is
+logged as one line. The server keeps serving.
 """
 
 from __future__ import annotations
@@ -18,21 +19,24 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from covey.errors import CoveyError, ErrorCategory, InvalidRequestError, NodeExecutionError
+from covey.errors import CoveyError, ErrorCategory, NodeExecutionError
+from covey.server.json_encoding import JsonBody
 
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1  # what a 429 tells the caller to wait before trying again
-ERROR_SHAPES_KEY = "error_shapes"
 
 
-class PayloadTooLargeError(InvalidRequestError):
-    """A request body past the server's size limit (413, not 400: the size is the fault)."""
+class PayloadTooLargeError(StarletteHTTPException):
+    """A request body past the server's size limit (413, not 400: the size is the fault).
 
-    http_status = 413
+    An HTTPException rather than a `CoveyError`, because FastAPI turns any other exception
+    raised while it reads a body into a generic 400, and lets only HTTPExceptions through."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(status_code=413, detail=message)
 
 
 class AppNotFoundError(CoveyError):
@@ -90,7 +94,8 @@ def http_error(exc: BaseException) -> HttpError:
         if exc.status_code >= 500:
             category = "internal"
         headers = dict(exc.headers or {})
-        return HttpError(exc.status_code, "HTTPError", category, str(exc.detail), headers)
+        kind = "PayloadTooLargeError" if isinstance(exc, PayloadTooLargeError) else "HTTPError"
+        return HttpError(exc.status_code, kind, category, str(exc.detail), headers)
     return HttpError(500, "InternalError", "internal", "internal server error (logged)", {})
 
 
@@ -104,25 +109,34 @@ def validation_message(errors: Any) -> str:
     return "; ".join(parts) or "invalid request"
 
 
-def error_response(request: Request, error: HttpError) -> JSONResponse:
+def error_response(request: Request, error: HttpError) -> JsonBody:
     """The JSON response for `error`, in the shape of the route family that was called."""
-    shapes: dict[str, ErrorShape] = {}
     state = getattr(request.app.state, "covey", None)
-    if state is not None:
-        shapes = state.extras.get(ERROR_SHAPES_KEY, {})
+    shapes: dict[str, ErrorShape] = state.error_shapes if state is not None else {}
     body = error.body()
     for prefix, shape in shapes.items():
         if request.url.path.startswith(prefix):
             body = shape(error)
             break
-    return JSONResponse(body, status_code=error.status, headers=error.headers or None)
+    # ASCII-only JSON: a message may quote what the caller sent, lone surrogates included.
+    return JsonBody(body, status_code=error.status, headers=error.headers or None)
+
+
+def log_failure(what: str, exc: BaseException, error: HttpError) -> None:
+    """A failure inside covey (500, or any exception outside the error tree) with its
+    traceback; an unavailable or overloaded engine (503) as one line; a caller's mistake
+    not at all (the caller is told)."""
+    if error.status == 500 or not isinstance(exc, CoveyError | StarletteHTTPException):
+        log.error("%s failed: %s", what, exc, exc_info=exc)
+    elif error.status >= 500:
+        log.warning("%s: %s", what, error.message)
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    async def on_error(request: Request, exc: Exception) -> JSONResponse:
+    async def on_error(request: Request, exc: Exception) -> JsonBody:
         error = http_error(exc)
-        if error.status >= 500:
-            log.error("%s %s failed: %s", request.method, request.url.path, exc, exc_info=exc)
+        if request.url.path != "/readyz":  # its 503 is its answer while loading
+            log_failure(f"{request.method} {request.url.path}", exc, error)
         return error_response(request, error)
 
     for kind in (CoveyError, RequestValidationError, StarletteHTTPException, Exception):

@@ -87,4 +87,8 @@ class GraphServedApp:
         return runtime.stream(self.app, **values)
 
     def describe(self) -> dict[str, Any]:
-        return {"explain": self.app.explain(), "mermaid": self.app.to_mermaid()}
+        """The plan as the server's runtime runs it: `explain()` ends with the features its
+        engine turns off (a remote engine: no prefill ahead, no pins, no chunk reuse)."""
+        runtime = self._runtime_getter()
+        explain = runtime.explain(self.app) if runtime is not None else self.app.explain()
+        return {"explain": explain, "mermaid": self.app.to_mermaid()}

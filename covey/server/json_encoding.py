@@ -3,6 +3,8 @@
 Outputs hold retrieved `SearchResult`s and `Chunk`s (frozen dataclasses), tuples, pydantic
 models and numpy scalars; a response carries them as plain objects, lists and numbers.
 Anything else is written as its `str`, so a user app with an odd output type still answers.
+Text is written ASCII-only (JSON `\\u` escapes), so no string, even one holding a lone UTF-16
+surrogate, can fail to encode once the response has begun.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from fastapi.responses import Response
 from pydantic import BaseModel
 
 from covey.runtime.trace import Trace
@@ -38,7 +41,16 @@ def to_jsonable(value: Any) -> Any:
 
 
 def dumps(value: Any) -> str:
-    return json.dumps(to_jsonable(value), ensure_ascii=False, separators=(",", ":"))
+    return json.dumps(to_jsonable(value), separators=(",", ":"))
+
+
+class JsonBody(Response):
+    """A JSON response of any app output, encoded by `dumps`."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return dumps(content).encode("ascii")
 
 
 def trace_summary(trace: Trace) -> dict[str, Any]:

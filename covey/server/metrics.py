@@ -8,6 +8,9 @@ own registry, so two servers in one process (tests) never share counters.
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -20,8 +23,10 @@ from prometheus_client import (
 
 from covey.llm_backend.engine_client import EngineClient
 from covey.llm_backend.outputs import RequestMetrics
+from covey.server.errors import http_error
+from covey.server.event_stream import CLIENT_GONE, ClientGone
 
-__all__ = ["CONTENT_TYPE", "ServerMetrics"]
+__all__ = ["CONTENT_TYPE", "ObservedRequest", "ServerMetrics"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # `*_created` timestamps per series double the output and tell a scraper nothing it needs.
@@ -119,3 +124,33 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class ObservedRequest:
+    """Times one request and records it in `metrics` once, with its final status; every
+    route family (apps, `/v1`) records its requests through this one class. As a context
+    manager it records the status of the exception that leaves the block, or, unless
+    `deferred` (a stream records itself when its response ends), `status`."""
+
+    def __init__(self, metrics: ServerMetrics, app: str) -> None:
+        self.metrics = metrics
+        self.app = app
+        self.status = 200
+        self.started = time.perf_counter()
+        self.done = False
+        self.deferred = False
+
+    def __enter__(self) -> ObservedRequest:
+        return self
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is not None:
+            gone = isinstance(exc, ClientGone) or not isinstance(exc, Exception)
+            self.finish(CLIENT_GONE if gone else http_error(exc).status)
+        elif not self.deferred:
+            self.finish(self.status)
+
+    def finish(self, status: int) -> None:
+        if not self.done:
+            self.done = True
+            self.metrics.observe_request(self.app, status, time.perf_counter() - self.started)

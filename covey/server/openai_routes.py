@@ -7,15 +7,15 @@ are `n` engine requests sent together, so the scheduler batches them and prefill
 shared prompt once; with a `seed`, choice i samples with seed + i, so choices differ and a
 rerun repeats them. Every request takes admission slots (one per choice; a full server
 answers 429 with Retry-After), `max_tokens` and `n` are bounded by the server's settings
-(422 naming the field), and a client that goes away, streaming or not, aborts its engine
-requests. Failures leave in OpenAI's error shape (`{"error": {"message", "type", "param",
-"code"}}`), registered with the server's error handlers for the `/v1` prefix.
+(422 naming the field; an `n` past the admission bound too, as no retry could admit
+it), and a client that goes away, streaming or not, aborts its engine requests. Failures
+leave in OpenAI's error shape (`{"error": {"message", "type", "param", "code"}}`),
+registered with the server's error handlers for the `/v1` prefix.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -24,23 +24,25 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from fastapi.responses import JSONResponse, Response
 
-from covey.errors import (
-    EngineUnavailableError,
-    InvalidRequestError,
-    ModelNotFoundError,
-)
+from covey.errors import EngineUnavailableError, InvalidRequestError, ModelNotFoundError
 from covey.llm_backend.engine_client import EngineClient
 from covey.llm_backend.outputs import RequestOutput
 from covey.llm_backend.sampling_params import SamplingParams
-from covey.server.errors import ERROR_SHAPES_KEY, HttpError, http_error
+from covey.server.errors import HttpError, http_error
+from covey.server.event_stream import (
+    CLIENT_GONE,
+    ClientGone,
+    EventStreamResponse,
+    sse_frame,
+    until_disconnect,
+)
+from covey.server.metrics import ObservedRequest
 from covey.server.openai_schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from covey.server.state import ServerState
 
 PREFIX = "/v1"
-CLIENT_GONE = 499  # the status recorded for a request whose client went away
 
 _OPENAI_TYPES = {
     400: "invalid_request_error",
@@ -79,15 +81,20 @@ def _field_error(field: str, message: str) -> RequestValidationError:
 
 
 class _Generation:
-    """One OpenAI request's engine work: the prompts, the sampling params per choice."""
+    """One OpenAI request's engine work: the prompts, the sampling params per choice.
+
+    It runs on the runtime's engine (`MeteredEngine`), so every engine request lands in the
+    TTFT/TPOT histograms as an app's do, and the request itself is recorded through the
+    same `ObservedRequest` as an app request."""
 
     def __init__(self, state: ServerState, body: SamplingFields, kind: str) -> None:
-        engine = state.engine
-        if engine is None or not state.ready:
-            raise EngineUnavailableError("the model is still loading; retry shortly")
+        engine = state.require_ready()
+        if state.runtime is not None:
+            engine = state.runtime.llm
         self.engine: EngineClient = engine
         self.state = state
         self.kind = kind
+        self.observed = ObservedRequest(state.metrics, f"{PREFIX}/{kind}")
         if body.model not in (None, engine.model_name):
             raise ModelNotFoundError(
                 f"model {body.model!r} is not served here; this server serves "
@@ -96,13 +103,16 @@ class _Generation:
         settings = state.settings
         limit = body.output_limit()  # type: ignore[attr-defined]
         if limit is not None and limit > settings.max_tokens:
-            field = "max_tokens" if body.max_tokens else "max_completion_tokens"
+            newer = getattr(body, "max_completion_tokens", None)
+            field = "max_completion_tokens" if newer else "max_tokens"  # the one checked
             raise _field_error(
                 field, f"must be at most {settings.max_tokens} (this server's limit)"
             )
         self.n = body.n or 1
-        if self.n > settings.max_batch:
-            raise _field_error("n", f"must be at most {settings.max_batch} (this server's limit)")
+        if self.n > settings.max_fan_out:
+            raise _field_error(
+                "n", f"must be at most {settings.max_fan_out} (this server's limit)"
+            )
         base = SamplingParams(
             max_tokens=limit or settings.max_tokens,
             temperature=1.0 if body.temperature is None else body.temperature,
@@ -122,7 +132,7 @@ class _Generation:
         prefix = "chatcmpl" if kind.startswith("chat") else "cmpl"
         self.id = f"{prefix}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
-        self.started = time.perf_counter()
+        self.status = CLIENT_GONE  # what a stream is recorded with, unless it ends
 
     def requests(self, prompts: list[Any]) -> list[tuple[int, Any, SamplingParams]]:
         """(choice index, prompt, params) of every engine request: n per prompt."""
@@ -131,14 +141,6 @@ class _Generation:
             for p, prompt in enumerate(prompts)
             for i in range(self.n)
         ]
-
-    def observe(self, status: int, finals: list[RequestOutput]) -> None:
-        metrics = self.state.metrics
-        if metrics is None:
-            return
-        for out in finals:
-            metrics.observe_generation(out.metrics)
-        metrics.observe_request(f"{PREFIX}/{self.kind}", status, time.perf_counter() - self.started)
 
     def usage(self, finals: dict[int, RequestOutput]) -> dict[str, Any]:
         """Prompt tokens once per prompt (its n choices share it), output tokens per choice."""
@@ -158,10 +160,6 @@ def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
     return replace(params, seed=seed % 2**64 if seed >= 2**64 else seed)
 
 
-class _ClientGone(Exception):
-    """The client disconnected: stop, nobody is left to answer."""
-
-
 async def _pump(
     engine: EngineClient,
     rid: str,
@@ -179,27 +177,16 @@ async def _pump(
         queue.put_nowait((index, exc))
 
 
-async def _watch(request: Request, queue: asyncio.Queue[Any]) -> None:
-    """Tell the reader when the client disconnects. Starlette's own cancellation of a
-    stream is not enough: its cancel scope skips a task whose wait already finished, and
-    next to an engine stepping on the same loop the stream's wait is nearly always
-    finished, so it would stream on to the end into a closed socket."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-    queue.put_nowait((-1, _ClientGone()))
-
-
 async def _outputs(
-    request: Request, gen: _Generation, prompts: list[Any]
+    gen: _Generation, prompts: list[Any]
 ) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Every choice's outputs as they come, interleaved; stopping early, or the client
-    going away (`_ClientGone`), cancels the engine requests."""
+    """Every choice's outputs as they come, interleaved; closing it early (the client
+    went away) cancels the engine requests."""
     queue: asyncio.Queue[tuple[int, RequestOutput | BaseException]] = asyncio.Queue()
     tasks = [
         asyncio.ensure_future(_pump(gen.engine, gen.id, i, prompt, params, queue))
         for i, prompt, params in gen.requests(prompts)
     ]
-    watch = asyncio.ensure_future(_watch(request, queue))
     remaining = len(tasks)
     try:
         while remaining:
@@ -214,45 +201,9 @@ async def _outputs(
                     )
             yield index, item
     finally:
-        watch.cancel()
         for task in tasks:
             task.cancel()
-        await asyncio.gather(watch, *tasks, return_exceptions=True)
-
-
-class _EventStream(StreamingResponse):
-    """Server-sent events whose generator is closed, and whose admission slots are given
-    back, however the response ends: finished, client gone, or never started."""
-
-    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None]) -> None:
-        super().__init__(
-            events,
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-        self._events = events
-        self._on_close = on_close
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            try:
-                await self._events.aclose()  # type: ignore[attr-defined]
-            finally:
-                self._on_close()
-
-
-def _sse(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
-
-
-def _admit(state: ServerState, n: int) -> Callable[[], None]:
-    """Take `n` admission slots (429 when full); returns what gives them back."""
-    admission = state.extras.get("admission")
-    if admission is None:
-        return lambda: None
-    return admission.acquire(n)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _respond(
@@ -267,24 +218,32 @@ async def _respond(
 
     A stream's first output is awaited before the headers go out, so a request the engine
     refuses (a prompt too long) still gets its 4xx rather than an error event."""
-    release = _admit(gen.state, len(prompts) * gen.n)
-    outputs = _outputs(request, gen, prompts)
+    release = gen.state.admission.acquire(len(prompts) * gen.n)
+    outputs = _outputs(gen, prompts)
     try:
         if gen.stream:
-            first = await anext(outputs)
-            events = _stream(gen, len(prompts), first, outputs, chunk, objects[1])
-            return _EventStream(events, release)
-        finals = await _collect(outputs)
+            first = await until_disconnect(request, anext(outputs))
+        else:
+            finals = await until_disconnect(request, _collect(outputs))
     except BaseException as exc:
         release()
         await outputs.aclose()
-        gone = isinstance(exc, _ClientGone | asyncio.CancelledError)
-        gen.observe(CLIENT_GONE if gone else http_error(exc).status, [])
-        if isinstance(exc, _ClientGone):
+        gone = isinstance(exc, ClientGone) or not isinstance(exc, Exception)
+        gen.observed.finish(CLIENT_GONE if gone else http_error(exc).status)
+        if isinstance(exc, ClientGone):
             return Response(status_code=CLIENT_GONE)  # nobody is left to read it
         raise
+    if gen.stream:
+
+        async def on_close() -> None:  # however the response ends, even if it never began
+            release()
+            gen.observed.finish(gen.status)
+            await outputs.aclose()
+
+        events = _stream(gen, len(prompts), first, outputs, chunk, objects[1])
+        return EventStreamResponse(events, on_close=on_close)
     release()
-    gen.observe(200, list(finals.values()))
+    gen.observed.finish(200)
     return JSONResponse(
         {
             "id": gen.id,
@@ -311,9 +270,10 @@ async def _stream(
     obj: str,
 ) -> AsyncIterator[str]:
     """The SSE body: each choice's opening chunk, chunks as tokens arrive, a usage chunk
-    if asked, then `[DONE]`. A failure after the headers went out is an `error` event."""
+    if asked, then `[DONE]`. A failure after the headers went out is an `error` event.
+    A client that leaves cancels this generator; `EventStreamResponse` then closes
+    `outputs` (aborting the engine requests)."""
     finals: dict[int, RequestOutput] = {}
-    status = 200
     head = {"id": gen.id, "object": obj, "created": gen.created, "model": gen.engine.model_name}
     usage_field = {"usage": None} if gen.include_usage else {}
 
@@ -326,45 +286,37 @@ async def _stream(
         for index in range(num_prompts * gen.n):
             opening = chunk(index, None)
             if opening:
-                yield _sse({**head, "choices": [opening], **usage_field})
+                yield sse_frame({**head, "choices": [opening], **usage_field})
         async for index, out in rest():
             if out.finished:
                 finals[index] = out
             if out.delta_text or out.finished:
-                yield _sse({**head, "choices": [chunk(index, out)], **usage_field})
+                yield sse_frame({**head, "choices": [chunk(index, out)], **usage_field})
         if gen.include_usage:
-            yield _sse({**head, "choices": [], "usage": gen.usage(finals)})
+            yield sse_frame({**head, "choices": [], "usage": gen.usage(finals)})
+        gen.status = 200
         yield "data: [DONE]\n\n"
-    except _ClientGone:
-        status = CLIENT_GONE  # closing `outputs` below aborts the engine requests
-    except (asyncio.CancelledError, GeneratorExit):
-        status = CLIENT_GONE
-        raise
     except Exception as exc:
         error = http_error(exc)
-        status = error.status
-        yield _sse(openai_error(error))
+        gen.status = error.status
+        yield sse_frame(openai_error(error))
         yield "data: [DONE]\n\n"
-    finally:
-        await outputs.aclose()
-        gen.observe(status, list(finals.values()))
 
 
 def build_router(state: ServerState) -> APIRouter:
     """The `/v1` routes over `state.engine`, and OpenAI's error shape for them."""
-    state.extras.setdefault(ERROR_SHAPES_KEY, {})[PREFIX] = openai_error
+    state.error_shapes[PREFIX] = openai_error
     router = APIRouter(prefix=PREFIX, tags=["OpenAI-compatible"])
 
     @router.get("/models")
     async def list_models() -> dict[str, Any]:
         """The served model (one: the engine's)."""
-        if state.engine is None:
-            raise EngineUnavailableError("the model is still loading; retry shortly")
+        engine = state.require_ready()
         return {
             "object": "list",
             "data": [
                 {
-                    "id": state.engine.model_name,
+                    "id": engine.model_name,
                     "object": "model",
                     "created": 0,
                     "owned_by": "covey",
@@ -407,10 +359,10 @@ def build_router(state: ServerState) -> APIRouter:
         """Plain text (or token-id) prompts completed as they are, with no chat template."""
         gen = _Generation(state, body, "completions")
         prompts = body.prompts()
-        if len(prompts) * gen.n > state.settings.max_batch:
+        limit = state.settings.max_fan_out
+        if len(prompts) * gen.n > limit:
             raise _field_error(
-                "prompt",
-                f"prompts x n must be at most {state.settings.max_batch} (this server's limit)",
+                "prompt", f"prompts x n must be at most {limit} (this server's limit)"
             )
 
         def choice(index: int, out: RequestOutput) -> dict[str, Any]:

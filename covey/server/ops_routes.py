@@ -1,8 +1,9 @@
 """Operations: liveness, readiness and Prometheus metrics.
 
-`/healthz` answers as long as the process serves HTTP; `/readyz` only once the model and
-index are loaded (503 before, so a load balancer holds traffic back); `/metrics` reads the
-engine's load when scraped, then renders every counter.
+`/healthz` answers as long as the process serves HTTP, model loading included; `/readyz`
+only once the model and index are loaded (503 before, so a load balancer holds traffic
+back); `/metrics` reads the engine's load when scraped (once it is loaded), then renders
+every counter.
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import Response
 
-from covey.errors import EngineUnavailableError
-from covey.server.metrics import CONTENT_TYPE, ServerMetrics
+from covey.server.metrics import CONTENT_TYPE
 from covey.server.state import ServerState
 
 
@@ -26,9 +26,8 @@ def build_router(state: ServerState) -> APIRouter:
 
     @router.get("/readyz", summary="Readiness: the model and index are loaded (503 before)")
     async def readyz() -> dict[str, Any]:
-        if not state.ready or state.engine is None:
-            raise EngineUnavailableError("not ready: the model and index are still loading")
-        return {"status": "ready", "model": state.engine.model_name, "apps": list(state.apps)}
+        engine = state.require_ready()
+        return {"status": "ready", "model": engine.model_name, "apps": list(state.apps)}
 
     @router.get(
         "/metrics",
@@ -37,9 +36,7 @@ def build_router(state: ServerState) -> APIRouter:
         responses={200: {"content": {CONTENT_TYPE: {}}}},
     )
     async def metrics() -> Response:
-        if state.metrics is None:
-            state.metrics = ServerMetrics()
-        if state.engine is not None:
+        if state.ready and state.engine is not None:
             await state.metrics.refresh(state.engine)
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 

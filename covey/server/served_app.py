@@ -4,6 +4,8 @@ A plain `App` graph and the session-keeping chatbot both reach HTTP through this
 a pydantic input model to validate request bodies against, a stream of runtime events
 (`NodeStarted`, `NodeFinished`, `TokenDelta`, then `RunFinished` with the outputs and the
 trace), and a description for `GET /apps/{name}`. The routes never special-case an app.
+A served app that keeps state (the chatbot's sessions) may also have `async close()`,
+which the server awaits on shutdown.
 """
 
 from __future__ import annotations

@@ -1,19 +1,18 @@
 """Build a server's state: the engine, the index, the runtime and the apps it serves.
 
-`covey serve` loads the model and the Python-docs index (built on first use) with progress
-shown, then serves the built-in apps (rag_chatbot, advanced_rag, mapreduce_summary) and any
-user app given as `module:obj`. The runtime reaches the engine through `MeteredEngine`, so
-every generation of every app lands in the TTFT/TPOT histograms. The chatbot is served
-with sessions by `covey.server.chat_app` when that module is installed (its
-`build_served_app(state, app)` wraps the graph app); otherwise as its plain graph.
+`covey serve` loads the model (or connects to a remote OpenAI-compatible engine) and the
+Python-docs index (built on first use) with progress shown, then serves the built-in apps
+(rag_chatbot, advanced_rag, mapreduce_summary) and any user app given as `module:obj`. The
+runtime reaches the engine through `MeteredEngine`, so every generation of every app lands
+in the TTFT/TPOT histograms. The chatbot is served with sessions (`chat_app`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +22,16 @@ from covey.apps.rag_chatbot import build_rag_app
 from covey.errors import ConfigError
 from covey.graph.app import App
 from covey.llm_backend.engine_client import EngineClient
+from covey.llm_backend.remote_engine import RemoteEngine
 from covey.retrieval.default_corpus import DEFAULT_INDEX_NAME
 from covey.retrieval.searcher import Searcher
 from covey.runtime.executor import Runtime
+from covey.server.chat_app import build_served_app
 from covey.server.graph_app import GraphServedApp
 from covey.server.metered_engine import MeteredEngine
-from covey.server.metrics import ServerMetrics
 from covey.server.served_app import ServedApp
 from covey.server.state import ServerSettings, ServerState
 
-CHAT_APP_MODULE = "covey.server.chat_app"
 CHATBOT = "rag_chatbot"
 
 
@@ -92,24 +91,36 @@ def build_state(
 ) -> ServerState:
     """A ready state serving `apps` (default: the built-in apps) and `user_apps` on
     `engine`, the retrieving apps searching `index` under the built-in index name.
-    `sessions=False` serves the chatbot as its plain graph even when sessions exist."""
-    settings = settings or ServerSettings()
-    metrics = ServerMetrics()
-    state = ServerState(settings=settings, engine=engine, metrics=metrics)
-    retrievers = {DEFAULT_INDEX_NAME: index} if index is not None else {}
-    state.runtime = Runtime(MeteredEngine(engine, metrics), retrievers=retrievers)
-    apps = builtin_apps() if apps is None else apps
-    for name, app in apps.items():
-        state.apps[name] = _serve_graph(state, app, name)
-    if sessions and CHATBOT in apps:
-        chat = _chat_builder()
-        if chat is not None:
-            state.apps[CHATBOT] = chat(state, apps[CHATBOT])
-    for app in user_apps:
-        served = _serve_graph(state, app, app.name) if isinstance(app, App) else app
-        state.apps[served.name] = served
+    `sessions=False` serves the chatbot as its plain graph."""
+    state = ServerState(settings=settings or ServerSettings())
+    serve_apps(state, engine, index, apps, user_apps, sessions)
     state.ready = True
     return state
+
+
+def serve_apps(
+    state: ServerState,
+    engine: EngineClient,
+    index: Searcher | None,
+    apps: dict[str, App] | None = None,
+    user_apps: list[App | ServedApp] | tuple[App | ServedApp, ...] = (),
+    sessions: bool = True,
+) -> None:
+    """Put the engine, the runtime and the apps into `state`; it is not made ready here
+    (`covey serve` says when: once no other thread serves it)."""
+    retrievers = {DEFAULT_INDEX_NAME: index} if index is not None else {}
+    state.runtime = Runtime(MeteredEngine(engine, state.metrics), retrievers=retrievers)
+    state.engine = engine
+    apps = builtin_apps() if apps is None else apps
+    served: dict[str, ServedApp] = {}
+    for name, app in apps.items():
+        served[name] = _serve_graph(state, app, name)
+    if sessions and CHATBOT in apps:
+        served[CHATBOT] = build_served_app(state, apps[CHATBOT])
+    for app in user_apps:
+        one = _serve_graph(state, app, app.name) if isinstance(app, App) else app
+        served[one.name] = one
+    state.apps.update(served)
 
 
 def _serve_graph(state: ServerState, app: App, name: str) -> ServedApp:
@@ -118,38 +129,46 @@ def _serve_graph(state: ServerState, app: App, name: str) -> ServedApp:
     return GraphServedApp(app, lambda: state.runtime, max_tokens=state.settings.max_tokens)
 
 
-def _chat_builder() -> Callable[[ServerState, App], ServedApp] | None:
-    try:
-        module = importlib.import_module(CHAT_APP_MODULE)
-    except ModuleNotFoundError as exc:
-        if exc.name == CHAT_APP_MODULE:
-            return None
-        raise
-    return module.build_served_app
+def connect_remote(url: str, api_key: str | None = None) -> RemoteEngine:
+    """A `RemoteEngine` on `url`'s first listed model; fails now (one line) if the server
+    cannot be reached, not on the first request."""
+
+    async def first_model() -> str:
+        async with RemoteEngine(url, api_key=api_key, tokenizer=None) as probe:
+            await probe.connect()
+            return probe.model_name
+
+    return RemoteEngine(url, model=asyncio.run(first_model()), api_key=api_key)
 
 
-def load_state(
-    settings: ServerSettings,
+def load_into(
+    state: ServerState,
     model: str | None = None,
     index_dir: str | Path | None = None,
-    app_specs: list[str] | tuple[str, ...] = (),
+    user_apps: list[App | ServedApp] | tuple[App | ServedApp, ...] = (),
+    remote: str | None = None,
+    remote_api_key: str | None = None,
     progress: bool = True,
     **engine_config: Any,
-) -> ServerState:
-    """What `covey serve` runs before it listens: import the user's apps first (a typo
-    fails in a second, not after the model loaded), then the model, then the index."""
+) -> None:
+    """What `covey serve` loads: the model (or the remote engine at `remote`), then the
+    index, then the apps, into `state` (left not ready)."""
     from covey.llm_backend.async_llm import AsyncLLM
-
-    user_apps = [load_user_app(spec) for spec in app_specs]
 
     def say(message: str) -> None:
         if progress:
             print(f"covey serve: {message}", file=sys.stderr, flush=True)
 
     started = time.perf_counter()
-    say(f"loading the model ({model or 'embedded SmolLM2-135M-Instruct'})...")
-    engine = AsyncLLM(model, **engine_config)
-    say(f"model {engine.model_name} loaded in {time.perf_counter() - started:.1f}s")
+    engine: EngineClient
+    if remote is not None:
+        say(f"connecting to the remote engine at {remote}...")
+        engine = connect_remote(remote, remote_api_key)
+        say(f"remote model {engine.model_name} answers")
+    else:
+        say(f"loading the model ({model or 'embedded SmolLM2-135M-Instruct'})...")
+        engine = AsyncLLM(model, **engine_config)
+        say(f"model {engine.model_name} loaded in {time.perf_counter() - started:.1f}s")
     started = time.perf_counter()
     if index_dir is not None:  # an index the user built: open it, never build one there
         from covey.retrieval.document_index import DocumentIndex
@@ -164,5 +183,21 @@ def load_state(
     index.search("warm up", k=1)  # loads the embedder now, not on the first request
     say(f"index ready in {time.perf_counter() - started:.1f}s")
     # The built-in apps' gens fit any --max-tokens (capped to it); a user app must fit it.
-    apps = builtin_apps(settings.max_tokens)
-    return build_state(engine, index, settings, apps, user_apps=user_apps)
+    serve_apps(state, engine, index, builtin_apps(state.settings.max_tokens), user_apps)
+
+
+def load_state(
+    settings: ServerSettings,
+    model: str | None = None,
+    index_dir: str | Path | None = None,
+    app_specs: list[str] | tuple[str, ...] = (),
+    progress: bool = True,
+    **engine_config: Any,
+) -> ServerState:
+    """A ready state loaded as `covey serve` loads it: the user's apps imported first (a
+    typo fails in a second, not after the model loaded), then the model and the index."""
+    user_apps = [load_user_app(spec) for spec in app_specs]
+    state = ServerState(settings=settings)
+    load_into(state, model, index_dir, user_apps, progress=progress, **engine_config)
+    state.ready = True
+    return state

@@ -1,7 +1,8 @@
 """`RemoteEngine` against a live covey server (real uvicorn, real embedded model): an app
 runs through it exactly as its text prompts run on the engine directly, the server's prefix
 cache shows through `usage`, aborts free the server's KV, and what needs KV access is
-refused and listed by `explain()`."""
+refused and listed by `explain()` (also in a server's GET /apps/{name}), and a failure
+mid-stream keeps its error category."""
 
 from __future__ import annotations
 
@@ -19,9 +20,10 @@ from covey.errors import (
 from covey.llm_backend.remote_engine import RemoteEngine
 from covey.llm_backend.sampling_params import SamplingParams
 from covey.runtime import Runtime, render_prompts
+from covey.server.server_builder import build_state, builtin_apps
 from tests.retrieval.conftest import embedder, tokenizer  # noqa: F401  (session fixtures)
 from tests.runtime.conftest import make_cpu_engine
-from tests.server.conftest import live_server, server_index  # noqa: F401
+from tests.server.conftest import LiveServer, live_server, server_index  # noqa: F401
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
 
@@ -134,3 +136,38 @@ async def test_server_errors_map_onto_the_error_tree(server):
     async with RemoteEngine("http://127.0.0.1:9") as remote:  # nothing listens on port 9
         with pytest.raises(EngineUnavailableError, match="cannot reach"):
             await remote.connect()
+
+
+async def _abort_running(server) -> None:
+    """Abort, on the server's engine, every request it is generating."""
+    engine = server.state.engine
+    for rid in list(engine.engine.requests):
+        await engine.abort(rid)
+
+
+async def test_a_failure_after_the_stream_began_keeps_its_category(server):
+    """The server aborts the request mid-stream: its `error` event says 503 (unavailable),
+    which arrives as `EngineUnavailableError`, not a generic `EngineError`."""
+    params = SamplingParams(max_tokens=1000, ignore_eos=True)
+    async with RemoteEngine(server.url) as remote:
+        with pytest.raises(EngineUnavailableError, match="aborted"):
+            async for out in remote.generate("Count to a thousand:", params):
+                if out.delta_text:
+                    await asyncio.to_thread(server.call, _abort_running(server))
+    stats = await asyncio.to_thread(server.wait_idle, 5)
+    assert stats.kv_blocks_used == 0
+
+
+def test_a_server_on_a_remote_engine_says_what_is_off(server, server_index):  # noqa: F811
+    """`covey serve --remote`'s state: GET /apps/{name} explains the plan as the remote
+    engine runs it, listing the features it turns off."""
+    state = build_state(RemoteEngine(server.url), server_index, apps=builtin_apps(6))
+    front = LiveServer(state)
+    try:
+        with front.client() as client:
+            info = client.get("/apps/advanced_rag").json()
+            chat = client.get("/apps/rag_chatbot").json()
+    finally:
+        front.stop()
+    assert "features off:" in info["explain"] and "prefill: off" in info["explain"]
+    assert "prefill: off" in chat["explain"] and chat["sessions"]["history_kv_pinned"] is False

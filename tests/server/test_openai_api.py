@@ -112,6 +112,7 @@ def test_streaming_completions(client, model):
         ({"top_p": 0}, "top_p"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"max_tokens": ServerSettings().max_tokens + 1}, "max_tokens"),
+        ({"max_completion_tokens": ServerSettings().max_tokens + 1}, "max_completion_tokens"),
         ({"n": ServerSettings().max_batch + 1}, "n"),
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
@@ -126,6 +127,12 @@ def test_bad_parameters_are_422_naming_the_field(client, model, kwargs, param):
     error = info.value.body
     assert error["param"] == param, error
     assert error["message"].startswith(param) and error["type"] == "invalid_request_error"
+
+
+def test_text_that_is_not_valid_unicode_is_a_4xx(server):
+    body = b'{"messages": [{"role": "user", "content": "a\\ud800b"}], "max_tokens": 2}'
+    reply = httpx.post(f"{server.url}/v1/chat/completions", content=body, timeout=60)
+    assert 400 <= reply.status_code < 500, reply.text
 
 
 def test_unknown_model_is_404_naming_the_served_one(client, model):
@@ -155,6 +162,7 @@ LONG = {"max_tokens": 1000, "ignore_eos": True, "temperature": 0}  # ~tens of se
 
 def test_a_client_that_leaves_a_stream_aborts_its_request(server, model):
     body = {"model": model, "messages": QUESTION, "stream": True, **LONG}
+    assert _engine_idle_within(server, 30), server.stats()  # e.g. no session pin prefilling
     with httpx.Client(base_url=server.url, timeout=60) as http:
         with http.stream("POST", "/v1/chat/completions", json=body) as response:
             assert response.status_code == 200

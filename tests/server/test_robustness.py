@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 
+import httpx
 import pytest
 
 import covey.graph as cg
@@ -46,11 +48,22 @@ def _error(reply, status: int) -> str:
         (json.dumps({}).encode(), "text: Field required"),
         (json.dumps({"text": "hi", "colour": "red"}).encode(), "colour"),
         (b"\xff\xfe", "not valid JSON"),
+        (b'{"text": "a\\ud800b"}', "text: not valid Unicode"),  # a lone surrogate
+        (b'{"text": "ok", "\\udc00": 1}', "not valid Unicode"),  # in a key
+        (b"[" * 200_000, "not valid JSON"),  # nested past the parser's recursion limit
     ],
 )
-def test_bad_bodies_get_422_naming_the_field(client, body, field):
-    reply = client.post("/apps/mapreduce_summary/invoke", content=body)
+@pytest.mark.parametrize("route", ["invoke", "stream"])
+def test_bad_bodies_get_422_naming_the_field(client, body, field, route):
+    reply = client.post(f"/apps/mapreduce_summary/{route}", content=body)
     assert field in _error(reply, 422)
+
+
+def test_bad_batch_bodies_get_422(client):
+    url = "/apps/mapreduce_summary/batch"
+    assert "not valid JSON" in _error(client.post(url, content=b"[" * 200_000), 422)
+    body = b'{"inputs": [{"text": "fine"}, {"text": "\\ud800"}]}'
+    assert "inputs.1.text: not valid Unicode" in _error(client.post(url, content=body), 422)
 
 
 def test_unknown_apps_routes_and_methods_get_4xx(client):
@@ -72,6 +85,9 @@ def test_bodies_past_the_size_limit_get_413(server, client):
 
     reply = client.post("/apps/mapreduce_summary/invoke", content=chunked())
     _error(reply, 413)
+    # FastAPI parses /v1's bodies itself; the cut-off still answers 413, not its 400.
+    reply = client.post("/v1/chat/completions", content=chunked())
+    assert reply.status_code == 413, reply.text
 
 
 def test_bad_batches_get_422(client):
@@ -177,9 +193,43 @@ async def _first_token(reply) -> None:
     raise AssertionError("the stream ended before any token")
 
 
+def test_more_than_the_server_ever_admits_is_422_not_429(slow_server):
+    """A batch (or n) past max_in_flight could never be admitted: a retry would not help."""
+    limit = slow_server.state.settings.max_in_flight
+    with slow_server.client() as client:
+        many = [{"limit": "2"}] * (limit + 1)
+        message = _error(client.post("/apps/count/batch", json={"inputs": many}), 422)
+        assert message.startswith("inputs:") and f"at most {limit}" in message
+        body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+        reply = client.post("/v1/chat/completions", json={**body, "n": limit + 1})
+        assert reply.status_code == 422 and reply.json()["error"]["param"] == "n", reply.text
+        assert slow_server.state.admission.in_flight == 0
+
+
+def test_an_invoke_client_that_leaves_frees_its_kv(slow_server):
+    baseline = slow_server.wait_idle()
+    assert baseline.kv_blocks_used == 0
+    with slow_server.client(timeout=1.5) as client:
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up mid-generation
+            client.post("/apps/count/invoke", json={"limit": "700"})
+    stats = slow_server.wait_idle(timeout=10)
+    assert stats.kv_blocks_used == 0 and stats.num_running == stats.num_waiting == 0
+    assert slow_server.state.admission.in_flight == 0
+    assert _gone(slow_server) >= 1
+
+
+def _gone(server) -> float:
+    """How many requests to the count app the metrics record as clients that left."""
+    with server.client() as client:
+        text = client.get("/metrics").text
+    found = re.search(r'covey_requests_total\{app="count",status="499"\} (\S+)', text)
+    return float(found.group(1)) if found else 0.0
+
+
 async def test_full_server_answers_429_and_leaving_clients_free_their_kv(slow_server):
     baseline = slow_server.wait_idle()
     assert baseline.kv_blocks_used == 0
+    gone_before = await asyncio.to_thread(_gone, slow_server)
     async with slow_server.async_client() as client:
         streams = [
             client.stream("POST", "/apps/count/stream", json={"limit": str(500 + i)})
@@ -198,9 +248,9 @@ async def test_full_server_answers_429_and_leaving_clients_free_their_kv(slow_se
     freed_in = time.monotonic() - left
     assert stats.kv_blocks_used == baseline.kv_blocks_used == 0
     assert stats.num_running == stats.num_waiting == 0
+    assert slow_server.state.admission.in_flight == 0  # every stream gave its slot back
     # Cancelled, not finished: each stream was counted as a client that left.
+    assert await asyncio.to_thread(_gone, slow_server) == gone_before + 4
     with slow_server.client() as client:
-        metrics = client.get("/metrics").text
-        assert 'covey_requests_total{app="count",status="499"} 4.0' in metrics
         assert client.get("/readyz").status_code == 200
     assert freed_in < 10

@@ -1,6 +1,7 @@
-"""`covey serve` as a user runs it (a child process): loads, prints the chat page URL,
-serves, stops on Ctrl-C; mistakes in its options fail fast with one line, before any
-loading (checked in-process through the same entry point, `covey.cli.main.main`)."""
+"""`covey serve` as a user runs it (a child process): answers health checks while it loads
+(liveness 200, readiness 503), prints the chat page URL once ready, serves, and stops on
+Ctrl-C even with a stream in flight; mistakes in its options fail fast with one line, before
+any loading (checked in-process through the same entry point, `covey.cli.main.main`)."""
 
 from __future__ import annotations
 
@@ -14,14 +15,18 @@ import httpx
 import pytest
 
 from covey.cli.main import main
+from covey.cli.serve_command import GRACEFUL_S
 from covey.errors import ConfigError
 from covey.server.server_builder import load_user_app
 from tests.cli.runner import covey, covey_env
 
 URL = re.compile(r"Chat page: (http://\S+)")
+LISTENING = re.compile(r"listening on (http://\S+)")
 
 
-def test_serve_loads_prints_the_url_serves_and_stops_on_ctrl_c(server_index):
+def test_serve_answers_health_checks_while_loading_then_serves_and_stops_on_ctrl_c(
+    server_index,
+):
     proc = subprocess.Popen(
         [sys.executable, "-m", "covey.cli.main", "serve", "--index", str(server_index.root),
          "--port", "0", "--device", "cpu", "--api-key", "k"],
@@ -31,6 +36,16 @@ def test_serve_loads_prints_the_url_serves_and_stops_on_ctrl_c(server_index):
         env=covey_env(),
     )
     try:
+        line = proc.stdout.readline()  # printed as the loading starts
+        match = LISTENING.search(line)
+        assert match, (line, proc.poll(), proc.stderr.read() if proc.poll() is not None else "")
+        loading = match.group(1)
+        assert httpx.get(f"{loading}healthz", timeout=10).status_code == 200
+        not_ready = httpx.get(f"{loading}readyz", timeout=10)
+        assert not_ready.status_code == 503 and "loading" in not_ready.text
+        busy = httpx.post(f"{loading}v1/completions", json={"prompt": "hi"}, timeout=10,
+                          headers={"Authorization": "Bearer k"})
+        assert busy.status_code == 503
         line = proc.stdout.readline()  # blocks until the server is ready (or exits)
         match = URL.search(line)
         assert match, (line, proc.poll(), proc.stderr.read() if proc.poll() is not None else "")
@@ -40,6 +55,14 @@ def test_serve_loads_prints_the_url_serves_and_stops_on_ctrl_c(server_index):
         names = {a["name"] for a in apps["apps"]}
         assert {"rag_chatbot", "advanced_rag", "mapreduce_summary"} <= names
         assert httpx.get(f"{url}apps", timeout=30).status_code == 401
+        body = {"prompt": "Count:", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+        auth = {"Authorization": "Bearer k"}
+        with httpx.stream(
+            "POST", f"{url}v1/completions", json=body, headers=auth, timeout=60
+        ) as stream:
+            assert next(stream.iter_lines()).startswith("data:")  # generating
+            proc.send_signal(signal.SIGINT)  # a stream in flight does not hold the exit
+            proc.wait(timeout=GRACEFUL_S + 20)
     finally:
         proc.send_signal(signal.SIGINT)
         try:

@@ -21,7 +21,11 @@ from typing import Any
 
 from covey.apps.chat_history import format_history
 from covey.apps.history_pins import pin_key
-from covey.apps.rag_chatbot import RagChatbot
+from covey.apps.rag_chatbot import RagChatbot, build_rag_app
+from covey.llm_backend.async_llm import AsyncLLM
+from covey.retrieval.default_corpus import DEFAULT_INDEX_NAME
+from covey.runtime.executor import Runtime
+from tests.runtime.conftest import make_cpu_engine
 
 STREAM = "/apps/rag_chatbot/stream"
 RESET = "/apps/rag_chatbot/reset"
@@ -166,3 +170,34 @@ def test_chat_inputs_are_checked_and_new_sessions_get_ids(live_server):
         a = turn(client, "What is a lambda?")["outputs"]["session_id"]
         b = turn(client, "What is a lambda?")["outputs"]["session_id"]
     assert a and b and a != b
+
+
+async def test_no_session_gives_up_its_pin_when_that_cannot_make_room(server_index):
+    """Pins that are not sessions' fill the engine's pin budget: a new session whose
+    history needs more room than releasing the others could free gets no pin, and the
+    others keep theirs (releasing them would lose their pins for nothing)."""
+    llm = AsyncLLM(engine=make_cpu_engine(kv_cache_tokens=1024))
+    try:
+        runtime = Runtime(llm, retrievers={DEFAULT_INDEX_NAME: server_index})
+        bot = RagChatbot(runtime, build_rag_app(k=1, max_tokens=4))
+        await bot.ask("short", "What is a list?")
+        assert await bot.pinned_tokens("short") > 0
+        block = llm.engine.config.block_size
+        for i in range(llm.engine.block_manager.num_blocks):  # one-block pins until refused
+            await llm.prefill([1000 + i] * block, pin=f"filler:{i}")
+            if f"filler:{i}" not in await llm.pinned():
+                break
+        else:
+            raise AssertionError("the engine never refused a pin")
+        long_question = (
+            "I keep a list of the names of every file in a folder, and for each name I open "
+            "the file, read its lines, count the words on each line, add them up, and then "
+            "close the file again; what is the shortest way to write that loop so the files "
+            "are always closed, even when reading one of them raises an error halfway?"
+        )
+        await bot.ask("long", long_question)
+        assert await bot.pinned_tokens("long") == 0  # no room for it
+        assert "short" in bot.pins.held and pin_key("short") in await llm.pinned()
+        await bot.close()
+    finally:
+        await llm.close()

@@ -120,9 +120,9 @@
     for (const c of turn.citations) {
       const card = document.createElement("div");
       card.className = "source";
-      card.id = `s-${turnId}-${c.n}`;
+      card.id = `s-${turnId}-${Number(c.n)}`;
       card.innerHTML = `
-        <div class="source-head"><span class="n">[${c.n}]</span> <span class="src"></span></div>
+        <div class="source-head"><span class="n">[${Number(c.n)}]</span> <span class="src"></span></div>
         <p class="source-text"></p>`;
       card.querySelector(".src").textContent = c.source;
       card.querySelector(".source-text").textContent = c.text;

@@ -212,7 +212,7 @@ def test_lost_manifest_never_loses_versions(pristine, tmp_path, capsys):
     assert main(["index", str(new), "--index", str(root), "--quiet"]) == 0
     out, err = capsys.readouterr()
     assert f"holds {n + 1} chunks" in out
-    assert err.count("manifest.json") == 1 and "manifest.json is missing; recovered" in err
+    assert err.count("manifest.json") == 1 and "manifest.json is missing; serving v000003" in err
     assert sorted(p.name for p in (root / "versions").iterdir()) == ["v000003", "v000004"]
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import sqlite3
 
@@ -364,3 +365,25 @@ def test_reader_retries_when_a_writer_collects_its_version(
     index = DocumentIndex.open(root, embedder=embedder, tokenizer=tokenizer)
     assert calls == ["v000003", "v000005"]
     assert index.warnings == [] and len(index) == n + 2
+
+
+def test_damaged_vectors_are_re_embedded_only_when_needed(
+    pristine, tmp_path, embedder, tokenizer, caplog
+):
+    source, want, _, n = pristine
+    root = tmp_path / "idx"
+    shutil.copytree(source, root)
+    damage(root, "vectors", "garbage")
+    caplog.set_level(logging.WARNING, logger="covey.retrieval")
+    index = DocumentIndex.open(root, embedder=embedder, tokenizer=tokenizer)
+    (opened,) = index.warnings
+    assert "re-embedded from chunks.sqlite when a vector search or a write first" in opened
+    assert f"on every open until `covey index --repair {root}` stores them" in opened
+    assert_same_results(results(index), want)
+    assert index._vectors is None  # BM25, and the intact HNSW file, do not need them
+    hit = index.search("rocket in orbit", k=1, mode="vector", sources=["space"])[0]
+    assert hit.chunk.source == "space" and index._vectors is not None  # exact, filtered
+    done = index.warnings[-1]
+    assert re.search(rf"vectors.npy: re-embedded {n} chunks in \d+\.\d s; `covey index", done)
+    assert_same_results(results(index), want)
+    assert caplog.text.count("re-embedding its 5 chunks") == 1  # once, not per search

@@ -7,8 +7,8 @@ Python docs the two correlate at 0.77). Measured on the Python docs' 711 chunks 
 tokens, 64-text batches; benchmarks/retrieval.py computes the same counts): fed in
 document order, 256 at a time, for sentence-transformers to sort, the model computes over
 175.9k tokens, 42.4k of them padding; sorted by the Embedder's own token counts, over
-147.1k, 13.5k of them padding (less padding is better). Ingest also sorts each checkpoint window before slicing it, so the
-slices it hands the embedder are already of similar length.
+147.1k, 13.5k of them padding (less padding is better). Ingest also sorts each window
+before slicing it, so the slices it hands the embedder are already of similar length.
 """
 
 from __future__ import annotations

@@ -290,9 +290,8 @@ class DocumentIndex:
         vectors the checkpoints hold. A replaced document keeps its old chunks in every
         checkpoint until its new ones start going in. If anything fails midway, the
         in-memory state is reloaded from the last commit before the error propagates."""
-        if isinstance(checkpoint_chunks, bool) or not isinstance(checkpoint_chunks, int) or (
-            checkpoint_chunks <= 0
-        ):
+        integer = isinstance(checkpoint_chunks, int | np.integer)
+        if isinstance(checkpoint_chunks, bool) or not integer or checkpoint_chunks <= 0:
             raise RetrievalError(f"checkpoint_chunks must be > 0, got {checkpoint_chunks!r}")
         if checkpoint_seconds is not None and not checkpoint_seconds > 0:
             raise RetrievalError(

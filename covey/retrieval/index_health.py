@@ -53,7 +53,9 @@ def _manifest_line(listing: store.Listing, served: VersionCheck | None) -> tuple
     return f"{MANIFEST}: ok (names {named})", False
 
 
-def _version_line(check: VersionCheck, tag: str) -> str:
+def _version_line(check: VersionCheck, tag: str, older: bool) -> str:
+    """One version's state; an older version (never served, collected by a later commit)
+    gets no advice on what --repair would do, as it does nothing to it."""
     if check.record is None:
         return f"{check.name}{tag}: {RECORD}: {check.problems[RECORD]}"
     r = check.record
@@ -63,8 +65,9 @@ def _version_line(check: VersionCheck, tag: str) -> str:
     )
     if check.record_from == "manifest" and RECORD not in check.problems:
         head += f" (written by an older covey: its record is {MANIFEST})"
+    hints = {} if older else _RECOVERABLE
     found = [
-        f"{name}: {why}" + (f" ({_RECOVERABLE[name]})" if name in _RECOVERABLE else "")
+        f"{name}: {why}" + (f" ({hints[name]})" if name in hints else "")
         for name, why in check.problems.items()
     ]
     if check.orphans:
@@ -92,10 +95,12 @@ def verify_index(root: str | Path) -> HealthReport:
         tag = " (newest)" if i == 0 else ""
         if check is served and i > 0:
             tag = " (served)"
-        line = _version_line(check, tag)
         older = listing.served is not None and check.name < listing.served
+        line = _version_line(check, tag, older)
         if older and not check.ok:  # never served; a later commit collects it
             line += " (an older version: not served)"
+        elif check.name in listing.unrecorded and listing.served is None:
+            line += " (no version has a record: none is served)"
         elif check.name in listing.unrecorded:
             line += " (newer than the version served: --repair decides)"
         report.lines.append(line)

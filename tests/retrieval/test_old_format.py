@@ -103,7 +103,9 @@ def test_old_index_without_its_manifest_says_what_to_do(tmp_path, capsys):
     assert "holds no committed version" not in message
     report = verify_index(root)  # lists the folders instead of "no index"
     assert report.lines[0] == "manifest.json: missing"
-    assert report.lines[1].startswith("v000003 (newest): version.json: missing")
+    assert report.lines[1] == (
+        "v000003 (newest): version.json: missing (no version has a record: none is served)"
+    )
     with pytest.raises(RetrievalError, match="no manifest.json or version.json says which"):
         repair_index(root)
 

@@ -33,6 +33,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="N",
         help="commit after every N new chunks, so an interrupted ingest resumes (default 2048)",
     )
+    p.add_argument(
+        "--checkpoint-seconds",
+        type=float,
+        default=None,
+        metavar="S",
+        help="also commit once S seconds passed since the last commit (default 300)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--verify", metavar="DIR", help="check every version of the index in DIR")
     p.add_argument(
@@ -93,6 +100,10 @@ def _check_index_args(args: argparse.Namespace) -> None:
         raise InvalidRequestError(
             "covey index needs PATH... and --index DIR (or --verify DIR, or --repair DIR)"
         )
+    for flag in ("checkpoint_chunks", "checkpoint_seconds"):
+        value = getattr(args, flag)
+        if value is not None and not value > 0:
+            raise InvalidRequestError(f"--{flag.replace('_', '-')} must be > 0, got {value}")
 
 
 def run_index(args: argparse.Namespace) -> int:
@@ -100,13 +111,17 @@ def run_index(args: argparse.Namespace) -> int:
     _print_retrieval_warnings()
     if args.verify or args.repair:
         return _run_health(args)
-    from covey.retrieval.document_index import CHECKPOINT_CHUNKS
+    from covey.retrieval.document_index import CHECKPOINT_CHUNKS, CHECKPOINT_SECONDS
     from covey.retrieval.loaders import load_paths
 
     report = load_paths(args.paths)  # fails fast on a missing path, before loading models
     index = _open_for_ingest(args)
-    checkpoint = args.checkpoint_chunks or CHECKPOINT_CHUNKS
-    stats = index.add_documents(report.documents, not args.quiet, checkpoint)
+    stats = index.add_documents(
+        report.documents,
+        not args.quiet,
+        args.checkpoint_chunks if args.checkpoint_chunks is not None else CHECKPOINT_CHUNKS,
+        args.checkpoint_seconds if args.checkpoint_seconds is not None else CHECKPOINT_SECONDS,
+    )
     m = index.manifest
     print(
         f"files: {stats.documents} read, {stats.unchanged} unchanged, {stats.replaced} "
@@ -140,6 +155,7 @@ def run_search(args: argparse.Namespace) -> int:
     from covey.retrieval.search import validate_request
 
     validate_request(args.query, args.k, args.mode)  # before the seconds of model loading
+    _print_retrieval_warnings()
     if args.index is None:
         from covey.retrieval.default_corpus import ensure_default_index
 

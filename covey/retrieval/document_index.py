@@ -2,7 +2,8 @@
 
 Typical use:
     index = DocumentIndex.create("idx")  # or DocumentIndex.open("idx")
-    index.add_files(["docs/"])  # commits every CHECKPOINT_CHUNKS chunks and at the end
+    index.add_files(["docs/"])  # checkpoints every CHECKPOINT_CHUNKS chunks or
+                                # CHECKPOINT_SECONDS, and commits at the end
     index.search("how do I sort a dict", k=5, mode="hybrid", sources=[...])
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +25,7 @@ from covey.retrieval.bm25_index import BM25Index
 from covey.retrieval.chunker import ChunkerConfig, chunk_document
 from covey.retrieval.documents import Chunk, Document, SearchResult, content_hash
 from covey.retrieval.embedder import BUNDLED_NAME, Embedder, EmbedderConfig, EmbedderLike
+from covey.retrieval.integrity import VECTORS, partial_sources
 from covey.retrieval.length_batching import embed_by_length
 from covey.retrieval.loaders import load_paths
 from covey.retrieval.search import Reranker, SearchEngine
@@ -37,9 +40,14 @@ from covey.retrieval.vector_index import (
 )
 
 EMBED_BATCH = 256
-# An ingest commits a consistent version after every this many new chunks, so a killed or
-# failed ingest keeps its work: re-running it re-embeds only what no checkpoint holds.
+# An ingest commits a consistent version after every this many new chunks, or once this
+# many seconds passed since its last commit, so a killed or failed ingest keeps its work:
+# re-running it re-embeds only what no checkpoint holds.
 CHECKPOINT_CHUNKS = 2048
+CHECKPOINT_SECONDS = 300.0
+# An ingest embeds (length-sorted) and appends this many chunks at a time, at most; the
+# checkpoint triggers are checked between such windows.
+WINDOW_CHUNKS = 1024
 logger = logging.getLogger("covey.retrieval")
 
 
@@ -99,11 +107,16 @@ class DocumentIndex:
         self.warnings: list[str] = list(snapshot.warnings)
         for warning in self.warnings:
             logger.warning("%s", warning)
-        if snapshot.vectors is None:  # damaged on disk; the chunk store is intact
-            snapshot.vectors = self._embed_all([c.text for c in self.chunks], progress=False)
-        self.vectors: np.ndarray = snapshot.vectors
-        # The source whose first chunks a checkpoint holds but whose ingest did not finish.
-        self.partial: dict[str, Any] | None = snapshot.manifest.get("partial")
+        # None when vectors.npy is damaged: re-embedded from the chunks on first use (a
+        # BM25 search never needs them), see the `vectors` property.
+        self._vectors: np.ndarray | None = snapshot.vectors
+        self._damaged_vectors = root / "versions" / str(snapshot.manifest.get("version")) / VECTORS
+        # Sources whose first chunks a checkpoint holds but whose ingest did not finish:
+        # source -> {"content_hash", "chunks"}. Orphaned chunks (left unmarked by an older
+        # covey) are treated the same way, so re-running or removing them works.
+        self.partial: dict[str, dict[str, Any]] = partial_sources(snapshot.manifest)
+        for source, count in snapshot.orphans.items():
+            self.partial[source] = {"content_hash": None, "chunks": count}
         self._faiss = None
         if snapshot.faiss_index is not None:  # approximate kinds are stored; move to GPU if any
             self._faiss = to_gpu(snapshot.faiss_index, index_config)
@@ -201,6 +214,36 @@ class DocumentIndex:
     def __len__(self) -> int:
         return len(self.chunks)
 
+    @property
+    def vectors(self) -> np.ndarray:
+        """[len(self), dimension] unit-norm vectors, row i for chunk i."""
+        if self._vectors is None:
+            self._vectors = self._reembed_damaged()
+        return self._vectors
+
+    @vectors.setter
+    def vectors(self, value: np.ndarray) -> None:
+        self._vectors = value
+
+    def _reembed_damaged(self) -> np.ndarray:
+        """Vectors for a version whose vectors.npy is damaged, from its intact chunks; says
+        how long it took, since every open repeats it until --repair stores them."""
+        logger.warning(
+            "%s is damaged: re-embedding its %d chunks from the chunk store",
+            self._damaged_vectors,
+            len(self.chunks),
+        )
+        start = time.perf_counter()
+        vectors = self._embed_all([c.text for c in self.chunks], progress=None)
+        message = (
+            f"{self._damaged_vectors}: re-embedded {len(self.chunks)} chunks in "
+            f"{time.perf_counter() - start:.1f} s; `covey index --repair {self.root}` stores "
+            "them, so that later opens do not repeat this"
+        )
+        logger.warning("%s", message)
+        self.warnings.append(message)
+        return vectors
+
     # ---- ingestion -------------------------------------------------------------------
 
     def add_files(
@@ -208,10 +251,13 @@ class DocumentIndex:
         paths: Sequence[str | Path],
         progress: bool = False,
         checkpoint_chunks: int = CHECKPOINT_CHUNKS,
+        checkpoint_seconds: float | None = CHECKPOINT_SECONDS,
     ) -> IngestStats:
         """Ingest files and folders; unchanged files add nothing, changed ones are replaced."""
         report = load_paths(list(paths))
-        stats = self.add_documents(report.documents, progress, checkpoint_chunks)
+        stats = self.add_documents(
+            report.documents, progress, checkpoint_chunks, checkpoint_seconds
+        )
         stats.skipped, stats.aliases = report.skipped, report.aliases
         return stats
 
@@ -235,17 +281,24 @@ class DocumentIndex:
         docs: Sequence[Document],
         progress: bool = False,
         checkpoint_chunks: int = CHECKPOINT_CHUNKS,
+        checkpoint_seconds: float | None = CHECKPOINT_SECONDS,
     ) -> IngestStats:
         """Chunk, embed and index `docs`, committing a consistent version after every
-        `checkpoint_chunks` new chunks and at the end. Each commit is atomic (see
-        covey.retrieval.store); a crash loses at most the work since the last one, and
-        re-running the same ingest reuses the vectors the checkpoints hold. If anything
-        fails midway, the in-memory state is reloaded from the last commit before the error
-        propagates."""
-        if checkpoint_chunks <= 0:
-            raise RetrievalError(f"checkpoint_chunks must be > 0, got {checkpoint_chunks}")
+        `checkpoint_chunks` new chunks or `checkpoint_seconds` (None: no time trigger),
+        and at the end. Each commit is atomic (see covey.retrieval.store); a crash loses at
+        most the work since the last one, and re-running the same ingest reuses the
+        vectors the checkpoints hold. A replaced document keeps its old chunks in every
+        checkpoint until its new ones start going in. If anything fails midway, the
+        in-memory state is reloaded from the last commit before the error propagates."""
+        integer = isinstance(checkpoint_chunks, int | np.integer)
+        if isinstance(checkpoint_chunks, bool) or not integer or checkpoint_chunks <= 0:
+            raise RetrievalError(f"checkpoint_chunks must be > 0, got {checkpoint_chunks!r}")
+        if checkpoint_seconds is not None and not checkpoint_seconds > 0:
+            raise RetrievalError(
+                f"checkpoint_seconds must be > 0 or None, got {checkpoint_seconds!r}"
+            )
         try:
-            return self._ingest(docs, progress, checkpoint_chunks)
+            return self._ingest(docs, progress, checkpoint_chunks, checkpoint_seconds)
         except BaseException:
             self._reload()
             raise
@@ -255,61 +308,78 @@ class DocumentIndex:
         self.__dict__.update(fresh.__dict__)
 
     def _ingest(
-        self, docs: Sequence[Document], progress: bool, checkpoint_chunks: int
+        self,
+        docs: Sequence[Document],
+        progress: bool,
+        checkpoint_chunks: int,
+        checkpoint_seconds: float | None,
     ) -> IngestStats:
         names = [d.source for d in docs]
         if len(set(names)) != len(names):
             dupes = sorted({n for n in names if names.count(n) > 1})
             raise RetrievalError(f"each document needs its own source; repeated: {dupes[:5]}")
         stats = IngestStats(documents=len(docs))
-        # Vectors by chunk id (the text's hash), taken before anything is dropped: a resumed
-        # or replaced document re-adds many chunks whose text the index already embedded.
-        known = {c.id: self.vectors[i] for i, c in enumerate(self.chunks)}
         plan: list[tuple[str, str, list[Chunk]]] = []
-        replaced: set[str] = set()
         for doc in docs:
             digest = content_hash(doc.text)
             if self.sources.get(doc.source) == digest:
                 stats.unchanged += 1
                 continue
-            if doc.source in self.sources:
-                replaced.add(doc.source)
-                del self.sources[doc.source]
             plan.append((doc.source, digest, chunk_document(doc, self.tokenizer, self.chunker)))
+        replaced = {source for source, _, _ in plan} & self.sources.keys()
         stats.replaced = len(replaced)
         stats.removed_chunks = sum(c.source in replaced for c in self.chunks)
-        # A document being (re)ingested loses its old chunks, whole or checkpointed.
-        self._drop_sources({source for source, _, _ in plan})
-        if self.partial is not None and any(s == self.partial["source"] for s, _, _ in plan):
-            self.partial = None
         if not plan:
             return stats
+        # Vectors by chunk id (the text's hash), taken before anything is dropped: a resumed
+        # or replaced document re-adds many chunks whose text the index already embedded.
+        known = {c.id: self.vectors[i] for i, c in enumerate(self.chunks)}
         work = [
             (source, digest, chunk, i == len(chunks) - 1)
             for source, digest, chunks in plan
             for i, chunk in enumerate(chunks)
         ]
         to_embed = {c.id for _, _, c, _ in work} - known.keys()
+        step = min(checkpoint_chunks, WINDOW_CHUNKS)
+        started: set[str] = set()
+        since_commit, last_commit = 0, time.monotonic()
         from tqdm import tqdm
 
         with tqdm(
             total=len(to_embed), unit="chunk", desc="embedding", disable=not progress
         ) as bar:
-            for start in range(0, len(work), checkpoint_chunks):
-                window = work[start : start + checkpoint_chunks]
+            for start in range(0, len(work), step):
+                window = work[start : start + step]
+                starting = {source for source, _, _, _ in window} - started
+                started |= starting
+                self._start_sources(starting)
                 stats.embedded_chunks += self._embed_missing(window, known, bar.update)
                 chunks = [c for _, _, c, _ in window]
                 self._append(chunks, np.stack([known[c.id] for c in chunks]))
                 self._mark_progress(window)
-                if start + checkpoint_chunks < len(work):
+                since_commit += len(window)
+                due = since_commit >= checkpoint_chunks or (
+                    checkpoint_seconds is not None
+                    and time.monotonic() - last_commit >= checkpoint_seconds
+                )
+                if due and start + step < len(work):
                     self.commit()
                     stats.checkpoints += 1
-        self.partial = None
+                    since_commit, last_commit = 0, time.monotonic()
         self.commit()
         stats.added_chunks = len(work)
         stats.reused_vectors = len(work) - stats.embedded_chunks
         stats.tokens = sum(c.num_tokens for _, _, c, _ in work)
         return stats
+
+    def _start_sources(self, names: set[str]) -> None:
+        """The first new chunks of these sources go in now: only now do their old chunks
+        (a replaced version, or an interrupted ingest's prefix) and their old digest leave,
+        so no checkpoint publishes a document missing both its old and its new text."""
+        self._drop_sources(names)
+        for name in names:
+            self.sources.pop(name, None)
+            self.partial.pop(name, None)
 
     def _embed_missing(self, window, known: dict[str, np.ndarray], on_batch) -> int:
         """Embed the window's texts that have no vector yet (each distinct text once)."""
@@ -320,15 +390,15 @@ class DocumentIndex:
         return len(texts)
 
     def _mark_progress(self, window) -> None:
-        """Sources whose last chunk is in are complete; the one cut off is `partial`."""
+        """Sources whose last chunk is in are complete; the one cut off is partial."""
         for source, digest, _, last in window:
             if last:
                 self.sources[source] = digest
+                self.partial.pop(source, None)
         source, digest, _, last = window[-1]
-        self.partial = None
         if not last:
             count = sum(c.source == source for c in self.chunks)
-            self.partial = {"source": source, "content_hash": digest, "chunks": count}
+            self.partial[source] = {"content_hash": digest, "chunks": count}
 
     def _check_tokenizer(self, tokenizer: TokenizerLike) -> None:
         """Chunks counted with two tokenizers would mix token budgets: say so, loudly."""
@@ -343,15 +413,13 @@ class DocumentIndex:
 
     def remove_sources(self, sources: Sequence[str]) -> int:
         """Delete every chunk of these sources and commit; returns how many were removed."""
-        partial = self.partial["source"] if self.partial else None
-        names = {s for s in sources if s in self.sources or s == partial}
+        names = {s for s in sources if s in self.sources or s in self.partial}
         if not names:
             return 0
         try:
             for name in names:
                 self.sources.pop(name, None)
-            if partial in names:
-                self.partial = None
+                self.partial.pop(name, None)
             removed = self._drop_sources(names)
             self.commit()
         except BaseException:
@@ -359,12 +427,16 @@ class DocumentIndex:
             raise
         return removed
 
-    def _embed_all(self, texts: list[str], progress: bool = False, on_batch=None) -> np.ndarray:
-        """Vectors for `texts` in their order, embedded in batches of similar length."""
+    def _embed_all(
+        self, texts: list[str], progress: bool | None = False, on_batch=None
+    ) -> np.ndarray:
+        """Vectors for `texts` in their order, embedded in batches of similar length;
+        `progress` None shows a bar on a terminal only."""
         from tqdm import tqdm
 
         dim = int(self.manifest["embedder"]["dimension"])
-        with tqdm(total=len(texts), unit="chunk", desc="embedding", disable=not progress) as bar:
+        disable = None if progress is None else not progress
+        with tqdm(total=len(texts), unit="chunk", desc="embedding", disable=disable) as bar:
             return embed_by_length(
                 self.embedder.embed, texts, dim, EMBED_BATCH, on_batch or bar.update
             )
@@ -374,6 +446,8 @@ class DocumentIndex:
             return 0
         keep = np.array([c.source not in names for c in self.chunks], dtype=bool)
         removed = int((~keep).sum())
+        if not removed:
+            return 0
         self.chunks = [c for c, k in zip(self.chunks, keep, strict=True) if k]
         self.vectors = self.vectors[keep]
         self._faiss, self._bm25 = None, None  # positions moved: rebuild lazily
@@ -431,6 +505,9 @@ class DocumentIndex:
 
     def commit(self) -> None:
         """Persist the current state as a new version (see covey.retrieval.store)."""
+        self._commit()
+
+    def _commit(self, repair: bool = False) -> None:
         kind = self.kind
         index_info: dict[str, Any] = {"config": asdict(self.index_config), "kind": kind}
         faiss_to_save = None
@@ -438,8 +515,8 @@ class DocumentIndex:
             faiss_to_save = to_cpu(self.faiss_index())
             index_info["recall_at_10"] = round(measure_recall(self._faiss, self.vectors), 4)
         manifest = {k: v for k, v in self.manifest.items() if k != "partial"}
-        if self.partial is not None:
-            manifest["partial"] = self.partial
+        if self.partial:
+            manifest["partial"] = dict(sorted(self.partial.items()))
         manifest = dict(
             manifest,
             index=index_info,
@@ -449,5 +526,5 @@ class DocumentIndex:
             updated=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         )
         snap = store.Snapshot(manifest, self.chunks, self.sources, self.vectors, faiss_to_save)
-        self._version = store.commit_snapshot(self.root, snap, self._version)
+        self._version = store.commit_snapshot(self.root, snap, self._version, repair)
         self.manifest = snap.manifest

@@ -135,9 +135,14 @@ class Embedder:
         return self._encode(texts)
 
     def _encode(self, texts: list[str]) -> np.ndarray:
-        """Batches of `batch_size` texts of similar token count (see length_batching)."""
+        """Batches of `batch_size` texts of similar token count (see length_batching). Texts
+        that fit one batch (every search query) are not tokenized an extra time to sort."""
+        if len(texts) <= self.batch_size:
+            slices = [np.arange(len(texts))]
+        else:
+            slices = length_sorted_slices(self.token_counts(texts), self.batch_size)
         out = np.empty((len(texts), self.dimension), dtype=np.float32)
-        for rows in length_sorted_slices(self.token_counts(texts), self.batch_size):
+        for rows in slices:
             vectors = self.model.encode(
                 [texts[i] for i in rows],
                 batch_size=len(rows),

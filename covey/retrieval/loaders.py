@@ -45,13 +45,21 @@ class LoadReport:
     def first_visit(self, path: Path, resolved: Path) -> bool:
         """True the first time `resolved` is reached; later arrivals through another name
         are recorded as aliases, through the same name (overlapping arguments) dropped."""
+        here = Path(os.path.abspath(path))
         seen = self._seen.get(resolved)
         if seen is None:
-            self._seen[resolved] = Path(os.path.abspath(path))
+            self._seen[resolved] = here
             return True
-        if seen != Path(os.path.abspath(path)):
-            self.alias(path, resolved)
+        if seen != here:  # name the path that is not the file itself (the link)
+            alias = seen if _is_itself(here, resolved) and not _is_itself(seen, resolved) else here
+            self.alias(alias, resolved)
         return False
+
+
+def _is_itself(path: Path, resolved: Path) -> bool:
+    """True when `path` names the file directly (its last component is no link), so the
+    other name of the same file is the alias, whichever of the two was visited first."""
+    return Path(os.path.realpath(path.parent)) / path.name == resolved
 
 
 def html_to_text(html: str) -> str:
@@ -81,7 +89,10 @@ def _resolve(path: Path, report: LoadReport) -> Path | None:
     try:
         return path.resolve(strict=True)
     except FileNotFoundError:
-        report.skip(path, f"dangling symlink (to {os.readlink(path)})")
+        try:
+            report.skip(path, f"dangling symlink (to {os.readlink(path)})")
+        except OSError:  # removed since it was listed, or not a link at all
+            report.skip(path, "vanished while loading")
     except RuntimeError:  # Python < 3.13 reports a loop this way
         report.skip(path, "symlink loop")
     except OSError as exc:

@@ -12,17 +12,23 @@ the next version name: that rename is the commit point. manifest.json is then re
 version current and untouched; one between the rename and the manifest leaves the new
 version complete, and it is served (a stale manifest is reported, never trusted over it).
 
-Opening serves the newest version, after checking each of its files against its record.
-Damage that loses nothing is repaired in memory with a warning (an unreadable manifest, a
-faiss index rebuilt from the vectors, vectors re-embedded from the chunks); anything else
-is a RetrievalError that names the file and points at `covey index --repair`.
+Opening serves the newest version that has a record (its own version.json, or the manifest
+naming it: covey wrote no version.json before this format), after checking each of its
+files against that record. Damage that loses nothing is repaired in memory with a warning
+(an unreadable manifest, a faiss index rebuilt from the vectors, vectors re-embedded from
+the chunks); anything else is a RetrievalError that names the file and points at
+`covey index --repair`. A newer folder without any record is never served, never
+committed on top of and never collected: only --repair, which rebuilds its record from its
+data files, decides what it holds.
 
-Garbage collection removes only what a commit superseded: versions older than the one it
-was built on (whose record was read and checked), and temporary folders of dead writers.
+Garbage collection removes only what a commit superseded: the versions its parent version
+itself superseded (up to the parent's `previous_version`), and temporary folders of dead
+writers. The parent stays, as the previous version.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -44,18 +50,22 @@ from covey.retrieval.documents import Chunk
 from covey.retrieval.integrity import (
     CHUNKS,
     FAISS,
+    MANIFEST,
     RECORD,
     VECTORS,
     VERSION_NAME,
     VersionCheck,
     check_version,
     file_digest,
+    partial_sources,
+    read_record,
     record_problem,
+    records_differ,
+    settings_template,
 )
 from covey.retrieval.vector_index import load_faiss
 
 FORMAT = 1
-MANIFEST = "manifest.json"
 LOCK = ".lock"
 # Test hook: when set to a path, a commit writes that file after its temporary snapshot is
 # complete and then sleeps, so a test can SIGKILL the process at the worst moment.
@@ -76,7 +86,8 @@ CREATE TABLE sources (source TEXT PRIMARY KEY, content_hash TEXT NOT NULL);
 class Snapshot:
     """Everything one version holds. `faiss_index` is None when it is rebuilt on open;
     `vectors` is None when they must be re-embedded from the chunks (damaged on disk).
-    `warnings` say what opening had to recover from."""
+    `warnings` say what opening had to recover from; `orphans` count, per source, chunks
+    an interrupted ingest left without a sources entry or a partial marker."""
 
     manifest: dict[str, Any]
     chunks: list[Chunk]
@@ -84,6 +95,7 @@ class Snapshot:
     vectors: np.ndarray | None
     faiss_index: Any = None
     warnings: list[str] = field(default_factory=list)
+    orphans: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -94,6 +106,10 @@ class ManifestState:
     content: dict[str, Any] | None = None
     problem: str | None = None  # None: readable and well formed (or absent, see exists)
     exists: bool = True
+
+    @property
+    def named(self) -> str | None:
+        return self.content["version"] if self.content else None
 
 
 def read_manifest_state(root: Path) -> ManifestState:
@@ -118,21 +134,56 @@ def read_manifest_state(root: Path) -> ManifestState:
 def version_folders(root: Path) -> list[str]:
     """Names of the version folders under root/versions, oldest first."""
     versions = root / "versions"
-    if not versions.is_dir():
+    try:
+        return sorted(p.name for p in versions.iterdir() if VERSION_NAME.fullmatch(p.name))
+    except (FileNotFoundError, NotADirectoryError):
         return []
-    return sorted(p.name for p in versions.iterdir() if VERSION_NAME.fullmatch(p.name))
+    except OSError as exc:
+        raise RetrievalError(f"cannot list {versions}: {exc.strerror or exc}") from exc
 
 
-def committed_versions(root: Path, manifest: ManifestState) -> list[str]:
-    """Version folders that were committed, oldest first: those with a record, and the one
-    a readable manifest names (versions written before records existed have none). A folder
-    with neither is a leftover of an interrupted commit by an older covey."""
-    named = manifest.content["version"] if manifest.content else None
-    return [
-        name
-        for name in version_folders(root)
-        if name == named or (root / "versions" / name / RECORD).exists()
-    ]
+@dataclass
+class Listing:
+    """The version folders of an index and where each one's record is, without reading
+    any data file. `recorded` are folders with a record (their own version.json, or the
+    manifest naming them); `unrecorded` maps the others to why version.json is unusable."""
+
+    root: Path
+    manifest: ManifestState
+    folders: list[str]
+    recorded: list[str]
+    unrecorded: dict[str, str]
+
+    @property
+    def served(self) -> str | None:
+        """The newest version with a record: the one opening serves and commits build on."""
+        return self.recorded[-1] if self.recorded else None
+
+    def unrecorded_above(self, name: str | None) -> list[str]:
+        return [f for f in self.unrecorded if name is None or f > name]
+
+    def template(self) -> dict[str, Any] | None:
+        """Index-wide settings (embedder, chunker, faiss config) from any record found."""
+        if self.manifest.content is not None:
+            return self.manifest.content
+        for name in reversed(self.folders):
+            record = settings_template(self.root / "versions" / name)
+            if record is not None:
+                return record
+        return None
+
+
+def list_versions(root: Path) -> Listing:
+    manifest = read_manifest_state(root)
+    folders = version_folders(root)
+    recorded, unrecorded = [], {}
+    for name in folders:
+        record, why = read_record(root / "versions" / name)
+        if record is not None or name == manifest.named:
+            recorded.append(name)
+        else:
+            unrecorded[name] = why or "missing"
+    return Listing(root, manifest, folders, recorded, unrecorded)
 
 
 def index_exists(root: Path) -> bool:
@@ -155,101 +206,149 @@ def _writer_active(root: Path) -> bool:
     return False
 
 
-def _repair_hint(root: Path) -> str:
+def repair_hint(root: Path) -> str:
     return f"run `covey index --repair {root}` to restore the newest consistent version"
 
 
 def read_snapshot(root: Path) -> Snapshot:
-    """Load the newest committed version, checked against its record; raises
+    """Load the newest version that has a record, checked against it; raises
     IndexNotFoundError if there is none, RetrievalError naming the file if it is damaged
-    beyond what can be rebuilt."""
-    manifest = read_manifest_state(root)
-    names = committed_versions(root, manifest)
-    if not names:
-        if not manifest.exists and not version_folders(root):
-            raise IndexNotFoundError(
-                f"no index at {root} (missing {MANIFEST}); build one with `covey index PATH "
-                f"--index {root}` or DocumentIndex.create()"
-            )
-        if manifest.content:
-            raise RetrievalError(
-                f"{manifest.path} names {manifest.content['version']}, which is not in "
-                f"{root / 'versions'}; the index data is gone"
-            )
-        raise RetrievalError(
-            f"{manifest.path} is {manifest.problem or 'missing'} and {root / 'versions'} holds "
-            "no committed version; nothing to recover from"
-        )
-    newest = names[-1]
-    warnings = _manifest_warnings(root, manifest, newest)
-    named = manifest.content if manifest.content and manifest.content["version"] == newest else None
-    check = check_version(root / "versions" / newest, named)
-    if check.record is not None and named is not None and records_differ(named, check.record):
+    beyond what can be rebuilt.
+
+    A reader racing a writer (checkpoints commit every few seconds, and each commit
+    collects what its parent superseded) may find the version it chose half removed: when
+    a check finds problems and the folder is gone or a newer version appeared, it lists
+    the versions again and retries once."""
+    for attempt in (1, 2):
+        listing = list_versions(root)
+        if listing.served is None:
+            raise _nothing_to_serve(root, listing)
+        named = listing.manifest.content if listing.manifest.named == listing.served else None
+        check = check_version(root / "versions" / listing.served, named)
+        if attempt == 1 and check.problems and _moved_on(root, listing):
+            continue
+        break
+    warnings = _manifest_warnings(listing) + _unrecorded_warnings(listing)
+    if check.record_from == "own" and named is not None and records_differ(named, check.record):
         warnings.append(
-            f"{manifest.path} disagrees with {check.folder / RECORD}; used the version's own "
-            "record (the next commit rewrites the manifest)"
+            f"{listing.manifest.path} disagrees with {check.folder / RECORD}; used the "
+            "version's own record (the next commit rewrites the manifest)"
         )
     return _snapshot_from_check(root, check, warnings)
 
 
-def _manifest_warnings(root: Path, manifest: ManifestState, newest: str) -> list[str]:
-    if not manifest.exists:
-        return [
-            f"{manifest.path} is missing; recovered {newest}, the newest version, from its own "
-            "record (the next commit rewrites the manifest)"
-        ]
+def _moved_on(root: Path, listing: Listing) -> bool:
+    folder = root / "versions" / str(listing.served)
+    return not folder.is_dir() or list_versions(root).served != listing.served
+
+
+def _nothing_to_serve(root: Path, listing: Listing) -> Exception:
+    manifest = listing.manifest
+    if not manifest.exists and not listing.folders:
+        return IndexNotFoundError(
+            f"no index at {root} (missing {MANIFEST}); build one with `covey index PATH "
+            f"--index {root}` or DocumentIndex.create()"
+        )
+    if manifest.content is not None:
+        state = f"names {manifest.named}, which is not in {root / 'versions'}"
+    else:
+        state = f"is {manifest.problem or 'missing'}"
+    if not listing.folders:
+        return RetrievalError(f"{manifest.path} {state}, and no version folder is left")
+    names = ", ".join(listing.folders)
+    found = (
+        f"{manifest.path} {state}, and no folder in {root / 'versions'} ({names}) has a "
+        f"usable {RECORD} (an index written by an older covey, or damage)"
+    )
+    if listing.template() is not None:
+        return RetrievalError(f"{found}; run `covey index --repair {root}` to rebuild it")
+    return RetrievalError(
+        f"{found}; nothing says which embedder and chunker built it: move {root} aside and "
+        f"rebuild the index from its sources (`covey index PATH --index {root}`)"
+    )
+
+
+def _manifest_warnings(listing: Listing) -> list[str]:
+    manifest, served = listing.manifest, listing.served
     if manifest.content is None:
+        why = manifest.problem if manifest.exists else "missing"
         return [
-            f"{manifest.path} is {manifest.problem}; recovered {newest}, the newest version, "
-            "from its own record (the next commit rewrites the manifest)"
+            f"{manifest.path} is {why}; serving {served} from its own record (the next "
+            "commit rewrites the manifest)"
         ]
-    named = manifest.content["version"]
-    if named == newest or _writer_active(root):  # a commit between rename and manifest
-        return []
+    named = manifest.named
+    if named not in listing.folders:
+        return [f"{manifest.path} names {named}, which is not in versions/; serving {served}"]
+    if named == served or _writer_active(listing.root):
+        return []  # the second case: a commit between its rename and its manifest
     return [
-        f"{manifest.path} names {named} but {newest} is newer (an interrupted commit, or an "
-        f"older copy of the manifest); serving {newest}"
+        f"{manifest.path} names {named}, which is older than {served} (an interrupted "
+        f"commit, or an older copy of the manifest); serving {served}"
     ]
 
 
-def records_differ(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    keys = ("version", "num_chunks", "num_sources", "files", "embedder", "index")
-    return any(a.get(k) != b.get(k) for k in keys)
+def _unrecorded_warnings(listing: Listing) -> list[str]:
+    return [
+        f"{listing.root / 'versions' / name} is newer than {listing.served} but has no "
+        f"usable {RECORD} ({why}): not served, and the index refuses commits until "
+        f"`covey index --repair {listing.root}` restores the newest consistent version"
+        for name, why in listing.unrecorded.items()
+        if name > str(listing.served)
+    ]
 
 
 def _snapshot_from_check(root: Path, check: VersionCheck, warnings: list[str]) -> Snapshot:
     if not check.chunks_usable:
-        file = RECORD if RECORD in check.problems else CHUNKS
+        file = check.fatal_file
         raise RetrievalError(
-            f"{check.folder / file} is damaged: {check.problems[file]}; {_repair_hint(root)}"
+            f"{check.folder / file} is damaged: {check.problems[file]}; {repair_hint(root)}"
         )
     assert check.record is not None and check.chunks is not None and check.sources is not None
+    if RECORD in check.problems:
+        warnings.append(
+            f"{check.folder / RECORD} is damaged ({check.problems[RECORD]}); "
+            f"`covey index --repair {root}` rewrites it"
+        )
     if VECTORS in check.problems:
         warnings.append(
-            f"{check.folder / VECTORS} is damaged ({check.problems[VECTORS]}); re-embedding "
-            f"its {len(check.chunks)} chunks from {CHUNKS} (run `covey index --repair {root}` "
-            "to store them)"
+            f"{check.folder / VECTORS} is damaged ({check.problems[VECTORS]}); its "
+            f"{len(check.chunks)} chunks are re-embedded from {CHUNKS} when a vector search "
+            f"or a write first needs them, on every open until `covey index --repair {root}` "
+            "stores them"
         )
     if FAISS in check.problems:
         warnings.append(
             f"{check.folder / FAISS} is damaged ({check.problems[FAISS]}); rebuilt it from "
             f"{VECTORS}"
         )
+    if check.orphans:
+        listed = ", ".join(f"{s} ({n})" for s, n in list(check.orphans.items())[:5])
+        warnings.append(
+            f"{check.folder / CHUNKS} holds chunks of sources an interrupted ingest left "
+            f"unfinished and unmarked: {listed}; kept as partial (re-run that ingest to "
+            f"finish them, or `covey index --repair {root}` to record them)"
+        )
     return Snapshot(
-        check.record, check.chunks, check.sources, check.vectors, check.faiss_index, warnings
+        check.record,
+        check.chunks,
+        check.sources,
+        check.vectors,
+        check.faiss_index,
+        warnings,
+        check.orphans,
     )
 
 
-def check_all(root: Path) -> tuple[ManifestState, list[VersionCheck]]:
-    """The manifest and a check of every committed version, newest first (for --verify
-    and --repair)."""
-    manifest = read_manifest_state(root)
-    named = manifest.content["version"] if manifest.content else None
-    checks = [
-        check_version(root / "versions" / name, manifest.content if name == named else None)
-        for name in reversed(committed_versions(root, manifest))
-    ]
-    return manifest, checks
+def check_all(root: Path) -> tuple[Listing, list[VersionCheck]]:
+    """The listing and a check of every version folder, newest first (for --verify and
+    --repair). Folders without a record are checked against one rebuilt from their data."""
+    listing = list_versions(root)
+    template = listing.template()
+    checks = []
+    for name in reversed(listing.folders):
+        named = listing.manifest.content if name == listing.manifest.named else None
+        checks.append(check_version(root / "versions" / name, named, template))
+    return listing, checks
 
 
 def _fsync_path(path: Path) -> None:
@@ -302,7 +401,8 @@ def commit_lock(root: Path) -> Iterator[None]:
 
 
 def check_consistent(snap: Snapshot) -> None:
-    """Refuse to write a version whose parts disagree: it would be committed damage."""
+    """Refuse to write a version whose parts disagree: it would be committed damage. Every
+    chunk belongs to a complete source or to one marked partial (a checkpointed ingest)."""
     n, dim = len(snap.chunks), int(snap.manifest["embedder"]["dimension"])
     problems = []
     if snap.vectors is None or snap.vectors.shape != (n, dim):
@@ -312,8 +412,18 @@ def check_consistent(snap: Snapshot) -> None:
         problems.append(f"faiss holds {snap.faiss_index.ntotal} vectors for {n} chunks")
     if snap.manifest.get("num_chunks", n) != n:
         problems.append(f"the record says {snap.manifest['num_chunks']} chunks, not {n}")
+    accounted = snap.sources.keys() | partial_sources(snap.manifest).keys()
+    stray = sorted({c.source for c in snap.chunks} - accounted)
+    if stray:
+        problems.append(f"chunks of sources neither complete nor partial: {stray[:5]}")
     if problems:
         raise RetrievalError(f"refusing to commit an inconsistent index: {'; '.join(problems)}")
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
 
 
 def _write_version(folder: Path, snap: Snapshot) -> dict[str, Any]:
@@ -345,58 +455,105 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    _write_json(tmp, data)
-    os.replace(tmp, path)
+    try:
+        _write_json(tmp, data)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_path(path.parent)
 
 
-def _collect_garbage(versions: Path, parent: str | None) -> None:
-    """Remove what a commit on top of `parent` superseded: versions older than `parent`
-    (kept: `parent` itself, as the previous version), and temporary folders of dead writers
-    (a live writer holds the lock, and so do we). Any other folder stays."""
-    if not versions.is_dir():
+def _remove_temporary(versions: Path) -> None:
+    """Temporary folders of dead writers (a live writer holds the lock, and so do we)."""
+    for name in os.listdir(versions) if versions.is_dir() else []:
+        if _TMP.fullmatch(name):
+            shutil.rmtree(versions / name, ignore_errors=True)
+
+
+def _collect_garbage(versions: Path, parent: str | None, superseded: str | None) -> None:
+    """Remove what a commit on top of `parent` superseded: the versions `parent` itself
+    superseded, i.e. up to its `previous_version`. `parent` stays as the previous version,
+    and so does every folder between the two (nothing recorded that they were replaced)."""
+    if parent is None or superseded is None:
         return
-    for child in versions.iterdir():
-        old = parent is not None and VERSION_NAME.fullmatch(child.name) and child.name < parent
-        if old or _TMP.fullmatch(child.name):
-            shutil.rmtree(child, ignore_errors=True)
+    for name in os.listdir(versions):
+        if VERSION_NAME.fullmatch(name) and name < parent and name <= superseded:
+            shutil.rmtree(versions / name, ignore_errors=True)
 
 
-def commit_snapshot(root: Path, snap: Snapshot, expected_version: str | None) -> str:
+def _write_new_version(versions: Path, name: str, snap: Snapshot, record: dict) -> None:
+    """Write the version into a temporary folder and rename it to `name`: the commit."""
+    tmp = versions / f".tmp-{uuid.uuid4().hex}"
+    try:
+        record["files"] = _write_version(tmp, snap)
+        _write_json(tmp / RECORD, record)
+        for child in tmp.iterdir():
+            _fsync_path(child)
+        _fsync_path(tmp)
+    except (OSError, sqlite3.Error, RuntimeError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RetrievalError(f"cannot write the new version in {versions}: {_reason(exc)}") from exc
+    _pause_for_tests()
+    try:
+        os.rename(tmp, versions / name)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise RetrievalError(
+                f"another writer committed {versions / name} meanwhile; reopen the index and "
+                "retry"
+            ) from exc
+        raise RetrievalError(f"cannot commit {versions / name}: {_reason(exc)}") from exc
+
+
+def commit_snapshot(
+    root: Path, snap: Snapshot, expected_version: str | None, repair: bool = False
+) -> str:
     """Write `snap` as the next version, then point the manifest at it; returns its name.
 
-    `expected_version` is the newest version when this writer opened the index: if another
-    writer committed since, this one would silently drop that work, so it fails instead.
-    The new version supersedes it and every older one: those older are collected.
+    `expected_version` is the newest version with a record when this writer opened the
+    index: if another writer committed since, this one would silently drop that work, so
+    it fails instead. A newer folder without a record is refused too (only `repair`, which
+    has checked every folder, commits over one). The snapshot's own version, the one it was
+    built from, becomes `previous_version`; what that one superseded is collected.
     """
     check_consistent(snap)
     versions = root / "versions"
+    base = snap.manifest.get("version")
+    superseded = snap.manifest.get("previous_version")
     with commit_lock(root):
-        manifest = read_manifest_state(root)
-        names = committed_versions(root, manifest)
-        current = names[-1] if names else None
+        listing = list_versions(root)
+        current = listing.served
         if current != expected_version:
             raise RetrievalError(
                 f"index {root} was changed by another writer (now {current}, opened at "
                 f"{expected_version}); reopen it and retry"
             )
-        _collect_garbage(versions, None)  # dead writers' temporary folders
-        taken = version_folders(root)
-        number = int(taken[-1][1:]) + 1 if taken else 1
+        above = listing.unrecorded_above(current)
+        if above and not repair:
+            raise RetrievalError(
+                f"refusing to commit on top of {current}: {versions / above[-1]} is newer and "
+                f"has no usable {RECORD} ({listing.unrecorded[above[-1]]}); "
+                f"{repair_hint(root)}"
+            )
+        try:
+            versions.mkdir(exist_ok=True)
+            _remove_temporary(versions)
+        except OSError as exc:
+            raise RetrievalError(f"cannot write to {versions}: {_reason(exc)}") from exc
+        number = int(listing.folders[-1][1:]) + 1 if listing.folders else 1
         name = f"v{number:06d}"
-        tmp = versions / f".tmp-{uuid.uuid4().hex}"
-        files = _write_version(tmp, snap)
-        record = dict(
-            snap.manifest, format=FORMAT, version=name, previous_version=current, files=files
-        )
-        _write_json(tmp / RECORD, record)
-        for child in tmp.iterdir():
-            _fsync_path(child)
-        _fsync_path(tmp)
-        _pause_for_tests()
-        os.rename(tmp, versions / name)
-        _fsync_path(versions)
-        _atomic_write_json(root / MANIFEST, record)
-        _collect_garbage(versions, expected_version)
+        record = dict(snap.manifest, format=FORMAT, version=name, previous_version=base)
+        _write_new_version(versions, name, snap, record)
+        try:
+            _fsync_path(versions)
+            _atomic_write_json(root / MANIFEST, record)
+        except OSError as exc:
+            raise RetrievalError(
+                f"committed {name}, but cannot write {root / MANIFEST}: {_reason(exc)}; "
+                f"{name} is served anyway (the next commit rewrites the manifest)"
+            ) from exc
+        _collect_garbage(versions, base, superseded)
         snap.manifest = record
     return name

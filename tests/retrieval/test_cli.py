@@ -72,6 +72,21 @@ def test_index_progress_bar_and_approximate_kind(tmp_path, docs, capsys):
             "chunk_tokens must be > 0",
             2,
         ),
+        (
+            ["index", "{docs}", "--index", "X", "--checkpoint-chunks", "0"],
+            "--checkpoint-chunks must be > 0, got 0",
+            2,
+        ),
+        (
+            ["index", "{docs}", "--index", "X", "--checkpoint-chunks", "-3"],
+            "--checkpoint-chunks must be > 0, got -3",
+            2,
+        ),
+        (
+            ["index", "{docs}", "--index", "X", "--checkpoint-seconds", "0"],
+            "--checkpoint-seconds must be > 0, got 0.0",
+            2,
+        ),
     ],
 )
 def test_errors_are_reported(tmp_path, docs, capsys, argv, message, code):
@@ -109,3 +124,34 @@ def test_installed_entry_point_wires_the_commands(tmp_path):
     )
     assert proc.returncode == 3
     assert f"covey: error: no index at {missing}" in proc.stderr
+
+
+def test_search_prints_recovery_warnings_once_with_the_prefix(tmp_path, docs, capsys):
+    idx = tmp_path / "idx"
+    assert covey("index", str(docs), "--index", str(idx), "--quiet") == 0
+    (idx / "manifest.json").unlink()
+    capsys.readouterr()
+    assert covey("search", "bread", "--index", str(idx), "--mode", "bm25") == 0
+    err = capsys.readouterr().err
+    assert err.count("manifest.json is missing") == 1
+    assert f"covey: warning: {idx / 'manifest.json'} is missing; serving v000002" in err
+
+
+def test_verify_during_a_commit_is_not_a_problem(tmp_path, docs, capsys):
+    """Between a commit's rename and its manifest the manifest names the older version;
+    --verify run then (the writer holds the lock) must not call that damage."""
+    import json
+
+    from covey.retrieval import store
+
+    idx = tmp_path / "idx"
+    assert covey("index", str(docs), "--index", str(idx), "--quiet") == 0
+    record = json.loads((idx / "versions" / "v000001" / "version.json").read_text())
+    (idx / "manifest.json").write_text(json.dumps(record))  # as if v000002's commit is midway
+    with store.commit_lock(idx):
+        assert covey("index", "--verify", str(idx)) == 0
+    assert "manifest.json: names v000001 (a writer is committing v000002)" in (
+        capsys.readouterr().out
+    )
+    assert covey("index", "--verify", str(idx)) == 2  # no writer: a stale manifest
+    assert "names v000001, but the version served is v000002" in capsys.readouterr().out

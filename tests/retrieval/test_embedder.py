@@ -32,4 +32,29 @@ def test_length_sorted_embedding_keeps_the_order(embedder):
     seen = []
     vectors = embed_by_length(embedder.embed, texts, embedder.dimension, 2, seen.append)
     assert seen == [2, 2]
-    np.testing.assert_allclose(vectors, embedder.embed(texts), atol=1e-5)
+    direct = embedder.model.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+    np.testing.assert_allclose(vectors, direct, atol=1e-5)
+
+
+def test_one_batch_is_not_tokenized_twice(embedder, monkeypatch):
+    """Texts that fit one batch (every search query) skip the token counting that only
+    orders several batches; more texts are ordered by it, and both match the model."""
+    counted = []
+    real = embedder.token_counts
+
+    def token_counts(texts):
+        counted.append(texts)
+        return real(texts)
+
+    monkeypatch.setattr(embedder, "token_counts", token_counts)
+    monkeypatch.setattr(embedder, "batch_size", 3)
+    texts = ["a query about files", "a much longer query about opening files in Python", "x"]
+    direct = embedder.model.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+    np.testing.assert_allclose(embedder.embed(texts), direct, atol=1e-5)
+    np.testing.assert_allclose(embedder.embed(texts[:1]), direct[:1], atol=1e-5)
+    assert counted == []
+    more = texts + ["four", "five words in this one"]
+    vectors = embedder.embed(more)
+    assert counted == [more]
+    direct = embedder.model.encode(more, normalize_embeddings=True, convert_to_numpy=True)
+    np.testing.assert_allclose(vectors, direct, atol=1e-5)

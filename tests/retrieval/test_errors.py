@@ -61,7 +61,8 @@ def test_corrupt_manifest_is_recovered_from_the_versions_record(make_index, capl
     (index.root / "manifest.json").write_text("{not json")
     reopened = DocumentIndex.open(index.root)
     assert reopened.chunks == index.chunks and reopened.manifest["version"] == "v000002"
-    assert "manifest.json is unreadable" in caplog.text and "recovered v000002" in caplog.text
+    assert "manifest.json is unreadable" in caplog.text
+    assert "serving v000002 from its own record" in caplog.text
 
 
 def test_manifest_of_another_format(make_index):
@@ -155,3 +156,68 @@ def test_embedder_device_is_checked_with_the_config(monkeypatch):
     with pytest.raises(ConfigError, match="EmbedderConfig.device must be 'auto', 'cpu' or"):
         EmbedderConfig(device="tpu")
     assert Embedder.load(EmbedderConfig(device="auto")).model.device.type == "cpu"
+
+
+def test_write_failures_are_retrieval_errors(make_index):
+    """A full disk (here: a file size limit) mid-commit: a one-line error, no leftovers,
+    the previous version still served."""
+    import resource
+    import signal
+
+    index = make_index()
+    index.add_texts([f"Note {i} about rivers, lakes and the sea." for i in range(12)], "n")
+    before = sorted(p.name for p in (index.root / "versions").iterdir())
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2048, hard))
+    try:
+        with pytest.raises(RetrievalError, match=r"cannot write the new version in .*versions: "):
+            index.commit()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert sorted(p.name for p in (index.root / "versions").iterdir()) == before
+    assert len(DocumentIndex.open(index.root)) == 12
+
+
+def test_a_commit_racing_another_writer_says_retry(make_index, monkeypatch):
+    from covey.retrieval import store
+
+    index = make_index()
+    target = index.root / "versions" / "v000002"
+
+    def other_writer_wins() -> None:  # a writer that ignored the lock renamed in first
+        target.mkdir()
+        (target / "chunks.sqlite").write_bytes(b"theirs")
+
+    monkeypatch.setattr(store, "_pause_for_tests", other_writer_wins)
+    with pytest.raises(RetrievalError, match=r"another writer committed .*v000002 meanwhile; "):
+        index.add_texts(["Rockets reach orbit."], source="a")
+    assert not [p for p in (index.root / "versions").iterdir() if p.name.startswith(".tmp-")]
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"embedder": {"name": "m", "dimension": "384"}}, "dimension '384' is not a positive"),
+        ({"embedder": {"name": "m", "dimension": True}}, "dimension True is not a positive"),
+        ({"num_chunks": -1}, "num_chunks -1 is not a count"),
+        ({"index": {"config": {"bogus": 1}}}, "index config is invalid"),
+        ({"index": {"config": {"nprobe": 0}}}, "index config is invalid (nprobe must be > 0"),
+        ({"chunker": {"config": {"chunk_tokens": "64"}, "tokenizer": "t"}}, "chunker config"),
+        ({"chunker": {"config": {}, "tokenizer": 3}}, "chunker tokenizer is not a name"),
+        ({"files": {"chunks.sqlite": {"bytes": "1"}}}, "files lacks sizes or checksums"),
+        ({"partial": {"x": {"chunks": "3"}}}, "partial lacks chunk counts"),
+        ({"previous_version": "v1"}, "previous_version 'v1' is not a version name"),
+    ],
+)
+def test_malformed_records_are_reported_not_raised(make_index, caplog, change, problem):
+    from covey.retrieval.integrity import record_problem
+
+    index = make_index()
+    manifest = json.loads((index.root / "manifest.json").read_text())
+    assert record_problem(manifest) is None
+    assert problem in record_problem(dict(manifest, **change))
+    (index.root / "manifest.json").write_text(json.dumps(dict(manifest, **change)))
+    reopened = DocumentIndex.open(index.root)  # served from version.json, with a warning
+    assert reopened.manifest["version"] == "v000001" and problem in caplog.text

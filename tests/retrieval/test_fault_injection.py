@@ -1,5 +1,5 @@
-"""Fault injection over a real index folder: every file an index holds (manifest, chunk
-store, vectors, faiss index, lock) x every damage (deleted, empty, truncated, garbage,
+"""Fault injection over a real index folder: every file an index holds (manifest, version
+record, chunk store, vectors, faiss index, lock) x every damage (deleted, empty, truncated, garbage,
 swapped with the previous version's, extra rows).
 
 Opening and searching must either recover and answer exactly as the undamaged index did,
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import sqlite3
 
@@ -22,6 +23,7 @@ import numpy as np
 import pytest
 
 from covey.errors import RetrievalError
+from covey.retrieval import store
 from covey.retrieval.chunker import ChunkerConfig
 from covey.retrieval.document_index import DocumentIndex
 from covey.retrieval.index_health import repair_index, verify_index
@@ -41,6 +43,7 @@ MODES = ("vector", "bm25", "hybrid")
 DAMAGES = ("deleted", "empty", "truncated", "garbage", "swapped", "extra_rows")
 FILES = {
     "manifest": "manifest.json",
+    "record": "versions/v000003/version.json",
     "sqlite": "versions/v000003/chunks.sqlite",
     "vectors": "versions/v000003/vectors.npy",
     "faiss": "versions/v000003/index.faiss",
@@ -107,7 +110,7 @@ def damage(root, file: str, how: str) -> None:
 
 
 def add_rows(path, file: str, data: bytes) -> None:
-    if file == "manifest":
+    if file in ("manifest", "record"):
         manifest = json.loads(data)
         path.write_text(json.dumps(dict(manifest, num_chunks=manifest["num_chunks"] + 3)))
     elif file == "sqlite":
@@ -127,7 +130,14 @@ def add_rows(path, file: str, data: bytes) -> None:
 
 
 # What opening does per file: recover (with a warning naming the file) or raise naming it.
-RECOVERS = {"manifest": True, "sqlite": False, "vectors": True, "faiss": True, "lock": True}
+RECOVERS = {
+    "manifest": True,
+    "record": True,  # manifest.json holds a copy of the current version's record
+    "sqlite": False,
+    "vectors": True,
+    "faiss": True,
+    "lock": True,
+}
 
 
 @pytest.mark.parametrize("how", DAMAGES)
@@ -157,7 +167,7 @@ def test_damage_is_recovered_or_named(
     assert_same_results(results(index), want)
     assert len(index) == n
     if file == "lock":  # never read: nothing to recover, nothing to warn about
-        assert index.warnings == []
+        assert index.warnings == [] and verify_index(root).problems == 0
     else:
         assert index.warnings and all(name in w for w in index.warnings), index.warnings
         assert name in caplog.text
@@ -176,6 +186,11 @@ def test_damage_is_recovered_or_named(
     assert reopened.warnings == [] and len(reopened) == n + 1
     assert reopened.search("glacier valleys", k=1)[0].chunk.source == "ice"
     assert verify_index(root).problems == 0
+    if file == "lock":  # the damaged lock was replaced by a plain file that still excludes
+        assert (root / ".lock").is_file() and not store._writer_active(root)
+        with store.commit_lock(root):  # what a second writer would wait on
+            assert store._writer_active(root)
+        assert not store._writer_active(root)
 
 
 def test_repair_restores_vectors_and_faiss_without_loss(pristine, tmp_path, embedder, tokenizer):
@@ -212,7 +227,7 @@ def test_lost_manifest_never_loses_versions(pristine, tmp_path, capsys):
     assert main(["index", str(new), "--index", str(root), "--quiet"]) == 0
     out, err = capsys.readouterr()
     assert f"holds {n + 1} chunks" in out
-    assert err.count("manifest.json") == 1 and "manifest.json is missing; recovered" in err
+    assert err.count("manifest.json") == 1 and "manifest.json is missing; serving v000003" in err
     assert sorted(p.name for p in (root / "versions").iterdir()) == ["v000003", "v000004"]
 
 
@@ -270,3 +285,105 @@ def test_cli_verify_and_repair(pristine, tmp_path, capsys, verb):
     assert "v000004 (newest): 5 chunks from 5 sources, faiss hnsw: ok" in capsys.readouterr().out
     assert main(["index", "--verify", str(root), "--index", "x"]) == 2
     assert "covey: error: --verify DIR takes no PATH and no --index" in capsys.readouterr().err
+
+
+def test_newer_folder_without_a_record_is_never_collected(
+    pristine, tmp_path, embedder, tokenizer
+):
+    """The newest version's record and the manifest are both lost: the older version is
+    served with a warning that says so, no commit goes on top (the one after it used to
+    delete the newer folder), and --repair restores the newer one from its own data."""
+    source, want, previous, n = pristine
+    root = tmp_path / "idx"
+    shutil.copytree(source, root)
+    (root / "versions/v000003/version.json").unlink()
+    (root / "manifest.json").unlink()
+    index = DocumentIndex.open(root, embedder=embedder, tokenizer=tokenizer)
+    assert index.manifest["version"] == "v000002"
+    assert_same_results(results(index), previous)
+    assert not any("newest version" in w for w in index.warnings), index.warnings
+    assert any(
+        "v000003 is newer than v000002 but has no usable version.json (missing): not served"
+        in w
+        for w in index.warnings
+    ), index.warnings
+    with pytest.raises(RetrievalError, match=r"refusing to commit on top of v000002: .*--repair"):
+        index.add_texts(["Glaciers carve valleys."], source="ice")
+    assert sorted(p.name for p in (root / "versions").iterdir()) == ["v000002", "v000003"]
+
+    found = verify_index(root)
+    assert any(line.startswith("v000003 (newest): 5 chunks") for line in found.lines), found
+    assert found.problems >= 2  # the manifest, and v000003's record
+    report = repair_index(root, embedder=embedder, tokenizer=tokenizer)
+    assert report.lines[-1] == f"committed v000004 ({n} chunks)", report.lines
+    assert not any("restored" in line for line in report.lines)  # nothing was lost
+    repaired = DocumentIndex.open(root, embedder=embedder, tokenizer=tokenizer)
+    assert repaired.warnings == [] and verify_index(root).problems == 0
+    assert_same_results(results(repaired), want)
+    # Each later commit collects only what its parent superseded.
+    repaired.add_texts(["Glaciers carve valleys."], source="ice")
+    assert sorted(p.name for p in (root / "versions").iterdir()) == ["v000004", "v000005"]
+
+
+@pytest.mark.parametrize("how", ["garbage", "swapped"])
+def test_repair_keeps_a_version_whose_only_damage_is_its_record(
+    how, pristine, tmp_path, embedder, tokenizer
+):
+    source, want, _, n = pristine
+    root = tmp_path / "idx"
+    shutil.copytree(source, root)
+    damage(root, "record", how)
+    report = repair_index(root, embedder=embedder, tokenizer=tokenizer)
+    assert any("v000003: version.json: " in line and "rewritten" in line for line in report.lines)
+    assert report.lines[-1] == f"committed v000004 ({n} chunks)", report.lines
+    index = DocumentIndex.open(root, embedder=embedder, tokenizer=tokenizer)
+    assert index.warnings == [] and verify_index(root).problems == 0
+    assert_same_results(results(index), want)
+
+
+def test_reader_retries_when_a_writer_collects_its_version(
+    pristine, tmp_path, embedder, tokenizer, monkeypatch
+):
+    """Checkpoints commit often; a reader that listed the versions just before two commits
+    finds its folder collected. It must list again, not call the index damaged."""
+    source, want, _, n = pristine
+    root = tmp_path / "idx"
+    shutil.copytree(source, root)
+    writer = DocumentIndex.open(root, embedder=embedder, tokenizer=tokenizer)
+    real = store.check_version
+    calls = []
+
+    def check_after_two_commits(folder, *args):
+        if not calls:
+            writer.add_texts(["Glaciers carve valleys."], source="ice")
+            writer.add_texts(["Deserts get little rain."], source="dry")
+            assert not folder.exists()  # collected under the reader's feet
+        calls.append(folder.name)
+        return real(folder, *args)
+
+    monkeypatch.setattr(store, "check_version", check_after_two_commits)
+    index = DocumentIndex.open(root, embedder=embedder, tokenizer=tokenizer)
+    assert calls == ["v000003", "v000005"]
+    assert index.warnings == [] and len(index) == n + 2
+
+
+def test_damaged_vectors_are_re_embedded_only_when_needed(
+    pristine, tmp_path, embedder, tokenizer, caplog
+):
+    source, want, _, n = pristine
+    root = tmp_path / "idx"
+    shutil.copytree(source, root)
+    damage(root, "vectors", "garbage")
+    caplog.set_level(logging.WARNING, logger="covey.retrieval")
+    index = DocumentIndex.open(root, embedder=embedder, tokenizer=tokenizer)
+    (opened,) = index.warnings
+    assert "re-embedded from chunks.sqlite when a vector search or a write first" in opened
+    assert f"on every open until `covey index --repair {root}` stores them" in opened
+    assert_same_results(results(index), want)
+    assert index._vectors is None  # BM25, and the intact HNSW file, do not need them
+    hit = index.search("rocket in orbit", k=1, mode="vector", sources=["space"])[0]
+    assert hit.chunk.source == "space" and index._vectors is not None  # exact, filtered
+    done = index.warnings[-1]
+    assert re.search(rf"vectors.npy: re-embedded {n} chunks in \d+\.\d s; `covey index", done)
+    assert_same_results(results(index), want)
+    assert caplog.text.count("re-embedding its 5 chunks") == 1  # once, not per search

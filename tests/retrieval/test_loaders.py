@@ -130,3 +130,29 @@ def test_aliased_files_ingest_into_an_index(tmp_path, make_index):
     stats = make_index().add_files([folder, folder / "a.txt"])
     assert (stats.documents, stats.added_chunks) == (1, 1)
     assert stats.aliases == [(str(folder / "same.txt"), str(folder / "a.txt"))]
+
+
+def test_alias_named_when_the_link_sorts_before_its_target(tmp_path, caplog):
+    (tmp_path / "b.txt").write_text("beta")
+    (tmp_path / "a.txt").symlink_to(tmp_path / "b.txt")  # visited first
+    report = load_paths([tmp_path])
+    assert [d.source for d in report.documents] == [str(tmp_path / "b.txt")]
+    assert report.aliases == [(str(tmp_path / "a.txt"), str(tmp_path / "b.txt"))]
+    assert caplog.text.count("a.txt resolves to") == 1 and "b.txt resolves to" not in caplog.text
+
+
+def test_a_file_removed_while_loading_is_skipped(tmp_path, monkeypatch):
+    """Listed, then gone before it is read (another process cleaning up): a skip."""
+    (tmp_path / "kept.txt").write_text("kept")
+    ghost = tmp_path / "gone.txt"
+    real = Path.iterdir
+
+    def iterdir_with_a_removed_file(self):
+        yield from real(self)
+        if self == tmp_path:
+            yield ghost
+
+    monkeypatch.setattr(Path, "iterdir", iterdir_with_a_removed_file)
+    report = load_paths([tmp_path])
+    assert [Path(d.source).name for d in report.documents] == ["kept.txt"]
+    assert report.skipped == [(str(ghost), "vanished while loading")]

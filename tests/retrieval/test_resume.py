@@ -46,7 +46,7 @@ def checkpointed(root: Path) -> int:
         manifest = json.loads((root / "manifest.json").read_text())
     except (OSError, ValueError):  # not written yet, or being replaced
         return 0
-    return (manifest.get("partial") or {}).get("chunks", 0)
+    return (manifest.get("partial") or {}).get("long.txt", {}).get("chunks", 0)
 
 
 def test_sigkill_between_checkpoints_then_rerun(tmp_path, make_index, embedder, tokenizer):
@@ -82,7 +82,7 @@ def test_sigkill_between_checkpoints_then_rerun(tmp_path, make_index, embedder, 
     # The checkpoint is a consistent version holding a prefix of the document.
     survivor = DocumentIndex.open(index.root, embedder=embedder, tokenizer=tokenizer)
     held = len(survivor)
-    assert survivor.warnings == [] and survivor.partial["chunks"] == held
+    assert survivor.warnings == [] and survivor.partial["long.txt"]["chunks"] == held
     assert 0 < held < len(expected)  # killed mid-ingest, for real
     assert [c.id for c in survivor.chunks] == [c.id for c in expected[:held]]
     assert "long.txt" not in survivor.sources  # unfinished: the re-run must not skip it
@@ -95,7 +95,7 @@ def test_sigkill_between_checkpoints_then_rerun(tmp_path, make_index, embedder, 
     assert stats.checkpoints == (len(expected) - 1) // CHECKPOINT
 
     final = DocumentIndex.open(index.root, embedder=embedder, tokenizer=tokenizer)
-    assert final.partial is None and final.sources["long.txt"] == survivor.sources["long.txt"]
+    assert final.partial == {} and final.sources["long.txt"] == survivor.sources["long.txt"]
     assert [(c.id, c.start) for c in final.chunks] == [(c.id, c.start) for c in expected]
     rows = [0, held - 1, held, len(expected) - 1]  # both sides of the resume point
     fresh = embedder.embed([expected[i].text for i in rows])

@@ -51,6 +51,10 @@ from covey.llm_backend.weight_loader import load_model
 
 log = logging.getLogger(__name__)
 
+# What a chunk warmed on its own follows (see `add_warm_chunk`): any text keeps it off
+# position 0, the attention sink.
+WARM_PREAMBLE = "Passage:\n"
+
 
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, model: LlamaModel | None = None) -> None:
@@ -337,26 +341,41 @@ class LLMEngine:
     def add_warm_chunk(
         self, chunk: Segment, request_id: str | None = None, priority: int = 0
     ) -> str | None:
-        """Queue a prefill of `chunk` alone at position 0 that stores its KV (standalone:
-        exact for a prompt that starts with it, blendable anywhere). None when the store
-        holds it already."""
+        """Queue a prefill of `chunk` on its own that stores its KV, blendable anywhere.
+        None when the store holds it already.
+
+        The chunk follows WARM_PREAMBLE, not position 0: the first token of a sequence
+        becomes an attention sink, with KV unlike any token's in mid-prompt, and a chunk
+        whose first token carried it blends badly (measured: planted-facts accuracy 0.30
+        against 0.58 for full prefill at ratio 0.15, with the chunk computed at 0).
+        """
         store = self._store_for("warm_chunks")
         ids = self.validator.check_chunk(chunk)
         if store.contains_any(ids):
             return None
         request_id = check_request_id(request_id, self.requests)
-        span = SegmentSpan("chunk", 0, len(ids), chunk.chunk_id)
+        preamble = self._warm_preamble(len(ids))
         seq = Sequence(
             request_id,
-            ids,
+            preamble + ids,
             SamplingParams(max_tokens=1),
             check_priority(priority),
-            [span],
+            [
+                *([SegmentSpan("static", 0, len(preamble))] if preamble else []),
+                SegmentSpan("chunk", len(preamble), len(preamble) + len(ids), chunk.chunk_id),
+            ],
             prefill_only=True,
         )
         self.requests[request_id] = seq
         self.scheduler.add(seq)
         return request_id
+
+    def _warm_preamble(self, chunk_len: int) -> list[int]:
+        """WARM_PREAMBLE's ids, or none where they would not fit with the chunk."""
+        if self.tokenizer is None or not WARM_PREAMBLE:
+            return []
+        ids = self.tokenizer.encode(WARM_PREAMBLE)
+        return ids if len(ids) + chunk_len < self.max_model_len else []
 
     def warm_chunks(self, chunks: list[Segment]) -> int:
         """Make the chunk store hold these chunks' KV now: loaded from disk, or computed

@@ -218,19 +218,22 @@ class AsyncLLM:
 
     async def warm_chunks(self, chunks: list[Segment]) -> int:
         """Make the chunk store hold these chunks' KV: loaded from disk where it is there,
-        else computed alone at position 0 (all of them batched together). Returns how many
-        had to be loaded or computed."""
+        else, with chunk_cache "blend", computed standalone (all of them batched together).
+        With "exact" a chunk is only loaded: standalone KV is never an exact hit (it was not
+        computed after the prompt's own prefix), so computing it would only waste the CPU
+        the request needs. Returns how many were loaded or computed."""
         if self.engine.chunk_store is None:
             raise NotSupportedError("warm_chunks needs chunk_cache 'exact' or 'blend', not 'off'")
         if not isinstance(chunks, list):
             raise InvalidRequestError(f"warm_chunks takes a list of Segments, got {chunks!r}")
         count, todo, seen = 0, [], set()
+        blend = self.engine.config.chunk_cache == "blend"
         for chunk in chunks:
             state = await self._call(self.engine.load_chunk, chunk)
             key = (chunk.text, chunk.token_ids)
             if state == "loaded":
                 count += 1
-            elif state == "missing" and key not in seen:
+            elif state == "missing" and key not in seen and blend:
                 seen.add(key)
                 todo.append(chunk)
 

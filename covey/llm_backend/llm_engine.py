@@ -378,9 +378,11 @@ class LLMEngine:
         return ids if len(ids) + chunk_len < self.max_model_len else []
 
     def warm_chunks(self, chunks: list[Segment]) -> int:
-        """Make the chunk store hold these chunks' KV now: loaded from disk, or computed
-        alone (batched together); returns how many had to be loaded or computed."""
+        """Make the chunk store hold these chunks' KV now: loaded from disk, or (with
+        chunk_cache "blend" only: see `AsyncLLM.warm_chunks`) computed alone, batched
+        together; returns how many were loaded or computed."""
         count, ids, seen = 0, [], set()
+        blend = self.config.chunk_cache == "blend"
         for chunk in chunks:
             key = (chunk.text, chunk.token_ids)
             if key in seen:
@@ -389,7 +391,7 @@ class LLMEngine:
             state = self.load_chunk(chunk)
             if state == "loaded":
                 count += 1
-            elif state == "missing":
+            elif state == "missing" and blend:
                 rid = self.add_warm_chunk(chunk)
                 if rid is not None:
                     ids.append(rid)

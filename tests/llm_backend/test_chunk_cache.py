@@ -179,12 +179,18 @@ def test_the_disk_tier_keeps_chunks_across_a_restart(make_engine, tmp_path):
 
 def test_async_llm_offers_chunks_and_warms_them(make_engine):
     async def main():
-        on = AsyncLLM(engine=_engine(make_engine, chunk_cache="exact"))
+        on = AsyncLLM(engine=_engine(make_engine, chunk_cache="blend"))
+        exact = AsyncLLM(engine=_engine(make_engine, chunk_cache="exact"))
         off = AsyncLLM(engine=_engine(make_engine, chunk_cache="off"))
-        assert on.capabilities.chunks and not off.capabilities.chunks
+        assert on.capabilities.chunks and exact.capabilities.chunks
+        assert not off.capabilities.chunks
         chunk = Segment(DOCS["lamp"], kind="chunk", chunk_id="lamp")
         assert await on.warm_chunks([chunk]) == 1
         assert await on.warm_chunks([chunk]) == 0
+        # Exact reuse needs KV computed after the prompt's own prefix: nothing to compute.
+        assert await exact.warm_chunks([chunk]) == 0
+        assert (await exact.stats()).chunk_cache["host"]["entries"] == 0
+        await exact.close()
         with pytest.raises(NotSupportedError):
             await off.warm_chunks([chunk])
         stats = await on.stats()

@@ -159,7 +159,9 @@ def bench_standalone(size, model, results) -> None:
         questions, prompts, _ = workload(size, engine.tokenizer)
         measured = questions[size["prime"] :]
         start = time.perf_counter()
-        warmed = engine.warm_chunks([s for q in measured for s in pf.chunk_segments(q)])
+        warmed = engine.warm_chunks(
+            [s for q in measured for s in pf.chunk_segments(q)], compute=True
+        )
         warm_s = time.perf_counter() - start
         outs = serve(engine, prompts[size["prime"] :])
         extra = {"kv_source": "standalone", "warmed_chunks": warmed, "warm_s": round(warm_s, 2)}

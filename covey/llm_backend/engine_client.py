@@ -33,7 +33,7 @@ class EngineCapabilities:
     `choices`: constrain an output to exactly one of several strings.
     `segments`: accept prompts as `Segment` lists (chunk-aware KV reuse).
     `chunks`: a chunk KV store behind `segments`: chunk segments reuse KV computed by
-    earlier requests, and `warm_chunks` computes or loads chunks' KV ahead of the prompt.
+    earlier requests, and `warm_chunks` loads chunks' KV ahead of the prompt.
     `computes_on_loop_thread`: the engine's compute runs on the caller's event-loop thread
     (a CPU engine); callers keep their own CPU-heavy work (index searches) on that thread
     too, since torch ops on a second thread slow the engine down.
@@ -149,10 +149,11 @@ class EngineClient(Protocol):
         """Pin key -> tokens it holds in the prefix cache (empty without `prefill`)."""
         ...
 
-    async def warm_chunks(self, chunks: list[Segment]) -> int:
-        """Make the chunk store hold these chunk segments' KV (loaded from a lower tier,
-        or computed standalone), so a prompt that reads them soon reuses it; returns how
-        many had to be loaded or computed. (`chunks`.)"""
+    async def warm_chunks(self, chunks: list[Segment], compute: bool = False) -> int:
+        """Make the chunk store's host tier hold these chunk segments' KV, loaded from a
+        lower tier, so a prompt that reads them soon reuses it; `compute` also computes
+        the missing ones standalone (KV that only blending can use, at a measured quality
+        cost). Returns how many were loaded or computed. (`chunks`.)"""
         ...
 
     async def abort(self, request_id: str) -> None:

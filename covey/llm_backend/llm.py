@@ -67,9 +67,9 @@ class LLM:
             raise
         return self.engine.run_to_completion(ids)
 
-    def warm_chunks(self, chunks: list[Segment]) -> int:
+    def warm_chunks(self, chunks: list[Segment], compute: bool = False) -> int:
         """Make the chunk store hold these chunk segments' KV (see `LLMEngine.warm_chunks`)."""
-        return self.engine.warm_chunks(chunks)
+        return self.engine.warm_chunks(chunks, compute)
 
     def close(self) -> None:
         """Close the engine's chunk store (its disk tier keeps what host memory held)."""

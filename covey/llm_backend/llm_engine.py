@@ -377,12 +377,11 @@ class LLMEngine:
         ids = self.tokenizer.encode(WARM_PREAMBLE)
         return ids if len(ids) + chunk_len < self.max_model_len else []
 
-    def warm_chunks(self, chunks: list[Segment]) -> int:
-        """Make the chunk store hold these chunks' KV now: loaded from disk, or (with
-        chunk_cache "blend" only: see `AsyncLLM.warm_chunks`) computed alone, batched
-        together; returns how many were loaded or computed."""
+    def warm_chunks(self, chunks: list[Segment], compute: bool = False) -> int:
+        """Make the chunk store hold these chunks' KV now: loaded from disk, and with
+        `compute` (see `AsyncLLM.warm_chunks` for why it is opt-in) the missing ones
+        computed alone, batched together; returns how many were loaded or computed."""
         count, ids, seen = 0, [], set()
-        blend = self.config.chunk_cache == "blend"
         for chunk in chunks:
             key = (chunk.text, chunk.token_ids)
             if key in seen:
@@ -391,7 +390,7 @@ class LLMEngine:
             state = self.load_chunk(chunk)
             if state == "loaded":
                 count += 1
-            elif state == "missing" and blend:
+            elif state == "missing" and compute:
                 rid = self.add_warm_chunk(chunk)
                 if rid is not None:
                     ids.append(rid)

@@ -226,7 +226,7 @@ class RemoteEngine:
     async def pinned(self) -> dict[str, int]:
         return {}
 
-    async def warm_chunks(self, chunks: list[Segment]) -> int:
+    async def warm_chunks(self, chunks: list[Segment], compute: bool = False) -> int:
         raise self._unsupported("warming chunks' KV")
 
     async def pause(self, request_id: str) -> None:

@@ -3,9 +3,11 @@
 Between a retrieve node and the LLM call that reads its chunks there are usually other
 nodes (fusion, formatting, sibling retrievals, rewrites still decoding). An engine with a
 chunk KV store (`capabilities.chunks`) can use that time to load the chunks' KV from a
-lower tier or compute it standalone (`warm_chunks`), so the answer's prefill finds them
-ready. The chunks are sent in the canonical form every prompt uses (`chunk_segment`), so
-the store's keys match what the prompt will carry.
+lower tier into the host tier (`warm_chunks`), so the answer's prefill finds them ready.
+It does not compute missing chunks standalone: that KV answers worse than the KV the
+prompt's own prefill stores (see `AsyncLLM.warm_chunks`). The chunks are sent in the
+canonical form every prompt uses (`chunk_segment`), so the store's keys match what the
+prompt will carry.
 
 A warm is an optimisation: it runs as a task owned by the run (cancelled with it, so a
 cancelled run leaves nothing computing), and a failing warm is logged and ignored; the

@@ -126,7 +126,7 @@ def test_a_chunk_too_long_for_the_context_is_refused_by_name(make_engine):
     with pytest.raises(InvalidRequestError, match="doc-7"):
         engine.add_request([Segment("Q:", kind="static"), long_chunk], GREEDY)
     with pytest.raises(InvalidRequestError, match="doc-7"):
-        engine.warm_chunks([long_chunk])
+        engine.warm_chunks([long_chunk], compute=True)
 
 
 def test_pool_returns_to_baseline_after_a_mixed_run(make_engine):
@@ -153,8 +153,9 @@ def test_pool_returns_to_baseline_after_a_mixed_run(make_engine):
 def test_warm_chunks_computes_each_chunk_once_then_reuses_it(make_engine):
     engine = _engine(make_engine, chunk_cache="blend", enable_prefix_caching=False)
     chunks = [Segment(DOCS[n], kind="chunk", chunk_id=n) for n in ("mill", "owl")]
-    assert engine.warm_chunks(chunks + chunks[:1]) == 2
-    assert engine.warm_chunks(chunks) == 0
+    assert engine.warm_chunks(chunks + chunks[:1]) == 0  # loads only: nothing stored yet
+    assert engine.warm_chunks(chunks + chunks[:1], compute=True) == 2
+    assert engine.warm_chunks(chunks, compute=True) == 0
     out = _run(engine, _prompt(["owl", "mill"]))
     assert out.metrics.num_reused_tokens > 0
     _baseline(engine)
@@ -185,9 +186,9 @@ def test_async_llm_offers_chunks_and_warms_them(make_engine):
         assert on.capabilities.chunks and exact.capabilities.chunks
         assert not off.capabilities.chunks
         chunk = Segment(DOCS["lamp"], kind="chunk", chunk_id="lamp")
-        assert await on.warm_chunks([chunk]) == 1
-        assert await on.warm_chunks([chunk]) == 0
-        # Exact reuse needs KV computed after the prompt's own prefix: nothing to compute.
+        assert await on.warm_chunks([chunk], compute=True) == 1
+        assert await on.warm_chunks([chunk], compute=True) == 0
+        # Without `compute` it only loads: nothing is stored yet, so nothing is computed.
         assert await exact.warm_chunks([chunk]) == 0
         assert (await exact.stats()).chunk_cache["host"]["entries"] == 0
         await exact.close()

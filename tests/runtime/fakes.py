@@ -185,7 +185,7 @@ class FakeLLM:
     async def pinned(self) -> dict[str, int]:
         return dict(self.pins)
 
-    async def warm_chunks(self, chunks: list[Segment]) -> int:
+    async def warm_chunks(self, chunks: list[Segment], compute: bool = False) -> int:
         """Records the chunks (a FakeLLM has no KV to compute); counts them as computed."""
         self._require(self.capabilities.chunks, "chunks")
         self.warmed.append(list(chunks))

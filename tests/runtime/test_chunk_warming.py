@@ -81,7 +81,7 @@ async def test_no_warm_without_a_chunk_store_or_in_the_naive_plan():
 
 @dataclass
 class FailingWarm(FakeLLM):
-    async def warm_chunks(self, chunks: list[Segment]) -> int:
+    async def warm_chunks(self, chunks: list[Segment], compute: bool = False) -> int:
         raise EngineError("the chunk store is on fire")
 
 
@@ -99,7 +99,7 @@ async def test_a_failing_warm_is_logged_and_the_run_goes_on(caplog):
 class EndlessWarm(FakeLLM):
     cancelled: list[bool] = field(default_factory=list)
 
-    async def warm_chunks(self, chunks: list[Segment]) -> int:
+    async def warm_chunks(self, chunks: list[Segment], compute: bool = False) -> int:
         try:
             await asyncio.Event().wait()
         except asyncio.CancelledError:

@@ -92,6 +92,11 @@ class ChunkStore:
         self._lock = threading.RLock()
         self._closed = False
 
+    @property
+    def has_disk(self) -> bool:
+        """Whether a disk tier is below the host tier (something `warm_chunks` can load)."""
+        return self._disk is not None
+
     def put(self, entry: ChunkKV) -> bool:
         """Keep `entry` in host memory, evicting to make room; False when refused (larger
         than the host tier, or the room is leased). Never fails for a full store."""

@@ -228,6 +228,8 @@ class AsyncLLM:
             raise NotSupportedError("warm_chunks needs chunk_cache 'exact' or 'blend', not 'off'")
         if not isinstance(chunks, list):
             raise InvalidRequestError(f"warm_chunks takes a list of Segments, got {chunks!r}")
+        if not compute and not self.engine.can_load_chunks():
+            return 0  # nothing below the host tier to load from: no work on the engine thread
         count, todo, seen = 0, [], set()
         for chunk in chunks:
             state = await self._call(self.engine.load_chunk, chunk)

@@ -29,7 +29,7 @@ from covey.llm_backend.kv_pool import KVPool
 from covey.llm_backend.kv_sizing import num_kv_blocks
 from covey.llm_backend.model import LlamaModel
 from covey.llm_backend.model_runner import ModelRunner
-from covey.llm_backend.model_source import resolve_model
+from covey.llm_backend.model_source import ModelSource, resolve_model
 from covey.llm_backend.output_processor import OutputProcessor
 from covey.llm_backend.outputs import RequestOutput
 from covey.llm_backend.prefill_profile import prefill_profile
@@ -119,7 +119,8 @@ class LLMEngine:
             config.chunk_store_disk_bytes,
             # What the KV depends on besides the tokens: another model never reads it.
             fingerprint=(
-                f"model={self.source.name} dtype={self.dtype} "
+                f"model={self.source.name} weights={_weights_identity(self.source)} "
+                f"dtype={self.dtype} "
                 f"quantization={config.quantization} layers={args.num_layers} "
                 f"kv_heads={args.num_kv_heads} head_dim={args.dim_per_head} "
                 f"rope_theta={args.rope_theta} rope_scaling={args.rope_scaling}"
@@ -377,10 +378,20 @@ class LLMEngine:
         ids = self.tokenizer.encode(WARM_PREAMBLE)
         return ids if len(ids) + chunk_len < self.max_model_len else []
 
+    def can_load_chunks(self) -> bool:
+        """Whether warming without `compute` can do anything: only blending reads a chunk
+        stored after another context (exact planning reads the disk tier itself), and only
+        a disk tier holds what the host tier lacks."""
+        store = self.chunk_store
+        return store is not None and store.has_disk and self.config.chunk_cache == "blend"
+
     def warm_chunks(self, chunks: list[Segment], compute: bool = False) -> int:
         """Make the chunk store hold these chunks' KV now: loaded from disk, and with
         `compute` (see `AsyncLLM.warm_chunks` for why it is opt-in) the missing ones
         computed alone, batched together; returns how many were loaded or computed."""
+        self._store_for("warm_chunks")
+        if not compute and not self.can_load_chunks():
+            return 0
         count, ids, seen = 0, [], set()
         for chunk in chunks:
             key = (chunk.text, chunk.token_ids)
@@ -578,3 +589,14 @@ class LLMEngine:
         seq.metrics.finished_time = time.perf_counter()
         self.requests.pop(seq.request_id, None)
         self._generators.pop(seq.seq_id, None)
+
+
+def _weights_identity(source: ModelSource) -> str:
+    """Where the weights are and which version of the files: two checkpoints that share a
+    name (a fine-tune of the same base, weights replaced in place) must never share a disk
+    chunk store, or exact reuse would import the other model's KV."""
+    if source.path is None:
+        return f"preset:{source.preset}"
+    path = source.path.resolve()
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) or [path]
+    return ";".join(f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)

@@ -114,7 +114,7 @@ class LLMEngine:
         args = self.model.args
         self.chunk_store = ChunkStore(
             config.chunk_store_bytes,
-            profile.seconds,
+            profile.span_seconds,
             config.chunk_store_dir,
             config.chunk_store_disk_bytes,
             # What the KV depends on besides the tokens: another model never reads it.

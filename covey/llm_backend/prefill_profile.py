@@ -31,6 +31,12 @@ class PrefillProfile:
         """Estimated seconds to prefill `num_tokens` tokens from scratch."""
         return self.fixed_s + self.per_token_s * num_tokens
 
+    def span_seconds(self, num_tokens: int) -> float:
+        """What recomputing a span of `num_tokens` costs inside a larger prefill: a span is
+        never prefilled alone, so no fixed cost. The chunk store's eviction cost: with the
+        fixed part, small label spans would outrank the chunks per byte and outlive them."""
+        return self.per_token_s * num_tokens
+
 
 def prefill_profile(model: LlamaModel, key: tuple[object, ...]) -> PrefillProfile:
     """The cached profile for `key` (what identifies the model's speed), measuring it on

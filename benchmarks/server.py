@@ -193,8 +193,15 @@ def chat_sender(system: str, model: str):
 def run_levels(workload, system, url, levels, size, send, results) -> None:
     for c in levels:
         total = max(size["min_requests"], c * size["rounds"])
-        m = asyncio.run(load(url, c, total, send))
         params = {"concurrency": c, "requests": total, "answer_tokens": ANSWER_TOKENS}
+        try:
+            m = asyncio.run(load(url, c, total, send))
+        except Exception as exc:  # a peer that fails at a level is recorded, not dropped
+            why = f"the server failed at concurrency {c}: {type(exc).__name__}: {exc}"
+            print(f"{workload:8s} {system:9s} c={c:2d}: {why}", flush=True)
+            for metric in METRICS:
+                results.append(record(workload, system, metric, None, params, why))
+            continue
         for metric in METRICS:
             results.append(record(workload, system, metric, m[metric], params))
         print(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from covey.llm_backend.layers import rope_inv_freq
+from covey.llm_backend.layers import apply_rotary, rope_inv_freq
 from covey.llm_backend.model_args import ModelArgs
 
 
@@ -39,9 +39,7 @@ class RopeRerotator:
         if delta == 0:
             return keys.clone()
         cos, sin = self.rotation(delta, keys.device)
-        k = keys.float()
-        out = k * cos + k.roll(k.shape[-1] // 2, dims=-1) * sin
-        return out.to(keys.dtype)
+        return apply_rotary(keys.float(), cos, sin).to(keys.dtype)
 
     def rerotate_kv(self, kv: torch.Tensor, delta: int) -> torch.Tensor:
         """A chunk's KV [layers, 2, KVH, n, Dh] with its keys moved by `delta` positions."""

@@ -10,7 +10,6 @@ import asyncio
 
 import pytest
 
-import covey.graph as cg
 from covey.errors import (
     EngineUnavailableError,
     InvalidRequestError,
@@ -23,30 +22,8 @@ from covey.runtime import Runtime, render_prompts
 from covey.server.server_builder import build_state, builtin_apps
 from tests.retrieval.conftest import embedder, tokenizer  # noqa: F401  (session fixtures)
 from tests.runtime.conftest import make_cpu_engine
+from tests.runtime.test_real_model import GREEDY, naming  # the same two-node app
 from tests.server.conftest import LiveServer, live_server, server_index  # noqa: F401
-
-GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
-
-
-@cg.semantic_function(params=GREEDY)
-def name_it(thing: str):
-    """A short name for {{thing}}:{{gen name max_tokens=6}}"""
-
-
-@cg.semantic_function(params=GREEDY)
-def describe(name: str):
-    """{{#system}}
-    You describe things in one sentence.
-    {{#user}}
-    Describe {{name}}.
-    {{#assistant}}
-    {{gen text}}"""
-
-
-@cg.app
-def naming(thing: str):
-    name = name_it(thing)
-    return {"name": name, "text": describe(name)}
 
 
 @pytest.fixture(scope="module")

@@ -206,6 +206,14 @@ class BackgroundRuntime:
             await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(done)), CANCEL_WAIT_S)
         except TimeoutError:
             log.warning("a cancelled stream was still cleaning up after %ss", CANCEL_WAIT_S)
+        except asyncio.CancelledError:
+            # The caller is shutting down (asyncio.run cancels the task closing this stream):
+            # the cleanup takes milliseconds, so wait for it here rather than leave it behind.
+            try:
+                done.result(timeout=CANCEL_WAIT_S)
+            except Exception:
+                log.warning("a cancelled stream was still cleaning up after %ss", CANCEL_WAIT_S)
+            raise
 
     def close(self) -> None:
         """Cancel runs in flight (their callers get an error), stop the engine and the loop

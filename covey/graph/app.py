@@ -49,7 +49,7 @@ class App:
     def __init__(self, fn: Callable[..., Any], name: str | None = None) -> None:
         self.name = name or function_name(fn, "@app")
         function_name(fn, f"@app {self.name!r}")
-        inputs, _, returns = signature_of(fn, f"app {self.name!r}", need_hints=False)
+        inputs, defaults, returns = signature_of(fn, f"app {self.name!r}", need_hints=False)
         for reserved in RUN_OPTIONS:
             if reserved in inputs:
                 raise GraphError(
@@ -59,6 +59,8 @@ class App:
         builder, token = tracing(self.name)
         try:
             self.inputs = {n: Var(n, t, app=self.name) for n, t in inputs.items()}
+            # used at call time for inputs the caller leaves out, as a Python function would
+            self.defaults: dict[str, Any] = dict(defaults)
             result = fn(**self.inputs)
         finally:
             stop_tracing(token)
@@ -102,9 +104,11 @@ class App:
 
     def bind(self, *args: Any, **inputs: Any) -> dict[str, Any]:
         """The call's inputs by name, validated against their declared types: positional
-        arguments fill the inputs in declared order. Raises `AppInputError`."""
+        arguments fill the inputs in declared order, an input left out takes the wiring
+        function's default. Raises `AppInputError`."""
         self._not_tracing()
-        return bind_inputs(self.name, {n: v.type for n, v in self.inputs.items()}, args, inputs)
+        declared = {n: v.type for n, v in self.inputs.items()}
+        return bind_inputs(self.name, declared, args, inputs, self.defaults)
 
     def __call__(self, *args: Any, **inputs: Any) -> dict[str, Any]:
         """Run the app on the default runtime (see `covey.runtime.default_runtime`) and

@@ -84,9 +84,14 @@ def check_input(app: str, name: str, declared: Any, value: Any) -> Any:
 
 
 def bind_inputs(
-    app: str, declared: Mapping[str, Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    app: str,
+    declared: Mapping[str, Any],
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    defaults: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The call's inputs by name, validated: `args` fill the declared inputs in order."""
+    """The call's inputs by name, validated: `args` fill the declared inputs in order, and
+    an input given neither way takes its entry in `defaults`, if any."""
     names = list(declared)
     listing = ", ".join(f"{n}: {type_name(t)}" for n, t in declared.items()) or "none"
     if len(args) > len(names):
@@ -106,6 +111,8 @@ def bind_inputs(
                 hint = f"; {name}= is an option of app.run_traced() and app.stream()"
             raise AppInputError(f"app {app!r}: unknown input {name!r}{hint} (inputs: {listing})")
         values[name] = value
+    for name, value in (defaults or {}).items():
+        values.setdefault(name, value)
     missing = [n for n in names if n not in values]
     if missing:
         raise AppInputError(

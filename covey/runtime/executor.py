@@ -149,7 +149,10 @@ class Runtime:
         requests, and returns once they are aborted and their KV freed.
         """
         plan = self.plan_for(app)
-        inputs = bind_inputs(plan.app, plan.inputs, args, inputs)
+        if isinstance(app, App):
+            inputs = app.bind(*args, **inputs)
+        else:
+            inputs = bind_inputs(plan.app, plan.inputs, args, inputs)
         self._check(plan, inputs)
         queue: asyncio.Queue[Event | None] = asyncio.Queue()
         run = self._run(plan, inputs, queue.put_nowait, record_prompts)

@@ -140,3 +140,14 @@ def test_an_input_named_like_a_run_option_is_refused_when_the_app_is_defined():
 
     with pytest.raises(GraphError, match="input name 'record_prompts' is reserved"):
         cg.app(wiring)
+
+
+def test_an_input_left_out_takes_the_wiring_function_s_default():
+    @cg.app
+    def tagged(text: str, tags: list[str] = ["general"], limit: int = 3):  # noqa: B006
+        return summarize(text, tags, limit, None, TICKET)
+
+    assert tagged.bind("t") == {"text": "t", "tags": ["general"], "limit": 3}
+    assert tagged.bind("t", limit="5")["limit"] == 5
+    with pytest.raises(AppInputError, match=r"missing input\(s\) 'text'"):
+        tagged(limit=1)

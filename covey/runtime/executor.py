@@ -30,21 +30,30 @@ from covey.checks import as_real
 from covey.errors import (
     AppTimeoutError,
     ConfigError,
-    InvalidRequestError,
     NodeExecutionError,
     NotSupportedError,
     RetrieverNotBoundError,
 )
 from covey.graph.app import App
+from covey.graph.call_inputs import bind_inputs
 from covey.graph.ir import Retrieve, Var
 from covey.graph.lowering import Primitive
 from covey.graph.plan import NodePlan, Plan
 from covey.llm_backend.engine_client import EngineClient
 from covey.retrieval.searcher import Searcher
 from covey.runtime.chunk_warming import ChunkWarmer
-from covey.runtime.events import Event, NodeFinished, NodeStarted, RunFinished, TokenDelta, drain
+from covey.runtime.events import (
+    Event,
+    NodeFinished,
+    NodeStarted,
+    PromptRendered,
+    RunFinished,
+    TokenDelta,
+    drain,
+)
 from covey.runtime.nodes import NodeEnv, run_node, stream_generate
 from covey.runtime.prefill_ahead import PrefillAhead
+from covey.runtime.prompt_text import prompt_text
 from covey.runtime.trace import Trace
 
 
@@ -115,24 +124,39 @@ class Runtime:
         """A timeout for one app (by name), overriding the runtime-wide one."""
         self._timeouts[app] = _check_timeout(timeout_s)
 
-    async def run(self, app: App | Plan, **inputs: Any) -> dict[str, Any]:
-        """Run `app` on `inputs`; returns output name -> value."""
-        return (await self.run_traced(app, **inputs)).outputs
+    async def run(self, app: App | Plan, /, *args: Any, **inputs: Any) -> dict[str, Any]:
+        """Run `app` on its inputs (positional ones in declared order); returns output name
+        -> value."""
+        return (await self.run_traced(app, *args, **inputs)).outputs
 
-    async def run_traced(self, app: App | Plan, **inputs: Any) -> RunResult:
-        """Like `run`, with the run's trace (node times, tokens, prefix-cache hits)."""
-        finished = await drain(self.stream(app, **inputs))
+    async def run_traced(
+        self, app: App | Plan, /, *args: Any, record_prompts: bool = False, **inputs: Any
+    ) -> RunResult:
+        """Like `run`, with the run's trace (node times, tokens, prefix-cache hits);
+        `record_prompts=True` also records each LLM request's exact prompt text in it."""
+        events = self.stream(app, *args, record_prompts=record_prompts, **inputs)
+        finished = await drain(events)
         return RunResult(finished.outputs, finished.trace)
 
-    async def stream(self, app: App | Plan, **inputs: Any) -> AsyncIterator[Event]:
+    async def stream(
+        self, app: App | Plan, /, *args: Any, record_prompts: bool = False, **inputs: Any
+    ) -> AsyncIterator[Event]:
         """Yield node events and output token deltas as they happen, then `RunFinished`.
 
-        Closing the iterator early cancels the run and its engine requests.
+        Inputs are bound and validated against their declared types first (`AppInputError`).
+        With `record_prompts`, a `PromptRendered` event precedes each LLM request and the
+        trace keeps its prompt. Closing the iterator early cancels the run and its engine
+        requests, and returns once they are aborted and their KV freed.
         """
         plan = self.plan_for(app)
+        if isinstance(app, App):
+            inputs = app.bind(*args, **inputs)
+        else:
+            inputs = bind_inputs(plan.app, plan.inputs, args, inputs)
         self._check(plan, inputs)
         queue: asyncio.Queue[Event | None] = asyncio.Queue()
-        task = asyncio.ensure_future(self._run(plan, inputs, queue.put_nowait))
+        run = self._run(plan, inputs, queue.put_nowait, record_prompts)
+        task = asyncio.ensure_future(run)
         task.add_done_callback(lambda _: queue.put_nowait(None))
         try:
             while (event := await queue.get()) is not None:
@@ -145,12 +169,6 @@ class Runtime:
 
     def _check(self, plan: Plan, inputs: dict[str, Any]) -> None:
         """Refuse a run that cannot succeed before any node starts."""
-        listing = ", ".join(plan.inputs) or "none"
-        missing = [n for n in plan.inputs if n not in inputs]
-        unknown = [n for n in inputs if n not in plan.inputs]
-        if missing or unknown:
-            what = f"missing {missing}" if missing else f"unknown {unknown}"
-            raise InvalidRequestError(f"app {plan.app!r}: {what} input(s) (inputs: {listing})")
         for node in plan.nodes.values():
             op = node.op
             if isinstance(op, Retrieve) and op.index not in self.retrievers:
@@ -166,8 +184,14 @@ class Runtime:
                     f"engine ({self.llm.model_name}) cannot constrain outputs to"
                 )
 
-    async def _run(self, plan: Plan, inputs: dict[str, Any], emit: Callable[[Event], None]) -> None:
-        trace = Trace(plan.app, uuid.uuid4().hex[:12])
+    async def _run(
+        self,
+        plan: Plan,
+        inputs: dict[str, Any],
+        emit: Callable[[Event], None],
+        record_prompts: bool = False,
+    ) -> None:
+        trace = Trace(plan.app, uuid.uuid4().hex[:12], record_prompts=bool(record_prompts))
         timeout = self._timeouts.get(plan.app, self.timeout_s)
         try:
             async with asyncio.timeout(timeout):
@@ -263,8 +287,12 @@ class Runtime:
             on_delta = None
             if prim.var in streamed:
                 on_delta = partial(_delta, emit, node.name, str(prim.var), index)
+            text = None
+            if trace.record_prompts:
+                text = prompt_text(prompt, self.llm.tokenizer)
+                emit(PromptRendered(node.name, str(prim.var), text, index))
             return await stream_generate(
-                self.llm, trace, trace.run_id, node, prim, prompt, index, on_delta
+                self.llm, trace, trace.run_id, node, prim, prompt, index, on_delta, text
             )
 
         return generate

@@ -20,6 +20,8 @@ class RequestTrace:
     generated_tokens: int
     cached_tokens: int
     finish_reason: str | None
+    # The exact prompt text the engine got, when the run was started with record_prompts.
+    prompt: str | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,8 @@ class Trace:
     end: float | None = None
     nodes: dict[str, NodeTrace] = field(default_factory=dict)
     prefills: list[RequestTrace] = field(default_factory=list)  # early and pinned prefills
+    # Off by default: prompts can be long and hold users' data; switched on per run.
+    record_prompts: bool = False
 
     def now(self) -> float:
         return time.perf_counter() - self.started_at

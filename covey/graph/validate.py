@@ -14,6 +14,7 @@ import networkx as nx
 
 from covey.errors import CycleError, GraphError, UnusedOutputWarning
 from covey.graph.ir import Var, llm_template
+from covey.graph.scopes import check_scopes
 
 
 def _check_cycles(graph: nx.DiGraph, app: str) -> None:
@@ -47,6 +48,7 @@ def validate_graph(graph: nx.DiGraph) -> None:
         if var.node is not None and var.node not in graph:
             raise GraphError(f"app {app!r}: output {name!r} comes from unknown node {var.node!r}")
     _check_cycles(graph, app)
+    check_scopes(graph)
     used = _consumed(graph)
     for node, data in graph.nodes(data=True):
         unused = [o for o in data["op"].outputs if f"{node}.{o}" not in used]

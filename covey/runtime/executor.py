@@ -41,6 +41,7 @@ from covey.graph.lowering import Primitive
 from covey.graph.plan import NodePlan, Plan
 from covey.llm_backend.engine_client import EngineClient
 from covey.retrieval.searcher import Searcher
+from covey.runtime.branches import is_control, run_control, skip_closed
 from covey.runtime.chunk_warming import ChunkWarmer
 from covey.runtime.events import Event, NodeFinished, NodeStarted, RunFinished, TokenDelta, drain
 from covey.runtime.nodes import NodeEnv, run_node, stream_generate
@@ -206,6 +207,7 @@ class Runtime:
             ahead.start()
         try:
             while pending or running:
+                skip_closed(pending, done, values, trace)  # untaken branches, unneeded loops
                 ready = [n for n in pending.values() if set(n.deps) <= done]
                 if not self.optimize:
                     ready = ready[:1] if not running else []  # one node at a time
@@ -213,7 +215,10 @@ class Runtime:
                     del pending[node.name]
                     trace.start(node.name, node.kind)
                     emit(NodeStarted(node.name, node.kind, trace.now()))
-                    running[asyncio.ensure_future(run_node(env, node))] = node
+                    runner = run_control if is_control(node) else run_node
+                    running[asyncio.ensure_future(runner(env, node))] = node
+                if not running:
+                    continue  # everything left was skipped
                 finished, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 for task in finished:
                     node = running.pop(task)
@@ -253,6 +258,7 @@ class Runtime:
         for name, value in outputs.items():
             values[f"{node.name}.{name}"] = value
         trace.finish(node.name)
+        trace.nodes[node.name].outputs = outputs
         emit(NodeFinished(node.name, node.kind, trace.now(), outputs))
 
     def _generator(self, plan: Plan, trace: Trace, emit: Callable[[Event], None]):

@@ -142,19 +142,23 @@ def _check_no_params(where: str, fn: Any, what: str) -> None:
             f"{where}: {what} must be a function that wires nodes and returns their outputs "
             f"(e.g. lambda: answer(question)), got {fn!r}"
         )
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return
-    required = [
-        p.name
-        for p in params
-        if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-    ]
-    if required and not isinstance(fn, Node):
+    if isinstance(fn, Node):
+        required = [n for n in fn.op.inputs if n not in fn.defaults]
+    else:
+        try:
+            params = inspect.signature(fn).parameters.values()
+        except (TypeError, ValueError):
+            return
+        required = [
+            p.name
+            for p in params
+            if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]
+    if required:
+        called = getattr(fn, "name", getattr(fn, "__name__", "f"))
         raise GraphError(
             f"{where}: {what} takes no arguments (it wires nodes over variables it can see), "
-            f"but it needs {', '.join(required)}; wrap it: lambda: {getattr(fn, '__name__', 'f')}"
+            f"but it needs {', '.join(required)}; wrap it: lambda: {called}"
             f"({', '.join(required)})"
         )
 

@@ -25,7 +25,7 @@ def _check_cycles(graph: nx.DiGraph, app: str) -> None:
     carried = ", ".join(v.name for u, w in cycle for v, _ in graph.edges[u, w].get("vars", ()))
     raise CycleError(
         f"app {app!r}: cycle {path} (through {carried or 'no variables'}); a node cannot "
-        "depend on its own output: split the loop into two apps or unroll it"
+        "depend on its own output: for a bounded loop use cg.loop(body, until=..., max_iters=N)"
     )
 
 

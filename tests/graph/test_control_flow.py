@@ -248,7 +248,9 @@ def test_explain_and_exports_show_each_iteration():
     assert "  loop: loop, at most 2 iteration(s), until long_enough(query)" in text
     assert "    iteration 1: rewrite@1, loop_until@1" in text
     assert "    iteration 2 (if loop_until@1 says again): rewrite@2, loop_until@2" in text
-    assert "  rewrite@2 [llm]: after loop_until@1, rewrite@1; only when loop_until@1 says again"
+    assert (
+        "  rewrite@2 [llm]: after loop_until@1, rewrite@1; only when loop_until@1 says again"
+    ) in text
     mermaid = app.to_mermaid()
     assert '    n_loop_until_1{{"loop_until@1: check p0"}}' in mermaid
     assert '    n_loop_until_1 -.->|"again"| n_rewrite_2' in mermaid

@@ -34,6 +34,7 @@ from typing import Any
 
 import networkx as nx
 
+from covey.checks import as_int
 from covey.errors import GraphError, TypeMismatchError, WiringError
 from covey.graph.control_ops import (
     CONTROL_KEY,
@@ -327,14 +328,13 @@ def _check_body(where: str, body: Any, init: dict[str, Any]) -> None:
 
 
 def _check_max_iters(where: str, max_iters: Any) -> int:
-    if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1:
-        raise GraphError(f"{where}: max_iters must be a positive int, got {max_iters!r}")
-    if max_iters > MAX_ITERS:
-        raise GraphError(
-            f"{where}: max_iters={max_iters} is more than {MAX_ITERS}; loops are unrolled "
-            "when the app is defined, so they are for a few retries, not long iterations"
-        )
-    return max_iters
+    note = (
+        " (loops are unrolled when the app is defined, so they are for a few retries, "
+        "not long iterations)"
+    )
+    return as_int(
+        f"{where}: max_iters", max_iters, ge=1, lt=MAX_ITERS + 1, note=note, error=GraphError
+    )
 
 
 def loop(

@@ -187,3 +187,42 @@ async def test_a_predicate_that_returns_no_bool_fails_clearly(real_llm):
     app = _counter(2, until=lambda n: "yes")
     with pytest.raises(NodeExecutionError, match=r"until predicate returned 'yes' \(str\)"):
         await Runtime(real_llm).run(app, start=0)
+
+
+@cg.function
+def parity(n: int) -> str:
+    return "even" if n % 2 == 0 else "odd"
+
+
+@cg.function
+def halve(n: int) -> int:
+    return n // 2
+
+
+@cg.function
+def triple_plus_one(n: int) -> int:
+    return 3 * n + 1
+
+
+@cg.app
+def collatz(start: int):
+    def body(n):
+        nxt = cg.route(parity(n), {"even": lambda: halve(n)}, default=lambda: triple_plus_one(n))
+        return {"n": nxt}
+
+    out = cg.loop(body, init={"n": start}, until=lambda n: n == 1, max_iters=7, name="steps")
+    return {"n": out.n, "iterations": out.iterations}
+
+
+async def test_a_route_inside_a_loop_takes_its_own_branch_in_each_iteration(real_llm):
+    result = await Runtime(real_llm).run_traced(collatz, start=6)  # 6 3 10 5 16 8 4 2 1
+    assert result.outputs == {"n": 2, "iterations": 7}  # stopped by max_iters, not at 1
+    nodes = result.trace.nodes
+    taken = [nodes[f"route@{k}"].outputs["branch"] for k in range(1, 8)]
+    assert taken == ["even", "<default>", "even", "<default>", "even", "even", "even"]
+    assert nodes["halve@2"].status == "skipped" and nodes["triple_plus_one@2"].outputs == {
+        "result": 10
+    }
+    short = await Runtime(real_llm).run_traced(collatz, start=4)  # 4 2 1
+    assert short.outputs == {"n": 1, "iterations": 2}
+    assert all(short.trace.nodes[f"route@{k}"].status == "skipped" for k in range(3, 8))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import networkx as nx
 
@@ -165,6 +165,7 @@ class LoopOp:
     types: tuple[tuple[str, Any], ...]
     members: tuple[tuple[str, ...], ...] = ()  # the nodes of each iteration, for explain()
     kind: ControlKind = "loop"
+    optional_outputs: ClassVar[tuple[str, ...]] = ("iterations",)  # unread: no warning
 
     @property
     def inputs(self) -> dict[str, Any]:

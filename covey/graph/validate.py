@@ -51,7 +51,10 @@ def validate_graph(graph: nx.DiGraph) -> None:
     check_scopes(graph)
     used = _consumed(graph)
     for node, data in graph.nodes(data=True):
-        unused = [o for o in data["op"].outputs if f"{node}.{o}" not in used]
+        optional = getattr(data["op"], "optional_outputs", ())  # e.g. a loop's iterations
+        unused = [
+            o for o in data["op"].outputs if f"{node}.{o}" not in used and o not in optional
+        ]
         dead = len(unused) == len(data["op"].outputs) and data["op"].kind != "tool"
         for output in unused:
             warnings.warn(

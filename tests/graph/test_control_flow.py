@@ -5,6 +5,7 @@ semantic variable is a GraphError naming the construct to use instead."""
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 
@@ -367,3 +368,15 @@ def test_variables_still_compare_and_hash_as_graph_values():
     assert {var: 1}[app.outputs["reply"]] == 1
     assert var != app.inputs["ticket"]
     assert repr(var) == "Var(route_merge.reply)"
+
+
+def test_a_loop_whose_iteration_count_nobody_reads_defines_without_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+
+        @cg.app
+        def quiet(question: str):
+            body = lambda query: {"query": rewrite(query)}  # noqa: E731
+            return cg.loop(body, init={"query": question}, until=long_enough, max_iters=2).query
+
+    assert "iterations" not in quiet.outputs

@@ -102,7 +102,7 @@ def _value_name(value: Any) -> str | None:
     return (value.output or value.name) if isinstance(value, Var) else None
 
 
-def _outputs(where: str, result: Any) -> tuple[dict[str, Any], bool]:
+def _outputs(where: str, result: Any, app: str) -> tuple[dict[str, Any], bool]:
     """A branch's or body's return as name -> Var or literal; True when it was one value."""
     if isinstance(result, NodeOutputs):
         return {v.output or v.name: v for v in result}, False
@@ -110,13 +110,23 @@ def _outputs(where: str, result: Any) -> tuple[dict[str, Any], bool]:
         bad = [k for k in result if not isinstance(k, str)]
         if bad:
             raise GraphError(f"{where}: returned a dict with non-string keys {bad}")
+        for name, value in result.items():
+            _check_value(f"{where}, output {name!r}", value, app)
         return dict(result), False
+    _check_value(where, result, app)
     if result is None:
         raise GraphError(
             f"{where}: returned nothing; return a variable, a literal or a dict of them "
             "(a lambda returns its expression: lambda: answer(question))"
         )
     return {_value_name(result) or "result": result}, True
+
+
+def _check_value(where: str, value: Any, app: str) -> None:
+    if isinstance(value, NodeOutputs):
+        raise WiringError(f"{where}: got several outputs of one node; pick one, e.g. out.answer")
+    if isinstance(value, Var) and value.app != app:
+        raise WiringError(f"{where}: variable {value.name!r} belongs to app {value.app!r}")
 
 
 def _arg(value: Any) -> Var | Const:
@@ -175,13 +185,13 @@ def _choices_of(var: Var, graph: nx.DiGraph) -> tuple[str, ...] | None:
     return gen.choices if gen is not None else None
 
 
-def _check_keys(where: str, on: Var, keys: list[Any], has_default: bool, graph) -> None:
+def _check_keys(
+    where: str, on: Var, keys: list[Any], has_default: bool, graph: nx.DiGraph
+) -> None:
+    """Keys that fit the routed type, with distinct labels; with a gen's choices, keys
+    among them and every choice covered (or a default)."""
     labels: dict[str, Any] = {}
     for key in keys:
-        try:
-            hash(key)
-        except TypeError:
-            raise GraphError(f"{where}: branch key {key!r} is not hashable") from None
         if not value_fits(key, on.type):
             raise TypeMismatchError(
                 f"{where}: branch key {key!r} ({type(key).__name__}) can never equal "
@@ -250,7 +260,7 @@ def route(
     single = True
     for label, fn in zip(op.labels, fns):
         result = _scope(builder, Cond(route_node, "branch", label), fn)
-        results[label], one = _outputs(f"{where}, branch {label!r}", result)
+        results[label], one = _outputs(f"{where}, branch {label!r}", result, builder.app)
         single = single and one
     names = _common_names(where, results, single)
     types = tuple((n, _union([_type(results[lb][n]) for lb in results])) for n in names)
@@ -284,9 +294,10 @@ def _common_names(where: str, results: dict[str, dict[str, Any]], single: bool) 
 
 
 def _predicate(where: str, fn: Any) -> tuple[Callable[..., Any], dict[str, Any]]:
-    """The Python callable and its inputs (name -> type) of a loop's until/while_."""
+    """The Python callable and its inputs (name -> type) of a loop's until/while_: its
+    parameters without a default (those with one keep it)."""
     if isinstance(fn, PyFunction):
-        return fn.op.fn, dict(fn.op.inputs)
+        return fn.op.fn, {n: t for n, t in fn.op.inputs.items() if n not in fn.defaults}
     if isinstance(fn, Node):
         raise GraphError(
             f"{where}: the predicate is plain Python over the iteration's outputs (it runs "
@@ -295,7 +306,8 @@ def _predicate(where: str, fn: Any) -> tuple[Callable[..., Any], dict[str, Any]]
         )
     if not callable(fn):
         raise GraphError(f"{where}: the predicate must be a function, got {fn!r}")
-    inputs, _, _ = signature_of(fn, f"{where}, predicate", need_hints=False)
+    inputs, defaults, _ = signature_of(fn, f"{where}, predicate", need_hints=False)
+    inputs = {n: t for n, t in inputs.items() if n not in defaults}
     if not inputs:
         raise GraphError(
             f"{where}: the predicate takes no parameters; name the body outputs it tests, "
@@ -384,15 +396,7 @@ def loop(
         bound = bind(
             f"{here}, {word}", pred_inputs, {}, (), {p: outs[p] for p in pred_inputs}, builder.app
         )
-        saved = builder.guard, builder.suffix
-        builder.guard = (*builder.guard, *iteration_guard(checks))
-        builder.suffix += f"@{k}"
-        try:
-            decided = builder.add(f"{name}_{word}", check, bound)["again"]
-        finally:
-            builder.guard, builder.suffix = saved
-        if checks:
-            _order_after(builder.graph, {str(decided.node)}, Cond(checks[-1], "again", True))
+        decided = _add_check(builder, f"{name}_{word}", check, bound, checks)
         checks.append(str(decided.node))
         members.append(tuple(n for n in builder.graph if n not in before))
         decisions.append(decided)
@@ -411,6 +415,22 @@ def loop(
     return NodeOutputs(out)
 
 
+def _add_check(
+    builder: Builder, base: str, check: CheckOp, bound: dict[str, Any], checks: list[str]
+) -> Var:
+    """Add iteration k's check under iteration k's guard, after the check before it."""
+    saved = builder.guard, builder.suffix
+    builder.guard = (*builder.guard, *iteration_guard(checks))
+    builder.suffix += f"@{check.iteration}"
+    try:
+        decided = builder.add(base, check, bound)["again"]
+    finally:
+        builder.guard, builder.suffix = saved
+    if checks:
+        _order_after(builder.graph, {str(decided.node)}, Cond(checks[-1], "again", True))
+    return decided
+
+
 def _iteration(
     builder: Builder, checks: list[str], k: int, call: Callable[[], Any], where: str
 ) -> dict[str, Any]:
@@ -425,7 +445,7 @@ def _iteration(
             result = call()
     finally:
         builder.guard, builder.suffix = outer, saved_suffix
-    outs, _ = _outputs(where, result)
+    outs, _ = _outputs(where, result, builder.app)
     return outs
 
 

@@ -12,7 +12,8 @@ into the prefix cache, and its static start is pinned once per app (`PrefillAhea
 the call finds them computed. When a retrieval returns and the engine has a chunk KV
 store, its chunks' KV is loaded or computed at once (`ChunkWarmer`), while fusion and the
 other nodes still run. The first failing node cancels everything still running
-and surfaces as one `NodeExecutionError` naming it; a run past its timeout raises
+and surfaces as one `NodeExecutionError` naming it; a node in a route branch or loop iteration
+that is not taken is skipped (`covey.runtime.branches`); a run past its timeout raises
 `AppTimeoutError`. `optimize=False` is the naive baseline: the plan without passes, one
 LLM call after the other, nothing prefilled ahead.
 """

@@ -95,6 +95,7 @@ def test_explain_shows_the_branches_and_what_prefill_ahead_does_for_them():
     assert "    <default> -> no nodes (returns a value)" in text
     assert "    then route_merge: the taken branch's reply" in text
     assert "sent with" not in text
+    assert "    - critical path: classify -> route -> hardware | billing -> route_merge" in text
     hardware_call = text[text.index("  hardware: priority") :]
     assert hardware_call.splitlines()[1] == (
         "    prefill-ahead pins its first 1 static segment(s) once per app"

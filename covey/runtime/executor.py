@@ -175,7 +175,8 @@ class Runtime:
             async with asyncio.timeout(timeout):
                 outputs = await self._schedule(plan, inputs, trace, emit)
         except TimeoutError:
-            running = sorted(n.node for n in trace.nodes.values() if n.status != "ok")
+            done = ("ok", "skipped")
+            running = sorted(n.node for n in trace.nodes.values() if n.status not in done)
             raise AppTimeoutError(
                 f"app {plan.app!r} timed out after {timeout}s; still running: "
                 f"{', '.join(running) or 'none'}"

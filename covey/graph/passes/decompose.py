@@ -50,9 +50,8 @@ def prefill_decomposition(graph: nx.DiGraph) -> nx.DiGraph:
         guard = guard_of(g, node)
         if guard:
             reasons.append(
-                f"{node}: runs only when {describe_guard(guard)}; prefill-ahead pins its "
-                "static start for every run and prefills the rest of its known prefix only "
-                "once that holds"
+                f"{node}: runs only when {describe_guard(guard)}; prefill-ahead prefills its "
+                "known prefix past any pinned static start only once that holds"
             )
         elif known and waits:
             reasons.append(

@@ -12,7 +12,8 @@ into the prefix cache, and its static start is pinned once per app (`PrefillAhea
 the call finds them computed. When a retrieval returns and the engine has a chunk KV
 store, its chunks' KV is loaded or computed at once (`ChunkWarmer`), while fusion and the
 other nodes still run. The first failing node cancels everything still running
-and surfaces as one `NodeExecutionError` naming it; a run past its timeout raises
+and surfaces as one `NodeExecutionError` naming it; a node in a route branch or loop iteration
+that is not taken is skipped (`covey.runtime.branches`); a run past its timeout raises
 `AppTimeoutError`. `optimize=False` is the naive baseline: the plan without passes, one
 LLM call after the other, nothing prefilled ahead.
 """
@@ -41,6 +42,7 @@ from covey.graph.lowering import Primitive
 from covey.graph.plan import NodePlan, Plan
 from covey.llm_backend.engine_client import EngineClient
 from covey.retrieval.searcher import Searcher
+from covey.runtime.branches import is_control, run_control, skip_closed
 from covey.runtime.chunk_warming import ChunkWarmer
 from covey.runtime.events import (
     Event,
@@ -197,7 +199,8 @@ class Runtime:
             async with asyncio.timeout(timeout):
                 outputs = await self._schedule(plan, inputs, trace, emit)
         except TimeoutError:
-            running = sorted(n.node for n in trace.nodes.values() if n.status != "ok")
+            done = ("ok", "skipped")
+            running = sorted(n.node for n in trace.nodes.values() if n.status not in done)
             raise AppTimeoutError(
                 f"app {plan.app!r} timed out after {timeout}s; still running: "
                 f"{', '.join(running) or 'none'}"
@@ -230,6 +233,7 @@ class Runtime:
             ahead.start()
         try:
             while pending or running:
+                skip_closed(pending, done, values, trace)  # untaken branches, unneeded loops
                 ready = [n for n in pending.values() if set(n.deps) <= done]
                 if not self.optimize:
                     ready = ready[:1] if not running else []  # one node at a time
@@ -237,7 +241,10 @@ class Runtime:
                     del pending[node.name]
                     trace.start(node.name, node.kind)
                     emit(NodeStarted(node.name, node.kind, trace.now()))
-                    running[asyncio.ensure_future(run_node(env, node))] = node
+                    runner = run_control if is_control(node) else run_node
+                    running[asyncio.ensure_future(runner(env, node))] = node
+                if not running:
+                    continue  # everything left was skipped
                 finished, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 for task in finished:
                     node = running.pop(task)
@@ -277,6 +284,7 @@ class Runtime:
         for name, value in outputs.items():
             values[f"{node.name}.{name}"] = value
         trace.finish(node.name)
+        trace.nodes[node.name].outputs = outputs
         emit(NodeFinished(node.name, node.kind, trace.now(), outputs))
 
     def _generator(self, plan: Plan, trace: Trace, emit: Callable[[Event], None]):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -52,6 +53,9 @@ class NodeTrace:
     # as the search returned, and how many of them the engine had to load or compute.
     warmed_chunks: int = 0
     loaded_chunks: int = 0
+    # What the node returned, by output name (None until it finishes; a node skipped by a
+    # route or loop, status "skipped", has none): a loop's iterations `node@k` each keep theirs.
+    outputs: dict[str, Any] | None = None
 
     @property
     def generated_tokens(self) -> int:

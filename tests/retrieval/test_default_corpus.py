@@ -152,10 +152,12 @@ def eval_home(tmp_path_factory, embedder, tokenizer):
 
 
 def test_evaluation_hit_at_3(eval_home):
-    """hit@3 over the evaluation questions, default (hybrid) search. On the subset it
-    measured 0.92 (44/48); on the whole corpus (benchmarks/retrieval.py) 0.85. The bar is
-    below the subset's figure by two questions' worth, so a change that loses more than two
-    answers fails, while the embedder's float noise across machines does not."""
+    """hit@3 over the evaluation questions, default (hybrid) search. On this subset it
+    measured 0.85 (41 of 48; vector alone 0.94, BM25 alone 0.73); on the whole corpus
+    (benchmarks/retrieval.py, 2967 chunks, more near misses) 0.73. The bar, 39 of 48, is
+    two questions below the measured figure: a change to the documents or the search that
+    loses more than two answers fails, a tie broken differently on another machine does
+    not. The old topics-only corpus answers one question (`try`) by construction."""
     _, index = eval_home
     results = evaluate(index, k=3)
     assert len(results) == len(QUESTIONS) >= 30

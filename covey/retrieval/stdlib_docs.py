@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import types
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 from covey.retrieval.documents import Document
+
+logger = logging.getLogger("covey.retrieval")
 
 SOURCE_PREFIX = "pydoc:"
 # The modules documented, in this order: an object reachable from several of them (io.open
@@ -163,9 +167,15 @@ def _homes(modules: tuple[str, ...]) -> dict[str, list[tuple[str, Any]]]:
     """Module name -> the (name, object) pairs documented under it, in documenting order."""
     listed: dict[int, tuple[Any, list[tuple[str, str]]]] = {}
     for module_name in modules:
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:  # a Python built without it (sqlite3 is optional)
+            logger.warning("the Python docs corpus leaves out %s: %s", module_name, exc)
+            continue
         for name in _public_names(module):
-            obj = getattr(module, name, None)
+            with warnings.catch_warnings():  # reading a deprecated name is not using it
+                warnings.simplefilter("ignore")
+                obj = getattr(module, name, None)
             if inspect.isroutine(obj) or inspect.isclass(obj):
                 listed.setdefault(id(obj), (obj, []))[1].append((module_name, name))
     homes: dict[str, list[tuple[str, Any]]] = {m: [] for m in modules}

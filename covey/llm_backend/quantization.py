@@ -34,6 +34,11 @@ KERNEL_MAX_ROWS = 32
 # The embedded GGUF is Q4_1 (min/max groups of 32): int4 in the same groups re-packs it
 # almost losslessly, where groups of 64 cost +35% perplexity.
 INT4_GROUP_SIZE = 32
+# How far each mode's perplexity on held-out text may stray from its reference (bfloat16
+# from float32, the quantized modes from bfloat16), as tests/llm_backend/test_quantization.py
+# checks on the embedded model. int4 meets 1% there because that GGUF is already Q4_1 in
+# groups of 32; re-quantizing a bf16 checkpoint to int4 costs more.
+PERPLEXITY_TOLERANCE = {"bfloat16": 0.01, "int8": 0.01, "int4": 0.01}
 _INT4_BLOCK_N = 64  # output channels per block of _convert_weight_to_int4pack_for_cpu
 
 

@@ -20,6 +20,8 @@ float32 matmul), so quantization needs dtype='bfloat16'.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -101,17 +103,7 @@ class Int4Linear(nn.Module):
         )
         # The wide-step path reads the packed layout itself; where this torch build packs
         # differently from what `_unpack` expects, wide steps use the kernel too.
-        self.unpackable = n % _INT4_BLOCK_N == 0 and torch.equal(self._unpack(), q)
-
-    def _unpack(self) -> torch.Tensor:
-        """The int4 values [N, K] (int32 in [0, 15]) from the kernel's packed layout: blocks
-        of 64 output channels, within a block K rows of 32 bytes, the low nibble holding
-        channel c and the high nibble channel c + 32."""
-        packed = self.packed
-        n, k = packed.shape[0], packed.shape[1] * 2
-        blocks = packed.reshape(n // _INT4_BLOCK_N, k, _INT4_BLOCK_N // 2)
-        q = torch.cat([blocks & 15, blocks >> 4], dim=-1)  # [N/64, K, 64]
-        return q.transpose(1, 2).reshape(n, k).to(torch.int32)
+        self.unpackable = n % _INT4_BLOCK_N == 0 and _layout_is_readable()
 
     def dequantized(self) -> torch.Tensor:
         """The weight the kernel computes with, [N, K] in the compute dtype (a temporary)."""
@@ -119,12 +111,11 @@ class Int4Linear(nn.Module):
             raise NotSupportedError(
                 "this torch build packs int4 weights in a layout covey cannot read"
             )
-        q = self._unpack()
-        n, k = q.shape
+        n, k = self.packed.shape[0], self.packed.shape[1] * 2
         dtype = self.scale_zero.dtype
-        scale, zero = self.scale_zero.transpose(0, 1).unbind(-1)  # [N, G] each
-        groups = q.reshape(n, k // self.group_size, self.group_size).to(dtype) - 8
-        return (groups * scale[..., None] + zero[..., None]).reshape(n, k)
+        w = _unpack(self.packed, dtype).reshape(n, k // self.group_size, self.group_size)
+        scale, zero = self.scale_zero.transpose(0, 1).unsqueeze(-1).unbind(-2)  # [N, G, 1]
+        return w.sub_(8).mul_(scale).add_(zero).reshape(n, k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] <= KERNEL_MAX_ROWS or not self.unpackable:
@@ -133,6 +124,26 @@ class Int4Linear(nn.Module):
             )
             return out if self.bias is None else out + self.bias
         return F.linear(x, self.dequantized(), self.bias)
+
+
+def _unpack(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The int4 values [N, K] (in [0, 15], as `dtype`) from the kernel's packed layout:
+    blocks of 64 output channels, within a block K rows of 32 bytes, the low nibble holding
+    channel c and the high nibble channel c + 32."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    blocks = packed.reshape(n // _INT4_BLOCK_N, k, _INT4_BLOCK_N // 2).transpose(1, 2)
+    out = torch.empty(n // _INT4_BLOCK_N, 2, _INT4_BLOCK_N // 2, k, dtype=dtype)
+    out[:, 0] = blocks & 15
+    out[:, 1] = blocks >> 4
+    return out.reshape(n, k)
+
+
+@functools.cache
+def _layout_is_readable() -> bool:
+    """Whether `_unpack` reads what this torch build's packing writes (checked once)."""
+    q = torch.randint(0, 16, (2 * _INT4_BLOCK_N, 64), generator=torch.Generator().manual_seed(0))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+    return torch.equal(_unpack(packed, torch.float32), q.float())
 
 
 class Int8Embedding(nn.Module):

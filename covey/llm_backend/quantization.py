@@ -113,10 +113,10 @@ class Int4Linear(nn.Module):
             )
         n, k = self.packed.shape[0], self.packed.shape[1] * 2
         dtype = self.scale_zero.dtype
-        q = _unpack(self.packed, dtype).reshape(n, k // self.group_size, self.group_size)
+        q = _unpack(self.packed, dtype).reshape(n, k // self.group_size, self.group_size)  # q - 8
         scale, zero = self.scale_zero.transpose(0, 1).unsqueeze(-1).unbind(-2)  # [N, G, 1]
         # in place, two passes: a broadcasting addcmul is ~4x slower on CPU
-        return q.mul_(scale).add_(zero - 8 * scale).reshape(n, k)
+        return q.mul_(scale).add_(zero).reshape(n, k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] <= KERNEL_MAX_ROWS or not self.unpackable:
@@ -128,13 +128,14 @@ class Int4Linear(nn.Module):
 
 
 def _unpack(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The int4 values [N, K] (in [0, 15], as `dtype`) from the kernel's packed layout:
+    """The int4 values less 8 [N, K] (in [-8, 7], as `dtype`) from the kernel's layout:
     blocks of 64 output channels, within a block K rows of 32 bytes, the low nibble holding
     channel c and the high nibble channel c + 32."""
     n, k = packed.shape[0], packed.shape[1] * 2
     blocks = packed.reshape(n // _INT4_BLOCK_N, k, _INT4_BLOCK_N // 2)
     blocks = blocks.transpose(1, 2).contiguous()  # [N/64, 32, K]: transposed as bytes, cheap
-    return torch.stack([blocks & 15, blocks >> 4], dim=1).to(dtype).reshape(n, k)
+    nibbles = torch.stack([blocks & 15, blocks >> 4], dim=1).view(torch.int8)
+    return nibbles.sub_(8).to(dtype).reshape(n, k)
 
 
 @functools.cache
@@ -142,7 +143,7 @@ def _layout_is_readable() -> bool:
     """Whether `_unpack` reads what this torch build's packing writes (checked once)."""
     q = torch.randint(0, 16, (2 * _INT4_BLOCK_N, 64), generator=torch.Generator().manual_seed(0))
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-    return torch.equal(_unpack(packed, torch.float32), q.float())
+    return torch.equal(_unpack(packed, torch.float32), q.float() - 8)
 
 
 class Int8Embedding(nn.Module):

@@ -105,7 +105,7 @@ def test_quantized_model_keeps_no_dense_copy(bf16_model, quantized, mode, max_fr
 @pytest.fixture(scope="module")
 def window(bf16_model):
     tokenizer = LLMEngine(
-        EngineConfig(dtype="bfloat16", kv_cache_tokens=256), model=bf16_model
+        EngineConfig(dtype="bfloat16", kv_cache_tokens=256, chunk_cache="off"), model=bf16_model
     ).tokenizer
     (ids,) = heldout_windows(tokenizer.encode, 1, 128)
     return ids

@@ -11,9 +11,9 @@ quantized weight is ever stored.
 - int8: one scale per output channel, symmetric.
 - int4: groups of INT4_GROUP_SIZE (32) input channels, each with a scale and a zero point
   (asymmetric min/max, as gpt-fast does), packed in the CPU kernel's layout.
-- The LM head is int8 in both modes: it is the layer where rounding shows most in the
-  logits, and with tied embeddings the same int8 table also serves the embedding lookup
-  (an int4-packed table cannot be read row by row).
+- The LM head is int8 in both modes: with tied embeddings the same int8 table also serves
+  the embedding lookup, so it is stored once (an int4-packed table cannot be read row by
+  row). An int4 head was not measured.
 Both kernels are bf16 on CPU (their float32 paths are reference loops, ~10x slower than a
 float32 matmul), so quantization needs dtype='bfloat16'.
 """

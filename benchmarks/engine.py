@@ -379,17 +379,17 @@ def cpu_suite(s, results, device):
 # measured as `covey`; the others as `covey-<mode>`.
 WEIGHT_MODES = {
     "float32": dict(dtype="float32"),
-    "bf16": dict(dtype="bfloat16"),
+    "bf16": dict(dtype="bfloat16", quantization=None),
     "int8": dict(dtype="bfloat16", quantization="int8"),
     "int4": dict(dtype="bfloat16", quantization="int4"),
 }
 
 
-def mode_of(config: EngineConfig, dtype: torch.dtype) -> str:
-    """The WEIGHT_MODES name of an engine built from `config` whose model is in `dtype`."""
-    if config.quantization:
-        return config.quantization
-    return "bf16" if dtype == torch.bfloat16 else str(dtype).removeprefix("torch.")
+def mode_of(engine: LLMEngine) -> str:
+    """The WEIGHT_MODES name of an engine (its "auto" quantization resolved)."""
+    if engine.quantization:
+        return engine.quantization
+    return "bf16" if engine.dtype == torch.bfloat16 else str(engine.dtype).removeprefix("torch.")
 
 
 def dense_model(models: dict, dtype: torch.dtype):
@@ -401,14 +401,14 @@ def dense_model(models: dict, dtype: torch.dtype):
 
 def mode_systems(default_engine: LLMEngine) -> dict[str, dict]:
     """`covey-<mode>` -> config overrides, for every mode but the default engine's."""
-    default = mode_of(default_engine.config, default_engine.dtype)
+    default = mode_of(default_engine)
     return {f"covey-{m}": c for m, c in WEIGHT_MODES.items() if m != default}
 
 
 def measure_mode(results, s, name, overrides, device, prompts, lat_prompt, tp, lat):
     """Throughput, latency and the decode profile of one weight mode; returns its model."""
     engine = LLMEngine(EngineConfig(device=device, enable_prefix_caching=False, **overrides))
-    mode = mode_of(engine.config, engine.dtype)
+    mode = mode_of(engine)
     params = {"dtype": str(engine.dtype).removeprefix("torch."), "weights": mode}
     measure_system(
         results,

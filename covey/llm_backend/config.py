@@ -37,7 +37,9 @@ class EngineConfig:
     # Weight-only quantization (CPU, bfloat16): "int8" (per-channel) or "int4" (groups of
     # 32); both read the packed weights in decode and keep no dense copy. See
     # covey/llm_backend/quantization.py for the measured speed and perplexity of each.
-    quantization: str | None = None
+    # "auto" picks by the weights and device (quantization_default.py): int4 for an already
+    # 4-bit GGUF on a bf16 CPU (the embedded model), dense on CUDA or float32. None: dense.
+    quantization: str | None = "auto"
     # Chunk KV reuse for prompts with Segment(kind="chunk"): "off"; "exact" (RAGCache: a
     # chunk after the same tokens as before reuses its KV losslessly); "blend" (exact first,
     # then CacheBlend: chunks seen after other tokens reuse their KV at the new positions
@@ -66,12 +68,12 @@ class EngineConfig:
             )
         if self.kv_cache_tokens is not None and self.kv_cache_bytes is not None:
             raise ConfigError("EngineConfig: give kv_cache_tokens or kv_cache_bytes, not both")
-        if self.quantization not in (None, *QUANTIZATION_MODES):
+        if self.quantization not in (None, "auto", *QUANTIZATION_MODES):
             raise ConfigError(
-                "EngineConfig.quantization must be None, 'int8' or 'int4', "
+                "EngineConfig.quantization must be 'auto', None, 'int8' or 'int4', "
                 f"got {self.quantization!r}"
             )
-        if self.quantization and self.dtype not in ("auto", "bfloat16"):
+        if self.quantization in QUANTIZATION_MODES and self.dtype not in ("auto", "bfloat16"):
             raise ConfigError(
                 f"EngineConfig.quantization={self.quantization!r} needs dtype='bfloat16' "
                 f"(its kernels are bf16), got dtype={self.dtype!r}"

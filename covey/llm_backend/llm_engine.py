@@ -34,6 +34,7 @@ from covey.llm_backend.output_processor import OutputProcessor
 from covey.llm_backend.outputs import RequestOutput
 from covey.llm_backend.prefill_profile import prefill_profile
 from covey.llm_backend.quantization import quantization_of, quantize
+from covey.llm_backend.quantization_default import auto_quantization
 from covey.llm_backend.request_validator import (
     CheckedRequest,
     RequestValidator,
@@ -66,11 +67,20 @@ class LLMEngine:
         self.source = resolve_model(config.model)
         self.tokenizer: Tokenizer | None = self._load_tokenizer()
         if model is None:
-            model = load_model(self.source, config.torch_dtype(), self.device)
-            if config.quantization:
-                quantize(model, config.quantization)
-        elif quantization_of(model) != config.quantization:
-            raise ConfigError("EngineConfig.quantization does not match the given model's weights")
+            dtype = config.torch_dtype()
+            self.quantization = config.quantization
+            if self.quantization == "auto":
+                self.quantization = auto_quantization(self.source, self.device, dtype)
+            model = load_model(self.source, dtype, self.device)
+            if self.quantization:
+                quantize(model, self.quantization)
+        else:
+            self.quantization = quantization_of(model)
+            if config.quantization not in ("auto", self.quantization):
+                raise ConfigError(
+                    f"EngineConfig.quantization={config.quantization!r} does not match the "
+                    f"given model's weights ({self.quantization or 'dense'})"
+                )
         self.model = model
         self.dtype = model.norm.weight.dtype  # the pool stores what the model computes
         args = self.model.args
@@ -109,7 +119,7 @@ class LLMEngine:
                 f"EngineConfig.blend_check_layers {bad} out of range: the model has "
                 f"{layers} layers (0 to {layers - 1})"
             )
-        key = (self.source.name, str(self.device), self.dtype, config.quantization)
+        key = (self.source.name, str(self.device), self.dtype, self.quantization)
         profile = prefill_profile(self.model, key)
         args = self.model.args
         self.chunk_store = ChunkStore(
@@ -121,7 +131,7 @@ class LLMEngine:
             fingerprint=(
                 f"model={self.source.name} weights={_weights_identity(self.source)} "
                 f"dtype={self.dtype} "
-                f"quantization={config.quantization} layers={args.num_layers} "
+                f"quantization={self.quantization} layers={args.num_layers} "
                 f"kv_heads={args.num_kv_heads} head_dim={args.dim_per_head} "
                 f"rope_theta={args.rope_theta} rope_scaling={args.rope_scaling}"
             ),

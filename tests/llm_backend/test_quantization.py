@@ -12,7 +12,7 @@ import torch
 from covey.errors import ConfigError, NotSupportedError
 from covey.llm_backend.config import EngineConfig
 from covey.llm_backend.llm_engine import LLMEngine
-from covey.llm_backend.model_source import resolve_model
+from covey.llm_backend.model_source import ModelSource, resolve_model
 from covey.llm_backend.perplexity import heldout_windows, model_logits, perplexity_of
 from covey.llm_backend.quantization import (
     INT4_GROUP_SIZE,
@@ -23,6 +23,7 @@ from covey.llm_backend.quantization import (
     quantization_of,
     quantize,
 )
+from covey.llm_backend.quantization_default import auto_quantization
 from covey.llm_backend.sampling_params import SamplingParams
 from covey.llm_backend.weight_loader import load_model
 
@@ -167,3 +168,15 @@ def test_mode_errors_are_clear(bf16_model, quantized):
             EngineConfig(dtype="bfloat16", kv_cache_tokens=256, quantization="int8"),
             model=quantized["int4"],
         )
+
+
+def test_auto_quantization_is_int4_for_the_4_bit_embedded_gguf_on_a_bf16_cpu_only():
+    """The default by measurement: int4 re-packs the embedded Q4_1 weights almost exactly;
+    float32 compute, CUDA and a dense checkpoint keep dense weights."""
+    embedded = resolve_model(None)
+    cpu = torch.device("cpu")
+    assert auto_quantization(embedded, cpu, torch.bfloat16) == "int4"
+    assert auto_quantization(embedded, cpu, torch.float32) is None
+    assert auto_quantization(embedded, torch.device("cuda"), torch.bfloat16) is None
+    dummy = ModelSource("dummy", "tiny", preset="tiny")
+    assert auto_quantization(dummy, cpu, torch.bfloat16) is None

@@ -15,6 +15,7 @@ import torch
 from covey.llm_backend.attention_metadata import AttentionMetadata, DecodeGroup, PrefillRun
 from covey.llm_backend.blend_forward import BlendRegion, blend_forward
 from covey.llm_backend.chunk_transfer import ChunkTransfer
+from covey.llm_backend.compiled_decode import CompiledDecode
 from covey.llm_backend.kv_pool import KVPool
 from covey.llm_backend.model import LlamaModel
 from covey.llm_backend.scheduler import ScheduledSeq
@@ -55,6 +56,7 @@ class ModelRunner:
         self.chunks: ChunkTransfer | None = None  # set when the engine has a chunk store
         self.blend_ratio = 0.0
         self.blend_check_layers: tuple[int, ...] = (1,)
+        self.compiled: CompiledDecode | None = None  # set when EngineConfig.compile
 
     @torch.inference_mode()
     def execute(
@@ -77,7 +79,10 @@ class ModelRunner:
         hidden_rows: list[torch.Tensor] = []
         if scheduled:
             inputs = self.prepare(scheduled)
-            hidden = self.model(inputs.input_ids, inputs.positions, self.pool.kv, inputs.meta)
+            forward = self.model.forward
+            if self.compiled is not None and inputs.meta.num_decode == len(inputs.input_ids):
+                forward = self.compiled.forward  # a pure decode step
+            hidden = forward(inputs.input_ids, inputs.positions, self.pool.kv, inputs.meta)
             if not blends:
                 if not inputs.sample_seqs:
                     return [], None

@@ -37,8 +37,15 @@ log = logging.getLogger(__name__)
 
 
 def inductor_cache_dir() -> str:
-    """Where inductor keeps compiled code; the user's TORCHINDUCTOR_CACHE_DIR wins."""
-    return os.environ.get("TORCHINDUCTOR_CACHE_DIR") or str(covey_home() / "inductor")
+    """Where inductor keeps compiled code: the user's TORCHINDUCTOR_CACHE_DIR, else under
+    covey's home. (torch writes its own default into the variable once inductor has run,
+    so that value counts as unset.)"""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if chosen and os.path.abspath(chosen) != os.path.abspath(default_cache_dir()):
+        return chosen
+    return str(covey_home() / "inductor")
 
 
 def _pre_attention(
@@ -67,7 +74,7 @@ class CompiledDecode:
 
     def __init__(self, model: LlamaModel) -> None:
         self.model = model
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", inductor_cache_dir())
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache_dir()  # read at each compile
         opts = dict(backend="inductor", dynamic=True, fullgraph=True)
         self._pre: Callable = torch.compile(_pre_attention, **opts)
         self._post: Callable = torch.compile(_post_attention, **opts)

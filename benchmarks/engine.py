@@ -9,7 +9,8 @@ Workloads (see the engine issue):
   TTFT with the prefix cache on (`covey`) and off (`covey-no-prefix-cache`).
 - contention: single-stream TPOT alone and with a competing CPU-bound process (a torch
   matmul loop on every core, OpenMP defaults) for covey, covey with OpenMP's default
-  spin-wait (`covey-omp-default`) and llama.cpp; each in a fresh process, as a user runs it.
+  spin-wait (`covey-omp-default`: on a quiet machine, its `tpot_s_alone` against covey's is
+  what the passive wait costs) and llama.cpp; each in a fresh process, as a user runs it.
 On CUDA, a throughput run on dummy weights of a 1B-class Llama is added.
 """
 
@@ -441,7 +442,7 @@ def _run_child(system: str, s) -> float | None:
     return json.loads(lines[-1][5:])
 
 
-def contention_suite(s, results):
+def contention_suite(s, results, systems=("covey", "covey-omp-default", "llama.cpp")):
     """TPOT without and with a competing CPU-bound process; the ratio is the slowdown.
 
     The competitor is one process running matmuls on every core with its own OpenMP team,
@@ -455,7 +456,7 @@ def contention_suite(s, results):
         "competitor": "one process: torch matmul loop, default threads and OpenMP settings",
         "cpu_count": os.cpu_count(),
     }
-    for system in ("covey", "covey-omp-default", "llama.cpp"):
+    for system in systems:
         alone = _run_child(system, s)
         if alone is None:
             why = "llama-cpp-python is not installed (make bench installs it)"

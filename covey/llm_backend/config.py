@@ -23,11 +23,11 @@ class EngineConfig:
     """Give at most one of `kv_cache_tokens` / `kv_cache_bytes`; neither picks a default.
 
     Threads (`num_threads`, see cpu_threads.py): None uses one torch thread per CPU this
-    process may run on (or OMP_NUM_THREADS when set). The `covey` command also bounds
-    OpenMP's spin-wait (GOMP_SPINCOUNT) before torch loads, so that when another process
-    competes for the cores, decoding slows in proportion instead of collapsing (a spinning
-    team waits time slices for its descheduled member). A program that imports torch itself
-    should set GOMP_SPINCOUNT=10000 (or OMP_WAIT_POLICY=PASSIVE) in the environment first.
+    process may run on (or OMP_NUM_THREADS when set). The `covey` command also sets
+    OMP_WAIT_POLICY=PASSIVE before torch loads, so that when another process competes for
+    the cores, decoding slows in proportion instead of collapsing (a spinning team waits
+    time slices for its descheduled member). A program that imports torch itself should set
+    OMP_WAIT_POLICY=PASSIVE in the environment before it starts.
 
     `compile`: run decode steps through torch.compile (inductor), see compiled_decode.py.
     Off by default: on the 2-core CPU it was measured on, the compiled step was no faster

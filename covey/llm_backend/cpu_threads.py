@@ -8,10 +8,12 @@ that thread may be waiting for a time slice while its team-mates burn theirs spi
 a decode step has hundreds of regions. A step then costs time slices instead of
 microseconds (the issue measured one app node go from 3 s to 80-100 s).
 
-The choice here:
-- a short spin (GOMP_SPINCOUNT, ~tens of microseconds: the gap between two ops of a decode
-  step, so an idle machine rarely pays a wake-up) and then the thread sleeps, so a waiting
-  thread gives its core to whoever needs it, including its own late team-mate;
+The choice here, measured (benchmarks/engine.py `contention`, and a 2-core machine shared
+with ~8 other busy processes):
+- OMP_WAIT_POLICY=PASSIVE: a thread that waits sleeps at once, so it never burns the time
+  slice its late team-mate (or the Python thread dispatching the next op) needs. On that
+  machine a decode step took 30-380 ms passive against 780-1170 ms with a 10k-iteration
+  spin (GOMP_SPINCOUNT=10000) and 520-820 ms on one thread, runs interleaved;
 - one thread per CPU this process may run on (its affinity mask, not the machine's count).
 
 OpenMP reads its settings once, when torch loads it, so `configure_openmp_env` must run
@@ -25,9 +27,7 @@ from __future__ import annotations
 import os
 import sys
 
-# Iterations of libgomp's spin loop before a waiting thread sleeps (its default is 300000).
-SPIN_COUNT = 10000
-OPENMP_DEFAULTS = {"GOMP_SPINCOUNT": str(SPIN_COUNT)}
+OPENMP_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def configure_openmp_env(environ: dict[str, str] | None = None) -> bool:
@@ -43,8 +43,8 @@ def configure_openmp_env(environ: dict[str, str] | None = None) -> bool:
 
 
 def openmp_env_applied() -> bool:
-    """True when this process's OpenMP got a bounded spin (covey's default or the user's
-    own OMP_WAIT_POLICY / GOMP_SPINCOUNT)."""
+    """True when this process's OpenMP wait was chosen (covey's default or the user's own
+    OMP_WAIT_POLICY / GOMP_SPINCOUNT)."""
     return "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ
 
 

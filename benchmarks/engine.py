@@ -9,7 +9,11 @@ Workloads (see the engine issue):
   TTFT with the prefix cache on (`covey`) and off (`covey-no-prefix-cache`);
 - throughput and latency again for every other weight mode (`covey-<mode>`: float32, bf16,
   int8, int4 weights; `covey` is the default configuration), with a decode profile each;
-- quality: perplexity on held-out Python docs of every mode and of transformers.
+- quality: perplexity on held-out Python docs of every mode and of transformers;
+- contention: single-stream TPOT alone and with a competing CPU-bound process (a torch
+  matmul loop on every core, OpenMP defaults) for covey, covey with OpenMP's default
+  spin-wait (`covey-omp-default`: on a quiet machine, its `tpot_s_alone` against covey's is
+  what the passive wait costs) and llama.cpp; each in a fresh process, as a user runs it.
 On CUDA, a throughput run on dummy weights of a 1B-class Llama is added.
 """
 
@@ -27,6 +31,7 @@ import torch  # noqa: E402
 from bench_common import parse_args, record, write_results  # noqa: E402
 
 from covey.llm_backend.config import EngineConfig  # noqa: E402
+from covey.llm_backend.cpu_threads import configure_openmp_env  # noqa: E402
 from covey.llm_backend.llm_engine import LLMEngine  # noqa: E402
 from covey.llm_backend.model_source import EMBEDDED_NAME, resolve_model  # noqa: E402
 from covey.llm_backend.perplexity import (  # noqa: E402
@@ -268,6 +273,7 @@ def sizes(quick: bool) -> dict[str, int]:
             question=64,
             ppl_windows=2,
             ppl_tokens=256,
+            contention_output=16,
         )
     return dict(
         repeats=3,
@@ -281,6 +287,7 @@ def sizes(quick: bool) -> dict[str, int]:
         question=64,
         ppl_windows=8,
         ppl_tokens=512,
+        contention_output=64,
     )
 
 
@@ -463,6 +470,91 @@ def gpu_suite(s, results):
     print(f"covey on GPU: {value:.1f} tok/s", flush=True)
 
 
+COMPETITOR = """
+import sys, torch
+a = torch.randn(1024, 1024)
+print("ready", flush=True)
+while True:
+    a @ a
+"""
+
+
+def contention_child(system: str, prompt_tokens: int, out_tokens: int) -> None:
+    """Run in a fresh interpreter: print the TPOT of one request as JSON."""
+    import json
+
+    if system == "llama.cpp":
+        llm = load_llama_cpp()
+        prompt = list(range(1000, 1000 + prompt_tokens))
+        tpot = None if llm is None else llama_cpp_latency(llm, prompt, out_tokens)[1]
+    else:
+        engine = LLMEngine(EngineConfig(device="cpu", enable_prefix_caching=False))
+        (prompt,) = real_text_prompts(engine.tokenizer, 1, prompt_tokens, offset=7)
+        tpot = covey_latency(engine, prompt, out_tokens)[1]
+    print("TPOT " + json.dumps(tpot), flush=True)
+
+
+def _run_child(system: str, s) -> float | None:
+    import json
+    import subprocess
+
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
+        f"import engine; engine.contention_child({system!r}, {s['lat_prompt']}, "
+        f"{s['contention_output']})"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    if system == "covey":  # what the `covey` command sets before torch loads
+        configure_openmp_env(env)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1800
+    )
+    lines = [line for line in out.stdout.splitlines() if line.startswith("TPOT ")]
+    if not lines:
+        raise RuntimeError(f"contention run of {system} failed: {out.stderr[-2000:]}")
+    return json.loads(lines[-1][5:])
+
+
+def contention_suite(s, results, systems=("covey", "covey-omp-default", "llama.cpp")):
+    """TPOT without and with a competing CPU-bound process; the ratio is the slowdown.
+
+    The competitor is one process running matmuls on every core with its own OpenMP team,
+    like another ML job on a shared machine. Runs alternate (alone, contended) per system
+    so drifting background load hits both sides alike."""
+    import subprocess
+
+    params = {
+        "prompt_tokens": s["lat_prompt"],
+        "output_tokens": s["contention_output"],
+        "competitor": "one process: torch matmul loop, default threads and OpenMP settings",
+        "cpu_count": os.cpu_count(),
+    }
+    for system in systems:
+        alone = _run_child(system, s)
+        if alone is None:
+            why = "llama-cpp-python is not installed (make bench installs it)"
+            for metric in ("tpot_s_alone", "tpot_s_contended", "slowdown"):
+                results.append(record("contention", system, metric, None, params, why))
+            continue
+        rival = subprocess.Popen(
+            [sys.executable, "-c", COMPETITOR], stdout=subprocess.PIPE, text=True
+        )
+        try:
+            rival.stdout.readline()  # "ready": torch is loaded and the loop starts
+            contended = _run_child(system, s)
+        finally:
+            rival.kill()
+            rival.wait()
+        results.append(record("contention", system, "tpot_s_alone", alone, params))
+        results.append(record("contention", system, "tpot_s_contended", contended, params))
+        results.append(record("contention", system, "slowdown", contended / alone, params))
+        print(
+            f"contention {system}: tpot {alone * 1e3:.1f} ms alone, "
+            f"{contended * 1e3:.1f} ms contended ({contended / alone:.1f}x)",
+            flush=True,
+        )
+
+
 def _plot_profile(ax, results):
     """Stacked bars: where the milliseconds of one decode step go."""
     rows = [r for r in results if r["workload"] == "decode_profile"]
@@ -492,6 +584,7 @@ def plot(data, path):
         ("latency", "tpot_s", "TPOT s (lower is better)"),
         ("prefix", "ttft_s", "TTFT s with a shared 1024-token prefix"),
         ("quality", "perplexity", "perplexity, held-out docs (lower is better)"),
+        ("contention", "slowdown", "TPOT with a CPU-bound competitor / alone"),
     ]
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4.2 * (len(panels) + 1), 4))
     _plot_profile(axes[-1], data["results"])
@@ -528,6 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     s = sizes(args.quick)
     results: list[dict] = []
     cpu_suite(s, results, "cpu")
+    contention_suite(s, results)
     if torch.cuda.is_available():
         gpu_suite(s, results)
     device = "cuda" if torch.cuda.is_available() else "cpu"

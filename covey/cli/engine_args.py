@@ -23,6 +23,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="run decode steps through torch.compile (compiled once, cached under covey's home)",
+    )
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -44,7 +49,10 @@ def build_engine(args: argparse.Namespace) -> LLMEngine:
     from covey.llm_backend.config import EngineConfig
     from covey.llm_backend.llm_engine import LLMEngine
 
-    return LLMEngine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype))
+    config = EngineConfig(
+        model=args.model, device=args.device, dtype=args.dtype, compile=args.compile
+    )
+    return LLMEngine(config)
 
 
 def stream_to(engine: LLMEngine, prompt: Prompt, params: SamplingParams, write) -> str:

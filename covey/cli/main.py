@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from covey.llm_backend.cpu_threads import configure_openmp_env
+
+    configure_openmp_env()  # before anything imports torch: OpenMP reads it once, at load
     from covey.errors import CoveyError
 
     try:

@@ -9,7 +9,7 @@ positions on top of KV that is already in the pool (blended chunk reuse).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,12 +25,25 @@ class PrefillRun:
 
 
 @dataclass
+class DecodeGroup:
+    """Decode rows `[start, end)` of the flat batch, whose keys are read in one batch.
+
+    Rows are grouped by key length so that no sequence is padded far past its own keys:
+    each group pads only to its own longest table.
+    """
+
+    start: int
+    end: int
+    blocks: torch.Tensor | None  # [n, MB] each row's pool blocks (padded); None: contiguous
+    length: int  # keys of the longest row: rows see keys [0, length) at most
+    padding: torch.Tensor | None  # [1, n, 1, length] bool, True past a row's end; None: none
+    contiguous_start: int | None = None  # one row whose keys are pool slots [s, s + length)
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] where each new token's K/V is written
     num_decode: int  # the first num_decode tokens are single-token decodes
     block_size: int
-    decode_blocks: torch.Tensor | None  # [D, MB] block table per decode sequence (padded)
-    decode_padding: (
-        torch.Tensor | None
-    )  # [1, D, 1, MB * bs] bool, True past the end; None: no padding
     prefills: list[PrefillRun]
+    decode_groups: list[DecodeGroup] = field(default_factory=list)  # cover rows [0, num_decode)

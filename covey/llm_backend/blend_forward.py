@@ -74,8 +74,6 @@ def blend_forward(
             slot_mapping=region.slots if rows is None else region.slots[rows],
             num_decode=0,
             block_size=block_size,
-            decode_blocks=None,
-            decode_padding=None,
             prefills=[PrefillRun(0, mask.shape[0], region.key_blocks, mask)],
         )
 

@@ -21,7 +21,19 @@ QUANTIZATION_MODES = ("int8", "int4")
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Give at most one of `kv_cache_tokens` / `kv_cache_bytes`; neither picks a default."""
+    """Give at most one of `kv_cache_tokens` / `kv_cache_bytes`; neither picks a default.
+
+    Threads (`num_threads`, see cpu_threads.py): None uses one torch thread per CPU this
+    process may run on (or OMP_NUM_THREADS when set). The `covey` command also sets
+    OMP_WAIT_POLICY=PASSIVE before torch loads, so that when another process competes for
+    the cores, decoding slows in proportion instead of collapsing (a spinning team waits
+    time slices for its descheduled member). A program that imports torch itself should set
+    OMP_WAIT_POLICY=PASSIVE in the environment before it starts.
+
+    `compile`: run decode steps through torch.compile (inductor), see compiled_decode.py.
+    Off by default: on the 2-core CPU it was measured on, the compiled step was no faster
+    than eager and the first compile took minutes (cached afterwards under covey's home).
+    """
 
     model: str | Path | None = None  # None: the embedded SmolLM2-135M-Instruct
     dtype: str = "auto"  # auto: bfloat16 on CUDA and bf16-capable CPUs, else float32
@@ -33,7 +45,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # None: the model's context window
     enable_prefix_caching: bool = True
-    num_threads: int | None = None  # torch CPU threads; None leaves torch's default
+    num_threads: int | None = None  # torch CPU threads; None: one per available CPU
+    compile: bool = False  # decode steps through torch.compile (see the docstring)
     # Weight-only quantization (CPU, bfloat16): "int8" (per-channel) or "int4" (groups of
     # 32); both read the packed weights in decode and keep no dense copy. See
     # covey/llm_backend/quantization.py for the measured speed and perplexity of each.
@@ -79,6 +92,8 @@ class EngineConfig:
                 f"(its kernels are bf16), got dtype={self.dtype!r}"
             )
 
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"EngineConfig.compile must be True or False, got {self.compile!r}")
         self._check_chunk_cache()
 
     def _check_chunk_cache(self) -> None:

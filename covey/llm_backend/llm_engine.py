@@ -23,7 +23,9 @@ from covey.errors import (
 from covey.llm_backend.block_manager import BlockManager
 from covey.llm_backend.chunk_planner import ChunkPlanner
 from covey.llm_backend.chunk_transfer import ChunkTransfer
+from covey.llm_backend.compiled_decode import CompiledDecode
 from covey.llm_backend.config import EngineConfig
+from covey.llm_backend.cpu_threads import apply_num_threads
 from covey.llm_backend.engine_client import EngineStats, Prompt
 from covey.llm_backend.kv_pool import KVPool
 from covey.llm_backend.kv_sizing import num_kv_blocks
@@ -61,8 +63,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, model: LlamaModel | None = None) -> None:
         """`model` reuses weights loaded from `config.model` (several engines, one model)."""
         self.config = config = config or EngineConfig()
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
+        apply_num_threads(config.num_threads)
         self.device = config.torch_device()
         self.source = resolve_model(config.model)
         self.tokenizer: Tokenizer | None = self._load_tokenizer()
@@ -96,6 +97,9 @@ class LLMEngine:
             num_blocks, config.block_size, config.enable_prefix_caching
         )
         self.runner = ModelRunner(self.model, self.pool, self.device)
+        if config.compile:
+            self.runner.compiled = CompiledDecode(self.model)
+            self.runner.compiled.warm_up()
         self.chunk_store: ChunkStore | None = None
         self.chunk_planner = self._chunk_cache(config) if config.chunk_cache != "off" else None
         self.scheduler = Scheduler(

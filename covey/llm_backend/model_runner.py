@@ -12,15 +12,20 @@ from dataclasses import dataclass
 
 import torch
 
-from covey.llm_backend.attention_metadata import AttentionMetadata, PrefillRun
+from covey.llm_backend.attention_metadata import AttentionMetadata, DecodeGroup, PrefillRun
 from covey.llm_backend.blend_forward import BlendRegion, blend_forward
 from covey.llm_backend.chunk_transfer import ChunkTransfer
+from covey.llm_backend.compiled_decode import CompiledDecode
 from covey.llm_backend.kv_pool import KVPool
 from covey.llm_backend.model import LlamaModel
 from covey.llm_backend.scheduler import ScheduledSeq
 from covey.llm_backend.sequence import Sequence
 
 log = logging.getLogger(__name__)
+
+# A decode group stops growing once its rows would compute this many padded keys in all:
+# one more group costs ~55 us of dispatch per layer, a padded key ~0.15 us (measured, bf16).
+DECODE_PAD_BUDGET = 256
 
 
 @dataclass
@@ -51,6 +56,7 @@ class ModelRunner:
         self.chunks: ChunkTransfer | None = None  # set when the engine has a chunk store
         self.blend_ratio = 0.0
         self.blend_check_layers: tuple[int, ...] = (1,)
+        self.compiled: CompiledDecode | None = None  # set when EngineConfig.compile
 
     @torch.inference_mode()
     def execute(
@@ -73,7 +79,10 @@ class ModelRunner:
         hidden_rows: list[torch.Tensor] = []
         if scheduled:
             inputs = self.prepare(scheduled)
-            hidden = self.model(inputs.input_ids, inputs.positions, self.pool.kv, inputs.meta)
+            forward = self.model.forward
+            if self.compiled is not None and inputs.meta.num_decode == len(inputs.input_ids):
+                forward = self.compiled.forward  # a pure decode step
+            hidden = forward(inputs.input_ids, inputs.positions, self.pool.kv, inputs.meta)
             if not blends:
                 if not inputs.sample_seqs:
                     return [], None
@@ -191,14 +200,23 @@ class ModelRunner:
         slots: list[int] = []
         sample_idx: list[int] = []
         sample_seqs: list[Sequence] = []
-        for item in decodes:
-            seq, start = item.seq, item.seq.num_computed_tokens
-            table = seq.block_table
+        # Longest first, so that groups of similar length are contiguous rows; sampling
+        # keeps the scheduled order.
+        order = sorted(
+            range(len(decodes)), key=lambda i: decodes[i].seq.num_computed_tokens, reverse=True
+        )
+        row_of = [0] * len(decodes)
+        for row, i in enumerate(order):
+            seq = decodes[i].seq
+            start = seq.num_computed_tokens
             ids.append(seq.token_ids[start])
             positions.append(start)
-            slots.append(table[start // bs] * bs + start % bs)
-            if start + 1 == len(seq) and not seq.prefill_only:
-                sample_idx.append(len(ids) - 1)
+            slots.append(seq.block_table[start // bs] * bs + start % bs)
+            row_of[i] = row
+        for i, item in enumerate(decodes):
+            seq = item.seq
+            if seq.num_computed_tokens + 1 == len(seq) and not seq.prefill_only:
+                sample_idx.append(row_of[i])
                 sample_seqs.append(seq)
         runs: list[tuple[Sequence, int, int]] = []  # a prefill's (seq, queries, key length)
         for item in prefills:
@@ -227,12 +245,9 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             num_decode=len(decodes),
             block_size=bs,
-            decode_blocks=None,
-            decode_padding=None,
             prefills=[],
+            decode_groups=self._decode_groups([decodes[i].seq for i in order]),
         )
-        if decodes:
-            meta.decode_blocks, meta.decode_padding = self._decode_keys([d.seq for d in decodes])
         offset = len(decodes)
         for seq, n, length in runs:
             if length == 0:  # from position 0 with nothing in the pool: its own keys only
@@ -251,17 +266,38 @@ class ModelRunner:
             sample_seqs=sample_seqs,
         )
 
-    def _decode_keys(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        max_blocks = max(len(s.block_table) for s in seqs)
-        table = torch.tensor(
-            [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in seqs],
-            dtype=torch.long,
-            device=self.device,
-        )  # [D, MB]
+    def _decode_groups(self, seqs: list[Sequence]) -> list[DecodeGroup]:
+        """Split decode rows (longest first) into groups that pad little: a group takes
+        shorter rows until their padded keys would pass DECODE_PAD_BUDGET."""
+        groups = []
+        start = 0
+        while start < len(seqs):
+            longest = seqs[start].num_computed_tokens + 1
+            end, waste = start + 1, 0
+            while end < len(seqs):
+                waste += longest - (seqs[end].num_computed_tokens + 1)
+                if waste > DECODE_PAD_BUDGET:
+                    break
+                end += 1
+            groups.append(self._decode_group(seqs[start:end], start))
+            start = end
+        return groups
+
+    def _decode_group(self, seqs: list[Sequence], start: int) -> DecodeGroup:
+        bs, dev = self.block_size, self.device
         lengths = [s.num_computed_tokens + 1 for s in seqs]
-        if all(n == max_blocks * self.block_size for n in lengths):
-            return table, None  # every key is real: no mask to apply
-        lens = torch.tensor(lengths, device=self.device)
-        keys = torch.arange(max_blocks * self.block_size, device=self.device)
-        padding = keys[None, :] >= lens[:, None]  # [D, MB * bs]
-        return table, padding[None, :, None, :]  # [D, MB], [1, D, 1, MB * bs]
+        length = lengths[0]
+        mb = -(-length // bs)
+        if len(seqs) == 1:
+            table = seqs[0].block_table[:mb]
+            if table == list(range(table[0], table[0] + mb)):  # read in place, no gather
+                return DecodeGroup(start, start + 1, None, length, None, table[0] * bs)
+        rows = [s.block_table[:mb] for s in seqs]
+        blocks = torch.tensor(
+            [r + [0] * (mb - len(r)) for r in rows], dtype=torch.long, device=dev
+        )  # [n, MB]
+        if all(n == length for n in lengths):
+            return DecodeGroup(start, start + len(seqs), blocks, length, None)
+        lens = torch.tensor(lengths, device=dev)
+        padding = torch.arange(length, device=dev)[None, :] >= lens[:, None]  # [n, L]
+        return DecodeGroup(start, start + len(seqs), blocks, length, padding[None, :, None, :])

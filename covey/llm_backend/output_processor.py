@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 
 from covey.llm_backend.detokenizer import detokenize_step
-from covey.llm_backend.outputs import RequestMetrics, RequestOutput
+from covey.llm_backend.outputs import RequestMetrics, RequestOutput, TokenIds
 from covey.llm_backend.sequence import FinishReason, Sequence
 from covey.llm_backend.tokenizer import Tokenizer
 
@@ -45,7 +45,7 @@ class OutputProcessor:
         return RequestOutput(
             request_id=seq.request_id,
             text=seq.output_text,
-            token_ids=seq.output_token_ids,
+            token_ids=TokenIds(seq.token_ids, seq.num_prompt_tokens),
             delta_text=self._release_text(seq),
             delta_token_ids=delta_ids,
             finished=seq.is_finished,

@@ -2,9 +2,60 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
+from typing import overload
 
 from covey.llm_backend.sequence import Sequence
+
+
+class TokenIds(SequenceABC[int]):
+    """A read-only window `[start, end)` of a sequence's token list, fixed when made.
+
+    Every step hands back the whole output so far; copying it each time made a long
+    generation quadratic. A sequence's token list only ever grows, so a window over it
+    stays what it was when the step ended, without a copy. It compares equal to any list
+    or tuple of the same ids; slicing gives a list.
+    """
+
+    __slots__ = ("_ids", "_start", "_end")
+
+    def __init__(self, ids: list[int], start: int = 0, end: int | None = None) -> None:
+        self._ids = ids
+        self._start = start
+        self._end = len(ids) if end is None else end
+
+    def __len__(self) -> int:
+        return self._end - self._start
+
+    @overload
+    def __getitem__(self, index: int) -> int: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[int]: ...
+    def __getitem__(self, index: int | slice) -> int | list[int]:
+        if isinstance(index, slice):
+            return self._ids[self._start : self._end][index]
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError("token index out of range")
+        return self._ids[self._start + index % n]
+
+    def __iter__(self) -> Iterator[int]:
+        for i in range(self._start, self._end):
+            yield self._ids[i]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, TokenIds):
+            other = list(other)
+        if not isinstance(other, (list, tuple)):
+            return NotImplemented
+        return len(other) == len(self) and self._ids[self._start : self._end] == list(other)
+
+    __hash__ = None  # type: ignore[assignment]  # equal to lists, which are unhashable
+
+    def __repr__(self) -> str:
+        return repr(self._ids[self._start : self._end])
 
 
 @dataclass(frozen=True)
@@ -56,7 +107,7 @@ class RequestOutput:
 
     request_id: str
     text: str
-    token_ids: list[int]
+    token_ids: SequenceABC[int]  # the output ids so far: a TokenIds window, not a copy
     delta_text: str
     delta_token_ids: list[int]
     finished: bool

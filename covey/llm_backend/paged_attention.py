@@ -2,8 +2,10 @@
 
 A layer's pool is head-major, [2, KVH, S, Dh] (keys and values, then slots), so gathering a
 sequence's keys by block yields tensors already laid out for batched matmuls.
-Decodes are batched into one gather and two matmuls; prefill runs go one sequence at a
-time (few per step) through SDPA, a run with no cached prefix on its own fresh keys.
+Decodes of similar length are batched into one gather and two matmuls (a group pads only to
+its own longest sequence; one sequence whose blocks lie in order is read in place); prefill
+runs go one sequence at a time (few per step) through SDPA, a run with no cached prefix on
+its own fresh keys.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from covey.llm_backend.attention_metadata import AttentionMetadata
+from covey.llm_backend.attention_metadata import AttentionMetadata, DecodeGroup
 
 
 def store_kv(kv: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
@@ -24,12 +26,12 @@ def paged_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor, meta: AttentionMetadata
 ) -> torch.Tensor:
     """q [T, H, Dh], fresh k/v [T, KVH, Dh] (already stored) -> output [T, H, Dh]."""
-    d = meta.num_decode
-    if d == q.shape[0]:
-        return _decode(q, kv, meta)  # a pure decode step: no scatter into `out`
+    groups, bs = meta.decode_groups, meta.block_size
+    if len(groups) == 1 and meta.num_decode == q.shape[0]:
+        return _decode(q, kv, groups[0], bs)  # a pure decode step: no scatter into `out`
     out = torch.empty_like(q)
-    if d:
-        out[:d] = _decode(q[:d], kv, meta)
+    for g in groups:
+        out[g.start : g.end] = _decode(q[g.start : g.end], kv, g, bs)
     for run in meta.prefills:
         qs = q[run.start : run.end].transpose(0, 1).unsqueeze(0)  # [1, H, n, Dh]
         if run.key_blocks is None:
@@ -46,18 +48,23 @@ def paged_attention(
     return out
 
 
-def _decode(q: torch.Tensor, kv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+def _decode(q: torch.Tensor, kv: torch.Tensor, group: DecodeGroup, bs: int) -> torch.Tensor:
     """One query per sequence: two batched matmuls beat SDPA's kernels here (7-20x in bf16
     on CPU, where flash attention tiles for long queries), and GQA needs no key copies."""
-    assert meta.decode_blocks is not None
     d, h, dh = q.shape
     kvh = kv.shape[1]
-    keys = _gather_blocks(kv, meta.decode_blocks.view(-1), meta.block_size)  # [2, KVH, D*L, Dh]
-    keys = keys.view(2, kvh, d, -1, dh)  # [2, KVH, D, L, Dh]
+    n = group.length
+    if group.blocks is None:  # one sequence, blocks in pool order: its keys are a view
+        s = group.contiguous_start
+        assert s is not None
+        keys = kv[:, :, s : s + n].unsqueeze(2)  # [2, KVH, 1, L, Dh]
+    else:
+        keys = _gather_blocks(kv, group.blocks.view(-1), bs)  # [2, KVH, D*MB*bs, Dh]
+        keys = keys.view(2, kvh, d, -1, dh)[:, :, :, :n]  # [2, KVH, D, L, Dh]
     qg = (q * dh**-0.5).view(d, kvh, h // kvh, dh).transpose(0, 1)  # [KVH, D, G, Dh]
     scores = torch.matmul(qg, keys[0].transpose(-1, -2))  # [KVH, D, G, L]
-    if meta.decode_padding is not None:
-        scores = scores.masked_fill(meta.decode_padding, float("-inf"))
+    if group.padding is not None:
+        scores = scores.masked_fill(group.padding, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # [KVH, D, G, L]
     out = torch.matmul(probs, keys[1])  # [KVH, D, G, Dh]
     return out.transpose(0, 1).reshape(d, h, dh)  # [D, H, Dh]

@@ -71,8 +71,6 @@ def measure(model: LlamaModel) -> PrefillProfile:
             slot_mapping=positions,
             num_decode=0,
             block_size=1,
-            decode_blocks=None,
-            decode_padding=None,
             prefills=[PrefillRun(0, n, None, None)],
         )
         _sync(device)

@@ -28,8 +28,6 @@ def test_recomputing_a_subset_of_positions_matches_the_full_prefill(make_engine,
         slot_mapping=slots,
         num_decode=0,
         block_size=bs,
-        decode_blocks=None,
-        decode_padding=None,
         prefills=[PrefillRun(0, len(chosen), blocks, mask)],
     )
     token_ids = torch.tensor(ids, device=device)[chosen]

@@ -1,0 +1,49 @@
+"""Decode attention without padding every sequence to the longest block table."""
+
+from __future__ import annotations
+
+from covey.llm_backend.model_runner import DECODE_PAD_BUDGET
+from covey.llm_backend.sampling_params import SamplingParams
+from covey.llm_backend.sequence import Sequence
+
+GREEDY = SamplingParams(max_tokens=6, ignore_eos=True)
+SENTENCE = "The river runs past the old mill, and the miller counts the sacks of grain. "
+
+
+def _decoding(length: int, table: list[int]) -> Sequence:
+    seq = Sequence(f"r{length}", list(range(1, length + 1)), GREEDY)
+    seq.block_table = table
+    seq.num_computed_tokens = length - 1  # one token left: a decode
+    return seq
+
+
+def test_groups_pad_only_to_their_own_longest_row(make_engine):
+    runner = make_engine().runner
+    bs = runner.block_size
+    long_a = _decoding(700, list(range(100, 100 + 44)))
+    long_b = _decoding(690, list(range(200, 200 + 44)))
+    mid = _decoding(300, [7, 3, *range(300, 317)])  # out of order: gathered
+    short = _decoding(10, [50])  # one block in place: read as a view
+    groups = runner._decode_groups([long_a, long_b, mid, short])
+    assert [(g.start, g.end, g.length) for g in groups] == [(0, 2, 700), (2, 3, 300), (3, 4, 10)]
+    first, middle, last = groups
+    assert first.blocks.shape == (2, 44) and first.padding.shape == (1, 2, 1, 700)
+    assert first.padding[0, 1, 0].sum() == 10  # the 690-token row masks its last 10 keys
+    assert middle.blocks.tolist() == [[7, 3, *range(300, 317)]] and middle.padding is None
+    assert last.blocks is None and last.contiguous_start == 50 * bs and last.padding is None
+    assert 700 - 300 > DECODE_PAD_BUDGET  # why 300 starts a group of its own
+
+
+def test_mixed_length_batch_equals_one_at_a_time(make_engine):
+    # Lengths far enough apart to decode in separate groups; the short one is submitted
+    # first, so rows are reordered by length while sampling keeps the request order.
+    prompts = ["Hello, my name is", SENTENCE * 4, SENTENCE * 22, SENTENCE * 40]
+    engine = make_engine()
+    rids = [engine.add_request(p, GREEDY) for p in prompts]
+    batched = [o.token_ids for o in engine.run_to_completion(rids)]
+    single = []
+    for p in prompts:
+        alone = make_engine(enable_prefix_caching=False)
+        single.append(alone.run_to_completion([alone.add_request(p, GREEDY)])[0].token_ids)
+    assert batched == single
+    assert all(len(ids) == GREEDY.max_tokens for ids in batched)

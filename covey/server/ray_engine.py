@@ -144,9 +144,10 @@ class RayEngine:
             try:
                 async for out in _unwrapped(stream, replica):
                     streamed = True
+                    if out.finished:  # counted now: a consumer may stop at the last output
+                        replica.served += 1
+                        done = True
                     yield out
-                replica.served += 1
-                done = True
                 return
             except ReplicaDied as exc:
                 self._mark_down(replica)

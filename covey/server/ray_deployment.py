@@ -114,8 +114,8 @@ class ReplicaReport:
     capabilities: Any  # EngineCapabilities
 
 
-def app_name(index: int) -> str:
-    return f"{APP_PREFIX}{index}"
+def app_name(index: int, prefix: str = APP_PREFIX) -> str:
+    return f"{prefix}{index}"
 
 
 def deploy_replicas(
@@ -124,6 +124,7 @@ def deploy_replicas(
     engine_config: dict[str, Any] | None = None,
     threads: int = 1,
     num_cpus: float = 0.5,
+    app_prefix: str = APP_PREFIX,
 ) -> dict[str, Any]:
     """Deploy `replicas` engine replicas on the connected Ray cluster (`ray.init` first);
     returns application name -> its `DeploymentHandle`."""
@@ -142,7 +143,7 @@ def deploy_replicas(
         graceful_shutdown_wait_loop_s=0.5,
         graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_TIMEOUT_S,
     )
-    names = [app_name(i) for i in range(replicas)]
+    names = [app_name(i, app_prefix) for i in range(replicas)]
     targets = [
         serve.RunTarget(
             deployment.bind(model, dict(engine_config or {}), threads),

@@ -111,6 +111,9 @@ class ReplicaView:
     in_flight: int = 0  # calls sent and not finished (the router's own count)
     reported_queue: int = 0  # waiting + running, as the replica last reported
     pins: set[str] = field(default_factory=set)
+    # The router's inverted index (unit hash or chunk id -> replicas holding it), shared by
+    # every view and kept in step here, so a call is scored only on candidate replicas.
+    index: dict[str, set[str]] = field(default_factory=dict)
 
     @property
     def load(self) -> int:
@@ -143,20 +146,35 @@ class ReplicaView:
             else:
                 self.prefixes[h] = n
                 self.held_chars += n
+                self.index.setdefault(h, set()).add(self.name)
         for chunk, n, _ in key.chunks:
             if chunk in self.chunks:
                 self.chunks.move_to_end(chunk)
             else:
                 self.chunks[chunk] = n
                 self.chunk_chars += n
+                self.index.setdefault("chunk:" + chunk, set()).add(self.name)
         while self.held_chars > self.capacity_chars and self.prefixes:
-            _, n = self.prefixes.popitem(last=False)
+            h, n = self.prefixes.popitem(last=False)
             self.held_chars -= n
+            self._unindex(h)
         while self.chunk_chars > self.capacity_chars and self.chunks:
-            _, n = self.chunks.popitem(last=False)
+            chunk, n = self.chunks.popitem(last=False)
             self.chunk_chars -= n
+            self._unindex("chunk:" + chunk)
+
+    def _unindex(self, entry: str) -> None:
+        holders = self.index.get(entry)
+        if holders is not None:
+            holders.discard(self.name)
+            if not holders:
+                del self.index[entry]
 
     def forget(self) -> None:
+        for h in self.prefixes:
+            self._unindex(h)
+        for chunk in self.chunks:
+            self._unindex("chunk:" + chunk)
         self.prefixes.clear()
         self.chunks.clear()
         self.held_chars = self.chunk_chars = 0
@@ -198,6 +216,7 @@ class ReplicaRouter:
         self.max_imbalance = max_imbalance
         self.capacity_chars = capacity_chars
         self.views: dict[str, ReplicaView] = {}
+        self.index: dict[str, set[str]] = {}
         self.counters = RouterCounters()
         self._rr = itertools.count()
         self._random = random.Random(seed)
@@ -208,7 +227,7 @@ class ReplicaRouter:
 
     def add(self, name: str) -> None:
         if name not in self.views:
-            self.views[name] = ReplicaView(name, self.capacity_chars)
+            self.views[name] = ReplicaView(name, self.capacity_chars, index=self.index)
 
     def forget(self, name: str) -> None:
         """The replica died (or was replaced): nothing it held is there any more."""
@@ -217,6 +236,7 @@ class ReplicaRouter:
             view.forget()
 
     def remove(self, name: str) -> None:
+        self.forget(name)
         self.views.pop(name, None)
 
     def report(self, name: str, queue: int, pins: Iterable[str] = ()) -> None:
@@ -259,8 +279,18 @@ class ReplicaRouter:
             holder = next((v for v in live if key.pin in v.pins), None)
             if holder is not None:
                 return holder, "pin"
-        scored = [(v.score(key), -v.load, v) for v in live]
-        best_score, _, best = max(scored, key=lambda t: (t[0], t[1]))
+        # Only replicas holding the first unit or one of the chunks can score above 0.
+        names: set[str] = set()
+        if key.units:
+            names |= self.index.get(key.units[0][0], set())
+        for chunk, _, _ in key.chunks:
+            names |= self.index.get("chunk:" + chunk, set())
+        candidates = [v for v in live if v.name in names]
+        if not candidates:
+            return least, "balance"
+        best_score, _, best = max(
+            ((v.score(key), -v.load, v) for v in candidates), key=lambda t: (t[0], t[1])
+        )
         if best_score <= 0:
             return least, "balance"
         if best.load - least.load > self.max_imbalance:

@@ -192,16 +192,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(NAME, __doc__.splitlines()[0], argv)
     size = sizes(args.quick)
     from covey.server.ray_cluster import init_ray
-    from covey.server.ray_deployment import delete_replicas, deploy_replicas
+    from covey.server.ray_deployment import ReplicaSpec, delete_replicas, deploy_specs
 
     started = time.perf_counter()
     init_ray(num_cpus=2)
     config = {"device": "cpu", "dtype": "float32", "kv_cache_tokens": REPLICA_KV_TOKENS}
-    pair = deploy_replicas(2, None, config, threads=1)
-    single = deploy_replicas(
-        1, None, {**config, "kv_cache_tokens": 2 * REPLICA_KV_TOKENS}, threads=2,
-        app_prefix="covey-engine-single-",
+    specs = {f"covey-engine-{i}": ReplicaSpec(None, config, threads=1) for i in range(2)}
+    specs["covey-engine-single"] = ReplicaSpec(
+        None, {**config, "kv_cache_tokens": 2 * REPLICA_KV_TOKENS}, threads=2
     )
+    handles = deploy_specs(specs)  # all three load at once
+    pair = {name: handles[name] for name in ("covey-engine-0", "covey-engine-1")}
+    single = {"covey-engine-single": handles["covey-engine-single"]}
     print(f"scale: replicas up in {time.perf_counter() - started:.0f}s", flush=True)
     results = []
     params = {**size, "replica_kv_tokens": REPLICA_KV_TOKENS}

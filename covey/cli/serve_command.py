@@ -133,6 +133,14 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("give --ray or --remote, not both")
     if not args.ray and (args.address is not None or args.replicas != 2):
         raise ConfigError("--replicas and --address go with --ray")
+    if args.ray:
+        from covey.server.replica_router import POLICIES
+
+        if args.routing not in POLICIES:
+            choices = ", ".join(POLICIES)
+            raise ConfigError(f"--routing must be one of {choices}, got {args.routing!r}")
+        if args.replicas < 1 or args.replica_threads < 1:
+            raise ConfigError("--replicas and --replica-threads must be at least 1")
     host = defaults.host if args.host is None else args.host
     sock = bind(host, defaults.port if args.port is None else args.port)
     port = sock.getsockname()[1]

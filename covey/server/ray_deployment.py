@@ -128,31 +128,41 @@ def deploy_replicas(
 ) -> dict[str, Any]:
     """Deploy `replicas` engine replicas on the connected Ray cluster (`ray.init` first);
     returns application name -> its `DeploymentHandle`."""
-    serve = require_ray()
     if replicas < 1:
         raise ConfigError(f"--replicas must be at least 1, got {replicas}")
+    spec = ReplicaSpec(model, dict(engine_config or {}), threads, num_cpus)
+    return deploy_specs({app_name(i, app_prefix): spec for i in range(replicas)})
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    model: str | None
+    engine_config: dict[str, Any]
+    threads: int = 1
+    num_cpus: float = 0.5
+
+
+def deploy_specs(specs: dict[str, ReplicaSpec]) -> dict[str, Any]:
+    """Deploy one single-replica application per name, all at once (they load in
+    parallel); returns name -> `DeploymentHandle`."""
+    serve = require_ray()
     serve.start(proxy_location="Disabled")
-    deployment = serve.deployment(
-        EngineReplica,
-        name="engine",
-        num_replicas=1,
-        ray_actor_options={"num_cpus": num_cpus},
-        max_ongoing_requests=1024,  # the engine batches; the router bounds the imbalance
-        health_check_period_s=HEALTH_CHECK_PERIOD_S,
-        health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
-        graceful_shutdown_wait_loop_s=0.5,
-        graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_TIMEOUT_S,
-    )
-    names = [app_name(i, app_prefix) for i in range(replicas)]
-    targets = [
-        serve.RunTarget(
-            deployment.bind(model, dict(engine_config or {}), threads),
-            name=name,
-            route_prefix=None,
+    targets = []
+    for name, spec in specs.items():
+        deployment = serve.deployment(
+            EngineReplica,
+            name="engine",
+            num_replicas=1,
+            ray_actor_options={"num_cpus": spec.num_cpus},
+            max_ongoing_requests=1024,  # the engine batches; the router bounds imbalance
+            health_check_period_s=HEALTH_CHECK_PERIOD_S,
+            health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
+            graceful_shutdown_wait_loop_s=0.5,
+            graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_TIMEOUT_S,
         )
-        for name in names
-    ]
-    return dict(zip(names, serve.run_many(targets)))  # the replicas load in parallel
+        bound = deployment.bind(spec.model, dict(spec.engine_config), spec.threads)
+        targets.append(serve.RunTarget(bound, name=name, route_prefix=None))
+    return dict(zip(specs, serve.run_many(targets)))
 
 
 def delete_replicas(names: list[str]) -> None:

@@ -278,8 +278,14 @@ class RayEngine:
             rep = await asyncio.wait_for(
                 _await(replica.handle.report.remote(), replica), REPORT_TIMEOUT_S
             )
-        except (ReplicaDied, TimeoutError):
+        except ReplicaDied:
             self._mark_down(replica)
+            return None
+        except TimeoutError:
+            # Busy, not dead: a CPU replica answers between engine steps, and a long
+            # prefill on a loaded machine can take longer than the timeout. The last report
+            # stands; only Ray saying the actor is gone marks a replica down.
+            log.debug("replica %s is slow to report", replica.name)
             return None
         except Exception as exc:  # a report is best effort; routing goes on without it
             log.debug("replica %s did not report: %s", replica.name, exc)

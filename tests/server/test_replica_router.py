@@ -89,6 +89,7 @@ def test_a_dead_replica_is_forgotten_and_a_retry_avoids_it():
     assert router.choose(key, exclude=[home])[0] != home
     router.forget(home)
     assert router.views[home].score(key) == 0 and not router.views[home].pins
+    assert all(home not in holders for holders in router.index.values())
     with pytest.raises(EngineUnavailableError, match="no engine replica"):
         router.choose(key, exclude=["r0", "r1"])
 
@@ -101,6 +102,7 @@ def test_the_mirror_is_capped_at_the_replica_s_capacity_lru_first():
     view.remember(new)
     assert view.held_chars <= 4 * BLOCK_CHARS
     assert view.score(new) == 4 * BLOCK_CHARS and view.score(old) == 0
+    assert old.units[0][0] not in router.index  # evicted from the inverted index too
 
 
 def test_round_robin_and_pow2_ignore_the_cache():

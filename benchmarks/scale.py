@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import statistics
 import sys
@@ -194,29 +195,38 @@ def main(argv: list[str] | None = None) -> int:
     from covey.server.ray_cluster import init_ray
     from covey.server.ray_deployment import ReplicaSpec, delete_replicas, deploy_specs
 
+    # Ray kills workers when the node's memory is 95% used, by anyone: on a shared machine
+    # that kills replicas and the Serve controller mid-run. Off for this local cluster.
+    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
     started = time.perf_counter()
     init_ray(num_cpus=2)
     config = {"device": "cpu", "dtype": "float32", "kv_cache_tokens": REPLICA_KV_TOKENS}
-    specs = {f"covey-engine-{i}": ReplicaSpec(None, config, threads=1) for i in range(2)}
-    specs["covey-engine-single"] = ReplicaSpec(
-        None, {**config, "kv_cache_tokens": 2 * REPLICA_KV_TOKENS}, threads=2
-    )
-    handles = deploy_specs(specs)  # all three load at once
-    pair = {name: handles[name] for name in ("covey-engine-0", "covey-engine-1")}
-    single = {"covey-engine-single": handles["covey-engine-single"]}
-    print(f"scale: replicas up in {time.perf_counter() - started:.0f}s", flush=True)
     results = []
     params = {**size, "replica_kv_tokens": REPLICA_KV_TOKENS}
     try:
-        for system, policy, n in SYSTEMS:
-            handles = pair if n == 2 else single
-            got = run_system(system, policy, handles, size)
-            print(f"scale: {system}: {got}", flush=True)
-            for metric in METRICS:
-                extra = {"replicas": n, "policy": policy, "decisions": got["decisions"]}
-                results.append(record(WORKLOAD, system, metric, got[metric], {**params, **extra}))
+        # Two replicas for the routed systems, then one with both threads and both pools
+        # (one after the other: three models at once do not fit a small shared machine).
+        for specs in (
+            {f"covey-engine-{i}": ReplicaSpec(None, config, threads=1) for i in range(2)},
+            {"covey-engine-single": ReplicaSpec(
+                None, {**config, "kv_cache_tokens": 2 * REPLICA_KV_TOKENS}, threads=2
+            )},
+        ):
+            handles = deploy_specs(specs)
+            print(f"scale: {list(handles)} up at {time.perf_counter() - started:.0f}s", flush=True)
+            try:
+                for system, policy, n in SYSTEMS:
+                    if n != len(handles):
+                        continue
+                    got = run_system(system, policy, handles, size)
+                    print(f"scale: {system}: {got}", flush=True)
+                    extra = {"replicas": n, "policy": policy, "decisions": got["decisions"]}
+                    for metric in METRICS:
+                        value = got[metric]
+                        results.append(record(WORKLOAD, system, metric, value, {**params, **extra}))
+            finally:
+                delete_replicas(list(handles))
     finally:
-        delete_replicas([*pair, *single])
         import ray
 
         ray.shutdown()

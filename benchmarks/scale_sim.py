@@ -16,7 +16,8 @@ the replicas' reports correct the load, and what the mirror holds is an estimate
 Service time: 0.25 ms per uncached prompt token (4 characters a token) + 50 ms of decode.
 Arrivals are Poisson at 70% of the replicas' capacity with no cache hits at all.
 
-Systems: `covey` (cache-aware), `covey-round-robin`, `covey-pow2`. Metrics per replica
+Systems: `covey` (cache-aware, imbalance bound 4 requests: the default), `covey-bound-1`
+(the same with a bound of 1), `covey-round-robin`, `covey-pow2`. Metrics per replica
 count (`params.replicas`): `prefix_hit_rate` (prompt characters found cached),
 `imbalance` (busiest replica's requests / the mean), `ttft_s` and `p99_ttft_s` (queueing
 plus prefill, simulated seconds), and `router_us_per_request` (the policy's own cost,
@@ -44,7 +45,12 @@ from covey.server.replica_router import ReplicaRouter, route_key  # noqa: E402
 NAME = "scale_sim"
 WORKLOAD = "routing_trace"
 REPLICAS = (8, 64, 512)
-SYSTEMS = (("covey", "cache_aware"), ("covey-round-robin", "round_robin"), ("covey-pow2", "pow2"))
+SYSTEMS = (
+    ("covey", "cache_aware", 4),
+    ("covey-bound-1", "cache_aware", 1),
+    ("covey-round-robin", "round_robin", 4),
+    ("covey-pow2", "pow2", 4),
+)
 METRICS = ("prefix_hit_rate", "imbalance", "ttft_s", "p99_ttft_s", "router_us_per_request")
 PREFILL_S_PER_TOKEN = 0.00025
 DECODE_S = 0.05
@@ -53,7 +59,7 @@ UTILIZATION = 0.7
 
 
 def sizes(quick: bool) -> dict[str, Any]:
-    return {"requests": {8: 3000, 64: 6000, 512: 8000}} if quick else {
+    return {"requests": {8: 3000, 64: 6000, 512: 6000}} if quick else {
         "requests": {8: 20000, 64: 40000, 512: 60000}
     }
 
@@ -91,10 +97,14 @@ def trace(replicas: int, requests: int, seed: int = 0) -> list[list[Segment]]:
     return out
 
 
-def simulate(replicas: int, policy: str, prompts: list[list[Segment]], seed: int = 0):
+def simulate(
+    replicas: int, policy: str, bound: int, prompts: list[list[Segment]], seed: int = 0
+):
     rng = random.Random(seed + 1)
     names = [f"r{i}" for i in range(replicas)]
-    router = ReplicaRouter(names, policy=policy, capacity_chars=CAPACITY_CHARS, seed=seed)
+    router = ReplicaRouter(
+        names, policy=policy, max_imbalance=bound, capacity_chars=CAPACITY_CHARS, seed=seed
+    )
     keys = [route_key(p) for p in prompts]
     mean_service = statistics.fmean(
         DECODE_S + PREFILL_S_PER_TOKEN * k.chars / 4 for k in keys[:500]
@@ -111,8 +121,9 @@ def simulate(replicas: int, policy: str, prompts: list[list[Segment]], seed: int
                 q.popleft()
             router.views[n].in_flight = len(q)
         started = time.perf_counter()
-        name, _ = router.choose(key, remember=False)
+        name, decision = router.choose(key, remember=False)
         routing_s += time.perf_counter() - started
+        router.counters.count(decision)
         view = router.views[name]
         cached = view.matched_units(key)[1]  # exact prefix reuse only
         view.remember(key)
@@ -142,10 +153,16 @@ def main(argv: list[str] | None = None) -> int:
     for replicas in REPLICAS:
         n = size["requests"][replicas]
         prompts = trace(replicas, n)
-        for system, policy in SYSTEMS:
-            got = simulate(replicas, policy, prompts)
+        for system, policy, bound in SYSTEMS:
+            got = simulate(replicas, policy, bound, prompts)
             print(f"scale_sim: {replicas} replicas, {system}: {got}", flush=True)
-            params = {"replicas": replicas, "requests": n, "capacity_chars": CAPACITY_CHARS}
+            params = {
+                "replicas": replicas,
+                "requests": n,
+                "capacity_chars": CAPACITY_CHARS,
+                "max_imbalance": bound,
+                "decisions": got["decisions"],
+            }
             for metric in METRICS:
                 results.append(record(WORKLOAD, system, metric, got[metric], params))
     write_results(args, NAME, results, "cpu", None)
@@ -162,7 +179,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     shown = ("prefix_hit_rate", "imbalance", "ttft_s", "p99_ttft_s")
     fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.6))
     for ax, metric in zip(axes, shown):
-        for system, _ in SYSTEMS:
+        for system, _, _ in SYSTEMS:
             ys = [
                 next(r["value"] for r in results if (r["system"], r["metric"]) == (system, metric)
                      and r["params"]["replicas"] == n)

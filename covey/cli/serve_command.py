@@ -105,6 +105,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="with --ray: cache_aware (default), round_robin or pow2",
     )
     p.add_argument(
+        "--max-imbalance",
+        type=int,
+        default=4,
+        help="with --ray: send a call to the least-loaded replica instead of its best cache "
+        "match when that one's queue is more than this many requests deeper (default 4)",
+    )
+    p.add_argument(
         "--replica-threads",
         type=int,
         default=1,
@@ -141,6 +148,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--routing must be one of {choices}, got {args.routing!r}")
         if args.replicas < 1 or args.replica_threads < 1:
             raise ConfigError("--replicas and --replica-threads must be at least 1")
+        if args.max_imbalance < 0:
+            raise ConfigError(f"--max-imbalance must be >= 0, got {args.max_imbalance}")
     host = defaults.host if args.host is None else args.host
     sock = bind(host, defaults.port if args.port is None else args.port)
     port = sock.getsockname()[1]
@@ -169,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
                     args.model,
                     address=args.address,
                     policy=args.routing,
+                    max_imbalance=args.max_imbalance,
                     threads=args.replica_threads,
                     engine_config=engine_config,
                 )

@@ -6,6 +6,7 @@ extra (`make test` installs it)."""
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 
@@ -29,6 +30,10 @@ def ray_replicas():
     """Application name -> Serve handle of each engine replica."""
     from ray import serve
 
+    # Ray kills workers once the node's memory is 95% used, by any process: on a shared
+    # test machine that takes replicas (and Serve's controller) down at random. Off here;
+    # the failure test kills a replica on purpose.
+    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
     ray.init(
         num_cpus=2,
         object_store_memory=200 * 1024 * 1024,

@@ -6,7 +6,10 @@ Workloads (see the engine issue):
   llama.cpp (llama-cpp-python on the same GGUF, one request at a time: it has no batching);
 - latency: one request, 512 prompt tokens, 64 output tokens: TTFT and TPOT for all three;
 - prefix: requests sharing a 1024-token system prompt with different 64-token questions:
-  TTFT with the prefix cache on (`covey`) and off (`covey-no-prefix-cache`).
+  TTFT with the prefix cache on (`covey`) and off (`covey-no-prefix-cache`);
+- throughput and latency again for every other weight mode (`covey-<mode>`: float32, bf16,
+  int8, int4 weights; `covey` is the default configuration), with a decode profile each;
+- quality: perplexity on held-out Python docs of every mode and of transformers.
 On CUDA, a throughput run on dummy weights of a 1B-class Llama is added.
 """
 
@@ -26,6 +29,12 @@ from bench_common import parse_args, record, write_results  # noqa: E402
 from covey.llm_backend.config import EngineConfig  # noqa: E402
 from covey.llm_backend.llm_engine import LLMEngine  # noqa: E402
 from covey.llm_backend.model_source import EMBEDDED_NAME, resolve_model  # noqa: E402
+from covey.llm_backend.perplexity import (  # noqa: E402
+    heldout_windows,
+    model_perplexity,
+    perplexity_of,
+)
+from covey.llm_backend.quantization import quantization_of  # noqa: E402
 from covey.llm_backend.sampling_params import SamplingParams  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -96,7 +105,13 @@ def covey_prefix_ttft(engine, system, questions):
 
 
 PROFILE_GROUPS = {
-    "linear_s": ("aten::mm", "aten::addmm", "aten::_weight_int8pack_mm", "aten::linear"),
+    "linear_s": (
+        "aten::mm",
+        "aten::addmm",
+        "aten::_weight_int8pack_mm",
+        "aten::_weight_int4pack_mm_for_cpu",
+        "aten::linear",
+    ),
     "attention_matmul_s": ("aten::bmm", "aten::matmul", "aten::_softmax", "aten::masked_fill_"),
     "rms_norm_s": ("aten::_fused_rms_norm", "aten::rms_norm"),
     "kv_gather_store_s": ("aten::index_select", "aten::index_copy_"),
@@ -251,6 +266,8 @@ def sizes(quick: bool) -> dict[str, int]:
             prefix_requests=4,
             prefix=1024,
             question=64,
+            ppl_windows=2,
+            ppl_tokens=256,
         )
     return dict(
         repeats=3,
@@ -262,6 +279,8 @@ def sizes(quick: bool) -> dict[str, int]:
         prefix_requests=16,
         prefix=1024,
         question=64,
+        ppl_windows=8,
+        ppl_tokens=512,
     )
 
 
@@ -314,29 +333,16 @@ def cpu_suite(s, results, device):
     print(f"prefix ttft: {on:.3f}s cached vs {off:.3f}s uncached ({off / on:.1f}x)", flush=True)
     del on_engine
 
-    int8 = LLMEngine(
-        EngineConfig(
-            device=device, dtype="bfloat16", quantization="int8", enable_prefix_caching=False
-        )
-    )
-    q8 = {**tp, "dtype": "bfloat16", "quantization": "int8 weights"}
-    q8_lat = {**lat, "dtype": "bfloat16", "quantization": "int8 weights"}
-    measure_system(
-        results,
-        "covey-int8",
-        s["repeats"],
-        lambda: covey_throughput(int8, prompts, s["output"]),
-        lambda: covey_latency(int8, lat_prompt, s["lat_output"]),
-        q8,
-        q8_lat,
-    )
     prof = {"prompt_tokens": s["lat_prompt"], "steps": 20, "what": "one decode step, 1 request"}
-    for name, eng in (("covey", engine), ("covey-int8", int8)):
-        for metric, value in decode_profile(eng, lat_prompt, 20).items():
-            results.append(record("decode_profile", name, metric, value, prof))
-        print(f"{name} decode profile recorded", flush=True)
+    for metric, value in decode_profile(engine, lat_prompt, 20).items():
+        results.append(record("decode_profile", "covey", metric, value, prof))
+    print("covey decode profile recorded", flush=True)
+    models = {"covey": engine.model}
+    for name, config in mode_systems(engine).items():
+        models[name] = measure_mode(results, s, name, config, device, prompts, lat_prompt, tp, lat)
+    quality_suite(s, results, tok, models)
 
-    hf = load_transformers(engine.model, dtype)
+    hf = load_transformers(dense_model(models, dtype), dtype)
     measure_system(
         results,
         "transformers",
@@ -367,6 +373,73 @@ def cpu_suite(s, results, device):
         {**tp, **cpp},
         {**lat, **cpp},
     )
+
+
+# Weight modes: EngineConfig overrides. The one matching the default configuration is
+# measured as `covey`; the others as `covey-<mode>`.
+WEIGHT_MODES = {
+    "float32": dict(dtype="float32"),
+    "bf16": dict(dtype="bfloat16"),
+    "int8": dict(dtype="bfloat16", quantization="int8"),
+    "int4": dict(dtype="bfloat16", quantization="int4"),
+}
+
+
+def mode_of(config: EngineConfig, dtype: torch.dtype) -> str:
+    """The WEIGHT_MODES name of an engine built from `config` whose model is in `dtype`."""
+    if config.quantization:
+        return config.quantization
+    return "bf16" if dtype == torch.bfloat16 else str(dtype).removeprefix("torch.")
+
+
+def dense_model(models: dict, dtype: torch.dtype):
+    """A model among `models` with dense weights in `dtype` (transformers copies them)."""
+    return next(
+        m for m in models.values() if quantization_of(m) is None and m.norm.weight.dtype == dtype
+    )
+
+
+def mode_systems(default_engine: LLMEngine) -> dict[str, dict]:
+    """`covey-<mode>` -> config overrides, for every mode but the default engine's."""
+    default = mode_of(default_engine.config, default_engine.dtype)
+    return {f"covey-{m}": c for m, c in WEIGHT_MODES.items() if m != default}
+
+
+def measure_mode(results, s, name, overrides, device, prompts, lat_prompt, tp, lat):
+    """Throughput, latency and the decode profile of one weight mode; returns its model."""
+    engine = LLMEngine(EngineConfig(device=device, enable_prefix_caching=False, **overrides))
+    mode = mode_of(engine.config, engine.dtype)
+    params = {"dtype": str(engine.dtype).removeprefix("torch."), "weights": mode}
+    measure_system(
+        results,
+        name,
+        s["repeats"],
+        lambda: covey_throughput(engine, prompts, s["output"]),
+        lambda: covey_latency(engine, lat_prompt, s["lat_output"]),
+        {**tp, **params},
+        {**lat, **params},
+    )
+    prof = {"prompt_tokens": s["lat_prompt"], "steps": 20, "what": "one decode step, 1 request"}
+    for metric, value in decode_profile(engine, lat_prompt, 20).items():
+        results.append(record("decode_profile", name, metric, value, {**prof, **params}))
+    return engine.model
+
+
+@torch.inference_mode()
+def quality_suite(s, results, tokenizer, models):
+    """Perplexity on held-out Python docs (the end of the topic list; the prompts above
+    come from its start) for every covey mode and for transformers (float32)."""
+    windows = heldout_windows(tokenizer.encode, s["ppl_windows"], s["ppl_tokens"])
+    params = {"windows": len(windows), "window_tokens": s["ppl_tokens"], "text": "pydoc topics"}
+    for name, model in models.items():
+        value = model_perplexity(model, windows)
+        results.append(record("quality", name, "perplexity", value, params))
+        print(f"{name}: perplexity {value:.4f}", flush=True)
+    # transformers in float32, on the float32 weights covey loads: the reference.
+    hf = load_transformers(dense_model(models, torch.float32), torch.float32)
+    value = perplexity_of(lambda ids: hf(torch.tensor([ids])).logits[0], windows)
+    results.append(record("quality", "transformers", "perplexity", value, params))
+    print(f"transformers: perplexity {value:.4f}", flush=True)
 
 
 def gpu_suite(s, results):
@@ -418,6 +491,7 @@ def plot(data, path):
         ("latency", "ttft_s", "TTFT s, 512-token prompt"),
         ("latency", "tpot_s", "TPOT s (lower is better)"),
         ("prefix", "ttft_s", "TTFT s with a shared 1024-token prefix"),
+        ("quality", "perplexity", "perplexity, held-out docs (lower is better)"),
     ]
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4.2 * (len(panels) + 1), 4))
     _plot_profile(axes[-1], data["results"])

@@ -1,7 +1,8 @@
 """Retrieval benchmark: embedding throughput (and ingest batching before/after length
-bucketing, same texts, same run), the default Python-docs index build, end-to-end
-search latency per mode, and faiss flat vs IVF vs HNSW (build time, query latency p50/p99,
-recall@10 against exact search) at 10k and 100k chunks, with numpy brute force as a peer.
+bucketing, same texts, same run), the default Python-docs index build (time, size) and its
+evaluation (hit@3 per search mode), end-to-end search latency per mode, and faiss flat vs
+IVF vs HNSW (build time, query latency p50/p99, recall@10 against exact search) at 10k and
+100k chunks, with numpy brute force as a peer.
 
     python benchmarks/retrieval.py [--quick] [--json PATH] [--plot PATH]
 
@@ -47,9 +48,18 @@ def percentile_s(samples: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(samples), q))
 
 
-def build_pydocs(limit: int | None, workdir: str, results: list[dict]):
-    """Time the default-corpus build (chunk, embed, index, commit) as a user's first run."""
-    from covey.retrieval.default_corpus import ensure_default_index, pydoc_documents
+def build_pydocs(quick: bool, workdir: str, results: list[dict]):
+    """Time the default-corpus build (chunk, embed, index, commit) as a user's first run,
+    and its size on disk. --quick builds the evaluation subset (corpus_eval) instead of the
+    whole corpus, which takes minutes to embed on a 2-core CPU."""
+    from covey.retrieval.corpus_eval import evaluation_subset
+    from covey.retrieval.default_corpus import (
+        CORPUS_VERSION,
+        default_documents,
+        ensure_default_index,
+        fill_index,
+    )
+    from covey.retrieval.document_index import DocumentIndex
     from covey.retrieval.embedder import Embedder
     from covey.retrieval.tokenizers import default_tokenizer, tokenizer_name
 
@@ -57,21 +67,43 @@ def build_pydocs(limit: int | None, workdir: str, results: list[dict]):
     embedder.embed(["warm up the model"])
     root = Path(workdir) / "pydocs"
     start = time.perf_counter()
-    index = ensure_default_index(
-        root, limit=limit, progress=False, embedder=embedder, tokenizer=tokenizer
-    )
+    if quick:
+        docs = evaluation_subset()
+        index = DocumentIndex.create(root, embedder=embedder, tokenizer=tokenizer)
+        fill_index(index, docs)
+    else:
+        docs = default_documents()
+        index = ensure_default_index(root, progress=False, embedder=embedder, tokenizer=tokenizer)
     seconds = time.perf_counter() - start
+    current = root / "versions" / index.manifest["version"]
+    size = sum(f.stat().st_size for f in current.iterdir() if f.is_file())
     params = {
-        "topics": len(pydoc_documents(limit)),
+        "corpus": "evaluation subset" if quick else f"default, version {CORPUS_VERSION}",
+        "documents": len(docs),
+        "topics": sum("." not in d.source for d in docs),
         "chunks": len(index),
         "tokens": index.manifest["num_tokens"],
         "chunk_tokens": index.chunker.chunk_tokens,
         "overlap_tokens": index.chunker.overlap_tokens,
         "chunk_tokenizer": tokenizer_name(tokenizer),
         "embed_batch": embedder.batch_size,
+        "faiss_kind": index.manifest["index"]["kind"],
     }
     results.append(record("pydocs_build", "covey", "build_s", seconds, params))
+    results.append(record("pydocs_build", "covey", "index_bytes", size, params))
     return index
+
+
+def bench_eval(index, results: list[dict]) -> None:
+    """hit@3 of the corpus evaluation (covey.retrieval.corpus_eval) per search mode."""
+    from covey.retrieval.corpus_eval import QUESTIONS, evaluate, hit_rate
+
+    for mode in ("hybrid", "vector", "bm25"):
+        found = evaluate(index, k=3, mode=mode)
+        misses = [r.question for r in found if r.rank is None]
+        params = {"questions": len(QUESTIONS), "k": 3, "chunks": len(index), "misses": misses}
+        results.append(record("pydocs_eval", f"covey-{mode}", "hit_at_3", hit_rate(found), params))
+        print(f"  {mode:<6} hit@3 {hit_rate(found):.3f} ({len(misses)} misses)", flush=True)
 
 
 def bench_embedding(index, n: int, runs: int, results: list[dict]) -> None:
@@ -288,10 +320,17 @@ def _plot_pydocs(ax, value, chunks: int) -> None:
     rate = value("embedding", "covey", "chunks_per_s")
     before = value("embedding_batching", "doc-order-slices", "chunks_per_s")
     after = value("embedding_batching", "length-bucketed", "chunks_per_s")
+    size = value("pydocs_build", "covey", "index_bytes") / 1e6
+    hits = ", ".join(
+        f"{m}: {value('pydocs_eval', f'covey-{m}', 'hit_at_3'):.2f}"
+        for m in ("hybrid", "vector", "bm25")
+    )
     ax.set_title(
         f"pydocs search p50 (whisker p99), {chunks} chunks\n"
-        f"build {build:.1f}s; embedding {rate:.1f} chunks/s; ingest batching "
-        f"{before:.1f} -> {after:.1f} chunks/s (length-bucketed)"
+        f"build {build:.1f}s, {size:.1f} MB; hit@3 {hits}\n"
+        f"embedding {rate:.1f} chunks/s; ingest batching "
+        f"{before:.1f} -> {after:.1f} chunks/s (length-bucketed)",
+        fontsize=9,
     )
 
 
@@ -356,11 +395,17 @@ def main(argv: list[str] | None = None) -> int:
 
     device = default_device()
     results: list[dict] = []
-    limit = 10 if args.quick else None
-    print(f"pydocs build ({'first 10 topics' if args.quick else 'all topics'}) ...", flush=True)
+    what = "the evaluation subset" if args.quick else "the whole default corpus"
+    print(f"pydocs build ({what}) ...", flush=True)
     workdir = tempfile.TemporaryDirectory(prefix="covey-bench-")
-    index = build_pydocs(limit, workdir.name, results)
-    print(f"  {len(index)} chunks in {results[-1]['value']:.1f}s", flush=True)
+    index = build_pydocs(args.quick, workdir.name, results)
+    print(
+        f"  {len(index)} chunks in {results[-2]['value']:.1f}s, "
+        f"{results[-1]['value'] / 1e6:.1f} MB",
+        flush=True,
+    )
+    print("corpus evaluation (hit@3) ...", flush=True)
+    bench_eval(index, results)
     bench_embedding(index, 64 if args.quick else 256, 2 if args.quick else 4, results)
     print(f"  embedding {results[-1]['value']:.1f} chunks/s", flush=True)
     print("ingest embedding, before/after length bucketing ...", flush=True)

@@ -56,6 +56,11 @@ class InvalidRequestError(CoveyError, ValueError):
     category = ErrorCategory.INVALID
 
 
+class AppInputError(InvalidRequestError, TypeError):
+    """An app was called with inputs that do not fit its signature: too many positional
+    arguments, a missing or unknown input, or a value of the wrong type."""
+
+
 class RequestNotFoundError(InvalidRequestError):
     """A request id names no request the engine holds (unknown, or already finished)."""
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import safetensors.torch
 from safetensors import safe_open
 
+from covey.atomic_files import replace_atomically
 from covey.cache.chunk_kv import ChunkKV, content_hash, entry_key
 from covey.cache.tier_index import EntryMeta, TierIndex
 from covey.errors import ConfigError
@@ -85,11 +86,9 @@ class DiskTier:
             self._path(victim[0].key).unlink(missing_ok=True)
         tmp = self.dir / f"{meta.key}{TMP_SUFFIX}"
         try:
-            tmp.write_bytes(blob)
-            os.replace(tmp, self._path(meta.key))
+            replace_atomically(self._path(meta.key), lambda t: t.write_bytes(blob), tmp)
         except OSError as e:
             log.warning("chunk store: cannot write %s: %s", self._path(meta.key), e)
-            tmp.unlink(missing_ok=True)
             return False
         self.index.add(meta, self._cost_fn(len(meta.token_ids)), frequency)
         return True

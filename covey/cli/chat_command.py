@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import sys
 import threading
+from typing import Any
 
 from covey.cli.engine_args import add_engine_args, build_engine, sampling_params, stream_to
 
@@ -76,6 +77,21 @@ def run(args: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": answer})
 
 
+def describe_index(index: Any, default: bool) -> str:
+    """What the docs chat answers from, for its banner: the user's own index by its folder,
+    size and a few of its sources, so nobody is told to ask about Python over their docs."""
+    m = index.manifest
+    sources = sorted(index.sources)
+    chunks = m.get("num_chunks", len(index.chunks))
+    size = f"{chunks} chunks from {m.get('num_sources', len(sources))} sources"
+    if default:
+        return f"the Python docs ({size}); ask about Python"
+    if not sources:
+        return f"the index {index.root} (empty)"
+    shown = ", ".join(sources[:3]) + (", ..." if len(sources) > 3 else "")
+    return f"the index {index.root} ({size}: {shown})"
+
+
 def _write(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
@@ -132,7 +148,8 @@ async def _docs_chat(args: argparse.Namespace) -> int:
     async with AsyncLLM(engine=build_engine(args)) as llm:
         bot = RagChatbot(Runtime(llm, retrievers={DEFAULT_INDEX_NAME: index}), app)
         interactive = sys.stdin.isatty()
-        print(f"covey chat --docs: ask about Python. {HELP}", file=sys.stderr, flush=True)
+        about = describe_index(index, default=args.index is None)
+        print(f"covey chat --docs: answering from {about}. {HELP}", file=sys.stderr, flush=True)
         while (message := await _read_line_async(interactive)) is not None:
             if not message:
                 continue

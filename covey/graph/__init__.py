@@ -7,6 +7,7 @@ Write semantic functions, tools and functions, wire them in an `@app`, read the 
 from __future__ import annotations
 
 from covey.graph.app import App, app
+from covey.graph.control_flow import loop, route
 from covey.graph.dsl import NodeOutputs, function, map, retrieve, semantic_function, tool
 from covey.graph.ir import Const, Var
 from covey.graph.lowering import Primitive
@@ -23,8 +24,10 @@ __all__ = [
     "Var",
     "app",
     "function",
+    "loop",
     "map",
     "retrieve",
+    "route",
     "semantic_function",
     "tool",
     "validate_graph",

@@ -22,7 +22,7 @@ from covey.graph.lowering import Primitive
 from covey.graph.template import suggest
 
 # The IR's own attributes (see covey.graph.ir); every other key must be an annotation.
-IR_NODE_KEYS = ("op", "args")
+IR_NODE_KEYS = ("op", "args", "guard")
 IR_GRAPH_KEYS = ("app", "inputs", "outputs", "passes", "awaited")
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import networkx as nx
 
 from covey.errors import GraphError, TypeMismatchError, WiringError
+from covey.graph.call_inputs import RUN_OPTIONS, bind_inputs
 from covey.graph.dsl import (
     NodeOutputs,
     function_name,
@@ -48,10 +49,18 @@ class App:
     def __init__(self, fn: Callable[..., Any], name: str | None = None) -> None:
         self.name = name or function_name(fn, "@app")
         function_name(fn, f"@app {self.name!r}")
-        inputs, _, returns = signature_of(fn, f"app {self.name!r}", need_hints=False)
+        inputs, defaults, returns = signature_of(fn, f"app {self.name!r}", need_hints=False)
+        for reserved in RUN_OPTIONS:
+            if reserved in inputs:
+                raise GraphError(
+                    f"app {self.name!r}: input name {reserved!r} is reserved for the run "
+                    "option of the same name; rename the input"
+                )
         builder, token = tracing(self.name)
         try:
             self.inputs = {n: Var(n, t, app=self.name) for n, t in inputs.items()}
+            # used at call time for inputs the caller leaves out, as a Python function would
+            self.defaults: dict[str, Any] = dict(defaults)
             result = fn(**self.inputs)
         finally:
             stop_tracing(token)
@@ -93,27 +102,52 @@ class App:
         plan = self.plan if awaited is None else self.optimize(awaited)
         return plan.explain()
 
-    def __call__(self, **inputs: Any) -> dict[str, Any]:
-        """Run the app on the default runtime (see `covey.runtime.default_runtime`)."""
-        return self._runtime().run(self, **inputs)
+    def bind(self, *args: Any, **inputs: Any) -> dict[str, Any]:
+        """The call's inputs by name, validated against their declared types: positional
+        arguments fill the inputs in declared order, an input left out takes the wiring
+        function's default. Raises `AppInputError`."""
+        self._not_tracing()
+        declared = {n: v.type for n, v in self.inputs.items()}
+        return bind_inputs(self.name, declared, args, inputs, self.defaults)
 
-    async def acall(self, **inputs: Any) -> dict[str, Any]:
+    def __call__(self, *args: Any, **inputs: Any) -> dict[str, Any]:
+        """Run the app on the default runtime (see `covey.runtime.default_runtime`) and
+        block until its outputs are ready: `app("text")` or `app(text="text")`."""
+        values = self.bind(*args, **inputs)
+        return self._runtime().run(self, **values)
+
+    async def acall(self, *args: Any, **inputs: Any) -> dict[str, Any]:
         """Like calling the app, awaited from any event loop."""
-        return await self._runtime().arun(self, **inputs)
+        values = self.bind(*args, **inputs)
+        return await self._runtime().arun(self, **values)
 
-    def stream(self, **inputs: Any) -> AsyncIterator[Any]:
-        """Node start/finish events and token deltas of output variables, then RunFinished."""
-        return self._runtime().stream(self, **inputs)
+    def run_traced(self, *args: Any, record_prompts: bool = False, **inputs: Any) -> Any:
+        """Like calling the app, returning a `RunResult` with the outputs and the run's
+        `Trace`; `record_prompts=True` records each LLM request's exact prompt in it."""
+        values = self.bind(*args, **inputs)
+        return self._runtime().run_traced(self, record_prompts=record_prompts, **values)
+
+    def stream(
+        self, *args: Any, record_prompts: bool = False, **inputs: Any
+    ) -> AsyncIterator[Any]:
+        """Node start/finish events and token deltas of output variables, then RunFinished;
+        with `record_prompts=True` also a `PromptRendered` event before each LLM request.
+        Leaving the loop early cancels the run and frees its KV."""
+        values = self.bind(*args, **inputs)
+        return self._runtime().stream(self, record_prompts=record_prompts, **values)
 
     def _runtime(self) -> Any:
+        self._not_tracing()
+        from covey.runtime.background import default_runtime
+
+        return default_runtime()
+
+    def _not_tracing(self) -> None:
         if tracing_app() is not None:
             raise WiringError(
                 f"app {self.name!r} was called while defining app {tracing_app()!r}: apps do "
                 "not nest; call its semantic functions and nodes there instead"
             )
-        from covey.runtime.background import default_runtime
-
-        return default_runtime()
 
     def to_mermaid(self) -> str:
         return to_mermaid(self.plan.graph)

@@ -49,13 +49,20 @@ class Builder:
         self.app = app
         self.graph: nx.DiGraph = new_graph(app)
         self._names: Counter[str] = Counter()
+        # Inside a cg.route branch or a cg.loop iteration (covey.graph.control_flow): the
+        # conditions every node added now runs under, and the suffix of its name (`@2`).
+        self.guard: tuple[Any, ...] = ()
+        self.suffix = ""
 
     def add(self, base: str, op: Op, args: dict[str, Arg]) -> dict[str, Var]:
+        base += self.suffix
         node = base
         while node in self.graph:  # a second call of the same function gets a suffix
             self._names[base] += 1
             node = f"{base}_{self._names[base] + 1}"
         add_node(self.graph, node, op, args)
+        if self.guard:
+            self.graph.nodes[node]["guard"] = self.guard
         return {name: output_var(self.graph, node, name) for name in op.outputs}
 
 

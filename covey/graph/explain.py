@@ -18,6 +18,7 @@ reuse and constrained choices are off, and saying so is part of the plan.
 
 from __future__ import annotations
 
+from covey.graph.control_explain import branch_prefill_note, control_flow, guard_note
 from covey.graph.ir import Retrieve
 from covey.graph.lowering import known_prefix
 from covey.graph.plan import NodePlan, Plan, signature
@@ -50,6 +51,7 @@ def _nodes(plan: Plan) -> list[str]:
     for node in plan.nodes.values():
         when = f"after {', '.join(node.deps)}" if node.deps else "at start"
         extra = _retrieval(node.op) if isinstance(node.op, Retrieve) else ""
+        extra += guard_note(node)
         lines.append(f"  {node.name} [{node.kind}]: {when}{extra}")
     return lines
 
@@ -70,7 +72,9 @@ def _call(plan: Plan, node: NodePlan) -> list[str]:
     pinned = sum(p.pin for p in node.primitives)
     if pinned:
         lines.append(f"    prefill-ahead pins its first {pinned} static segment(s) once per app")
-    if node.deps:
+    if node.deps and node.guard:
+        lines.append(branch_prefill_note(node))
+    elif node.deps:
         known = known_prefix(node.primitives, plan.inputs)
         lines.append(
             f"    prefill-ahead, while it waits for {', '.join(node.deps)}: its leading known "
@@ -157,7 +161,8 @@ def explain(
     plan: Plan, capabilities: EngineCapabilities | None = None, engine_name: str = "engine"
 ) -> str:
     """The plan as text; with an engine's `capabilities`, also what that engine turns off."""
-    parts = [_header(plan), _nodes(plan), _calls(plan), _prefixes(plan), _passes(plan)]
+    parts = [_header(plan), _nodes(plan), control_flow(plan), _calls(plan), _prefixes(plan)]
+    parts.append(_passes(plan))
     if capabilities is not None:
         parts.append(_engine(plan, capabilities, engine_name))
     return "\n".join(line for part in parts for line in part)

@@ -1,10 +1,17 @@
-"""Mermaid and DOT text of an app graph, for docs, notebooks and `dot -Tsvg`."""
+"""Mermaid and DOT text of an app graph, for docs, notebooks and `dot -Tsvg`.
+
+Control flow (`covey.graph.control_ops`): a route is a diamond, a loop check a hexagon;
+the nodes of each route branch or loop iteration are boxed together (a Mermaid subgraph, a
+DOT cluster) under the condition they run on, and a control edge (ordering without data)
+is dashed, labelled with the branch it opens.
+"""
 
 from __future__ import annotations
 
 import networkx as nx
 
 from covey.graph.annotations import Priority, read
+from covey.graph.control_ops import CONTROL_KEY, describe_guard, guard_of
 from covey.graph.ir import Var
 from covey.graph.types import type_name
 
@@ -14,7 +21,12 @@ _MERMAID_SHAPES = {
     "tool": ("[[", "]]"),
     "function": ("(", ")"),
     "map": ("[/", "/]"),
+    "route": ("{", "}"),
+    "merge": ("[\\", "/]"),
+    "check": ("{{", "}}"),
+    "loop": ("[\\", "/]"),
 }
+_DOT_SHAPES = {"retrieve": "cylinder", "route": "diamond", "check": "hexagon"}
 
 
 def _label(graph: nx.DiGraph, node: str) -> str:
@@ -29,10 +41,14 @@ def _mermaid_id(name: str) -> str:
 
 
 def _edges(graph: nx.DiGraph) -> list[tuple[str, str, str]]:
-    """(source, target, label) for node edges, then app inputs and outputs."""
+    """(source, target, label) for node edges, then app inputs and outputs; a control
+    edge's label starts with `?` (see `_control`)."""
     out = []
     for u, v, data in graph.edges(data=True):
-        out.append((u, v, ", ".join(var.name for var, _ in data["vars"])))
+        label = ", ".join(var.name for var, _ in data["vars"])
+        if not data["vars"] and CONTROL_KEY in data:
+            label = f"?{data[CONTROL_KEY]}"
+        out.append((u, v, label))
     for node, data in graph.nodes(data=True):
         for arg in data["args"].values():
             if isinstance(arg, Var) and arg.node is None:
@@ -47,15 +63,30 @@ def _endpoints(edges: list[tuple[str, str, str]]) -> list[str]:
     return sorted({e for u, v, _ in edges for e in (u, v) if e.startswith(("in:", "out:"))})
 
 
+def _scopes(graph: nx.DiGraph) -> dict[tuple, list[str]]:
+    """Guarded nodes grouped by their guard, in graph order."""
+    scopes: dict[tuple, list[str]] = {}
+    for node in graph:
+        guard = guard_of(graph, node)
+        if guard:
+            scopes.setdefault(guard, []).append(node)
+    return scopes
+
+
 def to_mermaid(graph: nx.DiGraph) -> str:
     lines = ["flowchart TD"]
     for node in graph:
         left, right = _MERMAID_SHAPES[graph.nodes[node]["op"].kind]
         lines.append(f'    {_mermaid_id(node)}{left}"{_label(graph, node)}"{right}')
+    for i, (guard, nodes) in enumerate(_scopes(graph).items(), start=1):
+        lines.append(f'    subgraph scope{i}["when {describe_guard(guard[-1:])}"]')
+        lines += [f"        {_mermaid_id(n)}" for n in nodes]
+        lines.append("    end")
     edges = _edges(graph)
     lines += [f'    {_mermaid_id(e)}(("{e}"))' for e in _endpoints(edges)]
     for u, v, label in edges:
-        lines.append(f'    {_mermaid_id(u)} -->|"{label}"| {_mermaid_id(v)}')
+        arrow = "-.->" if label.startswith("?") else "-->"
+        lines.append(f'    {_mermaid_id(u)} {arrow}|"{label.lstrip("?")}"| {_mermaid_id(v)}')
     return "\n".join(lines) + "\n"
 
 
@@ -66,10 +97,16 @@ def _q(text: str) -> str:
 def to_dot(graph: nx.DiGraph) -> str:
     lines = [f"digraph {_q(graph.graph['app'])} {{", "    rankdir=TB;"]
     for node in graph:
-        shape = "box" if graph.nodes[node]["op"].kind != "retrieve" else "cylinder"
+        shape = _DOT_SHAPES.get(graph.nodes[node]["op"].kind, "box")
         lines.append(f"    {_q(node)} [label={_q(_label(graph, node))}, shape={shape}];")
+    for i, (guard, nodes) in enumerate(_scopes(graph).items(), start=1):
+        lines.append(f"    subgraph cluster_{i} {{")
+        lines.append(f"        label={_q('when ' + describe_guard(guard[-1:]))}; style=dashed;")
+        lines += [f"        {_q(n)};" for n in nodes]
+        lines.append("    }")
     edges = _edges(graph)
     lines += [f"    {_q(e)} [shape=ellipse];" for e in _endpoints(edges)]
     for u, v, label in edges:
-        lines.append(f"    {_q(u)} -> {_q(v)} [label={_q(label)}];")
+        style = ", style=dashed" if label.startswith("?") else ""
+        lines.append(f"    {_q(u)} -> {_q(v)} [label={_q(label.lstrip('?'))}{style}];")
     return "\n".join(lines) + "\n}\n"

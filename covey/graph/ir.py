@@ -16,9 +16,12 @@ from typing import Any, Literal
 
 import networkx as nx
 
+from covey.graph.control_ops import ControlOp
+from covey.graph.misuse import PLAIN_VALUES, misuse
 from covey.graph.template import Template
 
-NodeKind = Literal["llm", "retrieve", "tool", "function", "map"]
+# route, merge, check and loop nodes come from control flow (covey.graph.control_ops)
+NodeKind = Literal["llm", "retrieve", "tool", "function", "map", "route", "merge", "check", "loop"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,55 @@ class Var:
 
     def __repr__(self) -> str:
         return f"Var({self.name})"
+
+    # A semantic variable has no value while the app is defined: Python operations that
+    # need one raise a GraphError naming the construct to use (see covey.graph.misuse).
+    def __bool__(self) -> bool:
+        raise misuse(self, "bool")
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Var):
+            return (self.name, self.node, self.output, self.app) == (
+                other.name,
+                other.node,
+                other.output,
+                other.app,
+            ) and self.type == other.type
+        if isinstance(other, PLAIN_VALUES):
+            raise misuse(self, "eq")
+        return NotImplemented
+
+    def __ne__(self, other: object) -> bool:
+        result = self.__eq__(other)
+        return result if result is NotImplemented else not result
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.node, self.output, self.app))
+
+    def __lt__(self, other: object) -> bool:
+        raise misuse(self, "order")
+
+    __le__ = __gt__ = __ge__ = __lt__
+
+    def __iter__(self) -> Any:
+        raise misuse(self, "iter")
+
+    def __len__(self) -> int:
+        raise misuse(self, "len")
+
+    def __contains__(self, item: object) -> bool:
+        raise misuse(self, "contains")
+
+    def __getitem__(self, key: object) -> Any:
+        raise misuse(self, "index")
+
+    def __format__(self, spec: str) -> str:
+        raise misuse(self, "format")
+
+    def __add__(self, other: object) -> Any:
+        raise misuse(self, "add")
+
+    __radd__ = __add__
 
 
 @dataclass(frozen=True)
@@ -110,7 +162,7 @@ class MapOp:
         return {name: list[t] for name, t in self.inner.outputs.items()}
 
 
-Op = LLMCall | Retrieve | PyCall | MapOp
+Op = LLMCall | Retrieve | PyCall | MapOp | ControlOp
 
 
 def llm_template(op: Op) -> Template | None:

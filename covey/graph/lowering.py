@@ -70,9 +70,13 @@ class Primitive:
         return f"prefill[{self.kind}{flags}]({what})"
 
 
-def _preview(text: str, width: int = 24) -> str:
-    flat = " ".join(text.split())
-    return repr(flat if len(flat) <= width else flat[: width - 3] + "...")
+def _preview(text: str, width: int = 32) -> str:
+    """The segment's text as Python writes it, whitespace and all (a trailing space before a
+    gen changes what the model generates); a long one shows its exact start and end."""
+    if len(text) <= width:
+        return repr(text)
+    half = width // 2
+    return f"{text[:half]!r}...{text[-half:]!r}"
 
 
 def _ref(graph: nx.DiGraph, node: str, ref: Ref) -> Primitive:

@@ -24,6 +24,7 @@ from typing import Any
 import networkx as nx
 
 from covey.graph import annotations as ann
+from covey.graph.control_ops import Guard, guard_of
 from covey.graph.ir import Const, NodeKind, Op, Var
 from covey.graph.lowering import Primitive, lower
 from covey.graph.passes import PassRecord
@@ -41,6 +42,7 @@ class NodePlan:
     deps: tuple[str, ...]
     priority: int
     primitives: tuple[Primitive, ...]
+    guard: Guard = ()  # runs only when these hold (a route branch, a loop iteration)
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ def _node(g: nx.DiGraph, n: str) -> NodePlan:
         deps=tuple(sorted(g.predecessors(n))),
         priority=priority.value if priority is not None else 0,
         primitives=lowered.primitives if lowered is not None else lower(g, n),
+        guard=guard_of(g, n),
     )
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 
+from covey.graph.control_ops import exclusive
 from covey.graph.lowering import Primitive, leading_prefill
 from covey.graph.plan import NodePlan, Plan
 
@@ -52,8 +53,9 @@ class PrefixGroup:
 
 def sent_together(a: NodePlan, b: NodePlan) -> bool:
     """Whether the runtime hands `a` and `b` to the engine in the same event-loop turn: it
-    starts a node as soon as its deps finish, so nodes with the same deps start together."""
-    return a.deps == b.deps
+    starts a node as soon as its deps finish, so nodes with the same deps start together
+    (unless they are in different branches of a route: then only one of them runs)."""
+    return a.deps == b.deps and not exclusive(a.guard, b.guard)
 
 
 def _bucket(p: Primitive, node: str) -> tuple:

@@ -14,6 +14,7 @@ import networkx as nx
 
 from covey.errors import CycleError, GraphError, UnusedOutputWarning
 from covey.graph.ir import Var, llm_template
+from covey.graph.scopes import check_scopes
 
 
 def _check_cycles(graph: nx.DiGraph, app: str) -> None:
@@ -24,7 +25,7 @@ def _check_cycles(graph: nx.DiGraph, app: str) -> None:
     carried = ", ".join(v.name for u, w in cycle for v, _ in graph.edges[u, w].get("vars", ()))
     raise CycleError(
         f"app {app!r}: cycle {path} (through {carried or 'no variables'}); a node cannot "
-        "depend on its own output: split the loop into two apps or unroll it"
+        "depend on its own output: for a bounded loop use cg.loop(body, until=..., max_iters=N)"
     )
 
 
@@ -47,9 +48,13 @@ def validate_graph(graph: nx.DiGraph) -> None:
         if var.node is not None and var.node not in graph:
             raise GraphError(f"app {app!r}: output {name!r} comes from unknown node {var.node!r}")
     _check_cycles(graph, app)
+    check_scopes(graph)
     used = _consumed(graph)
     for node, data in graph.nodes(data=True):
-        unused = [o for o in data["op"].outputs if f"{node}.{o}" not in used]
+        optional = getattr(data["op"], "optional_outputs", ())  # e.g. a loop's iterations
+        unused = [
+            o for o in data["op"].outputs if f"{node}.{o}" not in used and o not in optional
+        ]
         dead = len(unused) == len(data["op"].outputs) and data["op"].kind != "tool"
         for output in unused:
             warnings.warn(

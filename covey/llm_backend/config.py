@@ -16,6 +16,7 @@ DEFAULT_CPU_KV_BYTES = 1 << 30  # 1 GiB: ~22k tokens of SmolLM2-135M in float32
 DEFAULT_GPU_KV_FRACTION = 0.5  # of the memory free after loading the weights
 _DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 CHUNK_CACHE_MODES = ("off", "exact", "blend")
+QUANTIZATION_MODES = ("int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,10 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's context window
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # torch CPU threads; None leaves torch's default
-    quantization: str | None = None  # "int8": weight-only int8 (bfloat16 only), faster decode
+    # Weight-only quantization (CPU, bfloat16): "int8" (per-channel) or "int4" (groups of
+    # 32); both read the packed weights in decode and keep no dense copy. See
+    # covey/llm_backend/quantization.py for the measured speed and perplexity of each.
+    quantization: str | None = None
     # Chunk KV reuse for prompts with Segment(kind="chunk"): "off"; "exact" (RAGCache: a
     # chunk after the same tokens as before reuses its KV losslessly); "blend" (exact first,
     # then CacheBlend: chunks seen after other tokens reuse their KV at the new positions
@@ -62,14 +66,15 @@ class EngineConfig:
             )
         if self.kv_cache_tokens is not None and self.kv_cache_bytes is not None:
             raise ConfigError("EngineConfig: give kv_cache_tokens or kv_cache_bytes, not both")
-        if self.quantization not in (None, "int8"):
+        if self.quantization not in (None, *QUANTIZATION_MODES):
             raise ConfigError(
-                f"EngineConfig.quantization must be None or 'int8', got {self.quantization!r}"
+                "EngineConfig.quantization must be None, 'int8' or 'int4', "
+                f"got {self.quantization!r}"
             )
-        if self.quantization == "int8" and self.dtype not in ("auto", "bfloat16"):
+        if self.quantization and self.dtype not in ("auto", "bfloat16"):
             raise ConfigError(
-                "EngineConfig.quantization='int8' needs dtype='bfloat16' (its kernel is bf16), "
-                f"got dtype={self.dtype!r}"
+                f"EngineConfig.quantization={self.quantization!r} needs dtype='bfloat16' "
+                f"(its kernels are bf16), got dtype={self.dtype!r}"
             )
 
         self._check_chunk_cache()

@@ -33,7 +33,7 @@ from covey.llm_backend.model_source import ModelSource, resolve_model
 from covey.llm_backend.output_processor import OutputProcessor
 from covey.llm_backend.outputs import RequestOutput
 from covey.llm_backend.prefill_profile import prefill_profile
-from covey.llm_backend.quantization import Int8Linear, quantize_int8
+from covey.llm_backend.quantization import quantization_of, quantize
 from covey.llm_backend.request_validator import (
     CheckedRequest,
     RequestValidator,
@@ -67,12 +67,12 @@ class LLMEngine:
         self.tokenizer: Tokenizer | None = self._load_tokenizer()
         if model is None:
             model = load_model(self.source, config.torch_dtype(), self.device)
-            if config.quantization == "int8":
-                quantize_int8(model)
-        elif isinstance(model.lm_head, Int8Linear) != (config.quantization == "int8"):
+            if config.quantization:
+                quantize(model, config.quantization)
+        elif quantization_of(model) != config.quantization:
             raise ConfigError("EngineConfig.quantization does not match the given model's weights")
         self.model = model
-        self.dtype = model.embed_tokens.weight.dtype  # the pool stores what the model computes
+        self.dtype = model.norm.weight.dtype  # the pool stores what the model computes
         args = self.model.args
         if config.max_model_len and config.max_model_len > args.max_position:
             raise ConfigError(

@@ -51,7 +51,7 @@ def prefill_profile(model: LlamaModel, key: tuple[object, ...]) -> PrefillProfil
 def measure(model: LlamaModel) -> PrefillProfile:
     """Time a forward over each of PROFILE_LENGTHS tokens and fit a line through them."""
     args = model.args
-    param = model.embed_tokens.weight
+    param = model.norm.weight  # the compute dtype (embeddings may be int8)
     device = param.device
     longest = max(PROFILE_LENGTHS)
     kv = torch.zeros(

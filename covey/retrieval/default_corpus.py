@@ -1,35 +1,88 @@
-"""The default corpus: CPython's own documentation topics (`pydoc_data.topics`), indexed on
-first use so a fresh install has something real to retrieve from with no download."""
+"""The default corpus: the Python documentation that ships inside CPython, indexed on first
+use so a fresh install has something real to retrieve from with no download.
+
+It is pydoc's topics (`pydoc_data.topics`: the language reference, `for`, `with`, ...) plus
+the docstrings of the builtins and of the commonly used standard-library modules
+(covey.retrieval.stdlib_docs), one document per function, class and method.
+
+The manifest records which corpus definition an index holds (`corpus`: CORPUS_VERSION and
+the Python version the docstrings came from). An index built from another definition, or
+whose first build was interrupted, is brought up to date in place on the next open: the
+documents that did not change keep their vectors, new and changed ones are embedded, and
+ones the corpus no longer has are removed.
+"""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from typing import Any
 
 from covey.errors import InvalidRequestError
 from covey.home import covey_home
 from covey.retrieval.document_index import DocumentIndex
 from covey.retrieval.documents import Document
 from covey.retrieval.embedder import EmbedderLike
+from covey.retrieval.stdlib_docs import MODULES, SOURCE_PREFIX, stdlib_documents
 from covey.retrieval.store import index_exists
 from covey.retrieval.tokenizers import TokenizerLike
 
-SOURCE_PREFIX = "pydoc:"
 # The name the built-in apps retrieve from and the CLI binds the default index to.
 DEFAULT_INDEX_NAME = "pydocs"
+CORPUS_NAME = "python-docs"
+# Bump whenever what default_documents returns changes for reasons other than the Python
+# version: 1 was pydoc's topics alone (indexes written before the manifest had `corpus`),
+# 2 adds the docstrings of the builtins and of stdlib_docs.MODULES.
+CORPUS_VERSION = 2
 
 
 def default_index_dir() -> Path:
     return covey_home() / "indexes" / DEFAULT_INDEX_NAME
 
 
-def pydoc_documents(limit: int | None = None) -> list[Document]:
-    """One Document per pydoc topic (sorted by name, so `limit` is deterministic)."""
+def corpus_identity() -> dict[str, Any]:
+    """What the manifest's `corpus` records; an index whose record differs is updated."""
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    return {"name": CORPUS_NAME, "version": CORPUS_VERSION, "python": python}
+
+
+def _check_limit(limit: int | None) -> None:
     if limit is not None and limit <= 0:
         raise InvalidRequestError(f"limit must be > 0 or None, got {limit}")
+
+
+def pydoc_documents(limit: int | None = None) -> list[Document]:
+    """One Document per pydoc topic (sorted by name, so `limit` is deterministic)."""
+    _check_limit(limit)
     from pydoc_data.topics import topics
 
     names = sorted(topics)[:limit]
     return [Document(text=topics[name], source=f"{SOURCE_PREFIX}{name}") for name in names]
+
+
+def default_documents(limit: int | None = None) -> list[Document]:
+    """The whole default corpus: the pydoc topics, then the stdlib docstrings in module
+    order. `limit` keeps the first documents only (tests and quick benchmarks)."""
+    _check_limit(limit)
+    docs = pydoc_documents()
+    if limit is None or limit > len(docs):
+        docs += stdlib_documents()
+    return docs[:limit]
+
+
+def corpus_is_current(manifest: dict[str, Any]) -> bool:
+    """True when the index holds this corpus definition, completely built."""
+    recorded = manifest.get("corpus")
+    if not isinstance(recorded, dict):
+        return False
+    return all(recorded.get(key) == value for key, value in corpus_identity().items())
+
+
+def _describe(manifest: dict[str, Any]) -> str:
+    recorded = manifest.get("corpus")
+    if not isinstance(recorded, dict):
+        return "an older corpus definition (or an interrupted build)"
+    return f"corpus version {recorded.get('version')} on Python {recorded.get('python')}"
 
 
 def ensure_default_index(
@@ -39,16 +92,45 @@ def ensure_default_index(
     embedder: EmbedderLike | None = None,
     tokenizer: TokenizerLike | None = None,
 ) -> DocumentIndex:
-    """Open the Python-docs index, building it first if it does not exist yet.
+    """Open the Python-docs index, building it first if it does not exist yet, or updating
+    it if it holds another corpus definition (see the module docstring).
 
-    `limit` ingests only the first topics (tests); a complete build is what users get.
+    `limit` ingests only the first documents (tests); a complete build is what users get.
+    An index already built from this definition is opened as it is, whatever its limit.
+    The default index is covey's: updating it removes any document not in the corpus.
     """
+    _check_limit(limit)
     root = Path(root) if root is not None else default_index_dir()
     if index_exists(root):  # also one whose manifest is lost: open() recovers it
-        return DocumentIndex.open(root, embedder=embedder, tokenizer=tokenizer)
-    index = DocumentIndex.create(root, embedder=embedder, tokenizer=tokenizer)
-    docs = pydoc_documents(limit)
-    if progress:
-        print(f"covey: building the Python docs index at {root} ({len(docs)} topics)")
-    index.add_documents(docs, progress=progress)
+        index = DocumentIndex.open(root, embedder=embedder, tokenizer=tokenizer)
+        if corpus_is_current(index.manifest):
+            return index
+        docs = default_documents(limit)  # after the check: imports ~50 modules
+        if progress:
+            print(
+                f"covey: the Python docs index at {root} holds {_describe(index.manifest)}; "
+                f"updating it to corpus version {CORPUS_VERSION} ({len(docs)} documents; "
+                "unchanged ones keep their vectors)"
+            )
+    else:
+        index = DocumentIndex.create(root, embedder=embedder, tokenizer=tokenizer)
+        docs = default_documents(limit)
+        if progress:
+            topics = len(pydoc_documents(limit))
+            print(
+                f"covey: building the Python docs index at {root} ({len(docs)} documents: "
+                f"{topics} pydoc topics, {len(docs) - topics} docstrings of the builtins and "
+                f"{len(MODULES) - 1} stdlib modules); this runs once"
+            )
+    fill_index(index, docs, progress)
     return index
+
+
+def fill_index(index: DocumentIndex, docs: list[Document], progress: bool = False) -> None:
+    """Make `index` hold exactly `docs`, then record the corpus identity. The identity is
+    committed last, so an interrupted fill is resumed (not trusted) by the next open."""
+    index.add_documents(docs, progress=progress)
+    wanted = {doc.source for doc in docs}
+    index.remove_sources(sorted((index.sources.keys() | index.partial.keys()) - wanted))
+    index.manifest["corpus"] = dict(corpus_identity(), documents=len(docs))
+    index.commit()

@@ -88,6 +88,22 @@ def _one_torch_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+@contextmanager
+def _no_weights_bar() -> Iterator[None]:
+    """transformers draws a "Loading weights" bar for every model it loads; for a small
+    embedder loaded in a second it is noise on every `covey search`, and reads as if an LLM
+    were loading. Turned off while the embedder loads, restored after."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 class Embedder:
     """A loaded sentence-transformers model; load once and share, loading costs seconds."""
 
@@ -116,11 +132,12 @@ class Embedder:
         from sentence_transformers import SentenceTransformer
 
         try:
-            model = SentenceTransformer(
-                str(path),
-                device=default_device() if config.device in (None, "auto") else config.device,
-                local_files_only=True,
-            )
+            with _no_weights_bar():
+                model = SentenceTransformer(
+                    str(path),
+                    device=default_device() if config.device in (None, "auto") else config.device,
+                    local_files_only=True,
+                )
         except (OSError, ValueError) as exc:
             raise RetrievalError(f"cannot load embedder from {path}: {exc}") from exc
         return cls(model, name, str(path), config.batch_size)

@@ -46,7 +46,17 @@ VERSION_NAME = re.compile(r"v\d{6}")
 # Keys a record (or manifest) must hold for the index to be opened from it at all.
 REQUIRED_KEYS = ("version", "embedder", "chunker", "index", "num_chunks")
 # Per-version facts; the rest of a record (embedder, chunker, faiss config) is index-wide.
-_PER_VERSION = ("files", "partial", "previous_version", "updated", "num_sources", "num_tokens")
+# `corpus` (the default corpus a version completely holds) too: a rebuilt record leaves it
+# out, so the default index is checked against its corpus again rather than trusted.
+_PER_VERSION = (
+    "files",
+    "partial",
+    "previous_version",
+    "updated",
+    "num_sources",
+    "num_tokens",
+    "corpus",
+)
 
 
 @dataclass

@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from covey.atomic_files import fsync_path, replace_atomically
 from covey.errors import IndexNotFoundError, RetrievalError
 from covey.retrieval.documents import Chunk
 from covey.retrieval.integrity import (
@@ -351,14 +352,6 @@ def check_all(root: Path) -> tuple[Listing, list[VersionCheck]]:
     return listing, checks
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_sqlite(path: Path, chunks: list[Chunk], sources: dict[str, str]) -> None:
     con = sqlite3.connect(path)
     try:
@@ -449,19 +442,11 @@ def _pause_for_tests() -> None:
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     with open(path, "w") as fh:
         json.dump(data, fh, indent=2, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        _write_json(tmp, data)
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_path(path.parent)
+    replace_atomically(path, lambda t: _write_json(t, data), tmp, durable=True)
 
 
 def _remove_temporary(versions: Path) -> None:
@@ -489,8 +474,8 @@ def _write_new_version(versions: Path, name: str, snap: Snapshot, record: dict) 
         record["files"] = _write_version(tmp, snap)
         _write_json(tmp / RECORD, record)
         for child in tmp.iterdir():
-            _fsync_path(child)
-        _fsync_path(tmp)
+            fsync_path(child)
+        fsync_path(tmp)
     except (OSError, sqlite3.Error, RuntimeError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise RetrievalError(f"cannot write the new version in {versions}: {_reason(exc)}") from exc
@@ -547,7 +532,7 @@ def commit_snapshot(
         record = dict(snap.manifest, format=FORMAT, version=name, previous_version=base)
         _write_new_version(versions, name, snap, record)
         try:
-            _fsync_path(versions)
+            fsync_path(versions)
             _atomic_write_json(root / MANIFEST, record)
         except OSError as exc:
             raise RetrievalError(

@@ -14,6 +14,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from concurrent.futures import CancelledError, Future
+from contextlib import aclosing
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -25,7 +26,7 @@ from covey.llm_backend.async_llm import AsyncLLM
 from covey.llm_backend.llm_engine import LLMEngine
 from covey.retrieval.searcher import Searcher
 from covey.runtime.events import Event
-from covey.runtime.executor import Runtime
+from covey.runtime.executor import RunResult, Runtime
 
 _END = object()
 _CLOSED_MID_RUN = "the runtime was closed while this run was in flight"
@@ -44,6 +45,17 @@ class _RunSlot:
 async def _tracked(start: Callable[[], Awaitable[Any]], slot: _RunSlot) -> Any:
     slot.task = asyncio.current_task()
     return await start()
+
+
+async def _cancel(slot: _RunSlot, future: Future[Any]) -> None:
+    """On the runtime's loop: cancel a submitted run and wait until its cleanup is done."""
+    # Queued after the run's own first step, so its task is known by now.
+    task = slot.task
+    if task is None:
+        future.cancel()
+        return
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 async def _make_llm(model: str | None, engine: LLMEngine | None, config: dict) -> AsyncLLM:
@@ -87,16 +99,26 @@ class BackgroundRuntime:
             raise RuntimeExecutionError("this runtime is closed")
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
-    def run(self, app: App | Plan, **inputs: Any) -> dict[str, Any]:
+    def run(self, app: App | Plan, /, *args: Any, **inputs: Any) -> dict[str, Any]:
         """Run `app` and block until its outputs are ready.
 
         Interrupted while waiting (Ctrl-C), it cancels the run, which aborts its engine
         requests and frees their KV, before the KeyboardInterrupt goes on up.
         """
+        return self._blocking(partial(self.runtime.run, app, *args, **inputs))
+
+    def run_traced(
+        self, app: App | Plan, /, *args: Any, record_prompts: bool = False, **inputs: Any
+    ) -> RunResult:
+        """Like `run`, returning the outputs with the run's trace (see `Runtime.run_traced`)."""
+        run = partial(self.runtime.run_traced, app, *args, record_prompts=record_prompts)
+        return self._blocking(partial(run, **inputs))
+
+    def _blocking(self, start: Callable[[], Awaitable[Any]]) -> Any:
         if threading.current_thread() is self._thread:
             raise RuntimeExecutionError("run() would block the runtime's own loop; use arun()")
         slot = _RunSlot()
-        future = self._submit(_tracked(partial(self.runtime.run, app, **inputs), slot))
+        future = self._submit(_tracked(start, slot))
         try:
             return future.result()
         except CancelledError:
@@ -108,27 +130,17 @@ class BackgroundRuntime:
     def _cancel_run(self, slot: _RunSlot, future: Future[Any]) -> None:
         """Cancel a run from the caller's thread and wait (bounded) until its cleanup, which
         aborts its engine requests, is done."""
-
-        async def cancel() -> None:
-            # Queued after the run's own first step, so its task is known by now.
-            task = slot.task
-            if task is None:
-                future.cancel()
-                return
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-
         if self._closed:
             return
-        done = asyncio.run_coroutine_threadsafe(cancel(), self._loop)
+        done = asyncio.run_coroutine_threadsafe(_cancel(slot, future), self._loop)
         try:
             done.result(timeout=CANCEL_WAIT_S)
         except TimeoutError:
             log.warning("a cancelled run was still cleaning up after %ss", CANCEL_WAIT_S)
 
-    async def arun(self, app: App | Plan, **inputs: Any) -> dict[str, Any]:
+    async def arun(self, app: App | Plan, /, *args: Any, **inputs: Any) -> dict[str, Any]:
         """Run `app` from any event loop."""
-        future = self._submit(self.runtime.run(app, **inputs))
+        future = self._submit(self.runtime.run(app, *args, **inputs))
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
@@ -136,35 +148,72 @@ class BackgroundRuntime:
                 raise RuntimeExecutionError(_CLOSED_MID_RUN) from None
             raise
 
-    async def stream(self, app: App | Plan, **inputs: Any) -> AsyncIterator[Event]:
-        """Node events and token deltas, relayed to the caller's loop; closing the iterator
-        cancels the run."""
+    async def stream(
+        self, app: App | Plan, /, *args: Any, record_prompts: bool = False, **inputs: Any
+    ) -> AsyncIterator[Event]:
+        """Node events and token deltas, relayed to the caller's loop.
+
+        Leaving early (`break`, `aclose()`, the caller's task cancelled, its loop shut down
+        by `asyncio.run`) cancels the run and waits, without blocking the caller's loop,
+        until its engine requests are aborted and their KV freed. A caller's loop closed
+        without closing the stream is noticed at the run's next event, which then cancels
+        the run: events are never sent to a closed loop.
+        """
         caller = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
 
-        def put(item: Any) -> None:
-            caller.call_soon_threadsafe(queue.put_nowait, item)
+        def put(item: Any) -> bool:
+            try:
+                caller.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the caller's loop is closed: nobody is left to read
+                return False
+            return True
 
         async def pump() -> None:
+            events = self.runtime.stream(app, *args, record_prompts=record_prompts, **inputs)
             try:
-                async for event in self.runtime.stream(app, **inputs):
-                    put(event)
+                async with aclosing(events):
+                    async for event in events:
+                        if not put(event):
+                            return  # closing `events` cancels the run
             except asyncio.CancelledError:
-                put(RuntimeExecutionError(_CLOSED_MID_RUN))
+                if self._closing:
+                    put(RuntimeExecutionError(_CLOSED_MID_RUN))
                 raise
             except Exception as exc:
                 put(exc)
             finally:
                 put(_END)
 
-        future = self._submit(pump())
+        slot = _RunSlot()
+        future = self._submit(_tracked(pump, slot))
+        ended = False
         try:
             while (item := await queue.get()) is not _END:
                 if isinstance(item, Exception):
                     raise item
                 yield item
+            ended = True
         finally:
-            future.cancel()
+            if not ended and not future.done() and not self._closed:
+                await self._stop(slot, future)
+
+    async def _stop(self, slot: _RunSlot, future: Future[Any]) -> None:
+        """Cancel a stream's run on the runtime's loop and wait for its cleanup from the
+        caller's loop (bounded: a stuck cleanup is logged, never waited on forever)."""
+        done = asyncio.run_coroutine_threadsafe(_cancel(slot, future), self._loop)
+        try:
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(done)), CANCEL_WAIT_S)
+        except TimeoutError:
+            log.warning("a cancelled stream was still cleaning up after %ss", CANCEL_WAIT_S)
+        except asyncio.CancelledError:
+            # The caller is shutting down (asyncio.run cancels the task closing this stream):
+            # the cleanup takes milliseconds, so wait for it here rather than leave it behind.
+            try:
+                done.result(timeout=CANCEL_WAIT_S)
+            except Exception:
+                log.warning("a cancelled stream was still cleaning up after %ss", CANCEL_WAIT_S)
+            raise
 
     def close(self) -> None:
         """Cancel runs in flight (their callers get an error), stop the engine and the loop

@@ -41,6 +41,17 @@ class TokenDelta:
 
 
 @dataclass(frozen=True)
+class PromptRendered:
+    """Only in runs started with `record_prompts=True`: the exact prompt text of one LLM
+    request, just before it goes to the engine (also kept in the trace's `RequestTrace`)."""
+
+    node: str
+    var: str
+    prompt: str
+    index: int | None = None
+
+
+@dataclass(frozen=True)
 class RunFinished:
     """The last event of a successful run: the app's outputs and its trace."""
 
@@ -48,7 +59,7 @@ class RunFinished:
     trace: Trace
 
 
-Event = NodeStarted | NodeFinished | TokenDelta | RunFinished
+Event = NodeStarted | NodeFinished | TokenDelta | PromptRendered | RunFinished
 
 
 async def drain(

@@ -12,7 +12,8 @@ into the prefix cache, and its static start is pinned once per app (`PrefillAhea
 the call finds them computed. When a retrieval returns and the engine has a chunk KV
 store, its chunks' KV is loaded or computed at once (`ChunkWarmer`), while fusion and the
 other nodes still run. The first failing node cancels everything still running
-and surfaces as one `NodeExecutionError` naming it; a run past its timeout raises
+and surfaces as one `NodeExecutionError` naming it; a node in a route branch or loop iteration
+that is not taken is skipped (`covey.runtime.branches`); a run past its timeout raises
 `AppTimeoutError`. `optimize=False` is the naive baseline: the plan without passes, one
 LLM call after the other, nothing prefilled ahead.
 """
@@ -30,21 +31,31 @@ from covey.checks import as_real
 from covey.errors import (
     AppTimeoutError,
     ConfigError,
-    InvalidRequestError,
     NodeExecutionError,
     NotSupportedError,
     RetrieverNotBoundError,
 )
 from covey.graph.app import App
+from covey.graph.call_inputs import bind_inputs
 from covey.graph.ir import Retrieve, Var
 from covey.graph.lowering import Primitive
 from covey.graph.plan import NodePlan, Plan
 from covey.llm_backend.engine_client import EngineClient
 from covey.retrieval.searcher import Searcher
+from covey.runtime.branches import is_control, run_control, skip_closed
 from covey.runtime.chunk_warming import ChunkWarmer
-from covey.runtime.events import Event, NodeFinished, NodeStarted, RunFinished, TokenDelta, drain
+from covey.runtime.events import (
+    Event,
+    NodeFinished,
+    NodeStarted,
+    PromptRendered,
+    RunFinished,
+    TokenDelta,
+    drain,
+)
 from covey.runtime.nodes import NodeEnv, run_node, stream_generate
 from covey.runtime.prefill_ahead import PrefillAhead
+from covey.runtime.prompt_text import prompt_text
 from covey.runtime.trace import Trace
 
 
@@ -115,24 +126,39 @@ class Runtime:
         """A timeout for one app (by name), overriding the runtime-wide one."""
         self._timeouts[app] = _check_timeout(timeout_s)
 
-    async def run(self, app: App | Plan, **inputs: Any) -> dict[str, Any]:
-        """Run `app` on `inputs`; returns output name -> value."""
-        return (await self.run_traced(app, **inputs)).outputs
+    async def run(self, app: App | Plan, /, *args: Any, **inputs: Any) -> dict[str, Any]:
+        """Run `app` on its inputs (positional ones in declared order); returns output name
+        -> value."""
+        return (await self.run_traced(app, *args, **inputs)).outputs
 
-    async def run_traced(self, app: App | Plan, **inputs: Any) -> RunResult:
-        """Like `run`, with the run's trace (node times, tokens, prefix-cache hits)."""
-        finished = await drain(self.stream(app, **inputs))
+    async def run_traced(
+        self, app: App | Plan, /, *args: Any, record_prompts: bool = False, **inputs: Any
+    ) -> RunResult:
+        """Like `run`, with the run's trace (node times, tokens, prefix-cache hits);
+        `record_prompts=True` also records each LLM request's exact prompt text in it."""
+        events = self.stream(app, *args, record_prompts=record_prompts, **inputs)
+        finished = await drain(events)
         return RunResult(finished.outputs, finished.trace)
 
-    async def stream(self, app: App | Plan, **inputs: Any) -> AsyncIterator[Event]:
+    async def stream(
+        self, app: App | Plan, /, *args: Any, record_prompts: bool = False, **inputs: Any
+    ) -> AsyncIterator[Event]:
         """Yield node events and output token deltas as they happen, then `RunFinished`.
 
-        Closing the iterator early cancels the run and its engine requests.
+        Inputs are bound and validated against their declared types first (`AppInputError`).
+        With `record_prompts`, a `PromptRendered` event precedes each LLM request and the
+        trace keeps its prompt. Closing the iterator early cancels the run and its engine
+        requests, and returns once they are aborted and their KV freed.
         """
         plan = self.plan_for(app)
+        if isinstance(app, App):
+            inputs = app.bind(*args, **inputs)
+        else:
+            inputs = bind_inputs(plan.app, plan.inputs, args, inputs)
         self._check(plan, inputs)
         queue: asyncio.Queue[Event | None] = asyncio.Queue()
-        task = asyncio.ensure_future(self._run(plan, inputs, queue.put_nowait))
+        run = self._run(plan, inputs, queue.put_nowait, record_prompts)
+        task = asyncio.ensure_future(run)
         task.add_done_callback(lambda _: queue.put_nowait(None))
         try:
             while (event := await queue.get()) is not None:
@@ -145,12 +171,6 @@ class Runtime:
 
     def _check(self, plan: Plan, inputs: dict[str, Any]) -> None:
         """Refuse a run that cannot succeed before any node starts."""
-        listing = ", ".join(plan.inputs) or "none"
-        missing = [n for n in plan.inputs if n not in inputs]
-        unknown = [n for n in inputs if n not in plan.inputs]
-        if missing or unknown:
-            what = f"missing {missing}" if missing else f"unknown {unknown}"
-            raise InvalidRequestError(f"app {plan.app!r}: {what} input(s) (inputs: {listing})")
         for node in plan.nodes.values():
             op = node.op
             if isinstance(op, Retrieve) and op.index not in self.retrievers:
@@ -166,14 +186,21 @@ class Runtime:
                     f"engine ({self.llm.model_name}) cannot constrain outputs to"
                 )
 
-    async def _run(self, plan: Plan, inputs: dict[str, Any], emit: Callable[[Event], None]) -> None:
-        trace = Trace(plan.app, uuid.uuid4().hex[:12])
+    async def _run(
+        self,
+        plan: Plan,
+        inputs: dict[str, Any],
+        emit: Callable[[Event], None],
+        record_prompts: bool = False,
+    ) -> None:
+        trace = Trace(plan.app, uuid.uuid4().hex[:12], record_prompts=bool(record_prompts))
         timeout = self._timeouts.get(plan.app, self.timeout_s)
         try:
             async with asyncio.timeout(timeout):
                 outputs = await self._schedule(plan, inputs, trace, emit)
         except TimeoutError:
-            running = sorted(n.node for n in trace.nodes.values() if n.status != "ok")
+            done = ("ok", "skipped")
+            running = sorted(n.node for n in trace.nodes.values() if n.status not in done)
             raise AppTimeoutError(
                 f"app {plan.app!r} timed out after {timeout}s; still running: "
                 f"{', '.join(running) or 'none'}"
@@ -206,6 +233,7 @@ class Runtime:
             ahead.start()
         try:
             while pending or running:
+                skip_closed(pending, done, values, trace)  # untaken branches, unneeded loops
                 ready = [n for n in pending.values() if set(n.deps) <= done]
                 if not self.optimize:
                     ready = ready[:1] if not running else []  # one node at a time
@@ -213,7 +241,10 @@ class Runtime:
                     del pending[node.name]
                     trace.start(node.name, node.kind)
                     emit(NodeStarted(node.name, node.kind, trace.now()))
-                    running[asyncio.ensure_future(run_node(env, node))] = node
+                    runner = run_control if is_control(node) else run_node
+                    running[asyncio.ensure_future(runner(env, node))] = node
+                if not running:
+                    continue  # everything left was skipped
                 finished, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 for task in finished:
                     node = running.pop(task)
@@ -253,6 +284,7 @@ class Runtime:
         for name, value in outputs.items():
             values[f"{node.name}.{name}"] = value
         trace.finish(node.name)
+        trace.nodes[node.name].outputs = outputs
         emit(NodeFinished(node.name, node.kind, trace.now(), outputs))
 
     def _generator(self, plan: Plan, trace: Trace, emit: Callable[[Event], None]):
@@ -263,8 +295,12 @@ class Runtime:
             on_delta = None
             if prim.var in streamed:
                 on_delta = partial(_delta, emit, node.name, str(prim.var), index)
+            text = None
+            if trace.record_prompts:
+                text = prompt_text(prompt, self.llm.tokenizer)
+                emit(PromptRendered(node.name, str(prim.var), text, index))
             return await stream_generate(
-                self.llm, trace, trace.run_id, node, prim, prompt, index, on_delta
+                self.llm, trace, trace.run_id, node, prim, prompt, index, on_delta, text
             )
 
         return generate

@@ -149,8 +149,10 @@ async def stream_generate(
     prompt: Any,
     index: int | None,
     on_delta: Callable[[str], None] | None,
+    recorded_prompt: str | None = None,
 ) -> tuple[str, list[int]]:
-    """Submit one gen to the engine with the node's priority; record its cost in the trace."""
+    """Submit one gen to the engine with the node's priority; record its cost in the trace
+    (and `recorded_prompt`, the prompt's text, when the run records prompts)."""
     suffix = f":{index}" if index is not None else ""
     rid = f"{run_id}:{prim.var}{suffix}"
     params = prim.params or SamplingParams()
@@ -172,6 +174,7 @@ async def stream_generate(
             len(final.token_ids),
             m.num_cached_tokens,
             final.finish_reason,
+            recorded_prompt,
         )
     )
     return final.text, list(final.token_ids)

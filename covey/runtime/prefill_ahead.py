@@ -24,6 +24,7 @@ from covey.graph.ir import llm_template
 from covey.graph.lowering import Primitive, known_prefix
 from covey.graph.plan import NodePlan, Plan
 from covey.llm_backend.engine_client import ChatTokenizer, EngineClient
+from covey.runtime.branches import guard_open
 from covey.runtime.render import leading_prompt
 from covey.runtime.trace import RequestTrace, Trace
 
@@ -65,7 +66,9 @@ class PrefillAhead:
         """Prefill the known prefix of each call still `waiting` on other nodes, if it grew
         (a call about to start is left out: its own request prefills it)."""
         for node in waiting:
-            if node.primitives:
+            # In a route branch or loop iteration: only once it is known to run; its
+            # static start was pinned at run start like every call's.
+            if node.primitives and guard_open(node.guard, self.values):
                 count = known_prefix(node.primitives, self.values)
                 self._submit(node, count, pin=False)
                 self._known[node.name] = max(self._known.get(node.name, 0), count)

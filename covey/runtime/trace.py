@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -20,6 +21,8 @@ class RequestTrace:
     generated_tokens: int
     cached_tokens: int
     finish_reason: str | None
+    # The exact prompt text the engine got, when the run was started with record_prompts.
+    prompt: str | None = None
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,9 @@ class NodeTrace:
     # as the search returned, and how many of them the engine had to load or compute.
     warmed_chunks: int = 0
     loaded_chunks: int = 0
+    # What the node returned, by output name (None until it finishes; a node skipped by a
+    # route or loop, status "skipped", has none): a loop's iterations `node@k` each keep theirs.
+    outputs: dict[str, Any] | None = None
 
     @property
     def generated_tokens(self) -> int:
@@ -74,6 +80,8 @@ class Trace:
     end: float | None = None
     nodes: dict[str, NodeTrace] = field(default_factory=dict)
     prefills: list[RequestTrace] = field(default_factory=list)  # early and pinned prefills
+    # Off by default: prompts can be long and hold users' data; switched on per run.
+    record_prompts: bool = False
 
     def now(self) -> float:
         return time.perf_counter() - self.started_at

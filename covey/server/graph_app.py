@@ -36,8 +36,19 @@ def _model_name(app: str, suffix: str) -> str:
     return "".join(w[:1].upper() + w[1:] for w in words if w) + suffix
 
 
-def model_for(app: str, variables: dict[str, Var], suffix: str, forbid_extra: bool) -> type:
-    fields: dict[str, Any] = {name: (_field_type(var.type), ...) for name, var in variables.items()}
+def model_for(
+    app: str,
+    variables: dict[str, Var],
+    suffix: str,
+    forbid_extra: bool,
+    defaults: dict[str, Any] | None = None,
+) -> type:
+    """A pydantic model of an app's inputs or outputs; an input with a default in the app's
+    wiring function is optional over REST too, as it is in Python."""
+    defaults = defaults or {}
+    fields: dict[str, Any] = {
+        name: (_field_type(var.type), defaults.get(name, ...)) for name, var in variables.items()
+    }
     config = ConfigDict(extra="forbid" if forbid_extra else "ignore", arbitrary_types_allowed=True)
     return create_model(_model_name(app, suffix), __config__=config, **fields)
 
@@ -76,7 +87,9 @@ class GraphServedApp:
         outputs = ", ".join(app.outputs)
         inputs = ", ".join(app.inputs) or "nothing"
         self.description = description or f"takes {inputs}; returns {outputs}"
-        self.input_model: type[BaseModel] = model_for(app.name, app.inputs, "Inputs", True)
+        self.input_model: type[BaseModel] = model_for(
+            app.name, app.inputs, "Inputs", True, app.defaults
+        )
         self.output_model: type[BaseModel] = model_for(app.name, app.outputs, "Outputs", False)
 
     def stream(self, inputs: BaseModel) -> AsyncIterator[Event]:

@@ -18,9 +18,9 @@ ADVANCED = build_advanced_rag_app(
 QUESTIONS = ("How do I make sure a file gets closed?", "How do I loop over a list?")
 
 
-async def run_all(chunk_cache: str, index) -> tuple[list[dict], dict]:
+async def run_all(index, **config) -> tuple[list[dict], dict]:
     """Each app on each question, then each again (the second time finds the chunks)."""
-    llm = AsyncLLM(engine=make_cpu_engine(chunk_cache=chunk_cache))
+    llm = AsyncLLM(engine=make_cpu_engine(**config))
     runtime = Runtime(llm, retrievers={DEFAULT_INDEX_NAME: index})
     outputs = []
     try:
@@ -36,9 +36,11 @@ async def run_all(chunk_cache: str, index) -> tuple[list[dict], dict]:
 
 
 async def test_exact_chunk_reuse_gives_the_same_answers_as_no_reuse(tiny_index):
-    off, _ = await run_all("off", tiny_index)
-    exact, stats = await run_all("exact", tiny_index)
+    off, _ = await run_all(tiny_index, chunk_cache="off")
+    # With the prefix cache off, only the chunk store can serve the second round's chunks:
+    # a prefix-cache hit cannot pass for chunk reuse.
+    exact, stats = await run_all(tiny_index, chunk_cache="exact", enable_prefix_caching=False)
     assert exact == off
     assert all(o["rag"] and o["advanced"] for o in off)
-    reused = sum(tier.get("reused_tokens", 0) for tier in stats.values())
-    assert reused > 0, stats  # the second round really reused chunk KV
+    assert stats["pool"]["reused_tokens"] == 0, stats
+    assert stats["host"]["hits"] > 0 and stats["host"]["reused_tokens"] > 0, stats

@@ -105,7 +105,7 @@ def test_tool_and_function_nodes_carry_their_callables_and_types():
     assert [p.describe() for p in known] == [
         "prefill[static,pin]('Answer from the facts.')",
         "prefill[dynamic](question)",
-        "prefill[static]('Facts:')",
+        "prefill[static]('\\nFacts:\\n')",
     ]
     assert known_prefix(prims, {"question", "bullet.result"}) == len(prims) - 1
 

@@ -11,6 +11,7 @@ import asyncio
 
 import pytest
 
+from covey.cache.chunk_store import ROOT_HASH, chain_hash
 from covey.errors import InvalidRequestError, NotSupportedError
 from covey.llm_backend.async_llm import AsyncLLM
 from covey.llm_backend.sampling_params import SamplingParams
@@ -107,6 +108,25 @@ def test_blend_reuses_a_fraction_and_never_caches_blended_blocks(make_engine):
     assert stats["host"]["reused_tokens"] >= reused
     assert stats["host"]["recomputed_tokens"] >= out.metrics.num_recomputed_tokens
     assert stats["host"]["hits"] >= 3
+    _baseline(engine)
+
+
+def test_a_chunk_computed_after_blended_kv_is_never_stored_as_exact(make_engine):
+    """Its KV attended to approximate KV, so an exact lookup must never return it: it is
+    kept for blending only."""
+    engine = _engine(make_engine, chunk_cache="blend", enable_prefix_caching=False)
+    _run(engine, _prompt(["mill"]))
+    after_blend = _prompt(["mill", "owl"], head="Notes:\n")
+    ids, spans = engine.tokenize(after_blend)
+    out = _run(engine, after_blend)
+    assert out.metrics.num_reused_tokens > 0  # "mill" was blended in
+    owl = next(s for s in spans if s.chunk_id == "owl")
+    store = engine.chunk_store
+    owl_tokens = ids[owl.start : owl.end]
+    assert store.contains_any(owl_tokens)  # kept, for blending
+    assert not store.contains_exact(chain_hash(ROOT_HASH, ids[: owl.start]), owl_tokens)
+    again = _run(engine, after_blend)
+    assert again.metrics.num_reused_tokens > out.metrics.num_reused_tokens  # blended twice
     _baseline(engine)
 
 

@@ -17,7 +17,7 @@ from covey.llm_backend.config import EngineConfig
 from covey.llm_backend.kv_pool import KVPool
 from covey.llm_backend.model_args import ModelArgs, preset
 from covey.llm_backend.model_source import resolve_model
-from covey.llm_backend.quantization import quantize_int8
+from covey.llm_backend.quantization import quantize
 from tests.llm_backend.test_loading import SMALL
 
 
@@ -79,9 +79,9 @@ def test_int8_with_an_explicit_float_dtype_fails_at_config_time():
 
 def test_int8_on_a_float32_model_is_a_config_error():
     model = torch.nn.Module()
-    model.embed_tokens = torch.nn.Embedding(4, 4)
+    model.norm = torch.nn.LayerNorm(4)
     with pytest.raises(ConfigError, match="pass dtype='bfloat16'"):
-        quantize_int8(model)
+        quantize(model, "int8")
 
 
 def test_missing_models_are_not_found(tmp_path):

@@ -1,48 +1,169 @@
-"""Weight-only int8: both kernels compute the same function, and the model still answers."""
+"""Weight-only int8 and int4: the kernels compute the quantized weight's function, the
+quantized model keeps no dense copy, and each mode stays within its stated tolerance of the
+reference on held-out text."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 
+from covey.errors import ConfigError, NotSupportedError
 from covey.llm_backend.config import EngineConfig
 from covey.llm_backend.llm_engine import LLMEngine
-from covey.llm_backend.quantization import INT8_MAX_ROWS, Int8Linear
+from covey.llm_backend.model_source import resolve_model
+from covey.llm_backend.perplexity import heldout_windows, model_logits, perplexity_of
+from covey.llm_backend.quantization import (
+    INT4_GROUP_SIZE,
+    KERNEL_MAX_ROWS,
+    PERPLEXITY_TOLERANCE,
+    Int4Linear,
+    Int8Linear,
+    quantization_of,
+    quantize,
+)
 from covey.llm_backend.sampling_params import SamplingParams
+from covey.llm_backend.weight_loader import load_model
+
+LAYERS = {"int8": Int8Linear, "int4": Int4Linear}
 
 
-def test_int8_kernel_and_bf16_copy_agree():
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_kernel_and_wide_path_compute_the_quantized_weight(mode):
     torch.manual_seed(0)
-    weight, bias = torch.randn(96, 64), torch.randn(96)
-    layer = Int8Linear(weight, bias, torch.bfloat16)
-    x = torch.randn(INT8_MAX_ROWS + 8, 64).bfloat16()
-    small = layer(x[:INT8_MAX_ROWS])  # int8 kernel
-    large = layer(x)  # bf16 copy of the same quantized weights
-    torch.testing.assert_close(small, large[:INT8_MAX_ROWS], atol=0.15, rtol=0.02)
-    exact = x.float() @ weight.t() + bias
-    assert (large.float() - exact).abs().max() < 0.05 * exact.abs().max()
+    weight, bias = torch.randn(128, 96), torch.randn(128)
+    layer = LAYERS[mode](weight, bias, torch.bfloat16)
+    deq = layer.dequantized().float()
+    # Rounding error of the weight itself: half a step of its channel's (int8) or group's
+    # (int4) range.
+    if mode == "int8":
+        step = weight.abs().amax(dim=1, keepdim=True) / 127
+    else:
+        groups = weight.reshape(128, -1, INT4_GROUP_SIZE)
+        step = ((groups.amax(-1) - groups.amin(-1)) / 15).repeat_interleave(INT4_GROUP_SIZE, 1)
+    assert ((deq - weight).abs() <= step * 0.5 + 0.02 * weight.abs() + 1e-3).all()
+
+    x = torch.randn(KERNEL_MAX_ROWS + 16, 96).bfloat16()
+    reference = x.float() @ deq.t() + bias
+    narrow = layer(x[:KERNEL_MAX_ROWS]).float()  # the weight-only kernel
+    wide = layer(x).float()  # dequantize into a temporary, then a bf16 matmul
+    scale = reference.abs().max()
+    assert (narrow - reference[:KERNEL_MAX_ROWS]).abs().max() < 0.02 * scale
+    assert (wide - reference).abs().max() < 0.02 * scale
+    single = layer(x[:1]).float()  # one decode token
+    assert (single - reference[:1]).abs().max() < 0.02 * scale
 
 
-def test_int8_engine_keeps_the_models_answers():
-    bf16 = LLMEngine(EngineConfig(dtype="bfloat16", device="cpu", kv_cache_tokens=1024))
-    int8 = LLMEngine(
-        EngineConfig(dtype="bfloat16", device="cpu", kv_cache_tokens=1024, quantization="int8")
-    )
+def test_int4_reads_the_kernels_packed_layout():
+    torch.manual_seed(1)
+    layer = Int4Linear(torch.randn(192, 64), None, torch.bfloat16)
+    assert layer.unpackable  # otherwise wide steps silently fall back to the kernel
+    assert layer.packed.dtype == torch.uint8 and layer.packed.numel() == 192 * 64 // 2
+
+
+def test_int4_needs_input_sizes_divisible_by_the_group():
+    with pytest.raises(NotSupportedError, match="divisible by 32.*use quantization='int8'"):
+        Int4Linear(torch.randn(64, 48), None, torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def bf16_model():
+    return load_model(resolve_model(None), torch.bfloat16, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def quantized(bf16_model):
+    models = {}
+    for mode in ("int8", "int4"):
+        models[mode] = copy.deepcopy(bf16_model)
+        quantize(models[mode], mode)
+    return models
+
+
+def _unique_bytes(model: torch.nn.Module) -> int:
+    seen: dict[int, int] = {}
+    for tensor in model.state_dict().values():
+        seen[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("mode, max_fraction", [("int8", 0.52), ("int4", 0.36)])
+def test_quantized_model_keeps_no_dense_copy(bf16_model, quantized, mode, max_fraction):
+    model = quantized[mode]
+    assert quantization_of(model) == mode
+    hidden = model.args.hidden_size
+    dense = [
+        name
+        for name, t in model.state_dict().items()
+        if t.is_floating_point() and t.numel() >= hidden * hidden
+    ]
+    assert dense == []  # the smallest projection is hidden x hidden
+    assert _unique_bytes(model) < max_fraction * _unique_bytes(bf16_model)
+
+
+@pytest.fixture(scope="module")
+def window(bf16_model):
+    tokenizer = LLMEngine(
+        EngineConfig(dtype="bfloat16", kv_cache_tokens=256, chunk_cache="off"), model=bf16_model
+    ).tokenizer
+    (ids,) = heldout_windows(tokenizer.encode, 1, 128)
+    return ids
+
+
+@pytest.fixture(scope="module")
+def bf16_logits(bf16_model, window):
+    return model_logits(bf16_model, window)
+
+
+def _perplexity(logits: torch.Tensor, ids: list[int]) -> float:
+    return perplexity_of(lambda _: logits, [ids])
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_each_mode_stays_within_its_perplexity_tolerance_of_bf16(
+    quantized, window, bf16_logits, mode
+):
+    logits = model_logits(quantized[mode], window)
+    ours, reference = _perplexity(logits, window), _perplexity(bf16_logits, window)
+    assert abs(ours / reference - 1) <= PERPLEXITY_TOLERANCE[mode], (ours, reference)
+    # and the models agree on most next tokens, not only on average
+    assert (logits.argmax(-1) == bf16_logits.argmax(-1)).float().mean() >= 0.9
+
+
+def test_bf16_stays_within_its_tolerance_of_float32(window, bf16_logits):
+    from .conftest import embedded_model
+
+    reference = _perplexity(model_logits(embedded_model("cpu"), window), window)
+    ours = _perplexity(bf16_logits, window)
+    assert abs(ours / reference - 1) <= PERPLEXITY_TOLERANCE["bfloat16"], (ours, reference)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_engine_keeps_the_models_answers(bf16_model, quantized, mode):
+    config = dict(dtype="bfloat16", device="cpu", kv_cache_tokens=1024, chunk_cache="off")
+    dense = LLMEngine(EngineConfig(**config), model=bf16_model)
+    quant = LLMEngine(EngineConfig(**config, quantization=mode), model=quantized[mode])
     prompts = ["The capital of France is", "def add(a, b):\n    return"]
-    params = SamplingParams(max_tokens=4)
-    for engine in (bf16, int8):
-        for p in prompts:
-            engine.add_request(p, params, request_id=p)
     texts = {}
-    for name, engine in (("bf16", bf16), ("int8", int8)):
+    for name, engine in (("bf16", dense), (mode, quant)):
+        for p in prompts:
+            engine.add_request(p, SamplingParams(max_tokens=3), request_id=p)
         for out in engine.run_to_completion(prompts):
             texts[name, out.request_id] = out.text
-    assert "Paris" in texts["int8", prompts[0]]
-    assert texts["int8", prompts[1]].split()[0] == texts["bf16", prompts[1]].split()[0]
+    assert "Paris" in texts[mode, prompts[0]]
+    assert texts[mode, prompts[1]].split()[0] == texts["bf16", prompts[1]].split()[0]
 
 
-def test_int8_needs_bfloat16():
-    with pytest.raises(ValueError, match="needs dtype='bfloat16'"):
+def test_mode_errors_are_clear(bf16_model, quantized):
+    with pytest.raises(ConfigError, match="quantization='int4' needs dtype='bfloat16'"):
+        EngineConfig(quantization="int4", dtype="float32")
+    with pytest.raises(ConfigError, match="must be None, 'int8' or 'int4'"):
+        EngineConfig(quantization="int2")
+    with pytest.raises(ConfigError, match="needs dtype='bfloat16'"):
         LLMEngine(EngineConfig(model="dummy:tiny", dtype="float32", quantization="int8"))
-    with pytest.raises(ValueError, match="quantization must be None or 'int8'"):
-        EngineConfig(quantization="int4")
+    with pytest.raises(ConfigError, match="does not match the given model's weights"):
+        LLMEngine(
+            EngineConfig(dtype="bfloat16", kv_cache_tokens=256, quantization="int8"),
+            model=quantized["int4"],
+        )

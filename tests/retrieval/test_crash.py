@@ -26,7 +26,7 @@ index.add_texts(["The old note about volcanoes was rewritten."], source="old")
 """
 
 
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180.0) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
         if proc.poll() is not None:

@@ -177,9 +177,10 @@ async def test_choices_reach_the_engine_as_sampling_params():
 
 async def test_bad_inputs_and_unbound_retrievers_are_clear_errors():
     runtime = Runtime(FakeLLM())
-    with pytest.raises(InvalidRequestError, match=r"missing \['question'\] input"):
+    with pytest.raises(InvalidRequestError, match=r"missing input\(s\) 'question'"):
         await runtime.run(shapes.branch())
-    with pytest.raises(InvalidRequestError, match=r"unknown \['qestion'\] input"):
+    unknown = r"unknown input 'qestion'; did you mean 'question'\?"
+    with pytest.raises(InvalidRequestError, match=unknown):
         await runtime.run(shapes.branch(), question="q", qestion="q")
     with pytest.raises(RetrieverNotBoundError, match=r"no retriever bound to index 'default'"):
         await runtime.run(shapes.linear(), question="q")

@@ -19,6 +19,7 @@ from dataclasses import replace
 import networkx as nx
 
 from covey.graph.annotations import Lowered, annotate
+from covey.graph.control_ops import describe_guard, guard_of
 from covey.graph.lowering import Primitive, known_prefix, lower
 from covey.graph.passes.record import recorded
 
@@ -46,7 +47,13 @@ def prefill_decomposition(graph: nx.DiGraph) -> nx.DiGraph:
         reasons.append(f"{node}: {len(prims)} primitives; segments {kinds}")
         known = known_prefix(prims, inputs)
         waits = sorted(g.predecessors(node))
-        if known and waits:
+        guard = guard_of(g, node)
+        if guard:
+            reasons.append(
+                f"{node}: runs only when {describe_guard(guard)}; prefill-ahead prefills its "
+                "known prefix past any pinned static start only once that holds"
+            )
+        elif known and waits:
             reasons.append(
                 f"{node}: {known} leading segment(s) known at run start; prefill-ahead "
                 f"prefills them while it waits for {', '.join(waits)}"

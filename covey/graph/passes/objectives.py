@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import networkx as nx
 
 from covey.graph.annotations import Priority, annotate
+from covey.graph.control_ops import exclusive, guard_of
 from covey.graph.ir import Op, llm_template
 from covey.graph.passes.record import recorded
 
@@ -67,6 +68,14 @@ def _critical(g: nx.DiGraph, sinks: set[str]) -> set[str]:
     return {n for n in down if up[n] + down[n] - cost[n] == total}
 
 
+def _path(g: nx.DiGraph, nodes: list[str]) -> str:
+    """`a -> b`, with `a | b` between alternatives (branches of one route: one runs)."""
+    text = nodes[0]
+    for a, b in zip(nodes, nodes[1:]):
+        text += (" | " if exclusive(guard_of(g, a), guard_of(g, b)) else " -> ") + b
+    return text
+
+
 def objective_deduction(graph: nx.DiGraph, levels: Priorities = Priorities()) -> nx.DiGraph:
     g = graph.copy()
     outputs = g.graph["outputs"]
@@ -77,7 +86,7 @@ def objective_deduction(graph: nx.DiGraph, levels: Priorities = Priorities()) ->
     order = list(nx.topological_sort(g))
     reasons = [f"awaited outputs: {', '.join(awaited)}"]
     if critical:
-        reasons.append(f"critical path: {' -> '.join(n for n in order if n in critical)}")
+        reasons.append(f"critical path: {_path(g, [n for n in order if n in critical])}")
     for n in order:
         kind = g.nodes[n]["op"].kind
         if n not in feeding:

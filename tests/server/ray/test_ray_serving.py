@@ -44,7 +44,8 @@ def test_chat_completions_answer_as_the_single_process_server_does(single, ray_s
     assert "choices" in got, got
     text = got["choices"][0]["message"]["content"]
     assert text and text == expected["choices"][0]["message"]["content"]
-    assert got["usage"] == expected["usage"]
+    for count in ("prompt_tokens", "completion_tokens"):  # cache hits depend on the past
+        assert got["usage"][count] == expected["usage"][count]
     assert '"finish_reason":"length"' in streamed.replace(" ", "")
 
 

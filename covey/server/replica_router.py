@@ -37,7 +37,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from covey.errors import ConfigError, EngineUnavailableError
+from covey.errors import ConfigError, EngineUnavailableError, InvalidRequestError
 
 BLOCK_CHARS = 128  # about 32 tokens: coarse enough to keep the mirror small
 CHUNK_OUT_OF_ORDER_WEIGHT = 0.5
@@ -78,7 +78,10 @@ def route_key(prompt: Any, pin: str | None = None) -> RouteKey:
             chunk = (seg.chunk_id or "#" + _digest(text)) if seg.kind == "chunk" else None
             pieces.append((text, chunk))
     else:
-        raise TypeError(f"cannot route a prompt of type {type(prompt).__name__}")
+        raise InvalidRequestError(
+            f"a prompt must be a str, a list of token ids or a list of Segments, got "
+            f"{type(prompt).__name__}"
+        )
     units: list[tuple[str, int]] = []
     chunks: list[tuple[str, int, int]] = []
     chain = hashlib.blake2b(digest_size=8)

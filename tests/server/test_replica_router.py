@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from covey.errors import ConfigError, EngineUnavailableError
+from covey.errors import ConfigError, EngineUnavailableError, InvalidRequestError
 from covey.llm_backend.segments import Segment
 from covey.server.replica_router import BLOCK_CHARS, ReplicaRouter, route_key
 
@@ -125,5 +125,7 @@ def test_keys_of_text_token_ids_and_segments():
     other = route_key(rag_prompt(SYSTEM_A, ["c2"], "q"))
     shared = len(SYSTEM_A) // BLOCK_CHARS + 1
     assert segs.units[:shared] == other.units[:shared] and segs.units[-1] != other.units[-1]
+    with pytest.raises(InvalidRequestError, match="a prompt must be"):
+        route_key(3.5)
     with pytest.raises(ConfigError, match="routing policy"):
         ReplicaRouter(["r0"], policy="random")

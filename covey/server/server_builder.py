@@ -149,10 +149,12 @@ def load_into(
     remote: str | None = None,
     remote_api_key: str | None = None,
     progress: bool = True,
+    engine: EngineClient | None = None,
     **engine_config: Any,
 ) -> None:
-    """What `covey serve` loads: the model (or the remote engine at `remote`), then the
-    index, then the apps, into `state` (left not ready)."""
+    """What `covey serve` loads: the model (or the remote engine at `remote`, or `engine`
+    when given: `--ray`'s replicas), then the index, then the apps, into `state` (left not
+    ready)."""
     from covey.llm_backend.async_llm import AsyncLLM
 
     def say(message: str) -> None:
@@ -160,8 +162,9 @@ def load_into(
             print(f"covey serve: {message}", file=sys.stderr, flush=True)
 
     started = time.perf_counter()
-    engine: EngineClient
-    if remote is not None:
+    if engine is not None:
+        say(f"engine {engine.model_name} ready")
+    elif remote is not None:
         say(f"connecting to the remote engine at {remote}...")
         engine = connect_remote(remote, remote_api_key)
         say(f"remote model {engine.model_name} answers")

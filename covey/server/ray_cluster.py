@@ -1,0 +1,83 @@
+"""`covey serve --ray`: start (or join) a Ray cluster, deploy the engine replicas, and hand
+back the `RayEngine` the server's runtime and routes use in place of an in-process engine.
+
+The front (this process: uvicorn, the runtime, the index, the router) stays one process:
+it is where the router's view of every replica's cache lives, and a second front would
+route blind to the first one's decisions. What it costs per request is measured in
+`benchmarks/scale.py` and discussed in docs/scale.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from covey.errors import ConfigError
+from covey.server.ray_deployment import delete_replicas, deploy_replicas, require_ray
+from covey.server.ray_engine import RayEngine
+from covey.server.replica_router import POLICIES, ReplicaRouter
+
+OBJECT_STORE_BYTES = 256 * 1024 * 1024  # prompts and outputs only: KV never crosses Ray
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Connect to the cluster at `address`, or start a local one; True if this call
+    started it (then `shutdown_ray` stops it)."""
+    require_ray()
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address is not None:
+        ray.init(address=address, log_to_driver=False)
+        return False
+    ray.init(
+        num_cpus=num_cpus or os.cpu_count() or 1,
+        object_store_memory=OBJECT_STORE_BYTES,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
+    return True
+
+
+def start_ray_engine(
+    replicas: int = 2,
+    model: str | None = None,
+    *,
+    address: str | None = None,
+    policy: str = "cache_aware",
+    max_imbalance: int = 4,
+    threads: int = 1,
+    engine_config: dict[str, Any] | None = None,
+    tokenizer: Any = "auto",
+) -> RayEngine:
+    """Deploy `replicas` engines and return a connected `RayEngine` over them; closing it
+    deletes the replicas (each drains first) and stops a cluster this call started."""
+    if policy not in POLICIES:
+        raise ConfigError(f"--routing must be one of {', '.join(POLICIES)}, got {policy!r}")
+    if replicas < 1:
+        raise ConfigError(f"--replicas must be at least 1, got {replicas}")
+    started = init_ray(address)
+    config = dict(engine_config or {})
+    handles = deploy_replicas(replicas, model, config, threads=threads)
+    capacity = 4 * int(config.get("kv_cache_tokens") or 16384)  # ~4 characters a token
+    router = ReplicaRouter(
+        list(handles), policy=policy, max_imbalance=max_imbalance, capacity_chars=capacity
+    )
+    if tokenizer == "auto":
+        from covey.llm_backend.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(model)
+    engine = RayEngine(handles, router, tokenizer=tokenizer)
+    engine.on_close = lambda: _teardown(list(handles), started)
+    asyncio.run(engine.connect())
+    return engine
+
+
+def _teardown(names: list[str], stop_cluster: bool) -> None:
+    delete_replicas(names)
+    if stop_cluster:
+        import ray
+
+        ray.shutdown()

@@ -1,0 +1,172 @@
+"""Engine replicas on Ray Serve: each one an `AsyncLLM` in its own Ray actor.
+
+Each replica is its own Serve application (`covey-engine-<i>`, one replica each) so the
+front's router can address a replica by name: Ray Serve's handles route among the
+replicas of one deployment by their own policy (power of two choices), which knows nothing
+of KV caches. Serve still does what it is for: it starts the actors, health-checks them
+(`check_health`), replaces a replica that dies under the same name, and on shutdown lets
+requests in flight finish (`graceful_shutdown_*`) before the actor goes: replicas drain.
+
+Everything crossing to a replica is plain data (prompts, `Segment`, `SamplingParams`,
+`RequestOutput`); `generate` is an async generator, streamed through Serve's streaming
+handles. `ray` is imported here only: the rest of covey runs without the `ray` extra.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from covey.errors import ConfigError, EngineUnavailableError
+
+APP_PREFIX = "covey-engine-"
+HEALTH_CHECK_PERIOD_S = 2.0
+HEALTH_CHECK_TIMEOUT_S = 30.0
+GRACEFUL_SHUTDOWN_TIMEOUT_S = 30.0
+
+
+def require_ray() -> Any:
+    """`ray.serve`, or a one-line error saying how to install it."""
+    try:
+        import ray  # noqa: F401
+        from ray import serve
+    except ImportError:
+        raise ConfigError(
+            "covey serve --ray needs Ray Serve: pip install -e \".[ray]\" (ray[serve]>=2.60)"
+        ) from None
+    return serve
+
+
+class EngineReplica:
+    """One engine replica: an `AsyncLLM` over `model` with `engine_config`, computing on
+    `threads` CPU threads (torch's pool is per process; each replica is one)."""
+
+    def __init__(self, model: str | None, engine_config: dict[str, Any], threads: int) -> None:
+        import torch
+
+        from covey.llm_backend.async_llm import AsyncLLM
+
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.llm = AsyncLLM(model, **engine_config)
+        self.draining = False
+
+    async def generate(
+        self, prompt: Any, params: Any, request_id: str | None, priority: int
+    ) -> AsyncIterator[Any]:
+        if self.draining:
+            raise EngineUnavailableError("this replica is shutting down")
+        async for out in self.llm.generate(prompt, params, request_id, priority):
+            yield out
+
+    async def prefill(self, prompt: Any, priority: int, pin: str | None, request_id: Any):
+        return await self.llm.prefill(prompt, priority, pin, request_id)
+
+    async def unpin(self, pin: str) -> bool:
+        return await self.llm.unpin(pin)
+
+    async def pinned(self) -> dict[str, int]:
+        return await self.llm.pinned()
+
+    async def warm_chunks(self, chunks: list[Any], compute: bool = False) -> int:
+        return await self.llm.warm_chunks(chunks, compute)
+
+    async def abort(self, request_id: str) -> None:
+        await self.llm.abort(request_id)
+
+    async def pause(self, request_id: str) -> None:
+        await self.llm.pause(request_id)
+
+    async def resume(self, request_id: str, extra: Any, params: Any = None) -> None:
+        await self.llm.resume(request_id, extra, params)
+
+    async def stats(self) -> Any:
+        return await self.llm.stats()
+
+    async def report(self) -> ReplicaReport:
+        """What the router needs from this replica: its load, pins and identity."""
+        return ReplicaReport(
+            pid=os.getpid(),
+            stats=await self.llm.stats(),
+            pins=await self.llm.pinned(),
+            model=self.llm.model_name,
+            capabilities=self.llm.capabilities,
+        )
+
+    async def check_health(self) -> None:
+        if self.llm._closed:
+            raise EngineUnavailableError("the engine is closed")
+
+    async def __del__(self) -> None:
+        """Serve calls this once in-flight requests drained (or the graceful timeout)."""
+        self.draining = True
+        await self.llm.close()
+
+
+@dataclass(frozen=True)
+class ReplicaReport:
+    pid: int
+    stats: Any  # EngineStats
+    pins: dict[str, int]
+    model: str
+    capabilities: Any  # EngineCapabilities
+
+
+def app_name(index: int, prefix: str = APP_PREFIX) -> str:
+    return f"{prefix}{index}"
+
+
+def deploy_replicas(
+    replicas: int,
+    model: str | None = None,
+    engine_config: dict[str, Any] | None = None,
+    threads: int = 1,
+    num_cpus: float = 0.5,
+    app_prefix: str = APP_PREFIX,
+) -> dict[str, Any]:
+    """Deploy `replicas` engine replicas on the connected Ray cluster (`ray.init` first);
+    returns application name -> its `DeploymentHandle`."""
+    if replicas < 1:
+        raise ConfigError(f"--replicas must be at least 1, got {replicas}")
+    spec = ReplicaSpec(model, dict(engine_config or {}), threads, num_cpus)
+    return deploy_specs({app_name(i, app_prefix): spec for i in range(replicas)})
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    model: str | None
+    engine_config: dict[str, Any]
+    threads: int = 1
+    num_cpus: float = 0.5
+
+
+def deploy_specs(specs: dict[str, ReplicaSpec]) -> dict[str, Any]:
+    """Deploy one single-replica application per name, all at once (they load in
+    parallel); returns name -> `DeploymentHandle`."""
+    serve = require_ray()
+    serve.start(proxy_location="Disabled")
+    targets = []
+    for name, spec in specs.items():
+        deployment = serve.deployment(
+            EngineReplica,
+            name="engine",
+            num_replicas=1,
+            ray_actor_options={"num_cpus": spec.num_cpus},
+            max_ongoing_requests=1024,  # the engine batches; the router bounds imbalance
+            health_check_period_s=HEALTH_CHECK_PERIOD_S,
+            health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
+            graceful_shutdown_wait_loop_s=0.5,
+            graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_TIMEOUT_S,
+        )
+        bound = deployment.bind(spec.model, dict(spec.engine_config), spec.threads)
+        targets.append(serve.RunTarget(bound, name=name, route_prefix=None))
+    return dict(zip(specs, serve.run_many(targets)))
+
+
+def delete_replicas(names: list[str]) -> None:
+    """Shut the replicas down; each drains its requests in flight first."""
+    serve = require_ray()
+    for name in names:
+        serve.delete(name)

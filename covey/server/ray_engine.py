@@ -1,0 +1,396 @@
+"""`RayEngine`: an `EngineClient` whose every call goes to one of several engine replicas
+on Ray Serve, chosen by `ReplicaRouter` (cache-aware by default).
+
+The runtime, the apps and the HTTP routes use it as they use an in-process `AsyncLLM`: it
+offers the same capabilities (the replicas are covey engines), and a call that needs a
+particular replica finds it: `abort`, `pause` and `resume` go to the replica running the
+request, `unpin` to the one holding the pin, a re-pin to where the pin already is.
+
+Failures: a call that fails because its replica died (the actor is gone or unreachable)
+marks the replica down, makes the router forget everything it believed the replica held,
+and then either retries the call once on another replica, when nothing of it has been
+streamed yet, or fails it with `EngineUnavailableError` (HTTP 503) saying so. Ray Serve
+replaces the dead replica; the report loop, which asks every replica for its load and pins
+each `report_interval_s`, sees the replacement answer and puts it back in the set, empty.
+Errors a replica raises on purpose (a bad request, an unsupported capability) arrive as
+the same covey error classes, not as Ray's wrappers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from covey.errors import CoveyError, EngineError, EngineUnavailableError, RequestNotFoundError
+from covey.llm_backend.engine_client import (
+    ChatTokenizer,
+    EngineCapabilities,
+    EngineStats,
+    Prompt,
+)
+from covey.llm_backend.outputs import RequestOutput
+from covey.llm_backend.sampling_params import SamplingParams
+from covey.llm_backend.segments import Segment
+from covey.server.replica_router import ReplicaRouter, route_key
+
+log = logging.getLogger(__name__)
+
+REPORT_TIMEOUT_S = 5.0
+
+
+class ReplicaDied(Exception):
+    """Internal: the replica serving a call is gone (not the call's own fault)."""
+
+
+@dataclass
+class ReplicaState:
+    name: str
+    handle: Any
+    up: bool = True
+    pid: int | None = None
+    stats: EngineStats | None = None
+    deaths: int = 0
+    retries: int = 0  # calls retried elsewhere after this replica died under them
+    failed: int = 0  # calls failed with 503 after this replica died under them
+    served: int = 0
+    down_since: float | None = None
+    pins: dict[str, int] = field(default_factory=dict)
+
+
+class RayEngine:
+    """Engine replicas (application name -> Serve handle) behind one `EngineClient`."""
+
+    def __init__(
+        self,
+        handles: dict[str, Any],
+        router: ReplicaRouter | None = None,
+        *,
+        tokenizer: ChatTokenizer | None = None,
+        report_interval_s: float = 1.0,
+        retry: bool = True,
+    ) -> None:
+        if not handles:
+            raise EngineUnavailableError("a RayEngine needs at least one replica")
+        self.replicas = {name: ReplicaState(name, h) for name, h in handles.items()}
+        self.router = router or ReplicaRouter(list(handles))
+        for name in handles:
+            self.router.add(name)
+        self.report_interval_s = report_interval_s
+        self.retry = retry
+        self._tokenizer = tokenizer
+        self._model = "(not connected)"
+        self._capabilities = EngineCapabilities()
+        self._running: dict[str, str] = {}  # request id -> replica name
+        self._reporter: asyncio.Task[None] | None = None
+        self._closed = False
+        # Set by whoever deployed the replicas: deletes them (they drain) on close.
+        self.on_close: Callable[[], None] | None = None
+
+    # -- what the engine is -------------------------------------------------------------
+
+    async def connect(self) -> RayEngine:
+        """Ask every replica for its report (model, capabilities, load); returns self."""
+        reports = await asyncio.gather(*(self._report(r) for r in self.replicas.values()))
+        first = next((rep for rep in reports if rep is not None), None)
+        if first is None:
+            raise EngineUnavailableError("no engine replica answered")
+        self._model = first.model
+        # The front computes nothing: the replicas' compute is on their own threads.
+        self._capabilities = replace(first.capabilities, computes_on_loop_thread=False)
+        return self
+
+    @property
+    def model_name(self) -> str:
+        return self._model
+
+    @property
+    def capabilities(self) -> EngineCapabilities:
+        return self._capabilities
+
+    @property
+    def tokenizer(self) -> ChatTokenizer | None:
+        return self._tokenizer
+
+    def _down(self) -> list[str]:
+        return [r.name for r in self.replicas.values() if not r.up]
+
+    # -- generation ---------------------------------------------------------------------
+
+    async def generate(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+    ) -> AsyncIterator[RequestOutput]:
+        self._check_open()
+        key = route_key(prompt)
+        tried: list[str] = []
+        while True:
+            name, _ = self.router.choose(key, exclude=self._down() + tried)
+            replica = self.replicas[name]
+            streamed = done = False
+            self.router.started(name)
+            if request_id is not None:
+                self._running[request_id] = name
+            stream = replica.handle.generate.options(stream=True).remote(
+                prompt, params, request_id, priority
+            )
+            try:
+                async for out in _unwrapped(stream, replica):
+                    streamed = True
+                    if out.finished:  # counted now: a consumer may stop at the last output
+                        replica.served += 1
+                        done = True
+                    yield out
+                return
+            except ReplicaDied as exc:
+                self._mark_down(replica)
+                if streamed or not self.retry or tried:
+                    replica.failed += 1
+                    raise EngineUnavailableError(
+                        f"engine replica {name} died while serving request "
+                        f"{request_id or '(unnamed)'}; the service goes on, retry it ({exc})"
+                    ) from None
+                replica.retries += 1
+                tried.append(name)
+                log.warning("replica %s died before streaming %s; retrying", name, request_id)
+            finally:
+                self.router.finished(name)
+                if request_id is not None and self._running.get(request_id) == name:
+                    del self._running[request_id]
+                if not done and not stream.cancelled():
+                    stream.cancel()  # a consumer that went away aborts the replica's request
+
+    async def prefill(
+        self,
+        prompt: Prompt,
+        priority: int = 0,
+        pin: str | None = None,
+        request_id: str | None = None,
+    ) -> RequestOutput | None:
+        name, _ = self.router.choose(route_key(prompt, pin), exclude=self._down())
+        return await self._call(name, "prefill", prompt, priority, pin, request_id)
+
+    async def unpin(self, pin: str) -> bool:
+        holder = self.router.holder_of(pin)
+        down = self._down()
+        names = [holder] if holder is not None else [r for r in self.replicas if r not in down]
+        done = await asyncio.gather(
+            *(self._call(n, "unpin", pin) for n in names), return_exceptions=True
+        )
+        for view in self.router.views.values():
+            view.pins.discard(pin)
+        return any(d is True for d in done)
+
+    async def pinned(self) -> dict[str, int]:
+        """Every live replica's pins (pin keys are unique across replicas: the router
+        sends a pin back to the replica holding it)."""
+        merged: dict[str, int] = {}
+        names = [n for n in self.replicas if n not in self._down()]
+        answers = await asyncio.gather(
+            *(self._call(n, "pinned") for n in names), return_exceptions=True
+        )
+        for name, pins in zip(names, answers):
+            if isinstance(pins, dict):
+                merged.update(pins)
+                self.router.report(name, self.router.views[name].reported_queue, pins)
+        return merged
+
+    async def warm_chunks(self, chunks: list[Segment], compute: bool = False) -> int:
+        """Warm them on the replica a prompt made of these chunks would go to."""
+        name, _ = self.router.choose(route_key(chunks), exclude=self._down(), remember=False)
+        return await self._call(name, "warm_chunks", chunks, compute)
+
+    async def abort(self, request_id: str) -> None:
+        name = self._running.get(request_id)
+        if name is not None:
+            await self._call(name, "abort", request_id)
+
+    async def pause(self, request_id: str) -> None:
+        await self._call(self._owner(request_id), "pause", request_id)
+
+    async def resume(
+        self, request_id: str, extra: Prompt, params: SamplingParams | None = None
+    ) -> None:
+        await self._call(self._owner(request_id), "resume", request_id, extra, params)
+
+    def _owner(self, request_id: str) -> str:
+        name = self._running.get(request_id)
+        if name is None:
+            raise RequestNotFoundError(f"no running request {request_id!r}")
+        return name
+
+    # -- load, metrics ------------------------------------------------------------------
+
+    async def stats(self) -> EngineStats:
+        """The replicas' stats summed (live ones, as just reported)."""
+        self._ensure_reporter()
+        await asyncio.gather(*(self._report(r) for r in self.replicas.values()))
+        live = [r.stats for r in self.replicas.values() if r.up and r.stats is not None]
+        return sum_stats(self._model, live)
+
+    def replica_states(self) -> list[ReplicaState]:
+        return list(self.replicas.values())
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._reporter is not None:
+            self._reporter.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reporter
+        if self.on_close is not None:
+            on_close, self.on_close = self.on_close, None
+            await asyncio.to_thread(on_close)
+
+    async def __aenter__(self) -> RayEngine:
+        return await self.connect()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- plumbing -----------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineUnavailableError("this RayEngine is closed")
+        self._ensure_reporter()
+
+    def _ensure_reporter(self) -> None:
+        if self._reporter is None or self._reporter.done():
+            with contextlib.suppress(RuntimeError):  # no running loop: started on first use
+                self._reporter = asyncio.get_running_loop().create_task(self._report_loop())
+
+    async def _report_loop(self) -> None:
+        while not self._closed:
+            await asyncio.gather(*(self._report(r) for r in self.replicas.values()))
+            await asyncio.sleep(self.report_interval_s)
+
+    async def _report(self, replica: ReplicaState) -> Any:
+        """Ask one replica for its report; a dead one is marked down, a replacement that
+        answers is put back (empty: the router forgot what its predecessor held)."""
+        try:
+            rep = await asyncio.wait_for(
+                _await(replica.handle.report.remote(), replica), REPORT_TIMEOUT_S
+            )
+        except ReplicaDied:
+            self._mark_down(replica)
+            return None
+        except TimeoutError:
+            # Busy, not dead: a CPU replica answers between engine steps, and a long
+            # prefill on a loaded machine can take longer than the timeout. The last report
+            # stands; only Ray saying the actor is gone marks a replica down.
+            log.debug("replica %s is slow to report", replica.name)
+            return None
+        except Exception as exc:  # a report is best effort; routing goes on without it
+            log.debug("replica %s did not report: %s", replica.name, exc)
+            return None
+        if replica.pid is not None and rep.pid != replica.pid and replica.up:
+            # Replaced between two reports, without a call seeing it die.
+            self._mark_down(replica)
+        if not replica.up:
+            log.warning("replica %s is back (pid %s)", replica.name, rep.pid)
+            replica.up, replica.down_since = True, None
+        replica.pid, replica.stats, replica.pins = rep.pid, rep.stats, rep.pins
+        self.router.report(
+            replica.name, rep.stats.num_waiting + rep.stats.num_running, rep.pins
+        )
+        return rep
+
+    def _mark_down(self, replica: ReplicaState) -> None:
+        if replica.up:
+            replica.up = False
+            replica.deaths += 1
+            replica.down_since = time.monotonic()
+            replica.stats = None
+            log.warning("replica %s is down; the router forgets what it held", replica.name)
+        self.router.forget(replica.name)
+        for rid in [rid for rid, n in self._running.items() if n == replica.name]:
+            del self._running[rid]
+
+    async def _call(self, name: str, method: str, *args: Any) -> Any:
+        replica = self.replicas[name]
+        try:
+            return await _await(getattr(replica.handle, method).remote(*args), replica)
+        except ReplicaDied as exc:
+            self._mark_down(replica)
+            raise EngineUnavailableError(f"engine replica {name} is gone ({exc})") from None
+
+
+def _replica_gone_errors() -> tuple[type[BaseException], ...]:
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+    from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
+
+    return (
+        ActorDiedError,
+        ActorUnavailableError,
+        RayActorError,
+        DeploymentUnavailableError,
+        ReplicaUnavailableError,
+    )
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The covey error a replica raised, out of Ray's `RayTaskError` wrapper."""
+    from ray.exceptions import RayTaskError
+
+    if isinstance(exc, RayTaskError):
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, CoveyError):
+            return cause
+        if isinstance(cause, BaseException):
+            return EngineError(f"an engine replica failed: {cause}")
+    return exc
+
+
+async def _await(ref: Any, replica: ReplicaState) -> Any:
+    try:
+        return await ref
+    except _replica_gone_errors() as exc:
+        raise ReplicaDied(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
+    except Exception as exc:
+        raise _unwrap(exc) from None
+
+
+async def _unwrapped(stream: Any, replica: ReplicaState) -> AsyncIterator[RequestOutput]:
+    try:
+        async for out in stream:
+            yield out
+    except _replica_gone_errors() as exc:
+        raise ReplicaDied(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
+    except CoveyError:
+        raise
+    except Exception as exc:
+        unwrapped = _unwrap(exc)
+        if unwrapped is exc:
+            raise
+        raise unwrapped from None
+
+
+def sum_stats(model: str, stats: list[EngineStats]) -> EngineStats:
+    """One `EngineStats` for several engines: counts summed, chunk tiers summed per tier."""
+    chunk: dict[str, dict[str, int]] = {}
+    for s in stats:
+        for tier, counters in s.chunk_cache.items():
+            into = chunk.setdefault(tier, {})
+            for k, v in counters.items():
+                into[k] = into.get(k, 0) + v
+    return EngineStats(
+        model=model,
+        block_size=stats[0].block_size if stats else 0,
+        kv_blocks_total=sum(s.kv_blocks_total for s in stats),
+        kv_blocks_used=sum(s.kv_blocks_used for s in stats),
+        kv_blocks_cached=sum(s.kv_blocks_cached for s in stats),
+        kv_blocks_pinned=sum(s.kv_blocks_pinned for s in stats),
+        prefix_cache_queried_tokens=sum(s.prefix_cache_queried_tokens for s in stats),
+        prefix_cache_hit_tokens=sum(s.prefix_cache_hit_tokens for s in stats),
+        num_waiting=sum(s.num_waiting for s in stats),
+        num_running=sum(s.num_running for s in stats),
+        num_paused=sum(s.num_paused for s in stats),
+        chunk_cache=chunk,
+    )

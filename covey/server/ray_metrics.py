@@ -1,0 +1,94 @@
+"""The replicas and the router in `/metrics`: one series per replica and per decision.
+
+A Prometheus collector over a `RayEngine`, registered on the server's own registry. It
+reads what the engine already holds (each replica's last report, the router's counters),
+so a scrape costs no call to a replica beyond the `stats()` the server's metrics make
+anyway (which refreshes every report). Series:
+- `covey_replica_up`, `covey_replica_queue_depth`, `covey_replica_running`,
+  `covey_replica_kv_usage_ratio`, `covey_replica_prefix_cache_hit_rate`,
+  `covey_replica_chunk_cache_hit_rate` (host tier), `covey_replica_pins`: per replica;
+- `covey_replica_deaths`, `covey_replica_retried_requests`, `covey_replica_failed_requests`
+  (requests failed with 503 because their replica died): per replica;
+- `covey_router_decisions{policy,decision}`: affinity (the best cache match), fallback
+  (the best match was too far ahead in queue), balance (nothing matched: least loaded),
+  pin (a pin's holder), round_robin or pow2;
+- `covey_router_predicted_hit_rate`: prompt characters the router believed cached where it
+  sent them, over all it routed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from covey.server.ray_engine import RayEngine
+
+
+class RayMetricsCollector:
+    def __init__(self, engine: RayEngine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        def gauge(name: str, doc: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, doc, labels=["replica"])
+
+        up = gauge("covey_replica_up", "1 if the replica answers, 0 while it is replaced")
+        queue = gauge("covey_replica_queue_depth", "Requests waiting at the replica")
+        running = gauge("covey_replica_running", "Requests running at the replica")
+        kv = gauge("covey_replica_kv_usage_ratio", "Share of the replica's KV pool in use")
+        hits = gauge("covey_replica_prefix_cache_hit_rate", "The replica's prefix-cache hits")
+        chunk = gauge(
+            "covey_replica_chunk_cache_hit_rate", "The replica's chunk store hits (host tier)"
+        )
+        pins = gauge("covey_replica_pins", "Prefixes pinned at the replica")
+        deaths = CounterMetricFamily(
+            "covey_replica_deaths", "Times the replica was found dead", labels=["replica"]
+        )
+        retried = CounterMetricFamily(
+            "covey_replica_retried_requests",
+            "Requests retried elsewhere after this replica died before streaming",
+            labels=["replica"],
+        )
+        failed = CounterMetricFamily(
+            "covey_replica_failed_requests",
+            "Requests failed (503) because this replica died while streaming them",
+            labels=["replica"],
+        )
+        for r in self.engine.replica_states():
+            up.add_metric([r.name], 1.0 if r.up else 0.0)
+            deaths.add_metric([r.name], r.deaths)
+            retried.add_metric([r.name], r.retries)
+            failed.add_metric([r.name], r.failed)
+            s = r.stats
+            if s is None or not r.up:
+                continue
+            queue.add_metric([r.name], s.num_waiting)
+            running.add_metric([r.name], s.num_running)
+            kv.add_metric([r.name], s.kv_usage)
+            hits.add_metric([r.name], s.prefix_cache_hit_rate)
+            host = s.chunk_cache.get("host", {})
+            looked = host.get("hits", 0) + host.get("misses", 0)
+            chunk.add_metric([r.name], host.get("hits", 0) / looked if looked else 0.0)
+            pins.add_metric([r.name], len(r.pins))
+        yield from (up, queue, running, kv, hits, chunk, pins, deaths, retried, failed)
+        router = self.engine.router
+        decisions = CounterMetricFamily(
+            "covey_router_decisions",
+            "Routing decisions per policy and kind",
+            labels=["policy", "decision"],
+        )
+        for decision, count in sorted(router.counters.decisions.items()):
+            decisions.add_metric([router.policy, decision], count)
+        yield decisions
+        predicted = GaugeMetricFamily(
+            "covey_router_predicted_hit_rate",
+            "Prompt characters believed cached at the chosen replica / characters routed",
+        )
+        predicted.add_metric([], router.counters.predicted_hit_rate)
+        yield predicted
+
+
+def register_ray_metrics(registry: CollectorRegistry, engine: RayEngine) -> None:
+    registry.register(RayMetricsCollector(engine))

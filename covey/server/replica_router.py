@@ -1,0 +1,320 @@
+"""Which engine replica an LLM call goes to: the one most likely to hold its KV.
+
+Pure policy, no Ray: `RayEngine` asks it per call, `benchmarks/scale.py` replays traces
+through it at hundreds of replicas, and its tests need no cluster.
+
+A prompt becomes a `RouteKey`, a chain of hashed units in prompt order: each static or
+dynamic segment cut into blocks of `BLOCK_CHARS` characters, each chunk segment one unit
+named by its chunk id. Unit i's hash covers units 0..i, so a replica that holds unit i
+holds the whole prefix before it, as a KV prefix cache does. The router keeps, per replica,
+the chain hashes it sent there (an approximate mirror of its prefix cache, as SGLang's
+cache-aware router keeps a radix tree per worker) in LRU order, capped at the replica's KV
+capacity; and the chunk ids it sent there, since a chunk store can reuse a chunk's KV at
+another position (blend mode) or load it from a lower tier.
+
+A replica's score is the characters of KV it should already hold for this call, in the
+order the issue asks for: the leading static prefix (the apps' pinned prompts), then the
+chunk segments after it, then the session's history; which all fall out of one longest
+prefix match, plus half the characters of chunks it holds out of order (position-free
+reuse costs a recompute fraction, or only saves a lower tier load). A pin key ("app:..."
+or "session:...") stays on the replica that took it, so a re-pin, an unpin and the
+session's next turn all go there.
+
+Load is bounded: when the best match's queue is more than `max_imbalance` requests deeper
+than the least-loaded replica's, the call goes to the least-loaded one instead (a
+fallback, counted); a call that matches nothing also goes to the least-loaded replica.
+`round_robin` and `pow2` (two random replicas, the shorter queue: Ray Serve's default
+algorithm) ignore the cache, for comparison.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import random
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from covey.errors import ConfigError, EngineUnavailableError, InvalidRequestError
+
+BLOCK_CHARS = 128  # about 32 tokens: coarse enough to keep the mirror small
+CHUNK_OUT_OF_ORDER_WEIGHT = 0.5
+Policy = Literal["cache_aware", "round_robin", "pow2"]
+POLICIES: tuple[str, ...] = ("cache_aware", "round_robin", "pow2")
+Decision = Literal["affinity", "fallback", "balance", "round_robin", "pow2", "pin"]
+
+
+@dataclass(frozen=True)
+class RouteKey:
+    """What the router knows of one call's prompt: its prefix chain and its chunks."""
+
+    units: tuple[tuple[str, int], ...]  # (chain hash, characters) in prompt order
+    chunks: tuple[tuple[str, int, int], ...] = ()  # (chunk id, characters, unit index)
+    pin: str | None = None
+
+    @property
+    def chars(self) -> int:
+        return sum(n for _, n in self.units)
+
+
+def _blocks(text: str) -> Iterable[str]:
+    for start in range(0, len(text), BLOCK_CHARS):
+        yield text[start : start + BLOCK_CHARS]
+
+
+def route_key(prompt: Any, pin: str | None = None) -> RouteKey:
+    """The key of a prompt: a str, a list of token ids, or a list of segments (anything
+    with `text`, `token_ids`, `kind` and `chunk_id`, like `covey...segments.Segment`)."""
+    pieces: list[tuple[str, str | None]] = []  # (text, chunk id)
+    if isinstance(prompt, str):
+        pieces.append((prompt, None))
+    elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+        pieces.append((" ".join(map(str, prompt)), None))  # token ids: blocks of their digits
+    elif isinstance(prompt, (list, tuple)):
+        for seg in prompt:
+            text = seg.text if seg.text is not None else " ".join(map(str, seg.token_ids))
+            chunk = (seg.chunk_id or "#" + _digest(text)) if seg.kind == "chunk" else None
+            pieces.append((text, chunk))
+    else:
+        raise InvalidRequestError(
+            f"a prompt must be a str, a list of token ids or a list of Segments, got "
+            f"{type(prompt).__name__}"
+        )
+    units: list[tuple[str, int]] = []
+    chunks: list[tuple[str, int, int]] = []
+    chain = hashlib.blake2b(digest_size=8)
+    for text, chunk in pieces:
+        if chunk is not None:
+            chunks.append((chunk, len(text), len(units)))
+            chain.update(b"\x00chunk:" + chunk.encode())
+            units.append((chain.hexdigest(), len(text)))
+            continue
+        for block in _blocks(text):
+            chain.update(block.encode())
+            units.append((chain.hexdigest(), len(block)))
+    return RouteKey(tuple(units), tuple(chunks), pin)
+
+
+def _digest(text: str) -> str:
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+@dataclass
+class ReplicaView:
+    """What the router believes one replica holds, and its load."""
+
+    name: str
+    capacity_chars: int
+    prefixes: OrderedDict[str, int] = field(default_factory=OrderedDict)  # hash -> chars, LRU
+    chunks: OrderedDict[str, int] = field(default_factory=OrderedDict)  # chunk id -> chars
+    held_chars: int = 0
+    chunk_chars: int = 0
+    in_flight: int = 0  # calls sent and not finished (the router's own count)
+    reported_queue: int = 0  # waiting + running, as the replica last reported
+    pins: set[str] = field(default_factory=set)
+    # The router's inverted index (unit hash or chunk id -> replicas holding it), shared by
+    # every view and kept in step here, so a call is scored only on candidate replicas.
+    index: dict[str, set[str]] = field(default_factory=dict)
+
+    @property
+    def load(self) -> int:
+        return max(self.in_flight, self.reported_queue)
+
+    def matched_units(self, key: RouteKey) -> tuple[int, int]:
+        """(units, characters) of the key's leading chain this replica holds."""
+        units = chars = 0
+        for h, n in key.units:
+            if h not in self.prefixes:
+                break
+            units += 1
+            chars += n
+        return units, chars
+
+    def score(self, key: RouteKey) -> float:
+        """Characters of this call's KV believed held here: the matched prefix, plus half
+        of each chunk held here that lies past it."""
+        units, chars = self.matched_units(key)
+        extra = sum(
+            n for chunk, n, unit in key.chunks if unit >= units and chunk in self.chunks
+        )
+        return chars + CHUNK_OUT_OF_ORDER_WEIGHT * extra
+
+    def remember(self, key: RouteKey) -> None:
+        """The call ran here: its prefix and chunks are (about to be) cached here."""
+        for h, n in key.units:
+            if h in self.prefixes:
+                self.prefixes.move_to_end(h)
+            else:
+                self.prefixes[h] = n
+                self.held_chars += n
+                self.index.setdefault(h, set()).add(self.name)
+        for chunk, n, _ in key.chunks:
+            if chunk in self.chunks:
+                self.chunks.move_to_end(chunk)
+            else:
+                self.chunks[chunk] = n
+                self.chunk_chars += n
+                self.index.setdefault("chunk:" + chunk, set()).add(self.name)
+        while self.held_chars > self.capacity_chars and self.prefixes:
+            h, n = self.prefixes.popitem(last=False)
+            self.held_chars -= n
+            self._unindex(h)
+        while self.chunk_chars > self.capacity_chars and self.chunks:
+            chunk, n = self.chunks.popitem(last=False)
+            self.chunk_chars -= n
+            self._unindex("chunk:" + chunk)
+
+    def _unindex(self, entry: str) -> None:
+        holders = self.index.get(entry)
+        if holders is not None:
+            holders.discard(self.name)
+            if not holders:
+                del self.index[entry]
+
+    def forget(self) -> None:
+        for h in self.prefixes:
+            self._unindex(h)
+        for chunk in self.chunks:
+            self._unindex("chunk:" + chunk)
+        self.prefixes.clear()
+        self.chunks.clear()
+        self.held_chars = self.chunk_chars = 0
+        self.pins.clear()
+        self.in_flight = self.reported_queue = 0
+
+
+@dataclass
+class RouterCounters:
+    decisions: dict[str, int] = field(default_factory=dict)
+    routed_chars: int = 0  # prompt characters routed
+    matched_chars: int = 0  # of those, the ones the chosen replica was believed to hold
+
+    def count(self, decision: str) -> None:
+        self.decisions[decision] = self.decisions.get(decision, 0) + 1
+
+    @property
+    def predicted_hit_rate(self) -> float:
+        return self.matched_chars / self.routed_chars if self.routed_chars else 0.0
+
+
+class ReplicaRouter:
+    """The routing policy over a changing set of replicas, named by strings."""
+
+    def __init__(
+        self,
+        replicas: Sequence[str] = (),
+        policy: str = "cache_aware",
+        max_imbalance: int = 4,
+        capacity_chars: int = 4 * 16384,
+        seed: int | None = 0,
+    ) -> None:
+        if policy not in POLICIES:
+            choices = ", ".join(POLICIES)
+            raise ConfigError(f"routing policy must be one of {choices}, got {policy!r}")
+        if max_imbalance < 0:
+            raise ConfigError(f"max_imbalance must be >= 0, got {max_imbalance}")
+        self.policy = policy
+        self.max_imbalance = max_imbalance
+        self.capacity_chars = capacity_chars
+        self.views: dict[str, ReplicaView] = {}
+        self.index: dict[str, set[str]] = {}
+        self.counters = RouterCounters()
+        self._rr = itertools.count()
+        self._random = random.Random(seed)
+        for name in replicas:
+            self.add(name)
+
+    # -- the replica set ----------------------------------------------------------------
+
+    def add(self, name: str) -> None:
+        if name not in self.views:
+            self.views[name] = ReplicaView(name, self.capacity_chars, index=self.index)
+
+    def forget(self, name: str) -> None:
+        """The replica died (or was replaced): nothing it held is there any more."""
+        view = self.views.get(name)
+        if view is not None:
+            view.forget()
+
+    def remove(self, name: str) -> None:
+        self.forget(name)
+        self.views.pop(name, None)
+
+    def report(self, name: str, queue: int, pins: Iterable[str] = ()) -> None:
+        """A replica's own report: its queue (waiting + running) and the pins it holds."""
+        view = self.views.get(name)
+        if view is not None:
+            view.reported_queue = queue
+            view.pins = set(pins)
+
+    # -- routing ------------------------------------------------------------------------
+
+    def choose(
+        self, key: RouteKey, exclude: Iterable[str] = (), remember: bool = True
+    ) -> tuple[str, str]:
+        """(replica, decision) for one call; `exclude`: replicas not to use (a retry)."""
+        skip = set(exclude)
+        live = [v for v in self.views.values() if v.name not in skip]
+        if not live:
+            raise EngineUnavailableError("no engine replica is available")
+        view, decision = self._pick(key, live)
+        if remember:
+            self.counters.count(decision)
+            self.counters.routed_chars += key.chars
+            self.counters.matched_chars += view.matched_units(key)[1]
+            view.remember(key)
+            if key.pin is not None:
+                for other in self.views.values():
+                    other.pins.discard(key.pin)
+                view.pins.add(key.pin)
+        return view.name, decision
+
+    def _pick(self, key: RouteKey, live: list[ReplicaView]) -> tuple[ReplicaView, str]:
+        if self.policy == "round_robin":
+            return live[next(self._rr) % len(live)], "round_robin"
+        if self.policy == "pow2":
+            pair = self._random.sample(live, min(2, len(live)))
+            return min(pair, key=lambda v: v.load), "pow2"
+        least = min(live, key=lambda v: (v.load, v.held_chars))
+        if key.pin is not None:
+            holder = next((v for v in live if key.pin in v.pins), None)
+            if holder is not None:
+                return holder, "pin"
+        # Only replicas holding the first unit or one of the chunks can score above 0.
+        names: set[str] = set()
+        if key.units:
+            names |= self.index.get(key.units[0][0], set())
+        for chunk, _, _ in key.chunks:
+            names |= self.index.get("chunk:" + chunk, set())
+        candidates = [v for v in live if v.name in names]
+        if not candidates:
+            return least, "balance"
+        best_score, _, best = max(
+            ((v.score(key), -v.load, v) for v in candidates), key=lambda t: (t[0], t[1])
+        )
+        if best_score <= 0:
+            return least, "balance"
+        if best.load - least.load > self.max_imbalance:
+            return least, "fallback"
+        return best, "affinity"
+
+    def started(self, name: str) -> None:
+        view = self.views.get(name)
+        if view is not None:
+            view.in_flight += 1
+
+    def finished(self, name: str) -> None:
+        view = self.views.get(name)
+        if view is not None and view.in_flight > 0:
+            view.in_flight -= 1
+
+    def holder_of(self, pin: str) -> str | None:
+        return next((v.name for v in self.views.values() if pin in v.pins), None)
+
+    def imbalance(self) -> float:
+        """max load / mean load over replicas (1.0 is perfectly even; 0 when idle)."""
+        loads = [v.load for v in self.views.values()]
+        mean = sum(loads) / len(loads) if loads else 0
+        return max(loads) / mean if mean else 0.0

@@ -1,0 +1,131 @@
+"""The cache-aware routing policy on its own: no Ray, no model."""
+
+from __future__ import annotations
+
+import pytest
+
+from covey.errors import ConfigError, EngineUnavailableError, InvalidRequestError
+from covey.llm_backend.segments import Segment
+from covey.server.replica_router import BLOCK_CHARS, ReplicaRouter, route_key
+
+SYSTEM_A = "You answer questions about Python's standard library. " * 8
+SYSTEM_B = "You summarise documents in three short bullet points. " * 8
+
+
+def rag_prompt(system: str, chunks: list[str], question: str) -> list[Segment]:
+    return [
+        Segment(system, kind="static"),
+        *(Segment(f"passage {c}: " + c * 40, kind="chunk", chunk_id=c) for c in chunks),
+        Segment(question, kind="dynamic"),
+    ]
+
+
+def test_a_repeated_static_prefix_goes_back_to_the_replica_that_holds_it():
+    router = ReplicaRouter(["r0", "r1", "r2"])
+    first, decision = router.choose(route_key(rag_prompt(SYSTEM_A, ["x"], "what is os?")))
+    assert decision == "balance"  # nothing matched yet: the least-loaded replica
+    other, _ = router.choose(route_key(rag_prompt(SYSTEM_B, ["y"], "summarise it")))
+    assert other != first  # both idle: ties broken by the least cache held, so it spreads
+    for question in ("what is sys?", "what is re?", "and pathlib?"):
+        name, decision = router.choose(route_key(rag_prompt(SYSTEM_A, ["z"], question)))
+        assert (name, decision) == (first, "affinity")
+    assert router.counters.decisions == {"balance": 2, "affinity": 3}
+    assert router.counters.predicted_hit_rate > 0.5
+
+
+def test_a_session_follows_its_longest_prefix():
+    router = ReplicaRouter(["r0", "r1"])
+    history = "user: hi\nassistant: hello, how can I help?\n" * 6
+    a, _ = router.choose(route_key(SYSTEM_A + history))
+    # The other replica has the system prompt only: the session's replica matches longer.
+    router.views["r1" if a == "r0" else "r0"].remember(route_key(SYSTEM_A))
+    name, decision = router.choose(route_key(SYSTEM_A + history + "user: and then?\n"))
+    assert (name, decision) == (a, "affinity")
+
+
+def test_chunks_held_out_of_order_count_when_the_prefix_does_not_decide():
+    router = ReplicaRouter(["r0", "r1"])
+    router.views["r1"].remember(route_key(rag_prompt(SYSTEM_B, ["c1", "c2"], "q")))
+    router.views["r0"].remember(route_key(rag_prompt(SYSTEM_B, ["c9"], "q")))
+    # Same static prefix on both; only r1 holds c1 and c2 (here after another question).
+    key = route_key(rag_prompt(SYSTEM_B, ["c2", "c1"], "another question"))
+    assert router.views["r1"].score(key) > router.views["r0"].score(key)
+    assert router.choose(key) == ("r1", "affinity")
+
+
+def test_the_best_match_is_skipped_when_its_queue_is_too_far_ahead():
+    router = ReplicaRouter(["r0", "r1"], max_imbalance=2)
+    key = route_key(SYSTEM_A + "question")
+    home, _ = router.choose(key)
+    for _ in range(3):
+        router.started(home)
+    name, decision = router.choose(route_key(SYSTEM_A + "question two"))
+    assert name != home and decision == "fallback"
+    # Now both hold the prefix: among equal matches the shorter queue wins, by affinity.
+    assert router.choose(route_key(SYSTEM_A + "question three")) == (name, "affinity")
+
+
+def test_a_replica_s_report_counts_as_load():
+    router = ReplicaRouter(["r0", "r1"], max_imbalance=1)
+    home, _ = router.choose(route_key(SYSTEM_A))
+    router.report(home, queue=5, pins=["app:1"])
+    assert router.choose(route_key(SYSTEM_A + "q"))[1] == "fallback"
+    assert router.holder_of("app:1") == home
+
+
+def test_a_pin_stays_where_it_was_taken():
+    router = ReplicaRouter(["r0", "r1"])
+    where, _ = router.choose(route_key(SYSTEM_A, pin="session:s1"))
+    assert router.holder_of("session:s1") == where
+    for _ in range(4):  # load elsewhere does not move it (a pin is one call, re-asked)
+        router.started(where)
+    assert router.choose(route_key(SYSTEM_A + "more", pin="session:s1")) == (where, "pin")
+
+
+def test_a_dead_replica_is_forgotten_and_a_retry_avoids_it():
+    router = ReplicaRouter(["r0", "r1"])
+    key = route_key(SYSTEM_A)
+    home, _ = router.choose(key)
+    assert router.choose(key, exclude=[home])[0] != home
+    router.forget(home)
+    assert router.views[home].score(key) == 0 and not router.views[home].pins
+    assert all(home not in holders for holders in router.index.values())
+    with pytest.raises(EngineUnavailableError, match="no engine replica"):
+        router.choose(key, exclude=["r0", "r1"])
+
+
+def test_the_mirror_is_capped_at_the_replica_s_capacity_lru_first():
+    router = ReplicaRouter(["r0"], capacity_chars=4 * BLOCK_CHARS)
+    view = router.views["r0"]
+    old, new = route_key("a" * 4 * BLOCK_CHARS), route_key("b" * 4 * BLOCK_CHARS)
+    view.remember(old)
+    view.remember(new)
+    assert view.held_chars <= 4 * BLOCK_CHARS
+    assert view.score(new) == 4 * BLOCK_CHARS and view.score(old) == 0
+    assert old.units[0][0] not in router.index  # evicted from the inverted index too
+
+
+def test_round_robin_and_pow2_ignore_the_cache():
+    rr = ReplicaRouter(["r0", "r1", "r2"], policy="round_robin")
+    key = route_key(SYSTEM_A)
+    assert [rr.choose(key)[0] for _ in range(6)] == ["r0", "r1", "r2"] * 2
+    pow2 = ReplicaRouter(["r0", "r1"], policy="pow2")
+    for _ in range(3):
+        pow2.started("r0")
+    assert {pow2.choose(key)[0] for _ in range(10)} == {"r1"}  # both sampled: the shorter
+
+
+def test_keys_of_text_token_ids_and_segments():
+    text = route_key("x" * (BLOCK_CHARS * 2 + 5))
+    assert [n for _, n in text.units] == [BLOCK_CHARS, BLOCK_CHARS, 5]
+    assert route_key([1, 2, 3]).units == route_key([1, 2, 3]).units
+    segs = route_key(rag_prompt(SYSTEM_A, ["c1"], "q"))
+    assert [c for c, _, _ in segs.chunks] == ["c1"]
+    # The same text with another chunk id is another chain after the static prefix.
+    other = route_key(rag_prompt(SYSTEM_A, ["c2"], "q"))
+    shared = len(SYSTEM_A) // BLOCK_CHARS + 1
+    assert segs.units[:shared] == other.units[:shared] and segs.units[-1] != other.units[-1]
+    with pytest.raises(InvalidRequestError, match="a prompt must be"):
+        route_key(3.5)
+    with pytest.raises(ConfigError, match="routing policy"):
+        ReplicaRouter(["r0"], policy="random")

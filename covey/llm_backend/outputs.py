@@ -51,7 +51,9 @@ class RequestOutput:
     """The state of one request after a step: the whole output so far plus this step's delta.
 
     A request that failed inside the engine finishes with reason "error" and `error` saying
-    why; the requests that ran beside it are not affected.
+    why; the requests that ran beside it are not affected. `choice_logprobs`: for choices
+    scored as whole options, every option (in the caller's order) -> log P(option | prompt),
+    the sum over its tokens; None otherwise.
     """
 
     request_id: str
@@ -63,3 +65,4 @@ class RequestOutput:
     finish_reason: str | None
     metrics: RequestMetrics
     error: str | None = None
+    choice_logprobs: dict[str, float] | None = None

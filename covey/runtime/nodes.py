@@ -172,6 +172,9 @@ async def stream_generate(
             len(final.token_ids),
             m.num_cached_tokens,
             final.finish_reason,
+            final.choice_logprobs,
         )
     )
+    if params.token_healing:  # the ids overlap the prompt's healed end: continue as text
+        return final.text, []
     return final.text, list(final.token_ids)

@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 
 @dataclass
 class RequestTrace:
-    """One engine request of an LLM node (one per gen, per fan-out element)."""
+    """One engine request of an LLM node (one per gen, per fan-out element).
+    `choice_logprobs`: a gen with choices scored as whole options, every option ->
+    log P(option | prompt) (None for other gens and for the trie)."""
 
     request_id: str
     var: str
@@ -20,6 +22,7 @@ class RequestTrace:
     generated_tokens: int
     cached_tokens: int
     finish_reason: str | None
+    choice_logprobs: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)

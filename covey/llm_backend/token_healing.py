@@ -42,6 +42,13 @@ def token_texts(tokenizer: Tokenizer) -> tuple[str, ...]:
     return tuple(tokenizer.hf.batch_decode(ids, skip_special_tokens=True))
 
 
+@lru_cache(maxsize=256)
+def _starting_with(tokenizer: Tokenizer, text: str) -> tuple[int, ...]:
+    """The token ids whose text starts with `text` (a scan of the vocabulary, kept: a
+    template heals the same few texts again and again)."""
+    return tuple(i for i, t in enumerate(token_texts(tokenizer)) if t.startswith(text))
+
+
 def heal(
     tokenizer: Tokenizer, ids: list[int], spans: list[SegmentSpan]
 ) -> tuple[list[int], list[SegmentSpan], Healing] | None:
@@ -54,7 +61,7 @@ def heal(
     removed = texts[last] if last < len(texts) else ""
     if not removed:
         return None
-    allowed = tuple(i for i, text in enumerate(texts) if text.startswith(removed))
+    allowed = _starting_with(tokenizer, removed)
     if allowed == (last,):
         return None
     end = len(ids) - 1

@@ -63,25 +63,34 @@ TICKETS = [
     ("The courier left my package at the wrong house.", "shipping"),
 ]
 
+# The tutorial's template: the options appear only as the gen's choices.
 TRIAGE_TEMPLATE = """{{#system}}
-You route customer support tickets to the team that handles them: hardware repair,
-billing, account access or shipping.
+You route customer support tickets to the team that handles them.
 {{#user}}
 {{ticket}}
 {{#assistant}}
 Team: {{gen team choices="%s"}}"""
+# The same with the teams listed in the system prompt: a 135M model then leans towards the
+# team named first, whatever the scoring (measured in workload "triage-listed").
+LISTED_TEMPLATE = TRIAGE_TEMPLATE.replace(
+    "that handles them.",
+    "that handles them: hardware repair,\nbilling, account access or shipping.",
+)
 
 
-def build_triage(choices: tuple[str, ...] = TEAMS, **gen_defaults: Any):
-    """The triage app: one semantic function over a ticket. `gen_defaults` become the
-    gen's SamplingParams defaults (here: how its choices are scored)."""
+def build_triage(
+    choices: tuple[str, ...] = TEAMS, template: str = TRIAGE_TEMPLATE, **gen_defaults: Any
+):
+    """The triage app: one semantic function over a list of tickets, fanned out. The
+    `gen_defaults` become the gen's SamplingParams defaults (here: how its choices are
+    scored)."""
     import covey.graph as cg
     from covey.llm_backend.sampling_params import SamplingParams
 
     def classify(ticket: str):
         pass
 
-    classify.__doc__ = TRIAGE_TEMPLATE % "|".join(choices)
+    classify.__doc__ = template % "|".join(choices)
     classify = cg.semantic_function(classify, params=SamplingParams(**gen_defaults))
 
     @cg.app(name="triage")
@@ -98,19 +107,26 @@ def sizes(quick: bool) -> dict[str, Any]:
 
 
 def triage_records(runtime, n: int) -> list[dict[str, Any]]:
-    """Accuracy and order agreement per system on the first `n` tickets."""
+    """Accuracy per system and prompt on the first `n` tickets; order agreement (options
+    listed in reverse) on the tutorial's prompt."""
     tickets = [t for t, _ in TICKETS[:n]]
     labels = [team for _, team in TICKETS[:n]]
     out = []
-    for system, options in SYSTEMS.items():
-        forward = runtime.run(build_triage(TEAMS, **options), tickets=tickets)["teams"]
-        backward = runtime.run(build_triage(TEAMS[::-1], **options), tickets=tickets)["teams"]
-        correct = sum(p == y for p, y in zip(forward, labels))
-        same = sum(a == b for a, b in zip(forward, backward))
-        params = {"tickets": n, "teams": list(TEAMS), "predictions": forward}
-        out.append(record("triage", system, "accuracy", correct / n, params))
-        out.append(record("triage", system, "order_agreement", same / n, {"tickets": n}))
-        print(f"{system:16s} accuracy {correct}/{n}  order agreement {same}/{n}", flush=True)
+    for workload, template in (("triage", TRIAGE_TEMPLATE), ("triage-listed", LISTED_TEMPLATE)):
+        for system, options in SYSTEMS.items():
+            app = build_triage(TEAMS, template, **options)
+            forward = runtime.run(app, tickets=tickets)["teams"]
+            correct = sum(p == y for p, y in zip(forward, labels))
+            params = {"tickets": n, "teams": list(TEAMS), "predictions": forward}
+            out.append(record(workload, system, "accuracy", correct / n, params))
+            line = f"{workload:14s} {system:16s} accuracy {correct}/{n}"
+            if workload == "triage":
+                app = build_triage(TEAMS[::-1], template, **options)
+                backward = runtime.run(app, tickets=tickets)["teams"]
+                same = sum(a == b for a, b in zip(forward, backward))
+                out.append(record(workload, system, "order_agreement", same / n, {"tickets": n}))
+                line += f"  order agreement {same}/{n}"
+            print(line, flush=True)
     return out
 
 
@@ -158,19 +174,23 @@ def plot(results: list[dict[str, Any]], path: Path, quick: bool, device: str) ->
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    acc = [r for r in results if r["workload"] == "triage" and r["metric"] == "accuracy"]
     agree = {r["system"]: r["value"] for r in results if r["metric"] == "order_agreement"}
-    names = [r["system"] for r in acc]
-    bars = left.bar(names, [r["value"] for r in acc], color=["#3b7", "#7b3", "#b73"][: len(acc)])
-    for bar, r in zip(bars, acc):
-        left.text(
-            bar.get_x() + bar.get_width() / 2, bar.get_height() + 0.01,
-            f"{r['value']:.2f}\norder agreement {agree.get(r['system'], 0):.2f}",
-            ha="center", fontsize=8,
-        )
+    for k, (workload, colour) in enumerate((("triage", "#3b7"), ("triage-listed", "#b73"))):
+        acc = [r for r in results if r["workload"] == workload and r["metric"] == "accuracy"]
+        xs = [i + (k - 0.5) * 0.38 for i in range(len(acc))]
+        bars = left.bar(xs, [r["value"] for r in acc], width=0.36, color=colour, label=workload)
+        for bar, r in zip(bars, acc):
+            note = f"{r['value']:.2f}"
+            if workload == "triage":
+                note += f"\norder {agree.get(r['system'], 0):.2f}"
+            left.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + 0.01, note,
+                      ha="center", fontsize=7)
+        left.set_xticks(range(len(acc)), [r["system"] for r in acc])
+    left.axhline(0.25, color="grey", linestyle=":", label="chance (4 teams)")
     left.set_ylim(0, 1.15)
     left.set_ylabel("accuracy")
-    left.set_title(f"Ticket triage, {acc[0]['params']['tickets'] if acc else 0} tickets, 4 teams")
+    left.set_title(f"Ticket triage, {len(TICKETS)} labelled tickets, 4 teams")
+    left.legend(fontsize=8)
     for system, colour in (("covey-whole", "#3b7"), ("covey-trie", "#b73")):
         rows = [r for r in results if r["workload"] == "many_options" and r["system"] == system]
         right.plot(

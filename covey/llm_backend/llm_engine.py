@@ -186,6 +186,7 @@ class LLMEngine:
         seq.choice_logprobs = None
         choices = checked.choice_trie is not None or checked.option_scorer is not None
         seq.healing = None if choices else checked.healing  # choices carry it in their tokens
+        seq.healed_text = checked.healing.text if checked.healing is not None else ""
         self._generators.pop(seq.seq_id, None)
         if seq.params.seed is not None:
             self._generators[seq.seq_id] = torch.Generator(self.device).manual_seed(

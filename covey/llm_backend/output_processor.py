@@ -54,6 +54,7 @@ class OutputProcessor:
             metrics=RequestMetrics.of(seq),
             error=error,
             choice_logprobs=seq.choice_logprobs,
+            healed_text=seq.healed_text,
         )
 
     def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:

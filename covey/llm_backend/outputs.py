@@ -53,7 +53,8 @@ class RequestOutput:
     A request that failed inside the engine finishes with reason "error" and `error` saying
     why; the requests that ran beside it are not affected. `choice_logprobs`: for choices
     scored as whole options, every option (in the caller's order) -> log P(option | prompt),
-    the sum over its tokens; None otherwise.
+    the sum over its tokens; None otherwise. `healed_text`: the text token healing took off
+    the prompt's end ("" when none): the first output token starts with it, `text` does not.
     """
 
     request_id: str
@@ -66,3 +67,4 @@ class RequestOutput:
     metrics: RequestMetrics
     error: str | None = None
     choice_logprobs: dict[str, float] | None = None
+    healed_text: str = ""

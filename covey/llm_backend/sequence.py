@@ -76,6 +76,7 @@ class Sequence:
         self.option_scorer: OptionScorer | None = None  # whole-option choices
         self.choice_logprobs: dict[str, float] | None = None  # set once options are scored
         self.healing: Healing | None = None  # token healing of a free generation
+        self.healed_text = ""  # what token healing took off the prompt's end
         self.pin: str | None = None  # a prefill-only request's pin key
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []

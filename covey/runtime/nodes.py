@@ -175,6 +175,6 @@ async def stream_generate(
             final.choice_logprobs,
         )
     )
-    if params.token_healing:  # the ids overlap the prompt's healed end: continue as text
+    if final.healed_text:  # the ids overlap the prompt's healed end: continue as text
         return final.text, []
     return final.text, list(final.token_ids)

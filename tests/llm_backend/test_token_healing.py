@@ -40,6 +40,7 @@ def test_a_healed_prompt_generates_as_if_it_ended_on_the_token_boundary(make_eng
     assert plain.text.startswith(" ")  # the model's own word boundary
     assert healed.token_ids == plain.token_ids  # the removed space came back in " word"
     assert healed.text == plain.text[1:]  # the space belongs to the prompt, not the output
+    assert healed.healed_text == " " and plain.healed_text == ""
     assert healed.metrics.num_prompt_tokens == plain.metrics.num_prompt_tokens
     assert unhealed.token_ids != plain.token_ids  # what healing prevents
 

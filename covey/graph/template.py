@@ -3,7 +3,11 @@
 One syntax, read from the docstring:
 - `{{question}}` inserts an input (a parameter of the function);
 - `{{gen answer max_tokens=64 stop="\\n" temperature=0.7}}` marks a generated output;
-  `choices="yes|no"` restricts it to one of those strings;
+  `choices="yes|no"` restricts it to one of those strings, scored as whole options
+  (`choice_scoring=auto|whole|trie`, `length_normalize=true|false`; see
+  covey/llm_backend/option_scoring.py);
+  `token_healing=true|false` backs the prompt up one token at the gen (default: on when the
+  text right before the gen ends in a space or tab, see covey/llm_backend/token_healing.py);
 - `{{#system}}`, `{{#user}}`, `{{#assistant}}` start a chat message, so the runtime can render
   the model's chat template; a template without roles is a plain completion prompt.
 """
@@ -24,7 +28,19 @@ Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 _TAG = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-GEN_OPTIONS = ("max_tokens", "top_k", "seed", "temperature", "top_p", "stop", "choices")
+GEN_OPTIONS = (
+    "max_tokens",
+    "top_k",
+    "seed",
+    "temperature",
+    "top_p",
+    "stop",
+    "choices",
+    "choice_scoring",
+    "length_normalize",
+    "token_healing",
+)
+_BOOLS = {"true": True, "false": False}
 
 
 @dataclass(frozen=True)
@@ -49,6 +65,7 @@ class Gen:
     params: SamplingParams
     choices: tuple[str, ...] | None = None
     role: Role | None = None
+    explicit_healing: bool = False  # the gen set token_healing= itself
 
 
 Part = Text | Ref | Gen
@@ -80,12 +97,15 @@ def _unescape(value: str) -> str:
     return value.replace("\\n", "\n").replace("\\t", "\t")
 
 
-def _value(text: str) -> int | float | str:
-    """What an option's text denotes: an integer, else a number, else the text itself.
+def _value(text: str) -> int | float | str | bool:
+    """What an option's text denotes: true/false, else an integer, else a number, else the
+    text itself.
 
     Only the reading happens here; whether the value fits its option (type, range, finite)
     is checked by constructing `SamplingParams`, the one place those rules live.
     """
+    if text.lower() in _BOOLS:
+        return _BOOLS[text.lower()]
     for convert in (int, float):
         try:
             return convert(text)
@@ -123,7 +143,7 @@ def _gen(body: str, where: str, defaults: SamplingParams, role: Role | None) -> 
         raise TemplateError(f"{where}: {{{{gen {name}}}}}: {e}") from None
     if choices is not None and len(choices) < 2:
         raise TemplateError(f"{where}: choices of {{{{gen {name}}}}} need two or more options")
-    return Gen(name, params, choices, role)
+    return Gen(name, params, choices, role, explicit_healing="token_healing" in updates)
 
 
 def _tidy(parts: list[Part]) -> tuple[Part, ...]:
@@ -168,7 +188,25 @@ def parse_template(source: str, where: str, defaults: SamplingParams) -> Templat
             raise TemplateError(f"{where}: {{{{{body}}}}} is not a placeholder name or a gen")
     if pos < len(source):
         parts.append(Text(source[pos:], role))
-    return _check(Template(_tidy(parts), role is not None), where)
+    return _check(Template(_heal_after_space(_tidy(parts)), role is not None), where)
+
+
+def _heal_after_space(parts: tuple[Part, ...]) -> tuple[Part, ...]:
+    """Token healing for each gen right after text that ends in a space or tab (the
+    prompt then ends inside a token), unless the gen says `token_healing=` itself."""
+    out = list(parts)
+    for i, part in enumerate(out):
+        prev = out[i - 1] if i else None
+        if (
+            isinstance(part, Gen)
+            and not part.explicit_healing
+            and isinstance(prev, Text)
+            and prev.text.endswith((" ", "\t"))
+        ):
+            out[i] = dataclasses.replace(
+                part, params=dataclasses.replace(part.params, token_healing=True)
+            )
+    return tuple(out)
 
 
 def _check(template: Template, where: str) -> Template:

@@ -32,6 +32,7 @@ from covey.llm_backend.kv_sizing import num_kv_blocks
 from covey.llm_backend.model import LlamaModel
 from covey.llm_backend.model_runner import ModelRunner
 from covey.llm_backend.model_source import ModelSource, resolve_model
+from covey.llm_backend.option_scoring import ScoringContext, option_logprobs
 from covey.llm_backend.output_processor import OutputProcessor
 from covey.llm_backend.outputs import RequestOutput
 from covey.llm_backend.prefill_profile import prefill_profile
@@ -192,9 +193,14 @@ class LLMEngine:
         return seq.request_id
 
     def _set_sampling(self, seq: Sequence, checked: CheckedRequest) -> None:
-        """Per-request sampling state for `seq.params`: the seeded generator and the
-        choice trie."""
+        """Per-request sampling state for `seq.params`: the seeded generator, the choice
+        trie or option scorer, and token healing."""
         seq.choice_trie = checked.choice_trie
+        seq.option_scorer = checked.option_scorer
+        seq.choice_logprobs = None
+        choices = checked.choice_trie is not None or checked.option_scorer is not None
+        seq.healing = None if choices else checked.healing  # choices carry it in their tokens
+        seq.healed_text = checked.healing.text if checked.healing is not None else ""
         self._generators.pop(seq.seq_id, None)
         if seq.params.seed is not None:
             self._generators[seq.seq_id] = torch.Generator(self.device).manual_seed(
@@ -502,8 +508,13 @@ class LLMEngine:
                 self.block_manager.cache_full_blocks(seq)
             if seq.prefill_only and seq.num_computed_tokens == len(seq):
                 outputs.append(self._guarded(seq, self._finish_prefill))
-        for seq, token in zip(ran.seqs, tokens):
-            if token is not None and seq.seq_id not in failed:
+        for row, (seq, token) in enumerate(zip(ran.seqs, tokens)):
+            if seq.seq_id in failed:
+                continue
+            if seq.option_scorer is not None:
+                assert ran.logits is not None
+                outputs.append(self._guarded(seq, self._choose_option, ran.logits[row]))
+            elif token is not None:
                 outputs.append(self._guarded(seq, self._append_token, token))
         return outputs
 
@@ -548,17 +559,41 @@ class LLMEngine:
             return []
         with torch.inference_mode():  # logits are inference tensors: mask them in place
             for row, seq in enumerate(seqs):
-                if seq.choice_trie is not None:
-                    try:
+                try:
+                    if seq.choice_trie is not None:
                         seq.choice_trie.mask(logits[row], seq.output_token_ids)
-                    except Exception as exc:
-                        failed[seq.seq_id] = exc
-        samples = sample(
-            logits, [s.params for s in seqs], [self._generators.get(s.seq_id) for s in seqs]
-        )
+                    elif seq.healing is not None and not seq.num_output_tokens:
+                        _keep_only(logits[row], seq.healing.allowed)
+                except Exception as exc:
+                    failed[seq.seq_id] = exc
+        # A row scored as whole options is picked from later (`_choose_option`): it samples
+        # greedily here, so its seeded generator is kept for the options.
+        scored = [s.option_scorer is not None for s in seqs]
+        params = [_GREEDY if o else s.params for s, o in zip(seqs, scored)]
+        gens = [None if o else self._generators.get(s.seq_id) for s, o in zip(seqs, scored)]
+        samples = sample(logits, params, gens)
         for row, exc in samples.errors.items():
             failed[seqs[row].seq_id] = exc
         return samples.tokens
+
+    def _choose_option(self, seq: Sequence, last_logits: torch.Tensor) -> RequestOutput:
+        """`seq`'s prompt is computed: score its options (option_scoring.py), pick one and
+        finish with it as the output."""
+        scorer = seq.option_scorer
+        assert scorer is not None
+        ctx = ScoringContext(
+            self.model, self.pool, self.block_manager, self.config.max_num_batched_tokens
+        )
+        logprobs = option_logprobs(ctx, seq, scorer, last_logits)
+        index = scorer.pick(logprobs, seq.params, self._generators.get(seq.seq_id))
+        by_option = dict(zip(scorer.options, logprobs))
+        seq.choice_logprobs = {option: by_option[option] for option in scorer.order}
+        ids = list(scorer.token_ids[index])
+        seq.token_ids.extend(ids)
+        seq.output_text = scorer.options[index]
+        seq.metrics.first_token_time = time.perf_counter()
+        self._finish(seq, FinishReason.STOP)
+        return self.outputs.output(seq, ids)
 
     def _guarded(self, seq: Sequence, fn: Callable[..., RequestOutput], *args) -> RequestOutput:
         """`fn(seq, *args)`, or `seq` failed with its error when that raises."""
@@ -603,6 +638,17 @@ class LLMEngine:
         seq.metrics.finished_time = time.perf_counter()
         self.requests.pop(seq.request_id, None)
         self._generators.pop(seq.seq_id, None)
+
+
+_GREEDY = SamplingParams(max_tokens=1)
+
+
+def _keep_only(logits: torch.Tensor, allowed: tuple[int, ...]) -> None:
+    """Set every token but `allowed` to -inf, in place; logits is [V]."""
+    keep = torch.tensor(allowed, dtype=torch.long, device=logits.device)
+    kept = logits[keep]
+    logits.fill_(float("-inf"))
+    logits[keep] = kept
 
 
 def _weights_identity(source: ModelSource) -> str:

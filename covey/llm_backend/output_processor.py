@@ -35,6 +35,7 @@ class OutputProcessor:
             seq.metrics.first_token_time = time.perf_counter()
         if self.tokenizer is not None:
             detokenize_step(self.tokenizer, seq)
+            _strip_healed(seq)
         return self._stop_reason(seq, token)
 
     def output(
@@ -52,6 +53,8 @@ class OutputProcessor:
             finish_reason=seq.finish_reason.value if seq.finish_reason else None,
             metrics=RequestMetrics.of(seq),
             error=error,
+            choice_logprobs=seq.choice_logprobs,
+            healed_text=seq.healed_text,
         )
 
     def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
@@ -94,3 +97,14 @@ class OutputProcessor:
         delta = seq.output_text[seq.num_emitted_chars : end]
         seq.num_emitted_chars = end
         return delta
+
+
+def _strip_healed(seq: Sequence) -> None:
+    """Drop the text token healing took from the prompt off the output's start, once the
+    first token's text is out (that text belongs to the prompt)."""
+    heal = seq.healing
+    if heal is None or not seq.output_text or seq.num_emitted_chars:
+        return
+    if seq.output_text.startswith(heal.text):
+        seq.output_text = seq.output_text[len(heal.text) :]
+    seq.healing = None

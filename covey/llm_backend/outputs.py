@@ -102,7 +102,10 @@ class RequestOutput:
     """The state of one request after a step: the whole output so far plus this step's delta.
 
     A request that failed inside the engine finishes with reason "error" and `error` saying
-    why; the requests that ran beside it are not affected.
+    why; the requests that ran beside it are not affected. `choice_logprobs`: for choices
+    scored as whole options, every option (in the caller's order) -> log P(option | prompt),
+    the sum over its tokens; None otherwise. `healed_text`: the text token healing took off
+    the prompt's end ("" when none): the first output token starts with it, `text` does not.
     """
 
     request_id: str
@@ -114,3 +117,5 @@ class RequestOutput:
     finish_reason: str | None
     metrics: RequestMetrics
     error: str | None = None
+    choice_logprobs: dict[str, float] | None = None
+    healed_text: str = ""

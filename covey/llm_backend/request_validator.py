@@ -19,8 +19,10 @@ from covey.checks import as_int
 from covey.errors import InvalidRequestError
 from covey.llm_backend.block_manager import BlockManager
 from covey.llm_backend.choices import ChoiceTrie
+from covey.llm_backend.option_scoring import OptionScorer, use_trie
 from covey.llm_backend.sampling_params import SamplingParams
 from covey.llm_backend.segments import Segment, SegmentSpan
+from covey.llm_backend.token_healing import Healing, heal
 from covey.llm_backend.token_ids import as_token_ids, check_in_vocab
 from covey.llm_backend.tokenizer import Tokenizer
 
@@ -28,7 +30,9 @@ from covey.llm_backend.tokenizer import Tokenizer
 @dataclass(frozen=True)
 class CheckedRequest:
     """A request the engine can take: its id and priority, its prompt's ids and where its
-    segments lie, its choice trie, and (a prefill only) the pin to hold its blocks under."""
+    segments lie, its choice trie, and (a prefill only) the pin to hold its blocks under.
+    Choices are either a trie or an option scorer (whole-option scoring); `healing`: the
+    token healing applied to the prompt (its last token is already removed)."""
 
     request_id: str
     priority: int
@@ -36,6 +40,8 @@ class CheckedRequest:
     spans: list[SegmentSpan]
     choice_trie: ChoiceTrie | None
     pin: str | None = None
+    option_scorer: OptionScorer | None = None
+    healing: Healing | None = None
 
 
 def check_request_id(request_id: str | None, in_use: Container[str]) -> str:
@@ -100,6 +106,11 @@ class RequestValidator:
         ids, spans = self.tokenize(prompt)
         if not ids and not context:
             raise InvalidRequestError("the prompt is empty")
+        healing = None
+        if params.token_healing and self.tokenizer is not None:
+            healed = heal(self.tokenizer, ids, spans)
+            if healed is not None:
+                ids, spans, healing = healed
         for span in spans:
             if span.kind == "chunk":
                 self._check_chunk_length(span.end - span.start, span.chunk_id)
@@ -111,16 +122,20 @@ class RequestValidator:
                 "tokens and at least one must be left to generate"
             )
         check_in_vocab("stop_token_ids", params.stop_token_ids, self.vocab_size)
-        trie = self._choice_trie(params)
-        if trie is not None and total + trie.max_tokens > self.max_model_len:
+        trie, scorer = self._choices(params, healing.text if healing else "")
+        choice_tokens = trie.max_tokens if trie else scorer.max_tokens if scorer else 0
+        if choice_tokens and total + choice_tokens > self.max_model_len:
             raise InvalidRequestError(
-                f"{what} has {total} tokens and its choices need up to {trie.max_tokens} "
+                f"{what} has {total} tokens and its choices need up to {choice_tokens} "
                 f"more; the context window is {self.max_model_len} tokens"
             )
-        most = trie.max_tokens if trie is not None else params.max_tokens
-        needed = min(total + most, self.max_model_len)
+        needed = min(total + (choice_tokens or params.max_tokens), self.max_model_len)
+        if scorer is not None:  # an option's fork may copy the prompt's last block
+            needed += self.block_manager.block_size
         self.check_pool(needed, "the resumed request" if context else "the request")
-        return CheckedRequest(request_id, priority, ids, spans, trie)
+        return CheckedRequest(
+            request_id, priority, ids, spans, trie, option_scorer=scorer, healing=healing
+        )
 
     def check_prefill(
         self,
@@ -220,8 +235,22 @@ class RequestValidator:
             ) from None
         return self.tokenizer.encode(text)
 
-    def _choice_trie(self, params: SamplingParams) -> ChoiceTrie | None:
+    def _choices(
+        self, params: SamplingParams, healed: str
+    ) -> tuple[ChoiceTrie | None, OptionScorer | None]:
+        """The trie or the option scorer for `params.choices` (see option_scoring.py for
+        which); `healed`: the text token healing removed from the prompt, which every
+        option is tokenized after."""
         if not params.choices:
-            return None
+            return None, None
+        if self.tokenizer is None:  # encode raises the clear error
+            self.encode("", "choices")
+
+        def encode(text: str) -> list[int]:
+            return self.encode(healed + text, "choices")
+
+        scorer = OptionScorer.build(params, encode)
+        if not use_trie(params, scorer.token_ids):
+            return None, scorer
         eos = self.tokenizer.eos_token_id if self.tokenizer else None
-        return ChoiceTrie(params.choices, lambda text: self.encode(text, "choices"), eos)
+        return ChoiceTrie(params.choices, encode, eos), None

@@ -20,6 +20,7 @@ from covey.llm_backend.token_ids import as_token_ids
 # such as 1e-45 overflows to inf, and the softmax of that is NaN.
 GREEDY_TEMPERATURE = 1e-5
 SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed accepts
+CHOICE_SCORINGS = ("auto", "whole", "trie")  # see option_scoring.py for when each is used
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,15 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     choices: tuple[str, ...] = ()  # the output is exactly one of these (max_tokens not used)
+    # How choices are picked: "whole" scores every option's full continuation, "trie"
+    # picks token by token, "auto" takes the trie only for many long options.
+    choice_scoring: str = "auto"
+    # Whole-option scoring ranks options by their mean log-probability per token (True)
+    # or by their total log-probability (False).
+    length_normalize: bool = True
+    # Back the prompt up one token and make the output start with the removed text, so a
+    # prompt ending inside a token (a trailing space) does not derail the generation.
+    token_healing: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -55,7 +65,13 @@ class SamplingParams:
         if len(set(self.choices)) != len(self.choices):
             raise InvalidRequestError(f"choices must differ, got {list(self.choices)}")
         set_(self, "stop_token_ids", as_token_ids("stop_token_ids", self.stop_token_ids))
-        for name in ("ignore_eos", "include_stop_str_in_output"):
+        if self.choice_scoring not in CHOICE_SCORINGS:
+            raise InvalidRequestError(
+                f"choice_scoring must be one of {', '.join(CHOICE_SCORINGS)}, "
+                f"got {self.choice_scoring!r}"
+            )
+        for name in ("ignore_eos", "include_stop_str_in_output", "length_normalize",
+                     "token_healing"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidRequestError(
                     f"{name} must be True or False, got {getattr(self, name)!r}"

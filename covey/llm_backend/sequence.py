@@ -14,6 +14,8 @@ from covey.llm_backend.segments import SegmentSpan
 
 if TYPE_CHECKING:
     from covey.llm_backend.chunk_planner import ChunkPlan
+    from covey.llm_backend.option_scoring import OptionScorer
+    from covey.llm_backend.token_healing import Healing
 
 
 class SequenceStatus(enum.Enum):
@@ -71,6 +73,10 @@ class Sequence:
         self.chunk_plan: ChunkPlan | None = None  # how its chunks get their KV (chunk_planner)
         self.prefill_only = prefill_only  # compute the prompt's KV, sample nothing
         self.choice_trie: ChoiceTrie | None = None
+        self.option_scorer: OptionScorer | None = None  # whole-option choices
+        self.choice_logprobs: dict[str, float] | None = None  # set once options are scored
+        self.healing: Healing | None = None  # token healing of a free generation
+        self.healed_text = ""  # what token healing took off the prompt's end
         self.pin: str | None = None  # a prefill-only request's pin key
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []

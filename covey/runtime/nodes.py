@@ -174,7 +174,10 @@ async def stream_generate(
             len(final.token_ids),
             m.num_cached_tokens,
             final.finish_reason,
-            recorded_prompt,
+            prompt=recorded_prompt,
+            choice_logprobs=final.choice_logprobs,
         )
     )
+    if final.healed_text:  # the ids overlap the prompt's healed end: continue as text
+        return final.text, []
     return final.text, list(final.token_ids)

@@ -129,13 +129,21 @@ class Context:
                 self._add_segment(piece)
 
     def add_generated(self, role: str | None, text: str, token_ids: list[int]) -> None:
-        """Append a gen's output; plain prompts keep its exact token ids (no re-tokenizing)."""
+        """Append a gen's output; plain prompts keep its exact token ids (no re-tokenizing).
+        Without ids (a token-healed gen: its first token includes text of the prompt's
+        end), the text joins the text before it, so the two tokenize as one piece."""
         if self.uses_roles:
             self.add_text(role or "assistant", text, kind="dynamic")
         elif self.as_text:
             self._add_segment(Segment(text, kind="dynamic"))
         elif token_ids:
             self.segments.append(Segment(token_ids=tuple(token_ids), kind="dynamic"))
+        else:
+            last = self.segments[-1] if self.segments else None
+            if last is not None and last.text is not None and last.kind != "chunk":
+                self.segments[-1] = Segment(last.text + text, kind=last.kind)
+            else:
+                self._add_segment(Segment(text, kind="dynamic"))
 
     def prompt(self) -> str | list[Segment]:
         """Everything so far, as the engine prompt for the next gen: a chat prompt with

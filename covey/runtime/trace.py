@@ -13,7 +13,9 @@ from typing import Any
 
 @dataclass
 class RequestTrace:
-    """One engine request of an LLM node (one per gen, per fan-out element)."""
+    """One engine request of an LLM node (one per gen, per fan-out element).
+    `choice_logprobs`: a gen with choices scored as whole options, every option ->
+    log P(option | prompt) (None for other gens and for the trie)."""
 
     request_id: str
     var: str
@@ -23,6 +25,7 @@ class RequestTrace:
     finish_reason: str | None
     # The exact prompt text the engine got, when the run was started with record_prompts.
     prompt: str | None = None
+    choice_logprobs: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,9 @@ def trace_summary(trace: Trace) -> dict[str, Any]:
             entry["prompt_tokens"] = sum(r.prompt_tokens for r in n.requests)
             entry["generated_tokens"] = n.generated_tokens
             entry["cached_tokens"] = n.cached_tokens
+            scored = [r.choice_logprobs for r in n.requests if r.choice_logprobs is not None]
+            if scored:
+                entry["choice_logprobs"] = scored
         if n.search is not None:
             entry["results"] = n.search.results
         if n.error:

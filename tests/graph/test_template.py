@@ -105,3 +105,14 @@ def test_a_bad_gen_option_fails_when_the_function_is_defined():
         @cg.semantic_function
         def ask(question: str):
             """{{question}} {{gen y temperature=nan}}"""
+
+
+def test_choice_scoring_options_and_token_healing_after_a_trailing_space():
+    gen = parse("Category: {{gen c choices=a|b choice_scoring=trie length_normalize=false}}")
+    gen = gen.gens[0]
+    assert gen.params.choice_scoring == "trie" and gen.params.length_normalize is False
+    assert gen.params.token_healing  # the prompt ends inside a token: healed by default
+    assert not parse("Category:{{gen c}}").gens[0].params.token_healing
+    assert not parse("Category: {{gen c token_healing=false}}").gens[0].params.token_healing
+    with pytest.raises(TemplateError, match="choice_scoring must be one of auto, whole, trie"):
+        parse("{{gen c choices=a|b choice_scoring=best}}")

@@ -106,7 +106,8 @@ def test_the_pool_check_sees_each_requests_most_kv_tokens(make_engine, monkeypat
     seen: list[int] = []
     monkeypatch.setattr(validator, "check_pool", lambda needed, what: seen.append(needed))
     prompt = engine.tokenize("Is the sky blue? Answer:")[0]
-    choices = validator.check(prompt, SamplingParams(choices=[" yes", " no"]), None, 0, ())
+    trie = SamplingParams(choices=[" yes", " no"], choice_scoring="trie")
+    choices = validator.check(prompt, trie, None, 0, ())
     most = len(prompt) + choices.choice_trie.max_tokens
     validator.check(prompt, SamplingParams(max_tokens=1000), None, 0, ())
     validator.check_resume(" more", SamplingParams(max_tokens=3), "r", 0, context=len(prompt) + 1)

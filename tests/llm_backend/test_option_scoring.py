@@ -1,0 +1,108 @@
+"""Whole-option choices: each option's full continuation scored on the prompt's shared KV."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from covey.llm_backend import option_scoring
+from covey.llm_backend.attention_metadata import AttentionMetadata, PrefillRun
+from covey.llm_backend.kv_pool import KVPool
+from covey.llm_backend.sampling_params import SamplingParams
+
+PROMPT = "Support ticket: my laptop screen flickers after the update.\nTeam:"
+OPTIONS = (" hardware repair", " billing", " account access and passwords", " shipping")
+
+
+def reference_logprob(engine, prompt: str, option: str) -> float:
+    """log P(option | prompt) from one plain causal forward over prompt + option, on a pool
+    of its own: what scoring on forked, shared KV must reproduce."""
+    prompt_ids = engine.tokenizer.encode(prompt)
+    option_ids = engine.tokenizer.encode(option)
+    ids = prompt_ids + option_ids
+    model, dev = engine.model, engine.device
+    pool = KVPool(model.args, -(-len(ids) // 16), 16, engine.dtype, dev)
+    n = len(ids)
+    run = PrefillRun(0, n, None, None)  # a fresh causal run over its own keys
+    meta = AttentionMetadata(torch.arange(n, device=dev), 0, 16, None, None, [run])
+    with torch.inference_mode():
+        hidden = model(torch.tensor(ids, device=dev), torch.arange(n, device=dev), pool.kv, meta)
+        lp = torch.log_softmax(model.compute_logits(hidden), dim=-1)
+    p = len(prompt_ids)
+    return sum(float(lp[p - 1 + k, t]) for k, t in enumerate(option_ids))
+
+
+def choose(engine, prompt, options, **params):
+    (out,) = choose_all(engine, [(prompt, options, params)])
+    return out
+
+
+def choose_all(engine, requests):
+    """Submit (prompt, options, params) requests together; their final outputs in order."""
+    rids = [engine.add_request(p, SamplingParams(choices=o, **kw)) for p, o, kw in requests]
+    return engine.run_to_completion(rids)
+
+
+def test_option_logprobs_equal_a_plain_forward_and_the_pool_is_freed(make_engine):
+    # 12 max batched tokens: the options' forks run in several groups, not one forward.
+    for engine in (make_engine(), make_engine(max_num_batched_tokens=12)):
+        out = choose(engine, PROMPT, OPTIONS, choice_scoring="whole", length_normalize=False)
+        assert list(out.choice_logprobs) == list(OPTIONS)  # in the caller's order
+        for option, logprob in out.choice_logprobs.items():
+            assert logprob == pytest.approx(reference_logprob(engine, PROMPT, option), abs=2e-3)
+        best = max(OPTIONS, key=out.choice_logprobs.get)
+        assert out.text == best and out.finish_reason == "stop"
+        assert out.token_ids == engine.tokenizer.encode(best)
+        assert engine.stats().kv_blocks_used == 0  # the prompt's and the forks' blocks
+
+
+def test_length_normalisation_ranks_by_mean_logprob_per_token(make_engine):
+    engine = make_engine()
+    out = choose(engine, PROMPT, OPTIONS)
+    lengths = {o: len(engine.tokenizer.encode(o)) for o in OPTIONS}
+    assert out.text == max(OPTIONS, key=lambda o: out.choice_logprobs[o] / lengths[o])
+
+
+def test_the_answer_does_not_depend_on_the_order_of_the_options(make_engine):
+    engine = make_engine()
+    orders = [OPTIONS, OPTIONS[::-1], OPTIONS[2:] + OPTIONS[:2]]
+    greedy = choose_all(engine, [(PROMPT, order, {}) for order in orders])
+    sampled = choose_all(engine, [(PROMPT, o, {"temperature": 1.0, "seed": 7}) for o in orders])
+    assert len({out.text for out in greedy}) == 1
+    assert len({out.text for out in sampled}) == 1
+    for out in greedy[1:]:
+        assert out.choice_logprobs == pytest.approx(greedy[0].choice_logprobs, abs=1e-4)
+
+
+def test_sampling_draws_from_the_options_distribution(make_engine):
+    engine = make_engine()
+    hot = [(PROMPT, OPTIONS, {"temperature": 50.0, "seed": seed}) for seed in range(6)]
+    cold = [(PROMPT, OPTIONS, {"temperature": 0.01, "seed": 1}), (PROMPT, OPTIONS, {})]
+    *picks, cold_pick, greedy = (out.text for out in choose_all(engine, hot + cold))
+    assert set(picks) <= set(OPTIONS) and len(set(picks)) > 1  # near-flat when this hot
+    assert cold_pick == greedy
+
+
+def test_auto_uses_the_trie_for_many_long_options(make_engine, monkeypatch):
+    engine = make_engine()
+    assert choose(engine, PROMPT, OPTIONS).choice_logprobs is not None  # whole by default
+    monkeypatch.setattr(option_scoring, "AUTO_TRIE_TOKENS", 4)
+    out = choose(engine, PROMPT, OPTIONS)
+    assert out.choice_logprobs is None and out.text in OPTIONS  # the trie picked it
+    out = choose(engine, PROMPT, OPTIONS, choice_scoring="whole")
+    assert out.choice_logprobs is not None
+
+
+def test_whole_options_batch_beside_other_requests(make_engine):
+    engine = make_engine()
+    alone = choose(engine, PROMPT, OPTIONS)
+    rids = [
+        engine.add_request("Once upon a time", SamplingParams(max_tokens=6)),
+        engine.add_request(PROMPT, SamplingParams(choices=OPTIONS)),
+        engine.add_request(PROMPT.replace("laptop", "phone"), SamplingParams(choices=OPTIONS)),
+    ]
+    story, together, _ = engine.run_to_completion(rids)
+    assert together.text == alone.text
+    assert together.choice_logprobs == pytest.approx(alone.choice_logprobs, abs=1e-4)
+    assert story.choice_logprobs is None and len(story.token_ids) == 6
+    assert engine.stats().kv_blocks_used == 0

@@ -1,0 +1,59 @@
+"""Token healing: a prompt ending inside a token is backed up one token, and the output is
+made to start with the removed text."""
+
+from __future__ import annotations
+
+import pytest
+
+from covey.llm_backend.sampling_params import SamplingParams
+from covey.llm_backend.segments import SegmentSpan
+from covey.llm_backend.token_healing import heal
+from covey.llm_backend.tokenizer import load_default_tokenizer
+
+HEALED = SamplingParams(max_tokens=3, token_healing=True)
+
+
+def test_heal_backs_up_a_trailing_space_but_not_a_chunk_or_a_special_token():
+    tok = load_default_tokenizer()
+    ids = tok.encode("The capital of France is ")
+    assert tok.decode(ids[-1:]) == " "
+    healed = heal(tok, ids, [SegmentSpan("static", 0, len(ids))])
+    assert healed is not None
+    prompt, spans, healing = healed
+    assert prompt == ids[:-1] and spans == [SegmentSpan("static", 0, len(ids) - 1)]
+    assert healing.text == " " and tok.encode(" Paris")[0] in healing.allowed
+    assert all(tok.decode([t]).startswith(" ") for t in healing.allowed[:50])
+    assert heal(tok, ids, [SegmentSpan("chunk", 0, len(ids), "c")]) is None
+    assert heal(tok, ids[:-1] + [tok.eos_token_id], []) is None  # decodes to nothing
+
+
+def test_a_healed_prompt_generates_as_if_it_ended_on_the_token_boundary(make_engine):
+    engine = make_engine()
+    plain, healed, unhealed = [
+        engine.run_to_completion([engine.add_request(prompt, params)])[0]
+        for prompt, params in (
+            ("The capital of France is", SamplingParams(max_tokens=3)),
+            ("The capital of France is ", HEALED),
+            ("The capital of France is ", SamplingParams(max_tokens=3)),
+        )
+    ]
+    assert plain.text.startswith(" ")  # the model's own word boundary
+    assert healed.token_ids == plain.token_ids  # the removed space came back in " word"
+    assert healed.text == plain.text[1:]  # the space belongs to the prompt, not the output
+    assert healed.healed_text == " " and plain.healed_text == ""
+    assert healed.metrics.num_prompt_tokens == plain.metrics.num_prompt_tokens
+    assert unhealed.token_ids != plain.token_ids  # what healing prevents
+
+
+def test_healed_choices_are_tokenized_after_the_removed_text(make_engine):
+    engine = make_engine()
+    healing = SamplingParams(choices=("Paris", "London"), token_healing=True)
+    prompts = [
+        ("The capital of France is ", healing),
+        ("The capital of France is", SamplingParams(choices=(" Paris", " London"))),
+    ]
+    healed, spaced = engine.run_to_completion([engine.add_request(*p) for p in prompts])
+    assert healed.text == "Paris" and healed.token_ids == spaced.token_ids
+    for city in ("Paris", "London"):
+        expected = spaced.choice_logprobs[" " + city]
+        assert healed.choice_logprobs[city] == pytest.approx(expected, abs=1e-4)

@@ -2,8 +2,8 @@
 
 Each Markdown file runs in its own subprocess, its blocks in order in one namespace (a
 later block uses what an earlier one defined), on the embedded model, offline, in a fresh
-folder (files a tutorial writes land there) with its own COVEY_HOME. A block may use
-top-level `await`. A traceback points at the Markdown file's own line. Commands that cannot
+folder (files a tutorial writes land there) with the test session's COVEY_HOME. A block
+may use top-level `await`. A traceback points at the Markdown file's own line. Commands that cannot
 run here (a server in the foreground, a remote GPU box) go in ```bash blocks, and every
 fence names its language, so no Python escapes the run by being left untagged.
 
@@ -98,9 +98,8 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("doc", docs, ids=[p.name for p in docs])
 
 
-def test_python_blocks_run(doc, tmp_path):
-    env = dict(os.environ)
-    env["COVEY_HOME"] = str(tmp_path / "covey-home")
+def test_python_blocks_run(doc, tmp_path, covey_home):
+    env = dict(os.environ)  # COVEY_HOME: the test session's (tests/conftest.py), not ~/.cache
     env["HF_HUB_OFFLINE"] = "1"
     env["TOKENIZERS_PARALLELISM"] = "false"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))

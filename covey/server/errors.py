@@ -126,7 +126,8 @@ def log_failure(what: str, exc: BaseException, error: HttpError) -> None:
     """A failure inside covey (500, or any exception outside the error tree) with its
     traceback; an unavailable or overloaded engine (503) as one line; a caller's mistake
     not at all (the caller is told)."""
-    if error.status == 500 or not isinstance(exc, CoveyError | StarletteHTTPException):
+    known = CoveyError | StarletteHTTPException | RequestValidationError
+    if error.status == 500 or not isinstance(exc, known):
         log.error("%s failed: %s", what, exc, exc_info=exc)
     elif error.status >= 500:
         log.warning("%s: %s", what, error.message)

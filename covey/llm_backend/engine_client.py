@@ -124,9 +124,11 @@ class EngineClient(Protocol):
         priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
         """Stream one request's outputs, the last one `finished` (reason "stop", "length" or
-        "abort"). A request that fails while being served raises `EngineError` from the
-        stream instead of yielding an output with reason "error". Closing the iterator
-        early aborts the request and frees its KV."""
+        "abort"). A turn that pauses for a tool yields an output with finish_reason "paused"
+        and finished=False; the stream stays open and continues after `resume`. A request
+        that fails while being served raises `EngineError` from the stream instead of
+        yielding an output with reason "error". Closing the iterator early (paused or not)
+        aborts the request and frees its KV."""
         ...
 
     async def prefill(
@@ -160,14 +162,19 @@ class EngineClient(Protocol):
         """Stop a request now; its stream ends with a finished output, reason "abort"."""
         ...
 
-    async def pause(self, request_id: str) -> None:
-        """Hold a running request aside, keeping its context (`pause`)."""
+    async def pause(self, request_id: str, tool: str | None = None) -> None:
+        """Hold a running request aside, keeping its context, or, for a request whose turn
+        already paused (`SamplingParams.pause_on_stop` / `pause_at_end`: its last output
+        has finished=False and finish_reason "paused"), record which `tool` it waits for.
+        The engine learns each tool's pause-to-resume time and decides from it whether a
+        paused request's KV stays, moves to host memory or is recomputed (`pause`)."""
         ...
 
     async def resume(
         self, request_id: str, extra: Prompt, params: SamplingParams | None = None
     ) -> None:
-        """Append `extra` to a paused request and let it generate on (`pause`)."""
+        """Append `extra` (a tool's result) to a paused request and let it generate on; its
+        stream (the same async iterator) goes on with the new turn (`pause`)."""
         ...
 
     async def stats(self) -> EngineStats: ...

@@ -45,7 +45,7 @@ from covey.llm_backend.sampler import sample
 from covey.llm_backend.sampling_params import SamplingParams
 from covey.llm_backend.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
 from covey.llm_backend.segments import Segment, SegmentSpan
-from covey.llm_backend.sequence import FinishReason, Sequence
+from covey.llm_backend.sequence import FinishReason, Sequence, SequenceStatus
 from covey.llm_backend.tokenizer import Tokenizer, load_tokenizer
 from covey.llm_backend.weight_loader import load_model
 
@@ -88,8 +88,12 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.pool, self.device)
         self.chunk_store: ChunkStore | None = None
         self.chunk_planner = self._chunk_cache(config) if config.chunk_cache != "off" else None
+        if config.pause_policy == "swap":
+            raise NotSupportedError("pause_policy='swap' is not built yet (issue 12)")
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens),
+            SchedulerConfig(
+                config.max_num_seqs, config.max_num_batched_tokens, config.pause_policy
+            ),
             self.block_manager,
             self.chunk_planner,
         )
@@ -250,10 +254,19 @@ class LLMEngine:
         self._finish(seq, FinishReason.ABORT)
         return self.outputs.output(seq, [])
 
-    def pause_request(self, request_id: str) -> None:
-        """Hold a request aside while a tool runs; a running one keeps its KV in the pool
-        until memory is needed (then it is discarded and recomputed on resume)."""
-        self.scheduler.pause(self._get(request_id))
+    def pause_request(self, request_id: str, tool: str | None = None) -> None:
+        """Hold a request aside while a tool runs, or, for one its own turn paused
+        (pause_on_stop, pause_at_end), name the tool it waits for. The pause policy
+        decides what happens to its KV; `tool`'s past pause-to-resume times tell it how
+        long the wait will likely be."""
+        if tool is not None and (not isinstance(tool, str) or not tool):
+            raise InvalidRequestError(f"tool must be a non-empty str or None, got {tool!r}")
+        seq = self._get(request_id)
+        if seq.status is not SequenceStatus.PAUSED:
+            self.scheduler.pause(seq)
+            seq.paused_at = time.perf_counter()
+        if tool is not None:
+            seq.pause_tool = tool
 
     def resume_request(
         self, request_id: str, extra: Prompt, params: SamplingParams | None = None
@@ -271,6 +284,7 @@ class LLMEngine:
             extra, params, request_id, seq.priority, context=len(seq)
         )
         seq.token_ids.extend(checked.token_ids)
+        seq.pause_tool = seq.paused_at = None
         seq.start_new_turn(params)
         self._set_sampling(seq, checked)
         self.scheduler.resume(seq)
@@ -432,7 +446,8 @@ class LLMEngine:
         on_output: Callable[[RequestOutput], None] | None = None,
     ) -> list[RequestOutput]:
         """Step until nothing is left to do; return the final outputs of `request_ids` in
-        that order. `on_output` sees every output as it comes (to stream deltas). If the
+        that order (for a request whose turn paused, its "paused" output). `on_output`
+        sees every output as it comes (to stream deltas). If the
         loop is interrupted (an error, Ctrl-C), `request_ids` are aborted so their KV is
         freed, then the exception propagates. The synchronous drivers (`LLM`, the CLI,
         benchmarks) all step through here."""
@@ -442,7 +457,7 @@ class LLMEngine:
                 for out in self.step():
                     if on_output is not None:
                         on_output(out)
-                    if out.finished:
+                    if out.finished or out.finish_reason == FinishReason.PAUSED:
                         final[out.request_id] = out
         except BaseException:
             for rid in request_ids:
@@ -580,9 +595,20 @@ class LLMEngine:
 
     def _append_token(self, seq: Sequence, token: int) -> RequestOutput:
         reason = self.outputs.append_token(seq, token)
-        if reason is not None:
+        if reason is not None and self.outputs.pauses(seq, token, reason):
+            self._pause_turn(seq)
+        elif reason is not None:
             self._finish(seq, reason)
         return self.outputs.output(seq, [token])
+
+    def _pause_turn(self, seq: Sequence) -> None:
+        """The turn ended and the request waits for a tool: it pauses, its tokens (a stop
+        string's included) stay its context, and its output says "paused"."""
+        now = time.perf_counter()
+        seq.metrics.finished_time = now  # the turn's latency and TPOT
+        self.scheduler.pause(seq)
+        seq.finish_reason = FinishReason.PAUSED
+        seq.paused_at = now
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         self.scheduler.finish(seq, reason)

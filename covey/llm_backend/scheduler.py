@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # the planner's types only: the scheduler itself stays torch-
 class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    pause_policy: str = "adaptive"  # EngineConfig.pause_policy
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0:
@@ -210,6 +211,8 @@ class Scheduler:
         outranked = [s for s in self.running if s.sort_key() > seq.sort_key()]
         paused = [s for s in self.paused.values() if s.block_table]
         # A block only pins share with a victim is room too once the victim goes: pins yield.
+        if self.config.pause_policy == "preserve":
+            paused = []
         reclaimable = sum(
             1 for s in outranked + paused for b in s.block_table if bm.held_by_one_sequence(b)
         )
@@ -227,7 +230,10 @@ class Scheduler:
 
     def _drop_paused_kv(self) -> bool:
         """Discard the KV of the longest-paused sequence holding any; it recomputes on resume
-        (INFERCEPT's discard). Returns False when no paused sequence holds blocks."""
+        (INFERCEPT's discard). Returns False when no paused sequence holds blocks, or
+        when the policy preserves paused KV whatever the pressure."""
+        if self.config.pause_policy == "preserve":
+            return False
         for seq in self.paused.values():  # in pause order
             if seq.block_table:
                 self.block_manager.discard(seq)
@@ -273,6 +279,8 @@ class Scheduler:
             )
         seq.status = SequenceStatus.PAUSED
         self.paused[seq.request_id] = seq
+        if self.config.pause_policy == "discard":
+            self.block_manager.discard(seq)
 
     def resume(self, seq: Sequence) -> None:
         """Put a paused sequence back to work; new tokens prefill on top of any kept KV."""

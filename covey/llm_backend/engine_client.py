@@ -58,6 +58,12 @@ class EngineStats:
     count prompt tokens served from the cache since start. `chunk_cache` maps each tier of
     the chunk KV store ("pool", "host", "disk") to its counters (hits, misses, evictions,
     bytes, entries, reused_tokens, recomputed_tokens); empty when the engine has none.
+
+    Requests paused for tool calls: `paused_bytes_preserved` of pool KV they hold now,
+    `paused_bytes_swapped` of their KV in host memory now; since start, `swap_out_bytes` /
+    `swap_in_bytes` copied, `pause_recompute_tokens` recomputed on resume after a discard,
+    and `pause_decisions` (action -> times the pause policy chose it under pressure);
+    `tool_seconds` maps each tool name to its mean pause-to-resume time ("" pools them).
     """
 
     model: str
@@ -72,6 +78,13 @@ class EngineStats:
     num_running: int
     num_paused: int
     chunk_cache: dict[str, dict[str, int]] = field(default_factory=dict)
+    paused_bytes_preserved: int = 0
+    paused_bytes_swapped: int = 0
+    swap_out_bytes: int = 0
+    swap_in_bytes: int = 0
+    pause_recompute_tokens: int = 0
+    pause_decisions: dict[str, int] = field(default_factory=dict)
+    tool_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def queue_depth(self) -> int:

@@ -83,6 +83,8 @@ class Sequence:
         self.finish_reason: FinishReason | None = None
         self.pause_tool: str | None = None  # while paused: the tool it waits for, if named
         self.paused_at: float | None = None  # while paused: when it paused (perf_counter)
+        self.swapped_tokens = 0  # tokens whose KV waits in host memory (swapped out)
+        self.discarded_tokens = 0  # tokens whose KV a pause freed: recomputed on resume
         self.metrics = SequenceMetrics()
         self.output_text = ""
         self.num_emitted_chars = 0  # of output_text, already streamed to the caller

@@ -46,9 +46,9 @@ class PauseCounters:
 
     swapped_out_blocks: int = 0
     swapped_in_blocks: int = 0
-    discarded: int = 0  # paused requests whose KV was freed
-    swapped: int = 0  # paused requests whose KV went to host
     recompute_tokens: int = 0  # tokens recomputed on resume after a discard
+    # "swap" / "discard": paused requests' KV moved out or freed; "preserve": each step an
+    # adaptive re-decision under pressure kept one in the pool.
     decisions: dict[str, int] = field(
         default_factory=lambda: {"preserve": 0, "swap": 0, "discard": 0}
     )
@@ -79,7 +79,7 @@ class PausedKV:
         self.bytes_per_block = bytes_per_block
         self.swap_blocks_per_step = max(1, swap_blocks_per_step)
         self.counters = PauseCounters()
-        self.last_waste: dict[str, Waste] = {}  # request id -> its latest adaptive terms
+        self.last_waste: dict[str, Waste] = {}  # request id -> its terms at the last re-decision
 
     @property
     def mode(self) -> str:
@@ -117,7 +117,6 @@ class PausedKV:
         """Free `seq`'s KV; it recomputes it on resume (chunked, by the scheduler's budget)."""
         seq.discarded_tokens = seq.num_computed_tokens
         self.bm.discard(seq)
-        self.counters.discarded += 1
         self.counters.decisions["discard"] += 1
 
     def swap_out(self, seq: Sequence, swaps: StepSwaps) -> None:
@@ -128,7 +127,6 @@ class PausedKV:
         seq.swapped_tokens = seq.num_computed_tokens
         self.bm.discard(seq)
         self.counters.swapped_out_blocks += n
-        self.counters.swapped += 1
         self.counters.decisions["swap"] += 1
 
     def swap_budget_allows(self, swaps: StepSwaps, blocks: int, into: bool) -> bool:
@@ -201,6 +199,7 @@ class PausedKV:
         first, while `still_short()`. Returns whether anything was freed."""
         assert self.policy is not None
         now = time.perf_counter()
+        self.last_waste = {}  # only the latest re-decision's: ids come and go
         running_bytes = sum(len(s.block_table) for s in running) * self.bytes_per_block
         ranked = []
         for seq in holding:

@@ -128,3 +128,21 @@ def test_a_mixed_run_under_pressure_returns_the_pool_to_baseline(make_engine):
     assert stats.swap_in_bytes == stats.swap_out_bytes
     assert stats.paused_bytes_swapped == stats.paused_bytes_preserved == 0
     _assert_baseline(engine)
+
+
+def test_a_failed_swap_out_costs_only_a_recompute(make_engine, monkeypatch):
+    engine = make_engine(kv_cache_tokens=POOL, pause_policy="swap")
+
+    def host_memory_short(block_ids):
+        raise MemoryError("host memory short")
+
+    monkeypatch.setattr(engine.kv_swap, "copy_out", host_memory_short)
+    rid = engine.add_request(PROMPT, TURN)
+    engine.run_to_completion([rid])  # pauses, then the swap-out fails
+    seq = engine.requests[rid]
+    assert seq.block_table == [] and seq.swapped_tokens == 0 and seq.discarded_tokens > 0
+    engine.resume_request(rid, TOOL_TEXT, NEXT)
+    (resumed,) = engine.run_to_completion([rid])
+    assert resumed.finished and len(resumed.token_ids) == 5
+    assert engine.stats().pause_recompute_tokens > 0
+    _assert_baseline(engine)

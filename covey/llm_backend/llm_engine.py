@@ -106,6 +106,7 @@ class LLMEngine:
                 self.block_manager,
                 self._bytes_per_block,
                 self._swap_blocks_per_step(),
+                config.pause_swap_bytes // self._bytes_per_block,
             ),
         )
         self.validator = RequestValidator(
@@ -581,7 +582,8 @@ class LLMEngine:
             except Exception:
                 log.warning("swapping out %s failed; it recomputes on resume",
                             item.seq.request_id, exc_info=True)
-                item.seq.swapped_tokens, item.seq.discarded_tokens = 0, item.num_tokens
+                self.scheduler.paused_kv.release_host(item.seq)
+                item.seq.discarded_tokens = item.num_tokens
         for item in swaps.into:
             self.kv_swap.swap_in(item.seq.seq_id, item.block_ids)
 

@@ -303,7 +303,7 @@ class Scheduler:
         out.swaps.into.append(SwapIn(seq, list(seq.block_table[:blocks])))
         out.swaps.in_blocks += blocks
         self.paused_kv.counters.swapped_in_blocks += blocks
-        seq.swapped_tokens = 0
+        self.paused_kv.release_host(seq)
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
         out.scheduled.append(ScheduledSeq(seq, n))
@@ -333,7 +333,7 @@ class Scheduler:
                 queue.remove(seq)
         self.paused.pop(seq.request_id, None)
         self.block_manager.free(seq)
-        seq.swapped_tokens = 0  # the engine drops the host copy
+        self.paused_kv.release_host(seq)  # the engine drops the host copy
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 

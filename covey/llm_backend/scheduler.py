@@ -2,7 +2,9 @@
 
 Each step spends a token budget: running sequences first (their decode token or next
 prefill chunk), then waiting ones by priority. When the KV pool is full the lowest-priority
-running sequence is preempted by recompute: its blocks are freed and it re-queues.
+running sequence is preempted by recompute: its blocks are freed and it re-queues. Requests
+paused for tool calls keep, swap or drop their KV as `paused_kv.py` decides, each step; one
+whose KV went to host memory is copied back when it is admitted again.
 Plain Python with no torch, so it is tested on its own.
 """
 

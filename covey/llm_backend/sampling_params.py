@@ -51,6 +51,14 @@ class SamplingParams:
     # Back the prompt up one token and make the output start with the removed text, so a
     # prompt ending inside a token (a trailing space) does not derail the generation.
     token_healing: bool = False
+    # Tool calls: a turn that ends pauses the request instead of finishing it (its last
+    # output has finished=False, finish_reason "paused"); the caller resumes it with the
+    # tool's result on the same context. `pause_on_stop`: only when a stop string or a
+    # stop token id ended it (the stop text stays in the context the model sees on resume,
+    # whatever include_stop_str_in_output says about the visible text). `pause_at_end`:
+    # whatever ended it (stop, EOS, max_tokens), except abort and errors.
+    pause_on_stop: bool = False
+    pause_at_end: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -70,8 +78,15 @@ class SamplingParams:
                 f"choice_scoring must be one of {', '.join(CHOICE_SCORINGS)}, "
                 f"got {self.choice_scoring!r}"
             )
-        for name in ("ignore_eos", "include_stop_str_in_output", "length_normalize",
-                     "token_healing"):
+        flags = (
+            "ignore_eos",
+            "include_stop_str_in_output",
+            "length_normalize",
+            "token_healing",
+            "pause_on_stop",
+            "pause_at_end",
+        )
+        for name in flags:
             if not isinstance(getattr(self, name), bool):
                 raise InvalidRequestError(
                     f"{name} must be True or False, got {getattr(self, name)!r}"

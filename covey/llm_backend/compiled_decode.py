@@ -103,8 +103,10 @@ class CompiledDecode:
         seconds it took; prints progress on stderr when `progress`."""
         start = time.perf_counter()
         layer: nn.Module = self.model.layers[0]
-        dev = self.model.embed_tokens.weight.device
-        dtype = self.model.embed_tokens.weight.dtype
+        # The final norm's weight is dense whatever the quantization (an int4 model's
+        # embedding table is packed int8): it gives the device and the compute dtype.
+        dev = self.model.norm.weight.device
+        dtype = self.model.norm.weight.dtype
         hidden = self.model.args.hidden_size
         steps = [(n, fn) for n in batch_sizes for fn in ("pre", "post")]
         bar = _progress(len(steps), progress)

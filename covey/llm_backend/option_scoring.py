@@ -228,8 +228,6 @@ def _inputs(ctx: ScoringContext, start: int, forks: list[_Fork]) -> _Inputs:
         slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
         num_decode=0,
         block_size=bs,
-        decode_blocks=None,
-        decode_padding=None,
         prefills=[],
     )
     for offset, n, table in spans:

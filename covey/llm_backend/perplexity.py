@@ -75,8 +75,6 @@ def model_logits(model: LlamaModel, ids: list[int]) -> torch.Tensor:
         slot_mapping=positions,
         num_decode=0,
         block_size=1,
-        decode_blocks=None,
-        decode_padding=None,
         prefills=[PrefillRun(0, n, None, None)],
     )
     hidden = model(torch.tensor(ids, device=weight.device), positions, kv, meta)

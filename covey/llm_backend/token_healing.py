@@ -59,7 +59,9 @@ def heal(
     texts = token_texts(tokenizer)
     last = ids[-1]
     removed = texts[last] if last < len(texts) else ""
-    if not removed:
+    if not removed or "\ufffd" in removed:
+        # A token that is part of a multi-byte character has no text of its own: healing
+        # would constrain the output to every token whose text is a replacement character.
         return None
     allowed = _starting_with(tokenizer, removed)
     if allowed == (last,):

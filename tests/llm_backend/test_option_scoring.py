@@ -24,7 +24,9 @@ def reference_logprob(engine, prompt: str, option: str) -> float:
     pool = KVPool(model.args, -(-len(ids) // 16), 16, engine.dtype, dev)
     n = len(ids)
     run = PrefillRun(0, n, None, None)  # a fresh causal run over its own keys
-    meta = AttentionMetadata(torch.arange(n, device=dev), 0, 16, None, None, [run])
+    meta = AttentionMetadata(
+        slot_mapping=torch.arange(n, device=dev), num_decode=0, block_size=16, prefills=[run]
+    )
     with torch.inference_mode():
         hidden = model(torch.tensor(ids, device=dev), torch.arange(n, device=dev), pool.kv, meta)
         lp = torch.log_softmax(model.compute_logits(hidden), dim=-1)

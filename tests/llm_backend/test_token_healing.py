@@ -57,3 +57,13 @@ def test_healed_choices_are_tokenized_after_the_removed_text(make_engine):
     for city in ("Paris", "London"):
         expected = spaced.choice_logprobs[" " + city]
         assert healed.choice_logprobs[city] == pytest.approx(expected, abs=1e-4)
+
+
+def test_a_prompt_ending_inside_a_multibyte_character_is_not_healed(make_engine):
+    """The last token is part of an emoji's bytes: it has no text to heal with."""
+    from covey.llm_backend.token_healing import heal, token_texts
+
+    tok = make_engine().tokenizer
+    ids = tok.encode("Weather today: \U0001f326")
+    assert "\ufffd" in token_texts(tok)[ids[-1]]
+    assert heal(tok, ids, []) is None

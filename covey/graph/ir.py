@@ -17,6 +17,7 @@ from typing import Any, Literal
 import networkx as nx
 
 from covey.graph.template import Template
+from covey.graph.tools import ToolBox, ToolSpec
 
 NodeKind = Literal["llm", "retrieve", "tool", "function", "map"]
 
@@ -52,6 +53,7 @@ class LLMCall:
     template: Template
     inputs: dict[str, Any]
     kind: NodeKind = "llm"
+    tools: ToolBox | None = None  # tools the template calls or the model may call
 
     @property
     def outputs(self) -> dict[str, Any]:
@@ -87,6 +89,7 @@ class PyCall:
     inputs: dict[str, Any]
     returns: Any
     kind: NodeKind = "function"
+    spec: ToolSpec | None = None  # a tool's timeout, executor and validators
 
     @property
     def outputs(self) -> dict[str, Any]:

@@ -4,6 +4,9 @@ One syntax, read from the docstring:
 - `{{question}}` inserts an input (a parameter of the function);
 - `{{gen answer max_tokens=64 stop="\\n" temperature=0.7}}` marks a generated output;
   `choices="yes|no"` restricts it to one of those strings;
+- `{{call calculator expression=expr}}` calls a tool of the semantic function (declared
+  with `calls=[...]`) between two gens, its arguments named inputs or earlier outputs; its
+  result text goes into the prompt there and the next gen continues on the same context;
 - `{{#system}}`, `{{#user}}`, `{{#assistant}}` start a chat message, so the runtime can render
   the model's chat template; a template without roles is a plain completion prompt.
 """
@@ -51,7 +54,17 @@ class Gen:
     role: Role | None = None
 
 
-Part = Text | Ref | Gen
+@dataclass(frozen=True)
+class Call:
+    """A tool call between gens: `args` pairs each tool parameter (None: the only one) with
+    the input or earlier output that fills it."""
+
+    tool: str
+    args: tuple[tuple[str | None, str], ...]
+    role: Role | None = None
+
+
+Part = Text | Ref | Gen | Call
 
 
 @dataclass(frozen=True)
@@ -66,6 +79,10 @@ class Template:
     @property
     def gens(self) -> tuple[Gen, ...]:
         return tuple(p for p in self.parts if isinstance(p, Gen))
+
+    @property
+    def calls(self) -> tuple[Call, ...]:
+        return tuple(p for p in self.parts if isinstance(p, Call))
 
 
 def suggest(name: str, options: list[str] | tuple[str, ...]) -> str:
@@ -126,6 +143,30 @@ def _gen(body: str, where: str, defaults: SamplingParams, role: Role | None) -> 
     return Gen(name, params, choices, role)
 
 
+def _call(body: str, where: str, role: Role | None) -> Call:
+    words = body.split()
+    if not words or not _NAME.match(words[0]):
+        raise TemplateError(
+            f"{where}: {{{{call ...}}}} needs a tool name, e.g. {{{{call calculator expr}}}}"
+        )
+    args: list[tuple[str | None, str]] = []
+    for word in words[1:]:
+        key, sep, value = word.partition("=")
+        param, ref = (key, value) if sep else (None, key)
+        if (param is not None and not _NAME.match(param)) or not _NAME.match(ref):
+            raise TemplateError(
+                f"{where}: {{{{call {words[0]}}}}}: write arguments as param=name, where name "
+                f"is an input or an earlier gen output; got {word!r}"
+            )
+        args.append((param, ref))
+    if sum(p is None for p, _ in args) and len(args) > 1:
+        raise TemplateError(
+            f"{where}: {{{{call {words[0]}}}}}: name each argument (param=name) when there are "
+            "several"
+        )
+    return Call(words[0], tuple(args), role)
+
+
 def _tidy(parts: list[Part]) -> tuple[Part, ...]:
     """Drop the newlines that only lay out role markers, and empty text."""
     out: list[Part] = []
@@ -162,6 +203,8 @@ def parse_template(source: str, where: str, defaults: SamplingParams) -> Templat
             role = body[1:]  # type: ignore[assignment]
         elif body.startswith("gen ") or body == "gen":
             parts.append(_gen(body[3:].strip(), where, defaults, role))
+        elif body.startswith("call ") or body == "call":
+            parts.append(_call(body[4:].strip(), where, role))
         elif _NAME.match(body):
             parts.append(Ref(body, role))
         else:

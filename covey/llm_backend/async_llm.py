@@ -80,10 +80,11 @@ class AsyncLLM:
     async def stats(self) -> EngineStats:
         return await self._call(self.engine.stats)
 
-    async def pause(self, request_id: str) -> None:
-        """Hold a request aside while a tool runs; its stream waits, its KV stays pooled
-        until memory is short."""
-        await self._call(self.engine.pause_request, request_id)
+    async def pause(self, request_id: str, tool: str | None = None) -> None:
+        """Hold a request aside while a tool runs (or name the `tool` a request paused by
+        its own turn waits for); its stream waits, the pause policy keeps, swaps or drops
+        its KV."""
+        await self._call(self.engine.pause_request, request_id, tool)
 
     async def resume(
         self, request_id: str, extra: Prompt, params: SamplingParams | None = None

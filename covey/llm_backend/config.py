@@ -16,6 +16,7 @@ DEFAULT_CPU_KV_BYTES = 1 << 30  # 1 GiB: ~22k tokens of SmolLM2-135M in float32
 DEFAULT_GPU_KV_FRACTION = 0.5  # of the memory free after loading the weights
 _DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 CHUNK_CACHE_MODES = ("off", "exact", "blend")
+PAUSE_POLICIES = ("adaptive", "preserve", "swap", "discard")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,12 @@ class EngineConfig:
     chunk_store_bytes: int = 256 << 20  # the host tier of the chunk store
     chunk_store_dir: str | None = None  # the disk tier (kept across restarts); None: none
     chunk_store_disk_bytes: int = 2 << 30
+    # What a request paused for a tool call does with its KV while memory is short:
+    # "adaptive" (per request and step, the least wasted memory x time of the three, from
+    # the tool's duration history and this machine's measured swap and recompute costs),
+    # or always "preserve" (keep it in the pool), "swap" (to host memory and back) or
+    # "discard" (free it, recompute on resume). Fixed policies are there for comparison.
+    pause_policy: str = "adaptive"
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and (not isinstance(self.dtype, str) or self.dtype not in DTYPES):
@@ -73,6 +80,11 @@ class EngineConfig:
             )
 
         self._check_chunk_cache()
+        if self.pause_policy not in PAUSE_POLICIES:
+            raise ConfigError(
+                f"EngineConfig.pause_policy must be one of {PAUSE_POLICIES}, "
+                f"got {self.pause_policy!r}"
+            )
 
     def _check_chunk_cache(self) -> None:
         if self.chunk_cache not in CHUNK_CACHE_MODES:

@@ -27,12 +27,15 @@ from covey.llm_backend.config import EngineConfig
 from covey.llm_backend.engine_client import EngineStats, Prompt
 from covey.llm_backend.kv_pool import KVPool
 from covey.llm_backend.kv_sizing import num_kv_blocks
+from covey.llm_backend.kv_swap import KVSwap
 from covey.llm_backend.model import LlamaModel
 from covey.llm_backend.model_runner import ModelRunner
 from covey.llm_backend.model_source import ModelSource, resolve_model
 from covey.llm_backend.output_processor import OutputProcessor
 from covey.llm_backend.outputs import RequestOutput
-from covey.llm_backend.prefill_profile import prefill_profile
+from covey.llm_backend.pause_policy import PauseCosts, PausePolicy
+from covey.llm_backend.paused_kv import PausedKV, StepSwaps
+from covey.llm_backend.prefill_profile import prefill_profile, swap_profile
 from covey.llm_backend.quantization import Int8Linear, quantize_int8
 from covey.llm_backend.request_validator import (
     CheckedRequest,
@@ -45,11 +48,15 @@ from covey.llm_backend.sampler import sample
 from covey.llm_backend.sampling_params import SamplingParams
 from covey.llm_backend.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
 from covey.llm_backend.segments import Segment, SegmentSpan
-from covey.llm_backend.sequence import FinishReason, Sequence
+from covey.llm_backend.sequence import FinishReason, Sequence, SequenceStatus
 from covey.llm_backend.tokenizer import Tokenizer, load_tokenizer
 from covey.llm_backend.weight_loader import load_model
 
 log = logging.getLogger(__name__)
+
+# The swap budget: the blocks whose copy (each direction) takes this long on this machine
+# may move per step, about a tenth of a decode step of the embedded model on a CPU.
+SWAP_STEP_S = 0.005
 
 # What a chunk warmed on its own follows (see `add_warm_chunk`): any text keeps it off
 # position 0, the attention sink.
@@ -88,10 +95,18 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.pool, self.device)
         self.chunk_store: ChunkStore | None = None
         self.chunk_planner = self._chunk_cache(config) if config.chunk_cache != "off" else None
+        self.kv_swap = KVSwap(self.pool)
+        self.pause_policy = PausePolicy(config.pause_policy, self._pause_costs())
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens),
             self.block_manager,
             self.chunk_planner,
+            PausedKV(
+                self.pause_policy,
+                self.block_manager,
+                self._bytes_per_block,
+                self._swap_blocks_per_step(),
+            ),
         )
         self.validator = RequestValidator(
             self.tokenizer, args.vocab_size, self.max_model_len, self.block_manager
@@ -99,6 +114,42 @@ class LLMEngine:
         self.outputs = OutputProcessor(self.tokenizer, self.max_model_len)
         self.requests: dict[str, Sequence] = {}
         self._generators: dict[int, torch.Generator] = {}
+
+    @property
+    def _profile_key(self) -> tuple[object, ...]:
+        """What identifies this engine's speed (model, device, dtype, quantization)."""
+        return (self.source.name, str(self.device), self.dtype, self.config.quantization)
+
+    @property
+    def _bytes_per_block(self) -> int:
+        return self.pool.bytes_per_block(self.model.args, self.config.block_size, self.dtype)
+
+    def _pause_costs(self) -> PauseCosts:
+        """Recompute and swap costs for the pause policy, measured on this machine (cached
+        per model and device: a few forward passes and copies, well under a second)."""
+        prefill = prefill_profile(self.model, self._profile_key)
+        swap = swap_profile(
+            self.model.args,
+            self.config.block_size,
+            self.dtype,
+            self.device,
+            (*self._profile_key, self.config.block_size),
+        )
+        return PauseCosts(
+            recompute_per_token_s=prefill.per_token_s,
+            swap_out_fixed_s=swap.out_fixed_s,
+            swap_out_per_byte_s=swap.out_per_byte_s,
+            swap_in_fixed_s=swap.in_fixed_s,
+            swap_in_per_byte_s=swap.in_per_byte_s,
+            overlap=0.0,  # see kv_swap.py: the copies do not run beside the step's compute
+        )
+
+    def _swap_blocks_per_step(self) -> int:
+        """The per-step swap budget: blocks one direction's copies move in SWAP_STEP_S."""
+        costs = self.pause_policy.costs
+        assert costs is not None
+        per_block = costs.swap_out_per_byte_s * self._bytes_per_block
+        return max(1, int(SWAP_STEP_S / per_block)) if per_block > 0 else 1 << 20
 
     def _chunk_cache(self, config: EngineConfig) -> ChunkPlanner:
         """The chunk KV store and what plans and moves chunk KV (chunk_cache != "off")."""
@@ -109,8 +160,7 @@ class LLMEngine:
                 f"EngineConfig.blend_check_layers {bad} out of range: the model has "
                 f"{layers} layers (0 to {layers - 1})"
             )
-        key = (self.source.name, str(self.device), self.dtype, config.quantization)
-        profile = prefill_profile(self.model, key)
+        profile = prefill_profile(self.model, self._profile_key)
         args = self.model.args
         self.chunk_store = ChunkStore(
             config.chunk_store_bytes,
@@ -250,10 +300,19 @@ class LLMEngine:
         self._finish(seq, FinishReason.ABORT)
         return self.outputs.output(seq, [])
 
-    def pause_request(self, request_id: str) -> None:
-        """Hold a request aside while a tool runs; a running one keeps its KV in the pool
-        until memory is needed (then it is discarded and recomputed on resume)."""
-        self.scheduler.pause(self._get(request_id))
+    def pause_request(self, request_id: str, tool: str | None = None) -> None:
+        """Hold a request aside while a tool runs, or, for one its own turn paused
+        (pause_on_stop, pause_at_end), name the tool it waits for. The pause policy
+        decides what happens to its KV; `tool`'s past pause-to-resume times tell it how
+        long the wait will likely be."""
+        if tool is not None and (not isinstance(tool, str) or not tool):
+            raise InvalidRequestError(f"tool must be a non-empty str or None, got {tool!r}")
+        seq = self._get(request_id)
+        if seq.status is not SequenceStatus.PAUSED:
+            self.scheduler.pause(seq)
+            seq.paused_at = time.perf_counter()
+        if tool is not None:
+            seq.pause_tool = tool
 
     def resume_request(
         self, request_id: str, extra: Prompt, params: SamplingParams | None = None
@@ -270,7 +329,10 @@ class LLMEngine:
         checked = self.validator.check_resume(
             extra, params, request_id, seq.priority, context=len(seq)
         )
+        if seq.paused_at is not None:
+            self.pause_policy.times.record(seq.pause_tool, time.perf_counter() - seq.paused_at)
         seq.token_ids.extend(checked.token_ids)
+        seq.pause_tool = seq.paused_at = None
         seq.start_new_turn(params)
         self._set_sampling(seq, checked)
         self.scheduler.resume(seq)
@@ -300,7 +362,22 @@ class LLMEngine:
             num_running=len(sched.running),
             num_paused=len(sched.paused),
             chunk_cache=self._chunk_stats(),
+            **self._pause_stats(),
         )
+
+    def _pause_stats(self) -> dict[str, object]:
+        """EngineStats' fields on requests paused for tool calls."""
+        sched, paused_kv = self.scheduler, self.scheduler.paused_kv
+        held = {b for s in sched.paused.values() for b in s.block_table}
+        return {
+            "paused_bytes_preserved": len(held) * self._bytes_per_block,
+            "paused_bytes_swapped": self.kv_swap.bytes_held,
+            "swap_out_bytes": self.kv_swap.bytes_out,
+            "swap_in_bytes": self.kv_swap.bytes_in,
+            "pause_recompute_tokens": paused_kv.counters.recompute_tokens,
+            "pause_decisions": dict(paused_kv.counters.decisions),
+            "tool_seconds": self.pause_policy.times.estimates(),
+        }
 
     def _chunk_stats(self) -> dict[str, dict[str, int]]:
         """Per tier: "pool" (the prefix cache, on chunk spans), "host" and "disk" (the
@@ -432,7 +509,8 @@ class LLMEngine:
         on_output: Callable[[RequestOutput], None] | None = None,
     ) -> list[RequestOutput]:
         """Step until nothing is left to do; return the final outputs of `request_ids` in
-        that order. `on_output` sees every output as it comes (to stream deltas). If the
+        that order (for a request whose turn paused, its "paused" output). `on_output`
+        sees every output as it comes (to stream deltas). If the
         loop is interrupted (an error, Ctrl-C), `request_ids` are aborted so their KV is
         freed, then the exception propagates. The synchronous drivers (`LLM`, the CLI,
         benchmarks) all step through here."""
@@ -442,7 +520,7 @@ class LLMEngine:
                 for out in self.step():
                     if on_output is not None:
                         on_output(out)
-                    if out.finished:
+                    if out.finished or out.finish_reason == FinishReason.PAUSED:
                         final[out.request_id] = out
         except BaseException:
             for rid in request_ids:
@@ -461,8 +539,9 @@ class LLMEngine:
         comes before any cursor moves, so a failed forward can be rerun one at a time.
         """
         plan = self.scheduler.schedule()
+        self._move_kv(plan.swaps)
         if not plan.scheduled:
-            if self.scheduler.has_work():
+            if self.scheduler.waiting and not (plan.swaps.out or plan.swaps.into):
                 # A last resort: admission checks and yielding pins should leave room for
                 # every accepted request, but if the pool still cannot take the first one
                 # (a bookkeeping fault), it fails alone instead of the step spinning.
@@ -492,6 +571,13 @@ class LLMEngine:
             if token is not None and seq.seq_id not in failed:
                 outputs.append(self._guarded(seq, self._append_token, token))
         return outputs
+
+    def _move_kv(self, swaps: StepSwaps) -> None:
+        """This step's paused-KV copies, before anything writes the pool: out, then in."""
+        for item in swaps.out:
+            self.kv_swap.swap_out(item.seq.seq_id, item.block_ids, item.num_tokens)
+        for item in swaps.into:
+            self.kv_swap.swap_in(item.seq.seq_id, item.block_ids)
 
     def _advance_chunk_step(self, item: ScheduledSeq) -> None:
         """Move a chunk step's cursor; publish only exact KV in the prefix cache; store the
@@ -580,15 +666,27 @@ class LLMEngine:
 
     def _append_token(self, seq: Sequence, token: int) -> RequestOutput:
         reason = self.outputs.append_token(seq, token)
-        if reason is not None:
+        if reason is not None and self.outputs.pauses(seq, token, reason):
+            self._pause_turn(seq)
+        elif reason is not None:
             self._finish(seq, reason)
         return self.outputs.output(seq, [token])
+
+    def _pause_turn(self, seq: Sequence) -> None:
+        """The turn ended and the request waits for a tool: it pauses, its tokens (a stop
+        string's included) stay its context, and its output says "paused"."""
+        now = time.perf_counter()
+        seq.metrics.finished_time = now  # the turn's latency and TPOT
+        self.scheduler.pause(seq)
+        seq.finish_reason = FinishReason.PAUSED
+        seq.paused_at = now
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         self.scheduler.finish(seq, reason)
         seq.metrics.finished_time = time.perf_counter()
         self.requests.pop(seq.request_id, None)
         self._generators.pop(seq.seq_id, None)
+        self.kv_swap.drop(seq.seq_id)
 
 
 def _weights_identity(source: ModelSource) -> str:

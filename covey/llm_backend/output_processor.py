@@ -37,6 +37,19 @@ class OutputProcessor:
             detokenize_step(self.tokenizer, seq)
         return self._stop_reason(seq, token)
 
+    def pauses(self, seq: Sequence, token: int, reason: FinishReason) -> bool:
+        """Whether the turn that `reason` just ended pauses `seq` instead of finishing it
+        (`pause_at_end`: any end; `pause_on_stop`: a stop string or stop token id, not EOS
+        nor a finished choice). A sequence at the context window finishes: nothing fits
+        after it."""
+        p = seq.params
+        if not (p.pause_on_stop or p.pause_at_end) or len(seq) >= self.max_model_len:
+            return False
+        if p.pause_at_end:
+            return True
+        eos = not p.ignore_eos and token == self.eos and token not in p.stop_token_ids
+        return reason is FinishReason.STOP and seq.choice_trie is None and not eos
+
     def output(
         self, seq: Sequence, delta_ids: list[int], error: str | None = None
     ) -> RequestOutput:
@@ -85,11 +98,13 @@ class OutputProcessor:
     def _release_text(self, seq: Sequence) -> str:
         """The next text delta. While stop strings are set, the last len(stop) - 1 characters
         wait: a stop string may begin there, and streamed text must never be taken back. A
-        choice streams whole when it is complete: its text is the choice string itself."""
-        if seq.choice_trie is not None and not seq.is_finished:
+        choice streams whole when it is complete: its text is the choice string itself. A
+        turn that ended (finished or paused) releases everything held back."""
+        turn_over = seq.is_finished or seq.finish_reason is FinishReason.PAUSED
+        if seq.choice_trie is not None and not turn_over:
             return ""
         end = len(seq.output_text)
-        if seq.params.stop and not seq.is_finished:
+        if seq.params.stop and not turn_over:
             end = max(seq.num_emitted_chars, end - max(len(s) for s in seq.params.stop) + 1)
         delta = seq.output_text[seq.num_emitted_chars : end]
         seq.num_emitted_chars = end

@@ -1,9 +1,12 @@
-"""What a prefill costs on this machine: seconds(n) = a + b * n, measured once per process.
+"""What a prefill costs on this machine: seconds(n) = a + b * n, measured once per process;
+and what moving KV blocks to host memory and back costs (`swap_profile`).
 
 The chunk store evicts by PGDSF, whose cost term is the time a recompute would take, so it
 needs this machine's prefill speed for the model at hand, not a guess. Two short forward
 passes (after one warm-up) into a scratch KV tensor fit the line; the pool is not touched.
-The fit is cached per (model, device, dtype, quantization), so engines sharing a model, and
+The pause policy (INFERCEPT's min-waste) weighs that recompute against swapping, so the swap
+copies are timed the same way, on a scratch pool with the real copy code (`kv_swap.py`).
+Fits are cached per (model, device, dtype, quantization), so engines sharing a model, and
 tests building many engines, measure once.
 """
 
@@ -15,11 +18,17 @@ from dataclasses import dataclass
 import torch
 
 from covey.llm_backend.attention_metadata import AttentionMetadata, PrefillRun
+from covey.llm_backend.kv_pool import KVPool
+from covey.llm_backend.kv_swap import KVSwap
 from covey.llm_backend.model import LlamaModel
+from covey.llm_backend.model_args import ModelArgs
 
 PROFILE_LENGTHS = (16, 64)  # short: the whole measurement stays well under a second
+SWAP_PROFILE_BYTES = 32 << 20  # the scratch pool's size at most: a few ms of copying
+SWAP_PROFILE_REPEATS = 3  # the fastest of these: copies are noisy on a loaded machine
 
 _profiles: dict[tuple[object, ...], PrefillProfile] = {}
+_swap_profiles: dict[tuple[object, ...], SwapProfile] = {}
 
 
 @dataclass(frozen=True)
@@ -93,3 +102,64 @@ def measure(model: LlamaModel) -> PrefillProfile:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@dataclass(frozen=True)
+class SwapProfile:
+    """Seconds to copy blocks out of the pool to host memory and back: fixed + per byte."""
+
+    out_fixed_s: float
+    out_per_byte_s: float
+    in_fixed_s: float
+    in_per_byte_s: float
+
+
+def swap_profile(
+    args: ModelArgs,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    key: tuple[object, ...],
+) -> SwapProfile:
+    """The cached swap profile for `key`, measured the first time on a scratch pool of
+    the engine's shape (layers, heads, block size, dtype, device)."""
+    profile = _swap_profiles.get(key)
+    if profile is None:
+        profile = _swap_profiles[key] = measure_swap(args, block_size, dtype, device)
+    return profile
+
+
+def measure_swap(
+    args: ModelArgs, block_size: int, dtype: torch.dtype, device: torch.device
+) -> SwapProfile:
+    """Time `KVSwap`'s copies of one block and of many; fit a line through each."""
+    block_bytes = KVPool.bytes_per_block(args, block_size, dtype)
+    many = max(2, min(16, SWAP_PROFILE_BYTES // block_bytes))
+    swap = KVSwap(KVPool(args, many, block_size, dtype, device))
+
+    def timed(fn) -> float:
+        best = float("inf")
+        for _ in range(SWAP_PROFILE_REPEATS):
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    fits = []
+    for direction in ("out", "in"):
+        times = []
+        for n in (1, many):
+            ids = list(range(n))
+            if direction == "out":
+                times.append(timed(lambda ids=ids: swap.copy_out(ids)))
+            else:
+                data = swap.copy_out(ids)
+                times.append(timed(lambda ids=ids, data=data: swap.copy_in(ids, data)))
+        per_byte = max(times[1] - times[0], 0.0) / ((many - 1) * block_bytes)
+        if per_byte == 0.0:  # timing noise: a proportional model
+            per_byte = times[1] / (many * block_bytes)
+        fits.append((max(times[0] - per_byte * block_bytes, 0.0), per_byte))
+    (out_fixed, out_per_byte), (in_fixed, in_per_byte) = fits
+    return SwapProfile(out_fixed, out_per_byte, in_fixed, in_per_byte)

@@ -229,7 +229,7 @@ class RemoteEngine:
     async def warm_chunks(self, chunks: list[Segment], compute: bool = False) -> int:
         raise self._unsupported("warming chunks' KV")
 
-    async def pause(self, request_id: str) -> None:
+    async def pause(self, request_id: str, tool: str | None = None) -> None:
         raise self._unsupported("pausing a request")
 
     async def resume(

@@ -41,6 +41,14 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     choices: tuple[str, ...] = ()  # the output is exactly one of these (max_tokens not used)
+    # Tool calls: a turn that ends pauses the request instead of finishing it (its last
+    # output has finished=False, finish_reason "paused"); the caller resumes it with the
+    # tool's result on the same context. `pause_on_stop`: only when a stop string or a
+    # stop token id ended it (the stop text stays in the context the model sees on resume,
+    # whatever include_stop_str_in_output says about the visible text). `pause_at_end`:
+    # whatever ended it (stop, EOS, max_tokens), except abort and errors.
+    pause_on_stop: bool = False
+    pause_at_end: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -55,7 +63,8 @@ class SamplingParams:
         if len(set(self.choices)) != len(self.choices):
             raise InvalidRequestError(f"choices must differ, got {list(self.choices)}")
         set_(self, "stop_token_ids", as_token_ids("stop_token_ids", self.stop_token_ids))
-        for name in ("ignore_eos", "include_stop_str_in_output"):
+        flags = ("ignore_eos", "include_stop_str_in_output", "pause_on_stop", "pause_at_end")
+        for name in flags:
             if not isinstance(getattr(self, name), bool):
                 raise InvalidRequestError(
                     f"{name} must be True or False, got {getattr(self, name)!r}"

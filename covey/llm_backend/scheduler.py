@@ -8,11 +8,13 @@ Plain Python with no torch, so it is tested on its own.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from covey.errors import ConfigError, InvalidRequestError
 from covey.llm_backend.block_manager import BlockManager
+from covey.llm_backend.paused_kv import PausedKV, StepSwaps, SwapIn
 from covey.llm_backend.sequence import FinishReason, Sequence, SequenceStatus
 
 if TYPE_CHECKING:  # the planner's types only: the scheduler itself stays torch-free
@@ -49,6 +51,7 @@ class SchedulerOutput:
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     chunk_items: list[ScheduledSeq] = field(default_factory=list)  # those with a chunk step
+    swaps: StepSwaps = field(default_factory=StepSwaps)  # paused KV to host and back
 
     @property
     def num_batched_tokens(self) -> int:
@@ -61,11 +64,14 @@ class Scheduler:
         config: SchedulerConfig,
         block_manager: BlockManager,
         chunks: ChunkPlanner | None = None,
+        paused_kv: PausedKV | None = None,
     ) -> None:
-        """`chunks`: plans prompts with chunk segments (None: they prefill like any other)."""
+        """`chunks`: plans prompts with chunk segments (None: they prefill like any other).
+        `paused_kv`: what paused requests' KV does (None: discarded when room is needed)."""
         self.config = config
         self.block_manager = block_manager
         self.chunks = chunks
+        self.paused_kv = paused_kv or PausedKV(None, block_manager, 0, 1)
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.paused: dict[str, Sequence] = {}
@@ -76,7 +82,10 @@ class Scheduler:
         self.waiting.sort(key=Sequence.sort_key)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        """Requests to run, or (a fixed swap policy) paused KV still to move out."""
+        if self.waiting or self.running:
+            return True
+        return self.paused_kv.mode == "swap" and any(s.block_table for s in self.paused.values())
 
     def schedule(self) -> SchedulerOutput:
         """Pick this step's sequences and token counts; allocate their slots.
@@ -86,6 +95,10 @@ class Scheduler:
         """
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        if self.paused:
+            self.paused_kv.manage(
+                list(self.paused.values()), self.running, self._under_pressure, out.swaps
+            )
         self.running.sort(key=lambda s: (s.num_uncomputed_tokens > 1, *s.sort_key()))
         i = 0
         while i < len(self.running) and budget > 0:
@@ -110,6 +123,13 @@ class Scheduler:
         k = 0
         while k < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[k]
+            if seq.swapped_tokens:
+                refund = self._swap_in(seq, budget, out)
+                if refund is None:
+                    break
+                self.waiting.pop(k)
+                budget += refund - out.scheduled[-1].num_new_tokens
+                continue
             if not seq.block_table:
                 self.block_manager.match_prefix(seq)
             if self._prefix_in_flight(seq):
@@ -131,6 +151,10 @@ class Scheduler:
                 break
             self.waiting.pop(k)
             self.block_manager.record_admission(seq)
+            if seq.discarded_tokens:
+                recomputed = max(seq.discarded_tokens - seq.num_cached_tokens, 0)
+                self.paused_kv.counters.recompute_tokens += recomputed
+                seq.discarded_tokens = 0
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.block_copies += self.block_manager.allocate_slots(seq, n)
@@ -190,9 +214,10 @@ class Scheduler:
 
         Returns False when `seq` itself had to be preempted.
         """
-        need = self.block_manager.blocks_needed(seq, n)
-        while not self.block_manager.can_allocate(need):
-            if self._drop_paused_kv():
+        bm = self.block_manager
+        need = bm.blocks_needed(seq, n)
+        while not bm.can_allocate(need):
+            if self._relieve(out, lambda: not bm.can_allocate(need), for_running=True):
                 continue
             victim = max(self.running, key=Sequence.sort_key)
             self._preempt(victim, out)
@@ -207,8 +232,17 @@ class Scheduler:
         need = bm.blocks_needed(seq, n)
         if bm.can_allocate(need):
             return True, 0  # the common case: no victims to weigh
+        idle = not self.running
+        if self.paused_kv.mode == "adaptive" or idle:
+            # Paused KV goes where the policy gives it up (what it preserves stays), or
+            # wherever it must when nothing runs: an idle engine must not wait on it.
+            self._relieve(out, lambda: not bm.can_allocate(need), idle=idle)
+            if bm.can_allocate(need):
+                return True, 0
         outranked = [s for s in self.running if s.sort_key() > seq.sort_key()]
         paused = [s for s in self.paused.values() if s.block_table]
+        if self.paused_kv.mode in ("preserve", "adaptive"):
+            paused = []
         # A block only pins share with a victim is room too once the victim goes: pins yield.
         reclaimable = sum(
             1 for s in outranked + paused for b in s.block_table if bm.held_by_one_sequence(b)
@@ -217,7 +251,7 @@ class Scheduler:
             return False, 0
         refund = 0
         while not bm.can_allocate(need):
-            if self._drop_paused_kv():
+            if paused and self._relieve(out, lambda: not bm.can_allocate(need), True):
                 continue
             outranked = [s for s in self.running if s.sort_key() > seq.sort_key()]
             if not outranked:
@@ -225,14 +259,55 @@ class Scheduler:
             refund += self._preempt(max(outranked, key=Sequence.sort_key), out)
         return True, refund
 
-    def _drop_paused_kv(self) -> bool:
-        """Discard the KV of the longest-paused sequence holding any; it recomputes on resume
-        (INFERCEPT's discard). Returns False when no paused sequence holds blocks."""
-        for seq in self.paused.values():  # in pause order
-            if seq.block_table:
-                self.block_manager.discard(seq)
-                return True
-        return False
+    def _relieve(
+        self,
+        out: SchedulerOutput,
+        still_short: Callable[[], bool],
+        for_running: bool = False,
+        idle: bool = False,
+    ) -> bool:
+        """Free paused KV (by the pause policy) while `still_short()`; whether any went."""
+        return self.paused_kv.relieve(
+            list(self.paused.values()), self.running, out.swaps, still_short, for_running, idle
+        )
+
+    def _under_pressure(self) -> bool:
+        """Whether the pool lacks room for the next step's likely needs: a block for each
+        running request that crosses into a new one, and the first waiting request's next
+        chunk (its swapped-out context too), ignoring prefix-cache hits."""
+        bm = self.block_manager
+        want = sum(bm.blocks_needed(s, 1) for s in self.running)
+        if self.waiting and len(self.running) < self.config.max_num_seqs:
+            head = self.waiting[0]
+            n = min(len(head) - head.swapped_tokens, self.config.max_num_batched_tokens)
+            want += -(-(head.swapped_tokens + n) // bm.block_size)
+        return not bm.can_allocate(want)
+
+    def _swap_in(self, seq: Sequence, budget: int, out: SchedulerOutput) -> int | None:
+        """Admit a resumed request whose KV is on host: blocks for its context and its
+        next tokens, the context copied back before the forward (within the step's swap
+        budget). Returns the budget preempted runners handed back, or None when it must
+        wait (no room or no budget left)."""
+        bm = self.block_manager
+        context = seq.swapped_tokens
+        blocks = self.paused_kv.blocks_of(context)
+        if not self.paused_kv.swap_budget_allows(out.swaps, blocks, into=True):
+            return None
+        seq.num_computed_tokens = context
+        n = min(len(seq) - context, budget)
+        admitted, refund = self._admit(seq, n, out)
+        if not admitted:
+            bm.discard(seq)  # nothing was taken; it stays swapped out
+            return None
+        bm.allocate_slots(seq, n)
+        out.swaps.into.append(SwapIn(seq, list(seq.block_table[:blocks])))
+        out.swaps.in_blocks += blocks
+        self.paused_kv.counters.swapped_in_blocks += blocks
+        seq.swapped_tokens = 0
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        out.scheduled.append(ScheduledSeq(seq, n))
+        return refund
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> int:
         """Recompute `seq` later; return the budget it had been given this step."""
@@ -258,6 +333,7 @@ class Scheduler:
                 queue.remove(seq)
         self.paused.pop(seq.request_id, None)
         self.block_manager.free(seq)
+        seq.swapped_tokens = 0  # the engine drops the host copy
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 
@@ -273,6 +349,7 @@ class Scheduler:
             )
         seq.status = SequenceStatus.PAUSED
         self.paused[seq.request_id] = seq
+        self.paused_kv.on_pause(seq)
 
     def resume(self, seq: Sequence) -> None:
         """Put a paused sequence back to work; new tokens prefill on top of any kept KV."""

@@ -29,6 +29,9 @@ class FinishReason(enum.StrEnum):
     ABORT = "abort"
     PREFILLED = "prefilled"  # a prefill-only request: its KV is in the prefix cache
     ERROR = "error"  # it failed inside the engine; RequestOutput.error says why
+    # Not finished: the turn ended and the request waits for a tool's result (pause_on_stop,
+    # pause_at_end); resume_request continues it on the same context.
+    PAUSED = "paused"
 
 
 @dataclass
@@ -78,6 +81,10 @@ class Sequence:
         self.num_cached_tokens = 0
         self.num_preemptions = 0
         self.finish_reason: FinishReason | None = None
+        self.pause_tool: str | None = None  # while paused: the tool it waits for, if named
+        self.paused_at: float | None = None  # while paused: when it paused (perf_counter)
+        self.swapped_tokens = 0  # tokens whose KV waits in host memory (swapped out)
+        self.discarded_tokens = 0  # tokens whose KV a pause freed: recomputed on resume
         self.metrics = SequenceMetrics()
         self.output_text = ""
         self.num_emitted_chars = 0  # of output_text, already streamed to the caller
@@ -115,6 +122,7 @@ class Sequence:
         self.num_emitted_chars = 0
         self.metrics = SequenceMetrics()  # TTFT and TPOT of the new turn, not the tool's wait
         self.params = params
+        self.finish_reason = None  # a turn that paused is over
 
     def sort_key(self) -> tuple[int, float]:
         """Lower priority value first (vLLM's convention), then first come first served."""

@@ -74,8 +74,8 @@ class MeteredEngine:
     async def abort(self, request_id: str) -> None:
         await self.inner.abort(request_id)
 
-    async def pause(self, request_id: str) -> None:
-        await self.inner.pause(request_id)
+    async def pause(self, request_id: str, tool: str | None = None) -> None:
+        await self.inner.pause(request_id, tool)
 
     async def resume(
         self, request_id: str, extra: Prompt, params: SamplingParams | None = None

@@ -1,0 +1,255 @@
+"""The KV of requests paused for tool calls: kept, swapped to host or discarded, per step.
+
+The scheduler asks this at the start of every step, and again whenever it needs room. A
+fixed policy acts once per pause (discard at once; swap as the per-step budget allows;
+preserve never frees). The adaptive policy does nothing while the pool has room: idle KV
+wastes nothing when nobody needs the memory. Under pressure it re-decides every paused
+request holding KV, each step, by `PausePolicy` (min-waste), and carries out the swaps and
+discards that gain the most until the pressure is gone. Swaps are budgeted in blocks per
+step (out and in apart); a swap over budget waits for the next step, re-decided then.
+
+Plain Python over sequences and the block manager: the copies themselves are the engine's
+(`kv_swap.py`), told by the `SwapOut` / `SwapIn` lists in the scheduler's output.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from covey.llm_backend.block_manager import BlockManager
+from covey.llm_backend.pause_policy import PausePolicy, Waste
+from covey.llm_backend.sequence import Sequence
+
+
+@dataclass(frozen=True)
+class SwapOut:
+    """Copy `block_ids` (read before this step writes anything) to host for `seq`."""
+
+    seq: Sequence
+    block_ids: list[int]
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class SwapIn:
+    """Copy `seq`'s host KV into `block_ids` before this step's forward."""
+
+    seq: Sequence
+    block_ids: list[int]
+
+
+@dataclass
+class PauseCounters:
+    """Since engine start: what happened to paused requests' KV."""
+
+    swapped_out_blocks: int = 0
+    swapped_in_blocks: int = 0
+    discarded: int = 0  # paused requests whose KV was freed
+    swapped: int = 0  # paused requests whose KV went to host
+    recompute_tokens: int = 0  # tokens recomputed on resume after a discard
+    decisions: dict[str, int] = field(
+        default_factory=lambda: {"preserve": 0, "swap": 0, "discard": 0}
+    )
+
+
+@dataclass
+class StepSwaps:
+    """This step's copies and how much of the swap budget they used."""
+
+    out: list[SwapOut] = field(default_factory=list)
+    into: list[SwapIn] = field(default_factory=list)
+    out_blocks: int = 0
+    in_blocks: int = 0
+
+
+class PausedKV:
+    def __init__(
+        self,
+        policy: PausePolicy | None,
+        block_manager: BlockManager,
+        bytes_per_block: int,
+        swap_blocks_per_step: int,
+    ) -> None:
+        """`policy` None: the engine's old rule (discard the longest-paused request's KV
+        when room is needed), for schedulers built without a measured profile."""
+        self.policy = policy
+        self.bm = block_manager
+        self.bytes_per_block = bytes_per_block
+        self.swap_blocks_per_step = max(1, swap_blocks_per_step)
+        self.counters = PauseCounters()
+        self.last_waste: dict[str, Waste] = {}  # request id -> its latest adaptive terms
+
+    @property
+    def mode(self) -> str:
+        return self.policy.mode if self.policy is not None else "legacy"
+
+    # -- what a sequence can give -----------------------------------------------------------
+
+    def freeable_blocks(self, seq: Sequence) -> int:
+        """Blocks that freeing `seq` would make room (shared ones stay held by others)."""
+        return sum(1 for b in seq.block_table if self.bm.held_by_one_sequence(b))
+
+    def blocks_of(self, num_tokens: int) -> int:
+        """Blocks holding a sequence's first `num_tokens` tokens."""
+        return -(-num_tokens // self.bm.block_size)
+
+    def can_swap(self, seq: Sequence) -> bool:
+        """Whether `seq`'s KV can go to host and come back as it is. Not a sequence with
+        chunk segments (blended KV must never be published as exact; its plan's cursor
+        would not survive) nor one mid-prefill (nothing worth keeping)."""
+        return (
+            not seq.has_chunks
+            and seq.chunk_plan is None
+            and seq.num_computed_tokens > 0
+            and len(seq.block_table) >= self.blocks_of(seq.num_computed_tokens)
+        )
+
+    # -- acting ------------------------------------------------------------------------------
+
+    def on_pause(self, seq: Sequence) -> None:
+        """A fixed discard policy frees the KV the moment a request pauses."""
+        if self.mode == "discard" and seq.block_table:
+            self.discard(seq)
+
+    def discard(self, seq: Sequence) -> None:
+        """Free `seq`'s KV; it recomputes it on resume (chunked, by the scheduler's budget)."""
+        seq.discarded_tokens = seq.num_computed_tokens
+        self.bm.discard(seq)
+        self.counters.discarded += 1
+        self.counters.decisions["discard"] += 1
+
+    def swap_out(self, seq: Sequence, swaps: StepSwaps) -> None:
+        """Hand `seq`'s computed blocks to the engine to copy out, then free them."""
+        n = self.blocks_of(seq.num_computed_tokens)
+        swaps.out.append(SwapOut(seq, list(seq.block_table[:n]), seq.num_computed_tokens))
+        swaps.out_blocks += n
+        seq.swapped_tokens = seq.num_computed_tokens
+        self.bm.discard(seq)
+        self.counters.swapped_out_blocks += n
+        self.counters.swapped += 1
+        self.counters.decisions["swap"] += 1
+
+    def swap_budget_allows(self, swaps: StepSwaps, blocks: int, into: bool) -> bool:
+        """Whether `blocks` more fit this step's budget; the first swap of a step always
+        goes, so a request larger than the budget cannot starve."""
+        used = swaps.in_blocks if into else swaps.out_blocks
+        return used == 0 or used + blocks <= self.swap_blocks_per_step
+
+    def manage(
+        self,
+        paused: list[Sequence],
+        running: list[Sequence],
+        pressure: Callable[[], bool],
+        swaps: StepSwaps,
+    ) -> None:
+        """The start of a step: fixed swap moves paused KV out as the budget allows; the
+        adaptive policy, under `pressure`, re-decides every paused request holding KV."""
+        holding = [s for s in paused if s.block_table]
+        if not holding or self.policy is None or self.mode in ("preserve", "discard"):
+            return
+        if self.mode == "swap":
+            for seq in holding:
+                if not self.can_swap(seq):
+                    self.discard(seq)
+                elif self.swap_budget_allows(swaps, self.blocks_of(seq.num_computed_tokens), False):
+                    self.swap_out(seq, swaps)
+            return
+        if pressure():
+            self._relieve(holding, running, swaps, pressure)
+
+    def relieve(
+        self,
+        paused: list[Sequence],
+        running: list[Sequence],
+        swaps: StepSwaps,
+        still_short: Callable[[], bool],
+        for_running: bool = False,
+        idle: bool = False,
+    ) -> bool:
+        """Free paused KV while `still_short()`; returns whether anything was freed.
+
+        `for_running`: room a running request needs to go on: even KV the adaptive policy
+        would preserve goes (the cheaper of swap and discard) before a running request is
+        preempted; a fixed preserve policy still keeps it. `idle`: nothing runs, so the
+        engine would sit idle with work waiting: any policy, preserve too, gives up paused
+        KV then (longest-paused first), or a pool full of paused KV would wedge it.
+        """
+        holding = [s for s in paused if s.block_table]
+        if not holding or (self.mode == "preserve" and not idle):
+            return False
+        if self.policy is None or self.mode in ("preserve", "discard"):
+            freed = False
+            for seq in holding:  # longest-paused first
+                if not still_short():
+                    break
+                self.discard(seq)
+                freed = True
+            return freed
+        return self._relieve(holding, running, swaps, still_short, force=for_running or idle)
+
+    def _relieve(
+        self,
+        holding: list[Sequence],
+        running: list[Sequence],
+        swaps: StepSwaps,
+        still_short: Callable[[], bool],
+        force: bool = False,
+    ) -> bool:
+        """Carry out the best non-preserve action for each of `holding`, greatest gain
+        first, while `still_short()`. Returns whether anything was freed."""
+        assert self.policy is not None
+        now = time.perf_counter()
+        running_bytes = sum(len(s.block_table) for s in running) * self.bytes_per_block
+        ranked = []
+        for seq in holding:
+            blocks = self.freeable_blocks(seq)
+            if blocks == 0:
+                continue  # freeing it gives no room (its blocks are all shared)
+            action, gain = self._choose(seq, blocks, running_bytes, now, force)
+            if action != "preserve":
+                ranked.append((gain, seq, action))
+            else:
+                self.counters.decisions["preserve"] += 1
+        freed = False
+        for _, seq, action in sorted(ranked, key=lambda r: -r[0]):
+            if not still_short():
+                break
+            if action == "swap":
+                n = self.blocks_of(seq.num_computed_tokens)
+                if not self.swap_budget_allows(swaps, n, False):
+                    if not force:
+                        continue  # over budget: preserved this step, re-decided next
+                    action = "discard"
+            if action == "swap":
+                self.swap_out(seq, swaps)
+            else:
+                self.discard(seq)
+            freed = True
+        return freed
+
+    def _choose(
+        self, seq: Sequence, blocks: int, running_bytes: int, now: float, force: bool
+    ) -> tuple[str, float]:
+        """The action for `seq` and what it saves over preserving (byte-seconds)."""
+        assert self.policy is not None
+        swappable = self.can_swap(seq)
+        if self.mode == "swap":
+            return ("swap" if swappable else "discard"), 0.0
+        tokens = min(seq.num_computed_tokens, blocks * self.bm.block_size)
+        waste = self.policy.waste(
+            blocks * self.bytes_per_block,
+            tokens,
+            running_bytes,
+            seq.pause_tool,
+            now - (seq.paused_at or now),
+            swappable,
+        )
+        self.last_waste[seq.request_id] = waste
+        action = waste.best
+        if action == "preserve" and force:
+            action = "swap" if waste.swap is not None and waste.swap < waste.discard else "discard"
+        cost = waste.swap if action == "swap" else waste.discard
+        assert cost is not None
+        return action, waste.preserve - cost

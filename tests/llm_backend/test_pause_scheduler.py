@@ -1,0 +1,130 @@
+"""Paused requests' KV in the scheduler (no model): what each policy does under pressure, the
+per-step re-decision, the swap budget, and that an idle engine never waits on paused KV."""
+
+from __future__ import annotations
+
+import time
+
+from covey.llm_backend.block_manager import BlockManager
+from covey.llm_backend.pause_policy import PauseCosts, PausePolicy
+from covey.llm_backend.paused_kv import PausedKV
+from covey.llm_backend.scheduler import Scheduler, SchedulerConfig
+from covey.llm_backend.sequence import FinishReason
+
+from .test_scheduler import complete, seq
+
+MB = 1 << 20
+COSTS = PauseCosts(1e-3, 1e-3, 1e-3 / MB, 1e-3, 1e-3 / MB)
+
+
+def make(mode: str, num_blocks: int = 8, swap_blocks: int = 64) -> Scheduler:
+    bm = BlockManager(num_blocks, 4)
+    policy = PausePolicy(mode, COSTS)
+    return Scheduler(SchedulerConfig(8, 64), bm, None, PausedKV(policy, bm, MB, swap_blocks))
+
+
+def paused_beside_a_runner(mode: str, tool_s: float | None = None):
+    """`c` runs (1 block), `a` pauses holding 3 of 8 blocks, having used `tool` before."""
+    sched = make(mode)
+    c, a = seq(3, name="c"), seq(11, name="a")
+    sched.add(c)
+    sched.add(a)
+    complete(sched)
+    if tool_s is not None:
+        sched.paused_kv.policy.times.record("tool", tool_s)
+    sched.pause(a)
+    a.pause_tool, a.paused_at = "tool", time.perf_counter()
+    return sched, c, a
+
+
+def test_no_pressure_leaves_paused_kv_alone():
+    sched, c, a = paused_beside_a_runner("adaptive", tool_s=30.0)
+    out = sched.schedule()
+    assert len(a.block_table) == 3 and not out.swaps.out
+    assert [i.seq for i in out.scheduled] == [c]
+
+
+def test_under_pressure_a_short_tool_keeps_its_kv_and_a_long_one_swaps():
+    sched, c, a = paused_beside_a_runner("adaptive", tool_s=0.001)
+    b = seq(20, name="b")  # 5 blocks: more than the 4 free
+    sched.add(b)
+    out = sched.schedule()
+    assert len(a.block_table) == 3 and b in sched.waiting  # preserved: b waits
+    assert sched.paused_kv.last_waste["a"].best == "preserve"
+    assert [i.seq for i in out.scheduled] == [c]
+
+    sched, c, a = paused_beside_a_runner("adaptive", tool_s=30.0)
+    b = seq(20, name="b")
+    sched.add(b)
+    out = sched.schedule()
+    (moved,) = out.swaps.out
+    assert moved.seq is a and len(moved.block_ids) == 3 and moved.num_tokens == 11
+    assert a.block_table == [] and a.swapped_tokens == 11
+    assert b in sched.running and sched.paused_kv.counters.decisions["swap"] == 1
+
+
+def test_every_step_under_pressure_re_decides_as_the_wait_grows():
+    sched, c, a = paused_beside_a_runner("adaptive", tool_s=0.005)
+    sched.add(seq(20, name="b"))
+    assert not sched.schedule().swaps.out  # expected back in 5 ms: kept
+    a.paused_at = time.perf_counter() - 5.0  # it has outlived its history by far
+    out = sched.schedule()
+    assert [m.seq for m in out.swaps.out] == [a]
+    assert sched.paused_kv.last_waste["a"].remaining_s >= 5.0
+
+
+def test_a_swapped_request_comes_back_with_its_context():
+    sched, c, a = paused_beside_a_runner("swap")
+    out = sched.schedule()
+    assert [m.seq for m in out.swaps.out] == [a] and a.swapped_tokens == 11
+    a.token_ids.extend([7, 8])  # the tool's result
+    sched.resume(a)
+    out = sched.schedule()
+    (back,) = out.swaps.into
+    assert back.seq is a and len(back.block_ids) == 3 and back.block_ids == a.block_table[:3]
+    assert a.num_computed_tokens == 11 and a.swapped_tokens == 0
+    item = next(i for i in out.scheduled if i.seq is a)
+    assert item.num_new_tokens == 3  # the last sampled token and the two new ones
+    counters = sched.paused_kv.counters
+    assert counters.swapped_out_blocks == counters.swapped_in_blocks == 3
+
+
+def test_fixed_discard_frees_at_once_and_counts_the_recompute():
+    sched, c, a = paused_beside_a_runner("discard")
+    assert a.block_table == [] and a.num_computed_tokens == 0 and a.discarded_tokens == 11
+    sched.resume(a)
+    complete(sched)
+    assert sched.paused_kv.counters.recompute_tokens == 11
+
+
+def test_fixed_preserve_keeps_kv_while_anything_runs_but_never_idles_the_engine():
+    sched, c, a = paused_beside_a_runner("preserve")
+    b = seq(24, name="b")  # 6 blocks: more than the 5 free once c is done
+    sched.add(b)
+    complete(sched)
+    assert len(a.block_table) == 3 and b in sched.waiting
+    sched.finish(c, FinishReason.STOP)
+    complete(sched)  # nothing runs now: the paused KV yields
+    assert a.block_table == [] and b in sched.running
+
+
+def test_the_swap_budget_moves_one_request_per_step_when_two_do_not_fit():
+    sched = make("swap", num_blocks=16, swap_blocks=3)
+    a, b = seq(11, name="a"), seq(11, name="b")
+    for s in (a, b):
+        sched.add(s)
+    complete(sched)
+    sched.pause(a)
+    sched.pause(b)
+    assert sched.has_work()  # KV still to move out
+    first = sched.schedule().swaps.out
+    second = sched.schedule().swaps.out
+    assert len(first) == len(second) == 1 and {first[0].seq, second[0].seq} == {a, b}
+    assert not sched.has_work()
+
+
+def test_finishing_a_swapped_request_forgets_its_host_kv():
+    sched, c, a = paused_beside_a_runner("swap")
+    sched.schedule()
+    sched.finish(a, FinishReason.ABORT)
+    assert a.swapped_tokens == 0 and "a" not in sched.paused

@@ -1,4 +1,4 @@
-"""The loop a tool worker process runs: receive (function, kwargs), send back the result.
+"""The loop a tool worker process runs: receive (function name, kwargs), send the result.
 
 It lives apart from `covey.runtime` and imports nothing of covey, so a freshly spawned
 worker starts in the time Python takes to import the tool's own module, not the runtime's
@@ -7,7 +7,18 @@ worker starts in the time Python takes to import the tool's own module, not the 
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
+
+
+def resolve(module: str, qualname: str) -> Any:
+    """The function named `module:qualname`. A tool declared with the `@tool` decorator is
+    a graph node under its name; its function is the node's `op.spec.fn`."""
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    spec = getattr(getattr(obj, "op", None), "spec", None)
+    return getattr(spec, "fn", obj)
 
 
 def serve(conn: Any) -> None:
@@ -16,10 +27,15 @@ def serve(conn: Any) -> None:
     conn.send(("ready", None))
     while True:
         try:
-            fn, kwargs = conn.recv()
+            (module, qualname), kwargs = conn.recv()
         except (EOFError, OSError):
             return
-        except Exception as e:  # the function's module cannot be imported here
+        except Exception as e:  # an argument's class cannot be imported here
+            conn.send(("error", f"cannot read the call in its worker ({type(e).__name__}: {e})"))
+            continue
+        try:
+            fn = resolve(module, qualname)
+        except Exception as e:
             conn.send(("error", f"cannot load the tool in its worker ({type(e).__name__}: {e})"))
             continue
         try:

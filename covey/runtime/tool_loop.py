@@ -38,7 +38,6 @@ from covey.runtime.tool_calls import BadCall, call_body, parse_call
 from covey.runtime.trace import RequestTrace, ToolCallTrace
 
 PAUSED = "paused"
-PAUSE_OK = False
 
 
 class OutOfSync(RuntimeExecutionError):
@@ -227,7 +226,7 @@ async def run_tool_llm(
     if template is None or box is None:
         raise RuntimeExecutionError(f"node {node.name!r} is not an LLM call with tools")
     ctx = Context(env.tokenizer, template.uses_roles, as_text=env.text_prompts)
-    pausing = PAUSE_OK and env.llm is not None and env.llm.capabilities.pause and not env.text_prompts
+    pausing = env.llm is not None and env.llm.capabilities.pause and not env.text_prompts
     session: Any = OneContext(env, node, index) if pausing else FreshTurns(env, node, index)
     decodes = [i for i, p in enumerate(node.primitives) if p.op == "decode"]
     out: dict[str, str] = {}

@@ -161,7 +161,7 @@ class _Process:
         fd = self.conn.fileno()
         loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
         try:
-            self.conn.send((fn, kwargs))
+            self.conn.send(((fn.__module__, fn.__qualname__), kwargs))
             await ready
             return self.conn.recv()
         except (EOFError, OSError):

@@ -27,7 +27,7 @@ from covey.runtime.tool_pool import (
     ToolPoolExhaustedError,
     ToolTimeoutError,
 )
-from tests.runtime import process_tools
+from tests.runtime import decorated_tools, process_tools
 
 RELEASE = threading.Event()
 
@@ -125,6 +125,8 @@ async def test_process_tools_run_in_a_worker_that_is_killed_when_it_hangs():
         with pytest.raises(ToolFailedError, match="tool 'crash' failed: its worker process died"):
             await pool.call(crash_tool.op.spec, {"code": 3})
         assert await pool.call(pid_tool.op.spec, {}) not in (pid, os.getpid())
+        square, worker = await pool.call(decorated_tools.pid_squared.op.spec, {"x": 7})
+        assert square == 49 and worker != os.getpid()
     finally:
         pool.close()
 

@@ -70,6 +70,11 @@ def trace_summary(trace: Trace) -> dict[str, Any]:
             entry["cached_tokens"] = n.cached_tokens
         if n.search is not None:
             entry["results"] = n.search.results
+        if n.tool_calls:
+            entry["tool_calls"] = [
+                {"tool": c.tool, "by": c.by, "error": c.error, "seconds": round(c.seconds, 4)}
+                for c in n.tool_calls
+            ]
         if n.error:
             entry["error"] = n.error
         nodes.append(entry)

@@ -82,7 +82,7 @@ def test_call_between_gens_lowers_to_a_call_primitive():
         return calc(question)
 
     ops = [p.op for p in app.plan.nodes["calc"].primitives]
-    assert ops == ["prefill", "prefill", "prefill", "decode", "prefill", "call", "prefill", "decode"]
+    assert ops == [*["prefill"] * 3, "decode", "prefill", "call", "prefill", "decode"]
     call = app.plan.nodes["calc"].primitives[5]
     assert (call.tool, call.args) == ("calculator", (("expression", "expr"),))
     assert "call(calculator: expression=expr)" in app.explain()
@@ -121,7 +121,8 @@ def test_offered_tools_are_explained_in_the_system_message():
     assert first.role == "system"
     system = "".join(p.text for p in agent.op.template.parts if p.role == "system")
     assert system.startswith("Be brief.\n\nYou can call these tools:")
-    assert "- calculator: Evaluate arithmetic." in system and "- lookup: Search the notes." in system
+    assert "- calculator: Evaluate arithmetic." in system
+    assert "- lookup: Search the notes." in system
     assert CALL_OPEN in system and CALL_CLOSE in system
     assert agent.op.tools.max_tool_calls == 2 and list(agent.op.tools.offered) == [
         "calculator",

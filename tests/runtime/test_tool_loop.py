@@ -52,8 +52,9 @@ def _calc_app(tool) -> cg.App:
         pass
 
     calc.__doc__ = (
-        "Question: {{question}}\nExpression: {{gen expr max_tokens=12 stop=\"\\n\"}}\n"
-        f"Result: {{{{call {tool.name} expr}}}}\nAnswer: {{{{gen answer max_tokens=8 stop=\"\\n\"}}}}"
+        'Question: {{question}}\nExpression: {{gen expr max_tokens=12 stop="\\n"}}\n'
+        f"Result: {{{{call {tool.name} expr}}}}\n"
+        'Answer: {{gen answer max_tokens=8 stop="\\n"}}'
     )
     fn = cg.semantic_function(params=GREEDY, calls=[tool])(calc)
 
@@ -178,7 +179,7 @@ def _agent(max_calls: int, choices: tuple[str, ...] = ("a", "b")):
 
 
 VALID = tuple(
-    '<tool_call>{"name": "calculator", "arguments": {"expression": "%s"}}' % e + CALL_CLOSE
+    '<tool_call>{"name": "calculator", "arguments": {"expression": "' + e + '"}}' + CALL_CLOSE
     for e in ("6 * 7", "2 + 2")
 )
 INVALID = (

@@ -51,6 +51,7 @@ class EngineConfig:
     # or always "preserve" (keep it in the pool), "swap" (to host memory and back) or
     # "discard" (free it, recompute on resume). Fixed policies are there for comparison.
     pause_policy: str = "adaptive"
+    pause_swap_bytes: int = 4 << 30  # host memory paused KV may be swapped to (vLLM: 4 GiB)
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and (not isinstance(self.dtype, str) or self.dtype not in DTYPES):
@@ -80,6 +81,7 @@ class EngineConfig:
             )
 
         self._check_chunk_cache()
+        as_int("EngineConfig.pause_swap_bytes", self.pause_swap_bytes, ge=0, error=ConfigError)
         if self.pause_policy not in PAUSE_POLICIES:
             raise ConfigError(
                 f"EngineConfig.pause_policy must be one of {PAUSE_POLICIES}, "

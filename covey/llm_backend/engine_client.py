@@ -62,7 +62,9 @@ class EngineStats:
     Requests paused for tool calls: `paused_bytes_preserved` of pool KV they hold now,
     `paused_bytes_swapped` of their KV in host memory now; since start, `swap_out_bytes` /
     `swap_in_bytes` copied, `pause_recompute_tokens` recomputed on resume after a discard,
-    and `pause_decisions` (action -> times the pause policy chose it under pressure);
+    and `pause_decisions` (action -> count: "swap" / "discard" each time a paused request's
+    KV was moved out or freed, "preserve" each step the adaptive policy, under pressure,
+    kept one in the pool);
     `tool_seconds` maps each tool name to its mean pause-to-resume time ("" pools them).
     """
 

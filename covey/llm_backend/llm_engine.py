@@ -106,6 +106,7 @@ class LLMEngine:
                 self.block_manager,
                 self._bytes_per_block,
                 self._swap_blocks_per_step(),
+                config.pause_swap_bytes // self._bytes_per_block,
             ),
         )
         self.validator = RequestValidator(
@@ -573,9 +574,16 @@ class LLMEngine:
         return outputs
 
     def _move_kv(self, swaps: StepSwaps) -> None:
-        """This step's paused-KV copies, before anything writes the pool: out, then in."""
+        """This step's paused-KV copies, before anything writes the pool: out, then in.
+        A swap-out that fails (host memory short) costs only a recompute on resume."""
         for item in swaps.out:
-            self.kv_swap.swap_out(item.seq.seq_id, item.block_ids, item.num_tokens)
+            try:
+                self.kv_swap.swap_out(item.seq.seq_id, item.block_ids, item.num_tokens)
+            except Exception:
+                log.warning("swapping out %s failed; it recomputes on resume",
+                            item.seq.request_id, exc_info=True)
+                self.scheduler.paused_kv.release_host(item.seq)
+                item.seq.discarded_tokens = item.num_tokens
         for item in swaps.into:
             self.kv_swap.swap_in(item.seq.seq_id, item.block_ids)
 

@@ -46,9 +46,9 @@ class PauseCounters:
 
     swapped_out_blocks: int = 0
     swapped_in_blocks: int = 0
-    discarded: int = 0  # paused requests whose KV was freed
-    swapped: int = 0  # paused requests whose KV went to host
     recompute_tokens: int = 0  # tokens recomputed on resume after a discard
+    # "swap" / "discard": paused requests' KV moved out or freed; "preserve": each step an
+    # adaptive re-decision under pressure kept one in the pool.
     decisions: dict[str, int] = field(
         default_factory=lambda: {"preserve": 0, "swap": 0, "discard": 0}
     )
@@ -71,15 +71,20 @@ class PausedKV:
         block_manager: BlockManager,
         bytes_per_block: int,
         swap_blocks_per_step: int,
+        host_blocks: int | None = None,
     ) -> None:
         """`policy` None: the engine's old rule (discard the longest-paused request's KV
-        when room is needed), for schedulers built without a measured profile."""
+        when room is needed), for schedulers built without a measured profile.
+        `host_blocks`: how many blocks host memory may hold (EngineConfig.pause_swap_bytes;
+        None: no limit); a swap that would pass it is a discard instead."""
         self.policy = policy
         self.bm = block_manager
         self.bytes_per_block = bytes_per_block
         self.swap_blocks_per_step = max(1, swap_blocks_per_step)
+        self.host_blocks = host_blocks
+        self.host_blocks_used = 0
         self.counters = PauseCounters()
-        self.last_waste: dict[str, Waste] = {}  # request id -> its latest adaptive terms
+        self.last_waste: dict[str, Waste] = {}  # request id -> its terms at the last re-decision
 
     @property
     def mode(self) -> str:
@@ -98,12 +103,16 @@ class PausedKV:
     def can_swap(self, seq: Sequence) -> bool:
         """Whether `seq`'s KV can go to host and come back as it is. Not a sequence with
         chunk segments (blended KV must never be published as exact; its plan's cursor
-        would not survive) nor one mid-prefill (nothing worth keeping)."""
+        would not survive) nor one mid-prefill (nothing worth keeping), nor one the host
+        space left cannot hold."""
+        blocks = self.blocks_of(seq.num_computed_tokens)
+        room = self.host_blocks is None or self.host_blocks_used + blocks <= self.host_blocks
         return (
-            not seq.has_chunks
+            room
+            and not seq.has_chunks
             and seq.chunk_plan is None
             and seq.num_computed_tokens > 0
-            and len(seq.block_table) >= self.blocks_of(seq.num_computed_tokens)
+            and len(seq.block_table) >= blocks
         )
 
     # -- acting ------------------------------------------------------------------------------
@@ -117,7 +126,6 @@ class PausedKV:
         """Free `seq`'s KV; it recomputes it on resume (chunked, by the scheduler's budget)."""
         seq.discarded_tokens = seq.num_computed_tokens
         self.bm.discard(seq)
-        self.counters.discarded += 1
         self.counters.decisions["discard"] += 1
 
     def swap_out(self, seq: Sequence, swaps: StepSwaps) -> None:
@@ -126,10 +134,16 @@ class PausedKV:
         swaps.out.append(SwapOut(seq, list(seq.block_table[:n]), seq.num_computed_tokens))
         swaps.out_blocks += n
         seq.swapped_tokens = seq.num_computed_tokens
+        self.host_blocks_used += n
         self.bm.discard(seq)
         self.counters.swapped_out_blocks += n
-        self.counters.swapped += 1
         self.counters.decisions["swap"] += 1
+
+    def release_host(self, seq: Sequence) -> None:
+        """`seq`'s host copy is gone (swapped back in, finished, or its copy failed)."""
+        if seq.swapped_tokens:
+            self.host_blocks_used -= self.blocks_of(seq.swapped_tokens)
+            seq.swapped_tokens = 0
 
     def swap_budget_allows(self, swaps: StepSwaps, blocks: int, into: bool) -> bool:
         """Whether `blocks` more fit this step's budget; the first swap of a step always
@@ -201,6 +215,7 @@ class PausedKV:
         first, while `still_short()`. Returns whether anything was freed."""
         assert self.policy is not None
         now = time.perf_counter()
+        self.last_waste = {}  # only the latest re-decision's: ids come and go
         running_bytes = sum(len(s.block_table) for s in running) * self.bytes_per_block
         ranked = []
         for seq in holding:

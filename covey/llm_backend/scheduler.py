@@ -2,7 +2,9 @@
 
 Each step spends a token budget: running sequences first (their decode token or next
 prefill chunk), then waiting ones by priority. When the KV pool is full the lowest-priority
-running sequence is preempted by recompute: its blocks are freed and it re-queues.
+running sequence is preempted by recompute: its blocks are freed and it re-queues. Requests
+paused for tool calls keep, swap or drop their KV as `paused_kv.py` decides, each step; one
+whose KV went to host memory is copied back when it is admitted again.
 Plain Python with no torch, so it is tested on its own.
 """
 
@@ -303,7 +305,7 @@ class Scheduler:
         out.swaps.into.append(SwapIn(seq, list(seq.block_table[:blocks])))
         out.swaps.in_blocks += blocks
         self.paused_kv.counters.swapped_in_blocks += blocks
-        seq.swapped_tokens = 0
+        self.paused_kv.release_host(seq)
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
         out.scheduled.append(ScheduledSeq(seq, n))
@@ -333,7 +335,7 @@ class Scheduler:
                 queue.remove(seq)
         self.paused.pop(seq.request_id, None)
         self.block_manager.free(seq)
-        seq.swapped_tokens = 0  # the engine drops the host copy
+        self.paused_kv.release_host(seq)  # the engine drops the host copy
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 

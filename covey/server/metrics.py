@@ -2,8 +2,10 @@
 
 Requests and latency per app, time to first token and time per output token per engine
 request, and the engine's load read from `EngineStats` when scraped: KV pool use, prefix
-and chunk cache hit rates, queue depth, running and paused requests. Each server owns its
-own registry, so two servers in one process (tests) never share counters.
+and chunk cache hit rates, queue depth, running and paused requests, and what the pause
+policy did with paused requests' KV (bytes kept and swapped, recompute, per-tool times).
+Each server owns its own registry, so two servers in one process (tests) never share
+counters.
 """
 
 from __future__ import annotations
@@ -85,6 +87,24 @@ class ServerMetrics:
         self.queue_depth = gauge("covey_queue_depth", "Engine requests waiting to be scheduled")
         self.running = gauge("covey_requests_running", "Engine requests running")
         self.paused = gauge("covey_requests_paused", "Engine requests paused (tool calls)")
+        self.paused_bytes = gauge(
+            "covey_paused_kv_bytes", "KV of paused requests, in the pool or swapped to host",
+            ("where",),
+        )
+        self.pause_swap_bytes = gauge(
+            "covey_pause_swap_bytes", "Paused KV copied to host (out) and back (in) since start",
+            ("direction",),
+        )
+        self.pause_recompute = gauge(
+            "covey_pause_recompute_tokens", "Tokens recomputed on resume after a discard"
+        )
+        self.pause_decisions = gauge(
+            "covey_pause_decisions", "Pause-policy choices under memory pressure since start",
+            ("action",),
+        )
+        self.tool_seconds = gauge(
+            "covey_tool_seconds_estimate", "Mean pause-to-resume seconds per tool", ("tool",)
+        )
 
     def observe_request(self, app: str, status: int, seconds: float) -> None:
         self.requests.labels(app=app, status=str(status)).inc()
@@ -121,6 +141,15 @@ class ServerMetrics:
         self.queue_depth.set(s.queue_depth)
         self.running.set(s.num_running)
         self.paused.set(s.num_paused)
+        self.paused_bytes.labels(where="pool").set(s.paused_bytes_preserved)
+        self.paused_bytes.labels(where="host").set(s.paused_bytes_swapped)
+        self.pause_swap_bytes.labels(direction="out").set(s.swap_out_bytes)
+        self.pause_swap_bytes.labels(direction="in").set(s.swap_in_bytes)
+        self.pause_recompute.set(s.pause_recompute_tokens)
+        for action, count in s.pause_decisions.items():
+            self.pause_decisions.labels(action=action).set(count)
+        for tool, seconds in s.tool_seconds.items():
+            self.tool_seconds.labels(tool=tool or "(any)").set(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
+from covey.errors import ConfigError
 from covey.llm_backend.block_manager import BlockManager
+from covey.llm_backend.config import EngineConfig
 from covey.llm_backend.pause_policy import PauseCosts, PausePolicy
 from covey.llm_backend.paused_kv import PausedKV
 from covey.llm_backend.scheduler import Scheduler, SchedulerConfig
@@ -17,15 +21,15 @@ MB = 1 << 20
 COSTS = PauseCosts(1e-3, 1e-3, 1e-3 / MB, 1e-3, 1e-3 / MB)
 
 
-def make(mode: str, num_blocks: int = 8, swap_blocks: int = 64) -> Scheduler:
+def make(mode: str, num_blocks: int = 8, swap_blocks: int = 64, host_blocks=None) -> Scheduler:
     bm = BlockManager(num_blocks, 4)
-    policy = PausePolicy(mode, COSTS)
-    return Scheduler(SchedulerConfig(8, 64), bm, None, PausedKV(policy, bm, MB, swap_blocks))
+    paused = PausedKV(PausePolicy(mode, COSTS), bm, MB, swap_blocks, host_blocks)
+    return Scheduler(SchedulerConfig(8, 64), bm, None, paused)
 
 
-def paused_beside_a_runner(mode: str, tool_s: float | None = None):
+def paused_beside_a_runner(mode: str, tool_s: float | None = None, host_blocks=None):
     """`c` runs (1 block), `a` pauses holding 3 of 8 blocks, having used `tool` before."""
-    sched = make(mode)
+    sched = make(mode, host_blocks=host_blocks)
     c, a = seq(3, name="c"), seq(11, name="a")
     sched.add(c)
     sched.add(a)
@@ -128,3 +132,22 @@ def test_finishing_a_swapped_request_forgets_its_host_kv():
     sched.schedule()
     sched.finish(a, FinishReason.ABORT)
     assert a.swapped_tokens == 0 and "a" not in sched.paused
+
+
+def test_host_space_bounds_swapping_and_is_given_back():
+    sched, c, a = paused_beside_a_runner("swap", host_blocks=2)
+    assert not sched.schedule().swaps.out  # 3 blocks do not fit in 2: discarded instead
+    assert a.block_table == [] and a.discarded_tokens == 11
+    sched, c, a = paused_beside_a_runner("swap", host_blocks=3)
+    sched.schedule()
+    assert sched.paused_kv.host_blocks_used == 3
+    sched.resume(a)
+    sched.schedule()
+    assert sched.paused_kv.host_blocks_used == 0
+
+
+def test_pause_config_is_checked():
+    with pytest.raises(ConfigError, match="pause_policy must be one of"):
+        EngineConfig(pause_policy="keep")
+    with pytest.raises(ConfigError, match="pause_swap_bytes"):
+        EngineConfig(pause_swap_bytes=-1)

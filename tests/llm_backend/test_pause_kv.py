@@ -1,0 +1,148 @@
+"""Paused requests' KV on the real embedded model: every policy resumes to the output of an
+uninterrupted run, swapped blocks come back bit for bit, and nothing leaks (pool, host
+copies) after a mixed run under pressure or an abort."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from covey.llm_backend.sampling_params import SamplingParams
+
+PROMPT = "The calculator says that twelve times twelve is"
+TURN = SamplingParams(max_tokens=4, ignore_eos=True, pause_at_end=True)
+NEXT = SamplingParams(max_tokens=5, ignore_eos=True)
+TOOL_TEXT = " 144. So the answer is"
+POOL = 512  # tokens: small pools build fast
+_uninterrupted: dict[tuple[int, ...], list[int]] = {}
+
+
+def _until_paused(engine, rid):
+    """Step until `rid`'s turn pauses; its KV has not moved yet (that is next step's)."""
+    while True:
+        for out in engine.step():
+            if out.request_id == rid and out.finish_reason == "paused":
+                return out
+
+
+def _context_kv(engine, seq, num_tokens):
+    """The pool's KV of `seq`'s first `num_tokens` tokens, [L, 2, KVH, num_tokens, Dh]."""
+    bs = engine.block_manager.block_size
+    blocks = engine.pool.export_blocks(seq.block_table[: -(-num_tokens // bs)])
+    layers, two, heads, n, _, dim = blocks.shape
+    return blocks.reshape(layers, two, heads, n * bs, dim)[:, :, :, :num_tokens]
+
+
+def _assert_baseline(engine):
+    bm = engine.block_manager
+    assert not engine.requests and not engine.scheduler.paused
+    assert bm.num_free_blocks == bm.num_blocks
+    assert engine.kv_swap.bytes_held == 0
+
+
+@pytest.mark.parametrize("policy", ["preserve", "swap", "discard"])
+def test_each_policy_resumes_to_the_uninterrupted_output(make_engine, policy):
+    engine = make_engine(kv_cache_tokens=POOL, pause_policy=policy)
+    rid = engine.add_request(PROMPT, TURN)
+    (paused,) = engine.run_to_completion([rid])
+    assert paused.finish_reason == "paused" and len(paused.token_ids) == 4
+    engine.pause_request(rid, tool="calculator")
+    seq = engine.requests[rid]
+    engine.resume_request(rid, TOOL_TEXT, NEXT)
+    (resumed,) = engine.run_to_completion([rid])
+    stats = engine.stats()
+    moved = {"preserve": (0, 0), "swap": (1, 0), "discard": (0, 1)}[policy]
+    assert (stats.swap_in_bytes > 0, stats.pause_recompute_tokens > 0) == moved
+    assert stats.swap_out_bytes == stats.swap_in_bytes
+    context = tuple(seq.token_ids[: seq.num_prompt_tokens])
+    if context not in _uninterrupted:  # one prefill of the whole context, same tool text
+        fresh = make_engine(kv_cache_tokens=POOL, enable_prefix_caching=False)
+        whole = fresh.run_to_completion([fresh.add_request(list(context), NEXT)])[0]
+        _uninterrupted[context] = whole.token_ids
+    assert resumed.token_ids == _uninterrupted[context] and len(resumed.token_ids) == 5
+    assert set(stats.tool_seconds) == {"calculator", ""}
+    _assert_baseline(engine)
+
+
+def test_swap_moves_the_blocks_out_and_restores_them_exactly(make_engine):
+    engine = make_engine(kv_cache_tokens=POOL, pause_policy="swap")
+    rid = engine.add_request(PROMPT, TURN)
+    _until_paused(engine, rid)
+    seq = engine.requests[rid]
+    computed = seq.num_computed_tokens
+    before = _context_kv(engine, seq, computed).clone()
+    engine.step()  # the swap-out
+    assert seq.block_table == [] and seq.swapped_tokens == computed
+    held = engine.stats().paused_bytes_swapped
+    assert held == engine.kv_swap.bytes_held > 0 and engine.stats().paused_bytes_preserved == 0
+    # Someone else overwrites the freed blocks meanwhile.
+    other = engine.add_request("Bees make honey from the nectar of", NEXT)
+    engine.run_to_completion([other])
+    engine.resume_request(rid, TOOL_TEXT, NEXT)
+    engine.step()  # the swap-in, then the new tokens' forward
+    assert seq.num_computed_tokens > computed and engine.kv_swap.bytes_held == 0
+    assert torch.equal(_context_kv(engine, seq, computed), before)
+    engine.abort_request(rid)
+    _assert_baseline(engine)
+
+
+def test_abort_frees_a_preserved_and_a_swapped_request(make_engine):
+    engine = make_engine(kv_cache_tokens=POOL, pause_policy="swap")
+    kept, moved = (engine.add_request(PROMPT, TURN) for _ in range(2))
+    _until_paused(engine, moved)
+    engine.step()  # both swapped out
+    assert engine.kv_swap.bytes_held > 0
+    engine.abort_request(moved)
+    engine.abort_request(kept)
+    _assert_baseline(engine)
+    preserve = make_engine(kv_cache_tokens=POOL, pause_policy="preserve")
+    rid = preserve.add_request(PROMPT, TURN)
+    preserve.run_to_completion([rid])
+    assert preserve.stats().paused_bytes_preserved > 0
+    preserve.abort_request(rid)
+    _assert_baseline(preserve)
+
+
+def test_a_mixed_run_under_pressure_returns_the_pool_to_baseline(make_engine):
+    """Three requests pause on tools with different histories in an 8-block pool; a fourth
+    needs more room than is free, so the adaptive policy must move paused KV. Every request
+    then resumes and finishes, and nothing is left anywhere."""
+    engine = make_engine(kv_cache_tokens=128, pause_policy="adaptive")
+    engine.pause_policy.times.record("image", 30.0)
+    engine.pause_policy.times.record("calculator", 0.001)
+    story = "Once upon a time in a quiet village by the sea, there lived an old fisherman"
+    rids = [engine.add_request(f"{story} number {i}.", TURN) for i in range(3)]
+    engine.run_to_completion(rids)
+    for rid, tool in zip(rids, ("image", "calculator", "image")):
+        engine.pause_request(rid, tool=tool)
+    assert engine.stats().paused_bytes_preserved > 0
+    big = engine.add_request(story * 5, SamplingParams(max_tokens=3, ignore_eos=True))
+    engine.run_to_completion([big])
+    stats = engine.stats()
+    assert stats.pause_decisions["swap"] + stats.pause_decisions["discard"] >= 1
+    for rid in rids:
+        engine.resume_request(rid, TOOL_TEXT, NEXT)
+    outs = engine.run_to_completion(rids)
+    assert all(o.finished and len(o.token_ids) == 5 for o in outs)
+    stats = engine.stats()
+    assert stats.swap_in_bytes == stats.swap_out_bytes
+    assert stats.paused_bytes_swapped == stats.paused_bytes_preserved == 0
+    _assert_baseline(engine)
+
+
+def test_a_failed_swap_out_costs_only_a_recompute(make_engine, monkeypatch):
+    engine = make_engine(kv_cache_tokens=POOL, pause_policy="swap")
+
+    def host_memory_short(block_ids):
+        raise MemoryError("host memory short")
+
+    monkeypatch.setattr(engine.kv_swap, "copy_out", host_memory_short)
+    rid = engine.add_request(PROMPT, TURN)
+    engine.run_to_completion([rid])  # pauses, then the swap-out fails
+    seq = engine.requests[rid]
+    assert seq.block_table == [] and seq.swapped_tokens == 0 and seq.discarded_tokens > 0
+    engine.resume_request(rid, TOOL_TEXT, NEXT)
+    (resumed,) = engine.run_to_completion([rid])
+    assert resumed.finished and len(resumed.token_ids) == 5
+    assert engine.stats().pause_recompute_tokens > 0
+    _assert_baseline(engine)

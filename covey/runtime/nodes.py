@@ -25,7 +25,7 @@ from covey.retrieval.retriever import Retriever
 from covey.retrieval.searcher import Searcher
 from covey.runtime.render import Context
 from covey.runtime.tool_loop import run_tool_llm, tools_of
-from covey.runtime.tool_pool import ToolPool
+from covey.runtime.tool_pool import ToolFailedError, ToolPool
 from covey.runtime.trace import RequestTrace, SearchTrace, Trace
 
 # (node, primitive, prompt, fan-out index) -> (text, token ids)
@@ -67,7 +67,12 @@ async def call_node_fn(env: NodeEnv, op: PyCall, kwargs: dict[str, Any]) -> Any:
     if op.spec is not None:
         if env.tools is None:
             raise RuntimeExecutionError(f"tool {op.spec.name!r}: this run has no tool pool")
-        return await env.tools.call(op.spec, kwargs)
+        try:
+            return await env.tools.call(op.spec, kwargs)
+        except ToolFailedError as e:  # a tool node fails with the tool's own exception
+            if isinstance(e.__cause__, Exception):
+                raise e.__cause__ from None
+            raise
     return await call_python(op.fn, kwargs)
 
 

@@ -22,6 +22,7 @@ aborts that request, which frees its KV wherever it lies.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import replace
 from typing import Any
@@ -178,10 +179,20 @@ class OneContext:
 
     async def close(self) -> None:
         """Free the request if it is still held (paused after its last turn, or the node
-        was cancelled or failed)."""
+        was cancelled or failed), then read its stream to the end so AsyncLLM lets go of
+        it now rather than when the generator is collected."""
         if self.live:
             self.live = False
             await self.env.llm.abort(self.rid)
+        if self.stream is None:
+            return
+        try:
+            async with asyncio.timeout(5):
+                while not (await anext(self.stream)).finished:
+                    pass
+                await anext(self.stream)
+        except (StopAsyncIteration, TimeoutError, CoveyError):
+            pass
 
 
 def _record(env: Any, node: NodePlan, rid: str, var: str, out: Any) -> None:

@@ -37,6 +37,8 @@ from covey.graph.ir import (
     output_var,
 )
 from covey.graph.template import Ref, Template, parse_template, suggest
+from covey.graph.tool_use import attach_tools, call_refs
+from covey.graph.tools import DEFAULT_MAX_TOOL_CALLS, ToolSpec, make_spec
 from covey.graph.types import compatible, item_type, type_name, value_fits
 from covey.llm_backend.sampling_params import SamplingParams
 from covey.retrieval.searcher import MODES, check_k, check_mode
@@ -219,7 +221,7 @@ class SemanticFunction(Node):
 
     label = "semantic function"
 
-    def __init__(self, fn: Callable[..., Any], params: SamplingParams) -> None:
+    def __init__(self, fn: Callable[..., Any], params: SamplingParams, **tools: Any) -> None:
         self.name = function_name(fn, "@semantic_function")
         where = f"semantic function {self.name!r}"
         if not (fn.__doc__ or "").strip():
@@ -227,7 +229,8 @@ class SemanticFunction(Node):
         inputs, self.defaults, _ = signature_of(fn, where, need_hints=False)
         template = parse_template(inspect.cleandoc(fn.__doc__ or ""), where, params)
         _check_names(template, inputs, where)
-        self.op = LLMCall(template, inputs)
+        template, box = attach_tools(template, inputs, where=where, **tools)
+        self.op = LLMCall(template, inputs, tools=box)
 
 
 def _check_names(template: Template, inputs: dict[str, Any], where: str) -> None:
@@ -243,7 +246,7 @@ def _check_names(template: Template, inputs: dict[str, Any], where: str) -> None
         if gen.name in inputs:
             raise TemplateError(f"{where}: output {gen.name!r} is also a parameter; rename one")
     for name in names:
-        if name not in template.refs:
+        if name not in template.refs and name not in call_refs(template):
             raise TemplateError(
                 f"{where}: parameter {name!r} is never used; add {{{{{name}}}}} to the template "
                 "or remove the parameter"
@@ -251,29 +254,54 @@ def _check_names(template: Template, inputs: dict[str, Any], where: str) -> None
 
 
 def semantic_function(
-    fn: Callable[..., Any] | None = None, *, params: SamplingParams | None = None
+    fn: Callable[..., Any] | None = None,
+    *,
+    params: SamplingParams | None = None,
+    tools: list[Any] | None = None,
+    calls: list[Any] | None = None,
+    max_tool_calls: int = DEFAULT_MAX_TOOL_CALLS,
 ) -> Any:
-    """`@semantic_function` or `@semantic_function(params=...)`: defaults for every gen."""
+    """`@semantic_function` or `@semantic_function(params=...)`: defaults for every gen.
+
+    `tools=[...]`: @tool functions the model may call from its gens (at most
+    `max_tool_calls` per run); `calls=[...]`: tools the template calls with `{{call ...}}`
+    between two gens. See covey/graph/tool_use.py.
+    """
     if params is not None and not isinstance(params, SamplingParams):
         raise GraphError(
             f"@semantic_function(params=...) takes a SamplingParams, got {params!r}"
         )
     defaults = params or SamplingParams()
+    options = {"tools": tools, "calls": calls, "max_tool_calls": max_tool_calls}
     if fn is None:
-        return lambda f: SemanticFunction(f, defaults)
-    return SemanticFunction(fn, defaults)
+        return lambda f: SemanticFunction(f, defaults, **options)
+    return SemanticFunction(fn, defaults, **options)
 
 
 class PyFunction(Node):
-    def __init__(self, fn: Callable[..., Any], kind: str) -> None:
+    def __init__(self, fn: Callable[..., Any], kind: str, spec: ToolSpec | None = None) -> None:
         self.name, self.label = function_name(fn, f"@{kind}"), kind
         inputs, self.defaults, returns = signature_of(fn, f"{kind} {self.name!r}", need_hints=True)
-        self.op = PyCall(fn, inputs, returns, kind)  # type: ignore[arg-type]
+        self.op = PyCall(fn, inputs, returns, kind, spec)  # type: ignore[arg-type]
 
 
-def tool(fn: Callable[..., Any]) -> PyFunction:
-    """A typed callable the app calls between generations; may be slow or have side effects."""
-    return PyFunction(fn, "tool")
+def tool(
+    fn: Callable[..., Any] | None = None,
+    *,
+    timeout: float | None = None,
+    executor: str = "thread",
+    description: str | None = None,
+) -> Any:
+    """`@tool` or `@tool(timeout=..., executor="thread"|"process", description=...)`: a typed
+    callable an app calls as a node, a template calls between gens, or a model calls.
+
+    It runs in the runtime's tool pool, apart from @function nodes, under `timeout` seconds
+    (default: the pool's); its return value is checked against its annotation."""
+
+    def make(f: Callable[..., Any]) -> PyFunction:
+        return PyFunction(f, "tool", make_spec(f, timeout, executor, description))
+
+    return make if fn is None else make(fn)
 
 
 def function(fn: Callable[..., Any]) -> PyFunction:

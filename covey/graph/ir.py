@@ -19,6 +19,7 @@ import networkx as nx
 from covey.graph.control_ops import ControlOp
 from covey.graph.misuse import PLAIN_VALUES, misuse
 from covey.graph.template import Template
+from covey.graph.tools import ToolBox, ToolSpec
 
 # route, merge, check and loop nodes come from control flow (covey.graph.control_ops)
 NodeKind = Literal["llm", "retrieve", "tool", "function", "map", "route", "merge", "check", "loop"]
@@ -104,6 +105,7 @@ class LLMCall:
     template: Template
     inputs: dict[str, Any]
     kind: NodeKind = "llm"
+    tools: ToolBox | None = None  # tools the template calls or the model may call
 
     @property
     def outputs(self) -> dict[str, Any]:
@@ -139,6 +141,7 @@ class PyCall:
     inputs: dict[str, Any]
     returns: Any
     kind: NodeKind = "function"
+    spec: ToolSpec | None = None  # a tool's timeout, executor and validators
 
     @property
     def outputs(self) -> dict[str, Any]:

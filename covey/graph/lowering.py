@@ -17,7 +17,8 @@ from typing import Literal
 import networkx as nx
 
 from covey.graph.ir import Const, MapOp, llm_template
-from covey.graph.template import Gen, Ref, Role, Text
+from covey.graph.template import Call, Gen, Ref, Role, Text
+from covey.graph.tool_use import bind_call
 from covey.graph.types import is_chunk_type
 from covey.llm_backend.sampling_params import SamplingParams
 from covey.llm_backend.segments import SegmentKind
@@ -35,7 +36,7 @@ class Primitive:
     prefills it once per app and pins it in the engine's prefix cache.
     """
 
-    op: Literal["prefill", "decode"]
+    op: Literal["prefill", "decode", "call"]
     role: Role | None
     kind: SegmentKind | None = None
     text: str | None = None
@@ -45,6 +46,8 @@ class Primitive:
     params: SamplingParams | None = None
     choices: tuple[str, ...] | None = None
     pin: bool = False
+    tool: str | None = None  # a call: the tool, and each parameter's input or output name
+    args: tuple[tuple[str, str], ...] = ()
 
     def key(self, node: str) -> tuple:
         """What must be equal for two calls to share this segment's KV."""
@@ -61,6 +64,8 @@ class Primitive:
         return self.text is not None or (not self.per_item and str(self.var) in values)
 
     def describe(self) -> str:
+        if self.op == "call":
+            return f"call({self.tool}: {', '.join(f'{p}={r}' for p, r in self.args)})"
         if self.op == "decode":
             extra = f" choices={'|'.join(self.choices)}" if self.choices else ""
             tokens = self.params.max_tokens if self.params else "?"
@@ -95,7 +100,13 @@ def lower(graph: nx.DiGraph, node: str) -> tuple[Primitive, ...]:
     if template is None:
         return ()
     out: list[Primitive] = []
+    op = graph.nodes[node]["op"]
+    box = getattr(op.inner if isinstance(op, MapOp) else op, "tools", None)
     for part in template.parts:
+        if isinstance(part, Call) and box is not None:
+            args = tuple(bind_call(part, box.called[part.tool], node).items())
+            out.append(Primitive("call", part.role, tool=part.tool, args=args))
+            continue
         if isinstance(part, Gen):
             var = f"{node}.{part.name}"
             out.append(Primitive("decode", part.role, var=var, params=part.params))

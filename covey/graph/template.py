@@ -8,6 +8,9 @@ One syntax, read from the docstring:
   covey/llm_backend/option_scoring.py);
   `token_healing=true|false` backs the prompt up one token at the gen (default: on when the
   text right before the gen ends in a space or tab, see covey/llm_backend/token_healing.py);
+- `{{call calculator expression=expr}}` calls a tool of the semantic function (declared
+  with `calls=[...]`) between two gens, its arguments named inputs or earlier outputs; its
+  result text goes into the prompt there and the next gen continues on the same context;
 - `{{#system}}`, `{{#user}}`, `{{#assistant}}` start a chat message, so the runtime can render
   the model's chat template; a template without roles is a plain completion prompt.
 """
@@ -68,7 +71,17 @@ class Gen:
     explicit_healing: bool = False  # the gen set token_healing= itself
 
 
-Part = Text | Ref | Gen
+@dataclass(frozen=True)
+class Call:
+    """A tool call between gens: `args` pairs each tool parameter (None: the only one) with
+    the input or earlier output that fills it."""
+
+    tool: str
+    args: tuple[tuple[str | None, str], ...]
+    role: Role | None = None
+
+
+Part = Text | Ref | Gen | Call
 
 
 @dataclass(frozen=True)
@@ -83,6 +96,10 @@ class Template:
     @property
     def gens(self) -> tuple[Gen, ...]:
         return tuple(p for p in self.parts if isinstance(p, Gen))
+
+    @property
+    def calls(self) -> tuple[Call, ...]:
+        return tuple(p for p in self.parts if isinstance(p, Call))
 
 
 def suggest(name: str, options: list[str] | tuple[str, ...]) -> str:
@@ -146,6 +163,30 @@ def _gen(body: str, where: str, defaults: SamplingParams, role: Role | None) -> 
     return Gen(name, params, choices, role, explicit_healing="token_healing" in updates)
 
 
+def _call(body: str, where: str, role: Role | None) -> Call:
+    words = body.split()
+    if not words or not _NAME.match(words[0]):
+        raise TemplateError(
+            f"{where}: {{{{call ...}}}} needs a tool name, e.g. {{{{call calculator expr}}}}"
+        )
+    args: list[tuple[str | None, str]] = []
+    for word in words[1:]:
+        key, sep, value = word.partition("=")
+        param, ref = (key, value) if sep else (None, key)
+        if (param is not None and not _NAME.match(param)) or not _NAME.match(ref):
+            raise TemplateError(
+                f"{where}: {{{{call {words[0]}}}}}: write arguments as param=name, where name "
+                f"is an input or an earlier gen output; got {word!r}"
+            )
+        args.append((param, ref))
+    if sum(p is None for p, _ in args) and len(args) > 1:
+        raise TemplateError(
+            f"{where}: {{{{call {words[0]}}}}}: name each argument (param=name) when there are "
+            "several"
+        )
+    return Call(words[0], tuple(args), role)
+
+
 def _tidy(parts: list[Part]) -> tuple[Part, ...]:
     """Drop the newlines that only lay out role markers, and empty text."""
     out: list[Part] = []
@@ -182,6 +223,8 @@ def parse_template(source: str, where: str, defaults: SamplingParams) -> Templat
             role = body[1:]  # type: ignore[assignment]
         elif body.startswith("gen ") or body == "gen":
             parts.append(_gen(body[3:].strip(), where, defaults, role))
+        elif body.startswith("call ") or body == "call":
+            parts.append(_call(body[4:].strip(), where, role))
         elif _NAME.match(body):
             parts.append(Ref(body, role))
         else:

@@ -56,6 +56,7 @@ from covey.runtime.events import (
 from covey.runtime.nodes import NodeEnv, run_node, stream_generate
 from covey.runtime.prefill_ahead import PrefillAhead
 from covey.runtime.prompt_text import prompt_text
+from covey.runtime.tool_pool import ToolPool
 from covey.runtime.trace import Trace
 
 
@@ -75,6 +76,7 @@ class Runtime:
         retrievers: dict[str, Searcher] | None = None,
         timeout_s: float | None = None,
         optimize: bool = True,
+        tools: ToolPool | None = None,
     ) -> None:
         if not isinstance(llm, EngineClient):
             raise ConfigError(
@@ -87,6 +89,7 @@ class Runtime:
             self.bind_retriever(name, searcher)
         self.timeout_s = _check_timeout(timeout_s)
         self.optimize = optimize
+        self.tools = tools if tools is not None else ToolPool()  # apart from @function nodes
         self._timeouts: dict[str, float] = {}
         self._naive_plans: dict[App, Plan] = {}
         self.pins: set[str] = set()  # prefixes this runtime pinned in the engine
@@ -223,6 +226,9 @@ class Runtime:
             sequential=not self.optimize,
             search_inline=self.llm.capabilities.computes_on_loop_thread,
             text_prompts=not self.llm.capabilities.segments,
+            llm=self.llm,
+            tools=self.tools,
+            on_delta=self._delta_hook(plan, emit),
         )
         pending, done = dict(plan.nodes), set()
         running: dict[asyncio.Task[dict[str, Any]], NodePlan] = {}
@@ -286,6 +292,17 @@ class Runtime:
         trace.finish(node.name)
         trace.nodes[node.name].outputs = outputs
         emit(NodeFinished(node.name, node.kind, trace.now(), outputs))
+
+    @staticmethod
+    def _delta_hook(plan: Plan, emit: Callable[[Event], None]):
+        """Token deltas of app output variables, for nodes that stream on their own."""
+        streamed = {v.name for v in plan.outputs.values() if isinstance(v, Var)}
+
+        def on_delta(node: NodePlan, var: str, index: int | None, text: str) -> None:
+            if var in streamed:
+                emit(TokenDelta(node.name, var, text, index))
+
+        return on_delta
 
     def _generator(self, plan: Plan, trace: Trace, emit: Callable[[Event], None]):
         """The engine hook for LLM nodes; deltas of app output variables become events."""

@@ -24,6 +24,8 @@ from covey.retrieval.document_index import DocumentIndex
 from covey.retrieval.retriever import Retriever
 from covey.retrieval.searcher import Searcher
 from covey.runtime.render import Context
+from covey.runtime.tool_loop import run_tool_llm, tools_of
+from covey.runtime.tool_pool import ToolFailedError, ToolPool
 from covey.runtime.trace import RequestTrace, SearchTrace, Trace
 
 # (node, primitive, prompt, fan-out index) -> (text, token ids)
@@ -43,6 +45,9 @@ class NodeEnv:
     sequential: bool = False  # naive baseline: fan-out elements one after the other
     search_inline: bool = True  # covey's indexes search on the loop thread (CPU engines)
     text_prompts: bool = False  # the engine takes no Segment prompts: send plain text
+    llm: EngineClient | None = None  # for nodes that hold one request across tool calls
+    tools: ToolPool | None = None  # where @tool calls run (apart from @function nodes)
+    on_delta: Callable[[NodePlan, str, int | None, str], None] = lambda *_: None
 
 
 async def gather_all(coros: list[Coroutine[Any, Any, Any]]) -> list[Any]:
@@ -54,6 +59,21 @@ async def gather_all(coros: list[Coroutine[Any, Any, Any]]) -> list[Any]:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def call_node_fn(env: NodeEnv, op: PyCall, kwargs: dict[str, Any]) -> Any:
+    """A @tool runs in the tool pool (its own threads, a timeout, its return checked); a
+    @function in asyncio's default threads."""
+    if op.spec is not None:
+        if env.tools is None:
+            raise RuntimeExecutionError(f"tool {op.spec.name!r}: this run has no tool pool")
+        try:
+            return await env.tools.call(op.spec, kwargs)
+        except ToolFailedError as e:  # a tool node fails with the tool's own exception
+            if isinstance(e.__cause__, Exception):
+                raise e.__cause__ from None
+            raise
+    return await call_python(op.fn, kwargs)
 
 
 async def call_python(fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
@@ -70,6 +90,8 @@ async def run_llm(
     template = llm_template(node.op)
     if template is None:
         raise RuntimeExecutionError(f"node {node.name!r} is not an LLM call")
+    if tools_of(node) is not None:
+        return await run_tool_llm(env, node, item, index)
     ctx = Context(env.tokenizer, template.uses_roles, as_text=env.text_prompts)
     out: dict[str, str] = {}
     for prim in node.primitives:
@@ -113,8 +135,8 @@ async def run_map(env: NodeEnv, node: NodePlan, args: dict[str, Any]) -> dict[st
     if isinstance(op.inner, LLMCall):
         calls = [partial(run_llm, env, node, item, i) for i, item in enumerate(items)]
     else:
-        fn = op.inner.fn
-        calls = [partial(call_python, fn, {**args, op.item: item}) for item in items]
+        inner = op.inner
+        calls = [partial(call_node_fn, env, inner, {**args, op.item: item}) for item in items]
     if env.sequential:
         results = [await call() for call in calls]
     else:
@@ -136,7 +158,7 @@ async def run_node(env: NodeEnv, node: NodePlan) -> dict[str, Any]:
     if isinstance(op, Retrieve):
         return {"results": await run_retrieve(env, node, op, args["query"])}
     if isinstance(op, PyCall):
-        return {"result": await call_python(op.fn, args)}
+        return {"result": await call_node_fn(env, op, args)}
     return await run_map(env, node, args)
 
 

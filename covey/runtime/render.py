@@ -184,6 +184,15 @@ class Context:
         if seg.text != "":
             self.segments.append(seg)
 
+    def add_dynamic(self, role: str | None, text: str) -> None:
+        """Append text known only at run time (a tool's result) where the context stands:
+        in `role`'s voice (default: the assistant's, whose turn it interrupts) for a chat
+        prompt, as a dynamic segment for a plain one."""
+        if self.uses_roles:
+            self.add_text(role or "assistant", text, kind="dynamic")
+        else:
+            self._add_segment(Segment(text, kind="dynamic"))
+
     def add_text(self, role: str, text: str, kind: SegmentKind = "static") -> None:
         """Append text in `role`'s voice: to its open message, or as a new message."""
         self.add_piece(role, Segment(text, kind=kind))

@@ -29,6 +29,20 @@ class RequestTrace:
 
 
 @dataclass(frozen=True)
+class ToolCallTrace:
+    """One tool call inside an LLM node: by the template (`{{call}}`) or by the model. A
+    call that was never run (unknown tool, bad arguments, over the cap) has tool "?" or
+    its name, and `error` says why; `result` is the text the model got back."""
+
+    tool: str
+    arguments: dict
+    result: str
+    error: str | None
+    seconds: float
+    by: str
+
+
+@dataclass(frozen=True)
 class SearchTrace:
     """The search a retrieve node ran: the `k` and `mode` the node gave (None: it left them
     to the searcher's own settings, which only the searcher knows) and how many results
@@ -52,6 +66,7 @@ class NodeTrace:
     error: str | None = None
     requests: list[RequestTrace] = field(default_factory=list)
     search: SearchTrace | None = None
+    tool_calls: list[ToolCallTrace] = field(default_factory=list)
     # Retrieve nodes on an engine with a chunk store: chunks sent to `warm_chunks` as soon
     # as the search returned, and how many of them the engine had to load or compute.
     warmed_chunks: int = 0

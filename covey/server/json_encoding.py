@@ -73,6 +73,11 @@ def trace_summary(trace: Trace) -> dict[str, Any]:
                 entry["choice_logprobs"] = scored
         if n.search is not None:
             entry["results"] = n.search.results
+        if n.tool_calls:
+            entry["tool_calls"] = [
+                {"tool": c.tool, "by": c.by, "error": c.error, "seconds": round(c.seconds, 4)}
+                for c in n.tool_calls
+            ]
         if n.error:
             entry["error"] = n.error
         nodes.append(entry)

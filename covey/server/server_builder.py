@@ -2,9 +2,9 @@
 
 `covey serve` loads the model (or connects to a remote OpenAI-compatible engine) and the
 Python-docs index (built on first use) with progress shown, then serves the built-in apps
-(rag_chatbot, advanced_rag, mapreduce_summary) and any user app given as `module:obj`. The
-runtime reaches the engine through `MeteredEngine`, so every generation of every app lands
-in the TTFT/TPOT histograms. The chatbot is served with sessions (`chat_app`).
+(rag_chatbot, advanced_rag, mapreduce_summary, tool_agent) and any user app given as
+`module:obj`. The runtime reaches the engine through `MeteredEngine`, so every generation of
+every app lands in the TTFT/TPOT histograms. The chatbot is served with sessions (`chat_app`).
 """
 
 from __future__ import annotations
@@ -35,13 +35,14 @@ from covey.server.state import ServerSettings, ServerState
 CHATBOT = "rag_chatbot"
 
 
-def builtin_apps(max_tokens: int | None = None) -> dict[str, App]:
-    """The built-in apps; `max_tokens` caps every gen of each (small demos, tests)."""
+def builtin_apps(max_tokens: int | None = None, docs: Searcher | None = None) -> dict[str, App]:
+    """The built-in apps; `max_tokens` caps every gen of each (small demos, tests); `docs`
+    is what the tool agent's docs tool searches (None: the default index, on first use)."""
 
     def cap(n: int) -> int:
         return n if max_tokens is None else min(n, max_tokens)
 
-    from covey.apps import advanced_rag, mapreduce_summary, rag_chatbot
+    from covey.apps import advanced_rag, mapreduce_summary, rag_chatbot, tool_agent
 
     apps = [
         build_rag_app(max_tokens=cap(rag_chatbot.ANSWER_MAX_TOKENS)),
@@ -53,6 +54,7 @@ def builtin_apps(max_tokens: int | None = None) -> dict[str, App]:
             piece_max_tokens=cap(mapreduce_summary.PIECE_MAX_TOKENS),
             summary_max_tokens=cap(mapreduce_summary.SUMMARY_MAX_TOKENS),
         ),
+        tool_agent.build_tool_agent_app(docs, max_tokens=cap(tool_agent.ANSWER_MAX_TOKENS)),
     ]
     return {app.name: app for app in apps}
 
@@ -111,7 +113,7 @@ def serve_apps(
     retrievers = {DEFAULT_INDEX_NAME: index} if index is not None else {}
     state.runtime = Runtime(MeteredEngine(engine, state.metrics), retrievers=retrievers)
     state.engine = engine
-    apps = builtin_apps() if apps is None else apps
+    apps = builtin_apps(docs=index) if apps is None else apps
     served: dict[str, ServedApp] = {}
     for name, app in apps.items():
         served[name] = _serve_graph(state, app, name)
@@ -186,7 +188,7 @@ def load_into(
     index.search("warm up", k=1)  # loads the embedder now, not on the first request
     say(f"index ready in {time.perf_counter() - started:.1f}s")
     # The built-in apps' gens fit any --max-tokens (capped to it); a user app must fit it.
-    serve_apps(state, engine, index, builtin_apps(state.settings.max_tokens), user_apps)
+    serve_apps(state, engine, index, builtin_apps(state.settings.max_tokens, index), user_apps)
 
 
 def load_state(

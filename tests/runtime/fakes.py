@@ -197,7 +197,7 @@ class FakeLLM:
             stream.aborted = True
             stream.running.set()
 
-    async def pause(self, request_id: str) -> None:
+    async def pause(self, request_id: str, tool: str | None = None) -> None:
         self._require(self.capabilities.pause, "pause")
         self._stream(request_id).running.clear()
 

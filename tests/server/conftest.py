@@ -86,7 +86,11 @@ def live_server(server_index):
         if key not in servers:
             engine = AsyncLLM(engine=make_cpu_engine(kv_cache_tokens=kv_cache_tokens))
             state = build_state(
-                engine, server_index, settings, builtin_apps(max_tokens), sessions=sessions
+                engine,
+                server_index,
+                settings,
+                builtin_apps(max_tokens, server_index),
+                sessions=sessions,
             )
             servers[key] = LiveServer(state)
         return servers[key]

@@ -363,9 +363,9 @@ async def _unwrapped(stream: Any, replica: ReplicaState) -> AsyncIterator[Reques
             yield out
     except _replica_gone_errors() as exc:
         raise ReplicaDied(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
-    except CoveyError:
-        raise
     except Exception as exc:
+        # Ray raises a streamed error as `RayTaskError.as_instanceof_cause()`, a class that
+        # is also the covey error's class: unwrap it first, or the client gets Ray's text.
         unwrapped = _unwrap(exc)
         if unwrapped is exc:
             raise

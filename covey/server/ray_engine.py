@@ -135,13 +135,14 @@ class RayEngine:
             name, _ = self.router.choose(key, exclude=self._down() + tried)
             replica = self.replicas[name]
             streamed = done = False
-            self.router.started(name)
-            if request_id is not None:
-                self._running[request_id] = name
-            stream = replica.handle.generate.options(stream=True).remote(
-                prompt, params, request_id, priority
-            )
+            stream = None
             try:
+                self.router.started(name)
+                if request_id is not None:
+                    self._running[request_id] = name
+                stream = replica.handle.generate.options(stream=True).remote(
+                    prompt, params, request_id, priority
+                )
                 async for out in _unwrapped(stream, replica):
                     streamed = True
                     if out.finished:  # counted now: a consumer may stop at the last output
@@ -164,7 +165,7 @@ class RayEngine:
                 self.router.finished(name)
                 if request_id is not None and self._running.get(request_id) == name:
                     del self._running[request_id]
-                if not done and not stream.cancelled():
+                if stream is not None and not done and not stream.cancelled():
                     stream.cancel()  # a consumer that went away aborts the replica's request
 
     async def prefill(

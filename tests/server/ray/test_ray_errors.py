@@ -12,6 +12,7 @@ from ray.exceptions import RayTaskError
 from covey.errors import InvalidRequestError
 from covey.server.errors import http_error
 from covey.server.ray_engine import RayEngine
+from covey.server.replica_router import ReplicaRouter
 
 
 def ray_wrapped(cause: Exception) -> Exception:
@@ -77,3 +78,21 @@ def test_a_streamed_replica_error_arrives_as_the_covey_error_it_was():
     assert http_error(err.value).status == 400
     assert engine.router.views["r0"].in_flight == 0 and not engine._running
 
+
+def test_a_synchronous_failure_to_send_leaks_no_load():
+    class Unsendable:
+        class generate:  # noqa: N801 - mirrors a handle's method attribute
+            @staticmethod
+            def options(**_: object):
+                raise TypeError("cannot serialize the prompt")
+
+    engine = RayEngine({"r0": Unsendable()}, ReplicaRouter(["r0"]))
+
+    async def run() -> None:
+        async for _ in engine.generate("hello", request_id="x"):
+            pass
+
+    with pytest.raises(TypeError):
+        asyncio.run(run())
+    assert engine.router.views["r0"].in_flight == 0
+    assert "x" not in engine._running

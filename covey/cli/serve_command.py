@@ -117,6 +117,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=1,
         help="with --ray: CPU threads per replica (default 1)",
     )
+    p.add_argument(
+        "--replica-gpus",
+        type=float,
+        default=None,
+        help="with --ray: GPUs each replica reserves from Ray (default 1 with --device cuda, "
+        "else 0; a replica that reserves none runs on CPU)",
+    )
     p.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning)")
     p.set_defaults(func=run)
 
@@ -150,6 +157,9 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--replicas and --replica-threads must be at least 1")
         if args.max_imbalance < 0:
             raise ConfigError(f"--max-imbalance must be >= 0, got {args.max_imbalance}")
+        from covey.server.ray_deployment import gpus_per_replica
+
+        gpus_per_replica(args.device, args.replica_gpus)
     host = defaults.host if args.host is None else args.host
     sock = bind(host, defaults.port if args.port is None else args.port)
     port = sock.getsockname()[1]
@@ -180,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
                     policy=args.routing,
                     max_imbalance=args.max_imbalance,
                     threads=args.replica_threads,
+                    gpus=args.replica_gpus,
                     engine_config=engine_config,
                 )
                 engine_config = {}

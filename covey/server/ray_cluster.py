@@ -14,7 +14,12 @@ import os
 from typing import Any
 
 from covey.errors import ConfigError
-from covey.server.ray_deployment import delete_replicas, deploy_replicas, require_ray
+from covey.server.ray_deployment import (
+    delete_replicas,
+    deploy_replicas,
+    gpus_per_replica,
+    require_ray,
+)
 from covey.server.ray_engine import RayEngine
 from covey.server.replica_router import POLICIES, ReplicaRouter
 
@@ -49,6 +54,7 @@ def start_ray_engine(
     policy: str = "cache_aware",
     max_imbalance: int = 4,
     threads: int = 1,
+    gpus: float | None = None,
     engine_config: dict[str, Any] | None = None,
     tokenizer: Any = "auto",
 ) -> RayEngine:
@@ -58,9 +64,10 @@ def start_ray_engine(
         raise ConfigError(f"--routing must be one of {', '.join(POLICIES)}, got {policy!r}")
     if replicas < 1:
         raise ConfigError(f"--replicas must be at least 1, got {replicas}")
-    started = init_ray(address)
     config = dict(engine_config or {})
-    handles = deploy_replicas(replicas, model, config, threads=threads)
+    num_gpus = gpus_per_replica(str(config.get("device", "auto")), gpus, config)
+    started = init_ray(address)
+    handles = deploy_replicas(replicas, model, config, threads=threads, num_gpus=num_gpus)
     capacity = 4 * int(config.get("kv_cache_tokens") or 16384)  # ~4 characters a token
     router = ReplicaRouter(
         list(handles), policy=policy, max_imbalance=max_imbalance, capacity_chars=capacity

@@ -19,6 +19,7 @@ from covey.server.ray_deployment import (
     deploy_replicas,
     gpus_per_replica,
     require_ray,
+    running_replicas,
 )
 from covey.server.ray_engine import RayEngine
 from covey.server.replica_router import POLICIES, ReplicaRouter
@@ -76,7 +77,7 @@ def start_ray_engine(
         from covey.llm_backend.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(model)
-    engine = RayEngine(handles, router, tokenizer=tokenizer)
+    engine = RayEngine(handles, router, tokenizer=tokenizer, liveness=running_replicas)
     engine.on_close = lambda: _teardown(list(handles), started)
     asyncio.run(engine.connect())
     return engine

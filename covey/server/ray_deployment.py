@@ -209,6 +209,19 @@ def deploy_specs(specs: dict[str, ReplicaSpec]) -> dict[str, Any]:
     return dict(zip(specs, serve.run_many(targets)))
 
 
+def running_replicas(names: list[str]) -> dict[str, int]:
+    """name -> how many replicas Serve's controller has RUNNING for that application (0
+    while a dead one is being replaced, or when the application is gone)."""
+    serve = require_ray()
+    apps = serve.status().applications
+    running: dict[str, int] = {}
+    for name in names:
+        app = apps.get(name)
+        deployments = app.deployments.values() if app is not None else ()
+        running[name] = sum(d.replica_states.get("RUNNING", 0) for d in deployments)
+    return running
+
+
 def delete_replicas(names: list[str]) -> None:
     """Shut the replicas down; each drains its requests in flight first."""
     serve = require_ray()

@@ -41,6 +41,8 @@ from covey.server.replica_router import ReplicaRouter, route_key
 log = logging.getLogger(__name__)
 
 REPORT_TIMEOUT_S = 5.0
+LIVENESS_INTERVAL_S = 1.0
+DOWN_POLL_S = 0.25  # how often a call with nothing received yet looks for its replica's death
 
 
 class ReplicaDied(Exception):
@@ -73,6 +75,7 @@ class RayEngine:
         tokenizer: ChatTokenizer | None = None,
         report_interval_s: float = 1.0,
         retry: bool = True,
+        liveness: Callable[[list[str]], dict[str, int]] | None = None,
     ) -> None:
         if not handles:
             raise EngineUnavailableError("a RayEngine needs at least one replica")
@@ -82,6 +85,10 @@ class RayEngine:
             self.router.add(name)
         self.report_interval_s = report_interval_s
         self.retry = retry
+        # name -> how many replicas Serve has RUNNING for it (`running_replicas`): the only
+        # way to see a replica that died idle, since Serve's handle queues a call to a dead
+        # replica until its replacement is up instead of failing it.
+        self.liveness = liveness
         self._tokenizer = tokenizer
         self._model = "(not connected)"
         self._capabilities = EngineCapabilities()
@@ -143,7 +150,7 @@ class RayEngine:
                 stream = replica.handle.generate.options(stream=True).remote(
                     prompt, params, request_id, priority
                 )
-                async for out in _unwrapped(stream, replica):
+                async for out in _first_while_up(_unwrapped(stream, replica), replica):
                     streamed = True
                     if out.finished:  # counted now: a consumer may stop at the last output
                         replica.served += 1
@@ -268,9 +275,35 @@ class RayEngine:
                 self._reporter = asyncio.get_running_loop().create_task(self._report_loop())
 
     async def _report_loop(self) -> None:
+        await asyncio.gather(self._reports_loop(), self._liveness_loop())
+
+    async def _reports_loop(self) -> None:
         while not self._closed:
             await asyncio.gather(*(self._report(r) for r in self.replicas.values()))
             await asyncio.sleep(self.report_interval_s)
+
+    async def _liveness_loop(self) -> None:
+        """Its own loop: a report to a dead replica waits out `REPORT_TIMEOUT_S`, and a
+        timed-out report cannot tell dead from busy; Serve's controller can."""
+        while self.liveness is not None and not self._closed:
+            await self.check_liveness()
+            await asyncio.sleep(LIVENESS_INTERVAL_S)
+
+    async def check_liveness(self) -> None:
+        """Mark down every replica Serve has no running replica for (dead, being replaced)."""
+        if self.liveness is None:
+            return
+        try:
+            running = await asyncio.wait_for(
+                asyncio.to_thread(self.liveness, list(self.replicas)), REPORT_TIMEOUT_S
+            )
+        except Exception as exc:  # best effort, as reports are
+            log.debug("Serve's status did not answer: %s", exc)
+            return
+        for name, count in running.items():
+            replica = self.replicas.get(name)
+            if replica is not None and replica.up and count < 1:
+                self._mark_down(replica)
 
     async def _report(self, replica: ReplicaState) -> Any:
         """Ask one replica for its report; a dead one is marked down, a replacement that
@@ -321,6 +354,35 @@ class RayEngine:
         except ReplicaDied as exc:
             self._mark_down(replica)
             raise EngineUnavailableError(f"engine replica {name} is gone ({exc})") from None
+
+
+async def _first_while_up(
+    outputs: AsyncIterator[RequestOutput], replica: ReplicaState
+) -> AsyncIterator[RequestOutput]:
+    """`outputs`, but waiting for the first one only while `replica` is not marked down:
+    a call sent to a replica that died idle is queued by Serve until the replacement has
+    loaded (minutes), so once the liveness check marks it down the call is given up as
+    `ReplicaDied` (nothing streamed: it can be retried elsewhere)."""
+    deaths = replica.deaths
+    first = asyncio.ensure_future(anext(outputs))
+    try:
+        while True:
+            done, _ = await asyncio.wait({first}, timeout=DOWN_POLL_S)
+            if done:
+                break
+            if replica.deaths != deaths or not replica.up:
+                raise ReplicaDied(f"Serve reports replica {replica.name} is not running")
+    finally:
+        if not first.done():
+            first.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await first
+    try:
+        yield first.result()
+    except StopAsyncIteration:
+        return
+    async for out in outputs:
+        yield out
 
 
 def _replica_gone_errors() -> tuple[type[BaseException], ...]:

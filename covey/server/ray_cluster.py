@@ -39,6 +39,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
         ray.init(address=address, log_to_driver=False)
         return False
     ray.init(
+        address="local",  # not whatever RAY_ADDRESS or /tmp/ray/ray_current_cluster names
         num_cpus=num_cpus or os.cpu_count() or 1,
         object_store_memory=OBJECT_STORE_BYTES,
         include_dashboard=False,

@@ -39,6 +39,7 @@ def ray_replicas():
     # the failure test kills a replica on purpose.
     os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
     ray.init(
+        address="local",  # never a cluster found via RAY_ADDRESS or /tmp/ray
         num_cpus=2,
         object_store_memory=200 * 1024 * 1024,
         include_dashboard=False,

@@ -41,7 +41,21 @@ async def collect(engine: RayEngine, prompt: str, max_tokens: int, rid: str) -> 
 
 
 def test_a_killed_replica_fails_or_retries_its_requests_and_is_replaced(ray_replicas, ray_server):
-    async def scenario() -> None:
+    def chat() -> int:
+        """One HTTP chat completion through the server on the same replicas."""
+        model = ray_server.state.engine.model_name
+        body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+        with ray_server.client() as client:
+            return client.post("/v1/chat/completions", json=body).status_code
+
+    def deaths_of(victim: str) -> float:
+        with ray_server.client() as client:
+            metrics = client.get("/metrics").text
+        line = f'covey_replica_deaths_total{{replica="{victim}"}} '
+        (value,) = [ln[len(line) :] for ln in metrics.splitlines() if ln.startswith(line)]
+        return float(value)
+
+    async def scenario() -> str:
         streaming, retrying = engine_over(ray_replicas), engine_over(ray_replicas)
         await streaming.connect()
         await retrying.connect()
@@ -49,6 +63,7 @@ def test_a_killed_replica_fails_or_retries_its_requests_and_is_replaced(ray_repl
         victim = streaming.router.choose(_key(PREFIX), remember=False)[0]
         assert retrying.router.choose(_key(PREFIX), remember=False)[0] == victim
         pid = streaming.replicas[victim].pid
+        assert await asyncio.to_thread(deaths_of, victim) == 0  # the server's reports run
         long = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
         stream = streaming.generate(PREFIX, long, request_id="long")
         first = await anext(stream)  # it has streamed: it cannot be retried
@@ -64,6 +79,9 @@ def test_a_killed_replica_fails_or_retries_its_requests_and_is_replaced(ray_repl
         assert http_error(err.value).status == 503
         assert streaming.replicas[victim].failed == 1 and not streaming.replicas[victim].up
         assert streaming.router.views[victim].held_chars == 0  # forgotten
+        # The HTTP service on the same replicas keeps serving while the victim is down.
+        assert await asyncio.to_thread(chat) == 200
+        assert not streaming.replicas[victim].up
         # Retried once on the other replica; the same greedy answer as a fresh run there.
         answer = await unstarted
         assert retrying.replicas[victim].retries == 1
@@ -77,15 +95,12 @@ def test_a_killed_replica_fails_or_retries_its_requests_and_is_replaced(ray_repl
         assert streaming.replicas[victim].pid != pid
         await streaming.close()
         await retrying.close()
+        return victim
 
-    asyncio.run(scenario())
-    # The HTTP service on the same replicas kept serving throughout.
-    with ray_server.client() as client:
-        model = ray_server.state.engine.model_name
-        body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
-        assert client.post("/v1/chat/completions", json=body).status_code == 200
-        metrics = client.get("/metrics").text
-    assert "covey_replica_deaths_total" in metrics
+    victim = asyncio.run(scenario())
+    assert chat() == 200
+    # The server's own engine counted the death (its liveness check or the new pid).
+    assert deaths_of(victim) == 1.0
 
 
 def test_a_replica_killed_while_idle_does_not_hold_calls_until_its_replacement(ray_replicas):

@@ -124,6 +124,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="with --ray: GPUs each replica reserves from Ray (default 1 with --device cuda, "
         "else 0; a replica that reserves none runs on CPU)",
     )
+    p.add_argument(
+        "--ray-app-prefix",
+        default="covey-engine-",
+        help="with --ray: name the replicas' Serve applications PREFIX0, PREFIX1, ... "
+        "(default covey-engine-); each front on a shared cluster needs its own",
+    )
     p.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning)")
     p.set_defaults(func=run)
 
@@ -191,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
                     max_imbalance=args.max_imbalance,
                     threads=args.replica_threads,
                     gpus=args.replica_gpus,
+                    app_prefix=args.ray_app_prefix,
                     engine_config=engine_config,
                 )
                 engine_config = {}

@@ -15,6 +15,7 @@ from typing import Any
 
 from covey.errors import ConfigError
 from covey.server.ray_deployment import (
+    APP_PREFIX,
     delete_replicas,
     deploy_replicas,
     gpus_per_replica,
@@ -57,6 +58,7 @@ def start_ray_engine(
     max_imbalance: int = 4,
     threads: int = 1,
     gpus: float | None = None,
+    app_prefix: str = APP_PREFIX,
     engine_config: dict[str, Any] | None = None,
     tokenizer: Any = "auto",
 ) -> RayEngine:
@@ -69,7 +71,9 @@ def start_ray_engine(
     config = dict(engine_config or {})
     num_gpus = gpus_per_replica(str(config.get("device", "auto")), gpus, config)
     started = init_ray(address)
-    handles = deploy_replicas(replicas, model, config, threads=threads, num_gpus=num_gpus)
+    handles = deploy_replicas(
+        replicas, model, config, threads=threads, num_gpus=num_gpus, app_prefix=app_prefix
+    )
     capacity = 4 * int(config.get("kv_cache_tokens") or 16384)  # ~4 characters a token
     router = ReplicaRouter(
         list(handles), policy=policy, max_imbalance=max_imbalance, capacity_chars=capacity

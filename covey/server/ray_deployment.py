@@ -186,9 +186,17 @@ class ReplicaSpec:
 
 def deploy_specs(specs: dict[str, ReplicaSpec]) -> dict[str, Any]:
     """Deploy one single-replica application per name, all at once (they load in
-    parallel); returns name -> `DeploymentHandle`."""
+    parallel); returns name -> `DeploymentHandle`. Refuses names Serve already runs:
+    deploying over them would replace another front's replicas, and its close would later
+    delete ours."""
     serve = require_ray()
     serve.start(proxy_location="Disabled")
+    taken = sorted(set(specs) & set(serve.status().applications))
+    if taken:
+        raise ConfigError(
+            f"Ray Serve already runs {', '.join(taken)} (another covey front on this cluster?): "
+            "give another --ray-app-prefix, or stop that front first"
+        )
     targets = []
     for name, spec in specs.items():
         deployment = serve.deployment(

@@ -201,20 +201,25 @@ def run(args: argparse.Namespace) -> int:
                     engine_config=engine_config,
                 )
                 engine_config = {}
-            load_into(
-                state,
-                args.model,
-                args.index,
-                user_apps,
-                remote=args.remote,
-                remote_api_key=args.remote_api_key,
-                engine=engine,
-                **engine_config,
-            )
-            if engine is not None:
-                from covey.server.ray_metrics import register_ray_metrics
+            try:
+                load_into(
+                    state,
+                    args.model,
+                    args.index,
+                    user_apps,
+                    remote=args.remote,
+                    remote_api_key=args.remote_api_key,
+                    engine=engine,
+                    **engine_config,
+                )
+                if engine is not None:
+                    from covey.server.ray_metrics import register_ray_metrics
 
-                register_ray_metrics(state.metrics.registry, engine)
+                    register_ray_metrics(state.metrics.registry, engine)
+            except BaseException:  # a bad --index or app, Ctrl-C: the replicas go too
+                if engine is not None:
+                    asyncio.run(engine.close())
+                raise
         config = uvicorn.Config(
             app,
             log_level=args.log_level,

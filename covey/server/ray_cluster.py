@@ -10,12 +10,14 @@ route blind to the first one's decisions. What it costs per request is measured 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from typing import Any
 
 from covey.errors import ConfigError
 from covey.server.ray_deployment import (
     APP_PREFIX,
+    app_name,
     delete_replicas,
     deploy_replicas,
     gpus_per_replica,
@@ -24,6 +26,8 @@ from covey.server.ray_deployment import (
 )
 from covey.server.ray_engine import RayEngine
 from covey.server.replica_router import POLICIES, ReplicaRouter
+
+log = logging.getLogger(__name__)
 
 OBJECT_STORE_BYTES = 256 * 1024 * 1024  # prompts and outputs only: KV never crosses Ray
 
@@ -70,21 +74,33 @@ def start_ray_engine(
         raise ConfigError(f"--replicas must be at least 1, got {replicas}")
     config = dict(engine_config or {})
     num_gpus = gpus_per_replica(str(config.get("device", "auto")), gpus, config)
-    started = init_ray(address)
-    handles = deploy_replicas(
-        replicas, model, config, threads=threads, num_gpus=num_gpus, app_prefix=app_prefix
-    )
     capacity = 4 * int(config.get("kv_cache_tokens") or 16384)  # ~4 characters a token
-    router = ReplicaRouter(
-        list(handles), policy=policy, max_imbalance=max_imbalance, capacity_chars=capacity
-    )
-    if tokenizer == "auto":
-        from covey.llm_backend.tokenizer import load_tokenizer
+    started = init_ray(address)
+    names = [app_name(i, app_prefix) for i in range(replicas)]
+    try:
+        handles = deploy_replicas(
+            replicas, model, config, threads=threads, num_gpus=num_gpus, app_prefix=app_prefix
+        )
+    except ConfigError:  # refused before deploying: the names may be another front's
+        _teardown_quietly([], started)
+        raise
+    except BaseException:  # some replicas may be up (Serve apps outlive this process)
+        _teardown_quietly(names, started)
+        raise
+    try:
+        router = ReplicaRouter(
+            list(handles), policy=policy, max_imbalance=max_imbalance, capacity_chars=capacity
+        )
+        if tokenizer == "auto":
+            from covey.llm_backend.tokenizer import load_tokenizer
 
-        tokenizer = load_tokenizer(model)
-    engine = RayEngine(handles, router, tokenizer=tokenizer, liveness=running_replicas)
-    engine.on_close = lambda: _teardown(list(handles), started)
-    asyncio.run(engine.connect())
+            tokenizer = load_tokenizer(model)
+        engine = RayEngine(handles, router, tokenizer=tokenizer, liveness=running_replicas)
+        engine.on_close = lambda: _teardown(list(handles), started)
+        asyncio.run(engine.connect())
+    except BaseException:  # Ctrl-C included: never leave replicas behind on a cluster
+        _teardown_quietly(list(handles), started)
+        raise
     return engine
 
 
@@ -94,3 +110,11 @@ def _teardown(names: list[str], stop_cluster: bool) -> None:
         import ray
 
         ray.shutdown()
+
+
+def _teardown_quietly(names: list[str], stop_cluster: bool) -> None:
+    """`_teardown` on a failed start: its own error must not hide the one that failed it."""
+    try:
+        _teardown(names, stop_cluster)
+    except Exception as exc:
+        log.warning("could not delete the replicas %s: %s", ", ".join(names), exc)

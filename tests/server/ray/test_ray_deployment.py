@@ -1,13 +1,16 @@
-"""Deploying engine replicas on a cluster that already runs some: a second front must not
-replace the first one's replicas (nor later delete them on its close)."""
+"""Deploying engine replicas: a second front must not replace the first one's replicas (nor
+later delete them on its close), and a start that fails after the deploy leaves none
+behind (Serve applications outlive the process that deployed them)."""
 
 from __future__ import annotations
 
 import pytest
 from ray import serve
 
-from covey.errors import ConfigError
+from covey.errors import ConfigError, EngineUnavailableError
+from covey.server.ray_cluster import start_ray_engine
 from covey.server.ray_deployment import deploy_replicas
+from covey.server.ray_engine import RayEngine
 
 
 def test_a_second_front_cannot_deploy_over_the_replicas_of_the_first(ray_replicas):
@@ -17,6 +20,19 @@ def test_a_second_front_cannot_deploy_over_the_replicas_of_the_first(ray_replica
         deploy_replicas(len(ray_replicas), None, {"device": "cpu"}, threads=1)
     after = {name: app.last_deployed_time_s for name, app in _apps().items()}
     assert after == before  # nothing was redeployed
+
+
+def test_a_start_that_fails_after_the_deploy_deletes_its_replicas(ray_replicas, monkeypatch):
+    async def nobody_answers(self: RayEngine) -> RayEngine:
+        # The failure injected: what `connect` raises when no replica reports in time.
+        raise EngineUnavailableError("no engine replica answered")
+
+    monkeypatch.setattr(RayEngine, "connect", nobody_answers)
+    config = {"device": "cpu", "dtype": "float32", "kv_cache_tokens": 1024}
+    with pytest.raises(EngineUnavailableError, match="no engine replica answered"):
+        start_ray_engine(1, None, app_prefix="covey-failed-start-", engine_config=config)
+    assert not [name for name in _apps() if name.startswith("covey-failed-start-")]
+    assert set(ray_replicas) <= set(_apps())  # the session's own replicas are untouched
 
 
 def _apps():

@@ -183,7 +183,11 @@ class RayEngine:
         request_id: str | None = None,
     ) -> RequestOutput | None:
         name, _ = self.router.choose(route_key(prompt, pin), exclude=self._down())
-        return await self._call(name, "prefill", prompt, priority, pin, request_id)
+        try:
+            return await self._call(name, "prefill", prompt, priority, pin, request_id)
+        finally:
+            if pin is not None:
+                self.router.pin_settled(name, pin)
 
     async def unpin(self, pin: str) -> bool:
         holder = self.router.holder_of(pin)
@@ -192,8 +196,7 @@ class RayEngine:
         done = await asyncio.gather(
             *(self._call(n, "unpin", pin) for n in names), return_exceptions=True
         )
-        for view in self.router.views.values():
-            view.pins.discard(pin)
+        self.router.unpinned(pin)
         return any(d is True for d in done)
 
     async def pinned(self) -> dict[str, int]:
@@ -201,13 +204,14 @@ class RayEngine:
         sends a pin back to the replica holding it)."""
         merged: dict[str, int] = {}
         names = [n for n in self.replicas if n not in self._down()]
+        seq = self.router.report_started()
         answers = await asyncio.gather(
             *(self._call(n, "pinned") for n in names), return_exceptions=True
         )
         for name, pins in zip(names, answers):
             if isinstance(pins, dict):
                 merged.update(pins)
-                self.router.report(name, self.router.views[name].reported_queue, pins)
+                self.router.report(name, self.router.views[name].reported_queue, pins, seq)
         return merged
 
     async def warm_chunks(self, chunks: list[Segment], compute: bool = False) -> int:
@@ -308,6 +312,7 @@ class RayEngine:
     async def _report(self, replica: ReplicaState) -> Any:
         """Ask one replica for its report; a dead one is marked down, a replacement that
         answers is put back (empty: the router forgot what its predecessor held)."""
+        seq = self.router.report_started()
         try:
             rep = await asyncio.wait_for(
                 _await(replica.handle.report.remote(), replica), REPORT_TIMEOUT_S
@@ -332,7 +337,7 @@ class RayEngine:
             replica.up, replica.down_since = True, None
         replica.pid, replica.stats, replica.pins = rep.pid, rep.stats, rep.pins
         self.router.report(
-            replica.name, rep.stats.num_waiting + rep.stats.num_running, rep.pins
+            replica.name, rep.stats.num_waiting + rep.stats.num_running, rep.pins, seq
         )
         return rep
 

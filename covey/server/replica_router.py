@@ -114,6 +114,10 @@ class ReplicaView:
     in_flight: int = 0  # calls sent and not finished (the router's own count)
     reported_queue: int = 0  # waiting + running, as the replica last reported
     pins: set[str] = field(default_factory=set)
+    # The router's sequence number at its last change to `pins` here (a pin routed, settled
+    # or dropped): a report that started before it is stale about pins (see `report`).
+    pin_seq: int = 0
+    pinning: set[str] = field(default_factory=set)  # pins routed here, prefill still running
     # The router's inverted index (unit hash or chunk id -> replicas holding it), shared by
     # every view and kept in step here, so a call is scored only on candidate replicas.
     index: dict[str, set[str]] = field(default_factory=dict)
@@ -182,6 +186,7 @@ class ReplicaView:
         self.chunks.clear()
         self.held_chars = self.chunk_chars = 0
         self.pins.clear()
+        self.pinning.clear()
         self.in_flight = self.reported_queue = 0
 
 
@@ -222,6 +227,7 @@ class ReplicaRouter:
         self.index: dict[str, set[str]] = {}
         self.counters = RouterCounters()
         self._rr = itertools.count()
+        self._seq = itertools.count(1)
         self._random = random.Random(seed)
         for name in replicas:
             self.add(name)
@@ -242,12 +248,38 @@ class ReplicaRouter:
         self.forget(name)
         self.views.pop(name, None)
 
-    def report(self, name: str, queue: int, pins: Iterable[str] = ()) -> None:
-        """A replica's own report: its queue (waiting + running) and the pins it holds."""
+    def report_started(self) -> int:
+        """The sequence number to pass to `report` for a report asked for now."""
+        return next(self._seq)
+
+    def report(
+        self, name: str, queue: int, pins: Iterable[str] = (), seq: int | None = None
+    ) -> None:
+        """A replica's own report: its queue (waiting + running) and the pins it holds.
+        Its pins are ignored when the report was asked for (`seq`, from `report_started`)
+        before the router last changed this replica's pins: it would undo a pin routed
+        there whose prefill is still running, or bring back one just unpinned."""
         view = self.views.get(name)
         if view is not None:
             view.reported_queue = queue
-            view.pins = set(pins)
+            if seq is None or seq > view.pin_seq:
+                view.pins = set(pins) | view.pinning
+
+    def pin_settled(self, name: str, pin: str) -> None:
+        """The call that pins `pin` on `name` has finished (pinned or failed): reports
+        asked for from now on say the truth about it."""
+        view = self.views.get(name)
+        if view is not None:
+            view.pinning.discard(pin)
+            view.pin_seq = next(self._seq)
+
+    def unpinned(self, pin: str) -> None:
+        """`pin` was released: no replica holds it, whatever an older report says."""
+        for view in self.views.values():
+            if pin in view.pins or pin in view.pinning:
+                view.pins.discard(pin)
+                view.pinning.discard(pin)
+                view.pin_seq = next(self._seq)
 
     # -- routing ------------------------------------------------------------------------
 
@@ -266,9 +298,10 @@ class ReplicaRouter:
             self.counters.matched_chars += view.matched_units(key)[1]
             view.remember(key)
             if key.pin is not None:
-                for other in self.views.values():
-                    other.pins.discard(key.pin)
+                self.unpinned(key.pin)
                 view.pins.add(key.pin)
+                view.pinning.add(key.pin)
+                view.pin_seq = next(self._seq)
         return view.name, decision
 
     def _pick(self, key: RouteKey, live: list[ReplicaView]) -> tuple[ReplicaView, str]:

@@ -129,3 +129,29 @@ def test_keys_of_text_token_ids_and_segments():
         route_key(3.5)
     with pytest.raises(ConfigError, match="routing policy"):
         ReplicaRouter(["r0"], policy="random")
+
+
+def test_a_report_asked_for_before_a_pin_was_routed_does_not_undo_it():
+    router = ReplicaRouter(["r0", "r1"])
+    stale = router.report_started()  # in flight while the pin is routed and prefilled
+    where, _ = router.choose(route_key(SYSTEM_A, pin="session:s1"))
+    router.report(where, queue=0, pins=[], seq=stale)
+    assert router.holder_of("session:s1") == where
+    during = router.report_started()  # asked for while the pinning prefill still runs
+    router.report(where, queue=0, pins=[], seq=during)
+    assert router.holder_of("session:s1") == where
+    router.pin_settled(where, "session:s1")
+    # Once the prefill is over, a fresh report is the truth (here: the pin is not there).
+    router.report(where, queue=0, pins=[], seq=router.report_started())
+    assert router.holder_of("session:s1") is None
+
+
+def test_a_report_asked_for_before_an_unpin_does_not_bring_the_pin_back():
+    router = ReplicaRouter(["r0", "r1"])
+    where, _ = router.choose(route_key(SYSTEM_A, pin="session:s1"))
+    router.pin_settled(where, "session:s1")
+    stale = router.report_started()
+    router.unpinned("session:s1")
+    router.report(where, queue=2, pins=["session:s1"], seq=stale)
+    assert router.holder_of("session:s1") is None
+    assert router.views[where].reported_queue == 2  # its load still counts

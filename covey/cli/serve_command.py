@@ -93,7 +93,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="run the engine as replicas on Ray Serve behind a KV-cache-aware router "
         "(needs the ray extra: pip install -e \".[ray]\")",
     )
-    p.add_argument("--replicas", type=int, default=2, help="with --ray: engine replicas (2)")
+    p.add_argument("--replicas", type=int, default=None, help="with --ray: engine replicas (2)")
     p.add_argument(
         "--address",
         default=None,
@@ -101,20 +101,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--routing",
-        default="cache_aware",
+        default=None,
         help="with --ray: cache_aware (default), round_robin or pow2",
     )
     p.add_argument(
         "--max-imbalance",
         type=int,
-        default=4,
+        default=None,
         help="with --ray: send a call to the least-loaded replica instead of its best cache "
         "match when that one's queue is more than this many requests deeper (default 4)",
     )
     p.add_argument(
         "--replica-threads",
         type=int,
-        default=1,
+        default=None,
         help="with --ray: CPU threads per replica (default 1)",
     )
     p.add_argument(
@@ -126,12 +126,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--ray-app-prefix",
-        default="covey-engine-",
+        default=None,
         help="with --ray: name the replicas' Serve applications PREFIX0, PREFIX1, ... "
         "(default covey-engine-); each front on a shared cluster needs its own",
     )
     p.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning)")
     p.set_defaults(func=run)
+
+
+# The --ray options' defaults, filled in once it is known that none was given without --ray.
+RAY_DEFAULTS: dict[str, object] = {
+    "replicas": 2,
+    "routing": "cache_aware",
+    "max_imbalance": 4,
+    "replica_threads": 1,
+    "ray_app_prefix": "covey-engine-",
+}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -151,8 +161,14 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("give --model or --remote, not both")
     if args.ray and args.remote is not None:
         raise ConfigError("give --ray or --remote, not both")
-    if not args.ray and (args.address is not None or args.replicas != 2):
-        raise ConfigError("--replicas and --address go with --ray")
+    ray_options = {**RAY_DEFAULTS, "address": None, "replica_gpus": None}
+    given = [name for name in ray_options if getattr(args, name) is not None]
+    if not args.ray and given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise ConfigError(f"{flags} go{'es' if len(given) == 1 else ''} with --ray")
+    for name, default in RAY_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     if args.ray:
         from covey.server.replica_router import POLICIES
 

@@ -11,8 +11,15 @@ from covey.server.ray_deployment import gpus_per_replica
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--replicas", "3"], "--replicas and --address go with --ray"),
-        (["--address", "ray://head:10001"], "--replicas and --address go with --ray"),
+        (["--replicas", "3"], "--replicas goes with --ray"),
+        (["--replicas", "2"], "--replicas goes with --ray"),  # the default, still refused
+        (["--address", "ray://head:10001"], "--address goes with --ray"),
+        (["--routing", "pow2", "--max-imbalance", "2"], "--routing, --max-imbalance go with"),
+        (["--replica-threads", "2"], "--replica-threads goes with --ray"),
+        (["--replica-gpus", "1"], "--replica-gpus goes with --ray"),
+        (["--ray-app-prefix", "mine-"], "--ray-app-prefix goes with --ray"),
+        (["--ray", "--max-imbalance", "-1"], "--max-imbalance must be >= 0"),
+        (["--ray", "--replica-threads", "0"], "--replica-threads must be at least 1"),
         (["--ray", "--routing", "random"], "--routing must be one of cache_aware"),
         (["--ray", "--replicas", "0"], "must be at least 1"),
         (["--ray", "--remote", "http://127.0.0.1:9"], "give --ray or --remote, not both"),

@@ -74,7 +74,6 @@ def start_ray_engine(
         raise ConfigError(f"--replicas must be at least 1, got {replicas}")
     config = dict(engine_config or {})
     num_gpus = gpus_per_replica(str(config.get("device", "auto")), gpus, config)
-    capacity = 4 * int(config.get("kv_cache_tokens") or 16384)  # ~4 characters a token
     started = init_ray(address)
     names = [app_name(i, app_prefix) for i in range(replicas)]
     try:
@@ -88,9 +87,8 @@ def start_ray_engine(
         _teardown_quietly(names, started)
         raise
     try:
-        router = ReplicaRouter(
-            list(handles), policy=policy, max_imbalance=max_imbalance, capacity_chars=capacity
-        )
+        # The mirror's size is each replica's real KV pool, set from its reports.
+        router = ReplicaRouter(list(handles), policy=policy, max_imbalance=max_imbalance)
         if tokenizer == "auto":
             from covey.llm_backend.tokenizer import load_tokenizer
 

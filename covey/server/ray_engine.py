@@ -336,6 +336,7 @@ class RayEngine:
             log.warning("replica %s is back (pid %s)", replica.name, rep.pid)
             replica.up, replica.down_since = True, None
         replica.pid, replica.stats, replica.pins = rep.pid, rep.stats, rep.pins
+        self.router.set_capacity(replica.name, rep.stats.kv_blocks_total * rep.stats.block_size)
         self.router.report(
             replica.name, rep.stats.num_waiting + rep.stats.num_running, rep.pins, seq
         )

@@ -41,6 +41,8 @@ from covey.errors import ConfigError, EngineUnavailableError, InvalidRequestErro
 
 BLOCK_CHARS = 128  # about 32 tokens: coarse enough to keep the mirror small
 CHUNK_OUT_OF_ORDER_WEIGHT = 0.5
+# The mirror counts characters, a replica's KV pool tokens; the router's usual guess.
+CHARS_PER_TOKEN = 4
 Policy = Literal["cache_aware", "round_robin", "pow2"]
 POLICIES: tuple[str, ...] = ("cache_aware", "round_robin", "pow2")
 Decision = Literal["affinity", "fallback", "balance", "round_robin", "pow2", "pin"]
@@ -161,6 +163,10 @@ class ReplicaView:
                 self.chunks[chunk] = n
                 self.chunk_chars += n
                 self.index.setdefault("chunk:" + chunk, set()).add(self.name)
+        self.evict()
+
+    def evict(self) -> None:
+        """Drop the least recently used entries beyond `capacity_chars`."""
         while self.held_chars > self.capacity_chars and self.prefixes:
             h, n = self.prefixes.popitem(last=False)
             self.held_chars -= n
@@ -212,7 +218,7 @@ class ReplicaRouter:
         replicas: Sequence[str] = (),
         policy: str = "cache_aware",
         max_imbalance: int = 4,
-        capacity_chars: int = 4 * 16384,
+        capacity_chars: int = CHARS_PER_TOKEN * 16384,
         seed: int | None = 0,
     ) -> None:
         if policy not in POLICIES:
@@ -264,6 +270,14 @@ class ReplicaRouter:
             view.reported_queue = queue
             if seq is None or seq > view.pin_seq:
                 view.pins = set(pins) | view.pinning
+
+    def set_capacity(self, name: str, kv_tokens: int) -> None:
+        """The replica's real KV pool, from its report (a replacement may differ)."""
+        view = self.views.get(name)
+        chars = CHARS_PER_TOKEN * kv_tokens
+        if view is not None and kv_tokens > 0 and view.capacity_chars != chars:
+            view.capacity_chars = chars
+            view.evict()
 
     def pin_settled(self, name: str, pin: str) -> None:
         """The call that pins `pin` on `name` has finished (pinned or failed): reports

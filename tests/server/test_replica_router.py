@@ -155,3 +155,14 @@ def test_a_report_asked_for_before_an_unpin_does_not_bring_the_pin_back():
     router.report(where, queue=2, pins=["session:s1"], seq=stale)
     assert router.holder_of("session:s1") is None
     assert router.views[where].reported_queue == 2  # its load still counts
+
+
+def test_the_mirror_takes_the_size_of_the_replica_s_real_kv_pool():
+    router = ReplicaRouter(["r0"], capacity_chars=4 * 16384)
+    old, new = route_key("a" * 4 * BLOCK_CHARS), route_key("b" * 4 * BLOCK_CHARS)
+    router.choose(old)
+    router.choose(new)
+    router.set_capacity("r0", kv_tokens=BLOCK_CHARS)  # a report: the pool holds 4 blocks
+    view = router.views["r0"]
+    assert view.capacity_chars == 4 * BLOCK_CHARS
+    assert view.score(new) == 4 * BLOCK_CHARS and view.score(old) == 0  # LRU went first

@@ -56,7 +56,7 @@ def ray_replicas():
 @pytest.fixture(scope="session")
 def ray_server(ray_replicas, server_index):
     """A real uvicorn server serving the built-in apps on the Ray replicas."""
-    router = ReplicaRouter(list(ray_replicas), capacity_chars=4 * REPLICA_KV_TOKENS)
+    router = ReplicaRouter(list(ray_replicas))  # sized from the replicas' reports
     engine = RayEngine(
         ray_replicas,
         router,

@@ -11,6 +11,7 @@ from covey.errors import ConfigError, EngineUnavailableError
 from covey.server.ray_cluster import start_ray_engine
 from covey.server.ray_deployment import deploy_replicas
 from covey.server.ray_engine import RayEngine
+from tests.server.ray.conftest import REPLICA_KV_TOKENS
 
 
 def test_a_second_front_cannot_deploy_over_the_replicas_of_the_first(ray_replicas):
@@ -37,3 +38,12 @@ def test_a_start_that_fails_after_the_deploy_deletes_its_replicas(ray_replicas, 
 
 def _apps():
     return serve.status().applications
+
+
+def test_the_router_s_mirror_is_the_size_of_each_replica_s_kv_pool(ray_server):
+    engine = ray_server.state.engine
+    ray_server.wait_idle()
+    for r in engine.replica_states():
+        pool_tokens = r.stats.kv_blocks_total * r.stats.block_size
+        assert pool_tokens >= REPLICA_KV_TOKENS
+        assert engine.router.views[r.name].capacity_chars == 4 * pool_tokens

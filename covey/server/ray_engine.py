@@ -240,10 +240,14 @@ class RayEngine:
 
     # -- load, metrics ------------------------------------------------------------------
 
-    async def stats(self) -> EngineStats:
-        """The replicas' stats summed (live ones, as just reported)."""
+    async def stats(self, refresh: bool = False) -> EngineStats:
+        """The live replicas' stats summed, as the report loop last heard them: a
+        `/metrics` scrape costs no call to a replica (a busy or dead one would hold it up
+        to `REPORT_TIMEOUT_S`). `refresh`: ask every replica first, down ones included
+        (a replacement that answers is put back)."""
         self._ensure_reporter()
-        await asyncio.gather(*(self._report(r) for r in self.replicas.values()))
+        if refresh or all(r.stats is None for r in self.replicas.values()):
+            await asyncio.gather(*(self._report(r) for r in self.replicas.values()))
         live = [r.stats for r in self.replicas.values() if r.up and r.stats is not None]
         return sum_stats(self._model, live)
 

@@ -91,7 +91,7 @@ def test_a_killed_replica_fails_or_retries_its_requests_and_is_replaced(ray_repl
         while not streaming.replicas[victim].up:
             assert time.monotonic() < deadline, "the dead replica was not replaced"
             await asyncio.sleep(1.0)
-            await streaming.stats()
+            await streaming.stats(refresh=True)
         assert streaming.replicas[victim].pid != pid
         await streaming.close()
         await retrying.close()
@@ -99,7 +99,11 @@ def test_a_killed_replica_fails_or_retries_its_requests_and_is_replaced(ray_repl
 
     victim = asyncio.run(scenario())
     assert chat() == 200
-    # The server's own engine counted the death (its liveness check or the new pid).
+    # The server's own engine counted the death (its liveness check or the new pid; its
+    # report loop runs on its own, so give it a few rounds).
+    deadline = time.monotonic() + 30
+    while deaths_of(victim) < 1.0 and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert deaths_of(victim) == 1.0
 
 
@@ -119,7 +123,7 @@ def test_a_replica_killed_while_idle_does_not_hold_calls_until_its_replacement(r
             pass
         victim = engine.router.choose(_key(IDLE_PREFIX), remember=False)[0]
         assert engine.router.views[victim].held_chars > 0  # affinity will send it there
-        await engine.stats()
+        await engine.stats(refresh=True)
         assert engine.replicas[victim].stats.num_running == 0  # idle: nothing in flight
         pid = engine.replicas[victim].pid
         os.kill(pid, signal.SIGKILL)
@@ -145,7 +149,7 @@ async def wait_all_up(engine: RayEngine) -> None:
     deadline = time.monotonic() + REPLACED_TIMEOUT_S
     while True:
         await engine.check_liveness()
-        await engine.stats()
+        await engine.stats(refresh=True)
         if all(r.up and r.stats is not None for r in engine.replicas.values()):
             running = await asyncio.to_thread(running_replicas, list(engine.replicas))
             if all(n >= 1 for n in running.values()):

@@ -30,7 +30,6 @@ import os
 import random
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -87,41 +86,6 @@ def workload(tag: str, size: dict[str, Any], seed: int = 0) -> list[str]:
     return prompts
 
 
-class Front:
-    """The covey server (uvicorn on its own thread and loop) around one `RayEngine`."""
-
-    def __init__(self, engine: Any) -> None:
-        import uvicorn
-
-        from covey.server.app_factory import create_app
-        from covey.server.server_builder import build_state
-        from covey.server.state import ServerSettings
-
-        from_port = _free_port()
-        state = build_state(engine, None, ServerSettings(max_in_flight=256), apps={})
-        config = uvicorn.Config(
-            create_app(state), host="127.0.0.1", port=from_port, log_level="warning"
-        )
-        self.server = uvicorn.Server(config)
-        self.url = f"http://127.0.0.1:{from_port}"
-        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()))
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=60)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def drive(url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int):
     """Send every prompt (streamed completions, greedy) from `concurrency` clients; returns
     (TTFTs, wall seconds)."""
@@ -161,14 +125,18 @@ async def drive(url: str, model: str, prompts: list[str], concurrency: int, max_
 
 def run_system(system: str, policy: str, handles: dict[str, Any], size: dict[str, Any]):
     from covey.llm_backend.tokenizer import load_tokenizer
+    from covey.server.background_server import BackgroundServer
     from covey.server.ray_engine import RayEngine
     from covey.server.replica_router import ReplicaRouter
+    from covey.server.server_builder import build_state
+    from covey.server.state import ServerSettings
 
     router = ReplicaRouter(list(handles), policy=policy, capacity_chars=4 * REPLICA_KV_TOKENS)
     engine = RayEngine(handles, router, tokenizer=load_tokenizer(None), report_interval_s=0.5)
     asyncio.run(engine.connect())
-    before = asyncio.run(engine.stats())
-    front = Front(engine)
+    before = asyncio.run(engine.stats(refresh=True))
+    state = build_state(engine, None, ServerSettings(max_in_flight=256), apps={})
+    front = BackgroundServer(state)
     try:
         prompts = workload(system, size)
         ttfts, wall = asyncio.run(
@@ -176,7 +144,7 @@ def run_system(system: str, policy: str, handles: dict[str, Any], size: dict[str
         )
     finally:
         front.stop()
-    after = asyncio.run(engine.stats())
+    after = asyncio.run(engine.stats(refresh=True))
     queried = after.prefix_cache_queried_tokens - before.prefix_cache_queried_tokens
     hits = after.prefix_cache_hit_tokens - before.prefix_cache_hit_tokens
     ttfts.sort()

@@ -93,7 +93,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="run the engine as replicas on Ray Serve behind a KV-cache-aware router "
         "(needs the ray extra: pip install -e \".[ray]\")",
     )
-    p.add_argument("--replicas", type=int, default=2, help="with --ray: engine replicas (2)")
+    p.add_argument("--replicas", type=int, default=None, help="with --ray: engine replicas (2)")
     p.add_argument(
         "--address",
         default=None,
@@ -101,24 +101,47 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--routing",
-        default="cache_aware",
+        default=None,
         help="with --ray: cache_aware (default), round_robin or pow2",
     )
     p.add_argument(
         "--max-imbalance",
         type=int,
-        default=4,
+        default=None,
         help="with --ray: send a call to the least-loaded replica instead of its best cache "
         "match when that one's queue is more than this many requests deeper (default 4)",
     )
     p.add_argument(
         "--replica-threads",
         type=int,
-        default=1,
+        default=None,
         help="with --ray: CPU threads per replica (default 1)",
+    )
+    p.add_argument(
+        "--replica-gpus",
+        type=float,
+        default=None,
+        help="with --ray: GPUs each replica reserves from Ray (default 1 with --device cuda, "
+        "else 0; a replica that reserves none runs on CPU)",
+    )
+    p.add_argument(
+        "--ray-app-prefix",
+        default=None,
+        help="with --ray: name the replicas' Serve applications PREFIX0, PREFIX1, ... "
+        "(default covey-engine-); each front on a shared cluster needs its own",
     )
     p.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning)")
     p.set_defaults(func=run)
+
+
+# The --ray options' defaults, filled in once it is known that none was given without --ray.
+RAY_DEFAULTS: dict[str, object] = {
+    "replicas": 2,
+    "routing": "cache_aware",
+    "max_imbalance": 4,
+    "replica_threads": 1,
+    "ray_app_prefix": "covey-engine-",
+}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -138,8 +161,14 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("give --model or --remote, not both")
     if args.ray and args.remote is not None:
         raise ConfigError("give --ray or --remote, not both")
-    if not args.ray and (args.address is not None or args.replicas != 2):
-        raise ConfigError("--replicas and --address go with --ray")
+    ray_options = {**RAY_DEFAULTS, "address": None, "replica_gpus": None}
+    given = [name for name in ray_options if getattr(args, name) is not None]
+    if not args.ray and given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise ConfigError(f"{flags} go{'es' if len(given) == 1 else ''} with --ray")
+    for name, default in RAY_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     if args.ray:
         from covey.server.replica_router import POLICIES
 
@@ -150,6 +179,9 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--replicas and --replica-threads must be at least 1")
         if args.max_imbalance < 0:
             raise ConfigError(f"--max-imbalance must be >= 0, got {args.max_imbalance}")
+        from covey.server.ray_deployment import gpus_per_replica
+
+        gpus_per_replica(args.device, args.replica_gpus)
     host = defaults.host if args.host is None else args.host
     sock = bind(host, defaults.port if args.port is None else args.port)
     port = sock.getsockname()[1]
@@ -180,23 +212,30 @@ def run(args: argparse.Namespace) -> int:
                     policy=args.routing,
                     max_imbalance=args.max_imbalance,
                     threads=args.replica_threads,
+                    gpus=args.replica_gpus,
+                    app_prefix=args.ray_app_prefix,
                     engine_config=engine_config,
                 )
                 engine_config = {}
-            load_into(
-                state,
-                args.model,
-                args.index,
-                user_apps,
-                remote=args.remote,
-                remote_api_key=args.remote_api_key,
-                engine=engine,
-                **engine_config,
-            )
-            if engine is not None:
-                from covey.server.ray_metrics import register_ray_metrics
+            try:
+                load_into(
+                    state,
+                    args.model,
+                    args.index,
+                    user_apps,
+                    remote=args.remote,
+                    remote_api_key=args.remote_api_key,
+                    engine=engine,
+                    **engine_config,
+                )
+                if engine is not None:
+                    from covey.server.ray_metrics import register_ray_metrics
 
-                register_ray_metrics(state.metrics.registry, engine)
+                    register_ray_metrics(state.metrics.registry, engine)
+            except BaseException:  # a bad --index or app, Ctrl-C: the replicas go too
+                if engine is not None:
+                    asyncio.run(engine.close())
+                raise
         config = uvicorn.Config(
             app,
             log_level=args.log_level,

@@ -10,13 +10,24 @@ route blind to the first one's decisions. What it costs per request is measured 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from typing import Any
 
 from covey.errors import ConfigError
-from covey.server.ray_deployment import delete_replicas, deploy_replicas, require_ray
+from covey.server.ray_deployment import (
+    APP_PREFIX,
+    app_name,
+    delete_replicas,
+    deploy_replicas,
+    gpus_per_replica,
+    require_ray,
+    running_replicas,
+)
 from covey.server.ray_engine import RayEngine
 from covey.server.replica_router import POLICIES, ReplicaRouter
+
+log = logging.getLogger(__name__)
 
 OBJECT_STORE_BYTES = 256 * 1024 * 1024  # prompts and outputs only: KV never crosses Ray
 
@@ -33,6 +44,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
         ray.init(address=address, log_to_driver=False)
         return False
     ray.init(
+        address="local",  # not whatever RAY_ADDRESS or /tmp/ray/ray_current_cluster names
         num_cpus=num_cpus or os.cpu_count() or 1,
         object_store_memory=OBJECT_STORE_BYTES,
         include_dashboard=False,
@@ -49,6 +61,8 @@ def start_ray_engine(
     policy: str = "cache_aware",
     max_imbalance: int = 4,
     threads: int = 1,
+    gpus: float | None = None,
+    app_prefix: str = APP_PREFIX,
     engine_config: dict[str, Any] | None = None,
     tokenizer: Any = "auto",
 ) -> RayEngine:
@@ -58,20 +72,33 @@ def start_ray_engine(
         raise ConfigError(f"--routing must be one of {', '.join(POLICIES)}, got {policy!r}")
     if replicas < 1:
         raise ConfigError(f"--replicas must be at least 1, got {replicas}")
-    started = init_ray(address)
     config = dict(engine_config or {})
-    handles = deploy_replicas(replicas, model, config, threads=threads)
-    capacity = 4 * int(config.get("kv_cache_tokens") or 16384)  # ~4 characters a token
-    router = ReplicaRouter(
-        list(handles), policy=policy, max_imbalance=max_imbalance, capacity_chars=capacity
-    )
-    if tokenizer == "auto":
-        from covey.llm_backend.tokenizer import load_tokenizer
+    num_gpus = gpus_per_replica(str(config.get("device", "auto")), gpus, config)
+    started = init_ray(address)
+    names = [app_name(i, app_prefix) for i in range(replicas)]
+    try:
+        handles = deploy_replicas(
+            replicas, model, config, threads=threads, num_gpus=num_gpus, app_prefix=app_prefix
+        )
+    except ConfigError:  # refused before deploying: the names may be another front's
+        _teardown_quietly([], started)
+        raise
+    except BaseException:  # some replicas may be up (Serve apps outlive this process)
+        _teardown_quietly(names, started)
+        raise
+    try:
+        # The mirror's size is each replica's real KV pool, set from its reports.
+        router = ReplicaRouter(list(handles), policy=policy, max_imbalance=max_imbalance)
+        if tokenizer == "auto":
+            from covey.llm_backend.tokenizer import load_tokenizer
 
-        tokenizer = load_tokenizer(model)
-    engine = RayEngine(handles, router, tokenizer=tokenizer)
-    engine.on_close = lambda: _teardown(list(handles), started)
-    asyncio.run(engine.connect())
+            tokenizer = load_tokenizer(model)
+        engine = RayEngine(handles, router, tokenizer=tokenizer, liveness=running_replicas)
+        engine.on_close = lambda: _teardown(list(handles), started)
+        asyncio.run(engine.connect())
+    except BaseException:  # Ctrl-C included: never leave replicas behind on a cluster
+        _teardown_quietly(list(handles), started)
+        raise
     return engine
 
 
@@ -81,3 +108,11 @@ def _teardown(names: list[str], stop_cluster: bool) -> None:
         import ray
 
         ray.shutdown()
+
+
+def _teardown_quietly(names: list[str], stop_cluster: bool) -> None:
+    """`_teardown` on a failed start: its own error must not hide the one that failed it."""
+    try:
+        _teardown(names, stop_cluster)
+    except Exception as exc:
+        log.warning("could not delete the replicas %s: %s", ", ".join(names), exc)

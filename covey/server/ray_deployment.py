@@ -39,18 +39,58 @@ def require_ray() -> Any:
     return serve
 
 
+def gpus_per_replica(
+    device: str, requested: float | None, engine_config: dict[str, Any] | None = None
+) -> float:
+    """The GPUs each replica reserves from Ray for `device` (`--replica-gpus`), or a
+    one-line error. Ray no longer hides GPUs from an actor that reserves none, so a replica
+    must reserve the GPU it computes on: unreserved, every replica would load onto cuda:0
+    unknown to Ray's scheduler, each sizing its KV pool from the memory free at that
+    moment. A reserved GPU is the replica's `cuda` (Ray sets CUDA_VISIBLE_DEVICES)."""
+    cuda = device.startswith("cuda")
+    if cuda and device not in ("cuda", "cuda:0"):
+        raise ConfigError(
+            f"with --ray give --device cuda, not {device}: Ray assigns each replica its GPU"
+        )
+    gpus = (1.0 if cuda else 0.0) if requested is None else requested
+    if gpus < 0:
+        raise ConfigError(f"--replica-gpus must be >= 0, got {gpus}")
+    if cuda and gpus == 0:
+        raise ConfigError("--device cuda with --ray needs --replica-gpus above 0")
+    if gpus > 0 and device != "auto" and not cuda:
+        raise ConfigError(f"--replica-gpus goes with --device cuda or auto, not {device}")
+    config = engine_config or {}
+    sized = config.get("kv_cache_tokens") is not None or config.get("kv_cache_bytes") is not None
+    if 0 < gpus < 1 and not sized:
+        raise ConfigError(
+            f"--replica-gpus {gpus} shares a GPU between replicas, and each would size its "
+            "KV pool from the memory free when it loads: give whole GPUs, or an explicit "
+            "kv_cache_tokens in the engine config"
+        )
+    return gpus
+
+
 class EngineReplica:
     """One engine replica: an `AsyncLLM` over `model` with `engine_config`, computing on
-    `threads` CPU threads (torch's pool is per process; each replica is one)."""
+    `threads` CPU threads (torch's pool is per process; each replica is one), on the GPU
+    Ray gave it when it reserved `num_gpus`, on CPU otherwise (`auto` included: a GPU the
+    replica did not reserve is not its to use)."""
 
-    def __init__(self, model: str | None, engine_config: dict[str, Any], threads: int) -> None:
+    def __init__(
+        self, model: str | None, engine_config: dict[str, Any], threads: int, num_gpus: float = 0.0
+    ) -> None:
         import torch
 
         from covey.llm_backend.async_llm import AsyncLLM
 
         if threads > 0:
             torch.set_num_threads(threads)
-        self.llm = AsyncLLM(model, **engine_config)
+        config = dict(engine_config)
+        if num_gpus == 0 and config.get("device", "auto") == "auto":
+            config["device"] = "cpu"
+        elif num_gpus > 0 and config.get("device", "auto") in ("auto", "cuda:0"):
+            config["device"] = "cuda"
+        self.llm = AsyncLLM(model, **config)
         self.draining = False
 
     async def generate(
@@ -125,12 +165,13 @@ def deploy_replicas(
     threads: int = 1,
     num_cpus: float = 0.5,
     app_prefix: str = APP_PREFIX,
+    num_gpus: float = 0.0,
 ) -> dict[str, Any]:
     """Deploy `replicas` engine replicas on the connected Ray cluster (`ray.init` first);
     returns application name -> its `DeploymentHandle`."""
     if replicas < 1:
         raise ConfigError(f"--replicas must be at least 1, got {replicas}")
-    spec = ReplicaSpec(model, dict(engine_config or {}), threads, num_cpus)
+    spec = ReplicaSpec(model, dict(engine_config or {}), threads, num_cpus, num_gpus)
     return deploy_specs({app_name(i, app_prefix): spec for i in range(replicas)})
 
 
@@ -140,29 +181,53 @@ class ReplicaSpec:
     engine_config: dict[str, Any]
     threads: int = 1
     num_cpus: float = 0.5
+    num_gpus: float = 0.0  # see gpus_per_replica
 
 
 def deploy_specs(specs: dict[str, ReplicaSpec]) -> dict[str, Any]:
     """Deploy one single-replica application per name, all at once (they load in
-    parallel); returns name -> `DeploymentHandle`."""
+    parallel); returns name -> `DeploymentHandle`. Refuses names Serve already runs:
+    deploying over them would replace another front's replicas, and its close would later
+    delete ours."""
     serve = require_ray()
     serve.start(proxy_location="Disabled")
+    taken = sorted(set(specs) & set(serve.status().applications))
+    if taken:
+        raise ConfigError(
+            f"Ray Serve already runs {', '.join(taken)} (another covey front on this cluster?): "
+            "give another --ray-app-prefix, or stop that front first"
+        )
     targets = []
     for name, spec in specs.items():
         deployment = serve.deployment(
             EngineReplica,
             name="engine",
             num_replicas=1,
-            ray_actor_options={"num_cpus": spec.num_cpus},
+            ray_actor_options={"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus},
             max_ongoing_requests=1024,  # the engine batches; the router bounds imbalance
             health_check_period_s=HEALTH_CHECK_PERIOD_S,
             health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
             graceful_shutdown_wait_loop_s=0.5,
             graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_TIMEOUT_S,
         )
-        bound = deployment.bind(spec.model, dict(spec.engine_config), spec.threads)
+        bound = deployment.bind(
+            spec.model, dict(spec.engine_config), spec.threads, spec.num_gpus
+        )
         targets.append(serve.RunTarget(bound, name=name, route_prefix=None))
     return dict(zip(specs, serve.run_many(targets)))
+
+
+def running_replicas(names: list[str]) -> dict[str, int]:
+    """name -> how many replicas Serve's controller has RUNNING for that application (0
+    while a dead one is being replaced, or when the application is gone)."""
+    serve = require_ray()
+    apps = serve.status().applications
+    running: dict[str, int] = {}
+    for name in names:
+        app = apps.get(name)
+        deployments = app.deployments.values() if app is not None else ()
+        running[name] = sum(d.replica_states.get("RUNNING", 0) for d in deployments)
+    return running
 
 
 def delete_replicas(names: list[str]) -> None:

@@ -41,6 +41,8 @@ from covey.server.replica_router import ReplicaRouter, route_key
 log = logging.getLogger(__name__)
 
 REPORT_TIMEOUT_S = 5.0
+LIVENESS_INTERVAL_S = 1.0
+DOWN_POLL_S = 0.25  # how often a call with nothing received yet looks for its replica's death
 
 
 class ReplicaDied(Exception):
@@ -73,6 +75,7 @@ class RayEngine:
         tokenizer: ChatTokenizer | None = None,
         report_interval_s: float = 1.0,
         retry: bool = True,
+        liveness: Callable[[list[str]], dict[str, int]] | None = None,
     ) -> None:
         if not handles:
             raise EngineUnavailableError("a RayEngine needs at least one replica")
@@ -82,6 +85,10 @@ class RayEngine:
             self.router.add(name)
         self.report_interval_s = report_interval_s
         self.retry = retry
+        # name -> how many replicas Serve has RUNNING for it (`running_replicas`): the only
+        # way to see a replica that died idle, since Serve's handle queues a call to a dead
+        # replica until its replacement is up instead of failing it.
+        self.liveness = liveness
         self._tokenizer = tokenizer
         self._model = "(not connected)"
         self._capabilities = EngineCapabilities()
@@ -135,14 +142,15 @@ class RayEngine:
             name, _ = self.router.choose(key, exclude=self._down() + tried)
             replica = self.replicas[name]
             streamed = done = False
-            self.router.started(name)
-            if request_id is not None:
-                self._running[request_id] = name
-            stream = replica.handle.generate.options(stream=True).remote(
-                prompt, params, request_id, priority
-            )
+            stream = None
             try:
-                async for out in _unwrapped(stream, replica):
+                self.router.started(name)
+                if request_id is not None:
+                    self._running[request_id] = name
+                stream = replica.handle.generate.options(stream=True).remote(
+                    prompt, params, request_id, priority
+                )
+                async for out in _first_while_up(_unwrapped(stream, replica), replica):
                     streamed = True
                     if out.finished:  # counted now: a consumer may stop at the last output
                         replica.served += 1
@@ -164,7 +172,7 @@ class RayEngine:
                 self.router.finished(name)
                 if request_id is not None and self._running.get(request_id) == name:
                     del self._running[request_id]
-                if not done and not stream.cancelled():
+                if stream is not None and not done and not stream.cancelled():
                     stream.cancel()  # a consumer that went away aborts the replica's request
 
     async def prefill(
@@ -175,7 +183,11 @@ class RayEngine:
         request_id: str | None = None,
     ) -> RequestOutput | None:
         name, _ = self.router.choose(route_key(prompt, pin), exclude=self._down())
-        return await self._call(name, "prefill", prompt, priority, pin, request_id)
+        try:
+            return await self._call(name, "prefill", prompt, priority, pin, request_id)
+        finally:
+            if pin is not None:
+                self.router.pin_settled(name, pin)
 
     async def unpin(self, pin: str) -> bool:
         holder = self.router.holder_of(pin)
@@ -184,8 +196,7 @@ class RayEngine:
         done = await asyncio.gather(
             *(self._call(n, "unpin", pin) for n in names), return_exceptions=True
         )
-        for view in self.router.views.values():
-            view.pins.discard(pin)
+        self.router.unpinned(pin)
         return any(d is True for d in done)
 
     async def pinned(self) -> dict[str, int]:
@@ -193,13 +204,14 @@ class RayEngine:
         sends a pin back to the replica holding it)."""
         merged: dict[str, int] = {}
         names = [n for n in self.replicas if n not in self._down()]
+        seq = self.router.report_started()
         answers = await asyncio.gather(
             *(self._call(n, "pinned") for n in names), return_exceptions=True
         )
         for name, pins in zip(names, answers):
             if isinstance(pins, dict):
                 merged.update(pins)
-                self.router.report(name, self.router.views[name].reported_queue, pins)
+                self.router.report(name, self.router.views[name].reported_queue, pins, seq)
         return merged
 
     async def warm_chunks(self, chunks: list[Segment], compute: bool = False) -> int:
@@ -228,10 +240,14 @@ class RayEngine:
 
     # -- load, metrics ------------------------------------------------------------------
 
-    async def stats(self) -> EngineStats:
-        """The replicas' stats summed (live ones, as just reported)."""
+    async def stats(self, refresh: bool = False) -> EngineStats:
+        """The live replicas' stats summed, as the report loop last heard them: a
+        `/metrics` scrape costs no call to a replica (a busy or dead one would hold it up
+        to `REPORT_TIMEOUT_S`). `refresh`: ask every replica first, down ones included
+        (a replacement that answers is put back)."""
         self._ensure_reporter()
-        await asyncio.gather(*(self._report(r) for r in self.replicas.values()))
+        if refresh or all(r.stats is None for r in self.replicas.values()):
+            await asyncio.gather(*(self._report(r) for r in self.replicas.values()))
         live = [r.stats for r in self.replicas.values() if r.up and r.stats is not None]
         return sum_stats(self._model, live)
 
@@ -267,13 +283,40 @@ class RayEngine:
                 self._reporter = asyncio.get_running_loop().create_task(self._report_loop())
 
     async def _report_loop(self) -> None:
+        await asyncio.gather(self._reports_loop(), self._liveness_loop())
+
+    async def _reports_loop(self) -> None:
         while not self._closed:
             await asyncio.gather(*(self._report(r) for r in self.replicas.values()))
             await asyncio.sleep(self.report_interval_s)
 
+    async def _liveness_loop(self) -> None:
+        """Its own loop: a report to a dead replica waits out `REPORT_TIMEOUT_S`, and a
+        timed-out report cannot tell dead from busy; Serve's controller can."""
+        while self.liveness is not None and not self._closed:
+            await self.check_liveness()
+            await asyncio.sleep(LIVENESS_INTERVAL_S)
+
+    async def check_liveness(self) -> None:
+        """Mark down every replica Serve has no running replica for (dead, being replaced)."""
+        if self.liveness is None:
+            return
+        try:
+            running = await asyncio.wait_for(
+                asyncio.to_thread(self.liveness, list(self.replicas)), REPORT_TIMEOUT_S
+            )
+        except Exception as exc:  # best effort, as reports are
+            log.debug("Serve's status did not answer: %s", exc)
+            return
+        for name, count in running.items():
+            replica = self.replicas.get(name)
+            if replica is not None and replica.up and count < 1:
+                self._mark_down(replica)
+
     async def _report(self, replica: ReplicaState) -> Any:
         """Ask one replica for its report; a dead one is marked down, a replacement that
         answers is put back (empty: the router forgot what its predecessor held)."""
+        seq = self.router.report_started()
         try:
             rep = await asyncio.wait_for(
                 _await(replica.handle.report.remote(), replica), REPORT_TIMEOUT_S
@@ -297,8 +340,9 @@ class RayEngine:
             log.warning("replica %s is back (pid %s)", replica.name, rep.pid)
             replica.up, replica.down_since = True, None
         replica.pid, replica.stats, replica.pins = rep.pid, rep.stats, rep.pins
+        self.router.set_capacity(replica.name, rep.stats.kv_blocks_total * rep.stats.block_size)
         self.router.report(
-            replica.name, rep.stats.num_waiting + rep.stats.num_running, rep.pins
+            replica.name, rep.stats.num_waiting + rep.stats.num_running, rep.pins, seq
         )
         return rep
 
@@ -320,6 +364,35 @@ class RayEngine:
         except ReplicaDied as exc:
             self._mark_down(replica)
             raise EngineUnavailableError(f"engine replica {name} is gone ({exc})") from None
+
+
+async def _first_while_up(
+    outputs: AsyncIterator[RequestOutput], replica: ReplicaState
+) -> AsyncIterator[RequestOutput]:
+    """`outputs`, but waiting for the first one only while `replica` is not marked down:
+    a call sent to a replica that died idle is queued by Serve until the replacement has
+    loaded (minutes), so once the liveness check marks it down the call is given up as
+    `ReplicaDied` (nothing streamed: it can be retried elsewhere)."""
+    deaths = replica.deaths
+    first = asyncio.ensure_future(anext(outputs))
+    try:
+        while True:
+            done, _ = await asyncio.wait({first}, timeout=DOWN_POLL_S)
+            if done:
+                break
+            if replica.deaths != deaths or not replica.up:
+                raise ReplicaDied(f"Serve reports replica {replica.name} is not running")
+    finally:
+        if not first.done():
+            first.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await first
+    try:
+        yield first.result()
+    except StopAsyncIteration:
+        return
+    async for out in outputs:
+        yield out
 
 
 def _replica_gone_errors() -> tuple[type[BaseException], ...]:
@@ -363,9 +436,9 @@ async def _unwrapped(stream: Any, replica: ReplicaState) -> AsyncIterator[Reques
             yield out
     except _replica_gone_errors() as exc:
         raise ReplicaDied(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
-    except CoveyError:
-        raise
     except Exception as exc:
+        # Ray raises a streamed error as `RayTaskError.as_instanceof_cause()`, a class that
+        # is also the covey error's class: unwrap it first, or the client gets Ray's text.
         unwrapped = _unwrap(exc)
         if unwrapped is exc:
             raise

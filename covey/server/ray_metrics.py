@@ -2,8 +2,8 @@
 
 A Prometheus collector over a `RayEngine`, registered on the server's own registry. It
 reads what the engine already holds (each replica's last report, the router's counters),
-so a scrape costs no call to a replica beyond the `stats()` the server's metrics make
-anyway (which refreshes every report). Series:
+so a scrape costs no call to a replica: the server's own `stats()` reads the same
+reports, which the engine's report loop refreshes. Series:
 - `covey_replica_up`, `covey_replica_queue_depth`, `covey_replica_running`,
   `covey_replica_kv_usage_ratio`, `covey_replica_prefix_cache_hit_rate`,
   `covey_replica_chunk_cache_hit_rate` (host tier), `covey_replica_pins`: per replica;

@@ -41,6 +41,8 @@ from covey.errors import ConfigError, EngineUnavailableError, InvalidRequestErro
 
 BLOCK_CHARS = 128  # about 32 tokens: coarse enough to keep the mirror small
 CHUNK_OUT_OF_ORDER_WEIGHT = 0.5
+# The mirror counts characters, a replica's KV pool tokens; the router's usual guess.
+CHARS_PER_TOKEN = 4
 Policy = Literal["cache_aware", "round_robin", "pow2"]
 POLICIES: tuple[str, ...] = ("cache_aware", "round_robin", "pow2")
 Decision = Literal["affinity", "fallback", "balance", "round_robin", "pow2", "pin"]
@@ -114,6 +116,10 @@ class ReplicaView:
     in_flight: int = 0  # calls sent and not finished (the router's own count)
     reported_queue: int = 0  # waiting + running, as the replica last reported
     pins: set[str] = field(default_factory=set)
+    # The router's sequence number at its last change to `pins` here (a pin routed, settled
+    # or dropped): a report that started before it is stale about pins (see `report`).
+    pin_seq: int = 0
+    pinning: set[str] = field(default_factory=set)  # pins routed here, prefill still running
     # The router's inverted index (unit hash or chunk id -> replicas holding it), shared by
     # every view and kept in step here, so a call is scored only on candidate replicas.
     index: dict[str, set[str]] = field(default_factory=dict)
@@ -157,6 +163,10 @@ class ReplicaView:
                 self.chunks[chunk] = n
                 self.chunk_chars += n
                 self.index.setdefault("chunk:" + chunk, set()).add(self.name)
+        self.evict()
+
+    def evict(self) -> None:
+        """Drop the least recently used entries beyond `capacity_chars`."""
         while self.held_chars > self.capacity_chars and self.prefixes:
             h, n = self.prefixes.popitem(last=False)
             self.held_chars -= n
@@ -182,6 +192,7 @@ class ReplicaView:
         self.chunks.clear()
         self.held_chars = self.chunk_chars = 0
         self.pins.clear()
+        self.pinning.clear()
         self.in_flight = self.reported_queue = 0
 
 
@@ -207,7 +218,7 @@ class ReplicaRouter:
         replicas: Sequence[str] = (),
         policy: str = "cache_aware",
         max_imbalance: int = 4,
-        capacity_chars: int = 4 * 16384,
+        capacity_chars: int = CHARS_PER_TOKEN * 16384,
         seed: int | None = 0,
     ) -> None:
         if policy not in POLICIES:
@@ -222,6 +233,7 @@ class ReplicaRouter:
         self.index: dict[str, set[str]] = {}
         self.counters = RouterCounters()
         self._rr = itertools.count()
+        self._seq = itertools.count(1)
         self._random = random.Random(seed)
         for name in replicas:
             self.add(name)
@@ -242,12 +254,46 @@ class ReplicaRouter:
         self.forget(name)
         self.views.pop(name, None)
 
-    def report(self, name: str, queue: int, pins: Iterable[str] = ()) -> None:
-        """A replica's own report: its queue (waiting + running) and the pins it holds."""
+    def report_started(self) -> int:
+        """The sequence number to pass to `report` for a report asked for now."""
+        return next(self._seq)
+
+    def report(
+        self, name: str, queue: int, pins: Iterable[str] = (), seq: int | None = None
+    ) -> None:
+        """A replica's own report: its queue (waiting + running) and the pins it holds.
+        Its pins are ignored when the report was asked for (`seq`, from `report_started`)
+        before the router last changed this replica's pins: it would undo a pin routed
+        there whose prefill is still running, or bring back one just unpinned."""
         view = self.views.get(name)
         if view is not None:
             view.reported_queue = queue
-            view.pins = set(pins)
+            if seq is None or seq > view.pin_seq:
+                view.pins = set(pins) | view.pinning
+
+    def set_capacity(self, name: str, kv_tokens: int) -> None:
+        """The replica's real KV pool, from its report (a replacement may differ)."""
+        view = self.views.get(name)
+        chars = CHARS_PER_TOKEN * kv_tokens
+        if view is not None and kv_tokens > 0 and view.capacity_chars != chars:
+            view.capacity_chars = chars
+            view.evict()
+
+    def pin_settled(self, name: str, pin: str) -> None:
+        """The call that pins `pin` on `name` has finished (pinned or failed): reports
+        asked for from now on say the truth about it."""
+        view = self.views.get(name)
+        if view is not None:
+            view.pinning.discard(pin)
+            view.pin_seq = next(self._seq)
+
+    def unpinned(self, pin: str) -> None:
+        """`pin` was released: no replica holds it, whatever an older report says."""
+        for view in self.views.values():
+            if pin in view.pins or pin in view.pinning:
+                view.pins.discard(pin)
+                view.pinning.discard(pin)
+                view.pin_seq = next(self._seq)
 
     # -- routing ------------------------------------------------------------------------
 
@@ -266,9 +312,10 @@ class ReplicaRouter:
             self.counters.matched_chars += view.matched_units(key)[1]
             view.remember(key)
             if key.pin is not None:
-                for other in self.views.values():
-                    other.pins.discard(key.pin)
+                self.unpinned(key.pin)
                 view.pins.add(key.pin)
+                view.pinning.add(key.pin)
+                view.pin_seq = next(self._seq)
         return view.name, decision
 
     def _pick(self, key: RouteKey, live: list[ReplicaView]) -> tuple[ReplicaView, str]:

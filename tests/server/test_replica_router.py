@@ -129,3 +129,40 @@ def test_keys_of_text_token_ids_and_segments():
         route_key(3.5)
     with pytest.raises(ConfigError, match="routing policy"):
         ReplicaRouter(["r0"], policy="random")
+
+
+def test_a_report_asked_for_before_a_pin_was_routed_does_not_undo_it():
+    router = ReplicaRouter(["r0", "r1"])
+    stale = router.report_started()  # in flight while the pin is routed and prefilled
+    where, _ = router.choose(route_key(SYSTEM_A, pin="session:s1"))
+    router.report(where, queue=0, pins=[], seq=stale)
+    assert router.holder_of("session:s1") == where
+    during = router.report_started()  # asked for while the pinning prefill still runs
+    router.report(where, queue=0, pins=[], seq=during)
+    assert router.holder_of("session:s1") == where
+    router.pin_settled(where, "session:s1")
+    # Once the prefill is over, a fresh report is the truth (here: the pin is not there).
+    router.report(where, queue=0, pins=[], seq=router.report_started())
+    assert router.holder_of("session:s1") is None
+
+
+def test_a_report_asked_for_before_an_unpin_does_not_bring_the_pin_back():
+    router = ReplicaRouter(["r0", "r1"])
+    where, _ = router.choose(route_key(SYSTEM_A, pin="session:s1"))
+    router.pin_settled(where, "session:s1")
+    stale = router.report_started()
+    router.unpinned("session:s1")
+    router.report(where, queue=2, pins=["session:s1"], seq=stale)
+    assert router.holder_of("session:s1") is None
+    assert router.views[where].reported_queue == 2  # its load still counts
+
+
+def test_the_mirror_takes_the_size_of_the_replica_s_real_kv_pool():
+    router = ReplicaRouter(["r0"], capacity_chars=4 * 16384)
+    old, new = route_key("a" * 4 * BLOCK_CHARS), route_key("b" * 4 * BLOCK_CHARS)
+    router.choose(old)
+    router.choose(new)
+    router.set_capacity("r0", kv_tokens=BLOCK_CHARS)  # a report: the pool holds 4 blocks
+    view = router.views["r0"]
+    assert view.capacity_chars == 4 * BLOCK_CHARS
+    assert view.score(new) == 4 * BLOCK_CHARS and view.score(old) == 0  # LRU went first

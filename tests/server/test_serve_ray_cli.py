@@ -5,19 +5,41 @@ from __future__ import annotations
 import pytest
 
 from covey.cli.main import main
+from covey.server.ray_deployment import gpus_per_replica
 
 
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--replicas", "3"], "--replicas and --address go with --ray"),
-        (["--address", "ray://head:10001"], "--replicas and --address go with --ray"),
+        (["--replicas", "3"], "--replicas goes with --ray"),
+        (["--replicas", "2"], "--replicas goes with --ray"),  # the default, still refused
+        (["--address", "ray://head:10001"], "--address goes with --ray"),
+        (["--routing", "pow2", "--max-imbalance", "2"], "--routing, --max-imbalance go with"),
+        (["--replica-threads", "2"], "--replica-threads goes with --ray"),
+        (["--replica-gpus", "1"], "--replica-gpus goes with --ray"),
+        (["--ray-app-prefix", "mine-"], "--ray-app-prefix goes with --ray"),
+        (["--ray", "--max-imbalance", "-1"], "--max-imbalance must be >= 0"),
+        (["--ray", "--replica-threads", "0"], "--replica-threads must be at least 1"),
         (["--ray", "--routing", "random"], "--routing must be one of cache_aware"),
         (["--ray", "--replicas", "0"], "must be at least 1"),
         (["--ray", "--remote", "http://127.0.0.1:9"], "give --ray or --remote, not both"),
+        (["--ray", "--device", "cuda:1"], "give --device cuda, not cuda:1"),
+        (["--ray", "--device", "cuda", "--replica-gpus", "0"], "needs --replica-gpus above 0"),
+        (["--ray", "--device", "cuda", "--replica-gpus", "0.5"], "shares a GPU between"),
+        (["--ray", "--device", "cpu", "--replica-gpus", "1"], "goes with --device cuda or auto"),
+        (["--ray", "--replica-gpus", "-1"], "--replica-gpus must be >= 0"),
     ],
 )
 def test_serve_ray_options_are_checked_first(capsys, argv, message):
     code = main(["serve", "--port", "0", *argv])
     err = capsys.readouterr().err
     assert code != 0 and message in err and "Traceback" not in err
+
+
+def test_a_replica_reserves_the_gpu_it_computes_on():
+    # One whole GPU per replica on CUDA; none (so CPU, `auto` included) otherwise.
+    assert gpus_per_replica("cuda", None) == 1.0
+    assert gpus_per_replica("auto", None) == gpus_per_replica("cpu", None) == 0.0
+    assert gpus_per_replica("auto", 2) == 2.0
+    # A shared GPU only with a KV pool sized up front (no race on the free memory).
+    assert gpus_per_replica("cuda", 0.5, {"kv_cache_tokens": 4096}) == 0.5

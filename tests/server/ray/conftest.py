@@ -14,7 +14,11 @@ ray = pytest.importorskip("ray", reason="the ray extra is not installed: pip ins
 pytest.importorskip("ray.serve", reason="ray is installed without serve: pip install 'ray[serve]'")
 
 from covey.llm_backend.tokenizer import load_tokenizer  # noqa: E402
-from covey.server.ray_deployment import delete_replicas, deploy_replicas  # noqa: E402
+from covey.server.ray_deployment import (  # noqa: E402
+    delete_replicas,
+    deploy_replicas,
+    running_replicas,
+)
 from covey.server.ray_engine import RayEngine  # noqa: E402
 from covey.server.ray_metrics import register_ray_metrics  # noqa: E402
 from covey.server.replica_router import ReplicaRouter  # noqa: E402
@@ -35,6 +39,7 @@ def ray_replicas():
     # the failure test kills a replica on purpose.
     os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
     ray.init(
+        address="local",  # never a cluster found via RAY_ADDRESS or /tmp/ray
         num_cpus=2,
         object_store_memory=200 * 1024 * 1024,
         include_dashboard=False,
@@ -51,8 +56,14 @@ def ray_replicas():
 @pytest.fixture(scope="session")
 def ray_server(ray_replicas, server_index):
     """A real uvicorn server serving the built-in apps on the Ray replicas."""
-    router = ReplicaRouter(list(ray_replicas), capacity_chars=4 * REPLICA_KV_TOKENS)
-    engine = RayEngine(ray_replicas, router, tokenizer=load_tokenizer(None), report_interval_s=0.5)
+    router = ReplicaRouter(list(ray_replicas))  # sized from the replicas' reports
+    engine = RayEngine(
+        ray_replicas,
+        router,
+        tokenizer=load_tokenizer(None),
+        report_interval_s=0.5,
+        liveness=running_replicas,
+    )
     asyncio.run(engine.connect())
     state = build_state(engine, server_index, apps=builtin_apps(APP_MAX_TOKENS))
     register_ray_metrics(state.metrics.registry, engine)

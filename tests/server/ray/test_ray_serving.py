@@ -3,8 +3,6 @@ router sends repeated prefixes back to the replica that holds their KV."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from tests.server.sse import sample_inputs
@@ -62,7 +60,7 @@ def test_repeated_prefixes_go_to_the_replica_that_holds_them(ray_server):
             body = {"model": engine.model_name, "messages": messages, "max_tokens": 2}
             reply = client.post("/v1/chat/completions", json={**body, "temperature": 0})
             assert reply.status_code == 200, reply.text
-        time.sleep(1.0)  # a report interval: the replicas' own hit counters
+        ray_server.call(engine.stats(refresh=True))  # the replicas' own hit counters, now
         metrics = client.get("/metrics").text
     grew = {r.name: r.served - served[r.name] for r in engine.replica_states()}
     assert sorted(grew.values()) == [0, len(questions)], grew  # all on one replica

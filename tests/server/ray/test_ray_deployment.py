@@ -1,0 +1,49 @@
+"""Deploying engine replicas: a second front must not replace the first one's replicas (nor
+later delete them on its close), and a start that fails after the deploy leaves none
+behind (Serve applications outlive the process that deployed them)."""
+
+from __future__ import annotations
+
+import pytest
+from ray import serve
+
+from covey.errors import ConfigError, EngineUnavailableError
+from covey.server.ray_cluster import start_ray_engine
+from covey.server.ray_deployment import deploy_replicas
+from covey.server.ray_engine import RayEngine
+from tests.server.ray.conftest import REPLICA_KV_TOKENS
+
+
+def test_a_second_front_cannot_deploy_over_the_replicas_of_the_first(ray_replicas):
+    before = {name: app.last_deployed_time_s for name, app in _apps().items()}
+    names = ", ".join(sorted(ray_replicas))
+    with pytest.raises(ConfigError, match=f"Ray Serve already runs {names}"):
+        deploy_replicas(len(ray_replicas), None, {"device": "cpu"}, threads=1)
+    after = {name: app.last_deployed_time_s for name, app in _apps().items()}
+    assert after == before  # nothing was redeployed
+
+
+def test_a_start_that_fails_after_the_deploy_deletes_its_replicas(ray_replicas, monkeypatch):
+    async def nobody_answers(self: RayEngine) -> RayEngine:
+        # The failure injected: what `connect` raises when no replica reports in time.
+        raise EngineUnavailableError("no engine replica answered")
+
+    monkeypatch.setattr(RayEngine, "connect", nobody_answers)
+    config = {"device": "cpu", "dtype": "float32", "kv_cache_tokens": 1024}
+    with pytest.raises(EngineUnavailableError, match="no engine replica answered"):
+        start_ray_engine(1, None, app_prefix="covey-failed-start-", engine_config=config)
+    assert not [name for name in _apps() if name.startswith("covey-failed-start-")]
+    assert set(ray_replicas) <= set(_apps())  # the session's own replicas are untouched
+
+
+def _apps():
+    return serve.status().applications
+
+
+def test_the_router_s_mirror_is_the_size_of_each_replica_s_kv_pool(ray_server):
+    engine = ray_server.state.engine
+    ray_server.wait_idle()
+    for r in engine.replica_states():
+        pool_tokens = r.stats.kv_blocks_total * r.stats.block_size
+        assert pool_tokens >= REPLICA_KV_TOKENS
+        assert engine.router.views[r.name].capacity_chars == 4 * pool_tokens

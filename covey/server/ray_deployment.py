@@ -79,13 +79,11 @@ class EngineReplica:
     def __init__(
         self, model: str | None, engine_config: dict[str, Any], threads: int, num_gpus: float = 0.0
     ) -> None:
-        import torch
-
         from covey.llm_backend.async_llm import AsyncLLM
 
-        if threads > 0:
-            torch.set_num_threads(threads)
         config = dict(engine_config)
+        if threads > 0:  # the engine sets its thread count at start: tell it, not torch
+            config["num_threads"] = threads
         if num_gpus == 0 and config.get("device", "auto") == "auto":
             config["device"] = "cpu"
         elif num_gpus > 0 and config.get("device", "auto") in ("auto", "cuda:0"):

@@ -38,6 +38,7 @@ from covey.checks import as_int
 from covey.errors import GraphError, TypeMismatchError, WiringError
 from covey.graph.control_ops import (
     CONTROL_KEY,
+    DECISION,
     DEFAULT_LABEL,
     CheckOp,
     Cond,
@@ -410,7 +411,7 @@ def loop(
     args: dict[str, Var | Const] = {}
     for k, outs in enumerate(iterations, start=1):
         args.update({port(k, n): _arg(outs[n]) for n in names})
-        args[port(k, "again")] = decisions[k - 1]
+        args[port(k, DECISION)] = decisions[k - 1]
     out = builder.add(name, op, args)
     return NodeOutputs(out)
 

@@ -16,6 +16,7 @@ from typing import Any
 from covey.errors import RuntimeExecutionError
 from covey.graph.control_ops import (
     CONTROL_KINDS,
+    DECISION,
     DEFAULT_LABEL,
     CheckOp,
     Guard,
@@ -101,7 +102,7 @@ def _loop(env: NodeEnv, node: NodePlan, op: LoopOp) -> dict[str, Any]:
     """The last iteration that ran: iteration k+1 ran when check k said again."""
     last = 1
     while last < op.max_iters:
-        again = node.args[port(last, "again")]
+        again = node.args[port(last, DECISION)]
         if not (isinstance(again, Var) and env.values.get(again.name) is True):
             break
         last += 1

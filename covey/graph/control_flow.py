@@ -111,6 +111,14 @@ def _outputs(where: str, result: Any, app: str) -> tuple[dict[str, Any], bool]:
         bad = [k for k in result if not isinstance(k, str)]
         if bad:
             raise GraphError(f"{where}: returned a dict with non-string keys {bad}")
+        # the names become attributes (out.answer), and the merge and loop ports rely on
+        # them having no ':' (see MergeOp.port_guard) and not being the loop's DECISION
+        bad = [k for k in result if not k.isidentifier()]
+        if bad:
+            raise GraphError(
+                f"{where}: output names are identifiers (they become attributes, out.name); "
+                f"rename {', '.join(map(repr, bad))}"
+            )
         for name, value in result.items():
             _check_value(f"{where}, output {name!r}", value, app)
         return dict(result), False

@@ -137,8 +137,9 @@ class MergeOp:
         return dict(self.types)
 
     def port_guard(self, name: str) -> Guard:
-        """The condition under which the value on input `name` exists."""
-        label = name.split(":", 1)[0] if ":" in name else None
+        """The condition under which the value on input `name` exists. The label is what
+        precedes the last colon: a key may contain colons, an output name cannot."""
+        label = name.rsplit(":", 1)[0] if ":" in name else None
         return (Cond(self.route, "branch", label),) if label is not None else ()
 
 

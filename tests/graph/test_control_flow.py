@@ -141,6 +141,28 @@ def test_branch_keys_must_fit_the_routed_type():
             return cg.route(ticket, {1: lambda: "one"}, default=lambda: "other")
 
 
+def test_a_branch_key_may_contain_colons():
+    @cg.app
+    def typed(ticket: str):
+        return cg.route(
+            ticket,
+            {"type:a": lambda: hardware(ticket), "priority: high": lambda: {"reply": "soon"}},
+            default=lambda: {"reply": "later"},
+        )
+
+    plan = typed.plan
+    assert plan.nodes["hardware"].guard == (Cond("route", "branch", "type:a"),)
+    assert set(plan.nodes["route_merge"].args) >= {"type:a:reply", "priority: high:reply"}
+
+
+def test_output_names_are_identifiers():
+    with pytest.raises(GraphError, match=r"output names are identifiers.*rename 'a:b'"):
+
+        @cg.app
+        def odd(ticket: str):
+            return cg.route(ticket, {"x": lambda: {"a:b": "x"}}, default=lambda: {"a:b": "y"})
+
+
 def test_branches_must_return_the_same_outputs():
     with pytest.raises(GraphError, match=r"every branch must return the same outputs"):
 

@@ -263,3 +263,13 @@ async def test_a_body_output_named_again_keeps_its_own_value():
 
     result = await Runtime(FakeLLM()).run(noting, start=0)
     assert result == {"again": "note 2", "n": 2, "iterations": 2}
+
+
+async def test_a_branch_key_with_a_colon_runs_its_branch():
+    @cg.app
+    def typed(kind: str, n: int):
+        return cg.route(kind, {"type:a": lambda: inc(n)}, default=lambda: n)
+
+    runtime = Runtime(FakeLLM())
+    assert await runtime.run(typed, kind="type:a", n=1) == {"result": 2}
+    assert await runtime.run(typed, kind="type:b", n=1) == {"result": 1}

@@ -201,6 +201,15 @@ def _check_keys(
     among them and every choice covered (or a default)."""
     labels: dict[str, Any] = {}
     for key in keys:
+        if isinstance(key, Var | NodeOutputs):
+            # a Var is hashable, so it is a legal dict key, but it has no value until the
+            # app runs and comparing it then raises the misuse error: refuse it here
+            named = key.name if isinstance(key, Var) else "several outputs of one node"
+            raise GraphError(
+                f"{where}: branch keys are values known at definition, got the variable "
+                f"{named!r}; to compare {on.name!r} with it, compute the test in a "
+                "@cg.function and route on its result"
+            )
         if not value_fits(key, on.type):
             raise TypeMismatchError(
                 f"{where}: branch key {key!r} ({type(key).__name__}) can never equal "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from typing import Any
 
 import pytest
 
@@ -161,6 +162,22 @@ def test_output_names_are_identifiers():
         @cg.app
         def odd(ticket: str):
             return cg.route(ticket, {"x": lambda: {"a:b": "x"}}, default=lambda: {"a:b": "y"})
+
+
+def test_a_variable_as_a_branch_key_is_refused_at_definition():
+    @cg.function
+    def anything(x: str) -> Any:
+        return x
+
+    message = (
+        r"branch keys are values known at definition, got the variable 'other'; "
+        r"to compare 'anything.result' with it, compute the test in a @cg.function"
+    )
+    with pytest.raises(GraphError, match=message):
+
+        @cg.app
+        def same(ticket: str, other: str):
+            return cg.route(anything(ticket), {other: lambda: "same"}, default=lambda: "diff")
 
 
 def test_branches_must_return_the_same_outputs():

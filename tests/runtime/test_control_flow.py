@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 
 import covey.graph as cg
@@ -273,3 +274,17 @@ async def test_a_branch_key_with_a_colon_runs_its_branch():
     runtime = Runtime(FakeLLM())
     assert await runtime.run(typed, kind="type:a", n=1) == {"result": 2}
     assert await runtime.run(typed, kind="type:b", n=1) == {"result": 1}
+
+
+async def test_a_predicate_may_return_a_numpy_bool():
+    @cg.app
+    def counting(start: int):
+        out = cg.loop(
+            lambda n: {"n": inc(n)},
+            init={"n": start},
+            until=lambda n: np.int64(n) >= 2,
+            max_iters=5,
+        )
+        return {"n": out.n, "iterations": out.iterations}
+
+    assert await Runtime(FakeLLM()).run(counting, start=0) == {"n": 2, "iterations": 2}

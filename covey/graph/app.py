@@ -88,7 +88,7 @@ class App:
                     f"but is annotated -> {type_name(returns)}; fix the annotation"
                 )
         self.graph: nx.DiGraph = builder.graph
-        self.graph.graph.update(inputs=self.inputs, outputs=self.outputs)
+        self.graph.graph.update(inputs=self.inputs, outputs=self.outputs, defaults=self.defaults)
         validate_graph(self.graph)
         self.plan = self.optimize()
 

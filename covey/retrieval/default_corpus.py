@@ -17,11 +17,14 @@ the server open, so it is always built whole: `limit` is refused there.
 
 from __future__ import annotations
 
+import fcntl
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from covey.errors import InvalidRequestError
+from covey.errors import InvalidRequestError, RetrievalError
 from covey.home import covey_home
 from covey.retrieval.document_index import DocumentIndex
 from covey.retrieval.documents import Document
@@ -37,6 +40,8 @@ CORPUS_NAME = "python-docs"
 # version: 1 was pydoc's topics alone (indexes written before the manifest had `corpus`),
 # 2 adds the docstrings of the builtins and of stdlib_docs.MODULES.
 CORPUS_VERSION = 2
+# Held (flock) by the process building or updating the index, in the index's folder.
+BUILD_LOCK = ".corpus-build.lock"
 
 
 def default_index_dir() -> Path:
@@ -128,10 +133,67 @@ def ensure_default_index(
     _check_limit(limit)
     root = Path(root) if root is not None else default_index_dir()
     _check_root(root, limit)
-    if index_exists(root):  # also one whose manifest is lost: open() recovers it
-        index = DocumentIndex.open(root, embedder=embedder, tokenizer=tokenizer)
-        if corpus_is_current(index.manifest, limit):
+    index = _open(root, embedder, tokenizer)
+    if index is not None and corpus_is_current(index.manifest, limit):
+        return index
+    with _build_lock(root, progress):
+        # another process (a second server worker, `covey search` next to `covey serve`)
+        # may have built or updated it while this one waited: then it is current now
+        index = _open(root, embedder, tokenizer)
+        if index is not None and corpus_is_current(index.manifest, limit):
             return index
+        return _build(root, index, limit, progress, embedder, tokenizer)
+
+
+def _open(
+    root: Path, embedder: EmbedderLike | None, tokenizer: TokenizerLike | None
+) -> DocumentIndex | None:
+    if not index_exists(root):  # also true of one whose manifest is lost: open() recovers it
+        return None
+    return DocumentIndex.open(root, embedder=embedder, tokenizer=tokenizer)
+
+
+@contextmanager
+def _build_lock(root: Path, progress: bool) -> Iterator[None]:
+    """Let one process at a time build or update the index at `root`; the others wait, then
+    find it current. The store's commit lock only serializes single commits, so without this
+    two processes would both ingest and the second commit would fail (the index changed
+    under it), or both create it and the second would find it exists."""
+    if root.exists() and not root.is_dir():
+        raise RetrievalError(f"{root} is a file, not an index directory")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fh = open(root / BUILD_LOCK, "a")  # noqa: SIM115 -- closed below, after the unlock
+    except OSError as exc:
+        raise RetrievalError(
+            f"cannot use {root} for the Python docs index: {exc.strerror or exc}"
+        ) from exc
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if progress:
+                print(
+                    f"covey: another process is building the Python docs index at {root}; "
+                    "waiting for it"
+                )
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _build(
+    root: Path,
+    index: DocumentIndex | None,
+    limit: int | None,
+    progress: bool,
+    embedder: EmbedderLike | None,
+    tokenizer: TokenizerLike | None,
+) -> DocumentIndex:
+    """Update `index` (None: create it) to hold the corpus, up to `limit` documents."""
+    if index is not None:
         docs = default_documents(limit)  # after the check: imports ~50 modules
         if progress:
             print(

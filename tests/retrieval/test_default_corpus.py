@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -169,6 +170,55 @@ def test_limit_is_refused_on_the_default_index(tmp_path, monkeypatch, embedder, 
     with pytest.raises(InvalidRequestError, match=message):
         open_pydocs_index(limit=2, embedder=embedder, tokenizer=tokenizer)
     assert not default_index_dir().exists()
+
+
+@pytest.mark.parametrize("start", ["fresh", "older corpus"])
+def test_a_second_builder_waits_for_the_first_and_finds_the_index_current(
+    tmp_path, embedder, tokenizer, monkeypatch, start
+):
+    """Two builders at once (two server workers, or covey search next to covey serve after
+    an upgrade): the second waits for the first instead of failing on its commit (the index
+    changed under it) or on create (the index exists), and then ingests nothing. Two
+    threads stand in for the processes: each opens the lock file itself, and flock locks
+    of separate opens exclude each other within one process too."""
+    root = tmp_path / "pydocs"
+    if start == "older corpus":
+        shutil.copytree(OLD / "pydocs", root)
+    filled: list[str] = []
+    both_filling = threading.Event()
+    real_fill = default_corpus.fill_index
+
+    def fill(*args, **kwargs):
+        # hold the first builder until the second also reaches its fill, or has waited a
+        # second (it waits on the build lock): without the lock both fill at once
+        filled.append(threading.current_thread().name)
+        if len(filled) == 2:
+            both_filling.set()
+        both_filling.wait(timeout=1.0)
+        real_fill(*args, **kwargs)
+
+    monkeypatch.setattr(default_corpus, "fill_index", fill)
+    results: dict[str, object] = {}
+
+    def build(name: str) -> None:
+        try:
+            results[name] = ensure_default_index(
+                root, limit=2, progress=False, embedder=embedder, tokenizer=tokenizer
+            )
+        except Exception as exc:  # reported by the assertion below
+            results[name] = exc
+
+    threads = [threading.Thread(target=build, args=(n,), name=n) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    errors = {n: r for n, r in results.items() if isinstance(r, Exception)}
+    assert errors == {} and len(results) == 2
+    assert len(filled) == 1  # the second found the first's index current
+    versions = {r.manifest["version"] for r in results.values()}
+    assert len(versions) == 1
+    assert sorted(results["a"].sources) == ["pydoc:assert", "pydoc:assignment"]
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,10 @@
 """Replacing a file so that a crash leaves the old version or the new one, never half of
 each: write a temporary file beside it, then rename it over the target (a rename within one
-folder is atomic on POSIX). Every layer that saves state (the index store, the chunk store's
-disk tier) goes through here, so the rule is written once."""
+folder is atomic on POSIX). Files that are replaced in place (the index manifest of
+`covey.retrieval.store`, the entries of `covey.cache.disk_tier`) go through here, so the
+rule is written once. A folder written whole and then renamed to a name not yet taken
+needs no helper and does its own rename: the index versions of `covey.retrieval.store`
+and the GGUF tokenizer cache of `covey.llm_backend.tokenizer`."""
 
 from __future__ import annotations
 

@@ -91,8 +91,9 @@ rag_app = build_rag_app()
 
 
 def open_pydocs_index(root: str | Path | None = None, **kwargs: Any) -> DocumentIndex:
-    """The Python-docs index the default app searches, built on first use (minutes; keyword
-    arguments go to `ensure_default_index`, e.g. `limit` for a quick partial build)."""
+    """The Python-docs index the default app searches, built on first use (minutes). Keyword
+    arguments go to `ensure_default_index`; `limit` (a quick partial build) needs a `root`
+    of your own, since the default index is always built whole."""
     from covey.retrieval.default_corpus import ensure_default_index
 
     return ensure_default_index(root, **kwargs)

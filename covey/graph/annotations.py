@@ -23,7 +23,7 @@ from covey.graph.template import suggest
 
 # The IR's own attributes (see covey.graph.ir); every other key must be an annotation.
 IR_NODE_KEYS = ("op", "args", "guard")
-IR_GRAPH_KEYS = ("app", "inputs", "outputs", "passes", "awaited")
+IR_GRAPH_KEYS = ("app", "inputs", "defaults", "outputs", "passes", "awaited")
 
 
 def _check_items(ann: object, name: str, cls: type) -> None:

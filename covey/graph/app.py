@@ -11,8 +11,8 @@ from typing import Any
 
 import networkx as nx
 
-from covey.errors import GraphError, TypeMismatchError, WiringError
-from covey.graph.call_inputs import RUN_OPTIONS, bind_inputs
+from covey.errors import AppInputError, GraphError, TypeMismatchError, WiringError
+from covey.graph.call_inputs import RUN_OPTIONS, bind_inputs, check_input
 from covey.graph.dsl import (
     NodeOutputs,
     function_name,
@@ -43,6 +43,20 @@ def _outputs(app: str, result: Any) -> dict[str, Var]:
     )
 
 
+def _check_defaults(app: str, inputs: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """A default is known at definition, so one that does not fit its input's type is a
+    wiring mistake to report now, not an `AppInputError` blaming every caller who leaves
+    the input out."""
+    for name, default in defaults.items():
+        try:
+            check_input(app, name, inputs[name], default)
+        except AppInputError:
+            raise GraphError(
+                f"app {app!r}: the default of input {name!r} is {default!r}, which is not a "
+                f"{type_name(inputs[name])}; annotate it Optional[...] or change the default"
+            ) from None
+
+
 class App:
     """A traced, validated app with its default plan (every output awaited)."""
 
@@ -56,6 +70,7 @@ class App:
                     f"app {self.name!r}: input name {reserved!r} is reserved for the run "
                     "option of the same name; rename the input"
                 )
+        _check_defaults(self.name, inputs, defaults)
         builder, token = tracing(self.name)
         try:
             self.inputs = {n: Var(n, t, app=self.name) for n, t in inputs.items()}
@@ -73,7 +88,7 @@ class App:
                     f"but is annotated -> {type_name(returns)}; fix the annotation"
                 )
         self.graph: nx.DiGraph = builder.graph
-        self.graph.graph.update(inputs=self.inputs, outputs=self.outputs)
+        self.graph.graph.update(inputs=self.inputs, outputs=self.outputs, defaults=self.defaults)
         validate_graph(self.graph)
         self.plan = self.optimize()
 

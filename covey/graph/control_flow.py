@@ -38,6 +38,7 @@ from covey.checks import as_int
 from covey.errors import GraphError, TypeMismatchError, WiringError
 from covey.graph.control_ops import (
     CONTROL_KEY,
+    DECISION,
     DEFAULT_LABEL,
     CheckOp,
     Cond,
@@ -110,6 +111,14 @@ def _outputs(where: str, result: Any, app: str) -> tuple[dict[str, Any], bool]:
         bad = [k for k in result if not isinstance(k, str)]
         if bad:
             raise GraphError(f"{where}: returned a dict with non-string keys {bad}")
+        # the names become attributes (out.answer), and the merge and loop ports rely on
+        # them having no ':' (see MergeOp.port_guard) and not being the loop's DECISION
+        bad = [k for k in result if not k.isidentifier()]
+        if bad:
+            raise GraphError(
+                f"{where}: output names are identifiers (they become attributes, out.name); "
+                f"rename {', '.join(map(repr, bad))}"
+            )
         for name, value in result.items():
             _check_value(f"{where}, output {name!r}", value, app)
         return dict(result), False
@@ -192,6 +201,15 @@ def _check_keys(
     among them and every choice covered (or a default)."""
     labels: dict[str, Any] = {}
     for key in keys:
+        if isinstance(key, Var | NodeOutputs):
+            # a Var is hashable, so it is a legal dict key, but it has no value until the
+            # app runs and comparing it then raises the misuse error: refuse it here
+            named = key.name if isinstance(key, Var) else "several outputs of one node"
+            raise GraphError(
+                f"{where}: branch keys are values known at definition, got the variable "
+                f"{named!r}; to compare {on.name!r} with it, compute the test in a "
+                "@cg.function and route on its result"
+            )
         if not value_fits(key, on.type):
             raise TypeMismatchError(
                 f"{where}: branch key {key!r} ({type(key).__name__}) can never equal "
@@ -410,7 +428,7 @@ def loop(
     args: dict[str, Var | Const] = {}
     for k, outs in enumerate(iterations, start=1):
         args.update({port(k, n): _arg(outs[n]) for n in names})
-        args[port(k, "again")] = decisions[k - 1]
+        args[port(k, DECISION)] = decisions[k - 1]
     out = builder.add(name, op, args)
     return NodeOutputs(out)
 

@@ -110,6 +110,11 @@ def port(label: str | int, name: str) -> str:
     return f"{label}:{name}"
 
 
+# The loop input carrying an iteration's check decision. Output names are identifiers
+# (`control_flow._outputs`), so no body output, not even one called `again`, can take it.
+DECISION = "#again"
+
+
 @dataclass(frozen=True)
 class MergeOp:
     """The outputs of a route: input `branch` names the taken branch, and input
@@ -132,8 +137,9 @@ class MergeOp:
         return dict(self.types)
 
     def port_guard(self, name: str) -> Guard:
-        """The condition under which the value on input `name` exists."""
-        label = name.split(":", 1)[0] if ":" in name else None
+        """The condition under which the value on input `name` exists. The label is what
+        precedes the last colon: a key may contain colons, an output name cannot."""
+        label = name.rsplit(":", 1)[0] if ":" in name else None
         return (Cond(self.route, "branch", label),) if label is not None else ()
 
 
@@ -157,7 +163,7 @@ class CheckOp:
 @dataclass(frozen=True)
 class LoopOp:
     """The outputs of a bounded loop: the last iteration that ran, and how many ran.
-    Input `port(k, name)` carries iteration k's output `name`; `port(k, "again")` its
+    Input `port(k, name)` carries iteration k's output `name`; `port(k, DECISION)` its
     check's decision (present only if iteration k ran)."""
 
     max_iters: int
@@ -172,7 +178,7 @@ class LoopOp:
         ins: dict[str, Any] = {}
         for k in range(1, self.max_iters + 1):
             ins.update({port(k, name): t for name, t in self.types})
-            ins[port(k, "again")] = bool
+            ins[port(k, DECISION)] = bool
         return ins
 
     @property

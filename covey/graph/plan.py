@@ -54,6 +54,8 @@ class Plan:
     nodes: dict[str, NodePlan]
     passes: tuple[PassRecord, ...]
     graph: nx.DiGraph = field(compare=False, repr=False)
+    # the wiring function's defaults: a run of the plan binds inputs as a run of the app does
+    defaults: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def llm_calls(self) -> list[NodePlan]:
         return [n for n in self.nodes.values() if n.primitives]
@@ -93,6 +95,7 @@ def build_plan(g: nx.DiGraph) -> Plan:
         nodes={n: _node(g, n) for n in nx.topological_sort(g)},
         passes=g.graph["passes"],
         graph=g,
+        defaults=dict(g.graph.get("defaults", {})),
     )
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from covey.errors import RuntimeExecutionError
 from covey.graph.control_ops import (
     CONTROL_KINDS,
+    DECISION,
     DEFAULT_LABEL,
     CheckOp,
     Guard,
@@ -85,9 +86,18 @@ def _route(node: NodePlan, op: RouteOp, value: Any) -> dict[str, Any]:
     )
 
 
+def _numpy_bool(value: Any) -> bool:
+    """Whether `value` is a numpy bool (`score > 0.5` on a numpy score), which is no `bool`
+    subclass but is exactly True or False; checked by name so numpy need not be imported."""
+    kind = type(value)
+    return kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_")
+
+
 async def _check(env: NodeEnv, node: NodePlan, op: CheckOp) -> dict[str, Any]:
     kwargs = {p: _value(env, node, p) for p in op.inputs}
     result = await call_python(op.fn, kwargs)
+    if _numpy_bool(result):
+        result = bool(result)
     if not isinstance(result, bool):
         word = "until" if op.until else "while_"
         raise RuntimeExecutionError(
@@ -101,7 +111,7 @@ def _loop(env: NodeEnv, node: NodePlan, op: LoopOp) -> dict[str, Any]:
     """The last iteration that ran: iteration k+1 ran when check k said again."""
     last = 1
     while last < op.max_iters:
-        again = node.args[port(last, "again")]
+        again = node.args[port(last, DECISION)]
         if not (isinstance(again, Var) and env.values.get(again.name) is True):
             break
         last += 1

@@ -157,7 +157,7 @@ class Runtime:
         if isinstance(app, App):
             inputs = app.bind(*args, **inputs)
         else:
-            inputs = bind_inputs(plan.app, plan.inputs, args, inputs)
+            inputs = bind_inputs(plan.app, plan.inputs, args, inputs, plan.defaults)
         self._check(plan, inputs)
         queue: asyncio.Queue[Event | None] = asyncio.Queue()
         run = self._run(plan, inputs, queue.put_nowait, record_prompts)

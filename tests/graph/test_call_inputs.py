@@ -151,3 +151,15 @@ def test_an_input_left_out_takes_the_wiring_function_s_default():
     assert tagged.bind("t", limit="5")["limit"] == 5
     with pytest.raises(AppInputError, match=r"missing input\(s\) 'text'"):
         tagged(limit=1)
+
+
+def test_a_default_that_does_not_fit_its_type_is_refused_when_the_app_is_defined():
+    def wiring(text: str, note: str = None):  # noqa: RUF013
+        return summarize(text, [], 1, note, TICKET)
+
+    message = (
+        r"app 'wiring': the default of input 'note' is None, which is not a str; "
+        r"annotate it Optional\[...\] or change the default"
+    )
+    with pytest.raises(GraphError, match=message):
+        cg.app(wiring)

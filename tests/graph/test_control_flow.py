@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from typing import Any
 
 import pytest
 
@@ -139,6 +140,44 @@ def test_branch_keys_must_fit_the_routed_type():
         @cg.app
         def wrong(ticket: str):
             return cg.route(ticket, {1: lambda: "one"}, default=lambda: "other")
+
+
+def test_a_branch_key_may_contain_colons():
+    @cg.app
+    def typed(ticket: str):
+        return cg.route(
+            ticket,
+            {"type:a": lambda: hardware(ticket), "priority: high": lambda: {"reply": "soon"}},
+            default=lambda: {"reply": "later"},
+        )
+
+    plan = typed.plan
+    assert plan.nodes["hardware"].guard == (Cond("route", "branch", "type:a"),)
+    assert set(plan.nodes["route_merge"].args) >= {"type:a:reply", "priority: high:reply"}
+
+
+def test_output_names_are_identifiers():
+    with pytest.raises(GraphError, match=r"output names are identifiers.*rename 'a:b'"):
+
+        @cg.app
+        def odd(ticket: str):
+            return cg.route(ticket, {"x": lambda: {"a:b": "x"}}, default=lambda: {"a:b": "y"})
+
+
+def test_a_variable_as_a_branch_key_is_refused_at_definition():
+    @cg.function
+    def anything(x: str) -> Any:
+        return x
+
+    message = (
+        r"branch keys are values known at definition, got the variable 'other'; "
+        r"to compare 'anything.result' with it, compute the test in a @cg.function"
+    )
+    with pytest.raises(GraphError, match=message):
+
+        @cg.app
+        def same(ticket: str, other: str):
+            return cg.route(anything(ticket), {other: lambda: "same"}, default=lambda: "diff")
 
 
 def test_branches_must_return_the_same_outputs():

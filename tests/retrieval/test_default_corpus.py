@@ -2,11 +2,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from covey.apps.rag_chatbot import open_pydocs_index
 from covey.cli import main as cli_main
 from covey.errors import InvalidRequestError
 from covey.retrieval import default_corpus
@@ -20,6 +22,7 @@ from covey.retrieval.corpus_eval import (
 from covey.retrieval.default_corpus import (
     CORPUS_VERSION,
     corpus_identity,
+    corpus_is_current,
     default_documents,
     default_index_dir,
     ensure_default_index,
@@ -90,7 +93,7 @@ def test_built_once_then_opened(tmp_path, embedder, tokenizer, capsys):
     first = ensure_default_index(root, limit=2, embedder=embedder, tokenizer=tokenizer)
     assert "building the Python docs index" in capsys.readouterr().out
     assert sorted(first.sources) == ["pydoc:assert", "pydoc:assignment"]
-    assert first.manifest["corpus"] == dict(corpus_identity(), documents=2)
+    assert first.manifest["corpus"] == dict(corpus_identity(), documents=2, limit=2)
     hit = first.search("starred assignment target list", k=1)[0]
     assert hit.chunk.source == "pydoc:assignment"
     again = ensure_default_index(root, limit=2, embedder=embedder, tokenizer=tokenizer)
@@ -116,16 +119,16 @@ def test_an_index_of_an_older_corpus_is_updated_keeping_unchanged_vectors(
     index = ensure_default_index(root, limit=3, embedder=embedder, tokenizer=tokenizer)
     out = capsys.readouterr().out
     assert "holds an older corpus definition (or an interrupted build); updating it" in out
-    assert index.manifest["corpus"] == dict(corpus_identity(), documents=3)
+    assert index.manifest["corpus"] == dict(corpus_identity(), documents=3, limit=3)
     assert sorted(index.sources) == sorted(d.source for d in default_documents(limit=3))
     kept = [i for i, c in enumerate(index.chunks) if c.id in old_vectors]
     assert len(kept) == len(old.chunks)  # the unchanged topics kept their chunks...
     for i in kept:  # ...and their stored vectors
         assert np.array_equal(index.vectors[i], old_vectors[index.chunks[i].id])
 
-    # The next open trusts it; a later corpus definition updates it again, dropping what
-    # the corpus no longer holds.
-    assert ensure_default_index(root, embedder=embedder, tokenizer=tokenizer).manifest[
+    # The next open asking for no more trusts it; a later corpus definition updates it
+    # again, dropping what the corpus (here: the limit) no longer holds.
+    assert ensure_default_index(root, limit=3, embedder=embedder, tokenizer=tokenizer).manifest[
         "version"
     ] == index.manifest["version"]
     monkeypatch.setattr(default_corpus, "CORPUS_VERSION", CORPUS_VERSION + 1)
@@ -137,6 +140,85 @@ def test_an_index_of_an_older_corpus_is_updated_keeping_unchanged_vectors(
     assert len(newer) == len(old.chunks)
     on_disk = json.loads((root / "manifest.json").read_text())
     assert on_disk["corpus"]["version"] == CORPUS_VERSION + 1
+
+
+def test_a_partial_build_is_trusted_only_for_as_many_documents(
+    tmp_path, embedder, tokenizer, capsys
+):
+    root = tmp_path / "pydocs"
+    ensure_default_index(root, limit=2, embedder=embedder, tokenizer=tokenizer)
+    capsys.readouterr()
+    more = ensure_default_index(root, limit=3, embedder=embedder, tokenizer=tokenizer)
+    assert "only its first 2 documents; updating it" in capsys.readouterr().out
+    assert sorted(more.sources) == sorted(d.source for d in default_documents(limit=3))
+    manifest = more.manifest
+    assert [corpus_is_current(manifest, n) for n in (1, 3, 4)] == [True, True, False]
+    assert not corpus_is_current(manifest)  # a call for the whole corpus completes it
+    whole = dict(manifest, corpus=dict(manifest["corpus"], limit=None))
+    assert corpus_is_current(whole) and corpus_is_current(whole, 2)
+    unsaid = dict(manifest, corpus=dict(corpus_identity(), documents=3))  # before `limit`
+    assert not corpus_is_current(unsaid, 3)
+
+
+def test_limit_is_refused_on_the_default_index(tmp_path, monkeypatch, embedder, tokenizer):
+    """The default index is what covey chat, covey search and the server trust as whole."""
+    monkeypatch.setenv("COVEY_HOME", str(tmp_path / "home"))
+    message = r"limit=2 builds a partial index, but .* is the default index"
+    for root in (None, default_index_dir()):
+        with pytest.raises(InvalidRequestError, match=message):
+            ensure_default_index(root, limit=2, embedder=embedder, tokenizer=tokenizer)
+    with pytest.raises(InvalidRequestError, match=message):
+        open_pydocs_index(limit=2, embedder=embedder, tokenizer=tokenizer)
+    assert not default_index_dir().exists()
+
+
+@pytest.mark.parametrize("start", ["fresh", "older corpus"])
+def test_a_second_builder_waits_for_the_first_and_finds_the_index_current(
+    tmp_path, embedder, tokenizer, monkeypatch, start
+):
+    """Two builders at once (two server workers, or covey search next to covey serve after
+    an upgrade): the second waits for the first instead of failing on its commit (the index
+    changed under it) or on create (the index exists), and then ingests nothing. Two
+    threads stand in for the processes: each opens the lock file itself, and flock locks
+    of separate opens exclude each other within one process too."""
+    root = tmp_path / "pydocs"
+    if start == "older corpus":
+        shutil.copytree(OLD / "pydocs", root)
+    filled: list[str] = []
+    both_filling = threading.Event()
+    real_fill = default_corpus.fill_index
+
+    def fill(*args, **kwargs):
+        # hold the first builder until the second also reaches its fill, or has waited a
+        # second (it waits on the build lock): without the lock both fill at once
+        filled.append(threading.current_thread().name)
+        if len(filled) == 2:
+            both_filling.set()
+        both_filling.wait(timeout=1.0)
+        real_fill(*args, **kwargs)
+
+    monkeypatch.setattr(default_corpus, "fill_index", fill)
+    results: dict[str, object] = {}
+
+    def build(name: str) -> None:
+        try:
+            results[name] = ensure_default_index(
+                root, limit=2, progress=False, embedder=embedder, tokenizer=tokenizer
+            )
+        except Exception as exc:  # reported by the assertion below
+            results[name] = exc
+
+    threads = [threading.Thread(target=build, args=(n,), name=n) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    errors = {n: r for n, r in results.items() if isinstance(r, Exception)}
+    assert errors == {} and len(results) == 2
+    assert len(filled) == 1  # the second found the first's index current
+    versions = {r.manifest["version"] for r in results.values()}
+    assert len(versions) == 1
+    assert sorted(results["a"].sources) == ["pydoc:assert", "pydoc:assignment"]
 
 
 @pytest.fixture(scope="module")

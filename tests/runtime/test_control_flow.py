@@ -4,6 +4,9 @@ max_iters with each iteration's outputs in the trace, and run-time mistakes fail
 
 from __future__ import annotations
 
+import warnings
+
+import numpy as np
 import pytest
 
 import covey.graph as cg
@@ -13,6 +16,7 @@ from covey.llm_backend.sampling_params import SamplingParams
 from covey.runtime import NodeFinished, NodeStarted, RunFinished, Runtime
 
 from .conftest import make_cpu_engine
+from .fakes import FakeLLM
 
 GREEDY = SamplingParams(max_tokens=4, temperature=0.0)
 
@@ -226,3 +230,61 @@ async def test_a_route_inside_a_loop_takes_its_own_branch_in_each_iteration(real
     short = await Runtime(real_llm).run_traced(collatz, start=4)  # 4 2 1
     assert short.outputs == {"n": 1, "iterations": 2}
     assert all(short.trace.nodes[f"route@{k}"].status == "skipped" for k in range(3, 8))
+
+
+# The apps below wire only @cg.function nodes, so no engine request is ever sent: a
+# FakeLLM stands in for the engine the Runtime needs to exist.
+
+
+@cg.function
+def inc(n: int) -> int:
+    return n + 1
+
+
+@cg.function
+def note(n: int) -> str:
+    return f"note {n}"
+
+
+async def test_a_body_output_named_again_keeps_its_own_value():
+    """The loop carries each check's decision on a port no output name can take, so the
+    last iteration's `note` is neither replaced nor pruned (no UnusedOutputWarning)."""
+
+    def noting(start: int):
+        def body(n):
+            m = inc(n)
+            return {"n": m, "again": note(m)}
+
+        out = cg.loop(body, init={"n": start}, until=lambda n: n >= 2, max_iters=3)
+        return {"again": out.again, "n": out.n, "iterations": out.iterations}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        noting = cg.app(noting)
+
+    result = await Runtime(FakeLLM()).run(noting, start=0)
+    assert result == {"again": "note 2", "n": 2, "iterations": 2}
+
+
+async def test_a_branch_key_with_a_colon_runs_its_branch():
+    @cg.app
+    def typed(kind: str, n: int):
+        return cg.route(kind, {"type:a": lambda: inc(n)}, default=lambda: n)
+
+    runtime = Runtime(FakeLLM())
+    assert await runtime.run(typed, kind="type:a", n=1) == {"result": 2}
+    assert await runtime.run(typed, kind="type:b", n=1) == {"result": 1}
+
+
+async def test_a_predicate_may_return_a_numpy_bool():
+    @cg.app
+    def counting(start: int):
+        out = cg.loop(
+            lambda n: {"n": inc(n)},
+            init={"n": start},
+            until=lambda n: np.int64(n) >= 2,
+            max_iters=5,
+        )
+        return {"n": out.n, "iterations": out.iterations}
+
+    assert await Runtime(FakeLLM()).run(counting, start=0) == {"n": 2, "iterations": 2}

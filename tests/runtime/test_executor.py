@@ -228,3 +228,20 @@ async def test_a_failing_fan_out_element_cancels_its_siblings():
     with pytest.raises(NodeExecutionError, match=r"node 'map_fetch' \(map\) failed: KeyError"):
         await asyncio.wait_for(Runtime(FakeLLM()).run(fan, numbers=[1, 2, 3]), timeout=5)
     assert sorted(started) == [1, 2, 3] and sorted(cancelled) == [1, 3]
+
+
+@cg.function
+def joined(q: str, ctx: str) -> str:
+    return f"{q}|{ctx}"
+
+
+@cg.app
+def with_context(q: str, ctx: str = "none"):
+    return joined(q, ctx)
+
+
+async def test_a_plan_binds_the_wiring_function_s_defaults_as_its_app_does():
+    runtime = Runtime(FakeLLM())
+    for target in (with_context, with_context.plan, with_context.optimize(passes=())):
+        assert await runtime.run(target, "x") == {"result": "x|none"}
+        assert await runtime.run(target, "x", ctx="c") == {"result": "x|c"}

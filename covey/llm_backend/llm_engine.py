@@ -672,7 +672,7 @@ class LLMEngine:
 
     def _choose_option(self, seq: Sequence, last_logits: torch.Tensor) -> RequestOutput:
         """`seq`'s prompt is computed: score its options (option_scoring.py), pick one and
-        finish with it as the output."""
+        end the turn with it as the output (finished, or paused with `pause_at_end`)."""
         scorer = seq.option_scorer
         assert scorer is not None
         ctx = ScoringContext(
@@ -686,7 +686,12 @@ class LLMEngine:
         seq.token_ids.extend(ids)
         seq.output_text = scorer.options[index]
         seq.metrics.first_token_time = time.perf_counter()
-        self._finish(seq, FinishReason.STOP)
+        if seq.params.pause_at_end and len(seq) < self.max_model_len:
+            # As on the trie path: the turn pauses for a tool. The option's tokens were
+            # computed only in the freed forks, so they prefill again with the resumed text.
+            self._pause_turn(seq)
+        else:
+            self._finish(seq, FinishReason.STOP)
         return self.outputs.output(seq, ids)
 
     def _guarded(self, seq: Sequence, fn: Callable[..., RequestOutput], *args) -> RequestOutput:

@@ -1,6 +1,7 @@
 """`BodyLimit`: refuse request bodies past `max_body_bytes` before reading them whole.
 
-A declared Content-Length past the limit is answered 413 at once; a chunked body is counted
+A declared Content-Length past the limit is answered 413 without buffering the body (it is
+read and dropped, up to DRAIN_BYTES, so the client gets the answer); a chunked body is counted
 as it arrives and cut off at the limit (raising `PayloadTooLargeError`, which every route,
 FastAPI's own body parsing included, answers 413), so no caller can make the server buffer
 more. Pure ASGI so it also guards routes that read the body themselves.
@@ -13,6 +14,9 @@ import json
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from covey.server.errors import PayloadTooLargeError
+
+# A refused body up to this size is read (and dropped) before the 413 goes out.
+DRAIN_BYTES = 16 << 20
 
 
 class BodyLimit:
@@ -27,6 +31,7 @@ class BodyLimit:
         limit = self.max_body_bytes
         declared = dict(scope.get("headers", ())).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
+            await _drain(receive, min(int(declared), DRAIN_BYTES))
             await _refuse(send, limit)
             return
         seen = 0
@@ -41,6 +46,20 @@ class BodyLimit:
             return message
 
         await self.app(scope, counted, send)
+
+
+async def _drain(receive: Receive, most: int) -> None:
+    """Read and drop up to `most` bytes of a refused body. Closing the connection with the
+    client's body still unread makes the kernel reset it, and the client then loses the 413
+    (it reads a reset instead); past `most` bytes the reset is the lesser evil."""
+    seen = 0
+    while seen < most:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        seen += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 def _message(limit: int) -> str:

@@ -184,6 +184,9 @@ def test_ctrl_c_exits_130_quietly(home):
         stdout=subprocess.DEVNULL,
         text=True,
         env=covey_env(),
+        # As a terminal starts it: a background job of a non-interactive shell (a CI
+        # runner's, say) inherits SIGINT ignored, and Python then installs no handler.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         seen = []

@@ -159,7 +159,7 @@ def test_quantized_engine_keeps_the_models_answers(bf16_model, quantized, mode):
 def test_mode_errors_are_clear(bf16_model, quantized):
     with pytest.raises(ConfigError, match="quantization='int4' needs dtype='bfloat16'"):
         EngineConfig(quantization="int4", dtype="float32")
-    with pytest.raises(ConfigError, match="must be None, 'int8' or 'int4'"):
+    with pytest.raises(ConfigError, match="must be 'auto', None, 'int8' or 'int4'"):
         EngineConfig(quantization="int2")
     with pytest.raises(ConfigError, match="needs dtype='bfloat16'"):
         LLMEngine(EngineConfig(model="dummy:tiny", dtype="float32", quantization="int8"))

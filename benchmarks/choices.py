@@ -212,10 +212,13 @@ def main(argv: list[str] | None = None) -> None:
 
     size = sizes(args.quick)
     runtime = BackgroundRuntime(dtype="float32")
-    results = triage_records(runtime, size["tickets"])
-    from covey.llm_backend.llm_engine import LLMEngine
+    try:
+        results = triage_records(runtime, size["tickets"])
+        from covey.llm_backend.llm_engine import LLMEngine
 
-    engine = LLMEngine(runtime.llm.engine.config, model=runtime.llm.engine.model)  # its own
+        engine = LLMEngine(runtime.llm.engine.config, model=runtime.llm.engine.model)  # its own
+    finally:
+        runtime.close()
     results += many_options_records(engine, size["options"], size["repeats"])
     device = str(engine.device)
     write_results(args, NAME, results, device, engine.model_name)

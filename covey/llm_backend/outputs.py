@@ -29,6 +29,11 @@ class TokenIds(SequenceABC[int]):
     def __len__(self) -> int:
         return self._end - self._start
 
+    def __reduce__(self) -> tuple:
+        """Pickled as its own ids only: a Ray replica streams every step's output to the
+        front, and the whole sequence (prompt included) each time would be most of it."""
+        return (TokenIds, (self._ids[self._start : self._end],))
+
     @overload
     def __getitem__(self, index: int) -> int: ...
     @overload

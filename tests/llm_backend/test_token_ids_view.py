@@ -34,3 +34,13 @@ def test_each_step_output_keeps_its_own_ids(make_engine):
         deltas += out.delta_token_ids
         assert out.token_ids == deltas
     assert final.token_ids == deltas and len(deltas) >= 1
+
+
+def test_a_window_pickles_as_its_own_ids_only():
+    import pickle
+
+    prompt_and_output = list(range(10_000))
+    window = TokenIds(prompt_and_output, 9_990)
+    copy = pickle.loads(pickle.dumps(window))
+    assert copy == list(range(9_990, 10_000)) and len(copy) == 10
+    assert len(pickle.dumps(window)) < 200

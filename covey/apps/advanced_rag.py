@@ -13,6 +13,7 @@ import inspect
 
 import covey.graph as cg
 from covey.apps.citations import passage_segments
+from covey.apps.prompt_subject import reworded
 from covey.errors import ConfigError, InvalidRequestError
 from covey.graph import App
 from covey.graph.dsl import PyFunction
@@ -27,6 +28,12 @@ ANGLES = (
     "Write it as a search query naming the exact Python keywords, functions or modules.",
     "Write it as a search query about the general concept behind it.",
     "Write it as a search query describing the problem a programmer is trying to solve.",
+)
+# The same angles for an index of the user's own, which may not be about Python or code.
+NEUTRAL_ANGLES = (
+    "Write it as a search query naming the exact terms, names or keywords.",
+    "Write it as a search query about the general concept behind it.",
+    "Write it as a search query describing the problem the asker is trying to solve.",
 )
 SUBQUERY_MAX_TOKENS = 24
 ANSWER_MAX_TOKENS = 64
@@ -58,6 +65,18 @@ def answer_from_passages(context: list[Segment], question: str):
     Question: {{question}}
     {{#assistant}}
     {{gen answer}}"""
+
+
+rewrite_neutrally = reworded(
+    rewrite_query,
+    {
+        "a question about Python": "a question",
+        "for the Python\n    documentation": "for the\n    documents",
+    },
+)
+answer_neutrally = reworded(
+    answer_from_passages, {"a helpful assistant for Python programmers": "a helpful assistant"}
+)
 
 
 def clean_query(rewritten: str, question: str) -> str:
@@ -128,11 +147,16 @@ def build_advanced_rag_app(
     answer_max_tokens: int = ANSWER_MAX_TOKENS,
     include_question: bool = True,
     mode: str = "hybrid",
+    python_docs: bool = True,
 ) -> App:
     """One rewrite per angle; `include_question` also searches the question as asked (that
     retrieval starts at once, overlapping the rewrites). Outputs `answer`, `results` (the
     fused passages as numbered in the prompt) and `query_1..query_<n>`. Greedy decoding.
+    `python_docs=False` words the prompts without naming Python (and, unless `angles` is
+    given, uses NEUTRAL_ANGLES), for an index of your own.
     """
+    if not python_docs and angles is ANGLES:
+        angles = NEUTRAL_ANGLES
     if not angles:
         raise ConfigError("angles must name at least one rewrite")
     try:
@@ -140,11 +164,11 @@ def build_advanced_rag_app(
     except InvalidRequestError as exc:
         raise ConfigError(f"top_k: {exc}") from None
     rewrite = cg.semantic_function(
-        rewrite_query,
+        rewrite_query if python_docs else rewrite_neutrally,
         params=SamplingParams(max_tokens=subquery_max_tokens, temperature=0.0, stop=("\n",)),
     )
     answer_fn = cg.semantic_function(
-        answer_from_passages,
+        answer_from_passages if python_docs else answer_neutrally,
         params=SamplingParams(max_tokens=answer_max_tokens, temperature=0.0),
     )
     clean, passages = cg.function(clean_query), cg.function(passage_segments)

@@ -30,6 +30,7 @@ from covey.apps.chat_history import (
 )
 from covey.apps.citations import Citation, all_citations, parse_citations, passage_segments
 from covey.apps.history_pins import HistoryPins, pin_key
+from covey.apps.prompt_subject import reworded
 from covey.errors import ConfigError, InvalidRequestError
 from covey.graph import App
 from covey.llm_backend.engine_client import EngineClient
@@ -62,19 +63,26 @@ def answer_with_citations(context: list[Segment], history: str, question: str):
     {{gen answer}}"""
 
 
+NEUTRAL = {"a helpful assistant for Python programmers": "a helpful assistant"}
+answer_neutrally = reworded(answer_with_citations, NEUTRAL)
+
+
 def build_rag_app(
     index: str = DEFAULT_INDEX_NAME,
     k: int = TOP_K,
     max_tokens: int = ANSWER_MAX_TOKENS,
     mode: str = "hybrid",
+    python_docs: bool = True,
 ) -> App:
     """The chatbot's graph: retrieve -> number the passages -> answer with citations.
 
     Inputs `question` and `history` (prompt text, "" on a first turn); outputs `answer` and
     `results` (the retrieved passages, in the order they were numbered). Greedy decoding.
+    `python_docs=False` words the prompt without naming Python, for an index of your own.
     """
+    template = answer_with_citations if python_docs else answer_neutrally
     answer_fn = cg.semantic_function(
-        answer_with_citations, params=SamplingParams(max_tokens=max_tokens, temperature=0.0)
+        template, params=SamplingParams(max_tokens=max_tokens, temperature=0.0)
     )
     passages = cg.function(passage_segments)
 

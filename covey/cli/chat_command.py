@@ -144,7 +144,10 @@ async def _docs_chat(args: argparse.Namespace) -> int:
         index = DocumentIndex.open(args.index)
     else:
         index = open_pydocs_index()
-    app = build_rag_app(max_tokens=args.max_tokens or ANSWER_MAX_TOKENS)
+    # An index of the user's own may not be about Python: its prompt does not say so.
+    app = build_rag_app(
+        max_tokens=args.max_tokens or ANSWER_MAX_TOKENS, python_docs=args.index is None
+    )
     async with AsyncLLM(engine=build_engine(args)) as llm:
         bot = RagChatbot(Runtime(llm, retrievers={DEFAULT_INDEX_NAME: index}), app)
         interactive = sys.stdin.isatty()

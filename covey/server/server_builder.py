@@ -35,9 +35,13 @@ from covey.server.state import ServerSettings, ServerState
 CHATBOT = "rag_chatbot"
 
 
-def builtin_apps(max_tokens: int | None = None, docs: Searcher | None = None) -> dict[str, App]:
+def builtin_apps(
+    max_tokens: int | None = None, docs: Searcher | None = None, python_docs: bool = True
+) -> dict[str, App]:
     """The built-in apps; `max_tokens` caps every gen of each (small demos, tests); `docs`
-    is what the tool agent's docs tool searches (None: the default index, on first use)."""
+    is what the tool agent's docs tool searches (None: the default index, on first use).
+    `python_docs=False` (an index of the user's own) words the RAG apps' prompts without
+    naming Python."""
 
     def cap(n: int) -> int:
         return n if max_tokens is None else min(n, max_tokens)
@@ -45,10 +49,11 @@ def builtin_apps(max_tokens: int | None = None, docs: Searcher | None = None) ->
     from covey.apps import advanced_rag, mapreduce_summary, rag_chatbot, tool_agent
 
     apps = [
-        build_rag_app(max_tokens=cap(rag_chatbot.ANSWER_MAX_TOKENS)),
+        build_rag_app(max_tokens=cap(rag_chatbot.ANSWER_MAX_TOKENS), python_docs=python_docs),
         build_advanced_rag_app(
             subquery_max_tokens=cap(advanced_rag.SUBQUERY_MAX_TOKENS),
             answer_max_tokens=cap(advanced_rag.ANSWER_MAX_TOKENS),
+            python_docs=python_docs,
         ),
         build_summary_app(
             piece_max_tokens=cap(mapreduce_summary.PIECE_MAX_TOKENS),
@@ -188,7 +193,8 @@ def load_into(
     index.search("warm up", k=1)  # loads the embedder now, not on the first request
     say(f"index ready in {time.perf_counter() - started:.1f}s")
     # The built-in apps' gens fit any --max-tokens (capped to it); a user app must fit it.
-    serve_apps(state, engine, index, builtin_apps(state.settings.max_tokens, index), user_apps)
+    apps = builtin_apps(state.settings.max_tokens, index, python_docs=index_dir is None)
+    serve_apps(state, engine, index, apps, user_apps)
 
 
 def load_state(

@@ -101,15 +101,15 @@ class PausedKV:
         return -(-num_tokens // self.bm.block_size)
 
     def can_swap(self, seq: Sequence) -> bool:
-        """Whether `seq`'s KV can go to host and come back as it is. Not a sequence with
-        chunk segments (blended KV must never be published as exact; its plan's cursor
-        would not survive) nor one mid-prefill (nothing worth keeping), nor one the host
-        space left cannot hold."""
+        """Whether `seq`'s KV can go to host and come back as it is. Not one mid-prefill
+        (nothing worth keeping; a chunk plan's cursor would not survive), nor one the host
+        space left cannot hold. A sequence with chunk segments swaps like any other: its
+        KV comes back bit for bit, and the scheduler never publishes it after a swap-in
+        (blended KV must never serve a prefix-cache hit)."""
         blocks = self.blocks_of(seq.num_computed_tokens)
         room = self.host_blocks is None or self.host_blocks_used + blocks <= self.host_blocks
         return (
             room
-            and not seq.has_chunks
             and seq.chunk_plan is None
             and seq.num_computed_tokens > 0
             and len(seq.block_table) >= blocks

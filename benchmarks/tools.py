@@ -32,8 +32,19 @@ Systems: `covey` (adaptive: INFERCEPT's min-waste rule per paused request),
 `covey-discard`, `covey-preserve`, `covey-swap` (`EngineConfig.pause_policy`).
 Metrics: `completed_per_min` (higher is better) and `normalized_latency_s` (a request's
 latency divided by its output tokens, averaged over completed requests; lower is better).
-Each row also records the policy's decisions, recomputed tokens, swapped bytes, and how
+Each row also records the policy's decisions, recomputed tokens and the share of the window
+they cost (`recompute_share`, priced by the engine's own profile), swapped bytes, and how
 busy the engine was (mean running / waiting / paused requests, sampled).
+
+Reading the figures: where the KV pool bounds how many requests run at once (here, as in
+INFERCEPT), adaptive, swap and discard run about as many, and what separates them is engine
+time per request. Discard's extra is its recompute; INFERCEPT measured recomputation at
+37-40% of forward time in discard-on-call serving. If covey removes all of it and is
+otherwise equal, its gain over discard is about 1 / (1 - recompute_share): 1.5x needs
+discard to spend a third of its time recomputing. Preserve loses admissions instead: paused
+KV holds the pool while tools run. On a CPU a swap is a memcpy (milliseconds for a whole
+context) against a recompute of a second or more, so the adaptive policy swaps nearly every
+paused request and should match the fixed swap policy.
 """
 
 from __future__ import annotations
@@ -192,6 +203,13 @@ async def run_system(
         "decisions": dict(stats.pause_decisions),
         "recompute_tokens": stats.pause_recompute_tokens,
         "swap_out_mb": round(stats.swap_out_bytes / 2**20, 1),
+        # The window's share spent recomputing discarded KV, priced by the engine's own
+        # profile: INFERCEPT measured 37-40% of forward time for discard-on-call serving.
+        "recompute_share": round(
+            stats.pause_recompute_tokens * engine.pause_policy.costs.recompute_per_token_s
+            / window,
+            3,
+        ),
         "mean_running_waiting_paused": mean,
     }
 
@@ -252,7 +270,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{system:>15}: {got['completed_per_min']:.2f} completed/min "
             f"({got['completed']}), "
             f"{f'{latency:.3f}' if latency is not None else 'n/a'} s/token, "
-            f"decisions {got['decisions']}, recomputed {got['recompute_tokens']} tokens, "
+            f"decisions {got['decisions']}, recomputed {got['recompute_tokens']} tokens "
+            f"({got['recompute_share']:.0%} of the window), "
             f"swapped out {got['swap_out_mb']} MiB, "
             f"running/waiting/paused {got['mean_running_waiting_paused']}",
             flush=True,

@@ -212,7 +212,9 @@ class PausedKV:
         force: bool = False,
     ) -> bool:
         """Carry out the best non-preserve action for each of `holding`, greatest gain
-        first, while `still_short()`. Returns whether anything was freed."""
+        first, while `still_short()`. The per-step swap budget paces relief ahead of need;
+        with `force` (room needed this step) a swap goes even past it. Returns whether
+        anything was freed."""
         assert self.policy is not None
         now = time.perf_counter()
         self.last_waste = {}  # only the latest re-decision's: ids come and go
@@ -231,12 +233,12 @@ class PausedKV:
         for _, seq, action in sorted(ranked, key=lambda r: -r[0]):
             if not still_short():
                 break
-            if action == "swap":
+            if action == "swap" and not force:
                 n = self.blocks_of(seq.num_computed_tokens)
                 if not self.swap_budget_allows(swaps, n, False):
-                    if not force:
-                        continue  # over budget: preserved this step, re-decided next
-                    action = "discard"
+                    continue  # over budget: preserved this step, re-decided next
+            # Room needed now (`force`) goes past the budget: the copy still costs less
+            # than the recompute a discard would (the policy priced them), often by far.
             if action == "swap":
                 self.swap_out(seq, swaps)
             else:

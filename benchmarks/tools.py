@@ -2,24 +2,55 @@
 
     python benchmarks/tools.py [--quick] [--json PATH] [--plot PATH]
 
-Workload `agent`: requests that each call several tools between their generations, on
-one context (`{{call}}` between gens, so every request pauses and resumes the same engine
-request). Tool durations follow INFERCEPT's mix of augmentations, scaled down so a run
-stays short: math ~0 s, QA/search ~0.7 s, and chatbot/image/TTS in the tens of seconds
-(scaled by `SLOW_SCALE`). Each call's tool is drawn from that mix with a fixed seed, so
-every system gets the same requests and the same tool durations; the tools sleep on the
-event loop, as a remote service would keep the caller waiting. The KV pool is small enough
-that the paused requests' contexts do not all fit next to the running ones.
+Workload `agent`, shaped after INFERCEPT's augmented-LLM workload:
+
+- Each request is one augmentation type, drawn with equal shares, and calls that type's tool
+  between its generations on one context (`{{call}}` between gens: every call pauses and
+  resumes the same engine request). Calls per request and tool times follow INFERCEPT's
+  mix: math (4 calls, ~0 s), QA/search (3 calls, ~0.7 s), chatbot (4 calls, ~28 s), image
+  generation (1 call, ~20 s), text-to-speech (1 call, ~17 s); each call's time is drawn
+  exponential around its type's mean, and the tools sleep on the event loop as a remote
+  service keeps its caller waiting.
+- Contexts are long relative to the generations, as INFERCEPT's are (over a thousand tokens
+  when math, QA and chatbot call; about half that for image and TTS): what a discard throws
+  away is far more than a segment adds.
+- Load is closed-loop: `users` clients each send their next request as soon as the last one
+  finishes, for a fixed window, and `completed_per_min` counts what finished inside it
+  (runs still going at the end are cancelled, their KV freed). Enough users that the engine,
+  not the tools' sleeps, is the bottleneck; the KV pool holds the contexts of about a third
+  of them, so paused contexts cannot all stay in it next to the running ones.
+
+What is scaled, and why: the slow tools by SLOW_SCALE (0.1: 28 s -> 2.8 s), so a request
+lasts seconds and a window sees several per user; math and QA as measured. Contexts and
+generations are shortened together (CONTEXT, GEN below: about a third of INFERCEPT's
+context, a segment of 16 tokens) so a 135M model on 2 CPU cores completes enough requests
+in a short window; the ratio of what a resume recomputes to what it generates stays of
+INFERCEPT's order. Every system gets the same users, the same requests in the same order,
+the same texts and the same tool times (seeded per user). Nothing here is tuned per system.
 
 Systems: `covey` (adaptive: INFERCEPT's min-waste rule per paused request),
 `covey-discard`, `covey-preserve`, `covey-swap` (`EngineConfig.pause_policy`).
 Metrics: `completed_per_min` (higher is better) and `normalized_latency_s` (a request's
-latency divided by its output tokens, averaged over requests; lower is better).
+latency divided by its output tokens, averaged over completed requests; lower is better).
+Each row also records the policy's decisions, recomputed tokens and the share of the window
+they cost (`recompute_share`, priced by the engine's own profile), swapped bytes, and how
+busy the engine was (mean running / waiting / paused requests, sampled).
+
+Reading the figures: where the KV pool bounds how many requests run at once (here, as in
+INFERCEPT), adaptive, swap and discard run about as many, and what separates them is engine
+time per request. Discard's extra is its recompute; INFERCEPT measured recomputation at
+37-40% of forward time in discard-on-call serving. If covey removes all of it and is
+otherwise equal, its gain over discard is about 1 / (1 - recompute_share): 1.5x needs
+discard to spend a third of its time recomputing. Preserve loses admissions instead: paused
+KV holds the pool while tools run. On a CPU a swap is a memcpy (milliseconds for a whole
+context) against a recompute of a second or more, so the adaptive policy swaps nearly every
+paused request and should match the fixed swap policy.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import statistics
 import sys
@@ -38,40 +69,64 @@ SYSTEMS = {
     "covey-preserve": "preserve",
     "covey-swap": "swap",
 }
-# INFERCEPT's augmentation types (mean seconds): math and QA as measured, the slow ones
-# (chatbot, image generation, text-to-speech) in the tens of seconds, scaled down.
 SLOW_SCALE = 0.1
-MIX = {
-    "math": (0.0002, 0.3),  # (mean seconds, share of calls)
-    "qa": (0.7, 0.3),
-    "chatbot": (28.0 * SLOW_SCALE, 0.15),
-    "image": (20.0 * SLOW_SCALE, 0.15),
-    "tts": (17.0 * SLOW_SCALE, 0.1),
+# INFERCEPT's augmentation types: (mean tool seconds, calls per request, context share).
+# The context share scales CONTEXT: image and TTS requests carry about half the context.
+TYPES = {
+    "math": (0.0001, 4, 1.0),
+    "qa": (0.7, 3, 1.0),
+    "chatbot": (28.0 * SLOW_SCALE, 4, 1.0),
+    "image": (20.0 * SLOW_SCALE, 1, 0.5),
+    "tts": (17.0 * SLOW_SCALE, 1, 0.5),
 }
+# (users, window seconds, context tokens, tokens per generation)
+QUICK = (8, 40.0, 384, 16)
+FULL = (16, 120.0, 512, 16)
+SAMPLE_S = 0.25  # how often the engine's queues are sampled
 
 
-def make_tool(kind: str, durations: list[float]) -> Any:
-    """An async tool named after its kind (the engine keeps a duration history per tool
-    name) that sleeps for its request's next scripted duration."""
-    import covey.graph as cg
+class Request:
+    """One request of the plan: its type, its tool's times per call, its text."""
 
-    async def tool(text: str) -> str:
-        await asyncio.sleep(durations.pop(0))
-        return f"{kind} result {len(text)}"
-
-    tool.__name__ = tool.__qualname__ = kind
-    return cg.tool(timeout=600)(tool)
+    def __init__(self, kind: str, times: list[float], text: str, name: str) -> None:
+        self.kind, self.times, self.text, self.name = kind, times, text, name
 
 
-def build_app(kinds: tuple[str, ...], times: list[float], gen_tokens: int, index: int) -> Any:
-    """A request's app: one semantic function alternating gens and calls to `kinds`, each
-    call sleeping for its scripted time."""
+def user_plan(user: int, count: int, seed: int = 0) -> list[tuple[str, list[float]]]:
+    """A user's requests in order: type (equal shares) and each call's time (exponential
+    around the type's mean). Seeded per user, so every system sees the same ones."""
+    rng = random.Random(f"{seed}-{user}")
+    out = []
+    for _ in range(count):
+        kind = rng.choice(list(TYPES))
+        mean, calls, _ = TYPES[kind]
+        out.append((kind, [rng.expovariate(1 / mean) for _ in range(calls)]))
+    return out
+
+
+def corpus_ids(tokenizer: Any) -> list[int]:
+    """Python's own docs as token ids: the requests' texts are slices of them."""
+    from pydoc_data.topics import topics
+
+    return tokenizer.encode(" ".join(topics[name] for name in sorted(topics)))
+
+
+def build_app(request: Request, gen_tokens: int) -> Any:
+    """A request's app: one semantic function alternating gens and calls to its tool."""
     import covey.graph as cg
     from covey.llm_backend.sampling_params import SamplingParams
 
+    durations = list(request.times)
+
+    async def tool(text: str) -> str:
+        await asyncio.sleep(durations.pop(0))
+        return f"{request.kind} result {len(text)}"
+
+    # The engine keeps a duration history per tool name: name it after its type.
+    tool.__name__ = tool.__qualname__ = request.kind
     lines = ["{{text}}", "Step 1: {{gen g0}}"]
-    for i, kind in enumerate(kinds):
-        lines.append(f"Tool {kind}: {{{{call {kind} g{i}}}}}")
+    for i in range(len(request.times)):
+        lines.append(f"Tool {request.kind}: {{{{call {request.kind} g{i}}}}}")
         lines.append(f"Step {i + 2}: {{{{gen g{i + 1}}}}}")
 
     def agent(text: str):
@@ -79,38 +134,22 @@ def build_app(kinds: tuple[str, ...], times: list[float], gen_tokens: int, index
 
     agent.__doc__ = "\n".join(lines)
     params = SamplingParams(max_tokens=gen_tokens, temperature=0.0, ignore_eos=True)
-    per_kind = {k: [t for kind, t in zip(kinds, times) if kind == k] for k in kinds}
-    used = [make_tool(k, per_kind[k]) for k in per_kind]
-    fn = cg.semantic_function(params=params, calls=used)(agent)
+    fn = cg.semantic_function(params=params, calls=[cg.tool(timeout=600)(tool)])(agent)
 
-    @cg.app(name=f"agent_{index}")
+    @cg.app(name=request.name)
     def app(text: str):
         return fn(text)
 
     return app
 
 
-def workload(requests: int, calls: int, seed: int = 0) -> list[tuple[tuple[str, ...], list]]:
-    """Per request: the tools it calls in order, and each call's duration (exponential
-    around the kind's mean)."""
-    rng = random.Random(seed)
-    kinds, weights = list(MIX), [share for _, share in MIX.values()]
-    out = []
-    for _ in range(requests):
-        seq = tuple(rng.choices(kinds, weights)[0] for _ in range(calls))
-        out.append((seq, [rng.expovariate(1 / MIX[k][0]) for k in seq]))
-    return out
-
-
-def documents(tokenizer: Any, count: int, tokens: int) -> list[str]:
-    from pydoc_data.topics import topics
-
-    ids = tokenizer.encode(" ".join(topics[name] for name in sorted(topics)))
-    return [tokenizer.decode(ids[i * tokens : (i + 1) * tokens]) for i in range(count)]
-
-
 async def run_system(
-    policy: str, model: Any, config: dict[str, Any], plan: list, texts: list[str], gen: int
+    policy: str,
+    model: Any,
+    config: dict[str, Any],
+    plans: list[list[Request]],
+    window: float,
+    gen: int,
 ) -> dict[str, Any]:
     from covey.llm_backend.async_llm import AsyncLLM
     from covey.llm_backend.config import EngineConfig
@@ -118,29 +157,60 @@ async def run_system(
     from covey.runtime import Runtime
 
     engine = LLMEngine(EngineConfig(pause_policy=policy, **config), model=model)
-    apps = [build_app(seq, list(times), gen, i) for i, (seq, times) in enumerate(plan)]
+    latencies: list[float] = []
+    tokens: list[int] = []
+    samples: list[tuple[int, int, int]] = []
     async with AsyncLLM(engine=engine) as llm:
         runtime = Runtime(llm)
-        latencies: list[float] = []
-        tokens: list[int] = []
-
-        async def one(app: Any, text: str) -> None:
-            start = time.perf_counter()
-            result = await runtime.run_traced(app, text=text)
-            latencies.append(time.perf_counter() - start)
-            tokens.append(result.trace.generated_tokens)
-
         start = time.perf_counter()
-        await asyncio.gather(*(one(app, text) for app, text in zip(apps, texts)))
-        wall = time.perf_counter() - start
+
+        async def user(plan: list[Request]) -> None:
+            for request in plan:
+                app = build_app(request, gen)
+                began = time.perf_counter()
+                result = await runtime.run_traced(app, text=request.text)
+                if time.perf_counter() - start > window:
+                    return
+                latencies.append(time.perf_counter() - began)
+                tokens.append(result.trace.generated_tokens)
+
+        async def sample() -> None:
+            while True:
+                s = await llm.stats()
+                samples.append((s.num_running, s.num_waiting, s.num_paused))
+                await asyncio.sleep(SAMPLE_S)
+
+        users = [asyncio.ensure_future(user(plan)) for plan in plans]
+        sampler = asyncio.ensure_future(sample())
+        done, pending = await asyncio.wait(users, timeout=window)
+        for task in [*pending, sampler]:
+            task.cancel()
+        for task in [*pending, sampler]:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for task in done:
+            task.result()  # a user that failed is a failed run, never a quiet zero
         stats = await llm.stats()
         runtime.tools.close()
+    mean = [round(statistics.fmean(col), 2) for col in zip(*samples)] if samples else None
     return {
-        "completed_per_min": len(latencies) / wall * 60,
-        "normalized_latency_s": statistics.mean(lat / n for lat, n in zip(latencies, tokens)),
-        "wall_s": wall,
-        "decisions": dict(getattr(stats, "pause_decisions", {}) or {}),
-        "recompute_tokens": getattr(stats, "pause_recompute_tokens", None),
+        "completed_per_min": len(latencies) / window * 60,
+        # None when nothing completed (a machine far slower than the window allows).
+        "normalized_latency_s": (
+            statistics.fmean(lat / n for lat, n in zip(latencies, tokens)) if latencies else None
+        ),
+        "completed": len(latencies),
+        "decisions": dict(stats.pause_decisions),
+        "recompute_tokens": stats.pause_recompute_tokens,
+        "swap_out_mb": round(stats.swap_out_bytes / 2**20, 1),
+        # The window's share spent recomputing discarded KV, priced by the engine's own
+        # profile: INFERCEPT measured 37-40% of forward time for discard-on-call serving.
+        "recompute_share": round(
+            stats.pause_recompute_tokens * engine.pause_policy.costs.recompute_per_token_s
+            / window,
+            3,
+        ),
+        "mean_running_waiting_paused": mean,
     }
 
 
@@ -152,46 +222,65 @@ def main(argv: list[str] | None = None) -> None:
     from covey.llm_backend.tokenizer import load_default_tokenizer
     from covey.llm_backend.weight_loader import load_model
 
-    requests, calls, prompt, gen = (6, 3, 192, 8) if args.quick else (24, 4, 384, 16)
+    users, window, context, gen = QUICK if args.quick else FULL
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(resolve_model(None), torch.float32, torch.device(device))
-    texts = documents(load_default_tokenizer(), requests, prompt)
-    plan = workload(requests, calls)
-    # Room for about a third of the requests' full contexts: the rest must wait, or their
-    # paused KV must move out of the pool.
-    context = prompt + (calls + 1) * (gen + 24)
-    pool = max(context * requests // 3, 2 * context)
+    per_user = 64  # more than a user can finish in the window
+    tokenizer = load_default_tokenizer()
+    ids = corpus_ids(tokenizer)
+    # Distinct slices (a step apart), so no two requests share a prefix the cache reuses.
+    step = max(1, (len(ids) - context) // (users * per_user))
+    plans = []
+    for u in range(users):
+        plan = []
+        for j, (kind, times) in enumerate(user_plan(u, per_user)):
+            at = (u * per_user + j) * step
+            text = tokenizer.decode(ids[at : at + int(context * TYPES[kind][2])])
+            plan.append(Request(kind, times, text, f"agent_{u}_{j}"))
+        plans.append(plan)
+    # Room for the full contexts of about a third of the users: the rest must wait, or
+    # paused KV must leave the pool.
+    full = context + (max(c for _, c, _ in TYPES.values()) + 1) * (gen + 16)
+    pool = max(full * users // 3, 2 * full)
     config = {"device": device, "dtype": "float32", "kv_cache_tokens": pool}
     params = {
-        "requests": requests,
-        "calls_per_request": calls,
-        "prompt_tokens": prompt,
+        "users": users,
+        "window_s": window,
+        "context_tokens": context,
         "gen_tokens": gen,
         "kv_cache_tokens": pool,
-        "tool_mix_s": {k: v[0] for k, v in MIX.items()},
+        "types": {k: {"tool_s": v[0], "calls": v[1]} for k, v in TYPES.items()},
     }
     results: list[dict[str, Any]] = []
     for system, policy in SYSTEMS.items():
         try:
-            got = asyncio.run(run_system(policy, model, config, plan, texts, gen))
+            got = asyncio.run(run_system(policy, model, config, plans, window, gen))
         except Exception as e:  # a policy this engine cannot run: recorded, never hidden
             reason = f"{type(e).__name__}: {e}"
             for metric in ("completed_per_min", "normalized_latency_s"):
                 results.append(record("agent", system, metric, None, params, reason))
             print(f"{system:>15}: could not run ({reason})", flush=True)
             continue
-        extra = {**params, "wall_s": round(got["wall_s"], 2), "decisions": got["decisions"]}
-        extra["recompute_tokens"] = got["recompute_tokens"]
-        for metric in ("completed_per_min", "normalized_latency_s"):
-            results.append(record("agent", system, metric, got[metric], extra))
+        extra = {**params, **{k: v for k, v in got.items() if k not in METRICS}}
+        for metric in METRICS:
+            reason = None if got[metric] is not None else "no request completed in the window"
+            results.append(record("agent", system, metric, got[metric], extra, reason))
+        latency = got["normalized_latency_s"]
         print(
-            f"{system:>15}: {got['completed_per_min']:.2f} completed/min, "
-            f"{got['normalized_latency_s']:.3f} s/token, wall {got['wall_s']:.1f} s, "
-            f"decisions {got['decisions']}",
+            f"{system:>15}: {got['completed_per_min']:.2f} completed/min "
+            f"({got['completed']}), "
+            f"{f'{latency:.3f}' if latency is not None else 'n/a'} s/token, "
+            f"decisions {got['decisions']}, recomputed {got['recompute_tokens']} tokens "
+            f"({got['recompute_share']:.0%} of the window), "
+            f"swapped out {got['swap_out_mb']} MiB, "
+            f"running/waiting/paused {got['mean_running_waiting_paused']}",
             flush=True,
         )
     write_results(args, NAME, results, device, "SmolLM2-135M-Instruct")
     plot(results, args.plot)
+
+
+METRICS = ("completed_per_min", "normalized_latency_s")
 
 
 def plot(results: list[dict], path: Path) -> None:

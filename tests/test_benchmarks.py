@@ -37,7 +37,7 @@ def run_hidden(hidden: list[str], name: str, *args: str) -> subprocess.Completed
     )
 
 
-@pytest.mark.parametrize("name", ["apps", "async_engine", "engine", "rag_kv", "retrieval"])
+@pytest.mark.parametrize("name", ["apps", "async_engine", "engine", "rag_kv", "retrieval", "tools"])
 def test_missing_matplotlib_stops_before_measuring(tmp_path, name):
     out = tmp_path / "out.json"
     start = time.perf_counter()

@@ -101,15 +101,15 @@ class PausedKV:
         return -(-num_tokens // self.bm.block_size)
 
     def can_swap(self, seq: Sequence) -> bool:
-        """Whether `seq`'s KV can go to host and come back as it is. Not a sequence with
-        chunk segments (blended KV must never be published as exact; its plan's cursor
-        would not survive) nor one mid-prefill (nothing worth keeping), nor one the host
-        space left cannot hold."""
+        """Whether `seq`'s KV can go to host and come back as it is. Not one mid-prefill
+        (nothing worth keeping; a chunk plan's cursor would not survive), nor one the host
+        space left cannot hold. A sequence with chunk segments swaps like any other: its
+        KV comes back bit for bit, and the scheduler never publishes it after a swap-in
+        (blended KV must never serve a prefix-cache hit)."""
         blocks = self.blocks_of(seq.num_computed_tokens)
         room = self.host_blocks is None or self.host_blocks_used + blocks <= self.host_blocks
         return (
             room
-            and not seq.has_chunks
             and seq.chunk_plan is None
             and seq.num_computed_tokens > 0
             and len(seq.block_table) >= blocks
@@ -212,7 +212,9 @@ class PausedKV:
         force: bool = False,
     ) -> bool:
         """Carry out the best non-preserve action for each of `holding`, greatest gain
-        first, while `still_short()`. Returns whether anything was freed."""
+        first, while `still_short()`. The per-step swap budget paces relief ahead of need;
+        with `force` (room needed this step) a swap goes even past it. Returns whether
+        anything was freed."""
         assert self.policy is not None
         now = time.perf_counter()
         self.last_waste = {}  # only the latest re-decision's: ids come and go
@@ -231,12 +233,12 @@ class PausedKV:
         for _, seq, action in sorted(ranked, key=lambda r: -r[0]):
             if not still_short():
                 break
-            if action == "swap":
+            if action == "swap" and not force:
                 n = self.blocks_of(seq.num_computed_tokens)
                 if not self.swap_budget_allows(swaps, n, False):
-                    if not force:
-                        continue  # over budget: preserved this step, re-decided next
-                    action = "discard"
+                    continue  # over budget: preserved this step, re-decided next
+            # Room needed now (`force`) goes past the budget: the copy still costs less
+            # than the recompute a discard would (the policy priced them), often by far.
             if action == "swap":
                 self.swap_out(seq, swaps)
             else:

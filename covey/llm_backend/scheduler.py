@@ -302,6 +302,10 @@ class Scheduler:
             bm.discard(seq)  # nothing was taken; it stays swapped out
             return None
         bm.allocate_slots(seq, n)
+        if seq.has_chunks:
+            # Its blocks may hold blended chunk KV, and the swap-out forgot how far they
+            # were exact: publish none of them (those that were exact stay published).
+            bm.stop_caching(seq)
         out.swaps.into.append(SwapIn(seq, list(seq.block_table[:blocks])))
         out.swaps.in_blocks += blocks
         self.paused_kv.counters.swapped_in_blocks += blocks

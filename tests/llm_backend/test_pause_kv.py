@@ -146,3 +146,43 @@ def test_a_failed_swap_out_costs_only_a_recompute(make_engine, monkeypatch):
     assert resumed.finished and len(resumed.token_ids) == 5
     assert engine.stats().pause_recompute_tokens > 0
     _assert_baseline(engine)
+
+
+def test_a_blended_chunk_request_swaps_and_never_publishes_its_blended_blocks(make_engine):
+    """A prompt with chunk segments whose chunks were blended swaps out and back like any
+    other: it resumes to the preserved run's output, and no block from its first blended
+    token on ever serves a prefix-cache hit."""
+    from covey.llm_backend.segments import Segment
+
+    def prompt(order, head):
+        docs = {
+            "mill": " The mill by the river grinds wheat for the whole valley in autumn.",
+            "owl": " An owl nests in the bell tower; the sexton feeds it mice he catches.",
+        }
+        segments = [Segment(head, kind="static")]
+        for name in order:
+            segments.append(Segment(docs[name], kind="chunk", chunk_id=name))
+        return [*segments, Segment("\nWho feeds the owl? Answer:", kind="dynamic")]
+
+    outputs = {}
+    for policy in ("preserve", "swap"):
+        engine = make_engine(
+            kv_cache_tokens=POOL, pause_policy=policy, chunk_cache="blend",
+            blend_recompute_ratio=0.25,
+        )
+        engine.run_to_completion([engine.add_request(prompt(["mill", "owl"], "Notes.\n"), NEXT)])
+        moved = prompt(["owl", "mill"], "Other notes:\n")
+        blend_start = engine.tokenize(moved)[1][1].start  # the first chunk
+        rid = engine.add_request(moved, TURN)
+        seq = engine.requests[rid]
+        _until_paused(engine, rid)
+        assert seq.metrics.num_reused_tokens > 0  # its chunks were blended in
+        engine.step()  # a fixed swap policy moves it out now
+        assert (seq.swapped_tokens > 0) == (policy == "swap")
+        engine.resume_request(rid, TOOL_TEXT, NEXT)
+        (out,) = engine.run_to_completion([rid])
+        assert engine.block_manager.cached_prefix_blocks(seq.token_ids) * 16 <= blend_start
+        assert (engine.stats().swap_in_bytes > 0) == (policy == "swap")
+        outputs[policy] = out.token_ids
+        _assert_baseline(engine)
+    assert outputs["swap"] == outputs["preserve"] and len(outputs["swap"]) == 5

@@ -151,3 +151,23 @@ def test_pause_config_is_checked():
         EngineConfig(pause_policy="keep")
     with pytest.raises(ConfigError, match="pause_swap_bytes"):
         EngineConfig(pause_swap_bytes=-1)
+
+
+def test_room_needed_now_swaps_past_the_budget_instead_of_discarding():
+    """The budget paces swaps ahead of need; when a request needs the room this step, a
+    paused request the policy would swap is swapped even past the budget, never thrown away
+    for a recompute that costs far more than the copy."""
+    sched = make("swap", num_blocks=8, swap_blocks=1)
+    a, b = seq(11, name="a"), seq(11, name="b")  # 3 blocks each
+    for s in (a, b):
+        sched.add(s)
+    complete(sched)
+    sched.pause(a)
+    sched.pause(b)
+    c = seq(24, name="c")  # 6 blocks: both paused requests must leave the pool
+    sched.add(c)
+    out = sched.schedule()
+    assert {item.seq for item in out.swaps.out} == {a, b} and out.swaps.out_blocks == 6
+    assert a.swapped_tokens == b.swapped_tokens == 11
+    assert a.discarded_tokens == b.discarded_tokens == 0
+    assert sched.paused_kv.counters.decisions["discard"] == 0 and c in sched.running

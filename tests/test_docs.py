@@ -1,13 +1,19 @@
 """The docs cannot rot: every ```python block of README.md and docs/*.md runs, for real.
 
-Each Markdown file runs in its own subprocess, its blocks in order in one namespace (a
-later block uses what an earlier one defined), on the embedded model, offline, in a fresh
-folder (files a tutorial writes land there) with the test session's COVEY_HOME. A block
-may use top-level `await`. A traceback points at the Markdown file's own line. Commands that cannot
-run here (a server in the foreground, a remote GPU box) go in ```bash blocks, and every
-fence names its language, so no Python escapes the run by being left untagged.
+Each Markdown file's blocks run in order in one namespace (a later block uses what an
+earlier one defined), on the embedded model, offline, in a fresh folder (files a tutorial
+writes land there) with the test session's COVEY_HOME. A block may use top-level `await`.
+A traceback points at the Markdown file's own line. Commands that cannot run here (a server
+in the foreground, a remote GPU box) go in ```bash blocks, and every fence names its
+language, so no Python escapes the run by being left untagged.
 
-By hand: `python tests/test_docs.py docs/tutorial.md`.
+All pages run in one child process, one after another, so the embedded model behind
+`default_runtime()` loads once for the run rather than once per page (the model load is most
+of a short page's time). Each page still starts clean: its own module namespace, event
+loop and folder, and a default runtime with no retrievers bound, no tools and no per-app
+timeouts (`fresh_default_runtime`), so a page cannot lean on what an earlier one set up.
+
+By hand: `python tests/test_docs.py docs/tutorial.md` (several pages: run in that order).
 """
 
 from __future__ import annotations
@@ -15,13 +21,17 @@ from __future__ import annotations
 import ast
 import asyncio
 import inspect
+import json
 import os
 import re
 import subprocess
 import sys
 import time
+import traceback
 import types
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -29,7 +39,9 @@ FENCE = re.compile(r"^```(\S*)\s*$")
 LANGUAGES = {"python", "bash", "text", "json", "mermaid"}
 # What a clean run never prints: a stream left early used to leave these behind.
 NOISE = ("Task exception was never retrieved", "Event loop is closed", "Traceback")
-TIMEOUT_S = 900
+TIMEOUT_S = 1800  # every page together
+# Printed on stdout and stderr as each page starts, so each page's output can be told apart.
+MARK = "=== covey docs page: "
 
 
 def fences(text: str) -> list[tuple[str, int, str]]:
@@ -76,6 +88,43 @@ def run_file(path: Path) -> None:
         loop.close()
 
 
+def fresh_default_runtime() -> None:
+    """Keep the default runtime's engine (its model is loaded) but give it a new `Runtime`
+    with the defaults, as a fresh process would have: the previous page's retrievers,
+    tools, timeouts and pins go. A page that closed or replaced the default keeps that."""
+    from covey.runtime import Runtime, set_default_runtime
+
+    current = set_default_runtime(None)
+    set_default_runtime(current)
+    if current is None or current._closed:
+        return
+    previous = current.runtime
+    for prefix in previous.pins:
+        current._submit(current.llm.unpin(prefix)).result()
+    previous.tools.close()
+    current.runtime = Runtime(current.llm)
+
+
+def run_pages(paths: list[Path], workdir: Path, report: Path) -> None:
+    """Run each page in its own folder under `workdir`; `report` gets {page: error or None}
+    after each page, so a crash still leaves the pages done so far."""
+    results: dict[str, str | None] = {}
+    for path in paths:
+        for stream in (sys.stdout, sys.stderr):
+            print(f"{MARK}{path.name}", file=stream, flush=True)
+        folder = workdir / path.name
+        folder.mkdir(parents=True, exist_ok=True)
+        os.chdir(folder)
+        try:
+            fresh_default_runtime()
+            run_file(path)
+            results[path.name] = None
+        except BaseException:
+            results[path.name] = traceback.format_exc()
+            print(results[path.name], file=sys.stderr, flush=True)
+        report.write_text(json.dumps(results))
+
+
 def test_every_fence_names_a_known_language():
     for path in FILES:
         for lang, line, _ in fences(path.read_text()):
@@ -98,27 +147,66 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("doc", docs, ids=[p.name for p in docs])
 
 
-def test_python_blocks_run(doc, tmp_path, covey_home):
+def split_by_page(text: str) -> dict[str, str]:
+    """Output printed while each page ran ('' for what came before the first page)."""
+    parts: dict[str, str] = {}
+    name = ""
+    for line in text.splitlines(keepends=True):
+        if line.startswith(MARK):
+            name = line[len(MARK) :].strip()
+        else:
+            parts[name] = parts.get(name, "") + line
+    return parts
+
+
+@pytest.fixture(scope="session")
+def docs_run(request, tmp_path_factory, covey_home):
+    """One child process runs every page this session selected, in FILES order."""
+    selected = {
+        item.callspec.params["doc"]
+        for item in request.session.items
+        if item.originalname == "test_python_blocks_run"
+    }
+    pages = [p for p in _with_python() if p in selected]
+    base = tmp_path_factory.mktemp("docs")
+    report = base / "report.json"
     env = dict(os.environ)  # COVEY_HOME: the test session's (tests/conftest.py), not ~/.cache
     env["HF_HUB_OFFLINE"] = "1"
     env["TOKENIZERS_PARALLELISM"] = "false"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    work = tmp_path / "work"
-    work.mkdir()
     proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), str(doc)],
-        cwd=work,
+        [sys.executable, str(Path(__file__).resolve()), "--report", str(report),
+         *map(str, pages)],
+        cwd=base,
         env=env,
         capture_output=True,
         text=True,
         timeout=TIMEOUT_S,
     )
-    report = f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-8000:]}"
-    assert proc.returncode == 0, f"{doc.name}: a Python block failed\n{report}"
+    results = json.loads(report.read_text()) if report.exists() else {}
+    return proc, results
+
+
+def test_python_blocks_run(doc, docs_run):
+    proc, results = docs_run
+    out, err = split_by_page(proc.stdout), split_by_page(proc.stderr)
+    mine_out, mine_err = out.get(doc.name, ""), err.get(doc.name, "")
+    report = f"--- stdout\n{mine_out[-4000:]}\n--- stderr\n{mine_err[-8000:]}"
+    whole = f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-8000:]}"
+    assert doc.name in results, f"{doc.name}: the docs run ended before this page\n{whole}"
+    assert results[doc.name] is None, f"{doc.name}: a Python block failed\n{report}"
     for noise in NOISE:
-        assert noise not in proc.stderr, f"{doc.name}: printed {noise!r}\n{report}"
+        assert noise not in mine_err, f"{doc.name}: printed {noise!r}\n{report}"
+    assert proc.returncode == 0, f"the docs run exited with {proc.returncode}\n{whole}"
+    for noise in NOISE:  # what no page printed comes from the exit: every page answers for it
+        assert noise not in err.get("", ""), f"the docs run printed {noise!r}\n{whole}"
 
 
 if __name__ == "__main__":
-    for arg in sys.argv[1:]:
-        run_file(Path(arg).resolve())
+    args = sys.argv[1:]
+    if args[:1] == ["--report"]:
+        out = Path(args[1]).resolve()
+        run_pages([Path(a).resolve() for a in args[2:]], out.parent / "pages", out)
+    else:
+        for arg in args:
+            run_file(Path(arg).resolve())

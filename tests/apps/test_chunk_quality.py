@@ -1,11 +1,12 @@
 """What blended chunk reuse costs in answer quality, on the planted-facts set (real model).
 
-Each of 20 questions reads 5 of 15 chunks (~100 tokens each) in a random order and asks for
+Each of 10 questions reads 5 of 15 chunks (~100 tokens each) in a random order and asks for
 a made-up fact planted in one of them. The blend engine first reads the chunks in three
 prompts of five, in order, so every chunk it reuses was computed at other positions after
 other chunks (KV taken from an earlier request's prefill); the full-prefill engine reuses
-nothing. Blend must stay within one question (0.05) of full prefill here; kept small for
-speed, so benchmarks/rag_kv.py measures the full figure (256-token chunks, Zipf
+nothing. Blend must stay within one question (0.1) of full prefill here; kept small for
+speed (each question prefills ~500 tokens twice; with 20 it was the slowest test of
+tests/apps), so benchmarks/rag_kv.py measures the full figure (256-token chunks, Zipf
 popularity, both KV sources) against the 0.02 target.
 """
 
@@ -21,7 +22,7 @@ from tests.runtime.conftest import make_cpu_engine
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import planted_facts as pf  # noqa: E402
 
-MARGIN = 0.05  # one question in 20
+MARGIN = 0.1  # one question in 10
 PARAMS = SamplingParams(max_tokens=6, temperature=0.0)
 
 
@@ -32,7 +33,7 @@ def answer(engine, questions):
 
 def test_blend_at_the_default_ratio_stays_close_to_full_prefill():
     chunks = pf.make_chunks(15, chars=400)
-    questions = pf.make_questions(chunks, 20, seed=3)
+    questions = pf.make_questions(chunks, 10, seed=3)
     full = answer(make_cpu_engine(chunk_cache="off", enable_prefix_caching=False), questions)
     ratio = EngineConfig().blend_recompute_ratio
     blend = make_cpu_engine(chunk_cache="blend", blend_recompute_ratio=ratio)

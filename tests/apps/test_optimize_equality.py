@@ -14,17 +14,17 @@ from .conftest import DOCS, fresh_runtime
 
 CASES = {
     "rag_chatbot": (
-        build_rag_app(k=3, max_tokens=16),
+        build_rag_app(k=3, max_tokens=8),
         {"question": "What if a dictionary key is missing?", "history": ""},
     ),
     "advanced_rag": (
         build_advanced_rag_app(
-            per_query_k=3, top_k=3, subquery_max_tokens=12, answer_max_tokens=16
+            per_query_k=3, top_k=3, subquery_max_tokens=8, answer_max_tokens=8
         ),
         {"question": "How do I make sure a file gets closed?"},
     ),
     "mapreduce_summary": (
-        build_summary_app(piece_chars=400, piece_max_tokens=12, summary_max_tokens=16),
+        build_summary_app(piece_chars=400, piece_max_tokens=8, summary_max_tokens=8),
         {"text": "\n\n".join(DOCS.values())},
     ),
 }

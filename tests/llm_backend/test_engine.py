@@ -50,9 +50,9 @@ def test_chunked_prefill_equals_one_shot_prefill(make_engine):
 
 
 def test_pool_exhaustion_queues_and_preempts_instead_of_crashing(make_engine):
-    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
     roomy = [o.token_ids for o in run(make_engine(), PROMPTS, params)]
-    engine = make_engine(kv_cache_tokens=64, block_size=16)  # 4 blocks; each request needs 3
+    engine = make_engine(kv_cache_tokens=32, block_size=8)  # 4 blocks; each request needs 3
     tight = run(engine, PROMPTS, params)
     assert [o.token_ids for o in tight] == roomy
     assert any(o.metrics.num_preemptions > 0 for o in tight)

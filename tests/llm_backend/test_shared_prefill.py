@@ -40,15 +40,17 @@ def test_pinned_prefix_survives_eviction_until_unpinned(make_engine):
     prefill(engine, SYSTEM, pin="system")
     held = engine.pinned["system"]
     assert held > 0
-    filler = SamplingParams(max_tokens=60, ignore_eos=True)
-    for i in range(4):  # each fills most of the pool: idle cached blocks get evicted
-        run(engine, [f"Count slowly from {i} to one hundred, " * 6], filler)
+    # Each filler takes ~7 of the 16 blocks (a long prompt, a few tokens: prefill is cheap,
+    # decode steps are not): four of them evict the idle cached blocks.
+    filler = SamplingParams(max_tokens=8, ignore_eos=True)
+    for i in range(4):
+        run(engine, [f"Count slowly from {i} to one hundred, " * 11], filler)
     hit = run(engine, [SYSTEM + QUESTIONS[1]], GREEDY)[0]
     assert hit.metrics.num_cached_tokens == held
     assert engine.unpin("system") and not engine.unpin("system")
     assert engine.pinned == {}
     for i in range(4):  # the same pressure without the pin: the prefix is evicted
-        run(engine, [f"Count slowly from {i + 10} to one hundred, " * 6], filler)
+        run(engine, [f"Count slowly from {i + 10} to one hundred, " * 11], filler)
     assert run(engine, [SYSTEM + QUESTIONS[2]], GREEDY)[0].metrics.num_cached_tokens == 0
 
 
@@ -67,13 +69,16 @@ def test_pins_yield_to_a_request_that_needs_their_room(make_engine):
     engine = make_engine(kv_cache_tokens=256, block_size=16)  # 16 blocks: pins get 4
     prefill(engine, SYSTEM, pin="system")
     assert engine.block_manager.num_pinned_blocks == 3
-    prompt = "Tell me a story."
+    # Most of the pool in the prompt (prefill is cheap, decode steps are not), the rest
+    # generated: the request needs the whole pool, so the pin must go.
+    prompt = "Tell me a story about a lighthouse keeper and the sea. " * 16
     n = 256 - len(engine.tokenize(prompt)[0])
-    story = SamplingParams(max_tokens=n, ignore_eos=True)  # the whole pool: the pin must go
+    assert 16 <= n <= 64
+    story = SamplingParams(max_tokens=n, ignore_eos=True)
     (out,) = run(engine, [prompt], story)
     assert out.finish_reason == "length" and len(out.token_ids) == n
     assert engine.pinned == {} and engine.block_manager.num_pinned_blocks == 0
-    fresh = run(make_engine(kv_cache_tokens=256, block_size=16), ["Tell me a story."], story)
+    fresh = run(make_engine(kv_cache_tokens=256, block_size=16), [prompt], story)
     assert out.token_ids == fresh[0].token_ids
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from covey.errors import ConfigError, EngineUnavailableError
+from covey.server.replica_cache_report import ReplicaCacheLedger
 
 APP_PREFIX = "covey-engine-"
 HEALTH_CHECK_PERIOD_S = 2.0
@@ -89,6 +90,7 @@ class EngineReplica:
         elif num_gpus > 0 and config.get("device", "auto") in ("auto", "cuda:0"):
             config["device"] = "cuda"
         self.llm = AsyncLLM(model, **config)
+        self.ledger = ReplicaCacheLedger(self.llm.tokenizer)
         self.draining = False
 
     async def generate(
@@ -96,11 +98,19 @@ class EngineReplica:
     ) -> AsyncIterator[Any]:
         if self.draining:
             raise EngineUnavailableError("this replica is shutting down")
-        async for out in self.llm.generate(prompt, params, request_id, priority):
-            yield out
+        ticket = self.ledger.record(prompt)
+        try:
+            async for out in self.llm.generate(prompt, params, request_id, priority):
+                yield out
+        finally:
+            self.ledger.finished(ticket)
 
     async def prefill(self, prompt: Any, priority: int, pin: str | None, request_id: Any):
-        return await self.llm.prefill(prompt, priority, pin, request_id)
+        ticket = self.ledger.record(prompt)
+        try:
+            return await self.llm.prefill(prompt, priority, pin, request_id)
+        finally:
+            self.ledger.finished(ticket)
 
     async def unpin(self, pin: str) -> bool:
         return await self.llm.unpin(pin)
@@ -109,6 +119,7 @@ class EngineReplica:
         return await self.llm.pinned()
 
     async def warm_chunks(self, chunks: list[Any], compute: bool = False) -> int:
+        self.ledger.finished(self.ledger.record(chunks))  # the report checks the store
         return await self.llm.warm_chunks(chunks, compute)
 
     async def abort(self, request_id: str) -> None:
@@ -124,13 +135,25 @@ class EngineReplica:
         return await self.llm.stats()
 
     async def report(self) -> ReplicaReport:
-        """What the router needs from this replica: its load, pins and identity."""
+        """What the router needs from this replica: its load, pins, what its prefix cache
+        and chunk store hold (in the router's units), and its identity."""
+        engine = self.llm.engine
+        blocks, store = engine.block_manager, engine.chunk_store
+
+        def cached_tokens(ids: list[int]) -> int:
+            return blocks.cached_prefix_blocks(ids) * blocks.block_size
+
+        stored = store.contains_any if store is not None else None
+        # On the engine's thread (its own on CUDA, this loop on CPU): it reads the caches.
+        units, chunks = await self.llm._call(self.ledger.held, cached_tokens, stored)
         return ReplicaReport(
             pid=os.getpid(),
             stats=await self.llm.stats(),
             pins=await self.llm.pinned(),
             model=self.llm.model_name,
             capabilities=self.llm.capabilities,
+            units=units,
+            chunks=chunks,
         )
 
     async def check_health(self) -> None:
@@ -150,6 +173,8 @@ class ReplicaReport:
     pins: dict[str, int]
     model: str
     capabilities: Any  # EngineCapabilities
+    units: dict[str, int]  # router unit hash -> characters, of what its prefix cache holds
+    chunks: dict[str, int]  # chunk id -> characters, of what its chunk store holds
 
 
 def app_name(index: int, prefix: str = APP_PREFIX) -> str:

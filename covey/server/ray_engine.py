@@ -342,7 +342,11 @@ class RayEngine:
         replica.pid, replica.stats, replica.pins = rep.pid, rep.stats, rep.pins
         self.router.set_capacity(replica.name, rep.stats.kv_blocks_total * rep.stats.block_size)
         self.router.report(
-            replica.name, rep.stats.num_waiting + rep.stats.num_running, rep.pins, seq
+            replica.name,
+            rep.stats.num_waiting + rep.stats.num_running,
+            rep.pins,
+            seq,
+            held=(rep.units, rep.chunks),
         )
         return rep
 

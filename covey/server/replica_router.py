@@ -66,28 +66,35 @@ def _blocks(text: str) -> Iterable[str]:
         yield text[start : start + BLOCK_CHARS]
 
 
-def route_key(prompt: Any, pin: str | None = None) -> RouteKey:
-    """The key of a prompt: a str, a list of token ids, or a list of segments (anything
-    with `text`, `token_ids`, `kind` and `chunk_id`, like `covey...segments.Segment`)."""
-    pieces: list[tuple[str, str | None]] = []  # (text, chunk id)
+def route_pieces(prompt: Any) -> list[tuple[str, str | None, Any]]:
+    """A prompt's pieces in order, each (text the key hashes, chunk id or None, what the
+    engine tokenizes: the text, or the token ids the text spells): a str, a list of token
+    ids, or a list of segments (anything with `text`, `token_ids`, `kind` and `chunk_id`,
+    like `covey...segments.Segment`)."""
     if isinstance(prompt, str):
-        pieces.append((prompt, None))
-    elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
-        pieces.append((" ".join(map(str, prompt)), None))  # token ids: blocks of their digits
-    elif isinstance(prompt, (list, tuple)):
+        return [(prompt, None, prompt)]
+    if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+        return [(" ".join(map(str, prompt)), None, list(prompt))]  # blocks of their digits
+    if isinstance(prompt, (list, tuple)):
+        pieces: list[tuple[str, str | None, Any]] = []
         for seg in prompt:
-            text = seg.text if seg.text is not None else " ".join(map(str, seg.token_ids))
+            source = seg.text if seg.text is not None else list(seg.token_ids)
+            text = source if isinstance(source, str) else " ".join(map(str, source))
             chunk = (seg.chunk_id or "#" + _digest(text)) if seg.kind == "chunk" else None
-            pieces.append((text, chunk))
-    else:
-        raise InvalidRequestError(
-            f"a prompt must be a str, a list of token ids or a list of Segments, got "
-            f"{type(prompt).__name__}"
-        )
+            pieces.append((text, chunk, source))
+        return pieces
+    raise InvalidRequestError(
+        f"a prompt must be a str, a list of token ids or a list of Segments, got "
+        f"{type(prompt).__name__}"
+    )
+
+
+def route_key(prompt: Any, pin: str | None = None) -> RouteKey:
+    """The key of a prompt (see `route_pieces` for what a prompt may be)."""
     units: list[tuple[str, int]] = []
     chunks: list[tuple[str, int, int]] = []
     chain = hashlib.blake2b(digest_size=8)
-    for text, chunk in pieces:
+    for text, chunk, _ in route_pieces(prompt):
         if chunk is not None:
             chunks.append((chunk, len(text), len(units)))
             chain.update(b"\x00chunk:" + chunk.encode())
@@ -120,6 +127,9 @@ class ReplicaView:
     # or dropped): a report that started before it is stale about pins (see `report`).
     pin_seq: int = 0
     pinning: set[str] = field(default_factory=set)  # pins routed here, prefill still running
+    # The router's sequence number when each entry (unit hash, "chunk:" + chunk id) was
+    # last routed here or reported: a report asked for before it cannot have seen it.
+    stamps: dict[str, int] = field(default_factory=dict)
     # The router's inverted index (unit hash or chunk id -> replicas holding it), shared by
     # every view and kept in step here, so a call is scored only on candidate replicas.
     index: dict[str, set[str]] = field(default_factory=dict)
@@ -147,22 +157,52 @@ class ReplicaView:
         )
         return chars + CHUNK_OUT_OF_ORDER_WEIGHT * extra
 
-    def remember(self, key: RouteKey) -> None:
+    def remember(self, key: RouteKey, stamp: int = 0) -> None:
         """The call ran here: its prefix and chunks are (about to be) cached here."""
         for h, n in key.units:
-            if h in self.prefixes:
-                self.prefixes.move_to_end(h)
-            else:
-                self.prefixes[h] = n
-                self.held_chars += n
-                self.index.setdefault(h, set()).add(self.name)
+            self._add_unit(h, n, stamp)
         for chunk, n, _ in key.chunks:
-            if chunk in self.chunks:
-                self.chunks.move_to_end(chunk)
-            else:
-                self.chunks[chunk] = n
-                self.chunk_chars += n
-                self.index.setdefault("chunk:" + chunk, set()).add(self.name)
+            self._add_chunk(chunk, n, stamp)
+        self.evict()
+
+    def _add_unit(self, h: str, n: int, stamp: int) -> None:
+        if h in self.prefixes:
+            self.prefixes.move_to_end(h)
+        else:
+            self.prefixes[h] = n
+            self.held_chars += n
+            self.index.setdefault(h, set()).add(self.name)
+        self.stamps[h] = stamp
+
+    def _add_chunk(self, chunk: str, n: int, stamp: int) -> None:
+        if chunk in self.chunks:
+            self.chunks.move_to_end(chunk)
+        else:
+            self.chunks[chunk] = n
+            self.chunk_chars += n
+            self.index.setdefault("chunk:" + chunk, set()).add(self.name)
+        self.stamps["chunk:" + chunk] = stamp
+
+    def sync(self, units: dict[str, int], chunks: dict[str, int], seq: int) -> None:
+        """The replica's own account of what it holds (`ReplicaCacheLedger.held`), asked
+        for at `seq`: entries it no longer holds are dropped, unless routed here after
+        the report was asked for; entries it holds unknown to the mirror are added."""
+        for h in [h for h in self.prefixes if h not in units]:
+            if self.stamps.get(h, 0) < seq:
+                self.held_chars -= self.prefixes.pop(h)
+                self.stamps.pop(h, None)
+                self._unindex(h)
+        for chunk in [c for c in self.chunks if c not in chunks]:
+            if self.stamps.get("chunk:" + chunk, 0) < seq:
+                self.chunk_chars -= self.chunks.pop(chunk)
+                self.stamps.pop("chunk:" + chunk, None)
+                self._unindex("chunk:" + chunk)
+        for h, n in units.items():
+            if h not in self.prefixes:
+                self._add_unit(h, n, seq)
+        for chunk, n in chunks.items():
+            if chunk not in self.chunks:
+                self._add_chunk(chunk, n, seq)
         self.evict()
 
     def evict(self) -> None:
@@ -170,10 +210,12 @@ class ReplicaView:
         while self.held_chars > self.capacity_chars and self.prefixes:
             h, n = self.prefixes.popitem(last=False)
             self.held_chars -= n
+            self.stamps.pop(h, None)
             self._unindex(h)
         while self.chunk_chars > self.capacity_chars and self.chunks:
             chunk, n = self.chunks.popitem(last=False)
             self.chunk_chars -= n
+            self.stamps.pop("chunk:" + chunk, None)
             self._unindex("chunk:" + chunk)
 
     def _unindex(self, entry: str) -> None:
@@ -190,6 +232,7 @@ class ReplicaView:
             self._unindex("chunk:" + chunk)
         self.prefixes.clear()
         self.chunks.clear()
+        self.stamps.clear()
         self.held_chars = self.chunk_chars = 0
         self.pins.clear()
         self.pinning.clear()
@@ -259,9 +302,15 @@ class ReplicaRouter:
         return next(self._seq)
 
     def report(
-        self, name: str, queue: int, pins: Iterable[str] = (), seq: int | None = None
+        self,
+        name: str,
+        queue: int,
+        pins: Iterable[str] = (),
+        seq: int | None = None,
+        held: tuple[dict[str, int], dict[str, int]] | None = None,
     ) -> None:
-        """A replica's own report: its queue (waiting + running) and the pins it holds.
+        """A replica's own report: its queue (waiting + running), the pins it holds, and
+        (`held`) the unit hashes and chunk ids its caches hold (`ReplicaView.sync`).
         Its pins are ignored when the report was asked for (`seq`, from `report_started`)
         before the router last changed this replica's pins: it would undo a pin routed
         there whose prefill is still running, or bring back one just unpinned."""
@@ -270,6 +319,8 @@ class ReplicaRouter:
             view.reported_queue = queue
             if seq is None or seq > view.pin_seq:
                 view.pins = set(pins) | view.pinning
+            if held is not None:
+                view.sync(held[0], held[1], seq if seq is not None else next(self._seq))
 
     def set_capacity(self, name: str, kv_tokens: int) -> None:
         """The replica's real KV pool, from its report (a replacement may differ)."""
@@ -310,7 +361,7 @@ class ReplicaRouter:
             self.counters.count(decision)
             self.counters.routed_chars += key.chars
             self.counters.matched_chars += view.matched_units(key)[1]
-            view.remember(key)
+            view.remember(key, next(self._seq))
             if key.pin is not None:
                 self.unpinned(key.pin)
                 view.pins.add(key.pin)

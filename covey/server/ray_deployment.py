@@ -186,12 +186,14 @@ def deploy_replicas(
     model: str | None = None,
     engine_config: dict[str, Any] | None = None,
     threads: int = 1,
-    num_cpus: float = 0.5,
+    num_cpus: float | None = None,
     app_prefix: str = APP_PREFIX,
     num_gpus: float = 0.0,
 ) -> dict[str, Any]:
     """Deploy `replicas` engine replicas on the connected Ray cluster (`ray.init` first);
-    returns application name -> its `DeploymentHandle`."""
+    returns application name -> its `DeploymentHandle`. Each reserves `num_cpus` Ray CPUs
+    (default: its `threads`, so Ray places no more compute threads on a node than it has
+    cores)."""
     if replicas < 1:
         raise ConfigError(f"--replicas must be at least 1, got {replicas}")
     spec = ReplicaSpec(model, dict(engine_config or {}), threads, num_cpus, num_gpus)
@@ -203,8 +205,12 @@ class ReplicaSpec:
     model: str | None
     engine_config: dict[str, Any]
     threads: int = 1
-    num_cpus: float = 0.5
+    num_cpus: float | None = None  # Ray CPUs it reserves; None: one per thread
     num_gpus: float = 0.0  # see gpus_per_replica
+
+    @property
+    def cpus(self) -> float:
+        return float(self.threads) if self.num_cpus is None else self.num_cpus
 
 
 def deploy_specs(specs: dict[str, ReplicaSpec]) -> dict[str, Any]:
@@ -226,7 +232,7 @@ def deploy_specs(specs: dict[str, ReplicaSpec]) -> dict[str, Any]:
             EngineReplica,
             name="engine",
             num_replicas=1,
-            ray_actor_options={"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus},
+            ray_actor_options={"num_cpus": spec.cpus, "num_gpus": spec.num_gpus},
             max_ongoing_requests=1024,  # the engine batches; the router bounds imbalance
             health_check_period_s=HEALTH_CHECK_PERIOD_S,
             health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,

@@ -207,6 +207,9 @@ class ReplicaSpec:
     threads: int = 1
     num_cpus: float | None = None  # Ray CPUs it reserves; None: one per thread
     num_gpus: float = 0.0  # see gpus_per_replica
+    # Serve replicas behind this one application: more than one, and Serve's own router
+    # (power of two choices) picks among them, not covey's (see `RayEngine(pooled=True)`).
+    num_replicas: int = 1
 
     @property
     def cpus(self) -> float:
@@ -214,10 +217,10 @@ class ReplicaSpec:
 
 
 def deploy_specs(specs: dict[str, ReplicaSpec]) -> dict[str, Any]:
-    """Deploy one single-replica application per name, all at once (they load in
-    parallel); returns name -> `DeploymentHandle`. Refuses names Serve already runs:
-    deploying over them would replace another front's replicas, and its close would later
-    delete ours."""
+    """Deploy one application per name (one replica, unless its spec says more), all at
+    once (they load in parallel); returns name -> `DeploymentHandle`. Refuses names Serve
+    already runs: deploying over them would replace another front's replicas, and its
+    close would later delete ours."""
     serve = require_ray()
     serve.start(proxy_location="Disabled")
     taken = sorted(set(specs) & set(serve.status().applications))
@@ -231,7 +234,7 @@ def deploy_specs(specs: dict[str, ReplicaSpec]) -> dict[str, Any]:
         deployment = serve.deployment(
             EngineReplica,
             name="engine",
-            num_replicas=1,
+            num_replicas=spec.num_replicas,
             ray_actor_options={"num_cpus": spec.cpus, "num_gpus": spec.num_gpus},
             max_ongoing_requests=1024,  # the engine batches; the router bounds imbalance
             health_check_period_s=HEALTH_CHECK_PERIOD_S,

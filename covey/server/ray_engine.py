@@ -76,6 +76,7 @@ class RayEngine:
         report_interval_s: float = 1.0,
         retry: bool = True,
         liveness: Callable[[list[str]], dict[str, int]] | None = None,
+        pooled: bool = False,
     ) -> None:
         if not handles:
             raise EngineUnavailableError("a RayEngine needs at least one replica")
@@ -89,6 +90,10 @@ class RayEngine:
         # way to see a replica that died idle, since Serve's handle queues a call to a dead
         # replica until its replacement is up instead of failing it.
         self.liveness = liveness
+        # Each handle fronts several Serve replicas that Serve's own router picks among
+        # (Ray Serve's default routing, for comparison): a report from another process
+        # than the last one is another replica, not a replacement.
+        self.pooled = pooled
         self._tokenizer = tokenizer
         self._model = "(not connected)"
         self._capabilities = EngineCapabilities()
@@ -333,7 +338,7 @@ class RayEngine:
         except Exception as exc:  # a report is best effort; routing goes on without it
             log.debug("replica %s did not report: %s", replica.name, exc)
             return None
-        if replica.pid is not None and rep.pid != replica.pid and replica.up:
+        if replica.pid is not None and rep.pid != replica.pid and replica.up and not self.pooled:
             # Replaced between two reports, without a call seeing it die.
             self._mark_down(replica)
         if not replica.up:

@@ -10,7 +10,11 @@ holds the whole prefix before it, as a KV prefix cache does. The router keeps, p
 the chain hashes it sent there (an approximate mirror of its prefix cache, as SGLang's
 cache-aware router keeps a radix tree per worker) in LRU order, capped at the replica's KV
 capacity; and the chunk ids it sent there, since a chunk store can reuse a chunk's KV at
-another position (blend mode) or load it from a lower tier.
+another position (blend mode) or load it from a lower tier. Each replica's report corrects
+that mirror (`report(held=...)`): the replica says, in these same units, which prefixes
+its prefix cache and which chunks its chunk store still hold (`replica_cache_report.py`),
+and the router drops what it no longer holds and adds what it holds unknown to the router.
+A dead replica's entries are forgotten (`forget`).
 
 A replica's score is the characters of KV it should already hold for this call, in the
 order the issue asks for: the leading static prefix (the apps' pinned prompts), then the

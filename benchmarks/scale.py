@@ -21,8 +21,9 @@ below) on replicas with the same pool; `covey-single` has both threads and both 
 the whole working set fits it. The prompts of a hit are long on purpose: a hit saves the
 prefill of ~470 tokens out of ~620.
 
-Systems (each on fresh text: every system's prompts and passages carry its own tag, so no
-system finds KV another one left):
+Systems (each pass on fresh text: every pass's prompts and passages carry its own tag, so
+no pass finds KV another one left; covey and round robin share their 2 replicas and run
+alternately, covey, round robin, round robin, covey, their two passes pooled):
 - `covey`: 2 replicas (one Serve application each), cache-aware routing;
 - `covey-round-robin`: the same 2 replicas, round robin;
 - `covey-pow2`: Ray Serve's own default router (power of two choices over the replicas'
@@ -155,8 +156,9 @@ async def drive(url: str, model: str, prompts: list[str], concurrency: int, max_
 
 
 def run_system(
-    system: str, policy: str, handles: dict[str, Any], size: dict[str, Any], pooled: bool
+    tag: str, policy: str, handles: dict[str, Any], size: dict[str, Any], pooled: bool
 ) -> dict[str, Any]:
+    """One pass of the workload, on text tagged `tag`, through a fresh front."""
     from covey.llm_backend.tokenizer import load_tokenizer
     from covey.server.background_server import BackgroundServer
     from covey.server.ray_engine import RayEngine
@@ -172,19 +174,36 @@ def run_system(
     state = build_state(engine, None, ServerSettings(max_in_flight=256), apps={})
     front = BackgroundServer(state)
     try:
-        prompts, _ = workload(system, size)
+        prompts, _ = workload(tag, size)
         ttfts, prompt_tokens, cached, wall = asyncio.run(
             drive(front.url, engine.model_name, prompts, size["concurrency"], size["max_tokens"])
         )
     finally:
         front.stop()
-    ttfts.sort()
     return {
-        "prefix_hit_rate": cached / prompt_tokens if prompt_tokens else 0.0,
+        "ttfts": ttfts,
+        "prompt_tokens": prompt_tokens,
+        "cached_tokens": cached,
+        "wall_s": wall,
+        "decisions": dict(router.counters.decisions),
+    }
+
+
+def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The metrics over a system's passes, pooled."""
+    ttfts = sorted(t for run in runs for t in run["ttfts"])
+    prompt_tokens = sum(run["prompt_tokens"] for run in runs)
+    decisions: dict[str, int] = {}
+    for run in runs:
+        for k, v in run["decisions"].items():
+            decisions[k] = decisions.get(k, 0) + v
+    return {
+        "prefix_hit_rate": sum(r["cached_tokens"] for r in runs) / max(prompt_tokens, 1),
         "ttft_s": statistics.fmean(ttfts),
         "p99_ttft_s": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))],
-        "requests_per_s": len(ttfts) / wall,
-        "decisions": dict(router.counters.decisions),
+        "requests_per_s": len(ttfts) / sum(run["wall_s"] for run in runs),
+        "decisions": decisions,
+        "passes": len(runs),
     }
 
 
@@ -219,10 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     params = {**size, "replica_kv_tokens": pool, "app_share": APP_SHARE}
     one = ReplicaSpec(None, config, threads=1)
-    # One deployment at a time (three models at once do not fit a small shared machine):
-    # (the systems it serves, routing policy per system, the specs, pooled by Serve?).
+    # One deployment at a time (three models at once do not fit a small shared machine),
+    # each serving passes of (system, routing policy). covey and round robin share their
+    # replicas, so they alternate A, B, B, A: a machine whose load drifts (shared, noisy)
+    # weighs on both alike. Each pass runs on its own text.
     setups = [
-        (("covey", "cache_aware"), ("covey-round-robin", "round_robin")),
+        (("covey", "cache_aware"), ("covey-round-robin", "round_robin"))
+        + (("covey-round-robin", "round_robin"), ("covey", "cache_aware")),
         (("covey-pow2", "pow2"),),
         (("covey-single", "cache_aware"),),
     ]
@@ -239,18 +261,30 @@ def main(argv: list[str] | None = None) -> int:
             pooled = any(s.num_replicas > 1 for s in spec.values())
             warm(handles, 2 * REPLICAS if pooled else 2)
             print(f"scale: {list(handles)} up at {time.perf_counter() - started:.0f}s", flush=True)
+            runs: dict[str, list[dict[str, Any]]] = {}
             try:
                 for system, policy in systems:
-                    got = run_system(system, policy, handles, size, pooled)
-                    print(f"scale: {system}: {got}", flush=True)
-                    n = sum(s.num_replicas for s in spec.values())
-                    router = "ray_serve_pow2" if pooled else policy
-                    extra = {"replicas": n, "policy": router, "decisions": got["decisions"]}
-                    for metric in METRICS:
-                        value = got[metric]
-                        results.append(record(WORKLOAD, system, metric, value, {**params, **extra}))
+                    tag = f"{system}#{len(runs.get(system, []))}"
+                    got = run_system(tag, policy, handles, size, pooled)
+                    runs.setdefault(system, []).append(got)
+                    mean = statistics.fmean(got["ttfts"])
+                    print(f"scale: {tag}: mean TTFT {mean:.2f}s, {got['decisions']}", flush=True)
             finally:
                 delete_replicas(list(handles))
+            for system, policy in dict(systems).items():
+                got = summary(runs[system])
+                print(f"scale: {system}: {got}", flush=True)
+                n = sum(s.num_replicas for s in spec.values())
+                router = "ray_serve_pow2" if pooled else policy
+                extra = {
+                    "replicas": n,
+                    "policy": router,
+                    "decisions": got["decisions"],
+                    "passes": got["passes"],
+                }
+                for metric in METRICS:
+                    value = got[metric]
+                    results.append(record(WORKLOAD, system, metric, value, {**params, **extra}))
     finally:
         import ray
 

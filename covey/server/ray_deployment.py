@@ -14,6 +14,7 @@ handles. `ray` is imported here only: the rest of covey runs without the `ray` e
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -144,7 +145,9 @@ class EngineReplica:
             return blocks.cached_prefix_blocks(ids) * blocks.block_size
 
         stored = store.contains_any if store is not None else None
-        # On the engine's thread (its own on CUDA, this loop on CPU): it reads the caches.
+        # New prompts are tokenized on a thread of their own; the caches are read on the
+        # engine's thread (its own on CUDA, this loop on CPU).
+        await asyncio.to_thread(self.ledger.prepare, self.ledger.pending())
         units, chunks = await self.llm._call(self.ledger.held, cached_tokens, stored)
         return ReplicaReport(
             pid=os.getpid(),

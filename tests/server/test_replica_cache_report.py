@@ -45,6 +45,7 @@ def held(engine: LLMEngine, ledger: ReplicaCacheLedger):
     def cached(ids: list[int]) -> int:
         return blocks.cached_prefix_blocks(ids) * blocks.block_size
 
+    ledger.prepare(ledger.pending())  # the replica tokenizes new prompts off the engine
     return ledger.held(cached, store.contains_any if store is not None else None)
 
 

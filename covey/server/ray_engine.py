@@ -145,6 +145,7 @@ class RayEngine:
         tried: list[str] = []
         while True:
             name, _ = self.router.choose(key, exclude=self._down() + tried)
+            stamp = self.router.last_stamp
             replica = self.replicas[name]
             streamed = done = False
             stream = None
@@ -175,6 +176,7 @@ class RayEngine:
                 log.warning("replica %s died before streaming %s; retrying", name, request_id)
             finally:
                 self.router.finished(name)
+                self.router.call_done(name, stamp)
                 if request_id is not None and self._running.get(request_id) == name:
                     del self._running[request_id]
                 if stream is not None and not done and not stream.cancelled():
@@ -188,9 +190,11 @@ class RayEngine:
         request_id: str | None = None,
     ) -> RequestOutput | None:
         name, _ = self.router.choose(route_key(prompt, pin), exclude=self._down())
+        stamp = self.router.last_stamp
         try:
             return await self._call(name, "prefill", prompt, priority, pin, request_id)
         finally:
+            self.router.call_done(name, stamp)
             if pin is not None:
                 self.router.pin_settled(name, pin)
 

@@ -134,6 +134,9 @@ class ReplicaView:
     # The router's sequence number when each entry (unit hash, "chunk:" + chunk id) was
     # last routed here or reported: a report asked for before it cannot have seen it.
     stamps: dict[str, int] = field(default_factory=dict)
+    # Stamps of calls routed here and not done (`ReplicaRouter.call_done`): the replica may
+    # not have seen them yet (in transit), so a report must not drop what they bring.
+    open_calls: set[int] = field(default_factory=set)
     # The router's inverted index (unit hash or chunk id -> replicas holding it), shared by
     # every view and kept in step here, so a call is scored only on candidate replicas.
     index: dict[str, set[str]] = field(default_factory=dict)
@@ -190,7 +193,10 @@ class ReplicaView:
     def sync(self, units: dict[str, int], chunks: dict[str, int], seq: int) -> None:
         """The replica's own account of what it holds (`ReplicaCacheLedger.held`), asked
         for at `seq`: entries it no longer holds are dropped, unless routed here after
-        the report was asked for; entries it holds unknown to the mirror are added."""
+        the report was asked for or since the oldest call still open here was routed (the
+        replica may not have that call yet); entries it holds unknown to the mirror are
+        added."""
+        seq = min(seq, *self.open_calls) if self.open_calls else seq
         for h in [h for h in self.prefixes if h not in units]:
             if self.stamps.get(h, 0) < seq:
                 self.held_chars -= self.prefixes.pop(h)
@@ -237,6 +243,7 @@ class ReplicaView:
         self.prefixes.clear()
         self.chunks.clear()
         self.stamps.clear()
+        self.open_calls.clear()
         self.held_chars = self.chunk_chars = 0
         self.pins.clear()
         self.pinning.clear()
@@ -281,6 +288,7 @@ class ReplicaRouter:
         self.counters = RouterCounters()
         self._rr = itertools.count()
         self._seq = itertools.count(1)
+        self.last_stamp = 0  # the stamp of the last call `choose` remembered
         self._random = random.Random(seed)
         for name in replicas:
             self.add(name)
@@ -365,7 +373,9 @@ class ReplicaRouter:
             self.counters.count(decision)
             self.counters.routed_chars += key.chars
             self.counters.matched_chars += view.matched_units(key)[1]
-            view.remember(key, next(self._seq))
+            stamp = self.last_stamp = next(self._seq)
+            view.remember(key, stamp)
+            view.open_calls.add(stamp)
             if key.pin is not None:
                 self.unpinned(key.pin)
                 view.pins.add(key.pin)
@@ -401,6 +411,13 @@ class ReplicaRouter:
         if best.load - least.load > self.max_imbalance:
             return least, "fallback"
         return best, "affinity"
+
+    def call_done(self, name: str, stamp: int) -> None:
+        """The call routed at `stamp` (`last_stamp` after its `choose`) is over: reports
+        asked for from now on know whether its prefix stayed cached."""
+        view = self.views.get(name)
+        if view is not None:
+            view.open_calls.discard(stamp)
 
     def started(self, name: str) -> None:
         view = self.views.get(name)

@@ -95,6 +95,7 @@ def test_the_router_takes_the_report_over_its_own_guess():
     router = ReplicaRouter(["r0", "r1"])
     sent = route_key(SYSTEM + "q1")
     home, _ = router.choose(sent)
+    router.call_done(home, router.last_stamp)  # over: the replica's account is the truth
     asked = router.report_started()
     later = route_key(OTHER + "q2")
     assert router.choose(later)[0] != home  # routed elsewhere after the report was asked
@@ -108,3 +109,17 @@ def test_the_router_takes_the_report_over_its_own_guess():
     assert view.score(route_key(OTHER + "q3")) > 0  # routed after the report was asked
     assert router.choose(route_key("x" * 3 * BLOCK_CHARS + "more")) == (home, "affinity")
     assert view.held_chars == sum(view.prefixes.values())
+
+
+def test_a_report_does_not_drop_what_a_call_still_in_transit_brings():
+    router = ReplicaRouter(["r0"])
+    key = route_key(SYSTEM + "q1")
+    router.choose(key)
+    stamp = router.last_stamp
+    # The call is on its way (the replica has not recorded it): its report, asked for now,
+    # cannot mention it.
+    router.report("r0", queue=0, seq=router.report_started(), held=({}, {}))
+    assert router.views["r0"].score(key) > 0
+    router.call_done("r0", stamp)  # now the replica's account is the truth
+    router.report("r0", queue=0, seq=router.report_started(), held=({}, {}))
+    assert router.views["r0"].score(key) == 0

@@ -1,24 +1,37 @@
 """Scale-out benchmark: covey's engine replicas on Ray Serve behind its cache-aware router,
-against round robin, power of two choices and one replica, over real HTTP on 127.0.0.1.
+against round robin, Ray Serve's own power-of-two-choices router and one replica, over
+real HTTP on 127.0.0.1.
 
     python benchmarks/scale.py [--quick] [--json PATH] [--plot PATH]
 
-Workload `affinity`: several apps, each with its own long static system prompt, answering
-RAG requests over passages drawn Zipf-popular from a small corpus (prompt = the app's
-prompt, two passages, a question), streamed through `POST /v1/completions` of a covey
-server whose engine is a `RayEngine` over the replicas. Each replica's KV pool holds about
-half of the workload's prompts and passages: routing decides whether a replica's cache
-covers what it is sent.
+Workload `affinity`: several apps, each with its own long static system prompt (~470
+tokens), answering RAG requests: prompt = the app's prompt, two passages drawn
+Zipf(1.1)-popular from a corpus, a question; the app drawn uniformly. Streamed through
+`POST /v1/completions` of a covey server whose engine is a `RayEngine` over the replicas.
 
-Systems (each on fresh text: every system's prompts and passages carry its own tag, so no
-system finds KV another one left on the same replicas):
-- `covey`: 2 replicas, cache-aware routing;
-- `covey-round-robin`: 2 replicas, round robin;
-- `covey-pow2`: 2 replicas, two random replicas and the shorter queue (Ray Serve's default
-  algorithm, run by covey's router so it sees the same load as the others);
+Sizing (the situation a cache-aware router is for, as in SGLang's router benchmark): the
+working set, all the apps' prompts, exceeds what one replica's KV pool can cache but fits
+in the two pools together. Each replica's pool is computed, not picked: room for its share
+of the running requests (concurrency / 2 of the mean request's tokens) plus `APP_SHARE`
+(0.55) of all the apps' prompt tokens. Cache-aware routing can keep half of the apps on
+each replica (0.5 < 0.55: they fit); round robin and pow2 send every app to both replicas,
+whose pools can then cache about half of them each (LRU under uniform draws: a hit about
+half the time). Every routed system runs the same prompts (each on its own text, see
+below) on replicas with the same pool; `covey-single` has both threads and both pools, so
+the whole working set fits it. The prompts of a hit are long on purpose: a hit saves the
+prefill of ~470 tokens out of ~620.
+
+Systems (each pass on fresh text: every pass's prompts and passages carry its own tag, so
+no pass finds KV another one left; covey and round robin share their 2 replicas and run
+alternately, covey, round robin, round robin, covey, their two passes pooled):
+- `covey`: 2 replicas (one Serve application each), cache-aware routing;
+- `covey-round-robin`: the same 2 replicas, round robin;
+- `covey-pow2`: Ray Serve's own default router (power of two choices over the replicas'
+  queue lengths) over one Serve deployment of 2 replicas, which the front calls as one;
 - `covey-single`: 1 replica with both threads and the pool of two.
-Metrics: `prefix_hit_rate` (prompt tokens the replicas served from their prefix caches /
-prompt tokens), `ttft_s` (mean, first text at the client), `p99_ttft_s`, `requests_per_s`.
+Metrics: `prefix_hit_rate` (prompt tokens served from the replicas' prefix caches over all
+prompt tokens, from each response's `usage.prompt_tokens_details.cached_tokens`),
+`ttft_s` (mean, first text at the client), `p99_ttft_s`, `requests_per_s`.
 Target: covey's mean TTFT at least 1.5x lower than round robin's, with a higher hit rate.
 """
 
@@ -26,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import random
 import statistics
@@ -42,35 +56,32 @@ from bench_common import parse_args, record, write_results  # noqa: E402
 NAME = "scale"
 WORKLOAD = "affinity"
 METRICS = ("prefix_hit_rate", "ttft_s", "p99_ttft_s", "requests_per_s")
-SYSTEMS = (
-    ("covey", "cache_aware", 2),
-    ("covey-round-robin", "round_robin", 2),
-    ("covey-pow2", "pow2", 2),
-    ("covey-single", "cache_aware", 1),
-)
-REPLICA_KV_TOKENS = 2048
+SYSTEMS = ("covey", "covey-round-robin", "covey-pow2", "covey-single")
+APP_SHARE = 0.55  # of all apps' prompt tokens, one replica's pool caches (beyond live use)
+REPLICAS = 2
+BLOCK = 16  # the engine's KV block size: pools are whole blocks
 TOPICS = ["files and paths", "dates and times", "regular expressions", "concurrency"]
 
 
 def sizes(quick: bool) -> dict[str, Any]:
     if quick:
-        return {"apps": 4, "chunks": 12, "requests": 20, "concurrency": 4, "max_tokens": 4}
-    return {"apps": 6, "chunks": 24, "requests": 96, "concurrency": 8, "max_tokens": 16}
+        return {"apps": 8, "chunks": 16, "requests": 32, "concurrency": 4, "max_tokens": 4}
+    return {"apps": 16, "chunks": 48, "requests": 160, "concurrency": 8, "max_tokens": 16}
 
 
-def workload(tag: str, size: dict[str, Any], seed: int = 0) -> list[str]:
-    """The prompts, in order: per app a ~250-token system prompt, per request two passages
-    drawn Zipf(1.1) from the corpus and a question."""
+def workload(tag: str, size: dict[str, Any], seed: int = 0) -> tuple[list[str], list[str]]:
+    """(the prompts in order, the apps' prompts): per app a ~470-token system prompt, per
+    request two passages drawn Zipf(1.1) from the corpus and a question."""
     rng = random.Random(seed)
     apps = [
         f"[{tag}] You are the assistant of app {a}, which answers questions about Python's "
         f"{TOPICS[a % len(TOPICS)]}. "
-        + " ".join(f"Rule {r}: cite the passage behind claim {r} of app {a}." for r in range(20))
+        + " ".join(f"Rule {r}: cite the passage behind claim {r} of app {a}." for r in range(26))
         for a in range(size["apps"])
     ]
     chunks = [
         f"[{tag}] Passage {c}. "
-        + " ".join(f"Fact {c}.{k}: the module m{c} offers function f{k}." for k in range(8))
+        + " ".join(f"Fact {c}.{k}: the module m{c} offers function f{k}." for k in range(4))
         for c in range(size["chunks"])
     ]
     weights = [1 / (c + 1) ** 1.1 for c in range(len(chunks))]
@@ -83,16 +94,30 @@ def workload(tag: str, size: dict[str, Any], seed: int = 0) -> list[str]:
             if c not in picked:
                 picked.append(c)
         prompts.append(f"{app}\n\nPassages:\n{picked[0]}\n{picked[1]}\n\nQuestion {i}: why?\n")
-    return prompts
+    return prompts, apps
+
+
+def pool_tokens(size: dict[str, Any]) -> int:
+    """One replica's KV pool: its running requests plus `APP_SHARE` of all app prompts
+    (see the module's docstring), in whole blocks."""
+    from covey.llm_backend.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(None)
+    prompts, apps = workload("sizing", size)
+    request = statistics.fmean(len(tok.encode(p)) for p in prompts) + size["max_tokens"]
+    app_tokens = sum(len(tok.encode(a)) for a in apps)
+    live = size["concurrency"] / REPLICAS * request
+    return BLOCK * math.ceil((live + APP_SHARE * app_tokens) / BLOCK)
 
 
 async def drive(url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int):
     """Send every prompt (streamed completions, greedy) from `concurrency` clients; returns
-    (TTFTs, wall seconds)."""
+    (TTFTs, prompt tokens, cached prompt tokens, wall seconds)."""
     import httpx
 
     todo = list(enumerate(prompts))
     ttfts: list[float] = []
+    tokens = [0, 0]
 
     async def client(http: httpx.AsyncClient) -> None:
         while todo:
@@ -104,6 +129,7 @@ async def drive(url: str, model: str, prompts: list[str], concurrency: int, max_
                 "temperature": 0,
                 "ignore_eos": True,
                 "stream": True,
+                "stream_options": {"include_usage": True},
             }
             start = time.perf_counter()
             first = None
@@ -111,19 +137,28 @@ async def drive(url: str, model: str, prompts: list[str], concurrency: int, max_
                 reply.raise_for_status()
                 async for line in reply.aiter_lines():
                     data = line[5:].strip() if line.startswith("data:") else "[DONE]"
-                    if first is None and data != "[DONE]":
-                        choices = json.loads(data).get("choices") or [{}]
-                        if choices[0].get("text"):
-                            first = time.perf_counter()
+                    if data == "[DONE]":
+                        continue
+                    chunk = json.loads(data)
+                    choices = chunk.get("choices") or [{}]
+                    if first is None and choices[0].get("text"):
+                        first = time.perf_counter()
+                    usage = chunk.get("usage")
+                    if usage:
+                        tokens[0] += usage["prompt_tokens"]
+                        tokens[1] += usage["prompt_tokens_details"]["cached_tokens"]
             ttfts.append((first or time.perf_counter()) - start)
 
     started = time.perf_counter()
     async with httpx.AsyncClient(base_url=url, timeout=600) as http:
         await asyncio.gather(*(client(http) for _ in range(concurrency)))
-    return ttfts, time.perf_counter() - started
+    return ttfts, tokens[0], tokens[1], time.perf_counter() - started
 
 
-def run_system(system: str, policy: str, handles: dict[str, Any], size: dict[str, Any]):
+def run_system(
+    tag: str, policy: str, handles: dict[str, Any], size: dict[str, Any], pooled: bool
+) -> dict[str, Any]:
+    """One pass of the workload, on text tagged `tag`, through a fresh front."""
     from covey.llm_backend.tokenizer import load_tokenizer
     from covey.server.background_server import BackgroundServer
     from covey.server.ray_engine import RayEngine
@@ -131,30 +166,60 @@ def run_system(system: str, policy: str, handles: dict[str, Any], size: dict[str
     from covey.server.server_builder import build_state
     from covey.server.state import ServerSettings
 
-    router = ReplicaRouter(list(handles), policy=policy, capacity_chars=4 * REPLICA_KV_TOKENS)
-    engine = RayEngine(handles, router, tokenizer=load_tokenizer(None), report_interval_s=0.5)
+    router = ReplicaRouter(list(handles), policy=policy)  # the mirror: sized by reports
+    engine = RayEngine(
+        handles, router, tokenizer=load_tokenizer(None), report_interval_s=0.5, pooled=pooled
+    )
     asyncio.run(engine.connect())
-    before = asyncio.run(engine.stats(refresh=True))
     state = build_state(engine, None, ServerSettings(max_in_flight=256), apps={})
     front = BackgroundServer(state)
     try:
-        prompts = workload(system, size)
-        ttfts, wall = asyncio.run(
+        prompts, _ = workload(tag, size)
+        ttfts, prompt_tokens, cached, wall = asyncio.run(
             drive(front.url, engine.model_name, prompts, size["concurrency"], size["max_tokens"])
         )
     finally:
         front.stop()
-    after = asyncio.run(engine.stats(refresh=True))
-    queried = after.prefix_cache_queried_tokens - before.prefix_cache_queried_tokens
-    hits = after.prefix_cache_hit_tokens - before.prefix_cache_hit_tokens
-    ttfts.sort()
     return {
-        "prefix_hit_rate": hits / queried if queried else 0.0,
-        "ttft_s": statistics.fmean(ttfts),
-        "p99_ttft_s": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))],
-        "requests_per_s": len(ttfts) / wall,
+        "ttfts": ttfts,
+        "prompt_tokens": prompt_tokens,
+        "cached_tokens": cached,
+        "wall_s": wall,
         "decisions": dict(router.counters.decisions),
     }
+
+
+def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The metrics over a system's passes, pooled."""
+    ttfts = sorted(t for run in runs for t in run["ttfts"])
+    prompt_tokens = sum(run["prompt_tokens"] for run in runs)
+    decisions: dict[str, int] = {}
+    for run in runs:
+        for k, v in run["decisions"].items():
+            decisions[k] = decisions.get(k, 0) + v
+    return {
+        "prefix_hit_rate": sum(r["cached_tokens"] for r in runs) / max(prompt_tokens, 1),
+        "ttft_s": statistics.fmean(ttfts),
+        "p99_ttft_s": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))],
+        "requests_per_s": len(ttfts) / sum(run["wall_s"] for run in runs),
+        "decisions": decisions,
+        "passes": len(runs),
+    }
+
+
+def warm(handles: dict[str, Any], calls: int) -> None:
+    """A few tiny requests per handle: the first forward passes of a process are slow."""
+    from covey.llm_backend.sampling_params import SamplingParams
+
+    async def one(handle: Any) -> None:
+        params = SamplingParams(max_tokens=2, temperature=0)
+        async for _ in handle.generate.options(stream=True).remote("Hello there", params, None, 0):
+            pass
+
+    async def all_of_them() -> None:
+        await asyncio.gather(*(one(h) for h in handles.values() for _ in range(calls)))
+
+    asyncio.run(all_of_them())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,33 +232,59 @@ def main(argv: list[str] | None = None) -> int:
     # that kills replicas and the Serve controller mid-run. Off for this local cluster.
     os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
     started = time.perf_counter()
-    init_ray(num_cpus=2)
-    config = {"device": "cpu", "dtype": "float32", "kv_cache_tokens": REPLICA_KV_TOKENS}
+    pool = pool_tokens(size)
+    init_ray(num_cpus=REPLICAS)
+    config = {"device": "cpu", "dtype": "float32", "kv_cache_tokens": pool}
     results = []
-    params = {**size, "replica_kv_tokens": REPLICA_KV_TOKENS}
+    params = {**size, "replica_kv_tokens": pool, "app_share": APP_SHARE}
+    one = ReplicaSpec(None, config, threads=1)
+    # One deployment at a time (three models at once do not fit a small shared machine),
+    # each serving passes of (system, routing policy). covey and round robin share their
+    # replicas, so they alternate A, B, B, A: a machine whose load drifts (shared, noisy)
+    # weighs on both alike. Each pass runs on its own text.
+    setups = [
+        (("covey", "cache_aware"), ("covey-round-robin", "round_robin"))
+        + (("covey-round-robin", "round_robin"), ("covey", "cache_aware")),
+        (("covey-pow2", "pow2"),),
+        (("covey-single", "cache_aware"),),
+    ]
+    specs = [
+        {f"covey-engine-{i}": one for i in range(REPLICAS)},
+        {"covey-engine-pool": ReplicaSpec(None, config, threads=1, num_replicas=REPLICAS)},
+        {"covey-engine-single": ReplicaSpec(
+            None, {**config, "kv_cache_tokens": REPLICAS * pool}, threads=REPLICAS
+        )},
+    ]
     try:
-        # Two replicas for the routed systems, then one with both threads and both pools
-        # (one after the other: three models at once do not fit a small shared machine).
-        for specs in (
-            {f"covey-engine-{i}": ReplicaSpec(None, config, threads=1) for i in range(2)},
-            {"covey-engine-single": ReplicaSpec(
-                None, {**config, "kv_cache_tokens": 2 * REPLICA_KV_TOKENS}, threads=2
-            )},
-        ):
-            handles = deploy_specs(specs)
+        for systems, spec in zip(setups, specs):
+            handles = deploy_specs(spec)
+            pooled = any(s.num_replicas > 1 for s in spec.values())
+            warm(handles, 2 * REPLICAS if pooled else 2)
             print(f"scale: {list(handles)} up at {time.perf_counter() - started:.0f}s", flush=True)
+            runs: dict[str, list[dict[str, Any]]] = {}
             try:
-                for system, policy, n in SYSTEMS:
-                    if n != len(handles):
-                        continue
-                    got = run_system(system, policy, handles, size)
-                    print(f"scale: {system}: {got}", flush=True)
-                    extra = {"replicas": n, "policy": policy, "decisions": got["decisions"]}
-                    for metric in METRICS:
-                        value = got[metric]
-                        results.append(record(WORKLOAD, system, metric, value, {**params, **extra}))
+                for system, policy in systems:
+                    tag = f"{system}#{len(runs.get(system, []))}"
+                    got = run_system(tag, policy, handles, size, pooled)
+                    runs.setdefault(system, []).append(got)
+                    mean = statistics.fmean(got["ttfts"])
+                    print(f"scale: {tag}: mean TTFT {mean:.2f}s, {got['decisions']}", flush=True)
             finally:
                 delete_replicas(list(handles))
+            for system, policy in dict(systems).items():
+                got = summary(runs[system])
+                print(f"scale: {system}: {got}", flush=True)
+                n = sum(s.num_replicas for s in spec.values())
+                router = "ray_serve_pow2" if pooled else policy
+                extra = {
+                    "replicas": n,
+                    "policy": router,
+                    "decisions": got["decisions"],
+                    "passes": got["passes"],
+                }
+                for metric in METRICS:
+                    value = got[metric]
+                    results.append(record(WORKLOAD, system, metric, value, {**params, **extra}))
     finally:
         import ray
 
@@ -209,7 +300,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    systems = [s for s, _, _ in SYSTEMS]
+    systems = list(SYSTEMS)
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.6))
     for ax, metric in zip(axes, METRICS):
         values = [

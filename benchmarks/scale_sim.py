@@ -12,7 +12,7 @@ replicas multiply, and what does it cost in load imbalance? The trace (seeded):
   characters a turn and sits between the app's prompt and the passages).
 Each replica is a FIFO server whose cache holds `capacity` characters, LRU, and is exactly
 what the router's mirror believes (in the simulation they cannot drift; in a deployment
-the replicas' reports correct the load, and what the mirror holds is an estimate).
+each replica's report of its load and of what its caches hold corrects the mirror).
 Service time: 0.25 ms per uncached prompt token (4 characters a token) + 50 ms of decode.
 Arrivals are Poisson at 70% of the replicas' capacity with no cache hits at all.
 

@@ -74,6 +74,13 @@ def start_ray_engine(
         raise ConfigError(f"--replicas must be at least 1, got {replicas}")
     config = dict(engine_config or {})
     num_gpus = gpus_per_replica(str(config.get("device", "auto")), gpus, config)
+    cpus = os.cpu_count() or 1
+    if address is None and replicas * threads > cpus:
+        # Each replica reserves a Ray CPU per thread: Serve would wait for CPUs forever.
+        raise ConfigError(
+            f"{replicas} replicas x {threads} threads need {replicas * threads} CPUs; this "
+            f"machine has {cpus}: lower --replicas or --replica-threads"
+        )
     started = init_ray(address)
     names = [app_name(i, app_prefix) for i in range(replicas)]
     try:

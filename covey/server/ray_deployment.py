@@ -14,12 +14,14 @@ handles. `ray` is imported here only: the rest of covey runs without the `ray` e
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from covey.errors import ConfigError, EngineUnavailableError
+from covey.server.replica_cache_report import ReplicaCacheLedger
 
 APP_PREFIX = "covey-engine-"
 HEALTH_CHECK_PERIOD_S = 2.0
@@ -89,6 +91,7 @@ class EngineReplica:
         elif num_gpus > 0 and config.get("device", "auto") in ("auto", "cuda:0"):
             config["device"] = "cuda"
         self.llm = AsyncLLM(model, **config)
+        self.ledger = ReplicaCacheLedger(self.llm.tokenizer)
         self.draining = False
 
     async def generate(
@@ -96,11 +99,19 @@ class EngineReplica:
     ) -> AsyncIterator[Any]:
         if self.draining:
             raise EngineUnavailableError("this replica is shutting down")
-        async for out in self.llm.generate(prompt, params, request_id, priority):
-            yield out
+        ticket = self.ledger.record(prompt)
+        try:
+            async for out in self.llm.generate(prompt, params, request_id, priority):
+                yield out
+        finally:
+            self.ledger.finished(ticket)
 
     async def prefill(self, prompt: Any, priority: int, pin: str | None, request_id: Any):
-        return await self.llm.prefill(prompt, priority, pin, request_id)
+        ticket = self.ledger.record(prompt)
+        try:
+            return await self.llm.prefill(prompt, priority, pin, request_id)
+        finally:
+            self.ledger.finished(ticket)
 
     async def unpin(self, pin: str) -> bool:
         return await self.llm.unpin(pin)
@@ -109,6 +120,7 @@ class EngineReplica:
         return await self.llm.pinned()
 
     async def warm_chunks(self, chunks: list[Any], compute: bool = False) -> int:
+        self.ledger.finished(self.ledger.record(chunks))  # the report checks the store
         return await self.llm.warm_chunks(chunks, compute)
 
     async def abort(self, request_id: str) -> None:
@@ -124,13 +136,27 @@ class EngineReplica:
         return await self.llm.stats()
 
     async def report(self) -> ReplicaReport:
-        """What the router needs from this replica: its load, pins and identity."""
+        """What the router needs from this replica: its load, pins, what its prefix cache
+        and chunk store hold (in the router's units), and its identity."""
+        engine = self.llm.engine
+        blocks, store = engine.block_manager, engine.chunk_store
+
+        def cached_tokens(ids: list[int]) -> int:
+            return blocks.cached_prefix_blocks(ids) * blocks.block_size
+
+        stored = store.contains_any if store is not None else None
+        # New prompts are tokenized on a thread of their own; the caches are read on the
+        # engine's thread (its own on CUDA, this loop on CPU).
+        await asyncio.to_thread(self.ledger.prepare, self.ledger.pending())
+        units, chunks = await self.llm._call(self.ledger.held, cached_tokens, stored)
         return ReplicaReport(
             pid=os.getpid(),
             stats=await self.llm.stats(),
             pins=await self.llm.pinned(),
             model=self.llm.model_name,
             capabilities=self.llm.capabilities,
+            units=units,
+            chunks=chunks,
         )
 
     async def check_health(self) -> None:
@@ -150,6 +176,8 @@ class ReplicaReport:
     pins: dict[str, int]
     model: str
     capabilities: Any  # EngineCapabilities
+    units: dict[str, int]  # router unit hash -> characters, of what its prefix cache holds
+    chunks: dict[str, int]  # chunk id -> characters, of what its chunk store holds
 
 
 def app_name(index: int, prefix: str = APP_PREFIX) -> str:
@@ -161,12 +189,14 @@ def deploy_replicas(
     model: str | None = None,
     engine_config: dict[str, Any] | None = None,
     threads: int = 1,
-    num_cpus: float = 0.5,
+    num_cpus: float | None = None,
     app_prefix: str = APP_PREFIX,
     num_gpus: float = 0.0,
 ) -> dict[str, Any]:
     """Deploy `replicas` engine replicas on the connected Ray cluster (`ray.init` first);
-    returns application name -> its `DeploymentHandle`."""
+    returns application name -> its `DeploymentHandle`. Each reserves `num_cpus` Ray CPUs
+    (default: its `threads`, so Ray places no more compute threads on a node than it has
+    cores)."""
     if replicas < 1:
         raise ConfigError(f"--replicas must be at least 1, got {replicas}")
     spec = ReplicaSpec(model, dict(engine_config or {}), threads, num_cpus, num_gpus)
@@ -178,15 +208,22 @@ class ReplicaSpec:
     model: str | None
     engine_config: dict[str, Any]
     threads: int = 1
-    num_cpus: float = 0.5
+    num_cpus: float | None = None  # Ray CPUs it reserves; None: one per thread
     num_gpus: float = 0.0  # see gpus_per_replica
+    # Serve replicas behind this one application: more than one, and Serve's own router
+    # (power of two choices) picks among them, not covey's (see `RayEngine(pooled=True)`).
+    num_replicas: int = 1
+
+    @property
+    def cpus(self) -> float:
+        return float(self.threads) if self.num_cpus is None else self.num_cpus
 
 
 def deploy_specs(specs: dict[str, ReplicaSpec]) -> dict[str, Any]:
-    """Deploy one single-replica application per name, all at once (they load in
-    parallel); returns name -> `DeploymentHandle`. Refuses names Serve already runs:
-    deploying over them would replace another front's replicas, and its close would later
-    delete ours."""
+    """Deploy one application per name (one replica, unless its spec says more), all at
+    once (they load in parallel); returns name -> `DeploymentHandle`. Refuses names Serve
+    already runs: deploying over them would replace another front's replicas, and its
+    close would later delete ours."""
     serve = require_ray()
     serve.start(proxy_location="Disabled")
     taken = sorted(set(specs) & set(serve.status().applications))
@@ -200,8 +237,8 @@ def deploy_specs(specs: dict[str, ReplicaSpec]) -> dict[str, Any]:
         deployment = serve.deployment(
             EngineReplica,
             name="engine",
-            num_replicas=1,
-            ray_actor_options={"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus},
+            num_replicas=spec.num_replicas,
+            ray_actor_options={"num_cpus": spec.cpus, "num_gpus": spec.num_gpus},
             max_ongoing_requests=1024,  # the engine batches; the router bounds imbalance
             health_check_period_s=HEALTH_CHECK_PERIOD_S,
             health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,

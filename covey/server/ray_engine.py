@@ -76,6 +76,7 @@ class RayEngine:
         report_interval_s: float = 1.0,
         retry: bool = True,
         liveness: Callable[[list[str]], dict[str, int]] | None = None,
+        pooled: bool = False,
     ) -> None:
         if not handles:
             raise EngineUnavailableError("a RayEngine needs at least one replica")
@@ -89,6 +90,10 @@ class RayEngine:
         # way to see a replica that died idle, since Serve's handle queues a call to a dead
         # replica until its replacement is up instead of failing it.
         self.liveness = liveness
+        # Each handle fronts several Serve replicas that Serve's own router picks among
+        # (Ray Serve's default routing, for comparison): a report from another process
+        # than the last one is another replica, not a replacement.
+        self.pooled = pooled
         self._tokenizer = tokenizer
         self._model = "(not connected)"
         self._capabilities = EngineCapabilities()
@@ -140,6 +145,7 @@ class RayEngine:
         tried: list[str] = []
         while True:
             name, _ = self.router.choose(key, exclude=self._down() + tried)
+            stamp = self.router.last_stamp
             replica = self.replicas[name]
             streamed = done = False
             stream = None
@@ -170,6 +176,7 @@ class RayEngine:
                 log.warning("replica %s died before streaming %s; retrying", name, request_id)
             finally:
                 self.router.finished(name)
+                self.router.call_done(name, stamp)
                 if request_id is not None and self._running.get(request_id) == name:
                     del self._running[request_id]
                 if stream is not None and not done and not stream.cancelled():
@@ -183,9 +190,11 @@ class RayEngine:
         request_id: str | None = None,
     ) -> RequestOutput | None:
         name, _ = self.router.choose(route_key(prompt, pin), exclude=self._down())
+        stamp = self.router.last_stamp
         try:
             return await self._call(name, "prefill", prompt, priority, pin, request_id)
         finally:
+            self.router.call_done(name, stamp)
             if pin is not None:
                 self.router.pin_settled(name, pin)
 
@@ -333,7 +342,7 @@ class RayEngine:
         except Exception as exc:  # a report is best effort; routing goes on without it
             log.debug("replica %s did not report: %s", replica.name, exc)
             return None
-        if replica.pid is not None and rep.pid != replica.pid and replica.up:
+        if replica.pid is not None and rep.pid != replica.pid and replica.up and not self.pooled:
             # Replaced between two reports, without a call seeing it die.
             self._mark_down(replica)
         if not replica.up:
@@ -342,7 +351,11 @@ class RayEngine:
         replica.pid, replica.stats, replica.pins = rep.pid, rep.stats, rep.pins
         self.router.set_capacity(replica.name, rep.stats.kv_blocks_total * rep.stats.block_size)
         self.router.report(
-            replica.name, rep.stats.num_waiting + rep.stats.num_running, rep.pins, seq
+            replica.name,
+            rep.stats.num_waiting + rep.stats.num_running,
+            rep.pins,
+            seq,
+            held=(rep.units, rep.chunks),
         )
         return rep
 

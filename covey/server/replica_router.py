@@ -10,7 +10,11 @@ holds the whole prefix before it, as a KV prefix cache does. The router keeps, p
 the chain hashes it sent there (an approximate mirror of its prefix cache, as SGLang's
 cache-aware router keeps a radix tree per worker) in LRU order, capped at the replica's KV
 capacity; and the chunk ids it sent there, since a chunk store can reuse a chunk's KV at
-another position (blend mode) or load it from a lower tier.
+another position (blend mode) or load it from a lower tier. Each replica's report corrects
+that mirror (`report(held=...)`): the replica says, in these same units, which prefixes
+its prefix cache and which chunks its chunk store still hold (`replica_cache_report.py`),
+and the router drops what it no longer holds and adds what it holds unknown to the router.
+A dead replica's entries are forgotten (`forget`).
 
 A replica's score is the characters of KV it should already hold for this call, in the
 order the issue asks for: the leading static prefix (the apps' pinned prompts), then the
@@ -66,28 +70,35 @@ def _blocks(text: str) -> Iterable[str]:
         yield text[start : start + BLOCK_CHARS]
 
 
-def route_key(prompt: Any, pin: str | None = None) -> RouteKey:
-    """The key of a prompt: a str, a list of token ids, or a list of segments (anything
-    with `text`, `token_ids`, `kind` and `chunk_id`, like `covey...segments.Segment`)."""
-    pieces: list[tuple[str, str | None]] = []  # (text, chunk id)
+def route_pieces(prompt: Any) -> list[tuple[str, str | None, Any]]:
+    """A prompt's pieces in order, each (text the key hashes, chunk id or None, what the
+    engine tokenizes: the text, or the token ids the text spells): a str, a list of token
+    ids, or a list of segments (anything with `text`, `token_ids`, `kind` and `chunk_id`,
+    like `covey...segments.Segment`)."""
     if isinstance(prompt, str):
-        pieces.append((prompt, None))
-    elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
-        pieces.append((" ".join(map(str, prompt)), None))  # token ids: blocks of their digits
-    elif isinstance(prompt, (list, tuple)):
+        return [(prompt, None, prompt)]
+    if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+        return [(" ".join(map(str, prompt)), None, list(prompt))]  # blocks of their digits
+    if isinstance(prompt, (list, tuple)):
+        pieces: list[tuple[str, str | None, Any]] = []
         for seg in prompt:
-            text = seg.text if seg.text is not None else " ".join(map(str, seg.token_ids))
+            source = seg.text if seg.text is not None else list(seg.token_ids)
+            text = source if isinstance(source, str) else " ".join(map(str, source))
             chunk = (seg.chunk_id or "#" + _digest(text)) if seg.kind == "chunk" else None
-            pieces.append((text, chunk))
-    else:
-        raise InvalidRequestError(
-            f"a prompt must be a str, a list of token ids or a list of Segments, got "
-            f"{type(prompt).__name__}"
-        )
+            pieces.append((text, chunk, source))
+        return pieces
+    raise InvalidRequestError(
+        f"a prompt must be a str, a list of token ids or a list of Segments, got "
+        f"{type(prompt).__name__}"
+    )
+
+
+def route_key(prompt: Any, pin: str | None = None) -> RouteKey:
+    """The key of a prompt (see `route_pieces` for what a prompt may be)."""
     units: list[tuple[str, int]] = []
     chunks: list[tuple[str, int, int]] = []
     chain = hashlib.blake2b(digest_size=8)
-    for text, chunk in pieces:
+    for text, chunk, _ in route_pieces(prompt):
         if chunk is not None:
             chunks.append((chunk, len(text), len(units)))
             chain.update(b"\x00chunk:" + chunk.encode())
@@ -120,6 +131,12 @@ class ReplicaView:
     # or dropped): a report that started before it is stale about pins (see `report`).
     pin_seq: int = 0
     pinning: set[str] = field(default_factory=set)  # pins routed here, prefill still running
+    # The router's sequence number when each entry (unit hash, "chunk:" + chunk id) was
+    # last routed here or reported: a report asked for before it cannot have seen it.
+    stamps: dict[str, int] = field(default_factory=dict)
+    # Stamps of calls routed here and not done (`ReplicaRouter.call_done`): the replica may
+    # not have seen them yet (in transit), so a report must not drop what they bring.
+    open_calls: set[int] = field(default_factory=set)
     # The router's inverted index (unit hash or chunk id -> replicas holding it), shared by
     # every view and kept in step here, so a call is scored only on candidate replicas.
     index: dict[str, set[str]] = field(default_factory=dict)
@@ -147,22 +164,55 @@ class ReplicaView:
         )
         return chars + CHUNK_OUT_OF_ORDER_WEIGHT * extra
 
-    def remember(self, key: RouteKey) -> None:
+    def remember(self, key: RouteKey, stamp: int = 0) -> None:
         """The call ran here: its prefix and chunks are (about to be) cached here."""
         for h, n in key.units:
-            if h in self.prefixes:
-                self.prefixes.move_to_end(h)
-            else:
-                self.prefixes[h] = n
-                self.held_chars += n
-                self.index.setdefault(h, set()).add(self.name)
+            self._add_unit(h, n, stamp)
         for chunk, n, _ in key.chunks:
-            if chunk in self.chunks:
-                self.chunks.move_to_end(chunk)
-            else:
-                self.chunks[chunk] = n
-                self.chunk_chars += n
-                self.index.setdefault("chunk:" + chunk, set()).add(self.name)
+            self._add_chunk(chunk, n, stamp)
+        self.evict()
+
+    def _add_unit(self, h: str, n: int, stamp: int) -> None:
+        if h in self.prefixes:
+            self.prefixes.move_to_end(h)
+        else:
+            self.prefixes[h] = n
+            self.held_chars += n
+            self.index.setdefault(h, set()).add(self.name)
+        self.stamps[h] = stamp
+
+    def _add_chunk(self, chunk: str, n: int, stamp: int) -> None:
+        if chunk in self.chunks:
+            self.chunks.move_to_end(chunk)
+        else:
+            self.chunks[chunk] = n
+            self.chunk_chars += n
+            self.index.setdefault("chunk:" + chunk, set()).add(self.name)
+        self.stamps["chunk:" + chunk] = stamp
+
+    def sync(self, units: dict[str, int], chunks: dict[str, int], seq: int) -> None:
+        """The replica's own account of what it holds (`ReplicaCacheLedger.held`), asked
+        for at `seq`: entries it no longer holds are dropped, unless routed here after
+        the report was asked for or since the oldest call still open here was routed (the
+        replica may not have that call yet); entries it holds unknown to the mirror are
+        added."""
+        seq = min(seq, *self.open_calls) if self.open_calls else seq
+        for h in [h for h in self.prefixes if h not in units]:
+            if self.stamps.get(h, 0) < seq:
+                self.held_chars -= self.prefixes.pop(h)
+                self.stamps.pop(h, None)
+                self._unindex(h)
+        for chunk in [c for c in self.chunks if c not in chunks]:
+            if self.stamps.get("chunk:" + chunk, 0) < seq:
+                self.chunk_chars -= self.chunks.pop(chunk)
+                self.stamps.pop("chunk:" + chunk, None)
+                self._unindex("chunk:" + chunk)
+        for h, n in units.items():
+            if h not in self.prefixes:
+                self._add_unit(h, n, seq)
+        for chunk, n in chunks.items():
+            if chunk not in self.chunks:
+                self._add_chunk(chunk, n, seq)
         self.evict()
 
     def evict(self) -> None:
@@ -170,10 +220,12 @@ class ReplicaView:
         while self.held_chars > self.capacity_chars and self.prefixes:
             h, n = self.prefixes.popitem(last=False)
             self.held_chars -= n
+            self.stamps.pop(h, None)
             self._unindex(h)
         while self.chunk_chars > self.capacity_chars and self.chunks:
             chunk, n = self.chunks.popitem(last=False)
             self.chunk_chars -= n
+            self.stamps.pop("chunk:" + chunk, None)
             self._unindex("chunk:" + chunk)
 
     def _unindex(self, entry: str) -> None:
@@ -190,6 +242,8 @@ class ReplicaView:
             self._unindex("chunk:" + chunk)
         self.prefixes.clear()
         self.chunks.clear()
+        self.stamps.clear()
+        self.open_calls.clear()
         self.held_chars = self.chunk_chars = 0
         self.pins.clear()
         self.pinning.clear()
@@ -234,6 +288,7 @@ class ReplicaRouter:
         self.counters = RouterCounters()
         self._rr = itertools.count()
         self._seq = itertools.count(1)
+        self.last_stamp = 0  # the stamp of the last call `choose` remembered
         self._random = random.Random(seed)
         for name in replicas:
             self.add(name)
@@ -259,9 +314,15 @@ class ReplicaRouter:
         return next(self._seq)
 
     def report(
-        self, name: str, queue: int, pins: Iterable[str] = (), seq: int | None = None
+        self,
+        name: str,
+        queue: int,
+        pins: Iterable[str] = (),
+        seq: int | None = None,
+        held: tuple[dict[str, int], dict[str, int]] | None = None,
     ) -> None:
-        """A replica's own report: its queue (waiting + running) and the pins it holds.
+        """A replica's own report: its queue (waiting + running), the pins it holds, and
+        (`held`) the unit hashes and chunk ids its caches hold (`ReplicaView.sync`).
         Its pins are ignored when the report was asked for (`seq`, from `report_started`)
         before the router last changed this replica's pins: it would undo a pin routed
         there whose prefill is still running, or bring back one just unpinned."""
@@ -270,6 +331,8 @@ class ReplicaRouter:
             view.reported_queue = queue
             if seq is None or seq > view.pin_seq:
                 view.pins = set(pins) | view.pinning
+            if held is not None:
+                view.sync(held[0], held[1], seq if seq is not None else next(self._seq))
 
     def set_capacity(self, name: str, kv_tokens: int) -> None:
         """The replica's real KV pool, from its report (a replacement may differ)."""
@@ -310,7 +373,9 @@ class ReplicaRouter:
             self.counters.count(decision)
             self.counters.routed_chars += key.chars
             self.counters.matched_chars += view.matched_units(key)[1]
-            view.remember(key)
+            stamp = self.last_stamp = next(self._seq)
+            view.remember(key, stamp)
+            view.open_calls.add(stamp)
             if key.pin is not None:
                 self.unpinned(key.pin)
                 view.pins.add(key.pin)
@@ -346,6 +411,13 @@ class ReplicaRouter:
         if best.load - least.load > self.max_imbalance:
             return least, "fallback"
         return best, "affinity"
+
+    def call_done(self, name: str, stamp: int) -> None:
+        """The call routed at `stamp` (`last_stamp` after its `choose`) is over: reports
+        asked for from now on know whether its prefix stayed cached."""
+        view = self.views.get(name)
+        if view is not None:
+            view.open_calls.discard(stamp)
 
     def started(self, name: str) -> None:
         view = self.views.get(name)

@@ -43,3 +43,16 @@ def test_a_replica_reserves_the_gpu_it_computes_on():
     assert gpus_per_replica("auto", 2) == 2.0
     # A shared GPU only with a KV pool sized up front (no race on the free memory).
     assert gpus_per_replica("cuda", 0.5, {"kv_cache_tokens": 4096}) == 0.5
+
+
+def test_a_local_cluster_refuses_more_replica_threads_than_it_has_cores():
+    # Each replica reserves one Ray CPU per thread, so Ray never stacks compute threads
+    # past the cores; asking for more than a local cluster has fails at once, not hangs.
+    import os
+
+    from covey.errors import ConfigError
+    from covey.server.ray_cluster import start_ray_engine
+
+    cores = os.cpu_count() or 1
+    with pytest.raises(ConfigError, match=f"need {2 * cores} CPUs; this machine has {cores}"):
+        start_ray_engine(replicas=2, threads=cores, engine_config={"device": "cpu"})

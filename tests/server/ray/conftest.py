@@ -40,7 +40,9 @@ def ray_replicas():
     os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
     ray.init(
         address="local",  # never a cluster found via RAY_ADDRESS or /tmp/ray
-        num_cpus=2,
+        # A replica reserves a Ray CPU per thread: the 2 replicas, and room for the one a
+        # deploy test starts beside them (Ray's CPUs are counts, not cores).
+        num_cpus=REPLICAS + 1,
         object_store_memory=200 * 1024 * 1024,
         include_dashboard=False,
         log_to_driver=False,

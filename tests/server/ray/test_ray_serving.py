@@ -15,6 +15,10 @@ SYSTEM = (
 ) * 3
 
 
+async def report(handle):
+    return await handle.report.remote()
+
+
 @pytest.fixture(scope="module")
 def single(live_server):
     return live_server()
@@ -71,6 +75,14 @@ def test_repeated_prefixes_go_to_the_replica_that_holds_them(ray_server):
     stats = next(r.stats for r in engine.replica_states() if r.name == home)
     system_tokens = len(engine.tokenizer.encode(SYSTEM))
     assert stats.prefix_cache_hit_tokens - hits[home] >= 3 * (system_tokens - 32)
+    # The replicas' own reports say where the system prompt's KV is (in the router's
+    # units), and the router's mirror of `home` took them in.
+    reports = {r.name: ray_server.call(report(r.handle)) for r in engine.replica_states()}
+    (other,) = [name for name in reports if name != home]
+    only_home = {h: n for h, n in reports[home].units.items() if h not in reports[other].units}
+    assert sum(only_home.values()) >= len(SYSTEM)
+    assert set(only_home) <= set(engine.router.views[home].prefixes)
+    assert not set(only_home) & set(engine.router.views[other].prefixes)
     assert 'covey_router_decisions_total{decision="affinity",policy="cache_aware"}' in metrics
     assert f'covey_replica_up{{replica="{home}"}} 1.0' in metrics
     assert "covey_replica_prefix_cache_hit_rate" in metrics

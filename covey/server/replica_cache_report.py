@@ -1,0 +1,202 @@
+"""What one engine replica tells the router it holds: the router's own units (chain hashes
+of 128-character blocks, chunk ids) that are really in its prefix cache and chunk store.
+
+The router keeps a mirror of each replica's cache from its own routing history, which
+drifts: the replica evicts what the router's LRU guess keeps, a request fails before its
+prefill, another front routed there before this one started. So the replica keeps a
+ledger of the prompts it was sent (`record`, cheap: the route key only) and, when asked
+for its report, answers in the router's own terms (`held`): every unit of a prompt still
+running (its blocks are held, or about to be), and of a finished prompt the units whose
+tokens the prefix cache still covers (one trie walk per prompt) and the chunk ids the
+chunk store still holds. The router then drops from its mirror what the replica no longer
+holds and adds what it holds unknown to the router (`ReplicaRouter.report`).
+
+Text is tokenized once per finished prompt, at report time, off the request's path and
+off the engine's thread (`prepare`, all new prompts in one batch: the tokenizer's
+offsets cost ~1-3 ms a prompt one at a time on a busy CPU); `held` then only walks the
+prefix trie, ~40 us per prompt of 600 tokens, on the engine's thread. A unit's tokens
+end at the last token that ends within its characters (the tokenizer's offsets), so a
+unit counts as held only if every token of it is cached. The ledger keeps
+the `max_prompts` most recent prompts: older ones drop out of the report, and the router
+keeps them only until its own LRU evicts them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from covey.server.replica_router import BLOCK_CHARS, RouteKey, route_key, route_pieces
+
+MAX_PROMPTS = 256
+
+
+@dataclass
+class _Prompt:
+    prompt: Any
+    key: RouteKey
+    running: int = 0  # calls of this prompt still running at the replica
+    # Filled in (one assignment: `prepare` runs on another thread) once it is tokenized:
+    # ((chain hash, chars, token end) per unit, the prompt's token ids, (chunk id, chars,
+    # chunk token ids) per chunk); () when it cannot be (the engine refused it too).
+    tokens: tuple[Any, ...] | None = None
+
+
+class ReplicaCacheLedger:
+    """The prompts one replica was sent, and which of their units it still holds."""
+
+    def __init__(self, tokenizer: Any, max_prompts: int = MAX_PROMPTS) -> None:
+        self.tokenizer = tokenizer  # covey's Tokenizer (None: token-id prompts only)
+        self.max_prompts = max_prompts
+        self._prompts: OrderedDict[str, _Prompt] = OrderedDict()  # full-chain hash -> prompt
+        self._tickets = itertools.count()
+        self._running: dict[int, str] = {}  # ticket -> prompt
+
+    def __len__(self) -> int:
+        return len(self._prompts)
+
+    def record(self, prompt: Any) -> int:
+        """A call with `prompt` starts; returns the ticket to pass to `finished`. A prompt
+        the router could not key (the engine will refuse it too) is not recorded."""
+        ticket = next(self._tickets)
+        try:
+            key = route_key(prompt)
+        except Exception:
+            return ticket
+        if not key.units:
+            return ticket
+        name = key.units[-1][0]
+        entry = self._prompts.get(name)
+        if entry is None:
+            entry = self._prompts[name] = _Prompt(prompt, key)
+        self._prompts.move_to_end(name)
+        entry.running += 1
+        self._running[ticket] = name
+        while len(self._prompts) > self.max_prompts:
+            oldest = next(iter(self._prompts))
+            if self._prompts[oldest].running:  # never drop a running one: it is held
+                break
+            del self._prompts[oldest]
+        return ticket
+
+    def finished(self, ticket: int) -> None:
+        name = self._running.pop(ticket, None)
+        entry = self._prompts.get(name) if name is not None else None
+        if entry is not None and entry.running > 0:
+            entry.running -= 1
+
+    def held(
+        self,
+        cached_tokens: Callable[[list[int]], int],
+        chunk_stored: Callable[[Sequence[int]], bool] | None = None,
+    ) -> tuple[dict[str, int], dict[str, int]]:
+        """(unit hash -> characters, chunk id -> characters) this replica holds now.
+        `cached_tokens(ids)`: how many leading tokens of `ids` the prefix cache covers;
+        `chunk_stored(ids)`: whether the chunk store holds KV of these tokens (None: no
+        store). Run on the engine's thread: it reads the engine's cache."""
+        units: dict[str, int] = {}
+        chunks: dict[str, int] = {}
+        gone: list[str] = []
+        # A snapshot: on CUDA this runs on the engine's thread while calls are recorded.
+        for name, entry in list(self._prompts.items()):
+            if entry.running:
+                units.update(entry.key.units)
+                if chunk_stored is not None:
+                    chunks.update((c, n) for c, n, _ in entry.key.chunks)
+                continue
+            if entry.tokens is None:
+                self._tokenize([entry])  # finished since `prepare`
+            if not entry.tokens:
+                gone.append(name)
+                continue
+            key_units, ids, key_chunks = entry.tokens
+            cached = cached_tokens(ids) if ids else 0
+            for h, n, end in key_units:
+                if end > cached:
+                    break
+                units[h] = n
+            kept = [c for c in key_chunks if chunk_stored is not None and chunk_stored(c[2])]
+            chunks.update((c, n) for c, n, _ in kept)
+            if (not key_units or key_units[0][2] > cached) and not kept:
+                gone.append(name)  # nothing of it is left: stop checking it
+        for name in gone:
+            self._prompts.pop(name, None)
+        return units, chunks
+
+    def pending(self) -> list[_Prompt]:
+        """The finished prompts not tokenized yet: take them on the loop, then `prepare`
+        them on another thread."""
+        return [e for e in self._prompts.values() if e.tokens is None and not e.running]
+
+    def prepare(self, entries: list[_Prompt]) -> None:
+        """Tokenize `entries` (from `pending`) in one batch; safe off the engine's thread."""
+        self._tokenize(entries)
+
+    def _tokenize(self, entries: list[_Prompt]) -> None:
+        """Set each entry's `tokens`: its token ids and each unit's token end."""
+        pieces = []
+        for entry in entries:
+            try:
+                pieces.append(route_pieces(entry.prompt))
+            except Exception:
+                pieces.append(None)
+        texts = [src for ps in pieces if ps for _, _, src in ps if isinstance(src, str)]
+        encoded = iter(self._encode(texts))
+        for entry, entry_pieces in zip(entries, pieces):
+            if entry_pieces is None:
+                entry.tokens = ()
+                continue
+            toks = [next(encoded) if isinstance(src, str) else _digits(src)
+                    for _, _, src in entry_pieces]
+            entry.tokens = self._place(entry.key, entry_pieces, toks)
+            entry.prompt = None  # the ids are all the report needs from now on
+
+    @staticmethod
+    def _place(key: RouteKey, pieces: list[Any], toks: list[Any]) -> tuple[Any, ...]:
+        if any(t is None for t in toks):
+            return ()
+        units: list[tuple[str, int, int]] = []
+        ids: list[int] = []
+        chunks: list[tuple[str, int, tuple[int, ...]]] = []
+        key_units = iter(key.units)
+        for (text, chunk, _), (piece, ends) in zip(pieces, toks):
+            base = len(ids)
+            ids.extend(piece)
+            if chunk is not None:
+                h, n = next(key_units)
+                units.append((h, n, len(ids)))
+                chunks.append((chunk, n, tuple(piece)))
+                continue
+            for start in range(0, len(text), BLOCK_CHARS):
+                h, n = next(key_units)
+                units.append((h, n, base + bisect.bisect_right(ends, start + n)))
+        return units, ids, chunks
+
+    def _encode(self, texts: list[str]) -> list[tuple[list[int], list[int]] | None]:
+        """Per text: its token ids and, per token, the character offset where it ends."""
+        if not texts:
+            return []
+        if self.tokenizer is None:
+            return [None] * len(texts)
+        try:
+            enc = self.tokenizer.hf(texts, add_special_tokens=False, return_offsets_mapping=True)
+        except Exception:  # one bad text (the engine refused it too): the others one by one
+            return [self._encode([t])[0] if len(texts) > 1 else None for t in texts]
+        return [
+            (list(ids), [end for _, end in offsets])
+            for ids, offsets in zip(enc["input_ids"], enc["offset_mapping"])
+        ]
+
+
+def _digits(token_ids: list[int]) -> tuple[list[int], list[int]]:
+    """Token ids and where each ends in the text their key hashed: digits and spaces."""
+    ends, pos = [], 0
+    for t in token_ids:
+        pos += len(str(t))
+        ends.append(pos)
+        pos += 1
+    return list(token_ids), ends

@@ -1,0 +1,125 @@
+"""A replica's report of what its caches hold, in the router's units, read from a real
+engine's prefix cache and chunk store (the embedded SmolLM2 on CPU, no Ray)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from covey.llm_backend.config import EngineConfig
+from covey.llm_backend.llm_engine import LLMEngine
+from covey.llm_backend.sampling_params import SamplingParams
+from covey.llm_backend.segments import Segment
+from covey.server.replica_cache_report import ReplicaCacheLedger
+from covey.server.replica_router import BLOCK_CHARS, ReplicaRouter, route_key
+
+SYSTEM = "You answer questions about Python's standard library, citing the module. " * 10
+OTHER = "Summarise the document below in three bullet points, plain words only. " * 10
+
+
+@pytest.fixture(scope="module")
+def model():
+    from covey.llm_backend.model_source import resolve_model
+    from covey.llm_backend.weight_loader import load_model
+
+    return load_model(resolve_model(None), torch.float32, torch.device("cpu"))
+
+
+def make_engine(model, **config) -> LLMEngine:
+    # One thread: on a 2-core machine shared with other jobs torch's pool of two spins.
+    config = {"device": "cpu", "dtype": "float32", "num_threads": 1, **config}
+    return LLMEngine(EngineConfig(**config), model=model)
+
+
+def run(engine: LLMEngine, ledger: ReplicaCacheLedger, prompt) -> None:
+    ticket = ledger.record(prompt)
+    engine.add_request(prompt, SamplingParams(max_tokens=1, temperature=0))
+    while engine.has_unfinished_requests():
+        engine.step()
+    ledger.finished(ticket)
+
+
+def held(engine: LLMEngine, ledger: ReplicaCacheLedger):
+    blocks, store = engine.block_manager, engine.chunk_store
+
+    def cached(ids: list[int]) -> int:
+        return blocks.cached_prefix_blocks(ids) * blocks.block_size
+
+    ledger.prepare(ledger.pending())  # the replica tokenizes new prompts off the engine
+    return ledger.held(cached, store.contains_any if store is not None else None)
+
+
+def test_it_reports_the_units_the_prefix_cache_holds_and_drops_evicted_ones(model):
+    engine = make_engine(model, kv_cache_tokens=256, chunk_cache="off")
+    ledger = ReplicaCacheLedger(engine.tokenizer)
+    prompt = SYSTEM + "Question: what is os.path?"
+    key = route_key(prompt)
+    ticket = ledger.record(prompt)
+    assert held(engine, ledger)[0] == dict(key.units)  # running: all of it is (to be) held
+    ledger.finished(ticket)
+    assert held(engine, ledger) == ({}, {})  # it never ran: nothing is cached
+    assert len(ledger) == 0  # and the ledger stops checking it
+
+    run(engine, ledger, prompt)
+    units, _ = held(engine, ledger)
+    # The leading units whose every token lies in a full cached block, in order.
+    assert list(units) == [h for h, _ in key.units[: len(units)]]
+    assert sum(units.values()) >= len(prompt) - 2 * BLOCK_CHARS
+    assert key.units[-1][0] not in units  # the last partial block is never cached
+
+    # Two more long prompts need the pool (256 tokens): the first one's blocks go.
+    others = [OTHER + "Document: lists.", OTHER.replace("three", "four") + "Document: dicts."]
+    for other in others:
+        run(engine, ledger, other)
+    units, _ = held(engine, ledger)
+    assert key.units[0][0] not in units
+    assert route_key(others[-1]).units[0][0] in units
+
+
+def test_chunks_are_reported_while_the_chunk_store_holds_them(model):
+    engine = make_engine(model, kv_cache_tokens=2048, chunk_cache="exact")
+    ledger = ReplicaCacheLedger(engine.tokenizer)
+    passage = "Passage: the module itertools offers chain, islice and groupby. " * 4
+    prompt = [
+        Segment(SYSTEM, kind="static"),
+        Segment(passage, kind="chunk", chunk_id="doc-7"),
+        Segment("Question: what does islice do?", kind="dynamic"),
+    ]
+    run(engine, ledger, prompt)
+    units, chunks = held(engine, ledger)
+    assert chunks == {"doc-7": len(passage)}
+    assert route_key(prompt).units[0][0] in units
+
+
+def test_the_router_takes_the_report_over_its_own_guess():
+    router = ReplicaRouter(["r0", "r1"])
+    sent = route_key(SYSTEM + "q1")
+    home, _ = router.choose(sent)
+    router.call_done(home, router.last_stamp)  # over: the replica's account is the truth
+    asked = router.report_started()
+    later = route_key(OTHER + "q2")
+    assert router.choose(later)[0] != home  # routed elsewhere after the report was asked
+    router.choose(route_key(OTHER + "q3"), exclude=[n for n in router.views if n != home])
+    # The report says `home` evicted what it was sent, and holds a prefix routed there by
+    # someone else (another front, before a restart).
+    foreign = route_key("x" * 3 * BLOCK_CHARS)
+    router.report(home, queue=0, seq=asked, held=(dict(foreign.units), {}))
+    view = router.views[home]
+    assert view.score(sent) == 0
+    assert view.score(route_key(OTHER + "q3")) > 0  # routed after the report was asked
+    assert router.choose(route_key("x" * 3 * BLOCK_CHARS + "more")) == (home, "affinity")
+    assert view.held_chars == sum(view.prefixes.values())
+
+
+def test_a_report_does_not_drop_what_a_call_still_in_transit_brings():
+    router = ReplicaRouter(["r0"])
+    key = route_key(SYSTEM + "q1")
+    router.choose(key)
+    stamp = router.last_stamp
+    # The call is on its way (the replica has not recorded it): its report, asked for now,
+    # cannot mention it.
+    router.report("r0", queue=0, seq=router.report_started(), held=({}, {}))
+    assert router.views["r0"].score(key) > 0
+    router.call_done("r0", stamp)  # now the replica's account is the truth
+    router.report("r0", queue=0, seq=router.report_started(), held=({}, {}))
+    assert router.views["r0"].score(key) == 0

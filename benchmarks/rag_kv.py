@@ -362,7 +362,7 @@ def plot(results: list[dict], path: Path) -> None:
         for k in keys
     ]
     bx.bar_label(bars, labels=texts, fontsize=7)
-    bx.set_xlabel("planted-facts accuracy (in brackets: paired vs covey-full)")
+    bx.set_xlabel("planted-facts accuracy (paired vs covey-full)")
     bx.set_xlim(0, 1.05)
     bx.invert_yaxis()
     fig.suptitle("RAG prompts of 5 chunks (Zipf popularity): KV reuse vs full prefill")

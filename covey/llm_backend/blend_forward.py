@@ -15,6 +15,10 @@ bottom-right-aligned causal mask over the recomputed subset would let a recomput
 see keys after it.) So ratio 1.0 recomputes everything and equals a full prefill, and
 ratio 0 skips the check layers entirely: only the region's own tokens are computed on every
 layer, over the reused KV as it is (plain concatenation).
+
+`forced` rows (the heads of the reused chunks, `blend_sink_tokens`) are recomputed on every
+layer whatever their deviation, beyond the ratio, which then applies to the other reused
+tokens.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class BlendRegion:
     slots: torch.Tensor  # [n] each token's pool slot
     key_blocks: torch.Tensor  # [nb] the sequence's block table, covering positions 0..end-1
     reused: torch.Tensor  # [n] bool, True where the pool holds reused KV (never the last token)
+    forced: torch.Tensor | None = None  # [n] bool, reused rows recomputed whatever they deviate
 
 
 @dataclass
@@ -60,12 +65,16 @@ def blend_forward(
     device = region.positions.device
     length = int(region.positions[-1]) + 1
     keys = torch.arange(length, device=device)
-    reused_rows = region.reused.nonzero().squeeze(1)  # [R]
-    own_rows = (~region.reused).nonzero().squeeze(1)
+    forced = region.forced if region.forced is not None else torch.zeros_like(region.reused)
+    forced = forced & region.reused
+    free = region.reused & ~forced
+    reused_rows = free.nonzero().squeeze(1)  # [R] reused rows chosen by deviation
+    own_rows = (~free).nonzero().squeeze(1)  # computed on every layer: own and forced
     num_reused = reused_rows.shape[0]
-    check = sorted(set(check_layers)) if ratio > 0 and num_reused else []
-    select_after = check[-1] if check else -1  # the layer after which rows are chosen
+    num_forced = int(forced.sum())
     k = num_selected(ratio, num_reused)
+    check = sorted(set(check_layers)) if k and k < num_reused else []
+    select_after = check[-1] if check else -1  # the layer after which rows are chosen
 
     def metadata(rows: torch.Tensor | None) -> AttentionMetadata:
         pos = region.positions if rows is None else region.positions[rows]
@@ -85,7 +94,7 @@ def blend_forward(
     for i, layer in enumerate(model.layers):
         if i == select_after + 1:
             if k < num_reused:
-                chosen = reused_rows[deviation.topk(k).indices] if k else reused_rows[:0]
+                chosen = reused_rows[deviation.topk(k).indices] if check else reused_rows[:0]
                 rows = torch.cat((own_rows, chosen)).sort().values
                 x, cos, sin, meta = x[rows], cos[rows], sin[rows], metadata(rows)
         layer_kv = kv_cache[i]  # [2, KVH, S, Dh]
@@ -95,4 +104,4 @@ def blend_forward(
         if i in check:
             fresh = layer_kv.index_select(2, reused_slots).float()
             deviation += (fresh - cached).square().sum(dim=(0, 1, 3))  # [R]: K and V
-    return BlendResult(model.norm(x[-1:]), k)
+    return BlendResult(model.norm(x[-1:]), num_forced + k)

@@ -43,6 +43,25 @@ def num_selected(ratio: float, num_reused: int) -> int:
     return min(num_reused, math.ceil(ratio * num_reused - 1e-9))
 
 
+def sink_rows(imports: tuple[KVImport, ...] | list[KVImport], sink_tokens: int) -> list[int]:
+    """Positions a blend recomputes whatever their deviation: the first `sink_tokens` of
+    every reused chunk whose head is in the blend (an import from the entry's token 0).
+
+    A chunk's KV was computed after other tokens than here (or alone, where its first token
+    was the attention sink): its head's KV carries attention mass meant for that context,
+    which the check layers' deviation does not always rank first (EPIC's observation)."""
+    rows: list[int] = []
+    for imp in imports:
+        if imp.offset == 0:
+            rows.extend(range(imp.start, min(imp.end, imp.start + sink_tokens)))
+    return rows
+
+
+def num_blend_recomputed(ratio: float, num_reused: int, num_sinks: int) -> int:
+    """Reused tokens recomputed on every layer: the sinks, then ceil(ratio * the rest)."""
+    return num_sinks + num_selected(ratio, num_reused - num_sinks)
+
+
 @dataclass(frozen=True)
 class KVImport:
     """Copy `entry`'s KV for tokens [start, end) of the sequence into its slots."""
@@ -122,10 +141,12 @@ class ChunkPlanner:
         ratio: float,
         check_layers: tuple[int, ...],
         num_layers: int,
+        sink_tokens: int = 0,
     ) -> None:
         self.store = store
         self.blend = mode == "blend"
         self.ratio = ratio
+        self.sink_tokens = sink_tokens
         self.check_fraction = (max(check_layers) + 1) / num_layers if ratio > 0 else 0.0
         self.counters = ChunkCounters()
 
@@ -267,7 +288,8 @@ class ChunkPlanner:
                 i += 1
             else:
                 reused = sum(imp.end - imp.start for imp in piece.imports)
-                recomputed = num_selected(self.ratio, reused)
+                sinks = len(sink_rows(piece.imports, self.sink_tokens))
+                recomputed = num_blend_recomputed(self.ratio, reused, sinks)
                 own = piece.end - piece.start - reused
                 need = own + recomputed + math.ceil(self.check_fraction * reused)
                 if cost + need > budget and not alone:

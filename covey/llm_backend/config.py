@@ -61,6 +61,9 @@ class EngineConfig:
     chunk_cache: str = "exact"
     blend_recompute_ratio: float = 0.15
     blend_check_layers: tuple[int, ...] = (1,)
+    # Blend: the first tokens of every reused chunk also recomputed on every layer, beyond
+    # the ratio (a chunk computed elsewhere carries attention-sink KV at its head).
+    blend_sink_tokens: int = 0
     chunk_store_bytes: int = 256 << 20  # the host tier of the chunk store
     chunk_store_dir: str | None = None  # the disk tier (kept across restarts); None: none
     chunk_store_disk_bytes: int = 2 << 30
@@ -133,6 +136,7 @@ class EngineConfig:
             )
         for layer in layers:
             as_int("each of EngineConfig.blend_check_layers", layer, ge=0, error=ConfigError)
+        as_int("EngineConfig.blend_sink_tokens", self.blend_sink_tokens, ge=0, error=ConfigError)
         as_int("EngineConfig.chunk_store_bytes", self.chunk_store_bytes, ge=0, error=ConfigError)
         as_int(
             "EngineConfig.chunk_store_disk_bytes",

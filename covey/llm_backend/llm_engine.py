@@ -197,12 +197,14 @@ class LLMEngine:
         )
         self.runner.blend_ratio = config.blend_recompute_ratio
         self.runner.blend_check_layers = tuple(config.blend_check_layers)
+        self.runner.blend_sink_tokens = config.blend_sink_tokens
         return ChunkPlanner(
             self.chunk_store,
             config.chunk_cache,
             config.blend_recompute_ratio,
             tuple(config.blend_check_layers),
             layers,
+            config.blend_sink_tokens,
         )
 
     @property

@@ -14,6 +14,7 @@ import torch
 
 from covey.llm_backend.attention_metadata import AttentionMetadata, DecodeGroup, PrefillRun
 from covey.llm_backend.blend_forward import BlendRegion, blend_forward
+from covey.llm_backend.chunk_planner import sink_rows
 from covey.llm_backend.chunk_transfer import ChunkTransfer
 from covey.llm_backend.compiled_decode import CompiledDecode
 from covey.llm_backend.kv_pool import KVPool
@@ -56,6 +57,7 @@ class ModelRunner:
         self.chunks: ChunkTransfer | None = None  # set when the engine has a chunk store
         self.blend_ratio = 0.0
         self.blend_check_layers: tuple[int, ...] = (1,)
+        self.blend_sink_tokens = 0
         self.compiled: CompiledDecode | None = None  # set when EngineConfig.compile
 
     @torch.inference_mode()
@@ -126,12 +128,15 @@ class ModelRunner:
         reused = torch.zeros(end - start, dtype=torch.bool)
         for imp in step.blend.imports:
             reused[imp.start - start : imp.end - start] = True
+        forced = torch.zeros(end - start, dtype=torch.bool)
+        forced[[p - start for p in sink_rows(step.blend.imports, self.blend_sink_tokens)]] = True
         region = BlendRegion(
             input_ids=torch.tensor(seq.token_ids[start:end], dtype=torch.long, device=dev),
             positions=torch.arange(start, end, device=dev),
             slots=self.chunks.slots(seq, start, end),
             key_blocks=torch.tensor(seq.block_table, dtype=torch.long, device=dev),
             reused=reused.to(dev),
+            forced=forced.to(dev),
         )
         result = blend_forward(
             self.model,

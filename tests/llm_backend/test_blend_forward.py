@@ -7,6 +7,8 @@ request's own tokens (wiped), and the region after the prefix is blended.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from covey.llm_backend.blend_forward import BlendRegion, blend_forward
@@ -113,4 +115,34 @@ def test_the_most_deviating_tokens_are_recomputed(make_engine):
     _spoil(engine, region, own + wrong, seed=3)
     plain = _blend(engine, region, 0.0)
     assert not torch.allclose(plain.hidden, full_last, atol=1e-2)
+    engine.abort_request("full")
+
+
+def test_forced_chunk_heads_are_recomputed_beyond_the_ratio(make_engine):
+    """The first two tokens of A and B hold wrong KV, the rest the right one. Forced (as
+    `blend_sink_tokens` forces a chunk's head), they are recomputed even at ratio 0, and the
+    result is the full prefill's; not forced, ratio 0 leaves them wrong."""
+    engine = make_engine(enable_prefix_caching=False)
+    region, full_last, reference, own, b_rows, _ = _setup(engine)
+    reused_rows = region.reused.nonzero().squeeze(1).tolist()
+    heads = reused_rows[:2] + b_rows[:2]
+    forced = torch.zeros_like(region.reused)
+    forced[heads] = True
+
+    _spoil(engine, region, own + heads, seed=4)
+    result = _blend(engine, replace(region, forced=forced), 0.0)
+    assert result.num_recomputed == 4
+    torch.testing.assert_close(result.hidden, full_last, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(engine.pool.kv[:, :, :, region.slots], reference, atol=1e-4, rtol=0)
+
+    _spoil(engine, region, own + heads, seed=4)
+    plain = _blend(engine, region, 0.0)
+    assert plain.num_recomputed == 0
+    assert not torch.allclose(plain.hidden, full_last, atol=1e-2)
+
+    ratio = 0.5  # the ratio applies to the reused tokens that are not forced
+    _spoil(engine, region, own + heads, seed=4)
+    result = _blend(engine, replace(region, forced=forced), ratio)
+    assert result.num_recomputed == 4 + num_selected(ratio, len(reused_rows) - 4)
+    torch.testing.assert_close(result.hidden, full_last, atol=1e-4, rtol=1e-4)
     engine.abort_request("full")

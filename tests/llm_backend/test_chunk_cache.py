@@ -12,8 +12,9 @@ import asyncio
 import pytest
 
 from covey.cache.chunk_store import ROOT_HASH, chain_hash
-from covey.errors import InvalidRequestError, NotSupportedError
+from covey.errors import ConfigError, InvalidRequestError, NotSupportedError
 from covey.llm_backend.async_llm import AsyncLLM
+from covey.llm_backend.config import EngineConfig
 from covey.llm_backend.sampling_params import SamplingParams
 from covey.llm_backend.segments import Segment
 
@@ -221,3 +222,17 @@ def test_async_llm_offers_chunks_and_warms_them(make_engine):
         await off.close()
 
     asyncio.run(main())
+
+
+def test_blend_recomputes_each_reused_chunks_head_beyond_the_ratio(make_engine):
+    engine = _engine(
+        make_engine, chunk_cache="blend", blend_recompute_ratio=0.25, blend_sink_tokens=3
+    )
+    _run(engine, _prompt(["mill", "lamp", "owl"]))
+    out = _run(engine, _prompt(["lamp", "owl", "mill"], head="Notes:\n"))
+    reused = out.metrics.num_reused_tokens
+    assert reused > 9
+    assert out.metrics.num_recomputed_tokens == 9 + -(-(reused - 9) // 4)  # 3 chunks x 3
+    _baseline(engine)
+    with pytest.raises(ConfigError, match="blend_sink_tokens"):
+        EngineConfig(blend_sink_tokens=-1)

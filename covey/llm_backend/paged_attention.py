@@ -60,23 +60,25 @@ def _decode(q: torch.Tensor, kv: torch.Tensor, group: DecodeGroup, bs: int) -> t
     Values are the untransposed operand, which oneDNN takes at any batch stride."""
     d, h, dh = q.shape
     kvh = kv.shape[1]
+    g = h // kvh
     n = group.length
+    # 3-d batches (KVH * D) go to bmm directly: matmul's 4-d broadcasting adds ~6 dispatches.
     if group.blocks is None:  # one sequence, blocks in pool order: its keys are a view
         s = group.contiguous_start
         assert s is not None
-        keys = kv[0, :, s : s + n].contiguous().unsqueeze(1)  # [KVH, 1, L, Dh]
-        values = kv[1, :, s : s + n].unsqueeze(1)  # [KVH, 1, L, Dh]
+        keys = kv[0, :, s : s + n].contiguous()  # [KVH, L, Dh]
+        values = kv[1, :, s : s + n]  # [KVH, L, Dh]
     else:
         gathered = _gather_blocks(kv, group.blocks.view(-1), bs)  # [2, KVH, D*MB*bs, Dh]
-        gathered = gathered.view(2, kvh, d, -1, dh)  # [2, KVH, D, MB*bs, Dh]
-        keys, values = gathered[0], gathered[1][:, :, :n]  # keys uncut: packed
-    qg = (q * dh**-0.5).view(d, kvh, h // kvh, dh).transpose(0, 1)  # [KVH, D, G, Dh]
-    scores = torch.matmul(qg, keys.transpose(-1, -2))[..., :n]  # [KVH, D, G, L]
+        gathered = gathered.view(2, kvh * d, -1, dh)  # [2, KVH*D, MB*bs, Dh]
+        keys, values = gathered[0], gathered[1][:, :n]  # keys uncut: packed
+    qg = (q * dh**-0.5).view(d, kvh, g, dh).transpose(0, 1).reshape(kvh * d, g, dh)
+    scores = torch.bmm(qg, keys.transpose(1, 2))[..., :n].view(kvh, d, g, n)  # [KVH, D, G, L]
     if group.padding is not None:
         scores = scores.masked_fill(group.padding, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # [KVH, D, G, L]
-    out = torch.matmul(probs, values)  # [KVH, D, G, Dh]
-    return out.transpose(0, 1).reshape(d, h, dh)  # [D, H, Dh]
+    out = torch.bmm(probs.view(kvh * d, g, n), values)  # [KVH*D, G, Dh]
+    return out.view(kvh, d, g, dh).transpose(0, 1).reshape(d, h, dh)  # [D, H, Dh]
 
 
 def _gather_blocks(kv: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch.Tensor:

@@ -3,7 +3,8 @@
 A layer's pool is head-major, [2, KVH, S, Dh] (keys and values, then slots), so gathering a
 sequence's keys by block yields tensors already laid out for batched matmuls.
 Decodes of similar length are batched into one gather and two matmuls (a group pads only to
-its own longest sequence; one sequence whose blocks lie in order is read in place); prefill
+its own longest sequence; one sequence whose blocks lie in order is read without a gather:
+its values in place, its keys with one packed copy, see `_decode`); prefill
 runs go one sequence at a time (few per step) through SDPA, a run with no cached prefix on
 its own fresh keys.
 """
@@ -50,7 +51,7 @@ def paged_attention(
 
 def _decode(q: torch.Tensor, kv: torch.Tensor, group: DecodeGroup, bs: int) -> torch.Tensor:
     """One query per sequence: two batched matmuls beat SDPA's kernels here (7-20x in bf16
-    on CPU, where flash attention tiles for long queries), and GQA needs no key copies.
+    on CPU, where flash attention tiles for long queries), and GQA repeats no keys.
 
     The keys operand is transposed, and a transposed bf16 batch whose matrices are not
     packed back to back falls off oneDNN onto a loop ~4x slower than copying it first
@@ -63,7 +64,7 @@ def _decode(q: torch.Tensor, kv: torch.Tensor, group: DecodeGroup, bs: int) -> t
     g = h // kvh
     n = group.length
     # 3-d batches (KVH * D) go to bmm directly: matmul's 4-d broadcasting adds ~6 dispatches.
-    if group.blocks is None:  # one sequence, blocks in pool order: its keys are a view
+    if group.blocks is None:  # one sequence, blocks in pool order: its keys are one slice
         s = group.contiguous_start
         assert s is not None
         keys = kv[0, :, s : s + n].contiguous()  # [KVH, L, Dh]

@@ -65,6 +65,13 @@ def default_num_threads() -> int:
     return available_cpus()
 
 
+def user_chose_threads(num_threads: int | None) -> bool:
+    """True when the thread count is the user's (the config's `num_threads` or a valid
+    OMP_NUM_THREADS): then the thread governor leaves it alone."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return num_threads is not None or (value.isdigit() and int(value) > 0)
+
+
 def apply_num_threads(num_threads: int | None) -> int:
     """Set torch's intra-op threads for this process; returns the count in use."""
     import torch

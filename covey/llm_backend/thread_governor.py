@@ -131,11 +131,15 @@ class ThreadGovernor:
     """Samples the machine at most every `interval_s` and sets torch's thread count.
 
     A sample older than `stale_s` (the engine sat idle) is only a new baseline: an average
-    over an idle minute would hide a competitor that started a moment ago."""
+    over an idle minute would hide a competitor that started a moment ago. The first
+    measurement after a baseline comes sooner (`first_interval_s`), so a request that
+    starts on a newly busy machine suffers collapsed steps for a tenth of a second, not a
+    quarter (with 10 ms jiffies it is coarser: at most a false "fewer", which costs less)."""
 
     policy: ThreadPolicy
     sample: Callable[[], CpuSample | None]  # read_cpu_sample over our CPUs
     interval_s: float = 0.25
+    first_interval_s: float = 0.1
     stale_s: float = 2.0
     decisions: Counter = field(default_factory=Counter)  # "fewer" / "more" -> count
     last_others: float = 0.0
@@ -159,6 +163,7 @@ class ThreadGovernor:
             return self.policy.threads
         before, self._last = self._last, sample
         if before is None or sample.wall_s - before.wall_s > self.stale_s:
+            self._next_s = now + min(self.interval_s, self.first_interval_s)
             return self.policy.threads
         self.last_others = others_cores(before, sample)
         return self.apply(self.policy.decide(self.last_others))

@@ -4,10 +4,12 @@ thread count respected, and a real engine stepping with it on."""
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
 
+from covey.llm_backend.cpu_threads import user_chose_threads
 from covey.llm_backend.sampling_params import SamplingParams
 from covey.llm_backend.thread_governor import (
     CpuSample,
@@ -100,6 +102,9 @@ def test_governor_rebases_after_idle_gap_and_waits_its_interval(restore_threads)
     gov = ThreadGovernor(ThreadPolicy(max_threads=2), scripted(samples), interval_s=0.0)
     gov.between_steps()
     assert gov.between_steps() == 2 and not gov.decisions  # stale: a new baseline only
+    soon = ThreadGovernor(ThreadPolicy(max_threads=2), scripted(samples), interval_s=3600.0)
+    soon.between_steps()  # a baseline: the first measurement is due in a tenth of a second
+    assert soon._next_s <= time.monotonic() + soon.first_interval_s
     waiting = ThreadGovernor(ThreadPolicy(max_threads=2), scripted([]), interval_s=3600.0)
     waiting._next_s = float("inf")
     assert waiting.between_steps() == 2  # not due: the sampler is not even called
@@ -107,17 +112,13 @@ def test_governor_rebases_after_idle_gap_and_waits_its_interval(restore_threads)
     assert unreadable.between_steps() == 2 and unreadable._next_s == float("inf")
 
 
-def test_users_thread_count_turns_the_governor_off(make_engine, monkeypatch):
+def test_users_thread_count_is_respected(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    before = torch.get_num_threads()
-    try:
-        assert make_engine(num_threads=1).thread_governor is None
-        monkeypatch.setenv("OMP_NUM_THREADS", "2")
-        assert make_engine().thread_governor is None
-        monkeypatch.delenv("OMP_NUM_THREADS")
-        assert make_engine().thread_governor is process_governor()
-    finally:
-        torch.set_num_threads(before)
+    assert not user_chose_threads(None)
+    assert user_chose_threads(1) and user_chose_threads(2)
+    for value, chosen in (("2", True), ("1", True), ("0", False), ("", False), ("x", False)):
+        monkeypatch.setenv("OMP_NUM_THREADS", value)
+        assert user_chose_threads(None) is chosen
 
 
 def run(engine, prompt, params) -> list[int]:
@@ -125,15 +126,20 @@ def run(engine, prompt, params) -> list[int]:
     return list(out.token_ids)
 
 
-def test_engine_steps_with_the_governor_changing_threads(make_engine, restore_threads):
+def test_engine_steps_with_the_governor_changing_threads(
+    make_engine, restore_threads, monkeypatch
+):
     """A real engine whose governor sees a competitor after the first steps: it drops to
     one thread mid-generation, says so in its stats, and the greedy tokens are the same
     as on a fixed thread count."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     prompt = "The quick brown fox"
     fixed = make_engine(num_threads=2)
+    assert fixed.thread_governor is None  # the user's count: no governor
     want = run(fixed, prompt, params)
     engine = make_engine()
+    assert engine.thread_governor is process_governor()
     samples = [CpuSample(i * 0.3, max(0, i - 2) * 0.3, 0.0) for i in range(50)]  # others: 0, 1
     engine.thread_governor = ThreadGovernor(
         ThreadPolicy(max_threads=2), scripted(samples), interval_s=0.0

@@ -16,16 +16,12 @@ the cores other processes use. Not the step's wall time: in a batching engine a 
 length follows its batch and context, so a slow step says little about the machine, and
 a spinning team's own CPU use would hide the contention it suffers.
 
-It also reads /proc/stat's procs_running, the machine's runnable threads at that instant,
-to tell a few competitors from a crowd (see `ThreadPolicy`).
-
 What it decides (`ThreadPolicy`, a pure function of those samples, tested on scripted
 ones): the threads that fit in the free cores, rounded at half a core. Fewer at once (one
 collapsed step costs more than many slightly slow ones); more only after `up_after`
 samples in a row with the cores clearly free (less than a quarter core used by others
 beyond what the larger team needs), so a competitor that comes and goes does not make it
-flap. On a crowded machine, one more thread than CPUs, which GNU OpenMP runs with short
-waits. It runs only when the user chose no thread count (EngineConfig.num_threads None and
+flap. It runs only when the user chose no thread count (EngineConfig.num_threads None and
 no OMP_NUM_THREADS): a user's choice is respected.
 
 torch's thread count is per process (and per calling thread for OpenMP): the engine calls
@@ -53,14 +49,11 @@ _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 @dataclass(frozen=True)
 class CpuSample:
-    """One reading: wall clock, CPU seconds spent on our CPUs by everyone, and by us; the
-    machine's runnable threads right now (ours included) and its CPU count."""
+    """One reading: wall clock, CPU seconds spent on our CPUs by everyone, and by us."""
 
     wall_s: float
     busy_s: float
     own_s: float
-    running: int = 0
-    machine_cpus: int = 1
 
 
 def read_cpu_sample(cpus: frozenset[int], stat_path: str = "/proc/stat") -> CpuSample | None:
@@ -71,13 +64,11 @@ def read_cpu_sample(cpus: frozenset[int], stat_path: str = "/proc/stat") -> CpuS
             lines = f.readlines()
     except OSError:
         return None
-    ticks = seen = machine = running = 0
+    ticks = 0
+    seen = 0
     for line in lines:
-        if line.startswith("procs_running "):
-            running = int(line.split()[1])
         if not line.startswith("cpu") or line.startswith("cpu "):
             continue
-        machine += 1
         name, *cols = line.split()
         if int(name[3:]) not in cpus:
             continue
@@ -86,7 +77,7 @@ def read_cpu_sample(cpus: frozenset[int], stat_path: str = "/proc/stat") -> CpuS
     if not seen:
         return None
     t = os.times()
-    return CpuSample(time.monotonic(), ticks / _CLOCK_TICKS, t.user + t.system, running, machine)
+    return CpuSample(time.monotonic(), ticks / _CLOCK_TICKS, t.user + t.system)
 
 
 def others_cores(before: CpuSample, after: CpuSample) -> float:
@@ -99,64 +90,28 @@ def others_cores(before: CpuSample, after: CpuSample) -> float:
     return max(0.0, others / wall)
 
 
-def others_waiting(sample: CpuSample, our_running: int) -> float:
-    """Other processes' runnable threads per CPU of the machine at `sample` (procs_running
-    counts every runnable thread on the machine, ours too)."""
-    return max(0, sample.running - our_running) / max(1, sample.machine_cpus)
-
-
 @dataclass
 class ThreadPolicy:
-    """Measurements, sample after sample, -> the thread count to run with.
-
-    Each sample gives the cores other processes used (`others`) and their runnable threads
-    per CPU right then (`waiting`, smoothed here). While the cores are shared by a few
-    threads, the count fits the free cores (one thread has no team to wait for: 20 ms
-    against 28 ms passive and 38 ms spinning beside one competitor). On a crowded machine
-    (more than `crowded` runnable threads per CPU besides ours, for a few samples) one
-    thread gets only its fair share, a thread among many (measured here: 100-700 ms a step
-    under load 12-15, against 20-90 ms for 2 passive threads); then the count is one more
-    than the CPUs (`max_threads + 1`), where GNU OpenMP itself cuts every wait to a short
-    spin (its throttled wait when it manages more threads than CPUs) and the team's sleeping
-    threads get their turn as soon as they wake: the passive wait, chosen at run time.
-    """
+    """Cores used by others, sample after sample, -> the thread count to run with."""
 
     max_threads: int
     threads: int = 0  # the count in use; 0 starts at max_threads
     down_margin: float = 0.5  # a thread keeps its place while half a core is free for it
     up_margin: float = 0.25  # one is added back when three quarters are, `up_after` times
     up_after: int = 3
-    crowded: float = 1.5  # others' runnable threads per CPU that make the machine crowded
-    uncrowded: float = 1.0  # ... and below which it no longer is
-    smoothing: float = 0.3  # weight of a new `waiting` sample (procs_running is an instant)
-    waiting: float = 0.0  # smoothed others' runnable threads per CPU
     _clear: int = 0  # samples in a row that had room for more threads
 
     def __post_init__(self) -> None:
         self.max_threads = max(1, self.max_threads)
         self.threads = min(self.max_threads, self.threads or self.max_threads)
 
-    @property
-    def oversubscribed(self) -> int:
-        """The crowded machine's count: one more than the CPUs (a single CPU keeps 1)."""
-        return self.max_threads + 1 if self.max_threads > 1 else 1
-
     def fit(self, others: float, margin: float) -> int:
         """Threads that fit in the cores `others` leave free, at least one."""
         free = self.max_threads - others
         return max(1, min(self.max_threads, math.floor(free + margin)))
 
-    def decide(self, others: float, waiting: float = 0.0) -> int:
-        """Take one measurement; return the thread count now."""
-        self.waiting += self.smoothing * (waiting - self.waiting)
-        crowded = self.threads > self.max_threads
-        if self.waiting >= self.crowded or (crowded and self.waiting >= self.uncrowded):
-            self.threads, self._clear = self.oversubscribed, 0
-            return self.threads
-        if crowded:  # no longer: fit the free cores from here
-            self.threads = self.fit(others, self.down_margin)
-            self._clear = 0
-            return self.threads
+    def decide(self, others: float) -> int:
+        """Take one measurement (cores used by others); return the thread count now."""
         fewer = self.fit(others, self.down_margin)
         if fewer < self.threads:
             self.threads, self._clear = fewer, 0
@@ -186,9 +141,8 @@ class ThreadGovernor:
     interval_s: float = 0.25
     first_interval_s: float = 0.1
     stale_s: float = 2.0
-    decisions: Counter = field(default_factory=Counter)  # "fewer"/"more"/"crowded" -> count
+    decisions: Counter = field(default_factory=Counter)  # "fewer" / "more" -> count
     last_others: float = 0.0
-    last_waiting: float = 0.0
     _last: CpuSample | None = None
     _next_s: float = 0.0
 
@@ -212,12 +166,7 @@ class ThreadGovernor:
             self._next_s = now + min(self.interval_s, self.first_interval_s)
             return self.policy.threads
         self.last_others = others_cores(before, sample)
-        # At this moment our calling thread runs, and a spinning team's waiting members
-        # may too; an oversubscribed team's have gone to sleep.
-        threads = self.policy.threads
-        ours = threads if threads <= self.policy.max_threads else 1
-        self.last_waiting = others_waiting(sample, ours)
-        return self.apply(self.policy.decide(self.last_others, self.last_waiting))
+        return self.apply(self.policy.decide(self.last_others))
 
     def apply(self, threads: int) -> int:
         """Set torch's threads to `threads` if they differ, counting the change."""
@@ -225,10 +174,7 @@ class ThreadGovernor:
 
         current = torch.get_num_threads()
         if threads != current:
-            if threads > self.policy.max_threads:
-                self.decisions["crowded"] += 1
-            else:
-                self.decisions["fewer" if threads < current else "more"] += 1
+            self.decisions["fewer" if threads < current else "more"] += 1
             torch.set_num_threads(threads)
         return threads
 

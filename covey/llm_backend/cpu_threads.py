@@ -15,6 +15,12 @@ weights, 512-token prompt, TPOT ms, 3 runs each):
   17.5/17.0/17.3;
 - one competing process (a matmul loop, 2 spinning OpenMP threads): 1 thread 20.5/19.7/21.1,
   PASSIVE 30/31/22, GOMP_SPINCOUNT=2000 38/42/37, 20000 298/299/294, OpenMP's default 2183.
+On a crowded machine (measured 2026-11-29 on the same 2 cores while other jobs ran, load
+4-22, runs interleaved, 256-token prompt, TPOT ms of 3-run groups) the spread is wide and
+no setting wins every time: 1 thread 54-113 (one group 219-693), 2 passive threads 18-175,
+3 threads (GNU OpenMP's short "throttled" waits, used when it manages more threads than
+CPUs) 21-88 in one session and 94-281 in two later ones, the governor 58-157 (it chose 1).
+In the last two sessions one thread was fastest, so no special mode for a crowd.
 So the thread count is what adapts: the thread governor (thread_governor.py) runs one
 thread per CPU while other processes leave the cores free and fewer, down to one, while
 they do not; one thread has no team to wait for. With the governor on, the wait policy

@@ -11,9 +11,10 @@ Workloads (see the engine issue):
   int8, int4 weights; `covey` is the default configuration), with a decode profile each;
 - quality: perplexity on held-out Python docs of every mode and of transformers;
 - contention: single-stream TPOT alone and with a competing CPU-bound process (a torch
-  matmul loop on every core, OpenMP defaults) for covey, covey with OpenMP's default
-  spin-wait (`covey-omp-default`: on a quiet machine, its `tpot_s_alone` against covey's is
-  what the passive wait costs) and llama.cpp; each in a fresh process, as a user runs it.
+  matmul loop on every core, OpenMP defaults), and contention-heavy with three of them, for
+  covey (its default: the thread governor), the default before it (`covey-passive`: passive
+  OpenMP wait, one thread per CPU), OpenMP's own spin-wait on one thread per CPU
+  (`covey-omp-default`) and llama.cpp; each in a fresh process, as a user runs it.
 On CUDA, a throughput run on dummy weights of a 1B-class Llama is added.
 """
 
@@ -31,7 +32,7 @@ import torch  # noqa: E402
 from bench_common import parse_args, record, write_results  # noqa: E402
 
 from covey.llm_backend.config import EngineConfig  # noqa: E402
-from covey.llm_backend.cpu_threads import configure_openmp_env  # noqa: E402
+from covey.llm_backend.cpu_threads import available_cpus, configure_openmp_env  # noqa: E402
 from covey.llm_backend.llm_engine import LLMEngine  # noqa: E402
 from covey.llm_backend.model_source import EMBEDDED_NAME, resolve_model  # noqa: E402
 from covey.llm_backend.perplexity import (  # noqa: E402
@@ -478,23 +479,36 @@ while True:
     a @ a
 """
 
+# Competitors per contention workload: one other ML job, or three (a busy shared machine).
+CONTENTION_RIVALS = {"contention": 1, "contention-heavy": 3}
+
+CONTENTION_SYSTEMS = ("covey", "covey-passive", "covey-omp-default", "llama.cpp")
+
 
 def contention_child(system: str, prompt_tokens: int, out_tokens: int) -> None:
-    """Run in a fresh interpreter: print the TPOT of one request as JSON."""
+    """Run in a fresh interpreter: print the TPOT of one request, and the threads covey's
+    steps ran on at the end, as JSON."""
     import json
 
+    threads = None
     if system == "llama.cpp":
         llm = load_llama_cpp()
         prompt = list(range(1000, 1000 + prompt_tokens))
         tpot = None if llm is None else llama_cpp_latency(llm, prompt, out_tokens)[1]
     else:
-        engine = LLMEngine(EngineConfig(device="cpu", enable_prefix_caching=False))
+        config = EngineConfig(device="cpu", enable_prefix_caching=False)
+        if system != "covey":  # the fixed count of the old default, no thread governor
+            config = EngineConfig(
+                device="cpu", enable_prefix_caching=False, num_threads=available_cpus()
+            )
+        engine = LLMEngine(config)
         (prompt,) = real_text_prompts(engine.tokenizer, 1, prompt_tokens, offset=7)
         tpot = covey_latency(engine, prompt, out_tokens)[1]
-    print("TPOT " + json.dumps(tpot), flush=True)
+        threads = engine.stats().num_threads
+    print("TPOT " + json.dumps({"tpot": tpot, "threads": threads}), flush=True)
 
 
-def _run_child(system: str, s) -> float | None:
+def _run_child(system: str, s) -> dict:
     import json
     import subprocess
 
@@ -506,6 +520,8 @@ def _run_child(system: str, s) -> float | None:
     env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
     if system == "covey":  # what the `covey` command sets before torch loads
         configure_openmp_env(env)
+    elif system == "covey-passive":  # the default before the thread governor
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1800
     )
@@ -515,44 +531,66 @@ def _run_child(system: str, s) -> float | None:
     return json.loads(lines[-1][5:])
 
 
-def contention_suite(s, results, systems=("covey", "covey-omp-default", "llama.cpp")):
-    """TPOT without and with a competing CPU-bound process; the ratio is the slowdown.
-
-    The competitor is one process running matmuls on every core with its own OpenMP team,
-    like another ML job on a shared machine. Runs alternate (alone, contended) per system
-    so drifting background load hits both sides alike."""
+def _contended(system: str, s, rivals: int) -> dict:
+    """A child's run while `rivals` competitor processes spin."""
     import subprocess
 
-    params = {
-        "prompt_tokens": s["lat_prompt"],
-        "output_tokens": s["contention_output"],
-        "competitor": "one process: torch matmul loop, default threads and OpenMP settings",
-        "cpu_count": os.cpu_count(),
-    }
+    procs = [
+        subprocess.Popen([sys.executable, "-c", COMPETITOR], stdout=subprocess.PIPE, text=True)
+        for _ in range(rivals)
+    ]
+    try:
+        for p in procs:
+            p.stdout.readline()  # "ready": torch is loaded and the loop starts
+        return _run_child(system, s)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def contention_suite(s, results, systems=CONTENTION_SYSTEMS):
+    """TPOT without and with competing CPU-bound processes; the ratio is the slowdown.
+
+    Each competitor runs matmuls on every core with its own OpenMP team (default threads
+    and spin), like another ML job on a shared machine: one in `contention`, three in
+    `contention-heavy`. `covey` is the default (the `covey` command's OpenMP settings and
+    the thread governor), `covey-passive` the default before the governor (passive wait,
+    one thread per CPU), `covey-omp-default` OpenMP's own spin-wait on one thread per CPU.
+    Runs alternate (alone, contended, heavy) per system so drifting background load hits
+    all alike."""
     for system in systems:
         alone = _run_child(system, s)
-        if alone is None:
+        if alone["tpot"] is None:
             why = "llama-cpp-python is not installed (make bench installs it)"
-            for metric in ("tpot_s_alone", "tpot_s_contended", "slowdown"):
-                results.append(record("contention", system, metric, None, params, why))
+            for workload in CONTENTION_RIVALS:
+                for metric in ("tpot_s_alone", "tpot_s_contended", "slowdown"):
+                    results.append(record(workload, system, metric, None, {}, why))
             continue
-        rival = subprocess.Popen(
-            [sys.executable, "-c", COMPETITOR], stdout=subprocess.PIPE, text=True
-        )
-        try:
-            rival.stdout.readline()  # "ready": torch is loaded and the loop starts
-            contended = _run_child(system, s)
-        finally:
-            rival.kill()
-            rival.wait()
-        results.append(record("contention", system, "tpot_s_alone", alone, params))
-        results.append(record("contention", system, "tpot_s_contended", contended, params))
-        results.append(record("contention", system, "slowdown", contended / alone, params))
-        print(
-            f"contention {system}: tpot {alone * 1e3:.1f} ms alone, "
-            f"{contended * 1e3:.1f} ms contended ({contended / alone:.1f}x)",
-            flush=True,
-        )
+        for workload, rivals in CONTENTION_RIVALS.items():
+            params = {
+                "prompt_tokens": s["lat_prompt"],
+                "output_tokens": s["contention_output"],
+                "competitor": f"{rivals} process(es): torch matmul loop, default threads "
+                "and OpenMP settings",
+                "cpu_count": os.cpu_count(),
+                "threads_alone": alone["threads"],
+            }
+            run = _contended(system, s, rivals)
+            params["threads_contended"] = run["threads"]
+            contended = run["tpot"]
+            results.append(record(workload, system, "tpot_s_alone", alone["tpot"], params))
+            results.append(record(workload, system, "tpot_s_contended", contended, params))
+            results.append(
+                record(workload, system, "slowdown", contended / alone["tpot"], params)
+            )
+            print(
+                f"{workload} {system}: tpot {alone['tpot'] * 1e3:.1f} ms alone, "
+                f"{contended * 1e3:.1f} ms with {rivals} competitor(s) "
+                f"({contended / alone['tpot']:.1f}x; threads {alone['threads']} -> "
+                f"{run['threads']})",
+                flush=True,
+            )
 
 
 def _plot_profile(ax, results):
@@ -585,6 +623,7 @@ def plot(data, path):
         ("prefix", "ttft_s", "TTFT s with a shared 1024-token prefix"),
         ("quality", "perplexity", "perplexity, held-out docs (lower is better)"),
         ("contention", "slowdown", "TPOT with a CPU-bound competitor / alone"),
+        ("contention-heavy", "slowdown", "TPOT with 3 CPU-bound competitors / alone"),
     ]
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4.2 * (len(panels) + 1), 4))
     _plot_profile(axes[-1], data["results"])

@@ -24,12 +24,13 @@ PAUSE_POLICIES = ("adaptive", "preserve", "swap", "discard")
 class EngineConfig:
     """Give at most one of `kv_cache_tokens` / `kv_cache_bytes`; neither picks a default.
 
-    Threads (`num_threads`, see cpu_threads.py): None uses one torch thread per CPU this
-    process may run on (or OMP_NUM_THREADS when set). The `covey` command also sets
-    OMP_WAIT_POLICY=PASSIVE before torch loads, so that when another process competes for
-    the cores, decoding slows in proportion instead of collapsing (a spinning team waits
-    time slices for its descheduled member). A program that imports torch itself should set
-    OMP_WAIT_POLICY=PASSIVE in the environment before it starts.
+    Threads (`num_threads`, see cpu_threads.py): None lets the thread governor run one
+    torch thread per CPU this process may run on while other processes leave them free,
+    and fewer (down to one) while they do not, so that decoding slows in proportion instead
+    of collapsing (a spinning team waits time slices for its descheduled member). A count
+    given here or in OMP_NUM_THREADS is used as it is; with OMP_NUM_THREADS the `covey`
+    command also sets OMP_WAIT_POLICY=PASSIVE before torch loads (its GOMP_SPINCOUNT=20000
+    otherwise), which a program that imports torch itself can set in its environment.
 
     `compile`: run decode steps through torch.compile (inductor), see compiled_decode.py.
     Off by default: on the 2-core CPU it was measured on, the compiled step was no faster

@@ -66,6 +66,10 @@ class EngineStats:
     KV was moved out or freed, "preserve" each step the adaptive policy, under pressure,
     kept one in the pool);
     `tool_seconds` maps each tool name to its mean pause-to-resume time ("" pools them).
+
+    CPU threads: `num_threads` the engine's steps run on now (0: not known here), and
+    `thread_decisions` ("fewer" / "more" -> count) the times the thread governor changed
+    it since start (empty when the user chose the count; see thread_governor.py).
     """
 
     model: str
@@ -87,6 +91,8 @@ class EngineStats:
     pause_recompute_tokens: int = 0
     pause_decisions: dict[str, int] = field(default_factory=dict)
     tool_seconds: dict[str, float] = field(default_factory=dict)
+    num_threads: int = 0
+    thread_decisions: dict[str, int] = field(default_factory=dict)
 
     @property
     def queue_depth(self) -> int:

@@ -25,7 +25,7 @@ from covey.llm_backend.chunk_planner import ChunkPlanner
 from covey.llm_backend.chunk_transfer import ChunkTransfer
 from covey.llm_backend.compiled_decode import CompiledDecode
 from covey.llm_backend.config import EngineConfig
-from covey.llm_backend.cpu_threads import apply_num_threads
+from covey.llm_backend.cpu_threads import apply_num_threads, user_chose_threads
 from covey.llm_backend.engine_client import EngineStats, Prompt
 from covey.llm_backend.kv_pool import KVPool
 from covey.llm_backend.kv_sizing import num_kv_blocks
@@ -53,6 +53,7 @@ from covey.llm_backend.sampling_params import SamplingParams
 from covey.llm_backend.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
 from covey.llm_backend.segments import Segment, SegmentSpan
 from covey.llm_backend.sequence import FinishReason, Sequence, SequenceStatus
+from covey.llm_backend.thread_governor import ThreadGovernor, process_governor
 from covey.llm_backend.tokenizer import Tokenizer, load_tokenizer
 from covey.llm_backend.weight_loader import load_model
 
@@ -71,7 +72,11 @@ class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, model: LlamaModel | None = None) -> None:
         """`model` reuses weights loaded from `config.model` (several engines, one model)."""
         self.config = config = config or EngineConfig()
-        apply_num_threads(config.num_threads)
+        self.num_threads = apply_num_threads(config.num_threads)
+        # Fits the thread count to the free cores between steps (thread_governor.py).
+        self.thread_governor: ThreadGovernor | None = (
+            None if user_chose_threads(config.num_threads) else process_governor()
+        )
         self.device = config.torch_device()
         self.source = resolve_model(config.model)
         self.tokenizer: Tokenizer | None = self._load_tokenizer()
@@ -385,6 +390,8 @@ class LLMEngine:
             num_running=len(sched.running),
             num_paused=len(sched.paused),
             chunk_cache=self._chunk_stats(),
+            num_threads=self.num_threads,
+            thread_decisions=dict(self.thread_governor.decisions) if self.thread_governor else {},
             **self._pause_stats(),
         )
 
@@ -574,6 +581,8 @@ class LLMEngine:
         for item in plan.scheduled:
             if item.seq.metrics.first_scheduled_time is None:
                 item.seq.metrics.first_scheduled_time = now
+        if self.thread_governor is not None:
+            self.num_threads = self.thread_governor.between_steps()
         ran = self.runner.execute_isolated(plan.scheduled, plan.block_copies, plan.chunk_items)
         failed = ran.failed
         tokens = self._sample(ran.seqs, ran.logits, failed)

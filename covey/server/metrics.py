@@ -3,7 +3,8 @@
 Requests and latency per app, time to first token and time per output token per engine
 request, and the engine's load read from `EngineStats` when scraped: KV pool use, prefix
 and chunk cache hit rates, queue depth, running and paused requests, and what the pause
-policy did with paused requests' KV (bytes kept and swapped, recompute, per-tool times).
+policy did with paused requests' KV (bytes kept and swapped, recompute, per-tool times),
+and the CPU threads the engine runs on with the thread governor's changes.
 Each server owns its own registry, so two servers in one process (tests) never share
 counters.
 """
@@ -105,6 +106,11 @@ class ServerMetrics:
         self.tool_seconds = gauge(
             "covey_tool_seconds_estimate", "Mean pause-to-resume seconds per tool", ("tool",)
         )
+        self.threads = gauge("covey_engine_threads", "CPU threads the engine's steps run on")
+        self.thread_decisions = gauge(
+            "covey_thread_decisions", "Thread-count changes by the thread governor since start",
+            ("direction",),
+        )
 
     def observe_request(self, app: str, status: int, seconds: float) -> None:
         self.requests.labels(app=app, status=str(status)).inc()
@@ -150,6 +156,9 @@ class ServerMetrics:
             self.pause_decisions.labels(action=action).set(count)
         for tool, seconds in s.tool_seconds.items():
             self.tool_seconds.labels(tool=tool or "(any)").set(seconds)
+        self.threads.set(s.num_threads)
+        for direction, count in s.thread_decisions.items():
+            self.thread_decisions.labels(direction=direction).set(count)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,4 +1,5 @@
-"""Thread count and OpenMP wait policy (see cpu_threads.py for why PASSIVE)."""
+"""Thread count and OpenMP wait policy (see cpu_threads.py for why a short spin with the
+thread governor, and PASSIVE for a count the user fixed)."""
 
 from __future__ import annotations
 
@@ -18,10 +19,13 @@ from covey.llm_backend.cpu_threads import (
 )
 
 
-def test_passive_wait_is_set_unless_the_user_chose():
+def test_wait_policy_is_set_unless_the_user_chose():
     env: dict[str, str] = {}
     configure_openmp_env(env)
-    assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert env == {"GOMP_SPINCOUNT": "20000"}  # the governor adapts the thread count
+    env = {"OMP_NUM_THREADS": "2"}
+    configure_openmp_env(env)
+    assert env == {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"}  # a fixed count
     for mine in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "5000"}):
         env = dict(mine)
         configure_openmp_env(env)
@@ -49,11 +53,12 @@ def test_covey_command_sets_the_policy_before_torch_loads():
         "    main.main(['--help'])\n"
         "except SystemExit:\n"
         "    pass\n"
-        "print(os.environ.get('OMP_WAIT_POLICY'))\n"
+        "print(os.environ.get('GOMP_SPINCOUNT'))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    drop = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     env["PYTHONPATH"] = str(Path(covey.__file__).resolve().parents[1])
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
-    assert out.stdout.strip().splitlines()[-1] == "PASSIVE"
+    assert out.stdout.strip().splitlines()[-1] == "20000"

@@ -29,6 +29,7 @@ async def test_pause_metrics_follow_a_real_tool_call(real_llm):
     for direction in ("out", "in"):
         assert ("covey_pause_swap_bytes", (("direction", direction),)) in after
     assert ("covey_pause_recompute_tokens", ()) in after
+    assert after[("covey_engine_threads", ())] >= 1  # the thread governor's count
 
 
 def _samples(text: str) -> dict[tuple[str, tuple], float]:

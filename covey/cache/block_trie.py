@@ -75,6 +75,18 @@ class BlockTrie:
             node = child
         return path
 
+    def peek_prefix(self, token_ids: Sequence[int]) -> int:
+        """How many leading full blocks of `token_ids` are cached, without stamping them as
+        used: a reader that only asks (a replica's cache report) must not change which
+        blocks eviction picks."""
+        bs, node, n = self.block_size, self.root, 0
+        for i in range(len(token_ids) // bs):
+            node = node.children.get(tuple(token_ids[i * bs : (i + 1) * bs]))
+            if node is None:
+                break
+            n += 1
+        return n
+
     def insert(
         self, parent: BlockNode, key: tuple[int, ...], block_id: int
     ) -> tuple[BlockNode, bool]:

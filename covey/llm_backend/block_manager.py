@@ -94,6 +94,10 @@ class BlockManager:
         """How many leading full blocks of `token_ids` the prefix cache holds."""
         return len(self.trie.match_prefix(token_ids)) if self.trie is not None else 0
 
+    def peek_prefix_blocks(self, token_ids: list[int]) -> int:
+        """`cached_prefix_blocks` without marking the blocks as used (LRU order unchanged)."""
+        return self.trie.peek_prefix(token_ids) if self.trie is not None else 0
+
     def pin(self, key: str, token_ids: list[int]) -> bool:
         """Hold the cached full blocks of `token_ids`' prefix under `key`, so eviction skips
         them until `unpin(key)` or until an allocation needs their room (pins yield).

@@ -142,7 +142,7 @@ class EngineReplica:
         blocks, store = engine.block_manager, engine.chunk_store
 
         def cached_tokens(ids: list[int]) -> int:
-            return blocks.cached_prefix_blocks(ids) * blocks.block_size
+            return blocks.peek_prefix_blocks(ids) * blocks.block_size  # LRU untouched
 
         stored = store.contains_any if store is not None else None
         # New prompts are tokenized on a thread of their own; the caches are read on the

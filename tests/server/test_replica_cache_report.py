@@ -43,7 +43,7 @@ def held(engine: LLMEngine, ledger: ReplicaCacheLedger):
     blocks, store = engine.block_manager, engine.chunk_store
 
     def cached(ids: list[int]) -> int:
-        return blocks.cached_prefix_blocks(ids) * blocks.block_size
+        return blocks.peek_prefix_blocks(ids) * blocks.block_size
 
     ledger.prepare(ledger.pending())  # the replica tokenizes new prompts off the engine
     return ledger.held(cached, store.contains_any if store is not None else None)
@@ -123,3 +123,22 @@ def test_a_report_does_not_drop_what_a_call_still_in_transit_brings():
     router.call_done("r0", stamp)  # now the replica's account is the truth
     router.report("r0", queue=0, seq=router.report_started(), held=({}, {}))
     assert router.views["r0"].score(key) == 0
+
+
+def test_a_report_does_not_refresh_what_the_prefix_cache_evicts_first(model):
+    engine = make_engine(model, kv_cache_tokens=2048, chunk_cache="off")
+    ledger = ReplicaCacheLedger(engine.tokenizer)
+    run(engine, ledger, SYSTEM + "Question: what is os.path?")
+    run(engine, ledger, OTHER + "Document: lists.")
+    trie = engine.block_manager.trie
+    stamps = [(n.block_id, n.last_access) for n in _nodes(trie.root)]
+    units, _ = held(engine, ledger)
+    assert units  # the walk found both prompts' blocks...
+    assert [(n.block_id, n.last_access) for n in _nodes(trie.root)] == stamps  # ...read-only
+
+
+def _nodes(node):
+    for child in node.children.values():
+        yield child
+        yield from _nodes(child)
+

@@ -92,6 +92,9 @@ class EngineReplica:
             config["device"] = "cuda"
         self.llm = AsyncLLM(model, **config)
         self.ledger = ReplicaCacheLedger(self.llm.tokenizer)
+        # One report at a time: the router asks again when a slow one times out, and two
+        # overlapping reports would tokenize (and walk) the same prompts twice.
+        self._report_lock = asyncio.Lock()
         self.draining = False
 
     async def generate(
@@ -138,6 +141,10 @@ class EngineReplica:
     async def report(self) -> ReplicaReport:
         """What the router needs from this replica: its load, pins, what its prefix cache
         and chunk store hold (in the router's units), and its identity."""
+        async with self._report_lock:
+            return await self._report()
+
+    async def _report(self) -> ReplicaReport:
         engine = self.llm.engine
         blocks, store = engine.block_manager, engine.chunk_store
 

@@ -16,15 +16,23 @@ off the engine's thread (`prepare`, all new prompts in one batch: the tokenizer'
 offsets cost ~1-3 ms a prompt one at a time on a busy CPU); `held` then only walks the
 prefix trie, ~40 us per prompt of 600 tokens, on the engine's thread. A unit's tokens
 end at the last token that ends within its characters (the tokenizer's offsets), so a
-unit counts as held only if every token of it is cached. The ledger keeps
-the `max_prompts` most recent prompts: older ones drop out of the report, and the router
-keeps them only until its own LRU evicts them.
+unit counts as held only if every token of it is cached. The trie walk is read-only
+(`BlockManager.peek_prefix_blocks`): asking what is cached must not make it recently used,
+or the report would decide what the prefix cache evicts. The ledger keeps the
+`max_prompts` most recent finished prompts (plus those still running, which are held
+anyway): older ones drop out of the report, and the router keeps them only until its own
+LRU evicts them.
+
+On CUDA `held` runs on the engine's thread while the replica's loop records calls, so
+the ledger's bookkeeping is under one lock; the trie walks are not (they read a snapshot,
+and an entry is only dropped if it is still finished when the lock is taken again).
 """
 
 from __future__ import annotations
 
 import bisect
 import itertools
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -55,6 +63,7 @@ class ReplicaCacheLedger:
         self._prompts: OrderedDict[str, _Prompt] = OrderedDict()  # full-chain hash -> prompt
         self._tickets = itertools.count()
         self._running: dict[int, str] = {}  # ticket -> prompt
+        self._lock = threading.Lock()  # the loop records while the engine's thread reports
 
     def __len__(self) -> int:
         return len(self._prompts)
@@ -70,24 +79,35 @@ class ReplicaCacheLedger:
         if not key.units:
             return ticket
         name = key.units[-1][0]
-        entry = self._prompts.get(name)
-        if entry is None:
-            entry = self._prompts[name] = _Prompt(prompt, key)
-        self._prompts.move_to_end(name)
-        entry.running += 1
-        self._running[ticket] = name
-        while len(self._prompts) > self.max_prompts:
-            oldest = next(iter(self._prompts))
-            if self._prompts[oldest].running:  # never drop a running one: it is held
-                break
-            del self._prompts[oldest]
+        with self._lock:
+            entry = self._prompts.get(name)
+            if entry is None:
+                entry = self._prompts[name] = _Prompt(prompt, key)
+            self._prompts.move_to_end(name)
+            entry.running += 1
+            self._running[ticket] = name
+            self._evict()
         return ticket
 
+    def _evict(self) -> None:
+        """Drop the oldest finished prompts past `max_prompts`. A running one is skipped,
+        never dropped (its blocks are held), and never stops the eviction behind it: one
+        long or paused call must not let the ledger grow without bound."""
+        excess = len(self._prompts) - self.max_prompts
+        if excess <= 0:
+            return
+        old = [n for n, e in itertools.islice(self._prompts.items(), excess + len(self._running))
+               if not e.running][:excess]
+        for name in old:
+            del self._prompts[name]
+
     def finished(self, ticket: int) -> None:
-        name = self._running.pop(ticket, None)
-        entry = self._prompts.get(name) if name is not None else None
-        if entry is not None and entry.running > 0:
-            entry.running -= 1
+        with self._lock:
+            name = self._running.pop(ticket, None)
+            entry = self._prompts.get(name) if name is not None else None
+            if entry is not None and entry.running > 0:
+                entry.running -= 1
+            self._evict()
 
     def held(
         self,
@@ -102,8 +122,10 @@ class ReplicaCacheLedger:
         chunks: dict[str, int] = {}
         gone: list[str] = []
         # A snapshot: on CUDA this runs on the engine's thread while calls are recorded.
-        for name, entry in list(self._prompts.items()):
-            if entry.running:
+        with self._lock:
+            snapshot = [(name, entry, entry.running) for name, entry in self._prompts.items()]
+        for name, entry, running in snapshot:
+            if running:
                 units.update(entry.key.units)
                 if chunk_stored is not None:
                     chunks.update((c, n) for c, n, _ in entry.key.chunks)
@@ -123,36 +145,52 @@ class ReplicaCacheLedger:
             chunks.update((c, n) for c, n, _ in kept)
             if (not key_units or key_units[0][2] > cached) and not kept:
                 gone.append(name)  # nothing of it is left: stop checking it
-        for name in gone:
-            self._prompts.pop(name, None)
+        with self._lock:  # only what is still finished: `record` may have revived it
+            for name in gone:
+                entry = self._prompts.get(name)
+                if entry is not None and not entry.running and entry.tokens is not None:
+                    del self._prompts[name]
         return units, chunks
 
     def pending(self) -> list[_Prompt]:
         """The finished prompts not tokenized yet: take them on the loop, then `prepare`
         them on another thread."""
-        return [e for e in self._prompts.values() if e.tokens is None and not e.running]
+        with self._lock:
+            return [e for e in self._prompts.values() if e.tokens is None and not e.running]
 
     def prepare(self, entries: list[_Prompt]) -> None:
         """Tokenize `entries` (from `pending`) in one batch; safe off the engine's thread."""
         self._tokenize(entries)
 
     def _tokenize(self, entries: list[_Prompt]) -> None:
-        """Set each entry's `tokens`: its token ids and each unit's token end."""
+        """Set each entry's `tokens`: its token ids and each unit's token end. An entry
+        already tokenized (by an overlapping report) is skipped, never overwritten: its
+        prompt may be gone already (None), which must not read as "cannot be tokenized"."""
+        entries = [e for e in entries if e.tokens is None]
         pieces = []
         for entry in entries:
+            prompt = entry.prompt  # read once: another thread may clear it once it is done
+            if entry.tokens is not None or prompt is None:
+                pieces.append(False)
+                continue
             try:
-                pieces.append(route_pieces(entry.prompt))
+                pieces.append(route_pieces(prompt))
             except Exception:
                 pieces.append(None)
         texts = [src for ps in pieces if ps for _, _, src in ps if isinstance(src, str)]
         encoded = iter(self._encode(texts))
         for entry, entry_pieces in zip(entries, pieces):
+            if entry_pieces is False:
+                continue
             if entry_pieces is None:
-                entry.tokens = ()
+                if entry.tokens is None:
+                    entry.tokens = ()
                 continue
             toks = [next(encoded) if isinstance(src, str) else _digits(src)
                     for _, _, src in entry_pieces]
-            entry.tokens = self._place(entry.key, entry_pieces, toks)
+            tokens = self._place(entry.key, entry_pieces, toks)
+            if entry.tokens is None:
+                entry.tokens = tokens
             entry.prompt = None  # the ids are all the report needs from now on
 
     @staticmethod

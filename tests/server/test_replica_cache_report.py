@@ -142,3 +142,53 @@ def _nodes(node):
         yield child
         yield from _nodes(child)
 
+
+def test_an_overlapping_report_never_overwrites_tokens(model):
+    engine = make_engine(model, kv_cache_tokens=2048, chunk_cache="off")
+    ledger = ReplicaCacheLedger(engine.tokenizer)
+    prompt = SYSTEM + "Question: what is os.path?"
+    run(engine, ledger, prompt)
+    entries = ledger.pending()
+    ledger.prepare(entries)  # one report tokenized them (and let go of the text)...
+    ledger.prepare(entries)  # ...an overlapping one took the same entries
+    units, _ = held(engine, ledger)
+    assert route_key(prompt).units[0][0] in units and len(ledger) == 1
+
+
+def test_a_long_running_call_does_not_stop_the_ledger_evicting():
+    ledger = ReplicaCacheLedger(None, max_prompts=8)
+    ledger.record("a call that stays open (paused for a tool) " * 4)
+    for i in range(8 + 10):
+        ledger.finished(ledger.record(f"prompt {i} " * 20))
+    assert len(ledger) <= 8 + 1
+
+
+def test_reports_on_another_thread_never_break_recording():
+    """On CUDA `held` runs on the engine's thread while the loop records: no KeyError, and
+    a prompt revived while the report ran is not dropped under it."""
+    import threading
+
+    ledger = ReplicaCacheLedger(None, max_prompts=4)  # no tokenizer: finished ones are "gone"
+    stop, errors = threading.Event(), []
+
+    def report() -> None:
+        while not stop.is_set():
+            try:
+                ledger.held(lambda ids: 0)
+            except Exception as e:  # noqa: BLE001 - the test reports any
+                errors.append(e)
+
+    thread = threading.Thread(target=report)
+    thread.start()
+    try:
+        for i in range(3000):
+            ledger.finished(ledger.record(f"prompt {i % 7} " * 20))
+        ticket = ledger.record("still running " * 20)
+        for _ in range(50):
+            ledger.held(lambda ids: 0)
+        assert len(ledger) >= 1  # the running one stays
+    finally:
+        stop.set()
+        thread.join()
+    ledger.finished(ticket)
+    assert errors == []

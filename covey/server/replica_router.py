@@ -134,9 +134,10 @@ class ReplicaView:
     # The router's sequence number when each entry (unit hash, "chunk:" + chunk id) was
     # last routed here or reported: a report asked for before it cannot have seen it.
     stamps: dict[str, int] = field(default_factory=dict)
-    # Stamps of calls routed here and not done (`ReplicaRouter.call_done`): the replica may
-    # not have seen them yet (in transit), so a report must not drop what they bring.
-    open_calls: set[int] = field(default_factory=set)
+    # Calls routed here and not done (`ReplicaRouter.call_done`), stamp -> route key: the
+    # replica may not have seen them yet (in transit), so a report must not drop what they
+    # bring. Only that: one long or paused call must not freeze the rest of the mirror.
+    open_calls: dict[int, RouteKey] = field(default_factory=dict)
     # The router's inverted index (unit hash or chunk id -> replicas holding it), shared by
     # every view and kept in step here, so a call is scored only on candidate replicas.
     index: dict[str, set[str]] = field(default_factory=dict)
@@ -193,16 +194,18 @@ class ReplicaView:
     def sync(self, units: dict[str, int], chunks: dict[str, int], seq: int) -> None:
         """The replica's own account of what it holds (`ReplicaCacheLedger.held`), asked
         for at `seq`: entries it no longer holds are dropped, unless routed here after
-        the report was asked for or since the oldest call still open here was routed (the
-        replica may not have that call yet); entries it holds unknown to the mirror are
-        added."""
-        seq = min(seq, *self.open_calls) if self.open_calls else seq
-        for h in [h for h in self.prefixes if h not in units]:
+        the report was asked for, or brought by a call still open here (the replica may
+        not have that call yet); entries it holds unknown to the mirror are added."""
+        transit: set[str] = set()
+        for key in self.open_calls.values():
+            transit.update(h for h, _ in key.units)
+            transit.update("chunk:" + c for c, _, _ in key.chunks)
+        for h in [h for h in self.prefixes if h not in units and h not in transit]:
             if self.stamps.get(h, 0) < seq:
                 self.held_chars -= self.prefixes.pop(h)
                 self.stamps.pop(h, None)
                 self._unindex(h)
-        for chunk in [c for c in self.chunks if c not in chunks]:
+        for chunk in [c for c in self.chunks if c not in chunks and "chunk:" + c not in transit]:
             if self.stamps.get("chunk:" + chunk, 0) < seq:
                 self.chunk_chars -= self.chunks.pop(chunk)
                 self.stamps.pop("chunk:" + chunk, None)
@@ -375,7 +378,7 @@ class ReplicaRouter:
             self.counters.matched_chars += view.matched_units(key)[1]
             stamp = self.last_stamp = next(self._seq)
             view.remember(key, stamp)
-            view.open_calls.add(stamp)
+            view.open_calls[stamp] = key
             if key.pin is not None:
                 self.unpinned(key.pin)
                 view.pins.add(key.pin)
@@ -417,7 +420,7 @@ class ReplicaRouter:
         asked for from now on know whether its prefix stayed cached."""
         view = self.views.get(name)
         if view is not None:
-            view.open_calls.discard(stamp)
+            view.open_calls.pop(stamp, None)
 
     def started(self, name: str) -> None:
         view = self.views.get(name)

@@ -166,3 +166,19 @@ def test_the_mirror_takes_the_size_of_the_replica_s_real_kv_pool():
     view = router.views["r0"]
     assert view.capacity_chars == 4 * BLOCK_CHARS
     assert view.score(new) == 4 * BLOCK_CHARS and view.score(old) == 0  # LRU went first
+
+
+def test_one_open_call_protects_only_what_it_brings():
+    router = ReplicaRouter(["r0"])
+    key_a, key_b = route_key(SYSTEM_A + "a long call"), route_key(SYSTEM_B + "a short one")
+    router.choose(key_a)
+    stamp_a = router.last_stamp  # a long (or paused) call stays open...
+    router.choose(key_b)
+    router.call_done("r0", router.last_stamp)  # ...while B is routed, runs and ends
+    # The replica says it holds neither (it evicted B, and has not seen A yet).
+    router.report("r0", queue=1, seq=router.report_started(), held=({}, {}))
+    view = router.views["r0"]
+    assert view.score(key_a) > 0  # A is in transit: kept
+    assert view.score(key_b) == 0  # B is not: dropped, A's open call notwithstanding
+    router.call_done("r0", stamp_a)
+

@@ -342,9 +342,15 @@ class RayEngine:
         except Exception as exc:  # a report is best effort; routing goes on without it
             log.debug("replica %s did not report: %s", replica.name, exc)
             return None
+        if self.router.forgotten_since(replica.name, seq):
+            # Asked for before a call saw it die: the answer may be the dead process's last
+            # words, so it neither brings the replica back up nor its cache into the mirror.
+            return None
         if replica.pid is not None and rep.pid != replica.pid and replica.up and not self.pooled:
-            # Replaced between two reports, without a call seeing it die.
+            # Replaced between two reports, without a call seeing it die. This answer is the
+            # replacement's own: fresh, though asked for before the router forgot the old one.
             self._mark_down(replica)
+            seq = self.router.report_started()
         if not replica.up:
             log.warning("replica %s is back (pid %s)", replica.name, rep.pid)
             replica.up, replica.down_since = True, None

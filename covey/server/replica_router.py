@@ -138,6 +138,9 @@ class ReplicaView:
     # replica may not have seen them yet (in transit), so a report must not drop what they
     # bring. Only that: one long or paused call must not freeze the rest of the mirror.
     open_calls: dict[int, RouteKey] = field(default_factory=dict)
+    # The router's sequence number when it last forgot this replica (it died or was
+    # replaced): a report asked for before then speaks for the dead process.
+    forgot_seq: int = 0
     # The router's inverted index (unit hash or chunk id -> replicas holding it), shared by
     # every view and kept in step here, so a call is scored only on candidate replicas.
     index: dict[str, set[str]] = field(default_factory=dict)
@@ -307,6 +310,13 @@ class ReplicaRouter:
         view = self.views.get(name)
         if view is not None:
             view.forget()
+            view.forgot_seq = next(self._seq)
+
+    def forgotten_since(self, name: str, seq: int) -> bool:
+        """Whether the router forgot `name` after a report asked for at `seq`: that report
+        comes from the process that died, and must not bring its cache (or it) back."""
+        view = self.views.get(name)
+        return view is not None and seq < view.forgot_seq
 
     def remove(self, name: str) -> None:
         self.forget(name)
@@ -328,9 +338,10 @@ class ReplicaRouter:
         (`held`) the unit hashes and chunk ids its caches hold (`ReplicaView.sync`).
         Its pins are ignored when the report was asked for (`seq`, from `report_started`)
         before the router last changed this replica's pins: it would undo a pin routed
-        there whose prefill is still running, or bring back one just unpinned."""
+        there whose prefill is still running, or bring back one just unpinned. A report
+        asked for before the replica was forgotten is ignored whole (`forgotten_since`)."""
         view = self.views.get(name)
-        if view is not None:
+        if view is not None and not (seq is not None and seq < view.forgot_seq):
             view.reported_queue = queue
             if seq is None or seq > view.pin_seq:
                 view.pins = set(pins) | view.pinning

@@ -182,3 +182,17 @@ def test_one_open_call_protects_only_what_it_brings():
     assert view.score(key_b) == 0  # B is not: dropped, A's open call notwithstanding
     router.call_done("r0", stamp_a)
 
+
+def test_a_report_asked_for_before_the_replica_was_forgotten_is_ignored():
+    router = ReplicaRouter(["r0"])
+    key = route_key(SYSTEM_A + "q")
+    seq = router.report_started()  # asked for; then a call sees the replica die
+    router.forget("r0")
+    assert router.forgotten_since("r0", seq)
+    router.report("r0", queue=3, pins=["p"], seq=seq, held=(dict(key.units), {}))
+    view = router.views["r0"]  # the dead process's cache does not come back
+    assert view.score(key) == 0 and view.pins == set() and view.reported_queue == 0
+    fresh = router.report_started()  # a report asked for after it (the replacement) counts
+    assert not router.forgotten_since("r0", fresh)
+    router.report("r0", queue=0, seq=fresh, held=(dict(key.units), {}))
+    assert view.score(key) > 0

@@ -22,8 +22,10 @@ the whole working set fits it. The prompts of a hit are long on purpose: a hit s
 prefill of ~470 tokens out of ~620.
 
 Systems (each pass on fresh text: every pass's prompts and passages carry its own tag, so
-no pass finds KV another one left; covey and round robin share their 2 replicas and run
-alternately, covey, round robin, round robin, covey, their two passes pooled):
+no pass finds KV another one left; the tags are of one length, `p00`, `p01`, ..., not the
+systems' names, so every system runs prompts of the same length; covey and round robin share
+their 2 replicas and run alternately, covey, round robin, round robin, covey, their two passes
+pooled):
 - `covey`: 2 replicas (one Serve application each), cache-aware routing;
 - `covey-round-robin`: the same 2 replicas, round robin;
 - `covey-pow2`: Ray Serve's own default router (power of two choices over the replicas'
@@ -38,6 +40,7 @@ Target: covey's mean TTFT at least 1.5x lower than round robin's, with a higher 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
 import os
@@ -103,11 +106,17 @@ def pool_tokens(size: dict[str, Any]) -> int:
     from covey.llm_backend.tokenizer import load_tokenizer
 
     tok = load_tokenizer(None)
-    prompts, apps = workload("sizing", size)
+    prompts, apps = workload(pass_tag(99), size)  # a tag as long as every pass's
     request = statistics.fmean(len(tok.encode(p)) for p in prompts) + size["max_tokens"]
     app_tokens = sum(len(tok.encode(a)) for a in apps)
     live = size["concurrency"] / REPLICAS * request
     return BLOCK * math.ceil((live + APP_SHARE * app_tokens) / BLOCK)
+
+
+def pass_tag(index: int) -> str:
+    """The tag of the `index`-th pass: one length for every pass and system (the tag is in
+    every prompt three times, and a longer one would mean more prefill for that system)."""
+    return f"p{index:02d}"
 
 
 async def drive(url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int):
@@ -255,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             None, {**config, "kv_cache_tokens": REPLICAS * pool}, threads=REPLICAS
         )},
     ]
+    passes = itertools.count()
     try:
         for systems, spec in zip(setups, specs):
             handles = deploy_specs(spec)
@@ -264,11 +274,14 @@ def main(argv: list[str] | None = None) -> int:
             runs: dict[str, list[dict[str, Any]]] = {}
             try:
                 for system, policy in systems:
-                    tag = f"{system}#{len(runs.get(system, []))}"
+                    tag = pass_tag(next(passes))
                     got = run_system(tag, policy, handles, size, pooled)
                     runs.setdefault(system, []).append(got)
                     mean = statistics.fmean(got["ttfts"])
-                    print(f"scale: {tag}: mean TTFT {mean:.2f}s, {got['decisions']}", flush=True)
+                    print(
+                        f"scale: {system} ({tag}): mean TTFT {mean:.2f}s, {got['decisions']}",
+                        flush=True,
+                    )
             finally:
                 delete_replicas(list(handles))
             for system, policy in dict(systems).items():

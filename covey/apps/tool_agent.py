@@ -13,6 +13,11 @@ The embedded SmolLM2-135M rarely writes a well-formed call on its own; with a la
 (`--model`) the same app calls its tools as intended. Either way the trace records every
 call (`NodeTrace.tool_calls`).
 
+Over an index of the user's own (`python_docs=False`, as `covey serve --index` builds it)
+the prompt and the docs tool are worded without naming Python (`prompt_subject`): the model
+sees a tool named `search_docs`, "Search the documents", where the default index offers
+`python_docs`. The registry key stays `python_docs` (the `tools=` names are API).
+
 Run it: `python -m covey.apps.tool_agent "What is 17 * 23?"` (add `--trace` to see the
 calls); `covey serve` serves it as `POST /apps/tool_agent/invoke`.
 """
@@ -86,9 +91,10 @@ def calculator(expression: str) -> str:
     return evaluate(expression)
 
 
-def docs_tool(searcher: Searcher | None) -> Any:
+def docs_tool(searcher: Searcher | None, python_docs: bool = True) -> Any:
     """The Python-docs search tool over `searcher` (None: the default Python-docs index,
-    opened, or built, on the first call)."""
+    opened, or built, on the first call); `python_docs=False`: the same search, named and
+    described without Python, for an index of the user's own."""
     holder: dict[str, Searcher] = {}
 
     def find() -> Searcher:
@@ -100,20 +106,40 @@ def docs_tool(searcher: Searcher | None) -> Any:
             holder["index"] = ensure_default_index(progress=False)
         return holder["index"]
 
-    @cg.tool(timeout=20.0, description="Search the Python documentation; returns passages.")
-    def python_docs(query: str) -> str:
+    def search(query: str) -> str:
         results = find().search(query, k=DOCS_RESULTS)
         if not results:
             return "no results"
         return "\n\n".join(r.chunk.text[:DOCS_CHARS] for r in results)
 
+    if not python_docs:
+
+        @cg.tool(timeout=20.0, description="Search the documents; returns passages.")
+        def search_docs(query: str) -> str:
+            return search(query)
+
+        return search_docs
+
+    @cg.tool(timeout=20.0, description="Search the Python documentation; returns passages.")
+    def python_docs(query: str) -> str:
+        return search(query)
+
     return python_docs
 
 
-TOOLS: dict[str, Callable[[Searcher | None], Any]] = {
-    "calculator": lambda _: calculator,
+# Registry name -> the tool, given the docs searcher and whether its index is Python's docs.
+TOOLS: dict[str, Callable[[Searcher | None, bool], Any]] = {
+    "calculator": lambda _, __: calculator,
     "python_docs": docs_tool,
 }
+
+AGENT_NEUTRAL = """{{#system}}
+You are a careful assistant. Use a tool when it helps: the calculator for arithmetic,
+search_docs for questions the documents answer. Answer in one or two sentences.
+{{#user}}
+{{question}}
+{{#assistant}}
+{{gen answer}}"""
 
 AGENT = """{{#system}}
 You are a careful assistant for Python programmers. Use a tool when it helps: the
@@ -130,21 +156,23 @@ def build_tool_agent_app(
     tools: tuple[str, ...] = ("calculator", "python_docs"),
     max_tokens: int = ANSWER_MAX_TOKENS,
     max_tool_calls: int = MAX_TOOL_CALLS,
+    python_docs: bool = True,
 ) -> App:
     """The app, offering the registry's `tools` by name; `docs` is the searcher the docs
-    tool searches (None: the default Python-docs index)."""
+    tool searches (None: the default Python-docs index). `python_docs=False` (an index of
+    the user's own) words the prompt and the docs tool without naming Python."""
     for name in tools:
         if name not in TOOLS:
             raise ConfigError(
                 f"tool_agent: no tool {name!r} in the registry{suggest(name, list(TOOLS))} "
                 f"(tools: {', '.join(TOOLS)})"
             )
-    offered = [TOOLS[name](docs) for name in tools]
+    offered = [TOOLS[name](docs, python_docs) for name in tools]
 
     def agent(question: str):
         pass
 
-    agent.__doc__ = AGENT
+    agent.__doc__ = AGENT if python_docs else AGENT_NEUTRAL
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     fn = cg.semantic_function(params=params, tools=offered, max_tool_calls=max_tool_calls)(agent)
 

@@ -40,8 +40,8 @@ def builtin_apps(
 ) -> dict[str, App]:
     """The built-in apps; `max_tokens` caps every gen of each (small demos, tests); `docs`
     is what the tool agent's docs tool searches (None: the default index, on first use).
-    `python_docs=False` (an index of the user's own) words the RAG apps' prompts without
-    naming Python."""
+    `python_docs=False` (an index of the user's own) words the RAG apps' and the tool
+    agent's prompts (and its docs tool) without naming Python."""
 
     def cap(n: int) -> int:
         return n if max_tokens is None else min(n, max_tokens)
@@ -59,7 +59,9 @@ def builtin_apps(
             piece_max_tokens=cap(mapreduce_summary.PIECE_MAX_TOKENS),
             summary_max_tokens=cap(mapreduce_summary.SUMMARY_MAX_TOKENS),
         ),
-        tool_agent.build_tool_agent_app(docs, max_tokens=cap(tool_agent.ANSWER_MAX_TOKENS)),
+        tool_agent.build_tool_agent_app(
+            docs, max_tokens=cap(tool_agent.ANSWER_MAX_TOKENS), python_docs=python_docs
+        ),
     ]
     return {app.name: app for app in apps}
 

@@ -41,13 +41,26 @@ def test_a_phrase_missing_from_the_prompt_is_an_error():
 
 
 def prompts(app) -> str:
-    """Every LLM call's template in the app's graph, as text."""
+    """Every LLM call's template in the app's graph, and the tools it offers the model
+    (names and descriptions), as text."""
     ops = [data["op"] for _, data in app.graph.nodes(data=True)]
-    return "".join(str(op.template) for op in ops if type(op).__name__ == "LLMCall")
+    calls = [op for op in ops if type(op).__name__ == "LLMCall"]
+    tools = [
+        f"{name}: {spec.description}"
+        for op in calls if op.tools is not None for name, spec in op.tools.offered.items()
+    ]
+    return "".join(str(op.template) for op in calls) + "\n".join(tools)
 
 
-@pytest.mark.parametrize("name", ["rag_chatbot", "advanced_rag"])
+@pytest.mark.parametrize("name", ["rag_chatbot", "advanced_rag", "tool_agent"])
 def test_builtin_apps_word_their_prompts_by_index(name):
     assert "Python" in prompts(builtin_apps(max_tokens=8)[name])
     neutral = prompts(builtin_apps(max_tokens=8, python_docs=False)[name])
-    assert neutral and "Python" not in neutral
+    assert neutral and "python" not in neutral.lower()
+
+
+def test_the_tool_agent_s_docs_tool_is_neutral_over_an_index_of_one_s_own():
+    offered = builtin_apps(max_tokens=8, python_docs=False)["tool_agent"]
+    tools = offered.plan.nodes["agent"].op.tools.offered
+    assert set(tools) == {"calculator", "search_docs"}
+    assert "search_docs" in prompts(offered)  # the prompt names the tool the model has

@@ -53,6 +53,31 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     return True
 
 
+def cluster_cpus() -> float:
+    """The CPUs of the Ray cluster this process is connected to (all of them, used or not):
+    a replica reserves one per thread, so more than this can never be placed."""
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 0))
+
+
+def _ray_running() -> bool:
+    try:
+        import ray
+    except ImportError:
+        return False
+    return ray.is_initialized()
+
+
+def _check_cpus(replicas: int, threads: int, cpus: float, where: str) -> None:
+    if replicas * threads > cpus:
+        # Each replica reserves a Ray CPU per thread: Serve would wait for CPUs forever.
+        raise ConfigError(
+            f"{replicas} replicas x {threads} threads need {replicas * threads} CPUs; "
+            f"{where} has {cpus:g}: lower --replicas or --replica-threads"
+        )
+
+
 def start_ray_engine(
     replicas: int = 2,
     model: str | None = None,
@@ -74,14 +99,14 @@ def start_ray_engine(
         raise ConfigError(f"--replicas must be at least 1, got {replicas}")
     config = dict(engine_config or {})
     num_gpus = gpus_per_replica(str(config.get("device", "auto")), gpus, config)
-    cpus = os.cpu_count() or 1
-    if address is None and replicas * threads > cpus:
-        # Each replica reserves a Ray CPU per thread: Serve would wait for CPUs forever.
-        raise ConfigError(
-            f"{replicas} replicas x {threads} threads need {replicas * threads} CPUs; this "
-            f"machine has {cpus}: lower --replicas or --replica-threads"
-        )
+    if address is None and not _ray_running():  # refused before a local cluster starts
+        _check_cpus(replicas, threads, os.cpu_count() or 1, "this machine")
     started = init_ray(address)
+    try:  # what the cluster joined (or already running here) really has
+        _check_cpus(replicas, threads, cluster_cpus(), "the Ray cluster")
+    except ConfigError:
+        _teardown_quietly([], started)
+        raise
     names = [app_name(i, app_prefix) for i in range(replicas)]
     try:
         handles = deploy_replicas(

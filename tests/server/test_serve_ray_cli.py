@@ -45,7 +45,7 @@ def test_a_replica_reserves_the_gpu_it_computes_on():
     assert gpus_per_replica("cuda", 0.5, {"kv_cache_tokens": 4096}) == 0.5
 
 
-def test_a_local_cluster_refuses_more_replica_threads_than_it_has_cores():
+def test_a_local_cluster_refuses_more_replica_threads_than_it_has_cores(monkeypatch):
     # Each replica reserves one Ray CPU per thread, so Ray never stacks compute threads
     # past the cores; asking for more than a local cluster has fails at once, not hangs.
     import os
@@ -54,5 +54,29 @@ def test_a_local_cluster_refuses_more_replica_threads_than_it_has_cores():
     from covey.server.ray_cluster import start_ray_engine
 
     cores = os.cpu_count() or 1
+    from covey.server import ray_cluster
+
+    def never(*args, **kwargs):
+        raise AssertionError("started a cluster past the CPU check")
+
+    monkeypatch.setattr(ray_cluster, "init_ray", never)  # a missing check fails, not hangs
     with pytest.raises(ConfigError, match=f"need {2 * cores} CPUs; this machine has {cores}"):
         start_ray_engine(replicas=2, threads=cores, engine_config={"device": "cpu"})
+
+
+def test_a_cluster_joined_is_checked_for_the_cpus_it_has(monkeypatch):
+    # Joined (--address) or already running in this process, the cluster's own CPU count
+    # decides, not this machine's: a remote cluster of 3 CPUs cannot place 2 x 2 threads.
+    from covey.errors import ConfigError
+    from covey.server import ray_cluster
+
+    def never(*args, **kwargs):
+        raise AssertionError("deployed past the CPU check")
+
+    monkeypatch.setattr(ray_cluster, "init_ray", lambda address=None: False)
+    monkeypatch.setattr(ray_cluster, "cluster_cpus", lambda: 3.0)
+    monkeypatch.setattr(ray_cluster, "deploy_replicas", never)
+    with pytest.raises(ConfigError, match="need 4 CPUs; the Ray cluster has 3"):
+        ray_cluster.start_ray_engine(
+            replicas=2, threads=2, address="ray://head:10001", engine_config={"device": "cpu"}
+        )

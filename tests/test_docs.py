@@ -90,8 +90,14 @@ def run_file(path: Path) -> None:
 
 def fresh_default_runtime() -> None:
     """Keep the default runtime's engine (its model is loaded) but give it a new `Runtime`
-    with the defaults, as a fresh process would have: the previous page's retrievers,
-    tools, timeouts and pins go. A page that closed or replaced the default keeps that."""
+    with the defaults: the previous page's retrievers, tools, timeouts and pins go.
+
+    Not fresh, unlike a new process: the engine's prefix cache, chunk store and counters
+    (a page may hit KV an earlier one left, and its stats count earlier pages' requests),
+    process state (`os.environ`, logging config, warnings filters, module globals), and
+    a default runtime an earlier page closed or replaced (that page's choice stands). No
+    page asserts on cache hits or engine stats today; one that does must not rely on this
+    reset."""
     from covey.runtime import Runtime, set_default_runtime
 
     current = set_default_runtime(None)
@@ -148,7 +154,10 @@ def pytest_generate_tests(metafunc):
 
 
 def split_by_page(text: str) -> dict[str, str]:
-    """Output printed while each page ran ('' for what came before the first page)."""
+    """Output printed from each page's start to the next page's ('' for what came before
+    the first page). So the last page's share also holds what the interpreter printed at
+    exit, and a page's share what an earlier page left running printed late (a stream
+    reaped during it): `noise_origin` says so in a failure."""
     parts: dict[str, str] = {}
     name = ""
     for line in text.splitlines(keepends=True):
@@ -187,6 +196,14 @@ def docs_run(request, tmp_path_factory, covey_home):
     return proc, results
 
 
+def noise_origin(doc: Path, pages: list[str]) -> str:
+    """Where noise in `doc`'s share of the output may come from besides the page itself."""
+    also = ["an earlier page's leftovers (a stream or task reaped while this page ran)"]
+    if pages and pages[-1] == doc.name:
+        also.append("the interpreter's exit (this is the last page: exit output lands here)")
+    return "; it may also come from " + " or ".join(also)
+
+
 def test_python_blocks_run(doc, docs_run):
     proc, results = docs_run
     out, err = split_by_page(proc.stdout), split_by_page(proc.stderr)
@@ -195,10 +212,11 @@ def test_python_blocks_run(doc, docs_run):
     whole = f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-8000:]}"
     assert doc.name in results, f"{doc.name}: the docs run ended before this page\n{whole}"
     assert results[doc.name] is None, f"{doc.name}: a Python block failed\n{report}"
+    origin = noise_origin(doc, [name for name in err if name])
     for noise in NOISE:
-        assert noise not in mine_err, f"{doc.name}: printed {noise!r}\n{report}"
+        assert noise not in mine_err, f"{doc.name}: printed {noise!r}{origin}\n{report}"
     assert proc.returncode == 0, f"the docs run exited with {proc.returncode}\n{whole}"
-    for noise in NOISE:  # what no page printed comes from the exit: every page answers for it
+    for noise in NOISE:  # printed before the first page began (imports): every page answers
         assert noise not in err.get("", ""), f"the docs run printed {noise!r}\n{whole}"
 
 

@@ -239,6 +239,12 @@ class PausedKV:
                     continue  # over budget: preserved this step, re-decided next
             # Room needed now (`force`) goes past the budget: the copy still costs less
             # than the recompute a discard would (the policy priced them), often by far.
+            # Host room is checked again here: `_choose` judged every sequence against the
+            # host space free before any of them went out, and the cap is a hard limit.
+            if action == "swap" and not self.can_swap(seq):
+                if not force:
+                    continue  # re-decided next step, against the host room left then
+                action = "discard"
             if action == "swap":
                 self.swap_out(seq, swaps)
             else:

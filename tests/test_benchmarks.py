@@ -3,6 +3,7 @@ measuring for minutes and then failing to plot."""
 
 from __future__ import annotations
 
+import runpy
 import subprocess
 import sys
 import time
@@ -63,3 +64,18 @@ def test_a_missing_peer_is_not_a_required_extra(tmp_path):
 def test_help_needs_no_extras():
     result = run_hidden(["matplotlib", "llama_cpp"], "apps", "--help")
     assert result.returncode == 0 and "--quick" in result.stdout
+
+
+def test_rag_kv_judges_accuracy_on_the_paired_interval():
+    """`ok` only when the whole 95% interval is within the margin; a point estimate inside it
+    with an interval that reaches a larger loss is inconclusive, not a pass."""
+    rag_kv = runpy.run_path(str(BENCHMARKS / "rag_kv.py"), run_name="rag_kv_under_test")
+    verdict = rag_kv["verdict"]
+    assert verdict([-0.01, 0.015]) == "ok"
+    assert verdict([-0.02, 0.0]) == "ok"
+    assert verdict([-0.06, 0.05]) == "inconclusive"  # point estimate -0.005: inside the margin
+    assert verdict([-0.12, -0.03]) == "MISSED"
+    # 160 questions, 5 lost and 3 won: -0.0125, inside the margin, but the interval is not.
+    got = rag_kv["paired"]([False] * 5 + [True] * 155, [True] * 5 + [False] * 3 + [True] * 152)
+    assert got["diff"] == -0.0125 and got["ci95"][0] < -0.04
+    assert verdict(got["ci95"]) == "inconclusive"

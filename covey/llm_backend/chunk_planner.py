@@ -291,7 +291,11 @@ class ChunkPlanner:
                 sinks = len(sink_rows(piece.imports, self.sink_tokens))
                 recomputed = num_blend_recomputed(self.ratio, reused, sinks)
                 own = piece.end - piece.start - reused
-                need = own + recomputed + math.ceil(self.check_fraction * reused)
+                # blend_forward runs the check layers only when it chooses some of the
+                # non-sink reused rows and not all of them: charged only then.
+                chosen = recomputed - sinks
+                checks = 0 < chosen < reused - sinks
+                need = own + recomputed + (math.ceil(self.check_fraction * reused) if checks else 0)
                 if cost + need > budget and not alone:
                     break
                 blend, cost, pos, i = piece, cost + need, piece.end, i + 1

@@ -63,7 +63,9 @@ class EngineConfig:
     blend_recompute_ratio: float = 0.15
     blend_check_layers: tuple[int, ...] = (1,)
     # Blend: the first tokens of every reused chunk also recomputed on every layer, beyond
-    # the ratio (a chunk computed elsewhere carries attention-sink KV at its head).
+    # the ratio (a chunk computed elsewhere carries attention-sink KV at its head). Like the
+    # ratio and check layers, it applies only with chunk_cache="blend" and is ignored (a
+    # harmless knob, not an error) otherwise.
     blend_sink_tokens: int = 0
     chunk_store_bytes: int = 256 << 20  # the host tier of the chunk store
     chunk_store_dir: str | None = None  # the disk tier (kept across restarts); None: none

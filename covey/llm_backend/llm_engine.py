@@ -630,6 +630,8 @@ class LLMEngine:
         assert step is not None and self.chunk_store is not None
         if step.blend_start is not None:
             # Blocks up to the blend's first token hold exact KV; none from there on do.
+            if seq.inexact_from is None or step.blend_start < seq.inexact_from:
+                seq.inexact_from = step.blend_start
             seq.num_computed_tokens = step.blend_start
             bm.cache_full_blocks(seq)
             bm.stop_caching(seq)

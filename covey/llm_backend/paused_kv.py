@@ -104,8 +104,8 @@ class PausedKV:
         """Whether `seq`'s KV can go to host and come back as it is. Not one mid-prefill
         (nothing worth keeping; a chunk plan's cursor would not survive), nor one the host
         space left cannot hold. A sequence with chunk segments swaps like any other: its
-        KV comes back bit for bit, and the scheduler never publishes it after a swap-in
-        (blended KV must never serve a prefix-cache hit)."""
+        KV comes back bit for bit, and after a swap-in the scheduler publishes none of a
+        blended one's blocks (blended KV must never serve a prefix-cache hit)."""
         blocks = self.blocks_of(seq.num_computed_tokens)
         room = self.host_blocks is None or self.host_blocks_used + blocks <= self.host_blocks
         return (
@@ -239,6 +239,12 @@ class PausedKV:
                     continue  # over budget: preserved this step, re-decided next
             # Room needed now (`force`) goes past the budget: the copy still costs less
             # than the recompute a discard would (the policy priced them), often by far.
+            # Host room is checked again here: `_choose` judged every sequence against the
+            # host space free before any of them went out, and the cap is a hard limit.
+            if action == "swap" and not self.can_swap(seq):
+                if not force:
+                    continue  # re-decided next step, against the host room left then
+                action = "discard"
             if action == "swap":
                 self.swap_out(seq, swaps)
             else:

@@ -302,9 +302,11 @@ class Scheduler:
             bm.discard(seq)  # nothing was taken; it stays swapped out
             return None
         bm.allocate_slots(seq, n)
-        if seq.has_chunks:
-            # Its blocks may hold blended chunk KV, and the swap-out forgot how far they
-            # were exact: publish none of them (those that were exact stay published).
+        if seq.inexact_from is not None:
+            # Its blocks hold blended chunk KV, and the swap-out forgot the cache cursor:
+            # publish none of them (those before the blend stay published). One whose KV
+            # is all exact (exact chunk imports only) republishes from the root as any
+            # sequence does, deduplicated against the blocks already in the trie.
             bm.stop_caching(seq)
         out.swaps.into.append(SwapIn(seq, list(seq.block_table[:blocks])))
         out.swaps.in_blocks += blocks

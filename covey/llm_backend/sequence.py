@@ -74,6 +74,9 @@ class Sequence:
         self.segments = segments or []
         self.has_chunks = any(span.kind == "chunk" for span in self.segments)
         self.chunk_plan: ChunkPlan | None = None  # how its chunks get their KV (chunk_planner)
+        # The first position whose KV was blended (not the exact KV of its tokens), once a
+        # blend is committed; None while all its KV is exact. Never published from there on.
+        self.inexact_from: int | None = None
         self.prefill_only = prefill_only  # compute the prompt's KV, sample nothing
         self.choice_trie: ChoiceTrie | None = None
         self.option_scorer: OptionScorer | None = None  # whole-option choices

@@ -13,6 +13,7 @@ import pytest
 
 from covey.cache.chunk_store import ROOT_HASH, chain_hash
 from covey.errors import ConfigError, InvalidRequestError, NotSupportedError
+from covey.llm_backend import model_runner
 from covey.llm_backend.async_llm import AsyncLLM
 from covey.llm_backend.config import EngineConfig
 from covey.llm_backend.sampling_params import SamplingParams
@@ -224,15 +225,29 @@ def test_async_llm_offers_chunks_and_warms_them(make_engine):
     asyncio.run(main())
 
 
-def test_blend_recomputes_each_reused_chunks_head_beyond_the_ratio(make_engine):
+def test_blend_recomputes_each_reused_chunks_head_beyond_the_ratio(make_engine, monkeypatch):
+    """The planner charges the sink rows, and the runner really forces them: every blend run's
+    forced mask and recompute count are recorded where `blend_forward` receives them."""
+    seen: list[tuple[int, int]] = []
+    real = model_runner.blend_forward
+
+    def recording(model, kv, region, *args):
+        result = real(model, kv, region, *args)
+        seen.append((int(region.forced.sum()), result.num_recomputed))
+        return result
+
+    monkeypatch.setattr(model_runner, "blend_forward", recording)
     engine = _engine(
         make_engine, chunk_cache="blend", blend_recompute_ratio=0.25, blend_sink_tokens=3
     )
     _run(engine, _prompt(["mill", "lamp", "owl"]))
+    assert seen == []  # nothing reused yet: no blend
     out = _run(engine, _prompt(["lamp", "owl", "mill"], head="Notes:\n"))
     reused = out.metrics.num_reused_tokens
     assert reused > 9
     assert out.metrics.num_recomputed_tokens == 9 + -(-(reused - 9) // 4)  # 3 chunks x 3
+    assert sum(forced for forced, _ in seen) == 9
+    assert sum(n for _, n in seen) == out.metrics.num_recomputed_tokens
     _baseline(engine)
     with pytest.raises(ConfigError, match="blend_sink_tokens"):
         EngineConfig(blend_sink_tokens=-1)

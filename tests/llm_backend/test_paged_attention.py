@@ -2,7 +2,8 @@
 
 Random tensors (a shape-level check): keys read in place, gathered by block, and gathered
 for rows of different lengths must all give what attention over the row's keys gives,
-including lengths that end inside a block (the gathered keys are left at whole blocks).
+including lengths that end inside a block (the gathered keys are left at whole blocks), with
+and without padding.
 """
 
 from __future__ import annotations
@@ -58,4 +59,14 @@ def test_decode_reads_match_attention_over_each_rows_keys(dtype, tol):
     out = paged_attention(q, empty, empty, kv, _meta(group, 3))
     for row, (table, n) in enumerate(zip(tables, lengths, strict=True)):
         torch.testing.assert_close(out[row].float(), _reference(q[row], kv, table, n),
+                                   atol=tol, rtol=tol)
+
+    # Gathered, no padding: two rows of 10 keys each, ending inside their third block (the
+    # scores are cut to the length with nothing to mask).
+    tables = [[33, 4, 19], [7, 25, 12]]
+    blocks = torch.tensor(tables)
+    group = DecodeGroup(0, 2, blocks, 10, None)
+    out = paged_attention(q[:2], empty, empty, kv, _meta(group, 2))
+    for row, table in enumerate(tables):
+        torch.testing.assert_close(out[row].float(), _reference(q[row], kv, table, 10),
                                    atol=tol, rtol=tol)

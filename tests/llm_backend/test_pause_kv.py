@@ -186,3 +186,34 @@ def test_a_blended_chunk_request_swaps_and_never_publishes_its_blended_blocks(ma
         outputs[policy] = out.token_ids
         _assert_baseline(engine)
     assert outputs["swap"] == outputs["preserve"] and len(outputs["swap"]) == 5
+
+
+def test_an_exact_chunk_request_keeps_publishing_after_a_swap_in(make_engine):
+    """Only blended KV stops a swapped-in request from publishing: one whose chunks were
+    exact imports (all its KV exact) publishes its later blocks (tool result, next turn)
+    as any request does, so a follow-up sharing the conversation reuses them."""
+    from covey.llm_backend.segments import Segment
+
+    doc = " The mill by the river grinds wheat for the whole valley in autumn and spring."
+    prompt = [
+        Segment("Notes.\n", kind="static"),
+        Segment(doc, kind="chunk", chunk_id="mill"),
+        Segment("\nWhat does the mill grind? Answer:", kind="dynamic"),
+    ]
+    engine = make_engine(kv_cache_tokens=POOL, pause_policy="swap", chunk_cache="exact")
+    engine.run_to_completion([engine.add_request(prompt, NEXT)])
+    rid = engine.add_request(prompt, TURN)
+    seq = engine.requests[rid]
+    _until_paused(engine, rid)
+    assert seq.metrics.num_reused_tokens > 0 and seq.inexact_from is None
+    engine.step()  # the fixed swap policy moves it out now
+    context = seq.swapped_tokens
+    assert context > 0
+    engine.resume_request(rid, TOOL_TEXT, SamplingParams(max_tokens=16, ignore_eos=True))
+    engine.run_to_completion([rid])
+    bs = engine.block_manager.block_size
+    assert engine.stats().swap_in_bytes > 0
+    assert context // bs < (len(seq.token_ids) - 1) // bs  # blocks completed after the swap
+    published = engine.block_manager.cached_prefix_blocks(seq.token_ids)
+    assert published == (len(seq.token_ids) - 1) // bs
+    _assert_baseline(engine)

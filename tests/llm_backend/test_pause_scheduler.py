@@ -171,3 +171,30 @@ def test_room_needed_now_swaps_past_the_budget_instead_of_discarding():
     assert a.swapped_tokens == b.swapped_tokens == 11
     assert a.discarded_tokens == b.discarded_tokens == 0
     assert sched.paused_kv.counters.decisions["discard"] == 0 and c in sched.running
+
+
+
+@pytest.mark.parametrize("mode", ["adaptive", "swap"])
+def test_forced_swaps_never_go_past_the_host_cap(mode):
+    """Swaps past the per-step budget still respect the host space: each sequence was judged
+    swappable against the host room free before any went out, so the room is checked again
+    as each one goes, and one that no longer fits is discarded instead."""
+    sched = make(mode, num_blocks=10, swap_blocks=1, host_blocks=6)
+    held = [seq(11, name=n) for n in "abc"]  # 3 blocks each: host room for two
+    for s in held:
+        sched.add(s)
+    complete(sched)
+    if mode == "adaptive":
+        sched.paused_kv.policy.times.record("tool", 0.001)
+    for s in held:
+        sched.pause(s)
+        s.pause_tool, s.paused_at = "tool", time.perf_counter()
+    d = seq(32, name="d")  # 8 blocks: all three paused requests must leave the pool
+    sched.add(d)
+    out = sched.schedule()
+    kv = sched.paused_kv
+    assert kv.host_blocks_used == 6 and out.swaps.out_blocks == 6
+    assert kv.counters.decisions["swap"] == 2 and kv.counters.decisions["discard"] == 1
+    assert sorted(s.swapped_tokens for s in held) == [0, 11, 11]
+    assert sorted(s.discarded_tokens for s in held) == [0, 0, 11]
+    assert d in sched.running

@@ -60,6 +60,8 @@ def test_a_local_cluster_refuses_more_replica_threads_than_it_has_cores(monkeypa
         raise AssertionError("started a cluster past the CPU check")
 
     monkeypatch.setattr(ray_cluster, "init_ray", never)  # a missing check fails, not hangs
+    # No cluster in this process yet (an earlier Ray test may have left one connected).
+    monkeypatch.setattr(ray_cluster, "_ray_running", lambda: False)
     with pytest.raises(ConfigError, match=f"need {2 * cores} CPUs; this machine has {cores}"):
         start_ray_engine(replicas=2, threads=cores, engine_config={"device": "cpu"})
 

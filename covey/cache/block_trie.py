@@ -61,31 +61,28 @@ class BlockTrie:
 
         Mutates: stamps every matched node as just used, for LRU eviction.
         """
-        bs = self.block_size
-        limit = (
-            len(token_ids) // bs if max_blocks is None else min(max_blocks, len(token_ids) // bs)
-        )
-        node, path, now = self.root, [], next(self._clock)
-        for i in range(limit):
-            child = node.children.get(tuple(token_ids[i * bs : (i + 1) * bs]))
-            if child is None:
-                break
-            self._touch(child, now)
-            path.append(child)
-            node = child
+        limit = len(token_ids) // self.block_size
+        path = self._walk(token_ids, limit if max_blocks is None else min(max_blocks, limit))
+        now = next(self._clock)
+        for node in path:
+            self._touch(node, now)
         return path
 
     def peek_prefix(self, token_ids: Sequence[int]) -> int:
         """How many leading full blocks of `token_ids` are cached, without stamping them as
         used: a reader that only asks (a replica's cache report) must not change which
         blocks eviction picks."""
-        bs, node, n = self.block_size, self.root, 0
-        for i in range(len(token_ids) // bs):
+        return len(self._walk(token_ids, len(token_ids) // self.block_size))
+
+    def _walk(self, token_ids: Sequence[int], limit: int) -> list[BlockNode]:
+        """The cached nodes along `token_ids`' first `limit` full blocks; touches nothing."""
+        bs, node, path = self.block_size, self.root, []
+        for i in range(limit):
             node = node.children.get(tuple(token_ids[i * bs : (i + 1) * bs]))
             if node is None:
                 break
-            n += 1
-        return n
+            path.append(node)
+        return path
 
     def insert(
         self, parent: BlockNode, key: tuple[int, ...], block_id: int

@@ -257,6 +257,12 @@ class AsyncLLM:
         if queue is not None and out is not None:
             queue.put_nowait(out)
 
+    async def on_engine_thread(self, fn: Any, *args: Any) -> Any:
+        """Run `fn(*args)` where the engine's steps run (its worker thread, or this loop on
+        CPU): code that reads the engine's caches (a replica's cache report) must not race a
+        step that is changing them."""
+        return await self._call(fn, *args)
+
     async def _call(self, fn: Any, *args: Any) -> Any:
         if self._executor is None:
             return fn(*args)

@@ -155,7 +155,7 @@ class EngineReplica:
         # New prompts are tokenized on a thread of their own; the caches are read on the
         # engine's thread (its own on CUDA, this loop on CPU).
         await asyncio.to_thread(self.ledger.prepare, self.ledger.pending())
-        units, chunks = await self.llm._call(self.ledger.held, cached_tokens, stored)
+        units, chunks = await self.llm.on_engine_thread(self.ledger.held, cached_tokens, stored)
         return ReplicaReport(
             pid=os.getpid(),
             stats=await self.llm.stats(),

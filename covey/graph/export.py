@@ -40,27 +40,33 @@ def _mermaid_id(name: str) -> str:
     return "n_" + "".join(c if c.isalnum() else "_" for c in name)
 
 
-def _edges(graph: nx.DiGraph) -> list[tuple[str, str, str]]:
-    """(source, target, label) for node edges, then app inputs and outputs; a control
-    edge's label starts with `?` (see `_control`)."""
+def _edges(graph: nx.DiGraph) -> list[tuple[str, str, str, bool]]:
+    """(source, target, label, is_control) for node edges, then app inputs and outputs. A
+    control edge carries its branch key as the label; the flag, not the label text, says it
+    is one, since a branch key may be any string."""
     out = []
     for u, v, data in graph.edges(data=True):
         label = ", ".join(var.name for var, _ in data["vars"])
-        if not data["vars"] and CONTROL_KEY in data:
-            label = f"?{data[CONTROL_KEY]}"
-        out.append((u, v, label))
+        control = not data["vars"] and CONTROL_KEY in data
+        out.append((u, v, str(data[CONTROL_KEY]) if control else label, control))
     for node, data in graph.nodes(data=True):
         for arg in data["args"].values():
             if isinstance(arg, Var) and arg.node is None:
-                out.append((f"in:{arg.name}", node, f"{arg.name}: {type_name(arg.type)}"))
+                out.append((f"in:{arg.name}", node, f"{arg.name}: {type_name(arg.type)}", False))
     for name, var in graph.graph["outputs"].items():
-        out.append((var.node or f"in:{var.name}", f"out:{name}", name))
+        out.append((var.node or f"in:{var.name}", f"out:{name}", name, False))
     return out
 
 
-def _endpoints(edges: list[tuple[str, str, str]]) -> list[str]:
+def _endpoints(edges: list[tuple[str, str, str, bool]]) -> list[str]:
     """The app's input and output terminals that the edges touch, in a stable order."""
-    return sorted({e for u, v, _ in edges for e in (u, v) if e.startswith(("in:", "out:"))})
+    return sorted({e for u, v, *_ in edges for e in (u, v) if e.startswith(("in:", "out:"))})
+
+
+def _mermaid_text(text: str) -> str:
+    """Text for inside a quoted Mermaid label: a `"` would end the label, so it becomes
+    Mermaid's entity code."""
+    return text.replace('"', "#quot;")
 
 
 def _scopes(graph: nx.DiGraph) -> dict[tuple, list[str]]:
@@ -84,9 +90,9 @@ def to_mermaid(graph: nx.DiGraph) -> str:
         lines.append("    end")
     edges = _edges(graph)
     lines += [f'    {_mermaid_id(e)}(("{e}"))' for e in _endpoints(edges)]
-    for u, v, label in edges:
-        arrow = "-.->" if label.startswith("?") else "-->"
-        lines.append(f'    {_mermaid_id(u)} {arrow}|"{label.lstrip("?")}"| {_mermaid_id(v)}')
+    for u, v, label, control in edges:
+        arrow = "-.->" if control else "-->"
+        lines.append(f'    {_mermaid_id(u)} {arrow}|"{_mermaid_text(label)}"| {_mermaid_id(v)}')
     return "\n".join(lines) + "\n"
 
 
@@ -106,7 +112,7 @@ def to_dot(graph: nx.DiGraph) -> str:
         lines.append("    }")
     edges = _edges(graph)
     lines += [f"    {_q(e)} [shape=ellipse];" for e in _endpoints(edges)]
-    for u, v, label in edges:
-        style = ", style=dashed" if label.startswith("?") else ""
-        lines.append(f"    {_q(u)} -> {_q(v)} [label={_q(label.lstrip('?'))}{style}];")
+    for u, v, label, control in edges:
+        style = ", style=dashed" if control else ""
+        lines.append(f"    {_q(u)} -> {_q(v)} [label={_q(label)}{style}];")
     return "\n".join(lines) + "\n}\n"

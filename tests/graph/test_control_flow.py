@@ -420,3 +420,24 @@ def test_a_loop_whose_iteration_count_nobody_reads_defines_without_warnings():
             return cg.loop(body, init={"query": question}, until=long_enough, max_iters=2).query
 
     assert "iterations" not in quiet.outputs
+
+
+def test_exports_keep_branch_keys_whole_and_quote_them():
+    @cg.function
+    def mood(ticket: str) -> str:
+        return ticket
+
+    @cg.app
+    def odd_keys(ticket: str):
+        return cg.route(
+            mood(ticket),
+            {"?": lambda: hardware(ticket), 'say "hi"': lambda: billing(ticket)},
+            default=lambda: "none",
+        )
+
+    mermaid = odd_keys.to_mermaid()
+    assert '    n_route -.->|"?"| n_hardware' in mermaid
+    assert '    n_route -.->|"say #quot;hi#quot;"| n_billing' in mermaid
+    dot = odd_keys.to_dot()
+    assert '    "route" -> "hardware" [label="?", style=dashed];' in dot
+    assert '    "route" -> "billing" [label="say \\"hi\\"", style=dashed];' in dot

@@ -216,8 +216,13 @@ def _check_keys(
                 f"{on.name!r}, which is {type_name(on.type)}"
             )
         label = branch_label(key)
-        if label in labels or label == DEFAULT_LABEL:
-            raise GraphError(f"{where}: branch keys {labels.get(label)!r} and {key!r} collide")
+        if label == DEFAULT_LABEL:
+            raise GraphError(
+                f"{where}: the branch key {DEFAULT_LABEL!r} is reserved for the default "
+                "branch; pass that branch as default= instead"
+            )
+        if label in labels:
+            raise GraphError(f"{where}: branch keys {labels[label]!r} and {key!r} collide")
         labels[label] = key
     choices = _choices_of(on, graph)
     if choices is None:

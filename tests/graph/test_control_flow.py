@@ -441,3 +441,25 @@ def test_exports_keep_branch_keys_whole_and_quote_them():
     dot = odd_keys.to_dot()
     assert '    "route" -> "hardware" [label="?", style=dashed];' in dot
     assert '    "route" -> "billing" [label="say \\"hi\\"", style=dashed];' in dot
+
+
+def test_the_default_label_is_not_a_branch_key_and_colliding_keys_are_named():
+    @cg.function
+    def mood(ticket: str) -> str:
+        return ticket
+
+    with pytest.raises(GraphError, match=r"'<default>' is reserved for the default branch; "):
+
+        @cg.app
+        def reserved(ticket: str):
+            return cg.route(mood(ticket), {"<default>": lambda: hardware(ticket)})
+
+    @cg.function
+    def level(ticket: str) -> int | str:
+        return 1
+
+    with pytest.raises(GraphError, match=r"branch keys 1 and '1' collide"):
+
+        @cg.app
+        def twice(ticket: str):
+            return cg.route(level(ticket), {1: lambda: "a", "1": lambda: "b"}, default=lambda: "c")

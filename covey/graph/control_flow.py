@@ -392,7 +392,9 @@ def loop(
     `@cg.function` to have its type hints checked. Returns `NodeOutputs` with the body's
     outputs from the last iteration that ran and `iterations`, how many ran. Each
     iteration's nodes are named `node@k` and the checks `{name}_until@k` (or `_while@k`),
-    so the trace shows every iteration's outputs and decisions.
+    so the trace shows every iteration's outputs and decisions. The predicate runs after
+    every iteration, the last one included: its decision there changes nothing, but the
+    trace then says whether the loop converged or stopped at `max_iters`.
     """
     builder = current_builder("cg.loop")
     where = f"app {builder.app!r}, loop {name!r}"

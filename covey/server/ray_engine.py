@@ -157,6 +157,8 @@ class RayEngine:
                     prompt, params, request_id, priority
                 )
                 async for out in _first_while_up(_unwrapped(stream, replica), replica):
+                    if not streamed:  # its prefill is done: no longer queued there
+                        self.router.first_output(name, stamp)
                     streamed = True
                     if out.finished:  # counted now: a consumer may stop at the last output
                         replica.served += 1
@@ -362,6 +364,8 @@ class RayEngine:
             rep.pins,
             seq,
             held=(rep.units, rep.chunks),
+            prefill_tokens=rep.queued_prefill_tokens,
+            profile=rep.prefill_profile,
         )
         return rep
 

@@ -114,6 +114,10 @@ class RayEngine:
         self._model = first.model
         # The front computes nothing: the replicas' compute is on their own threads.
         self._capabilities = replace(first.capabilities, computes_on_loop_thread=False)
+        if self.pooled:
+            # Serve's router picks any replica per call: a resume or a pinned prefix could
+            # not find the replica holding its KV. Offered only where covey routes.
+            self._capabilities = replace(self._capabilities, pause=False, prefill=False)
         return self
 
     @property

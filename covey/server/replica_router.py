@@ -50,6 +50,7 @@ import random
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal
 
 from covey.errors import ConfigError, EngineUnavailableError, InvalidRequestError
@@ -77,7 +78,7 @@ class RouteKey:
     chunks: tuple[tuple[str, int, int], ...] = ()  # (chunk id, characters, unit index)
     pin: str | None = None
 
-    @property
+    @cached_property
     def chars(self) -> int:
         return sum(n for _, n in self.units)
 
@@ -330,6 +331,7 @@ class ReplicaRouter:
         self._seq = itertools.count(1)
         self.last_stamp = 0  # the stamp of the last call `choose` remembered
         self._random = random.Random(seed)
+        self._per_token: float | None = None  # `_default_per_token`, until a report
         for name in replicas:
             self.add(name)
 
@@ -355,6 +357,7 @@ class ReplicaRouter:
     def remove(self, name: str) -> None:
         self.forget(name)
         self.views.pop(name, None)
+        self._per_token = None
 
     def report_started(self) -> int:
         """The sequence number to pass to `report` for a report asked for now."""
@@ -384,6 +387,8 @@ class ReplicaRouter:
             if prefill_tokens is not None:
                 view.reported_prefill_tokens = prefill_tokens
             if profile is not None and profile[1] > 0:
+                if view.per_token_s != profile[1]:
+                    self._per_token = None  # the mean changes
                 view.fixed_s, view.per_token_s = profile
             if seq is None or seq > view.pin_seq:
                 view.pins = set(pins) | view.pinning
@@ -465,17 +470,23 @@ class ReplicaRouter:
         per_token = self._default_per_token()
         scored = [(v.score(key), v) for v in live if v.name in names]
         best_score = max((score for score, _ in scored), default=0.0)
-        # Of the replicas holding nothing, only the cheapest can win.
-        empty = [v for v in allowed if v.name not in names]
         options = [(score, v) for score, v in scored if v.load - floor <= self.max_imbalance]
-        if empty:
-            cheapest = min(
-                empty, key=lambda v: (self._cost(v, key, 0.0, per_token), v.load, v.held_chars)
-            )
+        # Of the replicas holding nothing, only the cheapest can win (one pass: at hundreds
+        # of replicas this loop is most of the router's time).
+        cheapest, lowest = None, (0.0, 0, 0)
+        miss = self._miss_tokens(allowed[0], key, 0.0)  # the same on every empty replica
+        for v in allowed:
+            if v.name in names:
+                continue
+            load = v.load
+            rank = (self._cost(v, key, 0.0, per_token, miss, load), load, v.held_chars)
+            if cheapest is None or rank < lowest:
+                cheapest, lowest = v, rank
+        if cheapest is not None:
             options.append((0.0, cheapest))
         if best_score <= 0:
-            least = min(allowed, key=lambda v: (self._cost(v, key, 0.0, per_token), v.load,
-                                                v.held_chars))
+            least = min(options, key=lambda o: (self._cost(o[1], key, 0.0, per_token),
+                                                o[1].load, o[1].held_chars))[1]
             return least, "balance"
         _, _, _, _, _, chosen = min(
             (self._cost(v, key, score, per_token), -score, v.load, v.held_chars, i, v)
@@ -485,21 +496,35 @@ class ReplicaRouter:
         return chosen, "affinity" if chosen_score >= best_score else "fallback"
 
     def _default_per_token(self) -> float:
-        known = [v.per_token_s for v in self.views.values() if v.per_token_s]
-        return sum(known) / len(known) if known else DEFAULT_PER_TOKEN_S
+        """The mean reported per-token cost, for replicas that did not report one yet."""
+        if self._per_token is None:
+            known = [v.per_token_s for v in self.views.values() if v.per_token_s]
+            self._per_token = sum(known) / len(known) if known else DEFAULT_PER_TOKEN_S
+        return self._per_token
 
     @staticmethod
     def _miss_tokens(view: ReplicaView, key: RouteKey, score: float | None = None) -> int:
         held = view.score(key) if score is None else score
         return max(round((key.chars - held) / CHARS_PER_TOKEN), 0)
 
-    def _cost(self, view: ReplicaView, key: RouteKey, score: float, per_token: float) -> float:
-        """Estimated seconds to this call's first token on `view` (the module's docstring)."""
-        miss = self._miss_tokens(view, key, score)
+    def _cost(
+        self,
+        view: ReplicaView,
+        key: RouteKey,
+        score: float,
+        per_token: float,
+        miss: int | None = None,
+        load: int | None = None,
+    ) -> float:
+        """Estimated seconds to this call's first token on `view` (the module's docstring);
+        `miss` and `load`, when the caller has them, save recomputing them."""
+        if miss is None:
+            miss = self._miss_tokens(view, key, score)
         overflow = view.held_chars + CHARS_PER_TOKEN * miss - view.capacity_chars
-        evicted = max(overflow, 0) / CHARS_PER_TOKEN
+        evicted = overflow / CHARS_PER_TOKEN if overflow > 0 else 0.0
         tokens = view.queued_prefill_tokens + miss + EVICTION_WEIGHT * evicted
-        return (view.per_token_s or per_token) * tokens + view.fixed_s * (view.load + 1)
+        load = view.load if load is None else load
+        return (view.per_token_s or per_token) * tokens + view.fixed_s * (load + 1)
 
     def ttft_estimate(self, name: str, key: RouteKey) -> float:
         """The cost model's estimate for `key` on replica `name` (seconds, or relative

@@ -215,3 +215,17 @@ def test_the_engine_reports_its_queued_prefill_and_its_prefill_profile(model):
     while engine.has_unfinished_requests():
         engine.step()
     assert engine.cache_report([], []).queued_prefill_tokens == 0
+
+
+def test_a_remote_engine_says_it_cannot_report_its_cache():
+    import asyncio
+
+    from covey.errors import NotSupportedError
+    from covey.llm_backend.engine_client import CacheReporter
+    from covey.llm_backend.remote_engine import RemoteEngine
+
+    remote = RemoteEngine("http://127.0.0.1:9", tokenizer=None)  # never connected
+    assert isinstance(remote, CacheReporter)
+    with pytest.raises(NotSupportedError, match="cache report"):
+        asyncio.run(remote.cache_report([[1, 2, 3]], []))
+    asyncio.run(remote.close())

@@ -370,6 +370,7 @@ class RayEngine:
             held=(rep.units, rep.chunks),
             prefill_tokens=rep.queued_prefill_tokens,
             profile=rep.prefill_profile,
+            free_tokens=free_kv_tokens(rep.stats),
         )
         return rep
 
@@ -470,6 +471,12 @@ async def _unwrapped(stream: Any, replica: ReplicaState) -> AsyncIterator[Reques
         if unwrapped is exc:
             raise
         raise unwrapped from None
+
+
+def free_kv_tokens(stats: EngineStats) -> int:
+    """Tokens of KV the engine can take without evicting a cached or pinned prefix."""
+    free = stats.kv_blocks_total - stats.kv_blocks_used - stats.kv_blocks_cached
+    return max(free - stats.kv_blocks_pinned, 0) * stats.block_size
 
 
 def sum_stats(model: str, stats: list[EngineStats]) -> EngineStats:

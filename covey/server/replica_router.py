@@ -26,20 +26,21 @@ session's next turn all go there.
 
 Among the replicas, the call goes to the one whose first token should come soonest, as
 Preble, SGLang's cache-aware router and Llumnix weigh it: a replica's estimated time to
-first token is (the prefill tokens already queued or running there + this call's tokens it
-does not hold + the cached tokens that miss would evict from a full cache, which later
-calls would have hit) x its per-token prefill cost + its fixed per-prefill cost x (its
-calls in flight + 1). A long cached prefix on a busy replica still wins when the prefill it saves
-outweighs the queue ahead of it; a queue of long uncached prompts loses to an idle replica
-that must recompute. The queued tokens are the larger of the router's own count (the
-uncached tokens of its calls there whose first output has not come back) and the
-replica's report (the engine's `cache_report`), which also brings its measured prefill
-profile; a replica not heard from yet costs as the others do. `max_imbalance` stays as a
-safety cap: a replica more than that many requests deeper than the least-loaded one is
-not a candidate at all. The decision is `affinity` when the call goes to its best cache
-match, `fallback` when a cheaper replica holding less of it wins, `balance` when nothing
-matched anywhere. `round_robin` and `pow2` (two random replicas, the shorter queue: Ray
-Serve's default algorithm) ignore the cache, for comparison.
+first token is (the prefill tokens already queued or running there + this call's tokens
+it does not hold + the cached tokens that miss would evict, which later calls would have
+hit) x its per-token prefill cost + its fixed per-prefill cost x (its calls in flight + 1).
+What a miss evicts is the part of it beyond the free room the replica last reported (or,
+before any report, beyond the mirror's room). A long cached prefix on a busy replica still
+wins when the prefill it saves outweighs the queue ahead of it; a queue of long uncached
+prompts loses to an idle replica that must recompute. The queued tokens are the larger of
+the router's own count (the uncached tokens of its calls there whose first output has not
+come back) and the replica's report (the engine's `cache_report`), which also brings its
+measured prefill profile; a replica not heard from yet costs as the others do.
+`max_imbalance` stays as a safety cap: a replica more than that many requests deeper than
+the least-loaded one is not a candidate at all. The decision is `affinity` when the call
+goes to its best cache match, `fallback` when a cheaper replica holding less of it wins,
+`balance` when nothing matched anywhere. `round_robin` and `pow2` (two random replicas,
+the shorter queue: Ray Serve's default algorithm) ignore the cache, for comparison.
 """
 
 from __future__ import annotations
@@ -170,6 +171,7 @@ class ReplicaView:
     reported_prefill_tokens: int = 0
     per_token_s: float | None = None
     fixed_s: float = 0.0
+    free_tokens: int | None = None  # its KV pool's free room, as last reported
 
     @property
     def load(self) -> int:
@@ -285,6 +287,7 @@ class ReplicaView:
         self.open_calls.clear()
         self.prefilling.clear()
         self.prefilling_tokens = self.reported_prefill_tokens = 0
+        self.free_tokens = None
         self.held_chars = self.chunk_chars = 0
         self.pins.clear()
         self.pinning.clear()
@@ -372,11 +375,12 @@ class ReplicaRouter:
         held: tuple[dict[str, int], dict[str, int]] | None = None,
         prefill_tokens: int | None = None,
         profile: tuple[float, float] | None = None,
+        free_tokens: int | None = None,
     ) -> None:
         """A replica's own report: its queue (waiting + running), the pins it holds,
         (`held`) the unit hashes and chunk ids its caches hold (`ReplicaView.sync`), the
-        prefill tokens queued or running there, and its prefill `profile` (fixed seconds
-        per prefill, seconds per token).
+        prefill tokens queued or running there, its prefill `profile` (fixed seconds
+        per prefill, seconds per token), and the free room of its KV pool in tokens.
         Its pins are ignored when the report was asked for (`seq`, from `report_started`)
         before the router last changed this replica's pins: it would undo a pin routed
         there whose prefill is still running, or bring back one just unpinned. A report
@@ -386,6 +390,8 @@ class ReplicaRouter:
             view.reported_queue = queue
             if prefill_tokens is not None:
                 view.reported_prefill_tokens = prefill_tokens
+            if free_tokens is not None:
+                view.free_tokens = free_tokens
             if profile is not None and profile[1] > 0:
                 if view.per_token_s != profile[1]:
                     self._per_token = None  # the mean changes
@@ -520,8 +526,13 @@ class ReplicaRouter:
         `miss` and `load`, when the caller has them, save recomputing them."""
         if miss is None:
             miss = self._miss_tokens(view, key, score)
-        overflow = view.held_chars + CHARS_PER_TOKEN * miss - view.capacity_chars
-        evicted = overflow / CHARS_PER_TOKEN if overflow > 0 else 0.0
+        if view.free_tokens is not None:  # the replica's own account of its pool
+            overflow = miss - view.free_tokens
+        else:  # the mirror's guess
+            overflow = (view.held_chars + CHARS_PER_TOKEN * miss - view.capacity_chars) / (
+                CHARS_PER_TOKEN
+            )
+        evicted = overflow if overflow > 0 else 0.0
         tokens = view.queued_prefill_tokens + miss + EVICTION_WEIGHT * evicted
         load = view.load if load is None else load
         return (view.per_token_s or per_token) * tokens + view.fixed_s * (load + 1)

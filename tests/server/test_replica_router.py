@@ -277,3 +277,13 @@ def test_the_imbalance_cap_still_bounds_a_cheap_best_match():
     # Ten calls decoding there, no prefill queued: the cost model alone would keep it.
     router.report(home, queue=10, prefill_tokens=0)
     assert router.choose(route_key(LONG + "q"))[1] == "fallback"
+
+
+def test_the_reported_free_room_decides_what_a_miss_evicts():
+    router = ReplicaRouter(["r0", "r1"])  # mirrors far from full: only the reports tell
+    key = route_key("y" * 20 * BLOCK_CHARS)  # 640 tokens, held nowhere
+    router.report("r0", queue=0, prefill_tokens=0, free_tokens=0)  # a pool full of prefixes
+    router.report("r1", queue=0, prefill_tokens=300, free_tokens=4096)  # room, a queue
+    assert router.choose(key) == ("r1", "balance")
+    router.report("r1", queue=0, prefill_tokens=300, free_tokens=0)  # now full too
+    assert router.choose(route_key("x" * 20 * BLOCK_CHARS)) == ("r0", "balance")

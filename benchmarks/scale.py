@@ -195,6 +195,8 @@ def run_system(
         "cached_tokens": cached,
         "wall_s": wall,
         "decisions": dict(router.counters.decisions),
+        # The replicas' measured prefill speeds, as the cost model used them (ms a token).
+        "per_token_ms": {n: round(1e3 * (v.per_token_s or 0), 3) for n, v in router.views.items()},
     }
 
 
@@ -279,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
                     runs.setdefault(system, []).append(got)
                     mean = statistics.fmean(got["ttfts"])
                     print(
-                        f"scale: {system} ({tag}): mean TTFT {mean:.2f}s, {got['decisions']}",
+                        f"scale: {system} ({tag}): mean TTFT {mean:.2f}s, {got['decisions']}, "
+                        f"prefill ms/token {got['per_token_ms']}",
                         flush=True,
                     )
             finally:

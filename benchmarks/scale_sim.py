@@ -12,7 +12,10 @@ replicas multiply, and what does it cost in load imbalance? The trace (seeded):
   characters a turn and sits between the app's prompt and the passages).
 Each replica is a FIFO server whose cache holds `capacity` characters, LRU, and is exactly
 what the router's mirror believes (in the simulation they cannot drift; in a deployment
-each replica's report of its load and of what its caches hold corrects the mirror).
+each replica's report of its load and of what its caches hold corrects the mirror). Each
+replica reports, before every arrival, its calls in flight and the work queued ahead of a
+new call in prefill-token equivalents at its per-token prefill cost: the cost model's
+inputs, exact here.
 Service time: 0.25 ms per uncached prompt token (4 characters a token) + 50 ms of decode.
 Arrivals are Poisson at 70% of the replicas' capacity with no cache hits at all.
 
@@ -119,7 +122,14 @@ def simulate(
         for n, q in busy.items():
             while q and q[0] <= now:
                 q.popleft()
-            router.views[n].in_flight = len(q)
+            # Each replica's report, exact here: its calls and the work ahead of a new one
+            # (in prefill-token equivalents), at its measured speed.
+            router.report(
+                n,
+                len(q),
+                prefill_tokens=round(max(free_at[n] - now, 0.0) / PREFILL_S_PER_TOKEN),
+                profile=(0.0, PREFILL_S_PER_TOKEN),
+            )
         started = time.perf_counter()
         name, decision = router.choose(key, remember=False)
         routing_s += time.perf_counter() - started

@@ -102,7 +102,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--routing",
         default=None,
-        help="with --ray: cache_aware (default), round_robin or pow2",
+        help="with --ray: cache_aware (default: KV-cache and load aware), round_robin, "
+        "pow2 (covey's router, two random replicas, the shorter queue) or ray_serve (Ray "
+        "Serve's own power-of-two-choices router over one deployment of the replicas)",
     )
     p.add_argument(
         "--max-imbalance",
@@ -170,10 +172,10 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) is None:
             setattr(args, name, default)
     if args.ray:
-        from covey.server.replica_router import POLICIES
+        from covey.server.ray_cluster import ROUTINGS
 
-        if args.routing not in POLICIES:
-            choices = ", ".join(POLICIES)
+        if args.routing not in ROUTINGS:
+            choices = ", ".join(ROUTINGS)
             raise ConfigError(f"--routing must be one of {choices}, got {args.routing!r}")
         if args.replicas < 1 or args.replica_threads < 1:
             raise ConfigError("--replicas and --replica-threads must be at least 1")

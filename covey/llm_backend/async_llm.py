@@ -20,7 +20,7 @@ from typing import Any
 
 from covey.errors import EngineError, InvalidRequestError, NotSupportedError
 from covey.llm_backend.config import EngineConfig
-from covey.llm_backend.engine_client import EngineCapabilities, EngineStats
+from covey.llm_backend.engine_client import CacheReport, EngineCapabilities, EngineStats
 from covey.llm_backend.llm_engine import LLMEngine, Prompt
 from covey.llm_backend.outputs import RequestOutput
 from covey.llm_backend.request_validator import check_request_id
@@ -156,6 +156,13 @@ class AsyncLLM:
         """Pin key -> tokens it holds in the prefix cache."""
         return await self._call(lambda: self.engine.pinned)
 
+    async def cache_report(
+        self, prompts: list[list[int]], chunks: list[list[int]]
+    ) -> CacheReport:
+        """What the caches hold of these token-id prompts and chunks (`CacheReporter`),
+        read on the engine's thread: it must not race a step changing the caches."""
+        return await self._call(self.engine.cache_report, prompts, chunks)
+
     async def _stream(
         self, add: Any, request_id: str | None, maybe_none: bool = False
     ) -> AsyncIterator[RequestOutput]:
@@ -256,12 +263,6 @@ class AsyncLLM:
         queue = self._streams.get(request_id)
         if queue is not None and out is not None:
             queue.put_nowait(out)
-
-    async def on_engine_thread(self, fn: Any, *args: Any) -> Any:
-        """Run `fn(*args)` where the engine's steps run (its worker thread, or this loop on
-        CPU): code that reads the engine's caches (a replica's cache report) must not race a
-        step that is changing them."""
-        return await self._call(fn, *args)
 
     async def _call(self, fn: Any, *args: Any) -> Any:
         if self._executor is None:

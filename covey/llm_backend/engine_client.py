@@ -109,6 +109,40 @@ class EngineStats:
         return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
 
 
+@dataclass(frozen=True)
+class CacheReport:
+    """What an engine's caches hold of some prompts, and what its next prefill costs: the
+    answer a cache-aware router needs from a replica (`CacheReporter.cache_report`).
+
+    `cached_tokens[i]`: the leading tokens of the i-th prompt asked about that the prefix
+    cache holds now; `chunks_stored[i]`: whether the chunk store holds the i-th chunk's KV
+    (None when the engine has no chunk store). `queued_prefill_tokens`: prompt tokens
+    waiting or running that still have to be prefilled (a waiting prompt's cached prefix
+    not counted). `prefill_fixed_s` + `prefill_per_token_s` x n: this engine's measured
+    seconds to prefill n tokens (`prefill_profile.py`).
+    """
+
+    cached_tokens: tuple[int, ...]
+    chunks_stored: tuple[bool, ...] | None
+    queued_prefill_tokens: int
+    prefill_fixed_s: float
+    prefill_per_token_s: float
+
+
+@runtime_checkable
+class CacheReporter(Protocol):
+    """An engine that can say what its caches hold. Apart from `EngineClient` on purpose:
+    only a router in front of several engines asks, and engines that cannot answer (a
+    remote OpenAI backend) raise `NotSupportedError`."""
+
+    async def cache_report(
+        self, prompts: list[list[int]], chunks: list[list[int]]
+    ) -> CacheReport:
+        """The engine's `CacheReport` for these prompts and chunks (token ids). Reading it
+        changes nothing: no cache entry becomes more recently used."""
+        ...
+
+
 @runtime_checkable
 class ChatTokenizer(Protocol):
     """The part of a tokenizer callers use: the model's chat template and token counts."""

@@ -26,7 +26,7 @@ from covey.llm_backend.chunk_transfer import ChunkTransfer
 from covey.llm_backend.compiled_decode import CompiledDecode
 from covey.llm_backend.config import EngineConfig
 from covey.llm_backend.cpu_threads import apply_num_threads, user_chose_threads
-from covey.llm_backend.engine_client import EngineStats, Prompt
+from covey.llm_backend.engine_client import CacheReport, EngineStats, Prompt
 from covey.llm_backend.kv_pool import KVPool
 from covey.llm_backend.kv_sizing import num_kv_blocks
 from covey.llm_backend.kv_swap import KVSwap
@@ -319,6 +319,27 @@ class LLMEngine:
         """Pin key -> tokens it holds in the prefix cache (a pin that yielded its room to a
         request is gone)."""
         return self.block_manager.pinned
+
+    def cache_report(self, prompts: list[list[int]], chunks: list[list[int]]) -> CacheReport:
+        """What the caches hold of `prompts` and `chunks` (token ids), the prefill still
+        queued, and this engine's prefill profile; read-only (`CacheReport`)."""
+        bm, store = self.block_manager, self.chunk_store
+        queued = 0
+        for seq in self.scheduler.waiting:  # not matched to the cache yet: peek for it
+            cached = seq.num_computed_tokens or bm.peek_prefix_blocks(seq.token_ids) * (
+                bm.block_size
+            )
+            queued += max(len(seq.token_ids) - cached, 0)
+        for seq in self.scheduler.running:
+            queued += max(seq.num_prompt_tokens - seq.num_computed_tokens, 0)
+        profile = prefill_profile(self.model, self._profile_key)
+        return CacheReport(
+            cached_tokens=tuple(bm.peek_prefix_blocks(ids) * bm.block_size for ids in prompts),
+            chunks_stored=None if store is None else tuple(store.contains_any(c) for c in chunks),
+            queued_prefill_tokens=queued,
+            prefill_fixed_s=profile.fixed_s,
+            prefill_per_token_s=profile.per_token_s,
+        )
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its KV blocks; None if it is unknown or done."""

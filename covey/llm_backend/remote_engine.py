@@ -42,6 +42,7 @@ from covey.errors import (
     RequestNotFoundError,
 )
 from covey.llm_backend.engine_client import (
+    CacheReport,
     ChatTokenizer,
     EngineCapabilities,
     EngineStats,
@@ -228,6 +229,11 @@ class RemoteEngine:
 
     async def warm_chunks(self, chunks: list[Segment], compute: bool = False) -> int:
         raise self._unsupported("warming chunks' KV")
+
+    async def cache_report(
+        self, prompts: list[list[int]], chunks: list[list[int]]
+    ) -> CacheReport:
+        raise self._unsupported("a cache report (what its prefix cache holds)")
 
     async def pause(self, request_id: str, tool: str | None = None) -> None:
         raise self._unsupported("pausing a request")

@@ -17,9 +17,11 @@ from typing import Any
 from covey.errors import ConfigError
 from covey.server.ray_deployment import (
     APP_PREFIX,
+    ReplicaSpec,
     app_name,
     delete_replicas,
     deploy_replicas,
+    deploy_specs,
     gpus_per_replica,
     require_ray,
     running_replicas,
@@ -30,6 +32,11 @@ from covey.server.replica_router import POLICIES, ReplicaRouter
 log = logging.getLogger(__name__)
 
 OBJECT_STORE_BYTES = 256 * 1024 * 1024  # prompts and outputs only: KV never crosses Ray
+# `--routing ray_serve`: Ray Serve's own router (power of two choices over queue lengths)
+# picks among the replicas of one deployment; covey's router only sees that one handle.
+RAY_SERVE_ROUTING = "ray_serve"
+ROUTINGS: tuple[str, ...] = (*POLICIES, RAY_SERVE_ROUTING)
+POOL_SUFFIX = "pool"
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
@@ -93,8 +100,8 @@ def start_ray_engine(
 ) -> RayEngine:
     """Deploy `replicas` engines and return a connected `RayEngine` over them; closing it
     deletes the replicas (each drains first) and stops a cluster this call started."""
-    if policy not in POLICIES:
-        raise ConfigError(f"--routing must be one of {', '.join(POLICIES)}, got {policy!r}")
+    if policy not in ROUTINGS:
+        raise ConfigError(f"--routing must be one of {', '.join(ROUTINGS)}, got {policy!r}")
     if replicas < 1:
         raise ConfigError(f"--replicas must be at least 1, got {replicas}")
     config = dict(engine_config or {})
@@ -107,11 +114,20 @@ def start_ray_engine(
     except ConfigError:
         _teardown_quietly([], started)
         raise
-    names = [app_name(i, app_prefix) for i in range(replicas)]
+    pooled = policy == RAY_SERVE_ROUTING
+    if pooled:  # one application of `replicas` replicas, among which Serve routes
+        names = [app_prefix + POOL_SUFFIX]
+        spec = ReplicaSpec(model, config, threads, num_gpus=num_gpus, num_replicas=replicas)
+    else:
+        names = [app_name(i, app_prefix) for i in range(replicas)]
     try:
-        handles = deploy_replicas(
-            replicas, model, config, threads=threads, num_gpus=num_gpus, app_prefix=app_prefix
-        )
+        if pooled:
+            handles = deploy_specs({names[0]: spec})
+        else:
+            handles = deploy_replicas(
+                replicas, model, config, threads=threads, num_gpus=num_gpus,
+                app_prefix=app_prefix,
+            )
     except ConfigError:  # refused before deploying: the names may be another front's
         _teardown_quietly([], started)
         raise
@@ -120,12 +136,18 @@ def start_ray_engine(
         raise
     try:
         # The mirror's size is each replica's real KV pool, set from its reports.
-        router = ReplicaRouter(list(handles), policy=policy, max_imbalance=max_imbalance)
+        # With Ray Serve routing, the router has one handle to send to: labelled pow2,
+        # which is what Serve does behind it.
+        router = ReplicaRouter(
+            list(handles), policy="pow2" if pooled else policy, max_imbalance=max_imbalance
+        )
         if tokenizer == "auto":
             from covey.llm_backend.tokenizer import load_tokenizer
 
             tokenizer = load_tokenizer(model)
-        engine = RayEngine(handles, router, tokenizer=tokenizer, liveness=running_replicas)
+        engine = RayEngine(
+            handles, router, tokenizer=tokenizer, liveness=running_replicas, pooled=pooled
+        )
         engine.on_close = lambda: _teardown(list(handles), started)
         asyncio.run(engine.connect())
     except BaseException:  # Ctrl-C included: never leave replicas behind on a cluster

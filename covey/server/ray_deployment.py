@@ -145,17 +145,12 @@ class EngineReplica:
             return await self._report()
 
     async def _report(self) -> ReplicaReport:
-        engine = self.llm.engine
-        blocks, store = engine.block_manager, engine.chunk_store
-
-        def cached_tokens(ids: list[int]) -> int:
-            return blocks.peek_prefix_blocks(ids) * blocks.block_size  # LRU untouched
-
-        stored = store.contains_any if store is not None else None
-        # New prompts are tokenized on a thread of their own; the caches are read on the
-        # engine's thread (its own on CUDA, this loop on CPU).
+        # New prompts are tokenized on a thread of their own; the engine answers for its
+        # caches on its own thread (`cache_report`), read-only.
         await asyncio.to_thread(self.ledger.prepare, self.ledger.pending())
-        units, chunks = await self.llm.on_engine_thread(self.ledger.held, cached_tokens, stored)
+        asked = self.ledger.questions()
+        cache = await self.llm.cache_report(asked.prompts, asked.chunks)
+        units, chunks = self.ledger.answer(asked, cache.cached_tokens, cache.chunks_stored)
         return ReplicaReport(
             pid=os.getpid(),
             stats=await self.llm.stats(),
@@ -164,6 +159,8 @@ class EngineReplica:
             capabilities=self.llm.capabilities,
             units=units,
             chunks=chunks,
+            queued_prefill_tokens=cache.queued_prefill_tokens,
+            prefill_profile=(cache.prefill_fixed_s, cache.prefill_per_token_s),
         )
 
     async def check_health(self) -> None:
@@ -185,6 +182,8 @@ class ReplicaReport:
     capabilities: Any  # EngineCapabilities
     units: dict[str, int]  # router unit hash -> characters, of what its prefix cache holds
     chunks: dict[str, int]  # chunk id -> characters, of what its chunk store holds
+    queued_prefill_tokens: int = 0  # prompt tokens waiting or running, still to prefill
+    prefill_profile: tuple[float, float] | None = None  # (fixed s, s per token), measured
 
 
 def app_name(index: int, prefix: str = APP_PREFIX) -> str:

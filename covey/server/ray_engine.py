@@ -114,6 +114,10 @@ class RayEngine:
         self._model = first.model
         # The front computes nothing: the replicas' compute is on their own threads.
         self._capabilities = replace(first.capabilities, computes_on_loop_thread=False)
+        if self.pooled:
+            # Serve's router picks any replica per call: a resume or a pinned prefix could
+            # not find the replica holding its KV. Offered only where covey routes.
+            self._capabilities = replace(self._capabilities, pause=False, prefill=False)
         return self
 
     @property
@@ -157,6 +161,8 @@ class RayEngine:
                     prompt, params, request_id, priority
                 )
                 async for out in _first_while_up(_unwrapped(stream, replica), replica):
+                    if not streamed:  # its prefill is done: no longer queued there
+                        self.router.first_output(name, stamp)
                     streamed = True
                     if out.finished:  # counted now: a consumer may stop at the last output
                         replica.served += 1
@@ -362,6 +368,9 @@ class RayEngine:
             rep.pins,
             seq,
             held=(rep.units, rep.chunks),
+            prefill_tokens=rep.queued_prefill_tokens,
+            profile=rep.prefill_profile,
+            free_tokens=free_kv_tokens(rep.stats),
         )
         return rep
 
@@ -462,6 +471,12 @@ async def _unwrapped(stream: Any, replica: ReplicaState) -> AsyncIterator[Reques
         if unwrapped is exc:
             raise
         raise unwrapped from None
+
+
+def free_kv_tokens(stats: EngineStats) -> int:
+    """Tokens of KV the engine can take without evicting a cached or pinned prefix."""
+    free = stats.kv_blocks_total - stats.kv_blocks_used - stats.kv_blocks_cached
+    return max(free - stats.kv_blocks_pinned, 0) * stats.block_size
 
 
 def sum_stats(model: str, stats: list[EngineStats]) -> EngineStats:

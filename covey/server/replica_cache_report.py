@@ -5,27 +5,30 @@ The router keeps a mirror of each replica's cache from its own routing history, 
 drifts: the replica evicts what the router's LRU guess keeps, a request fails before its
 prefill, another front routed there before this one started. So the replica keeps a
 ledger of the prompts it was sent (`record`, cheap: the route key only) and, when asked
-for its report, answers in the router's own terms (`held`): every unit of a prompt still
-running (its blocks are held, or about to be), and of a finished prompt the units whose
-tokens the prefix cache still covers (one trie walk per prompt) and the chunk ids the
-chunk store still holds. The router then drops from its mirror what the replica no longer
-holds and adds what it holds unknown to the router (`ReplicaRouter.report`).
+for its report, answers in the router's own terms: every unit of a prompt still running
+(its blocks are held, or about to be), and of a finished prompt the units whose tokens the
+prefix cache still covers and the chunk ids the chunk store still holds. The ledger does
+not read the engine's caches itself: it asks the engine one question per report
+(`questions`: the token ids of the finished prompts and their chunks), the engine answers
+with `cache_report` (`CacheReporter`, on its own thread: leading tokens cached per prompt,
+chunks stored, plus its queued prefill and prefill profile for the router's cost model),
+and `answer` turns that into units. The router then drops from its mirror what the replica
+no longer holds and adds what it holds unknown to the router (`ReplicaRouter.report`).
 
 Text is tokenized once per finished prompt, at report time, off the request's path and
 off the engine's thread (`prepare`, all new prompts in one batch: the tokenizer's
-offsets cost ~1-3 ms a prompt one at a time on a busy CPU); `held` then only walks the
-prefix trie, ~40 us per prompt of 600 tokens, on the engine's thread. A unit's tokens
-end at the last token that ends within its characters (the tokenizer's offsets), so a
-unit counts as held only if every token of it is cached. The trie walk is read-only
-(`BlockManager.peek_prefix_blocks`): asking what is cached must not make it recently used,
-or the report would decide what the prefix cache evicts. The ledger keeps the
-`max_prompts` most recent finished prompts (plus those still running, which are held
-anyway): older ones drop out of the report, and the router keeps them only until its own
-LRU evicts them.
+offsets cost ~1-3 ms a prompt one at a time on a busy CPU); the engine then only walks
+the prefix trie, ~40 us per prompt of 600 tokens. A unit's tokens end at the last token
+that ends within its characters (the tokenizer's offsets), so a unit counts as held only
+if every token of it is cached. The engine's walk is read-only: asking what is cached
+must not make it recently used, or the report would decide what the prefix cache evicts.
+The ledger keeps the `max_prompts` most recent finished prompts (plus those still
+running, which are held anyway): older ones drop out of the report, and the router keeps
+them only until its own LRU evicts them.
 
-On CUDA `held` runs on the engine's thread while the replica's loop records calls, so
-the ledger's bookkeeping is under one lock; the trie walks are not (they read a snapshot,
-and an entry is only dropped if it is still finished when the lock is taken again).
+The replica's loop records calls while a report is in flight, so the ledger's bookkeeping
+is under one lock; a report works on a snapshot, and an entry is only dropped if it is
+still finished when the lock is taken again.
 """
 
 from __future__ import annotations
@@ -54,6 +57,15 @@ class _Prompt:
     tokens: tuple[Any, ...] | None = None
 
 
+@dataclass
+class LedgerQuestions:
+    """One report's questions to the engine (`ReplicaCacheLedger.questions`)."""
+
+    snapshot: list[tuple[str, _Prompt, int]]  # (name, entry, calls running) per prompt
+    prompts: list[list[int]]  # token ids of each finished prompt to look up, in order
+    chunks: list[list[int]]  # token ids of each of their chunks, in order
+
+
 class ReplicaCacheLedger:
     """The prompts one replica was sent, and which of their units it still holds."""
 
@@ -63,7 +75,7 @@ class ReplicaCacheLedger:
         self._prompts: OrderedDict[str, _Prompt] = OrderedDict()  # full-chain hash -> prompt
         self._tickets = itertools.count()
         self._running: dict[int, str] = {}  # ticket -> prompt
-        self._lock = threading.Lock()  # the loop records while the engine's thread reports
+        self._lock = threading.Lock()  # calls are recorded while a report is in flight
 
     def __len__(self) -> int:
         return len(self._prompts)
@@ -117,33 +129,62 @@ class ReplicaCacheLedger:
         """(unit hash -> characters, chunk id -> characters) this replica holds now.
         `cached_tokens(ids)`: how many leading tokens of `ids` the prefix cache covers;
         `chunk_stored(ids)`: whether the chunk store holds KV of these tokens (None: no
-        store). Run on the engine's thread: it reads the engine's cache."""
-        units: dict[str, int] = {}
-        chunks: dict[str, int] = {}
-        gone: list[str] = []
-        # A snapshot: on CUDA this runs on the engine's thread while calls are recorded.
+        store). `questions` and `answer` in one go, for an engine at hand."""
+        asked = self.questions()
+        stored = None if chunk_stored is None else [chunk_stored(c) for c in asked.chunks]
+        return self.answer(asked, [cached_tokens(ids) for ids in asked.prompts], stored)
+
+    def questions(self) -> LedgerQuestions:
+        """What to ask the engine (`CacheReporter.cache_report`): the token ids of every
+        finished prompt and of its chunks. A snapshot: on CUDA the report runs while calls
+        are recorded."""
         with self._lock:
             snapshot = [(name, entry, entry.running) for name, entry in self._prompts.items()]
-        for name, entry, running in snapshot:
+        prompts: list[list[int]] = []
+        chunks: list[list[int]] = []
+        for _, entry, running in snapshot:
             if running:
-                units.update(entry.key.units)
-                if chunk_stored is not None:
-                    chunks.update((c, n) for c, n, _ in entry.key.chunks)
                 continue
             if entry.tokens is None:
                 self._tokenize([entry])  # finished since `prepare`
+            if entry.tokens:
+                _, ids, key_chunks = entry.tokens
+                prompts.append(ids)
+                chunks.extend(list(c[2]) for c in key_chunks)
+        return LedgerQuestions(snapshot, prompts, chunks)
+
+    def answer(
+        self,
+        asked: LedgerQuestions,
+        cached: Sequence[int],
+        stored: Sequence[bool] | None,
+    ) -> tuple[dict[str, int], dict[str, int]]:
+        """(unit hash -> characters, chunk id -> characters) held, from the engine's answer
+        to `asked`: `cached[i]` leading tokens of its i-th prompt are in the prefix cache,
+        `stored[j]` whether the chunk store holds its j-th chunk (None: no store). Prompts
+        of which nothing is left stop being asked about."""
+        units: dict[str, int] = {}
+        chunks: dict[str, int] = {}
+        gone: list[str] = []
+        cached_of, stored_of = iter(cached), iter(stored or ())
+        for name, entry, running in asked.snapshot:
+            if running:
+                units.update(entry.key.units)
+                if stored is not None:
+                    chunks.update((c, n) for c, n, _ in entry.key.chunks)
+                continue
             if not entry.tokens:
                 gone.append(name)
                 continue
             key_units, ids, key_chunks = entry.tokens
-            cached = cached_tokens(ids) if ids else 0
+            tokens = next(cached_of)
             for h, n, end in key_units:
-                if end > cached:
+                if end > tokens:
                     break
                 units[h] = n
-            kept = [c for c in key_chunks if chunk_stored is not None and chunk_stored(c[2])]
+            kept = [c for c in key_chunks if stored is not None and next(stored_of)]
             chunks.update((c, n) for c, n, _ in kept)
-            if (not key_units or key_units[0][2] > cached) and not kept:
+            if (not key_units or key_units[0][2] > tokens) and not kept:
                 gone.append(name)  # nothing of it is left: stop checking it
         with self._lock:  # only what is still finished: `record` may have revived it
             for name in gone:

@@ -24,11 +24,23 @@ reuse costs a recompute fraction, or only saves a lower tier load). A pin key ("
 or "session:...") stays on the replica that took it, so a re-pin, an unpin and the
 session's next turn all go there.
 
-Load is bounded: when the best match's queue is more than `max_imbalance` requests deeper
-than the least-loaded replica's, the call goes to the least-loaded one instead (a
-fallback, counted); a call that matches nothing also goes to the least-loaded replica.
-`round_robin` and `pow2` (two random replicas, the shorter queue: Ray Serve's default
-algorithm) ignore the cache, for comparison.
+Among the replicas, the call goes to the one whose first token should come soonest, as
+Preble, SGLang's cache-aware router and Llumnix weigh it: a replica's estimated time to
+first token is (the prefill tokens already queued or running there + this call's tokens
+it does not hold + the cached tokens that miss would evict, which later calls would have
+hit) x its per-token prefill cost + its fixed per-prefill cost x (its calls in flight + 1).
+What a miss evicts is the part of it beyond the free room the replica last reported (or,
+before any report, beyond the mirror's room). A long cached prefix on a busy replica still
+wins when the prefill it saves outweighs the queue ahead of it; a queue of long uncached
+prompts loses to an idle replica that must recompute. The queued tokens are the larger of
+the router's own count (the uncached tokens of its calls there whose first output has not
+come back) and the replica's report (the engine's `cache_report`), which also brings its
+measured prefill profile; a replica not heard from yet costs as the others do.
+`max_imbalance` stays as a safety cap: a replica more than that many requests deeper than
+the least-loaded one is not a candidate at all. The decision is `affinity` when the call
+goes to its best cache match, `fallback` when a cheaper replica holding less of it wins,
+`balance` when nothing matched anywhere. `round_robin` and `pow2` (two random replicas,
+the shorter queue: Ray Serve's default algorithm) ignore the cache, for comparison.
 """
 
 from __future__ import annotations
@@ -39,6 +51,7 @@ import random
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal
 
 from covey.errors import ConfigError, EngineUnavailableError, InvalidRequestError
@@ -50,6 +63,12 @@ CHARS_PER_TOKEN = 4
 Policy = Literal["cache_aware", "round_robin", "pow2"]
 POLICIES: tuple[str, ...] = ("cache_aware", "round_robin", "pow2")
 Decision = Literal["affinity", "fallback", "balance", "round_robin", "pow2", "pin"]
+# A replica's per-token prefill cost before its first report: only ever compared with the
+# same guess elsewhere, or with the mean of the replicas that did report.
+DEFAULT_PER_TOKEN_S = 1e-3
+# A miss on a full cache evicts as much as it adds: prefixes other calls would have hit,
+# to be recomputed later (Preble's eviction term). Counted at this weight.
+EVICTION_WEIGHT = 1.0
 
 
 @dataclass(frozen=True)
@@ -60,7 +79,7 @@ class RouteKey:
     chunks: tuple[tuple[str, int, int], ...] = ()  # (chunk id, characters, unit index)
     pin: str | None = None
 
-    @property
+    @cached_property
     def chars(self) -> int:
         return sum(n for _, n in self.units)
 
@@ -144,10 +163,26 @@ class ReplicaView:
     # The router's inverted index (unit hash or chunk id -> replicas holding it), shared by
     # every view and kept in step here, so a call is scored only on candidate replicas.
     index: dict[str, set[str]] = field(default_factory=dict)
+    # The cost model's inputs (see the module's docstring): per call routed here whose
+    # first output has not come back, the prompt tokens it was not believed to hold;
+    # and, from the replica's last report, its queued prefill tokens and prefill profile.
+    prefilling: dict[int, int] = field(default_factory=dict)
+    prefilling_tokens: int = 0
+    reported_prefill_tokens: int = 0
+    per_token_s: float | None = None
+    fixed_s: float = 0.0
+    free_tokens: int | None = None  # its KV pool's free room, as last reported
 
     @property
     def load(self) -> int:
         return max(self.in_flight, self.reported_queue)
+
+    @property
+    def queued_prefill_tokens(self) -> int:
+        return max(self.prefilling_tokens, self.reported_prefill_tokens)
+
+    def prefill_done(self, stamp: int) -> None:
+        self.prefilling_tokens -= self.prefilling.pop(stamp, 0)
 
     def matched_units(self, key: RouteKey) -> tuple[int, int]:
         """(units, characters) of the key's leading chain this replica holds."""
@@ -250,6 +285,9 @@ class ReplicaView:
         self.chunks.clear()
         self.stamps.clear()
         self.open_calls.clear()
+        self.prefilling.clear()
+        self.prefilling_tokens = self.reported_prefill_tokens = 0
+        self.free_tokens = None
         self.held_chars = self.chunk_chars = 0
         self.pins.clear()
         self.pinning.clear()
@@ -296,6 +334,7 @@ class ReplicaRouter:
         self._seq = itertools.count(1)
         self.last_stamp = 0  # the stamp of the last call `choose` remembered
         self._random = random.Random(seed)
+        self._per_token: float | None = None  # `_default_per_token`, until a report
         for name in replicas:
             self.add(name)
 
@@ -321,6 +360,7 @@ class ReplicaRouter:
     def remove(self, name: str) -> None:
         self.forget(name)
         self.views.pop(name, None)
+        self._per_token = None
 
     def report_started(self) -> int:
         """The sequence number to pass to `report` for a report asked for now."""
@@ -333,9 +373,14 @@ class ReplicaRouter:
         pins: Iterable[str] = (),
         seq: int | None = None,
         held: tuple[dict[str, int], dict[str, int]] | None = None,
+        prefill_tokens: int | None = None,
+        profile: tuple[float, float] | None = None,
+        free_tokens: int | None = None,
     ) -> None:
-        """A replica's own report: its queue (waiting + running), the pins it holds, and
-        (`held`) the unit hashes and chunk ids its caches hold (`ReplicaView.sync`).
+        """A replica's own report: its queue (waiting + running), the pins it holds,
+        (`held`) the unit hashes and chunk ids its caches hold (`ReplicaView.sync`), the
+        prefill tokens queued or running there, its prefill `profile` (fixed seconds
+        per prefill, seconds per token), and the free room of its KV pool in tokens.
         Its pins are ignored when the report was asked for (`seq`, from `report_started`)
         before the router last changed this replica's pins: it would undo a pin routed
         there whose prefill is still running, or bring back one just unpinned. A report
@@ -343,6 +388,14 @@ class ReplicaRouter:
         view = self.views.get(name)
         if view is not None and not (seq is not None and seq < view.forgot_seq):
             view.reported_queue = queue
+            if prefill_tokens is not None:
+                view.reported_prefill_tokens = prefill_tokens
+            if free_tokens is not None:
+                view.free_tokens = free_tokens
+            if profile is not None and profile[1] > 0:
+                if view.per_token_s != profile[1]:
+                    self._per_token = None  # the mean changes
+                view.fixed_s, view.per_token_s = profile
             if seq is None or seq > view.pin_seq:
                 view.pins = set(pins) | view.pinning
             if held is not None:
@@ -388,8 +441,11 @@ class ReplicaRouter:
             self.counters.routed_chars += key.chars
             self.counters.matched_chars += view.matched_units(key)[1]
             stamp = self.last_stamp = next(self._seq)
+            miss = self._miss_tokens(view, key)
             view.remember(key, stamp)
             view.open_calls[stamp] = key
+            view.prefilling[stamp] = miss
+            view.prefilling_tokens += miss
             if key.pin is not None:
                 self.unpinned(key.pin)
                 view.pins.add(key.pin)
@@ -403,28 +459,96 @@ class ReplicaRouter:
         if self.policy == "pow2":
             pair = self._random.sample(live, min(2, len(live)))
             return min(pair, key=lambda v: v.load), "pow2"
-        least = min(live, key=lambda v: (v.load, v.held_chars))
         if key.pin is not None:
             holder = next((v for v in live if key.pin in v.pins), None)
             if holder is not None:
                 return holder, "pin"
-        # Only replicas holding the first unit or one of the chunks can score above 0.
+        # The safety cap: a replica this much deeper than the least-loaded is no candidate.
+        floor = min(v.load for v in live)
+        allowed = [v for v in live if v.load - floor <= self.max_imbalance]
+        # Only replicas holding the first unit or one of the chunks can score above 0; the
+        # others differ only in their queues.
         names: set[str] = set()
         if key.units:
             names |= self.index.get(key.units[0][0], set())
         for chunk, _, _ in key.chunks:
             names |= self.index.get("chunk:" + chunk, set())
-        candidates = [v for v in live if v.name in names]
-        if not candidates:
-            return least, "balance"
-        best_score, _, best = max(
-            ((v.score(key), -v.load, v) for v in candidates), key=lambda t: (t[0], t[1])
-        )
+        per_token = self._default_per_token()
+        scored = [(v.score(key), v) for v in live if v.name in names]
+        best_score = max((score for score, _ in scored), default=0.0)
+        options = [(score, v) for score, v in scored if v.load - floor <= self.max_imbalance]
+        # Of the replicas holding nothing, only the cheapest can win (one pass: at hundreds
+        # of replicas this loop is most of the router's time).
+        cheapest, lowest = None, (0.0, 0, 0)
+        miss = self._miss_tokens(allowed[0], key, 0.0)  # the same on every empty replica
+        for v in allowed:
+            if v.name in names:
+                continue
+            load = v.load
+            rank = (self._cost(v, key, 0.0, per_token, miss, load), load, v.held_chars)
+            if cheapest is None or rank < lowest:
+                cheapest, lowest = v, rank
+        if cheapest is not None:
+            options.append((0.0, cheapest))
         if best_score <= 0:
+            least = min(options, key=lambda o: (self._cost(o[1], key, 0.0, per_token),
+                                                o[1].load, o[1].held_chars))[1]
             return least, "balance"
-        if best.load - least.load > self.max_imbalance:
-            return least, "fallback"
-        return best, "affinity"
+        _, _, _, _, _, chosen = min(
+            (self._cost(v, key, score, per_token), -score, v.load, v.held_chars, i, v)
+            for i, (score, v) in enumerate(options)
+        )
+        chosen_score = next(score for score, v in options if v is chosen)
+        return chosen, "affinity" if chosen_score >= best_score else "fallback"
+
+    def _default_per_token(self) -> float:
+        """The mean reported per-token cost, for replicas that did not report one yet."""
+        if self._per_token is None:
+            known = [v.per_token_s for v in self.views.values() if v.per_token_s]
+            self._per_token = sum(known) / len(known) if known else DEFAULT_PER_TOKEN_S
+        return self._per_token
+
+    @staticmethod
+    def _miss_tokens(view: ReplicaView, key: RouteKey, score: float | None = None) -> int:
+        held = view.score(key) if score is None else score
+        return max(round((key.chars - held) / CHARS_PER_TOKEN), 0)
+
+    def _cost(
+        self,
+        view: ReplicaView,
+        key: RouteKey,
+        score: float,
+        per_token: float,
+        miss: int | None = None,
+        load: int | None = None,
+    ) -> float:
+        """Estimated seconds to this call's first token on `view` (the module's docstring);
+        `miss` and `load`, when the caller has them, save recomputing them."""
+        if miss is None:
+            miss = self._miss_tokens(view, key, score)
+        if view.free_tokens is not None:  # the replica's own account of its pool
+            overflow = miss - view.free_tokens
+        else:  # the mirror's guess
+            overflow = (view.held_chars + CHARS_PER_TOKEN * miss - view.capacity_chars) / (
+                CHARS_PER_TOKEN
+            )
+        evicted = overflow if overflow > 0 else 0.0
+        tokens = view.queued_prefill_tokens + miss + EVICTION_WEIGHT * evicted
+        load = view.load if load is None else load
+        return (view.per_token_s or per_token) * tokens + view.fixed_s * (load + 1)
+
+    def ttft_estimate(self, name: str, key: RouteKey) -> float:
+        """The cost model's estimate for `key` on replica `name` (seconds, or relative
+        units before any replica reported its prefill profile)."""
+        view = self.views[name]
+        return self._cost(view, key, view.score(key), self._default_per_token())
+
+    def first_output(self, name: str, stamp: int) -> None:
+        """The call routed at `stamp` has its first output: its prefill is no longer
+        queued on `name`."""
+        view = self.views.get(name)
+        if view is not None:
+            view.prefill_done(stamp)
 
     def call_done(self, name: str, stamp: int) -> None:
         """The call routed at `stamp` (`last_stamp` after its `choose`) is over: reports
@@ -432,6 +556,7 @@ class ReplicaRouter:
         view = self.views.get(name)
         if view is not None:
             view.open_calls.pop(stamp, None)
+            view.prefill_done(stamp)
 
     def started(self, name: str) -> None:
         view = self.views.get(name)

@@ -40,13 +40,11 @@ def run(engine: LLMEngine, ledger: ReplicaCacheLedger, prompt) -> None:
 
 
 def held(engine: LLMEngine, ledger: ReplicaCacheLedger):
-    blocks, store = engine.block_manager, engine.chunk_store
-
-    def cached(ids: list[int]) -> int:
-        return blocks.peek_prefix_blocks(ids) * blocks.block_size
-
+    """As the replica reports: the ledger asks, the engine's `cache_report` answers."""
     ledger.prepare(ledger.pending())  # the replica tokenizes new prompts off the engine
-    return ledger.held(cached, store.contains_any if store is not None else None)
+    asked = ledger.questions()
+    report = engine.cache_report(asked.prompts, asked.chunks)
+    return ledger.answer(asked, report.cached_tokens, report.chunks_stored)
 
 
 def test_it_reports_the_units_the_prefix_cache_holds_and_drops_evicted_ones(model):
@@ -192,3 +190,42 @@ def test_reports_on_another_thread_never_break_recording():
         thread.join()
     ledger.finished(ticket)
     assert errors == []
+
+
+def test_the_engine_reports_its_queued_prefill_and_its_prefill_profile(model):
+    engine = make_engine(model, kv_cache_tokens=2048, chunk_cache="off")
+    prompt = SYSTEM + "Question: what is os.path?"
+    ids = engine.tokenizer.encode(prompt)
+    empty = engine.cache_report([ids], [])
+    assert empty.cached_tokens == (0,) and empty.chunks_stored is None
+    assert empty.queued_prefill_tokens == 0
+    assert empty.prefill_per_token_s > 0 and empty.prefill_fixed_s >= 0
+    run(engine, ReplicaCacheLedger(engine.tokenizer), prompt)
+    cached = engine.cache_report([ids], []).cached_tokens[0]
+    block = engine.block_manager.block_size
+    assert len(ids) - block < cached <= len(ids)  # every full block of it
+    # Queued, not stepped: the same prompt again owes only its uncached tail; a new one
+    # owes all of it.
+    params = SamplingParams(max_tokens=1, temperature=0)
+    engine.add_request(prompt, params)
+    other = OTHER + "Document: sets."
+    engine.add_request(other, params)
+    queued = engine.cache_report([], []).queued_prefill_tokens
+    assert queued == len(ids) - cached + len(engine.tokenizer.encode(other))
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.cache_report([], []).queued_prefill_tokens == 0
+
+
+def test_a_remote_engine_says_it_cannot_report_its_cache():
+    import asyncio
+
+    from covey.errors import NotSupportedError
+    from covey.llm_backend.engine_client import CacheReporter
+    from covey.llm_backend.remote_engine import RemoteEngine
+
+    remote = RemoteEngine("http://127.0.0.1:9", tokenizer=None)  # never connected
+    assert isinstance(remote, CacheReporter)
+    with pytest.raises(NotSupportedError, match="cache report"):
+        asyncio.run(remote.cache_report([[1, 2, 3]], []))
+    asyncio.run(remote.close())

@@ -20,14 +20,21 @@ def rag_prompt(system: str, chunks: list[str], question: str) -> list[Segment]:
     ]
 
 
+def prefilled(router: ReplicaRouter, key) -> tuple[str, str]:
+    """Route `key` and let its first output come back: its prefill is queued no more."""
+    name, decision = router.choose(key)
+    router.first_output(name, router.last_stamp)
+    return name, decision
+
+
 def test_a_repeated_static_prefix_goes_back_to_the_replica_that_holds_it():
     router = ReplicaRouter(["r0", "r1", "r2"])
-    first, decision = router.choose(route_key(rag_prompt(SYSTEM_A, ["x"], "what is os?")))
+    first, decision = prefilled(router, route_key(rag_prompt(SYSTEM_A, ["x"], "what is os?")))
     assert decision == "balance"  # nothing matched yet: the least-loaded replica
-    other, _ = router.choose(route_key(rag_prompt(SYSTEM_B, ["y"], "summarise it")))
+    other, _ = prefilled(router, route_key(rag_prompt(SYSTEM_B, ["y"], "summarise it")))
     assert other != first  # both idle: ties broken by the least cache held, so it spreads
     for question in ("what is sys?", "what is re?", "and pathlib?"):
-        name, decision = router.choose(route_key(rag_prompt(SYSTEM_A, ["z"], question)))
+        name, decision = prefilled(router, route_key(rag_prompt(SYSTEM_A, ["z"], question)))
         assert (name, decision) == (first, "affinity")
     assert router.counters.decisions == {"balance": 2, "affinity": 3}
     assert router.counters.predicted_hit_rate > 0.5
@@ -36,7 +43,7 @@ def test_a_repeated_static_prefix_goes_back_to_the_replica_that_holds_it():
 def test_a_session_follows_its_longest_prefix():
     router = ReplicaRouter(["r0", "r1"])
     history = "user: hi\nassistant: hello, how can I help?\n" * 6
-    a, _ = router.choose(route_key(SYSTEM_A + history))
+    a, _ = prefilled(router, route_key(SYSTEM_A + history))
     # The other replica has the system prompt only: the session's replica matches longer.
     router.views["r1" if a == "r0" else "r0"].remember(route_key(SYSTEM_A))
     name, decision = router.choose(route_key(SYSTEM_A + history + "user: and then?\n"))
@@ -196,3 +203,87 @@ def test_a_report_asked_for_before_the_replica_was_forgotten_is_ignored():
     assert not router.forgotten_since("r0", fresh)
     router.report("r0", queue=0, seq=fresh, held=(dict(key.units), {}))
     assert view.score(key) > 0
+
+
+# -- the cost model: estimated time to first token --------------------------------------
+
+LONG = "You are the assistant of a long-running app; cite every passage you use. " * 36
+
+
+def test_a_long_cached_prefix_on_a_busier_replica_still_wins():
+    router = ReplicaRouter(["r0", "r1"])
+    home, _ = prefilled(router, route_key(LONG))
+    away = "r1" if home == "r0" else "r0"
+    # The home replica is busier: two calls in flight, 200 prefill tokens queued, both
+    # measured at 1 ms a token. Recomputing ~650 tokens elsewhere costs more than waiting.
+    router.report(home, queue=2, prefill_tokens=200, profile=(0.0, 1e-3))
+    router.report(away, queue=0, prefill_tokens=0, profile=(0.0, 1e-3))
+    key = route_key(LONG + "question one")
+    assert router.ttft_estimate(home, key) < router.ttft_estimate(away, key)
+    # Seconds: the 200 queued tokens, then only the last, partial block of this prompt.
+    assert 0.2 < router.ttft_estimate(home, key) < 1e-3 * (200 + (BLOCK_CHARS + 12) / 4)
+    assert router.choose(key) == (home, "affinity")
+
+
+def test_a_huge_queue_loses_to_an_idle_replica_that_must_recompute():
+    router = ReplicaRouter(["r0", "r1"])
+    home, _ = prefilled(router, route_key(LONG))
+    away = "r1" if home == "r0" else "r0"
+    # Still within the imbalance cap (2 calls), but 5000 prefill tokens ahead.
+    router.report(home, queue=2, prefill_tokens=5000, profile=(0.0, 1e-3))
+    router.report(away, queue=0, prefill_tokens=0, profile=(0.0, 1e-3))
+    assert router.choose(route_key(LONG + "question two")) == (away, "fallback")
+
+
+def test_each_replica_s_own_prefill_speed_counts():
+    router = ReplicaRouter(["r0", "r1"])
+    home, _ = prefilled(router, route_key(LONG))
+    away = "r1" if home == "r0" else "r0"
+    # Same queue on both; the home replica prefills ten times slower (a loaded node).
+    router.report(home, queue=1, prefill_tokens=300, profile=(0.0, 1e-2))
+    router.report(away, queue=1, prefill_tokens=300, profile=(0.0, 1e-3))
+    assert router.choose(route_key(LONG + "question three")) == (away, "fallback")
+    # At the same speed the cached prefix wins again.
+    router.report(home, queue=1, prefill_tokens=300, profile=(0.0, 1e-3))
+    assert router.choose(route_key(LONG + "question four")) == (home, "affinity")
+
+
+def test_calls_not_streaming_yet_count_as_queued_prefill():
+    router = ReplicaRouter(["r0", "r1"])
+    first, _ = router.choose(route_key(LONG))
+    view = router.views[first]
+    assert view.queued_prefill_tokens == pytest.approx(len(LONG) / 4, abs=1)
+    # A second, unrelated long prompt goes to the other replica: the first one's prefill
+    # is still ahead of it here, though neither replica reported anything.
+    second, decision = router.choose(route_key(LONG.upper()))
+    assert second != first and decision == "balance"
+    router.first_output(first, 10**6)  # no call's stamp: nothing changes
+    assert view.queued_prefill_tokens > 0
+    router.call_done(first, next(iter(view.open_calls)))
+    assert view.queued_prefill_tokens == 0
+
+
+def test_a_miss_that_would_evict_a_full_cache_costs_the_evicted_prefixes_too():
+    router = ReplicaRouter(["r0", "r1"], capacity_chars=40 * BLOCK_CHARS)
+    router.views["r0"].remember(route_key("z" * 40 * BLOCK_CHARS))  # r0's cache is full
+    router.report("r1", queue=0, prefill_tokens=100)  # r1 has room, and a short queue
+    key = route_key("y" * 20 * BLOCK_CHARS)
+    assert router.choose(key) == ("r1", "balance")
+
+
+def test_the_imbalance_cap_still_bounds_a_cheap_best_match():
+    router = ReplicaRouter(["r0", "r1"], max_imbalance=2)
+    home, _ = prefilled(router, route_key(LONG))
+    # Ten calls decoding there, no prefill queued: the cost model alone would keep it.
+    router.report(home, queue=10, prefill_tokens=0)
+    assert router.choose(route_key(LONG + "q"))[1] == "fallback"
+
+
+def test_the_reported_free_room_decides_what_a_miss_evicts():
+    router = ReplicaRouter(["r0", "r1"])  # mirrors far from full: only the reports tell
+    key = route_key("y" * 20 * BLOCK_CHARS)  # 640 tokens, held nowhere
+    router.report("r0", queue=0, prefill_tokens=0, free_tokens=0)  # a pool full of prefixes
+    router.report("r1", queue=0, prefill_tokens=300, free_tokens=4096)  # room, a queue
+    assert router.choose(key) == ("r1", "balance")
+    router.report("r1", queue=0, prefill_tokens=300, free_tokens=0)  # now full too
+    assert router.choose(route_key("x" * 20 * BLOCK_CHARS)) == ("r0", "balance")

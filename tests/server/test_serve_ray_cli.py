@@ -21,6 +21,7 @@ from covey.server.ray_deployment import gpus_per_replica
         (["--ray", "--max-imbalance", "-1"], "--max-imbalance must be >= 0"),
         (["--ray", "--replica-threads", "0"], "--replica-threads must be at least 1"),
         (["--ray", "--routing", "random"], "--routing must be one of cache_aware"),
+        (["--ray", "--routing", "random"], "pow2, ray_serve"),
         (["--ray", "--replicas", "0"], "must be at least 1"),
         (["--ray", "--remote", "http://127.0.0.1:9"], "give --ray or --remote, not both"),
         (["--ray", "--device", "cuda:1"], "give --device cuda, not cuda:1"),
@@ -82,3 +83,30 @@ def test_a_cluster_joined_is_checked_for_the_cpus_it_has(monkeypatch):
         ray_cluster.start_ray_engine(
             replicas=2, threads=2, address="ray://head:10001", engine_config={"device": "cpu"}
         )
+
+
+def test_ray_serve_routing_deploys_one_pool_that_serve_routes_among(monkeypatch):
+    # `--routing ray_serve`: one Serve application of N replicas (Serve's own power of two
+    # choices picks among them), not N applications that covey's router addresses.
+    from covey.server import ray_cluster
+
+    deployed = {}
+
+    class Deployed(Exception):
+        pass
+
+    def deploy_specs(specs):
+        deployed.update(specs)
+        raise Deployed
+
+    monkeypatch.setattr(ray_cluster, "init_ray", lambda address=None: False)
+    monkeypatch.setattr(ray_cluster, "cluster_cpus", lambda: 4.0)
+    monkeypatch.setattr(ray_cluster, "deploy_specs", deploy_specs)
+    monkeypatch.setattr(ray_cluster, "_teardown_quietly", lambda names, started: None)
+    with pytest.raises(Deployed):
+        ray_cluster.start_ray_engine(
+            replicas=3, policy="ray_serve", address="ray://head:10001",
+            engine_config={"device": "cpu"},
+        )
+    assert list(deployed) == ["covey-engine-pool"]
+    assert deployed["covey-engine-pool"].num_replicas == 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from covey.server.replica_router import BLOCK_CHARS
 from tests.server.sse import sample_inputs
 
 CHAT = [{"role": "user", "content": "What is a Python list?"}]
@@ -80,9 +81,15 @@ def test_repeated_prefixes_go_to_the_replica_that_holds_them(ray_server):
     reports = {r.name: ray_server.call(report(r.handle)) for r in engine.replica_states()}
     (other,) = [name for name in reports if name != home]
     only_home = {h: n for h, n in reports[home].units.items() if h not in reports[other].units}
-    assert sum(only_home.values()) >= len(SYSTEM)
+    # Every whole unit of the system prompt: the unit holding its end holds the question
+    # too, and is held only when the last prompt's tokens happen to fill a whole block.
+    assert sum(only_home.values()) >= len(SYSTEM) // BLOCK_CHARS * BLOCK_CHARS
     assert set(only_home) <= set(engine.router.views[home].prefixes)
     assert not set(only_home) & set(engine.router.views[other].prefixes)
+    # ...and the cost model's inputs: the engine's measured prefill speed, nothing queued.
+    for name, rep in reports.items():
+        assert rep.queued_prefill_tokens == 0 and rep.prefill_profile[1] > 0
+        assert engine.router.views[name].per_token_s > 0
     assert 'covey_router_decisions_total{decision="affinity",policy="cache_aware"}' in metrics
     assert f'covey_replica_up{{replica="{home}"}} 1.0' in metrics
     assert "covey_replica_prefix_cache_hit_rate" in metrics

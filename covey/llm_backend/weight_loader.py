@@ -16,7 +16,7 @@ import torch
 from covey.errors import ConfigError, ModelLoadError
 from covey.llm_backend.model import LlamaModel
 from covey.llm_backend.model_args import ModelArgs, preset
-from covey.llm_backend.model_source import ModelSource
+from covey.llm_backend.model_source import ModelSource, gguf_reader
 
 _GGUF_LAYER = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -71,10 +71,8 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device) ->
 
 
 def _read_gguf(path: Path) -> tuple[ModelArgs, Iterator[tuple[str, torch.Tensor]]]:
-    import gguf
-
     try:
-        reader = gguf.GGUFReader(path)
+        reader = gguf_reader(path)
     except Exception as exc:  # the reader raises ValueError, struct errors, mmap errors...
         raise ModelLoadError(f"{path} is not a readable GGUF file: {exc}") from exc
     fields = {

@@ -65,9 +65,10 @@ def test_int4_reads_the_kernels_packed_layout():
 
 def test_int4_wide_path_reads_the_weights_the_kernel_computes_with():
     """The dequantized weight is the kernel's own: the kernel applied to the identity gives
-    W^T (rounded to bf16 once, where dequantizing rounds the product and the sum: one step
-    of bf16 apart at most). Layers of different sizes share the thread's workspace, so one
-    layer's dequantization must not leave anything in another's."""
+    W^T (both compute (q - 8) * scale + zero in float and round once to bf16, up to one bf16
+    step apart where the kernel's accumulation order differs). Layers of different sizes
+    share the thread's workspace, so one layer's dequantization must not leave anything in
+    another's."""
     torch.manual_seed(2)
     layers = [
         Int4Linear(torch.randn(n, k) * 0.05, None, torch.bfloat16)

@@ -2,18 +2,18 @@
 
 Decoding one token reads every weight once, so its speed is the memory bandwidth divided by
 the bytes read: int8 reads half of bf16's, int4 a quarter. Up to KERNEL_MAX_ROWS tokens a
-step (INT4_KERNEL_MAX_ROWS for int4) runs torch's weight-only kernels, which read the packed
-weights directly (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`). Wider steps (prefill, large
-batches) are compute-bound: there those kernels lose to a bf16 matmul, so the layer
-dequantizes its weight into a temporary that lives for that one matmul. No dense copy of a
-quantized weight is ever stored.
+step (INT4_KERNEL_MAX_ROWS for int4) runs torch's weight-only kernels, which read the
+packed weights directly (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`). Wider steps
+(prefill, large batches) are compute-bound: there those kernels lose to a bf16 matmul, so
+the layer dequantizes its weight into a temporary that lives for that one matmul. No dense
+copy of a quantized weight is ever stored.
 
 The int4 dequantization is what a prefill pays over bf16, so it is written to be cheap: the
 nibbles are split on 32-bit words (eight at once, with the -8 offset applied by bit tricks),
 the weight is produced transposed ([K, N], which the kernel's packing yields in runs of 64
-channels, where [N, K] needs a byte-by-byte transpose), scale and zero broadcast along its
-rows in one addcmul, and every temporary lives in a per-thread workspace reused by each layer: fresh
-multi-megabyte allocations page-faulted on every layer of every prefill.
+channels, where [N, K] needs a byte-by-byte transpose), scale and zero are applied in one
+addcmul along its rows, and every temporary lives in a per-thread workspace reused by each
+layer (fresh multi-megabyte allocations page-fault on first touch, every layer, every step).
 
 - int8: one scale per output channel, symmetric.
 - int4: groups of INT4_GROUP_SIZE (32) input channels, each with a scale and a zero point

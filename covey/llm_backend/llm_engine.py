@@ -138,8 +138,15 @@ class LLMEngine:
 
     @property
     def _profile_key(self) -> tuple[object, ...]:
-        """What identifies this engine's speed (model, device, dtype, quantization)."""
-        return (self.source.name, str(self.device), self.dtype, self.quantization)
+        """What identifies this engine's speed (model and its files, device, dtype,
+        quantization); the measured profiles are kept on disk under it."""
+        return (
+            self.source.name,
+            _weights_identity(self.source),
+            str(self.device),
+            self.dtype,
+            self.quantization,
+        )
 
     @property
     def _bytes_per_block(self) -> int:

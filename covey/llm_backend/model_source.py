@@ -5,10 +5,11 @@ Resolving this once, up front, gives every loader the same clear errors.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from covey.errors import ModelLoadError, ModelNotFoundError
 from covey.llm_backend.model_args import preset
@@ -70,3 +71,20 @@ def resolve_model(model: str | Path | None) -> ModelSource:
     if not any(path.glob("*.safetensors")):
         raise ModelLoadError(f"model folder {text!r} has no *.safetensors weights")
     return ModelSource("hf", path.name, path)
+
+
+def gguf_reader(path: Path) -> Any:
+    """The parsed GGUF file at `path` (a `gguf.GGUFReader`), parsed once per process: choosing
+    the default quantization and loading the weights both read it, and parsing takes seconds
+    (every field, the tokenizer's 49k-entry vocabulary included). Keyed by the file's size
+    and modification time, so a file replaced in place is parsed again. Raises what the
+    reader raises for a bad file (never cached)."""
+    stat = path.stat()
+    return _parsed_gguf(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1)
+def _parsed_gguf(path: Path, size: int, mtime_ns: int) -> Any:
+    import gguf
+
+    return gguf.GGUFReader(path)

@@ -8,15 +8,31 @@ The pause policy (INFERCEPT's min-waste) weighs that recompute against swapping,
 copies are timed the same way, on a scratch pool with the real copy code (`kv_swap.py`).
 Fits are cached per (model, device, dtype, quantization), so engines sharing a model, and
 tests building many engines, measure once.
+
+Measuring costs warm-up forwards at every start (seconds on a busy 2-core machine, in every
+`covey` command), so fits are also kept on disk under covey_home()/profiles, keyed by all
+they depend on: the engine's key (model file identity, device, dtype, quantization) plus the
+thread count, torch version and CPU. A file is written atomically and ignored if corrupt or
+unreadable; a home that cannot be written only costs the next start a measurement.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
 import time
 from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 
 import torch
 
+from covey.home import covey_home
 from covey.llm_backend.attention_metadata import AttentionMetadata, PrefillRun
 from covey.llm_backend.kv_pool import KVPool
 from covey.llm_backend.kv_swap import KVSwap
@@ -53,7 +69,12 @@ def prefill_profile(model: LlamaModel, key: tuple[object, ...]) -> PrefillProfil
     `model` the first time."""
     profile = _profiles.get(key)
     if profile is None:
-        profile = _profiles[key] = measure(model)
+        device = model.norm.weight.device
+        profile = _load(PrefillProfile, "prefill", key, device)
+        if profile is None:
+            profile = measure(model)
+            _store(profile, "prefill", key, device)
+        _profiles[key] = profile
     return profile
 
 
@@ -127,7 +148,11 @@ def swap_profile(
     the engine's shape (layers, heads, block size, dtype, device)."""
     profile = _swap_profiles.get(key)
     if profile is None:
-        profile = _swap_profiles[key] = measure_swap(args, block_size, dtype, device)
+        profile = _load(SwapProfile, "swap", key, device)
+        if profile is None:
+            profile = measure_swap(args, block_size, dtype, device)
+            _store(profile, "swap", key, device)
+        _swap_profiles[key] = profile
     return profile
 
 
@@ -165,3 +190,62 @@ def measure_swap(
         fits.append((max(times[0] - per_byte * block_bytes, 0.0), per_byte))
     (out_fixed, out_per_byte), (in_fixed, in_per_byte) = fits
     return SwapProfile(out_fixed, out_per_byte, in_fixed, in_per_byte)
+
+
+def profile_dir() -> Path:
+    """Where measured profiles are kept across processes."""
+    return covey_home() / "profiles"
+
+
+def _disk_key(kind: str, key: tuple[object, ...], device: torch.device) -> str:
+    """Everything a measured fit depends on besides the engine's own key."""
+    machine = _cpu_name()
+    if device.type == "cuda":
+        machine += f" / {torch.cuda.get_device_name(device)}"
+    return repr((kind, *key, torch.__version__, torch.get_num_threads(), machine))
+
+
+def _path(kind: str, text: str) -> Path:
+    return profile_dir() / f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:24]}.json"
+
+
+def _load(cls, kind: str, key: tuple[object, ...], device: torch.device):
+    """The fit stored for this key, or None when absent, unreadable or corrupt."""
+    text = _disk_key(kind, key, device)
+    try:
+        data = json.loads(_path(kind, text).read_text())
+        if data["key"] != text:  # a hash collision or a hand-edited file: measure again
+            return None
+        fields = {f.name: float(data["fit"][f.name]) for f in dataclasses.fields(cls)}
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    if not all(math.isfinite(v) and v >= 0.0 for v in fields.values()):
+        return None
+    return cls(**fields)
+
+
+def _store(profile, kind: str, key: tuple[object, ...], device: torch.device) -> None:
+    """Write the fit atomically (a temporary file renamed over the target)."""
+    text = _disk_key(kind, key, device)
+    path = _path(kind, text)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"key": text, "fit": dataclasses.asdict(profile)}))
+        os.replace(tmp, path)
+    except OSError:  # a read-only or full home: the next start measures again
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+@cache
+def _cpu_name() -> str:
+    """The CPU model (a profile measured on another CPU says nothing about this one)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
+    except OSError:
+        pass
+    return f"{platform.processor() or 'unknown'} ({platform.machine()})"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from covey.llm_backend.model_source import ModelSource
+from covey.llm_backend.model_source import ModelSource, gguf_reader
 
 FOUR_BIT = ("Q4_0", "Q4_1", "Q4_K", "IQ4_NL", "IQ4_XS")
 DENSE = ("F32", "F16", "BF16")
@@ -34,10 +34,8 @@ def auto_quantization(source: ModelSource, device: torch.device, dtype: torch.dt
 
 def _projection_types(source: ModelSource) -> set[str]:
     """The GGUF tensor types of the decoder's 2-D projection weights (header only)."""
-    import gguf
-
     try:
-        reader = gguf.GGUFReader(source.path)
+        reader = gguf_reader(source.path)
     except Exception:  # unreadable here: the loader reports it with its own message
         return set()
     return {

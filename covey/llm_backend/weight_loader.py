@@ -16,7 +16,7 @@ import torch
 from covey.errors import ConfigError, ModelLoadError
 from covey.llm_backend.model import LlamaModel
 from covey.llm_backend.model_args import ModelArgs, preset
-from covey.llm_backend.model_source import ModelSource
+from covey.llm_backend.model_source import ModelSource, gguf_reader
 
 _GGUF_LAYER = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -71,10 +71,8 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device) ->
 
 
 def _read_gguf(path: Path) -> tuple[ModelArgs, Iterator[tuple[str, torch.Tensor]]]:
-    import gguf
-
     try:
-        reader = gguf.GGUFReader(path)
+        reader = gguf_reader(path)
     except Exception as exc:  # the reader raises ValueError, struct errors, mmap errors...
         raise ModelLoadError(f"{path} is not a readable GGUF file: {exc}") from exc
     fields = {
@@ -118,12 +116,52 @@ def _read_gguf(path: Path) -> tuple[ModelArgs, Iterator[tuple[str, torch.Tensor]
 def _dequantize(path: Path, tensor) -> torch.Tensor:
     import gguf
 
+    shape = tuple(int(s) for s in reversed(tensor.shape))
+    kind = tensor.tensor_type.name
+    if kind in _BLOCK_DEQUANTIZERS:
+        return _BLOCK_DEQUANTIZERS[kind](_raw_blocks(path, tensor, _BLOCK_BYTES[kind]), shape)
     try:
         data = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     except Exception as exc:
         raise ModelLoadError(f"{path}: cannot dequantize {tensor.name}: {exc}") from exc
-    shape = tuple(int(s) for s in reversed(tensor.shape))
     return torch.from_numpy(np.array(data, dtype=np.float32, copy=True).reshape(shape))
+
+
+# The block types of the embedded model, dequantized in torch: gguf's numpy code is a
+# second or more of every start (a Python loop over row groups, single-threaded). Same
+# float32 arithmetic as gguf's (d * q + m), so the same weights bit for bit.
+_BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}  # per block of 32 weights
+
+
+def _raw_blocks(path: Path, tensor, block_bytes: int) -> torch.Tensor:
+    """The tensor's blocks as a [blocks, block_bytes] uint8 tensor (a copy of the file's)."""
+    data = np.array(tensor.data, dtype=np.uint8, copy=True).reshape(-1)
+    if data.size % block_bytes:
+        raise ModelLoadError(
+            f"{path}: tensor {tensor.name} has {data.size} bytes, not whole "
+            f"{tensor.tensor_type.name} blocks of {block_bytes}"
+        )
+    return torch.from_numpy(data).view(-1, block_bytes)
+
+
+def _dequantize_q4_1(blocks: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Q4_1: a float16 scale d and minimum m, then 16 bytes: weight j is the low nibble of
+    byte j, weight j + 16 its high nibble; w = d * q + m."""
+    d = blocks[:, 0:2].contiguous().view(torch.float16).float()
+    m = blocks[:, 2:4].contiguous().view(torch.float16).float()
+    qs = blocks[:, 4:]
+    q = torch.cat([qs & 15, qs >> 4], dim=1).float()  # [blocks, 32]
+    return (d * q + m).reshape(shape)
+
+
+def _dequantize_q8_0(blocks: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Q8_0: a float16 scale d, then 32 signed bytes; w = d * q."""
+    d = blocks[:, 0:2].contiguous().view(torch.float16).float()
+    q = blocks[:, 2:].contiguous().view(torch.int8).float()
+    return (d * q).reshape(shape)
+
+
+_BLOCK_DEQUANTIZERS = {"Q4_1": _dequantize_q4_1, "Q8_0": _dequantize_q8_0}
 
 
 def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:

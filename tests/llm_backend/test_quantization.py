@@ -16,7 +16,6 @@ from covey.llm_backend.model_source import ModelSource, resolve_model
 from covey.llm_backend.perplexity import heldout_windows, model_logits, perplexity_of
 from covey.llm_backend.quantization import (
     INT4_GROUP_SIZE,
-    KERNEL_MAX_ROWS,
     PERPLEXITY_TOLERANCE,
     Int4Linear,
     Int8Linear,
@@ -45,12 +44,13 @@ def test_kernel_and_wide_path_compute_the_quantized_weight(mode):
         step = ((groups.amax(-1) - groups.amin(-1)) / 15).repeat_interleave(INT4_GROUP_SIZE, 1)
     assert ((deq - weight).abs() <= step * 0.5 + 0.02 * weight.abs() + 1e-3).all()
 
-    x = torch.randn(KERNEL_MAX_ROWS + 16, 96).bfloat16()
+    rows = layer.kernel_max_rows
+    x = torch.randn(rows + 16, 96).bfloat16()
     reference = x.float() @ deq.t() + bias
-    narrow = layer(x[:KERNEL_MAX_ROWS]).float()  # the weight-only kernel
+    narrow = layer(x[:rows]).float()  # the weight-only kernel
     wide = layer(x).float()  # dequantize into a temporary, then a bf16 matmul
     scale = reference.abs().max()
-    assert (narrow - reference[:KERNEL_MAX_ROWS]).abs().max() < 0.02 * scale
+    assert (narrow - reference[:rows]).abs().max() < 0.02 * scale
     assert (wide - reference).abs().max() < 0.02 * scale
     single = layer(x[:1]).float()  # one decode token
     assert (single - reference[:1]).abs().max() < 0.02 * scale
@@ -61,6 +61,49 @@ def test_int4_reads_the_kernels_packed_layout():
     layer = Int4Linear(torch.randn(192, 64), None, torch.bfloat16)
     assert layer.unpackable  # otherwise wide steps silently fall back to the kernel
     assert layer.packed.dtype == torch.uint8 and layer.packed.numel() == 192 * 64 // 2
+
+
+def test_int4_wide_path_reads_the_weights_the_kernel_computes_with():
+    """The dequantized weight is the kernel's own: the kernel applied to the identity gives
+    W^T (both compute (q - 8) * scale + zero in float and round once to bf16, up to one bf16
+    step apart where the kernel's accumulation order differs). Layers of different sizes
+    share the thread's workspace, so one layer's dequantization must not leave anything in
+    another's."""
+    torch.manual_seed(2)
+    layers = [
+        Int4Linear(torch.randn(n, k) * 0.05, None, torch.bfloat16)
+        for n, k in ((192, 64), (64, 128), (128, 96))
+    ]
+    for _ in range(2):  # the second round reuses buffers grown by the first
+        for layer in layers:
+            n, k = layer.packed.shape[0], layer.packed.shape[1] * 2
+            eye = torch.eye(k, dtype=torch.bfloat16)
+            by_kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                eye, layer.packed, INT4_GROUP_SIZE, layer.scale_zero
+            ).t()
+            deq = layer.dequantized()
+            assert deq.shape == (n, k)
+            # one bf16 step of the group's largest weight (a misread layout moves whole
+            # values, tens of steps)
+            groups = by_kernel.float().abs().reshape(n, -1, INT4_GROUP_SIZE)
+            step = (groups.amax(-1, keepdim=True) * 2**-7).expand_as(groups).reshape(n, k)
+            assert ((deq.float() - by_kernel.float()).abs() <= step).all()
+
+
+def test_int4_dequantizes_in_and_out_of_inference_mode_and_on_any_thread():
+    import threading
+
+    torch.manual_seed(3)
+    layer = Int4Linear(torch.randn(128, 64), None, torch.bfloat16)
+    expected = layer.dequantized().clone()
+    with torch.inference_mode():
+        assert torch.equal(layer.dequantized(), expected)
+    assert torch.equal(layer.dequantized(), expected)
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(layer.dequantized().clone()))
+    thread.start()
+    thread.join()
+    assert torch.equal(seen[0], expected)
 
 
 def test_int4_needs_input_sizes_divisible_by_the_group():

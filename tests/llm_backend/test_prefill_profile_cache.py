@@ -1,0 +1,96 @@
+"""Measured prefill and swap profiles are kept on disk, so later processes skip measuring."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from covey.llm_backend import prefill_profile as pp
+from covey.llm_backend.model_args import preset
+from covey.llm_backend.model_source import resolve_model
+from covey.llm_backend.weight_loader import load_model
+
+KEY = ("dummy:tiny", "preset:tiny", "cpu", torch.float32, None)
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """A fresh covey home and empty in-process caches, as in a new process."""
+    monkeypatch.setenv("COVEY_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(pp, "_profiles", {})
+    monkeypatch.setattr(pp, "_swap_profiles", {})
+    return tmp_path / "home"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(resolve_model("dummy:tiny"), torch.float32, torch.device("cpu"))
+
+
+def new_process(monkeypatch):
+    """Forget the in-process fits; measuring again would fail the test."""
+    monkeypatch.setattr(pp, "_profiles", {})
+    monkeypatch.setattr(pp, "_swap_profiles", {})
+
+    def no_measuring(*args):
+        raise AssertionError("measured again although a stored profile fits")
+
+    monkeypatch.setattr(pp, "measure", no_measuring)
+    monkeypatch.setattr(pp, "measure_swap", no_measuring)
+
+
+def test_a_later_process_reads_the_stored_profiles(home, model, monkeypatch):
+    prefill = pp.prefill_profile(model, KEY)
+    swap = pp.swap_profile(preset("tiny"), 16, torch.float32, torch.device("cpu"), (*KEY, 16))
+    assert len(list((home / "profiles").glob("*.json"))) == 2
+    new_process(monkeypatch)
+    assert pp.prefill_profile(model, KEY) == prefill
+    assert pp.swap_profile(preset("tiny"), 16, torch.float32, torch.device("cpu"), (*KEY, 16)) == (
+        swap
+    )
+
+
+def test_what_the_speed_depends_on_keys_the_file(home, model, monkeypatch):
+    pp.prefill_profile(model, KEY)
+    threads = torch.get_num_threads()
+    other_model = ("dummy:tiny", "preset:tiny", "cpu", torch.bfloat16, None)
+    measured = []
+    monkeypatch.setattr(pp, "_profiles", {})
+    monkeypatch.setattr(pp, "measure", lambda m: measured.append(1) or pp.PrefillProfile(1, 1))
+    pp.prefill_profile(model, other_model)
+    torch.set_num_threads(threads + 1)
+    try:
+        pp.prefill_profile(model, KEY)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(measured) == 2
+    assert len(list((home / "profiles").glob("prefill-*.json"))) == 3
+
+
+@pytest.mark.parametrize(
+    "content", ["", "{not json", '{"key": "other", "fit": {}}', "KEY_WITH_NEGATIVE_FIT"]
+)
+def test_a_corrupt_file_is_measured_again_and_replaced(home, model, monkeypatch, content):
+    good = pp.prefill_profile(model, KEY)
+    (path,) = (home / "profiles").glob("prefill-*.json")
+    if content == "KEY_WITH_NEGATIVE_FIT":
+        data = json.loads(path.read_text())
+        data["fit"]["per_token_s"] = -1.0
+        content = json.dumps(data)
+    path.write_text(content)
+    monkeypatch.setattr(pp, "_profiles", {})
+    monkeypatch.setattr(pp, "measure", lambda m: good)
+    assert pp.prefill_profile(model, KEY) == good
+    assert json.loads(path.read_text())["fit"]["per_token_s"] == good.per_token_s
+    assert not list(path.parent.glob("*.tmp*"))
+
+
+def test_an_unwritable_home_only_costs_a_measurement(tmp_path, model, monkeypatch):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv("COVEY_HOME", str(blocker))
+    monkeypatch.setattr(pp, "_profiles", {})
+    profile = pp.prefill_profile(model, KEY)
+    assert profile.per_token_s > 0

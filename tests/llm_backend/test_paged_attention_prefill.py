@@ -100,6 +100,12 @@ def test_tiles_cover_every_query_once_and_stop_at_their_last_position():
 
 
 @pytest.mark.parametrize(("dtype", "tol"), TOLERANCES)
+def test_a_few_queries_after_a_long_prefix_stay_one_call():
+    plan = plan_run(torch.arange(1000, 1064), torch.arange(80), BS, torch.float32)
+    assert [(t.start, t.end, t.keys) for t in plan.tiles] == [(0, 64, 1064)]
+
+
+@pytest.mark.parametrize(("dtype", "tol"), TOLERANCES)
 def test_a_mask_of_another_form_is_applied_as_given(dtype, tol):
     gen = torch.Generator().manual_seed(1)
     kv = _pool(20, dtype, gen)

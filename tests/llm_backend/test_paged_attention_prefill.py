@@ -100,7 +100,7 @@ def test_tiles_cover_every_query_once_and_stop_at_their_last_position():
 
 
 def test_a_few_queries_after_a_long_prefix_stay_one_call():
-    plan = plan_run(torch.arange(1000, 1064), torch.arange(80), BS, torch.float32)
+    plan = plan_run(torch.arange(1000, 1064), torch.arange(140), BS, torch.float32)
     assert [(t.start, t.end, t.keys) for t in plan.tiles] == [(0, 64, 1064)]
 
 

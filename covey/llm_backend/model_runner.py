@@ -259,9 +259,8 @@ class ModelRunner:
                 meta.prefills.append(PrefillRun(offset, offset + n, None, None))
             else:
                 blocks = torch.tensor(seq.block_table, dtype=torch.long, device=dev)  # [nb]
-                q_pos = position_tensor[offset : offset + n]
-                mask = torch.arange(length, device=dev)[None, :] <= q_pos[:, None]  # [n, L]
-                meta.prefills.append(PrefillRun(offset, offset + n, blocks, mask))
+                q_pos = position_tensor[offset : offset + n]  # true positions: no [n, L] mask
+                meta.prefills.append(PrefillRun(offset, offset + n, blocks, positions=q_pos))
             offset += n
         return StepInputs(
             input_ids=torch.tensor(ids, dtype=torch.long, device=dev),

@@ -6,7 +6,7 @@ Decodes of similar length are batched into one gather and two matmuls (a group p
 its own longest sequence; one sequence whose blocks lie in order is read without a gather:
 its values in place, its keys with one packed copy, see `_decode`); prefill
 runs go one sequence at a time (few per step) through SDPA, a run with no cached prefix on
-its own fresh keys.
+its own fresh keys, a run over cached keys by query tiles at their true positions.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from covey.llm_backend.attention_metadata import AttentionMetadata, DecodeGroup
+from covey.llm_backend.attention_metadata import AttentionMetadata, DecodeGroup, PrefillRun
 
 
 def store_kv(kv: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
@@ -40,13 +40,45 @@ def paged_attention(
             vs = v[run.start : run.end].transpose(0, 1).unsqueeze(0)  # [1, KVH, n, Dh]
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
         else:
-            keys = _gather_blocks(kv, run.key_blocks, meta.block_size)  # [2, KVH, nb * bs, Dh]
-            length = run.mask.shape[1]
-            ks = keys[0, :, :length].unsqueeze(0)  # [1, KVH, L, Dh]
-            vs = keys[1, :, :length].unsqueeze(0)  # [1, KVH, L, Dh]
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=run.mask, enable_gqa=True)
+            o = _cached_prefill(qs, kv, run, bs)
         out[run.start : run.end] = o.squeeze(0).transpose(0, 1)  # [n, H, Dh]
     return out
+
+
+def _cached_prefill(qs: torch.Tensor, kv: torch.Tensor, run: PrefillRun, bs: int) -> torch.Tensor:
+    """Queries [1, H, n, Dh] over their sequence's keys in the pool -> [1, H, n, Dh].
+
+    Planned runs (true positions) go tile by tile (query_tiles.py) over keys read in place
+    when their blocks lie in pool order, else gathered once; a mask of any other form is
+    applied as given, in one call."""
+    plan = run.plan(bs, qs.dtype)
+    assert run.key_blocks is not None
+    if plan is None:
+        assert run.mask is not None
+        keys = _gather_blocks(kv, run.key_blocks, bs)  # [2, KVH, nb * bs, Dh]
+        length = run.mask.shape[1]
+        ks = keys[0, :, :length].unsqueeze(0)  # [1, KVH, L, Dh]
+        vs = keys[1, :, :length].unsqueeze(0)  # [1, KVH, L, Dh]
+        return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=run.mask, enable_gqa=True)
+    if plan.contiguous_start is not None:
+        s = plan.contiguous_start
+        keys = kv[:, :, s : s + plan.length]  # [2, KVH, L, Dh], a view of the pool
+    else:
+        nb = -(-plan.length // bs)
+        keys = _gather_blocks(kv, run.key_blocks[:nb], bs)  # [2, KVH, nb * bs, Dh]
+    if len(plan.tiles) == 1:
+        t = plan.tiles[0]
+        ks = keys[0, :, : t.keys].unsqueeze(0)
+        vs = keys[1, :, : t.keys].unsqueeze(0)
+        return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=t.mask, enable_gqa=True)
+    o = torch.empty_like(qs)
+    for t in plan.tiles:
+        ks = keys[0, :, : t.keys].unsqueeze(0)  # [1, KVH, keys, Dh]
+        vs = keys[1, :, : t.keys].unsqueeze(0)
+        o[:, :, t.start : t.end] = F.scaled_dot_product_attention(
+            qs[:, :, t.start : t.end], ks, vs, attn_mask=t.mask, enable_gqa=True
+        )
+    return o
 
 
 def _decode(q: torch.Tensor, kv: torch.Tensor, group: DecodeGroup, bs: int) -> torch.Tensor:

@@ -97,6 +97,19 @@ class LLMEngine:
                 )
         self.model = model
         self.dtype = model.norm.weight.dtype  # the pool stores what the model computes
+        # Which files the weights came from, read once, now that they are loaded: reports
+        # must not stat a file that may since be gone, and a file replaced in place must not
+        # key a profile measured on the weights still in memory.
+        self._weights_id = _weights_identity(self.source)
+        # What identifies this engine's speed (model and its files, device, dtype,
+        # quantization); the measured profiles are kept on disk under it.
+        self._profile_key: tuple[object, ...] = (
+            self.source.name,
+            self._weights_id,
+            str(self.device),
+            self.dtype,
+            self.quantization,
+        )
         args = self.model.args
         if config.max_model_len and config.max_model_len > args.max_position:
             raise ConfigError(
@@ -135,18 +148,6 @@ class LLMEngine:
         self.outputs = OutputProcessor(self.tokenizer, self.max_model_len)
         self.requests: dict[str, Sequence] = {}
         self._generators: dict[int, torch.Generator] = {}
-
-    @property
-    def _profile_key(self) -> tuple[object, ...]:
-        """What identifies this engine's speed (model and its files, device, dtype,
-        quantization); the measured profiles are kept on disk under it."""
-        return (
-            self.source.name,
-            _weights_identity(self.source),
-            str(self.device),
-            self.dtype,
-            self.quantization,
-        )
 
     @property
     def _bytes_per_block(self) -> int:
@@ -197,7 +198,7 @@ class LLMEngine:
             config.chunk_store_disk_bytes,
             # What the KV depends on besides the tokens: another model never reads it.
             fingerprint=(
-                f"model={self.source.name} weights={_weights_identity(self.source)} "
+                f"model={self.source.name} weights={self._weights_id} "
                 f"dtype={self.dtype} "
                 f"quantization={self.quantization} layers={args.num_layers} "
                 f"kv_heads={args.num_kv_heads} head_dim={args.dim_per_head} "

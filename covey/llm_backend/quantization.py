@@ -140,7 +140,14 @@ class Int4Linear(nn.Module):
         return weight_t.t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= self.kernel_max_rows or not self.unpackable:
+        # Under torch.compile (CompiledDecode: fullgraph, dynamic batch) the kernel serves
+        # every width: the wide path's per-thread workspace cannot be traced, and a decode
+        # batch wider than the kernel's limit is rare and still correct there.
+        if (
+            x.shape[0] <= self.kernel_max_rows
+            or not self.unpackable
+            or torch.compiler.is_compiling()
+        ):
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x.contiguous(), self.packed, self.group_size, self.scale_zero
             )

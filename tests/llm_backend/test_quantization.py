@@ -106,6 +106,20 @@ def test_int4_dequantizes_in_and_out_of_inference_mode_and_on_any_thread():
     assert torch.equal(seen[0], expected)
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_step_wider_than_the_kernel_compiles_in_one_graph(mode):
+    """CompiledDecode traces the projections with fullgraph=True and dynamic shapes: a decode
+    batch past kernel_max_rows recompiles the wide branch, which must trace."""
+    torch.manual_seed(4)
+    layer = LAYERS[mode](torch.randn(128, 96), torch.randn(128), torch.bfloat16)
+    x = torch.randn(layer.kernel_max_rows + 1, 96).bfloat16()
+    compiled = torch.compile(lambda x: layer(x), backend="eager", dynamic=True, fullgraph=True)
+    with torch.inference_mode():
+        reference = layer(x).float()
+        traced = compiled(x).float()
+    assert (traced - reference).abs().max() < 0.02 * reference.abs().max()
+
+
 def test_int4_needs_input_sizes_divisible_by_the_group():
     with pytest.raises(NotSupportedError, match="divisible by 32.*use quantization='int8'"):
         Int4Linear(torch.randn(64, 48), None, torch.bfloat16)

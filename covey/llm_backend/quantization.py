@@ -123,8 +123,13 @@ class Int4Linear(nn.Module):
         self.unpackable = n % _INT4_BLOCK_N == 0 and _layout_is_readable()
 
     def dequantized(self) -> torch.Tensor:
-        """The weight the kernel computes with, [N, K] in the compute dtype: a view of this
-        thread's workspace, valid until the next int4 layer dequantizes on this thread."""
+        """The weight the kernel computes with, [N, K] in the compute dtype (a copy of its
+        own: callers may hold several)."""
+        return self._dequantize_into_workspace().clone()
+
+    def _dequantize_into_workspace(self) -> torch.Tensor:
+        """`dequantized()` without the copy, for the wide matmul: a view of this thread's
+        workspace, valid only until the next int4 layer dequantizes on this thread."""
         if not self.unpackable:
             raise NotSupportedError(
                 "this torch build packs int4 weights in a layout covey cannot read"
@@ -152,7 +157,7 @@ class Int4Linear(nn.Module):
                 x.contiguous(), self.packed, self.group_size, self.scale_zero
             )
             return out if self.bias is None else out + self.bias
-        return F.linear(x, self.dequantized(), self.bias)
+        return F.linear(x, self._dequantize_into_workspace(), self.bias)
 
 
 _LOW_NIBBLES = 0x0F0F0F0F  # the low nibble of each byte of a 32-bit word

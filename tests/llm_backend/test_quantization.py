@@ -81,7 +81,7 @@ def test_int4_wide_path_reads_the_weights_the_kernel_computes_with():
             by_kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 eye, layer.packed, INT4_GROUP_SIZE, layer.scale_zero
             ).t()
-            deq = layer.dequantized()
+            deq = layer._dequantize_into_workspace()
             assert deq.shape == (n, k)
             # one bf16 step of the group's largest weight (a misread layout moves whole
             # values, tens of steps)
@@ -118,6 +118,16 @@ def test_a_step_wider_than_the_kernel_compiles_in_one_graph(mode):
         reference = layer(x).float()
         traced = compiled(x).float()
     assert (traced - reference).abs().max() < 0.02 * reference.abs().max()
+
+
+def test_int4_dequantized_weights_can_be_held_side_by_side():
+    torch.manual_seed(5)
+    first, second = (Int4Linear(torch.randn(128, 64), None, torch.bfloat16) for _ in range(2))
+    held = first.dequantized()
+    expected = held.clone()
+    other = second.dequantized()  # same shape: the same workspace on this thread
+    assert torch.equal(held, expected)
+    assert not torch.equal(held, other)
 
 
 def test_int4_needs_input_sizes_divisible_by_the_group():

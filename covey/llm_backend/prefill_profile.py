@@ -12,8 +12,11 @@ tests building many engines, measure once.
 Measuring costs warm-up forwards at every start (seconds on a busy 2-core machine, in every
 `covey` command), so fits are also kept on disk under covey_home()/profiles, keyed by all
 they depend on: the engine's key (model file identity, device, dtype, quantization) plus the
-thread count, torch version and CPU. A file is written atomically and ignored if corrupt or
-unreadable; a home that cannot be written only costs the next start a measurement.
+thread count, torch version, CPU and PROFILE_VERSION (covey's own code: bump it when the
+measurement or a hot path it times changes). A file is written atomically and ignored if
+corrupt or unreadable, or older than PROFILE_MAX_AGE_S (a fit taken under a load that lasted
+the whole measurement is not kept for good); a home that cannot be written only costs the
+next start a measurement. To re-measure now: `rm -r "${COVEY_HOME:-~/.cache/covey}/profiles"`.
 """
 
 from __future__ import annotations
@@ -43,6 +46,10 @@ PROFILE_LENGTHS = (16, 64)  # short: the whole measurement stays well under a se
 PROFILE_REPEATS = 2
 SWAP_PROFILE_BYTES = 32 << 20  # the scratch pool's size at most: a few ms of copying
 SWAP_PROFILE_REPEATS = 3  # the fastest of these: copies are noisy on a loaded machine
+# Part of every stored fit's key: bump it when the measurement, or the code it times
+# (attention, dequantization, the kernels' row limits, the KV copies), changes.
+PROFILE_VERSION = 2
+PROFILE_MAX_AGE_S = 30 * 24 * 3600  # a stored fit older than this is measured again
 
 _profiles: dict[tuple[object, ...], PrefillProfile] = {}
 _swap_profiles: dict[tuple[object, ...], SwapProfile] = {}
@@ -202,7 +209,9 @@ def _disk_key(kind: str, key: tuple[object, ...], device: torch.device) -> str:
     machine = _cpu_name()
     if device.type == "cuda":
         machine += f" / {torch.cuda.get_device_name(device)}"
-    return repr((kind, *key, torch.__version__, torch.get_num_threads(), machine))
+    return repr(
+        (kind, *key, torch.__version__, torch.get_num_threads(), machine, PROFILE_VERSION)
+    )
 
 
 def _path(kind: str, text: str) -> Path:
@@ -212,8 +221,11 @@ def _path(kind: str, text: str) -> Path:
 def _load(cls, kind: str, key: tuple[object, ...], device: torch.device):
     """The fit stored for this key, or None when absent, unreadable or corrupt."""
     text = _disk_key(kind, key, device)
+    path = _path(kind, text)
     try:
-        data = json.loads(_path(kind, text).read_text())
+        if time.time() - path.stat().st_mtime > PROFILE_MAX_AGE_S:
+            return None  # stale: measured again and rewritten
+        data = json.loads(path.read_text())
         if data["key"] != text:  # a hash collision or a hand-edited file: measure again
             return None
         fields = {f.name: float(data["fit"][f.name]) for f in dataclasses.fields(cls)}

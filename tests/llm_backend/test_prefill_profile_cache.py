@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import pytest
 import torch
@@ -94,3 +96,28 @@ def test_an_unwritable_home_only_costs_a_measurement(tmp_path, model, monkeypatc
     monkeypatch.setattr(pp, "_profiles", {})
     profile = pp.prefill_profile(model, KEY)
     assert profile.per_token_s > 0
+
+
+def test_a_profile_from_an_older_covey_is_measured_again(home, model, monkeypatch):
+    pp.prefill_profile(model, KEY)
+    monkeypatch.setattr(pp, "_profiles", {})
+    monkeypatch.setattr(pp, "PROFILE_VERSION", pp.PROFILE_VERSION + 1)
+    fresh = pp.PrefillProfile(0.5, 0.25)
+    monkeypatch.setattr(pp, "measure", lambda m: fresh)
+    assert pp.prefill_profile(model, KEY) == fresh
+    assert len(list((home / "profiles").glob("prefill-*.json"))) == 2
+
+
+def test_a_stale_profile_is_measured_again_and_rewritten(home, model, monkeypatch):
+    pp.prefill_profile(model, KEY)
+    (path,) = (home / "profiles").glob("prefill-*.json")
+    old = time.time() - pp.PROFILE_MAX_AGE_S - 60
+    os.utime(path, (old, old))
+    monkeypatch.setattr(pp, "_profiles", {})
+    fresh = pp.PrefillProfile(0.5, 0.25)
+    monkeypatch.setattr(pp, "measure", lambda m: fresh)
+    assert pp.prefill_profile(model, KEY) == fresh
+    assert json.loads(path.read_text())["fit"]["per_token_s"] == 0.25
+    assert time.time() - path.stat().st_mtime < 60
+    new_process(monkeypatch)  # fresh again: read, not measured
+    assert pp.prefill_profile(model, KEY) == fresh

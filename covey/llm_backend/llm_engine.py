@@ -156,13 +156,14 @@ class LLMEngine:
     def _pause_costs(self) -> PauseCosts:
         """Recompute and swap costs for the pause policy, measured on this machine (cached
         per model and device: a few forward passes and copies, well under a second)."""
-        prefill = prefill_profile(self.model, self._profile_key)
+        prefill = prefill_profile(self.model, self._profile_key, self.num_threads)
         swap = swap_profile(
             self.model.args,
             self.config.block_size,
             self.dtype,
             self.device,
             (*self._profile_key, self.config.block_size),
+            self.num_threads,
         )
         return PauseCosts(
             recompute_per_token_s=prefill.per_token_s,
@@ -189,7 +190,7 @@ class LLMEngine:
                 f"EngineConfig.blend_check_layers {bad} out of range: the model has "
                 f"{layers} layers (0 to {layers - 1})"
             )
-        profile = prefill_profile(self.model, self._profile_key)
+        profile = prefill_profile(self.model, self._profile_key, self.num_threads)
         args = self.model.args
         self.chunk_store = ChunkStore(
             config.chunk_store_bytes,
@@ -340,7 +341,7 @@ class LLMEngine:
             queued += max(len(seq.token_ids) - cached, 0)
         for seq in self.scheduler.running:
             queued += max(seq.num_prompt_tokens - seq.num_computed_tokens, 0)
-        profile = prefill_profile(self.model, self._profile_key)
+        profile = prefill_profile(self.model, self._profile_key, self.num_threads)
         return CacheReport(
             cached_tokens=tuple(bm.peek_prefix_blocks(ids) * bm.block_size for ids in prompts),
             chunks_stored=None if store is None else tuple(store.contains_any(c) for c in chunks),

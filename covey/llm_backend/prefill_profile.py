@@ -71,16 +71,19 @@ class PrefillProfile:
         return self.per_token_s * num_tokens
 
 
-def prefill_profile(model: LlamaModel, key: tuple[object, ...]) -> PrefillProfile:
+def prefill_profile(
+    model: LlamaModel, key: tuple[object, ...], threads: int | None = None
+) -> PrefillProfile:
     """The cached profile for `key` (what identifies the model's speed), measuring it on
-    `model` the first time."""
+    `model` the first time. `threads`: the thread count the engine was configured with,
+    for the file's key (default: torch's count now, which the thread governor moves)."""
     profile = _profiles.get(key)
     if profile is None:
-        device = model.norm.weight.device
-        profile = _load(PrefillProfile, "prefill", key, device)
+        text = _disk_key("prefill", key, model.norm.weight.device, threads)
+        profile = _load(PrefillProfile, "prefill", text)
         if profile is None:
             profile = measure(model)
-            _store(profile, "prefill", key, device)
+            _store(profile, "prefill", text)
         _profiles[key] = profile
     return profile
 
@@ -150,15 +153,18 @@ def swap_profile(
     dtype: torch.dtype,
     device: torch.device,
     key: tuple[object, ...],
+    threads: int | None = None,
 ) -> SwapProfile:
     """The cached swap profile for `key`, measured the first time on a scratch pool of
-    the engine's shape (layers, heads, block size, dtype, device)."""
+    the engine's shape (layers, heads, block size, dtype, device); `threads` as for
+    `prefill_profile`."""
     profile = _swap_profiles.get(key)
     if profile is None:
-        profile = _load(SwapProfile, "swap", key, device)
+        text = _disk_key("swap", key, device, threads)
+        profile = _load(SwapProfile, "swap", text)
         if profile is None:
             profile = measure_swap(args, block_size, dtype, device)
-            _store(profile, "swap", key, device)
+            _store(profile, "swap", text)
         _swap_profiles[key] = profile
     return profile
 
@@ -204,23 +210,24 @@ def profile_dir() -> Path:
     return covey_home() / "profiles"
 
 
-def _disk_key(kind: str, key: tuple[object, ...], device: torch.device) -> str:
+def _disk_key(
+    kind: str, key: tuple[object, ...], device: torch.device, threads: int | None
+) -> str:
     """Everything a measured fit depends on besides the engine's own key."""
     machine = _cpu_name()
     if device.type == "cuda":
         machine += f" / {torch.cuda.get_device_name(device)}"
-    return repr(
-        (kind, *key, torch.__version__, torch.get_num_threads(), machine, PROFILE_VERSION)
-    )
+    threads = threads or torch.get_num_threads()
+    return repr((kind, *key, torch.__version__, threads, machine, PROFILE_VERSION))
 
 
 def _path(kind: str, text: str) -> Path:
     return profile_dir() / f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:24]}.json"
 
 
-def _load(cls, kind: str, key: tuple[object, ...], device: torch.device):
-    """The fit stored for this key, or None when absent, unreadable or corrupt."""
-    text = _disk_key(kind, key, device)
+def _load(cls, kind: str, text: str):
+    """The fit stored under `text` (a `_disk_key`), or None when absent, unreadable,
+    corrupt or stale."""
     path = _path(kind, text)
     try:
         if time.time() - path.stat().st_mtime > PROFILE_MAX_AGE_S:
@@ -236,9 +243,8 @@ def _load(cls, kind: str, key: tuple[object, ...], device: torch.device):
     return cls(**fields)
 
 
-def _store(profile, kind: str, key: tuple[object, ...], device: torch.device) -> None:
-    """Write the fit atomically (a temporary file renamed over the target)."""
-    text = _disk_key(kind, key, device)
+def _store(profile, kind: str, text: str) -> None:
+    """Write the fit under `text` atomically (a temporary file renamed over the target)."""
     path = _path(kind, text)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     try:

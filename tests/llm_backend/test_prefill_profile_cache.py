@@ -121,3 +121,16 @@ def test_a_stale_profile_is_measured_again_and_rewritten(home, model, monkeypatc
     assert time.time() - path.stat().st_mtime < 60
     new_process(monkeypatch)  # fresh again: read, not measured
     assert pp.prefill_profile(model, KEY) == fresh
+
+
+def test_the_configured_thread_count_keys_the_file_not_the_governors(home, model, monkeypatch):
+    """The thread governor moves torch's count with the load: two starts of one setup must
+    still share one file."""
+    threads = torch.get_num_threads()
+    stored = pp.prefill_profile(model, KEY, threads=2)
+    new_process(monkeypatch)
+    torch.set_num_threads(threads + 1)
+    try:
+        assert pp.prefill_profile(model, KEY, threads=2) == stored
+    finally:
+        torch.set_num_threads(threads)

@@ -119,7 +119,7 @@ def _dequantize(path: Path, tensor) -> torch.Tensor:
     shape = tuple(int(s) for s in reversed(tensor.shape))
     kind = tensor.tensor_type.name
     if kind in _BLOCK_DEQUANTIZERS:
-        return _BLOCK_DEQUANTIZERS[kind](_raw_blocks(path, tensor, _BLOCK_BYTES[kind]), shape)
+        return _BLOCK_DEQUANTIZERS[kind](_raw_blocks(tensor, _BLOCK_BYTES[kind]), shape)
     try:
         data = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     except Exception as exc:
@@ -133,14 +133,11 @@ def _dequantize(path: Path, tensor) -> torch.Tensor:
 _BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}  # per block of 32 weights
 
 
-def _raw_blocks(path: Path, tensor, block_bytes: int) -> torch.Tensor:
-    """The tensor's blocks as a [blocks, block_bytes] uint8 tensor (a copy of the file's)."""
+def _raw_blocks(tensor, block_bytes: int) -> torch.Tensor:
+    """The tensor's blocks as a [blocks, block_bytes] uint8 tensor (a copy of the file's).
+    Always whole blocks: the reader sizes `tensor.data` from the shape, and fails on a file
+    cut short, which loading reports as a ModelLoadError)."""
     data = np.array(tensor.data, dtype=np.uint8, copy=True).reshape(-1)
-    if data.size % block_bytes:
-        raise ModelLoadError(
-            f"{path}: tensor {tensor.name} has {data.size} bytes, not whole "
-            f"{tensor.tensor_type.name} blocks of {block_bytes}"
-        )
     return torch.from_numpy(data).view(-1, block_bytes)
 
 

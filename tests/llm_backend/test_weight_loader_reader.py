@@ -5,7 +5,6 @@ block types are dequantized in torch, to gguf's weights bit for bit."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import gguf
 import numpy as np
@@ -65,12 +64,16 @@ def test_block_dequantizers_match_gguf_bit_for_bit(kind):
     assert torch.equal(ours, expected)
 
 
-def test_a_truncated_block_tensor_is_a_clear_error():
-    class Truncated:  # a tensor entry whose data is not whole blocks
-        name = "blk.0.ffn_down.weight"
-        tensor_type = gguf.GGMLQuantizationType.Q4_1
-        shape = (32, 1)
-        data = np.zeros(19, dtype=np.uint8)
-
-    with pytest.raises(ModelLoadError, match="not whole Q4_1 blocks of 20"):
-        _dequantize(Path("m.gguf"), Truncated())
+def test_a_truncated_block_tensor_is_a_clear_error(tmp_path):
+    """A file cut inside a Q4_1 tensor's blocks: one line saying the file is unreadable."""
+    path = tmp_path / "cut.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    blocks = np.zeros((4, 40), dtype=np.uint8)  # 4 rows of 64 weights: 2 blocks of 20 bytes
+    writer.add_tensor("blk.0.ffn_down.weight", blocks, raw_dtype=gguf.GGMLQuantizationType.Q4_1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.truncate(path, path.stat().st_size - 7)
+    with pytest.raises(ModelLoadError, match="cut.gguf is not a readable GGUF file"):
+        load_model(ModelSource("gguf", "cut", path), torch.float32, torch.device("cpu"))

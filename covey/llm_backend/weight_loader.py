@@ -135,8 +135,8 @@ _BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}  # per block of 32 weights
 
 def _raw_blocks(tensor, block_bytes: int) -> torch.Tensor:
     """The tensor's blocks as a [blocks, block_bytes] uint8 tensor (a copy of the file's).
-    Always whole blocks: the reader sizes `tensor.data` from the shape, and fails on a file
-    cut short, which loading reports as a ModelLoadError)."""
+    Always whole blocks: the reader sizes `tensor.data` from the shape and fails on a file
+    cut short, which loading reports as a ModelLoadError."""
     data = np.array(tensor.data, dtype=np.uint8, copy=True).reshape(-1)
     return torch.from_numpy(data).view(-1, block_bytes)
 

@@ -42,7 +42,10 @@ from covey.llm_backend.kv_swap import KVSwap
 from covey.llm_backend.model import LlamaModel
 from covey.llm_backend.model_args import ModelArgs
 
-PROFILE_LENGTHS = (16, 64)  # short: the whole measurement stays well under a second
+# Short: the whole measurement stays well under a second. A quantized model's longer length
+# is at least twice its kernel's row limit (`_lengths`): real prefills are long, and past
+# the limit the layers dequantize and run a bf16 matmul, with another cost per token.
+PROFILE_LENGTHS = (16, 64)
 PROFILE_REPEATS = 2
 SWAP_PROFILE_BYTES = 32 << 20  # the scratch pool's size at most: a few ms of copying
 SWAP_PROFILE_REPEATS = 3  # the fastest of these: copies are noisy on a loaded machine
@@ -90,16 +93,16 @@ def prefill_profile(
 
 @torch.inference_mode()
 def measure(model: LlamaModel) -> PrefillProfile:
-    """Time a forward over each of PROFILE_LENGTHS tokens and fit a line through them."""
+    """Time a forward over each of `_lengths(model)` tokens and fit a line through them."""
     args = model.args
     param = model.norm.weight  # the compute dtype (embeddings may be int8)
     device = param.device
-    longest = max(PROFILE_LENGTHS)
+    (n0, n1) = _lengths(model)
     kv = torch.zeros(
         args.num_layers,
         2,
         args.num_kv_heads,
-        longest,
+        n1,
         args.dim_per_head,
         dtype=param.dtype,
         device=device,
@@ -120,8 +123,7 @@ def measure(model: LlamaModel) -> PrefillProfile:
         _sync(device)
         return time.perf_counter() - start
 
-    run(PROFILE_LENGTHS[0])  # warm-up: first-call allocations and kernel selection
-    (n0, n1) = PROFILE_LENGTHS
+    run(n0)  # warm-up: first-call allocations and kernel selection
     # The fastest of a few: a loaded machine only ever adds time, and the pause policy
     # weighs this against copy times measured the same way.
     t0 = min(run(n0) for _ in range(PROFILE_REPEATS))
@@ -130,6 +132,14 @@ def measure(model: LlamaModel) -> PrefillProfile:
     if per_token == 0.0:  # timing noise: fall back to a proportional model
         per_token = t1 / n1
     return PrefillProfile(fixed_s=max(t0 - per_token * n0, 0.0), per_token_s=per_token)
+
+
+def _lengths(model: LlamaModel) -> tuple[int, int]:
+    """The two prefill lengths timed: PROFILE_LENGTHS, the longer one raised past twice the
+    quantized layers' kernel row limit (none for dense weights)."""
+    kernel_rows = getattr(model.layers[0].mlp.down_proj, "kernel_max_rows", 0)
+    short, long = PROFILE_LENGTHS
+    return short, max(long, 2 * kernel_rows)
 
 
 def _sync(device: torch.device) -> None:

@@ -12,6 +12,7 @@ import torch
 from covey.llm_backend import prefill_profile as pp
 from covey.llm_backend.model_args import preset
 from covey.llm_backend.model_source import resolve_model
+from covey.llm_backend.quantization import INT4_KERNEL_MAX_ROWS, KERNEL_MAX_ROWS, quantize
 from covey.llm_backend.weight_loader import load_model
 
 KEY = ("dummy:tiny", "preset:tiny", "cpu", torch.float32, None)
@@ -134,3 +135,20 @@ def test_the_configured_thread_count_keys_the_file_not_the_governors(home, model
         assert pp.prefill_profile(model, KEY, threads=2) == stored
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("mode", [None, "int8", "int4"])
+def test_the_fit_spans_the_quantized_kernels_row_limit(mode):
+    """Long prefills run past the weight-only kernel's row limit: the measured line must
+    too, or it is the kernel's slope."""
+    model = load_model(resolve_model("dummy:tiny"), torch.bfloat16, torch.device("cpu"))
+    if mode:
+        quantize(model, mode)
+    widths = []
+    model.layers[0].mlp.down_proj.register_forward_pre_hook(
+        lambda layer, args: widths.append(args[0].shape[0])
+    )
+    assert pp.measure(model).per_token_s > 0
+    limit = {None: 0, "int8": KERNEL_MAX_ROWS, "int4": INT4_KERNEL_MAX_ROWS}[mode]
+    assert min(widths) <= limit or mode is None
+    assert max(widths) > limit and max(widths) >= max(pp.PROFILE_LENGTHS)

@@ -50,7 +50,9 @@ class RunPlan:
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor | None:
     """The query positions of a true-position mask ([n, L], row i allows keys 0..p_i), or
-    None when `mask` is not of that form (it is then applied as given)."""
+    None when `mask` is not of that form, or not boolean (it is then applied as given)."""
+    if mask.dtype != torch.bool:
+        return None
     counts = mask.sum(dim=1)  # [n]: p_i + 1
     if bool((counts == 0).any()):
         return None

@@ -125,6 +125,9 @@ def test_positions_are_read_back_from_a_true_position_mask():
     holes = _true_mask(positions)
     holes[2, 3] = False
     assert positions_from_mask(holes) is None
+    # only a boolean mask says which keys a row sees: an int or float one is applied as given
+    for dtype in (torch.int64, torch.float32):
+        assert positions_from_mask(_true_mask(positions).to(dtype)) is None
 
 
 def test_a_run_over_cached_keys_without_positions_or_mask_is_refused():

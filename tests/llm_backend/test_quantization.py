@@ -95,15 +95,30 @@ def test_int4_dequantizes_in_and_out_of_inference_mode_and_on_any_thread():
 
     torch.manual_seed(3)
     layer = Int4Linear(torch.randn(128, 64), None, torch.bfloat16)
-    expected = layer.dequantized().clone()
+    expected = layer.dequantized()
     with torch.inference_mode():
         assert torch.equal(layer.dequantized(), expected)
     assert torch.equal(layer.dequantized(), expected)
-    seen = []
-    thread = threading.Thread(target=lambda: seen.append(layer.dequantized().clone()))
-    thread.start()
-    thread.join()
-    assert torch.equal(seen[0], expected)
+    # Two threads at once, each on a layer of its own size: each thread's workspace is its
+    # own, so neither ever reads the other's weights.
+    layers = [Int4Linear(torch.randn(n, k), None, torch.bfloat16) for n, k in ((192, 96), (64, 32))]
+    wanted = [other.dequantized() for other in layers]
+    start = threading.Barrier(2)
+    wrong = []
+
+    def dequantize_often(index: int) -> None:
+        start.wait()
+        for _ in range(200):
+            got = layers[index]._dequantize_into_workspace()
+            if not torch.equal(got, wanted[index]):
+                wrong.append(index)
+
+    threads = [threading.Thread(target=dequantize_often, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert wrong == []
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])

@@ -191,15 +191,17 @@ _workspaces = threading.local()
 
 def _workspace(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A scratch tensor reused by every layer on this thread, grown to the largest asked
-    for (a few MB for the embedded model: its largest projection). Per thread, because
-    engines on different threads dequantize at the same time."""
+    for (a few MB for the embedded model: its largest projection, about 100 MB for a
+    1B-class model) and kept for the thread's life. Per thread, because engines on
+    different threads dequantize at the same time."""
     buffers = _workspaces.__dict__
     nbytes = dtype.itemsize * functools.reduce(lambda a, b: a * b, shape, 1)
-    # an inference tensor cannot be written outside inference mode: one buffer per mode
-    key = (name, torch.is_inference_mode_enabled())
-    buffer = buffers.get(key)
+    buffer = buffers.get(name)
     if buffer is None or buffer.numel() < nbytes:
-        buffer = buffers[key] = torch.empty(nbytes, dtype=torch.uint8)
+        # a normal tensor, which inference mode may write too (an inference tensor could
+        # not be written outside it): one buffer serves both modes
+        with torch.inference_mode(False):
+            buffer = buffers[name] = torch.empty(nbytes, dtype=torch.uint8)
     return buffer[:nbytes].view(dtype).view(shape)
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from covey.errors import ConfigError, NotSupportedError
+from covey.llm_backend import quantization
 from covey.llm_backend.config import EngineConfig
 from covey.llm_backend.llm_engine import LLMEngine
 from covey.llm_backend.model_source import ModelSource, resolve_model
@@ -99,6 +100,8 @@ def test_int4_dequantizes_in_and_out_of_inference_mode_and_on_any_thread():
     with torch.inference_mode():
         assert torch.equal(layer.dequantized(), expected)
     assert torch.equal(layer.dequantized(), expected)
+    # one workspace per name serves both modes (not one copy each)
+    assert sorted(quantization._workspaces.__dict__) == ["nibbles", "weight"]
     # Two threads at once, each on a layer of its own size: each thread's workspace is its
     # own, so neither ever reads the other's weights.
     layers = [Int4Linear(torch.randn(n, k), None, torch.bfloat16) for n, k in ((192, 96), (64, 32))]

@@ -1,25 +1,53 @@
-"""The compiled decode step (EngineConfig.compile) computes what the eager model does, in
-the default configuration (int4 weights in bfloat16 on a bf16 CPU)."""
+"""The compiled decode step (EngineConfig.compile) computes what the eager model does, with
+the default configuration's weights (int4, bfloat16).
+
+The model is the embedded SmolLM2's first two layers (its real weights, embeddings and
+head): compiling the graph of all 30 takes minutes on a cold cache, two take seconds, and
+the graph is the same per layer. benchmarks/engine.py runs the whole model compiled
+(`covey-compiled`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
+from torch import nn
 
 from covey.errors import EngineError
 from covey.llm_backend.compiled_decode import decode_attention, inductor_cache_dir
 from covey.llm_backend.config import EngineConfig
 from covey.llm_backend.llm_engine import LLMEngine
+from covey.llm_backend.model_source import resolve_model
+from covey.llm_backend.quantization import quantize
 from covey.llm_backend.sampling_params import SamplingParams
 from covey.llm_backend.scheduler import ScheduledSeq
+from covey.llm_backend.weight_loader import load_model
 
 GREEDY = SamplingParams(max_tokens=6, ignore_eos=True)
 PROMPTS = ["The three primary colors are", "Python is a programming language that " * 8]
 
 
-@pytest.mark.slow  # the first compile of the step takes about a minute (then it is cached)
-def test_compiled_and_eager_decode_agree(covey_home):
-    engine = LLMEngine(EngineConfig(device="cpu", compile=True, kv_cache_tokens=4096))
+LAYERS = 2
+
+
+@pytest.fixture(scope="module")
+def first_layers():
+    """The embedded model cut to its first LAYERS layers, int4 like the default."""
+    model = load_model(resolve_model(None), torch.bfloat16, torch.device("cpu"))
+    model.layers = nn.ModuleList(model.layers[:LAYERS])
+    model.args = dataclasses.replace(model.args, num_layers=LAYERS)
+    quantize(model, "int4")
+    return model
+
+
+@pytest.mark.slow  # the first compile of the step takes tens of seconds (then it is cached)
+def test_compiled_and_eager_decode_agree(first_layers, covey_home):
+    config = EngineConfig(
+        device="cpu", dtype="bfloat16", quantization="int4", compile=True, kv_cache_tokens=4096
+    )
+    engine = LLMEngine(config, model=first_layers)
     assert inductor_cache_dir().startswith(covey_home)  # cached under covey's home
     compiled = engine.runner.compiled
     rids = [engine.add_request(p, GREEDY) for p in PROMPTS]
@@ -37,7 +65,9 @@ def test_compiled_and_eager_decode_agree(covey_home):
             eager = engine.model.compute_logits(engine.model(*args))
             fused = engine.model.compute_logits(compiled.forward(*args))
         assert torch.equal(fused.argmax(-1), eager.argmax(-1))
-        torch.testing.assert_close(fused, eager, rtol=0.05, atol=0.15)
+        # The fused loops keep float32 between ops where eager rounds each op's result to
+        # bfloat16: a few logits move by a few bf16 steps, the distributions barely.
+        torch.testing.assert_close(fused.softmax(-1), eager.softmax(-1), rtol=0, atol=0.01)
 
     outs = [o.token_ids for o in engine.run_to_completion(rids)]
     engine.runner.compiled = None  # the same engine, eager

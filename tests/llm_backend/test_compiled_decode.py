@@ -67,7 +67,7 @@ def test_compiled_and_eager_decode_agree(first_layers, covey_home):
         assert torch.equal(fused.argmax(-1), eager.argmax(-1))
         # The fused loops keep float32 between ops where eager rounds each op's result to
         # bfloat16: a few logits move by a few bf16 steps, the distributions barely.
-        torch.testing.assert_close(fused.softmax(-1), eager.softmax(-1), rtol=0, atol=0.01)
+        torch.testing.assert_close(fused.softmax(-1), eager.softmax(-1), rtol=0, atol=0.03)
 
     outs = [o.token_ids for o in engine.run_to_completion(rids)]
     engine.runner.compiled = None  # the same engine, eager

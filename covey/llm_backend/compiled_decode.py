@@ -140,6 +140,20 @@ class CompiledDecode:
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
+        # A step the warmed-up graphs do not cover runs eagerly rather than compiling in
+        # the middle of serving (minutes): dynamo guards on torch's thread count, which the
+        # thread governor lowers while other processes keep the CPUs busy.
+        with torch.compiler.set_stance("eager_on_recompile"):
+            return self._run(input_ids, positions, kv_cache, meta)
+
+    def _run(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """The compiled step, compiling it for these inputs' guards if it must."""
         _step.kv, _step.meta = kv_cache, meta
         try:
             return self._step(self.model, input_ids, positions)
@@ -165,7 +179,8 @@ class CompiledDecode:
         try:
             for n in batch_sizes:
                 bar.set_description(f"compiling the decode step (batch {n})")
-                self.forward(*_scratch_step(n, dev), pool, _scratch_meta(n, block, dev))
+                with torch.inference_mode():
+                    self._run(*_scratch_step(n, dev), pool, _scratch_meta(n, block, dev))
                 bar.update(1)
         except Exception as exc:
             raise EngineError(

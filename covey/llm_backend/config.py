@@ -33,11 +33,11 @@ class EngineConfig:
     otherwise), which a program that imports torch itself can set in its environment.
 
     `compile`: run pure decode steps (up to 32 sequences) as one torch.compile graph
-    (inductor, C++ wrapper), see compiled_decode.py. Off by default: on the 2-core CPU it
-    was measured on, the step was 11-16% faster than eager with int4 weights (A/B in one
-    process), but the first compile takes about a minute or two (minutes on a loaded
-    machine), and even from the cache an engine start pays ~10-20 s of tracing: too slow a
-    start for an engine made per command or per test.
+    (inductor, C++ wrapper), see compiled_decode.py. Off by default: on the loaded 2-core
+    CPU it was measured on (int4, batch 1, A/B in one process) the step was 11-16% faster
+    than eager in four runs but 7-23% slower in two, the first compile of the model takes
+    over a minute (many on a loaded machine), and even from the cache an engine start pays
+    ~10-20 s of tracing: too slow a start for an engine made per command or per test.
     """
 
     model: str | Path | None = None  # None: the embedded SmolLM2-135M-Instruct

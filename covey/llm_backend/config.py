@@ -32,9 +32,12 @@ class EngineConfig:
     command also sets OMP_WAIT_POLICY=PASSIVE before torch loads (its GOMP_SPINCOUNT=20000
     otherwise), which a program that imports torch itself can set in its environment.
 
-    `compile`: run decode steps through torch.compile (inductor), see compiled_decode.py.
-    Off by default: on the 2-core CPU it was measured on, the compiled step was no faster
-    than eager and the first compile took minutes (cached afterwards under covey's home).
+    `compile`: run pure decode steps (up to 32 sequences) as one torch.compile graph
+    (inductor, C++ wrapper), see compiled_decode.py. Off by default: on the loaded 2-core
+    CPU it was measured on (int4, batch 1, A/B in one process) the step was 11-16% faster
+    than eager in four runs but 7-23% slower in two, the first compile of the model takes
+    over a minute (many on a loaded machine), and even from the cache an engine start pays
+    ~10-20 s of tracing: too slow a start for an engine made per command or per test.
     """
 
     model: str | Path | None = None  # None: the embedded SmolLM2-135M-Instruct
@@ -48,7 +51,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's context window
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # torch CPU threads; None: one per available CPU
-    compile: bool = False  # decode steps through torch.compile (see the docstring)
+    compile: bool = False  # decode steps as one compiled graph (see the docstring)
     # Weight-only quantization (CPU, bfloat16): "int8" (per-channel) or "int4" (groups of
     # 32); both read the packed weights in decode and keep no dense copy. See
     # covey/llm_backend/quantization.py for the measured speed and perplexity of each.

@@ -82,8 +82,8 @@ class ModelRunner:
         if scheduled:
             inputs = self.prepare(scheduled)
             forward = self.model.forward
-            if self.compiled is not None and inputs.meta.num_decode == len(inputs.input_ids):
-                forward = self.compiled.forward  # a pure decode step
+            if self._compiled_step(inputs):
+                forward = self.compiled.forward
             hidden = forward(inputs.input_ids, inputs.positions, self.pool.kv, inputs.meta)
             if not blends:
                 if not inputs.sample_seqs:
@@ -97,6 +97,16 @@ class ModelRunner:
         if not seqs:
             return [], None
         return seqs, self.model.compute_logits(torch.cat(hidden_rows))
+
+    def _compiled_step(self, inputs: StepInputs) -> bool:
+        """Whether the compiled decode step runs this step: a pure decode step (no prefill
+        tokens) no wider than the compiled graph's batch limit."""
+        n = len(inputs.input_ids)
+        return (
+            self.compiled is not None
+            and inputs.meta.num_decode == n
+            and n <= self.compiled.max_batch
+        )
 
     def _import_chunks(
         self, scheduled: list[ScheduledSeq], chunk_items: list[ScheduledSeq]

@@ -35,6 +35,7 @@ interval lies above -0.02, `MISSED` when it lies wholly below, `inconclusive` ot
 
 from __future__ import annotations
 
+import argparse
 import math
 import statistics
 import sys
@@ -58,6 +59,13 @@ MAX_TOKENS = 6
 SINKS = 4  # the -sinkK systems' blend_sink_tokens
 
 
+ACCURACY_HELP = (
+    " Accuracy-only mode: --accuracy-only [--questions N] [--variant SPEC ...] runs covey-full"
+    " and the blend variants (SPEC: ratio=R,check=1-4,score=kv|k|v|attention|kv+attention,"
+    "quota=global|per_chunk,sink=K) on the same questions and prints the paired table."
+)
+
+
 def sizes(quick: bool) -> dict[str, Any]:
     if quick:
         return {"chunks": 20, "prime": 6, "requests": 12, "chars": 1000, "ratios": (0.0, 0.15)}
@@ -68,6 +76,38 @@ def sizes(quick: bool) -> dict[str, Any]:
         "chars": 1000,
         "ratios": (0.0, 0.15, 0.3, 0.5),
     }
+
+
+SPEC_KEYS = {
+    "ratio": ("blend_recompute_ratio", float),
+    "check": ("blend_check_layers", lambda v: tuple(_layers(v))),
+    "score": ("blend_score", str),
+    "quota": ("blend_quota", str),
+    "sink": ("blend_sink_tokens", int),
+}
+
+
+def _layers(text: str) -> list[int]:
+    """"1" -> [1]; "1-4" -> [1, 2, 3, 4]; "1:3" -> [1, 3]."""
+    if "-" in text:
+        a, b = text.split("-")
+        return list(range(int(a), int(b) + 1))
+    return [int(x) for x in text.split(":")]
+
+
+def blend_variant(spec: str) -> tuple[str, dict[str, Any]]:
+    """A blend system from `key=value,...` (ratio, check, score, quota, sink), e.g.
+    "ratio=0.15,check=1-4,score=kv+attention,quota=per_chunk"; unset keys keep the
+    engine's defaults. Its name lists what it sets."""
+    config: dict[str, Any] = {"chunk_cache": "blend"}
+    for item in filter(None, spec.split(",")):
+        key, _, val = item.partition("=")
+        if key not in SPEC_KEYS:
+            keys = list(SPEC_KEYS)
+            raise SystemExit(f"--variant: unknown key {key!r} in {spec!r} (keys: {keys})")
+        field, parse = SPEC_KEYS[key]
+        config[field] = parse(val)
+    return "covey-blend[" + spec + "]", config
 
 
 def blend(ratio: float, sinks: int = 0) -> tuple[str, dict[str, Any]]:
@@ -201,15 +241,17 @@ def record_accuracy(
         results.append(record(name, system, "accuracy_vs_full", vs.pop("diff"), vs))
 
 
-def bench_covey(size, model, questions, prompts, results) -> list[bool]:
-    """Every covey system on the same requests; returns covey-full's per-question results."""
+def bench_covey(size, model, questions, prompts, results, chosen=None) -> list[bool]:
+    """Every covey system (or the `chosen` ones, after covey-full) on the same requests;
+    returns covey-full's per-question results."""
     from covey.llm_backend.config import EngineConfig
     from covey.llm_backend.llm_engine import LLMEngine
 
     prime = size["prime"]
     reference = None
     seen: dict[Any, tuple[str, list[Any], dict[str, Any]]] = {}
-    for system, overrides in systems(size["ratios"]).items():
+    table = systems(size["ratios"]) if chosen is None else chosen
+    for system, overrides in table.items():
         config = EngineConfig(**overrides)
         if config in seen:  # `covey` is one of the others: its run is that one's
             same, outs, extra = seen[config]
@@ -222,6 +264,9 @@ def bench_covey(size, model, questions, prompts, results) -> list[bool]:
                 "chunk_cache": config.chunk_cache,
                 "blend_recompute_ratio": config.blend_recompute_ratio,
                 "blend_sink_tokens": config.blend_sink_tokens,
+                "blend_check_layers": list(config.blend_check_layers),
+                "blend_score": config.blend_score,
+                "blend_quota": config.blend_quota,
                 "prefix_cache": config.enable_prefix_caching,
                 "primed_requests": prime,
                 "chunk_store": engine.stats().chunk_cache,
@@ -344,6 +389,33 @@ def report(results: list[dict]) -> None:
             )
 
 
+def accuracy_table(results: list[dict]) -> None:
+    """The paired table of the accuracy-only mode, with each system's TTFT relative to
+    covey-full's in the same run (a loaded machine shifts both alike, roughly)."""
+    full_ttft = value(results, "rag", BASELINE, "ttft_s")
+    print(f"{'system':<58} {'acc':>6} {'vs full':>8} {'lost':>4} {'won':>4} "
+          f"{'95% interval':>17} {'verdict':>12} {'TTFT/full':>9}")
+    for r in results:
+        if r["metric"] != "accuracy":
+            continue
+        system = r["system"]
+        vs = next(
+            (x for x in results if x["metric"] == "accuracy_vs_full" and x["system"] == system),
+            None,
+        )
+        ttft = value(results, "rag", system, "ttft_s")
+        ratio = f"{ttft / full_ttft:9.2f}" if ttft and full_ttft else f"{'':>9}"
+        if vs is None:
+            print(f"{system:<58} {r['value']:6.3f} {'':>51} {ratio}")
+            continue
+        p = vs["params"]
+        ci = f"[{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}]"
+        print(
+            f"{system:<58} {r['value']:6.3f} {vs['value']:+8.3f} {p['lost']:>4} {p['won']:>4} "
+            f"{ci:>17} {verdict(p['ci95']):>12} {ratio}"
+        )
+
+
 def plot(results: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -385,16 +457,36 @@ def plot(results: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def accuracy_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """The accuracy-only mode's options; the rest go to bench_common's parser."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--accuracy-only", action="store_true")
+    parser.add_argument("--questions", type=int, default=None)
+    parser.add_argument("--variant", action="append", default=[])
+    return parser.parse_known_args(argv)
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(NAME, "RAG chunk KV reuse: TTFT and accuracy.", argv)
+    extra, rest = accuracy_args(argv)
+    args = parse_args(NAME, __doc__.split("\n\n")[0] + ACCURACY_HELP, rest)
     from covey.llm_backend.config import EngineConfig
     from covey.llm_backend.llm_engine import LLMEngine
 
     size = sizes(args.quick)
+    if extra.questions is not None:
+        size["requests"] = extra.questions
     engine = LLMEngine(EngineConfig())
     questions, prompts, _ = workload(size, engine.tokenizer)
     serve(engine, prompts[:1])  # warm-up: allocator, threads
     results: list[dict] = []
+    if extra.accuracy_only or extra.variant:
+        chosen = {BASELINE: systems(())[BASELINE], **dict(map(blend_variant, extra.variant))}
+        bench_covey(size, engine.model, questions, prompts, results, chosen)
+        accuracy_table(results)
+        if args.json.name == f"{NAME}.json":  # never overwrite the benchmark's own results
+            args.json = args.json.with_name(f"{NAME}_accuracy.json")
+        write_results(args, NAME + "_accuracy", results, str(engine.device), engine.model_name)
+        return
     reference = bench_covey(size, engine.model, questions, prompts, results)
     bench_standalone(size, engine.model, results, reference)
     bench_llama_cpp(size, engine.tokenizer, results, reference)

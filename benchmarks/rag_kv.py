@@ -62,7 +62,9 @@ SINKS = 4  # the -sinkK systems' blend_sink_tokens
 ACCURACY_HELP = (
     " Accuracy-only mode: --accuracy-only [--questions N] [--variant SPEC ...] runs covey-full"
     " and the blend variants (SPEC: ratio=R,check=1-4,score=kv|k|v|attention|kv+attention,"
-    "quota=global|per_chunk,sink=K) on the same questions and prints the paired table."
+    "quota=global|per_chunk,sink=K) on the same questions and prints the paired table;"
+    " --reference JSON... adds the systems of earlier such runs to the table (covey-full's"
+    " answers are deterministic: run it once); with no --variant, only the table is printed."
 )
 
 
@@ -241,14 +243,17 @@ def record_accuracy(
         results.append(record(name, system, "accuracy_vs_full", vs.pop("diff"), vs))
 
 
-def bench_covey(size, model, questions, prompts, results, chosen=None) -> list[bool]:
-    """Every covey system (or the `chosen` ones, after covey-full) on the same requests;
-    returns covey-full's per-question results."""
+def bench_covey(
+    size, model, questions, prompts, results, chosen=None, pair=True, after=None
+) -> list[bool]:
+    """Every covey system (or the `chosen` ones) on the same requests, paired against the
+    first one's (covey-full) when `pair`; returns the first one's per-question results.
+    `after(results)` is called after each system (the accuracy mode saves as it goes)."""
     from covey.llm_backend.config import EngineConfig
     from covey.llm_backend.llm_engine import LLMEngine
 
-    prime = size["prime"]
     reference = None
+    prime = size["prime"]
     seen: dict[Any, tuple[str, list[Any], dict[str, Any]]] = {}
     table = systems(size["ratios"]) if chosen is None else chosen
     for system, overrides in table.items():
@@ -274,7 +279,9 @@ def bench_covey(size, model, questions, prompts, results, chosen=None) -> list[b
             engine.close()
             seen[config] = (system, outs, extra)
         correct = summarize("rag", system, outs, questions[prime:], extra, results, reference)
-        reference = reference or correct
+        reference = reference or (correct if pair else None)
+        if after is not None:
+            after(results)
     return reference
 
 
@@ -389,31 +396,50 @@ def report(results: list[dict]) -> None:
             )
 
 
-def accuracy_table(results: list[dict]) -> None:
-    """The paired table of the accuracy-only mode, with each system's TTFT relative to
-    covey-full's in the same run (a loaded machine shifts both alike, roughly)."""
+def load_results(path: Path, size: dict[str, Any]) -> list[dict]:
+    """The `rag` records of an earlier accuracy-only run over the same questions (greedy
+    answers are deterministic, so covey-full's need not be rerun); its pairings dropped
+    (the table pairs everything afresh)."""
+    import json
+
+    rows = [
+        {**r, "params": {**r["params"], "from": str(path)}}
+        for r in json.loads(path.read_text())["results"]
+        if r["workload"] == "rag" and r["metric"] != "accuracy_vs_full"
+    ]
+    for r in rows:
+        if r["metric"] == "ttft_s" and r["params"]["questions"] != size["requests"]:
+            raise SystemExit(f"--reference {path}: not {size['requests']} questions")
+    return rows
+
+
+def accuracy_table(results: list[dict]) -> list[dict]:
+    """Prints every system paired against covey-full (accuracy, difference, lost, won, 95%
+    interval, verdict) with its TTFT relative to covey-full's (from another run when the
+    reference was loaded: relative figures are only as steady as the machine's load).
+    Returns the `accuracy_vs_full` records."""
+    accs = {r["system"]: r for r in results if r["workload"] == "rag" and r["metric"] == "accuracy"}
+    full = accs.get(BASELINE)
     full_ttft = value(results, "rag", BASELINE, "ttft_s")
-    print(f"{'system':<58} {'acc':>6} {'vs full':>8} {'lost':>4} {'won':>4} "
-          f"{'95% interval':>17} {'verdict':>12} {'TTFT/full':>9}")
-    for r in results:
-        if r["metric"] != "accuracy":
-            continue
-        system = r["system"]
-        vs = next(
-            (x for x in results if x["metric"] == "accuracy_vs_full" and x["system"] == system),
-            None,
-        )
+    print(
+        f"{'system':<58} {'acc':>6} {'vs full':>8} {'lost':>4} {'won':>4} "
+        f"{'95% interval':>17} {'verdict':>12} {'TTFT/full':>9}"
+    )
+    out = []
+    for system, r in accs.items():
         ttft = value(results, "rag", system, "ttft_s")
         ratio = f"{ttft / full_ttft:9.2f}" if ttft and full_ttft else f"{'':>9}"
-        if vs is None:
+        if full is None or system == BASELINE:
             print(f"{system:<58} {r['value']:6.3f} {'':>51} {ratio}")
             continue
-        p = vs["params"]
+        p = paired([bool(c) for c in r["params"]["correct"]], full["params"]["correct"])
+        out.append(record("rag", system, "accuracy_vs_full", p.pop("diff"), p))
         ci = f"[{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}]"
         print(
-            f"{system:<58} {r['value']:6.3f} {vs['value']:+8.3f} {p['lost']:>4} {p['won']:>4} "
-            f"{ci:>17} {verdict(p['ci95']):>12} {ratio}"
+            f"{system:<58} {r['value']:6.3f} {out[-1]['value']:+8.3f} {p['lost']:>4} "
+            f"{p['won']:>4} {ci:>17} {verdict(p['ci95']):>12} {ratio}"
         )
+    return out
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -463,6 +489,7 @@ def accuracy_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]
     parser.add_argument("--accuracy-only", action="store_true")
     parser.add_argument("--questions", type=int, default=None)
     parser.add_argument("--variant", action="append", default=[])
+    parser.add_argument("--reference", type=Path, nargs="*", default=[])
     return parser.parse_known_args(argv)
 
 
@@ -479,13 +506,21 @@ def main(argv: list[str] | None = None) -> None:
     questions, prompts, _ = workload(size, engine.tokenizer)
     serve(engine, prompts[:1])  # warm-up: allocator, threads
     results: list[dict] = []
-    if extra.accuracy_only or extra.variant:
-        chosen = {BASELINE: systems(())[BASELINE], **dict(map(blend_variant, extra.variant))}
-        bench_covey(size, engine.model, questions, prompts, results, chosen)
-        accuracy_table(results)
+    if extra.accuracy_only or extra.variant or extra.reference:
         if args.json.name == f"{NAME}.json":  # never overwrite the benchmark's own results
             args.json = args.json.with_name(f"{NAME}_accuracy.json")
-        write_results(args, NAME + "_accuracy", results, str(engine.device), engine.model_name)
+        runs = extra.variant or ([] if extra.reference else ["full", ""])
+        chosen = dict(
+            (BASELINE, systems(())[BASELINE]) if v == "full" else blend_variant(v) for v in runs
+        )
+
+        def save(rows: list[dict]) -> None:
+            write_results(args, NAME + "_accuracy", rows, str(engine.device), engine.model_name)
+
+        bench_covey(size, engine.model, questions, prompts, results, chosen, False, save)
+        table = results + [r for path in extra.reference for r in load_results(path, size)]
+        results.extend(accuracy_table(table))
+        save(results)
         return
     reference = bench_covey(size, engine.model, questions, prompts, results)
     bench_standalone(size, engine.model, results, reference)

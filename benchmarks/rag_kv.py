@@ -145,15 +145,18 @@ def workload(size: dict[str, Any], tokenizer: Any) -> tuple[list[Any], list[Any]
     return questions, prompts, chunks
 
 
-def serve(engine: Any, prompts: list[Any]) -> list[Any]:
-    """Each prompt alone, in order; its finished RequestOutput."""
+def serve(engine: Any, prompts: list[Any], progress=None) -> list[Any]:
+    """Each prompt alone, in order; its finished RequestOutput. `progress(i, out)` sees each
+    as it finishes."""
     from covey.llm_backend.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
     outs = []
-    for p in prompts:
+    for i, p in enumerate(prompts):
         rid = engine.add_request(p, params)
         outs.extend(engine.run_to_completion([rid]))
+        if progress is not None:
+            progress(i, outs[-1])
     return outs
 
 
@@ -244,11 +247,15 @@ def record_accuracy(
 
 
 def bench_covey(
-    size, model, questions, prompts, results, chosen=None, pair=True, after=None
+    size, model, questions, prompts, results, chosen=None, pair=True, after=None, log=False
 ) -> list[bool]:
     """Every covey system (or the `chosen` ones) on the same requests, paired against the
     first one's (covey-full) when `pair`; returns the first one's per-question results.
-    `after(results)` is called after each system (the accuracy mode saves as it goes)."""
+    `after(results)` is called after each system (the accuracy mode saves as it goes);
+    `log` prints each answer's correctness as it comes (a long run cut short still pairs
+    on the questions both systems reached: each answer depends only on those before it)."""
+    import planted_facts as pf
+
     from covey.llm_backend.config import EngineConfig
     from covey.llm_backend.llm_engine import LLMEngine
 
@@ -264,7 +271,13 @@ def bench_covey(
         else:
             engine = LLMEngine(config, model=model)
             serve(engine, prompts[:prime])
-            outs = serve(engine, prompts[prime:])
+
+            def progress(i: int, out: Any, system: str = system) -> None:
+                if log:
+                    ok = int(pf.correct(out.text, questions[prime + i]))
+                    print(f"answer {system} {i} {ok} {out.metrics.ttft:.4f}", flush=True)
+
+            outs = serve(engine, prompts[prime:], progress)
             extra = {
                 "chunk_cache": config.chunk_cache,
                 "blend_recompute_ratio": config.blend_recompute_ratio,
@@ -517,7 +530,7 @@ def main(argv: list[str] | None = None) -> None:
         def save(rows: list[dict]) -> None:
             write_results(args, NAME + "_accuracy", rows, str(engine.device), engine.model_name)
 
-        bench_covey(size, engine.model, questions, prompts, results, chosen, False, save)
+        bench_covey(size, engine.model, questions, prompts, results, chosen, False, save, True)
         table = results + [r for path in extra.reference for r in load_results(path, size)]
         results.extend(accuracy_table(table))
         save(results)

@@ -18,7 +18,8 @@ layer, over the reused KV as it is (plain concatenation).
 
 `forced` rows (the heads of the reused chunks, `blend_sink_tokens`) are recomputed on every
 layer whatever their deviation, beyond the ratio, which then applies to the other reused
-tokens.
+tokens. `BlendPolicy` says how the others are ranked (deviation of K, V or both, or the
+attention the question pays them) and whether the top is taken globally or per chunk.
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@ DEFAULT_GPU_KV_FRACTION = 0.5  # of the memory free after loading the weights
 _DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 CHUNK_CACHE_MODES = ("off", "exact", "blend")
 QUANTIZATION_MODES = ("int8", "int4")
+BLEND_SCORES = ("kv", "k", "v", "attention", "kv+attention")
+BLEND_QUOTAS = ("global", "per_chunk")
 PAUSE_POLICIES = ("adaptive", "preserve", "swap", "discard")
 
 
@@ -70,6 +72,12 @@ class EngineConfig:
     # ratio and check layers, it applies only with chunk_cache="blend" and is ignored (a
     # harmless knob, not an error) otherwise.
     blend_sink_tokens: int = 0
+    # Blend: how the recomputed tokens are chosen on the check layers (see
+    # blend_forward.BlendPolicy): "kv" (CacheBlend's K+V deviation), "k", "v", "attention"
+    # (what the question after the chunks attends to) or "kv+attention"; and whether the
+    # top tokens are taken over all reused chunks ("global") or per chunk ("per_chunk").
+    blend_score: str = "kv"
+    blend_quota: str = "global"
     chunk_store_bytes: int = 256 << 20  # the host tier of the chunk store
     chunk_store_dir: str | None = None  # the disk tier (kept across restarts); None: none
     chunk_store_disk_bytes: int = 2 << 30
@@ -143,6 +151,12 @@ class EngineConfig:
         for layer in layers:
             as_int("each of EngineConfig.blend_check_layers", layer, ge=0, error=ConfigError)
         as_int("EngineConfig.blend_sink_tokens", self.blend_sink_tokens, ge=0, error=ConfigError)
+        for name, value, allowed in (
+            ("blend_score", self.blend_score, BLEND_SCORES),
+            ("blend_quota", self.blend_quota, BLEND_QUOTAS),
+        ):
+            if value not in allowed:
+                raise ConfigError(f"EngineConfig.{name} must be one of {allowed}, got {value!r}")
         as_int("EngineConfig.chunk_store_bytes", self.chunk_store_bytes, ge=0, error=ConfigError)
         as_int(
             "EngineConfig.chunk_store_disk_bytes",

@@ -8,7 +8,8 @@ Workloads (see the engine issue):
 - prefix: requests sharing a 1024-token system prompt with different 64-token questions:
   TTFT with the prefix cache on (`covey`) and off (`covey-no-prefix-cache`);
 - throughput and latency again for every other weight mode (`covey-<mode>`: float32, bf16,
-  int8, int4 weights; `covey` is the default configuration), with a decode profile each;
+  int8, int4 weights; `covey` is the default configuration), with a decode profile each,
+  and `covey-compiled`: the default with decode steps compiled (EngineConfig.compile);
 - quality: perplexity on held-out Python docs of every mode and of transformers;
 - contention: single-stream TPOT alone and with a competing CPU-bound process (a torch
   matmul loop on every core, OpenMP defaults), and contention-heavy with three of them, for
@@ -348,6 +349,8 @@ def cpu_suite(s, results, device):
     models = {"covey": engine.model}
     for name, config in mode_systems(engine).items():
         models[name] = measure_mode(results, s, name, config, device, prompts, lat_prompt, tp, lat)
+    for name, config in COMPILED.items():
+        measure_mode(results, s, name, config, device, prompts, lat_prompt, tp, lat)
     quality_suite(s, results, tok, models)
 
     hf = load_transformers(dense_model(models, dtype), dtype)
@@ -391,6 +394,9 @@ WEIGHT_MODES = {
     "int8": dict(dtype="bfloat16", quantization="int8"),
     "int4": dict(dtype="bfloat16", quantization="int4"),
 }
+# The default weights with decode steps compiled (EngineConfig.compile, opt-in): measured
+# as `covey-compiled` for its speed; its weights and perplexity are the default's.
+COMPILED = {"covey-compiled": dict(compile=True)}
 
 
 def mode_of(engine: LLMEngine) -> str:
@@ -418,6 +424,8 @@ def measure_mode(results, s, name, overrides, device, prompts, lat_prompt, tp, l
     engine = LLMEngine(EngineConfig(device=device, enable_prefix_caching=False, **overrides))
     mode = mode_of(engine)
     params = {"dtype": str(engine.dtype).removeprefix("torch."), "weights": mode}
+    if engine.runner.compiled is not None:
+        params["compiled"] = "decode steps, one inductor graph (cpp_wrapper)"
     measure_system(
         results,
         name,

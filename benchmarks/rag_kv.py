@@ -35,6 +35,7 @@ interval lies above -0.02, `MISSED` when it lies wholly below, `inconclusive` ot
 
 from __future__ import annotations
 
+import argparse
 import math
 import statistics
 import sys
@@ -58,6 +59,15 @@ MAX_TOKENS = 6
 SINKS = 4  # the -sinkK systems' blend_sink_tokens
 
 
+ACCURACY_HELP = (
+    " Accuracy-only mode: --accuracy-only [--questions N] [--variant SPEC ...] runs covey-full"
+    " and the blend variants (SPEC: ratio=R,check=1-4,score=kv|k|v|attention|kv+attention,"
+    "quota=global|per_chunk,sink=K) on the same questions and prints the paired table;"
+    " --reference JSON... adds the systems of earlier such runs to the table (covey-full's"
+    " answers are deterministic: run it once); with no --variant, only the table is printed."
+)
+
+
 def sizes(quick: bool) -> dict[str, Any]:
     if quick:
         return {"chunks": 20, "prime": 6, "requests": 12, "chars": 1000, "ratios": (0.0, 0.15)}
@@ -68,6 +78,38 @@ def sizes(quick: bool) -> dict[str, Any]:
         "chars": 1000,
         "ratios": (0.0, 0.15, 0.3, 0.5),
     }
+
+
+SPEC_KEYS = {
+    "ratio": ("blend_recompute_ratio", float),
+    "check": ("blend_check_layers", lambda v: tuple(_layers(v))),
+    "score": ("blend_score", str),
+    "quota": ("blend_quota", str),
+    "sink": ("blend_sink_tokens", int),
+}
+
+
+def _layers(text: str) -> list[int]:
+    """"1" -> [1]; "1-4" -> [1, 2, 3, 4]; "1:3" -> [1, 3]."""
+    if "-" in text:
+        a, b = text.split("-")
+        return list(range(int(a), int(b) + 1))
+    return [int(x) for x in text.split(":")]
+
+
+def blend_variant(spec: str) -> tuple[str, dict[str, Any]]:
+    """A blend system from `key=value,...` (ratio, check, score, quota, sink), e.g.
+    "ratio=0.15,check=1-4,score=kv+attention,quota=per_chunk"; unset keys keep the
+    engine's defaults. Its name lists what it sets."""
+    config: dict[str, Any] = {"chunk_cache": "blend"}
+    for item in filter(None, spec.split(",")):
+        key, _, val = item.partition("=")
+        if key not in SPEC_KEYS:
+            keys = list(SPEC_KEYS)
+            raise SystemExit(f"--variant: unknown key {key!r} in {spec!r} (keys: {keys})")
+        field, parse = SPEC_KEYS[key]
+        config[field] = parse(val)
+    return "covey-blend[" + spec + "]", config
 
 
 def blend(ratio: float, sinks: int = 0) -> tuple[str, dict[str, Any]]:
@@ -103,15 +145,18 @@ def workload(size: dict[str, Any], tokenizer: Any) -> tuple[list[Any], list[Any]
     return questions, prompts, chunks
 
 
-def serve(engine: Any, prompts: list[Any]) -> list[Any]:
-    """Each prompt alone, in order; its finished RequestOutput."""
+def serve(engine: Any, prompts: list[Any], progress=None) -> list[Any]:
+    """Each prompt alone, in order; its finished RequestOutput. `progress(i, out)` sees each
+    as it finishes."""
     from covey.llm_backend.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
     outs = []
-    for p in prompts:
+    for i, p in enumerate(prompts):
         rid = engine.add_request(p, params)
         outs.extend(engine.run_to_completion([rid]))
+        if progress is not None:
+            progress(i, outs[-1])
     return outs
 
 
@@ -201,15 +246,24 @@ def record_accuracy(
         results.append(record(name, system, "accuracy_vs_full", vs.pop("diff"), vs))
 
 
-def bench_covey(size, model, questions, prompts, results) -> list[bool]:
-    """Every covey system on the same requests; returns covey-full's per-question results."""
+def bench_covey(
+    size, model, questions, prompts, results, chosen=None, pair=True, after=None, log=False
+) -> list[bool]:
+    """Every covey system (or the `chosen` ones) on the same requests, paired against the
+    first one's (covey-full) when `pair`; returns the first one's per-question results.
+    `after(results)` is called after each system (the accuracy mode saves as it goes);
+    `log` prints each answer's correctness as it comes (a long run cut short still pairs
+    on the questions both systems reached: each answer depends only on those before it)."""
+    import planted_facts as pf
+
     from covey.llm_backend.config import EngineConfig
     from covey.llm_backend.llm_engine import LLMEngine
 
-    prime = size["prime"]
     reference = None
+    prime = size["prime"]
     seen: dict[Any, tuple[str, list[Any], dict[str, Any]]] = {}
-    for system, overrides in systems(size["ratios"]).items():
+    table = systems(size["ratios"]) if chosen is None else chosen
+    for system, overrides in table.items():
         config = EngineConfig(**overrides)
         if config in seen:  # `covey` is one of the others: its run is that one's
             same, outs, extra = seen[config]
@@ -217,11 +271,20 @@ def bench_covey(size, model, questions, prompts, results) -> list[bool]:
         else:
             engine = LLMEngine(config, model=model)
             serve(engine, prompts[:prime])
-            outs = serve(engine, prompts[prime:])
+
+            def progress(i: int, out: Any, system: str = system) -> None:
+                if log:
+                    ok = int(pf.correct(out.text, questions[prime + i]))
+                    print(f"answer {system} {i} {ok} {out.metrics.ttft:.4f}", flush=True)
+
+            outs = serve(engine, prompts[prime:], progress)
             extra = {
                 "chunk_cache": config.chunk_cache,
                 "blend_recompute_ratio": config.blend_recompute_ratio,
                 "blend_sink_tokens": config.blend_sink_tokens,
+                "blend_check_layers": list(config.blend_check_layers),
+                "blend_score": config.blend_score,
+                "blend_quota": config.blend_quota,
                 "prefix_cache": config.enable_prefix_caching,
                 "primed_requests": prime,
                 "chunk_store": engine.stats().chunk_cache,
@@ -229,7 +292,9 @@ def bench_covey(size, model, questions, prompts, results) -> list[bool]:
             engine.close()
             seen[config] = (system, outs, extra)
         correct = summarize("rag", system, outs, questions[prime:], extra, results, reference)
-        reference = reference or correct
+        reference = reference or (correct if pair else None)
+        if after is not None:
+            after(results)
     return reference
 
 
@@ -344,6 +409,52 @@ def report(results: list[dict]) -> None:
             )
 
 
+def load_results(path: Path, size: dict[str, Any]) -> list[dict]:
+    """The `rag` records of an earlier accuracy-only run over the same questions (greedy
+    answers are deterministic, so covey-full's need not be rerun); its pairings dropped
+    (the table pairs everything afresh)."""
+    import json
+
+    rows = [
+        {**r, "params": {**r["params"], "from": str(path)}}
+        for r in json.loads(path.read_text())["results"]
+        if r["workload"] == "rag" and r["metric"] != "accuracy_vs_full"
+    ]
+    for r in rows:
+        if r["metric"] == "ttft_s" and r["params"]["questions"] != size["requests"]:
+            raise SystemExit(f"--reference {path}: not {size['requests']} questions")
+    return rows
+
+
+def accuracy_table(results: list[dict]) -> list[dict]:
+    """Prints every system paired against covey-full (accuracy, difference, lost, won, 95%
+    interval, verdict) with its TTFT relative to covey-full's (from another run when the
+    reference was loaded: relative figures are only as steady as the machine's load).
+    Returns the `accuracy_vs_full` records."""
+    accs = {r["system"]: r for r in results if r["workload"] == "rag" and r["metric"] == "accuracy"}
+    full = accs.get(BASELINE)
+    full_ttft = value(results, "rag", BASELINE, "ttft_s")
+    print(
+        f"{'system':<58} {'acc':>6} {'vs full':>8} {'lost':>4} {'won':>4} "
+        f"{'95% interval':>17} {'verdict':>12} {'TTFT/full':>9}"
+    )
+    out = []
+    for system, r in accs.items():
+        ttft = value(results, "rag", system, "ttft_s")
+        ratio = f"{ttft / full_ttft:9.2f}" if ttft and full_ttft else f"{'':>9}"
+        if full is None or system == BASELINE:
+            print(f"{system:<58} {r['value']:6.3f} {'':>51} {ratio}")
+            continue
+        p = paired([bool(c) for c in r["params"]["correct"]], full["params"]["correct"])
+        out.append(record("rag", system, "accuracy_vs_full", p.pop("diff"), p))
+        ci = f"[{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}]"
+        print(
+            f"{system:<58} {r['value']:6.3f} {out[-1]['value']:+8.3f} {p['lost']:>4} "
+            f"{p['won']:>4} {ci:>17} {verdict(p['ci95']):>12} {ratio}"
+        )
+    return out
+
+
 def plot(results: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -385,16 +496,45 @@ def plot(results: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def accuracy_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """The accuracy-only mode's options; the rest go to bench_common's parser."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--accuracy-only", action="store_true")
+    parser.add_argument("--questions", type=int, default=None)
+    parser.add_argument("--variant", action="append", default=[])
+    parser.add_argument("--reference", type=Path, nargs="*", default=[])
+    return parser.parse_known_args(argv)
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(NAME, "RAG chunk KV reuse: TTFT and accuracy.", argv)
+    extra, rest = accuracy_args(argv)
+    args = parse_args(NAME, __doc__.split("\n\n")[0] + ACCURACY_HELP, rest)
     from covey.llm_backend.config import EngineConfig
     from covey.llm_backend.llm_engine import LLMEngine
 
     size = sizes(args.quick)
+    if extra.questions is not None:
+        size["requests"] = extra.questions
     engine = LLMEngine(EngineConfig())
     questions, prompts, _ = workload(size, engine.tokenizer)
     serve(engine, prompts[:1])  # warm-up: allocator, threads
     results: list[dict] = []
+    if extra.accuracy_only or extra.variant or extra.reference:
+        if args.json.name == f"{NAME}.json":  # never overwrite the benchmark's own results
+            args.json = args.json.with_name(f"{NAME}_accuracy.json")
+        runs = extra.variant or ([] if extra.reference else ["full", ""])
+        chosen = dict(
+            (BASELINE, systems(())[BASELINE]) if v == "full" else blend_variant(v) for v in runs
+        )
+
+        def save(rows: list[dict]) -> None:
+            write_results(args, NAME + "_accuracy", rows, str(engine.device), engine.model_name)
+
+        bench_covey(size, engine.model, questions, prompts, results, chosen, False, save, True)
+        table = results + [r for path in extra.reference for r in load_results(path, size)]
+        results.extend(accuracy_table(table))
+        save(results)
+        return
     reference = bench_covey(size, engine.model, questions, prompts, results)
     bench_standalone(size, engine.model, results, reference)
     bench_llama_cpp(size, engine.tokenizer, results, reference)

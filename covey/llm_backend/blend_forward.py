@@ -18,7 +18,8 @@ layer, over the reused KV as it is (plain concatenation).
 
 `forced` rows (the heads of the reused chunks, `blend_sink_tokens`) are recomputed on every
 layer whatever their deviation, beyond the ratio, which then applies to the other reused
-tokens.
+tokens. `BlendPolicy` says how the others are ranked (deviation of K, V or both, or the
+attention the question pays them) and whether the top is taken globally or per chunk.
 """
 
 from __future__ import annotations
@@ -29,7 +30,27 @@ import torch
 
 from covey.llm_backend.attention_metadata import AttentionMetadata, PrefillRun
 from covey.llm_backend.chunk_planner import num_selected
+from covey.llm_backend.layers import apply_rotary
 from covey.llm_backend.model import LlamaModel
+
+
+@dataclass(frozen=True)
+class BlendPolicy:
+    """How the recomputed reused tokens are chosen on the check layers.
+
+    `score`: "kv" ranks by how far a token's fresh K and V are from its reused ones (the
+    CacheBlend deviation), "k" or "v" by one of them; "attention" by the attention the
+    region's last own tokens (the question after the chunks, always computed) pay to it:
+    what the request will read, wherever the deviation is (query-aware, as EPIC and A^3
+    argue); "kv+attention" adds the two, each normalised to sum 1. With several check
+    layers each layer's scores are normalised to sum 1 before adding, so no layer's scale
+    dominates. `quota`: "global" takes the top ceil(ratio * reused) over all reused tokens;
+    "per_chunk" gives each reused chunk its share (largest remainders, same total), so a
+    chunk whose deviation is low everywhere still gets some of its tokens recomputed.
+    """
+
+    score: str = "kv"
+    quota: str = "global"
 
 
 @dataclass
@@ -42,12 +63,60 @@ class BlendRegion:
     key_blocks: torch.Tensor  # [nb] the sequence's block table, covering positions 0..end-1
     reused: torch.Tensor  # [n] bool, True where the pool holds reused KV (never the last token)
     forced: torch.Tensor | None = None  # [n] bool, reused rows recomputed whatever they deviate
+    groups: torch.Tensor | None = None  # [n] long: the reused chunk of each row (per_chunk)
 
 
 @dataclass
 class BlendResult:
     hidden: torch.Tensor  # [1, hidden] the last token's final hidden state (for its logits)
     num_recomputed: int  # reused tokens recomputed on every layer
+
+
+def chunk_groups(reused: torch.Tensor) -> torch.Tensor:
+    """Each row's chunk when no groups are given: a run of contiguous reused rows."""
+    starts = reused & ~torch.cat((reused.new_zeros(1), reused[:-1]))
+    return torch.cumsum(starts.long(), 0) - 1
+
+
+def quota_topk(scores: torch.Tensor, groups: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of `k` rows: each group's top rows, the group getting its share of k by its
+    size (floor, then the largest remainders), so the total is exactly k."""
+    ids, counts = torch.unique(groups, return_counts=True)
+    exact = counts.double() * k / scores.shape[0]
+    share = exact.floor().long()
+    rest = k - int(share.sum())
+    if rest:
+        share[(exact - share).topk(rest).indices] += 1
+    picked = []
+    for g, n in zip(ids.tolist(), share.tolist(), strict=True):
+        if n:
+            rows = (groups == g).nonzero().squeeze(1)
+            picked.append(rows[scores[rows].topk(n).indices])
+    return torch.cat(picked) if picked else scores.new_zeros(0, dtype=torch.long)
+
+
+def _question_attention(
+    layer, x_in, cos, sin, rows, positions, kv, key_slots, reused_pos
+) -> torch.Tensor:
+    """[R] the attention `rows` (the question) pay to each reused position on this layer
+    (summed over their heads), by the fresh keys the layer just stored."""
+    attn = layer.self_attn
+    h = layer.input_layernorm(x_in[rows])
+    q = attn.qkv_proj(h)[:, : attn.q_size].view(len(rows), attn.num_heads, attn.head_dim)
+    q = apply_rotary(q, cos[rows], sin[rows]).float()  # [t, H, Dh]
+    keys = kv[0].index_select(1, key_slots).float()  # [KVH, L, Dh]
+    kvh = keys.shape[0]
+    q = q.view(len(rows), kvh, attn.num_heads // kvh, attn.head_dim)
+    logits = torch.einsum("tkgd,kld->tkgl", q, keys) / attn.head_dim**0.5
+    visible = torch.arange(keys.shape[1], device=keys.device) <= positions[rows][:, None]
+    logits = logits.masked_fill(~visible[:, None, None, :], float("-inf"))
+    probs = logits.softmax(-1)  # [t, KVH, g, L]
+    return probs[..., reused_pos].sum(dim=(0, 1, 2))
+
+
+def _normalised(x: torch.Tensor) -> torch.Tensor:
+    total = x.sum()
+    return x / total if total > 0 else x
 
 
 @torch.inference_mode()
@@ -58,8 +127,10 @@ def blend_forward(
     ratio: float,
     check_layers: tuple[int, ...],
     block_size: int,
+    policy: BlendPolicy | None = None,
 ) -> BlendResult:
     """Run the model over `region`, recomputing a `ratio` of its reused tokens (see above)."""
+    policy = policy or BlendPolicy()
     if bool(region.reused[-1]):
         raise ValueError("the last token of a blend region must be computed (its logits)")
     device = region.positions.device
@@ -68,13 +139,22 @@ def blend_forward(
     forced = region.forced if region.forced is not None else torch.zeros_like(region.reused)
     forced = forced & region.reused
     free = region.reused & ~forced
-    reused_rows = free.nonzero().squeeze(1)  # [R] reused rows chosen by deviation
+    reused_rows = free.nonzero().squeeze(1)  # [R] reused rows chosen by score
     own_rows = (~free).nonzero().squeeze(1)  # computed on every layer: own and forced
     num_reused = reused_rows.shape[0]
     num_forced = int(forced.sum())
     k = num_selected(ratio, num_reused)
     check = sorted(set(check_layers)) if k and k < num_reused else []
     select_after = check[-1] if check else -1  # the layer after which rows are chosen
+    deviation = "attention" != policy.score
+    attention = "attention" in policy.score
+    if attention and check:
+        last_reused = int(region.reused.nonzero().max())
+        question = (~region.reused).nonzero().squeeze(1)
+        question = question[question > last_reused]  # the own tokens after every chunk
+        blocks = region.key_blocks
+        key_slots = blocks[keys // block_size] * block_size + keys % block_size  # [L]
+        reused_pos = region.positions[reused_rows]
 
     def metadata(rows: torch.Tensor | None) -> AttentionMetadata:
         pos = region.positions if rows is None else region.positions[rows]
@@ -90,18 +170,40 @@ def blend_forward(
     cos, sin = model.rotary(region.positions, x.dtype)
     meta = metadata(None)
     reused_slots = region.slots[reused_rows]
-    deviation = torch.zeros(num_reused, dtype=torch.float32, device=device)
+    dev_score = torch.zeros(num_reused, dtype=torch.float32, device=device)
+    att_score = torch.zeros(num_reused, dtype=torch.float32, device=device)
     for i, layer in enumerate(model.layers):
-        if i == select_after + 1:
-            if k < num_reused:
-                chosen = reused_rows[deviation.topk(k).indices] if check else reused_rows[:0]
-                rows = torch.cat((own_rows, chosen)).sort().values
-                x, cos, sin, meta = x[rows], cos[rows], sin[rows], metadata(rows)
+        if i == select_after + 1 and k < num_reused:
+            chosen = reused_rows[:0]
+            if check:
+                score = dev_score if deviation else att_score
+                if deviation and attention:
+                    score = _normalised(dev_score) + _normalised(att_score)
+                if policy.quota == "per_chunk":
+                    groups = region.groups if region.groups is not None else chunk_groups(
+                        region.reused
+                    )
+                    chosen = reused_rows[quota_topk(score, groups[reused_rows], k)]
+                else:
+                    chosen = reused_rows[score.topk(k).indices]
+            rows = torch.cat((own_rows, chosen)).sort().values
+            x, cos, sin, meta = x[rows], cos[rows], sin[rows], metadata(rows)
         layer_kv = kv_cache[i]  # [2, KVH, S, Dh]
         if i in check:
             cached = layer_kv.index_select(2, reused_slots).float()  # before the overwrite
+            x_in = x
         x = layer(x, cos, sin, layer_kv, meta)
         if i in check:
-            fresh = layer_kv.index_select(2, reused_slots).float()
-            deviation += (fresh - cached).square().sum(dim=(0, 1, 3))  # [R]: K and V
+            if deviation:
+                fresh = layer_kv.index_select(2, reused_slots).float()
+                diff = (fresh - cached).square().sum(dim=(1, 3))  # [2, R]: K and V
+                part = {"kv": diff.sum(0), "k": diff[0], "v": diff[1]}.get(policy.score, None)
+                dev_score += _normalised(diff.sum(0) if part is None else part)
+            if attention:
+                att_score += _normalised(
+                    _question_attention(
+                        layer, x_in, cos, sin, question, region.positions, layer_kv,
+                        key_slots, reused_pos,
+                    )
+                )
     return BlendResult(model.norm(x[-1:]), num_forced + k)

@@ -1,39 +1,76 @@
-"""Decode steps through torch.compile (inductor): fewer ops and less Python per token.
+"""Decode steps through torch.compile (inductor): one compiled graph for the whole step.
 
-A decode step of a small model is mostly dispatch: each layer runs ~25 small ops (RMSNorm,
-RoPE, SwiGLU, residual adds) around its four matmuls, one token per sequence. Inductor
-fuses the elementwise work into a few generated C++ loops and calls the matmuls directly.
+A decode step of a small model is mostly dispatch: each layer runs ~45 small ATen ops
+(RMSNorm, RoPE, SwiGLU, residual adds, the attention's views and matmuls) around its four
+weight matmuls, one token per sequence, so at batch 1 the step is dominated by the cost of
+calling ops, not by their work. Compiled as one graph, the elementwise work of a layer
+becomes a few generated C++ loops, and with inductor's `cpp_wrapper` the code that calls
+the kernels is C++ too: the CPU analogue of replaying a CUDA graph.
 
-What is compiled: per decoder layer, the dense work before attention (norm, QKV, RoPE) and
-after it (output projection, residual, norm, MLP, residual). Paged attention stays eager:
-its shapes and block tables change every step. The two functions take the layer as an
-argument, so the 30 layers share one compiled graph each (weights are graph inputs), and
-the batch size is a dynamic dimension, so a new batch size does not compile again.
+Why one graph for all 30 layers: compiling each layer's halves separately (the first
+version of this file) cost two compiled calls per layer (guards and a Python wrapper each),
+which ate what the fusion saved, and it measured no faster than eager with int4 weights.
 
-Compiling costs tens of seconds the first time. Inductor's caches live under
-`covey_home()/inductor`, so later runs (another process, another day) load the generated
-code instead; `warm_up` compiles at engine start, with progress, rather than inside the
-first request. Prefill steps and mixed steps stay eager: they are matmul-bound.
+Paged attention stays eager, inside the graph as an opaque custom op
+(`covey::decode_attention`): its gathers and block tables change every step. The op reads
+the KV pool and the step's attention metadata from a per-thread step context that
+`CompiledDecode.forward` sets, instead of taking them as graph inputs: a pool written in
+place would be functionalized by the compiler (copies of the whole pool), and the metadata
+holds Python structures a graph cannot take. Nothing else in the graph touches the pool,
+and the layers' data dependencies order the op's writes and reads.
+
+The batch size is a dynamic dimension up to KERNEL_MAX_ROWS (batch 1 gets its own graph,
+as torch specializes it); wider decode steps run eagerly, where the int4 layers switch to
+their dequantizing path and a compiled graph would have to be traced again mid-serving.
+
+Compiling costs about a minute the first time (more on a loaded machine). Inductor's caches
+live under `covey_home()/inductor`, so later runs load the generated code instead, but still
+trace the model (seconds); `warm_up` does both at engine start, with progress, rather than
+inside the first request. Prefill and mixed steps stay eager: they are matmul-bound.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 
 import torch
-from torch import nn
 
 from covey.errors import EngineError
 from covey.home import covey_home
-from covey.llm_backend.attention_metadata import AttentionMetadata
+from covey.llm_backend.attention_metadata import AttentionMetadata, DecodeGroup
 from covey.llm_backend.layers import apply_rotary
 from covey.llm_backend.model import DecoderLayer, LlamaModel
 from covey.llm_backend.paged_attention import paged_attention, store_kv
+from covey.llm_backend.quantization import KERNEL_MAX_ROWS
 
 log = logging.getLogger(__name__)
+
+# Inductor options for the step graph. cpp_wrapper: kernels called from generated C++, not
+# from a generated Python function. The size and alignment asserts are Python calls after
+# every extern kernel; the graph's shapes are checked once, by its guards.
+INDUCTOR_OPTIONS = {"cpp_wrapper": True, "size_asserts": False, "alignment_asserts": False}
+
+_step = threading.local()  # .kv [layers, 2, KVH, S, Dh] and .meta of the running step
+
+
+@torch.library.custom_op("covey::decode_attention", mutates_args=())
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+    """Store layer `layer`'s new keys/values in the pool, then attend: q [T, H, Dh], k and v
+    [T, KVH, Dh] -> [T, H, Dh]. The pool and metadata come from the step context."""
+    kv = getattr(_step, "kv", None)
+    if kv is None:
+        raise EngineError("covey::decode_attention runs only inside CompiledDecode.forward")
+    store_kv(kv[layer], k, v, _step.meta.slot_mapping)
+    return paged_attention(q, k, v, kv[layer], _step.meta)
+
+
+@decode_attention.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+    return torch.empty_like(q)
 
 
 def inductor_cache_dir() -> str:
@@ -68,16 +105,32 @@ def _post_attention(layer: DecoderLayer, x: torch.Tensor, out: torch.Tensor) -> 
     return x + layer.mlp(layer.post_attention_layernorm(x))
 
 
+def _decode_step(model: LlamaModel, input_ids: torch.Tensor, positions: torch.Tensor):
+    """`LlamaModel.forward` for a pure decode step, written for one graph."""
+    x = model.embed_tokens(input_ids)
+    cos, sin = model.rotary(positions, x.dtype)
+    for i, layer in enumerate(model.layers):
+        q, k, v = _pre_attention(layer, x, cos, sin)
+        x = _post_attention(layer, x, torch.ops.covey.decode_attention(q, k, v, i))
+    return model.norm(x)
+
+
 class CompiledDecode:
-    """The model's forward for pure decode steps, with the dense halves of each layer
-    compiled. Same inputs and result as `LlamaModel.forward`."""
+    """The model's forward for pure decode steps of up to `max_batch` sequences, compiled
+    as one graph. Same inputs and result as `LlamaModel.forward`."""
+
+    max_batch = KERNEL_MAX_ROWS
 
     def __init__(self, model: LlamaModel) -> None:
         self.model = model
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache_dir()  # read at each compile
-        opts = dict(backend="inductor", dynamic=True, fullgraph=True)
-        self._pre: Callable = torch.compile(_pre_attention, **opts)
-        self._post: Callable = torch.compile(_post_attention, **opts)
+        self._step: Callable = torch.compile(
+            _decode_step,
+            backend="inductor",
+            dynamic=True,
+            fullgraph=True,
+            options=dict(INDUCTOR_OPTIONS),
+        )
 
     @torch.inference_mode()
     def forward(
@@ -87,39 +140,48 @@ class CompiledDecode:
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        m = self.model
-        x = m.embed_tokens(input_ids)
-        cos, sin = m.rotary(positions, x.dtype)
-        for i, layer in enumerate(m.layers):
-            q, k, v = self._pre(layer, x, cos, sin)
-            store_kv(kv_cache[i], k, v, meta.slot_mapping)
-            out = paged_attention(q, k, v, kv_cache[i], meta)
-            x = self._post(layer, x, out)
-        return m.norm(x)
+        # A step the warmed-up graphs do not cover runs eagerly rather than compiling in
+        # the middle of serving (minutes): dynamo guards on torch's thread count, which the
+        # thread governor lowers while other processes keep the CPUs busy.
+        with torch.compiler.set_stance("eager_on_recompile"):
+            return self._run(input_ids, positions, kv_cache, meta)
+
+    def _run(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """The compiled step, compiling it for these inputs' guards if it must."""
+        _step.kv, _step.meta = kv_cache, meta
+        try:
+            return self._step(self.model, input_ids, positions)
+        finally:
+            _step.kv = _step.meta = None
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1, 2), progress: bool = True) -> float:
         """Compile (or load from the cache) the graphs decode steps use, before any request:
-        batch size 1 is specialized by torch, 2 stands for every larger one. Returns the
-        seconds it took; prints progress on stderr when `progress`."""
+        batch size 1 is specialized by torch, 2 stands for every larger one. The warm-up
+        steps write a scratch pool, not the engine's. Returns the seconds it took; prints
+        progress on stderr when `progress`."""
         start = time.perf_counter()
-        layer: nn.Module = self.model.layers[0]
+        args = self.model.args
         # The final norm's weight is dense whatever the quantization (an int4 model's
         # embedding table is packed int8): it gives the device and the compute dtype.
-        dev = self.model.norm.weight.device
-        dtype = self.model.norm.weight.dtype
-        hidden = self.model.args.hidden_size
-        steps = [(n, fn) for n in batch_sizes for fn in ("pre", "post")]
-        bar = _progress(len(steps), progress)
+        dev, dtype = self.model.norm.weight.device, self.model.norm.weight.dtype
+        block = 16
+        pool = torch.zeros(
+            args.num_layers, 2, args.num_kv_heads, block * max(batch_sizes), args.dim_per_head,
+            dtype=dtype, device=dev,
+        )
+        bar = _progress(len(batch_sizes), progress)
         try:
-            with torch.inference_mode():
-                for n, fn in steps:
-                    bar.set_description(f"compiling decode step (batch {n}, {fn}-attention)")
-                    x = torch.zeros(n, hidden, dtype=dtype, device=dev)
-                    cos, sin = self.model.rotary(torch.zeros(n, dtype=torch.long), dtype)
-                    q, _, _ = self._pre(layer, x, cos.to(dev), sin.to(dev))
-                    if fn == "post":
-                        self._post(layer, x, q)
-                    bar.update(1)
+            for n in batch_sizes:
+                bar.set_description(f"compiling the decode step (batch {n})")
+                with torch.inference_mode():
+                    self._run(*_scratch_step(n, dev), pool, _scratch_meta(n, block, dev))
+                bar.update(1)
         except Exception as exc:
             raise EngineError(
                 f"EngineConfig.compile=True, but torch.compile failed on this machine: {exc}"
@@ -130,6 +192,22 @@ class CompiledDecode:
         took = time.perf_counter() - start
         log.info("decode step compiled in %.1f s (cache: %s)", took, inductor_cache_dir())
         return took
+
+
+def _scratch_step(n: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and positions of `n` sequences, each at position 0."""
+    zeros = torch.zeros(n, dtype=torch.long, device=dev)
+    return zeros, zeros.clone()
+
+
+def _scratch_meta(n: int, block: int, dev: torch.device) -> AttentionMetadata:
+    """Attention metadata of `_scratch_step`: one key each, sequence i in block i."""
+    blocks = torch.arange(n, device=dev)
+    if n == 1:
+        group = DecodeGroup(0, 1, None, 1, None, 0)
+    else:
+        group = DecodeGroup(0, n, blocks[:, None], 1, None)
+    return AttentionMetadata(blocks * block, n, block, [], [group])
 
 
 class _Silent:

@@ -17,6 +17,8 @@ DEFAULT_GPU_KV_FRACTION = 0.5  # of the memory free after loading the weights
 _DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 CHUNK_CACHE_MODES = ("off", "exact", "blend")
 QUANTIZATION_MODES = ("int8", "int4")
+BLEND_SCORES = ("kv", "k", "v", "attention", "kv+attention")
+BLEND_QUOTAS = ("global", "per_chunk")
 PAUSE_POLICIES = ("adaptive", "preserve", "swap", "discard")
 
 
@@ -32,9 +34,12 @@ class EngineConfig:
     command also sets OMP_WAIT_POLICY=PASSIVE before torch loads (its GOMP_SPINCOUNT=20000
     otherwise), which a program that imports torch itself can set in its environment.
 
-    `compile`: run decode steps through torch.compile (inductor), see compiled_decode.py.
-    Off by default: on the 2-core CPU it was measured on, the compiled step was no faster
-    than eager and the first compile took minutes (cached afterwards under covey's home).
+    `compile`: run pure decode steps (up to 32 sequences) as one torch.compile graph
+    (inductor, C++ wrapper), see compiled_decode.py. Off by default: on the loaded 2-core
+    CPU it was measured on (int4, batch 1, A/B in one process) the step was 11-16% faster
+    than eager in four runs but 7-23% slower in two, the first compile of the model takes
+    over a minute (many on a loaded machine), and even from the cache an engine start pays
+    ~10-20 s of tracing: too slow a start for an engine made per command or per test.
     """
 
     model: str | Path | None = None  # None: the embedded SmolLM2-135M-Instruct
@@ -48,7 +53,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's context window
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # torch CPU threads; None: one per available CPU
-    compile: bool = False  # decode steps through torch.compile (see the docstring)
+    compile: bool = False  # decode steps as one compiled graph (see the docstring)
     # Weight-only quantization (CPU, bfloat16): "int8" (per-channel) or "int4" (groups of
     # 32); both read the packed weights in decode and keep no dense copy. See
     # covey/llm_backend/quantization.py for the measured speed and perplexity of each.
@@ -67,6 +72,12 @@ class EngineConfig:
     # ratio and check layers, it applies only with chunk_cache="blend" and is ignored (a
     # harmless knob, not an error) otherwise.
     blend_sink_tokens: int = 0
+    # Blend: how the recomputed tokens are chosen on the check layers (see
+    # blend_forward.BlendPolicy): "kv" (CacheBlend's K+V deviation), "k", "v", "attention"
+    # (what the question after the chunks attends to) or "kv+attention"; and whether the
+    # top tokens are taken over all reused chunks ("global") or per chunk ("per_chunk").
+    blend_score: str = "kv"
+    blend_quota: str = "global"
     chunk_store_bytes: int = 256 << 20  # the host tier of the chunk store
     chunk_store_dir: str | None = None  # the disk tier (kept across restarts); None: none
     chunk_store_disk_bytes: int = 2 << 30
@@ -140,6 +151,12 @@ class EngineConfig:
         for layer in layers:
             as_int("each of EngineConfig.blend_check_layers", layer, ge=0, error=ConfigError)
         as_int("EngineConfig.blend_sink_tokens", self.blend_sink_tokens, ge=0, error=ConfigError)
+        for name, value, allowed in (
+            ("blend_score", self.blend_score, BLEND_SCORES),
+            ("blend_quota", self.blend_quota, BLEND_QUOTAS),
+        ):
+            if value not in allowed:
+                raise ConfigError(f"EngineConfig.{name} must be one of {allowed}, got {value!r}")
         as_int("EngineConfig.chunk_store_bytes", self.chunk_store_bytes, ge=0, error=ConfigError)
         as_int(
             "EngineConfig.chunk_store_disk_bytes",

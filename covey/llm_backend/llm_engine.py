@@ -20,6 +20,7 @@ from covey.errors import (
     NotSupportedError,
     RequestNotFoundError,
 )
+from covey.llm_backend.blend_forward import BlendPolicy
 from covey.llm_backend.block_manager import BlockManager
 from covey.llm_backend.chunk_planner import ChunkPlanner
 from covey.llm_backend.chunk_transfer import ChunkTransfer
@@ -212,6 +213,7 @@ class LLMEngine:
         self.runner.blend_ratio = config.blend_recompute_ratio
         self.runner.blend_check_layers = tuple(config.blend_check_layers)
         self.runner.blend_sink_tokens = config.blend_sink_tokens
+        self.runner.blend_policy = BlendPolicy(config.blend_score, config.blend_quota)
         return ChunkPlanner(
             self.chunk_store,
             config.chunk_cache,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from covey.llm_backend.attention_metadata import AttentionMetadata, DecodeGroup, PrefillRun
-from covey.llm_backend.blend_forward import BlendRegion, blend_forward
+from covey.llm_backend.blend_forward import BlendPolicy, BlendRegion, blend_forward
 from covey.llm_backend.chunk_planner import sink_rows
 from covey.llm_backend.chunk_transfer import ChunkTransfer
 from covey.llm_backend.compiled_decode import CompiledDecode
@@ -58,6 +58,7 @@ class ModelRunner:
         self.blend_ratio = 0.0
         self.blend_check_layers: tuple[int, ...] = (1,)
         self.blend_sink_tokens = 0
+        self.blend_policy = BlendPolicy()
         self.compiled: CompiledDecode | None = None  # set when EngineConfig.compile
 
     @torch.inference_mode()
@@ -82,8 +83,8 @@ class ModelRunner:
         if scheduled:
             inputs = self.prepare(scheduled)
             forward = self.model.forward
-            if self.compiled is not None and inputs.meta.num_decode == len(inputs.input_ids):
-                forward = self.compiled.forward  # a pure decode step
+            if self._compiled_step(inputs):
+                forward = self.compiled.forward
             hidden = forward(inputs.input_ids, inputs.positions, self.pool.kv, inputs.meta)
             if not blends:
                 if not inputs.sample_seqs:
@@ -97,6 +98,16 @@ class ModelRunner:
         if not seqs:
             return [], None
         return seqs, self.model.compute_logits(torch.cat(hidden_rows))
+
+    def _compiled_step(self, inputs: StepInputs) -> bool:
+        """Whether the compiled decode step runs this step: a pure decode step (no prefill
+        tokens) no wider than the compiled graph's batch limit."""
+        n = len(inputs.input_ids)
+        return (
+            self.compiled is not None
+            and inputs.meta.num_decode == n
+            and n <= self.compiled.max_batch
+        )
 
     def _import_chunks(
         self, scheduled: list[ScheduledSeq], chunk_items: list[ScheduledSeq]
@@ -126,8 +137,10 @@ class ModelRunner:
         assert step is not None and step.blend is not None and self.chunks is not None
         start, end = step.blend.start, step.blend.end
         reused = torch.zeros(end - start, dtype=torch.bool)
-        for imp in step.blend.imports:
+        groups = torch.full((end - start,), -1, dtype=torch.long)
+        for i, imp in enumerate(step.blend.imports):
             reused[imp.start - start : imp.end - start] = True
+            groups[imp.start - start : imp.end - start] = i
         forced = torch.zeros(end - start, dtype=torch.bool)
         forced[[p - start for p in sink_rows(step.blend.imports, self.blend_sink_tokens)]] = True
         region = BlendRegion(
@@ -137,6 +150,7 @@ class ModelRunner:
             key_blocks=torch.tensor(seq.block_table, dtype=torch.long, device=dev),
             reused=reused.to(dev),
             forced=forced.to(dev),
+            groups=groups.to(dev),
         )
         result = blend_forward(
             self.model,
@@ -145,6 +159,7 @@ class ModelRunner:
             self.blend_ratio,
             self.blend_check_layers,
             self.block_size,
+            self.blend_policy,
         )
         return result.hidden
 

@@ -145,9 +145,9 @@ class Int4Linear(nn.Module):
         return weight_t.t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Under torch.compile (CompiledDecode: fullgraph, dynamic batch) the kernel serves
-        # every width: the wide path's per-thread workspace cannot be traced, and a decode
-        # batch wider than the kernel's limit is rare and still correct there.
+        # Traced by torch.compile (fullgraph, dynamic batch), the kernel serves every width:
+        # the wide path's per-thread workspace cannot be traced. CompiledDecode keeps wider
+        # steps eager, so this only guards other compiled callers; correct, just slower.
         if (
             x.shape[0] <= self.kernel_max_rows
             or not self.unpackable

@@ -17,6 +17,7 @@ from covey.llm_backend.model_source import ModelSource, resolve_model
 from covey.llm_backend.perplexity import heldout_windows, model_logits, perplexity_of
 from covey.llm_backend.quantization import (
     INT4_GROUP_SIZE,
+    INT4_KERNEL_MAX_ROWS,
     PERPLEXITY_TOLERANCE,
     Int4Linear,
     Int8Linear,
@@ -135,6 +136,25 @@ def test_a_step_wider_than_the_kernel_compiles_in_one_graph(mode):
     with torch.inference_mode():
         reference = layer(x).float()
         traced = compiled(x).float()
+    assert (traced - reference).abs().max() < 0.02 * reference.abs().max()
+
+
+def test_a_compiled_int4_layer_half_traces_past_the_kernels_row_limit():
+    """The decode step's MLP half, as CompiledDecode writes it, on a batch one wider than
+    the int4 kernel's limit: one graph (fullgraph) and the eager layer's result."""
+    from covey.llm_backend.compiled_decode import _post_attention
+
+    torch.manual_seed(6)
+    model = load_model(resolve_model("dummy:tiny"), torch.bfloat16, torch.device("cpu"))
+    quantize(model, "int4")
+    args, layer = model.args, model.layers[0]
+    rows = INT4_KERNEL_MAX_ROWS + 1
+    x = torch.randn(rows, args.hidden_size).bfloat16()
+    out = torch.randn(rows, args.num_heads, args.dim_per_head).bfloat16()
+    compiled = torch.compile(_post_attention, backend="eager", dynamic=True, fullgraph=True)
+    with torch.inference_mode():
+        reference = _post_attention(layer, x, out).float()
+        traced = compiled(layer, x, out).float()
     assert (traced - reference).abs().max() < 0.02 * reference.abs().max()
 
 

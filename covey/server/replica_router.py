@@ -34,7 +34,8 @@ before any report, beyond the mirror's room). A long cached prefix on a busy rep
 wins when the prefill it saves outweighs the queue ahead of it; a queue of long uncached
 prompts loses to an idle replica that must recompute. The queued tokens are the larger of
 the router's own count (the uncached tokens of its calls there whose first output has not
-come back) and the replica's report (the engine's `cache_report`), which also brings its
+come back) and the replica's report (the engine's `cache_report`, less the router's calls
+whose first output came back after the report was asked for), which also brings its
 measured prefill profile; a replica not heard from yet costs as the others do.
 `max_imbalance` stays as a safety cap: a replica more than that many requests deeper than
 the least-loaded one is not a candidate at all. The decision is `affinity` when the call
@@ -69,6 +70,9 @@ DEFAULT_PER_TOKEN_S = 1e-3
 # A miss on a full cache evicts as much as it adds: prefixes other calls would have hit,
 # to be recomputed later (Preble's eviction term). Counted at this weight.
 EVICTION_WEIGHT = 1.0
+# Prefill ends remembered per replica to correct reports in flight: far more than the calls
+# that end while one report is in transit.
+PREFILL_ENDED_KEPT = 256
 
 
 @dataclass(frozen=True)
@@ -169,6 +173,12 @@ class ReplicaView:
     prefilling: dict[int, int] = field(default_factory=dict)
     prefilling_tokens: int = 0
     reported_prefill_tokens: int = 0
+    # The sequence number the last report applied to `reported_prefill_tokens` was asked
+    # for at, and (sequence number, tokens) of the calls whose prefill ended since: a
+    # report counts a call until its first output, so what ended after the report was
+    # asked for comes off its figure (or a stale report keeps a drained replica busy).
+    prefill_report_seq: int = 0
+    prefill_ended: list[tuple[int, int]] = field(default_factory=list)
     per_token_s: float | None = None
     fixed_s: float = 0.0
     free_tokens: int | None = None  # its KV pool's free room, as last reported
@@ -181,8 +191,27 @@ class ReplicaView:
     def queued_prefill_tokens(self) -> int:
         return max(self.prefilling_tokens, self.reported_prefill_tokens)
 
-    def prefill_done(self, stamp: int) -> None:
-        self.prefilling_tokens -= self.prefilling.pop(stamp, 0)
+    def prefill_done(self, stamp: int, seq: int) -> None:
+        tokens = self.prefilling.pop(stamp, 0)
+        if tokens:
+            self.prefilling_tokens -= tokens
+            self.reported_prefill_tokens = max(self.reported_prefill_tokens - tokens, 0)
+            self.prefill_ended.append((seq, tokens))
+            del self.prefill_ended[:-PREFILL_ENDED_KEPT]
+
+    def reported_prefill(self, tokens: int, seq: int | None) -> None:
+        """A report's queued prefill `tokens`, asked for at `seq`, less the calls whose
+        prefill ended after that; a report older than the one applied last is ignored."""
+        if seq is None:
+            self.reported_prefill_tokens = tokens
+            self.prefill_ended.clear()
+            return
+        if seq < self.prefill_report_seq:
+            return
+        ended_since = sum(n for s, n in self.prefill_ended if s > seq)
+        self.reported_prefill_tokens = max(tokens - ended_since, 0)
+        self.prefill_report_seq = seq
+        self.prefill_ended = [(s, n) for s, n in self.prefill_ended if s > seq]
 
     def matched_units(self, key: RouteKey) -> tuple[int, int]:
         """(units, characters) of the key's leading chain this replica holds."""
@@ -287,6 +316,7 @@ class ReplicaView:
         self.open_calls.clear()
         self.prefilling.clear()
         self.prefilling_tokens = self.reported_prefill_tokens = 0
+        self.prefill_ended.clear()
         self.free_tokens = None
         self.held_chars = self.chunk_chars = 0
         self.pins.clear()
@@ -389,7 +419,7 @@ class ReplicaRouter:
         if view is not None and not (seq is not None and seq < view.forgot_seq):
             view.reported_queue = queue
             if prefill_tokens is not None:
-                view.reported_prefill_tokens = prefill_tokens
+                view.reported_prefill(prefill_tokens, seq)
             if free_tokens is not None:
                 view.free_tokens = free_tokens
             if profile is not None and profile[1] > 0:
@@ -548,7 +578,7 @@ class ReplicaRouter:
         queued on `name`."""
         view = self.views.get(name)
         if view is not None:
-            view.prefill_done(stamp)
+            view.prefill_done(stamp, next(self._seq))
 
     def call_done(self, name: str, stamp: int) -> None:
         """The call routed at `stamp` (`last_stamp` after its `choose`) is over: reports
@@ -556,7 +586,7 @@ class ReplicaRouter:
         view = self.views.get(name)
         if view is not None:
             view.open_calls.pop(stamp, None)
-            view.prefill_done(stamp)
+            view.prefill_done(stamp, next(self._seq))
 
     def started(self, name: str) -> None:
         view = self.views.get(name)

@@ -9,7 +9,11 @@ request, `unpin` to the one holding the pin, a re-pin to where the pin already i
 Failures: a call that fails because its replica died (the actor is gone or unreachable)
 marks the replica down, makes the router forget everything it believed the replica held,
 and then either retries the call once on another replica, when nothing of it has been
-streamed yet, or fails it with `EngineUnavailableError` (HTTP 503) saying so. Ray Serve
+streamed yet, or fails it with `EngineUnavailableError` (HTTP 503) saying so. In pooled
+mode (`--routing ray_serve`: one handle for all Serve replicas) a death marks nothing
+down, since the other replicas behind the handle still serve: the call is retried once
+through the same handle, and only Serve's controller saying no replica runs marks the
+pool down. Ray Serve
 replaces the dead replica; the report loop, which asks every replica for its load and pins
 each `report_interval_s`, sees the replacement answer and puts it back in the set, empty.
 Errors a replica raises on purpose (a bad request, an unsupported capability) arrive as
@@ -147,6 +151,7 @@ class RayEngine:
         self._check_open()
         key = route_key(prompt)
         tried: list[str] = []
+        retried = False
         while True:
             name, _ = self.router.choose(key, exclude=self._down() + tried)
             stamp = self.router.last_stamp
@@ -170,15 +175,21 @@ class RayEngine:
                     yield out
                 return
             except ReplicaDied as exc:
-                self._mark_down(replica)
-                if streamed or not self.retry or tried:
+                if not self.pooled:
+                    # A pool's handle stands for every Serve replica: one dying leaves the
+                    # rest serving, and Serve's router drops it; only liveness (no replica
+                    # running) marks a pool down.
+                    self._mark_down(replica)
+                if streamed or not self.retry or retried:
                     replica.failed += 1
                     raise EngineUnavailableError(
                         f"engine replica {name} died while serving request "
                         f"{request_id or '(unnamed)'}; the service goes on, retry it ({exc})"
                     ) from None
                 replica.retries += 1
-                tried.append(name)
+                retried = True
+                if not self.pooled:  # a pool is retried through the same handle
+                    tried.append(name)
                 log.warning("replica %s died before streaming %s; retrying", name, request_id)
             finally:
                 self.router.finished(name)
@@ -337,7 +348,8 @@ class RayEngine:
                 _await(replica.handle.report.remote(), replica), REPORT_TIMEOUT_S
             )
         except ReplicaDied:
-            self._mark_down(replica)
+            if not self.pooled:  # Serve sent a pool's report to a dying replica: the rest serve
+                self._mark_down(replica)
             return None
         except TimeoutError:
             # Busy, not dead: a CPU replica answers between engine steps, and a long
@@ -390,7 +402,8 @@ class RayEngine:
         try:
             return await _await(getattr(replica.handle, method).remote(*args), replica)
         except ReplicaDied as exc:
-            self._mark_down(replica)
+            if not self.pooled:
+                self._mark_down(replica)
             raise EngineUnavailableError(f"engine replica {name} is gone ({exc})") from None
 
 

@@ -11,8 +11,11 @@ import pytest
 from ray.exceptions import ActorDiedError
 
 from covey.errors import EngineUnavailableError
+from covey.llm_backend.engine_client import EngineCapabilities, EngineStats
 from covey.llm_backend.outputs import RequestMetrics, RequestOutput
+from covey.server.ray_deployment import ReplicaReport
 from covey.server.ray_engine import RayEngine
+from covey.server.ray_metrics import RayMetricsCollector
 from covey.server.replica_router import ReplicaRouter
 
 POOL = "covey-engine-pool"
@@ -142,6 +145,58 @@ def test_a_pooled_call_that_dies_twice_fails_with_503_and_the_pool_stays_up():
                 await collect(engine, "hello", "x")
             assert engine.replicas[POOL].up
             assert await collect(engine, "hello", "y") == "okok"
+        finally:
+            await engine.close()
+
+    asyncio.run(scenario())
+
+
+class ReportingPool(PoolHandle):
+    """Serve spreads concurrent reports over the pool's replicas (pids 101, 102, 103),
+    each with its own load; every 4th report lands on one replica twice."""
+
+    def __init__(self) -> None:
+        super().__init__(dead_call=0)
+        self.reports = 0
+
+    async def _report(self) -> ReplicaReport:
+        self.reports += 1
+        pid = 101 + (self.reports % 4) % 3
+        stats = EngineStats(
+            model="m", block_size=16, kv_blocks_total=100, kv_blocks_used=10,
+            kv_blocks_cached=0, kv_blocks_pinned=0, prefix_cache_queried_tokens=0,
+            prefix_cache_hit_tokens=0, num_waiting=pid - 100, num_running=1, num_paused=0,
+        )
+        return ReplicaReport(pid, stats, {}, "m", EngineCapabilities(), {}, {})
+
+
+def test_a_pool_reports_each_serve_replica_not_one_at_random():
+    """Review M2: stats and `/metrics` under --routing ray_serve cover every Serve replica
+    behind the pool (told apart by pid), and the decisions say Serve routed them."""
+
+    async def scenario() -> None:
+        handle = ReportingPool()
+        engine = RayEngine(
+            {POOL: handle}, ReplicaRouter([POOL], policy="pow2"), pooled=True, pool_size=3,
+            report_interval_s=60,
+        )
+        try:
+            await engine.connect()
+            stats = await engine.stats(refresh=True)
+            assert stats.kv_blocks_total == 300 and stats.num_waiting == 1 + 2 + 3
+            handle.go.set()
+            assert await collect(engine, "hello", "a") == "okok"
+            families = {m.name: m for m in RayMetricsCollector(engine).collect()}
+            queue = {
+                s.labels["replica"]: s.value
+                for s in families["covey_replica_queue_depth"].samples
+            }
+            assert queue == {f"{POOL}/pid101": 1, f"{POOL}/pid102": 2, f"{POOL}/pid103": 3}
+            decisions = {
+                (s.labels["policy"], s.labels["decision"])
+                for s in families["covey_router_decisions"].samples
+            }
+            assert decisions == {("ray_serve", "ray_serve")}
         finally:
             await engine.close()
 

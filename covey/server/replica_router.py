@@ -29,8 +29,9 @@ Preble, SGLang's cache-aware router and Llumnix weigh it: a replica's estimated 
 first token is (the prefill tokens already queued or running there + this call's tokens
 it does not hold + the cached tokens that miss would evict, which later calls would have
 hit) x its per-token prefill cost + its fixed per-prefill cost x (its calls in flight + 1).
-What a miss evicts is the part of it beyond the free room the replica last reported (or,
-before any report, beyond the mirror's room). A long cached prefix on a busy replica still
+What a miss evicts is the part of it beyond the free room the replica last reported, less
+the prefill queued there, which takes that room first (or, before any report, beyond the
+mirror's room). A long cached prefix on a busy replica still
 wins when the prefill it saves outweighs the queue ahead of it; a queue of long uncached
 prompts loses to an idle replica that must recompute. The queued tokens are the larger of
 the router's own count (the uncached tokens of its calls there whose first output has not
@@ -556,8 +557,9 @@ class ReplicaRouter:
         `miss` and `load`, when the caller has them, save recomputing them."""
         if miss is None:
             miss = self._miss_tokens(view, key, score)
-        if view.free_tokens is not None:  # the replica's own account of its pool
-            overflow = miss - view.free_tokens
+        if view.free_tokens is not None:  # the replica's own account of its pool, less
+            # what the prefill queued there will take of it first
+            overflow = miss - max(view.free_tokens - view.queued_prefill_tokens, 0)
         else:  # the mirror's guess
             overflow = (view.held_chars + CHARS_PER_TOKEN * miss - view.capacity_chars) / (
                 CHARS_PER_TOKEN

@@ -328,3 +328,13 @@ def test_a_report_in_flight_when_a_prefill_ends_does_not_bring_it_back():
     # An answer asked for even earlier, arriving last, changes nothing.
     router.report(home, queue=1, prefill_tokens=9000, seq=asked - 1)
     assert router.views[home].queued_prefill_tokens == 5000
+
+
+def test_the_queued_prefill_takes_its_share_of_the_free_room_first():
+    """Review L2: room a queue is about to fill is no room for this call's miss."""
+    router = ReplicaRouter(["r0", "r1"])
+    key = route_key("y" * 20 * BLOCK_CHARS)  # 640 tokens, held nowhere
+    router.report("r0", queue=0, prefill_tokens=0, free_tokens=0)  # evicts all 640
+    # Room for the miss, but 600 queued tokens take it first: 600 of the miss evict too.
+    router.report("r1", queue=0, prefill_tokens=600, free_tokens=640)
+    assert router.choose(key) == ("r0", "balance")

@@ -366,6 +366,7 @@ class ReplicaRouter:
         self.last_stamp = 0  # the stamp of the last call `choose` remembered
         self._random = random.Random(seed)
         self._per_token: float | None = None  # `_default_per_token`, until a report
+        self._fixed_mean = 0.0
         for name in replicas:
             self.add(name)
 
@@ -424,8 +425,8 @@ class ReplicaRouter:
             if free_tokens is not None:
                 view.free_tokens = free_tokens
             if profile is not None and profile[1] > 0:
-                if view.per_token_s != profile[1]:
-                    self._per_token = None  # the mean changes
+                if (view.fixed_s, view.per_token_s) != profile:
+                    self._per_token = None  # the means change
                 view.fixed_s, view.per_token_s = profile
             if seq is None or seq > view.pin_seq:
                 view.pins = set(pins) | view.pinning
@@ -533,10 +534,16 @@ class ReplicaRouter:
         return chosen, "affinity" if chosen_score >= best_score else "fallback"
 
     def _default_per_token(self) -> float:
-        """The mean reported per-token cost, for replicas that did not report one yet."""
+        """The mean reported per-token cost, for replicas that did not report one yet (and
+        `_fixed_mean`, the mean fixed cost, likewise)."""
         if self._per_token is None:
-            known = [v.per_token_s for v in self.views.values() if v.per_token_s]
-            self._per_token = sum(known) / len(known) if known else DEFAULT_PER_TOKEN_S
+            known = [v for v in self.views.values() if v.per_token_s]
+            self._per_token = (
+                sum(v.per_token_s or 0.0 for v in known) / len(known)
+                if known
+                else DEFAULT_PER_TOKEN_S
+            )
+            self._fixed_mean = sum(v.fixed_s for v in known) / len(known) if known else 0.0
         return self._per_token
 
     @staticmethod
@@ -567,7 +574,8 @@ class ReplicaRouter:
         evicted = overflow if overflow > 0 else 0.0
         tokens = view.queued_prefill_tokens + miss + EVICTION_WEIGHT * evicted
         load = view.load if load is None else load
-        return (view.per_token_s or per_token) * tokens + view.fixed_s * (load + 1)
+        fixed = view.fixed_s if view.per_token_s else self._fixed_mean
+        return (view.per_token_s or per_token) * tokens + fixed * (load + 1)
 
     def ttft_estimate(self, name: str, key: RouteKey) -> float:
         """The cost model's estimate for `key` on replica `name` (seconds, or relative

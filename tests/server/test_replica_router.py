@@ -338,3 +338,14 @@ def test_the_queued_prefill_takes_its_share_of_the_free_room_first():
     # Room for the miss, but 600 queued tokens take it first: 600 of the miss evict too.
     router.report("r1", queue=0, prefill_tokens=600, free_tokens=640)
     assert router.choose(key) == ("r0", "balance")
+
+
+def test_a_replica_not_heard_from_yet_costs_the_others_mean_fixed_cost_too():
+    """Review L1: no report yet must not make a replica cheaper by the fixed cost."""
+    router = ReplicaRouter(["r0", "r1", "r2"])
+    router.report("r0", queue=2, prefill_tokens=0, profile=(0.5, 1e-3))
+    router.report("r1", queue=2, prefill_tokens=0, profile=(0.5, 1e-3))
+    key = route_key("z" * 4 * BLOCK_CHARS)
+    estimate = router.ttft_estimate("r0", key)
+    router.report("r2", queue=2, prefill_tokens=0)  # as loaded, no profile measured yet
+    assert router.ttft_estimate("r2", key) == pytest.approx(estimate)

@@ -177,7 +177,8 @@ def run_system(
 
     router = ReplicaRouter(list(handles), policy=policy)  # the mirror: sized by reports
     engine = RayEngine(
-        handles, router, tokenizer=load_tokenizer(None), report_interval_s=0.5, pooled=pooled
+        handles, router, tokenizer=load_tokenizer(None), report_interval_s=0.5, pooled=pooled,
+        pool_size=REPLICAS,
     )
     asyncio.run(engine.connect())
     state = build_state(engine, None, ServerSettings(max_in_flight=256), apps={})

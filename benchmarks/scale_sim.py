@@ -13,9 +13,13 @@ replicas multiply, and what does it cost in load imbalance? The trace (seeded):
 Each replica is a FIFO server whose cache holds `capacity` characters, LRU, and is exactly
 what the router's mirror believes (in the simulation they cannot drift; in a deployment
 each replica's report of its load and of what its caches hold corrects the mirror). Each
-replica reports, before every arrival, its calls in flight and the work queued ahead of a
-new call in prefill-token equivalents at its per-token prefill cost: the cost model's
-inputs, exact here.
+replica reports, before every arrival, what a covey engine's report holds: its calls in
+flight (waiting, prefilling or decoding) and its queued prefill, the uncached prompt
+tokens of its calls not started plus what the prefilling one has left (decoding calls
+count 0, as in `LLMEngine.cache_report`), at its per-token prefill cost. That is less than
+the FIFO server's whole backlog, which also holds 50 ms of decode per call: the system
+`covey-backlog` is fed that backlog instead (in prefill-token equivalents, an oracle no
+deployment has), to show what the richer signal would be worth.
 Service time: 0.25 ms per uncached prompt token (4 characters a token) + 50 ms of decode.
 Arrivals are Poisson at 70% of the replicas' capacity with no cache hits at all.
 
@@ -50,6 +54,7 @@ WORKLOAD = "routing_trace"
 REPLICAS = (8, 64, 512)
 SYSTEMS = (
     ("covey", "cache_aware", 4),
+    ("covey-backlog", "cache_aware", 4),
     ("covey-bound-1", "cache_aware", 1),
     ("covey-round-robin", "round_robin", 4),
     ("covey-pow2", "pow2", 4),
@@ -101,7 +106,12 @@ def trace(replicas: int, requests: int, seed: int = 0) -> list[list[Segment]]:
 
 
 def simulate(
-    replicas: int, policy: str, bound: int, prompts: list[list[Segment]], seed: int = 0
+    replicas: int,
+    policy: str,
+    bound: int,
+    prompts: list[list[Segment]],
+    seed: int = 0,
+    backlog: bool = False,
 ):
     rng = random.Random(seed + 1)
     names = [f"r{i}" for i in range(replicas)]
@@ -114,6 +124,8 @@ def simulate(
     )
     rate = UTILIZATION * replicas / mean_service
     busy = {n: deque() for n in names}  # finish times of requests at each replica
+    # (prefill start, first token, uncached tokens) of the calls still to prefill there
+    prefills: dict[str, deque[tuple[float, float, int]]] = {n: deque() for n in names}
     free_at = dict.fromkeys(names, 0.0)
     served = dict.fromkeys(names, 0)
     now, hit, total, ttfts, routing_s = 0.0, 0, 0, [], 0.0
@@ -122,14 +134,17 @@ def simulate(
         for n, q in busy.items():
             while q and q[0] <= now:
                 q.popleft()
-            # Each replica's report, exact here: its calls and the work ahead of a new one
-            # (in prefill-token equivalents), at its measured speed.
-            router.report(
-                n,
-                len(q),
-                prefill_tokens=round(max(free_at[n] - now, 0.0) / PREFILL_S_PER_TOKEN),
-                profile=(0.0, PREFILL_S_PER_TOKEN),
-            )
+            if backlog:  # the oracle: all work ahead, decode included
+                queued = round(max(free_at[n] - now, 0.0) / PREFILL_S_PER_TOKEN)
+            else:  # what the engine reports: prompt tokens still to prefill
+                pending = prefills[n]
+                while pending and pending[0][1] <= now:
+                    pending.popleft()
+                queued = sum(
+                    tokens if begin >= now else round((first - now) / PREFILL_S_PER_TOKEN)
+                    for begin, first, tokens in pending
+                )
+            router.report(n, len(q), prefill_tokens=queued, profile=(0.0, PREFILL_S_PER_TOKEN))
         started = time.perf_counter()
         name, decision = router.choose(key, remember=False)
         routing_s += time.perf_counter() - started
@@ -141,6 +156,7 @@ def simulate(
         total += key.chars
         begin = max(now, free_at[name])
         first_token = begin + PREFILL_S_PER_TOKEN * (key.chars - cached) / 4
+        prefills[name].append((begin, first_token, round((key.chars - cached) / 4)))
         free_at[name] = first_token + DECODE_S
         busy[name].append(free_at[name])
         served[name] += 1
@@ -164,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         n = size["requests"][replicas]
         prompts = trace(replicas, n)
         for system, policy, bound in SYSTEMS:
-            got = simulate(replicas, policy, bound, prompts)
+            got = simulate(replicas, policy, bound, prompts, backlog=system == "covey-backlog")
             print(f"scale_sim: {replicas} replicas, {system}: {got}", flush=True)
             params = {
                 "replicas": replicas,

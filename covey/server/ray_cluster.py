@@ -136,8 +136,8 @@ def start_ray_engine(
         raise
     try:
         # The mirror's size is each replica's real KV pool, set from its reports.
-        # With Ray Serve routing, the router has one handle to send to: labelled pow2,
-        # which is what Serve does behind it.
+        # With Ray Serve routing, the router has one handle to send to (its trivial pick
+        # runs as pow2; `/metrics` labels those decisions ray_serve).
         router = ReplicaRouter(
             list(handles), policy="pow2" if pooled else policy, max_imbalance=max_imbalance
         )
@@ -146,7 +146,8 @@ def start_ray_engine(
 
             tokenizer = load_tokenizer(model)
         engine = RayEngine(
-            handles, router, tokenizer=tokenizer, liveness=running_replicas, pooled=pooled
+            handles, router, tokenizer=tokenizer, liveness=running_replicas, pooled=pooled,
+            pool_size=replicas,
         )
         engine.on_close = lambda: _teardown(list(handles), started)
         asyncio.run(engine.connect())

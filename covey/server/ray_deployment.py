@@ -145,10 +145,10 @@ class EngineReplica:
             return await self._report()
 
     async def _report(self) -> ReplicaReport:
-        # New prompts are tokenized on a thread of their own; the engine answers for its
-        # caches on its own thread (`cache_report`), read-only.
-        await asyncio.to_thread(self.ledger.prepare, self.ledger.pending())
-        asked = self.ledger.questions()
+        # New prompts are tokenized on a thread of their own, not on the loop that streams
+        # outputs; the engine answers for its caches on its own thread (`cache_report`),
+        # read-only.
+        asked = await asyncio.to_thread(self._questions)
         cache = await self.llm.cache_report(asked.prompts, asked.chunks)
         units, chunks = self.ledger.answer(asked, cache.cached_tokens, cache.chunks_stored)
         return ReplicaReport(
@@ -162,6 +162,12 @@ class EngineReplica:
             queued_prefill_tokens=cache.queued_prefill_tokens,
             prefill_profile=(cache.prefill_fixed_s, cache.prefill_per_token_s),
         )
+
+    def _questions(self) -> Any:
+        """The ledger's questions, every prompt tokenized here (those that finished since
+        `pending` included); on a worker thread: the ledger locks what it shares."""
+        self.ledger.prepare(self.ledger.pending())
+        return self.ledger.questions()
 
     async def check_health(self) -> None:
         if self.llm._closed:

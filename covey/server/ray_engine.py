@@ -9,7 +9,11 @@ request, `unpin` to the one holding the pin, a re-pin to where the pin already i
 Failures: a call that fails because its replica died (the actor is gone or unreachable)
 marks the replica down, makes the router forget everything it believed the replica held,
 and then either retries the call once on another replica, when nothing of it has been
-streamed yet, or fails it with `EngineUnavailableError` (HTTP 503) saying so. Ray Serve
+streamed yet, or fails it with `EngineUnavailableError` (HTTP 503) saying so. In pooled
+mode (`--routing ray_serve`: one handle for all Serve replicas) a death marks nothing
+down, since the other replicas behind the handle still serve: the call is retried once
+through the same handle, and only Serve's controller saying no replica runs marks the
+pool down. Ray Serve
 replaces the dead replica; the report loop, which asks every replica for its load and pins
 each `report_interval_s`, sees the replacement answer and puts it back in the set, empty.
 Errors a replica raises on purpose (a bad request, an unsupported capability) arrive as
@@ -42,6 +46,7 @@ log = logging.getLogger(__name__)
 
 REPORT_TIMEOUT_S = 5.0
 LIVENESS_INTERVAL_S = 1.0
+MEMBER_TTL_ROUNDS = 5  # report rounds a pool member may go unheard before it drops out
 DOWN_POLL_S = 0.25  # how often a call with nothing received yet looks for its replica's death
 
 
@@ -62,6 +67,19 @@ class ReplicaState:
     served: int = 0
     down_since: float | None = None
     pins: dict[str, int] = field(default_factory=dict)
+    # Pooled only: each Serve replica behind the handle, by its pid, with when it last
+    # answered a report and its stats (Serve picks which replica answers each report).
+    members: dict[int, tuple[float, EngineStats]] = field(default_factory=dict)
+
+    def member_stats(self, ttl_s: float) -> dict[int, EngineStats]:
+        """Pooled: the Serve replicas heard from in the last `ttl_s` seconds (one that
+        died or was replaced drops out); else this replica's own stats, under its pid."""
+        if not self.members:
+            return {self.pid or 0: self.stats} if self.stats is not None else {}
+        now = time.monotonic()
+        for pid in [p for p, (at, _) in self.members.items() if now - at > ttl_s]:
+            del self.members[pid]
+        return {pid: stats for pid, (_, stats) in self.members.items()}
 
 
 class RayEngine:
@@ -77,6 +95,7 @@ class RayEngine:
         retry: bool = True,
         liveness: Callable[[list[str]], dict[str, int]] | None = None,
         pooled: bool = False,
+        pool_size: int = 1,
     ) -> None:
         if not handles:
             raise EngineUnavailableError("a RayEngine needs at least one replica")
@@ -94,6 +113,9 @@ class RayEngine:
         # (Ray Serve's default routing, for comparison): a report from another process
         # than the last one is another replica, not a replacement.
         self.pooled = pooled
+        # Pooled: the Serve replicas behind the handle. Each report round asks that many
+        # reports at once, which Serve spreads over them (`ReplicaState.members`).
+        self.pool_size = max(pool_size, 1) if pooled else 1
         self._tokenizer = tokenizer
         self._model = "(not connected)"
         self._capabilities = EngineCapabilities()
@@ -147,6 +169,7 @@ class RayEngine:
         self._check_open()
         key = route_key(prompt)
         tried: list[str] = []
+        retried = False
         while True:
             name, _ = self.router.choose(key, exclude=self._down() + tried)
             stamp = self.router.last_stamp
@@ -170,15 +193,21 @@ class RayEngine:
                     yield out
                 return
             except ReplicaDied as exc:
-                self._mark_down(replica)
-                if streamed or not self.retry or tried:
+                if not self.pooled:
+                    # A pool's handle stands for every Serve replica: one dying leaves the
+                    # rest serving, and Serve's router drops it; only liveness (no replica
+                    # running) marks a pool down.
+                    self._mark_down(replica)
+                if streamed or not self.retry or retried:
                     replica.failed += 1
                     raise EngineUnavailableError(
                         f"engine replica {name} died while serving request "
                         f"{request_id or '(unnamed)'}; the service goes on, retry it ({exc})"
                     ) from None
                 replica.retries += 1
-                tried.append(name)
+                retried = True
+                if not self.pooled:  # a pool is retried through the same handle
+                    tried.append(name)
                 log.warning("replica %s died before streaming %s; retrying", name, request_id)
             finally:
                 self.router.finished(name)
@@ -262,9 +291,22 @@ class RayEngine:
         (a replacement that answers is put back)."""
         self._ensure_reporter()
         if refresh or all(r.stats is None for r in self.replicas.values()):
-            await asyncio.gather(*(self._report(r) for r in self.replicas.values()))
-        live = [r.stats for r in self.replicas.values() if r.up and r.stats is not None]
+            await asyncio.gather(
+                *(self._report(r) for r in self.replicas.values() for _ in range(self.pool_size))
+            )
+        live = [
+            stats
+            for r in self.replicas.values()
+            if r.up
+            for stats in r.member_stats(self.member_ttl_s).values()
+        ]
         return sum_stats(self._model, live)
+
+    @property
+    def member_ttl_s(self) -> float:
+        """How long a pool member not heard from still counts: Serve may send several
+        rounds of reports elsewhere before it picks that one again."""
+        return MEMBER_TTL_ROUNDS * self.report_interval_s + REPORT_TIMEOUT_S
 
     def replica_states(self) -> list[ReplicaState]:
         return list(self.replicas.values())
@@ -302,7 +344,9 @@ class RayEngine:
 
     async def _reports_loop(self) -> None:
         while not self._closed:
-            await asyncio.gather(*(self._report(r) for r in self.replicas.values()))
+            await asyncio.gather(
+                *(self._report(r) for r in self.replicas.values() for _ in range(self.pool_size))
+            )
             await asyncio.sleep(self.report_interval_s)
 
     async def _liveness_loop(self) -> None:
@@ -337,7 +381,8 @@ class RayEngine:
                 _await(replica.handle.report.remote(), replica), REPORT_TIMEOUT_S
             )
         except ReplicaDied:
-            self._mark_down(replica)
+            if not self.pooled:  # Serve sent a pool's report to a dying replica: the rest serve
+                self._mark_down(replica)
             return None
         except TimeoutError:
             # Busy, not dead: a CPU replica answers between engine steps, and a long
@@ -361,6 +406,8 @@ class RayEngine:
             log.warning("replica %s is back (pid %s)", replica.name, rep.pid)
             replica.up, replica.down_since = True, None
         replica.pid, replica.stats, replica.pins = rep.pid, rep.stats, rep.pins
+        if self.pooled:
+            replica.members[rep.pid] = (time.monotonic(), rep.stats)
         self.router.set_capacity(replica.name, rep.stats.kv_blocks_total * rep.stats.block_size)
         self.router.report(
             replica.name,
@@ -380,6 +427,7 @@ class RayEngine:
             replica.deaths += 1
             replica.down_since = time.monotonic()
             replica.stats = None
+            replica.members.clear()
             log.warning("replica %s is down; the router forgets what it held", replica.name)
         self.router.forget(replica.name)
         for rid in [rid for rid, n in self._running.items() if n == replica.name]:
@@ -390,7 +438,8 @@ class RayEngine:
         try:
             return await _await(getattr(replica.handle, method).remote(*args), replica)
         except ReplicaDied as exc:
-            self._mark_down(replica)
+            if not self.pooled:
+                self._mark_down(replica)
             raise EngineUnavailableError(f"engine replica {name} is gone ({exc})") from None
 
 

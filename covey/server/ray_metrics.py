@@ -6,12 +6,15 @@ so a scrape costs no call to a replica: the server's own `stats()` reads the sam
 reports, which the engine's report loop refreshes. Series:
 - `covey_replica_up`, `covey_replica_queue_depth`, `covey_replica_running`,
   `covey_replica_kv_usage_ratio`, `covey_replica_prefix_cache_hit_rate`,
-  `covey_replica_chunk_cache_hit_rate` (host tier), `covey_replica_pins`: per replica;
+  `covey_replica_chunk_cache_hit_rate` (host tier), `covey_replica_pins`: per replica
+  (with `--routing ray_serve`, per Serve replica behind the pool, labelled
+  "<pool>/pid<pid>", from the reports Serve spread over them in the last few rounds);
 - `covey_replica_deaths`, `covey_replica_retried_requests`, `covey_replica_failed_requests`
   (requests failed with 503 because their replica died): per replica;
 - `covey_router_decisions{policy,decision}`: affinity (the best cache match), fallback
   (the best match was too far ahead in queue), balance (nothing matched: least loaded),
-  pin (a pin's holder), round_robin or pow2;
+  pin (a pin's holder), round_robin or pow2; with `--routing ray_serve` every call is
+  counted as policy and decision ray_serve (Serve's router picked its replica);
 - `covey_router_predicted_hit_rate`: prompt characters the router believed cached where it
   sent them, over all it routed.
 """
@@ -56,22 +59,26 @@ class RayMetricsCollector:
             "Requests failed (503) because this replica died while streaming them",
             labels=["replica"],
         )
+        pooled = self.engine.pooled
         for r in self.engine.replica_states():
             up.add_metric([r.name], 1.0 if r.up else 0.0)
             deaths.add_metric([r.name], r.deaths)
             retried.add_metric([r.name], r.retries)
             failed.add_metric([r.name], r.failed)
-            s = r.stats
-            if s is None or not r.up:
+            if not r.up:
                 continue
-            queue.add_metric([r.name], s.num_waiting)
-            running.add_metric([r.name], s.num_running)
-            kv.add_metric([r.name], s.kv_usage)
-            hits.add_metric([r.name], s.prefix_cache_hit_rate)
-            host = s.chunk_cache.get("host", {})
-            looked = host.get("hits", 0) + host.get("misses", 0)
-            chunk.add_metric([r.name], host.get("hits", 0) / looked if looked else 0.0)
-            pins.add_metric([r.name], len(r.pins))
+            for pid, s in r.member_stats(self.engine.member_ttl_s).items():
+                # A pool's Serve replicas are told apart by process id.
+                label = [f"{r.name}/pid{pid}" if pooled else r.name]
+                queue.add_metric(label, s.num_waiting)
+                running.add_metric(label, s.num_running)
+                kv.add_metric(label, s.kv_usage)
+                hits.add_metric(label, s.prefix_cache_hit_rate)
+                host = s.chunk_cache.get("host", {})
+                looked = host.get("hits", 0) + host.get("misses", 0)
+                chunk.add_metric(label, host.get("hits", 0) / looked if looked else 0.0)
+                if not pooled:  # a pool offers no pins
+                    pins.add_metric(label, len(r.pins))
         yield from (up, queue, running, kv, hits, chunk, pins, deaths, retried, failed)
         router = self.engine.router
         decisions = CounterMetricFamily(
@@ -79,8 +86,12 @@ class RayMetricsCollector:
             "Routing decisions per policy and kind",
             labels=["policy", "decision"],
         )
-        for decision, count in sorted(router.counters.decisions.items()):
-            decisions.add_metric([router.policy, decision], count)
+        if pooled:  # Serve's router picked each call's replica, not covey's
+            total = sum(router.counters.decisions.values())
+            decisions.add_metric(["ray_serve", "ray_serve"], total)
+        else:
+            for decision, count in sorted(router.counters.decisions.items()):
+                decisions.add_metric([router.policy, decision], count)
         yield decisions
         predicted = GaugeMetricFamily(
             "covey_router_predicted_hit_rate",

@@ -37,7 +37,7 @@ import bisect
 import itertools
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,19 +121,6 @@ class ReplicaCacheLedger:
                 entry.running -= 1
             self._evict()
 
-    def held(
-        self,
-        cached_tokens: Callable[[list[int]], int],
-        chunk_stored: Callable[[Sequence[int]], bool] | None = None,
-    ) -> tuple[dict[str, int], dict[str, int]]:
-        """(unit hash -> characters, chunk id -> characters) this replica holds now.
-        `cached_tokens(ids)`: how many leading tokens of `ids` the prefix cache covers;
-        `chunk_stored(ids)`: whether the chunk store holds KV of these tokens (None: no
-        store). `questions` and `answer` in one go, for an engine at hand."""
-        asked = self.questions()
-        stored = None if chunk_stored is None else [chunk_stored(c) for c in asked.chunks]
-        return self.answer(asked, [cached_tokens(ids) for ids in asked.prompts], stored)
-
     def questions(self) -> LedgerQuestions:
         """What to ask the engine (`CacheReporter.cache_report`): the token ids of every
         finished prompt and of its chunks. A snapshot: on CUDA the report runs while calls
@@ -194,8 +181,8 @@ class ReplicaCacheLedger:
         return units, chunks
 
     def pending(self) -> list[_Prompt]:
-        """The finished prompts not tokenized yet: take them on the loop, then `prepare`
-        them on another thread."""
+        """The finished prompts not tokenized yet, to `prepare` (on a worker thread: the
+        replica does, `EngineReplica._questions`)."""
         with self._lock:
             return [e for e in self._prompts.values() if e.tokens is None and not e.running]
 

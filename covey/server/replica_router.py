@@ -29,12 +29,14 @@ Preble, SGLang's cache-aware router and Llumnix weigh it: a replica's estimated 
 first token is (the prefill tokens already queued or running there + this call's tokens
 it does not hold + the cached tokens that miss would evict, which later calls would have
 hit) x its per-token prefill cost + its fixed per-prefill cost x (its calls in flight + 1).
-What a miss evicts is the part of it beyond the free room the replica last reported (or,
-before any report, beyond the mirror's room). A long cached prefix on a busy replica still
+What a miss evicts is the part of it beyond the free room the replica last reported, less
+the prefill queued there, which takes that room first (or, before any report, beyond the
+mirror's room). A long cached prefix on a busy replica still
 wins when the prefill it saves outweighs the queue ahead of it; a queue of long uncached
 prompts loses to an idle replica that must recompute. The queued tokens are the larger of
 the router's own count (the uncached tokens of its calls there whose first output has not
-come back) and the replica's report (the engine's `cache_report`), which also brings its
+come back) and the replica's report (the engine's `cache_report`, less the router's calls
+whose first output came back after the report was asked for), which also brings its
 measured prefill profile; a replica not heard from yet costs as the others do.
 `max_imbalance` stays as a safety cap: a replica more than that many requests deeper than
 the least-loaded one is not a candidate at all. The decision is `affinity` when the call
@@ -69,6 +71,9 @@ DEFAULT_PER_TOKEN_S = 1e-3
 # A miss on a full cache evicts as much as it adds: prefixes other calls would have hit,
 # to be recomputed later (Preble's eviction term). Counted at this weight.
 EVICTION_WEIGHT = 1.0
+# Prefill ends remembered per replica to correct reports in flight: far more than the calls
+# that end while one report is in transit.
+PREFILL_ENDED_KEPT = 256
 
 
 @dataclass(frozen=True)
@@ -169,6 +174,12 @@ class ReplicaView:
     prefilling: dict[int, int] = field(default_factory=dict)
     prefilling_tokens: int = 0
     reported_prefill_tokens: int = 0
+    # The sequence number the last report applied to `reported_prefill_tokens` was asked
+    # for at, and (sequence number, tokens) of the calls whose prefill ended since: a
+    # report counts a call until its first output, so what ended after the report was
+    # asked for comes off its figure (or a stale report keeps a drained replica busy).
+    prefill_report_seq: int = 0
+    prefill_ended: list[tuple[int, int]] = field(default_factory=list)
     per_token_s: float | None = None
     fixed_s: float = 0.0
     free_tokens: int | None = None  # its KV pool's free room, as last reported
@@ -181,8 +192,27 @@ class ReplicaView:
     def queued_prefill_tokens(self) -> int:
         return max(self.prefilling_tokens, self.reported_prefill_tokens)
 
-    def prefill_done(self, stamp: int) -> None:
-        self.prefilling_tokens -= self.prefilling.pop(stamp, 0)
+    def prefill_done(self, stamp: int, seq: int) -> None:
+        tokens = self.prefilling.pop(stamp, 0)
+        if tokens:
+            self.prefilling_tokens -= tokens
+            self.reported_prefill_tokens = max(self.reported_prefill_tokens - tokens, 0)
+            self.prefill_ended.append((seq, tokens))
+            del self.prefill_ended[:-PREFILL_ENDED_KEPT]
+
+    def reported_prefill(self, tokens: int, seq: int | None) -> None:
+        """A report's queued prefill `tokens`, asked for at `seq`, less the calls whose
+        prefill ended after that; a report older than the one applied last is ignored."""
+        if seq is None:
+            self.reported_prefill_tokens = tokens
+            self.prefill_ended.clear()
+            return
+        if seq < self.prefill_report_seq:
+            return
+        ended_since = sum(n for s, n in self.prefill_ended if s > seq)
+        self.reported_prefill_tokens = max(tokens - ended_since, 0)
+        self.prefill_report_seq = seq
+        self.prefill_ended = [(s, n) for s, n in self.prefill_ended if s > seq]
 
     def matched_units(self, key: RouteKey) -> tuple[int, int]:
         """(units, characters) of the key's leading chain this replica holds."""
@@ -287,6 +317,7 @@ class ReplicaView:
         self.open_calls.clear()
         self.prefilling.clear()
         self.prefilling_tokens = self.reported_prefill_tokens = 0
+        self.prefill_ended.clear()
         self.free_tokens = None
         self.held_chars = self.chunk_chars = 0
         self.pins.clear()
@@ -335,6 +366,7 @@ class ReplicaRouter:
         self.last_stamp = 0  # the stamp of the last call `choose` remembered
         self._random = random.Random(seed)
         self._per_token: float | None = None  # `_default_per_token`, until a report
+        self._fixed_mean = 0.0
         for name in replicas:
             self.add(name)
 
@@ -389,12 +421,12 @@ class ReplicaRouter:
         if view is not None and not (seq is not None and seq < view.forgot_seq):
             view.reported_queue = queue
             if prefill_tokens is not None:
-                view.reported_prefill_tokens = prefill_tokens
+                view.reported_prefill(prefill_tokens, seq)
             if free_tokens is not None:
                 view.free_tokens = free_tokens
             if profile is not None and profile[1] > 0:
-                if view.per_token_s != profile[1]:
-                    self._per_token = None  # the mean changes
+                if (view.fixed_s, view.per_token_s) != profile:
+                    self._per_token = None  # the means change
                 view.fixed_s, view.per_token_s = profile
             if seq is None or seq > view.pin_seq:
                 view.pins = set(pins) | view.pinning
@@ -502,10 +534,16 @@ class ReplicaRouter:
         return chosen, "affinity" if chosen_score >= best_score else "fallback"
 
     def _default_per_token(self) -> float:
-        """The mean reported per-token cost, for replicas that did not report one yet."""
+        """The mean reported per-token cost, for replicas that did not report one yet (and
+        `_fixed_mean`, the mean fixed cost, likewise)."""
         if self._per_token is None:
-            known = [v.per_token_s for v in self.views.values() if v.per_token_s]
-            self._per_token = sum(known) / len(known) if known else DEFAULT_PER_TOKEN_S
+            known = [v for v in self.views.values() if v.per_token_s]
+            self._per_token = (
+                sum(v.per_token_s or 0.0 for v in known) / len(known)
+                if known
+                else DEFAULT_PER_TOKEN_S
+            )
+            self._fixed_mean = sum(v.fixed_s for v in known) / len(known) if known else 0.0
         return self._per_token
 
     @staticmethod
@@ -526,8 +564,9 @@ class ReplicaRouter:
         `miss` and `load`, when the caller has them, save recomputing them."""
         if miss is None:
             miss = self._miss_tokens(view, key, score)
-        if view.free_tokens is not None:  # the replica's own account of its pool
-            overflow = miss - view.free_tokens
+        if view.free_tokens is not None:  # the replica's own account of its pool, less
+            # what the prefill queued there will take of it first
+            overflow = miss - max(view.free_tokens - view.queued_prefill_tokens, 0)
         else:  # the mirror's guess
             overflow = (view.held_chars + CHARS_PER_TOKEN * miss - view.capacity_chars) / (
                 CHARS_PER_TOKEN
@@ -535,7 +574,8 @@ class ReplicaRouter:
         evicted = overflow if overflow > 0 else 0.0
         tokens = view.queued_prefill_tokens + miss + EVICTION_WEIGHT * evicted
         load = view.load if load is None else load
-        return (view.per_token_s or per_token) * tokens + view.fixed_s * (load + 1)
+        fixed = view.fixed_s if view.per_token_s else self._fixed_mean
+        return (view.per_token_s or per_token) * tokens + fixed * (load + 1)
 
     def ttft_estimate(self, name: str, key: RouteKey) -> float:
         """The cost model's estimate for `key` on replica `name` (seconds, or relative
@@ -548,7 +588,7 @@ class ReplicaRouter:
         queued on `name`."""
         view = self.views.get(name)
         if view is not None:
-            view.prefill_done(stamp)
+            view.prefill_done(stamp, next(self._seq))
 
     def call_done(self, name: str, stamp: int) -> None:
         """The call routed at `stamp` (`last_stamp` after its `choose`) is over: reports
@@ -556,7 +596,7 @@ class ReplicaRouter:
         view = self.views.get(name)
         if view is not None:
             view.open_calls.pop(stamp, None)
-            view.prefill_done(stamp)
+            view.prefill_done(stamp, next(self._seq))
 
     def started(self, name: str) -> None:
         view = self.views.get(name)

@@ -162,9 +162,11 @@ def test_a_long_running_call_does_not_stop_the_ledger_evicting():
 
 
 def test_reports_on_another_thread_never_break_recording():
-    """On CUDA `held` runs on the engine's thread while the loop records: no KeyError, and
-    a prompt revived while the report ran is not dropped under it."""
+    """As a replica reports: `questions` and then `answer` on another thread, with an await
+    between them, while the loop records calls: no KeyError, and a prompt revived while
+    the report ran is not dropped under it."""
     import threading
+    import time
 
     ledger = ReplicaCacheLedger(None, max_prompts=4)  # no tokenizer: finished ones are "gone"
     stop, errors = threading.Event(), []
@@ -172,7 +174,9 @@ def test_reports_on_another_thread_never_break_recording():
     def report() -> None:
         while not stop.is_set():
             try:
-                ledger.held(lambda ids: 0)
+                asked = ledger.questions()
+                time.sleep(0.0005)  # the engine answers meanwhile; calls keep being recorded
+                ledger.answer(asked, [0] * len(asked.prompts), None)
             except Exception as e:  # noqa: BLE001 - the test reports any
                 errors.append(e)
 
@@ -183,7 +187,8 @@ def test_reports_on_another_thread_never_break_recording():
             ledger.finished(ledger.record(f"prompt {i % 7} " * 20))
         ticket = ledger.record("still running " * 20)
         for _ in range(50):
-            ledger.held(lambda ids: 0)
+            asked = ledger.questions()
+            ledger.answer(asked, [0] * len(asked.prompts), None)
         assert len(ledger) >= 1  # the running one stays
     finally:
         stop.set()

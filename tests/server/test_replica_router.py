@@ -287,3 +287,65 @@ def test_the_reported_free_room_decides_what_a_miss_evicts():
     assert router.choose(key) == ("r1", "balance")
     router.report("r1", queue=0, prefill_tokens=300, free_tokens=0)  # now full too
     assert router.choose(route_key("x" * 20 * BLOCK_CHARS)) == ("r0", "balance")
+
+
+def test_a_first_output_after_a_report_drops_the_reported_queue():
+    """Review M1: a report taken while a long prompt waited must not keep its replica
+    looking busy once that prompt's first output is back."""
+    router = ReplicaRouter(["r0", "r1"])
+    home, _ = prefilled(router, route_key(LONG))
+    for name in ("r0", "r1"):
+        router.report(name, queue=0, prefill_tokens=0, profile=(0.0, 1e-3))
+    name, _ = router.choose(route_key(LONG + " second question"))
+    stamp = router.last_stamp
+    assert name == home
+    waiting = router.views[home].prefilling[stamp]
+    router.report(home, queue=1, prefill_tokens=waiting + 700, seq=router.report_started())
+    router.first_output(home, stamp)
+    router.call_done(home, stamp)
+    assert router.views[home].queued_prefill_tokens == 700  # only what the router did not send
+    router.report(home, queue=0, prefill_tokens=waiting, seq=router.report_started())
+    router.first_output(home, 10**6)
+    # The replica's own figure still counts what the router did not send...
+    assert router.views[home].queued_prefill_tokens == waiting
+    router.report(home, queue=0, prefill_tokens=0, seq=router.report_started())
+    assert router.views[home].queued_prefill_tokens == 0
+    assert router.choose(route_key(LONG + " third question")) == (home, "affinity")
+
+
+def test_a_report_in_flight_when_a_prefill_ends_does_not_bring_it_back():
+    router = ReplicaRouter(["r0", "r1"])
+    home, _ = prefilled(router, route_key(LONG))
+    for name in ("r0", "r1"):
+        router.report(name, queue=0, prefill_tokens=0, profile=(0.0, 1e-3))
+    name, _ = router.choose(route_key(LONG + " again"))
+    stamp = router.last_stamp
+    tokens = router.views[home].prefilling[stamp] + 5000
+    asked = router.report_started()  # the replica answers while the prompt still waits
+    router.first_output(home, stamp)  # ...and its first output overtakes that answer
+    router.report(home, queue=1, prefill_tokens=tokens, seq=asked)
+    assert router.views[home].queued_prefill_tokens == 5000
+    # An answer asked for even earlier, arriving last, changes nothing.
+    router.report(home, queue=1, prefill_tokens=9000, seq=asked - 1)
+    assert router.views[home].queued_prefill_tokens == 5000
+
+
+def test_the_queued_prefill_takes_its_share_of_the_free_room_first():
+    """Review L2: room a queue is about to fill is no room for this call's miss."""
+    router = ReplicaRouter(["r0", "r1"])
+    key = route_key("y" * 20 * BLOCK_CHARS)  # 640 tokens, held nowhere
+    router.report("r0", queue=0, prefill_tokens=0, free_tokens=0)  # evicts all 640
+    # Room for the miss, but 600 queued tokens take it first: 600 of the miss evict too.
+    router.report("r1", queue=0, prefill_tokens=600, free_tokens=640)
+    assert router.choose(key) == ("r0", "balance")
+
+
+def test_a_replica_not_heard_from_yet_costs_the_others_mean_fixed_cost_too():
+    """Review L1: no report yet must not make a replica cheaper by the fixed cost."""
+    router = ReplicaRouter(["r0", "r1", "r2"])
+    router.report("r0", queue=2, prefill_tokens=0, profile=(0.5, 1e-3))
+    router.report("r1", queue=2, prefill_tokens=0, profile=(0.5, 1e-3))
+    key = route_key("z" * 4 * BLOCK_CHARS)
+    estimate = router.ttft_estimate("r0", key)
+    router.report("r2", queue=2, prefill_tokens=0)  # as loaded, no profile measured yet
+    assert router.ttft_estimate("r2", key) == pytest.approx(estimate)

@@ -123,6 +123,9 @@ class CompiledDecode:
 
     def __init__(self, model: LlamaModel) -> None:
         self.model = model
+        self.threads: int | None = None  # torch's thread count the graphs were warmed at
+        self.compiled_steps = 0  # steps that ran the compiled graph
+        self.eager_steps = 0  # steps run by the plain model: another thread count
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache_dir()  # read at each compile
         self._step: Callable = torch.compile(
             _decode_step,
@@ -140,9 +143,15 @@ class CompiledDecode:
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        # A step the warmed-up graphs do not cover runs eagerly rather than compiling in
-        # the middle of serving (minutes): dynamo guards on torch's thread count, which the
-        # thread governor lowers while other processes keep the CPUs busy.
+        # Dynamo guards on torch's thread count, which the thread governor lowers while
+        # other processes keep the CPUs busy. At a count the graphs were not warmed at, the
+        # plain model runs the step: recompiling in the middle of serving takes minutes,
+        # and dynamo's own eager fallback (the custom op per layer, guards) is slower than
+        # the plain model.
+        if self.threads is not None and torch.get_num_threads() != self.threads:
+            self.eager_steps += 1
+            return self.model(input_ids, positions, kv_cache, meta)
+        self.compiled_steps += 1
         with torch.compiler.set_stance("eager_on_recompile"):
             return self._run(input_ids, positions, kv_cache, meta)
 
@@ -189,6 +198,7 @@ class CompiledDecode:
             ) from exc
         finally:
             bar.close()
+        self.threads = torch.get_num_threads()
         took = time.perf_counter() - start
         log.info("decode step compiled in %.1f s (cache: %s)", took, inductor_cache_dir())
         return took

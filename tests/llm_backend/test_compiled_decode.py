@@ -82,7 +82,17 @@ def test_compiled_and_eager_decode_agree(first_layers, covey_home):
     # the same path, or a near tie there. (Comparing two free-running greedy runs fails on
     # a near tie, which a two-layer model has often: one bf16 step flips it and the runs
     # part.)
+    # At a thread count the graphs were not warmed at (the governor moved it), the plain
+    # model runs the step, and says so.
+    compiled.threads = torch.get_num_threads() + 1
+    with torch.inference_mode():
+        plain = engine.model(*args)
+    assert torch.equal(compiled.forward(*args), plain) and compiled.eager_steps == 1
+    compiled.threads, compiled.eager_steps = torch.get_num_threads(), 0
+
+    before = compiled.compiled_steps
     outs = [o.token_ids for o in engine.run_to_completion(rids)]
+    assert compiled.compiled_steps > before and compiled.eager_steps == 0  # the graph ran
     with torch.inference_mode():
         for prompt, generated in zip(prompt_ids, outs, strict=True):
             ids = prompt + list(generated)

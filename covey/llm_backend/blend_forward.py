@@ -28,8 +28,10 @@ from dataclasses import dataclass
 
 import torch
 
+from covey.errors import ConfigError
 from covey.llm_backend.attention_metadata import AttentionMetadata, PrefillRun
 from covey.llm_backend.chunk_planner import num_selected
+from covey.llm_backend.config import BLEND_QUOTAS, BLEND_SCORES
 from covey.llm_backend.layers import apply_rotary
 from covey.llm_backend.model import LlamaModel
 
@@ -51,6 +53,16 @@ class BlendPolicy:
 
     score: str = "kv"
     quota: str = "global"
+
+    def __post_init__(self) -> None:
+        # EngineConfig checks its knobs; a policy built directly is checked here, so a
+        # misspelt name is an error rather than the default ranking run silently.
+        for name, value, allowed in (
+            ("score", self.score, BLEND_SCORES),
+            ("quota", self.quota, BLEND_QUOTAS),
+        ):
+            if value not in allowed:
+                raise ConfigError(f"BlendPolicy.{name} must be one of {allowed}, got {value!r}")
 
 
 @dataclass

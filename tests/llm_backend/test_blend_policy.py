@@ -123,3 +123,11 @@ def test_attention_score_recomputes_what_the_question_reads(make_engine):
 def test_an_unknown_policy_is_a_config_error(field, value):
     with pytest.raises(ConfigError, match=f"EngineConfig.{field} must be one of"):
         EngineConfig(chunk_cache="blend", **{field: value})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"), [({"score": "K"}, "score"), ({"quota": "perchunk"}, "quota")]
+)
+def test_a_policy_built_directly_checks_its_names(kwargs, field):
+    with pytest.raises(ConfigError, match=f"BlendPolicy.{field} must be one of"):
+        BlendPolicy(**kwargs)

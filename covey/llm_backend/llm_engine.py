@@ -484,10 +484,13 @@ class LLMEngine:
         """Queue a prefill of `chunk` on its own that stores its KV, blendable anywhere.
         None when the store holds it already.
 
-        The chunk follows WARM_PREAMBLE, not position 0: the first token of a sequence
-        becomes an attention sink, with KV unlike any token's in mid-prompt, and a chunk
-        whose first token carried it blends badly (measured: planted-facts accuracy 0.30
-        against 0.58 for full prefill at ratio 0.15, with the chunk computed at 0).
+        The chunk follows WARM_PREAMBLE, not position 0, so that its first token does not
+        carry the sequence's attention sink. That does not make standalone KV blend well:
+        benchmarks/rag_kv.py's standalone workload scores 0.167 against 0.583 for full
+        prefill, the same at ratios 0 and 0.15, because KV computed without other passages
+        before it is off on every token, and the model then answers from the last passage
+        (a review's one-prompt probe needed ratio 0.9 to recover). KV stored from a
+        request's own multi-passage prefill blends far better (ratio 0: 0.58 there).
         """
         store = self._store_for("warm_chunks")
         ids = self.validator.check_chunk(chunk)

@@ -1,7 +1,8 @@
 """Replacing a file so that a crash leaves the old version or the new one, never half of
 each: write a temporary file beside it, then rename it over the target (a rename within one
 folder is atomic on POSIX). Files that are replaced in place (the index manifest of
-`covey.retrieval.store`, the entries of `covey.cache.disk_tier`) go through here, so the
+`covey.retrieval.store`, the entries of `covey.cache.disk_tier`, the measured profiles of
+`covey.llm_backend.prefill_profile`) go through here, so the
 rule is written once. A folder written whole and then renamed to a name not yet taken
 needs no helper and does its own rename: the index versions of `covey.retrieval.store`
 and the GGUF tokenizer cache of `covey.llm_backend.tokenizer`."""

@@ -21,7 +21,6 @@ next start a measurement. To re-measure now: `rm -r "${COVEY_HOME:-~/.cache/cove
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from covey.atomic_files import replace_atomically
 from covey.home import covey_home
 from covey.llm_backend.attention_metadata import AttentionMetadata, PrefillRun
 from covey.llm_backend.kv_pool import KVPool
@@ -256,14 +256,14 @@ def _load(cls, kind: str, text: str):
 def _store(profile, kind: str, text: str) -> None:
     """Write the fit under `text` atomically (a temporary file renamed over the target)."""
     path = _path(kind, text)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    body = json.dumps({"key": text, "fit": dataclasses.asdict(profile)})
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({"key": text, "fit": dataclasses.asdict(profile)}))
-        os.replace(tmp, path)
+        replace_atomically(
+            path, lambda tmp: tmp.write_text(body), path.with_name(f"{path.name}.tmp{os.getpid()}")
+        )
     except OSError:  # a read-only or full home: the next start measures again
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+        pass
 
 
 @cache

@@ -20,8 +20,10 @@ holds Python structures a graph cannot take. Nothing else in the graph touches t
 and the layers' data dependencies order the op's writes and reads.
 
 The batch size is a dynamic dimension up to KERNEL_MAX_ROWS (batch 1 gets its own graph,
-as torch specializes it); wider decode steps run eagerly, where the int4 layers switch to
-their dequantizing path and a compiled graph would have to be traced again mid-serving.
+as torch specializes it); wider decode steps run eagerly. KERNEL_MAX_ROWS is where int8
+layers switch to their dequantizing path (int4 layers switch later, at
+INT4_KERNEL_MAX_ROWS): the smaller bound serves every mode, so no step inside it meets a
+layer that changes branch, which would trace the graph again mid-serving.
 
 Compiling costs about a minute the first time (more on a loaded machine). Inductor's caches
 live under `covey_home()/inductor`, so later runs load the generated code instead, but still

@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 
 test: setup
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=30
 
 demo: setup
 	$(VENV)/bin/covey serve

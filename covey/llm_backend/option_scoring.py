@@ -161,23 +161,33 @@ def _fit_group(
     bm = ctx.block_manager
     forks: list[_Fork] = []
     budget = ctx.max_tokens_per_forward
-    for i, option in todo:
-        n = len(option) - 1  # the last token is never input: nothing follows it to score
-        if forks and n > budget:
-            break
-        tokens = seq.token_ids + list(option[:-1])
-        child = Sequence(f"{seq.request_id}#option{i}", tokens, seq.params)
-        bm.fork(seq, child)
-        if not bm.can_allocate(bm.blocks_needed(child, n)):
-            bm.free(child)
-            if not forks:
-                raise EngineError(
-                    f"no KV room to score choice {i} ({len(option)} tokens) now: the pool is "
-                    "full of running requests"
-                )
-            break
-        forks.append(_Fork(i, option, child, bm.allocate_slots(child, n)))
-        budget -= n
+    try:
+        for i, option in todo:
+            n = len(option) - 1  # the last token is never input: nothing follows it to score
+            if forks and n > budget:
+                break
+            tokens = seq.token_ids + list(option[:-1])
+            child = Sequence(f"{seq.request_id}#option{i}", tokens, seq.params)
+            bm.fork(seq, child)
+            fork = _Fork(i, option, child, [])
+            forks.append(fork)  # holds blocks from here: freed below on any error
+            if not bm.can_allocate(bm.blocks_needed(child, n)):
+                forks.pop()
+                bm.free(child)
+                if not forks:
+                    raise EngineError(
+                        f"no KV room to score choice {i} ({len(option)} tokens) now: the "
+                        "pool is full of running requests"
+                    )
+                break
+            fork.copies = bm.allocate_slots(child, n)
+            budget -= n
+    except BaseException:
+        # No block may outlive the request: `_score_group`, which frees the forks on every
+        # path, is never reached.
+        for fork in forks:
+            bm.free(fork.seq)
+        raise
     return forks, todo[len(forks) :]
 
 

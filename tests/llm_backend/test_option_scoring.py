@@ -108,3 +108,23 @@ def test_whole_options_batch_beside_other_requests(make_engine):
     assert together.choice_logprobs == pytest.approx(alone.choice_logprobs, abs=1e-4)
     assert story.choice_logprobs is None and len(story.token_ids) == 6
     assert engine.stats().kv_blocks_used == 0
+
+
+def test_a_fork_that_fails_to_allocate_frees_every_fork_of_its_group(make_engine, monkeypatch):
+    engine = make_engine()
+    bm = engine.block_manager
+    allocate, forks = bm.allocate_slots, []
+
+    def failing_on_the_second_fork(seq, n):
+        if "#option" in seq.request_id:
+            forks.append(seq.request_id)
+            if len(forks) == 2:
+                raise RuntimeError("injected: the block manager's bookkeeping failed")
+        return allocate(seq, n)
+
+    monkeypatch.setattr(bm, "allocate_slots", failing_on_the_second_fork)
+    out = choose(engine, PROMPT, OPTIONS, choice_scoring="whole")
+    assert out.finish_reason == "error" and "injected" in out.error and len(forks) == 2
+    assert engine.stats().kv_blocks_used == 0  # the first fork, the failed one, the prompt
+    assert sum(bm.ref_counts) == 0
+

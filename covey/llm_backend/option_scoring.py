@@ -9,10 +9,18 @@ How it runs, on top of the prompt's KV (the request prefills its prompt like any
 - the prompt's last logits give every option's first-token log-probability, so options of
   one token cost nothing more (most classification labels);
 - every longer option is a fork of the prompt's sequence (shared blocks, copy-on-write on
-  the last partial block) holding its own tokens; all forks run in one batched forward (in
-  groups when the KV pool or the step's token budget cannot take them at once), whose
-  logits at every option position give the rest of the option's log-probabilities;
-- the forks are freed at once; the request finishes with the chosen option.
+  the last partial block) holding its own tokens; a request's forks run in one batched
+  forward (in groups when the KV pool or the step's token budget cannot take them at
+  once), whose logits at every option position give the rest of the option's
+  log-probabilities;
+- each group's forks are freed after its forward; the request finishes with the chosen
+  option.
+Scoring runs inside the engine step that computed the prompt's last token, one request
+after another: the step's other requests wait for it (bounded by AUTO_TRIE_TOKENS under
+"auto"). The forks' blocks are not reserved by the scheduler: when the pool lacks them the
+engine preempts the lowest-priority running requests, newest first, as the scheduler does
+for a decode that cannot grow (the scored request itself when it is the lowest; it
+recomputes its prompt and is scored then), so a busy pool delays a request, never fails it.
 
 Ranking: with `length_normalize` (the default) by mean log-probability per token, else by
 the total. The total favours short options (every token costs probability); the mean does
@@ -124,6 +132,18 @@ class ScoringContext:
     max_tokens_per_forward: int
 
 
+def fork_blocks(seq: Sequence, scorer: OptionScorer, block_size: int) -> int:
+    """The most KV blocks one option's fork of `seq` takes besides the prompt's blocks it
+    shares (its own tokens, and a copy of a partly filled last block): with that many free,
+    every group of forks gets at least its first fork in (each group frees its forks)."""
+    rest = scorer.max_tokens - 1  # an option's last token is never input
+    if rest == 0:
+        return 0
+    held, computed = len(seq.block_table), seq.num_computed_tokens
+    copy = int(computed % block_size != 0 and held * block_size > computed)
+    return max(0, -(-(computed + rest) // block_size) - held) + copy
+
+
 def option_logprobs(
     ctx: ScoringContext, seq: Sequence, scorer: OptionScorer, last_logits: torch.Tensor
 ) -> list[float]:
@@ -174,10 +194,10 @@ def _fit_group(
             if not bm.can_allocate(bm.blocks_needed(child, n)):
                 forks.pop()
                 bm.free(child)
-                if not forks:
+                if not forks:  # the engine made room for the largest fork: a fault
                     raise EngineError(
-                        f"no KV room to score choice {i} ({len(option)} tokens) now: the "
-                        "pool is full of running requests"
+                        f"no KV room to score choice {i} ({len(option)} tokens) although "
+                        "room was made for it"
                     )
                 break
             fork.copies = bm.allocate_slots(child, n)

@@ -128,3 +128,33 @@ def test_a_fork_that_fails_to_allocate_frees_every_fork_of_its_group(make_engine
     assert engine.stats().kv_blocks_used == 0  # the first fork, the failed one, the prompt
     assert sum(bm.ref_counts) == 0
 
+
+@pytest.mark.parametrize("scorer_first", [True, False], ids=["preempts", "is-preempted"])
+def test_scoring_makes_room_when_the_pool_is_full(make_engine, scorer_first):
+    """The scored request's prompt and a neighbour's fill the pool in the same step, so no
+    fork fits. The lowest-priority request (newest first) is preempted and recomputed, as
+    a decode that cannot grow would do: the scoring request gets its answer either way."""
+    big = make_engine()
+    prompt_blocks = -(-len(big.tokenizer.encode(PROMPT)) // 16)
+    text = "The quick brown fox jumps over the lazy dog. " * 20
+    neighbour = big.tokenizer.encode(text)[: 3 * 16 - 1]  # fills all but the prompt's blocks
+    filler = SamplingParams(max_tokens=4, ignore_eos=True)
+    scored, filled = (
+        big.run_to_completion([big.add_request(PROMPT, SamplingParams(choices=OPTIONS))])[0],
+        big.run_to_completion([big.add_request(neighbour, filler)])[0],
+    )
+    engine = make_engine(kv_cache_tokens=(prompt_blocks + 3) * 16)
+    rids = [
+        engine.add_request(PROMPT, SamplingParams(choices=OPTIONS), priority=0),
+        engine.add_request(neighbour, filler, priority=0 if scorer_first else -1),
+    ]
+    outs = []
+    choice, other = engine.run_to_completion(rids, on_output=outs.append)
+    assert choice.finish_reason == "stop" and choice.text == scored.text
+    assert choice.choice_logprobs == pytest.approx(scored.choice_logprobs, abs=1e-3)
+    assert other.token_ids == filled.token_ids and other.finish_reason == "length"
+    preempted = other if scorer_first else choice
+    assert preempted.metrics.num_preemptions >= 1
+    assert not any(o.finish_reason == "error" for o in outs)
+    assert engine.stats().kv_blocks_used == 0
+

@@ -29,6 +29,14 @@ best; sampling draws from softmax(score / temperature) over the options (top-k a
 apply to the options). Options are held in one canonical order (sorted), so the answer,
 seeded samples included, does not depend on the order the caller listed them in.
 
+An option whose tokens begin another option's ("yes" and "yes indeed"): P(option) counts
+every continuation, the longer option's among them, so on its own the shorter one would
+always win by the total. It is ranked by P(the option, then not the rest of a longer one):
+log P(option) + log(1 - sum over the options that extend it directly of P(their rest |
+it)), which costs no forward (those are differences of the scores already computed). The
+options' events are then disjoint, so no option's score contains another's (the trie ends
+such an option on EOS instead). `choice_logprobs` reports the plain log P(option | prompt).
+
 Measured in benchmarks/choices.py (24 labelled tickets, 4 teams, SmolLM2-135M): with the
 options only in the gen, whole options ranked by mean log-probability route 15/24, by the
 total 7/24, the trie 11/24; every scoring gives the same answers whatever the order the
@@ -42,6 +50,7 @@ blocks), while the trie decodes only as many steps as its longest path.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
@@ -77,6 +86,8 @@ class OptionScorer:
     token_ids: tuple[tuple[int, ...], ...]
     length_normalize: bool
     order: tuple[str, ...]
+    # Each option's longest proper token prefix among the options (its index), or None.
+    parents: tuple[int | None, ...] = ()
 
     @classmethod
     def build(
@@ -95,17 +106,35 @@ class OptionScorer:
                 )
             seen[tokens] = option
             ids.append(tokens)
-        return cls(options, tuple(ids), params.length_normalize, params.choices)
+        index = {tokens: i for i, tokens in enumerate(ids)}
+        parents = tuple(
+            next((index[t[:k]] for k in range(len(t) - 1, 0, -1) if t[:k] in index), None)
+            for t in ids
+        )
+        return cls(options, tuple(ids), params.length_normalize, params.choices, parents)
 
     @property
     def max_tokens(self) -> int:
         return max(len(ids) for ids in self.token_ids)
 
     def ranking(self, logprobs: list[float]) -> list[float]:
-        """The score each option is ranked by: mean or total log-probability."""
+        """The score each option is ranked by: mean or total log-probability of the option
+        and not of a longer option it begins (see the module docstring)."""
+        ends = self.end_logprobs(logprobs)
+        totals = [lp + end for lp, end in zip(logprobs, ends)]
         if not self.length_normalize:
-            return list(logprobs)
-        return [lp / len(ids) for lp, ids in zip(logprobs, self.token_ids)]
+            return totals
+        return [lp / len(ids) for lp, ids in zip(totals, self.token_ids)]
+
+    def end_logprobs(self, logprobs: list[float]) -> list[float]:
+        """log P(not continuing into a longer option | the option) of every option: 0 for
+        one that begins no other, log(1 - sum of its direct extensions' P(rest | it))."""
+        shares = [0.0] * len(logprobs)
+        for child, parent in enumerate(self.parents):
+            if parent is not None:
+                shares[parent] += math.exp(logprobs[child] - logprobs[parent])
+        # A share rounded to 1 or more: continuing is certain, ending has no probability.
+        return [math.log1p(-share) if share < 1.0 else -math.inf for share in shares]
 
     def pick(
         self, logprobs: list[float], params: SamplingParams, generator: torch.Generator | None

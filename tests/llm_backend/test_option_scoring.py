@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -158,3 +160,39 @@ def test_scoring_makes_room_when_the_pool_is_full(make_engine, scorer_first):
     assert not any(o.finish_reason == "error" for o in outs)
     assert engine.stats().kv_blocks_used == 0
 
+
+def test_an_option_that_begins_another_is_ranked_without_the_longer_ones_mass(make_engine):
+    """" 7" begins " 7, 8": P(" 7") counts every continuation, ", 8" among them, so by the
+    total alone " 7" would always win. Ranked as " 7 and not , 8", the longer option wins
+    exactly when the model continues into it more often than not."""
+    engine = make_engine()
+    encode = engine.tokenizer.encode
+    prompt = "Counting: 1, 2, 3, 4, 5, 6,"
+    for short, long in ((" 7", " 7, 8"), (" 7", " 7 bananas")):
+        assert encode(long)[: len(encode(short))] == encode(short)  # a token prefix
+        out = choose(engine, prompt, (short, long), choice_scoring="whole", length_normalize=False)
+        rest = math.exp(out.choice_logprobs[long] - out.choice_logprobs[short])
+        assert out.text == (long if rest > 0.5 else short)
+        assert (rest > 0.5) == (long == " 7, 8")  # the counting goes on; bananas do not
+
+
+def test_nested_options_each_keep_only_what_no_longer_option_takes():
+    def encode(text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+    scorer = option_scoring.OptionScorer.build(
+        SamplingParams(choices=("a", "ab", "abc", "ad", "x"), length_normalize=False), encode
+    )
+    assert scorer.options == ("a", "ab", "abc", "ad", "x")
+    assert scorer.parents == (None, 0, 1, 0, None)
+    lp = [-1.0, -2.0, -2.5, -3.0, -4.0]
+    expected = [
+        math.log(math.exp(-1.0) - math.exp(-2.0) - math.exp(-3.0)),  # a, not ab nor ad
+        math.log(math.exp(-2.0) - math.exp(-2.5)),  # ab, not abc
+        -2.5,
+        -3.0,
+        -4.0,
+    ]
+    assert scorer.ranking(lp) == pytest.approx(expected)
+    certain = scorer.ranking([-1.0, -1.0, -1.0, -9.0, -4.0])  # "ab" always goes on to "abc"
+    assert certain[1] == -math.inf and certain[2] == -1.0

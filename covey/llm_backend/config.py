@@ -61,6 +61,8 @@ class EngineConfig:
     # covey/llm_backend/quantization.py for the measured speed and perplexity of each.
     # "auto" picks by the weights and device (quantization_default.py): int4 for an already
     # 4-bit GGUF on a bf16 CPU (the embedded model), dense on CUDA or float32. None: dense.
+    # With weights handed in (`LLMEngine(config, model=m)`) "auto" takes them as they are:
+    # a dense model stays dense where a freshly loaded one would be int4.
     quantization: str | None = "auto"
     # Chunk KV reuse for prompts with Segment(kind="chunk"): "off"; "exact" (RAGCache: a
     # chunk after the same tokens as before reuses its KV losslessly); "blend" (exact first,

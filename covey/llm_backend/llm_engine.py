@@ -23,6 +23,7 @@ from covey.errors import (
 )
 from covey.llm_backend.blend_forward import BlendPolicy
 from covey.llm_backend.block_manager import BlockManager
+from covey.llm_backend.choices import keep_only
 from covey.llm_backend.chunk_planner import ChunkPlanner
 from covey.llm_backend.chunk_transfer import ChunkTransfer
 from covey.llm_backend.compiled_decode import CompiledDecode
@@ -709,7 +710,7 @@ class LLMEngine:
                     if seq.choice_trie is not None:
                         seq.choice_trie.mask(logits[row], seq.output_token_ids)
                     elif seq.healing is not None and not seq.num_output_tokens:
-                        _keep_only(logits[row], seq.healing.allowed)
+                        keep_only(logits[row], seq.healing.allowed)
                 except Exception as exc:
                     failed[seq.seq_id] = exc
         # A row scored as whole options is picked from later (`_choose_option`): it samples
@@ -817,14 +818,6 @@ class LLMEngine:
 
 
 _GREEDY = SamplingParams(max_tokens=1)
-
-
-def _keep_only(logits: torch.Tensor, allowed: tuple[int, ...]) -> None:
-    """Set every token but `allowed` to -inf, in place; logits is [V]."""
-    keep = torch.tensor(allowed, dtype=torch.long, device=logits.device)
-    kept = logits[keep]
-    logits.fill_(float("-inf"))
-    logits[keep] = kept
 
 
 def _weights_identity(source: ModelSource) -> str:

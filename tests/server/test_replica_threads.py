@@ -20,7 +20,7 @@ def test_a_replica_keeps_its_thread_count_over_omp_num_threads(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     before = torch.get_num_threads()
     try:
-        replica = EngineReplica(None, {"dtype": "float32", "quantization": None}, threads=2)
+        replica = EngineReplica("dummy:tiny", {"dtype": "float32"}, threads=2)  # random weights
         engine = replica.llm.engine
         assert engine.num_threads == 2 == torch.get_num_threads()
         assert engine.thread_governor is None  # a count the user chose is kept as it is

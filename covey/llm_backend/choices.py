@@ -85,7 +85,13 @@ class ChoiceTrie:
 
     def mask(self, logits: torch.Tensor, output: Sequence[int]) -> None:
         """Set every token that leaves the choices to -inf, in place; logits is [V]."""
-        keep = torch.tensor(self.allowed(output), dtype=torch.long, device=logits.device)
-        kept = logits[keep]
-        logits.fill_(float("-inf"))
-        logits[keep] = kept
+        keep_only(logits, self.allowed(output))
+
+
+def keep_only(logits: torch.Tensor, allowed: Sequence[int]) -> None:
+    """Set every token but `allowed` to -inf, in place; logits is [V]. Constrained decoding
+    (a choice's next tokens, token healing's first token) masks through here."""
+    keep = torch.tensor(allowed, dtype=torch.long, device=logits.device)
+    kept = logits[keep]
+    logits.fill_(float("-inf"))
+    logits[keep] = kept

@@ -33,6 +33,8 @@ class EngineConfig:
     given here or in OMP_NUM_THREADS is used as it is; with OMP_NUM_THREADS the `covey`
     command also sets OMP_WAIT_POLICY=PASSIVE before torch loads (its GOMP_SPINCOUNT=20000
     otherwise), which a program that imports torch itself can set in its environment.
+    Either way the engine sets torch's thread count, which is per process, when it starts:
+    a count set earlier with torch.set_num_threads is replaced, so give it here.
 
     `compile`: run pure decode steps (up to 32 sequences) as one torch.compile graph
     (inductor, C++ wrapper), see compiled_decode.py. Off by default: on the loaded 2-core
@@ -59,6 +61,8 @@ class EngineConfig:
     # covey/llm_backend/quantization.py for the measured speed and perplexity of each.
     # "auto" picks by the weights and device (quantization_default.py): int4 for an already
     # 4-bit GGUF on a bf16 CPU (the embedded model), dense on CUDA or float32. None: dense.
+    # With weights handed in (`LLMEngine(config, model=m)`) "auto" takes them as they are:
+    # a dense model stays dense where a freshly loaded one would be int4.
     quantization: str | None = "auto"
     # Chunk KV reuse for prompts with Segment(kind="chunk"): "off"; "exact" (RAGCache: a
     # chunk after the same tokens as before reuses its KV losslessly); "blend" (exact first,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
@@ -22,6 +23,7 @@ from covey.errors import (
 )
 from covey.llm_backend.blend_forward import BlendPolicy
 from covey.llm_backend.block_manager import BlockManager
+from covey.llm_backend.choices import keep_only
 from covey.llm_backend.chunk_planner import ChunkPlanner
 from covey.llm_backend.chunk_transfer import ChunkTransfer
 from covey.llm_backend.compiled_decode import CompiledDecode
@@ -34,7 +36,7 @@ from covey.llm_backend.kv_swap import KVSwap
 from covey.llm_backend.model import LlamaModel
 from covey.llm_backend.model_runner import ModelRunner
 from covey.llm_backend.model_source import ModelSource, resolve_model
-from covey.llm_backend.option_scoring import ScoringContext, option_logprobs
+from covey.llm_backend.option_scoring import ScoringContext, fork_blocks, option_logprobs
 from covey.llm_backend.output_processor import OutputProcessor
 from covey.llm_backend.outputs import RequestOutput
 from covey.llm_backend.pause_policy import PauseCosts, PausePolicy
@@ -59,6 +61,7 @@ from covey.llm_backend.tokenizer import Tokenizer, load_tokenizer
 from covey.llm_backend.weight_loader import load_model
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 # The swap budget: the blocks whose copy (each direction) takes this long on this machine
 # may move per step, about a tenth of a decode step of the embedded model on a CPU.
@@ -639,7 +642,9 @@ class LLMEngine:
                 continue
             if seq.option_scorer is not None:
                 assert ran.logits is not None
-                outputs.append(self._guarded(seq, self._choose_option, ran.logits[row]))
+                chosen = self._guarded(seq, self._choose_option, ran.logits[row])
+                if chosen is not None:  # None: preempted to make room for scoring
+                    outputs.append(chosen)
             elif token is not None:
                 outputs.append(self._guarded(seq, self._append_token, token))
         return outputs
@@ -705,7 +710,7 @@ class LLMEngine:
                     if seq.choice_trie is not None:
                         seq.choice_trie.mask(logits[row], seq.output_token_ids)
                     elif seq.healing is not None and not seq.num_output_tokens:
-                        _keep_only(logits[row], seq.healing.allowed)
+                        keep_only(logits[row], seq.healing.allowed)
                 except Exception as exc:
                     failed[seq.seq_id] = exc
         # A row scored as whole options is picked from later (`_choose_option`): it samples
@@ -718,11 +723,24 @@ class LLMEngine:
             failed[seqs[row].seq_id] = exc
         return samples.tokens
 
-    def _choose_option(self, seq: Sequence, last_logits: torch.Tensor) -> RequestOutput:
+    def _choose_option(self, seq: Sequence, last_logits: torch.Tensor) -> RequestOutput | None:
         """`seq`'s prompt is computed: score its options (option_scoring.py), pick one and
-        end the turn with it as the output (finished, or paused with `pause_at_end`)."""
+        end the turn with it as the output (finished, or paused with `pause_at_end`).
+
+        The forks need KV blocks the scheduler did not give out: when the pool lacks them
+        (running requests hold them), the lowest-priority requests are preempted, newest
+        first, as for a decode that cannot grow. None (no output this step) when that is
+        `seq` itself, or when another request's scoring in this step preempted it: it
+        recomputes its prompt and is scored then."""
         scorer = seq.option_scorer
         assert scorer is not None
+        if seq.status is not SequenceStatus.RUNNING:
+            return None
+        need = fork_blocks(seq, scorer, self.block_manager.block_size)
+        running, swaps = self.scheduler.make_room(seq, need)
+        self._move_kv(swaps)
+        if not running:
+            return None
         ctx = ScoringContext(
             self.model, self.pool, self.block_manager, self.config.max_num_batched_tokens
         )
@@ -742,7 +760,7 @@ class LLMEngine:
             self._finish(seq, FinishReason.STOP)
         return self.outputs.output(seq, ids)
 
-    def _guarded(self, seq: Sequence, fn: Callable[..., RequestOutput], *args) -> RequestOutput:
+    def _guarded(self, seq: Sequence, fn: Callable[..., _T], *args) -> _T | RequestOutput:
         """`fn(seq, *args)`, or `seq` failed with its error when that raises."""
         try:
             return fn(seq, *args)
@@ -800,14 +818,6 @@ class LLMEngine:
 
 
 _GREEDY = SamplingParams(max_tokens=1)
-
-
-def _keep_only(logits: torch.Tensor, allowed: tuple[int, ...]) -> None:
-    """Set every token but `allowed` to -inf, in place; logits is [V]."""
-    keep = torch.tensor(allowed, dtype=torch.long, device=logits.device)
-    kept = logits[keep]
-    logits.fill_(float("-inf"))
-    logits[keep] = kept
 
 
 def _weights_identity(source: ModelSource) -> str:

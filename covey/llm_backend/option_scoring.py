@@ -9,10 +9,18 @@ How it runs, on top of the prompt's KV (the request prefills its prompt like any
 - the prompt's last logits give every option's first-token log-probability, so options of
   one token cost nothing more (most classification labels);
 - every longer option is a fork of the prompt's sequence (shared blocks, copy-on-write on
-  the last partial block) holding its own tokens; all forks run in one batched forward (in
-  groups when the KV pool or the step's token budget cannot take them at once), whose
-  logits at every option position give the rest of the option's log-probabilities;
-- the forks are freed at once; the request finishes with the chosen option.
+  the last partial block) holding its own tokens; a request's forks run in one batched
+  forward (in groups when the KV pool or the step's token budget cannot take them at
+  once), whose logits at every option position give the rest of the option's
+  log-probabilities;
+- each group's forks are freed after its forward; the request finishes with the chosen
+  option.
+Scoring runs inside the engine step that computed the prompt's last token, one request
+after another: the step's other requests wait for it (bounded by AUTO_TRIE_TOKENS under
+"auto"). The forks' blocks are not reserved by the scheduler: when the pool lacks them the
+engine preempts the lowest-priority running requests, newest first, as the scheduler does
+for a decode that cannot grow (the scored request itself when it is the lowest; it
+recomputes its prompt and is scored then), so a busy pool delays a request, never fails it.
 
 Ranking: with `length_normalize` (the default) by mean log-probability per token, else by
 the total. The total favours short options (every token costs probability); the mean does
@@ -20,6 +28,14 @@ not, but can favour a long option whose later tokens are predictable. Greedy tak
 best; sampling draws from softmax(score / temperature) over the options (top-k and top-p
 apply to the options). Options are held in one canonical order (sorted), so the answer,
 seeded samples included, does not depend on the order the caller listed them in.
+
+An option whose tokens begin another option's ("yes" and "yes indeed"): P(option) counts
+every continuation, the longer option's among them, so on its own the shorter one would
+always win by the total. It is ranked by P(the option, then not the rest of a longer one):
+log P(option) + log(1 - sum over the options that extend it directly of P(their rest |
+it)), which costs no forward (those are differences of the scores already computed). The
+options' events are then disjoint, so no option's score contains another's (the trie ends
+such an option on EOS instead). `choice_logprobs` reports the plain log P(option | prompt).
 
 Measured in benchmarks/choices.py (24 labelled tickets, 4 teams, SmolLM2-135M): with the
 options only in the gen, whole options ranked by mean log-probability route 15/24, by the
@@ -34,6 +50,7 @@ blocks), while the trie decodes only as many steps as its longest path.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
@@ -69,6 +86,8 @@ class OptionScorer:
     token_ids: tuple[tuple[int, ...], ...]
     length_normalize: bool
     order: tuple[str, ...]
+    # Each option's longest proper token prefix among the options (its index), or None.
+    parents: tuple[int | None, ...] = ()
 
     @classmethod
     def build(
@@ -87,17 +106,35 @@ class OptionScorer:
                 )
             seen[tokens] = option
             ids.append(tokens)
-        return cls(options, tuple(ids), params.length_normalize, params.choices)
+        index = {tokens: i for i, tokens in enumerate(ids)}
+        parents = tuple(
+            next((index[t[:k]] for k in range(len(t) - 1, 0, -1) if t[:k] in index), None)
+            for t in ids
+        )
+        return cls(options, tuple(ids), params.length_normalize, params.choices, parents)
 
     @property
     def max_tokens(self) -> int:
         return max(len(ids) for ids in self.token_ids)
 
     def ranking(self, logprobs: list[float]) -> list[float]:
-        """The score each option is ranked by: mean or total log-probability."""
+        """The score each option is ranked by: mean or total log-probability of the option
+        and not of a longer option it begins (see the module docstring)."""
+        ends = self.end_logprobs(logprobs)
+        totals = [lp + end for lp, end in zip(logprobs, ends)]
         if not self.length_normalize:
-            return list(logprobs)
-        return [lp / len(ids) for lp, ids in zip(logprobs, self.token_ids)]
+            return totals
+        return [lp / len(ids) for lp, ids in zip(totals, self.token_ids)]
+
+    def end_logprobs(self, logprobs: list[float]) -> list[float]:
+        """log P(not continuing into a longer option | the option) of every option: 0 for
+        one that begins no other, log(1 - sum of its direct extensions' P(rest | it))."""
+        shares = [0.0] * len(logprobs)
+        for child, parent in enumerate(self.parents):
+            if parent is not None:
+                shares[parent] += math.exp(logprobs[child] - logprobs[parent])
+        # A share rounded to 1 or more: continuing is certain, ending has no probability.
+        return [math.log1p(-share) if share < 1.0 else -math.inf for share in shares]
 
     def pick(
         self, logprobs: list[float], params: SamplingParams, generator: torch.Generator | None
@@ -122,6 +159,18 @@ class ScoringContext:
     pool: KVPool
     block_manager: BlockManager
     max_tokens_per_forward: int
+
+
+def fork_blocks(seq: Sequence, scorer: OptionScorer, block_size: int) -> int:
+    """The most KV blocks one option's fork of `seq` takes besides the prompt's blocks it
+    shares (its own tokens, and a copy of a partly filled last block): with that many free,
+    every group of forks gets at least its first fork in (each group frees its forks)."""
+    rest = scorer.max_tokens - 1  # an option's last token is never input
+    if rest == 0:
+        return 0
+    held, computed = len(seq.block_table), seq.num_computed_tokens
+    copy = int(computed % block_size != 0 and held * block_size > computed)
+    return max(0, -(-(computed + rest) // block_size) - held) + copy
 
 
 def option_logprobs(
@@ -161,23 +210,33 @@ def _fit_group(
     bm = ctx.block_manager
     forks: list[_Fork] = []
     budget = ctx.max_tokens_per_forward
-    for i, option in todo:
-        n = len(option) - 1  # the last token is never input: nothing follows it to score
-        if forks and n > budget:
-            break
-        tokens = seq.token_ids + list(option[:-1])
-        child = Sequence(f"{seq.request_id}#option{i}", tokens, seq.params)
-        bm.fork(seq, child)
-        if not bm.can_allocate(bm.blocks_needed(child, n)):
-            bm.free(child)
-            if not forks:
-                raise EngineError(
-                    f"no KV room to score choice {i} ({len(option)} tokens) now: the pool is "
-                    "full of running requests"
-                )
-            break
-        forks.append(_Fork(i, option, child, bm.allocate_slots(child, n)))
-        budget -= n
+    try:
+        for i, option in todo:
+            n = len(option) - 1  # the last token is never input: nothing follows it to score
+            if forks and n > budget:
+                break
+            tokens = seq.token_ids + list(option[:-1])
+            child = Sequence(f"{seq.request_id}#option{i}", tokens, seq.params)
+            bm.fork(seq, child)
+            fork = _Fork(i, option, child, [])
+            forks.append(fork)  # holds blocks from here: freed below on any error
+            if not bm.can_allocate(bm.blocks_needed(child, n)):
+                forks.pop()
+                bm.free(child)
+                if not forks:  # the engine made room for the largest fork: a fault
+                    raise EngineError(
+                        f"no KV room to score choice {i} ({len(option)} tokens) although "
+                        "room was made for it"
+                    )
+                break
+            fork.copies = bm.allocate_slots(child, n)
+            budget -= n
+    except BaseException:
+        # No block may outlive the request: `_score_group`, which frees the forks on every
+        # path, is never reached.
+        for fork in forks:
+            bm.free(fork.seq)
+        raise
     return forks, todo[len(forks) :]
 
 

@@ -229,7 +229,8 @@ class Int8Embedding(nn.Module):
 
 def quantize(model: nn.Module, mode: str) -> None:
     """Swap the decoder's projections for `mode` ("int8" or "int4") layers and the LM head
-    (and tied embeddings) for int8, in place; the dense weights they replace are freed."""
+    (and tied embeddings) for int8, in place; the dense weights they replace are freed.
+    Raises before changing anything when the model cannot be quantized so."""
     if mode not in QUANTIZATION_MODES:
         raise ConfigError(f"quantization must be one of {QUANTIZATION_MODES}, got {mode!r}")
     dtype = model.norm.weight.dtype
@@ -243,16 +244,28 @@ def quantize(model: nn.Module, mode: str) -> None:
             f"quantization={mode!r} runs CPU kernels; the model is on "
             f"{model.norm.weight.device}: use quantization=None there"
         )
-    layer_type = Int8Linear if mode == "int8" else Int4Linear
-    for layer in model.layers:
+    projections = [
+        (i, parent, name)
+        for i, layer in enumerate(model.layers)
         for parent, name in (
             (layer.self_attn, "qkv_proj"),
             (layer.self_attn, "o_proj"),
             (layer.mlp, "gate_up_proj"),
             (layer.mlp, "down_proj"),
-        ):
-            linear = getattr(parent, name)
-            setattr(parent, name, layer_type(linear.weight, linear.bias, dtype))
+        )
+    ]
+    # Every check before any swap: a late refusal must not leave a half-quantized model.
+    for i, parent, name in projections if mode == "int4" else ():
+        k = getattr(parent, name).weight.shape[1]
+        if k % INT4_GROUP_SIZE:
+            raise NotSupportedError(
+                f"quantization='int4' needs input sizes divisible by {INT4_GROUP_SIZE}; "
+                f"layer {i}'s {name} has {k}: use quantization='int8'"
+            )
+    layer_type = Int8Linear if mode == "int8" else Int4Linear
+    for _, parent, name in projections:
+        linear = getattr(parent, name)
+        setattr(parent, name, layer_type(linear.weight, linear.bias, dtype))
     tied = model.lm_head is None
     head = model.embed_tokens.weight if tied else model.lm_head.weight
     model.lm_head = Int8Linear(head, None, dtype)

@@ -46,7 +46,8 @@ class SamplingParams:
     # picks token by token, "auto" takes the trie only for many long options.
     choice_scoring: str = "auto"
     # Whole-option scoring ranks options by their mean log-probability per token (True)
-    # or by their total log-probability (False).
+    # or by their total log-probability (False); an option whose tokens begin another's
+    # counts only what does not continue into the longer one (option_scoring.py).
     length_normalize: bool = True
     # Back the prompt up one token and make the output start with the removed text, so a
     # prompt ending inside a token (a trailing space) does not derail the generation.

@@ -211,13 +211,23 @@ class Scheduler:
         """Give back the prefix-cache references a waiting sequence took this step."""
         self.block_manager.discard(seq)
 
-    def _make_room(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
-        """Free blocks until `seq` fits: paused KV first, then the lowest-priority runners.
+    def make_room(self, seq: Sequence, num_blocks: int) -> tuple[bool, StepSwaps]:
+        """Outside `schedule`: free `num_blocks` blocks for the running `seq` as a step
+        would (see `_free_blocks`), for KV it takes beyond its own slots (an option's fork,
+        option_scoring.py). Returns whether `seq` is still running, and the paused-KV
+        copies to make before anything writes the freed blocks."""
+        out = SchedulerOutput()
+        return self._free_blocks(seq, num_blocks, out), out.swaps
 
-        Returns False when `seq` itself had to be preempted.
+    def _make_room(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
+        """Free blocks until `seq` fits `n` more tokens (see `_free_blocks`)."""
+        return self._free_blocks(seq, self.block_manager.blocks_needed(seq, n), out)
+
+    def _free_blocks(self, seq: Sequence, need: int, out: SchedulerOutput) -> bool:
+        """Free blocks until `need` can be taken: paused KV first, then the lowest-priority
+        runners, newest first. Returns False when `seq` itself had to be preempted.
         """
         bm = self.block_manager
-        need = bm.blocks_needed(seq, n)
         while not bm.can_allocate(need):
             if self._relieve(out, lambda: not bm.can_allocate(need), for_running=True):
                 continue

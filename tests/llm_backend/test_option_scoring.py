@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -108,3 +110,89 @@ def test_whole_options_batch_beside_other_requests(make_engine):
     assert together.choice_logprobs == pytest.approx(alone.choice_logprobs, abs=1e-4)
     assert story.choice_logprobs is None and len(story.token_ids) == 6
     assert engine.stats().kv_blocks_used == 0
+
+
+def test_a_fork_that_fails_to_allocate_frees_every_fork_of_its_group(make_engine, monkeypatch):
+    engine = make_engine()
+    bm = engine.block_manager
+    allocate, forks = bm.allocate_slots, []
+
+    def failing_on_the_second_fork(seq, n):
+        if "#option" in seq.request_id:
+            forks.append(seq.request_id)
+            if len(forks) == 2:
+                raise RuntimeError("injected: the block manager's bookkeeping failed")
+        return allocate(seq, n)
+
+    monkeypatch.setattr(bm, "allocate_slots", failing_on_the_second_fork)
+    out = choose(engine, PROMPT, OPTIONS, choice_scoring="whole")
+    assert out.finish_reason == "error" and "injected" in out.error and len(forks) == 2
+    assert engine.stats().kv_blocks_used == 0  # the first fork, the failed one, the prompt
+    assert sum(bm.ref_counts) == 0
+
+
+@pytest.mark.parametrize("scorer_first", [True, False], ids=["preempts", "is-preempted"])
+def test_scoring_makes_room_when_the_pool_is_full(make_engine, scorer_first):
+    """The scored request's prompt and a neighbour's fill the pool in the same step, so no
+    fork fits. The lowest-priority request (newest first) is preempted and recomputed, as
+    a decode that cannot grow would do: the scoring request gets its answer either way."""
+    big = make_engine()
+    prompt_blocks = -(-len(big.tokenizer.encode(PROMPT)) // 16)
+    text = "The quick brown fox jumps over the lazy dog. " * 20
+    neighbour = big.tokenizer.encode(text)[: 3 * 16 - 1]  # fills all but the prompt's blocks
+    filler = SamplingParams(max_tokens=4, ignore_eos=True)
+    scored, filled = (
+        big.run_to_completion([big.add_request(PROMPT, SamplingParams(choices=OPTIONS))])[0],
+        big.run_to_completion([big.add_request(neighbour, filler)])[0],
+    )
+    engine = make_engine(kv_cache_tokens=(prompt_blocks + 3) * 16)
+    rids = [
+        engine.add_request(PROMPT, SamplingParams(choices=OPTIONS), priority=0),
+        engine.add_request(neighbour, filler, priority=0 if scorer_first else -1),
+    ]
+    outs = []
+    choice, other = engine.run_to_completion(rids, on_output=outs.append)
+    assert choice.finish_reason == "stop" and choice.text == scored.text
+    assert choice.choice_logprobs == pytest.approx(scored.choice_logprobs, abs=1e-3)
+    assert other.token_ids == filled.token_ids and other.finish_reason == "length"
+    preempted = other if scorer_first else choice
+    assert preempted.metrics.num_preemptions >= 1
+    assert not any(o.finish_reason == "error" for o in outs)
+    assert engine.stats().kv_blocks_used == 0
+
+
+def test_an_option_that_begins_another_is_ranked_without_the_longer_ones_mass(make_engine):
+    """" 7" begins " 7, 8": P(" 7") counts every continuation, ", 8" among them, so by the
+    total alone " 7" would always win. Ranked as " 7 and not , 8", the longer option wins
+    exactly when the model continues into it more often than not."""
+    engine = make_engine()
+    encode = engine.tokenizer.encode
+    prompt = "Counting: 1, 2, 3, 4, 5, 6,"
+    for short, long in ((" 7", " 7, 8"), (" 7", " 7 bananas")):
+        assert encode(long)[: len(encode(short))] == encode(short)  # a token prefix
+        out = choose(engine, prompt, (short, long), choice_scoring="whole", length_normalize=False)
+        rest = math.exp(out.choice_logprobs[long] - out.choice_logprobs[short])
+        assert out.text == (long if rest > 0.5 else short)
+        assert (rest > 0.5) == (long == " 7, 8")  # the counting goes on; bananas do not
+
+
+def test_nested_options_each_keep_only_what_no_longer_option_takes():
+    def encode(text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+    scorer = option_scoring.OptionScorer.build(
+        SamplingParams(choices=("a", "ab", "abc", "ad", "x"), length_normalize=False), encode
+    )
+    assert scorer.options == ("a", "ab", "abc", "ad", "x")
+    assert scorer.parents == (None, 0, 1, 0, None)
+    lp = [-1.0, -2.0, -2.5, -3.0, -4.0]
+    expected = [
+        math.log(math.exp(-1.0) - math.exp(-2.0) - math.exp(-3.0)),  # a, not ab nor ad
+        math.log(math.exp(-2.0) - math.exp(-2.5)),  # ab, not abc
+        -2.5,
+        -3.0,
+        -4.0,
+    ]
+    assert scorer.ranking(lp) == pytest.approx(expected)
+    certain = scorer.ranking([-1.0, -1.0, -1.0, -9.0, -4.0])  # "ab" always goes on to "abc"
+    assert certain[1] == -math.inf and certain[2] == -1.0

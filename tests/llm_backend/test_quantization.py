@@ -285,3 +285,21 @@ def test_auto_quantization_is_int4_for_the_4_bit_embedded_gguf_on_a_bf16_cpu_onl
     assert auto_quantization(embedded, torch.device("cuda"), torch.bfloat16) is None
     dummy = ModelSource("dummy", "tiny", preset="tiny")
     assert auto_quantization(dummy, cpu, torch.bfloat16) is None
+
+
+def test_a_model_int4_cannot_take_is_refused_before_any_layer_changes():
+    from covey.llm_backend.model import LlamaModel
+    from covey.llm_backend.model_args import ModelArgs
+
+    # A small random model: only the MLP's down projection (input 48) is not int4-sized,
+    # and it comes after three projections int4 could take.
+    args = ModelArgs(256, 64, 2, num_heads=4, num_kv_heads=2, intermediate_size=48)
+    model = LlamaModel(args).to(torch.bfloat16)
+    with pytest.raises(NotSupportedError, match="divisible by 32.*has 48.*'int8'"):
+        quantize(model, "int4")
+    assert quantization_of(model) is None
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 4 * args.num_layers  # every projection still dense
+    assert isinstance(model.embed_tokens, torch.nn.Embedding) and model.lm_head is None
+    quantize(model, "int8")  # int8 has no such constraint
+    assert quantization_of(model) == "int8"

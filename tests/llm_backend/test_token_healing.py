@@ -67,3 +67,36 @@ def test_a_prompt_ending_inside_a_multibyte_character_is_not_healed(make_engine)
     ids = tok.encode("Weather today: \U0001f326")
     assert "\ufffd" in token_texts(tok)[ids[-1]]
     assert heal(tok, ids, []) is None
+
+
+def sentencepiece_tokenizer():
+    """A small real SentencePiece-style tokenizer (a Unigram model with Metaspace pieces, as
+    Llama 2 and Mistral use): a token decoded alone loses its leading space."""
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from covey.llm_backend.tokenizer import Tokenizer
+
+    pieces = ["<unk>", "</s>", "▁", "▁one", "▁two", "▁three", "▁answer", ":", "o", "n", "e"]
+    raw = RawTokenizer(models.Unigram([(p, -1.0) for p in pieces], unk_id=0))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace()
+    raw.decoder = decoders.Metaspace()
+    return Tokenizer(
+        PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", eos_token="</s>")
+    )
+
+
+def test_healing_with_a_sentencepiece_tokenizer_is_refused_in_one_line():
+    from covey.errors import InvalidRequestError
+    from covey.llm_backend.block_manager import BlockManager
+    from covey.llm_backend.request_validator import RequestValidator
+
+    tok = sentencepiece_tokenizer()
+    ids = tok.encode("one two")
+    assert [tok.decode([i]) for i in ids] == ["one", "two"]  # the space before "two" is lost
+    validator = RequestValidator(tok, tok.vocab_size, 64, BlockManager(8, 16))
+    with pytest.raises(InvalidRequestError, match="token_healing needs a byte-level BPE"):
+        validator.check("one two ", HEALED, None, 0, set())
+    plain = validator.check("one two ", SamplingParams(max_tokens=3), None, 0, set())
+    assert plain.token_ids == tok.encode("one two ") and plain.healing is None

@@ -33,7 +33,9 @@ pooled):
 - `covey-single`: 1 replica with both threads and the pool of two.
 Metrics: `prefix_hit_rate` (prompt tokens served from the replicas' prefix caches over all
 prompt tokens, from each response's `usage.prompt_tokens_details.cached_tokens`),
-`ttft_s` (mean, first text at the client), `p99_ttft_s`, `requests_per_s`.
+`ttft_s` (mean, first text at the client), `p99_ttft_s`, `requests_per_s`; and in each
+record's params, `ttft_breakdown`: where the mean TTFT goes (`breakdown`: at the replica's
+engine, in the hand-off between the front and the replica, in HTTP).
 Target: covey's mean TTFT at least 1.5x lower than round robin's, with a higher hit rate.
 """
 
@@ -181,6 +183,7 @@ def run_system(
         pool_size=REPLICAS,
     )
     asyncio.run(engine.connect())
+    inside = observe(engine)
     state = build_state(engine, None, ServerSettings(max_in_flight=256), apps={})
     front = BackgroundServer(state)
     try:
@@ -196,8 +199,49 @@ def run_system(
         "cached_tokens": cached,
         "wall_s": wall,
         "decisions": dict(router.counters.decisions),
+        "inside": inside,
         # The replicas' measured prefill speeds, as the cost model used them (ms a token).
         "per_token_ms": {n: round(1e3 * (v.per_token_s or 0), 3) for n, v in router.views.items()},
+    }
+
+
+def observe(engine: Any) -> dict[str, list[float]]:
+    """Where each request's TTFT goes, seen from the front (instrumentation only): the
+    replica engine's own TTFT (its arrival to its first token, from the outputs' metrics),
+    of which its wait before the first step that ran it (`queue`), and the front's TTFT
+    (its call to its first output); the client's TTFT less the front's is HTTP, the rest
+    of the front's is the hand-off to and from the replica (Ray, the replica's loop)."""
+    seen: dict[str, list[float]] = {"engine_ttft": [], "engine_queue": [], "front_ttft": []}
+    generate = engine.generate
+
+    async def observed(prompt: Any, *args: Any, **kwargs: Any):
+        start, first = time.perf_counter(), None
+        async for out in generate(prompt, *args, **kwargs):
+            if first is None:
+                first = time.perf_counter() - start
+            if out.finished and out.metrics.ttft is not None:
+                seen["front_ttft"].append(first)
+                seen["engine_ttft"].append(out.metrics.ttft)
+                seen["engine_queue"].append(out.metrics.queue_time or 0.0)
+            yield out
+
+    engine.generate = observed
+    return seen
+
+
+def breakdown(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean seconds of a request's TTFT: at the replica's engine (`engine_ttft_s`, of which
+    `engine_queue_s` before its first step), in the hand-off between the front and the
+    replica (`handoff_s`), and in HTTP and the front's routes (`http_s`)."""
+    pooled = {k: [x for run in runs for x in run["inside"][k]] for k in runs[0]["inside"]}
+    ttft = statistics.fmean(t for run in runs for t in run["ttfts"])
+    engine = statistics.fmean(pooled["engine_ttft"]) if pooled["engine_ttft"] else 0.0
+    front = statistics.fmean(pooled["front_ttft"]) if pooled["front_ttft"] else 0.0
+    return {
+        "engine_ttft_s": round(engine, 3),
+        "engine_queue_s": round(statistics.fmean(pooled["engine_queue"] or [0.0]), 3),
+        "handoff_s": round(front - engine, 3),
+        "http_s": round(ttft - front, 3),
     }
 
 
@@ -216,6 +260,7 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "requests_per_s": len(ttfts) / sum(run["wall_s"] for run in runs),
         "decisions": decisions,
         "passes": len(runs),
+        "ttft_breakdown": breakdown(runs),
     }
 
 
@@ -283,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                     mean = statistics.fmean(got["ttfts"])
                     print(
                         f"scale: {system} ({tag}): mean TTFT {mean:.2f}s, {got['decisions']}, "
-                        f"prefill ms/token {got['per_token_ms']}",
+                        f"prefill ms/token {got['per_token_ms']}, {breakdown([got])}",
                         flush=True,
                     )
             finally:
@@ -298,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
                     "policy": router,
                     "decisions": got["decisions"],
                     "passes": got["passes"],
+                    "ttft_breakdown": got["ttft_breakdown"],
                 }
                 for metric in METRICS:
                     value = got[metric]

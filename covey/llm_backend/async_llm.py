@@ -30,6 +30,16 @@ from covey.llm_backend.sequence import FinishReason
 
 log = logging.getLogger(__name__)
 
+# Event-loop turns the step loop leaves to other coroutines between two steps. On CPU a
+# step blocks the loop, and work that arrived during it needs a few turns, one hop each: a
+# new request to reach the engine (a server's hand-off to this loop, the call's coroutine,
+# `_stream`'s add task), an output to leave (its stream, then the server's sender). Every
+# turn the step loop takes first costs that work a whole step. With one turn, Ray Serve
+# replicas (benchmarks/scale.py) lost a step getting each request in and another getting
+# its first token out: 0.1 s at a decode step, seconds behind a long prefill. An idle
+# turn costs microseconds.
+TURNS_BETWEEN_STEPS = 8
+
 
 class AsyncLLM:
     """The in-process `EngineClient`: covey's own engine, every capability offered."""
@@ -306,7 +316,8 @@ class AsyncLLM:
                     queue = self._streams.get(out.request_id)
                     if queue is not None:
                         queue.put_nowait(_as_stream_item(out))
-                await asyncio.sleep(0)  # let consumers and new requests in between steps
+                for _ in range(TURNS_BETWEEN_STEPS):  # consumers and new requests go first
+                    await asyncio.sleep(0)
 
     async def _fail_all(self, exc: Exception) -> None:
         for rid in list(self.engine.requests):

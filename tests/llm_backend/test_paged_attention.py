@@ -70,3 +70,41 @@ def test_decode_reads_match_attention_over_each_rows_keys(dtype, tol):
     for row, table in enumerate(tables):
         torch.testing.assert_close(out[row].float(), _reference(q[row], kv, table, 10),
                                    atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_fresh_prefill_runs_match_causal_attention_at_every_size(dtype, tol):
+    """Fresh runs attend by batched matmuls inside CAUSAL_BMM_ROWS and by SDPA outside it:
+    both give causal attention over the run's own keys (GQA mapping query head i to key
+    head i // G), next to a decode row and another run in the same step."""
+    from covey.llm_backend.attention_metadata import PrefillRun
+    from covey.llm_backend.paged_attention import CAUSAL_BMM_ROWS
+
+    low, high = CAUSAL_BMM_ROWS
+    gen = torch.Generator().manual_seed(1)
+    kv = torch.randn(2, KVH, BLOCKS * BS, DH, generator=gen).to(dtype)
+    for sizes in ((low - 1, low), (high, high + 1)):
+        t = 1 + sum(sizes)
+        q, k, v = (torch.randn(t, heads, DH, generator=gen).to(dtype) for heads in (H, KVH, KVH))
+        runs, start = [], 1
+        for n in sizes:
+            runs.append(PrefillRun(start, start + n, None, None))
+            start += n
+        meta = AttentionMetadata(
+            slot_mapping=torch.zeros(t, dtype=torch.long),
+            num_decode=1,
+            block_size=BS,
+            prefills=runs,
+            decode_groups=[DecodeGroup(0, 1, None, 3, None, contiguous_start=0)],
+        )
+        out = paged_attention(q, k, v, kv, meta)
+        for run in runs:
+            rows = slice(run.start, run.end)
+            reference = F.scaled_dot_product_attention(
+                *(x[rows].float().transpose(0, 1).unsqueeze(0) for x in (q, k, v)),
+                is_causal=True,
+                enable_gqa=True,
+            )
+            torch.testing.assert_close(
+                out[rows].float(), reference.squeeze(0).transpose(0, 1), atol=tol, rtol=tol
+            )

@@ -11,8 +11,6 @@ its own fresh keys, a run over cached keys by query tiles at their true position
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -37,10 +35,7 @@ def paged_attention(
         out[g.start : g.end] = _decode(q[g.start : g.end], kv, g, bs)
     for run in meta.prefills:
         qs = q[run.start : run.end].transpose(0, 1).unsqueeze(0)  # [1, H, n, Dh]
-        rows = slice(run.start, run.end)
-        if run.key_blocks is None and _causal_by_bmm(q, run.end - run.start):
-            o = _fresh_causal(q[rows], k[rows], v[rows])
-        elif run.key_blocks is None:
+        if run.key_blocks is None:
             ks = k[run.start : run.end].transpose(0, 1).unsqueeze(0)  # [1, KVH, n, Dh]
             vs = v[run.start : run.end].transpose(0, 1).unsqueeze(0)  # [1, KVH, n, Dh]
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
@@ -48,45 +43,6 @@ def paged_attention(
             o = _cached_prefill(qs, kv, run, bs)
         out[run.start : run.end] = o.squeeze(0).transpose(0, 1)  # [n, H, Dh]
     return out
-
-
-# Fresh runs of this many queries attend by two batched matmuls instead of SDPA on CPU.
-# The CPU flash kernel runs bf16 at a fraction of oneDNN's matmul speed (a 512-token
-# run, 9 heads over 3, one thread: 15-22 ms a layer against 10-15 ms here, interleaved on a
-# loaded machine); the matmuls compute the masked upper triangle too, so past ~512 queries
-# (1024: 57 ms flash, 98 ms here) the kernel's causal skipping wins, and below 128 a call's
-# fixed cost does.
-CAUSAL_BMM_ROWS = (128, 512)
-
-
-def _causal_by_bmm(q: torch.Tensor, n: int) -> bool:
-    return q.device.type == "cpu" and CAUSAL_BMM_ROWS[0] <= n <= CAUSAL_BMM_ROWS[1]
-
-
-def _fresh_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention of a run over its own keys: q [n, H, Dh], k and v [n, KVH, Dh] ->
-    [1, H, n, Dh]. One query head group per KV head is one [G * n, Dh] operand, so GQA
-    repeats no keys; keys and values are packed first (a strided bf16 batch falls off
-    oneDNN's fast path, see `_decode`)."""
-    n, h, dh = q.shape
-    kvh = k.shape[1]
-    g = h // kvh
-    qg = q.view(n, kvh, g, dh).permute(1, 2, 0, 3).reshape(kvh, g * n, dh) * dh**-0.5
-    keys = k.transpose(0, 1).contiguous()  # [KVH, n, Dh]
-    values = v.transpose(0, 1).contiguous()
-    scores = torch.bmm(qg, keys.transpose(1, 2))  # [KVH, G * n, n]
-    scores.view(kvh, g, n, n).add_(_causal_mask(n, q.dtype))
-    out = torch.bmm(torch.softmax(scores, dim=-1), values)  # [KVH, G * n, Dh]
-    return out.view(1, h, n, dh)
-
-
-@functools.lru_cache(maxsize=8)
-def _causal_mask(n: int, dtype: torch.dtype) -> torch.Tensor:
-    """The additive causal mask [n, n] (0 on and below the diagonal, -inf above), built once
-    per size instead of once per layer."""
-    with torch.inference_mode(False):  # a normal tensor: serves in and out of inference mode
-        above = torch.ones(n, n, dtype=torch.bool).triu(1)
-        return torch.zeros(n, n, dtype=dtype).masked_fill(above, float("-inf"))
 
 
 def _cached_prefill(qs: torch.Tensor, kv: torch.Tensor, run: PrefillRun, bs: int) -> torch.Tensor:

@@ -17,10 +17,12 @@ How it runs, on top of the prompt's KV (the request prefills its prompt like any
   option.
 Scoring runs inside the engine step that computed the prompt's last token, one request
 after another: the step's other requests wait for it (bounded by AUTO_TRIE_TOKENS under
-"auto"). The forks' blocks are not reserved by the scheduler: when the pool lacks them the
-engine preempts the lowest-priority running requests, newest first, as the scheduler does
-for a decode that cannot grow (the scored request itself when it is the lowest; it
-recomputes its prompt and is scored then), so a busy pool delays a request, never fails it.
+"auto"). The scheduler asks for the forks' blocks (the longest option's) with the step that
+completes the prompt, so a request whose forks do not fit waits in the queue as a decode
+that cannot grow does. Should the pool still lack them when scoring starts, the engine
+preempts the lowest-priority running requests, newest first (the scored request itself
+when it is the lowest; it recomputes its prompt and is scored then), so a busy pool delays
+a request, never fails it.
 
 Ranking: with `length_normalize` (the default) by mean log-probability per token, else by
 the total. The total favours short options (every token costs probability); the mean does
@@ -159,18 +161,6 @@ class ScoringContext:
     pool: KVPool
     block_manager: BlockManager
     max_tokens_per_forward: int
-
-
-def fork_blocks(seq: Sequence, scorer: OptionScorer, block_size: int) -> int:
-    """The most KV blocks one option's fork of `seq` takes besides the prompt's blocks it
-    shares (its own tokens, and a copy of a partly filled last block): with that many free,
-    every group of forks gets at least its first fork in (each group frees its forks)."""
-    rest = scorer.max_tokens - 1  # an option's last token is never input
-    if rest == 0:
-        return 0
-    held, computed = len(seq.block_table), seq.num_computed_tokens
-    copy = int(computed % block_size != 0 and held * block_size > computed)
-    return max(0, -(-(computed + rest) // block_size) - held) + copy
 
 
 def option_logprobs(

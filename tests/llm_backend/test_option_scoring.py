@@ -131,20 +131,40 @@ def test_a_fork_that_fails_to_allocate_frees_every_fork_of_its_group(make_engine
     assert sum(bm.ref_counts) == 0
 
 
-@pytest.mark.parametrize("scorer_first", [True, False], ids=["preempts", "is-preempted"])
-def test_scoring_makes_room_when_the_pool_is_full(make_engine, scorer_first):
-    """The scored request's prompt and a neighbour's fill the pool in the same step, so no
-    fork fits. The lowest-priority request (newest first) is preempted and recomputed, as
-    a decode that cannot grow would do: the scoring request gets its answer either way."""
+NEIGHBOUR_TEXT = "The quick brown fox jumps over the lazy dog. " * 20
+
+
+def scored_alone(make_engine):
+    """PROMPT's answer on a roomy pool, and how many blocks its prompt takes."""
     big = make_engine()
-    prompt_blocks = -(-len(big.tokenizer.encode(PROMPT)) // 16)
-    text = "The quick brown fox jumps over the lazy dog. " * 20
-    neighbour = big.tokenizer.encode(text)[: 3 * 16 - 1]  # fills all but the prompt's blocks
+    blocks = -(-len(big.tokenizer.encode(PROMPT)) // 16)
+    return choose(big, PROMPT, OPTIONS, choice_scoring="whole"), blocks
+
+
+def count_scored_prompt_tokens(engine, monkeypatch) -> dict[str, int]:
+    """Counts the prompt tokens the engine's forwards compute for scored requests."""
+    counts = {"tokens": 0}
+    execute = engine.runner.execute_isolated
+
+    def counting(scheduled, copies, chunks):
+        counts["tokens"] += sum(i.num_new_tokens for i in scheduled if i.seq.option_scorer)
+        return execute(scheduled, copies, chunks)
+
+    monkeypatch.setattr(engine.runner, "execute_isolated", counting)
+    return counts
+
+
+@pytest.mark.parametrize("scorer_first", [True, False], ids=["older", "outranked"])
+def test_a_request_whose_forks_do_not_fit_waits_in_the_queue(make_engine, scorer_first):
+    """The scored request's prompt and a neighbour's fit the pool together but the forks
+    do not: the scheduler asks for the forks' blocks with the prompt, so the later or
+    lower-priority request waits in the queue (as a decode that cannot grow) and nothing
+    is preempted; both get the answers they get alone."""
+    scored, prompt_blocks = scored_alone(make_engine)
+    big = make_engine()
+    neighbour = big.tokenizer.encode(NEIGHBOUR_TEXT)[: 3 * 16 - 1]  # all but the prompt's
     filler = SamplingParams(max_tokens=4, ignore_eos=True)
-    scored, filled = (
-        big.run_to_completion([big.add_request(PROMPT, SamplingParams(choices=OPTIONS))])[0],
-        big.run_to_completion([big.add_request(neighbour, filler)])[0],
-    )
+    (filled,) = big.run_to_completion([big.add_request(neighbour, filler)])
     engine = make_engine(kv_cache_tokens=(prompt_blocks + 3) * 16)
     rids = [
         engine.add_request(PROMPT, SamplingParams(choices=OPTIONS), priority=0),
@@ -155,10 +175,69 @@ def test_scoring_makes_room_when_the_pool_is_full(make_engine, scorer_first):
     assert choice.finish_reason == "stop" and choice.text == scored.text
     assert choice.choice_logprobs == pytest.approx(scored.choice_logprobs, abs=1e-3)
     assert other.token_ids == filled.token_ids and other.finish_reason == "length"
-    preempted = other if scorer_first else choice
-    assert preempted.metrics.num_preemptions >= 1
+    assert choice.metrics.num_preemptions == 0 and other.metrics.num_preemptions == 0
     assert not any(o.finish_reason == "error" for o in outs)
     assert engine.stats().kv_blocks_used == 0
+
+
+def test_scoring_makes_room_when_the_reservation_falls_short(make_engine, monkeypatch):
+    """The fallback: with the forks' blocks not reserved (the reservation disabled here to
+    reach it), the prompt and a newer neighbour's fill the pool in one step, so no fork fits
+    when scoring starts. The newest lowest-priority request is preempted once and
+    recomputed, as for a decode that cannot grow; the scored request gets its answer."""
+    scored, prompt_blocks = scored_alone(make_engine)
+    engine = make_engine(kv_cache_tokens=(prompt_blocks + 3) * 16)
+    monkeypatch.setattr(type(engine.scheduler), "_fork_reserve", lambda self, seq, n: 0)
+    neighbour = engine.tokenizer.encode(NEIGHBOUR_TEXT)[: 3 * 16 - 1]
+    filler = SamplingParams(max_tokens=4, ignore_eos=True)
+    rids = [
+        engine.add_request(PROMPT, SamplingParams(choices=OPTIONS)),
+        engine.add_request(neighbour, filler),
+    ]
+    choice, other = engine.run_to_completion(rids)
+    assert choice.text == scored.text and choice.metrics.num_preemptions == 0
+    assert other.finish_reason == "length" and other.metrics.num_preemptions == 1
+    assert engine.stats().kv_blocks_used == 0
+
+
+def test_a_lower_priority_scorer_is_computed_once_while_a_decode_holds_the_room(
+    make_engine, monkeypatch
+):
+    """A higher-priority decode grows into the blocks the forks would need. The scored
+    request is not admitted, prefilled and preempted by its own scoring on every step of
+    the decode: it waits, then computes its prompt once."""
+    scored, prompt_blocks = scored_alone(make_engine)
+    engine = make_engine(kv_cache_tokens=(prompt_blocks + 4) * 16)
+    counts = count_scored_prompt_tokens(engine, monkeypatch)
+    neighbour = engine.tokenizer.encode(NEIGHBOUR_TEXT)[:33]  # grows from 3 blocks to 4
+    rids = [
+        engine.add_request(neighbour, SamplingParams(max_tokens=15, ignore_eos=True), priority=-1),
+        engine.add_request(PROMPT, SamplingParams(choices=OPTIONS, choice_scoring="whole")),
+    ]
+    other, choice = engine.run_to_completion(rids)
+    assert choice.text == scored.text and other.finish_reason == "length"
+    assert choice.metrics.num_preemptions <= 1
+    assert counts["tokens"] == len(engine.tokenizer.encode(PROMPT))
+    assert engine.stats().kv_blocks_used == 0
+
+
+def test_a_scorer_alone_frees_preserved_paused_kv(make_engine):
+    """pause_policy="preserve" keeps a paused request's KV while others run. A scored
+    request whose forks need that room and that nothing else would ever free (it runs
+    alone) takes it as a plain request would, instead of preempting itself every step."""
+    scored, _ = scored_alone(make_engine)
+    engine = make_engine(kv_cache_tokens=5 * 16, pause_policy="preserve")
+    neighbour = engine.tokenizer.encode(NEIGHBOUR_TEXT)[:33]
+    paused_params = SamplingParams(max_tokens=1, pause_at_end=True)
+    (paused,) = engine.run_to_completion([engine.add_request(neighbour, paused_params)])
+    assert paused.finish_reason == "paused" and engine.stats().kv_blocks_used == 3
+    rid = engine.add_request(PROMPT, SamplingParams(choices=OPTIONS, choice_scoring="whole"))
+    outs = []
+    for _ in range(5):
+        outs += engine.step()
+    (choice,) = [o for o in outs if o.request_id == rid]
+    assert choice.finished and choice.text == scored.text
+    assert choice.metrics.num_preemptions == 0
 
 
 def test_an_option_that_begins_another_is_ranked_without_the_longer_ones_mass(make_engine):

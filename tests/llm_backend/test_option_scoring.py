@@ -9,8 +9,10 @@ import torch
 
 from covey.llm_backend import option_scoring
 from covey.llm_backend.attention_metadata import AttentionMetadata, PrefillRun
+from covey.llm_backend.block_manager import BlockManager
 from covey.llm_backend.kv_pool import KVPool
 from covey.llm_backend.sampling_params import SamplingParams
+from covey.llm_backend.sequence import Sequence
 
 PROMPT = "Support ticket: my laptop screen flickers after the update.\nTeam:"
 OPTIONS = (" hardware repair", " billing", " account access and passwords", " shipping")
@@ -275,3 +277,26 @@ def test_nested_options_each_keep_only_what_no_longer_option_takes():
     assert scorer.ranking(lp) == pytest.approx(expected)
     certain = scorer.ranking([-1.0, -1.0, -1.0, -9.0, -4.0])  # "ab" always goes on to "abc"
     assert certain[1] == -math.inf and certain[2] == -1.0
+
+
+@pytest.mark.parametrize("prompt_len", [20, 32, 33], ids=["partial", "full", "one-over"])
+@pytest.mark.parametrize("n", [1, 3, 12, 30])
+def test_fork_blocks_needed_is_what_a_fork_then_needs(prompt_len, n):
+    """The blocks reserved for a fork (ahead of the prompt's last chunk, and when scoring
+    starts) are what the block manager's own rule then asks of the fork: a partly filled
+    last block is shared, so copied."""
+    bm = BlockManager(num_blocks=32, block_size=16, enable_prefix_caching=False)
+    seq = Sequence("prompt", list(range(prompt_len)), SamplingParams())
+    bm.allocate_slots(seq, 5)
+    seq.num_computed_tokens = 5
+    ahead = bm.fork_blocks_needed(seq, n, prompt_len)  # before the prompt's last chunk
+    bm.allocate_slots(seq, prompt_len - 5)
+    seq.num_computed_tokens = prompt_len
+    now = bm.fork_blocks_needed(seq, n)
+    child = Sequence("prompt#option0", seq.token_ids + [0] * n, seq.params)
+    bm.fork(seq, child)
+    assert ahead == now == bm.blocks_needed(child, n)
+    assert bm.can_allocate(now)
+    free = bm.num_free_blocks
+    bm.allocate_slots(child, n)
+    assert free - bm.num_free_blocks == now

@@ -739,7 +739,7 @@ class LLMEngine:
         # The scheduler reserved the forks' blocks with this step (Scheduler._fork_reserve);
         # other scorers of the step or a failed fork's cleanup can still leave them short.
         need = self.block_manager.fork_blocks_needed(seq, seq.fork_tokens) if seq.fork_tokens else 0
-        running, swaps = self.scheduler.make_room(seq, need)
+        running, swaps = self.scheduler.free_blocks_for(seq, need)
         self._move_kv(swaps)
         if not running:
             return None

@@ -117,7 +117,7 @@ class Scheduler:
                     continue
                 n = step.advance
             reserve = self._fork_reserve(seq, n)
-            if not self._make_room(seq, n, reserve, out):
+            if not self._make_room_for_tokens(seq, n, reserve, out):
                 continue  # seq itself was preempted; self.running shrank
             out.block_copies += self.block_manager.allocate_slots(seq, n)
             if step is not None:
@@ -217,7 +217,7 @@ class Scheduler:
         """Give back the prefix-cache references a waiting sequence took this step."""
         self.block_manager.discard(seq)
 
-    def make_room(self, seq: Sequence, num_blocks: int) -> tuple[bool, StepSwaps]:
+    def free_blocks_for(self, seq: Sequence, num_blocks: int) -> tuple[bool, StepSwaps]:
         """Outside `schedule`: free `num_blocks` blocks for the running `seq` as a step
         would (see `_free_blocks`), for KV it takes beyond its own slots (an option's fork,
         option_scoring.py). Returns whether `seq` is still running, and the paused-KV
@@ -225,7 +225,9 @@ class Scheduler:
         out = SchedulerOutput()
         return self._free_blocks(seq, num_blocks, out), out.swaps
 
-    def _make_room(self, seq: Sequence, n: int, reserve: int, out: SchedulerOutput) -> bool:
+    def _make_room_for_tokens(
+        self, seq: Sequence, n: int, reserve: int, out: SchedulerOutput
+    ) -> bool:
         """Free blocks until `seq` fits `n` more tokens and `reserve` blocks for its option
         forks (see `_free_blocks`)."""
         return self._free_blocks(seq, self.block_manager.blocks_needed(seq, n) + reserve, out)

@@ -746,9 +746,9 @@ class LLMEngine:
         ctx = ScoringContext(
             self.model, self.pool, self.block_manager, self.config.max_num_batched_tokens
         )
-        logprobs = option_logprobs(ctx, seq, scorer, last_logits)
-        index = scorer.pick(logprobs, seq.params, self._generators.get(seq.seq_id))
-        by_option = dict(zip(scorer.options, logprobs))
+        token_logprobs = option_logprobs(ctx, seq, scorer, last_logits)
+        index = scorer.pick(token_logprobs, seq.params, self._generators.get(seq.seq_id))
+        by_option = {o: sum(lps) for o, lps in zip(scorer.options, token_logprobs)}
         seq.choice_logprobs = {option: by_option[option] for option in scorer.order}
         ids = list(scorer.token_ids[index])
         seq.token_ids.extend(ids)

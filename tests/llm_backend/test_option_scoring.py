@@ -266,7 +266,7 @@ def test_nested_options_each_keep_only_what_no_longer_option_takes():
     )
     assert scorer.options == ("a", "ab", "abc", "ad", "x")
     assert scorer.parents == (None, 0, 1, 0, None)
-    lp = [-1.0, -2.0, -2.5, -3.0, -4.0]
+    lp = [[-1.0], [-1.0, -1.0], [-1.0, -1.0, -0.5], [-1.0, -2.0], [-4.0]]  # sums -1 .. -4
     expected = [
         math.log(math.exp(-1.0) - math.exp(-2.0) - math.exp(-3.0)),  # a, not ab nor ad
         math.log(math.exp(-2.0) - math.exp(-2.5)),  # ab, not abc
@@ -275,8 +275,27 @@ def test_nested_options_each_keep_only_what_no_longer_option_takes():
         -4.0,
     ]
     assert scorer.ranking(lp) == pytest.approx(expected)
-    certain = scorer.ranking([-1.0, -1.0, -1.0, -9.0, -4.0])  # "ab" always goes on to "abc"
+    # "ab" always goes on to "abc": P(c | ab) = 1 from abc's own last token.
+    certain = scorer.ranking([[-1.0], [-1.0, 0.0], [-1.0, 0.0, 0.0], [-1.0, -8.0], [-4.0]])
     assert certain[1] == -math.inf and certain[2] == -1.0
+
+
+def test_a_continuation_share_comes_from_the_longer_options_own_tokens():
+    """"ab"'s tokens were computed in another forward than "a b"'s ("b" differs in the
+    last digits): P(c | ab) is abc's last token alone, nearly certain but below 1, where the
+    difference of the two totals would round above 1 and leave "ab" no probability."""
+
+    def encode(text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+    scorer = option_scoring.OptionScorer.build(
+        SamplingParams(choices=("ab", "abc"), length_normalize=False), encode
+    )
+    ab, abc = [-0.5, -0.3], [-0.5, -0.29, -1e-6]
+    assert math.exp(sum(abc) - sum(ab)) > 1.0  # the totals' difference
+    ranked = scorer.ranking([ab, abc])
+    assert ranked[0] == pytest.approx(-0.8 + math.log1p(-math.exp(-1e-6)))
+    assert ranked[1] == pytest.approx(sum(abc))
 
 
 @pytest.mark.parametrize("prompt_len", [20, 32, 33], ids=["partial", "full", "one-over"])

@@ -12,6 +12,7 @@ from covey.llm_backend.attention_metadata import AttentionMetadata, PrefillRun
 from covey.llm_backend.block_manager import BlockManager
 from covey.llm_backend.kv_pool import KVPool
 from covey.llm_backend.sampling_params import SamplingParams
+from covey.llm_backend.scheduler import Scheduler, SchedulerConfig
 from covey.llm_backend.sequence import Sequence
 
 PROMPT = "Support ticket: my laptop screen flickers after the update.\nTeam:"
@@ -296,6 +297,41 @@ def test_a_continuation_share_comes_from_the_longer_options_own_tokens():
     ranked = scorer.ranking([ab, abc])
     assert ranked[0] == pytest.approx(-0.8 + math.log1p(-math.exp(-1e-6)))
     assert ranked[1] == pytest.approx(sum(abc))
+
+
+def test_the_step_that_completes_a_scored_prompt_holds_its_forks_blocks():
+    """Scheduler alone: a scored prompt is admitted only with room for its forks too, and a
+    request admitted after it in the same step leaves that room alone; a chunk that does
+    not complete the prompt asks for none."""
+
+    def encode(text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+    def scored(name: str, n: int) -> Sequence:
+        s = Sequence(name, list(range(1000, 1000 + n)), SamplingParams())
+        s.option_scorer = option_scoring.OptionScorer.build(
+            SamplingParams(choices=("x", "yyyyyyyyy")), encode
+        )
+        return s
+
+    assert scored("a", 6).fork_tokens == 8
+    # 6 prompt tokens: 2 blocks of 4; the forks' 8 more: positions 6..13, 2 more blocks
+    # and a copy of the shared, half-filled last block: 5 blocks in all.
+    sched = Scheduler(SchedulerConfig(8, 64), BlockManager(6, 4, enable_prefix_caching=False))
+    a, b = scored("a", 6), Sequence("b", list(range(2000, 2008)), SamplingParams())
+    sched.add(a)
+    sched.add(b)
+    out = sched.schedule()
+    assert [(i.seq.request_id, i.reserved) for i in out.scheduled] == [("a", 3)]
+    assert sched.waiting == [b] and sched.block_manager.num_free_blocks == 4  # b fits 2
+
+    sched = Scheduler(SchedulerConfig(8, 64), BlockManager(4, 4, enable_prefix_caching=False))
+    sched.add(scored("c", 6))
+    assert sched.schedule().scheduled == []  # 5 blocks would be needed: it waits
+    sched = Scheduler(SchedulerConfig(8, 4), BlockManager(4, 4, enable_prefix_caching=False))
+    sched.add(scored("d", 6))
+    (item,) = sched.schedule().scheduled  # a first chunk of 4 tokens: no forks yet
+    assert item.num_new_tokens == 4 and item.reserved == 0
 
 
 @pytest.mark.parametrize("prompt_len", [20, 32, 33], ids=["partial", "full", "one-over"])

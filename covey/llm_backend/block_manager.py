@@ -67,6 +67,19 @@ class BlockManager:
         total = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size)
         return max(0, total - len(seq.block_table)) + int(self._needs_copy(seq))
 
+    def fork_blocks_needed(
+        self, seq: Sequence, num_new_tokens: int, num_computed_tokens: int | None = None
+    ) -> int:
+        """Blocks a fork of `seq` takes for `num_new_tokens` tokens of its own: what
+        `blocks_needed` gives the fork, whose partly filled last block is shared, so copied.
+        `num_computed_tokens`: as `seq` will be once that many of its tokens are computed
+        (its slots for them allocated), for a reservation made before they are."""
+        computed = seq.num_computed_tokens if num_computed_tokens is None else num_computed_tokens
+        held = max(len(seq.block_table), -(-computed // self.block_size))
+        total = -(-(computed + num_new_tokens) // self.block_size)
+        copy = computed % self.block_size != 0 and held * self.block_size > computed
+        return max(0, total - held) + int(copy)
+
     def can_allocate(self, num_blocks: int) -> bool:
         """Whether `num_blocks` can be taken, counting blocks that releasing pins frees."""
         return num_blocks <= self.num_free_blocks + self._num_pin_only

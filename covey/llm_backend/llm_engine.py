@@ -36,7 +36,7 @@ from covey.llm_backend.kv_swap import KVSwap
 from covey.llm_backend.model import LlamaModel
 from covey.llm_backend.model_runner import ModelRunner
 from covey.llm_backend.model_source import ModelSource, resolve_model
-from covey.llm_backend.option_scoring import ScoringContext, fork_blocks, option_logprobs
+from covey.llm_backend.option_scoring import ScoringContext, option_logprobs
 from covey.llm_backend.output_processor import OutputProcessor
 from covey.llm_backend.outputs import RequestOutput
 from covey.llm_backend.pause_policy import PauseCosts, PausePolicy
@@ -736,17 +736,19 @@ class LLMEngine:
         assert scorer is not None
         if seq.status is not SequenceStatus.RUNNING:
             return None
-        need = fork_blocks(seq, scorer, self.block_manager.block_size)
-        running, swaps = self.scheduler.make_room(seq, need)
+        # The scheduler reserved the forks' blocks with this step (Scheduler._fork_reserve);
+        # other scorers of the step or a failed fork's cleanup can still leave them short.
+        need = self.block_manager.fork_blocks_needed(seq, seq.fork_tokens) if seq.fork_tokens else 0
+        running, swaps = self.scheduler.free_blocks_for(seq, need)
         self._move_kv(swaps)
         if not running:
             return None
         ctx = ScoringContext(
             self.model, self.pool, self.block_manager, self.config.max_num_batched_tokens
         )
-        logprobs = option_logprobs(ctx, seq, scorer, last_logits)
-        index = scorer.pick(logprobs, seq.params, self._generators.get(seq.seq_id))
-        by_option = dict(zip(scorer.options, logprobs))
+        token_logprobs = option_logprobs(ctx, seq, scorer, last_logits)
+        index = scorer.pick(token_logprobs, seq.params, self._generators.get(seq.seq_id))
+        by_option = {o: sum(lps) for o, lps in zip(scorer.options, token_logprobs)}
         seq.choice_logprobs = {option: by_option[option] for option in scorer.order}
         ids = list(scorer.token_ids[index])
         seq.token_ids.extend(ids)

@@ -17,10 +17,12 @@ How it runs, on top of the prompt's KV (the request prefills its prompt like any
   option.
 Scoring runs inside the engine step that computed the prompt's last token, one request
 after another: the step's other requests wait for it (bounded by AUTO_TRIE_TOKENS under
-"auto"). The forks' blocks are not reserved by the scheduler: when the pool lacks them the
-engine preempts the lowest-priority running requests, newest first, as the scheduler does
-for a decode that cannot grow (the scored request itself when it is the lowest; it
-recomputes its prompt and is scored then), so a busy pool delays a request, never fails it.
+"auto"). The scheduler asks for the forks' blocks (the longest option's) with the step that
+completes the prompt, so a request whose forks do not fit waits in the queue as a decode
+that cannot grow does. Should the pool still lack them when scoring starts, the engine
+preempts the lowest-priority running requests, newest first (the scored request itself
+when it is the lowest; it recomputes its prompt and is scored then), so a busy pool delays
+a request, never fails it.
 
 Ranking: with `length_normalize` (the default) by mean log-probability per token, else by
 the total. The total favours short options (every token costs probability); the mean does
@@ -33,7 +35,7 @@ An option whose tokens begin another option's ("yes" and "yes indeed"): P(option
 every continuation, the longer option's among them, so on its own the shorter one would
 always win by the total. It is ranked by P(the option, then not the rest of a longer one):
 log P(option) + log(1 - sum over the options that extend it directly of P(their rest |
-it)), which costs no forward (those are differences of the scores already computed). The
+it)), which costs no forward (the longer options' own log-probabilities of those tokens). The
 options' events are then disjoint, so no option's score contains another's (the trie ends
 such an option on EOS instead). `choice_logprobs` reports the plain log P(option | prompt).
 
@@ -117,31 +119,41 @@ class OptionScorer:
     def max_tokens(self) -> int:
         return max(len(ids) for ids in self.token_ids)
 
-    def ranking(self, logprobs: list[float]) -> list[float]:
+    def ranking(self, token_logprobs: list[list[float]]) -> list[float]:
         """The score each option is ranked by: mean or total log-probability of the option
-        and not of a longer option it begins (see the module docstring)."""
-        ends = self.end_logprobs(logprobs)
-        totals = [lp + end for lp, end in zip(logprobs, ends)]
+        and not of a longer option it begins (see the module docstring). `token_logprobs`:
+        each option's log-probability of each of its tokens (`option_logprobs`)."""
+        ends = self.end_logprobs(token_logprobs)
+        totals = [sum(lps) + end for lps, end in zip(token_logprobs, ends)]
         if not self.length_normalize:
             return totals
         return [lp / len(ids) for lp, ids in zip(totals, self.token_ids)]
 
-    def end_logprobs(self, logprobs: list[float]) -> list[float]:
+    def end_logprobs(self, token_logprobs: list[list[float]]) -> list[float]:
         """log P(not continuing into a longer option | the option) of every option: 0 for
-        one that begins no other, log(1 - sum of its direct extensions' P(rest | it))."""
-        shares = [0.0] * len(logprobs)
+        one that begins no other, log(1 - sum of its direct extensions' P(rest | it)).
+
+        P(rest | it) comes from the extension's own tokens past the option's length, not
+        from the difference of two totals: those were computed in different forwards (other
+        groups, other row counts), whose rounding would not cancel, so a nearly certain
+        continuation could come out at 1 or more."""
+        shares = [0.0] * len(token_logprobs)
         for child, parent in enumerate(self.parents):
             if parent is not None:
-                shares[parent] += math.exp(logprobs[child] - logprobs[parent])
+                rest = token_logprobs[child][len(self.token_ids[parent]) :]
+                shares[parent] += math.exp(sum(rest))
         # A share rounded to 1 or more: continuing is certain, ending has no probability.
         return [math.log1p(-share) if share < 1.0 else -math.inf for share in shares]
 
     def pick(
-        self, logprobs: list[float], params: SamplingParams, generator: torch.Generator | None
+        self,
+        token_logprobs: list[list[float]],
+        params: SamplingParams,
+        generator: torch.Generator | None,
     ) -> int:
         """The chosen option's index: the best score (greedy; ties go to the first in
         sorted order) or a draw from softmax(score / temperature)."""
-        scores = torch.tensor([self.ranking(logprobs)], dtype=torch.float32)
+        scores = torch.tensor([self.ranking(token_logprobs)], dtype=torch.float32)
         picked = sample(scores, [params], [generator])
         if picked.errors:
             raise picked.errors[0]
@@ -161,34 +173,23 @@ class ScoringContext:
     max_tokens_per_forward: int
 
 
-def fork_blocks(seq: Sequence, scorer: OptionScorer, block_size: int) -> int:
-    """The most KV blocks one option's fork of `seq` takes besides the prompt's blocks it
-    shares (its own tokens, and a copy of a partly filled last block): with that many free,
-    every group of forks gets at least its first fork in (each group frees its forks)."""
-    rest = scorer.max_tokens - 1  # an option's last token is never input
-    if rest == 0:
-        return 0
-    held, computed = len(seq.block_table), seq.num_computed_tokens
-    copy = int(computed % block_size != 0 and held * block_size > computed)
-    return max(0, -(-(computed + rest) // block_size) - held) + copy
-
-
 def option_logprobs(
     ctx: ScoringContext, seq: Sequence, scorer: OptionScorer, last_logits: torch.Tensor
-) -> list[float]:
-    """log P(option | prompt) of every option of `scorer`, in its order.
+) -> list[list[float]]:
+    """Every option's log-probability of each of its tokens given the prompt and the tokens
+    before it, in `scorer`'s order; their sum is log P(option | prompt).
 
     `seq` holds the prompt's KV (all of it computed); `last_logits` [V] are the logits at
     its last token. Raises EngineError when the pool cannot take even one option's fork.
     """
     first = torch.log_softmax(last_logits.float(), dim=-1)
-    totals = [float(first[ids[0]]) for ids in scorer.token_ids]
+    per_token = [[float(first[ids[0]])] for ids in scorer.token_ids]
     longer = [(i, ids) for i, ids in enumerate(scorer.token_ids) if len(ids) > 1]
     while longer:
         group, longer = _fit_group(ctx, seq, longer)
         for i, rest in _score_group(ctx, seq, group).items():
-            totals[i] += rest
-    return totals
+            per_token[i] += rest
+    return per_token
 
 
 @dataclass
@@ -240,20 +241,22 @@ def _fit_group(
     return forks, todo[len(forks) :]
 
 
-def _score_group(ctx: ScoringContext, seq: Sequence, forks: list[_Fork]) -> dict[int, float]:
+def _score_group(
+    ctx: ScoringContext, seq: Sequence, forks: list[_Fork]
+) -> dict[int, list[float]]:
     """One batched forward over the forks' option tokens; returns each option's
-    log-probability of its tokens after the first. Frees the forks' blocks."""
+    log-probabilities of its tokens after the first. Frees the forks' blocks."""
     try:
         with torch.inference_mode():
             ctx.pool.copy_blocks([c for fork in forks for c in fork.copies])
             inputs = _inputs(ctx, seq.num_computed_tokens, forks)
             hidden = ctx.model(inputs.input_ids, inputs.positions, ctx.pool.kv, inputs.meta)
             logprobs = torch.log_softmax(ctx.model.compute_logits(hidden), dim=-1)  # [T, V]
-            out: dict[int, float] = {}
+            out: dict[int, list[float]] = {}
             for fork, run in zip(forks, inputs.meta.prefills):
                 # The logits at the option's k-th token predict its (k+1)-th.
                 targets = torch.tensor(fork.option[1:], device=logprobs.device)[:, None]
-                out[fork.index] = float(logprobs[run.start : run.end].gather(1, targets).sum())
+                out[fork.index] = logprobs[run.start : run.end].gather(1, targets)[:, 0].tolist()
             return out
     finally:
         for fork in forks:

@@ -109,8 +109,11 @@ class RequestOutput:
     A request that failed inside the engine finishes with reason "error" and `error` saying
     why; the requests that ran beside it are not affected. `choice_logprobs`: for choices
     scored as whole options, every option (in the caller's order) -> log P(option | prompt),
-    the sum over its tokens; None otherwise. `healed_text`: the text token healing took off
-    the prompt's end ("" when none): the first output token starts with it, `text` does not.
+    the sum over its tokens; None otherwise. The pick is not always the best of these: an
+    option whose tokens begin another's ranks by P(it and not the longer one's rest)
+    (option_scoring.py), so with `length_normalize=False` it can lose with the higher one.
+    `healed_text`: the text token healing took off the prompt's end ("" when none): the
+    first output token starts with it, `text` does not.
     """
 
     request_id: str

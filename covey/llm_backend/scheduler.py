@@ -45,6 +45,9 @@ class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int
     chunk: ChunkStep | None = None
+    # Blocks held back for the step's end: the option forks of a prompt this step
+    # completes (see `Scheduler._fork_reserve`); later admissions in the step leave them.
+    reserved: int = 0
 
 
 @dataclass
@@ -113,7 +116,8 @@ class Scheduler:
                     i += 1
                     continue
                 n = step.advance
-            if not self._make_room(seq, n, out):
+            reserve = self._fork_reserve(seq, n)
+            if not self._make_room_for_tokens(seq, n, reserve, out):
                 continue  # seq itself was preempted; self.running shrank
             out.block_copies += self.block_manager.allocate_slots(seq, n)
             if step is not None:
@@ -121,6 +125,7 @@ class Scheduler:
             else:
                 out.scheduled.append(ScheduledSeq(seq, n))
                 budget -= n
+            out.scheduled[-1].reserved = reserve
             i += 1
         k = 0
         while k < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -165,6 +170,7 @@ class Scheduler:
             else:
                 out.scheduled.append(ScheduledSeq(seq, n))
                 budget -= n
+            out.scheduled[-1].reserved = self._fork_reserve(seq, n)
         return out
 
     def _chunk_step(self, seq: Sequence, budget: int, out: SchedulerOutput) -> ChunkStep | None:
@@ -211,7 +217,7 @@ class Scheduler:
         """Give back the prefix-cache references a waiting sequence took this step."""
         self.block_manager.discard(seq)
 
-    def make_room(self, seq: Sequence, num_blocks: int) -> tuple[bool, StepSwaps]:
+    def free_blocks_for(self, seq: Sequence, num_blocks: int) -> tuple[bool, StepSwaps]:
         """Outside `schedule`: free `num_blocks` blocks for the running `seq` as a step
         would (see `_free_blocks`), for KV it takes beyond its own slots (an option's fork,
         option_scoring.py). Returns whether `seq` is still running, and the paused-KV
@@ -219,17 +225,42 @@ class Scheduler:
         out = SchedulerOutput()
         return self._free_blocks(seq, num_blocks, out), out.swaps
 
-    def _make_room(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
-        """Free blocks until `seq` fits `n` more tokens (see `_free_blocks`)."""
-        return self._free_blocks(seq, self.block_manager.blocks_needed(seq, n), out)
+    def _make_room_for_tokens(
+        self, seq: Sequence, n: int, reserve: int, out: SchedulerOutput
+    ) -> bool:
+        """Free blocks until `seq` fits `n` more tokens and `reserve` blocks for its option
+        forks (see `_free_blocks`)."""
+        return self._free_blocks(seq, self.block_manager.blocks_needed(seq, n) + reserve, out)
+
+    def _fork_reserve(self, seq: Sequence, n: int) -> int:
+        """The blocks `seq`'s option forks take when this step's `n` tokens complete its
+        prompt (0 otherwise). Asking for them with the prompt's last chunk makes a request
+        whose forks do not fit wait in the queue, as a decode that cannot grow does,
+        instead of being admitted, prefilled and preempted by its own scoring every step."""
+        if not seq.fork_tokens:
+            return 0
+        end = seq.num_computed_tokens + n
+        if end < len(seq):
+            return 0
+        return self.block_manager.fork_blocks_needed(seq, seq.fork_tokens, end)
+
+    def _reserved(self, out: SchedulerOutput) -> int:
+        """Blocks this step's scheduled prompts hold back for their option forks."""
+        return sum(item.reserved for item in out.scheduled)
 
     def _free_blocks(self, seq: Sequence, need: int, out: SchedulerOutput) -> bool:
-        """Free blocks until `need` can be taken: paused KV first, then the lowest-priority
-        runners, newest first. Returns False when `seq` itself had to be preempted.
+        """Free blocks until `need` can be taken besides the step's reservations: paused KV
+        first, then the lowest-priority runners, newest first. Returns False when `seq`
+        itself had to be preempted. A lone runner may free preserved paused KV, as an idle
+        engine does: nothing else would ever give the room back.
         """
         bm = self.block_manager
-        while not bm.can_allocate(need):
-            if self._relieve(out, lambda: not bm.can_allocate(need), for_running=True):
+
+        def short() -> bool:
+            return not bm.can_allocate(need + self._reserved(out))
+
+        while short():
+            if self._relieve(out, short, for_running=True, idle=self.running == [seq]):
                 continue
             victim = max(self.running, key=Sequence.sort_key)
             self._preempt(victim, out)
@@ -241,15 +272,19 @@ class Scheduler:
         """Room for a waiting `seq`, preempting only runners it outranks, and only if that
         is enough. Returns (admitted, budget tokens handed back by preempted runners)."""
         bm = self.block_manager
-        need = bm.blocks_needed(seq, n)
-        if bm.can_allocate(need):
+        need = bm.blocks_needed(seq, n) + self._fork_reserve(seq, n)
+
+        def fits() -> bool:
+            return bm.can_allocate(need + self._reserved(out))
+
+        if fits():
             return True, 0  # the common case: no victims to weigh
         idle = not self.running
         if self.paused_kv.mode == "adaptive" or idle:
             # Paused KV goes where the policy gives it up (what it preserves stays), or
             # wherever it must when nothing runs: an idle engine must not wait on it.
-            self._relieve(out, lambda: not bm.can_allocate(need), idle=idle)
-            if bm.can_allocate(need):
+            self._relieve(out, lambda: not fits(), idle=idle)
+            if fits():
                 return True, 0
         outranked = [s for s in self.running if s.sort_key() > seq.sort_key()]
         paused = [s for s in self.paused.values() if s.block_table]
@@ -259,11 +294,11 @@ class Scheduler:
         reclaimable = sum(
             1 for s in outranked + paused for b in s.block_table if bm.held_by_one_sequence(b)
         )
-        if not bm.can_allocate(need - reclaimable):
+        if not bm.can_allocate(need + self._reserved(out) - reclaimable):
             return False, 0
         refund = 0
-        while not bm.can_allocate(need):
-            if paused and self._relieve(out, lambda: not bm.can_allocate(need), True):
+        while not fits():
+            if paused and self._relieve(out, lambda: not fits(), True):
                 continue
             outranked = [s for s in self.running if s.sort_key() > seq.sort_key()]
             if not outranked:
@@ -324,7 +359,7 @@ class Scheduler:
         self.paused_kv.release_host(seq)
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
-        out.scheduled.append(ScheduledSeq(seq, n))
+        out.scheduled.append(ScheduledSeq(seq, n, reserved=self._fork_reserve(seq, n)))
         return refund
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> int:

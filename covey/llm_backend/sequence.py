@@ -118,6 +118,15 @@ class Sequence:
         return len(self.token_ids) - self.num_computed_tokens
 
     @property
+    def fork_tokens(self) -> int:
+        """KV tokens a fork of it takes once its prompt is computed: whole-option scoring's
+        longest option but its last token (option_scoring.py), 0 without options. The
+        scheduler reserves their blocks with the step that completes the prompt."""
+        if self.option_scorer is None:
+            return 0
+        return self.option_scorer.max_tokens - 1
+
+    @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 

@@ -9,8 +9,11 @@ import torch
 
 from covey.llm_backend import option_scoring
 from covey.llm_backend.attention_metadata import AttentionMetadata, PrefillRun
+from covey.llm_backend.block_manager import BlockManager
 from covey.llm_backend.kv_pool import KVPool
 from covey.llm_backend.sampling_params import SamplingParams
+from covey.llm_backend.scheduler import Scheduler, SchedulerConfig
+from covey.llm_backend.sequence import Sequence
 
 PROMPT = "Support ticket: my laptop screen flickers after the update.\nTeam:"
 OPTIONS = (" hardware repair", " billing", " account access and passwords", " shipping")
@@ -131,20 +134,40 @@ def test_a_fork_that_fails_to_allocate_frees_every_fork_of_its_group(make_engine
     assert sum(bm.ref_counts) == 0
 
 
-@pytest.mark.parametrize("scorer_first", [True, False], ids=["preempts", "is-preempted"])
-def test_scoring_makes_room_when_the_pool_is_full(make_engine, scorer_first):
-    """The scored request's prompt and a neighbour's fill the pool in the same step, so no
-    fork fits. The lowest-priority request (newest first) is preempted and recomputed, as
-    a decode that cannot grow would do: the scoring request gets its answer either way."""
+NEIGHBOUR_TEXT = "The quick brown fox jumps over the lazy dog. " * 20
+
+
+def scored_alone(make_engine):
+    """PROMPT's answer on a roomy pool, and how many blocks its prompt takes."""
     big = make_engine()
-    prompt_blocks = -(-len(big.tokenizer.encode(PROMPT)) // 16)
-    text = "The quick brown fox jumps over the lazy dog. " * 20
-    neighbour = big.tokenizer.encode(text)[: 3 * 16 - 1]  # fills all but the prompt's blocks
+    blocks = -(-len(big.tokenizer.encode(PROMPT)) // 16)
+    return choose(big, PROMPT, OPTIONS, choice_scoring="whole"), blocks
+
+
+def count_scored_prompt_tokens(engine, monkeypatch) -> dict[str, int]:
+    """Counts the prompt tokens the engine's forwards compute for scored requests."""
+    counts = {"tokens": 0}
+    execute = engine.runner.execute_isolated
+
+    def counting(scheduled, copies, chunks):
+        counts["tokens"] += sum(i.num_new_tokens for i in scheduled if i.seq.option_scorer)
+        return execute(scheduled, copies, chunks)
+
+    monkeypatch.setattr(engine.runner, "execute_isolated", counting)
+    return counts
+
+
+@pytest.mark.parametrize("scorer_first", [True, False], ids=["older", "outranked"])
+def test_a_request_whose_forks_do_not_fit_waits_in_the_queue(make_engine, scorer_first):
+    """The scored request's prompt and a neighbour's fit the pool together but the forks
+    do not: the scheduler asks for the forks' blocks with the prompt, so the later or
+    lower-priority request waits in the queue (as a decode that cannot grow) and nothing
+    is preempted; both get the answers they get alone."""
+    scored, prompt_blocks = scored_alone(make_engine)
+    big = make_engine()
+    neighbour = big.tokenizer.encode(NEIGHBOUR_TEXT)[: 3 * 16 - 1]  # all but the prompt's
     filler = SamplingParams(max_tokens=4, ignore_eos=True)
-    scored, filled = (
-        big.run_to_completion([big.add_request(PROMPT, SamplingParams(choices=OPTIONS))])[0],
-        big.run_to_completion([big.add_request(neighbour, filler)])[0],
-    )
+    (filled,) = big.run_to_completion([big.add_request(neighbour, filler)])
     engine = make_engine(kv_cache_tokens=(prompt_blocks + 3) * 16)
     rids = [
         engine.add_request(PROMPT, SamplingParams(choices=OPTIONS), priority=0),
@@ -155,10 +178,69 @@ def test_scoring_makes_room_when_the_pool_is_full(make_engine, scorer_first):
     assert choice.finish_reason == "stop" and choice.text == scored.text
     assert choice.choice_logprobs == pytest.approx(scored.choice_logprobs, abs=1e-3)
     assert other.token_ids == filled.token_ids and other.finish_reason == "length"
-    preempted = other if scorer_first else choice
-    assert preempted.metrics.num_preemptions >= 1
+    assert choice.metrics.num_preemptions == 0 and other.metrics.num_preemptions == 0
     assert not any(o.finish_reason == "error" for o in outs)
     assert engine.stats().kv_blocks_used == 0
+
+
+def test_scoring_makes_room_when_the_reservation_falls_short(make_engine, monkeypatch):
+    """The fallback: with the forks' blocks not reserved (the reservation disabled here to
+    reach it), the prompt and a newer neighbour's fill the pool in one step, so no fork fits
+    when scoring starts. The newest lowest-priority request is preempted once and
+    recomputed, as for a decode that cannot grow; the scored request gets its answer."""
+    scored, prompt_blocks = scored_alone(make_engine)
+    engine = make_engine(kv_cache_tokens=(prompt_blocks + 3) * 16)
+    monkeypatch.setattr(type(engine.scheduler), "_fork_reserve", lambda self, seq, n: 0)
+    neighbour = engine.tokenizer.encode(NEIGHBOUR_TEXT)[: 3 * 16 - 1]
+    filler = SamplingParams(max_tokens=4, ignore_eos=True)
+    rids = [
+        engine.add_request(PROMPT, SamplingParams(choices=OPTIONS)),
+        engine.add_request(neighbour, filler),
+    ]
+    choice, other = engine.run_to_completion(rids)
+    assert choice.text == scored.text and choice.metrics.num_preemptions == 0
+    assert other.finish_reason == "length" and other.metrics.num_preemptions == 1
+    assert engine.stats().kv_blocks_used == 0
+
+
+def test_a_lower_priority_scorer_is_computed_once_while_a_decode_holds_the_room(
+    make_engine, monkeypatch
+):
+    """A higher-priority decode grows into the blocks the forks would need. The scored
+    request is not admitted, prefilled and preempted by its own scoring on every step of
+    the decode: it waits, then computes its prompt once."""
+    scored, prompt_blocks = scored_alone(make_engine)
+    engine = make_engine(kv_cache_tokens=(prompt_blocks + 4) * 16)
+    counts = count_scored_prompt_tokens(engine, monkeypatch)
+    neighbour = engine.tokenizer.encode(NEIGHBOUR_TEXT)[:33]  # grows from 3 blocks to 4
+    rids = [
+        engine.add_request(neighbour, SamplingParams(max_tokens=15, ignore_eos=True), priority=-1),
+        engine.add_request(PROMPT, SamplingParams(choices=OPTIONS, choice_scoring="whole")),
+    ]
+    other, choice = engine.run_to_completion(rids)
+    assert choice.text == scored.text and other.finish_reason == "length"
+    assert choice.metrics.num_preemptions <= 1
+    assert counts["tokens"] == len(engine.tokenizer.encode(PROMPT))
+    assert engine.stats().kv_blocks_used == 0
+
+
+def test_a_scorer_alone_frees_preserved_paused_kv(make_engine):
+    """pause_policy="preserve" keeps a paused request's KV while others run. A scored
+    request whose forks need that room and that nothing else would ever free (it runs
+    alone) takes it as a plain request would, instead of preempting itself every step."""
+    scored, _ = scored_alone(make_engine)
+    engine = make_engine(kv_cache_tokens=5 * 16, pause_policy="preserve")
+    neighbour = engine.tokenizer.encode(NEIGHBOUR_TEXT)[:33]
+    paused_params = SamplingParams(max_tokens=1, pause_at_end=True)
+    (paused,) = engine.run_to_completion([engine.add_request(neighbour, paused_params)])
+    assert paused.finish_reason == "paused" and engine.stats().kv_blocks_used == 3
+    rid = engine.add_request(PROMPT, SamplingParams(choices=OPTIONS, choice_scoring="whole"))
+    outs = []
+    for _ in range(5):
+        outs += engine.step()
+    (choice,) = [o for o in outs if o.request_id == rid]
+    assert choice.finished and choice.text == scored.text
+    assert choice.metrics.num_preemptions == 0
 
 
 def test_an_option_that_begins_another_is_ranked_without_the_longer_ones_mass(make_engine):
@@ -185,7 +267,7 @@ def test_nested_options_each_keep_only_what_no_longer_option_takes():
     )
     assert scorer.options == ("a", "ab", "abc", "ad", "x")
     assert scorer.parents == (None, 0, 1, 0, None)
-    lp = [-1.0, -2.0, -2.5, -3.0, -4.0]
+    lp = [[-1.0], [-1.0, -1.0], [-1.0, -1.0, -0.5], [-1.0, -2.0], [-4.0]]  # sums -1 .. -4
     expected = [
         math.log(math.exp(-1.0) - math.exp(-2.0) - math.exp(-3.0)),  # a, not ab nor ad
         math.log(math.exp(-2.0) - math.exp(-2.5)),  # ab, not abc
@@ -194,5 +276,82 @@ def test_nested_options_each_keep_only_what_no_longer_option_takes():
         -4.0,
     ]
     assert scorer.ranking(lp) == pytest.approx(expected)
-    certain = scorer.ranking([-1.0, -1.0, -1.0, -9.0, -4.0])  # "ab" always goes on to "abc"
+    # "ab" always goes on to "abc": P(c | ab) = 1 from abc's own last token.
+    certain = scorer.ranking([[-1.0], [-1.0, 0.0], [-1.0, 0.0, 0.0], [-1.0, -8.0], [-4.0]])
     assert certain[1] == -math.inf and certain[2] == -1.0
+
+
+def test_a_continuation_share_comes_from_the_longer_options_own_tokens():
+    """"ab"'s tokens were computed in another forward than "a b"'s ("b" differs in the
+    last digits): P(c | ab) is abc's last token alone, nearly certain but below 1, where the
+    difference of the two totals would round above 1 and leave "ab" no probability."""
+
+    def encode(text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+    scorer = option_scoring.OptionScorer.build(
+        SamplingParams(choices=("ab", "abc"), length_normalize=False), encode
+    )
+    ab, abc = [-0.5, -0.3], [-0.5, -0.29, -1e-6]
+    assert math.exp(sum(abc) - sum(ab)) > 1.0  # the totals' difference
+    ranked = scorer.ranking([ab, abc])
+    assert ranked[0] == pytest.approx(-0.8 + math.log1p(-math.exp(-1e-6)))
+    assert ranked[1] == pytest.approx(sum(abc))
+
+
+def test_the_step_that_completes_a_scored_prompt_holds_its_forks_blocks():
+    """Scheduler alone: a scored prompt is admitted only with room for its forks too, and a
+    request admitted after it in the same step leaves that room alone; a chunk that does
+    not complete the prompt asks for none."""
+
+    def encode(text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+    def scored(name: str, n: int) -> Sequence:
+        s = Sequence(name, list(range(1000, 1000 + n)), SamplingParams())
+        s.option_scorer = option_scoring.OptionScorer.build(
+            SamplingParams(choices=("x", "yyyyyyyyy")), encode
+        )
+        return s
+
+    assert scored("a", 6).fork_tokens == 8
+    # 6 prompt tokens: 2 blocks of 4; the forks' 8 more: positions 6..13, 2 more blocks
+    # and a copy of the shared, half-filled last block: 5 blocks in all.
+    sched = Scheduler(SchedulerConfig(8, 64), BlockManager(6, 4, enable_prefix_caching=False))
+    a, b = scored("a", 6), Sequence("b", list(range(2000, 2008)), SamplingParams())
+    sched.add(a)
+    sched.add(b)
+    out = sched.schedule()
+    assert [(i.seq.request_id, i.reserved) for i in out.scheduled] == [("a", 3)]
+    assert sched.waiting == [b] and sched.block_manager.num_free_blocks == 4  # b fits 2
+
+    sched = Scheduler(SchedulerConfig(8, 64), BlockManager(4, 4, enable_prefix_caching=False))
+    sched.add(scored("c", 6))
+    assert sched.schedule().scheduled == []  # 5 blocks would be needed: it waits
+    sched = Scheduler(SchedulerConfig(8, 4), BlockManager(4, 4, enable_prefix_caching=False))
+    sched.add(scored("d", 6))
+    (item,) = sched.schedule().scheduled  # a first chunk of 4 tokens: no forks yet
+    assert item.num_new_tokens == 4 and item.reserved == 0
+
+
+@pytest.mark.parametrize("prompt_len", [20, 32, 33], ids=["partial", "full", "one-over"])
+@pytest.mark.parametrize("n", [1, 3, 12, 30])
+def test_fork_blocks_needed_is_what_a_fork_then_needs(prompt_len, n):
+    """The blocks reserved for a fork (ahead of the prompt's last chunk, and when scoring
+    starts) are what the block manager's own rule then asks of the fork: a partly filled
+    last block is shared, so copied."""
+    bm = BlockManager(num_blocks=32, block_size=16, enable_prefix_caching=False)
+    seq = Sequence("prompt", list(range(prompt_len)), SamplingParams())
+    bm.allocate_slots(seq, 5)
+    seq.num_computed_tokens = 5
+    ahead = bm.fork_blocks_needed(seq, n, prompt_len)  # before the prompt's last chunk
+    bm.allocate_slots(seq, prompt_len - 5)
+    seq.num_computed_tokens = prompt_len
+    now = bm.fork_blocks_needed(seq, n)
+    child = Sequence("prompt#option0", seq.token_ids + [0] * n, seq.params)
+    bm.fork(seq, child)
+    assert ahead == now == bm.blocks_needed(child, n)
+    assert bm.can_allocate(now)
+    free = bm.num_free_blocks
+    bm.allocate_slots(child, n)
+    assert free - bm.num_free_blocks == now

@@ -19,11 +19,13 @@ def test_a_replica_keeps_its_thread_count_over_omp_num_threads(monkeypatch):
     # is not told its count reads that and runs one thread whatever the replica asked for.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     before = torch.get_num_threads()
+    replica = None
     try:
         replica = EngineReplica("dummy:tiny", {"dtype": "float32"}, threads=2)  # random weights
         engine = replica.llm.engine
         assert engine.num_threads == 2 == torch.get_num_threads()
         assert engine.thread_governor is None  # a count the user chose is kept as it is
-        asyncio.run(replica.__del__())
     finally:
+        if replica is not None:  # a failed assert must not leave its engine thread running
+            asyncio.run(replica.__del__())
         torch.set_num_threads(before)

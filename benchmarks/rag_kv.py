@@ -31,6 +31,15 @@ changed 8 (interval about +-0.085); 160 questions at full size bring that to abo
 against about +-0.11 for two unpaired accuracies. Target: within 0.02 of `covey-full`,
 judged on the interval, not the point estimate (see `verdict`): `ok` only when the whole
 interval lies above -0.02, `MISSED` when it lies wholly below, `inconclusive` otherwise.
+
+`--score` (accuracy mode) adds a continuous figure: each question's log-probability of the
+right code, scored as a whole-option choice among the prompt's five codes on the same
+prefill, paired with covey-full's (`dlogP`, and `dshare` for the share among the codes).
+Measured on the first 48 questions (loaded machine; logP is load-independent): ratio 1.0
+dlogP -0.014 [-0.042, +0.014] (bf16 noise: the same likeliest code on all 48, per-question
+differences up to 0.3), 0.5 -0.035 [-0.23, +0.16], 0.15 -0.092 [-0.33, +0.14], 0 -0.171
+[-0.44, +0.10]; chunk KV computed after the shared prompt prefix alone (system, label 1)
+instead of taken from a request's prefill: -2.27 [-2.85, -1.70], far worse.
 """
 
 from __future__ import annotations

@@ -12,11 +12,14 @@ KV was computed in one prompt is reused at other positions, after other chunks.
 The prompt is the RAG apps' own format (`covey.apps.citations.passage_segments` inside the
 model's chat template), with the answer's first words already in the assistant turn so a
 135M model answers in a few tokens. Used by tests/llm_backend/test_chunk_quality.py and
-benchmarks/rag_kv.py; nothing here is timed.
+benchmarks/rag_kv.py; nothing here is timed. Besides exact match, `answer_score` gives each
+question a continuous figure: the log-probability of the right code (scored as a choice
+among the prompt's five codes, see `options`).
 """
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from dataclasses import dataclass
@@ -176,6 +179,39 @@ def correct(output: str, question: Question) -> bool:
     """Exact match: the first number in the output is the fact's code."""
     found = _NUMBER.search(output)
     return found is not None and found.group() == question.fact.code
+
+
+def options(question: Question) -> tuple[str, ...]:
+    """The codes of the question's chunks, each as the continuation of the answer's first
+    words (" 4821"), distinct, the asked-for one first: what `answer_scores` scores."""
+    out = [" " + question.fact.code]
+    for chunk in question.chunks:
+        code = " " + chunk.fact.code
+        if code not in out:
+            out.append(code)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class AnswerScore:
+    """How much the model believes the right code, a continuous figure far less noisy than
+    one exact-match answer: `logprob` is log P(right code | prompt) (summed over its
+    tokens); `share` is its log-probability among the prompt's codes only (log-softmax over
+    them), which ignores how sure the model is that a code comes at all; `best`: whether
+    the right code is the likeliest of them."""
+
+    logprob: float
+    share: float
+    best: bool
+
+
+def answer_score(choice_logprobs: dict[str, float], question: Question) -> AnswerScore:
+    """`choice_logprobs` of a request whose choices were `options(question)`."""
+    right = choice_logprobs[" " + question.fact.code]
+    values = list(choice_logprobs.values())
+    top = max(values)
+    total = top + math.log(sum(math.exp(v - top) for v in values))
+    return AnswerScore(right, right - total, right >= top)
 
 
 def accuracy(outputs: list[str], questions: list[Question]) -> float:

@@ -31,6 +31,15 @@ changed 8 (interval about +-0.085); 160 questions at full size bring that to abo
 against about +-0.11 for two unpaired accuracies. Target: within 0.02 of `covey-full`,
 judged on the interval, not the point estimate (see `verdict`): `ok` only when the whole
 interval lies above -0.02, `MISSED` when it lies wholly below, `inconclusive` otherwise.
+
+`--score` (accuracy mode) adds a continuous figure: each question's log-probability of the
+right code, scored as a whole-option choice among the prompt's five codes on the same
+prefill, paired with covey-full's (`dlogP`, and `dshare` for the share among the codes).
+Measured on the first 48 questions (loaded machine; logP is load-independent): ratio 1.0
+dlogP -0.014 [-0.042, +0.014] (bf16 noise: the same likeliest code on all 48, per-question
+differences up to 0.3), 0.5 -0.035 [-0.23, +0.16], 0.15 -0.092 [-0.33, +0.14], 0 -0.171
+[-0.44, +0.10]; chunk KV computed after the shared prompt prefix alone (system, label 1)
+instead of taken from a request's prefill: -2.27 [-2.85, -1.70], far worse.
 """
 
 from __future__ import annotations
@@ -65,6 +74,10 @@ ACCURACY_HELP = (
     "quota=global|per_chunk,sink=K) on the same questions and prints the paired table;"
     " --reference JSON... adds the systems of earlier such runs to the table (covey-full's"
     " answers are deterministic: run it once); with no --variant, only the table is printed."
+    " --score also|only adds (or runs only) a second pass per system that scores the right"
+    " code's log-probability (`answer_logprob`), paired with covey-full's as dlogP: a"
+    " continuous figure, far less noisy than exact match, to rank variants on fewer"
+    " questions."
 )
 
 
@@ -160,6 +173,38 @@ def serve(engine: Any, prompts: list[Any], progress=None) -> list[Any]:
     return outs
 
 
+def serve_scores(engine: Any, prompts: list[Any], questions: list[Any], progress=None) -> list:
+    """Each prompt alone, in order, with the question's codes as whole-option choices: the
+    same prefill as `serve`'s (the store and caches evolve alike), then each code scored on
+    top of it. Returns each question's `planted_facts.AnswerScore`."""
+    import planted_facts as pf
+
+    from covey.llm_backend.sampling_params import SamplingParams
+
+    out = []
+    for i, (p, q) in enumerate(zip(prompts, questions, strict=True)):
+        params = SamplingParams(
+            choices=pf.options(q), choice_scoring="whole", length_normalize=False
+        )
+        rid = engine.add_request(p, params)
+        done = engine.run_to_completion([rid])[0]
+        out.append(pf.answer_score(done.choice_logprobs, q))
+        if progress is not None:
+            progress(i, done, out[-1])
+    return out
+
+
+def paired_mean(values: list[float], reference: list[float]) -> dict[str, Any]:
+    """The mean paired difference `values - reference` and its 95% normal interval."""
+    diffs = [v - r for v, r in zip(values, reference, strict=True)]
+    mean = statistics.fmean(diffs)
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
+    return {
+        "diff": round(mean, 4),
+        "ci95": [round(mean - 1.96 * se, 4), round(mean + 1.96 * se, 4)],
+    }
+
+
 def paired(correct: list[bool], reference: list[bool]) -> dict[str, Any]:
     """`correct` against `reference` on the same questions: the accuracy difference, the
     questions lost and won, agreement, and a 95% normal interval of the paired difference."""
@@ -247,13 +292,24 @@ def record_accuracy(
 
 
 def bench_covey(
-    size, model, questions, prompts, results, chosen=None, pair=True, after=None, log=False
+    size,
+    model,
+    questions,
+    prompts,
+    results,
+    chosen=None,
+    pair=True,
+    after=None,
+    log=False,
+    score="off",
 ) -> list[bool]:
     """Every covey system (or the `chosen` ones) on the same requests, paired against the
     first one's (covey-full) when `pair`; returns the first one's per-question results.
     `after(results)` is called after each system (the accuracy mode saves as it goes);
     `log` prints each answer's correctness as it comes (a long run cut short still pairs
-    on the questions both systems reached: each answer depends only on those before it)."""
+    on the questions both systems reached: each answer depends only on those before it).
+    `score`: "also" runs each system a second time, on a fresh engine, scoring the right
+    code of every question (`answer_logprob`, see `serve_scores`); "only" runs just that."""
     import planted_facts as pf
 
     from covey.llm_backend.config import EngineConfig
@@ -265,6 +321,35 @@ def bench_covey(
     table = systems(size["ratios"]) if chosen is None else chosen
     for system, overrides in table.items():
         config = EngineConfig(**overrides)
+        if score != "off":
+            engine = LLMEngine(config, model=model)
+            serve(engine, prompts[:prime])
+
+            def scored(i: int, out: Any, s: Any, system: str = system) -> None:
+                if log:
+                    print(f"score {system} {i} {s.logprob:.3f} {s.share:.3f}", flush=True)
+
+            scores = serve_scores(engine, prompts[prime:], questions[prime:], scored)
+            engine.close()
+            results.append(
+                record(
+                    "rag",
+                    system,
+                    "answer_logprob",
+                    statistics.fmean(s.logprob for s in scores),
+                    {
+                        "logprob": [round(s.logprob, 4) for s in scores],
+                        "share": [round(s.share, 4) for s in scores],
+                        "share_mean": round(statistics.fmean(s.share for s in scores), 4),
+                        "choice_accuracy": round(statistics.fmean(s.best for s in scores), 4),
+                        "questions": len(scores),
+                    },
+                )
+            )
+            if after is not None:
+                after(results)
+            if score == "only":
+                continue
         if config in seen:  # `covey` is one of the others: its run is that one's
             same, outs, extra = seen[config]
             extra = {**extra, "same_engine_as": same}
@@ -418,40 +503,61 @@ def load_results(path: Path, size: dict[str, Any]) -> list[dict]:
     rows = [
         {**r, "params": {**r["params"], "from": str(path)}}
         for r in json.loads(path.read_text())["results"]
-        if r["workload"] == "rag" and r["metric"] != "accuracy_vs_full"
+        if r["workload"] == "rag" and not r["metric"].endswith("_vs_full")
     ]
     for r in rows:
-        if r["metric"] == "ttft_s" and r["params"]["questions"] != size["requests"]:
+        counted = r["metric"] in ("ttft_s", "answer_logprob")
+        if counted and r["params"]["questions"] != size["requests"]:
             raise SystemExit(f"--reference {path}: not {size['requests']} questions")
     return rows
 
 
 def accuracy_table(results: list[dict]) -> list[dict]:
-    """Prints every system paired against covey-full (accuracy, difference, lost, won, 95%
-    interval, verdict) with its TTFT relative to covey-full's (from another run when the
-    reference was loaded: relative figures are only as steady as the machine's load).
-    Returns the `accuracy_vs_full` records."""
-    accs = {r["system"]: r for r in results if r["workload"] == "rag" and r["metric"] == "accuracy"}
-    full = accs.get(BASELINE)
+    """Prints every system paired against covey-full: exact-match accuracy (difference,
+    lost, won, 95% interval, verdict) and, where the system was scored, the mean paired
+    difference of the right code's log-probability (`dlogP`) and of its share among the
+    prompt's codes (`dshare`), with their 95% intervals; and its TTFT relative to
+    covey-full's (from another run when the reference was loaded: relative figures are
+    only as steady as the machine's load). Returns the `*_vs_full` records."""
+    rag = [r for r in results if r["workload"] == "rag"]
+    accs = {r["system"]: r for r in rag if r["metric"] == "accuracy"}
+    scores = {r["system"]: r for r in rag if r["metric"] == "answer_logprob"}
+    full, full_score = accs.get(BASELINE), scores.get(BASELINE)
     full_ttft = value(results, "rag", BASELINE, "ttft_s")
     print(
         f"{'system':<58} {'acc':>6} {'vs full':>8} {'lost':>4} {'won':>4} "
-        f"{'95% interval':>17} {'verdict':>12} {'TTFT/full':>9}"
+        f"{'95% interval':>17} {'verdict':>12} {'TTFT/full':>9} {'logP':>7} "
+        f"{'dlogP [95%]':>24} {'dshare [95%]':>24}"
     )
     out = []
-    for system, r in accs.items():
+    for system in dict.fromkeys([*accs, *scores]):
+        cells = f"{'':>6} {'':>51}"
+        r = accs.get(system)
+        if r is not None:
+            cells = f"{r['value']:6.3f} {'':>51}"
+            if full is not None and system != BASELINE:
+                p = paired([bool(c) for c in r["params"]["correct"]], full["params"]["correct"])
+                out.append(record("rag", system, "accuracy_vs_full", p.pop("diff"), p))
+                ci = f"[{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}]"
+                cells = (
+                    f"{r['value']:6.3f} {out[-1]['value']:+8.3f} {p['lost']:>4} {p['won']:>4} "
+                    f"{ci:>17} {verdict(p['ci95']):>12}"
+                )
         ttft = value(results, "rag", system, "ttft_s")
         ratio = f"{ttft / full_ttft:9.2f}" if ttft and full_ttft else f"{'':>9}"
-        if full is None or system == BASELINE:
-            print(f"{system:<58} {r['value']:6.3f} {'':>51} {ratio}")
-            continue
-        p = paired([bool(c) for c in r["params"]["correct"]], full["params"]["correct"])
-        out.append(record("rag", system, "accuracy_vs_full", p.pop("diff"), p))
-        ci = f"[{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}]"
-        print(
-            f"{system:<58} {r['value']:6.3f} {out[-1]['value']:+8.3f} {p['lost']:>4} "
-            f"{p['won']:>4} {ci:>17} {verdict(p['ci95']):>12} {ratio}"
-        )
+        score = scores.get(system)
+        logp = f"{score['value']:7.3f}" if score is not None else f"{'':>7}"
+        deltas = ""
+        if score is not None and full_score is not None and system != BASELINE:
+            sp, fp = score["params"], full_score["params"]
+            lp = paired_mean(sp["logprob"], fp["logprob"])
+            sh = paired_mean(sp["share"], fp["share"])
+            vs = {**lp, "share": sh}
+            out.append(record("rag", system, "answer_logprob_vs_full", lp["diff"], vs))
+            deltas = " ".join(
+                f"{d['diff']:+7.3f} [{d['ci95'][0]:+.3f},{d['ci95'][1]:+.3f}]" for d in (lp, sh)
+            )
+        print(f"{system:<58} {cells} {ratio} {logp} {deltas}")
     return out
 
 
@@ -503,6 +609,7 @@ def accuracy_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]
     parser.add_argument("--questions", type=int, default=None)
     parser.add_argument("--variant", action="append", default=[])
     parser.add_argument("--reference", type=Path, nargs="*", default=[])
+    parser.add_argument("--score", choices=("off", "also", "only"), default="off")
     return parser.parse_known_args(argv)
 
 
@@ -530,7 +637,9 @@ def main(argv: list[str] | None = None) -> None:
         def save(rows: list[dict]) -> None:
             write_results(args, NAME + "_accuracy", rows, str(engine.device), engine.model_name)
 
-        bench_covey(size, engine.model, questions, prompts, results, chosen, False, save, True)
+        bench_covey(
+            size, engine.model, questions, prompts, results, chosen, False, save, True, extra.score
+        )
         table = results + [r for path in extra.reference for r in load_results(path, size)]
         results.extend(accuracy_table(table))
         save(results)

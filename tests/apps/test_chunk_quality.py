@@ -46,3 +46,25 @@ def test_blend_at_the_default_ratio_stays_close_to_full_prefill():
     assert blend_acc >= full_acc - MARGIN, (full_acc, blend_acc)
     assert sum(o.metrics.num_reused_tokens for o in reused) > 0
     assert sum(o.metrics.num_recomputed_tokens for o in reused) > 0  # it did blend
+
+
+def test_answer_score_is_the_right_codes_log_probability_among_the_prompts_codes():
+    """The continuous quality figure of benchmarks/rag_kv.py --score: options are the
+    prompt's codes (the asked-for one first, no repeats); the share is a log-softmax over
+    them and `best` says whether the right code is the likeliest."""
+    import math
+
+    chunks = pf.make_chunks(5, chars=200)
+    question = pf.make_questions(chunks, 1, seed=1)[0]
+    options = pf.options(question)
+    assert options[0] == " " + question.fact.code
+    assert sorted(options) == sorted({" " + c.fact.code for c in question.chunks})
+    logprobs = {o: -2.0 - i for i, o in enumerate(options)}
+    score = pf.answer_score(logprobs, question)
+    total = math.log(sum(math.exp(v) for v in logprobs.values()))
+    assert score.logprob == -2.0
+    assert math.isclose(score.share, -2.0 - total)
+    assert score.best
+    logprobs[options[-1]] = -1.0  # another code is now likelier
+    worse = pf.answer_score(logprobs, question)
+    assert not worse.best and worse.share < score.share

@@ -230,13 +230,17 @@ class Scheduler:
     ) -> bool:
         """Free blocks until `seq` fits `n` more tokens and `reserve` blocks for its option
         forks (see `_free_blocks`)."""
-        return self._free_blocks(seq, self.block_manager.blocks_needed(seq, n) + reserve, out)
+        return self._free_blocks(seq, self.block_manager.blocks_needed(seq, n), out, reserve)
 
     def _fork_reserve(self, seq: Sequence, n: int) -> int:
         """The blocks `seq`'s option forks take when this step's `n` tokens complete its
         prompt (0 otherwise). Asking for them with the prompt's last chunk makes a request
         whose forks do not fit wait in the queue, as a decode that cannot grow does,
-        instead of being admitted, prefilled and preempted by its own scoring every step."""
+        instead of being admitted, prefilled and preempted by its own scoring every step.
+        A prompt prefilled over several steps asks only with its last chunk: its earlier
+        chunks were admitted without the forks' room, so when that room is gone then, the
+        engine's fallback (`free_blocks_for`) may preempt it after all; admitting long
+        scored prompts with their forks' room up front is not done yet."""
         if not seq.fork_tokens:
             return 0
         end = seq.num_computed_tokens + n
@@ -244,20 +248,26 @@ class Scheduler:
             return 0
         return self.block_manager.fork_blocks_needed(seq, seq.fork_tokens, end)
 
-    def _reserved(self, out: SchedulerOutput) -> int:
-        """Blocks this step's scheduled prompts hold back for their option forks."""
-        return sum(item.reserved for item in out.scheduled)
+    def _reserved(self, out: SchedulerOutput, also: int = 0) -> int:
+        """Blocks this step holds back for option forks, `also` (the forks of the request
+        being placed) included: the largest reservation, not the sum, because the engine
+        scores one request at a time within the step and frees each one's forks before
+        the next (option_scoring)."""
+        return max([also, *(item.reserved for item in out.scheduled)])
 
-    def _free_blocks(self, seq: Sequence, need: int, out: SchedulerOutput) -> bool:
-        """Free blocks until `need` can be taken besides the step's reservations: paused KV
-        first, then the lowest-priority runners, newest first. Returns False when `seq`
-        itself had to be preempted. A lone runner may free preserved paused KV, as an idle
+    def _free_blocks(
+        self, seq: Sequence, need: int, out: SchedulerOutput, reserve: int = 0
+    ) -> bool:
+        """Free blocks until `need` can be taken besides the step's fork reservations
+        (`reserve` is `seq`'s own; see `_reserved`): paused KV first, then the
+        lowest-priority runners, newest first. Returns False when `seq` itself had to be
+        preempted. A lone runner may free preserved paused KV, as an idle
         engine does: nothing else would ever give the room back.
         """
         bm = self.block_manager
 
         def short() -> bool:
-            return not bm.can_allocate(need + self._reserved(out))
+            return not bm.can_allocate(need + self._reserved(out, reserve))
 
         while short():
             if self._relieve(out, short, for_running=True, idle=self.running == [seq]):
@@ -272,10 +282,11 @@ class Scheduler:
         """Room for a waiting `seq`, preempting only runners it outranks, and only if that
         is enough. Returns (admitted, budget tokens handed back by preempted runners)."""
         bm = self.block_manager
-        need = bm.blocks_needed(seq, n) + self._fork_reserve(seq, n)
+        need = bm.blocks_needed(seq, n)
+        reserve = self._fork_reserve(seq, n)
 
         def fits() -> bool:
-            return bm.can_allocate(need + self._reserved(out))
+            return bm.can_allocate(need + self._reserved(out, reserve))
 
         if fits():
             return True, 0  # the common case: no victims to weigh
@@ -294,7 +305,7 @@ class Scheduler:
         reclaimable = sum(
             1 for s in outranked + paused for b in s.block_table if bm.held_by_one_sequence(b)
         )
-        if not bm.can_allocate(need + self._reserved(out) - reclaimable):
+        if not bm.can_allocate(need + self._reserved(out, reserve) - reclaimable):
             return False, 0
         refund = 0
         while not fits():

@@ -334,6 +334,30 @@ def test_the_step_that_completes_a_scored_prompt_holds_its_forks_blocks():
     assert item.num_new_tokens == 4 and item.reserved == 0
 
 
+def test_two_scored_prompts_in_one_step_hold_back_the_larger_reservation_not_the_sum():
+    """The engine scores one request at a time and frees its forks before the next, so a
+    step needs room for the largest fork set only: two scored prompts of 2 blocks each
+    with 3-block forks fit a 7-block pool together (2 + 2 + 3), which summing their
+    reservations (2 + 2 + 6) would refuse."""
+
+    def encode(text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+    def scored(name: str, base: int) -> Sequence:
+        s = Sequence(name, list(range(base, base + 6)), SamplingParams())
+        s.option_scorer = option_scoring.OptionScorer.build(
+            SamplingParams(choices=("x", "yyyyyyyyy")), encode
+        )
+        return s
+
+    sched = Scheduler(SchedulerConfig(8, 64), BlockManager(7, 4, enable_prefix_caching=False))
+    sched.add(scored("a", 1000))
+    sched.add(scored("b", 2000))
+    out = sched.schedule()
+    assert [(i.seq.request_id, i.reserved) for i in out.scheduled] == [("a", 3), ("b", 3)]
+    assert sched.block_manager.num_free_blocks == 3
+
+
 @pytest.mark.parametrize("prompt_len", [20, 32, 33], ids=["partial", "full", "one-over"])
 @pytest.mark.parametrize("n", [1, 3, 12, 30])
 def test_fork_blocks_needed_is_what_a_fork_then_needs(prompt_len, n):

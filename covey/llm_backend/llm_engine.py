@@ -727,9 +727,11 @@ class LLMEngine:
         """`seq`'s prompt is computed: score its options (option_scoring.py), pick one and
         end the turn with it as the output (finished, or paused with `pause_at_end`).
 
-        The forks need KV blocks the scheduler did not give out: when the pool lacks them
-        (running requests hold them), the lowest-priority requests are preempted, newest
-        first, as for a decode that cannot grow. None (no output this step) when that is
+        The scheduler held the forks' blocks back with the step that completed the prompt
+        (Scheduler._fork_reserve). Should they still be short (a prompt prefilled over
+        several steps, a failed fork's cleanup), `Scheduler.free_blocks_for` is the
+        fallback: the lowest-priority requests are preempted, newest first, as for a
+        decode that cannot grow. None (no output this step) when that is
         `seq` itself, or when another request's scoring in this step preempted it: it
         recomputes its prompt and is scored then."""
         scorer = seq.option_scorer
@@ -779,10 +781,14 @@ class LLMEngine:
         """Nothing runs and the first queued request cannot be admitted: fail it alone."""
         seq = self.scheduler.waiting[0]
         bm = self.block_manager
+        forks = ""
+        if seq.fork_tokens:
+            blocks = bm.fork_blocks_needed(seq, seq.fork_tokens, len(seq))
+            forks = f" and {blocks} blocks for its option forks"
         return self._fail(
             seq,
             EngineError(
-                f"it needs KV for {len(seq)} tokens and cannot be scheduled: the KV pool "
+                f"it needs KV for {len(seq)} tokens{forks} and cannot be scheduled: the KV pool "
                 f"({bm.num_blocks} blocks, {bm.num_pinned_blocks} pinned) has no room for it"
             ),
         )

@@ -109,8 +109,8 @@ def _decode(q: torch.Tensor, kv: torch.Tensor, group: DecodeGroup, bs: int) -> t
     scores = torch.bmm(qg, keys.transpose(1, 2))[..., :n].view(kvh, d, g, n)  # [KVH, D, G, L]
     if group.padding is not None:
         scores = scores.masked_fill(group.padding, float("-inf"))
-    # bf16 in and out: the kernel accumulates in float32 and rounds once, the same result
-    # as a float32 softmax cast back, in one op instead of two
+    # bf16 in and out, one op instead of two: the kernel accumulates in float32 and rounds
+    # once, as a float32 softmax cast back does (a test holds this build to it bit for bit)
     probs = torch.softmax(scores, dim=-1)  # [KVH, D, G, L]
     out = torch.bmm(probs.view(kvh * d, g, n), values)  # [KVH*D, G, Dh]
     return out.view(kvh, d, g, dh).transpose(0, 1).reshape(d, h, dh)  # [D, H, Dh]

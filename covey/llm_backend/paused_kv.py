@@ -186,9 +186,10 @@ class PausedKV:
 
         `for_running`: room a running request needs to go on: even KV the adaptive policy
         would preserve goes (the cheaper of swap and discard) before a running request is
-        preempted; a fixed preserve policy still keeps it. `idle`: nothing runs, so the
-        engine would sit idle with work waiting: any policy, preserve too, gives up paused
-        KV then (longest-paused first), or a pool full of paused KV would wedge it.
+        preempted; a fixed preserve policy still keeps it. `idle`: nothing runs, or the
+        one request running is the one short of room, so the engine would sit idle (or
+        spin) with work waiting: any policy, preserve too, gives up paused KV then
+        (longest-paused first), or a pool full of paused KV would wedge it.
         """
         holding = [s for s in paused if s.block_table]
         if not holding or (self.mode == "preserve" and not idle):

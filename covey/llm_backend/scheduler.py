@@ -119,6 +119,7 @@ class Scheduler:
             reserve = self._fork_reserve(seq, n)
             if not self._make_room_for_tokens(seq, n, reserve, out):
                 continue  # seq itself was preempted; self.running shrank
+            i = self.running.index(seq)  # a victim before seq shifted it left
             out.block_copies += self.block_manager.allocate_slots(seq, n)
             if step is not None:
                 budget -= self._keep_chunk_step(seq, step, out)
@@ -305,6 +306,9 @@ class Scheduler:
         reclaimable = sum(
             1 for s in outranked + paused for b in s.block_table if bm.held_by_one_sequence(b)
         )
+        # Preempting the outranked drops their fork reservations too.
+        kept = max([reserve, *(i.reserved for i in out.scheduled if i.seq not in outranked)])
+        reclaimable += self._reserved(out, reserve) - kept
         if not bm.can_allocate(need + self._reserved(out, reserve) - reclaimable):
             return False, 0
         refund = 0

@@ -70,3 +70,18 @@ def test_decode_reads_match_attention_over_each_rows_keys(dtype, tol):
     for row, table in enumerate(tables):
         torch.testing.assert_close(out[row].float(), _reference(q[row], kv, table, 10),
                                    atol=tol, rtol=tol)
+
+
+def test_bf16_decode_softmax_equals_a_float32_softmax_cast_back():
+    """Decode attention takes its softmax in bf16 (one op) on the claim that the kernel
+    accumulates in float32 and rounds once: bit for bit what a float32 softmax cast back
+    gives, padding included, on the shapes decode uses ([KVH, D, G, L])."""
+    gen = torch.Generator().manual_seed(0)
+    for length in (1, 7, 64, 333):
+        scores = (torch.randn(3, 4, 3, length, generator=gen) * 4).to(torch.bfloat16)
+        padding = torch.zeros(1, 4, 1, length, dtype=torch.bool)
+        padding[:, 1:, :, length // 2 + 1 :] = True
+        scores = scores.masked_fill(padding, float("-inf"))
+        once = torch.softmax(scores, dim=-1)
+        twice = torch.softmax(scores, dim=-1, dtype=torch.float32).to(torch.bfloat16)
+        assert torch.equal(once, twice)

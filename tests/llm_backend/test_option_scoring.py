@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -13,9 +14,10 @@ from covey.llm_backend.block_manager import BlockManager
 from covey.llm_backend.kv_pool import KVPool
 from covey.llm_backend.sampling_params import SamplingParams
 from covey.llm_backend.scheduler import Scheduler, SchedulerConfig
-from covey.llm_backend.sequence import Sequence
+from covey.llm_backend.sequence import FinishReason, Sequence
 
 PROMPT = "Support ticket: my laptop screen flickers after the update.\nTeam:"
+_starts = itertools.count(10_000, 10_000)
 OPTIONS = (" hardware repair", " billing", " account access and passwords", " shipping")
 
 
@@ -328,10 +330,67 @@ def test_the_step_that_completes_a_scored_prompt_holds_its_forks_blocks():
     sched = Scheduler(SchedulerConfig(8, 64), BlockManager(4, 4, enable_prefix_caching=False))
     sched.add(scored("c", 6))
     assert sched.schedule().scheduled == []  # 5 blocks would be needed: it waits
-    sched = Scheduler(SchedulerConfig(8, 4), BlockManager(4, 4, enable_prefix_caching=False))
+    # 4 tokens a step: admitted with room for the whole prompt and its forks, a first
+    # chunk that does not complete the prompt holds none back; without that room it waits.
+    sched = Scheduler(SchedulerConfig(8, 4), BlockManager(5, 4, enable_prefix_caching=False))
     sched.add(scored("d", 6))
-    (item,) = sched.schedule().scheduled  # a first chunk of 4 tokens: no forks yet
+    (item,) = sched.schedule().scheduled
     assert item.num_new_tokens == 4 and item.reserved == 0
+    sched = Scheduler(SchedulerConfig(8, 4), BlockManager(4, 4, enable_prefix_caching=False))
+    d = scored("d", 6)
+    sched.add(d)
+    assert sched.schedule().scheduled == [] and sched.waiting == [d] and not d.block_table
+
+
+def scored_seq(name: str, n: int, priority: int = 0, longest: int = 9) -> Sequence:
+    """Scheduler alone: a scored request of `n` prompt tokens unlike any other's, whose
+    forks take `longest - 1` tokens."""
+    start = next(_starts)
+    s = Sequence(name, list(range(start, start + n)), SamplingParams(), priority)
+    s.option_scorer = option_scoring.OptionScorer.build(
+        SamplingParams(choices=("x", "y" * longest)), lambda text: [ord(c) for c in text]
+    )
+    return s
+
+
+def plain_seq(name: str, n: int, priority: int = 0) -> Sequence:
+    start = next(_starts)
+    return Sequence(name, list(range(start, start + n)), SamplingParams(), priority)
+
+
+def run_step(sched: Scheduler) -> list[tuple[str, int, int]]:
+    """Pretend the model ran: advance cursors, append a token where a sample is due;
+    (request, tokens, reserved blocks) of each scheduled item."""
+    out = sched.schedule()
+    for item in out.scheduled:
+        item.seq.num_computed_tokens += item.num_new_tokens
+        if item.seq.num_computed_tokens == len(item.seq):
+            item.seq.token_ids.append(0)
+    return [(i.seq.request_id, i.num_new_tokens, i.reserved) for i in out.scheduled]
+
+
+def test_a_chunked_scored_prompt_short_of_its_forks_room_waits_keeping_its_kv():
+    """Scheduler alone, 4 tokens a step, a 6-block pool of 4-token blocks. The scored d
+    (6 tokens: 2 blocks, its forks 3 more) gets in beside a higher-priority h with room for
+    all of it, but h's decode then takes a block, so at d's last chunk the forks do not
+    fit. d sits the step out keeping the 4 tokens it computed (it used to preempt itself
+    and lose them), a lower-priority arrival waits behind it, and once h is done d
+    completes its prompt with the forks' blocks held."""
+    sched = Scheduler(SchedulerConfig(8, 4), BlockManager(6, 4, enable_prefix_caching=False))
+    h, d = plain_seq("h", 3, priority=-1), scored_seq("d", 6)
+    sched.add(h)
+    sched.add(d)
+    assert run_step(sched) == [("h", 3, 0), ("d", 1, 0)]
+    assert run_step(sched) == [("h", 1, 0), ("d", 3, 0)]
+    w = plain_seq("w", 4, priority=1)
+    sched.add(w)
+    assert run_step(sched) == [("h", 1, 0)]  # h's 2nd block leaves 3: d needs 1 + 3
+    assert d.num_preemptions == 0 and d.num_computed_tokens == 4 and len(d.block_table) == 1
+    assert sched.running == [h, d] and sched.waiting == [w]
+    sched.finish(h, FinishReason.LENGTH)
+    assert run_step(sched) == [("d", 2, 3), ("w", 2, 0)]
+    assert d.num_preemptions == 0
+
 
 
 def test_two_scored_prompts_in_one_step_hold_back_the_larger_reservation_not_the_sum():

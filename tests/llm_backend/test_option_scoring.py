@@ -438,3 +438,49 @@ def test_fork_blocks_needed_is_what_a_fork_then_needs(prompt_len, n):
     free = bm.num_free_blocks
     bm.allocate_slots(child, n)
     assert free - bm.num_free_blocks == now
+
+
+def test_preempting_a_reserving_scorer_frees_its_forks_room_for_a_waiting_request():
+    """Scheduler alone, 8 tokens a step, a 6-block pool of 4-token blocks. The scored r
+    (7 tokens, lowest priority; forks 3 blocks) completes its prompt in the step with one
+    token and reserves its forks' room; a higher-priority arrival p needs that room and
+    preempts r, and w, queued behind p, then gets in in the same step: 2 blocks, which
+    fit only because r's 3 reserved blocks went with it."""
+    sched = Scheduler(SchedulerConfig(8, 8), BlockManager(6, 4, enable_prefix_caching=False))
+    x, r = plain_seq("x", 2, priority=-1), scored_seq("r", 7, priority=1)
+    sched.add(x)
+    sched.add(r)
+    assert run_step(sched) == [("x", 2, 0), ("r", 6, 0)]
+    p, w = plain_seq("p", 1), plain_seq("w", 8)
+    sched.add(p)
+    sched.add(w)
+    out = sched.schedule()
+    scheduled = [(i.seq.request_id, i.num_new_tokens, i.reserved) for i in out.scheduled]
+    assert scheduled == [("x", 1, 0), ("p", 1, 0), ("w", 6, 0)]
+    assert out.preempted == [r] and sched.waiting == [r] and not r.block_table
+    assert sched.block_manager.num_free_blocks == 2  # < r's 3: w fit only with them gone
+
+
+def test_a_scored_prompt_over_several_steps_waits_for_its_forks_with_its_kv(
+    make_engine, monkeypatch
+):
+    """The real engine, 8 tokens a step, a 4-block pool: the scored prompt (15 tokens, one
+    block, its forks two more) is admitted with room for all of it while a higher-priority
+    decode runs, and prefills in chunks; the decode then takes a second block, so at the
+    prompt's last chunk the forks' room is short. The prompt waits with its KV and is
+    computed once, not preempted and recomputed; its answer is the one it gets alone."""
+    scored, prompt_blocks = scored_alone(make_engine)
+    assert prompt_blocks == 1
+    engine = make_engine(kv_cache_tokens=4 * 16, max_num_batched_tokens=8)
+    counts = count_scored_prompt_tokens(engine, monkeypatch)
+    neighbour = engine.tokenizer.encode(NEIGHBOUR_TEXT)[:15]  # its 17th token: a 2nd block
+    rids = [
+        engine.add_request(neighbour, SamplingParams(max_tokens=8, ignore_eos=True), priority=-1),
+        engine.add_request(PROMPT, SamplingParams(choices=OPTIONS, choice_scoring="whole")),
+    ]
+    other, choice = engine.run_to_completion(rids)
+    assert choice.text == scored.text and other.finish_reason == "length"
+    assert choice.choice_logprobs == pytest.approx(scored.choice_logprobs, abs=1e-3)
+    assert choice.metrics.num_preemptions == 0
+    assert counts["tokens"] == len(engine.tokenizer.encode(PROMPT))
+    assert engine.stats().kv_blocks_used == 0

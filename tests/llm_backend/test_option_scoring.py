@@ -12,6 +12,8 @@ from covey.llm_backend import option_scoring
 from covey.llm_backend.attention_metadata import AttentionMetadata, PrefillRun
 from covey.llm_backend.block_manager import BlockManager
 from covey.llm_backend.kv_pool import KVPool
+from covey.llm_backend.pause_policy import PauseCosts, PausePolicy
+from covey.llm_backend.paused_kv import PausedKV
 from covey.llm_backend.sampling_params import SamplingParams
 from covey.llm_backend.scheduler import Scheduler, SchedulerConfig
 from covey.llm_backend.sequence import FinishReason, Sequence
@@ -484,3 +486,35 @@ def test_a_scored_prompt_over_several_steps_waits_for_its_forks_with_its_kv(
     assert choice.metrics.num_preemptions == 0
     assert counts["tokens"] == len(engine.tokenizer.encode(PROMPT))
     assert engine.stats().kv_blocks_used == 0
+
+
+@pytest.mark.parametrize(("longest", "reserved"), [(5, 2), (9, None)], ids=["fits", "waits"])
+def test_a_turn_resumed_from_host_memory_with_choices_reserves_its_forks(longest, reserved):
+    """Scheduler alone, a fixed swap policy on an 8-block pool of 4-token blocks: a paused
+    request's 11 tokens of KV go to host; it resumes with 2 more tokens and choices whose
+    forks take `longest - 1` tokens. It is copied back only with room for its context, its
+    new tokens and its forks (4 blocks and 2), holding the forks' blocks in that step;
+    when the forks need 3 it stays on host, its context untouched."""
+    bm = BlockManager(8, 4, enable_prefix_caching=False)
+    costs = PauseCosts(1e-3, 1e-3, 1e-9, 1e-3, 1e-9)
+    paused = PausedKV(PausePolicy("swap", costs), bm, 1, 64)
+    sched = Scheduler(SchedulerConfig(8, 64), bm, None, paused)
+    c, a = plain_seq("c", 3), plain_seq("a", 11)
+    sched.add(c)
+    sched.add(a)
+    run_step(sched)
+    sched.pause(a)
+    assert [m.seq for m in sched.schedule().swaps.out] == [a] and a.swapped_tokens == 11
+    c.num_computed_tokens += 1
+    c.token_ids.append(0)
+    a.token_ids.extend([7, 8])  # the tool's result
+    a.option_scorer = scored_seq("options", 1, longest=longest).option_scorer
+    sched.resume(a)
+    out = sched.schedule()
+    items = {i.seq.request_id: (i.num_new_tokens, i.reserved) for i in out.scheduled}
+    if reserved is None:
+        assert items == {"c": (1, 0)} and not out.swaps.into
+        assert sched.waiting == [a] and a.swapped_tokens == 11 and not a.block_table
+    else:
+        assert items == {"c": (1, 0), "a": (3, reserved)}
+        assert [m.seq for m in out.swaps.into] == [a] and a.num_computed_tokens == 11

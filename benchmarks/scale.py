@@ -123,11 +123,13 @@ def pass_tag(index: int) -> str:
 
 async def drive(url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int):
     """Send every prompt (streamed completions, greedy) from `concurrency` clients; returns
-    (TTFTs, prompt tokens, cached prompt tokens, wall seconds)."""
+    (TTFTs, prompt tokens, cached prompt tokens, wall seconds, completion id -> TTFT of
+    those whose text came, for `breakdown` to join with the front's view)."""
     import httpx
 
     todo = list(enumerate(prompts))
     ttfts: list[float] = []
+    by_id: dict[str, float] = {}
     tokens = [0, 0]
 
     async def client(http: httpx.AsyncClient) -> None:
@@ -143,7 +145,7 @@ async def drive(url: str, model: str, prompts: list[str], concurrency: int, max_
                 "stream_options": {"include_usage": True},
             }
             start = time.perf_counter()
-            first = None
+            first, cid = None, None
             async with http.stream("POST", "/v1/completions", json=body) as reply:
                 reply.raise_for_status()
                 async for line in reply.aiter_lines():
@@ -151,6 +153,7 @@ async def drive(url: str, model: str, prompts: list[str], concurrency: int, max_
                     if data == "[DONE]":
                         continue
                     chunk = json.loads(data)
+                    cid = cid or chunk.get("id")
                     choices = chunk.get("choices") or [{}]
                     if first is None and choices[0].get("text"):
                         first = time.perf_counter()
@@ -159,11 +162,13 @@ async def drive(url: str, model: str, prompts: list[str], concurrency: int, max_
                         tokens[0] += usage["prompt_tokens"]
                         tokens[1] += usage["prompt_tokens_details"]["cached_tokens"]
             ttfts.append((first or time.perf_counter()) - start)
+            if first is not None and cid is not None:
+                by_id[cid] = first - start
 
     started = time.perf_counter()
     async with httpx.AsyncClient(base_url=url, timeout=600) as http:
         await asyncio.gather(*(client(http) for _ in range(concurrency)))
-    return ttfts, tokens[0], tokens[1], time.perf_counter() - started
+    return ttfts, tokens[0], tokens[1], time.perf_counter() - started, by_id
 
 
 def run_system(
@@ -188,13 +193,14 @@ def run_system(
     front = BackgroundServer(state)
     try:
         prompts, _ = workload(tag, size)
-        ttfts, prompt_tokens, cached, wall = asyncio.run(
+        ttfts, prompt_tokens, cached, wall, by_id = asyncio.run(
             drive(front.url, engine.model_name, prompts, size["concurrency"], size["max_tokens"])
         )
     finally:
         front.stop()
     return {
         "ttfts": ttfts,
+        "client": by_id,
         "prompt_tokens": prompt_tokens,
         "cached_tokens": cached,
         "wall_s": wall,
@@ -205,43 +211,61 @@ def run_system(
     }
 
 
-def observe(engine: Any) -> dict[str, list[float]]:
-    """Where each request's TTFT goes, seen from the front (instrumentation only): the
-    replica engine's own TTFT (its arrival to its first token, from the outputs' metrics),
-    of which its wait before the first step that ran it (`queue`), and the front's TTFT
-    (its call to its first output); the client's TTFT less the front's is HTTP, the rest
-    of the front's is the hand-off to and from the replica (Ray, the replica's loop)."""
-    seen: dict[str, list[float]] = {"engine_ttft": [], "engine_queue": [], "front_ttft": []}
+def observe(engine: Any) -> dict[str, dict[str, float | None]]:
+    """Where each request's TTFT goes, seen from the front (instrumentation only), by
+    engine request id: the front's TTFT (its call to its first output with text, as the
+    client counts), the replica engine's own TTFT (its arrival to its first token, from
+    the outputs' metrics) and of that its wait before the first step that ran it
+    (`queue`); None where one was not seen. The client's TTFT less the front's is HTTP,
+    the rest of the front's is the hand-off to and from the replica (Ray, its loop)."""
+    seen: dict[str, dict[str, float | None]] = {}
     generate = engine.generate
 
     async def observed(prompt: Any, *args: Any, **kwargs: Any):
         start, first = time.perf_counter(), None
         async for out in generate(prompt, *args, **kwargs):
-            if first is None:
+            if first is None and out.delta_text:
                 first = time.perf_counter() - start
-            if out.finished and out.metrics.ttft is not None:
-                seen["front_ttft"].append(first)
-                seen["engine_ttft"].append(out.metrics.ttft)
-                seen["engine_queue"].append(out.metrics.queue_time or 0.0)
+            if out.finished:
+                rid = kwargs.get("request_id") or out.request_id
+                seen[rid] = {
+                    "front": first, "engine": out.metrics.ttft, "queue": out.metrics.queue_time
+                }
             yield out
 
     engine.generate = observed
     return seen
 
 
-def breakdown(runs: list[dict[str, Any]]) -> dict[str, float]:
+def breakdown(runs: list[dict[str, Any]]) -> dict[str, float | int | None]:
     """Mean seconds of a request's TTFT: at the replica's engine (`engine_ttft_s`, of which
     `engine_queue_s` before its first step), in the hand-off between the front and the
-    replica (`handoff_s`), and in HTTP and the front's routes (`http_s`)."""
-    pooled = {k: [x for run in runs for x in run["inside"][k]] for k in runs[0]["inside"]}
-    ttft = statistics.fmean(t for run in runs for t in run["ttfts"])
-    engine = statistics.fmean(pooled["engine_ttft"]) if pooled["engine_ttft"] else 0.0
-    front = statistics.fmean(pooled["front_ttft"]) if pooled["front_ttft"] else 0.0
+    replica (`handoff_s`), and in HTTP and the front's routes (`http_s`).
+
+    Every mean is over the same requests, `requests` of the `of` whose first text reached
+    the client: those the front and the engine timed too, joined by id (the completion's
+    id is its engine request's less the `-index` of its prompt). `engine_queue_s` is over
+    the `queued` of them whose engine reported a queue time: a missing one is not zero."""
+    rows = []
+    for run in runs:
+        inside = {rid.rsplit("-", 1)[0]: got for rid, got in run["inside"].items()}
+        for cid, client in run["client"].items():
+            got = inside.get(cid)
+            if got and got["front"] is not None and got["engine"] is not None:
+                rows.append((client, got["front"], got["engine"], got["queue"]))
+    of = sum(len(run["client"]) for run in runs)
+    if not rows:
+        return {"requests": 0, "of": of}
+    client, front, engine = (statistics.fmean(r[k] for r in rows) for k in range(3))
+    queues = [r[3] for r in rows if r[3] is not None]
     return {
         "engine_ttft_s": round(engine, 3),
-        "engine_queue_s": round(statistics.fmean(pooled["engine_queue"] or [0.0]), 3),
+        "engine_queue_s": round(statistics.fmean(queues), 3) if queues else None,
         "handoff_s": round(front - engine, 3),
-        "http_s": round(ttft - front, 3),
+        "http_s": round(client - front, 3),
+        "requests": len(rows),
+        "of": of,
+        "queued": len(queues),
     }
 
 

@@ -240,7 +240,9 @@ def observe(engine: Any) -> dict[str, dict[str, float | None]]:
 def breakdown(runs: list[dict[str, Any]]) -> dict[str, float | int | None]:
     """Mean seconds of a request's TTFT: at the replica's engine (`engine_ttft_s`, of which
     `engine_queue_s` before its first step), in the hand-off between the front and the
-    replica (`handoff_s`), and in HTTP and the front's routes (`http_s`).
+    replica (`handoff_s`: the front's first text less the engine's first token, so it
+    also holds any steps the detokenizer waits before a token makes text), and in HTTP and
+    the front's routes (`http_s`).
 
     Every mean is over the same requests, `requests` of the `of` whose first text reached
     the client: those the front and the engine timed too, joined by id (the completion's

@@ -8,6 +8,7 @@ import asyncio
 import json
 import re
 import time
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -176,7 +177,10 @@ def slow_server(live_server):
     """Four requests at most, and an app whose answer is long enough that a stream is
     still generating when its client leaves."""
     server = live_server(ServerSettings(max_in_flight=4), kv_cache_tokens=4096)
-    counting = cg.semantic_function(count_to, params=SamplingParams(max_tokens=256))
+    # ignore_eos: a greedy answer that stops early would free its slot mid-test.
+    counting = cg.semantic_function(
+        count_to, params=SamplingParams(max_tokens=256, ignore_eos=True)
+    )
 
     @cg.app(name="count")
     def count_app(limit: str):
@@ -186,10 +190,14 @@ def slow_server(live_server):
     return server
 
 
-async def _first_token(reply) -> None:
-    async for line in reply.aiter_lines():
+async def _first_token(reply) -> AsyncIterator[str]:
+    """Reads up to the first token event and returns the open line iterator. The caller
+    must keep it: an abandoned async iterator is closed when collected, and that closes
+    the connection, so the server would see its client leave at a time nobody chose."""
+    lines = reply.aiter_lines()
+    async for line in lines:
         if line.startswith("event: token"):
-            return
+            return lines
     raise AssertionError("the stream ended before any token")
 
 
@@ -236,14 +244,16 @@ async def test_full_server_answers_429_and_leaving_clients_free_their_kv(slow_se
             for i in range(4)
         ]
         replies = [await s.__aenter__() for s in streams]
-        await asyncio.gather(*(_first_token(r) for r in replies))
+        readers = await asyncio.gather(*(_first_token(r) for r in replies))
         assert slow_server.stats().kv_blocks_used > 0  # mid-generation
+        assert slow_server.state.admission.in_flight == 4
         full = await client.post("/apps/count/invoke", json={"limit": "3"})
-        assert full.status_code == 429 and int(full.headers["Retry-After"]) >= 1
+        assert full.status_code == 429 and int(full.headers["Retry-After"]) >= 1, full.text
         assert full.json()["error"]["category"] == "overloaded"
         left = time.monotonic()
         for stream in streams:  # the clients go away mid-stream
             await stream.__aexit__(None, None, None)
+        del readers
     stats = slow_server.wait_idle(timeout=10)
     freed_in = time.monotonic() - left
     assert stats.kv_blocks_used == baseline.kv_blocks_used == 0

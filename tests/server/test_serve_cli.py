@@ -60,7 +60,8 @@ def test_serve_answers_health_checks_while_loading_then_serves_and_stops_on_ctrl
         with httpx.stream(
             "POST", f"{url}v1/completions", json=body, headers=auth, timeout=60
         ) as stream:
-            assert next(stream.iter_lines()).startswith("data:")  # generating
+            lines = stream.iter_lines()  # kept: a dropped iterator closes the stream
+            assert next(lines).startswith("data:")  # generating
             proc.send_signal(signal.SIGINT)  # a stream in flight does not hold the exit
             proc.wait(timeout=GRACEFUL_S + 20)
     finally:

@@ -105,6 +105,7 @@ class Scheduler:
                 list(self.paused.values()), self.running, self._under_pressure, out.swaps
             )
         self.running.sort(key=lambda s: (s.num_uncomputed_tokens > 1, *s.sort_key()))
+        held: Sequence | None = None  # the highest-priority runner waiting for its forks' room
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -117,6 +118,11 @@ class Scheduler:
                     continue
                 n = step.advance
             reserve = self._fork_reserve(seq, n)
+            if reserve and self._waits_for_forks(seq, n, reserve, out):
+                if held is None or seq.sort_key() < held.sort_key():
+                    held = seq
+                i += 1
+                continue
             if not self._make_room_for_tokens(seq, n, reserve, out):
                 continue  # seq itself was preempted; self.running shrank
             i = self.running.index(seq)  # a victim before seq shifted it left
@@ -131,6 +137,8 @@ class Scheduler:
         k = 0
         while k < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[k]
+            if held is not None and seq.sort_key() > held.sort_key():
+                break  # it would take the room a higher-priority runner waits for
             if seq.swapped_tokens:
                 refund = self._swap_in(seq, budget, out)
                 if refund is None:
@@ -236,18 +244,58 @@ class Scheduler:
     def _fork_reserve(self, seq: Sequence, n: int) -> int:
         """The blocks `seq`'s option forks take when this step's `n` tokens complete its
         prompt (0 otherwise). Asking for them with the prompt's last chunk makes a request
-        whose forks do not fit wait in the queue, as a decode that cannot grow does,
-        instead of being admitted, prefilled and preempted by its own scoring every step.
-        A prompt prefilled over several steps asks only with its last chunk: its earlier
-        chunks were admitted without the forks' room, so when that room is gone then, the
-        engine's fallback (`free_blocks_for`) may preempt it after all; admitting long
-        scored prompts with their forks' room up front is not done yet."""
+        whose forks do not fit wait, as a decode that cannot grow does, instead of being
+        admitted, prefilled and preempted by its own scoring every step: in the queue when
+        the room is short at admission (`_admit` asks for the whole prompt and its forks),
+        or still running with its KV kept when it is short at the last chunk of a prompt
+        prefilled over several steps or of a resumed turn (`_waits_for_forks`)."""
         if not seq.fork_tokens:
             return 0
         end = seq.num_computed_tokens + n
         if end < len(seq):
             return 0
         return self.block_manager.fork_blocks_needed(seq, seq.fork_tokens, end)
+
+    def _waits_for_forks(
+        self, seq: Sequence, n: int, reserve: int, out: SchedulerOutput
+    ) -> bool:
+        """Whether the running `seq`, whose `n` tokens this step complete a scored prompt,
+        sits the step out keeping its KV because only its forks' `reserve` blocks are short.
+
+        Preempting the runners it outranks would not make the room, so `_free_blocks`
+        would preempt `seq` itself and throw away every chunk it computed (a prompt
+        prefilled over several steps, a turn resumed with `choices`, whose room decodes
+        took since), only to compute them again. Waiting keeps them, and later admissions
+        it outranks wait too, so the runners ahead of it give the room back. Paused KV is
+        given up first, as `_free_blocks` would. When nothing else runs in the step it does
+        not wait: nothing would free the room, so it is preempted as before (and a request
+        that cannot fit then fails alone, `LLMEngine._fail_unschedulable`)."""
+        bm = self.block_manager
+        need = bm.blocks_needed(seq, n)
+
+        def short() -> bool:
+            return not bm.can_allocate(need + self._reserved(out, reserve))
+
+        if not out.scheduled or not short():
+            return False
+        if not bm.can_allocate(need + self._reserved(out)):
+            return False  # its chunk itself is short, as a plain prefill's can be
+        self._relieve(out, short, for_running=True)
+        if not short():
+            return False
+        outranked = [s for s in self.running if s.sort_key() > seq.sort_key()]
+        room = self._reclaimable(outranked, reserve, out)
+        return not bm.can_allocate(need + self._reserved(out, reserve) - room)
+
+    def _reclaimable(self, victims: list[Sequence], reserve: int, out: SchedulerOutput) -> int:
+        """Blocks that preempting `victims` (runners, or paused requests' KV) would give
+        a request reserving `reserve` blocks for its forks: those only a victim holds (a
+        block only pins share with it is room too once it goes: pins yield), and the part of
+        the step's reservation that goes with the victims' own."""
+        bm = self.block_manager
+        blocks = sum(1 for s in victims for b in s.block_table if bm.held_by_one_sequence(b))
+        kept = max([reserve, *(i.reserved for i in out.scheduled if i.seq not in victims)])
+        return blocks + self._reserved(out, reserve) - kept
 
     def _reserved(self, out: SchedulerOutput, also: int = 0) -> int:
         """Blocks this step holds back for option forks, `also` (the forks of the request
@@ -281,8 +329,15 @@ class Scheduler:
 
     def _admit(self, seq: Sequence, n: int, out: SchedulerOutput) -> tuple[bool, int]:
         """Room for a waiting `seq`, preempting only runners it outranks, and only if that
-        is enough. Returns (admitted, budget tokens handed back by preempted runners)."""
+        is enough. Returns (admitted, budget tokens handed back by preempted runners).
+
+        A scored prompt gets in only with room for all of it and its forks, though the
+        caller allocates only this step's `n`: one prefilled over several steps then waits
+        in the queue before computing anything rather than find the forks' room gone at
+        its last chunk. Room taken after that is `_waits_for_forks`'s case."""
         bm = self.block_manager
+        if seq.fork_tokens:
+            n = seq.num_uncomputed_tokens
         need = bm.blocks_needed(seq, n)
         reserve = self._fork_reserve(seq, n)
 
@@ -302,13 +357,7 @@ class Scheduler:
         paused = [s for s in self.paused.values() if s.block_table]
         if self.paused_kv.mode in ("preserve", "adaptive"):
             paused = []
-        # A block only pins share with a victim is room too once the victim goes: pins yield.
-        reclaimable = sum(
-            1 for s in outranked + paused for b in s.block_table if bm.held_by_one_sequence(b)
-        )
-        # Preempting the outranked drops their fork reservations too.
-        kept = max([reserve, *(i.reserved for i in out.scheduled if i.seq not in outranked)])
-        reclaimable += self._reserved(out, reserve) - kept
+        reclaimable = self._reclaimable(outranked + paused, reserve, out)
         if not bm.can_allocate(need + self._reserved(out, reserve) - reclaimable):
             return False, 0
         refund = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -11,11 +12,14 @@ from covey.llm_backend import option_scoring
 from covey.llm_backend.attention_metadata import AttentionMetadata, PrefillRun
 from covey.llm_backend.block_manager import BlockManager
 from covey.llm_backend.kv_pool import KVPool
+from covey.llm_backend.pause_policy import PauseCosts, PausePolicy
+from covey.llm_backend.paused_kv import PausedKV
 from covey.llm_backend.sampling_params import SamplingParams
 from covey.llm_backend.scheduler import Scheduler, SchedulerConfig
-from covey.llm_backend.sequence import Sequence
+from covey.llm_backend.sequence import FinishReason, Sequence
 
 PROMPT = "Support ticket: my laptop screen flickers after the update.\nTeam:"
+_starts = itertools.count(10_000, 10_000)
 OPTIONS = (" hardware repair", " billing", " account access and passwords", " shipping")
 
 
@@ -328,10 +332,67 @@ def test_the_step_that_completes_a_scored_prompt_holds_its_forks_blocks():
     sched = Scheduler(SchedulerConfig(8, 64), BlockManager(4, 4, enable_prefix_caching=False))
     sched.add(scored("c", 6))
     assert sched.schedule().scheduled == []  # 5 blocks would be needed: it waits
-    sched = Scheduler(SchedulerConfig(8, 4), BlockManager(4, 4, enable_prefix_caching=False))
+    # 4 tokens a step: admitted with room for the whole prompt and its forks, a first
+    # chunk that does not complete the prompt holds none back; without that room it waits.
+    sched = Scheduler(SchedulerConfig(8, 4), BlockManager(5, 4, enable_prefix_caching=False))
     sched.add(scored("d", 6))
-    (item,) = sched.schedule().scheduled  # a first chunk of 4 tokens: no forks yet
+    (item,) = sched.schedule().scheduled
     assert item.num_new_tokens == 4 and item.reserved == 0
+    sched = Scheduler(SchedulerConfig(8, 4), BlockManager(4, 4, enable_prefix_caching=False))
+    d = scored("d", 6)
+    sched.add(d)
+    assert sched.schedule().scheduled == [] and sched.waiting == [d] and not d.block_table
+
+
+def scored_seq(name: str, n: int, priority: int = 0, longest: int = 9) -> Sequence:
+    """Scheduler alone: a scored request of `n` prompt tokens unlike any other's, whose
+    forks take `longest - 1` tokens."""
+    start = next(_starts)
+    s = Sequence(name, list(range(start, start + n)), SamplingParams(), priority)
+    s.option_scorer = option_scoring.OptionScorer.build(
+        SamplingParams(choices=("x", "y" * longest)), lambda text: [ord(c) for c in text]
+    )
+    return s
+
+
+def plain_seq(name: str, n: int, priority: int = 0) -> Sequence:
+    start = next(_starts)
+    return Sequence(name, list(range(start, start + n)), SamplingParams(), priority)
+
+
+def run_step(sched: Scheduler) -> list[tuple[str, int, int]]:
+    """Pretend the model ran: advance cursors, append a token where a sample is due;
+    (request, tokens, reserved blocks) of each scheduled item."""
+    out = sched.schedule()
+    for item in out.scheduled:
+        item.seq.num_computed_tokens += item.num_new_tokens
+        if item.seq.num_computed_tokens == len(item.seq):
+            item.seq.token_ids.append(0)
+    return [(i.seq.request_id, i.num_new_tokens, i.reserved) for i in out.scheduled]
+
+
+def test_a_chunked_scored_prompt_short_of_its_forks_room_waits_keeping_its_kv():
+    """Scheduler alone, 4 tokens a step, a 6-block pool of 4-token blocks. The scored d
+    (6 tokens: 2 blocks, its forks 3 more) gets in beside a higher-priority h with room for
+    all of it, but h's decode then takes a block, so at d's last chunk the forks do not
+    fit. d sits the step out keeping the 4 tokens it computed (it used to preempt itself
+    and lose them), a lower-priority arrival waits behind it, and once h is done d
+    completes its prompt with the forks' blocks held."""
+    sched = Scheduler(SchedulerConfig(8, 4), BlockManager(6, 4, enable_prefix_caching=False))
+    h, d = plain_seq("h", 3, priority=-1), scored_seq("d", 6)
+    sched.add(h)
+    sched.add(d)
+    assert run_step(sched) == [("h", 3, 0), ("d", 1, 0)]
+    assert run_step(sched) == [("h", 1, 0), ("d", 3, 0)]
+    w = plain_seq("w", 4, priority=1)
+    sched.add(w)
+    assert run_step(sched) == [("h", 1, 0)]  # h's 2nd block leaves 3: d needs 1 + 3
+    assert d.num_preemptions == 0 and d.num_computed_tokens == 4 and len(d.block_table) == 1
+    assert sched.running == [h, d] and sched.waiting == [w]
+    sched.finish(h, FinishReason.LENGTH)
+    assert run_step(sched) == [("d", 2, 3), ("w", 2, 0)]
+    assert d.num_preemptions == 0
+
 
 
 def test_two_scored_prompts_in_one_step_hold_back_the_larger_reservation_not_the_sum():
@@ -379,3 +440,81 @@ def test_fork_blocks_needed_is_what_a_fork_then_needs(prompt_len, n):
     free = bm.num_free_blocks
     bm.allocate_slots(child, n)
     assert free - bm.num_free_blocks == now
+
+
+def test_preempting_a_reserving_scorer_frees_its_forks_room_for_a_waiting_request():
+    """Scheduler alone, 8 tokens a step, a 6-block pool of 4-token blocks. The scored r
+    (7 tokens, lowest priority; forks 3 blocks) completes its prompt in the step with one
+    token and reserves its forks' room; a higher-priority arrival p needs that room and
+    preempts r, and w, queued behind p, then gets in in the same step: 2 blocks, which
+    fit only because r's 3 reserved blocks went with it."""
+    sched = Scheduler(SchedulerConfig(8, 8), BlockManager(6, 4, enable_prefix_caching=False))
+    x, r = plain_seq("x", 2, priority=-1), scored_seq("r", 7, priority=1)
+    sched.add(x)
+    sched.add(r)
+    assert run_step(sched) == [("x", 2, 0), ("r", 6, 0)]
+    p, w = plain_seq("p", 1), plain_seq("w", 8)
+    sched.add(p)
+    sched.add(w)
+    out = sched.schedule()
+    scheduled = [(i.seq.request_id, i.num_new_tokens, i.reserved) for i in out.scheduled]
+    assert scheduled == [("x", 1, 0), ("p", 1, 0), ("w", 6, 0)]
+    assert out.preempted == [r] and sched.waiting == [r] and not r.block_table
+    assert sched.block_manager.num_free_blocks == 2  # < r's 3: w fit only with them gone
+
+
+def test_a_scored_prompt_over_several_steps_waits_for_its_forks_with_its_kv(
+    make_engine, monkeypatch
+):
+    """The real engine, 8 tokens a step, a 4-block pool: the scored prompt (15 tokens, one
+    block, its forks two more) is admitted with room for all of it while a higher-priority
+    decode runs, and prefills in chunks; the decode then takes a second block, so at the
+    prompt's last chunk the forks' room is short. The prompt waits with its KV and is
+    computed once, not preempted and recomputed; its answer is the one it gets alone."""
+    scored, prompt_blocks = scored_alone(make_engine)
+    assert prompt_blocks == 1
+    engine = make_engine(kv_cache_tokens=4 * 16, max_num_batched_tokens=8)
+    counts = count_scored_prompt_tokens(engine, monkeypatch)
+    neighbour = engine.tokenizer.encode(NEIGHBOUR_TEXT)[:15]  # its 17th token: a 2nd block
+    rids = [
+        engine.add_request(neighbour, SamplingParams(max_tokens=8, ignore_eos=True), priority=-1),
+        engine.add_request(PROMPT, SamplingParams(choices=OPTIONS, choice_scoring="whole")),
+    ]
+    other, choice = engine.run_to_completion(rids)
+    assert choice.text == scored.text and other.finish_reason == "length"
+    assert choice.choice_logprobs == pytest.approx(scored.choice_logprobs, abs=1e-3)
+    assert choice.metrics.num_preemptions == 0
+    assert counts["tokens"] == len(engine.tokenizer.encode(PROMPT))
+    assert engine.stats().kv_blocks_used == 0
+
+
+@pytest.mark.parametrize(("longest", "reserved"), [(5, 2), (9, None)], ids=["fits", "waits"])
+def test_a_turn_resumed_from_host_memory_with_choices_reserves_its_forks(longest, reserved):
+    """Scheduler alone, a fixed swap policy on an 8-block pool of 4-token blocks: a paused
+    request's 11 tokens of KV go to host; it resumes with 2 more tokens and choices whose
+    forks take `longest - 1` tokens. It is copied back only with room for its context, its
+    new tokens and its forks (4 blocks and 2), holding the forks' blocks in that step;
+    when the forks need 3 it stays on host, its context untouched."""
+    bm = BlockManager(8, 4, enable_prefix_caching=False)
+    costs = PauseCosts(1e-3, 1e-3, 1e-9, 1e-3, 1e-9)
+    paused = PausedKV(PausePolicy("swap", costs), bm, 1, 64)
+    sched = Scheduler(SchedulerConfig(8, 64), bm, None, paused)
+    c, a = plain_seq("c", 3), plain_seq("a", 11)
+    sched.add(c)
+    sched.add(a)
+    run_step(sched)
+    sched.pause(a)
+    assert [m.seq for m in sched.schedule().swaps.out] == [a] and a.swapped_tokens == 11
+    c.num_computed_tokens += 1
+    c.token_ids.append(0)
+    a.token_ids.extend([7, 8])  # the tool's result
+    a.option_scorer = scored_seq("options", 1, longest=longest).option_scorer
+    sched.resume(a)
+    out = sched.schedule()
+    items = {i.seq.request_id: (i.num_new_tokens, i.reserved) for i in out.scheduled}
+    if reserved is None:
+        assert items == {"c": (1, 0)} and not out.swaps.into
+        assert sched.waiting == [a] and a.swapped_tokens == 11 and not a.block_table
+    else:
+        assert items == {"c": (1, 0), "a": (3, reserved)}
+        assert [m.seq for m in out.swaps.into] == [a] and a.num_computed_tokens == 11

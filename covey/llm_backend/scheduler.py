@@ -10,6 +10,7 @@ Plain Python with no torch, so it is tested on its own.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -105,39 +106,37 @@ class Scheduler:
                 list(self.paused.values()), self.running, self._under_pressure, out.swaps
             )
         self.running.sort(key=lambda s: (s.num_uncomputed_tokens > 1, *s.sort_key()))
-        held: Sequence | None = None  # the highest-priority runner waiting for its forks' room
+        held: list[Sequence] = []  # runners sitting the step out for their forks' room
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_uncomputed_tokens, budget)
-            step = None
-            if seq.chunk_plan is not None:
-                step = self._chunk_step(seq, budget, out)
-                if step is None:
-                    i += 1
-                    continue
-                n = step.advance
-            reserve = self._fork_reserve(seq, n)
-            if reserve and self._waits_for_forks(seq, n, reserve, out):
-                if held is None or seq.sort_key() < held.sort_key():
-                    held = seq
+            share = self._next_share(seq, budget, out)
+            if share is None:
                 i += 1
                 continue
-            if not self._make_room_for_tokens(seq, n, reserve, out):
+            n, step = share
+            reserve = self._fork_reserve(seq, n)
+            if reserve and self._waits_for_forks(seq, n, reserve, out):
+                held.append(seq)
+                i += 1
+                continue
+            cost = self._run_share(seq, n, step, reserve, out)
+            if cost is None:
                 continue  # seq itself was preempted; self.running shrank
-            i = self.running.index(seq)  # a victim before seq shifted it left
-            out.block_copies += self.block_manager.allocate_slots(seq, n)
-            if step is not None:
-                budget -= self._keep_chunk_step(seq, step, out)
-            else:
-                out.scheduled.append(ScheduledSeq(seq, n))
-                budget -= n
-            out.scheduled[-1].reserved = reserve
-            i += 1
+            budget -= cost
+            i = self.running.index(seq) + 1  # a victim before seq shifted it left
+        if held and not out.scheduled:
+            # A backstop: the hold never leaves a step empty (on which the engine fails the
+            # first queued request) while the runners it waits for did not run.
+            first = min(held, key=Sequence.sort_key)
+            held.remove(first)
+            budget -= self._run_held(first, budget, out)
+        held = [s for s in held if s.status is SequenceStatus.RUNNING]  # not preempted since
+        gate = min((s.sort_key() for s in held), default=None)
         k = 0
         while k < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[k]
-            if held is not None and seq.sort_key() > held.sort_key():
+            if gate is not None and seq.sort_key() > gate:
                 break  # it would take the room a higher-priority runner waits for
             if seq.swapped_tokens:
                 refund = self._swap_in(seq, budget, out)
@@ -181,6 +180,41 @@ class Scheduler:
                 budget -= n
             out.scheduled[-1].reserved = self._fork_reserve(seq, n)
         return out
+
+    def _next_share(
+        self, seq: Sequence, budget: int, out: SchedulerOutput
+    ) -> tuple[int, ChunkStep | None] | None:
+        """The running `seq`'s tokens this step within `budget`, and its chunk step if it
+        has a chunk plan; None when that plan has nothing to run in this step."""
+        if seq.chunk_plan is None:
+            return min(seq.num_uncomputed_tokens, budget), None
+        step = self._chunk_step(seq, budget, out)
+        return None if step is None else (step.advance, step)
+
+    def _run_share(
+        self, seq: Sequence, n: int, step: ChunkStep | None, reserve: int, out: SchedulerOutput
+    ) -> int | None:
+        """Schedule the running `seq`'s `n` tokens (and `reserve` blocks for its forks),
+        preempting for room as `_free_blocks` does; the budget it costs, or None when `seq`
+        itself was preempted."""
+        if not self._make_room_for_tokens(seq, n, reserve, out):
+            return None
+        out.block_copies += self.block_manager.allocate_slots(seq, n)
+        if step is not None:
+            cost = self._keep_chunk_step(seq, step, out)
+        else:
+            out.scheduled.append(ScheduledSeq(seq, n))
+            cost = n
+        out.scheduled[-1].reserved = reserve
+        return cost
+
+    def _run_held(self, seq: Sequence, budget: int, out: SchedulerOutput) -> int:
+        """Run a held `seq` after all, as if it had not waited; the budget it costs."""
+        share = self._next_share(seq, budget, out)
+        if share is None:
+            return 0
+        n, step = share
+        return self._run_share(seq, n, step, self._fork_reserve(seq, n), out) or 0
 
     def _chunk_step(self, seq: Sequence, budget: int, out: SchedulerOutput) -> ChunkStep | None:
         """`seq`'s next share of its chunk plan. A blend run (never split) may pass the
@@ -260,42 +294,47 @@ class Scheduler:
         self, seq: Sequence, n: int, reserve: int, out: SchedulerOutput
     ) -> bool:
         """Whether the running `seq`, whose `n` tokens this step complete a scored prompt,
-        sits the step out keeping its KV because only its forks' `reserve` blocks are short.
+        sits the step out keeping its KV because its forks' `reserve` blocks (its chunk's
+        too) are short and a runner that outranks it will give them back.
 
-        Preempting the runners it outranks would not make the room, so `_free_blocks`
-        would preempt `seq` itself and throw away every chunk it computed (a prompt
-        prefilled over several steps, a turn resumed with `choices`, whose room decodes
-        took since), only to compute them again. Waiting keeps them, and later admissions
-        it outranks wait too, so the runners ahead of it give the room back. Paused KV is
-        given up first, as `_free_blocks` would. When nothing else runs in the step it does
-        not wait: nothing would free the room, so it is preempted as before (and a request
-        that cannot fit then fails alone, `LLMEngine._fail_unschedulable`)."""
+        Then preempting the runners it outranks and giving up paused KV would not make the
+        room, so `_free_blocks` would preempt `seq` itself and throw away every chunk it
+        computed (a prompt prefilled over several steps, a turn resumed with `choices`,
+        whose room decodes took since), only to compute them again. Waiting keeps them,
+        touching no paused KV (freeing some would only hand it to lower-priority prefills),
+        and later admissions it outranks wait too. It never waits on what nothing would
+        give back: when no runner outranks it, or the room can be made, it goes on as
+        before (`_free_blocks`: the room is made, or it is preempted; a request that
+        cannot fit the pool then fails alone, `LLMEngine._fail_unschedulable`)."""
         bm = self.block_manager
         need = bm.blocks_needed(seq, n)
-
-        def short() -> bool:
-            return not bm.can_allocate(need + self._reserved(out, reserve))
-
-        if not out.scheduled or not short():
+        if bm.can_allocate(need + self._reserved(out, reserve)):
             return False
-        if not bm.can_allocate(need + self._reserved(out)):
-            return False  # its chunk itself is short, as a plain prefill's can be
-        self._relieve(out, short, for_running=True)
-        if not short():
+        key = seq.sort_key()
+        if not any(s.sort_key() < key for s in self.running):
             return False
-        outranked = [s for s in self.running if s.sort_key() > seq.sort_key()]
-        room = self._reclaimable(outranked, reserve, out)
-        return not bm.can_allocate(need + self._reserved(out, reserve) - room)
+        victims = [s for s in self.running if s.sort_key() > key]
+        if self.paused_kv.mode != "preserve":  # a running request may force it out
+            victims += [s for s in self.paused.values() if s.block_table]
+        return not self._room_without(victims, need, reserve, out)
 
-    def _reclaimable(self, victims: list[Sequence], reserve: int, out: SchedulerOutput) -> int:
-        """Blocks that preempting `victims` (runners, or paused requests' KV) would give
-        a request reserving `reserve` blocks for its forks: those only a victim holds (a
-        block only pins share with it is room too once it goes: pins yield), and the part of
-        the step's reservation that goes with the victims' own."""
+    def _room_without(
+        self, victims: list[Sequence], need: int, reserve: int, out: SchedulerOutput
+    ) -> bool:
+        """Whether `need` blocks and `reserve` for forks fit once `victims` (runners, or
+        paused requests' KV) let go of their blocks and their fork reservations. A block is
+        room when every holder but pins is a victim (pins yield): a prefix only victims
+        share counts, one a survivor reads does not."""
         bm = self.block_manager
-        blocks = sum(1 for s in victims for b in s.block_table if bm.held_by_one_sequence(b))
-        kept = max([reserve, *(i.reserved for i in out.scheduled if i.seq not in victims)])
-        return blocks + self._reserved(out, reserve) - kept
+        gone = set(victims)
+        kept = max([reserve, *(i.reserved for i in out.scheduled if i.seq not in gone)])
+        if bm.can_allocate(need + kept):
+            return True
+        if not bm.can_allocate(need + kept - sum(len(s.block_table) for s in victims)):
+            return False  # short even if every victim's block were room: nothing to count
+        refs = Counter(b for s in victims for b in s.block_table)
+        room = sum(1 for b, k in refs.items() if bm.sequence_refs(b) == k)
+        return bm.can_allocate(need + kept - room)
 
     def _reserved(self, out: SchedulerOutput, also: int = 0) -> int:
         """Blocks this step holds back for option forks, `also` (the forks of the request
@@ -331,34 +370,41 @@ class Scheduler:
         """Room for a waiting `seq`, preempting only runners it outranks, and only if that
         is enough. Returns (admitted, budget tokens handed back by preempted runners).
 
-        A scored prompt gets in only with room for all of it and its forks, though the
-        caller allocates only this step's `n`: one prefilled over several steps then waits
-        in the queue before computing anything rather than find the forks' room gone at
-        its last chunk. Room taken after that is `_waits_for_forks`'s case."""
+        A scored prompt gets in only if room for all of it and its forks can be had, though
+        only this step's `n` tokens are allocated, and runners are preempted only for those
+        (their blocks for later chunks would go to requests admitted after it): one
+        prefilled over several steps then waits in the queue before computing anything
+        rather than find the forks' room gone at its last chunk, and room taken after that
+        is `_waits_for_forks`'s case. Strict priority as for any request: while it waits, so
+        does every request queued behind it, a long scored prompt until the pool has room
+        for all of it and its forks."""
         bm = self.block_manager
-        if seq.fork_tokens:
-            n = seq.num_uncomputed_tokens
-        need = bm.blocks_needed(seq, n)
-        reserve = self._fork_reserve(seq, n)
+        need, reserve = bm.blocks_needed(seq, n), self._fork_reserve(seq, n)
+        whole, whole_reserve = need, reserve
+        if seq.fork_tokens and n < seq.num_uncomputed_tokens:
+            rest = seq.num_uncomputed_tokens
+            whole, whole_reserve = bm.blocks_needed(seq, rest), self._fork_reserve(seq, rest)
 
         def fits() -> bool:
             return bm.can_allocate(need + self._reserved(out, reserve))
 
-        if fits():
+        def fits_whole() -> bool:
+            return bm.can_allocate(whole + self._reserved(out, whole_reserve))
+
+        if fits_whole():
             return True, 0  # the common case: no victims to weigh
         idle = not self.running
         if self.paused_kv.mode == "adaptive" or idle:
             # Paused KV goes where the policy gives it up (what it preserves stays), or
             # wherever it must when nothing runs: an idle engine must not wait on it.
-            self._relieve(out, lambda: not fits(), idle=idle)
-            if fits():
+            self._relieve(out, lambda: not fits_whole(), idle=idle)
+            if fits_whole():
                 return True, 0
         outranked = [s for s in self.running if s.sort_key() > seq.sort_key()]
         paused = [s for s in self.paused.values() if s.block_table]
         if self.paused_kv.mode in ("preserve", "adaptive"):
             paused = []
-        reclaimable = self._reclaimable(outranked + paused, reserve, out)
-        if not bm.can_allocate(need + self._reserved(out, reserve) - reclaimable):
+        if not self._room_without(outranked + paused, whole, whole_reserve, out):
             return False, 0
         refund = 0
         while not fits():

@@ -16,7 +16,7 @@ from covey.llm_backend.pause_policy import PauseCosts, PausePolicy
 from covey.llm_backend.paused_kv import PausedKV
 from covey.llm_backend.sampling_params import SamplingParams
 from covey.llm_backend.scheduler import Scheduler, SchedulerConfig
-from covey.llm_backend.sequence import FinishReason, Sequence
+from covey.llm_backend.sequence import FinishReason, Sequence, SequenceStatus
 
 PROMPT = "Support ticket: my laptop screen flickers after the update.\nTeam:"
 _starts = itertools.count(10_000, 10_000)
@@ -518,3 +518,39 @@ def test_a_turn_resumed_from_host_memory_with_choices_reserves_its_forks(longest
     else:
         assert items == {"c": (1, 0), "a": (3, reserved)}
         assert [m.seq for m in out.swaps.into] == [a] and a.num_computed_tokens == 11
+
+
+def running(sched: Scheduler, seq: Sequence, computed: int) -> Sequence:
+    """Scheduler alone: put `seq` in `running` with `computed` tokens' KV, as if earlier
+    steps had computed them (a prefix-cache hit first, where one is cached)."""
+    bm = sched.block_manager
+    bm.match_prefix(seq)
+    bm.allocate_slots(seq, computed - seq.num_computed_tokens)
+    seq.num_computed_tokens = computed
+    bm.cache_full_blocks(seq)
+    seq.status = SequenceStatus.RUNNING
+    sched.running.append(seq)
+    return seq
+
+
+def test_a_scorer_short_of_its_forks_room_runs_when_it_outranks_every_runner():
+    """REVIEW-reserve HIGH 1, scheduler alone: prefix caching on, 7 blocks of 4 tokens, 16
+    tokens a step, one priority, arrival order s < r < d. d and r share a 2-block prefix
+    and hold a block each of their own; d decodes within its last block, r has 12 of its
+    24 tokens computed; the scored s has 8 of 10 computed, its last chunk needs a block and
+    its forks 3; 1 block is free. Nothing outranks s, so no runner would give the room back:
+    it preempts d and r (free 1, d's 1, r's 1 and their 2 shared blocks: 5 >= 4) and runs.
+    Holding it instead let r preempt d and then itself, an empty step with work waiting,
+    on which the engine fails the healthy r ("cannot be scheduled")."""
+    sched = Scheduler(SchedulerConfig(8, 16), BlockManager(7, 4))
+    s = running(sched, scored_seq("s", 10), 8)
+    prefix = list(range(1, 9))
+    r = running(sched, Sequence("r", prefix + list(range(100, 116)), SamplingParams()), 12)
+    d = running(sched, Sequence("d", prefix + [200, 201, 202], SamplingParams()), 10)
+    bm = sched.block_manager
+    assert bm.num_free_blocks == 1 and d.block_table[:2] == r.block_table[:2]
+    out = sched.schedule()
+    assert [(i.seq.request_id, i.num_new_tokens, i.reserved) for i in out.scheduled] == [
+        ("s", 2, 3)
+    ]
+    assert out.preempted == [d, r] and s.num_preemptions == 0

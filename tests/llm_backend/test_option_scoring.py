@@ -554,3 +554,108 @@ def test_a_scorer_short_of_its_forks_room_runs_when_it_outranks_every_runner():
         ("s", 2, 3)
     ]
     assert out.preempted == [d, r] and s.num_preemptions == 0
+
+
+def scheduled(out) -> list[tuple[str, int, int]]:
+    return [(i.seq.request_id, i.num_new_tokens, i.reserved) for i in out.scheduled]
+
+
+def test_a_prefix_only_outranked_runners_share_is_room_for_a_scorers_forks():
+    """REVIEW-reserve MEDIUM 2 (i), scheduler alone: prefix caching on, 8 blocks of 4
+    tokens. x (priority -1) decodes, so it outranks the scored s (8 of 10 computed: a block
+    for its last chunk, 3 for its forks); a and b (priority 1) decode on a 2-block prefix
+    they share and a block each. 1 block is free: with a's, b's and the prefix only they
+    read, 5 >= 4. s preempts them and runs; counting only blocks one sequence holds (3) held
+    s back until x finished, and lower-priority work could keep it waiting for ever."""
+    sched = Scheduler(SchedulerConfig(8, 16), BlockManager(8, 4))
+    running(sched, plain_seq("x", 4, priority=-1), 3)
+    s = running(sched, scored_seq("s", 10), 8)
+    prefix = list(range(1, 9))
+    a = running(sched, Sequence("a", prefix + [100, 101, 102], SamplingParams(), 1), 10)
+    b = running(sched, Sequence("b", prefix + [200, 201, 202], SamplingParams(), 1), 10)
+    assert sched.block_manager.num_free_blocks == 1 and a.block_table[:2] == b.block_table[:2]
+    out = sched.schedule()
+    assert scheduled(out) == [("x", 1, 0), ("s", 2, 3)]
+    assert out.preempted == [b, a] and s.num_preemptions == 0
+
+
+def test_a_scorer_nothing_outranks_frees_preserved_paused_kv_as_a_lone_runner():
+    """REVIEW-reserve MEDIUM 2 (ii), scheduler alone: a fixed preserve policy, 7 blocks of 4
+    tokens. The scored s (a block for its last chunk, 3 for its forks) outranks the one
+    other runner, d; a paused request keeps 3 blocks; 1 is free. Nothing would give s the
+    room back, so it goes on as a lone runner did before the hold: it preempts d, and then,
+    alone, the preserved KV goes too (d, recomputed, fits in the room left). It used to
+    wait while d (a tool loop, say) ran."""
+    bm = BlockManager(7, 4, enable_prefix_caching=False)
+    costs = PauseCosts(1e-3, 1e-3, 1e-9, 1e-3, 1e-9)
+    preserve = PausedKV(PausePolicy("preserve", costs), bm, 1, 64)
+    sched = Scheduler(SchedulerConfig(8, 16), bm, None, preserve)
+    s = running(sched, scored_seq("s", 10), 8)
+    p = running(sched, plain_seq("p", 13), 12)
+    sched.pause(p)
+    d = running(sched, plain_seq("d", 3, priority=1), 2)
+    assert bm.num_free_blocks == 1 and len(p.block_table) == 3
+    out = sched.schedule()
+    assert scheduled(out) == [("s", 2, 3), ("d", 3, 0)]
+    assert out.preempted == [d] and not p.block_table and s.num_preemptions == 0
+
+
+def test_a_held_scorer_leaves_paused_kv_alone_and_lets_only_higher_priority_requests_in():
+    """REVIEW-reserve MEDIUM 3 and LOW 8, scheduler alone: paused KV given up when room
+    runs short (no policy), 7 blocks of 4 tokens. x (priority -1) decodes on 2 blocks; the
+    scored s needs a block for its last chunk and 3 for its forks; a paused request holds 1
+    block; 2 are free. Even with the paused block s would be short (3 < 4), so it waits for
+    x keeping its KV, and the paused request keeps its own: freeing it would hand its room
+    to others, not to s. A higher-priority arrival gets in; a lower-priority one waits."""
+    bm = BlockManager(7, 4, enable_prefix_caching=False)
+    sched = Scheduler(SchedulerConfig(8, 16), bm)
+    x = running(sched, plain_seq("x", 7, priority=-1), 6)
+    s = running(sched, scored_seq("s", 10), 8)
+    p = running(sched, plain_seq("p", 4), 3)
+    sched.pause(p)
+    assert bm.num_free_blocks == 2
+    h, low = plain_seq("h", 3, priority=-2), plain_seq("low", 2, priority=1)
+    sched.add(h)
+    sched.add(low)
+    out = sched.schedule()
+    assert scheduled(out) == [("x", 1, 0), ("h", 3, 0)]
+    assert len(p.block_table) == 1 and p.discarded_tokens == 0
+    assert s.num_computed_tokens == 8 and sched.running == [x, s, h] and sched.waiting == [low]
+    x.num_computed_tokens += 1
+    h.num_computed_tokens += 3
+    sched.finish(x, FinishReason.LENGTH)
+    sched.finish(h, FinishReason.LENGTH)
+    out = sched.schedule()  # x's 2 blocks and h's 1 back: 5 free
+    assert scheduled(out) == [("s", 2, 3), ("low", 2, 0)] and s.num_preemptions == 0
+
+
+def test_a_scored_prompt_is_admitted_preempting_only_for_the_chunk_it_runs():
+    """REVIEW-reserve LOW 4, scheduler alone: 4 tokens a step, 8 blocks of 4 tokens. The
+    scored w (10 tokens: 3 blocks, its forks 3 more) gets in only because preempting the
+    lower-priority l (3 blocks) could make room for all of it; but its first chunk takes 1
+    of the 5 free blocks, so l goes on. It used to be preempted for blocks of w's later
+    chunks, which the step left for later admissions."""
+    sched = Scheduler(SchedulerConfig(8, 4), BlockManager(8, 4, enable_prefix_caching=False))
+    low = running(sched, plain_seq("l", 11, priority=1), 10)
+    w = scored_seq("w", 10)
+    sched.add(w)
+    out = sched.schedule()
+    assert scheduled(out) == [("l", 1, 0), ("w", 3, 0)] and out.preempted == []
+    assert low.num_preemptions == 0
+
+
+def test_a_scorers_one_token_last_chunk_waits_for_a_higher_priority_prefill():
+    """REVIEW-reserve LOW 7, scheduler alone: 6 blocks of 4 tokens. The scored s has one
+    token left (sorted with the decodes, so it comes first in the step): a block for it
+    and 3 for its forks, with 3 free. The higher-priority x prefills later in the step and
+    will give the room back, so s waits with its KV; it used to preempt itself, as though
+    nothing else ran, and compute its prompt again."""
+    sched = Scheduler(SchedulerConfig(8, 16), BlockManager(6, 4, enable_prefix_caching=False))
+    s = running(sched, scored_seq("s", 9), 8)
+    x = running(sched, plain_seq("x", 8, priority=-1), 4)
+    out = sched.schedule()
+    assert scheduled(out) == [("x", 4, 0)] and out.preempted == []
+    assert s.num_computed_tokens == 8 and s.num_preemptions == 0
+    x.num_computed_tokens += 4
+    sched.finish(x, FinishReason.LENGTH)
+    assert scheduled(sched.schedule()) == [("s", 1, 3)]

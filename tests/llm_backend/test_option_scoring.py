@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 
 import pytest
 import torch
@@ -659,3 +660,53 @@ def test_a_scorers_one_token_last_chunk_waits_for_a_higher_priority_prefill():
     x.num_computed_tokens += 4
     sched.finish(x, FinishReason.LENGTH)
     assert scheduled(sched.schedule()) == [("s", 1, 3)]
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_random_scored_and_plain_traffic_never_stalls_a_step_and_keeps_the_forks_room(seed):
+    """Scheduler alone, random traffic on a 9-block pool of 4-token blocks (prefix caching
+    on, two shared prefixes, three priorities, 2 to 16 tokens a step), every request small
+    enough to run alone: plain ones decode a few tokens, scored ones end at their prompt.
+    A scorer waits for its forks' room in about one trial in eight. Every step with work
+    schedules something (an empty one makes the engine fail the first queued request,
+    REVIEW-reserve HIGH 1), a step completing a scored prompt leaves room for its forks
+    after its allocations, and all the traffic finishes."""
+    rng = random.Random(seed)
+    for _ in range(100):
+        sched = Scheduler(SchedulerConfig(6, rng.randint(2, 16)), BlockManager(9, 4))
+        prefixes = [list(range(k * 100, k * 100 + 8)) for k in (1, 2)]
+        left: dict[int, int] = {}  # plain request -> tokens still to decode
+        arrivals = 12
+        for _ in range(400):
+            if arrivals and rng.random() < 0.5:
+                arrivals -= 1
+                n = rng.randint(3, 16)
+                head = rng.choice(prefixes)[: rng.randint(0, 8)]
+                priority = rng.randint(0, 2)
+                if rng.random() < 0.4:
+                    seq = scored_seq("s", n, priority, longest=rng.randint(2, 9))
+                else:
+                    seq = plain_seq("p", n, priority)
+                    left[seq.seq_id] = rng.randint(1, 8)
+                seq.token_ids[: len(head)] = head
+                sched.add(seq)
+            if not (sched.waiting or sched.running):
+                continue
+            out = sched.schedule()
+            assert out.scheduled, (seed, sched.waiting, sched.running)
+            bm = sched.block_manager
+            assert bm.can_allocate(max(i.reserved for i in out.scheduled))
+            for item in out.scheduled:
+                seq = item.seq
+                seq.num_computed_tokens += item.num_new_tokens
+                bm.cache_full_blocks(seq)
+                if seq.num_computed_tokens < len(seq):
+                    continue
+                if seq.option_scorer is not None:
+                    sched.finish(seq, FinishReason.STOP)  # scored on its forks' room
+                elif left[seq.seq_id] == 1:
+                    sched.finish(seq, FinishReason.LENGTH)
+                else:
+                    left[seq.seq_id] -= 1
+                    seq.token_ids.append(7)
+        assert not (sched.waiting or sched.running or arrivals)

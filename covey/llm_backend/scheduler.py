@@ -125,13 +125,17 @@ class Scheduler:
                 continue  # seq itself was preempted; self.running shrank
             budget -= cost
             i = self.running.index(seq) + 1  # a victim before seq shifted it left
+        # A held scorer that a runner later in the loop preempted is back in the queue
+        # with no blocks: neither held nor the backstop's to run (it would run from there).
+        held = [s for s in held if s.status is SequenceStatus.RUNNING]
         if held and not out.scheduled:
-            # A backstop: the hold never leaves a step empty (on which the engine fails the
-            # first queued request) while the runners it waits for did not run.
+            # A safety net, not reached by any known case: a runner that outranks a held
+            # scorer still running runs too (preemption takes the scorer first), so the
+            # step is empty only if that runner had no share at all. Then the hold must
+            # not leave the step empty, on which the engine fails the first queued request.
             first = min(held, key=Sequence.sort_key)
             held.remove(first)
             budget -= self._run_held(first, budget, out)
-        held = [s for s in held if s.status is SequenceStatus.RUNNING]  # not preempted since
         gate = min((s.sort_key() for s in held), default=None)
         k = 0
         while k < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -210,6 +214,7 @@ class Scheduler:
 
     def _run_held(self, seq: Sequence, budget: int, out: SchedulerOutput) -> int:
         """Run a held `seq` after all, as if it had not waited; the budget it costs."""
+        assert seq in self.running, "only a held runner still running may run"
         share = self._next_share(seq, budget, out)
         if share is None:
             return 0

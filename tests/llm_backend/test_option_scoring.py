@@ -662,6 +662,33 @@ def test_a_scorers_one_token_last_chunk_waits_for_a_higher_priority_prefill():
     assert scheduled(sched.schedule()) == [("s", 1, 3)]
 
 
+@pytest.mark.parametrize("prompt_len", [9, 17], ids=["room-left", "pool-short"])
+def test_a_held_scorer_preempted_later_in_the_step_is_not_run_by_the_backstop(prompt_len):
+    """REVIEW-reserve2 HIGH 1, scheduler alone: 8 blocks of 4 tokens, no prefix caching.
+    The scored s (one token left, its forks 4 blocks) is short of room and held, since the
+    higher-priority v prefills later in the step; but v (40 tokens: more than the pool, the
+    case `LLMEngine._fail_unschedulable` exists for) preempts s, t and itself. The step is
+    then empty, every request queued with no blocks, and the engine fails v alone; t and s
+    go on. The backstop used to run s all the same, from the queue: scheduled while
+    WAITING (its blocks then held by a queued request, re-admitted for 0 tokens every
+    step) or, with the pool short, `max()` of no runners raising out of `schedule()`."""
+    bm = BlockManager(8, 4, enable_prefix_caching=False)
+    sched = Scheduler(SchedulerConfig(8, 64), bm)
+    t = running(sched, plain_seq("t", 4, priority=-1), 3)
+    s = running(sched, scored_seq("s", prompt_len, longest=14), prompt_len - 1)
+    v = running(sched, plain_seq("v", 40, priority=-2), 4)
+    out = sched.schedule()
+    assert out.scheduled == [] and out.preempted == [s, t, v]
+    assert sched.running == [] and sched.waiting == [v, t, s]
+    assert all(x.status is SequenceStatus.WAITING and not x.block_table for x in (s, t, v))
+    assert bm.num_free_blocks == 8 and s.num_preemptions == 1
+    sched.finish(v, FinishReason.ERROR)  # what LLMEngine._fail_unschedulable does
+    items = scheduled(sched.schedule())
+    assert items[0] == ("t", 4, 0)
+    if prompt_len == 9:  # 3 blocks and its forks' 4 beside t's 1
+        assert items == [("t", 4, 0), ("s", 9, 4)]
+
+
 @pytest.mark.parametrize("seed", range(2))
 def test_random_scored_and_plain_traffic_never_stalls_a_step_and_keeps_the_forks_room(seed):
     """Scheduler alone, random traffic on a 9-block pool of 4-token blocks (prefix caching

@@ -14,7 +14,7 @@ def make(num_blocks=64, block_size=4, max_seqs=8, budget=64) -> Scheduler:
     return Scheduler(SchedulerConfig(max_seqs, budget), BlockManager(num_blocks, block_size))
 
 
-_starts = itertools.count(1, 10_000)
+_starts = itertools.count(10_000, 10_000)  # clear of the literal prefixes below
 
 
 def seq(n: int, priority: int = 0, name: str = "r") -> Sequence:
@@ -220,7 +220,7 @@ def test_a_prefix_only_outranked_runners_share_is_room_to_admit():
     run_step(sched)  # b waits for the prefix a computes
     run_step(sched)  # b hits it: 2 shared blocks and one each, 3 free
     assert sched.block_manager.num_free_blocks == 3 and a.block_table[:2] == b.block_table[:2]
-    high = seq(24, priority=0, name="high")
+    high = Sequence("high", list(range(700_000, 700_024)), SamplingParams())  # no prefix hit
     sched.add(high)
     assert run_step(sched) == ["high"] and sched.waiting == [a, b]
-    assert a.num_preemptions == b.num_preemptions == 1
+    assert high.num_cached_tokens == 0 and a.num_preemptions == b.num_preemptions == 1

@@ -319,9 +319,18 @@ class Scheduler:
         if not any(s.sort_key() < key for s in self.running):
             return False
         victims = [s for s in self.running if s.sort_key() > key]
-        if self.paused_kv.mode != "preserve":  # a running request may force it out
-            victims += [s for s in self.paused.values() if s.block_table]
-        return not self._room_without(victims, need, reserve, out)
+        return not self._room_without(victims + self._paused_giving(seq), need, reserve, out)
+
+    def _paused_giving(self, seq: Sequence) -> list[Sequence]:
+        """Paused requests whose KV `_free_blocks` would free for `seq` at its prompt's
+        last chunk: every one holding KV when no runner outranks `seq` (preempting the
+        others leaves it alone, and a lone runner frees paused KV under any policy), else
+        those a running request may force out (all but a fixed preserve policy's)."""
+        holding = [s for s in self.paused.values() if s.block_table]
+        if self.paused_kv.mode != "preserve":
+            return holding
+        key = seq.sort_key()
+        return [] if any(s.sort_key() < key for s in self.running) else holding
 
     def _room_without(
         self, victims: list[Sequence], need: int, reserve: int, out: SchedulerOutput
@@ -386,7 +395,8 @@ class Scheduler:
         bm = self.block_manager
         need, reserve = bm.blocks_needed(seq, n), self._fork_reserve(seq, n)
         whole, whole_reserve = need, reserve
-        if seq.fork_tokens and n < seq.num_uncomputed_tokens:
+        later = bool(seq.fork_tokens) and n < seq.num_uncomputed_tokens  # its last chunk
+        if later:
             rest = seq.num_uncomputed_tokens
             whole, whole_reserve = bm.blocks_needed(seq, rest), self._fork_reserve(seq, rest)
 
@@ -406,10 +416,13 @@ class Scheduler:
             if fits_whole():
                 return True, 0
         outranked = [s for s in self.running if s.sort_key() > seq.sort_key()]
-        paused = [s for s in self.paused.values() if s.block_table]
+        paused = [s for s in self.paused.values() if s.block_table]  # what admission frees
         if self.paused_kv.mode in ("preserve", "adaptive"):
             paused = []
-        if not self._room_without(outranked + paused, whole, whole_reserve, out):
+        # A scored prompt whose last chunk comes in a later step gets its forks' room
+        # there, from the paused KV the running path frees (`_paused_giving`).
+        giving = self._paused_giving(seq) if later else paused
+        if not self._room_without(outranked + giving, whole, whole_reserve, out):
             return False, 0
         refund = 0
         while not fits():

@@ -689,6 +689,43 @@ def test_a_held_scorer_preempted_later_in_the_step_is_not_run_by_the_backstop(pr
         assert items == [("t", 4, 0), ("s", 9, 4)]
 
 
+@pytest.mark.parametrize("mode", ["preserve", "adaptive"])
+def test_a_scored_prompt_is_admitted_past_agents_that_take_turns_keeping_their_kv(mode):
+    """REVIEW-reserve2 MEDIUM 1, scheduler alone: 9 blocks of 4 tokens, 4 tokens a step.
+    Two lower-priority agents hold 3 blocks each and take turns: one decodes while the
+    other is paused for a tool call keeping its KV, then they swap. The scored s (13
+    tokens: 4 blocks, its forks 3 more) outranks them both. Nothing would outrank it at
+    its last chunk, where preempting the runner leaves it alone and a lone runner frees
+    paused KV under any policy: so that KV is room, it is admitted at once and completes
+    its prompt in 4 steps with its forks' room held. It used to wait, paused KV counted as
+    room only when nothing ran, until the agents' own growth forced the room (10 steps
+    here, no bound with more agents), and every lower-priority request behind it too."""
+    bm = BlockManager(9, 4, enable_prefix_caching=False)
+    costs = PauseCosts(1e-3, 1e-3, 1e-9, 1e-3, 1e-9)
+    paused = PausedKV(PausePolicy(mode, costs), bm, 1, 64)
+    sched = Scheduler(SchedulerConfig(8, 4), bm, None, paused)
+    a = running(sched, plain_seq("a", 12, priority=1), 11)
+    b = running(sched, plain_seq("b", 12, priority=1), 11)
+    sched.pause(b)
+    s = scored_seq("s", 13)
+    sched.add(s)
+    steps = []
+    for _ in range(4):
+        out = sched.schedule()
+        steps.append([i for i in scheduled(out) if i[0] == "s"])
+        for item in out.scheduled:
+            item.seq.num_computed_tokens += item.num_new_tokens
+        for x, y in ((a, b), (b, a)):  # the agent that ran calls a tool; the other resumes
+            if x.status is SequenceStatus.RUNNING and x.num_computed_tokens == len(x):
+                if y.status is SequenceStatus.PAUSED:
+                    sched.pause(x)
+                    y.token_ids.append(9)
+                    sched.resume(y)
+                    break
+    assert steps == [[("s", 3, 0)], [("s", 4, 0)], [("s", 4, 0)], [("s", 2, 3)]]
+    assert s.num_computed_tokens == len(s) and s.num_preemptions == 0
+
+
 @pytest.mark.parametrize("seed", range(2))
 def test_random_scored_and_plain_traffic_never_stalls_a_step_and_keeps_the_forks_room(seed):
     """Scheduler alone, random traffic on a 9-block pool of 4-token blocks (prefix caching

@@ -408,6 +408,14 @@ class Scheduler:
 
         if fits_whole():
             return True, 0  # the common case: no victims to weigh
+        outranked = [s for s in self.running if s.sort_key() > seq.sort_key()]
+        # A scored prompt whose last chunk comes in a later step gets its forks' room
+        # there, from the paused KV the running path frees (`_paused_giving`): decided
+        # before any paused KV is given up toward it, which a refusal would waste.
+        if later and not self._room_without(
+            outranked + self._paused_giving(seq), whole, whole_reserve, out
+        ):
+            return False, 0
         idle = not self.running
         if self.paused_kv.mode == "adaptive" or idle:
             # Paused KV goes where the policy gives it up (what it preserves stays), or
@@ -415,14 +423,10 @@ class Scheduler:
             self._relieve(out, lambda: not fits_whole(), idle=idle)
             if fits_whole():
                 return True, 0
-        outranked = [s for s in self.running if s.sort_key() > seq.sort_key()]
         paused = [s for s in self.paused.values() if s.block_table]  # what admission frees
         if self.paused_kv.mode in ("preserve", "adaptive"):
             paused = []
-        # A scored prompt whose last chunk comes in a later step gets its forks' room
-        # there, from the paused KV the running path frees (`_paused_giving`).
-        giving = self._paused_giving(seq) if later else paused
-        if not self._room_without(outranked + giving, whole, whole_reserve, out):
+        if not later and not self._room_without(outranked + paused, whole, whole_reserve, out):
             return False, 0
         refund = 0
         while not fits():

@@ -726,6 +726,32 @@ def test_a_scored_prompt_is_admitted_past_agents_that_take_turns_keeping_their_k
     assert s.num_computed_tokens == len(s) and s.num_preemptions == 0
 
 
+def test_a_scored_prompt_that_cannot_get_its_room_leaves_adaptive_paused_kv_alone():
+    """REVIEW-reserve2 LOW 3, scheduler alone: an adaptive policy that gives paused KV up
+    under pressure, 9 blocks of 4 tokens, 4 tokens a step. x (priority -1) decodes on 4
+    blocks; a paused request keeps 2; 3 are free. The scored s (13 tokens: 4 blocks, its
+    forks 3 more) would be short even with the paused KV (3 + 2 < 7), so it waits, and
+    the paused request keeps its KV: the room is decided before any is given up. It used
+    to be given up toward s's whole prompt first, for nothing. Once x is done s gets in
+    with the paused KV still kept."""
+    bm = BlockManager(9, 4, enable_prefix_caching=False)
+    costs = PauseCosts(1e-3, 1e-3, 1e-9, 1e-3, 1e-9)
+    adaptive = PausedKV(PausePolicy("adaptive", costs), bm, 1, 64)
+    sched = Scheduler(SchedulerConfig(8, 4), bm, None, adaptive)
+    x = running(sched, plain_seq("x", 16, priority=-1), 15)
+    p = running(sched, plain_seq("p", 8), 7)
+    sched.pause(p)
+    s = scored_seq("s", 13)
+    sched.add(s)
+    assert bm.num_free_blocks == 3
+    out = sched.schedule()
+    assert scheduled(out) == [("x", 1, 0)] and sched.waiting == [s]
+    assert len(p.block_table) == 2 and not out.swaps.out and p.discarded_tokens == 0
+    x.num_computed_tokens += 1
+    sched.finish(x, FinishReason.LENGTH)  # its 4 blocks back: 7, all s needs
+    assert scheduled(sched.schedule()) == [("s", 4, 0)] and len(p.block_table) == 2
+
+
 @pytest.mark.parametrize("mode", [None, "preserve", "adaptive", "swap"])
 def test_random_scored_and_plain_traffic_never_stalls_a_step_and_keeps_the_forks_room(
     mode, monkeypatch

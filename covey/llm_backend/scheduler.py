@@ -326,11 +326,20 @@ class Scheduler:
         last chunk: every one holding KV when no runner outranks `seq` (preempting the
         others leaves it alone, and a lone runner frees paused KV under any policy), else
         those a running request may force out (all but a fixed preserve policy's)."""
-        holding = [s for s in self.paused.values() if s.block_table]
+        holding = self._paused_holding()
         if self.paused_kv.mode != "preserve":
             return holding
         key = seq.sort_key()
         return [] if any(s.sort_key() < key for s in self.running) else holding
+
+    def _paused_holding(self) -> list[Sequence]:
+        """Paused requests whose KV relief can free. The adaptive and swap policies skip
+        one whose blocks are all shared (freeing it alone makes no room), so blocks it
+        shares only with other paused requests would never go: it is left out."""
+        holding = [s for s in self.paused.values() if s.block_table]
+        if self.paused_kv.mode in ("adaptive", "swap"):
+            holding = [s for s in holding if self.paused_kv.freeable_blocks(s)]
+        return holding
 
     def _room_without(
         self, victims: list[Sequence], need: int, reserve: int, out: SchedulerOutput
@@ -423,7 +432,7 @@ class Scheduler:
             self._relieve(out, lambda: not fits_whole(), idle=idle)
             if fits_whole():
                 return True, 0
-        paused = [s for s in self.paused.values() if s.block_table]  # what admission frees
+        paused = self._paused_holding()  # what admission frees
         if self.paused_kv.mode in ("preserve", "adaptive"):
             paused = []
         if not later and not self._room_without(outranked + paused, whole, whole_reserve, out):

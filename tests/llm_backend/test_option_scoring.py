@@ -752,6 +752,36 @@ def test_a_scored_prompt_that_cannot_get_its_room_leaves_adaptive_paused_kv_alon
     assert scheduled(sched.schedule()) == [("s", 4, 0)] and len(p.block_table) == 2
 
 
+def test_paused_kv_no_relief_frees_is_not_room_for_a_scorers_forks():
+    """REVIEW-reserve2 LOW 2, scheduler alone: an adaptive policy, prefix caching on, 8
+    blocks of 4 tokens. x (priority -1) decodes, so it outranks the scored s (a block for
+    its last token, 3 for its forks); two paused requests hold the same 2 cached blocks
+    and nothing of their own; 3 blocks are free. The policy's relief skips a paused
+    request whose blocks are all shared (freeing it alone makes no room), so those 2 are
+    not room: s waits for x keeping its KV, and the paused requests keep theirs. Counting
+    them had s go on, find the relief free nothing, and preempt itself."""
+    bm = BlockManager(8, 4)
+    costs = PauseCosts(1e-3, 1e-3, 1e-9, 1e-3, 1e-9)
+    adaptive = PausedKV(PausePolicy("adaptive", costs), bm, 1, 64)
+    sched = Scheduler(SchedulerConfig(8, 16), bm, None, adaptive)
+    x = running(sched, plain_seq("x", 4, priority=-1), 3)
+    s = running(sched, scored_seq("s", 9), 8)
+    context = list(range(500, 508))
+    a = running(sched, Sequence("a", [*context, 1], SamplingParams()), 8)
+    b = running(sched, Sequence("b", [*context, 2], SamplingParams()), 8)
+    sched.pause(a)
+    sched.pause(b)
+    assert a.block_table == b.block_table and len(a.block_table) == 2
+    assert bm.num_free_blocks == 3
+    out = sched.schedule()
+    assert scheduled(out) == [("x", 1, 0)] and out.preempted == []
+    assert s.num_computed_tokens == 8 and s.status is SequenceStatus.RUNNING
+    assert len(a.block_table) == len(b.block_table) == 2
+    x.num_computed_tokens += 1
+    sched.finish(x, FinishReason.LENGTH)
+    assert scheduled(sched.schedule()) == [("s", 1, 3)] and s.num_preemptions == 0
+
+
 @pytest.mark.parametrize("mode", [None, "preserve", "adaptive", "swap"])
 def test_random_scored_and_plain_traffic_never_stalls_a_step_and_keeps_the_forks_room(
     mode, monkeypatch

@@ -323,9 +323,9 @@ class Scheduler:
 
     def _paused_giving(self, seq: Sequence) -> list[Sequence]:
         """Paused requests whose KV `_free_blocks` would free for `seq` at its prompt's
-        last chunk: every one holding KV when no runner outranks `seq` (preempting the
-        others leaves it alone, and a lone runner frees paused KV under any policy), else
-        those a running request may force out (all but a fixed preserve policy's)."""
+        last chunk: all `_paused_holding` names when no runner outranks `seq` (preempting
+        the others leaves it alone, and a lone runner frees paused KV under any policy),
+        else those a running request may force out (all but a fixed preserve policy's)."""
         holding = self._paused_holding()
         if self.paused_kv.mode != "preserve":
             return holding

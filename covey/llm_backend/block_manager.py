@@ -167,7 +167,12 @@ class BlockManager:
     def held_by_one_sequence(self, block: int) -> bool:
         """Whether one sequence is all that holds `block` besides pins: freeing that
         sequence makes the block room, since pins yield."""
-        return self.ref_counts[block] - self._pin_counts.get(block, 0) == 1
+        return self.sequence_refs(block) == 1
+
+    def sequence_refs(self, block: int) -> int:
+        """References to `block` other than pins': once that many holders let it go it is
+        room, since pins yield (a block shared by requests that all go is room too)."""
+        return self.ref_counts[block] - self._pin_counts.get(block, 0)
 
     @property
     def pinned(self) -> dict[str, int]:

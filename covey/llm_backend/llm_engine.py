@@ -728,12 +728,11 @@ class LLMEngine:
         end the turn with it as the output (finished, or paused with `pause_at_end`).
 
         The scheduler held the forks' blocks back with the step that completed the prompt
-        (Scheduler._fork_reserve). Should they still be short (a prompt prefilled over
-        several steps, a failed fork's cleanup), `Scheduler.free_blocks_for` is the
-        fallback: the lowest-priority requests are preempted, newest first, as for a
-        decode that cannot grow. None (no output this step) when that is
-        `seq` itself, or when another request's scoring in this step preempted it: it
-        recomputes its prompt and is scored then."""
+        (Scheduler._fork_reserve). Should they still be short (a failed fork's cleanup),
+        `Scheduler.free_blocks_for` is the fallback: the lowest-priority requests are
+        preempted, newest first, as for a decode that cannot grow. None (no output this
+        step) when that is `seq` itself, or when another request's scoring in this step
+        preempted it: it recomputes its prompt and is scored then."""
         scorer = seq.option_scorer
         assert scorer is not None
         if seq.status is not SequenceStatus.RUNNING:

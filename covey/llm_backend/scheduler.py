@@ -10,6 +10,7 @@ Plain Python with no torch, so it is tested on its own.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -105,32 +106,42 @@ class Scheduler:
                 list(self.paused.values()), self.running, self._under_pressure, out.swaps
             )
         self.running.sort(key=lambda s: (s.num_uncomputed_tokens > 1, *s.sort_key()))
+        held: list[Sequence] = []  # runners sitting the step out for their forks' room
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_uncomputed_tokens, budget)
-            step = None
-            if seq.chunk_plan is not None:
-                step = self._chunk_step(seq, budget, out)
-                if step is None:
-                    i += 1
-                    continue
-                n = step.advance
+            share = self._next_share(seq, budget, out)
+            if share is None:
+                i += 1
+                continue
+            n, step = share
             reserve = self._fork_reserve(seq, n)
-            if not self._make_room_for_tokens(seq, n, reserve, out):
+            if reserve and self._waits_for_forks(seq, n, reserve, out):
+                held.append(seq)
+                i += 1
+                continue
+            cost = self._run_share(seq, n, step, reserve, out)
+            if cost is None:
                 continue  # seq itself was preempted; self.running shrank
-            i = self.running.index(seq)  # a victim before seq shifted it left
-            out.block_copies += self.block_manager.allocate_slots(seq, n)
-            if step is not None:
-                budget -= self._keep_chunk_step(seq, step, out)
-            else:
-                out.scheduled.append(ScheduledSeq(seq, n))
-                budget -= n
-            out.scheduled[-1].reserved = reserve
-            i += 1
+            budget -= cost
+            i = self.running.index(seq) + 1  # a victim before seq shifted it left
+        # A held scorer that a runner later in the loop preempted is back in the queue
+        # with no blocks: neither held nor the backstop's to run (it would run from there).
+        held = [s for s in held if s.status is SequenceStatus.RUNNING]
+        if held and not out.scheduled:
+            # A safety net, not reached by any known case: a runner that outranks a held
+            # scorer still running runs too (preemption takes the scorer first), so the
+            # step is empty only if that runner had no share at all. Then the hold must
+            # not leave the step empty, on which the engine fails the first queued request.
+            first = min(held, key=Sequence.sort_key)
+            held.remove(first)
+            budget -= self._run_held(first, budget, out)
+        gate = min((s.sort_key() for s in held), default=None)
         k = 0
         while k < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[k]
+            if gate is not None and seq.sort_key() > gate:
+                break  # it would take the room a higher-priority runner waits for
             if seq.swapped_tokens:
                 refund = self._swap_in(seq, budget, out)
                 if refund is None:
@@ -173,6 +184,42 @@ class Scheduler:
                 budget -= n
             out.scheduled[-1].reserved = self._fork_reserve(seq, n)
         return out
+
+    def _next_share(
+        self, seq: Sequence, budget: int, out: SchedulerOutput
+    ) -> tuple[int, ChunkStep | None] | None:
+        """The running `seq`'s tokens this step within `budget`, and its chunk step if it
+        has a chunk plan; None when that plan has nothing to run in this step."""
+        if seq.chunk_plan is None:
+            return min(seq.num_uncomputed_tokens, budget), None
+        step = self._chunk_step(seq, budget, out)
+        return None if step is None else (step.advance, step)
+
+    def _run_share(
+        self, seq: Sequence, n: int, step: ChunkStep | None, reserve: int, out: SchedulerOutput
+    ) -> int | None:
+        """Schedule the running `seq`'s `n` tokens (and `reserve` blocks for its forks),
+        preempting for room as `_free_blocks` does; the budget it costs, or None when `seq`
+        itself was preempted."""
+        if not self._make_room_for_tokens(seq, n, reserve, out):
+            return None
+        out.block_copies += self.block_manager.allocate_slots(seq, n)
+        if step is not None:
+            cost = self._keep_chunk_step(seq, step, out)
+        else:
+            out.scheduled.append(ScheduledSeq(seq, n))
+            cost = n
+        out.scheduled[-1].reserved = reserve
+        return cost
+
+    def _run_held(self, seq: Sequence, budget: int, out: SchedulerOutput) -> int:
+        """Run a held `seq` after all, as if it had not waited; the budget it costs."""
+        assert seq in self.running, "only a held runner still running may run"
+        share = self._next_share(seq, budget, out)
+        if share is None:
+            return 0
+        n, step = share
+        return self._run_share(seq, n, step, self._fork_reserve(seq, n), out) or 0
 
     def _chunk_step(self, seq: Sequence, budget: int, out: SchedulerOutput) -> ChunkStep | None:
         """`seq`'s next share of its chunk plan. A blend run (never split) may pass the
@@ -236,18 +283,81 @@ class Scheduler:
     def _fork_reserve(self, seq: Sequence, n: int) -> int:
         """The blocks `seq`'s option forks take when this step's `n` tokens complete its
         prompt (0 otherwise). Asking for them with the prompt's last chunk makes a request
-        whose forks do not fit wait in the queue, as a decode that cannot grow does,
-        instead of being admitted, prefilled and preempted by its own scoring every step.
-        A prompt prefilled over several steps asks only with its last chunk: its earlier
-        chunks were admitted without the forks' room, so when that room is gone then, the
-        engine's fallback (`free_blocks_for`) may preempt it after all; admitting long
-        scored prompts with their forks' room up front is not done yet."""
+        whose forks do not fit wait, as a decode that cannot grow does, instead of being
+        admitted, prefilled and preempted by its own scoring every step: in the queue when
+        the room is short at admission (`_admit` asks for the whole prompt and its forks),
+        or still running with its KV kept when it is short at the last chunk of a prompt
+        prefilled over several steps or of a resumed turn (`_waits_for_forks`)."""
         if not seq.fork_tokens:
             return 0
         end = seq.num_computed_tokens + n
         if end < len(seq):
             return 0
         return self.block_manager.fork_blocks_needed(seq, seq.fork_tokens, end)
+
+    def _waits_for_forks(
+        self, seq: Sequence, n: int, reserve: int, out: SchedulerOutput
+    ) -> bool:
+        """Whether the running `seq`, whose `n` tokens this step complete a scored prompt,
+        sits the step out keeping its KV because its forks' `reserve` blocks (its chunk's
+        too) are short and a runner that outranks it will give them back.
+
+        Then preempting the runners it outranks and giving up paused KV would not make the
+        room, so `_free_blocks` would preempt `seq` itself and throw away every chunk it
+        computed (a prompt prefilled over several steps, a turn resumed with `choices`,
+        whose room decodes took since), only to compute them again. Waiting keeps them,
+        touching no paused KV (freeing some would only hand it to lower-priority prefills),
+        and later admissions it outranks wait too. It never waits on what nothing would
+        give back: when no runner outranks it, or the room can be made, it goes on as
+        before (`_free_blocks`: the room is made, or it is preempted; a request that
+        cannot fit the pool then fails alone, `LLMEngine._fail_unschedulable`)."""
+        bm = self.block_manager
+        need = bm.blocks_needed(seq, n)
+        if bm.can_allocate(need + self._reserved(out, reserve)):
+            return False
+        key = seq.sort_key()
+        if not any(s.sort_key() < key for s in self.running):
+            return False
+        victims = [s for s in self.running if s.sort_key() > key]
+        return not self._room_without(victims + self._paused_giving(seq), need, reserve, out)
+
+    def _paused_giving(self, seq: Sequence) -> list[Sequence]:
+        """Paused requests whose KV `_free_blocks` would free for `seq` at its prompt's
+        last chunk: all `_paused_holding` names when no runner outranks `seq` (preempting
+        the others leaves it alone, and a lone runner frees paused KV under any policy),
+        else those a running request may force out (all but a fixed preserve policy's)."""
+        holding = self._paused_holding()
+        if self.paused_kv.mode != "preserve":
+            return holding
+        key = seq.sort_key()
+        return [] if any(s.sort_key() < key for s in self.running) else holding
+
+    def _paused_holding(self) -> list[Sequence]:
+        """Paused requests whose KV relief can free. The adaptive and swap policies skip
+        one whose blocks are all shared (freeing it alone makes no room), so blocks it
+        shares only with other paused requests would never go: it is left out."""
+        holding = [s for s in self.paused.values() if s.block_table]
+        if self.paused_kv.mode in ("adaptive", "swap"):
+            holding = [s for s in holding if self.paused_kv.freeable_blocks(s)]
+        return holding
+
+    def _room_without(
+        self, victims: list[Sequence], need: int, reserve: int, out: SchedulerOutput
+    ) -> bool:
+        """Whether `need` blocks and `reserve` for forks fit once `victims` (runners, or
+        paused requests' KV) let go of their blocks and their fork reservations. A block is
+        room when every holder but pins is a victim (pins yield): a prefix only victims
+        share counts, one a survivor reads does not."""
+        bm = self.block_manager
+        gone = set(victims)
+        kept = max([reserve, *(i.reserved for i in out.scheduled if i.seq not in gone)])
+        if bm.can_allocate(need + kept):
+            return True
+        if not bm.can_allocate(need + kept - sum(len(s.block_table) for s in victims)):
+            return False  # short even if every victim's block were room: nothing to count
+        refs = Counter(b for s in victims for b in s.block_table)
+        room = sum(1 for b, k in refs.items() if bm.sequence_refs(b) == k)
+        return bm.can_allocate(need + kept - room)
 
     def _reserved(self, out: SchedulerOutput, also: int = 0) -> int:
         """Blocks this step holds back for option forks, `also` (the forks of the request
@@ -281,35 +391,51 @@ class Scheduler:
 
     def _admit(self, seq: Sequence, n: int, out: SchedulerOutput) -> tuple[bool, int]:
         """Room for a waiting `seq`, preempting only runners it outranks, and only if that
-        is enough. Returns (admitted, budget tokens handed back by preempted runners)."""
+        is enough. Returns (admitted, budget tokens handed back by preempted runners).
+
+        A scored prompt gets in only if room for all of it and its forks can be had, though
+        only this step's `n` tokens are allocated, and runners are preempted only for those
+        (their blocks for later chunks would go to requests admitted after it): one
+        prefilled over several steps then waits in the queue before computing anything
+        rather than find the forks' room gone at its last chunk, and room taken after that
+        is `_waits_for_forks`'s case. Strict priority as for any request: while it waits, so
+        does every request queued behind it, a long scored prompt until the pool has room
+        for all of it and its forks."""
         bm = self.block_manager
-        need = bm.blocks_needed(seq, n)
-        reserve = self._fork_reserve(seq, n)
+        need, reserve = bm.blocks_needed(seq, n), self._fork_reserve(seq, n)
+        whole, whole_reserve = need, reserve
+        later = bool(seq.fork_tokens) and n < seq.num_uncomputed_tokens  # its last chunk
+        if later:
+            rest = seq.num_uncomputed_tokens
+            whole, whole_reserve = bm.blocks_needed(seq, rest), self._fork_reserve(seq, rest)
 
         def fits() -> bool:
             return bm.can_allocate(need + self._reserved(out, reserve))
 
-        if fits():
+        def fits_whole() -> bool:
+            return bm.can_allocate(whole + self._reserved(out, whole_reserve))
+
+        if fits_whole():
             return True, 0  # the common case: no victims to weigh
+        outranked = [s for s in self.running if s.sort_key() > seq.sort_key()]
+        # A scored prompt whose last chunk comes in a later step gets its forks' room
+        # there, from the paused KV the running path frees (`_paused_giving`): decided
+        # before any paused KV is given up toward it, which a refusal would waste.
+        if later and not self._room_without(
+            outranked + self._paused_giving(seq), whole, whole_reserve, out
+        ):
+            return False, 0
         idle = not self.running
         if self.paused_kv.mode == "adaptive" or idle:
             # Paused KV goes where the policy gives it up (what it preserves stays), or
             # wherever it must when nothing runs: an idle engine must not wait on it.
-            self._relieve(out, lambda: not fits(), idle=idle)
-            if fits():
+            self._relieve(out, lambda: not fits_whole(), idle=idle)
+            if fits_whole():
                 return True, 0
-        outranked = [s for s in self.running if s.sort_key() > seq.sort_key()]
-        paused = [s for s in self.paused.values() if s.block_table]
+        paused = self._paused_holding()  # what admission frees
         if self.paused_kv.mode in ("preserve", "adaptive"):
             paused = []
-        # A block only pins share with a victim is room too once the victim goes: pins yield.
-        reclaimable = sum(
-            1 for s in outranked + paused for b in s.block_table if bm.held_by_one_sequence(b)
-        )
-        # Preempting the outranked drops their fork reservations too.
-        kept = max([reserve, *(i.reserved for i in out.scheduled if i.seq not in outranked)])
-        reclaimable += self._reserved(out, reserve) - kept
-        if not bm.can_allocate(need + self._reserved(out, reserve) - reclaimable):
+        if not later and not self._room_without(outranked + paused, whole, whole_reserve, out):
             return False, 0
         refund = 0
         while not fits():

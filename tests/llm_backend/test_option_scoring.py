@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+import random
 
 import pytest
 import torch
@@ -11,11 +13,14 @@ from covey.llm_backend import option_scoring
 from covey.llm_backend.attention_metadata import AttentionMetadata, PrefillRun
 from covey.llm_backend.block_manager import BlockManager
 from covey.llm_backend.kv_pool import KVPool
+from covey.llm_backend.pause_policy import PauseCosts, PausePolicy
+from covey.llm_backend.paused_kv import PausedKV
 from covey.llm_backend.sampling_params import SamplingParams
 from covey.llm_backend.scheduler import Scheduler, SchedulerConfig
-from covey.llm_backend.sequence import Sequence
+from covey.llm_backend.sequence import FinishReason, Sequence, SequenceStatus
 
 PROMPT = "Support ticket: my laptop screen flickers after the update.\nTeam:"
+_starts = itertools.count(10_000, 10_000)
 OPTIONS = (" hardware repair", " billing", " account access and passwords", " shipping")
 
 
@@ -328,10 +333,67 @@ def test_the_step_that_completes_a_scored_prompt_holds_its_forks_blocks():
     sched = Scheduler(SchedulerConfig(8, 64), BlockManager(4, 4, enable_prefix_caching=False))
     sched.add(scored("c", 6))
     assert sched.schedule().scheduled == []  # 5 blocks would be needed: it waits
-    sched = Scheduler(SchedulerConfig(8, 4), BlockManager(4, 4, enable_prefix_caching=False))
+    # 4 tokens a step: admitted with room for the whole prompt and its forks, a first
+    # chunk that does not complete the prompt holds none back; without that room it waits.
+    sched = Scheduler(SchedulerConfig(8, 4), BlockManager(5, 4, enable_prefix_caching=False))
     sched.add(scored("d", 6))
-    (item,) = sched.schedule().scheduled  # a first chunk of 4 tokens: no forks yet
+    (item,) = sched.schedule().scheduled
     assert item.num_new_tokens == 4 and item.reserved == 0
+    sched = Scheduler(SchedulerConfig(8, 4), BlockManager(4, 4, enable_prefix_caching=False))
+    d = scored("d", 6)
+    sched.add(d)
+    assert sched.schedule().scheduled == [] and sched.waiting == [d] and not d.block_table
+
+
+def scored_seq(name: str, n: int, priority: int = 0, longest: int = 9) -> Sequence:
+    """Scheduler alone: a scored request of `n` prompt tokens unlike any other's, whose
+    forks take `longest - 1` tokens."""
+    start = next(_starts)
+    s = Sequence(name, list(range(start, start + n)), SamplingParams(), priority)
+    s.option_scorer = option_scoring.OptionScorer.build(
+        SamplingParams(choices=("x", "y" * longest)), lambda text: [ord(c) for c in text]
+    )
+    return s
+
+
+def plain_seq(name: str, n: int, priority: int = 0) -> Sequence:
+    start = next(_starts)
+    return Sequence(name, list(range(start, start + n)), SamplingParams(), priority)
+
+
+def run_step(sched: Scheduler) -> list[tuple[str, int, int]]:
+    """Pretend the model ran: advance cursors, append a token where a sample is due;
+    (request, tokens, reserved blocks) of each scheduled item."""
+    out = sched.schedule()
+    for item in out.scheduled:
+        item.seq.num_computed_tokens += item.num_new_tokens
+        if item.seq.num_computed_tokens == len(item.seq):
+            item.seq.token_ids.append(0)
+    return [(i.seq.request_id, i.num_new_tokens, i.reserved) for i in out.scheduled]
+
+
+def test_a_chunked_scored_prompt_short_of_its_forks_room_waits_keeping_its_kv():
+    """Scheduler alone, 4 tokens a step, a 6-block pool of 4-token blocks. The scored d
+    (6 tokens: 2 blocks, its forks 3 more) gets in beside a higher-priority h with room for
+    all of it, but h's decode then takes a block, so at d's last chunk the forks do not
+    fit. d sits the step out keeping the 4 tokens it computed (it used to preempt itself
+    and lose them), a lower-priority arrival waits behind it, and once h is done d
+    completes its prompt with the forks' blocks held."""
+    sched = Scheduler(SchedulerConfig(8, 4), BlockManager(6, 4, enable_prefix_caching=False))
+    h, d = plain_seq("h", 3, priority=-1), scored_seq("d", 6)
+    sched.add(h)
+    sched.add(d)
+    assert run_step(sched) == [("h", 3, 0), ("d", 1, 0)]
+    assert run_step(sched) == [("h", 1, 0), ("d", 3, 0)]
+    w = plain_seq("w", 4, priority=1)
+    sched.add(w)
+    assert run_step(sched) == [("h", 1, 0)]  # h's 2nd block leaves 3: d needs 1 + 3
+    assert d.num_preemptions == 0 and d.num_computed_tokens == 4 and len(d.block_table) == 1
+    assert sched.running == [h, d] and sched.waiting == [w]
+    sched.finish(h, FinishReason.LENGTH)
+    assert run_step(sched) == [("d", 2, 3), ("w", 2, 0)]
+    assert d.num_preemptions == 0
+
 
 
 def test_two_scored_prompts_in_one_step_hold_back_the_larger_reservation_not_the_sum():
@@ -379,3 +441,418 @@ def test_fork_blocks_needed_is_what_a_fork_then_needs(prompt_len, n):
     free = bm.num_free_blocks
     bm.allocate_slots(child, n)
     assert free - bm.num_free_blocks == now
+
+
+def test_preempting_a_reserving_scorer_frees_its_forks_room_for_a_waiting_request():
+    """Scheduler alone, 8 tokens a step, a 6-block pool of 4-token blocks. The scored r
+    (7 tokens, lowest priority; forks 3 blocks) completes its prompt in the step with one
+    token and reserves its forks' room; a higher-priority arrival p needs that room and
+    preempts r, and w, queued behind p, then gets in in the same step: 2 blocks, which
+    fit only because r's 3 reserved blocks went with it."""
+    sched = Scheduler(SchedulerConfig(8, 8), BlockManager(6, 4, enable_prefix_caching=False))
+    x, r = plain_seq("x", 2, priority=-1), scored_seq("r", 7, priority=1)
+    sched.add(x)
+    sched.add(r)
+    assert run_step(sched) == [("x", 2, 0), ("r", 6, 0)]
+    p, w = plain_seq("p", 1), plain_seq("w", 8)
+    sched.add(p)
+    sched.add(w)
+    out = sched.schedule()
+    scheduled = [(i.seq.request_id, i.num_new_tokens, i.reserved) for i in out.scheduled]
+    assert scheduled == [("x", 1, 0), ("p", 1, 0), ("w", 6, 0)]
+    assert out.preempted == [r] and sched.waiting == [r] and not r.block_table
+    assert sched.block_manager.num_free_blocks == 2  # < r's 3: w fit only with them gone
+
+
+def test_a_scored_prompt_over_several_steps_waits_for_its_forks_with_its_kv(
+    make_engine, monkeypatch
+):
+    """The real engine, 8 tokens a step, a 4-block pool: the scored prompt (15 tokens, one
+    block, its forks two more) is admitted with room for all of it while a higher-priority
+    decode runs, and prefills in chunks; the decode then takes a second block, so at the
+    prompt's last chunk the forks' room is short. The prompt waits with its KV and is
+    computed once, not preempted and recomputed; its answer is the one it gets alone."""
+    scored, prompt_blocks = scored_alone(make_engine)
+    assert prompt_blocks == 1
+    engine = make_engine(kv_cache_tokens=4 * 16, max_num_batched_tokens=8)
+    counts = count_scored_prompt_tokens(engine, monkeypatch)
+    neighbour = engine.tokenizer.encode(NEIGHBOUR_TEXT)[:15]  # its 17th token: a 2nd block
+    rids = [
+        engine.add_request(neighbour, SamplingParams(max_tokens=8, ignore_eos=True), priority=-1),
+        engine.add_request(PROMPT, SamplingParams(choices=OPTIONS, choice_scoring="whole")),
+    ]
+    other, choice = engine.run_to_completion(rids)
+    assert choice.text == scored.text and other.finish_reason == "length"
+    assert choice.choice_logprobs == pytest.approx(scored.choice_logprobs, abs=1e-3)
+    assert choice.metrics.num_preemptions == 0
+    assert counts["tokens"] == len(engine.tokenizer.encode(PROMPT))
+    assert engine.stats().kv_blocks_used == 0
+
+
+@pytest.mark.parametrize(("longest", "reserved"), [(5, 2), (9, None)], ids=["fits", "waits"])
+def test_a_turn_resumed_from_host_memory_with_choices_reserves_its_forks(longest, reserved):
+    """Scheduler alone, a fixed swap policy on an 8-block pool of 4-token blocks: a paused
+    request's 11 tokens of KV go to host; it resumes with 2 more tokens and choices whose
+    forks take `longest - 1` tokens. It is copied back only with room for its context, its
+    new tokens and its forks (4 blocks and 2), holding the forks' blocks in that step;
+    when the forks need 3 it stays on host, its context untouched."""
+    bm = BlockManager(8, 4, enable_prefix_caching=False)
+    costs = PauseCosts(1e-3, 1e-3, 1e-9, 1e-3, 1e-9)
+    paused = PausedKV(PausePolicy("swap", costs), bm, 1, 64)
+    sched = Scheduler(SchedulerConfig(8, 64), bm, None, paused)
+    c, a = plain_seq("c", 3), plain_seq("a", 11)
+    sched.add(c)
+    sched.add(a)
+    run_step(sched)
+    sched.pause(a)
+    assert [m.seq for m in sched.schedule().swaps.out] == [a] and a.swapped_tokens == 11
+    c.num_computed_tokens += 1
+    c.token_ids.append(0)
+    a.token_ids.extend([7, 8])  # the tool's result
+    a.option_scorer = scored_seq("options", 1, longest=longest).option_scorer
+    sched.resume(a)
+    out = sched.schedule()
+    items = {i.seq.request_id: (i.num_new_tokens, i.reserved) for i in out.scheduled}
+    if reserved is None:
+        assert items == {"c": (1, 0)} and not out.swaps.into
+        assert sched.waiting == [a] and a.swapped_tokens == 11 and not a.block_table
+    else:
+        assert items == {"c": (1, 0), "a": (3, reserved)}
+        assert [m.seq for m in out.swaps.into] == [a] and a.num_computed_tokens == 11
+
+
+def running(sched: Scheduler, seq: Sequence, computed: int) -> Sequence:
+    """Scheduler alone: put `seq` in `running` with `computed` tokens' KV, as if earlier
+    steps had computed them (a prefix-cache hit first, where one is cached)."""
+    bm = sched.block_manager
+    bm.match_prefix(seq)
+    bm.allocate_slots(seq, computed - seq.num_computed_tokens)
+    seq.num_computed_tokens = computed
+    bm.cache_full_blocks(seq)
+    seq.status = SequenceStatus.RUNNING
+    sched.running.append(seq)
+    return seq
+
+
+def test_a_scorer_short_of_its_forks_room_runs_when_it_outranks_every_runner():
+    """REVIEW-reserve HIGH 1, scheduler alone: prefix caching on, 7 blocks of 4 tokens, 16
+    tokens a step, one priority, arrival order s < r < d. d and r share a 2-block prefix
+    and hold a block each of their own; d decodes within its last block, r has 12 of its
+    24 tokens computed; the scored s has 8 of 10 computed, its last chunk needs a block and
+    its forks 3; 1 block is free. Nothing outranks s, so no runner would give the room back:
+    it preempts d and r (free 1, d's 1, r's 1 and their 2 shared blocks: 5 >= 4) and runs.
+    Holding it instead let r preempt d and then itself, an empty step with work waiting,
+    on which the engine fails the healthy r ("cannot be scheduled")."""
+    sched = Scheduler(SchedulerConfig(8, 16), BlockManager(7, 4))
+    s = running(sched, scored_seq("s", 10), 8)
+    prefix = list(range(1, 9))
+    r = running(sched, Sequence("r", prefix + list(range(100, 116)), SamplingParams()), 12)
+    d = running(sched, Sequence("d", prefix + [200, 201, 202], SamplingParams()), 10)
+    bm = sched.block_manager
+    assert bm.num_free_blocks == 1 and d.block_table[:2] == r.block_table[:2]
+    out = sched.schedule()
+    assert [(i.seq.request_id, i.num_new_tokens, i.reserved) for i in out.scheduled] == [
+        ("s", 2, 3)
+    ]
+    assert out.preempted == [d, r] and s.num_preemptions == 0
+
+
+def scheduled(out) -> list[tuple[str, int, int]]:
+    return [(i.seq.request_id, i.num_new_tokens, i.reserved) for i in out.scheduled]
+
+
+def test_a_prefix_only_outranked_runners_share_is_room_for_a_scorers_forks():
+    """REVIEW-reserve MEDIUM 2 (i), scheduler alone: prefix caching on, 8 blocks of 4
+    tokens. x (priority -1) decodes, so it outranks the scored s (8 of 10 computed: a block
+    for its last chunk, 3 for its forks); a and b (priority 1) decode on a 2-block prefix
+    they share and a block each. 1 block is free: with a's, b's and the prefix only they
+    read, 5 >= 4. s preempts them and runs; counting only blocks one sequence holds (3) held
+    s back until x finished, and lower-priority work could keep it waiting for ever."""
+    sched = Scheduler(SchedulerConfig(8, 16), BlockManager(8, 4))
+    running(sched, plain_seq("x", 4, priority=-1), 3)
+    s = running(sched, scored_seq("s", 10), 8)
+    prefix = list(range(1, 9))
+    a = running(sched, Sequence("a", prefix + [100, 101, 102], SamplingParams(), 1), 10)
+    b = running(sched, Sequence("b", prefix + [200, 201, 202], SamplingParams(), 1), 10)
+    assert sched.block_manager.num_free_blocks == 1 and a.block_table[:2] == b.block_table[:2]
+    out = sched.schedule()
+    assert scheduled(out) == [("x", 1, 0), ("s", 2, 3)]
+    assert out.preempted == [b, a] and s.num_preemptions == 0
+
+
+def test_a_scorer_nothing_outranks_frees_preserved_paused_kv_as_a_lone_runner():
+    """REVIEW-reserve MEDIUM 2 (ii), scheduler alone: a fixed preserve policy, 7 blocks of 4
+    tokens. The scored s (a block for its last chunk, 3 for its forks) outranks the one
+    other runner, d; a paused request keeps 3 blocks; 1 is free. Nothing would give s the
+    room back, so it goes on as a lone runner did before the hold: it preempts d, and then,
+    alone, the preserved KV goes too (d, recomputed, fits in the room left). It used to
+    wait while d (a tool loop, say) ran."""
+    bm = BlockManager(7, 4, enable_prefix_caching=False)
+    costs = PauseCosts(1e-3, 1e-3, 1e-9, 1e-3, 1e-9)
+    preserve = PausedKV(PausePolicy("preserve", costs), bm, 1, 64)
+    sched = Scheduler(SchedulerConfig(8, 16), bm, None, preserve)
+    s = running(sched, scored_seq("s", 10), 8)
+    p = running(sched, plain_seq("p", 13), 12)
+    sched.pause(p)
+    d = running(sched, plain_seq("d", 3, priority=1), 2)
+    assert bm.num_free_blocks == 1 and len(p.block_table) == 3
+    out = sched.schedule()
+    assert scheduled(out) == [("s", 2, 3), ("d", 3, 0)]
+    assert out.preempted == [d] and not p.block_table and s.num_preemptions == 0
+
+
+def test_a_held_scorer_leaves_paused_kv_alone_and_lets_only_higher_priority_requests_in():
+    """REVIEW-reserve MEDIUM 3 and LOW 8, scheduler alone: paused KV given up when room
+    runs short (no policy), 7 blocks of 4 tokens. x (priority -1) decodes on 2 blocks; the
+    scored s needs a block for its last chunk and 3 for its forks; a paused request holds 1
+    block; 2 are free. Even with the paused block s would be short (3 < 4), so it waits for
+    x keeping its KV, and the paused request keeps its own: freeing it would hand its room
+    to others, not to s. A higher-priority arrival gets in; a lower-priority one waits."""
+    bm = BlockManager(7, 4, enable_prefix_caching=False)
+    sched = Scheduler(SchedulerConfig(8, 16), bm)
+    x = running(sched, plain_seq("x", 7, priority=-1), 6)
+    s = running(sched, scored_seq("s", 10), 8)
+    p = running(sched, plain_seq("p", 4), 3)
+    sched.pause(p)
+    assert bm.num_free_blocks == 2
+    h, low = plain_seq("h", 3, priority=-2), plain_seq("low", 2, priority=1)
+    sched.add(h)
+    sched.add(low)
+    out = sched.schedule()
+    assert scheduled(out) == [("x", 1, 0), ("h", 3, 0)]
+    assert len(p.block_table) == 1 and p.discarded_tokens == 0
+    assert s.num_computed_tokens == 8 and sched.running == [x, s, h] and sched.waiting == [low]
+    x.num_computed_tokens += 1
+    h.num_computed_tokens += 3
+    sched.finish(x, FinishReason.LENGTH)
+    sched.finish(h, FinishReason.LENGTH)
+    out = sched.schedule()  # x's 2 blocks and h's 1 back: 5 free
+    assert scheduled(out) == [("s", 2, 3), ("low", 2, 0)] and s.num_preemptions == 0
+
+
+def test_a_scored_prompt_is_admitted_preempting_only_for_the_chunk_it_runs():
+    """REVIEW-reserve LOW 4, scheduler alone: 4 tokens a step, 8 blocks of 4 tokens. The
+    scored w (10 tokens: 3 blocks, its forks 3 more) gets in only because preempting the
+    lower-priority l (3 blocks) could make room for all of it; but its first chunk takes 1
+    of the 5 free blocks, so l goes on. It used to be preempted for blocks of w's later
+    chunks, which the step left for later admissions."""
+    sched = Scheduler(SchedulerConfig(8, 4), BlockManager(8, 4, enable_prefix_caching=False))
+    low = running(sched, plain_seq("l", 11, priority=1), 10)
+    w = scored_seq("w", 10)
+    sched.add(w)
+    out = sched.schedule()
+    assert scheduled(out) == [("l", 1, 0), ("w", 3, 0)] and out.preempted == []
+    assert low.num_preemptions == 0
+
+
+def test_a_scorers_one_token_last_chunk_waits_for_a_higher_priority_prefill():
+    """REVIEW-reserve LOW 7, scheduler alone: 6 blocks of 4 tokens. The scored s has one
+    token left (sorted with the decodes, so it comes first in the step): a block for it
+    and 3 for its forks, with 3 free. The higher-priority x prefills later in the step and
+    will give the room back, so s waits with its KV; it used to preempt itself, as though
+    nothing else ran, and compute its prompt again."""
+    sched = Scheduler(SchedulerConfig(8, 16), BlockManager(6, 4, enable_prefix_caching=False))
+    s = running(sched, scored_seq("s", 9), 8)
+    x = running(sched, plain_seq("x", 8, priority=-1), 4)
+    out = sched.schedule()
+    assert scheduled(out) == [("x", 4, 0)] and out.preempted == []
+    assert s.num_computed_tokens == 8 and s.num_preemptions == 0
+    x.num_computed_tokens += 4
+    sched.finish(x, FinishReason.LENGTH)
+    assert scheduled(sched.schedule()) == [("s", 1, 3)]
+
+
+@pytest.mark.parametrize("prompt_len", [9, 17], ids=["room-left", "pool-short"])
+def test_a_held_scorer_preempted_later_in_the_step_is_not_run_by_the_backstop(prompt_len):
+    """REVIEW-reserve2 HIGH 1, scheduler alone: 8 blocks of 4 tokens, no prefix caching.
+    The scored s (one token left, its forks 4 blocks) is short of room and held, since the
+    higher-priority v prefills later in the step; but v (40 tokens: more than the pool, the
+    case `LLMEngine._fail_unschedulable` exists for) preempts s, t and itself. The step is
+    then empty, every request queued with no blocks, and the engine fails v alone; t and s
+    go on. The backstop used to run s all the same, from the queue: scheduled while
+    WAITING (its blocks then held by a queued request, re-admitted for 0 tokens every
+    step) or, with the pool short, `max()` of no runners raising out of `schedule()`."""
+    bm = BlockManager(8, 4, enable_prefix_caching=False)
+    sched = Scheduler(SchedulerConfig(8, 64), bm)
+    t = running(sched, plain_seq("t", 4, priority=-1), 3)
+    s = running(sched, scored_seq("s", prompt_len, longest=14), prompt_len - 1)
+    v = running(sched, plain_seq("v", 40, priority=-2), 4)
+    out = sched.schedule()
+    assert out.scheduled == [] and out.preempted == [s, t, v]
+    assert sched.running == [] and sched.waiting == [v, t, s]
+    assert all(x.status is SequenceStatus.WAITING and not x.block_table for x in (s, t, v))
+    assert bm.num_free_blocks == 8 and s.num_preemptions == 1
+    sched.finish(v, FinishReason.ERROR)  # what LLMEngine._fail_unschedulable does
+    items = scheduled(sched.schedule())
+    assert items[0] == ("t", 4, 0)
+    if prompt_len == 9:  # 3 blocks and its forks' 4 beside t's 1
+        assert items == [("t", 4, 0), ("s", 9, 4)]
+
+
+@pytest.mark.parametrize("mode", ["preserve", "adaptive"])
+def test_a_scored_prompt_is_admitted_past_agents_that_take_turns_keeping_their_kv(mode):
+    """REVIEW-reserve2 MEDIUM 1, scheduler alone: 9 blocks of 4 tokens, 4 tokens a step.
+    Two lower-priority agents hold 3 blocks each and take turns: one decodes while the
+    other is paused for a tool call keeping its KV, then they swap. The scored s (13
+    tokens: 4 blocks, its forks 3 more) outranks them both. Nothing would outrank it at
+    its last chunk, where preempting the runner leaves it alone and a lone runner frees
+    paused KV under any policy: so that KV is room, it is admitted at once and completes
+    its prompt in 4 steps with its forks' room held. It used to wait, paused KV counted as
+    room only when nothing ran, until the agents' own growth forced the room (10 steps
+    here, no bound with more agents), and every lower-priority request behind it too."""
+    bm = BlockManager(9, 4, enable_prefix_caching=False)
+    costs = PauseCosts(1e-3, 1e-3, 1e-9, 1e-3, 1e-9)
+    paused = PausedKV(PausePolicy(mode, costs), bm, 1, 64)
+    sched = Scheduler(SchedulerConfig(8, 4), bm, None, paused)
+    a = running(sched, plain_seq("a", 12, priority=1), 11)
+    b = running(sched, plain_seq("b", 12, priority=1), 11)
+    sched.pause(b)
+    s = scored_seq("s", 13)
+    sched.add(s)
+    steps = []
+    for _ in range(4):
+        out = sched.schedule()
+        steps.append([i for i in scheduled(out) if i[0] == "s"])
+        for item in out.scheduled:
+            item.seq.num_computed_tokens += item.num_new_tokens
+        for x, y in ((a, b), (b, a)):  # the agent that ran calls a tool; the other resumes
+            if x.status is SequenceStatus.RUNNING and x.num_computed_tokens == len(x):
+                if y.status is SequenceStatus.PAUSED:
+                    sched.pause(x)
+                    y.token_ids.append(9)
+                    sched.resume(y)
+                    break
+    assert steps == [[("s", 3, 0)], [("s", 4, 0)], [("s", 4, 0)], [("s", 2, 3)]]
+    assert s.num_computed_tokens == len(s) and s.num_preemptions == 0
+
+
+def test_a_scored_prompt_that_cannot_get_its_room_leaves_adaptive_paused_kv_alone():
+    """REVIEW-reserve2 LOW 3, scheduler alone: an adaptive policy that gives paused KV up
+    under pressure, 9 blocks of 4 tokens, 4 tokens a step. x (priority -1) decodes on 4
+    blocks; a paused request keeps 2; 3 are free. The scored s (13 tokens: 4 blocks, its
+    forks 3 more) would be short even with the paused KV (3 + 2 < 7), so it waits, and
+    the paused request keeps its KV: the room is decided before any is given up. It used
+    to be given up toward s's whole prompt first, for nothing. Once x is done s gets in
+    with the paused KV still kept."""
+    bm = BlockManager(9, 4, enable_prefix_caching=False)
+    costs = PauseCosts(1e-3, 1e-3, 1e-9, 1e-3, 1e-9)
+    adaptive = PausedKV(PausePolicy("adaptive", costs), bm, 1, 64)
+    sched = Scheduler(SchedulerConfig(8, 4), bm, None, adaptive)
+    x = running(sched, plain_seq("x", 16, priority=-1), 15)
+    p = running(sched, plain_seq("p", 8), 7)
+    sched.pause(p)
+    s = scored_seq("s", 13)
+    sched.add(s)
+    assert bm.num_free_blocks == 3
+    out = sched.schedule()
+    assert scheduled(out) == [("x", 1, 0)] and sched.waiting == [s]
+    assert len(p.block_table) == 2 and not out.swaps.out and p.discarded_tokens == 0
+    x.num_computed_tokens += 1
+    sched.finish(x, FinishReason.LENGTH)  # its 4 blocks back: 7, all s needs
+    assert scheduled(sched.schedule()) == [("s", 4, 0)] and len(p.block_table) == 2
+
+
+def test_paused_kv_no_relief_frees_is_not_room_for_a_scorers_forks():
+    """REVIEW-reserve2 LOW 2, scheduler alone: an adaptive policy, prefix caching on, 8
+    blocks of 4 tokens. x (priority -1) decodes, so it outranks the scored s (a block for
+    its last token, 3 for its forks); two paused requests hold the same 2 cached blocks
+    and nothing of their own; 3 blocks are free. The policy's relief skips a paused
+    request whose blocks are all shared (freeing it alone makes no room), so those 2 are
+    not room: s waits for x keeping its KV, and the paused requests keep theirs. Counting
+    them had s go on, find the relief free nothing, and preempt itself."""
+    bm = BlockManager(8, 4)
+    costs = PauseCosts(1e-3, 1e-3, 1e-9, 1e-3, 1e-9)
+    adaptive = PausedKV(PausePolicy("adaptive", costs), bm, 1, 64)
+    sched = Scheduler(SchedulerConfig(8, 16), bm, None, adaptive)
+    x = running(sched, plain_seq("x", 4, priority=-1), 3)
+    s = running(sched, scored_seq("s", 9), 8)
+    context = list(range(500, 508))
+    a = running(sched, Sequence("a", [*context, 1], SamplingParams()), 8)
+    b = running(sched, Sequence("b", [*context, 2], SamplingParams()), 8)
+    sched.pause(a)
+    sched.pause(b)
+    assert a.block_table == b.block_table and len(a.block_table) == 2
+    assert bm.num_free_blocks == 3
+    out = sched.schedule()
+    assert scheduled(out) == [("x", 1, 0)] and out.preempted == []
+    assert s.num_computed_tokens == 8 and s.status is SequenceStatus.RUNNING
+    assert len(a.block_table) == len(b.block_table) == 2
+    x.num_computed_tokens += 1
+    sched.finish(x, FinishReason.LENGTH)
+    assert scheduled(sched.schedule()) == [("s", 1, 3)] and s.num_preemptions == 0
+
+
+@pytest.mark.parametrize("mode", [None, "preserve", "adaptive", "swap"])
+def test_random_scored_and_plain_traffic_never_stalls_a_step_and_keeps_the_forks_room(
+    mode, monkeypatch
+):
+    """Scheduler alone, random traffic on a 9-block pool of 4-token blocks (prefix caching
+    on, two shared prefixes, four priorities, 2 to 16 tokens a step) under no pause policy
+    and each fixed or adaptive one: plain requests decode a few tokens and may pause for a
+    tool call, then resume with its result (and now and then `choices`); scored ones end
+    at their prompt; every request fits the pool alone, as the engine's admission checks
+    ensure. A smoke test of the invariants around the forks' hold, not a reproduction of a
+    known bug (REVIEW-reserve HIGH 1 and REVIEW-reserve2 HIGH 1 need exact cases, tested
+    above): every step with work schedules something, only running requests, and a step
+    completing a scored prompt leaves its forks' room; scorers are held now and then; and
+    all the traffic finishes."""
+    holds = []
+    waits = Scheduler._waits_for_forks
+
+    def counted(self, *args):
+        held = waits(self, *args)
+        holds.append(held)
+        return held
+
+    monkeypatch.setattr(Scheduler, "_waits_for_forks", counted)
+    rng = random.Random(str(mode))
+    costs = PauseCosts(1e-3, 1e-3, 1e-9, 1e-3, 1e-9)
+    for _ in range(60):
+        bm = BlockManager(9, 4)
+        kv = PausedKV(PausePolicy(mode, costs), bm, 1, 64) if mode else None
+        sched = Scheduler(SchedulerConfig(6, rng.randint(2, 16)), bm, None, kv)
+        prefixes = [list(range(k * 100, k * 100 + 8)) for k in (1, 2)]
+        left: dict[int, int] = {}  # plain request -> tokens still to decode
+        arrivals = 12
+        for _ in range(600):
+            if arrivals and rng.random() < 0.5:
+                arrivals -= 1
+                n = rng.randint(3, 16)
+                head = rng.choice(prefixes)[: rng.randint(0, 8)]
+                priority = rng.randint(-1, 2)
+                if rng.random() < 0.4:
+                    seq = scored_seq(f"s{arrivals}", n, priority, longest=rng.randint(2, 9))
+                else:
+                    seq = plain_seq(f"p{arrivals}", n, priority)
+                    left[seq.seq_id] = rng.randint(1, 8)
+                seq.token_ids[: len(head)] = head
+                sched.add(seq)
+            for seq in list(sched.paused.values()):
+                if rng.random() < 0.3:
+                    seq.token_ids.extend([5, 6, 7][: rng.randint(1, 3)])  # the tool's result
+                    if rng.random() < 0.3:
+                        seq.option_scorer = scored_seq("o", 1, longest=9).option_scorer
+                    sched.resume(seq)
+            if not (sched.waiting or sched.running):
+                continue
+            out = sched.schedule()
+            assert out.scheduled, (mode, sched.waiting, sched.running)
+            assert all(i.seq.status is SequenceStatus.RUNNING for i in out.scheduled)
+            assert bm.can_allocate(max(i.reserved for i in out.scheduled))
+            for item in out.scheduled:
+                seq = item.seq
+                seq.num_computed_tokens += item.num_new_tokens
+                bm.cache_full_blocks(seq)
+                if seq.num_computed_tokens < len(seq):
+                    continue
+                if seq.option_scorer is not None:
+                    sched.finish(seq, FinishReason.STOP)  # scored on its forks' room
+                elif left[seq.seq_id] == 1:
+                    sched.finish(seq, FinishReason.LENGTH)
+                else:
+                    left[seq.seq_id] -= 1
+                    seq.token_ids.append(7)
+                    if rng.random() < 0.2 and len(seq) < 20:
+                        sched.pause(seq)
+        assert not (sched.waiting or sched.running or sched.paused or arrivals)
+    assert any(holds), "no scorer was ever held: the traffic no longer reaches the hold"

@@ -14,7 +14,7 @@ def make(num_blocks=64, block_size=4, max_seqs=8, budget=64) -> Scheduler:
     return Scheduler(SchedulerConfig(max_seqs, budget), BlockManager(num_blocks, block_size))
 
 
-_starts = itertools.count(1, 10_000)
+_starts = itertools.count(10_000, 10_000)  # clear of the literal prefixes below
 
 
 def seq(n: int, priority: int = 0, name: str = "r") -> Sequence:
@@ -205,3 +205,22 @@ def test_a_block_a_victim_shares_only_with_a_pin_is_room_to_admit():
     assert run_step(sched) == ["high"]
     assert low.status is SequenceStatus.WAITING and low.num_preemptions == 1
     assert bm.pinned == {}  # the pin yielded its blocks
+
+
+def test_a_prefix_only_outranked_runners_share_is_room_to_admit():
+    """REVIEW-reserve MEDIUM 2: two lower-priority runners read one 2-block prefix and
+    hold a block each; 3 blocks are free. Preempting both frees the prefix as well, so a
+    higher-priority request of 6 blocks gets in (3 + 2 + 2 >= 6); counting only blocks one
+    sequence holds (3 + 2) refused it while they ran."""
+    sched = make(num_blocks=7, block_size=4)
+    prefix = list(range(1, 9))
+    a, b = shared(3, prefix, "a", priority=1), shared(3, prefix, "bb", priority=1)
+    sched.add(a)
+    sched.add(b)
+    run_step(sched)  # b waits for the prefix a computes
+    run_step(sched)  # b hits it: 2 shared blocks and one each, 3 free
+    assert sched.block_manager.num_free_blocks == 3 and a.block_table[:2] == b.block_table[:2]
+    high = Sequence("high", list(range(700_000, 700_024)), SamplingParams())  # no prefix hit
+    sched.add(high)
+    assert run_step(sched) == ["high"] and sched.waiting == [a, b]
+    assert high.num_cached_tokens == 0 and a.num_preemptions == b.num_preemptions == 1

@@ -55,6 +55,15 @@ class LiveServer(BackgroundServer):
                 return stats
             time.sleep(0.05)
 
+    def wait_released(self, timeout: float = 10) -> int:
+        """The requests holding admission slots once none does (or the last count seen).
+        A request gives its slot back when its handler returns, a few event-loop turns
+        after the engine has dropped it, so an idle engine does not mean a free slot."""
+        deadline = time.monotonic() + timeout
+        while self.state.admission.in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.state.admission.in_flight
+
 
 @pytest.fixture(scope="session")
 def server_index(tmp_path_factory, embedder, tokenizer):  # noqa: F811

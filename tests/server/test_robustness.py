@@ -221,11 +221,7 @@ async def test_an_invoke_client_that_leaves_frees_its_kv(slow_server):
         call = asyncio.ensure_future(client.post("/apps/count/invoke", json={"limit": "700"}))
         # The client gives up mid-generation, once the engine is answering (a fixed client
         # timeout could as well fire before the request reached the engine).
-        deadline = time.monotonic() + 60
-        while not await asyncio.to_thread(_answering, slow_server):
-            assert not call.done(), call.result()
-            assert time.monotonic() < deadline, "the request never reached the engine"
-            await asyncio.sleep(0.02)
+        await slow_server.until_answering(call)
         call.cancel()  # closes its connection
         with pytest.raises(asyncio.CancelledError):
             await call
@@ -233,16 +229,6 @@ async def test_an_invoke_client_that_leaves_frees_its_kv(slow_server):
     assert stats.kv_blocks_used == 0 and stats.num_running == stats.num_waiting == 0
     assert await asyncio.to_thread(slow_server.wait_released) == 0
     assert await asyncio.to_thread(_gone, slow_server) == gone_before + 1
-
-
-def _answering(server) -> int:
-    """Requests the engine is answering (a first token out), read on the server's loop."""
-
-    async def count() -> int:
-        running = server.state.engine.engine.scheduler.running
-        return sum(1 for seq in running if seq.num_output_tokens)
-
-    return server.call(count())
 
 
 def _gone(server) -> float:

@@ -19,9 +19,12 @@ from tests.runtime.test_real_model import naming
 
 from .conftest import make_cpu_engine
 
+PONDERING = threading.Event()  # set once a run is inside `ponder`
+
 
 @cg.function
 async def ponder(thing: str) -> str:
+    PONDERING.set()
     await asyncio.sleep(60)
     return thing
 
@@ -89,9 +92,12 @@ def test_closing_with_a_run_in_flight_fails_that_run_instead_of_hanging():
         except Exception as exc:
             errors.append(exc)
 
+    PONDERING.clear()
     caller = threading.Thread(target=call)
     caller.start()
-    time.sleep(0.5)  # the run is waiting in `ponder` by now
+    # In flight: waiting in `ponder` (a fixed sleep could end before a loaded machine got
+    # the run there, and a close before the call is a different refusal).
+    assert PONDERING.wait(60), "the run never reached ponder"
     runtime.close()
     caller.join(timeout=10)
     assert not caller.is_alive()

@@ -9,6 +9,7 @@ Servers stop at the end of the session. The built-in apps are built with gens ca
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -54,6 +55,34 @@ class LiveServer(BackgroundServer):
             if idle or time.monotonic() > deadline:
                 return stats
             time.sleep(0.05)
+
+    def answering(self) -> int:
+        """Requests the engine is answering (a first token out), read on the server's loop:
+        a client that should leave mid-generation waits for this, not for a fixed time."""
+
+        async def count() -> int:
+            running = self.state.engine.engine.scheduler.running
+            return sum(1 for seq in running if seq.num_output_tokens)
+
+        return self.call(count())
+
+    async def until_answering(self, call: asyncio.Future[Any], timeout: float = 60) -> None:
+        """Wait (on the caller's loop) until the engine answers a request, while the client's
+        `call` that sent it is still waiting for its reply."""
+        deadline = time.monotonic() + timeout
+        while not await asyncio.to_thread(self.answering):
+            assert not call.done(), call.result()
+            assert time.monotonic() < deadline, "the request never reached the engine"
+            await asyncio.sleep(0.02)
+
+    def wait_released(self, timeout: float = 10) -> int:
+        """The requests holding admission slots once none does (or the last count seen).
+        A request gives its slot back when its handler returns, a few event-loop turns
+        after the engine has dropped it, so an idle engine does not mean a free slot."""
+        deadline = time.monotonic() + timeout
+        while self.state.admission.in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.state.admission.in_flight
 
 
 @pytest.fixture(scope="session")

@@ -181,9 +181,11 @@ class HistoryPins:
         others = [(owner.last_used, s) for s, owner in self.held.items() if s != but]
         return min(others)[1] if others else None
 
-    def _arm(self, session_id: str, session: Session) -> None:
-        """(Re)start the session's idle timer; when it fires the pin goes unless the
-        session was used meanwhile (its own later pin re-arms the timer then)."""
+    def _arm(self, session_id: str, session: Session, delay: float | None = None) -> None:
+        """(Re)start the session's idle timer; when it fires the pin goes, unless the
+        session was used meanwhile: then it waits out the rest of `idle_s` from that use.
+        A turn that ends re-pins and re-arms it anyway, but a turn cancelled or failed
+        pins nothing, and its session would otherwise hold the earlier pin for good."""
         old = self._timers.pop(session_id, None)
         if old is not None:
             old.cancel()
@@ -191,10 +193,17 @@ class HistoryPins:
 
         def fire() -> None:
             self._timers.pop(session_id, None)
-            if self.held.get(session_id) is session and session.idle_for() >= self.idle_s:
+            if self.held.get(session_id) is not session:
+                return
+            left = self.idle_s - session.idle_for()
+            if left > 0:  # used since (a running turn counts as use: idle_for is 0)
+                self._arm(session_id, session, left)
+            else:
                 self._track(loop.create_task(self.release(session_id, session)))
 
-        self._timers[session_id] = loop.call_later(self.idle_s, fire)
+        self._timers[session_id] = loop.call_later(
+            self.idle_s if delay is None else delay, fire
+        )
 
     def _track(self, task: asyncio.Future[Any]) -> None:
         self._tasks.add(task)

@@ -220,3 +220,24 @@ async def test_at_the_pin_budget_the_newest_session_keeps_its_pin(tiny_index):
         assert await bot.pinned_tokens(sessions[0]) == 0
     finally:
         await llm.close()
+
+
+async def test_a_pin_outlived_by_a_cancelled_turn_still_idles_out():
+    """The idle timer fires during a turn (not idle then); that turn is cancelled, so no
+    new pin re-arms it: the earlier pin must still go once the session has idled."""
+    llm = FakeLLM(reply=lambda prompt: "Loop " * 40, capabilities=PREFILLS, token_delay=0.02)
+    bot = RagChatbot(
+        Runtime(llm, retrievers={DEFAULT_INDEX_NAME: FakeRetriever(RESULTS)}),
+        build_rag_app(k=2, max_tokens=40),
+        session_idle_s=0.3,
+    )
+    await bot.ask("a", "One?")
+    assert await bot.pinned_tokens("a") > 0 and "session:a" in llm.pins
+    turn = asyncio.ensure_future(bot.ask("a", "Two?"))  # 40 tokens: 0.8 s
+    await asyncio.sleep(0.5)  # the first pin's timer fired meanwhile, the turn running
+    assert not turn.done()
+    turn.cancel()
+    await asyncio.gather(turn, return_exceptions=True)
+    await asyncio.sleep(0.6)  # past idle_s since the cancelled turn began, and its timer
+    assert "session:a" not in llm.pins
+    await bot.close()

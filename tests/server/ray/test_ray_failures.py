@@ -41,12 +41,14 @@ async def collect(engine: RayEngine, prompt: str, max_tokens: int, rid: str) -> 
 
 
 def test_a_killed_replica_fails_or_retries_its_requests_and_is_replaced(ray_replicas, ray_server):
-    def chat() -> int:
-        """One HTTP chat completion through the server on the same replicas."""
+    def chat() -> str:
+        """One HTTP chat completion through the server on the same replicas: its status,
+        and the body too when it failed (which replica, what error)."""
         model = ray_server.state.engine.model_name
         body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
         with ray_server.client() as client:
-            return client.post("/v1/chat/completions", json=body).status_code
+            reply = client.post("/v1/chat/completions", json=body)
+        return "200" if reply.status_code == 200 else f"{reply.status_code} {reply.text}"
 
     def deaths_of(victim: str) -> float:
         with ray_server.client() as client:
@@ -80,7 +82,7 @@ def test_a_killed_replica_fails_or_retries_its_requests_and_is_replaced(ray_repl
         assert streaming.replicas[victim].failed == 1 and not streaming.replicas[victim].up
         assert streaming.router.views[victim].held_chars == 0  # forgotten
         # The HTTP service on the same replicas keeps serving while the victim is down.
-        assert await asyncio.to_thread(chat) == 200
+        assert await asyncio.to_thread(chat) == "200"
         assert not streaming.replicas[victim].up
         # Retried once on the other replica; the same greedy answer as a fresh run there.
         answer = await unstarted
@@ -98,7 +100,7 @@ def test_a_killed_replica_fails_or_retries_its_requests_and_is_replaced(ray_repl
         return victim
 
     victim = asyncio.run(scenario())
-    assert chat() == 200
+    assert chat() == "200"
     # The server's own engine counted the death (its liveness check or the new pid; its
     # report loop runs on its own, so give it a few rounds).
     deadline = time.monotonic() + 30

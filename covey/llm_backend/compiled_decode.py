@@ -37,6 +37,7 @@ import logging
 import os
 import threading
 import time
+import types
 from collections.abc import Callable
 
 import torch
@@ -46,7 +47,7 @@ from covey.home import covey_home
 from covey.llm_backend.attention_metadata import AttentionMetadata, DecodeGroup
 from covey.llm_backend.layers import apply_rotary
 from covey.llm_backend.model import DecoderLayer, LlamaModel
-from covey.llm_backend.paged_attention import paged_attention, store_kv
+from covey.llm_backend.paged_attention import paged_attention
 from covey.llm_backend.quantization import KERNEL_MAX_ROWS
 
 log = logging.getLogger(__name__)
@@ -56,23 +57,67 @@ log = logging.getLogger(__name__)
 # every extern kernel; the graph's shapes are checked once, by its guards.
 INDUCTOR_OPTIONS = {"cpp_wrapper": True, "size_asserts": False, "alignment_asserts": False}
 
-_step = threading.local()  # .kv [layers, 2, KVH, S, Dh] and .meta of the running step
+_step = threading.local()  # .attn: the running step's StepAttention
 
 
-@torch.library.custom_op("covey::decode_attention", mutates_args=())
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
-    """Store layer `layer`'s new keys/values in the pool, then attend: q [T, H, Dh], k and v
-    [T, KVH, Dh] -> [T, H, Dh]. The pool and metadata come from the step context."""
-    kv = getattr(_step, "kv", None)
-    if kv is None:
+class StepAttention:
+    """What the step's 30 `covey::decode_attention` calls share, worked out once per step:
+    the pool's per-layer key and value views, and for the common single-stream case (one
+    sequence whose keys lie in pool order) where its keys are. Each call then runs ~12 ATen
+    ops instead of `store_kv` and `paged_attention`'s ~25 and their metadata lookups."""
+
+    def __init__(self, kv: torch.Tensor, layer_views: tuple, meta: AttentionMetadata) -> None:
+        self.kv, self.meta = kv, meta
+        self.keys, self.values = layer_views  # per layer [KVH, S, Dh], views of the pool
+        self.slots = meta.slot_mapping
+        group = meta.decode_groups[0] if len(meta.decode_groups) == 1 else None
+        self.span: tuple[int, int] | None = None  # (first slot, keys) of the one sequence
+        if group is not None and group.blocks is None and meta.num_decode == group.end == 1:
+            assert group.contiguous_start is not None
+            self.span = (group.contiguous_start, group.contiguous_start + group.length)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int):
+        """Store layer `layer`'s new keys/values k, v [KVH, T, Dh], then attend: q [T, H, Dh]
+        -> [T, H, Dh]. The single-stream case computes what `paged_attention._decode` does,
+        op for op (so the same bits), without its general-case bookkeeping."""
+        keys, values = self.keys[layer], self.values[layer]
+        keys.index_copy_(1, self.slots, k)
+        values.index_copy_(1, self.slots, v)
+        if self.span is None:
+            return paged_attention(
+                q, k.transpose(0, 1), v.transpose(0, 1), self.kv[layer], self.meta
+            )
+        start, end = self.span
+        kvh, _, dh = keys.shape
+        qg = (q * dh**-0.5).view(kvh, -1, dh)  # [KVH, G, Dh]: one row, so no transpose
+        scores = torch.bmm(qg, keys[:, start:end].contiguous().transpose(1, 2))  # [KVH, G, L]
+        out = torch.bmm(torch.softmax(scores, dim=-1), values[:, start:end])  # [KVH, G, Dh]
+        return out.view(q.shape)
+
+
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int):
+    attn = getattr(_step, "attn", None)
+    if attn is None:
         raise EngineError("covey::decode_attention runs only inside CompiledDecode.forward")
-    store_kv(kv[layer], k, v, _step.meta.slot_mapping)
-    return paged_attention(q, k, v, kv[layer], _step.meta)
+    return attn.attend(q, k, v, layer)
 
 
-@decode_attention.register_fake
+# Registered with torch.library.Library rather than the `custom_op` decorator: that one
+# wraps every call in a dynamo-disabling context and checks the result for aliasing, ~10 us
+# a call, 30 calls a step. The graph never traces into the kernel (it sees the fake below).
+_LIB = torch.library.Library("covey", "FRAGMENT")
+_LIB.define("decode_attention(Tensor q, Tensor k, Tensor v, int layer) -> Tensor")
+_LIB.impl("decode_attention", _decode_attention, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("covey::decode_attention", lib=_LIB)
 def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
     return torch.empty_like(q)
+
+
+# Store layer `layer`'s new keys/values k, v [KVH, T, Dh] in the pool, then attend: q
+# [T, H, Dh] -> [T, H, Dh]. The pool and metadata come from the step context.
+decode_attention = torch.ops.covey.decode_attention
 
 
 def inductor_cache_dir() -> str:
@@ -90,7 +135,8 @@ def inductor_cache_dir() -> str:
 def _pre_attention(
     layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [T, hidden] -> q [T, H, Dh], k and v [T, KVH, Dh] (RoPE applied to q and k)."""
+    """x [T, hidden] -> q [T, H, Dh], k and v [KVH, T, Dh] (RoPE applied to q and k): keys
+    and values in the pool's head-major order, so that storing them is one copy each."""
     attn = layer.self_attn
     t = x.shape[0]
     qkv = attn.qkv_proj(layer.input_layernorm(x))
@@ -98,7 +144,7 @@ def _pre_attention(
     qk = apply_rotary(qk, cos, sin)
     q, k = qk.split([attn.num_heads, attn.num_kv_heads], dim=1)
     v = qkv[:, attn.q_size + attn.kv_size :].view(t, attn.num_kv_heads, attn.head_dim)
-    return q.contiguous(), k.contiguous(), v.contiguous()
+    return q.contiguous(), k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous()
 
 
 def _post_attention(layer: DecoderLayer, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -117,6 +163,29 @@ def _decode_step(model: LlamaModel, input_ids: torch.Tensor, positions: torch.Te
     return model.norm(x)
 
 
+def _own_copy(fn: Callable) -> Callable:
+    """`fn` with a code object of its own. Dynamo keeps compiled graphs, and checks their
+    guards, per code object: with one copy per `CompiledDecode`, the graphs of one model are
+    never tried for another model's step, and `_drop_model_guards` is safe."""
+    code = fn.__code__.replace()  # a new code object, equal to the old
+    return types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+def _drop_model_guards(entries) -> list[bool]:
+    """Dynamo guards for the step graph, less those on the model's attributes.
+
+    Dynamo guards every module, parameter, buffer and constant the step reads: ~4000 checks
+    for the 30 layers, each call (~0.3-0.8 ms of a ~10 ms step). They protect a graph from
+    a different model, and from a model changed after tracing. A `CompiledDecode` compiles
+    for one model object (its own code object, `_own_copy`), which the engine never changes
+    (weights are loaded and quantized before it is made; a reloaded model is a new engine),
+    and its graph takes the parameters and buffers as inputs, so new values in place are
+    read. What stays: the guards on the token ids and positions (dtype, shape: the batch-1
+    graph against the dynamic one), torch's global state (its thread count among them) and
+    the Python globals the step calls."""
+    return [not (e.name == "model" or e.name.startswith("model.")) for e in entries]
+
+
 class CompiledDecode:
     """The model's forward for pure decode steps of up to `max_batch` sequences, compiled
     as one graph. Same inputs and result as `LlamaModel.forward`."""
@@ -128,13 +197,14 @@ class CompiledDecode:
         self.threads: int | None = None  # torch's thread count the graphs were warmed at
         self.compiled_steps = 0  # steps that ran the compiled graph
         self.eager_steps = 0  # steps run by the plain model: another thread count
+        self._views: tuple | None = None  # (pool, its per-layer key and value views)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache_dir()  # read at each compile
         self._step: Callable = torch.compile(
-            _decode_step,
+            _own_copy(_decode_step),
             backend="inductor",
             dynamic=True,
             fullgraph=True,
-            options=dict(INDUCTOR_OPTIONS),
+            options={**INDUCTOR_OPTIONS, "guard_filter_fn": _drop_model_guards},
         )
 
     @torch.inference_mode()
@@ -165,11 +235,17 @@ class CompiledDecode:
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """The compiled step, compiling it for these inputs' guards if it must."""
-        _step.kv, _step.meta = kv_cache, meta
+        _step.attn = StepAttention(kv_cache, self._layer_views(kv_cache), meta)
         try:
             return self._step(self.model, input_ids, positions)
         finally:
-            _step.kv = _step.meta = None
+            _step.attn = None
+
+    def _layer_views(self, kv: torch.Tensor) -> tuple:
+        """Per layer, the pool's keys and values [KVH, S, Dh]: made once per pool."""
+        if self._views is None or self._views[0] is not kv:
+            self._views = (kv, (kv[:, 0].unbind(0), kv[:, 1].unbind(0)))
+        return self._views[1]
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1, 2), progress: bool = True) -> float:
         """Compile (or load from the cache) the graphs decode steps use, before any request:

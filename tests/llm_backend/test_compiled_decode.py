@@ -16,10 +16,12 @@ import torch
 from torch import nn
 
 from covey.errors import EngineError
-from covey.llm_backend.compiled_decode import decode_attention, inductor_cache_dir
+from covey.llm_backend.attention_metadata import AttentionMetadata, DecodeGroup
+from covey.llm_backend.compiled_decode import StepAttention, decode_attention, inductor_cache_dir
 from covey.llm_backend.config import EngineConfig
 from covey.llm_backend.llm_engine import LLMEngine
 from covey.llm_backend.model_source import resolve_model
+from covey.llm_backend.paged_attention import paged_attention, store_kv
 from covey.llm_backend.perplexity import model_logits
 from covey.llm_backend.quantization import quantize
 from covey.llm_backend.sampling_params import SamplingParams
@@ -105,5 +107,41 @@ def test_compiled_and_eager_decode_agree(first_layers, covey_home):
 
 def test_decode_attention_outside_a_compiled_step_is_a_clear_error():
     q = torch.zeros(1, 9, 64)
+    kv = torch.zeros(3, 1, 64)
     with pytest.raises(EngineError, match="only inside CompiledDecode.forward"):
-        decode_attention(q, q[:, :3], q[:, :3], 0)
+        decode_attention(q, kv, kv, 0)
+
+
+def _pool_and_step(seqs: int):
+    """A random 2-layer pool and the metadata of one decode step over `seqs` sequences:
+    one reads its keys in pool order (slots 32..68), two gather blocks and pad one row."""
+    torch.manual_seed(7)
+    bs, kvh, dh = 16, 3, 64
+    pool = torch.randn(2, 2, kvh, 8 * bs, dh).bfloat16()
+    if seqs == 1:
+        group = DecodeGroup(0, 1, None, 37, None, 2 * bs)
+        slots = torch.tensor([2 * bs + 36])
+    else:
+        blocks = torch.tensor([[5, 1, 6], [3, 0, 0]])
+        padding = (torch.arange(40)[None, :] >= torch.tensor([40, 20])[:, None])[None, :, None]
+        group = DecodeGroup(0, 2, blocks, 40, padding)
+        slots = torch.tensor([6 * bs + 7, 3 * bs + 3])
+    meta = AttentionMetadata(slots, seqs, bs, [], [group])
+    q = torch.randn(seqs, 3 * kvh, dh).bfloat16()
+    k, v = torch.randn(2, seqs, kvh, dh).bfloat16()
+    return pool, meta, q, k, v
+
+
+@pytest.mark.parametrize("seqs", [1, 2])
+def test_the_steps_attention_is_paged_attentions_bit_for_bit(seqs):
+    """`covey::decode_attention`'s kernel (its single-stream path at batch 1, the general
+    one otherwise) stores and attends exactly as `store_kv` and `paged_attention` do."""
+    pool, meta, q, k, v = _pool_and_step(seqs)
+    expected_pool = pool.clone()
+    store_kv(expected_pool[1], k, v, meta.slot_mapping)
+    expected = paged_attention(q, k, v, expected_pool[1], meta)
+    attn = StepAttention(pool, (pool[:, 0].unbind(0), pool[:, 1].unbind(0)), meta)
+    assert (attn.span is not None) == (seqs == 1)
+    got = attn.attend(q, k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous(), 1)
+    assert torch.equal(got, expected)
+    assert torch.equal(pool, expected_pool)

@@ -1,0 +1,84 @@
+"""Compiled decode steps of several models in one process: each engine runs its own model.
+
+`CompiledDecode` drops dynamo's guards on the model's modules, parameters and buffers (the
+~4000 checks a step of the 30-layer model paid), which is safe only because each instance
+compiles its own copy of the step function, so that no graph traced for one model is ever
+tried for another. These tests hold that: engines over models of different shapes and of
+the same shape with other weights, interleaved, and a model given new weights in place.
+Small random models (two or three layers): what is checked is which graph and which
+weights run, not the quality of the model.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from covey.llm_backend.config import EngineConfig
+from covey.llm_backend.llm_engine import LLMEngine
+from covey.llm_backend.model import LlamaModel
+from covey.llm_backend.model_args import preset
+from covey.llm_backend.sampling_params import SamplingParams
+from covey.llm_backend.scheduler import ScheduledSeq
+
+PROMPT = "The three primary colors are red, yellow and"
+
+
+def tiny(seed: int, **shape) -> LlamaModel:
+    torch.manual_seed(seed)
+    return LlamaModel(preset("tiny", **shape)).to(torch.bfloat16).eval()
+
+
+def compiled_engine(model: LlamaModel) -> LLMEngine:
+    config = EngineConfig(
+        device="cpu", dtype="bfloat16", compile=True, kv_cache_tokens=256, num_threads=1
+    )
+    return LLMEngine(config, model=model)
+
+
+def step_both_ways(engine: LLMEngine, rid: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next decode step of request `rid`, compiled and by the plain model, on the same
+    pool and metadata (the step writes the same keys to the same slots either way)."""
+    inputs = engine.runner.prepare([ScheduledSeq(engine.requests[rid], 1)])
+    assert engine.runner._compiled_step(inputs)
+    args = (inputs.input_ids, inputs.positions, engine.pool.kv, inputs.meta)
+    with torch.inference_mode():
+        fused = engine.runner.compiled.forward(*args)
+        plain = engine.model(*args)
+    return fused.float(), plain.float()
+
+
+def assert_same_step(fused: torch.Tensor, plain: torch.Tensor) -> None:
+    # The fused loops round to bfloat16 less often than the eager ops do.
+    torch.testing.assert_close(fused, plain, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.slow  # compiles two small models' graphs (seconds each; then cached)
+def test_engines_over_different_models_each_run_their_own_graph(covey_home):
+    first = tiny(1)
+    other_shape = tiny(2, hidden_size=96, num_heads=6, num_kv_heads=3, num_layers=3)
+    same_shape = tiny(3)  # the first one's shapes, other weights: the guards cannot tell
+    engines = [compiled_engine(m) for m in (first, other_shape, same_shape)]
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    rids = [e.add_request(PROMPT, params) for e in engines]
+    for e in engines:
+        e.step()  # the prompt (eager); the next steps are pure decodes
+    results = []
+    for _ in range(2):  # interleaved: each engine's step after the others'
+        results = []
+        for e, rid in zip(engines, rids, strict=True):
+            fused, plain = step_both_ways(e, rid)
+            assert_same_step(fused, plain)
+            results.append(fused)
+            e.step()
+    # Same shapes, other weights: a graph shared across models would give equal results.
+    assert not torch.allclose(results[0], results[2], atol=0.05)
+    for e in engines:
+        assert e.runner.compiled.compiled_steps >= 2 and e.runner.compiled.eager_steps == 0
+
+    # A model given new weights in place (a reload into the same modules): the graph reads
+    # its parameters as inputs, so the next step uses the new weights.
+    with torch.no_grad():
+        first.load_state_dict(same_shape.state_dict())
+    fused, plain = step_both_ways(engines[0], rids[0])
+    assert_same_step(fused, plain)

@@ -68,17 +68,23 @@ def test_compiled_and_eager_decode_agree(first_layers, covey_home):
     # nothing.
     seqs = [engine.requests[r] for r in rids]
     prompt_ids = [s.token_ids[: s.num_prompt_tokens] for s in seqs]
+    # The warm-up's steps went through dynamo's guards, so these batch sizes call their
+    # graphs directly: what is compared below is the graph, not dynamo's eager fallback.
+    assert set(compiled._direct) == {1, 2}
     for batch in (seqs, seqs[:1]):
-        inputs = engine.runner.prepare([ScheduledSeq(s, 1) for s in batch])
+        with torch.inference_mode():  # as the runner makes them
+            inputs = engine.runner.prepare([ScheduledSeq(s, 1) for s in batch])
         assert engine.runner._compiled_step(inputs)
         args = (inputs.input_ids, inputs.positions, engine.pool.kv, inputs.meta)
         with torch.inference_mode():
-            eager = engine.model.compute_logits(engine.model(*args))
-            fused = engine.model.compute_logits(compiled.forward(*args))
-        assert torch.equal(fused.argmax(-1), eager.argmax(-1))
+            eager = engine.model.compute_logits(engine.model(*args)).float()
+            fused = engine.model.compute_logits(compiled.forward(*args)).float()
         # The fused loops keep float32 between ops where eager rounds each op's result to
-        # bfloat16: a few logits move by a few bf16 steps, the distributions barely.
+        # bfloat16: a few logits move by a few bf16 steps, the distributions barely, and
+        # the pick is eager's or within a step of it (a two-layer model has exact ties).
         torch.testing.assert_close(fused.softmax(-1), eager.softmax(-1), rtol=0, atol=0.03)
+        picked = eager.gather(1, fused.argmax(-1, keepdim=True)).squeeze(1)
+        assert bool((eager.max(-1).values - picked <= 0.25).all())
 
     # End to end: every greedy token of the compiled run is what the eager model picks on
     # the same path, or a near tie there. (Comparing two free-running greedy runs fails on

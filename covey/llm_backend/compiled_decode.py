@@ -17,7 +17,14 @@ the KV pool and the step's attention metadata from a per-thread step context tha
 `CompiledDecode.forward` sets, instead of taking them as graph inputs: a pool written in
 place would be functionalized by the compiler (copies of the whole pool), and the metadata
 holds Python structures a graph cannot take. Nothing else in the graph touches the pool,
-and the layers' data dependencies order the op's writes and reads.
+and the layers' data dependencies order the op's writes and reads. What the 30 calls of a
+step share is worked out once per step (`StepAttention`).
+
+Per step, around the graph: dynamo's guards on ~300 module attributes and tensors were
+~4000 checks, and its argument list the same paths again. Each `CompiledDecode` compiles
+its own copy of the step function, so its graphs only ever serve its own model; the guards
+on that model are dropped (`_drop_model_guards`), and once dynamo has checked a batch size
+the graph it chose is called directly (`_DirectGraph`).
 
 The batch size is a dynamic dimension up to KERNEL_MAX_ROWS (batch 1 gets its own graph,
 as torch specializes it); wider decode steps run eagerly. KERNEL_MAX_ROWS is where int8

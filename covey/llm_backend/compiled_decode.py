@@ -45,6 +45,7 @@ import os
 import threading
 import time
 import types
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -253,9 +254,18 @@ class CompiledDecode:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache_dir()  # read at each compile
         self._direct: dict[int, _DirectGraph] = {}  # batch size -> the graph dynamo chose
         self._ran: _DirectGraph | None = None  # the graph the last dynamo call ran
+        self._graphs: list[_DirectGraph] = []  # every graph compiled for this model
+        # Dynamo keeps every backend for the life of the process (`cached_backends`): the
+        # backend and the graph wrappers it returns hold this object only weakly, or every
+        # dropped engine would keep its model, its KV pool and its graphs alive.
+        owner = weakref.ref(self)
+
+        def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+            return CompiledDecode._compile_graph(_alive(owner), gm, example_inputs)
+
         self._step: Callable = torch.compile(
             _own_copy(_decode_step),
-            backend=self._compile_graph,
+            backend=backend,
             dynamic=True,
             fullgraph=True,
             options={"guard_filter_fn": _drop_model_guards},
@@ -268,9 +278,14 @@ class CompiledDecode:
         compiled = compile_fx(gm, example_inputs, config_patches=dict(INDUCTOR_OPTIONS))
         sources = [n.meta["grapharg"].source for n in gm.graph.find_nodes(op="placeholder")]
         graph = _DirectGraph.of(self.model, sources, compiled)
+        # Dynamo keeps `run` in the step function's module globals for good: it holds the
+        # graph (and its captured parameters) and this object only weakly. `_graphs` keeps
+        # them alive as long as this object.
+        self._graphs.append(graph)
+        owner, graph_ref = weakref.ref(self), weakref.ref(graph)
 
         def run(*args):
-            self._ran = graph
+            _alive(owner)._ran = graph_ref()
             return compiled(*args)
 
         return run
@@ -357,6 +372,13 @@ class CompiledDecode:
         took = time.perf_counter() - start
         log.info("decode step compiled in %.1f s (cache: %s)", took, inductor_cache_dir())
         return took
+
+
+def _alive(owner: weakref.ref) -> CompiledDecode:
+    compiled = owner()
+    if compiled is None:  # only its own engine calls the step function, and holds it
+        raise EngineError("a compiled decode step ran after its engine was dropped")
+    return compiled
 
 
 def _scratch_step(n: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,6 +11,9 @@ weights run, not the quality of the model.
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -82,3 +85,17 @@ def test_engines_over_different_models_each_run_their_own_graph(covey_home):
         first.load_state_dict(same_shape.state_dict())
     fused, plain = step_both_ways(engines[0], rids[0])
     assert_same_step(fused, plain)
+
+
+@pytest.mark.slow  # compiles a small model's graphs (seconds; then cached)
+def test_a_dropped_compiled_engine_frees_its_model_and_pool(covey_home):
+    """Dynamo keeps every backend it was given for the life of the process: a backend that
+    held the engine's `CompiledDecode` kept each dropped engine's weights, KV pool and
+    graphs alive."""
+    engine = compiled_engine(tiny(4))
+    engine.run_to_completion([engine.add_request(PROMPT, SamplingParams(max_tokens=3))])
+    assert engine.runner.compiled._direct  # a graph was compiled and called
+    alive = [weakref.ref(t) for t in (engine.model, engine.model.norm.weight, engine.pool.kv)]
+    del engine
+    gc.collect()
+    assert [r() is None for r in alive] == [True, True, True]

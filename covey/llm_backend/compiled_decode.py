@@ -50,7 +50,7 @@ from collections.abc import Callable
 
 import torch
 
-from covey.errors import EngineError
+from covey.errors import EngineError, NotSupportedError
 from covey.home import covey_home
 from covey.llm_backend.attention_metadata import AttentionMetadata, DecodeGroup
 from covey.llm_backend.layers import apply_rotary
@@ -64,6 +64,10 @@ log = logging.getLogger(__name__)
 # from a generated Python function. The size and alignment asserts are Python calls after
 # every extern kernel; the graph's shapes are checked once, by its guards.
 INDUCTOR_OPTIONS = {"cpp_wrapper": True, "size_asserts": False, "alignment_asserts": False}
+
+# The oldest torch whose `torch.compile` takes `options={"guard_filter_fn": ...}` (older ones
+# hand the option to the backend) and has `torch.compiler.set_stance`.
+MIN_TORCH = (2, 8)
 
 _step = threading.local()  # .attn: the running step's StepAttention
 
@@ -216,18 +220,45 @@ class _DirectGraph:
         self.args, self.per_step, self.compiled, self.callable = args, per_step, compiled, callable_
 
     @classmethod
-    def of(cls, model: LlamaModel, sources: list, compiled: Callable) -> _DirectGraph:
-        """The graph whose inputs come from dynamo's `sources` (one per graph input)."""
+    def of(
+        cls, model: LlamaModel, gm: torch.fx.GraphModule, example_inputs: list, compiled: Callable
+    ) -> _DirectGraph:
+        """The graph `gm` compiled as `compiled`, its inputs looked up from the sources
+        dynamo recorded for them. This reads dynamo internals (graph arguments' sources,
+        placeholder order = argument order): each looked-up tensor must be the very one
+        dynamo passed at compile time (`example_inputs`) and the graph must return one
+        tensor, else, or on any error, dynamo keeps calling the graph (with a warning)."""
+        try:
+            return cls._of(model, gm, example_inputs, compiled)
+        except Exception as exc:
+            log.warning("compiled decode: calling the graph directly failed (%s): dynamo calls"
+                        " it, with its per-step guards", exc)
+            return cls([], [], compiled, False)
+
+    @classmethod
+    def _of(
+        cls, model: LlamaModel, gm: torch.fx.GraphModule, example_inputs: list, compiled: Callable
+    ) -> _DirectGraph:
+        sources = [n.meta["grapharg"].source for n in gm.graph.find_nodes(op="placeholder")]
+        if len(sources) != len(example_inputs):
+            raise ValueError(f"{len(sources)} sources for {len(example_inputs)} graph inputs")
+        (output,) = gm.graph.find_nodes(op="output")
+        if len(output.args[0]) != 1:
+            raise ValueError(f"the step graph returns {len(output.args[0])} values, not one")
         args: list = []
         per_step = []
         found: dict = {}
-        for i, source in enumerate(sources):
-            if source.name.startswith("L['model']"):  # e.g. L['model']._modules['norm']...
-                args.append(source.get_value({}, {"L": {"model": model}}, found))
-            elif source.name in cls.STEP_INPUTS:
+        for i, (source, example) in enumerate(zip(sources, example_inputs, strict=True)):
+            name = source.name if isinstance(source.name, str) else source.name()
+            if name.startswith("L['model']"):  # e.g. L['model']._modules['norm']...
+                value = source.get_value({}, {"L": {"model": model}}, found)
+                if isinstance(value, torch.Tensor) and value is not example:
+                    raise ValueError(f"{name} is not the tensor dynamo passed")
+                args.append(value)
+            elif name in cls.STEP_INPUTS:
                 args.append(None)
-                per_step.append((i, cls.STEP_INPUTS[source.name]))
-            else:
+                per_step.append((i, cls.STEP_INPUTS[name]))
+            else:  # an input of another kind: dynamo keeps calling this graph, silently
                 return cls([], [], compiled, False)
         return cls(args, per_step, compiled, True)
 
@@ -246,6 +277,11 @@ class CompiledDecode:
     max_batch = KERNEL_MAX_ROWS
 
     def __init__(self, model: LlamaModel) -> None:
+        if _torch_version() < MIN_TORCH:
+            raise NotSupportedError(
+                f"EngineConfig.compile=True needs torch >= {'.'.join(map(str, MIN_TORCH))}"
+                f" (installed: {torch.__version__}); compile=False runs the same model eagerly"
+            )
         self.model = model
         self.threads: int | None = None  # torch's thread count the graphs were warmed at
         self.compiled_steps = 0  # steps that ran the compiled graph
@@ -276,8 +312,7 @@ class CompiledDecode:
         from torch._inductor.compile_fx import compile_fx
 
         compiled = compile_fx(gm, example_inputs, config_patches=dict(INDUCTOR_OPTIONS))
-        sources = [n.meta["grapharg"].source for n in gm.graph.find_nodes(op="placeholder")]
-        graph = _DirectGraph.of(self.model, sources, compiled)
+        graph = _DirectGraph.of(self.model, gm, example_inputs, compiled)
         # Dynamo keeps `run` in the step function's module globals for good: it holds the
         # graph (and its captured parameters) and this object only weakly. `_graphs` keeps
         # them alive as long as this object.
@@ -372,6 +407,11 @@ class CompiledDecode:
         took = time.perf_counter() - start
         log.info("decode step compiled in %.1f s (cache: %s)", took, inductor_cache_dir())
         return took
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
 
 
 def _alive(owner: weakref.ref) -> CompiledDecode:

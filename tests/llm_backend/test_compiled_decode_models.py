@@ -12,11 +12,15 @@ weights run, not the quality of the model.
 from __future__ import annotations
 
 import gc
+import logging
 import weakref
 
 import pytest
 import torch
 
+from covey.errors import NotSupportedError
+from covey.llm_backend import compiled_decode
+from covey.llm_backend.compiled_decode import CompiledDecode
 from covey.llm_backend.config import EngineConfig
 from covey.llm_backend.llm_engine import LLMEngine
 from covey.llm_backend.model import LlamaModel
@@ -99,3 +103,30 @@ def test_a_dropped_compiled_engine_frees_its_model_and_pool(covey_home):
     del engine
     gc.collect()
     assert [r() is None for r in alive] == [True, True, True]
+
+
+def test_compile_on_a_torch_without_guard_filters_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(compiled_decode, "_torch_version", lambda: (2, 7))
+    with pytest.raises(NotSupportedError, match="compile=True needs torch >= 2.8"):
+        CompiledDecode(tiny(5))
+
+
+@pytest.mark.slow  # compiles a small model's graphs (seconds; cached by the tests above)
+def test_a_graph_that_cannot_be_called_directly_runs_through_dynamo(
+    covey_home, monkeypatch, caplog
+):
+    """The direct call reads dynamo internals: when they are not what it expects, the engine
+    still starts and dynamo calls the graph."""
+
+    def drifted(*_):
+        raise KeyError("grapharg")
+
+    monkeypatch.setattr(compiled_decode._DirectGraph, "_of", drifted)
+    with caplog.at_level(logging.WARNING, logger=compiled_decode.__name__):
+        engine = compiled_engine(tiny(6))
+    assert "calling the graph directly failed" in caplog.text
+    rid = engine.add_request(PROMPT, SamplingParams(max_tokens=8, ignore_eos=True))
+    engine.step()
+    fused, plain = step_both_ways(engine, rid)
+    assert_same_step(fused, plain)
+    assert not engine.runner.compiled._direct and engine.runner.compiled.eager_steps == 0

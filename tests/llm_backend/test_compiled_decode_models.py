@@ -46,7 +46,9 @@ def compiled_engine(model: LlamaModel) -> LLMEngine:
 def step_both_ways(engine: LLMEngine, rid: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The next decode step of request `rid`, compiled and by the plain model, on the same
     pool and metadata (the step writes the same keys to the same slots either way)."""
-    inputs = engine.runner.prepare([ScheduledSeq(engine.requests[rid], 1)])
+    with torch.inference_mode():  # as the runner makes them: else dynamo's guards fail and
+        # eager_on_recompile runs the step eagerly, and fused == plain proves nothing
+        inputs = engine.runner.prepare([ScheduledSeq(engine.requests[rid], 1)])
     assert engine.runner._compiled_step(inputs)
     args = (inputs.input_ids, inputs.positions, engine.pool.kv, inputs.meta)
     with torch.inference_mode():
@@ -80,8 +82,12 @@ def test_engines_over_different_models_each_run_their_own_graph(covey_home):
             e.step()
     # Same shapes, other weights: a graph shared across models would give equal results.
     assert not torch.allclose(results[0], results[2], atol=0.05)
-    for e in engines:
+    for e, model in zip(engines, (first, other_shape, same_shape), strict=True):
         assert e.runner.compiled.compiled_steps >= 2 and e.runner.compiled.eager_steps == 0
+        # The steps above called batch 1's graph directly, and that graph holds this
+        # engine's own weights: what dropping the model's guards depends on.
+        assert 1 in e.runner.compiled._direct
+        assert any(a is model.norm.weight for a in e.runner.compiled._direct[1].args)
 
     # A model given new weights in place (a reload into the same modules): the graph reads
     # its parameters as inputs, so the next step uses the new weights.

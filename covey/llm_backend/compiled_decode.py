@@ -291,6 +291,8 @@ class CompiledDecode:
         self._direct: dict[int, _DirectGraph] = {}  # batch size -> the graph dynamo chose
         self._ran: _DirectGraph | None = None  # the graph the last dynamo call ran
         self._graphs: list[_DirectGraph] = []  # every graph compiled for this model
+        self._fingerprint: tuple | None = None  # a few of the model's tensors at warm-up
+        self._changed = False  # they were replaced since: the plain model runs every step
         # Dynamo keeps every backend for the life of the process (`cached_backends`): the
         # backend and the graph wrappers it returns hold this object only weakly, or every
         # dropped engine would keep its model, its KV pool and its graphs alive.
@@ -341,9 +343,28 @@ class CompiledDecode:
         if self.threads is not None and torch.get_num_threads() != self.threads:
             self.eager_steps += 1
             return self.model(input_ids, positions, kv_cache, meta)
+        if self._model_changed():
+            self.eager_steps += 1
+            return self.model(input_ids, positions, kv_cache, meta)
         self.compiled_steps += 1
         with torch.compiler.set_stance("eager_on_recompile"):
             return self._run(input_ids, positions, kv_cache, meta)
+
+    def _model_changed(self) -> bool:
+        """Whether the model's tensors were replaced since its graphs were compiled (new
+        Parameter objects, a swapped module, `param.data` of another dtype or shape): the
+        graphs hold the old tensors and were checked for the old layouts, so from then on
+        the plain model runs every step, as it did before the guards were dropped. Checked
+        on a few tensors (the embedding, the first and last layer's qkv, the final norm)."""
+        if self._fingerprint is None or self._changed:
+            return self._changed
+        if _fingerprint(self.model) != self._fingerprint:
+            log.warning("the model's weights were replaced under a compiled engine: its decode"
+                        " steps run eagerly from now on")
+            self._changed = True
+            self._direct.clear()
+            self._graphs.clear()
+        return self._changed
 
     def _run(
         self,
@@ -380,6 +401,7 @@ class CompiledDecode:
         steps write a scratch pool, not the engine's. Returns the seconds it took; prints
         progress on stderr when `progress`."""
         start = time.perf_counter()
+        self._fingerprint = _fingerprint(self.model)
         args = self.model.args
         # The final norm's weight is dense whatever the quantization (an int4 model's
         # embedding table is packed int8): it gives the device and the compute dtype.
@@ -412,6 +434,23 @@ class CompiledDecode:
 def _torch_version() -> tuple[int, int]:
     major, minor = torch.__version__.split(".")[:2]
     return int(major), int(minor)
+
+
+def _fingerprint(model: LlamaModel) -> tuple:
+    """Identity, storage, dtype and shape of a few of the model's tensors (a few
+    microseconds a step): what a replaced weight or module changes."""
+    modules = (
+        model.embed_tokens,
+        model.layers[0].self_attn.qkv_proj,
+        model.layers[-1].self_attn.qkv_proj,
+        model.norm,
+    )
+    return tuple(
+        (id(t), t.data_ptr(), t.dtype, t.shape)
+        for m in modules
+        for t in (*m._parameters.values(), *m._buffers.values())
+        if t is not None
+    ) + (len(model.layers),)
 
 
 def _alive(owner: weakref.ref) -> CompiledDecode:

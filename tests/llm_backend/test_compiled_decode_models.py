@@ -18,7 +18,7 @@ import weakref
 import pytest
 import torch
 
-from covey.errors import NotSupportedError
+from covey.errors import EngineError, NotSupportedError
 from covey.llm_backend import compiled_decode
 from covey.llm_backend.compiled_decode import CompiledDecode
 from covey.llm_backend.config import EngineConfig
@@ -95,6 +95,13 @@ def test_engines_over_different_models_each_run_their_own_graph(covey_home):
         first.load_state_dict(same_shape.state_dict())
     fused, plain = step_both_ways(engines[0], rids[0])
     assert_same_step(fused, plain)
+
+    # A weight replaced by a new tensor (not written in place): the graphs hold the old one,
+    # so the plain model runs the steps from then on.
+    qkv = first.layers[0].self_attn.qkv_proj
+    qkv.weight = torch.nn.Parameter(torch.randn_like(qkv.weight))
+    fused, plain = step_both_ways(engines[0], rids[0])
+    assert torch.equal(fused, plain) and engines[0].runner.compiled.eager_steps == 1
 
 
 @pytest.mark.slow  # compiles a small model's graphs (seconds; then cached)

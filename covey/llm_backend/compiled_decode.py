@@ -263,6 +263,12 @@ class _DirectGraph:
         return cls(args, per_step, compiled, True)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # Dynamo's guards on grad mode and the inputs' dtypes are not run here: the graph
+        # was traced for inference and int64 ids (what `CompiledDecode.forward` passes).
+        if torch.is_grad_enabled():
+            raise EngineError("a compiled decode graph runs only in inference mode")
+        if input_ids.dtype != torch.long or positions.dtype != torch.long:
+            raise EngineError("a compiled decode graph takes int64 token ids and positions")
         args = list(self.args)
         for i, get in self.per_step:
             args[i] = get(input_ids, positions)

@@ -96,6 +96,14 @@ def test_engines_over_different_models_each_run_their_own_graph(covey_home):
     fused, plain = step_both_ways(engines[0], rids[0])
     assert_same_step(fused, plain)
 
+    # The direct call skips dynamo's guards on grad mode and input dtypes: misuse is an error.
+    direct = engines[0].runner.compiled._direct[1]
+    ids, pos = torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+    with torch.enable_grad(), pytest.raises(EngineError, match="inference mode"):
+        direct(ids, pos)
+    with torch.inference_mode(), pytest.raises(EngineError, match="int64 token ids"):
+        direct(ids.int(), pos)
+
     # A weight replaced by a new tensor (not written in place): the graphs hold the old one,
     # so the plain model runs the steps from then on.
     qkv = first.layers[0].self_attn.qkv_proj

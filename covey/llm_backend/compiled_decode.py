@@ -84,7 +84,12 @@ class StepAttention:
         self.slots = meta.slot_mapping
         group = meta.decode_groups[0] if len(meta.decode_groups) == 1 else None
         self.span: tuple[int, int] | None = None  # the one sequence's key slots [a, b)
-        if group is not None and group.blocks is None and meta.num_decode == group.end == 1:
+        if (
+            group is not None
+            and group.blocks is None
+            and meta.num_decode == group.end == 1
+            and not meta.prefills  # else the step's queries are more than the one row
+        ):
             assert group.contiguous_start is not None
             self.span = (group.contiguous_start, group.contiguous_start + group.length)
 

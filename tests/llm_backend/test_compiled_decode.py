@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from covey.errors import EngineError
-from covey.llm_backend.attention_metadata import AttentionMetadata, DecodeGroup
+from covey.llm_backend.attention_metadata import AttentionMetadata, DecodeGroup, PrefillRun
 from covey.llm_backend.compiled_decode import StepAttention, decode_attention, inductor_cache_dir
 from covey.llm_backend.config import EngineConfig
 from covey.llm_backend.llm_engine import LLMEngine
@@ -151,3 +151,11 @@ def test_the_steps_attention_is_paged_attentions_bit_for_bit(seqs):
     got = attn.attend(q, k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous(), 1)
     assert torch.equal(got, expected)
     assert torch.equal(pool, expected_pool)
+
+
+def test_the_single_stream_path_is_taken_only_by_a_pure_decode_step():
+    """A step with one decode and a prefill has more than one query row: the general path."""
+    pool, meta, q, k, v = _pool_and_step(1)
+    meta = dataclasses.replace(meta, prefills=[PrefillRun(1, 4, None)])
+    attn = StepAttention(pool, (pool[:, 0].unbind(0), pool[:, 1].unbind(0)), meta)
+    assert attn.span is None

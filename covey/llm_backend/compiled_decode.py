@@ -12,13 +12,10 @@ version of this file) cost two compiled calls per layer (guards and a Python wra
 which ate what the fusion saved, and it measured no faster than eager with int4 weights.
 
 Paged attention stays eager, inside the graph as an opaque custom op
-(`covey::decode_attention`): its gathers and block tables change every step. The op reads
-the KV pool and the step's attention metadata from a per-thread step context that
-`CompiledDecode.forward` sets, instead of taking them as graph inputs: a pool written in
-place would be functionalized by the compiler (copies of the whole pool), and the metadata
-holds Python structures a graph cannot take. Nothing else in the graph touches the pool,
-and the layers' data dependencies order the op's writes and reads. What the 30 calls of a
-step share is worked out once per step (`StepAttention`).
+(`covey::decode_attention`, decode_attention_op.py), which reads the KV pool and the step's
+attention metadata from a per-thread step context that `CompiledDecode` sets around each
+step. Nothing else in the graph touches the pool, and the layers' data dependencies order
+the op's writes and reads.
 
 Per step, around the graph: dynamo's guards on ~300 module attributes and tensors were
 ~4000 checks, and its argument list the same paths again. Each `CompiledDecode` compiles
@@ -42,7 +39,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 import types
 import weakref
@@ -53,9 +49,9 @@ import torch
 from covey.errors import EngineError, NotSupportedError
 from covey.home import covey_home
 from covey.llm_backend.attention_metadata import AttentionMetadata, DecodeGroup
+from covey.llm_backend.decode_attention_op import StepAttention, step_context
 from covey.llm_backend.layers import apply_rotary
 from covey.llm_backend.model import DecoderLayer, LlamaModel
-from covey.llm_backend.paged_attention import paged_attention
 from covey.llm_backend.quantization import KERNEL_MAX_ROWS
 
 log = logging.getLogger(__name__)
@@ -68,74 +64,6 @@ INDUCTOR_OPTIONS = {"cpp_wrapper": True, "size_asserts": False, "alignment_asser
 # The oldest torch whose `torch.compile` takes `options={"guard_filter_fn": ...}` (older ones
 # hand the option to the backend) and has `torch.compiler.set_stance`.
 MIN_TORCH = (2, 8)
-
-_step = threading.local()  # .attn: the running step's StepAttention
-
-
-class StepAttention:
-    """What the step's 30 `covey::decode_attention` calls share, worked out once per step:
-    the pool's per-layer key and value views, and for the common single-stream case (one
-    sequence whose keys lie in pool order) where its keys are. Each call then runs ~12 ATen
-    ops instead of `store_kv` and `paged_attention`'s ~25 and their metadata lookups."""
-
-    def __init__(self, kv: torch.Tensor, layer_views: tuple, meta: AttentionMetadata) -> None:
-        self.kv, self.meta = kv, meta
-        self.keys, self.values = layer_views  # per layer [KVH, S, Dh], views of the pool
-        self.slots = meta.slot_mapping
-        group = meta.decode_groups[0] if len(meta.decode_groups) == 1 else None
-        self.span: tuple[int, int] | None = None  # the one sequence's key slots [a, b)
-        if (
-            group is not None
-            and group.blocks is None
-            and meta.num_decode == group.end == 1
-            and not meta.prefills  # else the step's queries are more than the one row
-        ):
-            assert group.contiguous_start is not None
-            self.span = (group.contiguous_start, group.contiguous_start + group.length)
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int):
-        """Store layer `layer`'s new keys/values k, v [KVH, T, Dh], then attend: q [T, H, Dh]
-        -> [T, H, Dh]. The single-stream case computes what `paged_attention._decode` does,
-        op for op (so the same bits), without its general-case bookkeeping."""
-        keys, values = self.keys[layer], self.values[layer]
-        keys.index_copy_(1, self.slots, k)
-        values.index_copy_(1, self.slots, v)
-        if self.span is None:
-            return paged_attention(
-                q, k.transpose(0, 1), v.transpose(0, 1), self.kv[layer], self.meta
-            )
-        start, end = self.span
-        kvh, _, dh = keys.shape
-        qg = (q * dh**-0.5).view(kvh, -1, dh)  # [KVH, G, Dh]: one row, so no transpose
-        scores = torch.bmm(qg, keys[:, start:end].contiguous().transpose(1, 2))  # [KVH, G, L]
-        out = torch.bmm(torch.softmax(scores, dim=-1), values[:, start:end])  # [KVH, G, Dh]
-        return out.view(q.shape)
-
-
-def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int):
-    attn = getattr(_step, "attn", None)
-    if attn is None:
-        raise EngineError("covey::decode_attention runs only inside CompiledDecode.forward")
-    return attn.attend(q, k, v, layer)
-
-
-# Registered with torch.library.Library rather than the `custom_op` decorator: that one
-# wraps every call in a dynamo-disabling context and checks the result for aliasing (a
-# call through the dispatcher: ~2 us against ~4, measured loaded; 30 calls a step). The
-# graph never traces into the kernel (it sees the fake below).
-_LIB = torch.library.Library("covey", "FRAGMENT")
-_LIB.define("decode_attention(Tensor q, Tensor k, Tensor v, int layer) -> Tensor")
-_LIB.impl("decode_attention", _decode_attention, "CompositeExplicitAutograd")
-
-
-@torch.library.register_fake("covey::decode_attention", lib=_LIB)
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
-    return torch.empty_like(q)
-
-
-# Store layer `layer`'s new keys/values k, v [KVH, T, Dh] in the pool, then attend: q
-# [T, H, Dh] -> [T, H, Dh]. The pool and metadata come from the step context.
-decode_attention = torch.ops.covey.decode_attention
 
 
 def inductor_cache_dir() -> str:
@@ -387,7 +315,7 @@ class CompiledDecode:
         """The compiled step. A batch size's first step goes through dynamo, which checks
         its guards and picks (or compiles) the graph; later steps of that size call that
         graph directly (`_DirectGraph`), without dynamo's frame, guards and argument list."""
-        _step.attn = StepAttention(kv_cache, self._layer_views(kv_cache), meta)
+        step_context.attn = StepAttention(kv_cache, self._layer_views(kv_cache), meta)
         try:
             graph = self._direct.get(input_ids.shape[0])
             if graph is not None:
@@ -398,7 +326,7 @@ class CompiledDecode:
                 self._direct[input_ids.shape[0]] = self._ran
             return out
         finally:
-            _step.attn = None
+            step_context.attn = None
 
     def _layer_views(self, kv: torch.Tensor) -> tuple:
         """Per layer, the pool's keys and values [KVH, S, Dh]: made once per pool."""

@@ -17,8 +17,9 @@ from torch import nn
 
 from covey.errors import EngineError
 from covey.llm_backend.attention_metadata import AttentionMetadata, DecodeGroup, PrefillRun
-from covey.llm_backend.compiled_decode import StepAttention, decode_attention, inductor_cache_dir
+from covey.llm_backend.compiled_decode import inductor_cache_dir
 from covey.llm_backend.config import EngineConfig
+from covey.llm_backend.decode_attention_op import StepAttention, decode_attention
 from covey.llm_backend.llm_engine import LLMEngine
 from covey.llm_backend.model_source import resolve_model
 from covey.llm_backend.paged_attention import paged_attention, store_kv

@@ -179,14 +179,19 @@ def _timed_forward(engine):
     """Adds the wall time of the model's forward passes (compiled or not) to a one-item
     list while the block runs; the runner calls the forward it picks as a plain method."""
     spent = [0.0]
+    depth = [0]  # the compiled forward's eager fallback calls the model's: count it once
     targets = [engine.model] + ([engine.runner.compiled] if engine.runner.compiled else [])
 
     def timed(forward):
         def run(*args, **kwargs):
+            if depth[0]:
+                return forward(*args, **kwargs)
+            depth[0] += 1
             start = time.perf_counter()
             try:
                 return forward(*args, **kwargs)
             finally:
+                depth[0] -= 1
                 spent[0] += time.perf_counter() - start
 
         return run

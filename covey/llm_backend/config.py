@@ -43,7 +43,9 @@ class EngineConfig:
     direct graph call, 17-20% less CPU a step than eager in two runs), the first compile of
     the model takes over a minute (minutes on a loaded machine), and even from the cache an
     engine start pays ~10-20 s of tracing: too slow a start for an engine made per command
-    or per test.
+    or per test. A model given as `LLMEngine(config, model=...)` may be written in place
+    after the engine starts; if its weights or modules are replaced instead, the decode
+    steps run eagerly from then on (the compiled graphs hold the old tensors).
     """
 
     model: str | Path | None = None  # None: the embedded SmolLM2-135M-Instruct

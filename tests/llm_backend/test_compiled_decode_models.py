@@ -150,4 +150,6 @@ def test_a_graph_that_cannot_be_called_directly_runs_through_dynamo(
     engine.step()
     fused, plain = step_both_ways(engine, rid)
     assert_same_step(fused, plain)
-    assert not engine.runner.compiled._direct and engine.runner.compiled.eager_steps == 0
+    compiled = engine.runner.compiled
+    assert not compiled._direct and compiled.eager_steps == 0
+    assert compiled._ran is not None  # dynamo called the compiled graph (not eager_on_recompile)

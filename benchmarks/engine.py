@@ -21,6 +21,7 @@ On CUDA, a throughput run on dummy weights of a 1B-class Llama is added.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -127,21 +128,27 @@ PROFILE_GROUPS = {
     "attention_matmul_s": ("aten::bmm", "aten::matmul", "aten::_softmax", "aten::masked_fill_"),
     "rms_norm_s": ("aten::_fused_rms_norm", "aten::rms_norm"),
     "kv_gather_store_s": ("aten::index_select", "aten::index_copy_"),
+    # Compiled steps: the attention op's own Python and dispatch (its ATen ops are in the
+    # groups above), and dynamo's and the compiled graph's wrappers around the graph.
+    "decode_attention_op_s": ("covey::decode_attention",),
+    "compiled_call_s": ("Torch-Compiled Region", "CompiledFunction", "## Call CompiledFxGraph"),
 }
 
 
 def decode_profile(engine, prompt, steps):
     """Where the time of one decode step goes: torch.profiler self CPU time per step, in
-    groups, plus the wall time of a step without the profiler."""
+    groups, plus the wall time of a step without the profiler, and of that the time outside
+    the model's forward (scheduling, step inputs, LM head, sampling, outputs)."""
     from torch.profiler import ProfilerActivity, profile
 
     engine.add_request(prompt, SamplingParams(max_tokens=steps * 3, ignore_eos=True))
     for _ in range(steps):
         engine.step()  # prefill and warm-up
-    start = time.perf_counter()
-    for _ in range(steps):
-        engine.step()
-    wall = (time.perf_counter() - start) / steps
+    with _timed_forward(engine) as in_forward:
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        wall = (time.perf_counter() - start) / steps
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(steps):
             engine.step()
@@ -149,7 +156,8 @@ def decode_profile(engine, prompt, steps):
         engine.abort_request(rid)
     events = prof.key_averages(group_by_input_shape=True)
     total = sum(e.self_cpu_time_total for e in events) / 1e6 / steps
-    out = {"step_s": wall, "profiled_total_s": total}
+    out = {"step_s": wall, "outside_forward_s": wall - in_forward[0] / steps}
+    out["profiled_total_s"] = total
     vocab = engine.model.args.vocab_size
     for group, names in PROFILE_GROUPS.items():
         head = group == "lm_head_s"
@@ -157,13 +165,44 @@ def decode_profile(engine, prompt, steps):
             sum(
                 e.self_cpu_time_total
                 for e in events
-                if e.key in names and _reads_vocab_rows(e, vocab) == head
+                if e.key.startswith(names) and _reads_vocab_rows(e, vocab) == head
             )
             / 1e6
             / steps
         )
     out["other_ops_s"] = total - sum(out[g] for g in PROFILE_GROUPS)
     return out
+
+
+@contextlib.contextmanager
+def _timed_forward(engine):
+    """Adds the wall time of the model's forward passes (compiled or not) to a one-item
+    list while the block runs; the runner calls the forward it picks as a plain method."""
+    spent = [0.0]
+    depth = [0]  # the compiled forward's eager fallback calls the model's: count it once
+    targets = [engine.model] + ([engine.runner.compiled] if engine.runner.compiled else [])
+
+    def timed(forward):
+        def run(*args, **kwargs):
+            if depth[0]:
+                return forward(*args, **kwargs)
+            depth[0] += 1
+            start = time.perf_counter()
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+                spent[0] += time.perf_counter() - start
+
+        return run
+
+    for target in targets:
+        target.forward = timed(target.forward)
+    try:
+        yield spent
+    finally:
+        for target in targets:
+            del target.forward  # the class's method again
 
 
 def _reads_vocab_rows(event, vocab: int) -> bool:

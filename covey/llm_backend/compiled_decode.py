@@ -12,12 +12,16 @@ version of this file) cost two compiled calls per layer (guards and a Python wra
 which ate what the fusion saved, and it measured no faster than eager with int4 weights.
 
 Paged attention stays eager, inside the graph as an opaque custom op
-(`covey::decode_attention`): its gathers and block tables change every step. The op reads
-the KV pool and the step's attention metadata from a per-thread step context that
-`CompiledDecode.forward` sets, instead of taking them as graph inputs: a pool written in
-place would be functionalized by the compiler (copies of the whole pool), and the metadata
-holds Python structures a graph cannot take. Nothing else in the graph touches the pool,
-and the layers' data dependencies order the op's writes and reads.
+(`covey::decode_attention`, decode_attention_op.py), which reads the KV pool and the step's
+attention metadata from a per-thread step context that `CompiledDecode` sets around each
+step. Nothing else in the graph touches the pool, and the layers' data dependencies order
+the op's writes and reads.
+
+Per step, around the graph: dynamo's guards on ~300 module attributes and tensors were
+~4000 checks, and its argument list the same paths again. Each `CompiledDecode` compiles
+its own copy of the step function, so its graphs only ever serve its own model; the guards
+on that model are dropped (`_drop_model_guards`), and once dynamo has checked a batch size
+the graph it chose is called directly (`_DirectGraph`).
 
 The batch size is a dynamic dimension up to KERNEL_MAX_ROWS (batch 1 gets its own graph,
 as torch specializes it); wider decode steps run eagerly. KERNEL_MAX_ROWS is where int8
@@ -35,18 +39,19 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
+import types
+import weakref
 from collections.abc import Callable
 
 import torch
 
-from covey.errors import EngineError
+from covey.errors import EngineError, NotSupportedError
 from covey.home import covey_home
 from covey.llm_backend.attention_metadata import AttentionMetadata, DecodeGroup
+from covey.llm_backend.decode_attention_op import StepAttention, step_context
 from covey.llm_backend.layers import apply_rotary
 from covey.llm_backend.model import DecoderLayer, LlamaModel
-from covey.llm_backend.paged_attention import paged_attention, store_kv
 from covey.llm_backend.quantization import KERNEL_MAX_ROWS
 
 log = logging.getLogger(__name__)
@@ -56,23 +61,9 @@ log = logging.getLogger(__name__)
 # every extern kernel; the graph's shapes are checked once, by its guards.
 INDUCTOR_OPTIONS = {"cpp_wrapper": True, "size_asserts": False, "alignment_asserts": False}
 
-_step = threading.local()  # .kv [layers, 2, KVH, S, Dh] and .meta of the running step
-
-
-@torch.library.custom_op("covey::decode_attention", mutates_args=())
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
-    """Store layer `layer`'s new keys/values in the pool, then attend: q [T, H, Dh], k and v
-    [T, KVH, Dh] -> [T, H, Dh]. The pool and metadata come from the step context."""
-    kv = getattr(_step, "kv", None)
-    if kv is None:
-        raise EngineError("covey::decode_attention runs only inside CompiledDecode.forward")
-    store_kv(kv[layer], k, v, _step.meta.slot_mapping)
-    return paged_attention(q, k, v, kv[layer], _step.meta)
-
-
-@decode_attention.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
-    return torch.empty_like(q)
+# The oldest torch whose `torch.compile` takes `options={"guard_filter_fn": ...}` (older ones
+# hand the option to the backend) and has `torch.compiler.set_stance`.
+MIN_TORCH = (2, 8)
 
 
 def inductor_cache_dir() -> str:
@@ -90,7 +81,8 @@ def inductor_cache_dir() -> str:
 def _pre_attention(
     layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [T, hidden] -> q [T, H, Dh], k and v [T, KVH, Dh] (RoPE applied to q and k)."""
+    """x [T, hidden] -> q [T, H, Dh], k and v [KVH, T, Dh] (RoPE applied to q and k): keys
+    and values in the pool's head-major order, so that storing them is one copy each."""
     attn = layer.self_attn
     t = x.shape[0]
     qkv = attn.qkv_proj(layer.input_layernorm(x))
@@ -98,7 +90,7 @@ def _pre_attention(
     qk = apply_rotary(qk, cos, sin)
     q, k = qk.split([attn.num_heads, attn.num_kv_heads], dim=1)
     v = qkv[:, attn.q_size + attn.kv_size :].view(t, attn.num_kv_heads, attn.head_dim)
-    return q.contiguous(), k.contiguous(), v.contiguous()
+    return q.contiguous(), k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous()
 
 
 def _post_attention(layer: DecoderLayer, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -117,6 +109,106 @@ def _decode_step(model: LlamaModel, input_ids: torch.Tensor, positions: torch.Te
     return model.norm(x)
 
 
+def _own_copy(fn: Callable) -> Callable:
+    """`fn` with a code object of its own. Dynamo keeps compiled graphs, and checks their
+    guards, per code object: with one copy per `CompiledDecode`, the graphs of one model are
+    never tried for another model's step, and `_drop_model_guards` is safe."""
+    code = fn.__code__.replace()  # a new code object, equal to the old
+    return types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+def _drop_model_guards(entries) -> list[bool]:
+    """Dynamo guards for the step graph, less those on the model's attributes.
+
+    Dynamo guards every module, parameter, buffer and constant the step reads: ~4000 checks
+    for the 30 layers, each call (~0.3-0.8 ms of a ~10 ms step). They protect a graph from
+    a different model, and from a model changed after tracing. A `CompiledDecode` compiles
+    for one model object (its own code object, `_own_copy`), which the engine never changes
+    (weights are loaded and quantized before it is made; a reloaded model is a new engine),
+    and its graph takes the parameters and buffers as inputs, so new values in place are
+    read. What stays: the guards on the token ids and positions (dtype, shape: the batch-1
+    graph against the dynamic one), torch's global state (its thread count among them) and
+    the Python globals the step calls."""
+    return [not (e.name == "model" or e.name.startswith("model.")) for e in entries]
+
+
+class _DirectGraph:
+    """A compiled step graph called without dynamo.
+
+    Dynamo calls a graph with its inputs in a list it builds on each call from the step's
+    arguments: the model's ~300 parameters and buffers by attribute paths (about 0.4 ms of
+    a step), then the token ids, the positions and their sizes. Here the model's tensors
+    are looked up once (the model is fixed, see `_drop_model_guards`; new values in place
+    are read) and only the step's own inputs are filled in. A graph with an input of any
+    other kind keeps going through dynamo (`callable` False)."""
+
+    STEP_INPUTS: dict[str, Callable] = {
+        "L['input_ids']": lambda ids, pos: ids,
+        "L['positions']": lambda ids, pos: pos,
+        "L['input_ids'].size()[0]": lambda ids, pos: ids.shape[0],
+        "L['positions'].size()[0]": lambda ids, pos: pos.shape[0],
+    }
+
+    def __init__(self, args: list, per_step: list, compiled: Callable, callable_: bool):
+        self.args, self.per_step, self.compiled, self.callable = args, per_step, compiled, callable_
+
+    @classmethod
+    def of(
+        cls, model: LlamaModel, gm: torch.fx.GraphModule, example_inputs: list, compiled: Callable
+    ) -> _DirectGraph:
+        """The graph `gm` compiled as `compiled`, its inputs looked up from the sources
+        dynamo recorded for them. This reads dynamo internals (graph arguments' sources,
+        placeholder order = argument order): each looked-up tensor must be the very one
+        dynamo passed at compile time (`example_inputs`) and the graph must return one
+        tensor, else, or on any error, dynamo keeps calling the graph (with a warning)."""
+        try:
+            return cls._of(model, gm, example_inputs, compiled)
+        except Exception as exc:
+            log.warning("compiled decode: calling the graph directly failed (%s): dynamo calls"
+                        " it, with its per-step guards", exc)
+            return cls([], [], compiled, False)
+
+    @classmethod
+    def _of(
+        cls, model: LlamaModel, gm: torch.fx.GraphModule, example_inputs: list, compiled: Callable
+    ) -> _DirectGraph:
+        sources = [n.meta["grapharg"].source for n in gm.graph.find_nodes(op="placeholder")]
+        if len(sources) != len(example_inputs):
+            raise ValueError(f"{len(sources)} sources for {len(example_inputs)} graph inputs")
+        (output,) = gm.graph.find_nodes(op="output")
+        if len(output.args[0]) != 1:
+            raise ValueError(f"the step graph returns {len(output.args[0])} values, not one")
+        args: list = []
+        per_step = []
+        found: dict = {}
+        for i, (source, example) in enumerate(zip(sources, example_inputs, strict=True)):
+            name = source.name if isinstance(source.name, str) else source.name()
+            if name.startswith("L['model']"):  # e.g. L['model']._modules['norm']...
+                value = source.get_value({}, {"L": {"model": model}}, found)
+                if isinstance(value, torch.Tensor) and value is not example:
+                    raise ValueError(f"{name} is not the tensor dynamo passed")
+                args.append(value)
+            elif name in cls.STEP_INPUTS:
+                args.append(None)
+                per_step.append((i, cls.STEP_INPUTS[name]))
+            else:  # an input of another kind: dynamo keeps calling this graph, silently
+                return cls([], [], compiled, False)
+        return cls(args, per_step, compiled, True)
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # Dynamo's guards on grad mode and the inputs' dtypes are not run here: the graph
+        # was traced for inference and int64 ids (what `CompiledDecode.forward` passes).
+        if torch.is_grad_enabled():
+            raise EngineError("a compiled decode graph runs only in inference mode")
+        if input_ids.dtype != torch.long or positions.dtype != torch.long:
+            raise EngineError("a compiled decode graph takes int64 token ids and positions")
+        args = list(self.args)
+        for i, get in self.per_step:
+            args[i] = get(input_ids, positions)
+        (hidden,) = self.compiled(*args)
+        return hidden
+
+
 class CompiledDecode:
     """The model's forward for pure decode steps of up to `max_batch` sequences, compiled
     as one graph. Same inputs and result as `LlamaModel.forward`."""
@@ -124,18 +216,55 @@ class CompiledDecode:
     max_batch = KERNEL_MAX_ROWS
 
     def __init__(self, model: LlamaModel) -> None:
+        if _torch_version() < MIN_TORCH:
+            raise NotSupportedError(
+                f"EngineConfig.compile=True needs torch >= {'.'.join(map(str, MIN_TORCH))}"
+                f" (installed: {torch.__version__}); compile=False runs the same model eagerly"
+            )
         self.model = model
         self.threads: int | None = None  # torch's thread count the graphs were warmed at
         self.compiled_steps = 0  # steps that ran the compiled graph
         self.eager_steps = 0  # steps run by the plain model: another thread count
+        self._views: tuple | None = None  # (pool, its per-layer key and value views)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache_dir()  # read at each compile
+        self._direct: dict[int, _DirectGraph] = {}  # batch size -> the graph dynamo chose
+        self._ran: _DirectGraph | None = None  # the graph the last dynamo call ran
+        self._graphs: list[_DirectGraph] = []  # every graph compiled for this model
+        self._fingerprint: tuple | None = None  # a few of the model's tensors at warm-up
+        self._changed = False  # they were replaced since: the plain model runs every step
+        # Dynamo keeps every backend for the life of the process (`cached_backends`): the
+        # backend and the graph wrappers it returns hold this object only weakly, or every
+        # dropped engine would keep its model, its KV pool and its graphs alive.
+        owner = weakref.ref(self)
+
+        def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+            return CompiledDecode._compile_graph(_alive(owner), gm, example_inputs)
+
         self._step: Callable = torch.compile(
-            _decode_step,
-            backend="inductor",
+            _own_copy(_decode_step),
+            backend=backend,
             dynamic=True,
             fullgraph=True,
-            options=dict(INDUCTOR_OPTIONS),
+            options={"guard_filter_fn": _drop_model_guards},
         )
+
+    def _compile_graph(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        """Dynamo's backend: inductor, keeping what calling the graph directly needs."""
+        from torch._inductor.compile_fx import compile_fx
+
+        compiled = compile_fx(gm, example_inputs, config_patches=dict(INDUCTOR_OPTIONS))
+        graph = _DirectGraph.of(self.model, gm, example_inputs, compiled)
+        # Dynamo keeps `run` in the step function's module globals for good: it holds the
+        # graph (and its captured parameters) and this object only weakly. `_graphs` keeps
+        # them alive as long as this object.
+        self._graphs.append(graph)
+        owner, graph_ref = weakref.ref(self), weakref.ref(graph)
+
+        def run(*args):
+            _alive(owner)._ran = graph_ref()
+            return compiled(*args)
+
+        return run
 
     @torch.inference_mode()
     def forward(
@@ -153,9 +282,28 @@ class CompiledDecode:
         if self.threads is not None and torch.get_num_threads() != self.threads:
             self.eager_steps += 1
             return self.model(input_ids, positions, kv_cache, meta)
+        if self._model_changed():
+            self.eager_steps += 1
+            return self.model(input_ids, positions, kv_cache, meta)
         self.compiled_steps += 1
         with torch.compiler.set_stance("eager_on_recompile"):
             return self._run(input_ids, positions, kv_cache, meta)
+
+    def _model_changed(self) -> bool:
+        """Whether the model's tensors were replaced since its graphs were compiled (new
+        Parameter objects, a swapped module, `param.data` of another dtype or shape): the
+        graphs hold the old tensors and were checked for the old layouts, so from then on
+        the plain model runs every step, as it did before the guards were dropped. Checked
+        on a few tensors (the embedding, the first and last layer's qkv, the final norm)."""
+        if self._fingerprint is None or self._changed:
+            return self._changed
+        if _fingerprint(self.model) != self._fingerprint:
+            log.warning("the model's weights were replaced under a compiled engine: its decode"
+                        " steps run eagerly from now on")
+            self._changed = True
+            self._direct.clear()
+            self._graphs.clear()
+        return self._changed
 
     def _run(
         self,
@@ -164,12 +312,27 @@ class CompiledDecode:
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        """The compiled step, compiling it for these inputs' guards if it must."""
-        _step.kv, _step.meta = kv_cache, meta
+        """The compiled step. A batch size's first step goes through dynamo, which checks
+        its guards and picks (or compiles) the graph; later steps of that size call that
+        graph directly (`_DirectGraph`), without dynamo's frame, guards and argument list."""
+        step_context.attn = StepAttention(kv_cache, self._layer_views(kv_cache), meta)
         try:
-            return self._step(self.model, input_ids, positions)
+            graph = self._direct.get(input_ids.shape[0])
+            if graph is not None:
+                return graph(input_ids, positions)
+            self._ran = None
+            out = self._step(self.model, input_ids, positions)
+            if self._ran is not None and self._ran.callable:
+                self._direct[input_ids.shape[0]] = self._ran
+            return out
         finally:
-            _step.kv = _step.meta = None
+            step_context.attn = None
+
+    def _layer_views(self, kv: torch.Tensor) -> tuple:
+        """Per layer, the pool's keys and values [KVH, S, Dh]: made once per pool."""
+        if self._views is None or self._views[0] is not kv:
+            self._views = (kv, (kv[:, 0].unbind(0), kv[:, 1].unbind(0)))
+        return self._views[1]
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1, 2), progress: bool = True) -> float:
         """Compile (or load from the cache) the graphs decode steps use, before any request:
@@ -177,6 +340,7 @@ class CompiledDecode:
         steps write a scratch pool, not the engine's. Returns the seconds it took; prints
         progress on stderr when `progress`."""
         start = time.perf_counter()
+        self._fingerprint = _fingerprint(self.model)
         args = self.model.args
         # The final norm's weight is dense whatever the quantization (an int4 model's
         # embedding table is packed int8): it gives the device and the compute dtype.
@@ -204,6 +368,35 @@ class CompiledDecode:
         took = time.perf_counter() - start
         log.info("decode step compiled in %.1f s (cache: %s)", took, inductor_cache_dir())
         return took
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+def _fingerprint(model: LlamaModel) -> tuple:
+    """Identity, storage, dtype and shape of a few of the model's tensors (a few
+    microseconds a step): what a replaced weight or module changes."""
+    modules = (
+        model.embed_tokens,
+        model.layers[0].self_attn.qkv_proj,
+        model.layers[-1].self_attn.qkv_proj,
+        model.norm,
+    )
+    return tuple(
+        (id(t), t.data_ptr(), t.dtype, t.shape)
+        for m in modules
+        for t in (*m._parameters.values(), *m._buffers.values())
+        if t is not None
+    ) + (len(model.layers),)
+
+
+def _alive(owner: weakref.ref) -> CompiledDecode:
+    compiled = owner()
+    if compiled is None:  # only its own engine calls the step function, and holds it
+        raise EngineError("a compiled decode step ran after its engine was dropped")
+    return compiled
 
 
 def _scratch_step(n: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,9 +39,13 @@ class EngineConfig:
     `compile`: run pure decode steps (up to 32 sequences) as one torch.compile graph
     (inductor, C++ wrapper), see compiled_decode.py. Off by default: on the loaded 2-core
     CPU it was measured on (int4, batch 1, A/B in one process) the step was 11-16% faster
-    than eager in four runs but 7-23% slower in two, the first compile of the model takes
-    over a minute (many on a loaded machine), and even from the cache an engine start pays
-    ~10-20 s of tracing: too slow a start for an engine made per command or per test.
+    than eager in four runs but 7-23% slower in two (since the leaner attention op and the
+    direct graph call, 17-20% less CPU a step than eager in two runs), the first compile of
+    the model takes over a minute (minutes on a loaded machine), and even from the cache an
+    engine start pays ~10-20 s of tracing: too slow a start for an engine made per command
+    or per test. A model given as `LLMEngine(config, model=...)` may be written in place
+    after the engine starts; if its weights or modules are replaced instead, the decode
+    steps run eagerly from then on (the compiled graphs hold the old tensors).
     """
 
     model: str | Path | None = None  # None: the embedded SmolLM2-135M-Instruct

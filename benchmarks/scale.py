@@ -577,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
 
         ray.shutdown()
     write_results(args, NAME, results, "cpu", "SmolLM2-135M-Instruct")
-    plot(results, args.plot, arrival_title(params))
+    plot(results, args.plot, arrival_title(params), params.get("rate"))
     return 0
 
 
@@ -588,7 +588,9 @@ def arrival_title(params: dict[str, Any]) -> str:
     return f"open loop, Poisson arrivals at {params['rate']:.2f} requests/s"
 
 
-def plot(results: list[dict[str, Any]], path: Path, arrival: str) -> None:
+def plot(
+    results: list[dict[str, Any]], path: Path, arrival: str, offered: float | None = None
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -604,6 +606,9 @@ def plot(results: list[dict[str, Any]], path: Path, arrival: str) -> None:
         ax.bar(range(len(systems)), values, color=["C0", "C1", "C2", "C3"])
         ax.set_xticks(range(len(systems)), [s.replace("covey-", "") for s in systems])
         ax.set_title(metric)
+        if metric == "requests_per_s" and offered:
+            ax.axhline(offered, color="k", linestyle="--", linewidth=1, label="offered")
+            ax.legend(loc="lower right", fontsize=8)
     fig.suptitle(
         "covey on Ray Serve, workload affinity (2 replicas; single: 1 with 2 threads)\n"
         + arrival

@@ -467,7 +467,8 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     if known.load is not None and not 0 < known.load < math.inf:
         own.error(f"--load must be a fraction above 0 (0.7: 70% of capacity), got {known.load}")
     description = (
-        f"{__doc__.splitlines()[0]} --arrival closed|poisson: closed-loop clients (default) or "
+        f"{__doc__.splitlines()[0].rstrip(',')}. --arrival closed|poisson: closed-loop "
+        "clients (default) or "
         "open-loop Poisson arrivals; --rate R: their requests/s; --load F (default "
         f"{LOAD}): without --rate, F times what closed-loop round robin sustains, measured "
         "first."

@@ -52,8 +52,9 @@ Arrivals (`--arrival`, recorded in every record's params and in the PNG's title)
   rate, and a loaded or quiet machine gets a rate it can serve). No client cap: at most
   `IN_FLIGHT` (64) requests in flight, a request past it waits, on the clock. Here
   `requests_per_s` is the completion rate (requests less one over the seconds from the
-  first completion to the last); a system whose completions fall below 0.9 of the offered
-  rate fell behind (its queue grew) and its params say `behind: true`.
+  first completion to the last); a system whose completions fall below 0.9 of the arrival
+  rate, measured alike (first to last arrival), fell behind (its queue grew) and its
+  params say `behind: true`.
 """
 
 from __future__ import annotations
@@ -230,8 +231,9 @@ async def drive_open(
     """Send prompt i at `arrivals[i]` seconds after the start whatever the others do (open
     loop), at most `bound` in flight; returns `drive`'s five values, TTFTs counted from each
     request's arrival (a request held back by the bound, or sent late by a busy client,
-    waits on the clock), and the schedule's record: the offered rate, the completion rate
-    (`requests_per_s`: requests less one over the first to the last completion), the most
+    waits on the clock), and the schedule's record: the offered rate (n over the last
+    arrival), the arrival and the completion rates (requests less one over the first to
+    the last arrival, and completion: `requests_per_s`), the most
     requests in flight, how many waited for the bound and the latest send (seconds)."""
     import httpx
 
@@ -272,8 +274,11 @@ async def drive_open(
         await asyncio.gather(*tasks)
     wall = time.perf_counter() - started
     span = max(done) - min(done)
+    arrived = arrivals[-1] - arrivals[0]
     schedule = {
         "offered_per_s": len(prompts) / arrivals[-1],
+        # Measured as the completions are, first to last: what they are held against.
+        "arrivals_per_s": (len(arrivals) - 1) / arrived if arrived > 0 else None,
         "requests_per_s": (len(done) - 1) / span if span > 0 else None,
         "max_in_flight": flying[1],
         "held": held,
@@ -420,14 +425,15 @@ def open_loop(schedules: list[dict[str, Any]]) -> dict[str, Any]:
     passes' mean), whether it fell behind the offered rate, and how close it came to the
     in-flight bound."""
     offered = statistics.fmean(s["offered_per_s"] for s in schedules)
+    arrived = statistics.fmean(s["arrivals_per_s"] or offered for s in schedules)
     rates = [s["requests_per_s"] for s in schedules if s["requests_per_s"] is not None]
     rate = statistics.fmean(rates) if rates else 0.0
     return {
         "requests_per_s": rate,
         "open_loop": {
             "offered_per_s": round(offered, 4),
-            "completed_of_offered": round(rate / offered, 3),
-            "behind": rate < BEHIND * offered,
+            "completed_of_arrived": round(rate / arrived, 3),
+            "behind": rate < BEHIND * arrived,
             "max_in_flight": max(s["max_in_flight"] for s in schedules),
             "held": sum(s["held"] for s in schedules),
             "latest_send_s": max(s["latest_send_s"] for s in schedules),

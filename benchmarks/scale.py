@@ -3,6 +3,7 @@ against round robin, Ray Serve's own power-of-two-choices router and one replica
 real HTTP on 127.0.0.1.
 
     python benchmarks/scale.py [--quick] [--json PATH] [--plot PATH]
+                               [--arrival closed|poisson] [--rate R | --load F]
 
 Workload `affinity`: several apps, each with its own long static system prompt (~470
 tokens), answering RAG requests: prompt = the app's prompt, two passages drawn
@@ -37,10 +38,29 @@ prompt tokens, from each response's `usage.prompt_tokens_details.cached_tokens`)
 record's params, `ttft_breakdown`: where the mean TTFT goes (`breakdown`: at the replica's
 engine, in the hand-off between the front and the replica, in HTTP).
 Target: covey's mean TTFT at least 1.5x lower than round robin's, with a higher hit rate.
+
+Arrivals (`--arrival`, recorded in every record's params and in the PNG's title):
+- `closed` (the default): `concurrency` clients, each sending its next request when its last
+  one ends. By Little's law a request's latency is then clients / throughput, so the
+  prefill a hit saves mostly speeds up its neighbours' steps rather than its own TTFT.
+- `poisson` (open loop, as vLLM's and SGLang's serving benchmarks send): requests arrive at
+  `--rate` requests/s whatever the completions do, at times from `poisson_arrivals` with a
+  fixed seed, so every system and pass gets the SAME arrival times. TTFT counts from a
+  request's arrival. Without `--rate` the rate is `--load` (0.7) times the requests/s a
+  closed-loop round robin pass sustains, measured first in the same run on the same two
+  replicas (a fraction of the baseline's capacity: no system is overloaded by choice of
+  rate, and a loaded or quiet machine gets a rate it can serve). No client cap: at most
+  `IN_FLIGHT` (64) requests in flight, a request past it waits, on the clock.
+  `requests_per_s` is, as in the closed loop (and vLLM's benchmark), the requests over the
+  seconds from the start to the last completion; below `BEHIND` (0.85) of the offered
+  rate, the system fell behind (its queue grew, so its last requests ended long after the
+  last arrival) and its params say `behind: true`. A system that keeps up loses only its
+  last request's latency (`drain_s`) against the offered rate.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import itertools
 import json
@@ -65,6 +85,10 @@ SYSTEMS = ("covey", "covey-round-robin", "covey-pow2", "covey-single")
 APP_SHARE = 0.55  # of all apps' prompt tokens, one replica's pool caches (beyond live use)
 REPLICAS = 2
 BLOCK = 16  # the engine's KV block size: pools are whole blocks
+IN_FLIGHT = 64  # open loop: requests in flight at most (generous: a bound, not a client cap)
+LOAD = 0.7  # open loop without --rate: this fraction of closed-loop round robin's requests/s
+BEHIND = 0.85  # open loop: requests/s below this fraction of the offered rate fell behind
+ARRIVAL_SEED = 15  # one schedule for every system and pass
 TOPICS = ["files and paths", "dates and times", "regular expressions", "concurrency"]
 
 
@@ -121,6 +145,60 @@ def pass_tag(index: int) -> str:
     return f"p{index:02d}"
 
 
+def poisson_arrivals(n: int, rate: float, seed: int = ARRIVAL_SEED) -> list[float]:
+    """The seconds after the start at which each of `n` requests arrives: Poisson arrivals
+    (exponential gaps, seeded) at exactly `rate` requests/s, the n-th at n / rate.
+
+    The gaps are scaled to sum to n / rate: a few dozen exponential gaps alone would offer
+    a rate 20% off the one named. Scaled this way the times are those of a Poisson process
+    given that its n-th arrival falls at n / rate (normalised exponential gaps are uniform
+    spacings), so the schedule is still Poisson-like, and the rate it claims is the rate it
+    offers. A function of (n, rate, seed) only: every system gets the same times."""
+    if n < 1 or not rate > 0 or math.isinf(rate):
+        raise ValueError(f"poisson_arrivals needs n >= 1 and a finite rate > 0, got {n}, {rate}")
+    rng = random.Random(seed)
+    gaps = [rng.expovariate(1.0) for _ in range(n)]
+    scale = n / rate / sum(gaps)
+    times = list(itertools.accumulate(g * scale for g in gaps))
+    times[-1] = n / rate  # the sum's rounding: the last arrival is where the rate puts it
+    return times
+
+
+def request_body(model: str, prompt: str, max_tokens: int) -> dict[str, Any]:
+    """A streamed, greedy completion of `max_tokens` tokens exactly, with its usage."""
+    return {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+async def send(http: Any, body: dict[str, Any], tokens: list[int]) -> tuple[float | None, Any]:
+    """Stream one completion; returns (the clock at its first text or None, its completion
+    id) and adds its prompt and cached prompt tokens to `tokens`."""
+    first, cid = None, None
+    async with http.stream("POST", "/v1/completions", json=body) as reply:
+        reply.raise_for_status()
+        async for line in reply.aiter_lines():
+            data = line[5:].strip() if line.startswith("data:") else "[DONE]"
+            if data == "[DONE]":
+                continue
+            chunk = json.loads(data)
+            cid = cid or chunk.get("id")
+            choices = chunk.get("choices") or [{}]
+            if first is None and choices[0].get("text"):
+                first = time.perf_counter()
+            usage = chunk.get("usage")
+            if usage:
+                tokens[0] += usage["prompt_tokens"]
+                tokens[1] += usage["prompt_tokens_details"]["cached_tokens"]
+    return first, cid
+
+
 async def drive(url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int):
     """Send every prompt (streamed completions, greedy) from `concurrency` clients; returns
     (TTFTs, prompt tokens, cached prompt tokens, wall seconds, completion id -> TTFT of
@@ -135,32 +213,8 @@ async def drive(url: str, model: str, prompts: list[str], concurrency: int, max_
     async def client(http: httpx.AsyncClient) -> None:
         while todo:
             _, prompt = todo.pop(0)
-            body = {
-                "model": model,
-                "prompt": prompt,
-                "max_tokens": max_tokens,
-                "temperature": 0,
-                "ignore_eos": True,
-                "stream": True,
-                "stream_options": {"include_usage": True},
-            }
             start = time.perf_counter()
-            first, cid = None, None
-            async with http.stream("POST", "/v1/completions", json=body) as reply:
-                reply.raise_for_status()
-                async for line in reply.aiter_lines():
-                    data = line[5:].strip() if line.startswith("data:") else "[DONE]"
-                    if data == "[DONE]":
-                        continue
-                    chunk = json.loads(data)
-                    cid = cid or chunk.get("id")
-                    choices = chunk.get("choices") or [{}]
-                    if first is None and choices[0].get("text"):
-                        first = time.perf_counter()
-                    usage = chunk.get("usage")
-                    if usage:
-                        tokens[0] += usage["prompt_tokens"]
-                        tokens[1] += usage["prompt_tokens_details"]["cached_tokens"]
+            first, cid = await send(http, request_body(model, prompt, max_tokens), tokens)
             ttfts.append((first or time.perf_counter()) - start)
             if first is not None and cid is not None:
                 by_id[cid] = first - start
@@ -171,10 +225,68 @@ async def drive(url: str, model: str, prompts: list[str], concurrency: int, max_
     return ttfts, tokens[0], tokens[1], time.perf_counter() - started, by_id
 
 
+async def drive_open(
+    url: str, model: str, prompts: list[str], arrivals: list[float], max_tokens: int,
+    bound: int = IN_FLIGHT,
+):
+    """Send prompt i at `arrivals[i]` seconds after the start whatever the others do (open
+    loop), at most `bound` in flight; returns `drive`'s five values, TTFTs counted from each
+    request's arrival (a request held back by the bound, or sent late by a busy client,
+    waits on the clock), and the schedule's record: the offered rate (n over the last
+    arrival), the seconds from the last arrival to the last completion (`drain_s`), the
+    most requests in flight, how many waited for the bound and the latest send."""
+    import httpx
+
+    ttfts: list[float] = []
+    by_id: dict[str, float] = {}
+    tokens = [0, 0]
+    gate = asyncio.Semaphore(bound)
+    flying = [0, 0]  # now, most
+    held = 0
+    late = 0.0
+
+    async def one(http: httpx.AsyncClient, prompt: str, due: float) -> None:
+        nonlocal held
+        held += gate.locked()
+        async with gate:
+            flying[0] += 1
+            flying[1] = max(flying)
+            try:
+                first, cid = await send(http, request_body(model, prompt, max_tokens), tokens)
+            finally:
+                flying[0] -= 1
+        ttfts.append((first or time.perf_counter()) - due)
+        if first is not None and cid is not None:
+            by_id[cid] = first - due
+
+    limits = httpx.Limits(max_connections=bound, max_keepalive_connections=bound)
+    started = time.perf_counter()
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+        tasks = []
+        for prompt, at in zip(prompts, arrivals, strict=True):
+            due = started + at
+            if due > time.perf_counter():
+                await asyncio.sleep(due - time.perf_counter())
+            late = max(late, time.perf_counter() - due)
+            tasks.append(asyncio.create_task(one(http, prompt, due)))
+        await asyncio.gather(*tasks)
+    wall = time.perf_counter() - started
+    schedule = {
+        "offered_per_s": len(prompts) / arrivals[-1],
+        "drain_s": round(wall - arrivals[-1], 3),
+        "max_in_flight": flying[1],
+        "held": held,
+        "latest_send_s": round(late, 3),
+    }
+    return ttfts, tokens[0], tokens[1], wall, by_id, schedule
+
+
 def run_system(
-    tag: str, policy: str, handles: dict[str, Any], size: dict[str, Any], pooled: bool
+    tag: str, policy: str, handles: dict[str, Any], size: dict[str, Any], pooled: bool,
+    arrivals: list[float] | None = None,
 ) -> dict[str, Any]:
-    """One pass of the workload, on text tagged `tag`, through a fresh front."""
+    """One pass of the workload, on text tagged `tag`, through a fresh front: closed loop,
+    or open loop at `arrivals` (`poisson_arrivals`) when given."""
     from covey.llm_backend.tokenizer import load_tokenizer
     from covey.server.background_server import BackgroundServer
     from covey.server.ray_engine import RayEngine
@@ -193,12 +305,20 @@ def run_system(
     front = BackgroundServer(state)
     try:
         prompts, _ = workload(tag, size)
-        ttfts, prompt_tokens, cached, wall, by_id = asyncio.run(
-            drive(front.url, engine.model_name, prompts, size["concurrency"], size["max_tokens"])
-        )
+        schedule = None
+        if arrivals is None:
+            ttfts, prompt_tokens, cached, wall, by_id = asyncio.run(
+                drive(front.url, engine.model_name, prompts, size["concurrency"],
+                      size["max_tokens"])
+            )
+        else:
+            ttfts, prompt_tokens, cached, wall, by_id, schedule = asyncio.run(
+                drive_open(front.url, engine.model_name, prompts, arrivals, size["max_tokens"])
+            )
     finally:
         front.stop()
     return {
+        "schedule": schedule,
         "ttfts": ttfts,
         "client": by_id,
         "prompt_tokens": prompt_tokens,
@@ -279,7 +399,7 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for run in runs:
         for k, v in run["decisions"].items():
             decisions[k] = decisions.get(k, 0) + v
-    return {
+    got = {
         "prefix_hit_rate": sum(r["cached_tokens"] for r in runs) / max(prompt_tokens, 1),
         "ttft_s": statistics.fmean(ttfts),
         "p99_ttft_s": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))],
@@ -287,6 +407,26 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "decisions": decisions,
         "passes": len(runs),
         "ttft_breakdown": breakdown(runs),
+    }
+    schedules = [run["schedule"] for run in runs if run.get("schedule")]
+    if schedules:
+        got["open_loop"] = open_loop(schedules, got["requests_per_s"])
+    return got
+
+
+def open_loop(schedules: list[dict[str, Any]], requests_per_s: float) -> dict[str, Any]:
+    """An open-loop system's passes pooled: whether its `requests_per_s` fell behind the
+    offered rate, how long its last requests ran past the last arrival, and how close it
+    came to the in-flight bound."""
+    offered = statistics.fmean(s["offered_per_s"] for s in schedules)
+    return {
+        "offered_per_s": round(offered, 4),
+        "completed_of_offered": round(requests_per_s / offered, 3),
+        "behind": requests_per_s < BEHIND * offered,
+        "drain_s": max(s["drain_s"] for s in schedules),
+        "max_in_flight": max(s["max_in_flight"] for s in schedules),
+        "held": sum(s["held"] for s in schedules),
+        "latest_send_s": max(s["latest_send_s"] for s in schedules),
     }
 
 
@@ -305,8 +445,49 @@ def warm(handles: dict[str, Any], calls: int) -> None:
     asyncio.run(all_of_them())
 
 
+def arguments(argv: list[str] | None) -> argparse.Namespace:
+    """bench_common's `--quick/--json/--plot`, and the arrival options: parsed first, the
+    rest handed on (their help is in the description, as bench_common builds `--help`)."""
+    own = argparse.ArgumentParser(prog=f"benchmarks/{NAME}.py", add_help=False)
+    own.add_argument("--arrival", choices=("closed", "poisson"), default="closed")
+    own.add_argument("--rate", type=float, default=None)
+    own.add_argument("--load", type=float, default=None)
+    known, rest = own.parse_known_args(argv)
+    if known.arrival == "closed" and (known.rate is not None or known.load is not None):
+        own.error("--rate and --load set an open loop's rate: add --arrival poisson")
+    if known.rate is not None and known.load is not None:
+        own.error("give --rate (requests/s) or --load (a fraction of round robin's), not both")
+    if known.rate is not None and not 0 < known.rate < math.inf:
+        own.error(f"--rate must be a number of requests/s above 0, got {known.rate}")
+    if known.load is not None and not 0 < known.load < math.inf:
+        own.error(f"--load must be a fraction above 0 (0.7: 70% of capacity), got {known.load}")
+    description = (
+        f"{__doc__.splitlines()[0].rstrip(',')}. --arrival closed|poisson: closed-loop "
+        "clients (default) or "
+        "open-loop Poisson arrivals; --rate R: their requests/s; --load F (default "
+        f"{LOAD}): without --rate, F times what closed-loop round robin sustains, measured "
+        "first."
+    )
+    args = parse_args(NAME, description, rest)
+    args.arrival, args.rate = known.arrival, known.rate
+    args.load = LOAD if known.load is None else known.load
+    return args
+
+
+def calibrate(
+    handles: dict[str, Any], size: dict[str, Any], pooled: bool, load: float, tag: str
+) -> tuple[float, str]:
+    """The open loop's rate when none is given: `load` times the requests/s of one
+    closed-loop round robin pass (on its own text) over these replicas."""
+    got = run_system(tag, "round_robin", handles, size, pooled)
+    sustained = len(got["ttfts"]) / got["wall_s"]
+    how = f"{load} x covey-round-robin closed loop ({sustained:.3f}/s, pass {tag})"
+    print(f"scale: open loop at {load * sustained:.3f} requests/s: {how}", flush=True)
+    return load * sustained, how
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(NAME, __doc__.splitlines()[0], argv)
+    args = arguments(argv)
     size = sizes(args.quick)
     from covey.server.ray_cluster import init_ray
     from covey.server.ray_deployment import ReplicaSpec, delete_replicas, deploy_specs
@@ -319,7 +500,11 @@ def main(argv: list[str] | None = None) -> int:
     init_ray(num_cpus=REPLICAS)
     config = {"device": "cpu", "dtype": "float32", "kv_cache_tokens": pool}
     results = []
-    params = {**size, "replica_kv_tokens": pool, "app_share": APP_SHARE}
+    params = {**size, "replica_kv_tokens": pool, "app_share": APP_SHARE, "arrival": args.arrival}
+    arrivals = None
+    if args.arrival == "poisson" and args.rate is not None:
+        arrivals = poisson_arrivals(size["requests"], args.rate)
+        params.update(rate=args.rate, rate_from="--rate", in_flight_bound=IN_FLIGHT)
     one = ReplicaSpec(None, config, threads=1)
     # One deployment at a time (three models at once do not fit a small shared machine),
     # each serving passes of (system, routing policy). covey and round robin share their
@@ -347,14 +532,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"scale: {list(handles)} up at {time.perf_counter() - started:.0f}s", flush=True)
             runs: dict[str, list[dict[str, Any]]] = {}
             try:
+                if args.arrival == "poisson" and arrivals is None:
+                    rate, how = calibrate(handles, size, pooled, args.load, pass_tag(next(passes)))
+                    arrivals = poisson_arrivals(size["requests"], rate)
+                    params.update(rate=round(rate, 4), rate_from=how, in_flight_bound=IN_FLIGHT)
                 for system, policy in systems:
                     tag = pass_tag(next(passes))
-                    got = run_system(tag, policy, handles, size, pooled)
+                    got = run_system(tag, policy, handles, size, pooled, arrivals)
                     runs.setdefault(system, []).append(got)
                     mean = statistics.fmean(got["ttfts"])
                     print(
                         f"scale: {system} ({tag}): mean TTFT {mean:.2f}s, {got['decisions']}, "
-                        f"prefill ms/token {got['per_token_ms']}, {breakdown([got])}",
+                        f"prefill ms/token {got['per_token_ms']}, {breakdown([got])}"
+                        + (f", {got['schedule']}" if got["schedule"] else ""),
                         flush=True,
                     )
             finally:
@@ -371,6 +561,10 @@ def main(argv: list[str] | None = None) -> int:
                     "passes": got["passes"],
                     "ttft_breakdown": got["ttft_breakdown"],
                 }
+                if "open_loop" in got:
+                    extra["open_loop"] = got["open_loop"]
+                    if got["open_loop"]["behind"]:
+                        print(f"scale: {system} fell behind: {got['open_loop']}", flush=True)
                 for metric in METRICS:
                     value = got[metric]
                     results.append(record(WORKLOAD, system, metric, value, {**params, **extra}))
@@ -379,11 +573,20 @@ def main(argv: list[str] | None = None) -> int:
 
         ray.shutdown()
     write_results(args, NAME, results, "cpu", "SmolLM2-135M-Instruct")
-    plot(results, args.plot)
+    plot(results, args.plot, arrival_title(params), params.get("rate"))
     return 0
 
 
-def plot(results: list[dict[str, Any]], path: Path) -> None:
+def arrival_title(params: dict[str, Any]) -> str:
+    """How the requests arrived, for the PNG's title."""
+    if params["arrival"] == "closed":
+        return f"closed loop, {params['concurrency']} clients"
+    return f"open loop, Poisson arrivals at {params['rate']:.2f} requests/s"
+
+
+def plot(
+    results: list[dict[str, Any]], path: Path, arrival: str, offered: float | None = None
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -399,7 +602,13 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         ax.bar(range(len(systems)), values, color=["C0", "C1", "C2", "C3"])
         ax.set_xticks(range(len(systems)), [s.replace("covey-", "") for s in systems])
         ax.set_title(metric)
-    fig.suptitle("covey on Ray Serve, workload affinity (2 replicas; single: 1 with 2 threads)")
+        if metric == "requests_per_s" and offered:
+            ax.axhline(offered, color="k", linestyle="--", linewidth=1, label="offered")
+            ax.legend(loc="lower right", fontsize=8)
+    fig.suptitle(
+        "covey on Ray Serve, workload affinity (2 replicas; single: 1 with 2 threads)\n"
+        + arrival
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -49,8 +49,9 @@ Arrivals (`--arrival`, recorded in every record's params and in the PNG's title)
   request's arrival. Without `--rate` the rate is `--load` (0.7) times the requests/s a
   closed-loop round robin pass sustains, measured first in the same run on the same two
   replicas (a fraction of the baseline's capacity: no system is overloaded by choice of
-  rate, and a loaded or quiet machine gets a rate it can serve). No client cap: at most
-  `IN_FLIGHT` (64) requests in flight, a request past it waits, on the clock.
+  rate, and a loaded or quiet machine gets a rate it can serve; "capacity" here is that
+  closed-loop throughput at `concurrency` clients). A generous bound instead of a client
+  count: at most `IN_FLIGHT` (64) requests in flight, a request past it waits, on the clock.
   `requests_per_s` is, as in the closed loop (and vLLM's benchmark), the requests over the
   seconds from the start to the last completion; below `BEHIND` (0.85) of the offered
   rate, the system fell behind (its queue grew, so its last requests ended long after the

@@ -186,6 +186,19 @@ def slow_server(live_server):
         return {"numbers": counting(limit=limit)}
 
     server.state.apps["count"] = GraphServedApp(count_app, lambda: server.state.runtime)
+    # Long enough (2000 tokens, >= 20 s on any CPU) that only an abort idles the engine
+    # within the tests' 10 s windows.
+    counting_long = cg.semantic_function(
+        count_to, params=SamplingParams(max_tokens=2000, ignore_eos=True)
+    )
+
+    @cg.app(name="count_long")
+    def count_long_app(limit: str):
+        return {"numbers": counting_long(limit=limit)}
+
+    server.state.apps["count_long"] = GraphServedApp(
+        count_long_app, lambda: server.state.runtime
+    )
     return server
 
 
@@ -216,9 +229,11 @@ def test_more_than_the_server_ever_admits_is_422_not_429(slow_server):
 async def test_an_invoke_client_that_leaves_frees_its_kv(slow_server):
     baseline = slow_server.wait_idle()
     assert baseline.kv_blocks_used == 0
-    gone_before = await asyncio.to_thread(_gone, slow_server)
+    gone_before = await asyncio.to_thread(_gone, slow_server, "count_long")
     async with slow_server.async_client() as client:
-        call = asyncio.ensure_future(client.post("/apps/count/invoke", json={"limit": "700"}))
+        call = asyncio.ensure_future(
+            client.post("/apps/count_long/invoke", json={"limit": "3000"})
+        )
         # The client gives up mid-generation, once the engine is answering (a fixed client
         # timeout could as well fire before the request reached the engine).
         await slow_server.until_answering(call)
@@ -228,14 +243,14 @@ async def test_an_invoke_client_that_leaves_frees_its_kv(slow_server):
     stats = await asyncio.to_thread(slow_server.wait_idle, 10)
     assert stats.kv_blocks_used == 0 and stats.num_running == stats.num_waiting == 0
     assert await asyncio.to_thread(slow_server.wait_released) == 0
-    assert await asyncio.to_thread(_gone, slow_server) == gone_before + 1
+    assert await asyncio.to_thread(_gone, slow_server, "count_long") == gone_before + 1
 
 
-def _gone(server) -> float:
-    """How many requests to the count app the metrics record as clients that left."""
+def _gone(server, app: str = "count") -> float:
+    """How many requests to `app` the metrics record as clients that left."""
     with server.client() as client:
         text = client.get("/metrics").text
-    found = re.search(r'covey_requests_total\{app="count",status="499"\} (\S+)', text)
+    found = re.search(rf'covey_requests_total\{{app="{app}",status="499"\}} (\S+)', text)
     return float(found.group(1)) if found else 0.0
 
 

@@ -96,7 +96,6 @@ def test_the_open_loop_keeps_its_schedule_and_sees_a_system_fall_behind():
         front.stop()
     assert len(ttfts) == len(by_id) == 6 and all(t > 0 for t in ttfts)
     assert prompt_tokens > 6 * 8 and 0 <= cached <= prompt_tokens
-    assert schedule["offered_per_s"] == pytest.approx(1000.0)
     assert schedule["max_in_flight"] == 1
     assert schedule["held"] >= 1
     # TTFTs are in completion order. The last to finish arrived within 6 ms of the first

@@ -44,8 +44,11 @@ class EngineConfig:
     the model takes over a minute (minutes on a loaded machine), and even from the cache an
     engine start pays ~10-20 s of tracing: too slow a start for an engine made per command
     or per test. A model given as `LLMEngine(config, model=...)` may be written in place
-    after the engine starts; if its weights or modules are replaced instead, the decode
-    steps run eagerly from then on (the compiled graphs hold the old tensors).
+    after the engine starts (same dtypes and shapes). Replacing its weights or modules is
+    not supported: the compiled graphs hold the old tensors. A cheap per-step check of a
+    few tensors (the embedding, the first and last layer's qkv, the final norm) catches a
+    model swapped as a whole and sends the steps back to eager, but not one replaced
+    weight elsewhere.
     """
 
     model: str | Path | None = None  # None: the embedded SmolLM2-135M-Instruct

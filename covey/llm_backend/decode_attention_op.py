@@ -17,7 +17,7 @@ import torch
 
 from covey.errors import EngineError
 from covey.llm_backend.attention_metadata import AttentionMetadata
-from covey.llm_backend.paged_attention import paged_attention
+from covey.llm_backend.paged_attention import attend_slice, paged_attention
 
 step_context = threading.local()  # .attn: the running step's StepAttention
 
@@ -45,8 +45,9 @@ class StepAttention:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int):
         """Store layer `layer`'s new keys/values k, v [KVH, T, Dh], then attend: q [T, H, Dh]
-        -> [T, H, Dh]. The single-stream case computes what `paged_attention._decode` does,
-        op for op (so the same bits), without its general-case bookkeeping."""
+        -> [T, H, Dh]. The single-stream case calls `attend_slice`, as
+        `paged_attention._decode` does (so the same bits), without its general-case
+        bookkeeping."""
         keys, values = self.keys[layer], self.values[layer]
         keys.index_copy_(1, self.slots, k)
         values.index_copy_(1, self.slots, v)
@@ -54,12 +55,7 @@ class StepAttention:
             return paged_attention(
                 q, k.transpose(0, 1), v.transpose(0, 1), self.kv[layer], self.meta
             )
-        start, end = self.span
-        kvh, _, dh = keys.shape
-        qg = (q * dh**-0.5).view(kvh, -1, dh)  # [KVH, G, Dh]: one row, so no transpose
-        scores = torch.bmm(qg, keys[:, start:end].contiguous().transpose(1, 2))  # [KVH, G, L]
-        out = torch.bmm(torch.softmax(scores, dim=-1), values[:, start:end])  # [KVH, G, Dh]
-        return out.view(q.shape)
+        return attend_slice(q, keys, values, *self.span)
 
 
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int):

@@ -99,8 +99,7 @@ def _decode(q: torch.Tensor, kv: torch.Tensor, group: DecodeGroup, bs: int) -> t
     if group.blocks is None:  # one sequence, blocks in pool order: its keys are one slice
         s = group.contiguous_start
         assert s is not None
-        keys = kv[0, :, s : s + n].contiguous()  # [KVH, L, Dh]
-        values = kv[1, :, s : s + n]  # [KVH, L, Dh]
+        return attend_slice(q, kv[0], kv[1], s, s + n)
     else:
         gathered = _gather_blocks(kv, group.blocks.view(-1), bs)  # [2, KVH, D*MB*bs, Dh]
         gathered = gathered.view(2, kvh * d, -1, dh)  # [2, KVH*D, MB*bs, Dh]
@@ -114,6 +113,20 @@ def _decode(q: torch.Tensor, kv: torch.Tensor, group: DecodeGroup, bs: int) -> t
     probs = torch.softmax(scores, dim=-1)  # [KVH, D, G, L]
     out = torch.bmm(probs.view(kvh * d, g, n), values)  # [KVH*D, G, Dh]
     return out.view(kvh, d, g, dh).transpose(0, 1).reshape(d, h, dh)  # [D, H, Dh]
+
+
+def attend_slice(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, end: int
+) -> torch.Tensor:
+    """One sequence's query row q [1, H, Dh] against the keys/values [KVH, S, Dh] of a
+    layer's pool at slots [start, end) (its blocks in pool order) -> [1, H, Dh]. The
+    single-sequence case of `_decode`, which the compiled step's attention op calls too,
+    so both compute the same bits. Keys are copied packed (see `_decode`)."""
+    kvh, _, dh = keys.shape
+    qg = (q * dh**-0.5).view(kvh, -1, dh)  # [KVH, G, Dh]: one row, so no transpose
+    scores = torch.bmm(qg, keys[:, start:end].contiguous().transpose(1, 2))  # [KVH, G, L]
+    out = torch.bmm(torch.softmax(scores, dim=-1), values[:, start:end])  # [KVH, G, Dh]
+    return out.view(q.shape)
 
 
 def _gather_blocks(kv: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch.Tensor:

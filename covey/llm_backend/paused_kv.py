@@ -15,6 +15,7 @@ Plain Python over sequences and the block manager: the copies themselves are the
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -92,9 +93,22 @@ class PausedKV:
 
     # -- what a sequence can give -----------------------------------------------------------
 
-    def freeable_blocks(self, seq: Sequence) -> int:
-        """Blocks that freeing `seq` would make room (shared ones stay held by others)."""
-        return sum(1 for b in seq.block_table if self.bm.held_by_one_sequence(b))
+    def freeable_blocks(self, seq: Sequence, holding: list[Sequence] | None = None) -> int:
+        """Blocks that freeing `seq` would make room (shared ones stay held by others).
+
+        When every block of `seq` is shared, the blocks it shares only with others of
+        `holding` (the paused requests relief may free) count instead: freeing it alone
+        makes no room, but freeing those others too does. Two paused requests that hold the
+        same blocks (one prompt sent twice, deduplicated by the prefix cache) would each
+        count 0 otherwise, and relief, skipping both, would keep their blocks out of reach
+        for as long as they stayed paused: an admission that needed that room would wait on
+        them, or fail with the pool full of nothing but their KV. Counted only then, so a
+        request with blocks of its own is weighed, as before, by what it alone frees."""
+        alone = sum(1 for b in seq.block_table if self.bm.held_by_one_sequence(b))
+        if alone or not holding:
+            return alone
+        refs = Counter(b for s in holding for b in s.block_table)
+        return sum(1 for b in seq.block_table if self.bm.sequence_refs(b) == refs[b])
 
     def blocks_of(self, num_tokens: int) -> int:
         """Blocks holding a sequence's first `num_tokens` tokens."""
@@ -222,9 +236,9 @@ class PausedKV:
         running_bytes = sum(len(s.block_table) for s in running) * self.bytes_per_block
         ranked = []
         for seq in holding:
-            blocks = self.freeable_blocks(seq)
+            blocks = self.freeable_blocks(seq, holding)
             if blocks == 0:
-                continue  # freeing it gives no room (its blocks are all shared)
+                continue  # no room even with the other paused requests (a runner reads it)
             action, gain = self._choose(seq, blocks, running_bytes, now, force)
             if action != "preserve":
                 ranked.append((gain, seq, action))

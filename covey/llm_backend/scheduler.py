@@ -334,11 +334,11 @@ class Scheduler:
 
     def _paused_holding(self) -> list[Sequence]:
         """Paused requests whose KV relief can free. The adaptive and swap policies skip
-        one whose blocks are all shared (freeing it alone makes no room), so blocks it
-        shares only with other paused requests would never go: it is left out."""
+        one that frees no room even with the other paused requests (every block it holds
+        is read by a runner), so it is left out."""
         holding = [s for s in self.paused.values() if s.block_table]
         if self.paused_kv.mode in ("adaptive", "swap"):
-            holding = [s for s in holding if self.paused_kv.freeable_blocks(s)]
+            holding = [s for s in holding if self.paused_kv.freeable_blocks(s, holding)]
         return holding
 
     def _room_without(

@@ -12,8 +12,9 @@ from covey.llm_backend.block_manager import BlockManager
 from covey.llm_backend.config import EngineConfig
 from covey.llm_backend.pause_policy import PauseCosts, PausePolicy
 from covey.llm_backend.paused_kv import PausedKV
+from covey.llm_backend.sampling_params import SamplingParams
 from covey.llm_backend.scheduler import Scheduler, SchedulerConfig
-from covey.llm_backend.sequence import FinishReason
+from covey.llm_backend.sequence import FinishReason, Sequence
 
 from .test_scheduler import complete, seq
 
@@ -198,3 +199,40 @@ def test_forced_swaps_never_go_past_the_host_cap(mode):
     assert sorted(s.swapped_tokens for s in held) == [0, 11, 11]
     assert sorted(s.discarded_tokens for s in held) == [0, 0, 11]
     assert d in sched.running
+
+
+def run_caching(sched: Scheduler) -> list:
+    """`complete`, publishing full blocks in the prefix cache as the engine does."""
+    out = sched.schedule()
+    for item in out.scheduled:
+        item.seq.num_computed_tokens += item.num_new_tokens
+        sched.block_manager.cache_full_blocks(item.seq)
+        if item.seq.num_computed_tokens == len(item.seq):
+            item.seq.token_ids.append(0)
+    return out
+
+
+def test_paused_requests_sharing_all_their_blocks_give_them_up_together():
+    """One prompt sent twice: the prefix cache makes the second share every block of the
+    first, so freeing either alone makes no room. Relief used to skip both, and a prompt
+    that needed their room was preempted by its own next chunk and then never admitted
+    (the engine fails the request it cannot schedule). Freeing both makes the room."""
+    bm = BlockManager(8, 4)
+    paused_kv = PausedKV(PausePolicy("adaptive", COSTS), bm, MB, 64)
+    sched = Scheduler(SchedulerConfig(8, 16), bm, None, paused_kv)
+    twins = [Sequence(name, list(range(100, 112)), SamplingParams()) for name in "ab"]
+    for twin in twins:
+        sched.add(twin)
+        run_caching(sched)
+        sched.pause(twin)  # a tool call right after the prefill
+        twin.pause_tool, twin.paused_at = "tool", time.perf_counter()
+    a, b = twins
+    assert a.block_table == b.block_table and len(a.block_table) == 3
+    assert paused_kv.freeable_blocks(a) == 0 and paused_kv.freeable_blocks(a, twins) == 3
+    c = seq(24, name="c")  # 6 blocks: 5 are free, the first chunk's 4 fit
+    sched.add(c)
+    preempted = []
+    for _ in range(2):  # its two chunks
+        preempted += run_caching(sched).preempted
+    assert preempted == [] and c.num_computed_tokens == 24
+    assert not a.block_table and not b.block_table

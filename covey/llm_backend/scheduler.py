@@ -58,6 +58,9 @@ class SchedulerOutput:
     preempted: list[Sequence] = field(default_factory=list)
     chunk_items: list[ScheduledSeq] = field(default_factory=list)  # those with a chunk step
     swaps: StepSwaps = field(default_factory=StepSwaps)  # paused KV to host and back
+    # Requests that can never run in this pool (`Scheduler._too_large`, `_cannot_grow`),
+    # already out of the queues with their blocks freed: the engine fails each one alone.
+    failed: list[tuple[Sequence, InvalidRequestError]] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -142,6 +145,10 @@ class Scheduler:
             seq = self.waiting[k]
             if gate is not None and seq.sort_key() > gate:
                 break  # it would take the room a higher-priority runner waits for
+            too_large = self._too_large(seq)
+            if too_large is not None:
+                self._fail(seq, too_large, out)  # out of `self.waiting`: k is the next one
+                continue
             if seq.swapped_tokens:
                 refund = self._swap_in(seq, budget, out)
                 if refund is None:
@@ -269,9 +276,11 @@ class Scheduler:
         """Outside `schedule`: free `num_blocks` blocks for the running `seq` as a step
         would (see `_free_blocks`), for KV it takes beyond its own slots (an option's fork,
         option_scoring.py). Returns whether `seq` is still running, and the paused-KV
-        copies to make before anything writes the freed blocks."""
+        copies to make before anything writes the freed blocks. A lone `seq` short of room
+        is preempted, not failed (there is no step output to fail it in): admission then
+        weighs its prompt and forks against the pool (`_too_large`, `_admit`)."""
         out = SchedulerOutput()
-        return self._free_blocks(seq, num_blocks, out), out.swaps
+        return self._free_blocks(seq, num_blocks, out, fail_alone=False), out.swaps
 
     def _make_room_for_tokens(
         self, seq: Sequence, n: int, reserve: int, out: SchedulerOutput
@@ -367,13 +376,25 @@ class Scheduler:
         return max([also, *(item.reserved for item in out.scheduled)])
 
     def _free_blocks(
-        self, seq: Sequence, need: int, out: SchedulerOutput, reserve: int = 0
+        self,
+        seq: Sequence,
+        need: int,
+        out: SchedulerOutput,
+        reserve: int = 0,
+        fail_alone: bool = True,
     ) -> bool:
         """Free blocks until `need` can be taken besides the step's fork reservations
         (`reserve` is `seq`'s own; see `_reserved`): paused KV first, then the
         lowest-priority runners, newest first. Returns False when `seq` itself had to be
-        preempted. A lone runner may free preserved paused KV, as an idle
+        preempted, or failed. A lone runner may free preserved paused KV, as an idle
         engine does: nothing else would ever give the room back.
+
+        A lone runner still short after that can never go on: every other request is
+        preempted and all paused KV freed, so the pool itself is too small for it (a decode
+        grown past it). Preempting it would recompute its prompt chunk by chunk (admission
+        takes one chunk at a time) only to be short again at the same token: a request that
+        never finishes and never fails. It fails instead, with its reason (`_cannot_grow`),
+        as vLLM aborts a sequence that cannot grow alone.
         """
         bm = self.block_manager
 
@@ -381,13 +402,54 @@ class Scheduler:
             return not bm.can_allocate(need + self._reserved(out, reserve))
 
         while short():
-            if self._relieve(out, short, for_running=True, idle=self.running == [seq]):
+            alone = self.running == [seq]
+            if self._relieve(out, short, for_running=True, idle=alone):
                 continue
+            if alone and fail_alone:
+                self._fail(seq, self._cannot_grow(seq, need, reserve), out)
+                return False
             victim = max(self.running, key=Sequence.sort_key)
             self._preempt(victim, out)
             if victim is seq:
                 return False
         return True
+
+    def _too_large(self, seq: Sequence) -> InvalidRequestError | None:
+        """Why the queued `seq` can never be admitted, or None: its whole KV (all its
+        tokens, a preempted request's generated ones too, and its option forks) needs more
+        blocks than the pool has. Admission looks at one chunk at a time, so such a prompt
+        would otherwise get in, preempt itself at a later chunk and come back, forever.
+        The request validator refuses these up front (`check_pool`); this holds for any
+        sequence that reaches the queue."""
+        bm = self.block_manager
+        blocks = -(-len(seq) // bm.block_size)
+        forks = bm.fork_blocks_needed(seq, seq.fork_tokens, len(seq)) if seq.fork_tokens else 0
+        if blocks + forks <= bm.num_blocks:
+            return None
+        also = f" and {forks} blocks for its option forks" if forks else ""
+        return InvalidRequestError(
+            f"request {seq.request_id!r} needs KV for {len(seq)} tokens ({blocks} blocks)"
+            f"{also} but the pool has {bm.num_blocks} blocks; lower max_tokens or raise "
+            "kv_cache_tokens"
+        )
+
+    def _cannot_grow(self, seq: Sequence, need: int, reserve: int) -> InvalidRequestError:
+        """The error of a lone runner that the pool cannot give `need` more blocks (and
+        `reserve` for its forks) with everything else freed (see `_free_blocks`)."""
+        bm = self.block_manager
+        return InvalidRequestError(
+            f"request {seq.request_id!r} cannot go on: it holds {len(seq.block_table)} KV "
+            f"blocks for {seq.num_computed_tokens} tokens and needs {need + reserve} more, "
+            f"but the pool has {bm.num_blocks} blocks even with every other request "
+            "preempted and paused KV freed; lower max_tokens or raise kv_cache_tokens"
+        )
+
+    def _fail(self, seq: Sequence, error: InvalidRequestError, out: SchedulerOutput) -> None:
+        """Take `seq` out of the step and the queues, its blocks freed now (the step's
+        later admissions may use them), for the engine to fail with `error`."""
+        self._unschedule(seq, out)
+        self.finish(seq, FinishReason.ERROR)
+        out.failed.append((seq, error))
 
     def _admit(self, seq: Sequence, n: int, out: SchedulerOutput) -> tuple[bool, int]:
         """Room for a waiting `seq`, preempting only runners it outranks, and only if that
@@ -506,19 +568,23 @@ class Scheduler:
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> int:
         """Recompute `seq` later; return the budget it had been given this step."""
         self.running.remove(seq)
-        refund = 0
-        for k, item in enumerate(out.scheduled):
-            if item.seq is seq:
-                refund = item.num_new_tokens if item.chunk is None else item.chunk.cost
-                del out.scheduled[k]
-                if item.chunk is not None:
-                    out.chunk_items.remove(item)
-                break
+        refund = self._unschedule(seq, out)
         self.block_manager.discard(seq)
         seq.num_preemptions += 1
         out.preempted.append(seq)
         self.add(seq)
         return refund
+
+    def _unschedule(self, seq: Sequence, out: SchedulerOutput) -> int:
+        """Drop `seq`'s item from this step, if it has one; the budget that item cost."""
+        for k, item in enumerate(out.scheduled):
+            if item.seq is seq:
+                del out.scheduled[k]
+                if item.chunk is None:
+                    return item.num_new_tokens
+                out.chunk_items.remove(item)
+                return item.chunk.cost
+        return 0
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """Retire `seq` from whichever queue holds it and free its blocks at once."""

@@ -332,17 +332,24 @@ def test_the_step_that_completes_a_scored_prompt_holds_its_forks_blocks():
 
     sched = Scheduler(SchedulerConfig(8, 64), BlockManager(4, 4, enable_prefix_caching=False))
     sched.add(scored("c", 6))
-    assert sched.schedule().scheduled == []  # 5 blocks would be needed: it waits
+    out = sched.schedule()  # 5 blocks would be needed, more than the pool: it fails
+    assert out.scheduled == [] and [s.request_id for s, _ in out.failed] == ["c"]
+    assert "and 3 blocks for its option forks" in str(out.failed[0][1])
     # 4 tokens a step: admitted with room for the whole prompt and its forks, a first
     # chunk that does not complete the prompt holds none back; without that room it waits.
     sched = Scheduler(SchedulerConfig(8, 4), BlockManager(5, 4, enable_prefix_caching=False))
     sched.add(scored("d", 6))
     (item,) = sched.schedule().scheduled
     assert item.num_new_tokens == 4 and item.reserved == 0
-    sched = Scheduler(SchedulerConfig(8, 4), BlockManager(4, 4, enable_prefix_caching=False))
-    d = scored("d", 6)
+    sched = Scheduler(SchedulerConfig(8, 4), BlockManager(6, 4, enable_prefix_caching=False))
+    e = Sequence("e", list(range(3000, 3004)), SamplingParams(), priority=-1)
+    sched.add(e)
+    sched.schedule()
+    e.num_computed_tokens, e.token_ids = 4, e.token_ids + [0]  # e decodes: 2 blocks
+    d = scored("d", 6)  # 4 blocks are left, e outranks it: it waits
     sched.add(d)
-    assert sched.schedule().scheduled == [] and sched.waiting == [d] and not d.block_table
+    out = sched.schedule()
+    assert [i.seq for i in out.scheduled] == [e] and sched.waiting == [d] and not d.block_table
 
 
 def scored_seq(name: str, n: int, priority: int = 0, longest: int = 9) -> Sequence:

@@ -107,8 +107,21 @@ class PausedKV:
         alone = sum(1 for b in seq.block_table if self.bm.held_by_one_sequence(b))
         if alone or not holding:
             return alone
-        refs = Counter(b for s in holding for b in s.block_table)
+        refs = self._refs(holding)
         return sum(1 for b in seq.block_table if self.bm.sequence_refs(b) == refs[b])
+
+    def giving_room(self, holding: list[Sequence]) -> list[Sequence]:
+        """Those of `holding` (paused requests with blocks) whose KV is room once all of
+        `holding` lets go: each holds a block no runner reads (see `freeable_blocks`)."""
+        refs = self._refs(holding)
+        return [
+            s for s in holding if any(self.bm.sequence_refs(b) == refs[b] for b in s.block_table)
+        ]
+
+    @staticmethod
+    def _refs(holding: list[Sequence]) -> Counter[int]:
+        """Block -> how many of `holding` hold it."""
+        return Counter(b for s in holding for b in s.block_table)
 
     def blocks_of(self, num_tokens: int) -> int:
         """Blocks holding a sequence's first `num_tokens` tokens."""

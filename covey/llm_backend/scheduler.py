@@ -2,20 +2,21 @@
 
 Each step spends a token budget: running sequences first (their decode token or next
 prefill chunk), then waiting ones by priority. When the KV pool is full the lowest-priority
-running sequence is preempted by recompute: its blocks are freed and it re-queues. Requests
-paused for tool calls keep, swap or drop their KV as `paused_kv.py` decides, each step; one
-whose KV went to host memory is copied back when it is admitted again.
+running sequence is preempted by recompute: its blocks are freed and it re-queues; a request
+the pool could never hold fails alone (`SchedulerOutput.failed`). Requests paused for tool
+calls keep, swap or drop their KV as `paused_kv.py` decides, each step; one whose KV went to
+host memory is copied back when it is admitted again.
 Plain Python with no torch, so it is tested on its own.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from covey.errors import ConfigError, InvalidRequestError
+from covey.errors import ConfigError, CoveyError, EngineError, InvalidRequestError
 from covey.llm_backend.block_manager import BlockManager
 from covey.llm_backend.paused_kv import PausedKV, StepSwaps, SwapIn
 from covey.llm_backend.sequence import FinishReason, Sequence, SequenceStatus
@@ -60,7 +61,7 @@ class SchedulerOutput:
     swaps: StepSwaps = field(default_factory=StepSwaps)  # paused KV to host and back
     # Requests that can never run in this pool (`Scheduler._too_large`, `_cannot_grow`),
     # already out of the queues with their blocks freed: the engine fails each one alone.
-    failed: list[tuple[Sequence, InvalidRequestError]] = field(default_factory=list)
+    failed: list[tuple[Sequence, CoveyError]] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -129,16 +130,11 @@ class Scheduler:
             budget -= cost
             i = self.running.index(seq) + 1  # a victim before seq shifted it left
         # A held scorer that a runner later in the loop preempted is back in the queue
-        # with no blocks: neither held nor the backstop's to run (it would run from there).
+        # with no blocks: no longer held.
         held = [s for s in held if s.status is SequenceStatus.RUNNING]
         if held and not out.scheduled:
-            # A safety net, not reached by any known case: a runner that outranks a held
-            # scorer still running runs too (preemption takes the scorer first), so the
-            # step is empty only if that runner had no share at all. Then the hold must
-            # not leave the step empty, on which the engine fails the first queued request.
-            first = min(held, key=Sequence.sort_key)
-            held.remove(first)
-            budget -= self._run_held(first, budget, out)
+            self._fail_held(held, out)
+            held = []
         gate = min((s.sort_key() for s in held), default=None)
         k = 0
         while k < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -219,14 +215,22 @@ class Scheduler:
         out.scheduled[-1].reserved = reserve
         return cost
 
-    def _run_held(self, seq: Sequence, budget: int, out: SchedulerOutput) -> int:
-        """Run a held `seq` after all, as if it had not waited; the budget it costs."""
-        assert seq in self.running, "only a held runner still running may run"
-        share = self._next_share(seq, budget, out)
-        if share is None:
-            return 0
-        n, step = share
-        return self._run_share(seq, n, step, self._fork_reserve(seq, n), out) or 0
+    def _fail_held(self, held: list[Sequence], out: SchedulerOutput) -> None:
+        """Fail `held` scorers in a step that ran nothing: a broken invariant, not a case.
+
+        A scorer waits for its forks only while a runner that outranks it is running
+        (`_waits_for_forks`). The highest-priority runner never waits, and it runs: its
+        share is never empty in a step with nothing scheduled (a blend run goes alone past
+        the budget), and it is preempted, or fails alone, only after every runner below it,
+        the held ones first. So some runner is scheduled whenever one is held. Were that
+        ever untrue, the held requests would sit out every step with nothing to wake them:
+        they fail, with the invariant named, rather than hang the engine."""
+        for seq in held:
+            error = EngineError(
+                f"request {seq.request_id!r} waited for its option forks' KV room while no "
+                "runner that outranks it ran (a scheduler invariant is broken)"
+            )
+            self._fail(seq, error, out)
 
     def _chunk_step(self, seq: Sequence, budget: int, out: SchedulerOutput) -> ChunkStep | None:
         """`seq`'s next share of its chunk plan. A blend run (never split) may pass the
@@ -318,8 +322,8 @@ class Scheduler:
         touching no paused KV (freeing some would only hand it to lower-priority prefills),
         and later admissions it outranks wait too. It never waits on what nothing would
         give back: when no runner outranks it, or the room can be made, it goes on as
-        before (`_free_blocks`: the room is made, or it is preempted; a request that
-        cannot fit the pool then fails alone, `LLMEngine._fail_unschedulable`)."""
+        before (`_free_blocks`: the room is made, or it is preempted, or, alone and still
+        short, it fails: it cannot fit the pool)."""
         bm = self.block_manager
         need = bm.blocks_needed(seq, n)
         if bm.can_allocate(need + self._reserved(out, reserve)):
@@ -328,18 +332,18 @@ class Scheduler:
         if not any(s.sort_key() < key for s in self.running):
             return False
         victims = [s for s in self.running if s.sort_key() > key]
-        return not self._room_without(victims + self._paused_giving(seq), need, reserve, out)
+        given = self._paused_giving(outranked=True)
+        return not self._room_without(victims + given, need, reserve, out)
 
-    def _paused_giving(self, seq: Sequence) -> list[Sequence]:
-        """Paused requests whose KV `_free_blocks` would free for `seq` at its prompt's
-        last chunk: all `_paused_holding` names when no runner outranks `seq` (preempting
-        the others leaves it alone, and a lone runner frees paused KV under any policy),
-        else those a running request may force out (all but a fixed preserve policy's)."""
-        holding = self._paused_holding()
-        if self.paused_kv.mode != "preserve":
-            return holding
-        key = seq.sort_key()
-        return [] if any(s.sort_key() < key for s in self.running) else holding
+    def _paused_giving(self, outranked: bool) -> list[Sequence]:
+        """Paused requests whose KV `_free_blocks` would free for a request at its
+        prompt's last chunk, `outranked` telling whether a runner outranks it: all
+        `_paused_holding` names when none does (preempting the others leaves it alone, and
+        a lone runner frees paused KV under any policy), else those a running request may
+        force out (all but a fixed preserve policy's)."""
+        if outranked and self.paused_kv.mode == "preserve":
+            return []
+        return self._paused_holding()
 
     def _paused_holding(self) -> list[Sequence]:
         """Paused requests whose KV relief can free. The adaptive and swap policies skip
@@ -347,7 +351,7 @@ class Scheduler:
         is read by a runner), so it is left out."""
         holding = [s for s in self.paused.values() if s.block_table]
         if self.paused_kv.mode in ("adaptive", "swap"):
-            holding = [s for s in holding if self.paused_kv.freeable_blocks(s, holding)]
+            return self.paused_kv.giving_room(holding)
         return holding
 
     def _room_without(
@@ -358,8 +362,7 @@ class Scheduler:
         room when every holder but pins is a victim (pins yield): a prefix only victims
         share counts, one a survivor reads does not."""
         bm = self.block_manager
-        gone = set(victims)
-        kept = max([reserve, *(i.reserved for i in out.scheduled if i.seq not in gone)])
+        kept = self._reserved(out, reserve, excluding=set(victims))
         if bm.can_allocate(need + kept):
             return True
         if not bm.can_allocate(need + kept - sum(len(s.block_table) for s in victims)):
@@ -368,12 +371,16 @@ class Scheduler:
         room = sum(1 for b, k in refs.items() if bm.sequence_refs(b) == k)
         return bm.can_allocate(need + kept - room)
 
-    def _reserved(self, out: SchedulerOutput, also: int = 0) -> int:
+    def _reserved(
+        self, out: SchedulerOutput, also: int = 0, excluding: Collection[Sequence] = ()
+    ) -> int:
         """Blocks this step holds back for option forks, `also` (the forks of the request
-        being placed) included: the largest reservation, not the sum, because the engine
-        scores one request at a time within the step and frees each one's forks before
-        the next (option_scoring)."""
-        return max([also, *(item.reserved for item in out.scheduled)])
+        being placed) included and those of `excluding` (requests to be preempted) not:
+        the largest reservation, not the sum, because the engine scores one request at a
+        time within the step and frees each one's forks before the next (option_scoring)."""
+        return max(
+            [also, *(item.reserved for item in out.scheduled if item.seq not in excluding)]
+        )
 
     def _free_blocks(
         self,
@@ -444,7 +451,7 @@ class Scheduler:
             "preempted and paused KV freed; lower max_tokens or raise kv_cache_tokens"
         )
 
-    def _fail(self, seq: Sequence, error: InvalidRequestError, out: SchedulerOutput) -> None:
+    def _fail(self, seq: Sequence, error: CoveyError, out: SchedulerOutput) -> None:
         """Take `seq` out of the step and the queues, its blocks freed now (the step's
         later admissions may use them), for the engine to fail with `error`."""
         self._unschedule(seq, out)
@@ -455,59 +462,67 @@ class Scheduler:
         """Room for a waiting `seq`, preempting only runners it outranks, and only if that
         is enough. Returns (admitted, budget tokens handed back by preempted runners).
 
+        Whether the room can be had is decided once, before anything is given up (paused
+        KV or runners), so a refusal wastes neither: from the runners `seq` outranks and
+        the paused KV that is surely freed for it (`_paused_given`). Then paused KV goes
+        first (where the policy gives it up, then what is surely freed), and runners it
+        outranks after, lowest first.
+
         A scored prompt gets in only if room for all of it and its forks can be had, though
-        only this step's `n` tokens are allocated, and runners are preempted only for those
-        (their blocks for later chunks would go to requests admitted after it): one
-        prefilled over several steps then waits in the queue before computing anything
-        rather than find the forks' room gone at its last chunk, and room taken after that
-        is `_waits_for_forks`'s case. Strict priority as for any request: while it waits, so
-        does every request queued behind it, a long scored prompt until the pool has room
-        for all of it and its forks."""
+        only this step's `n` tokens are allocated, and runners and paused KV are given up
+        only for those (their blocks for later chunks would go to requests admitted after
+        it): one prefilled over several steps then waits in the queue before computing
+        anything rather than find the forks' room gone at its last chunk, and room taken
+        after that is `_waits_for_forks`'s case. Strict priority as for any request: while
+        it waits, so does every request queued behind it, a long scored prompt until the
+        pool has room for all of it and its forks."""
         bm = self.block_manager
         need, reserve = bm.blocks_needed(seq, n), self._fork_reserve(seq, n)
-        whole, whole_reserve = need, reserve
+
+        def fits(blocks: int = need, forks: int = reserve) -> bool:
+            return bm.can_allocate(blocks + self._reserved(out, forks))
+
         later = bool(seq.fork_tokens) and n < seq.num_uncomputed_tokens  # its last chunk
+        whole, whole_reserve = need, reserve
         if later:
             rest = seq.num_uncomputed_tokens
             whole, whole_reserve = bm.blocks_needed(seq, rest), self._fork_reserve(seq, rest)
-
-        def fits() -> bool:
-            return bm.can_allocate(need + self._reserved(out, reserve))
-
-        def fits_whole() -> bool:
-            return bm.can_allocate(whole + self._reserved(out, whole_reserve))
-
-        if fits_whole():
+        if fits(whole, whole_reserve):
             return True, 0  # the common case: no victims to weigh
-        outranked = [s for s in self.running if s.sort_key() > seq.sort_key()]
-        # A scored prompt whose last chunk comes in a later step gets its forks' room
-        # there, from the paused KV the running path frees (`_paused_giving`): decided
-        # before any paused KV is given up toward it, which a refusal would waste.
-        if later and not self._room_without(
-            outranked + self._paused_giving(seq), whole, whole_reserve, out
-        ):
+        key = seq.sort_key()
+        outranked = [s for s in self.running if s.sort_key() > key]
+        given = self._paused_given(key, later)
+        if not self._room_without(outranked + given, whole, whole_reserve, out):
             return False, 0
         idle = not self.running
+        forced = bool(given) and not idle
         if self.paused_kv.mode == "adaptive" or idle:
             # Paused KV goes where the policy gives it up (what it preserves stays), or
             # wherever it must when nothing runs: an idle engine must not wait on it.
-            self._relieve(out, lambda: not fits_whole(), idle=idle)
-            if fits_whole():
-                return True, 0
-        paused = self._paused_holding()  # what admission frees
-        if self.paused_kv.mode in ("preserve", "adaptive"):
-            paused = []
-        if not later and not self._room_without(outranked + paused, whole, whole_reserve, out):
-            return False, 0
+            self._relieve(out, lambda: not fits(), idle=idle)
         refund = 0
         while not fits():
-            if paused and self._relieve(out, lambda: not fits(), True):
+            if forced and self._relieve(out, lambda: not fits(), True):
                 continue
-            outranked = [s for s in self.running if s.sort_key() > seq.sort_key()]
+            outranked = [s for s in self.running if s.sort_key() > key]
             if not outranked:
                 return False, refund
             refund += self._preempt(max(outranked, key=Sequence.sort_key), out)
         return True, refund
+
+    def _paused_given(self, key: tuple, later: bool) -> list[Sequence]:
+        """The paused requests whose KV is surely freed for a waiting request (sort key
+        `key`) if it needs the room. A scored prompt whose last chunk comes in a later
+        step: what the running path frees it there (`_paused_giving`). Any other: all of
+        it when nothing runs (an idle engine frees paused KV under any policy); else what
+        admission forces out, which is every request's under the legacy, discard and swap
+        policies and none under preserve and adaptive (the adaptive policy may still give
+        some up, on its own terms: that is room the check does not count on)."""
+        if later:
+            return self._paused_giving(any(s.sort_key() < key for s in self.running))
+        if self.running and self.paused_kv.mode in ("preserve", "adaptive"):
+            return []
+        return self._paused_holding()
 
     def _relieve(
         self,

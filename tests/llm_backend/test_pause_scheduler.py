@@ -236,3 +236,28 @@ def test_paused_requests_sharing_all_their_blocks_give_them_up_together():
         preempted += run_caching(sched).preempted
     assert preempted == [] and c.num_computed_tokens == 24
     assert not a.block_table and not b.block_table
+
+
+def test_an_admission_that_is_refused_gives_up_no_paused_kv():
+    """The room is decided once, before any relief (REVIEW-stop13 M3). Here `h1` takes the
+    room the step's pressure check saw, and `h2`, behind it, needs 7 blocks of the 4 left:
+    `a`'s paused 2 would not make them, and no runner below `h2` can be preempted. It used
+    to give up `a`'s KV anyway (the adaptive policy would, for a long tool) and then be
+    refused; now `a` keeps its KV while `h2` waits."""
+    bm = BlockManager(10, 4)
+    paused_kv = PausedKV(PausePolicy("adaptive", COSTS), bm, MB, 64)
+    sched = Scheduler(SchedulerConfig(8, 64), bm, None, paused_kv)
+    r, a = seq(7, priority=-2, name="r"), seq(8, name="a")
+    sched.add(r)
+    sched.add(a)
+    complete(sched)  # r: 2 blocks, a: 2 blocks
+    paused_kv.policy.times.record("tool", 30.0)
+    sched.pause(a)
+    a.pause_tool, a.paused_at = "tool", time.perf_counter()
+    h1, h2 = seq(8, priority=-1, name="h1"), seq(28, name="h2")
+    sched.add(h1)
+    sched.add(h2)
+    out = sched.schedule()
+    assert [i.seq for i in out.scheduled] == [r, h1] and sched.waiting == [h2]
+    assert len(a.block_table) == 2 and not out.swaps.out
+    assert paused_kv.counters.decisions["swap"] + paused_kv.counters.decisions["discard"] == 0

@@ -118,6 +118,22 @@ class PausedKV:
             s for s in holding if any(self.bm.sequence_refs(b) == refs[b] for b in s.block_table)
         ]
 
+    def given_up(self, holding: list[Sequence], running: list[Sequence]) -> list[Sequence]:
+        """Those of `holding` (paused requests with blocks) that the adaptive policy would
+        give up now unforced, if room were short: each whose KV frees room and costs less
+        swapped or discarded than kept. Forced relief over these (`relieve(..., for_running=
+        True)` given just them) frees them all, whatever the swap budget, so a caller can
+        count on their room. Decides nothing and records nothing."""
+        assert self.mode == "adaptive"
+        now = time.perf_counter()
+        running_bytes = sum(len(s.block_table) for s in running) * self.bytes_per_block
+        given = []
+        for seq in holding:
+            blocks = self.freeable_blocks(seq, holding)
+            if blocks and self._waste(seq, blocks, running_bytes, now).best != "preserve":
+                given.append(seq)
+        return given
+
     @staticmethod
     def _refs(holding: list[Sequence]) -> Counter[int]:
         """Block -> how many of `holding` hold it."""
@@ -285,18 +301,9 @@ class PausedKV:
     ) -> tuple[str, float]:
         """The action for `seq` and what it saves over preserving (byte-seconds)."""
         assert self.policy is not None
-        swappable = self.can_swap(seq)
         if self.mode == "swap":
-            return ("swap" if swappable else "discard"), 0.0
-        tokens = min(seq.num_computed_tokens, blocks * self.bm.block_size)
-        waste = self.policy.waste(
-            blocks * self.bytes_per_block,
-            tokens,
-            running_bytes,
-            seq.pause_tool,
-            now - (seq.paused_at or now),
-            swappable,
-        )
+            return ("swap" if self.can_swap(seq) else "discard"), 0.0
+        waste = self._waste(seq, blocks, running_bytes, now)
         self.last_waste[seq.request_id] = waste
         action = waste.best
         if action == "preserve" and force:
@@ -304,3 +311,17 @@ class PausedKV:
         cost = waste.swap if action == "swap" else waste.discard
         assert cost is not None
         return action, waste.preserve - cost
+
+    def _waste(self, seq: Sequence, blocks: int, running_bytes: int, now: float) -> Waste:
+        """What keeping, swapping and discarding `seq`'s KV each waste (the adaptive
+        policy's terms), its `blocks` freeable."""
+        assert self.policy is not None
+        tokens = min(seq.num_computed_tokens, blocks * self.bm.block_size)
+        return self.policy.waste(
+            blocks * self.bytes_per_block,
+            tokens,
+            running_bytes,
+            seq.pause_tool,
+            now - (seq.paused_at or now),
+            self.can_swap(seq),
+        )

@@ -495,15 +495,15 @@ class Scheduler:
         if not self._room_without(outranked + given, whole, whole_reserve, out):
             return False, 0
         idle = not self.running
-        forced = bool(given) and not idle
         if self.paused_kv.mode == "adaptive" or idle:
             # Paused KV goes where the policy gives it up (what it preserves stays), or
             # wherever it must when nothing runs: an idle engine must not wait on it.
             self._relieve(out, lambda: not fits(), idle=idle)
         refund = 0
         while not fits():
-            if forced and self._relieve(out, lambda: not fits(), True):
-                continue
+            if given and self._relieve(out, lambda: not fits(), True, among=given):
+                continue  # the paused KV counted on goes first, past the swap budget
+
             outranked = [s for s in self.running if s.sort_key() > key]
             if not outranked:
                 return False, refund
@@ -511,18 +511,21 @@ class Scheduler:
         return True, refund
 
     def _paused_given(self, key: tuple, later: bool) -> list[Sequence]:
-        """The paused requests whose KV is surely freed for a waiting request (sort key
+        """The paused requests whose KV admission frees for a waiting request (sort key
         `key`) if it needs the room. A scored prompt whose last chunk comes in a later
         step: what the running path frees it there (`_paused_giving`). Any other: all of
-        it when nothing runs (an idle engine frees paused KV under any policy); else what
-        admission forces out, which is every request's under the legacy, discard and swap
-        policies and none under preserve and adaptive (the adaptive policy may still give
-        some up, on its own terms: that is room the check does not count on)."""
+        it when nothing runs (an idle engine frees paused KV under any policy); else every
+        request's under the legacy, discard and swap policies, none under preserve, and
+        under the adaptive policy those it gives up now (`PausedKV.given_up`): what it
+        preserves stays, as it would for any admission."""
         if later:
             return self._paused_giving(any(s.sort_key() < key for s in self.running))
-        if self.running and self.paused_kv.mode in ("preserve", "adaptive"):
+        holding = self._paused_holding()
+        if not self.running or self.paused_kv.mode not in ("preserve", "adaptive"):
+            return holding
+        if self.paused_kv.mode == "preserve" or not holding:
             return []
-        return self._paused_holding()
+        return self.paused_kv.given_up(holding, self.running)
 
     def _relieve(
         self,
@@ -530,10 +533,13 @@ class Scheduler:
         still_short: Callable[[], bool],
         for_running: bool = False,
         idle: bool = False,
+        among: list[Sequence] | None = None,
     ) -> bool:
-        """Free paused KV (by the pause policy) while `still_short()`; whether any went."""
+        """Free paused KV (by the pause policy) while `still_short()`, from `among` (None:
+        every paused request); whether any went."""
+        paused = list(self.paused.values()) if among is None else among
         return self.paused_kv.relieve(
-            list(self.paused.values()), self.running, out.swaps, still_short, for_running, idle
+            paused, self.running, out.swaps, still_short, for_running, idle
         )
 
     def _under_pressure(self) -> bool:

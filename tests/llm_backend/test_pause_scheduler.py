@@ -238,12 +238,10 @@ def test_paused_requests_sharing_all_their_blocks_give_them_up_together():
     assert not a.block_table and not b.block_table
 
 
-def test_an_admission_that_is_refused_gives_up_no_paused_kv():
-    """The room is decided once, before any relief (REVIEW-stop13 M3). Here `h1` takes the
-    room the step's pressure check saw, and `h2`, behind it, needs 7 blocks of the 4 left:
-    `a`'s paused 2 would not make them, and no runner below `h2` can be preempted. It used
-    to give up `a`'s KV anyway (the adaptive policy would, for a long tool) and then be
-    refused; now `a` keeps its KV while `h2` waits."""
+def admitting_behind_a_head(h2_tokens: int, tool_s: float):
+    """`r` runs (2 of 10 blocks), `a` is paused holding 2 (its tool took `tool_s` before),
+    and `h1` then `h2` queue: `h1` fits the 6 free blocks and takes the room the step's
+    pressure check saw, so what `h2` finds is admission's own doing."""
     bm = BlockManager(10, 4)
     paused_kv = PausedKV(PausePolicy("adaptive", COSTS), bm, MB, 64)
     sched = Scheduler(SchedulerConfig(8, 64), bm, None, paused_kv)
@@ -251,13 +249,38 @@ def test_an_admission_that_is_refused_gives_up_no_paused_kv():
     sched.add(r)
     sched.add(a)
     complete(sched)  # r: 2 blocks, a: 2 blocks
-    paused_kv.policy.times.record("tool", 30.0)
+    paused_kv.policy.times.record("tool", tool_s)
     sched.pause(a)
     a.pause_tool, a.paused_at = "tool", time.perf_counter()
-    h1, h2 = seq(8, priority=-1, name="h1"), seq(28, name="h2")
+    h1, h2 = seq(8, priority=-1, name="h1"), seq(h2_tokens, name="h2")
     sched.add(h1)
     sched.add(h2)
+    return sched, r, a, h1, h2
+
+
+def test_an_admission_that_is_refused_gives_up_no_paused_kv():
+    """The room is decided once, before any relief (REVIEW-stop13 M3). `h2` needs 7
+    blocks of the 4 left: `a`'s 2, which the adaptive policy gives up for a long tool,
+    would not make them, and no runner below `h2` can be preempted. It used to give up
+    `a`'s KV anyway and then be refused; now `a` keeps its KV while `h2` waits."""
+    sched, r, a, h1, h2 = admitting_behind_a_head(28, tool_s=30.0)
     out = sched.schedule()
     assert [i.seq for i in out.scheduled] == [r, h1] and sched.waiting == [h2]
     assert len(a.block_table) == 2 and not out.swaps.out
-    assert paused_kv.counters.decisions["swap"] + paused_kv.counters.decisions["discard"] == 0
+    decisions = sched.paused_kv.counters.decisions
+    assert decisions["swap"] + decisions["discard"] == 0
+
+
+@pytest.mark.parametrize("tool_s", [30.0, 0.001], ids=["long-tool", "short-tool"])
+def test_an_admission_counts_the_paused_kv_the_policy_gives_up(tool_s):
+    """`h2` needs 6 blocks of the 4 left, and `a`'s 2 make them only if the adaptive
+    policy gives `a` up: for a long tool it does, and `h2` is admitted in the same step;
+    for a short one `a` keeps its KV and `h2` waits."""
+    sched, r, a, h1, h2 = admitting_behind_a_head(24, tool_s)
+    out = sched.schedule()
+    if tool_s > 1:
+        assert [i.seq for i in out.scheduled] == [r, h1, h2] and not a.block_table
+        assert [m.seq for m in out.swaps.out] == [a]
+    else:
+        assert [i.seq for i in out.scheduled] == [r, h1] and sched.waiting == [h2]
+        assert len(a.block_table) == 2 and not out.swaps.out

@@ -464,9 +464,9 @@ class Scheduler:
 
         Whether the room can be had is decided once, before anything is given up (paused
         KV or runners), so a refusal wastes neither: from the runners `seq` outranks and
-        the paused KV that is surely freed for it (`_paused_given`). Then paused KV goes
-        first (where the policy gives it up, then what is surely freed), and runners it
-        outranks after, lowest first.
+        the paused KV admission frees for it (`_paused_given`). Then paused KV goes first
+        (where the policy gives it up, then the rest of what was counted, forced), and the
+        runners it outranks after, lowest first.
 
         A scored prompt gets in only if room for all of it and its forks can be had, though
         only this step's `n` tokens are allocated, and runners and paused KV are given up
@@ -503,7 +503,6 @@ class Scheduler:
         while not fits():
             if given and self._relieve(out, lambda: not fits(), True, among=given):
                 continue  # the paused KV counted on goes first, past the swap budget
-
             outranked = [s for s in self.running if s.sort_key() > key]
             if not outranked:
                 return False, refund

@@ -607,14 +607,16 @@ class LLMEngine:
         comes before any cursor moves, so a failed forward can be rerun one at a time.
         """
         plan = self.scheduler.schedule()
+        # Requests the pool can never hold, already out of the queues: they fail alone.
+        rejected = [self._fail(seq, exc) for seq, exc in plan.failed]
         self._move_kv(plan.swaps)
         if not plan.scheduled:
-            if self.scheduler.waiting and not (plan.swaps.out or plan.swaps.into):
+            if self.scheduler.waiting and not (plan.swaps.out or plan.swaps.into or rejected):
                 # A last resort: admission checks and yielding pins should leave room for
                 # every accepted request, but if the pool still cannot take the first one
                 # (a bookkeeping fault), it fails alone instead of the step spinning.
                 return [self._fail_unschedulable()]
-            return []
+            return rejected
         now = time.perf_counter()
         for item in plan.scheduled:
             if item.seq.metrics.first_scheduled_time is None:
@@ -624,7 +626,7 @@ class LLMEngine:
         ran = self.runner.execute_isolated(plan.scheduled, plan.block_copies, plan.chunk_items)
         failed = ran.failed
         tokens = self._sample(ran.seqs, ran.logits, failed)
-        outputs = []
+        outputs = rejected
         for item in plan.scheduled:
             seq = item.seq
             if seq.seq_id in failed:

@@ -15,6 +15,7 @@ Plain Python over sequences and the block manager: the copies themselves are the
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -92,9 +93,51 @@ class PausedKV:
 
     # -- what a sequence can give -----------------------------------------------------------
 
-    def freeable_blocks(self, seq: Sequence) -> int:
-        """Blocks that freeing `seq` would make room (shared ones stay held by others)."""
-        return sum(1 for b in seq.block_table if self.bm.held_by_one_sequence(b))
+    def freeable_blocks(self, seq: Sequence, holding: list[Sequence] | None = None) -> int:
+        """Blocks that freeing `seq` would make room (shared ones stay held by others).
+
+        When every block of `seq` is shared, the blocks it shares only with others of
+        `holding` (the paused requests relief may free) count instead: freeing it alone
+        makes no room, but freeing those others too does. Two paused requests that hold the
+        same blocks (one prompt sent twice, deduplicated by the prefix cache) would each
+        count 0 otherwise, and relief, skipping both, would keep their blocks out of reach
+        for as long as they stayed paused: an admission that needed that room would wait on
+        them, or fail with the pool full of nothing but their KV. Counted only then, so a
+        request with blocks of its own is weighed, as before, by what it alone frees."""
+        alone = sum(1 for b in seq.block_table if self.bm.held_by_one_sequence(b))
+        if alone or not holding:
+            return alone
+        refs = self._refs(holding)
+        return sum(1 for b in seq.block_table if self.bm.sequence_refs(b) == refs[b])
+
+    def giving_room(self, holding: list[Sequence]) -> list[Sequence]:
+        """Those of `holding` (paused requests with blocks) whose KV is room once all of
+        `holding` lets go: each holds a block no runner reads (see `freeable_blocks`)."""
+        refs = self._refs(holding)
+        return [
+            s for s in holding if any(self.bm.sequence_refs(b) == refs[b] for b in s.block_table)
+        ]
+
+    def given_up(self, holding: list[Sequence], running: list[Sequence]) -> list[Sequence]:
+        """Those of `holding` (paused requests with blocks) that the adaptive policy would
+        give up now unforced, if room were short: each whose KV frees room and costs less
+        swapped or discarded than kept. Forced relief over these (`relieve(..., for_running=
+        True)` given just them) frees them all, whatever the swap budget, so a caller can
+        count on their room. Decides nothing and records nothing."""
+        assert self.mode == "adaptive"
+        now = time.perf_counter()
+        running_bytes = sum(len(s.block_table) for s in running) * self.bytes_per_block
+        given = []
+        for seq in holding:
+            blocks = self.freeable_blocks(seq, holding)
+            if blocks and self._waste(seq, blocks, running_bytes, now).best != "preserve":
+                given.append(seq)
+        return given
+
+    @staticmethod
+    def _refs(holding: list[Sequence]) -> Counter[int]:
+        """Block -> how many of `holding` hold it."""
+        return Counter(b for s in holding for b in s.block_table)
 
     def blocks_of(self, num_tokens: int) -> int:
         """Blocks holding a sequence's first `num_tokens` tokens."""
@@ -222,9 +265,9 @@ class PausedKV:
         running_bytes = sum(len(s.block_table) for s in running) * self.bytes_per_block
         ranked = []
         for seq in holding:
-            blocks = self.freeable_blocks(seq)
+            blocks = self.freeable_blocks(seq, holding)
             if blocks == 0:
-                continue  # freeing it gives no room (its blocks are all shared)
+                continue  # no room even with the other paused requests (a runner reads it)
             action, gain = self._choose(seq, blocks, running_bytes, now, force)
             if action != "preserve":
                 ranked.append((gain, seq, action))
@@ -258,18 +301,9 @@ class PausedKV:
     ) -> tuple[str, float]:
         """The action for `seq` and what it saves over preserving (byte-seconds)."""
         assert self.policy is not None
-        swappable = self.can_swap(seq)
         if self.mode == "swap":
-            return ("swap" if swappable else "discard"), 0.0
-        tokens = min(seq.num_computed_tokens, blocks * self.bm.block_size)
-        waste = self.policy.waste(
-            blocks * self.bytes_per_block,
-            tokens,
-            running_bytes,
-            seq.pause_tool,
-            now - (seq.paused_at or now),
-            swappable,
-        )
+            return ("swap" if self.can_swap(seq) else "discard"), 0.0
+        waste = self._waste(seq, blocks, running_bytes, now)
         self.last_waste[seq.request_id] = waste
         action = waste.best
         if action == "preserve" and force:
@@ -277,3 +311,17 @@ class PausedKV:
         cost = waste.swap if action == "swap" else waste.discard
         assert cost is not None
         return action, waste.preserve - cost
+
+    def _waste(self, seq: Sequence, blocks: int, running_bytes: int, now: float) -> Waste:
+        """What keeping, swapping and discarding `seq`'s KV each waste (the adaptive
+        policy's terms), its `blocks` freeable."""
+        assert self.policy is not None
+        tokens = min(seq.num_computed_tokens, blocks * self.bm.block_size)
+        return self.policy.waste(
+            blocks * self.bytes_per_block,
+            tokens,
+            running_bytes,
+            seq.pause_tool,
+            now - (seq.paused_at or now),
+            self.can_swap(seq),
+        )

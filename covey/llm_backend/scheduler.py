@@ -2,20 +2,21 @@
 
 Each step spends a token budget: running sequences first (their decode token or next
 prefill chunk), then waiting ones by priority. When the KV pool is full the lowest-priority
-running sequence is preempted by recompute: its blocks are freed and it re-queues. Requests
-paused for tool calls keep, swap or drop their KV as `paused_kv.py` decides, each step; one
-whose KV went to host memory is copied back when it is admitted again.
+running sequence is preempted by recompute: its blocks are freed and it re-queues; a request
+the pool could never hold fails alone (`SchedulerOutput.failed`). Requests paused for tool
+calls keep, swap or drop their KV as `paused_kv.py` decides, each step; one whose KV went to
+host memory is copied back when it is admitted again.
 Plain Python with no torch, so it is tested on its own.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from covey.errors import ConfigError, InvalidRequestError
+from covey.errors import ConfigError, CoveyError, EngineError, InvalidRequestError
 from covey.llm_backend.block_manager import BlockManager
 from covey.llm_backend.paused_kv import PausedKV, StepSwaps, SwapIn
 from covey.llm_backend.sequence import FinishReason, Sequence, SequenceStatus
@@ -58,6 +59,9 @@ class SchedulerOutput:
     preempted: list[Sequence] = field(default_factory=list)
     chunk_items: list[ScheduledSeq] = field(default_factory=list)  # those with a chunk step
     swaps: StepSwaps = field(default_factory=StepSwaps)  # paused KV to host and back
+    # Requests that can never run in this pool (`Scheduler._too_large`, `_cannot_grow`),
+    # already out of the queues with their blocks freed: the engine fails each one alone.
+    failed: list[tuple[Sequence, CoveyError]] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -126,22 +130,21 @@ class Scheduler:
             budget -= cost
             i = self.running.index(seq) + 1  # a victim before seq shifted it left
         # A held scorer that a runner later in the loop preempted is back in the queue
-        # with no blocks: neither held nor the backstop's to run (it would run from there).
+        # with no blocks: no longer held.
         held = [s for s in held if s.status is SequenceStatus.RUNNING]
         if held and not out.scheduled:
-            # A safety net, not reached by any known case: a runner that outranks a held
-            # scorer still running runs too (preemption takes the scorer first), so the
-            # step is empty only if that runner had no share at all. Then the hold must
-            # not leave the step empty, on which the engine fails the first queued request.
-            first = min(held, key=Sequence.sort_key)
-            held.remove(first)
-            budget -= self._run_held(first, budget, out)
+            self._fail_held(held, out)
+            held = []
         gate = min((s.sort_key() for s in held), default=None)
         k = 0
         while k < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[k]
             if gate is not None and seq.sort_key() > gate:
                 break  # it would take the room a higher-priority runner waits for
+            too_large = self._too_large(seq)
+            if too_large is not None:
+                self._fail(seq, too_large, out)  # out of `self.waiting`: k is the next one
+                continue
             if seq.swapped_tokens:
                 refund = self._swap_in(seq, budget, out)
                 if refund is None:
@@ -212,14 +215,22 @@ class Scheduler:
         out.scheduled[-1].reserved = reserve
         return cost
 
-    def _run_held(self, seq: Sequence, budget: int, out: SchedulerOutput) -> int:
-        """Run a held `seq` after all, as if it had not waited; the budget it costs."""
-        assert seq in self.running, "only a held runner still running may run"
-        share = self._next_share(seq, budget, out)
-        if share is None:
-            return 0
-        n, step = share
-        return self._run_share(seq, n, step, self._fork_reserve(seq, n), out) or 0
+    def _fail_held(self, held: list[Sequence], out: SchedulerOutput) -> None:
+        """Fail `held` scorers in a step that ran nothing: a broken invariant, not a case.
+
+        A scorer waits for its forks only while a runner that outranks it is running
+        (`_waits_for_forks`). The highest-priority runner never waits, and it runs: its
+        share is never empty in a step with nothing scheduled (a blend run goes alone past
+        the budget), and it is preempted, or fails alone, only after every runner below it,
+        the held ones first. So some runner is scheduled whenever one is held. Were that
+        ever untrue, the held requests would sit out every step with nothing to wake them:
+        they fail, with the invariant named, rather than hang the engine."""
+        for seq in held:
+            error = EngineError(
+                f"request {seq.request_id!r} waited for its option forks' KV room while no "
+                "runner that outranks it ran (a scheduler invariant is broken)"
+            )
+            self._fail(seq, error, out)
 
     def _chunk_step(self, seq: Sequence, budget: int, out: SchedulerOutput) -> ChunkStep | None:
         """`seq`'s next share of its chunk plan. A blend run (never split) may pass the
@@ -269,9 +280,11 @@ class Scheduler:
         """Outside `schedule`: free `num_blocks` blocks for the running `seq` as a step
         would (see `_free_blocks`), for KV it takes beyond its own slots (an option's fork,
         option_scoring.py). Returns whether `seq` is still running, and the paused-KV
-        copies to make before anything writes the freed blocks."""
+        copies to make before anything writes the freed blocks. A lone `seq` short of room
+        is preempted, not failed (there is no step output to fail it in): admission then
+        weighs its prompt and forks against the pool (`_too_large`, `_admit`)."""
         out = SchedulerOutput()
-        return self._free_blocks(seq, num_blocks, out), out.swaps
+        return self._free_blocks(seq, num_blocks, out, fail_alone=False), out.swaps
 
     def _make_room_for_tokens(
         self, seq: Sequence, n: int, reserve: int, out: SchedulerOutput
@@ -309,8 +322,8 @@ class Scheduler:
         touching no paused KV (freeing some would only hand it to lower-priority prefills),
         and later admissions it outranks wait too. It never waits on what nothing would
         give back: when no runner outranks it, or the room can be made, it goes on as
-        before (`_free_blocks`: the room is made, or it is preempted; a request that
-        cannot fit the pool then fails alone, `LLMEngine._fail_unschedulable`)."""
+        before (`_free_blocks`: the room is made, or it is preempted, or, alone and still
+        short, it fails: it cannot fit the pool)."""
         bm = self.block_manager
         need = bm.blocks_needed(seq, n)
         if bm.can_allocate(need + self._reserved(out, reserve)):
@@ -319,26 +332,26 @@ class Scheduler:
         if not any(s.sort_key() < key for s in self.running):
             return False
         victims = [s for s in self.running if s.sort_key() > key]
-        return not self._room_without(victims + self._paused_giving(seq), need, reserve, out)
+        given = self._paused_giving(outranked=True)
+        return not self._room_without(victims + given, need, reserve, out)
 
-    def _paused_giving(self, seq: Sequence) -> list[Sequence]:
-        """Paused requests whose KV `_free_blocks` would free for `seq` at its prompt's
-        last chunk: all `_paused_holding` names when no runner outranks `seq` (preempting
-        the others leaves it alone, and a lone runner frees paused KV under any policy),
-        else those a running request may force out (all but a fixed preserve policy's)."""
-        holding = self._paused_holding()
-        if self.paused_kv.mode != "preserve":
-            return holding
-        key = seq.sort_key()
-        return [] if any(s.sort_key() < key for s in self.running) else holding
+    def _paused_giving(self, outranked: bool) -> list[Sequence]:
+        """Paused requests whose KV `_free_blocks` would free for a request at its
+        prompt's last chunk, `outranked` telling whether a runner outranks it: all
+        `_paused_holding` names when none does (preempting the others leaves it alone, and
+        a lone runner frees paused KV under any policy), else those a running request may
+        force out (all but a fixed preserve policy's)."""
+        if outranked and self.paused_kv.mode == "preserve":
+            return []
+        return self._paused_holding()
 
     def _paused_holding(self) -> list[Sequence]:
         """Paused requests whose KV relief can free. The adaptive and swap policies skip
-        one whose blocks are all shared (freeing it alone makes no room), so blocks it
-        shares only with other paused requests would never go: it is left out."""
+        one that frees no room even with the other paused requests (every block it holds
+        is read by a runner), so it is left out."""
         holding = [s for s in self.paused.values() if s.block_table]
         if self.paused_kv.mode in ("adaptive", "swap"):
-            holding = [s for s in holding if self.paused_kv.freeable_blocks(s)]
+            return self.paused_kv.giving_room(holding)
         return holding
 
     def _room_without(
@@ -349,8 +362,7 @@ class Scheduler:
         room when every holder but pins is a victim (pins yield): a prefix only victims
         share counts, one a survivor reads does not."""
         bm = self.block_manager
-        gone = set(victims)
-        kept = max([reserve, *(i.reserved for i in out.scheduled if i.seq not in gone)])
+        kept = self._reserved(out, reserve, excluding=set(victims))
         if bm.can_allocate(need + kept):
             return True
         if not bm.can_allocate(need + kept - sum(len(s.block_table) for s in victims)):
@@ -359,21 +371,37 @@ class Scheduler:
         room = sum(1 for b, k in refs.items() if bm.sequence_refs(b) == k)
         return bm.can_allocate(need + kept - room)
 
-    def _reserved(self, out: SchedulerOutput, also: int = 0) -> int:
+    def _reserved(
+        self, out: SchedulerOutput, also: int = 0, excluding: Collection[Sequence] = ()
+    ) -> int:
         """Blocks this step holds back for option forks, `also` (the forks of the request
-        being placed) included: the largest reservation, not the sum, because the engine
-        scores one request at a time within the step and frees each one's forks before
-        the next (option_scoring)."""
-        return max([also, *(item.reserved for item in out.scheduled)])
+        being placed) included and those of `excluding` (requests to be preempted) not:
+        the largest reservation, not the sum, because the engine scores one request at a
+        time within the step and frees each one's forks before the next (option_scoring)."""
+        return max(
+            [also, *(item.reserved for item in out.scheduled if item.seq not in excluding)]
+        )
 
     def _free_blocks(
-        self, seq: Sequence, need: int, out: SchedulerOutput, reserve: int = 0
+        self,
+        seq: Sequence,
+        need: int,
+        out: SchedulerOutput,
+        reserve: int = 0,
+        fail_alone: bool = True,
     ) -> bool:
         """Free blocks until `need` can be taken besides the step's fork reservations
         (`reserve` is `seq`'s own; see `_reserved`): paused KV first, then the
         lowest-priority runners, newest first. Returns False when `seq` itself had to be
-        preempted. A lone runner may free preserved paused KV, as an idle
+        preempted, or failed. A lone runner may free preserved paused KV, as an idle
         engine does: nothing else would ever give the room back.
+
+        A lone runner still short after that can never go on: every other request is
+        preempted and all paused KV freed, so the pool itself is too small for it (a decode
+        grown past it). Preempting it would recompute its prompt chunk by chunk (admission
+        takes one chunk at a time) only to be short again at the same token: a request that
+        never finishes and never fails. It fails instead, with its reason (`_cannot_grow`),
+        as vLLM aborts a sequence that cannot grow alone.
         """
         bm = self.block_manager
 
@@ -381,71 +409,122 @@ class Scheduler:
             return not bm.can_allocate(need + self._reserved(out, reserve))
 
         while short():
-            if self._relieve(out, short, for_running=True, idle=self.running == [seq]):
+            alone = self.running == [seq]
+            if self._relieve(out, short, for_running=True, idle=alone):
                 continue
+            if alone and fail_alone:
+                self._fail(seq, self._cannot_grow(seq, need, reserve), out)
+                return False
             victim = max(self.running, key=Sequence.sort_key)
             self._preempt(victim, out)
             if victim is seq:
                 return False
         return True
 
+    def _too_large(self, seq: Sequence) -> InvalidRequestError | None:
+        """Why the queued `seq` can never be admitted, or None: its whole KV (all its
+        tokens, a preempted request's generated ones too, and its option forks) needs more
+        blocks than the pool has. Admission looks at one chunk at a time, so such a prompt
+        would otherwise get in, preempt itself at a later chunk and come back, forever.
+        The request validator refuses these up front (`check_pool`); this holds for any
+        sequence that reaches the queue."""
+        bm = self.block_manager
+        blocks = -(-len(seq) // bm.block_size)
+        forks = bm.fork_blocks_needed(seq, seq.fork_tokens, len(seq)) if seq.fork_tokens else 0
+        if blocks + forks <= bm.num_blocks:
+            return None
+        also = f" and {forks} blocks for its option forks" if forks else ""
+        return InvalidRequestError(
+            f"request {seq.request_id!r} needs KV for {len(seq)} tokens ({blocks} blocks)"
+            f"{also} but the pool has {bm.num_blocks} blocks; lower max_tokens or raise "
+            "kv_cache_tokens"
+        )
+
+    def _cannot_grow(self, seq: Sequence, need: int, reserve: int) -> InvalidRequestError:
+        """The error of a lone runner that the pool cannot give `need` more blocks (and
+        `reserve` for its forks) with everything else freed (see `_free_blocks`)."""
+        bm = self.block_manager
+        return InvalidRequestError(
+            f"request {seq.request_id!r} cannot go on: it holds {len(seq.block_table)} KV "
+            f"blocks for {seq.num_computed_tokens} tokens and needs {need + reserve} more, "
+            f"but the pool has {bm.num_blocks} blocks even with every other request "
+            "preempted and paused KV freed; lower max_tokens or raise kv_cache_tokens"
+        )
+
+    def _fail(self, seq: Sequence, error: CoveyError, out: SchedulerOutput) -> None:
+        """Take `seq` out of the step and the queues, its blocks freed now (the step's
+        later admissions may use them), for the engine to fail with `error`."""
+        self._unschedule(seq, out)
+        self.finish(seq, FinishReason.ERROR)
+        out.failed.append((seq, error))
+
     def _admit(self, seq: Sequence, n: int, out: SchedulerOutput) -> tuple[bool, int]:
         """Room for a waiting `seq`, preempting only runners it outranks, and only if that
         is enough. Returns (admitted, budget tokens handed back by preempted runners).
 
+        Whether the room can be had is decided once, before anything is given up (paused
+        KV or runners), so a refusal wastes neither: from the runners `seq` outranks and
+        the paused KV admission frees for it (`_paused_given`). Then paused KV goes first
+        (where the policy gives it up, then the rest of what was counted, forced), and the
+        runners it outranks after, lowest first.
+
         A scored prompt gets in only if room for all of it and its forks can be had, though
-        only this step's `n` tokens are allocated, and runners are preempted only for those
-        (their blocks for later chunks would go to requests admitted after it): one
-        prefilled over several steps then waits in the queue before computing anything
-        rather than find the forks' room gone at its last chunk, and room taken after that
-        is `_waits_for_forks`'s case. Strict priority as for any request: while it waits, so
-        does every request queued behind it, a long scored prompt until the pool has room
-        for all of it and its forks."""
+        only this step's `n` tokens are allocated, and runners and paused KV are given up
+        only for those (their blocks for later chunks would go to requests admitted after
+        it): one prefilled over several steps then waits in the queue before computing
+        anything rather than find the forks' room gone at its last chunk, and room taken
+        after that is `_waits_for_forks`'s case. Strict priority as for any request: while
+        it waits, so does every request queued behind it, a long scored prompt until the
+        pool has room for all of it and its forks."""
         bm = self.block_manager
         need, reserve = bm.blocks_needed(seq, n), self._fork_reserve(seq, n)
-        whole, whole_reserve = need, reserve
+
+        def fits(blocks: int = need, forks: int = reserve) -> bool:
+            return bm.can_allocate(blocks + self._reserved(out, forks))
+
         later = bool(seq.fork_tokens) and n < seq.num_uncomputed_tokens  # its last chunk
+        whole, whole_reserve = need, reserve
         if later:
             rest = seq.num_uncomputed_tokens
             whole, whole_reserve = bm.blocks_needed(seq, rest), self._fork_reserve(seq, rest)
-
-        def fits() -> bool:
-            return bm.can_allocate(need + self._reserved(out, reserve))
-
-        def fits_whole() -> bool:
-            return bm.can_allocate(whole + self._reserved(out, whole_reserve))
-
-        if fits_whole():
+        if fits(whole, whole_reserve):
             return True, 0  # the common case: no victims to weigh
-        outranked = [s for s in self.running if s.sort_key() > seq.sort_key()]
-        # A scored prompt whose last chunk comes in a later step gets its forks' room
-        # there, from the paused KV the running path frees (`_paused_giving`): decided
-        # before any paused KV is given up toward it, which a refusal would waste.
-        if later and not self._room_without(
-            outranked + self._paused_giving(seq), whole, whole_reserve, out
-        ):
+        key = seq.sort_key()
+        outranked = [s for s in self.running if s.sort_key() > key]
+        given = self._paused_given(key, later)
+        if not self._room_without(outranked + given, whole, whole_reserve, out):
             return False, 0
         idle = not self.running
         if self.paused_kv.mode == "adaptive" or idle:
             # Paused KV goes where the policy gives it up (what it preserves stays), or
             # wherever it must when nothing runs: an idle engine must not wait on it.
-            self._relieve(out, lambda: not fits_whole(), idle=idle)
-            if fits_whole():
-                return True, 0
-        paused = self._paused_holding()  # what admission frees
-        if self.paused_kv.mode in ("preserve", "adaptive"):
-            paused = []
-        if not later and not self._room_without(outranked + paused, whole, whole_reserve, out):
-            return False, 0
+            self._relieve(out, lambda: not fits(), idle=idle)
         refund = 0
         while not fits():
-            if paused and self._relieve(out, lambda: not fits(), True):
-                continue
-            outranked = [s for s in self.running if s.sort_key() > seq.sort_key()]
+            if given and self._relieve(out, lambda: not fits(), True, among=given):
+                continue  # the paused KV counted on goes first, past the swap budget
+            outranked = [s for s in self.running if s.sort_key() > key]
             if not outranked:
                 return False, refund
             refund += self._preempt(max(outranked, key=Sequence.sort_key), out)
         return True, refund
+
+    def _paused_given(self, key: tuple, later: bool) -> list[Sequence]:
+        """The paused requests whose KV admission frees for a waiting request (sort key
+        `key`) if it needs the room. A scored prompt whose last chunk comes in a later
+        step: what the running path frees it there (`_paused_giving`). Any other: all of
+        it when nothing runs (an idle engine frees paused KV under any policy); else every
+        request's under the legacy, discard and swap policies, none under preserve, and
+        under the adaptive policy those it gives up now (`PausedKV.given_up`): what it
+        preserves stays, as it would for any admission."""
+        if later:
+            return self._paused_giving(any(s.sort_key() < key for s in self.running))
+        holding = self._paused_holding()
+        if not self.running or self.paused_kv.mode not in ("preserve", "adaptive"):
+            return holding
+        if self.paused_kv.mode == "preserve" or not holding:
+            return []
+        return self.paused_kv.given_up(holding, self.running)
 
     def _relieve(
         self,
@@ -453,10 +532,13 @@ class Scheduler:
         still_short: Callable[[], bool],
         for_running: bool = False,
         idle: bool = False,
+        among: list[Sequence] | None = None,
     ) -> bool:
-        """Free paused KV (by the pause policy) while `still_short()`; whether any went."""
+        """Free paused KV (by the pause policy) while `still_short()`, from `among` (None:
+        every paused request); whether any went."""
+        paused = list(self.paused.values()) if among is None else among
         return self.paused_kv.relieve(
-            list(self.paused.values()), self.running, out.swaps, still_short, for_running, idle
+            paused, self.running, out.swaps, still_short, for_running, idle
         )
 
     def _under_pressure(self) -> bool:
@@ -506,19 +588,23 @@ class Scheduler:
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> int:
         """Recompute `seq` later; return the budget it had been given this step."""
         self.running.remove(seq)
-        refund = 0
-        for k, item in enumerate(out.scheduled):
-            if item.seq is seq:
-                refund = item.num_new_tokens if item.chunk is None else item.chunk.cost
-                del out.scheduled[k]
-                if item.chunk is not None:
-                    out.chunk_items.remove(item)
-                break
+        refund = self._unschedule(seq, out)
         self.block_manager.discard(seq)
         seq.num_preemptions += 1
         out.preempted.append(seq)
         self.add(seq)
         return refund
+
+    def _unschedule(self, seq: Sequence, out: SchedulerOutput) -> int:
+        """Drop `seq`'s item from this step, if it has one; the budget that item cost."""
+        for k, item in enumerate(out.scheduled):
+            if item.seq is seq:
+                del out.scheduled[k]
+                if item.chunk is None:
+                    return item.num_new_tokens
+                out.chunk_items.remove(item)
+                return item.chunk.cost
+        return 0
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """Retire `seq` from whichever queue holds it and free its blocks at once."""

@@ -205,3 +205,29 @@ async def test_async_streams_see_an_engine_error_only_on_the_failed_request(make
     assert results[0].token_ids == reference["h0"].token_ids
     assert results[2].token_ids == reference["h1"].token_ids
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+
+def test_a_request_that_outgrows_the_pool_fails_alone_instead_of_hanging(
+    make_engine, reference, monkeypatch
+):
+    """A request whose KV outgrows the whole pool (4 blocks) while it decodes, the
+    validator's pool check turned off as by any fault that would let one through. Alone in
+    the pool it used to preempt itself, recompute its prompt chunk by chunk and run short at
+    the same token, every step: never finished, never failed. Now it fails with its reason
+    and the others finish as they would alone."""
+    engine = make_engine(
+        kv_cache_tokens=64, block_size=16, enable_prefix_caching=False, max_num_batched_tokens=32
+    )
+    monkeypatch.setattr(engine.validator, "check_pool", lambda needed, what: None)
+    ids = add_healthy(engine, "h")
+    long = SamplingParams(max_tokens=80, ignore_eos=True)
+    ids.append(engine.add_request("This one will fail:", long, request_id="bad"))
+    finals = {}
+    for _ in range(150):  # it fails at about step 60; a hang would run on
+        if not engine.has_unfinished_requests():
+            break
+        finals.update((out.request_id, out) for out in engine.step() if out.finished)
+    assert set(finals) == set(ids), "the engine never finished every request"
+    assert_only_bad_failed(engine, finals, reference, "InvalidRequestError: request 'bad' cannot")
+    assert "the pool has 4 blocks" in finals["bad"].error

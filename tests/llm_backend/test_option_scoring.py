@@ -332,17 +332,24 @@ def test_the_step_that_completes_a_scored_prompt_holds_its_forks_blocks():
 
     sched = Scheduler(SchedulerConfig(8, 64), BlockManager(4, 4, enable_prefix_caching=False))
     sched.add(scored("c", 6))
-    assert sched.schedule().scheduled == []  # 5 blocks would be needed: it waits
+    out = sched.schedule()  # 5 blocks would be needed, more than the pool: it fails
+    assert out.scheduled == [] and [s.request_id for s, _ in out.failed] == ["c"]
+    assert "and 3 blocks for its option forks" in str(out.failed[0][1])
     # 4 tokens a step: admitted with room for the whole prompt and its forks, a first
     # chunk that does not complete the prompt holds none back; without that room it waits.
     sched = Scheduler(SchedulerConfig(8, 4), BlockManager(5, 4, enable_prefix_caching=False))
     sched.add(scored("d", 6))
     (item,) = sched.schedule().scheduled
     assert item.num_new_tokens == 4 and item.reserved == 0
-    sched = Scheduler(SchedulerConfig(8, 4), BlockManager(4, 4, enable_prefix_caching=False))
-    d = scored("d", 6)
+    sched = Scheduler(SchedulerConfig(8, 4), BlockManager(6, 4, enable_prefix_caching=False))
+    e = Sequence("e", list(range(3000, 3004)), SamplingParams(), priority=-1)
+    sched.add(e)
+    sched.schedule()
+    e.num_computed_tokens, e.token_ids = 4, e.token_ids + [0]  # e decodes: 2 blocks
+    d = scored("d", 6)  # 4 blocks are left, e outranks it: it waits
     sched.add(d)
-    assert sched.schedule().scheduled == [] and sched.waiting == [d] and not d.block_table
+    out = sched.schedule()
+    assert [i.seq for i in out.scheduled] == [e] and sched.waiting == [d] and not d.block_table
 
 
 def scored_seq(name: str, n: int, priority: int = 0, longest: int = 9) -> Sequence:
@@ -663,30 +670,28 @@ def test_a_scorers_one_token_last_chunk_waits_for_a_higher_priority_prefill():
 
 
 @pytest.mark.parametrize("prompt_len", [9, 17], ids=["room-left", "pool-short"])
-def test_a_held_scorer_preempted_later_in_the_step_is_not_run_by_the_backstop(prompt_len):
+def test_a_runner_larger_than_the_pool_fails_alone_after_preempting_a_held_scorer(prompt_len):
     """REVIEW-reserve2 HIGH 1, scheduler alone: 8 blocks of 4 tokens, no prefix caching.
     The scored s (one token left, its forks 4 blocks) is short of room and held, since the
-    higher-priority v prefills later in the step; but v (40 tokens: more than the pool, the
-    case `LLMEngine._fail_unschedulable` exists for) preempts s, t and itself. The step is
-    then empty, every request queued with no blocks, and the engine fails v alone; t and s
-    go on. The backstop used to run s all the same, from the queue: scheduled while
-    WAITING (its blocks then held by a queued request, re-admitted for 0 tokens every
-    step) or, with the pool short, `max()` of no runners raising out of `schedule()`."""
+    higher-priority v prefills later in the step; but v (40 tokens: more than the pool)
+    preempts s and t, and then, alone with nothing left to free, fails in the step
+    (`Scheduler._free_blocks`) instead of preempting itself. t and s, back in the queue
+    with no blocks, are admitted in the same step, or fail if they could never fit. (A backstop
+    once ran s from the queue: scheduled while WAITING, or with the pool short, `max()`
+    of no runners raising out of `schedule()`; it is gone, REVIEW-stop13 L2.)"""
     bm = BlockManager(8, 4, enable_prefix_caching=False)
     sched = Scheduler(SchedulerConfig(8, 64), bm)
     t = running(sched, plain_seq("t", 4, priority=-1), 3)
     s = running(sched, scored_seq("s", prompt_len, longest=14), prompt_len - 1)
     v = running(sched, plain_seq("v", 40, priority=-2), 4)
     out = sched.schedule()
-    assert out.scheduled == [] and out.preempted == [s, t, v]
-    assert sched.running == [] and sched.waiting == [v, t, s]
-    assert all(x.status is SequenceStatus.WAITING and not x.block_table for x in (s, t, v))
-    assert bm.num_free_blocks == 8 and s.num_preemptions == 1
-    sched.finish(v, FinishReason.ERROR)  # what LLMEngine._fail_unschedulable does
-    items = scheduled(sched.schedule())
-    assert items[0] == ("t", 4, 0)
+    assert out.failed[0][0] is v and out.preempted == [s, t]
+    assert "cannot go on" in str(out.failed[0][1]) and v.status is SequenceStatus.FINISHED
+    assert s.num_preemptions == 1 and v not in sched.running + sched.waiting
     if prompt_len == 9:  # 3 blocks and its forks' 4 beside t's 1
-        assert items == [("t", 4, 0), ("s", 9, 4)]
+        assert scheduled(out) == [("t", 4, 0), ("s", 9, 4)] and len(out.failed) == 1
+    else:  # 5 blocks and its forks' 4: more than the pool, so it fails at admission
+        assert scheduled(out) == [("t", 4, 0)] and [x for x, _ in out.failed] == [v, s]
 
 
 @pytest.mark.parametrize("mode", ["preserve", "adaptive"])
@@ -752,19 +757,19 @@ def test_a_scored_prompt_that_cannot_get_its_room_leaves_adaptive_paused_kv_alon
     assert scheduled(sched.schedule()) == [("s", 4, 0)] and len(p.block_table) == 2
 
 
-def test_paused_kv_no_relief_frees_is_not_room_for_a_scorers_forks():
+def test_paused_requests_sharing_only_each_others_blocks_are_room_for_a_scorers_forks():
     """REVIEW-reserve2 LOW 2, scheduler alone: an adaptive policy, prefix caching on, 8
     blocks of 4 tokens. x (priority -1) decodes, so it outranks the scored s (a block for
     its last token, 3 for its forks); two paused requests hold the same 2 cached blocks
-    and nothing of their own; 3 blocks are free. The policy's relief skips a paused
-    request whose blocks are all shared (freeing it alone makes no room), so those 2 are
-    not room: s waits for x keeping its KV, and the paused requests keep theirs. Counting
-    them had s go on, find the relief free nothing, and preempt itself."""
+    and nothing of their own; 3 blocks are free. Freeing either alone makes no room, but
+    relief frees both together (`PausedKV.freeable_blocks`), so those 2 are room: s goes on
+    at once with its forks' room, without preempting itself. (Relief used to skip them
+    both; s then waited for x, and an admission needing the room could starve.)"""
     bm = BlockManager(8, 4)
     costs = PauseCosts(1e-3, 1e-3, 1e-9, 1e-3, 1e-9)
     adaptive = PausedKV(PausePolicy("adaptive", costs), bm, 1, 64)
     sched = Scheduler(SchedulerConfig(8, 16), bm, None, adaptive)
-    x = running(sched, plain_seq("x", 4, priority=-1), 3)
+    running(sched, plain_seq("x", 4, priority=-1), 3)
     s = running(sched, scored_seq("s", 9), 8)
     context = list(range(500, 508))
     a = running(sched, Sequence("a", [*context, 1], SamplingParams()), 8)
@@ -774,12 +779,8 @@ def test_paused_kv_no_relief_frees_is_not_room_for_a_scorers_forks():
     assert a.block_table == b.block_table and len(a.block_table) == 2
     assert bm.num_free_blocks == 3
     out = sched.schedule()
-    assert scheduled(out) == [("x", 1, 0)] and out.preempted == []
-    assert s.num_computed_tokens == 8 and s.status is SequenceStatus.RUNNING
-    assert len(a.block_table) == len(b.block_table) == 2
-    x.num_computed_tokens += 1
-    sched.finish(x, FinishReason.LENGTH)
-    assert scheduled(sched.schedule()) == [("s", 1, 3)] and s.num_preemptions == 0
+    assert scheduled(out) == [("x", 1, 0), ("s", 1, 3)] and out.preempted == []
+    assert s.num_preemptions == 0 and not a.block_table and not b.block_table
 
 
 @pytest.mark.parametrize("mode", [None, "preserve", "adaptive", "swap"])

@@ -12,8 +12,9 @@ from covey.llm_backend.block_manager import BlockManager
 from covey.llm_backend.config import EngineConfig
 from covey.llm_backend.pause_policy import PauseCosts, PausePolicy
 from covey.llm_backend.paused_kv import PausedKV
+from covey.llm_backend.sampling_params import SamplingParams
 from covey.llm_backend.scheduler import Scheduler, SchedulerConfig
-from covey.llm_backend.sequence import FinishReason
+from covey.llm_backend.sequence import FinishReason, Sequence
 
 from .test_scheduler import complete, seq
 
@@ -198,3 +199,88 @@ def test_forced_swaps_never_go_past_the_host_cap(mode):
     assert sorted(s.swapped_tokens for s in held) == [0, 11, 11]
     assert sorted(s.discarded_tokens for s in held) == [0, 0, 11]
     assert d in sched.running
+
+
+def run_caching(sched: Scheduler) -> list:
+    """`complete`, publishing full blocks in the prefix cache as the engine does."""
+    out = sched.schedule()
+    for item in out.scheduled:
+        item.seq.num_computed_tokens += item.num_new_tokens
+        sched.block_manager.cache_full_blocks(item.seq)
+        if item.seq.num_computed_tokens == len(item.seq):
+            item.seq.token_ids.append(0)
+    return out
+
+
+def test_paused_requests_sharing_all_their_blocks_give_them_up_together():
+    """One prompt sent twice: the prefix cache makes the second share every block of the
+    first, so freeing either alone makes no room. Relief used to skip both, and a prompt
+    that needed their room was preempted by its own next chunk and then never admitted
+    (the engine fails the request it cannot schedule). Freeing both makes the room."""
+    bm = BlockManager(8, 4)
+    paused_kv = PausedKV(PausePolicy("adaptive", COSTS), bm, MB, 64)
+    sched = Scheduler(SchedulerConfig(8, 16), bm, None, paused_kv)
+    twins = [Sequence(name, list(range(100, 112)), SamplingParams()) for name in "ab"]
+    for twin in twins:
+        sched.add(twin)
+        run_caching(sched)
+        sched.pause(twin)  # a tool call right after the prefill
+        twin.pause_tool, twin.paused_at = "tool", time.perf_counter()
+    a, b = twins
+    assert a.block_table == b.block_table and len(a.block_table) == 3
+    assert paused_kv.freeable_blocks(a) == 0 and paused_kv.freeable_blocks(a, twins) == 3
+    c = seq(24, name="c")  # 6 blocks: 5 are free, the first chunk's 4 fit
+    sched.add(c)
+    preempted = []
+    for _ in range(2):  # its two chunks
+        preempted += run_caching(sched).preempted
+    assert preempted == [] and c.num_computed_tokens == 24
+    assert not a.block_table and not b.block_table
+
+
+def admitting_behind_a_head(h2_tokens: int, tool_s: float):
+    """`r` runs (2 of 10 blocks), `a` is paused holding 2 (its tool took `tool_s` before),
+    and `h1` then `h2` queue: `h1` fits the 6 free blocks and takes the room the step's
+    pressure check saw, so what `h2` finds is admission's own doing."""
+    bm = BlockManager(10, 4)
+    paused_kv = PausedKV(PausePolicy("adaptive", COSTS), bm, MB, 64)
+    sched = Scheduler(SchedulerConfig(8, 64), bm, None, paused_kv)
+    r, a = seq(7, priority=-2, name="r"), seq(8, name="a")
+    sched.add(r)
+    sched.add(a)
+    complete(sched)  # r: 2 blocks, a: 2 blocks
+    paused_kv.policy.times.record("tool", tool_s)
+    sched.pause(a)
+    a.pause_tool, a.paused_at = "tool", time.perf_counter()
+    h1, h2 = seq(8, priority=-1, name="h1"), seq(h2_tokens, name="h2")
+    sched.add(h1)
+    sched.add(h2)
+    return sched, r, a, h1, h2
+
+
+def test_an_admission_that_is_refused_gives_up_no_paused_kv():
+    """The room is decided once, before any relief (REVIEW-stop13 M3). `h2` needs 7
+    blocks of the 4 left: `a`'s 2, which the adaptive policy gives up for a long tool,
+    would not make them, and no runner below `h2` can be preempted. It used to give up
+    `a`'s KV anyway and then be refused; now `a` keeps its KV while `h2` waits."""
+    sched, r, a, h1, h2 = admitting_behind_a_head(28, tool_s=30.0)
+    out = sched.schedule()
+    assert [i.seq for i in out.scheduled] == [r, h1] and sched.waiting == [h2]
+    assert len(a.block_table) == 2 and not out.swaps.out
+    decisions = sched.paused_kv.counters.decisions
+    assert decisions["swap"] + decisions["discard"] == 0
+
+
+@pytest.mark.parametrize("tool_s", [30.0, 0.001], ids=["long-tool", "short-tool"])
+def test_an_admission_counts_the_paused_kv_the_policy_gives_up(tool_s):
+    """`h2` needs 6 blocks of the 4 left, and `a`'s 2 make them only if the adaptive
+    policy gives `a` up: for a long tool it does, and `h2` is admitted in the same step;
+    for a short one `a` keeps its KV and `h2` waits."""
+    sched, r, a, h1, h2 = admitting_behind_a_head(24, tool_s)
+    out = sched.schedule()
+    if tool_s > 1:
+        assert [i.seq for i in out.scheduled] == [r, h1, h2] and not a.block_table
+        assert [m.seq for m in out.swaps.out] == [a]
+    else:
+        assert [i.seq for i in out.scheduled] == [r, h1] and sched.waiting == [h2]
+        assert len(a.block_table) == 2 and not out.swaps.out

@@ -4,6 +4,7 @@ import itertools
 
 import pytest
 
+from covey.errors import InvalidRequestError
 from covey.llm_backend.block_manager import BlockManager
 from covey.llm_backend.sampling_params import SamplingParams
 from covey.llm_backend.scheduler import Scheduler, SchedulerConfig
@@ -224,3 +225,48 @@ def test_a_prefix_only_outranked_runners_share_is_room_to_admit():
     sched.add(high)
     assert run_step(sched) == ["high"] and sched.waiting == [a, b]
     assert high.num_cached_tokens == 0 and a.num_preemptions == b.num_preemptions == 1
+
+
+def test_a_prompt_larger_than_the_pool_fails_at_admission_and_the_others_run():
+    """Admission takes a prompt one chunk at a time: one larger than the pool used to get
+    in, preempt itself at the chunk that did not fit and come back, every step, forever."""
+    sched = make(num_blocks=4, block_size=4, budget=8)
+    big, small = seq(20, priority=0, name="big"), seq(6, priority=1, name="small")
+    sched.add(big)
+    sched.add(small)
+    out = sched.schedule()
+    assert [s.request_id for s, _ in out.failed] == ["big"]
+    error = out.failed[0][1]
+    assert isinstance(error, InvalidRequestError)
+    assert "20 tokens (5 blocks)" in str(error) and "the pool has 4 blocks" in str(error)
+    assert big.status is SequenceStatus.FINISHED and big.finish_reason is FinishReason.ERROR
+    assert [(s.seq.request_id, s.num_new_tokens) for s in out.scheduled] == [("small", 6)]
+    assert big not in sched.waiting and big not in sched.running
+
+
+def test_a_lone_decode_that_outgrows_the_pool_fails_instead_of_preempting_itself_forever():
+    """`grow` outgrows the 16-token pool while decoding. `other`, lower in priority, is
+    preempted for it first; then `grow` runs alone with nothing left to free, and fails
+    with its reason (it used to preempt itself, recompute its prompt chunk by chunk and be
+    short again at the same token, forever). `other` then runs to its end."""
+    sched = make(num_blocks=4, block_size=4, budget=8)
+    grow, other = seq(10, priority=0, name="grow"), seq(3, priority=1, name="other")
+    sched.add(grow)
+    sched.add(other)
+    failed, preempted = [], []
+    for _ in range(30):
+        out = sched.schedule()
+        failed += out.failed
+        preempted += out.preempted
+        for item in out.scheduled:
+            item.seq.num_computed_tokens += item.num_new_tokens
+            if item.seq.num_computed_tokens == len(item.seq):
+                item.seq.token_ids.append(0)
+        if failed and len(other) == 12:
+            sched.finish(other, FinishReason.LENGTH)
+            break
+    assert [s.request_id for s, _ in failed] == ["grow"] and preempted == [other]
+    assert "cannot go on" in str(failed[0][1]) and "the pool has 4 blocks" in str(failed[0][1])
+    assert grow.num_preemptions == 0 and len(grow) == 17  # its 16 tokens' KV, and 1 more
+    assert other.status is SequenceStatus.FINISHED and not sched.has_work()
+    assert sched.block_manager.num_free_blocks == 4

@@ -32,6 +32,10 @@ def paged_attention(
     groups, bs = meta.decode_groups, meta.block_size
     if len(groups) == 1 and meta.num_decode == q.shape[0]:
         return _decode(q, kv, groups[0], bs)  # a pure decode step: no scatter into `out`
+    if not groups and len(meta.prefills) == 1:
+        run = meta.prefills[0]
+        if run.key_blocks is None and run.end - run.start == q.shape[0] and use_causal_prefill(q):
+            return causal_prefill(q, k, v)  # one fresh prompt alone: no scatter either
     out = torch.empty_like(q)
     for g in groups:
         out[g.start : g.end] = _decode(q[g.start : g.end], kv, g, bs)

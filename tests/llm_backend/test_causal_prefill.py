@@ -115,3 +115,25 @@ def test_a_step_mixing_a_decode_row_and_runs_of_both_paths(dtype):
         rows = slice(run.start, run.end)
         reference = _sdpa(q[rows], k[rows], v[rows], torch.float32)
         torch.testing.assert_close(out[rows].float(), reference, atol=tol, rtol=tol)
+
+
+def test_a_prompt_alone_in_its_step_gets_the_same_bits_as_inside_a_mixed_step():
+    """A step that is one fresh run returns the tiles' output directly (no scatter into a
+    step-wide buffer); the same run next to a decode row computes the same bits."""
+    gen = torch.Generator().manual_seed(10)
+    n = 2 * TILE_ROWS + 7
+    q, k, v = _qkv(n + 1, gen)
+    kv = torch.randn(2, KVH, 16, DH, generator=gen).bfloat16()
+    alone = AttentionMetadata(torch.zeros(n, dtype=torch.long), 0, 16, [PrefillRun(0, n, None)])
+    mixed = AttentionMetadata(
+        slot_mapping=torch.zeros(n + 1, dtype=torch.long),
+        num_decode=1,
+        block_size=16,
+        prefills=[PrefillRun(1, n + 1, None, None)],
+        decode_groups=[DecodeGroup(0, 1, None, 3, None, contiguous_start=0)],
+    )
+    out_alone = paged_attention(q[1:], k[1:], v[1:], kv, alone)
+    out_mixed = paged_attention(q, k, v, kv, mixed)
+    assert torch.equal(out_alone, out_mixed[1:])
+    reference = _sdpa(q[1:], k[1:], v[1:], torch.float32)
+    torch.testing.assert_close(out_alone.float(), reference, atol=3e-2, rtol=3e-2)

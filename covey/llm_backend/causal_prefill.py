@@ -8,15 +8,16 @@ one thread, against 6-8 ms here; 1024 tokens: 41 against 25 ms; 96 tokens: 0.34 
 prefill, the same share for transformers, which calls the same kernel.
 
 An earlier batched-matmul prefill was reverted (commit 30828b6) because it kept the scores
-in bf16: rounding scores of magnitude 10-50 to 8 bits moves the softmax by percents, and
-cost the int8 mode its 1% perplexity bound. Here the scores are float32 (queries and keys
-are upcast: they are small next to the scores), as in the flash kernel; the probabilities
-are rounded to bf16 for the product with the values, as the flash kernel also does. Against
-a float64 reference on random inputs the output error is 1.3x SDPA's, where bf16 scores
-were 5-7x. Perplexity of the embedded model (its test's 128-token window; 4 x 512 tokens),
-SDPA then tiles: bf16 against float32 -0.24% / -0.59%, +0.11% / -0.10%; int8 against bf16
-+0.17% / +0.32%, +0.18% / +0.44%; int4 against bf16 +0.29% / +0.51%, -0.23% / +0.34%:
-all inside the 1% bounds, moved by amounts of the order of the bounds' run-to-run noise.
+in bf16: rounded to 8 significant bits, a score of 20 moves by up to 0.06, its softmax
+weight by up to 6%, and that cost the int8 mode its 1% perplexity bound. Here the scores
+are float32, as in the flash kernel (upcasting queries and keys costs little: they are
+small next to the scores); the probabilities are rounded to bf16 for the product with the
+values, as the flash kernel also does. Against a float32 reference on random inputs the
+output error is 1.26x the flash kernel's, where bf16 scores were 5-7x. Perplexity of the
+embedded model (its test's 128-token window; 4 x 512 tokens), SDPA then tiles: bf16
+against float32 -0.24% / -0.59%, +0.11% / -0.10%; int8 against bf16 +0.17% / +0.32%,
++0.18% / +0.44%; int4 against bf16 +0.29% / +0.51%, -0.23% / +0.34%: all inside the 1%
+bounds, each moved by at most 0.57 percentage points, either way.
 
 Queries go in tiles of TILE_ROWS, each against the keys up to its own last position, so
 the upper triangle is skipped but for each tile's diagonal block, which an additive mask

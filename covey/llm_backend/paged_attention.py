@@ -5,8 +5,9 @@ sequence's keys by block yields tensors already laid out for batched matmuls.
 Decodes of similar length are batched into one gather and two matmuls (a group pads only to
 its own longest sequence; one sequence whose blocks lie in order is read without a gather:
 its values in place, its keys with one packed copy, see `_decode`); prefill
-runs go one sequence at a time (few per step) through SDPA, a run with no cached prefix on
-its own fresh keys, a run over cached keys by query tiles at their true positions.
+runs go one sequence at a time (few per step): a run with no cached prefix on its own fresh
+keys (causal_prefill.py on CPU in bf16, else SDPA), a run over cached keys by query tiles
+at their true positions.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from covey.llm_backend.attention_metadata import AttentionMetadata, DecodeGroup, PrefillRun
+from covey.llm_backend.causal_prefill import causal_prefill, use_causal_prefill
 
 
 def store_kv(kv: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
@@ -30,10 +32,18 @@ def paged_attention(
     groups, bs = meta.decode_groups, meta.block_size
     if len(groups) == 1 and meta.num_decode == q.shape[0]:
         return _decode(q, kv, groups[0], bs)  # a pure decode step: no scatter into `out`
+    if not groups and len(meta.prefills) == 1:
+        run = meta.prefills[0]
+        if run.key_blocks is None and run.end - run.start == q.shape[0] and use_causal_prefill(q):
+            return causal_prefill(q, k, v)  # one fresh prompt alone: no scatter either
     out = torch.empty_like(q)
     for g in groups:
         out[g.start : g.end] = _decode(q[g.start : g.end], kv, g, bs)
     for run in meta.prefills:
+        rows = slice(run.start, run.end)
+        if run.key_blocks is None and use_causal_prefill(q[rows]):
+            out[rows] = causal_prefill(q[rows], k[rows], v[rows])
+            continue
         qs = q[run.start : run.end].transpose(0, 1).unsqueeze(0)  # [1, H, n, Dh]
         if run.key_blocks is None:
             ks = k[run.start : run.end].transpose(0, 1).unsqueeze(0)  # [1, KVH, n, Dh]

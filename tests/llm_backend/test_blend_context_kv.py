@@ -92,8 +92,8 @@ def _deviation(got, want):
 
 
 def _blend(engine, region, imported, ratio):
-    """Blend with `imported` in place; returns the hidden state's deviation... and the
-    reused rows' KV deviation on the layers after the check layer (what decoding reads)."""
+    """Blend with `imported` in place; returns the result and the region's KV afterwards
+    (what decoding reads)."""
     engine.pool.kv[:, :, :, region.slots] = imported
     result = blend_forward(engine.model, engine.pool.kv, region, ratio, CHECK, 16)
     kv = engine.pool.kv[:, :, :, region.slots]

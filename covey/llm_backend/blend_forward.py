@@ -23,8 +23,9 @@ but the deviation is dense, not sparse: the 15% most deviating tokens hold only 
 on the deep layers, and the answer is written by decode steps that read every token's KV,
 not by the last prompt token's logits. Layer 1's deviation ranks the deep deviation poorly
 (Spearman 0.3-0.6, its top 15% holding 25-34% of it); layer 12's ranks it well (0.83-0.88,
-46-53%, against 51-57% for the true top 15%). At ratio 0.15, 160 questions: check layer 1
-0.544, 4 0.537, 12 0.600, full prefill 0.600.
+46-53%, against 51-57% for the true top 15%). At ratio 0.15, 160 questions
+(benchmarks/results/rag_kv_accuracy_check_layers.json): check layer 1 0.544, 4 0.537,
+8 0.594, 12 0.600; full prefill 0.600.
 
 `forced` rows (the heads of the reused chunks, `blend_sink_tokens`) are recomputed on every
 layer whatever their deviation, beyond the ratio, which then applies to the other reused

@@ -69,7 +69,10 @@ MAX_TOKENS = 6
 SINKS = 4  # the -sinkK systems' blend_sink_tokens
 # The -checkL system's check layer: issue 9's probe found layer 1's deviation a poor guide
 # to the deep layers' (where this model's loss is), layer 12's a good one; at ratio 0.15 over
-# 160 questions it scored 0.600 against full prefill's 0.600 (layer 1: 0.544).
+# 160 questions it scored 0.600 against full prefill's 0.600 (layer 1: 0.544, 8: 0.594;
+# results/rag_kv_accuracy_check_layers.json). It costs TTFT, as the check layers compute every
+# reused token: interleaved A/B on a loaded machine, 0.64x full prefill's TTFT (layer 8:
+# 0.56x, layer 1: 0.42x); this system measures it on a quiet one.
 DEEP_CHECK = 12
 
 

@@ -16,6 +16,17 @@ see keys after it.) So ratio 1.0 recomputes everything and equals a full prefill
 ratio 0 skips the check layers entirely: only the region's own tokens are computed on every
 layer, over the reused KV as it is (plain concatenation).
 
+Which check layer matters more than the ratio (issue 9's probe, SmolLM2-135M, planted-fact
+prompts whose chunks' KV came from earlier requests' prefills): the machinery is exact (layer
+0's imported KV equals a full prefill's; the deviation falls with the ratio to none at 1.0),
+but the deviation is dense, not sparse: the 15% most deviating tokens hold only ~half of it
+on the deep layers, and the answer is written by decode steps that read every token's KV,
+not by the last prompt token's logits. Layer 1's deviation ranks the deep deviation poorly
+(Spearman 0.3-0.6, its top 15% holding 25-34% of it); layer 12's ranks it well (0.83-0.88,
+46-53%, against 51-57% for the true top 15%). At ratio 0.15, 160 questions
+(benchmarks/results/rag_kv_accuracy_check_layers.json): check layer 1 0.544, 4 0.537,
+8 0.594, 12 0.600; full prefill 0.600.
+
 `forced` rows (the heads of the reused chunks, `blend_sink_tokens`) are recomputed on every
 layer whatever their deviation, beyond the ratio, which then applies to the other reused
 tokens. `BlendPolicy` says how the others are ranked (deviation of K, V or both, or the

@@ -378,7 +378,7 @@ def bench_covey(
                 "chunk_cache": config.chunk_cache,
                 "blend_recompute_ratio": config.blend_recompute_ratio,
                 "blend_sink_tokens": config.blend_sink_tokens,
-                "blend_check_layers": list(config.blend_check_layers),
+                "blend_check_layers": list(engine.runner.blend_check_layers),
                 "blend_score": config.blend_score,
                 "blend_quota": config.blend_quota,
                 "prefix_cache": config.enable_prefix_caching,

@@ -46,6 +46,19 @@ from covey.llm_backend.config import BLEND_QUOTAS, BLEND_SCORES
 from covey.llm_backend.layers import apply_rotary
 from covey.llm_backend.model import LlamaModel
 
+# Where the check layer sits by default, as a fraction of the depth: layer 8 of SmolLM2's
+# 30, the shallowest measured layer whose choice of tokens held full prefill's accuracy.
+DEFAULT_CHECK_DEPTH = 8 / 30
+
+
+def default_check_layers(num_layers: int) -> tuple[int, ...]:
+    """The check layer when EngineConfig.blend_check_layers is None: at DEFAULT_CHECK_DEPTH
+    of the model. Deeper layers rank the tokens that matter better (the module docstring's
+    probe: layer 1 lost 5.6 points of accuracy at ratio 0.15, layer 8 0.6, layer 12 none),
+    but every reused token is computed in full up to the check layer, so a deeper one costs
+    more of the prefill it saves; 8 of 30 is the cheapest that held the accuracy."""
+    return (min(num_layers - 1, round(num_layers * DEFAULT_CHECK_DEPTH)),)
+
 
 @dataclass(frozen=True)
 class BlendPolicy:

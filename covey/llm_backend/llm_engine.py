@@ -21,7 +21,7 @@ from covey.errors import (
     NotSupportedError,
     RequestNotFoundError,
 )
-from covey.llm_backend.blend_forward import BlendPolicy
+from covey.llm_backend.blend_forward import BlendPolicy, default_check_layers
 from covey.llm_backend.block_manager import BlockManager
 from covey.llm_backend.choices import keep_only
 from covey.llm_backend.chunk_planner import ChunkPlanner
@@ -188,7 +188,8 @@ class LLMEngine:
     def _chunk_cache(self, config: EngineConfig) -> ChunkPlanner:
         """The chunk KV store and what plans and moves chunk KV (chunk_cache != "off")."""
         layers = self.model.args.num_layers
-        bad = [i for i in config.blend_check_layers if i >= layers]
+        check = config.blend_check_layers or default_check_layers(layers)
+        bad = [i for i in check if i >= layers]
         if bad:
             raise ConfigError(
                 f"EngineConfig.blend_check_layers {bad} out of range: the model has "
@@ -214,14 +215,14 @@ class LLMEngine:
             self.pool, self.chunk_store, RopeRerotator(self.model.args)
         )
         self.runner.blend_ratio = config.blend_recompute_ratio
-        self.runner.blend_check_layers = tuple(config.blend_check_layers)
+        self.runner.blend_check_layers = check
         self.runner.blend_sink_tokens = config.blend_sink_tokens
         self.runner.blend_policy = BlendPolicy(config.blend_score, config.blend_quota)
         return ChunkPlanner(
             self.chunk_store,
             config.chunk_cache,
             config.blend_recompute_ratio,
-            tuple(config.blend_check_layers),
+            check,
             layers,
             config.blend_sink_tokens,
         )

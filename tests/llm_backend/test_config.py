@@ -124,3 +124,18 @@ def test_importing_kv_of_the_wrong_shape_is_an_invalid_request():
     pool = KVPool(preset("tiny"), 4, 16, torch.float32, torch.device("cpu"))
     with pytest.raises(InvalidRequestError, match="KV data has shape"):
         pool.import_blocks([0], torch.zeros(1, 2, 3))
+
+
+def test_blend_check_layers_default_sits_at_the_measured_depth():
+    """None (the default) resolves per model: layer 8 of a 30-layer model, where the probe of
+    issue 9 measured the check layer that kept full prefill's accuracy; never past the last
+    layer of a shallow model."""
+    from covey.llm_backend.blend_forward import default_check_layers
+
+    assert EngineConfig().blend_check_layers is None
+    assert default_check_layers(30) == (8,)
+    assert default_check_layers(2) == (1,)
+    assert default_check_layers(1) == (0,)
+    assert EngineConfig(blend_check_layers=[3]).blend_check_layers == (3,)
+    with pytest.raises(ConfigError, match="or None"):
+        EngineConfig(blend_check_layers=())

@@ -196,12 +196,17 @@ class _DirectGraph:
         return cls(args, per_step, compiled, True)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # Dynamo's guards on grad mode and the inputs' dtypes are not run here: the graph
-        # was traced for inference and int64 ids (what `CompiledDecode.forward` passes).
+        """For callers other than `CompiledDecode` (tests, tools): the graph, after the checks
+        dynamo's guards on grad mode and the inputs' dtypes would have made."""
         if torch.is_grad_enabled():
             raise EngineError("a compiled decode graph runs only in inference mode")
         if input_ids.dtype != torch.long or positions.dtype != torch.long:
             raise EngineError("a compiled decode graph takes int64 token ids and positions")
+        return self.call(input_ids, positions)
+
+    def call(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The graph, unchecked: `CompiledDecode` calls it per step, always in inference mode
+        (`forward`, `warm_up`) with the int64 ids and positions the runner makes."""
         args = list(self.args)
         for i, get in self.per_step:
             args[i] = get(input_ids, positions)
@@ -216,7 +221,7 @@ class CompiledDecode:
     max_batch = KERNEL_MAX_ROWS
 
     def __init__(self, model: LlamaModel) -> None:
-        if _torch_version() < MIN_TORCH:
+        if not torch_supports_compile():
             raise NotSupportedError(
                 f"EngineConfig.compile=True needs torch >= {'.'.join(map(str, MIN_TORCH))}"
                 f" (installed: {torch.__version__}); compile=False runs the same model eagerly"
@@ -286,8 +291,7 @@ class CompiledDecode:
             self.eager_steps += 1
             return self.model(input_ids, positions, kv_cache, meta)
         self.compiled_steps += 1
-        with torch.compiler.set_stance("eager_on_recompile"):
-            return self._run(input_ids, positions, kv_cache, meta)
+        return self._run(input_ids, positions, kv_cache, meta)
 
     def _model_changed(self) -> bool:
         """Whether the model's tensors were replaced since its graphs were compiled (new
@@ -317,14 +321,18 @@ class CompiledDecode:
     ) -> torch.Tensor:
         """The compiled step. A batch size's first step goes through dynamo, which checks
         its guards and picks (or compiles) the graph; later steps of that size call that
-        graph directly (`_DirectGraph`), without dynamo's frame, guards and argument list."""
+        graph directly (`_DirectGraph`), without dynamo's frame, guards and argument list.
+        After the warm-up, a step whose guards no graph passes runs dynamo's eager
+        fallback rather than compiling in the middle of serving (`eager_on_recompile`)."""
         step_context.attn = StepAttention(kv_cache, self._layer_views(kv_cache), meta)
         try:
             graph = self._direct.get(input_ids.shape[0])
             if graph is not None:
-                return graph(input_ids, positions)
+                return graph.call(input_ids, positions)
             self._ran = None
-            out = self._step(self.model, input_ids, positions)
+            stance = "eager_on_recompile" if self.threads is not None else "default"
+            with torch.compiler.set_stance(stance):
+                out = self._step(self.model, input_ids, positions)
             if self._ran is not None and self._ran.callable:
                 self._direct[input_ids.shape[0]] = self._ran
             return out
@@ -373,9 +381,9 @@ class CompiledDecode:
         return took
 
 
-def _torch_version() -> tuple[int, int]:
-    major, minor = torch.__version__.split(".")[:2]
-    return int(major), int(minor)
+def torch_supports_compile() -> bool:
+    """Whether the installed torch is MIN_TORCH or newer (`TorchVersion` compares to tuples)."""
+    return torch.__version__ >= MIN_TORCH
 
 
 def _fingerprint(model: LlamaModel) -> tuple:

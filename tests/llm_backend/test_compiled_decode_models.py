@@ -127,7 +127,7 @@ def test_a_dropped_compiled_engine_frees_its_model_and_pool(covey_home):
 
 
 def test_compile_on_a_torch_without_guard_filters_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(compiled_decode, "_torch_version", lambda: (2, 7))
+    monkeypatch.setattr(compiled_decode, "torch_supports_compile", lambda: False)
     with pytest.raises(NotSupportedError, match="compile=True needs torch >= 2.8"):
         CompiledDecode(tiny(5))
 

@@ -33,6 +33,11 @@ Compiling costs about a minute the first time (more on a loaded machine). Induct
 live under `covey_home()/inductor`, so later runs load the generated code instead, but still
 trace the model (seconds); `warm_up` does both at engine start, with progress, rather than
 inside the first request. Prefill and mixed steps stay eager: they are matmul-bound.
+
+It is the default on CPU (`EngineConfig.compile=None`, see `engine_decode_step`): there the
+step costs about two thirds of the eager one, level with llama.cpp. Under that default a
+machine where compiling fails (no C++ compiler, a torch bug) gets a warning and the eager
+step, never an engine that does not start.
 """
 
 from __future__ import annotations
@@ -64,6 +69,62 @@ INDUCTOR_OPTIONS = {"cpp_wrapper": True, "size_asserts": False, "alignment_asser
 # The oldest torch whose `torch.compile` takes `options={"guard_filter_fn": ...}` (older ones
 # hand the option to the backend) and has `torch.compiler.set_stance`.
 MIN_TORCH = (2, 8)
+
+
+# Set to "0", the default (`EngineConfig.compile=None`) runs the decode step eagerly: for
+# processes that start many short-lived engines (the test suite) or want a fast start.
+COMPILE_ENV = "COVEY_COMPILE"
+
+
+def compile_by_default(device: torch.device) -> bool:
+    """What `EngineConfig.compile=None` means: compile on CPU, with a torch that can, unless
+    COVEY_COMPILE=0. On CUDA the step stays eager: there it is launch-bound, and what fixes
+    that is a CUDA graph, not this CPU graph (inductor's C++ wrapper), which covey has not
+    measured there."""
+    return (
+        device.type == "cpu"
+        and torch_supports_compile()
+        and os.environ.get(COMPILE_ENV, "").strip() != "0"
+    )
+
+
+def engine_decode_step(
+    model: LlamaModel, setting: bool | None, device: torch.device
+) -> CompiledDecode | None:
+    """The engine's compiled decode step for `EngineConfig.compile=setting`, warmed up, or
+    None for the eager step. Asked for (True), a failure to compile raises. By default
+    (None) it is a warning and the eager step: the default must not stop an engine from
+    starting on a machine that cannot compile."""
+    if setting is False or (setting is None and not compile_by_default(device)):
+        return None
+    try:
+        compiled = CompiledDecode(model)
+        compiled.warm_up()
+        return compiled
+    except Exception as exc:
+        if setting:
+            if isinstance(exc, NotSupportedError):
+                raise
+            raise EngineError(
+                "EngineConfig.compile=True, but torch.compile failed on this machine: "
+                f"{_first_line(exc)} (compile=False runs the same model eagerly)"
+            ) from exc
+        log.warning(
+            "covey: compiling the decode step failed, so it runs eagerly (slower): %s. "
+            "EngineConfig(compile=False), --no-compile or %s=0 skip the attempt.",
+            _first_line(exc),
+            COMPILE_ENV,
+        )
+        return None
+
+
+def _first_line(exc: BaseException) -> str:
+    """The error's type and first line: inductor's errors run to pages of compiler output."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
+    if len(text) > 300:
+        text = text[:300] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def inductor_cache_dir() -> str:
@@ -349,7 +410,8 @@ class CompiledDecode:
         """Compile (or load from the cache) the graphs decode steps use, before any request:
         batch size 1 is specialized by torch, 2 stands for every larger one. The warm-up
         steps write a scratch pool, not the engine's. Returns the seconds it took; prints
-        progress on stderr when `progress`."""
+        progress on stderr when `progress`. Errors are torch's, as raised
+        (`engine_decode_step` words them for the engine)."""
         start = time.perf_counter()
         self._fingerprint = _fingerprint(self.model)
         args = self.model.args
@@ -368,11 +430,6 @@ class CompiledDecode:
                 with torch.inference_mode():
                     self._run(*_scratch_step(n, dev), pool, _scratch_meta(n, block, dev))
                 bar.update(1)
-        except Exception as exc:
-            raise EngineError(
-                f"EngineConfig.compile=True, but torch.compile failed on this machine: {exc}"
-                " (compile=False runs the same model eagerly)"
-            ) from exc
         finally:
             bar.close()
         self.threads = torch.get_num_threads()

@@ -66,6 +66,14 @@ log = logging.getLogger(__name__)
 # every extern kernel; the graph's shapes are checked once, by its guards.
 INDUCTOR_OPTIONS = {"cpp_wrapper": True, "size_asserts": False, "alignment_asserts": False}
 
+
+def _trace_config():
+    """Dynamo's options for tracing the step. specialize_float: the model's Python floats
+    (the RMSNorms' eps) are constants of the graph. With dynamic=True dynamo first makes
+    them symbolic inputs, then finds they must be specialized and restarts, tracing the
+    whole model a second time: most of a warm start's batch-1 graph."""
+    return torch._dynamo.config.patch(specialize_float=True)
+
 # The oldest torch whose `torch.compile` takes `options={"guard_filter_fn": ...}` (older ones
 # hand the option to the backend) and has `torch.compiler.set_stance`.
 MIN_TORCH = (2, 8)
@@ -392,7 +400,7 @@ class CompiledDecode:
                 return graph.call(input_ids, positions)
             self._ran = None
             stance = "eager_on_recompile" if self.threads is not None else "default"
-            with torch.compiler.set_stance(stance):
+            with torch.compiler.set_stance(stance), _trace_config():
                 out = self._step(self.model, input_ids, positions)
             if self._ran is not None and self._ran.callable:
                 self._direct[input_ids.shape[0]] = self._ran

@@ -4,7 +4,7 @@ the default configuration's weights (int4, bfloat16).
 The model is the embedded SmolLM2's first two layers (its real weights, embeddings and
 head): compiling the graph of all 30 takes minutes on a cold cache, two take seconds, and
 the graph is the same per layer. benchmarks/engine.py runs the whole model compiled
-(`covey-compiled`).
+(`covey`, the default configuration).
 """
 
 from __future__ import annotations

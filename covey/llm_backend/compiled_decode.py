@@ -66,6 +66,14 @@ log = logging.getLogger(__name__)
 # every extern kernel; the graph's shapes are checked once, by its guards.
 INDUCTOR_OPTIONS = {"cpp_wrapper": True, "size_asserts": False, "alignment_asserts": False}
 
+# The oldest torch whose `torch.compile` takes `options={"guard_filter_fn": ...}` (older ones
+# hand the option to the backend) and has `torch.compiler.set_stance`.
+MIN_TORCH = (2, 8)
+
+# Set to "0", the default (`EngineConfig.compile=None`) runs the decode step eagerly: for
+# processes that start many short-lived engines (the test suite) or want a fast start.
+COMPILE_ENV = "COVEY_COMPILE"
+
 
 def _trace_config():
     """Dynamo's options for tracing the step. specialize_float: the model's Python floats
@@ -74,21 +82,12 @@ def _trace_config():
     whole model a second time: most of a warm start's batch-1 graph."""
     return torch._dynamo.config.patch(specialize_float=True)
 
-# The oldest torch whose `torch.compile` takes `options={"guard_filter_fn": ...}` (older ones
-# hand the option to the backend) and has `torch.compiler.set_stance`.
-MIN_TORCH = (2, 8)
-
-
-# Set to "0", the default (`EngineConfig.compile=None`) runs the decode step eagerly: for
-# processes that start many short-lived engines (the test suite) or want a fast start.
-COMPILE_ENV = "COVEY_COMPILE"
-
 
 def compile_by_default(device: torch.device) -> bool:
     """What `EngineConfig.compile=None` means: compile on CPU, with a torch that can, unless
-    COVEY_COMPILE=0. On CUDA the step stays eager: there it is launch-bound, and what fixes
-    that is a CUDA graph, not this CPU graph (inductor's C++ wrapper), which covey has not
-    measured there."""
+    COVEY_COMPILE=0. On CUDA the step stays eager: this graph (inductor's C++ wrapper, the
+    CPU analogue of a CUDA graph) was built and measured for CPU; on a GPU the tool would
+    be CUDA graphs, which covey does not build."""
     return (
         device.type == "cpu"
         and torch_supports_compile()

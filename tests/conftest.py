@@ -7,6 +7,12 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The engine's default compiles its decode step on CPU (seconds of tracing per engine even
+# from a warm cache); the suite builds well over a hundred engines, so here the default is
+# eager. Set at import, before any engine is built, and inherited by every child process
+# (the CLI's, servers', Ray's). Tests of the compiled step ask for it (compile=True), and
+# tests of the default itself unset this.
+os.environ["COVEY_COMPILE"] = "0"
 
 DEVICES = [
     "cpu",

@@ -25,8 +25,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16")
     parser.add_argument(
         "--compile",
-        action="store_true",
-        help="run decode steps through torch.compile (compiled once, cached under covey's home)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run decode steps as one torch.compile graph (the first start compiles for "
+        "minutes, cached under covey's home; later starts trace for seconds). Default: on "
+        "for CPU unless COVEY_COMPILE=0, falling back to eager with a warning where it "
+        "cannot compile; off on CUDA. --compile forces it (an error where it fails), "
+        "--no-compile runs eagerly and starts fastest",
     )
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")

@@ -33,6 +33,11 @@ Compiling costs about a minute the first time (more on a loaded machine). Induct
 live under `covey_home()/inductor`, so later runs load the generated code instead, but still
 trace the model (seconds); `warm_up` does both at engine start, with progress, rather than
 inside the first request. Prefill and mixed steps stay eager: they are matmul-bound.
+
+It is the default on CPU (`EngineConfig.compile=None`, see `engine_decode_step`): there the
+step costs about two thirds of the eager one, level with llama.cpp. Under that default a
+machine where compiling fails (no C++ compiler, a torch bug) gets a warning and the eager
+step, never an engine that does not start.
 """
 
 from __future__ import annotations
@@ -64,6 +69,69 @@ INDUCTOR_OPTIONS = {"cpp_wrapper": True, "size_asserts": False, "alignment_asser
 # The oldest torch whose `torch.compile` takes `options={"guard_filter_fn": ...}` (older ones
 # hand the option to the backend) and has `torch.compiler.set_stance`.
 MIN_TORCH = (2, 8)
+
+# Set to "0", the default (`EngineConfig.compile=None`) runs the decode step eagerly: for
+# processes that start many short-lived engines (the test suite) or want a fast start.
+COMPILE_ENV = "COVEY_COMPILE"
+
+
+def _trace_config():
+    """Dynamo's options for tracing the step. specialize_float: the model's Python floats
+    (the RMSNorms' eps) are constants of the graph. With dynamic=True dynamo first makes
+    them symbolic inputs, then finds they must be specialized and restarts, tracing the
+    whole model a second time: most of a warm start's batch-1 graph."""
+    return torch._dynamo.config.patch(specialize_float=True)
+
+
+def compile_by_default(device: torch.device) -> bool:
+    """What `EngineConfig.compile=None` means: compile on CPU, with a torch that can, unless
+    COVEY_COMPILE=0. On CUDA the step stays eager: this graph (inductor's C++ wrapper, the
+    CPU analogue of a CUDA graph) was built and measured for CPU; on a GPU the tool would
+    be CUDA graphs, which covey does not build."""
+    return (
+        device.type == "cpu"
+        and torch_supports_compile()
+        and os.environ.get(COMPILE_ENV, "").strip() != "0"
+    )
+
+
+def engine_decode_step(
+    model: LlamaModel, setting: bool | None, device: torch.device
+) -> CompiledDecode | None:
+    """The engine's compiled decode step for `EngineConfig.compile=setting`, warmed up, or
+    None for the eager step. Asked for (True), a failure to compile raises. By default
+    (None) it is a warning and the eager step: the default must not stop an engine from
+    starting on a machine that cannot compile."""
+    if setting is False or (setting is None and not compile_by_default(device)):
+        return None
+    try:
+        compiled = CompiledDecode(model)
+        compiled.warm_up()
+        return compiled
+    except Exception as exc:
+        if setting:
+            if isinstance(exc, NotSupportedError):
+                raise
+            raise EngineError(
+                "EngineConfig.compile=True, but torch.compile failed on this machine: "
+                f"{_first_line(exc)} (compile=False runs the same model eagerly)"
+            ) from exc
+        log.warning(
+            "covey: compiling the decode step failed, so it runs eagerly (slower): %s. "
+            "EngineConfig(compile=False), --no-compile or %s=0 skip the attempt.",
+            _first_line(exc),
+            COMPILE_ENV,
+        )
+        return None
+
+
+def _first_line(exc: BaseException) -> str:
+    """The error's type and first line: inductor's errors run to pages of compiler output."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
+    if len(text) > 300:
+        text = text[:300] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def inductor_cache_dir() -> str:
@@ -196,12 +264,17 @@ class _DirectGraph:
         return cls(args, per_step, compiled, True)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # Dynamo's guards on grad mode and the inputs' dtypes are not run here: the graph
-        # was traced for inference and int64 ids (what `CompiledDecode.forward` passes).
+        """For callers other than `CompiledDecode` (tests, tools): the graph, after the checks
+        dynamo's guards on grad mode and the inputs' dtypes would have made."""
         if torch.is_grad_enabled():
             raise EngineError("a compiled decode graph runs only in inference mode")
         if input_ids.dtype != torch.long or positions.dtype != torch.long:
             raise EngineError("a compiled decode graph takes int64 token ids and positions")
+        return self.call(input_ids, positions)
+
+    def call(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The graph, unchecked: `CompiledDecode` calls it per step, always in inference mode
+        (`forward`, `warm_up`) with the int64 ids and positions the runner makes."""
         args = list(self.args)
         for i, get in self.per_step:
             args[i] = get(input_ids, positions)
@@ -216,7 +289,7 @@ class CompiledDecode:
     max_batch = KERNEL_MAX_ROWS
 
     def __init__(self, model: LlamaModel) -> None:
-        if _torch_version() < MIN_TORCH:
+        if not torch_supports_compile():
             raise NotSupportedError(
                 f"EngineConfig.compile=True needs torch >= {'.'.join(map(str, MIN_TORCH))}"
                 f" (installed: {torch.__version__}); compile=False runs the same model eagerly"
@@ -286,8 +359,7 @@ class CompiledDecode:
             self.eager_steps += 1
             return self.model(input_ids, positions, kv_cache, meta)
         self.compiled_steps += 1
-        with torch.compiler.set_stance("eager_on_recompile"):
-            return self._run(input_ids, positions, kv_cache, meta)
+        return self._run(input_ids, positions, kv_cache, meta)
 
     def _model_changed(self) -> bool:
         """Whether the model's tensors were replaced since its graphs were compiled (new
@@ -317,14 +389,18 @@ class CompiledDecode:
     ) -> torch.Tensor:
         """The compiled step. A batch size's first step goes through dynamo, which checks
         its guards and picks (or compiles) the graph; later steps of that size call that
-        graph directly (`_DirectGraph`), without dynamo's frame, guards and argument list."""
+        graph directly (`_DirectGraph`), without dynamo's frame, guards and argument list.
+        After the warm-up, a step whose guards no graph passes runs dynamo's eager
+        fallback rather than compiling in the middle of serving (`eager_on_recompile`)."""
         step_context.attn = StepAttention(kv_cache, self._layer_views(kv_cache), meta)
         try:
             graph = self._direct.get(input_ids.shape[0])
             if graph is not None:
-                return graph(input_ids, positions)
+                return graph.call(input_ids, positions)
             self._ran = None
-            out = self._step(self.model, input_ids, positions)
+            stance = "eager_on_recompile" if self.threads is not None else "default"
+            with torch.compiler.set_stance(stance), _trace_config():
+                out = self._step(self.model, input_ids, positions)
             if self._ran is not None and self._ran.callable:
                 self._direct[input_ids.shape[0]] = self._ran
             return out
@@ -341,7 +417,8 @@ class CompiledDecode:
         """Compile (or load from the cache) the graphs decode steps use, before any request:
         batch size 1 is specialized by torch, 2 stands for every larger one. The warm-up
         steps write a scratch pool, not the engine's. Returns the seconds it took; prints
-        progress on stderr when `progress`."""
+        progress on stderr when `progress`. Errors are torch's, as raised
+        (`engine_decode_step` words them for the engine)."""
         start = time.perf_counter()
         self._fingerprint = _fingerprint(self.model)
         args = self.model.args
@@ -360,11 +437,6 @@ class CompiledDecode:
                 with torch.inference_mode():
                     self._run(*_scratch_step(n, dev), pool, _scratch_meta(n, block, dev))
                 bar.update(1)
-        except Exception as exc:
-            raise EngineError(
-                f"EngineConfig.compile=True, but torch.compile failed on this machine: {exc}"
-                " (compile=False runs the same model eagerly)"
-            ) from exc
         finally:
             bar.close()
         self.threads = torch.get_num_threads()
@@ -373,9 +445,9 @@ class CompiledDecode:
         return took
 
 
-def _torch_version() -> tuple[int, int]:
-    major, minor = torch.__version__.split(".")[:2]
-    return int(major), int(minor)
+def torch_supports_compile() -> bool:
+    """Whether the installed torch is MIN_TORCH or newer (`TorchVersion` compares to tuples)."""
+    return torch.__version__ >= MIN_TORCH
 
 
 def _fingerprint(model: LlamaModel) -> tuple:

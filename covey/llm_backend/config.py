@@ -37,18 +37,20 @@ class EngineConfig:
     a count set earlier with torch.set_num_threads is replaced, so give it here.
 
     `compile`: run pure decode steps (up to 32 sequences) as one torch.compile graph
-    (inductor, C++ wrapper), see compiled_decode.py. Off by default: on the loaded 2-core
-    CPU it was measured on (int4, batch 1, A/B in one process) the step was 11-16% faster
-    than eager in four runs but 7-23% slower in two (since the leaner attention op and the
-    direct graph call, 17-20% less CPU a step than eager in two runs), the first compile of
-    the model takes over a minute (minutes on a loaded machine), and even from the cache an
-    engine start pays ~10-20 s of tracing: too slow a start for an engine made per command
-    or per test. A model given as `LLMEngine(config, model=...)` may be written in place
-    after the engine starts (same dtypes and shapes). Replacing its weights or modules is
-    not supported: the compiled graphs hold the old tensors. A cheap per-step check of a
-    few tensors (the embedding, the first and last layer's qkv, the final norm) catches a
-    model swapped as a whole and sends the steps back to eager, but not one replaced
-    weight elsewhere.
+    (inductor, C++ wrapper), see compiled_decode.py. None (the default) compiles on CPU
+    with torch >= 2.8 unless the environment sets COVEY_COMPILE=0, and runs eagerly on
+    CUDA (CUDA graphs are not built); if compiling fails there (no C++ compiler, a torch
+    bug) it logs one warning and runs eagerly. True compiles wherever asked and raises if
+    it cannot; False is always eager. Why on by default: in benchmarks/engine.py the
+    compiled step took 6.8 ms against the eager 10.5 ms (llama.cpp 6.9 ms). What it costs
+    is the engine's start: the first compile of a model takes minutes (the generated code
+    is then cached under covey's home), and every later start traces the model again
+    (seconds); docs/performance.md has the measured figures. A model given as
+    `LLMEngine(config, model=...)` may be written in place after the engine starts (same
+    dtypes and shapes). Replacing its weights or modules is not supported: the compiled
+    graphs hold the old tensors. A cheap per-step check of a few tensors (the embedding,
+    the first and last layer's qkv, the final norm) catches a model swapped as a whole and
+    sends the steps back to eager, but not one replaced weight elsewhere.
     """
 
     model: str | Path | None = None  # None: the embedded SmolLM2-135M-Instruct
@@ -62,7 +64,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's context window
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # torch CPU threads; None: one per available CPU
-    compile: bool = False  # decode steps as one compiled graph (see the docstring)
+    compile: bool | None = None  # decode steps as one compiled graph; None: on CPU (docstring)
     # Weight-only quantization (CPU, bfloat16): "int8" (per-channel) or "int4" (groups of
     # 32); both read the packed weights in decode and keep no dense copy. See
     # covey/llm_backend/quantization.py for the measured speed and perplexity of each.
@@ -131,8 +133,11 @@ class EngineConfig:
                 f"(its kernels are bf16), got dtype={self.dtype!r}"
             )
 
-        if not isinstance(self.compile, bool):
-            raise ConfigError(f"EngineConfig.compile must be True or False, got {self.compile!r}")
+        if self.compile is not None and not isinstance(self.compile, bool):
+            raise ConfigError(
+                "EngineConfig.compile must be None (compile on CPU), True or False, "
+                f"got {self.compile!r}"
+            )
         self._check_chunk_cache()
         as_int("EngineConfig.pause_swap_bytes", self.pause_swap_bytes, ge=0, error=ConfigError)
         if self.pause_policy not in PAUSE_POLICIES:

@@ -26,7 +26,7 @@ from covey.llm_backend.block_manager import BlockManager
 from covey.llm_backend.choices import keep_only
 from covey.llm_backend.chunk_planner import ChunkPlanner
 from covey.llm_backend.chunk_transfer import ChunkTransfer
-from covey.llm_backend.compiled_decode import CompiledDecode
+from covey.llm_backend.compiled_decode import engine_decode_step
 from covey.llm_backend.config import EngineConfig
 from covey.llm_backend.cpu_threads import apply_num_threads, user_chose_threads
 from covey.llm_backend.engine_client import CacheReport, EngineStats, Prompt
@@ -127,9 +127,7 @@ class LLMEngine:
             num_blocks, config.block_size, config.enable_prefix_caching
         )
         self.runner = ModelRunner(self.model, self.pool, self.device)
-        if config.compile:
-            self.runner.compiled = CompiledDecode(self.model)
-            self.runner.compiled.warm_up()
+        self.runner.compiled = engine_decode_step(self.model, config.compile, self.device)
         self.chunk_store: ChunkStore | None = None
         self.chunk_planner = self._chunk_cache(config) if config.chunk_cache != "off" else None
         self.kv_swap = KVSwap(self.pool)

@@ -4,7 +4,7 @@ the default configuration's weights (int4, bfloat16).
 The model is the embedded SmolLM2's first two layers (its real weights, embeddings and
 head): compiling the graph of all 30 takes minutes on a cold cache, two take seconds, and
 the graph is the same per layer. benchmarks/engine.py runs the whole model compiled
-(`covey-compiled`).
+(`covey`, the default configuration).
 """
 
 from __future__ import annotations
@@ -160,3 +160,17 @@ def test_the_single_stream_path_is_taken_only_by_a_pure_decode_step():
     meta = dataclasses.replace(meta, prefills=[PrefillRun(1, 4, None)])
     attn = StepAttention(pool, (pool[:, 0].unbind(0), pool[:, 1].unbind(0)), meta)
     assert attn.span is None
+
+
+@pytest.mark.slow  # traces the two layers again (their code is cached by the test above)
+def test_the_default_configuration_compiles_the_decode_step_on_cpu(first_layers, monkeypatch):
+    """EngineConfig.compile=None, the default, compiles on CPU: the suite turns it off
+    (COVEY_COMPILE=0, tests/conftest.py), so this test unsets that."""
+    monkeypatch.delenv("COVEY_COMPILE")
+    config = EngineConfig(device="cpu", dtype="bfloat16", kv_cache_tokens=4096, num_threads=1)
+    assert config.compile is None
+    engine = LLMEngine(config, model=first_layers)
+    compiled = engine.runner.compiled
+    assert compiled is not None and set(compiled._direct) == {1, 2}  # warmed up
+    engine.run_to_completion([engine.add_request(PROMPTS[0], GREEDY)])
+    assert compiled.compiled_steps == GREEDY.max_tokens - 1 and compiled.eager_steps == 0

@@ -18,9 +18,9 @@ import weakref
 import pytest
 import torch
 
-from covey.errors import EngineError, NotSupportedError
+from covey.errors import ConfigError, EngineError, NotSupportedError
 from covey.llm_backend import compiled_decode
-from covey.llm_backend.compiled_decode import CompiledDecode
+from covey.llm_backend.compiled_decode import CompiledDecode, compile_by_default
 from covey.llm_backend.config import EngineConfig
 from covey.llm_backend.llm_engine import LLMEngine
 from covey.llm_backend.model import LlamaModel
@@ -127,7 +127,7 @@ def test_a_dropped_compiled_engine_frees_its_model_and_pool(covey_home):
 
 
 def test_compile_on_a_torch_without_guard_filters_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(compiled_decode, "_torch_version", lambda: (2, 7))
+    monkeypatch.setattr(compiled_decode, "torch_supports_compile", lambda: False)
     with pytest.raises(NotSupportedError, match="compile=True needs torch >= 2.8"):
         CompiledDecode(tiny(5))
 
@@ -153,3 +153,31 @@ def test_a_graph_that_cannot_be_called_directly_runs_through_dynamo(
     compiled = engine.runner.compiled
     assert not compiled._direct and compiled.eager_steps == 0
     assert compiled._ran is not None  # dynamo called the compiled graph (not eager_on_recompile)
+
+
+def test_the_default_compiles_on_cpu_only_and_can_be_turned_off(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv("COVEY_COMPILE")
+    assert compile_by_default(cpu) and not compile_by_default(cuda)
+    monkeypatch.setenv("COVEY_COMPILE", "1")
+    assert compile_by_default(cpu)
+    monkeypatch.setenv("COVEY_COMPILE", "0")
+    assert not compile_by_default(cpu)
+    monkeypatch.delenv("COVEY_COMPILE")
+    monkeypatch.setattr(compiled_decode, "torch_supports_compile", lambda: False)
+    assert not compile_by_default(cpu)  # an old torch: eager, no error (True raises, above)
+
+
+@pytest.mark.parametrize("value", ["yes", 1, "auto"])
+def test_compile_is_none_true_or_false(value):
+    assert EngineConfig().compile is None
+    with pytest.raises(ConfigError, match="compile must be None .*, True or False"):
+        EngineConfig(compile=value)
+
+
+def test_under_the_suites_covey_compile_0_the_default_engine_is_eager():
+    """tests/conftest.py sets COVEY_COMPILE=0, so the suite's engines start without tracing."""
+    config = EngineConfig(device="cpu", dtype="bfloat16", kv_cache_tokens=256)
+    engine = LLMEngine(config, model=tiny(7))
+    assert engine.runner.compiled is None
+    assert engine.run_to_completion([engine.add_request(PROMPT, SamplingParams(max_tokens=2))])

@@ -76,6 +76,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16")
     p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="decode steps as one torch.compile graph. Default: on for CPU unless "
+        "COVEY_COMPILE=0 (the first start compiles for minutes, cached; later starts trace "
+        "for seconds), eager where it cannot compile; --no-compile starts fastest",
+    )
+    p.add_argument(
         "--max-tokens",
         type=int,
         default=None,
@@ -201,7 +209,11 @@ def run(args: argparse.Namespace) -> int:
         app = create_app(state)
         with _ServingWhileLoading(app, sock, args.log_level):
             print(f"covey serve: loading; listening on {url} (/readyz: 200 once ready)", flush=True)
-            engine_config = {} if args.remote else {"device": args.device, "dtype": args.dtype}
+            engine_config = (
+                {}
+                if args.remote
+                else {"device": args.device, "dtype": args.dtype, "compile": args.compile}
+            )
             engine = None
             if args.ray:
                 from covey.server.ray_cluster import start_ray_engine

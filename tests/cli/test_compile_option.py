@@ -15,8 +15,9 @@ from tests.cli.runner import covey
 
 @pytest.mark.parametrize(("flag", "value"), [([], None), (["--compile"], True),
                                              (["--no-compile"], False)])
-def test_compile_flag_is_tri_state(flag, value):
-    args = build_parser().parse_args(["generate", "hi", *flag])
+@pytest.mark.parametrize("command", [["generate", "hi"], ["serve"]])
+def test_compile_flag_is_tri_state(command, flag, value):
+    args = build_parser().parse_args([*command, *flag])
     assert args.compile is value
 
 

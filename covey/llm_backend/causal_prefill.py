@@ -54,10 +54,10 @@ def causal_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     n, h, dh = q.shape
     kvh = k.shape[1]
     g = h // kvh
-    # rows t * G + j of a KV head's operand: query t, head j of that KV head's group
-    queries = torch.empty(kvh, n, g, dh, dtype=torch.float32, device=q.device)
-    queries.copy_(q.view(n, kvh, g, dh).transpose(0, 1)).mul_(dh**-0.5)
-    queries = queries.view(kvh, n * g, dh)
+    # one tile's queries in float32, reused: rows t * G + j of a KV head's operand are
+    # query t, head j of that KV head's group (upcast per tile, so no float32 copy of all n)
+    tile_queries = torch.empty(kvh, TILE_ROWS, g, dh, dtype=torch.float32, device=q.device)
+    grouped = q.view(n, kvh, g, dh).transpose(0, 1)  # [KVH, n, G, Dh], a view
     keys_t = torch.empty(kvh, dh, n, dtype=torch.float32, device=q.device)
     keys_t.copy_(k.permute(1, 2, 0))  # [KVH, Dh, n]: packed, so tiles slice it in place
     values = v.transpose(0, 1).contiguous()  # [KVH, n, Dh]
@@ -66,7 +66,9 @@ def causal_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     for start in range(0, n, TILE_ROWS):
         end = min(n, start + TILE_ROWS)
         rows = end - start
-        scores = torch.bmm(queries[:, start * g : end * g], keys_t[:, :, :end])  # float32
+        queries = tile_queries[:, :rows]
+        queries.copy_(grouped[:, start:end]).mul_(dh**-0.5)
+        scores = torch.bmm(queries.view(kvh, rows * g, dh), keys_t[:, :, :end])  # float32
         # [KVH, rows, G, end]: only the tile's own block of keys has any to hide
         scores.view(kvh, rows, g, end)[..., start:].add_(diagonal[:rows, None, :rows])
         probs = F.softmax(scores, dim=-1).to(q.dtype)

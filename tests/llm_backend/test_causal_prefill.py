@@ -19,7 +19,7 @@ from covey.llm_backend.causal_prefill import (
     causal_prefill,
     use_causal_prefill,
 )
-from covey.llm_backend.paged_attention import paged_attention
+from covey.llm_backend.paged_attention import paged_attention, store_kv
 
 H, KVH, DH = 9, 3, 64
 
@@ -83,7 +83,7 @@ def test_query_heads_read_their_own_kv_head():
     assert out[:, :group].abs().sum() > 0 and out[:, 2 * group :].abs().sum() > 0
 
 
-def test_paged_attention_takes_this_path_for_long_bf16_runs_only():
+def test_the_tiles_are_for_long_bf16_runs_on_cpu_only():
     assert use_causal_prefill(torch.empty(MIN_ROWS, H, DH, dtype=torch.bfloat16))
     assert not use_causal_prefill(torch.empty(MIN_ROWS - 1, H, DH, dtype=torch.bfloat16))
     assert not use_causal_prefill(torch.empty(4 * MIN_ROWS, H, DH, dtype=torch.float32))
@@ -115,6 +115,11 @@ def test_a_step_mixing_a_decode_row_and_runs_of_both_paths(dtype):
         rows = slice(run.start, run.end)
         reference = _sdpa(q[rows], k[rows], v[rows], torch.float32)
         torch.testing.assert_close(out[rows].float(), reference, atol=tol, rtol=tol)
+        # the route, bit for bit: only the long bf16 run goes through the tiles
+        if dtype == torch.bfloat16 and run.end - run.start >= MIN_ROWS:
+            assert torch.equal(out[rows], causal_prefill(q[rows], k[rows], v[rows]))
+        else:
+            assert torch.equal(out[rows].float(), _sdpa(q[rows], k[rows], v[rows], dtype))
 
 
 def test_a_prompt_alone_in_its_step_gets_the_same_bits_as_inside_a_mixed_step():
@@ -135,5 +140,36 @@ def test_a_prompt_alone_in_its_step_gets_the_same_bits_as_inside_a_mixed_step():
     out_alone = paged_attention(q[1:], k[1:], v[1:], kv, alone)
     out_mixed = paged_attention(q, k, v, kv, mixed)
     assert torch.equal(out_alone, out_mixed[1:])
+    assert torch.equal(out_alone, causal_prefill(q[1:], k[1:], v[1:]))
     reference = _sdpa(q[1:], k[1:], v[1:], torch.float32)
     torch.testing.assert_close(out_alone.float(), reference, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("alone", [True, False])
+def test_a_run_over_cached_keys_never_takes_the_fresh_path(alone):
+    """A later chunk of a chunked prefill, or a prefix-cache hit, with 64+ new tokens in
+    bf16: its queries attend to the cached prefix too, so it must go through the pool (as
+    SDPA over all keys would), not through the tiles over its own new keys only. Both alone
+    in its step (the direct return) and next to a decode row."""
+    gen = torch.Generator().manual_seed(11)
+    bs, prefix, n = 16, 80, 2 * MIN_ROWS  # new tokens at positions 80..207
+    length = prefix + n
+    table = torch.randperm(16, generator=gen)[: -(-length // bs)]  # blocks out of pool order
+    q_all, k_all, v_all = _qkv(length, gen)
+    kv = torch.zeros(2, KVH, 16 * bs, DH, dtype=torch.bfloat16)
+    slots = table[torch.arange(length) // bs] * bs + torch.arange(length) % bs
+    store_kv(kv, k_all, v_all, slots)  # the prefix (cached) and the new tokens (just stored)
+    q, k, v = q_all[prefix:], k_all[prefix:], v_all[prefix:]
+    positions = torch.arange(prefix, length)
+    decode_rows = 0 if alone else 1
+    if not alone:  # a decode row ahead of the run
+        q, k, v = (torch.cat((x[:1], x)) for x in (q, k, v))
+    run = PrefillRun(decode_rows, decode_rows + n, table, positions=positions)
+    groups = [] if alone else [DecodeGroup(0, 1, None, 3, None, contiguous_start=0)]
+    meta = AttentionMetadata(torch.zeros(n + decode_rows, dtype=torch.long), decode_rows, bs,
+                             [run], decode_groups=groups)
+    out = paged_attention(q, k, v, kv, meta)[decode_rows:].float()
+    reference = _sdpa(q_all, k_all, v_all, torch.float32)[prefix:]  # all keys, causal
+    torch.testing.assert_close(out, reference, atol=3e-2, rtol=3e-2)
+    fresh = causal_prefill(q_all[prefix:], k_all[prefix:], v_all[prefix:]).float()
+    assert _rms(fresh - reference) > 10 * _rms(out - reference)  # the fresh path is far off

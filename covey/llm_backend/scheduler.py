@@ -501,8 +501,12 @@ class Scheduler:
             self._relieve(out, lambda: not fits(), idle=idle)
         refund = 0
         while not fits():
-            if given and self._relieve(out, lambda: not fits(), True, among=given):
-                continue  # the paused KV counted on goes first, past the swap budget
+            # The paused KV counted on goes first, past the swap budget. What was counted
+            # because `seq` ends up a lone runner (a fixed preserve policy's, for a scored
+            # prompt nothing outranks) goes once the runners it outranks are gone.
+            alone = not self.running
+            if given and self._relieve(out, lambda: not fits(), True, alone, among=given):
+                continue
             outranked = [s for s in self.running if s.sort_key() > key]
             if not outranked:
                 return False, refund

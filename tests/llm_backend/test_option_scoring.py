@@ -857,3 +857,28 @@ def test_random_scored_and_plain_traffic_never_stalls_a_step_and_keeps_the_forks
                         sched.pause(seq)
         assert not (sched.waiting or sched.running or sched.paused or arrivals)
     assert any(holds), "no scorer was ever held: the traffic no longer reaches the hold"
+
+
+@pytest.mark.parametrize("mode", ["preserve", "adaptive", "swap"])
+def test_a_multi_step_scored_prompt_nothing_outranks_gets_the_paused_kv_it_counted(mode):
+    """REVIEW-sched HIGH 1, scheduler alone: 8 blocks of 4 tokens, 12 tokens a step, no
+    prefix caching. A paused request keeps 6 blocks; the runner r (priority 1) holds 1; the
+    scored s (priority 0, 12 tokens and forks: more than one step) outranks r, and nothing
+    outranks s. The room check counts the paused KV, as s ends up a lone runner, and a lone
+    runner frees paused KV under any policy. So s is admitted in this step. Under preserve
+    it used to preempt r, then be refused (relief of preserved KV asked for a running
+    engine), an empty step on which the engine fails the valid s."""
+    bm = BlockManager(8, 4, enable_prefix_caching=False)
+    costs = PauseCosts(1e-3, 1e-3, 1e-9, 1e-3, 1e-9)
+    paused = PausedKV(PausePolicy(mode, costs), bm, 1, 64)
+    sched = Scheduler(SchedulerConfig(8, 12), bm, None, paused)
+    p = running(sched, plain_seq("p", 24), 23)
+    sched.pause(p)
+    r = running(sched, plain_seq("r", 4, priority=1), 3)
+    s = scored_seq("s", 12, longest=2)
+    sched.add(s)
+    assert bm.num_free_blocks == 1 and s.num_uncomputed_tokens == 12
+    out = sched.schedule()
+    assert ("s", 11, 0) in scheduled(out) and ("r", 1, 0) in scheduled(out)
+    assert s.status is SequenceStatus.RUNNING and not sched.waiting and not p.block_table
+    assert r.status is SequenceStatus.RUNNING and not out.failed

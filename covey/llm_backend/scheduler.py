@@ -396,14 +396,21 @@ class Scheduler:
         preempted, or failed. A lone runner may free preserved paused KV, as an idle
         engine does: nothing else would ever give the room back.
 
-        A lone runner still short after that can never go on: every other request is
-        preempted and all paused KV freed, so the pool itself is too small for it (a decode
-        grown past it). Preempting it would recompute its prompt chunk by chunk (admission
-        takes one chunk at a time) only to be short again at the same token: a request that
-        never finishes and never fails. It fails instead, with its reason (`_cannot_grow`),
-        as vLLM aborts a sequence that cannot grow alone.
+        A runner the pool could not hold even with every other request's KV gone (a decode
+        grown past it, or a scored prompt's last chunk and its forks) can never go on. It
+        fails at once, with its reason (`_cannot_grow`), as vLLM aborts a sequence that
+        cannot grow alone: before any runner is preempted or paused KV freed, since all of
+        that would be thrown away for nothing (each victim recomputes its KV). The check
+        counts every block but `seq`'s own as room (pins yield, every other holder can go)
+        and leaves out a copy-on-write block, which freeing the block's other holders may
+        spare, so it never fails a request that could fit. Only that copy can leave a lone
+        runner short past it; it fails then, alone, rather than preempt itself and come
+        back short at the same token.
         """
         bm = self.block_manager
+        if fail_alone and self._never_fits(seq, need, reserve):
+            self._fail(seq, self._cannot_grow(seq, need, reserve), out)
+            return False
 
         def short() -> bool:
             return not bm.can_allocate(need + self._reserved(out, reserve))
@@ -420,6 +427,13 @@ class Scheduler:
             if victim is seq:
                 return False
         return True
+
+    def _never_fits(self, seq: Sequence, need: int, reserve: int) -> bool:
+        """Whether the running `seq` is short of `need` blocks and `reserve` for its forks
+        even with every block it does not hold free (see `_free_blocks`)."""
+        bm = self.block_manager
+        copy = int(bm.needs_copy(seq))
+        return need - copy + reserve > bm.num_blocks - len(seq.block_table)
 
     def _too_large(self, seq: Sequence) -> InvalidRequestError | None:
         """Why the queued `seq` can never be admitted, or None: its whole KV (all its

@@ -505,7 +505,7 @@ class Scheduler:
             return True, 0  # the common case: no victims to weigh
         key = seq.sort_key()
         outranked = [s for s in self.running if s.sort_key() > key]
-        given = self._paused_given(key, later)
+        given = self._paused_given(key, later, out.swaps)
         if not self._room_without(outranked + given, whole, whole_reserve, out):
             return False, 0
         idle = not self.running
@@ -515,9 +515,13 @@ class Scheduler:
             self._relieve(out, lambda: not fits(), idle=idle)
         refund = 0
         while not fits():
-            # The paused KV counted on goes first, past the swap budget. What was counted
-            # because `seq` ends up a lone runner (a fixed preserve policy's, for a scored
-            # prompt nothing outranks) goes once the runners it outranks are gone.
+            # The paused KV counted on goes first, forced so the room check holds. Under
+            # the adaptive policy that is only swaps within the step's budget
+            # (`given_up`), so an admission never passes it; for a scored prompt taking
+            # several steps, what its last chunk would force on the running path anyway.
+            # What was counted because `seq` ends up a lone runner (a fixed preserve
+            # policy's, for a scored prompt nothing outranks) goes once the runners it
+            # outranks are gone.
             alone = not self.running
             if given and self._relieve(out, lambda: not fits(), True, alone, among=given):
                 continue
@@ -527,14 +531,16 @@ class Scheduler:
             refund += self._preempt(max(outranked, key=Sequence.sort_key), out)
         return True, refund
 
-    def _paused_given(self, key: tuple, later: bool) -> list[Sequence]:
+    def _paused_given(self, key: tuple, later: bool, swaps: StepSwaps) -> list[Sequence]:
         """The paused requests whose KV admission frees for a waiting request (sort key
         `key`) if it needs the room. A scored prompt whose last chunk comes in a later
         step: what the running path frees it there (`_paused_giving`). Any other: all of
         it when nothing runs (an idle engine frees paused KV under any policy); else every
         request's under the legacy, discard and swap policies, none under preserve, and
         under the adaptive policy those it gives up now (`PausedKV.given_up`): what it
-        preserves stays, as it would for any admission."""
+        preserves stays, as it would for any admission, and a swap the step's swap budget
+        (`swaps` so far) would defer is not counted, so admissions keep to the budget that
+        keeps decode latency flat."""
         if later:
             return self._paused_giving(any(s.sort_key() < key for s in self.running))
         holding = self._paused_holding()
@@ -542,7 +548,7 @@ class Scheduler:
             return holding
         if self.paused_kv.mode == "preserve" or not holding:
             return []
-        return self.paused_kv.given_up(holding, self.running)
+        return self.paused_kv.given_up(holding, self.running, swaps)
 
     def _relieve(
         self,

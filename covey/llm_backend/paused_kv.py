@@ -109,6 +109,11 @@ class PausedKV:
         for as long as they stayed paused: an admission that needed that room would wait on
         them, or fail with the pool full of nothing but their KV. Counted only then, so a
         request with blocks of its own is weighed, as before, by what it alone frees.
+        That room is made only if those others go in the same pass. Forced relief frees
+        every one it ranks while room is short, so it does; unforced relief (pressure ahead
+        of need) may free one and keep another (the policy preserves it, or its swap waits
+        for the budget), and the first then went for no room this step: its recompute or
+        copy is the price, and the other follows in a later pass or a forced one.
         `refs`: `holding`'s block counts (`_refs`) when the caller has them, so a pass over
         many paused requests does not rebuild them for each."""
         alone = sum(1 for b in seq.block_table if self.bm.held_by_one_sequence(b))

@@ -466,9 +466,11 @@ class Scheduler:
         )
 
     def _fail(self, seq: Sequence, error: CoveyError, out: SchedulerOutput) -> None:
-        """Take `seq` out of the step and the queues, its blocks freed now (the step's
-        later admissions may use them), for the engine to fail with `error`."""
-        self._unschedule(seq, out)
+        """Take `seq` out of the queues, its blocks freed now (the step's later admissions
+        may use them), for the engine to fail with `error`. Every caller fails it before
+        it has an item in this step (a runner short of room, a held scorer, a queued
+        request), so there is none to drop."""
+        assert all(item.seq is not seq for item in out.scheduled)
         self.finish(seq, FinishReason.ERROR)
         out.failed.append((seq, error))
 

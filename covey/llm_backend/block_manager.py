@@ -65,7 +65,7 @@ class BlockManager:
     def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
         """Blocks to add so `num_new_tokens` more tokens have slots (plus one for copy-on-write)."""
         total = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size)
-        return max(0, total - len(seq.block_table)) + int(self._needs_copy(seq))
+        return max(0, total - len(seq.block_table)) + int(self.needs_copy(seq))
 
     def fork_blocks_needed(
         self, seq: Sequence, num_new_tokens: int, num_computed_tokens: int | None = None
@@ -200,7 +200,7 @@ class BlockManager:
         total = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size)
         self._reserve(self.blocks_needed(seq, num_new_tokens))
         copies: list[tuple[int, int]] = []
-        if self._needs_copy(seq):
+        if self.needs_copy(seq):
             index = seq.num_computed_tokens // self.block_size
             src, dst = seq.block_table[index], self._take_block()
             self._decref(src)
@@ -269,7 +269,9 @@ class BlockManager:
         self.free(seq)
         seq.num_computed_tokens = seq.num_cached_tokens = 0
 
-    def _needs_copy(self, seq: Sequence) -> bool:
+    def needs_copy(self, seq: Sequence) -> bool:
+        """Whether `seq`'s next token lands in a partly filled block another holder shares,
+        so it is copied first (copy-on-write): one block more than its slots."""
         partial = seq.num_computed_tokens % self.block_size
         return (
             partial != 0

@@ -606,9 +606,14 @@ class LLMEngine:
         comes before any cursor moves, so a failed forward can be rerun one at a time.
         """
         plan = self.scheduler.schedule()
-        # Requests the pool can never hold, already out of the queues: they fail alone.
-        rejected = [self._fail(seq, exc) for seq, exc in plan.failed]
-        self._move_kv(plan.swaps)
+        # Requests the pool can never hold, already out of the queues, and those whose KV
+        # did not come back from host memory: they fail alone. Each output is made only
+        # after every copy, so nothing raised there can lose one (its stream would hang).
+        lost = self._move_kv(plan.swaps)
+        if lost:
+            plan.scheduled = [item for item in plan.scheduled if item.seq not in lost]
+            plan.chunk_items = [item for item in plan.chunk_items if item.seq not in lost]
+        rejected = [self._fail(seq, exc) for seq, exc in [*plan.failed, *lost.items()]]
         if not plan.scheduled:
             if self.scheduler.waiting and not (plan.swaps.out or plan.swaps.into or rejected):
                 # A last resort: admission checks and yielding pins should leave room for
@@ -650,9 +655,11 @@ class LLMEngine:
                 outputs.append(self._guarded(seq, self._append_token, token))
         return outputs
 
-    def _move_kv(self, swaps: StepSwaps) -> None:
+    def _move_kv(self, swaps: StepSwaps) -> dict[Sequence, Exception]:
         """This step's paused-KV copies, before anything writes the pool: out, then in.
-        A swap-out that fails (host memory short) costs only a recompute on resume."""
+        A swap-out that fails (host memory short) costs only a recompute on resume. A
+        swap-in that fails leaves its request without its context's KV: returned with its
+        error, for it to fail alone."""
         for item in swaps.out:
             try:
                 self.kv_swap.swap_out(item.seq.seq_id, item.block_ids, item.num_tokens)
@@ -661,8 +668,13 @@ class LLMEngine:
                             item.seq.request_id, exc_info=True)
                 self.scheduler.paused_kv.release_host(item.seq)
                 item.seq.discarded_tokens = item.num_tokens
+        lost: dict[Sequence, Exception] = {}
         for item in swaps.into:
-            self.kv_swap.swap_in(item.seq.seq_id, item.block_ids)
+            try:
+                self.kv_swap.swap_in(item.seq.seq_id, item.block_ids)
+            except Exception as exc:
+                lost[item.seq] = exc
+        return lost
 
     def _advance_chunk_step(self, item: ScheduledSeq) -> None:
         """Move a chunk step's cursor; publish only exact KV in the prefix cache; store the

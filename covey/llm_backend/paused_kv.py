@@ -93,7 +93,12 @@ class PausedKV:
 
     # -- what a sequence can give -----------------------------------------------------------
 
-    def freeable_blocks(self, seq: Sequence, holding: list[Sequence] | None = None) -> int:
+    def freeable_blocks(
+        self,
+        seq: Sequence,
+        holding: list[Sequence] | None = None,
+        refs: Counter[int] | None = None,
+    ) -> int:
         """Blocks that freeing `seq` would make room (shared ones stay held by others).
 
         When every block of `seq` is shared, the blocks it shares only with others of
@@ -103,11 +108,18 @@ class PausedKV:
         count 0 otherwise, and relief, skipping both, would keep their blocks out of reach
         for as long as they stayed paused: an admission that needed that room would wait on
         them, or fail with the pool full of nothing but their KV. Counted only then, so a
-        request with blocks of its own is weighed, as before, by what it alone frees."""
+        request with blocks of its own is weighed, as before, by what it alone frees.
+        That room is made only if those others go in the same pass. Forced relief frees
+        every one it ranks while room is short, so it does; unforced relief (pressure ahead
+        of need) may free one and keep another (the policy preserves it, or its swap waits
+        for the budget), and the first then went for no room this step: its recompute or
+        copy is the price, and the other follows in a later pass or a forced one.
+        `refs`: `holding`'s block counts (`_refs`) when the caller has them, so a pass over
+        many paused requests does not rebuild them for each."""
         alone = sum(1 for b in seq.block_table if self.bm.held_by_one_sequence(b))
         if alone or not holding:
             return alone
-        refs = self._refs(holding)
+        refs = self._refs(holding) if refs is None else refs
         return sum(1 for b in seq.block_table if self.bm.sequence_refs(b) == refs[b])
 
     def giving_room(self, holding: list[Sequence]) -> list[Sequence]:
@@ -118,20 +130,41 @@ class PausedKV:
             s for s in holding if any(self.bm.sequence_refs(b) == refs[b] for b in s.block_table)
         ]
 
-    def given_up(self, holding: list[Sequence], running: list[Sequence]) -> list[Sequence]:
+    def given_up(
+        self, holding: list[Sequence], running: list[Sequence], swaps: StepSwaps
+    ) -> list[Sequence]:
         """Those of `holding` (paused requests with blocks) that the adaptive policy would
         give up now unforced, if room were short: each whose KV frees room and costs less
-        swapped or discarded than kept. Forced relief over these (`relieve(..., for_running=
-        True)` given just them) frees them all, whatever the swap budget, so a caller can
-        count on their room. Decides nothing and records nothing."""
+        swapped or discarded than kept, and, for a swap, that fits this step's swap budget
+        (`swaps` so far) and the host room, taken greatest gain first as `_relieve` takes
+        them. Forced relief over these (`relieve(..., for_running=True)` given just them)
+        frees them all, so a caller can count on their room, and stays within the budget:
+        an admission paces its swaps as unforced relief does. Decides nothing and records
+        nothing."""
         assert self.mode == "adaptive"
         now = time.perf_counter()
         running_bytes = sum(len(s.block_table) for s in running) * self.bytes_per_block
-        given = []
+        refs = self._refs(holding)
+        ranked = []
         for seq in holding:
-            blocks = self.freeable_blocks(seq, holding)
-            if blocks and self._waste(seq, blocks, running_bytes, now).best != "preserve":
-                given.append(seq)
+            blocks = self.freeable_blocks(seq, holding, refs)
+            if not blocks:
+                continue
+            waste = self._waste(seq, blocks, running_bytes, now)
+            if waste.best != "preserve":
+                cost = waste.swap if waste.best == "swap" else waste.discard
+                assert cost is not None
+                ranked.append((waste.preserve - cost, seq, waste.best))
+        used, host = swaps.out_blocks, self.host_blocks_used
+        given = []
+        for _, seq, action in sorted(ranked, key=lambda r: -r[0]):
+            if action == "swap":
+                n = self.blocks_of(seq.num_computed_tokens)
+                over_host = self.host_blocks is not None and host + n > self.host_blocks
+                if not (used == 0 or used + n <= self.swap_blocks_per_step) or over_host:
+                    continue  # unforced relief would leave it for a later step
+                used, host = used + n, host + n
+            given.append(seq)
         return given
 
     @staticmethod
@@ -263,9 +296,10 @@ class PausedKV:
         now = time.perf_counter()
         self.last_waste = {}  # only the latest re-decision's: ids come and go
         running_bytes = sum(len(s.block_table) for s in running) * self.bytes_per_block
+        refs = self._refs(holding)
         ranked = []
         for seq in holding:
-            blocks = self.freeable_blocks(seq, holding)
+            blocks = self.freeable_blocks(seq, holding, refs)
             if blocks == 0:
                 continue  # no room even with the other paused requests (a runner reads it)
             action, gain = self._choose(seq, blocks, running_bytes, now, force)

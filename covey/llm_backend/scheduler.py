@@ -396,14 +396,21 @@ class Scheduler:
         preempted, or failed. A lone runner may free preserved paused KV, as an idle
         engine does: nothing else would ever give the room back.
 
-        A lone runner still short after that can never go on: every other request is
-        preempted and all paused KV freed, so the pool itself is too small for it (a decode
-        grown past it). Preempting it would recompute its prompt chunk by chunk (admission
-        takes one chunk at a time) only to be short again at the same token: a request that
-        never finishes and never fails. It fails instead, with its reason (`_cannot_grow`),
-        as vLLM aborts a sequence that cannot grow alone.
+        A runner the pool could not hold even with every other request's KV gone (a decode
+        grown past it, or a scored prompt's last chunk and its forks) can never go on. It
+        fails at once, with its reason (`_cannot_grow`), as vLLM aborts a sequence that
+        cannot grow alone: before any runner is preempted or paused KV freed, since all of
+        that would be thrown away for nothing (each victim recomputes its KV). The check
+        counts every block but `seq`'s own as room (pins yield, every other holder can go)
+        and leaves out a copy-on-write block, which freeing the block's other holders may
+        spare, so it never fails a request that could fit. Only that copy can leave a lone
+        runner short past it; it fails then, alone, rather than preempt itself and come
+        back short at the same token.
         """
         bm = self.block_manager
+        if fail_alone and self._never_fits(seq, need, reserve):
+            self._fail(seq, self._cannot_grow(seq, need, reserve), out)
+            return False
 
         def short() -> bool:
             return not bm.can_allocate(need + self._reserved(out, reserve))
@@ -420,6 +427,13 @@ class Scheduler:
             if victim is seq:
                 return False
         return True
+
+    def _never_fits(self, seq: Sequence, need: int, reserve: int) -> bool:
+        """Whether the running `seq` is short of `need` blocks and `reserve` for its forks
+        even with every block it does not hold free (see `_free_blocks`)."""
+        bm = self.block_manager
+        copy = int(bm.needs_copy(seq))
+        return need - copy + reserve > bm.num_blocks - len(seq.block_table)
 
     def _too_large(self, seq: Sequence) -> InvalidRequestError | None:
         """Why the queued `seq` can never be admitted, or None: its whole KV (all its
@@ -452,9 +466,11 @@ class Scheduler:
         )
 
     def _fail(self, seq: Sequence, error: CoveyError, out: SchedulerOutput) -> None:
-        """Take `seq` out of the step and the queues, its blocks freed now (the step's
-        later admissions may use them), for the engine to fail with `error`."""
-        self._unschedule(seq, out)
+        """Take `seq` out of the queues, its blocks freed now (the step's later admissions
+        may use them), for the engine to fail with `error`. Every caller fails it before
+        it has an item in this step (a runner short of room, a held scorer, a queued
+        request), so there is none to drop."""
+        assert all(item.seq is not seq for item in out.scheduled)
         self.finish(seq, FinishReason.ERROR)
         out.failed.append((seq, error))
 
@@ -491,7 +507,7 @@ class Scheduler:
             return True, 0  # the common case: no victims to weigh
         key = seq.sort_key()
         outranked = [s for s in self.running if s.sort_key() > key]
-        given = self._paused_given(key, later)
+        given = self._paused_given(key, later, out.swaps)
         if not self._room_without(outranked + given, whole, whole_reserve, out):
             return False, 0
         idle = not self.running
@@ -501,22 +517,32 @@ class Scheduler:
             self._relieve(out, lambda: not fits(), idle=idle)
         refund = 0
         while not fits():
-            if given and self._relieve(out, lambda: not fits(), True, among=given):
-                continue  # the paused KV counted on goes first, past the swap budget
+            # The paused KV counted on goes first, forced so the room check holds. Under
+            # the adaptive policy that is only swaps within the step's budget
+            # (`given_up`), so an admission never passes it; for a scored prompt taking
+            # several steps, what its last chunk would force on the running path anyway.
+            # What was counted because `seq` ends up a lone runner (a fixed preserve
+            # policy's, for a scored prompt nothing outranks) goes once the runners it
+            # outranks are gone.
+            alone = not self.running
+            if given and self._relieve(out, lambda: not fits(), True, alone, among=given):
+                continue
             outranked = [s for s in self.running if s.sort_key() > key]
             if not outranked:
                 return False, refund
             refund += self._preempt(max(outranked, key=Sequence.sort_key), out)
         return True, refund
 
-    def _paused_given(self, key: tuple, later: bool) -> list[Sequence]:
+    def _paused_given(self, key: tuple, later: bool, swaps: StepSwaps) -> list[Sequence]:
         """The paused requests whose KV admission frees for a waiting request (sort key
         `key`) if it needs the room. A scored prompt whose last chunk comes in a later
         step: what the running path frees it there (`_paused_giving`). Any other: all of
         it when nothing runs (an idle engine frees paused KV under any policy); else every
         request's under the legacy, discard and swap policies, none under preserve, and
         under the adaptive policy those it gives up now (`PausedKV.given_up`): what it
-        preserves stays, as it would for any admission."""
+        preserves stays, as it would for any admission, and a swap the step's swap budget
+        (`swaps` so far) would defer is not counted, so admissions keep to the budget that
+        keeps decode latency flat."""
         if later:
             return self._paused_giving(any(s.sort_key() < key for s in self.running))
         holding = self._paused_holding()
@@ -524,7 +550,7 @@ class Scheduler:
             return holding
         if self.paused_kv.mode == "preserve" or not holding:
             return []
-        return self.paused_kv.given_up(holding, self.running)
+        return self.paused_kv.given_up(holding, self.running, swaps)
 
     def _relieve(
         self,

@@ -207,7 +207,6 @@ async def test_async_streams_see_an_engine_error_only_on_the_failed_request(make
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
-
 def test_a_request_that_outgrows_the_pool_fails_alone_instead_of_hanging(
     make_engine, reference, monkeypatch
 ):
@@ -215,7 +214,9 @@ def test_a_request_that_outgrows_the_pool_fails_alone_instead_of_hanging(
     validator's pool check turned off as by any fault that would let one through. Alone in
     the pool it used to preempt itself, recompute its prompt chunk by chunk and run short at
     the same token, every step: never finished, never failed. Now it fails with its reason
-    and the others finish as they would alone."""
+    and the others finish as they would alone. No real input reaches this path: the
+    validator refuses a prompt and max_tokens (and forks) beyond the pool up front, so the
+    scheduler's check is defence in depth, tested here with that check off."""
     engine = make_engine(
         kv_cache_tokens=64, block_size=16, enable_prefix_caching=False, max_num_batched_tokens=32
     )

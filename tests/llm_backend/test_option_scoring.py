@@ -670,28 +670,36 @@ def test_a_scorers_one_token_last_chunk_waits_for_a_higher_priority_prefill():
 
 
 @pytest.mark.parametrize("prompt_len", [9, 17], ids=["room-left", "pool-short"])
-def test_a_runner_larger_than_the_pool_fails_alone_after_preempting_a_held_scorer(prompt_len):
-    """REVIEW-reserve2 HIGH 1, scheduler alone: 8 blocks of 4 tokens, no prefix caching.
-    The scored s (one token left, its forks 4 blocks) is short of room and held, since the
-    higher-priority v prefills later in the step; but v (40 tokens: more than the pool)
-    preempts s and t, and then, alone with nothing left to free, fails in the step
-    (`Scheduler._free_blocks`) instead of preempting itself. t and s, back in the queue
-    with no blocks, are admitted in the same step, or fail if they could never fit. (A backstop
-    once ran s from the queue: scheduled while WAITING, or with the pool short, `max()`
-    of no runners raising out of `schedule()`; it is gone, REVIEW-stop13 L2.)"""
+def test_a_runner_larger_than_the_pool_fails_alone_preempting_nothing(prompt_len):
+    """REVIEW-reserve2 HIGH 1 and REVIEW-sched MEDIUM 1, scheduler alone: 8 blocks of 4
+    tokens, no prefix caching. The scored s (one token left, its forks 4 blocks) is short
+    of room and held, since the higher-priority v prefills later in the step; but v (40
+    tokens: more than the pool) can never fit, so it fails in the step
+    (`Scheduler._free_blocks`) before taking anything: s and t keep their KV (v used to
+    preempt them both first, for nothing, and then fail alone). Once t is done, s runs
+    its last token with its forks' room, or fails if it and its forks could never fit.
+    (A backstop once ran s from the queue: scheduled while WAITING, or with the pool
+    short, `max()` of no runners raising out of `schedule()`; it is gone, REVIEW-stop13
+    L2.)"""
     bm = BlockManager(8, 4, enable_prefix_caching=False)
     sched = Scheduler(SchedulerConfig(8, 64), bm)
     t = running(sched, plain_seq("t", 4, priority=-1), 3)
     s = running(sched, scored_seq("s", prompt_len, longest=14), prompt_len - 1)
     v = running(sched, plain_seq("v", 40, priority=-2), 4)
     out = sched.schedule()
-    assert out.failed[0][0] is v and out.preempted == [s, t]
+    assert [x for x, _ in out.failed] == [v] and out.preempted == []
     assert "cannot go on" in str(out.failed[0][1]) and v.status is SequenceStatus.FINISHED
-    assert s.num_preemptions == 1 and v not in sched.running + sched.waiting
-    if prompt_len == 9:  # 3 blocks and its forks' 4 beside t's 1
-        assert scheduled(out) == [("t", 4, 0), ("s", 9, 4)] and len(out.failed) == 1
-    else:  # 5 blocks and its forks' 4: more than the pool, so it fails at admission
-        assert scheduled(out) == [("t", 4, 0)] and [x for x, _ in out.failed] == [v, s]
+    assert scheduled(out) == [("t", 1, 0)] and v not in sched.running + sched.waiting
+    assert s.status is SequenceStatus.RUNNING and s.num_computed_tokens == prompt_len - 1
+    t.num_computed_tokens += 1
+    sched.finish(t, FinishReason.LENGTH)
+    out = sched.schedule()
+    assert out.preempted == [] and s.num_preemptions == 0
+    if prompt_len == 9:  # 3 blocks and its forks' 4
+        assert scheduled(out) == [("s", 1, 4)] and not out.failed
+    else:  # 5 blocks and its forks' 4: more than the pool
+        assert scheduled(out) == [] and [x for x, _ in out.failed] == [s]
+        assert "cannot go on" in str(out.failed[0][1])
 
 
 @pytest.mark.parametrize("mode", ["preserve", "adaptive"])
@@ -857,3 +865,28 @@ def test_random_scored_and_plain_traffic_never_stalls_a_step_and_keeps_the_forks
                         sched.pause(seq)
         assert not (sched.waiting or sched.running or sched.paused or arrivals)
     assert any(holds), "no scorer was ever held: the traffic no longer reaches the hold"
+
+
+@pytest.mark.parametrize("mode", ["preserve", "adaptive", "swap"])
+def test_a_multi_step_scored_prompt_nothing_outranks_gets_the_paused_kv_it_counted(mode):
+    """REVIEW-sched HIGH 1, scheduler alone: 8 blocks of 4 tokens, 12 tokens a step, no
+    prefix caching. A paused request keeps 6 blocks; the runner r (priority 1) holds 1; the
+    scored s (priority 0, 12 tokens and forks: more than one step) outranks r, and nothing
+    outranks s. The room check counts the paused KV, as s ends up a lone runner, and a lone
+    runner frees paused KV under any policy. So s is admitted in this step. Under preserve
+    it used to preempt r, then be refused (relief of preserved KV asked for a running
+    engine), an empty step on which the engine fails the valid s."""
+    bm = BlockManager(8, 4, enable_prefix_caching=False)
+    costs = PauseCosts(1e-3, 1e-3, 1e-9, 1e-3, 1e-9)
+    paused = PausedKV(PausePolicy(mode, costs), bm, 1, 64)
+    sched = Scheduler(SchedulerConfig(8, 12), bm, None, paused)
+    p = running(sched, plain_seq("p", 24), 23)
+    sched.pause(p)
+    r = running(sched, plain_seq("r", 4, priority=1), 3)
+    s = scored_seq("s", 12, longest=2)
+    sched.add(s)
+    assert bm.num_free_blocks == 1 and s.num_uncomputed_tokens == 12
+    out = sched.schedule()
+    assert ("s", 11, 0) in scheduled(out) and ("r", 1, 0) in scheduled(out)
+    assert s.status is SequenceStatus.RUNNING and not sched.waiting and not p.block_table
+    assert r.status is SequenceStatus.RUNNING and not out.failed

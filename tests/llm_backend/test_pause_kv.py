@@ -217,3 +217,36 @@ def test_an_exact_chunk_request_keeps_publishing_after_a_swap_in(make_engine):
     published = engine.block_manager.cached_prefix_blocks(seq.token_ids)
     assert published == (len(seq.token_ids) - 1) // bs
     _assert_baseline(engine)
+
+
+def test_a_failed_swap_in_fails_its_request_alone_and_loses_no_rejected_output(
+    make_engine, monkeypatch
+):
+    """REVIEW-sched LOW 3: in one step a request the pool can never hold is rejected (the
+    validator's pool check turned off, as by any fault that would let one through) and a
+    resumed request's KV fails to come back from host memory. Each fails alone with its
+    own error and a healthy request beside them finishes; nothing leaks. The swap-in's
+    error used to escape the step after the rejected request had left the engine's
+    table, so its final output was lost and its stream would hang."""
+    engine = make_engine(kv_cache_tokens=POOL, pause_policy="swap")
+    monkeypatch.setattr(engine.validator, "check_pool", lambda needed, what: None)
+    rid = engine.add_request(PROMPT, TURN)
+    _until_paused(engine, rid)
+    engine.pause_request(rid, tool="calculator")
+    engine.step()  # the swap-out
+    assert engine.requests[rid].swapped_tokens > 0
+    engine.resume_request(rid, TOOL_TEXT, NEXT)
+    bad = engine.add_request([7] * (POOL + 16), NEXT, request_id="bad")
+    ok = engine.add_request("Bees make honey from the nectar of", NEXT)
+
+    def broken_swap_in(seq_id, block_ids):
+        raise RuntimeError("host copy unreadable")
+
+    monkeypatch.setattr(engine.kv_swap, "swap_in", broken_swap_in)
+    failed = {out.request_id: out for out in engine.step() if out.finish_reason == "error"}
+    assert set(failed) == {rid, bad}
+    assert "RuntimeError: host copy unreadable" in failed[rid].error
+    assert "InvalidRequestError" in failed[bad].error and "the pool has" in failed[bad].error
+    (done,) = engine.run_to_completion([ok])
+    assert done.finish_reason == "length" and len(done.token_ids) == 5
+    _assert_baseline(engine)

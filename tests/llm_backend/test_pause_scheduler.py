@@ -284,3 +284,36 @@ def test_an_admission_counts_the_paused_kv_the_policy_gives_up(tool_s):
     else:
         assert [i.seq for i in out.scheduled] == [r, h1] and sched.waiting == [h2]
         assert len(a.block_table) == 2 and not out.swaps.out
+
+
+def test_an_admission_keeps_to_the_swap_budget():
+    """REVIEW-sched MEDIUM 2: a 2-block swap budget, 12 blocks of 4 tokens. `r` runs (2
+    blocks); `a1` and `a2` are paused for a long tool holding 2 each, which the adaptive
+    policy swaps out under pressure; `h1` takes 2 of the 6 free blocks, and `h2` needs 8.
+    Only one swap fits the step's budget, so `h2` waits, and it is admitted once the
+    second swap has gone in a later step: at most one 2-block copy a step. Admission
+    used to force both out in the first step (4 blocks, twice the budget). (No step's
+    tokens are computed here, so the runners do not grow.)"""
+    bm = BlockManager(12, 4)
+    paused_kv = PausedKV(PausePolicy("adaptive", COSTS), bm, MB, 2)
+    sched = Scheduler(SchedulerConfig(8, 64), bm, None, paused_kv)
+    r, a1, a2 = seq(7, priority=-2, name="r"), seq(8, name="a1"), seq(8, name="a2")
+    for s in (r, a1, a2):
+        sched.add(s)
+    complete(sched)
+    paused_kv.policy.times.record("tool", 30.0)
+    for a in (a1, a2):
+        sched.pause(a)
+        a.pause_tool, a.paused_at = "tool", time.perf_counter()
+    h1, h2 = seq(8, priority=-1, name="h1"), seq(32, name="h2")
+    sched.add(h1)
+    sched.add(h2)
+    swapped, admitted_at = [], None
+    for step in range(4):
+        out = sched.schedule()
+        swapped.append(out.swaps.out_blocks)
+        if h2 in [i.seq for i in out.scheduled]:
+            admitted_at = step
+            break
+    assert max(swapped) <= 2 and sum(swapped) == 4 and admitted_at is not None
+    assert not a1.block_table and not a2.block_table

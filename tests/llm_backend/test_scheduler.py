@@ -244,6 +244,30 @@ def test_a_prompt_larger_than_the_pool_fails_at_admission_and_the_others_run():
     assert big not in sched.waiting and big not in sched.running
 
 
+def test_a_runner_that_can_never_fit_fails_before_preempting_or_freeing_anything():
+    """REVIEW-sched MEDIUM 1: 6 blocks of 4 tokens, 16 tokens a step, paused KV under the
+    old rule (discarded when room is needed). `grow` (12 tokens computed: 3 blocks) resumes
+    with 16 new tokens: 7 blocks, more than the pool. `other` (lower priority) holds a
+    block and a paused request 2. No victim could make that room, so `grow` fails at once
+    and `other` runs with the paused KV kept. It used to discard the paused KV and preempt
+    `other` (both recomputed later) before failing alone."""
+    sched = make(num_blocks=6, block_size=4, budget=16)
+    grow, other, paused = seq(12, name="grow"), seq(4, priority=1, name="other"), seq(8)
+    for s, computed in ((grow, 12), (other, 3), (paused, 8)):
+        sched.block_manager.allocate_slots(s, computed)
+        s.num_computed_tokens = computed
+        s.status = SequenceStatus.RUNNING
+        sched.running.append(s)
+    sched.pause(paused)
+    grow.token_ids += list(range(500, 516))
+    assert sched.block_manager.num_free_blocks == 0
+    out = sched.schedule()
+    assert [s for s, _ in out.failed] == [grow] and "cannot go on" in str(out.failed[0][1])
+    assert out.preempted == [] and len(paused.block_table) == 2 and not paused.discarded_tokens
+    assert [(i.seq.request_id, i.num_new_tokens) for i in out.scheduled] == [("other", 1)]
+    assert sched.block_manager.num_free_blocks == 3
+
+
 def test_a_lone_decode_that_outgrows_the_pool_fails_instead_of_preempting_itself_forever():
     """`grow` outgrows the 16-token pool while decoding. `other`, lower in priority, is
     preempted for it first; then `grow` runs alone with nothing left to free, and fails

@@ -60,6 +60,9 @@ class ModelRunner:
         self.blend_sink_tokens = 0
         self.blend_policy = BlendPolicy()
         self.compiled: CompiledDecode | None = None  # set when EngineConfig.compile
+        # Pure decode steps run so far, and how many of them ran the compiled graph: the
+        # compiled step exists does not mean it ran (wider batches, another thread count).
+        self.decode_steps = 0
 
     @torch.inference_mode()
     def execute(
@@ -83,6 +86,7 @@ class ModelRunner:
         if scheduled:
             inputs = self.prepare(scheduled)
             forward = self.model.forward
+            self.decode_steps += inputs.meta.num_decode == len(inputs.input_ids)
             if self._compiled_step(inputs):
                 forward = self.compiled.forward
             hidden = forward(inputs.input_ids, inputs.positions, self.pool.kv, inputs.meta)
@@ -98,6 +102,11 @@ class ModelRunner:
         if not seqs:
             return [], None
         return seqs, self.model.compute_logits(torch.cat(hidden_rows))
+
+    @property
+    def compiled_steps(self) -> int:
+        """Decode steps that ran the compiled graph (not its eager fallback)."""
+        return 0 if self.compiled is None else self.compiled.compiled_steps
 
     def _compiled_step(self, inputs: StepInputs) -> bool:
         """Whether the compiled decode step runs this step: a pure decode step (no prefill

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import weakref
 
 import pytest
@@ -175,6 +176,9 @@ def test_compile_is_none_true_or_false(value):
         EngineConfig(compile=value)
 
 
+@pytest.mark.skipif(
+    os.environ.get("COVEY_COMPILE") != "0", reason="this run asked for the compiled default"
+)
 def test_under_the_suites_covey_compile_0_the_default_engine_is_eager():
     """tests/conftest.py sets COVEY_COMPILE=0, so the suite's engines start without tracing."""
     config = EngineConfig(device="cpu", dtype="bfloat16", kv_cache_tokens=256)

@@ -13,7 +13,12 @@ from dataclasses import dataclass
 import torch
 
 from covey.llm_backend.attention_metadata import AttentionMetadata, DecodeGroup, PrefillRun
-from covey.llm_backend.blend_forward import BlendPolicy, BlendRegion, blend_forward
+from covey.llm_backend.blend_forward import (
+    BlendPolicy,
+    BlendRegion,
+    blend_forward,
+    default_check_layers,
+)
 from covey.llm_backend.chunk_planner import sink_rows
 from covey.llm_backend.chunk_transfer import ChunkTransfer
 from covey.llm_backend.compiled_decode import CompiledDecode
@@ -56,7 +61,9 @@ class ModelRunner:
         self.block_size = pool.block_size
         self.chunks: ChunkTransfer | None = None  # set when the engine has a chunk store
         self.blend_ratio = 0.0
-        self.blend_check_layers: tuple[int, ...] = (1,)
+        # The engine sets EngineConfig's (with the chunk cache on, the only user); until
+        # then the same default it would pick.
+        self.blend_check_layers = default_check_layers(model.args.num_layers)
         self.blend_sink_tokens = 0
         self.blend_policy = BlendPolicy()
         self.compiled: CompiledDecode | None = None  # set when EngineConfig.compile

@@ -90,6 +90,31 @@ def measure_system(results, name, repeats, throughput, latency, tp, lat):
     print(f"{name}: {value:.1f} tok/s, ttft {ttft:.3f}s, tpot {tpot * 1e3:.1f} ms", flush=True)
 
 
+def step_counts(engine) -> tuple[int, int]:
+    """(pure decode steps, those that ran the compiled graph) the engine has run so far."""
+    return engine.runner.decode_steps, engine.runner.compiled_steps
+
+
+def counting_steps(engine, params: dict, measure):
+    """`measure`, adding to `params` how many decode steps its calls ran and how many of them
+    ran the compiled graph: a compiled step that exists need not run (wider batches, or the
+    thread governor's count differs from the warm-up's), so the label comes from the count.
+    The counters are read outside the timed window."""
+
+    def run():
+        before = step_counts(engine)
+        out = measure()
+        after = step_counts(engine)
+        params["decode_steps"] = params.get("decode_steps", 0) + after[0] - before[0]
+        params["compiled_steps"] = params.get("compiled_steps", 0) + after[1] - before[1]
+        params["compiled_share"] = round(
+            params["compiled_steps"] / max(params["decode_steps"], 1), 3
+        )
+        return out
+
+    return run
+
+
 def covey_throughput(engine, prompts, out_tokens):
     params = SamplingParams(max_tokens=out_tokens, ignore_eos=True)
     run_engine(engine, prompts[:2], SamplingParams(max_tokens=4, ignore_eos=True))  # warm up
@@ -376,17 +401,15 @@ def cpu_suite(s, results, device):
         "repeats": s["repeats"],
         "statistic": "median",
     }
-    own = {}  # whether the default compiled its decode step here (or fell back to eager)
-    if engine.runner.compiled is not None:
-        own["compiled"] = "decode steps, one inductor graph (cpp_wrapper)"
+    own_tp, own_lat = dict(tp), dict(lat)
     measure_system(
         results,
         "covey",
         s["repeats"],
-        lambda: covey_throughput(engine, prompts, s["output"]),
-        lambda: covey_latency(engine, lat_prompt, s["lat_output"]),
-        {**tp, **own},
-        {**lat, **own},
+        counting_steps(engine, own_tp, lambda: covey_throughput(engine, prompts, s["output"])),
+        counting_steps(engine, own_lat, lambda: covey_latency(engine, lat_prompt, s["lat_output"])),
+        own_tp,
+        own_lat,
     )
 
     system = real_text_prompts(tok, 1, s["prefix"], offset=3)[0]
@@ -488,16 +511,17 @@ def measure_mode(results, s, name, overrides, device, prompts, lat_prompt, tp, l
     engine = LLMEngine(EngineConfig(device=device, enable_prefix_caching=False, **overrides))
     mode = mode_of(engine)
     params = {"dtype": str(engine.dtype).removeprefix("torch."), "weights": mode}
-    if engine.runner.compiled is not None:
-        params["compiled"] = "decode steps, one inductor graph (cpp_wrapper)"
+    mode_tp, mode_lat = {**tp, **params}, {**lat, **params}
     measure_system(
         results,
         name,
         s["repeats"],
-        lambda: covey_throughput(engine, prompts, s["output"]),
-        lambda: covey_latency(engine, lat_prompt, s["lat_output"]),
-        {**tp, **params},
-        {**lat, **params},
+        counting_steps(engine, mode_tp, lambda: covey_throughput(engine, prompts, s["output"])),
+        counting_steps(
+            engine, mode_lat, lambda: covey_latency(engine, lat_prompt, s["lat_output"])
+        ),
+        mode_tp,
+        mode_lat,
     )
     prof = {"prompt_tokens": s["lat_prompt"], "steps": 20, "what": "one decode step, 1 request"}
     for metric, value in decode_profile(engine, lat_prompt, 20).items():
@@ -562,7 +586,7 @@ def contention_child(system: str, prompt_tokens: int, out_tokens: int) -> None:
     steps ran on at the end, as JSON."""
     import json
 
-    threads = None
+    threads = steps = None
     if system == "llama.cpp":
         llm = load_llama_cpp()
         prompt = list(range(1000, 1000 + prompt_tokens))
@@ -575,9 +599,11 @@ def contention_child(system: str, prompt_tokens: int, out_tokens: int) -> None:
             )
         engine = LLMEngine(config)
         (prompt,) = real_text_prompts(engine.tokenizer, 1, prompt_tokens, offset=7)
+        before = step_counts(engine)
         tpot = covey_latency(engine, prompt, out_tokens)[1]
         threads = engine.stats().num_threads
-    print("TPOT " + json.dumps({"tpot": tpot, "threads": threads}), flush=True)
+        steps = [a - b for a, b in zip(step_counts(engine), before, strict=True)]
+    print("TPOT " + json.dumps({"tpot": tpot, "threads": threads, "steps": steps}), flush=True)
 
 
 def _run_child(system: str, s) -> dict:
@@ -621,6 +647,16 @@ def _contended(system: str, s, rivals: int) -> dict:
             p.wait()
 
 
+def _steps_params(when: str, run: dict) -> dict:
+    """A child's decode steps and how many ran the compiled graph (covey systems only): the
+    governor's `covey` can drop to eager steps under contention while the fixed-thread
+    systems stay compiled, so the comparison says which steps each ran."""
+    if run.get("steps") is None:
+        return {}
+    decode, compiled = run["steps"]
+    return {f"decode_steps_{when}": decode, f"compiled_steps_{when}": compiled}
+
+
 def contention_suite(s, results, systems=CONTENTION_SYSTEMS):
     """TPOT without and with competing CPU-bound processes; the ratio is the slowdown.
 
@@ -647,9 +683,11 @@ def contention_suite(s, results, systems=CONTENTION_SYSTEMS):
                 "and OpenMP settings",
                 "cpu_count": os.cpu_count(),
                 "threads_alone": alone["threads"],
+                **_steps_params("alone", alone),
             }
             run = _contended(system, s, rivals)
             params["threads_contended"] = run["threads"]
+            params.update(_steps_params("contended", run))
             contended = run["tpot"]
             results.append(record(workload, system, "tpot_s_alone", alone["tpot"], params))
             results.append(record(workload, system, "tpot_s_contended", contended, params))

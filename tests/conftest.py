@@ -1,3 +1,7 @@
+"""Suite-wide settings: caches under a temporary home, offline hub, and the eager decode
+step by default (COVEY_COMPILE=0 unless the run sets it: `COVEY_COMPILE=1 pytest ...` runs
+the engines on the compiled default instead)."""
+
 from __future__ import annotations
 
 import os
@@ -11,8 +15,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # from a warm cache); the suite builds well over a hundred engines, so here the default is
 # eager. Set at import, before any engine is built, and inherited by every child process
 # (the CLI's, servers', Ray's). Tests of the compiled step ask for it (compile=True), and
-# tests of the default itself unset this.
-os.environ["COVEY_COMPILE"] = "0"
+# tests of the default itself unset this. A default, not an override: `COVEY_COMPILE=1
+# pytest tests/server` runs those tests on the compiled default (slow: every engine traces),
+# which nothing else in the suite does end to end.
+os.environ.setdefault("COVEY_COMPILE", "0")
 
 DEVICES = [
     "cpu",

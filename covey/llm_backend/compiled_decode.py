@@ -137,10 +137,11 @@ def _first_line(exc: BaseException) -> str:
 def inductor_cache_dir() -> str:
     """Where inductor keeps compiled code: the user's TORCHINDUCTOR_CACHE_DIR, else under
     covey's home. (torch writes its own default into the variable once inductor has run,
-    so that value counts as unset.)"""
+    so that value counts as unset.) Read before importing torch's module: its first import
+    turns an empty variable into the working directory, and an empty one means unset."""
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "").strip()
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
-    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     if chosen and os.path.abspath(chosen) != os.path.abspath(default_cache_dir()):
         return chosen
     return str(covey_home() / "inductor")

@@ -45,7 +45,13 @@ class EngineConfig:
     compiled step took 6.8 ms against the eager 10.5 ms (llama.cpp 6.9 ms). What it costs
     is the engine's start: the first compile of a model takes minutes (the generated code
     is then cached under covey's home), and every later start traces the model again
-    (seconds); docs/performance.md has the measured figures. A model given as
+    (seconds); docs/performance.md has the measured figures. On a busy machine the default
+    runs mostly eager steps: the graphs are compiled for torch's thread count at start, and
+    a step at another count runs the plain model (recompiling while serving takes minutes,
+    and dynamo's own fallback is slower than eager), while the thread governor
+    (`num_threads=None`) lowers the count when other processes take the cores. So under
+    load the start-up cost buys little; a fixed `num_threads` keeps every step compiled, at
+    the price of the governor's protection against contention. A model given as
     `LLMEngine(config, model=...)` may be written in place after the engine starts (same
     dtypes and shapes). Replacing its weights or modules is not supported: the compiled
     graphs hold the old tensors. A cheap per-step check of a few tensors (the embedding,

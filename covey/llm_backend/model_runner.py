@@ -13,7 +13,12 @@ from dataclasses import dataclass
 import torch
 
 from covey.llm_backend.attention_metadata import AttentionMetadata, DecodeGroup, PrefillRun
-from covey.llm_backend.blend_forward import BlendPolicy, BlendRegion, blend_forward
+from covey.llm_backend.blend_forward import (
+    BlendPolicy,
+    BlendRegion,
+    blend_forward,
+    default_check_layers,
+)
 from covey.llm_backend.chunk_planner import sink_rows
 from covey.llm_backend.chunk_transfer import ChunkTransfer
 from covey.llm_backend.compiled_decode import CompiledDecode
@@ -56,10 +61,15 @@ class ModelRunner:
         self.block_size = pool.block_size
         self.chunks: ChunkTransfer | None = None  # set when the engine has a chunk store
         self.blend_ratio = 0.0
-        self.blend_check_layers: tuple[int, ...] = (1,)
+        # The engine sets EngineConfig's (with the chunk cache on, the only user); until
+        # then the same default it would pick.
+        self.blend_check_layers = default_check_layers(model.args.num_layers)
         self.blend_sink_tokens = 0
         self.blend_policy = BlendPolicy()
         self.compiled: CompiledDecode | None = None  # set when EngineConfig.compile
+        # Pure decode steps run so far, and how many of them ran the compiled graph: the
+        # compiled step exists does not mean it ran (wider batches, another thread count).
+        self.decode_steps = 0
 
     @torch.inference_mode()
     def execute(
@@ -83,6 +93,7 @@ class ModelRunner:
         if scheduled:
             inputs = self.prepare(scheduled)
             forward = self.model.forward
+            self.decode_steps += inputs.meta.num_decode == len(inputs.input_ids)
             if self._compiled_step(inputs):
                 forward = self.compiled.forward
             hidden = forward(inputs.input_ids, inputs.positions, self.pool.kv, inputs.meta)
@@ -98,6 +109,11 @@ class ModelRunner:
         if not seqs:
             return [], None
         return seqs, self.model.compute_logits(torch.cat(hidden_rows))
+
+    @property
+    def compiled_steps(self) -> int:
+        """Decode steps that ran the compiled graph (not its eager fallback)."""
+        return 0 if self.compiled is None else self.compiled.compiled_steps
 
     def _compiled_step(self, inputs: StepInputs) -> bool:
         """Whether the compiled decode step runs this step: a pure decode step (no prefill

@@ -114,6 +114,12 @@ def start_ray_engine(
     except ConfigError:
         _teardown_quietly([], started)
         raise
+    if num_gpus == 0 and _replicas_compile(config):
+        log.warning(
+            "covey: each replica compiles its decode step as it starts (minutes on a cold "
+            "cache, seconds once cached; 2-3.5 GB of memory each while it compiles); "
+            "--no-compile skips it"
+        )
     pooled = policy == RAY_SERVE_ROUTING
     if pooled:  # one application of `replicas` replicas, among which Serve routes
         names = [app_prefix + POOL_SUFFIX]
@@ -135,6 +141,7 @@ def start_ray_engine(
         _teardown_quietly(names, started)
         raise
     try:
+        _log_compile_warnings(handles)
         # The mirror's size is each replica's real KV pool, set from its reports.
         # With Ray Serve routing, the router has one handle to send to (its trivial pick
         # runs as pow2; `/metrics` labels those decisions ray_serve).
@@ -155,6 +162,27 @@ def start_ray_engine(
         _teardown_quietly(list(handles), started)
         raise
     return engine
+
+
+def _replicas_compile(config: dict[str, Any]) -> bool:
+    """Whether CPU replicas with this engine config compile their decode step (the
+    default's test, COVEY_COMPILE, is the front's: `replica_runtime_env` passes it on)."""
+    setting = config.get("compile")
+    if setting is not None:
+        return bool(setting)
+    import torch
+
+    from covey.llm_backend.compiled_decode import compile_by_default
+
+    return compile_by_default(torch.device("cpu"))
+
+
+def _log_compile_warnings(handles: dict[str, Any]) -> None:
+    """Log, here in the front, a replica's compile warnings (its fallback to eager): Ray
+    does not forward the replicas' logs (log_to_driver=False)."""
+    for name, handle in handles.items():
+        for line in handle.compile_warning_lines.remote().result():
+            log.warning("replica %s: %s", name, line)
 
 
 def _teardown(names: list[str], stop_cluster: bool) -> None:

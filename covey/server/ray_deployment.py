@@ -15,6 +15,7 @@ handles. `ray` is imported here only: the rest of covey runs without the `ray` e
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -90,7 +91,11 @@ class EngineReplica:
             config["device"] = "cpu"
         elif num_gpus > 0 and config.get("device", "auto") in ("auto", "cuda:0"):
             config["device"] = "cuda"
-        self.llm = AsyncLLM(model, **config)
+        with _CompileWarnings() as caught:
+            self.llm = AsyncLLM(model, **config)
+        # Ray starts with log_to_driver=False: the front asks for these (`compile_warning_lines`)
+        # and logs them, or a replica that fell back to eager would do so out of sight.
+        self.compile_warnings = caught.messages
         self.ledger = ReplicaCacheLedger(self.llm.tokenizer)
         # One report at a time: the router asks again when a slow one times out, and two
         # overlapping reports would tokenize (and walk) the same prompts twice.
@@ -138,6 +143,10 @@ class EngineReplica:
     async def stats(self) -> Any:
         return await self.llm.stats()
 
+    async def compile_warning_lines(self) -> list[str]:
+        """What the decode step's compile warned at start (a fallback to eager), if any."""
+        return list(self.compile_warnings)
+
     async def report(self) -> ReplicaReport:
         """What the router needs from this replica: its load, pins, what its prefix cache
         and chunk store hold (in the router's units), and its identity."""
@@ -177,6 +186,34 @@ class EngineReplica:
         """Serve calls this once in-flight requests drained (or the graceful timeout)."""
         self.draining = True
         await self.llm.close()
+
+
+class _CompileWarnings(logging.Handler):
+    """Collects the compiled decode step's warnings while the engine starts."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+        self._logger = logging.getLogger("covey.llm_backend.compiled_decode")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self) -> _CompileWarnings:
+        self._logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._logger.removeHandler(self)
+
+
+def replica_runtime_env() -> dict[str, Any]:
+    """Ray actor options that pass this process's COVEY_COMPILE, when set, to the replicas:
+    a local cluster inherits the front's environment, one joined with --address does not."""
+    from covey.llm_backend.compiled_decode import COMPILE_ENV
+
+    value = os.environ.get(COMPILE_ENV)
+    return {} if value is None else {"runtime_env": {"env_vars": {COMPILE_ENV: value}}}
 
 
 @dataclass(frozen=True)
@@ -250,7 +287,11 @@ def deploy_specs(specs: dict[str, ReplicaSpec]) -> dict[str, Any]:
             EngineReplica,
             name="engine",
             num_replicas=spec.num_replicas,
-            ray_actor_options={"num_cpus": spec.cpus, "num_gpus": spec.num_gpus},
+            ray_actor_options={
+                "num_cpus": spec.cpus,
+                "num_gpus": spec.num_gpus,
+                **replica_runtime_env(),
+            },
             max_ongoing_requests=1024,  # the engine batches; the router bounds imbalance
             health_check_period_s=HEALTH_CHECK_PERIOD_S,
             health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,

@@ -165,12 +165,29 @@ def test_the_single_stream_path_is_taken_only_by_a_pure_decode_step():
 @pytest.mark.slow  # traces the two layers again (their code is cached by the test above)
 def test_the_default_configuration_compiles_the_decode_step_on_cpu(first_layers, monkeypatch):
     """EngineConfig.compile=None, the default, compiles on CPU: the suite turns it off
-    (COVEY_COMPILE=0, tests/conftest.py), so this test unsets that."""
+    (COVEY_COMPILE=0, tests/conftest.py), so this test unsets that. The thread count is the
+    default's too (the governor): a step runs the graph exactly when torch's count is the
+    one the graphs were warmed at; on an idle machine that is every step, on a busy one the
+    governor may lower the count and those steps run eagerly (docs/performance.md)."""
     monkeypatch.delenv("COVEY_COMPILE")
-    config = EngineConfig(device="cpu", dtype="bfloat16", kv_cache_tokens=4096, num_threads=1)
-    assert config.compile is None
+    config = EngineConfig(device="cpu", dtype="bfloat16", kv_cache_tokens=4096)
+    assert config.compile is None and config.num_threads is None
     engine = LLMEngine(config, model=first_layers)
+    assert engine.thread_governor is not None  # the default's thread policy
     compiled = engine.runner.compiled
     assert compiled is not None and set(compiled._direct) == {1, 2}  # warmed up
+    counts: list[int] = []  # torch's thread count at each step the compiled forward got
+    forward = compiled.forward
+
+    def counting(*args):
+        counts.append(torch.get_num_threads())
+        return forward(*args)
+
+    monkeypatch.setattr(compiled, "forward", counting)
     engine.run_to_completion([engine.add_request(PROMPTS[0], GREEDY)])
-    assert compiled.compiled_steps == GREEDY.max_tokens - 1 and compiled.eager_steps == 0
+    warm = sum(n == compiled.threads for n in counts)
+    assert len(counts) == GREEDY.max_tokens - 1  # every decode step came to it
+    assert compiled.compiled_steps == warm and compiled.eager_steps == len(counts) - warm
+    # What benchmarks/engine.py records: the decode steps, and those that ran the graph.
+    assert engine.runner.decode_steps == len(counts)
+    assert engine.runner.compiled_steps == compiled.compiled_steps

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
+import subprocess
+import sys
 import weakref
 
 import pytest
@@ -175,9 +178,35 @@ def test_compile_is_none_true_or_false(value):
         EngineConfig(compile=value)
 
 
+@pytest.mark.skipif(
+    os.environ.get("COVEY_COMPILE") != "0", reason="this run asked for the compiled default"
+)
 def test_under_the_suites_covey_compile_0_the_default_engine_is_eager():
     """tests/conftest.py sets COVEY_COMPILE=0, so the suite's engines start without tracing."""
     config = EngineConfig(device="cpu", dtype="bfloat16", kv_cache_tokens=256)
     engine = LLMEngine(config, model=tiny(7))
     assert engine.runner.compiled is None
     assert engine.run_to_completion([engine.add_request(PROMPT, SamplingParams(max_tokens=2))])
+
+
+def test_an_empty_torchinductor_cache_dir_is_unset_not_the_working_directory(tmp_path):
+    """torch's first import of its cache module turns TORCHINDUCTOR_CACHE_DIR="" into the
+    working directory; covey reads the variable first, so the cache goes under its home."""
+    work, home = tmp_path / "work", tmp_path / "home"
+    work.mkdir()
+    code = (
+        "import os\n"
+        "from covey.llm_backend.llm_engine import LLMEngine\n"
+        "from covey.llm_backend.compiled_decode import inductor_cache_dir\n"
+        "os.environ['TORCHINDUCTOR_CACHE_DIR'] = inductor_cache_dir()  # as CompiledDecode does\n"
+        "from torch._inductor.runtime.cache_dir_utils import cache_dir\n"
+        "print(cache_dir())\n"
+    )
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": "", "COVEY_HOME": str(home)}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == str(home / "inductor")
+    assert not any(work.iterdir())  # nothing written into the working directory

@@ -14,15 +14,8 @@ if TYPE_CHECKING:
     from covey.llm_backend.outputs import RequestOutput
 
 
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
-        default=None,
-        help="a .gguf file, a Hugging Face folder or dummy:PRESET "
-        "(default: the embedded SmolLM2-135M-Instruct)",
-    )
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    parser.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16")
+def add_compile_arg(parser: argparse.ArgumentParser) -> None:
+    """`--compile/--no-compile`, shared by every command that builds an engine."""
     parser.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
@@ -33,6 +26,18 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "cannot compile; off on CUDA. --compile forces it (an error where it fails), "
         "--no-compile runs eagerly and starts fastest",
     )
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="a .gguf file, a Hugging Face folder or dummy:PRESET "
+        "(default: the embedded SmolLM2-135M-Instruct)",
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16")
+    add_compile_arg(parser)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     parser.add_argument("--top-p", type=float, default=1.0)

@@ -26,6 +26,7 @@ import threading
 import time
 from typing import Any
 
+from covey.cli.engine_args import add_compile_arg
 from covey.errors import ConfigError
 
 # Options left unset take `ServerSettings`' defaults (read in `run`, not at import: the
@@ -75,14 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16")
-    p.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="decode steps as one torch.compile graph. Default: on for CPU unless "
-        "COVEY_COMPILE=0 (the first start compiles for minutes, cached; later starts trace "
-        "for seconds), eager where it cannot compile; --no-compile starts fastest",
-    )
+    add_compile_arg(p)
     p.add_argument(
         "--max-tokens",
         type=int,

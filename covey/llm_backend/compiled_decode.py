@@ -34,8 +34,10 @@ live under `covey_home()/inductor`, so later runs load the generated code instea
 trace the model (seconds); `warm_up` does both at engine start, with progress, rather than
 inside the first request. Prefill and mixed steps stay eager: they are matmul-bound.
 
-It is the default on CPU (`EngineConfig.compile=None`, see `engine_decode_step`): there the
-step costs about two thirds of the eager one, level with llama.cpp. Under that default a
+It is the default on CPU (`EngineConfig.compile=None`, see `engine_decode_step`) for
+single-stream decode: in the full-size benchmark (results/engine.json) 9.0 ms a token against
+eager's 9.9 and llama.cpp's 7.6, though eager served 32 concurrent requests faster (352
+against 327 tok/s; docs/performance.md). Under that default a
 machine where compiling fails (no C++ compiler, a torch bug) gets a warning and the eager
 step, never an engine that does not start.
 """

@@ -41,8 +41,10 @@ class EngineConfig:
     with torch >= 2.8 unless the environment sets COVEY_COMPILE=0, and runs eagerly on
     CUDA (CUDA graphs are not built); if compiling fails there (no C++ compiler, a torch
     bug) it logs one warning and runs eagerly. True compiles wherever asked and raises if
-    it cannot; False is always eager. Why on by default: in benchmarks/engine.py the
-    compiled step took 6.8 ms against the eager 10.5 ms (llama.cpp 6.9 ms). What it costs
+    it cannot; False is always eager. Why on by default: single-stream decode, the speed a
+    chat user feels. In the full-size benchmarks/engine.py run (results/engine.json) the
+    compiled step took 9.0 ms a token against the eager 9.9 ms (llama.cpp 7.6 ms), while
+    eager served 32 concurrent requests faster (352 against 327 tok/s). What it costs
     is the engine's start: the first compile of a model takes minutes (the generated code
     is then cached under covey's home), and every later start traces the model again
     (seconds); docs/performance.md has the measured figures. On a busy machine the default
@@ -85,7 +87,7 @@ class EngineConfig:
     # with `blend_recompute_ratio` of their tokens recomputed, chosen on the check layers).
     chunk_cache: str = "exact"
     blend_recompute_ratio: float = 0.15
-    # None: one layer at about 27% of the model's depth (blend_forward.default_check_layer;
+    # None: one layer at about 27% of the model's depth (blend_forward.default_check_layers;
     # layer 8 of SmolLM2's 30), where the measured choice of tokens recovers full prefill's
     # accuracy; layer 1, the first default, lost 5.6 points (see that function's docstring).
     blend_check_layers: tuple[int, ...] | None = None

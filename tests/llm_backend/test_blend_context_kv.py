@@ -34,10 +34,8 @@ def _prefill(engine, ids, request_id):
 
 
 def _slots(engine, seq, start, end):
-    bs = engine.pool.block_size
-    table = torch.tensor(seq.block_table, device=engine.pool.kv.device)
-    pos = torch.arange(start, end, device=engine.pool.kv.device)
-    return table[pos // bs] * bs + pos % bs
+    """Pool slots of `seq`'s positions [start, end), as the engine's chunk transfer finds them."""
+    return engine.runner.chunks.slots(seq, start, end)
 
 
 def _setup(engine):

@@ -16,7 +16,7 @@ from covey.llm_backend.sampling_params import SamplingParams
 from covey.llm_backend.scheduler import Scheduler, SchedulerConfig
 from covey.llm_backend.sequence import FinishReason, Sequence
 
-from .test_scheduler import complete, seq
+from .test_scheduler import complete, run_caching, seq
 
 MB = 1 << 20
 COSTS = PauseCosts(1e-3, 1e-3, 1e-3 / MB, 1e-3, 1e-3 / MB)
@@ -199,17 +199,6 @@ def test_forced_swaps_never_go_past_the_host_cap(mode):
     assert sorted(s.swapped_tokens for s in held) == [0, 11, 11]
     assert sorted(s.discarded_tokens for s in held) == [0, 0, 11]
     assert d in sched.running
-
-
-def run_caching(sched: Scheduler) -> list:
-    """`complete`, publishing full blocks in the prefix cache as the engine does."""
-    out = sched.schedule()
-    for item in out.scheduled:
-        item.seq.num_computed_tokens += item.num_new_tokens
-        sched.block_manager.cache_full_blocks(item.seq)
-        if item.seq.num_computed_tokens == len(item.seq):
-            item.seq.token_ids.append(0)
-    return out
 
 
 def test_paused_requests_sharing_all_their_blocks_give_them_up_together():

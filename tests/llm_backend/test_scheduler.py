@@ -138,15 +138,20 @@ def shared(n: int, prefix: list[int], name: str, priority: int = 0) -> Sequence:
     return Sequence(name, ids, SamplingParams(), priority)
 
 
-def run_step(sched: Scheduler) -> list[str]:
-    """Like `complete`, and publish full blocks in the prefix cache as the engine does."""
+def run_caching(sched: Scheduler):
+    """`complete`, publishing full blocks in the prefix cache as the engine does."""
     out = sched.schedule()
     for item in out.scheduled:
         item.seq.num_computed_tokens += item.num_new_tokens
         sched.block_manager.cache_full_blocks(item.seq)
         if item.seq.num_computed_tokens == len(item.seq):
             item.seq.token_ids.append(0)
-    return [item.seq.request_id for item in out.scheduled]
+    return out
+
+
+def run_step(sched: Scheduler) -> list[str]:
+    """`run_caching`, naming the requests it scheduled."""
+    return [item.seq.request_id for item in run_caching(sched).scheduled]
 
 
 def test_a_request_sharing_a_prefix_being_computed_waits_a_step_then_reuses_it():

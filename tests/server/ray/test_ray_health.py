@@ -1,0 +1,88 @@
+"""A replica busy with a long prefill step is alive: Serve's health checks must reach it
+while the step runs, so it is neither killed nor replaced, and the request finishes.
+
+The health checks here are tighter than the default (1 s period, 2 s timeout: Serve kills a
+replica after 3 checks in a row time out) and the prompt's prefill is one step of ~3000
+tokens on one thread, several seconds even on an idle machine: a replica whose health check
+waits for the step fails it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from covey.errors import ConfigError
+from covey.llm_backend.sampling_params import SamplingParams
+from covey.server.ray_deployment import (
+    UNHEALTHY_AFTER,
+    HealthCheck,
+    delete_replicas,
+    deploy_replicas,
+    running_replicas,
+)
+from covey.server.ray_engine import RayEngine
+from covey.server.replica_router import ReplicaRouter
+
+PERIOD_S = 1.0
+TIMEOUT_S = 2.0
+BUSY_PROMPT = " ".join(f"Shelf {i} of the archive holds a bound ledger." for i in range(250))
+BUSY_CONFIG = {
+    "device": "cpu",
+    "dtype": "float32",
+    "kv_cache_tokens": 4096,
+    "max_num_batched_tokens": 4096,  # the whole prompt in one step
+    "compile": False,  # decode speed is not the point; start faster
+}
+
+
+def test_a_replica_busy_with_a_long_prefill_step_is_not_killed(ray_cluster):
+    health = HealthCheck(period_s=PERIOD_S, timeout_s=TIMEOUT_S)
+    handles = deploy_replicas(
+        1, None, BUSY_CONFIG, threads=1, app_prefix="covey-busy-", health=health
+    )
+    (name,) = handles
+
+    async def scenario() -> None:
+        engine = RayEngine(
+            handles, ReplicaRouter(list(handles)), report_interval_s=0.5, liveness=running_replicas
+        )
+        await engine.connect()
+        pid = engine.replicas[name].pid
+        params = SamplingParams(max_tokens=2, temperature=0)
+        started = time.monotonic()
+        outs = [out async for out in engine.generate(BUSY_PROMPT, params, request_id="busy")]
+        busy_s = time.monotonic() - started
+        assert outs[-1].finished and outs[-1].text
+        # The step outlasted what 3 timed-out checks take: else this test proves nothing.
+        assert busy_s > UNHEALTHY_AFTER * TIMEOUT_S + PERIOD_S, busy_s
+        await asyncio.sleep(2 * PERIOD_S)  # a few more rounds of checks
+        report = await asyncio.wait_for(handles[name].report.remote(), 30)
+        assert report.pid == pid, "the busy replica was killed and replaced"
+        assert engine.replicas[name].deaths == 0
+        await engine.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        delete_replicas(list(handles))
+
+
+@pytest.mark.parametrize(
+    ("period", "timeout", "flag"),
+    [
+        (0, None, "--replica-health-period"),
+        (None, -1.0, "--replica-health-timeout"),
+        (None, float("inf"), "--replica-health-timeout"),
+        (None, "30", "--replica-health-timeout"),
+    ],
+)
+def test_health_check_timing_is_checked(period, timeout, flag):
+    with pytest.raises(ConfigError, match=f"{flag} must be a positive number of seconds"):
+        HealthCheck.of(period, timeout)
+
+
+def test_health_check_defaults_and_overrides():
+    assert HealthCheck.of() == HealthCheck(period_s=2.0, timeout_s=30.0)
+    assert HealthCheck.of(None, 10) == HealthCheck(period_s=2.0, timeout_s=10)

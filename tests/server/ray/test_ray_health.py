@@ -12,9 +12,11 @@ import asyncio
 import time
 
 import pytest
+from ray.exceptions import ActorDiedError
 
-from covey.errors import ConfigError
+from covey.errors import ConfigError, EngineUnavailableError
 from covey.llm_backend.sampling_params import SamplingParams
+from covey.server.errors import http_error
 from covey.server.ray_deployment import (
     UNHEALTHY_AFTER,
     HealthCheck,
@@ -24,6 +26,7 @@ from covey.server.ray_deployment import (
 )
 from covey.server.ray_engine import RayEngine
 from covey.server.replica_router import ReplicaRouter
+from tests.server.ray.test_ray_errors import RaisingHandle
 
 PERIOD_S = 1.0
 TIMEOUT_S = 2.0
@@ -86,3 +89,25 @@ def test_health_check_timing_is_checked(period, timeout, flag):
 def test_health_check_defaults_and_overrides():
     assert HealthCheck.of() == HealthCheck(period_s=2.0, timeout_s=30.0)
     assert HealthCheck.of(None, 10) == HealthCheck(period_s=2.0, timeout_s=10)
+
+
+def test_a_replica_dying_with_no_other_up_fails_its_call_with_a_clear_503():
+    """Its request cannot be retried anywhere: the 503 says which replica died and why no
+    retry, not the router's bare "no engine replica is available"; so does the next call."""
+    engine = RayEngine({"r0": RaisingHandle(ActorDiedError())})
+
+    async def run(rid: str) -> None:
+        async for _ in engine.generate("hello", request_id=rid):
+            pass
+
+    with pytest.raises(EngineUnavailableError) as err:
+        asyncio.run(run("x"))
+    assert str(err.value).startswith(
+        "engine replica r0 died before streaming request x, and no other replica is up to "
+        "retry it on; Ray Serve is replacing it, retry shortly"
+    )
+    assert http_error(err.value).status == 503
+    r0 = engine.replicas["r0"]
+    assert not r0.up and r0.failed == 1 and r0.retries == 0
+    with pytest.raises(EngineUnavailableError, match=r"no engine replica is up \(down: r0 for"):
+        asyncio.run(run("y"))

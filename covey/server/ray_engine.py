@@ -404,19 +404,23 @@ class RayEngine:
         """Ask one replica for its report; a dead one is marked down, a replacement that
         answers is put back (empty: the router forgot what its predecessor held)."""
         seq = self.router.report_started()
+        response = None
         try:
-            rep = await asyncio.wait_for(
-                _await(replica.handle.report.remote(), replica), REPORT_TIMEOUT_S
-            )
+            response = replica.handle.report.remote()
+            rep = await asyncio.wait_for(_await(response, replica), REPORT_TIMEOUT_S)
         except ReplicaDied:
             if not self.pooled:  # Serve sent a pool's report to a dying replica: the rest serve
                 self._mark_down(replica)
             return None
         except TimeoutError:
-            # Busy, not dead: a CPU replica answers between engine steps, and a long
-            # prefill on a loaded machine can take longer than the timeout. The last report
-            # stands; only Ray saying the actor is gone marks a replica down.
+            # Busy, not dead: a report reads the caches on the engine's thread, after the
+            # step running there, and a long prefill on a loaded machine can take longer
+            # than the timeout. The last report stands; only Ray saying the actor is gone
+            # marks a replica down. Cancelled there too: giving up here does not stop it,
+            # and one report a second would queue up for the whole step (seen: 20 of them,
+            # the oldest answered after 115 s).
             log.debug("replica %s is slow to report", replica.name)
+            response.cancel()
             return None
         except Exception as exc:  # a report is best effort; routing goes on without it
             log.debug("replica %s did not report: %s", replica.name, exc)

@@ -14,8 +14,10 @@ import time
 import pytest
 from ray.exceptions import ActorDiedError
 
+from covey.cli.main import main
 from covey.errors import ConfigError, EngineUnavailableError
 from covey.llm_backend.sampling_params import SamplingParams
+from covey.server import ray_cluster, ray_deployment
 from covey.server.errors import http_error
 from covey.server.ray_deployment import (
     UNHEALTHY_AFTER,
@@ -89,6 +91,44 @@ def test_health_check_timing_is_checked(period, timeout, flag):
 def test_health_check_defaults_and_overrides():
     assert HealthCheck.of() == HealthCheck(period_s=2.0, timeout_s=30.0)
     assert HealthCheck.of(None, 10) == HealthCheck(period_s=2.0, timeout_s=10)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--replica-health-timeout", "10"], "--replica-health-timeout goes with --ray"),
+        (["--replica-health-period", "1"], "--replica-health-period goes with --ray"),
+        (["--ray", "--replica-health-timeout", "0"], "--replica-health-timeout must be a"),
+        (["--ray", "--replica-health-period", "nan"], "--replica-health-period must be a"),
+    ],
+)
+def test_serve_checks_the_health_check_flags_first(capsys, argv, message):
+    code = main(["serve", "--port", "0", *argv])
+    err = capsys.readouterr().err
+    assert code != 0 and message in err and "Traceback" not in err
+
+
+def test_start_ray_engine_deploys_the_replicas_with_its_health_check(monkeypatch):
+    deployed = {}
+
+    class Deployed(Exception):
+        pass
+
+    def deploy_specs(specs):
+        deployed.update(specs)
+        raise Deployed
+
+    monkeypatch.setattr(ray_cluster, "init_ray", lambda address=None: False)
+    monkeypatch.setattr(ray_cluster, "cluster_cpus", lambda: 4.0)
+    monkeypatch.setattr(ray_deployment, "deploy_specs", deploy_specs)
+    monkeypatch.setattr(ray_cluster, "_teardown_quietly", lambda names, started: None)
+    health = HealthCheck(period_s=5.0, timeout_s=60.0)
+    with pytest.raises(Deployed):
+        ray_cluster.start_ray_engine(
+            replicas=2, address="ray://head:10001", engine_config={"device": "cpu"},
+            health=health,
+        )
+    assert [spec.health for spec in deployed.values()] == [health, health]
 
 
 def test_a_replica_dying_with_no_other_up_fails_its_call_with_a_clear_503():

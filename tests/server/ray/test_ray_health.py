@@ -21,6 +21,7 @@ from covey.server import ray_cluster, ray_deployment
 from covey.server.errors import http_error
 from covey.server.ray_deployment import (
     UNHEALTHY_AFTER,
+    EngineReplica,
     HealthCheck,
     delete_replicas,
     deploy_replicas,
@@ -72,6 +73,37 @@ def test_a_replica_busy_with_a_long_prefill_step_is_not_killed(ray_cluster):
         asyncio.run(scenario())
     finally:
         delete_replicas(list(handles))
+
+
+# Serve's shutdown hook is an async `__del__`: collected outside Serve, it is never awaited.
+@pytest.mark.filterwarnings("ignore:coroutine 'EngineReplica.__del__' was never awaited")
+def test_a_replica_s_loop_answers_its_health_check_while_a_step_runs():
+    """In process, no cluster: the loop Serve runs `check_health` on ticks every 20 ms while
+    the engine prefills a long prompt in one step; with the step on the loop, the longest
+    gap between ticks was the whole step."""
+    replica = EngineReplica(None, BUSY_CONFIG, threads=1)
+    prompt = " ".join(f"Row {i} of the table lists a copper kettle." for i in range(80))
+
+    async def scenario() -> tuple[float, float]:
+        params = SamplingParams(max_tokens=1, temperature=0)
+        started = time.monotonic()
+        request = asyncio.ensure_future(
+            anext(replica.generate(prompt, params, "long", 0))
+        )
+        longest, last = 0.0, time.monotonic()
+        while not request.done():
+            await replica.check_health()
+            await asyncio.sleep(0.02)
+            now = time.monotonic()
+            longest, last = max(longest, now - last), now
+        assert (await request).finished
+        return time.monotonic() - started, longest
+
+    try:
+        busy_s, longest_gap_s = asyncio.run(scenario())
+    finally:
+        asyncio.run(replica.__del__())
+    assert longest_gap_s < busy_s / 3, (longest_gap_s, busy_s)
 
 
 @pytest.mark.parametrize(

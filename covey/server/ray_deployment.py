@@ -137,7 +137,7 @@ class EngineReplica:
             config["device"] = "cuda"
         with _CompileWarnings() as caught:
             # Stepped (and built) on its own thread: this loop must answer Serve's health
-            # checks, and the router's reports, while a long step runs (module docstring).
+            # checks while a long step runs (module docstring).
             self.llm = AsyncLLM(model, worker_thread=True, **config)
         # Ray starts with log_to_driver=False: the front asks for these (`compile_warning_lines`)
         # and logs them, or a replica that fell back to eager would do so out of sight.

@@ -129,6 +129,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "else 0; a replica that reserves none runs on CPU)",
     )
     p.add_argument(
+        "--replica-health-period",
+        type=float,
+        default=None,
+        help="with --ray: seconds between Ray Serve's health checks of each replica (default 2)",
+    )
+    p.add_argument(
+        "--replica-health-timeout",
+        type=float,
+        default=None,
+        help="with --ray: seconds a replica has to answer a health check; 3 missed in a row "
+        "and Serve replaces it (default 30; a long engine step does not delay the answer)",
+    )
+    p.add_argument(
         "--ray-app-prefix",
         default=None,
         help="with --ray: name the replicas' Serve applications PREFIX0, PREFIX1, ... "
@@ -165,7 +178,13 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("give --model or --remote, not both")
     if args.ray and args.remote is not None:
         raise ConfigError("give --ray or --remote, not both")
-    ray_options = {**RAY_DEFAULTS, "address": None, "replica_gpus": None}
+    ray_options = {
+        **RAY_DEFAULTS,
+        "address": None,
+        "replica_gpus": None,
+        "replica_health_period": None,
+        "replica_health_timeout": None,
+    }
     given = [name for name in ray_options if getattr(args, name) is not None]
     if not args.ray and given:
         flags = ", ".join("--" + name.replace("_", "-") for name in given)
@@ -183,9 +202,10 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--replicas and --replica-threads must be at least 1")
         if args.max_imbalance < 0:
             raise ConfigError(f"--max-imbalance must be >= 0, got {args.max_imbalance}")
-        from covey.server.ray_deployment import gpus_per_replica
+        from covey.server.ray_deployment import HealthCheck, gpus_per_replica
 
         gpus_per_replica(args.device, args.replica_gpus)
+        health = HealthCheck.of(args.replica_health_period, args.replica_health_timeout)
     host = defaults.host if args.host is None else args.host
     sock = bind(host, defaults.port if args.port is None else args.port)
     port = sock.getsockname()[1]
@@ -223,6 +243,7 @@ def run(args: argparse.Namespace) -> int:
                     gpus=args.replica_gpus,
                     app_prefix=args.ray_app_prefix,
                     engine_config=engine_config,
+                    health=health,
                 )
                 engine_config = {}
             try:

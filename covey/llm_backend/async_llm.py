@@ -5,8 +5,10 @@ the event loop stays free while kernels run. On CPU they run on the event loop's
 thread, between other coroutines: PyTorch's OpenMP pool belongs to a thread, and a second
 thread running parallel ops (a worker next to the thread that loaded the model) makes
 libgomp stop spinning when threads outnumber cores: 1.45x slower TPOT on 2 cores
-(`benchmarks/async_engine.py`). A stream whose consumer goes away (cancelled, closed)
-aborts its request and frees its KV at once.
+(`benchmarks/async_engine.py`). A caller whose loop must answer while a long step runs
+(a Ray Serve replica: Serve's health checks run on it) asks for the worker thread on CPU
+too; the engine is then built on that thread, so it is the only one with a pool. A stream
+whose consumer goes away (cancelled, closed) aborts its request and frees its KV at once.
 """
 
 from __future__ import annotations
@@ -52,16 +54,25 @@ class AsyncLLM:
         worker_thread: bool | None = None,
         **config: Any,
     ) -> None:
-        """`worker_thread`: step the engine on its own thread (default: on CUDA only)."""
+        """`worker_thread`: step the engine on its own thread (default: on CUDA only). Asked
+        for with an engine still to build (`engine=None`), it is built on that thread too:
+        torch's CPU thread pool belongs to the thread that runs the ops, so the one that
+        loads the model is the one that steps it, and no second pool competes for cores."""
         self._owns_engine = engine is None  # then closing this closes the engine's store
+        self._executor: ThreadPoolExecutor | None = None
+        if worker_thread and engine is None:
+            self._executor = _engine_thread()
+            build = partial(LLMEngine, EngineConfig(model=model, **config))
+            try:
+                engine = self._executor.submit(build).result()
+            except BaseException:
+                self._executor.shutdown(wait=False)
+                raise
         self.engine = engine or LLMEngine(EngineConfig(model=model, **config))
         if worker_thread is None:
             worker_thread = self.engine.device.type == "cuda"
-        self._executor = (
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="covey-engine")
-            if worker_thread
-            else None
-        )
+        if worker_thread and self._executor is None:
+            self._executor = _engine_thread()
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop the step loop runs on
         self._wake: asyncio.Event | None = None
@@ -325,6 +336,10 @@ class AsyncLLM:
             queue = self._streams.get(rid)
             if queue is not None:
                 queue.put_nowait(EngineError(f"the engine failed while serving {rid}: {exc}"))
+
+
+def _engine_thread() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="covey-engine")
 
 
 def _as_stream_item(out: RequestOutput) -> RequestOutput | EngineError:

@@ -17,6 +17,7 @@ from typing import Any
 from covey.errors import ConfigError
 from covey.server.ray_deployment import (
     APP_PREFIX,
+    HealthCheck,
     ReplicaSpec,
     app_name,
     delete_replicas,
@@ -97,9 +98,12 @@ def start_ray_engine(
     app_prefix: str = APP_PREFIX,
     engine_config: dict[str, Any] | None = None,
     tokenizer: Any = "auto",
+    health: HealthCheck | None = None,
 ) -> RayEngine:
     """Deploy `replicas` engines and return a connected `RayEngine` over them; closing it
-    deletes the replicas (each drains first) and stops a cluster this call started."""
+    deletes the replicas (each drains first) and stops a cluster this call started.
+    `health`: how Serve checks the replicas are alive (default `HealthCheck()`)."""
+    health = health or HealthCheck()
     if policy not in ROUTINGS:
         raise ConfigError(f"--routing must be one of {', '.join(ROUTINGS)}, got {policy!r}")
     if replicas < 1:
@@ -123,7 +127,9 @@ def start_ray_engine(
     pooled = policy == RAY_SERVE_ROUTING
     if pooled:  # one application of `replicas` replicas, among which Serve routes
         names = [app_prefix + POOL_SUFFIX]
-        spec = ReplicaSpec(model, config, threads, num_gpus=num_gpus, num_replicas=replicas)
+        spec = ReplicaSpec(
+            model, config, threads, num_gpus=num_gpus, num_replicas=replicas, health=health
+        )
     else:
         names = [app_name(i, app_prefix) for i in range(replicas)]
     try:
@@ -132,7 +138,7 @@ def start_ray_engine(
         else:
             handles = deploy_replicas(
                 replicas, model, config, threads=threads, num_gpus=num_gpus,
-                app_prefix=app_prefix,
+                app_prefix=app_prefix, health=health,
             )
     except ConfigError:  # refused before deploying: the names may be another front's
         _teardown_quietly([], started)

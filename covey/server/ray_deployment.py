@@ -7,6 +7,13 @@ of KV caches. Serve still does what it is for: it starts the actors, health-chec
 (`check_health`), replaces a replica that dies under the same name, and on shutdown lets
 requests in flight finish (`graceful_shutdown_*`) before the actor goes: replicas drain.
 
+Serve's health check (`check_health`) runs on the replica's event loop, the one its calls
+run on; so the engine steps on a thread of its own (`AsyncLLM(worker_thread=True)`), on
+CPU too: a prefill step of thousands of tokens on a loaded machine takes tens of seconds,
+and a check waiting behind it timed out 3 times in a row, so Serve killed a replica that
+was only busy. With the loop free the check answers in milliseconds whatever the engine
+is doing; its timing is `HealthCheck` (`covey serve --ray --replica-health-timeout`).
+
 Everything crossing to a replica is plain data (prompts, `Segment`, `SamplingParams`,
 `RequestOutput`); `generate` is an async generator, streamed through Serve's streaming
 handles. `ray` is imported here only: the rest of covey runs without the `ray` extra.
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -25,9 +33,45 @@ from covey.errors import ConfigError, EngineUnavailableError
 from covey.server.replica_cache_report import ReplicaCacheLedger
 
 APP_PREFIX = "covey-engine-"
-HEALTH_CHECK_PERIOD_S = 2.0
-HEALTH_CHECK_TIMEOUT_S = 30.0
 GRACEFUL_SHUTDOWN_TIMEOUT_S = 30.0
+UNHEALTHY_AFTER = 3  # checks in a row that fail (Serve's REPLICA_HEALTH_CHECK_UNHEALTHY_THRESHOLD)
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """How Serve's controller checks each replica: it calls `check_health` every `period_s`
+    and fails a call not answered within `timeout_s`; `UNHEALTHY_AFTER` failures in a row
+    and it replaces the replica (its requests in flight then fail or are retried).
+
+    Defaults: a 2 s period, so a replica that crashed (its check fails at once) is
+    replaced, and the front's liveness check (docs/scale.md) gives up calls waiting on it,
+    within seconds; Serve's own default is 10 s. The timeout is Serve's default, 30 s: the
+    check does not wait for the engine (its step runs on its own thread), so only a
+    process that cannot run at all for 30 s misses it, and 3 such misses (90 s) mark a
+    replica wedged, not busy. Ray Serve's LLM deployment uses 10 s for both, with vLLM's
+    engine in a process of its own; a shorter timeout replaces a wedged replica sooner and
+    risks killing one on a machine so loaded it is not scheduled for that long."""
+
+    period_s: float = 2.0
+    timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        for flag, value in (
+            ("--replica-health-period", self.period_s),
+            ("--replica-health-timeout", self.timeout_s),
+        ):
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"{flag} must be a positive number of seconds, got {value!r}")
+
+    @classmethod
+    def of(cls, period_s: float | None = None, timeout_s: float | None = None) -> HealthCheck:
+        """The defaults, with what was given in place of them (CLI flags left out are None)."""
+        default = cls()
+        return cls(
+            default.period_s if period_s is None else period_s,
+            default.timeout_s if timeout_s is None else timeout_s,
+        )
 
 
 def require_ray() -> Any:
@@ -92,7 +136,9 @@ class EngineReplica:
         elif num_gpus > 0 and config.get("device", "auto") in ("auto", "cuda:0"):
             config["device"] = "cuda"
         with _CompileWarnings() as caught:
-            self.llm = AsyncLLM(model, **config)
+            # Stepped (and built) on its own thread: this loop must answer Serve's health
+            # checks while a long step runs (module docstring).
+            self.llm = AsyncLLM(model, worker_thread=True, **config)
         # Ray starts with log_to_driver=False: the front asks for these (`compile_warning_lines`)
         # and logs them, or a replica that fell back to eager would do so out of sight.
         self.compile_warnings = caught.messages
@@ -179,6 +225,8 @@ class EngineReplica:
         return self.ledger.questions()
 
     async def check_health(self) -> None:
+        """Serve's liveness probe. It must not wait for the engine: it answers from this
+        loop while a step runs on the engine's thread."""
         if self.llm._closed:
             raise EngineUnavailableError("the engine is closed")
 
@@ -241,6 +289,7 @@ def deploy_replicas(
     num_cpus: float | None = None,
     app_prefix: str = APP_PREFIX,
     num_gpus: float = 0.0,
+    health: HealthCheck | None = None,
 ) -> dict[str, Any]:
     """Deploy `replicas` engine replicas on the connected Ray cluster (`ray.init` first);
     returns application name -> its `DeploymentHandle`. Each reserves `num_cpus` Ray CPUs
@@ -248,7 +297,8 @@ def deploy_replicas(
     cores)."""
     if replicas < 1:
         raise ConfigError(f"--replicas must be at least 1, got {replicas}")
-    spec = ReplicaSpec(model, dict(engine_config or {}), threads, num_cpus, num_gpus)
+    config = dict(engine_config or {})
+    spec = ReplicaSpec(model, config, threads, num_cpus, num_gpus, health=health or HealthCheck())
     return deploy_specs({app_name(i, app_prefix): spec for i in range(replicas)})
 
 
@@ -262,6 +312,7 @@ class ReplicaSpec:
     # Serve replicas behind this one application: more than one, and Serve's own router
     # (power of two choices) picks among them, not covey's (see `RayEngine(pooled=True)`).
     num_replicas: int = 1
+    health: HealthCheck = HealthCheck()
 
     @property
     def cpus(self) -> float:
@@ -293,8 +344,8 @@ def deploy_specs(specs: dict[str, ReplicaSpec]) -> dict[str, Any]:
                 **replica_runtime_env(),
             },
             max_ongoing_requests=1024,  # the engine batches; the router bounds imbalance
-            health_check_period_s=HEALTH_CHECK_PERIOD_S,
-            health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
+            health_check_period_s=spec.health.period_s,
+            health_check_timeout_s=spec.health.timeout_s,
             graceful_shutdown_wait_loop_s=0.5,
             graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_TIMEOUT_S,
         )

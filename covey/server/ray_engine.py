@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -157,6 +157,27 @@ class RayEngine:
     def _down(self) -> list[str]:
         return [r.name for r in self.replicas.values() if not r.up]
 
+    def _elsewhere(self, tried: Sequence[str]) -> bool:
+        """Whether a replica neither down nor tried is left to send a call to."""
+        skip = set(self._down()) | set(tried)
+        return any(name not in skip for name in self.replicas)
+
+    def _choose(self, key: Any, tried: Sequence[str] = (), remember: bool = True) -> str:
+        """The router's pick among the replicas up and not `tried`; when there is none, an
+        `EngineUnavailableError` (503) that says which are down and for how long."""
+        if not self._elsewhere(tried):
+            now = time.monotonic()
+            down = ", ".join(
+                f"{r.name} for {now - r.down_since:.0f} s"
+                for r in self.replicas.values()
+                if not r.up and r.down_since is not None
+            )
+            raise EngineUnavailableError(
+                f"no engine replica is up (down: {down or 'none'}; Ray Serve replaces a "
+                "replica that died, which takes as long as loading the model): retry shortly"
+            )
+        return self.router.choose(key, exclude=self._down() + list(tried), remember=remember)[0]
+
     # -- generation ---------------------------------------------------------------------
 
     async def generate(
@@ -171,7 +192,7 @@ class RayEngine:
         tried: list[str] = []
         retried = False
         while True:
-            name, _ = self.router.choose(key, exclude=self._down() + tried)
+            name = self._choose(key, tried)
             stamp = self.router.last_stamp
             replica = self.replicas[name]
             streamed = done = False
@@ -196,18 +217,25 @@ class RayEngine:
                 if not self.pooled:
                     # A pool's handle stands for every Serve replica: one dying leaves the
                     # rest serving, and Serve's router drops it; only liveness (no replica
-                    # running) marks a pool down.
+                    # running) marks a pool down. A pool is retried through the same handle.
                     self._mark_down(replica)
+                    tried.append(name)
+                rid = request_id or "(unnamed)"
                 if streamed or not self.retry or retried:
                     replica.failed += 1
                     raise EngineUnavailableError(
-                        f"engine replica {name} died while serving request "
-                        f"{request_id or '(unnamed)'}; the service goes on, retry it ({exc})"
+                        f"engine replica {name} died while serving request {rid}; the "
+                        f"service goes on, retry it ({exc})"
+                    ) from None
+                if not self._elsewhere(tried):  # else the router's bare "none available"
+                    replica.failed += 1
+                    raise EngineUnavailableError(
+                        f"engine replica {name} died before streaming request {rid}, and no "
+                        f"other replica is up to retry it on; Ray Serve is replacing it, "
+                        f"retry shortly ({exc})"
                     ) from None
                 replica.retries += 1
                 retried = True
-                if not self.pooled:  # a pool is retried through the same handle
-                    tried.append(name)
                 log.warning("replica %s died before streaming %s; retrying", name, request_id)
             finally:
                 self.router.finished(name)
@@ -224,7 +252,7 @@ class RayEngine:
         pin: str | None = None,
         request_id: str | None = None,
     ) -> RequestOutput | None:
-        name, _ = self.router.choose(route_key(prompt, pin), exclude=self._down())
+        name = self._choose(route_key(prompt, pin))
         stamp = self.router.last_stamp
         try:
             return await self._call(name, "prefill", prompt, priority, pin, request_id)
@@ -260,7 +288,7 @@ class RayEngine:
 
     async def warm_chunks(self, chunks: list[Segment], compute: bool = False) -> int:
         """Warm them on the replica a prompt made of these chunks would go to."""
-        name, _ = self.router.choose(route_key(chunks), exclude=self._down(), remember=False)
+        name = self._choose(route_key(chunks), remember=False)
         return await self._call(name, "warm_chunks", chunks, compute)
 
     async def abort(self, request_id: str) -> None:
@@ -376,19 +404,23 @@ class RayEngine:
         """Ask one replica for its report; a dead one is marked down, a replacement that
         answers is put back (empty: the router forgot what its predecessor held)."""
         seq = self.router.report_started()
+        response = None
         try:
-            rep = await asyncio.wait_for(
-                _await(replica.handle.report.remote(), replica), REPORT_TIMEOUT_S
-            )
+            response = replica.handle.report.remote()
+            rep = await asyncio.wait_for(_await(response, replica), REPORT_TIMEOUT_S)
         except ReplicaDied:
             if not self.pooled:  # Serve sent a pool's report to a dying replica: the rest serve
                 self._mark_down(replica)
             return None
         except TimeoutError:
-            # Busy, not dead: a CPU replica answers between engine steps, and a long
-            # prefill on a loaded machine can take longer than the timeout. The last report
-            # stands; only Ray saying the actor is gone marks a replica down.
+            # Busy, not dead: a report reads the caches on the engine's thread, after the
+            # step running there, and a long prefill on a loaded machine can take longer
+            # than the timeout. The last report stands; only Ray saying the actor is gone
+            # marks a replica down. Cancelled there too: giving up here does not stop it,
+            # and one report a second would queue up for the whole step (seen: 20 of them,
+            # the oldest answered after 115 s).
             log.debug("replica %s is slow to report", replica.name)
+            response.cancel()
             return None
         except Exception as exc:  # a report is best effort; routing goes on without it
             log.debug("replica %s did not report: %s", replica.name, exc)

@@ -30,8 +30,8 @@ REPLICA_KV_TOKENS = 4096
 
 
 @pytest.fixture(scope="session")
-def ray_replicas():
-    """Application name -> Serve handle of each engine replica."""
+def ray_cluster():
+    """The local Ray cluster, with Serve's controller; torn down after the last test."""
     from ray import serve
 
     # Ray kills workers once the node's memory is 95% used, by any process: on a shared
@@ -47,12 +47,18 @@ def ray_replicas():
         include_dashboard=False,
         log_to_driver=False,
     )
+    yield
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_replicas(ray_cluster):
+    """Application name -> Serve handle of each engine replica."""
     config = {"device": "cpu", "dtype": "float32", "kv_cache_tokens": REPLICA_KV_TOKENS}
     handles = deploy_replicas(REPLICAS, None, config, threads=1)
     yield handles
     delete_replicas(list(handles))
-    serve.shutdown()
-    ray.shutdown()
 
 
 @pytest.fixture(scope="session")

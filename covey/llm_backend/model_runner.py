@@ -88,11 +88,6 @@ class ModelRunner:
         blends: list[ScheduledSeq] = []
         if chunk_items:
             scheduled, blends = self._import_chunks(scheduled, chunk_items)
-        # A batch of nothing but blend steps' own tokens just before their regions: each
-        # blend run computes them instead (as rows that reuse nothing), saving a forward.
-        folded = bool(blends) and all(_computes_only_before_its_blend(s) for s in scheduled)
-        if folded:
-            scheduled = []
         seqs: list[Sequence] = []
         hidden_rows: list[torch.Tensor] = []
         if scheduled:
@@ -110,7 +105,7 @@ class ModelRunner:
             hidden_rows.append(hidden[inputs.sample_indices])
         for item in blends:  # after the batch, which computed what precedes their regions
             seqs.append(item.seq)
-            hidden_rows.append(self._blend(item, folded))
+            hidden_rows.append(self._blend(item))
         if not seqs:
             return [], None
         return seqs, self.model.compute_logits(torch.cat(hidden_rows))
@@ -152,15 +147,11 @@ class ModelRunner:
             ]
         return scheduled, blends
 
-    def _blend(self, item: ScheduledSeq, folded: bool = False) -> torch.Tensor:
-        """The blend run of `item`'s chunk step; returns its last token's hidden [1, H].
-        `folded`: the run starts at the step's compute range (which ends where the blend
-        starts), instead of that range having been computed by the batched forward."""
+    def _blend(self, item: ScheduledSeq) -> torch.Tensor:
+        """The blend run of `item`'s chunk step; returns its last token's hidden [1, H]."""
         step, seq, dev = item.chunk, item.seq, self.device
         assert step is not None and step.blend is not None and self.chunks is not None
         start, end = step.blend.start, step.blend.end
-        if folded and step.compute:
-            start = step.compute[0][0]
         reused = torch.zeros(end - start, dtype=torch.bool)
         groups = torch.full((end - start,), -1, dtype=torch.long)
         for i, imp in enumerate(step.blend.imports):
@@ -345,15 +336,3 @@ class ModelRunner:
         lens = torch.tensor(lengths, device=dev)
         padding = torch.arange(length, device=dev)[None, :] >= lens[:, None]  # [n, L]
         return DecodeGroup(start, start + len(seqs), blocks, length, padding[None, :, None, :])
-
-
-def _computes_only_before_its_blend(item: ScheduledSeq) -> bool:
-    """Whether `item` is a blend step whose only compute is one range ending where its blend
-    run starts (the prompt's own tokens before the first reused chunk)."""
-    step = item.chunk
-    return (
-        step is not None
-        and step.blend is not None
-        and len(step.compute) == 1
-        and step.compute[0][1] == step.blend.start
-    )

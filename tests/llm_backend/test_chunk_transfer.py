@@ -1,10 +1,8 @@
-"""The fast paths of moving chunk KV into the pool and blending it, on the real model.
+"""The fast path of moving chunk KV from the store into the pool, on the real model.
 
 An import writes keys (re-rotated) and values straight into the pool instead of building a
 re-rotated copy of the span first; re-rotation works in place on its float32 copy. Both
-must give the bits the plain formulas give. A step whose batch is only a blend step's own
-tokens before its region computes them inside the blend run (no batched forward): the
-result must still be a full prefill's at ratio 1.0.
+must give the bits the plain formulas give.
 """
 
 from __future__ import annotations
@@ -13,12 +11,10 @@ import pytest
 import torch
 
 from covey.cache.chunk_kv import ChunkKV
-from covey.llm_backend import model_runner
 from covey.llm_backend.chunk_planner import KVImport
 from covey.llm_backend.layers import apply_rotary
 from covey.llm_backend.rope_rerotation import RopeRerotator
 from covey.llm_backend.sampling_params import SamplingParams
-from covey.llm_backend.segments import Segment
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -60,68 +56,3 @@ def test_import_writes_the_rerotated_span_and_nothing_else(make_engine, delta):
     others[slots] = False
     assert torch.equal(pool[:, :, :, others], before[:, :, :, others])
     engine.abort_request("r")
-
-
-DOCS = {
-    "mill": " The mill by the river grinds wheat for the whole valley in autumn.",
-    "lamp": " Lamp oil was sold at the harbour store, two coins a bottle, on Fridays.",
-    "owl": " An owl nests in the bell tower; the sexton feeds it mice he catches.",
-}
-
-
-def _prompt(order, head):
-    segments = [Segment(head, kind="static")]
-    for i, name in enumerate(order):
-        segments.append(Segment(f"\n[{i + 1}]", kind="static"))
-        segments.append(Segment(DOCS[name], kind="chunk", chunk_id=name))
-    segments.append(Segment("\nQuestion: who feeds the owl?\nAnswer:", kind="dynamic"))
-    return segments
-
-
-def _first_logits(engine, prompt):
-    """The logits the prompt's first token is sampled from, and the step's model calls."""
-    seen, calls = [], {"forward": 0}
-    compute_logits, forward = engine.model.compute_logits, engine.model.forward
-
-    def logits(hidden):
-        out = compute_logits(hidden)
-        seen.append(out.clone())
-        return out
-
-    def counted(*args):
-        calls["forward"] += 1
-        return forward(*args)
-
-    engine.model.compute_logits, engine.model.forward = logits, counted
-    try:
-        rid = engine.add_request(prompt, SamplingParams(max_tokens=1, temperature=0.0))
-        engine.run_to_completion([rid])
-    finally:
-        del engine.model.compute_logits, engine.model.forward
-    return seen[0], calls["forward"]
-
-
-def test_a_blend_step_computes_its_own_tokens_before_the_region_inside_the_run(
-    make_engine, monkeypatch
-):
-    """The new head (never cached) is computed by the blend run, which starts at the step's
-    compute range: no batched forward runs, and at ratio 1.0 the first token's logits are a
-    full prefill's."""
-    regions = []
-    real = model_runner.blend_forward
-
-    def recording(model, kv, region, *args):
-        regions.append(int(region.positions[0]))
-        return real(model, kv, region, *args)
-
-    monkeypatch.setattr(model_runner, "blend_forward", recording)
-    off = make_engine(chunk_cache="off", enable_prefix_caching=False, kv_cache_tokens=1024)
-    blend = make_engine(chunk_cache="blend", blend_recompute_ratio=1.0, kv_cache_tokens=1024)
-    _first_logits(blend, _prompt(["mill", "lamp", "owl"], "Read the notes.\n"))
-    assert regions == []
-    moved = _prompt(["owl", "mill", "lamp"], "Notes in another order, with a longer head:\n")
-    got, forwards = _first_logits(blend, moved)
-    assert regions == [0]  # the head's tokens are rows of the blend run
-    assert forwards == 0
-    want, _ = _first_logits(off, moved)
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

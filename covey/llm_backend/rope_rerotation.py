@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from covey.llm_backend.layers import apply_rotary, rope_inv_freq
+from covey.llm_backend.layers import rope_inv_freq
 from covey.llm_backend.model_args import ModelArgs
 
 
@@ -39,7 +39,12 @@ class RopeRerotator:
         if delta == 0:
             return keys.clone()
         cos, sin = self.rotation(delta, keys.device)
-        return apply_rotary(keys.float(), cos, sin).to(keys.dtype)
+        # `apply_rotary`'s arithmetic (x * cos + roll(x) * sin, float32), in place on its
+        # two float32 copies: a chunk's keys are megabytes, and fresh temporaries cost
+        # page faults on every import. Same ops in the same order, so the same bits.
+        x = keys.to(torch.float32, copy=True)  # a copy even of float32 keys: mutated below
+        rolled = x.roll(x.shape[-1] // 2, dims=-1)
+        return x.mul_(cos).add_(rolled.mul_(sin)).to(keys.dtype)
 
     def rerotate_kv(self, kv: torch.Tensor, delta: int) -> torch.Tensor:
         """A chunk's KV [layers, 2, KVH, n, Dh] with its keys moved by `delta` positions."""

@@ -446,6 +446,17 @@ def warm(handles: dict[str, Any], calls: int) -> None:
     asyncio.run(all_of_them())
 
 
+def openmp_settings(handles: dict[str, Any]) -> dict[str, dict[str, str | None]]:
+    """Each replica's OpenMP wait and thread count, asked of the replica itself: a team of 2
+    threads that spins collapses on a loaded machine (docs/scale.md), so a reader comparing
+    runs needs them."""
+
+    async def all_of_them() -> list[dict[str, str | None]]:
+        return list(await asyncio.gather(*(h.openmp_env.remote() for h in handles.values())))
+
+    return dict(zip(handles, asyncio.run(all_of_them())))
+
+
 def arguments(argv: list[str] | None) -> argparse.Namespace:
     """bench_common's `--quick/--json/--plot`, and the arrival options: parsed first, the
     rest handed on (their help is in the description, as bench_common builds `--help`)."""
@@ -525,11 +536,13 @@ def main(argv: list[str] | None = None) -> int:
         )},
     ]
     passes = itertools.count()
+    replica_openmp: dict[str, dict[str, str | None]] = {}
     try:
         for systems, spec in zip(setups, specs):
             handles = deploy_specs(spec)
             pooled = any(s.num_replicas > 1 for s in spec.values())
             warm(handles, 2 * REPLICAS if pooled else 2)
+            replica_openmp.update(openmp_settings(handles))
             print(f"scale: {list(handles)} up at {time.perf_counter() - started:.0f}s", flush=True)
             runs: dict[str, list[dict[str, Any]]] = {}
             try:
@@ -573,7 +586,10 @@ def main(argv: list[str] | None = None) -> int:
         import ray
 
         ray.shutdown()
-    write_results(args, NAME, results, "cpu", "SmolLM2-135M-Instruct")
+    data = write_results(args, NAME, results, "cpu", "SmolLM2-135M-Instruct")
+    # bench_common records the front's environment; the replicas' OpenMP settings are theirs.
+    data["environment"]["replica_openmp"] = replica_openmp
+    Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
     plot(results, args.plot, arrival_title(params), params.get("rate"))
     return 0
 

@@ -142,6 +142,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "and Serve replaces it (default 30; a long engine step does not delay the answer)",
     )
     p.add_argument(
+        "--replica-max-step",
+        type=float,
+        default=None,
+        help="with --ray: seconds one engine step may run before the health check calls the "
+        "replica stuck and Serve replaces it (default 600)",
+    )
+    p.add_argument(
         "--ray-app-prefix",
         default=None,
         help="with --ray: name the replicas' Serve applications PREFIX0, PREFIX1, ... "
@@ -184,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
         "replica_gpus": None,
         "replica_health_period": None,
         "replica_health_timeout": None,
+        "replica_max_step": None,
     }
     given = [name for name in ray_options if getattr(args, name) is not None]
     if not args.ray and given:
@@ -205,7 +213,9 @@ def run(args: argparse.Namespace) -> int:
         from covey.server.ray_deployment import HealthCheck, gpus_per_replica
 
         gpus_per_replica(args.device, args.replica_gpus)
-        health = HealthCheck.of(args.replica_health_period, args.replica_health_timeout)
+        health = HealthCheck.of(
+            args.replica_health_period, args.replica_health_timeout, args.replica_max_step
+        )
     host = defaults.host if args.host is None else args.host
     sock = bind(host, defaults.port if args.port is None else args.port)
     port = sock.getsockname()[1]

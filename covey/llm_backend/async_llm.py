@@ -7,20 +7,33 @@ thread running parallel ops (a worker next to the thread that loaded the model) 
 libgomp stop spinning when threads outnumber cores: 1.45x slower TPOT on 2 cores
 (`benchmarks/async_engine.py`). A caller whose loop must answer while a long step runs
 (a Ray Serve replica: Serve's health checks run on it) asks for the worker thread on CPU
-too; the engine is then built on that thread, so it is the only one with a pool. A stream
-whose consumer goes away (cancelled, closed) aborts its request and frees its KV at once.
+too; the engine is then built on that thread, so it is the only one with a pool (on CUDA,
+by default, the engine is built on the caller's thread and only stepped on the worker: a
+GPU has no per-thread pool). A stream whose consumer goes away (cancelled, closed) aborts
+its request and frees its KV at once.
+
+A step that never returns (a deadlock, a hung disk read) leaves a free loop and requests
+that wait forever; so this records when the engine call now running started
+(`engine_call_s`), and whether the step loop died of an error (`step_loop_error`), for a
+caller's health check to judge.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
-from covey.errors import EngineError, InvalidRequestError, NotSupportedError
+from covey.errors import (
+    EngineError,
+    EngineUnavailableError,
+    InvalidRequestError,
+    NotSupportedError,
+)
 from covey.llm_backend.config import EngineConfig
 from covey.llm_backend.engine_client import CacheReport, EngineCapabilities, EngineStats
 from covey.llm_backend.llm_engine import LLMEngine, Prompt
@@ -78,6 +91,29 @@ class AsyncLLM:
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._closed = False
+        self._executor_gone = False  # shut down by close(): no call can run any more
+        self._call_started: float | None = None  # monotonic start of the running engine call
+
+    @property
+    def closed(self) -> bool:
+        """True once `close()` began: no new request is taken."""
+        return self._closed
+
+    def engine_call_s(self) -> float:
+        """Seconds the engine call now running (a step, a report's cache read) has run; 0.0
+        when none runs. Read from any thread: a step that never returns shows here as a
+        number that only grows, while the loop itself stays free."""
+        started = self._call_started
+        return 0.0 if started is None else max(0.0, time.monotonic() - started)
+
+    def step_loop_error(self) -> BaseException | None:
+        """The error the step loop died of, if it did (not cancelled): requests then wait
+        forever, nothing steps them. A step's own failure does not count; the loop fails
+        the requests it held and goes on."""
+        task = self._loop_task
+        if task is None or not task.done() or task.cancelled():
+            return None
+        return task.exception()
 
     @property
     def model_name(self) -> str:
@@ -137,7 +173,10 @@ class AsyncLLM:
             self._owns_engine = False
             await self._call(self.engine.close)
         if self._executor is not None:
-            self._executor.shutdown(wait=True)
+            # Not waiting: the engine's close ran above, after every job queued before it,
+            # and a wait here would block this loop behind any job queued since.
+            self._executor.shutdown(wait=False)
+            self._executor_gone = True
 
     async def generate(
         self,
@@ -287,8 +326,21 @@ class AsyncLLM:
 
     async def _call(self, fn: Any, *args: Any) -> Any:
         if self._executor is None:
+            return self._timed(fn, *args)
+        if self._executor_gone:
+            raise EngineUnavailableError("the engine is closed")
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, self._timed, fn, *args
+        )
+
+    def _timed(self, fn: Any, *args: Any) -> Any:
+        """Run one engine call, its start recorded for `engine_call_s` (one runs at a time:
+        on the single worker thread, or on the loop's)."""
+        self._call_started = time.monotonic()
+        try:
             return fn(*args)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        finally:
+            self._call_started = None
 
     def _ensure_loop(self) -> None:
         """Wake the step loop, starting it on the running event loop if needed.

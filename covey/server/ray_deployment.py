@@ -43,34 +43,50 @@ class HealthCheck:
     and fails a call not answered within `timeout_s`; `UNHEALTHY_AFTER` failures in a row
     and it replaces the replica (its requests in flight then fail or are retried).
 
+    What a check detects (`EngineReplica.check_health`): a replica process that died or
+    cannot run its event loop for `timeout_s` (the call is not answered), an engine closed,
+    a step loop that died of an error, and an engine call (a step, a report's cache read)
+    that has run longer than `max_step_s`: a deadlock or a hung disk read, which leaves the
+    loop free and its requests waiting forever. A long step within `max_step_s` is busy, not
+    dead: the check does not wait for it (the step runs on the engine's own thread).
+
     Defaults: a 2 s period, so a replica that crashed (its check fails at once) is
     replaced, and the front's liveness check (docs/scale.md) gives up calls waiting on it,
-    within seconds; Serve's own default is 10 s. The timeout is Serve's default, 30 s: the
-    check does not wait for the engine (its step runs on its own thread), so only a
-    process that cannot run at all for 30 s misses it, and 3 such misses (90 s) mark a
-    replica wedged, not busy. Ray Serve's LLM deployment uses 10 s for both, with vLLM's
-    engine in a process of its own; a shorter timeout replaces a wedged replica sooner and
-    risks killing one on a machine so loaded it is not scheduled for that long."""
+    within seconds; Serve's own default is 10 s. The timeout is Serve's default, 30 s: only
+    a process that cannot run at all for 30 s misses it. Ray Serve's LLM deployment uses
+    10 s for both, with vLLM's engine in a process of its own; a shorter timeout replaces a
+    dead replica sooner and risks killing one on a machine so loaded it is not scheduled for
+    that long. `max_step_s` is 600 s: a prefill step of a few thousand tokens takes tens of
+    seconds on a loaded CPU, and killing a replica that was only slow loses every request
+    it held; so a stuck step is replaced after 600 s plus 3 periods."""
 
     period_s: float = 2.0
     timeout_s: float = 30.0
+    max_step_s: float = 600.0
 
     def __post_init__(self) -> None:
         for flag, value in (
             ("--replica-health-period", self.period_s),
             ("--replica-health-timeout", self.timeout_s),
+            ("--replica-max-step", self.max_step_s),
         ):
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
             if not number or not math.isfinite(value) or value <= 0:
                 raise ConfigError(f"{flag} must be a positive number of seconds, got {value!r}")
 
     @classmethod
-    def of(cls, period_s: float | None = None, timeout_s: float | None = None) -> HealthCheck:
+    def of(
+        cls,
+        period_s: float | None = None,
+        timeout_s: float | None = None,
+        max_step_s: float | None = None,
+    ) -> HealthCheck:
         """The defaults, with what was given in place of them (CLI flags left out are None)."""
         default = cls()
         return cls(
             default.period_s if period_s is None else period_s,
             default.timeout_s if timeout_s is None else timeout_s,
+            default.max_step_s if max_step_s is None else max_step_s,
         )
 
 
@@ -119,12 +135,18 @@ def gpus_per_replica(
 
 class EngineReplica:
     """One engine replica: an `AsyncLLM` over `model` with `engine_config`, computing on
-    `threads` CPU threads (torch's pool is per process; each replica is one), on the GPU
-    Ray gave it when it reserved `num_gpus`, on CPU otherwise (`auto` included: a GPU the
-    replica did not reserve is not its to use)."""
+    `threads` CPU threads (torch's pool is per thread: the engine's own, which builds and
+    steps it), on the GPU Ray gave it when it reserved `num_gpus`, on CPU otherwise (`auto`
+    included: a GPU the replica did not reserve is not its to use). `max_step_s`: an engine
+    call running longer fails the health check (`HealthCheck.max_step_s`)."""
 
     def __init__(
-        self, model: str | None, engine_config: dict[str, Any], threads: int, num_gpus: float = 0.0
+        self,
+        model: str | None,
+        engine_config: dict[str, Any],
+        threads: int,
+        num_gpus: float = 0.0,
+        max_step_s: float = HealthCheck.max_step_s,
     ) -> None:
         from covey.llm_backend.async_llm import AsyncLLM
 
@@ -146,6 +168,11 @@ class EngineReplica:
         # One report at a time: the router asks again when a slow one times out, and two
         # overlapping reports would tokenize (and walk) the same prompts twice.
         self._report_lock = asyncio.Lock()
+        # The tokenizing of a report's questions, kept: a report cancelled while it runs (the
+        # router gave up) leaves its thread working, and the next report awaits that one
+        # instead of tokenizing the same prompts again beside it.
+        self._preparing: asyncio.Future[Any] | None = None
+        self.max_step_s = max_step_s
         self.draining = False
 
     async def generate(
@@ -203,7 +230,9 @@ class EngineReplica:
         # New prompts are tokenized on a thread of their own, not on the loop that streams
         # outputs; the engine answers for its caches on its own thread (`cache_report`),
         # read-only.
-        asked = await asyncio.to_thread(self._questions)
+        if self._preparing is None or self._preparing.done():
+            self._preparing = asyncio.ensure_future(asyncio.to_thread(self._questions))
+        asked = await asyncio.shield(self._preparing)
         cache = await self.llm.cache_report(asked.prompts, asked.chunks)
         units, chunks = self.ledger.answer(asked, cache.cached_tokens, cache.chunks_stored)
         return ReplicaReport(
@@ -225,10 +254,24 @@ class EngineReplica:
         return self.ledger.questions()
 
     async def check_health(self) -> None:
-        """Serve's liveness probe. It must not wait for the engine: it answers from this
-        loop while a step runs on the engine's thread."""
-        if self.llm._closed:
+        """Serve's liveness probe (what it detects: `HealthCheck`). It must not wait for the
+        engine: it answers from this loop while a step runs on the engine's thread, and
+        judges that step by how long it has run."""
+        if self.llm.closed:
             raise EngineUnavailableError("the engine is closed")
+        error = self.llm.step_loop_error()
+        if error is not None:
+            raise EngineUnavailableError(f"the engine's step loop died: {error!r}")
+        running_s = self.llm.engine_call_s()
+        if running_s > self.max_step_s:
+            raise EngineUnavailableError(
+                f"an engine call has run for {running_s:.0f} s, more than --replica-max-step "
+                f"{self.max_step_s:g} s: the engine is stuck"
+            )
+
+    async def openmp_env(self) -> dict[str, str | None]:
+        """This replica's OpenMP settings (`OPENMP_VARS`), as its process got them."""
+        return {name: os.environ.get(name) for name in OPENMP_VARS}
 
     async def __del__(self) -> None:
         """Serve calls this once in-flight requests drained (or the graceful timeout)."""
@@ -255,13 +298,43 @@ class _CompileWarnings(logging.Handler):
         self._logger.removeHandler(self)
 
 
-def replica_runtime_env() -> dict[str, Any]:
-    """Ray actor options that pass this process's COVEY_COMPILE, when set, to the replicas:
-    a local cluster inherits the front's environment, one joined with --address does not."""
+def replica_runtime_env(threads: int = 1) -> dict[str, Any]:
+    """Ray actor options that set a replica's environment, applied when its worker starts,
+    before torch loads:
+    - this process's COVEY_COMPILE, when set: a local cluster inherits the front's
+      environment, one joined with --address does not;
+    - with `threads` >= 2, OpenMP's passive wait, unless the user chose a wait
+      (`user_chose_openmp_wait`). The replica fixes its thread count (no governor), and
+      a fixed team that spins collapses on a loaded node (cpu_threads.py): 2 threads
+      measured at 14-25 s mean TTFT spinning, 6-8 s passive, 4-6 s with 1 thread.
+      GOMP_SPINCOUNT is set to 0 with it: libgomp lets an explicit spin count override
+      the policy, and `covey serve` put its default spin count (for the governor) in the
+      front's environment, which a local cluster passes on."""
     from covey.llm_backend.compiled_decode import COMPILE_ENV
 
+    env: dict[str, str] = {}
     value = os.environ.get(COMPILE_ENV)
-    return {} if value is None else {"runtime_env": {"env_vars": {COMPILE_ENV: value}}}
+    if value is not None:
+        env[COMPILE_ENV] = value
+    if threads >= 2 and not user_chose_openmp_wait():
+        env.update(PASSIVE_OPENMP)
+    return {"runtime_env": {"env_vars": env}} if env else {}
+
+
+OPENMP_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")
+PASSIVE_OPENMP = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"}
+
+
+def user_chose_openmp_wait(environ: dict[str, str] | None = None) -> bool:
+    """True when the user set OMP_WAIT_POLICY or GOMP_SPINCOUNT, not counting the spin count
+    `configure_openmp_env` sets itself when the user set neither."""
+    from covey.llm_backend.cpu_threads import OPENMP_DEFAULTS
+
+    env = os.environ if environ is None else environ
+    spin = env.get("GOMP_SPINCOUNT")
+    return "OMP_WAIT_POLICY" in env or (
+        spin is not None and spin != OPENMP_DEFAULTS["GOMP_SPINCOUNT"]
+    )
 
 
 @dataclass(frozen=True)
@@ -341,7 +414,7 @@ def deploy_specs(specs: dict[str, ReplicaSpec]) -> dict[str, Any]:
             ray_actor_options={
                 "num_cpus": spec.cpus,
                 "num_gpus": spec.num_gpus,
-                **replica_runtime_env(),
+                **replica_runtime_env(spec.threads),
             },
             max_ongoing_requests=1024,  # the engine batches; the router bounds imbalance
             health_check_period_s=spec.health.period_s,
@@ -350,7 +423,11 @@ def deploy_specs(specs: dict[str, ReplicaSpec]) -> dict[str, Any]:
             graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_TIMEOUT_S,
         )
         bound = deployment.bind(
-            spec.model, dict(spec.engine_config), spec.threads, spec.num_gpus
+            spec.model,
+            dict(spec.engine_config),
+            spec.threads,
+            spec.num_gpus,
+            spec.health.max_step_s,
         )
         targets.append(serve.RunTarget(bound, name=name, route_prefix=None))
     return dict(zip(specs, serve.run_many(targets)))

@@ -420,7 +420,10 @@ class RayEngine:
             # and one report a second would queue up for the whole step (seen: 20 of them,
             # the oldest answered after 115 s).
             log.debug("replica %s is slow to report", replica.name)
-            response.cancel()
+            # Best effort: cancelling can itself fail (an assignment that failed at the
+            # timeout, a replica gone), and a report must never fail the reports loop.
+            with contextlib.suppress(Exception):
+                response.cancel()
             return None
         except Exception as exc:  # a report is best effort; routing goes on without it
             log.debug("replica %s did not report: %s", replica.name, exc)

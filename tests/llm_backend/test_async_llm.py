@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import threading
 
 import pytest
 
-from covey.errors import InvalidRequestError
+from covey.errors import EngineUnavailableError, InvalidRequestError
 from covey.llm_backend.async_llm import AsyncLLM
 from covey.llm_backend.sampling_params import SamplingParams
 
@@ -106,3 +107,53 @@ def test_one_async_llm_serves_one_event_loop_after_another(make_engine, caplog):
     assert len(first.token_ids) == 10 and second.token_ids == first.token_ids
     assert "different event loop" not in caplog.text
     assert "never retrieved" not in caplog.text
+
+
+async def test_a_running_engine_call_reports_its_age_and_none_after(make_engine):
+    """A step that never returns must be visible from the loop: the call now running on the
+    worker thread has an age that grows, and is gone once the call returns."""
+    llm = AsyncLLM(engine=make_engine(), worker_thread=True)
+    release = threading.Event()
+    try:
+        assert llm.engine_call_s() == 0.0
+        hung = asyncio.ensure_future(llm._call(release.wait, 30))  # a hung disk read
+        await asyncio.sleep(0.3)
+        first = llm.engine_call_s()
+        await asyncio.sleep(0.2)
+        assert 0.2 < first < llm.engine_call_s()
+        release.set()
+        assert await hung is True
+        assert llm.engine_call_s() == 0.0
+        out = await llm.generate_full("Still stepping after it:", SamplingParams(max_tokens=2))
+        assert out.finished and llm.engine_call_s() == 0.0
+    finally:
+        release.set()
+        await llm.close()
+
+
+async def test_a_step_loop_that_died_is_reported(make_engine):
+    llm = AsyncLLM(engine=make_engine(), worker_thread=True)
+    broken = RuntimeError("scheduler bug")
+
+    def has_unfinished_requests() -> bool:  # outside the step's own try: kills the loop
+        raise broken
+
+    llm.engine.has_unfinished_requests = has_unfinished_requests
+    stream = llm.generate("Nobody steps this:", SamplingParams(max_tokens=2))
+    waiting = asyncio.ensure_future(anext(stream))
+    for _ in range(100):
+        if llm.step_loop_error() is not None:
+            break
+        await asyncio.sleep(0.02)
+    assert llm.step_loop_error() is broken and not waiting.done()
+    waiting.cancel()
+    await llm.close()
+    assert llm.closed
+
+
+async def test_a_call_after_close_gets_a_covey_error_not_the_executor_s(make_engine):
+    llm = AsyncLLM(engine=make_engine(), worker_thread=True)
+    assert (await llm.stats()).num_running == 0
+    await llm.close()
+    with pytest.raises(EngineUnavailableError, match="the engine is closed"):
+        await llm.stats()

@@ -9,7 +9,12 @@ from ray import serve
 
 from covey.errors import ConfigError, EngineUnavailableError
 from covey.server.ray_cluster import start_ray_engine
-from covey.server.ray_deployment import deploy_replicas
+from covey.server.ray_deployment import (
+    ReplicaSpec,
+    delete_replicas,
+    deploy_replicas,
+    deploy_specs,
+)
 from covey.server.ray_engine import RayEngine
 from tests.server.ray.conftest import REPLICA_KV_TOKENS
 
@@ -38,6 +43,27 @@ def test_a_start_that_fails_after_the_deploy_deletes_its_replicas(ray_replicas, 
 
 def _apps():
     return serve.status().applications
+
+
+def test_a_two_thread_replica_computes_on_two_threads_and_waits_passively(
+    ray_cluster, monkeypatch
+):
+    """What the replica's process really got, asked of it: Ray applies the passive wait
+    before torch loads (a fixed team that spins collapses on a loaded node), and its engine
+    runs 2 threads. It reserves 1 Ray CPU, so it fits beside the session's replicas."""
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    config = {"device": "cpu", "dtype": "float32", "kv_cache_tokens": 1024, "compile": False}
+    spec = ReplicaSpec(None, config, threads=2, num_cpus=1)
+    handles = deploy_specs({"covey-two-threads-0": spec})
+    try:
+        (handle,) = handles.values()
+        env = handle.openmp_env.remote().result(timeout_s=60)
+        stats = handle.stats.remote().result(timeout_s=60)
+    finally:
+        delete_replicas(list(handles))
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE" and env["GOMP_SPINCOUNT"] == "0", env
+    assert stats.num_threads == 2
 
 
 def test_the_router_s_mirror_is_the_size_of_each_replica_s_kv_pool(ray_server):

@@ -10,6 +10,7 @@ import pytest
 from ray.exceptions import RayTaskError
 
 from covey.errors import InvalidRequestError
+from covey.server import ray_engine
 from covey.server.errors import http_error
 from covey.server.ray_engine import RayEngine
 from covey.server.replica_router import ReplicaRouter
@@ -96,3 +97,34 @@ def test_a_synchronous_failure_to_send_leaks_no_load():
         asyncio.run(run())
     assert engine.router.views["r0"].in_flight == 0
     assert "x" not in engine._running
+
+
+class HangingReport:
+    """A report call that never answers, and whose cancel raises, as Ray's can when the
+    assignment failed at the timeout."""
+
+    def __await__(self):
+        return asyncio.get_running_loop().create_future().__await__()
+
+    def cancel(self) -> None:
+        raise RuntimeError("the assignment failed")
+
+
+class SlowReportHandle:
+    def __init__(self) -> None:
+        self.report = self
+        self.calls = 0
+
+    def remote(self) -> HangingReport:
+        self.calls += 1
+        return HangingReport()
+
+
+def test_a_report_given_up_whose_cancel_raises_is_only_skipped(monkeypatch):
+    """Cancelling a timed-out report is best effort: its failure must not fail the reports
+    loop or a caller of `stats(refresh=True)`."""
+    monkeypatch.setattr(ray_engine, "REPORT_TIMEOUT_S", 0.05)
+    handle = SlowReportHandle()
+    engine = RayEngine({"r0": handle})
+    assert asyncio.run(engine._report(engine.replicas["r0"])) is None
+    assert handle.calls == 1 and engine.replicas["r0"].up

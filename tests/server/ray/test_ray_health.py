@@ -50,7 +50,7 @@ def test_a_replica_busy_with_a_long_prefill_step_is_not_killed(ray_cluster):
     )
     (name,) = handles
 
-    async def scenario() -> None:
+    async def scenario() -> float:
         engine = RayEngine(
             handles, ReplicaRouter(list(handles)), report_interval_s=0.5, liveness=running_replicas
         )
@@ -61,18 +61,20 @@ def test_a_replica_busy_with_a_long_prefill_step_is_not_killed(ray_cluster):
         outs = [out async for out in engine.generate(BUSY_PROMPT, params, request_id="busy")]
         busy_s = time.monotonic() - started
         assert outs[-1].finished and outs[-1].text
-        # The step outlasted what 3 timed-out checks take: else this test proves nothing.
-        assert busy_s > UNHEALTHY_AFTER * TIMEOUT_S + PERIOD_S, busy_s
         await asyncio.sleep(2 * PERIOD_S)  # a few more rounds of checks
         report = await asyncio.wait_for(handles[name].report.remote(), 30)
         assert report.pid == pid, "the busy replica was killed and replaced"
         assert engine.replicas[name].deaths == 0
         await engine.close()
+        return busy_s
 
     try:
-        asyncio.run(scenario())
+        busy_s = asyncio.run(scenario())
     finally:
         delete_replicas(list(handles))
+    needed_s = UNHEALTHY_AFTER * TIMEOUT_S + PERIOD_S
+    if busy_s <= needed_s:  # hardware too fast for the step to outlast 3 timed-out checks
+        pytest.skip(f"the long step took {busy_s:.1f} s, not over {needed_s:.0f} s: proves nothing")
 
 
 # Serve's shutdown hook is an async `__del__`: collected outside Serve, it is never awaited.
@@ -107,22 +109,25 @@ def test_a_replica_s_loop_answers_its_health_check_while_a_step_runs():
 
 
 @pytest.mark.parametrize(
-    ("period", "timeout", "flag"),
+    ("period", "timeout", "max_step", "flag"),
     [
-        (0, None, "--replica-health-period"),
-        (None, -1.0, "--replica-health-timeout"),
-        (None, float("inf"), "--replica-health-timeout"),
-        (None, "30", "--replica-health-timeout"),
+        (0, None, None, "--replica-health-period"),
+        (None, -1.0, None, "--replica-health-timeout"),
+        (None, float("inf"), None, "--replica-health-timeout"),
+        (None, "30", None, "--replica-health-timeout"),
+        (None, None, 0, "--replica-max-step"),
+        (None, None, float("nan"), "--replica-max-step"),
     ],
 )
-def test_health_check_timing_is_checked(period, timeout, flag):
+def test_health_check_timing_is_checked(period, timeout, max_step, flag):
     with pytest.raises(ConfigError, match=f"{flag} must be a positive number of seconds"):
-        HealthCheck.of(period, timeout)
+        HealthCheck.of(period, timeout, max_step)
 
 
 def test_health_check_defaults_and_overrides():
-    assert HealthCheck.of() == HealthCheck(period_s=2.0, timeout_s=30.0)
+    assert HealthCheck.of() == HealthCheck(period_s=2.0, timeout_s=30.0, max_step_s=600.0)
     assert HealthCheck.of(None, 10) == HealthCheck(period_s=2.0, timeout_s=10)
+    assert HealthCheck.of(None, None, 60).max_step_s == 60
 
 
 @pytest.mark.parametrize(
@@ -132,6 +137,8 @@ def test_health_check_defaults_and_overrides():
         (["--replica-health-period", "1"], "--replica-health-period goes with --ray"),
         (["--ray", "--replica-health-timeout", "0"], "--replica-health-timeout must be a"),
         (["--ray", "--replica-health-period", "nan"], "--replica-health-period must be a"),
+        (["--replica-max-step", "60"], "--replica-max-step goes with --ray"),
+        (["--ray", "--replica-max-step", "-1"], "--replica-max-step must be a"),
     ],
 )
 def test_serve_checks_the_health_check_flags_first(capsys, argv, message):

@@ -79,7 +79,7 @@ DEEP_CHECK = 12
 ACCURACY_HELP = (
     " Accuracy-only mode: --accuracy-only [--questions N] [--variant SPEC ...] runs covey-full"
     " and the blend variants (SPEC: ratio=R,check=1-4,score=kv|k|v|attention|kv+attention,"
-    "quota=global|per_chunk,sink=K) on the same questions and prints the paired table;"
+    "quota=global|per_chunk,sink=K,stored=0|1) on the same questions and prints the paired table;"
     " --reference JSON... adds the systems of earlier such runs to the table (covey-full's"
     " answers are deterministic: run it once); with no --variant, only the table is printed."
     " --score also|only adds (or runs only) a second pass per system that scores the right"
@@ -107,7 +107,14 @@ SPEC_KEYS = {
     "score": ("blend_score", str),
     "quota": ("blend_quota", str),
     "sink": ("blend_sink_tokens", int),
+    "stored": ("blend_stored_scores", lambda v: _flag(v)),
 }
+
+
+def _flag(text: str) -> bool:
+    if text not in ("0", "1"):
+        raise SystemExit(f"--variant: stored takes 0 or 1, got {text!r}")
+    return text == "1"
 
 
 def _layers(text: str) -> list[int]:
@@ -119,7 +126,7 @@ def _layers(text: str) -> list[int]:
 
 
 def blend_variant(spec: str) -> tuple[str, dict[str, Any]]:
-    """A blend system from `key=value,...` (ratio, check, score, quota, sink), e.g.
+    """A blend system from `key=value,...` (ratio, check, score, quota, sink, stored), e.g.
     "ratio=0.15,check=1-4,score=kv+attention,quota=per_chunk"; unset keys keep the
     engine's defaults. Its name lists what it sets."""
     config: dict[str, Any] = {"chunk_cache": "blend"}
@@ -381,6 +388,14 @@ def bench_covey(
                 "blend_check_layers": list(engine.runner.blend_check_layers),
                 "blend_score": config.blend_score,
                 "blend_quota": config.blend_quota,
+                "blend_stored_scores": config.blend_stored_scores,
+                # blend runs that ran the check layers, and those that chose by stored scores
+                "checked_blends": engine.chunk_planner.counters.checked_blends
+                if engine.chunk_planner is not None
+                else 0,
+                "stored_score_blends": engine.chunk_planner.counters.stored_score_blends
+                if engine.chunk_planner is not None
+                else 0,
                 "prefix_cache": config.enable_prefix_caching,
                 "primed_requests": prime,
                 "chunk_store": engine.stats().chunk_cache,

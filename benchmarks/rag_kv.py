@@ -22,7 +22,10 @@ Workload `rag-standalone-kv`: the same measured requests on blend engines whose 
 first computed standalone (`warm_chunks`, each chunk alone at position 0) instead of taken
 from an earlier request's prefill. `-sinkK` systems also recompute the first K tokens of
 every reused chunk (`blend_sink_tokens`); `-checkL` systems choose the recomputed tokens on
-layer L instead of the default check layer (`blend_check_layers`).
+layer L instead of the default check layer (`blend_check_layers`); `-stored` systems choose
+them by the scores stored with each chunk when every reused chunk has some, with no check
+layer (`blend_stored_scores`; a blend with an unscored chunk runs the check layer and stores
+its scores).
 
 Accuracy is judged against `covey-full` on the same questions (paired): `accuracy_vs_full`
 is the difference, with the questions one system answered and the other did not (`lost`,
@@ -140,12 +143,17 @@ def blend_variant(spec: str) -> tuple[str, dict[str, Any]]:
     return "covey-blend[" + spec + "]", config
 
 
-def blend(ratio: float, sinks: int = 0, check: int | None = None) -> tuple[str, dict[str, Any]]:
+def blend(
+    ratio: float, sinks: int = 0, check: int | None = None, stored: bool = False
+) -> tuple[str, dict[str, Any]]:
     name = f"covey-blend-{ratio:g}" + (f"-sink{sinks}" if sinks else "")
     config = {"chunk_cache": "blend", "blend_recompute_ratio": ratio, "blend_sink_tokens": sinks}
     if check is not None:
         name += f"-check{check}"
         config["blend_check_layers"] = (check,)
+    if stored:
+        name += "-stored"
+        config["blend_stored_scores"] = True
     return name, config
 
 
@@ -163,6 +171,7 @@ def systems(ratios: tuple[float, ...]) -> dict[str, dict[str, Any]]:
     for r in ratios:
         out.update([blend(r)])
     out.update([blend(default_ratio, SINKS), blend(default_ratio, check=DEEP_CHECK)])
+    out.update([blend(default_ratio, stored=True)])
     return {**out, "covey": {}}  # last: it repeats the run of the system it equals, if any
 
 

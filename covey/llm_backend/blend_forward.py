@@ -119,6 +119,7 @@ class BlendResult:
     num_recomputed: int  # reused tokens recomputed on every layer
     # [n] float32 on CPU: the check layers' score of each reused row chosen by score,
     # normalised to mean 1 per chunk, NaN on the other rows; None when no check layer ran
+    # or the region had no stored_scores (stored scores off: nothing to store)
     scores: torch.Tensor | None = None
     checked: bool = False  # whether the check layers ran (False: stored scores, or none)
 
@@ -258,7 +259,8 @@ def blend_forward(
                 score = dev_score if deviation else att_score
                 if deviation and attention:
                     score = _normalised(dev_score) + _normalised(att_score)
-                measured = per_chunk_normalised(score, groups[reused_rows])
+                if region.stored_scores is not None:  # for the caller to store
+                    measured = per_chunk_normalised(score, groups[reused_rows])
             if score is not None and policy.quota == "per_chunk":
                 chosen = reused_rows[quota_topk(score, groups[reused_rows], k)]
             elif score is not None:

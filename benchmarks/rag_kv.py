@@ -22,7 +22,10 @@ Workload `rag-standalone-kv`: the same measured requests on blend engines whose 
 first computed standalone (`warm_chunks`, each chunk alone at position 0) instead of taken
 from an earlier request's prefill. `-sinkK` systems also recompute the first K tokens of
 every reused chunk (`blend_sink_tokens`); `-checkL` systems choose the recomputed tokens on
-layer L instead of the default check layer (`blend_check_layers`).
+layer L instead of the default check layer (`blend_check_layers`); `-stored` systems choose
+them by the scores stored with each chunk when every reused chunk has some, with no check
+layer (`blend_stored_scores`; a blend with an unscored chunk runs the check layer and stores
+its scores).
 
 Accuracy is judged against `covey-full` on the same questions (paired): `accuracy_vs_full`
 is the difference, with the questions one system answered and the other did not (`lost`,
@@ -79,7 +82,7 @@ DEEP_CHECK = 12
 ACCURACY_HELP = (
     " Accuracy-only mode: --accuracy-only [--questions N] [--variant SPEC ...] runs covey-full"
     " and the blend variants (SPEC: ratio=R,check=1-4,score=kv|k|v|attention|kv+attention,"
-    "quota=global|per_chunk,sink=K) on the same questions and prints the paired table;"
+    "quota=global|per_chunk,sink=K,stored=0|1) on the same questions and prints the paired table;"
     " --reference JSON... adds the systems of earlier such runs to the table (covey-full's"
     " answers are deterministic: run it once); with no --variant, only the table is printed."
     " --score also|only adds (or runs only) a second pass per system that scores the right"
@@ -107,7 +110,14 @@ SPEC_KEYS = {
     "score": ("blend_score", str),
     "quota": ("blend_quota", str),
     "sink": ("blend_sink_tokens", int),
+    "stored": ("blend_stored_scores", lambda v: _flag(v)),
 }
+
+
+def _flag(text: str) -> bool:
+    if text not in ("0", "1"):
+        raise SystemExit(f"--variant: stored takes 0 or 1, got {text!r}")
+    return text == "1"
 
 
 def _layers(text: str) -> list[int]:
@@ -119,7 +129,7 @@ def _layers(text: str) -> list[int]:
 
 
 def blend_variant(spec: str) -> tuple[str, dict[str, Any]]:
-    """A blend system from `key=value,...` (ratio, check, score, quota, sink), e.g.
+    """A blend system from `key=value,...` (ratio, check, score, quota, sink, stored), e.g.
     "ratio=0.15,check=1-4,score=kv+attention,quota=per_chunk"; unset keys keep the
     engine's defaults. Its name lists what it sets."""
     config: dict[str, Any] = {"chunk_cache": "blend"}
@@ -133,12 +143,17 @@ def blend_variant(spec: str) -> tuple[str, dict[str, Any]]:
     return "covey-blend[" + spec + "]", config
 
 
-def blend(ratio: float, sinks: int = 0, check: int | None = None) -> tuple[str, dict[str, Any]]:
+def blend(
+    ratio: float, sinks: int = 0, check: int | None = None, stored: bool = False
+) -> tuple[str, dict[str, Any]]:
     name = f"covey-blend-{ratio:g}" + (f"-sink{sinks}" if sinks else "")
     config = {"chunk_cache": "blend", "blend_recompute_ratio": ratio, "blend_sink_tokens": sinks}
     if check is not None:
         name += f"-check{check}"
         config["blend_check_layers"] = (check,)
+    if stored:
+        name += "-stored"
+        config["blend_stored_scores"] = True
     return name, config
 
 
@@ -156,6 +171,7 @@ def systems(ratios: tuple[float, ...]) -> dict[str, dict[str, Any]]:
     for r in ratios:
         out.update([blend(r)])
     out.update([blend(default_ratio, SINKS), blend(default_ratio, check=DEEP_CHECK)])
+    out.update([blend(default_ratio, stored=True)])
     return {**out, "covey": {}}  # last: it repeats the run of the system it equals, if any
 
 
@@ -381,6 +397,14 @@ def bench_covey(
                 "blend_check_layers": list(engine.runner.blend_check_layers),
                 "blend_score": config.blend_score,
                 "blend_quota": config.blend_quota,
+                "blend_stored_scores": config.blend_stored_scores,
+                # blend runs that ran the check layers, and those that chose by stored scores
+                "checked_blends": engine.chunk_planner.counters.checked_blends
+                if engine.chunk_planner is not None
+                else 0,
+                "stored_score_blends": engine.chunk_planner.counters.stored_score_blends
+                if engine.chunk_planner is not None
+                else 0,
                 "prefix_cache": config.enable_prefix_caching,
                 "primed_requests": prime,
                 "chunk_store": engine.stats().chunk_cache,

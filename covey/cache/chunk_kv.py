@@ -72,6 +72,12 @@ class ChunkKV:
     other text marks the old entries stale. `start_position` is the position of token 0 when
     the KV was computed (blend re-rotates keys from there); `context_hash` is the chain hash
     of every token before it then, or a STANDALONE_PREFIX marker when computed alone.
+
+    `scores` ([n] float16, NaN where unknown, or None): how far each token's KV deviated on
+    blend's check layers when the entry was blended before, normalised to mean 1 over the
+    chunk (EngineConfig.blend_stored_scores). Which tokens of a chunk need recomputing
+    depends mostly on the chunk, so a later blend can pick them from here without running
+    the check layers. Counted in `nbytes`: 2 bytes a token against the KV's thousands.
     """
 
     chunk_id: str | None
@@ -79,6 +85,7 @@ class ChunkKV:
     kv: torch.Tensor  # [layers, 2, kv_heads, n, head_dim]
     start_position: int
     context_hash: str
+    scores: torch.Tensor | None = None  # [n] float16
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "token_ids", tuple(self.token_ids))
@@ -92,10 +99,40 @@ class ChunkKV:
             )
         if self.start_position < 0:
             raise ValueError(f"start_position must be >= 0, got {self.start_position}")
+        if self.scores is not None and (
+            tuple(self.scores.shape) != (len(self.token_ids),)
+            or self.scores.dtype != torch.float16
+        ):
+            raise ValueError(
+                f"ChunkKV.scores must be float16 [{len(self.token_ids)}], got "
+                f"{self.scores.dtype} {list(self.scores.shape)}"
+            )
 
     @property
     def nbytes(self) -> int:
-        return self.kv.numel() * self.kv.element_size()
+        extra = 0 if self.scores is None else self.scores.numel() * self.scores.element_size()
+        return self.kv.numel() * self.kv.element_size() + extra
+
+    @property
+    def fully_scored(self) -> bool:
+        """Whether every token has a stored score."""
+        return self.scores is not None and not bool(torch.isnan(self.scores).any())
+
+    def merged_scores(self, offset: int, fresh: torch.Tensor) -> torch.Tensor:
+        """The scores after a blend measured `fresh` for tokens [offset, offset + len):
+        the mean of the old score and the new one where a score was known (so the newest
+        context weighs as much as all the earlier ones together), the new one where none was."""
+        n = len(self.token_ids)
+        if self.scores is None:
+            scores = torch.full((n,), float("nan"), dtype=torch.float32)
+        else:
+            scores = self.scores.float().clone()
+        fresh = fresh.detach().to("cpu", torch.float32)
+        old = scores[offset : offset + len(fresh)]
+        measured = ~torch.isnan(fresh)
+        merged = torch.where(torch.isnan(old), fresh, (old + fresh) / 2)
+        scores[offset : offset + len(fresh)] = torch.where(measured, merged, old)
+        return scores.to(torch.float16)
 
     @cached_property
     def content(self) -> str:

@@ -35,6 +35,8 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+
 from covey.cache.chunk_kv import (
     ROOT_HASH,
     STANDALONE_PREFIX,
@@ -89,6 +91,7 @@ class ChunkStore:
             if fingerprint:
                 (folder / "fingerprint.txt").write_text(fingerprint + "\n")  # for people
         self._leases: dict[str, int] = {}
+        self._rescored: set[str] = set()  # host entries whose scores the disk copy lacks
         self._lock = threading.RLock()
         self._closed = False
 
@@ -150,6 +153,28 @@ class ChunkStore:
             key = entry_key(context_hash, content_hash(tuple(token_ids)))
             return key in self._host.index or (self._disk is not None and self._disk.has(key))
 
+    def update_scores(self, entry: ChunkKV, offset: int, scores: torch.Tensor) -> bool:
+        """Merge blend scores measured for `entry`'s tokens [offset, offset + len(scores))
+        into the host tier's copy (`ChunkKV.merged_scores`); False when host no longer
+        holds it (the scores are then dropped: the next blend measures them again). A disk
+        copy is rewritten with them when the host entry is swapped out."""
+        with self._lock:
+            self._check_open()
+            held = self._host.get(entry.key)
+            if held is None:
+                return False
+            merged = held.merged_scores(offset, scores)
+            self._host.replace_scores(held.key, merged, self._cost_fn(len(held.token_ids)))
+            if self._disk is not None and self._disk.has(held.key):
+                self._rescored.add(held.key)
+            host = self._host.index
+            while host.bytes > host.capacity:  # the scores' few bytes, when they were new
+                victim = self._host.pop_victim(lambda k: k == held.key or self._leased(k))
+                if victim is None:
+                    break
+                self._swap_out(*victim)
+            return True
+
     @contextmanager
     def lease(self, entry: ChunkKV) -> Iterator[ChunkKV]:
         """Hold `entry` against eviction while its KV is copied."""
@@ -192,6 +217,7 @@ class ChunkStore:
             for key in sorted(index.metas, key=index.policy.priority):
                 frequency = index.policy.frequency(key)
                 self._swap_out(self._host.remove(key), frequency)
+            self._rescored.clear()
 
     def __enter__(self) -> ChunkStore:
         return self
@@ -235,12 +261,20 @@ class ChunkStore:
         return self._host.add(entry, self._cost_fn(len(entry.token_ids)), frequency)
 
     def _swap_out(self, entry: ChunkKV, frequency: int) -> None:
-        if self._disk is not None and not self._disk.has(entry.key):
+        """Write `entry` to disk unless disk holds it already with the same blend scores."""
+        if self._disk is None:
+            return
+        if entry.key in self._rescored:
+            self._rescored.discard(entry.key)
+            if self._disk.has(entry.key):
+                self._disk.remove(entry.key)
+        if not self._disk.has(entry.key):
             self._disk.write(entry, frequency, self._leased)
 
     def _drop_stale(self, chunk_id: str, content: str) -> None:
         for key in self._host.index.stale_keys(chunk_id, content):
             self._host.remove(key)
+            self._rescored.discard(key)
             self._host.index.counters.stale += 1
         if self._disk is not None:
             for key in self._disk.index.stale_keys(chunk_id, content):

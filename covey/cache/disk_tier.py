@@ -1,7 +1,9 @@
 """The chunk store's disk tier: one safetensors file per entry, so a restarted server keeps
 its chunk KV.
 
-A file is named by its entry key and holds the KV plus, in its header, everything the index
+A file is named by its entry key and holds the KV (and the entry's blend scores, when it has
+any: a file written before scores existed has none and loads with `scores` None) plus, in
+its header, everything the index
 needs (tokens, context hash, start position, frequency at write time), so opening a folder
 rebuilds the index from headers alone without reading any KV. Files are written to a
 temporary name and moved into place with os.replace, so a crash leaves either the old state
@@ -60,13 +62,14 @@ class DiskTier:
         meta = self.index.metas[key]
         path = self._path(key)
         try:
-            kv = safetensors.torch.load(path.read_bytes())["kv"]
+            tensors = safetensors.torch.load(path.read_bytes())
             return ChunkKV(
                 chunk_id=meta.chunk_id,
                 token_ids=meta.token_ids,
-                kv=kv,
+                kv=tensors["kv"],
                 start_position=meta.start_position,
                 context_hash=meta.context_hash,
+                scores=tensors.get("scores"),
             )
         except Exception as e:  # a cache file must never fail a request
             log.warning("chunk store: dropping unreadable %s: %s", path, e)
@@ -76,7 +79,10 @@ class DiskTier:
     def write(self, entry: ChunkKV, frequency: int, protected: Callable[[str], bool]) -> bool:
         """Store `entry`, evicting by PGDSF to make room; False when it cannot fit (larger
         than the tier, or the room is held by `protected` entries) or the write fails."""
-        blob = safetensors.torch.save({"kv": entry.kv.contiguous()}, _header(entry, frequency))
+        tensors = {"kv": entry.kv.contiguous()}
+        if entry.scores is not None:
+            tensors["scores"] = entry.scores.contiguous()
+        blob = safetensors.torch.save(tensors, _header(entry, frequency))
         meta = replace(EntryMeta.of(entry), nbytes=len(blob))  # bytes on disk
         if not self.index.fits(meta.nbytes, protected):
             return False

@@ -27,6 +27,14 @@ not by the last prompt token's logits. Layer 1's deviation ranks the deep deviat
 (benchmarks/results/rag_kv_accuracy_check_layers.json): check layer 1 0.544, 4 0.537,
 8 0.594, 12 0.600; full prefill 0.600.
 
+Stored scores (EngineConfig.blend_stored_scores): a region whose reused rows all carry a
+score stored with their chunk (`BlendRegion.stored_scores`, measured on the check layers
+when the chunk was blended before) skips the check layers and picks its rows by those
+scores before layer 0, so only the own and chosen rows are ever computed. Otherwise the
+check layers run, and their scores come back per row (`BlendResult.scores`, each chunk's
+normalised to mean 1: the raw deviation's scale depends on the context, the ranking within
+a chunk less so) for the caller to store.
+
 `forced` rows (the heads of the reused chunks, `blend_sink_tokens`) are recomputed on every
 layer whatever their deviation, beyond the ratio, which then applies to the other reused
 tokens. `BlendPolicy` says how the others are ranked (deviation of K, V or both, or the
@@ -100,12 +108,41 @@ class BlendRegion:
     reused: torch.Tensor  # [n] bool, True where the pool holds reused KV (never the last token)
     forced: torch.Tensor | None = None  # [n] bool, reused rows recomputed whatever they deviate
     groups: torch.Tensor | None = None  # [n] long: the reused chunk of each row (per_chunk)
+    # [n] float: each reused row's score stored with its chunk, NaN where it has none; None
+    # when stored scores are not used (then the check layers always run)
+    stored_scores: torch.Tensor | None = None
 
 
 @dataclass
 class BlendResult:
     hidden: torch.Tensor  # [1, hidden] the last token's final hidden state (for its logits)
     num_recomputed: int  # reused tokens recomputed on every layer
+    # [n] float32 on CPU: the check layers' score of each reused row chosen by score,
+    # normalised to mean 1 per chunk, NaN on the other rows; None when no check layer ran
+    # or the region had no stored_scores (stored scores off: nothing to store)
+    scores: torch.Tensor | None = None
+    checked: bool = False  # whether the check layers ran (False: stored scores, or none)
+
+
+def stored_ready(region: BlendRegion) -> bool:
+    """Whether every reused row chosen by score (not forced) has a stored score."""
+    if region.stored_scores is None:
+        return False
+    forced = region.forced if region.forced is not None else torch.zeros_like(region.reused)
+    free = region.reused & ~forced
+    return not bool(torch.isnan(region.stored_scores[free]).any())
+
+
+def per_chunk_normalised(score: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """`score` divided by its chunk's mean (rows grouped by `groups`), so a chunk's stored
+    scores do not carry the scale of the context they were measured in."""
+    ids, inverse = torch.unique(groups, return_inverse=True)
+    sums = torch.zeros(len(ids), dtype=score.dtype, device=score.device)
+    sums.index_add_(0, inverse, score)
+    counts = torch.bincount(inverse, minlength=len(ids)).to(score.dtype)
+    means = sums / counts
+    means = torch.where(means > 0, means, torch.ones_like(means))
+    return score / means[inverse]
 
 
 def chunk_groups(reused: torch.Tensor) -> torch.Tensor:
@@ -180,7 +217,8 @@ def blend_forward(
     num_reused = reused_rows.shape[0]
     num_forced = int(forced.sum())
     k = num_selected(ratio, num_reused)
-    check = sorted(set(check_layers)) if k and k < num_reused else []
+    stored = bool(k and k < num_reused and stored_ready(region))
+    check = sorted(set(check_layers)) if k and k < num_reused and not stored else []
     select_after = check[-1] if check else -1  # the layer after which rows are chosen
     deviation = "attention" != policy.score
     attention = "attention" in policy.score
@@ -208,20 +246,25 @@ def blend_forward(
     reused_slots = region.slots[reused_rows]
     dev_score = torch.zeros(num_reused, dtype=torch.float32, device=device)
     att_score = torch.zeros(num_reused, dtype=torch.float32, device=device)
+    groups = region.groups if region.groups is not None else chunk_groups(region.reused)
+    measured = None
     for i, layer in enumerate(model.layers):
         if i == select_after + 1 and k < num_reused:
             chosen = reused_rows[:0]
-            if check:
+            score = None
+            if stored:
+                assert region.stored_scores is not None
+                score = region.stored_scores[reused_rows].float()
+            elif check:
                 score = dev_score if deviation else att_score
                 if deviation and attention:
                     score = _normalised(dev_score) + _normalised(att_score)
-                if policy.quota == "per_chunk":
-                    groups = region.groups if region.groups is not None else chunk_groups(
-                        region.reused
-                    )
-                    chosen = reused_rows[quota_topk(score, groups[reused_rows], k)]
-                else:
-                    chosen = reused_rows[score.topk(k).indices]
+                if region.stored_scores is not None:  # for the caller to store
+                    measured = per_chunk_normalised(score, groups[reused_rows])
+            if score is not None and policy.quota == "per_chunk":
+                chosen = reused_rows[quota_topk(score, groups[reused_rows], k)]
+            elif score is not None:
+                chosen = reused_rows[score.topk(k).indices]
             rows = torch.cat((own_rows, chosen)).sort().values
             x, cos, sin, meta = x[rows], cos[rows], sin[rows], metadata(rows)
         layer_kv = kv_cache[i]  # [2, KVH, S, Dh]
@@ -242,4 +285,8 @@ def blend_forward(
                         key_slots, reused_pos,
                     )
                 )
-    return BlendResult(model.norm(x[-1:]), num_forced + k)
+    scores = None
+    if measured is not None:
+        scores = torch.full((len(region.reused),), float("nan"), dtype=torch.float32)
+        scores[reused_rows.cpu()] = measured.cpu()
+    return BlendResult(model.norm(x[-1:]), num_forced + k, scores, bool(check))

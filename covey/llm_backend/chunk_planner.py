@@ -12,6 +12,10 @@ when it is planned):
    (`blend_forward`): those chunks' KV is imported, re-rotated to the new positions, and a
    fraction of their tokens recomputed. A blend run is never split by chunked prefill.
 3. Everything else is computed, in budget-sized pieces like any prefill.
+With `stored_scores` (EngineConfig.blend_stored_scores) a blend whose reused chunks all
+carry scores from earlier blends is charged no check layers (it runs none; see
+blend_forward), and a blend that runs them stores what they measured with each chunk
+(`record_scores`).
 Spans computed here are stored afterwards for the next request (by `ChunkStorer`): with
 their exact context key while their KV is exact, and under a "blended:" context (reusable by
 blending only) once they follow blended KV. The last prompt token is always computed: its
@@ -29,6 +33,8 @@ import logging
 import math
 from dataclasses import dataclass
 from typing import Literal
+
+import torch
 
 from covey.cache.chunk_store import ROOT_HASH, ChunkKV, ChunkStore, chain_hash
 from covey.llm_backend.sequence import Sequence
@@ -55,6 +61,46 @@ def sink_rows(imports: tuple[KVImport, ...] | list[KVImport], sink_tokens: int) 
         if imp.offset == 0:
             rows.extend(range(imp.start, min(imp.end, imp.start + sink_tokens)))
     return rows
+
+
+def imports_scored(imports: tuple[KVImport, ...] | list[KVImport], sink_tokens: int) -> bool:
+    """Whether every reused token of `imports` that is chosen by score (not a sink row) has
+    a score stored with its entry: the blend then runs no check layer."""
+    for imp in imports:
+        scores = imp.entry.scores
+        if scores is None:
+            return False
+        a = imp.offset + (sink_tokens if imp.offset == 0 else 0)
+        b = imp.offset + imp.end - imp.start
+        if a < b and bool(torch.isnan(scores[a:b]).any()):
+            return False
+    return True
+
+
+def stored_region_scores(
+    imports: tuple[KVImport, ...] | list[KVImport], start: int, end: int
+) -> torch.Tensor:
+    """[end - start] float32: each reused position's stored score, NaN where none."""
+    out = torch.full((end - start,), float("nan"), dtype=torch.float32)
+    for imp in imports:
+        if imp.entry.scores is not None:
+            n = imp.end - imp.start
+            out[imp.start - start : imp.end - start] = imp.entry.scores[
+                imp.offset : imp.offset + n
+            ].float()
+    return out
+
+
+def record_scores(
+    store: ChunkStore,
+    imports: tuple[KVImport, ...] | list[KVImport],
+    start: int,
+    scores: torch.Tensor,
+) -> None:
+    """Store a blend's measured scores (`scores`: [region] over positions from `start`)
+    with each reused entry, for its tokens this blend imported."""
+    for imp in imports:
+        store.update_scores(imp.entry, imp.offset, scores[imp.start - start : imp.end - start])
 
 
 def num_blend_recomputed(ratio: float, num_reused: int, num_sinks: int) -> int:
@@ -118,6 +164,8 @@ class ChunkStep:
     next_index: int
     next_position: int
     blend_start: int | None = None  # the first position whose KV is not exact
+    checked: bool = False  # blend only: it runs the check layers
+    by_stored: bool = False  # blend only: it chooses by stored scores, with no check layer
 
 
 @dataclass
@@ -131,6 +179,8 @@ class ChunkCounters:
     recomputed_tokens: int = 0  # blended tokens recomputed on every layer
     stored_spans: int = 0
     store_refused: int = 0
+    checked_blends: int = 0  # blend runs that ran the check layers
+    stored_score_blends: int = 0  # blend runs that chose by stored scores instead
 
 
 class ChunkPlanner:
@@ -142,11 +192,13 @@ class ChunkPlanner:
         check_layers: tuple[int, ...],
         num_layers: int,
         sink_tokens: int = 0,
+        stored_scores: bool = False,
     ) -> None:
         self.store = store
         self.blend = mode == "blend"
         self.ratio = ratio
         self.sink_tokens = sink_tokens
+        self.stored_scores = stored_scores
         self.check_fraction = (max(check_layers) + 1) / num_layers if ratio > 0 else 0.0
         self.counters = ChunkCounters()
 
@@ -270,6 +322,7 @@ class ChunkPlanner:
         cost = 0
         blend: Piece | None = None
         recomputed = 0
+        checked = stored = False
         while i < len(plan.pieces):
             piece = plan.pieces[i]
             if piece.kind == "import":
@@ -295,10 +348,14 @@ class ChunkPlanner:
                 # non-sink reused rows and not all of them: charged only then.
                 chosen = recomputed - sinks
                 checks = 0 < chosen < reused - sinks
+                by_stored = checks and self.stored_scores
+                by_stored = by_stored and imports_scored(piece.imports, self.sink_tokens)
+                checks = checks and not by_stored
                 need = own + recomputed + (math.ceil(self.check_fraction * reused) if checks else 0)
                 if cost + need > budget and not alone:
                     break
                 blend, cost, pos, i = piece, cost + need, piece.end, i + 1
+                checked, stored = checks, by_stored
                 imports.extend(piece.imports)
         if not compute and blend is None:
             return None
@@ -312,6 +369,8 @@ class ChunkPlanner:
             next_index=i,
             next_position=pos,
             blend_start=blend.start if blend is not None else None,
+            checked=checked,
+            by_stored=stored,
         )
 
     def commit(self, seq: Sequence, step: ChunkStep) -> None:
@@ -326,6 +385,10 @@ class ChunkPlanner:
         seq.metrics.num_recomputed_tokens += step.num_recomputed
         self.counters.reused_tokens += reused
         self.counters.recomputed_tokens += step.num_recomputed
+        if step.blend is not None and step.checked:
+            self.counters.checked_blends += 1
+        if step.blend is not None and step.by_stored:
+            self.counters.stored_score_blends += 1
 
 
 def _merged(pieces: list[Piece]) -> list[Piece]:

@@ -102,6 +102,11 @@ class EngineConfig:
     # top tokens are taken over all reused chunks ("global") or per chunk ("per_chunk").
     blend_score: str = "kv"
     blend_quota: str = "global"
+    # Blend: keep each chunk's check-layer scores with its KV in the chunk store, and when
+    # every reused chunk of a blend has them, choose the recomputed tokens by them and run
+    # no check layer (whose full pass over every reused token is most of blend's cost).
+    # A blend with an unscored chunk runs the check layers and stores what they measure.
+    blend_stored_scores: bool = False
     chunk_store_bytes: int = 256 << 20  # the host tier of the chunk store
     chunk_store_dir: str | None = None  # the disk tier (kept across restarts); None: none
     chunk_store_disk_bytes: int = 2 << 30
@@ -186,6 +191,11 @@ class EngineConfig:
         ):
             if value not in allowed:
                 raise ConfigError(f"EngineConfig.{name} must be one of {allowed}, got {value!r}")
+        if not isinstance(self.blend_stored_scores, bool):
+            raise ConfigError(
+                "EngineConfig.blend_stored_scores must be True or False, "
+                f"got {self.blend_stored_scores!r}"
+            )
         as_int("EngineConfig.chunk_store_bytes", self.chunk_store_bytes, ge=0, error=ConfigError)
         as_int(
             "EngineConfig.chunk_store_disk_bytes",

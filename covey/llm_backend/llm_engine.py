@@ -216,6 +216,7 @@ class LLMEngine:
         self.runner.blend_check_layers = check
         self.runner.blend_sink_tokens = config.blend_sink_tokens
         self.runner.blend_policy = BlendPolicy(config.blend_score, config.blend_quota)
+        self.runner.blend_stored_scores = config.blend_stored_scores
         return ChunkPlanner(
             self.chunk_store,
             config.chunk_cache,
@@ -223,6 +224,7 @@ class LLMEngine:
             check,
             layers,
             config.blend_sink_tokens,
+            config.blend_stored_scores,
         )
 
     @property

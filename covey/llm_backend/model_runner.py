@@ -19,7 +19,7 @@ from covey.llm_backend.blend_forward import (
     blend_forward,
     default_check_layers,
 )
-from covey.llm_backend.chunk_planner import sink_rows
+from covey.llm_backend.chunk_planner import record_scores, sink_rows, stored_region_scores
 from covey.llm_backend.chunk_transfer import ChunkTransfer
 from covey.llm_backend.compiled_decode import CompiledDecode
 from covey.llm_backend.kv_pool import KVPool
@@ -66,6 +66,7 @@ class ModelRunner:
         self.blend_check_layers = default_check_layers(model.args.num_layers)
         self.blend_sink_tokens = 0
         self.blend_policy = BlendPolicy()
+        self.blend_stored_scores = False  # EngineConfig.blend_stored_scores
         self.compiled: CompiledDecode | None = None  # set when EngineConfig.compile
         # Pure decode steps run so far, and how many of them ran the compiled graph: the
         # compiled step exists does not mean it ran (wider batches, another thread count).
@@ -168,6 +169,8 @@ class ModelRunner:
             forced=forced.to(dev),
             groups=groups.to(dev),
         )
+        if self.blend_stored_scores:
+            region.stored_scores = stored_region_scores(step.blend.imports, start, end).to(dev)
         result = blend_forward(
             self.model,
             self.pool.kv,
@@ -177,6 +180,8 @@ class ModelRunner:
             self.block_size,
             self.blend_policy,
         )
+        if self.blend_stored_scores and result.scores is not None:
+            record_scores(self.chunks.store, step.blend.imports, start, result.scores)
         return result.hidden
 
     def execute_isolated(

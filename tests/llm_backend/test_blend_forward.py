@@ -146,3 +146,36 @@ def test_forced_chunk_heads_are_recomputed_beyond_the_ratio(make_engine):
     assert result.num_recomputed == 4 + num_selected(ratio, len(reused_rows) - 4)
     torch.testing.assert_close(result.hidden, full_last, atol=1e-4, rtol=1e-4)
     engine.abort_request("full")
+
+
+def test_stored_scores_choose_the_rows_without_a_check_layer(make_engine):
+    """Three of B's tokens hold wrong KV. Stored scores that rank exactly those first pick
+    them with no check layer (`checked` False, no scores measured), and the result is the
+    full prefill's; stored scores with a gap (NaN) fall back to the check layer, which finds
+    the same rows and returns its scores, each chunk's normalised to mean 1 (A's stay 0)."""
+    engine = make_engine(enable_prefix_caching=False)
+    region, full_last, reference, own, b_rows, _ = _setup(engine)
+    wrong = [b_rows[1], b_rows[4], b_rows[-2]]
+    ratio = 3 / int(region.reused.sum())
+    stored = torch.where(region.reused, 1.0, float("nan")).to(torch.float32)
+    stored[wrong] = 5.0
+    scored = replace(region, stored_scores=stored.to(region.reused.device))
+
+    _spoil(engine, region, own + wrong, seed=3)
+    result = _blend(engine, scored, ratio)
+    assert not result.checked and result.scores is None
+    torch.testing.assert_close(result.hidden, full_last, atol=1e-4, rtol=1e-4)
+
+    gap = stored.clone()
+    gap[b_rows[0]] = float("nan")
+    _spoil(engine, region, own + wrong, seed=3)
+    result = _blend(engine, replace(region, stored_scores=gap.to(stored.device)), ratio)
+    assert result.checked
+    torch.testing.assert_close(result.hidden, full_last, atol=1e-4, rtol=1e-4)
+    scores = result.scores
+    assert scores[own].isnan().all() and not scores[region.reused.cpu()].isnan().any()
+    a_rows = [r for r in region.reused.nonzero().squeeze(1).tolist() if r not in b_rows]
+    assert abs(float(scores[b_rows].mean()) - 1.0) < 1e-4
+    assert not scores[a_rows].any()  # A's KV is exact: it deviates nowhere (kept 0)
+    assert set(scores[b_rows].topk(3).indices.tolist()) == {1, 4, len(b_rows) - 2}
+    engine.abort_request("full")

@@ -7,7 +7,9 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
+from covey.cache.chunk_kv import ROOT_HASH, ChunkKV
 from covey.llm_backend.chunk_planner import ChunkPlan, ChunkPlanner, KVImport, Piece
 from covey.llm_backend.sampling_params import SamplingParams
 from covey.llm_backend.sequence import Sequence
@@ -39,3 +41,26 @@ def _blend_cost(ratio: float, sinks: int) -> int:
 def test_blend_charges_the_check_layers_only_when_they_run(ratio, sinks, recomputed, checked):
     check = math.ceil((max(CHECK) + 1) / LAYERS * 32) if checked else 0
     assert _blend_cost(ratio, sinks) == 16 + recomputed + check
+
+
+@pytest.mark.parametrize(
+    ("scores", "sinks", "by_stored"),
+    [
+        (None, 0, False),  # never blended: the check runs
+        ([1.0] * 32, 0, True),  # every row scored: no check
+        ([float("nan")] * 4 + [1.0] * 28, 4, True),  # only the sink rows lack scores
+        ([float("nan")] * 4 + [1.0] * 28, 0, False),  # a chosen-by-score row lacks one
+    ],
+)
+def test_a_blend_by_stored_scores_is_not_charged_the_check_layers(scores, sinks, by_stored):
+    planner = ChunkPlanner(None, "blend", 0.25, CHECK, LAYERS, sinks, stored_scores=True)
+    kv = torch.zeros(1, 2, 1, 32, 2)
+    tensor = None if scores is None else torch.tensor(scores, dtype=torch.float16)
+    entry = ChunkKV("c", tuple(range(32)), kv, 0, ROOT_HASH, tensor)
+    seq = Sequence("r", list(range(48)), SamplingParams(max_tokens=1))
+    chunk = KVImport(8, 40, entry, offset=0, delta=3)
+    seq.chunk_plan = ChunkPlan([Piece(0, 48, "blend", (chunk,))], [], 0)
+    step = planner.take(seq, budget=1000, alone=True)
+    assert step.by_stored == by_stored and step.checked == (not by_stored)
+    check = 0 if by_stored else math.ceil((max(CHECK) + 1) / LAYERS * 32)
+    assert step.cost == 16 + sinks + math.ceil(0.25 * (32 - sinks)) + check

@@ -1,0 +1,173 @@
+"""Blend with scores stored with each chunk (EngineConfig.blend_stored_scores), real SmolLM2.
+
+A blend whose reused chunks all carry scores from earlier blends must run no check layer:
+layer 0 computes only the region's own tokens and the chosen ones. A blend with an unscored
+chunk runs the check layers and stores their scores with every chunk it reused. Ratio 1.0
+still equals a full prefill; a changed chunk's scores are never reused; the pool returns to
+its baseline.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from covey.errors import ConfigError
+from covey.llm_backend.config import EngineConfig
+from covey.llm_backend.sampling_params import SamplingParams
+from covey.llm_backend.segments import Segment
+
+ONE = SamplingParams(max_tokens=1, temperature=0.0)  # prefill only: no decode step runs
+DOCS = {
+    "mill": " The mill by the river grinds wheat for the whole valley in autumn.",
+    "lamp": " Lamp oil was sold at the harbour store, two coins a bottle, on Fridays.",
+    "owl": " An owl nests in the bell tower; the sexton feeds it mice he catches.",
+    "bell": " The bell was cast in the year of the flood and rings at every dusk.",
+}
+
+
+def _prompt(order, head, docs=DOCS):
+    segments = [Segment(head, kind="static")]
+    for i, name in enumerate(order):
+        segments.append(Segment(f"\n[{i + 1}]", kind="static"))
+        segments.append(Segment(docs[name], kind="chunk", chunk_id=name))
+    segments.append(Segment("\nQuestion: who feeds the owl?\nAnswer:", kind="dynamic"))
+    return segments
+
+
+class LayerRows:
+    """The rows each call of layer `index` computes (a forward pre-hook on the real model)."""
+
+    def __init__(self, engine, index):
+        self.calls: list[int] = []
+        self._hook = engine.model.layers[index].register_forward_pre_hook(self._record)
+
+    def _record(self, module, args):
+        self.calls.append(int(args[0].shape[0]))
+
+    def close(self):
+        self._hook.remove()
+
+
+def _run(engine, prompt, params=ONE):
+    rid = engine.add_request(prompt, params)
+    return engine.run_to_completion([rid])[0]
+
+
+def _blend_rows(engine, prompt):
+    """Run `prompt`; (its output, the rows layer 0 and layer 8 computed in its blend run,
+    the blend region's length). The blend is the prompt's last forward of layer 0."""
+    layer0, layer8 = LayerRows(engine, 0), LayerRows(engine, 8)
+    try:
+        out = _run(engine, prompt)
+    finally:
+        layer0.close()
+        layer8.close()
+    ids, spans = engine.tokenize(prompt)
+    first_chunk = next(s.start for s in spans if s.kind == "chunk")
+    return out, layer0.calls[-1], layer8.calls[-1], len(ids) - first_chunk
+
+
+def _baseline(engine):
+    bm = engine.block_manager
+    assert not engine.requests
+    assert bm.num_free_blocks == bm.num_blocks
+    assert not any(bm.ref_counts)
+
+
+def _entries(engine, name):
+    ids = engine.tokenize([Segment(DOCS[name], kind="chunk", chunk_id=name)])[0]
+    return engine.chunk_store.get_any(name, ids)
+
+
+def test_scored_chunks_skip_the_check_layers(make_engine):
+    engine = make_engine(
+        kv_cache_tokens=1024,
+        chunk_cache="blend",
+        blend_recompute_ratio=0.25,
+        blend_stored_scores=True,
+        enable_prefix_caching=False,
+    )
+    counters = engine.chunk_planner.counters
+    _run(engine, _prompt(["mill", "lamp", "owl"], "Read the notes.\n"))
+    assert _entries(engine, "mill").scores is None  # computed, never blended yet
+
+    # First blend: no chunk has scores, so the check layers run over every region row...
+    out, rows0, rows8, region = _blend_rows(engine, _prompt(["owl", "mill", "lamp"], "Notes:\n"))
+    assert counters.checked_blends == 1 and counters.stored_score_blends == 0
+    assert rows0 == region  # every token computed up to the check layer
+    own = region - out.metrics.num_reused_tokens
+    assert rows8 == region and out.metrics.num_recomputed_tokens > 0
+    # ...and their scores are stored with each reused chunk, normalised to mean 1.
+    for name in ("mill", "lamp", "owl"):
+        scores = _entries(engine, name).scores
+        assert scores is not None and scores.dtype == torch.float16
+        assert not torch.isnan(scores).any()
+        assert abs(float(scores.float().mean()) - 1.0) < 0.05
+
+    # Second blend, every chunk scored: layer 0 computes only own + chosen rows.
+    out, rows0, rows8, region = _blend_rows(engine, _prompt(["lamp", "owl", "mill"], "Facts:\n"))
+    assert counters.checked_blends == 1 and counters.stored_score_blends == 1
+    own = region - out.metrics.num_reused_tokens
+    assert out.metrics.num_recomputed_tokens == -(-out.metrics.num_reused_tokens // 4)
+    assert rows0 == rows8 == own + out.metrics.num_recomputed_tokens < region
+
+    # A region with one unscored chunk (bell, stored by a compute) runs the check layers,
+    # and bell is scored afterwards.
+    _run(engine, _prompt(["bell"], "Read the notes.\n"))
+    assert _entries(engine, "bell").scores is None
+    out, rows0, _, region = _blend_rows(engine, _prompt(["mill", "bell", "owl"], "Notes:\n"))
+    assert counters.checked_blends == 2 and counters.stored_score_blends == 1
+    assert rows0 == region
+    assert not torch.isnan(_entries(engine, "bell").scores).any()
+    _baseline(engine)
+
+
+def test_ratio_one_with_stored_scores_equals_the_full_prefill(make_engine):
+    off = make_engine(kv_cache_tokens=1024, chunk_cache="off", enable_prefix_caching=False)
+    blend = make_engine(
+        kv_cache_tokens=1024,
+        chunk_cache="blend",
+        blend_recompute_ratio=1.0,
+        blend_stored_scores=True,
+    )
+    _run(blend, _prompt(["mill", "lamp", "owl"], "Read the notes.\n"))
+    greedy = SamplingParams(max_tokens=4, temperature=0.0)
+    for order, head in ((["owl", "mill", "lamp"], "Notes:\n"), (["lamp", "mill"], "Facts:\n")):
+        out = _run(blend, _prompt(order, head), greedy)
+        assert out.metrics.num_recomputed_tokens == out.metrics.num_reused_tokens > 0
+        assert out.token_ids == _run(off, _prompt(order, head), greedy).token_ids
+    assert blend.chunk_planner.counters.checked_blends == 0  # nothing to choose at 1.0
+    _baseline(blend)
+
+
+def test_a_changed_chunk_does_not_reuse_the_old_scores(make_engine):
+    engine = make_engine(
+        kv_cache_tokens=1024,
+        chunk_cache="blend",
+        blend_recompute_ratio=0.25,
+        blend_stored_scores=True,
+        enable_prefix_caching=False,
+    )
+    counters = engine.chunk_planner.counters
+    _run(engine, _prompt(["mill", "owl"], "Read the notes.\n"))
+    _run(engine, _prompt(["owl", "mill"], "Notes:\n"))
+    assert counters.checked_blends == 1  # both chunks are scored now
+    changed = {**DOCS, "mill": " The mill by the lake grinds barley for the village in spring."}
+    # The new mill is computed and stored unscored (the old one dropped as stale); owl,
+    # after it, blends by its stored scores.
+    _run(engine, _prompt(["mill", "owl"], "Read the notes.\n", changed))
+    assert engine.chunk_store.stats()["host"]["stale"] >= 1
+    assert counters.checked_blends == 1 and counters.stored_score_blends == 1
+    old = engine.tokenize([Segment(DOCS["mill"], kind="chunk", chunk_id="mill")])[0]
+    assert engine.chunk_store.get_any(None, old) is None  # no chunk_id: no stale drop
+    new = engine.tokenize([Segment(changed["mill"], kind="chunk", chunk_id="mill")])[0]
+    assert engine.chunk_store.get_any("mill", new).scores is None
+    _run(engine, _prompt(["owl", "mill"], "Facts:\n", changed))
+    assert counters.checked_blends == 2 and counters.stored_score_blends == 1
+    _baseline(engine)
+
+
+def test_the_knob_is_checked():
+    with pytest.raises(ConfigError, match="blend_stored_scores"):
+        EngineConfig(blend_stored_scores="yes")

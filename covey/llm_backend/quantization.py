@@ -214,12 +214,11 @@ class Int4Linear(nn.Module):
 def _use_dense(layer: Int8Linear | Int4Linear, x: torch.Tensor) -> bool:
     """Whether this step runs on the layer's dense copy. Never inside torch.compile: the
     compiled decode graph keeps the kernels (decode reads bytes; a branch on the batch size
-    inside the graph's dynamic range would also trace it again mid-serving)."""
-    return (
-        layer.dense is not None
-        and x.shape[0] >= layer.dense_min_rows
-        and not torch.compiler.is_compiling()
-    )
+    inside the graph's dynamic range would also trace it again mid-serving: so the row
+    count is not even compared while tracing, which would guard the graph on it)."""
+    if torch.compiler.is_compiling():
+        return False
+    return layer.dense is not None and x.shape[0] >= layer.dense_min_rows
 
 
 _LOW_NIBBLES = 0x0F0F0F0F  # the low nibble of each byte of a 32-bit word

@@ -70,12 +70,14 @@ def test_decode_steps_below_the_threshold_keep_the_kernel(mode):
 
 def test_compiled_steps_keep_the_kernel():
     """CompiledDecode's graph (up to KERNEL_MAX_ROWS sequences) reads the packed weights:
-    traced with a copy present, a step wider than DENSE_MIN_ROWS gives the kernel's bits."""
+    traced with a copy present, a step wider than DENSE_MIN_ROWS gives the kernel's bits, and
+    the one graph serves batches on both sides of it (no guard on the row count)."""
     plain, dense = _pair("int4", 3)
-    x = torch.randn(KERNEL_MAX_ROWS, 128).bfloat16()
     compiled = torch.compile(lambda x: dense(x), backend="eager", dynamic=True, fullgraph=True)
-    with torch.inference_mode():
-        assert torch.equal(compiled(x), plain(x))
+    with torch.inference_mode(), torch._dynamo.config.patch(error_on_recompile=True):
+        for rows in (KERNEL_MAX_ROWS, dense.dense_min_rows - 1, 2):
+            x = torch.randn(rows, 128).bfloat16()
+            assert torch.equal(compiled(x), plain(x))
 
 
 def _tiny_model(mode: str) -> tuple[LlamaModel, int]:

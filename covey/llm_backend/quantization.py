@@ -102,6 +102,7 @@ class Int8Linear(nn.Module):
             None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
         )
         self.register_buffer("dense", None, persistent=False)  # see keep_dense_copies
+        self.has_dense = False
 
     def dequantized(self) -> torch.Tensor:
         """The weight the kernel computes with, [N, K] in the compute dtype (a temporary)."""
@@ -110,6 +111,7 @@ class Int8Linear(nn.Module):
     def keep_dense(self) -> None:
         """Keep `dequantized()` for steps of INT8_DENSE_MIN_ROWS rows or more."""
         self.dense = self.dequantized()
+        self.has_dense = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _use_dense(self, x):
@@ -161,6 +163,7 @@ class Int4Linear(nn.Module):
         # see keep_dense_copies: [K, N], the wide path's own layout, so that F.linear runs
         # the same matmul on it as on the workspace (bit-equal results)
         self.register_buffer("dense_t", None, persistent=False)
+        self.has_dense = False
 
     @property
     def dense(self) -> torch.Tensor | None:
@@ -170,6 +173,7 @@ class Int4Linear(nn.Module):
     def keep_dense(self) -> None:
         """Keep the dequantized weight for steps of DENSE_MIN_ROWS rows or more."""
         self.dense_t = self._dequantize_into_workspace().t().clone()
+        self.has_dense = True
 
     def dequantized(self) -> torch.Tensor:
         """The weight the kernel computes with, [N, K] in the compute dtype (a copy of its
@@ -215,10 +219,14 @@ def _use_dense(layer: Int8Linear | Int4Linear, x: torch.Tensor) -> bool:
     """Whether this step runs on the layer's dense copy. Never inside torch.compile: the
     compiled decode graph keeps the kernels (decode reads bytes; a branch on the batch size
     inside the graph's dynamic range would also trace it again mid-serving: so the row
-    count is not even compared while tracing, which would guard the graph on it)."""
-    if torch.compiler.is_compiling():
-        return False
-    return layer.dense is not None and x.shape[0] >= layer.dense_min_rows
+    count is not even compared while tracing, which would guard the graph on it). Cheap
+    first: a decode step asks this of every layer (`has_dense` is a plain attribute, where
+    a buffer goes through Module.__getattr__)."""
+    return (
+        layer.has_dense
+        and not torch.compiler.is_compiling()
+        and x.shape[0] >= layer.dense_min_rows
+    )
 
 
 _LOW_NIBBLES = 0x0F0F0F0F  # the low nibble of each byte of a 32-bit word

@@ -85,7 +85,8 @@ class EngineConfig:
     # the quantized model's math) weight for steps of DENSE_MIN_ROWS rows or more (prefill,
     # blended chunk reuse, wide eager decode), the packed weights for decode below that.
     # None: kept when they cost at most DENSE_COPY_MAX_BYTES (1 GiB; the embedded model's
-    # 212 MB are, a 1.7B model's ~3.4 GB are not). Ignored for dense weights.
+    # 212 MB are, a 1.7B model's ~3.4 GB are not). Ignored for dense weights and for a model
+    # handed in (`LLMEngine(config, model=m)`), taken as it is (quantization.keep_dense_copies).
     dense_prefill_weights: bool | None = None
     # Chunk KV reuse for prompts with Segment(kind="chunk"): "off"; "exact" (RAGCache: a
     # chunk after the same tokens as before reuses its KV losslessly); "blend" (exact first,

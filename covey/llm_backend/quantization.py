@@ -17,6 +17,15 @@ model's projections held besides the packed ones (the embedded model: 212 MB). U
 default (None) they are kept when they cost at most DENSE_COPY_MAX_BYTES, so a 1B-class
 model stays as it was. Narrower steps, and every compiled decode step, keep the weight-only
 kernels: decode is bound by the bytes it reads, a quarter (int4) or half (int8) of bf16's.
+Measured on the embedded model (2026-11-30, a loaded 2-core machine, A/B interleaved in one
+process, so relative figures only): on rag_kv.py --quick's requests, blend-0 reached its
+first token 1.20x sooner with the copies at 1 thread (1.17x at 2) and full prefill 1.06x
+(1.10x), its long steps being attention-heavy; eager batch-1 decode TPOT was unchanged
+(old/new 0.99-1.00), eager batch-32 decode 1.09x faster. The compiled decode graph (up to
+KERNEL_MAX_ROWS sequences) keeps the kernels: running batches of 24 and 32 eagerly on the
+copies instead was level with it (0.98x and 1.02x), so nothing there would gain. Memory:
+the copies add their 212 MB to the live heap (RSS after malloc_trim 1742 -> 1944 MiB), not
+to the peak (~2.3 GiB either way: loading holds a dense model before quantize frees it).
 
 The int4 dequantization is what a prefill pays over bf16, so it is written to be cheap: the
 nibbles are split on 32-bit words (eight at once, with the -8 offset applied by bit tricks),

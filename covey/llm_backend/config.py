@@ -81,6 +81,13 @@ class EngineConfig:
     # With weights handed in (`LLMEngine(config, model=m)`) "auto" takes them as they are:
     # a dense model stays dense where a freshly loaded one would be int4.
     quantization: str | None = "auto"
+    # Quantized weights: also keep a dense bf16 copy of each projection's (dequantized, so
+    # the quantized model's math) weight for steps of DENSE_MIN_ROWS rows or more (prefill,
+    # blended chunk reuse, wide eager decode), the packed weights for decode below that.
+    # None: kept when they cost at most DENSE_COPY_MAX_BYTES (1 GiB; the embedded model's
+    # 212 MB are, a 1.7B model's ~3.4 GB are not). Ignored for dense weights and for a model
+    # handed in (`LLMEngine(config, model=m)`), taken as it is (quantization.keep_dense_copies).
+    dense_prefill_weights: bool | None = None
     # Chunk KV reuse for prompts with Segment(kind="chunk"): "off"; "exact" (RAGCache: a
     # chunk after the same tokens as before reuses its KV losslessly); "blend" (exact first,
     # then CacheBlend: chunks seen after other tokens reuse their KV at the new positions
@@ -147,6 +154,18 @@ class EngineConfig:
             raise ConfigError(
                 f"EngineConfig.quantization={self.quantization!r} needs dtype='bfloat16' "
                 f"(its kernels are bf16), got dtype={self.dtype!r}"
+            )
+        if self.dense_prefill_weights is not None and not isinstance(
+            self.dense_prefill_weights, bool
+        ):
+            raise ConfigError(
+                "EngineConfig.dense_prefill_weights must be None (kept when they cost at most "
+                f"1 GiB), True or False, got {self.dense_prefill_weights!r}"
+            )
+        if self.dense_prefill_weights and self.quantization is None:
+            raise ConfigError(
+                "EngineConfig.dense_prefill_weights=True keeps dense copies of quantized "
+                "weights, but quantization=None keeps the weights dense already"
             )
 
         if self.compile is not None and not isinstance(self.compile, bool):

@@ -42,7 +42,12 @@ from covey.llm_backend.outputs import RequestOutput
 from covey.llm_backend.pause_policy import PauseCosts, PausePolicy
 from covey.llm_backend.paused_kv import PausedKV, StepSwaps
 from covey.llm_backend.prefill_profile import prefill_profile, swap_profile
-from covey.llm_backend.quantization import quantization_of, quantize
+from covey.llm_backend.quantization import (
+    dense_copy_bytes,
+    keep_dense_copies,
+    quantization_of,
+    quantize,
+)
 from covey.llm_backend.quantization_default import auto_quantization
 from covey.llm_backend.request_validator import (
     CheckedRequest,
@@ -92,6 +97,7 @@ class LLMEngine:
             model = load_model(self.source, dtype, self.device)
             if self.quantization:
                 quantize(model, self.quantization)
+                keep_dense_copies(model, config.dense_prefill_weights)
         else:
             self.quantization = quantization_of(model)
             if config.quantization not in ("auto", self.quantization):
@@ -113,6 +119,7 @@ class LLMEngine:
             str(self.device),
             self.dtype,
             self.quantization,
+            dense_copy_bytes(model) > 0,  # prefill runs on the dense copies, faster
         )
         args = self.model.args
         if config.max_model_len and config.max_model_len > args.max_position:

@@ -5,8 +5,27 @@ the bytes read: int8 reads half of bf16's, int4 a quarter. Up to KERNEL_MAX_ROWS
 step (INT4_KERNEL_MAX_ROWS for int4) runs torch's weight-only kernels, which read the
 packed weights directly (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`). Wider steps
 (prefill, large batches) are compute-bound: there those kernels lose to a bf16 matmul, so
-the layer dequantizes its weight into a temporary that lives for that one matmul. No dense
-copy of a quantized weight is ever stored.
+the layer dequantizes its weight into a temporary that lives for that one matmul.
+
+Dense copies (`EngineConfig.dense_prefill_weights`, `keep_dense_copies`): a layer may also
+keep its dequantized weight as a bf16 tensor, built once at load from the quantized weight
+(so the math stays the quantized model's: bit-equal to dequantize + matmul), and run every
+step of at least DENSE_MIN_ROWS rows (int8: INT8_DENSE_MIN_ROWS) on it. Blended chunk reuse
+computes steps of ~80-270 rows, where the int4 kernel's cost grows with every row and wider
+steps pay the dequantization on every call; the copy pays neither, for the bytes of a bf16
+model's projections held besides the packed ones (the embedded model: 212 MB). Under the
+default (None) they are kept when they cost at most DENSE_COPY_MAX_BYTES, so a 1B-class
+model stays as it was. Narrower steps, and every compiled decode step, keep the weight-only
+kernels: decode is bound by the bytes it reads, a quarter (int4) or half (int8) of bf16's.
+Measured on the embedded model (2026-11-30, a loaded 2-core machine, A/B interleaved in one
+process, so relative figures only): on rag_kv.py --quick's requests, blend-0 reached its
+first token 1.20x sooner with the copies at 1 thread (1.17x at 2) and full prefill 1.06x
+(1.10x), its long steps being attention-heavy; eager batch-1 decode TPOT was unchanged
+(old/new 0.99-1.00), eager batch-32 decode 1.09x faster. The compiled decode graph (up to
+KERNEL_MAX_ROWS sequences) keeps the kernels: running batches of 24 and 32 eagerly on the
+copies instead was level with it (0.98x and 1.02x), so nothing there would gain. Memory:
+the copies add their 212 MB to the live heap (RSS after malloc_trim 1742 -> 1944 MiB), not
+to the peak (~2.3 GiB either way: loading holds a dense model before quantize frees it).
 
 The int4 dequantization is what a prefill pays over bf16, so it is written to be cheap: the
 nibbles are split on 32-bit words (eight at once, with the -8 offset applied by bit tricks),
@@ -61,12 +80,25 @@ INT4_GROUP_SIZE = 32
 # groups of 32; re-quantizing a bf16 checkpoint to int4 costs more.
 PERPLEXITY_TOLERANCE = {"bfloat16": 0.01, "int8": 0.01, "int4": 0.01}
 _INT4_BLOCK_N = 64  # output channels per block of _convert_weight_to_int4pack_for_cpu
+# From this many rows a step runs on an int4 layer's dense copy where it keeps one (module
+# docstring); below, the weight-only kernel. The embedded model's 120 projections, copy's
+# speed over the kernel's (1 thread, interleaved on a loaded machine; 2 threads the same
+# within noise): 0.48x at 8 rows, 0.77x at 16, level at 24, 1.16x at 32, 1.8x at 82, 2.1x
+# at 128; over dequantize + matmul 1.7x at 150, 1.5x at 256, 1.2x at 512.
+DENSE_MIN_ROWS = 24
+# The int8 kernel is slower per row: the copy wins from about 16 (0.81x at 8 rows, 1.17x at
+# 16, 1.5x at 24 and 32; over dequantize + matmul 1.2-1.6x from 64 to 512 rows).
+INT8_DENSE_MIN_ROWS = 16
+# The dense copies kept under the default: at most this many bytes for the whole model
+# (SmolLM2-135M's projections: 212 MB in bf16; a 1.7B model's ~3.4 GB stays without).
+DENSE_COPY_MAX_BYTES = 1 << 30
 
 
 class Int8Linear(nn.Module):
     """A Linear whose weight is int8 with one scale per output channel."""
 
     kernel_max_rows = KERNEL_MAX_ROWS
+    dense_min_rows = INT8_DENSE_MIN_ROWS
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
         super().__init__()
@@ -78,12 +110,21 @@ class Int8Linear(nn.Module):
         self.bias = (
             None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
         )
+        self.register_buffer("dense", None, persistent=False)  # see keep_dense_copies
+        self.has_dense = False
 
     def dequantized(self) -> torch.Tensor:
         """The weight the kernel computes with, [N, K] in the compute dtype (a temporary)."""
         return self.qweight * self.scales[:, None]  # int8 x bf16 promotes to bf16, one pass
 
+    def keep_dense(self) -> None:
+        """Keep `dequantized()` for steps of INT8_DENSE_MIN_ROWS rows or more."""
+        self.dense = self.dequantized()
+        self.has_dense = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _use_dense(self, x):
+            return F.linear(x, self.dense, self.bias)
         if x.shape[0] <= self.kernel_max_rows:
             out = torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.qweight, self.scales)
             return out if self.bias is None else out + self.bias
@@ -95,6 +136,7 @@ class Int4Linear(nn.Module):
     with its own scale and zero point: w = (q - 8) * scale + zero, q in [0, 15]."""
 
     kernel_max_rows = INT4_KERNEL_MAX_ROWS
+    dense_min_rows = DENSE_MIN_ROWS
 
     def __init__(
         self,
@@ -127,6 +169,20 @@ class Int4Linear(nn.Module):
         # The wide-step path reads the packed layout itself; where this torch build packs
         # differently from what `_unpack` expects, wide steps use the kernel too.
         self.unpackable = n % _INT4_BLOCK_N == 0 and _layout_is_readable()
+        # see keep_dense_copies: [K, N], the wide path's own layout, so that F.linear runs
+        # the same matmul on it as on the workspace (bit-equal results)
+        self.register_buffer("dense_t", None, persistent=False)
+        self.has_dense = False
+
+    @property
+    def dense(self) -> torch.Tensor | None:
+        """The kept dense weight as [N, K] (a view), or None."""
+        return None if self.dense_t is None else self.dense_t.t()
+
+    def keep_dense(self) -> None:
+        """Keep the dequantized weight for steps of DENSE_MIN_ROWS rows or more."""
+        self.dense_t = self._dequantize_into_workspace().t().clone()
+        self.has_dense = True
 
     def dequantized(self) -> torch.Tensor:
         """The weight the kernel computes with, [N, K] in the compute dtype (a copy of its
@@ -154,6 +210,8 @@ class Int4Linear(nn.Module):
         # Traced by torch.compile (fullgraph, dynamic batch), the kernel serves every width:
         # the wide path's per-thread workspace cannot be traced. CompiledDecode keeps wider
         # steps eager, so this only guards other compiled callers; correct, just slower.
+        if _use_dense(self, x):
+            return F.linear(x, self.dense, self.bias)
         if (
             x.shape[0] <= self.kernel_max_rows
             or not self.unpackable
@@ -164,6 +222,20 @@ class Int4Linear(nn.Module):
             )
             return out if self.bias is None else out + self.bias
         return F.linear(x, self._dequantize_into_workspace(), self.bias)
+
+
+def _use_dense(layer: Int8Linear | Int4Linear, x: torch.Tensor) -> bool:
+    """Whether this step runs on the layer's dense copy. Never inside torch.compile: the
+    compiled decode graph keeps the kernels (decode reads bytes; a branch on the batch size
+    inside the graph's dynamic range would also trace it again mid-serving: so the row
+    count is not even compared while tracing, which would guard the graph on it). Cheap
+    first: a decode step asks this of every layer (`has_dense` is a plain attribute, where
+    a buffer goes through Module.__getattr__)."""
+    return (
+        layer.has_dense
+        and not torch.compiler.is_compiling()
+        and x.shape[0] >= layer.dense_min_rows
+    )
 
 
 _LOW_NIBBLES = 0x0F0F0F0F  # the low nibble of each byte of a 32-bit word
@@ -277,6 +349,46 @@ def quantize(model: nn.Module, mode: str) -> None:
     model.lm_head = Int8Linear(head, None, dtype)
     if tied:
         model.embed_tokens = Int8Embedding(model.lm_head)
+
+
+def keep_dense_copies(
+    model: nn.Module, wanted: bool | None, max_bytes: int = DENSE_COPY_MAX_BYTES
+) -> int:
+    """Give each quantized projection of `model` a dense copy of its weight (module
+    docstring) when `wanted`, or under None when all of them together cost at most
+    `max_bytes`; returns the bytes the copies hold (0: none kept). A dense model is left
+    as it is. The LM head keeps none: steps compute logits for a few rows only."""
+    layers = [
+        m
+        for m in model.layers.modules()
+        if isinstance(m, Int8Linear) or (isinstance(m, Int4Linear) and m.unpackable)
+    ]
+    nbytes = sum(_dense_bytes(m) for m in layers)
+    if not layers or wanted is False or (wanted is None and nbytes > max_bytes):
+        return 0
+    with torch.no_grad():
+        for layer in layers:
+            layer.keep_dense()
+    return nbytes
+
+
+def dense_copy_bytes(model: nn.Module) -> int:
+    """The bytes `keep_dense_copies` holds in `model` now."""
+    return sum(
+        m.dense.numel() * m.dense.element_size()
+        for m in model.modules()
+        if isinstance(m, (Int8Linear, Int4Linear)) and m.dense is not None
+    )
+
+
+def _dense_bytes(layer: Int8Linear | Int4Linear) -> int:
+    """What `layer.keep_dense()` would hold: its [N, K] weight in the compute dtype."""
+    if isinstance(layer, Int8Linear):
+        (n, k), itemsize = layer.qweight.shape, layer.scales.element_size()
+    else:
+        n, k = layer.packed.shape[0], layer.packed.shape[1] * 2
+        itemsize = layer.scale_zero.element_size()
+    return n * k * itemsize
 
 
 def quantization_of(model: nn.Module) -> str | None:

@@ -171,7 +171,13 @@ class ModelRunner:
             groups=groups.to(dev),
         )
         if self.blend_stored_scores:
-            region.stored_scores = stored_region_scores(step.blend.imports, start, end).to(dev)
+            # Stored scores choose only where the planner said so (a refresh due measures
+            # again: all NaN makes blend_forward run the check layers and return scores).
+            if step.by_stored:
+                stored = stored_region_scores(step.blend.imports, start, end)
+            else:
+                stored = torch.full((end - start,), float("nan"))
+            region.stored_scores = stored.to(dev)
         result = blend_forward(
             self.model,
             self.pool.kv,

@@ -18,7 +18,10 @@ import pytest
 import torch
 
 import covey.cache.chunk_store as chunk_store
+from covey.cache.chunk_store import ROOT_HASH, ChunkKV, ChunkStore
 from covey.errors import ConfigError
+from covey.llm_backend.blend_forward import per_chunk_normalised
+from covey.llm_backend.chunk_planner import KVImport, record_scores
 from covey.llm_backend.config import EngineConfig
 from covey.llm_backend.sampling_params import SamplingParams
 from covey.llm_backend.segments import Segment
@@ -234,3 +237,36 @@ def test_benchmark_systems_say_whether_scores_are_stored():
         assert config["blend_stored_scores"] == name.endswith("-stored"), name
     assert rag_kv["blend_variant"]("ratio=0.15,check=12")[1]["blend_stored_scores"] is False
     assert rag_kv["blend_variant"]("stored=1")[1]["blend_stored_scores"] is True
+
+
+def test_only_whole_chunk_measurements_are_recorded():
+    """REVIEW-blend15 L2: a part of a chunk (an import starting inside it, or one whose end
+    was trimmed) is normalised over the part, a scale that does not mix with whole-chunk
+    scores: nothing is recorded for it."""
+    store = ChunkStore(1 << 20, float)
+    a, b, c = (
+        ChunkKV(name, tuple(range(10 * i, 10 * i + 4)), torch.randn(2, 2, 1, 4, 4), 0, ROOT_HASH)
+        for i, name in enumerate("abc", start=1)
+    )
+    for entry in (a, b, c):
+        assert store.put(entry)
+    imports = [
+        KVImport(0, 4, a, 0, 5),  # whole
+        KVImport(4, 7, b, 1, 5),  # starts inside b (after a prefix-cache hit)
+        KVImport(7, 10, c, 0, 5),  # c's last token trimmed
+    ]
+    record_scores(store, imports, 0, torch.arange(1.0, 11.0))
+    assert store.get_any("a", a.token_ids).scores.tolist() == [1.0, 2.0, 3.0, 4.0]
+    assert store.get_any("b", b.token_ids).scores is None
+    assert store.get_any("c", c.token_ids).scores is None
+
+
+def test_a_measurement_that_ranks_nothing_is_stored_as_unknown():
+    """REVIEW-blend15 L1: a NaN or inf row, or no deviation at all, makes that chunk's
+    scores unknown (NaN) instead of raw or zero values; other chunks are unaffected."""
+    nan, inf = float("nan"), float("inf")
+    score = torch.tensor([0.01, 0.02, nan, 1.0, 3.0, 0.5, inf, 0.0, 0.0])
+    groups = torch.tensor([0, 0, 0, 1, 1, 2, 2, 3, 3])
+    out = per_chunk_normalised(score, groups)
+    assert out[[0, 1, 2, 5, 6, 7, 8]].isnan().all()
+    assert out[3:5].tolist() == [0.5, 1.5]

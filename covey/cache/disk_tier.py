@@ -7,7 +7,7 @@ rebuilds the index from headers alone without reading any KV. Files are written 
 temporary name and moved into place with os.replace, so a crash leaves either the old state
 or the new file, plus at most a leftover temporary that the next open deletes. Anything
 named like an entry that does not parse (torn, truncated, foreign) is skipped with a warning
-and deleted: it is a cache, and a bad file must never stop the server. Writes are not
+and deleted: it is a cache, and a bad file must never stop the server. KV writes are not
 fsynced: a power cut can tear a file, which the next open then drops.
 
 Blend scores live beside the KV, in a small file of their own (`<key>.scores`, 2 bytes a

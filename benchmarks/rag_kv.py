@@ -131,8 +131,9 @@ def _layers(text: str) -> list[int]:
 def blend_variant(spec: str) -> tuple[str, dict[str, Any]]:
     """A blend system from `key=value,...` (ratio, check, score, quota, sink, stored), e.g.
     "ratio=0.15,check=1-4,score=kv+attention,quota=per_chunk"; unset keys keep the
-    engine's defaults. Its name lists what it sets."""
-    config: dict[str, Any] = {"chunk_cache": "blend"}
+    engine's defaults, except stored (0 unless set). Its name lists what it sets."""
+    # stored=0 unless set: the check layers the name gives must run, whatever the default.
+    config: dict[str, Any] = {"chunk_cache": "blend", "blend_stored_scores": False}
     for item in filter(None, spec.split(",")):
         key, _, val = item.partition("=")
         if key not in SPEC_KEYS:
@@ -147,13 +148,19 @@ def blend(
     ratio: float, sinks: int = 0, check: int | None = None, stored: bool = False
 ) -> tuple[str, dict[str, Any]]:
     name = f"covey-blend-{ratio:g}" + (f"-sink{sinks}" if sinks else "")
-    config = {"chunk_cache": "blend", "blend_recompute_ratio": ratio, "blend_sink_tokens": sinks}
+    # blend_stored_scores always set: the name says whether scores are stored, whatever the
+    # engine's default.
+    config = {
+        "chunk_cache": "blend",
+        "blend_recompute_ratio": ratio,
+        "blend_sink_tokens": sinks,
+        "blend_stored_scores": stored,
+    }
     if check is not None:
         name += f"-check{check}"
         config["blend_check_layers"] = (check,)
     if stored:
         name += "-stored"
-        config["blend_stored_scores"] = True
     return name, config
 
 

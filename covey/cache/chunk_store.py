@@ -13,7 +13,15 @@ Lookups:
   text's KV; the old entries are dropped and counted as "stale".
 A host hit is served from memory; a disk hit is read and promoted to host. An entry evicted
 from host is written to disk only if disk does not already hold it (swap out once), so an
-entry read back from disk costs nothing to evict again.
+entry read back from disk costs nothing to evict again. Blend scores merged into a host
+entry reach its disk copy as a small scores file of their own (DiskTier), never by
+rewriting the KV.
+
+Score refresh: scores merged from one or two contexts would otherwise freeze. The store
+counts how many blends chose by an entry's stored scores since they were last measured
+(`note_stored_use`); once `SCORES_REFRESH_USES` have, `scores_fresh` says no, so the next
+blend of it runs the check layers and merges a new measurement (which resets the count).
+The count lives in memory: a restart starts it again.
 
 Leases: an entry being copied into the pool is leased (`with store.lease(entry): ...`), and
 eviction skips leased entries, so a put that would need their room is refused instead. A
@@ -33,6 +41,7 @@ import hashlib
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -49,6 +58,8 @@ from covey.cache.disk_tier import DiskTier
 from covey.cache.host_tier import HostTier
 from covey.cache.tier_index import TierIndex
 from covey.errors import ConfigError, EngineUnavailableError
+
+SCORES_REFRESH_USES = 8  # stored-score blends of an entry before it is measured again
 
 __all__ = [
     "ROOT_HASH",
@@ -68,12 +79,15 @@ class ChunkStore:
         disk_dir: str | Path | None = None,
         disk_bytes: int = 2 << 30,
         fingerprint: str = "",
+        scores_tag: str = "",
     ) -> None:
         """`cost_fn(n)`: seconds to recompute n tokens (the engine's prefill profile).
 
         `fingerprint`: what the KV depends on besides the tokens (model, dtype, RoPE
         settings). The disk tier keeps each fingerprint's entries in a folder of their own,
         so a restart with another model never reads KV computed by the old one.
+        `scores_tag`: what blend scores depend on (check layers, score kind); scores on
+        disk written under another tag are not read back (the KV is).
         """
         if host_bytes < 0:
             raise ConfigError(f"chunk_store_bytes must be >= 0, got {host_bytes}")
@@ -87,11 +101,12 @@ class ChunkStore:
             if fingerprint:
                 digest = hashlib.blake2b(fingerprint.encode(), digest_size=8).hexdigest()
                 folder = folder / f"kv-{digest}"
-            self._disk = DiskTier(folder, disk_bytes, cost_fn)
+            self._disk = DiskTier(folder, disk_bytes, cost_fn, scores_tag)
             if fingerprint:
                 (folder / "fingerprint.txt").write_text(fingerprint + "\n")  # for people
         self._leases: dict[str, int] = {}
         self._rescored: set[str] = set()  # host entries whose scores the disk copy lacks
+        self._score_uses: dict[str, int] = {}  # stored-score blends since last measured
         self._lock = threading.RLock()
         self._closed = False
 
@@ -113,6 +128,10 @@ class ChunkStore:
             frequency = 1
             if self._disk is not None and self._disk.has(key):
                 frequency = self._disk.frequency(key)
+                if entry.scores is None:  # keep the scores measured before
+                    scores = self._disk.load_scores(key)
+                    if scores is not None:
+                        entry = replace(entry, scores=scores)
             return self._admit(entry, frequency) is not None
 
     def get_exact(self, context_hash: str, token_ids: Sequence[int]) -> ChunkKV | None:
@@ -157,7 +176,8 @@ class ChunkStore:
         """Merge blend scores measured for `entry`'s tokens [offset, offset + len(scores))
         into the host tier's copy (`ChunkKV.merged_scores`); False when host no longer
         holds it (the scores are then dropped: the next blend measures them again). A disk
-        copy is rewritten with them when the host entry is swapped out."""
+        copy gets them (its scores file, not its KV) when the host entry is swapped out.
+        Host may stay over capacity by the scores' bytes when every other entry is leased."""
         with self._lock:
             self._check_open()
             held = self._host.get(entry.key)
@@ -165,6 +185,7 @@ class ChunkStore:
                 return False
             merged = held.merged_scores(offset, scores)
             self._host.replace_scores(held.key, merged, self._cost_fn(len(held.token_ids)))
+            self._score_uses.pop(held.key, None)
             if self._disk is not None and self._disk.has(held.key):
                 self._rescored.add(held.key)
             host = self._host.index
@@ -174,6 +195,17 @@ class ChunkStore:
                     break
                 self._swap_out(*victim)
             return True
+
+    def scores_fresh(self, entry: ChunkKV) -> bool:
+        """Whether `entry`'s stored scores may still choose a blend's rows (fewer than
+        SCORES_REFRESH_USES blends chose by them since they were measured)."""
+        with self._lock:
+            return self._score_uses.get(entry.key, 0) < SCORES_REFRESH_USES
+
+    def note_stored_use(self, entry: ChunkKV) -> None:
+        """A blend chose rows by `entry`'s stored scores (counts toward a refresh)."""
+        with self._lock:
+            self._score_uses[entry.key] = self._score_uses.get(entry.key, 0) + 1
 
     @contextmanager
     def lease(self, entry: ChunkKV) -> Iterator[ChunkKV]:
@@ -218,6 +250,7 @@ class ChunkStore:
                 frequency = index.policy.frequency(key)
                 self._swap_out(self._host.remove(key), frequency)
             self._rescored.clear()
+            self._score_uses.clear()
 
     def __enter__(self) -> ChunkStore:
         return self
@@ -261,20 +294,22 @@ class ChunkStore:
         return self._host.add(entry, self._cost_fn(len(entry.token_ids)), frequency)
 
     def _swap_out(self, entry: ChunkKV, frequency: int) -> None:
-        """Write `entry` to disk unless disk holds it already with the same blend scores."""
+        """Write `entry` to disk unless disk holds it already (then only its scores, when
+        they changed: the KV on disk is never rewritten or removed for them)."""
         if self._disk is None:
             return
-        if entry.key in self._rescored:
-            self._rescored.discard(entry.key)
-            if self._disk.has(entry.key):
-                self._disk.remove(entry.key)
+        rescored = entry.key in self._rescored
+        self._rescored.discard(entry.key)
         if not self._disk.has(entry.key):
             self._disk.write(entry, frequency, self._leased)
+        elif rescored and entry.scores is not None:
+            self._disk.write_scores(entry.key, entry.scores)
 
     def _drop_stale(self, chunk_id: str, content: str) -> None:
         for key in self._host.index.stale_keys(chunk_id, content):
             self._host.remove(key)
             self._rescored.discard(key)
+            self._score_uses.pop(key, None)
             self._host.index.counters.stale += 1
         if self._disk is not None:
             for key in self._disk.index.stale_keys(chunk_id, content):

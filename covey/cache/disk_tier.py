@@ -1,16 +1,20 @@
 """The chunk store's disk tier: one safetensors file per entry, so a restarted server keeps
 its chunk KV.
 
-A file is named by its entry key and holds the KV (and the entry's blend scores, when it has
-any: a file written before scores existed has none and loads with `scores` None) plus, in
-its header, everything the index
+A file is named by its entry key and holds the KV plus, in its header, everything the index
 needs (tokens, context hash, start position, frequency at write time), so opening a folder
 rebuilds the index from headers alone without reading any KV. Files are written to a
 temporary name and moved into place with os.replace, so a crash leaves either the old state
 or the new file, plus at most a leftover temporary that the next open deletes. Anything
 named like an entry that does not parse (torn, truncated, foreign) is skipped with a warning
-and deleted: it is a cache, and a bad file must never stop the server. Writes are not
+and deleted: it is a cache, and a bad file must never stop the server. KV writes are not
 fsynced: a power cut can tear a file, which the next open then drops.
+
+Blend scores live beside the KV, in a small file of their own (`<key>.scores`, 2 bytes a
+token), so new scores never rewrite the KV (swap out once still holds) and never put it at
+risk: the scores file is replaced atomically and fsynced, and a missing, torn or foreign
+one (another `scores_tag`: scores measured under other check layers or another score kind)
+only means "no scores"; the KV still loads. Scores files are not counted in the capacity.
 
 One process per folder: two stores writing one folder are not coordinated.
 """
@@ -25,6 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import safetensors.torch
+import torch
 from safetensors import safe_open
 
 from covey.atomic_files import replace_atomically
@@ -36,16 +41,25 @@ log = logging.getLogger(__name__)
 
 SUFFIX = ".safetensors"
 TMP_SUFFIX = ".tmp"
+SCORES_SUFFIX = ".scores"
 FORMAT = "covey-chunk-kv/1"
+SCORES_FORMAT = "covey-chunk-scores/1"
 
 
 class DiskTier:
     def __init__(
-        self, directory: str | Path, capacity_bytes: int, cost_fn: Callable[[int], float]
+        self,
+        directory: str | Path,
+        capacity_bytes: int,
+        cost_fn: Callable[[int], float],
+        scores_tag: str = "",
     ) -> None:
+        """`scores_tag`: the settings the blend scores are measured under; a scores file
+        written under another tag is ignored (and replaced by the next write)."""
         self.dir = _usable_dir(Path(directory).expanduser())
         self.index = TierIndex(capacity_bytes)
         self._cost_fn = cost_fn
+        self._scores_tag = scores_tag
         self._scan()
 
     def has(self, key: str) -> bool:
@@ -58,38 +72,76 @@ class DiskTier:
         self.index.policy.touch(key)
 
     def load(self, key: str) -> ChunkKV | None:
-        """The entry's KV read back; None (and the file dropped) when it no longer reads."""
+        """The entry's KV read back, with its scores when a good scores file holds some;
+        None (and the file dropped) when the KV no longer reads."""
         meta = self.index.metas[key]
         path = self._path(key)
         try:
             tensors = safetensors.torch.load(path.read_bytes())
-            return ChunkKV(
+            entry = ChunkKV(
                 chunk_id=meta.chunk_id,
                 token_ids=meta.token_ids,
                 kv=tensors["kv"],
                 start_position=meta.start_position,
                 context_hash=meta.context_hash,
-                scores=tensors.get("scores"),
             )
         except Exception as e:  # a cache file must never fail a request
             log.warning("chunk store: dropping unreadable %s: %s", path, e)
             self.remove(key)
             return None
+        scores = self.load_scores(key)
+        return entry if scores is None else replace(entry, scores=scores)
+
+    def load_scores(self, key: str) -> torch.Tensor | None:
+        """The entry's stored blend scores ([n] float16); None when there are none or the
+        scores file is torn, of another tag or the wrong shape (never an error)."""
+        path = self._scores_path(key)
+        if not path.exists():
+            return None
+        try:
+            n = len(self.index.metas[key].token_ids)
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+                if header.get("format") != SCORES_FORMAT:
+                    raise ValueError(f"not a {SCORES_FORMAT} file")
+                if header.get("tag") != self._scores_tag:
+                    return None  # measured under other settings: not ours to use
+                scores = f.get_tensor("scores")
+            if tuple(scores.shape) != (n,) or scores.dtype != torch.float16:
+                raise ValueError(f"scores {scores.dtype} {list(scores.shape)}, want [{n}]")
+            return scores
+        except Exception as e:
+            log.warning("chunk store: ignoring unreadable scores %s: %s", path, e)
+            return None
+
+    def write_scores(self, key: str, scores: torch.Tensor) -> bool:
+        """Replace the entry's scores file (temporary file, fsync, rename): a crash leaves the
+        old scores or the new ones, and never touches the KV; False when the write fails."""
+        blob = safetensors.torch.save(
+            {"scores": scores.to("cpu", torch.float16).contiguous()},
+            {"format": SCORES_FORMAT, "tag": self._scores_tag},
+        )
+        path = self._scores_path(key)
+        tmp = self.dir / f"{key}{SCORES_SUFFIX}{TMP_SUFFIX}"
+        try:
+            replace_atomically(path, lambda t: t.write_bytes(blob), tmp, durable=True)
+        except OSError as e:
+            log.warning("chunk store: cannot write %s: %s", path, e)
+            return False
+        return True
 
     def write(self, entry: ChunkKV, frequency: int, protected: Callable[[str], bool]) -> bool:
-        """Store `entry`, evicting by PGDSF to make room; False when it cannot fit (larger
-        than the tier, or the room is held by `protected` entries) or the write fails."""
-        tensors = {"kv": entry.kv.contiguous()}
-        if entry.scores is not None:
-            tensors["scores"] = entry.scores.contiguous()
-        blob = safetensors.torch.save(tensors, _header(entry, frequency))
+        """Store `entry` (and its scores, in their own file), evicting by PGDSF to make
+        room; False when it cannot fit (larger than the tier, or the room is held by
+        `protected` entries) or the KV write fails."""
+        blob = safetensors.torch.save({"kv": entry.kv.contiguous()}, _header(entry, frequency))
         meta = replace(EntryMeta.of(entry), nbytes=len(blob))  # bytes on disk
         if not self.index.fits(meta.nbytes, protected):
             return False
         while self.index.bytes + meta.nbytes > self.index.capacity:
             victim = self.index.pop_victim(protected)
             assert victim is not None  # fits() said the unprotected entries make room
-            self._path(victim[0].key).unlink(missing_ok=True)
+            self._unlink(victim[0].key)
         tmp = self.dir / f"{meta.key}{TMP_SUFFIX}"
         try:
             replace_atomically(self._path(meta.key), lambda t: t.write_bytes(blob), tmp)
@@ -97,14 +149,25 @@ class DiskTier:
             log.warning("chunk store: cannot write %s: %s", self._path(meta.key), e)
             return False
         self.index.add(meta, self._cost_fn(len(meta.token_ids)), frequency)
+        if entry.scores is not None:
+            self.write_scores(meta.key, entry.scores)
+        else:
+            self._scores_path(meta.key).unlink(missing_ok=True)
         return True
 
     def remove(self, key: str) -> None:
         self.index.remove(key)
+        self._unlink(key)
+
+    def _unlink(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+        self._scores_path(key).unlink(missing_ok=True)
 
     def _path(self, key: str) -> Path:
         return self.dir / f"{key}{SUFFIX}"
+
+    def _scores_path(self, key: str) -> Path:
+        return self.dir / f"{key}{SCORES_SUFFIX}"
 
     def _scan(self) -> None:
         """Rebuild the index from the folder's file headers, dropping what does not parse,
@@ -121,10 +184,13 @@ class DiskTier:
                     path.unlink(missing_ok=True)
                     continue
                 self.index.add(meta, self._cost_fn(len(meta.token_ids)), frequency)
+        for path in self.dir.glob(f"*{SCORES_SUFFIX}"):
+            if path.name.removesuffix(SCORES_SUFFIX) not in self.index:
+                path.unlink(missing_ok=True)  # its KV is gone
         while self.index.bytes > self.index.capacity:
             victim = self.index.pop_victim(lambda _key: False)
             assert victim is not None
-            self._path(victim[0].key).unlink(missing_ok=True)
+            self._unlink(victim[0].key)
 
 
 def _usable_dir(path: Path) -> Path:

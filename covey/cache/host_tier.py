@@ -27,7 +27,8 @@ class HostTier:
     def add(self, entry: ChunkKV, cost: float, frequency: int) -> ChunkKV:
         """Keep `entry` (the caller made room); return the copy kept."""
         kv = entry.kv
-        if kv.device.type != "cpu" or kv.untyped_storage().nbytes() > entry.nbytes:
+        own = kv.numel() * kv.element_size()  # the KV's bytes alone (nbytes adds the scores)
+        if kv.device.type != "cpu" or kv.untyped_storage().nbytes() > own:
             kv = kv.to("cpu", copy=True).contiguous()
             entry = replace(entry, kv=kv)
         self._entries[entry.key] = entry

@@ -135,13 +135,18 @@ def stored_ready(region: BlendRegion) -> bool:
 
 def per_chunk_normalised(score: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     """`score` divided by its chunk's mean (rows grouped by `groups`), so a chunk's stored
-    scores do not carry the scale of the context they were measured in."""
+    scores do not carry the scale of the context they were measured in. A chunk with a
+    non-finite row or no deviation at all (mean 0) gets NaN (unknown) on every row: such a
+    measurement says nothing to rank its tokens by, and must not be merged as if it did."""
     ids, inverse = torch.unique(groups, return_inverse=True)
+    finite = torch.isfinite(score)
     sums = torch.zeros(len(ids), dtype=score.dtype, device=score.device)
-    sums.index_add_(0, inverse, score)
+    sums.index_add_(0, inverse, torch.where(finite, score, torch.zeros_like(score)))
     counts = torch.bincount(inverse, minlength=len(ids)).to(score.dtype)
+    bad = torch.zeros(len(ids), dtype=torch.bool, device=score.device)
+    bad.index_put_((inverse,), ~finite, accumulate=True)
     means = sums / counts
-    means = torch.where(means > 0, means, torch.ones_like(means))
+    means = torch.where(bad | ~(means > 0), torch.full_like(means, float("nan")), means)
     return score / means[inverse]
 
 

@@ -98,8 +98,13 @@ def record_scores(
     scores: torch.Tensor,
 ) -> None:
     """Store a blend's measured scores (`scores`: [region] over positions from `start`)
-    with each reused entry, for its tokens this blend imported."""
+    with each reused entry, for its tokens this blend imported. An import that is only
+    part of its chunk (it starts inside it, after a prefix-cache hit, or ends before the
+    chunk's last token) records nothing: its scores are normalised over the part, a scale
+    that does not mix with whole-chunk scores."""
     for imp in imports:
+        if imp.offset > 0 or imp.end - imp.start < len(imp.entry.token_ids):
+            continue
         store.update_scores(imp.entry, imp.offset, scores[imp.start - start : imp.end - start])
 
 
@@ -166,6 +171,7 @@ class ChunkStep:
     blend_start: int | None = None  # the first position whose KV is not exact
     checked: bool = False  # blend only: it runs the check layers
     by_stored: bool = False  # blend only: it chooses by stored scores, with no check layer
+    scores_recorded: bool = False  # blend only: its scores were stored (a retry adds none)
 
 
 @dataclass
@@ -350,6 +356,9 @@ class ChunkPlanner:
                 checks = 0 < chosen < reused - sinks
                 by_stored = checks and self.stored_scores
                 by_stored = by_stored and imports_scored(piece.imports, self.sink_tokens)
+                by_stored = by_stored and all(
+                    self.store.scores_fresh(imp.entry) for imp in piece.imports
+                )
                 checks = checks and not by_stored
                 need = own + recomputed + (math.ceil(self.check_fraction * reused) if checks else 0)
                 if cost + need > budget and not alone:
@@ -389,6 +398,8 @@ class ChunkPlanner:
             self.counters.checked_blends += 1
         if step.blend is not None and step.by_stored:
             self.counters.stored_score_blends += 1
+            for imp in step.blend.imports:
+                self.store.note_stored_use(imp.entry)
 
 
 def _merged(pieces: list[Piece]) -> list[Piece]:

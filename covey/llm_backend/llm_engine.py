@@ -215,6 +215,8 @@ class LLMEngine:
                 f"kv_heads={args.num_kv_heads} head_dim={args.dim_per_head} "
                 f"rope_theta={args.rope_theta} rope_scaling={args.rope_scaling}"
             ),
+            # What stored blend scores depend on: others' scores are not read back.
+            scores_tag=f"check={sorted(set(check))} score={config.blend_score}",
         )
         self.runner.chunks = ChunkTransfer(
             self.pool, self.chunk_store, RopeRerotator(self.model.args)

@@ -67,6 +67,7 @@ class ModelRunner:
         self.blend_sink_tokens = 0
         self.blend_policy = BlendPolicy()
         self.blend_stored_scores = False  # EngineConfig.blend_stored_scores
+        self._scores_warned = False
         self.compiled: CompiledDecode | None = None  # set when EngineConfig.compile
         # Pure decode steps run so far, and how many of them ran the compiled graph: the
         # compiled step exists does not mean it ran (wider batches, another thread count).
@@ -170,7 +171,13 @@ class ModelRunner:
             groups=groups.to(dev),
         )
         if self.blend_stored_scores:
-            region.stored_scores = stored_region_scores(step.blend.imports, start, end).to(dev)
+            # Stored scores choose only where the planner said so (a refresh due measures
+            # again: all NaN makes blend_forward run the check layers and return scores).
+            if step.by_stored:
+                stored = stored_region_scores(step.blend.imports, start, end)
+            else:
+                stored = torch.full((end - start,), float("nan"))
+            region.stored_scores = stored.to(dev)
         result = blend_forward(
             self.model,
             self.pool.kv,
@@ -180,8 +187,14 @@ class ModelRunner:
             self.block_size,
             self.blend_policy,
         )
-        if self.blend_stored_scores and result.scores is not None:
-            record_scores(self.chunks.store, step.blend.imports, start, result.scores)
+        if self.blend_stored_scores and result.scores is not None and not step.scores_recorded:
+            step.scores_recorded = True  # a retried step (execute_isolated) adds none again
+            try:
+                record_scores(self.chunks.store, step.blend.imports, start, result.scores)
+            except Exception:  # scores are a hint: never fail a forward that succeeded
+                if not self._scores_warned:
+                    self._scores_warned = True
+                    log.warning("blend: storing scores failed (logged once)", exc_info=True)
         return result.hidden
 
     def execute_isolated(

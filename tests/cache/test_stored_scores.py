@@ -9,7 +9,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from covey.cache.chunk_store import ROOT_HASH, ChunkKV, ChunkStore
+from covey.cache.chunk_store import ROOT_HASH, SCORES_REFRESH_USES, ChunkKV, ChunkStore
 
 BYTES_PER_TOKEN = 2 * 2 * 1 * 4 * 4  # layers * (k, v) * kv_heads * head_dim * float32
 NAN = float("nan")
@@ -93,3 +93,123 @@ def test_an_old_file_without_scores_loads(tmp_path):
         loaded = s.get_any("a", [1, 2, 3])
         assert loaded is not None and loaded.scores is None
         assert torch.equal(loaded.kv, entry.kv)
+
+
+def kv_file(folder: Path) -> Path:
+    (path,) = folder.glob("*.safetensors")
+    return path
+
+
+def test_rescoring_never_rewrites_or_removes_the_kv_file(tmp_path):
+    """REVIEW-blend15 M1/M2: a disk tier sized to exactly the unscored file; new scores used
+    to delete the file and rewrite it whole (which then no longer fit: the KV was lost)."""
+    entry = make([1, 2, 3], chunk_id="a")
+    with open_store(tmp_path, host_tokens=100) as s:
+        assert s.put(entry)
+    path = kv_file(tmp_path)
+    exact = ChunkStore(100 * BYTES_PER_TOKEN, float, tmp_path, path.stat().st_size)
+    with exact as s:
+        loaded = s.get_any("a", [1, 2, 3])
+        assert s.update_scores(loaded, 0, torch.tensor([1.0, 2.0, 3.0]))
+    after = kv_file(tmp_path)
+    assert (after.stat().st_ino, after.stat().st_mtime_ns) == (
+        path.stat().st_ino,
+        path.stat().st_mtime_ns,
+    )
+    with open_store(tmp_path, host_tokens=100) as s:
+        again = s.get_any("a", [1, 2, 3])
+        assert torch.equal(again.kv, entry.kv) and again.scores.tolist() == [1.0, 2.0, 3.0]
+
+
+def test_a_write_failing_midway_keeps_the_kv_and_the_old_scores(tmp_path, monkeypatch):
+    entry = make([1, 2, 3], chunk_id="a")
+    with open_store(tmp_path, host_tokens=100) as s:
+        assert s.put(entry)
+        s.update_scores(entry, 0, torch.tensor([3.0, 2.0, 1.0]))
+    real = Path.write_bytes
+
+    def torn(self, data):  # half the bytes, then the disk fails
+        real(self, data[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    with open_store(tmp_path, host_tokens=100) as s:
+        loaded = s.get_any("a", [1, 2, 3])
+        s.update_scores(loaded, 0, torch.tensor([1.0, 2.0, 3.0]))
+        monkeypatch.setattr(Path, "write_bytes", torn)
+        s.close()  # the swap-out's scores write fails
+        monkeypatch.undo()
+    assert not list(tmp_path.glob("*.tmp"))
+    with open_store(tmp_path, host_tokens=100) as s:
+        again = s.get_any("a", [1, 2, 3])
+        assert torch.equal(again.kv, entry.kv)
+        assert again.scores.tolist() == [3.0, 2.0, 1.0]  # the old scores, whole
+
+
+def test_a_bad_scores_file_means_no_scores_and_the_kv_loads(tmp_path):
+    """A torn scores file, a leftover temporary (a crash mid-write), or scores of the wrong
+    length: the entry loads without scores; none of it drops the KV."""
+    entry = make([1, 2, 3], chunk_id="a")
+    with open_store(tmp_path, host_tokens=100) as s:
+        assert s.put(entry)
+        s.update_scores(entry, 0, torch.tensor([3.0, 2.0, 1.0]))
+    (scores_file,) = tmp_path.glob("*.scores")
+    good = scores_file.read_bytes()
+    (tmp_path / f"{scores_file.name}.tmp").write_bytes(good[:10])
+    scores_file.write_bytes(good[: len(good) - 3])
+    with open_store(tmp_path, host_tokens=100) as s:
+        assert not list(tmp_path.glob("*.tmp"))  # the unfinished write is deleted on open
+        loaded = s.get_any("a", [1, 2, 3])
+        assert loaded.scores is None and torch.equal(loaded.kv, entry.kv)
+    scores_file.write_bytes(
+        safetensors.torch.save(
+            {"scores": torch.ones(5, dtype=torch.float16)},
+            {"format": "covey-chunk-scores/1", "tag": ""},
+        )
+    )
+    with open_store(tmp_path, host_tokens=100) as s:
+        loaded = s.get_any("a", [1, 2, 3])
+        assert loaded.scores is None and torch.equal(loaded.kv, entry.kv)
+
+
+def test_scores_of_other_settings_are_not_read_back(tmp_path):
+    """Scores measured under other check layers / score kind (the store's scores_tag) are
+    ignored after a restart; the KV is reused."""
+
+    def store(tag):
+        return ChunkStore(100 * BYTES_PER_TOKEN, float, tmp_path, 1 << 20, scores_tag=tag)
+
+    entry = make([1, 2, 3], chunk_id="a")
+    with store("check=[8] score=deviation") as s:
+        assert s.put(entry)
+        s.update_scores(entry, 0, torch.tensor([3.0, 2.0, 1.0]))
+    with store("check=[12] score=deviation") as s:
+        loaded = s.get_any("a", [1, 2, 3])
+        assert loaded.scores is None and torch.equal(loaded.kv, entry.kv)
+    with store("check=[8] score=deviation") as s:
+        assert s.get_any("a", [1, 2, 3]).scores.tolist() == [3.0, 2.0, 1.0]
+
+
+def test_re_putting_a_chunk_keeps_its_disk_scores(tmp_path):
+    entry = make([1, 2, 3], chunk_id="a")
+    with open_store(tmp_path, host_tokens=100) as s:
+        assert s.put(entry)
+        s.update_scores(entry, 0, torch.tensor([3.0, 2.0, 1.0]))
+    with open_store(tmp_path, host_tokens=100) as s:
+        fresh = ChunkKV("a", entry.token_ids, entry.kv.clone(), 0, ROOT_HASH)  # unscored
+        assert s.put(fresh)
+        assert s.get_any("a", [1, 2, 3]).scores.tolist() == [3.0, 2.0, 1.0]
+
+
+def test_scores_are_refreshed_after_some_uses():
+    """Stored scores choose at most SCORES_REFRESH_USES blends; then a blend must measure
+    them again, and a new measurement starts the count over."""
+    s = open_store(None, host_tokens=100)
+    entry = make([1, 2, 3], chunk_id="a")
+    assert s.put(entry)
+    s.update_scores(entry, 0, torch.ones(3))
+    for _ in range(SCORES_REFRESH_USES):
+        assert s.scores_fresh(entry)
+        s.note_stored_use(entry)
+    assert not s.scores_fresh(entry)
+    s.update_scores(entry, 0, torch.ones(3))
+    assert s.scores_fresh(entry)

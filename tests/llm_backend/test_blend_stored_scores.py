@@ -2,17 +2,26 @@
 
 A blend whose reused chunks all carry scores from earlier blends must run no check layer:
 layer 0 computes only the region's own tokens and the chosen ones. A blend with an unscored
-chunk runs the check layers and stores their scores with every chunk it reused. Ratio 1.0
-still equals a full prefill; a changed chunk's scores are never reused; the pool returns to
-its baseline.
+chunk runs the check layers and stores their scores with every chunk it reused. A changed
+chunk's scores are never reused; scores are measured again after SCORES_REFRESH_USES uses;
+a failure to store scores never fails the request; prefix caching on changes none of it;
+the pool returns to its baseline. (Ratio 1.0 never consults scores: test_chunk_cache covers
+it.)
 """
 
 from __future__ import annotations
 
+import runpy
+from pathlib import Path
+
 import pytest
 import torch
 
+import covey.cache.chunk_store as chunk_store
+from covey.cache.chunk_store import ROOT_HASH, ChunkKV, ChunkStore
 from covey.errors import ConfigError
+from covey.llm_backend.blend_forward import per_chunk_normalised
+from covey.llm_backend.chunk_planner import KVImport, record_scores
 from covey.llm_backend.config import EngineConfig
 from covey.llm_backend.sampling_params import SamplingParams
 from covey.llm_backend.segments import Segment
@@ -123,24 +132,6 @@ def test_scored_chunks_skip_the_check_layers(make_engine):
     _baseline(engine)
 
 
-def test_ratio_one_with_stored_scores_equals_the_full_prefill(make_engine):
-    off = make_engine(kv_cache_tokens=1024, chunk_cache="off", enable_prefix_caching=False)
-    blend = make_engine(
-        kv_cache_tokens=1024,
-        chunk_cache="blend",
-        blend_recompute_ratio=1.0,
-        blend_stored_scores=True,
-    )
-    _run(blend, _prompt(["mill", "lamp", "owl"], "Read the notes.\n"))
-    greedy = SamplingParams(max_tokens=4, temperature=0.0)
-    for order, head in ((["owl", "mill", "lamp"], "Notes:\n"), (["lamp", "mill"], "Facts:\n")):
-        out = _run(blend, _prompt(order, head), greedy)
-        assert out.metrics.num_recomputed_tokens == out.metrics.num_reused_tokens > 0
-        assert out.token_ids == _run(off, _prompt(order, head), greedy).token_ids
-    assert blend.chunk_planner.counters.checked_blends == 0  # nothing to choose at 1.0
-    _baseline(blend)
-
-
 def test_a_changed_chunk_does_not_reuse_the_old_scores(make_engine):
     engine = make_engine(
         kv_cache_tokens=1024,
@@ -171,3 +162,111 @@ def test_a_changed_chunk_does_not_reuse_the_old_scores(make_engine):
 def test_the_knob_is_checked():
     with pytest.raises(ConfigError, match="blend_stored_scores"):
         EngineConfig(blend_stored_scores="yes")
+
+
+def _stored_engine(make_engine, **config):
+    return make_engine(
+        kv_cache_tokens=1024,
+        chunk_cache="blend",
+        blend_recompute_ratio=0.25,
+        blend_stored_scores=True,
+        **config,
+    )
+
+
+def test_stored_scores_blend_with_prefix_caching_on(make_engine):
+    engine = _stored_engine(make_engine, enable_prefix_caching=True)
+    counters = engine.chunk_planner.counters
+    _run(engine, _prompt(["mill", "lamp", "owl"], "Read the notes.\n"))
+    _run(engine, _prompt(["owl", "mill", "lamp"], "Notes:\n"))
+    assert counters.checked_blends == 1 and counters.stored_score_blends == 0
+    out, rows0, rows8, region = _blend_rows(engine, _prompt(["lamp", "owl", "mill"], "Facts:\n"))
+    assert counters.checked_blends == 1 and counters.stored_score_blends == 1
+    own = region - out.metrics.num_reused_tokens
+    assert rows0 == rows8 == own + out.metrics.num_recomputed_tokens < region
+    assert out.finish_reason != "error"
+    _baseline(engine)
+
+
+def test_scores_are_measured_again_after_some_uses(make_engine, monkeypatch):
+    """REVIEW-blend15 M4: stored scores would otherwise choose every later blend forever."""
+    monkeypatch.setattr(chunk_store, "SCORES_REFRESH_USES", 1)
+    engine = _stored_engine(make_engine, enable_prefix_caching=False)
+    counters = engine.chunk_planner.counters
+    _run(engine, _prompt(["mill", "owl"], "Read the notes.\n"))
+    _run(engine, _prompt(["owl", "mill"], "Notes:\n"))  # measures both
+    _run(engine, _prompt(["mill", "owl"], "Facts:\n"))  # by stored scores (use 1)
+    assert counters.checked_blends == 1 and counters.stored_score_blends == 1
+    before = _entries(engine, "owl").scores.clone()
+    _run(engine, _prompt(["owl", "mill"], "Notes below.\n"))  # used up: measured again
+    assert counters.checked_blends == 2 and counters.stored_score_blends == 1
+    assert not torch.equal(_entries(engine, "owl").scores, before)  # a new one averaged in
+    _run(engine, _prompt(["mill", "owl"], "More facts:\n"))  # fresh again
+    assert counters.checked_blends == 2 and counters.stored_score_blends == 2
+    _baseline(engine)
+
+
+def test_a_failure_storing_scores_does_not_fail_the_request(make_engine, monkeypatch, caplog):
+    """REVIEW-blend15 M5: the forward succeeded; scores are only a hint."""
+    engine = _stored_engine(make_engine, enable_prefix_caching=False)
+    _run(engine, _prompt(["mill", "owl"], "Read the notes.\n"))
+    calls = []
+
+    def broken(entry, offset, scores):
+        calls.append(entry.key)
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(engine.chunk_store, "update_scores", broken)
+    out = _run(engine, _prompt(["owl", "mill"], "Notes:\n"))
+    assert out.finish_reason != "error" and out.error is None
+    assert out.metrics.num_reused_tokens > 0
+    assert len(calls) == 1  # tried once: no retry of the step, no second recording
+    assert "storing scores failed" in caplog.text
+    _baseline(engine)
+
+
+def test_benchmark_systems_say_whether_scores_are_stored():
+    """REVIEW-blend15 M3: each rag_kv system sets blend_stored_scores itself, so its name
+    keeps its meaning whatever the engine's default."""
+    path = Path(__file__).parents[2] / "benchmarks" / "rag_kv.py"
+    rag_kv = runpy.run_path(str(path), run_name="rag_kv_under_test")
+    systems = rag_kv["systems"]((0.0, 0.15))
+    blends = {name: c for name, c in systems.items() if c.get("chunk_cache") == "blend"}
+    assert blends and all("blend_stored_scores" in c for c in blends.values())
+    for name, config in blends.items():
+        assert config["blend_stored_scores"] == name.endswith("-stored"), name
+    assert rag_kv["blend_variant"]("ratio=0.15,check=12")[1]["blend_stored_scores"] is False
+    assert rag_kv["blend_variant"]("stored=1")[1]["blend_stored_scores"] is True
+
+
+def test_only_whole_chunk_measurements_are_recorded():
+    """REVIEW-blend15 L2: a part of a chunk (an import starting inside it, or one whose end
+    was trimmed) is normalised over the part, a scale that does not mix with whole-chunk
+    scores: nothing is recorded for it."""
+    store = ChunkStore(1 << 20, float)
+    a, b, c = (
+        ChunkKV(name, tuple(range(10 * i, 10 * i + 4)), torch.randn(2, 2, 1, 4, 4), 0, ROOT_HASH)
+        for i, name in enumerate("abc", start=1)
+    )
+    for entry in (a, b, c):
+        assert store.put(entry)
+    imports = [
+        KVImport(0, 4, a, 0, 5),  # whole
+        KVImport(4, 7, b, 1, 5),  # starts inside b (after a prefix-cache hit)
+        KVImport(7, 10, c, 0, 5),  # c's last token trimmed
+    ]
+    record_scores(store, imports, 0, torch.arange(1.0, 11.0))
+    assert store.get_any("a", a.token_ids).scores.tolist() == [1.0, 2.0, 3.0, 4.0]
+    assert store.get_any("b", b.token_ids).scores is None
+    assert store.get_any("c", c.token_ids).scores is None
+
+
+def test_a_measurement_that_ranks_nothing_is_stored_as_unknown():
+    """REVIEW-blend15 L1: a NaN or inf row, or no deviation at all, makes that chunk's
+    scores unknown (NaN) instead of raw or zero values; other chunks are unaffected."""
+    nan, inf = float("nan"), float("inf")
+    score = torch.tensor([0.01, 0.02, nan, 1.0, 3.0, 0.5, inf, 0.0, 0.0])
+    groups = torch.tensor([0, 0, 0, 1, 1, 2, 2, 3, 3])
+    out = per_chunk_normalised(score, groups)
+    assert out[[0, 1, 2, 5, 6, 7, 8]].isnan().all()
+    assert out[3:5].tolist() == [0.5, 1.5]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from covey.cache.chunk_kv import ROOT_HASH, ChunkKV
+from covey.cache.chunk_store import ChunkStore
 from covey.llm_backend.chunk_planner import ChunkPlan, ChunkPlanner, KVImport, Piece
 from covey.llm_backend.sampling_params import SamplingParams
 from covey.llm_backend.sequence import Sequence
@@ -53,7 +54,8 @@ def test_blend_charges_the_check_layers_only_when_they_run(ratio, sinks, recompu
     ],
 )
 def test_a_blend_by_stored_scores_is_not_charged_the_check_layers(scores, sinks, by_stored):
-    planner = ChunkPlanner(None, "blend", 0.25, CHECK, LAYERS, sinks, stored_scores=True)
+    store = ChunkStore(1 << 20, float)  # asked whether the scores are due a refresh
+    planner = ChunkPlanner(store, "blend", 0.25, CHECK, LAYERS, sinks, stored_scores=True)
     kv = torch.zeros(1, 2, 1, 32, 2)
     tensor = None if scores is None else torch.tensor(scores, dtype=torch.float16)
     entry = ChunkKV("c", tuple(range(32)), kv, 0, ROOT_HASH, tensor)

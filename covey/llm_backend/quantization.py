@@ -13,9 +13,12 @@ keep its dequantized weight as a bf16 tensor, built once at load from the quanti
 step of at least DENSE_MIN_ROWS rows (int8: INT8_DENSE_MIN_ROWS) on it. Blended chunk reuse
 computes steps of ~80-270 rows, where the int4 kernel's cost grows with every row and wider
 steps pay the dequantization on every call; the copy pays neither, for the bytes of a bf16
-model's projections held besides the packed ones (the embedded model: 212 MB). Under the
-default (None) they are kept when they cost at most DENSE_COPY_MAX_BYTES, so a 1B-class
-model stays as it was. Narrower steps, and every compiled decode step, keep the weight-only
+model's projections held besides the packed ones (the embedded model: 212 MB). They are off
+by default (issue 14: a quantized mode keeps no second dense copy; its point is fewer
+bytes) and opt-in: True keeps them, None keeps them when they cost at most
+DENSE_COPY_MAX_BYTES, so a 1B-class model stays as it was. With copies, an eager decode
+batch of DENSE_MIN_ROWS sequences or more runs on the copy, whose bits depend on the batch
+(the int4 kernel's do not), so a seeded output can depend on what else was running. Narrower steps, and every compiled decode step, keep the weight-only
 kernels: decode is bound by the bytes it reads, a quarter (int4) or half (int8) of bf16's.
 Measured on the embedded model (2026-11-30, a loaded 2-core machine, A/B interleaved in one
 process, so relative figures only): on rag_kv.py --quick's requests, blend-0 reached its

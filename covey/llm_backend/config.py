@@ -94,9 +94,10 @@ class EngineConfig:
     # chunk after the same tokens as before reuses its KV losslessly); "blend" (exact first,
     # then CacheBlend: chunks seen after other tokens reuse their KV at the new positions
     # with `blend_recompute_ratio` of their tokens recomputed, chosen on the check layers).
-    # "blend" with stored scores is the default: on benchmarks/rag_kv.py's 160 planted-fact
-    # questions it answered 0.594 against full prefill's 0.600, at about half the time to
-    # first token of full prefill (docs/engine.md, "Reusing retrieved chunks' KV").
+    # "blend" with stored scores is the default: at about half full prefill's time to first
+    # token on benchmarks/rag_kv.py's 160 planted-fact questions, it answered 0.594 against
+    # full prefill's 0.600 in one run and 0.588 against 0.619 in another (every interval
+    # about +-0.065), where exact reuse hits ~0.1% of the tokens (docs/engine.md).
     chunk_cache: str = "blend"
     blend_recompute_ratio: float = 0.15
     # None: one layer at about 27% of the model's depth (blend_forward.default_check_layers;

@@ -89,14 +89,18 @@ def _entries(engine, name):
     return engine.chunk_store.get_any(name, ids)
 
 
-def test_scored_chunks_skip_the_check_layers(make_engine):
-    engine = make_engine(
+def _stored_engine(make_engine, **config):
+    return make_engine(
         kv_cache_tokens=1024,
         chunk_cache="blend",
         blend_recompute_ratio=0.25,
         blend_stored_scores=True,
-        enable_prefix_caching=False,
+        **config,
     )
+
+
+def test_scored_chunks_skip_the_check_layers(make_engine):
+    engine = _stored_engine(make_engine, enable_prefix_caching=False)
     counters = engine.chunk_planner.counters
     _run(engine, _prompt(["mill", "lamp", "owl"], "Read the notes.\n"))
     assert _entries(engine, "mill").scores is None  # computed, never blended yet
@@ -133,13 +137,7 @@ def test_scored_chunks_skip_the_check_layers(make_engine):
 
 
 def test_a_changed_chunk_does_not_reuse_the_old_scores(make_engine):
-    engine = make_engine(
-        kv_cache_tokens=1024,
-        chunk_cache="blend",
-        blend_recompute_ratio=0.25,
-        blend_stored_scores=True,
-        enable_prefix_caching=False,
-    )
+    engine = _stored_engine(make_engine, enable_prefix_caching=False)
     counters = engine.chunk_planner.counters
     _run(engine, _prompt(["mill", "owl"], "Read the notes.\n"))
     _run(engine, _prompt(["owl", "mill"], "Notes:\n"))
@@ -162,16 +160,6 @@ def test_a_changed_chunk_does_not_reuse_the_old_scores(make_engine):
 def test_the_knob_is_checked():
     with pytest.raises(ConfigError, match="blend_stored_scores"):
         EngineConfig(blend_stored_scores="yes")
-
-
-def _stored_engine(make_engine, **config):
-    return make_engine(
-        kv_cache_tokens=1024,
-        chunk_cache="blend",
-        blend_recompute_ratio=0.25,
-        blend_stored_scores=True,
-        **config,
-    )
 
 
 def test_stored_scores_blend_with_prefix_caching_on(make_engine):

@@ -21,6 +21,7 @@ caller's health check to judge.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -70,14 +71,18 @@ class AsyncLLM:
         """`worker_thread`: step the engine on its own thread (default: on CUDA only). Asked
         for with an engine still to build (`engine=None`), it is built on that thread too:
         torch's CPU thread pool belongs to the thread that runs the ops, so the one that
-        loads the model is the one that steps it, and no second pool competes for cores."""
+        loads the model is the one that steps it, and no second pool competes for cores.
+        Every call on that thread runs in the context of the thread that built this object,
+        since torch keeps its config overrides (inductor's compiler, dynamo's flags) in
+        context variables, which a new thread would otherwise start without."""
         self._owns_engine = engine is None  # then closing this closes the engine's store
         self._executor: ThreadPoolExecutor | None = None
+        self._context = contextvars.copy_context()
         if worker_thread and engine is None:
             self._executor = _engine_thread()
             build = partial(LLMEngine, EngineConfig(model=model, **config))
             try:
-                engine = self._executor.submit(build).result()
+                engine = self._executor.submit(self._context.run, build).result()
             except BaseException:
                 self._executor.shutdown(wait=False)
                 raise
@@ -330,7 +335,7 @@ class AsyncLLM:
         if self._executor_gone:
             raise EngineUnavailableError("the engine is closed")
         return await asyncio.get_running_loop().run_in_executor(
-            self._executor, self._timed, fn, *args
+            self._executor, self._context.run, self._timed, fn, *args
         )
 
     def _timed(self, fn: Any, *args: Any) -> Any:

@@ -95,9 +95,9 @@ class EngineConfig:
     # then CacheBlend: chunks seen after other tokens reuse their KV at the new positions
     # with `blend_recompute_ratio` of their tokens recomputed, chosen on the check layers).
     # "blend" with stored scores is the default: at about half full prefill's time to first
-    # token on benchmarks/rag_kv.py's 160 planted-fact questions, it answered 0.594 against
-    # full prefill's 0.600 in one run and 0.588 against 0.619 in another (every interval
-    # about +-0.065), where exact reuse hits ~0.1% of the tokens (docs/engine.md).
+    # token on benchmarks/rag_kv.py's planted-fact questions, it answered 0.595 against full
+    # prefill's 0.590 on 400 (95% [-0.038, +0.048]; 160-question runs: -0.006 and -0.031),
+    # where exact reuse hits ~0.1% of the tokens (docs/engine.md).
     chunk_cache: str = "blend"
     blend_recompute_ratio: float = 0.15
     # None: one layer at about 27% of the model's depth (blend_forward.default_check_layers;

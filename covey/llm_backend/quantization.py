@@ -18,8 +18,9 @@ by default (issue 14: a quantized mode keeps no second dense copy; its point is 
 bytes) and opt-in: True keeps them, None keeps them when they cost at most
 DENSE_COPY_MAX_BYTES, so a 1B-class model stays as it was. With copies, an eager decode
 batch of DENSE_MIN_ROWS sequences or more runs on the copy, whose bits depend on the batch
-(the int4 kernel's do not), so a seeded output can depend on what else was running. Narrower steps, and every compiled decode step, keep the weight-only
-kernels: decode is bound by the bytes it reads, a quarter (int4) or half (int8) of bf16's.
+(the int4 kernel's do not), so a seeded output can depend on what else was running.
+Narrower steps, and every compiled decode step, keep the weight-only kernels: decode is
+bound by the bytes it reads, a quarter (int4) or half (int8) of bf16's.
 Measured on the embedded model (2026-11-30, a loaded 2-core machine, A/B interleaved in one
 process, so relative figures only): on rag_kv.py --quick's requests, blend-0 reached its
 first token 1.20x sooner with the copies at 1 thread (1.17x at 2) and full prefill 1.06x

@@ -6,6 +6,7 @@ import torch
 from covey.llm_backend.config import EngineConfig
 from covey.llm_backend.llm_engine import LLMEngine
 from covey.llm_backend.model_source import resolve_model
+from covey.llm_backend.segments import Segment
 from covey.llm_backend.weight_loader import load_model
 
 from ..conftest import DEVICES
@@ -36,3 +37,15 @@ def make_engine(device):
         )
 
     return make
+
+
+def numbered_chunk_prompt(order, head, docs):
+    """A RAG-shaped prompt: a static head, then each named doc of `docs` in `order` as a
+    chunk segment after a `[n]` label, then a question about the owl (the chunk tests'
+    corpora all hold one)."""
+    segments = [Segment(head, kind="static")]
+    for i, name in enumerate(order):
+        segments.append(Segment(f"\n[{i + 1}]", kind="static"))
+        segments.append(Segment(docs[name], kind="chunk", chunk_id=name))
+    segments.append(Segment("\nQuestion: who feeds the owl?\nAnswer:", kind="dynamic"))
+    return segments

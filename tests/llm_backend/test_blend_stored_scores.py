@@ -25,6 +25,7 @@ from covey.llm_backend.chunk_planner import KVImport, record_scores
 from covey.llm_backend.config import EngineConfig
 from covey.llm_backend.sampling_params import SamplingParams
 from covey.llm_backend.segments import Segment
+from tests.llm_backend.conftest import numbered_chunk_prompt
 
 ONE = SamplingParams(max_tokens=1, temperature=0.0)  # prefill only: no decode step runs
 DOCS = {
@@ -36,12 +37,7 @@ DOCS = {
 
 
 def _prompt(order, head, docs=DOCS):
-    segments = [Segment(head, kind="static")]
-    for i, name in enumerate(order):
-        segments.append(Segment(f"\n[{i + 1}]", kind="static"))
-        segments.append(Segment(docs[name], kind="chunk", chunk_id=name))
-    segments.append(Segment("\nQuestion: who feeds the owl?\nAnswer:", kind="dynamic"))
-    return segments
+    return numbered_chunk_prompt(order, head, docs)
 
 
 class LayerRows:

@@ -18,6 +18,7 @@ from covey.llm_backend.async_llm import AsyncLLM
 from covey.llm_backend.config import EngineConfig
 from covey.llm_backend.sampling_params import SamplingParams
 from covey.llm_backend.segments import Segment
+from tests.llm_backend.conftest import numbered_chunk_prompt
 
 GREEDY = SamplingParams(max_tokens=4, temperature=0.0)
 DOCS = {
@@ -28,12 +29,7 @@ DOCS = {
 
 
 def _prompt(order, head="Read the notes.\n", docs=DOCS):
-    segments = [Segment(head, kind="static")]
-    for i, name in enumerate(order):
-        segments.append(Segment(f"\n[{i + 1}]", kind="static"))
-        segments.append(Segment(docs[name], kind="chunk", chunk_id=name))
-    segments.append(Segment("\nQuestion: who feeds the owl?\nAnswer:", kind="dynamic"))
-    return segments
+    return numbered_chunk_prompt(order, head, docs)
 
 
 def _engine(make_engine, **config):

@@ -127,3 +127,28 @@ def live_server(server_index):
     yield start
     for server in servers.values():
         server.stop()
+
+
+class Deployed(Exception):
+    """Raised by `captured_deploys` where Ray Serve would have deployed: a test reads the
+    specs start_ray_engine handed over, with no cluster."""
+
+
+@pytest.fixture
+def captured_deploys(monkeypatch) -> dict:
+    """start_ray_engine against a stand-in cluster of 4 CPUs: the replica specs it deploys
+    land in the returned dict, and the deploy raises `Deployed`."""
+    from covey.server import ray_cluster, ray_deployment
+
+    deployed: dict = {}
+
+    def deploy_specs(specs):
+        deployed.update(specs)
+        raise Deployed
+
+    monkeypatch.setattr(ray_cluster, "init_ray", lambda address=None: False)
+    monkeypatch.setattr(ray_cluster, "cluster_cpus", lambda: 4.0)
+    monkeypatch.setattr(ray_cluster, "deploy_specs", deploy_specs)  # the pooled deployment
+    monkeypatch.setattr(ray_deployment, "deploy_specs", deploy_specs)  # via deploy_replicas
+    monkeypatch.setattr(ray_cluster, "_teardown_quietly", lambda names, started: None)
+    return deployed

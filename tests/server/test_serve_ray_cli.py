@@ -6,6 +6,7 @@ import pytest
 
 from covey.cli.main import main
 from covey.server.ray_deployment import gpus_per_replica
+from tests.server.conftest import Deployed
 
 
 @pytest.mark.parametrize(
@@ -85,24 +86,12 @@ def test_a_cluster_joined_is_checked_for_the_cpus_it_has(monkeypatch):
         )
 
 
-def test_ray_serve_routing_deploys_one_pool_that_serve_routes_among(monkeypatch):
+def test_ray_serve_routing_deploys_one_pool_that_serve_routes_among(captured_deploys):
     # `--routing ray_serve`: one Serve application of N replicas (Serve's own power of two
     # choices picks among them), not N applications that covey's router addresses.
     from covey.server import ray_cluster
 
-    deployed = {}
-
-    class Deployed(Exception):
-        pass
-
-    def deploy_specs(specs):
-        deployed.update(specs)
-        raise Deployed
-
-    monkeypatch.setattr(ray_cluster, "init_ray", lambda address=None: False)
-    monkeypatch.setattr(ray_cluster, "cluster_cpus", lambda: 4.0)
-    monkeypatch.setattr(ray_cluster, "deploy_specs", deploy_specs)
-    monkeypatch.setattr(ray_cluster, "_teardown_quietly", lambda names, started: None)
+    deployed = captured_deploys
     with pytest.raises(Deployed):
         ray_cluster.start_ray_engine(
             replicas=3, policy="ray_serve", address="ray://head:10001",

@@ -17,7 +17,7 @@ from ray.exceptions import ActorDiedError
 from covey.cli.main import main
 from covey.errors import ConfigError, EngineUnavailableError
 from covey.llm_backend.sampling_params import SamplingParams
-from covey.server import ray_cluster, ray_deployment
+from covey.server import ray_cluster
 from covey.server.errors import http_error
 from covey.server.ray_deployment import (
     UNHEALTHY_AFTER,
@@ -29,6 +29,7 @@ from covey.server.ray_deployment import (
 )
 from covey.server.ray_engine import RayEngine
 from covey.server.replica_router import ReplicaRouter
+from tests.server.conftest import Deployed
 from tests.server.ray.test_ray_errors import RaisingHandle
 
 PERIOD_S = 1.0
@@ -147,27 +148,14 @@ def test_serve_checks_the_health_check_flags_first(capsys, argv, message):
     assert code != 0 and message in err and "Traceback" not in err
 
 
-def test_start_ray_engine_deploys_the_replicas_with_its_health_check(monkeypatch):
-    deployed = {}
-
-    class Deployed(Exception):
-        pass
-
-    def deploy_specs(specs):
-        deployed.update(specs)
-        raise Deployed
-
-    monkeypatch.setattr(ray_cluster, "init_ray", lambda address=None: False)
-    monkeypatch.setattr(ray_cluster, "cluster_cpus", lambda: 4.0)
-    monkeypatch.setattr(ray_deployment, "deploy_specs", deploy_specs)
-    monkeypatch.setattr(ray_cluster, "_teardown_quietly", lambda names, started: None)
+def test_start_ray_engine_deploys_the_replicas_with_its_health_check(captured_deploys):
     health = HealthCheck(period_s=5.0, timeout_s=60.0)
     with pytest.raises(Deployed):
         ray_cluster.start_ray_engine(
             replicas=2, address="ray://head:10001", engine_config={"device": "cpu"},
             health=health,
         )
-    assert [spec.health for spec in deployed.values()] == [health, health]
+    assert [spec.health for spec in captured_deploys.values()] == [health, health]
 
 
 def test_a_replica_dying_with_no_other_up_fails_its_call_with_a_clear_503():

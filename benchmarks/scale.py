@@ -40,23 +40,26 @@ engine, in the hand-off between the front and the replica, in HTTP).
 Target: covey's mean TTFT at least 1.5x lower than round robin's, with a higher hit rate.
 
 Arrivals (`--arrival`, recorded in every record's params and in the PNG's title):
-- `closed` (the default): `concurrency` clients, each sending its next request when its last
-  one ends. By Little's law a request's latency is then clients / throughput, so the
-  prefill a hit saves mostly speeds up its neighbours' steps rather than its own TTFT.
-- `poisson` (open loop, as vLLM's and SGLang's serving benchmarks send): requests arrive at
-  `--rate` requests/s whatever the completions do, at times from `poisson_arrivals` with a
-  fixed seed, so every system and pass gets the SAME arrival times. TTFT counts from a
-  request's arrival. Without `--rate` the rate is `--load` (0.7) times the requests/s a
-  closed-loop round robin pass sustains, measured first in the same run on the same two
-  replicas (a fraction of the baseline's capacity: no system is overloaded by choice of
-  rate, and a loaded or quiet machine gets a rate it can serve; "capacity" here is that
-  closed-loop throughput at `concurrency` clients). A generous bound instead of a client
-  count: at most `IN_FLIGHT` (64) requests in flight, a request past it waits, on the clock.
-  `requests_per_s` is, as in the closed loop (and vLLM's benchmark), the requests over the
-  seconds from the start to the last completion; below `BEHIND` (0.85) of the offered
-  rate, the system fell behind (its queue grew, so its last requests ended long after the
-  last arrival) and its params say `behind: true`. A system that keeps up loses only its
-  last request's latency (`drain_s`) against the offered rate.
+- `poisson` (the default; open loop, as vLLM's `benchmark_serving` and SGLang's
+  `bench_serving` send by default): requests arrive at `--rate` requests/s whatever the
+  completions do, at times from `poisson_arrivals` with a fixed seed, so every system and
+  pass gets the SAME arrival times. TTFT counts from a request's arrival. Without `--rate`
+  the rate is `--load` (0.7) times the requests/s a closed-loop round robin pass sustains,
+  measured first in the same run on the same two replicas (a fraction of the baseline's
+  capacity: no system is overloaded by choice of rate, and a loaded or quiet machine gets a
+  rate it can serve; "capacity" here is that closed-loop throughput at `concurrency`
+  clients). A generous bound instead of a client count: at most `IN_FLIGHT` (64) requests in
+  flight, a request past it waits, on the clock. `requests_per_s` is, as in the closed loop
+  (and vLLM's benchmark), the requests over the seconds from the start to the last
+  completion; below `BEHIND` (0.85) of the offered rate, the system fell behind (its queue
+  grew, so its last requests ended long after the last arrival) and its params say `behind:
+  true`. A system that keeps up loses only its last request's latency (`drain_s`) against
+  the offered rate.
+- `closed`: `concurrency` clients, each sending its next request when its last one ends.
+  By Little's law a request's latency is then clients / throughput, so the prefill a hit
+  saves mostly speeds up its neighbours' steps rather than its own TTFT, and covey's TTFT
+  gain over round robin is bounded by its throughput gain. A harder test for a router than
+  the usual open loop; its figures are reported beside it.
 """
 
 from __future__ import annotations
@@ -461,7 +464,7 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     """bench_common's `--quick/--json/--plot`, and the arrival options: parsed first, the
     rest handed on (their help is in the description, as bench_common builds `--help`)."""
     own = argparse.ArgumentParser(prog=f"benchmarks/{NAME}.py", add_help=False)
-    own.add_argument("--arrival", choices=("closed", "poisson"), default="closed")
+    own.add_argument("--arrival", choices=("closed", "poisson"), default="poisson")
     own.add_argument("--rate", type=float, default=None)
     own.add_argument("--load", type=float, default=None)
     known, rest = own.parse_known_args(argv)
@@ -475,8 +478,8 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
         own.error(f"--load must be a fraction above 0 (0.7: 70% of capacity), got {known.load}")
     description = (
         f"{__doc__.splitlines()[0].rstrip(',')}. --arrival closed|poisson: closed-loop "
-        "clients (default) or "
-        "open-loop Poisson arrivals; --rate R: their requests/s; --load F (default "
+        "clients or "
+        "open-loop Poisson arrivals (default); --rate R: their requests/s; --load F (default "
         f"{LOAD}): without --rate, F times what closed-loop round robin sustains, measured "
         "first."
     )

@@ -92,6 +92,26 @@ def test_int4_wide_path_reads_the_weights_the_kernel_computes_with():
             assert ((deq.float() - by_kernel.float()).abs() <= step).all()
 
 
+def test_int4_dequantization_is_exactly_the_formula_rounded_once():
+    """Bit for bit, the wide path's weight is (q - 8) * scale + zero computed in float32 and
+    rounded once to bf16 (what F.linear then multiplies by, and what the dense copies hold),
+    with q recomputed here from the float weight as Int4Linear quantizes it: however the
+    unpacking is written, this pins its result. Several blocks of 64 channels and groups,
+    and groups whose zero lands near 0 (where an offset folded into the zero would round
+    differently)."""
+    torch.manual_seed(7)
+    for n, k in ((192, 96), (64, 32), (128, 256)):
+        weight = torch.randn(n, k) * 0.05
+        weight[:, :32] -= weight[:, :32].mean(dim=1, keepdim=True)
+        layer = Int4Linear(weight, None, torch.bfloat16)
+        groups = weight.reshape(n, k // INT4_GROUP_SIZE, INT4_GROUP_SIZE)
+        low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+        q = ((groups - low) / ((high - low).clamp(min=1e-6) / 15.0)).round().clamp(0, 15)
+        scale, zero = layer.scale_zero.float().transpose(0, 1).unsqueeze(-1).unbind(-2)
+        expected = ((q - 8) * scale + zero).reshape(n, k).bfloat16()
+        assert torch.equal(layer.dequantized(), expected)
+
+
 def test_int4_dequantizes_in_and_out_of_inference_mode_and_on_any_thread():
     import threading
 
@@ -102,7 +122,7 @@ def test_int4_dequantizes_in_and_out_of_inference_mode_and_on_any_thread():
         assert torch.equal(layer.dequantized(), expected)
     assert torch.equal(layer.dequantized(), expected)
     # one workspace per name serves both modes (not one copy each)
-    assert sorted(quantization._workspaces.__dict__) == ["nibbles", "weight"]
+    assert sorted(quantization._workspaces.__dict__) == ["high", "nibbles", "weight"]
     # Two threads at once, each on a layer of its own size: each thread's workspace is its
     # own, so neither ever reads the other's weights.
     layers = [Int4Linear(torch.randn(n, k), None, torch.bfloat16) for n, k in ((192, 96), (64, 32))]

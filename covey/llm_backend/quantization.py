@@ -32,11 +32,20 @@ the copies add their 212 MB to the live heap (RSS after malloc_trim 1742 -> 1944
 to the peak (~2.3 GiB either way: loading holds a dense model before quantize frees it).
 
 The int4 dequantization is what a prefill pays over bf16, so it is written to be cheap: the
-nibbles are split on 32-bit words (eight at once, with the -8 offset applied by bit tricks),
-the weight is produced transposed ([K, N], which the kernel's packing yields in runs of 64
-channels, where [N, K] needs a byte-by-byte transpose), scale and zero are applied in one
-addcmul along its rows, and every temporary lives in a per-thread workspace reused by each
-layer (fresh multi-megabyte allocations page-fault on first touch, every layer, every step).
+nibbles are split on contiguous words (eight at once), the weight is produced transposed
+([K, N], which the kernel's packing yields in runs of 64 channels, where [N, K] needs a
+byte-by-byte transpose) by two strided copies of whole words, the -8 offset is one bytewise
+int8 subtraction, scale and zero are applied in one addcmul along its rows, and every
+temporary lives in a per-thread workspace reused by each layer (fresh multi-megabyte
+allocations page-fault on first touch, every layer, every step). The embedded model's 120
+projections dequantize in 66 ms at 1 thread (fastest of 6, interleaved with the previous
+version in one process on a loaded 2-core machine: 86 ms, which masked and shifted through
+the strided transposed view; at 2 threads 42 against 48 ms, the load leaving a second
+thread little). What is left is mostly the float half, the int8 -> bf16 copy and the
+addcmul (60% of it), which ATen computes at 8 and 4.5 elements a ns whether or not the
+data is in cache: fusing the whole dequantization into one loop (a torch.compile'd version
+measured 2.5x faster per layer) would need the engine's compile setting, which these layers
+do not see.
 
 - int8: one scale per output channel, symmetric.
 - int4: groups of INT4_GROUP_SIZE (32) input channels, each with a scale and a zero point
@@ -70,11 +79,13 @@ from covey.llm_backend.config import QUANTIZATION_MODES
 # (int8, measured on this project's AVX512-BF16 CPU: at 32 rows they are level, beyond it
 # the matmul wins by up to 2x).
 KERNEL_MAX_ROWS = 32
-# The int4 kernel holds out longer, as its dequantization costs more: CPU time of the
-# embedded model's 120 projections (1 thread and 2, thread / process time on a loaded
-# machine): kernel 88 ms vs dequantize + matmul 143 ms at 64 rows, 172 vs 183 at 128,
-# 255 vs 223 at 192 (2 threads), 659 vs 367 at 512.
-INT4_KERNEL_MAX_ROWS = 128
+# The int4 kernel holds out longer, as its dequantization costs more. The embedded model's
+# 120 projections (its shapes, random weights), kernel vs dequantize + matmul, ms, fastest
+# of 5, interleaved in one process on a shared 2-core machine (load 3-4): 1 thread 82 vs
+# 114 at 32 rows, 121 vs 130 at 48, 161 vs 144 at 64, 208 vs 163 at 82, 321 vs 211 at
+# 128; 2 threads 44 vs 67 at 32, 62 vs 84 at 48, 83 vs 86 at 64, 108 vs 101 at 82, 123
+# vs 102 at 96, 163 vs 117 at 128. The kernel's cost grows ~1.3 ms a row (2 threads).
+INT4_KERNEL_MAX_ROWS = 64
 # The embedded GGUF is Q4_1 (min/max groups of 32): int4 in the same groups re-packs it
 # almost losslessly, where groups of 64 cost +35% perplexity.
 INT4_GROUP_SIZE = 32
@@ -88,7 +99,8 @@ _INT4_BLOCK_N = 64  # output channels per block of _convert_weight_to_int4pack_f
 # docstring); below, the weight-only kernel. The embedded model's 120 projections, copy's
 # speed over the kernel's (1 thread, interleaved on a loaded machine; 2 threads the same
 # within noise): 0.48x at 8 rows, 0.77x at 16, level at 24, 1.16x at 32, 1.8x at 82, 2.1x
-# at 128; over dequantize + matmul 1.7x at 150, 1.5x at 256, 1.2x at 512.
+# at 128; over dequantize + matmul 1.3x at 150, 1.2x at 256 and 512 (since the faster
+# dequantization, 1 thread, fastest of 4; before it 1.4x, 1.3x and 1.2x in the same run).
 DENSE_MIN_ROWS = 24
 # The int8 kernel is slower per row: the copy wins from about 16 (0.81x at 8 rows, 1.17x at
 # 16, 1.5x at 24 and 32; over dequantize + matmul 1.2-1.6x from 64 to 512 rows).
@@ -204,8 +216,8 @@ class Int4Linear(nn.Module):
         groups = k // self.group_size
         weight_t = _unpack_transposed(self.packed, self.scale_zero.dtype)  # [K, N]: q - 8
         by_group = weight_t.view(groups, self.group_size, n)
-        scale = self.scale_zero[..., 0].contiguous().unsqueeze(1)  # [G, 1, N]
-        zero = self.scale_zero[..., 1].contiguous().unsqueeze(1)
+        # [G, 1, N] each, contiguous (addcmul reads strided ones 8x slower), in one copy
+        scale, zero = self.scale_zero.permute(2, 0, 1).unsqueeze(2).contiguous()
         # one pass, rounded once, as the kernel computes (12% faster than mul_ then add_)
         torch.addcmul(zero, by_group, scale, out=by_group)
         return weight_t.t()
@@ -236,36 +248,33 @@ def _use_dense(layer: Int8Linear | Int4Linear, x: torch.Tensor) -> bool:
     first: a decode step asks this of every layer (`has_dense` is a plain attribute, where
     a buffer goes through Module.__getattr__)."""
     return (
-        layer.has_dense
-        and not torch.compiler.is_compiling()
-        and x.shape[0] >= layer.dense_min_rows
+        layer.has_dense and not torch.compiler.is_compiling() and x.shape[0] >= layer.dense_min_rows
     )
 
 
-_LOW_NIBBLES = 0x0F0F0F0F  # the low nibble of each byte of a 32-bit word
-# Adding 0x78 to a byte in [0, 15] cannot carry into the next byte, and flipping the sign
-# bit then leaves the two's-complement byte of (nibble - 8): eight nibbles offset at once.
-_OFFSET = 0x78787878
-_SIGN_BITS = -0x7F7F7F80  # 0x80808080 as an int32
+_LOW_NIBBLES = 0x0F0F0F0F0F0F0F0F  # the low nibble of each byte of a 64-bit word
 
 
 def _unpack_transposed(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The int4 values less 8, transposed: [K, N] in `dtype` (in this thread's workspace).
 
-    The kernel's layout: blocks of 64 output channels, within a block K rows of 32 bytes
-    (eight 32-bit words), the low nibble holding channel c and the high nibble c + 32. So
-    row k of the transpose is, per block, the 32 low nibbles of that row's bytes, then the
-    32 high ones: whole words move, no byte is transposed."""
+    The kernel's layout: blocks of 64 output channels, within a block K rows of 32 bytes,
+    the low nibble holding channel c and the high nibble c + 32. So row k of the transpose
+    is, per block, the 32 low nibbles of that row's bytes, then the 32 high ones: whole
+    words move, no byte is transposed. Only the two copies that move them are strided
+    (runs of 32 bytes, the cost of this function's integer half); every other pass runs
+    over contiguous memory, where torch vectorizes it (the first version masked and shifted
+    on the strided view itself: four times slower)."""
     n, k = packed.shape[0], packed.shape[1] * 2
     blocks = n // _INT4_BLOCK_N
-    words = packed.view(torch.int32).view(blocks, k, 8).permute(1, 0, 2)  # [K, N/64, 8]
-    nibbles = _workspace("nibbles", (k, blocks, 2, 8), torch.int32)
-    torch.bitwise_and(words, _LOW_NIBBLES, out=nibbles[:, :, 0])
-    torch.bitwise_right_shift(words, 4, out=nibbles[:, :, 1])
-    nibbles[:, :, 1].bitwise_and_(_LOW_NIBBLES)
-    nibbles.add_(_OFFSET).bitwise_xor_(_SIGN_BITS)
-    out = _workspace("weight", (k, n), dtype)
-    return out.copy_(nibbles.view(torch.int8).view(k, n))
+    high = _workspace("high", (blocks, k, 8), torch.int32)  # each byte's high nibble, low
+    torch.bitwise_right_shift(packed.view(torch.int32).view(blocks, k, 8), 4, out=high)
+    nibbles = _workspace("nibbles", (k, blocks, 2, 4), torch.int64)
+    nibbles[:, :, 0].copy_(packed.view(torch.int64).view(blocks, k, 4).transpose(0, 1))
+    nibbles[:, :, 1].copy_(high.view(torch.int64).view(blocks, k, 4).transpose(0, 1))
+    nibbles.bitwise_and_(_LOW_NIBBLES)
+    values = nibbles.view(torch.int8).view(k, n).sub_(8)  # bytewise: nothing borrows
+    return _workspace("weight", (k, n), dtype).copy_(values)
 
 
 _workspaces = threading.local()

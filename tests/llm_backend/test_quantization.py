@@ -92,6 +92,26 @@ def test_int4_wide_path_reads_the_weights_the_kernel_computes_with():
             assert ((deq.float() - by_kernel.float()).abs() <= step).all()
 
 
+def test_int4_dequantization_is_exactly_the_formula_rounded_once():
+    """Bit for bit, the wide path's weight is (q - 8) * scale + zero computed in float32 and
+    rounded once to bf16 (what F.linear then multiplies by, and what the dense copies hold),
+    with q recomputed here from the float weight as Int4Linear quantizes it: however the
+    unpacking is written, this pins its result. Several blocks of 64 channels and groups,
+    and groups whose zero lands near 0 (where an offset folded into the zero would round
+    differently)."""
+    torch.manual_seed(7)
+    for n, k in ((192, 96), (64, 32), (128, 256)):
+        weight = torch.randn(n, k) * 0.05
+        weight[:, :32] -= weight[:, :32].mean(dim=1, keepdim=True)
+        layer = Int4Linear(weight, None, torch.bfloat16)
+        groups = weight.reshape(n, k // INT4_GROUP_SIZE, INT4_GROUP_SIZE)
+        low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+        q = ((groups - low) / ((high - low).clamp(min=1e-6) / 15.0)).round().clamp(0, 15)
+        scale, zero = layer.scale_zero.float().transpose(0, 1).unsqueeze(-1).unbind(-2)
+        expected = ((q - 8) * scale + zero).reshape(n, k).bfloat16()
+        assert torch.equal(layer.dequantized(), expected)
+
+
 def test_int4_dequantizes_in_and_out_of_inference_mode_and_on_any_thread():
     import threading
 
@@ -102,7 +122,7 @@ def test_int4_dequantizes_in_and_out_of_inference_mode_and_on_any_thread():
         assert torch.equal(layer.dequantized(), expected)
     assert torch.equal(layer.dequantized(), expected)
     # one workspace per name serves both modes (not one copy each)
-    assert sorted(quantization._workspaces.__dict__) == ["nibbles", "weight"]
+    assert sorted(quantization._workspaces.__dict__) == ["high", "nibbles", "weight"]
     # Two threads at once, each on a layer of its own size: each thread's workspace is its
     # own, so neither ever reads the other's weights.
     layers = [Int4Linear(torch.randn(n, k), None, torch.bfloat16) for n, k in ((192, 96), (64, 32))]
@@ -209,39 +229,43 @@ def test_quantized_model_keeps_no_dense_copy(bf16_model, quantized, mode, max_fr
 
 
 @pytest.fixture(scope="module")
-def window(bf16_model):
+def windows(bf16_model):
+    """Four held-out windows of 128 tokens: on one, the int4 model's two computations (the
+    kernel, dequantize + matmul) landed 0.5% and 1.0% from bf16, on eight 0.4% and 0.1%."""
     tokenizer = LLMEngine(
         EngineConfig(dtype="bfloat16", kv_cache_tokens=256, chunk_cache="off"), model=bf16_model
     ).tokenizer
-    (ids,) = heldout_windows(tokenizer.encode, 1, 128)
-    return ids
+    return heldout_windows(tokenizer.encode, 4, 128)
 
 
 @pytest.fixture(scope="module")
-def bf16_logits(bf16_model, window):
-    return model_logits(bf16_model, window)
+def bf16_logits(bf16_model, windows):
+    return [model_logits(bf16_model, ids) for ids in windows]
 
 
-def _perplexity(logits: torch.Tensor, ids: list[int]) -> float:
-    return perplexity_of(lambda _: logits, [ids])
+def _perplexity(logits: list[torch.Tensor], windows: list[list[int]]) -> float:
+    by_window = iter(logits)
+    return perplexity_of(lambda _: next(by_window), windows)
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_each_mode_stays_within_its_perplexity_tolerance_of_bf16(
-    quantized, window, bf16_logits, mode
+    quantized, windows, bf16_logits, mode
 ):
-    logits = model_logits(quantized[mode], window)
-    ours, reference = _perplexity(logits, window), _perplexity(bf16_logits, window)
+    logits = [model_logits(quantized[mode], ids) for ids in windows]
+    ours, reference = _perplexity(logits, windows), _perplexity(bf16_logits, windows)
     assert abs(ours / reference - 1) <= PERPLEXITY_TOLERANCE[mode], (ours, reference)
     # and the models agree on most next tokens, not only on average
-    assert (logits.argmax(-1) == bf16_logits.argmax(-1)).float().mean() >= 0.9
+    agree = torch.cat(logits).argmax(-1) == torch.cat(bf16_logits).argmax(-1)
+    assert agree.float().mean() >= 0.9
 
 
-def test_bf16_stays_within_its_tolerance_of_float32(window, bf16_logits):
+def test_bf16_stays_within_its_tolerance_of_float32(windows, bf16_logits):
     from .conftest import embedded_model
 
-    reference = _perplexity(model_logits(embedded_model("cpu"), window), window)
-    ours = _perplexity(bf16_logits, window)
+    float32 = [model_logits(embedded_model("cpu"), ids) for ids in windows]
+    reference = _perplexity(float32, windows)
+    ours = _perplexity(bf16_logits, windows)
     assert abs(ours / reference - 1) <= PERPLEXITY_TOLERANCE["bfloat16"], (ours, reference)
 
 

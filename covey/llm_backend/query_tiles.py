@@ -12,6 +12,7 @@ queries' dtype, which SDPA would otherwise convert a boolean mask to on every ca
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,12 @@ class QueryTile:
     end: int
     keys: int
     mask: torch.Tensor  # [end - start, keys]: 0 where a key is seen, -inf past the row's position
+    visible: int = 0  # every row sees keys [0, visible): the mask hides none of them
+
+    @functools.cached_property
+    def stripe(self) -> torch.Tensor:
+        """The mask's columns that hide any key, [end - start, keys - visible] (a view)."""
+        return self.mask[:, self.visible :]
 
 
 @dataclass
@@ -90,5 +97,6 @@ def plan_run(
     for (start, end), keys in zip(bounds, keys_of, strict=True):
         hidden = torch.arange(keys, device=device)[None, :] > positions[start:end, None]
         mask = torch.zeros(hidden.shape, dtype=dtype, device=device)
-        tiles.append(QueryTile(start, end, keys, mask.masked_fill_(hidden, float("-inf"))))
+        mask.masked_fill_(hidden, float("-inf"))
+        tiles.append(QueryTile(start, end, keys, mask, min(pos[start:end]) + 1))
     return RunPlan(length, first * block_size if in_order else None, tiles)

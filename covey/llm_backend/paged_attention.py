@@ -35,8 +35,8 @@ def paged_attention(
         return _decode(q, kv, groups[0], bs)  # a pure decode step: no scatter into `out`
     if not groups and len(meta.prefills) == 1:
         run = meta.prefills[0]
-        if run.end - run.start == q.shape[0]:
-            return _prefill(q, k, v, kv, run, bs)  # one run alone: no scatter either
+        if run.end - run.start == q.shape[0]:  # one run alone: no scatter either
+            return _prefill(q, k, v, kv, run, bs).contiguous()  # (SDPA's is transposed)
     out = torch.empty_like(q)
     for g in groups:
         out[g.start : g.end] = _decode(q[g.start : g.end], kv, g, bs)

@@ -7,7 +7,8 @@ its own longest sequence; one sequence whose blocks lie in order is read without
 its values in place, its keys with one packed copy, see `_decode`); prefill
 runs go one sequence at a time (few per step): a run with no cached prefix on its own fresh
 keys (causal_prefill.py on CPU in bf16, else SDPA), a run over cached keys by query tiles
-at their true positions (batched matmuls, tile_attention.py, on CPU in bf16, else SDPA).
+at their true positions (batched matmuls, tile_attention.py, on CPU in bf16 at one thread,
+else SDPA).
 """
 
 from __future__ import annotations
@@ -18,6 +19,13 @@ import torch.nn.functional as F
 from covey.llm_backend.attention_metadata import AttentionMetadata, DecodeGroup, PrefillRun
 from covey.llm_backend.causal_prefill import causal_prefill, use_causal_prefill
 from covey.llm_backend.tile_attention import TileAttention, use_tile_attention
+
+# Runs over cached keys take tile_attention's matmuls at up to this many torch threads. At
+# one they beat the flash kernel (a blend run's layer 6.2 against 7.2 ms, see
+# tile_attention.py); at two, every measurement so far (a shared machine, loaded) came out
+# 0.7-1.05x, as each tile's four parallel regions wait on cores other processes hold, where
+# the flash kernel opens one. The thread governor runs one thread on such a machine.
+CACHED_TILES_MAX_THREADS = 1
 
 
 def store_kv(kv: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
@@ -64,10 +72,10 @@ def _cached_prefill(q: torch.Tensor, kv: torch.Tensor, run: PrefillRun, bs: int)
 
     Planned runs (true positions) go tile by tile (query_tiles.py) over keys read in place
     when their blocks lie in pool order, else gathered once: by float32-score matmuls
-    (tile_attention.py) on CPU in bf16, else by SDPA. A mask of any other form is applied
-    as given, in one SDPA call."""
+    (tile_attention.py) on CPU in bf16 at one thread, else by SDPA. A mask of any other
+    form is applied as given, in one SDPA call."""
     assert run.key_blocks is not None
-    by_tiles = use_tile_attention(q)
+    by_tiles = use_tile_attention(q) and torch.get_num_threads() <= CACHED_TILES_MAX_THREADS
     plan = run.plan(bs, torch.float32 if by_tiles else q.dtype)  # the masks' dtype
     qs = q.transpose(0, 1).unsqueeze(0)  # [1, H, n, Dh]
     if plan is None:

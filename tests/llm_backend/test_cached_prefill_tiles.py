@@ -8,6 +8,7 @@ same bf16 inputs under the boolean mask "key position <= query position".
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -16,6 +17,15 @@ from covey.llm_backend.paged_attention import paged_attention
 from covey.llm_backend.tile_attention import TileAttention
 
 H, KVH, DH, BS, BLOCKS = 9, 3, 64, 16, 40
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiles serve runs over cached keys at one torch thread (CACHED_TILES_MAX_THREADS)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _pool(gen: torch.Generator) -> torch.Tensor:
@@ -110,8 +120,9 @@ def test_query_heads_read_their_own_kv_head():
     assert out[:, :g].abs().sum() > 0 and out[:, 2 * g :].abs().sum() > 0
 
 
-def test_a_run_over_cached_keys_in_bf16_goes_through_the_tiles():
-    """The route, bit for bit: a short bf16 run (one tile) is the tile kernel's output."""
+def test_a_run_over_cached_keys_in_bf16_goes_through_the_tiles_at_one_thread():
+    """The route, bit for bit: a short bf16 run (one tile) is the tile kernel's output at
+    one thread, and one masked SDPA call at two."""
     gen = torch.Generator().manual_seed(3)
     kv = _pool(gen)
     positions = torch.arange(300, 330)
@@ -122,3 +133,8 @@ def test_a_run_over_cached_keys_in_bf16_goes_through_the_tiles():
     tiles = TileAttention(q, kv[0, :, :330], kv[1, :, :330], 30)
     tiles.attend(0, 30, 330, tile.stripe, tile.visible)
     assert torch.equal(got, tiles.output())
+    torch.set_num_threads(2)
+    two, _ = _attend(q, kv, torch.arange(21), positions)
+    torch.set_num_threads(1)
+    flash = _sdpa(q, kv, torch.arange(21), positions, torch.bfloat16)
+    torch.testing.assert_close(two.float(), flash, atol=0, rtol=0)

@@ -22,9 +22,10 @@ from covey.llm_backend.tile_attention import TileAttention, use_tile_attention
 
 # Runs over cached keys take tile_attention's matmuls at up to this many torch threads. At
 # one they beat the flash kernel (a blend run's layer 6.2 against 7.2 ms, see
-# tile_attention.py); at two, every measurement so far (a shared machine, loaded) came out
-# 0.7-1.05x, as each tile's four parallel regions wait on cores other processes hold, where
-# the flash kernel opens one. The thread governor runs one thread on such a machine.
+# tile_attention.py). At two they do not: the flash kernel nearly halves its time (one
+# parallel region over heads and query blocks) where the tiles' ops, batched over only 3 KV
+# heads, gain ~1.3x; on a quiet machine a blend run 0.92-0.98x, 512 rows after 512 keys
+# 0.99-1.05x, 30 rows after 1200 keys 0.7-1.0x; on a loaded one 0.7-0.9x.
 CACHED_TILES_MAX_THREADS = 1
 
 

@@ -15,11 +15,12 @@ time, on a loaded machine: a blend run (250 rows at scattered positions over 130
 6.2-6.3 ms against 7.2-7.3, 512 rows after 512 keys 12.3-13.1 against 15.1-15.7, 30 rows
 after 1200 keys 1.5-1.7 against 1.5-1.7. The float32 score product is most of it: at this
 head size oneDNN's float32 batched matmul runs at 70-90 GFLOP/s here, its bf16 one at
-130-200, and torch has no bf16-in, float32-out matmul on CPU. Two threads gained less or
-lost (1.04x for the first two and 0.94x for the short run, lightly loaded; 0.7-0.9x at load
-3-4 with the engine's short OpenMP spin, 0.3x with OpenMP's default): the four parallel
-regions a tile costs, against the flash call's one, wait on cores other processes hold. So
-runs over cached keys take the tiles at one thread only (paged_attention.py). Against
+130-200, and torch has no bf16-in, float32-out matmul on CPU. At two threads the tiles
+gained nothing (0.92-1.05x for the first two on a quiet machine, the short run 0.7-1.0x;
+0.7-0.9x at load 3-4 with the engine's short OpenMP spin, 0.3x with OpenMP's default): the
+flash kernel splits its work over heads and query blocks in one parallel region, the tiles
+open four a tile, each batched over 3 KV heads. So runs over cached keys take the tiles at
+one thread only (paged_attention.py). Against
 float32 attention on random inputs the error is 1.05-1.28x the flash kernel's.
 """
 

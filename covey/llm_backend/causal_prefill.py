@@ -21,8 +21,7 @@ bounds, each moved by at most 0.57 percentage points, either way.
 
 Queries go in tiles of TILE_ROWS, each against the keys up to its own last position, so
 the upper triangle is skipped but for each tile's diagonal block, which an additive mask
-hides. Each KV head's G query heads are one [G * rows, Dh] operand, so GQA repeats no keys;
-the keys are transposed and packed once per call so that every tile reads them in place.
+hides. The tiles attend as tile_attention.py does it (shared with runs over cached keys).
 """
 
 from __future__ import annotations
@@ -30,7 +29,8 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
+
+from covey.llm_backend.tile_attention import TileAttention, use_tile_attention
 
 # Query rows per tile: 64 measured fastest from 192 to 2048 tokens (1 thread, bf16; 128
 # rows: 122 ms at 2048 against 102), short enough that a tile's float32 scores stay small.
@@ -45,35 +45,21 @@ def use_causal_prefill(q: torch.Tensor) -> bool:
     in bf16, the dtype it was measured in (float32 models keep SDPA, whose float32 kernel
     is as fast and which the greedy tests against transformers were measured on), and
     long enough."""
-    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[0] >= MIN_ROWS
+    return use_tile_attention(q) and q.shape[0] >= MIN_ROWS
 
 
 def causal_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """q [n, H, Dh], k and v [n, KVH, Dh] of one run at positions 0..n-1 -> [n, H, Dh]:
     each query attends to the keys at its position and before."""
-    n, h, dh = q.shape
-    kvh = k.shape[1]
-    g = h // kvh
-    # one tile's queries in float32, reused: rows t * G + j of a KV head's operand are
-    # query t, head j of that KV head's group (upcast per tile, so no float32 copy of all n)
-    tile_queries = torch.empty(kvh, TILE_ROWS, g, dh, dtype=torch.float32, device=q.device)
-    grouped = q.view(n, kvh, g, dh).transpose(0, 1)  # [KVH, n, G, Dh], a view
-    keys_t = torch.empty(kvh, dh, n, dtype=torch.float32, device=q.device)
-    keys_t.copy_(k.permute(1, 2, 0))  # [KVH, Dh, n]: packed, so tiles slice it in place
+    n = q.shape[0]
     values = v.transpose(0, 1).contiguous()  # [KVH, n, Dh]
-    out = torch.empty(kvh, n * g, dh, dtype=q.dtype, device=q.device)
+    tiles = TileAttention(q, k.transpose(0, 1), values, TILE_ROWS)
     diagonal = _diagonal_mask(TILE_ROWS, q.device)
     for start in range(0, n, TILE_ROWS):
         end = min(n, start + TILE_ROWS)
-        rows = end - start
-        queries = tile_queries[:, :rows]
-        queries.copy_(grouped[:, start:end]).mul_(dh**-0.5)
-        scores = torch.bmm(queries.view(kvh, rows * g, dh), keys_t[:, :, :end])  # float32
-        # [KVH, rows, G, end]: only the tile's own block of keys has any to hide
-        scores.view(kvh, rows, g, end)[..., start:].add_(diagonal[:rows, None, :rows])
-        probs = F.softmax(scores, dim=-1).to(q.dtype)
-        torch.bmm(probs, values[:, :end], out=out[:, start * g : end * g])
-    return out.view(kvh, n, g, dh).transpose(0, 1).reshape(n, h, dh)
+        # only the tile's own block of keys has any to hide
+        tiles.attend(start, end, end, diagonal[: end - start, : end - start], start)
+    return tiles.output()
 
 
 @functools.cache

@@ -7,7 +7,8 @@ its own longest sequence; one sequence whose blocks lie in order is read without
 its values in place, its keys with one packed copy, see `_decode`); prefill
 runs go one sequence at a time (few per step): a run with no cached prefix on its own fresh
 keys (causal_prefill.py on CPU in bf16, else SDPA), a run over cached keys by query tiles
-at their true positions.
+at their true positions (batched matmuls, tile_attention.py, on CPU in bf16 at one thread,
+else SDPA).
 """
 
 from __future__ import annotations
@@ -17,6 +18,15 @@ import torch.nn.functional as F
 
 from covey.llm_backend.attention_metadata import AttentionMetadata, DecodeGroup, PrefillRun
 from covey.llm_backend.causal_prefill import causal_prefill, use_causal_prefill
+from covey.llm_backend.tile_attention import TileAttention, use_tile_attention
+
+# Runs over cached keys take tile_attention's matmuls at up to this many torch threads. At
+# one they beat the flash kernel (a blend run's layer 6.2 against 7.2 ms, see
+# tile_attention.py). At two they do not: the flash kernel nearly halves its time (one
+# parallel region over heads and query blocks) where the tiles' ops, batched over only 3 KV
+# heads, gain ~1.3x; on a quiet machine a blend run 0.92-0.98x, 512 rows after 512 keys
+# 0.99-1.05x, 30 rows after 1200 keys 0.7-1.0x; on a loaded one 0.7-0.9x.
+CACHED_TILES_MAX_THREADS = 1
 
 
 def store_kv(kv: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
@@ -34,53 +44,67 @@ def paged_attention(
         return _decode(q, kv, groups[0], bs)  # a pure decode step: no scatter into `out`
     if not groups and len(meta.prefills) == 1:
         run = meta.prefills[0]
-        if run.key_blocks is None and run.end - run.start == q.shape[0] and use_causal_prefill(q):
-            return causal_prefill(q, k, v)  # one fresh prompt alone: no scatter either
+        if run.end - run.start == q.shape[0]:  # one run alone: no scatter either
+            return _prefill(q, k, v, kv, run, bs).contiguous()  # (SDPA's is transposed)
     out = torch.empty_like(q)
     for g in groups:
         out[g.start : g.end] = _decode(q[g.start : g.end], kv, g, bs)
     for run in meta.prefills:
         rows = slice(run.start, run.end)
-        if run.key_blocks is None and use_causal_prefill(q[rows]):
-            out[rows] = causal_prefill(q[rows], k[rows], v[rows])
-            continue
-        qs = q[run.start : run.end].transpose(0, 1).unsqueeze(0)  # [1, H, n, Dh]
-        if run.key_blocks is None:
-            ks = k[run.start : run.end].transpose(0, 1).unsqueeze(0)  # [1, KVH, n, Dh]
-            vs = v[run.start : run.end].transpose(0, 1).unsqueeze(0)  # [1, KVH, n, Dh]
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
-        else:
-            o = _cached_prefill(qs, kv, run, bs)
-        out[run.start : run.end] = o.squeeze(0).transpose(0, 1)  # [n, H, Dh]
+        out[rows] = _prefill(q[rows], k[rows], v[rows], kv, run, bs)
     return out
 
 
-def _cached_prefill(qs: torch.Tensor, kv: torch.Tensor, run: PrefillRun, bs: int) -> torch.Tensor:
-    """Queries [1, H, n, Dh] over their sequence's keys in the pool -> [1, H, n, Dh].
+def _prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor, run: PrefillRun, bs: int
+) -> torch.Tensor:
+    """One run's queries q [n, H, Dh] (fresh k/v [n, KVH, Dh]) -> [n, H, Dh]."""
+    if run.key_blocks is not None:
+        return _cached_prefill(q, kv, run, bs)
+    if use_causal_prefill(q):
+        return causal_prefill(q, k, v)
+    qs, ks, vs = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, H|KVH, n, Dh]
+    o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
+    return o.squeeze(0).transpose(0, 1)  # [n, H, Dh]
+
+
+def _cached_prefill(q: torch.Tensor, kv: torch.Tensor, run: PrefillRun, bs: int) -> torch.Tensor:
+    """Queries q [n, H, Dh] over their sequence's keys in the pool -> [n, H, Dh].
 
     Planned runs (true positions) go tile by tile (query_tiles.py) over keys read in place
-    when their blocks lie in pool order, else gathered once; a mask of any other form is
-    applied as given, in one call."""
-    plan = run.plan(bs, qs.dtype)
+    when their blocks lie in pool order, else gathered once: by float32-score matmuls
+    (tile_attention.py) on CPU in bf16 at one thread, else by SDPA. A mask of any other
+    form is applied as given, in one SDPA call."""
     assert run.key_blocks is not None
+    by_tiles = use_tile_attention(q) and torch.get_num_threads() <= CACHED_TILES_MAX_THREADS
+    plan = run.plan(bs, torch.float32 if by_tiles else q.dtype)  # the masks' dtype
+    qs = q.transpose(0, 1).unsqueeze(0)  # [1, H, n, Dh]
     if plan is None:
         assert run.mask is not None
         keys = _gather_blocks(kv, run.key_blocks, bs)  # [2, KVH, nb * bs, Dh]
         length = run.mask.shape[1]
         ks = keys[0, :, :length].unsqueeze(0)  # [1, KVH, L, Dh]
         vs = keys[1, :, :length].unsqueeze(0)  # [1, KVH, L, Dh]
-        return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=run.mask, enable_gqa=True)
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=run.mask, enable_gqa=True)
+        return o.squeeze(0).transpose(0, 1)
     if plan.contiguous_start is not None:
         s = plan.contiguous_start
         keys = kv[:, :, s : s + plan.length]  # [2, KVH, L, Dh], a view of the pool
     else:
         nb = -(-plan.length // bs)
         keys = _gather_blocks(kv, run.key_blocks[:nb], bs)  # [2, KVH, nb * bs, Dh]
+    if by_tiles:
+        rows = max(t.end - t.start for t in plan.tiles)
+        tiles = TileAttention(q, keys[0, :, : plan.length], keys[1, :, : plan.length], rows)
+        for t in plan.tiles:
+            tiles.attend(t.start, t.end, t.keys, t.stripe, t.visible)
+        return tiles.output()
     if len(plan.tiles) == 1:
         t = plan.tiles[0]
-        ks = keys[0, :, : t.keys].unsqueeze(0)
+        ks = keys[0, :, : t.keys].unsqueeze(0)  # [1, KVH, keys, Dh]
         vs = keys[1, :, : t.keys].unsqueeze(0)
-        return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=t.mask, enable_gqa=True)
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=t.mask, enable_gqa=True)
+        return o.squeeze(0).transpose(0, 1)
     o = torch.empty_like(qs)
     for t in plan.tiles:
         ks = keys[0, :, : t.keys].unsqueeze(0)  # [1, KVH, keys, Dh]
@@ -88,7 +112,7 @@ def _cached_prefill(qs: torch.Tensor, kv: torch.Tensor, run: PrefillRun, bs: int
         o[:, :, t.start : t.end] = F.scaled_dot_product_attention(
             qs[:, :, t.start : t.end], ks, vs, attn_mask=t.mask, enable_gqa=True
         )
-    return o
+    return o.squeeze(0).transpose(0, 1)
 
 
 def _decode(q: torch.Tensor, kv: torch.Tensor, group: DecodeGroup, bs: int) -> torch.Tensor:

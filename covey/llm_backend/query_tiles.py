@@ -7,25 +7,33 @@ blend run's recomputed rows) costs as much as the keys it does see, 2-3x a full 
 causal attention. Cutting the queries (sorted by position) into tiles, each attending only
 to keys up to its own last query, skips nearly all of that triangle; only each tile's own
 stripe stays masked. The masks are additive and built once per run (not per layer), in the
+dtype of the scores they are added to: float32 for tile_attention.py's matmuls, else the
 queries' dtype, which SDPA would otherwise convert a boolean mask to on every call.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
-# Tiles are a multiple of 32 queries: the CPU flash kernel cuts up to 191 queries into blocks
-# of 32, so a 37-query tile pays for a 5-row block nearly as much as for a full one (32-row
-# tiles of a blend's ~220 sparse rows over ~1300 positions: 6.9 ms a layer, 37-row: 7.9 ms,
-# one masked call: 9.7 ms; measured in CPU time, bf16, one thread). A call costs ~20 us, and
-# 32-256 rows cost the same for 1280 contiguous queries, so long runs take bigger tiles.
+# Rows per tile. On CPU in bf16 the tiles are batched matmuls (tile_attention.py): 32, 48
+# and 64 rows came within noise of each other there (one thread, CPU time, interleaved on a
+# loaded machine; a blend's 250 rows over 1300 keys: 6.4 / 6.5 / 6.7 ms a layer, 512 rows
+# after 512 keys: 12.8 / 12.1 / 12.2 ms), and 16 rows were 5-15% slower. Elsewhere SDPA's
+# flash kernel does a tile: it cuts up to 191 queries into blocks of 32, so a 37-query tile
+# pays for a 5-row block nearly as much as for a full one (a blend's ~220 rows: 32-row tiles
+# 6.9 ms a layer, 37-row: 7.9 ms, one masked call: 9.7 ms, bf16, one thread).
 TILE_ROWS = 32
-MAX_TILES = 16  # a cap on calls per layer for long runs (tiles grow by TILE_ROWS)
+# A cap on tiles per layer for long runs (tiles grow by TILE_ROWS): with the matmuls, 8 (so
+# longer tiles) was 5-9% slower than 16 for 1024 rows after 256 keys and for 400 blend rows
+# over 2000 keys, 4% faster for 512 rows after 512 keys (same measurement).
+MAX_TILES = 16
 # Tiles must skip at least this share of the [n, L] pairs, else one call does the run: a few
-# queries after a long prefix skip almost nothing and would pay for the extra calls (64
-# queries after 1-2k keys: 2-6% slower in two tiles).
+# queries after a long prefix skip almost nothing and would pay for the extra calls (flash
+# kernel: 64 queries after 1-2k keys, 2-6% slower in two tiles; matmuls: 64 after 1000 keys,
+# 2.19 ms in one tile, 2.21 in two; 128 after 1000: 4.7 against 4.5 in four, within noise).
 MIN_SKIPPED = 0.1
 
 
@@ -37,6 +45,12 @@ class QueryTile:
     end: int
     keys: int
     mask: torch.Tensor  # [end - start, keys]: 0 where a key is seen, -inf past the row's position
+    visible: int = 0  # every row sees keys [0, visible): the mask hides none of them
+
+    @functools.cached_property
+    def stripe(self) -> torch.Tensor:
+        """The mask's columns that hide any key, [end - start, keys - visible] (a view)."""
+        return self.mask[:, self.visible :]
 
 
 @dataclass
@@ -90,5 +104,6 @@ def plan_run(
     for (start, end), keys in zip(bounds, keys_of, strict=True):
         hidden = torch.arange(keys, device=device)[None, :] > positions[start:end, None]
         mask = torch.zeros(hidden.shape, dtype=dtype, device=device)
-        tiles.append(QueryTile(start, end, keys, mask.masked_fill_(hidden, float("-inf"))))
+        mask.masked_fill_(hidden, float("-inf"))
+        tiles.append(QueryTile(start, end, keys, mask, min(pos[start:end]) + 1))
     return RunPlan(length, first * block_size if in_order else None, tiles)

@@ -51,7 +51,7 @@ SWAP_PROFILE_BYTES = 32 << 20  # the scratch pool's size at most: a few ms of co
 SWAP_PROFILE_REPEATS = 3  # the fastest of these: copies are noisy on a loaded machine
 # Part of every stored fit's key: bump it when the measurement, or the code it times
 # (attention, dequantization, the kernels' row limits, the KV copies), changes.
-PROFILE_VERSION = 3
+PROFILE_VERSION = 4
 PROFILE_MAX_AGE_S = 30 * 24 * 3600  # a stored fit older than this is measured again
 
 _profiles: dict[tuple[object, ...], PrefillProfile] = {}

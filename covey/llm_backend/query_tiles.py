@@ -49,7 +49,8 @@ class QueryTile:
 
     @functools.cached_property
     def stripe(self) -> torch.Tensor:
-        """The mask's columns that hide any key, [end - start, keys - visible] (a view)."""
+        """The mask's columns that may hide a key, [end - start, keys - visible] (a view):
+        those past the tile's first query position, hidden from some of its rows only."""
         return self.mask[:, self.visible :]
 
 

@@ -248,11 +248,21 @@ def _perplexity(logits: list[torch.Tensor], windows: list[list[int]]) -> float:
     return perplexity_of(lambda _: next(by_window), windows)
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode,kernel", [("int8", False), ("int4", False), ("int4", True)])
 def test_each_mode_stays_within_its_perplexity_tolerance_of_bf16(
-    quantized, windows, bf16_logits, mode
+    quantized, windows, bf16_logits, mode, kernel
 ):
-    logits = [model_logits(quantized[mode], ids) for ids in windows]
+    """int4 both ways: 128-token windows are past INT4_KERNEL_MAX_ROWS, so they run the
+    wide path (dequantize + matmul); `kernel` raises the layers' limit so that the same
+    windows run the weight-only kernel, which decode and short steps use."""
+    layers = [m for m in quantized[mode].modules() if isinstance(m, Int4Linear)]
+    for layer in layers if kernel else []:
+        layer.kernel_max_rows = 128
+    try:
+        logits = [model_logits(quantized[mode], ids) for ids in windows]
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("kernel_max_rows", None)
     ours, reference = _perplexity(logits, windows), _perplexity(bf16_logits, windows)
     assert abs(ours / reference - 1) <= PERPLEXITY_TOLERANCE[mode], (ours, reference)
     # and the models agree on most next tokens, not only on average

@@ -156,15 +156,38 @@ def chunk_groups(reused: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(starts.long(), 0) - 1
 
 
-def quota_topk(scores: torch.Tensor, groups: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of `k` rows: each group's top rows, the group getting its share of k by its
-    size (floor, then the largest remainders), so the total is exactly k."""
-    ids, counts = torch.unique(groups, return_counts=True)
-    exact = counts.double() * k / scores.shape[0]
+def shares(counts: torch.Tensor, k: int) -> torch.Tensor:
+    """[g] long: `k` split over groups of `counts` rows in proportion to their sizes (floor,
+    then the largest remainders), so the shares add up to exactly k."""
+    exact = counts.double() * k / int(counts.sum())
     share = exact.floor().long()
     rest = k - int(share.sum())
     if rest:
         share[(exact - share).topk(rest).indices] += 1
+    return share
+
+
+def top_rows(
+    scores: torch.Tensor, rows: torch.Tensor, groups: torch.Tensor, k: int, quota: str
+) -> torch.Tensor:
+    """The `k` of `rows` (region rows, `scores` one per row) with the highest scores: over
+    all of them, or each chunk (`groups`, per region row) its share with "per_chunk"."""
+    if quota == "per_chunk":
+        return rows[quota_topk(scores, groups[rows], k)]
+    return rows[scores.topk(k).indices]
+
+
+def subset_index(current: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+    """Where region `rows` sit among the rows now computed (`current`, sorted; None: all
+    of the region's rows, in order)."""
+    return rows if current is None else torch.searchsorted(current, rows)
+
+
+def quota_topk(scores: torch.Tensor, groups: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of `k` rows: each group's top rows, the group getting its share of k by its
+    size (floor, then the largest remainders), so the total is exactly k."""
+    ids, counts = torch.unique(groups, return_counts=True)
+    share = shares(counts, k)
     picked = []
     for g, n in zip(ids.tolist(), share.tolist(), strict=True):
         if n:
@@ -222,9 +245,31 @@ def blend_forward(
     num_reused = reused_rows.shape[0]
     num_forced = int(forced.sum())
     k = num_selected(ratio, num_reused)
-    stored = bool(k and k < num_reused and stored_ready(region))
-    check = sorted(set(check_layers)) if k and k < num_reused and not stored else []
+    groups = region.groups if region.groups is not None else chunk_groups(region.reused)
+    choosing = bool(k and k < num_reused)
+    stored = choosing and stored_ready(region)
+    # Partial check: some free rows have stored scores, some NaN. The scored rows' share of
+    # k is picked by stored score before layer 0; the check layers measure the others.
+    partial = False
+    if choosing and not stored and region.stored_scores is not None:
+        known = ~torch.isnan(region.stored_scores[reused_rows])
+        partial = bool(known.any())
+    check = sorted(set(check_layers)) if choosing and not stored else []
     select_after = check[-1] if check else -1  # the layer after which rows are chosen
+    current = None  # the region rows computed now, sorted; None: all of them
+    measured_rows = reused_rows  # the rows whose deviation the check layers measure
+    k_measured = k
+    if partial:
+        assert region.stored_scores is not None
+        scored_rows, measured_rows = reused_rows[known], reused_rows[~known]
+        split = shares(torch.tensor([len(scored_rows), len(measured_rows)]), k).tolist()
+        k_scored, k_measured = split
+        prechosen = reused_rows[:0]
+        if k_scored:
+            by_stored = region.stored_scores[scored_rows].float()
+            prechosen = top_rows(by_stored, scored_rows, groups, k_scored, policy.quota)
+        own_rows = torch.cat((own_rows, prechosen)).sort().values  # now on every layer
+        current = torch.cat((own_rows, measured_rows)).sort().values
     deviation = "attention" != policy.score
     attention = "attention" in policy.score
     if attention and check:
@@ -233,7 +278,9 @@ def blend_forward(
         question = question[question > last_reused]  # the own tokens after every chunk
         blocks = region.key_blocks
         key_slots = blocks[keys // block_size] * block_size + keys % block_size  # [L]
-        reused_pos = region.positions[reused_rows]
+        reused_pos = region.positions[measured_rows]
+        question_pos = region.positions if current is None else region.positions[current]
+        question = subset_index(current, question)
 
     def metadata(rows: torch.Tensor | None) -> AttentionMetadata:
         pos = region.positions if rows is None else region.positions[rows]
@@ -247,11 +294,13 @@ def blend_forward(
 
     x = model.embed_tokens(region.input_ids)  # [n, hidden]
     cos, sin = model.rotary(region.positions, x.dtype)
-    meta = metadata(None)
-    reused_slots = region.slots[reused_rows]
-    dev_score = torch.zeros(num_reused, dtype=torch.float32, device=device)
-    att_score = torch.zeros(num_reused, dtype=torch.float32, device=device)
-    groups = region.groups if region.groups is not None else chunk_groups(region.reused)
+    if current is not None:
+        x, cos, sin = x[current], cos[current], sin[current]
+    meta = metadata(current)
+    measured_slots = region.slots[measured_rows]
+    num_measured = measured_rows.shape[0]
+    dev_score = torch.zeros(num_measured, dtype=torch.float32, device=device)
+    att_score = torch.zeros(num_measured, dtype=torch.float32, device=device)
     measured = None
     for i, layer in enumerate(model.layers):
         if i == select_after + 1 and k < num_reused:
@@ -265,33 +314,40 @@ def blend_forward(
                 if deviation and attention:
                     score = _normalised(dev_score) + _normalised(att_score)
                 if region.stored_scores is not None:  # for the caller to store
-                    measured = per_chunk_normalised(score, groups[reused_rows])
-            if score is not None and policy.quota == "per_chunk":
-                chosen = reused_rows[quota_topk(score, groups[reused_rows], k)]
-            elif score is not None:
-                chosen = reused_rows[score.topk(k).indices]
+                    measured = per_chunk_normalised(score, groups[measured_rows])
+            if score is not None and k_measured:
+                chosen = top_rows(score, measured_rows, groups, k_measured, policy.quota)
             rows = torch.cat((own_rows, chosen)).sort().values
-            x, cos, sin, meta = x[rows], cos[rows], sin[rows], metadata(rows)
+            at = subset_index(current, rows)
+            x, cos, sin, meta = x[at], cos[at], sin[at], metadata(rows)
+            current = rows
         layer_kv = kv_cache[i]  # [2, KVH, S, Dh]
         if i in check:
-            cached = layer_kv.index_select(2, reused_slots).float()  # before the overwrite
+            cached = layer_kv.index_select(2, measured_slots).float()  # before the overwrite
             x_in = x
         x = layer(x, cos, sin, layer_kv, meta)
         if i in check:
             if deviation:
-                fresh = layer_kv.index_select(2, reused_slots).float()
+                fresh = layer_kv.index_select(2, measured_slots).float()
                 diff = (fresh - cached).square().sum(dim=(1, 3))  # [2, R]: K and V
                 part = {"kv": diff.sum(0), "k": diff[0], "v": diff[1]}.get(policy.score, None)
                 dev_score += _normalised(diff.sum(0) if part is None else part)
             if attention:
                 att_score += _normalised(
                     _question_attention(
-                        layer, x_in, cos, sin, question, region.positions, layer_kv,
-                        key_slots, reused_pos,
+                        layer,
+                        x_in,
+                        cos,
+                        sin,
+                        question,
+                        question_pos,
+                        layer_kv,
+                        key_slots,
+                        reused_pos,
                     )
                 )
     scores = None
     if measured is not None:
         scores = torch.full((len(region.reused),), float("nan"), dtype=torch.float32)
-        scores[reused_rows.cpu()] = measured.cpu()
+        scores[measured_rows.cpu()] = measured.cpu()
     return BlendResult(model.norm(x[-1:]), num_forced + k, scores, bool(check))

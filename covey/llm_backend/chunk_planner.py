@@ -101,11 +101,16 @@ def record_scores(
     with each reused entry, for its tokens this blend imported. An import that is only
     part of its chunk (it starts inside it, after a prefix-cache hit, or ends before the
     chunk's last token) records nothing: its scores are normalised over the part, a scale
-    that does not mix with whole-chunk scores."""
+    that does not mix with whole-chunk scores. An import measured nowhere (all NaN: its
+    stored scores chose its rows in a partial check) is left alone, so its refresh count
+    (`ChunkStore.note_stored_use`) keeps running instead of being reset."""
     for imp in imports:
         if imp.offset > 0 or imp.end - imp.start < len(imp.entry.token_ids):
             continue
-        store.update_scores(imp.entry, imp.offset, scores[imp.start - start : imp.end - start])
+        part = scores[imp.start - start : imp.end - start]
+        if bool(torch.isnan(part).all()):
+            continue  # not measured (a partial check's scored chunk): keep its refresh count
+        store.update_scores(imp.entry, imp.offset, part)
 
 
 def num_blend_recomputed(ratio: float, num_reused: int, num_sinks: int) -> int:
@@ -169,9 +174,17 @@ class ChunkStep:
     next_index: int
     next_position: int
     blend_start: int | None = None  # the first position whose KV is not exact
-    checked: bool = False  # blend only: it runs the check layers
+    checked: bool = False  # blend only: it runs the check layers (over all or some chunks)
     by_stored: bool = False  # blend only: it chooses by stored scores, with no check layer
+    # blend only, one per import: its stored scores choose its rows (the check layers skip
+    # it); all True is `by_stored`, a mix a partial check; empty when no rows are chosen
+    scored: tuple[bool, ...] = ()
     scores_recorded: bool = False  # blend only: its scores were stored (a retry adds none)
+
+    @property
+    def partly_checked(self) -> bool:
+        """A partial check: the check layers run over the unscored imports only."""
+        return self.checked and any(self.scored)
 
 
 @dataclass
@@ -185,7 +198,8 @@ class ChunkCounters:
     recomputed_tokens: int = 0  # blended tokens recomputed on every layer
     stored_spans: int = 0
     store_refused: int = 0
-    checked_blends: int = 0  # blend runs that ran the check layers
+    checked_blends: int = 0  # blend runs that ran the check layers (fully or partly)
+    partly_checked_blends: int = 0  # of those, partial checks: some chunks chose by scores
     stored_score_blends: int = 0  # blend runs that chose by stored scores instead
 
 
@@ -329,6 +343,7 @@ class ChunkPlanner:
         blend: Piece | None = None
         recomputed = 0
         checked = stored = False
+        scored: tuple[bool, ...] = ()
         while i < len(plan.pieces):
             piece = plan.pieces[i]
             if piece.kind == "import":
@@ -354,17 +369,18 @@ class ChunkPlanner:
                 # non-sink reused rows and not all of them: charged only then.
                 chosen = recomputed - sinks
                 checks = 0 < chosen < reused - sinks
-                by_stored = checks and self.stored_scores
-                by_stored = by_stored and imports_scored(piece.imports, self.sink_tokens)
-                by_stored = by_stored and all(
-                    self.store.scores_fresh(imp.entry) for imp in piece.imports
-                )
+                marks = self._scored(piece.imports) if checks else (False,) * len(piece.imports)
+                by_stored = all(marks)
                 checks = checks and not by_stored
-                need = own + recomputed + (math.ceil(self.check_fraction * reused) if checks else 0)
+                # the check layers compute only the unscored imports' reused tokens
+                pairs = zip(piece.imports, marks, strict=True)
+                unscored = sum(imp.end - imp.start for imp, m in pairs if not m)
+                check_cost = math.ceil(self.check_fraction * unscored) if checks else 0
+                need = own + recomputed + check_cost
                 if cost + need > budget and not alone:
                     break
                 blend, cost, pos, i = piece, cost + need, piece.end, i + 1
-                checked, stored = checks, by_stored
+                checked, stored, scored = checks, by_stored, marks
                 imports.extend(piece.imports)
         if not compute and blend is None:
             return None
@@ -380,6 +396,17 @@ class ChunkPlanner:
             blend_start=blend.start if blend is not None else None,
             checked=checked,
             by_stored=stored,
+            scored=scored,
+        )
+
+    def _scored(self, imports: tuple[KVImport, ...]) -> tuple[bool, ...]:
+        """Per import of a blend that chooses rows: whether its stored scores choose them
+        (every row chosen by score has one, and no refresh is due)."""
+        return tuple(
+            self.stored_scores
+            and imports_scored([imp], self.sink_tokens)
+            and self.store.scores_fresh(imp.entry)
+            for imp in imports
         )
 
     def commit(self, seq: Sequence, step: ChunkStep) -> None:
@@ -394,11 +421,16 @@ class ChunkPlanner:
         seq.metrics.num_recomputed_tokens += step.num_recomputed
         self.counters.reused_tokens += reused
         self.counters.recomputed_tokens += step.num_recomputed
-        if step.blend is not None and step.checked:
+        if step.blend is None:
+            return
+        if step.checked:
             self.counters.checked_blends += 1
-        if step.blend is not None and step.by_stored:
+        if step.partly_checked:
+            self.counters.partly_checked_blends += 1
+        if step.by_stored:
             self.counters.stored_score_blends += 1
-            for imp in step.blend.imports:
+        for imp, scored in zip(step.blend.imports, step.scored, strict=True):
+            if scored:  # its stored scores chose rows (a partial check's scored imports too)
                 self.store.note_stored_use(imp.entry)
 
 

@@ -30,10 +30,26 @@ not by the last prompt token's logits. Layer 1's deviation ranks the deep deviat
 Stored scores (EngineConfig.blend_stored_scores): a region whose reused rows all carry a
 score stored with their chunk (`BlendRegion.stored_scores`, measured on the check layers
 when the chunk was blended before) skips the check layers and picks its rows by those
-scores before layer 0, so only the own and chosen rows are ever computed. Otherwise the
-check layers run, and their scores come back per row (`BlendResult.scores`, each chunk's
-normalised to mean 1: the raw deviation's scale depends on the context, the ranking within
-a chunk less so) for the caller to store.
+scores before layer 0, so only the own and chosen rows are ever computed. A region with no
+stored score runs the check layers over every row, and their scores come back per row
+(`BlendResult.scores`, each chunk's normalised to mean 1: the raw deviation's scale depends
+on the context, the ranking within a chunk less so) for the caller to store.
+
+Partial check: a region where some reused rows have stored scores and others NaN (a chunk
+never blended, or one whose refresh is due) splits the ratio's k between the two groups by
+their sizes (largest remainder, k in all). The scored group's share is picked by stored
+score before layer 0 (per chunk with the per_chunk quota); the check layers compute only the
+own, forced, pre-chosen and unscored rows, and measure the deviation of the unscored ones;
+after the last check layer the unscored group's share is kept by it, and the later layers
+run as usual. Why: with stored scores on, most reused chunks of a popular corpus are scored,
+and a full check for one unscored chunk computes every reused token (~1200 on rag_kv's
+five chunks) up to the check layer, ~2x a stored-score blend's time; the partial check
+computes the own rows, the unscored chunk and the chosen ones. Each query still attends by
+its true position over the whole block table, so the scored rows not computed are read from
+their reused KV on the check layers, as the later layers read every unchosen row; the
+unscored chunk's deviation is measured against that context rather than a fully recomputed
+one. Scores come back for the unscored rows only (NaN elsewhere: the scored chunks were not
+measured, and keep their stored scores).
 
 `forced` rows (the heads of the reused chunks, `blend_sink_tokens`) are recomputed on every
 layer whatever their deviation, beyond the ratio, which then applies to the other reused
@@ -63,8 +79,9 @@ def default_check_layers(num_layers: int) -> tuple[int, ...]:
     """The check layer when EngineConfig.blend_check_layers is None: at DEFAULT_CHECK_DEPTH
     of the model. Deeper layers rank the tokens that matter better (the module docstring's
     probe: layer 1 lost 5.6 points of accuracy at ratio 0.15, layer 8 0.6, layer 12 none),
-    but every reused token is computed in full up to the check layer, so a deeper one costs
-    more of the prefill it saves; 8 of 30 is the cheapest that held the accuracy."""
+    but every reused token not chosen by stored scores is computed in full up to the check
+    layer, so a deeper one costs more of the prefill it saves; 8 of 30 is the cheapest that
+    held the accuracy."""
     return (min(num_layers - 1, round(num_layers * DEFAULT_CHECK_DEPTH)),)
 
 
@@ -108,8 +125,9 @@ class BlendRegion:
     reused: torch.Tensor  # [n] bool, True where the pool holds reused KV (never the last token)
     forced: torch.Tensor | None = None  # [n] bool, reused rows recomputed whatever they deviate
     groups: torch.Tensor | None = None  # [n] long: the reused chunk of each row (per_chunk)
-    # [n] float: each reused row's score stored with its chunk, NaN where it has none; None
-    # when stored scores are not used (then the check layers always run)
+    # [n] float: each reused row's score stored with its chunk, NaN where it has none (all
+    # NaN: a full check; some: a partial check); None when stored scores are not used (then
+    # the check layers always run over every row and no scores come back)
     stored_scores: torch.Tensor | None = None
 
 
@@ -117,11 +135,12 @@ class BlendRegion:
 class BlendResult:
     hidden: torch.Tensor  # [1, hidden] the last token's final hidden state (for its logits)
     num_recomputed: int  # reused tokens recomputed on every layer
-    # [n] float32 on CPU: the check layers' score of each reused row chosen by score,
-    # normalised to mean 1 per chunk, NaN on the other rows; None when no check layer ran
+    # [n] float32 on CPU: the check layers' score of each reused row they measured (chosen
+    # by score and, in a partial check, unscored), normalised to mean 1 per chunk, NaN on
+    # the other rows; None when no check layer ran
     # or the region had no stored_scores (stored scores off: nothing to store)
     scores: torch.Tensor | None = None
-    checked: bool = False  # whether the check layers ran (False: stored scores, or none)
+    checked: bool = False  # whether the check layers ran (over all rows or, partial, some)
 
 
 def stored_ready(region: BlendRegion) -> bool:

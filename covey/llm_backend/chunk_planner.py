@@ -12,10 +12,15 @@ when it is planned):
    (`blend_forward`): those chunks' KV is imported, re-rotated to the new positions, and a
    fraction of their tokens recomputed. A blend run is never split by chunked prefill.
 3. Everything else is computed, in budget-sized pieces like any prefill.
-With `stored_scores` (EngineConfig.blend_stored_scores) a blend whose reused chunks all
-carry scores from earlier blends is charged no check layers (it runs none; see
-blend_forward), and a blend that runs them stores what they measured with each chunk
-(`record_scores`).
+With `stored_scores` (EngineConfig.blend_stored_scores) each reused chunk of a blend is
+scored when every row it chooses by score has a score from earlier blends and no refresh is
+due (`ChunkStore.scores_fresh`). A blend whose chunks are all scored is charged no check
+layers (it runs none; see blend_forward); one with none scored is charged them over every
+reused token; one with some scored runs a partial check, charged the check layers over the
+unscored chunks' tokens only (a popular corpus is mostly scored: a full check for one new
+chunk would compute all ~1200 reused tokens up to the check layer). A blend that runs check
+layers stores what they measured with each chunk they measured (`record_scores`); the
+scored chunks of a partial check count a stored use toward their refresh.
 Spans computed here are stored afterwards for the next request (by `ChunkStorer`): with
 their exact context key while their KV is exact, and under a "blended:" context (reusable by
 blending only) once they follow blended KV. The last prompt token is always computed: its

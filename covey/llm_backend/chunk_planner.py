@@ -182,14 +182,10 @@ class ChunkStep:
     checked: bool = False  # blend only: it runs the check layers (over all or some chunks)
     by_stored: bool = False  # blend only: it chooses by stored scores, with no check layer
     # blend only, one per import: its stored scores choose its rows (the check layers skip
-    # it); all True is `by_stored`, a mix a partial check; empty when no rows are chosen
+    # it); empty when no rows are chosen by score
     scored: tuple[bool, ...] = ()
+    partly_checked: bool = False  # blend only: the check layers run over unscored imports only
     scores_recorded: bool = False  # blend only: its scores were stored (a retry adds none)
-
-    @property
-    def partly_checked(self) -> bool:
-        """A partial check: the check layers run over the unscored imports only."""
-        return self.checked and any(self.scored)
 
 
 @dataclass
@@ -347,7 +343,7 @@ class ChunkPlanner:
         cost = 0
         blend: Piece | None = None
         recomputed = 0
-        checked = stored = False
+        checked = stored = partial = False
         scored: tuple[bool, ...] = ()
         while i < len(plan.pieces):
             piece = plan.pieces[i]
@@ -375,7 +371,9 @@ class ChunkPlanner:
                 chosen = recomputed - sinks
                 checks = 0 < chosen < reused - sinks
                 marks = self._scored(piece.imports) if checks else (False,) * len(piece.imports)
-                by_stored = all(marks)
+                choosing = [m for m in marks if m is not None]  # imports with rows to choose
+                by_stored = checks and all(choosing)
+                partly = checks and not by_stored and any(choosing)
                 checks = checks and not by_stored
                 # the check layers compute only the unscored imports' reused tokens
                 pairs = zip(piece.imports, marks, strict=True)
@@ -385,7 +383,8 @@ class ChunkPlanner:
                 if cost + need > budget and not alone:
                     break
                 blend, cost, pos, i = piece, cost + need, piece.end, i + 1
-                checked, stored, scored = checks, by_stored, marks
+                checked, stored, partial = checks, by_stored, partly
+                scored = tuple(bool(m) for m in marks)
                 imports.extend(piece.imports)
         if not compute and blend is None:
             return None
@@ -402,17 +401,22 @@ class ChunkPlanner:
             checked=checked,
             by_stored=stored,
             scored=scored,
+            partly_checked=partial,
         )
 
-    def _scored(self, imports: tuple[KVImport, ...]) -> tuple[bool, ...]:
+    def _scored(self, imports: tuple[KVImport, ...]) -> tuple[bool | None, ...]:
         """Per import of a blend that chooses rows: whether its stored scores choose them
-        (every row chosen by score has one, and no refresh is due)."""
-        return tuple(
-            self.stored_scores
-            and imports_scored([imp], self.sink_tokens)
-            and self.store.scores_fresh(imp.entry)
-            for imp in imports
-        )
+        (every row chosen by score has one, and no refresh is due); None for an import with
+        no row chosen by score (its sinks only): blend_forward sees rows, not imports, and
+        such an import decides neither a stored-score blend nor a check."""
+        sinks = set(sink_rows(imports, self.sink_tokens))
+
+        def scored(imp: KVImport) -> bool | None:
+            if all(p in sinks for p in range(imp.start, imp.end)):
+                return None
+            return imports_scored([imp], self.sink_tokens) and self.store.scores_fresh(imp.entry)
+
+        return tuple(scored(imp) if self.stored_scores else False for imp in imports)
 
     def commit(self, seq: Sequence, step: ChunkStep) -> None:
         """The scheduler keeps `step`: advance the plan and count what it reuses."""

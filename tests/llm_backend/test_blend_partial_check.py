@@ -14,8 +14,11 @@ from dataclasses import replace
 import torch
 
 import covey.cache.chunk_store as chunk_store
+from covey.cache.chunk_kv import ROOT_HASH, ChunkKV
 from covey.llm_backend.blend_forward import blend_forward, shares
-from covey.llm_backend.chunk_planner import num_selected
+from covey.llm_backend.chunk_planner import ChunkPlan, ChunkPlanner, KVImport, Piece, num_selected
+from covey.llm_backend.sampling_params import SamplingParams
+from covey.llm_backend.sequence import Sequence
 from tests.llm_backend.test_blend_forward import _setup
 from tests.llm_backend.test_blend_stored_scores import (
     LayerRows,
@@ -25,6 +28,8 @@ from tests.llm_backend.test_blend_stored_scores import (
     _run,
     _stored_engine,
 )
+
+LAYERS, CHECK = 30, (1,)
 
 
 def test_a_partly_scored_blend_checks_only_its_unscored_chunk(make_engine, monkeypatch):
@@ -154,3 +159,59 @@ def test_partial_check_at_ratio_one_is_a_full_prefill(make_engine):
     torch.testing.assert_close(result.hidden, full_last, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(engine.pool.kv[:, :, :, region.slots], reference, atol=1e-4, rtol=0)
     engine.abort_request("full")
+
+
+def _planner_step(chunk_scores, sinks=0, sizes=None):
+    """A hand-made plan: own tokens 0-8, then chunks (16 tokens each unless `sizes`; scores
+    per chunk: None or a list), then 16 own tokens after them. No model."""
+    store = chunk_store.ChunkStore(1 << 20, float)
+    planner = ChunkPlanner(store, "blend", 0.25, CHECK, LAYERS, sinks, stored_scores=True)
+    imports = []
+    pos = 8
+    for i, scores in enumerate(chunk_scores):
+        n = sizes[i] if sizes else 16
+        tensor = None if scores is None else torch.tensor(scores, dtype=torch.float16)
+        kv = torch.zeros(1, 2, 1, n, 2)
+        entry = ChunkKV(f"c{i}", tuple(range(100 * i, 100 * i + n)), kv, 0, ROOT_HASH, tensor)
+        assert store.put(entry)
+        imports.append(KVImport(pos, pos + n, entry, offset=0, delta=3))
+        pos += n
+    end = pos + 16
+    seq = Sequence("r", list(range(end)), SamplingParams(max_tokens=1))
+    seq.chunk_plan = ChunkPlan([Piece(0, end, "blend", tuple(imports))], [], 0)
+    step = planner.take(seq, budget=1000, alone=True)
+    assert step is not None and step.blend is not None
+    return planner, seq, step
+
+
+def test_a_partial_check_is_charged_the_check_layers_over_the_unscored_chunks_only():
+    planner, seq, step = _planner_step([[1.0] * 16, None, [2.0] * 16])
+    assert step.checked and step.partly_checked and not step.by_stored
+    assert step.scored == (True, False, True)
+    recomputed = math.ceil(0.25 * 48)
+    assert step.cost == 24 + recomputed + math.ceil((max(CHECK) + 1) / LAYERS * 16)
+    planner.commit(seq, step)
+    c = planner.counters
+    assert (c.checked_blends, c.partly_checked_blends, c.stored_score_blends) == (1, 1, 0)
+    uses = [planner.store.scores_fresh(imp.entry) for imp in step.blend.imports]
+    assert uses == [True, True, True]  # one use each of the scored, below the refresh
+
+    # all unscored: a full check, charged over every reused token
+    _, _, full = _planner_step([None, None, None])
+    assert full.checked and not full.partly_checked and full.scored == (False,) * 3
+    assert full.cost == 24 + recomputed + math.ceil((max(CHECK) + 1) / LAYERS * 48)
+    # a chunk whose sinks cover it decides nothing, scored or not (blend_forward sees rows):
+    # with only unscored others a full check, with only scored others a stored-score blend
+    _, _, sunk = _planner_step([None, [1.0] * 4, None], sinks=4, sizes=(16, 4, 16))
+    assert sunk.checked and not sunk.partly_checked
+    _, _, sunk = _planner_step([[1.0] * 16, None, [1.0] * 16], sinks=4, sizes=(16, 4, 16))
+    assert sunk.by_stored and not sunk.checked
+
+
+def test_a_partial_check_counts_a_stored_use_of_its_scored_chunks(monkeypatch):
+    monkeypatch.setattr(chunk_store, "SCORES_REFRESH_USES", 1)
+    planner, seq, step = _planner_step([[1.0] * 16, None])
+    assert step.partly_checked
+    planner.commit(seq, step)
+    first, second = (imp.entry for imp in step.blend.imports)
+    assert not planner.store.scores_fresh(first) and planner.store.scores_fresh(second)

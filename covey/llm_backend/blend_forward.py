@@ -276,7 +276,9 @@ def blend_forward(
     check = sorted(set(check_layers)) if choosing and not stored else []
     select_after = check[-1] if check else -1  # the layer after which rows are chosen
     current = None  # the region rows computed now, sorted; None: all of them
-    measured_rows = reused_rows  # the rows whose deviation the check layers measure
+    # the reused rows chosen after the check layers (by their measure, or by stored scores
+    # with no check layer): all of them, or a partial check's unscored ones
+    measured_rows = reused_rows
     k_measured = k
     if partial:
         assert region.stored_scores is not None
@@ -285,8 +287,8 @@ def blend_forward(
         k_scored, k_measured = split
         prechosen = reused_rows[:0]
         if k_scored:
-            by_stored = region.stored_scores[scored_rows].float()
-            prechosen = top_rows(by_stored, scored_rows, groups, k_scored, policy.quota)
+            stored_score = region.stored_scores[scored_rows].float()
+            prechosen = top_rows(stored_score, scored_rows, groups, k_scored, policy.quota)
         own_rows = torch.cat((own_rows, prechosen)).sort().values  # now on every layer
         current = torch.cat((own_rows, measured_rows)).sort().values
     deviation = "attention" != policy.score

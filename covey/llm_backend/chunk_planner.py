@@ -12,10 +12,15 @@ when it is planned):
    (`blend_forward`): those chunks' KV is imported, re-rotated to the new positions, and a
    fraction of their tokens recomputed. A blend run is never split by chunked prefill.
 3. Everything else is computed, in budget-sized pieces like any prefill.
-With `stored_scores` (EngineConfig.blend_stored_scores) a blend whose reused chunks all
-carry scores from earlier blends is charged no check layers (it runs none; see
-blend_forward), and a blend that runs them stores what they measured with each chunk
-(`record_scores`).
+With `stored_scores` (EngineConfig.blend_stored_scores) each reused chunk of a blend is
+scored when every row it chooses by score has a score from earlier blends and no refresh is
+due (`ChunkStore.scores_fresh`). A blend whose chunks are all scored is charged no check
+layers (it runs none; see blend_forward); one with none scored is charged them over every
+reused token; one with some scored runs a partial check, charged the check layers over the
+unscored chunks' tokens only (a popular corpus is mostly scored: a full check for one new
+chunk would compute all ~1200 reused tokens up to the check layer). A blend that runs check
+layers stores what they measured with each chunk they measured (`record_scores`); the
+scored chunks of a partial check count a stored use toward their refresh.
 Spans computed here are stored afterwards for the next request (by `ChunkStorer`): with
 their exact context key while their KV is exact, and under a "blended:" context (reusable by
 blending only) once they follow blended KV. The last prompt token is always computed: its
@@ -101,11 +106,16 @@ def record_scores(
     with each reused entry, for its tokens this blend imported. An import that is only
     part of its chunk (it starts inside it, after a prefix-cache hit, or ends before the
     chunk's last token) records nothing: its scores are normalised over the part, a scale
-    that does not mix with whole-chunk scores."""
+    that does not mix with whole-chunk scores. An import measured nowhere (all NaN: its
+    stored scores chose its rows in a partial check) is left alone, so its refresh count
+    (`ChunkStore.note_stored_use`) keeps running instead of being reset."""
     for imp in imports:
         if imp.offset > 0 or imp.end - imp.start < len(imp.entry.token_ids):
             continue
-        store.update_scores(imp.entry, imp.offset, scores[imp.start - start : imp.end - start])
+        part = scores[imp.start - start : imp.end - start]
+        if bool(torch.isnan(part).all()):
+            continue  # not measured (a partial check's scored chunk): keep its refresh count
+        store.update_scores(imp.entry, imp.offset, part)
 
 
 def num_blend_recomputed(ratio: float, num_reused: int, num_sinks: int) -> int:
@@ -169,8 +179,12 @@ class ChunkStep:
     next_index: int
     next_position: int
     blend_start: int | None = None  # the first position whose KV is not exact
-    checked: bool = False  # blend only: it runs the check layers
+    checked: bool = False  # blend only: it runs the check layers (over all or some chunks)
     by_stored: bool = False  # blend only: it chooses by stored scores, with no check layer
+    # blend only, one per import: its stored scores choose its rows (the check layers skip
+    # it); empty when no rows are chosen by score
+    scored: tuple[bool, ...] = ()
+    partly_checked: bool = False  # blend only: the check layers run over unscored imports only
     scores_recorded: bool = False  # blend only: its scores were stored (a retry adds none)
 
 
@@ -185,7 +199,8 @@ class ChunkCounters:
     recomputed_tokens: int = 0  # blended tokens recomputed on every layer
     stored_spans: int = 0
     store_refused: int = 0
-    checked_blends: int = 0  # blend runs that ran the check layers
+    checked_blends: int = 0  # blend runs that ran the check layers (fully or partly)
+    partly_checked_blends: int = 0  # of those, partial checks: some chunks chose by scores
     stored_score_blends: int = 0  # blend runs that chose by stored scores instead
 
 
@@ -328,7 +343,8 @@ class ChunkPlanner:
         cost = 0
         blend: Piece | None = None
         recomputed = 0
-        checked = stored = False
+        checked = stored = partial = False
+        scored: tuple[bool, ...] = ()
         while i < len(plan.pieces):
             piece = plan.pieces[i]
             if piece.kind == "import":
@@ -354,17 +370,21 @@ class ChunkPlanner:
                 # non-sink reused rows and not all of them: charged only then.
                 chosen = recomputed - sinks
                 checks = 0 < chosen < reused - sinks
-                by_stored = checks and self.stored_scores
-                by_stored = by_stored and imports_scored(piece.imports, self.sink_tokens)
-                by_stored = by_stored and all(
-                    self.store.scores_fresh(imp.entry) for imp in piece.imports
-                )
+                marks = self._scored(piece.imports) if checks else (False,) * len(piece.imports)
+                choosing = [m for m in marks if m is not None]  # imports with rows to choose
+                by_stored = checks and all(choosing)
+                partly = checks and not by_stored and any(choosing)
                 checks = checks and not by_stored
-                need = own + recomputed + (math.ceil(self.check_fraction * reused) if checks else 0)
+                # the check layers compute only the unscored imports' reused tokens
+                pairs = zip(piece.imports, marks, strict=True)
+                unscored = sum(imp.end - imp.start for imp, m in pairs if not m)
+                check_cost = math.ceil(self.check_fraction * unscored) if checks else 0
+                need = own + recomputed + check_cost
                 if cost + need > budget and not alone:
                     break
                 blend, cost, pos, i = piece, cost + need, piece.end, i + 1
-                checked, stored = checks, by_stored
+                checked, stored, partial = checks, by_stored, partly
+                scored = tuple(bool(m) for m in marks)
                 imports.extend(piece.imports)
         if not compute and blend is None:
             return None
@@ -380,7 +400,23 @@ class ChunkPlanner:
             blend_start=blend.start if blend is not None else None,
             checked=checked,
             by_stored=stored,
+            scored=scored,
+            partly_checked=partial,
         )
+
+    def _scored(self, imports: tuple[KVImport, ...]) -> tuple[bool | None, ...]:
+        """Per import of a blend that chooses rows: whether its stored scores choose them
+        (every row chosen by score has one, and no refresh is due); None for an import with
+        no row chosen by score (its sinks only): blend_forward sees rows, not imports, and
+        such an import decides neither a stored-score blend nor a check."""
+        sinks = set(sink_rows(imports, self.sink_tokens))
+
+        def scored(imp: KVImport) -> bool | None:
+            if all(p in sinks for p in range(imp.start, imp.end)):
+                return None
+            return imports_scored([imp], self.sink_tokens) and self.store.scores_fresh(imp.entry)
+
+        return tuple(scored(imp) if self.stored_scores else False for imp in imports)
 
     def commit(self, seq: Sequence, step: ChunkStep) -> None:
         """The scheduler keeps `step`: advance the plan and count what it reuses."""
@@ -394,11 +430,16 @@ class ChunkPlanner:
         seq.metrics.num_recomputed_tokens += step.num_recomputed
         self.counters.reused_tokens += reused
         self.counters.recomputed_tokens += step.num_recomputed
-        if step.blend is not None and step.checked:
+        if step.blend is None:
+            return
+        if step.checked:
             self.counters.checked_blends += 1
-        if step.blend is not None and step.by_stored:
+        if step.partly_checked:
+            self.counters.partly_checked_blends += 1
+        if step.by_stored:
             self.counters.stored_score_blends += 1
-            for imp in step.blend.imports:
+        for imp, scored in zip(step.blend.imports, step.scored, strict=True):
+            if scored:  # its stored scores chose rows (a partial check's scored imports too)
                 self.store.note_stored_use(imp.entry)
 
 

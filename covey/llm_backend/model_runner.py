@@ -171,12 +171,11 @@ class ModelRunner:
             groups=groups.to(dev),
         )
         if self.blend_stored_scores:
-            # Stored scores choose only where the planner said so (a refresh due measures
-            # again: all NaN makes blend_forward run the check layers and return scores).
-            if step.by_stored:
-                stored = stored_region_scores(step.blend.imports, start, end)
-            else:
-                stored = torch.full((end - start,), float("nan"))
+            # Stored scores choose only the imports the planner marked scored; the others
+            # are NaN (a refresh due measures again, though it has scores), so blend_forward
+            # runs the check layers over them (all NaN: a full check) and returns scores.
+            scored = [imp for imp, m in zip(step.blend.imports, step.scored) if m]
+            stored = stored_region_scores(scored, start, end)
             region.stored_scores = stored.to(dev)
         result = blend_forward(
             self.model,

@@ -151,9 +151,9 @@ def test_forced_chunk_heads_are_recomputed_beyond_the_ratio(make_engine):
 def test_stored_scores_choose_the_rows_without_a_check_layer(make_engine):
     """Three of B's tokens hold wrong KV. Stored scores that rank exactly those first pick
     them with no check layer (`checked` False, no scores measured), and the result is the
-    full prefill's; stored scores with a gap (NaN) fall back to the check layer, which finds
+    full prefill's; stored scores all unknown (NaN) fall back to the check layer, which finds
     the same rows and returns its scores, each chunk's normalised to mean 1 (A's, all 0,
-    unknown)."""
+    unknown). (Some rows unknown is a partial check: test_blend_partial_check.)"""
     engine = make_engine(enable_prefix_caching=False)
     region, full_last, reference, own, b_rows, _ = _setup(engine)
     wrong = [b_rows[1], b_rows[4], b_rows[-2]]
@@ -167,8 +167,7 @@ def test_stored_scores_choose_the_rows_without_a_check_layer(make_engine):
     assert not result.checked and result.scores is None
     torch.testing.assert_close(result.hidden, full_last, atol=1e-4, rtol=1e-4)
 
-    gap = stored.clone()
-    gap[b_rows[0]] = float("nan")
+    gap = torch.full_like(stored, float("nan"))
     _spoil(engine, region, own + wrong, seed=3)
     result = _blend(engine, replace(region, stored_scores=gap.to(stored.device)), ratio)
     assert result.checked

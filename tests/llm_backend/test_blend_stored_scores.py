@@ -1,8 +1,9 @@
 """Blend with scores stored with each chunk (EngineConfig.blend_stored_scores), real SmolLM2.
 
 A blend whose reused chunks all carry scores from earlier blends must run no check layer:
-layer 0 computes only the region's own tokens and the chosen ones. A blend with an unscored
-chunk runs the check layers and stores their scores with every chunk it reused. A changed
+layer 0 computes only the region's own tokens and the chosen ones. A blend with no scored
+chunk runs the check layers and stores their scores with every chunk it reused; one with
+some scored chunks runs them over the unscored chunks only (test_blend_partial_check). A changed
 chunk's scores are never reused; scores are measured again after SCORES_REFRESH_USES uses;
 a failure to store scores never fails the request; prefix caching on changes none of it;
 the pool returns to its baseline. (Ratio 1.0 never consults scores: test_chunk_cache covers
@@ -20,7 +21,7 @@ import torch
 import covey.cache.chunk_store as chunk_store
 from covey.cache.chunk_store import ROOT_HASH, ChunkKV, ChunkStore
 from covey.errors import ConfigError
-from covey.llm_backend.blend_forward import per_chunk_normalised
+from covey.llm_backend.blend_forward import per_chunk_normalised, shares
 from covey.llm_backend.chunk_planner import KVImport, record_scores
 from covey.llm_backend.config import EngineConfig
 from covey.llm_backend.sampling_params import SamplingParams
@@ -121,13 +122,18 @@ def test_scored_chunks_skip_the_check_layers(make_engine):
     assert out.metrics.num_recomputed_tokens == -(-out.metrics.num_reused_tokens // 4)
     assert rows0 == rows8 == own + out.metrics.num_recomputed_tokens < region
 
-    # A region with one unscored chunk (bell, stored by a compute) runs the check layers,
-    # and bell is scored afterwards.
+    # A region with one unscored chunk (bell, stored by a compute) runs a partial check: the
+    # check layers compute bell's rows, not the scored chunks' (whose share of the chosen
+    # rows their stored scores pick before layer 0), and bell is scored afterwards.
     _run(engine, _prompt(["bell"], "Read the notes.\n"))
     assert _entries(engine, "bell").scores is None
-    out, rows0, _, region = _blend_rows(engine, _prompt(["mill", "bell", "owl"], "Notes:\n"))
+    out, rows0, rows8, region = _blend_rows(engine, _prompt(["mill", "bell", "owl"], "Notes:\n"))
     assert counters.checked_blends == 2 and counters.stored_score_blends == 1
-    assert rows0 == region
+    assert counters.partly_checked_blends == 1
+    bell = len(_entries(engine, "bell").token_ids)
+    reused, chosen = out.metrics.num_reused_tokens, out.metrics.num_recomputed_tokens
+    by_stored = int(shares(torch.tensor([reused - bell, bell]), chosen)[0])
+    assert rows0 == rows8 == region - reused + bell + by_stored < region
     assert not torch.isnan(_entries(engine, "bell").scores).any()
     _baseline(engine)
 

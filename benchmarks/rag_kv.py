@@ -405,8 +405,13 @@ def bench_covey(
                 "blend_score": config.blend_score,
                 "blend_quota": config.blend_quota,
                 "blend_stored_scores": config.blend_stored_scores,
-                # blend runs that ran the check layers, and those that chose by stored scores
+                # blend runs that ran the check layers (over every reused token, or, partly
+                # checked, over the unscored chunks' only), and those that chose by stored
+                # scores alone (results before 2026-11-30 10:00 had no partial checks)
                 "checked_blends": engine.chunk_planner.counters.checked_blends
+                if engine.chunk_planner is not None
+                else 0,
+                "partly_checked_blends": engine.chunk_planner.counters.partly_checked_blends
                 if engine.chunk_planner is not None
                 else 0,
                 "stored_score_blends": engine.chunk_planner.counters.stored_score_blends

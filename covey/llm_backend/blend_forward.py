@@ -42,24 +42,27 @@ score before layer 0 (per chunk with the per_chunk quota); the check layers comp
 own, forced, pre-chosen and unscored rows, and measure the deviation of the unscored ones;
 after the last check layer the unscored group's share is kept by it, and the later layers
 run as usual. Why: with stored scores on, most reused chunks of a popular corpus are scored,
-and a full check for one unscored chunk computes every reused token (~1200 on rag_kv's
-five chunks) up to the check layer, ~2x a stored-score blend's time; the partial check
-computes the own rows, the unscored chunk and the chosen ones. Each query still attends by
-its true position over the whole block table, so the scored rows not computed are read from
-their reused KV on the check layers, as the later layers read every unchosen row; the
-unscored chunk's deviation is measured against that context rather than a fully recomputed
-one. Scores come back for the unscored rows only (NaN elsewhere: the scored chunks were not
-measured, and keep their stored scores). Measured on 8 prompts of five planted-fact chunks
-(~1090 reused tokens, one chunk of ~230 unscored; default engine, bf16 on 2 CPU threads,
-the three paths interleaved on the same region in one process, load 3-4): partial check
-0.71 s, full check 1.13 s, stored scores 0.61 s (medians). A full check's chosen rows are
-only partly those of either: the partial check shares 34-56% of them, the stored scores
-(measured in other contexts) 33-55%. Against a full recompute (ratio 1.0) on 7 such
-prompts, the share of the reused KV's deviation left on the layers after the check layer
-is 0.19 by stored scores, 0.19 by a partial check, 0.13 by a full check, and the last
-token's KL 0.026, 0.012 and 0.007 (medians): a partial check keeps about a stored-score
-blend's quality (a little better on the logits) at ~1.2x its time, where a full check, a
-little closer to full prefill, takes ~1.9x.
+and a full check for one unscored chunk computes every reused token (~1090 on five
+planted-fact chunks) up to the check layer; the partial check computes the own rows, the
+unscored chunk and the chosen ones. Each query still attends by its true position over the
+whole block table, so the scored rows not computed are read from their reused KV on the
+check layers, as the later layers read every unchosen row; the unscored chunk's deviation is
+measured against that context rather than a fully recomputed one. Scores come back for the
+unscored rows only (NaN elsewhere: the scored chunks were not measured, and keep their
+stored scores).
+
+The figures that follow come from a helper's script, not committed (so they cannot be
+rerun from the repo), on a loaded machine (load 3-4, 2 CPU threads): indicative only.
+8 prompts of five planted-fact chunks (~1090 reused tokens, one chunk of ~230 unscored;
+default engine, bf16), the three paths interleaved on the same region in one process,
+blend forward alone: partial check 0.71 s, full check 1.13 s, stored scores 0.61 s
+(medians). A full check's chosen rows are only partly those of either: the partial check
+shares 34-56% of them, the stored scores (measured in other contexts) 33-55%. Against a
+full recompute (ratio 1.0) on 7 such prompts, the share of the reused KV's deviation left
+on the layers after the check layer is 0.19 by stored scores, 0.19 by a partial check, 0.13
+by a full check, and the last token's KL 0.026, 0.012 and 0.007 (medians): a partial check
+kept about a stored-score blend's quality (a little better on the logits) at ~1.2x its
+time, where a full check, a little closer to full prefill, took ~1.9x.
 
 `forced` rows (the heads of the reused chunks, `blend_sink_tokens`) are recomputed on every
 layer whatever their deviation, beyond the ratio, which then applies to the other reused

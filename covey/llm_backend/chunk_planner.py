@@ -18,9 +18,10 @@ due (`ChunkStore.scores_fresh`). A blend whose chunks are all scored is charged 
 layers (it runs none; see blend_forward); one with none scored is charged them over every
 reused token; one with some scored runs a partial check, charged the check layers over the
 unscored chunks' tokens only (a popular corpus is mostly scored: a full check for one new
-chunk would compute all ~1200 reused tokens up to the check layer). A blend that runs check
-layers stores what they measured with each chunk they measured (`record_scores`); the
-scored chunks of a partial check count a stored use toward their refresh.
+chunk would compute every reused token, ~1090 on five planted-fact chunks, up to the check
+layer). A blend that runs check layers stores what they measured with each chunk they
+measured (`record_scores`); the scored chunks of a partial check count a stored use toward
+their refresh.
 Spans computed here are stored afterwards for the next request (by `ChunkStorer`): with
 their exact context key while their KV is exact, and under a "blended:" context (reusable by
 blending only) once they follow blended KV. The last prompt token is always computed: its
@@ -106,15 +107,18 @@ def record_scores(
     with each reused entry, for its tokens this blend imported. An import that is only
     part of its chunk (it starts inside it, after a prefix-cache hit, or ends before the
     chunk's last token) records nothing: its scores are normalised over the part, a scale
-    that does not mix with whole-chunk scores. An import measured nowhere (all NaN: its
-    stored scores chose its rows in a partial check) is left alone, so its refresh count
-    (`ChunkStore.note_stored_use`) keeps running instead of being reset."""
+    that does not mix with whole-chunk scores. An import whose scores are all NaN is left
+    alone, its stored scores and refresh count (`ChunkStore.note_stored_use`) as they were:
+    either it was not measured (its stored scores chose its rows in a partial check, or all
+    its rows are sinks), so its count runs on; or it was measured but `per_chunk_normalised`
+    made every row NaN (a non-finite deviation, or none at all), so it stays due (or
+    unscored) and the next blend of it measures it again."""
     for imp in imports:
         if imp.offset > 0 or imp.end - imp.start < len(imp.entry.token_ids):
             continue
         part = scores[imp.start - start : imp.end - start]
         if bool(torch.isnan(part).all()):
-            continue  # not measured (a partial check's scored chunk): keep its refresh count
+            continue  # nothing usable measured: scores and refresh count unchanged
         store.update_scores(imp.entry, imp.offset, part)
 
 
@@ -181,8 +185,9 @@ class ChunkStep:
     blend_start: int | None = None  # the first position whose KV is not exact
     checked: bool = False  # blend only: it runs the check layers (over all or some chunks)
     by_stored: bool = False  # blend only: it chooses by stored scores, with no check layer
-    # blend only, one per import: its stored scores choose its rows (the check layers skip
-    # it); empty when no rows are chosen by score
+    # one per import of a blend: whether its stored scores choose its rows (the check layers
+    # skip it); (False,) * n for a blend that chooses no rows by score (ratio 0 or 1, sinks
+    # only, stored scores off), () only for a step with no blend
     scored: tuple[bool, ...] = ()
     partly_checked: bool = False  # blend only: the check layers run over unscored imports only
     scores_recorded: bool = False  # blend only: its scores were stored (a retry adds none)

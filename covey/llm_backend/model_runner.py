@@ -174,7 +174,7 @@ class ModelRunner:
             # Stored scores choose only the imports the planner marked scored; the others
             # are NaN (a refresh due measures again, though it has scores), so blend_forward
             # runs the check layers over them (all NaN: a full check) and returns scores.
-            scored = [imp for imp, m in zip(step.blend.imports, step.scored) if m]
+            scored = [imp for imp, m in zip(step.blend.imports, step.scored, strict=True) if m]
             stored = stored_region_scores(scored, start, end)
             region.stored_scores = stored.to(dev)
         result = blend_forward(

@@ -32,6 +32,21 @@ from tests.llm_backend.test_blend_stored_scores import (
 LAYERS, CHECK = 30, (1,)
 
 
+def _blend_steps(monkeypatch, planner):
+    """The blend steps `planner` takes from now on (a list that fills as they are taken)."""
+    steps = []
+    take = planner.take
+
+    def recording(*args, **kwargs):
+        step = take(*args, **kwargs)
+        if step is not None and step.blend is not None:
+            steps.append(step)
+        return step
+
+    monkeypatch.setattr(planner, "take", recording)
+    return steps
+
+
 def test_a_partly_scored_blend_checks_only_its_unscored_chunk(make_engine, monkeypatch):
     monkeypatch.setattr(chunk_store, "SCORES_REFRESH_USES", 1)
     engine = _stored_engine(make_engine, enable_prefix_caching=False)
@@ -47,16 +62,7 @@ def test_a_partly_scored_blend_checks_only_its_unscored_chunk(make_engine, monke
     before = {name: _entries(engine, name).scores.clone() for name in ("mill", "owl")}
     assert all(store.scores_fresh(_entries(engine, name)) for name in ("mill", "owl"))
 
-    steps = []
-    take = planner.take
-
-    def recording(*args, **kwargs):
-        step = take(*args, **kwargs)
-        if step is not None and step.blend is not None:
-            steps.append(step)
-        return step
-
-    monkeypatch.setattr(planner, "take", recording)
+    steps = _blend_steps(monkeypatch, planner)
     layer0 = LayerRows(engine, 0)
     try:
         out = _run(engine, _prompt(["mill", "bell", "owl"], "Facts:\n"))
@@ -87,6 +93,52 @@ def test_a_partly_scored_blend_checks_only_its_unscored_chunk(make_engine, monke
     assert scores is not None and not torch.isnan(scores).any()
     assert abs(float(scores.float().mean()) - 1.0) < 0.05
     assert store.scores_fresh(_entries(engine, "bell"))
+    _baseline(engine)
+
+
+def test_a_chunk_due_for_a_refresh_is_measured_beside_a_fresh_scored_one(make_engine, monkeypatch):
+    """mill has scores but its refresh is due, owl's are fresh: the runner must hand
+    blend_forward NaN for mill (it is measured again, in a partial check) and owl's stored
+    scores (they choose its rows). The only case where the runner's per-import filter of
+    stored scores matters for an entry that has scores."""
+    monkeypatch.setattr(chunk_store, "SCORES_REFRESH_USES", 1)
+    engine = _stored_engine(make_engine, enable_prefix_caching=False)
+    counters, store, planner = (
+        engine.chunk_planner.counters,
+        engine.chunk_store,
+        engine.chunk_planner,
+    )
+    _run(engine, _prompt(["mill", "owl"], "Read the notes.\n"))
+    _run(engine, _prompt(["owl", "mill"], "Notes:\n"))  # a full check: both scored
+    _run(engine, _prompt(["mill"], "One note:\n"))  # by mill's stored scores: now due
+    assert counters.checked_blends == 1 and counters.stored_score_blends == 1
+    mill, owl = _entries(engine, "mill"), _entries(engine, "owl")
+    assert not store.scores_fresh(mill) and store.scores_fresh(owl)
+    before = {"mill": mill.scores.clone(), "owl": owl.scores.clone()}
+
+    steps = _blend_steps(monkeypatch, planner)
+    layer0 = LayerRows(engine, 0)
+    try:
+        out = _run(engine, _prompt(["mill", "owl"], "Facts:\n"))
+    finally:
+        layer0.close()
+    step = steps[-1]
+    assert step.scored == (False, True)
+    assert step.checked and step.partly_checked and not step.by_stored
+    assert counters.checked_blends == 2 and counters.partly_checked_blends == 1
+    # the check layers computed mill's rows, not owl's beyond its share of the chosen rows
+    n_mill = len(_entries(engine, "mill").token_ids)
+    reused = out.metrics.num_reused_tokens
+    own = step.blend.end - step.blend.start - reused
+    owl_share = int(shares(torch.tensor([reused - n_mill, n_mill]), step.num_recomputed)[0])
+    assert layer0.calls[-1] == own + n_mill + owl_share
+
+    mill, owl = _entries(engine, "mill"), _entries(engine, "owl")
+    assert not torch.equal(mill.scores, before["mill"])  # measured again, merged in
+    assert not torch.isnan(mill.scores).any()
+    assert store.scores_fresh(mill)  # the refresh reset its count
+    assert torch.equal(owl.scores, before["owl"])  # chose by its scores, not measured
+    assert not store.scores_fresh(owl)  # that use counted: owl is due now
     _baseline(engine)
 
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+import pytest
 import torch
 
 import covey.cache.chunk_store as chunk_store
 from covey.cache.chunk_kv import ROOT_HASH, ChunkKV
-from covey.llm_backend.blend_forward import blend_forward, shares
+from covey.llm_backend.blend_forward import BlendPolicy, blend_forward, shares
 from covey.llm_backend.chunk_planner import ChunkPlan, ChunkPlanner, KVImport, Piece, num_selected
 from covey.llm_backend.sampling_params import SamplingParams
 from covey.llm_backend.sequence import Sequence
@@ -158,27 +159,43 @@ def _computed(engine, region, noise, layer):
     return set((now != noise[layer]).flatten(0, 1).any(-1).any(0).nonzero().squeeze(1).tolist())
 
 
-def test_partial_check_computes_the_expected_rows(make_engine):
-    """A (scored) and B (unscored) reused, check layer 1. Layers 0-1 compute own + B + A's
-    share of k (its top rows by stored score); layer 2 on, own + the k chosen; layer 0's KV
-    of every row it computes is the full prefill's (it depends on the token alone)."""
+@pytest.mark.parametrize(
+    ("ratio", "sinks", "policy"),
+    [
+        (0.3, 0, BlendPolicy()),
+        # one chosen row: one group's share is 0 (no pre-chosen row, or none chosen of B)
+        (None, 2, BlendPolicy(score="kv+attention", quota="per_chunk")),
+    ],
+)
+def test_partial_check_computes_the_expected_rows(make_engine, ratio, sinks, policy):
+    """A (scored) and B (unscored) reused, each chunk's first `sinks` rows forced, check
+    layer 1. Layers 0-1 compute own + forced + B + A's share of k (its top rows by stored
+    score); layer 2 on, own + forced + the k chosen; layer 0's KV of every row it computes
+    is the full prefill's (it depends on the token alone). `ratio` None: k is 1."""
     engine = make_engine(enable_prefix_caching=False)
-    region, _, reference, own, b_rows, _ = _setup(engine)
+    region, _, reference, own, b_all, _ = _setup(engine)
     reused = region.reused.nonzero().squeeze(1).tolist()
-    a_rows = [r for r in reused if r not in b_rows]
-    ratio = 0.3
-    k = num_selected(ratio, len(reused))
+    a_all = [r for r in reused if r not in b_all]
+    heads = a_all[:sinks] + b_all[:sinks]
+    a_rows, b_rows = a_all[sinks:], b_all[sinks:]  # chosen by score
+    num_free = len(a_rows) + len(b_rows)
+    ratio = 1 / num_free if ratio is None else ratio
+    k = num_selected(ratio, num_free)
     k_a, k_b = shares(torch.tensor([len(a_rows), len(b_rows)]), k).tolist()
-    assert k_a and k_b
+    assert 0 in (k_a, k_b) if k == 1 else k_a and k_b
+    forced = torch.zeros_like(region.reused)
+    forced[heads] = True
     stored = torch.full((len(region.reused),), float("nan"))
-    stored[a_rows] = torch.arange(len(a_rows), dtype=torch.float32)  # the last rank first
-    top_a = set(a_rows[-k_a:])
-    mixed = replace(region, stored_scores=stored.to(region.reused.device))
+    stored[a_all] = torch.arange(len(a_all), dtype=torch.float32)  # the last rank first
+    top_a = set(a_rows[len(a_rows) - k_a :])
+    dev = region.reused.device
+    mixed = replace(region, forced=forced, stored_scores=stored.to(dev))
 
     noise = _noise(engine, region, seed=5)
-    result = blend_forward(engine.model, engine.pool.kv, mixed, ratio, (1,), 16)
-    assert result.checked and result.num_recomputed == k
-    checked_rows = set(own) | set(b_rows) | top_a
+    result = blend_forward(engine.model, engine.pool.kv, mixed, ratio, (1,), 16, policy)
+    assert result.checked and result.num_recomputed == len(heads) + k
+    always = set(own) | set(heads) | top_a  # computed on every layer
+    checked_rows = always | set(b_rows)
     assert _computed(engine, region, noise, 0) == checked_rows
     assert _computed(engine, region, noise, 1) == checked_rows
     rows = sorted(checked_rows)
@@ -189,11 +206,12 @@ def test_partial_check_computes_the_expected_rows(make_engine):
         rtol=0,
     )
     later = _computed(engine, region, noise, 2)
-    assert set(own) | top_a <= later and len(later) == len(own) + k
+    assert always <= later and len(later) == len(own) + len(heads) + k
     assert len(later & set(b_rows)) == k_b
     assert _computed(engine, region, noise, len(engine.model.layers) - 1) == later
-    # scores measured for B only, normalised to mean 1; A's stay unknown (untouched)
-    assert result.scores[a_rows + own].isnan().all()
+    # scores measured for B's rows chosen by score only, normalised to mean 1; A's and the
+    # forced rows stay unknown (untouched)
+    assert result.scores[a_all + heads + own].isnan().all()
     assert not result.scores[b_rows].isnan().any()
     assert abs(float(result.scores[b_rows].mean()) - 1.0) < 1e-4
     engine.abort_request("full")

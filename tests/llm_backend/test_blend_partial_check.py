@@ -217,7 +217,10 @@ def test_partial_check_computes_the_expected_rows(make_engine, ratio, sinks, pol
     engine.abort_request("full")
 
 
-def test_partial_check_at_ratio_one_is_a_full_prefill(make_engine):
+def test_mixed_stored_scores_at_ratio_one_bypass_the_partial_check(make_engine):
+    """At ratio 1 k is every reused row, so nothing is chosen: mixed stored scores (A scored,
+    B not) must not reach the partial branch. No check layer runs, no scores come back, and
+    the blend is a full prefill."""
     engine = make_engine(enable_prefix_caching=False)
     region, full_last, reference, own, b_rows, _ = _setup(engine)
     stored = torch.full((len(region.reused),), float("nan"))
@@ -226,6 +229,7 @@ def test_partial_check_at_ratio_one_is_a_full_prefill(make_engine):
     _noise(engine, region, seed=6)
     mixed = replace(region, stored_scores=stored.to(region.reused.device))
     result = blend_forward(engine.model, engine.pool.kv, mixed, 1.0, (1,), 16)
+    assert not result.checked and result.scores is None
     torch.testing.assert_close(result.hidden, full_last, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(engine.pool.kv[:, :, :, region.slots], reference, atol=1e-4, rtol=0)
     engine.abort_request("full")
@@ -263,8 +267,7 @@ def test_a_partial_check_is_charged_the_check_layers_over_the_unscored_chunks_on
     planner.commit(seq, step)
     c = planner.counters
     assert (c.checked_blends, c.partly_checked_blends, c.stored_score_blends) == (1, 1, 0)
-    uses = [planner.store.scores_fresh(imp.entry) for imp in step.blend.imports]
-    assert uses == [True, True, True]  # one use each of the scored, below the refresh
+    # the stored uses it counts: test_a_partial_check_counts_a_stored_use_of_its_scored_chunks
 
     # all unscored: a full check, charged over every reused token
     _, _, full = _planner_step([None, None, None])

@@ -469,7 +469,7 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     own.add_argument("--load", type=float, default=None)
     known, rest = own.parse_known_args(argv)
     if known.arrival == "closed" and (known.rate is not None or known.load is not None):
-        own.error("--rate and --load set an open loop's rate: add --arrival poisson")
+        own.error("--rate and --load set an open loop's rate: drop --arrival closed")
     if known.rate is not None and known.load is not None:
         own.error("give --rate (requests/s) or --load (a fraction of round robin's), not both")
     if known.rate is not None and not 0 < known.rate < math.inf:

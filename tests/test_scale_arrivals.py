@@ -60,15 +60,17 @@ def test_a_schedule_that_cannot_be_raises(n, rate):
         scale.poisson_arrivals(n, rate)
 
 
-def test_closed_stays_the_default_and_the_rate_needs_the_open_loop(capsys):
+def test_the_open_loop_is_the_default_and_the_rate_needs_it(capsys):
     pytest.importorskip("matplotlib")  # the benchmark's parser requires it (the bench extra)
     args = scale.arguments(["--quick"])
-    assert (args.arrival, args.rate, args.load) == ("closed", None, scale.LOAD)
-    args = scale.arguments(["--quick", "--arrival", "poisson", "--rate", "1.5"])
+    assert (args.arrival, args.rate, args.load) == ("poisson", None, scale.LOAD)
+    assert scale.arguments(["--arrival", "closed"]).arrival == "closed"
+    args = scale.arguments(["--quick", "--rate", "1.5"])
     assert (args.arrival, args.rate) == ("poisson", 1.5)
     assert scale.arguments(["--arrival", "poisson", "--load", "0.5"]).load == 0.5
     for wrong, says in [
-        (["--rate", "1.5"], "add --arrival poisson"),
+        (["--arrival", "closed", "--rate", "1.5"], "drop --arrival closed"),
+        (["--arrival", "closed", "--load", "0.5"], "drop --arrival closed"),
         (["--arrival", "poisson", "--rate", "0"], "--rate must be a number"),
         (["--arrival", "poisson", "--rate", "1", "--load", "0.5"], "not both"),
         (["--arrival", "open"], "invalid choice"),

@@ -48,16 +48,19 @@ def _blend_steps(monkeypatch, planner):
     return steps
 
 
-def test_a_partly_scored_blend_checks_only_its_unscored_chunk(make_engine, monkeypatch):
+def _scored_mill_and_owl(make_engine, monkeypatch):
+    """An engine whose refresh is due after one stored use, with mill and owl stored and
+    scored by a full check: (engine, counters, store, planner)."""
     monkeypatch.setattr(chunk_store, "SCORES_REFRESH_USES", 1)
     engine = _stored_engine(make_engine, enable_prefix_caching=False)
-    counters, store, planner = (
-        engine.chunk_planner.counters,
-        engine.chunk_store,
-        engine.chunk_planner,
-    )
+    planner = engine.chunk_planner
     _run(engine, _prompt(["mill", "owl"], "Read the notes.\n"))
     _run(engine, _prompt(["owl", "mill"], "Notes:\n"))  # a full check: both scored
+    return engine, planner.counters, engine.chunk_store, planner
+
+
+def test_a_partly_scored_blend_checks_only_its_unscored_chunk(make_engine, monkeypatch):
+    engine, counters, store, planner = _scored_mill_and_owl(make_engine, monkeypatch)
     _run(engine, _prompt(["bell"], "Read the notes.\n"))  # bell stored, unscored
     assert counters.checked_blends == 1 and counters.partly_checked_blends == 0
     before = {name: _entries(engine, name).scores.clone() for name in ("mill", "owl")}
@@ -102,15 +105,7 @@ def test_a_chunk_due_for_a_refresh_is_measured_beside_a_fresh_scored_one(make_en
     blend_forward NaN for mill (it is measured again, in a partial check) and owl's stored
     scores (they choose its rows). The only case where the runner's per-import filter of
     stored scores matters for an entry that has scores."""
-    monkeypatch.setattr(chunk_store, "SCORES_REFRESH_USES", 1)
-    engine = _stored_engine(make_engine, enable_prefix_caching=False)
-    counters, store, planner = (
-        engine.chunk_planner.counters,
-        engine.chunk_store,
-        engine.chunk_planner,
-    )
-    _run(engine, _prompt(["mill", "owl"], "Read the notes.\n"))
-    _run(engine, _prompt(["owl", "mill"], "Notes:\n"))  # a full check: both scored
+    engine, counters, store, planner = _scored_mill_and_owl(make_engine, monkeypatch)
     _run(engine, _prompt(["mill"], "One note:\n"))  # by mill's stored scores: now due
     assert counters.checked_blends == 1 and counters.stored_score_blends == 1
     mill, owl = _entries(engine, "mill"), _entries(engine, "owl")

@@ -82,7 +82,8 @@ DEEP_CHECK = 12
 ACCURACY_HELP = (
     " Accuracy-only mode: --accuracy-only [--questions N] [--variant SPEC ...] runs covey-full"
     " and the blend variants (SPEC: ratio=R,check=1-4,score=kv|k|v|attention|kv+attention,"
-    "quota=global|per_chunk,sink=K,stored=0|1) on the same questions and prints the paired table;"
+    "quota=global|per_chunk,sink=K,stored=0|1,host=MiB) on the same questions and prints"
+    " the paired table;"
     " --reference JSON... adds the systems of earlier such runs to the table (covey-full's"
     " answers are deterministic: run it once); with no --variant, only the table is printed."
     " --score also|only adds (or runs only) a second pass per system that scores the right"
@@ -111,6 +112,7 @@ SPEC_KEYS = {
     "quota": ("blend_quota", str),
     "sink": ("blend_sink_tokens", int),
     "stored": ("blend_stored_scores", lambda v: _flag(v)),
+    "host": ("chunk_store_bytes", lambda v: int(v) << 20),  # the host tier, in MiB
 }
 
 
@@ -129,7 +131,7 @@ def _layers(text: str) -> list[int]:
 
 
 def blend_variant(spec: str) -> tuple[str, dict[str, Any]]:
-    """A blend system from `key=value,...` (ratio, check, score, quota, sink, stored), e.g.
+    """A blend system from `key=value,...` (ratio, check, score, quota, sink, stored, host), e.g.
     "ratio=0.15,check=1-4,score=kv+attention,quota=per_chunk"; unset keys keep the
     engine's defaults, except stored (0 unless set). Its name lists what it sets."""
     # stored=0 unless set: the check layers the name gives must run, whatever the default.

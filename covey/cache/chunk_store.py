@@ -19,9 +19,13 @@ rewriting the KV.
 
 Score refresh: scores merged from one or two contexts would otherwise freeze. The store
 counts how many blends chose by an entry's stored scores since they were last measured
-(`note_stored_use`); once `SCORES_REFRESH_USES` have, `scores_fresh` says no, so the next
-blend of it runs the check layers and merges a new measurement (which resets the count).
-The count lives in memory: a restart starts it again.
+(`note_stored_use`); once enough have, `scores_fresh` says no, so the next blend of it runs
+the check layers and merges a new measurement (which resets the count). Enough is
+`SCORES_REFRESH_USES` after the first measurement, then twice as many after each further
+one, up to `SCORES_REFRESH_MAX_USES`: every measurement is a partial check, a quarter to
+half again a stored-score blend's time, and a popular chunk's scores merged from several
+contexts change less with each (on a Zipf-popular corpus, a fixed interval made the most
+read chunks pay a check every few requests). The counts live in memory: a restart starts them again.
 
 Leases: an entry being copied into the pool is leased (`with store.lease(entry): ...`), and
 eviction skips leased entries, so a put that would need their room is refused instead. A
@@ -60,6 +64,7 @@ from covey.cache.tier_index import TierIndex
 from covey.errors import ConfigError, EngineUnavailableError
 
 SCORES_REFRESH_USES = 8  # stored-score blends of an entry before it is measured again
+SCORES_REFRESH_MAX_USES = 64  # ... doubling after each measurement, up to this
 
 __all__ = [
     "ROOT_HASH",
@@ -107,6 +112,7 @@ class ChunkStore:
         self._leases: dict[str, int] = {}
         self._rescored: set[str] = set()  # host entries whose scores the disk copy lacks
         self._score_uses: dict[str, int] = {}  # stored-score blends since last measured
+        self._score_measures: dict[str, int] = {}  # measurements merged since unscored
         self._lock = threading.RLock()
         self._closed = False
 
@@ -132,6 +138,8 @@ class ChunkStore:
                     scores = self._disk.load_scores(key)
                     if scores is not None:
                         entry = replace(entry, scores=scores)
+            if entry.scores is None:  # measured afresh: the refresh interval starts over
+                self._score_measures.pop(key, None)
             return self._admit(entry, frequency) is not None
 
     def get_exact(self, context_hash: str, token_ids: Sequence[int]) -> ChunkKV | None:
@@ -186,6 +194,7 @@ class ChunkStore:
             merged = held.merged_scores(offset, scores)
             self._host.replace_scores(held.key, merged, self._cost_fn(len(held.token_ids)))
             self._score_uses.pop(held.key, None)
+            self._score_measures[held.key] = self._score_measures.get(held.key, 0) + 1
             if self._disk is not None and self._disk.has(held.key):
                 self._rescored.add(held.key)
             host = self._host.index
@@ -197,10 +206,18 @@ class ChunkStore:
             return True
 
     def scores_fresh(self, entry: ChunkKV) -> bool:
-        """Whether `entry`'s stored scores may still choose a blend's rows (fewer than
-        SCORES_REFRESH_USES blends chose by them since they were measured)."""
+        """Whether `entry`'s stored scores may still choose a blend's rows (fewer blends
+        chose by them since they were measured than `refresh_after` allows)."""
         with self._lock:
-            return self._score_uses.get(entry.key, 0) < SCORES_REFRESH_USES
+            return self._score_uses.get(entry.key, 0) < self.refresh_after(entry)
+
+    def refresh_after(self, entry: ChunkKV) -> int:
+        """How many stored-score blends `entry`'s scores serve before the next measurement:
+        SCORES_REFRESH_USES, doubled per measurement merged beyond the first, at most
+        SCORES_REFRESH_MAX_USES (scores read back from disk count as one measurement)."""
+        with self._lock:
+            extra = max(self._score_measures.get(entry.key, 1) - 1, 0)
+            return min(SCORES_REFRESH_USES << min(extra, 16), SCORES_REFRESH_MAX_USES)
 
     def note_stored_use(self, entry: ChunkKV) -> None:
         """A blend chose rows by `entry`'s stored scores (counts toward a refresh)."""
@@ -251,6 +268,7 @@ class ChunkStore:
                 self._swap_out(self._host.remove(key), frequency)
             self._rescored.clear()
             self._score_uses.clear()
+            self._score_measures.clear()
 
     def __enter__(self) -> ChunkStore:
         return self
@@ -310,6 +328,7 @@ class ChunkStore:
             self._host.remove(key)
             self._rescored.discard(key)
             self._score_uses.pop(key, None)
+            self._score_measures.pop(key, None)
             self._host.index.counters.stale += 1
         if self._disk is not None:
             for key in self._disk.index.stale_keys(chunk_id, content):

@@ -9,7 +9,13 @@ import pytest
 import safetensors.torch
 import torch
 
-from covey.cache.chunk_store import ROOT_HASH, SCORES_REFRESH_USES, ChunkKV, ChunkStore
+from covey.cache.chunk_store import (
+    ROOT_HASH,
+    SCORES_REFRESH_MAX_USES,
+    SCORES_REFRESH_USES,
+    ChunkKV,
+    ChunkStore,
+)
 
 BYTES_PER_TOKEN = 2 * 2 * 1 * 4 * 4  # layers * (k, v) * kv_heads * head_dim * float32
 NAN = float("nan")
@@ -213,3 +219,35 @@ def test_scores_are_refreshed_after_some_uses():
     assert not s.scores_fresh(entry)
     s.update_scores(entry, 0, torch.ones(3))
     assert s.scores_fresh(entry)
+
+
+def _uses_until_refresh(s: ChunkStore, entry: ChunkKV) -> int:
+    n = 0
+    while s.scores_fresh(entry):
+        s.note_stored_use(entry)
+        n += 1
+    return n
+
+
+def test_refresh_interval_doubles_per_measurement_up_to_a_cap():
+    """Each measurement merged doubles the stored-score blends before the next one (8, 16,
+    32, ...), up to SCORES_REFRESH_MAX_USES; an entry put again unscored starts over."""
+    s = open_store(None, host_tokens=100)
+    entry = make([1, 2, 3], chunk_id="a")
+    assert s.put(entry)
+    intervals = []
+    for _ in range(6):
+        s.update_scores(entry, 0, torch.ones(3))
+        intervals.append(_uses_until_refresh(s, entry))
+    expected = [min(SCORES_REFRESH_USES << i, SCORES_REFRESH_MAX_USES) for i in range(6)]
+    assert intervals == expected
+    assert intervals[-1] == SCORES_REFRESH_MAX_USES > SCORES_REFRESH_USES
+    s2 = open_store(None, host_tokens=4)  # room for one entry: b evicts a
+    assert s2.put(entry)
+    for _ in range(3):
+        s2.update_scores(entry, 0, torch.ones(3))
+    assert s2.put(make([4, 5, 6], chunk_id="b"))
+    assert s2.get_any("a", [1, 2, 3]) is None
+    assert s2.put(make([1, 2, 3], chunk_id="a"))  # recomputed: unscored again
+    s2.update_scores(entry, 0, torch.ones(3))
+    assert _uses_until_refresh(s2, entry) == SCORES_REFRESH_USES

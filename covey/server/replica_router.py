@@ -51,7 +51,7 @@ import hashlib
 import itertools
 import random
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal
@@ -74,6 +74,11 @@ EVICTION_WEIGHT = 1.0
 # Prefill ends remembered per replica to correct reports in flight: far more than the calls
 # that end while one report is in transit.
 PREFILL_ENDED_KEPT = 256
+# When one replica's estimated TTFT is "far" above another's (`ReplicaRouter._far_above`):
+# by more than this many times it, as well as by more than the call's own full prefill. The
+# relative half of the test is SGLang's cache-aware router's (it balances only past both an
+# absolute and a relative gap); below it a call keeps its cache affinity.
+BALANCE_RATIO = 1.5
 
 
 @dataclass(frozen=True)
@@ -183,6 +188,9 @@ class ReplicaView:
     per_token_s: float | None = None
     fixed_s: float = 0.0
     free_tokens: int | None = None  # its KV pool's free room, as last reported
+    # This replica's share of the router's recent routing (`ReplicaRouter._note_routed`):
+    # the characters of the distinct units routed here within the cluster's cache horizon.
+    hot_chars: int = 0
 
     @property
     def load(self) -> int:
@@ -228,9 +236,7 @@ class ReplicaView:
         """Characters of this call's KV believed held here: the matched prefix, plus half
         of each chunk held here that lies past it."""
         units, chars = self.matched_units(key)
-        extra = sum(
-            n for chunk, n, unit in key.chunks if unit >= units and chunk in self.chunks
-        )
+        extra = sum(n for chunk, n, unit in key.chunks if unit >= units and chunk in self.chunks)
         return chars + CHUNK_OUT_OF_ORDER_WEIGHT * extra
 
     def remember(self, key: RouteKey, stamp: int = 0) -> None:
@@ -367,6 +373,10 @@ class ReplicaRouter:
         self._random = random.Random(seed)
         self._per_token: float | None = None  # `_default_per_token`, until a report
         self._fixed_mean = 0.0
+        # (replica, unit hash) -> characters, in the order last routed (`_note_routed`).
+        self._recent: OrderedDict[tuple[str, str], int] = OrderedDict()
+        self._recent_chars = 0
+        self._horizon = 0  # the replicas' capacities added up
         for name in replicas:
             self.add(name)
 
@@ -375,6 +385,7 @@ class ReplicaRouter:
     def add(self, name: str) -> None:
         if name not in self.views:
             self.views[name] = ReplicaView(name, self.capacity_chars, index=self.index)
+            self._horizon += self.capacity_chars
 
     def forget(self, name: str) -> None:
         """The replica died (or was replaced): nothing it held is there any more."""
@@ -382,6 +393,9 @@ class ReplicaRouter:
         if view is not None:
             view.forget()
             view.forgot_seq = next(self._seq)
+            for entry in [e for e in self._recent if e[0] == name]:
+                self._recent_chars -= self._recent.pop(entry)
+            view.hot_chars = 0
 
     def forgotten_since(self, name: str, seq: int) -> bool:
         """Whether the router forgot `name` after a report asked for at `seq`: that report
@@ -391,7 +405,9 @@ class ReplicaRouter:
 
     def remove(self, name: str) -> None:
         self.forget(name)
-        self.views.pop(name, None)
+        view = self.views.pop(name, None)
+        if view is not None:
+            self._horizon -= view.capacity_chars
         self._per_token = None
 
     def report_started(self) -> int:
@@ -438,6 +454,7 @@ class ReplicaRouter:
         view = self.views.get(name)
         chars = CHARS_PER_TOKEN * kv_tokens
         if view is not None and kv_tokens > 0 and view.capacity_chars != chars:
+            self._horizon += chars - view.capacity_chars
             view.capacity_chars = chars
             view.evict()
 
@@ -475,6 +492,7 @@ class ReplicaRouter:
             stamp = self.last_stamp = next(self._seq)
             miss = self._miss_tokens(view, key)
             view.remember(key, stamp)
+            self._note_routed(view, key)
             view.open_calls[stamp] = key
             view.prefilling[stamp] = miss
             view.prefilling_tokens += miss
@@ -509,29 +527,97 @@ class ReplicaRouter:
         scored = [(v.score(key), v) for v in live if v.name in names]
         best_score = max((score for score, _ in scored), default=0.0)
         options = [(score, v) for score, v in scored if v.load - floor <= self.max_imbalance]
-        # Of the replicas holding nothing, only the cheapest can win (one pass: at hundreds
-        # of replicas this loop is most of the router's time).
-        cheapest, lowest = None, (0.0, 0, 0)
+        costs = [self._cost(v, key, score, per_token) for score, v in options]
+        # The replicas holding nothing, costed alike (one pass: at hundreds of replicas this
+        # loop is most of the router's time); of them only the cheapest can win a call
+        # something is held of, and any that is not far costlier one held nowhere.
         miss = self._miss_tokens(allowed[0], key, 0.0)  # the same on every empty replica
-        for v in allowed:
-            if v.name in names:
-                continue
-            load = v.load
-            rank = (self._cost(v, key, 0.0, per_token, miss, load), load, v.held_chars)
-            if cheapest is None or rank < lowest:
-                cheapest, lowest = v, rank
-        if cheapest is not None:
-            options.append((0.0, cheapest))
+        empty = [
+            (self._cost(v, key, 0.0, per_token, miss, v.load), v)
+            for v in allowed
+            if v.name not in names
+        ]
+        # How far costlier a replica may be and still count as near: this call's own full
+        # prefill on the cheaper one (`_far_above`).
+        full = key.chars / CHARS_PER_TOKEN
+
+        def band(view: ReplicaView) -> float:
+            return (view.per_token_s or per_token) * full
+
         if best_score <= 0:
-            least = min(options, key=lambda o: (self._cost(o[1], key, 0.0, per_token),
-                                                o[1].load, o[1].held_chars))[1]
-            return least, "balance"
-        _, _, _, _, _, chosen = min(
-            (self._cost(v, key, score, per_token), -score, v.load, v.held_chars, i, v)
-            for i, (score, v) in enumerate(options)
+            return self._place(options, costs, empty, band), "balance"
+        if empty:
+            cost, view = min(empty, key=lambda e: (e[0], e[1].load, e[1].held_chars))
+            options.append((0.0, view))
+            costs.append(cost)
+        order = sorted(
+            range(len(options)),
+            key=lambda i: (
+                costs[i],
+                -options[i][0],
+                options[i][1].load,
+                options[i][1].held_chars,
+                i,
+            ),
         )
-        chosen_score = next(score for score, v in options if v is chosen)
-        return chosen, "affinity" if chosen_score >= best_score else "fallback"
+        chosen = order[0]
+        if options[chosen][0] < best_score:
+            # A replica holding less is cheaper: leave the best match only if it is far
+            # costlier, since a prefix sent elsewhere is then cached twice and its calls
+            # split between the two (a Poisson burst is not worth that).
+            best = next((i for i in order if options[i][0] >= best_score), None)
+            if best is not None and not self._far_above(
+                costs[best], costs[chosen], band(options[chosen][1])
+            ):
+                chosen = best
+        return options[chosen][1], "affinity" if options[chosen][0] >= best_score else "fallback"
+
+    def _place(
+        self,
+        options: list[tuple[float, ReplicaView]],
+        costs: list[float],
+        empty: list[tuple[float, ReplicaView]],
+        band: Callable[[ReplicaView], float],
+    ) -> ReplicaView:
+        """Where a call held nowhere goes: a new prefix, whose later calls hit where it
+        lands. Among the replicas not far costlier than the cheapest (`_far_above`), the
+        one with the least of the recent working set (`hot_chars`): a queue only
+        momentarily shorter must not draw every new prefix to one replica, whose cache
+        then evicts them while the other's holds little (seen in scale.py's open loop)."""
+        candidates = [(c, v) for c, (_, v) in zip(costs, options)] + empty
+        low, cheapest = min(candidates, key=lambda e: (e[0], e[1].load, e[1].held_chars))
+        gap = band(cheapest)
+        near = [(c, v) for c, v in candidates if not self._far_above(c, low, gap)]
+        return min(near, key=lambda e: (e[1].hot_chars, e[0], e[1].load, e[1].held_chars))[1]
+
+    @staticmethod
+    def _far_above(cost: float, low: float, band: float) -> bool:
+        """Whether an estimated TTFT `cost` is far above `low`: by more than `band` seconds
+        (the call's full prefill on the cheaper replica) and by more than `BALANCE_RATIO`
+        times (SGLang's two thresholds, absolute and relative)."""
+        return cost - low > band and cost > BALANCE_RATIO * low
+
+    def _note_routed(self, view: ReplicaView, key: RouteKey) -> None:
+        """Count `key`'s units in `view`'s share of the recent routing (`hot_chars`): what
+        its later calls would hit there. Recent means within the cluster's cache horizon:
+        the last distinct units routed anywhere that the replicas' capacities add up to,
+        older ones dropped first. Unlike the mirror, which every report fills to capacity
+        with whatever the cache still holds, this measures the working set the router
+        itself sent there."""
+        for h, n in key.units:
+            entry = (view.name, h)
+            if entry in self._recent:
+                self._recent.move_to_end(entry)
+                continue
+            self._recent[entry] = n
+            self._recent_chars += n
+            view.hot_chars += n
+        while self._recent_chars > self._horizon and self._recent:
+            (name, _), n = self._recent.popitem(last=False)
+            self._recent_chars -= n
+            owner = self.views.get(name)
+            if owner is not None:
+                owner.hot_chars -= n
 
     def _default_per_token(self) -> float:
         """The mean reported per-token cost, for replicas that did not report one yet (and

@@ -51,7 +51,7 @@ import hashlib
 import itertools
 import random
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal
@@ -75,9 +75,8 @@ EVICTION_WEIGHT = 1.0
 # that end while one report is in transit.
 PREFILL_ENDED_KEPT = 256
 # When one replica's estimated TTFT is "far" above another's (`ReplicaRouter._far_above`):
-# by more than this many times it, as well as by more than the call's own full prefill. The
-# relative half of the test is SGLang's cache-aware router's (it balances only past both an
-# absolute and a relative gap); below it a call keeps its cache affinity.
+# by more than this many times it, as well as by more than the call's own full prefill (as
+# SGLang's cache-aware router balances only past both an absolute and a relative gap).
 BALANCE_RATIO = 1.5
 
 
@@ -530,71 +529,45 @@ class ReplicaRouter:
         costs = [self._cost(v, key, score, per_token) for score, v in options]
         # The replicas holding nothing, costed alike (one pass: at hundreds of replicas this
         # loop is most of the router's time); of them only the cheapest can win a call
-        # something is held of, and any that is not far costlier one held nowhere.
+        # something is held of, and any not far costlier a call held nowhere (`_place`).
         miss = self._miss_tokens(allowed[0], key, 0.0)  # the same on every empty replica
         empty = [
             (self._cost(v, key, 0.0, per_token, miss, v.load), v)
             for v in allowed
             if v.name not in names
         ]
-        # How far costlier a replica may be and still count as near: this call's own full
-        # prefill on the cheaper one (`_far_above`).
-        full = key.chars / CHARS_PER_TOKEN
-
-        def band(view: ReplicaView) -> float:
-            return (view.per_token_s or per_token) * full
-
         if best_score <= 0:
-            return self._place(options, costs, empty, band), "balance"
+            candidates = [(c, v) for c, (_, v) in zip(costs, options)] + empty
+            return self._place(candidates, key, per_token), "balance"
         if empty:
             cost, view = min(empty, key=lambda e: (e[0], e[1].load, e[1].held_chars))
             options.append((0.0, view))
             costs.append(cost)
-        order = sorted(
-            range(len(options)),
-            key=lambda i: (
-                costs[i],
-                -options[i][0],
-                options[i][1].load,
-                options[i][1].held_chars,
-                i,
-            ),
+        *_, i = min(
+            (costs[i], -score, v.load, v.held_chars, i) for i, (score, v) in enumerate(options)
         )
-        chosen = order[0]
-        if options[chosen][0] < best_score:
-            # A replica holding less is cheaper: leave the best match only if it is far
-            # costlier, since a prefix sent elsewhere is then cached twice and its calls
-            # split between the two (a Poisson burst is not worth that).
-            best = next((i for i in order if options[i][0] >= best_score), None)
-            if best is not None and not self._far_above(
-                costs[best], costs[chosen], band(options[chosen][1])
-            ):
-                chosen = best
-        return options[chosen][1], "affinity" if options[chosen][0] >= best_score else "fallback"
+        score, chosen = options[i]
+        return chosen, "affinity" if score >= best_score else "fallback"
 
     def _place(
-        self,
-        options: list[tuple[float, ReplicaView]],
-        costs: list[float],
-        empty: list[tuple[float, ReplicaView]],
-        band: Callable[[ReplicaView], float],
+        self, candidates: list[tuple[float, ReplicaView]], key: RouteKey, per_token: float
     ) -> ReplicaView:
-        """Where a call held nowhere goes: a new prefix, whose later calls hit where it
-        lands. Among the replicas not far costlier than the cheapest (`_far_above`), the
-        one with the least of the recent working set (`hot_chars`): a queue only
-        momentarily shorter must not draw every new prefix to one replica, whose cache
-        then evicts them while the other's holds little (seen in scale.py's open loop)."""
-        candidates = [(c, v) for c, (_, v) in zip(costs, options)] + empty
+        """Where a call held nowhere goes, of `candidates` (estimated TTFT, replica): a new
+        prefix, whose later calls hit where it lands. Among the replicas not far costlier
+        than the cheapest (`_far_above`), the one with the least of the recent working set
+        (`hot_chars`): a queue only momentarily shorter must not draw every new prefix to
+        one replica, whose cache then evicts them while the other's holds little (seen in
+        scale.py's open loop: 6 apps of 8 on one replica)."""
         low, cheapest = min(candidates, key=lambda e: (e[0], e[1].load, e[1].held_chars))
-        gap = band(cheapest)
-        near = [(c, v) for c, v in candidates if not self._far_above(c, low, gap)]
+        # Near: at most this call's own full prefill (on the cheapest) costlier, or 1.5x.
+        band = (cheapest.per_token_s or per_token) * key.chars / CHARS_PER_TOKEN
+        near = [(c, v) for c, v in candidates if not self._far_above(c, low, band)]
         return min(near, key=lambda e: (e[1].hot_chars, e[0], e[1].load, e[1].held_chars))[1]
 
     @staticmethod
     def _far_above(cost: float, low: float, band: float) -> bool:
         """Whether an estimated TTFT `cost` is far above `low`: by more than `band` seconds
-        (the call's full prefill on the cheaper replica) and by more than `BALANCE_RATIO`
-        times (SGLang's two thresholds, absolute and relative)."""
+        and by more than `BALANCE_RATIO` times (two thresholds, absolute and relative)."""
         return cost - low > band and cost > BALANCE_RATIO * low
 
     def _note_routed(self, view: ReplicaView, key: RouteKey) -> None:

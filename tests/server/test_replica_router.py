@@ -387,23 +387,6 @@ def test_a_new_prefix_still_avoids_a_replica_far_costlier():
     assert router.choose(route_key(app_prompt(4) + "question")) == ("r0", "balance")
 
 
-def test_a_burst_on_the_best_match_does_not_split_its_prefix():
-    """Both pools full (the steady state): a cold replica that is cheaper by less than the
-    call's own prefill does not take it, or the prefix is cached on both and its calls
-    split; a queue far deeper still sends it away."""
-    router = ReplicaRouter(["r0", "r1"])
-    home, _ = prefilled(router, route_key(LONG))
-    away = "r1" if home == "r0" else "r0"
-    router.report(away, queue=0, prefill_tokens=0, profile=(0.0, 1e-3), free_tokens=0)
-    router.report(home, queue=2, prefill_tokens=1500, profile=(0.0, 1e-3), free_tokens=0)
-    key = route_key(LONG + "question in a burst")
-    assert router.ttft_estimate(home, key) > router.ttft_estimate(away, key)
-    assert router.choose(key) == (home, "affinity")
-    router.first_output(home, router.last_stamp)
-    router.report(home, queue=4, prefill_tokens=5000, profile=(0.0, 1e-3), free_tokens=0)
-    assert router.choose(route_key(LONG + "and a long queue")) == (away, "fallback")
-
-
 def test_the_recent_working_set_is_bounded_by_the_replicas_capacity_and_forgotten_with_one():
     router = ReplicaRouter(["r0", "r1"], capacity_chars=8 * BLOCK_CHARS)
     for app in range(6):

@@ -528,21 +528,27 @@ class ReplicaRouter:
         options = [(score, v) for score, v in scored if v.load - floor <= self.max_imbalance]
         costs = [self._cost(v, key, score, per_token) for score, v in options]
         # The replicas holding nothing, costed alike (one pass: at hundreds of replicas this
-        # loop is most of the router's time); of them only the cheapest can win a call
-        # something is held of, and any not far costlier a call held nowhere (`_place`).
+        # loop is most of the router's time). For a call held nowhere, any of them not far
+        # costlier than the cheapest may take it (`_place`); else only the cheapest can win.
         miss = self._miss_tokens(allowed[0], key, 0.0)  # the same on every empty replica
-        empty = [
-            (self._cost(v, key, 0.0, per_token, miss, v.load), v)
-            for v in allowed
-            if v.name not in names
-        ]
         if best_score <= 0:
-            candidates = [(c, v) for c, (_, v) in zip(costs, options)] + empty
+            candidates = [(c, v) for c, (_, v) in zip(costs, options)] + [
+                (self._cost(v, key, 0.0, per_token, miss, v.load), v)
+                for v in allowed
+                if v.name not in names
+            ]
             return self._place(candidates, key, per_token), "balance"
-        if empty:
-            cost, view = min(empty, key=lambda e: (e[0], e[1].load, e[1].held_chars))
-            options.append((0.0, view))
-            costs.append(cost)
+        cheapest, lowest = None, (0.0, 0, 0)
+        for v in allowed:
+            if v.name in names:
+                continue
+            load = v.load
+            rank = (self._cost(v, key, 0.0, per_token, miss, load), load, v.held_chars)
+            if cheapest is None or rank < lowest:
+                cheapest, lowest = v, rank
+        if cheapest is not None:
+            options.append((0.0, cheapest))
+            costs.append(lowest[0])
         *_, i = min(
             (costs[i], -score, v.load, v.held_chars, i) for i, (score, v) in enumerate(options)
         )

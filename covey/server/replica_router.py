@@ -41,7 +41,11 @@ measured prefill profile; a replica not heard from yet costs as the others do.
 `max_imbalance` stays as a safety cap: a replica more than that many requests deeper than
 the least-loaded one is not a candidate at all. The decision is `affinity` when the call
 goes to its best cache match, `fallback` when a cheaper replica holding less of it wins,
-`balance` when nothing matched anywhere. `round_robin` and `pow2` (two random replicas,
+`balance` when nothing matched anywhere. A call matched nowhere starts a prefix that its
+later calls will follow, so it is placed for them: among the replicas not far costlier
+than the cheapest, on the one with the least of the router's recent working set
+(`ReplicaView.hot_chars`), lest the replica idle at each new prefix's first call collect
+more of them than its cache holds. `round_robin` and `pow2` (two random replicas,
 the shorter queue: Ray Serve's default algorithm) ignore the cache, for comparison.
 """
 

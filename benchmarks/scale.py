@@ -329,6 +329,9 @@ def run_system(
         "cached_tokens": cached,
         "wall_s": wall,
         "decisions": dict(router.counters.decisions),
+        # Calls each replica served: how evenly the policy spread the load (and, under
+        # cache-aware routing, the apps whose calls follow their prefix).
+        "served": {r.name: r.served for r in engine.replica_states()},
         "inside": inside,
         # The replicas' measured prefill speeds, as the cost model used them (ms a token).
         "per_token_ms": {n: round(1e3 * (v.per_token_s or 0), 3) for n, v in router.views.items()},
@@ -560,6 +563,7 @@ def main(argv: list[str] | None = None) -> int:
                     mean = statistics.fmean(got["ttfts"])
                     print(
                         f"scale: {system} ({tag}): mean TTFT {mean:.2f}s, {got['decisions']}, "
+                        f"served {got['served']}, "
                         f"prefill ms/token {got['per_token_ms']}, {breakdown([got])}"
                         + (f", {got['schedule']}" if got["schedule"] else ""),
                         flush=True,

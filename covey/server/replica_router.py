@@ -41,7 +41,11 @@ measured prefill profile; a replica not heard from yet costs as the others do.
 `max_imbalance` stays as a safety cap: a replica more than that many requests deeper than
 the least-loaded one is not a candidate at all. The decision is `affinity` when the call
 goes to its best cache match, `fallback` when a cheaper replica holding less of it wins,
-`balance` when nothing matched anywhere. `round_robin` and `pow2` (two random replicas,
+`balance` when nothing matched anywhere. A call matched nowhere starts a prefix that its
+later calls will follow, so it is placed for them: among the replicas not far costlier
+than the cheapest, on the one with the least of the router's recent working set
+(`ReplicaView.hot_chars`), lest the replica idle at each new prefix's first call collect
+more of them than its cache holds. `round_robin` and `pow2` (two random replicas,
 the shorter queue: Ray Serve's default algorithm) ignore the cache, for comparison.
 """
 
@@ -74,6 +78,10 @@ EVICTION_WEIGHT = 1.0
 # Prefill ends remembered per replica to correct reports in flight: far more than the calls
 # that end while one report is in transit.
 PREFILL_ENDED_KEPT = 256
+# When one replica's estimated TTFT is "far" above another's (`ReplicaRouter._far_above`):
+# by more than this many times it, as well as by more than the call's own full prefill (as
+# SGLang's cache-aware router balances only past both an absolute and a relative gap).
+BALANCE_RATIO = 1.5
 
 
 @dataclass(frozen=True)
@@ -183,6 +191,9 @@ class ReplicaView:
     per_token_s: float | None = None
     fixed_s: float = 0.0
     free_tokens: int | None = None  # its KV pool's free room, as last reported
+    # This replica's share of the router's recent routing (`ReplicaRouter._note_routed`):
+    # the characters of the distinct units routed here within the cluster's cache horizon.
+    hot_chars: int = 0
 
     @property
     def load(self) -> int:
@@ -228,9 +239,7 @@ class ReplicaView:
         """Characters of this call's KV believed held here: the matched prefix, plus half
         of each chunk held here that lies past it."""
         units, chars = self.matched_units(key)
-        extra = sum(
-            n for chunk, n, unit in key.chunks if unit >= units and chunk in self.chunks
-        )
+        extra = sum(n for chunk, n, unit in key.chunks if unit >= units and chunk in self.chunks)
         return chars + CHUNK_OUT_OF_ORDER_WEIGHT * extra
 
     def remember(self, key: RouteKey, stamp: int = 0) -> None:
@@ -367,6 +376,10 @@ class ReplicaRouter:
         self._random = random.Random(seed)
         self._per_token: float | None = None  # `_default_per_token`, until a report
         self._fixed_mean = 0.0
+        # (replica, unit hash) -> characters, in the order last routed (`_note_routed`).
+        self._recent: OrderedDict[tuple[str, str], int] = OrderedDict()
+        self._recent_chars = 0
+        self._horizon = 0  # the replicas' capacities added up
         for name in replicas:
             self.add(name)
 
@@ -375,6 +388,7 @@ class ReplicaRouter:
     def add(self, name: str) -> None:
         if name not in self.views:
             self.views[name] = ReplicaView(name, self.capacity_chars, index=self.index)
+            self._horizon += self.capacity_chars
 
     def forget(self, name: str) -> None:
         """The replica died (or was replaced): nothing it held is there any more."""
@@ -382,6 +396,9 @@ class ReplicaRouter:
         if view is not None:
             view.forget()
             view.forgot_seq = next(self._seq)
+            for entry in [e for e in self._recent if e[0] == name]:
+                self._recent_chars -= self._recent.pop(entry)
+            view.hot_chars = 0
 
     def forgotten_since(self, name: str, seq: int) -> bool:
         """Whether the router forgot `name` after a report asked for at `seq`: that report
@@ -391,7 +408,9 @@ class ReplicaRouter:
 
     def remove(self, name: str) -> None:
         self.forget(name)
-        self.views.pop(name, None)
+        view = self.views.pop(name, None)
+        if view is not None:
+            self._horizon -= view.capacity_chars
         self._per_token = None
 
     def report_started(self) -> int:
@@ -438,6 +457,7 @@ class ReplicaRouter:
         view = self.views.get(name)
         chars = CHARS_PER_TOKEN * kv_tokens
         if view is not None and kv_tokens > 0 and view.capacity_chars != chars:
+            self._horizon += chars - view.capacity_chars
             view.capacity_chars = chars
             view.evict()
 
@@ -475,6 +495,7 @@ class ReplicaRouter:
             stamp = self.last_stamp = next(self._seq)
             miss = self._miss_tokens(view, key)
             view.remember(key, stamp)
+            self._note_routed(view, key)
             view.open_calls[stamp] = key
             view.prefilling[stamp] = miss
             view.prefilling_tokens += miss
@@ -509,10 +530,19 @@ class ReplicaRouter:
         scored = [(v.score(key), v) for v in live if v.name in names]
         best_score = max((score for score, _ in scored), default=0.0)
         options = [(score, v) for score, v in scored if v.load - floor <= self.max_imbalance]
-        # Of the replicas holding nothing, only the cheapest can win (one pass: at hundreds
-        # of replicas this loop is most of the router's time).
-        cheapest, lowest = None, (0.0, 0, 0)
+        costs = [self._cost(v, key, score, per_token) for score, v in options]
+        # The replicas holding nothing, costed alike (one pass: at hundreds of replicas this
+        # loop is most of the router's time). For a call held nowhere, any of them not far
+        # costlier than the cheapest may take it (`_place`); else only the cheapest can win.
         miss = self._miss_tokens(allowed[0], key, 0.0)  # the same on every empty replica
+        if best_score <= 0:
+            candidates = [(c, v) for c, (_, v) in zip(costs, options)] + [
+                (self._cost(v, key, 0.0, per_token, miss, v.load), v)
+                for v in allowed
+                if v.name not in names
+            ]
+            return self._place(candidates, key, per_token), "balance"
+        cheapest, lowest = None, (0.0, 0, 0)
         for v in allowed:
             if v.name in names:
                 continue
@@ -522,16 +552,55 @@ class ReplicaRouter:
                 cheapest, lowest = v, rank
         if cheapest is not None:
             options.append((0.0, cheapest))
-        if best_score <= 0:
-            least = min(options, key=lambda o: (self._cost(o[1], key, 0.0, per_token),
-                                                o[1].load, o[1].held_chars))[1]
-            return least, "balance"
-        _, _, _, _, _, chosen = min(
-            (self._cost(v, key, score, per_token), -score, v.load, v.held_chars, i, v)
-            for i, (score, v) in enumerate(options)
+            costs.append(lowest[0])
+        *_, i = min(
+            (costs[i], -score, v.load, v.held_chars, i) for i, (score, v) in enumerate(options)
         )
-        chosen_score = next(score for score, v in options if v is chosen)
-        return chosen, "affinity" if chosen_score >= best_score else "fallback"
+        score, chosen = options[i]
+        return chosen, "affinity" if score >= best_score else "fallback"
+
+    def _place(
+        self, candidates: list[tuple[float, ReplicaView]], key: RouteKey, per_token: float
+    ) -> ReplicaView:
+        """Where a call held nowhere goes, of `candidates` (estimated TTFT, replica): a new
+        prefix, whose later calls hit where it lands. Among the replicas not far costlier
+        than the cheapest (`_far_above`), the one with the least of the recent working set
+        (`hot_chars`): a queue only momentarily shorter must not draw every new prefix to
+        one replica, whose cache then evicts them while the other's holds little (seen in
+        scale.py's open loop: 6 apps of 8 on one replica)."""
+        low, cheapest = min(candidates, key=lambda e: (e[0], e[1].load, e[1].held_chars))
+        # Near: at most this call's own full prefill (on the cheapest) costlier, or 1.5x.
+        band = (cheapest.per_token_s or per_token) * key.chars / CHARS_PER_TOKEN
+        near = [(c, v) for c, v in candidates if not self._far_above(c, low, band)]
+        return min(near, key=lambda e: (e[1].hot_chars, e[0], e[1].load, e[1].held_chars))[1]
+
+    @staticmethod
+    def _far_above(cost: float, low: float, band: float) -> bool:
+        """Whether an estimated TTFT `cost` is far above `low`: by more than `band` seconds
+        and by more than `BALANCE_RATIO` times (two thresholds, absolute and relative)."""
+        return cost - low > band and cost > BALANCE_RATIO * low
+
+    def _note_routed(self, view: ReplicaView, key: RouteKey) -> None:
+        """Count `key`'s units in `view`'s share of the recent routing (`hot_chars`): what
+        its later calls would hit there. Recent means within the cluster's cache horizon:
+        the last distinct units routed anywhere that the replicas' capacities add up to,
+        older ones dropped first. Unlike the mirror, which every report fills to capacity
+        with whatever the cache still holds, this measures the working set the router
+        itself sent there."""
+        for h, n in key.units:
+            entry = (view.name, h)
+            if entry in self._recent:
+                self._recent.move_to_end(entry)
+                continue
+            self._recent[entry] = n
+            self._recent_chars += n
+            view.hot_chars += n
+        while self._recent_chars > self._horizon and self._recent:
+            (name, _), n = self._recent.popitem(last=False)
+            self._recent_chars -= n
+            owner = self.views.get(name)
+            if owner is not None:
+                owner.hot_chars -= n
 
     def _default_per_token(self) -> float:
         """The mean reported per-token cost, for replicas that did not report one yet (and

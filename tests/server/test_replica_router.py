@@ -349,3 +349,49 @@ def test_a_replica_not_heard_from_yet_costs_the_others_mean_fixed_cost_too():
     estimate = router.ttft_estimate("r0", key)
     router.report("r2", queue=2, prefill_tokens=0)  # as loaded, no profile measured yet
     assert router.ttft_estimate("r2", key) == pytest.approx(estimate)
+
+
+# -- placement of new prefixes, and when a call leaves its cache match -----------------
+
+
+def app_prompt(app: int) -> str:
+    return f"You are the assistant of app {app}; cite the passage behind every claim. " * 20
+
+
+def routed_to(router: ReplicaRouter, name: str, prompt: str) -> None:
+    """Route `prompt` to `name` (the others excluded, as a retry would) and let it finish."""
+    others = [n for n in router.views if n != name]
+    assert router.choose(route_key(prompt), exclude=others)[0] == name
+    router.call_done(name, router.last_stamp)
+
+
+def test_a_new_prefix_goes_where_less_of_the_recent_working_set_is_despite_a_short_queue():
+    """scale.py's open loop at 0.7 load: new apps went wherever the queue was shortest at
+    that moment, 6 of 8 to one replica, whose cache then evicted them. A queue shorter by
+    less than one call's prefill must not decide where a prefix settles."""
+    router = ReplicaRouter(["r0", "r1"])
+    for app in range(3):
+        routed_to(router, "r0", app_prompt(app) + "question")
+    routed_to(router, "r1", app_prompt(3) + "question")
+    router.report("r0", queue=0, prefill_tokens=0, profile=(0.0, 1e-3))
+    router.report("r1", queue=1, prefill_tokens=100, profile=(0.0, 1e-3))
+    assert router.choose(route_key(app_prompt(4) + "question")) == ("r1", "balance")
+
+
+def test_a_new_prefix_still_avoids_a_replica_far_costlier():
+    router = ReplicaRouter(["r0", "r1"])
+    for app in range(3):
+        routed_to(router, "r0", app_prompt(app) + "question")
+    router.report("r0", queue=0, prefill_tokens=0, profile=(0.0, 1e-3))
+    router.report("r1", queue=4, prefill_tokens=5000, profile=(0.0, 1e-3))
+    assert router.choose(route_key(app_prompt(4) + "question")) == ("r0", "balance")
+
+
+def test_the_recent_working_set_is_bounded_by_the_replicas_capacity_and_forgotten_with_one():
+    router = ReplicaRouter(["r0", "r1"], capacity_chars=8 * BLOCK_CHARS)
+    for app in range(6):
+        router.choose(route_key(app_prompt(app)))
+    hot = [v.hot_chars for v in router.views.values()]
+    assert 0 < sum(hot) <= 16 * BLOCK_CHARS and all(hot)
+    router.forget("r0")
+    assert router.views["r0"].hot_chars == 0 and router.views["r1"].hot_chars == hot[1]

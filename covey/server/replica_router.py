@@ -396,9 +396,10 @@ class ReplicaRouter:
         if view is not None:
             view.forget()
             view.forgot_seq = next(self._seq)
-            for entry in [e for e in self._recent if e[0] == name]:
-                self._recent_chars -= self._recent.pop(entry)
-            view.hot_chars = 0
+            if view.hot_chars:  # else none of its entries is left (a replica already down)
+                for entry in [e for e in self._recent if e[0] == name]:
+                    self._recent_chars -= self._recent.pop(entry)
+                view.hot_chars = 0
 
     def forgotten_since(self, name: str, seq: int) -> bool:
         """Whether the router forgot `name` after a report asked for at `seq`: that report
@@ -495,7 +496,8 @@ class ReplicaRouter:
             stamp = self.last_stamp = next(self._seq)
             miss = self._miss_tokens(view, key)
             view.remember(key, stamp)
-            self._note_routed(view, key)
+            if self.policy == "cache_aware":  # the only policy that reads it
+                self._note_routed(view, key)
             view.open_calls[stamp] = key
             view.prefilling[stamp] = miss
             view.prefilling_tokens += miss
@@ -572,7 +574,11 @@ class ReplicaRouter:
         # Near: at most this call's own full prefill (on the cheapest) costlier, or 1.5x.
         band = (cheapest.per_token_s or per_token) * key.chars / CHARS_PER_TOKEN
         near = [(c, v) for c, v in candidates if not self._far_above(c, low, band)]
-        return min(near, key=lambda e: (e[1].hot_chars, e[0], e[1].load, e[1].held_chars))[1]
+        # Working sets within one call's size of the least count as level: the cost decides
+        # between them, not a few characters.
+        least = min(v.hot_chars for _, v in near) + key.chars
+        level = [(c, v) for c, v in near if v.hot_chars <= least]
+        return min(level, key=lambda e: (e[0], e[1].load, e[1].held_chars))[1]
 
     @staticmethod
     def _far_above(cost: float, low: float, band: float) -> bool:
@@ -588,6 +594,8 @@ class ReplicaRouter:
         with whatever the cache still holds, this measures the working set the router
         itself sent there."""
         for h, n in key.units:
+            if n <= 0:
+                continue  # no characters, nothing held: it would only grow the record
             entry = (view.name, h)
             if entry in self._recent:
                 self._recent.move_to_end(entry)

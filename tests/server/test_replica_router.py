@@ -379,6 +379,8 @@ def test_a_new_prefix_goes_where_less_of_the_recent_working_set_is_despite_a_sho
 
 
 def test_a_new_prefix_still_avoids_a_replica_far_costlier():
+    """Far costlier by both thresholds (more than the call's prefill and over 1.5x): the
+    colder replica is not worth the wait."""
     router = ReplicaRouter(["r0", "r1"])
     for app in range(3):
         routed_to(router, "r0", app_prompt(app) + "question")
@@ -395,3 +397,87 @@ def test_the_recent_working_set_is_bounded_by_the_replicas_capacity_and_forgotte
     assert 0 < sum(hot) <= 16 * BLOCK_CHARS and all(hot)
     router.forget("r0")
     assert router.views["r0"].hot_chars == 0 and router.views["r1"].hot_chars == hot[1]
+
+
+def _hot_r0_cold_r1(r0_queued: int, r1_queued: int) -> ReplicaRouter:
+    """r0 holds three apps' recent routing, r1 none; per token 1 ms, no fixed cost, and
+    the given prefill tokens queued on each."""
+    router = ReplicaRouter(["r0", "r1"])
+    for app in range(3):
+        routed_to(router, "r0", app_prompt(app) + "question")
+    router.report("r0", queue=1, prefill_tokens=r0_queued, profile=(0.0, 1e-3))
+    router.report("r1", queue=1, prefill_tokens=r1_queued, profile=(0.0, 1e-3))
+    return router
+
+
+@pytest.mark.parametrize(
+    ("r0_queued", "r1_queued", "why"),
+    [
+        (2000, 3000, "costlier by more than its prefill (~0.4 s), but only 1.4x"),
+        (0, 300, "1.8x costlier, but by less than its prefill"),
+    ],
+)
+def test_a_replica_costlier_by_only_one_threshold_is_near(r0_queued, r1_queued, why):
+    """`far` needs both gaps, absolute and relative: past one only, the colder replica
+    still takes the new prefix."""
+    router = _hot_r0_cold_r1(r0_queued, r1_queued)
+    key = route_key(app_prompt(4) + "question")
+    assert router.ttft_estimate("r1", key) > router.ttft_estimate("r0", key), why
+    assert router.choose(key) == ("r1", "balance"), why
+
+
+def test_working_sets_within_one_call_of_each_other_count_as_level():
+    """A few characters more of recent routing must not outweigh a cost gap: r0, hotter by
+    one short prompt, is far cheaper than r1 (not by both thresholds), and takes the call."""
+    router = ReplicaRouter(["r0", "r1"])
+    routed_to(router, "r0", app_prompt(0) + "question")
+    routed_to(router, "r1", app_prompt(1) + "question")
+    routed_to(router, "r0", "a short one")
+    router.report("r0", queue=1, prefill_tokens=0, profile=(0.0, 1e-3))
+    router.report("r1", queue=1, prefill_tokens=300, profile=(0.0, 1e-3))  # near, 1.9x
+    assert router.views["r0"].hot_chars > router.views["r1"].hot_chars
+    assert router.choose(route_key(app_prompt(4) + "question")) == ("r0", "balance")
+
+
+def _consistent(router: ReplicaRouter) -> None:
+    hot = {name: v.hot_chars for name, v in router.views.items()}
+    assert all(h >= 0 for h in hot.values())
+    assert sum(hot.values()) == router._recent_chars <= router._horizon
+    for name in hot:
+        assert hot[name] == sum(n for (r, _), n in router._recent.items() if r == name)
+
+
+def test_a_forgotten_replica_leaves_the_record_and_later_evictions_keep_it_consistent():
+    router = ReplicaRouter(["r0", "r1"], capacity_chars=8 * BLOCK_CHARS)
+    for app in range(6):
+        router.choose(route_key(app_prompt(app)))
+    router.forget("r0")
+    assert not [entry for entry in router._recent if entry[0] == "r0"]
+    for app in range(6, 20):
+        router.choose(route_key(app_prompt(app)))
+        _consistent(router)
+
+
+def test_a_smaller_reported_pool_shrinks_the_horizon():
+    router = ReplicaRouter(["r0", "r1"], capacity_chars=64 * BLOCK_CHARS)
+    for app in range(4):
+        router.choose(route_key(app_prompt(app)))
+    before = router._recent_chars
+    router.set_capacity("r0", 1)
+    router.set_capacity("r1", 1)
+    router.choose(route_key(app_prompt(5)))
+    assert router._recent_chars < before
+    _consistent(router)
+
+
+def test_a_prefix_routed_again_stays_in_the_recent_working_set():
+    """Recency, not first arrival: app 0, routed again before it would age out, outlives
+    apps first routed after it."""
+    router = ReplicaRouter(["r0", "r1"], capacity_chars=24 * BLOCK_CHARS)  # ~4 apps in all
+    keys = [route_key(app_prompt(app)) for app in range(6)]
+    for app in (0, 1, 2, 3, 0, 4, 5):
+        router.choose(keys[app])
+    kept = {h for _, h in router._recent}
+    assert {h for h, n in keys[0].units if n > 0} <= kept
+    assert {h for h, n in keys[1].units if n > 0}.isdisjoint(kept)
+    _consistent(router)

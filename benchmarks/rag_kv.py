@@ -112,7 +112,7 @@ SPEC_KEYS = {
     "quota": ("blend_quota", str),
     "sink": ("blend_sink_tokens", int),
     "stored": ("blend_stored_scores", lambda v: _flag(v)),
-    "host": ("chunk_store_bytes", lambda v: int(v) << 20),  # the host tier, in MiB
+    "host": ("chunk_store_bytes", lambda v: _mib(v)),  # the host tier, in MiB
 }
 
 
@@ -120,6 +120,12 @@ def _flag(text: str) -> bool:
     if text not in ("0", "1"):
         raise SystemExit(f"--variant: stored takes 0 or 1, got {text!r}")
     return text == "1"
+
+
+def _mib(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise SystemExit(f"--variant: host takes a whole number of MiB >= 1, got {text!r}")
+    return int(text) << 20
 
 
 def _layers(text: str) -> list[int]:

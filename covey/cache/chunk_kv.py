@@ -118,10 +118,14 @@ class ChunkKV:
         """Whether every token has a stored score."""
         return self.scores is not None and not bool(torch.isnan(self.scores).any())
 
-    def merged_scores(self, offset: int, fresh: torch.Tensor) -> torch.Tensor:
+    def merged_scores(
+        self, offset: int, fresh: torch.Tensor, weight: float = 0.5
+    ) -> torch.Tensor:
         """The scores after a blend measured `fresh` for tokens [offset, offset + len):
-        the mean of the old score and the new one where a score was known (so the newest
-        context weighs as much as all the earlier ones together), the new one where none was."""
+        old + weight * (new - old) where a score was known, the new one where none was.
+        The store passes 1 / (measurements so far + 1), a running mean over the contexts
+        measured, so a popular chunk's ranking settles instead of following its latest
+        context; 0.5 weighs the newest as much as all the earlier ones together."""
         n = len(self.token_ids)
         if self.scores is None:
             scores = torch.full((n,), float("nan"), dtype=torch.float32)
@@ -130,7 +134,7 @@ class ChunkKV:
         fresh = fresh.detach().to("cpu", torch.float32)
         old = scores[offset : offset + len(fresh)]
         measured = ~torch.isnan(fresh)
-        merged = torch.where(torch.isnan(old), fresh, (old + fresh) / 2)
+        merged = torch.where(torch.isnan(old), fresh, old + weight * (fresh - old))
         scores[offset : offset + len(fresh)] = torch.where(measured, merged, old)
         return scores.to(torch.float16)
 

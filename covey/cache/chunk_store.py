@@ -22,10 +22,12 @@ counts how many blends chose by an entry's stored scores since they were last me
 (`note_stored_use`); once enough have, `scores_fresh` says no, so the next blend of it runs
 the check layers and merges a new measurement (which resets the count). Enough is
 `SCORES_REFRESH_USES` after the first measurement, then twice as many after each further
-one, up to `SCORES_REFRESH_MAX_USES`: every measurement is a partial check, a quarter to
-half again a stored-score blend's time, and a popular chunk's scores merged from several
-contexts change less with each (on a Zipf-popular corpus, a fixed interval made the most
-read chunks pay a check every few requests). The counts live in memory: a restart starts them again.
+one, up to `SCORES_REFRESH_MAX_USES`: every measurement is a check, costlier than a
+stored-score blend, and on a Zipf-popular corpus a fixed interval made the most read chunks
+pay one every few requests. Measurements merge as a running mean (`ChunkKV.merged_scores`
+with weight 1 / (count + 1)), so each later one moves a chunk's scores less, which is what
+makes measuring it less often reasonable. The counts live in memory (a restart starts them
+again) and go with the entry when no tier holds it.
 
 Leases: an entry being copied into the pool is leased (`with store.lease(entry): ...`), and
 eviction skips leased entries, so a put that would need their room is refused instead. A
@@ -138,8 +140,6 @@ class ChunkStore:
                     scores = self._disk.load_scores(key)
                     if scores is not None:
                         entry = replace(entry, scores=scores)
-            if entry.scores is None:  # measured afresh: the refresh interval starts over
-                self._score_measures.pop(key, None)
             return self._admit(entry, frequency) is not None
 
     def get_exact(self, context_hash: str, token_ids: Sequence[int]) -> ChunkKV | None:
@@ -191,10 +191,11 @@ class ChunkStore:
             held = self._host.get(entry.key)
             if held is None:
                 return False
-            merged = held.merged_scores(offset, scores)
+            measured = self._score_measures.get(held.key, 1 if held.scores is not None else 0)
+            merged = held.merged_scores(offset, scores, weight=1.0 / (measured + 1))
             self._host.replace_scores(held.key, merged, self._cost_fn(len(held.token_ids)))
             self._score_uses.pop(held.key, None)
-            self._score_measures[held.key] = self._score_measures.get(held.key, 0) + 1
+            self._score_measures[held.key] = measured + 1
             if self._disk is not None and self._disk.has(held.key):
                 self._rescored.add(held.key)
             host = self._host.index
@@ -214,10 +215,12 @@ class ChunkStore:
     def refresh_after(self, entry: ChunkKV) -> int:
         """How many stored-score blends `entry`'s scores serve before the next measurement:
         SCORES_REFRESH_USES, doubled per measurement merged beyond the first, at most
-        SCORES_REFRESH_MAX_USES (scores read back from disk count as one measurement)."""
+        SCORES_REFRESH_MAX_USES. The count is in memory: an entry back from disk within one
+        process keeps it; after a restart its stored scores count as one measurement."""
         with self._lock:
             extra = max(self._score_measures.get(entry.key, 1) - 1, 0)
-            return min(SCORES_REFRESH_USES << min(extra, 16), SCORES_REFRESH_MAX_USES)
+            cap = (SCORES_REFRESH_MAX_USES // SCORES_REFRESH_USES).bit_length()
+            return min(SCORES_REFRESH_USES << min(extra, cap), SCORES_REFRESH_MAX_USES)
 
     def note_stored_use(self, entry: ChunkKV) -> None:
         """A blend chose rows by `entry`'s stored scores (counts toward a refresh)."""
@@ -305,6 +308,8 @@ class ChunkStore:
         host = self._host.index
         if not host.fits(entry.nbytes, self._leased):
             return None
+        if entry.scores is None:  # to be measured afresh: the refresh interval starts over
+            self._score_measures.pop(entry.key, None)
         while host.bytes + entry.nbytes > host.capacity:
             victim = self._host.pop_victim(self._leased)
             assert victim is not None  # fits() said the unleased entries make room
@@ -314,14 +319,33 @@ class ChunkStore:
     def _swap_out(self, entry: ChunkKV, frequency: int) -> None:
         """Write `entry` to disk unless disk holds it already (then only its scores, when
         they changed: the KV on disk is never rewritten or removed for them)."""
-        if self._disk is None:
+        if self._disk is not None:
+            rescored = entry.key in self._rescored
+            self._rescored.discard(entry.key)
+            if not self._disk.has(entry.key):
+                self._disk.write(entry, frequency, self._leased)
+            elif rescored and entry.scores is not None:
+                self._disk.write_scores(entry.key, entry.scores)
+        if self._disk is None or not self._disk.has(entry.key):  # gone: so are its counts
+            self._score_uses.pop(entry.key, None)
+            self._score_measures.pop(entry.key, None)
+        self._prune_counts()
+
+    def _prune_counts(self) -> None:
+        """Drop the refresh counts of entries no tier holds any more (the disk tier evicts
+        on its own): checked when the counts outnumber twice the entries held, so a
+        long-running server's counts stay bounded by what it stores."""
+        held = len(self._host.index.metas) + (
+            len(self._disk.index.metas) if self._disk is not None else 0
+        )
+        if len(self._score_measures) + len(self._score_uses) <= 2 * held + 64:
             return
-        rescored = entry.key in self._rescored
-        self._rescored.discard(entry.key)
-        if not self._disk.has(entry.key):
-            self._disk.write(entry, frequency, self._leased)
-        elif rescored and entry.scores is not None:
-            self._disk.write_scores(entry.key, entry.scores)
+        for counts in (self._score_measures, self._score_uses):
+            for key in [k for k in counts if not self._held(k)]:
+                del counts[key]
+
+    def _held(self, key: str) -> bool:
+        return key in self._host.index or (self._disk is not None and self._disk.has(key))
 
     def _drop_stale(self, chunk_id: str, content: str) -> None:
         for key in self._host.index.stale_keys(chunk_id, content):

@@ -120,10 +120,11 @@ class EngineConfig:
     # no check layer (whose full pass over every reused token is most of blend's cost).
     # A blend with an unscored chunk runs the check layers and stores what they measure.
     blend_stored_scores: bool = True
-    # The host tier of the chunk store. 2 GiB holds ~440 chunks of 200 tokens of SmolLM2's
-    # KV (4.6 MiB each); LMCache's CPU tier defaults to 5 GB, vLLM's swap space to 4 GiB.
-    # 256 MiB, the first default, held 57 of rag_kv's 63 chunks and evicted 74 times in 160
-    # requests, each eviction a later recompute and a lost score (docs/engine.md).
+    # The host tier of the chunk store, per engine (a cap: it grows with the chunks read).
+    # 2 GiB holds ~466 chunks of 200 tokens of SmolLM2's KV in bf16 (4.6 MB each), half
+    # that in float32; LMCache's CPU tier defaults to 5 GB, vLLM's swap space to 4 GiB.
+    # 256 MiB, the first default, held 57 entries at a time on rag_kv's full size and
+    # evicted 74 times in 160 requests, each a later recompute and lost scores.
     chunk_store_bytes: int = 2 << 30
     chunk_store_dir: str | None = None  # the disk tier (kept across restarts); None: none
     chunk_store_disk_bytes: int = 2 << 30

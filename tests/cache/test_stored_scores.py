@@ -251,3 +251,44 @@ def test_refresh_interval_doubles_per_measurement_up_to_a_cap():
     assert s2.put(make([1, 2, 3], chunk_id="a"))  # recomputed: unscored again
     s2.update_scores(entry, 0, torch.ones(3))
     assert _uses_until_refresh(s2, entry) == SCORES_REFRESH_USES
+
+
+def test_measurements_merge_as_a_running_mean():
+    """Each measurement weighs 1 / (count so far + 1): after three, every one counts a
+    third, not the last one half."""
+    s = open_store(None, host_tokens=100)
+    entry = make([1, 2, 3], chunk_id="a")
+    assert s.put(entry)
+    for value in (3.0, 6.0, 9.0):
+        s.update_scores(entry, 0, torch.full((3,), value))
+    assert s.get_any("a", [1, 2, 3]).scores.tolist() == [6.0, 6.0, 6.0]
+
+
+def test_counts_go_with_an_entry_no_tier_holds_and_stay_bounded():
+    s = open_store(None, host_tokens=3)  # one entry at a time, no disk
+    for i in range(200):
+        entry = make([i, i + 1000, i + 2000], chunk_id=f"c{i}")
+        assert s.put(entry)
+        s.update_scores(entry, 0, torch.ones(3))
+        s.note_stored_use(entry)
+    assert len(s._score_measures) <= 2 and len(s._score_uses) <= 2
+
+
+def test_a_count_survives_a_trip_to_disk_but_not_a_disk_copy_without_scores(tmp_path):
+    s = open_store(tmp_path, host_tokens=3)
+    a = make([1, 2, 3], chunk_id="a")
+    assert s.put(a)
+    for _ in range(3):
+        s.update_scores(a, 0, torch.ones(3))
+    assert s.refresh_after(a) == 4 * SCORES_REFRESH_USES
+    assert s.put(make([4, 5, 6], chunk_id="b"))  # a goes to disk, with its scores
+    back = s.get_any("a", [1, 2, 3])
+    assert back is not None and back.scores is not None
+    assert s.refresh_after(back) == 4 * SCORES_REFRESH_USES
+    assert s.put(make([7, 8, 9], chunk_id="c"))  # a to disk again
+    for path in tmp_path.rglob("*scores*"):
+        path.unlink()  # its scores file lost: back unscored, measured afresh
+    back = s.get_any("a", [1, 2, 3])
+    assert back is not None and back.scores is None
+    s.update_scores(back, 0, torch.ones(3))
+    assert s.refresh_after(back) == SCORES_REFRESH_USES

@@ -5,7 +5,7 @@ from __future__ import annotations
 from tests.cli.runner import covey
 
 
-def test_docs_chat_streams_an_answer_and_lists_its_sources(tiny_index):
+def test_docs_chat_names_its_index_streams_an_answer_and_lists_its_sources(tiny_index):
     result = covey(
         "chat",
         "--docs",
@@ -16,6 +16,12 @@ def test_docs_chat_streams_an_answer_and_lists_its_sources(tiny_index):
         stdin="How does the for statement iterate?\n/reset\n\n/exit\n",
     )
     assert result.returncode == 0, result.stderr
+    # The banner names the user's index, its size and its first sources, not Python's docs.
+    banner = next(line for line in result.stderr.splitlines() if "answering from" in line)
+    size = f"{len(tiny_index.chunks)} chunks from 5 sources"
+    shown = "pydoc:dict, pydoc:for, pydoc:lambda, ..."
+    assert f"answering from the index {tiny_index.root} ({size}: {shown})" in banner, banner
+    assert "Python" not in banner
     lines = result.stdout.splitlines()
     sources = [line for line in lines if line.startswith(("Sources:", "Retrieved (none cited):"))]
     assert len(sources) == 1 and "pydoc:for" in sources[0]

@@ -4,13 +4,16 @@ child process; where the model is not the point, `dummy:tiny` keeps it fast."""
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from covey.errors import ErrorCategory
+from covey.llm_backend.tokenizer import load_default_tokenizer
 from tests.cli.runner import covey, covey_env
 
 INVALID = ErrorCategory.INVALID.exit_code
@@ -26,9 +29,22 @@ def assert_one_line_error(result: subprocess.CompletedProcess, exit_code: int, m
     assert result.returncode == exit_code, result.stderr
 
 
+@pytest.fixture(scope="module")
+def tokenizer_cache(covey_home) -> Path:
+    """The session home's cache of the embedded GGUF's tokenizer, written by the first load
+    in this process (none when that load ran under another home: the homes then start
+    empty, only slower)."""
+    load_default_tokenizer()
+    return Path(covey_home) / "tokenizers"
+
+
 @pytest.fixture
-def home(tmp_path, monkeypatch):
-    """An empty COVEY_HOME: no default index is built or found by accident."""
+def home(tmp_path, monkeypatch, tokenizer_cache):
+    """A COVEY_HOME with no index, so no default index is built or found by accident. It
+    holds a copy of the tokenizer cache: a child over `dummy:tiny` in an empty home reads
+    the tokenizer out of the GGUF again (seconds on 2 cores, for every such test)."""
+    if tokenizer_cache.is_dir():
+        shutil.copytree(tokenizer_cache, tmp_path / "home" / "tokenizers")
     monkeypatch.setenv("COVEY_HOME", str(tmp_path / "home"))
     return tmp_path / "home"
 

@@ -1,6 +1,7 @@
-"""What the retrieval commands and `covey chat --docs --index` print, run as a user runs
-them: no "Loading weights" bar from commands that load no LLM, and a docs chat over the
-user's own index says which index it answers from."""
+"""What the retrieval commands print, run as a user runs them: no "Loading weights" bar
+from commands that load no LLM. What `covey chat --docs --index` says of the user's own
+index is checked in the same run as its answer (tests/apps/test_chat_docs_cli.py): each
+such run loads the model."""
 
 from __future__ import annotations
 
@@ -30,12 +31,3 @@ def test_search_prints_results_and_no_weights_bar(own_index):
     assert result.returncode == 0, result.stderr
     assert "bread.md" in result.stdout
     assert not [b for b in BARS if b in result.stderr], result.stderr
-
-
-def test_docs_chat_over_an_own_index_names_that_index(own_index):
-    result = covey("chat", "--docs", "--index", str(own_index), stdin="/exit\n")
-    assert result.returncode == 0, result.stderr
-    banner = next(line for line in result.stderr.splitlines() if "answering from" in line)
-    assert f"answering from the index {own_index} (2 chunks from 2 sources: " in banner
-    assert "bread.md" in banner and "rockets.md" in banner
-    assert "Python" not in banner

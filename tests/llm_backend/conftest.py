@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
+from covey.llm_backend import llm_engine
 from covey.llm_backend.config import EngineConfig
 from covey.llm_backend.llm_engine import LLMEngine
 from covey.llm_backend.model_source import resolve_model
@@ -24,6 +27,24 @@ def embedded_model(device: str):
     if device not in _models:
         _models[device] = load_model(resolve_model(None), torch.float32, torch.device(device))
     return _models[device]
+
+
+@contextlib.contextmanager
+def embedded_model_shared():
+    """Within it, an engine built by name (`LLM(...)`, a replica's own engine) over the
+    embedded model in float32 on CPU takes the session's loaded copy, as `make_engine`'s
+    engines do, instead of reading the weights again (seconds each). Float32 weights are
+    never quantized, so no such engine changes them."""
+    load, embedded = llm_engine.load_model, resolve_model(None)
+
+    def shared(source, dtype: torch.dtype, device: torch.device):
+        if source == embedded and dtype == torch.float32 and device.type == "cpu":
+            return embedded_model("cpu")
+        return load(source, dtype, device)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(llm_engine, "load_model", shared)
+        yield
 
 
 @pytest.fixture

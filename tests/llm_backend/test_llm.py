@@ -7,11 +7,13 @@ import pytest
 from covey.errors import InvalidRequestError
 from covey.llm_backend.llm import LLM
 from covey.llm_backend.sampling_params import SamplingParams
+from tests.llm_backend.conftest import embedded_model_shared
 
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(dtype="float32", device="cpu", kv_cache_tokens=2048)
+    with embedded_model_shared():
+        return LLM(dtype="float32", device="cpu", kv_cache_tokens=2048)
 
 
 def test_generate_returns_outputs_in_input_order(llm):

@@ -8,6 +8,7 @@ from covey.errors import InvalidRequestError
 from covey.llm_backend.llm import LLM
 from covey.llm_backend.sampling_params import SamplingParams
 from covey.llm_backend.segments import Segment
+from tests.llm_backend.conftest import embedded_model_shared
 
 VOCAB = 49152  # SmolLM2's embedding rows
 
@@ -78,7 +79,8 @@ def test_chat_content_must_be_text(make_engine):
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(dtype="float32", device="cpu", kv_cache_tokens=1024)
+    with embedded_model_shared():
+        return LLM(dtype="float32", device="cpu", kv_cache_tokens=1024)
 
 
 def test_llm_generate_checks_its_lists(llm):

@@ -4,7 +4,6 @@ engine's prefix cache and chunk store (the embedded SmolLM2 on CPU, no Ray)."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from covey.llm_backend.config import EngineConfig
 from covey.llm_backend.llm_engine import LLMEngine
@@ -12,6 +11,7 @@ from covey.llm_backend.sampling_params import SamplingParams
 from covey.llm_backend.segments import Segment
 from covey.server.replica_cache_report import ReplicaCacheLedger
 from covey.server.replica_router import BLOCK_CHARS, ReplicaRouter, route_key
+from tests.llm_backend.conftest import embedded_model
 
 SYSTEM = "You answer questions about Python's standard library, citing the module. " * 10
 OTHER = "Summarise the document below in three bullet points, plain words only. " * 10
@@ -19,10 +19,9 @@ OTHER = "Summarise the document below in three bullet points, plain words only. 
 
 @pytest.fixture(scope="module")
 def model():
-    from covey.llm_backend.model_source import resolve_model
-    from covey.llm_backend.weight_loader import load_model
-
-    return load_model(resolve_model(None), torch.float32, torch.device("cpu"))
+    """The embedded model in float32 on CPU that the engine tests share: loaded once per
+    session (a float32 load takes seconds), engines only read it."""
+    return embedded_model("cpu")
 
 
 def make_engine(model, **config) -> LLMEngine:

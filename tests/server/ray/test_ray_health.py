@@ -29,6 +29,7 @@ from covey.server.ray_deployment import (
 )
 from covey.server.ray_engine import RayEngine
 from covey.server.replica_router import ReplicaRouter
+from tests.llm_backend.conftest import embedded_model_shared
 from tests.server.conftest import Deployed
 from tests.server.ray.test_ray_errors import RaisingHandle
 
@@ -84,7 +85,8 @@ def test_a_replica_s_loop_answers_its_health_check_while_a_step_runs():
     """In process, no cluster: the loop Serve runs `check_health` on ticks every 20 ms while
     the engine prefills a long prompt in one step; with the step on the loop, the longest
     gap between ticks was the whole step."""
-    replica = EngineReplica(None, BUSY_CONFIG, threads=1)
+    with embedded_model_shared():
+        replica = EngineReplica(None, BUSY_CONFIG, threads=1)
     prompt = " ".join(f"Row {i} of the table lists a copper kettle." for i in range(80))
 
     async def scenario() -> tuple[float, float]:

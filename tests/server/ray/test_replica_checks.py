@@ -16,6 +16,7 @@ from covey.llm_backend.compiled_decode import COMPILE_ENV
 from covey.llm_backend.sampling_params import SamplingParams
 from covey.server import ray_deployment
 from covey.server.ray_deployment import EngineReplica, HealthCheck, replica_runtime_env
+from tests.llm_backend.conftest import embedded_model_shared
 
 CONFIG = {"device": "cpu", "dtype": "float32", "kv_cache_tokens": 2048, "compile": False}
 MAX_STEP_S = 0.5
@@ -29,7 +30,8 @@ pytestmark = pytest.mark.filterwarnings(
 
 @pytest.fixture(scope="module")
 def replica():
-    replica = EngineReplica(None, CONFIG, threads=1, max_step_s=MAX_STEP_S)
+    with embedded_model_shared():
+        replica = EngineReplica(None, CONFIG, threads=1, max_step_s=MAX_STEP_S)
     yield replica
     asyncio.run(replica.__del__())
 

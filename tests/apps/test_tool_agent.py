@@ -4,12 +4,13 @@ the tiny docs index, and its command line."""
 from __future__ import annotations
 
 import asyncio
+import runpy
 import subprocess
 import sys
 
 import pytest
 
-from covey.apps.tool_agent import TOOLS, build_tool_agent_app, calculator, evaluate, main
+from covey.apps.tool_agent import TOOLS, build_tool_agent_app, calculator, evaluate
 from covey.errors import ConfigError
 from covey.runtime.tool_calls import BadCall, ToolCall, parse_call
 from tests.cli.runner import covey_env
@@ -65,7 +66,7 @@ async def test_answers_on_the_embedded_model_and_frees_its_request(real_llm, tin
     runtime.tools.close()
 
 
-def test_runs_from_the_command_line(capsys):
+def test_runs_from_the_command_line(capsys, monkeypatch):
     done = subprocess.run(
         [sys.executable, "-m", "covey.apps.tool_agent", "What is 2 + 2?", "--max-tokens", "6"],
         capture_output=True,
@@ -75,8 +76,13 @@ def test_runs_from_the_command_line(capsys):
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip()
-    # A bad option fails before any model loads: its exit code and one-line error come from
-    # the same `main` in process (a second child would spend its seconds on imports).
-    assert main(["q", "--max-tokens", "0"]) == 2
+    # A bad option fails before any model loads: the module run as __main__ in process (a
+    # second child would spend its seconds on imports) exits 2 with a one-line error.
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["tool_agent", "q", "--max-tokens", "0"])
+    monkeypatch.delitem(sys.modules, "covey.apps.tool_agent")  # run afresh, as `-m` does
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module("covey.apps.tool_agent", run_name="__main__")
+    assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("tool_agent: error: ") and len(err.strip().splitlines()) == 1, err

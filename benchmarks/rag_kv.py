@@ -112,7 +112,7 @@ SPEC_KEYS = {
     "quota": ("blend_quota", str),
     "sink": ("blend_sink_tokens", int),
     "stored": ("blend_stored_scores", lambda v: _flag(v)),
-    "host": ("chunk_store_bytes", lambda v: _mib(v)),  # the host tier, in MiB
+    "host": ("chunk_store_bytes", lambda v: _mib(v)),  # the host tier, in MiB (defined below)
 }
 
 
@@ -123,7 +123,7 @@ def _flag(text: str) -> bool:
 
 
 def _mib(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
+    if not text.isdecimal() or int(text) < 1:
         raise SystemExit(f"--variant: host takes a whole number of MiB >= 1, got {text!r}")
     return int(text) << 20
 

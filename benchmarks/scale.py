@@ -414,6 +414,7 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "decisions": decisions,
         "passes": len(runs),
         "ttft_breakdown": breakdown(runs),
+        "served": [run["served"] for run in runs if "served" in run],  # calls per replica
     }
     schedules = [run["schedule"] for run in runs if run.get("schedule")]
     if schedules:
@@ -581,6 +582,7 @@ def main(argv: list[str] | None = None) -> int:
                     "decisions": got["decisions"],
                     "passes": got["passes"],
                     "ttft_breakdown": got["ttft_breakdown"],
+                    "served": got["served"],
                 }
                 if "open_loop" in got:
                     extra["open_loop"] = got["open_loop"]

@@ -25,8 +25,9 @@ the check layers and merges a new measurement (which resets the count). Enough i
 one, up to `SCORES_REFRESH_MAX_USES`: every measurement is a check, costlier than a
 stored-score blend, and on a Zipf-popular corpus a fixed interval made the most read chunks
 pay one every few requests. Measurements merge as a running mean (`ChunkKV.merged_scores`
-with weight 1 / (count + 1)), so each later one moves a chunk's scores less, which is what
-makes measuring it less often reasonable. The counts live in memory (a restart starts them
+with weight 1 / (count + 1)) over the first SCORES_MEAN_OVER, a moving average after: each
+later one moves a chunk's scores less, which is what makes measuring it less often
+reasonable, and the late ones still move them. The counts live in memory (a restart starts them
 again) and go with the entry when no tier holds it.
 
 Leases: an entry being copied into the pool is leased (`with store.lease(entry): ...`), and
@@ -67,6 +68,7 @@ from covey.errors import ConfigError, EngineUnavailableError
 
 SCORES_REFRESH_USES = 8  # stored-score blends of an entry before it is measured again
 SCORES_REFRESH_MAX_USES = 64  # ... doubling after each measurement, up to this
+SCORES_MEAN_OVER = 8  # measurements the running mean spans; later ones weigh 1/(this + 1)
 
 __all__ = [
     "ROOT_HASH",
@@ -191,8 +193,10 @@ class ChunkStore:
             held = self._host.get(entry.key)
             if held is None:
                 return False
-            measured = self._score_measures.get(held.key, 1 if held.scores is not None else 0)
-            merged = held.merged_scores(offset, scores, weight=1.0 / (measured + 1))
+            measured = self._measures(held)
+            merged = held.merged_scores(
+                offset, scores, weight=1.0 / (min(measured, SCORES_MEAN_OVER) + 1)
+            )
             self._host.replace_scores(held.key, merged, self._cost_fn(len(held.token_ids)))
             self._score_uses.pop(held.key, None)
             self._score_measures[held.key] = measured + 1
@@ -218,9 +222,15 @@ class ChunkStore:
         SCORES_REFRESH_MAX_USES. The count is in memory: an entry back from disk within one
         process keeps it; after a restart its stored scores count as one measurement."""
         with self._lock:
-            extra = max(self._score_measures.get(entry.key, 1) - 1, 0)
-            cap = (SCORES_REFRESH_MAX_USES // SCORES_REFRESH_USES).bit_length()
-            return min(SCORES_REFRESH_USES << min(extra, cap), SCORES_REFRESH_MAX_USES)
+            extra = max(self._measures(entry) - 1, 0)
+            return min(SCORES_REFRESH_USES << min(extra, 8), SCORES_REFRESH_MAX_USES)
+
+    def _measures(self, entry: ChunkKV) -> int:
+        """Measurements merged into `entry`'s scores: counted since it was unscored, or 1
+        for scores whose count is not known (read back after a restart)."""
+        held = self._host.get(entry.key)
+        scored = (held or entry).scores is not None
+        return self._score_measures.get(entry.key, 1 if scored else 0)
 
     def note_stored_use(self, entry: ChunkKV) -> None:
         """A blend chose rows by `entry`'s stored scores (counts toward a refresh)."""
@@ -357,6 +367,8 @@ class ChunkStore:
         if self._disk is not None:
             for key in self._disk.index.stale_keys(chunk_id, content):
                 self._disk.remove(key)
+                self._score_uses.pop(key, None)
+                self._score_measures.pop(key, None)
                 self._disk.index.counters.stale += 1
 
     def _leased(self, key: str) -> bool:

@@ -239,9 +239,8 @@ def test_refresh_interval_doubles_per_measurement_up_to_a_cap():
     for _ in range(6):
         s.update_scores(entry, 0, torch.ones(3))
         intervals.append(_uses_until_refresh(s, entry))
-    expected = [min(SCORES_REFRESH_USES << i, SCORES_REFRESH_MAX_USES) for i in range(6)]
-    assert intervals == expected
-    assert intervals[-1] == SCORES_REFRESH_MAX_USES > SCORES_REFRESH_USES
+    assert intervals == [8, 16, 32, 64, 64, 64]
+    assert (SCORES_REFRESH_USES, SCORES_REFRESH_MAX_USES) == (8, 64)
     s2 = open_store(None, host_tokens=4)  # room for one entry: b evicts a
     assert s2.put(entry)
     for _ in range(3):
@@ -292,3 +291,22 @@ def test_a_count_survives_a_trip_to_disk_but_not_a_disk_copy_without_scores(tmp_
     assert back is not None and back.scores is None
     s.update_scores(back, 0, torch.ones(3))
     assert s.refresh_after(back) == SCORES_REFRESH_USES
+
+
+def test_counts_of_entries_the_disk_tier_evicts_are_pruned(tmp_path):
+    """With a disk tier, entries leave by the disk's own evictions; their counts must not
+    outlive them (a long-running server reads many chunks)."""
+    s = ChunkStore(
+        host_bytes=3 * BYTES_PER_TOKEN,
+        cost_fn=lambda n: float(n),
+        disk_dir=tmp_path,
+        disk_bytes=4 * 3 * BYTES_PER_TOKEN,
+    )
+    for i in range(150):
+        entry = make([i, i + 1000, i + 2000], chunk_id=f"c{i}")
+        assert s.put(entry)
+        s.update_scores(entry, 0, torch.ones(3))
+        s.note_stored_use(entry)
+    held = len(s._host.index.metas) + len(s._disk.index.metas)
+    assert held < 10
+    assert len(s._score_measures) + len(s._score_uses) <= 2 * held + 64

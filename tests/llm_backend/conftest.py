@@ -34,7 +34,8 @@ def embedded_model_shared():
     """Within it, an engine built by name (`LLM(...)`, a replica's own engine) over the
     embedded model in float32 on CPU takes the session's loaded copy, as `make_engine`'s
     engines do, instead of reading the weights again (seconds each). Float32 weights are
-    never quantized, so no such engine changes them."""
+    not quantized by default; an engine asking for it anyway would change the shared copy
+    in place, so within the context quantizing fails the test."""
     load, embedded = llm_engine.load_model, resolve_model(None)
 
     def shared(source, dtype: torch.dtype, device: torch.device):
@@ -42,8 +43,12 @@ def embedded_model_shared():
             return embedded_model("cpu")
         return load(source, dtype, device)
 
+    def no_quantize(*args, **kwargs):
+        raise AssertionError("embedded_model_shared: quantizing would change the shared model")
+
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(llm_engine, "load_model", shared)
+        patch.setattr(llm_engine, "quantize", no_quantize)
         yield
 
 

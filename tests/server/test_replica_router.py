@@ -442,6 +442,7 @@ def test_working_sets_within_one_call_of_each_other_count_as_level():
 def _consistent(router: ReplicaRouter) -> None:
     hot = {name: v.hot_chars for name, v in router.views.items()}
     assert all(h >= 0 for h in hot.values())
+    assert router._horizon == sum(v.capacity_chars for v in router.views.values())
     assert sum(hot.values()) == router._recent_chars <= router._horizon
     for name in hot:
         assert hot[name] == sum(n for (r, _), n in router._recent.items() if r == name)

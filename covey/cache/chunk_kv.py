@@ -123,9 +123,10 @@ class ChunkKV:
     ) -> torch.Tensor:
         """The scores after a blend measured `fresh` for tokens [offset, offset + len):
         old + weight * (new - old) where a score was known, the new one where none was.
-        The store passes 1 / (measurements so far + 1), a running mean over the contexts
-        measured, so a popular chunk's ranking settles instead of following its latest
-        context; 0.5 weighs the newest as much as all the earlier ones together."""
+        The store passes 1 / (measurements so far + 1), capped at SCORES_MEAN_OVER
+        measurements: a running mean over the contexts measured, then a moving average, so
+        a popular chunk's ranking settles instead of following its latest context; 0.5
+        weighs the newest as much as all the earlier ones together."""
         n = len(self.token_ids)
         if self.scores is None:
             scores = torch.full((n,), float("nan"), dtype=torch.float32)

@@ -223,6 +223,7 @@ class ChunkStore:
         process keeps it; after a restart its stored scores count as one measurement."""
         with self._lock:
             extra = max(self._measures(entry) - 1, 0)
+            # min(extra, 8): the cap is reached long before; it only bounds the shift.
             return min(SCORES_REFRESH_USES << min(extra, 8), SCORES_REFRESH_MAX_USES)
 
     def _measures(self, entry: ChunkKV) -> int:

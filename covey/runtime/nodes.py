@@ -198,6 +198,8 @@ async def stream_generate(
             final.finish_reason,
             prompt=recorded_prompt,
             choice_logprobs=final.choice_logprobs,
+            ttft=m.ttft,
+            reused_tokens=m.num_reused_tokens,
         )
     )
     if final.healed_text:  # the ids overlap the prompt's healed end: continue as text

@@ -200,7 +200,7 @@ def _record(env: Any, node: NodePlan, rid: str, var: str, out: Any) -> None:
     env.trace.nodes[node.name].requests.append(
         RequestTrace(
             rid, var, m.num_prompt_tokens, len(out.token_ids), m.num_cached_tokens,
-            out.finish_reason,
+            out.finish_reason, ttft=m.ttft, reused_tokens=m.num_reused_tokens,
         )
     )
 

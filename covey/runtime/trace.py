@@ -15,7 +15,11 @@ from typing import Any
 class RequestTrace:
     """One engine request of an LLM node (one per gen, per fan-out element).
     `choice_logprobs`: a gen with choices scored as whole options, every option ->
-    log P(option | prompt) (None for other gens and for the trie)."""
+    log P(option | prompt) (None for other gens and for the trie).
+    `ttft`: seconds from the engine taking the request to its first token (None when the
+    engine did not say); `reused_tokens`: prompt tokens whose KV came from the engine's
+    chunk store. Together they show what a call's prefill cost and what reuse saved it.
+    """
 
     request_id: str
     var: str
@@ -26,6 +30,8 @@ class RequestTrace:
     # The exact prompt text the engine got, when the run was started with record_prompts.
     prompt: str | None = None
     choice_logprobs: dict[str, float] | None = None
+    ttft: float | None = None
+    reused_tokens: int = 0
 
 
 @dataclass(frozen=True)

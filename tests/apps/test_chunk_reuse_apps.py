@@ -19,25 +19,27 @@ QUESTIONS = ("How do I make sure a file gets closed?", "How do I loop over a lis
 
 
 async def run_all(index, rounds: int, **config) -> tuple[list[dict], dict]:
-    """Each app on each question, `rounds` times (the second time finds the chunks)."""
+    """Each app on each question, `rounds` times (the second time finds the chunks). The
+    stats carry, per round, the advanced answer's trace records (`answers`)."""
     llm = AsyncLLM(engine=make_cpu_engine(**config))
     runtime = Runtime(llm, retrievers={DEFAULT_INDEX_NAME: index})
-    outputs = []
+    outputs, answers = [], []
     try:
         for _ in range(rounds):
             for question in QUESTIONS:
                 rag = await runtime.run(RAG, question=question, history="")
-                advanced = await runtime.run(ADVANCED, question=question)
-                outputs.append({"rag": rag["answer"], "advanced": advanced["answer"]})
+                advanced = await runtime.run_traced(ADVANCED, question=question)
+                answers.append(advanced.trace.nodes["answer_from_passages"].requests[0])
+                outputs.append({"rag": rag["answer"], "advanced": advanced.outputs["answer"]})
         stats = (await llm.stats()).chunk_cache
     finally:
         await llm.close()
-    return outputs, stats
+    return outputs, {**stats, "answers": answers}
 
 
 async def test_exact_chunk_reuse_gives_the_same_answers_as_no_reuse(tiny_index):
     # Greedy: without chunk reuse a second round would answer as the first, so one will do.
-    off, _ = await run_all(tiny_index, 1, chunk_cache="off")
+    off, off_stats = await run_all(tiny_index, 1, chunk_cache="off")
     # With the prefix cache off, only the chunk store can serve the second round's chunks:
     # a prefix-cache hit cannot pass for chunk reuse.
     exact, stats = await run_all(tiny_index, 2, chunk_cache="exact", enable_prefix_caching=False)
@@ -45,3 +47,8 @@ async def test_exact_chunk_reuse_gives_the_same_answers_as_no_reuse(tiny_index):
     assert all(o["rag"] and o["advanced"] for o in off)
     assert stats["pool"]["reused_tokens"] == 0, stats
     assert stats["host"]["hits"] > 0 and stats["host"]["reused_tokens"] > 0, stats
+    # The trace says what each call reused: nothing without a store; in the second round
+    # the answer's prompt repeats exactly, so its passages come from the store.
+    assert all(r.reused_tokens == 0 and r.ttft > 0 for r in off_stats["answers"])
+    second = stats["answers"][len(QUESTIONS) :]
+    assert all(r.reused_tokens > r.prompt_tokens // 2 and r.ttft > 0 for r in second), second

@@ -54,7 +54,8 @@ class JsonBody(Response):
 
 
 def trace_summary(trace: Trace) -> dict[str, Any]:
-    """What a caller wants from a run's trace: time, tokens and cache hits per node."""
+    """What a caller wants from a run's trace: time, tokens and cache hits per node
+    (`cached_tokens` from the prefix cache, `reused_tokens` from the chunk KV store)."""
     nodes = []
     for n in trace.nodes.values():
         entry: dict[str, Any] = {
@@ -68,6 +69,7 @@ def trace_summary(trace: Trace) -> dict[str, Any]:
             entry["prompt_tokens"] = sum(r.prompt_tokens for r in n.requests)
             entry["generated_tokens"] = n.generated_tokens
             entry["cached_tokens"] = n.cached_tokens
+            entry["reused_tokens"] = sum(r.reused_tokens for r in n.requests)
             scored = [r.choice_logprobs for r in n.requests if r.choice_logprobs is not None]
             if scored:
                 entry["choice_logprobs"] = scored

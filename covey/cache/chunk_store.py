@@ -28,7 +28,9 @@ pay one every few requests. Measurements merge as a running mean (`ChunkKV.merge
 with weight 1 / (count + 1)) over the first SCORES_MEAN_OVER, a moving average after: each
 later one moves a chunk's scores less, which is what makes measuring it less often
 reasonable, and the late ones still move them. The counts live in memory (a restart starts them
-again) and go with the entry when no tier holds it.
+again) and only for entries some tier holds: they go when the host tier evicts an entry disk
+does not hold, when the disk tier evicts (it reports the keys) or drops an unreadable file of
+an entry host does not hold, and when a chunk's text goes stale.
 
 Leases: an entry being copied into the pool is leased (`with store.lease(entry): ...`), and
 eviction skips leased entries, so a put that would need their room is refused instead. A
@@ -46,7 +48,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -234,9 +236,11 @@ class ChunkStore:
         return self._score_measures.get(entry.key, 1 if scored else 0)
 
     def note_stored_use(self, entry: ChunkKV) -> None:
-        """A blend chose rows by `entry`'s stored scores (counts toward a refresh)."""
+        """A blend chose rows by `entry`'s stored scores (counts toward a refresh); not
+        counted when no tier holds it any more (evicted since the blend looked it up)."""
         with self._lock:
-            self._score_uses[entry.key] = self._score_uses.get(entry.key, 0) + 1
+            if self._held(entry.key):
+                self._score_uses[entry.key] = self._score_uses.get(entry.key, 0) + 1
 
     @contextmanager
     def lease(self, entry: ChunkKV) -> Iterator[ChunkKV]:
@@ -310,6 +314,7 @@ class ChunkStore:
                 disk.index.counters.hits += 1
                 disk.touch(key)
                 return self._admit(entry, disk.frequency(key)) or entry
+            self._forget_counts((key,))  # its file no longer read: dropped
         disk.index.counters.misses += 1
         return None
 
@@ -329,31 +334,25 @@ class ChunkStore:
 
     def _swap_out(self, entry: ChunkKV, frequency: int) -> None:
         """Write `entry` to disk unless disk holds it already (then only its scores, when
-        they changed: the KV on disk is never rewritten or removed for them)."""
+        they changed: the KV on disk is never rewritten or removed for them). The counts of
+        `entry` and of what the disk evicted for it go when no tier holds them."""
+        gone = [entry.key]
         if self._disk is not None:
             rescored = entry.key in self._rescored
             self._rescored.discard(entry.key)
             if not self._disk.has(entry.key):
-                self._disk.write(entry, frequency, self._leased)
+                gone += self._disk.write(entry, frequency, self._leased).evicted
             elif rescored and entry.scores is not None:
                 self._disk.write_scores(entry.key, entry.scores)
-        if self._disk is None or not self._disk.has(entry.key):  # gone: so are its counts
-            self._score_uses.pop(entry.key, None)
-            self._score_measures.pop(entry.key, None)
-        self._prune_counts()
+        self._forget_counts(gone)
 
-    def _prune_counts(self) -> None:
-        """Drop the refresh counts of entries no tier holds any more (the disk tier evicts
-        on its own): checked when the counts outnumber twice the entries held, so a
-        long-running server's counts stay bounded by what it stores."""
-        held = len(self._host.index.metas) + (
-            len(self._disk.index.metas) if self._disk is not None else 0
-        )
-        if len(self._score_measures) + len(self._score_uses) <= 2 * held + 64:
-            return
-        for counts in (self._score_measures, self._score_uses):
-            for key in [k for k in counts if not self._held(k)]:
-                del counts[key]
+    def _forget_counts(self, keys: Iterable[str]) -> None:
+        """Drop the refresh counts of those of `keys` no tier holds (a key the disk evicted
+        may still be in host: read back, its counts stay)."""
+        for key in keys:
+            if not self._held(key):
+                self._score_uses.pop(key, None)
+                self._score_measures.pop(key, None)
 
     def _held(self, key: str) -> bool:
         return key in self._host.index or (self._disk is not None and self._disk.has(key))

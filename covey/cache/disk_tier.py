@@ -25,7 +25,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import safetensors.torch
@@ -44,6 +44,16 @@ TMP_SUFFIX = ".tmp"
 SCORES_SUFFIX = ".scores"
 FORMAT = "covey-chunk-kv/1"
 SCORES_FORMAT = "covey-chunk-scores/1"
+
+
+@dataclass(frozen=True)
+class DiskWrite:
+    """What `DiskTier.write` did: whether the entry is stored now, and the keys it evicted to
+    make room (gone even when the write then failed), so the caller can forget what it keeps
+    about entries no tier holds any more."""
+
+    stored: bool
+    evicted: tuple[str, ...] = ()
 
 
 class DiskTier:
@@ -130,30 +140,33 @@ class DiskTier:
             return False
         return True
 
-    def write(self, entry: ChunkKV, frequency: int, protected: Callable[[str], bool]) -> bool:
+    def write(self, entry: ChunkKV, frequency: int, protected: Callable[[str], bool]) -> DiskWrite:
         """Store `entry` (and its scores, in their own file), evicting by PGDSF to make
-        room; False when it cannot fit (larger than the tier, or the room is held by
-        `protected` entries) or the KV write fails."""
+        room. Not stored when it cannot fit (larger than the tier, or the room is held by
+        `protected` entries; nothing is evicted then) or the KV write fails (the evictions
+        before it stand, and are reported)."""
         blob = safetensors.torch.save({"kv": entry.kv.contiguous()}, _header(entry, frequency))
         meta = replace(EntryMeta.of(entry), nbytes=len(blob))  # bytes on disk
         if not self.index.fits(meta.nbytes, protected):
-            return False
+            return DiskWrite(stored=False)
+        evicted: list[str] = []
         while self.index.bytes + meta.nbytes > self.index.capacity:
             victim = self.index.pop_victim(protected)
             assert victim is not None  # fits() said the unprotected entries make room
+            evicted.append(victim[0].key)
             self._unlink(victim[0].key)
         tmp = self.dir / f"{meta.key}{TMP_SUFFIX}"
         try:
             replace_atomically(self._path(meta.key), lambda t: t.write_bytes(blob), tmp)
         except OSError as e:
             log.warning("chunk store: cannot write %s: %s", self._path(meta.key), e)
-            return False
+            return DiskWrite(stored=False, evicted=tuple(evicted))
         self.index.add(meta, self._cost_fn(len(meta.token_ids)), frequency)
         if entry.scores is not None:
             self.write_scores(meta.key, entry.scores)
         else:
             self._scores_path(meta.key).unlink(missing_ok=True)
-        return True
+        return DiskWrite(stored=True, evicted=tuple(evicted))
 
     def remove(self, key: str) -> None:
         self.index.remove(key)

@@ -3,15 +3,35 @@
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
+import re
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
 
 from covey.errors import EngineError
 from covey.llm_backend.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from covey.llm_backend.config import EngineConfig
     from covey.llm_backend.engine_client import Prompt
     from covey.llm_backend.llm_engine import LLMEngine
     from covey.llm_backend.outputs import RequestOutput
+
+# EngineConfig's CHUNK_CACHE_MODES, written out: importing the config pulls in torch, and
+# `covey --help` should stay quick (a test checks the two agree).
+CHUNK_CACHE_CHOICES = ("off", "exact", "blend")
+SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kib": 1 << 10,
+    "mib": 1 << 20,
+    "gib": 1 << 30,
+    "tib": 1 << 40,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+}
+_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*")
 
 
 def add_compile_arg(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +48,74 @@ def add_compile_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def parse_size(text: str) -> int:
+    """A byte count for argparse's `type=`: plain bytes (`2147483648`) or a number with a
+    binary (`512MiB`, `2GiB`) or decimal (`500MB`) unit, any case. Whole bytes only; a bad
+    value is argparse's usage error (exit 2), never a traceback."""
+    match = _SIZE.fullmatch(text)
+    unit = SIZE_UNITS.get(match[2].lower()) if match else None
+    if unit is None:
+        raise argparse.ArgumentTypeError(
+            f"invalid size {text!r}: give bytes (2147483648) or a number with a unit "
+            "(512MiB, 2GiB; KiB, MiB, GiB, TiB, or kB, MB, GB, TB)"
+        )
+    size = Decimal(match[1]) * unit
+    if size != size.to_integral_value():
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: not a whole number of bytes")
+    return int(size)
+
+
+def parse_positive_size(text: str) -> int:
+    size = parse_size(text)
+    if size == 0:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: must be above 0")
+    return size
+
+
+def add_chunk_store_args(parser: argparse.ArgumentParser) -> None:
+    """The chunk KV reuse options, shared by every command that builds an engine (`covey
+    serve --ray` hands them to each replica). Left unset, EngineConfig's defaults hold."""
+    parser.add_argument(
+        "--chunk-cache",
+        choices=CHUNK_CACHE_CHOICES,
+        default=None,
+        help="reuse retrieved chunks' KV: off, exact (only after the same text as before) or "
+        "blend (also at other positions, a few tokens recomputed; the default)",
+    )
+    parser.add_argument(
+        "--chunk-store-bytes",
+        type=parse_size,
+        default=None,
+        metavar="SIZE",
+        help="host memory for the chunk KV store, per engine (per replica with --ray): "
+        "bytes or a size such as 512MiB or 2GiB (default 2GiB; 0 keeps none in host memory)",
+    )
+    parser.add_argument(
+        "--chunk-store-dir",
+        default=None,
+        metavar="DIR",
+        help="also keep chunk KV in this folder, kept across restarts (default: none)",
+    )
+    parser.add_argument(
+        "--chunk-store-disk-bytes",
+        type=parse_positive_size,
+        default=None,
+        metavar="SIZE",
+        help="with --chunk-store-dir: the most it holds (default 2GiB)",
+    )
+
+
+def chunk_store_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The EngineConfig fields the chunk options given set; unset ones are left out."""
+    fields = {
+        "chunk_cache": args.chunk_cache,
+        "chunk_store_bytes": args.chunk_store_bytes,
+        "chunk_store_dir": args.chunk_store_dir,
+        "chunk_store_disk_bytes": args.chunk_store_disk_bytes,
+    }
+    return {name: value for name, value in fields.items() if value is not None}
+
+
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
@@ -38,6 +126,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16")
     add_compile_arg(parser)
+    add_chunk_store_args(parser)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -55,14 +144,23 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
     )
 
 
-def build_engine(args: argparse.Namespace) -> LLMEngine:
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The EngineConfig the engine options describe (checked here, before any model loads)."""
     from covey.llm_backend.config import EngineConfig
+
+    return EngineConfig(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        compile=args.compile,
+        **chunk_store_config(args),
+    )
+
+
+def build_engine(args: argparse.Namespace) -> LLMEngine:
     from covey.llm_backend.llm_engine import LLMEngine
 
-    config = EngineConfig(
-        model=args.model, device=args.device, dtype=args.dtype, compile=args.compile
-    )
-    return LLMEngine(config)
+    return LLMEngine(engine_config(args))
 
 
 def stream_to(engine: LLMEngine, prompt: Prompt, params: SamplingParams, write) -> str:

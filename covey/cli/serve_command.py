@@ -26,7 +26,7 @@ import threading
 import time
 from typing import Any
 
-from covey.cli.engine_args import add_compile_arg
+from covey.cli.engine_args import add_chunk_store_args, add_compile_arg, chunk_store_config
 from covey.errors import ConfigError
 
 # Options left unset take `ServerSettings`' defaults (read in `run`, not at import: the
@@ -77,6 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16")
     add_compile_arg(p)
+    add_chunk_store_args(p)
     p.add_argument(
         "--max-tokens",
         type=int,
@@ -185,6 +186,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("give --model or --remote, not both")
     if args.ray and args.remote is not None:
         raise ConfigError("give --ray or --remote, not both")
+    chunk_store = chunk_store_config(args)
+    if args.remote is not None and chunk_store:
+        flags = ", ".join("--" + name.replace("_", "-") for name in chunk_store)
+        raise ConfigError(f"{flags}: for a local engine only, not with --remote")
     ray_options = {
         **RAY_DEFAULTS,
         "address": None,
@@ -210,6 +215,11 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--replicas and --replica-threads must be at least 1")
         if args.max_imbalance < 0:
             raise ConfigError(f"--max-imbalance must be >= 0, got {args.max_imbalance}")
+        if args.chunk_store_dir is not None and args.replicas > 1:
+            raise ConfigError(
+                "--chunk-store-dir with --ray takes --replicas 1: the replicas would share "
+                "one folder, and the disk tier does not coordinate two writers"
+            )
         from covey.server.ray_deployment import HealthCheck, gpus_per_replica
 
         gpus_per_replica(args.device, args.replica_gpus)
@@ -236,7 +246,12 @@ def run(args: argparse.Namespace) -> int:
             engine_config = (
                 {}
                 if args.remote
-                else {"device": args.device, "dtype": args.dtype, "compile": args.compile}
+                else {
+                    "device": args.device,
+                    "dtype": args.dtype,
+                    "compile": args.compile,
+                    **chunk_store,
+                }
             )
             engine = None
             if args.ray:

@@ -77,12 +77,35 @@ def test_runs_from_the_command_line(capsys, monkeypatch):
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip()
     # A bad option fails before any model loads: the module run as __main__ in process (a
-    # second child would spend its seconds on imports) exits 2 with a one-line error.
+    # second child would spend its seconds on imports) exits 2 with a one-line error, and
+    # neither AsyncLLM nor LLMEngine is built (both fail the test if they are).
     capsys.readouterr()
+    loads = _forbid_model_loads(monkeypatch)
     monkeypatch.setattr(sys, "argv", ["tool_agent", "q", "--max-tokens", "0"])
     monkeypatch.delitem(sys.modules, "covey.apps.tool_agent")  # run afresh, as `-m` does
     with pytest.raises(SystemExit) as exit_:
         runpy.run_module("covey.apps.tool_agent", run_name="__main__")
+    assert loads == []
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("tool_agent: error: ") and len(err.strip().splitlines()) == 1, err
+
+
+def _forbid_model_loads(monkeypatch) -> list[str]:
+    """Make building an AsyncLLM or an LLMEngine (what loads a model) record the attempt and
+    raise an AssertionError; the list returned holds the attempts (an error the code under
+    test swallowed still shows there)."""
+    from covey.llm_backend import async_llm, llm_engine
+
+    loads: list[str] = []
+
+    def forbidden(name: str):
+        def load(*args, **kwargs):
+            loads.append(name)
+            raise AssertionError(f"{name} built: a model loaded before the option check")
+
+        return load
+
+    monkeypatch.setattr(async_llm, "AsyncLLM", forbidden("AsyncLLM"))
+    monkeypatch.setattr(llm_engine.LLMEngine, "__init__", forbidden("LLMEngine"))
+    return loads

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from covey.cache.chunk_store import ROOT_HASH, ChunkKV, ChunkStore
+from covey.cache.disk_tier import DiskTier, DiskWrite
 from covey.errors import ConfigError
 
 BYTES_PER_TOKEN = 2 * 2 * 1 * 4 * 4  # layers * (k, v) * kv_heads * head_dim * float32
@@ -78,6 +79,32 @@ def test_disk_tier_respects_its_capacity_with_pgdsf(tmp_path):
     assert len(entry_files(tmp_path / "d")) == s.stats()["disk"]["entries"] == 2
     assert s.contains_exact(ROOT_HASH, [1, 2, 3])  # PGDSF kept the frequent one on disk
     s.close()
+
+
+def test_a_write_reports_the_keys_it_evicted(tmp_path, monkeypatch):
+    """The store forgets what it keeps about an entry by these keys; a write that fails
+    after evicting still reports them (the files are gone), one that cannot fit evicts
+    nothing."""
+    entries = [make([i, i + 10, i + 20]) for i in range(4)]
+    file_bytes = _file_bytes(tmp_path / "probe", entries[0])
+    disk = DiskTier(tmp_path / "d", 2 * file_bytes, float)
+    assert disk.write(entries[0], 1, never) == DiskWrite(stored=True, evicted=())
+    assert disk.write(entries[1], 5, never) == DiskWrite(stored=True, evicted=())
+    assert disk.write(entries[2], 1, never) == DiskWrite(stored=True, evicted=(entries[0].key,))
+    assert disk.write(make(range(100)), 1, never) == DiskWrite(stored=False)
+    assert disk.write(entries[3], 1, lambda _key: True) == DiskWrite(stored=False)
+    monkeypatch.setattr(Path, "write_bytes", _disk_full)
+    assert disk.write(entries[3], 1, never) == DiskWrite(stored=False, evicted=(entries[2].key,))
+    assert [disk.has(e.key) for e in entries] == [False, True, False, False]
+    assert len(entry_files(tmp_path / "d")) == 1
+
+
+def never(_key: str) -> bool:
+    return False
+
+
+def _disk_full(_path: Path, _data: bytes) -> int:
+    raise OSError(28, "No space left on device")
 
 
 def _file_bytes(folder: Path, entry: ChunkKV) -> int:

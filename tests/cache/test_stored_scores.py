@@ -293,20 +293,74 @@ def test_a_count_survives_a_trip_to_disk_but_not_a_disk_copy_without_scores(tmp_
     assert s.refresh_after(back) == SCORES_REFRESH_USES
 
 
-def test_counts_of_entries_the_disk_tier_evicts_are_pruned(tmp_path):
-    """With a disk tier, entries leave by the disk's own evictions; their counts must not
-    outlive them (a long-running server reads many chunks)."""
+def _held(s: ChunkStore) -> set[str]:
+    return set(s._host.index.metas) | set(s._disk.index.metas)
+
+
+def test_counts_go_with_exactly_the_entries_the_disk_tier_evicts(tmp_path):
+    """With a disk tier, entries leave by the disk's own evictions, which it reports: after
+    every put the counts are kept for exactly the entries some tier holds (a long-running
+    server reads many chunks; none of their counts may outlive them)."""
     s = ChunkStore(
         host_bytes=3 * BYTES_PER_TOKEN,
         cost_fn=lambda n: float(n),
         disk_dir=tmp_path,
         disk_bytes=4 * 3 * BYTES_PER_TOKEN,
     )
-    for i in range(150):
+    for i in range(60):
         entry = make([i, i + 1000, i + 2000], chunk_id=f"c{i}")
         assert s.put(entry)
         s.update_scores(entry, 0, torch.ones(3))
         s.note_stored_use(entry)
-    held = len(s._host.index.metas) + len(s._disk.index.metas)
-    assert held < 10
-    assert len(s._score_measures) + len(s._score_uses) <= 2 * held + 64
+        assert set(s._score_measures) == set(s._score_uses) == _held(s)
+    assert s.stats()["disk"]["evictions"] > 50 and len(_held(s)) < 10
+
+
+def test_an_entry_the_disk_evicts_keeps_its_counts_while_host_holds_it(tmp_path):
+    """An entry read back from disk is in both tiers; the disk evicting its file must not
+    take the counts of the host copy. Leases and lookups steer the victims."""
+    one_file = _disk_file_bytes(tmp_path / "probe")
+    host_bytes = 2 * (3 * BYTES_PER_TOKEN + 3 * 2)  # two scored entries
+    s = ChunkStore(host_bytes, float, tmp_path / "d", 2 * one_file + 64)  # two files
+    a, b, c, d = (make([i, i + 10, i + 20], chunk_id=n) for i, n in enumerate("abcd"))
+    for entry in (a, b):
+        assert s.put(entry)
+        s.update_scores(entry, 0, torch.ones(3))
+    with s.lease(b):
+        assert s.put(c)  # a to disk
+    s.update_scores(c, 0, torch.ones(3))
+    with s.lease(b):
+        assert s.get_any("a", a.token_ids) is not None  # a back to host, c to disk
+    with s.lease(c):
+        for _ in range(5):
+            s.get_any("a", a.token_ids)  # host keeps a, evicts b for d ...
+        assert s.put(d)  # ... and the disk, c leased, evicts a's file to take b
+    assert not s._disk.has(a.key) and a.key in s._host.index
+    assert s._score_measures[a.key] == 1
+    assert set(s._score_measures) == _held(s) - {d.key} == {a.key, b.key, c.key}
+
+
+def test_an_unreadable_disk_file_takes_its_counts(tmp_path):
+    s = open_store(tmp_path, host_tokens=3)
+    a, b = make([1, 2, 3], chunk_id="a"), make([4, 5, 6], chunk_id="b")
+    assert s.put(a)
+    s.update_scores(a, 0, torch.ones(3))
+    assert s.put(b)  # a to disk, its counts kept
+    assert a.key in s._score_measures
+    (tmp_path / f"{a.key}.safetensors").write_bytes(b"garbage")
+    assert s.get_any("a", a.token_ids) is None  # dropped on read
+    assert a.key not in s._score_measures
+
+
+def test_a_blend_of_an_entry_no_tier_holds_is_not_counted():
+    s = open_store(None, host_tokens=3)
+    a, b = make([1, 2, 3], chunk_id="a"), make([4, 5, 6], chunk_id="b")
+    assert s.put(a) and s.put(b)  # b evicts a: no tier holds it
+    s.note_stored_use(a)
+    assert a.key not in s._score_uses
+
+
+def _disk_file_bytes(folder: Path) -> int:
+    with open_store(folder, host_tokens=100) as s:
+        s.put(make([0, 1, 2]))
+    return kv_file(folder).stat().st_size

@@ -1,0 +1,152 @@
+"""`--chunk-cache`, `--chunk-store-bytes`, `--chunk-store-dir` and `--chunk-store-disk-bytes`
+on every command that builds an engine: parsed (sizes in bytes or with a unit), carried into
+the EngineConfig the command builds (`covey serve` and each of its Ray replicas included),
+and a bad value is argparse's usage error (exit 2), never a traceback. No model loads: the
+parsing and the config prove it."""
+
+from __future__ import annotations
+
+import pytest
+
+from covey.cli import engine_args
+from covey.cli.engine_args import CHUNK_CACHE_CHOICES, chunk_store_config, parse_size
+from covey.cli.main import build_parser, main
+from covey.llm_backend.config import CHUNK_CACHE_MODES, EngineConfig
+from tests.cli.runner import covey
+
+COMMANDS = [["generate", "hi"], ["chat"], ["serve"]]
+GIVEN = [
+    "--chunk-cache",
+    "exact",
+    "--chunk-store-bytes",
+    "512MiB",
+    "--chunk-store-dir",
+    "/tmp/covey-kv",
+    "--chunk-store-disk-bytes",
+    "10GB",
+]
+WANT = {
+    "chunk_cache": "exact",
+    "chunk_store_bytes": 512 << 20,
+    "chunk_store_dir": "/tmp/covey-kv",
+    "chunk_store_disk_bytes": 10 * 10**9,
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_engine_command_takes_the_chunk_options(command):
+    assert chunk_store_config(build_parser().parse_args([*command, *GIVEN])) == WANT
+    assert chunk_store_config(build_parser().parse_args(command)) == {}  # defaults hold
+
+
+def test_the_choices_are_the_engine_configs_modes():
+    assert CHUNK_CACHE_CHOICES == CHUNK_CACHE_MODES
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("2147483648", 2 << 30),
+        ("0", 0),
+        ("512MiB", 512 << 20),
+        ("2GiB", 2 << 30),
+        ("2gib", 2 << 30),
+        ("1.5 GiB", 3 << 29),
+        ("64KiB", 64 << 10),
+        ("1TiB", 1 << 40),
+        ("500MB", 500 * 10**6),
+        ("2kB", 2000),
+        ("100B", 100),
+    ],
+)
+def test_sizes_in_bytes_or_with_a_unit(text, size):
+    assert parse_size(text) == size
+
+
+def test_the_built_engine_config_carries_the_values():
+    config = engine_args.engine_config(build_parser().parse_args(["generate", "hi", *GIVEN]))
+    assert {name: getattr(config, name) for name in WANT} == WANT
+    default = engine_args.engine_config(build_parser().parse_args(["generate", "hi"]))
+    assert (default.chunk_cache, default.chunk_store_bytes) == ("blend", 2 << 30)
+    assert default.chunk_store_dir is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--chunk-cache", "fuzzy"], "argument --chunk-cache: invalid choice: 'fuzzy'"),
+        (["--chunk-store-bytes", "2G"], "invalid size '2G': give bytes (2147483648)"),
+        (["--chunk-store-bytes", "-1"], "invalid size '-1'"),
+        (["--chunk-store-bytes", "lots"], "invalid size 'lots'"),
+        (["--chunk-store-bytes", "1.5"], "invalid size '1.5': not a whole number of bytes"),
+        (["--chunk-store-disk-bytes", "0"], "invalid size '0': must be above 0"),
+    ],
+)
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_bad_value_is_a_usage_error(capsys, command, argv, message):
+    with pytest.raises(SystemExit) as exited:
+        main([*command, *argv])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and message in err and "Traceback" not in err
+    assert err.startswith("usage: covey ")
+
+
+def test_a_bad_size_from_the_shell(tmp_path):
+    """The real entry point in a child: exit 2, argparse's message, no traceback."""
+    out = covey("generate", "hi", "--chunk-store-bytes", "2 gigs", COVEY_HOME=str(tmp_path))
+    assert out.returncode == 2, out.stderr
+    assert "argument --chunk-store-bytes: invalid size '2 gigs'" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+class Loaded(Exception):
+    """Raised where `covey serve` would load the model or start the replicas."""
+
+
+def _capture(calls: dict, name: str):
+    def record(*args, **kwargs):
+        calls[name] = kwargs
+        raise Loaded
+
+    return record
+
+
+def test_serve_hands_the_options_to_its_engine(monkeypatch):
+    from covey.server import server_builder
+
+    calls: dict = {}
+    monkeypatch.setattr(server_builder, "load_into", _capture(calls, "local"))
+    with pytest.raises(Loaded):
+        main(["serve", "--port", "0", *GIVEN])
+    assert {name: calls["local"][name] for name in WANT} == WANT
+
+
+def test_serve_hands_the_options_to_each_ray_replica(monkeypatch):
+    from covey.server import ray_cluster
+
+    calls: dict = {}
+    monkeypatch.setattr(ray_cluster, "start_ray_engine", _capture(calls, "ray"))
+    with pytest.raises(Loaded):
+        main(["serve", "--port", "0", "--ray", "--replicas", "1", *GIVEN])
+    config = calls["ray"]["engine_config"]
+    assert {name: config[name] for name in WANT} == WANT
+    EngineConfig(**config)  # what a replica builds from it
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--remote", "http://127.0.0.1:9", "--chunk-cache", "off"],
+            "--chunk-cache: for a local engine only, not with --remote",
+        ),
+        (
+            ["--ray", "--chunk-store-dir", "/tmp/covey-kv"],
+            "--chunk-store-dir with --ray takes --replicas 1",
+        ),
+    ],
+)
+def test_serve_refuses_chunk_options_it_cannot_honour(capsys, argv, message):
+    code = main(["serve", "--port", "0", *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err

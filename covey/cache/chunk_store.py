@@ -209,7 +209,7 @@ class ChunkStore:
                 victim = self._host.pop_victim(lambda k: k == held.key or self._leased(k))
                 if victim is None:
                     break
-                self._swap_out(*victim)
+                self._forget_counts(self._swap_out(*victim))
             return True
 
     def scores_fresh(self, entry: ChunkKV) -> bool:
@@ -283,7 +283,7 @@ class ChunkStore:
             index = self._host.index
             for key in sorted(index.metas, key=index.policy.priority):
                 frequency = index.policy.frequency(key)
-                self._swap_out(self._host.remove(key), frequency)
+                self._forget_counts(self._swap_out(self._host.remove(key), frequency))
             self._rescored.clear()
             self._score_uses.clear()
             self._score_measures.clear()
@@ -326,16 +326,22 @@ class ChunkStore:
             return None
         if entry.scores is None:  # to be measured afresh: the refresh interval starts over
             self._score_measures.pop(entry.key, None)
+        gone: list[str] = []
         while host.bytes + entry.nbytes > host.capacity:
             victim = self._host.pop_victim(self._leased)
             assert victim is not None  # fits() said the unleased entries make room
-            self._swap_out(*victim)
-        return self._host.add(entry, self._cost_fn(len(entry.token_ids)), frequency)
+            gone += self._swap_out(*victim)
+        added = self._host.add(entry, self._cost_fn(len(entry.token_ids)), frequency)
+        # Only now: writing a victim may evict `entry`'s own disk file, leaving it in no
+        # tier until the add above, and its counts must outlive that moment.
+        self._forget_counts(gone)
+        return added
 
-    def _swap_out(self, entry: ChunkKV, frequency: int) -> None:
+    def _swap_out(self, entry: ChunkKV, frequency: int) -> list[str]:
         """Write `entry` to disk unless disk holds it already (then only its scores, when
-        they changed: the KV on disk is never rewritten or removed for them). The counts of
-        `entry` and of what the disk evicted for it go when no tier holds them."""
+        they changed: the KV on disk is never rewritten or removed for them). Returns the
+        keys that may have left every tier (`entry`'s and what the disk evicted for it),
+        whose counts the caller forgets (`_forget_counts`) once the tiers are settled."""
         gone = [entry.key]
         if self._disk is not None:
             rescored = entry.key in self._rescored
@@ -344,7 +350,7 @@ class ChunkStore:
                 gone += self._disk.write(entry, frequency, self._leased).evicted
             elif rescored and entry.scores is not None:
                 self._disk.write_scores(entry.key, entry.scores)
-        self._forget_counts(gone)
+        return gone
 
     def _forget_counts(self, keys: Iterable[str]) -> None:
         """Drop the refresh counts of those of `keys` no tier holds (a key the disk evicted

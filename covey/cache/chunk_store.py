@@ -30,7 +30,8 @@ later one moves a chunk's scores less, which is what makes measuring it less oft
 reasonable, and the late ones still move them. The counts live in memory (a restart starts them
 again) and only for entries some tier holds: they go when the host tier evicts an entry disk
 does not hold, when the disk tier evicts (it reports the keys) or drops an unreadable file of
-an entry host does not hold, and when a chunk's text goes stale.
+an entry host does not hold, when a chunk's text goes stale, and when new scores fail to reach
+its disk copy (which then reads back with its older scores, as measured once).
 
 Leases: an entry being copied into the pool is leased (`with store.lease(entry): ...`), and
 eviction skips leased entries, so a put that would need their room is refused instead. A
@@ -347,9 +348,12 @@ class ChunkStore:
             rescored = entry.key in self._rescored
             self._rescored.discard(entry.key)
             if not self._disk.has(entry.key):
-                gone += self._disk.write(entry, frequency, self._leased).evicted
+                gone += self._disk.write(entry, frequency, self._leased)
             elif rescored and entry.scores is not None:
-                self._disk.write_scores(entry.key, entry.scores)
+                if not self._disk.write_scores(entry.key, entry.scores):
+                    # The disk copy keeps older scores: read back, they count as measured once.
+                    self._score_uses.pop(entry.key, None)
+                    self._score_measures.pop(entry.key, None)
         return gone
 
     def _forget_counts(self, keys: Iterable[str]) -> None:

@@ -388,3 +388,30 @@ def test_an_entry_back_from_disk_keeps_its_counts_when_its_file_makes_room(tmp_p
     assert s.refresh_after(a) == 2 * SCORES_REFRESH_USES
     assert s._score_uses[a.key] == 1
     assert set(s._score_measures) == set(s._score_uses) == {a.key}
+
+
+def test_scores_that_fail_to_reach_disk_take_their_counts(tmp_path, monkeypatch):
+    """The disk copy keeps older scores when the new ones cannot be written: read back, they
+    count as one measurement, not as the measurements only the lost scores had."""
+    s = ChunkStore(3 * BYTES_PER_TOKEN + 3 * 2, float, tmp_path, 1 << 20)
+    a = make([1, 2, 3], chunk_id="a")
+    assert s.put(a)
+    s.update_scores(a, 0, torch.tensor([3.0, 2.0, 1.0]))
+    assert s.put(make([4, 5, 6], chunk_id="b"))  # a to disk, with its scores
+    assert s.get_any("a", a.token_ids) is not None
+    s.update_scores(a, 0, torch.tensor([1.0, 2.0, 3.0]))
+    s.note_stored_use(a)
+    assert s.refresh_after(a) == 2 * SCORES_REFRESH_USES
+    real = Path.write_bytes
+
+    def full(self, data):
+        real(self, data[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    assert s.put(make([7, 8, 9], chunk_id="c"))  # a's disk copy is there: only its scores
+    monkeypatch.undo()
+    assert a.key not in s._score_measures and a.key not in s._score_uses
+    back = s.get_any("a", a.token_ids)
+    assert back.scores.tolist() == [3.0, 2.0, 1.0]  # the first measurement's
+    assert s.refresh_after(back) == SCORES_REFRESH_USES

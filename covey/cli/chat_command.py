@@ -148,25 +148,31 @@ async def _docs_chat(args: argparse.Namespace) -> int:
     app = build_rag_app(
         max_tokens=args.max_tokens or ANSWER_MAX_TOKENS, python_docs=args.index is None
     )
-    async with AsyncLLM(engine=build_engine(args)) as llm:
-        bot = RagChatbot(Runtime(llm, retrievers={DEFAULT_INDEX_NAME: index}), app)
-        interactive = sys.stdin.isatty()
-        about = describe_index(index, default=args.index is None)
-        print(f"covey chat --docs: answering from {about}. {HELP}", file=sys.stderr, flush=True)
-        while (message := await _read_line_async(interactive)) is not None:
-            if not message:
-                continue
-            if message == "/reset":
-                bot.reset("cli")
-                print("(conversation cleared)", flush=True)
-                continue
-            try:
-                reply = await bot.ask("cli", message, on_token=_write)
-            except (InvalidRequestError, NodeExecutionError) as exc:
-                print(f"\n(error: {exc}; /reset to start over)", flush=True)
-                continue
-            print(flush=True)
-            label = "Sources" if reply.cited else "Retrieved (none cited)"
-            sources = ", ".join(f"[{c.number}] {c.source}" for c in reply.citations)
-            print(f"{label}: {sources}", flush=True)
+    engine = build_engine(args)
+    try:
+        async with AsyncLLM(engine=engine) as llm:
+            bot = RagChatbot(Runtime(llm, retrievers={DEFAULT_INDEX_NAME: index}), app)
+            interactive = sys.stdin.isatty()
+            about = describe_index(index, default=args.index is None)
+            print(f"covey chat --docs: answering from {about}. {HELP}", file=sys.stderr, flush=True)
+            while (message := await _read_line_async(interactive)) is not None:
+                if not message:
+                    continue
+                if message == "/reset":
+                    bot.reset("cli")
+                    print("(conversation cleared)", flush=True)
+                    continue
+                try:
+                    reply = await bot.ask("cli", message, on_token=_write)
+                except (InvalidRequestError, NodeExecutionError) as exc:
+                    print(f"\n(error: {exc}; /reset to start over)", flush=True)
+                    continue
+                print(flush=True)
+                label = "Sources" if reply.cited else "Retrieved (none cited)"
+                sources = ", ".join(f"[{c.number}] {c.source}" for c in reply.citations)
+                print(f"{label}: {sources}", flush=True)
+    finally:
+        # AsyncLLM closes only an engine it built. Closing this one's chunk store writes its
+        # host entries to --chunk-store-dir, where the next chat finds them.
+        engine.close()
     return 0

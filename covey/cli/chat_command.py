@@ -12,7 +12,14 @@ import sys
 import threading
 from typing import Any
 
-from covey.cli.engine_args import add_engine_args, build_engine, sampling_params, stream_to
+from covey.cli.engine_args import (
+    add_chunk_store_args,
+    add_engine_args,
+    build_engine,
+    chunk_store_config,
+    sampling_params,
+    stream_to,
+)
 
 HELP = "Type a message and press Enter. /reset starts over, /exit (or Ctrl-D) quits."
 
@@ -30,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--index", default=None, help="with --docs: an index folder (default: the pydocs index)"
     )
     add_engine_args(p)
+    add_chunk_store_args(p)  # for --docs: plain chat sends no retrieved chunks
     # like ollama: varied answers; --docs keeps its app's own (greedy) sampling
     p.set_defaults(func=run, max_tokens=None, temperature=0.7, top_p=0.9)
 
@@ -43,6 +51,13 @@ def run(args: argparse.Namespace) -> int:
                 "--system does not apply with --docs: the docs chatbot has its own instructions"
             )
         return asyncio.run(_docs_chat(args))
+    chunk_flags = chunk_store_config(args)
+    if chunk_flags:
+        flags = ", ".join("--" + name.replace("_", "-") for name in chunk_flags)
+        raise InvalidRequestError(
+            f"{flags} go{'es' if len(chunk_flags) == 1 else ''} with --docs: plain chat "
+            "sends no retrieved chunks to reuse"
+        )
     if args.max_tokens is None:
         args.max_tokens = 512
 

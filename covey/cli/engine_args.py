@@ -31,6 +31,12 @@ SIZE_UNITS = {
     "gb": 10**9,
     "tb": 10**12,
 }
+CHUNK_STORE_FIELDS = (
+    "chunk_cache",
+    "chunk_store_bytes",
+    "chunk_store_dir",
+    "chunk_store_disk_bytes",
+)
 _SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*")
 
 
@@ -73,8 +79,10 @@ def parse_positive_size(text: str) -> int:
 
 
 def add_chunk_store_args(parser: argparse.ArgumentParser) -> None:
-    """The chunk KV reuse options, shared by every command that builds an engine (`covey
-    serve --ray` hands them to each replica). Left unset, EngineConfig's defaults hold."""
+    """The chunk KV reuse options, on the commands whose prompts carry retrieved chunks
+    (`covey serve`, which with --ray hands them to each replica, and `covey chat --docs`);
+    `covey generate` and plain chat send none, so they do not take them. Left unset,
+    EngineConfig's defaults hold."""
     parser.add_argument(
         "--chunk-cache",
         choices=CHUNK_CACHE_CHOICES,
@@ -106,13 +114,9 @@ def add_chunk_store_args(parser: argparse.ArgumentParser) -> None:
 
 
 def chunk_store_config(args: argparse.Namespace) -> dict[str, Any]:
-    """The EngineConfig fields the chunk options given set; unset ones are left out."""
-    fields = {
-        "chunk_cache": args.chunk_cache,
-        "chunk_store_bytes": args.chunk_store_bytes,
-        "chunk_store_dir": args.chunk_store_dir,
-        "chunk_store_disk_bytes": args.chunk_store_disk_bytes,
-    }
+    """The EngineConfig fields the chunk options given set; unset ones (or a command without
+    them) are left out."""
+    fields = {name: getattr(args, name, None) for name in CHUNK_STORE_FIELDS}
     return {name: value for name, value in fields.items() if value is not None}
 
 
@@ -126,7 +130,6 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16")
     add_compile_arg(parser)
-    add_chunk_store_args(parser)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     parser.add_argument("--top-p", type=float, default=1.0)

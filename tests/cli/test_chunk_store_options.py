@@ -1,8 +1,9 @@
 """`--chunk-cache`, `--chunk-store-bytes`, `--chunk-store-dir` and `--chunk-store-disk-bytes`
-on every command that builds an engine: parsed (sizes in bytes or with a unit), carried into
-the EngineConfig the command builds (`covey serve` and each of its Ray replicas included),
-and a bad value is argparse's usage error (exit 2), never a traceback. No model loads: the
-parsing and the config prove it."""
+on the commands whose prompts carry retrieved chunks (`covey serve`, `covey chat --docs`):
+parsed (sizes in bytes or with a unit), carried into the EngineConfig the command builds
+(`covey serve` and each of its Ray replicas included), and a bad value is a usage error
+(exit 2), never a traceback; `covey generate` and plain `covey chat` refuse them. No model
+loads: the parsing and the config prove it."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from covey.cli.main import build_parser, main
 from covey.llm_backend.config import CHUNK_CACHE_MODES, EngineConfig
 from tests.cli.runner import covey
 
-COMMANDS = [["generate", "hi"], ["chat"], ["serve"]]
+COMMANDS = [["chat", "--docs"], ["serve"]]
 GIVEN = [
     "--chunk-cache",
     "exact",
@@ -34,7 +35,7 @@ WANT = {
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_every_engine_command_takes_the_chunk_options(command):
+def test_the_chunk_commands_take_the_chunk_options(command):
     assert chunk_store_config(build_parser().parse_args([*command, *GIVEN])) == WANT
     assert chunk_store_config(build_parser().parse_args(command)) == {}  # defaults hold
 
@@ -64,9 +65,9 @@ def test_sizes_in_bytes_or_with_a_unit(text, size):
 
 
 def test_the_built_engine_config_carries_the_values():
-    config = engine_args.engine_config(build_parser().parse_args(["generate", "hi", *GIVEN]))
+    config = engine_args.engine_config(build_parser().parse_args(["chat", "--docs", *GIVEN]))
     assert {name: getattr(config, name) for name in WANT} == WANT
-    default = engine_args.engine_config(build_parser().parse_args(["generate", "hi"]))
+    default = engine_args.engine_config(build_parser().parse_args(["chat", "--docs"]))
     assert (default.chunk_cache, default.chunk_store_bytes) == ("blend", 2 << 30)
     assert default.chunk_store_dir is None
 
@@ -93,10 +94,25 @@ def test_a_bad_value_is_a_usage_error(capsys, command, argv, message):
 
 def test_a_bad_size_from_the_shell(tmp_path):
     """The real entry point in a child: exit 2, argparse's message, no traceback."""
-    out = covey("generate", "hi", "--chunk-store-bytes", "2 gigs", COVEY_HOME=str(tmp_path))
+    out = covey("serve", "--chunk-store-bytes", "2 gigs", COVEY_HOME=str(tmp_path))
     assert out.returncode == 2, out.stderr
     assert "argument --chunk-store-bytes: invalid size '2 gigs'" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_generate_does_not_take_them(capsys):
+    """A plain prompt has no chunk segments: the options would do nothing there."""
+    with pytest.raises(SystemExit) as exited:
+        main(["generate", "hi", "--chunk-cache", "off"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "unrecognized arguments: --chunk-cache off" in err
+
+
+def test_plain_chat_refuses_them_before_loading(capsys):
+    code = main(["chat", "--chunk-store-bytes", "1GiB", "--chunk-cache", "exact"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "--chunk-cache, --chunk-store-bytes go with --docs" in err
 
 
 class Loaded(Exception):

@@ -16,7 +16,8 @@ from covey.cli.engine_args import (
     add_chunk_store_args,
     add_engine_args,
     build_engine,
-    chunk_store_config,
+    chunk_store_given,
+    engine_config,
     sampling_params,
     stream_to,
 )
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
                 "--system does not apply with --docs: the docs chatbot has its own instructions"
             )
         return asyncio.run(_docs_chat(args))
-    chunk_flags = chunk_store_config(args)
+    chunk_flags = chunk_store_given(args)
     if chunk_flags:
         flags = ", ".join("--" + name.replace("_", "-") for name in chunk_flags)
         raise InvalidRequestError(
@@ -149,9 +150,11 @@ async def _docs_chat(args: argparse.Namespace) -> int:
     )
     from covey.errors import InvalidRequestError, NodeExecutionError
     from covey.llm_backend.async_llm import AsyncLLM
+    from covey.llm_backend.llm_engine import LLMEngine
     from covey.retrieval.default_corpus import DEFAULT_INDEX_NAME
     from covey.runtime import Runtime
 
+    config = engine_config(args)  # a bad option fails here, before the index or model loads
     print("covey chat --docs: loading the model and the docs index...", file=sys.stderr)
     if args.index is not None:  # an index the user built: open it, never build one there
         from covey.retrieval.document_index import DocumentIndex
@@ -163,7 +166,7 @@ async def _docs_chat(args: argparse.Namespace) -> int:
     app = build_rag_app(
         max_tokens=args.max_tokens or ANSWER_MAX_TOKENS, python_docs=args.index is None
     )
-    engine = build_engine(args)
+    engine = LLMEngine(config)
     try:
         async with AsyncLLM(engine=engine) as llm:
             bot = RagChatbot(Runtime(llm, retrievers={DEFAULT_INDEX_NAME: index}), app)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import re
+import tempfile
 from decimal import Decimal
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from covey.errors import EngineError
@@ -92,11 +94,12 @@ def add_chunk_store_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--chunk-store-bytes",
-        type=parse_size,
+        type=parse_positive_size,
         default=None,
         metavar="SIZE",
         help="host memory for the chunk KV store, per engine (per replica with --ray): "
-        "bytes or a size such as 512MiB or 2GiB (default 2GiB; 0 keeps none in host memory)",
+        "bytes or a size such as 512MiB or 2GiB (default 2GiB). Above 0: new chunk KV is "
+        "kept in host memory first, and the disk tier only takes what host memory evicts",
     )
     parser.add_argument(
         "--chunk-store-dir",
@@ -113,11 +116,49 @@ def add_chunk_store_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def chunk_store_config(args: argparse.Namespace) -> dict[str, Any]:
-    """The EngineConfig fields the chunk options given set; unset ones (or a command without
-    them) are left out."""
+def chunk_store_given(args: argparse.Namespace) -> dict[str, Any]:
+    """The chunk options given, as EngineConfig fields, unchecked; unset ones (or a command
+    without them) are left out."""
     fields = {name: getattr(args, name, None) for name in CHUNK_STORE_FIELDS}
     return {name: value for name, value in fields.items() if value is not None}
+
+
+def chunk_store_config(args: argparse.Namespace, check_dir: bool = True) -> dict[str, Any]:
+    """`chunk_store_given`, checked before any model loads: options that would do nothing
+    are refused, and `check_dir` creates the --chunk-store-dir folder and writes a file in
+    it (off where it lies on another machine: Ray replicas on a cluster joined by address)."""
+    from covey.errors import ConfigError
+
+    given = chunk_store_given(args)
+    store = [name for name in CHUNK_STORE_FIELDS[1:] if name in given]
+    if given.get("chunk_cache") == "off" and store:
+        flags = ", ".join(_flag(name) for name in store)
+        raise ConfigError(f"{flags}: no chunk store with --chunk-cache off")
+    if "chunk_store_disk_bytes" in given and "chunk_store_dir" not in given:
+        raise ConfigError("--chunk-store-disk-bytes goes with --chunk-store-dir")
+    if "chunk_store_dir" in given and check_dir:
+        _check_writable_dir(given["chunk_store_dir"])
+    return given
+
+
+def _check_writable_dir(text: str) -> None:
+    """The disk tier's folder can be created and written (else the error would come only
+    after the model loads). An empty name is refused: Path("") is the current folder."""
+    from covey.errors import ConfigError
+
+    if not text.strip():
+        raise ConfigError("--chunk-store-dir needs a folder name, got an empty one")
+    path = Path(text).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--chunk-store-dir {text!r} cannot be created or written: {e}") from None
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:

@@ -16,27 +16,39 @@ from covey.llm_backend.config import CHUNK_CACHE_MODES, EngineConfig
 from tests.cli.runner import covey
 
 COMMANDS = [["chat", "--docs"], ["serve"]]
-GIVEN = [
-    "--chunk-cache",
-    "exact",
-    "--chunk-store-bytes",
-    "512MiB",
-    "--chunk-store-dir",
-    "/tmp/covey-kv",
-    "--chunk-store-disk-bytes",
-    "10GB",
-]
-WANT = {
-    "chunk_cache": "exact",
-    "chunk_store_bytes": 512 << 20,
-    "chunk_store_dir": "/tmp/covey-kv",
-    "chunk_store_disk_bytes": 10 * 10**9,
-}
+
+
+@pytest.fixture
+def kv_dir(tmp_path) -> str:
+    return str(tmp_path / "kv")
+
+
+def given(folder: str) -> list[str]:
+    return [
+        "--chunk-cache",
+        "exact",
+        "--chunk-store-bytes",
+        "512MiB",
+        "--chunk-store-dir",
+        folder,
+        "--chunk-store-disk-bytes",
+        "10GB",
+    ]
+
+
+def want(folder: str) -> dict:
+    return {
+        "chunk_cache": "exact",
+        "chunk_store_bytes": 512 << 20,
+        "chunk_store_dir": folder,
+        "chunk_store_disk_bytes": 10 * 10**9,
+    }
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_the_chunk_commands_take_the_chunk_options(command):
-    assert chunk_store_config(build_parser().parse_args([*command, *GIVEN])) == WANT
+def test_the_chunk_commands_take_the_chunk_options(command, kv_dir):
+    args = build_parser().parse_args([*command, *given(kv_dir)])
+    assert chunk_store_config(args) == want(kv_dir)
     assert chunk_store_config(build_parser().parse_args(command)) == {}  # defaults hold
 
 
@@ -64,9 +76,10 @@ def test_sizes_in_bytes_or_with_a_unit(text, size):
     assert parse_size(text) == size
 
 
-def test_the_built_engine_config_carries_the_values():
-    config = engine_args.engine_config(build_parser().parse_args(["chat", "--docs", *GIVEN]))
-    assert {name: getattr(config, name) for name in WANT} == WANT
+def test_the_built_engine_config_carries_the_values(kv_dir):
+    args = build_parser().parse_args(["chat", "--docs", *given(kv_dir)])
+    config = engine_args.engine_config(args)
+    assert {name: getattr(config, name) for name in want(kv_dir)} == want(kv_dir)
     default = engine_args.engine_config(build_parser().parse_args(["chat", "--docs"]))
     assert (default.chunk_cache, default.chunk_store_bytes) == ("blend", 2 << 30)
     assert default.chunk_store_dir is None
@@ -81,6 +94,7 @@ def test_the_built_engine_config_carries_the_values():
         (["--chunk-store-bytes", "lots"], "invalid size 'lots'"),
         (["--chunk-store-bytes", "1.5"], "invalid size '1.5': not a whole number of bytes"),
         (["--chunk-store-disk-bytes", "0"], "invalid size '0': must be above 0"),
+        (["--chunk-store-bytes", "0"], "invalid size '0': must be above 0"),
     ],
 )
 @pytest.mark.parametrize("command", COMMANDS)
@@ -127,25 +141,25 @@ def _capture(calls: dict, name: str):
     return record
 
 
-def test_serve_hands_the_options_to_its_engine(monkeypatch):
+def test_serve_hands_the_options_to_its_engine(monkeypatch, kv_dir):
     from covey.server import server_builder
 
     calls: dict = {}
     monkeypatch.setattr(server_builder, "load_into", _capture(calls, "local"))
     with pytest.raises(Loaded):
-        main(["serve", "--port", "0", *GIVEN])
-    assert {name: calls["local"][name] for name in WANT} == WANT
+        main(["serve", "--port", "0", *given(kv_dir)])
+    assert {name: calls["local"][name] for name in want(kv_dir)} == want(kv_dir)
 
 
-def test_serve_hands_the_options_to_each_ray_replica(monkeypatch):
+def test_serve_hands_the_options_to_each_ray_replica(monkeypatch, kv_dir):
     from covey.server import ray_cluster
 
     calls: dict = {}
     monkeypatch.setattr(ray_cluster, "start_ray_engine", _capture(calls, "ray"))
     with pytest.raises(Loaded):
-        main(["serve", "--port", "0", "--ray", "--replicas", "1", *GIVEN])
+        main(["serve", "--port", "0", "--ray", "--replicas", "1", *given(kv_dir)])
     config = calls["ray"]["engine_config"]
-    assert {name: config[name] for name in WANT} == WANT
+    assert {name: config[name] for name in want(kv_dir)} == want(kv_dir)
     EngineConfig(**config)  # what a replica builds from it
 
 
@@ -166,3 +180,32 @@ def test_serve_refuses_chunk_options_it_cannot_honour(capsys, argv, message):
     code = main(["serve", "--port", "0", *argv])
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--chunk-store-disk-bytes", "1GiB"],
+            "--chunk-store-disk-bytes goes with --chunk-store-dir",
+        ),
+        (
+            ["--chunk-cache", "off", "--chunk-store-bytes", "1GiB", "--chunk-store-dir", "kv"],
+            "--chunk-store-bytes, --chunk-store-dir: no chunk store with --chunk-cache off",
+        ),
+        (["--chunk-store-dir", ""], "--chunk-store-dir needs a folder name, got an empty one"),
+        (["--chunk-store-dir", "{file}/kv"], "cannot be created or written"),
+    ],
+)
+@pytest.mark.parametrize("command", COMMANDS)
+def test_options_that_would_do_nothing_or_fail_later_are_refused_first(
+    capsys, tmp_path, command, argv, message
+):
+    """Checked before the model (or the docs index) loads: exit 2 with the reason."""
+    file = tmp_path / "file"
+    file.write_text("")
+    argv = [arg.replace("{file}", str(file)) for arg in argv]
+    code = main([*command, *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "kv").exists()

@@ -24,6 +24,7 @@ import socket
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from covey.cli.engine_args import (
@@ -233,6 +234,8 @@ def run(args: argparse.Namespace) -> int:
         )
     # A replica on a cluster joined by --address checks the folder on its own node.
     chunk_store = chunk_store_config(args, check_dir=not (args.ray and args.address))
+    if args.ray and "chunk_store_dir" in chunk_store:  # a replica runs in a folder of Ray's
+        chunk_store["chunk_store_dir"] = str(Path(args.chunk_store_dir).expanduser().resolve())
     host = defaults.host if args.host is None else args.host
     sock = bind(host, defaults.port if args.port is None else args.port)
     port = sock.getsockname()[1]

@@ -209,3 +209,16 @@ def test_options_that_would_do_nothing_or_fail_later_are_refused_first(
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
     assert not (tmp_path / "kv").exists()
+
+
+def test_ray_replicas_get_the_folder_as_an_absolute_path(monkeypatch, tmp_path):
+    """A replica's working folder is Ray's, not the shell's: a relative --chunk-store-dir is
+    resolved where `covey serve` runs."""
+    from covey.server import ray_cluster
+
+    calls: dict = {}
+    monkeypatch.setattr(ray_cluster, "start_ray_engine", _capture(calls, "ray"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(Loaded):
+        main(["serve", "--port", "0", "--ray", "--replicas", "1", "--chunk-store-dir", "kv"])
+    assert calls["ray"]["engine_config"]["chunk_store_dir"] == str((tmp_path / "kv").resolve())

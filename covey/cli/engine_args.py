@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 import tempfile
-from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +39,8 @@ CHUNK_STORE_FIELDS = (
     "chunk_store_dir",
     "chunk_store_disk_bytes",
 )
-_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*")
+MAX_SIZE = 1 << 50  # 1PiB: past any machine's memory or disk, so a larger one is a typo
+_SIZE = re.compile(r"\s*(-?)([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*")
 
 
 def add_compile_arg(parser: argparse.ArgumentParser) -> None:
@@ -58,22 +59,30 @@ def add_compile_arg(parser: argparse.ArgumentParser) -> None:
 
 def parse_size(text: str) -> int:
     """A byte count for argparse's `type=`: plain bytes (`2147483648`) or a number with a
-    binary (`512MiB`, `2GiB`) or decimal (`500MB`) unit, any case. Whole bytes only; a bad
-    value is argparse's usage error (exit 2), never a traceback."""
+    binary unit (KiB, MiB, GiB, TiB: powers of 1024, as in `512MiB`) or a decimal one (kB, MB,
+    GB, TB: powers of 1000, as in `500MB`), any case. Exact (`1.5GiB` is computed as a
+    fraction, not in floating point); whole bytes only, at most MAX_SIZE. A bad value is
+    argparse's usage error (exit 2), never a traceback."""
     match = _SIZE.fullmatch(text)
-    unit = SIZE_UNITS.get(match[2].lower()) if match else None
+    unit = SIZE_UNITS.get(match[3].lower()) if match else None
     if unit is None:
         raise argparse.ArgumentTypeError(
             f"invalid size {text!r}: give bytes (2147483648) or a number with a unit "
-            "(512MiB, 2GiB; KiB, MiB, GiB, TiB, or kB, MB, GB, TB)"
+            "(512MiB, 2GiB; binary KiB, MiB, GiB, TiB or decimal kB, MB, GB, TB)"
         )
-    size = Decimal(match[1]) * unit
-    if size != size.to_integral_value():
+    size = Fraction(match[2]) * unit
+    if match[1] and size:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: must not be negative")
+    if size.denominator != 1:
         raise argparse.ArgumentTypeError(f"invalid size {text!r}: not a whole number of bytes")
+    if size > MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: at most 1PiB ({MAX_SIZE} bytes)")
     return int(size)
 
 
 def parse_positive_size(text: str) -> int:
+    """`parse_size` for a capacity where 0 is meaningless (a store that holds nothing): 0 is
+    argparse's usage error too, with the reason."""
     size = parse_size(text)
     if size == 0:
         raise argparse.ArgumentTypeError(f"invalid size {text!r}: must be above 0")
@@ -98,8 +107,9 @@ def add_chunk_store_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="SIZE",
         help="host memory for the chunk KV store, per engine (per replica with --ray): "
-        "bytes or a size such as 512MiB or 2GiB (default 2GiB). Above 0: new chunk KV is "
-        "kept in host memory first, and the disk tier only takes what host memory evicts",
+        "bytes or a size such as 512MiB or 2GiB (KiB..TiB are binary, kB..TB decimal; "
+        "default 2GiB). Above 0: new chunk KV is kept in host memory first, and the disk "
+        "tier only takes what host memory evicts",
     )
     parser.add_argument(
         "--chunk-store-dir",
@@ -112,7 +122,8 @@ def add_chunk_store_args(parser: argparse.ArgumentParser) -> None:
         type=parse_positive_size,
         default=None,
         metavar="SIZE",
-        help="with --chunk-store-dir: the most it holds (default 2GiB)",
+        help="with --chunk-store-dir: the most it holds, a size as for --chunk-store-bytes "
+        "(default 2GiB)",
     )
 
 

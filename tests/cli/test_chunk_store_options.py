@@ -70,6 +70,8 @@ def test_the_choices_are_the_engine_configs_modes():
         ("500MB", 500 * 10**6),
         ("2kB", 2000),
         ("100B", 100),
+        ("0.1kB", 100),
+        ("1024TiB", 1 << 50),
     ],
 )
 def test_sizes_in_bytes_or_with_a_unit(text, size):
@@ -90,7 +92,13 @@ def test_the_built_engine_config_carries_the_values(kv_dir):
     [
         (["--chunk-cache", "fuzzy"], "argument --chunk-cache: invalid choice: 'fuzzy'"),
         (["--chunk-store-bytes", "2G"], "invalid size '2G': give bytes (2147483648)"),
-        (["--chunk-store-bytes", "-1"], "invalid size '-1'"),
+        (["--chunk-store-bytes", "-1"], "invalid size '-1': must not be negative"),
+        (["--chunk-store-bytes=-1GiB"], "invalid size '-1GiB': must not be negative"),
+        (
+            ["--chunk-store-bytes", "1.00000000000000000000000000000001GiB"],
+            "not a whole number of bytes",  # exact past 28 digits
+        ),
+        (["--chunk-store-disk-bytes", "1025TiB"], "invalid size '1025TiB': at most 1PiB"),
         (["--chunk-store-bytes", "lots"], "invalid size 'lots'"),
         (["--chunk-store-bytes", "1.5"], "invalid size '1.5': not a whole number of bytes"),
         (["--chunk-store-disk-bytes", "0"], "invalid size '0': must be above 0"),

@@ -30,7 +30,8 @@ later one moves a chunk's scores less, which is what makes measuring it less oft
 reasonable, and the late ones still move them. The counts live in memory (a restart starts them
 again) and only for entries some tier holds: they go when the host tier evicts an entry disk
 does not hold, when the disk tier evicts (it reports the keys) or drops an unreadable file of
-an entry host does not hold, and when a chunk's text goes stale.
+an entry host does not hold, when a chunk's text goes stale, and when new scores fail to reach
+its disk copy (which then reads back with its older scores, as measured once).
 
 Leases: an entry being copied into the pool is leased (`with store.lease(entry): ...`), and
 eviction skips leased entries, so a put that would need their room is refused instead. A
@@ -209,7 +210,7 @@ class ChunkStore:
                 victim = self._host.pop_victim(lambda k: k == held.key or self._leased(k))
                 if victim is None:
                     break
-                self._swap_out(*victim)
+                self._forget_counts(self._swap_out(*victim))
             return True
 
     def scores_fresh(self, entry: ChunkKV) -> bool:
@@ -283,7 +284,7 @@ class ChunkStore:
             index = self._host.index
             for key in sorted(index.metas, key=index.policy.priority):
                 frequency = index.policy.frequency(key)
-                self._swap_out(self._host.remove(key), frequency)
+                self._forget_counts(self._swap_out(self._host.remove(key), frequency))
             self._rescored.clear()
             self._score_uses.clear()
             self._score_measures.clear()
@@ -326,25 +327,34 @@ class ChunkStore:
             return None
         if entry.scores is None:  # to be measured afresh: the refresh interval starts over
             self._score_measures.pop(entry.key, None)
+        gone: list[str] = []
         while host.bytes + entry.nbytes > host.capacity:
             victim = self._host.pop_victim(self._leased)
             assert victim is not None  # fits() said the unleased entries make room
-            self._swap_out(*victim)
-        return self._host.add(entry, self._cost_fn(len(entry.token_ids)), frequency)
+            gone += self._swap_out(*victim)
+        added = self._host.add(entry, self._cost_fn(len(entry.token_ids)), frequency)
+        # Only now: writing a victim may evict `entry`'s own disk file, leaving it in no
+        # tier until the add above, and its counts must outlive that moment.
+        self._forget_counts(gone)
+        return added
 
-    def _swap_out(self, entry: ChunkKV, frequency: int) -> None:
+    def _swap_out(self, entry: ChunkKV, frequency: int) -> list[str]:
         """Write `entry` to disk unless disk holds it already (then only its scores, when
-        they changed: the KV on disk is never rewritten or removed for them). The counts of
-        `entry` and of what the disk evicted for it go when no tier holds them."""
+        they changed: the KV on disk is never rewritten or removed for them). Returns the
+        keys that may have left every tier (`entry`'s and what the disk evicted for it),
+        whose counts the caller forgets (`_forget_counts`) once the tiers are settled."""
         gone = [entry.key]
         if self._disk is not None:
             rescored = entry.key in self._rescored
             self._rescored.discard(entry.key)
             if not self._disk.has(entry.key):
-                gone += self._disk.write(entry, frequency, self._leased).evicted
+                gone += self._disk.write(entry, frequency, self._leased)
             elif rescored and entry.scores is not None:
-                self._disk.write_scores(entry.key, entry.scores)
-        self._forget_counts(gone)
+                if not self._disk.write_scores(entry.key, entry.scores):
+                    # The disk copy keeps older scores: read back, they count as measured once.
+                    self._score_uses.pop(entry.key, None)
+                    self._score_measures.pop(entry.key, None)
+        return gone
 
     def _forget_counts(self, keys: Iterable[str]) -> None:
         """Drop the refresh counts of those of `keys` no tier holds (a key the disk evicted

@@ -25,7 +25,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import safetensors.torch
@@ -44,16 +44,6 @@ TMP_SUFFIX = ".tmp"
 SCORES_SUFFIX = ".scores"
 FORMAT = "covey-chunk-kv/1"
 SCORES_FORMAT = "covey-chunk-scores/1"
-
-
-@dataclass(frozen=True)
-class DiskWrite:
-    """What `DiskTier.write` did: whether the entry is stored now, and the keys it evicted to
-    make room (gone even when the write then failed), so the caller can forget what it keeps
-    about entries no tier holds any more."""
-
-    stored: bool
-    evicted: tuple[str, ...] = ()
 
 
 class DiskTier:
@@ -140,15 +130,18 @@ class DiskTier:
             return False
         return True
 
-    def write(self, entry: ChunkKV, frequency: int, protected: Callable[[str], bool]) -> DiskWrite:
+    def write(
+        self, entry: ChunkKV, frequency: int, protected: Callable[[str], bool]
+    ) -> tuple[str, ...]:
         """Store `entry` (and its scores, in their own file), evicting by PGDSF to make
-        room. Not stored when it cannot fit (larger than the tier, or the room is held by
-        `protected` entries; nothing is evicted then) or the KV write fails (the evictions
-        before it stand, and are reported)."""
+        room; returns the keys evicted, so the caller can forget what it keeps about entries
+        no tier holds any more. Not stored (`has` says so) when it cannot fit (larger than
+        the tier, or the room is held by `protected` entries; nothing is evicted then) or
+        the KV write fails (the evictions before it stand, and are returned)."""
         blob = safetensors.torch.save({"kv": entry.kv.contiguous()}, _header(entry, frequency))
         meta = replace(EntryMeta.of(entry), nbytes=len(blob))  # bytes on disk
         if not self.index.fits(meta.nbytes, protected):
-            return DiskWrite(stored=False)
+            return ()
         evicted: list[str] = []
         while self.index.bytes + meta.nbytes > self.index.capacity:
             victim = self.index.pop_victim(protected)
@@ -160,13 +153,13 @@ class DiskTier:
             replace_atomically(self._path(meta.key), lambda t: t.write_bytes(blob), tmp)
         except OSError as e:
             log.warning("chunk store: cannot write %s: %s", self._path(meta.key), e)
-            return DiskWrite(stored=False, evicted=tuple(evicted))
+            return tuple(evicted)
         self.index.add(meta, self._cost_fn(len(meta.token_ids)), frequency)
         if entry.scores is not None:
             self.write_scores(meta.key, entry.scores)
         else:
             self._scores_path(meta.key).unlink(missing_ok=True)
-        return DiskWrite(stored=True, evicted=tuple(evicted))
+        return tuple(evicted)
 
     def remove(self, key: str) -> None:
         self.index.remove(key)

@@ -12,7 +12,15 @@ import sys
 import threading
 from typing import Any
 
-from covey.cli.engine_args import add_engine_args, build_engine, sampling_params, stream_to
+from covey.cli.engine_args import (
+    add_chunk_store_args,
+    add_engine_args,
+    build_engine,
+    chunk_store_given,
+    engine_config,
+    sampling_params,
+    stream_to,
+)
 
 HELP = "Type a message and press Enter. /reset starts over, /exit (or Ctrl-D) quits."
 
@@ -30,6 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--index", default=None, help="with --docs: an index folder (default: the pydocs index)"
     )
     add_engine_args(p)
+    add_chunk_store_args(p)  # for --docs: plain chat sends no retrieved chunks
     # like ollama: varied answers; --docs keeps its app's own (greedy) sampling
     p.set_defaults(func=run, max_tokens=None, temperature=0.7, top_p=0.9)
 
@@ -43,6 +52,13 @@ def run(args: argparse.Namespace) -> int:
                 "--system does not apply with --docs: the docs chatbot has its own instructions"
             )
         return asyncio.run(_docs_chat(args))
+    chunk_flags = chunk_store_given(args)
+    if chunk_flags:
+        flags = ", ".join("--" + name.replace("_", "-") for name in chunk_flags)
+        raise InvalidRequestError(
+            f"{flags} go{'es' if len(chunk_flags) == 1 else ''} with --docs: plain chat "
+            "sends no retrieved chunks to reuse"
+        )
     if args.max_tokens is None:
         args.max_tokens = 512
 
@@ -134,9 +150,11 @@ async def _docs_chat(args: argparse.Namespace) -> int:
     )
     from covey.errors import InvalidRequestError, NodeExecutionError
     from covey.llm_backend.async_llm import AsyncLLM
+    from covey.llm_backend.llm_engine import LLMEngine
     from covey.retrieval.default_corpus import DEFAULT_INDEX_NAME
     from covey.runtime import Runtime
 
+    config = engine_config(args)  # a bad option fails here, before the index or model loads
     print("covey chat --docs: loading the model and the docs index...", file=sys.stderr)
     if args.index is not None:  # an index the user built: open it, never build one there
         from covey.retrieval.document_index import DocumentIndex
@@ -148,25 +166,31 @@ async def _docs_chat(args: argparse.Namespace) -> int:
     app = build_rag_app(
         max_tokens=args.max_tokens or ANSWER_MAX_TOKENS, python_docs=args.index is None
     )
-    async with AsyncLLM(engine=build_engine(args)) as llm:
-        bot = RagChatbot(Runtime(llm, retrievers={DEFAULT_INDEX_NAME: index}), app)
-        interactive = sys.stdin.isatty()
-        about = describe_index(index, default=args.index is None)
-        print(f"covey chat --docs: answering from {about}. {HELP}", file=sys.stderr, flush=True)
-        while (message := await _read_line_async(interactive)) is not None:
-            if not message:
-                continue
-            if message == "/reset":
-                bot.reset("cli")
-                print("(conversation cleared)", flush=True)
-                continue
-            try:
-                reply = await bot.ask("cli", message, on_token=_write)
-            except (InvalidRequestError, NodeExecutionError) as exc:
-                print(f"\n(error: {exc}; /reset to start over)", flush=True)
-                continue
-            print(flush=True)
-            label = "Sources" if reply.cited else "Retrieved (none cited)"
-            sources = ", ".join(f"[{c.number}] {c.source}" for c in reply.citations)
-            print(f"{label}: {sources}", flush=True)
+    engine = LLMEngine(config)
+    try:
+        async with AsyncLLM(engine=engine) as llm:
+            bot = RagChatbot(Runtime(llm, retrievers={DEFAULT_INDEX_NAME: index}), app)
+            interactive = sys.stdin.isatty()
+            about = describe_index(index, default=args.index is None)
+            print(f"covey chat --docs: answering from {about}. {HELP}", file=sys.stderr, flush=True)
+            while (message := await _read_line_async(interactive)) is not None:
+                if not message:
+                    continue
+                if message == "/reset":
+                    bot.reset("cli")
+                    print("(conversation cleared)", flush=True)
+                    continue
+                try:
+                    reply = await bot.ask("cli", message, on_token=_write)
+                except (InvalidRequestError, NodeExecutionError) as exc:
+                    print(f"\n(error: {exc}; /reset to start over)", flush=True)
+                    continue
+                print(flush=True)
+                label = "Sources" if reply.cited else "Retrieved (none cited)"
+                sources = ", ".join(f"[{c.number}] {c.source}" for c in reply.citations)
+                print(f"{label}: {sources}", flush=True)
+    finally:
+        # AsyncLLM closes only an engine it built. Closing this one's chunk store writes its
+        # host entries to --chunk-store-dir, where the next chat finds them.
+        engine.close()
     return 0

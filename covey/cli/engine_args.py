@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import re
-from decimal import Decimal
+import tempfile
+from fractions import Fraction
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from covey.errors import EngineError
@@ -31,7 +33,14 @@ SIZE_UNITS = {
     "gb": 10**9,
     "tb": 10**12,
 }
-_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*")
+CHUNK_STORE_FIELDS = (
+    "chunk_cache",
+    "chunk_store_bytes",
+    "chunk_store_dir",
+    "chunk_store_disk_bytes",
+)
+MAX_SIZE = 1 << 50  # 1PiB: past any machine's memory or disk, so a larger one is a typo
+_SIZE = re.compile(r"\s*(-?)([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*")
 
 
 def add_compile_arg(parser: argparse.ArgumentParser) -> None:
@@ -50,22 +59,30 @@ def add_compile_arg(parser: argparse.ArgumentParser) -> None:
 
 def parse_size(text: str) -> int:
     """A byte count for argparse's `type=`: plain bytes (`2147483648`) or a number with a
-    binary (`512MiB`, `2GiB`) or decimal (`500MB`) unit, any case. Whole bytes only; a bad
-    value is argparse's usage error (exit 2), never a traceback."""
+    binary unit (KiB, MiB, GiB, TiB: powers of 1024, as in `512MiB`) or a decimal one (kB, MB,
+    GB, TB: powers of 1000, as in `500MB`), any case. Exact (`1.5GiB` is computed as a
+    fraction, not in floating point); whole bytes only, at most MAX_SIZE. A bad value is
+    argparse's usage error (exit 2), never a traceback."""
     match = _SIZE.fullmatch(text)
-    unit = SIZE_UNITS.get(match[2].lower()) if match else None
+    unit = SIZE_UNITS.get(match[3].lower()) if match else None
     if unit is None:
         raise argparse.ArgumentTypeError(
             f"invalid size {text!r}: give bytes (2147483648) or a number with a unit "
-            "(512MiB, 2GiB; KiB, MiB, GiB, TiB, or kB, MB, GB, TB)"
+            "(512MiB, 2GiB; binary KiB, MiB, GiB, TiB or decimal kB, MB, GB, TB)"
         )
-    size = Decimal(match[1]) * unit
-    if size != size.to_integral_value():
+    size = Fraction(match[2]) * unit
+    if match[1] and size:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: must not be negative")
+    if size.denominator != 1:
         raise argparse.ArgumentTypeError(f"invalid size {text!r}: not a whole number of bytes")
+    if size > MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: at most 1PiB ({MAX_SIZE} bytes)")
     return int(size)
 
 
 def parse_positive_size(text: str) -> int:
+    """`parse_size` for a capacity where 0 is meaningless (a store that holds nothing): 0 is
+    argparse's usage error too, with the reason."""
     size = parse_size(text)
     if size == 0:
         raise argparse.ArgumentTypeError(f"invalid size {text!r}: must be above 0")
@@ -73,8 +90,10 @@ def parse_positive_size(text: str) -> int:
 
 
 def add_chunk_store_args(parser: argparse.ArgumentParser) -> None:
-    """The chunk KV reuse options, shared by every command that builds an engine (`covey
-    serve --ray` hands them to each replica). Left unset, EngineConfig's defaults hold."""
+    """The chunk KV reuse options, on the commands whose prompts carry retrieved chunks
+    (`covey serve`, which with --ray hands them to each replica, and `covey chat --docs`);
+    `covey generate` and plain chat send none, so they do not take them. Left unset,
+    EngineConfig's defaults hold."""
     parser.add_argument(
         "--chunk-cache",
         choices=CHUNK_CACHE_CHOICES,
@@ -84,11 +103,13 @@ def add_chunk_store_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--chunk-store-bytes",
-        type=parse_size,
+        type=parse_positive_size,
         default=None,
         metavar="SIZE",
         help="host memory for the chunk KV store, per engine (per replica with --ray): "
-        "bytes or a size such as 512MiB or 2GiB (default 2GiB; 0 keeps none in host memory)",
+        "bytes or a size such as 512MiB or 2GiB (KiB..TiB are binary, kB..TB decimal; "
+        "default 2GiB). Above 0: new chunk KV is kept in host memory first, and the disk "
+        "tier only takes what host memory evicts",
     )
     parser.add_argument(
         "--chunk-store-dir",
@@ -101,19 +122,54 @@ def add_chunk_store_args(parser: argparse.ArgumentParser) -> None:
         type=parse_positive_size,
         default=None,
         metavar="SIZE",
-        help="with --chunk-store-dir: the most it holds (default 2GiB)",
+        help="with --chunk-store-dir: the most it holds, a size as for --chunk-store-bytes "
+        "(default 2GiB)",
     )
 
 
-def chunk_store_config(args: argparse.Namespace) -> dict[str, Any]:
-    """The EngineConfig fields the chunk options given set; unset ones are left out."""
-    fields = {
-        "chunk_cache": args.chunk_cache,
-        "chunk_store_bytes": args.chunk_store_bytes,
-        "chunk_store_dir": args.chunk_store_dir,
-        "chunk_store_disk_bytes": args.chunk_store_disk_bytes,
-    }
+def chunk_store_given(args: argparse.Namespace) -> dict[str, Any]:
+    """The chunk options given, as EngineConfig fields, unchecked; unset ones (or a command
+    without them) are left out."""
+    fields = {name: getattr(args, name, None) for name in CHUNK_STORE_FIELDS}
     return {name: value for name, value in fields.items() if value is not None}
+
+
+def chunk_store_config(args: argparse.Namespace, check_dir: bool = True) -> dict[str, Any]:
+    """`chunk_store_given`, checked before any model loads: options that would do nothing
+    are refused, and `check_dir` creates the --chunk-store-dir folder and writes a file in
+    it (off where it lies on another machine: Ray replicas on a cluster joined by address)."""
+    from covey.errors import ConfigError
+
+    given = chunk_store_given(args)
+    store = [name for name in CHUNK_STORE_FIELDS[1:] if name in given]
+    if given.get("chunk_cache") == "off" and store:
+        flags = ", ".join(_flag(name) for name in store)
+        raise ConfigError(f"{flags}: no chunk store with --chunk-cache off")
+    if "chunk_store_disk_bytes" in given and "chunk_store_dir" not in given:
+        raise ConfigError("--chunk-store-disk-bytes goes with --chunk-store-dir")
+    if "chunk_store_dir" in given and check_dir:
+        _check_writable_dir(given["chunk_store_dir"])
+    return given
+
+
+def _check_writable_dir(text: str) -> None:
+    """The disk tier's folder can be created and written (else the error would come only
+    after the model loads). An empty name is refused: Path("") is the current folder."""
+    from covey.errors import ConfigError
+
+    if not text.strip():
+        raise ConfigError("--chunk-store-dir needs a folder name, got an empty one")
+    path = Path(text).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--chunk-store-dir {text!r} cannot be created or written: {e}") from None
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -126,7 +182,6 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16")
     add_compile_arg(parser)
-    add_chunk_store_args(parser)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     parser.add_argument("--top-p", type=float, default=1.0)

@@ -24,9 +24,15 @@ import socket
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
-from covey.cli.engine_args import add_chunk_store_args, add_compile_arg, chunk_store_config
+from covey.cli.engine_args import (
+    add_chunk_store_args,
+    add_compile_arg,
+    chunk_store_config,
+    chunk_store_given,
+)
 from covey.errors import ConfigError
 
 # Options left unset take `ServerSettings`' defaults (read in `run`, not at import: the
@@ -186,9 +192,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("give --model or --remote, not both")
     if args.ray and args.remote is not None:
         raise ConfigError("give --ray or --remote, not both")
-    chunk_store = chunk_store_config(args)
-    if args.remote is not None and chunk_store:
-        flags = ", ".join("--" + name.replace("_", "-") for name in chunk_store)
+    given_chunk_options = chunk_store_given(args)
+    if args.remote is not None and given_chunk_options:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given_chunk_options)
         raise ConfigError(f"{flags}: for a local engine only, not with --remote")
     ray_options = {
         **RAY_DEFAULTS,
@@ -226,6 +232,10 @@ def run(args: argparse.Namespace) -> int:
         health = HealthCheck.of(
             args.replica_health_period, args.replica_health_timeout, args.replica_max_step
         )
+    # A replica on a cluster joined by --address checks the folder on its own node.
+    chunk_store = chunk_store_config(args, check_dir=not (args.ray and args.address))
+    if args.ray and "chunk_store_dir" in chunk_store:  # a replica runs in a folder of Ray's
+        chunk_store["chunk_store_dir"] = str(Path(args.chunk_store_dir).expanduser().resolve())
     host = defaults.host if args.host is None else args.host
     sock = bind(host, defaults.port if args.port is None else args.port)
     port = sock.getsockname()[1]

@@ -230,7 +230,7 @@ class EngineConfig:
         as_int(
             "EngineConfig.chunk_store_disk_bytes",
             self.chunk_store_disk_bytes,
-            ge=0,
+            ge=1,  # the disk tier has no "none" size: chunk_store_dir=None is none
             error=ConfigError,
         )
         if self.chunk_store_dir is not None and not isinstance(self.chunk_store_dir, (str, Path)):

@@ -5,7 +5,10 @@ from __future__ import annotations
 from tests.cli.runner import covey
 
 
-def test_docs_chat_names_its_index_streams_an_answer_and_lists_its_sources(tiny_index):
+def test_docs_chat_names_its_index_streams_an_answer_and_lists_its_sources(tiny_index, tmp_path):
+    """Quitting also closes the engine: its chunk store writes what host memory holds to
+    --chunk-store-dir (a host tier this large evicts nothing there on its own)."""
+    folder = tmp_path / "kv"
     result = covey(
         "chat",
         "--docs",
@@ -13,6 +16,8 @@ def test_docs_chat_names_its_index_streams_an_answer_and_lists_its_sources(tiny_
         str(tiny_index.root),
         "--max-tokens",
         "16",
+        "--chunk-store-dir",
+        str(folder),
         stdin="How does the for statement iterate?\n/reset\n\n/exit\n",
     )
     assert result.returncode == 0, result.stderr
@@ -26,6 +31,7 @@ def test_docs_chat_names_its_index_streams_an_answer_and_lists_its_sources(tiny_
     sources = [line for line in lines if line.startswith(("Sources:", "Retrieved (none cited):"))]
     assert len(sources) == 1 and "pydoc:for" in sources[0]
     assert "(conversation cleared)" in result.stdout
+    assert list(folder.rglob("*.safetensors")), "the chunk store was not closed"
 
 
 def test_docs_chat_refuses_a_missing_index_folder(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from covey.cache.chunk_store import ROOT_HASH, ChunkKV, ChunkStore
-from covey.cache.disk_tier import DiskTier, DiskWrite
+from covey.cache.disk_tier import DiskTier
 from covey.errors import ConfigError
 
 BYTES_PER_TOKEN = 2 * 2 * 1 * 4 * 4  # layers * (k, v) * kv_heads * head_dim * float32
@@ -88,13 +88,15 @@ def test_a_write_reports_the_keys_it_evicted(tmp_path, monkeypatch):
     entries = [make([i, i + 10, i + 20]) for i in range(4)]
     file_bytes = _file_bytes(tmp_path / "probe", entries[0])
     disk = DiskTier(tmp_path / "d", 2 * file_bytes, float)
-    assert disk.write(entries[0], 1, never) == DiskWrite(stored=True, evicted=())
-    assert disk.write(entries[1], 5, never) == DiskWrite(stored=True, evicted=())
-    assert disk.write(entries[2], 1, never) == DiskWrite(stored=True, evicted=(entries[0].key,))
-    assert disk.write(make(range(100)), 1, never) == DiskWrite(stored=False)
-    assert disk.write(entries[3], 1, lambda _key: True) == DiskWrite(stored=False)
+    assert disk.write(entries[0], 1, never) == ()
+    assert disk.write(entries[1], 5, never) == ()
+    assert disk.write(entries[2], 1, never) == (entries[0].key,)
+    assert [disk.has(e.key) for e in entries[:3]] == [False, True, True]
+    too_big = make(range(100))
+    assert disk.write(too_big, 1, never) == () and not disk.has(too_big.key)
+    assert disk.write(entries[3], 1, lambda _key: True) == () and not disk.has(entries[3].key)
     monkeypatch.setattr(Path, "write_bytes", _disk_full)
-    assert disk.write(entries[3], 1, never) == DiskWrite(stored=False, evicted=(entries[2].key,))
+    assert disk.write(entries[3], 1, never) == (entries[2].key,)
     assert [disk.has(e.key) for e in entries] == [False, True, False, False]
     assert len(entry_files(tmp_path / "d")) == 1
 

@@ -364,3 +364,54 @@ def _disk_file_bytes(folder: Path) -> int:
     with open_store(folder, host_tokens=100) as s:
         s.put(make([0, 1, 2]))
     return kv_file(folder).stat().st_size
+
+
+@pytest.mark.parametrize("back_by", ["get_any", "put"])
+def test_an_entry_back_from_disk_keeps_its_counts_when_its_file_makes_room(tmp_path, back_by):
+    """Host and disk hold one entry each. Reading `a` back evicts `b` from host, and
+    writing `b` to disk evicts `a`'s own file: `a` is in no tier for that moment, then in
+    host, and its counts must survive it."""
+    one_file = _disk_file_bytes(tmp_path / "probe")
+    s = ChunkStore(3 * BYTES_PER_TOKEN + 3 * 2, float, tmp_path / "d", one_file + 64)
+    a, b = make([1, 2, 3], chunk_id="a"), make([4, 5, 6], chunk_id="b")
+    assert s.put(a)
+    s.update_scores(a, 0, torch.ones(3))
+    s.update_scores(a, 0, torch.ones(3))
+    s.note_stored_use(a)
+    assert s.put(b)  # a to disk, with its counts
+    assert s._disk.has(a.key) and s.refresh_after(a) == 2 * SCORES_REFRESH_USES
+    if back_by == "get_any":
+        assert s.get_any("a", a.token_ids) is not None
+    else:
+        assert s.put(a)
+    assert a.key in s._host.index and not s._disk.has(a.key) and s._disk.has(b.key)
+    assert s.refresh_after(a) == 2 * SCORES_REFRESH_USES
+    assert s._score_uses[a.key] == 1
+    assert set(s._score_measures) == set(s._score_uses) == {a.key}
+
+
+def test_scores_that_fail_to_reach_disk_take_their_counts(tmp_path, monkeypatch):
+    """The disk copy keeps older scores when the new ones cannot be written: read back, they
+    count as one measurement, not as the measurements only the lost scores had."""
+    s = ChunkStore(3 * BYTES_PER_TOKEN + 3 * 2, float, tmp_path, 1 << 20)
+    a = make([1, 2, 3], chunk_id="a")
+    assert s.put(a)
+    s.update_scores(a, 0, torch.tensor([3.0, 2.0, 1.0]))
+    assert s.put(make([4, 5, 6], chunk_id="b"))  # a to disk, with its scores
+    assert s.get_any("a", a.token_ids) is not None
+    s.update_scores(a, 0, torch.tensor([1.0, 2.0, 3.0]))
+    s.note_stored_use(a)
+    assert s.refresh_after(a) == 2 * SCORES_REFRESH_USES
+    real = Path.write_bytes
+
+    def full(self, data):
+        real(self, data[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    assert s.put(make([7, 8, 9], chunk_id="c"))  # a's disk copy is there: only its scores
+    monkeypatch.undo()
+    assert a.key not in s._score_measures and a.key not in s._score_uses
+    back = s.get_any("a", a.token_ids)
+    assert back.scores.tolist() == [3.0, 2.0, 1.0]  # the first measurement's
+    assert s.refresh_after(back) == SCORES_REFRESH_USES

@@ -1,8 +1,9 @@
 """`--chunk-cache`, `--chunk-store-bytes`, `--chunk-store-dir` and `--chunk-store-disk-bytes`
-on every command that builds an engine: parsed (sizes in bytes or with a unit), carried into
-the EngineConfig the command builds (`covey serve` and each of its Ray replicas included),
-and a bad value is argparse's usage error (exit 2), never a traceback. No model loads: the
-parsing and the config prove it."""
+on the commands whose prompts carry retrieved chunks (`covey serve`, `covey chat --docs`):
+parsed (sizes in bytes or with a unit), carried into the EngineConfig the command builds
+(`covey serve` and each of its Ray replicas included), and a bad value is a usage error
+(exit 2), never a traceback; `covey generate` and plain `covey chat` refuse them. No model
+loads: the parsing and the config prove it."""
 
 from __future__ import annotations
 
@@ -14,28 +15,40 @@ from covey.cli.main import build_parser, main
 from covey.llm_backend.config import CHUNK_CACHE_MODES, EngineConfig
 from tests.cli.runner import covey
 
-COMMANDS = [["generate", "hi"], ["chat"], ["serve"]]
-GIVEN = [
-    "--chunk-cache",
-    "exact",
-    "--chunk-store-bytes",
-    "512MiB",
-    "--chunk-store-dir",
-    "/tmp/covey-kv",
-    "--chunk-store-disk-bytes",
-    "10GB",
-]
-WANT = {
-    "chunk_cache": "exact",
-    "chunk_store_bytes": 512 << 20,
-    "chunk_store_dir": "/tmp/covey-kv",
-    "chunk_store_disk_bytes": 10 * 10**9,
-}
+COMMANDS = [["chat", "--docs"], ["serve"]]
+
+
+@pytest.fixture
+def kv_dir(tmp_path) -> str:
+    return str(tmp_path / "kv")
+
+
+def given(folder: str) -> list[str]:
+    return [
+        "--chunk-cache",
+        "exact",
+        "--chunk-store-bytes",
+        "512MiB",
+        "--chunk-store-dir",
+        folder,
+        "--chunk-store-disk-bytes",
+        "10GB",
+    ]
+
+
+def want(folder: str) -> dict:
+    return {
+        "chunk_cache": "exact",
+        "chunk_store_bytes": 512 << 20,
+        "chunk_store_dir": folder,
+        "chunk_store_disk_bytes": 10 * 10**9,
+    }
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_every_engine_command_takes_the_chunk_options(command):
-    assert chunk_store_config(build_parser().parse_args([*command, *GIVEN])) == WANT
+def test_the_chunk_commands_take_the_chunk_options(command, kv_dir):
+    args = build_parser().parse_args([*command, *given(kv_dir)])
+    assert chunk_store_config(args) == want(kv_dir)
     assert chunk_store_config(build_parser().parse_args(command)) == {}  # defaults hold
 
 
@@ -57,16 +70,19 @@ def test_the_choices_are_the_engine_configs_modes():
         ("500MB", 500 * 10**6),
         ("2kB", 2000),
         ("100B", 100),
+        ("0.1kB", 100),
+        ("1024TiB", 1 << 50),
     ],
 )
 def test_sizes_in_bytes_or_with_a_unit(text, size):
     assert parse_size(text) == size
 
 
-def test_the_built_engine_config_carries_the_values():
-    config = engine_args.engine_config(build_parser().parse_args(["generate", "hi", *GIVEN]))
-    assert {name: getattr(config, name) for name in WANT} == WANT
-    default = engine_args.engine_config(build_parser().parse_args(["generate", "hi"]))
+def test_the_built_engine_config_carries_the_values(kv_dir):
+    args = build_parser().parse_args(["chat", "--docs", *given(kv_dir)])
+    config = engine_args.engine_config(args)
+    assert {name: getattr(config, name) for name in want(kv_dir)} == want(kv_dir)
+    default = engine_args.engine_config(build_parser().parse_args(["chat", "--docs"]))
     assert (default.chunk_cache, default.chunk_store_bytes) == ("blend", 2 << 30)
     assert default.chunk_store_dir is None
 
@@ -76,10 +92,17 @@ def test_the_built_engine_config_carries_the_values():
     [
         (["--chunk-cache", "fuzzy"], "argument --chunk-cache: invalid choice: 'fuzzy'"),
         (["--chunk-store-bytes", "2G"], "invalid size '2G': give bytes (2147483648)"),
-        (["--chunk-store-bytes", "-1"], "invalid size '-1'"),
+        (["--chunk-store-bytes", "-1"], "invalid size '-1': must not be negative"),
+        (["--chunk-store-bytes=-1GiB"], "invalid size '-1GiB': must not be negative"),
+        (
+            ["--chunk-store-bytes", "1.00000000000000000000000000000001GiB"],
+            "not a whole number of bytes",  # exact past 28 digits
+        ),
+        (["--chunk-store-disk-bytes", "1025TiB"], "invalid size '1025TiB': at most 1PiB"),
         (["--chunk-store-bytes", "lots"], "invalid size 'lots'"),
         (["--chunk-store-bytes", "1.5"], "invalid size '1.5': not a whole number of bytes"),
         (["--chunk-store-disk-bytes", "0"], "invalid size '0': must be above 0"),
+        (["--chunk-store-bytes", "0"], "invalid size '0': must be above 0"),
     ],
 )
 @pytest.mark.parametrize("command", COMMANDS)
@@ -93,10 +116,25 @@ def test_a_bad_value_is_a_usage_error(capsys, command, argv, message):
 
 def test_a_bad_size_from_the_shell(tmp_path):
     """The real entry point in a child: exit 2, argparse's message, no traceback."""
-    out = covey("generate", "hi", "--chunk-store-bytes", "2 gigs", COVEY_HOME=str(tmp_path))
+    out = covey("serve", "--chunk-store-bytes", "2 gigs", COVEY_HOME=str(tmp_path))
     assert out.returncode == 2, out.stderr
     assert "argument --chunk-store-bytes: invalid size '2 gigs'" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_generate_does_not_take_them(capsys):
+    """A plain prompt has no chunk segments: the options would do nothing there."""
+    with pytest.raises(SystemExit) as exited:
+        main(["generate", "hi", "--chunk-cache", "off"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "unrecognized arguments: --chunk-cache off" in err
+
+
+def test_plain_chat_refuses_them_before_loading(capsys):
+    code = main(["chat", "--chunk-store-bytes", "1GiB", "--chunk-cache", "exact"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "--chunk-cache, --chunk-store-bytes go with --docs" in err
 
 
 class Loaded(Exception):
@@ -111,25 +149,25 @@ def _capture(calls: dict, name: str):
     return record
 
 
-def test_serve_hands_the_options_to_its_engine(monkeypatch):
+def test_serve_hands_the_options_to_its_engine(monkeypatch, kv_dir):
     from covey.server import server_builder
 
     calls: dict = {}
     monkeypatch.setattr(server_builder, "load_into", _capture(calls, "local"))
     with pytest.raises(Loaded):
-        main(["serve", "--port", "0", *GIVEN])
-    assert {name: calls["local"][name] for name in WANT} == WANT
+        main(["serve", "--port", "0", *given(kv_dir)])
+    assert {name: calls["local"][name] for name in want(kv_dir)} == want(kv_dir)
 
 
-def test_serve_hands_the_options_to_each_ray_replica(monkeypatch):
+def test_serve_hands_the_options_to_each_ray_replica(monkeypatch, kv_dir):
     from covey.server import ray_cluster
 
     calls: dict = {}
     monkeypatch.setattr(ray_cluster, "start_ray_engine", _capture(calls, "ray"))
     with pytest.raises(Loaded):
-        main(["serve", "--port", "0", "--ray", "--replicas", "1", *GIVEN])
+        main(["serve", "--port", "0", "--ray", "--replicas", "1", *given(kv_dir)])
     config = calls["ray"]["engine_config"]
-    assert {name: config[name] for name in WANT} == WANT
+    assert {name: config[name] for name in want(kv_dir)} == want(kv_dir)
     EngineConfig(**config)  # what a replica builds from it
 
 
@@ -150,3 +188,45 @@ def test_serve_refuses_chunk_options_it_cannot_honour(capsys, argv, message):
     code = main(["serve", "--port", "0", *argv])
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--chunk-store-disk-bytes", "1GiB"],
+            "--chunk-store-disk-bytes goes with --chunk-store-dir",
+        ),
+        (
+            ["--chunk-cache", "off", "--chunk-store-bytes", "1GiB", "--chunk-store-dir", "kv"],
+            "--chunk-store-bytes, --chunk-store-dir: no chunk store with --chunk-cache off",
+        ),
+        (["--chunk-store-dir", ""], "--chunk-store-dir needs a folder name, got an empty one"),
+        (["--chunk-store-dir", "{file}/kv"], "cannot be created or written"),
+    ],
+)
+@pytest.mark.parametrize("command", COMMANDS)
+def test_options_that_would_do_nothing_or_fail_later_are_refused_first(
+    capsys, tmp_path, command, argv, message
+):
+    """Checked before the model (or the docs index) loads: exit 2 with the reason."""
+    file = tmp_path / "file"
+    file.write_text("")
+    argv = [arg.replace("{file}", str(file)) for arg in argv]
+    code = main([*command, *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "kv").exists()
+
+
+def test_ray_replicas_get_the_folder_as_an_absolute_path(monkeypatch, tmp_path):
+    """A replica's working folder is Ray's, not the shell's: a relative --chunk-store-dir is
+    resolved where `covey serve` runs."""
+    from covey.server import ray_cluster
+
+    calls: dict = {}
+    monkeypatch.setattr(ray_cluster, "start_ray_engine", _capture(calls, "ray"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(Loaded):
+        main(["serve", "--port", "0", "--ray", "--replicas", "1", "--chunk-store-dir", "kv"])
+    assert calls["ray"]["engine_config"]["chunk_store_dir"] == str((tmp_path / "kv").resolve())

@@ -57,6 +57,7 @@ def test_unknown_device_is_a_config_error(device):
         ("kv_cache_bytes", 0),
         ("max_model_len", "4096"),
         ("num_threads", 0),
+        ("chunk_store_disk_bytes", 0),
     ],
 )
 def test_bad_numbers_name_the_field(field, value):

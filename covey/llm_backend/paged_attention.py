@@ -176,9 +176,11 @@ def attend_spans(
     Why not gather by block: the stretches are copied as a whole, keys and values in one
     `cat` (~3 us a stretch), where `index_select` copies block by block at about twice the
     time (60 against 33 us for 1300 keys at one thread), and the scores are not computed
-    for the last block's unused slots. The operands are the gathered case's (keys packed,
-    values packed: oneDNN's results do not depend on the batch stride or the cut), so this
-    is the gathered path's result bit for bit (a test holds it)."""
+    for the last block's unused slots. Attention of 30 layers over 1296 keys in 2
+    stretches, one thread: 5.9 ms against the gather's 7.1 (one slice: 5.7). The operands
+    are the gathered case's (keys packed, values packed: oneDNN's results do not depend on
+    the batch stride or the cut), so this is the gathered path's result bit for bit (a test
+    holds it)."""
     kvh, dh = kv.shape[1], kv.shape[3]
     packed = torch.cat([kv[:, :, a:b] for a, b in spans], dim=2)  # [2, KVH, L, Dh]
     qg = (q * dh**-0.5).view(kvh, -1, dh)  # [KVH, G, Dh]

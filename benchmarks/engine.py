@@ -426,6 +426,18 @@ def cpu_suite(s, results, device):
     results.append(record("prefix", "covey", "ttft_s", on, pp))
     results.append(record("prefix", "covey-no-prefix-cache", "ttft_s", off, pp))
     print(f"prefix ttft: {on:.3f}s cached vs {off:.3f}s uncached ({off / on:.1f}x)", flush=True)
+    # One decode step after a RAG-shaped prompt: the shared prefix, cached by the requests
+    # above, then a question. Its blocks lie in stretches (cached prefix, then its own), so
+    # this profiles the single-stream read of `attend_spans`, at ~1100 keys, not 512.
+    long_prompt = system + questions[-1]
+    long_prof = {
+        "prompt_tokens": len(long_prompt),
+        "cached_prefix_tokens": s["prefix"],
+        "steps": 20,
+        "what": "one decode step, 1 request, after a prefix-cache hit",
+    }
+    for metric, value in decode_profile(on_engine, long_prompt, 20).items():
+        results.append(record("decode_profile_long", "covey", metric, value, long_prof))
     del on_engine
 
     prof = {"prompt_tokens": s["lat_prompt"], "steps": 20, "what": "one decode step, 1 request"}

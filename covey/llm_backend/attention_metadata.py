@@ -69,6 +69,9 @@ class DecodeGroup:
     length: int  # keys of the longest row: rows see keys [0, length) at most
     padding: torch.Tensor | None  # [1, n, 1, length] bool, True past a row's end; None: none
     contiguous_start: int | None = None  # one row whose keys are pool slots [s, s + length)
+    # One row whose keys lie in a few stretches of pool order (a prefix-cache hit's blocks,
+    # then the sequence's own): their slot ranges [a, b), in key order, `length` keys in all.
+    spans: tuple[tuple[int, int], ...] | None = None
 
 
 @dataclass

@@ -257,9 +257,12 @@ class BlockManager:
             self._cursor[child.seq_id] = self._cursor[parent.seq_id]
 
     def free(self, seq: Sequence) -> None:
-        """Drop `seq`'s references; its cached blocks stay reusable until evicted."""
+        """Drop `seq`'s references; its cached blocks stay reusable until evicted. Blocks it
+        frees go on the free list in ascending order (`_in_pool_order`)."""
+        freed_from = len(self.free_blocks)
         for block in reversed(seq.block_table):
             self._decref(block)
+        self._in_pool_order(freed_from)
         seq.block_table = []
         self._cursor.pop(seq.seq_id, None)
 
@@ -305,11 +308,25 @@ class BlockManager:
 
     def _evict(self, num_blocks: int) -> None:
         assert self.trie is not None
+        evicted_from = len(self.free_blocks)
         for block in self.trie.evict(num_blocks):
             self.stats.evicted_blocks += 1
             del self.cached_nodes[block]
             self.num_idle_cached -= 1
             self.free_blocks.append(block)
+        self._in_pool_order(evicted_from)
+
+    def _in_pool_order(self, start: int) -> None:
+        """Sort the free list's entries from `start` on (blocks just freed or evicted).
+
+        Why: the blocks an allocation takes become a sequence's table, and a table in pool
+        order is read in place by attention (a slice, or a few stretches), where one out of
+        order is gathered block by block. Both sources hand blocks over backwards: a
+        sequence frees its table last block first, and eviction takes a branch's leaves
+        first. Unsorted, the next sequence to take them got a table in descending order."""
+        if len(self.free_blocks) - start > 1:
+            tail = sorted(self.free_blocks.pop() for _ in range(len(self.free_blocks) - start))
+            self.free_blocks.extend(tail)
 
     def _incref(self, block: int) -> None:
         if self.ref_counts[block] == 0 and block in self.cached_nodes:

@@ -17,7 +17,7 @@ import torch
 
 from covey.errors import EngineError
 from covey.llm_backend.attention_metadata import AttentionMetadata
-from covey.llm_backend.paged_attention import attend_slice, paged_attention
+from covey.llm_backend.paged_attention import attend_slice, attend_spans, paged_attention
 
 step_context = threading.local()  # .attn: the running step's StepAttention
 
@@ -25,37 +25,44 @@ step_context = threading.local()  # .attn: the running step's StepAttention
 class StepAttention:
     """What the step's 30 `covey::decode_attention` calls share, worked out once per step:
     the pool's per-layer key and value views, and for the common single-stream case (one
-    sequence whose keys lie in pool order) where its keys are. Each call then runs ~12 ATen
-    ops instead of `store_kv` and `paged_attention`'s ~25 and their metadata lookups."""
+    sequence whose keys lie in pool order, or in a few stretches of it) where its keys
+    are. Each call then runs ~12 ATen ops instead of `store_kv` and `paged_attention`'s ~25
+    and their metadata lookups."""
 
     def __init__(self, kv: torch.Tensor, layer_views: tuple, meta: AttentionMetadata) -> None:
         self.kv, self.meta = kv, meta
         self.keys, self.values = layer_views  # per layer [KVH, S, Dh], views of the pool
         self.slots = meta.slot_mapping
         group = meta.decode_groups[0] if len(meta.decode_groups) == 1 else None
-        self.span: tuple[int, int] | None = None  # the one sequence's key slots [a, b)
+        # The one sequence's key slots: [a, b) when its blocks lie in pool order, else the
+        # stretches of `DecodeGroup.spans`; None for any other step.
+        self.span: tuple[int, int] | None = None
+        self.spans: tuple[tuple[int, int], ...] | None = None
         if (
             group is not None
             and group.blocks is None
             and meta.num_decode == group.end == 1
             and not meta.prefills  # else the step's queries are more than the one row
         ):
-            assert group.contiguous_start is not None
-            self.span = (group.contiguous_start, group.contiguous_start + group.length)
+            if group.spans is not None:
+                self.spans = group.spans
+            else:
+                assert group.contiguous_start is not None
+                self.span = (group.contiguous_start, group.contiguous_start + group.length)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int):
         """Store layer `layer`'s new keys/values k, v [KVH, T, Dh], then attend: q [T, H, Dh]
-        -> [T, H, Dh]. The single-stream case calls `attend_slice`, as
+        -> [T, H, Dh]. The single-stream case calls `attend_slice` (or `attend_spans`), as
         `paged_attention._decode` does (so the same bits), without its general-case
         bookkeeping."""
         keys, values = self.keys[layer], self.values[layer]
         keys.index_copy_(1, self.slots, k)
         values.index_copy_(1, self.slots, v)
-        if self.span is None:
-            return paged_attention(
-                q, k.transpose(0, 1), v.transpose(0, 1), self.kv[layer], self.meta
-            )
-        return attend_slice(q, keys, values, *self.span)
+        if self.span is not None:
+            return attend_slice(q, keys, values, *self.span)
+        if self.spans is not None:
+            return attend_spans(q, self.kv[layer], self.spans)
+        return paged_attention(q, k.transpose(0, 1), v.transpose(0, 1), self.kv[layer], self.meta)
 
 
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int):

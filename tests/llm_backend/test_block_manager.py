@@ -202,3 +202,26 @@ def test_discard_frees_blocks_and_forgets_progress():
     bm.discard(s)
     assert s.block_table == [] and s.num_computed_tokens == s.num_cached_tokens == 0
     assert bm.num_free_blocks == 8
+
+
+def test_blocks_freed_or_evicted_are_handed_out_again_in_pool_order():
+    """A sequence frees its table last block first and eviction takes a branch's leaves
+    first: the next sequence to take those blocks gets them ascending (a table attention
+    reads in place), not backwards."""
+    bm = BlockManager(num_blocks=8, block_size=2)  # prefix caching: idle, then evicted
+    a = seq(list(range(16)))
+    bm.match_prefix(a)
+    run_prefill(bm, a)
+    bm.free(a)
+    b = seq(list(range(100, 116)))  # shares nothing: all of a's blocks are evicted
+    bm.match_prefix(b)
+    run_prefill(bm, b)
+    assert b.block_table == list(range(8)) and bm.stats.evicted_blocks == 8
+
+    bm = BlockManager(num_blocks=8, block_size=2, enable_prefix_caching=False)
+    a = seq(list(range(16)))
+    run_prefill(bm, a)
+    bm.free(a)
+    b = seq(list(range(16)))
+    run_prefill(bm, b)
+    assert b.block_table == list(range(8))

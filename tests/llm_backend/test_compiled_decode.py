@@ -119,13 +119,17 @@ def test_decode_attention_outside_a_compiled_step_is_a_clear_error():
         decode_attention(q, kv, kv, 0)
 
 
-def _pool_and_step(seqs: int):
+def _pool_and_step(seqs: int, stretches: bool = False):
     """A random 2-layer pool and the metadata of one decode step over `seqs` sequences:
-    one reads its keys in pool order (slots 32..68), two gather blocks and pad one row."""
+    one reads its keys in pool order (slots 32..68), or with `stretches` in two stretches
+    (block 5, then 21 keys of block 1..2); two gather blocks and pad one row."""
     torch.manual_seed(7)
     bs, kvh, dh = 16, 3, 64
     pool = torch.randn(2, 2, kvh, 8 * bs, dh).bfloat16()
-    if seqs == 1:
+    if seqs == 1 and stretches:
+        group = DecodeGroup(0, 1, None, 37, None, spans=((5 * bs, 6 * bs), (bs, bs + 21)))
+        slots = torch.tensor([bs + 20])
+    elif seqs == 1:
         group = DecodeGroup(0, 1, None, 37, None, 2 * bs)
         slots = torch.tensor([2 * bs + 36])
     else:
@@ -139,16 +143,18 @@ def _pool_and_step(seqs: int):
     return pool, meta, q, k, v
 
 
-@pytest.mark.parametrize("seqs", [1, 2])
-def test_the_steps_attention_is_paged_attentions_bit_for_bit(seqs):
-    """`covey::decode_attention`'s kernel (its single-stream path at batch 1, the general
-    one otherwise) stores and attends exactly as `store_kv` and `paged_attention` do."""
-    pool, meta, q, k, v = _pool_and_step(seqs)
+@pytest.mark.parametrize(("seqs", "stretches"), [(1, False), (1, True), (2, False)])
+def test_the_steps_attention_is_paged_attentions_bit_for_bit(seqs, stretches):
+    """`covey::decode_attention`'s kernel (its single-stream paths at batch 1, keys in pool
+    order or in stretches of it, the general one otherwise) stores and attends exactly as
+    `store_kv` and `paged_attention` do."""
+    pool, meta, q, k, v = _pool_and_step(seqs, stretches)
     expected_pool = pool.clone()
     store_kv(expected_pool[1], k, v, meta.slot_mapping)
     expected = paged_attention(q, k, v, expected_pool[1], meta)
     attn = StepAttention(pool, (pool[:, 0].unbind(0), pool[:, 1].unbind(0)), meta)
-    assert (attn.span is not None) == (seqs == 1)
+    assert (attn.span is not None) == (seqs == 1 and not stretches)
+    assert (attn.spans is not None) == stretches
     got = attn.attend(q, k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous(), 1)
     assert torch.equal(got, expected)
     assert torch.equal(pool, expected_pool)
@@ -159,7 +165,7 @@ def test_the_single_stream_path_is_taken_only_by_a_pure_decode_step():
     pool, meta, q, k, v = _pool_and_step(1)
     meta = dataclasses.replace(meta, prefills=[PrefillRun(1, 4, None)])
     attn = StepAttention(pool, (pool[:, 0].unbind(0), pool[:, 1].unbind(0)), meta)
-    assert attn.span is None
+    assert attn.span is None and attn.spans is None
 
 
 @pytest.mark.slow  # traces the two layers again (their code is cached by the test above)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from covey.llm_backend.model_runner import DECODE_PAD_BUDGET
+from covey.llm_backend.model_runner import DECODE_PAD_BUDGET, MAX_DECODE_SPANS
 from covey.llm_backend.sampling_params import SamplingParams
 from covey.llm_backend.sequence import Sequence
 
@@ -22,16 +22,33 @@ def test_groups_pad_only_to_their_own_longest_row(make_engine):
     bs = runner.block_size
     long_a = _decoding(700, list(range(100, 100 + 44)))
     long_b = _decoding(690, list(range(200, 200 + 44)))
-    mid = _decoding(300, [7, 3, *range(300, 317)])  # out of order: gathered
+    mid_table = [7, 3, 12, 5, *range(300, 315)]  # 5 stretches of pool order: gathered
+    mid = _decoding(300, mid_table)
     short = _decoding(10, [50])  # one block in place: read as a view
     groups = runner._decode_groups([long_a, long_b, mid, short])
     assert [(g.start, g.end, g.length) for g in groups] == [(0, 2, 700), (2, 3, 300), (3, 4, 10)]
     first, middle, last = groups
     assert first.blocks.shape == (2, 44) and first.padding.shape == (1, 2, 1, 700)
     assert first.padding[0, 1, 0].sum() == 10  # the 690-token row masks its last 10 keys
-    assert middle.blocks.tolist() == [[7, 3, *range(300, 317)]] and middle.padding is None
+    assert middle.blocks.tolist() == [mid_table] and middle.padding is None
     assert last.blocks is None and last.contiguous_start == 50 * bs and last.padding is None
     assert 700 - 300 > DECODE_PAD_BUDGET  # why 300 starts a group of its own
+    assert MAX_DECODE_SPANS < 5  # why the 5-stretch row is gathered
+
+
+def test_a_lone_row_in_a_few_stretches_of_pool_order_is_read_by_its_slot_ranges(make_engine):
+    """A cached prefix's blocks, then the sequence's own: two stretches, read by slot range
+    (the last cut at the row's keys), not gathered; in order, one slice."""
+    runner = make_engine().runner
+    bs = runner.block_size
+    (group,) = runner._decode_groups([_decoding(5 * bs + 3, [0, 1, 40, 41, 42, 43])])
+    assert group.blocks is None and group.contiguous_start is None
+    assert group.spans == ((0, 2 * bs), (40 * bs, 43 * bs + 3))
+    (group,) = runner._decode_groups([_decoding(3 * bs, [9, 10, 11])])
+    assert group.spans is None and group.contiguous_start == 9 * bs
+    table = [2 * i for i in range(MAX_DECODE_SPANS + 1)]  # one stretch too many: gathered
+    (group,) = runner._decode_groups([_decoding(len(table) * bs, table)])
+    assert group.spans is None and group.blocks.tolist() == [table]
 
 
 def test_mixed_length_batch_equals_one_at_a_time(make_engine):

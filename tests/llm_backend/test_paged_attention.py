@@ -47,8 +47,9 @@ def test_decode_reads_match_attention_over_each_rows_keys(dtype, tol):
     # In place: one row whose blocks 5..9 lie in pool order, 18 keys (ends inside a block).
     group = DecodeGroup(0, 1, None, 18, None, contiguous_start=5 * BS)
     out = paged_attention(q[:1], empty, empty, kv, _meta(group, 1))
-    torch.testing.assert_close(out[0].float(), _reference(q[0], kv, [5, 6, 7, 8, 9], 18),
-                               atol=tol, rtol=tol)
+    torch.testing.assert_close(
+        out[0].float(), _reference(q[0], kv, [5, 6, 7, 8, 9], 18), atol=tol, rtol=tol
+    )
 
     # Gathered: three rows, blocks out of order, 13, 10 and 5 keys (padded to 13).
     tables = [[30, 2, 17, 11], [21, 8, 3], [14, 26]]
@@ -58,8 +59,9 @@ def test_decode_reads_match_attention_over_each_rows_keys(dtype, tol):
     group = DecodeGroup(0, 3, blocks, 13, padding[None, :, None, :])
     out = paged_attention(q, empty, empty, kv, _meta(group, 3))
     for row, (table, n) in enumerate(zip(tables, lengths, strict=True)):
-        torch.testing.assert_close(out[row].float(), _reference(q[row], kv, table, n),
-                                   atol=tol, rtol=tol)
+        torch.testing.assert_close(
+            out[row].float(), _reference(q[row], kv, table, n), atol=tol, rtol=tol
+        )
 
     # Gathered, no padding: two rows of 10 keys each, ending inside their third block (the
     # scores are cut to the length with nothing to mask).
@@ -68,8 +70,9 @@ def test_decode_reads_match_attention_over_each_rows_keys(dtype, tol):
     group = DecodeGroup(0, 2, blocks, 10, None)
     out = paged_attention(q[:2], empty, empty, kv, _meta(group, 2))
     for row, table in enumerate(tables):
-        torch.testing.assert_close(out[row].float(), _reference(q[row], kv, table, 10),
-                                   atol=tol, rtol=tol)
+        torch.testing.assert_close(
+            out[row].float(), _reference(q[row], kv, table, 10), atol=tol, rtol=tol
+        )
 
 
 def test_bf16_decode_softmax_equals_a_float32_softmax_cast_back():
@@ -85,3 +88,33 @@ def test_bf16_decode_softmax_equals_a_float32_softmax_cast_back():
         once = torch.softmax(scores, dim=-1)
         twice = torch.softmax(scores, dim=-1, dtype=torch.float32).to(torch.bfloat16)
         assert torch.equal(once, twice)
+
+
+@pytest.mark.parametrize(("kvh", "g", "dh", "bs"), [(KVH, H // KVH, DH, BS), (3, 3, 64, 16)])
+def test_a_row_in_stretches_of_pool_order_reads_what_gathering_its_blocks_reads(kvh, g, dh, bs):
+    """One row whose blocks lie in a few stretches (a cached prefix, then its own blocks)
+    reads them stretch by stretch: bit for bit what gathering its blocks gives, in bf16, at
+    the test's small shape and at the embedded model's (3 KV heads of 64, 16-slot blocks)."""
+    gen = torch.Generator().manual_seed(1)
+    kv = torch.randn(2, kvh, 120 * bs, dh, generator=gen).bfloat16()
+    q = torch.randn(1, kvh * g, dh, generator=gen).bfloat16()
+    empty = torch.empty(0, kvh, dh, dtype=torch.bfloat16)
+    cases = [  # (stretches of blocks, keys): ends inside a block, on a block's end, 3 and 4
+        ([range(0, 4), range(10, 17)], 10 * bs + 3),
+        ([range(0, 4), range(10, 17)], 11 * bs),
+        ([range(30, 32), range(5, 6), range(60, 80)], 22 * bs + 1),
+        ([range(90, 91), range(40, 42), range(2, 3), range(100, 110)], 13 * bs + 3),
+    ]
+    for stretches, n in cases:
+        table = [b for r in stretches for b in r]
+        starts = [r[0] * bs for r in stretches]
+        ends = [r[-1] * bs + bs for r in stretches[:-1]] + [
+            stretches[-1][0] * bs + n - sum(len(r) * bs for r in stretches[:-1])
+        ]
+        spans = tuple(zip(starts, ends, strict=True))
+        by_spans = DecodeGroup(0, 1, None, n, None, spans=spans)
+        gathered = DecodeGroup(0, 1, torch.tensor([table]), n, None)
+        meta = AttentionMetadata(torch.zeros(1, dtype=torch.long), 1, bs, [], [by_spans])
+        got = paged_attention(q, empty, empty, kv, meta)
+        meta.decode_groups = [gathered]
+        assert torch.equal(got, paged_attention(q, empty, empty, kv, meta))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import socket
 import sys
 import threading
@@ -39,6 +40,8 @@ from covey.errors import ConfigError
 # server's modules pull in torch, and `covey --help` should stay quick).
 
 GRACEFUL_S = 5  # how long Ctrl-C lets requests in flight finish before aborting them
+# Overrides GRACEFUL_S (seconds): the test of Ctrl-C with a stream in flight waits less.
+GRACEFUL_ENV = "COVEY_SERVE_GRACEFUL_S"
 START_TIMEOUT_S = 30.0
 
 
@@ -305,7 +308,7 @@ def run(args: argparse.Namespace) -> int:
             log_level=args.log_level,
             loop="asyncio",
             lifespan="on",
-            timeout_graceful_shutdown=GRACEFUL_S,
+            timeout_graceful_shutdown=float(os.environ.get(GRACEFUL_ENV, GRACEFUL_S)),
         )
         state.ready = True  # no other thread serves it now
         asyncio.run(_serve(uvicorn.Server(config), sock, url))

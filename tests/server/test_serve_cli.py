@@ -15,13 +15,16 @@ import httpx
 import pytest
 
 from covey.cli.main import main
-from covey.cli.serve_command import GRACEFUL_S
+from covey.cli.serve_command import GRACEFUL_ENV
 from covey.errors import ConfigError
 from covey.server.server_builder import load_user_app
 from tests.cli.runner import covey, covey_env
 
 URL = re.compile(r"Chat page: (http://\S+)")
 LISTENING = re.compile(r"listening on (http://\S+)")
+# How long Ctrl-C lets the stream in flight go on: shorter than the default 5 s, still far
+# shorter than the 1000-token stream, which Ctrl-C must abort rather than wait out.
+GRACEFUL_S = 1
 
 
 def test_serve_answers_health_checks_while_loading_then_serves_and_stops_on_ctrl_c(
@@ -33,7 +36,7 @@ def test_serve_answers_health_checks_while_loading_then_serves_and_stops_on_ctrl
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=covey_env(),
+        env=covey_env(**{GRACEFUL_ENV: str(GRACEFUL_S)}),
     )
     try:
         line = proc.stdout.readline()  # printed as the loading starts

@@ -1,6 +1,10 @@
 """Deploying engine replicas: a second front must not replace the first one's replicas (nor
 later delete them on its close), and a start that fails after the deploy leaves none
-behind (Serve applications outlive the process that deployed them)."""
+behind (Serve applications outlive the process that deployed them).
+
+The replicas these tests deploy beside the session's run `DUMMY` (random weights of a tiny
+shape, the embedded tokenizer): what is checked is the deploy and the replica's process,
+not the model, and a replica over the embedded model spends seconds reading it first."""
 
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ from covey.server.ray_deployment import (
 )
 from covey.server.ray_engine import RayEngine
 from tests.server.ray.conftest import REPLICA_KV_TOKENS
+
+DUMMY = "dummy:tiny"
 
 
 def test_a_second_front_cannot_deploy_over_the_replicas_of_the_first(ray_replicas):
@@ -36,7 +42,7 @@ def test_a_start_that_fails_after_the_deploy_deletes_its_replicas(ray_replicas, 
     monkeypatch.setattr(RayEngine, "connect", nobody_answers)
     config = {"device": "cpu", "dtype": "float32", "kv_cache_tokens": 1024}
     with pytest.raises(EngineUnavailableError, match="no engine replica answered"):
-        start_ray_engine(1, None, app_prefix="covey-failed-start-", engine_config=config)
+        start_ray_engine(1, DUMMY, app_prefix="covey-failed-start-", engine_config=config)
     assert not [name for name in _apps() if name.startswith("covey-failed-start-")]
     assert set(ray_replicas) <= set(_apps())  # the session's own replicas are untouched
 
@@ -54,7 +60,7 @@ def test_a_two_thread_replica_computes_on_two_threads_and_waits_passively(
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     config = {"device": "cpu", "dtype": "float32", "kv_cache_tokens": 1024, "compile": False}
-    spec = ReplicaSpec(None, config, threads=2, num_cpus=1)
+    spec = ReplicaSpec(DUMMY, config, threads=2, num_cpus=1)
     handles = deploy_specs({"covey-two-threads-0": spec})
     try:
         (handle,) = handles.values()

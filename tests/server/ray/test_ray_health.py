@@ -4,7 +4,9 @@ while the step runs, so it is neither killed nor replaced, and the request finis
 The health checks here are tighter than the default (1 s period, 2 s timeout: Serve kills a
 replica after 3 checks in a row time out) and the prompt's prefill is one step of ~3000
 tokens on one thread, several seconds even on an idle machine: a replica whose health check
-waits for the step fails it."""
+waits for the step fails it. The deployed replica runs `BUSY_MODEL`, random weights of the
+embedded model's shape: its steps cost what the embedded model's do, and it starts without
+first parsing and dequantizing the GGUF (seconds; the weights do not matter here)."""
 
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from tests.server.ray.test_ray_errors import RaisingHandle
 PERIOD_S = 1.0
 TIMEOUT_S = 2.0
 BUSY_PROMPT = " ".join(f"Shelf {i} of the archive holds a bound ledger." for i in range(250))
+BUSY_MODEL = "dummy:smollm2-135m"
 BUSY_CONFIG = {
     "device": "cpu",
     "dtype": "float32",
@@ -48,7 +51,7 @@ BUSY_CONFIG = {
 def test_a_replica_busy_with_a_long_prefill_step_is_not_killed(ray_cluster):
     health = HealthCheck(period_s=PERIOD_S, timeout_s=TIMEOUT_S)
     handles = deploy_replicas(
-        1, None, BUSY_CONFIG, threads=1, app_prefix="covey-busy-", health=health
+        1, BUSY_MODEL, BUSY_CONFIG, threads=1, app_prefix="covey-busy-", health=health
     )
     (name,) = handles
 

@@ -174,9 +174,10 @@ def attend_spans(
     time (60 against 33 us for 1300 keys at one thread), and the scores are not computed
     for the last block's unused slots. Attention of 30 layers over 1296 keys in 2
     stretches, one thread: 5.9 ms against the gather's 7.1 (one slice: 5.7). The operands
-    are the gathered case's (keys packed, values packed: oneDNN's results do not depend on
-    the batch stride or the cut), so this is the gathered path's result bit for bit (a test
-    holds it)."""
+    are the gathered case's (keys packed, values packed: in bf16 and fp16 oneDNN's results
+    do not depend on the batch stride or the cut), so there this is the gathered path's
+    result bit for bit (a test holds it). In float32 the last bit may differ: the gathered
+    path computes scores over whole blocks and then cuts them."""
     packed = torch.cat([kv[:, :, a:b] for a, b in spans], dim=2)  # [2, KVH, L, Dh]
     return _attend_row(q, packed[0], packed[1])
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from covey.llm_backend.model_runner import DECODE_PAD_BUDGET, MAX_DECODE_SPANS
+import random
+
+from covey.llm_backend.model_runner import DECODE_PAD_BUDGET, MAX_DECODE_SPANS, _slot_spans
 from covey.llm_backend.sampling_params import SamplingParams
 from covey.llm_backend.sequence import Sequence
 
@@ -49,6 +51,40 @@ def test_a_lone_row_in_a_few_stretches_of_pool_order_is_read_by_its_slot_ranges(
     table = [2 * i for i in range(MAX_DECODE_SPANS + 1)]  # one stretch too many: gathered
     (group,) = runner._decode_groups([_decoding(len(table) * bs, table)])
     assert group.spans is None and group.blocks.tolist() == [table]
+
+
+def _merged_slots(table: list[int], length: int, bs: int) -> list[tuple[int, int]]:
+    """The reference: each key's slot, one by one, merged into runs of consecutive slots."""
+    runs: list[tuple[int, int]] = []
+    for slot in (table[p // bs] * bs + p % bs for p in range(length)):
+        if runs and runs[-1][1] == slot:
+            runs[-1] = (runs[-1][0], slot + 1)
+        else:
+            runs.append((slot, slot + 1))
+    return runs
+
+
+def test_slot_spans_are_the_rows_slots_merged_into_runs():
+    """`_slot_spans` against the slot-by-slot reading of random tables: in pool order, in a
+    few stretches, shuffled; lengths ending inside their last block and on its end."""
+    rng = random.Random(0)
+    for case in range(400):
+        bs = (1, 2, 4, 16)[case % 4]
+        blocks = rng.randint(1, 12)
+        kind = case // 4 % 3
+        if kind == 0:  # in pool order
+            first = rng.randrange(50)
+            table = list(range(first, first + blocks))
+        elif kind == 1:  # stretches of pool order (~5 blocks), in any order
+            cuts = sorted(rng.sample(range(1, 24), 4))
+            pieces = [range(a, b) for a, b in zip([0, *cuts], [*cuts, 24], strict=True)]
+            rng.shuffle(pieces)
+            table = [b for piece in pieces for b in piece][:blocks]
+        else:  # any blocks
+            table = rng.sample(range(60), blocks)
+        ends_inside = case // 12 % 2 == 0 and bs > 1
+        length = (blocks - 1) * bs + (rng.randint(1, bs - 1) if ends_inside else bs)
+        assert list(_slot_spans(table, length, bs)) == _merged_slots(table, length, bs)
 
 
 def test_mixed_length_batch_equals_one_at_a_time(make_engine):

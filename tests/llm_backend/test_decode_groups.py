@@ -10,6 +10,12 @@ from covey.llm_backend.sequence import Sequence
 
 GREEDY = SamplingParams(max_tokens=6, ignore_eos=True)
 SENTENCE = "The river runs past the old mill, and the miller counts the sacks of grain. "
+FACTS = (  # a head whose facts a question after it asks for: its answer needs the head's keys
+    "The museum's records list each keeper and the animal in their care. Anna Berg keeps a "
+    "blue parrot named Kiwi in the east wing. Tomas Lind keeps a grey owl named Pepper by "
+    "the library stairs. Mira Holt keeps a red fox named Juniper in the garden shed. Olle "
+    "Dahl keeps a white goat named Clover on the roof terrace."
+)
 
 
 def _decoding(length: int, table: list[int]) -> Sequence:
@@ -85,6 +91,36 @@ def test_slot_spans_are_the_rows_slots_merged_into_runs():
         ends_inside = case // 12 % 2 == 0 and bs > 1
         length = (blocks - 1) * bs + (rng.randint(1, bs - 1) if ends_inside else bs)
         assert list(_slot_spans(table, length, bs)) == _merged_slots(table, length, bs)
+
+
+def test_a_prompt_after_a_cached_prefix_decodes_by_spans_as_without_the_cache(
+    make_engine, monkeypatch
+):
+    """A prompt alone after another with the same head: its table is the cached head's
+    blocks, then its own after the first prompt's, so each decode step reads two stretches
+    (`attend_spans`); its greedy tokens are those of an engine without the prefix cache."""
+    engine = make_engine()
+    bs, tok = engine.runner.block_size, engine.tokenizer
+    head = tok.encode(FACTS)[: 4 * bs]  # whole blocks: all of it is a prefix-cache hit
+    first = head + tok.encode(" Question: who keeps the fox? Answer:")
+    engine.run_to_completion([engine.add_request(first, GREEDY)])
+    groups = []
+    decode_groups = engine.runner._decode_groups
+
+    def recorded(seqs):
+        made = decode_groups(seqs)
+        groups.extend(made)
+        return made
+
+    monkeypatch.setattr(engine.runner, "_decode_groups", recorded)
+    prompt = head + tok.encode(" Question: what is the name of Anna's parrot? Answer:")
+    (out,) = engine.run_to_completion([engine.add_request(prompt, GREEDY)])
+    assert out.metrics.num_cached_tokens == len(head)
+    assert len(groups) == GREEDY.max_tokens - 1
+    assert all(g.spans is not None and len(g.spans) == 2 for g in groups)
+    alone = make_engine(enable_prefix_caching=False)
+    (plain,) = alone.run_to_completion([alone.add_request(prompt, GREEDY)])
+    assert out.token_ids == plain.token_ids
 
 
 def test_mixed_length_batch_equals_one_at_a_time(make_engine):

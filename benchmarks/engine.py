@@ -161,23 +161,34 @@ PROFILE_GROUPS = {
 }
 
 
-def decode_profile(engine, prompt, steps):
+def decode_profile(engine, prompt, steps, layout: dict | None = None):
     """Where the time of one decode step goes: torch.profiler self CPU time per step, in
     groups, plus the wall time of a step without the profiler, and of that the time outside
-    the model's forward (scheduling, step inputs, LM head, sampling, outputs)."""
+    the model's forward (scheduling, step inputs, LM head, sampling, outputs).
+
+    With `layout`, also fills it with how the request's keys lay: `cached_tokens`, its
+    prefix-cache hit, and `decode_stretches`, the distinct counts of stretches of pool order
+    the profiled steps read them in (1: one slice; "gathered": by block)."""
     from torch.profiler import ProfilerActivity, profile
 
-    engine.add_request(prompt, SamplingParams(max_tokens=steps * 3, ignore_eos=True))
+    rid = engine.add_request(prompt, SamplingParams(max_tokens=steps * 3, ignore_eos=True))
     for _ in range(steps):
         engine.step()  # prefill and warm-up
+    cached = engine.requests[rid].num_cached_tokens
     with _timed_forward(engine) as in_forward:
         start = time.perf_counter()
         for _ in range(steps):
             engine.step()
         wall = (time.perf_counter() - start) / steps
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+    with (
+        profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof,
+        _decode_reads(engine) as reads,
+    ):
         for _ in range(steps):
             engine.step()
+    if layout is not None:
+        layout["cached_tokens"] = cached
+        layout["decode_stretches"] = sorted(set(reads), key=str)
     for rid in list(engine.requests):
         engine.abort_request(rid)
     events = prof.key_averages(group_by_input_shape=True)
@@ -198,6 +209,48 @@ def decode_profile(engine, prompt, steps):
         )
     out["other_ops_s"] = total - sum(out[g] for g in PROFILE_GROUPS)
     return out
+
+
+def decode_profile_long(results, engines, prompt, steps):
+    """`decode_profile_long` records: `decode_profile` of one long prompt on each engine
+    (name -> engine), each with the request's prefix-cache hit and the stretches of pool
+    order its decode steps read its keys in, as the runner's decode groups had them."""
+    for name, engine in engines.items():
+        layout: dict = {}
+        metrics = decode_profile(engine, prompt, steps, layout)
+        params = {
+            "prompt_tokens": len(prompt),
+            "cached_prefix_tokens": layout["cached_tokens"],
+            "decode_stretches": layout["decode_stretches"],
+            "steps": steps,
+            "what": "one decode step, 1 request, after a shared prefix",
+        }
+        for metric, value in metrics.items():
+            results.append(record("decode_profile_long", name, metric, value, params))
+
+
+@contextlib.contextmanager
+def _decode_reads(engine):
+    """Collects, while the block runs, how each step's decode groups read their keys: the
+    number of stretches of pool order (1: one slice), or "gathered" (block by block)."""
+    reads: list = []
+    runner = engine.runner
+    prepare = runner.prepare
+
+    def recording(scheduled):
+        inputs = prepare(scheduled)
+        for g in inputs.meta.decode_groups:
+            if g.blocks is not None:
+                reads.append("gathered")
+            else:
+                reads.append(1 if g.spans is None else len(g.spans))
+        return inputs
+
+    runner.prepare = recording
+    try:
+        yield reads
+    finally:
+        del runner.prepare  # the class's method again
 
 
 @contextlib.contextmanager
@@ -427,18 +480,14 @@ def cpu_suite(s, results, device):
     results.append(record("prefix", "covey-no-prefix-cache", "ttft_s", off, pp))
     print(f"prefix ttft: {on:.3f}s cached vs {off:.3f}s uncached ({off / on:.1f}x)", flush=True)
     # One decode step after a RAG-shaped prompt: the shared prefix, cached by the requests
-    # above, then a question. Its blocks lie in stretches (cached prefix, then its own), so
-    # this profiles the single-stream read of `attend_spans`, at ~1100 keys, not 512.
-    long_prompt = system + questions[-1]
-    long_prof = {
-        "prompt_tokens": len(long_prompt),
-        "cached_prefix_tokens": s["prefix"],
-        "steps": 20,
-        "what": "one decode step, 1 request, after a prefix-cache hit",
-    }
-    for metric, value in decode_profile(on_engine, long_prompt, 20).items():
-        results.append(record("decode_profile_long", "covey", metric, value, long_prof))
-    del on_engine
+    # above, then a question none of them sent (a window of the corpus at another offset),
+    # so only the prefix is a hit. Its blocks lie in stretches (the cached prefix's, then
+    # its own): this profiles the single-stream read of `attend_spans`, at ~1100 keys, not
+    # 512; its peer is the same prompt on the engine without the cache (one slice).
+    (unsent,) = real_text_prompts(tok, 1, s["question"], offset=5)
+    engines = {"covey": on_engine, "covey-no-prefix-cache": engine}
+    decode_profile_long(results, engines, system + unsent, 20)
+    del on_engine, engines
 
     prof = {"prompt_tokens": s["lat_prompt"], "steps": 20, "what": "one decode step, 1 request"}
     for metric, value in decode_profile(engine, lat_prompt, 20).items():

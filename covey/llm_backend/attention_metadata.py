@@ -65,7 +65,9 @@ class DecodeGroup:
 
     start: int
     end: int
-    blocks: torch.Tensor | None  # [n, MB] each row's pool blocks (padded); None: contiguous
+    # [n, MB] each row's pool blocks (padded); None: one row, read in place
+    # (`contiguous_start`) or by `spans`
+    blocks: torch.Tensor | None
     length: int  # keys of the longest row: rows see keys [0, length) at most
     padding: torch.Tensor | None  # [1, n, 1, length] bool, True past a row's end; None: none
     contiguous_start: int | None = None  # one row whose keys are pool slots [s, s + length)

@@ -159,11 +159,7 @@ def attend_slice(
     layer's pool at slots [start, end) (its blocks in pool order) -> [1, H, Dh]. The
     single-sequence case of `_decode`, which the compiled step's attention op calls too,
     so both compute the same bits. Keys are copied packed (see `_decode`)."""
-    kvh, _, dh = keys.shape
-    qg = (q * dh**-0.5).view(kvh, -1, dh)  # [KVH, G, Dh]: one row, so no transpose
-    scores = torch.bmm(qg, keys[:, start:end].contiguous().transpose(1, 2))  # [KVH, G, L]
-    out = torch.bmm(torch.softmax(scores, dim=-1), values[:, start:end])  # [KVH, G, Dh]
-    return out.view(q.shape)
+    return _attend_row(q, keys[:, start:end].contiguous(), values[:, start:end])
 
 
 def attend_spans(
@@ -178,14 +174,22 @@ def attend_spans(
     time (60 against 33 us for 1300 keys at one thread), and the scores are not computed
     for the last block's unused slots. Attention of 30 layers over 1296 keys in 2
     stretches, one thread: 5.9 ms against the gather's 7.1 (one slice: 5.7). The operands
-    are the gathered case's (keys packed, values packed: oneDNN's results do not depend on
-    the batch stride or the cut), so this is the gathered path's result bit for bit (a test
-    holds it)."""
-    kvh, dh = kv.shape[1], kv.shape[3]
+    are the gathered case's (keys packed, values packed: in bf16 and fp16 oneDNN's results
+    do not depend on the batch stride or the cut), so there this is the gathered path's
+    result bit for bit (a test holds it). In float32 the last bit may differ: the gathered
+    path computes scores over whole blocks and then cuts them."""
     packed = torch.cat([kv[:, :, a:b] for a, b in spans], dim=2)  # [2, KVH, L, Dh]
-    qg = (q * dh**-0.5).view(kvh, -1, dh)  # [KVH, G, Dh]
-    scores = torch.bmm(qg, packed[0].transpose(1, 2))  # [KVH, G, L]
-    out = torch.bmm(torch.softmax(scores, dim=-1), packed[1])  # [KVH, G, Dh]
+    return _attend_row(q, packed[0], packed[1])
+
+
+def _attend_row(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """One query row q [1, H, Dh] against one sequence's keys [KVH, L, Dh], packed, and
+    values [KVH, L, Dh] (any batch stride) -> [1, H, Dh]: the math `attend_slice` and
+    `attend_spans` share, so both compute the same bits from the same operands."""
+    kvh, _, dh = keys.shape
+    qg = (q * dh**-0.5).view(kvh, -1, dh)  # [KVH, G, Dh]: one row, so no transpose
+    scores = torch.bmm(qg, keys.transpose(1, 2))  # [KVH, G, L]
+    out = torch.bmm(torch.softmax(scores, dim=-1), values)  # [KVH, G, Dh]
     return out.view(q.shape)
 
 

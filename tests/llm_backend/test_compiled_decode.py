@@ -147,11 +147,14 @@ def _pool_and_step(seqs: int, stretches: bool = False):
 def test_the_steps_attention_is_paged_attentions_bit_for_bit(seqs, stretches):
     """`covey::decode_attention`'s kernel (its single-stream paths at batch 1, keys in pool
     order or in stretches of it, the general one otherwise) stores and attends exactly as
-    `store_kv` and `paged_attention` do."""
+    `store_kv` and `paged_attention` do; the stretches as `paged_attention` gathers the
+    same blocks."""
     pool, meta, q, k, v = _pool_and_step(seqs, stretches)
     expected_pool = pool.clone()
     store_kv(expected_pool[1], k, v, meta.slot_mapping)
-    expected = paged_attention(q, k, v, expected_pool[1], meta)
+    gathered = DecodeGroup(0, 1, torch.tensor([[5, 1, 2]]), 37, None)  # the stretches' blocks
+    by_blocks = dataclasses.replace(meta, decode_groups=[gathered]) if stretches else meta
+    expected = paged_attention(q, k, v, expected_pool[1], by_blocks)
     attn = StepAttention(pool, (pool[:, 0].unbind(0), pool[:, 1].unbind(0)), meta)
     assert (attn.span is not None) == (seqs == 1 and not stretches)
     assert (attn.spans is not None) == stretches

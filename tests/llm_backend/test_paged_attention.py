@@ -90,15 +90,19 @@ def test_bf16_decode_softmax_equals_a_float32_softmax_cast_back():
         assert torch.equal(once, twice)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize(("kvh", "g", "dh", "bs"), [(KVH, H // KVH, DH, BS), (3, 3, 64, 16)])
-def test_a_row_in_stretches_of_pool_order_reads_what_gathering_its_blocks_reads(kvh, g, dh, bs):
+def test_a_row_in_stretches_of_pool_order_reads_what_gathering_its_blocks_reads(
+    kvh, g, dh, bs, dtype
+):
     """One row whose blocks lie in a few stretches (a cached prefix, then its own blocks)
-    reads them stretch by stretch: bit for bit what gathering its blocks gives, in bf16, at
-    the test's small shape and at the embedded model's (3 KV heads of 64, 16-slot blocks)."""
+    reads them stretch by stretch: bit for bit what gathering its blocks gives in bf16 and
+    fp16, at the test's small shape and at the embedded model's (3 KV heads of 64, 16-slot
+    blocks); in float32 up to rounding (the gather's scores span whole blocks)."""
     gen = torch.Generator().manual_seed(1)
-    kv = torch.randn(2, kvh, 120 * bs, dh, generator=gen).bfloat16()
-    q = torch.randn(1, kvh * g, dh, generator=gen).bfloat16()
-    empty = torch.empty(0, kvh, dh, dtype=torch.bfloat16)
+    kv = torch.randn(2, kvh, 120 * bs, dh, generator=gen).to(dtype)
+    q = torch.randn(1, kvh * g, dh, generator=gen).to(dtype)
+    empty = torch.empty(0, kvh, dh, dtype=dtype)
     cases = [  # (stretches of blocks, keys): ends inside a block, on a block's end, 3 and 4
         ([range(0, 4), range(10, 17)], 10 * bs + 3),
         ([range(0, 4), range(10, 17)], 11 * bs),
@@ -117,4 +121,8 @@ def test_a_row_in_stretches_of_pool_order_reads_what_gathering_its_blocks_reads(
         meta = AttentionMetadata(torch.zeros(1, dtype=torch.long), 1, bs, [], [by_spans])
         got = paged_attention(q, empty, empty, kv, meta)
         meta.decode_groups = [gathered]
-        assert torch.equal(got, paged_attention(q, empty, empty, kv, meta))
+        expected = paged_attention(q, empty, empty, kv, meta)
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, expected)
+        else:
+            assert torch.equal(got, expected)

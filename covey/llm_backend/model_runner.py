@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from itertools import islice
 
 import torch
 
@@ -348,10 +349,10 @@ class ModelRunner:
         length = lengths[0]
         mb = -(-length // bs)
         if len(seqs) == 1:
-            spans = _slot_spans(seqs[0].block_table[:mb], length, bs)
-            if len(spans) == 1:  # read in place, no gather
+            spans = _slot_spans(seqs[0].block_table[:mb], length, bs, MAX_DECODE_SPANS)
+            if spans is not None and len(spans) == 1:  # read in place, no gather
                 return DecodeGroup(start, start + 1, None, length, None, spans[0][0])
-            if len(spans) <= MAX_DECODE_SPANS:  # a few stretches: copied whole, no gather
+            if spans is not None:  # a few stretches: copied whole, no gather
                 return DecodeGroup(start, start + 1, None, length, None, spans=spans)
         rows = [s.block_table[:mb] for s in seqs]
         blocks = torch.tensor(
@@ -364,15 +365,24 @@ class ModelRunner:
         return DecodeGroup(start, start + len(seqs), blocks, length, padding[None, :, None, :])
 
 
-def _slot_spans(table: list[int], length: int, bs: int) -> tuple[tuple[int, int], ...]:
+def _slot_spans(
+    table: list[int], length: int, bs: int, most: int | None = None
+) -> tuple[tuple[int, int], ...] | None:
     """The pool slot ranges [a, b) holding the first `length` keys of block table `table`
     (`length` falls in its last block), consecutive blocks merged: one range when the
-    blocks lie in pool order. Runs every decode step: list operations, no per-block loop
-    in Python where the table is in order (~1 us against ~40 for 80 blocks)."""
+    blocks lie in pool order; None when there would be more than `most` ranges (the caller
+    gathers then, so they are not built). Runs every decode step: list operations, no
+    per-block loop in Python where the table is in order (~1 us against ~40 for 80 blocks),
+    and a scattered table stops at its `most`-th break."""
     first = table[0]
     if table == list(range(first, first + len(table))):
         return ((first * bs, first * bs + length),)
-    starts = [0] + [i for i, (a, b) in enumerate(zip(table, table[1:]), 1) if b != a + 1]
+    breaks = (i for i, (a, b) in enumerate(zip(table, table[1:]), 1) if b != a + 1)
+    if most is not None:
+        breaks = islice(breaks, most)  # `most` breaks already make one range too many
+    starts = [0, *breaks]
+    if most is not None and len(starts) > most:
+        return None
     ends = [*starts[1:], len(table)]
     spans = [(table[a] * bs, table[b - 1] * bs + bs) for a, b in zip(starts, ends, strict=True)]
     spans[-1] = (spans[-1][0], spans[-1][1] - (len(table) * bs - length))

@@ -119,19 +119,21 @@ async def timed(
 ) -> list[float]:
     """Run every input at once; each one's latency in seconds. From each run's trace, per
     node name, `nodes[name]` gathers the node's seconds ("s"), and for each of its engine
-    requests its TTFT ("ttft") and its prompt tokens reused from the chunk store ("reused")."""
+    requests its TTFT ("ttft"), its prompt tokens ("prompt") and of those the ones reused
+    from the chunk store ("reused")."""
 
     async def one(kw: dict[str, Any]) -> float:
         start = time.perf_counter()
         result = await runtime.run_traced(app, **kw)
         for name, node in result.trace.nodes.items():
             if node.duration is not None:
-                got = nodes.setdefault(name, {"s": [], "ttft": [], "reused": []})
+                got = nodes.setdefault(name, {"s": [], "ttft": [], "reused": [], "prompt": []})
                 got["s"].append(node.duration)
                 for req in node.requests:
                     if req.ttft is not None:
                         got["ttft"].append(req.ttft)
                     got["reused"].append(req.reused_tokens)
+                    got["prompt"].append(req.prompt_tokens)
         return time.perf_counter() - start
 
     return list(await asyncio.gather(*(one(kw) for kw in inputs)))
@@ -191,15 +193,19 @@ async def bench_system(
 
 
 def node_summary(nodes: dict[str, dict[str, list]]) -> dict[str, dict[str, float]]:
-    """Per node: mean seconds per request; per LLM node, its requests' mean TTFT and mean
-    prompt tokens reused from the chunk store."""
-    llm = {n: got for n, got in nodes.items() if got["ttft"]}
+    """Per node: mean seconds per request; per LLM node (one with engine requests), its
+    requests' mean prompt tokens, mean prompt tokens reused from the chunk store, and mean
+    TTFT where the engine reports one."""
+    llm = {n: got for n, got in nodes.items() if got["prompt"]}
+
+    def means(key: str, digits: int) -> dict[str, float]:
+        return {n: round(statistics.mean(g[key]), digits) for n, g in llm.items() if g[key]}
+
     return {
         "node_mean_s": {n: round(statistics.mean(got["s"]), 3) for n, got in nodes.items()},
-        "node_ttft_mean_s": {n: round(statistics.mean(got["ttft"]), 3) for n, got in llm.items()},
-        "node_reused_tokens_mean": {
-            n: round(statistics.mean(got["reused"]), 1) for n, got in llm.items()
-        },
+        "node_ttft_mean_s": means("ttft", 3),
+        "node_prompt_tokens_mean": means("prompt", 1),
+        "node_reused_tokens_mean": means("reused", 1),
     }
 
 

@@ -178,6 +178,21 @@ RAY_DEFAULTS: dict[str, object] = {
 }
 
 
+def graceful_seconds() -> float:
+    """Ctrl-C's grace for requests in flight: GRACEFUL_ENV when set (checked before anything
+    loads, so a bad value is a clear error, not a traceback after the model is up)."""
+    text = os.environ.get(GRACEFUL_ENV)
+    if text is None:
+        return float(GRACEFUL_S)
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise ConfigError(f"{GRACEFUL_ENV} must be a number of seconds >= 0, got {text!r}")
+    return seconds
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -185,6 +200,7 @@ def run(args: argparse.Namespace) -> int:
     from covey.server.server_builder import load_into, load_user_app
     from covey.server.state import ServerSettings, ServerState
 
+    graceful_s = graceful_seconds()
     defaults = ServerSettings()
     max_tokens = defaults.max_tokens if args.max_tokens is None else args.max_tokens
     max_in_flight = defaults.max_in_flight if args.max_in_flight is None else args.max_in_flight
@@ -308,7 +324,7 @@ def run(args: argparse.Namespace) -> int:
             log_level=args.log_level,
             loop="asyncio",
             lifespan="on",
-            timeout_graceful_shutdown=float(os.environ.get(GRACEFUL_ENV, GRACEFUL_S)),
+            timeout_graceful_shutdown=graceful_s,
         )
         state.ready = True  # no other thread serves it now
         asyncio.run(_serve(uvicorn.Server(config), sock, url))

@@ -187,19 +187,13 @@ async def stream_generate(
         final = out
     if final is None or final.finish_reason == FinishReason.ABORT:
         raise EngineError(f"the engine aborted request {rid!r}")
-    m = final.metrics
     trace.nodes[node.name].requests.append(
-        RequestTrace(
+        RequestTrace.of(
             rid,
             str(prim.var),
-            m.num_prompt_tokens,
-            len(final.token_ids),
-            m.num_cached_tokens,
-            final.finish_reason,
+            final,
             prompt=recorded_prompt,
             choice_logprobs=final.choice_logprobs,
-            ttft=m.ttft,
-            reused_tokens=m.num_reused_tokens,
         )
     )
     if final.healed_text:  # the ids overlap the prompt's healed end: continue as text

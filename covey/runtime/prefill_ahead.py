@@ -18,6 +18,7 @@ import asyncio
 import hashlib
 import logging
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 from covey.graph.ir import llm_template
@@ -105,17 +106,9 @@ class PrefillAhead:
             log.debug("prefill ahead failed: %s", exc)
             return
         if out is not None:
-            m = out.metrics
-            self.trace.prefills.append(
-                RequestTrace(
-                    out.request_id,
-                    pin or "early",
-                    m.num_prompt_tokens,
-                    0,
-                    m.num_cached_tokens,
-                    out.finish_reason,
-                )
-            )
+            record = RequestTrace.of(out.request_id, pin or "early", out)
+            # a prefill samples a token only to finish its step; it outputs nothing
+            self.trace.prefills.append(replace(record, generated_tokens=0))
 
     async def cancel(self) -> None:
         for task in self.tasks:

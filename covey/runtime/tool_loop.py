@@ -55,9 +55,7 @@ def _tool_params(params: SamplingParams, box: ToolBox) -> SamplingParams:
     """A gen the model may call tools from also stops at the call's end, kept in its text."""
     if not box.offered:
         return params
-    return replace(
-        params, stop=(*params.stop, CALL_CLOSE), include_stop_str_in_output=True
-    )
+    return replace(params, stop=(*params.stop, CALL_CLOSE), include_stop_str_in_output=True)
 
 
 def _strip_stop(text: str, params: SamplingParams) -> str:
@@ -196,13 +194,7 @@ class OneContext:
 
 
 def _record(env: Any, node: NodePlan, rid: str, var: str, out: Any) -> None:
-    m = out.metrics
-    env.trace.nodes[node.name].requests.append(
-        RequestTrace(
-            rid, var, m.num_prompt_tokens, len(out.token_ids), m.num_cached_tokens,
-            out.finish_reason, ttft=m.ttft, reused_tokens=m.num_reused_tokens,
-        )
-    )
+    env.trace.nodes[node.name].requests.append(RequestTrace.of(rid, var, out))
 
 
 async def _run_tool(env: Any, spec: ToolSpec, kwargs: dict[str, Any]) -> tuple[str, str | None]:

@@ -33,6 +33,23 @@ class RequestTrace:
     ttft: float | None = None
     reused_tokens: int = 0
 
+    @classmethod
+    def of(cls, request_id: str, var: str, out: Any, **extra: Any) -> RequestTrace:
+        """The record of request `request_id`'s final engine output `out` (a RequestOutput):
+        its token counts, finish reason and metrics; `extra` sets the optional fields."""
+        m = out.metrics
+        return cls(
+            request_id,
+            var,
+            m.num_prompt_tokens,
+            len(out.token_ids),
+            m.num_cached_tokens,
+            out.finish_reason,
+            ttft=m.ttft,
+            reused_tokens=m.num_reused_tokens,
+            **extra,
+        )
+
 
 @dataclass(frozen=True)
 class ToolCallTrace:
@@ -90,6 +107,10 @@ class NodeTrace:
         return sum(r.cached_tokens for r in self.requests)
 
     @property
+    def reused_tokens(self) -> int:
+        return sum(r.reused_tokens for r in self.requests)
+
+    @property
     def duration(self) -> float | None:
         return None if self.end is None else self.end - self.start
 
@@ -126,6 +147,10 @@ class Trace:
     @property
     def cached_tokens(self) -> int:
         return sum(n.cached_tokens for n in self.nodes.values())
+
+    @property
+    def reused_tokens(self) -> int:
+        return sum(n.reused_tokens for n in self.nodes.values())
 
     def overlapped(self, a: str, b: str) -> bool:
         """Whether nodes `a` and `b` were running at the same time."""

@@ -69,7 +69,7 @@ def trace_summary(trace: Trace) -> dict[str, Any]:
             entry["prompt_tokens"] = sum(r.prompt_tokens for r in n.requests)
             entry["generated_tokens"] = n.generated_tokens
             entry["cached_tokens"] = n.cached_tokens
-            entry["reused_tokens"] = sum(r.reused_tokens for r in n.requests)
+            entry["reused_tokens"] = n.reused_tokens
             scored = [r.choice_logprobs for r in n.requests if r.choice_logprobs is not None]
             if scored:
                 entry["choice_logprobs"] = scored
@@ -89,5 +89,6 @@ def trace_summary(trace: Trace) -> dict[str, Any]:
         "seconds": None if trace.end is None else round(trace.end, 4),
         "generated_tokens": trace.generated_tokens,
         "cached_tokens": trace.cached_tokens,
+        "reused_tokens": trace.reused_tokens,
         "nodes": nodes,
     }

@@ -207,9 +207,11 @@ def test_serve_refuses_chunk_options_it_cannot_honour(capsys, argv, message):
 )
 @pytest.mark.parametrize("command", COMMANDS)
 def test_options_that_would_do_nothing_or_fail_later_are_refused_first(
-    capsys, tmp_path, command, argv, message
+    capsys, monkeypatch, tmp_path, command, argv, message
 ):
-    """Checked before the model (or the docs index) loads: exit 2 with the reason."""
+    """Checked before the model (or the docs index) loads: exit 2 with the reason, and no
+    folder made (a relative `kv` would land in the working folder: tmp_path here)."""
+    monkeypatch.chdir(tmp_path)
     file = tmp_path / "file"
     file.write_text("")
     argv = [arg.replace("{file}", str(file)) for arg in argv]

@@ -113,3 +113,15 @@ def test_serve_help_lists_its_options():
     result = covey("serve", "--help", timeout=60)
     for option in ("--app", "--host", "--port", "--model", "--index", "--api-key"):
         assert option in result.stdout
+
+
+@pytest.mark.parametrize("value", ["5s", "-1", "nan", "inf"])
+def test_a_bad_grace_is_a_clear_error(value, monkeypatch):
+    from covey.cli.serve_command import graceful_seconds
+    from covey.errors import ConfigError
+
+    monkeypatch.setenv(GRACEFUL_ENV, value)
+    with pytest.raises(ConfigError, match=GRACEFUL_ENV):
+        graceful_seconds()
+    monkeypatch.setenv(GRACEFUL_ENV, "0.5")
+    assert graceful_seconds() == 0.5

@@ -105,6 +105,15 @@ DENSE_MIN_ROWS = 24
 # The int8 kernel is slower per row: the copy wins from about 16 (0.81x at 8 rows, 1.17x at
 # 16, 1.5x at 24 and 32; over dequantize + matmul 1.2-1.6x from 64 to 512 rows).
 INT8_DENSE_MIN_ROWS = 16
+# The int8 kernel reads the whole weight again for every few rows, so on a layer much
+# larger than the cache (the LM head: 49152 x 576, 28 MB) its cost grows ~1.4 ms a row (1
+# thread). Called on slices of KERNEL_CHUNK_CHANNELS output channels, each slice is read from
+# cache by every row: the head, fastest of 7, interleaved in one process, 1 thread (load
+# ~2.3): 11.4 -> 9.8 ms at 8 rows, 17.0 -> 13.2 at 12, 28.1 -> 18.9 at 19, 46.1 -> 28.1 at
+# 32; level at 1 row (3.5), so narrower steps keep one call. Bit-equal: every output channel
+# is the same dot product.
+KERNEL_CHUNK_CHANNELS = 8192
+KERNEL_CHUNK_MIN_ROWS = 8
 # The dense copies kept under the default: at most this many bytes for the whole model
 # (SmolLM2-135M's projections: 212 MB in bf16; a 1.7B model's ~3.4 GB stays without).
 DENSE_COPY_MAX_BYTES = 1 << 30
@@ -142,9 +151,30 @@ class Int8Linear(nn.Module):
         if _use_dense(self, x):
             return F.linear(x, self.dense, self.bias)
         if x.shape[0] <= self.kernel_max_rows:
-            out = torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.qweight, self.scales)
+            out = self._kernel(x.contiguous())
             return out if self.bias is None else out + self.bias
         return F.linear(x, self.dequantized(), self.bias)
+
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """The weight-only kernel, by slices of output channels on a wide layer and step
+        (KERNEL_CHUNK_CHANNELS). The layer's width is checked first: it is static, so the
+        compiled decode graph's int8 projections never compare the dynamic row count."""
+        n = self.qweight.shape[0]
+        if (
+            n < 2 * KERNEL_CHUNK_CHANNELS
+            or torch.compiler.is_compiling()
+            or x.shape[0] < KERNEL_CHUNK_MIN_ROWS
+        ):
+            return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
+        slices = [
+            torch.ops.aten._weight_int8pack_mm(
+                x,
+                self.qweight[i : i + KERNEL_CHUNK_CHANNELS],
+                self.scales[i : i + KERNEL_CHUNK_CHANNELS],
+            )
+            for i in range(0, n, KERNEL_CHUNK_CHANNELS)
+        ]
+        return torch.cat(slices, dim=1)
 
 
 class Int4Linear(nn.Module):

@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from covey.errors import ConfigError, NotSupportedError
 from covey.llm_backend import quantization
@@ -56,6 +57,39 @@ def test_kernel_and_wide_path_compute_the_quantized_weight(mode):
     assert (wide - reference).abs().max() < 0.02 * scale
     single = layer(x[:1]).float()  # one decode token
     assert (single - reference[:1]).abs().max() < 0.02 * scale
+
+
+class _CountInt8Kernel(TorchDispatchMode):
+    """Counts calls of the int8 weight-only kernel."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func is torch.ops.aten._weight_int8pack_mm.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("rows", [1, 7, 8, 19, 32])
+def test_a_wide_int8_layer_runs_the_kernel_by_slices_bit_equal(monkeypatch, rows):
+    monkeypatch.setattr(quantization, "KERNEL_CHUNK_CHANNELS", 64)
+    torch.manual_seed(0)
+    layer = Int8Linear(torch.randn(200, 96), None, torch.bfloat16)  # 4 slices, the last short
+    x = torch.randn(rows, 96).to(torch.bfloat16)
+    whole = torch.ops.aten._weight_int8pack_mm(x, layer.qweight, layer.scales)
+    with _CountInt8Kernel() as count:
+        out = layer(x)
+    assert torch.equal(out, whole)
+    assert count.calls == (4 if rows >= quantization.KERNEL_CHUNK_MIN_ROWS else 1)
+
+
+def test_a_narrow_int8_layer_runs_the_kernel_once(monkeypatch):
+    monkeypatch.setattr(quantization, "KERNEL_CHUNK_CHANNELS", 128)
+    layer = Int8Linear(torch.randn(200, 96), None, torch.bfloat16)  # under two slices
+    with _CountInt8Kernel() as count:
+        layer(torch.randn(19, 96).to(torch.bfloat16))
+    assert count.calls == 1
 
 
 def test_int4_reads_the_kernels_packed_layout():

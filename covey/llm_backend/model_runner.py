@@ -35,9 +35,9 @@ log = logging.getLogger(__name__)
 DECODE_PAD_BUDGET = 256
 # A lone decode row whose blocks lie in at most this many stretches of pool order reads them
 # stretch by stretch (`attend_spans`), not gathered block by block. Typical: a prefix-cache
-# hit's blocks (a system prompt, an earlier turn), then the sequence's own. Each stretch
-# costs a slice and a piece of one copy (~3 us a layer). A helper's scratch timing, not a
-# committed result: one layer at one thread (bf16, SmolLM2's heads, fastest of 80 runs),
+# hit's blocks (a system prompt, an earlier turn), then the sequence's own. A helper's
+# scratch timing, not a committed result: each stretch costs a slice and a piece of one
+# copy (~3 us a layer); one layer at one thread (bf16, SmolLM2's heads, fastest of 80 runs),
 # 2 stretches 73/129/162 us at 64/800/1300 keys against the gather's 77/137/224;
 # 4 stretches 77/137/169, even with the gather up to 800.
 MAX_DECODE_SPANS = 4

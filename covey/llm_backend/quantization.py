@@ -108,10 +108,11 @@ INT8_DENSE_MIN_ROWS = 16
 # The int8 kernel reads the whole weight again for every few rows, so on a layer much
 # larger than the cache (the LM head: 49152 x 576, 28 MB) its cost grows ~1.4 ms a row (1
 # thread). Called on slices of KERNEL_CHUNK_CHANNELS output channels, each slice is read from
-# cache by every row: the head, fastest of 7, interleaved in one process, 1 thread (load
-# ~2.3): 11.4 -> 9.8 ms at 8 rows, 17.0 -> 13.2 at 12, 28.1 -> 18.9 at 19, 46.1 -> 28.1 at
-# 32; level at 1 row (3.5), so narrower steps keep one call. Bit-equal: every output channel
-# is the same dot product.
+# cache by every row. A helper's scratch timing, not a committed result: the head, fastest
+# of 7, interleaved in one process, 1 thread (load ~2.3): 11.4 -> 9.8 ms at 8 rows,
+# 17.0 -> 13.2 at 12, 28.1 -> 18.9 at 19, 46.1 -> 28.1 at 32; level at 1 row (3.5), so
+# narrower steps keep one call. Bit-equal: every output channel is the same dot product.
+# Steps of 2-7 rows and two threads were not measured.
 KERNEL_CHUNK_CHANNELS = 8192
 KERNEL_CHUNK_MIN_ROWS = 8
 # The dense copies kept under the default: at most this many bytes for the whole model

@@ -36,7 +36,7 @@ class RequestTrace:
     @classmethod
     def of(cls, request_id: str, var: str, out: Any, **extra: Any) -> RequestTrace:
         """The record of request `request_id`'s final engine output `out` (a RequestOutput):
-        its token counts, finish reason and metrics; `extra` sets the optional fields."""
+        its token counts, finish reason and metrics; `extra`: `prompt`, `choice_logprobs`."""
         m = out.metrics
         return cls(
             request_id,
@@ -150,6 +150,8 @@ class Trace:
 
     @property
     def reused_tokens(self) -> int:
+        """Over the nodes' requests, as the other totals: a chunk an early prefill reused
+        reaches its node's request as prefix-cache hits (`cached_tokens`)."""
         return sum(n.reused_tokens for n in self.nodes.values())
 
     def overlapped(self, a: str, b: str) -> bool:

@@ -155,5 +155,6 @@ async def test_a_prefix_known_from_a_finished_upstream_node_is_prefilled_while_o
         await llm.close()
     (early,) = [p for p in result.trace.prefills if p.var == "early"]
     assert early.prompt_tokens >= 64  # the background paragraph, known before the detail
+    assert early.generated_tokens == 0 and early.ttft is not None  # a prefill outputs none
     (req,) = result.trace.nodes["answer_from"].requests
     assert req.cached_tokens >= early.prompt_tokens - 16

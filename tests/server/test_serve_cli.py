@@ -116,12 +116,18 @@ def test_serve_help_lists_its_options():
 
 
 @pytest.mark.parametrize("value", ["5s", "-1", "nan", "inf"])
-def test_a_bad_grace_is_a_clear_error(value, monkeypatch):
-    from covey.cli.serve_command import graceful_seconds
-    from covey.errors import ConfigError
+def test_a_bad_grace_is_refused_before_anything_loads(value, monkeypatch, capsys):
+    from covey.cli import serve_command
+    from covey.cli.main import main
+    from covey.server import state
 
+    def no_load(*args, **kwargs):
+        raise AssertionError("the server loaded before the grace was checked")
+
+    monkeypatch.setattr(state, "ServerState", no_load)  # serve imports it when it runs
     monkeypatch.setenv(GRACEFUL_ENV, value)
-    with pytest.raises(ConfigError, match=GRACEFUL_ENV):
-        graceful_seconds()
+    code = main(["serve", "--port", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and GRACEFUL_ENV in err and "Traceback" not in err
     monkeypatch.setenv(GRACEFUL_ENV, "0.5")
-    assert graceful_seconds() == 0.5
+    assert serve_command.graceful_seconds() == 0.5

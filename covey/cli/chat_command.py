@@ -18,6 +18,7 @@ from covey.cli.engine_args import (
     build_engine,
     chunk_store_given,
     engine_config,
+    goes_with,
     sampling_params,
     stream_to,
 )
@@ -54,10 +55,8 @@ def run(args: argparse.Namespace) -> int:
         return asyncio.run(_docs_chat(args))
     chunk_flags = chunk_store_given(args)
     if chunk_flags:
-        flags = ", ".join("--" + name.replace("_", "-") for name in chunk_flags)
         raise InvalidRequestError(
-            f"{flags} go{'es' if len(chunk_flags) == 1 else ''} with --docs: plain chat "
-            "sends no retrieved chunks to reuse"
+            f"{goes_with(chunk_flags, '--docs')}: plain chat sends no retrieved chunks to reuse"
         )
     if args.max_tokens is None:
         args.max_tokens = 512

@@ -143,10 +143,9 @@ def chunk_store_config(args: argparse.Namespace, check_dir: bool = True) -> dict
     given = chunk_store_given(args)
     store = [name for name in CHUNK_STORE_FIELDS[1:] if name in given]
     if given.get("chunk_cache") == "off" and store:
-        flags = ", ".join(_flag(name) for name in store)
-        raise ConfigError(f"{flags}: no chunk store with --chunk-cache off")
+        raise ConfigError(f"{flag_list(store)}: no chunk store with --chunk-cache off")
     if "chunk_store_disk_bytes" in given and "chunk_store_dir" not in given:
-        raise ConfigError("--chunk-store-disk-bytes goes with --chunk-store-dir")
+        raise ConfigError(goes_with(["chunk_store_disk_bytes"], "--chunk-store-dir"))
     if "chunk_store_dir" in given and check_dir:
         _check_writable_dir(given["chunk_store_dir"])
     return given
@@ -168,8 +167,15 @@ def _check_writable_dir(text: str) -> None:
         raise ConfigError(f"--chunk-store-dir {text!r} cannot be created or written: {e}") from None
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+def flag_list(names: list[str] | tuple[str, ...]) -> str:
+    """Option names as the user typed them (`chunk_store_dir` -> `--chunk-store-dir`), joined
+    for an error message."""
+    return ", ".join("--" + name.replace("_", "-") for name in names)
+
+
+def goes_with(names: list[str] | tuple[str, ...], needed: str) -> str:
+    """The message for options given without the one they need: "--a, --b go with --x"."""
+    return f"{flag_list(names)} go{'es' if len(names) == 1 else ''} with {needed}"
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:

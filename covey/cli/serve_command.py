@@ -33,6 +33,8 @@ from covey.cli.engine_args import (
     add_compile_arg,
     chunk_store_config,
     chunk_store_given,
+    flag_list,
+    goes_with,
 )
 from covey.errors import ConfigError
 
@@ -213,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("give --ray or --remote, not both")
     given_chunk_options = chunk_store_given(args)
     if args.remote is not None and given_chunk_options:
-        flags = ", ".join("--" + name.replace("_", "-") for name in given_chunk_options)
+        flags = flag_list(given_chunk_options)
         raise ConfigError(f"{flags}: for a local engine only, not with --remote")
     ray_options = {
         **RAY_DEFAULTS,
@@ -225,8 +227,7 @@ def run(args: argparse.Namespace) -> int:
     }
     given = [name for name in ray_options if getattr(args, name) is not None]
     if not args.ray and given:
-        flags = ", ".join("--" + name.replace("_", "-") for name in given)
-        raise ConfigError(f"{flags} go{'es' if len(given) == 1 else ''} with --ray")
+        raise ConfigError(goes_with(given, "--ray"))
     for name, default in RAY_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, default)

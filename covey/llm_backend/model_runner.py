@@ -367,7 +367,7 @@ class ModelRunner:
 
 
 def _slot_spans(
-    table: list[int], length: int, bs: int, most: int | None = None
+    table: list[int], length: int, bs: int, most: int
 ) -> tuple[tuple[int, int], ...] | None:
     """The pool slot ranges [a, b) holding the first `length` keys of block table `table`
     (`length` falls in its last block), consecutive blocks merged: one range when the
@@ -379,10 +379,8 @@ def _slot_spans(
     if table == list(range(first, first + len(table))):
         return ((first * bs, first * bs + length),)
     breaks = (i for i, (a, b) in enumerate(zip(table, table[1:]), 1) if b != a + 1)
-    if most is not None:
-        breaks = islice(breaks, most)  # `most` breaks already make one range too many
-    starts = [0, *breaks]
-    if most is not None and len(starts) > most:
+    starts = [0, *islice(breaks, most)]  # `most` breaks already make one range too many
+    if len(starts) > most:
         return None
     ends = [*starts[1:], len(table)]
     spans = [(table[a] * bs, table[b - 1] * bs + bs) for a, b in zip(starts, ends, strict=True)]

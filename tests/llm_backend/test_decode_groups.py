@@ -91,7 +91,7 @@ def test_slot_spans_are_the_rows_slots_merged_into_runs():
         ends_inside = case // 12 % 2 == 0 and bs > 1
         length = (blocks - 1) * bs + (rng.randint(1, bs - 1) if ends_inside else bs)
         runs = _merged_slots(table, length, bs)
-        assert list(_slot_spans(table, length, bs)) == runs
+        assert list(_slot_spans(table, length, bs, len(table))) == runs  # never capped
         for most in (1, 2, 4):  # capped: the runs while they fit, else None
             capped = _slot_spans(table, length, bs, most)
             assert (None if len(runs) > most else runs) == (capped and list(capped))

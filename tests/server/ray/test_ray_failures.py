@@ -61,9 +61,14 @@ def test_a_killed_replica_fails_or_retries_its_requests_and_is_replaced(ray_repl
         streaming, retrying = engine_over(ray_replicas), engine_over(ray_replicas)
         await streaming.connect()
         await retrying.connect()
-        # Both engines start empty and idle: each sends its first call to the same replica.
-        victim = streaming.router.choose(_key(PREFIX), remember=False)[0]
-        assert retrying.router.choose(_key(PREFIX), remember=False)[0] == victim
+        # The victim is where `retrying` will send the long prompt (its router, with no
+        # report loop, changes only on its own calls); `streaming` is taught that the
+        # victim holds its prefix, so its stream lands there too. Costs read from the
+        # replicas' profiles may rank a short and a long prompt differently, so the choice
+        # for one prompt says nothing of the other's.
+        victim = retrying.router.choose(_key(LONG_PROMPT), remember=False)[0]
+        streaming.router.views[victim].remember(_key(PREFIX))
+        assert streaming.router.choose(_key(PREFIX), remember=False)[0] == victim
         pid = streaming.replicas[victim].pid
         assert await asyncio.to_thread(deaths_of, victim) == 0  # the server's reports run
         long = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)

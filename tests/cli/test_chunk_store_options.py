@@ -137,6 +137,14 @@ def test_plain_chat_refuses_them_before_loading(capsys):
     assert "--chunk-cache, --chunk-store-bytes go with --docs" in err
 
 
+def test_plain_chat_refuses_an_index_before_loading(capsys, tmp_path):
+    """The help says --index is for --docs: plain chat would ignore it silently."""
+    code = main(["chat", "--index", str(tmp_path), "--chunk-cache", "exact"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "--index, --chunk-cache go with --docs: plain chat retrieves nothing" in err
+
+
 class Loaded(Exception):
     """Raised where `covey serve` would load the model or start the replicas."""
 

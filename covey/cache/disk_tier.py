@@ -222,6 +222,10 @@ class DiskTier:
 
 
 def _usable_dir(path: Path) -> Path:
+    blocker = next((p for p in (path, *path.parents) if p.exists()), path)
+    if not blocker.is_dir():  # mkdir would say "File exists" or "Not a directory"
+        inside = "" if blocker == path else f": {str(blocker)!r}"
+        raise ConfigError(f"chunk_store_dir {str(path)!r}{inside} is a file, not a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:

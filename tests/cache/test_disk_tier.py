@@ -178,8 +178,10 @@ def test_stale_chunk_is_dropped_from_disk_too(tmp_path):
 def test_unusable_store_dir_is_a_config_error(tmp_path):
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("x")
-    with pytest.raises(ConfigError, match="chunk_store_dir .*file' cannot be created"):
+    with pytest.raises(ConfigError, match="chunk_store_dir .*file' is a file, not a folder"):
         open_store(not_a_dir, host_tokens=1)
+    with pytest.raises(ConfigError, match="kv': .*file' is a file, not a folder"):
+        open_store(not_a_dir / "kv", host_tokens=1)
     if os.geteuid() == 0:
         pytest.skip("root can write to a read-only folder")
     locked = tmp_path / "locked"

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import builtins
 import inspect
 import json
 import os
 import re
 import subprocess
+import symtable
 import sys
 import time
 import traceback
@@ -141,6 +143,36 @@ def test_every_fence_names_a_known_language():
 def test_the_docs_exist():
     names = {p.name for p in FILES}
     assert {"tutorial.md", "dsl.md", "performance.md", "serving.md", "README.md"} <= names
+
+
+def test_the_tutorials_served_module_stands_alone():
+    """Tutorial section 7 serves a module holding sections 3 and 4 without the calls: each
+    name their code uses must be imported or defined there, not only in an earlier section
+    (a name from section 1 passed the docs run, and every served request was a NameError)."""
+    text = (ROOT / "docs" / "tutorial.md").read_text()
+    sections = re.split(r"^## (?=\d+\. )", text, flags=re.MULTILINE)
+    served = [part for part in sections if part[:2] in ("3.", "4.")]
+    code = "".join(body for part in served for lang, _, body in fences(part) if lang == "python")
+    module = ast.Module([s for s in ast.parse(code).body if _not_a_call(s)], type_ignores=[])
+    assert len(module.body) >= 8, "sections 3 and 4 of the tutorial moved: update this test"
+    top = symtable.symtable(ast.unparse(module), "support_app.py", "exec")
+    defined = {s.get_name() for s in top.get_symbols() if s.is_assigned() or s.is_imported()}
+    missing = sorted(_globals_used(top) - defined - set(dir(builtins)))
+    assert not missing, f"support_app.py would use {missing} without importing them"
+
+
+def _not_a_call(statement: ast.stmt) -> bool:
+    """What a module of definitions keeps: imports, definitions and constants."""
+    kept = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+    constant = isinstance(statement, ast.Assign) and isinstance(statement.value, ast.Constant)
+    return isinstance(statement, kept) or constant
+
+
+def _globals_used(table: symtable.SymbolTable) -> set[str]:
+    used = {s.get_name() for s in table.get_symbols() if s.is_global() and s.is_referenced()}
+    for child in table.get_children():
+        used |= _globals_used(child)
+    return used
 
 
 def _with_python() -> list[Path]:

@@ -48,6 +48,7 @@ one re-entrant lock, so a warm-up running on another thread cannot interleave a 
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -68,6 +69,8 @@ from covey.cache.disk_tier import DiskTier
 from covey.cache.host_tier import HostTier
 from covey.cache.tier_index import TierIndex
 from covey.errors import ConfigError, EngineUnavailableError
+
+log = logging.getLogger(__name__)
 
 SCORES_REFRESH_USES = 8  # stored-score blends of an entry before it is measured again
 SCORES_REFRESH_MAX_USES = 64  # ... doubling after each measurement, up to this
@@ -115,7 +118,7 @@ class ChunkStore:
                 folder = folder / f"kv-{digest}"
             self._disk = DiskTier(folder, disk_bytes, cost_fn, scores_tag)
             if fingerprint:
-                (folder / "fingerprint.txt").write_text(fingerprint + "\n")  # for people
+                _write_note(folder / "fingerprint.txt", fingerprint)
         self._leases: dict[str, int] = {}
         self._rescored: set[str] = set()  # host entries whose scores the disk copy lacks
         self._score_uses: dict[str, int] = {}  # stored-score blends since last measured
@@ -387,3 +390,12 @@ class ChunkStore:
     def _check_open(self) -> None:
         if self._closed:
             raise EngineUnavailableError("the chunk store is closed")
+
+
+def _write_note(path: Path, fingerprint: str) -> None:
+    """The folder's fingerprint, for people only: one that cannot be written (another
+    user's file in a shared folder) is a warning, never a reason to stop the store."""
+    try:
+        path.write_text(fingerprint + "\n")
+    except OSError as e:
+        log.warning("chunk store: cannot write %s: %s", path, e)

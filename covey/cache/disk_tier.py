@@ -7,8 +7,10 @@ rebuilds the index from headers alone without reading any KV. Files are written 
 temporary name and moved into place with os.replace, so a crash leaves either the old state
 or the new file, plus at most a leftover temporary that the next open deletes. Anything
 named like an entry that does not parse (torn, truncated, foreign) is skipped with a warning
-and deleted: it is a cache, and a bad file must never stop the server. KV writes are not
-fsynced: a power cut can tear a file, which the next open then drops.
+and deleted: it is a cache, and a bad file must never stop the server. What cannot be deleted
+(another user's file in a shared folder, a folder named like an entry) stays where it is, out
+of the index, with one warning. KV writes are not fsynced: a power cut can tear a file, which
+the next open then drops.
 
 Blend scores live beside the KV, in a small file of their own (`<key>.scores`, 2 bytes a
 token), so new scores never rewrite the KV (swap out once still holds) and never put it at
@@ -60,6 +62,7 @@ class DiskTier:
         self.index = TierIndex(capacity_bytes)
         self._cost_fn = cost_fn
         self._scores_tag = scores_tag
+        self._warned: set[Path] = set()
         self._scan()
 
     def has(self, key: str) -> bool:
@@ -126,7 +129,7 @@ class DiskTier:
         try:
             replace_atomically(path, lambda t: t.write_bytes(blob), tmp, durable=True)
         except OSError as e:
-            log.warning("chunk store: cannot write %s: %s", path, e)
+            self._warn_once(path, f"chunk store: cannot write {path}: {e}")
             return False
         return True
 
@@ -152,13 +155,14 @@ class DiskTier:
         try:
             replace_atomically(self._path(meta.key), lambda t: t.write_bytes(blob), tmp)
         except OSError as e:
-            log.warning("chunk store: cannot write %s: %s", self._path(meta.key), e)
+            path = self._path(meta.key)
+            self._warn_once(path, f"chunk store: cannot write {path}: {e}")
             return tuple(evicted)
         self.index.add(meta, self._cost_fn(len(meta.token_ids)), frequency)
         if entry.scores is not None:
             self.write_scores(meta.key, entry.scores)
         else:
-            self._scores_path(meta.key).unlink(missing_ok=True)
+            self._delete(self._scores_path(meta.key))
         return tuple(evicted)
 
     def remove(self, key: str) -> None:
@@ -166,8 +170,28 @@ class DiskTier:
         self._unlink(key)
 
     def _unlink(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
-        self._scores_path(key).unlink(missing_ok=True)
+        self._delete(self._path(key))
+        self._delete(self._scores_path(key))
+
+    def _delete(self, path: Path, why: str = "") -> None:
+        """Delete a file the tier no longer uses, saying `why` when it is a bad file. One it
+        cannot delete is left in place (the caller has left it out of the index): a cache
+        must never fail the server over a file, and the next open skips it again."""
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as e:
+            reason = f" ({why})" if why else ""
+            self._warn_once(path, f"chunk store: leaving out {path}{reason}, not deletable: {e}")
+            return
+        if why:
+            log.warning("chunk store: deleted %s: %s", path, why)
+
+    def _warn_once(self, path: Path, message: str) -> None:
+        """One warning per path: an undeletable or unwritable file would otherwise warn at
+        every eviction or write of its key."""
+        if path not in self._warned:
+            self._warned.add(path)
+            log.warning("%s", message)
 
     def _path(self, key: str) -> Path:
         return self.dir / f"{key}{SUFFIX}"
@@ -180,19 +204,17 @@ class DiskTier:
         then shrink to the capacity (which may have been lowered since)."""
         for path in sorted(self.dir.iterdir()):
             if path.name.endswith(TMP_SUFFIX):
-                log.warning("chunk store: deleting an unfinished write %s", path)
-                path.unlink(missing_ok=True)
+                self._delete(path, "an unfinished write")
             elif path.name.endswith(SUFFIX):
                 try:
                     meta, frequency = _read_header(path)
                 except Exception as e:
-                    log.warning("chunk store: deleting unreadable %s: %s", path, e)
-                    path.unlink(missing_ok=True)
+                    self._delete(path, f"unreadable: {e}")
                     continue
                 self.index.add(meta, self._cost_fn(len(meta.token_ids)), frequency)
         for path in self.dir.glob(f"*{SCORES_SUFFIX}"):
             if path.name.removesuffix(SCORES_SUFFIX) not in self.index:
-                path.unlink(missing_ok=True)  # its KV is gone
+                self._delete(path)  # its KV is gone
         while self.index.bytes > self.index.capacity:
             victim = self.index.pop_victim(lambda _key: False)
             assert victim is not None
@@ -200,6 +222,10 @@ class DiskTier:
 
 
 def _usable_dir(path: Path) -> Path:
+    blocker = next((p for p in (path, *path.parents) if p.exists()), path)
+    if not blocker.is_dir():  # mkdir would say "File exists" or "Not a directory"
+        inside = "" if blocker == path else f": {str(blocker)!r}"
+        raise ConfigError(f"chunk_store_dir {str(path)!r}{inside} is a file, not a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -53,10 +53,11 @@ def run(args: argparse.Namespace) -> int:
                 "--system does not apply with --docs: the docs chatbot has its own instructions"
             )
         return asyncio.run(_docs_chat(args))
-    chunk_flags = chunk_store_given(args)
-    if chunk_flags:
+    docs_flags = [*(["index"] if args.index is not None else []), *chunk_store_given(args)]
+    if docs_flags:
         raise InvalidRequestError(
-            f"{goes_with(chunk_flags, '--docs')}: plain chat sends no retrieved chunks to reuse"
+            f"{goes_with(docs_flags, '--docs')}: plain chat retrieves nothing (no index to "
+            "search, no chunks to reuse)"
         )
     if args.max_tokens is None:
         args.max_tokens = 512

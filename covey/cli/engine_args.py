@@ -159,6 +159,10 @@ def _check_writable_dir(text: str) -> None:
     if not text.strip():
         raise ConfigError("--chunk-store-dir needs a folder name, got an empty one")
     path = Path(text).expanduser()
+    blocker = next((p for p in (path, *path.parents) if p.exists()), path)
+    if not blocker.is_dir():  # mkdir would say "File exists" or "Not a directory"
+        inside = "" if blocker == path else f": {str(blocker)!r}"
+        raise ConfigError(f"--chunk-store-dir {text!r}{inside} is a file, not a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):

@@ -23,6 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     prompt = _read_stdin() if args.prompt == "-" else args.prompt
+    if not prompt and not args.chat:  # the engine refuses it too, but after the model load
+        raise InvalidRequestError("the prompt is empty")
     params = sampling_params(args)
     engine = build_engine(args)
     if args.chat:

@@ -5,11 +5,18 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from covey.retrieval.searcher import DEFAULT_K, DEFAULT_MODE, MODES
 
+if TYPE_CHECKING:
+    from covey.retrieval.document_index import DocumentIndex
+
 SNIPPET_CHARS = 240
+# `covey index` options that only a new index takes (what an existing one has is kept)
+CREATION_SETTINGS = ("chunk_tokens", "overlap_tokens", "kind")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,10 +27,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("paths", nargs="*", metavar="PATH", help="files or folders to ingest")
     p.add_argument("--index", metavar="DIR", help="index directory")
-    p.add_argument("--chunk-tokens", type=int, default=200, help="tokens per chunk (new index)")
-    p.add_argument("--overlap-tokens", type=int, default=32, help="overlap (new index)")
     p.add_argument(
-        "--kind", default="auto", choices=("auto", "flat", "ivf", "hnsw"), help="faiss index"
+        "--chunk-tokens", type=int, default=None, help="tokens per chunk (new index; default 200)"
+    )
+    p.add_argument(
+        "--overlap-tokens", type=int, default=None, help="overlap (new index; default 32)"
+    )
+    p.add_argument(
+        "--kind",
+        default=None,
+        choices=("auto", "flat", "ivf", "hnsw"),
+        help="faiss index (new index; default auto)",
     )
     p.add_argument("--embedder", default=None, help="sentence-transformers folder (new index)")
     p.add_argument(
@@ -81,11 +95,33 @@ def _open_for_ingest(args: argparse.Namespace):
         return Embedder.load(EmbedderConfig(model=args.embedder)) if args.embedder else None
 
     root = Path(args.index)
+    chosen = {name: getattr(args, name) for name in CREATION_SETTINGS}
+    chosen = {name: value for name, value in chosen.items() if value is not None}
     if index_exists(root):  # also an index whose manifest is lost: open() recovers it
-        return DocumentIndex.open(root, embedder=embedder())
-    chunker = ChunkerConfig(args.chunk_tokens, args.overlap_tokens)
-    index_config = IndexConfig(kind=args.kind)
+        index = DocumentIndex.open(root, embedder=embedder())
+        _refuse_other_settings(index, chosen)
+        return index
+    chunker = ChunkerConfig(**{k: v for k, v in chosen.items() if k != "kind"})
+    index_config = IndexConfig(**{k: v for k, v in chosen.items() if k == "kind"})
     return DocumentIndex.create(root, embedder=embedder(), chunker=chunker, index=index_config)
+
+
+def _refuse_other_settings(index: DocumentIndex, chosen: dict[str, int | str]) -> None:
+    """Chunking and the faiss kind are fixed when an index is created: an option asking for
+    other values on an existing one would be ignored (and the summary would contradict it).
+    The same values pass, so re-running the command that created the index still works."""
+    from covey.cli.engine_args import flag_list
+    from covey.errors import InvalidRequestError
+
+    built = {**asdict(index.chunker), "kind": index.index_config.kind}
+    differ = [name for name, value in chosen.items() if value != built[name]]
+    if differ:
+        asked = ", ".join(f"{flag_list([name])} {chosen[name]}" for name in differ)
+        has = ", ".join(f"{flag_list([name])} {built[name]}" for name in differ)
+        raise InvalidRequestError(
+            f"{asked}: the index at {index.root} was created with {has}, and these are "
+            "chosen at creation; leave them out, or index into a new folder"
+        )
 
 
 def _check_index_args(args: argparse.Namespace) -> None:

@@ -363,13 +363,15 @@ def _check_body(where: str, body: Any, init: dict[str, Any]) -> None:
 
 
 def _check_max_iters(where: str, max_iters: Any) -> int:
-    note = (
-        " (loops are unrolled when the app is defined, so they are for a few retries, "
-        "not long iterations)"
-    )
-    return as_int(
-        f"{where}: max_iters", max_iters, ge=1, lt=MAX_ITERS + 1, note=note, error=GraphError
-    )
+    """The bound said as the docs say it ("1 to 16"), not as a half-open range."""
+    number = as_int(f"{where}: max_iters", max_iters, error=GraphError)
+    if not 1 <= number <= MAX_ITERS:
+        raise GraphError(
+            f"{where}: max_iters must be an integer from 1 to {MAX_ITERS} (loops are unrolled "
+            f"when the app is defined, so they are for a few retries, not long iterations), "
+            f"got {number}"
+        )
+    return number
 
 
 def loop(

@@ -148,18 +148,24 @@ def _gen(body: str, where: str, defaults: SamplingParams, role: Role | None) -> 
                 f"{where}: unknown option {key!r} in {{{{gen {name}}}}}{suggest(key, GEN_OPTIONS)} "
                 f"(options: {', '.join(GEN_OPTIONS)}; write key=value)"
             )
+        if key != "stop" and (key in updates or key == "choices" and choices is not None):
+            raise TemplateError(
+                f"{where}: {{{{gen {name}}}}} sets {key} twice (only stop may repeat)"
+            )
         if key == "stop":
             updates["stop"] = (*updates.get("stop", ()), _unescape(value))
         elif key == "choices":
-            choices = tuple(c for c in value.split("|") if c)
+            choices = tuple(value.split("|"))
         else:
             updates[key] = _value(value)
-    try:
-        params = dataclasses.replace(defaults, **updates)
-    except InvalidRequestError as e:  # SamplingParams checks every option's type and range
-        raise TemplateError(f"{where}: {{{{gen {name}}}}}: {e}") from None
     if choices is not None and len(choices) < 2:
         raise TemplateError(f"{where}: choices of {{{{gen {name}}}}} need two or more options")
+    try:
+        params = dataclasses.replace(defaults, **updates)
+        if choices is not None:  # kept apart from params, but checked by the same rules
+            dataclasses.replace(params, choices=choices)
+    except InvalidRequestError as e:  # SamplingParams checks every option's type and range
+        raise TemplateError(f"{where}: {{{{gen {name}}}}}: {e}") from None
     return Gen(name, params, choices, role, explicit_healing="token_healing" in updates)
 
 

@@ -53,7 +53,7 @@ from collections.abc import Callable
 
 import torch
 
-from covey.errors import EngineError, NotSupportedError
+from covey.errors import ConfigError, EngineError, NotSupportedError
 from covey.home import covey_home
 from covey.llm_backend.attention_metadata import AttentionMetadata, DecodeGroup
 from covey.llm_backend.decode_attention_op import StepAttention, step_context
@@ -72,9 +72,13 @@ INDUCTOR_OPTIONS = {"cpp_wrapper": True, "size_asserts": False, "alignment_asser
 # hand the option to the backend) and has `torch.compiler.set_stance`.
 MIN_TORCH = (2, 8)
 
-# Set to "0", the default (`EngineConfig.compile=None`) runs the decode step eagerly: for
-# processes that start many short-lived engines (the test suite) or want a fast start.
+# Set to "0" (or "false", "no", "off"), the default (`EngineConfig.compile=None`) runs the
+# decode step eagerly: for processes that start many short-lived engines (the test suite)
+# or want a fast start. "1", "true", "yes", "on" or unset keep the default; anything else
+# is an error, so a misspelt "off" never compiles silently.
 COMPILE_ENV = "COVEY_COMPILE"
+ENV_OFF = ("0", "false", "no", "off")
+ENV_ON = ("1", "true", "yes", "on", "")
 
 
 def _trace_config():
@@ -90,11 +94,19 @@ def compile_by_default(device: torch.device) -> bool:
     COVEY_COMPILE=0. On CUDA the step stays eager: this graph (inductor's C++ wrapper, the
     CPU analogue of a CUDA graph) was built and measured for CPU; on a GPU the tool would
     be CUDA graphs, which covey does not build."""
-    return (
-        device.type == "cpu"
-        and torch_supports_compile()
-        and os.environ.get(COMPILE_ENV, "").strip() != "0"
-    )
+    return not _compile_env_off() and device.type == "cpu" and torch_supports_compile()
+
+
+def _compile_env_off() -> bool:
+    """Whether COVEY_COMPILE turns the default off; ConfigError for a value it cannot read
+    (checked on every machine, so a typo shows where it is written, not only on CPU)."""
+    value = os.environ.get(COMPILE_ENV, "").strip().lower()
+    if value not in ENV_OFF + ENV_ON:
+        raise ConfigError(
+            f"{COMPILE_ENV} must be one of {', '.join(ENV_OFF)} (run eagerly) or "
+            f"{', '.join(ENV_ON[:-1])} (compile by default), got {os.environ[COMPILE_ENV]!r}"
+        )
+    return value in ENV_OFF
 
 
 def engine_decode_step(

@@ -16,6 +16,10 @@ from covey.errors import InvalidRequestError, ModelLoadError
 from covey.home import covey_home
 from covey.llm_backend.model_source import ModelSource, resolve_model
 
+# The roles a chat message may have, as the OpenAI route accepts them (its "developer" is
+# mapped to "system" before it gets here).
+CHAT_ROLES = ("system", "user", "assistant")
+
 
 class Tokenizer:
     """A thin wrapper over a transformers fast tokenizer; `hf` is the wrapped object."""
@@ -54,6 +58,11 @@ class Tokenizer:
                     raise InvalidRequestError(
                         f"chat message {i}: {key} must be a str, got {message[key]!r}"
                     )
+            if message["role"] not in CHAT_ROLES:  # a template renders any role, unchecked
+                raise InvalidRequestError(
+                    f"chat message {i}: role must be one of {', '.join(CHAT_ROLES)}, "
+                    f"got {message['role']!r}"
+                )
         if not getattr(self.hf, "chat_template", None):
             raise InvalidRequestError("this model has no chat template; send a raw prompt")
         return self.hf.apply_chat_template(

@@ -178,8 +178,10 @@ def test_stale_chunk_is_dropped_from_disk_too(tmp_path):
 def test_unusable_store_dir_is_a_config_error(tmp_path):
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("x")
-    with pytest.raises(ConfigError, match="chunk_store_dir .*file' cannot be created"):
+    with pytest.raises(ConfigError, match="chunk_store_dir .*file' is a file, not a folder"):
         open_store(not_a_dir, host_tokens=1)
+    with pytest.raises(ConfigError, match="kv': .*file' is a file, not a folder"):
+        open_store(not_a_dir / "kv", host_tokens=1)
     if os.geteuid() == 0:
         pytest.skip("root can write to a read-only folder")
     locked = tmp_path / "locked"
@@ -201,3 +203,66 @@ def test_another_fingerprint_never_sees_the_old_models_kv(tmp_path):
         assert s.get_exact(ROOT_HASH, [1, 2, 3]) is not None
     texts = sorted(p.read_text() for p in tmp_path.glob("kv-*/fingerprint.txt"))
     assert texts == ["SmolLM2-135M/float32\n", "other-model/bfloat16\n"]
+
+
+def test_folders_named_like_entries_are_left_alone_with_one_warning(tmp_path, caplog):
+    """Not ours to delete, and never a traceback: the store opens and works around them."""
+    for name in ["0" * 32 + ".safetensors", "e" * 32 + ".tmp", "f" * 32 + ".scores"]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "inside").write_text("x")
+    with caplog.at_level(logging.WARNING, logger="covey.cache.disk_tier"):
+        with open_store(tmp_path, host_tokens=100) as s:
+            s.put(make([1, 2, 3]))  # written to disk at close
+        with open_store(tmp_path, host_tokens=100) as s:
+            assert s.stats()["disk"]["entries"] == 1
+            assert s.get_exact(ROOT_HASH, [1, 2, 3]) is not None
+    assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 3
+    left_out = [r.getMessage() for r in caplog.records if "not deletable" in r.getMessage()]
+    assert len(left_out) == 6 and all("Is a directory" in m for m in left_out)  # 3 per open
+
+
+def test_files_that_cannot_be_deleted_are_left_out_of_the_index(tmp_path, monkeypatch, caplog):
+    """Another user's files in a shared sticky folder: unreadable ones are skipped at open,
+    an evicted one leaves the index, each with one warning, and the store keeps working."""
+    entries = [make([i, i + 10, i + 20]) for i in range(4)]
+    file_bytes = _file_bytes(tmp_path / "probe", entries[0])
+    folder = tmp_path / "d"
+    foreign = folder / ("0" * 32 + ".safetensors")
+    DiskTier(folder, 2 * file_bytes, float)
+    foreign.write_bytes(b"another user's file")
+    kept = {foreign, folder / f"{entries[0].key}.safetensors"}
+    real_unlink = Path.unlink
+
+    def unlink(path: Path, missing_ok: bool = False) -> None:
+        if path in kept:
+            raise PermissionError(1, "Operation not permitted", str(path))
+        real_unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    with caplog.at_level(logging.WARNING, logger="covey.cache.disk_tier"):
+        disk = DiskTier(folder, 2 * file_bytes, float)
+        assert disk.write(entries[0], 1, never) == ()
+        assert disk.write(entries[1], 5, never) == ()
+        assert disk.write(entries[2], 1, never) == (entries[0].key,)  # cannot delete it
+        assert [disk.has(e.key) for e in entries[:3]] == [False, True, True]
+        assert disk.write(entries[0], 1, never) == (entries[2].key,)
+        assert disk.write(entries[3], 1, never) == (entries[0].key,)  # again: no new warning
+        assert [disk.has(e.key) for e in entries] == [False, True, False, True]
+        reopened = DiskTier(folder, 2 * file_bytes, float)
+    assert foreign.exists() and (folder / f"{entries[0].key}.safetensors").exists()
+    messages = [r.getMessage() for r in caplog.records if "not deletable" in r.getMessage()]
+    assert len(messages) == 3  # the foreign file at each open, the evicted entry once
+    assert sum("header too large" in m for m in messages) == 2
+    assert not reopened.has(foreign.name.removesuffix(".safetensors"))
+
+
+def test_an_undeletable_fingerprint_note_does_not_stop_the_store(tmp_path, caplog):
+    with ChunkStore(1 << 20, float, disk_dir=tmp_path, fingerprint="m") as s:
+        s.put(make([1, 2, 3]))
+    [note] = tmp_path.glob("kv-*/fingerprint.txt")
+    note.unlink()
+    note.mkdir()  # stands for another user's file in a shared folder
+    with caplog.at_level(logging.WARNING, logger="covey.cache.chunk_store"):
+        with ChunkStore(1 << 20, float, disk_dir=tmp_path, fingerprint="m") as s:
+            assert s.get_exact(ROOT_HASH, [1, 2, 3]) is not None
+    assert "fingerprint.txt" in caplog.text

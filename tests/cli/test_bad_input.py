@@ -111,6 +111,13 @@ def test_empty_prompt_from_stdin(home):
     assert_one_line_error(result, INVALID, "the prompt is empty")
 
 
+def test_an_empty_prompt_is_refused_before_the_model_loads(home, tmp_path):
+    """A real model takes 20-50 s to load: a model that does not exist shows which check
+    comes first."""
+    result = covey("generate", "-", "--model", str(tmp_path / "absent.gguf"), stdin="")
+    assert_one_line_error(result, INVALID, "the prompt is empty")
+
+
 def test_prompt_on_stdin_that_is_not_utf8(home):
     result = subprocess.run(
         [sys.executable, "-m", "covey.cli.main", "generate", "-", *TINY],

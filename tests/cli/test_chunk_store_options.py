@@ -137,6 +137,14 @@ def test_plain_chat_refuses_them_before_loading(capsys):
     assert "--chunk-cache, --chunk-store-bytes go with --docs" in err
 
 
+def test_plain_chat_refuses_an_index_before_loading(capsys, tmp_path):
+    """The help says --index is for --docs: plain chat would ignore it silently."""
+    code = main(["chat", "--index", str(tmp_path), "--chunk-cache", "exact"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "--index, --chunk-cache go with --docs: plain chat retrieves nothing" in err
+
+
 class Loaded(Exception):
     """Raised where `covey serve` would load the model or start the replicas."""
 
@@ -202,7 +210,9 @@ def test_serve_refuses_chunk_options_it_cannot_honour(capsys, argv, message):
             "--chunk-store-bytes, --chunk-store-dir: no chunk store with --chunk-cache off",
         ),
         (["--chunk-store-dir", ""], "--chunk-store-dir needs a folder name, got an empty one"),
-        (["--chunk-store-dir", "{file}/kv"], "cannot be created or written"),
+        (["--chunk-store-dir", "{file}"], "--chunk-store-dir '{file}' is a file, not a folder"),
+        (["--chunk-store-dir", "{file}/kv"], "'{file}/kv': '{file}' is a file, not a folder"),
+        (["--chunk-store-dir", "{dir}/kv"], "cannot be created or written"),
     ],
 )
 @pytest.mark.parametrize("command", COMMANDS)
@@ -214,11 +224,18 @@ def test_options_that_would_do_nothing_or_fail_later_are_refused_first(
     monkeypatch.chdir(tmp_path)
     file = tmp_path / "file"
     file.write_text("")
-    argv = [arg.replace("{file}", str(file)) for arg in argv]
+    (tmp_path / "locked").mkdir()
+    monkeypatch.setattr(engine_args.tempfile, "TemporaryFile", _not_permitted)  # root writes
+    argv = [arg.replace("{file}", str(file)).replace("{dir}", "locked") for arg in argv]
     code = main([*command, *argv])
     err = capsys.readouterr().err
+    message = message.replace("{file}", str(file))
     assert code == 2 and message in err and "Traceback" not in err
     assert not (tmp_path / "kv").exists()
+
+
+def _not_permitted(*_args, **_kwargs):
+    raise PermissionError(13, "Permission denied")
 
 
 def test_ray_replicas_get_the_folder_as_an_absolute_path(monkeypatch, tmp_path):

@@ -171,6 +171,27 @@ def test_the_default_compiles_on_cpu_only_and_can_be_turned_off(monkeypatch):
     assert not compile_by_default(cpu)  # an old torch: eager, no error (True raises, above)
 
 
+@pytest.mark.parametrize("value", ["0", "false", "False", " OFF ", "no"])
+def test_the_usual_false_words_turn_the_default_off(monkeypatch, value):
+    monkeypatch.setenv("COVEY_COMPILE", value)
+    assert not compile_by_default(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("value", ["true", "Yes", "on", ""])
+def test_the_usual_true_words_keep_the_default(monkeypatch, value):
+    monkeypatch.setenv("COVEY_COMPILE", value)
+    assert compile_by_default(torch.device("cpu")) == compiled_decode.torch_supports_compile()
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_a_covey_compile_it_cannot_read_is_an_error(monkeypatch, device):
+    monkeypatch.setenv("COVEY_COMPILE", "banana")
+    with pytest.raises(
+        ConfigError, match="COVEY_COMPILE must be one of 0, false, no, off .*'banana'"
+    ):
+        compile_by_default(torch.device(device))
+
+
 @pytest.mark.parametrize("value", ["yes", 1, "auto"])
 def test_compile_is_none_true_or_false(value):
     assert EngineConfig().compile is None

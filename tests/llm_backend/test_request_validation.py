@@ -73,6 +73,13 @@ def test_chat_content_must_be_text(make_engine):
         )
     with pytest.raises(InvalidRequestError, match="chat message 0: role must be a str"):
         tokenizer.apply_chat_template([{"role": 1, "content": "hi"}])
+    with pytest.raises(
+        InvalidRequestError,
+        match="chat message 1: role must be one of system, user, assistant, got 'wizard'",
+    ):
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "wizard", "content": "hi"}]
+        )
     with pytest.raises(InvalidRequestError, match="chat messages must be a list of dicts"):
         tokenizer.apply_chat_template("hi")
 
@@ -96,6 +103,8 @@ def test_llm_generate_checks_its_lists(llm):
         llm.generate(b"hi")
     with pytest.raises(InvalidRequestError, match="chat messages must be a list of dicts"):
         llm.chat({"role": "user", "content": "hi"})
+    with pytest.raises(InvalidRequestError, match="role must be one of .*, got 'wizard'"):
+        llm.chat([{"role": "wizard", "content": "hi"}])  # as the HTTP route refuses it
     assert not llm.engine.has_unfinished_requests()
 
 

@@ -9,8 +9,9 @@ or the new file, plus at most a leftover temporary that the next open deletes. A
 named like an entry that does not parse (torn, truncated, foreign) is skipped with a warning
 and deleted: it is a cache, and a bad file must never stop the server. What cannot be deleted
 (another user's file in a shared folder, a folder named like an entry) stays where it is, out
-of the index, with one warning. KV writes are not fsynced: a power cut can tear a file, which
-the next open then drops.
+of the index, with one warning; an evicted entry that still reads is valid KV, so the next
+open indexes it again (and evicts over the capacity as usual). KV writes are not fsynced: a
+power cut can tear a file, which the next open then drops.
 
 Blend scores live beside the KV, in a small file of their own (`<key>.scores`, 2 bytes a
 token), so new scores never rewrite the KV (swap out once still holds) and never put it at
@@ -62,7 +63,7 @@ class DiskTier:
         self.index = TierIndex(capacity_bytes)
         self._cost_fn = cost_fn
         self._scores_tag = scores_tag
-        self._warned: set[Path] = set()
+        self._warned: set[tuple[Path, str]] = set()
         self._scan()
 
     def has(self, key: str) -> bool:
@@ -129,7 +130,7 @@ class DiskTier:
         try:
             replace_atomically(path, lambda t: t.write_bytes(blob), tmp, durable=True)
         except OSError as e:
-            self._warn_once(path, f"chunk store: cannot write {path}: {e}")
+            self._warn_once(path, "write", f"chunk store: cannot write {path}: {e}")
             return False
         return True
 
@@ -156,7 +157,7 @@ class DiskTier:
             replace_atomically(self._path(meta.key), lambda t: t.write_bytes(blob), tmp)
         except OSError as e:
             path = self._path(meta.key)
-            self._warn_once(path, f"chunk store: cannot write {path}: {e}")
+            self._warn_once(path, "write", f"chunk store: cannot write {path}: {e}")
             return tuple(evicted)
         self.index.add(meta, self._cost_fn(len(meta.token_ids)), frequency)
         if entry.scores is not None:
@@ -176,21 +177,25 @@ class DiskTier:
     def _delete(self, path: Path, why: str = "") -> None:
         """Delete a file the tier no longer uses, saying `why` when it is a bad file. One it
         cannot delete is left in place (the caller has left it out of the index): a cache
-        must never fail the server over a file, and the next open skips it again."""
+        must never fail the server over a file. The next open skips it again if it cannot
+        read it, and indexes it again if it can (an evicted entry is valid KV)."""
         try:
             path.unlink(missing_ok=True)
         except OSError as e:
             reason = f" ({why})" if why else ""
-            self._warn_once(path, f"chunk store: leaving out {path}{reason}, not deletable: {e}")
+            self._warn_once(
+                path, "delete", f"chunk store: leaving out {path}{reason}, not deletable: {e}"
+            )
             return
         if why:
             log.warning("chunk store: deleted %s: %s", path, why)
 
-    def _warn_once(self, path: Path, message: str) -> None:
-        """One warning per path: an undeletable or unwritable file would otherwise warn at
-        every eviction or write of its key."""
-        if path not in self._warned:
-            self._warned.add(path)
+    def _warn_once(self, path: Path, kind: str, message: str) -> None:
+        """One warning per path and `kind` of failure ("write", "delete"): an undeletable or
+        unwritable file would otherwise warn at every eviction or write of its key, and a
+        failed write must not hide a later failed delete."""
+        if (path, kind) not in self._warned:
+            self._warned.add((path, kind))
             log.warning("%s", message)
 
     def _path(self, key: str) -> Path:
@@ -221,9 +226,18 @@ class DiskTier:
             self._unlink(victim[0].key)
 
 
+def file_in_the_way(path: Path) -> Path | None:
+    """The file at `path` or at the nearest of its parents that exists, when that is not a
+    folder (mkdir would say only "File exists" or "Not a directory"); None otherwise. A
+    parent that cannot be searched counts as absent (os.path.exists is False on any
+    OSError, where Path.exists raises PermissionError): mkdir then says what is wrong."""
+    blocker = next((p for p in (path, *path.parents) if os.path.exists(p)), None)
+    return blocker if blocker is not None and not os.path.isdir(blocker) else None
+
+
 def _usable_dir(path: Path) -> Path:
-    blocker = next((p for p in (path, *path.parents) if p.exists()), path)
-    if not blocker.is_dir():  # mkdir would say "File exists" or "Not a directory"
+    blocker = file_in_the_way(path)
+    if blocker is not None:
         inside = "" if blocker == path else f": {str(blocker)!r}"
         raise ConfigError(f"chunk_store_dir {str(path)!r}{inside} is a file, not a folder")
     try:

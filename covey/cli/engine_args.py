@@ -154,13 +154,14 @@ def chunk_store_config(args: argparse.Namespace, check_dir: bool = True) -> dict
 def _check_writable_dir(text: str) -> None:
     """The disk tier's folder can be created and written (else the error would come only
     after the model loads). An empty name is refused: Path("") is the current folder."""
+    from covey.cache.disk_tier import file_in_the_way
     from covey.errors import ConfigError
 
     if not text.strip():
         raise ConfigError("--chunk-store-dir needs a folder name, got an empty one")
     path = Path(text).expanduser()
-    blocker = next((p for p in (path, *path.parents) if p.exists()), path)
-    if not blocker.is_dir():  # mkdir would say "File exists" or "Not a directory"
+    blocker = file_in_the_way(path)
+    if blocker is not None:
         inside = "" if blocker == path else f": {str(blocker)!r}"
         raise ConfigError(f"--chunk-store-dir {text!r}{inside} is a file, not a folder")
     try:

@@ -26,9 +26,10 @@ from typing import Literal
 
 from covey.errors import InvalidRequestError, TemplateError
 from covey.llm_backend.sampling_params import SamplingParams
+from covey.llm_backend.tokenizer import CHAT_ROLES
 
 Role = Literal["system", "user", "assistant"]
-ROLES: tuple[str, ...] = ("system", "user", "assistant")
+ROLES: tuple[str, ...] = CHAT_ROLES
 _TAG = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 GEN_OPTIONS = (

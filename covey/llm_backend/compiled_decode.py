@@ -94,12 +94,13 @@ def compile_by_default(device: torch.device) -> bool:
     COVEY_COMPILE=0. On CUDA the step stays eager: this graph (inductor's C++ wrapper, the
     CPU analogue of a CUDA graph) was built and measured for CPU; on a GPU the tool would
     be CUDA graphs, which covey does not build."""
-    return not _compile_env_off() and device.type == "cpu" and torch_supports_compile()
+    return not compile_env_off() and device.type == "cpu" and torch_supports_compile()
 
 
-def _compile_env_off() -> bool:
+def compile_env_off() -> bool:
     """Whether COVEY_COMPILE turns the default off; ConfigError for a value it cannot read
-    (checked on every machine, so a typo shows where it is written, not only on CPU)."""
+    (checked on every machine, so a typo shows where it is written, not only on CPU). The
+    engine asks before it loads the model, so a typo costs no load."""
     value = os.environ.get(COMPILE_ENV, "").strip().lower()
     if value not in ENV_OFF + ENV_ON:
         raise ConfigError(

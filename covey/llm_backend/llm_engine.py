@@ -26,7 +26,7 @@ from covey.llm_backend.block_manager import BlockManager
 from covey.llm_backend.choices import keep_only
 from covey.llm_backend.chunk_planner import ChunkPlanner
 from covey.llm_backend.chunk_transfer import ChunkTransfer
-from covey.llm_backend.compiled_decode import engine_decode_step
+from covey.llm_backend.compiled_decode import compile_env_off, engine_decode_step
 from covey.llm_backend.config import EngineConfig
 from covey.llm_backend.cpu_threads import apply_num_threads, user_chose_threads
 from covey.llm_backend.engine_client import CacheReport, EngineStats, Prompt
@@ -81,6 +81,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, model: LlamaModel | None = None) -> None:
         """`model` reuses weights loaded from `config.model` (several engines, one model)."""
         self.config = config = config or EngineConfig()
+        if config.compile is None:
+            compile_env_off()  # a bad COVEY_COMPILE fails here, not after the model loads
         self.num_threads = apply_num_threads(config.num_threads)
         # Fits the thread count to the free cores between steps (thread_governor.py).
         self.thread_governor: ThreadGovernor | None = (

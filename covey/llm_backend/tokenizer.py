@@ -16,9 +16,10 @@ from covey.errors import InvalidRequestError, ModelLoadError
 from covey.home import covey_home
 from covey.llm_backend.model_source import ModelSource, resolve_model
 
-# The roles a chat message may have, as the OpenAI route accepts them (its "developer" is
-# mapped to "system" before it gets here).
+# The roles a chat message may have. "developer", OpenAI's newer name for "system", is
+# taken as "system" (as the OpenAI route does): the model's template knows only these.
 CHAT_ROLES = ("system", "user", "assistant")
+ROLE_ALIASES = {"developer": "system"}
 
 
 class Tokenizer:
@@ -58,11 +59,14 @@ class Tokenizer:
                     raise InvalidRequestError(
                         f"chat message {i}: {key} must be a str, got {message[key]!r}"
                     )
-            if message["role"] not in CHAT_ROLES:  # a template renders any role, unchecked
+            role = ROLE_ALIASES.get(message["role"], message["role"])
+            if role not in CHAT_ROLES:  # a template renders any role, unchecked
                 raise InvalidRequestError(
-                    f"chat message {i}: role must be one of {', '.join(CHAT_ROLES)}, "
-                    f"got {message['role']!r}"
+                    f"chat message {i}: role must be one of {', '.join(CHAT_ROLES)} "
+                    f"(or developer, taken as system), got {message['role']!r}"
                 )
+            if role != message["role"]:
+                messages = [*messages[:i], {**message, "role": role}, *messages[i + 1 :]]
         if not getattr(self.hf, "chat_template", None):
             raise InvalidRequestError("this model has no chat template; send a raw prompt")
         return self.hf.apply_chat_template(

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from covey.cache.chunk_store import ROOT_HASH, ChunkKV, ChunkStore
-from covey.cache.disk_tier import DiskTier
+from covey.cache.disk_tier import DiskTier, file_in_the_way
 from covey.errors import ConfigError
 
 BYTES_PER_TOKEN = 2 * 2 * 1 * 4 * 4  # layers * (k, v) * kv_heads * head_dim * float32
@@ -254,6 +254,47 @@ def test_files_that_cannot_be_deleted_are_left_out_of_the_index(tmp_path, monkey
     assert len(messages) == 3  # the foreign file at each open, the evicted entry once
     assert sum("header too large" in m for m in messages) == 2
     assert not reopened.has(foreign.name.removesuffix(".safetensors"))
+    # The evicted entry that stayed still reads: valid KV, indexed again at the next open,
+    # which then evicts over the capacity as usual (here another entry).
+    assert reopened.has(entries[0].key)
+    assert sum(reopened.has(e.key) for e in entries) == 2
+
+
+def test_a_failed_write_does_not_hide_a_later_failed_delete(tmp_path, monkeypatch, caplog):
+    """Warnings are once per path and kind of failure, not once per path."""
+    disk = DiskTier(tmp_path / "d", 1 << 20, float)
+    path = tmp_path / "d" / "x.safetensors"
+
+    def refuse(p: Path, missing_ok: bool = False) -> None:
+        raise PermissionError(1, "Operation not permitted", str(p))
+
+    monkeypatch.setattr(Path, "unlink", refuse)
+    with caplog.at_level(logging.WARNING, logger="covey.cache.disk_tier"):
+        disk._warn_once(path, "write", f"chunk store: cannot write {path}: disk full")
+        disk._delete(path)
+        disk._delete(path)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2 and "not deletable" in messages[1]
+
+
+def test_a_parent_that_cannot_be_searched_is_no_traceback(tmp_path, monkeypatch):
+    """Path.exists raises PermissionError under a folder the user cannot search (Python
+    3.11); the check for a file in the way must not, so mkdir says what is wrong."""
+    (tmp_path / "a-file").write_text("x")
+    assert file_in_the_way(tmp_path / "a-file" / "kv") == tmp_path / "a-file"
+    assert file_in_the_way(tmp_path / "new" / "kv") is None
+    secret = tmp_path / "secret"
+    real_stat = os.stat
+
+    def stat(p, *args, **kwargs):
+        if str(p).startswith(str(secret)):
+            raise PermissionError(13, "Permission denied", str(p))
+        return real_stat(p, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    with pytest.raises(PermissionError):
+        (secret / "kv").exists()  # what the check used before
+    assert file_in_the_way(secret / "kv") is None
 
 
 def test_an_undeletable_fingerprint_note_does_not_stop_the_store(tmp_path, caplog):

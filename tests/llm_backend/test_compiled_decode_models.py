@@ -192,6 +192,14 @@ def test_a_covey_compile_it_cannot_read_is_an_error(monkeypatch, device):
         compile_by_default(torch.device(device))
 
 
+def test_a_bad_covey_compile_fails_before_the_model_loads(monkeypatch, tmp_path):
+    """The engine reads COVEY_COMPILE first: a typo costs no model load (a missing model
+    would be the error otherwise)."""
+    monkeypatch.setenv("COVEY_COMPILE", "banana")
+    with pytest.raises(ConfigError, match="COVEY_COMPILE must be one of"):
+        LLMEngine(EngineConfig(model=str(tmp_path / "no-such-model.gguf")))
+
+
 @pytest.mark.parametrize("value", ["yes", 1, "auto"])
 def test_compile_is_none_true_or_false(value):
     assert EngineConfig().compile is None

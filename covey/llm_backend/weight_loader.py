@@ -46,9 +46,11 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device) ->
     else:
         assert source.path is not None
         args, tensors = _read_hf(source.path)
+    # Cast on the meta device, then allocate: the weights' memory is made once, in `dtype`
+    # (allocating float32 and casting it wrote a bfloat16 copy of uninitialized memory).
     with torch.device("meta"):
-        model = LlamaModel(args)
-    model = model.to_empty(device=device).to(dtype)
+        model = LlamaModel(args).to(dtype)
+    model = model.to_empty(device=device)
     state = dict(tensors)
     expected = set(model.state_dict())
     missing, unexpected = expected - set(state), set(state) - expected

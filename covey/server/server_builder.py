@@ -75,19 +75,35 @@ def load_user_app(spec: str) -> App | ServedApp:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         raise ConfigError(f"--app {spec!r}: cannot import {module_name!r} ({exc})") from None
+    except Exception as exc:  # the user's module is broken: a SyntaxError, a raise at import
+        raise ConfigError(
+            f"--app {spec!r}: importing {module_name!r} failed: {_described(exc)}"
+        ) from exc
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise ConfigError(f"--app {spec!r}: {module_name!r} has no {attr!r}")
         obj = getattr(obj, part)
     if callable(obj) and not isinstance(obj, (App, ServedApp)) and not isinstance(obj, type):
-        obj = obj()
+        try:
+            obj = obj()
+        except Exception as exc:  # a factory that fails, or a callable that needs arguments
+            raise ConfigError(
+                f"--app {spec!r}: calling {attr}() failed: {_described(exc)}; give an App, "
+                "a ServedApp or a function of no arguments returning one"
+            ) from exc
     if not isinstance(obj, (App, ServedApp)):
         raise ConfigError(
             f"--app {spec!r} is a {type(obj).__name__}; it must be an App (made with @app) "
             "or a ServedApp"
         )
     return obj
+
+
+def _described(exc: Exception) -> str:
+    """`Type: message` on one line, as a traceback's last line reads."""
+    message = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
 def build_state(

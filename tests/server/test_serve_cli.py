@@ -109,6 +109,35 @@ def test_user_apps_are_named_module_colon_object():
     assert load_user_app("covey.apps.advanced_rag:build_advanced_rag_app").name == "advanced_rag"
 
 
+BROKEN_APPS = {
+    "syntax": ("covey_test_broken_syntax", "def app(:\n", "SyntaxError"),
+    "raises": ("covey_test_broken_import", "raise RuntimeError('no config file')\n", "no config"),
+    "factory": (
+        "covey_test_broken_factory",
+        "def app():\n    raise ValueError('bad setting')\n",
+        "ValueError: bad setting",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_APPS))
+def test_a_broken_user_app_is_one_line_naming_the_spec(case, tmp_path, monkeypatch):
+    module, source, message = BROKEN_APPS[case]
+    (tmp_path / f"{module}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_user_app(f"{module}:app")
+    assert str(caught.value).startswith(f"--app '{module}:app': ")
+    assert caught.value.__cause__ is not None  # chained: the traceback is there for a debugger
+
+
+def test_a_callable_that_needs_arguments_is_one_line(capsys):
+    code = main(["serve", "--port", "0", "--app", "json:dumps"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "loading the model" not in err, err
+    assert err.startswith("covey: error: --app 'json:dumps': calling dumps() failed: TypeError")
+
+
 def test_serve_help_lists_its_options():
     result = covey("serve", "--help", timeout=60)
     for option in ("--app", "--host", "--port", "--model", "--index", "--api-key"):

@@ -45,6 +45,9 @@ GRACEFUL_S = 5  # how long Ctrl-C lets requests in flight finish before aborting
 # Overrides GRACEFUL_S (seconds): the test of Ctrl-C with a stream in flight waits less.
 GRACEFUL_ENV = "COVEY_SERVE_GRACEFUL_S"
 START_TIMEOUT_S = 30.0
+# uvicorn's log levels, written out: importing uvicorn at parse time would slow `covey --help`
+# (a test checks the two agree).
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -166,7 +169,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="with --ray: name the replicas' Serve applications PREFIX0, PREFIX1, ... "
         "(default covey-engine-); each front on a shared cluster needs its own",
     )
-    p.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning)")
+    p.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default="warning",
+        help="uvicorn's log level (default warning)",
+    )
     p.set_defaults(func=run)
 
 

@@ -138,6 +138,18 @@ def test_a_callable_that_needs_arguments_is_one_line(capsys):
     assert err.startswith("covey: error: --app 'json:dumps': calling dumps() failed: TypeError")
 
 
+def test_an_unknown_log_level_is_a_usage_error(capsys):
+    import uvicorn.config
+
+    from covey.cli.serve_command import LOG_LEVELS
+
+    assert set(LOG_LEVELS) == set(uvicorn.config.LOG_LEVELS)
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--port", "0", "--log-level", "loud"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "--log-level: invalid choice: 'loud'" in err, err
+
+
 def test_serve_help_lists_its_options():
     result = covey("serve", "--help", timeout=60)
     for option in ("--app", "--host", "--port", "--model", "--index", "--api-key"):

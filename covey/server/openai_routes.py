@@ -75,9 +75,7 @@ def openai_error(error: HttpError) -> dict[str, Any]:
 
 def _field_error(field: str, message: str) -> RequestValidationError:
     """A 422 naming `field`, like pydantic's own, for limits only the server knows."""
-    return RequestValidationError(
-        [{"loc": ("body", field), "msg": message, "type": "value_error"}]
-    )
+    return RequestValidationError([{"loc": ("body", field), "msg": message, "type": "value_error"}])
 
 
 class _Generation:
@@ -88,6 +86,7 @@ class _Generation:
     same `ObservedRequest` as an app request."""
 
     def __init__(self, state: ServerState, body: SamplingFields, kind: str) -> None:
+        _refuse_unrecognized(body)
         engine = state.require_ready()
         if state.runtime is not None:
             engine = state.runtime.llm
@@ -110,9 +109,7 @@ class _Generation:
             )
         self.n = body.n or 1
         if self.n > settings.max_fan_out:
-            raise _field_error(
-                "n", f"must be at most {settings.max_fan_out} (this server's limit)"
-            )
+            raise _field_error("n", f"must be at most {settings.max_fan_out} (this server's limit)")
         base = SamplingParams(
             max_tokens=limit or settings.max_tokens,
             temperature=1.0 if body.temperature is None else body.temperature,
@@ -154,6 +151,18 @@ class _Generation:
             "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached},
         }
+
+
+def _refuse_unrecognized(body: SamplingFields) -> None:
+    """A 422 naming every field no parameter takes (OpenAI answers such a request 400,
+    "unrecognized request argument"); see `openai_schemas`."""
+    names = body.unrecognized()
+    if names:
+        message = "unrecognized request argument (covey's OpenAI API does not take it)"
+        errors = [
+            {"loc": ("body", name), "msg": message, "type": "extra_forbidden"} for name in names
+        ]
+        raise RequestValidationError(errors)
 
 
 def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:

@@ -207,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from covey.server.app_factory import create_app
-    from covey.server.server_builder import load_into, load_user_app
+    from covey.server.server_builder import load_into, load_user_apps
     from covey.server.state import ServerSettings, ServerState
 
     graceful_s = graceful_seconds()
@@ -276,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
     )
     url = page_url(host, port)
     try:
-        user_apps = [load_user_app(spec) for spec in args.app]
+        user_apps = load_user_apps(args.app)
         state = ServerState(settings=settings)
         app = create_app(state)
         with _ServingWhileLoading(app, sock, args.log_level):

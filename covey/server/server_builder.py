@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import re
 import sys
 import time
 from pathlib import Path
@@ -33,6 +34,13 @@ from covey.server.served_app import ServedApp
 from covey.server.state import ServerSettings, ServerState
 
 CHATBOT = "rag_chatbot"
+# builtin_apps' names, written out so a user app's name is checked before anything is built
+# (a test checks the two agree).
+BUILTIN_APPS = (CHATBOT, "advanced_rag", "mapreduce_summary", "tool_agent")
+# A served name is a path segment (/apps/NAME/invoke): a slash would make it unreachable,
+# and other characters would need escaping in every URL.
+_SERVABLE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+RENAME = "rename it with @cg.app(name=...)"
 
 
 def builtin_apps(
@@ -100,6 +108,43 @@ def load_user_app(spec: str) -> App | ServedApp:
     return obj
 
 
+def load_user_apps(specs: list[str] | tuple[str, ...]) -> list[App | ServedApp]:
+    """`load_user_app` of each spec, their names checked as `serve_apps` will (before the
+    model loads), each error naming the spec."""
+    loaded: list[App | ServedApp] = []
+    for spec in specs:
+        app = load_user_app(spec)
+        try:
+            check_app_names([*loaded, app])
+        except ConfigError as exc:
+            raise ConfigError(f"--app {spec!r}: {exc}") from None
+        loaded.append(app)
+    return loaded
+
+
+def check_app_names(
+    user_apps: list[App | ServedApp] | tuple[App | ServedApp, ...],
+    taken: tuple[str, ...] = BUILTIN_APPS,
+) -> None:
+    """Each user app's name can be served, and no other app (built-in, `taken`, or an
+    earlier user app) has it: the later one would silently replace it (the chat page needs
+    rag_chatbot)."""
+    seen: set[str] = set()
+    for app in user_apps:
+        name = app.name
+        if not _SERVABLE_NAME.fullmatch(name):
+            raise ConfigError(
+                f"app name {name!r} cannot be served: it is a URL path segment "
+                f"(/apps/NAME), so letters, digits, _, - and . only; {RENAME}"
+            )
+        if name in taken:
+            served = ", ".join(taken)
+            raise ConfigError(f"app name {name!r} is taken (served already: {served}); {RENAME}")
+        if name in seen:
+            raise ConfigError(f"app name {name!r} is given to two apps; {RENAME}")
+        seen.add(name)
+
+
 def _described(exc: Exception) -> str:
     """`Type: message` on one line, as a traceback's last line reads."""
     message = " ".join(str(exc).split())
@@ -137,6 +182,7 @@ def serve_apps(
     state.runtime = Runtime(MeteredEngine(engine, state.metrics), retrievers=retrievers)
     state.engine = engine
     apps = builtin_apps(docs=index) if apps is None else apps
+    check_app_names(user_apps, tuple(apps))
     served: dict[str, ServedApp] = {}
     for name, app in apps.items():
         served[name] = _serve_graph(state, app, name)
@@ -225,7 +271,7 @@ def load_state(
 ) -> ServerState:
     """A ready state loaded as `covey serve` loads it: the user's apps imported first (a
     typo fails in a second, not after the model loaded), then the model and the index."""
-    user_apps = [load_user_app(spec) for spec in app_specs]
+    user_apps = load_user_apps(app_specs)
     state = ServerState(settings=settings)
     load_into(state, model, index_dir, user_apps, progress=progress, **engine_config)
     state.ready = True

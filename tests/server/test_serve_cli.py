@@ -17,7 +17,13 @@ import pytest
 from covey.cli.main import main
 from covey.cli.serve_command import GRACEFUL_ENV
 from covey.errors import ConfigError
-from covey.server.server_builder import load_user_app
+from covey.server.server_builder import (
+    BUILTIN_APPS,
+    builtin_apps,
+    check_app_names,
+    load_user_app,
+    load_user_apps,
+)
 from tests.cli.runner import covey, covey_env
 
 URL = re.compile(r"Chat page: (http://\S+)")
@@ -148,6 +154,70 @@ def test_an_unknown_log_level_is_a_usage_error(capsys):
         main(["serve", "--port", "0", "--log-level", "loud"])
     err = capsys.readouterr().err
     assert exited.value.code == 2 and "--log-level: invalid choice: 'loud'" in err, err
+
+
+NAMED_APPS = """
+import covey.graph as cg
+
+@cg.function
+def shout(text: str) -> str:
+    return text.upper()
+
+
+def named(name):
+    def loud(text: str):
+        return {"out": shout(text=text)}
+
+    return cg.app(name=name)(loud)
+
+
+first = named("mine")
+second = named("mine")
+builtin = named("advanced_rag")
+slashed = named("team/qa")
+spaced = named("my app")
+"""
+
+
+@pytest.fixture
+def named_apps(tmp_path, monkeypatch):
+    (tmp_path / "covey_test_named_apps.py").write_text(NAMED_APPS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "covey_test_named_apps"
+
+
+def test_the_builtin_app_names_written_out_are_the_built_ones():
+    assert BUILTIN_APPS == tuple(builtin_apps())
+
+
+@pytest.mark.parametrize(
+    ("objects", "message"),
+    [
+        (["builtin"], "'advanced_rag' is taken .*rename it with @cg.app"),
+        (["first", "second"], "'mine' is given to two apps; rename it"),
+        (["slashed"], "'team/qa' cannot be served: .*path segment"),
+        (["spaced"], "'my app' cannot be served"),
+    ],
+)
+def test_a_user_app_name_that_cannot_be_served_is_refused(named_apps, objects, message):
+    specs = [f"{named_apps}:{name}" for name in objects]
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_user_apps(specs)
+    assert str(caught.value).startswith(f"--app {specs[-1]!r}: ")
+    assert [app.name for app in load_user_apps([f"{named_apps}:first"])] == ["mine"]
+
+
+def test_serve_refuses_a_user_app_replacing_the_chatbot_before_loading(capsys):
+    code = main(["serve", "--port", "0", "--app", "covey.apps.rag_chatbot:build_rag_app"])
+    err = capsys.readouterr().err
+    assert code == 2 and "'rag_chatbot' is taken" in err and "loading the model" not in err, err
+
+
+def test_serving_checks_names_against_the_apps_given(named_apps):
+    apps = [load_user_app(f"{named_apps}:first")]
+    check_app_names(apps, taken=())
+    with pytest.raises(ConfigError, match="'mine' is taken"):
+        check_app_names(apps, taken=("mine",))
 
 
 def test_serve_help_lists_its_options():

@@ -70,8 +70,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(default: the embedded SmolLM2-135M-Instruct)",
     )
     p.add_argument(
-        "--index", default=None, help="an index folder (default: the Python docs index, built "
-        "on first use)"
+        "--index",
+        default=None,
+        help="an index folder (default: the Python docs index, built on first use)",
     )
     p.add_argument(
         "--remote",
@@ -108,7 +109,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--ray",
         action="store_true",
         help="run the engine as replicas on Ray Serve behind a KV-cache-aware router "
-        "(needs the ray extra: pip install -e \".[ray]\")",
+        '(needs the ray extra: pip install -e ".[ray]")',
     )
     p.add_argument("--replicas", type=int, default=None, help="with --ray: engine replicas (2)")
     p.add_argument(

@@ -189,6 +189,16 @@ RAY_DEFAULTS: dict[str, object] = {
 }
 
 
+def local_engine_options(args: argparse.Namespace) -> list[str]:
+    """The options given that only a model loaded here uses (a remote engine has its own
+    device, dtype and caches); `--device auto` and `--dtype auto`, the defaults, are not
+    counted."""
+    given = [name for name in ("device", "dtype") if getattr(args, name) != "auto"]
+    if args.compile is not None:
+        given.append("compile")
+    return given + list(chunk_store_given(args))
+
+
 def graceful_seconds() -> float:
     """Ctrl-C's grace for requests in flight: GRACEFUL_ENV when set (checked before anything
     loads, so a bad value is a clear error, not a traceback after the model is up)."""
@@ -222,10 +232,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("give --model or --remote, not both")
     if args.ray and args.remote is not None:
         raise ConfigError("give --ray or --remote, not both")
-    given_chunk_options = chunk_store_given(args)
-    if args.remote is not None and given_chunk_options:
-        flags = flag_list(given_chunk_options)
-        raise ConfigError(f"{flags}: for a local engine only, not with --remote")
+    if args.remote is None and args.remote_api_key is not None:
+        raise ConfigError(goes_with(["remote_api_key"], "--remote"))
+    local_only = local_engine_options(args)
+    if args.remote is not None and local_only:
+        raise ConfigError(f"{flag_list(local_only)}: for a local engine only, not with --remote")
     ray_options = {
         **RAY_DEFAULTS,
         "address": None,

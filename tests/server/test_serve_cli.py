@@ -220,6 +220,22 @@ def test_serving_checks_names_against_the_apps_given(named_apps):
         check_app_names(apps, taken=("mine",))
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--remote-api-key", "x"], "--remote-api-key goes with --remote"),
+        (["--remote", "http://127.0.0.1:9", "--device", "cuda"], "--device: for a local engine"),
+        (["--remote", "http://127.0.0.1:9", "--dtype", "float32"], "--dtype: for a local"),
+        (["--remote", "http://127.0.0.1:9", "--no-compile"], "--compile: for a local engine"),
+    ],
+)
+def test_remote_options_are_checked_before_anything_loads(capsys, argv, message):
+    code = main(["serve", "--port", "0", *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert "loading" not in err and "connecting" not in err and "Traceback" not in err
+
+
 def test_serve_help_lists_its_options():
     result = covey("serve", "--help", timeout=60)
     for option in ("--app", "--host", "--port", "--model", "--index", "--api-key"):

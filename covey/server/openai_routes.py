@@ -1,6 +1,6 @@
 """covey's OpenAI-compatible API: `POST /v1/chat/completions`, `POST /v1/completions` (both
-streaming and not) and `GET /v1/models`, so the official `openai` client, and anything
-built on it, works against covey's engine unchanged.
+streaming and not), `GET /v1/models` and `GET /v1/models/{id}`, so the official `openai`
+client, and anything built on it, works against covey's engine unchanged.
 
 Chat messages go through the model's own chat template (`engine.tokenizer`). `n` choices
 are `n` engine requests sent together, so the scheduler batches them and prefills their
@@ -312,6 +312,10 @@ async def _stream(
         yield "data: [DONE]\n\n"
 
 
+def _model_card(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "covey"}
+
+
 def build_router(state: ServerState) -> APIRouter:
     """The `/v1` routes over `state.engine`, and OpenAI's error shape for them."""
     state.error_shapes[PREFIX] = openai_error
@@ -321,17 +325,19 @@ def build_router(state: ServerState) -> APIRouter:
     async def list_models() -> dict[str, Any]:
         """The served model (one: the engine's)."""
         engine = state.require_ready()
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": engine.model_name,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "covey",
-                }
-            ],
-        }
+        return {"object": "list", "data": [_model_card(engine.model_name)]}
+
+    # `:path`: a model id may hold a slash (org/name), which the client sends as %2F.
+    @router.get("/models/{model_id:path}")
+    async def retrieve_model(model_id: str) -> dict[str, Any]:
+        """One model by id (`client.models.retrieve`): the served one, else a 404."""
+        engine = state.require_ready()
+        if model_id != engine.model_name:
+            raise ModelNotFoundError(
+                f"model {model_id!r} is not served here; this server serves "
+                f"{engine.model_name!r} (GET /v1/models)"
+            )
+        return _model_card(engine.model_name)
 
     @router.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:

@@ -39,6 +39,15 @@ def test_models_lists_the_engine_model(server, client):
     assert [m.id for m in models] == [server.state.engine.model_name]
 
 
+def test_a_model_is_retrieved_by_id_and_an_unknown_one_is_404(server, client, model):
+    assert client.models.retrieve(model).id == model
+    with pytest.raises(openai.NotFoundError) as info:
+        client.models.retrieve("org/gpt-4o")  # a slash travels as %2F
+    error = info.value.body
+    assert "'org/gpt-4o'" in error["message"] and model in error["message"], error
+    assert error["type"] == "not_found_error"
+
+
 def test_chat_matches_a_completion_of_the_templated_prompt(server, client, model):
     """A chat is the model's chat template completed: same greedy text, same token counts."""
     chat = client.chat.completions.create(

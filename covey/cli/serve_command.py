@@ -259,6 +259,11 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--routing must be one of {choices}, got {args.routing!r}")
         if args.replicas < 1 or args.replica_threads < 1:
             raise ConfigError("--replicas and --replica-threads must be at least 1")
+        if not args.ray_app_prefix.strip():
+            raise ConfigError(
+                f"--ray-app-prefix needs a prefix, got {args.ray_app_prefix!r}: the replicas' "
+                "Serve applications would be named 0, 1, ..., shared by every front doing so"
+            )
         if args.max_imbalance < 0:
             raise ConfigError(f"--max-imbalance must be >= 0, got {args.max_imbalance}")
         if args.chunk_store_dir is not None and args.replicas > 1:

@@ -218,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from covey.server.app_factory import create_app
-    from covey.server.server_builder import load_into, load_user_apps
+    from covey.server.server_builder import check_remote_url, load_into, load_user_apps
     from covey.server.state import ServerSettings, ServerState
 
     graceful_s = graceful_seconds()
@@ -234,6 +234,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("give --ray or --remote, not both")
     if args.remote is None and args.remote_api_key is not None:
         raise ConfigError(goes_with(["remote_api_key"], "--remote"))
+    if args.remote is not None:
+        check_remote_url(args.remote)
     local_only = local_engine_options(args)
     if args.remote is not None and local_only:
         raise ConfigError(f"{flag_list(local_only)}: for a local engine only, not with --remote")

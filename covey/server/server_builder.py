@@ -200,16 +200,32 @@ def _serve_graph(state: ServerState, app: App, name: str) -> ServedApp:
     return GraphServedApp(app, lambda: state.runtime, max_tokens=state.settings.max_tokens)
 
 
+def check_remote_url(url: str) -> None:
+    """`--remote` is an http(s) URL (RemoteEngine's rule, said in the option's name)."""
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"--remote must be an http(s) URL such as http://gpu-box:8000, got {url!r}"
+        )
+
+
 def connect_remote(url: str, api_key: str | None = None) -> RemoteEngine:
     """A `RemoteEngine` on `url`'s first listed model; fails now (one line) if the server
-    cannot be reached, not on the first request."""
+    cannot be reached, not on the first request. It is `covey serve --remote URL
+    --remote-api-key KEY`'s engine, so its errors name those options."""
+    check_remote_url(url)
 
     async def first_model() -> str:
         async with RemoteEngine(url, api_key=api_key, tokenizer=None) as probe:
             await probe.connect()
             return probe.model_name
 
-    return RemoteEngine(url, model=asyncio.run(first_model()), api_key=api_key)
+    try:
+        model = asyncio.run(first_model())
+    except ConfigError as exc:  # the only one listing the models raises: the key refused
+        refused = str(exc).removesuffix(" (check the api_key)")
+        hint = "check --remote-api-key" if api_key else "give the key with --remote-api-key"
+        raise ConfigError(f"--remote {url}: {refused} ({hint})") from exc
+    return RemoteEngine(url, model=model, api_key=api_key)
 
 
 def load_into(

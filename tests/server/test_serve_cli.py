@@ -10,6 +10,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -234,6 +236,46 @@ def test_remote_options_are_checked_before_anything_loads(capsys, argv, message)
     err = capsys.readouterr().err
     assert code == 2 and message in err, err
     assert "loading" not in err and "connecting" not in err and "Traceback" not in err
+
+
+def test_a_remote_that_is_no_url_is_named_by_its_option(capsys):
+    code = main(["serve", "--port", "0", "--remote", "not-a-url"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--remote must be an http(s) URL" in err and "base_url" not in err, err
+
+
+class _RefusingRemote(BaseHTTPRequestHandler):
+    """An OpenAI-compatible server that refuses every key, as OpenAI words it."""
+
+    def do_GET(self) -> None:
+        body = b'{"error": {"message": "Incorrect API key", "type": "authentication_error"}}'
+        self.send_response(401)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def refusing_remote():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _RefusingRemote)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize(("key", "hint"), [(["--remote-api-key", "x"], "check"), ([], "give")])
+def test_a_refused_remote_key_names_the_option(refusing_remote, capsys, key, hint):
+    code = main(["serve", "--port", "0", "--remote", refusing_remote, *key])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert f"--remote {refusing_remote}: remote server answered 401" in err, err
+    assert f"({hint} " in err and "--remote-api-key)" in err and "api_key)" not in err, err
 
 
 def test_serve_help_lists_its_options():

@@ -45,6 +45,9 @@ GRACEFUL_S = 5  # how long Ctrl-C lets requests in flight finish before aborting
 # Overrides GRACEFUL_S (seconds): the test of Ctrl-C with a stream in flight waits less.
 GRACEFUL_ENV = "COVEY_SERVE_GRACEFUL_S"
 START_TIMEOUT_S = 30.0
+# uvicorn's log levels, written out: importing uvicorn at parse time would slow `covey --help`
+# (a test checks the two agree).
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -67,8 +70,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(default: the embedded SmolLM2-135M-Instruct)",
     )
     p.add_argument(
-        "--index", default=None, help="an index folder (default: the Python docs index, built "
-        "on first use)"
+        "--index",
+        default=None,
+        help="an index folder (default: the Python docs index, built on first use)",
     )
     p.add_argument(
         "--remote",
@@ -105,7 +109,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--ray",
         action="store_true",
         help="run the engine as replicas on Ray Serve behind a KV-cache-aware router "
-        "(needs the ray extra: pip install -e \".[ray]\")",
+        '(needs the ray extra: pip install -e ".[ray]")',
     )
     p.add_argument("--replicas", type=int, default=None, help="with --ray: engine replicas (2)")
     p.add_argument(
@@ -166,7 +170,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="with --ray: name the replicas' Serve applications PREFIX0, PREFIX1, ... "
         "(default covey-engine-); each front on a shared cluster needs its own",
     )
-    p.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning)")
+    p.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default="warning",
+        help="uvicorn's log level (default warning)",
+    )
     p.set_defaults(func=run)
 
 
@@ -178,6 +187,16 @@ RAY_DEFAULTS: dict[str, object] = {
     "replica_threads": 1,
     "ray_app_prefix": "covey-engine-",
 }
+
+
+def local_engine_options(args: argparse.Namespace) -> list[str]:
+    """The options given that only a model loaded here uses (a remote engine has its own
+    device, dtype and caches); `--device auto` and `--dtype auto`, the defaults, are not
+    counted."""
+    given = [name for name in ("device", "dtype") if getattr(args, name) != "auto"]
+    if args.compile is not None:
+        given.append("compile")
+    return given + list(chunk_store_given(args))
 
 
 def graceful_seconds() -> float:
@@ -199,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from covey.server.app_factory import create_app
-    from covey.server.server_builder import load_into, load_user_app
+    from covey.server.server_builder import check_remote_url, load_into, load_user_apps
     from covey.server.state import ServerSettings, ServerState
 
     graceful_s = graceful_seconds()
@@ -213,10 +232,13 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("give --model or --remote, not both")
     if args.ray and args.remote is not None:
         raise ConfigError("give --ray or --remote, not both")
-    given_chunk_options = chunk_store_given(args)
-    if args.remote is not None and given_chunk_options:
-        flags = flag_list(given_chunk_options)
-        raise ConfigError(f"{flags}: for a local engine only, not with --remote")
+    if args.remote is None and args.remote_api_key is not None:
+        raise ConfigError(goes_with(["remote_api_key"], "--remote"))
+    if args.remote is not None:
+        check_remote_url(args.remote)
+    local_only = local_engine_options(args)
+    if args.remote is not None and local_only:
+        raise ConfigError(f"{flag_list(local_only)}: for a local engine only, not with --remote")
     ray_options = {
         **RAY_DEFAULTS,
         "address": None,
@@ -239,6 +261,11 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--routing must be one of {choices}, got {args.routing!r}")
         if args.replicas < 1 or args.replica_threads < 1:
             raise ConfigError("--replicas and --replica-threads must be at least 1")
+        if not args.ray_app_prefix.strip():
+            raise ConfigError(
+                f"--ray-app-prefix needs a prefix, got {args.ray_app_prefix!r}: the replicas' "
+                "Serve applications would be named 0, 1, ..., shared by every front doing so"
+            )
         if args.max_imbalance < 0:
             raise ConfigError(f"--max-imbalance must be >= 0, got {args.max_imbalance}")
         if args.chunk_store_dir is not None and args.replicas > 1:
@@ -268,7 +295,7 @@ def run(args: argparse.Namespace) -> int:
     )
     url = page_url(host, port)
     try:
-        user_apps = [load_user_app(spec) for spec in args.app]
+        user_apps = load_user_apps(args.app)
         state = ServerState(settings=settings)
         app = create_app(state)
         with _ServingWhileLoading(app, sock, args.log_level):

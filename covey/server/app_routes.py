@@ -59,6 +59,7 @@ def build_router(state: ServerState) -> APIRouter:
 
     @router.get("/apps", summary="The served apps")
     async def list_apps() -> dict[str, Any]:
+        state.require_ready()  # 503 while loading, like every route the apps need
         apps = [
             {"name": name, "description": app.description, "inputs": _field_names(app)}
             for name, app in state.apps.items()
@@ -67,6 +68,7 @@ def build_router(state: ServerState) -> APIRouter:
 
     @router.get("/apps/{name}", summary="An app's input and output schemas and its plan")
     async def describe_app(name: str) -> dict[str, Any]:
+        state.require_ready()  # while loading no app is served yet: 503, not a 404
         app = _served(state, name)
         return {
             "name": name,

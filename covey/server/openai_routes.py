@@ -1,6 +1,6 @@
 """covey's OpenAI-compatible API: `POST /v1/chat/completions`, `POST /v1/completions` (both
-streaming and not) and `GET /v1/models`, so the official `openai` client, and anything
-built on it, works against covey's engine unchanged.
+streaming and not), `GET /v1/models` and `GET /v1/models/{id}`, so the official `openai`
+client, and anything built on it, works against covey's engine unchanged.
 
 Chat messages go through the model's own chat template (`engine.tokenizer`). `n` choices
 are `n` engine requests sent together, so the scheduler batches them and prefills their
@@ -75,9 +75,7 @@ def openai_error(error: HttpError) -> dict[str, Any]:
 
 def _field_error(field: str, message: str) -> RequestValidationError:
     """A 422 naming `field`, like pydantic's own, for limits only the server knows."""
-    return RequestValidationError(
-        [{"loc": ("body", field), "msg": message, "type": "value_error"}]
-    )
+    return RequestValidationError([{"loc": ("body", field), "msg": message, "type": "value_error"}])
 
 
 class _Generation:
@@ -88,6 +86,7 @@ class _Generation:
     same `ObservedRequest` as an app request."""
 
     def __init__(self, state: ServerState, body: SamplingFields, kind: str) -> None:
+        _refuse_unrecognized(body)
         engine = state.require_ready()
         if state.runtime is not None:
             engine = state.runtime.llm
@@ -110,9 +109,7 @@ class _Generation:
             )
         self.n = body.n or 1
         if self.n > settings.max_fan_out:
-            raise _field_error(
-                "n", f"must be at most {settings.max_fan_out} (this server's limit)"
-            )
+            raise _field_error("n", f"must be at most {settings.max_fan_out} (this server's limit)")
         base = SamplingParams(
             max_tokens=limit or settings.max_tokens,
             temperature=1.0 if body.temperature is None else body.temperature,
@@ -154,6 +151,18 @@ class _Generation:
             "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached},
         }
+
+
+def _refuse_unrecognized(body: SamplingFields) -> None:
+    """A 422 naming every field no parameter takes (OpenAI answers such a request 400,
+    "unrecognized request argument"); see `openai_schemas`."""
+    names = body.unrecognized()
+    if names:
+        message = "unrecognized request argument (covey's OpenAI API does not take it)"
+        errors = [
+            {"loc": ("body", name), "msg": message, "type": "extra_forbidden"} for name in names
+        ]
+        raise RequestValidationError(errors)
 
 
 def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
@@ -303,6 +312,10 @@ async def _stream(
         yield "data: [DONE]\n\n"
 
 
+def _model_card(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "covey"}
+
+
 def build_router(state: ServerState) -> APIRouter:
     """The `/v1` routes over `state.engine`, and OpenAI's error shape for them."""
     state.error_shapes[PREFIX] = openai_error
@@ -312,17 +325,19 @@ def build_router(state: ServerState) -> APIRouter:
     async def list_models() -> dict[str, Any]:
         """The served model (one: the engine's)."""
         engine = state.require_ready()
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": engine.model_name,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "covey",
-                }
-            ],
-        }
+        return {"object": "list", "data": [_model_card(engine.model_name)]}
+
+    # `:path`: a model id may hold a slash (org/name), which the client sends as %2F.
+    @router.get("/models/{model_id:path}")
+    async def retrieve_model(model_id: str) -> dict[str, Any]:
+        """One model by id (`client.models.retrieve`): the served one, else a 404."""
+        engine = state.require_ready()
+        if model_id != engine.model_name:
+            raise ModelNotFoundError(
+                f"model {model_id!r} is not served here; this server serves "
+                f"{engine.model_name!r} (GET /v1/models)"
+            )
+        return _model_card(engine.model_name)
 
     @router.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:

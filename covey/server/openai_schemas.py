@@ -5,27 +5,32 @@ covey does not do (tools, logprobs, penalties, logit bias, JSON mode) instead of
 ignoring a parameter that would change the answer. A few parameters outside OpenAI's API
 that vLLM also takes (`top_k`, `ignore_eos`, `stop_token_ids`,
 `include_stop_str_in_output`) are accepted, so `RemoteEngine` can send every
-`SamplingParams` field. Limits that depend on the server's settings (max_tokens, n) are
-checked by the routes.
+`SamplingParams` field. Any other field is kept aside (`unrecognized`) for the routes to
+refuse, as OpenAI's own API does ("unrecognized request argument"): a typo such as
+`max_token` would otherwise run to the server's limit, and a sampling parameter covey lacks
+(`min_p`, `repetition_penalty`, `reasoning_effort`) would change nothing without a word.
+Booleans are strict: `"stream": "yes"` is refused, not read as true. Limits that depend on
+the server's settings (max_tokens, n) are checked by the routes.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator
 
 MAX_STOP = 16  # stop strings per request (OpenAI allows 4)
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class SamplingFields(BaseModel):
-    """Fields /v1/chat/completions and /v1/completions share."""
+    """Fields /v1/chat/completions and /v1/completions share. Unknown fields are kept in
+    `model_extra` (not dropped) so that `unrecognized` can name them."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
@@ -34,20 +39,33 @@ class SamplingFields(BaseModel):
     n: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
-    stream: bool | None = False
+    stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
+    # OpenAI parameters that change nothing a covey server answers: accepted, then unused.
+    # Storing and tagging the completion on OpenAI's side, its billing tier, tool calls in
+    # parallel (tools themselves are refused), and identifiers of the caller.
     user: str | None = None
+    store: StrictBool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    parallel_tool_calls: StrictBool | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
     # vLLM's extensions, so every SamplingParams field can be sent.
     top_k: int | None = Field(None, ge=0)
-    ignore_eos: bool | None = False
+    ignore_eos: StrictBool | None = False
     stop_token_ids: list[int] | None = None
-    include_stop_str_in_output: bool | None = False
+    include_stop_str_in_output: StrictBool | None = False
     # OpenAI parameters covey does not implement: accepted only at their neutral value.
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     logprobs: Any = None
     top_logprobs: int | None = None
+
+    def unrecognized(self) -> list[str]:
+        """The fields sent that no parameter here takes, in the order sent."""
+        return list(self.model_extra or {})
 
     @field_validator("stop")
     @classmethod
@@ -129,6 +147,17 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError("tool and function calling are not supported by covey")
         return value
 
+    @field_validator("max_completion_tokens")
+    @classmethod
+    def _one_limit(cls, value: int | None, info: ValidationInfo) -> int | None:
+        older = info.data.get("max_tokens")
+        if value is not None and older is not None and value != older:
+            raise ValueError(
+                f"{value} differs from max_tokens ({older}); give one of the two (they are "
+                "the same limit), or both equal"
+            )
+        return value
+
     @field_validator("response_format")
     @classmethod
     def _text_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -143,7 +172,7 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    echo: bool | None = False
+    echo: StrictBool | None = False
     suffix: str | None = None
     best_of: int | None = None
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import re
 import sys
 import time
 from pathlib import Path
@@ -33,6 +34,13 @@ from covey.server.served_app import ServedApp
 from covey.server.state import ServerSettings, ServerState
 
 CHATBOT = "rag_chatbot"
+# builtin_apps' names, written out so a user app's name is checked before anything is built
+# (a test checks the two agree).
+BUILTIN_APPS = (CHATBOT, "advanced_rag", "mapreduce_summary", "tool_agent")
+# A served name is a path segment (/apps/NAME/invoke): a slash would make it unreachable,
+# and other characters would need escaping in every URL.
+_SERVABLE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+RENAME = "rename it with @cg.app(name=...)"
 
 
 def builtin_apps(
@@ -75,19 +83,72 @@ def load_user_app(spec: str) -> App | ServedApp:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         raise ConfigError(f"--app {spec!r}: cannot import {module_name!r} ({exc})") from None
+    except Exception as exc:  # the user's module is broken: a SyntaxError, a raise at import
+        raise ConfigError(
+            f"--app {spec!r}: importing {module_name!r} failed: {_described(exc)}"
+        ) from exc
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise ConfigError(f"--app {spec!r}: {module_name!r} has no {attr!r}")
         obj = getattr(obj, part)
     if callable(obj) and not isinstance(obj, (App, ServedApp)) and not isinstance(obj, type):
-        obj = obj()
+        try:
+            obj = obj()
+        except Exception as exc:  # a factory that fails, or a callable that needs arguments
+            raise ConfigError(
+                f"--app {spec!r}: calling {attr}() failed: {_described(exc)}; give an App, "
+                "a ServedApp or a function of no arguments returning one"
+            ) from exc
     if not isinstance(obj, (App, ServedApp)):
         raise ConfigError(
             f"--app {spec!r} is a {type(obj).__name__}; it must be an App (made with @app) "
             "or a ServedApp"
         )
     return obj
+
+
+def load_user_apps(specs: list[str] | tuple[str, ...]) -> list[App | ServedApp]:
+    """`load_user_app` of each spec, their names checked as `serve_apps` will (before the
+    model loads), each error naming the spec."""
+    loaded: list[App | ServedApp] = []
+    for spec in specs:
+        app = load_user_app(spec)
+        try:
+            check_app_names([*loaded, app])
+        except ConfigError as exc:
+            raise ConfigError(f"--app {spec!r}: {exc}") from None
+        loaded.append(app)
+    return loaded
+
+
+def check_app_names(
+    user_apps: list[App | ServedApp] | tuple[App | ServedApp, ...],
+    taken: tuple[str, ...] = BUILTIN_APPS,
+) -> None:
+    """Each user app's name can be served, and no other app (built-in, `taken`, or an
+    earlier user app) has it: the later one would silently replace it (the chat page needs
+    rag_chatbot)."""
+    seen: set[str] = set()
+    for app in user_apps:
+        name = app.name
+        if not _SERVABLE_NAME.fullmatch(name):
+            raise ConfigError(
+                f"app name {name!r} cannot be served: it is a URL path segment "
+                f"(/apps/NAME), so letters, digits, _, - and . only; {RENAME}"
+            )
+        if name in taken:
+            served = ", ".join(taken)
+            raise ConfigError(f"app name {name!r} is taken (served already: {served}); {RENAME}")
+        if name in seen:
+            raise ConfigError(f"app name {name!r} is given to two apps; {RENAME}")
+        seen.add(name)
+
+
+def _described(exc: Exception) -> str:
+    """`Type: message` on one line, as a traceback's last line reads."""
+    message = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
 def build_state(
@@ -121,6 +182,7 @@ def serve_apps(
     state.runtime = Runtime(MeteredEngine(engine, state.metrics), retrievers=retrievers)
     state.engine = engine
     apps = builtin_apps(docs=index) if apps is None else apps
+    check_app_names(user_apps, tuple(apps))
     served: dict[str, ServedApp] = {}
     for name, app in apps.items():
         served[name] = _serve_graph(state, app, name)
@@ -138,16 +200,32 @@ def _serve_graph(state: ServerState, app: App, name: str) -> ServedApp:
     return GraphServedApp(app, lambda: state.runtime, max_tokens=state.settings.max_tokens)
 
 
+def check_remote_url(url: str) -> None:
+    """`--remote` is an http(s) URL (RemoteEngine's rule, said in the option's name)."""
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"--remote must be an http(s) URL such as http://gpu-box:8000, got {url!r}"
+        )
+
+
 def connect_remote(url: str, api_key: str | None = None) -> RemoteEngine:
     """A `RemoteEngine` on `url`'s first listed model; fails now (one line) if the server
-    cannot be reached, not on the first request."""
+    cannot be reached, not on the first request. It is `covey serve --remote URL
+    --remote-api-key KEY`'s engine, so its errors name those options."""
+    check_remote_url(url)
 
     async def first_model() -> str:
         async with RemoteEngine(url, api_key=api_key, tokenizer=None) as probe:
             await probe.connect()
             return probe.model_name
 
-    return RemoteEngine(url, model=asyncio.run(first_model()), api_key=api_key)
+    try:
+        model = asyncio.run(first_model())
+    except ConfigError as exc:  # the only one listing the models raises: the key refused
+        refused = str(exc).removesuffix(" (check the api_key)")
+        hint = "check --remote-api-key" if api_key else "give the key with --remote-api-key"
+        raise ConfigError(f"--remote {url}: {refused} ({hint})") from exc
+    return RemoteEngine(url, model=model, api_key=api_key)
 
 
 def load_into(
@@ -209,7 +287,7 @@ def load_state(
 ) -> ServerState:
     """A ready state loaded as `covey serve` loads it: the user's apps imported first (a
     typo fails in a second, not after the model loaded), then the model and the index."""
-    user_apps = [load_user_app(spec) for spec in app_specs]
+    user_apps = load_user_apps(app_specs)
     state = ServerState(settings=settings)
     load_into(state, model, index_dir, user_apps, progress=progress, **engine_config)
     state.ready = True

@@ -3,8 +3,11 @@ batch, with retrieved passages serialized as JSON."""
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
+from covey.server.app_factory import create_app
+from covey.server.state import ServerState
 from tests.server.sse import parse_sse, sample_inputs
 
 BUILTIN = ("rag_chatbot", "advanced_rag", "mapreduce_summary")
@@ -99,3 +102,14 @@ def test_batch_answers_each_input_in_order(client, inputs, name):
     for result in results:
         assert "error" not in result, result
         assert result["outputs"][ANSWER[name]] and result["trace"]["app"] == name
+
+
+@pytest.mark.parametrize("path", ["/apps", "/apps/advanced_rag", "/apps/no_such_app"])
+async def test_the_app_routes_are_503_while_the_server_loads(path):
+    """Before the model and the index are loaded no app is served yet: an empty list or a
+    404 would read as a server that has none."""
+    app = create_app(ServerState())
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://covey") as client:
+        reply = await client.get(path)
+    assert reply.status_code == 503 and "loading" in reply.json()["error"]["message"]

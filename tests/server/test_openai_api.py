@@ -39,6 +39,15 @@ def test_models_lists_the_engine_model(server, client):
     assert [m.id for m in models] == [server.state.engine.model_name]
 
 
+def test_a_model_is_retrieved_by_id_and_an_unknown_one_is_404(server, client, model):
+    assert client.models.retrieve(model).id == model
+    with pytest.raises(openai.NotFoundError) as info:
+        client.models.retrieve("org/gpt-4o")  # a slash travels as %2F
+    error = info.value.body
+    assert "'org/gpt-4o'" in error["message"] and model in error["message"], error
+    assert error["type"] == "not_found_error"
+
+
 def test_chat_matches_a_completion_of_the_templated_prompt(server, client, model):
     """A chat is the model's chat template completed: same greedy text, same token counts."""
     chat = client.chat.completions.create(
@@ -128,6 +137,72 @@ def test_bad_parameters_are_422_naming_the_field(client, model, kwargs, param):
     error = info.value.body
     assert error["param"] == param, error
     assert error["message"].startswith(param) and error["type"] == "invalid_request_error"
+
+
+UNSUPPORTED = {
+    "reasoning_effort": "low",
+    "modalities": ["text", "audio"],
+    "audio": {"voice": "alloy", "format": "wav"},
+    "prediction": {"type": "content", "content": "x"},
+    "web_search_options": {},
+}
+VLLM_ONLY = {"repetition_penalty": 1.2, "min_p": 0.1, "min_tokens": 4, "guided_json": {}}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [({name: value}, name) for name, value in UNSUPPORTED.items()]
+    + [({"extra_body": {name: value}}, name) for name, value in VLLM_ONLY.items()]
+    + [({"extra_body": {"foo": 1}}, "foo"), ({"extra_body": {"max_token": 2}}, "max_token")],
+)
+def test_unrecognized_parameters_are_422_naming_them(client, model, kwargs, param):
+    with pytest.raises(openai.UnprocessableEntityError) as info:
+        client.chat.completions.create(model=model, messages=QUESTION, max_tokens=2, **kwargs)
+    error = info.value.body
+    assert error["param"] == param, error
+    assert error["message"].startswith(f"{param}: unrecognized request argument"), error
+
+
+def test_a_completion_takes_no_max_completion_tokens(client, model):
+    with pytest.raises(openai.UnprocessableEntityError) as info:
+        client.completions.create(
+            model=model, prompt="x", max_tokens=2, extra_body={"max_completion_tokens": 2}
+        )
+    assert info.value.body["param"] == "max_completion_tokens"
+
+
+def test_two_different_output_limits_are_refused(client, model):
+    body = {"model": model, "messages": QUESTION, "max_tokens": 2}
+    with pytest.raises(openai.UnprocessableEntityError) as info:
+        client.chat.completions.create(**body, max_completion_tokens=3)
+    assert info.value.body["param"] == "max_completion_tokens"
+    assert "differs from max_tokens" in info.value.body["message"]
+    reply = client.chat.completions.create(**body, max_completion_tokens=2)
+    assert reply.usage.completion_tokens <= 2
+
+
+@pytest.mark.parametrize("field", ["stream", "ignore_eos", "store"])
+def test_booleans_are_strict(server, field):
+    body = {"messages": QUESTION, "max_tokens": 2, field: "yes"}
+    reply = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+    assert reply.status_code == 422 and reply.json()["error"]["param"] == field, reply.text
+
+
+def test_parameters_that_change_nothing_here_are_accepted(client, model):
+    reply = client.chat.completions.create(
+        model=model,
+        messages=QUESTION,
+        max_tokens=2,
+        store=False,
+        metadata={"team": "docs"},
+        service_tier="auto",
+        parallel_tool_calls=False,
+        user="u1",
+        prompt_cache_key="k",
+        safety_identifier="s",
+        stream_options=None,
+    )
+    assert reply.usage.completion_tokens <= 2
 
 
 def test_text_that_is_not_valid_unicode_is_a_4xx(server):

@@ -10,6 +10,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -17,7 +19,13 @@ import pytest
 from covey.cli.main import main
 from covey.cli.serve_command import GRACEFUL_ENV
 from covey.errors import ConfigError
-from covey.server.server_builder import load_user_app
+from covey.server.server_builder import (
+    BUILTIN_APPS,
+    builtin_apps,
+    check_app_names,
+    load_user_app,
+    load_user_apps,
+)
 from tests.cli.runner import covey, covey_env
 
 URL = re.compile(r"Chat page: (http://\S+)")
@@ -107,6 +115,167 @@ def test_user_apps_are_named_module_colon_object():
         load_user_app("json:JSONDecoder")
     assert load_user_app("covey.apps.mapreduce_summary:summary_app").name == "mapreduce_summary"
     assert load_user_app("covey.apps.advanced_rag:build_advanced_rag_app").name == "advanced_rag"
+
+
+BROKEN_APPS = {
+    "syntax": ("covey_test_broken_syntax", "def app(:\n", "SyntaxError"),
+    "raises": ("covey_test_broken_import", "raise RuntimeError('no config file')\n", "no config"),
+    "factory": (
+        "covey_test_broken_factory",
+        "def app():\n    raise ValueError('bad setting')\n",
+        "ValueError: bad setting",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_APPS))
+def test_a_broken_user_app_is_one_line_naming_the_spec(case, tmp_path, monkeypatch):
+    module, source, message = BROKEN_APPS[case]
+    (tmp_path / f"{module}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_user_app(f"{module}:app")
+    assert str(caught.value).startswith(f"--app '{module}:app': ")
+    assert caught.value.__cause__ is not None  # chained: the traceback is there for a debugger
+
+
+def test_a_callable_that_needs_arguments_is_one_line(capsys):
+    code = main(["serve", "--port", "0", "--app", "json:dumps"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "loading the model" not in err, err
+    assert err.startswith("covey: error: --app 'json:dumps': calling dumps() failed: TypeError")
+
+
+def test_an_unknown_log_level_is_a_usage_error(capsys):
+    import uvicorn.config
+
+    from covey.cli.serve_command import LOG_LEVELS
+
+    assert set(LOG_LEVELS) == set(uvicorn.config.LOG_LEVELS)
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--port", "0", "--log-level", "loud"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "--log-level: invalid choice: 'loud'" in err, err
+
+
+NAMED_APPS = """
+import covey.graph as cg
+
+@cg.function
+def shout(text: str) -> str:
+    return text.upper()
+
+
+def named(name):
+    def loud(text: str):
+        return {"out": shout(text=text)}
+
+    return cg.app(name=name)(loud)
+
+
+first = named("mine")
+second = named("mine")
+builtin = named("advanced_rag")
+slashed = named("team/qa")
+spaced = named("my app")
+"""
+
+
+@pytest.fixture
+def named_apps(tmp_path, monkeypatch):
+    (tmp_path / "covey_test_named_apps.py").write_text(NAMED_APPS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "covey_test_named_apps"
+
+
+def test_the_builtin_app_names_written_out_are_the_built_ones():
+    assert BUILTIN_APPS == tuple(builtin_apps())
+
+
+@pytest.mark.parametrize(
+    ("objects", "message"),
+    [
+        (["builtin"], "'advanced_rag' is taken .*rename it with @cg.app"),
+        (["first", "second"], "'mine' is given to two apps; rename it"),
+        (["slashed"], "'team/qa' cannot be served: .*path segment"),
+        (["spaced"], "'my app' cannot be served"),
+    ],
+)
+def test_a_user_app_name_that_cannot_be_served_is_refused(named_apps, objects, message):
+    specs = [f"{named_apps}:{name}" for name in objects]
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_user_apps(specs)
+    assert str(caught.value).startswith(f"--app {specs[-1]!r}: ")
+    assert [app.name for app in load_user_apps([f"{named_apps}:first"])] == ["mine"]
+
+
+def test_serve_refuses_a_user_app_replacing_the_chatbot_before_loading(capsys):
+    code = main(["serve", "--port", "0", "--app", "covey.apps.rag_chatbot:build_rag_app"])
+    err = capsys.readouterr().err
+    assert code == 2 and "'rag_chatbot' is taken" in err and "loading the model" not in err, err
+
+
+def test_serving_checks_names_against_the_apps_given(named_apps):
+    apps = [load_user_app(f"{named_apps}:first")]
+    check_app_names(apps, taken=())
+    with pytest.raises(ConfigError, match="'mine' is taken"):
+        check_app_names(apps, taken=("mine",))
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--remote-api-key", "x"], "--remote-api-key goes with --remote"),
+        (["--remote", "http://127.0.0.1:9", "--device", "cuda"], "--device: for a local engine"),
+        (["--remote", "http://127.0.0.1:9", "--dtype", "float32"], "--dtype: for a local"),
+        (["--remote", "http://127.0.0.1:9", "--no-compile"], "--compile: for a local engine"),
+    ],
+)
+def test_remote_options_are_checked_before_anything_loads(capsys, argv, message):
+    code = main(["serve", "--port", "0", *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert "loading" not in err and "connecting" not in err and "Traceback" not in err
+
+
+def test_a_remote_that_is_no_url_is_named_by_its_option(capsys):
+    code = main(["serve", "--port", "0", "--remote", "not-a-url"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--remote must be an http(s) URL" in err and "base_url" not in err, err
+
+
+class _RefusingRemote(BaseHTTPRequestHandler):
+    """An OpenAI-compatible server that refuses every key, as OpenAI words it."""
+
+    def do_GET(self) -> None:
+        body = b'{"error": {"message": "Incorrect API key", "type": "authentication_error"}}'
+        self.send_response(401)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def refusing_remote():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _RefusingRemote)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize(("key", "hint"), [(["--remote-api-key", "x"], "check"), ([], "give")])
+def test_a_refused_remote_key_names_the_option(refusing_remote, capsys, key, hint):
+    code = main(["serve", "--port", "0", "--remote", refusing_remote, *key])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert f"--remote {refusing_remote}: remote server answered 401" in err, err
+    assert f"({hint} " in err and "--remote-api-key)" in err and "api_key)" not in err, err
 
 
 def test_serve_help_lists_its_options():

@@ -19,6 +19,8 @@ from tests.server.conftest import Deployed
         (["--replica-threads", "2"], "--replica-threads goes with --ray"),
         (["--replica-gpus", "1"], "--replica-gpus goes with --ray"),
         (["--ray-app-prefix", "mine-"], "--ray-app-prefix goes with --ray"),
+        (["--ray", "--ray-app-prefix", ""], "--ray-app-prefix needs a prefix, got ''"),
+        (["--ray", "--ray-app-prefix", " "], "--ray-app-prefix needs a prefix"),
         (["--ray", "--max-imbalance", "-1"], "--max-imbalance must be >= 0"),
         (["--ray", "--replica-threads", "0"], "--replica-threads must be at least 1"),
         (["--ray", "--routing", "random"], "--routing must be one of cache_aware"),

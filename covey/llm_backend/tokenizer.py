@@ -59,14 +59,13 @@ class Tokenizer:
                     raise InvalidRequestError(
                         f"chat message {i}: {key} must be a str, got {message[key]!r}"
                     )
-            role = ROLE_ALIASES.get(message["role"], message["role"])
-            if role not in CHAT_ROLES:  # a template renders any role, unchecked
-                raise InvalidRequestError(
+            if ROLE_ALIASES.get(message["role"], message["role"]) not in CHAT_ROLES:
+                raise InvalidRequestError(  # a template renders any role, unchecked
                     f"chat message {i}: role must be one of {', '.join(CHAT_ROLES)} "
                     f"(or developer, taken as system), got {message['role']!r}"
                 )
-            if role != message["role"]:
-                messages = [*messages[:i], {**message, "role": role}, *messages[i + 1 :]]
+        if any(m["role"] in ROLE_ALIASES for m in messages):
+            messages = [{**m, "role": ROLE_ALIASES.get(m["role"], m["role"])} for m in messages]
         if not getattr(self.hf, "chat_template", None):
             raise InvalidRequestError("this model has no chat template; send a raw prompt")
         return self.hf.apply_chat_template(

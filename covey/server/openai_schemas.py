@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator
 
+from covey.llm_backend.tokenizer import ROLE_ALIASES
+
 MAX_STOP = 16  # stop strings per request (OpenAI allows 4)
 
 
@@ -120,7 +122,7 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
     def as_template_message(self) -> dict[str, str]:
-        role = "system" if self.role == "developer" else self.role
+        role = ROLE_ALIASES.get(self.role, self.role)
         return {"role": role, "content": self.text()}
 
 

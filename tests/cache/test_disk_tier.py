@@ -292,8 +292,6 @@ def test_a_parent_that_cannot_be_searched_is_no_traceback(tmp_path, monkeypatch)
         return real_stat(p, *args, **kwargs)
 
     monkeypatch.setattr(os, "stat", stat)
-    with pytest.raises(PermissionError):
-        (secret / "kv").exists()  # what the check used before
     assert file_in_the_way(secret / "kv") is None
 
 

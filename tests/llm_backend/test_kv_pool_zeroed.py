@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from covey.errors import ConfigError
 from covey.llm_backend.kv_pool import KVPool, zeroed
 from covey.llm_backend.model_args import preset
 
@@ -42,3 +43,10 @@ def test_only_the_pages_written_take_memory():
     kv[: 1 << 20].fill_(1.0)  # 4 MiB written
     assert _resident_bytes() - before < 64 << 20
     assert float(kv[(1 << 20) - 1]) == 1.0 and float(kv[1 << 20]) == 0.0
+
+
+def test_a_pool_the_machine_cannot_map_is_a_clear_error():
+    """1 PiB is beyond any overcommit heuristic: the error names the pool and the knobs."""
+    with pytest.raises(ConfigError, match="cannot reserve .* bytes for the KV pool"):
+        zeroed((1 << 48,), torch.float32, torch.device("cpu"))
+    assert zeroed((0, 4), torch.float32, torch.device("cpu")).shape == (0, 4)

@@ -25,14 +25,20 @@ MAX_STOP = 16  # stop strings per request (OpenAI allows 4)
 
 
 class StreamOptions(BaseModel):
+    """A misspelt option (`include_usgae`) is refused: dropped, the reply would silently
+    lack its usage."""
+
+    model_config = ConfigDict(extra="forbid")
+
     include_usage: StrictBool = False
 
 
 class SamplingFields(BaseModel):
     """Fields /v1/chat/completions and /v1/completions share. Unknown fields are kept in
-    `model_extra` (not dropped) so that `unrecognized` can name them."""
+    `model_extra` (not dropped) so that `unrecognized` can name them; the published schema
+    says none is allowed, as the server answers."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", json_schema_extra={"additionalProperties": False})
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
@@ -66,8 +72,9 @@ class SamplingFields(BaseModel):
     top_logprobs: int | None = None
 
     def unrecognized(self) -> list[str]:
-        """The fields sent that no parameter here takes, in the order sent."""
-        return list(self.model_extra or {})
+        """The fields sent that no parameter here takes, in the order sent; one sent as null
+        asks for nothing (clients that serialise every field send them) and passes."""
+        return [k for k, v in (self.model_extra or {}).items() if v is not None]
 
     @field_validator("stop")
     @classmethod

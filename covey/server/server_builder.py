@@ -83,7 +83,7 @@ def load_user_app(spec: str) -> App | ServedApp:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         raise ConfigError(f"--app {spec!r}: cannot import {module_name!r} ({exc})") from None
-    except Exception as exc:  # the user's module is broken: a SyntaxError, a raise at import
+    except (Exception, SystemExit) as exc:  # broken: a SyntaxError, a raise, an exit at import
         raise ConfigError(
             f"--app {spec!r}: importing {module_name!r} failed: {_described(exc)}"
         ) from exc
@@ -145,7 +145,7 @@ def check_app_names(
         seen.add(name)
 
 
-def _described(exc: Exception) -> str:
+def _described(exc: BaseException) -> str:
     """`Type: message` on one line, as a traceback's last line reads."""
     message = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__

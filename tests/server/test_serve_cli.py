@@ -120,6 +120,7 @@ def test_user_apps_are_named_module_colon_object():
 BROKEN_APPS = {
     "syntax": ("covey_test_broken_syntax", "def app(:\n", "SyntaxError"),
     "raises": ("covey_test_broken_import", "raise RuntimeError('no config file')\n", "no config"),
+    "exits": ("covey_test_broken_exit", "import sys\nsys.exit('usage: x')\n", "SystemExit"),
     "factory": (
         "covey_test_broken_factory",
         "def app():\n    raise ValueError('bad setting')\n",

@@ -37,7 +37,12 @@ JSON's `systems` holds, per system, the machine's load before and after its pass
 (`machine_load`: the load average and the cores other processes kept busy), the thread
 governor's changes during them and the thread count at the end. Both say how comparable two
 runs are: the governor runs one thread while other processes hold a core, and the map
-fan-out's batched steps are compute-bound, so they slow with it.
+fan-out's batched steps are compute-bound, so they slow with it. A helper's scratch A/B
+(2026-11-30, one process, interleaved, others holding 0.9-1.35 cores): the fan-out's 20
+requests, sent to the engine at once, took 11-17 s at one thread and 37-107 s at two
+(OpenMP's default spin), in bf16 as in int4. The 2026-11-25 code (bf16, run next, same
+load) took 15.7-16.0 s at one thread, today's bf16 14.4-16.0: that day's 3.14 s ran two
+threads (no governor yet) on a machine quiet enough for them.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ INSTALL_HINT = 'run `make bench` or `pip install -e ".[bench]"`'
 # Bench extras every benchmark needs for its own output (the plot). A missing peer
 # (llama-cpp-python) is not here: shared/BENCHMARKS.md records it as null with a reason.
 REQUIRED_EXTRAS = ("matplotlib",)
+OPENMP_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
 def require_extras(name: str) -> None:
@@ -72,6 +73,9 @@ def environment_info(device: str) -> dict[str, Any]:
         "device": device,
         # Other processes on a small machine move latencies a lot: record how busy it was.
         "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        # OpenMP's thread and wait settings in the environment (None: unset, OpenMP's
+        # default): with other processes on the cores, a spinning team's steps collapse.
+        "openmp_env": {k: os.environ.get(k) for k in OPENMP_VARS},
         "torch": None,
         "threads": None,
         "gpu": None,

@@ -58,5 +58,6 @@ def test_write_results_adds_extra_fields_but_never_replaces_shared_ones(common, 
     stored = json.loads((tmp_path / "out.json").read_text())
     assert stored == data and stored["systems"] == extra["systems"]
     assert {"benchmark", "environment", "results"} <= set(stored)
+    assert set(stored["environment"]["openmp_env"]) == set(common["OPENMP_VARS"])
     with pytest.raises(ValueError, match=r"\['results'\] would replace the shared ones"):
         common["write_results"](args, "x", [], "cpu", "m", {"results": []})

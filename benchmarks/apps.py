@@ -43,8 +43,8 @@ requests, sent to the engine at once, took 11-17 s at one thread and 37-107 s at
 (OpenMP's default spin), in bf16 as in int4. The 2026-11-25 code (bf16, run next, same
 load) took 15.7-16.0 s at one thread, today's bf16 14.4-16.0: that day's 3.14 s ran two
 threads (no governor yet) on a machine quiet enough for them. With OMP_WAIT_POLICY=PASSIVE
-two threads took 1.05x one thread's CPU time in prefill and 1.12x a decode step, so on
-free cores they would run the fan-out ~1.8x faster; int4 cost ~1.1x bf16's CPU time here.
+two threads took 0.97-1.04x one thread's CPU time in prefill and 1.11-1.16x a decode step,
+so on free cores they would run the fan-out ~1.8x faster; int4 cost ~1.1x bf16's CPU time.
 """
 
 from __future__ import annotations

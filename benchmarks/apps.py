@@ -46,8 +46,8 @@ threads (no governor yet) on a machine quiet enough for them. With OMP_WAIT_POLI
 two threads took 0.97-1.04x one thread's CPU time in prefill and 1.11-1.16x a decode step,
 so on free cores they would run the fan-out ~1.8x faster; int4 cost ~1.1x bf16's CPU time.
 In one quiet moment (others 0.01-0.02 cores) the int4 fan-out took 10.98 s at one thread
-and 6.36 s at two (1.73x). The same requests sent through the app (Runtime, the map node
-of two documents) took as long as the harness (10.81/14.51 s against 10.86/14.96).
+and 6.36 s at two (1.73x). Through the app (Runtime, the map node of two documents) they
+took as long as sent to the engine at once (10.81/14.51 s against 10.86/14.96).
 """
 
 from __future__ import annotations

@@ -30,7 +30,24 @@ Single-request records hold, per LLM node, the mean TTFT and the mean prompt tok
 KV came from the chunk store (`node_ttft_mean_s`, `node_reused_tokens_mean`). The console
 prints, for advanced_rag, the ratio covey would reach against naive if its answer's
 prefill cost nothing (its latency less the answer's TTFT): the ceiling KV reuse can lift
-the ratio to.
+the ratio to; the covey record keeps it as `prefill_free_ratio`.
+Every record's `engine_threads` counts its engine steps and their seconds by the torch
+thread count they ran on (the thread governor moves it with the machine's load), and the
+JSON's `systems` holds, per system, the machine's load before and after its passes
+(`machine_load`: the load average and the cores other processes kept busy), the thread
+governor's changes during them and the thread count at the end. Both say how comparable two
+runs are: the governor runs one thread while other processes hold a core, and the map
+fan-out's batched steps are compute-bound, so they slow with it. A helper's scratch A/B
+(2026-11-30, one process, interleaved, others holding 0.9-1.35 cores): the fan-out's 20
+requests, sent to the engine at once, took 11-17 s at one thread and 37-107 s at two
+(OpenMP's default spin), in bf16 as in int4. The 2026-11-25 code (bf16, run next, same
+load) took 15.7-16.0 s at one thread, today's bf16 14.4-16.0: that day's 3.14 s ran two
+threads (no governor yet) on a machine quiet enough for them. With OMP_WAIT_POLICY=PASSIVE
+two threads took 0.97-1.04x one thread's CPU time in prefill and 1.11-1.16x a decode step,
+so on free cores they would run the fan-out ~1.8x faster; int4 cost ~1.1x bf16's CPU time.
+In one quiet moment (others 0.01-0.02 cores) the int4 fan-out took 10.98 s at one thread
+and 6.36 s at two (1.73x). Through the app (Runtime, the map node of two documents) they
+took as long as sent to the engine at once (10.81/14.51 s against 10.86/14.96).
 """
 
 from __future__ import annotations
@@ -44,7 +61,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_common import parse_args, record, write_results
+from bench_common import StepThreads, machine_load, parse_args, record, write_results
 
 NAME = "apps"
 SYSTEMS = ("covey", "covey-naive", "covey-naive-prefix-cache")
@@ -140,8 +157,15 @@ async def timed(
 
 
 async def bench_system(
-    system: str, engine: Any, index: Any, size: dict[str, Any], out: list[dict]
+    system: str,
+    engine: Any,
+    index: Any,
+    size: dict[str, Any],
+    out: list[dict],
+    machine: dict[str, dict[str, Any]],
 ) -> None:
+    """Run both workloads on `engine`, appending records to `out`, and `machine[system]`:
+    the load around its passes and the thread counts its steps ran on."""
     from covey.apps.advanced_rag import build_advanced_rag_app
     from covey.apps.mapreduce_summary import build_summary_app
     from covey.llm_backend.async_llm import AsyncLLM
@@ -155,6 +179,9 @@ async def bench_system(
     docs = [{"text": d} for d in documents(n_docs, chars)]
     n_q = 1 + size["questions"] + size["concurrent"]
     questions = [{"question": q} for q in QUESTIONS[:n_q]]
+    load_before = machine_load()
+    decisions_before = engine.stats().thread_decisions
+    threads = StepThreads(engine)
     async with AsyncLLM(engine=engine) as llm:
         runtime = Runtime(llm, {DEFAULT_INDEX_NAME: index}, optimize=system == "covey")
         for workload, app, inputs, count in (
@@ -163,33 +190,53 @@ async def bench_system(
         ):
             await timed(runtime, app, inputs[:1], {})  # warm-up: pins, allocator, threads
             single, nodes = [], {}
+            snap = threads.snapshot()
             for kw in inputs[1 : 1 + count]:
                 single += await timed(runtime, app, [kw], nodes)
+            single_threads, snap = threads.since(snap), threads.snapshot()
             together = await timed(runtime, app, inputs[1 + count :], {})
-            runs = [(workload, single, nodes), (f"{workload}-concurrent", together, None)]
+            runs = [
+                (workload, single, nodes, single_threads),
+                (f"{workload}-concurrent", together, None, threads.since(snap)),
+            ]
             if workload == "mapreduce_summary":
                 params = {"piece_chars": size["piece_chars"], "document_chars": chars}
             else:
                 params = {"rewrites": 3, "retrievals": 4, "answer_max_tokens": 64}
                 again, again_nodes = [], {}
+                snap = threads.snapshot()
                 for q in REWORDED[1 : 1 + count]:
                     again += await timed(runtime, app, [{"question": q}], again_nodes)
-                runs.append((f"{workload}-reworded", again, again_nodes))
+                runs.append((f"{workload}-reworded", again, again_nodes, threads.since(snap)))
             print(
                 f"{workload:>18} {system:>24}: {statistics.mean(single):6.2f} s one at a time, "
                 f"{statistics.mean(together):6.2f} s with {len(together)} at once",
                 flush=True,
             )
-            for name, samples, per_node in runs:
+            for name, samples, per_node, used in runs:
                 detail = {
                     **params,
                     "chunk_cache": engine.config.chunk_cache,
                     "requests": len(samples),
                     "latencies_s": [round(x, 3) for x in samples],
+                    "engine_threads": used,
                 }
                 if per_node is not None:  # one request at a time: what each node cost
                     detail.update(node_summary(per_node))
                 out.append(record(name, system, "latency_s", statistics.mean(samples), detail))
+    stats = engine.stats()
+    machine[system] = {
+        "load_before": load_before,
+        "load_after": machine_load(),
+        "engine_threads": threads.since(),
+        "num_threads_end": stats.num_threads,
+        # The process's one governor serves every engine: its changes during these passes.
+        "thread_decisions": {
+            k: n - decisions_before.get(k, 0)
+            for k, n in stats.thread_decisions.items()
+            if n > decisions_before.get(k, 0)
+        },
+    }
 
 
 def node_summary(nodes: dict[str, dict[str, list]]) -> dict[str, dict[str, float]]:
@@ -212,15 +259,19 @@ def node_summary(nodes: dict[str, dict[str, list]]) -> dict[str, dict[str, float
 def prefill_free_ratio(results: list[dict], workload: str) -> float | None:
     """naive's latency over covey's less its answer's mean TTFT: the ratio covey would reach
     if KV reuse made the answer's prefill free (decode and the rewrites stay)."""
-    covey = next(r for r in results if r["workload"] == workload and r["system"] == "covey")
+    covey = _record(results, workload, "covey")
     ttft = covey["params"].get("node_ttft_mean_s", {}).get(ANSWER_NODE)
     if ttft is None:
         return None
     return _value(results, workload, BASELINE) / (covey["value"] - ttft)
 
 
+def _record(results: list[dict], workload: str, system: str) -> dict:
+    return next(r for r in results if r["workload"] == workload and r["system"] == system)
+
+
 def _value(results: list[dict], workload: str, system: str) -> float:
-    return next(r["value"] for r in results if r["workload"] == workload and r["system"] == system)
+    return _record(results, workload, system)["value"]
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -262,8 +313,9 @@ def main(argv: list[str] | None = None) -> None:
     index = open_pydocs_index()
     built = engines()
     results: list[dict] = []
+    machine: dict[str, dict[str, Any]] = {}
     for system in SYSTEMS:
-        asyncio.run(bench_system(system, built[system], index, size, results))
+        asyncio.run(bench_system(system, built[system], index, size, results, machine))
     for workload in list(dict.fromkeys(r["workload"] for r in results)):
         covey = _value(results, workload, "covey")
         naive = _value(results, workload, BASELINE) / covey
@@ -277,9 +329,12 @@ def main(argv: list[str] | None = None) -> None:
             bound = prefill_free_ratio(results, workload)
             if bound is not None:
                 print(f"{workload}: {bound:.2f}x vs naive if the answer's prefill were free")
+                _record(results, workload, "covey")["params"]["prefill_free_ratio"] = round(
+                    bound, 3
+                )
     engine = built["covey"]
     print(f"covey engine: chunk_cache={engine.config.chunk_cache!r}")
-    write_results(args, NAME, results, str(engine.device), engine.model_name)
+    write_results(args, NAME, results, str(engine.device), engine.model_name, {"systems": machine})
     plot(results, args.plot)
 
 

@@ -37,17 +37,9 @@ JSON's `systems` holds, per system, the machine's load before and after its pass
 (`machine_load`: the load average and the cores other processes kept busy), the thread
 governor's changes during them and the thread count at the end. Both say how comparable two
 runs are: the governor runs one thread while other processes hold a core, and the map
-fan-out's batched steps are compute-bound, so they slow with it. A helper's scratch A/B
-(2026-11-30, one process, interleaved, others holding 0.9-1.35 cores): the fan-out's 20
-requests, sent to the engine at once, took 11-17 s at one thread and 37-107 s at two
-(OpenMP's default spin), in bf16 as in int4. The 2026-11-25 code (bf16, run next, same
-load) took 15.7-16.0 s at one thread, today's bf16 14.4-16.0: that day's 3.14 s ran two
-threads (no governor yet) on a machine quiet enough for them. With OMP_WAIT_POLICY=PASSIVE
-two threads took 0.97-1.04x one thread's CPU time in prefill and 1.11-1.16x a decode step,
-so on free cores they would run the fan-out ~1.8x faster; int4 cost ~1.1x bf16's CPU time.
-In one quiet moment (others 0.01-0.02 cores) the int4 fan-out took 10.98 s at one thread
-and 6.36 s at two (1.73x). Through the app (Runtime, the map node of two documents) they
-took as long as sent to the engine at once (10.81/14.51 s against 10.86/14.96).
+fan-out's batched steps are compute-bound, so they slow with it (docs/performance.md, on
+mapreduce_summary's fall from 3.48x to 2.21x, has the scratch measurements). Steps that ran
+no model (nothing scheduled) are counted too, under the count then set, with ~0 s.
 """
 
 from __future__ import annotations

@@ -45,6 +45,26 @@ def test_step_threads_counts_each_step_under_the_count_it_ran_on(common):
     assert all(s >= 0 for s in total["step_seconds"].values())
 
 
+def test_step_threads_counts_every_step_of_a_real_engine(common):
+    """On the engine itself: the governor sets `num_threads` before the model call, and
+    every step (a prefill, decodes) is counted once under a count the engine used."""
+    from covey.llm_backend.config import EngineConfig
+    from covey.llm_backend.llm_engine import LLMEngine
+    from covey.llm_backend.sampling_params import SamplingParams
+
+    engine = LLMEngine(EngineConfig(model="dummy:tiny", device="cpu", kv_cache_tokens=256))
+    threads = common["StepThreads"](engine)
+    engine.add_request([1, 2, 3, 4], SamplingParams(max_tokens=5, ignore_eos=True))
+    seen, calls = set(), 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        calls += 1
+        seen.add(str(engine.num_threads))
+    total = threads.since()
+    assert calls >= 5 and sum(total["steps"].values()) == calls
+    assert set(total["steps"]) <= seen
+
+
 def test_machine_load_reports_the_load_average_and_others_cores(common):
     load = common["machine_load"](0.05)
     assert set(load) == {"load_average_1m", "others_cores"}

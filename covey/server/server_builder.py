@@ -95,7 +95,7 @@ def load_user_app(spec: str) -> App | ServedApp:
     if callable(obj) and not isinstance(obj, (App, ServedApp)) and not isinstance(obj, type):
         try:
             obj = obj()
-        except Exception as exc:  # a factory that fails, or a callable that needs arguments
+        except (Exception, SystemExit) as exc:  # a factory that fails or exits, or needs args
             raise ConfigError(
                 f"--app {spec!r}: calling {attr}() failed: {_described(exc)}; give an App, "
                 "a ServedApp or a function of no arguments returning one"

@@ -121,6 +121,11 @@ BROKEN_APPS = {
     "syntax": ("covey_test_broken_syntax", "def app(:\n", "SyntaxError"),
     "raises": ("covey_test_broken_import", "raise RuntimeError('no config file')\n", "no config"),
     "exits": ("covey_test_broken_exit", "import sys\nsys.exit('usage: x')\n", "SystemExit"),
+    "factory-exits": (
+        "covey_test_exiting_factory",
+        "import sys\ndef app():\n    sys.exit(2)\n",
+        "SystemExit: 2",
+    ),
     "factory": (
         "covey_test_broken_factory",
         "def app():\n    raise ValueError('bad setting')\n",

@@ -57,7 +57,7 @@ from covey.llm_backend.cpu_threads import configure_openmp_env  # noqa: E402
 
 # What `covey serve` runs with (cli/main.py): covey's short OpenMP spin unless the user set
 # one, before torch loads. OpenMP's default spin collapses two threads when another
-# process takes a core before the governor sees it (the docstring's 37-107 s).
+# process takes a core before the governor sees it (docs/performance.md's 37-107 s).
 configure_openmp_env()
 
 from bench_common import StepThreads, machine_load, parse_args, record, write_results  # noqa: E402

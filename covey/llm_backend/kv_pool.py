@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import os
 
 import torch
 
@@ -35,6 +36,13 @@ def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     if device.type != "cpu" or count == 0:
         return torch.zeros(shape, dtype=dtype, device=device)
     size = count * dtype.itemsize
+    memory = _physical_memory()
+    if memory is not None and size > memory:  # torch.zeros failed at start; mapped, the
+        # pool would be killed for memory later, as its pages fill in mid-serving
+        raise ConfigError(
+            f"a KV pool of {size} bytes {tuple(shape)} is larger than this machine's "
+            f"memory ({memory} bytes); lower kv_cache_tokens or kv_cache_bytes"
+        )
     try:
         buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
     except OSError as e:
@@ -43,6 +51,14 @@ def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
             "lower kv_cache_tokens or kv_cache_bytes"
         ) from None
     return torch.frombuffer(buffer, dtype=dtype, count=count).view(shape)
+
+
+def _physical_memory() -> int | None:
+    """This machine's RAM in bytes, None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 class KVPool:

@@ -51,7 +51,7 @@ SWAP_PROFILE_BYTES = 32 << 20  # the scratch pool's size at most: a few ms of co
 SWAP_PROFILE_REPEATS = 3  # the fastest of these: copies are noisy on a loaded machine
 # Part of every stored fit's key: bump it when the measurement, or the code it times
 # (attention, dequantization, the kernels' row limits, the KV copies), changes.
-PROFILE_VERSION = 4
+PROFILE_VERSION = 5
 PROFILE_MAX_AGE_S = 30 * 24 * 3600  # a stored fit older than this is measured again
 
 _profiles: dict[tuple[object, ...], PrefillProfile] = {}
@@ -185,7 +185,12 @@ def measure_swap(
     """Time `KVSwap`'s copies of one block and of many; fit a line through each."""
     block_bytes = KVPool.bytes_per_block(args, block_size, dtype)
     many = max(2, min(16, SWAP_PROFILE_BYTES // block_bytes))
-    swap = KVSwap(KVPool(args, many, block_size, dtype, device))
+    pool = KVPool(args, many, block_size, dtype, device)
+    # Written first: a CPU pool's pages are mapped in on first write (kv_pool.zeroed), and
+    # reading pages never written reads one shared zero page, not memory, so the copy out
+    # would be timed too fast and the pause policy would lean toward swapping.
+    pool.kv.fill_(1.0)
+    swap = KVSwap(pool)
 
     def timed(fn) -> float:
         best = float("inf")

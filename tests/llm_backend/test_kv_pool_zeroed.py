@@ -3,7 +3,9 @@ zero-filled by the OS page by page as the pool first writes there (kv_pool.zeroe
 
 from __future__ import annotations
 
+import errno
 import gc
+import mmap
 import os
 from pathlib import Path
 
@@ -45,8 +47,21 @@ def test_only_the_pages_written_take_memory():
     assert float(kv[(1 << 20) - 1]) == 1.0 and float(kv[1 << 20]) == 0.0
 
 
-def test_a_pool_the_machine_cannot_map_is_a_clear_error():
-    """1 PiB is beyond any overcommit heuristic: the error names the pool and the knobs."""
-    with pytest.raises(ConfigError, match="cannot reserve .* bytes for the KV pool"):
-        zeroed((1 << 48,), torch.float32, torch.device("cpu"))
+def test_a_pool_the_machine_cannot_map_is_a_clear_error(monkeypatch):
+    """A mapping the kernel refuses (its overcommit limit): the error names the pool and the
+    knobs, not a bare OSError."""
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    monkeypatch.setattr(mmap, "mmap", refuse)
+    with pytest.raises(ConfigError, match="cannot reserve 4096 bytes for the KV pool"):
+        zeroed((1024,), torch.float32, torch.device("cpu"))
     assert zeroed((0, 4), torch.float32, torch.device("cpu")).shape == (0, 4)
+
+
+def test_a_pool_larger_than_the_machine_is_refused_at_start():
+    """Mapped lazily, it would start and be killed for memory later, as it fills."""
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    with pytest.raises(ConfigError, match="larger than this machine's memory"):
+        zeroed((ram // 4 + 1024,), torch.float32, torch.device("cpu"))

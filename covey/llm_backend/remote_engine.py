@@ -55,6 +55,14 @@ from covey.llm_backend.segments import Segment
 _ids = itertools.count()
 
 
+def check_base_url(url: object, option: str = "base_url", example: str = "") -> None:
+    """`url` is an http(s) URL, as RemoteEngine needs; ConfigError naming `option` (the CLI
+    passes "--remote" and an example) otherwise."""
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        such = f" such as {example}" if example else ""
+        raise ConfigError(f"{option} must be an http(s) URL{such}, got {url!r}")
+
+
 class RemoteEngine:
     """An OpenAI-compatible server as an `EngineClient`.
 
@@ -74,8 +82,7 @@ class RemoteEngine:
         tokenizer: ChatTokenizer | str | Path | None = "auto",
         timeout_s: float = 600.0,
     ) -> None:
-        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
-            raise ConfigError(f"base_url must be an http(s) URL, got {base_url!r}")
+        check_base_url(base_url)
         root = base_url.rstrip("/")
         self.base_url = root if root.endswith("/v1") else root + "/v1"
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -230,9 +237,7 @@ class RemoteEngine:
     async def warm_chunks(self, chunks: list[Segment], compute: bool = False) -> int:
         raise self._unsupported("warming chunks' KV")
 
-    async def cache_report(
-        self, prompts: list[list[int]], chunks: list[list[int]]
-    ) -> CacheReport:
+    async def cache_report(self, prompts: list[list[int]], chunks: list[list[int]]) -> CacheReport:
         raise self._unsupported("a cache report (what its prefix cache holds)")
 
     async def pause(self, request_id: str, tool: str | None = None) -> None:

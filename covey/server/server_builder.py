@@ -23,7 +23,7 @@ from covey.apps.rag_chatbot import build_rag_app
 from covey.errors import ConfigError
 from covey.graph.app import App
 from covey.llm_backend.engine_client import EngineClient
-from covey.llm_backend.remote_engine import RemoteEngine
+from covey.llm_backend.remote_engine import RemoteEngine, check_base_url
 from covey.retrieval.default_corpus import DEFAULT_INDEX_NAME
 from covey.retrieval.searcher import Searcher
 from covey.runtime.executor import Runtime
@@ -201,11 +201,8 @@ def _serve_graph(state: ServerState, app: App, name: str) -> ServedApp:
 
 
 def check_remote_url(url: str) -> None:
-    """`--remote` is an http(s) URL (RemoteEngine's rule, said in the option's name)."""
-    if not url.startswith(("http://", "https://")):
-        raise ConfigError(
-            f"--remote must be an http(s) URL such as http://gpu-box:8000, got {url!r}"
-        )
+    """`--remote` is an http(s) URL: RemoteEngine's rule, said in the option's name."""
+    check_base_url(url, "--remote", "http://gpu-box:8000")
 
 
 def connect_remote(url: str, api_key: str | None = None) -> RemoteEngine:

@@ -11,6 +11,7 @@ import asyncio
 import pytest
 
 from covey.errors import (
+    ConfigError,
     EngineUnavailableError,
     InvalidRequestError,
     ModelNotFoundError,
@@ -148,3 +149,9 @@ def test_a_server_on_a_remote_engine_says_what_is_off(server, server_index):  # 
         front.stop()
     assert "features off:" in info["explain"] and "prefill: off" in info["explain"]
     assert "prefill: off" in chat["explain"] and chat["sessions"]["history_kv_pinned"] is False
+
+
+@pytest.mark.parametrize("url", ["gpu-box:8000", "ftp://gpu-box", None])
+def test_a_base_url_that_is_no_http_url_is_refused_by_name(url):
+    with pytest.raises(ConfigError, match="base_url must be an http\\(s\\) URL, got"):
+        RemoteEngine(url, tokenizer=None)

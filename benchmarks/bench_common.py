@@ -97,12 +97,10 @@ def machine_load(sample_s: float = 1.0) -> dict[str, float | None]:
     `sample_s` seconds (/proc/stat less this process's CPU time, as the thread governor
     measures it; None where /proc/stat cannot be read). Call it while this process idles:
     on a shared 2-core machine this is what moved latencies between two runs."""
+    from covey.llm_backend.cpu_threads import affinity_cpus
     from covey.llm_backend.thread_governor import others_cores, read_cpu_sample
 
-    try:
-        cpus = frozenset(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = frozenset(range(os.cpu_count() or 1))
+    cpus = affinity_cpus()
     before = read_cpu_sample(cpus)
     time.sleep(sample_s)
     after = read_cpu_sample(cpus)

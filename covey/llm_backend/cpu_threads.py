@@ -70,12 +70,18 @@ def openmp_env_applied() -> bool:
     return "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ
 
 
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, e.g. a container's cpuset)."""
+def affinity_cpus() -> frozenset[int]:
+    """The CPUs this process may run on (its affinity mask, e.g. a container's cpuset); all
+    the machine's where the OS has no mask to read."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        return frozenset(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+        return frozenset(range(os.cpu_count() or 1))
+
+
+def available_cpus() -> int:
+    """How many CPUs this process may run on (`affinity_cpus`), at least one."""
+    return max(1, len(affinity_cpus()))
 
 
 def default_num_threads() -> int:

@@ -39,7 +39,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from covey.llm_backend.cpu_threads import available_cpus
+from covey.llm_backend.cpu_threads import affinity_cpus, available_cpus
 
 # /proc/stat's per-CPU columns: user nice system idle iowait irq softirq steal guest
 # guest_nice. Busy is everything but idle and iowait; guest time is already in user.
@@ -188,10 +188,7 @@ def process_governor() -> ThreadGovernor:
     global _governor
     with _lock:
         if _governor is None:
-            try:
-                cpus = frozenset(os.sched_getaffinity(0))
-            except (AttributeError, OSError):
-                cpus = frozenset(range(os.cpu_count() or 1))
+            cpus = affinity_cpus()
             _governor = ThreadGovernor(
                 ThreadPolicy(available_cpus()), lambda: read_cpu_sample(cpus)
             )

@@ -55,6 +55,15 @@ from covey.llm_backend.segments import Segment
 _ids = itertools.count()
 
 
+class RemoteAuthError(ConfigError):
+    """The remote server refused the API key (401/403). `refused` is its answer alone, for a
+    caller that names the key its own way (covey serve says --remote-api-key)."""
+
+    def __init__(self, refused: str) -> None:
+        super().__init__(refused + " (check the api_key)")
+        self.refused = refused
+
+
 def check_base_url(url: object, option: str = "base_url", example: str = "") -> None:
     """`url` is an http(s) URL, as RemoteEngine needs; ConfigError naming `option` (the CLI
     passes "--remote" and an example) otherwise."""
@@ -417,7 +426,7 @@ def _http_error(status: int, text: str, what: str) -> CoveyError:
     if status == 404:
         return ModelNotFoundError(message)
     if status in (401, 403):
-        return ConfigError(message + " (check the api_key)")
+        return RemoteAuthError(message)
     if status == 429:
         return EngineOverloadedError(message)
     if status == 503:

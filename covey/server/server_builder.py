@@ -23,7 +23,7 @@ from covey.apps.rag_chatbot import build_rag_app
 from covey.errors import ConfigError
 from covey.graph.app import App
 from covey.llm_backend.engine_client import EngineClient
-from covey.llm_backend.remote_engine import RemoteEngine, check_base_url
+from covey.llm_backend.remote_engine import RemoteAuthError, RemoteEngine, check_base_url
 from covey.retrieval.default_corpus import DEFAULT_INDEX_NAME
 from covey.retrieval.searcher import Searcher
 from covey.runtime.executor import Runtime
@@ -218,10 +218,9 @@ def connect_remote(url: str, api_key: str | None = None) -> RemoteEngine:
 
     try:
         model = asyncio.run(first_model())
-    except ConfigError as exc:  # the only one listing the models raises: the key refused
-        refused = str(exc).removesuffix(" (check the api_key)")
+    except RemoteAuthError as exc:
         hint = "check --remote-api-key" if api_key else "give the key with --remote-api-key"
-        raise ConfigError(f"--remote {url}: {refused} ({hint})") from exc
+        raise ConfigError(f"--remote {url}: {exc.refused} ({hint})") from exc
     return RemoteEngine(url, model=model, api_key=api_key)
 
 
